@@ -1,0 +1,181 @@
+"""A tiny, randomly initialised CogVideoX built entirely in code.
+
+It exists so that tests, CI and the offline quick start exercise the exact code path of the real
+model (`CogVideoXPipeline.from_pretrained` on a folder) without a GPU or a download. The layout
+follows CogVideoX-5B where later work depends on it: rotary positional embeddings, the same
+attention module names (`to_q`, `to_k`, `to_v`, `to_out.0`) for LoRA, the 5B scheduler.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKLCogVideoX, CogVideoXDPMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+from runtime.specs import ModelSpec
+
+TINY_MODEL_NAME = "tiny"
+# Bump when anything below changes so a stale cached folder is never reused.
+TINY_VERSION = "tiny-v1"
+TINY_SEED = 20261124
+
+TINY_SPEC = ModelSpec(
+    name=TINY_MODEL_NAME,
+    dtype="float32",
+    height=64,
+    width=96,
+    fps=8,
+    max_num_frames=49,
+    default_num_frames=9,
+    max_sequence_length=32,
+    default_num_inference_steps=4,
+    default_guidance_scale=6.0,
+)
+
+# Enough domain words that captions tokenize to real ids instead of <unk>.
+_VOCABULARY_CORPUS = [
+    "a power slap match two athletes face off across the table in a bright arena",
+    "the striker plants his feet shifts his weight back winds up and swings an open hand",
+    "the palm strikes the defender's cheek the head snaps sideways and he staggers",
+    "the referee steps in waves off the bout after a knockout slap crowd and corner react",
+    "slow motion replay of the impact camera pans close up wide shot static handheld tracking",
+    "defender absorbs the blow resets his stance chin down hands behind his back",
+    "foul illegal strike with the heel of the hand referee intervenes and warns the striker",
+    "sweat flies skin ripples cheek deforms knees buckle arms swing body rotates hips torque",
+    "left right forward backward fast slow powerful heavy light loud quiet red blue black white",
+    "the of and to on at with his her their is are was from into after before while then",
+]
+
+
+def _build_tokenizer() -> PreTrainedTokenizerFast:
+    tokenizer = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    # T5 convention: pad=0, eos=1, unk=2, and every sequence ends with </s>.
+    trainer = trainers.WordLevelTrainer(special_tokens=["<pad>", "</s>", "<unk>"])
+    tokenizer.train_from_iterator(_VOCABULARY_CORPUS, trainer=trainer)
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="$A </s>", special_tokens=[("</s>", tokenizer.token_to_id("</s>"))]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        model_max_length=TINY_SPEC.max_sequence_length,
+    )
+
+
+def _build_text_encoder(vocab_size: int) -> T5EncoderModel:
+    config = T5Config(
+        vocab_size=vocab_size,
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        feed_forward_proj="gated-gelu",  # T5 v1.1, as in CogVideoX's t5-v1_1-xxl
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+    return T5EncoderModel(config)
+
+
+def _build_transformer() -> CogVideoXTransformer3DModel:
+    return CogVideoXTransformer3DModel(
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=4,
+        out_channels=4,
+        text_embed_dim=32,
+        time_embed_dim=16,
+        num_layers=2,
+        sample_height=TINY_SPEC.height // 8,
+        sample_width=TINY_SPEC.width // 8,
+        sample_frames=TINY_SPEC.max_num_frames,
+        patch_size=2,
+        temporal_compression_ratio=4,
+        max_text_seq_length=TINY_SPEC.max_sequence_length,
+        spatial_interpolation_scale=1.875,
+        temporal_interpolation_scale=1.0,
+        use_rotary_positional_embeddings=True,
+        use_learned_positional_embeddings=False,
+    )
+
+
+def _build_vae() -> AutoencoderKLCogVideoX:
+    return AutoencoderKLCogVideoX(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("CogVideoXDownBlock3D",) * 4,
+        up_block_types=("CogVideoXUpBlock3D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=2,
+        temporal_compression_ratio=4,
+        scaling_factor=0.7,  # CogVideoX-5B's value
+    )
+
+
+def _build_scheduler() -> CogVideoXDPMScheduler:
+    # CogVideoX-5B's scheduler config.
+    return CogVideoXDPMScheduler(
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        clip_sample=False,
+        num_train_timesteps=1000,
+        prediction_type="v_prediction",
+        rescale_betas_zero_snr=True,
+        set_alpha_to_one=True,
+        snr_shift_scale=1.0,
+        timestep_spacing="trailing",
+    )
+
+
+def build_tiny_pipeline(seed: int = TINY_SEED) -> CogVideoXPipeline:
+    """Build the tiny pipeline in memory; the same seed always gives the same weights."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        tokenizer = _build_tokenizer()
+        return CogVideoXPipeline(
+            tokenizer=tokenizer,
+            text_encoder=_build_text_encoder(len(tokenizer)).eval(),
+            vae=_build_vae().eval(),
+            transformer=_build_transformer().eval(),
+            scheduler=_build_scheduler(),
+        )
+
+
+def materialise_tiny_model(cache_dir: Path) -> Path:
+    """Write the tiny pipeline as a diffusers folder under `cache_dir` once; return its path.
+
+    Written to a temporary sibling and renamed into place, so an interrupted run never leaves a
+    half-written model behind and concurrent callers never see one.
+    """
+    target = Path(cache_dir).expanduser() / TINY_VERSION
+    if (target / "model_index.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{TINY_VERSION}-", dir=target.parent))
+    try:
+        build_tiny_pipeline().save_pretrained(staging, safe_serialization=True)
+        TINY_SPEC.save(staging)
+        try:
+            os.replace(staging, target)
+        except OSError:
+            if not (target / "model_index.json").is_file():
+                raise
+            # Another process finished first; its copy is identical.
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target

@@ -1,0 +1,28 @@
+"""Frames <-> mp4. Encoding goes through diffusers/imageio-ffmpeg (libx264, yuv420p)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def write_mp4(frames: np.ndarray, path: Path, fps: int) -> Path:
+    """Write float frames in [0, 1], shaped (frames, height, width, 3), as an H.264 mp4."""
+    from diffusers.utils import export_to_video
+
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"expected frames shaped (F, H, W, 3), got {frames.shape}")
+    # Sizes are multiples of 16 already, so ffmpeg never resizes (macro_block_size=16).
+    export_to_video(list(frames), str(path), fps=fps)
+    return Path(path)
+
+
+def read_mp4(path: Path) -> tuple[np.ndarray, float]:
+    """Decode every frame of a video as uint8 RGB; returns (frames (F, H, W, 3), fps)."""
+    import imageio.v2 as imageio
+
+    with imageio.get_reader(str(path), format="ffmpeg") as reader:
+        fps = float(reader.get_meta_data().get("fps", 0.0))
+        frames = np.stack([np.asarray(frame) for frame in reader])
+    return frames, fps
