@@ -35,7 +35,8 @@ except SettingsError as error:
     traffic={"timeout": settings.request_timeout_s, "max_concurrency": settings.max_queue},
     # Extra threads let requests wait in the generator's queue instead of BentoML's thread pool.
     threads=settings.max_queue,
-    resources={"gpu": 1} if settings.resolved_device() == "cuda" else {"cpu": "2"},
+    # Declared for `bentoml build` / cloud deployments; a CPU-only `bentoml serve` still runs.
+    resources={"cpu": "2"} if settings.device == "cpu" else {"gpu": 1},
 )
 class SlapGen:
     @bentoml.on_deployment

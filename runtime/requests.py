@@ -31,7 +31,7 @@ class GenerateRequest(BaseModel):
 
     prompt: Prompt
     negative_prompt: Annotated[str, StringConstraints(max_length=MAX_PROMPT_CHARS)] | None = None
-    num_frames: int | None = Field(None, ge=1, description="4k+1, at most the model's maximum")
+    num_frames: int | None = Field(None, ge=1, description="4k+1 (8k+1 for CogVideoX 1.0), at most the model's maximum")
     num_inference_steps: int | None = Field(None, ge=1, le=200)
     guidance_scale: float | None = Field(None, ge=0, le=50)
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="random when omitted; echoed in X-Seed")
@@ -47,7 +47,14 @@ class GenerateRequest(BaseModel):
         if not is_valid_frame_count(value):
             raise ValueError(f"num_frames must be 4k+1 (1, 5, 9, ..., 49), got {value}")
         spec = _spec_from(info)
-        if spec is not None and value > spec.max_num_frames:
+        if spec is None:
+            return value
+        if not is_valid_frame_count(value, spec.frame_step):
+            step = spec.frame_step
+            raise ValueError(
+                f"num_frames must be {step}k+1 for {spec.name} (1, {step + 1}, {2 * step + 1}, ...), got {value}"
+            )
+        if value > spec.max_num_frames:
             raise ValueError(f"num_frames must be at most {spec.max_num_frames} for {spec.name}")
         return value
 

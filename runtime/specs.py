@@ -23,8 +23,9 @@ TEMPORAL_COMPRESSION = 4
 SIZE_MULTIPLE = 16
 
 
-def is_valid_frame_count(num_frames: int) -> bool:
-    return num_frames >= 1 and (num_frames - 1) % TEMPORAL_COMPRESSION == 0
+def is_valid_frame_count(num_frames: int, frame_step: int = TEMPORAL_COMPRESSION) -> bool:
+    """True when `num_frames` is `frame_step * k + 1` for some k >= 0."""
+    return num_frames >= 1 and (num_frames - 1) % frame_step == 0
 
 
 class ModelSpec(BaseModel):
@@ -38,6 +39,13 @@ class ModelSpec(BaseModel):
     width: int = Field(gt=0, multiple_of=SIZE_MULTIPLE, description="native and maximum width")
     fps: int = Field(gt=0)
     max_num_frames: int = Field(gt=0)
+    frame_step: Literal[4, 8, 16] = Field(
+        8,
+        description=(
+            "valid clip lengths are frame_step*k+1. The VAE compresses time by 4, but CogVideoX 1.0 "
+            "decodes an even number of latent frames into 4 extra frames, so only 8k+1 round-trips"
+        ),
+    )
     default_num_frames: int = Field(gt=0)
     max_sequence_length: int = Field(gt=0, description="T5 tokens the transformer was trained on")
     default_num_inference_steps: int = Field(ge=1, le=200)
@@ -46,8 +54,8 @@ class ModelSpec(BaseModel):
     @model_validator(mode="after")
     def _frames_follow_4k_plus_1(self) -> "ModelSpec":
         for field in ("max_num_frames", "default_num_frames"):
-            if not is_valid_frame_count(getattr(self, field)):
-                raise ValueError(f"{field} must be 4k+1")
+            if not is_valid_frame_count(getattr(self, field), self.frame_step):
+                raise ValueError(f"{field} must be {self.frame_step}k+1")
         if self.default_num_frames > self.max_num_frames:
             raise ValueError("default_num_frames exceeds max_num_frames")
         return self
@@ -94,8 +102,9 @@ def spec_for_folder(folder: Path, name: str) -> ModelSpec:
     config = json.loads((folder / "transformer" / "config.json").read_text())
     vae_scale = 8
     sample_frames = int(config.get("sample_frames", 49))
-    # sample_frames counts pixel frames; 4k+1 below it is the longest clip the model saw.
-    max_frames = sample_frames - (sample_frames - 1) % TEMPORAL_COMPRESSION
+    frame_step = 8
+    # sample_frames counts pixel frames; the largest 8k+1 not above it is the longest valid clip.
+    max_frames = sample_frames - (sample_frames - 1) % frame_step
     uses_rope = bool(config.get("use_rotary_positional_embeddings", False))
     return ModelSpec(
         name=name,
@@ -105,6 +114,7 @@ def spec_for_folder(folder: Path, name: str) -> ModelSpec:
         width=int(config.get("sample_width", 90)) * vae_scale,
         fps=8,
         max_num_frames=max_frames,
+        frame_step=frame_step,
         default_num_frames=max_frames,
         max_sequence_length=int(config.get("max_text_seq_length", 226)),
         default_num_inference_steps=50,

@@ -1,0 +1,117 @@
+"""Shared fixtures: a materialised tiny model and a real `bentoml serve` process."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def tiny_cache_dir(tmp_path_factory) -> Path:
+    from runtime.tiny import materialise_tiny_model
+
+    cache_dir = tmp_path_factory.mktemp("slapgen-cache")
+    materialise_tiny_model(cache_dir)
+    return cache_dir
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def offline_env(tmp_path: Path, **overrides: str) -> dict[str, str]:
+    """Environment for a child process that can never reach the hub."""
+    env = dict(os.environ)
+    env.update(
+        HF_HUB_OFFLINE="1",
+        HF_HOME=str(tmp_path / "hf-home"),
+        BENTOML_HOME=str(tmp_path / "bentoml-home"),
+        BENTOML_DO_NOT_TRACK="True",
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(overrides)
+    return env
+
+
+def bentoml_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "bentoml", *args]
+
+
+class ServerProcess:
+    def __init__(self, process: subprocess.Popen, url: str, log_path: Path):
+        self.process = process
+        self.url = url
+        self.log_path = log_path
+
+    def log_tail(self, chars: int = 4000) -> str:
+        return self.log_path.read_text(errors="replace")[-chars:]
+
+
+def start_server(tmp_path: Path, startup_timeout_s: float = 180, **env_overrides: str) -> ServerProcess:
+    port = free_port()
+    log_path = tmp_path / f"server-{port}.log"
+    log_file = log_path.open("wb")
+    process = subprocess.Popen(
+        bentoml_command("serve", "--host", "127.0.0.1", "--port", str(port)),
+        cwd=REPO_ROOT,
+        env=offline_env(tmp_path, **env_overrides),
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    server = ServerProcess(process, f"http://127.0.0.1:{port}", log_path)
+    deadline = time.monotonic() + startup_timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"bentoml serve exited with {process.returncode}:\n{server.log_tail()}")
+        try:
+            if httpx.get(f"{server.url}/readyz", timeout=2).status_code == 200:
+                return server
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    stop_server(server)
+    raise RuntimeError(f"bentoml serve not ready after {startup_timeout_s}s:\n{server.log_tail()}")
+
+
+def stop_server(server: ServerProcess) -> None:
+    import signal
+
+    if server.process.poll() is None:
+        os.killpg(server.process.pid, signal.SIGTERM)
+        try:
+            server.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.process.pid, signal.SIGKILL)
+            server.process.wait()
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tmp_path_factory, tiny_cache_dir) -> ServerProcess:
+    server = start_server(
+        tmp_path_factory.mktemp("tiny-server"), SLAP_MODEL="tiny", SLAP_CACHE_DIR=str(tiny_cache_dir)
+    )
+    yield server
+    stop_server(server)

@@ -1,0 +1,31 @@
+"""`bentoml build` must package the service (no Docker needed for this step)."""
+
+import subprocess
+
+import pytest
+import yaml
+
+from tests.conftest import REPO_ROOT, bentoml_command, offline_env
+
+pytestmark = pytest.mark.slow
+
+
+def test_bentoml_build_packages_service_runtime_and_cuda_image(tmp_path):
+    env = offline_env(tmp_path)
+    result = subprocess.run(
+        bentoml_command("build", "--output", "tag"), cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    bentos = list((tmp_path / "bentoml-home" / "bentos" / "slapgen").glob("*/bento.yaml"))
+    assert len(bentos) == 1
+    bento = bentos[0].parent
+    assert (bento / "src" / "service.py").is_file()
+    assert (bento / "src" / "runtime" / "tiny.py").is_file()
+    assert not (bento / "src" / "tests").exists()
+    dockerfile = (bento / "env" / "docker" / "Dockerfile").read_text()
+    assert "nvidia/cuda" in dockerfile and "ffmpeg" in dockerfile
+    requirements = (bento / "env" / "python" / "requirements.txt").read_text()
+    for package in ("torch", "diffusers", "peft", "torchao", "imageio-ffmpeg", "pydantic-settings"):
+        assert package in requirements
+    manifest = yaml.safe_load(bentos[0].read_text())
+    assert manifest["services"][0]["config"]["resources"] == {"gpu": 1}

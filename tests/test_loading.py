@@ -1,0 +1,69 @@
+import pytest
+
+from runtime.config import SettingsError, load_settings
+from runtime.errors import ModelUnavailableError
+from runtime.loading import load_pipeline, resolve_model
+from runtime.tiny import TINY_SPEC
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+
+
+def test_tiny_resolves_and_loads(tiny_cache_dir):
+    resolved = resolve_model("tiny", tiny_cache_dir)
+    assert resolved.spec == TINY_SPEC
+    pipeline = load_pipeline(resolved)
+    assert pipeline.transformer.dtype == TINY_SPEC.torch_dtype
+
+
+def test_local_folder_resolves_to_itself(tiny_cache_dir):
+    folder = resolve_model("tiny", tiny_cache_dir).folder
+    resolved = resolve_model(str(folder), tiny_cache_dir)
+    assert resolved.folder == folder and resolved.spec == TINY_SPEC
+
+
+def test_uncached_hub_id_offline_says_how_to_fix_it(offline_hub, tmp_path):
+    with pytest.raises(ModelUnavailableError) as caught:
+        resolve_model("THUDM/CogVideoX-5b", tmp_path)
+    message = str(caught.value)
+    assert "hf download THUDM/CogVideoX-5b" in message and "SLAP_MODEL=tiny" in message
+    assert "\n" not in message
+
+
+def test_folder_without_pipeline_is_rejected(tmp_path):
+    with pytest.raises(ModelUnavailableError, match="model_index.json"):
+        resolve_model(str(tmp_path), tmp_path)
+
+
+def test_nonsense_model_name_is_rejected(tmp_path):
+    with pytest.raises(ModelUnavailableError, match="neither an existing folder nor a hub id"):
+        resolve_model("not a model", tmp_path)
+
+
+def test_broken_pipeline_folder_fails_with_a_sentence(tmp_path):
+    (tmp_path / "model_index.json").write_text('{"_class_name": "CogVideoXPipeline"}')
+    (tmp_path / "slap_spec.json").write_text(TINY_SPEC.model_dump_json())
+    with pytest.raises(ModelUnavailableError, match="could not load"):
+        load_pipeline(resolve_model(str(tmp_path), tmp_path))
+
+
+def test_settings_read_slap_variables(monkeypatch, tmp_path):
+    monkeypatch.setenv("SLAP_MODEL", "tiny")
+    monkeypatch.setenv("SLAP_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("SLAP_MAX_QUEUE", "3")
+    settings = load_settings()
+    assert (settings.model, settings.cache_dir, settings.max_queue) == ("tiny", tmp_path, 3)
+
+
+@pytest.mark.parametrize("name,value", [("SLAP_MAX_QUEUE", "0"), ("SLAP_DEVICE", "tpu"), ("SLAP_OFFLOAD", "disk")])
+def test_bad_settings_name_the_variable(monkeypatch, name, value):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(SettingsError, match=name):
+        load_settings()

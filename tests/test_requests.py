@@ -1,0 +1,75 @@
+import pytest
+from pydantic import ValidationError
+
+from runtime.requests import GenerateRequest
+from runtime.specs import COGVIDEOX_5B
+from runtime.tiny import TINY_SPEC
+
+
+def _error_fields(body: dict, spec=None) -> set[str]:
+    with pytest.raises(ValidationError) as caught:
+        request = GenerateRequest.model_validate(body)
+        request.for_model(spec or TINY_SPEC)
+    return {".".join(str(part) for part in error["loc"]) for error in caught.value.errors()}
+
+
+@pytest.mark.parametrize(
+    "body,field",
+    [
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": "   "}, "prompt"),
+        ({"prompt": "x" * 4001}, "prompt"),
+        ({}, "prompt"),
+        ({"prompt": "a", "num_frames": 10}, "num_frames"),
+        ({"prompt": "a", "num_frames": 0}, "num_frames"),
+        ({"prompt": "a", "num_frames": 53}, "num_frames"),
+        ({"prompt": "a", "num_frames": 13}, "num_frames"),  # 4k+1 but not 8k+1
+        ({"prompt": "a", "num_inference_steps": 0}, "num_inference_steps"),
+        ({"prompt": "a", "num_inference_steps": 201}, "num_inference_steps"),
+        ({"prompt": "a", "height": 50}, "height"),
+        ({"prompt": "a", "width": 112}, "width"),
+        ({"prompt": "a", "seed": -1}, "seed"),
+        ({"prompt": "a", "guidance_scale": -1}, "guidance_scale"),
+        ({"prompt": "a", "colour": "red"}, "colour"),
+    ],
+)
+def test_bad_requests_name_the_field(body, field):
+    assert field in _error_fields(body)
+
+
+def test_limits_come_from_the_model_spec():
+    body = {"prompt": "a", "height": 480, "width": 720}
+    assert {"height", "width"} == _error_fields(body, TINY_SPEC)
+    params = GenerateRequest.model_validate(body).for_model(COGVIDEOX_5B)
+    assert (params.height, params.width) == (480, 720)
+
+
+def test_defaults_are_filled_from_the_spec():
+    params = GenerateRequest(prompt="  a slap  ").for_model(COGVIDEOX_5B)
+    assert params.prompt == "a slap"
+    assert params.num_frames == 49
+    assert params.num_inference_steps == 50
+    assert params.guidance_scale == 6.0
+    assert (params.height, params.width, params.fps) == (480, 720, 8)
+    assert params.max_sequence_length == 226
+    assert params.negative_prompt == ""
+
+
+def test_explicit_values_win_and_zero_guidance_is_kept():
+    params = GenerateRequest(prompt="a", num_frames=17, guidance_scale=0.0, seed=0, fps=12).for_model(TINY_SPEC)
+    assert (params.num_frames, params.guidance_scale, params.seed, params.fps) == (17, 0.0, 0, 12)
+
+
+def test_missing_seed_is_random_per_request():
+    seeds = {GenerateRequest(prompt="a").for_model(TINY_SPEC).seed for _ in range(8)}
+    assert len(seeds) > 1
+
+
+def test_pipeline_kwargs_are_what_the_pipeline_takes():
+    import inspect
+
+    from diffusers import CogVideoXPipeline
+
+    accepted = set(inspect.signature(CogVideoXPipeline.__call__).parameters)
+    kwargs = GenerateRequest(prompt="a").for_model(TINY_SPEC).pipeline_kwargs()
+    assert set(kwargs) <= accepted

@@ -1,0 +1,70 @@
+import json
+
+import pytest
+from pydantic import ValidationError
+
+from runtime.specs import COGVIDEOX_2B, COGVIDEOX_5B, ModelSpec, is_valid_frame_count, spec_for_folder
+
+
+@pytest.mark.parametrize("frames,valid", [(1, True), (5, True), (49, True), (0, False), (2, False), (48, False), (50, False)])
+def test_frame_count_follows_4k_plus_1(frames, valid):
+    assert is_valid_frame_count(frames) is valid
+
+
+@pytest.mark.parametrize("frames,valid", [(1, True), (9, True), (49, True), (5, False), (13, False), (45, False)])
+def test_cogvideox_1_frame_counts_are_8k_plus_1(frames, valid):
+    assert is_valid_frame_count(frames, COGVIDEOX_5B.frame_step) is valid
+
+
+def test_known_specs_match_the_published_models():
+    assert (COGVIDEOX_5B.dtype, COGVIDEOX_5B.height, COGVIDEOX_5B.width) == ("bfloat16", 480, 720)
+    assert (COGVIDEOX_5B.fps, COGVIDEOX_5B.max_num_frames, COGVIDEOX_5B.max_sequence_length) == (8, 49, 226)
+    assert COGVIDEOX_2B.dtype == "float16"
+    assert COGVIDEOX_2B.torch_dtype.is_floating_point
+
+
+def _spec_fields(**changes):
+    fields = COGVIDEOX_5B.model_dump()
+    fields.update(changes)
+    return fields
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"max_num_frames": 48},
+        {"default_num_frames": 10},
+        {"default_num_frames": 13},
+        {"default_num_frames": 53},
+        {"height": 470},
+        {"dtype": "int8"},
+        {"unknown": 1},
+    ],
+)
+def test_spec_rejects_inconsistent_limits(changes):
+    with pytest.raises(ValidationError):
+        ModelSpec(**_spec_fields(**changes))
+
+
+def test_spec_is_immutable():
+    with pytest.raises(ValidationError):
+        COGVIDEOX_5B.height = 64
+
+
+def test_spec_inferred_from_transformer_config(tmp_path):
+    (tmp_path / "transformer").mkdir()
+    config = {"sample_height": 60, "sample_width": 90, "sample_frames": 49, "max_text_seq_length": 226,
+              "use_rotary_positional_embeddings": False}
+    (tmp_path / "transformer" / "config.json").write_text(json.dumps(config))
+    spec = spec_for_folder(tmp_path, "someone/cogvideox-finetune")
+    assert (spec.height, spec.width, spec.max_num_frames, spec.dtype) == (480, 720, 49, "float16")
+
+
+def test_spec_file_in_folder_wins(tmp_path):
+    custom = COGVIDEOX_5B.model_copy(update={"name": "custom", "max_num_frames": 25, "default_num_frames": 25})
+    custom.save(tmp_path)
+    assert spec_for_folder(tmp_path, "ignored") == custom
+
+
+def test_known_hub_id_uses_its_spec_for_a_snapshot_folder(tmp_path):
+    assert spec_for_folder(tmp_path, "THUDM/CogVideoX-5b") == COGVIDEOX_5B
