@@ -1,0 +1,1 @@
+"""slapgen's LoRA trainer for CogVideoX: datasets, latent cache, training loop, CLI."""

@@ -1,0 +1,155 @@
+"""Typed training configuration, loaded from YAML with `--set section.key=value` overrides.
+
+Validated once here; the training loop trusts it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from runtime.specs import SIZE_MULTIPLE, is_valid_frame_count
+from trainer.errors import TrainConfigError
+
+PRESETS_DIR = Path(__file__).parent / "presets"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(Section):
+    height: int = Field(480, ge=SIZE_MULTIPLE, multiple_of=SIZE_MULTIPLE, description="training height in pixels")
+    width: int = Field(720, ge=SIZE_MULTIPLE, multiple_of=SIZE_MULTIPLE, description="training width in pixels")
+    num_frames: int = Field(49, ge=1, description="frames per clip, 8k+1 for CogVideoX 1.0 (49 = 6 s at 8 fps)")
+    fps: float = Field(8, gt=0, description="frames are sampled from each clip at this rate")
+    max_clips: int | None = Field(None, ge=1, description="use only the first N clips of the dataset")
+
+    @field_validator("num_frames")
+    @classmethod
+    def _frames_round_trip_the_vae(cls, value: int) -> int:
+        if not is_valid_frame_count(value, 8):
+            raise ValueError("num_frames must be 8k+1 (1, 9, 17, ..., 49) so the VAE round-trips it")
+        return value
+
+
+class LoraConfig(Section):
+    rank: int = Field(128, ge=1, le=1024, description="LoRA rank r")
+    alpha: float = Field(128, gt=0, description="LoRA alpha; the update is scaled by alpha / rank")
+    target_modules: list[str] = Field(
+        ["to_q", "to_k", "to_v", "to_out.0"], min_length=1, description="transformer modules that get LoRA layers"
+    )
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA branch")
+
+
+class OptimConfig(Section):
+    optimizer: Literal["adam", "adamw", "adam8bit"] = Field(
+        "adam", description="adam8bit needs bitsandbytes and a CUDA GPU"
+    )
+    learning_rate: float = Field(1e-3, gt=0)
+    adam_beta1: float = Field(0.9, ge=0, lt=1)
+    adam_beta2: float = Field(0.95, ge=0, lt=1)
+    adam_epsilon: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(0.0, ge=0, description="decoupled for adamw, L2 for adam")
+    max_grad_norm: float = Field(1.0, gt=0, description="gradients are clipped to this total norm")
+    lr_scheduler: Literal[
+        "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
+    ] = Field("cosine_with_restarts", description="any diffusers.optimization scheduler")
+    lr_warmup_steps: int = Field(200, ge=0, description="optimizer steps of linear warm-up")
+    lr_num_cycles: int = Field(1, ge=1, description="restarts for cosine_with_restarts")
+
+
+class TrainLoopConfig(Section):
+    max_train_steps: int = Field(4000, ge=1, description="optimizer steps in the whole run")
+    batch_size: int = Field(2, ge=1, description="clips per process per micro-step")
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field(
+        "auto", description="auto: the model's dtype on a GPU (bf16 for 5B, fp16 for 2B), fp32 on CPU"
+    )
+    gradient_checkpointing: bool = Field(True, description="recompute activations to save memory")
+    seed: int = Field(42, ge=0, description="seeds data order, noise and timesteps")
+
+
+class CheckpointConfig(Section):
+    every_steps: int = Field(500, ge=1, description="save a resumable checkpoint every N optimizer steps")
+    keep_last: int = Field(3, ge=1, description="older checkpoints are deleted")
+
+
+class ValidationConfig(Section):
+    prompts: list[str] = Field(default_factory=list, description="empty: no validation videos")
+    every_steps: int = Field(500, ge=1)
+    num_inference_steps: int = Field(50, ge=1, le=200)
+    guidance_scale: float = Field(6.0, ge=0)
+    seed: int = Field(0, ge=0)
+
+
+class LoggingConfig(Section):
+    every_steps: int = Field(1, ge=1, description="write metrics.jsonl / TensorBoard every N steps")
+    tensorboard: bool = True
+
+
+class TrainConfig(Section):
+    """Everything a run needs. Save it next to the weights and the run is reproducible."""
+
+    model: str = Field("THUDM/CogVideoX-5b", description="hub id, local pipeline folder, or `tiny`")
+    model_cache_dir: Path = Field(Path.home() / ".cache" / "slapgen", description="where `tiny` is materialised")
+    latent_cache: Path | None = Field(None, description="precompute cache; default RUN_DIR/cache")
+    data: DataConfig = DataConfig()
+    lora: LoraConfig = LoraConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainLoopConfig = TrainLoopConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    validation: ValidationConfig = ValidationConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> "TrainConfig":
+        if self.optim.lr_warmup_steps >= self.train.max_train_steps and self.optim.lr_scheduler != "constant":
+            raise ValueError("optim.lr_warmup_steps must be below train.max_train_steps")
+        return self
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, raw: str) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise TrainConfigError(f"--set {dotted}: {key} is not a section")
+    node[keys[-1]] = yaml.safe_load(raw)  # "1e-4" -> float, "true" -> bool, "[a, b]" -> list
+
+
+def load_config(path: Path | str | None, overrides: list[str] = ()) -> TrainConfig:
+    """Load YAML (a path or a preset name) and apply `key=value` overrides; one-line errors."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        file = Path(path)
+        if not file.is_file() and (PRESETS_DIR / f"{path}.yaml").is_file():
+            file = PRESETS_DIR / f"{path}.yaml"
+        if not file.is_file():
+            presets = ", ".join(sorted(p.stem for p in PRESETS_DIR.glob("*.yaml")))
+            raise TrainConfigError(f"config {path} not found (presets: {presets})")
+        try:
+            tree = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as error:
+            raise TrainConfigError(f"{file} is not valid YAML ({error})") from None
+        if not isinstance(tree, dict):
+            raise TrainConfigError(f"{file} must hold a mapping of settings")
+    for override in overrides:
+        key, separator, value = override.partition("=")
+        if not separator or not key:
+            raise TrainConfigError(f"--set {override}: expected key=value, e.g. --set lora.rank=64")
+        _set_dotted(tree, key.strip(), value)
+    try:
+        return TrainConfig.model_validate(tree)
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in issue['loc']) or 'config'}: {issue['msg']}" for issue in error.errors()
+        )
+        raise TrainConfigError(f"invalid training config: {problems}") from None
