@@ -50,6 +50,8 @@ _VOCABULARY_CORPUS = [
     "sweat flies skin ripples cheek deforms knees buckle arms swing body rotates hips torque",
     "left right forward backward fast slow powerful heavy light loud quiet red blue black white",
     "the of and to on at with his her their is are was from into after before while then",
+    "plants shifts drawing far rotates whips arm loud regains balance collapses waves pans slowly across",
+    "following swing frames both athletes shirt power slap knees buckling knockout",
 ]
 
 

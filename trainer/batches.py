@@ -1,0 +1,42 @@
+"""Which cached clips each process trains on at each micro-step, derived from the step alone.
+
+The order is a fresh seeded permutation per epoch, laid end to end. Because a micro-step's batch
+is a pure function of (seed, micro-step, process), resuming needs no saved iterator state: the
+checkpoint's step is the data position.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+from safetensors.torch import load_file
+
+from trainer.latent_cache import CacheEntry
+
+
+class BatchOrder:
+    def __init__(self, num_items: int, batch_size: int, num_processes: int, process_index: int, seed: int):
+        if num_items < 1:
+            raise ValueError("no clips to train on")
+        self.num_items = num_items
+        self.batch_size = batch_size
+        self.num_processes = num_processes
+        self.process_index = process_index
+        self.seed = seed
+
+    @lru_cache(maxsize=4)
+    def _epoch_order(self, epoch: int) -> list[int]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.num_items, generator=generator).tolist()
+
+    def indices(self, micro_step: int) -> list[int]:
+        """Items this process trains on at `micro_step` (0-based, counted over the whole run)."""
+        start = (micro_step * self.num_processes + self.process_index) * self.batch_size
+        return [self._epoch_order(k // self.num_items)[k % self.num_items] for k in range(start, start + self.batch_size)]
+
+
+def load_batch(entries: list[CacheEntry], indices: list[int], device, dtype) -> dict[str, torch.Tensor]:
+    """Stack the cached tensors of `indices`: latent_mean/logvar (B, C, F, H, W), prompt_embeds (B, S, D)."""
+    rows = [load_file(str(entries[i].path)) for i in indices]
+    return {name: torch.stack([row[name] for row in rows]).to(device=device, dtype=dtype) for name in rows[0]}

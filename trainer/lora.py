@@ -1,0 +1,84 @@
+"""LoRA layers on the transformer (peft) and their file format (diffusers' LoRA safetensors).
+
+The file is what `CogVideoXPipeline.load_lora_weights` reads: keys `transformer.<module>.lora_A/B.weight`
+and diffusers' `lora_adapter_metadata` (the peft config, so alpha survives). slapgen adds its own
+metadata under `slapgen.*`: base model, rank, alpha, target modules, steps, the training config.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from trainer.config import LoraConfig, TrainConfig
+
+LORA_FILENAME = "pytorch_lora_weights.safetensors"
+TRANSFORMER_PREFIX = "transformer."
+# diffusers reads the peft config for each component from this safetensors metadata key.
+DIFFUSERS_ADAPTER_METADATA_KEY = "lora_adapter_metadata"
+
+
+def peft_config(lora: LoraConfig) -> PeftLoraConfig:
+    return PeftLoraConfig(
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        target_modules=list(lora.target_modules),
+        lora_dropout=lora.dropout,
+        init_lora_weights=True,  # B = 0: training starts exactly at the base model
+    )
+
+
+def add_lora(transformer, lora: LoraConfig) -> None:
+    """Freeze the transformer and add trainable LoRA layers to the target modules."""
+    transformer.requires_grad_(False)
+    transformer.add_adapter(peft_config(lora))
+
+
+def lora_state_dict(transformer) -> dict[str, torch.Tensor]:
+    """LoRA weights in diffusers' key layout, as contiguous CPU tensors."""
+    state = get_peft_model_state_dict(transformer)
+    return {f"{TRANSFORMER_PREFIX}{key}": value.detach().to("cpu").contiguous() for key, value in state.items()}
+
+
+def save_lora(transformer, folder: Path, config: TrainConfig, base_model: str, steps: int) -> Path:
+    """Write `folder/pytorch_lora_weights.safetensors` atomically; returns its path."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    adapter = peft_config(config.lora).to_dict()
+    adapter = {f"{TRANSFORMER_PREFIX}{k}": (sorted(v) if isinstance(v, set) else v) for k, v in adapter.items()}
+    metadata = {
+        "format": "pt",
+        DIFFUSERS_ADAPTER_METADATA_KEY: json.dumps(adapter, sort_keys=True, default=str),
+        "slapgen.base_model": base_model,
+        "slapgen.rank": str(config.lora.rank),
+        "slapgen.alpha": str(config.lora.alpha),
+        "slapgen.target_modules": ",".join(config.lora.target_modules),
+        "slapgen.steps": str(steps),
+        "slapgen.config": config.model_dump_json(),
+    }
+    path = folder / LORA_FILENAME
+    staging = folder / f".{LORA_FILENAME}.{os.getpid()}.tmp"
+    save_file(lora_state_dict(transformer), str(staging), metadata=metadata)
+    os.replace(staging, path)
+    return path
+
+
+def read_lora_metadata(path: Path) -> dict[str, str]:
+    with safe_open(str(path), framework="pt") as handle:
+        return dict(handle.metadata() or {})
+
+
+def load_lora_into(transformer, path: Path) -> None:
+    """Restore LoRA weights saved by `save_lora` into a transformer that already has the adapter."""
+    state = {key.removeprefix(TRANSFORMER_PREFIX): value for key, value in load_file(str(path)).items()}
+    result = set_peft_model_state_dict(transformer, state)
+    unexpected = getattr(result, "unexpected_keys", None)
+    if unexpected:
+        raise ValueError(f"{path} has keys this model lacks, e.g. {unexpected[0]}")
