@@ -115,3 +115,18 @@ def tiny_server(tmp_path_factory, tiny_cache_dir) -> ServerProcess:
     )
     yield server
     stop_server(server)
+
+
+@pytest.fixture(scope="session")
+def demo_dataset(tmp_path_factory) -> Path:
+    """Four synthetic clips + captions (written once per session; treat as read-only)."""
+    from trainer.demo_data import write_demo_dataset
+
+    folder = tmp_path_factory.mktemp("demo-data")
+    write_demo_dataset(folder, clips=4, seed=0)
+    return folder
+
+
+def tiny_train_overrides(tiny_cache_dir: Path, *extra: str) -> list[str]:
+    """tiny-smoke with the session's tiny model, no TensorBoard and no validation unless asked."""
+    return [f"model_cache_dir={tiny_cache_dir}", "logging.tensorboard=false", "validation.prompts=[]", *extra]

@@ -1,0 +1,112 @@
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from trainer.datasets import read_dataset
+from trainer.demo_data import OUTCOMES, DemoClip, caption_for
+from trainer.errors import ClipError, DatasetError
+from trainer.frames import load_clip, resize_and_crop, sample_indices
+
+
+def _copy_clips(demo_dataset, target, count=2):
+    target.mkdir(parents=True, exist_ok=True)
+    names = []
+    for index in range(count):
+        name = f"clip_{index:03d}.mp4"
+        shutil.copy(demo_dataset / name, target / name)
+        names.append(name)
+    return names
+
+
+def test_folder_of_pairs(demo_dataset):
+    clips = read_dataset(demo_dataset)
+    assert [c.name for c in clips] == [f"clip_{i:03d}.mp4" for i in range(4)]
+    assert all(c.caption and c.video.is_file() for c in clips)
+
+
+def test_videos_and_prompts_txt(demo_dataset, tmp_path):
+    names = _copy_clips(demo_dataset, tmp_path / "videos")
+    (tmp_path / "videos.txt").write_text("\n".join(f"videos/{n}" for n in names) + "\n\n")
+    (tmp_path / "prompts.txt").write_text("first caption\nsecond caption\n")
+    clips = read_dataset(tmp_path)
+    assert [(c.name, c.caption) for c in clips] == [("videos/clip_000.mp4", "first caption"), ("videos/clip_001.mp4", "second caption")]
+
+
+def test_csv_and_jsonl(demo_dataset, tmp_path):
+    names = _copy_clips(demo_dataset, tmp_path)
+    (tmp_path / "data.csv").write_text("video,caption\n" + "".join(f'{n},"a, quoted caption {i}"\n' for i, n in enumerate(names)))
+    assert [c.caption for c in read_dataset(tmp_path / "data.csv")] == ["a, quoted caption 0", "a, quoted caption 1"]
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps({"video": n, "caption": f"c{i}", "extra": 1}) + "\n" for i, n in enumerate(names)))
+    assert [c.caption for c in read_dataset(tmp_path / "data.jsonl")] == ["c0", "c1"]
+
+
+@pytest.mark.parametrize(
+    "files,message",
+    [
+        ({"data.csv": "video,text\nclip_000.mp4,hi\n"}, "missing 'caption'"),
+        ({"data.csv": "video,caption\nmissing.mp4,hi\n"}, "missing.mp4 not found"),
+        ({"data.csv": "video,caption\nclip_000.mp4,   \n"}, "empty caption"),
+        ({"data.jsonl": '{"video": "clip_000.mp4", "caption": "x"}\nnot json\n'}, "line 2 is not valid JSON"),
+        ({"videos.txt": "clip_000.mp4\nclip_001.mp4\n", "prompts.txt": "only one\n"}, "prompts.txt has 1"),
+        ({"videos.txt": "clip_000.mp4\n"}, "no prompts.txt"),
+    ],
+)
+def test_bad_datasets_say_what_is_wrong(demo_dataset, tmp_path, files, message):
+    _copy_clips(demo_dataset, tmp_path)
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    target = tmp_path / next(iter(files)) if next(iter(files)).endswith(("csv", "jsonl")) else tmp_path
+    with pytest.raises(DatasetError, match=message):
+        read_dataset(target)
+
+
+def test_missing_captions_allowed_only_when_asked(demo_dataset, tmp_path):
+    _copy_clips(demo_dataset, tmp_path)
+    (tmp_path / "clip_000.txt").write_text("a caption")
+    with pytest.raises(DatasetError, match="clip_001.mp4 has an empty caption"):
+        read_dataset(tmp_path)
+    assert [c.caption for c in read_dataset(tmp_path, require_captions=False)] == ["a caption", None]
+
+
+def test_sample_indices_follow_the_target_fps():
+    assert sample_indices(16, 8, 5) == [0, 2, 4, 6, 8]
+    assert sample_indices(24, 8, 3) == [0, 3, 6]
+    assert sample_indices(8, 8, 3) == [0, 1, 2]
+
+
+def test_load_clip_samples_resizes_and_scales(demo_dataset):
+    video = load_clip(demo_dataset / "clip_000.mp4", num_frames=17, fps=8, height=64, width=96)
+    assert video.shape == (17, 3, 64, 96)
+    assert -1.0 <= video.min() < 0 < video.max() <= 1.0
+    assert not np.allclose(video[0].numpy(), video[10].numpy())  # frames really advance
+
+
+def test_resize_and_crop_keeps_the_centre():
+    import torch
+
+    video = torch.zeros(1, 3, 100, 300)
+    video[..., 120:180] = 255  # a bright band in the middle third
+    cropped = resize_and_crop(video, 64, 64)
+    assert cropped.shape == (1, 3, 64, 64)
+    assert cropped[..., :, 32].mean() > 200 and cropped[..., :, 0].mean() < 50
+
+
+def test_short_and_corrupt_clips_raise_clip_errors(demo_dataset, tmp_path):
+    with pytest.raises(ClipError) as short:
+        load_clip(demo_dataset / "clip_000.mp4", num_frames=49, fps=8, height=64, width=96)  # 2.5 s < 6 s
+    assert short.value.reason == "too_short"
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"garbage" * 100)
+    with pytest.raises(ClipError) as corrupt:
+        load_clip(broken, num_frames=9, fps=8, height=64, width=96)
+    assert corrupt.value.reason == "corrupt"
+
+
+@pytest.mark.parametrize("outcome", OUTCOMES)
+def test_demo_captions_follow_the_research_notes(outcome):
+    caption = caption_for(DemoClip(True, "red", "blue", outcome, "pan"))
+    assert 50 <= len(caption.split()) <= 100
+    for aspect_word in ("weight", "strikes", "impact", "camera"):
+        assert aspect_word in caption

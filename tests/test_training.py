@@ -1,0 +1,177 @@
+"""Training on the tiny model, on CPU, through the real loop (and the real CLI where it matters)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from diffusers import CogVideoXDPMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
+from safetensors.torch import load_file
+
+from runtime.loading import resolve_model
+from tests.conftest import REPO_ROOT, offline_env, tiny_train_overrides
+from trainer.batches import BatchOrder, load_batch
+from trainer.cli import main as cli_main
+from trainer.config import load_config
+from trainer.datasets import read_dataset
+from trainer.latent_cache import LatentCache
+from trainer.lora import LORA_FILENAME, add_lora, load_lora_into, read_lora_metadata
+from trainer.objective import diffusion_loss, rotary_embeddings, sample_latents
+from trainer.train import train
+
+
+def _config(tiny_cache_dir, *extra):
+    return load_config("tiny-smoke", tiny_train_overrides(tiny_cache_dir, *extra))
+
+
+def _fixed_loss(transformer, tiny_cache_dir, cache_root, clips, config) -> float:
+    """Loss at fixed timesteps and noise, so before/after compare the model and nothing else."""
+    resolved = resolve_model("tiny", tiny_cache_dir)
+    entries = LatentCache(cache_root, resolved, config.data).precompute(clips, progress=False).entries
+    batch = load_batch(entries, [0], "cpu", torch.float32)
+    scheduler = CogVideoXDPMScheduler.from_pretrained(resolved.folder, subfolder="scheduler")
+    rotary = rotary_embeddings(transformer.config, 64, 96, 3, "cpu")
+    losses = []
+    with torch.no_grad(), torch.random.fork_rng():
+        torch.manual_seed(0)
+        for t in [50, 200, 400, 600, 800, 950] * 3:
+            latents = sample_latents(batch["latent_mean"], batch["latent_logvar"], 0.7)
+            losses.append(diffusion_loss(transformer, scheduler, latents, batch["prompt_embeds"], rotary, torch.tensor([t])).item())
+    return float(np.mean(losses))
+
+
+def test_overfitting_one_clip_lowers_the_loss(tiny_cache_dir, demo_dataset, tmp_path):
+    config = _config(tiny_cache_dir, "data.max_clips=1", "train.max_train_steps=40", "optim.learning_rate=1e-2",
+                     "lora.rank=8", "lora.alpha=8", "checkpoint.every_steps=100")
+    adapter = train(config, demo_dataset, tmp_path / "run", progress=False)
+    clips = read_dataset(demo_dataset)[:1]
+    resolved = resolve_model("tiny", tiny_cache_dir)
+    model = CogVideoXTransformer3DModel.from_pretrained(resolved.folder, subfolder="transformer")
+    before = _fixed_loss(model, tiny_cache_dir, tmp_path / "run" / "cache", clips, config)
+    add_lora(model, config.lora)
+    load_lora_into(model, adapter)
+    after = _fixed_loss(model, tiny_cache_dir, tmp_path / "run" / "cache", clips, config)
+    assert after < 0.8 * before, (before, after)
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in logged] == list(range(1, 41))
+    assert {"loss", "lr", "grad_norm", "step_time_s", "peak_memory_mb"} <= set(logged[0])
+
+
+def test_resume_continues_exactly(tiny_cache_dir, demo_dataset, tmp_path):
+    settings = ["train.max_train_steps=6", "checkpoint.every_steps=3", "optim.lr_scheduler=cosine_with_restarts",
+                "optim.lr_warmup_steps=2", "train.gradient_accumulation_steps=2"]
+    straight = train(_config(tiny_cache_dir, *settings), demo_dataset, tmp_path / "straight", progress=False)
+    interrupted = tmp_path / "interrupted"
+    assert train(_config(tiny_cache_dir, *settings), demo_dataset, interrupted, stop_at_step=3, progress=False) is None
+    assert not (interrupted / LORA_FILENAME).exists()
+    resumed = train(_config(tiny_cache_dir, *settings), demo_dataset, interrupted, resume="latest", progress=False)
+    a, b = load_file(straight), load_file(resumed)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), max((a[k] - b[k]).abs().max().item() for k in a)
+    assert any(a[k].abs().sum() > 0 for k in a if "lora_B" in k)
+    steps = [json.loads(line)["step"] for line in (interrupted / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_resume_refuses_a_different_config(tiny_cache_dir, demo_dataset, tmp_path):
+    run = tmp_path / "run"
+    train(_config(tiny_cache_dir, "train.max_train_steps=4"), demo_dataset, run, stop_at_step=2, progress=False)
+    code = cli_main(["train", "--config", "tiny-smoke", "--data", str(demo_dataset), "--out", str(run), "--resume", "latest",
+                     *sum((["--set", o] for o in tiny_train_overrides(tiny_cache_dir, "train.max_train_steps=4", "lora.rank=8")), [])])
+    assert code == 2
+
+
+def test_checkpoints_rotate_and_hold_a_loadable_lora(tiny_cache_dir, demo_dataset, tmp_path):
+    run = tmp_path / "run"
+    train(_config(tiny_cache_dir, "train.max_train_steps=6", "checkpoint.every_steps=2", "checkpoint.keep_last=2"),
+          demo_dataset, run, progress=False)
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert names == ["checkpoint-000004", "checkpoint-000006"]
+    metadata = read_lora_metadata(run / "checkpoints" / "checkpoint-000004" / LORA_FILENAME)
+    assert metadata["slapgen.steps"] == "4"
+
+
+def test_saved_lora_loads_in_diffusers_and_changes_the_output(tiny_cache_dir, demo_dataset, tmp_path):
+    config = _config(tiny_cache_dir, "train.max_train_steps=8", "lora.rank=8", "lora.alpha=4",
+                     "validation.prompts=[a power slap]", "validation.every_steps=4", "validation.num_inference_steps=2")
+    adapter = train(config, demo_dataset, tmp_path / "run", progress=False)
+
+    metadata = read_lora_metadata(adapter)
+    assert metadata["slapgen.base_model"] == "tiny"
+    assert (metadata["slapgen.rank"], metadata["slapgen.alpha"], metadata["slapgen.steps"]) == ("8", "4.0", "8")
+    assert metadata["slapgen.target_modules"] == "to_q,to_k,to_v,to_out.0"
+    assert json.loads(metadata["slapgen.config"])["lora"]["rank"] == 8
+    for step in (4, 8):
+        assert (tmp_path / "run" / "validation" / f"step-{step:06d}" / "prompt-00.mp4").stat().st_size > 0
+
+    resolved = resolve_model("tiny", tiny_cache_dir)
+
+    def generate(pipeline):
+        pipeline.set_progress_bar_config(disable=True)
+        return pipeline("a power slap", num_frames=9, height=64, width=96, num_inference_steps=2, max_sequence_length=32,
+                        generator=torch.Generator("cpu").manual_seed(3), output_type="np").frames[0]
+
+    base = generate(CogVideoXPipeline.from_pretrained(resolved.folder, dtype=torch.float32))
+    pipeline = CogVideoXPipeline.from_pretrained(resolved.folder, dtype=torch.float32)
+    pipeline.load_lora_weights(str(adapter.parent), weight_name=adapter.name, adapter_name="slap")
+    layer = pipeline.transformer.transformer_blocks[0].attn1.to_q
+    assert layer.r["slap"] == 8 and layer.scaling["slap"] == pytest.approx(0.5)  # alpha / rank survived
+    assert not np.allclose(base, generate(pipeline), atol=1e-4)
+
+
+def test_cli_quick_start_and_bad_input(tiny_cache_dir, demo_dataset, tmp_path, capsys):
+    data = tmp_path / "demo"
+    assert cli_main(["demo-data", str(data), "--clips", "2"]) == 0
+    assert sorted(p.name for p in data.iterdir()) == ["clip_000.mp4", "clip_000.txt", "clip_001.mp4", "clip_001.txt"]
+    assert cli_main(["precompute", str(data), "--model", "tiny", "--out", str(tmp_path / "cache"),
+                     "--config", "tiny-smoke", "--set", f"model_cache_dir={tiny_cache_dir}"]) == 0
+    assert "2 clips ready (2 encoded" in capsys.readouterr().out
+
+    (data / "clip_001.txt").write_text("  \n")
+    assert cli_main(["train", "--config", "tiny-smoke", "--data", str(data), "--out", str(tmp_path / "run")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("slapgen train:") and "clip_001.mp4 has an empty caption" in error and "\n" not in error
+    assert cli_main(["train", "--config", "tiny-smoke", "--data", str(data), "--out", str(tmp_path / "run"), "--set", "lora.rnk=2"]) == 2
+    assert "lora.rnk" in capsys.readouterr().err
+    assert cli_main(["train", "--config", "nope", "--data", str(data), "--out", str(tmp_path / "run")]) == 2
+    assert "presets: aggressive, conservative, tiny-smoke" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU error path")
+def test_adam8bit_on_cpu_is_a_clear_error(tiny_cache_dir, demo_dataset, tmp_path, capsys):
+    code = cli_main(["train", "--config", "tiny-smoke", "--data", str(demo_dataset), "--out", str(tmp_path / "run"),
+                     *sum((["--set", o] for o in tiny_train_overrides(tiny_cache_dir, "optim.optimizer=adam8bit")), [])])
+    assert code == 2 and "adam8bit needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_batch_order_is_a_pure_function_of_the_step():
+    order = BatchOrder(num_items=5, batch_size=2, num_processes=2, process_index=1, seed=7)
+    first = [order.indices(step) for step in range(6)]
+    again = BatchOrder(5, 2, 2, 1, 7)
+    assert [again.indices(step) for step in (5, 0, 3)] == [first[5], first[0], first[3]]
+    other_process = BatchOrder(5, 2, 2, 0, 7)
+    per_epoch = sorted(other_process.indices(0) + order.indices(0) + [other_process.indices(1)[0]])
+    assert per_epoch == [0, 1, 2, 3, 4]  # the two processes split one epoch without overlap
+
+
+@pytest.mark.slow
+def test_accelerate_launch_two_cpu_processes(tiny_cache_dir, demo_dataset, tmp_path):
+    """Two real processes (gloo). accelerate 1.15's `launch --cpu --num_processes 2` starts only one
+    process without mpirun, so CPU multi-process goes through the torchrun launcher with
+    ACCELERATE_USE_CPU=1, as README.md documents."""
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "trainer", "train", "--config", "tiny-smoke",
+               "--data", str(demo_dataset), "--out", str(run),
+               *sum((["--set", o] for o in tiny_train_overrides(tiny_cache_dir, "train.max_train_steps=4", "checkpoint.every_steps=2")), [])]
+    env = offline_env(tmp_path, ACCELERATE_USE_CPU="1", CUDA_VISIBLE_DEVICES="")
+    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    tensors = load_file(run / LORA_FILENAME)
+    assert tensors and all(torch.isfinite(t).all() for t in tensors.values())
+    assert (run / "checkpoints" / "checkpoint-000004" / "random_states_1.pkl").is_file()  # both processes saved RNG
+    assert read_lora_metadata(run / LORA_FILENAME)["slapgen.steps"] == "4"

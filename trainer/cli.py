@@ -1,0 +1,116 @@
+"""`slapgen` command line: demo-data, precompute, train.
+
+Every subcommand has --help; bad input ends with one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from runtime.errors import ModelUnavailableError
+from trainer.errors import DatasetError, TrainConfigError
+
+USER_ERRORS = (DatasetError, TrainConfigError, ModelUnavailableError, FileNotFoundError)
+
+
+def _quiet_libraries() -> None:
+    # Long captions are truncated to the model's token limit on purpose; the per-clip warnings
+    # from transformers/diffusers would bury the progress bar.
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
+
+
+def cmd_demo_data(args) -> int:
+    from trainer.demo_data import write_demo_dataset
+
+    written = write_demo_dataset(args.out, clips=args.clips, seed=args.seed)
+    print(f"wrote {len(written)} clips + captions to {args.out}")
+    return 0
+
+
+def cmd_precompute(args) -> int:
+    from runtime.loading import resolve_model
+    from trainer.config import load_config
+    from trainer.datasets import read_dataset
+    from trainer.latent_cache import LatentCache
+
+    config = load_config(args.config, [f"model={args.model}", *args.set] if args.model else args.set)
+    resolved = resolve_model(config.model, config.model_cache_dir)
+    clips = read_dataset(args.dataset)[: config.data.max_clips]
+    report = LatentCache(args.out, resolved, config.data, device=args.device).precompute(clips)
+    print(report.summary())
+    if report.skipped:
+        print(json.dumps(report.skipped, indent=2))
+    return 0 if report.entries else 1
+
+
+def cmd_train(args) -> int:
+    from trainer.config import load_config
+    from trainer.train import TrainError, train
+
+    config = load_config(args.config, args.set)
+    try:
+        train(config, args.data, args.out, resume=args.resume, stop_at_step=args.stop_at_step)
+    except TrainError as error:
+        raise TrainConfigError(str(error)) from None
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="slapgen", description="Teach CogVideoX a new video domain with LoRA.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser("demo-data", help="write a small synthetic powerslap dataset (mp4 + captions)")
+    demo.add_argument("out", type=Path, help="folder to write clip_NNN.mp4 / clip_NNN.txt into")
+    demo.add_argument("--clips", type=int, default=8, help="number of clips (default 8)")
+    demo.add_argument("--seed", type=int, default=0, help="seed for the scene variations")
+    demo.set_defaults(run=cmd_demo_data)
+
+    pre = commands.add_parser("precompute", help="encode clips (VAE) and captions (T5) into a latent cache")
+    pre.add_argument("dataset", type=Path, help="folder (videos.txt+prompts.txt or clip.mp4+clip.txt) or .csv/.jsonl")
+    pre.add_argument("--model", help="hub id, local pipeline folder, or `tiny` (overrides the config)")
+    pre.add_argument("--out", type=Path, required=True, help="cache folder (reused across runs)")
+    pre.add_argument("--config", help="training config or preset whose data section sets resolution and frames")
+    pre.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    pre.add_argument("--device", default="cuda" if _cuda() else "cpu", help="where to run the encoders")
+    pre.set_defaults(run=cmd_precompute)
+
+    tr = commands.add_parser("train", help="train a LoRA; writes RUN_DIR/pytorch_lora_weights.safetensors")
+    tr.add_argument("--config", required=True, help="YAML file or preset name (conservative, aggressive, tiny-smoke)")
+    tr.add_argument("--data", type=Path, required=True, help="dataset folder or .csv/.jsonl")
+    tr.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, metrics, validation, LoRA)")
+    tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. lora.rank=64")
+    tr.add_argument("--resume", metavar="latest|CHECKPOINT", help="continue from the latest or a given checkpoint")
+    tr.add_argument("--stop-at-step", type=int, metavar="N", help="checkpoint and stop after step N (resume later)")
+    tr.set_defaults(run=cmd_train)
+    return parser
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    try:
+        return args.run(args)
+    except USER_ERRORS as error:
+        print(f"slapgen {args.command}: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"slapgen {args.command}: interrupted; finished work is kept (re-run or --resume latest)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
