@@ -1,4 +1,4 @@
-"""`slapgen` command line: demo-data, precompute, train.
+"""`slapgen` command line: demo-data, precompute, train, config.
 
 Every subcommand has --help; bad input ends with one line on stderr and exit status 2.
 """
@@ -63,6 +63,13 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_config(args) -> int:
+    from trainer.config import load_config
+
+    print(load_config(args.preset, args.set).to_documented_yaml(), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="slapgen", description="Teach CogVideoX a new video domain with LoRA.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -90,6 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--resume", metavar="latest|CHECKPOINT", help="continue from the latest or a given checkpoint")
     tr.add_argument("--stop-at-step", type=int, metavar="N", help="checkpoint and stop after step N (resume later)")
     tr.set_defaults(run=cmd_train)
+
+    cfg = commands.add_parser("config", help="print a preset or config file with every field documented")
+    cfg.add_argument("preset", nargs="?", help="preset name or YAML file (default: built-in defaults)")
+    cfg.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    cfg.set_defaults(run=cmd_config)
     return parser
 
 

@@ -49,10 +49,10 @@ class OptimConfig(Section):
     optimizer: Literal["adam", "adamw", "adam8bit"] = Field(
         "adam", description="adam8bit needs bitsandbytes and a CUDA GPU"
     )
-    learning_rate: float = Field(1e-3, gt=0)
-    adam_beta1: float = Field(0.9, ge=0, lt=1)
-    adam_beta2: float = Field(0.95, ge=0, lt=1)
-    adam_epsilon: float = Field(1e-8, gt=0)
+    learning_rate: float = Field(1e-3, gt=0, description="peak learning rate (after warm-up)")
+    adam_beta1: float = Field(0.9, ge=0, lt=1, description="Adam beta1 (momentum)")
+    adam_beta2: float = Field(0.95, ge=0, lt=1, description="Adam beta2 (second-moment decay)")
+    adam_epsilon: float = Field(1e-8, gt=0, description="Adam epsilon")
     weight_decay: float = Field(0.0, ge=0, description="decoupled for adamw, L2 for adam")
     max_grad_norm: float = Field(1.0, gt=0, description="gradients are clipped to this total norm")
     lr_scheduler: Literal[
@@ -65,7 +65,7 @@ class OptimConfig(Section):
 class TrainLoopConfig(Section):
     max_train_steps: int = Field(4000, ge=1, description="optimizer steps in the whole run")
     batch_size: int = Field(2, ge=1, description="clips per process per micro-step")
-    gradient_accumulation_steps: int = Field(1, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1, description="micro-steps per optimizer step")
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field(
         "auto", description="auto: the model's dtype on a GPU (bf16 for 5B, fp16 for 2B), fp32 on CPU"
     )
@@ -80,15 +80,15 @@ class CheckpointConfig(Section):
 
 class ValidationConfig(Section):
     prompts: list[str] = Field(default_factory=list, description="empty: no validation videos")
-    every_steps: int = Field(500, ge=1)
-    num_inference_steps: int = Field(50, ge=1, le=200)
-    guidance_scale: float = Field(6.0, ge=0)
-    seed: int = Field(0, ge=0)
+    every_steps: int = Field(500, ge=1, description="generate validation videos every N optimizer steps")
+    num_inference_steps: int = Field(50, ge=1, le=200, description="denoising steps per validation video")
+    guidance_scale: float = Field(6.0, ge=0, description="classifier-free guidance for validation videos")
+    seed: int = Field(0, ge=0, description="noise seed, the same at every validation so videos compare")
 
 
 class LoggingConfig(Section):
     every_steps: int = Field(1, ge=1, description="write metrics.jsonl / TensorBoard every N steps")
-    tensorboard: bool = True
+    tensorboard: bool = Field(True, description="also log to TensorBoard under RUN_DIR/logs")
 
 
 class TrainConfig(Section):
@@ -97,13 +97,13 @@ class TrainConfig(Section):
     model: str = Field("THUDM/CogVideoX-5b", description="hub id, local pipeline folder, or `tiny`")
     model_cache_dir: Path = Field(Path.home() / ".cache" / "slapgen", description="where `tiny` is materialised")
     latent_cache: Path | None = Field(None, description="precompute cache; default RUN_DIR/cache")
-    data: DataConfig = DataConfig()
-    lora: LoraConfig = LoraConfig()
-    optim: OptimConfig = OptimConfig()
-    train: TrainLoopConfig = TrainLoopConfig()
-    checkpoint: CheckpointConfig = CheckpointConfig()
-    validation: ValidationConfig = ValidationConfig()
-    logging: LoggingConfig = LoggingConfig()
+    data: DataConfig = Field(DataConfig(), description="how clips are sampled")
+    lora: LoraConfig = Field(LoraConfig(), description="the adapter")
+    optim: OptimConfig = Field(OptimConfig(), description="optimizer and learning-rate schedule")
+    train: TrainLoopConfig = Field(TrainLoopConfig(), description="the loop")
+    checkpoint: CheckpointConfig = Field(CheckpointConfig(), description="resumable checkpoints")
+    validation: ValidationConfig = Field(ValidationConfig(), description="videos generated during training")
+    logging: LoggingConfig = Field(LoggingConfig(), description="metrics.jsonl and TensorBoard")
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> "TrainConfig":
@@ -113,6 +113,22 @@ class TrainConfig(Section):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def to_documented_yaml(self) -> str:
+        """YAML with each field's description as a comment: the reference users edit from."""
+        lines = []
+        for name, field in type(self).model_fields.items():
+            value = getattr(self, name)
+            lines.append(f"# {field.description}")
+            if isinstance(value, Section):
+                lines.append(f"{name}:")
+                for sub_name, sub_field in type(value).model_fields.items():
+                    dumped = yaml.safe_dump({sub_name: getattr(value, sub_name)}, default_flow_style=True, width=10**6)
+                    lines.append(f"  {dumped.strip()[1:-1]}  # {sub_field.description}")
+            else:
+                dumped = yaml.safe_dump({name: value if not isinstance(value, Path) else str(value)}, default_flow_style=True, width=10**6)
+                lines.append(dumped.strip()[1:-1])
+        return "\n".join(lines) + "\n"
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, raw: str) -> None:

@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from runtime.loading import ResolvedModel
+from runtime.specs import ModelSpec
 from trainer.config import DataConfig
 from trainer.datasets import Clip
 from trainer.errors import ClipError
@@ -97,16 +98,21 @@ class PrecomputeReport:
 class Encoders:
     """The VAE and T5 of a model, loaded without the transformer (which precompute never needs)."""
 
-    def __init__(self, resolved: ResolvedModel, device: str):
-        from diffusers import CogVideoXPipeline
-
-        self.spec = resolved.spec
+    def __init__(self, pipeline, spec: ModelSpec, device: str):
+        self.spec = spec
         self.device = device
-        self.pipeline = CogVideoXPipeline.from_pretrained(resolved.folder, transformer=None, dtype=self.spec.torch_dtype)
+        self.pipeline = pipeline
         self.pipeline.vae.enable_slicing()
         self.pipeline.vae.enable_tiling()
         self.pipeline.vae.to(device)
         self.pipeline.text_encoder.to(device)
+
+    @classmethod
+    def load(cls, resolved: ResolvedModel, device: str) -> "Encoders":
+        from diffusers import CogVideoXPipeline
+
+        pipeline = CogVideoXPipeline.from_pretrained(resolved.folder, transformer=None, dtype=resolved.spec.torch_dtype)
+        return cls(pipeline, resolved.spec, device)
 
     @torch.no_grad()
     def encode_video(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,7 +145,7 @@ class LatentCache:
     @property
     def encoders(self) -> Encoders:
         if self._encoders is None:  # loaded on the first miss only: a warm cache costs no model load
-            self._encoders = Encoders(self.resolved, self.device)
+            self._encoders = Encoders.load(self.resolved, self.device)
         return self._encoders
 
     def clip_key(self, file_hash: str, caption: str) -> str:

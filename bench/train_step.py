@@ -1,0 +1,158 @@
+"""Training step time and peak memory, with the latent cache and without it.
+
+"cached" is what `slapgen train` does: read latents + T5 embeddings, one LoRA step.
+"uncached" adds what the cache saves: decode the mp4, VAE-encode it, T5-encode the caption.
+Cases: the tiny model on CPU; on a GPU also a randomly initialised CogVideoX-5B (real config,
+49 frames 480x720, LoRA rank 128, bf16, gradient checkpointing). Each case runs in its own
+process. Prints a table and writes bench/results/train_step-{cpu,gpu}.json.
+
+    python bench/train_step.py [--steps 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import device_description, print_table, run_case_in_subprocess, write_results  # noqa: E402
+
+
+def _models(name: str, device: str):
+    """(pipeline without weights loaded from disk, spec, lora rank, dtype)."""
+    from diffusers import CogVideoXPipeline
+
+    from runtime.tiny import TINY_SPEC, build_tiny_pipeline
+
+    if name == "tiny":
+        return build_tiny_pipeline(), TINY_SPEC, 4, torch.float32
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel
+    from transformers import T5Config, T5EncoderModel
+
+    from runtime.reference_configs import COGVIDEOX_5B_TRANSFORMER, COGVIDEOX_5B_VAE, T5_V1_1_XXL
+    from runtime.specs import COGVIDEOX_5B
+
+    tiny = build_tiny_pipeline()
+    tiny.tokenizer.model_max_length = COGVIDEOX_5B.max_sequence_length  # token ids differ; shapes are real
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device(device):
+        pipeline = CogVideoXPipeline(
+            tokenizer=tiny.tokenizer,
+            text_encoder=T5EncoderModel(T5Config(**T5_V1_1_XXL)),
+            vae=AutoencoderKLCogVideoX(**COGVIDEOX_5B_VAE),
+            transformer=CogVideoXTransformer3DModel(**COGVIDEOX_5B_TRANSFORMER),
+            scheduler=tiny.scheduler,
+        )
+    torch.set_default_dtype(torch.float32)
+    return pipeline, COGVIDEOX_5B, 128, torch.bfloat16
+
+
+def run_case(case: str, steps: int) -> dict:
+    from runtime.video import write_mp4
+    from trainer.config import LoraConfig, OptimConfig
+    from trainer.frames import load_clip
+    from trainer.latent_cache import Encoders
+    from trainer.lora import add_lora
+    from trainer.objective import diffusion_loss, rotary_embeddings, sample_latents
+    from trainer.optim import make_optimizer
+
+    model_name, mode = case.split(":")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    pipeline, spec, rank, dtype = _models(model_name, device)
+    transformer, scheduler = pipeline.transformer, pipeline.scheduler
+    encoders = Encoders(pipeline, spec, device)
+    add_lora(transformer, LoraConfig(rank=rank, alpha=rank))
+    for parameter in transformer.parameters():
+        if parameter.requires_grad:
+            parameter.data = parameter.data.float()
+    transformer.enable_gradient_checkpointing()
+    transformer.to(device).train()
+    trainable = [p for p in transformer.parameters() if p.requires_grad]
+    optimizer = make_optimizer(trainable, OptimConfig(optimizer="adamw"))
+    frames = spec.max_num_frames
+    clip_path = Path(tempfile.mkdtemp()) / "clip.mp4"
+    rng = np.random.default_rng(0)
+    write_mp4(rng.uniform(0, 1, (frames, spec.height, spec.width, 3)).astype(np.float32), clip_path, fps=spec.fps)
+    caption = "Power slap: the striker winds up and the open hand strikes the cheek; the head snaps sideways."
+    cached_mean, cached_logvar = encoders.encode_video(load_clip(clip_path, frames, spec.fps, spec.height, spec.width))
+    cached_embeds = encoders.encode_prompt(caption)
+    latent_frames = cached_mean.shape[1]
+    rotary = rotary_embeddings(transformer.config, spec.height, spec.width, latent_frames, device)
+    autocast = torch.autocast("cuda", dtype=dtype) if device == "cuda" else torch.autocast("cpu", enabled=False)
+
+    def step() -> float:
+        started = time.perf_counter()
+        if mode == "uncached":
+            mean, logvar = encoders.encode_video(load_clip(clip_path, frames, spec.fps, spec.height, spec.width))
+            embeds = encoders.encode_prompt(caption)
+        else:
+            mean, logvar, embeds = cached_mean, cached_logvar, cached_embeds
+        mean, logvar = mean.unsqueeze(0).to(device, torch.float32), logvar.unsqueeze(0).to(device, torch.float32)
+        latents = sample_latents(mean, logvar, pipeline.vae.config.scaling_factor)
+        with autocast:
+            loss = diffusion_loss(transformer, scheduler, latents.to(dtype), embeds.unsqueeze(0).to(device, dtype), rotary)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - started
+
+    step()  # warm-up: allocator, optimizer state
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = [step() for _ in range(steps)]
+    peak = (
+        torch.cuda.max_memory_allocated() / 2**20
+        if device == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    )
+    return {
+        "case": case,
+        "model": model_name,
+        "mode": mode,
+        "resolution": f"{frames}x{spec.height}x{spec.width}",
+        "lora_rank": rank,
+        "step_s_median": statistics.median(times),
+        "step_s_min": min(times),
+        "peak_memory_mb": peak,
+        "memory_kind": "cuda max_memory_allocated" if device == "cuda" else "process peak RSS",
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per case (after one warm-up)")
+    parser.add_argument("--case", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.case:
+        print(json.dumps(run_case(args.case, args.steps)))
+        return
+    cases = ["tiny:cached", "tiny:uncached"]
+    if torch.cuda.is_available():
+        cases += ["cogvideox-5b-random:cached", "cogvideox-5b-random:uncached"]
+    rows = [run_case_in_subprocess(Path(__file__), case, ["--steps", str(args.steps)]) for case in cases]
+    for model in {row.get("model") for row in rows if "model" in row}:
+        pair = {row["mode"]: row for row in rows if row.get("model") == model}
+        if {"cached", "uncached"} <= set(pair):
+            pair["uncached"]["uncached_over_cached"] = pair["uncached"]["step_s_median"] / pair["cached"]["step_s_median"]
+    print(f"device: {device_description()}, torch {torch.__version__}")
+    print_table(rows, ["case", "resolution", "lora_rank", "step_s_median", "uncached_over_cached", "peak_memory_mb", "error"])
+    path = write_results("train_step", {"device": device_description(), "torch": torch.__version__, "steps": args.steps, "results": rows})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
