@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from trainer.datasets import read_dataset
-from trainer.demo_data import OUTCOMES, DemoClip, caption_for
+from trainer.demo_data import OUTCOMES, DemoClip, caption_for, write_demo_dataset
 from trainer.errors import ClipError, DatasetError
 from trainer.frames import load_clip, resize_and_crop, sample_indices
 
@@ -106,7 +106,12 @@ def test_short_and_corrupt_clips_raise_clip_errors(demo_dataset, tmp_path):
 
 @pytest.mark.parametrize("outcome", OUTCOMES)
 def test_demo_captions_follow_the_research_notes(outcome):
-    caption = caption_for(DemoClip(True, "red", "blue", outcome, "pan"))
+    caption = caption_for(DemoClip(True, "red", "blue", outcome, "pan", backdrop=0.3))
     assert 50 <= len(caption.split()) <= 100
     for aspect_word in ("weight", "strikes", "impact", "camera"):
         assert aspect_word in caption
+
+
+def test_demo_clips_are_all_distinct(tmp_path):
+    paths = write_demo_dataset(tmp_path, clips=12)
+    assert len({p.read_bytes() for p in paths}) == 12

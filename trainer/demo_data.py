@@ -29,6 +29,7 @@ class DemoClip:
     defender_colour: str
     outcome: str
     camera: str
+    backdrop: float  # gym lighting; also keeps two clips with the same choices from being identical
 
 
 def _disc(canvas, cy, cx, radius, colour):
@@ -57,7 +58,7 @@ def _frame(clip: DemoClip, t: float) -> np.ndarray:
     """The scene at time t in [0, 1]: face-off, wind-up, strike at 0.55, recoil, outcome."""
     pan = 12 * math.sin(t * math.pi) if clip.camera == "pan" else 0.0
     canvas = np.empty((HEIGHT, WIDTH, 3), dtype=np.float32)
-    canvas[:] = np.linspace(0.35, 0.6, HEIGHT)[:, None, None] * np.array([0.9, 0.85, 0.8])
+    canvas[:] = np.linspace(clip.backdrop, clip.backdrop + 0.25, HEIGHT)[:, None, None] * np.array([0.9, 0.85, 0.8])
     canvas[int(HEIGHT * 0.62) : int(HEIGHT * 0.68), int(WIDTH * 0.38 + pan) : int(WIDTH * 0.62 + pan)] = (0.45, 0.3, 0.2)
     side = 1 if clip.striker_on_left else -1
     striker_x = WIDTH / 2 - side * 38 + pan
@@ -126,6 +127,7 @@ def write_demo_dataset(out: Path, clips: int = 8, seed: int = 0) -> list[Path]:
             defender_colour=defender_colour,
             outcome=OUTCOMES[index % len(OUTCOMES)],
             camera=rng.choice(CAMERAS),
+            backdrop=round(rng.uniform(0.25, 0.45), 3),
         )
         frames = np.stack([_frame(clip, i / (frame_count - 1)) for i in range(frame_count)])
         path = out / f"clip_{index:03d}.mp4"
