@@ -1,7 +1,8 @@
 """slapgen's BentoML service: HTTP in, `runtime` does the work, mp4 out.
 
 Start it with `bentoml serve` in the repository root. Settings come from `SLAP_*` environment
-variables (see README.md).
+variables (see README.md). Routes that BentoML's `@api` cannot express (GET /info, /adapters,
+/templates, DELETE, multipart upload) live in `runtime/routes.py`, mounted below.
 """
 
 from __future__ import annotations
@@ -13,10 +14,14 @@ from typing import Annotated
 import bentoml
 from bentoml.validators import ContentType
 
+from prompts import default_library
 from runtime.config import ModelUnavailableError, SettingsError, load_settings
 from runtime.generator import VideoGenerator
+from runtime.jobs import JobBoard
 from runtime.loading import resolve_model
-from runtime.requests import GenerateRequest
+from runtime.quantization import choose_quantization
+from runtime.requests import GenerateRequest, RenderRequest, describe_error
+from runtime.routes import build_routes
 
 
 def _exit_with(message: str) -> None:
@@ -29,34 +34,66 @@ try:
 except SettingsError as error:
     _exit_with(str(error))
 
+jobs = JobBoard()
+routes = build_routes(
+    lambda: bentoml.get_current_service().generator,
+    jobs,
+    settings.api_token.get_secret_value() if settings.api_token else None,
+    default_library(),
+)
+
 
 @bentoml.service(
     name="slapgen",
     traffic={"timeout": settings.request_timeout_s, "max_concurrency": settings.max_queue},
     # Extra threads let requests wait in the generator's queue instead of BentoML's thread pool.
-    threads=settings.max_queue,
+    threads=settings.max_queue + 4,
     # Declared for `bentoml build` / cloud deployments; a CPU-only `bentoml serve` still runs.
     resources={"cpu": "2"} if settings.device == "cpu" else {"gpu": 1},
 )
+@bentoml.asgi_app(routes, path="/")
 class SlapGen:
     @bentoml.on_deployment
     def prepare_model() -> None:
-        # Runs once in the serving process before any worker starts, so a missing model stops
-        # `bentoml serve` with one sentence instead of workers crash-looping with tracebacks.
+        # Runs once in the serving process before any worker starts, so a missing model or an
+        # impossible setting stops `bentoml serve` with one sentence instead of a worker crash loop.
         try:
+            choose_quantization(settings.quant, settings.resolved_device())
             resolve_model(settings.model, settings.cache_dir, allow_download=True)
         except ModelUnavailableError as error:
             _exit_with(str(error))
 
     def __init__(self) -> None:
         resolved = resolve_model(settings.model, settings.cache_dir, allow_download=False)
-        self.generator = VideoGenerator.load(resolved, settings.resolved_device(), settings.offload)
+        # Loads, quantises, compiles and warms up: /readyz answers only after this returns.
+        self.generator = VideoGenerator.load(resolved, settings)
 
     @bentoml.api(route="/generate")
-    def generate(
-        self, request: GenerateRequest, /, ctx: bentoml.Context
-    ) -> Annotated[Path, ContentType("video/mp4")]:
-        """Generate a clip; the body is flat JSON, e.g. {"prompt": "...", "seed": 7}."""
-        params = request.for_model(self.generator.spec)
+    def generate(self, request: GenerateRequest, /, ctx: bentoml.Context) -> Annotated[Path, ContentType("video/mp4")]:
+        """Generate a clip: {"prompt": "..."} or {"template": "knockout", "slots": {...}}, plus optional settings."""
+        params = request.for_model(self.generator.spec, self.generator.adapters.names())
         ctx.response.headers["X-Seed"] = str(params.seed)
         return self.generator.generate_mp4(params, Path(ctx.temp_dir) / "video.mp4")
+
+    @bentoml.task(route="/jobs")
+    def jobs(self, request: GenerateRequest, /, ctx: bentoml.Context) -> Annotated[bytes, ContentType("video/mp4")]:
+        """Async generation: POST /jobs/submit, then GET /jobs/progress, /jobs/status, /jobs/get."""
+        task_id = ctx.request.state.task_id
+        try:
+            params = request.for_model(self.generator.spec, self.generator.adapters.names())
+            jobs.queued(task_id, params.num_inference_steps)
+            path = self.generator.generate_mp4(
+                params, Path(ctx.temp_dir) / "video.mp4", on_step=lambda k, n: jobs.step(task_id, k, n)
+            )
+        except Exception as exc:
+            jobs.failed(task_id, describe_error(exc))
+            raise
+        jobs.completed(task_id)
+        # Bytes, not a Path: BentoML's task store replays a FileResponse without an HTTP scope and fails.
+        return path.read_bytes()
+
+    @bentoml.api(route="/prompts/render")
+    def render_prompt(self, request: RenderRequest, /) -> dict:
+        """The caption a template renders to, without generating: {"template": ..., "slots": {...}}."""
+        text = request.render()
+        return {"template": request.template, "prompt": text, "words": len(text.split())}

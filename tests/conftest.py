@@ -110,8 +110,9 @@ def stop_server(server: ServerProcess) -> None:
 
 @pytest.fixture(scope="session")
 def tiny_server(tmp_path_factory, tiny_cache_dir) -> ServerProcess:
+    folder = tmp_path_factory.mktemp("tiny-server")
     server = start_server(
-        tmp_path_factory.mktemp("tiny-server"), SLAP_MODEL="tiny", SLAP_CACHE_DIR=str(tiny_cache_dir)
+        folder, SLAP_MODEL="tiny", SLAP_CACHE_DIR=str(tiny_cache_dir), SLAP_ADAPTERS_DIR=str(folder / "adapters")
     )
     yield server
     stop_server(server)
@@ -130,3 +131,25 @@ def demo_dataset(tmp_path_factory) -> Path:
 def tiny_train_overrides(tiny_cache_dir: Path, *extra: str) -> list[str]:
     """tiny-smoke with the session's tiny model, no TensorBoard and no validation unless asked."""
     return [f"model_cache_dir={tiny_cache_dir}", "logging.tensorboard=false", "validation.prompts=[]", *extra]
+
+
+def write_test_adapter(folder: Path, tiny_cache_dir: Path, rank: int, seed: int, alpha: float | None = None,
+                       base_model: str = "tiny") -> Path:
+    """A LoRA adapter for the tiny model in exactly the trainer's format (trainer.lora.save_lora),
+    with seeded random weights so two adapters change the output differently."""
+    import torch
+    from diffusers import CogVideoXTransformer3DModel
+
+    from runtime.tiny import materialise_tiny_model
+    from trainer.config import load_config
+    from trainer.lora import add_lora, save_lora
+
+    config = load_config("tiny-smoke", [f"model_cache_dir={tiny_cache_dir}", f"lora.rank={rank}", f"lora.alpha={alpha or rank}"])
+    transformer = CogVideoXTransformer3DModel.from_pretrained(materialise_tiny_model(tiny_cache_dir), subfolder="transformer")
+    add_lora(transformer, config.lora)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in transformer.named_parameters():
+            if "lora_" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
+    return save_lora(transformer, folder, config, base_model, steps=seed)

@@ -119,3 +119,13 @@ def test_bad_setting_stops_start_up_naming_the_variable(tmp_path):
     result = _serve_and_wait(tmp_path, SLAP_MODEL="tiny", SLAP_DEVICE="tpu")
     assert result.returncode != 0
     assert "SLAP_DEVICE" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the CPU refusal")
+def test_fp8_without_a_capable_gpu_stops_start_up_with_one_sentence(tmp_path):
+    result = _serve_and_wait(tmp_path, SLAP_MODEL="tiny", SLAP_DEVICE="cpu", SLAP_QUANT="fp8",
+                             SLAP_CACHE_DIR=str(tmp_path / "cache"))
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.startswith("slapgen:")]
+    assert len(lines) == 1 and "compute capability 8.9" in lines[0], result.stderr[-3000:]
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,105 @@
+"""The routes BentoML's `@api` cannot express (GET, DELETE, multipart with custom auth), as a
+Starlette app that `service.py` mounts next to its own routes.
+
+    GET    /info                 model, dtype, quantization, compiled, adapter, recompilations, queue
+    GET    /adapters             adapters with metadata, and which one is loaded
+    POST   /adapters/upload      multipart name + file; validated before anything changes
+    DELETE /adapters/{name}
+    GET    /templates            prompt templates with their slots
+    GET    /jobs/progress        ?task_id=... -> state, step k of N, error
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Callable
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from prompts import PromptLibrary
+from runtime.adapters import MAX_ADAPTER_BYTES, AdapterError
+from runtime.jobs import JobBoard
+
+
+def build_routes(
+    generator: Callable[[], object], jobs: JobBoard, api_token: str | None, library: PromptLibrary
+) -> Starlette:
+    """`generator` returns the running VideoGenerator (it exists only once the worker has started)."""
+
+    def error(status: int, message: str) -> JSONResponse:
+        return JSONResponse({"error": message}, status_code=status)
+
+    def authorised(request: Request) -> JSONResponse | None:
+        """None when the request may change adapters; otherwise the response to send."""
+        if api_token is None:
+            return error(403, "adapter upload and delete are disabled: set SLAP_API_TOKEN to enable them")
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), api_token.encode()):
+            return error(401, "missing or wrong bearer token (Authorization: Bearer <SLAP_API_TOKEN>)")
+        return None
+
+    async def info(request: Request) -> JSONResponse:
+        return JSONResponse(generator().info())
+
+    async def list_adapters(request: Request) -> JSONResponse:
+        running = generator()
+        return JSONResponse({
+            "adapters": running.adapters.describe(),
+            "loaded": running.slot.active,
+            "in_memory": running.adapters.cached_names(),
+            "max_rank": running.adapters.target.max_rank,
+        })
+
+    async def upload_adapter(request: Request) -> JSONResponse:
+        if (denied := authorised(request)) is not None:
+            return denied
+        declared = int(request.headers.get("content-length") or 0)
+        if declared > MAX_ADAPTER_BYTES + 1024**2:
+            return error(413, f"upload is larger than {MAX_ADAPTER_BYTES // 1024**3} GiB")
+        try:
+            form = await request.form(max_files=1, max_fields=2)
+        except Exception as exc:  # malformed multipart: starlette raises several kinds
+            return error(400, f"expected multipart/form-data with fields name and file ({exc})")
+        name, upload = form.get("name"), form.get("file")
+        if not isinstance(name, str) or upload is None or isinstance(upload, str):
+            return error(400, "expected multipart/form-data with a text field name and a file field file")
+        data = await upload.read()
+        try:
+            adapter = generator().adapters.add(name, data)
+        except AdapterError as exc:
+            return error(exc.status, str(exc))
+        return JSONResponse(adapter.info(), status_code=201)
+
+    async def delete_adapter(request: Request) -> JSONResponse:
+        if (denied := authorised(request)) is not None:
+            return denied
+        name = request.path_params["name"]
+        try:
+            generator().adapters.remove(name)
+        except AdapterError as exc:
+            return error(exc.status, str(exc))
+        return JSONResponse({"deleted": name})
+
+    async def templates(request: Request) -> JSONResponse:
+        return JSONResponse({"templates": library.describe()})
+
+    async def job_progress(request: Request) -> JSONResponse:
+        task_id = request.query_params.get("task_id")
+        if not task_id:
+            return error(400, "task_id is required")
+        progress = jobs.get(task_id)
+        if progress is None:
+            return error(404, f"no job {task_id} has started here; /jobs/status tells whether it exists")
+        return JSONResponse(progress)
+
+    return Starlette(routes=[
+        Route("/info", info, methods=["GET"]),
+        Route("/adapters", list_adapters, methods=["GET"]),
+        Route("/adapters/upload", upload_adapter, methods=["POST"]),
+        Route("/adapters/{name}", delete_adapter, methods=["DELETE"]),
+        Route("/templates", templates, methods=["GET"]),
+        Route("/jobs/progress", job_progress, methods=["GET"]),
+    ])

@@ -1,0 +1,56 @@
+"""The generator's queue: first come first served, and adapters never change mid-generation."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from runtime.generator import FifoLock, VideoGenerator
+from runtime.loading import resolve_model
+from runtime.requests import GenerationParams
+from runtime.settings import SlapSettings
+from tests.conftest import write_test_adapter
+
+
+def test_fifo_lock_serves_in_arrival_order():
+    lock, order = FifoLock(), []
+    lock.__enter__()  # held, so every thread below queues
+
+    def worker(index):
+        with lock:
+            order.append(index)
+
+    threads = []
+    for index in range(6):
+        threads.append(threading.Thread(target=worker, args=(index,)))
+        threads[-1].start()
+        while lock.waiting < index + 1:  # the thread took its ticket
+            time.sleep(0.001)
+    assert lock.waiting == 6
+    lock.__exit__(None, None, None)
+    for thread in threads:
+        thread.join(timeout=10)
+    assert order == list(range(6)) and lock.waiting == 0
+
+
+def test_concurrent_requests_for_different_adapters_match_serial_results(tiny_cache_dir, tmp_path):
+    adapters = tmp_path / "adapters"
+    adapters.mkdir()
+    for name, seed in (("a", 1), ("b", 2)):
+        shutil.copy(write_test_adapter(tmp_path / name, tiny_cache_dir, rank=4, seed=seed), adapters / f"{name}.safetensors")
+    settings = SlapSettings(model="tiny", cache_dir=tiny_cache_dir, device="cpu", quant="none", adapters_dir=adapters, max_lora_rank=4)
+    generator = VideoGenerator.load(resolve_model("tiny", tiny_cache_dir), settings)
+    params = GenerationParams.defaults_for(generator.spec, seed=5)
+    serial = {name: generator.generate_frames(params.model_copy(update={"adapter": name})) for name in ("a", "b", None)}
+    swaps_before = generator.slot.swaps
+    requests = ["a", "b", None, "a", "a", "b", None, "b"]
+    with ThreadPoolExecutor(max_workers=len(requests)) as pool:
+        results = list(pool.map(lambda name: generator.generate_frames(params.model_copy(update={"adapter": name})), requests))
+    for name, frames in zip(requests, results):
+        assert np.array_equal(frames, serial[name]), name
+    assert generator.slot.swaps - swaps_before <= len(requests)  # at most one swap per request
+    assert generator.queue_length == 0

@@ -1,0 +1,197 @@
+"""The production service over real HTTP on 127.0.0.1: a compiled tiny model with adapters,
+templates, the adapters API with auth, /info, and the async job API."""
+
+from __future__ import annotations
+
+import shutil
+import time
+
+import httpx
+import numpy as np
+import pytest
+from safetensors.torch import load_file, save
+
+from prompts import default_library
+from runtime.video import read_mp4
+from tests.conftest import start_server, stop_server, write_test_adapter
+
+pytestmark = pytest.mark.slow
+TOKEN = "test-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture(scope="module")
+def adapter_files(tiny_cache_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("serving-adapter-files")
+    return {
+        "a": write_test_adapter(root / "a", tiny_cache_dir, rank=4, seed=1),
+        "b": write_test_adapter(root / "b", tiny_cache_dir, rank=8, seed=2, alpha=4),
+        "c": write_test_adapter(root / "c", tiny_cache_dir, rank=2, seed=5),
+        "big": write_test_adapter(root / "big", tiny_cache_dir, rank=16, seed=3),
+    }
+
+
+@pytest.fixture(scope="module")
+def server(tiny_cache_dir, adapter_files, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("compiled-server")
+    adapters = folder / "adapters"
+    adapters.mkdir()
+    shutil.copy(adapter_files["a"], adapters / "a.safetensors")
+    (adapters / "b").mkdir()  # a diffusers LoRA folder
+    shutil.copy(adapter_files["b"], adapters / "b" / "pytorch_lora_weights.safetensors")
+    running = start_server(
+        folder, startup_timeout_s=600, SLAP_MODEL="tiny", SLAP_CACHE_DIR=str(tiny_cache_dir), SLAP_DEVICE="cpu",
+        SLAP_COMPILE="1", SLAP_QUANT="none", SLAP_ADAPTERS_DIR=str(adapters), SLAP_MAX_LORA_RANK="8",
+        SLAP_API_TOKEN=TOKEN,
+    )
+    yield running
+    stop_server(running)
+
+
+def generate(server, **body) -> httpx.Response:
+    body.setdefault("seed", 3)
+    if "template" not in body:
+        body.setdefault("prompt", "Power slap: the striker winds up and the palm strikes the cheek.")
+    response = httpx.post(f"{server.url}/generate", json=body, timeout=300)
+    return response
+
+
+def frames_of(response: httpx.Response, tmp_path, name: str) -> np.ndarray:
+    assert response.status_code == 200, response.text
+    path = tmp_path / f"{name}.mp4"
+    path.write_bytes(response.content)
+    return read_mp4(path)[0]
+
+
+def test_templates_are_listed_with_their_slots(server):
+    listed = {t["name"]: t for t in httpx.get(f"{server.url}/templates").json()["templates"]}
+    assert set(default_library().templates) == set(listed)
+    assert listed["knockout"]["slots"]["event"]["kind"] == "text"
+
+
+def test_render_returns_the_caption_without_generating(server):
+    response = httpx.post(f"{server.url}/prompts/render", json={"template": "knockout", "slots": {"striker": "green"}})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["prompt"] == default_library().render("knockout", {"striker": "green"})
+    assert 50 <= body["words"] <= 100
+    bad = httpx.post(f"{server.url}/prompts/render", json={"template": "haymaker"})
+    assert bad.status_code == 400 and "face-off" in bad.text and bad.json()["detail"][0]["loc"] == ["template"]
+    bad_slot = httpx.post(f"{server.url}/prompts/render", json={"template": "knockout", "slots": {"colour": "red"}})
+    assert bad_slot.status_code == 400 and "valid slots: striker" in bad_slot.text
+
+
+def test_generate_from_a_template(server, tmp_path):
+    from_template = frames_of(generate(server, template="wind-up-and-strike", slots={"hand": "left"}), tmp_path, "t")
+    rendered = default_library().render("wind-up-and-strike", {"hand": "left"})
+    from_text = frames_of(generate(server, prompt=rendered), tmp_path, "p")
+    assert np.array_equal(from_template, from_text)
+    for body, field in [({"template": "nope"}, "template"), ({"template": "knockout", "prompt": "x"}, "prompt"),
+                        ({"template": "knockout", "slots": {"x": "y"}}, "slots"), ({"adapter": "nope"}, "adapter"),
+                        ({"adapter": "../x"}, "adapter"), ({"adapter_scale": 9}, "adapter_scale")]:
+        response = generate(server, **body)
+        assert response.status_code == 400, body
+        assert response.json()["detail"][0]["loc"][0] == field, response.text
+
+
+def test_adapters_change_the_video_and_swapping_never_recompiles(server, tmp_path):
+    clips = {}
+    for label, adapter in [("base", None), ("a", "a"), ("b", "b"), ("a again", "a"), ("base again", None)]:
+        clips[label] = frames_of(generate(server, adapter=adapter), tmp_path, label.replace(" ", "-"))
+    assert not np.array_equal(clips["a"], clips["b"])
+    assert not np.array_equal(clips["base"], clips["a"])
+    assert np.array_equal(clips["a"], clips["a again"]) and np.array_equal(clips["base"], clips["base again"])
+    info = httpx.get(f"{server.url}/info").json()
+    assert info["compiled"] is True and info["recompilations"] == 0
+    assert (info["model"], info["dtype"], info["quantization"], info["queue"]) == ("tiny", "float32", "none", 0)
+    listed = httpx.get(f"{server.url}/adapters").json()
+    by_name = {a["name"]: a for a in listed["adapters"]}
+    assert (by_name["a"]["rank"], by_name["b"]["rank"], by_name["b"]["alpha"]) == (4, 8, 4.0)
+    assert by_name["a"]["base_model"] == "tiny" and by_name["b"]["steps"] == 2
+    assert listed["loaded"] is None and set(listed["in_memory"]) == {"a", "b"}
+
+
+def _upload(server, name, data: bytes, headers=AUTH) -> httpx.Response:
+    return httpx.post(f"{server.url}/adapters/upload", data={"name": name},
+                      files={"file": (f"{name}.safetensors", data)}, headers=headers, timeout=60)
+
+
+def test_bad_uploads_are_rejected_and_the_running_adapter_is_untouched(server, adapter_files, tmp_path):
+    before = generate(server, adapter="a")
+    assert before.status_code == 200
+    good = adapter_files["a"].read_bytes()
+    wrong_keys = save({k.replace("transformer.", "unet."): v for k, v in load_file(adapter_files["a"]).items()})
+    for name, data, message in [
+        ("x", good[: len(good) // 2], "not a readable safetensors"),
+        ("x", wrong_keys, "not a diffusers transformer LoRA key"),
+        ("x", adapter_files["big"].read_bytes(), "above SLAP_MAX_LORA_RANK=8"),
+        ("../x", good, "must be 1-64 characters"),
+        ("a", adapter_files["b"].read_bytes(), "already exists"),
+    ]:
+        response = _upload(server, name, data)
+        assert response.status_code in (400, 409), response.text
+        assert message in response.json()["error"]
+    names = {a["name"] for a in httpx.get(f"{server.url}/adapters").json()["adapters"]}
+    assert names == {"a", "b"}
+    after = generate(server, adapter="a")
+    assert after.content == before.content  # same bytes: nothing about adapter a changed
+
+
+def test_upload_and_delete_need_the_token(server, adapter_files, tmp_path):
+    data = adapter_files["c"].read_bytes()
+    assert _upload(server, "c", data, headers={}).status_code == 401
+    assert _upload(server, "c", data, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert httpx.delete(f"{server.url}/adapters/a").status_code == 401
+    created = _upload(server, "c", data)
+    assert created.status_code == 201 and created.json()["rank"] == 2
+    with_c = frames_of(generate(server, adapter="c"), tmp_path, "c")
+    assert not np.array_equal(with_c, frames_of(generate(server), tmp_path, "base"))
+    assert httpx.delete(f"{server.url}/adapters/c", headers=AUTH).status_code == 200
+    assert generate(server, adapter="c").status_code == 400
+    assert httpx.delete(f"{server.url}/adapters/c", headers=AUTH).status_code == 404
+    assert httpx.delete(f"{server.url}/adapters/..%2Fa", headers=AUTH).status_code in (400, 404)
+    assert {a["name"] for a in httpx.get(f"{server.url}/adapters").json()["adapters"]} == {"a", "b"}
+
+
+def test_upload_is_disabled_without_a_token(tiny_server, adapter_files):
+    response = _upload(tiny_server, "c", adapter_files["c"].read_bytes())
+    assert response.status_code == 403 and "SLAP_API_TOKEN" in response.json()["error"]
+
+
+def _wait_for_job(server, task_id: str, seen_steps: list) -> dict:
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        status = httpx.get(f"{server.url}/jobs/status", params={"task_id": task_id}).json()
+        progress = httpx.get(f"{server.url}/jobs/progress", params={"task_id": task_id})
+        if progress.status_code == 200 and progress.json()["state"] == "running":
+            seen_steps.append((progress.json()["step"], progress.json()["total_steps"]))
+        if status["status"] in ("success", "completed", "failure", "failed"):
+            return status
+        time.sleep(0.05)
+    raise AssertionError(f"job {task_id} did not finish")
+
+
+def test_job_api_end_to_end(server, tmp_path):
+    submitted = httpx.post(f"{server.url}/jobs/submit", json={"prompt": "a power slap", "seed": 9,
+                                                              "num_inference_steps": 30, "adapter": "b"})
+    assert submitted.status_code == 200, submitted.text
+    task_id = submitted.json()["task_id"]
+    seen = []
+    status = _wait_for_job(server, task_id, seen)
+    assert status["status"] in ("success", "completed"), status
+    progress = httpx.get(f"{server.url}/jobs/progress", params={"task_id": task_id}).json()
+    assert (progress["state"], progress["step"], progress["total_steps"]) == ("completed", 30, 30)
+    assert all(1 <= step <= total == 30 for step, total in seen)
+    result = httpx.get(f"{server.url}/jobs/get", params={"task_id": task_id}, timeout=60)
+    direct = generate(server, prompt="a power slap", seed=9, num_inference_steps=30, adapter="b")
+    assert np.array_equal(frames_of(result, tmp_path, "job"), frames_of(direct, tmp_path, "direct"))
+
+
+def test_a_failed_job_reports_why(server):
+    task_id = httpx.post(f"{server.url}/jobs/submit", json={"prompt": "a power slap", "adapter": "gone"}).json()["task_id"]
+    status = _wait_for_job(server, task_id, [])
+    assert status["status"] in ("failure", "failed"), status
+    result = httpx.get(f"{server.url}/jobs/get", params={"task_id": task_id})
+    assert "unknown adapter 'gone'" in result.text
+    progress = httpx.get(f"{server.url}/jobs/progress", params={"task_id": task_id}).json()
+    assert progress["state"] == "failed" and "unknown adapter 'gone'" in progress["error"]
