@@ -67,3 +67,12 @@ def test_bad_settings_name_the_variable(monkeypatch, name, value):
     monkeypatch.setenv(name, value)
     with pytest.raises(SettingsError, match=name):
         load_settings()
+
+
+def test_every_setting_is_documented_in_the_readme():
+    from runtime.settings import SlapSettings
+    from tests.conftest import REPO_ROOT
+
+    readme = (REPO_ROOT / "README.md").read_text()
+    missing = [f"SLAP_{name.upper()}" for name in SlapSettings.model_fields if f"`SLAP_{name.upper()}`" not in readme]
+    assert missing == []

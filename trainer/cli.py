@@ -1,4 +1,4 @@
-"""`slapgen` command line: demo-data, precompute, train, config.
+"""`slapgen` command line: demo-data, curate, precompute, train, config.
 
 Every subcommand has --help; bad input ends with one line on stderr and exit status 2.
 """
@@ -63,6 +63,29 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_curate(args) -> int:
+    from trainer.config import load_config
+    from trainer.curate import CurateSettings, curate
+
+    if args.select is not None and args.select < 1:
+        raise DatasetError("--select must be at least 1")
+    if args.workers is not None and args.workers < 1:
+        raise DatasetError("--workers must be at least 1")
+    data = load_config(args.config, args.set).data
+    settings = CurateSettings(num_frames=data.num_frames, fps=data.fps, workers=args.workers, select=args.select)
+    summary = curate(args.dataset, args.out, settings)["summary"]
+    print(
+        f"{summary['clips']} clips: {summary['clean']} clean, {summary['flagged']} flagged, "
+        f"{summary['without_caption']} without a caption; {summary['clips_per_second']} clips/s"
+    )
+    for code, count in summary["issues"].items():
+        print(f"  {code}: {count}")
+    if args.select:
+        print(f"selected {summary['selected']} of {args.select} requested -> {args.out / 'selected.jsonl'}")
+    print(f"report: {args.out / 'report.html'}")
+    return 0
+
+
 def cmd_config(args) -> int:
     from trainer.config import load_config
 
@@ -79,6 +102,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--clips", type=int, default=8, help="number of clips (default 8)")
     demo.add_argument("--seed", type=int, default=0, help="seed for the scene variations")
     demo.set_defaults(run=cmd_demo_data)
+
+    cur = commands.add_parser("curate", help="report caption quality, bad clips and duplicates; select the best N")
+    cur.add_argument("dataset", type=Path, help="folder (videos.txt+prompts.txt or clip.mp4+clip.txt) or .csv/.jsonl")
+    cur.add_argument("--out", type=Path, required=True, help="report folder (report.json, report.html, selected.jsonl)")
+    cur.add_argument("--select", type=int, metavar="N", help="write the N best clean clips to OUT/selected.jsonl")
+    cur.add_argument("--workers", type=int, help="processes probing clips (default: every core)")
+    cur.add_argument("--config", default="conservative",
+                     help="training config or preset whose data section sets the training length (default conservative)")
+    cur.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    cur.set_defaults(run=cmd_curate)
 
     pre = commands.add_parser("precompute", help="encode clips (VAE) and captions (T5) into a latent cache")
     pre.add_argument("dataset", type=Path, help="folder (videos.txt+prompts.txt or clip.mp4+clip.txt) or .csv/.jsonl")

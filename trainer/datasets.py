@@ -28,12 +28,12 @@ class Clip:
     name: str
 
 
-def read_dataset(path: Path, require_captions: bool = True) -> list[Clip]:
+def read_dataset(path: Path, require_captions: bool = True, require_files: bool = True) -> list[Clip]:
     """Every clip of the dataset at `path`, in dataset order.
 
     With `require_captions`, a missing or empty caption is a `DatasetError` naming the clip;
     without it (curation), such clips come back with `caption=None`. A video file that does not
-    exist is always an error: nothing downstream could say anything useful about it.
+    exist is an error unless `require_files` is off (curation reports it as unreadable instead).
     """
     path = Path(path)
     if not path.exists():
@@ -50,17 +50,17 @@ def read_dataset(path: Path, require_captions: bool = True) -> list[Clip]:
         rows, root = _txt_pair_rows(path), path
     else:
         rows, root = _folder_pair_rows(path), path
-    clips = [_clip(root, name, caption, source, require_captions) for name, caption, source in rows]
+    clips = [_clip(root, name, caption, source, require_captions, require_files) for name, caption, source in rows]
     if not clips:
         raise DatasetError(f"dataset {path} holds no clips")
     return clips
 
 
-def _clip(root: Path, name: str, caption: str | None, source: str, require_captions: bool) -> Clip:
+def _clip(root: Path, name: str, caption: str | None, source: str, require_captions: bool, require_files: bool) -> Clip:
     if not name:
         raise DatasetError(f"{source}: empty video path")
     video = (root / name).resolve()
-    if not video.is_file():
+    if require_files and not video.is_file():
         raise DatasetError(f"{source}: video {name} not found (looked in {video})")
     caption = caption.strip() if caption else None
     if require_captions and not caption:

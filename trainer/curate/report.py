@@ -1,0 +1,104 @@
+"""report.html: one self-contained page (local PNGs, no CDN, no scripts) a person reads before
+training: what the captions look like, what the clips cover, and every flagged clip with a thumbnail."""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+from trainer.curate.captions import ASPECTS, CATEGORIES, MAX_WORDS, MIN_WORDS
+
+
+def _plots(out: Path, report: dict) -> dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, never a window
+    import matplotlib.pyplot as plt
+
+    folder = out / "plots"
+    folder.mkdir(exist_ok=True)
+    clips = report["clips"]
+    summary = report["summary"]
+    written = {}
+
+    def save(figure, name: str, title: str) -> None:
+        figure.tight_layout()
+        figure.savefig(folder / f"{name}.png", dpi=96)
+        plt.close(figure)
+        written[name] = title
+
+    lengths = [c["caption"]["words"] for c in clips if "caption_missing" not in c["issues"]]
+    figure, axis = plt.subplots(figsize=(6, 3.2))
+    axis.axvspan(MIN_WORDS, MAX_WORDS, color="tab:green", alpha=0.15, label=f"{MIN_WORDS}-{MAX_WORDS} words")
+    axis.hist(lengths or [0], bins=range(0, max(lengths + [150]) + 5, 5), color="tab:blue")
+    axis.set_xlabel("caption length (words)")
+    axis.set_ylabel("clips")
+    axis.legend()
+    save(figure, "caption_lengths", "Caption length")
+
+    for name, counts, title in [
+        ("categories", summary["categories"], "Motion categories (clips whose caption mentions each)"),
+        ("aspects", summary["aspects"], "Caption aspects covered"),
+    ]:
+        figure, axis = plt.subplots(figsize=(6, 3.2))
+        axis.barh(list(counts), list(counts.values()), color="tab:orange")
+        axis.invert_yaxis()
+        axis.set_xlabel("clips")
+        save(figure, name, title)
+
+    figure, axis = plt.subplots(figsize=(6, 3.2))
+    axis.hist([c["caption"]["score"] for c in clips], bins=20, range=(0, 1), color="tab:purple")
+    axis.set_xlabel("caption score (0 = flagged)")
+    axis.set_ylabel("clips")
+    save(figure, "scores", "Caption score")
+    return written
+
+
+def write_html_report(out: Path, report: dict) -> Path:
+    plots = _plots(out, report)
+    summary = report["summary"]
+    escape = html.escape
+    rows = []
+    for clip in report["clips"]:
+        if not clip["issues"]:
+            continue
+        thumbnail = f'<img src="{escape(clip["thumbnail"])}" width="160" alt="">' if clip["thumbnail"] else "unreadable"
+        issues = ", ".join(clip["issues"])
+        if clip.get("duplicate_of"):
+            issues += f" (of {escape(clip['duplicate_of'])})"
+        reasons = clip["caption"].get("garbage_reasons") or []
+        detail = clip["video_info"].get("error") or "; ".join(reasons)
+        caption = clip["caption_text"] or ""
+        rows.append(
+            f"<tr><td>{thumbnail}</td><td>{escape(clip['video'])}</td><td>{escape(issues)}</td>"
+            f"<td>{escape(detail)}</td><td class=caption>{escape(caption[:400])}</td></tr>"
+        )
+    counts = "".join(f"<li>{escape(code)}: {count}</li>" for code, count in summary["issues"].items())
+    figures = "".join(
+        f'<figure><img src="plots/{name}.png" alt="{escape(title)}"><figcaption>{escape(title)}</figcaption></figure>'
+        for name, title in plots.items()
+    )
+    page = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>slapgen curation report</title>
+<style>
+body {{ font-family: sans-serif; margin: 2em; max-width: 1200px; }}
+figure {{ display: inline-block; margin: 0 1em 1em 0; }}
+table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ccc; padding: 4px; vertical-align: top; }}
+td.caption {{ font-size: 0.85em; max-width: 420px; }}
+</style></head><body>
+<h1>Curation report</h1>
+<p>Dataset <code>{escape(report["dataset"])}</code>: {summary["clips"]} clips, {summary["clean"]} clean,
+{summary["flagged"]} flagged, {summary["without_caption"]} without a caption yet.
+{f'{summary["selected"]} selected into <code>selected.jsonl</code>.' if summary["requested"] else ''}
+Probed at {summary["clips_per_second"]} clips/s with {summary["workers"]} workers.</p>
+<h2>Issues</h2><ul>{counts or "<li>none</li>"}</ul>
+<h2>Captions and coverage</h2>{figures}
+<p>Categories: {escape(", ".join(CATEGORIES))}. Aspects: {escape(", ".join(ASPECTS))}.</p>
+<h2>Flagged clips</h2>
+<table><tr><th>thumbnail</th><th>video</th><th>issues</th><th>detail</th><th>caption</th></tr>
+{"".join(rows) or '<tr><td colspan="5">none</td></tr>'}
+</table></body></html>
+"""
+    path = out / "report.html"
+    path.write_text(page, encoding="utf-8")
+    return path

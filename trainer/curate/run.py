@@ -1,0 +1,133 @@
+"""`slapgen curate`: look at every clip and caption, flag problems, pick the best N, write a report.
+
+Clips are probed in worker processes (`workers`, default: every core) and streamed back in dataset
+order, so memory holds one small record per clip, never the clips. Everything a clip can be blamed
+for is a code in its `issues` list (report.json), so tools can filter on it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from trainer.curate.captions import check_caption
+from trainer.curate.duplicates import find_duplicates
+from trainer.curate.selection import select_best
+from trainer.curate.video_probe import VideoProbe, probe_video
+from trainer.datasets import Clip, read_dataset
+from trainer.frames import sample_indices
+
+BLACK_FRACTION = 0.5  # a clip that is black for at least half its frames is flagged `black`
+FROZEN_FRACTION = 0.5  # likewise for frozen consecutive frames
+
+
+@dataclass(frozen=True)
+class CurateSettings:
+    num_frames: int = 49  # the training length: clips that cannot supply it are `too_short`
+    fps: float = 8.0
+    workers: int | None = None
+    select: int | None = None
+
+
+def _probe(job: tuple[int, str, str]) -> tuple[int, VideoProbe]:
+    index, video, thumbnail = job
+    if not Path(video).is_file():
+        return index, VideoProbe(False, "file not found")
+    probe = probe_video(Path(video))
+    if probe.thumbnail is not None:
+        import imageio.v3 as iio
+
+        iio.imwrite(thumbnail, probe.thumbnail)
+        probe.thumbnail = None  # written; do not ship pixels back to the parent
+    return index, probe
+
+
+def _video_issues(probe: VideoProbe, settings: CurateSettings) -> list[str]:
+    if not probe.readable:
+        return ["corrupt"]
+    issues = []
+    # The trainer's own frame sampling decides: the last frame it would read must exist.
+    if sample_indices(probe.fps, settings.fps, settings.num_frames)[-1] >= probe.frame_count:
+        issues.append("too_short")
+    if probe.black_fraction >= BLACK_FRACTION:
+        issues.append("black")
+    if probe.frozen_fraction >= FROZEN_FRACTION:
+        issues.append("frozen")
+    return issues
+
+
+def curate(dataset: Path, out: Path, settings: CurateSettings = CurateSettings(), progress: bool = True) -> dict:
+    """Write DIR/report.json, DIR/report.html (+ plots, thumbnails) and, with `select`, DIR/selected.jsonl."""
+    from tqdm.auto import tqdm
+
+    from trainer.curate.report import write_html_report
+
+    out = Path(out)
+    thumbnails = out / "thumbnails"
+    thumbnails.mkdir(parents=True, exist_ok=True)
+    clips: list[Clip] = read_dataset(dataset, require_captions=False, require_files=False)
+    workers = settings.workers or os.cpu_count() or 1
+    jobs = [(i, str(clip.video), str(thumbnails / f"{i:06d}.png")) for i, clip in enumerate(clips)]
+    records: list[dict] = []
+    started = time.perf_counter()
+    bar = tqdm(total=len(clips), desc="curate", unit="clip", disable=not progress)
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        for index, probe in pool.map(_probe, jobs, chunksize=4):
+            clip = clips[index]
+            caption = check_caption(clip.caption)
+            records.append({
+                "video": clip.name,
+                "path": str(clip.video),
+                "caption_text": clip.caption,
+                "issues": _video_issues(probe, settings) + caption.issues,
+                "video_info": probe.to_json(),
+                "caption": {k: v for k, v in vars(caption).items() if k != "issues"},
+                "thumbnail": Path(jobs[index][2]).relative_to(out).as_posix() if probe.readable else None,
+            })
+            bar.update(1)
+    bar.close()
+    elapsed = time.perf_counter() - started
+
+    for index, first in find_duplicates([r["video_info"]["phash"] or None for r in records]).items():
+        records[index]["issues"].insert(0, "duplicate")
+        records[index]["duplicate_of"] = records[first]["video"]
+
+    selected = select_best(records, settings.select) if settings.select else []
+    if settings.select:
+        with (out / "selected.jsonl").open("w", encoding="utf-8") as handle:
+            for record in selected:
+                video = os.path.relpath(record["path"], out)
+                handle.write(json.dumps({"video": video, "caption": record["caption_text"]}) + "\n")
+
+    summary = _summary(records, selected, elapsed, workers, settings)
+    report = {"dataset": str(dataset), "settings": vars(settings) | {"workers": workers}, "summary": summary,
+              "clips": records, "selected": [r["video"] for r in selected]}
+    (out / "report.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    write_html_report(out, report)
+    return report
+
+
+def _summary(records: list[dict], selected: list[dict], elapsed: float, workers: int, settings: CurateSettings) -> dict:
+    from collections import Counter
+
+    from trainer.curate.captions import ASPECTS, CATEGORIES
+
+    issue_counts = Counter(code for r in records for code in r["issues"])
+    return {
+        "clips": len(records),
+        "clean": sum(1 for r in records if not r["issues"]),
+        "flagged": sum(1 for r in records if r["issues"]),
+        "without_caption": issue_counts.get("caption_missing", 0),
+        "issues": dict(sorted(issue_counts.items())),
+        "categories": {c: sum(c in r["caption"]["categories"] for r in records) for c in CATEGORIES},
+        "aspects": {a: sum(a in r["caption"]["aspects"] for r in records) for a in ASPECTS},
+        "selected": len(selected),
+        "requested": settings.select,
+        "seconds": round(elapsed, 3),
+        "clips_per_second": round(len(records) / elapsed, 3) if elapsed > 0 else None,
+        "workers": workers,
+    }
