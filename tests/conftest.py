@@ -153,3 +153,17 @@ def write_test_adapter(folder: Path, tiny_cache_dir: Path, rank: int, seed: int,
             if "lora_" in name:
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
     return save_lora(transformer, folder, config, base_model, steps=seed)
+
+
+@pytest.fixture(scope="session")
+def adapter_files(tiny_cache_dir, tmp_path_factory) -> dict[str, Path]:
+    """Adapters for the tiny model in the trainer's format: a (rank 4), b (rank 8, alpha 4), c (rank 2),
+    big (rank 16, above the tests' max rank 8), other-model (metadata names CogVideoX-5B)."""
+    root = tmp_path_factory.mktemp("adapter-files")
+    return {
+        "a": write_test_adapter(root / "a", tiny_cache_dir, rank=4, seed=1),
+        "b": write_test_adapter(root / "b", tiny_cache_dir, rank=8, seed=2, alpha=4),
+        "c": write_test_adapter(root / "c", tiny_cache_dir, rank=2, seed=5),
+        "big": write_test_adapter(root / "big", tiny_cache_dir, rank=16, seed=3),
+        "other-model": write_test_adapter(root / "other", tiny_cache_dir, rank=4, seed=4, base_model="THUDM/CogVideoX-5b"),
+    }

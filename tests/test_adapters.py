@@ -16,21 +16,8 @@ from runtime.generator import VideoGenerator
 from runtime.loading import resolve_model
 from runtime.requests import GenerationParams
 from runtime.settings import SlapSettings
-from tests.conftest import write_test_adapter
 
 MAX_RANK = 8
-
-
-@pytest.fixture(scope="module")
-def adapter_files(tiny_cache_dir, tmp_path_factory):
-    """a (rank 4), b (rank 8, alpha 4) as the trainer writes them, plus one rank-16 file."""
-    root = tmp_path_factory.mktemp("adapter-files")
-    return {
-        "a": write_test_adapter(root / "a", tiny_cache_dir, rank=4, seed=1),
-        "b": write_test_adapter(root / "b", tiny_cache_dir, rank=8, seed=2, alpha=4),
-        "big": write_test_adapter(root / "big", tiny_cache_dir, rank=16, seed=3),
-        "other-model": write_test_adapter(root / "other", tiny_cache_dir, rank=4, seed=4, base_model="THUDM/CogVideoX-5b"),
-    }
 
 
 @pytest.fixture

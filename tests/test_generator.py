@@ -13,7 +13,6 @@ from runtime.generator import FifoLock, VideoGenerator
 from runtime.loading import resolve_model
 from runtime.requests import GenerationParams
 from runtime.settings import SlapSettings
-from tests.conftest import write_test_adapter
 
 
 def test_fifo_lock_serves_in_arrival_order():
@@ -37,12 +36,12 @@ def test_fifo_lock_serves_in_arrival_order():
     assert order == list(range(6)) and lock.waiting == 0
 
 
-def test_concurrent_requests_for_different_adapters_match_serial_results(tiny_cache_dir, tmp_path):
+def test_concurrent_requests_for_different_adapters_match_serial_results(tiny_cache_dir, adapter_files, tmp_path):
     adapters = tmp_path / "adapters"
     adapters.mkdir()
-    for name, seed in (("a", 1), ("b", 2)):
-        shutil.copy(write_test_adapter(tmp_path / name, tiny_cache_dir, rank=4, seed=seed), adapters / f"{name}.safetensors")
-    settings = SlapSettings(model="tiny", cache_dir=tiny_cache_dir, device="cpu", quant="none", adapters_dir=adapters, max_lora_rank=4)
+    for name in ("a", "b"):
+        shutil.copy(adapter_files[name], adapters / f"{name}.safetensors")
+    settings = SlapSettings(model="tiny", cache_dir=tiny_cache_dir, device="cpu", quant="none", adapters_dir=adapters, max_lora_rank=8)
     generator = VideoGenerator.load(resolve_model("tiny", tiny_cache_dir), settings)
     params = GenerationParams.defaults_for(generator.spec, seed=5)
     serial = {name: generator.generate_frames(params.model_copy(update={"adapter": name})) for name in ("a", "b", None)}

@@ -13,22 +13,11 @@ from safetensors.torch import load_file, save
 
 from prompts import default_library
 from runtime.video import read_mp4
-from tests.conftest import start_server, stop_server, write_test_adapter
+from tests.conftest import start_server, stop_server
 
 pytestmark = pytest.mark.slow
 TOKEN = "test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-
-
-@pytest.fixture(scope="module")
-def adapter_files(tiny_cache_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("serving-adapter-files")
-    return {
-        "a": write_test_adapter(root / "a", tiny_cache_dir, rank=4, seed=1),
-        "b": write_test_adapter(root / "b", tiny_cache_dir, rank=8, seed=2, alpha=4),
-        "c": write_test_adapter(root / "c", tiny_cache_dir, rank=2, seed=5),
-        "big": write_test_adapter(root / "big", tiny_cache_dir, rank=16, seed=3),
-    }
 
 
 @pytest.fixture(scope="module")
