@@ -142,49 +142,66 @@ def overhead_case(requests: int) -> dict:
     }
 
 
-def gpu_step_case(variant: str, steps: int) -> dict:
-    """One denoising step (transformer forward, CFG batch of 2) of a random CogVideoX-5B at 49x480x720."""
-    from diffusers import CogVideoXTransformer3DModel
-
+def step_case(variant: str, steps: int, model: str = "5b") -> dict:
+    """One denoising step (transformer forward, CFG batch of 2) of a randomly initialised transformer:
+    CogVideoX-5B's real config at 49x480x720 on the GPU, or the tiny model (a CPU smoke run of this code)."""
     from runtime.compiling import CompiledTransformer
     from runtime.quantization import quantize_transformer
-    from runtime.reference_configs import COGVIDEOX_5B_TRANSFORMER
     from trainer.objective import rotary_embeddings
 
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
-    with torch.device("cuda"):
-        transformer = CogVideoXTransformer3DModel(**COGVIDEOX_5B_TRANSFORMER).to(torch.bfloat16).eval()
+    if model == "5b":
+        from diffusers import CogVideoXTransformer3DModel
+
+        from runtime.reference_configs import COGVIDEOX_5B_TRANSFORMER
+
+        with torch.device(device):
+            transformer = CogVideoXTransformer3DModel(**COGVIDEOX_5B_TRANSFORMER)
+        frames, height, width, text_length = 49, 480, 720, 226
+    else:
+        from runtime.tiny import TINY_SPEC, build_tiny_pipeline
+
+        transformer = build_tiny_pipeline().transformer
+        frames, height, width, text_length = 9, TINY_SPEC.height, TINY_SPEC.width, TINY_SPEC.max_sequence_length
+    transformer = transformer.to(device, torch.bfloat16).eval()
     if variant.startswith("fp8"):
         quantize_transformer(transformer, "fp8")
     if variant.endswith("compile"):
         holder = type("Holder", (), {"transformer": transformer})()
         CompiledTransformer().compile(holder)
         transformer = holder.transformer
-    config = COGVIDEOX_5B_TRANSFORMER
-    latent_frames, height, width = 13, 480 // 8, 720 // 8
-    latents = torch.randn(2, latent_frames, config["in_channels"], height, width, device="cuda", dtype=torch.bfloat16)
-    text = torch.randn(2, 226, config["text_embed_dim"], device="cuda", dtype=torch.bfloat16)
-    timestep = torch.tensor([500, 500], device="cuda")
-    rotary = rotary_embeddings(transformer.config, 480, 720, latent_frames, "cuda")
+    config = transformer.config
+    latent_frames = (frames - 1) // 4 + 1
+    latents = torch.randn(2, latent_frames, config.in_channels, height // 8, width // 8, device=device, dtype=torch.bfloat16)
+    text = torch.randn(2, text_length, config.text_embed_dim, device=device, dtype=torch.bfloat16)
+    timestep = torch.tensor([500, 500], device=device)
+    rotary = rotary_embeddings(config, height, width, latent_frames, device)
+
+    def synchronize() -> None:
+        if device == "cuda":
+            torch.cuda.synchronize()
 
     def step() -> float:
-        torch.cuda.synchronize()
+        synchronize()
         started = time.perf_counter()
         with torch.inference_mode():
             transformer(hidden_states=latents, encoder_hidden_states=text, timestep=timestep,
                         image_rotary_emb=rotary, return_dict=False)
-        torch.cuda.synchronize()
+        synchronize()
         return time.perf_counter() - started
 
     warm_up = [step() for _ in range(2)]  # compile happens here
-    torch.cuda.reset_peak_memory_stats()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     times = [step() for _ in range(steps)]
     return {
-        "case": f"5b-step:{variant}",
+        "case": f"{model}-step:{variant}",
+        "resolution": f"{frames}x{height}x{width}",
         "step_s_median": statistics.median(times),
         "first_step_s": warm_up[0],
         "est_50_steps_s": 50 * statistics.median(times),
-        "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30,
+        "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,
     }
 
 
@@ -194,7 +211,7 @@ def run_case(case: str, args) -> dict:
         return swap_case(variant, args.swaps)
     if kind == "overhead":
         return overhead_case(args.requests)
-    return gpu_step_case(variant, args.steps)
+    return step_case(variant, args.steps, model=kind)
 
 
 def main() -> None:
