@@ -17,13 +17,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from runtime.adapters import AdapterStore, AdapterTarget, LoadedAdapter
+from runtime.adapters import AdapterError, AdapterStore, AdapterTarget, LoadedAdapter
 from runtime.compiling import CompiledTransformer
 from runtime.loading import ResolvedModel, load_pipeline
 from runtime.lora_slot import LoraSlot
 from runtime.optimize import place_pipeline
 from runtime.quantization import choose_quantization, quantize_transformer
-from runtime.requests import GenerationParams
+from runtime.requests import GenerationParams, field_error
 from runtime.settings import SlapSettings
 from runtime.specs import ModelSpec
 from runtime.video import write_mp4
@@ -126,7 +126,10 @@ class VideoGenerator:
     def generate_frames(self, params: GenerationParams, on_step: StepCallback | None = None) -> np.ndarray:
         """Run the pipeline; returns float frames in [0, 1] shaped (F, H, W, 3)."""
         # Read the adapter (disk or LRU) before queueing, so disk I/O never holds the pipeline.
-        adapter: LoadedAdapter | None = self.adapters.get(params.adapter) if params.adapter else None
+        try:
+            adapter: LoadedAdapter | None = self.adapters.get(params.adapter) if params.adapter else None
+        except AdapterError as error:  # e.g. a bad file copied into the folder by hand
+            raise field_error("adapter", str(error), params.adapter) from None
 
         def report_step(pipeline, index, timestep, tensors):
             if on_step is not None:

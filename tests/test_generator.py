@@ -53,3 +53,20 @@ def test_concurrent_requests_for_different_adapters_match_serial_results(tiny_ca
         assert np.array_equal(frames, serial[name]), name
     assert generator.slot.swaps - swaps_before <= len(requests)  # at most one swap per request
     assert generator.queue_length == 0
+
+
+def test_a_bad_file_in_the_adapter_folder_is_a_400_not_a_crash(tiny_cache_dir, tmp_path):
+    import pytest
+    from pydantic import ValidationError
+
+    adapters = tmp_path / "adapters"
+    adapters.mkdir()
+    (adapters / "broken.safetensors").write_bytes(b"copied by hand, half-written")
+    settings = SlapSettings(model="tiny", cache_dir=tiny_cache_dir, device="cpu", quant="none", adapters_dir=adapters)
+    generator = VideoGenerator.load(resolve_model("tiny", tiny_cache_dir), settings)
+    [described] = generator.adapters.describe()
+    assert described["name"] == "broken" and "not a readable safetensors" in described["error"]
+    with pytest.raises(ValidationError) as error:
+        generator.generate_frames(GenerationParams.defaults_for(generator.spec, adapter="broken"))
+    assert error.value.errors()[0]["loc"] == ("adapter",) and "not a readable safetensors" in str(error.value)
+    assert generator.generate_frames(GenerationParams.defaults_for(generator.spec)).shape[0] == generator.spec.default_num_frames
