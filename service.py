@@ -34,10 +34,10 @@ try:
 except SettingsError as error:
     _exit_with(str(error))
 
-jobs = JobBoard()
+job_board = JobBoard()
 routes = build_routes(
     lambda: bentoml.get_current_service().generator,
-    jobs,
+    job_board,
     settings.api_token.get_secret_value() if settings.api_token else None,
     default_library(),
 )
@@ -81,14 +81,14 @@ class SlapGen:
         task_id = ctx.request.state.task_id
         try:
             params = request.for_model(self.generator.spec, self.generator.adapters.names())
-            jobs.queued(task_id, params.num_inference_steps)
+            job_board.queued(task_id, params.num_inference_steps)
             path = self.generator.generate_mp4(
-                params, Path(ctx.temp_dir) / "video.mp4", on_step=lambda k, n: jobs.step(task_id, k, n)
+                params, Path(ctx.temp_dir) / "video.mp4", on_step=lambda k, n: job_board.step(task_id, k, n)
             )
         except Exception as exc:
-            jobs.failed(task_id, describe_error(exc))
+            job_board.failed(task_id, describe_error(exc))
             raise
-        jobs.completed(task_id)
+        job_board.completed(task_id)
         # Bytes, not a Path: BentoML's task store replays a FileResponse without an HTTP scope and fails.
         return path.read_bytes()
 
