@@ -184,3 +184,20 @@ def test_a_failed_job_reports_why(server):
     assert "unknown adapter 'gone'" in result.text
     progress = httpx.get(f"{server.url}/jobs/progress", params={"task_id": task_id}).json()
     assert progress["state"] == "failed" and "unknown adapter 'gone'" in progress["error"]
+
+
+def test_an_adapter_trained_by_slapgen_serves_after_upload(server, tiny_cache_dir, demo_dataset, tmp_path):
+    """The product path: slapgen train -> POST /adapters/upload -> POST /generate with it."""
+    from tests.conftest import tiny_train_overrides
+    from trainer.config import load_config
+    from trainer.train import train
+
+    config = load_config("tiny-smoke", tiny_train_overrides(tiny_cache_dir, "train.max_train_steps=6", "optim.learning_rate=0.01"))
+    adapter = train(config, demo_dataset, tmp_path / "run", progress=False)
+    created = _upload(server, "trained", adapter.read_bytes())
+    assert created.status_code == 201, created.text
+    assert (created.json()["steps"], created.json()["base_model"], created.json()["rank"]) == (6, "tiny", 4)
+    trained = frames_of(generate(server, adapter="trained"), tmp_path, "trained")
+    assert not np.array_equal(trained, frames_of(generate(server), tmp_path, "base"))
+    assert httpx.get(f"{server.url}/info").json()["recompilations"] == 0
+    assert httpx.delete(f"{server.url}/adapters/trained", headers=AUTH).status_code == 200
