@@ -19,6 +19,14 @@ USER_ERRORS = (DatasetError, TrainConfigError, ModelUnavailableError, FileNotFou
 def _quiet_libraries() -> None:
     # Long captions are truncated to the model's token limit on purpose; the per-clip warnings
     # from transformers/diffusers would bury the progress bar.
+    import logging
+
+    import torch
+
+    if not torch.cuda.is_available():
+        # torchao's CUDA kernels cannot load without a GPU; it says so on every import, harmlessly.
+        logging.getLogger("torchao").setLevel(logging.ERROR)
+        logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
