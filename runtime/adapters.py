@@ -18,12 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load
 
 ADAPTER_NAME_PATTERN = re.compile(r"^[a-z0-9_-]{1,64}$")
 LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
 LORA_KEY_PATTERN = re.compile(r"^transformer\.(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
+# diffusers reads the peft config (alpha, targets) of each component from this safetensors metadata key.
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
 MAX_ADAPTER_BYTES = 2 * 1024**3
 
@@ -58,21 +59,27 @@ class LoadedAdapter:
         return json.loads(raw) if raw else None
 
     def info(self) -> dict:
-        peft = {k.removeprefix("transformer."): v for k, v in (self.diffusers_metadata or {}).items()}
-        alpha = self.metadata.get("slapgen.alpha") or peft.get("lora_alpha") or self.rank
-        steps = self.metadata.get("slapgen.steps")
-        if "slapgen.target_modules" in self.metadata:
-            targets = self.metadata["slapgen.target_modules"].split(",")
-        else:
-            targets = peft.get("target_modules")
-        return {
-            "name": self.name,
-            "rank": self.rank,
-            "alpha": float(alpha),
-            "base_model": self.metadata.get("slapgen.base_model"),
-            "steps": int(steps) if steps else None,
-            "target_modules": sorted(targets) if targets else None,
-        }
+        return adapter_info(self.name, self.metadata, self.rank)
+
+
+def adapter_info(name: str, metadata: dict[str, str], rank: int) -> dict:
+    """What `GET /adapters` shows for one adapter; needs only the file's header."""
+    raw = metadata.get(DIFFUSERS_METADATA_KEY)
+    peft = {k.removeprefix("transformer."): v for k, v in (json.loads(raw) if raw else {}).items()}
+    alpha = metadata.get("slapgen.alpha") or peft.get("lora_alpha") or rank
+    steps = metadata.get("slapgen.steps")
+    if "slapgen.target_modules" in metadata:
+        targets = metadata["slapgen.target_modules"].split(",")
+    else:
+        targets = peft.get("target_modules")
+    return {
+        "name": name,
+        "rank": rank,
+        "alpha": float(alpha),
+        "base_model": metadata.get("slapgen.base_model"),
+        "steps": int(steps) if steps else None,
+        "target_modules": sorted(targets) if targets else None,
+    }
 
 
 def check_name(name: str) -> str:
@@ -87,28 +94,37 @@ def _same_model(declared: str, running: str) -> bool:
     return tail(declared) == tail(running)
 
 
-def parse_adapter(name: str, data: bytes, target: AdapterTarget) -> LoadedAdapter:
-    """Parse and validate adapter bytes against the running model; raises AdapterError."""
+def read_header(head: bytes, name: str) -> tuple[dict[str, list[int]], dict[str, str]]:
+    """Tensor shapes and `__metadata__` from the start of a safetensors file (8-byte length + JSON)."""
     try:
-        state_dict = load(data)
-        with_metadata = _metadata_of(data)
-    except (SafetensorError, ValueError, OSError, RuntimeError) as error:
+        length = int.from_bytes(head[:8], "little")
+        if len(head) < 8 + length:
+            raise ValueError("file ends inside its header")
+        header = json.loads(head[8 : 8 + length])
+        metadata = dict(header.pop("__metadata__", None) or {})
+        shapes = {key: list(entry["shape"]) for key, entry in header.items()}
+    except (ValueError, TypeError, KeyError, AttributeError) as error:
         raise AdapterError(f"adapter {name} is not a readable safetensors file ({error})") from None
-    if not state_dict:
+    return shapes, metadata
+
+
+def check_adapter(name: str, shapes: dict[str, list[int]], metadata: dict[str, str], target: AdapterTarget) -> int:
+    """Validate an adapter's header against the running model; returns its rank. Raises AdapterError."""
+    if not shapes:
         raise AdapterError(f"adapter {name} holds no tensors")
     ranks = set()
-    for key, tensor in state_dict.items():
+    for key, shape in shapes.items():
         match = LORA_KEY_PATTERN.match(key)
         if match is None:
             raise AdapterError(f"adapter {name}: {key} is not a diffusers transformer LoRA key (transformer.<module>.lora_A/B.weight)")
         module = match["module"]
         if module not in target.modules:
             raise AdapterError(f"adapter {name}: {module} is not a LoRA-able module of {target.model_name}")
-        if tensor.dim() != 2:
+        if len(shape) != 2:
             raise AdapterError(f"adapter {name}: {key} must be a matrix")
         in_features, out_features = target.modules[module]
-        rank = tensor.shape[0] if match["part"] == "A" else tensor.shape[1]
-        features = tensor.shape[1] if match["part"] == "A" else tensor.shape[0]
+        rank = shape[0] if match["part"] == "A" else shape[1]
+        features = shape[1] if match["part"] == "A" else shape[0]
         expected = in_features if match["part"] == "A" else out_features
         if features != expected:
             raise AdapterError(f"adapter {name}: {key} has {features} features, {target.model_name} needs {expected}")
@@ -116,23 +132,28 @@ def parse_adapter(name: str, data: bytes, target: AdapterTarget) -> LoadedAdapte
     rank = max(ranks)
     if rank > target.max_rank:
         raise AdapterError(f"adapter {name} has rank {rank}, above SLAP_MAX_LORA_RANK={target.max_rank}")
-    if DIFFUSERS_METADATA_KEY in with_metadata:
+    if DIFFUSERS_METADATA_KEY in metadata:
         try:
-            peft_config = json.loads(with_metadata[DIFFUSERS_METADATA_KEY])
+            peft_config = json.loads(metadata[DIFFUSERS_METADATA_KEY])
         except json.JSONDecodeError:
             peft_config = None
         if not isinstance(peft_config, dict):
             raise AdapterError(f"adapter {name}: metadata {DIFFUSERS_METADATA_KEY} is not a JSON object")
-    declared = with_metadata.get("slapgen.base_model")
+    declared = metadata.get("slapgen.base_model")
     if declared and not _same_model(declared, target.model_name):
         raise AdapterError(f"adapter {name} was trained on {declared}, but this service runs {target.model_name}")
-    return LoadedAdapter(name, state_dict, with_metadata, rank)
+    return rank
 
 
-def _metadata_of(data: bytes) -> dict[str, str]:
-    header_length = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8 : 8 + header_length])
-    return dict(header.get("__metadata__") or {})
+def parse_adapter(name: str, data: bytes, target: AdapterTarget) -> LoadedAdapter:
+    """Validate adapter bytes against the running model, then load the tensors; raises AdapterError."""
+    shapes, metadata = read_header(data, name)
+    rank = check_adapter(name, shapes, metadata, target)
+    try:
+        state_dict = load(data)
+    except (SafetensorError, ValueError, OSError, RuntimeError) as error:
+        raise AdapterError(f"adapter {name} is not a readable safetensors file ({error})") from None
+    return LoadedAdapter(name, state_dict, metadata, rank)
 
 
 class AdapterStore:
@@ -183,11 +204,13 @@ class AdapterStore:
             return list(self._cache)
 
     def describe(self) -> list[dict]:
+        """Every adapter from its file header alone: listing never loads tensors or evicts the LRU."""
         described = []
         for name in self.names():
             try:
-                described.append(self.get(name).info())
-            except AdapterError as error:  # a bad file dropped in by hand: listed, not fatal
+                shapes, metadata = read_header(_read_head(self._weights_path(name)), name)
+                described.append(adapter_info(name, metadata, check_adapter(name, shapes, metadata, self.target)))
+            except (AdapterError, OSError) as error:  # a bad file dropped in by hand: listed, not fatal
                 described.append({"name": name, "error": str(error)})
         return described
 
@@ -216,3 +239,12 @@ class AdapterStore:
             else:
                 shutil.rmtree(path.parent)
             self._cache.pop(name, None)
+
+
+def _read_head(path: Path) -> bytes:
+    """The 8-byte length and the JSON header of a safetensors file, without its tensors."""
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        head = handle.read(8)
+        # A garbage length must not become a huge read: never ask for more than the file holds.
+        return head + handle.read(min(int.from_bytes(head, "little"), size)) if len(head) == 8 else head

@@ -96,6 +96,8 @@ def test_recent_adapters_come_from_memory(adapter_files, target, tmp_path, monke
     monkeypatch.setattr(adapters_module, "parse_adapter", lambda *a: reads.append(a[0]) or original(*a))
     store.get("a"), store.get("b"), store.get("a"), store.get("b")
     assert reads == ["a", "b"]  # switching back hits the LRU
+    assert [d["rank"] for d in store.describe()] == [4, 8]
+    assert reads == ["a", "b"] and store.cached_names() == ["a", "b"]  # listing reads headers only
     small = AdapterStore(tmp_path, target, cache_size=1)
     small.get("a"), small.get("b"), small.get("a")
     assert reads == ["a", "b", "a", "b", "a"]  # evicted: read again

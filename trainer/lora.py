@@ -17,12 +17,11 @@ from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from runtime.adapters import DIFFUSERS_METADATA_KEY
+from runtime.adapters import LORA_WEIGHTS_FILE as LORA_FILENAME
 from trainer.config import LoraConfig, TrainConfig
 
-LORA_FILENAME = "pytorch_lora_weights.safetensors"
 TRANSFORMER_PREFIX = "transformer."
-# diffusers reads the peft config for each component from this safetensors metadata key.
-DIFFUSERS_ADAPTER_METADATA_KEY = "lora_adapter_metadata"
 
 
 def peft_config(lora: LoraConfig) -> PeftLoraConfig:
@@ -55,7 +54,7 @@ def save_lora(transformer, folder: Path, config: TrainConfig, base_model: str, s
     adapter = {f"{TRANSFORMER_PREFIX}{k}": (sorted(v) if isinstance(v, set) else v) for k, v in adapter.items()}
     metadata = {
         "format": "pt",
-        DIFFUSERS_ADAPTER_METADATA_KEY: json.dumps(adapter, sort_keys=True, default=str),
+        DIFFUSERS_METADATA_KEY: json.dumps(adapter, sort_keys=True, default=str),
         "slapgen.base_model": base_model,
         "slapgen.rank": str(config.lora.rank),
         "slapgen.alpha": str(config.lora.alpha),
