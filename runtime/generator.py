@@ -11,7 +11,6 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -58,21 +57,15 @@ class FifoLock:
             return max(0, self._next_ticket - self._serving - 1)
 
 
-@dataclass(frozen=True)
-class RuntimeOptions:
-    quantization: str = "none"
-    compiled: bool = False
-
-
 class VideoGenerator:
     def __init__(self, pipeline, spec: ModelSpec, device: str, slot: LoraSlot, adapters: AdapterStore,
-                 options: RuntimeOptions = RuntimeOptions(), compiled: CompiledTransformer | None = None):
+                 quantization: str = "none", compiled: CompiledTransformer | None = None):
         self.pipeline = pipeline
         self.spec = spec
         self.device = device
         self.slot = slot
         self.adapters = adapters
-        self.options = options
+        self.quantization = quantization
         self.compiled = compiled
         self._lock = FifoLock()
 
@@ -90,8 +83,7 @@ class VideoGenerator:
             compiled.compile(pipeline)
         target = AdapterTarget(resolved.spec.name, slot.modules, settings.max_lora_rank)
         adapters = AdapterStore(settings.adapters_dir, target, settings.adapter_cache_size)
-        generator = cls(pipeline, resolved.spec, device, slot, adapters,
-                        RuntimeOptions(quantization, settings.compile), compiled)
+        generator = cls(pipeline, resolved.spec, device, slot, adapters, quantization, compiled)
         if compiled is not None:
             generator.warm_up()
         return generator
@@ -115,8 +107,8 @@ class VideoGenerator:
             "model": self.spec.name,
             "dtype": str(self.spec.torch_dtype).removeprefix("torch."),
             "device": self.device,
-            "quantization": self.options.quantization,
-            "compiled": self.options.compiled,
+            "quantization": self.quantization,
+            "compiled": self.compiled is not None,
             "adapter": self.slot.active,
             "adapter_swaps": self.slot.swaps,
             "recompilations": self.compiled.recompilations if self.compiled else 0,

@@ -14,7 +14,6 @@ import torch
 from runtime.errors import ModelUnavailableError
 
 Quantization = Literal["fp8", "fp8-weight", "int8", "none"]
-QUANTIZATIONS: tuple[str, ...] = ("fp8", "fp8-weight", "int8", "none")
 FP8_MIN_CAPABILITY = (8, 9)  # Ada / Hopper: float8 tensor cores
 
 
