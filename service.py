@@ -1,8 +1,8 @@
-"""slapgen's BentoML service: HTTP in, `runtime` does the work, mp4 out.
+"""slapgen's BentoML service: HTTP in, `slapgen.engine` does the work, mp4 out.
 
 Start it with `bentoml serve` in the repository root. Settings come from `SLAP_*` environment
 variables (see README.md). Routes that BentoML's `@api` cannot express (GET /info, /adapters,
-/templates, DELETE, multipart upload) live in `runtime/routes.py`, mounted below.
+/templates, DELETE, multipart upload) live in `slapgen/serving/routes.py`, mounted below.
 """
 
 from __future__ import annotations
@@ -15,13 +15,14 @@ import bentoml
 from bentoml.validators import ContentType
 
 from prompts import default_library
-from runtime.config import ModelUnavailableError, SettingsError, load_settings
-from runtime.generator import VideoGenerator
-from runtime.jobs import JobBoard
-from runtime.loading import resolve_model
-from runtime.quantization import choose_quantization
-from runtime.requests import GenerateRequest, RenderRequest, describe_error
-from runtime.routes import build_routes
+from slapgen.engine.generator import VideoGenerator
+from slapgen.errors import SlapgenError
+from slapgen.models.loading import resolve_model
+from slapgen.serving.http_errors import describe_error, error_response, status_for
+from slapgen.serving.jobs import JobBoard
+from slapgen.serving.requests import GenerateRequest, RenderRequest
+from slapgen.serving.routes import build_routes
+from slapgen.serving.settings import load_settings
 
 
 def _exit_with(message: str) -> None:
@@ -31,7 +32,7 @@ def _exit_with(message: str) -> None:
 
 try:
     settings = load_settings()
-except SettingsError as error:
+except SlapgenError as error:
     _exit_with(str(error))
 
 job_board = JobBoard()
@@ -41,6 +42,11 @@ routes = build_routes(
     settings.api_token.get_secret_value() if settings.api_token else None,
     default_library(),
 )
+
+
+def _answer_error(ctx: bentoml.Context, error: SlapgenError):
+    ctx.response.status_code = status_for(error)  # BentoML copies the context's status onto the response
+    return error_response(error)
 
 
 @bentoml.service(
@@ -58,22 +64,25 @@ class SlapGen:
         # Runs once in the serving process before any worker starts, so a missing model or an
         # impossible setting stops `bentoml serve` with one sentence instead of a worker crash loop.
         try:
-            choose_quantization(settings.quant, settings.resolved_device())
+            settings.engine_options()
             resolve_model(settings.model, settings.cache_dir, allow_download=True)
-        except ModelUnavailableError as error:
+        except SlapgenError as error:
             _exit_with(str(error))
 
     def __init__(self) -> None:
         resolved = resolve_model(settings.model, settings.cache_dir, allow_download=False)
         # Loads, quantises, compiles and warms up: /readyz answers only after this returns.
-        self.generator = VideoGenerator.load(resolved, settings)
+        self.generator = VideoGenerator.load(resolved, settings.engine_options())
 
     @bentoml.api(route="/generate")
     def generate(self, request: GenerateRequest, /, ctx: bentoml.Context) -> Annotated[Path, ContentType("video/mp4")]:
         """Generate a clip: {"prompt": "..."} or {"template": "knockout", "slots": {...}}, plus optional settings."""
-        params = request.for_model(self.generator.spec, self.generator.adapters.names())
-        ctx.response.headers["X-Seed"] = str(params.seed)
-        return self.generator.generate_mp4(params, Path(ctx.temp_dir) / "video.mp4")
+        try:
+            params = request.for_model(self.generator.spec, self.generator.adapters.names())
+            ctx.response.headers["X-Seed"] = str(params.seed)
+            return self.generator.generate_mp4(params, Path(ctx.temp_dir) / "video.mp4")
+        except SlapgenError as error:
+            return _answer_error(ctx, error)
 
     @bentoml.task(route="/jobs")
     def jobs(self, request: GenerateRequest, /, ctx: bentoml.Context) -> Annotated[bytes, ContentType("video/mp4")]:
@@ -85,15 +94,21 @@ class SlapGen:
             path = self.generator.generate_mp4(
                 params, Path(ctx.temp_dir) / "video.mp4", on_step=lambda k, n: job_board.step(task_id, k, n)
             )
-        except Exception as exc:
-            job_board.failed(task_id, describe_error(exc))
+        except SlapgenError as error:
+            job_board.failed(task_id, describe_error(error))
+            return _answer_error(ctx, error)
+        except Exception as error:
+            job_board.failed(task_id, describe_error(error))
             raise
         job_board.completed(task_id)
         # Bytes, not a Path: BentoML's task store replays a FileResponse without an HTTP scope and fails.
         return path.read_bytes()
 
     @bentoml.api(route="/prompts/render")
-    def render_prompt(self, request: RenderRequest, /) -> dict:
+    def render_prompt(self, request: RenderRequest, /, ctx: bentoml.Context) -> dict:
         """The caption a template renders to, without generating: {"template": ..., "slots": {...}}."""
-        text = request.render()
+        try:
+            text = request.render()
+        except SlapgenError as error:
+            return _answer_error(ctx, error)
         return {"template": request.template, "prompt": text, "words": len(text.split())}

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 RESULTS_DIR = Path(__file__).parent / "results"
+# Runs land here unless --save is given, so a run never overwrites the committed results.
+RUNS_DIR = RESULTS_DIR / "runs"
 
 
 def device_description() -> str:
@@ -43,9 +47,19 @@ def _fmt(value) -> str:
     return "" if value is None else str(value)
 
 
-def write_results(name: str, payload: dict) -> Path:
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+def add_save_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--save", action="store_true",
+                        help="write bench/results/NAME-{cpu,gpu}.json (the committed results); "
+                             "default: a new file under bench/results/runs/")
+
+
+def write_results(name: str, payload: dict, save: bool = False) -> Path:
+    """JSON of a run: the committed `results/NAME-SLUG.json` with `save`, else a new timestamped file."""
     slug = "gpu" if torch.cuda.is_available() else "cpu"
-    path = RESULTS_DIR / f"{name}-{slug}.json"
+    if save:
+        path = RESULTS_DIR / f"{name}-{slug}.json"
+    else:
+        path = RUNS_DIR / f"{name}-{slug}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path

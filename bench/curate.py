@@ -18,7 +18,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import device_description, print_table, write_results  # noqa: E402
+from bench.common import add_save_argument, device_description, print_table, write_results  # noqa: E402
 
 HEIGHT, WIDTH, FPS, FRAMES = 480, 720, 16, 48
 CAPTION = (
@@ -30,7 +30,7 @@ CAPTION = (
 
 
 def write_clips(folder: Path, count: int) -> None:
-    from runtime.video import write_mp4
+    from slapgen.video import write_mp4
 
     rng = np.random.default_rng(0)
     rows = np.linspace(0, 1, HEIGHT, dtype=np.float32)[:, None, None]
@@ -48,6 +48,7 @@ def write_clips(folder: Path, count: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clips", type=int, default=24, help="synthetic clips to curate")
+    add_save_argument(parser)
     args = parser.parse_args()
     from trainer.curate import CurateSettings, curate
 
@@ -65,7 +66,7 @@ def main() -> None:
     print(f"device: {device_description()}, {os.cpu_count()} cores, clips {FRAMES}x{HEIGHT}x{WIDTH} @ {FPS} fps")
     print_table(rows, ["workers", "clips", "seconds", "clips_per_second", "speedup_vs_1"])
     path = write_results("curate", {"device": device_description(), "cores": os.cpu_count(),
-                                    "clip": f"{FRAMES}x{HEIGHT}x{WIDTH}@{FPS}fps", "results": rows})
+                                    "clip": f"{FRAMES}x{HEIGHT}x{WIDTH}@{FPS}fps", "results": rows}, save=args.save)
     print(f"wrote {path}")
 
 

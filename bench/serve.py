@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import device_description, print_table, run_case_in_subprocess, write_results  # noqa: E402
+from bench.common import device_description, add_save_argument, print_table, run_case_in_subprocess, write_results  # noqa: E402
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
@@ -41,17 +41,17 @@ def _tiny_adapters(cache_dir: Path, count: int) -> list[Path]:
 
 
 def _small_request(spec):
-    from runtime.requests import GenerationParams
+    from slapgen.engine.params import GenerationParams
 
     return GenerationParams.defaults_for(spec, num_inference_steps=2, seed=0)
 
 
 def swap_case(method: str, swaps: int) -> dict:
     """Time `swaps` adapter switches on a compiled tiny pipeline with the given method."""
-    from runtime.adapters import AdapterStore, AdapterTarget
-    from runtime.compiling import CompiledTransformer
-    from runtime.loading import load_pipeline, resolve_model
-    from runtime.lora_slot import LoraSlot
+    from slapgen.engine.adapters import AdapterStore, AdapterTarget
+    from slapgen.engine.compiling import CompiledTransformer
+    from slapgen.engine.lora_slot import LoraSlot
+    from slapgen.models.loading import load_pipeline, resolve_model
 
     cache_dir = Path(tempfile.mkdtemp())
     resolved = resolve_model("tiny", cache_dir)
@@ -60,7 +60,7 @@ def swap_case(method: str, swaps: int) -> dict:
 
     def generate(pipeline):
         started = time.perf_counter()
-        pipeline(**params.pipeline_kwargs(), generator=torch.Generator().manual_seed(0), output_type="np")
+        pipeline(**params.pipeline_arguments(), generator=torch.Generator().manual_seed(0), output_type="np")
         return time.perf_counter() - started
 
     compiled = CompiledTransformer()
@@ -106,14 +106,14 @@ def overhead_case(requests: int) -> dict:
     """Median latency of POST /generate over HTTP vs. the same call on a VideoGenerator in process."""
     import httpx
 
-    from runtime.generator import VideoGenerator
-    from runtime.loading import resolve_model
-    from runtime.settings import SlapSettings
+    from slapgen.engine.generator import VideoGenerator
+    from slapgen.models.loading import resolve_model
+    from slapgen.serving.settings import SlapSettings
     from tests.conftest import start_server, stop_server
 
     work = Path(tempfile.mkdtemp())
     settings = SlapSettings(model="tiny", cache_dir=work / "cache", device="cpu", quant="none", adapters_dir=work / "adapters")
-    generator = VideoGenerator.load(resolve_model("tiny", settings.cache_dir), settings)
+    generator = VideoGenerator.load(resolve_model("tiny", settings.cache_dir), settings.engine_options())
     params = _small_request(generator.spec)
     body = {"prompt": params.prompt, "seed": 0, "num_inference_steps": params.num_inference_steps}
     server = start_server(work, SLAP_MODEL="tiny", SLAP_CACHE_DIR=str(settings.cache_dir), SLAP_DEVICE="cpu",
@@ -145,22 +145,22 @@ def overhead_case(requests: int) -> dict:
 def step_case(variant: str, steps: int, model: str = "5b") -> dict:
     """One denoising step (transformer forward, CFG batch of 2) of a randomly initialised transformer:
     CogVideoX-5B's real config at 49x480x720 on the GPU, or the tiny model (a CPU smoke run of this code)."""
-    from runtime.compiling import CompiledTransformer
-    from runtime.quantization import quantize_transformer
-    from trainer.objective import rotary_embeddings
+    from slapgen.engine.compiling import CompiledTransformer
+    from slapgen.engine.quantization import quantize_transformer
+    from slapgen.models.cogvideox import latent_frames, latent_size, rotary_embeddings
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     if model == "5b":
         from diffusers import CogVideoXTransformer3DModel
 
-        from runtime.reference_configs import COGVIDEOX_5B_TRANSFORMER
+        from slapgen.models.reference_configs import COGVIDEOX_5B_TRANSFORMER
 
         with torch.device(device):
             transformer = CogVideoXTransformer3DModel(**COGVIDEOX_5B_TRANSFORMER)
         frames, height, width, text_length = 49, 480, 720, 226
     else:
-        from runtime.tiny import TINY_SPEC, build_tiny_pipeline
+        from slapgen.models.tiny import TINY_SPEC, build_tiny_pipeline
 
         transformer = build_tiny_pipeline().transformer
         frames, height, width, text_length = 9, TINY_SPEC.height, TINY_SPEC.width, TINY_SPEC.max_sequence_length
@@ -172,11 +172,12 @@ def step_case(variant: str, steps: int, model: str = "5b") -> dict:
         CompiledTransformer().compile(holder)
         transformer = holder.transformer
     config = transformer.config
-    latent_frames = (frames - 1) // 4 + 1
-    latents = torch.randn(2, latent_frames, config.in_channels, height // 8, width // 8, device=device, dtype=torch.bfloat16)
+    num_latent_frames = latent_frames(frames)
+    latents = torch.randn(2, num_latent_frames, config.in_channels, *latent_size(height, width), device=device,
+                          dtype=torch.bfloat16)
     text = torch.randn(2, text_length, config.text_embed_dim, device=device, dtype=torch.bfloat16)
     timestep = torch.tensor([500, 500], device=device)
-    rotary = rotary_embeddings(config, height, width, latent_frames, device)
+    rotary = rotary_embeddings(config, height, width, num_latent_frames, device)
 
     def synchronize() -> None:
         if device == "cuda":
@@ -222,6 +223,7 @@ def main() -> None:
     parser.add_argument("--warm-caches", action="store_true",
                         help="let inductor reuse compiled graphs from earlier runs (default: every compile is cold)")
     parser.add_argument("--case", help=argparse.SUPPRESS)
+    add_save_argument(parser)
     args = parser.parse_args()
     if not args.warm_caches:
         # A fresh server compiles from scratch; cached graphs would hide what a recompilation costs.
@@ -246,7 +248,7 @@ def main() -> None:
                 ["case", "direct_s_median", "http_s_median", "overhead_ms", "http_over_direct",
                  "step_s_median", "est_50_steps_s", "peak_memory_gb", "error"])
     path = write_results("serve", {"device": device_description(), "torch": torch.__version__,
-                                   "inductor_caches": "warm" if args.warm_caches else "disabled", "results": rows})
+                                   "inductor_caches": "warm" if args.warm_caches else "disabled", "results": rows}, save=args.save)
     print(f"wrote {path}")
 
 

@@ -25,22 +25,22 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import device_description, print_table, run_case_in_subprocess, write_results  # noqa: E402
+from bench.common import device_description, add_save_argument, print_table, run_case_in_subprocess, write_results  # noqa: E402
 
 
 def _models(name: str, device: str):
     """(pipeline without weights loaded from disk, spec, lora rank, dtype)."""
     from diffusers import CogVideoXPipeline
 
-    from runtime.tiny import TINY_SPEC, build_tiny_pipeline
+    from slapgen.models.tiny import TINY_SPEC, build_tiny_pipeline
 
     if name == "tiny":
         return build_tiny_pipeline(), TINY_SPEC, 4, torch.float32
     from diffusers import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel
     from transformers import T5Config, T5EncoderModel
 
-    from runtime.reference_configs import COGVIDEOX_5B_TRANSFORMER, COGVIDEOX_5B_VAE, T5_V1_1_XXL
-    from runtime.specs import COGVIDEOX_5B
+    from slapgen.models.reference_configs import COGVIDEOX_5B_TRANSFORMER, COGVIDEOX_5B_VAE, T5_V1_1_XXL
+    from slapgen.models.specs import COGVIDEOX_5B
 
     tiny = build_tiny_pipeline()
     tiny.tokenizer.model_max_length = COGVIDEOX_5B.max_sequence_length  # token ids differ; shapes are real
@@ -58,12 +58,12 @@ def _models(name: str, device: str):
 
 
 def run_case(case: str, steps: int) -> dict:
-    from runtime.video import write_mp4
+    from slapgen.models.cogvideox import LatentBatch, draw_noise, rotary_embeddings, training_step
+    from slapgen.video import write_mp4
     from trainer.config import LoraConfig, OptimConfig
     from trainer.frames import load_clip
     from trainer.latent_cache import Encoders
     from trainer.lora import add_lora
-    from trainer.objective import diffusion_loss, rotary_embeddings, sample_latents
     from trainer.optim import make_optimizer
 
     model_name, mode = case.split(":")
@@ -90,6 +90,7 @@ def run_case(case: str, steps: int) -> dict:
     latent_frames = cached_mean.shape[1]
     rotary = rotary_embeddings(transformer.config, spec.height, spec.width, latent_frames, device)
     autocast = torch.autocast("cuda", dtype=dtype) if device == "cuda" else torch.autocast("cpu", enabled=False)
+    noise_generator = torch.Generator().manual_seed(0)
 
     def step() -> float:
         started = time.perf_counter()
@@ -98,10 +99,11 @@ def run_case(case: str, steps: int) -> dict:
             embeds = encoders.encode_prompt(caption)
         else:
             mean, logvar, embeds = cached_mean, cached_logvar, cached_embeds
-        mean, logvar = mean.unsqueeze(0).to(device, torch.float32), logvar.unsqueeze(0).to(device, torch.float32)
-        latents = sample_latents(mean, logvar, pipeline.vae.config.scaling_factor)
-        with autocast:
-            loss = diffusion_loss(transformer, scheduler, latents.to(dtype), embeds.unsqueeze(0).to(device, dtype), rotary)
+        batch = LatentBatch(mean.unsqueeze(0).to(device, torch.float32), logvar.unsqueeze(0).to(device, torch.float32),
+                            embeds.unsqueeze(0).to(device, torch.float32), encoders.vae_factors.scaling_factor)
+        draws = draw_noise(batch, scheduler.config.num_train_timesteps, noise_generator)
+        with autocast:  # what `slapgen train`'s loop does, through the same training_step
+            loss = training_step(transformer, scheduler, batch, draws, rotary, dtype)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
@@ -136,6 +138,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per case (after one warm-up)")
     parser.add_argument("--case", help=argparse.SUPPRESS)
+    add_save_argument(parser)
     args = parser.parse_args()
     if args.case:
         print(json.dumps(run_case(args.case, args.steps)))
@@ -150,7 +153,7 @@ def main() -> None:
             pair["uncached"]["uncached_over_cached"] = pair["uncached"]["step_s_median"] / pair["cached"]["step_s_median"]
     print(f"device: {device_description()}, torch {torch.__version__}")
     print_table(rows, ["case", "resolution", "lora_rank", "step_s_median", "uncached_over_cached", "peak_memory_mb", "error"])
-    path = write_results("train_step", {"device": device_description(), "torch": torch.__version__, "steps": args.steps, "results": rows})
+    path = write_results("train_step", {"device": device_description(), "torch": torch.__version__, "steps": args.steps, "results": rows}, save=args.save)
     print(f"wrote {path}")
 
 

@@ -15,18 +15,19 @@ from typing import Annotated, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from slapgen.errors import SlapgenError
+
 TEMPLATES_FILE = Path(__file__).parent / "templates.yaml"
 TEXT_SLOT_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 '-]*$")
 
 
-class RenderError(ValueError):
+class RenderError(SlapgenError):
     """A template or slot the caller named does not exist, or a slot value is not allowed.
 
     `field` is the request field to blame (`template` or `slots.<name>`)."""
 
     def __init__(self, field: str, message: str):
-        super().__init__(message)
-        self.field = field
+        super().__init__(message, field=field)
 
 
 class _Slot(BaseModel):

@@ -15,6 +15,33 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+_TEST_HOME: Path | None = None
+
+
+def pytest_configure(config):
+    """Everything the suite (and every process it starts) writes goes under one temporary folder:
+    HOME, the slapgen cache, the Hugging Face home and BentoML's home, never the developer's."""
+    import tempfile
+
+    global _TEST_HOME
+    _TEST_HOME = Path(tempfile.mkdtemp(prefix="slapgen-tests-"))
+    os.environ.update(
+        HOME=str(_TEST_HOME / "home"),
+        SLAP_CACHE_DIR=str(_TEST_HOME / "slapgen-cache"),
+        HF_HOME=str(_TEST_HOME / "hf-home"),
+        HF_HUB_OFFLINE="1",
+        BENTOML_HOME=str(_TEST_HOME / "bentoml-home"),
+        BENTOML_DO_NOT_TRACK="True",
+    )
+
+
+def pytest_unconfigure(config):
+    import shutil
+
+    if _TEST_HOME is not None:
+        shutil.rmtree(_TEST_HOME, ignore_errors=True)
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
 
@@ -27,10 +54,11 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
-def tiny_cache_dir(tmp_path_factory) -> Path:
-    from runtime.tiny import materialise_tiny_model
+def tiny_cache_dir() -> Path:
+    """SLAP_CACHE_DIR of the session (a temporary folder) with the tiny model materialised in it."""
+    from slapgen.models.tiny import materialise_tiny_model
 
-    cache_dir = tmp_path_factory.mktemp("slapgen-cache")
+    cache_dir = Path(os.environ["SLAP_CACHE_DIR"])
     materialise_tiny_model(cache_dir)
     return cache_dir
 
@@ -133,6 +161,16 @@ def tiny_train_overrides(tiny_cache_dir: Path, *extra: str) -> list[str]:
     return [f"model_cache_dir={tiny_cache_dir}", "logging.tensorboard=false", "validation.prompts=[]", *extra]
 
 
+def preset_overrides(tiny_cache_dir: Path, *extra: str) -> list[str]:
+    """A research preset on the tiny model: only the model, sizes and step counts change; precision,
+    optimizer, schedule, LoRA and logging stay the preset's."""
+    return [
+        "model=tiny", f"model_cache_dir={tiny_cache_dir}", "data.height=64", "data.width=96", "data.num_frames=9",
+        "data.max_clips=4", "train.max_train_steps=3", "optim.lr_warmup_steps=1", "checkpoint.every_steps=2",
+        "validation.every_steps=2", "validation.num_inference_steps=1", *extra,
+    ]
+
+
 def write_test_adapter(folder: Path, tiny_cache_dir: Path, rank: int, seed: int, alpha: float | None = None,
                        base_model: str = "tiny") -> Path:
     """A LoRA adapter for the tiny model in exactly the trainer's format (trainer.lora.save_lora),
@@ -140,7 +178,7 @@ def write_test_adapter(folder: Path, tiny_cache_dir: Path, rank: int, seed: int,
     import torch
     from diffusers import CogVideoXTransformer3DModel
 
-    from runtime.tiny import materialise_tiny_model
+    from slapgen.models.tiny import materialise_tiny_model
     from trainer.config import load_config
     from trainer.lora import add_lora, save_lora
 
@@ -158,12 +196,20 @@ def write_test_adapter(folder: Path, tiny_cache_dir: Path, rank: int, seed: int,
 @pytest.fixture(scope="session")
 def adapter_files(tiny_cache_dir, tmp_path_factory) -> dict[str, Path]:
     """Adapters for the tiny model in the trainer's format: a (rank 4), b (rank 8, alpha 4), c (rank 2),
-    big (rank 16, above the tests' max rank 8), other-model (metadata names CogVideoX-5B)."""
+    d (rank 2, alpha 6), big (rank 16, above the tests' max rank 8), other-model (metadata names
+    CogVideoX-5B); no-alpha: rank 4 as diffusers' own training script writes it, without metadata."""
+    from safetensors.torch import load_file, save_file
+
     root = tmp_path_factory.mktemp("adapter-files")
+    no_alpha = root / "no-alpha" / "pytorch_lora_weights.safetensors"
+    no_alpha.parent.mkdir()
+    save_file(load_file(write_test_adapter(root / "e", tiny_cache_dir, rank=4, seed=7, alpha=12)), no_alpha)
     return {
         "a": write_test_adapter(root / "a", tiny_cache_dir, rank=4, seed=1),
         "b": write_test_adapter(root / "b", tiny_cache_dir, rank=8, seed=2, alpha=4),
         "c": write_test_adapter(root / "c", tiny_cache_dir, rank=2, seed=5),
+        "d": write_test_adapter(root / "d", tiny_cache_dir, rank=2, seed=6, alpha=6),
+        "no-alpha": no_alpha,
         "big": write_test_adapter(root / "big", tiny_cache_dir, rank=16, seed=3),
         "other-model": write_test_adapter(root / "other", tiny_cache_dir, rank=4, seed=4, base_model="THUDM/CogVideoX-5b"),
     }

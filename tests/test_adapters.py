@@ -10,20 +10,19 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import runtime.adapters as adapters_module
-from runtime.adapters import AdapterError, AdapterStore, AdapterTarget
-from runtime.generator import VideoGenerator
-from runtime.loading import resolve_model
-from runtime.requests import GenerationParams
-from runtime.settings import SlapSettings
+import slapgen.engine.adapters as adapters_module
+from slapgen.engine.adapters import AdapterError, AdapterStore, AdapterTarget
+from slapgen.engine.generator import VideoGenerator
+from slapgen.models.loading import resolve_model
+from slapgen.engine.params import EngineOptions, GenerationParams
 
 MAX_RANK = 8
 
 
 @pytest.fixture
 def target(tiny_cache_dir):
-    from runtime.loading import load_pipeline
-    from runtime.lora_slot import LoraSlot
+    from slapgen.models.loading import load_pipeline
+    from slapgen.engine.lora_slot import LoraSlot
 
     pipeline = load_pipeline(resolve_model("tiny", tiny_cache_dir))
     slot = LoraSlot(pipeline, MAX_RANK, ["to_q", "to_k", "to_v", "to_out.0"])
@@ -68,7 +67,7 @@ def _unknown_module(data: bytes, tmp_path) -> bytes:
         ("x", lambda files, tmp: b"not a safetensors file at all", "not a readable safetensors"),
         ("x", lambda files, tmp: _wrong_keys(files["a"].read_bytes(), tmp), "not a diffusers transformer LoRA key"),
         ("x", lambda files, tmp: _unknown_module(files["a"].read_bytes(), tmp), "not a LoRA-able module"),
-        ("x", lambda files, tmp: files["big"].read_bytes(), "rank 16, above SLAP_MAX_LORA_RANK=8"),
+        ("x", lambda files, tmp: files["big"].read_bytes(), "rank 16, above the LoRA slot's rank 8"),
         ("x", lambda files, tmp: files["other-model"].read_bytes(), "trained on THUDM/CogVideoX-5b"),
         ("../x", lambda files, tmp: files["a"].read_bytes(), "must be 1-64 characters"),
         ("A", lambda files, tmp: files["a"].read_bytes(), "must be 1-64 characters"),
@@ -113,17 +112,16 @@ def test_hot_swap_on_the_compiled_model_never_recompiles(adapter_files, tiny_cac
     adapters_dir.mkdir()
     for name in ("a", "b"):
         shutil.copy(adapter_files[name], adapters_dir / f"{name}.safetensors")
-    settings = SlapSettings(model="tiny", cache_dir=tiny_cache_dir, device="cpu", quant="none", compile=True,
-                            adapters_dir=adapters_dir, max_lora_rank=MAX_RANK)
-    generator = VideoGenerator.load(resolve_model("tiny", tiny_cache_dir), settings)
+    options = EngineOptions(compile=True, adapters_dir=adapters_dir, max_lora_rank=MAX_RANK)
+    generator = VideoGenerator.load(resolve_model("tiny", tiny_cache_dir), options)
     assert generator.info()["compiled"] is True and generator.compiled.graphs >= 1
     monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
     base = GenerationParams.defaults_for(generator.spec, seed=3)
     frames = {}
     for label, adapter in [("base", None), ("a", "a"), ("b", "b"), ("a again", "a"), ("base again", None)]:
-        frames[label] = generator.generate_frames(base.model_copy(update={"adapter": adapter}))
+        frames[label] = generator.generate_frames(base.replace(adapter=adapter))
         assert generator.info()["adapter"] == adapter
-    half = generator.generate_frames(base.model_copy(update={"adapter": "a", "adapter_scale": 0.5}))
+    half = generator.generate_frames(base.replace(adapter="a", adapter_scale=0.5))
     assert generator.info()["recompilations"] == 0
     assert generator.slot.swaps == 3  # a, b, a: scale changes and the base model are not swaps
     assert np.array_equal(frames["base"], frames["base again"])
@@ -132,3 +130,76 @@ def test_hot_swap_on_the_compiled_model_never_recompiles(adapter_files, tiny_cac
     assert not np.array_equal(frames["base"], frames["a"])
     assert not np.array_equal(half, frames["a"]) and not np.array_equal(half, frames["base"])
     assert json.dumps(generator.info())  # /info is plain JSON
+
+
+@pytest.mark.parametrize("name, scale", [("b", 0.7), ("d", 1.3), ("no-alpha", 0.6), ("b", 0.0)])
+def test_serving_an_adapter_matches_plain_diffusers(adapter_files, tiny_cache_dir, tmp_path, name, scale):
+    """Guards a hot-swap slot whose scale ignores alpha / rank (or applies it twice), a padded slot
+    that changes the maths, and an adapter_scale that is not diffusers' `set_adapters` weight: the
+    engine's frames at `adapter_scale` s must equal plain diffusers' `load_lora_weights` +
+    `set_adapters(name, s)` on the same fp32 tiny model, seed and settings. b has alpha/rank 1/2,
+    d 3, no-alpha carries no alpha (diffusers then takes alpha = rank); all sit in a rank-8 slot."""
+    from diffusers import CogVideoXPipeline
+
+    adapters_dir = tmp_path / "adapters"
+    adapters_dir.mkdir()
+    shutil.copy(adapter_files[name], adapters_dir / f"{name}.safetensors")
+    resolved = resolve_model("tiny", tiny_cache_dir)
+    generator = VideoGenerator.load(resolved, EngineOptions(adapters_dir=adapters_dir, max_lora_rank=MAX_RANK))
+    params = GenerationParams.defaults_for(generator.spec, seed=3, num_inference_steps=3, adapter=name,
+                                           adapter_scale=scale)
+    served = generator.generate_frames(params)
+
+    reference = CogVideoXPipeline.from_pretrained(resolved.folder, dtype=torch.float32)
+    reference.set_progress_bar_config(disable=True)
+    reference.load_lora_weights(str(adapter_files[name].parent), weight_name=adapter_files[name].name, adapter_name=name)
+    reference.set_adapters(name, scale)
+    expected = reference(**params.pipeline_arguments(), generator=torch.Generator("cpu").manual_seed(params.seed),
+                         output_type="np").frames[0]
+    assert served.shape == expected.shape
+    np.testing.assert_allclose(served, expected, rtol=0, atol=1e-3)
+    if scale > 0:  # the tolerance is far below what the adapter changes, so a wrong scale cannot pass
+        base = generator.generate_frames(params.replace(adapter=None))
+        assert np.abs(expected - base).max() > 0.05
+
+
+def test_slot_is_sized_from_the_adapters_present_at_start_up(adapter_files, tiny_cache_dir, tmp_path):
+    """Guards the default slot refusing a preset's own LoRA (aggressive trains rank 256 > 128) and a
+    slot sized for the biggest possible adapter making every smaller one pay: with no SLAP_MAX_LORA_RANK
+    the slot is the largest rank present at start-up, at least 128."""
+    from slapgen.engine.generator import DEFAULT_SLOT_RANK
+    from tests.conftest import write_test_adapter
+
+    resolved = resolve_model("tiny", tiny_cache_dir)
+    small = tmp_path / "small"
+    small.mkdir()
+    shutil.copy(adapter_files["a"], small / "a.safetensors")
+    assert VideoGenerator.load(resolved, EngineOptions(adapters_dir=small)).slot.max_rank == DEFAULT_SLOT_RANK == 128
+
+    large = tmp_path / "large"
+    large.mkdir()
+    shutil.copy(adapter_files["a"], large / "a.safetensors")
+    write_test_adapter(large / "wide", tiny_cache_dir, rank=256, seed=9, alpha=128)
+    (large / "junk.safetensors").write_bytes(b"not an adapter")  # ignored when sizing, listed with its error
+    generator = VideoGenerator.load(resolved, EngineOptions(adapters_dir=large))
+    assert generator.slot.max_rank == 256 and generator.info()["max_lora_rank"] == 256
+    frames = generator.generate_frames(GenerationParams.defaults_for(generator.spec, num_inference_steps=2, adapter="wide"))
+    assert np.isfinite(frames).all()
+    assert {d["name"]: "error" in d for d in generator.adapters.describe()} == {"a": False, "junk": True, "wide": False}
+
+
+def test_lora_a_and_b_ranks_must_agree(adapter_files, target, tmp_path):
+    """Guards validation that reads the rank from lora_A alone: a module whose lora_B has another rank
+    (or no lora_B) passes the header check and fails inside the hot-swap, breaking the slot."""
+    tensors = load_file(adapter_files["a"])
+    key = next(k for k in tensors if k.endswith("to_q.lora_B.weight"))
+    mismatched = dict(tensors, **{key: torch.zeros(tensors[key].shape[0], 3)})
+    save_file(mismatched, tmp_path / "mismatched.safetensors")
+    store = AdapterStore(tmp_path / "adapters", target, cache_size=2)
+    with pytest.raises(AdapterError, match="lora_A of rank 4 but lora_B of rank 3"):
+        store.add("x", (tmp_path / "mismatched.safetensors").read_bytes())
+    missing = {k: v for k, v in tensors.items() if k != key}
+    save_file(missing, tmp_path / "missing.safetensors")
+    with pytest.raises(AdapterError, match="has no lora_B weight"):
+        store.add("x", (tmp_path / "missing.safetensors").read_bytes())
+    assert store.names() == []

@@ -10,7 +10,7 @@ from tests.conftest import REPO_ROOT, bentoml_command, offline_env
 pytestmark = pytest.mark.slow
 
 
-def test_bentoml_build_packages_service_runtime_and_cuda_image(tmp_path):
+def test_bentoml_build_packages_the_service_and_not_the_trainer(tmp_path):
     env = offline_env(tmp_path)
     result = subprocess.run(
         bentoml_command("build", "--output", "tag"), cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300
@@ -20,8 +20,11 @@ def test_bentoml_build_packages_service_runtime_and_cuda_image(tmp_path):
     assert len(bentos) == 1
     bento = bentos[0].parent
     assert (bento / "src" / "service.py").is_file()
-    assert (bento / "src" / "runtime" / "tiny.py").is_file()
-    assert not (bento / "src" / "tests").exists()
+    for module in ("engine/generator.py", "serving/routes.py", "models/cogvideox.py", "models/tiny.py"):
+        assert (bento / "src" / "slapgen" / module).is_file(), module
+    assert (bento / "src" / "prompts" / "templates.yaml").is_file()
+    for left_out in ("tests", "trainer", "bench"):  # the service imports none of them
+        assert not (bento / "src" / left_out).exists(), left_out
     dockerfile = (bento / "env" / "docker" / "Dockerfile").read_text()
     assert "nvidia/cuda" in dockerfile and "ffmpeg" in dockerfile
     requirements = (bento / "env" / "python" / "requirements.txt").read_text()

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from runtime.video import write_mp4
+from slapgen.video import write_mp4
 from trainer.cli import main as cli_main
 from trainer.curate.captions import check_caption
 from trainer.datasets import read_dataset

@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from runtime.loading import resolve_model
+from slapgen.models.loading import resolve_model
 from trainer.config import load_config
 from trainer.datasets import read_dataset
 from trainer.latent_cache import LatentCache

@@ -1,9 +1,10 @@
 import pytest
 
-from runtime.config import SettingsError, load_settings
-from runtime.errors import ModelUnavailableError
-from runtime.loading import load_pipeline, resolve_model
-from runtime.tiny import TINY_SPEC
+from slapgen.errors import SettingsError
+from slapgen.serving.settings import load_settings
+from slapgen.errors import ModelUnavailableError
+from slapgen.models.loading import load_pipeline, resolve_model
+from slapgen.models.tiny import TINY_SPEC
 
 
 @pytest.fixture
@@ -70,7 +71,7 @@ def test_bad_settings_name_the_variable(monkeypatch, name, value):
 
 
 def test_every_setting_is_documented_in_the_readme():
-    from runtime.settings import SlapSettings
+    from slapgen.serving.settings import SlapSettings
     from tests.conftest import REPO_ROOT
 
     readme = (REPO_ROOT / "README.md").read_text()

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
 
-from runtime.lora_slot import LoraSlot
-from runtime.quantization import QuantizationUnavailableError, choose_quantization, fp8_capable, quantize_transformer
-from runtime.tiny import build_tiny_pipeline
+from slapgen.engine.lora_slot import LoraSlot
+from slapgen.engine.quantization import choose_quantization, fp8_capable, quantize_transformer
+from slapgen.errors import QuantizationUnavailableError
+from slapgen.models.tiny import build_tiny_pipeline
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
@@ -22,22 +25,70 @@ def _weight_types(transformer) -> dict[str, str]:
     return {name: type(m.weight).__name__ for name, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)}
 
 
+FP8_MAX = torch.finfo(torch.float8_e4m3fn).max
+
+
+def fake_quantized(weight: torch.Tensor, mode: str) -> torch.Tensor:
+    """The closed form of torchao's weight-only schemes, in fp32: one scale per output row.
+    int8: scale = absmax / 127.5, q = round(w * (1 / scale)) clamped to [-128, 127], w' = q * scale.
+    fp8 (e4m3): scale = absmax / 448, w' = float8(w / scale) * scale."""
+    absmax = weight.abs().amax(dim=1, keepdim=True)
+    if mode == "int8":
+        scale = absmax / 127.5
+        return torch.round(weight * (1.0 / scale)).clamp(-128, 127) * scale
+    scale = absmax / FP8_MAX
+    return (weight / scale).to(torch.float8_e4m3fn).float() * scale
+
+
+def rounding_bound(weight: torch.Tensor, mode: str) -> torch.Tensor:
+    """Largest error rounding can make: half an int8 step (scale / 2); for e4m3 (3 mantissa bits) half
+    an ulp, 2^-4 of the value, or half the smallest subnormal step (2^-10 x scale) near zero."""
+    absmax = weight.abs().amax(dim=1, keepdim=True)
+    if mode == "int8":
+        return absmax / 127.5 / 2 * (1 + 1e-4)
+    return torch.maximum(weight.abs() * 2**-4, absmax / FP8_MAX * 2**-10) * (1 + 1e-4)
+
+
+def _transformer_output(transformer) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    config = transformer.config
+    latents = torch.randn(1, 3, config.in_channels, 8, 12, generator=generator)
+    text = torch.randn(1, config.max_text_seq_length, config.text_embed_dim, generator=generator)
+    with torch.no_grad():
+        return transformer(hidden_states=latents, encoder_hidden_states=text, timestep=torch.tensor([500]),
+                           image_rotary_emb=None, return_dict=False)[0]
+
+
 @pytest.mark.parametrize("mode, tensor_type", [("fp8-weight", "Float8Tensor"), ("int8", "Int8Tensor")])
-def test_weight_only_quantization_covers_base_linears_but_not_lora(mode, tensor_type):
+def test_weight_only_quantization_matches_its_closed_form(mode, tensor_type):
+    """Guards a quantisation that quantises the wrong layers (LoRA A/B included), the wrong scale or
+    grouping, or corrupts weights: every quantised layer must dequantise to the closed form of its
+    scheme, and the whole transformer must compute what an fp32 copy holding those closed-form weights
+    computes. A corrupted or mis-scaled layer is off by at least a quantisation step and fails."""
     pipeline = build_tiny_pipeline()
-    pipeline.set_progress_bar_config(disable=True)
-    reference = _generate(pipeline)
     LoraSlot(pipeline, 4, TARGETS)
-    count = quantize_transformer(pipeline.transformer, mode)
-    types = _weight_types(pipeline.transformer)
-    lora = {n: t for n, t in types.items() if ".lora_" in n}
-    base = {n: t for n, t in types.items() if ".lora_" not in n}
-    assert count == len(base) > 0
-    assert set(base.values()) == {tensor_type}
-    assert lora and set(lora.values()) == {"Parameter"}  # adapters stay swappable
-    quantized = _generate(pipeline)
-    assert quantized.shape == reference.shape and np.isfinite(quantized).all()
-    assert np.abs(quantized - reference).mean() < 0.1  # close to full precision, not noise
+    transformer = pipeline.transformer
+    reference = copy.deepcopy(transformer)
+    original = {name: m.weight.detach().clone() for name, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)}
+    count = quantize_transformer(transformer, mode)
+
+    types = _weight_types(transformer)
+    lora = {n for n in types if ".lora_" in n}
+    base = {n for n in types if ".lora_" not in n}
+    assert count == len(base) > 0 and {types[n] for n in base} == {tensor_type}
+    assert lora and {types[n] for n in lora} == {"Parameter"}  # adapters stay swappable
+    for name in base:
+        expected = fake_quantized(original[name], mode)
+        dequantized = transformer.get_submodule(name).weight.dequantize().float()
+        assert torch.allclose(dequantized, expected, rtol=0, atol=1e-6), name
+        assert not torch.equal(dequantized, original[name]), name  # it really was quantised
+        assert ((dequantized - original[name]).abs() <= rounding_bound(original[name], mode)).all(), name
+
+    with torch.no_grad():
+        for name in base:
+            reference.get_submodule(name).weight.copy_(fake_quantized(original[name], mode))
+    torch.testing.assert_close(_transformer_output(transformer), _transformer_output(reference), rtol=1e-4, atol=1e-5)
+    assert np.isfinite(_generate(pipeline)).all()
 
 
 def test_none_leaves_the_model_alone():
@@ -59,10 +110,19 @@ def test_fp8_on_cpu_is_one_clear_sentence():
 @pytest.mark.gpu
 @pytest.mark.skipif(not fp8_capable("cuda"), reason="needs a GPU of compute capability 8.9+")
 def test_dynamic_fp8_quantizes_and_generates_on_gpu():
+    """Guards fp8 (dynamic activation + weight) quantising the wrong layers or corrupting weights: each
+    quantised weight dequantises to the per-row e4m3 closed form of its bf16 original."""
     pipeline = build_tiny_pipeline().to("cuda", torch.bfloat16)
     pipeline.set_progress_bar_config(disable=True)
     assert choose_quantization("auto", "cuda") == "fp8"
-    count = quantize_transformer(pipeline.transformer, "fp8")
-    assert count > 0
-    assert "Float8Tensor" in set(_weight_types(pipeline.transformer).values())
+    transformer = pipeline.transformer
+    original = {name: m.weight.detach().float().clone() for name, m in transformer.named_modules()
+                if isinstance(m, torch.nn.Linear)}
+    count = quantize_transformer(transformer, "fp8")
+    quantized = [name for name, kind in _weight_types(transformer).items() if kind == "Float8Tensor"]
+    assert count == len(quantized) > 0
+    for name in quantized:
+        dequantized = transformer.get_submodule(name).weight.dequantize().float()
+        expected = fake_quantized(original[name], "fp8-weight")
+        assert torch.allclose(dequantized, expected, rtol=2**-7, atol=1e-6), name  # bf16 scales round a little
     assert np.isfinite(_generate(pipeline)).all()

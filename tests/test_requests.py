@@ -1,16 +1,21 @@
 import pytest
 from pydantic import ValidationError
 
-from runtime.requests import GenerateRequest
-from runtime.specs import COGVIDEOX_5B
-from runtime.tiny import TINY_SPEC
+from slapgen.errors import SlapgenError
+from slapgen.models.specs import COGVIDEOX_5B
+from slapgen.models.tiny import TINY_SPEC
+from slapgen.serving.requests import GenerateRequest
 
 
 def _error_fields(body: dict, spec=None) -> set[str]:
-    with pytest.raises(ValidationError) as caught:
-        request = GenerateRequest.model_validate(body)
-        request.for_model(spec or TINY_SPEC)
-    return {".".join(str(part) for part in error["loc"]) for error in caught.value.errors()}
+    """Fields blamed at the edge (pydantic) or against the spec (slapgen's errors)."""
+    try:
+        GenerateRequest.model_validate(body).for_model(spec or TINY_SPEC)
+    except ValidationError as error:
+        return {".".join(str(part) for part in e["loc"]) for e in error.errors()}
+    except SlapgenError as error:
+        return {error.field}
+    raise AssertionError(f"{body} was accepted")
 
 
 @pytest.mark.parametrize(
@@ -38,9 +43,9 @@ def test_bad_requests_name_the_field(body, field):
 
 
 def test_limits_come_from_the_model_spec():
-    body = {"prompt": "a", "height": 480, "width": 720}
-    assert {"height", "width"} == _error_fields(body, TINY_SPEC)
-    params = GenerateRequest.model_validate(body).for_model(COGVIDEOX_5B)
+    assert {"height"} == _error_fields({"prompt": "a", "height": 480, "width": 720}, TINY_SPEC)
+    assert {"width"} == _error_fields({"prompt": "a", "width": 720}, TINY_SPEC)
+    params = GenerateRequest(prompt="a", height=480, width=720).for_model(COGVIDEOX_5B)
     assert (params.height, params.width) == (480, 720)
 
 
@@ -65,11 +70,20 @@ def test_missing_seed_is_random_per_request():
     assert len(seeds) > 1
 
 
-def test_pipeline_kwargs_are_what_the_pipeline_takes():
+def test_pipeline_arguments_are_what_the_pipeline_takes():
     import inspect
 
     from diffusers import CogVideoXPipeline
 
     accepted = set(inspect.signature(CogVideoXPipeline.__call__).parameters)
-    kwargs = GenerateRequest(prompt="a").for_model(TINY_SPEC).pipeline_kwargs()
+    kwargs = GenerateRequest(prompt="a").for_model(TINY_SPEC).pipeline_arguments()
     assert set(kwargs) <= accepted
+
+
+@pytest.mark.parametrize("frames", [10, 13, 45])
+def test_the_frame_rule_message_states_8k_plus_1(frames):
+    """Guards the old edge check that told a 10-frame request "4k+1 (1, 5, 9, ...)" although every
+    CogVideoX 1.0 model needs 8k+1."""
+    with pytest.raises(SlapgenError) as error:
+        GenerateRequest(prompt="a", num_frames=frames).for_model(COGVIDEOX_5B)
+    assert error.value.field == "num_frames" and "8k+1 (1, 9, 17, ...)" in str(error.value) and "4k" not in str(error.value)

@@ -9,8 +9,8 @@ import httpx
 import numpy as np
 import pytest
 
-from runtime.tiny import TINY_SPEC
-from runtime.video import read_mp4
+from slapgen.models.tiny import TINY_SPEC
+from slapgen.video import read_mp4
 from tests.conftest import REPO_ROOT, bentoml_command, offline_env
 
 pytestmark = pytest.mark.slow

@@ -12,7 +12,7 @@ import pytest
 from safetensors.torch import load_file, save
 
 from prompts import default_library
-from runtime.video import read_mp4
+from slapgen.video import read_mp4
 from tests.conftest import start_server, stop_server
 
 pytestmark = pytest.mark.slow
@@ -113,7 +113,7 @@ def test_bad_uploads_are_rejected_and_the_running_adapter_is_untouched(server, a
     for name, data, message in [
         ("x", good[: len(good) // 2], "not a readable safetensors"),
         ("x", wrong_keys, "not a diffusers transformer LoRA key"),
-        ("x", adapter_files["big"].read_bytes(), "above SLAP_MAX_LORA_RANK=8"),
+        ("x", adapter_files["big"].read_bytes(), "above the LoRA slot's rank 8"),
         ("../x", good, "must be 1-64 characters"),
         ("a", adapter_files["b"].read_bytes(), "already exists"),
     ]:

@@ -3,17 +3,25 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from runtime.specs import COGVIDEOX_2B, COGVIDEOX_5B, ModelSpec, is_valid_frame_count, spec_for_folder
+from slapgen.models.cogvideox import is_valid_frame_count, latent_frames
+from slapgen.models.specs import COGVIDEOX_2B, COGVIDEOX_5B, ModelSpec, spec_for_folder
 
 
 @pytest.mark.parametrize("frames,valid", [(1, True), (5, True), (49, True), (0, False), (2, False), (48, False), (50, False)])
-def test_frame_count_follows_4k_plus_1(frames, valid):
-    assert is_valid_frame_count(frames) is valid
+def test_frame_step_4_is_4k_plus_1(frames, valid):
+    assert is_valid_frame_count(frames, frame_step=4) is valid
 
 
 @pytest.mark.parametrize("frames,valid", [(1, True), (9, True), (49, True), (5, False), (13, False), (45, False)])
 def test_cogvideox_1_frame_counts_are_8k_plus_1(frames, valid):
+    assert is_valid_frame_count(frames) is valid
     assert is_valid_frame_count(frames, COGVIDEOX_5B.frame_step) is valid
+
+
+@pytest.mark.parametrize("frames,latents", [(1, 1), (9, 3), (49, 13)])
+def test_latent_frames_are_one_plus_a_quarter(frames, latents):
+    """The first frame is encoded alone, then every 4 frames make one latent: 1 + (F - 1) / 4."""
+    assert latent_frames(frames) == 1 + (frames - 1) // 4 == latents
 
 
 def test_known_specs_match_the_published_models():

@@ -5,8 +5,8 @@ import pytest
 import torch
 from diffusers import CogVideoXPipeline
 
-from runtime.specs import SPEC_FILENAME, spec_for_folder
-from runtime.tiny import TINY_SPEC, TINY_VERSION, build_tiny_pipeline, materialise_tiny_model
+from slapgen.models.specs import SPEC_FILENAME, spec_for_folder
+from slapgen.models.tiny import TINY_SPEC, TINY_VERSION, build_tiny_pipeline, materialise_tiny_model
 
 
 def _state(module):

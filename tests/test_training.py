@@ -12,15 +12,15 @@ import torch
 from diffusers import CogVideoXDPMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
 from safetensors.torch import load_file
 
-from runtime.loading import resolve_model
-from tests.conftest import REPO_ROOT, offline_env, tiny_train_overrides
+from slapgen.models.cogvideox import draw_noise, rotary_embeddings, training_step
+from slapgen.models.loading import resolve_model
+from tests.conftest import REPO_ROOT, offline_env, preset_overrides, tiny_train_overrides
 from trainer.batches import BatchOrder, load_batch
 from trainer.cli import main as cli_main
 from trainer.config import load_config
 from trainer.datasets import read_dataset
 from trainer.latent_cache import LatentCache
 from trainer.lora import LORA_FILENAME, add_lora, load_lora_into, read_lora_metadata
-from trainer.objective import diffusion_loss, rotary_embeddings, sample_latents
 from trainer.train import train
 
 
@@ -32,15 +32,15 @@ def _fixed_loss(transformer, tiny_cache_dir, cache_root, clips, config) -> float
     """Loss at fixed timesteps and noise, so before/after compare the model and nothing else."""
     resolved = resolve_model("tiny", tiny_cache_dir)
     entries = LatentCache(cache_root, resolved, config.data).precompute(clips, progress=False).entries
-    batch = load_batch(entries, [0], "cpu", torch.float32)
+    batch = load_batch(entries, [0], "cpu")
     scheduler = CogVideoXDPMScheduler.from_pretrained(resolved.folder, subfolder="scheduler")
     rotary = rotary_embeddings(transformer.config, 64, 96, 3, "cpu")
     losses = []
-    with torch.no_grad(), torch.random.fork_rng():
-        torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
         for t in [50, 200, 400, 600, 800, 950] * 3:
-            latents = sample_latents(batch["latent_mean"], batch["latent_logvar"], 0.7)
-            losses.append(diffusion_loss(transformer, scheduler, latents, batch["prompt_embeds"], rotary, torch.tensor([t])).item())
+            draws = draw_noise(batch, 1000, generator, timesteps=torch.tensor([t]))
+            losses.append(training_step(transformer, scheduler, batch, draws, rotary, torch.float32).item())
     return float(np.mean(losses))
 
 
@@ -160,18 +160,24 @@ def test_batch_order_is_a_pure_function_of_the_step():
 
 @pytest.mark.slow
 def test_accelerate_launch_two_cpu_processes(tiny_cache_dir, demo_dataset, tmp_path):
-    """Two real processes (gloo). accelerate 1.15's `launch --cpu --num_processes 2` starts only one
-    process without mpirun, so CPU multi-process goes through the torchrun launcher with
-    ACCELERATE_USE_CPU=1, as README.md documents."""
+    """Two real processes (gloo), launched without --mixed_precision while the config asks for bf16 (the
+    conservative preset): guards the trainer building a second Accelerator with another precision
+    (`AcceleratorState has already been initialized`) and CPU processes that never join one group.
+    accelerate 1.15's `launch --cpu --num_processes 2` starts only one process without mpirun, so CPU
+    multi-process goes through the torchrun launcher with ACCELERATE_USE_CPU=1, as README.md documents."""
     run = tmp_path / "run"
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "trainer", "train", "--config", "tiny-smoke",
+               "--dynamo_backend", "no", "-m", "trainer", "train", "--config", "conservative",
                "--data", str(demo_dataset), "--out", str(run),
-               *sum((["--set", o] for o in tiny_train_overrides(tiny_cache_dir, "train.max_train_steps=4", "checkpoint.every_steps=2")), [])]
+               *sum((["--set", o] for o in preset_overrides(tiny_cache_dir, "train.max_train_steps=4",
+                                                            "checkpoint.every_steps=2", "validation.prompts=[]")), [])]
     env = offline_env(tmp_path, ACCELERATE_USE_CPU="1", CUDA_VISIBLE_DEVICES="")
     result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     tensors = load_file(run / LORA_FILENAME)
     assert tensors and all(torch.isfinite(t).all() for t in tensors.values())
-    assert (run / "checkpoints" / "checkpoint-000004" / "random_states_1.pkl").is_file()  # both processes saved RNG
+    checkpoint = run / "checkpoints" / "checkpoint-000004"
+    assert (checkpoint / "rng-0.pt").is_file() and (checkpoint / "rng-1.pt").is_file()  # both processes saved RNG
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["processes"] == 2
     assert read_lora_metadata(run / LORA_FILENAME)["slapgen.steps"] == "4"
+    assert json.loads(read_lora_metadata(run / LORA_FILENAME)["slapgen.config"])["train"]["mixed_precision"] == "bf16"

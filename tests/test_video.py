@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from runtime.video import read_mp4, write_mp4
+from slapgen.video import read_mp4, write_mp4
 
 
 def test_mp4_round_trip_keeps_count_size_and_fps(tmp_path):

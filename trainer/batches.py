@@ -10,8 +10,9 @@ from __future__ import annotations
 from functools import lru_cache
 
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
 
+from slapgen.models.cogvideox import LatentBatch, VaeFactors
 from trainer.latent_cache import CacheEntry
 
 
@@ -36,7 +37,17 @@ class BatchOrder:
         return [self._epoch_order(k // self.num_items)[k % self.num_items] for k in range(start, start + self.batch_size)]
 
 
-def load_batch(entries: list[CacheEntry], indices: list[int], device, dtype) -> dict[str, torch.Tensor]:
-    """Stack the cached tensors of `indices`: latent_mean/logvar (B, C, F, H, W), prompt_embeds (B, S, D)."""
-    rows = [load_file(str(entries[i].path)) for i in indices]
-    return {name: torch.stack([row[name] for row in rows]).to(device=device, dtype=dtype) for name in rows[0]}
+def load_batch(entries: list[CacheEntry], indices: list[int], device) -> LatentBatch:
+    """The cached tensors of `indices`, stacked, with the scaling factor their VAE recorded."""
+    rows, factors = [], set()
+    for index in indices:
+        with safe_open(str(entries[index].path), framework="pt") as handle:
+            factors.add(VaeFactors.from_metadata(handle.metadata()).scaling_factor)
+            rows.append({name: handle.get_tensor(name) for name in handle.keys()})
+    if len(factors) != 1:
+        raise ValueError(f"cache entries of one batch were encoded by different VAEs (scaling factors {sorted(factors)})")
+
+    def stacked(name: str) -> torch.Tensor:
+        return torch.stack([row[name] for row in rows]).to(device=device, dtype=torch.float32)
+
+    return LatentBatch(stacked("latent_mean"), stacked("latent_logvar"), stacked("prompt_embeds"), factors.pop())

@@ -7,6 +7,9 @@ import re
 import shutil
 from pathlib import Path
 
+from slapgen.atomic import atomic_write_text
+from trainer.errors import TrainError
+
 CHECKPOINTS_DIR = "checkpoints"
 STATE_FILE = "trainer_state.json"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -24,15 +27,15 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def find_checkpoint(run_dir: Path, resume: str) -> Path:
-    """`latest` or a checkpoint folder; raises FileNotFoundError with the fix in the message."""
+    """`latest` or a checkpoint folder; raises TrainError with the fix in the message."""
     if resume == "latest":
         checkpoints = list_checkpoints(run_dir)
         if not checkpoints:
-            raise FileNotFoundError(f"--resume latest: no checkpoint in {Path(run_dir) / CHECKPOINTS_DIR}")
+            raise TrainError(f"--resume latest: no checkpoint in {Path(run_dir) / CHECKPOINTS_DIR}")
         return checkpoints[-1]
     path = Path(resume)
     if not (path / STATE_FILE).is_file():
-        raise FileNotFoundError(f"--resume {resume}: not a checkpoint folder (no {STATE_FILE})")
+        raise TrainError(f"--resume {resume}: not a checkpoint folder (no {STATE_FILE})")
     return path
 
 
@@ -41,7 +44,7 @@ def read_state(checkpoint: Path) -> dict:
 
 
 def write_state(checkpoint: Path, state: dict) -> None:
-    (checkpoint / STATE_FILE).write_text(json.dumps(state, indent=2))
+    atomic_write_text(checkpoint / STATE_FILE, json.dumps(state, indent=2))
 
 
 def prune(run_dir: Path, keep_last: int) -> None:

@@ -10,10 +10,8 @@ import json
 import sys
 from pathlib import Path
 
-from runtime.errors import ModelUnavailableError
-from trainer.errors import DatasetError, TrainConfigError
-
-USER_ERRORS = (DatasetError, TrainConfigError, ModelUnavailableError, FileNotFoundError)
+from slapgen.errors import SlapgenError
+from trainer.errors import DatasetError
 
 
 def _quiet_libraries() -> None:
@@ -44,13 +42,14 @@ def cmd_demo_data(args) -> int:
 
 
 def cmd_precompute(args) -> int:
-    from runtime.loading import resolve_model
+    from slapgen.models.loading import TRAINER_SETTING, ModelSetting, resolve_model
     from trainer.config import load_config
     from trainer.datasets import read_dataset
     from trainer.latent_cache import LatentCache
 
     config = load_config(args.config, [f"model={args.model}", *args.set] if args.model else args.set)
-    resolved = resolve_model(config.model, config.model_cache_dir)
+    setting = ModelSetting("--model", "use --model tiny") if args.model else TRAINER_SETTING
+    resolved = resolve_model(config.model, config.model_cache_dir, setting=setting)
     clips = read_dataset(args.dataset)[: config.data.max_clips]
     report = LatentCache(args.out, resolved, config.data, device=args.device).precompute(clips)
     print(report.summary())
@@ -61,13 +60,10 @@ def cmd_precompute(args) -> int:
 
 def cmd_train(args) -> int:
     from trainer.config import load_config
-    from trainer.train import TrainError, train
+    from trainer.train import train
 
     config = load_config(args.config, args.set)
-    try:
-        train(config, args.data, args.out, resume=args.resume, stop_at_step=args.stop_at_step)
-    except TrainError as error:
-        raise TrainConfigError(str(error)) from None
+    train(config, args.data, args.out, resume=args.resume, stop_at_step=args.stop_at_step)
     return 0
 
 
@@ -157,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     try:
         return args.run(args)
-    except USER_ERRORS as error:
+    except SlapgenError as error:
         print(f"slapgen {args.command}: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

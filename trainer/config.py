@@ -11,7 +11,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from runtime.specs import SIZE_MULTIPLE, is_valid_frame_count
+from slapgen.models.cogvideox import SIZE_MULTIPLE, frame_rule, is_valid_frame_count
 from trainer.errors import TrainConfigError
 
 PRESETS_DIR = Path(__file__).parent / "presets"
@@ -24,15 +24,15 @@ class Section(BaseModel):
 class DataConfig(Section):
     height: int = Field(480, ge=SIZE_MULTIPLE, multiple_of=SIZE_MULTIPLE, description="training height in pixels")
     width: int = Field(720, ge=SIZE_MULTIPLE, multiple_of=SIZE_MULTIPLE, description="training width in pixels")
-    num_frames: int = Field(49, ge=1, description="frames per clip, 8k+1 for CogVideoX 1.0 (49 = 6 s at 8 fps)")
+    num_frames: int = Field(49, ge=1, description=f"frames per clip, {frame_rule()} for CogVideoX 1.0 (49 = 6 s at 8 fps)")
     fps: float = Field(8, gt=0, description="frames are sampled from each clip at this rate")
     max_clips: int | None = Field(None, ge=1, description="use only the first N clips of the dataset")
 
     @field_validator("num_frames")
     @classmethod
     def _frames_round_trip_the_vae(cls, value: int) -> int:
-        if not is_valid_frame_count(value, 8):
-            raise ValueError("num_frames must be 8k+1 (1, 9, 17, ..., 49) so the VAE round-trips it")
+        if not is_valid_frame_count(value):
+            raise ValueError(f"num_frames must be {frame_rule()} so the VAE round-trips it")
         return value
 
 
@@ -95,7 +95,9 @@ class TrainConfig(Section):
     """Everything a run needs. Save it next to the weights and the run is reproducible."""
 
     model: str = Field("THUDM/CogVideoX-5b", description="hub id, local pipeline folder, or `tiny`")
-    model_cache_dir: Path = Field(Path.home() / ".cache" / "slapgen", description="where `tiny` is materialised")
+    model_cache_dir: Path | None = Field(
+        None, description="where `tiny` is materialised; null: SLAP_CACHE_DIR, else ~/.cache/slapgen"
+    )
     latent_cache: Path | None = Field(None, description="precompute cache; default RUN_DIR/cache")
     data: DataConfig = Field(DataConfig(), description="how clips are sampled")
     lora: LoraConfig = Field(LoraConfig(), description="the adapter")

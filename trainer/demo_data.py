@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.video import write_mp4
+from slapgen.video import write_mp4
 
 HEIGHT, WIDTH, FPS, SECONDS = 144, 224, 16, 2.5
 COLOURS = {"red": (0.85, 0.15, 0.12), "blue": (0.15, 0.3, 0.85), "black": (0.08, 0.08, 0.08), "white": (0.92, 0.92, 0.9)}

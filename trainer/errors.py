@@ -1,11 +1,13 @@
-"""Errors whose message is a single line meant for the person at the terminal."""
+"""The trainer's errors: each a `SlapgenError` whose message is one line for the person at the terminal."""
+
+from slapgen.errors import SlapgenError
 
 
-class DatasetError(ValueError):
+class DatasetError(SlapgenError):
     """The dataset cannot be read as given (missing file, empty caption, wrong column, ...)."""
 
 
-class ClipError(ValueError):
+class ClipError(SlapgenError):
     """One clip cannot be used; training skips it and reports why."""
 
     def __init__(self, reason: str, detail: str):
@@ -13,5 +15,9 @@ class ClipError(ValueError):
         self.reason = reason  # short code: "corrupt" or "too_short"
 
 
-class TrainConfigError(ValueError):
+class TrainConfigError(SlapgenError):
     """A training configuration or override is invalid."""
+
+
+class TrainError(SlapgenError):
+    """Training cannot start or continue; the message says why."""

@@ -1,30 +1,34 @@
 """Encode every clip with the VAE and every caption with T5 once; training reads only this cache.
 
 One safetensors file per (clip bytes, caption, model, resolution, frames, fps), named by the hash
-of all of them, so a changed clip or caption is re-encoded and everything else is reused. Files are
-written to a temporary name and renamed, so an interrupted run resumes where it stopped and never
-leaves a half-written entry. A clip that cannot be decoded is reported and skipped.
+of all of them, so a changed clip or caption is re-encoded and everything else is reused. Each entry
+records the factors of the VAE that encoded it (`VaeFactors`: spatial, temporal, scaling factor), so
+training scales latents with the factor that belongs to them. Files are written atomically, so an
+interrupted run resumes where it stopped and never leaves a half-written entry. A clip that cannot
+be decoded is reported and skipped.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from runtime.loading import ResolvedModel
-from runtime.specs import ModelSpec
+from slapgen.atomic import atomic_path, atomic_write_text
+from slapgen.models.cogvideox import VaeFactors
+from slapgen.models.loading import ResolvedModel, load_pipeline
+from slapgen.models.specs import ModelSpec
 from trainer.config import DataConfig
 from trainer.datasets import Clip
 from trainer.errors import ClipError
 from trainer.frames import load_clip
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: entries record the VAE's factors
 HASH_INDEX = "file_hashes.json"
 
 
@@ -61,7 +65,7 @@ class FileHasher:
         return sha.hexdigest()
 
     def save(self) -> None:
-        _atomic_write_text(self.index_path, json.dumps(self.known))
+        atomic_write_text(self.index_path, json.dumps(self.known))
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,10 @@ class CacheEntry:
     key: str
     path: Path
     clip: Clip
+
+    def vae_factors(self) -> VaeFactors:
+        with safe_open(str(self.path), framework="pt") as handle:
+            return VaeFactors.from_metadata(handle.metadata())
 
 
 @dataclass
@@ -102,6 +110,7 @@ class Encoders:
         self.spec = spec
         self.device = device
         self.pipeline = pipeline
+        self.vae_factors = VaeFactors.from_config(pipeline.vae.config)
         self.pipeline.vae.enable_slicing()
         self.pipeline.vae.enable_tiling()
         self.pipeline.vae.to(device)
@@ -109,10 +118,7 @@ class Encoders:
 
     @classmethod
     def load(cls, resolved: ResolvedModel, device: str) -> "Encoders":
-        from diffusers import CogVideoXPipeline
-
-        pipeline = CogVideoXPipeline.from_pretrained(resolved.folder, transformer=None, dtype=resolved.spec.torch_dtype)
-        return cls(pipeline, resolved.spec, device)
+        return cls(load_pipeline(resolved, transformer=None), resolved.spec, device)
 
     @torch.no_grad()
     def encode_video(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -184,13 +190,14 @@ class LatentCache:
                         "latent_logvar": logvar.contiguous(),
                         "prompt_embeds": self.encoders.encode_prompt(clip.caption or "").contiguous(),
                     }
-                    _atomic_save(tensors, path, {"video": clip.name, "caption": clip.caption or ""})
+                    metadata = {"video": clip.name, "caption": clip.caption or "", **self.encoders.vae_factors.to_metadata()}
+                    _atomic_save(tensors, path, metadata)
                     report.encoded += 1
                 report.entries.append(CacheEntry(key, path, clip))
                 bar.set_postfix(encoded=report.encoded, reused=report.reused, skipped=len(report.skipped))
         finally:
             hasher.save()
-        _atomic_write_text(self.root / "last_report.json", json.dumps(report.to_json(), indent=2))
+        atomic_write_text(self.root / "last_report.json", json.dumps(report.to_json(), indent=2))
         return report
 
     def prompt_embeddings(self, prompts: list[str]) -> list[torch.Tensor]:
@@ -211,13 +218,5 @@ class LatentCache:
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file(tensors, str(staging), metadata=metadata)
-    os.replace(staging, path)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    staging.write_text(text)
-    os.replace(staging, path)
+    with atomic_path(path) as staging:
+        save_file(tensors, str(staging), metadata=metadata)

@@ -8,7 +8,6 @@ metadata under `slapgen.*`: base model, rank, alpha, target modules, steps, the 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -17,11 +16,12 @@ from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from runtime.adapters import DIFFUSERS_METADATA_KEY
-from runtime.adapters import LORA_WEIGHTS_FILE as LORA_FILENAME
+from slapgen.atomic import atomic_path
+from slapgen.models import lora_format
+from slapgen.models.lora_format import DIFFUSERS_METADATA_KEY, TRANSFORMER_PREFIX
+from slapgen.models.lora_format import WEIGHTS_FILE as LORA_FILENAME
 from trainer.config import LoraConfig, TrainConfig
-
-TRANSFORMER_PREFIX = "transformer."
+from trainer.errors import TrainError
 
 
 def peft_config(lora: LoraConfig) -> PeftLoraConfig:
@@ -49,23 +49,21 @@ def lora_state_dict(transformer) -> dict[str, torch.Tensor]:
 def save_lora(transformer, folder: Path, config: TrainConfig, base_model: str, steps: int) -> Path:
     """Write `folder/pytorch_lora_weights.safetensors` atomically; returns its path."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     adapter = peft_config(config.lora).to_dict()
     adapter = {f"{TRANSFORMER_PREFIX}{k}": (sorted(v) if isinstance(v, set) else v) for k, v in adapter.items()}
     metadata = {
         "format": "pt",
         DIFFUSERS_METADATA_KEY: json.dumps(adapter, sort_keys=True, default=str),
-        "slapgen.base_model": base_model,
-        "slapgen.rank": str(config.lora.rank),
-        "slapgen.alpha": str(config.lora.alpha),
-        "slapgen.target_modules": ",".join(config.lora.target_modules),
-        "slapgen.steps": str(steps),
-        "slapgen.config": config.model_dump_json(),
+        lora_format.BASE_MODEL_KEY: base_model,
+        lora_format.RANK_KEY: str(config.lora.rank),
+        lora_format.ALPHA_KEY: str(config.lora.alpha),
+        lora_format.TARGET_MODULES_KEY: ",".join(config.lora.target_modules),
+        lora_format.STEPS_KEY: str(steps),
+        lora_format.CONFIG_KEY: config.model_dump_json(),
     }
     path = folder / LORA_FILENAME
-    staging = folder / f".{LORA_FILENAME}.{os.getpid()}.tmp"
-    save_file(lora_state_dict(transformer), str(staging), metadata=metadata)
-    os.replace(staging, path)
+    with atomic_path(path) as staging:
+        save_file(lora_state_dict(transformer), str(staging), metadata=metadata)
     return path
 
 
@@ -80,4 +78,4 @@ def load_lora_into(transformer, path: Path) -> None:
     result = set_peft_model_state_dict(transformer, state)
     unexpected = getattr(result, "unexpected_keys", None)
     if unexpected:
-        raise ValueError(f"{path} has keys this model lacks, e.g. {unexpected[0]}")
+        raise TrainError(f"{path} has keys this model lacks, e.g. {unexpected[0]}")

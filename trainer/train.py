@@ -1,73 +1,89 @@
 """The training loop: read it top to bottom.
 
-1. resolve the model, encode the dataset into the latent cache (skipping what is cached);
-2. load the transformer, add LoRA, build optimizer and LR schedule, hand them to accelerate;
-3. resume from a checkpoint if asked;
-4. loop: sample latents from the cached posterior, diffusion loss, backward, clip, step;
-   log, checkpoint, validate every N steps;
-5. write RUN_DIR/pytorch_lora_weights.safetensors.
+`setup` builds a `Run`: one accelerate `Accelerator` (its mixed precision decided before it is
+created), the dataset encoded into the latent cache, the transformer with LoRA, optimizer and LR
+schedule, and the checkpoint to resume from. `train` then loops: load cached latents, draw the
+step's noise, `cogvideox.training_step`, backward, clip, step; log, checkpoint, validate every N
+steps; and finally writes RUN_DIR/pytorch_lora_weights.safetensors. Checkpoints are saved and loaded
+explicitly (`save_checkpoint` / `load_checkpoint`): the LoRA, optimizer, schedule and each process's
+random state; the step inside them is also the data position (see trainer.batches).
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate import Accelerator, PartialState
+from accelerate.utils import ProjectConfiguration, parse_flag_from_env, set_seed
 
-from runtime.loading import resolve_model
+from slapgen.atomic import atomic_path, atomic_write_text
+from slapgen.models.cogvideox import draw_noise, latent_frames, rotary_embeddings, training_step
+from slapgen.models.loading import TRAINER_SETTING, ResolvedModel, resolve_model
 from trainer import checkpoints
 from trainer.batches import BatchOrder, load_batch
 from trainer.config import TrainConfig
 from trainer.datasets import read_dataset
-from trainer.errors import TrainConfigError
-from trainer.latent_cache import LatentCache
-from trainer.lora import add_lora, load_lora_into, save_lora
+from trainer.errors import TrainError
+from trainer.latent_cache import CacheEntry, LatentCache
+from trainer.lora import LORA_FILENAME, add_lora, load_lora_into, save_lora
 from trainer.metrics import MetricsLog, peak_memory_mb, truncate_after
-from trainer.objective import diffusion_loss, rotary_embeddings, sample_latents
 from trainer.optim import make_lr_scheduler, make_optimizer
 from trainer.validation import Validator
 
 CONFIG_FILE = "config.yaml"
+WEIGHT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}
 
 
-class TrainError(RuntimeError):
-    """Training cannot start or continue; the message says why."""
+@dataclass
+class Run:
+    """Everything the loop touches, built once by `setup`."""
+
+    config: TrainConfig
+    dir: Path
+    resolved: ResolvedModel
+    accelerator: Accelerator
+    weight_dtype: torch.dtype
+    entries: list[CacheEntry]
+    transformer: torch.nn.Module
+    noise_scheduler: object
+    trainable: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    order: BatchOrder
+    rotary: tuple | None
+    noise_generator: torch.Generator  # posterior draws, diffusion noise, timesteps of this process
+    metrics: MetricsLog
+    validator: Validator | None
+    step: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
 
 
-def _mixed_precision(config: TrainConfig, spec_dtype: str, use_cpu: bool) -> str:
+def mixed_precision_for(config: TrainConfig, spec_dtype: str, device_type: str) -> str:
+    """`auto`: the model's own dtype on a GPU (bf16 for 5B, fp16 for 2B), fp32 on the CPU."""
     if config.train.mixed_precision != "auto":
         return config.train.mixed_precision
-    if use_cpu or not torch.cuda.is_available():
+    if device_type == "cpu":
         return "no"
     return {"bfloat16": "bf16", "float16": "fp16"}.get(spec_dtype, "no")
 
 
-def _check_run_config(run_dir: Path, config: TrainConfig, resuming: bool) -> None:
-    saved = run_dir / CONFIG_FILE
-    if resuming and saved.is_file() and saved.read_text() != config.to_yaml():
-        raise TrainError(f"the config differs from the run's {saved}; resume with the same config (--config {saved})")
-
-
-def train(
-    config: TrainConfig,
-    data_path: Path,
-    run_dir: Path,
-    resume: str | None = None,
-    stop_at_step: int | None = None,
-    progress: bool = True,
-) -> Path | None:
-    """Train a LoRA; returns the final adapter path (None when stopped early by `stop_at_step`)."""
+def setup(config: TrainConfig, data_path: Path, run_dir: Path, resume: str | None, progress: bool) -> Run:
     from diffusers import AutoencoderKLCogVideoX, CogVideoXDPMScheduler, CogVideoXTransformer3DModel
     from diffusers.training_utils import cast_training_params
-    from tqdm.auto import tqdm
 
     run_dir = Path(run_dir)
-    resolved = resolve_model(config.model, config.model_cache_dir)
-    probe = Accelerator()  # reads `accelerate launch` settings (--cpu, processes) from the environment
-    mixed_precision = _mixed_precision(config, resolved.spec.dtype, probe.device.type == "cpu")
+    resolved = resolve_model(config.model, config.model_cache_dir, setting=TRAINER_SETTING)
+    # PartialState reads `accelerate launch`'s settings (processes, CPU) without fixing the precision,
+    # so the one Accelerator below can be created with the precision this config asks for.
+    # (ACCELERATE_USE_CPU is read the way AcceleratorState reads it, or CPU processes would not join.)
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    mixed_precision = mixed_precision_for(config, resolved.spec.dtype, state.device.type)
     accelerator = Accelerator(
         gradient_accumulation_steps=config.train.gradient_accumulation_steps,
         mixed_precision=mixed_precision,
@@ -77,12 +93,14 @@ def train(
     main = accelerator.is_main_process
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        _check_run_config(run_dir, config, resuming=resume is not None)
-        (run_dir / CONFIG_FILE).write_text(config.to_yaml())
+        saved = run_dir / CONFIG_FILE
+        if resume is not None and saved.is_file() and saved.read_text() != config.to_yaml():
+            raise TrainError(f"the config differs from the run's {saved}; resume with the same config (--config {saved})")
+        atomic_write_text(saved, config.to_yaml())
     accelerator.wait_for_everyone()
-    set_seed(config.train.seed, device_specific=True)  # different noise per process, same data order
+    set_seed(config.train.seed, device_specific=True)  # LoRA dropout differs per process
     device = accelerator.device
-    weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
+    weight_dtype = WEIGHT_DTYPES[mixed_precision]
 
     # 1. Latent cache: the main process encodes, the others then find everything cached.
     clips = read_dataset(data_path)[: config.data.max_clips]
@@ -99,7 +117,6 @@ def train(
     # 2. Model, LoRA, optimizer, schedule.
     transformer = CogVideoXTransformer3DModel.from_pretrained(resolved.folder, subfolder="transformer", dtype=weight_dtype)
     noise_scheduler = CogVideoXDPMScheduler.from_pretrained(resolved.folder, subfolder="scheduler")
-    vae_config = AutoencoderKLCogVideoX.load_config(resolved.folder, subfolder="vae")
     add_lora(transformer, config.lora)
     if weight_dtype != torch.float32:
         cast_training_params(transformer, dtype=torch.float32)  # LoRA weights train in fp32
@@ -110,33 +127,6 @@ def train(
     optimizer = make_optimizer(trainable, config.optim)
     lr_scheduler = make_lr_scheduler(optimizer, config.optim, config.train.max_train_steps, accelerator.num_processes)
     transformer, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
-    step = 0
-
-    # Checkpoints hold the LoRA (not the frozen base weights), optimizer, schedule and every
-    # process's RNG; the step inside them is also the data position (see trainer.batches).
-    def save_lora_only(models, weights, output_dir):
-        if main:
-            save_lora(accelerator.unwrap_model(models[0]), Path(output_dir), config, resolved.spec.name, step)
-        if weights:
-            weights.pop()
-
-    def load_lora_only(models, input_dir):
-        load_lora_into(accelerator.unwrap_model(models.pop()), Path(input_dir) / "pytorch_lora_weights.safetensors")
-
-    accelerator.register_save_state_pre_hook(save_lora_only)
-    accelerator.register_load_state_pre_hook(load_lora_only)
-
-    # 3. Resume.
-    if resume is not None:
-        try:
-            checkpoint = checkpoints.find_checkpoint(run_dir, resume)
-        except FileNotFoundError as error:
-            raise TrainError(str(error)) from None
-        accelerator.load_state(str(checkpoint))
-        step = checkpoints.read_state(checkpoint)["step"]
-        if main:
-            truncate_after(run_dir / "metrics.jsonl", step)
-            print(f"resumed from {checkpoint} at step {step}")
 
     validator = None
     if config.validation.prompts and main:
@@ -149,86 +139,163 @@ def train(
         )
     if config.logging.tensorboard:
         accelerator.init_trackers("slapgen", config={"rank": config.lora.rank, "lr": config.optim.learning_rate})
-    metrics = MetricsLog(run_dir / "metrics.jsonl", accelerator, enabled=main)
 
-    # 4. The loop.
-    order = BatchOrder(len(report.entries), config.train.batch_size, accelerator.num_processes,
-                       accelerator.process_index, config.train.seed)
-    accumulation = config.train.gradient_accumulation_steps
-    micro_step = step * accumulation
-    latent_frames = (config.data.num_frames - 1) // 4 + 1
-    rotary = rotary_embeddings(accelerator.unwrap_model(transformer).config, config.data.height, config.data.width,
-                               latent_frames, device)
-    transformer.train()
-    bar = tqdm(total=config.train.max_train_steps, initial=step, desc="train", unit="step", disable=not (progress and main))
+    factors = report.entries[0].vae_factors()
+    run = Run(
+        config=config,
+        dir=run_dir,
+        resolved=resolved,
+        accelerator=accelerator,
+        weight_dtype=weight_dtype,
+        entries=report.entries,
+        transformer=transformer,
+        noise_scheduler=noise_scheduler,
+        trainable=trainable,
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
+        order=BatchOrder(len(report.entries), config.train.batch_size, accelerator.num_processes,
+                         accelerator.process_index, config.train.seed),
+        rotary=rotary_embeddings(accelerator.unwrap_model(transformer).config, config.data.height, config.data.width,
+                                 latent_frames(config.data.num_frames, factors.temporal), device),
+        noise_generator=torch.Generator().manual_seed(config.train.seed * 1_000_003 + accelerator.process_index),
+        metrics=MetricsLog(run_dir / "metrics.jsonl", accelerator, enabled=main),
+        validator=validator,
+    )
+
+    # 3. Resume.
+    if resume is not None:
+        checkpoint = checkpoints.find_checkpoint(run_dir, resume)
+        load_checkpoint(run, checkpoint)
+        if main:
+            truncate_after(run_dir / "metrics.jsonl", run.step)
+            print(f"resumed from {checkpoint} at step {run.step}")
+    return run
+
+
+def train(
+    config: TrainConfig,
+    data_path: Path,
+    run_dir: Path,
+    resume: str | None = None,
+    stop_at_step: int | None = None,
+    progress: bool = True,
+) -> Path | None:
+    """Train a LoRA; returns the final adapter path (None when stopped early by `stop_at_step`)."""
+    from tqdm.auto import tqdm
+
+    run = setup(config, data_path, run_dir, resume, progress)
+    accelerator = run.accelerator
+    max_steps = config.train.max_train_steps
+    num_train_timesteps = run.noise_scheduler.config.num_train_timesteps
+    micro_step = run.step * config.train.gradient_accumulation_steps
+    run.transformer.train()
+    bar = tqdm(total=max_steps, initial=run.step, desc="train", unit="step", disable=not (progress and run.main))
     losses, started = [], time.perf_counter()
-    while step < config.train.max_train_steps:
-        batch = load_batch(report.entries, order.indices(micro_step), device, torch.float32)
-        with accelerator.accumulate(transformer):
-            latents = sample_latents(batch["latent_mean"], batch["latent_logvar"], vae_config["scaling_factor"])
+    while run.step < max_steps:
+        batch = load_batch(run.entries, run.order.indices(micro_step), accelerator.device)
+        draws = draw_noise(batch, num_train_timesteps, run.noise_generator)
+        with accelerator.accumulate(run.transformer):
             with accelerator.autocast():
-                loss = diffusion_loss(transformer, noise_scheduler, latents.to(weight_dtype),
-                                      batch["prompt_embeds"].to(weight_dtype), rotary)
+                loss = training_step(run.transformer, run.noise_scheduler, batch, draws, run.rotary, run.weight_dtype)
             accelerator.backward(loss)
             grad_norm = None
             if accelerator.sync_gradients:
-                grad_norm = accelerator.clip_grad_norm_(trainable, config.optim.max_grad_norm)
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+                grad_norm = accelerator.clip_grad_norm_(run.trainable, config.optim.max_grad_norm)
+            run.optimizer.step()
+            run.lr_scheduler.step()
+            run.optimizer.zero_grad(set_to_none=True)
         losses.append(accelerator.gather(loss.detach()).mean().item())
         micro_step += 1
         if not accelerator.sync_gradients:
             continue
 
-        step += 1
-        step_time = time.perf_counter() - started
+        run.step += 1
         values = {
             "loss": sum(losses) / len(losses),
-            "lr": lr_scheduler.get_last_lr()[0],
+            "lr": run.lr_scheduler.get_last_lr()[0],
             "grad_norm": float(grad_norm),
-            "step_time_s": step_time,
-            "peak_memory_mb": peak_memory_mb(device),
+            "step_time_s": time.perf_counter() - started,
+            "peak_memory_mb": peak_memory_mb(accelerator.device),
         }
-        if step % config.logging.every_steps == 0 or step == config.train.max_train_steps:
-            metrics.write(step, values)
+        if run.step % config.logging.every_steps == 0 or run.step == max_steps:
+            run.metrics.write(run.step, values)
         bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}")
         bar.update(1)
         losses = []
 
-        if step % config.checkpoint.every_steps == 0 or step == config.train.max_train_steps or step == stop_at_step:
-            _save_checkpoint(accelerator, run_dir, step, config.checkpoint.keep_last)
-        if validator is not None and step % config.validation.every_steps == 0:
-            validator.run(accelerator.unwrap_model(transformer), step, accelerator.autocast)
+        if run.step % config.checkpoint.every_steps == 0 or run.step in (max_steps, stop_at_step):
+            save_checkpoint(run)
+        if run.validator is not None and run.step % config.validation.every_steps == 0:
+            run.validator.run(accelerator.unwrap_model(run.transformer), run.step, accelerator.autocast)
         accelerator.wait_for_everyone()
         started = time.perf_counter()
-        if stop_at_step is not None and step >= stop_at_step and step < config.train.max_train_steps:
+        if stop_at_step is not None and stop_at_step <= run.step < max_steps:
             bar.close()
             accelerator.end_training()
-            if main:
-                print(f"stopped at step {step}; continue with --resume latest")
+            if run.main:
+                print(f"stopped at step {run.step}; continue with --resume latest")
             return None
     bar.close()
 
-    # 5. The adapter.
+    # The adapter.
     final = None
-    if main:
-        final = save_lora(accelerator.unwrap_model(transformer), run_dir, config, resolved.spec.name, step)
+    if run.main:
+        final = save_lora(accelerator.unwrap_model(run.transformer), run.dir, config, run.resolved.spec.name, run.step)
         print(f"LoRA written to {final}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return final
 
 
-def _save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, keep_last: int) -> None:
-    target = checkpoints.checkpoint_dir(run_dir, step)
-    accelerator.save_state(str(target))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        # Written last: a checkpoint without its state file is incomplete and never resumed from.
-        checkpoints.write_state(target, {"step": step})
-        checkpoints.prune(run_dir, keep_last)
-    accelerator.wait_for_everyone()
+OPTIMIZER_FILE = "optimizer.pt"
+SCHEDULER_FILE = "scheduler.pt"
 
 
-__all__ = ["TrainError", "train"]
+def _rng_file(process_index: int) -> str:
+    return f"rng-{process_index}.pt"
+
+
+def save_checkpoint(run: Run) -> Path:
+    """checkpoints/checkpoint-NNNNNN: the LoRA, optimizer and schedule (main process) and every process's
+    random state; the state file, written last, marks it complete. Older ones beyond keep_last go."""
+    accelerator = run.accelerator
+    folder = checkpoints.checkpoint_dir(run.dir, run.step)
+    rng = {"torch": torch.get_rng_state(), "noise": run.noise_generator.get_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    _save(rng, folder / _rng_file(accelerator.process_index))
+    if run.main:
+        save_lora(accelerator.unwrap_model(run.transformer), folder, run.config, run.resolved.spec.name, run.step)
+        _save(run.optimizer.state_dict(), folder / OPTIMIZER_FILE)
+        _save(run.lr_scheduler.state_dict(), folder / SCHEDULER_FILE)
+    accelerator.wait_for_everyone()
+    if run.main:
+        checkpoints.write_state(folder, {"step": run.step, "processes": accelerator.num_processes})
+        checkpoints.prune(run.dir, run.config.checkpoint.keep_last)
+    accelerator.wait_for_everyone()
+    return folder
+
+
+def load_checkpoint(run: Run, folder: Path) -> None:
+    state = checkpoints.read_state(folder)
+    processes = state.get("processes", 1)
+    if processes != run.accelerator.num_processes:
+        raise TrainError(f"{folder} was saved by {processes} processes; resume it with as many "
+                         f"(this run has {run.accelerator.num_processes})")
+    load_lora_into(run.accelerator.unwrap_model(run.transformer), folder / LORA_FILENAME)
+    run.optimizer.load_state_dict(torch.load(folder / OPTIMIZER_FILE, map_location="cpu", weights_only=True))
+    run.lr_scheduler.load_state_dict(torch.load(folder / SCHEDULER_FILE, map_location="cpu", weights_only=True))
+    rng = torch.load(folder / _rng_file(run.accelerator.process_index), weights_only=True)
+    torch.set_rng_state(rng["torch"])
+    run.noise_generator.set_state(rng["noise"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    run.step = state["step"]
+
+
+def _save(obj, path: Path) -> None:
+    with atomic_path(path) as staging:
+        torch.save(obj, staging)
+
+
+__all__ = ["Run", "TrainError", "load_checkpoint", "save_checkpoint", "setup", "train"]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from runtime.video import write_mp4
+from slapgen.video import write_mp4
 from trainer.config import DataConfig, ValidationConfig
 
 

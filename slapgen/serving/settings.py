@@ -1,12 +1,17 @@
-"""Service settings, read once from `SLAP_*` environment variables."""
+"""Service settings, read once from `SLAP_*` environment variables at the service's edge; a bad value
+becomes one sentence naming the variable."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from slapgen.engine.params import EngineOptions
+from slapgen.errors import SettingsError
+from slapgen.models.loading import default_cache_dir
 
 DEFAULT_MODEL = "THUDM/CogVideoX-5b"
 
@@ -22,7 +27,7 @@ class SlapSettings(BaseSettings):
         description="hub id (THUDM/CogVideoX-5b, THUDM/CogVideoX-2b), local pipeline folder, or `tiny`",
     )
     cache_dir: Path = Field(
-        Path.home() / ".cache" / "slapgen",
+        default_factory=default_cache_dir,
         description="where the tiny model is materialised",
     )
     device: Literal["auto", "cpu", "cuda"] = Field(
@@ -42,10 +47,14 @@ class SlapSettings(BaseSettings):
         "auto", description="torchao quantisation of the transformer's linear layers; auto = fp8 on a capable GPU"
     )
     compile: bool = Field(False, description="torch.compile the transformer and warm it up before reporting ready")
-    adapters_dir: Path = Field(
-        Path.home() / ".cache" / "slapgen" / "adapters", description="LoRA adapters: NAME.safetensors or NAME/ folders"
+    adapters_dir: Path | None = Field(
+        None, description="LoRA adapters: NAME.safetensors or NAME/ folders (default: SLAP_CACHE_DIR/adapters)"
     )
-    max_lora_rank: int = Field(128, ge=1, le=1024, description="highest adapter rank the hot-swap slot holds")
+    max_lora_rank: int | Literal["auto"] = Field(
+        "auto",
+        description="highest adapter rank the hot-swap slot holds; auto: the largest adapter in SLAP_ADAPTERS_DIR "
+        "at start-up, at least 128",
+    )
     lora_target_modules: str = Field(
         "to_q,to_k,to_v,to_out.0", pattern=r"^[\w.]+(,[\w.]+)*$", description="modules adapters may target"
     )
@@ -59,8 +68,36 @@ class SlapSettings(BaseSettings):
     def _empty_token_is_unset(cls, value):
         return value or None
 
+    @field_validator("max_lora_rank")
+    @classmethod
+    def _rank_in_range(cls, value):
+        if value != "auto" and not 1 <= value <= 1024:
+            raise ValueError("must be auto or a rank from 1 to 1024")
+        return value
+
+    @model_validator(mode="after")
+    def _adapters_under_the_cache(self) -> "SlapSettings":
+        if self.adapters_dir is None:
+            self.adapters_dir = self.cache_dir / "adapters"
+        return self
+
     def target_modules(self) -> list[str]:
         return self.lora_target_modules.split(",")
+
+    def engine_options(self) -> EngineOptions:
+        from slapgen.engine.quantization import choose_quantization
+
+        device = self.resolved_device()
+        return EngineOptions(
+            device=device,
+            offload=self.offload,
+            quantization=choose_quantization(self.quant, device),
+            compile=self.compile,
+            adapters_dir=self.adapters_dir,
+            max_lora_rank=None if self.max_lora_rank == "auto" else self.max_lora_rank,
+            lora_target_modules=tuple(self.target_modules()),
+            adapter_cache_size=self.adapter_cache_size,
+        )
 
     def resolved_device(self) -> str:
         if self.device != "auto":
@@ -68,3 +105,14 @@ class SlapSettings(BaseSettings):
         import torch
 
         return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_settings() -> SlapSettings:
+    try:
+        return SlapSettings()
+    except ValidationError as error:
+        problems = "; ".join(
+            f"SLAP_{'_'.join(str(part) for part in issue['loc'][:1]).upper()}: {issue['msg']}"
+            for issue in error.errors()
+        )
+        raise SettingsError(f"invalid settings: {problems}.") from None

@@ -1,4 +1,4 @@
-"""The published CogVideoX-5B component configs, for building randomly initialised full-size models.
+"""The published CogVideoX component configs, for building randomly initialised full-size models.
 
 Weights are not needed to measure speed and memory, and they cannot be downloaded on every
 machine; these configs give the real shapes (42 layers, 48 heads x 64, 16 latent channels,
@@ -54,6 +54,9 @@ COGVIDEOX_5B_VAE = dict(
     use_quant_conv=False,
     use_post_quant_conv=False,
 )
+
+# CogVideoX-2B's VAE has the same shape; only its latent scaling factor differs.
+COGVIDEOX_2B_VAE = {**COGVIDEOX_5B_VAE, "scaling_factor": 1.15258426}
 
 # google/t5-v1_1-xxl, the text encoder of every CogVideoX.
 T5_V1_1_XXL = dict(

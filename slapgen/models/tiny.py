@@ -8,9 +8,6 @@ attention module names (`to_q`, `to_k`, `to_v`, `to_out.0`) for LoRA, the 5B sch
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -18,7 +15,10 @@ from diffusers import AutoencoderKLCogVideoX, CogVideoXDPMScheduler, CogVideoXPi
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
 
-from runtime.specs import ModelSpec
+from slapgen.atomic import atomic_path
+from slapgen.models.cogvideox import PATCH_SIZE, SPATIAL_COMPRESSION, TEMPORAL_COMPRESSION
+from slapgen.models.reference_configs import COGVIDEOX_5B_VAE
+from slapgen.models.specs import ModelSpec
 
 TINY_MODEL_NAME = "tiny"
 # Bump when anything below changes so a stale cached folder is never reused.
@@ -100,11 +100,11 @@ def _build_transformer() -> CogVideoXTransformer3DModel:
         text_embed_dim=32,
         time_embed_dim=16,
         num_layers=2,
-        sample_height=TINY_SPEC.height // 8,
-        sample_width=TINY_SPEC.width // 8,
+        sample_height=TINY_SPEC.height // SPATIAL_COMPRESSION,
+        sample_width=TINY_SPEC.width // SPATIAL_COMPRESSION,
         sample_frames=TINY_SPEC.max_num_frames,
-        patch_size=2,
-        temporal_compression_ratio=4,
+        patch_size=PATCH_SIZE,
+        temporal_compression_ratio=TEMPORAL_COMPRESSION,
         max_text_seq_length=TINY_SPEC.max_sequence_length,
         spatial_interpolation_scale=1.875,
         temporal_interpolation_scale=1.0,
@@ -113,18 +113,19 @@ def _build_transformer() -> CogVideoXTransformer3DModel:
     )
 
 
-def _build_vae() -> AutoencoderKLCogVideoX:
+def _build_vae(scaling_factor: float) -> AutoencoderKLCogVideoX:
+    # The 5B VAE's block layout (so its spatial and temporal factors), with narrow channels.
     return AutoencoderKLCogVideoX(
         in_channels=3,
         out_channels=3,
-        down_block_types=("CogVideoXDownBlock3D",) * 4,
-        up_block_types=("CogVideoXUpBlock3D",) * 4,
-        block_out_channels=(8, 8, 8, 8),
+        down_block_types=COGVIDEOX_5B_VAE["down_block_types"],
+        up_block_types=COGVIDEOX_5B_VAE["up_block_types"],
+        block_out_channels=(8,) * len(COGVIDEOX_5B_VAE["block_out_channels"]),
         latent_channels=4,
         layers_per_block=1,
         norm_num_groups=2,
-        temporal_compression_ratio=4,
-        scaling_factor=0.7,  # CogVideoX-5B's value
+        temporal_compression_ratio=COGVIDEOX_5B_VAE["temporal_compression_ratio"],
+        scaling_factor=scaling_factor,
     )
 
 
@@ -144,40 +145,40 @@ def _build_scheduler() -> CogVideoXDPMScheduler:
     )
 
 
-def build_tiny_pipeline(seed: int = TINY_SEED) -> CogVideoXPipeline:
-    """Build the tiny pipeline in memory; the same seed always gives the same weights."""
+def build_tiny_pipeline(seed: int = TINY_SEED,
+                        vae_scaling_factor: float = COGVIDEOX_5B_VAE["scaling_factor"]) -> CogVideoXPipeline:
+    """Build the tiny pipeline in memory; the same seed always gives the same weights.
+    `vae_scaling_factor` is CogVideoX-5B's unless a test needs another model's (2B)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         tokenizer = _build_tokenizer()
         return CogVideoXPipeline(
             tokenizer=tokenizer,
             text_encoder=_build_text_encoder(len(tokenizer)).eval(),
-            vae=_build_vae().eval(),
+            vae=_build_vae(vae_scaling_factor).eval(),
             transformer=_build_transformer().eval(),
             scheduler=_build_scheduler(),
         )
 
 
-def materialise_tiny_model(cache_dir: Path) -> Path:
-    """Write the tiny pipeline as a diffusers folder under `cache_dir` once; return its path.
-
-    Written to a temporary sibling and renamed into place, so an interrupted run never leaves a
-    half-written model behind and concurrent callers never see one.
-    """
-    target = Path(cache_dir).expanduser() / TINY_VERSION
-    if (target / "model_index.json").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{TINY_VERSION}-", dir=target.parent))
+def write_tiny_model(folder: Path, spec: ModelSpec = TINY_SPEC, **build: float) -> Path:
+    """Write a tiny pipeline (with `spec` as its slap_spec.json) to `folder` as a diffusers folder,
+    atomically: an interrupted write never leaves a half-written model behind."""
+    folder = Path(folder)
     try:
-        build_tiny_pipeline().save_pretrained(staging, safe_serialization=True)
-        TINY_SPEC.save(staging)
-        try:
-            os.replace(staging, target)
-        except OSError:
-            if not (target / "model_index.json").is_file():
-                raise
-            # Another process finished first; its copy is identical.
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        with atomic_path(folder) as staging:
+            build_tiny_pipeline(**build).save_pretrained(staging, safe_serialization=True)
+            spec.save(staging)
+    except OSError:
+        if not (folder / "model_index.json").is_file():
+            raise
+        # Another process finished first; its copy is identical.
+    return folder
+
+
+def materialise_tiny_model(cache_dir: Path) -> Path:
+    """Write the tiny pipeline under `cache_dir` once; return its folder."""
+    target = Path(cache_dir).expanduser() / TINY_VERSION
+    if not (target / "model_index.json").is_file():
+        write_tiny_model(target)
     return target

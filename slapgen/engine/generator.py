@@ -1,9 +1,10 @@
 """Owns one loaded pipeline and runs generations on it one at a time, in arrival order.
 
-Start-up (`VideoGenerator.load`): load the pipeline, add the hot-swap LoRA slot, place it, quantise
-the transformer, compile it and warm it up. A generation switches the slot to the request's
-adapter under the same lock as the denoising loop, so a swap never lands mid-generation; the lock
-is first-come first-served, so a request waits for at most one swap per request ahead of it.
+Start-up (`VideoGenerator.load`): load the pipeline, add the hot-swap LoRA slot (sized from the
+adapters present unless fixed), place it, quantise the transformer, compile it and warm it up. A
+generation switches the slot to the request's adapter under the same lock as the denoising loop, so
+a swap never lands mid-generation; the lock is first-come first-served, so a request waits for at
+most one swap per request ahead of it.
 """
 
 from __future__ import annotations
@@ -16,18 +17,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from runtime.adapters import AdapterError, AdapterStore, AdapterTarget, LoadedAdapter
-from runtime.compiling import CompiledTransformer
-from runtime.loading import ResolvedModel, load_pipeline
-from runtime.lora_slot import LoraSlot
-from runtime.optimize import place_pipeline
-from runtime.quantization import choose_quantization, quantize_transformer
-from runtime.requests import GenerationParams, field_error
-from runtime.settings import SlapSettings
-from runtime.specs import ModelSpec
-from runtime.video import write_mp4
+from slapgen.engine.adapters import AdapterStore, AdapterTarget, LoadedAdapter, largest_rank_in
+from slapgen.engine.compiling import CompiledTransformer
+from slapgen.engine.lora_slot import LoraSlot, lora_modules
+from slapgen.engine.params import EngineOptions, GenerationParams
+from slapgen.engine.placement import place_pipeline
+from slapgen.engine.quantization import choose_quantization, quantize_transformer
+from slapgen.models.loading import ResolvedModel, load_pipeline
+from slapgen.models.specs import ModelSpec
+from slapgen.video import write_mp4
 
 StepCallback = Callable[[int, int], None]  # (steps done, total steps)
+# The slot holds at least this rank, so adapters up to it can be uploaded after start-up.
+DEFAULT_SLOT_RANK = 128
+MAX_SLOT_RANK = 1024
 
 
 class FifoLock:
@@ -57,6 +60,16 @@ class FifoLock:
             return max(0, self._next_ticket - self._serving - 1)
 
 
+def slot_rank_for(options: EngineOptions, model_name: str, modules: dict[str, tuple[int, int]]) -> int:
+    """`max_lora_rank` when set; otherwise the largest adapter rank in the folder, at least the default.
+
+    Every adapter pays for the slot's rank at every step, so the slot is only as big as what is served."""
+    if options.max_lora_rank is not None:
+        return options.max_lora_rank
+    present = largest_rank_in(options.adapters_dir, AdapterTarget(model_name, modules, MAX_SLOT_RANK))
+    return min(max(DEFAULT_SLOT_RANK, present), MAX_SLOT_RANK)
+
+
 class VideoGenerator:
     def __init__(self, pipeline, spec: ModelSpec, device: str, slot: LoraSlot, adapters: AdapterStore,
                  quantization: str = "none", compiled: CompiledTransformer | None = None):
@@ -70,20 +83,20 @@ class VideoGenerator:
         self._lock = FifoLock()
 
     @classmethod
-    def load(cls, resolved: ResolvedModel, settings: SlapSettings) -> "VideoGenerator":
-        device = settings.resolved_device()
-        quantization = choose_quantization(settings.quant, device)  # before the slow load: fail fast
+    def load(cls, resolved: ResolvedModel, options: EngineOptions) -> "VideoGenerator":
+        quantization = choose_quantization(options.quantization, options.device)  # before the slow load: fail fast
         pipeline = load_pipeline(resolved)
-        slot = LoraSlot(pipeline, settings.max_lora_rank, settings.target_modules())
-        place_pipeline(pipeline, device, settings.offload)
+        modules = lora_modules(pipeline.transformer, options.lora_target_modules)
+        slot = LoraSlot(pipeline, slot_rank_for(options, resolved.spec.name, modules), options.lora_target_modules)
+        place_pipeline(pipeline, options.device, options.offload)
         quantize_transformer(pipeline.transformer, quantization)
         compiled = None
-        if settings.compile:
+        if options.compile:
             compiled = CompiledTransformer()
             compiled.compile(pipeline)
-        target = AdapterTarget(resolved.spec.name, slot.modules, settings.max_lora_rank)
-        adapters = AdapterStore(settings.adapters_dir, target, settings.adapter_cache_size)
-        generator = cls(pipeline, resolved.spec, device, slot, adapters, quantization, compiled)
+        target = AdapterTarget(resolved.spec.name, slot.modules, slot.max_rank)
+        adapters = AdapterStore(options.adapters_dir, target, options.adapter_cache_size)
+        generator = cls(pipeline, resolved.spec, options.device, slot, adapters, quantization, compiled)
         if compiled is not None:
             generator.warm_up()
         return generator
@@ -91,8 +104,7 @@ class VideoGenerator:
     def warm_up(self) -> float:
         """One short generation at the default size, so compilation happens before the first user request."""
         started = time.perf_counter()
-        params = GenerationParams.defaults_for(self.spec, num_inference_steps=2)
-        self.generate_frames(params)
+        self.generate_frames(GenerationParams.defaults_for(self.spec, num_inference_steps=2))
         if self.compiled is not None:
             self.compiled.mark_warm()
         return time.perf_counter() - started
@@ -111,17 +123,15 @@ class VideoGenerator:
             "compiled": self.compiled is not None,
             "adapter": self.slot.active,
             "adapter_swaps": self.slot.swaps,
+            "max_lora_rank": self.slot.max_rank,
             "recompilations": self.compiled.recompilations if self.compiled else 0,
             "queue": self.queue_length,
         }
 
     def generate_frames(self, params: GenerationParams, on_step: StepCallback | None = None) -> np.ndarray:
-        """Run the pipeline; returns float frames in [0, 1] shaped (F, H, W, 3)."""
+        """Run the pipeline; returns float frames in [0, 1] shaped (F, H, W, 3). Raises AdapterError."""
         # Read the adapter (disk or LRU) before queueing, so disk I/O never holds the pipeline.
-        try:
-            adapter: LoadedAdapter | None = self.adapters.get(params.adapter) if params.adapter else None
-        except AdapterError as error:  # e.g. a bad file copied into the folder by hand
-            raise field_error("adapter", str(error), params.adapter) from None
+        adapter: LoadedAdapter | None = self.adapters.get(params.adapter) if params.adapter else None
 
         def report_step(pipeline, index, timestep, tensors):
             if on_step is not None:
@@ -134,7 +144,7 @@ class VideoGenerator:
             generator = torch.Generator("cpu").manual_seed(params.seed)
             with torch.inference_mode():
                 output = self.pipeline(
-                    **params.pipeline_kwargs(), generator=generator, output_type="np", return_dict=True,
+                    **params.pipeline_arguments(), generator=generator, output_type="np", return_dict=True,
                     callback_on_step_end=report_step,
                 )
         return np.asarray(output.frames[0])

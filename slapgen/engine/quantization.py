@@ -11,14 +11,10 @@ from typing import Literal
 
 import torch
 
-from runtime.errors import ModelUnavailableError
+from slapgen.errors import QuantizationUnavailableError
 
 Quantization = Literal["fp8", "fp8-weight", "int8", "none"]
 FP8_MIN_CAPABILITY = (8, 9)  # Ada / Hopper: float8 tensor cores
-
-
-class QuantizationUnavailableError(ModelUnavailableError):
-    """The requested quantisation cannot run on this device."""
 
 
 def fp8_capable(device: str) -> bool:

@@ -7,6 +7,9 @@ Starlette app that `service.py` mounts next to its own routes.
     DELETE /adapters/{name}
     GET    /templates            prompt templates with their slots
     GET    /jobs/progress        ?task_id=... -> state, step k of N, error
+
+Disk work (listing, validating, writing, deleting adapters) runs in a worker thread, never on the
+event loop. Errors answer slapgen's one JSON shape (`slapgen.serving.http_errors`).
 """
 
 from __future__ import annotations
@@ -15,13 +18,16 @@ import hmac
 from collections.abc import Callable
 
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from prompts import PromptLibrary
-from runtime.adapters import MAX_ADAPTER_BYTES, AdapterError
-from runtime.jobs import JobBoard
+from slapgen.engine.adapters import MAX_ADAPTER_BYTES
+from slapgen.errors import SlapgenError
+from slapgen.serving.http_errors import error_response, plain_error
+from slapgen.serving.jobs import JobBoard
 
 
 def build_routes(
@@ -29,16 +35,13 @@ def build_routes(
 ) -> Starlette:
     """`generator` returns the running VideoGenerator (it exists only once the worker has started)."""
 
-    def error(status: int, message: str) -> JSONResponse:
-        return JSONResponse({"error": message}, status_code=status)
-
     def authorised(request: Request) -> JSONResponse | None:
         """None when the request may change adapters; otherwise the response to send."""
         if api_token is None:
-            return error(403, "adapter upload and delete are disabled: set SLAP_API_TOKEN to enable them")
+            return plain_error(403, "adapter upload and delete are disabled: set SLAP_API_TOKEN to enable them")
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), api_token.encode()):
-            return error(401, "missing or wrong bearer token (Authorization: Bearer <SLAP_API_TOKEN>)")
+            return plain_error(401, "missing or wrong bearer token (Authorization: Bearer <SLAP_API_TOKEN>)")
         return None
 
     async def info(request: Request) -> JSONResponse:
@@ -46,8 +49,9 @@ def build_routes(
 
     async def list_adapters(request: Request) -> JSONResponse:
         running = generator()
+        described = await run_in_threadpool(running.adapters.describe)
         return JSONResponse({
-            "adapters": running.adapters.describe(),
+            "adapters": described,
             "loaded": running.slot.active,
             "in_memory": running.adapters.cached_names(),
             "max_rank": running.adapters.target.max_rank,
@@ -58,19 +62,19 @@ def build_routes(
             return denied
         declared = int(request.headers.get("content-length") or 0)
         if declared > MAX_ADAPTER_BYTES + 1024**2:
-            return error(413, f"upload is larger than {MAX_ADAPTER_BYTES // 1024**3} GiB")
+            return plain_error(413, f"upload is larger than {MAX_ADAPTER_BYTES // 1024**3} GiB", "file")
         try:
             form = await request.form(max_files=1, max_fields=2)
         except Exception as exc:  # malformed multipart: starlette raises several kinds
-            return error(400, f"expected multipart/form-data with fields name and file ({exc})")
+            return plain_error(400, f"expected multipart/form-data with fields name and file ({exc})")
         name, upload = form.get("name"), form.get("file")
         if not isinstance(name, str) or upload is None or isinstance(upload, str):
-            return error(400, "expected multipart/form-data with a text field name and a file field file")
+            return plain_error(400, "expected multipart/form-data with a text field name and a file field file")
         data = await upload.read()
         try:
-            adapter = generator().adapters.add(name, data)
-        except AdapterError as exc:
-            return error(exc.status, str(exc))
+            adapter = await run_in_threadpool(generator().adapters.add, name, data)
+        except SlapgenError as exc:
+            return error_response(exc)
         return JSONResponse(adapter.info(), status_code=201)
 
     async def delete_adapter(request: Request) -> JSONResponse:
@@ -78,9 +82,9 @@ def build_routes(
             return denied
         name = request.path_params["name"]
         try:
-            generator().adapters.remove(name)
-        except AdapterError as exc:
-            return error(exc.status, str(exc))
+            await run_in_threadpool(generator().adapters.remove, name)
+        except SlapgenError as exc:
+            return error_response(exc)
         return JSONResponse({"deleted": name})
 
     async def templates(request: Request) -> JSONResponse:
@@ -89,10 +93,10 @@ def build_routes(
     async def job_progress(request: Request) -> JSONResponse:
         task_id = request.query_params.get("task_id")
         if not task_id:
-            return error(400, "task_id is required")
+            return plain_error(400, "task_id is required", "task_id")
         progress = jobs.get(task_id)
         if progress is None:
-            return error(404, f"no job {task_id} has started here; /jobs/status tells whether it exists")
+            return plain_error(404, f"no job {task_id} has started here; /jobs/status tells whether it exists", "task_id")
         return JSONResponse(progress)
 
     return Starlette(routes=[

@@ -11,38 +11,36 @@ from __future__ import annotations
 
 import torch
 
-from runtime.adapters import LoadedAdapter
+from slapgen.engine.adapters import LoadedAdapter
 
 SLOT_NAME = "slot"
 
 
-def lora_target_names(transformer: torch.nn.Module, target_modules: list[str]) -> list[str]:
-    """Names of the transformer's linear layers that a LoRA with `target_modules` attaches to."""
-    return [
-        name
+def lora_modules(transformer: torch.nn.Module, target_modules: list[str] | tuple[str, ...]) -> dict[str, tuple[int, int]]:
+    """The transformer's linear layers a LoRA with `target_modules` attaches to: name -> (in, out) features."""
+    return {
+        name: (module.in_features, module.out_features)
         for name, module in transformer.named_modules()
         if isinstance(module, torch.nn.Linear) and any(name == t or name.endswith(f".{t}") for t in target_modules)
-    ]
+    }
 
 
 class LoraSlot:
-    def __init__(self, pipeline, max_rank: int, target_modules: list[str]):
+    def __init__(self, pipeline, max_rank: int, target_modules: list[str] | tuple[str, ...]):
         transformer = pipeline.transformer
         self.pipeline = pipeline
         self.max_rank = max_rank
         self._loaded: LoadedAdapter | None = None  # whose weights are in the slot
         self.active: str | None = None  # adapter in effect (None: base model)
         self.swaps = 0
-        zero_adapter = {}
         # module name -> (in, out) features: what an adapter may target (checked on upload).
-        self.modules: dict[str, tuple[int, int]] = {}
-        for name in lora_target_names(transformer, target_modules):
-            layer = transformer.get_submodule(name)
-            self.modules[name] = (layer.in_features, layer.out_features)
-            zero_adapter[f"transformer.{name}.lora_A.weight"] = torch.zeros(max_rank, layer.in_features)
-            zero_adapter[f"transformer.{name}.lora_B.weight"] = torch.zeros(layer.out_features, max_rank)
-        if not zero_adapter:
-            raise ValueError(f"the transformer has no layers named {target_modules} to hold a LoRA")
+        self.modules = lora_modules(transformer, target_modules)
+        if not self.modules:
+            raise ValueError(f"the transformer has no layers named {list(target_modules)} to hold a LoRA")
+        zero_adapter = {}
+        for name, (in_features, out_features) in self.modules.items():
+            zero_adapter[f"transformer.{name}.lora_A.weight"] = torch.zeros(max_rank, in_features)
+            zero_adapter[f"transformer.{name}.lora_B.weight"] = torch.zeros(out_features, max_rank)
         pipeline.enable_lora_hotswap(target_rank=max_rank)
         transformer.load_lora_adapter(zero_adapter, prefix="transformer", adapter_name=SLOT_NAME)
         self._layers = [m for m in transformer.modules() if SLOT_NAME in getattr(m, "scaling", {})]

@@ -1,1 +1,0 @@
-"""Shared runtime for the slapgen service and trainer: model specs, loading, the tiny model, video I/O."""

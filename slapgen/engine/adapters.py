@@ -1,0 +1,271 @@
+"""The adapter folder (`SLAP_ADAPTERS_DIR`): listing, validation, upload, delete, and an LRU of
+adapters held in CPU memory so switching back to a recent adapter never re-reads the disk.
+
+An adapter is one `NAME.safetensors` file or one diffusers LoRA folder `NAME/` holding
+`pytorch_lora_weights.safetensors`, in diffusers' LoRA format (`slapgen.models.lora_format`, what
+`slapgen train` writes). Validation happens before anything is written, so a bad upload leaves the
+folder untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load
+
+from slapgen.atomic import atomic_write_bytes
+from slapgen.errors import AdapterError, AdapterExistsError, AdapterNotFoundError, AdapterTooLargeError
+from slapgen.models import lora_format
+from slapgen.models.lora_format import DIFFUSERS_METADATA_KEY, KEY_PATTERN, WEIGHTS_FILE, HeaderError, parse_header
+
+ADAPTER_NAME_PATTERN = re.compile(r"^[a-z0-9_-]{1,64}$")
+MAX_ADAPTER_BYTES = 2 * 1024**3
+
+
+@dataclass(frozen=True)
+class AdapterTarget:
+    """What the running model accepts: LoRA-able modules with their (in, out) features, and the
+    highest rank its slot holds."""
+
+    model_name: str
+    modules: dict[str, tuple[int, int]]
+    max_rank: int
+
+
+@dataclass(frozen=True)
+class LoadedAdapter:
+    name: str
+    state_dict: dict[str, torch.Tensor] = field(repr=False)
+    metadata: dict[str, str]
+    rank: int
+
+    @property
+    def diffusers_metadata(self) -> dict | None:
+        raw = self.metadata.get(DIFFUSERS_METADATA_KEY)
+        return json.loads(raw) if raw else None
+
+    def info(self) -> dict:
+        return adapter_info(self.name, self.metadata, self.rank)
+
+
+def adapter_info(name: str, metadata: dict[str, str], rank: int) -> dict:
+    """What `GET /adapters` shows for one adapter; needs only the file's header."""
+    peft = lora_format.peft_metadata(metadata)
+    alpha = metadata.get(lora_format.ALPHA_KEY) or peft.get("lora_alpha") or rank
+    steps = metadata.get(lora_format.STEPS_KEY)
+    if lora_format.TARGET_MODULES_KEY in metadata:
+        targets = metadata[lora_format.TARGET_MODULES_KEY].split(",")
+    else:
+        targets = peft.get("target_modules")
+    return {
+        "name": name,
+        "rank": rank,
+        "alpha": float(alpha),
+        "base_model": metadata.get(lora_format.BASE_MODEL_KEY),
+        "steps": int(steps) if steps else None,
+        "target_modules": sorted(targets) if targets else None,
+    }
+
+
+def check_name(name: str, field: str = "adapter") -> str:
+    if not isinstance(name, str) or not ADAPTER_NAME_PATTERN.match(name):
+        raise AdapterError(f"adapter name {name!r} must be 1-64 characters of a-z, 0-9, _ or -", field=field)
+    return name
+
+
+def _same_model(declared: str, running: str) -> bool:
+    """`THUDM/CogVideoX-5b` matches a local folder named `CogVideoX-5b`."""
+    tail = lambda s: s.rstrip("/").rsplit("/", 1)[-1].lower()  # noqa: E731
+    return tail(declared) == tail(running)
+
+
+def read_header(head: bytes, name: str) -> tuple[dict[str, list[int]], dict[str, str]]:
+    try:
+        return parse_header(head)
+    except HeaderError as error:
+        raise AdapterError(f"adapter {name} is not a readable safetensors file ({error})", field="adapter") from None
+
+
+def adapter_rank(name: str, shapes: dict[str, list[int]], target: AdapterTarget) -> int:
+    """The rank of an adapter whose keys, shapes and per-module ranks fit the running model; the
+    slot's rank limit is not checked here."""
+    if not shapes:
+        raise AdapterError(f"adapter {name} holds no tensors", field="adapter")
+    module_ranks: dict[str, dict[str, int]] = {}
+    for key, shape in shapes.items():
+        match = KEY_PATTERN.match(key)
+        if match is None:
+            raise AdapterError(
+                f"adapter {name}: {key} is not a diffusers transformer LoRA key (transformer.<module>.lora_A/B.weight)",
+                field="adapter")
+        module, part = match["module"], match["part"]
+        if module not in target.modules:
+            raise AdapterError(f"adapter {name}: {module} is not a LoRA-able module of {target.model_name}", field="adapter")
+        if len(shape) != 2:
+            raise AdapterError(f"adapter {name}: {key} must be a matrix", field="adapter")
+        in_features, out_features = target.modules[module]
+        rank, features = (shape[0], shape[1]) if part == "A" else (shape[1], shape[0])
+        expected = in_features if part == "A" else out_features
+        if features != expected:
+            raise AdapterError(f"adapter {name}: {key} has {features} features, {target.model_name} needs {expected}",
+                               field="adapter")
+        if rank < 1:
+            raise AdapterError(f"adapter {name}: {key} has rank 0", field="adapter")
+        module_ranks.setdefault(module, {})[part] = rank
+    for module, parts in module_ranks.items():
+        if set(parts) != {"A", "B"}:
+            missing = ({"A", "B"} - set(parts)).pop()
+            raise AdapterError(f"adapter {name}: {module} has no lora_{missing} weight", field="adapter")
+        if parts["A"] != parts["B"]:
+            raise AdapterError(f"adapter {name}: {module} has lora_A of rank {parts['A']} but lora_B of rank {parts['B']}",
+                               field="adapter")
+    return max(parts["A"] for parts in module_ranks.values())
+
+
+def check_adapter(name: str, shapes: dict[str, list[int]], metadata: dict[str, str], target: AdapterTarget) -> int:
+    """Validate an adapter's header against the running model; returns its rank. Raises AdapterError."""
+    rank = adapter_rank(name, shapes, target)
+    if rank > target.max_rank:
+        raise AdapterError(
+            f"adapter {name} has rank {rank}, above the LoRA slot's rank {target.max_rank}; the slot is sized at "
+            f"start-up from the adapters in SLAP_ADAPTERS_DIR, so put it there and restart, or set "
+            f"SLAP_MAX_LORA_RANK={rank}", field="adapter")
+    try:
+        lora_format.peft_metadata(metadata)
+    except ValueError:
+        raise AdapterError(f"adapter {name}: metadata {DIFFUSERS_METADATA_KEY} is not a JSON object", field="adapter") from None
+    declared = metadata.get(lora_format.BASE_MODEL_KEY)
+    if declared and not _same_model(declared, target.model_name):
+        raise AdapterError(f"adapter {name} was trained on {declared}, but this service runs {target.model_name}",
+                           field="adapter")
+    return rank
+
+
+def parse_adapter(name: str, data: bytes, target: AdapterTarget) -> LoadedAdapter:
+    """Validate adapter bytes against the running model, then load the tensors; raises AdapterError."""
+    shapes, metadata = read_header(data, name)
+    rank = check_adapter(name, shapes, metadata, target)
+    try:
+        state_dict = load(data)
+    except (SafetensorError, ValueError, OSError, RuntimeError) as error:
+        raise AdapterError(f"adapter {name} is not a readable safetensors file ({error})", field="adapter") from None
+    return LoadedAdapter(name, state_dict, metadata, rank)
+
+
+def read_head(path: Path) -> bytes:
+    """The 8-byte length and the JSON header of a safetensors file, without its tensors."""
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        head = handle.read(8)
+        # A garbage length must not become a huge read: never ask for more than the file holds.
+        return head + handle.read(min(int.from_bytes(head, "little"), size)) if len(head) == 8 else head
+
+
+def weights_path(folder: Path, name: str) -> Path | None:
+    for candidate in (folder / f"{name}.safetensors", folder / name / WEIGHTS_FILE):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def adapter_names(folder: Path) -> list[str]:
+    found = set()
+    for entry in Path(folder).iterdir():
+        name = entry.name.removesuffix(".safetensors") if entry.is_file() else entry.name
+        if ADAPTER_NAME_PATTERN.match(name) and weights_path(folder, name):
+            found.add(name)
+    return sorted(found)
+
+
+def largest_rank_in(folder: Path, target: AdapterTarget) -> int:
+    """The largest rank among the usable adapters in `folder` (0 when none), read from headers."""
+    largest = 0
+    if not Path(folder).is_dir():
+        return largest
+    for name in adapter_names(folder):
+        try:
+            largest = max(largest, adapter_rank(name, read_header(read_head(weights_path(folder, name)), name)[0], target))
+        except (AdapterError, OSError):
+            continue  # listed with its error by GET /adapters; it does not size the slot
+    return largest
+
+
+class AdapterStore:
+    def __init__(self, folder: Path, target: AdapterTarget, cache_size: int):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.target = target
+        self.cache_size = cache_size
+        self._cache: OrderedDict[str, tuple[float, LoadedAdapter]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def names(self) -> list[str]:
+        return adapter_names(self.folder)
+
+    def get(self, name: str) -> LoadedAdapter:
+        """The adapter, from memory when recently used (and unchanged on disk)."""
+        check_name(name)
+        path = weights_path(self.folder, name)
+        if path is None:
+            raise AdapterNotFoundError(f"no adapter named {name}; available: {', '.join(self.names()) or 'none'}",
+                                       field="adapter")
+        stamp = path.stat().st_mtime_ns
+        with self._lock:
+            cached = self._cache.get(name)
+            if cached and cached[0] == stamp:
+                self._cache.move_to_end(name)
+                return cached[1]
+        adapter = parse_adapter(name, path.read_bytes(), self.target)
+        with self._lock:
+            self._cache[name] = (stamp, adapter)
+            self._cache.move_to_end(name)
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        return adapter
+
+    def cached_names(self) -> list[str]:
+        with self._lock:
+            return list(self._cache)
+
+    def describe(self) -> list[dict]:
+        """Every adapter from its file header alone: listing never loads tensors or evicts the LRU."""
+        described = []
+        for name in self.names():
+            try:
+                shapes, metadata = read_header(read_head(weights_path(self.folder, name)), name)
+                described.append(adapter_info(name, metadata, check_adapter(name, shapes, metadata, self.target)))
+            except (AdapterError, OSError) as error:  # a bad file dropped in by hand: listed, not fatal
+                described.append({"name": name, "error": str(error)})
+        return described
+
+    def add(self, name: str, data: bytes) -> LoadedAdapter:
+        """Validate, then write atomically. Nothing changes when validation fails."""
+        check_name(name, field="name")
+        if len(data) > MAX_ADAPTER_BYTES:
+            raise AdapterTooLargeError(f"adapter {name} is larger than {MAX_ADAPTER_BYTES // 1024**3} GiB", field="file")
+        adapter = parse_adapter(name, data, self.target)
+        with self._lock:
+            if weights_path(self.folder, name):
+                raise AdapterExistsError(f"adapter {name} already exists; delete it first", field="name")
+            atomic_write_bytes(self.folder / f"{name}.safetensors", data)
+        return adapter
+
+    def remove(self, name: str) -> None:
+        check_name(name, field="name")
+        with self._lock:
+            path = weights_path(self.folder, name)
+            if path is None:
+                raise AdapterNotFoundError(f"no adapter named {name}", field="name")
+            if path.parent == self.folder:
+                path.unlink()
+            else:
+                shutil.rmtree(path.parent)
+            self._cache.pop(name, None)

@@ -1,0 +1,56 @@
+"""slapgen's errors: one base class, a subclass per area, each message one sentence for a person.
+
+The CLI catches `SlapgenError` and prints one line; the service maps each subclass to a status code
+(`slapgen.serving.http_errors`) and answers `{"error": ..., "detail": [...]}`. `field`, when set,
+names the request or config field to blame.
+"""
+
+from __future__ import annotations
+
+
+class SlapgenError(Exception):
+    """Base of every error slapgen raises on purpose."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
+
+
+class SettingsError(SlapgenError):
+    """A `SLAP_*` environment variable holds a value that cannot be used."""
+
+
+class ModelUnavailableError(SlapgenError):
+    """The configured model cannot be found or loaded; the message says how to fix it."""
+
+
+class QuantizationUnavailableError(ModelUnavailableError):
+    """The requested quantisation cannot run on this device."""
+
+
+class FrameCountError(SlapgenError):
+    """A clip length the model cannot generate or train on."""
+
+
+class AdapterError(SlapgenError):
+    """An adapter name or file that cannot be used."""
+
+
+class AdapterNotFoundError(AdapterError):
+    """No adapter of that name."""
+
+
+class AdapterExistsError(AdapterError):
+    """An upload under a name that is taken."""
+
+
+class AdapterTooLargeError(AdapterError):
+    """An upload above the size limit."""
+
+
+class GenerationError(SlapgenError):
+    """A generation that could not run (not the caller's input)."""
+
+
+class RequestError(SlapgenError):
+    """A generation request the running model cannot honour (a field out of its limits)."""

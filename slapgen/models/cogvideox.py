@@ -1,0 +1,198 @@
+"""Everything specific to CogVideoX 1.0 (2B and 5B), in one place.
+
+- the frame rule and latent frames: the VAE compresses time 4x and space 8x, the transformer cuts
+  latents into 2x2 patches; CogVideoX 1.0 decodes an even number of latent frames into 4k+4 pixel
+  frames, so only 8k+1 frames round-trip (1, 9, ..., 49);
+- the VAE's factors and latent scaling factor, read from the model's own VAE config (and stored
+  with every latent-cache entry, so a cache never meets the wrong factor);
+- the 3D rotary position embeddings the pipeline builds;
+- the training objective: a draw from the cached VAE posterior times the scaling factor, noise at a
+  random timestep, v-prediction turned into a clean-latent estimate with the scheduler, squared
+  error weighted by 1 / (1 - alpha_bar_t); `training_step` is the one step `slapgen train` and
+  `bench/train_step.py` both run.
+
+Other modules import these names; none writes 4, 8, 16 or a scaling factor again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from slapgen.errors import FrameCountError
+
+# CogVideoX 1.0's VAE: 8x spatial and 4x temporal compression; the transformer's patches are 2x2.
+SPATIAL_COMPRESSION = 8
+TEMPORAL_COMPRESSION = 4
+PATCH_SIZE = 2
+# Heights and widths must split into whole patches of latents.
+SIZE_MULTIPLE = SPATIAL_COMPRESSION * PATCH_SIZE
+# An even number of latent frames decodes to 4 extra pixel frames in CogVideoX 1.0, so the lengths
+# that round-trip through the VAE are those with an odd latent count: 8k+1.
+FRAME_STEP = 2 * TEMPORAL_COMPRESSION
+# CogVideoX 1.0 was trained on 49-frame clips at 8 frames per second.
+NATIVE_FPS = 8
+
+
+def frame_rule(frame_step: int = FRAME_STEP) -> str:
+    return f"{frame_step}k+1 (1, {frame_step + 1}, {2 * frame_step + 1}, ...)"
+
+
+def is_valid_frame_count(num_frames: int, frame_step: int = FRAME_STEP) -> bool:
+    """True when `num_frames` is `frame_step * k + 1` for some k >= 0."""
+    return num_frames >= 1 and (num_frames - 1) % frame_step == 0
+
+
+def check_frame_count(num_frames: int, max_frames: int, model: str, frame_step: int = FRAME_STEP) -> int:
+    """`num_frames` when `model` can generate it; otherwise `FrameCountError` stating the rule."""
+    if not is_valid_frame_count(num_frames, frame_step):
+        raise FrameCountError(f"num_frames must be {frame_rule(frame_step)} for {model}, got {num_frames}",
+                              field="num_frames")
+    if num_frames > max_frames:
+        raise FrameCountError(f"num_frames must be at most {max_frames} for {model}, got {num_frames}",
+                              field="num_frames")
+    return num_frames
+
+
+def latent_frames(num_frames: int, temporal_compression: int = TEMPORAL_COMPRESSION) -> int:
+    """Latent frames the VAE encodes `num_frames` pixel frames into (the first frame stands alone)."""
+    return (num_frames - 1) // temporal_compression + 1
+
+
+def latent_size(height: int, width: int, spatial_compression: int = SPATIAL_COMPRESSION) -> tuple[int, int]:
+    return height // spatial_compression, width // spatial_compression
+
+
+@dataclass(frozen=True)
+class VaeFactors:
+    """What the VAE does to a clip's shape and scale, as its config says."""
+
+    spatial: int
+    temporal: int
+    scaling_factor: float
+
+    @classmethod
+    def from_config(cls, config) -> "VaeFactors":
+        get = config.get if isinstance(config, dict) else lambda key: getattr(config, key)
+        # diffusers' CogVideoX pipeline derives the spatial factor the same way.
+        return cls(
+            spatial=2 ** (len(get("block_out_channels")) - 1),
+            temporal=int(get("temporal_compression_ratio")),
+            scaling_factor=float(get("scaling_factor")),
+        )
+
+    @classmethod
+    def of_model(cls, folder: Path) -> "VaeFactors":
+        from diffusers import AutoencoderKLCogVideoX
+
+        return cls.from_config(AutoencoderKLCogVideoX.load_config(folder, subfolder="vae"))
+
+    def to_metadata(self) -> dict[str, str]:
+        return {"vae_spatial": str(self.spatial), "vae_temporal": str(self.temporal),
+                "vae_scaling_factor": repr(self.scaling_factor)}
+
+    @classmethod
+    def from_metadata(cls, metadata: dict[str, str]) -> "VaeFactors":
+        return cls(int(metadata["vae_spatial"]), int(metadata["vae_temporal"]), float(metadata["vae_scaling_factor"]))
+
+
+def rotary_embeddings(transformer_config, height: int, width: int, num_latent_frames: int, device) -> tuple | None:
+    """The 3D RoPE the CogVideoX 1.0 pipeline builds for a clip of this size (None without RoPE)."""
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed
+    from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
+
+    if not transformer_config.use_rotary_positional_embeddings:
+        return None
+    patch = transformer_config.patch_size
+    grid_height = height // (SPATIAL_COMPRESSION * patch)
+    grid_width = width // (SPATIAL_COMPRESSION * patch)
+    crops = get_resize_crop_region_for_grid(
+        (grid_height, grid_width), transformer_config.sample_width // patch, transformer_config.sample_height // patch
+    )
+    return get_3d_rotary_pos_embed(
+        embed_dim=transformer_config.attention_head_dim,
+        crops_coords=crops,
+        grid_size=(grid_height, grid_width),
+        temporal_size=num_latent_frames,
+        device=device,
+    )
+
+
+@dataclass
+class LatentBatch:
+    """What a training step reads from the latent cache: the VAE posterior of each clip (B, C, F, H, W),
+    its T5 prompt embeddings (B, S, D), and the scaling factor of the VAE that encoded them."""
+
+    latent_mean: torch.Tensor
+    latent_logvar: torch.Tensor
+    prompt_embeds: torch.Tensor
+    scaling_factor: float
+
+    @property
+    def size(self) -> int:
+        return self.latent_mean.shape[0]
+
+
+@dataclass
+class NoiseDraws:
+    """The random numbers of one training step, drawn apart from the step so they can be fixed
+    (held-out loss, tests) or replayed (resume)."""
+
+    posterior: torch.Tensor  # like latent_mean: the draw from the VAE posterior
+    noise: torch.Tensor  # like the latents, (B, F, C, H, W): the diffusion noise
+    timesteps: torch.Tensor  # (B,) integer timesteps
+
+    def to(self, device) -> "NoiseDraws":
+        return NoiseDraws(self.posterior.to(device), self.noise.to(device), self.timesteps.to(device))
+
+
+def draw_noise(batch: LatentBatch, num_train_timesteps: int, generator: torch.Generator,
+               timesteps: torch.Tensor | None = None) -> NoiseDraws:
+    """Draw a step's posterior sample, noise and timesteps from `generator` (on its device)."""
+    mean = batch.latent_mean
+    shape = mean.shape
+    device = generator.device
+    posterior = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+    noise = torch.randn((shape[0], shape[2], shape[1], *shape[3:]), generator=generator, device=device,
+                        dtype=torch.float32)
+    if timesteps is None:
+        timesteps = torch.randint(0, num_train_timesteps, (shape[0],), generator=generator, device=device)
+    return NoiseDraws(posterior, noise, timesteps.to(device))
+
+
+def sample_latents(mean: torch.Tensor, logvar: torch.Tensor, posterior: torch.Tensor, scaling_factor: float) -> torch.Tensor:
+    """A draw from the VAE posterior, scaled as the transformer sees latents, (B, C, F, H, W) -> (B, F, C, H, W)."""
+    latents = mean + torch.exp(0.5 * logvar) * posterior
+    return (latents * scaling_factor).permute(0, 2, 1, 3, 4).contiguous()
+
+
+def diffusion_loss(transformer, scheduler, latents: torch.Tensor, prompt_embeds: torch.Tensor, rotary,
+                   noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """CogVideoX's weighted clean-latent loss of one batch; `latents` are scaled, (B, F, C, H, W)."""
+    batch = latents.shape[0]
+    noisy = scheduler.add_noise(latents, noise.to(latents.dtype), timesteps)
+    velocity = transformer(
+        hidden_states=noisy,
+        encoder_hidden_states=prompt_embeds,
+        timestep=timesteps,
+        image_rotary_emb=rotary,
+        return_dict=False,
+    )[0]
+    predicted_latents = scheduler.get_velocity(velocity, noisy, timesteps)  # v -> x0 estimate
+    alphas_cumprod = scheduler.alphas_cumprod.to(latents.device, torch.float32)[timesteps]
+    weights = (1.0 / (1.0 - alphas_cumprod)).view(batch, *([1] * (latents.ndim - 1)))
+    error = weights * (predicted_latents.float() - latents.float()) ** 2
+    return error.reshape(batch, -1).mean(dim=1).mean()
+
+
+def training_step(transformer, scheduler, batch: LatentBatch, draws: NoiseDraws, rotary, dtype: torch.dtype) -> torch.Tensor:
+    """The loss of one training step on cached latents; the caller runs backward and the optimizer.
+
+    `dtype` is what the transformer computes in (its weights' dtype under mixed precision)."""
+    device = batch.latent_mean.device
+    draws = draws.to(device)
+    latents = sample_latents(batch.latent_mean.float(), batch.latent_logvar.float(), draws.posterior, batch.scaling_factor)
+    return diffusion_loss(transformer, scheduler, latents.to(dtype), batch.prompt_embeds.to(dtype), rotary,
+                          draws.noise, draws.timesteps)

@@ -1,0 +1,104 @@
+"""Turn a model setting (`SLAP_MODEL`, the trainer's `model`) into a local pipeline folder + spec,
+then into a pipeline.
+
+The tiny model, a local folder and a hub id all end in the same `CogVideoXPipeline.from_pretrained`
+call on a folder, in the spec's dtype, so the code tests exercise is the code production runs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from slapgen.errors import ModelUnavailableError
+from slapgen.models.specs import ModelSpec, spec_for_folder
+from slapgen.models.tiny import TINY_MODEL_NAME, materialise_tiny_model
+
+HUB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class ModelSetting:
+    """How the person chose the model, so an error names what they can change."""
+
+    name: str  # e.g. SLAP_MODEL
+    tiny_fix: str  # e.g. "set SLAP_MODEL=tiny"
+
+
+SERVICE_SETTING = ModelSetting("SLAP_MODEL", "set SLAP_MODEL=tiny")
+TRAINER_SETTING = ModelSetting("model", "use --set model=tiny")
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    folder: Path
+    spec: ModelSpec
+
+
+def default_cache_dir() -> Path:
+    """Where the tiny model (and other slapgen state) lives: `SLAP_CACHE_DIR`, else ~/.cache/slapgen."""
+    return Path(os.environ.get("SLAP_CACHE_DIR") or Path.home() / ".cache" / "slapgen").expanduser()
+
+
+def resolve_model(model: str, cache_dir: Path | None = None, allow_download: bool = True,
+                  setting: ModelSetting = SERVICE_SETTING) -> ResolvedModel:
+    """Find (materialising or downloading if needed) the pipeline folder that `model` names."""
+    cache_dir = cache_dir or default_cache_dir()
+    tiny_fix = f"or {setting.tiny_fix} to run the built-in tiny model"
+    if model == TINY_MODEL_NAME:
+        folder = materialise_tiny_model(cache_dir)
+        return ResolvedModel(folder, spec_for_folder(folder, TINY_MODEL_NAME))
+
+    path = Path(model).expanduser()
+    if path.exists():
+        if not (path / "model_index.json").is_file():
+            raise ModelUnavailableError(
+                f"{setting.name}={model} is a folder but not a diffusers pipeline (no model_index.json); "
+                f"point it at a saved CogVideoXPipeline folder, {tiny_fix}."
+            )
+        return ResolvedModel(path.resolve(), spec_for_folder(path, path.name))
+
+    if not HUB_ID_PATTERN.match(model):
+        raise ModelUnavailableError(
+            f"{setting.name}={model} is neither an existing folder nor a hub id like THUDM/CogVideoX-5b; "
+            f"fix the path, {tiny_fix}."
+        )
+    folder = _hub_snapshot(model, allow_download, setting, tiny_fix)
+    return ResolvedModel(folder, spec_for_folder(folder, model))
+
+
+def _hub_snapshot(repo_id: str, allow_download: bool, setting: ModelSetting, tiny_fix: str) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    message = (
+        f"{repo_id} is not in the local Hugging Face cache and could not be downloaded; "
+        f"run `hf download {repo_id}` on a machine with hub access (or set {setting.name} to a local "
+        f"pipeline folder), {tiny_fix}."
+    )
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except LocalEntryNotFoundError:
+        if not allow_download:
+            raise ModelUnavailableError(message) from None
+    try:
+        return Path(snapshot_download(repo_id))
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError):
+        # Offline, hub unreachable, or the id does not exist: the fix is the same.
+        raise ModelUnavailableError(message) from None
+
+
+def load_pipeline(resolved: ResolvedModel, **components):
+    """The CogVideoX pipeline of a resolved folder, every component in the spec's dtype, on the CPU.
+
+    `components` replace or drop parts (`transformer=None` loads only the encoders)."""
+    from diffusers import CogVideoXPipeline
+
+    try:
+        return CogVideoXPipeline.from_pretrained(resolved.folder, dtype=resolved.spec.torch_dtype, **components)
+    except (OSError, ValueError, KeyError) as error:
+        raise ModelUnavailableError(
+            f"could not load a CogVideoX pipeline from {resolved.folder} ({error}); check the folder is complete."
+        ) from error

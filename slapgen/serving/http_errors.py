@@ -1,0 +1,56 @@
+"""slapgen's errors as HTTP answers: a status per error class and one JSON shape everywhere,
+`{"error": "<one sentence>", "detail": [{"loc": [field, ...], "msg": "<one sentence>"}]}`
+(the shape BentoML gives pydantic's validation errors, so clients parse one thing)."""
+
+from __future__ import annotations
+
+from pydantic import ValidationError
+from starlette.responses import JSONResponse
+
+from slapgen.errors import (
+    AdapterExistsError,
+    AdapterNotFoundError,
+    AdapterTooLargeError,
+    GenerationError,
+    ModelUnavailableError,
+    SettingsError,
+    SlapgenError,
+)
+
+# First match wins: subclasses before their bases.
+STATUS_BY_ERROR: list[tuple[type[SlapgenError], int]] = [
+    (AdapterNotFoundError, 404),
+    (AdapterExistsError, 409),
+    (AdapterTooLargeError, 413),
+    (ModelUnavailableError, 503),
+    (SettingsError, 500),
+    (GenerationError, 500),
+    (SlapgenError, 400),
+]
+
+
+def status_for(error: SlapgenError) -> int:
+    return next(status for kind, status in STATUS_BY_ERROR if isinstance(error, kind))
+
+
+def error_body(message: str, field: str | None = None) -> dict:
+    detail = [{"loc": field.split("."), "msg": message}] if field else []
+    return {"error": message, "detail": detail}
+
+
+def error_response(error: SlapgenError) -> JSONResponse:
+    return JSONResponse(error_body(str(error), error.field), status_code=status_for(error))
+
+
+def plain_error(status: int, message: str, field: str | None = None) -> JSONResponse:
+    """An error the HTTP layer itself finds (auth, a malformed form), in the same shape."""
+    return JSONResponse(error_body(message, field), status_code=status)
+
+
+def describe_error(error: BaseException) -> str:
+    """One line for a person: the field and message of a validation error, else the error's text."""
+    if isinstance(error, ValidationError):
+        return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+    if isinstance(error, SlapgenError) and error.field:
+        return f"{error.field}: {error}"
+    return str(error).splitlines()[0] if str(error) else type(error).__name__

@@ -1,0 +1,98 @@
+"""The HTTP request bodies and their resolution against the running model.
+
+Validation happens twice on purpose: once at the HTTP edge (types, ranges, unknown fields: pydantic,
+which BentoML answers with a 400 naming the field) and once with the loaded model's spec as context
+(frame rule and size limits, template, adapter), which raises `slapgen.errors` exceptions carrying
+the field; the service maps both to the same 400 JSON shape.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from prompts import PromptLibrary, default_library
+from slapgen.engine.adapters import ADAPTER_NAME_PATTERN
+from slapgen.engine.params import GenerationParams
+from slapgen.errors import RequestError
+from slapgen.models.cogvideox import SIZE_MULTIPLE, check_frame_count
+from slapgen.models.specs import ModelSpec
+
+MAX_PROMPT_CHARS = 4000
+MAX_SEED = 2**63 - 1
+MAX_ADAPTER_SCALE = 4.0
+
+Prompt = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_PROMPT_CHARS)]
+AdapterName = Annotated[str, StringConstraints(pattern=ADAPTER_NAME_PATTERN.pattern)]
+TemplateName = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+SlotValues = dict[Annotated[str, StringConstraints(max_length=64)], Annotated[str, StringConstraints(max_length=200)]]
+
+
+class RenderRequest(BaseModel):
+    """Body of `POST /prompts/render`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    template: TemplateName
+    slots: SlotValues = Field(default_factory=dict, max_length=32)
+
+    def render(self, library: PromptLibrary | None = None) -> str:
+        """The caption; raises `prompts.RenderError` naming the template or slot."""
+        return (library or default_library()).render(self.template, self.slots)
+
+
+class GenerateRequest(BaseModel):
+    """Body of `POST /generate`: `prompt`, or `template` + `slots`. Other fields default from the model spec."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: Prompt | None = None
+    template: TemplateName | None = None
+    slots: SlotValues | None = Field(None, max_length=32)
+    adapter: AdapterName | None = Field(None, description="adapter name; null for the base model")
+    adapter_scale: float = Field(1.0, ge=0, le=MAX_ADAPTER_SCALE, description="strength of the adapter")
+    negative_prompt: Annotated[str, StringConstraints(max_length=MAX_PROMPT_CHARS)] | None = None
+    num_frames: int | None = Field(None, ge=1, description="8k+1 for CogVideoX 1.0, at most the model's maximum")
+    num_inference_steps: int | None = Field(None, ge=1, le=200)
+    guidance_scale: float | None = Field(None, ge=0, le=50)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="random when omitted; echoed in X-Seed")
+    fps: int | None = Field(None, ge=1, le=60)
+    height: int | None = Field(None, ge=SIZE_MULTIPLE, multiple_of=SIZE_MULTIPLE)
+    width: int | None = Field(None, ge=SIZE_MULTIPLE, multiple_of=SIZE_MULTIPLE)
+
+    def for_model(self, spec: ModelSpec, adapters: list[str] | None = None) -> GenerationParams:
+        """Check against `spec` and the available `adapters`, render a template, fill every default.
+        Raises `RequestError` / `FrameCountError` / `RenderError`, each naming the field."""
+        if (self.prompt is None) == (self.template is None):
+            raise RequestError("give either prompt or template (with slots), not both or neither", field="prompt")
+        if self.slots is not None and self.template is None:
+            raise RequestError("slots are only used with template", field="slots")
+        prompt = self.prompt
+        if self.template is not None:
+            prompt = RenderRequest(template=self.template, slots=self.slots or {}).render()
+        num_frames = spec.default_num_frames
+        if self.num_frames is not None:
+            num_frames = check_frame_count(self.num_frames, spec.max_num_frames, spec.name, spec.frame_step)
+        for field in ("height", "width"):
+            value, limit = getattr(self, field), getattr(spec, field)
+            if value is not None and value > limit:
+                raise RequestError(f"{field} must be at most {limit} for {spec.name}, got {value}", field=field)
+        if self.adapter is not None and adapters is not None and self.adapter not in adapters:
+            raise RequestError(f"unknown adapter {self.adapter!r}; available: {', '.join(adapters) or 'none'}",
+                               field="adapter")
+        return GenerationParams(
+            prompt=prompt,
+            negative_prompt=self.negative_prompt or "",
+            num_frames=num_frames,
+            height=self.height or spec.height,
+            width=self.width or spec.width,
+            num_inference_steps=self.num_inference_steps or spec.default_num_inference_steps,
+            guidance_scale=spec.default_guidance_scale if self.guidance_scale is None else self.guidance_scale,
+            seed=secrets.randbelow(2**32) if self.seed is None else self.seed,
+            max_sequence_length=spec.max_sequence_length,
+            fps=self.fps or spec.fps,
+            adapter=self.adapter,
+            adapter_scale=self.adapter_scale,
+        )
