@@ -67,8 +67,29 @@ def test_corrupt_and_short_clips_are_reported_and_skipped(tiny_cache_dir, datase
     assert "4 too_short" in short.summary()
 
 
-def test_prompt_embeddings_match_the_pipeline(tiny_cache_dir, tmp_path):
+def test_cached_prompt_embeddings_reproduce_the_pipelines_own_output(tiny_cache_dir, tmp_path):
+    """Guards cached T5 embeddings that differ from what the pipeline computes from text at inference
+    (another max length, truncation, dtype or a missing end token): the pipeline given the cached
+    embeddings of a prompt (longer than the token limit) and of the empty negative prompt must render
+    the frames it renders from the text itself."""
+    import numpy as np
+
+    from slapgen.models.loading import load_pipeline
+    from slapgen.models.tiny import TINY_SPEC
+
+    prompt = ("Power slap: two athletes face off across the table; the striker plants his feet, shifts his weight "
+              "back, winds up and whips an open hand forward, the palm strikes the cheek and the head snaps sideways "
+              "while a static wide camera frames both athletes.")
+    assert len(prompt.split()) > TINY_SPEC.max_sequence_length  # truncation is part of what must agree
     cache = _cache(tiny_cache_dir, tmp_path / "cache")
-    embeds, empty = cache.prompt_embeddings(["a slap", ""])
-    expected = cache.encoders.encode_prompt("a slap")
-    assert torch.equal(embeds, expected) and not torch.equal(embeds, empty)
+    embeds, negative = cache.prompt_embeddings([prompt, ""])
+    pipeline = load_pipeline(resolve_model("tiny", tiny_cache_dir))
+    pipeline.set_progress_bar_config(disable=True)
+    settings = dict(num_frames=9, height=64, width=96, num_inference_steps=3, guidance_scale=6.0,
+                    max_sequence_length=TINY_SPEC.max_sequence_length, output_type="np")
+    from_text = pipeline(prompt=prompt, negative_prompt="", generator=torch.Generator().manual_seed(4), **settings).frames[0]
+    from_cache = pipeline(prompt_embeds=embeds[None], negative_prompt_embeds=negative[None],
+                          generator=torch.Generator().manual_seed(4), **settings).frames[0]
+    np.testing.assert_allclose(from_cache, from_text, rtol=0, atol=1e-6)
+    other = pipeline(prompt="a slap", negative_prompt="", generator=torch.Generator().manual_seed(4), **settings).frames[0]
+    assert np.abs(other - from_text).max() > 1e-3  # the prompt matters, so agreement means something

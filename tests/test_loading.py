@@ -77,3 +77,41 @@ def test_every_setting_is_documented_in_the_readme():
     readme = (REPO_ROOT / "README.md").read_text()
     missing = [f"SLAP_{name.upper()}" for name in SlapSettings.model_fields if f"`SLAP_{name.upper()}`" not in readme]
     assert missing == []
+
+
+def test_every_component_loads_in_the_specs_dtype(tmp_path):
+    """Guards `load_pipeline`, the trainer's encoders or the engine ignoring the spec's dtype (the tiny
+    model is fp32, so only a bf16 spec can catch it): a tiny model whose slap_spec.json says bfloat16,
+    saved with fp32 weights, must come up bf16 in every component on every path."""
+    import torch
+
+    from slapgen.engine.generator import VideoGenerator
+    from slapgen.engine.params import EngineOptions
+    from slapgen.models.tiny import write_tiny_model
+    from trainer.latent_cache import Encoders
+
+    folder = write_tiny_model(tmp_path / "tiny-bf16", spec=TINY_SPEC.model_copy(update={"dtype": "bfloat16"}))
+    resolved = resolve_model(str(folder), tmp_path)
+    assert resolved.spec.torch_dtype == torch.bfloat16
+
+    def dtypes(module) -> set:
+        return {p.dtype for name, p in module.named_parameters() if ".lora_" not in name}
+
+    pipeline = load_pipeline(resolved)
+    for component in ("transformer", "vae", "text_encoder"):
+        assert dtypes(getattr(pipeline, component)) == {torch.bfloat16}, component
+    encoders = Encoders.load(resolved, "cpu")
+    assert dtypes(encoders.pipeline.vae) == dtypes(encoders.pipeline.text_encoder) == {torch.bfloat16}
+    generator = VideoGenerator.load(resolved, EngineOptions(adapters_dir=tmp_path / "adapters"))
+    for component in ("transformer", "vae", "text_encoder"):
+        assert dtypes(getattr(generator.pipeline, component)) == {torch.bfloat16}, component
+    assert generator.info()["dtype"] == "bfloat16"
+
+
+def test_a_missing_model_names_the_trainers_setting(offline_hub, tmp_path):
+    """The trainer reads `model` from its config, not SLAP_MODEL: its fix is `--set model=tiny`."""
+    from slapgen.models.loading import TRAINER_SETTING
+
+    with pytest.raises(ModelUnavailableError) as caught:
+        resolve_model("THUDM/CogVideoX-5b", tmp_path, setting=TRAINER_SETTING)
+    assert "--set model=tiny" in str(caught.value) and "SLAP_MODEL" not in str(caught.value)

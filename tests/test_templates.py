@@ -7,6 +7,7 @@ import yaml
 
 from prompts import PromptLibrary, RenderError, default_library
 from prompts.library import TEMPLATES_FILE, ChoiceSlot
+from trainer.curate.captions import ASPECTS, check_caption
 
 LIBRARY = default_library()
 SCENARIOS = {"face-off", "wind-up-and-strike", "knockout", "absorb-and-reset", "stagger-and-recovery",
@@ -35,6 +36,17 @@ def test_every_rendering_is_a_50_to_100_word_caption(template):
         text = LIBRARY.render(template, _extreme_values(template, pick))
         assert 50 <= len(text.split()) <= 100, (template, pick.__name__, len(text.split()))
         assert "{" not in text and "  " not in text
+
+
+@pytest.mark.parametrize("template", sorted(SCENARIOS))
+@pytest.mark.parametrize("pick", [min, max], ids=["shortest", "longest"])
+def test_template_captions_pass_the_products_own_caption_checker(template, pick):
+    """Guards templates that render captions our own curation would flag or score low: with the shortest
+    and the longest slot values, `check_caption` finds no issue and all four aspects."""
+    report = check_caption(LIBRARY.render(template, _extreme_values(template, pick)))
+    assert report.issues == [] and report.garbage_reasons == []
+    assert set(report.aspects) == set(ASPECTS), report.aspects
+    assert report.score == 1.0
 
 
 @pytest.mark.parametrize("template", sorted(SCENARIOS))

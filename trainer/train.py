@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, PartialState
+from accelerate.state import AcceleratorState
 from accelerate.utils import ProjectConfiguration, parse_flag_from_env, set_seed
 
 from slapgen.atomic import atomic_path, atomic_write_text
@@ -79,6 +80,9 @@ def setup(config: TrainConfig, data_path: Path, run_dir: Path, resume: str | Non
 
     run_dir = Path(run_dir)
     resolved = resolve_model(config.model, config.model_cache_dir, setting=TRAINER_SETTING)
+    # accelerate keeps its state for the life of the process; a second `train()` in one process (a sweep,
+    # the tests) must be free to pick another precision. The process group itself survives the reset.
+    AcceleratorState._reset_state(reset_partial_state=True)
     # PartialState reads `accelerate launch`'s settings (processes, CPU) without fixing the precision,
     # so the one Accelerator below can be created with the precision this config asks for.
     # (ACCELERATE_USE_CPU is read the way AcceleratorState reads it, or CPU processes would not join.)

@@ -251,7 +251,10 @@ class AdapterStore:
         check_name(name, field="name")
         if len(data) > MAX_ADAPTER_BYTES:
             raise AdapterTooLargeError(f"adapter {name} is larger than {MAX_ADAPTER_BYTES // 1024**3} GiB", field="file")
-        adapter = parse_adapter(name, data, self.target)
+        try:
+            adapter = parse_adapter(name, data, self.target)
+        except AdapterError as error:  # the uploaded file is what is wrong
+            raise AdapterError(str(error), field="file") from None
         with self._lock:
             if weights_path(self.folder, name):
                 raise AdapterExistsError(f"adapter {name} already exists; delete it first", field="name")

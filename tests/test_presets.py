@@ -1,0 +1,73 @@
+"""Every preset we ship trains on the tiny model with its own precision, optimizer, schedule, LoRA and
+logging (only the model, sizes and step counts change), and its LoRA serves with default settings."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from slapgen.engine.generator import VideoGenerator
+from slapgen.engine.params import EngineOptions, GenerationParams
+from slapgen.models.loading import resolve_model
+from tests.conftest import preset_overrides
+from trainer.config import PRESETS_DIR, load_config
+from trainer.lora import read_lora_metadata
+
+PRESETS = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_preset_trains_and_its_lora_serves_with_default_settings(preset, demo_dataset, tiny_cache_dir, tmp_path,
+                                                                 monkeypatch):
+    """Guards presets that cannot train (a second Accelerator with the preset's bf16 raised
+    `AcceleratorState has already been initialized`; nothing caught it because every training test
+    used tiny-smoke) and preset LoRAs the service refuses by default (aggressive's rank 256 against a
+    fixed rank-128 slot)."""
+    import trainer.train as train_module
+    from diffusers import CogVideoXPipeline
+
+    original = load_config(preset)
+    config = load_config(preset, preset_overrides(tiny_cache_dir))
+    assert config.lora == original.lora and config.logging == original.logging
+    assert config.optim.model_copy(update={"lr_warmup_steps": original.optim.lr_warmup_steps}) == original.optim
+    assert config.train.mixed_precision == original.train.mixed_precision
+
+    dtypes = []
+    real_step = train_module.training_step
+    monkeypatch.setattr(train_module, "training_step", lambda *args: dtypes.append(args[-1]) or real_step(*args))
+    run = tmp_path / "run"
+    adapter = train_module.train(config, demo_dataset, run, progress=False)
+
+    expected_dtype = DTYPES[original.train.mixed_precision if original.train.mixed_precision != "auto" else "no"]
+    assert set(dtypes) == {expected_dtype}  # trained in the preset's precision
+    steps = config.train.max_train_steps
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in logged] == list(range(config.logging.every_steps, steps + 1, config.logging.every_steps)) + (
+        [] if steps % config.logging.every_steps == 0 else [steps])
+    assert all(np.isfinite(row["loss"]) for row in logged)
+    assert (run / "logs").is_dir() == config.logging.tensorboard
+    if config.validation.prompts:
+        assert (run / "validation" / "step-000002" / "prompt-00.mp4").stat().st_size > 0
+    metadata = read_lora_metadata(adapter)
+    assert (int(metadata["slapgen.rank"]), float(metadata["slapgen.alpha"])) == (original.lora.rank, original.lora.alpha)
+
+    # Serve it with the engine's default options (slot sized from the adapters present).
+    adapters = tmp_path / "adapters"
+    adapters.mkdir()
+    shutil.copy(adapter, adapters / "trained.safetensors")
+    resolved = resolve_model("tiny", tiny_cache_dir)
+    generator = VideoGenerator.load(resolved, EngineOptions(adapters_dir=adapters))
+    assert generator.slot.max_rank >= original.lora.rank
+    params = GenerationParams.defaults_for(generator.spec, seed=1, num_inference_steps=2, adapter="trained")
+    served = generator.generate_frames(params)
+    reference = CogVideoXPipeline.from_pretrained(resolved.folder, dtype=torch.float32)
+    reference.set_progress_bar_config(disable=True)
+    reference.load_lora_weights(str(adapter.parent), weight_name=adapter.name, adapter_name="trained")
+    expected = reference(**params.pipeline_arguments(), generator=torch.Generator("cpu").manual_seed(1),
+                         output_type="np").frames[0]
+    np.testing.assert_allclose(served, expected, rtol=0, atol=1e-3)
