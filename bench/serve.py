@@ -67,7 +67,7 @@ def swap_case(method: str, swaps: int) -> dict:
     pipeline = load_pipeline(resolved)
     pipeline.set_progress_bar_config(disable=True)
     if method == "hotswap":
-        slot = LoraSlot(pipeline, 4, TARGETS)
+        slot = LoraSlot(pipeline.transformer, 4, TARGETS)
         store = AdapterStore(cache_dir / "store", AdapterTarget("tiny", slot.modules, 4), cache_size=4)
         loaded = [store.add(f"a{i}", path.read_bytes()) for i, path in enumerate(paths)]
         slot.activate(loaded[0])

@@ -25,7 +25,7 @@ def target(tiny_cache_dir):
     from slapgen.engine.lora_slot import LoraSlot
 
     pipeline = load_pipeline(resolve_model("tiny", tiny_cache_dir))
-    slot = LoraSlot(pipeline, MAX_RANK, ["to_q", "to_k", "to_v", "to_out.0"])
+    slot = LoraSlot(pipeline.transformer, MAX_RANK, ["to_q", "to_k", "to_v", "to_out.0"])
     return AdapterTarget("tiny", slot.modules, MAX_RANK)
 
 

@@ -18,12 +18,28 @@ pytestmark = pytest.mark.slow
     [
         ("train_step.py", "tiny:cached", {"step_s_median", "peak_memory_mb"}),
         ("serve.py", "tiny:bf16-eager", {"step_s_median", "est_50_steps_s"}),  # the 5B step code on the tiny model
+        ("slot_rank.py", "128", {"step_s_median", "full_lora_share_of_step"}),  # one 5B-wide block, short sequence
     ],
 )
 def test_bench_case_runs_and_reports(script, case, keys, tmp_path):
-    result = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / script), "--case", case, "--steps", "1"],
+    extra = ["--blocks", "1"] if script == "slot_rank.py" else []
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / script), "--case", case, "--steps", "1", *extra],
                             cwd=REPO_ROOT, env=offline_env(tmp_path, HOME=str(tmp_path)), capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     row = json.loads(result.stdout.strip().splitlines()[-1])
     assert keys <= set(row) and all(row[k] > 0 for k in keys)
+
+
+def test_a_run_never_overwrites_the_committed_results(tmp_path, monkeypatch):
+    """Guards benchmark runs replacing bench/results/NAME-{cpu,gpu}.json (the committed numbers) unless
+    asked to with --save."""
+    import bench.common as common
+
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path / "results")
+    monkeypatch.setattr(common, "RUNS_DIR", tmp_path / "results" / "runs")
+    committed = common.write_results("demo", {"run": 1}, save=True)
+    assert committed.parent == tmp_path / "results"
+    new = common.write_results("demo", {"run": 2})
+    assert new.parent == tmp_path / "results" / "runs" and new != committed
+    assert json.loads(committed.read_text()) == {"run": 1} and json.loads(new.read_text()) == {"run": 2}

@@ -66,7 +66,7 @@ def test_weight_only_quantization_matches_its_closed_form(mode, tensor_type):
     scheme, and the whole transformer must compute what an fp32 copy holding those closed-form weights
     computes. A corrupted or mis-scaled layer is off by at least a quantisation step and fails."""
     pipeline = build_tiny_pipeline()
-    LoraSlot(pipeline, 4, TARGETS)
+    LoraSlot(pipeline.transformer, 4, TARGETS)
     transformer = pipeline.transformer
     reference = copy.deepcopy(transformer)
     original = {name: m.weight.detach().clone() for name, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)}

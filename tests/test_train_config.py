@@ -79,3 +79,13 @@ def test_bad_overrides_are_one_line_errors(overrides, message):
     with pytest.raises(TrainConfigError) as error:
         load_config("conservative", overrides)
     assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_config_output_holds_no_machine_specific_path(capsys):
+    """Guards `slapgen config` writing this machine's home folder into the file users start from."""
+    from pathlib import Path
+
+    assert cli_main(["config", "conservative"]) == 0
+    printed = capsys.readouterr().out
+    assert str(Path.home()) not in printed
+    assert yaml.safe_load(printed)["model_cache_dir"] is None and yaml.safe_load(printed)["latent_cache"] is None

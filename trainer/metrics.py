@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from slapgen.atomic import atomic_write_text
+
 
 def peak_memory_mb(device: torch.device) -> float:
     """Peak CUDA memory allocated, or the process's peak resident memory on CPU."""
@@ -35,4 +37,4 @@ def truncate_after(path: Path, step: int) -> None:
     if not path.is_file():
         return
     kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in kept))
+    atomic_write_text(path, "".join(line + "\n" for line in kept))

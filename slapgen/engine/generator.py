@@ -87,7 +87,7 @@ class VideoGenerator:
         quantization = choose_quantization(options.quantization, options.device)  # before the slow load: fail fast
         pipeline = load_pipeline(resolved)
         modules = lora_modules(pipeline.transformer, options.lora_target_modules)
-        slot = LoraSlot(pipeline, slot_rank_for(options, resolved.spec.name, modules), options.lora_target_modules)
+        slot = LoraSlot(pipeline.transformer, slot_rank_for(options, resolved.spec.name, modules), options.lora_target_modules)
         place_pipeline(pipeline, options.device, options.offload)
         quantize_transformer(pipeline.transformer, quantization)
         compiled = None

@@ -26,9 +26,8 @@ def lora_modules(transformer: torch.nn.Module, target_modules: list[str] | tuple
 
 
 class LoraSlot:
-    def __init__(self, pipeline, max_rank: int, target_modules: list[str] | tuple[str, ...]):
-        transformer = pipeline.transformer
-        self.pipeline = pipeline
+    def __init__(self, transformer: torch.nn.Module, max_rank: int, target_modules: list[str] | tuple[str, ...]):
+        self.transformer = transformer  # the module itself, not a compiled wrapper: swaps write into it
         self.max_rank = max_rank
         self._loaded: LoadedAdapter | None = None  # whose weights are in the slot
         self.active: str | None = None  # adapter in effect (None: base model)
@@ -41,7 +40,7 @@ class LoraSlot:
         for name, (in_features, out_features) in self.modules.items():
             zero_adapter[f"transformer.{name}.lora_A.weight"] = torch.zeros(max_rank, in_features)
             zero_adapter[f"transformer.{name}.lora_B.weight"] = torch.zeros(out_features, max_rank)
-        pipeline.enable_lora_hotswap(target_rank=max_rank)
+        transformer.enable_lora_hotswap(target_rank=max_rank)
         transformer.load_lora_adapter(zero_adapter, prefix="transformer", adapter_name=SLOT_NAME)
         self._layers = [m for m in transformer.modules() if SLOT_NAME in getattr(m, "scaling", {})]
         self._nominal = [float(layer.scaling[SLOT_NAME]) for layer in self._layers]
@@ -55,7 +54,7 @@ class LoraSlot:
             return
         # Identity, not name: a deleted and re-uploaded adapter is a new object and is swapped in.
         if adapter is not self._loaded:
-            self.pipeline.transformer.load_lora_adapter(
+            self.transformer.load_lora_adapter(
                 dict(adapter.state_dict), prefix="transformer", adapter_name=SLOT_NAME,
                 metadata=adapter.diffusers_metadata, hotswap=True,
             )

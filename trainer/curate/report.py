@@ -6,6 +6,7 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
+from slapgen.atomic import atomic_write_text
 from trainer.curate.captions import ASPECTS, CATEGORIES, MAX_WORDS, MIN_WORDS
 
 
@@ -100,5 +101,5 @@ Probed at {summary["clips_per_second"]} clips/s with {summary["workers"]} worker
 </table></body></html>
 """
     path = out / "report.html"
-    path.write_text(page, encoding="utf-8")
+    atomic_write_text(path, page)
     return path

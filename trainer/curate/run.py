@@ -14,6 +14,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from slapgen.atomic import atomic_write_text
 from trainer.curate.captions import check_caption
 from trainer.curate.duplicates import find_duplicates
 from trainer.curate.selection import select_best
@@ -98,15 +99,13 @@ def curate(dataset: Path, out: Path, settings: CurateSettings = CurateSettings()
 
     selected = select_best(records, settings.select) if settings.select else []
     if settings.select:
-        with (out / "selected.jsonl").open("w", encoding="utf-8") as handle:
-            for record in selected:
-                video = os.path.relpath(record["path"], out)
-                handle.write(json.dumps({"video": video, "caption": record["caption_text"]}) + "\n")
+        rows = [{"video": os.path.relpath(r["path"], out), "caption": r["caption_text"]} for r in selected]
+        atomic_write_text(out / "selected.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
 
     summary = _summary(records, selected, elapsed, workers, settings)
     report = {"dataset": str(dataset), "settings": vars(settings) | {"workers": workers}, "summary": summary,
               "clips": records, "selected": [r["video"] for r in selected]}
-    (out / "report.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    atomic_write_text(out / "report.json", json.dumps(report, indent=1) + "\n")
     write_html_report(out, report)
     return report
 
