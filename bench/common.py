@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -12,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-RESULTS_DIR = Path(__file__).parent / "results"
+# SLAP_BENCH_RESULTS moves results elsewhere (the tests point it at a temporary folder).
+RESULTS_DIR = Path(os.environ.get("SLAP_BENCH_RESULTS") or Path(__file__).parent / "results")
 # Runs land here unless --save is given, so a run never overwrites the committed results.
 RUNS_DIR = RESULTS_DIR / "runs"
 

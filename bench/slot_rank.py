@@ -8,9 +8,10 @@ slot of rank 0 (none), 64, 128 and 256 on CogVideoX-5B-shaped transformer blocks
 
 On a CPU the blocks run at a short sequence (`--latent-frames 1`: 1 latent frame + 226 text tokens)
 so a step takes seconds: attention grows with the square of the tokens and LoRA only linearly, so the
-measured share is an upper bound of the share at full length. Each rank runs in its own process.
+measured share is an upper bound of the share at full length. All ranks run in one process, timed in
+interleaved rounds, so they are compared as ratios under the same machine noise.
 
-    python bench/slot_rank.py [--blocks 2] [--latent-frames 1] [--steps 3] [--save]
+    python bench/slot_rank.py [--ranks 0,64,128,256] [--blocks 1] [--latent-frames 1] [--rounds 3] [--save]
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import add_save_argument, device_description, print_table, run_case_in_subprocess, write_results  # noqa: E402
+from bench.common import add_save_argument, device_description, print_table, write_results  # noqa: E402
 
 RANKS = [0, 64, 128, 256]
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -49,63 +50,73 @@ def full_size_flops(rank: int) -> dict:
             "lora_share_of_step": layers * batch * lora / base}
 
 
-def rank_case(rank: int, blocks: int, latent: int, steps: int) -> dict:
+def build(rank: int, blocks: int, device: str, dtype: torch.dtype):
+    """CogVideoX-5B's config cut to `blocks` blocks, random weights, with a LoRA slot of `rank` (0: none)."""
     from diffusers import CogVideoXTransformer3DModel
 
     from slapgen.engine.lora_slot import LoraSlot
-    from slapgen.models.cogvideox import PATCH_SIZE, latent_size, rotary_embeddings
     from slapgen.models.reference_configs import COGVIDEOX_5B_TRANSFORMER
+
+    torch.manual_seed(0)
+    transformer = CogVideoXTransformer3DModel(**{**COGVIDEOX_5B_TRANSFORMER, "num_layers": blocks})
+    if rank:
+        LoraSlot(transformer, rank, TARGETS)
+    return transformer.to(device, dtype).eval()
+
+
+def measure(ranks: list[int], blocks: int, latent: int, rounds: int) -> list[dict]:
+    """All ranks in one process, timed in interleaved rounds so machine noise falls on each alike."""
+    from slapgen.models.cogvideox import PATCH_SIZE, latent_size, rotary_embeddings
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    torch.manual_seed(0)
-    transformer = CogVideoXTransformer3DModel(**{**COGVIDEOX_5B_TRANSFORMER, "num_layers": blocks}).to(device, dtype).eval()
-    if rank:
-        LoraSlot(transformer, rank, TARGETS).transformer.to(device, dtype)
-    config = transformer.config
+    models = {rank: build(rank, blocks, device, dtype) for rank in ranks}
+    config = models[0].config
     height, width = latent_size(480, 720)
-    latents = torch.randn(2, latent, config.in_channels, height, width, device=device, dtype=dtype)
-    text = torch.randn(2, config.max_text_seq_length, config.text_embed_dim, device=device, dtype=dtype)
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, latent, config.in_channels, height, width, generator=generator).to(device, dtype)
+    text = torch.randn(2, config.max_text_seq_length, config.text_embed_dim, generator=generator).to(device, dtype)
+    timestep = torch.tensor([500, 500], device=device)
     rotary = rotary_embeddings(config, 480, 720, latent, device)
 
-    def step() -> float:
+    def step(model) -> float:
         if device == "cuda":
             torch.cuda.synchronize()
         started = time.perf_counter()
         with torch.inference_mode():
-            transformer(hidden_states=latents, encoder_hidden_states=text, timestep=torch.tensor([500, 500], device=device),
-                        image_rotary_emb=rotary, return_dict=False)
+            model(hidden_states=latents, encoder_hidden_states=text, timestep=timestep, image_rotary_emb=rotary,
+                  return_dict=False)
         if device == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - started
 
-    step()
-    times = [step() for _ in range(steps)]
+    for model in models.values():
+        step(model)  # warm-up
+    times: dict[int, list[float]] = {rank: [] for rank in ranks}
+    for _ in range(rounds):
+        for rank, model in models.items():
+            times[rank].append(step(model))
     tokens = latent * (height // PATCH_SIZE) * (width // PATCH_SIZE) + config.max_text_seq_length
-    return {"case": f"rank-{rank}", "rank": rank, "blocks": blocks, "tokens": tokens,
-            "step_s_median": statistics.median(times), **{f"full_{k}": v for k, v in full_size_flops(rank).items()}}
+    base = statistics.median(times[0])
+    return [{"case": f"rank-{rank}", "rank": rank, "blocks": blocks, "tokens": tokens,
+             "step_s_median": statistics.median(times[rank]), "over_no_lora": statistics.median(times[rank]) / base,
+             **{f"full_{k}": v for k, v in full_size_flops(rank).items()}} for rank in ranks]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--blocks", type=int, default=2, help="transformer blocks of 5B width to run")
+    parser.add_argument("--blocks", type=int, default=1, help="transformer blocks of 5B width to run")
     parser.add_argument("--latent-frames", type=int, default=1, help="latent frames (13 = a full 49-frame clip)")
-    parser.add_argument("--steps", type=int, default=3, help="timed forward passes per rank (after one warm-up)")
-    parser.add_argument("--case", help=argparse.SUPPRESS)
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds over all ranks (after one warm-up each)")
+    parser.add_argument("--ranks", default=",".join(map(str, RANKS)), help="slot ranks, 0 (no LoRA) first")
     add_save_argument(parser)
     args = parser.parse_args()
-    if args.case:
-        print(json.dumps(rank_case(int(args.case), args.blocks, args.latent_frames, args.steps)))
-        return
-    extra = ["--blocks", str(args.blocks), "--latent-frames", str(args.latent_frames), "--steps", str(args.steps)]
-    rows = [run_case_in_subprocess(Path(__file__), str(rank), extra) for rank in RANKS]
-    none = next((r for r in rows if r.get("rank") == 0 and "step_s_median" in r), None)
-    for row in rows:
-        if none and "step_s_median" in row:
-            row["over_no_lora"] = row["step_s_median"] / none["step_s_median"]
+    ranks = [int(rank) for rank in args.ranks.split(",")]
+    if ranks[0] != 0:
+        parser.error("--ranks must start with 0, the baseline")
+    rows = measure(ranks, args.blocks, args.latent_frames, args.rounds)
     print(f"device: {device_description()}, torch {torch.__version__}")
-    print_table(rows, ["case", "blocks", "tokens", "step_s_median", "over_no_lora", "full_tokens", "full_lora_share_of_step",
-                       "error"])
+    print_table(rows, ["case", "blocks", "tokens", "step_s_median", "over_no_lora", "full_tokens", "full_lora_share_of_step"])
     path = write_results("slot_rank", {"device": device_description(), "torch": torch.__version__, "blocks": args.blocks,
                                        "latent_frames": args.latent_frames, "results": rows}, save=args.save)
     print(f"wrote {path}")

@@ -18,12 +18,10 @@ pytestmark = pytest.mark.slow
     [
         ("train_step.py", "tiny:cached", {"step_s_median", "peak_memory_mb"}),
         ("serve.py", "tiny:bf16-eager", {"step_s_median", "est_50_steps_s"}),  # the 5B step code on the tiny model
-        ("slot_rank.py", "128", {"step_s_median", "full_lora_share_of_step"}),  # one 5B-wide block, short sequence
     ],
 )
 def test_bench_case_runs_and_reports(script, case, keys, tmp_path):
-    extra = ["--blocks", "1"] if script == "slot_rank.py" else []
-    result = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / script), "--case", case, "--steps", "1", *extra],
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / script), "--case", case, "--steps", "1"],
                             cwd=REPO_ROOT, env=offline_env(tmp_path, HOME=str(tmp_path)), capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -43,3 +41,15 @@ def test_a_run_never_overwrites_the_committed_results(tmp_path, monkeypatch):
     new = common.write_results("demo", {"run": 2})
     assert new.parent == tmp_path / "results" / "runs" and new != committed
     assert json.loads(committed.read_text()) == {"run": 1} and json.loads(new.read_text()) == {"run": 2}
+
+
+def test_slot_rank_bench_runs_and_writes_a_run_file(tmp_path):
+    """The slot-rank benchmark end to end on one 5B-wide block: a table, and JSON under runs/ only."""
+    env = offline_env(tmp_path, HOME=str(tmp_path), SLAP_BENCH_RESULTS=str(tmp_path / "results"))
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "slot_rank.py"), "--ranks", "0,16", "--rounds", "1"],
+                            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    [written] = list((tmp_path / "results" / "runs").glob("slot_rank-*.json"))
+    rows = json.loads(written.read_text())["results"]
+    assert [row["rank"] for row in rows] == [0, 16] and rows[0]["over_no_lora"] == 1.0
+    assert rows[1]["full_lora_share_of_step"] > 0 and rows[1]["step_s_median"] > 0
