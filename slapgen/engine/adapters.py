@@ -9,7 +9,6 @@ folder untouched.
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import threading
@@ -24,10 +23,13 @@ from safetensors.torch import load
 from slapgen.atomic import atomic_write_bytes
 from slapgen.errors import AdapterError, AdapterExistsError, AdapterNotFoundError, AdapterTooLargeError
 from slapgen.models import lora_format
-from slapgen.models.lora_format import DIFFUSERS_METADATA_KEY, KEY_PATTERN, WEIGHTS_FILE, HeaderError, parse_header
+from slapgen.models.lora_format import DIFFUSERS_METADATA_KEY, KEY_PATTERN, WEIGHTS_FILE, Header, HeaderError, parse_header
 
-ADAPTER_NAME_PATTERN = re.compile(r"^[a-z0-9_-]{1,64}$")
+ADAPTER_NAME_PATTERN = re.compile(r"^[a-z0-9_-]{1,64}$")  # use fullmatch: with match, "$" accepts "a\n"
 MAX_ADAPTER_BYTES = 2 * 1024**3
+# Trained LoRA weights are of order 1e-2..1; beyond this a weight is corrupt or hostile.
+MAX_LORA_WEIGHT = 1e3
+WEIGHT_DTYPES = ("F32", "F16", "BF16")
 
 
 @dataclass(frozen=True)
@@ -41,23 +43,27 @@ class AdapterTarget:
 
 
 @dataclass(frozen=True)
+class CheckedAdapter:
+    """An adapter header that passed every check: its rank and the peft config the slot swaps it in with."""
+
+    rank: int
+    config: object = field(repr=False)  # peft.LoraConfig
+
+
+@dataclass(frozen=True)
 class LoadedAdapter:
     name: str
     state_dict: dict[str, torch.Tensor] = field(repr=False)
     metadata: dict[str, str]
     rank: int
-
-    @property
-    def diffusers_metadata(self) -> dict | None:
-        raw = self.metadata.get(DIFFUSERS_METADATA_KEY)
-        return json.loads(raw) if raw else None
+    config: object = field(repr=False)  # peft.LoraConfig, built the way diffusers builds it
 
     def info(self) -> dict:
         return adapter_info(self.name, self.metadata, self.rank)
 
 
 def adapter_info(name: str, metadata: dict[str, str], rank: int) -> dict:
-    """What `GET /adapters` shows for one adapter; needs only the file's header."""
+    """What `GET /adapters` shows for one adapter (already validated); needs only the file's header."""
     peft = lora_format.peft_metadata(metadata)
     alpha = metadata.get(lora_format.ALPHA_KEY) or peft.get("lora_alpha") or rank
     steps = metadata.get(lora_format.STEPS_KEY)
@@ -76,7 +82,7 @@ def adapter_info(name: str, metadata: dict[str, str], rank: int) -> dict:
 
 
 def check_name(name: str, field: str = "adapter") -> str:
-    if not isinstance(name, str) or not ADAPTER_NAME_PATTERN.match(name):
+    if not isinstance(name, str) or not ADAPTER_NAME_PATTERN.fullmatch(name):
         raise AdapterError(f"adapter name {name!r} must be 1-64 characters of a-z, 0-9, _ or -", field=field)
     return name
 
@@ -87,19 +93,19 @@ def _same_model(declared: str, running: str) -> bool:
     return tail(declared) == tail(running)
 
 
-def read_header(head: bytes, name: str) -> tuple[dict[str, list[int]], dict[str, str]]:
+def read_header(head: bytes, name: str) -> Header:
     try:
         return parse_header(head)
     except HeaderError as error:
         raise AdapterError(f"adapter {name} is not a readable safetensors file ({error})", field="adapter") from None
 
 
-def adapter_rank(name: str, shapes: dict[str, list[int]], target: AdapterTarget) -> int:
-    """The rank of an adapter whose keys, shapes and per-module ranks fit the running model; the
-    slot's rank limit is not checked here."""
+def module_ranks(name: str, shapes: dict[str, list[int]], target: AdapterTarget) -> dict[str, int]:
+    """Each targeted module's rank, once keys, shapes and lora_A/lora_B agreement are checked against the
+    running model; the slot's rank limit is not checked here."""
     if not shapes:
         raise AdapterError(f"adapter {name} holds no tensors", field="adapter")
-    module_ranks: dict[str, dict[str, int]] = {}
+    parts_by_module: dict[str, dict[str, int]] = {}
     for key, shape in shapes.items():
         match = KEY_PATTERN.match(key)
         if match is None:
@@ -119,45 +125,114 @@ def adapter_rank(name: str, shapes: dict[str, list[int]], target: AdapterTarget)
                                field="adapter")
         if rank < 1:
             raise AdapterError(f"adapter {name}: {key} has rank 0", field="adapter")
-        module_ranks.setdefault(module, {})[part] = rank
-    for module, parts in module_ranks.items():
+        parts_by_module.setdefault(module, {})[part] = rank
+    for module, parts in parts_by_module.items():
         if set(parts) != {"A", "B"}:
             missing = ({"A", "B"} - set(parts)).pop()
             raise AdapterError(f"adapter {name}: {module} has no lora_{missing} weight", field="adapter")
         if parts["A"] != parts["B"]:
             raise AdapterError(f"adapter {name}: {module} has lora_A of rank {parts['A']} but lora_B of rank {parts['B']}",
                                field="adapter")
-    return max(parts["A"] for parts in module_ranks.values())
+    return {module: parts["A"] for module, parts in parts_by_module.items()}
 
 
-def check_adapter(name: str, shapes: dict[str, list[int]], metadata: dict[str, str], target: AdapterTarget) -> int:
-    """Validate an adapter's header against the running model; returns its rank. Raises AdapterError."""
-    rank = adapter_rank(name, shapes, target)
+def adapter_rank(name: str, shapes: dict[str, list[int]], target: AdapterTarget) -> int:
+    return max(module_ranks(name, shapes, target).values())
+
+
+def lora_config(name: str, header: Header, ranks: dict[str, int]):
+    """The peft LoraConfig diffusers would build for this adapter (from its metadata, or from its ranks
+    when it has none), checked for what the hot-swap slot can take: positive finite rank and alpha, no
+    DoRA, rsLoRA, LoRA bias or per-module alphas. Raises AdapterError instead of failing mid-swap."""
+    import math
+
+    from diffusers.utils.peft_utils import _create_lora_config
+
+    try:
+        metadata = lora_format.peft_metadata(header.metadata) or None
+        keys = {key.removeprefix(lora_format.TRANSFORMER_PREFIX): None for key in header.shapes}
+        rank_of_key = {f"^{module}.lora_B.weight": rank for module, rank in ranks.items()}
+        config = _create_lora_config(keys, None, metadata, rank_of_key, is_unet=False)
+    except (ValueError, TypeError, KeyError, AttributeError) as error:
+        raise AdapterError(f"adapter {name}: its LoRA metadata ({DIFFUSERS_METADATA_KEY}) is not a config diffusers can "
+                           f"use ({error})", field="adapter") from None
+
+    def positive(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+    problems = []
+    if not positive(config.r) or not positive(config.lora_alpha):
+        problems.append(f"rank {config.r!r} and alpha {config.lora_alpha!r} must be positive numbers")
+    for option in ("use_dora", "use_rslora", "lora_bias"):
+        if getattr(config, option, False):
+            problems.append(f"{option} is not supported")
+    if config.alpha_pattern:
+        problems.append("per-module alphas (alpha_pattern) are not supported")
+    if not all(positive(rank) for rank in (config.rank_pattern or {}).values()):
+        problems.append("rank_pattern values must be positive numbers")
+    if problems:
+        raise AdapterError(f"adapter {name}: {'; '.join(problems)}", field="adapter")
+    return config
+
+
+def check_slapgen_metadata(name: str, metadata: dict[str, str]) -> None:
+    """slapgen's own keys, when present, hold what they say (GET /adapters reads them)."""
+    checks = {lora_format.ALPHA_KEY: float, lora_format.RANK_KEY: int, lora_format.STEPS_KEY: int}
+    for key, kind in checks.items():
+        if key in metadata:
+            try:
+                value = kind(metadata[key])
+            except ValueError:
+                value = None
+            if value is None or value < 0 or (kind is float and not value == value):
+                raise AdapterError(f"adapter {name}: metadata {key}={metadata[key]!r} is not a valid number", field="adapter")
+
+
+def check_adapter(name: str, header: Header, target: AdapterTarget) -> CheckedAdapter:
+    """Validate an adapter's header against the running model and slot. Raises AdapterError."""
+    ranks = module_ranks(name, header.shapes, target)
+    rank = max(ranks.values())
     if rank > target.max_rank:
         raise AdapterError(
             f"adapter {name} has rank {rank}, above the LoRA slot's rank {target.max_rank}; the slot is sized at "
             f"start-up from the adapters in SLAP_ADAPTERS_DIR, so put it there and restart, or set "
             f"SLAP_MAX_LORA_RANK={rank}", field="adapter")
-    try:
-        lora_format.peft_metadata(metadata)
-    except ValueError:
-        raise AdapterError(f"adapter {name}: metadata {DIFFUSERS_METADATA_KEY} is not a JSON object", field="adapter") from None
-    declared = metadata.get(lora_format.BASE_MODEL_KEY)
+    unsupported = sorted({dtype for dtype in header.dtypes.values() if dtype not in WEIGHT_DTYPES})
+    if unsupported:
+        raise AdapterError(f"adapter {name}: tensors of type {', '.join(unsupported)}; LoRA weights must be "
+                           f"{', '.join(WEIGHT_DTYPES)}", field="adapter")
+    check_slapgen_metadata(name, header.metadata)
+    config = lora_config(name, header, ranks)
+    declared = header.metadata.get(lora_format.BASE_MODEL_KEY)
     if declared and not _same_model(declared, target.model_name):
         raise AdapterError(f"adapter {name} was trained on {declared}, but this service runs {target.model_name}",
                            field="adapter")
-    return rank
+    return CheckedAdapter(rank, config)
+
+
+def check_weights(name: str, state_dict: dict[str, torch.Tensor]) -> None:
+    """Every weight finite and within MAX_LORA_WEIGHT: one NaN or a huge value would turn every later
+    frame black, base model included (0 x inf is NaN), long after the adapter is gone."""
+    for key, tensor in state_dict.items():
+        values = tensor.float()
+        if not torch.isfinite(values).all():
+            raise AdapterError(f"adapter {name}: {key} holds NaN or infinite values", field="adapter")
+        largest = values.abs().max().item() if values.numel() else 0.0
+        if largest > MAX_LORA_WEIGHT:
+            raise AdapterError(f"adapter {name}: {key} holds a value of magnitude {largest:.3g}, above the "
+                               f"{MAX_LORA_WEIGHT:g} a LoRA weight may have", field="adapter")
 
 
 def parse_adapter(name: str, data: bytes, target: AdapterTarget) -> LoadedAdapter:
-    """Validate adapter bytes against the running model, then load the tensors; raises AdapterError."""
-    shapes, metadata = read_header(data, name)
-    rank = check_adapter(name, shapes, metadata, target)
+    """Validate adapter bytes against the running model, then load and check the tensors; raises AdapterError."""
+    header = read_header(data, name)
+    checked = check_adapter(name, header, target)
     try:
         state_dict = load(data)
     except (SafetensorError, ValueError, OSError, RuntimeError) as error:
         raise AdapterError(f"adapter {name} is not a readable safetensors file ({error})", field="adapter") from None
-    return LoadedAdapter(name, state_dict, metadata, rank)
+    check_weights(name, state_dict)
+    return LoadedAdapter(name, state_dict, header.metadata, checked.rank, checked.config)
 
 
 def read_head(path: Path) -> bytes:
@@ -180,7 +255,7 @@ def adapter_names(folder: Path) -> list[str]:
     found = set()
     for entry in Path(folder).iterdir():
         name = entry.name.removesuffix(".safetensors") if entry.is_file() else entry.name
-        if ADAPTER_NAME_PATTERN.match(name) and weights_path(folder, name):
+        if ADAPTER_NAME_PATTERN.fullmatch(name) and weights_path(folder, name):
             found.add(name)
     return sorted(found)
 
@@ -192,7 +267,7 @@ def largest_rank_in(folder: Path, target: AdapterTarget) -> int:
         return largest
     for name in adapter_names(folder):
         try:
-            largest = max(largest, adapter_rank(name, read_header(read_head(weights_path(folder, name)), name)[0], target))
+            largest = max(largest, adapter_rank(name, read_header(read_head(weights_path(folder, name)), name).shapes, target))
         except (AdapterError, OSError):
             continue  # listed with its error by GET /adapters; it does not size the slot
     return largest
@@ -240,8 +315,8 @@ class AdapterStore:
         described = []
         for name in self.names():
             try:
-                shapes, metadata = read_header(read_head(weights_path(self.folder, name)), name)
-                described.append(adapter_info(name, metadata, check_adapter(name, shapes, metadata, self.target)))
+                header = read_header(read_head(weights_path(self.folder, name)), name)
+                described.append(adapter_info(name, header.metadata, check_adapter(name, header, self.target).rank))
             except (AdapterError, OSError) as error:  # a bad file dropped in by hand: listed, not fatal
                 described.append({"name": name, "error": str(error)})
         return described

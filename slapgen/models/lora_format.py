@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 
 WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
 TRANSFORMER_PREFIX = "transformer."
@@ -28,8 +29,17 @@ class HeaderError(ValueError):
     """The bytes are not a safetensors header."""
 
 
-def parse_header(head: bytes) -> tuple[dict[str, list[int]], dict[str, str]]:
-    """Tensor shapes and `__metadata__` from the start of a safetensors file (8-byte length + JSON)."""
+@dataclass(frozen=True)
+class Header:
+    """What a safetensors header says without reading a tensor: shapes, dtypes ("F32", ...), metadata."""
+
+    shapes: dict[str, list[int]]
+    dtypes: dict[str, str]
+    metadata: dict[str, str]
+
+
+def parse_header(head: bytes) -> Header:
+    """The header at the start of a safetensors file (8-byte little-endian length + JSON)."""
     try:
         if len(head) < 8:
             raise ValueError("file is shorter than a header")
@@ -43,9 +53,10 @@ def parse_header(head: bytes) -> tuple[dict[str, list[int]], dict[str, str]]:
         if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
             raise ValueError("__metadata__ is not a map of strings")
         shapes = {key: [int(n) for n in entry["shape"]] for key, entry in header.items()}
+        dtypes = {key: str(entry["dtype"]) for key, entry in header.items()}
     except (ValueError, TypeError, KeyError, AttributeError) as error:
         raise HeaderError(str(error)) from None
-    return shapes, dict(metadata)
+    return Header(shapes, dtypes, dict(metadata))
 
 
 def peft_metadata(metadata: dict[str, str]) -> dict:
