@@ -166,3 +166,53 @@ def test_bad_arguments_are_one_line_errors(planted, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert cli_main(["curate", str(planted), "--out", str(tmp_path / "o"), "--select", "0"]) == 2
     assert "--select" in capsys.readouterr().err
+
+
+def _small_dataset(demo_dataset, folder):
+    folder.mkdir()
+    for name in ("clip_000", "clip_001", "clip_002"):
+        shutil.copy(demo_dataset / f"{name}.mp4", folder / f"{name}.mp4")
+        shutil.copy(demo_dataset / f"{name}.txt", folder / f"{name}.txt")
+    return folder
+
+
+def _flags(out):
+    return {clip["video"]: clip["issues"] for clip in json.loads((out / "report.json").read_text())["clips"]}
+
+
+def test_undecodable_caption_is_flagged_and_curation_carries_on(demo_dataset, tmp_path):
+    """Guards a caption file that is not UTF-8 crashing `slapgen curate` (UnicodeDecodeError): the clip
+    is flagged `caption_unreadable` (not `caption_missing`), never selected, and the rest is curated."""
+    data = _small_dataset(demo_dataset, tmp_path / "data")
+    (data / "clip_001.txt").write_bytes((data / "clip_001.txt").read_bytes()[:40] + b"\xff\xfe\xfd")
+    out = tmp_path / "out"
+    assert cli_main(["curate", str(data), "--out", str(out), "--select", "3", "--workers", "1", "--config", "tiny-smoke"]) == 0
+    assert _flags(out) == {"clip_000.mp4": [], "clip_001.mp4": ["caption_unreadable"], "clip_002.mp4": []}
+    assert sorted(clip.video.name for clip in read_dataset(out / "selected.jsonl")) == ["clip_000.mp4", "clip_002.mp4"]
+    assert "caption_unreadable" in (out / "report.html").read_text()
+
+
+def test_curation_never_reads_through_a_link_out_of_the_dataset(demo_dataset, tmp_path):
+    """Guards curation following symbolic links out of the dataset folder and putting the outside
+    file's text in report.json / report.html: a caption or video that leads out is flagged
+    (`caption_outside_dataset`, `outside_dataset`) and never read; a link inside the folder is
+    followed, so it shows up as a `duplicate` of its target."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.txt").write_text("TOPSECRET " * 60)
+    shutil.copy(demo_dataset / "clip_003.mp4", outside / "clip.mp4")
+    data = _small_dataset(demo_dataset, tmp_path / "data")
+    (data / "clip_001.txt").unlink()
+    (data / "clip_001.txt").symlink_to(outside / "secret.txt")
+    (data / "z_outside.mp4").symlink_to(outside / "clip.mp4")
+    shutil.copy(demo_dataset / "clip_003.txt", data / "z_outside.txt")
+    (data / "z_inside.mp4").symlink_to("clip_000.mp4")
+    shutil.copy(demo_dataset / "clip_003.txt", data / "z_inside.txt")
+    out = tmp_path / "out"
+    assert cli_main(["curate", str(data), "--out", str(out), "--select", "5", "--workers", "1", "--config", "tiny-smoke"]) == 0
+    assert _flags(out) == {"clip_000.mp4": [], "clip_001.mp4": ["caption_outside_dataset"], "clip_002.mp4": [],
+                           "z_inside.mp4": ["duplicate"], "z_outside.mp4": ["outside_dataset"]}
+    for name in ("report.json", "report.html", "selected.jsonl"):
+        assert "TOPSECRET" not in (out / name).read_text()
+    outside_record = next(c for c in json.loads((out / "report.json").read_text())["clips"] if c["video"] == "z_outside.mp4")
+    assert outside_record["video_info"]["error"] == "not read: a link out of the dataset folder"

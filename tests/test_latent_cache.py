@@ -93,3 +93,43 @@ def test_cached_prompt_embeddings_reproduce_the_pipelines_own_output(tiny_cache_
     np.testing.assert_allclose(from_cache, from_text, rtol=0, atol=1e-6)
     other = pipeline(prompt="a slap", negative_prompt="", generator=torch.Generator().manual_seed(4), **settings).frames[0]
     assert np.abs(other - from_text).max() > 1e-3  # the prompt matters, so agreement means something
+
+
+def test_corrupt_cache_entries_are_reported_and_re_encoded(tiny_cache_dir, dataset, tmp_path):
+    """Guards a damaged latent-cache entry (cut short, overwritten with garbage, or without the VAE
+    factors in its metadata) and a hand-edited file_hashes.json making every rerun crash until they
+    are deleted by hand: each damaged entry is reported and encoded again, the others are reused."""
+    from safetensors.torch import save_file
+
+    clips = read_dataset(dataset)
+    cache = _cache(tiny_cache_dir, tmp_path / "cache")
+    first = cache.precompute(clips, progress=False)
+    truncated, garbage, no_metadata, intact = (entry.path for entry in first.entries)
+    truncated.write_bytes(truncated.read_bytes()[:-100])
+    garbage.write_bytes(b"\x00" * 64)
+    tensors = {name: tensor.clone() for name, tensor in load_file(no_metadata).items()}  # not the mapped file
+    save_file(tensors, str(no_metadata))
+    (tmp_path / "cache" / "file_hashes.json").write_text("[]")  # valid JSON, but not the index
+    report = cache.precompute(clips, progress=False)
+    assert (report.encoded, report.reused, len(report.entries)) == (3, 1, 4)
+    assert [r["video"] for r in report.repaired] == ["clip_000.mp4", "clip_001.mp4", "clip_002.mp4"]
+    assert "not a readable safetensors file" in report.repaired[0]["problem"]
+    assert "lacks the VAE factors" in report.repaired[2]["problem"]
+    assert "3 corrupt cache entries re-encoded" in report.summary()
+    for old, new in zip(first.entries, report.entries):
+        assert new.path == old.path and new.vae_factors() == old.vae_factors()
+        assert torch.equal(load_file(new.path)["latent_mean"], load_file(old.path)["latent_mean"])
+    again = cache.precompute(clips, progress=False)
+    assert (again.encoded, again.reused, again.repaired) == (0, 4, [])
+
+
+def test_corrupt_prompt_embedding_is_re_encoded(tiny_cache_dir, tmp_path, capsys):
+    """Guards a damaged cached prompt embedding (validation prompts, the empty negative) crashing every
+    rerun: it is said and encoded again, to the same values."""
+    cache = _cache(tiny_cache_dir, tmp_path / "cache")
+    first = cache.prompt_embeddings(["a power slap"])[0].clone()  # not backed by the file damaged below
+    (entry,) = (tmp_path / "cache" / "prompts").rglob("*.safetensors")
+    entry.write_bytes(entry.read_bytes()[:40])
+    (again,) = cache.prompt_embeddings(["a power slap"])
+    assert torch.equal(first, again)
+    assert f"cache entry {entry.name} is not a readable safetensors file" in capsys.readouterr().out

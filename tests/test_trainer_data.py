@@ -115,3 +115,71 @@ def test_demo_captions_follow_the_research_notes(outcome):
 def test_demo_clips_are_all_distinct(tmp_path):
     paths = write_demo_dataset(tmp_path, clips=12)
     assert len({p.read_bytes() for p in paths}) == 12
+
+
+BAD_UTF8 = b"Power slap: the striker \xff\xfe swings"  # \xff never occurs in UTF-8
+
+
+@pytest.mark.parametrize("layout", ["pairs", "prompts.txt", "data.csv", "data.jsonl"])
+def test_invalid_utf8_caption_names_its_file_or_flags_the_clip(demo_dataset, tmp_path, layout):
+    """Guards a caption that is not UTF-8 crashing `train` and `curate` (UnicodeDecodeError): training
+    gets a one-line DatasetError naming the file, curation the clip flagged `caption_unreadable`, and
+    the other clip of the same file keeps its caption."""
+    names = _copy_clips(demo_dataset, tmp_path)
+    rows = [b"a good caption", BAD_UTF8]
+    if layout == "pairs":
+        for name, caption in zip(names, rows):
+            (tmp_path / name).with_suffix(".txt").write_bytes(caption)
+        target, where = tmp_path, "clip_001.txt"
+    elif layout == "prompts.txt":
+        (tmp_path / "videos.txt").write_text("\n".join(names) + "\n")
+        (tmp_path / "prompts.txt").write_bytes(b"\n".join(rows) + b"\n")
+        target, where = tmp_path, "prompts.txt line 2"
+    elif layout == "data.csv":
+        (tmp_path / layout).write_bytes(b"video,caption\n" + b"".join(n.encode() + b"," + c + b"\n" for n, c in zip(names, rows)))
+        target, where = tmp_path / layout, "data.csv line 3"
+    else:
+        lines = [b'{"video": "' + n.encode() + b'", "caption": "' + c + b'"}\n' for n, c in zip(names, rows)]
+        (tmp_path / layout).write_bytes(b"".join(lines))
+        target, where = tmp_path / layout, "data.jsonl line 2"
+    with pytest.raises(DatasetError) as error:
+        read_dataset(target)
+    assert str(error.value) == f"{where}: caption of clip_001.mp4 is not valid UTF-8"
+    good, bad = read_dataset(target, require_captions=False, require_files=False)
+    assert (good.caption, good.issues) == ("a good caption", ())
+    assert (bad.caption, bad.issues) == (None, ("caption_unreadable",))
+
+
+def test_links_out_of_the_dataset_are_never_followed(demo_dataset, tmp_path):
+    """Guards the dataset reader following symbolic links out of the dataset folder (curation then put
+    the outside file's text in its report): a video or caption that leads out is a DatasetError for
+    training and an issue for curation, and the outside caption is never read. A link that stays
+    inside the folder is followed like the file itself."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.txt").write_text("SECRET " * 20)
+    shutil.copy(demo_dataset / "clip_001.mp4", outside / "elsewhere.mp4")
+    data = tmp_path / "data"
+    _copy_clips(demo_dataset, data, count=1)
+    (data / "clip_000.txt").symlink_to(outside / "secret.txt")
+    with pytest.raises(DatasetError, match="^clip_000.txt: caption of clip_000.mp4 is a link out of the dataset folder$"):
+        read_dataset(data)
+    (data / "clip_000.txt").unlink()
+    (data / "clip_000.txt").write_text("a good caption")
+    (data / "sub").mkdir()
+    (data / "sub" / "alias.mp4").symlink_to("../clip_000.mp4")  # stays inside: followed
+    (data / "sub" / "alias.txt").write_text("the alias's caption")
+    assert [(c.name, c.video, c.issues) for c in read_dataset(data)] == [
+        ("clip_000.mp4", (data / "clip_000.mp4").resolve(), ()), ("sub/alias.mp4", (data / "clip_000.mp4").resolve(), ())]
+    (data / "z_link.mp4").symlink_to(outside / "elsewhere.mp4")
+    (data / "z_link.txt").write_text("a caption")
+    with pytest.raises(DatasetError, match="^z_link.mp4: video z_link.mp4 is a link out of the dataset folder$"):
+        read_dataset(data)
+    (data / "secret.mp4").write_bytes(b"")
+    (data / "secret.txt").symlink_to(outside / "secret.txt")
+    flagged = {c.name: (c.caption, c.issues) for c in read_dataset(data, require_captions=False, require_files=False)}
+    assert flagged["z_link.mp4"] == ("a caption", ("outside_dataset",))
+    assert flagged["secret.mp4"] == (None, ("caption_outside_dataset",))
+    # A listing may name a file outside its folder in plain sight (curation's selected.jsonl does).
+    (tmp_path / "list.jsonl").write_text('{"video": "data/clip_000.mp4", "caption": "c"}\n{"video": "outside/elsewhere.mp4", "caption": "d"}\n')
+    assert [c.issues for c in read_dataset(tmp_path / "list.jsonl")] == [(), ()]

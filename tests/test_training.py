@@ -19,6 +19,7 @@ from trainer.batches import BatchOrder, load_batch
 from trainer.cli import main as cli_main
 from trainer.config import load_config
 from trainer.datasets import read_dataset
+from trainer.errors import TrainError
 from trainer.latent_cache import LatentCache
 from trainer.lora import LORA_FILENAME, add_lora, load_lora_into, read_lora_metadata
 from trainer.train import train
@@ -74,6 +75,38 @@ def test_resume_continues_exactly(tiny_cache_dir, demo_dataset, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a), max((a[k] - b[k]).abs().max().item() for k in a)
     assert any(a[k].abs().sum() > 0 for k in a if "lora_B" in k)
     steps = [json.loads(line)["step"] for line in (interrupted / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_resume_skips_corrupt_checkpoints_for_the_newest_intact_one(tiny_cache_dir, demo_dataset, tmp_path, capsys):
+    """Guards a corrupt latest checkpoint (its state file present, optimizer.pt cut short) blocking
+    `--resume latest` with a raw traceback: resume falls back to the newest checkpoint that reads whole,
+    says which one it skipped and why, and still continues bit-exactly; with none intact, a TrainError
+    in one line that names each one skipped."""
+    settings = ["train.max_train_steps=6", "checkpoint.every_steps=2"]
+    straight = train(_config(tiny_cache_dir, *settings), demo_dataset, tmp_path / "straight", progress=False)
+    run = tmp_path / "run"
+    train(_config(tiny_cache_dir, *settings), demo_dataset, run, stop_at_step=4, progress=False)
+    optimizer = run / "checkpoints" / "checkpoint-000004" / "optimizer.pt"
+    optimizer.write_bytes(optimizer.read_bytes()[:1000])
+    lora = run / "checkpoints" / "checkpoint-000002" / LORA_FILENAME
+    intact = lora.read_bytes()
+    lora.write_bytes(b"garbage")
+    with pytest.raises(TrainError) as none_intact:
+        train(_config(tiny_cache_dir, *settings), demo_dataset, run, resume="latest", progress=False)
+    message = str(none_intact.value)
+    assert "no intact checkpoint" in message and "\n" not in message
+    assert "checkpoint-000004: optimizer.pt unreadable" in message
+    assert f"checkpoint-000002: {LORA_FILENAME} unreadable" in message
+
+    lora.write_bytes(intact)
+    capsys.readouterr()
+    resumed = train(_config(tiny_cache_dir, *settings), demo_dataset, run, resume="latest", progress=False)
+    out = capsys.readouterr().out
+    assert "skipping checkpoint-000004: optimizer.pt unreadable" in out and "checkpoint-000002 at step 2" in out
+    a, b = load_file(straight), load_file(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]
 
 

@@ -4,12 +4,25 @@ Layouts (picked from what `path` is):
 - a folder with `videos.txt` + `prompts.txt` (diffusers' training scripts): line i pairs up;
 - a `.csv` / `.jsonl` file with `video` and `caption` columns (paths relative to the file);
 - a folder of `clip.mp4` + `clip.txt` pairs (searched recursively).
+
+Two things a dataset handed to us may hold are never trusted:
+- Text that is not UTF-8. A caption with undecodable bytes is a `DatasetError` naming its file when
+  captions are required (training), and the clip's `caption_unreadable` issue otherwise (curation).
+  Files are decoded with `surrogateescape`, so one bad caption in a csv or prompts.txt spoils only
+  its own row.
+- Links out of the dataset. A video or caption file is read only if, with every symbolic link
+  followed, it stays inside the dataset folder (for a path a listing names outside that folder, as
+  curation's selected.jsonl does, inside the folder the path names): a link elsewhere inside is
+  followed like the file itself. One that leads out is a `DatasetError` for training and the issue
+  `outside_dataset` (video) or `caption_outside_dataset` for curation; its content is never read.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +30,8 @@ from trainer.errors import DatasetError
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".webm", ".mkv", ".avi", ".m4v")
 VIDEO_COLUMN, CAPTION_COLUMN = "video", "caption"
+_UNDECODABLE = re.compile("[\udc80-\udcff]")  # what surrogateescape makes of bytes that are not UTF-8
+CAPTION_PROBLEMS = {"caption_unreadable": "is not valid UTF-8", "caption_outside_dataset": "is a link out of the dataset folder"}
 
 
 @dataclass(frozen=True)
@@ -26,14 +41,25 @@ class Clip:
     video: Path
     caption: str | None
     name: str
+    issues: tuple[str, ...] = ()  # what was refused while reading (only without require_files / require_captions)
+
+
+@dataclass(frozen=True)
+class _Row:
+    name: str  # the video's path as the dataset writes it
+    caption: str | None  # undecodable bytes survive as lone surrogates (see _UNDECODABLE)
+    source: str  # where the row is, for messages: "data.csv line 3"
+    caption_source: str  # the file (and line) the caption comes from
+    caption_issue: str | None = None  # a caption file that was not read (a link out of the dataset)
 
 
 def read_dataset(path: Path, require_captions: bool = True, require_files: bool = True) -> list[Clip]:
     """Every clip of the dataset at `path`, in dataset order.
 
-    With `require_captions`, a missing or empty caption is a `DatasetError` naming the clip;
-    without it (curation), such clips come back with `caption=None`. A video file that does not
-    exist is an error unless `require_files` is off (curation reports it as unreadable instead).
+    With `require_captions`, a missing, empty or unreadable caption is a `DatasetError` naming the clip;
+    without it (curation), such clips come back with `caption=None` (and an issue when unreadable). A
+    video file that does not exist or leads out of the dataset is an error unless `require_files` is
+    off (curation reports it instead).
     """
     path = Path(path)
     if not path.exists():
@@ -50,22 +76,51 @@ def read_dataset(path: Path, require_captions: bool = True, require_files: bool 
         rows, root = _txt_pair_rows(path), path
     else:
         rows, root = _folder_pair_rows(path), path
-    clips = [_clip(root, name, caption, source, require_captions, require_files) for name, caption, source in rows]
+    clips = [_clip(root, row, require_captions, require_files) for row in rows]
     if not clips:
         raise DatasetError(f"dataset {path} holds no clips")
     return clips
 
 
-def _clip(root: Path, name: str, caption: str | None, source: str, require_captions: bool, require_files: bool) -> Clip:
-    if not name:
-        raise DatasetError(f"{source}: empty video path")
-    video = (root / name).resolve()
-    if require_files and not video.is_file():
-        raise DatasetError(f"{source}: video {name} not found (looked in {video})")
+def _clip(root: Path, row: _Row, require_captions: bool, require_files: bool) -> Clip:
+    if not row.name:
+        raise DatasetError(f"{row.source}: empty video path")
+    if _UNDECODABLE.search(row.name):
+        raise DatasetError(f"{row.source}: the video path is not valid UTF-8")
+    issues = []
+    video, inside = _resolve(root, row.name)
+    if not inside:
+        if require_files:
+            raise DatasetError(f"{row.source}: video {row.name} is a link out of the dataset folder")
+        issues.append("outside_dataset")
+    elif require_files and not video.is_file():
+        raise DatasetError(f"{row.source}: video {row.name} not found (looked in {video})")
+    caption, caption_issue = row.caption, row.caption_issue
+    if caption and _UNDECODABLE.search(caption):
+        caption, caption_issue = None, "caption_unreadable"
+    if caption_issue:
+        if require_captions:
+            raise DatasetError(f"{row.caption_source}: caption of {row.name} {CAPTION_PROBLEMS[caption_issue]}")
+        issues.append(caption_issue)
     caption = caption.strip() if caption else None
     if require_captions and not caption:
-        raise DatasetError(f"{source}: video {name} has an empty caption")
-    return Clip(video=video, caption=caption or None, name=name)
+        raise DatasetError(f"{row.source}: video {row.name} has an empty caption")
+    return Clip(video=video, caption=caption or None, name=row.name, issues=tuple(issues))
+
+
+def _resolve(root: Path, name: str) -> tuple[Path, bool]:
+    """The file `name` (relative to `root`) really is, and whether following links kept it inside the
+    folder it was named in: `root`, or for a path a listing deliberately names outside `root`, the
+    folder that path names. So a listing may point anywhere in plain sight; a link may not."""
+    root = root.absolute()
+    written = Path(os.path.normpath(root / name))
+    folder = root if written.is_relative_to(root) else written.parent
+    resolved = (root / name).resolve()
+    return resolved, resolved.is_relative_to(folder.resolve())
+
+
+def _read_text(path: Path) -> str:
+    return path.read_text(encoding="utf-8", errors="surrogateescape")
 
 
 def _check_columns(found: list[str] | None, source: Path) -> None:
@@ -77,19 +132,20 @@ def _check_columns(found: list[str] | None, source: Path) -> None:
         )
 
 
-def _csv_rows(path: Path) -> list[tuple[str, str | None, str]]:
-    with path.open(newline="", encoding="utf-8") as handle:
+def _csv_rows(path: Path) -> list[_Row]:
+    with path.open(newline="", encoding="utf-8", errors="surrogateescape") as handle:
         reader = csv.DictReader(handle)
         _check_columns(reader.fieldnames, path)
-        return [
-            ((row[VIDEO_COLUMN] or "").strip(), row[CAPTION_COLUMN], f"{path.name} line {number}")
-            for number, row in enumerate(reader, start=2)
-        ]
+        rows = []
+        for number, row in enumerate(reader, start=2):
+            where = f"{path.name} line {number}"
+            rows.append(_Row((row[VIDEO_COLUMN] or "").strip(), row[CAPTION_COLUMN], where, where))
+        return rows
 
 
-def _jsonl_rows(path: Path) -> list[tuple[str, str | None, str]]:
+def _jsonl_rows(path: Path) -> list[_Row]:
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(_read_text(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -99,33 +155,43 @@ def _jsonl_rows(path: Path) -> list[tuple[str, str | None, str]]:
         if not isinstance(row, dict):
             raise DatasetError(f"{path.name} line {number} is not a JSON object")
         _check_columns(list(row), path)
-        rows.append((str(row[VIDEO_COLUMN]).strip(), row[CAPTION_COLUMN], f"{path.name} line {number}"))
+        where = f"{path.name} line {number}"
+        rows.append(_Row(str(row[VIDEO_COLUMN]).strip(), row[CAPTION_COLUMN], where, where))
     return rows
 
 
-def _txt_pair_rows(folder: Path) -> list[tuple[str, str | None, str]]:
+def _txt_pair_rows(folder: Path) -> list[_Row]:
     for required in ("videos.txt", "prompts.txt"):
         if not (folder / required).is_file():
             raise DatasetError(f"{folder} has {'prompts.txt' if required == 'videos.txt' else 'videos.txt'} but no {required}")
+        if not _resolve(folder, required)[1]:  # the listings themselves: no clip to blame, so always an error
+            raise DatasetError(f"{folder / required} is a link out of the dataset folder")
     videos = _lines_without_trailing_blanks(folder / "videos.txt")
     prompts = _lines_without_trailing_blanks(folder / "prompts.txt")
     if len(prompts) != len(videos):
         raise DatasetError(f"{folder}: videos.txt has {len(videos)} lines but prompts.txt has {len(prompts)}")
-    return [(video, prompt, f"videos.txt line {n}") for n, (video, prompt) in enumerate(zip(videos, prompts), start=1)]
+    return [_Row(video, prompt, f"videos.txt line {n}", f"prompts.txt line {n}")
+            for n, (video, prompt) in enumerate(zip(videos, prompts), start=1)]
 
 
 def _lines_without_trailing_blanks(path: Path) -> list[str]:
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = _read_text(path).splitlines()
     while lines and not lines[-1].strip():
         lines.pop()
     return [line.strip() for line in lines]
 
 
-def _folder_pair_rows(folder: Path) -> list[tuple[str, str | None, str]]:
+def _folder_pair_rows(folder: Path) -> list[_Row]:
     rows = []
     for video in sorted(p for p in folder.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES and p.is_file()):
-        caption_file = video.with_suffix(".txt")
-        caption = caption_file.read_text(encoding="utf-8") if caption_file.is_file() else None
         name = video.relative_to(folder).as_posix()
-        rows.append((name, caption, name))
+        caption_file = video.with_suffix(".txt")
+        caption_name = caption_file.relative_to(folder).as_posix()
+        caption, issue = None, None
+        if caption_file.is_file():
+            if _resolve(folder, caption_name)[1]:
+                caption = _read_text(caption_file)
+            else:
+                issue = "caption_outside_dataset"  # never opened: its text must not reach a report
+        rows.append(_Row(name, caption, name, caption_name, issue))
     return rows

@@ -6,6 +6,11 @@ records the factors of the VAE that encoded it (`VaeFactors`: spatial, temporal,
 training scales latents with the factor that belongs to them. Files are written atomically, so an
 interrupted run resumes where it stopped and never leaves a half-written entry. A clip that cannot
 be decoded is reported and skipped.
+
+An entry found on disk is checked before it is reused, from its header alone (no tensor is read):
+it must open as safetensors and hold the expected tensors and metadata. A damaged entry (a disk
+that filled up, a copy cut short, a hand edit) is reported and encoded again, so no rerun needs
+a hand fix. The file-hash index is only a speed-up: an unreadable one is rebuilt.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from slapgen.atomic import atomic_path, atomic_write_text
@@ -30,6 +35,8 @@ from trainer.frames import load_clip
 
 CACHE_FORMAT = 2  # 2: entries record the VAE's factors
 HASH_INDEX = "file_hashes.json"
+CLIP_TENSORS = frozenset({"latent_mean", "latent_logvar", "prompt_embeds"})
+PROMPT_TENSORS = frozenset({"prompt_embeds"})
 
 
 def model_identity(resolved: ResolvedModel) -> str:
@@ -47,15 +54,17 @@ class FileHasher:
     def __init__(self, index_path: Path):
         self.index_path = index_path
         try:
-            self.known: dict[str, list] = json.loads(index_path.read_text())
-        except (OSError, ValueError):
-            self.known = {}
+            known = json.loads(index_path.read_text())
+        except (OSError, ValueError):  # missing, not UTF-8 or not JSON: start over
+            known = {}
+        self.known: dict[str, list] = known if isinstance(known, dict) else {}
 
     def digest(self, path: Path) -> str:
         stat = path.stat()
         stamp = [stat.st_size, stat.st_mtime_ns]
         remembered = self.known.get(str(path))
-        if remembered and remembered[:2] == stamp:
+        # A hand-edited index may hold anything; only a well-formed [size, mtime, sha] row is trusted.
+        if isinstance(remembered, list) and len(remembered) == 3 and remembered[:2] == stamp and isinstance(remembered[2], str):
             return remembered[2]
         sha = hashlib.sha256()
         with path.open("rb") as handle:
@@ -85,13 +94,15 @@ class PrecomputeReport:
     encoded: int = 0
     reused: int = 0
     skipped: list[dict[str, str]] = field(default_factory=list)
+    repaired: list[dict[str, str]] = field(default_factory=list)  # corrupt entries found and encoded again
 
     def summary(self) -> str:
         reasons: dict[str, int] = {}
         for skip in self.skipped:
             reasons[skip["reason"]] = reasons.get(skip["reason"], 0) + 1
         skipped = ", ".join(f"{count} {reason}" for reason, count in sorted(reasons.items())) or "none"
-        return f"{len(self.entries)} clips ready ({self.encoded} encoded, {self.reused} reused); skipped: {skipped}"
+        repaired = f"; {len(self.repaired)} corrupt cache entries re-encoded" if self.repaired else ""
+        return f"{len(self.entries)} clips ready ({self.encoded} encoded, {self.reused} reused); skipped: {skipped}{repaired}"
 
     def to_json(self) -> dict:
         return {
@@ -99,6 +110,7 @@ class PrecomputeReport:
             "encoded": self.encoded,
             "reused": self.reused,
             "skipped": self.skipped,
+            "repaired": self.repaired,
             "entries": [{"video": e.clip.name, "key": e.key, "path": str(e.path)} for e in self.entries],
         }
 
@@ -175,24 +187,12 @@ class LatentCache:
             for clip in bar:
                 key = self.clip_key(hasher.digest(clip.video), clip.caption or "")
                 path = self._path("clips", key)
-                if path.is_file():
+                if _reusable(path, CLIP_TENSORS, clip.name, report, bar.write):
                     report.reused += 1
-                else:
-                    try:
-                        frames = load_clip(clip.video, self.data.num_frames, self.data.fps, self.data.height, self.data.width)
-                    except ClipError as error:
-                        report.skipped.append({"video": clip.name, "reason": error.reason, "detail": str(error)})
-                        bar.write(f"skipped {clip.name}: {error}")
-                        continue
-                    mean, logvar = self.encoders.encode_video(frames)
-                    tensors = {
-                        "latent_mean": mean.contiguous(),
-                        "latent_logvar": logvar.contiguous(),
-                        "prompt_embeds": self.encoders.encode_prompt(clip.caption or "").contiguous(),
-                    }
-                    metadata = {"video": clip.name, "caption": clip.caption or "", **self.encoders.vae_factors.to_metadata()}
-                    _atomic_save(tensors, path, metadata)
+                elif self._encode_clip(clip, path, report, bar.write):
                     report.encoded += 1
+                else:
+                    continue
                 report.entries.append(CacheEntry(key, path, clip))
                 bar.set_postfix(encoded=report.encoded, reused=report.reused, skipped=len(report.skipped))
         finally:
@@ -200,13 +200,31 @@ class LatentCache:
         atomic_write_text(self.root / "last_report.json", json.dumps(report.to_json(), indent=2))
         return report
 
+    def _encode_clip(self, clip: Clip, path: Path, report: PrecomputeReport, say) -> bool:
+        """Encode `clip` into the entry at `path`; False (reported in `report.skipped`) if it cannot be decoded."""
+        try:
+            frames = load_clip(clip.video, self.data.num_frames, self.data.fps, self.data.height, self.data.width)
+        except ClipError as error:
+            report.skipped.append({"video": clip.name, "reason": error.reason, "detail": str(error)})
+            say(f"skipped {clip.name}: {error}")
+            return False
+        mean, logvar = self.encoders.encode_video(frames)
+        tensors = {
+            "latent_mean": mean.contiguous(),
+            "latent_logvar": logvar.contiguous(),
+            "prompt_embeds": self.encoders.encode_prompt(clip.caption or "").contiguous(),
+        }
+        metadata = {"video": clip.name, "caption": clip.caption or "", **self.encoders.vae_factors.to_metadata()}
+        _atomic_save(tensors, path, metadata)
+        return True
+
     def prompt_embeddings(self, prompts: list[str]) -> list[torch.Tensor]:
         """T5 embeddings of free prompts (validation prompts, the empty negative), cached like clips."""
         result = []
         for prompt in prompts:
             key = _sha256(f"v{CACHE_FORMAT}", "prompt", prompt, model_identity(self.resolved))
             path = self._path("prompts", key)
-            if not path.is_file():
+            if not _reusable(path, PROMPT_TENSORS, "a prompt", None, print):
                 _atomic_save({"prompt_embeds": self.encoders.encode_prompt(prompt).contiguous()}, path, {"prompt": prompt})
             result.append(load_file(path)["prompt_embeds"])
         return result
@@ -215,6 +233,45 @@ class LatentCache:
         self._encoders = None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def _reusable(path: Path, tensors: frozenset[str], what: str, report: PrecomputeReport | None, say) -> bool:
+    """Whether the entry at `path` exists and is sound; a damaged one is said (and reported) so it is encoded again."""
+    if not path.is_file():
+        return False
+    problem = entry_problem(path, tensors, vae_metadata=tensors == CLIP_TENSORS)
+    if problem is None:
+        return True
+    if report is not None:
+        report.repaired.append({"video": what, "path": str(path), "problem": problem})
+    say(f"re-encoding {what}: its cache entry {path.name} {problem}")
+    return False
+
+
+def entry_problem(path: Path, tensors: frozenset[str], vae_metadata: bool = False) -> str | None:
+    """Why the cache entry at `path` cannot be reused (a short phrase), or None when its header is sound.
+
+    Reads the header only: safetensors checks that the header's offsets cover the file exactly, so a
+    truncated or overwritten file fails here without a tensor being loaded.
+    """
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            names, metadata = set(handle.keys()), handle.metadata() or {}
+    except (OSError, SafetensorError) as error:
+        return f"is not a readable safetensors file ({_first_line(error)})"
+    if names != tensors:
+        return f"holds tensors {sorted(names)}, not {sorted(tensors)}"
+    if vae_metadata:
+        try:
+            VaeFactors.from_metadata(metadata)
+        except (KeyError, ValueError):
+            return "lacks the VAE factors in its metadata"
+    return None
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:

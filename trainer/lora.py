@@ -74,7 +74,12 @@ def read_lora_metadata(path: Path) -> dict[str, str]:
 
 def load_lora_into(transformer, path: Path) -> None:
     """Restore LoRA weights saved by `save_lora` into a transformer that already has the adapter."""
-    state = {key.removeprefix(TRANSFORMER_PREFIX): value for key, value in load_file(str(path)).items()}
+    set_lora_state(transformer, load_file(str(path)), path)
+
+
+def set_lora_state(transformer, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Put LoRA weights already read from `path` (diffusers' keys) into the transformer's adapter."""
+    state = {key.removeprefix(TRANSFORMER_PREFIX): value for key, value in tensors.items()}
     result = set_peft_model_state_dict(transformer, state)
     unexpected = getattr(result, "unexpected_keys", None)
     if unexpected:

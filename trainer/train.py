@@ -6,11 +6,14 @@ schedule, and the checkpoint to resume from. `train` then loops: load cached lat
 step's noise, `cogvideox.training_step`, backward, clip, step; log, checkpoint, validate every N
 steps; and finally writes RUN_DIR/pytorch_lora_weights.safetensors. Checkpoints are saved and loaded
 explicitly (`save_checkpoint` / `load_checkpoint`): the LoRA, optimizer, schedule and each process's
-random state; the step inside them is also the data position (see trainer.batches).
+random state; the step inside them is also the data position (see trainer.batches). Resume reads
+every file of a checkpoint before it changes anything, so a corrupt one can be skipped for the
+previous one (`checkpoints.read_resumable`).
 """
 
 from __future__ import annotations
 
+import pickle
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +22,8 @@ import torch
 from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
 from accelerate.utils import ProjectConfiguration, parse_flag_from_env, set_seed
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from slapgen.atomic import atomic_path, atomic_write_text
 from slapgen.models.cogvideox import draw_noise, latent_frames, rotary_embeddings, training_step
@@ -29,7 +34,7 @@ from trainer.config import TrainConfig
 from trainer.datasets import read_dataset
 from trainer.errors import TrainError
 from trainer.latent_cache import CacheEntry, LatentCache
-from trainer.lora import LORA_FILENAME, add_lora, load_lora_into, save_lora
+from trainer.lora import LORA_FILENAME, add_lora, save_lora, set_lora_state
 from trainer.metrics import MetricsLog, peak_memory_mb, truncate_after
 from trainer.optim import make_lr_scheduler, make_optimizer
 from trainer.validation import Validator
@@ -168,8 +173,9 @@ def setup(config: TrainConfig, data_path: Path, run_dir: Path, resume: str | Non
 
     # 3. Resume.
     if resume is not None:
-        checkpoint = checkpoints.find_checkpoint(run_dir, resume)
-        load_checkpoint(run, checkpoint)
+        say = print if main else lambda line: None
+        checkpoint, contents = checkpoints.read_resumable(run_dir, resume, lambda folder: read_checkpoint(run, folder), say)
+        apply_checkpoint(run, checkpoint, contents)
         if main:
             truncate_after(run_dir / "metrics.jsonl", run.step)
             print(f"resumed from {checkpoint} at step {run.step}")
@@ -264,6 +270,8 @@ def save_checkpoint(run: Run) -> Path:
     random state; the state file, written last, marks it complete. Older ones beyond keep_last go."""
     accelerator = run.accelerator
     folder = checkpoints.checkpoint_dir(run.dir, run.step)
+    if run.main:
+        checkpoints.clear_state(folder)
     rng = {"torch": torch.get_rng_state(), "noise": run.noise_generator.get_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
@@ -280,21 +288,67 @@ def save_checkpoint(run: Run) -> Path:
     return folder
 
 
-def load_checkpoint(run: Run, folder: Path) -> None:
+@dataclass
+class CheckpointContents:
+    """Every file of a checkpoint, read into memory: nothing of the run changes until all of them read."""
+
+    state: dict
+    lora: dict[str, torch.Tensor]
+    optimizer: dict
+    scheduler: dict
+    rng: dict
+
+
+# What reading a damaged file raises: safetensors' header check, torch.load's zip and unpickling
+# errors, a missing file.
+_UNREADABLE = (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError, SafetensorError)
+
+
+def _read(folder: Path, name: str, reader):
+    try:
+        return reader(folder / name)
+    except _UNREADABLE as error:
+        lines = str(error).strip().splitlines()
+        raise checkpoints.CorruptCheckpoint(f"{name} unreadable ({lines[0][:160] if lines else type(error).__name__})") from None
+
+
+def _torch_load(path: Path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def read_checkpoint(run: Run, folder: Path) -> CheckpointContents:
+    """Read every file of `folder`; `checkpoints.CorruptCheckpoint` names the first that cannot be read.
+
+    Every process reads every process's RNG file, so all of them judge a checkpoint alike and resume
+    from the same one."""
     state = checkpoints.read_state(folder)
     processes = state.get("processes", 1)
     if processes != run.accelerator.num_processes:
         raise TrainError(f"{folder} was saved by {processes} processes; resume it with as many "
                          f"(this run has {run.accelerator.num_processes})")
-    load_lora_into(run.accelerator.unwrap_model(run.transformer), folder / LORA_FILENAME)
-    run.optimizer.load_state_dict(torch.load(folder / OPTIMIZER_FILE, map_location="cpu", weights_only=True))
-    run.lr_scheduler.load_state_dict(torch.load(folder / SCHEDULER_FILE, map_location="cpu", weights_only=True))
-    rng = torch.load(folder / _rng_file(run.accelerator.process_index), weights_only=True)
-    torch.set_rng_state(rng["torch"])
-    run.noise_generator.set_state(rng["noise"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    run.step = state["step"]
+    rngs = [_read(folder, _rng_file(index), _torch_load) for index in range(processes)]
+    return CheckpointContents(
+        state=state,
+        lora=_read(folder, LORA_FILENAME, lambda path: load_file(str(path))),
+        optimizer=_read(folder, OPTIMIZER_FILE, _torch_load),
+        scheduler=_read(folder, SCHEDULER_FILE, _torch_load),
+        rng=rngs[run.accelerator.process_index],
+    )
+
+
+def apply_checkpoint(run: Run, folder: Path, contents: CheckpointContents) -> None:
+    set_lora_state(run.accelerator.unwrap_model(run.transformer), contents.lora, folder / LORA_FILENAME)
+    run.optimizer.load_state_dict(contents.optimizer)
+    run.lr_scheduler.load_state_dict(contents.scheduler)
+    torch.set_rng_state(contents.rng["torch"])
+    run.noise_generator.set_state(contents.rng["noise"])
+    if "cuda" in contents.rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(contents.rng["cuda"])
+    run.step = contents.state["step"]
+
+
+def load_checkpoint(run: Run, folder: Path) -> None:
+    apply_checkpoint(run, folder, read_checkpoint(run, folder))
 
 
 def _save(obj, path: Path) -> None:

@@ -28,7 +28,7 @@ def _plots(out: Path, report: dict) -> dict[str, str]:
         plt.close(figure)
         written[name] = title
 
-    lengths = [c["caption"]["words"] for c in clips if "caption_missing" not in c["issues"]]
+    lengths = [c["caption"]["words"] for c in clips if c["caption_text"]]  # missing or unreadable ones have none
     figure, axis = plt.subplots(figsize=(6, 3.2))
     axis.axvspan(MIN_WORDS, MAX_WORDS, color="tab:green", alpha=0.15, label=f"{MIN_WORDS}-{MAX_WORDS} words")
     axis.hist(lengths or [0], bins=range(0, max(lengths + [150]) + 5, 5), color="tab:blue")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from slapgen.atomic import atomic_write_text
-from trainer.curate.captions import check_caption
+from trainer.curate.captions import CaptionReport, check_caption
 from trainer.curate.duplicates import find_duplicates
 from trainer.curate.selection import select_best
 from trainer.curate.video_probe import VideoProbe, probe_video
@@ -34,8 +34,10 @@ class CurateSettings:
     select: int | None = None
 
 
-def _probe(job: tuple[int, str, str]) -> tuple[int, VideoProbe]:
+def _probe(job: tuple[int, str | None, str]) -> tuple[int, VideoProbe]:
     index, video, thumbnail = job
+    if video is None:
+        return index, VideoProbe(False, "not read: a link out of the dataset folder")
     if not Path(video).is_file():
         return index, VideoProbe(False, "file not found")
     probe = probe_video(Path(video))
@@ -61,6 +63,15 @@ def _video_issues(probe: VideoProbe, settings: CurateSettings) -> list[str]:
     return issues
 
 
+def _issues(clip: Clip, probe: VideoProbe, caption: CaptionReport, settings: CurateSettings) -> list[str]:
+    # What the dataset reader refused to read carries its own code, not the `corrupt` or
+    # `caption_missing` that an unread video or caption would otherwise look like.
+    video = [] if "outside_dataset" in clip.issues else _video_issues(probe, settings)
+    refused_caption = [code for code in clip.issues if code.startswith("caption_")]
+    refused_video = [code for code in clip.issues if not code.startswith("caption_")]
+    return video + refused_video + (refused_caption or caption.issues)
+
+
 def curate(dataset: Path, out: Path, settings: CurateSettings = CurateSettings(), progress: bool = True) -> dict:
     """Write DIR/report.json, DIR/report.html (+ plots, thumbnails) and, with `select`, DIR/selected.jsonl."""
     from tqdm.auto import tqdm
@@ -72,7 +83,8 @@ def curate(dataset: Path, out: Path, settings: CurateSettings = CurateSettings()
     thumbnails.mkdir(parents=True, exist_ok=True)
     clips: list[Clip] = read_dataset(dataset, require_captions=False, require_files=False)
     workers = settings.workers or os.cpu_count() or 1
-    jobs = [(i, str(clip.video), str(thumbnails / f"{i:06d}.png")) for i, clip in enumerate(clips)]
+    jobs = [(i, None if "outside_dataset" in clip.issues else str(clip.video), str(thumbnails / f"{i:06d}.png"))
+            for i, clip in enumerate(clips)]
     records: list[dict] = []
     started = time.perf_counter()
     bar = tqdm(total=len(clips), desc="curate", unit="clip", disable=not progress)
@@ -84,7 +96,7 @@ def curate(dataset: Path, out: Path, settings: CurateSettings = CurateSettings()
                 "video": clip.name,
                 "path": str(clip.video),
                 "caption_text": clip.caption,
-                "issues": _video_issues(probe, settings) + caption.issues,
+                "issues": _issues(clip, probe, caption, settings),
                 "video_info": probe.to_json(),
                 "caption": {k: v for k, v in vars(caption).items() if k != "issues"},
                 "thumbnail": Path(jobs[index][2]).relative_to(out).as_posix() if probe.readable else None,
