@@ -8,6 +8,7 @@ variables (see README.md). Routes that BentoML's `@api` cannot express (GET /inf
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -15,10 +16,12 @@ import bentoml
 from bentoml.validators import ContentType
 
 from prompts import default_library
+from slapgen.engine.adapters import MAX_ADAPTER_BYTES
 from slapgen.engine.generator import VideoGenerator
 from slapgen.errors import SlapgenError
 from slapgen.models.loading import resolve_model
-from slapgen.serving.http_errors import describe_error, error_response, status_for
+from slapgen.serving.body_limit import BodySizeLimit
+from slapgen.serving.http_errors import describe_error, error_response, quiet_client_errors, status_for
 from slapgen.serving.jobs import JobBoard
 from slapgen.serving.requests import GenerateRequest, RenderRequest
 from slapgen.serving.routes import build_routes
@@ -49,9 +52,16 @@ def _answer_error(ctx: bentoml.Context, error: SlapgenError):
     return error_response(error)
 
 
+def _deadline() -> float:
+    # A second before BentoML answers 504, the generation stops between steps and frees the model.
+    return time.monotonic() + max(1, settings.request_timeout_s - 1)
+
+
 @bentoml.service(
     name="slapgen",
-    traffic={"timeout": settings.request_timeout_s, "max_concurrency": settings.max_queue},
+    # The engine admits SLAP_MAX_QUEUE generations (429 + Retry-After past that); BentoML's own limit is
+    # far above it so /info, /adapters and job status never get a 429 while generations wait.
+    traffic={"timeout": settings.request_timeout_s, "max_concurrency": settings.max_queue + 64},
     # Extra threads let requests wait in the generator's queue instead of BentoML's thread pool.
     threads=settings.max_queue + 4,
     # Declared for `bentoml build` / cloud deployments; a CPU-only `bentoml serve` still runs.
@@ -70,6 +80,7 @@ class SlapGen:
             _exit_with(str(error))
 
     def __init__(self) -> None:
+        quiet_client_errors()
         resolved = resolve_model(settings.model, settings.cache_dir, allow_download=False)
         # Loads, quantises, compiles and warms up: /readyz answers only after this returns.
         self.generator = VideoGenerator.load(resolved, settings.engine_options())
@@ -80,19 +91,20 @@ class SlapGen:
         try:
             params = request.for_model(self.generator.spec, self.generator.adapters.names())
             ctx.response.headers["X-Seed"] = str(params.seed)
-            return self.generator.generate_mp4(params, Path(ctx.temp_dir) / "video.mp4")
+            return self.generator.generate_mp4(params, Path(ctx.temp_dir) / "video.mp4", deadline=_deadline())
         except SlapgenError as error:
             return _answer_error(ctx, error)
 
     @bentoml.task(route="/jobs")
     def jobs(self, request: GenerateRequest, /, ctx: bentoml.Context) -> Annotated[bytes, ContentType("video/mp4")]:
         """Async generation: POST /jobs/submit, then GET /jobs/progress, /jobs/status, /jobs/get."""
-        task_id = ctx.request.state.task_id
+        # BentoML also routes a plain POST /jobs here, without a task id: it runs like /generate.
+        task_id = getattr(ctx.request.state, "task_id", None) or f"direct-{id(ctx)}"
         try:
             params = request.for_model(self.generator.spec, self.generator.adapters.names())
             job_board.queued(task_id, params.num_inference_steps)
             path = self.generator.generate_mp4(
-                params, Path(ctx.temp_dir) / "video.mp4", on_step=lambda k, n: job_board.step(task_id, k, n)
+                params, Path(ctx.temp_dir) / "video.mp4", on_step=lambda k, n: job_board.step(task_id, k, n),
             )
         except SlapgenError as error:
             job_board.failed(task_id, describe_error(error))
@@ -112,3 +124,6 @@ class SlapGen:
         except SlapgenError as error:
             return _answer_error(ctx, error)
         return {"template": request.template, "prompt": text, "words": len(text.split())}
+
+
+SlapGen.add_asgi_middleware(BodySizeLimit, upload_limit=MAX_ADAPTER_BYTES + 1024**2)

@@ -54,3 +54,15 @@ class GenerationError(SlapgenError):
 
 class RequestError(SlapgenError):
     """A generation request the running model cannot honour (a field out of its limits)."""
+
+
+class QueueFullError(SlapgenError):
+    """As many generations as allowed are running or waiting; `retry_after` says when to try again (s)."""
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class GenerationTimeoutError(SlapgenError):
+    """A generation passed its deadline; it was stopped between denoising steps and freed the model."""

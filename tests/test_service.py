@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -128,4 +129,66 @@ def test_fp8_without_a_capable_gpu_stops_start_up_with_one_sentence(tmp_path):
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if line.startswith("slapgen:")]
     assert len(lines) == 1 and "compute capability 8.9" in lines[0], result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+
+
+def test_a_huge_body_is_a_413_before_it_is_read(tiny_server):
+    """Guards unlimited bodies: a 500 MB JSON body used to be accepted into memory."""
+    response = httpx.post(f"{tiny_server.url}/generate", content=b'{"prompt": "' + b"x" * (2 * 1024**2) + b'"}',
+                          headers={"content-type": "application/json"}, timeout=60)
+    assert response.status_code == 413 and set(response.json()) == {"error", "detail"}
+
+
+def test_a_bad_request_logs_one_line_not_a_traceback(tiny_server):
+    """Guards every 400 writing a 30-line traceback into the server log."""
+    before = tiny_server.log_tail(10**7).count("Traceback")
+    response = httpx.post(f"{tiny_server.url}/generate", json={"prompt": "a", "num_inference_steps": 0}, timeout=30)
+    assert response.status_code == 400
+    time.sleep(0.5)
+    log = tiny_server.log_tail(10**7)
+    assert log.count("Traceback") == before and "num_inference_steps" in log
+
+
+def test_plain_post_jobs_generates_instead_of_failing(tiny_server, tmp_path):
+    """Guards `POST /jobs` (the task's own route, called without submit) answering 500 to everything."""
+    response = httpx.post(f"{tiny_server.url}/jobs", json={"prompt": "a power slap", "seed": 3}, timeout=120)
+    assert response.status_code == 200, response.text
+    (tmp_path / "job.mp4").write_bytes(response.content)
+    assert read_mp4(tmp_path / "job.mp4")[0].shape[0] == TINY_SPEC.default_num_frames
+
+
+def test_status_routes_answer_while_the_queue_is_full(tiny_cache_dir, tmp_path):
+    """Guards /info, /adapters and job progress answering 429 while generations fill the queue, and a 429
+    without Retry-After: with SLAP_MAX_QUEUE=1 and one long generation running, a second generation
+    gets 429 with Retry-After at once, and the status routes keep answering 200."""
+    from tests.conftest import start_server, stop_server
+
+    server = start_server(tmp_path, SLAP_MODEL="tiny", SLAP_CACHE_DIR=str(tiny_cache_dir), SLAP_MAX_QUEUE="1",
+                          SLAP_ADAPTERS_DIR=str(tmp_path / "adapters"))
+    try:
+        task_id = httpx.post(f"{server.url}/jobs/submit", json={"prompt": "a", "num_inference_steps": 200,
+                                                                "num_frames": 49, "seed": 1}).json()["task_id"]
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # until the long generation holds the model
+            progress = httpx.get(f"{server.url}/jobs/progress", params={"task_id": task_id})
+            if progress.status_code == 200 and progress.json()["state"] == "running":
+                break
+            time.sleep(0.05)
+        refused = httpx.post(f"{server.url}/generate", json={"prompt": "b", "seed": 2}, timeout=60)
+        assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 1, refused.status_code
+        assert set(refused.json()) == {"error", "detail"}
+        for route in ("/info", "/adapters", "/templates"):
+            assert httpx.get(f"{server.url}{route}").status_code == 200, route
+        assert httpx.get(f"{server.url}/jobs/progress", params={"task_id": task_id}).status_code == 200
+    finally:
+        stop_server(server)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the CPU refusal")
+def test_cuda_without_a_gpu_stops_start_up_with_one_sentence(tmp_path):
+    """Guards SLAP_DEVICE=cuda on a machine without CUDA making the worker crash and restart forever."""
+    result = _serve_and_wait(tmp_path, SLAP_MODEL="tiny", SLAP_DEVICE="cuda", SLAP_CACHE_DIR=str(tmp_path / "cache"))
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.startswith("slapgen:")]
+    assert len(lines) == 1 and "SLAP_DEVICE=cuda" in lines[0], result.stderr[-3000:]
     assert "Traceback" not in result.stderr

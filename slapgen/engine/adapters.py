@@ -10,7 +10,6 @@ folder untouched.
 from __future__ import annotations
 
 import re
-import shutil
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -292,13 +291,17 @@ class AdapterStore:
         if path is None:
             raise AdapterNotFoundError(f"no adapter named {name}; available: {', '.join(self.names()) or 'none'}",
                                        field="adapter")
-        stamp = path.stat().st_mtime_ns
-        with self._lock:
-            cached = self._cache.get(name)
-            if cached and cached[0] == stamp:
-                self._cache.move_to_end(name)
-                return cached[1]
-        adapter = parse_adapter(name, path.read_bytes(), self.target)
+        try:
+            stamp = path.stat().st_mtime_ns
+            with self._lock:
+                cached = self._cache.get(name)
+                if cached and cached[0] == stamp:
+                    self._cache.move_to_end(name)
+                    return cached[1]
+            data = path.read_bytes()
+        except FileNotFoundError:  # deleted between the lookup and the read
+            raise AdapterNotFoundError(f"adapter {name} was just deleted", field="adapter") from None
+        adapter = parse_adapter(name, data, self.target)
         with self._lock:
             self._cache[name] = (stamp, adapter)
             self._cache.move_to_end(name)
@@ -342,8 +345,8 @@ class AdapterStore:
             path = weights_path(self.folder, name)
             if path is None:
                 raise AdapterNotFoundError(f"no adapter named {name}", field="name")
-            if path.parent == self.folder:
-                path.unlink()
-            else:
-                shutil.rmtree(path.parent)
+            path.unlink()
+            # A diffusers LoRA folder goes too, but only once nothing else of the user's is left in it.
+            if path.parent != self.folder and not any(path.parent.iterdir()):
+                path.parent.rmdir()
             self._cache.pop(name, None)

@@ -23,6 +23,7 @@ from slapgen.engine.lora_slot import LoraSlot, lora_modules
 from slapgen.engine.params import EngineOptions, GenerationParams
 from slapgen.engine.placement import place_pipeline
 from slapgen.engine.quantization import choose_quantization, quantize_transformer
+from slapgen.errors import GenerationTimeoutError, QueueFullError
 from slapgen.models.loading import ResolvedModel, load_pipeline
 from slapgen.models.specs import ModelSpec
 from slapgen.video import write_mp4
@@ -34,15 +35,20 @@ MAX_SLOT_RANK = 1024
 
 
 class FifoLock:
-    """A lock granted in the order it was asked for (threading.Lock makes no such promise)."""
+    """A lock granted in the order it was asked for (threading.Lock makes no such promise), admitting
+    at most `limit` holders and waiters at once."""
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int | None = None) -> None:
         self._condition = threading.Condition()
         self._next_ticket = 0
         self._serving = 0
+        self.limit = limit
 
     def __enter__(self) -> "FifoLock":
         with self._condition:
+            if self.limit is not None and self._next_ticket - self._serving >= self.limit:
+                raise QueueFullError(f"{self.limit} generations are running or waiting; try again later",
+                                     retry_after=1)
             ticket = self._next_ticket
             self._next_ticket += 1
             self._condition.wait_for(lambda: self._serving == ticket)
@@ -72,7 +78,7 @@ def slot_rank_for(options: EngineOptions, model_name: str, modules: dict[str, tu
 
 class VideoGenerator:
     def __init__(self, pipeline, spec: ModelSpec, device: str, slot: LoraSlot, adapters: AdapterStore,
-                 quantization: str = "none", compiled: CompiledTransformer | None = None):
+                 quantization: str = "none", compiled: CompiledTransformer | None = None, max_queue: int | None = None):
         self.pipeline = pipeline
         self.spec = spec
         self.device = device
@@ -80,7 +86,8 @@ class VideoGenerator:
         self.adapters = adapters
         self.quantization = quantization
         self.compiled = compiled
-        self._lock = FifoLock()
+        self._lock = FifoLock(max_queue)
+        self._last_duration_s = 1.0
 
     @classmethod
     def load(cls, resolved: ResolvedModel, options: EngineOptions) -> "VideoGenerator":
@@ -96,7 +103,7 @@ class VideoGenerator:
             compiled.compile(pipeline)
         target = AdapterTarget(resolved.spec.name, slot.modules, slot.max_rank)
         adapters = AdapterStore(options.adapters_dir, target, options.adapter_cache_size)
-        generator = cls(pipeline, resolved.spec, options.device, slot, adapters, quantization, compiled)
+        generator = cls(pipeline, resolved.spec, options.device, slot, adapters, quantization, compiled, options.max_queue)
         if compiled is not None:
             generator.warm_up()
         return generator
@@ -128,26 +135,48 @@ class VideoGenerator:
             "queue": self.queue_length,
         }
 
-    def generate_frames(self, params: GenerationParams, on_step: StepCallback | None = None) -> np.ndarray:
-        """Run the pipeline; returns float frames in [0, 1] shaped (F, H, W, 3). Raises AdapterError."""
+    def generate_frames(self, params: GenerationParams, on_step: StepCallback | None = None,
+                        deadline: float | None = None) -> np.ndarray:
+        """Run the pipeline; returns float frames in [0, 1] shaped (F, H, W, 3).
+
+        `deadline` (time.monotonic()) stops the generation between denoising steps, or before it starts
+        when it is reached in the queue, so a request the client gave up on never holds the model.
+        Raises AdapterError, QueueFullError, GenerationTimeoutError."""
         # Read the adapter (disk or LRU) before queueing, so disk I/O never holds the pipeline.
         adapter: LoadedAdapter | None = self.adapters.get(params.adapter) if params.adapter else None
+        timed_out = []
 
         def report_step(pipeline, index, timestep, tensors):
             if on_step is not None:
                 on_step(index + 1, params.num_inference_steps)
+            if deadline is not None and time.monotonic() > deadline and index + 1 < params.num_inference_steps:
+                pipeline._interrupt = True  # diffusers' pipelines skip the remaining steps
+                timed_out.append(index + 1)
             return tensors
 
-        with self._lock:
-            self.slot.activate(adapter, params.adapter_scale)
-            # A CPU generator gives the same noise on every device, so a seed reproduces anywhere.
-            generator = torch.Generator("cpu").manual_seed(params.seed)
-            with torch.inference_mode():
-                output = self.pipeline(
-                    **params.pipeline_arguments(), generator=generator, output_type="np", return_dict=True,
-                    callback_on_step_end=report_step,
-                )
+        try:
+            with self._lock:
+                if deadline is not None and time.monotonic() > deadline:
+                    raise GenerationTimeoutError("the request timed out while waiting for the model")
+                started = time.perf_counter()
+                self.slot.activate(adapter, params.adapter_scale)
+                # A CPU generator gives the same noise on every device, so a seed reproduces anywhere.
+                generator = torch.Generator("cpu").manual_seed(params.seed)
+                with torch.inference_mode():
+                    output = self.pipeline(
+                        **params.pipeline_arguments(), generator=generator, output_type="np", return_dict=True,
+                        callback_on_step_end=report_step,
+                    )
+                self._last_duration_s = time.perf_counter() - started
+        except QueueFullError as error:
+            # Worth retrying once the requests ahead have had time to run.
+            error.retry_after = max(1, round(self._last_duration_s * (self.queue_length + 1)))
+            raise
+        if timed_out:
+            raise GenerationTimeoutError(f"the request timed out after {timed_out[0]} of {params.num_inference_steps} "
+                                         "denoising steps; it was stopped there")
         return np.asarray(output.frames[0])
 
-    def generate_mp4(self, params: GenerationParams, path: Path, on_step: StepCallback | None = None) -> Path:
-        return write_mp4(self.generate_frames(params, on_step), path, params.fps)
+    def generate_mp4(self, params: GenerationParams, path: Path, on_step: StepCallback | None = None,
+                     deadline: float | None = None) -> Path:
+        return write_mp4(self.generate_frames(params, on_step, deadline), path, params.fps)

@@ -82,3 +82,4 @@ class EngineOptions:
     max_lora_rank: int | None = None
     lora_target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
     adapter_cache_size: int = 8
+    max_queue: int | None = None  # generations running + waiting; more raise QueueFullError (None: no limit)

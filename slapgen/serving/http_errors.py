@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from pydantic import ValidationError
 from starlette.responses import JSONResponse
 
@@ -12,7 +14,9 @@ from slapgen.errors import (
     AdapterNotFoundError,
     AdapterTooLargeError,
     GenerationError,
+    GenerationTimeoutError,
     ModelUnavailableError,
+    QueueFullError,
     SettingsError,
     SlapgenError,
 )
@@ -22,6 +26,8 @@ STATUS_BY_ERROR: list[tuple[type[SlapgenError], int]] = [
     (AdapterNotFoundError, 404),
     (AdapterExistsError, 409),
     (AdapterTooLargeError, 413),
+    (QueueFullError, 429),
+    (GenerationTimeoutError, 504),
     (ModelUnavailableError, 503),
     (SettingsError, 500),
     (GenerationError, 500),
@@ -39,7 +45,8 @@ def error_body(message: str, field: str | None = None) -> dict:
 
 
 def error_response(error: SlapgenError) -> JSONResponse:
-    return JSONResponse(error_body(str(error), error.field), status_code=status_for(error))
+    headers = {"Retry-After": str(error.retry_after)} if isinstance(error, QueueFullError) else None
+    return JSONResponse(error_body(str(error), error.field), status_code=status_for(error), headers=headers)
 
 
 def plain_error(status: int, message: str, field: str | None = None) -> JSONResponse:
@@ -54,3 +61,23 @@ def describe_error(error: BaseException) -> str:
     if isinstance(error, SlapgenError) and error.field:
         return f"{error.field}: {error}"
     return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
+class _ClientErrorsInOneLine(logging.Filter):
+    """BentoML logs a client's validation error (a 400) with a 30-line traceback; keep one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, ValidationError):
+            record.msg = f"{record.getMessage()}: 400 {describe_error(error)}"
+            record.args = ()
+            record.exc_info = None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+def quiet_client_errors() -> None:
+    """Install the filter on the logger BentoML's request handling logs through (once per process)."""
+    logger = logging.getLogger("bentoml._internal.server.http_app")
+    if not any(isinstance(f, _ClientErrorsInOneLine) for f in logger.filters):
+        logger.addFilter(_ClientErrorsInOneLine())

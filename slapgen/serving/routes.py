@@ -24,9 +24,9 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from prompts import PromptLibrary
-from slapgen.engine.adapters import MAX_ADAPTER_BYTES
 from slapgen.errors import SlapgenError
 from slapgen.serving.http_errors import error_response, plain_error
+from slapgen.serving.body_limit import BodyTooLarge
 from slapgen.serving.jobs import JobBoard
 
 
@@ -60,13 +60,12 @@ def build_routes(
     async def upload_adapter(request: Request) -> JSONResponse:
         if (denied := authorised(request)) is not None:
             return denied
-        declared = int(request.headers.get("content-length") or 0)
-        if declared > MAX_ADAPTER_BYTES + 1024**2:
-            return plain_error(413, f"upload is larger than {MAX_ADAPTER_BYTES // 1024**3} GiB", "file")
         try:
             form = await request.form(max_files=1, max_fields=2)
+        except BodyTooLarge as exc:  # streamed past the limit (BodySizeLimit counts the bytes)
+            return plain_error(413, str(exc), "file")
         except Exception as exc:  # malformed multipart: starlette raises several kinds
-            return plain_error(400, f"expected multipart/form-data with fields name and file ({exc})")
+            return plain_error(400, f"expected multipart/form-data with fields name and file ({_first_line(exc)})")
         name, upload = form.get("name"), form.get("file")
         if not isinstance(name, str) or upload is None or isinstance(upload, str):
             return plain_error(400, "expected multipart/form-data with a text field name and a file field file")
@@ -107,3 +106,8 @@ def build_routes(
         Route("/templates", templates, methods=["GET"]),
         Route("/jobs/progress", job_progress, methods=["GET"]),
     ])
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0][:200] if lines else type(error).__name__

@@ -97,14 +97,20 @@ class SlapSettings(BaseSettings):
             max_lora_rank=None if self.max_lora_rank == "auto" else self.max_lora_rank,
             lora_target_modules=tuple(self.target_modules()),
             adapter_cache_size=self.adapter_cache_size,
+            max_queue=self.max_queue,
         )
 
     def resolved_device(self) -> str:
-        if self.device != "auto":
-            return self.device
+        """The device to run on; SLAP_DEVICE=cuda without a usable GPU is a SettingsError (one sentence),
+        not a worker that crashes and restarts forever."""
         import torch
 
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise SettingsError("SLAP_DEVICE=cuda, but this machine has no usable CUDA GPU (torch "
+                                f"{torch.__version__}); use SLAP_DEVICE=auto or cpu, or install a CUDA build of torch.")
+        return self.device
 
 
 def load_settings() -> SlapSettings:

@@ -1,0 +1,82 @@
+"""A request-body size limit for every route, enforced while the body streams in.
+
+BentoML has no body limit: without this, a 500 MB JSON body (or a chunked upload without a
+Content-Length) is read into memory before anything looks at its size. A declared length above the
+limit is refused before a byte is read; a body that grows past it while streaming is cut off there.
+Both answer 413 in slapgen's error shape.
+"""
+
+from __future__ import annotations
+
+import json
+
+from slapgen.serving.http_errors import error_body
+
+JSON_BODY_LIMIT = 1024**2  # generation requests are a few hundred bytes
+UPLOAD_PATH = "/adapters/upload"
+
+
+class BodyTooLarge(Exception):
+    """Raised from `receive` when an upload streams past its limit; the upload route answers 413."""
+
+
+class BodySizeLimit:
+    """Pure ASGI middleware: `upload_limit` bytes for adapter uploads, `limit` for everything else.
+
+    Small bodies are read whole (at most `limit` bytes) before the route sees them and replayed to it;
+    uploads stream through, counted, and `BodyTooLarge` stops one that grows past its limit."""
+
+    def __init__(self, app, limit: int = JSON_BODY_LIMIT, upload_limit: int = JSON_BODY_LIMIT):
+        self.app = app
+        self.limit = limit
+        self.upload_limit = upload_limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        upload = scope["path"].rstrip("/") == UPLOAD_PATH
+        limit = self.upload_limit if upload else self.limit
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            return await _refuse(send, limit)
+        if upload:
+            return await self.app(scope, _counting(receive, limit), send)
+        messages, size = [], 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":
+                break
+            size += len(message.get("body", b""))
+            if size > limit:
+                return await _refuse(send, limit)
+            if not message.get("more_body", False):
+                break
+
+        async def replay():
+            return messages.pop(0) if messages else await receive()
+
+        await self.app(scope, replay, send)
+
+
+def _counting(receive, limit: int):
+    received = 0
+
+    async def counted():
+        nonlocal received
+        message = await receive()
+        if message["type"] == "http.request":
+            received += len(message.get("body", b""))
+            if received > limit:
+                raise BodyTooLarge(f"the upload is larger than {limit} bytes")
+        return message
+
+    return counted
+
+
+async def _refuse(send, limit: int) -> None:
+    body = json.dumps(error_body(f"the request body is larger than {limit} bytes")).encode()
+    await send({"type": "http.response.start", "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,140 @@
+"""Limits with clear answers (in process): body size while streaming, the generation queue with
+Retry-After, deadlines that stop a generation between steps, names matched whole, deletes that touch
+only the adapter."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+
+import numpy as np
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+from starlette.testclient import TestClient
+
+from prompts import default_library
+from slapgen.engine.adapters import AdapterStore, check_name
+from slapgen.engine.generator import VideoGenerator
+from slapgen.engine.params import EngineOptions, GenerationParams
+from slapgen.errors import AdapterError, AdapterNotFoundError, GenerationTimeoutError, QueueFullError
+from slapgen.models.loading import resolve_model
+from slapgen.serving.body_limit import BodySizeLimit
+from slapgen.serving.http_errors import error_response
+from slapgen.serving.jobs import JobBoard
+from slapgen.serving.routes import build_routes
+
+
+async def _echo(request: Request) -> JSONResponse:
+    return JSONResponse({"bytes": len(await request.body())})
+
+
+def test_body_size_limit_refuses_declared_and_streamed_bodies():
+    """Guards unlimited request bodies (a 500 MB body was accepted, a chunked one read whole before any
+    check): a declared length over the limit and a chunked body that streams past it both get 413 in
+    slapgen's error shape; a body within the limit reaches the route unchanged."""
+    app = BodySizeLimit(Starlette(routes=[Route("/generate", _echo, methods=["POST"])]), limit=1000)
+    with TestClient(app) as client:
+        assert client.post("/generate", content=b"x" * 1000).json() == {"bytes": 1000}
+        declared = client.post("/generate", content=b"x" * 1001)
+        assert declared.status_code == 413 and set(declared.json()) == {"error", "detail"}
+
+        def chunks():
+            for _ in range(30):
+                yield b"y" * 100
+
+        streamed = client.post("/generate", content=chunks())  # chunked: no Content-Length
+        assert streamed.status_code == 413 and "larger than 1000 bytes" in streamed.json()["error"]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_cache_dir, adapter_files, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("limits-adapters")
+    shutil.copy(adapter_files["a"], folder / "a.safetensors")
+    generator = VideoGenerator.load(resolve_model("tiny", tiny_cache_dir),
+                                    EngineOptions(adapters_dir=folder, max_lora_rank=8, max_queue=2))
+    return generator
+
+
+def test_an_upload_streaming_past_its_limit_is_a_413_and_writes_nothing(engine, adapter_files):
+    app = BodySizeLimit(build_routes(lambda: engine, JobBoard(), "t", default_library()), upload_limit=4096)
+    before = sorted(p.name for p in engine.adapters.folder.iterdir())
+    with TestClient(app) as client:
+        def chunks():
+            data = adapter_files["c"].read_bytes()
+            boundary = b"--b"
+            yield boundary + b'\r\nContent-Disposition: form-data; name="name"\r\n\r\nbig\r\n'
+            yield boundary + b'\r\nContent-Disposition: form-data; name="file"; filename="x"\r\n\r\n' + data + b"\r\n"
+            yield boundary + b"--\r\n"
+
+        response = client.post("/adapters/upload", content=chunks(),
+                               headers={"Authorization": "Bearer t", "content-type": "multipart/form-data; boundary=b"})
+    assert response.status_code == 413 and response.json()["detail"][0]["loc"] == ["file"]
+    assert sorted(p.name for p in engine.adapters.folder.iterdir()) == before
+
+
+def test_a_full_queue_answers_at_once_with_retry_after(engine):
+    """Guards a queue that only BentoML bounded (so /info and job status got 429 too) and 429s without
+    Retry-After: the engine refuses the generation beyond SLAP_MAX_QUEUE itself, immediately."""
+    params = GenerationParams.defaults_for(engine.spec, num_inference_steps=1)
+    engine._lock.__enter__()  # one generation running...
+    waiting = threading.Thread(target=engine.generate_frames, args=(params,))
+    waiting.start()  # ...and one waiting: the queue (2) is full
+    while engine.queue_length < 1:
+        time.sleep(0.01)
+    try:
+        started = time.monotonic()
+        with pytest.raises(QueueFullError) as refused:
+            engine.generate_frames(params)
+        assert time.monotonic() - started < 1.0
+        response = error_response(refused.value)
+        assert response.status_code == 429 and int(response.headers["retry-after"]) >= 1
+        assert engine.info()["queue"] == 1  # status reads never queue
+    finally:
+        engine._lock.__exit__(None, None, None)
+        waiting.join(timeout=60)
+    assert engine.queue_length == 0
+
+
+def test_a_deadline_stops_the_generation_between_steps_and_frees_the_model(engine):
+    """Guards a timed-out request (504) that kept running and made every request behind it time out:
+    past its deadline the denoising loop stops at the next step, and the next request runs as usual."""
+    params = GenerationParams.defaults_for(engine.spec, num_inference_steps=3, seed=4)
+    reference = engine.generate_frames(params)
+    with pytest.raises(GenerationTimeoutError, match="before|waiting"):
+        engine.generate_frames(params, deadline=time.monotonic() - 1)
+    steps = []
+    slow = GenerationParams.defaults_for(engine.spec, num_inference_steps=200, seed=4)
+    with pytest.raises(GenerationTimeoutError, match=r"after \d+ of 200"):
+        engine.generate_frames(slow, on_step=lambda k, n: steps.append(k), deadline=time.monotonic() + 0.3)
+    assert len(steps) < 200
+    assert np.array_equal(engine.generate_frames(params), reference)
+
+
+def test_names_match_whole_and_deletes_touch_only_the_adapter(engine, adapter_files, tmp_path):
+    """Guards names with a trailing newline being accepted (`$` before a newline) and deleting a folder
+    adapter removing unrelated files of that folder; and a delete racing a read being a 500."""
+    with pytest.raises(AdapterError):
+        check_name("a\n")
+    store = AdapterStore(tmp_path / "adapters", engine.adapters.target, cache_size=2)
+    folder = store.folder / "kept"
+    folder.mkdir()
+    shutil.copy(adapter_files["a"], folder / "pytorch_lora_weights.safetensors")
+    (folder / "notes.txt").write_text("the user's own file")
+    store.remove("kept")
+    assert (folder / "notes.txt").read_text() == "the user's own file" and store.names() == []
+
+    import slapgen.engine.adapters as adapters_module
+
+    store.add("gone", adapter_files["a"].read_bytes())
+    (store.folder / "gone.safetensors").unlink()
+    real = adapters_module.weights_path
+    adapters_module.weights_path = lambda folder, name: folder / f"{name}.safetensors"  # found just before the delete
+    try:
+        with pytest.raises(AdapterNotFoundError):
+            store.get("gone")
+    finally:
+        adapters_module.weights_path = real
