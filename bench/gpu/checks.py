@@ -92,6 +92,15 @@ def plan(dry_run: bool, blocks: int) -> list[Check]:
 
 
 def environment() -> dict:
+    """Device and package versions, read in a child process: CUDA initialised here would hold GPU memory
+    for the whole run."""
+    result = subprocess.run([sys.executable, __file__, "--environment"], capture_output=True, text=True, timeout=120)
+    if result.returncode != 0:
+        return {"device": "unknown", "environment_error": result.stderr[-2000:], "packages": {"torch": {"version": None}}}
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _read_environment() -> dict:
     import importlib.metadata as metadata
 
     import torch
@@ -189,10 +198,16 @@ def main() -> int:
     parser.add_argument("--out", type=Path, help="where the JSON files go (the device tool's $OUT)")
     parser.add_argument("--dry-run", action="store_true", help="the tiny model on the CPU")
     parser.add_argument("--budget-s", type=float, default=450, help="all checks together end within this")
-    parser.add_argument("--blocks", type=int, default=14, help="5B blocks the compiled cases run (of 42)")
+    parser.add_argument("--blocks", type=int, default=14, help="5B blocks the compiled cases run (of 42; the dry run: 1 of 2)")
     parser.add_argument("--only", help="comma-separated check names (a second try)")
     parser.add_argument("--list", action="store_true", help="print the plan and stop")
+    parser.add_argument("--environment", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.environment:
+        print(json.dumps(_read_environment()))
+        return 0
+    if args.dry_run:
+        args.blocks = min(args.blocks, 1)  # the tiny model has 2 blocks
     checks = plan(args.dry_run, args.blocks)
     if args.only:
         wanted = set(args.only.split(","))
