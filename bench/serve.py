@@ -448,8 +448,9 @@ def hotswap_case(model: str, variant: str, rank: int, swaps: int, blocks: int | 
     if blocks < all_blocks:
         row["extrapolated_from_blocks"] = blocks
         row["est_swap_s_all_blocks"] = row["swap_s_median"] * all_blocks / blocks
+        row["est_step_s_all_blocks_with_slot"] = row["step_s_median_with_slot"] * all_blocks / blocks
         row["extrapolation"] = (f"measured on {blocks} of {all_blocks} blocks; the swap copies every module of the "
-                                f"slot, so est_swap_s_all_blocks = swap_s_median x {all_blocks}/{blocks}")
+                                f"slot and a step runs every block, so both x {all_blocks}/{blocks}")
     return row
 
 
