@@ -12,6 +12,14 @@
 Each case runs in its own process. Prints a table, writes bench/results/serve-{cpu,gpu}.json.
 
     python bench/serve.py [--swaps 2] [--requests 10]
+
+Cases the GPU run (bench/gpu/run.sh) calls one at a time, each printing one JSON line:
+    --case 5b:QUANT-MODE [--blocks N]   one denoising step; QUANT bf16 | fp8 | fp8-weight | int8,
+                                        MODE eager | compile; N < 42 blocks: measured on N, extrapolated
+    --case 5b:vae-decode                the VAE decode of one 49x480x720 video (slicing + tiling)
+    --case hotswap-5b:QUANT-MODE [--blocks N] [--rank 128]
+                                        adapter hot-swap into the LoRA slot of the compiled transformer
+The same cases with `tiny` instead of `5b` run the same code on the tiny model (the CPU dry run).
 """
 
 from __future__ import annotations
@@ -142,68 +150,308 @@ def overhead_case(requests: int) -> dict:
     }
 
 
-def step_case(variant: str, steps: int, model: str = "5b") -> dict:
-    """One denoising step (transformer forward, CFG batch of 2) of a randomly initialised transformer:
-    CogVideoX-5B's real config at 49x480x720 on the GPU, or the tiny model (a CPU smoke run of this code)."""
-    from slapgen.engine.compiling import CompiledTransformer
-    from slapgen.engine.quantization import quantize_transformer
+def _random_transformer(model: str, device: str, blocks: int | None = None):
+    """A randomly initialised transformer in bf16 on `device`, with the inputs of one denoising step at the
+    model's size and classifier-free guidance (batch 2): CogVideoX-5B's real config (optionally only its
+    first `blocks` blocks) at 49x480x720, or the tiny model (a CPU smoke run of the same code)."""
     from slapgen.models.cogvideox import latent_frames, latent_size, rotary_embeddings
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     if model == "5b":
         from diffusers import CogVideoXTransformer3DModel
 
         from slapgen.models.reference_configs import COGVIDEOX_5B_TRANSFORMER
 
+        config = {**COGVIDEOX_5B_TRANSFORMER, **({"num_layers": blocks} if blocks else {})}
         with torch.device(device):
-            transformer = CogVideoXTransformer3DModel(**COGVIDEOX_5B_TRANSFORMER)
+            transformer = CogVideoXTransformer3DModel(**config)
         frames, height, width, text_length = 49, 480, 720, 226
     else:
         from slapgen.models.tiny import TINY_SPEC, build_tiny_pipeline
 
         transformer = build_tiny_pipeline().transformer
+        if blocks:  # the dry run's stand-in for a subset of 5B's blocks
+            transformer = type(transformer).from_config({**transformer.config, "num_layers": blocks})
         frames, height, width, text_length = 9, TINY_SPEC.height, TINY_SPEC.width, TINY_SPEC.max_sequence_length
     transformer = transformer.to(device, torch.bfloat16).eval()
-    if variant.startswith("fp8"):
-        quantize_transformer(transformer, "fp8")
-    if variant.endswith("compile"):
-        holder = type("Holder", (), {"transformer": transformer})()
-        CompiledTransformer().compile(holder)
-        transformer = holder.transformer
     config = transformer.config
     num_latent_frames = latent_frames(frames)
-    latents = torch.randn(2, num_latent_frames, config.in_channels, *latent_size(height, width), device=device,
-                          dtype=torch.bfloat16)
-    text = torch.randn(2, text_length, config.text_embed_dim, device=device, dtype=torch.bfloat16)
-    timestep = torch.tensor([500, 500], device=device)
-    rotary = rotary_embeddings(config, height, width, num_latent_frames, device)
+    inputs = {
+        "hidden_states": torch.randn(2, num_latent_frames, config.in_channels, *latent_size(height, width),
+                                     device=device, dtype=torch.bfloat16),
+        "encoder_hidden_states": torch.randn(2, text_length, config.text_embed_dim, device=device, dtype=torch.bfloat16),
+        "timestep": torch.tensor([500, 500], device=device),
+        "image_rotary_emb": rotary_embeddings(config, height, width, num_latent_frames, device),
+        "return_dict": False,
+    }
+    return transformer, inputs, f"{frames}x{height}x{width}"
 
-    def synchronize() -> None:
-        if device == "cuda":
-            torch.cuda.synchronize()
+
+def _all_blocks(model: str) -> int:
+    if model == "5b":
+        from slapgen.models.reference_configs import COGVIDEOX_5B_TRANSFORMER
+
+        return COGVIDEOX_5B_TRANSFORMER["num_layers"]
+    from slapgen.models.tiny import build_tiny_pipeline
+
+    return build_tiny_pipeline().transformer.config.num_layers
+
+
+def _parse_variant(variant: str) -> tuple[str, bool]:
+    """`fp8-weight-compile` -> ("fp8-weight", True); `bf16-eager` -> ("none", False)."""
+    quant, _, mode = variant.rpartition("-")
+    if mode not in ("eager", "compile") or quant not in ("bf16", "fp8", "fp8-weight", "int8"):
+        raise SystemExit(f"unknown variant {variant!r}: use QUANT-MODE, QUANT bf16|fp8|fp8-weight|int8, MODE eager|compile")
+    return ("none" if quant == "bf16" else quant), mode == "compile"
+
+
+def _block_share(transformer) -> tuple[int, int]:
+    """(parameters in the transformer blocks, all parameters): how weights scale with the block count."""
+    in_blocks = sum(p.numel() for p in transformer.transformer_blocks.parameters())
+    return in_blocks, sum(p.numel() for p in transformer.parameters())
+
+
+def _synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _extrapolate(row: dict, blocks: int, all_blocks: int, block_params: int, total_params: int) -> dict:
+    """Fields for the whole model from a run of its first `blocks` blocks (nothing when it ran them all):
+    time scales per block; weights by the parameter count; activations (inference) do not scale."""
+    if blocks >= all_blocks:
+        return {}
+    per_block = block_params / blocks
+    scale = (total_params - block_params + all_blocks * per_block) / total_params
+    extra = {"extrapolated_from_blocks": blocks, "extrapolation": (
+        f"measured on {blocks} of {all_blocks} blocks; times x {all_blocks}/{blocks} (the embedding and output "
+        f"layers are scaled too: for 5B under 1% of the work, a slight over-estimate); weights x {scale:.3f} by "
+        "parameter count; activations as measured")}
+    if row.get("step_s_median") is not None:
+        extra["step_s_per_block"] = row["step_s_median"] / blocks
+        extra["est_step_s_all_blocks"] = row["step_s_median"] * all_blocks / blocks
+    if row.get("weights_gb") is not None:
+        extra["est_weights_gb_all_blocks"] = row["weights_gb"] * scale
+        extra["est_peak_memory_gb_all_blocks"] = row["peak_memory_gb"] + row["weights_gb"] * (scale - 1)
+    return extra
+
+
+def step_case(variant: str, steps: int, model: str = "5b", blocks: int | None = None) -> dict:
+    """One denoising step (transformer forward, CFG batch of 2) of a randomly initialised transformer:
+    CogVideoX-5B's real config at 49x480x720 on the GPU, or the tiny model (a CPU smoke run of this code).
+    With `blocks`, only the first blocks of 5B run and the whole model is extrapolated (see `_extrapolate`)."""
+    from slapgen.engine.compiling import CompiledTransformer
+    from slapgen.engine.quantization import quantize_transformer
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    quant, compile_it = _parse_variant(variant)
+    transformer, inputs, resolution = _random_transformer(model, device, blocks)
+    all_blocks = _all_blocks(model)
+    blocks = transformer.config.num_layers
+    block_params, total_params = _block_share(transformer)
+    quantize_transformer(transformer, quant)
+    compiled = CompiledTransformer()
+    if compile_it:
+        holder = type("Holder", (), {"transformer": transformer})()
+        compiled.compile(holder)
+        transformer = holder.transformer
+    weights_gb = torch.cuda.memory_allocated() / 2**30 if device == "cuda" else None
 
     def step() -> float:
-        synchronize()
+        _synchronize(device)
         started = time.perf_counter()
         with torch.inference_mode():
-            transformer(hidden_states=latents, encoder_hidden_states=text, timestep=timestep,
-                        image_rotary_emb=rotary, return_dict=False)
-        synchronize()
+            transformer(**inputs)
+        _synchronize(device)
         return time.perf_counter() - started
 
     warm_up = [step() for _ in range(2)]  # compile happens here
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = [step() for _ in range(steps)]
-    return {
+    median = statistics.median(times)
+    row = {
         "case": f"{model}-step:{variant}",
-        "resolution": f"{frames}x{height}x{width}",
-        "step_s_median": statistics.median(times),
+        "device": device_description(),
+        "resolution": resolution,
+        "blocks": blocks,
+        "step_s_median": median,
+        "step_s_min": min(times),
         "first_step_s": warm_up[0],
-        "est_50_steps_s": 50 * statistics.median(times),
+        "compile_s": warm_up[0] - median if compile_it else None,
+        "graphs": compiled.graphs if compile_it else None,
+        "weights_gb": weights_gb,
         "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,
     }
+    row.update(_extrapolate(row, blocks, all_blocks, block_params, total_params))
+    row["est_50_steps_s"] = 50 * row.get("est_step_s_all_blocks", median)
+    return row
+
+
+def vae_decode_case(model: str, decodes: int) -> dict:
+    """Decoding one video's latents with a randomly initialised VAE: CogVideoX-5B's at 49x480x720 (13 x 60 x
+    90 latents) on the GPU, or the tiny one; slicing and tiling on, as the service places it."""
+    from diffusers import AutoencoderKLCogVideoX
+
+    from slapgen.models.cogvideox import latent_frames, latent_size
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    if model == "5b":
+        from slapgen.models.reference_configs import COGVIDEOX_5B_VAE
+
+        with torch.device(device):
+            vae = AutoencoderKLCogVideoX(**COGVIDEOX_5B_VAE)
+        frames, height, width = 49, 480, 720
+    else:
+        from slapgen.models.tiny import TINY_SPEC, build_tiny_pipeline
+
+        vae = build_tiny_pipeline().vae
+        frames, height, width = 9, TINY_SPEC.height, TINY_SPEC.width
+    vae = vae.to(device, torch.bfloat16).eval()
+    vae.enable_slicing()  # what slapgen.engine.placement.place_pipeline turns on
+    vae.enable_tiling()
+    latents = torch.randn(1, vae.config.latent_channels, latent_frames(frames), *latent_size(height, width),
+                          device=device, dtype=torch.bfloat16)
+
+    def decode() -> float:
+        _synchronize(device)
+        started = time.perf_counter()
+        with torch.inference_mode():
+            vae.decode(latents)
+        _synchronize(device)
+        return time.perf_counter() - started
+
+    first = decode()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = [decode() for _ in range(decodes)]
+    return {
+        "case": f"{model}-vae-decode",
+        "device": device_description(),
+        "resolution": f"{frames}x{height}x{width}",
+        "decode_s_median": statistics.median(times),
+        "first_decode_s": first,
+        "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,
+    }
+
+
+def _random_adapter(name: str, modules: dict[str, tuple[int, int]], rank: int, seed: int, target):
+    """A rank-`rank` adapter in the trainer's file format (fp32, peft config in the metadata) with seeded random
+    weights, parsed and validated as an upload would be."""
+    from safetensors.torch import save
+
+    from slapgen.engine.adapters import parse_adapter
+    from slapgen.models.lora_format import DIFFUSERS_METADATA_KEY, TRANSFORMER_PREFIX
+    from trainer.config import LoraConfig
+    from trainer.lora import peft_config
+
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for module, (in_features, out_features) in modules.items():
+        tensors[f"transformer.{module}.lora_A.weight"] = torch.randn(rank, in_features, generator=generator) / in_features**0.5
+        tensors[f"transformer.{module}.lora_B.weight"] = torch.randn(out_features, rank, generator=generator) * 0.02
+    config = peft_config(LoraConfig(rank=rank, alpha=rank, target_modules=TARGETS)).to_dict()
+    config = {f"{TRANSFORMER_PREFIX}{k}": (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
+    metadata = {"format": "pt", DIFFUSERS_METADATA_KEY: json.dumps(config, sort_keys=True, default=str)}
+    return parse_adapter(name, save(tensors, metadata=metadata), target)
+
+
+def hotswap_case(model: str, variant: str, rank: int, swaps: int, blocks: int | None = None) -> dict:
+    """Adapter hot-swap into the LoRA slot of a quantised, compiled transformer, as the service builds it
+    (slot -> quantisation -> compile -> warm-up): swap latency, recompilations after warm-up (must be 0),
+    and whether each swap changes the output as it should (two adapters differ from each other and from the
+    base model; the same adapter gives bit-identical output after swapping away and back)."""
+    from slapgen.engine.adapters import AdapterTarget
+    from slapgen.engine.compiling import CompiledTransformer
+    from slapgen.engine.lora_slot import LoraSlot
+    from slapgen.engine.quantization import quantize_transformer
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    quant, compile_it = _parse_variant(variant)
+    transformer, inputs, resolution = _random_transformer(model, device, blocks)
+    all_blocks = _all_blocks(model)
+    blocks = transformer.config.num_layers
+    slot = LoraSlot(transformer, rank, TARGETS)
+    transformer.to(device, torch.bfloat16)  # the slot's zero adapter arrives in fp32 on the CPU
+    quantized_layers = quantize_transformer(transformer, quant)
+    compiled = CompiledTransformer()
+    holder = type("Holder", (), {"transformer": transformer})()
+    if compile_it:
+        compiled.compile(holder)
+    target = AdapterTarget(model, slot.modules, rank)
+    adapters = [_random_adapter(f"adapter-{i}", slot.modules, rank, seed=i + 1, target=target) for i in range(2)]
+
+    def forward() -> torch.Tensor:
+        with torch.inference_mode():
+            return holder.transformer(**inputs)[0].float()
+
+    def timed_activate(adapter, scale: float = 1.0) -> float:
+        _synchronize(device)
+        started = time.perf_counter()
+        slot.activate(adapter, scale)
+        _synchronize(device)
+        return time.perf_counter() - started
+
+    started = time.perf_counter()
+    slot.activate(adapters[0])
+    forward()  # warm-up: compile with an adapter in the slot, then the base model (scale 0)
+    slot.activate(None)
+    base = forward()
+    warm_up_s = time.perf_counter() - started
+    compiled.mark_warm()
+
+    # Swaps alternate adapter-1, adapter-0, adapter-1, ...: each one copies weights (adapter-0 is already in the
+    # slot from the warm-up, so starting with it would only fill the scaling).
+    outputs, swap_times, step_times = {}, [], []
+    for index in range(swaps):
+        adapter = adapters[(index + 1) % 2]
+        swap_times.append(timed_activate(adapter))
+        _synchronize(device)
+        started = time.perf_counter()
+        output = forward()
+        _synchronize(device)
+        step_times.append(time.perf_counter() - started)
+        outputs.setdefault(adapter.name, []).append(output)
+    last = adapters[swaps % 2]
+    scale_s = timed_activate(last, 0.5)  # adapter_scale: an in-place fill, no swap
+    half = forward()
+
+    def mean_abs(a, b) -> float:
+        return (a - b).abs().mean().item()
+
+    first, second = adapters[1].name, adapters[0].name
+    row = {
+        "case": f"hotswap-{model}:{variant}",
+        "device": device_description(),
+        "resolution": resolution,
+        "blocks": blocks,
+        "rank": rank,
+        "slot_modules": len(slot.modules),
+        "quantized_layers": quantized_layers,
+        "warm_up_s": warm_up_s,
+        "swaps": slot.swaps - 1,  # the warm-up's first adapter is not counted
+        "swap_s_median": statistics.median(swap_times),
+        "swap_s_max": max(swap_times),
+        "scale_change_s": scale_s,
+        "step_s_median_with_slot": statistics.median(step_times),
+        "recompilations": compiled.recompilations if compile_it else None,
+        "graphs": compiled.graphs if compile_it else None,
+        "output_mean_abs": base.abs().mean().item(),
+        "diff_adapter_vs_base": mean_abs(outputs[first][0], base),
+        "diff_adapter_vs_adapter": mean_abs(outputs[first][0], outputs[second][0]) if second in outputs else None,
+        "diff_half_scale_vs_full": mean_abs(half, outputs[last.name][0]) if last.name in outputs else None,
+        "same_adapter_identical_after_swaps": all(torch.equal(outputs[first][0], o) for o in outputs[first][1:])
+        if len(outputs[first]) > 1 else None,
+        "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,
+    }
+    if blocks < all_blocks:
+        row["extrapolated_from_blocks"] = blocks
+        row["est_swap_s_all_blocks"] = row["swap_s_median"] * all_blocks / blocks
+        row["est_step_s_all_blocks_with_slot"] = row["step_s_median_with_slot"] * all_blocks / blocks
+        row["extrapolation"] = (f"measured on {blocks} of {all_blocks} blocks; the swap copies every module of the "
+                                f"slot and a step runs every block, so both x {all_blocks}/{blocks}")
+    return row
 
 
 def run_case(case: str, args) -> dict:
@@ -212,7 +460,11 @@ def run_case(case: str, args) -> dict:
         return swap_case(variant, args.swaps)
     if kind == "overhead":
         return overhead_case(args.requests)
-    return step_case(variant, args.steps, model=kind)
+    if kind.startswith("hotswap-"):
+        return hotswap_case(kind.removeprefix("hotswap-"), variant, args.rank, args.swaps, args.blocks)
+    if variant == "vae-decode":
+        return vae_decode_case(kind, args.decodes)
+    return step_case(variant, args.steps, model=kind, blocks=args.blocks)
 
 
 def main() -> None:
@@ -220,6 +472,9 @@ def main() -> None:
     parser.add_argument("--swaps", type=int, default=2, help="adapter switches per swap method")
     parser.add_argument("--requests", type=int, default=10, help="timed requests for the overhead case")
     parser.add_argument("--steps", type=int, default=5, help="timed denoising steps per 5B variant (GPU)")
+    parser.add_argument("--blocks", type=int, help="run only the first N of 5B's 42 blocks and extrapolate (step, hotswap)")
+    parser.add_argument("--rank", type=int, default=128, help="LoRA slot rank of the hotswap case")
+    parser.add_argument("--decodes", type=int, default=1, help="timed decodes of the vae-decode case (after one warm-up)")
     parser.add_argument("--warm-caches", action="store_true",
                         help="let inductor reuse compiled graphs from earlier runs (default: every compile is cold)")
     parser.add_argument("--case", help=argparse.SUPPRESS)

@@ -1,0 +1,279 @@
+"""The GPU run's checks, in order of value, each in its own process under its own timeout.
+
+`bench/gpu/run.sh` calls this after installing the carried wheels. Every group of checks writes its JSON
+into OUT as soon as one of its checks finishes, so a run cut short still returns what it measured;
+`summary.json` is rewritten after every check. The device tool returns at most 8 files from OUT:
+
+    1-step.json        per-denoising-step latency and peak memory of CogVideoX-5B (random weights, real
+                       config, 49x480x720, CFG batch 2): bf16 eager on all 42 blocks, and on the first N
+                       (the extrapolation's calibration); bf16 + compile, fp8 + compile on N blocks,
+                       extrapolated to 42; the VAE decode; projected 50-step video times
+    2-hotswap.json     rank-128 adapter hot-swap on the compiled fp8 transformer: swap latency,
+                       recompilations (must be 0), output changes
+    3-train.json       one 5B LoRA training step (rank 128, gradient checkpointing, bf16)
+    4-pytest-gpu.json  `pytest -m gpu` on the test files that hold GPU tests: exit code and counts
+    4-pytest-gpu.txt   its output
+    summary.json       device, package versions, every check's status and time, the key numbers
+    checks.log         every check's stderr
+
+    python bench/gpu/checks.py --out DIR [--dry-run] [--budget-s 450] [--blocks 14] [--only NAME,...] [--list]
+
+`--dry-run` runs the same checks on the tiny model on the CPU (fp8 weight-only stands in for fp8,
+which needs compute capability 8.9).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+BENCH = REPO_ROOT / "bench"
+# What the checks import, and where from: the image's site-packages or the carried wheels.
+PACKAGES = ["torch", "triton", "diffusers", "torchao", "transformers", "peft", "accelerate", "safetensors",
+            "tokenizers", "huggingface-hub", "pydantic", "pydantic-core", "pydantic-settings", "typing-extensions",
+            "imageio", "imageio-ffmpeg", "numpy", "pytest", "bentoml"]
+# Published figures for CogVideoX-5B, 50 steps at 49x480x720 with CFG on one H100 (diffusers-torchao), and
+# finetrainers' memory for 5B LoRA training.
+ANCHORS = {"bf16-eager_50_steps_s": 112, "bf16-compile_50_steps_s": 87, "fp8-compile_50_steps_s": 75,
+           "finetrainers_5b_lora_memory_gb": 18}
+
+
+@dataclass
+class Check:
+    name: str
+    group: str  # the OUT file it lands in
+    argv: list[str]
+    timeout_s: int
+    kind: str = "json"  # json: the last stdout line is the result; pytest: the output is kept
+    results: dict = field(default_factory=dict)
+
+
+def gpu_test_files() -> list[str]:
+    """Test files holding `@pytest.mark.gpu` tests: `pytest -m gpu` on the whole suite would also import
+    the modules that need bentoml, which the GPU machine lacks."""
+    return sorted(str(path.relative_to(REPO_ROOT)) for path in (REPO_ROOT / "tests").glob("test_*.py")
+                  if "pytest.mark.gpu" in path.read_text())
+
+
+def plan(dry_run: bool, blocks: int) -> list[Check]:
+    py = sys.executable
+    serve, train = str(BENCH / "serve.py"), str(BENCH / "train_step.py")
+    model, fp8 = ("tiny", "fp8-weight") if dry_run else ("5b", "fp8")
+    caches = ["--warm-caches"] if dry_run else []  # the dry run's times mean nothing; let reruns reuse graphs
+    sub = ["--blocks", str(blocks)]
+    steps = ["--steps", "2" if dry_run else "5"]
+    return [
+        Check("bf16-eager", "1-step", [py, serve, "--case", f"{model}:bf16-eager", *steps], 120),
+        Check(f"bf16-eager-{blocks}-blocks", "1-step", [py, serve, "--case", f"{model}:bf16-eager", *steps, *sub], 90),
+        Check(f"bf16-compile-{blocks}-blocks", "1-step",
+              [py, serve, "--case", f"{model}:bf16-compile", *steps, *sub, *caches], 240),
+        Check(f"{fp8}-compile-{blocks}-blocks", "1-step",
+              [py, serve, "--case", f"{model}:{fp8}-compile", *steps, *sub, *caches], 240),
+        Check("vae-decode", "1-step", [py, serve, "--case", f"{model}:vae-decode"], 120),
+        Check(f"hotswap-{fp8}-compile-{blocks}-blocks", "2-hotswap",
+              [py, serve, "--case", f"hotswap-{model}:{fp8}-compile", "--rank", "8" if dry_run else "128",
+               "--swaps", "4", *sub, *caches], 300),
+        Check("train-step-5b-cached" if not dry_run else "train-step-tiny-cached", "3-train",
+              [py, train, "--case", "tiny:cached" if dry_run else "cogvideox-5b-random:cached",
+               "--steps", "2" if dry_run else "3"], 240),
+        Check("pytest-gpu", "4-pytest-gpu",
+              [py, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", *gpu_test_files()], 180, kind="pytest"),
+    ]
+
+
+def environment() -> dict:
+    """Device and package versions, read in a child process: CUDA initialised here would hold GPU memory
+    for the whole run."""
+    result = subprocess.run([sys.executable, __file__, "--environment"], capture_output=True, text=True, timeout=120)
+    if result.returncode != 0:
+        return {"device": "unknown", "environment_error": result.stderr[-2000:], "packages": {"torch": {"version": None}}}
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _read_environment() -> dict:
+    import importlib.metadata as metadata
+
+    import torch
+
+    versions = {}
+    for name in PACKAGES:
+        try:
+            dist = metadata.distribution(name)
+            versions[name] = {"version": dist.version, "from": str(dist.locate_file(""))}
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    cuda = torch.cuda.is_available()
+    return {
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "capability": list(torch.cuda.get_device_capability()) if cuda else None,
+        "gpu_memory_gb": torch.cuda.get_device_properties(0).total_memory / 2**30 if cuda else None,
+        "torch_cuda": torch.version.cuda,
+        "python": sys.version.split()[0],
+        "executable": sys.executable,
+        "cpu_count": os.cpu_count(),
+        "packages": versions,
+    }
+
+
+def run_check(check: Check, timeout_s: float, log, env: dict) -> dict:
+    """Run one check in its own process group (inductor's compile workers die with it on a timeout)."""
+    log.write(f"\n===== {check.name}: {' '.join(check.argv)}\n")
+    log.flush()
+    started = time.perf_counter()
+    process = subprocess.Popen(check.argv, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=log, text=True,
+                               start_new_session=True)
+    try:
+        stdout, _ = process.communicate(timeout=timeout_s)
+        status = "ok" if process.returncode == 0 else "failed"
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, _ = process.communicate()
+        status = "timed out"
+    elapsed = time.perf_counter() - started
+    row = {"check": check.name, "status": status, "rc": process.returncode, "elapsed_s": round(elapsed, 1),
+           "timeout_s": round(timeout_s)}
+    if check.kind == "pytest":
+        row["output"] = stdout
+        counts = re.findall(r"(\d+) (passed|failed|skipped|deselected|errors?|xfailed|xpassed)", stdout)
+        row["counts"] = {word: int(number) for number, word in counts}
+        tail = [line for line in stdout.strip().splitlines() if line.strip()]
+        row["summary_line"] = tail[-1] if tail else ""
+        return row
+    lines = [line for line in stdout.strip().splitlines() if line.startswith("{")]
+    if lines:
+        row["result"] = json.loads(lines[-1])
+    elif status == "ok":
+        row["status"] = "failed"
+    if row["status"] != "ok":
+        log.flush()
+        row["stderr_tail"] = _tail_of(Path(log.name), 2000)
+    return row
+
+
+def _tail_of(path: Path, chars: int) -> str:
+    text = path.read_text(errors="replace")
+    return text[-chars:]
+
+
+def projections(step_rows: list[dict]) -> dict:
+    """50-step video time per variant (transformer steps + one VAE decode), next to the anchors, and how far
+    the N-block extrapolation lands from the all-blocks eager measurement."""
+    results = {row["check"]: row.get("result") or {} for row in step_rows}
+    decode = next((r.get("decode_s_median") for r in results.values() if "decode_s_median" in r), None)
+    out = {"vae_decode_s": decode, "anchors": ANCHORS}
+    for name, result in results.items():
+        if "est_50_steps_s" in result:
+            out[f"{name}_50_steps_s"] = result["est_50_steps_s"]
+            if decode is not None:
+                out[f"{name}_video_s"] = result["est_50_steps_s"] + decode
+    full = next((r for n, r in results.items() if n == "bf16-eager" and "step_s_median" in r), None)
+    part = next((r for n, r in results.items() if n.startswith("bf16-eager-") and "est_step_s_all_blocks" in r), None)
+    if full and part:
+        out["extrapolation_error"] = {
+            "step": part["est_step_s_all_blocks"] / full["step_s_median"] - 1,
+            "peak_memory": (part["est_peak_memory_gb_all_blocks"] / full["peak_memory_gb"] - 1)
+            if full.get("peak_memory_gb") else None,
+        }
+    return out
+
+
+def write_json(path: Path, payload: dict) -> None:
+    staging = path.with_name(f".{path.name}.tmp")
+    staging.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(staging, path)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, help="where the JSON files go (the device tool's $OUT)")
+    parser.add_argument("--dry-run", action="store_true", help="the tiny model on the CPU")
+    parser.add_argument("--budget-s", type=float, default=450, help="all checks together end within this")
+    parser.add_argument("--blocks", type=int, default=14, help="5B blocks the compiled cases run (of 42; the dry run: 1 of 2)")
+    parser.add_argument("--only", help="comma-separated check names (a second try)")
+    parser.add_argument("--list", action="store_true", help="print the plan and stop")
+    parser.add_argument("--environment", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.environment:
+        print(json.dumps(_read_environment()))
+        return 0
+    if args.dry_run:
+        args.blocks = min(args.blocks, 1)  # the tiny model has 2 blocks
+    checks = plan(args.dry_run, args.blocks)
+    if args.only:
+        wanted = set(args.only.split(","))
+        unknown = wanted - {c.name for c in checks}
+        if unknown:
+            parser.error(f"unknown checks {sorted(unknown)}; the plan has {[c.name for c in checks]}")
+        checks = [c for c in checks if c.name in wanted]
+    if args.list:
+        for check in checks:
+            print(f"{check.name:34} {check.group:14} {check.timeout_s:4d}s  {' '.join(check.argv[1:])}")
+        return 0
+    if args.out is None:
+        parser.error("--out is required")
+    deadline = time.monotonic() + args.budget_s
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", BENTOML_DO_NOT_TRACK="True")
+    env.setdefault("SLAP_CACHE_DIR", tempfile.mkdtemp(prefix="slapgen-gpu-cache-"))
+    summary = {"mode": "dry-run (tiny model, CPU)" if args.dry_run else "gpu", "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+               **environment(), "budget_s": args.budget_s, "blocks": args.blocks, "checks": []}
+    device = summary["device"]
+    print(f"device: {device}; torch {summary['packages']['torch']['version']}; {len(checks)} checks, budget {args.budget_s:.0f} s",
+          flush=True)
+    groups: dict[str, list[dict]] = {}
+    failures = 0
+    with (out / "checks.log").open("a") as log:
+        for check in checks:
+            left = deadline - time.monotonic()
+            if left < 20:
+                row = {"check": check.name, "status": "skipped: no time left in the budget"}
+            else:
+                row = run_check(check, min(check.timeout_s, left), log, env)
+            failures += row["status"] != "ok"
+            groups.setdefault(check.group, []).append(row)
+            payload = {"device": device, "torch": summary["packages"]["torch"]["version"], "mode": summary["mode"]}
+            if check.kind == "pytest":
+                output = row.pop("output", "")
+                (out / f"{check.group}.txt").write_text(output)
+                payload.update(row)
+            else:
+                payload["results"] = groups[check.group]
+                if check.group == "1-step":
+                    payload["projection"] = projections(groups[check.group])
+            write_json(out / f"{check.group}.json", payload)
+            summary["checks"].append({k: row.get(k) for k in ("check", "status", "elapsed_s", "summary_line") if k in row})
+            if check.group == "1-step":
+                summary["projection"] = payload["projection"]
+            write_json(out / "summary.json", summary)
+            print(f"{check.name:34} {row['status']:10} {row.get('elapsed_s', 0):7.1f} s  {_headline(row)}", flush=True)
+    return 1 if failures else 0
+
+
+def _headline(row: dict) -> str:
+    """The few numbers of a check worth a line in the device tool's output tail."""
+    result = row.get("result") or {}
+    keys = ["step_s_median", "est_step_s_all_blocks", "est_50_steps_s", "compile_s", "peak_memory_gb",
+            "est_peak_memory_gb_all_blocks", "decode_s_median", "swap_s_median", "recompilations",
+            "same_adapter_identical_after_swaps", "peak_memory_mb"]
+    parts = [f"{k}={result[k]:.4g}" if isinstance(result[k], float) else f"{k}={result[k]}" for k in keys
+             if result.get(k) is not None]
+    if "summary_line" in row:
+        parts.append(row["summary_line"])
+    if row.get("stderr_tail"):
+        parts.append(row["stderr_tail"].strip().splitlines()[-1][:200])
+    return " ".join(parts)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""The GPU run's scripts (bench/gpu/) hold together: shell syntax, the wheel set, the size cap, the plan.
+
+Cheap checks only: nothing here downloads wheels or torch 2.11 (`bench/gpu/run.sh --dry-run` does that,
+by hand; see bench/README.md)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO_ROOT
+
+pytestmark = pytest.mark.slow
+
+GPU = REPO_ROOT / "bench" / "gpu"
+# What the GPU image lacks and slapgen, the bench scripts or the tests import (issue 13, FACTS.md).
+NEEDED = {"diffusers", "torchao", "pydantic", "pydantic-core", "pydantic-settings", "imageio-ffmpeg"}
+# The image's own: carrying them would replace its CUDA build or waste the 64 MiB the device tool carries.
+NEVER = re.compile(r"^(torch|torchvision|torchaudio|triton|nvidia-.*|cuda-.*|bentoml)$")
+
+
+def _pins(path) -> dict[str, str]:
+    pins = {}
+    for line in path.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            assert version, f"{path.name}: {line!r} is not pinned to one version"
+            pins[name.strip().lower()] = version.strip()
+    return pins
+
+
+@pytest.mark.parametrize("script", ["prepare.sh", "run.sh"])
+def test_scripts_parse(script):
+    result = subprocess.run(["bash", "-n", str(GPU / script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_the_wheel_set_is_what_the_gpu_image_lacks():
+    pins = _pins(GPU / "requirements.txt")
+    assert NEEDED <= set(pins), NEEDED - set(pins)
+    assert not [name for name in pins if NEVER.match(name)]
+    image = {re.split(r"[=<>]", line)[0].strip().lower() for line in (GPU / "image-packages.txt").read_text().splitlines()
+             if line.strip() and not line.startswith("#")}
+    assert "torch==2.11.0" in (GPU / "image-packages.txt").read_text()
+    assert not image & set(pins), "the dry run's image stand-in must not provide what the wheels provide"
+    assert pins["torchao"].startswith("0.18"), "torchao 0.18 is the release built for torch 2.11 (cu130)"
+
+
+def test_downloaded_wheels_match_the_pins():
+    """After bench/gpu/prepare.sh (skipped where it was not run): one wheel per pin, at the pinned version."""
+    wheels = sorted((GPU / "wheels").glob("*.whl"))
+    if not wheels:
+        pytest.skip("bench/gpu/prepare.sh has not been run here")
+    found = {}
+    for wheel in wheels:
+        name, version = wheel.name.split("-")[:2]
+        found[name.lower().replace("_", "-")] = version
+    assert found == _pins(GPU / "requirements.txt")
+
+
+def _sized_wheels(folder, sizes_mib):
+    folder.mkdir()
+    for index, size in enumerate(sizes_mib):
+        with open(folder / f"pkg{index}-1.0-py3-none-any.whl", "wb") as handle:
+            handle.truncate(int(size * 1024 * 1024))  # sparse: nothing is written
+    return folder
+
+
+def test_size_check_passes_under_the_cap_and_fails_over_it(tmp_path):
+    under = subprocess.run(["bash", str(GPU / "prepare.sh"), "--check", str(_sized_wheels(tmp_path / "a", [30, 9.5]))],
+                           capture_output=True, text=True)
+    assert under.returncode == 0, under.stderr
+    assert "39.50 MiB  total (2 wheels; cap 40 MiB)" in under.stdout
+    over = subprocess.run(["bash", str(GPU / "prepare.sh"), "--check", str(_sized_wheels(tmp_path / "b", [30, 10.5]))],
+                          capture_output=True, text=True)
+    assert over.returncode != 0 and "more than 40 MiB" in over.stderr
+
+
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_plan_runs_the_checks_in_order_of_value(dry_run):
+    result = subprocess.run([sys.executable, str(GPU / "checks.py"), "--list", *(["--dry-run"] if dry_run else [])],
+                            capture_output=True, text=True, cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stderr
+    rows = [line.split() for line in result.stdout.splitlines()]
+    groups = [row[1] for row in rows]
+    assert groups == sorted(groups) and groups[0] == "1-step" and groups[-1] == "4-pytest-gpu"
+    assert len(set(groups)) + 3 <= 8, "the device tool returns at most 8 files (groups + .txt, summary, log)"
+    text = result.stdout
+    model = "tiny" if dry_run else "5b"
+    for case in [f"{model}:bf16-eager", f"{model}:bf16-compile", f"{model}:vae-decode", f"hotswap-{model}:"]:
+        assert case in text
+    assert ("tiny:cached" if dry_run else "cogvideox-5b-random:cached") in text
+    if not dry_run:
+        assert "5b:fp8-compile" in text and "--rank 128" in text
+    assert "-m pytest -m gpu" in text and "tests/test_quantization.py" in text
