@@ -22,6 +22,7 @@ from slapgen.errors import SlapgenError
 from slapgen.models.loading import resolve_model
 from slapgen.serving.body_limit import BodySizeLimit
 from slapgen.serving.http_errors import describe_error, error_response, quiet_client_errors, status_for
+from slapgen.serving.job_submit import ValidateJobSubmissions
 from slapgen.serving.jobs import JobBoard
 from slapgen.serving.requests import GenerateRequest, RenderRequest
 from slapgen.serving.routes import build_routes
@@ -126,4 +127,11 @@ class SlapGen:
         return {"template": request.template, "prompt": text, "words": len(text.split())}
 
 
+def _check_job(request: GenerateRequest) -> None:
+    generator = bentoml.get_current_service().generator
+    request.for_model(generator.spec, generator.adapters.names())
+
+
+# Outermost first: bound the body, then check a job's body before BentoML queues it.
 SlapGen.add_asgi_middleware(BodySizeLimit, upload_limit=MAX_ADAPTER_BYTES + 1024**2)
+SlapGen.add_asgi_middleware(ValidateJobSubmissions, check=_check_job)
