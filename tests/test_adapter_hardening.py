@@ -53,6 +53,7 @@ BAD_KINDS = {
     "metadata-not-json": lambda t, m: (t, {**m, DIFFUSERS_METADATA_KEY: "{not json"}),
     "steps-not-a-number": lambda t, m: (t, {**m, "slapgen.steps": "many"}),
     "slapgen-alpha-not-a-number": lambda t, m: (t, {**m, "slapgen.alpha": "x"}),
+    "slapgen-alpha-infinite": lambda t, m: (t, {**m, "slapgen.alpha": "inf"}),  # JSON cannot carry it
     # weights
     "nan-weight": lambda t, m: (_set(t, _first(t, "B"), float("nan")), m),
     "inf-weight": lambda t, m: (_set(t, _first(t, "A"), float("inf")), m),

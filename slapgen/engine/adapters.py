@@ -9,6 +9,7 @@ folder untouched.
 
 from __future__ import annotations
 
+import math
 import re
 import threading
 from collections import OrderedDict
@@ -143,8 +144,6 @@ def lora_config(name: str, header: Header, ranks: dict[str, int]):
     """The peft LoraConfig diffusers would build for this adapter (from its metadata, or from its ranks
     when it has none), checked for what the hot-swap slot can take: positive finite rank and alpha, no
     DoRA, rsLoRA, LoRA bias or per-module alphas. Raises AdapterError instead of failing mid-swap."""
-    import math
-
     from diffusers.utils.peft_utils import _create_lora_config
 
     try:
@@ -183,7 +182,7 @@ def check_slapgen_metadata(name: str, metadata: dict[str, str]) -> None:
                 value = kind(metadata[key])
             except ValueError:
                 value = None
-            if value is None or value < 0 or (kind is float and not value == value):
+            if value is None or value < 0 or not math.isfinite(value):
                 raise AdapterError(f"adapter {name}: metadata {key}={metadata[key]!r} is not a valid number", field="adapter")
 
 

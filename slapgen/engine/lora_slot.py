@@ -2,9 +2,9 @@
 
 At start-up the slot is filled with an all-zero adapter of rank `max_rank` on every target module
 (diffusers' `enable_lora_hotswap` pads later adapters to that rank and turns LoRA scalings into
-tensors). Switching copies an adapter's weights into the slot in place (`hotswap=True`); the base
-model and `adapter_scale` are expressed by filling the scaling tensors in place (0 = base model).
-Shapes, dtypes and Python attributes the compiled graph guards on never change.
+tensors). Switching copies an adapter's weights into the slot in place with peft's hot-swap; the
+base model and `adapter_scale` are expressed by filling the scaling tensors in place (0 = base
+model). Shapes, dtypes and Python attributes the compiled graph guards on never change.
 """
 
 from __future__ import annotations
