@@ -39,7 +39,8 @@ try:
 except SlapgenError as error:
     _exit_with(str(error))
 
-job_board = JobBoard()
+# One SQLite file, so every worker answers for every job.
+job_board = JobBoard(settings.cache_dir / "jobs.sqlite")
 routes = build_routes(
     lambda: bentoml.get_current_service().generator,
     job_board,
@@ -62,11 +63,13 @@ def _deadline() -> float:
     name="slapgen",
     # The engine admits SLAP_MAX_QUEUE generations (429 + Retry-After past that); BentoML's own limit is
     # far above it so /info, /adapters and job status never get a 429 while generations wait.
-    traffic={"timeout": settings.request_timeout_s, "max_concurrency": settings.max_queue + 64},
+    traffic={"timeout": settings.request_timeout_s, "max_concurrency": (settings.max_queue + 64) * settings.workers},
+    workers=settings.workers,
     # Extra threads let requests wait in the generator's queue instead of BentoML's thread pool.
     threads=settings.max_queue + 4,
     # Declared for `bentoml build` / cloud deployments; a CPU-only `bentoml serve` still runs.
-    resources={"cpu": "2"} if settings.device == "cpu" else {"gpu": 1},
+    # Every worker sees the GPUs; worker k takes GPU k-1 (settings.engine_options).
+    resources={"cpu": "2"} if settings.device == "cpu" else {"gpu": settings.workers},
 )
 @bentoml.asgi_app(routes, path="/")
 class SlapGen:
@@ -84,7 +87,7 @@ class SlapGen:
         quiet_client_errors()
         resolved = resolve_model(settings.model, settings.cache_dir, allow_download=False)
         # Loads, quantises, compiles and warms up: /readyz answers only after this returns.
-        self.generator = VideoGenerator.load(resolved, settings.engine_options())
+        self.generator = VideoGenerator.load(resolved, settings.engine_options(bentoml.server_context.worker_index or 1))
 
     @bentoml.api(route="/generate")
     def generate(self, request: GenerateRequest, /, ctx: bentoml.Context) -> Annotated[Path, ContentType("video/mp4")]:

@@ -13,7 +13,7 @@ def place_pipeline(pipeline, device: str, offload: Literal["none", "model"] = "n
     """
     pipeline.vae.enable_slicing()
     pipeline.vae.enable_tiling()
-    if offload == "model" and device == "cuda":
+    if offload == "model" and device.startswith("cuda"):
         pipeline.enable_model_cpu_offload()
     else:
         pipeline.to(device)

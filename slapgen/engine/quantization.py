@@ -18,7 +18,8 @@ FP8_MIN_CAPABILITY = (8, 9)  # Ada / Hopper: float8 tensor cores
 
 
 def fp8_capable(device: str) -> bool:
-    return device == "cuda" and torch.cuda.is_available() and torch.cuda.get_device_capability() >= FP8_MIN_CAPABILITY
+    return (device.startswith("cuda") and torch.cuda.is_available()
+            and torch.cuda.get_device_capability(torch.device(device)) >= FP8_MIN_CAPABILITY)
 
 
 def choose_quantization(requested: str, device: str) -> Quantization:
@@ -26,7 +27,8 @@ def choose_quantization(requested: str, device: str) -> Quantization:
     if requested == "auto":
         return "fp8" if fp8_capable(device) else "none"
     if requested == "fp8" and not fp8_capable(device):
-        where = "this CPU" if device != "cuda" else f"a GPU of compute capability {torch.cuda.get_device_capability()}"
+        where = ("this CPU" if not device.startswith("cuda")
+                 else f"a GPU of compute capability {torch.cuda.get_device_capability(torch.device(device))}")
         raise QuantizationUnavailableError(
             f"SLAP_QUANT=fp8 needs a CUDA GPU of compute capability 8.9 or newer (Ada, Hopper), not {where}; "
             "use SLAP_QUANT=fp8-weight, int8 or none."

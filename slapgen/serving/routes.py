@@ -15,6 +15,7 @@ event loop. Errors answer slapgen's one JSON shape (`slapgen.serving.http_errors
 from __future__ import annotations
 
 import hmac
+import os
 from collections.abc import Callable
 
 from starlette.applications import Starlette
@@ -45,7 +46,7 @@ def build_routes(
         return None
 
     async def info(request: Request) -> JSONResponse:
-        return JSONResponse(generator().info())
+        return JSONResponse({**generator().info(), "worker_pid": os.getpid()})
 
     async def list_adapters(request: Request) -> JSONResponse:
         running = generator()

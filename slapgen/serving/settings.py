@@ -40,7 +40,10 @@ class SlapSettings(BaseSettings):
         3600, ge=1, description="seconds a request may wait and run before the server gives up"
     )
     max_queue: int = Field(
-        16, ge=1, description="requests admitted at once (running + waiting); more get HTTP 429"
+        16, ge=1, description="generations admitted at once per worker (running + waiting); more get HTTP 429"
+    )
+    workers: int = Field(
+        1, ge=1, le=64, description="BentoML workers, each with its own model; on a GPU machine one per GPU"
     )
 
     quant: Literal["auto", "fp8", "fp8-weight", "int8", "none"] = Field(
@@ -84,10 +87,15 @@ class SlapSettings(BaseSettings):
     def target_modules(self) -> list[str]:
         return self.lora_target_modules.split(",")
 
-    def engine_options(self) -> EngineOptions:
+    def engine_options(self, worker_index: int = 1) -> EngineOptions:
+        """What this worker's engine runs with; with several GPUs, worker k (1-based) takes GPU k-1."""
         from slapgen.engine.quantization import choose_quantization
 
         device = self.resolved_device()
+        if device == "cuda":
+            import torch
+
+            device = f"cuda:{(worker_index - 1) % torch.cuda.device_count()}"
         return EngineOptions(
             device=device,
             offload=self.offload,

@@ -1,0 +1,70 @@
+"""Several workers: job progress and adapters are shared through files, so any worker answers for
+any job and sees every upload and delete without a restart."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from slapgen.serving.jobs import JobBoard
+from tests.conftest import start_server, stop_server
+
+
+def test_job_progress_written_by_one_worker_is_read_by_another(tmp_path):
+    """Guards per-worker job state (an in-memory board): with two workers, /jobs/progress answered 404
+    whenever it reached the worker that was not running the job."""
+    path = tmp_path / "jobs.sqlite"
+    running, answering = JobBoard(path), JobBoard(path)  # two workers' boards on one file
+    running.queued("t1", 30)
+    running.step("t1", 12, 30)
+    assert answering.get("t1")["state"] == "running" and answering.get("t1")["step"] == 12
+    running.failed("t1", "adapter: no adapter named x")
+    assert answering.get("t1")["error"] == "adapter: no adapter named x"
+    assert answering.get("nope") is None
+
+
+@pytest.mark.slow
+def test_two_workers_serve_shared_jobs_and_adapters(tiny_cache_dir, adapter_files, tmp_path):
+    """Two CPU workers behind one `bentoml serve` (SLAP_WORKERS=2): both start their own engine; an
+    upload through either is used by both; a delete is seen by both; job progress answers from any."""
+    server = start_server(tmp_path, startup_timeout_s=600, SLAP_MODEL="tiny", SLAP_CACHE_DIR=str(tiny_cache_dir),
+                          SLAP_WORKERS="2", SLAP_ADAPTERS_DIR=str(tmp_path / "adapters"), SLAP_API_TOKEN="t")
+    try:
+        deadline = time.monotonic() + 300
+        while server.log_tail(10**7).count("Service slapgen initialized") < 2 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert server.log_tail(10**7).count("Service slapgen initialized") == 2, server.log_tail()
+        pids = set()
+        for _ in range(10):  # the OS hands connections to either worker; concurrent ones reach both
+            with ThreadPoolExecutor(max_workers=8) as pool:
+                pids |= set(pool.map(lambda _: httpx.get(f"{server.url}/info").json()["worker_pid"], range(24)))
+            if len(pids) == 2:
+                break
+        assert len(pids) == 2  # both workers answer requests
+
+        created = httpx.post(f"{server.url}/adapters/upload", data={"name": "c"}, headers={"Authorization": "Bearer t"},
+                             files={"file": ("c.safetensors", adapter_files["c"].read_bytes())})
+        assert created.status_code == 201, created.text
+        body = {"prompt": "a power slap", "adapter": "c", "seed": 1}
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            statuses = list(pool.map(lambda _: httpx.post(f"{server.url}/generate", json=body, timeout=120).status_code,
+                                     range(6)))
+        assert statuses == [200] * 6
+
+        task_id = httpx.post(f"{server.url}/jobs/submit", json={"prompt": "a", "num_inference_steps": 50,
+                                                                "seed": 2}).json()["task_id"]
+        answers = []
+        while len(answers) < 20:
+            answers.append(httpx.get(f"{server.url}/jobs/progress", params={"task_id": task_id}).status_code)
+        assert set(answers) <= {200, 404} and answers[-1] == 200  # 404 only before the job has started
+
+        assert httpx.delete(f"{server.url}/adapters/c", headers={"Authorization": "Bearer t"}).status_code == 200
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            statuses = list(pool.map(lambda _: httpx.post(f"{server.url}/generate", json=body, timeout=120).status_code,
+                                     range(6)))
+        assert statuses == [400] * 6
+    finally:
+        stop_server(server)
