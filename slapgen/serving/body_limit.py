@@ -41,22 +41,31 @@ class BodySizeLimit:
             return await _refuse(send, limit)
         if upload:
             return await self.app(scope, _counting(receive, limit), send)
-        messages, size = [], 0
-        while True:
-            message = await receive()
-            messages.append(message)
-            if message["type"] != "http.request":
-                break
-            size += len(message.get("body", b""))
-            if size > limit:
-                return await _refuse(send, limit)
-            if not message.get("more_body", False):
-                break
-
-        async def replay():
-            return messages.pop(0) if messages else await receive()
-
+        try:
+            _, replay = await read_body(receive, limit)
+        except BodyTooLarge:
+            return await _refuse(send, limit)
         await self.app(scope, replay, send)
+
+
+async def read_body(receive, limit: int):
+    """The whole body (at most `limit` bytes, else BodyTooLarge) and a `receive` that replays it."""
+    messages, body = [], b""
+    while True:
+        message = await receive()
+        messages.append(message)
+        if message["type"] != "http.request":
+            break
+        body += message.get("body", b"")
+        if len(body) > limit:
+            raise BodyTooLarge(f"the request body is larger than {limit} bytes")
+        if not message.get("more_body", False):
+            break
+
+    async def replay():
+        return messages.pop(0) if messages else await receive()
+
+    return body, replay
 
 
 def _counting(receive, limit: int):
@@ -74,9 +83,13 @@ def _counting(receive, limit: int):
     return counted
 
 
-async def _refuse(send, limit: int) -> None:
-    body = json.dumps(error_body(f"the request body is larger than {limit} bytes")).encode()
-    await send({"type": "http.response.start", "status": 413,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            (b"connection", b"close")]})
+async def send_json(send, status: int, payload: dict) -> None:
+    """Answer from ASGI middleware, before any route ran."""
+    body = json.dumps(payload, default=str).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})
+
+
+async def _refuse(send, limit: int) -> None:
+    await send_json(send, 413, error_body(f"the request body is larger than {limit} bytes"))

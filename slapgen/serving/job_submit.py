@@ -8,13 +8,13 @@ adapter) and answers a bad one at once with slapgen's 400 shape.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from slapgen.errors import SlapgenError
+from slapgen.serving.body_limit import JSON_BODY_LIMIT, read_body, send_json
 from slapgen.serving.http_errors import error_body, status_for
 from slapgen.serving.requests import GenerateRequest
 
@@ -31,32 +31,13 @@ class ValidateJobSubmissions:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"].rstrip("/") != SUBMIT_PATH:
             return await self.app(scope, receive, send)
-        messages, body = [], b""
-        while True:  # small: BodySizeLimit has already bounded it
-            message = await receive()
-            messages.append(message)
-            if message["type"] != "http.request":
-                break
-            body += message.get("body", b"")
-            if not message.get("more_body", False):
-                break
+        body, replay = await read_body(receive, JSON_BODY_LIMIT)  # BodySizeLimit, outside, has checked the size
         try:
             await run_in_threadpool(self.check, GenerateRequest.model_validate_json(body or b"{}"))
         except ValidationError as error:
             details = error.errors(include_url=False, include_context=False, include_input=False)
             first = details[0] if details else {"msg": "invalid body"}
-            return await _answer(send, 400, {"error": first["msg"], "detail": details})
+            return await send_json(send, 400, {"error": first["msg"], "detail": details})
         except SlapgenError as error:
-            return await _answer(send, status_for(error), error_body(str(error), error.field))
-
-        async def replay():
-            return messages.pop(0) if messages else await receive()
-
+            return await send_json(send, status_for(error), error_body(str(error), error.field))
         await self.app(scope, replay, send)
-
-
-async def _answer(send, status: int, payload: dict) -> None:
-    body = json.dumps(payload, default=str).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})
