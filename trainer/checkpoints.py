@@ -2,25 +2,37 @@
 
 A checkpoint whose files cannot be read (a disk that filled up, a copy cut short) must not strand a
 run: `--resume latest` falls back to the newest checkpoint that reads whole, and says which it
-skipped and why. The reading itself is the caller's (`train.read_checkpoint`), so a checkpoint is
-judged by exactly the loads that resume does; it raises `CorruptCheckpoint` for a file it cannot read.
+skipped and why. A checkpoint is judged by exactly the loads resume does (`read_files`, every file
+into memory before the run changes), which raise `CorruptCheckpoint` for a file they cannot read.
+
+A checkpoint folder: the LoRA file, `optimizer.pt`, `scheduler.pt`, `rng-K.pt` per process, and
+`trainer_state.json`, written last.
 """
 
 from __future__ import annotations
 
 import json
+import pickle
 import re
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from slapgen.atomic import atomic_write_text
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from slapgen.atomic import atomic_path, atomic_write_text
+from slapgen.models.lora_format import WEIGHTS_FILE
 from trainer.errors import TrainError
 
 CHECKPOINTS_DIR = "checkpoints"
 STATE_FILE = "trainer_state.json"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
+OPTIMIZER_FILE = "optimizer.pt"
+SCHEDULER_FILE = "scheduler.pt"
 T = TypeVar("T")
 
 
@@ -91,3 +103,69 @@ def write_state(checkpoint: Path, state: dict) -> None:
 def prune(run_dir: Path, keep_last: int) -> None:
     for old in list_checkpoints(run_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def rng_file(process_index: int) -> str:
+    return f"rng-{process_index}.pt"
+
+
+def _save(obj, path: Path) -> None:
+    with atomic_path(path) as staging:
+        torch.save(obj, staging)
+
+
+def save_rng(folder: Path, process_index: int, rng: dict) -> None:
+    _save(rng, folder / rng_file(process_index))
+
+
+def save_optimizer(folder: Path, optimizer_state: dict, scheduler_state: dict) -> None:
+    _save(optimizer_state, folder / OPTIMIZER_FILE)
+    _save(scheduler_state, folder / SCHEDULER_FILE)
+
+
+@dataclass
+class CheckpointContents:
+    """Every file of a checkpoint, read into memory: nothing of the run changes until all of them read."""
+
+    state: dict
+    lora: dict[str, torch.Tensor]
+    optimizer: dict
+    scheduler: dict
+    rng: dict
+
+
+# What reading a damaged file raises: safetensors' header check, torch.load's zip and unpickling
+# errors, a missing file.
+_UNREADABLE = (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError, SafetensorError)
+
+
+def _read(folder: Path, name: str, reader):
+    try:
+        return reader(folder / name)
+    except _UNREADABLE as error:
+        lines = str(error).strip().splitlines()
+        raise CorruptCheckpoint(f"{name} unreadable ({lines[0][:160] if lines else type(error).__name__})") from None
+
+
+def _torch_load(path: Path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def read_files(folder: Path, process_index: int, num_processes: int) -> CheckpointContents:
+    """Read every file of `folder`; `CorruptCheckpoint` names the first that cannot be read.
+
+    Every process reads every process's RNG file, so all of them judge a checkpoint alike and resume
+    from the same one."""
+    state = read_state(folder)
+    processes = state.get("processes", 1)
+    if processes != num_processes:
+        raise TrainError(f"{folder} was saved by {processes} processes; resume it with as many "
+                         f"(this run has {num_processes})")
+    rngs = [_read(folder, rng_file(index), _torch_load) for index in range(processes)]
+    return CheckpointContents(
+        state=state,
+        lora=_read(folder, WEIGHTS_FILE, lambda path: load_file(str(path))),
+        optimizer=_read(folder, OPTIMIZER_FILE, _torch_load),
+        scheduler=_read(folder, SCHEDULER_FILE, _torch_load),
+        rng=rngs[process_index],
+    )

@@ -13,7 +13,6 @@ previous one (`checkpoints.read_resumable`).
 
 from __future__ import annotations
 
-import pickle
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,10 +21,8 @@ import torch
 from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
 from accelerate.utils import ProjectConfiguration, parse_flag_from_env, set_seed
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
-from slapgen.atomic import atomic_path, atomic_write_text
+from slapgen.atomic import atomic_write_text
 from slapgen.models.cogvideox import draw_noise, latent_frames, rotary_embeddings, training_step
 from slapgen.models.loading import TRAINER_SETTING, ResolvedModel, resolve_model
 from trainer import checkpoints
@@ -257,14 +254,6 @@ def train(
     return final
 
 
-OPTIMIZER_FILE = "optimizer.pt"
-SCHEDULER_FILE = "scheduler.pt"
-
-
-def _rng_file(process_index: int) -> str:
-    return f"rng-{process_index}.pt"
-
-
 def save_checkpoint(run: Run) -> Path:
     """checkpoints/checkpoint-NNNNNN: the LoRA, optimizer and schedule (main process) and every process's
     random state; the state file, written last, marks it complete. Older ones beyond keep_last go."""
@@ -275,11 +264,10 @@ def save_checkpoint(run: Run) -> Path:
     rng = {"torch": torch.get_rng_state(), "noise": run.noise_generator.get_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
-    _save(rng, folder / _rng_file(accelerator.process_index))
+    checkpoints.save_rng(folder, accelerator.process_index, rng)
     if run.main:
         save_lora(accelerator.unwrap_model(run.transformer), folder, run.config, run.resolved.spec.name, run.step)
-        _save(run.optimizer.state_dict(), folder / OPTIMIZER_FILE)
-        _save(run.lr_scheduler.state_dict(), folder / SCHEDULER_FILE)
+        checkpoints.save_optimizer(folder, run.optimizer.state_dict(), run.lr_scheduler.state_dict())
     accelerator.wait_for_everyone()
     if run.main:
         checkpoints.write_state(folder, {"step": run.step, "processes": accelerator.num_processes})
@@ -288,55 +276,11 @@ def save_checkpoint(run: Run) -> Path:
     return folder
 
 
-@dataclass
-class CheckpointContents:
-    """Every file of a checkpoint, read into memory: nothing of the run changes until all of them read."""
-
-    state: dict
-    lora: dict[str, torch.Tensor]
-    optimizer: dict
-    scheduler: dict
-    rng: dict
+def read_checkpoint(run: Run, folder: Path) -> checkpoints.CheckpointContents:
+    return checkpoints.read_files(folder, run.accelerator.process_index, run.accelerator.num_processes)
 
 
-# What reading a damaged file raises: safetensors' header check, torch.load's zip and unpickling
-# errors, a missing file.
-_UNREADABLE = (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError, SafetensorError)
-
-
-def _read(folder: Path, name: str, reader):
-    try:
-        return reader(folder / name)
-    except _UNREADABLE as error:
-        lines = str(error).strip().splitlines()
-        raise checkpoints.CorruptCheckpoint(f"{name} unreadable ({lines[0][:160] if lines else type(error).__name__})") from None
-
-
-def _torch_load(path: Path):
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def read_checkpoint(run: Run, folder: Path) -> CheckpointContents:
-    """Read every file of `folder`; `checkpoints.CorruptCheckpoint` names the first that cannot be read.
-
-    Every process reads every process's RNG file, so all of them judge a checkpoint alike and resume
-    from the same one."""
-    state = checkpoints.read_state(folder)
-    processes = state.get("processes", 1)
-    if processes != run.accelerator.num_processes:
-        raise TrainError(f"{folder} was saved by {processes} processes; resume it with as many "
-                         f"(this run has {run.accelerator.num_processes})")
-    rngs = [_read(folder, _rng_file(index), _torch_load) for index in range(processes)]
-    return CheckpointContents(
-        state=state,
-        lora=_read(folder, LORA_FILENAME, lambda path: load_file(str(path))),
-        optimizer=_read(folder, OPTIMIZER_FILE, _torch_load),
-        scheduler=_read(folder, SCHEDULER_FILE, _torch_load),
-        rng=rngs[run.accelerator.process_index],
-    )
-
-
-def apply_checkpoint(run: Run, folder: Path, contents: CheckpointContents) -> None:
+def apply_checkpoint(run: Run, folder: Path, contents: checkpoints.CheckpointContents) -> None:
     set_lora_state(run.accelerator.unwrap_model(run.transformer), contents.lora, folder / LORA_FILENAME)
     run.optimizer.load_state_dict(contents.optimizer)
     run.lr_scheduler.load_state_dict(contents.scheduler)
@@ -349,11 +293,6 @@ def apply_checkpoint(run: Run, folder: Path, contents: CheckpointContents) -> No
 
 def load_checkpoint(run: Run, folder: Path) -> None:
     apply_checkpoint(run, folder, read_checkpoint(run, folder))
-
-
-def _save(obj, path: Path) -> None:
-    with atomic_path(path) as staging:
-        torch.save(obj, staging)
 
 
 __all__ = ["Run", "TrainError", "load_checkpoint", "save_checkpoint", "setup", "train"]
