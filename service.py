@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 import time
+from importlib.metadata import version
 from pathlib import Path
 from typing import Annotated
 
@@ -23,6 +24,7 @@ from slapgen.models.loading import resolve_model
 from slapgen.serving.body_limit import BodySizeLimit
 from slapgen.serving.http_errors import describe_error, error_response, quiet_client_errors, status_for
 from slapgen.serving.job_submit import ValidateJobSubmissions
+from slapgen.serving.openapi import ApiDocument
 from slapgen.serving.jobs import JobBoard
 from slapgen.serving.requests import GenerateRequest, RenderRequest
 from slapgen.serving.routes import build_routes
@@ -135,6 +137,8 @@ def _check_job(request: GenerateRequest) -> None:
     request.for_model(generator.spec, generator.adapters.names())
 
 
-# Outermost first: bound the body, then check a job's body before BentoML queues it.
+# Outermost first: bound the body, then check a job's body before BentoML queues it; serve our API
+# document and an offline API page in place of BentoML's.
 SlapGen.add_asgi_middleware(BodySizeLimit, upload_limit=MAX_ADAPTER_BYTES + 1024**2)
 SlapGen.add_asgi_middleware(ValidateJobSubmissions, check=_check_job)
+SlapGen.add_asgi_middleware(ApiDocument, spec=lambda: SlapGen.openapi_spec.asdict(), version=version("slapgen"))

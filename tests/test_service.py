@@ -192,3 +192,10 @@ def test_cuda_without_a_gpu_stops_start_up_with_one_sentence(tmp_path):
     lines = [line for line in result.stderr.splitlines() if line.startswith("slapgen:")]
     assert len(lines) == 1 and "SLAP_DEVICE=cuda" in lines[0], result.stderr[-3000:]
     assert "Traceback" not in result.stderr
+
+
+def test_the_server_serves_slapgens_api_document_and_an_offline_page(tiny_server):
+    document = httpx.get(f"{tiny_server.url}/docs.json").json()
+    assert {"/info", "/adapters/upload", "/generate"} <= set(document["paths"]) and "/jobs/cancel" not in document["paths"]
+    page = httpx.get(f"{tiny_server.url}/").text
+    assert "slapgen API" in page and "googletagmanager" not in page

@@ -1,0 +1,161 @@
+"""The API document (`/docs.json`) and page (`/`) as slapgen serves them.
+
+BentoML generates the document from the `@bentoml.api` routes only. This adds what it leaves out or
+gets wrong for us: the routes of `slapgen/serving/routes.py`, working request examples (BentoML's
+example of `/generate` is all nulls, which is a 400), the error schema every route really answers
+with, 413 / 429 / 504, and it drops `/jobs/cancel`, which is not offered. The page is BentoML's,
+without the parts that reach the internet (tag manager, badge images), so it works offline.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+from slapgen.serving.body_limit import send_json
+
+ERROR_SCHEMA = {
+    "type": "object",
+    "required": ["error", "detail"],
+    "properties": {
+        "error": {"type": "string", "description": "one sentence saying what is wrong"},
+        "detail": {
+            "type": "array",
+            "description": "the fields to blame (empty when no field is)",
+            "items": {"type": "object", "properties": {
+                "loc": {"type": "array", "items": {"anyOf": [{"type": "string"}, {"type": "integer"}]}},
+                "msg": {"type": "string"},
+            }},
+        },
+    },
+}
+ERROR_REF = {"$ref": "#/components/schemas/Error"}
+STATUS_TEXT = {400: "Bad request (the field is named)", 401: "Missing or wrong bearer token",
+               403: "Upload and delete are disabled (no SLAP_API_TOKEN)", 404: "Not found",
+               409: "Name taken", 413: "Body too large", 429: "Queue full; see Retry-After",
+               500: "A bug of ours", 503: "Model unavailable", 504: "Timed out; the generation was stopped"}
+GENERATE_EXAMPLE = {"prompt": "Power slap: two athletes face off across the table; the striker winds up and the "
+                              "palm strikes the cheek, the defender's head snaps sideways.", "seed": 7}
+RENDER_EXAMPLE = {"template": "knockout", "slots": {"striker": "red"}}
+NOT_OFFERED = ("/jobs/cancel",)
+
+
+def _errors(*statuses: int) -> dict:
+    responses = {}
+    for status in statuses:
+        responses[str(status)] = {"description": STATUS_TEXT[status],
+                                  "content": {"application/json": {"schema": ERROR_REF}}}
+        if status == 429:
+            responses["429"]["headers"] = {"Retry-After": {"schema": {"type": "integer"},
+                                                           "description": "seconds to wait before trying again"}}
+    return responses
+
+
+def _json_ok(description: str) -> dict:
+    return {"200": {"description": description, "content": {"application/json": {"schema": {"type": "object"}}}}}
+
+
+def _get(summary: str, *errors: int, parameters: list | None = None) -> dict:
+    operation = {"summary": summary, "tags": ["slapgen"], "responses": {**_json_ok(summary), **_errors(*errors)}}
+    if parameters:
+        operation["parameters"] = parameters
+    return {"get": operation}
+
+
+EXTRA_PATHS = {
+    "/info": _get("model, dtype, quantization, compiled, adapter, slot rank, recompilations, queue, worker"),
+    "/adapters": _get("adapters with rank, alpha, base model, steps (or the error that makes one unusable)"),
+    "/templates": _get("prompt templates with their slots, choices and defaults"),
+    "/jobs/progress": _get("state, denoising step k of N and the error of a job", 400, 404, parameters=[
+        {"name": "task_id", "in": "query", "required": True, "schema": {"type": "string"}}]),
+    "/adapters/upload": {"post": {
+        "summary": "upload a LoRA adapter (checked before anything changes); needs the bearer token",
+        "tags": ["slapgen"],
+        "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+            "type": "object", "required": ["name", "file"],
+            "properties": {"name": {"type": "string", "pattern": "^[a-z0-9_-]{1,64}$"},
+                           "file": {"type": "string", "format": "binary"}}}}}},
+        "responses": {"201": {"description": "created", "content": {"application/json": {"schema": {"type": "object"}}}},
+                      **_errors(400, 401, 403, 409, 413)},
+    }},
+    "/adapters/{name}": {"delete": {
+        "summary": "delete an adapter; needs the bearer token", "tags": ["slapgen"],
+        "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
+        "responses": {**_json_ok("deleted"), **_errors(400, 401, 403, 404)},
+    }},
+}
+
+
+def slapgen_document(bentoml_spec: dict, version: str) -> dict:
+    """BentoML's document with slapgen's routes, examples, error schema and statuses."""
+    spec = json.loads(json.dumps(bentoml_spec, default=str))  # string status keys, plain types
+    spec["info"] = {"title": "slapgen", "version": version,
+                    "description": "Generate Power Slap videos with CogVideoX and LoRA adapters. Errors of every "
+                                   "route share one shape: `Error`."}
+    schemas = spec.setdefault("components", {}).setdefault("schemas", {})
+    for replaced in ("InvalidArgument", "NotFound", "InternalServerError"):
+        schemas.pop(replaced, None)
+    schemas["Error"] = ERROR_SCHEMA
+    for path in NOT_OFFERED:
+        spec["paths"].pop(path, None)
+    for path, operations in spec["paths"].items():
+        for operation in operations.values():
+            responses = operation.setdefault("responses", {})
+            for status in [s for s in responses if s.isdigit() and int(s) >= 400]:
+                responses[status] = _errors(int(status))[status]
+            if path in ("/generate", "/jobs", "/jobs/submit"):
+                responses.update(_errors(400, 413, 429, 504))
+                _set_example(operation, GENERATE_EXAMPLE)
+            elif path == "/prompts/render":
+                _set_example(operation, RENDER_EXAMPLE)
+    spec["paths"].update(copy.deepcopy(EXTRA_PATHS))
+    return spec
+
+
+def _set_example(operation: dict, example: dict) -> None:
+    content = operation.get("requestBody", {}).get("content", {}).get("application/json")
+    if content is not None:
+        content["example"] = example
+
+
+def offline_page(html: str) -> str:
+    """BentoML's API page without the scripts, frames and links that reach the internet."""
+    html = re.sub(r"<script>\(function\(w,d,s,l,i\).*?</script>", "", html, flags=re.S)  # tag manager
+    html = re.sub(r"<noscript>.*?</noscript>", "", html, flags=re.S)
+    html = re.sub(r'<a href="https://[^"]*"[^>]*>.*?</a>', "", html, flags=re.S)
+    return html.replace("<title>BentoML Prediction Service</title>", "<title>slapgen API</title>")
+
+
+class ApiDocument:
+    """ASGI middleware answering GET /docs.json and GET / with slapgen's document and offline page."""
+
+    def __init__(self, app, spec: Callable[[], dict], version: str):
+        self.app = app
+        self._spec = spec
+        self._version = version
+        self._document: dict | None = None
+        self._page: bytes | None = None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] == "GET":
+            if scope["path"] == "/docs.json":
+                if self._document is None:
+                    self._document = slapgen_document(self._spec(), self._version)
+                return await send_json(send, 200, self._document)
+            if scope["path"] == "/":
+                if self._page is None:
+                    self._page = offline_page(_bentoml_page()).encode()
+                await send({"type": "http.response.start", "status": 200,
+                            "headers": [(b"content-type", b"text/html; charset=utf-8"),
+                                        (b"content-length", str(len(self._page)).encode())]})
+                return await send({"type": "http.response.body", "body": self._page})
+        await self.app(scope, receive, send)
+
+
+def _bentoml_page() -> str:
+    import _bentoml_impl.server as server
+
+    return (Path(server.__file__).parent / "main-openapi.html").read_text(encoding="utf-8")

@@ -1,0 +1,60 @@
+"""The API document lists every route we serve, with examples that work and the error schema every
+route really answers with; the API page loads nothing from the internet."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from prompts import default_library
+from slapgen.models.tiny import TINY_SPEC
+from slapgen.serving.http_errors import error_body
+from slapgen.serving.jobs import JobBoard
+from slapgen.serving.openapi import ERROR_SCHEMA, NOT_OFFERED, _bentoml_page, offline_page, slapgen_document
+from slapgen.serving.requests import GenerateRequest, RenderRequest
+from slapgen.serving.routes import build_routes
+
+
+@pytest.fixture(scope="module")
+def document():
+    from service import SlapGen
+
+    return slapgen_document(SlapGen.openapi_spec.asdict(), "test")
+
+
+def test_every_route_we_serve_is_documented_and_nothing_we_do_not(document):
+    """Guards BentoML's document, which left out GET /info, /adapters, /templates, /jobs/progress, the
+    upload and the delete, and listed /jobs/cancel, which is not offered."""
+    from service import SlapGen
+
+    ours = {route.path for route in build_routes(lambda: None, JobBoard(), None, default_library()).routes}
+    bentoml_routes = set(SlapGen.openapi_spec.asdict()["paths"]) - set(NOT_OFFERED)
+    assert ours <= set(document["paths"]) and bentoml_routes <= set(document["paths"])
+    assert not set(NOT_OFFERED) & set(document["paths"])
+
+
+def test_examples_work_and_errors_have_our_schema(document):
+    """Guards the all-null /generate example (Try it out answered 400) and error schemas that did not
+    match the responses: every example passes the service's own checks, every 4xx/5xx response is
+    `Error`, whose required keys are what `error_body` writes."""
+    for path in ("/generate", "/jobs/submit"):
+        example = document["paths"][path]["post"]["requestBody"]["content"]["application/json"]["example"]
+        GenerateRequest.model_validate(example).for_model(TINY_SPEC, [])
+        assert {"413", "429", "504"} <= set(document["paths"][path]["post"]["responses"])
+    render = document["paths"]["/prompts/render"]["post"]["requestBody"]["content"]["application/json"]["example"]
+    RenderRequest.model_validate(render).render()
+    for path, operations in document["paths"].items():
+        for operation in operations.values():
+            for status, response in operation["responses"].items():
+                if int(status) >= 400:
+                    assert response["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Error"}, (path, status)
+    assert set(ERROR_SCHEMA["required"]) == set(error_body("x", "prompt")) == set(document["components"]["schemas"]["Error"]["required"])
+    assert "img.shields.io" not in document["info"]["description"]
+
+
+def test_the_api_page_loads_nothing_from_the_internet():
+    """Guards BentoML's page reaching for a tag manager and badge images (broken offline)."""
+    page = offline_page(_bentoml_page())
+    assert not re.search(r'(src|href)=["\']?https?://', page) and "googletagmanager" not in page
+    assert "swagger-ui-bundle.js" in page  # the page itself still works: its assets are served locally
