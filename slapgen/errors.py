@@ -48,10 +48,6 @@ class AdapterTooLargeError(AdapterError):
     """An upload above the size limit."""
 
 
-class GenerationError(SlapgenError):
-    """A generation that could not run (not the caller's input)."""
-
-
 class RequestError(SlapgenError):
     """A generation request the running model cannot honour (a field out of its limits)."""
 

@@ -5,7 +5,7 @@ created), the dataset encoded into the latent cache, the transformer with LoRA, 
 schedule, and the checkpoint to resume from. `train` then loops: load cached latents, draw the
 step's noise, `cogvideox.training_step`, backward, clip, step; log, checkpoint, validate every N
 steps; and finally writes RUN_DIR/pytorch_lora_weights.safetensors. Checkpoints are saved and loaded
-explicitly (`save_checkpoint` / `load_checkpoint`): the LoRA, optimizer, schedule and each process's
+explicitly (`save_checkpoint` / `read_checkpoint` + `apply_checkpoint`): the LoRA, optimizer, schedule and each process's
 random state; the step inside them is also the data position (see trainer.batches). Resume reads
 every file of a checkpoint before it changes anything, so a corrupt one can be skipped for the
 previous one (`checkpoints.read_resumable`).
@@ -291,8 +291,4 @@ def apply_checkpoint(run: Run, folder: Path, contents: checkpoints.CheckpointCon
     run.step = contents.state["step"]
 
 
-def load_checkpoint(run: Run, folder: Path) -> None:
-    apply_checkpoint(run, folder, read_checkpoint(run, folder))
-
-
-__all__ = ["Run", "TrainError", "load_checkpoint", "save_checkpoint", "setup", "train"]
+__all__ = ["Run", "TrainError", "apply_checkpoint", "read_checkpoint", "save_checkpoint", "setup", "train"]

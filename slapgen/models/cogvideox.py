@@ -17,7 +17,6 @@ Other modules import these names; none writes 4, 8, 16 or a scaling factor again
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -83,12 +82,6 @@ class VaeFactors:
             scaling_factor=float(get("scaling_factor")),
         )
 
-    @classmethod
-    def of_model(cls, folder: Path) -> "VaeFactors":
-        from diffusers import AutoencoderKLCogVideoX
-
-        return cls.from_config(AutoencoderKLCogVideoX.load_config(folder, subfolder="vae"))
-
     def to_metadata(self) -> dict[str, str]:
         return {"vae_spatial": str(self.spatial), "vae_temporal": str(self.temporal),
                 "vae_scaling_factor": repr(self.scaling_factor)}
@@ -129,10 +122,6 @@ class LatentBatch:
     latent_logvar: torch.Tensor
     prompt_embeds: torch.Tensor
     scaling_factor: float
-
-    @property
-    def size(self) -> int:
-        return self.latent_mean.shape[0]
 
 
 @dataclass

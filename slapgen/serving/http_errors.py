@@ -13,7 +13,6 @@ from slapgen.errors import (
     AdapterExistsError,
     AdapterNotFoundError,
     AdapterTooLargeError,
-    GenerationError,
     GenerationTimeoutError,
     ModelUnavailableError,
     QueueFullError,
@@ -30,7 +29,6 @@ STATUS_BY_ERROR: list[tuple[type[SlapgenError], int]] = [
     (GenerationTimeoutError, 504),
     (ModelUnavailableError, 503),
     (SettingsError, 500),
-    (GenerationError, 500),
     (SlapgenError, 400),
 ]
 
