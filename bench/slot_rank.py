@@ -17,7 +17,6 @@ interleaved rounds, so they are compared as ratios under the same machine noise.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time

@@ -8,6 +8,13 @@ names the request or config field to blame.
 from __future__ import annotations
 
 
+def first_line(error: BaseException, limit: int | None = None) -> str:
+    """The first line of an error's text (at most `limit` characters), or its type's name when empty:
+    what a one-sentence message quotes of a library's error."""
+    lines = str(error).strip().splitlines()
+    return lines[0][:limit] if lines else type(error).__name__
+
+
 class SlapgenError(Exception):
     """Base of every error slapgen raises on purpose."""
 

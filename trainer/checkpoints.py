@@ -25,6 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from slapgen.atomic import atomic_path, atomic_write_text
+from slapgen.errors import first_line
 from slapgen.models.lora_format import WEIGHTS_FILE
 from trainer.errors import TrainError
 
@@ -143,8 +144,7 @@ def _read(folder: Path, name: str, reader):
     try:
         return reader(folder / name)
     except _UNREADABLE as error:
-        lines = str(error).strip().splitlines()
-        raise CorruptCheckpoint(f"{name} unreadable ({lines[0][:160] if lines else type(error).__name__})") from None
+        raise CorruptCheckpoint(f"{name} unreadable ({first_line(error, 160)})") from None
 
 
 def _torch_load(path: Path):

@@ -25,6 +25,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from slapgen.atomic import atomic_path, atomic_write_text
+from slapgen.errors import first_line
 from slapgen.models.cogvideox import VaeFactors
 from slapgen.models.loading import ResolvedModel, load_pipeline
 from slapgen.models.specs import ModelSpec
@@ -258,7 +259,7 @@ def entry_problem(path: Path, tensors: frozenset[str], vae_metadata: bool = Fals
         with safe_open(str(path), framework="pt") as handle:
             names, metadata = set(handle.keys()), handle.metadata() or {}
     except (OSError, SafetensorError) as error:
-        return f"is not a readable safetensors file ({_first_line(error)})"
+        return f"is not a readable safetensors file ({first_line(error)})"
     if names != tensors:
         return f"holds tensors {sorted(names)}, not {sorted(tensors)}"
     if vae_metadata:
@@ -267,11 +268,6 @@ def entry_problem(path: Path, tensors: frozenset[str], vae_metadata: bool = Fals
         except (KeyError, ValueError):
             return "lacks the VAE factors in its metadata"
     return None
-
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:

@@ -18,6 +18,7 @@ from slapgen.errors import (
     QueueFullError,
     SettingsError,
     SlapgenError,
+    first_line,
 )
 
 # First match wins: subclasses before their bases.
@@ -58,7 +59,7 @@ def describe_error(error: BaseException) -> str:
         return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
     if isinstance(error, SlapgenError) and error.field:
         return f"{error.field}: {error}"
-    return str(error).splitlines()[0] if str(error) else type(error).__name__
+    return first_line(error)
 
 
 class _ClientErrorsInOneLine(logging.Filter):

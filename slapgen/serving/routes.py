@@ -25,7 +25,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from prompts import PromptLibrary
-from slapgen.errors import SlapgenError
+from slapgen.errors import SlapgenError, first_line
 from slapgen.serving.http_errors import error_response, plain_error
 from slapgen.serving.body_limit import BodyTooLarge
 from slapgen.serving.jobs import JobBoard
@@ -66,7 +66,7 @@ def build_routes(
         except BodyTooLarge as exc:  # streamed past the limit (BodySizeLimit counts the bytes)
             return plain_error(413, str(exc), "file")
         except Exception as exc:  # malformed multipart: starlette raises several kinds
-            return plain_error(400, f"expected multipart/form-data with fields name and file ({_first_line(exc)})")
+            return plain_error(400, f"expected multipart/form-data with fields name and file ({first_line(exc, 200)})")
         name, upload = form.get("name"), form.get("file")
         if not isinstance(name, str) or upload is None or isinstance(upload, str):
             return plain_error(400, "expected multipart/form-data with a text field name and a file field file")
@@ -107,8 +107,3 @@ def build_routes(
         Route("/templates", templates, methods=["GET"]),
         Route("/jobs/progress", job_progress, methods=["GET"]),
     ])
-
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0][:200] if lines else type(error).__name__
