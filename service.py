@@ -26,6 +26,7 @@ from slapgen.serving.http_errors import describe_error, error_response, quiet_cl
 from slapgen.serving.job_submit import ValidateJobSubmissions
 from slapgen.serving.openapi import ApiDocument
 from slapgen.serving.jobs import JobBoard
+from slapgen.serving.json_only import JsonBodiesOnly
 from slapgen.serving.requests import GenerateRequest, RenderRequest
 from slapgen.serving.routes import build_routes
 from slapgen.serving.settings import load_settings
@@ -137,8 +138,10 @@ def _check_job(request: GenerateRequest) -> None:
     request.for_model(generator.spec, generator.adapters.names())
 
 
-# Outermost first: bound the body, then check a job's body before BentoML queues it; serve our API
+# Outermost first: bound the body, refuse form bodies on JSON routes (BentoML's form parser 500s on a
+# malformed one), then check a job's body before BentoML queues it; serve our API
 # document and an offline API page in place of BentoML's.
 SlapGen.add_asgi_middleware(BodySizeLimit, upload_limit=MAX_ADAPTER_BYTES + 1024**2)
+SlapGen.add_asgi_middleware(JsonBodiesOnly)
 SlapGen.add_asgi_middleware(ValidateJobSubmissions, check=_check_job)
 SlapGen.add_asgi_middleware(ApiDocument, spec=lambda: SlapGen.openapi_spec.asdict(), version=version("slapgen"))

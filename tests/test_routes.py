@@ -105,3 +105,36 @@ def test_disk_work_runs_off_the_event_loop(client, engine, adapter_files, monkey
     assert upload(client, "e", adapter_files["c"].read_bytes()).status_code == 201
     assert client.delete("/adapters/e", headers=AUTH).status_code == 200
     assert on_loop == []
+
+
+PART = b"--zz\r\n"
+NAME_PART = PART + b'Content-Disposition: form-data; name="name"\r\n\r\ncrafted\r\n'
+CRAFTED_UPLOADS = {
+    "no boundary": ("multipart/form-data", NAME_PART + b"--zz--\r\n"),
+    "empty boundary": ("multipart/form-data; boundary=", NAME_PART + b"--zz--\r\n"),
+    "no content-disposition": ("multipart/form-data; boundary=zz", PART + b"\r\n\r\nx\r\n--zz--\r\n"),
+    "not form-data": ("multipart/form-data; boundary=zz", PART + b"Content-Disposition: attachment\r\n\r\nx\r\n--zz--\r\n"),
+    "non-UTF-8 field name": ("multipart/form-data; boundary=zz", PART + b'Content-Disposition: form-data; name="\xff"\r\n\r\nx\r\n--zz--\r\n'),
+    "bad charset": ("multipart/form-data; boundary=zz; charset=nonsense", NAME_PART + b"--zz--\r\n"),
+    "truncated": ("multipart/form-data; boundary=zz", NAME_PART[:-4]),
+    "file as text field": ("multipart/form-data; boundary=zz",
+                           NAME_PART + PART + b'Content-Disposition: form-data; name="file"\r\n\r\nabc\r\n--zz--\r\n'),
+    "two files": ("multipart/form-data; boundary=zz", NAME_PART + 2 * (PART + b'Content-Disposition: form-data; '
+                  b'name="file"; filename="a"\r\n\r\nabc\r\n') + b"--zz--\r\n"),
+    "20000 part headers": ("multipart/form-data; boundary=zz",
+                           PART + b'Content-Disposition: form-data; name="name"\r\n' + b"X-A: b\r\n" * 20000 + b"\r\nx\r\n--zz--\r\n"),
+    "5000-byte boundary": ("multipart/form-data; boundary=" + "z" * 5000, b"--" + b"z" * 5000 + b"\r\n\r\nx\r\n"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CRAFTED_UPLOADS))
+def test_crafted_uploads_are_400s_that_leave_nothing_behind(client, engine, case):
+    """Guards 'some crafted upload headers are 500s, and an upload that answers 500 keeps its file, after
+    which GET /adapters is 500 for everyone': each malformed multipart body is a 400 in the error shape,
+    the adapters folder is unchanged, and /adapters still answers."""
+    before = sorted(p.name for p in engine.adapters.folder.iterdir())
+    content_type, body = CRAFTED_UPLOADS[case]
+    response = client.post("/adapters/upload", content=body, headers={**AUTH, "content-type": content_type})
+    assert_error_shape(response, 400)
+    assert sorted(p.name for p in engine.adapters.folder.iterdir()) == before
+    assert client.get("/adapters").status_code == 200

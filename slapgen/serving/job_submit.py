@@ -4,6 +4,10 @@
 that the body was invalid, so a client polls a job that was never going to run. This middleware
 checks the body exactly as `/generate` would (schema, then the running model's limits, template and
 adapter) and answers a bad one at once with slapgen's 400 shape.
+
+It also answers BentoML's `/jobs/cancel` itself, with 501: BentoML's local task server refuses the
+cancel (400) yet marks the job cancelled while it keeps running to completion. Until slapgen can stop
+a job, saying so is better than a status that lies.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from slapgen.serving.http_errors import error_body, status_for
 from slapgen.serving.requests import GenerateRequest
 
 SUBMIT_PATH = "/jobs/submit"
+CANCEL_PATH = "/jobs/cancel"
+CANCEL_REFUSAL = "cancelling a job is not supported yet: the job runs to its end (or its timeout)"
 
 
 class ValidateJobSubmissions:
@@ -29,6 +35,8 @@ class ValidateJobSubmissions:
         self.check = check
 
     async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].rstrip("/") == CANCEL_PATH:
+            return await send_json(send, 501, error_body(CANCEL_REFUSAL))
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"].rstrip("/") != SUBMIT_PATH:
             return await self.app(scope, receive, send)
         body, replay = await read_body(receive, JSON_BODY_LIMIT)  # BodySizeLimit, outside, has checked the size

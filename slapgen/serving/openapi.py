@@ -3,7 +3,7 @@
 BentoML generates the document from the `@bentoml.api` routes only. This adds what it leaves out or
 gets wrong for us: the routes of `slapgen/serving/routes.py`, working request examples (BentoML's
 example of `/generate` is all nulls, which is a 400), the error schema every route really answers
-with, 413 / 429 / 504, and it drops `/jobs/cancel`, which is not offered. The page is BentoML's,
+with, 413 / 415 / 429 / 504, and it drops `/jobs/cancel`, which is not offered. The page is BentoML's,
 without the parts that reach the internet (tag manager, badge images), so it works offline.
 """
 
@@ -35,7 +35,8 @@ ERROR_SCHEMA = {
 ERROR_REF = {"$ref": "#/components/schemas/Error"}
 STATUS_TEXT = {400: "Bad request (the field is named)", 401: "Missing or wrong bearer token",
                403: "Upload and delete are disabled (no SLAP_API_TOKEN)", 404: "Not found",
-               409: "Name taken", 413: "Body too large", 429: "Queue full; see Retry-After",
+               409: "Name taken", 413: "Body too large",
+               415: "Not a JSON body (these routes take Content-Type: application/json)", 429: "Queue full; see Retry-After",
                500: "A bug of ours", 503: "Model unavailable", 504: "Timed out; the generation was stopped"}
 GENERATE_EXAMPLE = {"prompt": "Power slap: two athletes face off across the table; the striker winds up and the "
                               "palm strikes the cheek, the defender's head snaps sideways.", "seed": 7}
@@ -107,9 +108,10 @@ def slapgen_document(bentoml_spec: dict, version: str) -> dict:
             for status in [s for s in responses if s.isdigit() and int(s) >= 400]:
                 responses[status] = _errors(int(status))[status]
             if path in ("/generate", "/jobs", "/jobs/submit"):
-                responses.update(_errors(400, 413, 429, 504))
+                responses.update(_errors(400, 413, 415, 429, 504))
                 _set_example(operation, GENERATE_EXAMPLE)
             elif path == "/prompts/render":
+                responses.update(_errors(400, 413, 415))
                 _set_example(operation, RENDER_EXAMPLE)
     spec["paths"].update(copy.deepcopy(EXTRA_PATHS))
     return spec
