@@ -19,11 +19,11 @@ from bentoml.validators import ContentType
 from prompts import default_library
 from slapgen.engine.adapters import MAX_ADAPTER_BYTES
 from slapgen.engine.generator import VideoGenerator
-from slapgen.errors import SlapgenError
+from slapgen.errors import GenerationCancelledError, SlapgenError
 from slapgen.models.loading import resolve_model
 from slapgen.serving.body_limit import BodySizeLimit
 from slapgen.serving.http_errors import describe_error, error_response, quiet_client_errors, status_for
-from slapgen.serving.job_submit import ValidateJobSubmissions
+from slapgen.serving.job_routes import JobRoutes
 from slapgen.serving.openapi import ApiDocument
 from slapgen.serving.jobs import JobBoard
 from slapgen.serving.json_only import JsonBodiesOnly
@@ -104,7 +104,8 @@ class SlapGen:
 
     @bentoml.task(route="/jobs")
     def jobs(self, request: GenerateRequest, /, ctx: bentoml.Context) -> Annotated[bytes, ContentType("video/mp4")]:
-        """Async generation: POST /jobs/submit, then GET /jobs/progress, /jobs/status, /jobs/get."""
+        """Async generation: POST /jobs/submit, then GET /jobs/progress, /jobs/status, /jobs/get;
+        POST /jobs/cancel stops it."""
         # BentoML also routes a plain POST /jobs here, without a task id: it runs like /generate.
         task_id = getattr(ctx.request.state, "task_id", None) or f"direct-{id(ctx)}"
         try:
@@ -112,7 +113,11 @@ class SlapGen:
             job_board.queued(task_id, params.num_inference_steps)
             path = self.generator.generate_mp4(
                 params, Path(ctx.temp_dir) / "video.mp4", on_step=lambda k, n: job_board.step(task_id, k, n),
+                cancelled=lambda: job_board.cancel_requested(task_id),
             )
+        except GenerationCancelledError as error:
+            job_board.cancelled(task_id, describe_error(error))
+            return _answer_error(ctx, error)
         except SlapgenError as error:
             job_board.failed(task_id, describe_error(error))
             return _answer_error(ctx, error)
@@ -133,15 +138,15 @@ class SlapGen:
         return {"template": request.template, "prompt": text, "words": len(text.split())}
 
 
-def _check_job(request: GenerateRequest) -> None:
+def _check_job(request: GenerateRequest):
     generator = bentoml.get_current_service().generator
-    request.for_model(generator.spec, generator.adapters.names())
+    return request.for_model(generator.spec, generator.adapters.names())
 
 
 # Outermost first: bound the body, refuse form bodies on JSON routes (BentoML's form parser 500s on a
-# malformed one), then check a job's body before BentoML queues it; serve our API
-# document and an offline API page in place of BentoML's.
+# malformed one), then BentoML's job routes as we offer them (submit checked first, cancel, status);
+# serve our API document and an offline API page in place of BentoML's.
 SlapGen.add_asgi_middleware(BodySizeLimit, upload_limit=MAX_ADAPTER_BYTES + 1024**2)
 SlapGen.add_asgi_middleware(JsonBodiesOnly)
-SlapGen.add_asgi_middleware(ValidateJobSubmissions, check=_check_job)
+SlapGen.add_asgi_middleware(JobRoutes, check=_check_job, board=job_board)
 SlapGen.add_asgi_middleware(ApiDocument, spec=lambda: SlapGen.openapi_spec.asdict(), version=version("slapgen"))

@@ -69,3 +69,15 @@ class QueueFullError(SlapgenError):
 
 class GenerationTimeoutError(SlapgenError):
     """A generation passed its deadline; it was stopped between denoising steps and freed the model."""
+
+
+class GenerationCancelledError(SlapgenError):
+    """Someone cancelled the job: it stopped at the end of a denoising step, or never started."""
+
+
+class JobNotFoundError(SlapgenError):
+    """No job with that id is known (never submitted, or forgotten after the board's limit)."""
+
+
+class JobFinishedError(SlapgenError):
+    """The job already ended (completed, failed or cancelled); there is nothing to cancel."""

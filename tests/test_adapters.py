@@ -15,6 +15,7 @@ from slapgen.engine.adapters import AdapterError, AdapterStore, AdapterTarget
 from slapgen.engine.generator import VideoGenerator
 from slapgen.models.loading import resolve_model
 from slapgen.engine.params import EngineOptions, GenerationParams
+from slapgen.errors import GenerationCancelledError
 
 MAX_RANK = 8
 
@@ -107,7 +108,8 @@ def test_recent_adapters_come_from_memory(adapter_files, target, tmp_path, monke
 @pytest.mark.slow
 def test_hot_swap_on_the_compiled_model_never_recompiles(adapter_files, tiny_cache_dir, tmp_path, monkeypatch):
     """base -> A -> B -> A -> base on the torch.compile'd tiny transformer, with dynamo told to fail on
-    any recompilation; outputs prove each swap took effect and swapping back restores exactly."""
+    any recompilation; outputs prove each swap took effect and swapping back restores exactly, also after a
+    cancelled generation."""
     adapters_dir = tmp_path / "adapters"
     adapters_dir.mkdir()
     for name in ("a", "b"):
@@ -122,8 +124,12 @@ def test_hot_swap_on_the_compiled_model_never_recompiles(adapter_files, tiny_cac
         frames[label] = generator.generate_frames(base.replace(adapter=adapter))
         assert generator.info()["adapter"] == adapter
     half = generator.generate_frames(base.replace(adapter="a", adapter_scale=0.5))
+    # A cancelled generation (web studio's Cancel) leaves the compiled graph and the slot as they were.
+    with pytest.raises(GenerationCancelledError):
+        generator.generate_frames(base.replace(adapter="b"), cancelled=lambda: generator.slot.swaps == 4)
+    assert np.array_equal(generator.generate_frames(base.replace(adapter="a")), frames["a"])
     assert generator.info()["recompilations"] == 0
-    assert generator.slot.swaps == 3  # a, b, a: scale changes and the base model are not swaps
+    assert generator.slot.swaps == 5  # a, b, a, then b (cancelled) and a: scale changes and the base model are not swaps
     assert np.array_equal(frames["base"], frames["base again"])
     assert np.array_equal(frames["a"], frames["a again"])
     assert not np.array_equal(frames["a"], frames["b"])

@@ -196,23 +196,7 @@ def test_cuda_without_a_gpu_stops_start_up_with_one_sentence(tmp_path):
 
 def test_the_server_serves_slapgens_api_document_and_an_offline_page(tiny_server):
     document = httpx.get(f"{tiny_server.url}/docs.json").json()
-    assert {"/info", "/adapters/upload", "/generate"} <= set(document["paths"]) and "/jobs/cancel" not in document["paths"]
+    assert {"/info", "/adapters/upload", "/generate"} <= set(document["paths"]) and "post" in document["paths"]["/jobs/cancel"]
     page = httpx.get(f"{tiny_server.url}/").text
     assert "slapgen API" in page and "googletagmanager" not in page
 
-
-def test_cancel_is_refused_honestly_and_the_job_still_completes(tiny_server):
-    """Guards `/jobs/cancel` pretending: BentoML answered 400 yet marked the job cancelled while it ran on
-    to completion. Until cancel exists, it is a 501 in the error shape and the status stays true."""
-    task_id = httpx.post(f"{tiny_server.url}/jobs/submit", json={"prompt": "a", "num_inference_steps": 4,
-                                                                 "seed": 5}).json()["task_id"]
-    refused = httpx.put(f"{tiny_server.url}/jobs/cancel", params={"task_id": task_id})
-    assert refused.status_code == 501 and refused.json()["error"].startswith("cancelling a job is not supported")
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        status = httpx.get(f"{tiny_server.url}/jobs/status", params={"task_id": task_id}).json()["status"]
-        assert status != "canceled"
-        if status in ("completed", "failed"):
-            break
-        time.sleep(0.1)
-    assert status == "completed"

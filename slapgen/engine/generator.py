@@ -23,7 +23,7 @@ from slapgen.engine.lora_slot import LoraSlot, lora_modules
 from slapgen.engine.params import EngineOptions, GenerationParams
 from slapgen.engine.placement import place_pipeline
 from slapgen.engine.quantization import choose_quantization, quantize_transformer
-from slapgen.errors import GenerationTimeoutError, QueueFullError
+from slapgen.errors import GenerationCancelledError, GenerationTimeoutError, QueueFullError
 from slapgen.models.loading import ResolvedModel, load_pipeline
 from slapgen.models.specs import ModelSpec
 from slapgen.video import write_mp4
@@ -136,12 +136,14 @@ class VideoGenerator:
         }
 
     def generate_frames(self, params: GenerationParams, on_step: StepCallback | None = None,
-                        deadline: float | None = None) -> np.ndarray:
+                        deadline: float | None = None, cancelled: Callable[[], bool] | None = None) -> np.ndarray:
         """Run the pipeline; returns float frames in [0, 1] shaped (F, H, W, 3).
 
         `deadline` (time.monotonic()) stops the generation between denoising steps, or before it starts
         when it is reached in the queue, so a request the client gave up on never holds the model.
-        Raises AdapterError, QueueFullError, GenerationTimeoutError."""
+        `cancelled()` is asked when the generation gets the model and after every denoising step; once
+        it says yes the generation ends there (no VAE decode) and the next request starts.
+        Raises AdapterError, QueueFullError, GenerationTimeoutError, GenerationCancelledError."""
         # Read the adapter (disk or LRU) before queueing, so disk I/O never holds the pipeline.
         adapter: LoadedAdapter | None = self.adapters.get(params.adapter) if params.adapter else None
         timed_out = []
@@ -149,15 +151,24 @@ class VideoGenerator:
         def report_step(pipeline, index, timestep, tensors):
             if on_step is not None:
                 on_step(index + 1, params.num_inference_steps)
+            if cancelled is not None and index + 1 < params.num_inference_steps and cancelled():
+                # Raised out of the pipeline: the loop and the VAE decode end here. The slot and the
+                # compiled graph are untouched; the pipeline resets its loop state on its next call.
+                raise GenerationCancelledError(f"the job was cancelled after {index + 1} of "
+                                               f"{params.num_inference_steps} denoising steps")
             if deadline is not None and time.monotonic() > deadline and index + 1 < params.num_inference_steps:
                 pipeline._interrupt = True  # diffusers' pipelines skip the remaining steps
                 timed_out.append(index + 1)
             return tensors
 
+        if cancelled is not None and cancelled():
+            raise GenerationCancelledError("the job was cancelled before it started")
         try:
             with self._lock:
                 if deadline is not None and time.monotonic() > deadline:
                     raise GenerationTimeoutError("the request timed out while waiting for the model")
+                if cancelled is not None and cancelled():
+                    raise GenerationCancelledError("the job was cancelled before it started")
                 started = time.perf_counter()
                 self.slot.activate(adapter, params.adapter_scale)
                 # A CPU generator gives the same noise on every device, so a seed reproduces anywhere.
@@ -178,5 +189,5 @@ class VideoGenerator:
         return np.asarray(output.frames[0])
 
     def generate_mp4(self, params: GenerationParams, path: Path, on_step: StepCallback | None = None,
-                     deadline: float | None = None) -> Path:
-        return write_mp4(self.generate_frames(params, on_step, deadline), path, params.fps)
+                     deadline: float | None = None, cancelled: Callable[[], bool] | None = None) -> Path:
+        return write_mp4(self.generate_frames(params, on_step, deadline, cancelled), path, params.fps)

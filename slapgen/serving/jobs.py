@@ -1,7 +1,10 @@
 """Progress of async generation jobs (BentoML tasks), by task id, shared by every worker.
 
 BentoML's task store knows pending / completed / failed; this board adds what it cannot: which
-denoising step a running job is on, and the reason a job failed inside the handler. It lives in one
+denoising step a running job is on, the reason a job failed inside the handler, and cancellation
+(BentoML's local task server refuses it). A job's state goes queued -> running -> completed | failed;
+a cancel turns a queued job into cancelled at once (it never runs) and a running one into cancelling,
+which the job's own worker sees after its next denoising step and ends as cancelled. It lives in one
 SQLite file (`SLAP_CACHE_DIR/jobs.sqlite` in the service), so with several workers any of them
 answers `/jobs/progress` for a job another one runs; without a path it is in memory (tests).
 """
@@ -14,6 +17,8 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from slapgen.errors import JobFinishedError, JobNotFoundError
 
 MAX_TRACKED_JOBS = 10_000
 COLUMNS = ("task_id", "state", "step", "total_steps", "error", "updated_at")
@@ -59,11 +64,41 @@ class JobBoard:
             db.execute("DELETE FROM jobs WHERE task_id IN (SELECT task_id FROM jobs ORDER BY updated_at DESC "
                        "LIMIT -1 OFFSET ?)", (self._max_jobs,))
 
+    def submitted(self, task_id: str, total_steps: int) -> None:
+        """Known from submission on, so a job can be cancelled before its handler starts."""
+        with self._lock, self._connect() as db:
+            db.execute("INSERT OR IGNORE INTO jobs VALUES (?, 'queued', 0, ?, NULL, ?)", (task_id, total_steps, time.time()))
+
     def queued(self, task_id: str, total_steps: int) -> None:
-        self._update(task_id, state="queued", total_steps=total_steps)
+        with self._lock, self._connect() as db:
+            db.execute("INSERT OR IGNORE INTO jobs VALUES (?, 'queued', 0, ?, NULL, ?)", (task_id, total_steps, time.time()))
+            db.execute("UPDATE jobs SET total_steps = ?, updated_at = ? WHERE task_id = ?", (total_steps, time.time(), task_id))
 
     def step(self, task_id: str, step: int, total_steps: int) -> None:
-        self._update(task_id, state="running", step=step, total_steps=total_steps)
+        with self._lock, self._connect() as db:
+            # A cancel that arrived meanwhile stays visible: only a queued or running job becomes running.
+            db.execute("UPDATE jobs SET state = CASE WHEN state IN ('queued', 'running') THEN 'running' ELSE state END, "
+                       "step = ?, total_steps = ?, updated_at = ? WHERE task_id = ?", (step, total_steps, time.time(), task_id))
+
+    def cancel(self, task_id: str) -> dict:
+        """Ask a job to stop: a queued job is cancelled now, a running one is marked cancelling.
+        Raises JobNotFoundError, JobFinishedError (completed, failed or already cancelled)."""
+        with self._lock, self._connect() as db:
+            row = db.execute("SELECT state FROM jobs WHERE task_id = ?", (task_id,)).fetchone()
+            if row is None:
+                raise JobNotFoundError(f"no job {task_id!r} is known", "task_id")
+            if row[0] in ("completed", "failed", "cancelled"):
+                raise JobFinishedError(f"job {task_id} already ended ({row[0]})", "task_id")
+            new_state = "cancelled" if row[0] == "queued" else "cancelling"
+            db.execute("UPDATE jobs SET state = ?, updated_at = ? WHERE task_id = ?", (new_state, time.time(), task_id))
+        return self.get(task_id)
+
+    def cancel_requested(self, task_id: str) -> bool:
+        job = self.get(task_id)
+        return job is not None and job["state"] in ("cancelling", "cancelled")
+
+    def cancelled(self, task_id: str, error: str) -> None:
+        self._update(task_id, state="cancelled", error=error)
 
     def completed(self, task_id: str) -> None:
         self._update(task_id, state="completed")

@@ -3,7 +3,7 @@
 BentoML generates the document from the `@bentoml.api` routes only. This adds what it leaves out or
 gets wrong for us: the routes of `slapgen/serving/routes.py`, working request examples (BentoML's
 example of `/generate` is all nulls, which is a 400), the error schema every route really answers
-with, 413 / 415 / 429 / 504, and it drops `/jobs/cancel`, which is not offered. The page is BentoML's,
+with, 413 / 415 / 429 / 504, and our `/jobs/cancel` in place of BentoML's. The page is BentoML's,
 without the parts that reach the internet (tag manager, badge images), so it works offline.
 """
 
@@ -35,13 +35,14 @@ ERROR_SCHEMA = {
 ERROR_REF = {"$ref": "#/components/schemas/Error"}
 STATUS_TEXT = {400: "Bad request (the field is named)", 401: "Missing or wrong bearer token",
                403: "Upload and delete are disabled (no SLAP_API_TOKEN)", 404: "Not found",
-               409: "Name taken", 413: "Body too large",
+               409: "Name taken, or the job already ended", 413: "Body too large",
                415: "Not a JSON body (these routes take Content-Type: application/json)", 429: "Queue full; see Retry-After",
                500: "A bug of ours", 503: "Model unavailable", 504: "Timed out; the generation was stopped"}
 GENERATE_EXAMPLE = {"prompt": "Power slap: two athletes face off across the table; the striker winds up and the "
                               "palm strikes the cheek, the defender's head snaps sideways.", "seed": 7}
 RENDER_EXAMPLE = {"template": "knockout", "slots": {"striker": "red"}}
-NOT_OFFERED = ("/jobs/cancel",)
+# BentoML's task cancel (PUT, refused by its local server) is replaced by ours (POST; PUT also works).
+REPLACED = ("/jobs/cancel",)
 
 
 def _errors(*statuses: int) -> dict:
@@ -72,6 +73,13 @@ EXTRA_PATHS = {
     "/templates": _get("prompt templates with their slots, choices and defaults"),
     "/jobs/progress": _get("state, denoising step k of N and the error of a job", 400, 404, parameters=[
         {"name": "task_id", "in": "query", "required": True, "schema": {"type": "string"}}]),
+    "/jobs/cancel": {"post": {
+        "summary": "cancel a job: a queued one never runs, a running one stops after its current denoising step",
+        "tags": ["slapgen"],
+        "parameters": [{"name": "task_id", "in": "query", "required": True, "schema": {"type": "string"}}],
+        "responses": {**_json_ok("task_id and state: cancelled, or cancelling until the running step ends"),
+                      **_errors(400, 404, 409)},
+    }},
     "/adapters/upload": {"post": {
         "summary": "upload a LoRA adapter (checked before anything changes); needs the bearer token",
         "tags": ["slapgen"],
@@ -100,7 +108,7 @@ def slapgen_document(bentoml_spec: dict, version: str) -> dict:
     for replaced in ("InvalidArgument", "NotFound", "InternalServerError"):
         schemas.pop(replaced, None)
     schemas["Error"] = ERROR_SCHEMA
-    for path in NOT_OFFERED:
+    for path in REPLACED:
         spec["paths"].pop(path, None)
     for path, operations in spec["paths"].items():
         for operation in operations.values():

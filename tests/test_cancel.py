@@ -1,0 +1,134 @@
+"""Cancelling jobs for real: the board's state machine, the engine stopping between denoising steps
+(or never starting), and the service's /jobs/cancel over HTTP."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from slapgen.engine.generator import VideoGenerator
+from slapgen.engine.params import EngineOptions, GenerationParams
+from slapgen.errors import GenerationCancelledError, JobFinishedError, JobNotFoundError
+from slapgen.models.loading import resolve_model
+from slapgen.serving.jobs import JobBoard
+from slapgen.video import read_mp4
+
+
+def test_the_board_cancels_queued_jobs_at_once_and_running_ones_after_their_step(tmp_path):
+    """Guards cancel states that lie or get lost: a queued job is cancelled at once and stays so when its
+    handler starts; a running job is `cancelling` until its worker ends it, and a step written meanwhile
+    does not turn it back into `running`; ended or unknown jobs cannot be cancelled."""
+    board = JobBoard(tmp_path / "jobs.sqlite")
+    board.submitted("queued-job", 10)
+    assert board.cancel("queued-job")["state"] == "cancelled"
+    board.queued("queued-job", 10)  # its handler starts later
+    assert board.get("queued-job")["state"] == "cancelled" and board.cancel_requested("queued-job")
+
+    board.submitted("running-job", 10)
+    board.step("running-job", 3, 10)
+    assert board.cancel("running-job")["state"] == "cancelling"
+    board.step("running-job", 4, 10)
+    assert board.get("running-job")["state"] == "cancelling" and board.cancel_requested("running-job")
+    board.cancelled("running-job", "the job was cancelled after 4 of 10 denoising steps")
+    assert board.get("running-job")["state"] == "cancelled"
+
+    board.submitted("done-job", 10)
+    board.completed("done-job")
+    for task_id in ("done-job", "running-job"):
+        with pytest.raises(JobFinishedError):
+            board.cancel(task_id)
+    with pytest.raises(JobNotFoundError):
+        board.cancel("never-submitted")
+    assert not board.cancel_requested("done-job") and not board.cancel_requested("never-submitted")
+    # Another process (another worker) sees the same states.
+    assert JobBoard(tmp_path / "jobs.sqlite").get("running-job")["state"] == "cancelled"
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_cache_dir):
+    return VideoGenerator.load(resolve_model("tiny", tiny_cache_dir), EngineOptions(max_lora_rank=8))
+
+
+def test_a_cancel_stops_after_the_current_step_and_leaves_the_engine_as_it_was(engine):
+    """Guards a cancel that runs the job to its end (or through the VAE decode), and one that leaves the
+    pipeline or slot changed: the generation stops right after the step in which the cancel was seen,
+    and the next generation's frames are exactly those of the same request before the cancel."""
+    params = GenerationParams.defaults_for(engine.spec, seed=11).replace(num_inference_steps=6)
+    before = engine.generate_frames(params)
+    steps = []
+    with pytest.raises(GenerationCancelledError, match="after 2 of 6"):
+        engine.generate_frames(params, on_step=lambda k, n: steps.append(k), cancelled=lambda: len(steps) >= 2)
+    assert steps == [1, 2]
+    assert np.array_equal(engine.generate_frames(params), before)
+
+
+def test_a_job_cancelled_before_it_starts_never_runs(engine):
+    """Guards a cancelled queued job that still runs when its turn comes: the transformer is never called."""
+    calls = []
+    hook = engine.pipeline.transformer.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        with pytest.raises(GenerationCancelledError, match="before it started"):
+            engine.generate_frames(GenerationParams.defaults_for(engine.spec, seed=1), cancelled=lambda: True)
+    finally:
+        hook.remove()
+    assert calls == []
+
+
+def _submit(server, **body) -> str:
+    response = httpx.post(f"{server.url}/jobs/submit", json={"prompt": "a power slap", **body}, timeout=30)
+    assert response.status_code == 200, response.text
+    return response.json()["task_id"]
+
+
+def _progress(server, task_id: str) -> dict:
+    return httpx.get(f"{server.url}/jobs/progress", params={"task_id": task_id}, timeout=30).json()
+
+
+def _wait_for(server, task_id: str, states: set[str], timeout_s: float = 180) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        progress = _progress(server, task_id)
+        if progress["state"] in states:
+            return progress
+        time.sleep(0.05)
+    raise AssertionError(f"job {task_id} never reached {states}: {progress}")
+
+
+def test_cancel_over_http_stops_the_running_job_skips_the_queued_one_and_the_next_job_is_unchanged(tiny_server, tmp_path):
+    """Guards BentoML's cancel (a 400 that still marked the job cancelled while it ran on): POST
+    /jobs/cancel ends a running job after its current step and a queued one before it starts, both report
+    `canceled`, /jobs/get answers the cancellation, and a later job gives exactly the frames of /generate
+    for the same body."""
+    body = {"prompt": "a power slap", "seed": 21, "num_inference_steps": 3}
+    reference = httpx.post(f"{tiny_server.url}/generate", json=body, timeout=120)
+    assert reference.status_code == 200, reference.text
+
+    running = _submit(tiny_server, seed=1, num_inference_steps=200)
+    queued = _submit(tiny_server, seed=2, num_inference_steps=200)
+    _wait_for(tiny_server, running, {"running"})
+    assert _progress(tiny_server, queued)["state"] == "queued"
+    cancel_queued = httpx.post(f"{tiny_server.url}/jobs/cancel", params={"task_id": queued})
+    assert cancel_queued.json() == {"task_id": queued, "state": "cancelled"}
+    cancel_running = httpx.post(f"{tiny_server.url}/jobs/cancel", params={"task_id": running})
+    assert cancel_running.json() == {"task_id": running, "state": "cancelling"}
+
+    stopped = _wait_for(tiny_server, running, {"cancelled", "completed", "failed"})
+    assert stopped["state"] == "cancelled" and stopped["step"] < 200, stopped
+    skipped = _wait_for(tiny_server, queued, {"cancelled", "completed", "failed", "running"})
+    assert skipped["state"] == "cancelled" and skipped["step"] == 0, skipped
+    for task_id in (running, queued):
+        assert httpx.get(f"{tiny_server.url}/jobs/status", params={"task_id": task_id}).json()["status"] == "canceled"
+    result = httpx.get(f"{tiny_server.url}/jobs/get", params={"task_id": running})
+    assert result.status_code == 409 and "cancelled" in result.json()["error"]
+    again = httpx.post(f"{tiny_server.url}/jobs/cancel", params={"task_id": running})
+    assert again.status_code == 409 and set(again.json()) == {"error", "detail"}
+    assert httpx.post(f"{tiny_server.url}/jobs/cancel", params={"task_id": "no-such-job"}).status_code == 404
+
+    after = _submit(tiny_server, **body)
+    assert _wait_for(tiny_server, after, {"completed", "failed", "cancelled"})["state"] == "completed"
+    (tmp_path / "after.mp4").write_bytes(httpx.get(f"{tiny_server.url}/jobs/get", params={"task_id": after}).content)
+    (tmp_path / "reference.mp4").write_bytes(reference.content)
+    assert np.array_equal(read_mp4(tmp_path / "after.mp4")[0], read_mp4(tmp_path / "reference.mp4")[0])
