@@ -167,3 +167,25 @@ def test_bad_input_is_one_line_and_exit_2(arguments, message, tiny_cache_dir, de
     error = capsys.readouterr().err.strip()
     assert code == 2 and message in error and len(error.splitlines()) == 1, error
     assert not (tmp_path / "out").exists()
+
+
+def test_loss_only_generates_nothing_and_reuses_a_shared_cache(evaluation, demo_dataset, tmp_path, capsys):
+    """Guards `--metrics loss` (what a sweep runs after every training) generating videos or loading the
+    evaluation models, and `--cache` not being shared: with the first run's latent cache it encodes
+    nothing and reports the very held-out losses that run reported."""
+    code = cli_main(["eval", "--model", "tiny", "--adapter", f"trained={evaluation['run']}", "--heldout", str(demo_dataset),
+                     "--out", str(tmp_path / "out"), "--metrics", "loss", "--max-clips", "2", "--device", "cpu",
+                     "--cache", str(evaluation["out"] / "cache"), *[f"--set={s}" for s in SETTINGS]])
+    assert code == 0, capsys.readouterr().err[-2000:]
+    cache_report = json.loads((evaluation["out"] / "cache" / "last_report.json").read_text())
+    assert (cache_report["encoded"], cache_report["reused"]) == (0, 2)
+    result = json.loads((tmp_path / "out" / "eval.json").read_text())
+    assert {name: set(system["metrics"]) for name, system in result["systems"].items()} == {
+        "base": {"heldout_loss"}, "trained": {"heldout_loss"}}
+    assert set(result["systems"]["trained"]["ab_vs_base"]) == {"heldout_loss"}
+    assert result["videos"] == [] and not (tmp_path / "out" / "videos").exists()
+    assert list(result["metric_definitions"]) == ["heldout_loss"]
+    first = evaluation["result"]["prompts"]
+    for system in ("base", "trained"):  # the slot's rank differs (4 here, 8 there): equal up to rounding
+        assert [p["heldout_loss"][system] for p in result["prompts"]] == pytest.approx(
+            [p["heldout_loss"][system] for p in first], rel=1e-6)

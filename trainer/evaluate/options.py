@@ -63,6 +63,9 @@ class EvalOptions:
                 raise EvalError(f"--set {name} must be a multiple of {SIZE_MULTIPLE} up to {limit} for {spec.name}, got {value}")
         if params.num_inference_steps < 1 or params.fps < 1 or params.guidance_scale < 0 or params.adapter_scale < 0:
             raise EvalError("--set num_inference_steps and fps must be at least 1, guidance_scale and adapter_scale not negative")
+        if "temporal" in self.metrics and params.num_frames < 2:
+            raise EvalError("temporal metrics compare consecutive frames; set --set num_frames=9 or more, or leave "
+                            "temporal out of --metrics")
         if "fvd" in self.metrics and params.num_frames < I3D_MIN_FRAMES:
             raise EvalError(f"fvd needs videos of at least {I3D_MIN_FRAMES} frames (the I3D's minimum), got "
                             f"num_frames={params.num_frames}; set e.g. --set num_frames=17 or leave fvd out of --metrics")

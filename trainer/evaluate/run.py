@@ -21,6 +21,7 @@ from slapgen.evaluation.frechet import frechet_with_interval, reliable_sample_co
 from slapgen.models.loading import ModelSetting, resolve_model
 from slapgen.video import read_mp4, write_mp4
 from trainer.config import DataConfig
+from trainer.errors import EvalError
 from trainer.evaluate.options import BASE, EvalOptions
 from trainer.evaluate.systems import System, resolve_systems, slot_shape, stage_adapters
 from trainer.frames import load_clip
@@ -62,6 +63,8 @@ def run_eval(options: EvalOptions) -> dict:
     from slapgen.engine.params import EngineOptions
 
     timer = Timer()
+    if options.device.startswith("cuda") and not torch.cuda.is_available():
+        raise EvalError(f"--device {options.device} needs a CUDA GPU and none is usable here; use --device cpu")
     resolved = resolve_model(options.model, setting=MODEL_SETTING)
     params = options.params(resolved.spec)
     systems = resolve_systems(options.adapters)
@@ -137,9 +140,12 @@ def generate(generator, systems: list[System], prompts: list[str], params, optio
     for system in systems:
         for index, prompt in enumerate(prompts):
             for seed in options.seeds:
-                progress.set_postfix(system=system.name, prompt=index, seed=seed)
                 path = out / "videos" / system.name / f"p{index:03d}-s{seed}.mp4"
-                frames = generator.generate_frames(params.replace(prompt=prompt, seed=seed, adapter=system.adapter))
+
+                def on_step(done: int, total: int) -> None:
+                    progress.set_postfix(system=system.name, prompt=index, seed=seed, step=f"{done}/{total}")
+
+                frames = generator.generate_frames(params.replace(prompt=prompt, seed=seed, adapter=system.adapter), on_step)
                 write_video(frames, path, params.fps)
                 videos.append(Video(system.name, index, seed, path))
                 progress.update(1)
@@ -160,8 +166,8 @@ def write_video(frames: np.ndarray, path: Path, fps: int) -> None:
 
 
 def score_videos(videos: list[Video], prompts: list[str], options: EvalOptions, definitions: dict, timer: Timer) -> None:
-    """Per-video metrics, one evaluation model loaded at a time."""
-    frames = {id(video): read_mp4(video.path)[0] for video in videos}
+    """Per-video metrics, one evaluation model loaded at a time; each pass decodes the mp4s again rather
+    than holding every video in memory (120 videos of 49 x 480 x 720 would be 6 GB)."""
     if "clip" in options.metrics:
         from slapgen.evaluation.clip_score import ClipScorer
         from slapgen.evaluation.models import load_clip
@@ -170,7 +176,7 @@ def score_videos(videos: list[Video], prompts: list[str], options: EvalOptions, 
         coverage = [scorer.text_coverage(prompt) for prompt in prompts]
         started = time.perf_counter()
         for video in progress_over(videos, scorer.metric_name):
-            video.scores[scorer.metric_name] = scorer.score(frames[id(video)], prompts[video.prompt])
+            video.scores[scorer.metric_name] = scorer.score(read_mp4(video.path)[0], prompts[video.prompt])
         timer.add(scorer.metric_name, started)
         truncated = sum(c.truncated for c in coverage)
         read_share = float(np.mean([c.scored / c.tokens for c in coverage]))
@@ -188,14 +194,14 @@ def score_videos(videos: list[Video], prompts: list[str], options: EvalOptions, 
         from slapgen.evaluation.temporal import DinoFeatures, subject_consistency, temporal_flickering
 
         dino = DinoFeatures(load_dino(options.dino_model, options.device))
-        started = time.perf_counter()
-        for video in progress_over(videos, SUBJECT):
-            video.scores[SUBJECT] = subject_consistency(dino(frames[id(video)]))
-        timer.add(SUBJECT, started)
-        started = time.perf_counter()
-        for video in videos:
-            video.scores[FLICKER] = temporal_flickering(frames[id(video)])
-        timer.add(FLICKER, started)
+        for video in progress_over(videos, f"{SUBJECT}, {FLICKER}"):
+            frames = read_mp4(video.path)[0]
+            started = time.perf_counter()
+            video.scores[SUBJECT] = subject_consistency(dino(frames))
+            timer.add(SUBJECT, started)
+            started = time.perf_counter()
+            video.scores[FLICKER] = temporal_flickering(frames)
+            timer.add(FLICKER, started)
         definitions[SUBJECT] = {"higher_is_better": True, "model": options.dino_model,
                                 "what": "VBench subject consistency: mean over frames i>=1 of (max(0, cos(f_i-1, f_i)) + "
                                         "max(0, cos(f_0, f_i))) / 2 on DINO CLS features"}
