@@ -70,7 +70,10 @@ def heldout_losses(transformer, scheduler, entries: Sequence[CacheEntry], *, see
                    on_forward: Callable[[], None] | None = None) -> list[float]:
     """The held-out loss of each entry (in `entries` order): the training objective averaged over
     `timesteps` with that clip's fixed noise. `transformer` is a CogVideoX transformer (with or
-    without LoRA; a LoRA slot counts too), `scheduler` the model's training scheduler."""
+    without LoRA; a LoRA slot counts too), `scheduler` the model's training scheduler. `dtype` is
+    what the transformer computes in (default: its own dtype); in the middle of a mixed-precision run
+    pass the run's weight dtype and call this inside `accelerator.autocast()`, as the loop calls
+    `training_step`. `on_forward` is called after each transformer forward (progress bars)."""
     if not entries:
         raise ValueError("no held-out entries")
     config = getattr(transformer, "config")

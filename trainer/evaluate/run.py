@@ -9,7 +9,7 @@ from the mp4 files written, the frames a person watches in the report.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -279,7 +279,7 @@ def assemble(options: EvalOptions, model: str, params, systems: list[System], en
         "model": model,
         "heldout": str(options.heldout),
         "seeds": list(options.seeds),
-        "generation": {key: value for key, value in params.__dict__.items() if key not in ("prompt", "seed", "adapter")},
+        "generation": {key: value for key, value in asdict(params).items() if key not in ("prompt", "seed", "adapter")},
         "engine": engine,
         "metric_definitions": definitions,
         "systems": result_systems,

@@ -60,12 +60,17 @@ def _system(adapter: AdapterArg) -> System:
         match = KEY_PATTERN.match(key)
         if match and match["part"] == "A" and len(shape) == 2:
             ranks.append(shape[0])
-            modules.add(match["module"].rsplit(".", 1)[-1] if not match["module"].endswith("to_out.0") else "to_out.0")
+            modules.add(_target_name(match["module"]))
     if not ranks:
         raise EvalError(f"--adapter {adapter.name}={path} holds no transformer LoRA weights")
     declared = header.metadata.get(lora_format.TARGET_MODULES_KEY)
     targets = tuple(declared.split(",")) if declared else tuple(sorted(modules))
     return System(adapter.name, path.resolve(), max(ranks), targets)
+
+
+def _target_name(module: str) -> str:
+    """`transformer_blocks.3.attn1.to_q` -> `to_q`; `....to_out.0` -> `to_out.0` (peft's target name)."""
+    return "to_out.0" if module.endswith(".to_out.0") else module.rsplit(".", 1)[-1]
 
 
 def stage_adapters(systems: list[System], folder: Path) -> None:
