@@ -1,5 +1,6 @@
-"""The package split holds: the trainer never loads the engine or the HTTP side, the engine never loads
-the trainer or HTTP code, and the model home depends on neither (each checked in a fresh interpreter)."""
+"""The package split holds: the trainer never loads the engine or the HTTP side (only `slapgen eval`, which
+imports trainer.evaluate inside the command, loads the engine), the engine never loads the trainer or HTTP
+code, and the model home and the evaluation math depend on neither (each checked in a fresh interpreter)."""
 
 from __future__ import annotations
 
@@ -15,11 +16,13 @@ from tests.conftest import REPO_ROOT, offline_env
 @pytest.mark.parametrize(
     "module, forbidden",
     [
-        ("trainer.train", ["slapgen.engine", "slapgen.serving", "bentoml", "starlette"]),
+        ("trainer.train, trainer.heldout", ["slapgen.engine", "slapgen.serving", "bentoml", "starlette"]),
         ("trainer.cli", ["slapgen.engine", "slapgen.serving", "bentoml"]),
         ("slapgen.engine.generator", ["trainer", "slapgen.serving", "bentoml", "starlette", "pydantic_settings"]),
         ("slapgen.models.cogvideox", ["trainer", "slapgen.engine", "slapgen.serving", "bentoml"]),
         ("slapgen.serving.routes", ["trainer"]),
+        ("slapgen.evaluation.stats, slapgen.evaluation.frechet, slapgen.evaluation.models, slapgen.evaluation.clip_score, "
+         "slapgen.evaluation.temporal, slapgen.evaluation.i3d", ["trainer", "slapgen.engine", "slapgen.serving", "bentoml"]),
     ],
 )
 def test_packages_import_only_what_they_use(module, forbidden, tmp_path):

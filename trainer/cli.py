@@ -1,4 +1,4 @@
-"""`slapgen` command line: demo-data, curate, precompute, train, config.
+"""`slapgen` command line: demo-data, curate, precompute, train, eval, config.
 
 Every subcommand has --help; bad input ends with one line on stderr and exit status 2.
 """
@@ -31,6 +31,7 @@ def _quiet_libraries() -> None:
     diffusers_logging.set_verbosity_error()
     diffusers_logging.disable_progress_bar()
     transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
 
 
 def cmd_demo_data(args) -> int:
@@ -90,6 +91,43 @@ def cmd_curate(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    # Imported here: `slapgen eval` is the one command that loads the generation engine.
+    from trainer.evaluate.options import (EvalOptions, default_model_sources, parse_adapter, parse_metrics, parse_seeds,
+                                          parse_settings)
+    from trainer.evaluate.report import write_reports
+    from trainer.evaluate.run import run_eval
+
+    sources = default_model_sources(args.model)
+    options = EvalOptions(
+        model=args.model,
+        adapters=tuple(parse_adapter(text) for text in args.adapter),
+        heldout=args.heldout,
+        out=args.out,
+        metrics=parse_metrics(args.metrics),
+        seeds=parse_seeds(args.seeds),
+        generation=parse_settings(args.set),
+        max_clips=args.max_clips,
+        cache=args.cache,
+        device=args.device,
+        loss_seed=args.loss_seed,
+        clip_model=args.clip_model or sources["clip_model"],
+        dino_model=args.dino_model or sources["dino_model"],
+        i3d_model=args.i3d_model or sources["i3d_model"],
+    )
+    if args.max_clips is not None and args.max_clips < 1:
+        raise DatasetError("--max-clips must be at least 1")
+    result = run_eval(options)
+    paths = write_reports(result, args.out)
+    for system, data in result["systems"].items():
+        print(f"{system}: " + ", ".join(f"{name} {value:.4g}" for name, value in data["metrics"].items()))
+    for definition in result["metric_definitions"].values():
+        if definition.get("warning"):
+            print(f"warning: {definition['warning']}")
+    print(f"report: {paths['html']} (also {paths['json'].name}, {paths['md'].name})")
+    return 0
+
+
 def cmd_config(args) -> int:
     from trainer.config import load_config
 
@@ -134,6 +172,29 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--resume", metavar="latest|CHECKPOINT", help="continue from the latest or a given checkpoint")
     tr.add_argument("--stop-at-step", type=int, metavar="N", help="checkpoint and stop after step N (resume later)")
     tr.set_defaults(run=cmd_train)
+
+    ev = commands.add_parser("eval", help="compare the base model and adapters on a held-out dataset; writes eval.json, "
+                                          "eval.md, report.html")
+    ev.add_argument("--model", required=True, help="hub id, local pipeline folder, or `tiny` (as SLAP_MODEL)")
+    ev.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
+                    help="an adapter to compare with `base`: a LoRA file or a run / checkpoint folder (repeatable)")
+    ev.add_argument("--heldout", type=Path, required=True, help="held-out dataset, any layout `slapgen train` reads")
+    ev.add_argument("--out", type=Path, required=True, help="output folder (videos, eval.json, eval.md, report.html)")
+    ev.add_argument("--metrics", default="loss,clip,fvd,temporal",
+                    help="any of loss,clip,fvd,temporal (default all; loss alone generates nothing)")
+    ev.add_argument("--seeds", default="0", help="generation seeds, e.g. 1,2 (default 0)")
+    ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="generation setting for every system: num_inference_steps, guidance_scale, negative_prompt, "
+                         "num_frames, height, width, fps, adapter_scale (default: the model's)")
+    ev.add_argument("--max-clips", type=int, metavar="N", help="use only the first N held-out clips")
+    ev.add_argument("--cache", type=Path, help="latent cache for the held-out clips (default OUT/cache; share it)")
+    ev.add_argument("--device", default="cuda" if _cuda() else "cpu", help="where the model and metrics run")
+    ev.add_argument("--loss-seed", type=int, default=0, help="seed of the held-out loss noise (default 0)")
+    ev.add_argument("--clip-model", help="CLIP hub id or folder (default openai/clip-vit-large-patch14; tiny with --model tiny)")
+    ev.add_argument("--dino-model", help="DINO hub id or folder (default facebook/dino-vitb16; tiny with --model tiny)")
+    ev.add_argument("--i3d-model", help="I3D TorchScript file or hub repo (default flateon/FVD-I3D-torchscript; "
+                                        "tiny with --model tiny)")
+    ev.set_defaults(run=cmd_eval)
 
     cfg = commands.add_parser("config", help="print a preset or config file with every field documented")
     cfg.add_argument("preset", nargs="?", help="preset name or YAML file (default: built-in defaults)")

@@ -21,3 +21,7 @@ class TrainConfigError(SlapgenError):
 
 class TrainError(SlapgenError):
     """Training cannot start or continue; the message says why."""
+
+
+class EvalError(SlapgenError):
+    """`slapgen eval` cannot run as asked (an adapter, a metric, a setting); the message says why."""

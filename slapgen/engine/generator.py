@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -134,6 +135,15 @@ class VideoGenerator:
             "recompilations": self.compiled.recompilations if self.compiled else 0,
             "queue": self.queue_length,
         }
+
+    @contextmanager
+    def activated(self, adapter: str | None, scale: float = 1.0) -> Iterator[torch.nn.Module]:
+        """The transformer with `adapter` (None: the base model) in the slot at `scale`, held under the
+        generation lock: for scoring the served model without generating (`slapgen eval`'s held-out loss)."""
+        loaded: LoadedAdapter | None = self.adapters.get(adapter) if adapter else None
+        with self._lock:
+            self.slot.activate(loaded, scale)
+            yield self.pipeline.transformer
 
     def generate_frames(self, params: GenerationParams, on_step: StepCallback | None = None,
                         deadline: float | None = None, cancelled: Callable[[], bool] | None = None) -> np.ndarray:

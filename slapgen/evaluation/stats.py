@@ -1,0 +1,87 @@
+"""Paired-preference statistics: win rate with a 95% bootstrap interval over prompts, and a sign test.
+
+They read `Comparison`s and nothing else, so the same code scores automatic metrics (a system's
+number against the base model's on the same prompt and seed) and, later, human ratings from the
+web studio. A comparison's `unit` is what the bootstrap resamples: the prompt, because several
+seeds of one prompt are not independent evidence (they share whatever the prompt makes easy or hard).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+WIN, TIE, LOSS = 1.0, 0.5, 0.0
+DEFAULT_RESAMPLES = 10_000
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One paired judgement of a system against its reference: WIN, TIE or LOSS, on `unit` (a prompt)."""
+
+    unit: str
+    outcome: float
+
+
+@dataclass(frozen=True)
+class WinRate:
+    rate: float  # (wins + ties / 2) / comparisons
+    low: float  # 95% bootstrap interval over units (percentile)
+    high: float
+    wins: int
+    ties: int
+    losses: int
+    comparisons: int
+    units: int
+    sign_test_p: float  # two-sided, ties dropped
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def outcome(value: float, reference: float, higher_is_better: bool) -> float:
+    """WIN when `value` beats `reference` in the metric's direction, TIE when equal, else LOSS."""
+    if value == reference:
+        return TIE
+    return WIN if (value > reference) == higher_is_better else LOSS
+
+
+def sign_test(wins: int, losses: int) -> float:
+    """Two-sided exact binomial test of wins against losses at p = 1/2 (ties left out); 1.0 with none."""
+    from scipy.stats import binomtest
+
+    if wins + losses == 0:
+        return 1.0
+    return float(binomtest(wins, wins + losses, 0.5, alternative="two-sided").pvalue)
+
+
+def win_rate(comparisons: Sequence[Comparison], resamples: int = DEFAULT_RESAMPLES, seed: int = 0,
+             confidence: float = 0.95) -> WinRate:
+    """Win rate with ties counted half, its percentile bootstrap interval resampling whole units
+    (all comparisons of a prompt go in or out together), and the sign test on untied comparisons."""
+    if not comparisons:
+        raise ValueError("no comparisons")
+    bad = sorted({c.outcome for c in comparisons} - {WIN, TIE, LOSS})
+    if bad:
+        raise ValueError(f"outcomes must be {WIN}, {TIE} or {LOSS}, got {bad}")
+    units = sorted({c.unit for c in comparisons})
+    index = {unit: k for k, unit in enumerate(units)}
+    score_sum = np.zeros(len(units))
+    count = np.zeros(len(units))
+    for comparison in comparisons:
+        score_sum[index[comparison.unit]] += comparison.outcome
+        count[index[comparison.unit]] += 1
+    generator = np.random.default_rng(seed)
+    draws = generator.integers(0, len(units), size=(resamples, len(units)))
+    rates = score_sum[draws].sum(axis=1) / count[draws].sum(axis=1)
+    tail = (1 - confidence) / 2
+    low, high = np.quantile(rates, [tail, 1 - tail])
+    wins = sum(c.outcome == WIN for c in comparisons)
+    losses = sum(c.outcome == LOSS for c in comparisons)
+    return WinRate(
+        rate=float(score_sum.sum() / count.sum()), low=float(low), high=float(high), wins=wins,
+        ties=len(comparisons) - wins - losses, losses=losses, comparisons=len(comparisons), units=len(units),
+        sign_test_p=sign_test(wins, losses),
+    )

@@ -1,0 +1,191 @@
+"""`slapgen eval` end to end on the tiny model: a real process compares the base model with two
+adapters (a finished training run folder and a LoRA file) and writes every metric and the report;
+the report renders in headless Chromium with every video playable."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from diffusers import CogVideoXDPMScheduler, CogVideoXTransformer3DModel
+
+from slapgen.evaluation import stats
+from slapgen.models.loading import resolve_model
+from slapgen.video import read_mp4
+from tests.conftest import REPO_ROOT, offline_env, tiny_train_overrides, write_test_adapter
+from trainer.cli import main as cli_main
+from trainer.config import DataConfig, load_config
+from trainer.heldout import heldout_entries, heldout_losses
+from trainer.lora import add_lora, load_lora_into
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = Path("/usr/bin/chromium")
+SETTINGS = ["num_frames=17", "height=32", "width=48", "num_inference_steps=1"]
+METRICS = {"heldout_loss", "clip_score_tiny", "fvd_i3d", "subject_consistency_dino", "temporal_flickering"}
+
+
+@pytest.fixture(scope="module")
+def evaluation(tiny_cache_dir, demo_dataset, tmp_path_factory):
+    """One `slapgen eval` run: base, `trained` (a 2-step `slapgen train` run folder), `random` (a LoRA file)."""
+    from trainer.train import train
+
+    root = tmp_path_factory.mktemp("eval")
+    config = load_config("tiny-smoke", tiny_train_overrides(tiny_cache_dir, "train.max_train_steps=2", "optim.lr_warmup_steps=1",
+                                                            "optim.learning_rate=0.05", "data.max_clips=2",
+                                                            "checkpoint.every_steps=10"))
+    train(config, demo_dataset, root / "run", progress=False)
+    lora_file = write_test_adapter(root / "random", tiny_cache_dir, rank=8, seed=3)
+    out = root / "out"
+    command = [sys.executable, "-m", "trainer", "eval", "--model", "tiny", "--adapter", f"trained={root / 'run'}",
+               "--adapter", f"random={lora_file}", "--heldout", str(demo_dataset), "--out", str(out),
+               "--max-clips", "2", "--seeds", "1", "--device", "cpu", *[f"--set={s}" for s in SETTINGS]]
+    result = subprocess.run(command, cwd=REPO_ROOT, env=offline_env(root, SLAP_CACHE_DIR=str(tiny_cache_dir)),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return {"out": out, "run": root / "run", "config": config, "stdout": result.stdout, "stderr": result.stderr,
+            "result": json.loads((out / "eval.json").read_text())}
+
+
+def test_eval_writes_every_metric_for_every_system(evaluation):
+    """Guards a system or metric missing from eval.json, a non-finite value, a video that is not a real
+    mp4 of the asked size and length, adapters reloaded instead of swapped, or the FVD sample-size
+    warning and CLIP text policy left out of the output."""
+    result, out = evaluation["result"], evaluation["out"]
+    assert list(result["systems"]) == ["base", "trained", "random"]
+    for name, system in result["systems"].items():
+        assert set(system["metrics"]) == METRICS, name
+        assert all(math.isfinite(value) for value in system["metrics"].values()), system["metrics"]
+        if name != "base":
+            assert set(system["ab_vs_base"]) == METRICS - {"fvd_i3d"}
+    assert result["systems"]["trained"]["adapter"] == str((evaluation["run"] / "pytorch_lora_weights.safetensors").resolve())
+    assert result["engine"]["adapter_swaps"] >= 2  # each adapter swapped into the one pipeline's slot
+    assert len(result["videos"]) == 3 * 2  # systems x prompts x seeds
+    for video in result["videos"]:
+        frames, fps = read_mp4(out / video["path"])
+        assert frames.shape == (17, 32, 48, 3) and fps == 8
+    definitions = result["metric_definitions"]
+    assert "first 77 CLIP tokens" in definitions["clip_score_tiny"]["text"]
+    assert definitions["fvd_i3d"]["n_real"] == 2 and "small-sample bias" in definitions["fvd_i3d"]["warning"]
+    detail = result["systems"]["base"]["fvd_i3d_detail"]
+    assert detail["n_a"] == 2 and detail["n_b"] == 2 and detail["low"] <= detail["high"]
+    assert "warning:" in evaluation["stdout"] and "report:" in evaluation["stdout"]
+    assert "| system | heldout_loss ↓ |" in (out / "eval.md").read_text()
+
+
+def test_heldout_loss_through_the_slot_is_the_trained_loras(evaluation, tiny_cache_dir, demo_dataset):
+    """Guards the hot-swap slot serving something other than the trained LoRA (wrong scaling, padding
+    that changes the result, base model left active): the held-out loss eval reports for the base
+    model and for the trained run equals the loss of a plain transformer, and of one with the run's
+    LoRA loaded through peft as training saved it, on the same cache entries."""
+    result = evaluation["result"]
+    resolved = resolve_model("tiny", tiny_cache_dir)
+    data = DataConfig(height=32, width=48, num_frames=17, fps=8, max_clips=2)
+    entries = heldout_entries(demo_dataset, resolved, data, evaluation["out"] / "cache", progress=False)
+    scheduler = CogVideoXDPMScheduler.from_pretrained(resolved.folder, subfolder="scheduler")
+    transformer = CogVideoXTransformer3DModel.from_pretrained(resolved.folder, subfolder="transformer")
+    base = heldout_losses(transformer, scheduler, entries)
+    add_lora(transformer, evaluation["config"].lora)
+    load_lora_into(transformer, evaluation["run"] / "pytorch_lora_weights.safetensors")
+    trained = heldout_losses(transformer, scheduler, entries)
+    reported = [prompt["heldout_loss"] for prompt in result["prompts"]]
+    assert [r["base"] for r in reported] == pytest.approx(base, rel=1e-6)
+    assert [r["trained"] for r in reported] == pytest.approx(trained, rel=1e-5)
+    assert all(abs(a - b) > 1e-6 for a, b in zip(base, trained))  # the LoRA changes the number
+    assert result["systems"]["trained"]["metrics"]["heldout_loss"] == pytest.approx(sum(trained) / 2, rel=1e-5)
+
+
+def test_ab_counts_are_the_per_video_comparisons(evaluation):
+    """Guards A/B comparing the wrong pairs (another seed or prompt) or the wrong direction: wins, ties and
+    losses recomputed from eval.json's per-video numbers against base on the same prompt and seed."""
+    result = evaluation["result"]
+    base = {(v["prompt"], v["seed"]): v for v in result["videos"] if v["system"] == "base"}
+    for name in ("clip_score_tiny", "subject_consistency_dino", "temporal_flickering"):
+        for system in ("trained", "random"):
+            outcomes = [stats.outcome(v[name], base[(v["prompt"], v["seed"])][name], True)
+                        for v in result["videos"] if v["system"] == system]
+            reported = result["systems"][system]["ab_vs_base"][name]
+            assert (reported["wins"], reported["ties"], reported["losses"]) == (
+                outcomes.count(stats.WIN), outcomes.count(stats.TIE), outcomes.count(stats.LOSS))
+            assert reported["units"] == 2 and reported["comparisons"] == 2
+
+
+def test_report_is_offline_and_lists_every_video(evaluation):
+    """Guards a report that fetches anything from the network (CDN script, font, stylesheet) or links a
+    video that is not there."""
+    html = (evaluation["out"] / "report.html").read_text()
+    assert "http://" not in html and "https://" not in html and "<script" not in html
+    sources = [part.split("'")[0] for part in html.split("<video src='")[1:]]
+    assert len(sources) == 6 and all((evaluation["out"] / source).is_file() for source in sources)
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="Chromium is not installed at /usr/bin/chromium (apt-get install chromium)")
+def test_report_renders_in_headless_chromium_with_playable_videos(evaluation, tmp_path):
+    """Guards a report a browser cannot show: every video element decodes (H.264 in mp4, the right size),
+    the metric table is there, nothing outside the report folder is requested; screenshot kept in tmp_path."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
+    report = evaluation["out"] / "report.html"
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 900})
+            requested = []
+            page.on("request", lambda request: requested.append(request.url))
+            page.goto(report.as_uri())
+            page.wait_for_function("Array.from(document.querySelectorAll('video')).every(v => v.readyState >= 2 || v.error)",
+                                   timeout=30_000)
+            videos = page.evaluate("Array.from(document.querySelectorAll('video'))"
+                                   ".map(v => ({error: v.error && v.error.code, width: v.videoWidth, height: v.videoHeight}))")
+            rows = page.locator("#metrics tr").count()
+            page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
+        finally:
+            browser.close()
+    assert len(videos) == 6 and all(v == {"error": None, "width": 48, "height": 32} for v in videos), videos
+    assert rows == 4  # header + base + 2 adapters
+    assert all(url.startswith(evaluation["out"].as_uri()) for url in requested), requested
+    assert (tmp_path / "report.png").stat().st_size > 10_000
+    shutil.copy(tmp_path / "report.png", evaluation["out"] / "report.png")
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--adapter", "base=x.safetensors"], "not `base`"),
+    (["--adapter", "a=/no/such/file.safetensors"], "no such file or folder"),
+    (["--metrics", "loss,vibes"], "choose from loss,clip,fvd,temporal"),
+    (["--set", "seed=3"], "chosen by slapgen eval"),
+    (["--set", "num_frames=9"], "at least 10 frames"),
+    (["--seeds", "one"], "whole numbers"),
+])
+def test_bad_input_is_one_line_and_exit_2(arguments, message, tiny_cache_dir, demo_dataset, tmp_path, capsys):
+    """Guards tracebacks (or half-made output folders) for mistakes a person makes on the command line."""
+    code = cli_main(["eval", "--model", "tiny", "--heldout", str(demo_dataset), "--out", str(tmp_path / "out"),
+                     "--set", "num_frames=17", *arguments])
+    error = capsys.readouterr().err.strip()
+    assert code == 2 and message in error and len(error.splitlines()) == 1, error
+    assert not (tmp_path / "out").exists()
+
+
+def test_loss_only_generates_nothing_and_reuses_a_shared_cache(evaluation, demo_dataset, tmp_path, capsys):
+    """Guards `--metrics loss` (what a sweep runs after every training) generating videos or loading the
+    evaluation models, and `--cache` not being shared: with the first run's latent cache it encodes
+    nothing and reports the very held-out losses that run reported."""
+    code = cli_main(["eval", "--model", "tiny", "--adapter", f"trained={evaluation['run']}", "--heldout", str(demo_dataset),
+                     "--out", str(tmp_path / "out"), "--metrics", "loss", "--max-clips", "2", "--device", "cpu",
+                     "--cache", str(evaluation["out"] / "cache"), *[f"--set={s}" for s in SETTINGS]])
+    assert code == 0, capsys.readouterr().err[-2000:]
+    cache_report = json.loads((evaluation["out"] / "cache" / "last_report.json").read_text())
+    assert (cache_report["encoded"], cache_report["reused"]) == (0, 2)
+    result = json.loads((tmp_path / "out" / "eval.json").read_text())
+    assert {name: set(system["metrics"]) for name, system in result["systems"].items()} == {
+        "base": {"heldout_loss"}, "trained": {"heldout_loss"}}
+    assert set(result["systems"]["trained"]["ab_vs_base"]) == {"heldout_loss"}
+    assert result["videos"] == [] and not (tmp_path / "out" / "videos").exists()
+    assert list(result["metric_definitions"]) == ["heldout_loss"]
+    first = evaluation["result"]["prompts"]
+    for system in ("base", "trained"):  # the slot's rank differs (4 here, 8 there): equal up to rounding
+        assert [p["heldout_loss"][system] for p in result["prompts"]] == pytest.approx(
+            [p["heldout_loss"][system] for p in first], rel=1e-6)

@@ -1,0 +1,81 @@
+"""Held-out loss: deterministic (the same number on every call, whatever the global random state or
+the order of the clips) and equal to CogVideoX's training objective written out by hand at the
+documented fixed timesteps and noise."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import CogVideoXDPMScheduler, CogVideoXTransformer3DModel
+
+from slapgen.models.cogvideox import draw_noise, rotary_embeddings
+from slapgen.models.loading import resolve_model
+from tests.test_objective import objective_by_hand
+from trainer.batches import load_batch
+from trainer.config import DataConfig
+from trainer.heldout import DEFAULT_TIMESTEPS, clip_seed, heldout_entries, heldout_loss, heldout_losses, midpoint_timesteps
+
+
+@pytest.fixture(scope="module")
+def heldout_setup(tiny_cache_dir, demo_dataset, tmp_path_factory):
+    resolved = resolve_model("tiny", tiny_cache_dir)
+    data = DataConfig(height=32, width=48, num_frames=9, fps=8, max_clips=3)  # small: the encode is most of the cost
+    entries = heldout_entries(demo_dataset, resolved, data, tmp_path_factory.mktemp("heldout-cache"), progress=False)
+    transformer = CogVideoXTransformer3DModel.from_pretrained(resolved.folder, subfolder="transformer")
+    scheduler = CogVideoXDPMScheduler.from_pretrained(resolved.folder, subfolder="scheduler")
+    return transformer, scheduler, entries
+
+
+def test_midpoint_timesteps():
+    """Guards timesteps that do not stratify [0, 1000) evenly (the mean would not estimate training's expectation)."""
+    assert DEFAULT_TIMESTEPS == (100, 300, 500, 700, 900)
+    assert midpoint_timesteps(4) == (125, 375, 625, 875)
+
+
+def test_heldout_loss_is_identical_across_runs_and_orders(heldout_setup):
+    """Guards noise drawn from the global RNG (a second run would differ), noise that depends on a clip's
+    position in the set (a subset or another order would change a clip's number), and a seed that is
+    ignored (another seed must give another number)."""
+    transformer, scheduler, entries = heldout_setup
+    assert len(entries) == 3
+    few = (100, 700)  # two timesteps keep this fast; the default set is checked by the next test's path
+    torch.manual_seed(1)
+    first = heldout_losses(transformer, scheduler, entries, seed=0, timesteps=few)
+    torch.manual_seed(2)
+    torch.rand(100)
+    second = heldout_losses(transformer, scheduler, entries, seed=0, timesteps=few)
+    assert first == second
+    assert heldout_losses(transformer, scheduler, entries[::-1], seed=0, timesteps=few) == first[::-1]
+    assert heldout_losses(transformer, scheduler, entries[1:2], seed=0, timesteps=few) == first[1:2]
+    assert heldout_loss(transformer, scheduler, entries, seed=0, timesteps=few) == pytest.approx(sum(first) / 3, rel=1e-12)
+    other_seed = heldout_losses(transformer, scheduler, entries, seed=1, timesteps=few)
+    assert all(abs(a - b) > 1e-6 * abs(a) for a, b in zip(first, other_seed))
+
+
+def test_heldout_loss_is_the_training_objective_at_fixed_noise(heldout_setup):
+    """Guards a held-out number that is not the training objective (unweighted, epsilon-prediction,
+    unscaled latents, the wrong rotary size) or that skips a timestep: recomputed here from the
+    objective's formula with the documented draws (a CPU generator seeded by clip_seed(seed, key),
+    posterior then noise per timestep)."""
+    transformer, scheduler, entries = heldout_setup
+    timesteps = (30, 480, 970)
+    entry = entries[0]
+    batch = load_batch([entry], [0], "cpu")
+    generator = torch.Generator().manual_seed(clip_seed(5, entry.key))
+    rotary = rotary_embeddings(transformer.config, 32, 48, batch.latent_mean.shape[2], "cpu")
+    by_hand = []
+    for t in timesteps:
+        draws = draw_noise(batch, 1000, generator, timesteps=torch.tensor([t]))
+        by_hand.append(objective_by_hand(transformer, scheduler.alphas_cumprod, batch.latent_mean, batch.latent_logvar,
+                                         batch.prompt_embeds, draws, batch.scaling_factor, rotary).item())
+    [loss] = heldout_losses(transformer, scheduler, [entry], seed=5, timesteps=timesteps)
+    assert loss == pytest.approx(sum(by_hand) / 3, rel=1e-5)
+
+
+def test_heldout_loss_restores_the_training_mode(heldout_setup):
+    """Guards a held-out evaluation in the middle of training (a sweep) that leaves the model in eval mode."""
+    transformer, scheduler, entries = heldout_setup
+    transformer.train()
+    heldout_losses(transformer, scheduler, entries[:1], timesteps=(500,))
+    assert transformer.training
+    transformer.eval()

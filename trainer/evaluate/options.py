@@ -1,0 +1,123 @@
+"""What `slapgen eval` was asked to do, validated once: one-sentence `EvalError`s for bad input."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from slapgen.engine.adapters import ADAPTER_NAME_PATTERN
+from slapgen.engine.params import GenerationParams
+from slapgen.errors import FrameCountError
+from slapgen.evaluation.i3d import I3D_MIN_FRAMES
+from slapgen.evaluation.models import DEFAULT_CLIP, DEFAULT_DINO, DEFAULT_I3D, TINY
+from slapgen.models.cogvideox import SIZE_MULTIPLE, check_frame_count
+from slapgen.models.specs import ModelSpec
+from trainer.errors import EvalError
+from trainer.heldout import DEFAULT_SEED
+
+BASE = "base"
+METRIC_GROUPS = ("loss", "clip", "fvd", "temporal")
+# GenerationParams fields `--set` may change, with their types; prompt, seed and adapter come from the run.
+SETTABLE = {"num_inference_steps": int, "guidance_scale": float, "negative_prompt": str, "num_frames": int,
+            "height": int, "width": int, "fps": int, "adapter_scale": float}
+
+
+@dataclass(frozen=True)
+class AdapterArg:
+    name: str
+    path: Path  # as given: a LoRA file, or a folder (a run or a checkpoint) holding one
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    model: str
+    adapters: tuple[AdapterArg, ...]
+    heldout: Path
+    out: Path
+    metrics: tuple[str, ...] = METRIC_GROUPS
+    seeds: tuple[int, ...] = (0,)
+    generation: dict = field(default_factory=dict)  # validated --set values
+    max_clips: int | None = None
+    cache: Path | None = None  # latent cache of the held-out clips (default OUT/cache)
+    device: str = "cpu"
+    loss_seed: int = DEFAULT_SEED
+    clip_model: str = DEFAULT_CLIP
+    dino_model: str = DEFAULT_DINO
+    i3d_model: str = DEFAULT_I3D
+
+    @property
+    def generates(self) -> bool:
+        return any(group in self.metrics for group in ("clip", "fvd", "temporal"))
+
+    def params(self, spec: ModelSpec) -> GenerationParams:
+        """The generation settings every system shares: the spec's defaults with `--set` applied, checked
+        against the model's limits."""
+        params = GenerationParams.defaults_for(spec, **self.generation)
+        try:
+            check_frame_count(params.num_frames, spec.max_num_frames, spec.name, spec.frame_step)
+        except FrameCountError as error:
+            raise EvalError(f"--set {error}") from None
+        for name, limit in (("height", spec.height), ("width", spec.width)):
+            value = getattr(params, name)
+            if value % SIZE_MULTIPLE or not 0 < value <= limit:
+                raise EvalError(f"--set {name} must be a multiple of {SIZE_MULTIPLE} up to {limit} for {spec.name}, got {value}")
+        if params.num_inference_steps < 1 or params.fps < 1 or params.guidance_scale < 0 or params.adapter_scale < 0:
+            raise EvalError("--set num_inference_steps and fps must be at least 1, guidance_scale and adapter_scale not negative")
+        if "temporal" in self.metrics and params.num_frames < 2:
+            raise EvalError("temporal metrics compare consecutive frames; set --set num_frames=9 or more, or leave "
+                            "temporal out of --metrics")
+        if "fvd" in self.metrics and params.num_frames < I3D_MIN_FRAMES:
+            raise EvalError(f"fvd needs videos of at least {I3D_MIN_FRAMES} frames (the I3D's minimum), got "
+                            f"num_frames={params.num_frames}; set e.g. --set num_frames=17 or leave fvd out of --metrics")
+        return params
+
+
+def parse_adapter(text: str) -> AdapterArg:
+    name, separator, path = text.partition("=")
+    if not separator or not name or not path:
+        raise EvalError(f"--adapter {text}: expected NAME=PATH, e.g. --adapter r64=runs/r64")
+    if not ADAPTER_NAME_PATTERN.fullmatch(name) or name == BASE:
+        raise EvalError(f"--adapter {text}: the name must be 1-64 characters of a-z, 0-9, _ or - and not `{BASE}` "
+                        "(the base model's name)")
+    return AdapterArg(name, Path(path).expanduser())
+
+
+def parse_metrics(text: str) -> tuple[str, ...]:
+    groups = tuple(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
+    unknown = [group for group in groups if group not in METRIC_GROUPS]
+    if unknown or not groups:
+        raise EvalError(f"--metrics {text}: choose from {','.join(METRIC_GROUPS)}")
+    return groups
+
+
+def parse_seeds(text: str) -> tuple[int, ...]:
+    try:
+        seeds = tuple(dict.fromkeys(int(part) for part in text.split(",")))
+    except ValueError:
+        raise EvalError(f"--seeds {text}: expected whole numbers separated by commas, e.g. 1,2") from None
+    if any(not 0 <= seed < 2**63 for seed in seeds):
+        raise EvalError(f"--seeds {text}: seeds must be between 0 and 2^63-1")
+    return seeds
+
+
+def parse_settings(pairs: list[str]) -> dict:
+    settings = {}
+    known = {f.name for f in fields(GenerationParams)}
+    for pair in pairs:
+        key, separator, raw = pair.partition("=")
+        key = key.strip()
+        if not separator or key not in SETTABLE:
+            extra = f" ({key} is chosen by slapgen eval)" if key in known else ""
+            raise EvalError(f"--set {pair}: expected KEY=VALUE with KEY one of {', '.join(SETTABLE)}{extra}")
+        try:
+            settings[key] = SETTABLE[key](raw)
+        except ValueError:
+            raise EvalError(f"--set {pair}: {key} must be a {SETTABLE[key].__name__}") from None
+    return settings
+
+
+def default_model_sources(model: str) -> dict[str, str]:
+    """The tiny base model gets the tiny evaluation models; any other the published checkpoints."""
+    if model == TINY:
+        return {"clip_model": TINY, "dino_model": TINY, "i3d_model": TINY}
+    return {"clip_model": DEFAULT_CLIP, "dino_model": DEFAULT_DINO, "i3d_model": DEFAULT_I3D}

@@ -1,0 +1,154 @@
+"""`slapgen eval`'s outputs: eval.json (everything), eval.md (the tables), report.html (the tables and
+every video, systems side by side per prompt and seed). The page is one self-contained file: inline
+CSS, no script, videos by relative path, nothing fetched from the network."""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+from slapgen.atomic import atomic_write_text
+
+
+def write_reports(result: dict, out: Path) -> dict[str, Path]:
+    out = Path(out)
+    paths = {"json": out / "eval.json", "md": out / "eval.md", "html": out / "report.html"}
+    atomic_write_text(paths["json"], json.dumps(result, indent=2) + "\n")
+    atomic_write_text(paths["md"], markdown(result))
+    atomic_write_text(paths["html"], page(result))
+    return paths
+
+
+def _number(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _metric_header(name: str, definition: dict) -> str:
+    return f"{name} {'↑' if definition['higher_is_better'] else '↓'}"
+
+
+def _best(result: dict, name: str) -> str | None:
+    values = {system: data["metrics"].get(name) for system, data in result["systems"].items()}
+    values = {system: value for system, value in values.items() if value is not None}
+    if len(set(values.values())) < 2:
+        return None  # nothing to pick between
+    pick = max if result["metric_definitions"][name]["higher_is_better"] else min
+    return pick(values, key=values.get)
+
+
+def _win(entry: dict) -> str:
+    return f"{entry['rate']:.2f} [{entry['low']:.2f}, {entry['high']:.2f}] p={entry['sign_test_p']:.3g} (n={entry['comparisons']})"
+
+
+def notes(result: dict) -> list[str]:
+    lines = []
+    for name, definition in result["metric_definitions"].items():
+        model = f" Model: {definition['model']}." if definition.get("model") else ""
+        lines.append(f"{name}: {definition['what']}.{model}")
+        if definition.get("text"):
+            lines.append(f"{name} text: {definition['text']}.")
+        if definition.get("warning"):
+            lines.append(f"WARNING {name}: {definition['warning']}.")
+    lines.append("A/B: per prompt and seed, the system against base on the same prompt, seed and settings; win rate = "
+                 "(wins + ties/2) / comparisons, 95% bootstrap interval resampling prompts, two-sided sign test on untied pairs. "
+                 "With few prompts (under ~20) the bootstrap interval is too narrow (an all-loss sample gives [0, 0]); "
+                 "read the sign test's p-value there.")
+    return lines
+
+
+def markdown(result: dict) -> str:
+    metrics = list(result["metric_definitions"])
+    systems = list(result["systems"])
+    lines = [f"# slapgen eval: {result['model']} on {result['heldout']}", "",
+             f"{len(result['prompts'])} held-out prompts x seeds {result['seeds']} x {len(systems)} systems; one pipeline, "
+             f"{result['engine']['adapter_swaps']} adapter swaps.", "",
+             "| system | " + " | ".join(_metric_header(m, result["metric_definitions"][m]) for m in metrics) + " |",
+             "|---|" + "---|" * len(metrics)]
+    for system in systems:
+        cells = []
+        for name in metrics:
+            value = _number(result["systems"][system]["metrics"].get(name))
+            cells.append(f"**{value}**" if _best(result, name) == system and len(systems) > 1 else value)
+        lines.append(f"| {system} | " + " | ".join(cells) + " |")
+    detail = [(s, d["fvd_i3d_detail"]) for s, d in result["systems"].items() if "fvd_i3d_detail" in d]
+    if detail:
+        lines += ["", "| system | fvd_i3d | 95% interval | generated | real |", "|---|---|---|---|---|"]
+        lines += [f"| {s} | {d['value']:.4g} | [{d['low']:.4g}, {d['high']:.4g}] | {d['n_a']} | {d['n_b']} |" for s, d in detail]
+    ab = {s: d["ab_vs_base"] for s, d in result["systems"].items() if "ab_vs_base" in d}
+    if ab:
+        names = list(next(iter(ab.values())))
+        lines += ["", "## A/B against base (win rate [95% interval], sign test p)", "",
+                  "| system | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        lines += [f"| {s} | " + " | ".join(_win(entries[n]) for n in names) + " |" for s, entries in ab.items()]
+    lines += ["", "## What the numbers are", ""] + [f"- {line}" for line in notes(result)]
+    lines += ["", "Seconds per video: " + ", ".join(f"{k} {v:.3g}" for k, v in result["seconds_per_video"].items()), ""]
+    return "\n".join(lines)
+
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 24px; color: #222; }
+table { border-collapse: collapse; margin: 12px 0; }
+th, td { border: 1px solid #ccc; padding: 4px 8px; text-align: left; vertical-align: top; font-size: 14px; }
+td.best { font-weight: bold; background: #eef7ee; }
+.grid { display: grid; gap: 12px; margin: 8px 0 24px; }
+.cell video { width: 100%; background: #000; }
+.cell .name { font-weight: bold; }
+.cell .scores { font-size: 12px; color: #555; }
+.caption { font-size: 14px; color: #333; max-width: 1100px; }
+.warning { color: #a00; }
+"""
+
+
+def page(result: dict) -> str:
+    e = html.escape
+    metrics = list(result["metric_definitions"])
+    systems = list(result["systems"])
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>slapgen eval: {e(result['model'])}</title>",
+             f"<style>{STYLE}</style></head><body>",
+             f"<h1>slapgen eval: {e(result['model'])}</h1>",
+             f"<p>Held-out set {e(result['heldout'])}: {len(result['prompts'])} prompts, seeds {e(str(result['seeds']))}, "
+             f"{len(systems)} systems served by one pipeline ({result['engine']['adapter_swaps']} adapter swaps).</p>",
+             "<h2>Metrics</h2><table id='metrics'><tr><th>system</th>"
+             + "".join(f"<th>{e(_metric_header(m, result['metric_definitions'][m]))}</th>" for m in metrics) + "</tr>"]
+    for system in systems:
+        cells = []
+        for name in metrics:
+            best = " class='best'" if _best(result, name) == system and len(systems) > 1 else ""
+            cells.append(f"<td{best}>{e(_number(result['systems'][system]['metrics'].get(name)))}</td>")
+        parts.append(f"<tr><td>{e(system)}</td>{''.join(cells)}</tr>")
+    parts.append("</table>")
+    ab = {s: d["ab_vs_base"] for s, d in result["systems"].items() if "ab_vs_base" in d}
+    if ab:
+        names = list(next(iter(ab.values())))
+        parts.append("<h2>A/B against base</h2><table id='ab'><tr><th>system</th>"
+                     + "".join(f"<th>{e(n)}</th>" for n in names) + "</tr>")
+        parts += [f"<tr><td>{e(s)}</td>" + "".join(f"<td>{e(_win(entries[n]))}</td>" for n in names) + "</tr>"
+                  for s, entries in ab.items()]
+        parts.append("</table>")
+    parts.append("<h2>What the numbers are</h2><ul>")
+    for line in notes(result):
+        css = " class='warning'" if line.startswith("WARNING") else ""
+        parts.append(f"<li{css}>{e(line)}</li>")
+    parts.append("</ul>")
+    if result["videos"]:
+        parts.append("<h2>Videos</h2>")
+        by_key = {(v["prompt"], v["seed"], v["system"]): v for v in result["videos"]}
+        columns = f"grid-template-columns: repeat({len(systems)}, minmax(160px, 1fr))"
+        for prompt in result["prompts"]:
+            parts.append(f"<h3>Prompt {prompt['index']} ({e(prompt['video'])})</h3><p class='caption'>{e(prompt['caption'])}</p>")
+            for seed in result["seeds"]:
+                parts.append(f"<div class='grid' style='{columns}'>")
+                for system in systems:
+                    video = by_key.get((prompt["index"], seed, system))
+                    if video is None:
+                        continue
+                    scores = ", ".join(f"{name} {_number(video[name])}" for name in metrics if name in video)
+                    parts.append(f"<div class='cell'><div class='name'>{e(system)} · seed {seed}</div>"
+                                 f"<video src='{e(video['path'])}' controls loop muted playsinline preload='auto'></video>"
+                                 f"<div class='scores'>{e(scores)}</div></div>")
+                parts.append("</div>")
+    parts.append("</body></html>\n")
+    return "\n".join(parts)

@@ -1,0 +1,309 @@
+"""`slapgen eval`, top to bottom: held-out clips -> held-out loss per system -> videos per system,
+prompt and seed (one pipeline, the slot swapped between systems) -> metrics per video and per
+system -> A/B against `base` -> the result dict `report` writes out.
+
+Every system sees the same prompts (the held-out captions), seeds and settings. Videos are scored
+from the mp4 files written, the frames a person watches in the report.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from slapgen.atomic import atomic_path
+from slapgen.evaluation import stats
+from slapgen.evaluation.frechet import frechet_with_interval, reliable_sample_count
+from slapgen.models.loading import ModelSetting, resolve_model
+from slapgen.video import read_mp4, write_mp4
+from trainer.config import DataConfig
+from trainer.errors import EvalError
+from trainer.evaluate.options import BASE, EvalOptions
+from trainer.evaluate.systems import System, resolve_systems, slot_shape, stage_adapters
+from trainer.frames import load_clip
+from trainer.heldout import DEFAULT_TIMESTEPS, heldout_entries, heldout_losses
+
+MODEL_SETTING = ModelSetting("--model", "use --model tiny")
+HELDOUT_LOSS = "heldout_loss"
+FVD = "fvd_i3d"
+SUBJECT = "subject_consistency_dino"
+FLICKER = "temporal_flickering"
+FORMAT = 1
+
+
+@dataclass
+class Video:
+    system: str
+    prompt: int
+    seed: int
+    path: Path
+    scores: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Timer:
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def add(self, name: str, started: float) -> None:
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
+
+
+def bar(total: int, description: str, unit: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=description, unit=unit, dynamic_ncols=True)
+
+
+def run_eval(options: EvalOptions) -> dict:
+    from slapgen.engine.generator import VideoGenerator
+    from slapgen.engine.params import EngineOptions
+
+    timer = Timer()
+    if options.device.startswith("cuda") and not torch.cuda.is_available():
+        raise EvalError(f"--device {options.device} needs a CUDA GPU and none is usable here; use --device cpu")
+    resolved = resolve_model(options.model, setting=MODEL_SETTING)
+    params = options.params(resolved.spec)
+    systems = resolve_systems(options.adapters)
+    out = Path(options.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    # 1. Held-out clips into the latent cache (their captions are the prompts).
+    data = DataConfig(height=params.height, width=params.width, num_frames=params.num_frames, fps=params.fps,
+                      max_clips=options.max_clips)
+    started = time.perf_counter()
+    entries = heldout_entries(options.heldout, resolved, data, options.cache or out / "cache", device=options.device)
+    timer.add("latent_cache", started)
+    prompts = [entry.clip.caption or "" for entry in entries]
+
+    # 2. One pipeline; every system through its hot-swap slot.
+    started = time.perf_counter()
+    stage_adapters(systems, out / "adapters")
+    rank, targets = slot_shape(systems)
+    generator = VideoGenerator.load(resolved, EngineOptions(device=options.device, adapters_dir=out / "adapters",
+                                                            max_lora_rank=rank, lora_target_modules=targets))
+    timer.add("load_pipeline", started)
+
+    losses = held_out_losses(generator, resolved, systems, entries, params.adapter_scale, options, timer) \
+        if "loss" in options.metrics else {}
+    videos = generate(generator, systems, prompts, params, options, out, timer) if options.generates else []
+    engine = {"device": options.device, "adapter_swaps": generator.slot.swaps,
+              "slot_rank": generator.slot.max_rank, "slot_target_modules": list(targets)}
+    del generator
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+    definitions: dict[str, dict] = {}
+    if losses:
+        definitions[HELDOUT_LOSS] = {
+            "higher_is_better": False,
+            "what": "the training objective (x0 from v-prediction, weighted by 1/(1-alpha_bar)) on the held-out clips' "
+                    "cached latents at fixed timesteps with noise seeded per clip; no generation",
+            "timesteps": list(DEFAULT_TIMESTEPS), "seed": options.loss_seed, "clips": len(entries)}
+    fvd = {}
+    if videos:
+        score_videos(videos, prompts, options, definitions, timer)
+        if "fvd" in options.metrics:
+            fvd = fvd_per_system(videos, entries, data, options, definitions, timer)
+
+    return assemble(options, resolved.spec.name, params, systems, entries, prompts, losses, videos, fvd, definitions,
+                    engine, timer)
+
+
+def held_out_losses(generator, resolved, systems: list[System], entries, scale: float, options: EvalOptions,
+                    timer: Timer) -> dict[str, list[float]]:
+    from diffusers import CogVideoXDPMScheduler
+
+    scheduler = CogVideoXDPMScheduler.from_pretrained(resolved.folder, subfolder="scheduler")
+    progress = bar(len(systems) * len(entries) * len(DEFAULT_TIMESTEPS), "held-out loss", "forward")
+    losses = {}
+    started = time.perf_counter()
+    for system in systems:
+        progress.set_postfix(system=system.name)
+        with generator.activated(system.adapter, scale) as transformer:
+            losses[system.name] = heldout_losses(transformer, scheduler, entries, seed=options.loss_seed,
+                                                 dtype=resolved.spec.torch_dtype, on_forward=lambda: progress.update(1))
+    progress.close()
+    timer.add(HELDOUT_LOSS, started)
+    return losses
+
+
+def generate(generator, systems: list[System], prompts: list[str], params, options: EvalOptions, out: Path,
+             timer: Timer) -> list[Video]:
+    """Every system x prompt x seed, system by system so the slot swaps once per system."""
+    videos = []
+    progress = bar(len(systems) * len(prompts) * len(options.seeds), "generate", "video")
+    started = time.perf_counter()
+    for system in systems:
+        for index, prompt in enumerate(prompts):
+            for seed in options.seeds:
+                path = out / "videos" / system.name / f"p{index:03d}-s{seed}.mp4"
+
+                def on_step(done: int, total: int) -> None:
+                    progress.set_postfix(system=system.name, prompt=index, seed=seed, step=f"{done}/{total}")
+
+                frames = generator.generate_frames(params.replace(prompt=prompt, seed=seed, adapter=system.adapter), on_step)
+                write_video(frames, path, params.fps)
+                videos.append(Video(system.name, index, seed, path))
+                progress.update(1)
+    progress.close()
+    timer.add("generate", started)
+    return videos
+
+
+def write_video(frames: np.ndarray, path: Path, fps: int) -> None:
+    """An mp4 that appears whole or not at all (ffmpeg needs the .mp4 suffix while it writes)."""
+    with atomic_path(path) as staging:
+        encoding = staging.with_name(staging.name + ".mp4")
+        try:
+            write_mp4(frames, encoding, fps)
+            encoding.replace(staging)
+        finally:
+            encoding.unlink(missing_ok=True)
+
+
+def score_videos(videos: list[Video], prompts: list[str], options: EvalOptions, definitions: dict, timer: Timer) -> None:
+    """Per-video metrics, one evaluation model loaded at a time; each pass decodes the mp4s again rather
+    than holding every video in memory (120 videos of 49 x 480 x 720 would be 6 GB)."""
+    if "clip" in options.metrics:
+        from slapgen.evaluation.clip_score import ClipScorer
+        from slapgen.evaluation.models import load_clip
+
+        scorer = ClipScorer(load_clip(options.clip_model, options.device))
+        coverage = [scorer.text_coverage(prompt) for prompt in prompts]
+        started = time.perf_counter()
+        for video in progress_over(videos, scorer.metric_name):
+            video.scores[scorer.metric_name] = scorer.score(read_mp4(video.path)[0], prompts[video.prompt])
+        timer.add(scorer.metric_name, started)
+        truncated = sum(c.truncated for c in coverage)
+        read_share = float(np.mean([c.scored / c.tokens for c in coverage]))
+        definitions[scorer.metric_name] = {
+            "higher_is_better": True, "model": options.clip_model,
+            "what": f"torchmetrics' CLIP score: max(0, mean over {scorer.frames_per_video} evenly sampled frames of "
+                    "100 x cos(image, text)) against the prompt the video was generated from",
+            "text": f"the prompt's first {scorer.clip.text_window} CLIP tokens (start and end tokens kept): {truncated} of "
+                    f"{len(prompts)} prompts were longer and were cut, {read_share:.0%} of prompt tokens read on average; "
+                    "for long captions use --clip-model zer0int/LongCLIP-L-Diffusers (248 tokens)",
+            "prompts_truncated": truncated, "prompt_tokens_read": read_share}
+        del scorer
+    if "temporal" in options.metrics:
+        from slapgen.evaluation.models import load_dino
+        from slapgen.evaluation.temporal import DinoFeatures, subject_consistency, temporal_flickering
+
+        dino = DinoFeatures(load_dino(options.dino_model, options.device))
+        for video in progress_over(videos, f"{SUBJECT}, {FLICKER}"):
+            frames = read_mp4(video.path)[0]
+            started = time.perf_counter()
+            video.scores[SUBJECT] = subject_consistency(dino(frames))
+            timer.add(SUBJECT, started)
+            started = time.perf_counter()
+            video.scores[FLICKER] = temporal_flickering(frames)
+            timer.add(FLICKER, started)
+        definitions[SUBJECT] = {"higher_is_better": True, "model": options.dino_model,
+                                "what": "VBench subject consistency: mean over frames i>=1 of (max(0, cos(f_i-1, f_i)) + "
+                                        "max(0, cos(f_0, f_i))) / 2 on DINO CLS features"}
+        definitions[FLICKER] = {"higher_is_better": True, "model": None,
+                                "what": "VBench temporal flickering: (255 - mean absolute difference of consecutive "
+                                        "uint8 frames) / 255; 1.0 for a still video, so judge it next to motion"}
+
+
+def progress_over(items: list, description: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=description, unit="video", dynamic_ncols=True)
+
+
+def fvd_per_system(videos: list[Video], entries, data: DataConfig, options: EvalOptions, definitions: dict,
+                   timer: Timer) -> dict[str, dict]:
+    """Each system's generated clips against the held-out clips, as the VAE saw them (same frames, size, fps)."""
+    from slapgen.evaluation.i3d import FVD_FRAMES, I3DFeatures
+    from slapgen.evaluation.models import load_i3d
+
+    features = I3DFeatures(load_i3d(options.i3d_model, options.device), options.device)
+    started = time.perf_counter()
+    real = []
+    for entry in progress_over(entries, "fvd: held-out clips"):
+        clip = load_clip(entry.clip.video, data.num_frames, data.fps, data.height, data.width)  # (F, C, H, W) in [-1, 1]
+        real.append(features(((clip.permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()))
+    generated: dict[str, list[np.ndarray]] = {}
+    for video in progress_over(videos, FVD):
+        generated.setdefault(video.system, []).append(features(read_mp4(video.path)[0]))
+    real_features = np.stack(real)
+    results = {system: frechet_with_interval(np.stack(rows), real_features) for system, rows in generated.items()}
+    timer.add(FVD, started)
+    dim = real_features.shape[1]
+    smallest = min([len(real)] + [len(rows) for rows in generated.values()])
+    warning = None
+    if smallest < reliable_sample_count(dim):
+        warning = (f"only {smallest} clips per set for {dim}-dimensional I3D features: the covariances are singular and "
+                   f"FVD is dominated by small-sample bias; compare FVDs only at equal counts (published FVDs use 2048)")
+    definitions[FVD] = {"higher_is_better": False, "model": options.i3d_model,
+                        "what": f"Frechet distance between Gaussians fitted to I3D features (StyleGAN-V's TorchScript I3D, "
+                                f"first {FVD_FRAMES} frames, rescale/resize by the model) of a system's videos and of the "
+                                "held-out clips; interval: 95% bootstrap over both sets",
+                        "n_real": len(real), "warning": warning}
+    return {system: result.to_json() for system, result in results.items()}
+
+
+def assemble(options: EvalOptions, model: str, params, systems: list[System], entries, prompts: list[str],
+             losses: dict[str, list[float]], videos: list[Video], fvd: dict, definitions: dict, engine: dict,
+             timer: Timer) -> dict:
+    per_video = [name for name in definitions if name not in (HELDOUT_LOSS, FVD)]
+    result_systems = {}
+    for system in systems:
+        own = [video for video in videos if video.system == system.name]
+        values = {}
+        if losses:
+            values[HELDOUT_LOSS] = float(np.mean(losses[system.name]))
+        for name in per_video:
+            values[name] = float(np.mean([video.scores[name] for video in own]))
+        if fvd:
+            values[FVD] = fvd[system.name]["value"]
+        result_systems[system.name] = {
+            "adapter": str(system.weights) if system.weights else None,
+            "metrics": values,
+            **({"fvd_i3d_detail": fvd[system.name]} if fvd else {}),
+            **({"ab_vs_base": ab_vs_base(system.name, losses, videos, per_video, definitions)} if system.name != BASE else {}),
+        }
+    count = max(len(videos), 1)
+    seconds_per_video = {"generate": timer.seconds.get("generate", 0.0) / count} if videos else {}
+    for name in per_video + ([FVD] if fvd else []):
+        seconds_per_video[name] = timer.seconds[name] / (count + (len(entries) if name == FVD else 0))
+    if losses:
+        seconds_per_video[HELDOUT_LOSS + "_per_clip"] = timer.seconds[HELDOUT_LOSS] / (len(systems) * len(entries))
+    return {
+        "format": FORMAT,
+        "model": model,
+        "heldout": str(options.heldout),
+        "seeds": list(options.seeds),
+        "generation": {key: value for key, value in asdict(params).items() if key not in ("prompt", "seed", "adapter")},
+        "engine": engine,
+        "metric_definitions": definitions,
+        "systems": result_systems,
+        "prompts": [{"index": k, "video": entry.clip.name, "caption": prompts[k],
+                     **({HELDOUT_LOSS: {s: losses[s][k] for s in losses}} if losses else {})}
+                    for k, entry in enumerate(entries)],
+        "videos": [{"system": v.system, "prompt": v.prompt, "seed": v.seed, "path": str(v.path.relative_to(options.out)),
+                    **v.scores} for v in videos],
+        "timing_s": timer.seconds,
+        "seconds_per_video": seconds_per_video,
+    }
+
+
+def ab_vs_base(system: str, losses: dict, videos: list[Video], per_video: list[str], definitions: dict) -> dict:
+    """Per prompt (and seed), does `system` beat `base` on each metric? Win rate, interval over prompts, sign test."""
+    results = {}
+    if losses:
+        comparisons = [stats.Comparison(str(k), stats.outcome(mine, base, higher_is_better=False))
+                       for k, (mine, base) in enumerate(zip(losses[system], losses[BASE]))]
+        results[HELDOUT_LOSS] = stats.win_rate(comparisons).to_json()
+    base_videos = {(v.prompt, v.seed): v for v in videos if v.system == BASE}
+    for name in per_video:
+        higher = definitions[name]["higher_is_better"]
+        comparisons = [stats.Comparison(str(v.prompt), stats.outcome(v.scores[name], base_videos[(v.prompt, v.seed)].scores[name], higher))
+                       for v in videos if v.system == system]
+        results[name] = stats.win_rate(comparisons).to_json()
+    return results

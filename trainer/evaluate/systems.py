@@ -1,0 +1,92 @@
+"""The systems `slapgen eval` compares: `base` (no adapter) and each adapter given as NAME=PATH.
+
+An adapter path is a LoRA file, or a folder holding `pytorch_lora_weights.safetensors` (a finished
+run folder, a checkpoint folder, a diffusers LoRA folder). The engine serves adapters by name from
+one folder, so each is linked into OUT/adapters/NAME.safetensors (a symbolic link, no copy of the
+weights); the slot is sized to the largest adapter's rank and its target modules.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from slapgen.atomic import staging_path
+from slapgen.engine.adapters import read_head
+from slapgen.models import lora_format
+from slapgen.models.lora_format import KEY_PATTERN, WEIGHTS_FILE, HeaderError, parse_header
+from trainer.errors import EvalError
+from trainer.evaluate.options import BASE, AdapterArg
+
+DEFAULT_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+@dataclass(frozen=True)
+class System:
+    name: str
+    weights: Path | None  # None: the base model
+    rank: int = 0
+    target_modules: tuple[str, ...] = ()
+
+    @property
+    def adapter(self) -> str | None:
+        return None if self.weights is None else self.name
+
+
+def resolve_systems(adapters: tuple[AdapterArg, ...]) -> list[System]:
+    names = [adapter.name for adapter in adapters]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise EvalError(f"--adapter names must differ; {repeated[0]} is given twice")
+    return [System(BASE, None), *(_system(adapter) for adapter in adapters)]
+
+
+def _system(adapter: AdapterArg) -> System:
+    path = adapter.path
+    if path.is_dir():
+        if not (path / WEIGHTS_FILE).is_file():
+            raise EvalError(f"--adapter {adapter.name}={path}: the folder has no {WEIGHTS_FILE} (an unfinished run? "
+                            "pass one of its checkpoints/checkpoint-N folders)")
+        path = path / WEIGHTS_FILE
+    elif not path.is_file():
+        raise EvalError(f"--adapter {adapter.name}={path}: no such file or folder")
+    try:
+        header = parse_header(read_head(path))
+    except (HeaderError, OSError) as error:
+        raise EvalError(f"--adapter {adapter.name}={path} is not a readable LoRA safetensors file ({error})") from None
+    ranks, modules = [], set()
+    for key, shape in header.shapes.items():
+        match = KEY_PATTERN.match(key)
+        if match and match["part"] == "A" and len(shape) == 2:
+            ranks.append(shape[0])
+            modules.add(_target_name(match["module"]))
+    if not ranks:
+        raise EvalError(f"--adapter {adapter.name}={path} holds no transformer LoRA weights")
+    declared = header.metadata.get(lora_format.TARGET_MODULES_KEY)
+    targets = tuple(declared.split(",")) if declared else tuple(sorted(modules))
+    return System(adapter.name, path.resolve(), max(ranks), targets)
+
+
+def _target_name(module: str) -> str:
+    """`transformer_blocks.3.attn1.to_q` -> `to_q`; `....to_out.0` -> `to_out.0` (peft's target name)."""
+    return "to_out.0" if module.endswith(".to_out.0") else module.rsplit(".", 1)[-1]
+
+
+def stage_adapters(systems: list[System], folder: Path) -> None:
+    """OUT/adapters/NAME.safetensors -> each adapter's weights, replacing links of an earlier run."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for system in systems:
+        if system.weights is None:
+            continue
+        link = folder / f"{system.name}.safetensors"
+        staging = staging_path(link)
+        os.symlink(system.weights, staging)
+        os.replace(staging, link)  # atomic, like every other write
+
+
+def slot_shape(systems: list[System]) -> tuple[int, tuple[str, ...]]:
+    """The LoRA slot's rank and target modules: enough for every adapter (rank 1 with none)."""
+    rank = max([system.rank for system in systems] + [1])
+    modules = sorted({module for system in systems for module in system.target_modules} or set(DEFAULT_TARGET_MODULES))
+    return rank, tuple(modules)

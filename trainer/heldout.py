@@ -1,0 +1,111 @@
+"""Held-out loss: the training objective on clips the LoRA never saw, made deterministic.
+
+`slapgen train`'s loss draws a timestep, diffusion noise and a VAE posterior sample per step, so two
+numbers are never comparable. Here every one of those is fixed:
+
+- timesteps: the same `timesteps` for every clip (default: the midpoints of 5 equal bins of the
+  1000 training timesteps, 100, 300, ..., 900, so the mean is a midpoint-rule estimate of the
+  expectation over t ~ U{0..999} that training minimises);
+- noise and posterior draw: from a CPU generator seeded by (`seed`, the clip's cache key), so a clip
+  gets the same noise whatever else is in the set, in whatever order, on any device;
+- the model runs in eval mode (no LoRA dropout) without gradients, one (clip, timestep) at a time.
+
+Two calls with the same transformer, entries, seed and timesteps return the same number; it costs
+len(entries) x len(timesteps) transformer forwards and no generation. `slapgen eval` and
+`slapgen sweep` both call `heldout_losses` / `heldout_loss`; `heldout_entries` builds (or reuses)
+the latent cache of a held-out dataset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from slapgen.models.cogvideox import draw_noise, rotary_embeddings, training_step
+from slapgen.models.loading import ResolvedModel
+from trainer.batches import load_batch
+from trainer.config import DataConfig
+from trainer.datasets import read_dataset
+from trainer.errors import DatasetError
+from trainer.latent_cache import CacheEntry, LatentCache
+
+DEFAULT_SEED = 0
+DEFAULT_NUM_TIMESTEPS = 5
+
+
+def midpoint_timesteps(count: int = DEFAULT_NUM_TIMESTEPS, num_train_timesteps: int = 1000) -> tuple[int, ...]:
+    """`count` timesteps at the midpoints of equal bins of [0, num_train_timesteps): 5 -> 100, 300, ..., 900."""
+    if count < 1:
+        raise ValueError("at least one timestep")
+    return tuple(int((k + 0.5) * num_train_timesteps / count) for k in range(count))
+
+
+DEFAULT_TIMESTEPS = midpoint_timesteps()
+
+
+def clip_seed(seed: int, key: str) -> int:
+    """The noise seed of one clip: a function of the run's seed and the clip's cache key only."""
+    digest = hashlib.sha256(f"{seed}\x1f{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def heldout_entries(dataset: Path, resolved: ResolvedModel, data: DataConfig, cache_root: Path, device: str = "cpu",
+                    progress: bool = True) -> list[CacheEntry]:
+    """The latent-cache entries of every usable clip of `dataset` (encoded once, reused after)."""
+    clips = read_dataset(Path(dataset))[: data.max_clips]
+    cache = LatentCache(cache_root, resolved, data, device=device)
+    report = cache.precompute(clips, progress=progress)
+    cache.release_encoders()
+    if not report.entries:
+        raise DatasetError(f"no usable held-out clips in {dataset} ({report.summary()})")
+    return report.entries
+
+
+@torch.no_grad()
+def heldout_losses(transformer, scheduler, entries: Sequence[CacheEntry], *, seed: int = DEFAULT_SEED,
+                   timesteps: Sequence[int] = DEFAULT_TIMESTEPS, dtype: torch.dtype | None = None,
+                   on_forward: Callable[[], None] | None = None) -> list[float]:
+    """The held-out loss of each entry (in `entries` order): the training objective averaged over
+    `timesteps` with that clip's fixed noise. `transformer` is a CogVideoX transformer (with or
+    without LoRA; a LoRA slot counts too), `scheduler` the model's training scheduler. `dtype` is
+    what the transformer computes in (default: its own dtype); in the middle of a mixed-precision run
+    pass the run's weight dtype and call this inside `accelerator.autocast()`, as the loop calls
+    `training_step`. `on_forward` is called after each transformer forward (progress bars)."""
+    if not entries:
+        raise ValueError("no held-out entries")
+    config = getattr(transformer, "config")
+    parameter = next(transformer.parameters())
+    device, dtype = parameter.device, dtype or getattr(transformer, "dtype", parameter.dtype)
+    num_train_timesteps = scheduler.config.num_train_timesteps
+    if any(not 0 <= t < num_train_timesteps for t in timesteps):
+        raise ValueError(f"timesteps must lie in [0, {num_train_timesteps})")
+    was_training = transformer.training
+    transformer.eval()
+    try:
+        losses = []
+        for entry in entries:
+            batch = load_batch([entry], [0], device)
+            factors = entry.vae_factors()
+            _, frames, height, width = batch.latent_mean.shape[1:]
+            rotary = rotary_embeddings(config, height * factors.spatial, width * factors.spatial, frames, device)
+            generator = torch.Generator("cpu").manual_seed(clip_seed(seed, entry.key))
+            total = 0.0
+            for t in timesteps:
+                draws = draw_noise(batch, num_train_timesteps, generator, timesteps=torch.tensor([int(t)]))
+                total += training_step(transformer, scheduler, batch, draws, rotary, dtype).item()
+                if on_forward is not None:
+                    on_forward()
+            losses.append(total / len(timesteps))
+        return losses
+    finally:
+        transformer.train(was_training)
+
+
+def heldout_loss(transformer, scheduler, entries: Sequence[CacheEntry], *, seed: int = DEFAULT_SEED,
+                 timesteps: Sequence[int] = DEFAULT_TIMESTEPS, dtype: torch.dtype | None = None) -> float:
+    """The mean of `heldout_losses` over the entries: one number per model, comparable across runs."""
+    losses = heldout_losses(transformer, scheduler, entries, seed=seed, timesteps=timesteps, dtype=dtype)
+    return sum(losses) / len(losses)
