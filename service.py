@@ -25,6 +25,7 @@ from slapgen.serving.body_limit import BodySizeLimit
 from slapgen.serving.http_errors import describe_error, error_response, quiet_client_errors, status_for
 from slapgen.serving.job_routes import JobRoutes
 from slapgen.serving.openapi import ApiDocument
+from slapgen.serving.ratings import RatingStore
 from slapgen.serving.jobs import JobBoard
 from slapgen.serving.json_only import JsonBodiesOnly
 from slapgen.serving.requests import GenerateRequest, RenderRequest
@@ -49,6 +50,8 @@ routes = build_routes(
     job_board,
     settings.api_token.get_secret_value() if settings.api_token else None,
     default_library(),
+    # The studio's ratings outlive restarts and are shared by every worker.
+    RatingStore(settings.data_dir / "ratings.sqlite"),
 )
 
 

@@ -20,7 +20,9 @@ def test_bentoml_build_packages_the_service_and_not_the_trainer(tmp_path):
     assert len(bentos) == 1
     bento = bentos[0].parent
     assert (bento / "src" / "service.py").is_file()
-    for module in ("engine/generator.py", "serving/routes.py", "models/cogvideox.py", "models/tiny.py"):
+    for module in ("engine/generator.py", "serving/routes.py", "models/cogvideox.py", "models/tiny.py",
+                   "evaluation/stats.py", "serving/studio_page/index.html", "serving/studio_page/studio.js",
+                   "serving/studio_page/studio.css"):
         assert (bento / "src" / "slapgen" / module).is_file(), module
     assert (bento / "src" / "prompts" / "templates.yaml").is_file()
     for left_out in ("tests", "trainer", "bench"):  # the service imports none of them
@@ -28,7 +30,7 @@ def test_bentoml_build_packages_the_service_and_not_the_trainer(tmp_path):
     dockerfile = (bento / "env" / "docker" / "Dockerfile").read_text()
     assert "nvidia/cuda" in dockerfile and "ffmpeg" in dockerfile
     requirements = (bento / "env" / "python" / "requirements.txt").read_text()
-    for package in ("torch", "diffusers", "peft", "torchao", "imageio-ffmpeg", "pydantic-settings"):
+    for package in ("torch", "diffusers", "peft", "torchao", "imageio-ffmpeg", "pydantic-settings", "scipy"):
         assert package in requirements
     manifest = yaml.safe_load(bentos[0].read_text())
     assert manifest["services"][0]["config"]["resources"] == {"gpu": 1}

@@ -14,6 +14,7 @@ from slapgen.engine.generator import VideoGenerator
 from slapgen.engine.params import EngineOptions
 from slapgen.models.loading import resolve_model
 from slapgen.serving.jobs import JobBoard
+from slapgen.serving.ratings import RatingStore
 from slapgen.serving.routes import build_routes
 
 TOKEN = "route-token"
@@ -28,11 +29,11 @@ def engine(tiny_cache_dir, adapter_files, tmp_path_factory):
 
 
 @pytest.fixture
-def client(engine):
+def client(engine, tmp_path):
     jobs = JobBoard()
     jobs.queued("task-1", 4)
     jobs.step("task-1", 2, 4)
-    with TestClient(build_routes(lambda: engine, jobs, TOKEN, default_library())) as test_client:
+    with TestClient(build_routes(lambda: engine, jobs, TOKEN, default_library(), RatingStore(tmp_path / "ratings.sqlite"))) as test_client:
         yield test_client
 
 
@@ -72,8 +73,8 @@ def test_upload_list_delete_with_statuses_and_one_error_shape(client, adapter_fi
     assert_error_shape(client.delete("/adapters/c", headers=AUTH), 404, "name")
 
 
-def test_upload_and_delete_are_refused_without_a_configured_token(engine, adapter_files):
-    with TestClient(build_routes(lambda: engine, JobBoard(), None, default_library())) as client:
+def test_upload_and_delete_are_refused_without_a_configured_token(engine, adapter_files, tmp_path):
+    with TestClient(build_routes(lambda: engine, JobBoard(), None, default_library(), RatingStore(tmp_path / "r.sqlite"))) as client:
         body = assert_error_shape(upload(client, "c", adapter_files["c"].read_bytes()), 403)
         assert "SLAP_API_TOKEN" in body["error"]
 
@@ -138,3 +139,58 @@ def test_crafted_uploads_are_400s_that_leave_nothing_behind(client, engine, case
     assert_error_shape(response, 400)
     assert sorted(p.name for p in engine.adapters.folder.iterdir()) == before
     assert client.get("/adapters").status_code == 200
+
+
+GOOD_RATING = {"left": {"adapter": None}, "right": {"adapter": "a", "adapter_scale": 0.5}, "prompt": "a slap",
+               "seed": 3, "choices": {"overall": "right", "impact_realism": "tie"}, "rater": "ana"}
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"choices": {}}, "choices"),
+    ({"choices": {"overall": "both"}}, "choices.overall"),
+    ({"choices": {"style": "left"}}, "choices.style.[key]"),
+    ({"left": {"adapter": "../etc"}}, "left.adapter"),
+    ({"right": {"adapter": None}}, "right"),  # the same system on both sides
+    ({"seed": -1}, "seed"),
+    ({"prompt": ""}, "prompt"),
+    ({"rater": "x" * 65}, "rater"),
+    ({"extra": 1}, "extra"),
+])
+def test_a_bad_rating_is_a_400_naming_the_field_and_writes_nothing(client, change, field):
+    """Guards the ratings endpoint storing half-valid verdicts: every bad body is a 400 whose detail
+    names the field, and the store is unchanged."""
+    before = client.get("/ratings.csv").text
+    response = client.post("/ratings", json={**GOOD_RATING, **change})
+    body = assert_error_shape(response, 400)
+    assert [".".join(map(str, d["loc"])) for d in body["detail"]][0] == field, body
+    assert client.get("/ratings.csv").text == before
+
+
+def test_ratings_are_stored_exported_and_summarised_with_the_eval_statistics(client):
+    """Guards the summary's arithmetic and the CSV: three verdicts for `a@0.5` and one for base on
+    `overall` over two prompts give base a win rate of 1/4 and the exact two-sided sign-test p of
+    1 loss in 4 untied comparisons (2 * 5/16 = 0.625); a prompt that starts like a spreadsheet formula
+    is exported inert."""
+    verdicts = [("a slap", "right"), ("a slap", "right"), ("=HYPERLINK(1)", "left"), ("=HYPERLINK(1)", "right")]
+    for prompt, choice in verdicts:
+        response = client.post("/ratings", json={**GOOD_RATING, "prompt": prompt, "choices": {"overall": choice}})
+        assert response.status_code == 201 and len(response.json()["ids"]) == 1
+    rows = client.get("/ratings.csv").text.splitlines()
+    assert rows[0].split(",")[:5] == ["id", "created_at", "rater", "criterion", "choice"]
+    assert len(rows) == 5 and sum("'=HYPERLINK(1)" in row for row in rows) == 2
+    pair = client.get("/ratings/summary").json()["pairs"]
+    assert [(p["systems"], p["criterion"]) for p in pair] == [(["a@0.5", "base"], "overall")]
+    # Sorted names put a@0.5 first: it won 3 of 4.
+    assert (pair[0]["rate"], pair[0]["wins"], pair[0]["losses"], pair[0]["units"]) == (0.75, 3, 1, 2)
+    assert pair[0]["sign_test_p"] == pytest.approx(2 * (1 + 4) / 16)
+
+
+def test_the_studio_page_is_served_with_every_asset_and_nothing_from_the_internet(client):
+    """Guards a studio that needs a CDN (blank offline) or a missing packaged asset."""
+    assert client.get("/studio", follow_redirects=False).headers["location"] == "/studio/"
+    page = client.get("/studio/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    for asset in ("studio.js", "studio.css"):
+        assert client.get(f"/studio/{asset}").status_code == 200
+    for text in (page.text, client.get("/studio/studio.js").text, client.get("/studio/studio.css").text):
+        assert "http://" not in text and "https://" not in text and "//cdn" not in text

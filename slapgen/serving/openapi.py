@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from slapgen.serving.body_limit import send_json
+from slapgen.serving.requests import RatingRequest
 
 ERROR_SCHEMA = {
     "type": "object",
@@ -41,6 +42,10 @@ STATUS_TEXT = {400: "Bad request (the field is named)", 401: "Missing or wrong b
 GENERATE_EXAMPLE = {"prompt": "Power slap: two athletes face off across the table; the striker winds up and the "
                               "palm strikes the cheek, the defender's head snaps sideways.", "seed": 7}
 RENDER_EXAMPLE = {"template": "knockout", "slots": {"striker": "red"}}
+RATING_EXAMPLE = {"left": {"adapter": None}, "right": {"adapter": "powerslap", "adapter_scale": 1.0},
+                  "prompt": "Power slap: the striker winds up and the palm strikes the cheek.", "seed": 7,
+                  "choices": {"motion_accuracy": "right", "impact_realism": "tie", "prompt_adherence": "left",
+                              "overall": "right"}, "rater": "ana"}
 # BentoML's task cancel (PUT, refused by its local server) is replaced by ours (POST; PUT also works).
 REPLACED = ("/jobs/cancel",)
 
@@ -67,6 +72,22 @@ def _get(summary: str, *errors: int, parameters: list | None = None) -> dict:
     return {"get": operation}
 
 
+def _inline(schema: dict) -> dict:
+    """A pydantic JSON schema with its `$defs` resolved in place (the document has no place for them)."""
+    definitions = schema.pop("$defs", {})
+
+    def resolve(node):
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return resolve(definitions[node["$ref"].rsplit("/", 1)[-1]])
+            return {key: resolve(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [resolve(item) for item in node]
+        return node
+
+    return resolve(schema)
+
+
 EXTRA_PATHS = {
     "/info": _get("model, dtype, quantization, compiled, adapter, slot rank, recompilations, queue, worker"),
     "/adapters": _get("adapters with rank, alpha, base model, steps (or the error that makes one unusable)"),
@@ -80,6 +101,19 @@ EXTRA_PATHS = {
         "responses": {**_json_ok("task_id and state: cancelled, or cancelling until the running step ends"),
                       **_errors(400, 404, 409)},
     }},
+    "/studio": {"get": {"summary": "the web studio: generate, compare, blind-rate (an HTML page)", "tags": ["studio"],
+                        "responses": {"200": {"description": "the page", "content": {"text/html": {}}}}}},
+    "/ratings": {"post": {
+        "summary": "store a blind pair's verdicts (one per criterion: left, right or tie)", "tags": ["studio"],
+        "requestBody": {"required": True, "content": {"application/json": {
+            "schema": _inline(RatingRequest.model_json_schema()), "example": RATING_EXAMPLE}}},
+        "responses": {"201": {"description": "stored; the new ratings' ids",
+                              "content": {"application/json": {"schema": {"type": "object"}}}},
+                      **_errors(400, 413, 415)},
+    }},
+    "/ratings/summary": _get("per pair of systems and criterion: win rate, 95% bootstrap interval, sign test"),
+    "/ratings.csv": {"get": {"summary": "every rating as CSV", "tags": ["studio"],
+                             "responses": {"200": {"description": "CSV", "content": {"text/csv": {}}}}}},
     "/adapters/upload": {"post": {
         "summary": "upload a LoRA adapter (checked before anything changes); needs the bearer token",
         "tags": ["slapgen"],

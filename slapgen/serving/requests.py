@@ -9,7 +9,7 @@ the field; the service maps both to the same 400 JSON shape.
 from __future__ import annotations
 
 import secrets
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
@@ -19,10 +19,13 @@ from slapgen.engine.params import GenerationParams
 from slapgen.errors import RequestError
 from slapgen.models.cogvideox import SIZE_MULTIPLE, check_frame_count
 from slapgen.models.specs import ModelSpec
+from slapgen.serving.ratings import CHOICES, CRITERIA
 
 MAX_PROMPT_CHARS = 4000
 MAX_SEED = 2**63 - 1
 MAX_ADAPTER_SCALE = 4.0
+MAX_INFERENCE_STEPS = 200
+MAX_GUIDANCE_SCALE = 50
 
 Prompt = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_PROMPT_CHARS)]
 AdapterName = Annotated[str, StringConstraints(pattern=ADAPTER_NAME_PATTERN.pattern)]
@@ -55,8 +58,8 @@ class GenerateRequest(BaseModel):
     adapter_scale: float = Field(1.0, ge=0, le=MAX_ADAPTER_SCALE, description="strength of the adapter")
     negative_prompt: Annotated[str, StringConstraints(max_length=MAX_PROMPT_CHARS)] | None = None
     num_frames: int | None = Field(None, ge=1, description="8k+1 for CogVideoX 1.0, at most the model's maximum")
-    num_inference_steps: int | None = Field(None, ge=1, le=200)
-    guidance_scale: float | None = Field(None, ge=0, le=50)
+    num_inference_steps: int | None = Field(None, ge=1, le=MAX_INFERENCE_STEPS)
+    guidance_scale: float | None = Field(None, ge=0, le=MAX_GUIDANCE_SCALE)
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="random when omitted; echoed in X-Seed")
     fps: int | None = Field(None, ge=1, le=60)
     height: int | None = Field(None, ge=SIZE_MULTIPLE, multiple_of=SIZE_MULTIPLE)
@@ -96,3 +99,48 @@ class GenerateRequest(BaseModel):
             adapter=self.adapter,
             adapter_scale=self.adapter_scale,
         )
+
+
+def request_limits(spec: ModelSpec) -> dict:
+    """What a `/generate` body may ask of this model, and what it gets by default (for clients' forms)."""
+    return {
+        "max_num_frames": spec.max_num_frames, "frame_step": spec.frame_step, "max_height": spec.height,
+        "max_width": spec.width, "size_multiple": SIZE_MULTIPLE, "max_inference_steps": MAX_INFERENCE_STEPS,
+        "max_guidance_scale": MAX_GUIDANCE_SCALE, "max_adapter_scale": MAX_ADAPTER_SCALE,
+        "max_prompt_chars": MAX_PROMPT_CHARS, "max_seed": MAX_SEED,
+        "defaults": {"num_frames": spec.default_num_frames, "height": spec.height, "width": spec.width,
+                     "num_inference_steps": spec.default_num_inference_steps,
+                     "guidance_scale": spec.default_guidance_scale, "fps": spec.fps},
+    }
+
+
+class RatedSystem(BaseModel):
+    """One side of a blind pair: the base model, or an adapter at a scale."""
+
+    model_config = ConfigDict(extra="forbid")
+    adapter: AdapterName | None = Field(None, description="adapter name; null for the base model")
+    adapter_scale: float = Field(1.0, ge=0, le=MAX_ADAPTER_SCALE)
+
+    def name(self) -> str:
+        return self.adapter or "base"
+
+
+class RatingRequest(BaseModel):
+    """A rater's verdicts on one blind pair (same prompt and seed), one choice per criterion."""
+
+    model_config = ConfigDict(extra="forbid")
+    left: RatedSystem
+    right: RatedSystem
+    prompt: Prompt
+    seed: int = Field(ge=0, le=MAX_SEED)
+    choices: dict[Literal[CRITERIA], Literal[CHOICES]] = Field(min_length=1, description="criterion -> left, right or tie")
+    rater: Annotated[str, StringConstraints(strip_whitespace=True, max_length=64)] = ""
+
+    def rows(self) -> list[dict]:
+        """What `RatingStore.add` stores: one row per criterion."""
+        if self.left == self.right:
+            raise RequestError("the two sides of a pair must be different systems", field="right")
+        return [{"rater": self.rater, "criterion": criterion, "choice": choice, "left_system": self.left.name(),
+                 "left_scale": self.left.adapter_scale, "right_system": self.right.name(),
+                 "right_scale": self.right.adapter_scale, "prompt": self.prompt, "seed": self.seed}
+                for criterion, choice in self.choices.items()]

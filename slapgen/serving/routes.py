@@ -7,6 +7,7 @@ Starlette app that `service.py` mounts next to its own routes.
     DELETE /adapters/{name}
     GET    /templates            prompt templates with their slots
     GET    /jobs/progress        ?task_id=... -> state, step k of N, error
+    /studio, /ratings...         the web studio and its ratings (`slapgen.serving.studio`)
 
 Disk work (listing, validating, writing, deleting adapters) runs in a worker thread, never on the
 event loop. Errors answer slapgen's one JSON shape (`slapgen.serving.http_errors`).
@@ -29,10 +30,14 @@ from slapgen.errors import SlapgenError, first_line
 from slapgen.serving.http_errors import error_response, plain_error
 from slapgen.serving.body_limit import BodyTooLarge
 from slapgen.serving.jobs import JobBoard
+from slapgen.serving.ratings import RatingStore
+from slapgen.serving.requests import request_limits
+from slapgen.serving.studio import studio_routes
 
 
 def build_routes(
-    generator: Callable[[], object], jobs: JobBoard, api_token: str | None, library: PromptLibrary
+    generator: Callable[[], object], jobs: JobBoard, api_token: str | None, library: PromptLibrary,
+    ratings: RatingStore,
 ) -> Starlette:
     """`generator` returns the running VideoGenerator (it exists only once the worker has started)."""
 
@@ -46,7 +51,8 @@ def build_routes(
         return None
 
     async def info(request: Request) -> JSONResponse:
-        return JSONResponse({**generator().info(), "worker_pid": os.getpid()})
+        running = generator()
+        return JSONResponse({**running.info(), "limits": request_limits(running.spec), "worker_pid": os.getpid()})
 
     async def list_adapters(request: Request) -> JSONResponse:
         running = generator()
@@ -106,4 +112,5 @@ def build_routes(
         Route("/adapters/{name}", delete_adapter, methods=["DELETE"]),
         Route("/templates", templates, methods=["GET"]),
         Route("/jobs/progress", job_progress, methods=["GET"]),
+        *studio_routes(ratings),
     ])

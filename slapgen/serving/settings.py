@@ -30,6 +30,9 @@ class SlapSettings(BaseSettings):
         default_factory=default_cache_dir,
         description="where the tiny model is materialised",
     )
+    data_dir: Path | None = Field(
+        None, description="what the service keeps: the studio's ratings (default: SLAP_CACHE_DIR/data)"
+    )
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="`auto` picks cuda when available"
     )
@@ -82,6 +85,8 @@ class SlapSettings(BaseSettings):
     def _adapters_under_the_cache(self) -> "SlapSettings":
         if self.adapters_dir is None:
             self.adapters_dir = self.cache_dir / "adapters"
+        if self.data_dir is None:
+            self.data_dir = self.cache_dir / "data"
         return self
 
     def target_modules(self) -> list[str]:

@@ -1,0 +1,110 @@
+"""Blind A/B ratings from the web studio, stored in SQLite under `SLAP_DATA_DIR`.
+
+A rating says, for one criterion, which of two videos made from the same prompt and seed was better:
+the one shown left, the one shown right, or neither. The store keeps which system was on which side
+(the page randomises sides and hides the systems from the rater), so nothing is lost and the summary
+can be recomputed. Every write is one transaction in WAL mode: several raters (and several workers)
+write at once safely, and a restart loses nothing.
+
+The summary is computed with `slapgen.evaluation.stats`, the same code `slapgen eval` uses for its
+automatic A/B against the base model: the outcome of each rating is read from the point of view of
+the pair's first system (names sorted), and the bootstrap resamples prompts.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import sqlite3
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from slapgen.evaluation.stats import LOSS, TIE, WIN, Comparison, win_rate
+
+CRITERIA = ("motion_accuracy", "impact_realism", "prompt_adherence", "overall")
+CHOICES = ("left", "right", "tie")
+CSV_COLUMNS = ("id", "created_at", "rater", "criterion", "choice", "left_system", "left_scale", "right_system",
+               "right_scale", "prompt", "seed")
+
+
+class RatingStore:
+    def __init__(self, path: Path):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self._path = str(path)
+        self._lock = threading.Lock()
+        with self._connect() as db:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("CREATE TABLE IF NOT EXISTS ratings (id INTEGER PRIMARY KEY AUTOINCREMENT, created_at REAL, "
+                       "rater TEXT, criterion TEXT, choice TEXT, left_system TEXT, left_scale REAL, "
+                       "right_system TEXT, right_scale REAL, prompt TEXT, seed INTEGER)")
+
+    def _connect(self) -> sqlite3.Connection:
+        return sqlite3.connect(self._path, timeout=30)
+
+    def add(self, rows: list[dict]) -> list[int]:
+        """Store the ratings of one submission (one per criterion) all or nothing; returns their ids."""
+        now = time.time()
+        with self._lock:
+            db = self._connect()
+            try:
+                with db:
+                    ids = [db.execute(
+                        "INSERT INTO ratings (created_at, rater, criterion, choice, left_system, left_scale, "
+                        "right_system, right_scale, prompt, seed) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (now, row["rater"], row["criterion"], row["choice"], row["left_system"], row["left_scale"],
+                         row["right_system"], row["right_scale"], row["prompt"], row["seed"]),
+                    ).lastrowid for row in rows]
+            finally:
+                db.close()
+        return ids
+
+    def all(self) -> list[dict]:
+        db = self._connect()
+        try:
+            rows = db.execute(f"SELECT {', '.join(CSV_COLUMNS)} FROM ratings ORDER BY id").fetchall()
+        finally:
+            db.close()
+        return [dict(zip(CSV_COLUMNS, row)) for row in rows]
+
+    def csv(self) -> str:
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=CSV_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows({key: _inert(value) for key, value in row.items()} for row in self.all())
+        return out.getvalue()
+
+    def summary(self) -> dict:
+        return summarise(self.all())
+
+
+def _inert(value):
+    """A cell a spreadsheet will not run: text starting like a formula gets a leading apostrophe."""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return value
+
+
+def system_label(system: str, scale: float) -> str:
+    """`base`, `NAME`, or `NAME@SCALE` when the adapter ran at another scale than 1."""
+    return system if system == "base" or scale == 1.0 else f"{system}@{scale:g}"
+
+
+def summarise(ratings: list[dict]) -> dict:
+    """Per pair of systems and criterion: the first system's win rate (ties half) with its 95% bootstrap
+    interval over prompts and the sign test, from `slapgen.evaluation.stats`."""
+    grouped: dict[tuple[str, str, str], list[Comparison]] = defaultdict(list)
+    for rating in ratings:
+        left = system_label(rating["left_system"], rating["left_scale"])
+        right = system_label(rating["right_system"], rating["right_scale"])
+        if left == right:
+            continue  # a system against itself says nothing about either
+        first, second = sorted((left, right))
+        winner = {"left": left, "right": right, "tie": None}[rating["choice"]]
+        outcome = TIE if winner is None else (WIN if winner == first else LOSS)
+        grouped[(first, second, rating["criterion"])].append(Comparison(unit=rating["prompt"], outcome=outcome))
+    rows = []
+    for (first, second, criterion), comparisons in sorted(grouped.items()):
+        rows.append({"systems": [first, second], "criterion": criterion, **win_rate(comparisons).to_json()})
+    return {"criteria": list(CRITERIA), "ratings": len(ratings), "pairs": rows}

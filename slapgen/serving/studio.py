@@ -1,0 +1,64 @@
+"""The web studio's routes: the page itself and the ratings it stores.
+
+    GET  /studio/                the page (HTML, JS, CSS shipped in `slapgen/serving/studio/`; no CDN)
+    POST /ratings                a blind pair's verdicts, one per criterion -> 201 with their ids
+    GET  /ratings/summary        per pair of systems and criterion: win rate, 95% interval, sign test
+    GET  /ratings.csv            every rating, for a spreadsheet
+
+The page is a client of the public HTTP API only (templates, render, adapters, jobs, info, ratings).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, RedirectResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from slapgen.errors import SlapgenError
+from slapgen.serving.http_errors import error_response
+from slapgen.serving.ratings import RatingStore
+from slapgen.serving.requests import RatingRequest
+
+STUDIO_FILES = Path(__file__).with_name("studio_page")
+
+
+def studio_routes(ratings: RatingStore) -> list:
+    async def add_ratings(request: Request) -> JSONResponse:
+        body = await request.body()
+        try:
+            rows = RatingRequest.model_validate_json(body or b"{}").rows()
+        except ValidationError as error:
+            details = error.errors(include_url=False, include_context=False, include_input=False)
+            first = details[0] if details else {"msg": "invalid body"}
+            return JSONResponse({"error": first["msg"], "detail": [{"loc": list(d["loc"]), "msg": d["msg"]}
+                                                                   for d in details]}, status_code=400)
+        except SlapgenError as error:
+            return error_response(error)
+        ids = await run_in_threadpool(ratings.add, rows)
+        return JSONResponse({"ids": ids}, status_code=201)
+
+    async def summary(request: Request) -> JSONResponse:
+        return JSONResponse(await run_in_threadpool(ratings.summary))
+
+    async def export_csv(request: Request) -> Response:
+        text = await run_in_threadpool(ratings.csv)
+        return Response(text, media_type="text/csv",
+                        headers={"Content-Disposition": 'attachment; filename="ratings.csv"'})
+
+    async def to_studio(request: Request) -> Response:
+        return RedirectResponse("/studio/", status_code=307)
+
+    if not (STUDIO_FILES / "index.html").is_file():
+        raise RuntimeError(f"the studio page is missing from {STUDIO_FILES}")
+    return [
+        Route("/ratings", add_ratings, methods=["POST"]),
+        Route("/ratings/summary", summary, methods=["GET"]),
+        Route("/ratings.csv", export_csv, methods=["GET"]),
+        Route("/studio", to_studio, methods=["GET"]),
+        Mount("/studio", app=StaticFiles(directory=STUDIO_FILES, html=True), name="studio"),
+    ]
