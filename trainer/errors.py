@@ -21,3 +21,7 @@ class TrainConfigError(SlapgenError):
 
 class TrainError(SlapgenError):
     """Training cannot start or continue; the message says why."""
+
+
+class SweepError(SlapgenError):
+    """A sweep cannot start or continue as asked (bad grid, a folder that holds another sweep, a failed run)."""
