@@ -1,4 +1,4 @@
-"""`slapgen` command line: demo-data, curate, precompute, train, eval, config.
+"""`slapgen` command line: demo-data, curate, precompute, train, eval, sweep, config.
 
 Every subcommand has --help; bad input ends with one line on stderr and exit status 2.
 """
@@ -14,7 +14,7 @@ from slapgen.errors import SlapgenError
 from trainer.errors import DatasetError
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
     # Long captions are truncated to the model's token limit on purpose; the per-clip warnings
     # from transformers/diffusers would bury the progress bar.
     import logging
@@ -128,6 +128,14 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from trainer.sweep.sweep import run_sweep
+
+    metrics = [name.strip() for name in args.metrics.split(",") if name.strip()]
+    run_sweep(args.config, args.set, args.grid, args.data, args.heldout, args.out, metrics)
+    return 0
+
+
 def cmd_config(args) -> int:
     from trainer.config import load_config
 
@@ -196,6 +204,17 @@ def build_parser() -> argparse.ArgumentParser:
                                         "tiny with --model tiny)")
     ev.set_defaults(run=cmd_eval)
 
+    sw = commands.add_parser("sweep", help="train every combination of a grid of settings, evaluate each, report the best")
+    sw.add_argument("--config", required=True, help="YAML file or preset name every run starts from")
+    sw.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2,...",
+                    help="a config field and its values, e.g. lora.rank=64,128,256 (repeat for more axes)")
+    sw.add_argument("--data", type=Path, required=True, help="training dataset (folder or .csv/.jsonl)")
+    sw.add_argument("--heldout", type=Path, required=True, help="held-out dataset every run is judged on")
+    sw.add_argument("--out", type=Path, required=True, help="sweep folder, e.g. training_logs/NAME (rerun to continue)")
+    sw.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="fix a config value for every run")
+    sw.add_argument("--metrics", default="loss", help="comma-separated; loss (held-out loss) is always measured")
+    sw.set_defaults(run=cmd_sweep)
+
     cfg = commands.add_parser("config", help="print a preset or config file with every field documented")
     cfg.add_argument("preset", nargs="?", help="preset name or YAML file (default: built-in defaults)")
     cfg.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
@@ -211,7 +230,7 @@ def _cuda() -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _quiet_libraries()
+    quiet_libraries()
     try:
         return args.run(args)
     except SlapgenError as error:

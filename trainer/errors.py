@@ -25,3 +25,7 @@ class TrainError(SlapgenError):
 
 class EvalError(SlapgenError):
     """`slapgen eval` cannot run as asked (an adapter, a metric, a setting); the message says why."""
+
+
+class SweepError(SlapgenError):
+    """A sweep cannot start or continue as asked (bad grid, a folder that holds another sweep, a failed run)."""

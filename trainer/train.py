@@ -14,6 +14,7 @@ previous one (`checkpoints.read_resumable`).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -186,8 +187,10 @@ def train(
     resume: str | None = None,
     stop_at_step: int | None = None,
     progress: bool = True,
+    on_step: Callable[[int], None] | None = None,
 ) -> Path | None:
-    """Train a LoRA; returns the final adapter path (None when stopped early by `stop_at_step`)."""
+    """Train a LoRA; returns the final adapter path (None when stopped early by `stop_at_step`).
+    `on_step(step)` is called after every optimizer step (a sweep's progress bar counts them)."""
     from tqdm.auto import tqdm
 
     run = setup(config, data_path, run_dir, resume, progress)
@@ -228,6 +231,8 @@ def train(
             run.metrics.write(run.step, values)
         bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}")
         bar.update(1)
+        if on_step is not None:
+            on_step(run.step)
         losses = []
 
         if run.step % config.checkpoint.every_steps == 0 or run.step in (max_steps, stop_at_step):

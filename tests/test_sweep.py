@@ -1,0 +1,313 @@
+"""`slapgen sweep` on the tiny model: a real 2 x 2 sweep process, SIGKILLed in the middle and run again,
+its results checked against held-out losses recomputed from the saved LoRA files; the grid planning,
+the folder's refusal of another grid, the report's figures and the one-run-per-GPU pool."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import matplotlib.image
+import pytest
+from diffusers import CogVideoXDPMScheduler, CogVideoXTransformer3DModel
+
+from slapgen.models.loading import resolve_model
+from tests.conftest import REPO_ROOT, offline_env, tiny_train_overrides
+from trainer.cli import main as cli_main
+from trainer.config import LoraConfig, load_config
+from trainer.errors import SweepError
+from trainer.heldout import heldout_entries, heldout_loss
+from trainer.lora import LORA_FILENAME, add_lora, load_lora_into, read_lora_metadata
+from trainer.sweep.evaluate import check_metrics
+from trainer.sweep.folder import SweepDefinition
+from trainer.sweep.grid import parse_axis, plan_runs, split_values
+from trainer.sweep.report import pick_best, write_report
+
+LEARNING_RATES = ("1e-3", "1e-2")
+RANKS = ("2", "4")
+# Small and fast: 32x32, one frame, no gradient checkpointing; 6 steps with a checkpoint every 2, so the
+# second run has a checkpoint well before it ends.
+FIXED = ("data.height=32", "data.width=32", "data.num_frames=1", "data.max_clips=2", "train.max_train_steps=6",
+         "checkpoint.every_steps=2", "checkpoint.keep_last=3", "train.gradient_checkpointing=false")
+
+
+def sweep_sets(tiny_cache_dir: Path) -> list[str]:
+    return tiny_train_overrides(tiny_cache_dir, *FIXED)
+
+
+def sweep_command(tiny_cache_dir, data, heldout, out, learning_rates=LEARNING_RATES) -> list[str]:
+    command = [sys.executable, "-m", "trainer", "sweep", "--config", "tiny-smoke",
+               "--grid", f"optim.learning_rate={','.join(learning_rates)}", "--grid", f"lora.rank={','.join(RANKS)}",
+               "--data", str(data), "--heldout", str(heldout), "--out", str(out)]
+    for item in sweep_sets(tiny_cache_dir):
+        command += ["--set", item]
+    return command
+
+
+def _mtimes(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def killed_and_rerun(tiny_cache_dir, demo_dataset, tmp_path_factory):
+    """A 2 x 2 sweep started as a real process, SIGKILLed once the first run has finished and the second
+    has a checkpoint, then run again with the same command to the end. Returns what the tests compare."""
+    from trainer.demo_data import write_demo_dataset
+
+    root = tmp_path_factory.mktemp("sweep")
+    heldout = root / "heldout"
+    write_demo_dataset(heldout, clips=1, seed=7)
+    out = root / "training_logs" / "lr-rank"
+    command = sweep_command(tiny_cache_dir, demo_dataset, heldout, out)
+    env = offline_env(root)
+    with (root / "first.log").open("wb") as log:
+        process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 400
+        first = second = None
+        while time.monotonic() < deadline and process.poll() is None:
+            runs = sorted((out / "runs").glob("*")) if (out / "runs").is_dir() else []
+            if len(runs) >= 2:
+                first, second = runs[:2]
+                if (first / "sweep_result.json").is_file() and list(second.glob("checkpoints/*/trainer_state.json")):
+                    break
+            time.sleep(0.02)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    assert process.returncode == -signal.SIGKILL, (root / "first.log").read_text()[-3000:]
+    assert not (second / "sweep_result.json").exists() and not (second / LORA_FILENAME).exists(), \
+        "the second run finished before the kill; the test did not interrupt it"
+    killed = {"first_mtimes": _mtimes(first), "first_metrics": (first / "metrics.jsonl").read_bytes(),
+              "second_metrics": (second / "metrics.jsonl").read_text().splitlines(),
+              "runs_at_kill": sorted(p.name for p in (out / "runs").iterdir())}
+    rerun = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    return {"out": out, "heldout": heldout, "command": command, "first": first, "second": second, "killed": killed,
+            "rerun": rerun, "env": env}
+
+
+def test_a_killed_sweep_continues_where_it_stopped(killed_and_rerun):
+    """Guards a rerun that retrains or re-evaluates a finished run, restarts the interrupted run from
+    step 0 instead of its checkpoint, or loses finished work to SIGKILL; and a sweep that does not say
+    which run and step it is at with an ETA."""
+    case = killed_and_rerun
+    first, second, killed, rerun = case["first"], case["second"], case["killed"], case["rerun"]
+    assert killed["runs_at_kill"] == [first.name, second.name]  # the third run had not started
+    assert _mtimes(first) == killed["first_mtimes"]  # not one file of the finished run was rewritten
+    assert (first / "metrics.jsonl").read_bytes() == killed["first_metrics"]
+
+    resumed = re.search(rf"resumed from \S*{re.escape(second.name)}/checkpoints/checkpoint-(\d+) at step (\d+)", rerun.stdout)
+    assert resumed, rerun.stdout[-3000:]
+    step = int(resumed.group(2))
+    assert step >= 2 and int(resumed.group(1)) == step
+    logged = (second / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in logged] == [1, 2, 3, 4, 5, 6]
+    assert logged[:step] == killed["second_metrics"][:step]  # the steps before the checkpoint were not retrained
+    assert "sweep: 4 runs, 1 already finished" in rerun.stdout
+    assert f"{second.name}: resuming from its latest checkpoint" in rerun.stdout
+    assert f"{first.name}: " not in rerun.stdout.split("best:")[0]  # the finished run is not touched at all
+
+    progress = rerun.stderr.replace("\r", "\n")
+    assert re.search(r"run 4/4 03-learning_rate=1e-2_rank=4 step \d/6 .*ETA \d\d:\d\d", progress), progress[-2000:]
+    out = case["out"]
+    for name in ("sweep.json", "results.csv", "README.md", "best.yaml", "heldout_loss.png", "loss_curves.png"):
+        assert (out / name).is_file(), name
+    for name in ("heldout_loss.png", "loss_curves.png"):
+        assert matplotlib.image.imread(out / name).ndim == 3
+
+
+def test_results_are_the_heldout_loss_of_the_saved_loras(killed_and_rerun, tiny_cache_dir, tmp_path):
+    """Guards results.csv holding anything but each run's held-out loss (recomputed here from its saved
+    LoRA file with trainer.heldout on the same held-out clips), alpha not following rank (the LoRA's
+    metadata and its scaling), a wrong winner, and a best.yaml that `slapgen train` cannot load or that
+    trains something other than the winner."""
+    out, heldout = killed_and_rerun["out"], killed_and_rerun["heldout"]
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [(row["optim.learning_rate"], row["lora.rank"]) for row in rows] == [
+        (str(float(lr)), rank) for lr in LEARNING_RATES for rank in RANKS]
+    resolved = resolve_model("tiny", tiny_cache_dir)
+    data = load_config("tiny-smoke", sweep_sets(tiny_cache_dir)).data.model_copy(update={"max_clips": None})
+    entries = heldout_entries(heldout, resolved, data, tmp_path / "cache", progress=False)
+    scheduler = CogVideoXDPMScheduler.from_pretrained(resolved.folder, subfolder="scheduler")
+    expected = {}
+    for row in rows:
+        lora_file = out / "runs" / row["run"] / LORA_FILENAME
+        metadata = read_lora_metadata(lora_file)
+        assert float(metadata["slapgen.alpha"]) == float(metadata["slapgen.rank"]) == float(row["lora.rank"])
+        assert json.loads(metadata["lora_adapter_metadata"])["transformer.lora_alpha"] == float(row["lora.rank"])
+        assert float(row["lora.alpha"]) == float(row["lora.rank"])
+        transformer = CogVideoXTransformer3DModel.from_pretrained(resolved.folder, subfolder="transformer")
+        add_lora(transformer, LoraConfig(rank=int(row["lora.rank"]), alpha=float(row["lora.rank"])))
+        load_lora_into(transformer, lora_file)
+        expected[row["run"]] = heldout_loss(transformer, scheduler, entries)
+        assert float(row["heldout_loss"]) == pytest.approx(expected[row["run"]], rel=1e-6, abs=1e-9)
+    assert len(set(expected.values())) == 4  # the four LoRAs differ, so the check above tells them apart
+
+    winner = min(expected, key=expected.get)
+    assert [row["run"] for row in rows if row["best"] == "yes"] == [winner]
+    assert re.search(rf"\| {re.escape(winner)} \|.*\*\*best\*\* \|", (out / "README.md").read_text())
+    lr, rank = next((row["optim.learning_rate"], row["lora.rank"]) for row in rows if row["run"] == winner)
+    wanted = load_config("tiny-smoke", [*sweep_sets(tiny_cache_dir), f"optim.learning_rate={lr}", f"lora.rank={rank}",
+                                        f"lora.alpha={rank}"])
+    assert load_config(out / "best.yaml") == wanted
+
+
+def test_another_grid_in_the_same_folder_is_refused(killed_and_rerun, capsys):
+    """Guards a rerun with another grid (or --set) mixing runs of two sweeps in one folder: refused in one
+    line that says what differs, exit 2, before anything in the folder changes."""
+    out, args = killed_and_rerun["out"], killed_and_rerun["command"][3:]
+    before, definition = _mtimes(out), (out / "sweep.json").read_bytes()
+    other_grid = ["optim.learning_rate=1e-3,5e-3" if arg == "optim.learning_rate=1e-3,1e-2" else arg for arg in args]
+    assert cli_main(other_grid) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"slapgen sweep: {out} holds a sweep with another grid (optim.learning_rate=1e-3,1e-2 x lora.rank=2,4; "
+        f"now optim.learning_rate=1e-3,5e-3 x lora.rank=2,4); rerun it with the same command or choose another --out")
+    assert cli_main([*args, "--set", "train.seed=3"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith(f"slapgen sweep: {out} holds a sweep with another --set (") and "\n" not in error
+    assert _mtimes(out) == before and (out / "sweep.json").read_bytes() == definition
+
+
+def test_grid_planning(tiny_cache_dir, tmp_path):
+    """Guards alpha not following rank (or overriding an alpha the user fixed or put on the grid), list
+    values split at their inner commas, a combination that fails validation only when its turn comes,
+    and the same key both fixed and swept."""
+    sets = tiny_train_overrides(tiny_cache_dir)
+    cache = tmp_path / "cache"
+    runs = plan_runs("tiny-smoke", sets, [parse_axis("optim.learning_rate=1e-4,1e-3"), parse_axis("lora.rank=8,16")], cache)
+    assert [(r.config.optim.learning_rate, r.config.lora.rank, r.config.lora.alpha) for r in runs] == [
+        (1e-4, 8, 8.0), (1e-4, 16, 16.0), (1e-3, 8, 8.0), (1e-3, 16, 16.0)]
+    assert runs[1].name == "01-learning_rate=1e-4_rank=16" and runs[0].config.latent_cache == cache
+    fixed_alpha = plan_runs("tiny-smoke", [*sets, "lora.alpha=2"], [parse_axis("lora.rank=8,16")], cache)
+    assert [r.config.lora.alpha for r in fixed_alpha] == [2.0, 2.0]
+    swept_alpha = plan_runs("tiny-smoke", sets, [parse_axis("lora.rank=8,16"), parse_axis("lora.alpha=1,4")], cache)
+    assert [(r.config.lora.rank, r.config.lora.alpha) for r in swept_alpha] == [(8, 1), (8, 4), (16, 1), (16, 4)]
+    assert split_values("[to_q,to_k],[to_v]") == ["[to_q,to_k]", "[to_v]"]
+    modules = plan_runs("tiny-smoke", sets, [parse_axis("lora.target_modules=[to_q,to_k],[to_v]")], cache)
+    assert [r.config.lora.target_modules for r in modules] == [["to_q", "to_k"], ["to_v"]]
+    with pytest.raises(SweepError, match=r"^grid point lora.rank=4096, lora.alpha=4096: invalid training config: lora.rank"):
+        plan_runs("tiny-smoke", sets, [parse_axis("lora.rank=8,4096")], cache)
+    with pytest.raises(SweepError, match="both a grid axis and fixed with --set"):
+        plan_runs("tiny-smoke", [*sets, "lora.rank=4"], [parse_axis("lora.rank=8,16")], cache)
+    with pytest.raises(SweepError, match="listed twice"):
+        parse_axis("lora.rank=8,8")
+    with pytest.raises(SweepError, match="arrive with `slapgen eval`"):
+        check_metrics(["loss", "clip"])
+    assert check_metrics([]) == ("loss",)
+
+
+def _fake_sweep(tmp_path: Path, tiny_cache_dir: Path, grid: list[str], losses: list[float]):
+    runs = plan_runs("tiny-smoke", tiny_train_overrides(tiny_cache_dir), [parse_axis(g) for g in grid], tmp_path / "cache")
+    definition = SweepDefinition("tiny-smoke", (), tuple(parse_axis(g) for g in grid), "data", "heldout", ("loss",),
+                                 True, tuple(runs))
+    results = {}
+    for run, loss in zip(runs, losses):
+        folder = tmp_path / "runs" / run.name
+        folder.mkdir(parents=True)
+        (folder / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": loss + 1 / s}) + "\n" for s in (1, 2, 3)))
+        results[run.name] = {"metrics": {"heldout_loss": loss}, "steps": 3}
+    return definition, runs, results
+
+
+def test_report_figures_for_one_and_three_axes_and_a_diverged_run(tiny_cache_dir, tmp_path):
+    """Guards a report that only handles exactly two axes (one axis: a line; three: one heatmap per value
+    of the third) and a diverged run (NaN loss) winning because NaN compares false."""
+    one = tmp_path / "one"
+    definition, runs, results = _fake_sweep(one, tiny_cache_dir, ["lora.rank=2,4,8"], [float("nan"), 0.5, 0.7])
+    assert write_report(one, definition, results).name == runs[1].name
+    assert pick_best(runs, results) == runs[1]
+    assert matplotlib.image.imread(one / "heldout_loss.png").ndim == 3
+    assert "| nan |" in (one / "README.md").read_text()
+    three = tmp_path / "three"
+    definition, runs, results = _fake_sweep(three, tiny_cache_dir, ["lora.rank=2,4", "optim.learning_rate=1e-3,1e-2",
+                                                                     "train.seed=1,2"], [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.35])
+    assert write_report(three, definition, results).name == runs[6].name
+    assert sorted(p.name for p in three.glob("heldout_loss*.png")) == ["heldout_loss--seed=1.png", "heldout_loss--seed=2.png"]
+
+
+POOL_PARENT = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    from trainer.sweep.pool import Job, run_pool
+
+    folder, slots = Path(sys.argv[1]), sys.argv[2].split(",")
+    child = (
+        "import os, sys, time\\n"
+        "from pathlib import Path\\n"
+        "folder, name = Path(sys.argv[1]), sys.argv[2]\\n"
+        "(folder / (name + '.started')).write_text(os.environ['CUDA_VISIBLE_DEVICES'] + ' ' + str(os.getpid()))\\n"
+        "while not (folder / 'release').exists():\\n"
+        "    time.sleep(0.02)\\n"
+    )
+    jobs = [Job(f"j{i}", [sys.executable, "-c", child, str(folder), f"j{i}"], folder / f"j{i}.log") for i in range(3)]
+    print(run_pool(jobs, slots, interval_s=0.05), flush=True)
+""")
+
+
+def _wait_for(path: Path, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.02)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "State:\tZ" not in status
+
+
+def test_pool_runs_one_job_per_gpu_and_its_children_die_with_the_sweep(tmp_path):
+    """Guards the several-GPU path: a pool that imports torch (it only starts processes), two runs sharing a
+    GPU, a third started before a GPU is free, a child without its GPU in CUDA_VISIBLE_DEVICES, and children
+    that keep training after the sweep is SIGKILLed (a rerun would then race them on the same run folders)."""
+    env = offline_env(tmp_path)
+    imported = subprocess.run([sys.executable, "-c", "import sys, trainer.sweep.pool; print('torch' in sys.modules)"],
+                              cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert imported.stdout.strip() == "False", imported.stderr[-2000:]
+    parent = subprocess.Popen([sys.executable, "-c", POOL_PARENT, str(tmp_path), "3,7"], cwd=REPO_ROOT, env=env,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        _wait_for(tmp_path / "j0.started")
+        _wait_for(tmp_path / "j1.started")
+        devices = {(tmp_path / f"j{i}.started").read_text().split()[0] for i in (0, 1)}
+        assert devices == {"3", "7"}
+        time.sleep(1)
+        assert not (tmp_path / "j2.started").exists()  # both GPUs busy: the third run waits
+        (tmp_path / "release").touch()
+        output, _ = parent.communicate(timeout=60)
+        assert json.loads(output.strip().replace("'", '"')) == {"j0": 0, "j1": 0, "j2": 0}
+        assert (tmp_path / "j2.started").read_text().split()[0] in {"3", "7"}
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    parent = subprocess.Popen([sys.executable, "-c", POOL_PARENT, str(killed), "0,1"], cwd=REPO_ROOT, env=env,
+                              stdout=subprocess.DEVNULL)
+    children = []
+    try:
+        _wait_for(killed / "j0.started")
+        _wait_for(killed / "j1.started")
+        children = [int((killed / f"j{i}.started").read_text().split()[1]) for i in (0, 1)]
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        deadline = time.monotonic() + 20
+        while any(_alive(pid) for pid in children) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(_alive(pid) for pid in children)
+    finally:
+        for pid in children:  # only the children this test started, should the check above fail
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)

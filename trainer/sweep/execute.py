@@ -1,0 +1,143 @@
+"""One run of a sweep, from wherever it stopped: train (fresh or from its latest checkpoint), evaluate,
+and record the result.
+
+A run's folder tells how far it got: `sweep_result.json` (written atomically, last) means finished
+and evaluated; the final LoRA without it means trained but not evaluated; a checkpoint means resume
+from it (`slapgen train --resume latest`, bit-exact); anything else starts over. So a sweep killed
+at any instant loses at most the steps since the interrupted run's last checkpoint.
+
+`python -m trainer.sweep.execute OUT RUN_NAME` runs one run of the sweep in OUT: what the sweep
+starts once per GPU when there are several (`trainer.sweep.pool`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from enum import Enum
+from pathlib import Path
+
+from slapgen.atomic import atomic_write_text
+from slapgen.errors import SlapgenError
+from trainer import checkpoints
+from trainer.lora import LORA_FILENAME
+from trainer.metrics import truncate_after
+from trainer.sweep.evaluate import EvaluationInputs, evaluate_run
+from trainer.sweep.folder import SweepDefinition, read_definition, run_dir
+from trainer.sweep.grid import PlannedRun
+
+RESULT_FILE = "sweep_result.json"
+METRICS_FILE = "metrics.jsonl"
+
+
+class RunState(Enum):
+    FINISHED = "finished"
+    EVALUATE = "trained before; evaluating"
+    RESUME = "resuming from its latest checkpoint"
+    FRESH = "training from step 0"
+
+
+def run_state(directory: Path) -> RunState:
+    if (directory / RESULT_FILE).is_file():
+        return RunState.FINISHED
+    if (directory / LORA_FILENAME).is_file():
+        return RunState.EVALUATE
+    if checkpoints.list_checkpoints(directory):
+        return RunState.RESUME
+    return RunState.FRESH
+
+
+def steps_done(directory: Path, max_steps: int) -> int:
+    """Optimizer steps a rerun will not repeat: all of a trained run, the latest checkpoint's otherwise."""
+    state = run_state(directory)
+    if state in (RunState.FINISHED, RunState.EVALUATE):
+        return max_steps
+    if state is RunState.RESUME:
+        try:
+            return checkpoints.read_state(checkpoints.list_checkpoints(directory)[-1])["step"]
+        except checkpoints.CorruptCheckpoint:
+            return 0
+    return 0
+
+
+def read_result(directory: Path) -> dict:
+    return json.loads((directory / RESULT_FILE).read_text(encoding="utf-8"))
+
+
+def last_logged_step(directory: Path) -> int:
+    """The step of the last line of the run's metrics.jsonl (0 when none): a running run's progress,
+    read from outside its process. Only the file's tail is read."""
+    path = directory / METRICS_FILE
+    try:
+        with path.open("rb") as handle:
+            handle.seek(0, 2)
+            handle.seek(max(0, handle.tell() - 4096))
+            lines = handle.read().decode("utf-8", errors="replace").splitlines()
+    except OSError:
+        return 0
+    for line in reversed(lines):
+        try:
+            return int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut at the 4 KiB boundary or still being written
+    return 0
+
+
+def execute_run(definition: SweepDefinition, run: PlannedRun, out: Path, device: str,
+                on_step: Callable[[int], None] | None = None) -> dict:
+    """Bring `run` to finished from wherever it stopped; returns its result (also in RESULT_FILE)."""
+    from trainer.train import train
+
+    directory = run_dir(out, run)
+    state = run_state(directory)
+    if state is RunState.FINISHED:
+        return read_result(directory)
+    if state is RunState.FRESH:
+        truncate_after(directory / METRICS_FILE, 0)  # steps logged before a kill that came before any checkpoint
+    if state in (RunState.FRESH, RunState.RESUME):
+        train(run.config, Path(definition.data), directory, resume="latest" if state is RunState.RESUME else None,
+              progress=False, on_step=on_step)
+    started = time.perf_counter()
+    metrics = evaluate_run(directory, run.config, definition.metrics, EvaluationInputs(Path(definition.heldout), device))
+    result = {
+        "run": run.name,
+        "values": run.values,
+        "metrics": metrics,
+        "steps": run.config.train.max_train_steps,
+        "evaluation_seconds": round(time.perf_counter() - started, 3),
+    }
+    atomic_write_text(directory / RESULT_FILE, json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """One run in its own process (CUDA_VISIBLE_DEVICES names its GPU); one line on stderr and exit 2
+    on a SlapgenError, as the CLI does."""
+    from trainer.cli import quiet_libraries
+
+    parser = argparse.ArgumentParser(prog="python -m trainer.sweep.execute", description="run one run of a sweep")
+    parser.add_argument("out", type=Path, help="the sweep folder (holds sweep.json)")
+    parser.add_argument("run", help="the run's name (its folder under OUT/runs)")
+    args = parser.parse_args(argv)
+    quiet_libraries()
+    try:
+        definition = read_definition(args.out)
+        result = execute_run(definition, definition.run(args.run), args.out, default_device())
+    except SlapgenError as error:
+        print(f"slapgen sweep {args.run}: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps(result["metrics"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

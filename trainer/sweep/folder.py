@@ -1,0 +1,172 @@
+"""The sweep folder: what it holds, the sweep it belongs to (`sweep.json`), and who is running it.
+
+`sweep.json` records the sweep's definition (config, --set, grid, data, held-out set, metrics and
+every run's validated config), written atomically before the first run starts. A rerun with the
+same command finds the same definition and continues; a rerun with another grid, config, --set or
+data is refused with one sentence that says what differs, before anything changes. A lock
+(`flock`, released by the kernel even on SIGKILL) keeps two sweeps from running in one folder.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from slapgen.atomic import atomic_write_text
+from trainer.config import TrainConfig
+from trainer.errors import SweepError
+from trainer.sweep.grid import Axis, PlannedRun
+
+DEFINITION_FILE = "sweep.json"
+LOCK_FILE = ".sweep.lock"
+RUNS_DIR = "runs"
+CACHE_DIR = "latent-cache"
+DEFINITION_FORMAT = 1
+
+
+def run_dir(out: Path, run: PlannedRun) -> Path:
+    return Path(out) / RUNS_DIR / run.name
+
+
+@dataclass(frozen=True)
+class SweepDefinition:
+    """Everything that decides what a sweep trains and how it is judged."""
+
+    config: str
+    sets: tuple[str, ...]
+    axes: tuple[Axis, ...]
+    data: str
+    heldout: str
+    metrics: tuple[str, ...]
+    alpha_follows_rank: bool
+    runs: tuple[PlannedRun, ...]
+
+    def to_json(self) -> dict:
+        return {
+            "format": DEFINITION_FORMAT,
+            "grid": [{"key": axis.key, "values": list(axis.values)} for axis in self.axes],
+            "config": self.config,
+            "set": list(self.sets),
+            "data": self.data,
+            "heldout": self.heldout,
+            "metrics": list(self.metrics),
+            "alpha_follows_rank": self.alpha_follows_rank,
+            "runs": [
+                {"name": run.name, "values": run.values, "overrides": list(run.overrides),
+                 "config": run.config.model_dump(mode="json")}
+                for run in self.runs
+            ],
+        }
+
+    @classmethod
+    def from_json(cls, tree: dict) -> "SweepDefinition":
+        return cls(
+            config=tree["config"],
+            sets=tuple(tree["set"]),
+            axes=tuple(Axis(axis["key"], tuple(axis["values"])) for axis in tree["grid"]),
+            data=tree["data"],
+            heldout=tree["heldout"],
+            metrics=tuple(tree["metrics"]),
+            alpha_follows_rank=tree["alpha_follows_rank"],
+            runs=tuple(
+                PlannedRun(index, run["name"], dict(run["values"]), tuple(run["overrides"]),
+                           TrainConfig.model_validate(run["config"]))
+                for index, run in enumerate(tree["runs"])
+            ),
+        )
+
+    def run(self, name: str) -> PlannedRun:
+        for run in self.runs:
+            if run.name == name:
+                return run
+        raise SweepError(f"this sweep has no run {name}")
+
+
+def read_definition(out: Path) -> SweepDefinition:
+    path = Path(out) / DEFINITION_FILE
+    try:
+        return SweepDefinition.from_json(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise SweepError(f"{path} is not a readable sweep definition ({type(error).__name__})") from None
+
+
+def _grid_text(tree: dict) -> str:
+    return " x ".join(f"{axis['key']}={','.join(axis['values'])}" for axis in tree["grid"])
+
+
+# What a rerun must repeat, in the order a difference is reported, and how to say each one.
+_COMPARED = (
+    ("grid", "grid", _grid_text),
+    ("config", "--config", lambda tree: tree["config"]),
+    ("set", "--set", lambda tree: " ".join(tree["set"]) or "none"),
+    ("data", "--data", lambda tree: tree["data"]),
+    ("heldout", "--heldout", lambda tree: tree["heldout"]),
+    ("metrics", "--metrics", lambda tree: ",".join(tree["metrics"])),
+)
+
+
+def difference(existing: dict, wanted: dict) -> str | None:
+    """What differs between the definition in a folder and the one asked for (a phrase), or None."""
+    for key, label, say in _COMPARED:
+        if existing.get(key) != wanted[key]:
+            try:
+                before = say(existing)
+            except (KeyError, TypeError):
+                before = "unreadable"
+            return f"another {label} ({before}; now {say(wanted)})"
+    if existing != wanted:
+        return "other run configs (the preset or config file changed since it started, or the folder moved)"
+    return None
+
+
+def check_folder(out: Path, definition: SweepDefinition) -> bool:
+    """Whether `out` already holds this sweep (False: new or empty). SweepError if it holds anything
+    else. Reads only: a refused command changes nothing."""
+    out = Path(out)
+    path = out / DEFINITION_FILE
+    if path.is_file():
+        try:
+            existing = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            raise SweepError(f"{path} is not a readable sweep definition ({type(error).__name__})") from None
+        different = difference(existing if isinstance(existing, dict) else {}, definition.to_json())
+        if different is not None:
+            raise SweepError(f"{out} holds a sweep with {different}; rerun it with the same command or choose another --out")
+        return True
+    if out.is_dir() and any(entry.name != LOCK_FILE for entry in out.iterdir()):
+        raise SweepError(f"{out} is not empty and holds no {DEFINITION_FILE}; choose a new folder for the sweep")
+    if out.exists() and not out.is_dir():
+        raise SweepError(f"{out} is a file; choose a folder for the sweep")
+    return False
+
+
+def write_definition(out: Path, definition: SweepDefinition) -> None:
+    atomic_write_text(Path(out) / DEFINITION_FILE, json.dumps(definition.to_json(), indent=2) + "\n")
+
+
+class SweepLock:
+    """An exclusive `flock` on OUT/.sweep.lock for as long as the sweep runs; the kernel drops it when
+    the process ends, however it ends, so a killed sweep never blocks its rerun."""
+
+    def __init__(self, out: Path):
+        self.path = Path(out) / LOCK_FILE
+        self._fd: int | None = None
+
+    def __enter__(self) -> "SweepLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise SweepError(f"another slapgen sweep is running in {self.path.parent}; wait for it or stop it") from None
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None

@@ -1,0 +1,127 @@
+"""The sweep's figures (matplotlib, Agg, no pyplot state): one per metric over the grid, and the runs'
+training-loss curves on one set of axes.
+
+Per metric: two axes -> a heatmap (first axis down, second across, every cell annotated, the best run
+framed); one axis -> a line over its values; more than two -> one heatmap over the first two axes for
+each combination of the others' values (`METRIC--KEY=V.png`). Lower is better for every metric a sweep
+measures today (held-out loss).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+from pathlib import Path
+
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+
+from slapgen.atomic import atomic_path
+from trainer.sweep.grid import Axis, PlannedRun
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9.=+_-]")
+
+
+def _save(figure: Figure, path: Path) -> Path:
+    figure.tight_layout()
+    with atomic_path(path) as staging:
+        figure.savefig(staging, format="png", dpi=110)
+    return path
+
+
+def _run_at(runs: list[PlannedRun], values: dict[str, str]) -> PlannedRun | None:
+    for run in runs:
+        if all(run.values[key] == value for key, value in values.items()):
+            return run
+    return None
+
+
+def metric_figures(out: Path, axes: list[Axis], runs: list[PlannedRun], values: dict[str, float], metric: str,
+                   best: str) -> list[Path]:
+    """The PNG(s) of `metric` (values by run name) over the grid; returns their paths."""
+    if len(axes) == 1:
+        return [_line(out / f"{metric}.png", axes[0], runs, values, metric, best)]
+    paths = []
+    for rest in itertools.product(*(axis.values for axis in axes[2:])):
+        fixed = {axis.key: value for axis, value in zip(axes[2:], rest)}
+        suffix = "".join(f"--{axis.leaf}={value}" for axis, value in zip(axes[2:], rest))
+        path = out / _UNSAFE.sub("-", f"{metric}{suffix}.png")
+        paths.append(_heatmap(path, axes[0], axes[1], runs, fixed, values, metric, best))
+    return paths
+
+
+def _line(path: Path, axis: Axis, runs: list[PlannedRun], values: dict[str, float], metric: str, best: str) -> Path:
+    figure = Figure(figsize=(5, 3.5))
+    ax = figure.subplots()
+    ordered = [_run_at(runs, {axis.key: value}) for value in axis.values]
+    ys = [values[run.name] for run in ordered]
+    ax.plot(range(len(ys)), ys, marker="o")
+    for x, run in enumerate(ordered):
+        if run.name == best:
+            ax.plot([x], [values[run.name]], marker="*", markersize=16, color="tab:red", label="best")
+    ax.set_xticks(range(len(ys)), list(axis.values))
+    ax.set_xlabel(axis.key)
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric} (lower is better)")
+    ax.legend()
+    return _save(figure, path)
+
+
+def _heatmap(path: Path, rows: Axis, columns: Axis, runs: list[PlannedRun], fixed: dict[str, str],
+             values: dict[str, float], metric: str, best: str) -> Path:
+    grid = [[float("nan")] * len(columns.values) for _ in rows.values]
+    best_cell = None
+    for i, row in enumerate(rows.values):
+        for j, column in enumerate(columns.values):
+            run = _run_at(runs, {rows.key: row, columns.key: column, **fixed})
+            if run is not None and run.name in values:
+                grid[i][j] = values[run.name]
+                if run.name == best:
+                    best_cell = (i, j)
+    figure = Figure(figsize=(1.6 + 1.3 * len(columns.values), 1.4 + 0.8 * len(rows.values)))
+    ax = figure.subplots()
+    image = ax.imshow(grid, cmap="viridis_r", aspect="auto")
+    figure.colorbar(image, ax=ax, label=metric)
+    for i, j in itertools.product(range(len(rows.values)), range(len(columns.values))):
+        ax.text(j, i, f"{grid[i][j]:.4g}", ha="center", va="center", color="black",
+                bbox={"facecolor": "white", "alpha": 0.6, "linewidth": 0},
+                fontweight="bold" if (i, j) == best_cell else "normal")
+    if best_cell is not None:
+        i, j = best_cell
+        ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="tab:red", linewidth=3))
+    ax.set_xticks(range(len(columns.values)), list(columns.values))
+    ax.set_yticks(range(len(rows.values)), list(rows.values))
+    ax.set_xlabel(columns.key)
+    ax.set_ylabel(rows.key)
+    extra = ", ".join(f"{key}={value}" for key, value in fixed.items())
+    ax.set_title(f"{metric}{f' at {extra}' if extra else ''} (lower is better; best framed)", fontsize=9)
+    return _save(figure, path)
+
+
+def _ema(ys: list[float], span: int) -> list[float]:
+    weight, smoothed, current = 2 / (span + 1), [], ys[0]
+    for y in ys:
+        current = weight * y + (1 - weight) * current
+        smoothed.append(current)
+    return smoothed
+
+
+def loss_curves(path: Path, curves: dict[str, Path]) -> Path:
+    """Training loss by step of each run (label -> its metrics.jsonl): raw, faint, and an exponential
+    moving average over ~5% of the steps, solid, in the same colour."""
+    figure = Figure(figsize=(7, 4.5))
+    ax = figure.subplots()
+    for index, (label, metrics_file) in enumerate(curves.items()):
+        rows = [json.loads(line) for line in metrics_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        steps, losses = [row["step"] for row in rows], [row["loss"] for row in rows]
+        if not steps:
+            continue
+        colour = f"C{index % 10}"
+        ax.plot(steps, losses, color=colour, alpha=0.25, linewidth=0.8)
+        ax.plot(steps, _ema(losses, max(1, len(losses) // 20)), color=colour, linewidth=1.6, label=label)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss")
+    ax.set_title("training loss (faint: logged; solid: moving average)")
+    ax.legend(fontsize=7)
+    return _save(figure, path)

@@ -1,0 +1,82 @@
+"""Several runs at once, one per GPU: one child process per run, `CUDA_VISIBLE_DEVICES` set to its GPU.
+
+Each child dies with the sweep (Linux `PR_SET_PDEATHSIG`), so a sweep killed by SIGKILL leaves no
+run training behind it that a rerun would race with; the rerun resumes each from its checkpoint.
+A child's stdout and stderr go to its log file. This module imports no torch: it only starts,
+watches and reaps processes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+_PR_SET_PDEATHSIG = 1
+
+
+@dataclass(frozen=True)
+class Job:
+    name: str
+    command: list[str]
+    log: Path
+
+
+def _die_with_parent_hook() -> Callable[[], None] | None:
+    """A preexec function asking the kernel to SIGKILL the child when this process ends, or None where
+    prctl does not exist. `prctl` is looked up here, in the parent: the child only makes the call."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def hook() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return hook
+
+
+def run_pool(jobs: list[Job], slots: list[str], on_tick: Callable[[list[str]], None] | None = None,
+             interval_s: float = 1.0) -> dict[str, int]:
+    """Run `jobs` in order, at most one per slot (a `CUDA_VISIBLE_DEVICES` value) at a time; returns
+    {job name: exit status}. `on_tick(names of the running jobs)` is called every `interval_s`."""
+    if not slots:
+        raise ValueError("no slots")
+    waiting = list(jobs)
+    running: dict[str, tuple[Job, subprocess.Popen, object]] = {}
+    codes: dict[str, int] = {}
+    hook = _die_with_parent_hook()
+    try:
+        while waiting or running:
+            for slot in slots:
+                if slot in running or not waiting:
+                    continue
+                job = waiting.pop(0)
+                job.log.parent.mkdir(parents=True, exist_ok=True)
+                log = job.log.open("ab")
+                env = {**os.environ, "CUDA_VISIBLE_DEVICES": slot}
+                process = subprocess.Popen(job.command, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                           preexec_fn=hook)
+                running[slot] = (job, process, log)
+            time.sleep(interval_s)
+            for slot, (job, process, log) in list(running.items()):
+                if process.poll() is not None:
+                    codes[job.name] = process.returncode
+                    log.close()
+                    del running[slot]
+            if on_tick is not None:
+                on_tick([job.name for job, _, _ in running.values()])
+    finally:
+        for job, process, log in running.values():  # interrupted (Ctrl-C): stop the children, keep their checkpoints
+            process.terminate()
+            process.wait()
+            log.close()
+    return codes

@@ -1,0 +1,49 @@
+"""The sweep's one progress bar: optimizer steps of the whole sweep, which run (and step) is training,
+and tqdm's ETA for everything left. Steps a rerun does not repeat (finished runs, the interrupted
+run's checkpoint) count as done from the start, so the ETA is measured on this session's work."""
+
+from __future__ import annotations
+
+from tqdm.auto import tqdm
+
+from trainer.sweep.grid import PlannedRun
+
+BAR_FORMAT = "{desc} | {percentage:3.0f}% {n_fmt}/{total_fmt} steps [{elapsed}, ETA {remaining}]"
+
+
+class SweepProgress:
+    def __init__(self, runs: list[PlannedRun], done: dict[str, int], enabled: bool = True):
+        self.runs = {run.name: run for run in runs}
+        self.position = {run.name: index + 1 for index, run in enumerate(runs)}
+        self.done = dict(done)
+        self.running: list[str] = []
+        total = sum(run.config.train.max_train_steps for run in runs)
+        self.bar = tqdm(total=total, initial=sum(self.done.values()), desc="sweep", unit="step",
+                        bar_format=BAR_FORMAT, disable=not enabled)
+
+    def _label(self, name: str) -> str:
+        steps = self.runs[name].config.train.max_train_steps
+        where = "evaluating" if self.done[name] >= steps else f"step {self.done[name]}/{steps}"
+        return f"run {self.position[name]}/{len(self.runs)} {name} {where}"
+
+    def step(self, name: str, step: int) -> None:
+        """Run `name` has reached optimizer step `step`."""
+        delta = step - self.done[name]
+        self.done[name] = step
+        self._describe(refresh=delta <= 0)
+        if delta > 0:
+            self.bar.update(delta)  # draws the new description too
+
+    def show(self, running: list[str]) -> None:
+        """These runs are running now."""
+        self.running = list(running)
+        self._describe(refresh=True)
+
+    def _describe(self, refresh: bool) -> None:
+        self.bar.set_description_str("sweep: " + "; ".join(self._label(name) for name in self.running), refresh=refresh)
+
+    def say(self, line: str) -> None:
+        self.bar.write(line)
+
+    def close(self) -> None:
+        self.bar.close()

@@ -1,0 +1,142 @@
+"""`slapgen sweep`, top to bottom: check everything, claim the folder, encode once, run, report.
+
+1. Parse the grid and metrics; read both datasets; build and validate every run's config
+   (`grid.plan_runs`). Nothing is written before all of it passes.
+2. The folder: a new one gets `sweep.json`; one that holds this same sweep continues; any other is
+   refused with one sentence (`folder.check_folder`), under a lock no second sweep can take.
+3. The latent cache, once: every training and held-out clip (and the validation prompts) is encoded
+   into OUT/latent-cache, which every run's `latent_cache` names, so no run encodes anything.
+4. The runs (`execute.execute_run`, each from wherever it stopped): one at a time in this process on
+   a CPU or one GPU; with several GPUs, one child process per GPU (`pool.run_pool`).
+5. The report (`report.write_report`).
+"""
+
+from __future__ import annotations
+
+import gc
+import sys
+from pathlib import Path
+
+from trainer.datasets import read_dataset
+from trainer.errors import SweepError
+from trainer.sweep.evaluate import HELDOUT_LOSS, check_metrics
+from trainer.sweep.execute import RunState, execute_run, last_logged_step, read_result, run_state, steps_done
+from trainer.sweep.folder import CACHE_DIR, SweepDefinition, SweepLock, check_folder, run_dir, write_definition
+from trainer.sweep.grid import alpha_follows_rank, parse_axis, plan_runs
+from trainer.sweep.pool import Job, run_pool
+from trainer.sweep.progress import SweepProgress
+from trainer.sweep.report import write_report
+
+
+def plan_sweep(config: str, sets: list[str], grid: list[str], data: Path, heldout: Path, out: Path,
+               metrics: list[str]) -> SweepDefinition:
+    """The sweep the command asks for, every part validated; reads, never writes."""
+    axes = [parse_axis(text) for text in grid]
+    measured = check_metrics(metrics)
+    read_dataset(Path(data))  # a missing or malformed dataset is one sentence now, not after an hour of runs
+    read_dataset(Path(heldout))
+    runs = plan_runs(config, sets, axes, latent_cache=Path(out).resolve() / CACHE_DIR)
+    return SweepDefinition(
+        config=config, sets=tuple(sets), axes=tuple(axes), data=str(Path(data).resolve()),
+        heldout=str(Path(heldout).resolve()), metrics=measured, alpha_follows_rank=alpha_follows_rank(axes, sets),
+        runs=tuple(runs),
+    )
+
+
+def encode_once(definition: SweepDefinition, device: str) -> None:
+    """Encode every clip any run trains or is judged on, and the validation prompts, into the shared cache."""
+    from slapgen.models.loading import TRAINER_SETTING, resolve_model
+    from trainer.latent_cache import LatentCache
+
+    training, heldout = read_dataset(Path(definition.data)), read_dataset(Path(definition.heldout))
+    done = set()
+    for run in definition.runs:
+        config = run.config
+        key = (config.model, str(config.model_cache_dir), str(config.latent_cache), config.data.model_dump_json())
+        if key in done:
+            continue
+        done.add(key)
+        resolved = resolve_model(config.model, config.model_cache_dir, setting=TRAINER_SETTING)
+        cache = LatentCache(config.latent_cache, resolved, config.data, device=device)
+        print(f"latent cache, training clips: {cache.precompute(training[: config.data.max_clips]).summary()}")
+        print(f"latent cache, held-out clips: {cache.precompute(heldout).summary()}")
+        cache.prompt_embeddings([*config.validation.prompts, ""])
+        cache.release_encoders()
+
+
+def gpu_slots() -> list[str]:
+    """One `CUDA_VISIBLE_DEVICES` value per GPU when there are several; [] for one GPU or none."""
+    import os
+
+    import torch
+
+    count = torch.cuda.device_count()
+    if count < 2:
+        return []
+    visible = [item.strip() for item in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if item.strip()]
+    return (visible or [str(index) for index in range(count)])[:count]
+
+
+def _in_process(definition: SweepDefinition, out: Path, pending: list, progress: SweepProgress, device: str) -> None:
+    import torch
+
+    for run in pending:
+        progress.show([run.name])
+        progress.say(f"{run.name}: {run_state(run_dir(out, run)).value}")
+
+        result = execute_run(definition, run, out, device, on_step=lambda step, name=run.name: progress.step(name, step))
+        progress.say(f"{run.name}: {HELDOUT_LOSS} {result['metrics'][HELDOUT_LOSS]:.6g}")
+        gc.collect()  # the run's model and optimizer, before the next run allocates its own
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _in_pool(definition: SweepDefinition, out: Path, pending: list, progress: SweepProgress, slots: list[str]) -> None:
+    jobs = [Job(run.name, [sys.executable, "-m", "trainer.sweep.execute", str(out), run.name], run_dir(out, run) / "sweep.log")
+            for run in pending]
+
+    def on_tick(running: list[str]) -> None:
+        progress.show(running)
+        for name in running:
+            progress.step(name, last_logged_step(run_dir(out, definition.run(name))))
+
+    progress.say(f"{len(pending)} runs on GPUs {','.join(slots)}, one run per GPU; each run logs to runs/NAME/sweep.log")
+    codes = run_pool(jobs, slots, on_tick)
+    failed = [f"{name} (exit {code}, see {run_dir(out, definition.run(name)) / 'sweep.log'})"
+              for name, code in codes.items() if code != 0]
+    if failed:
+        raise SweepError(f"{len(failed)} of {len(pending)} runs failed: {'; '.join(failed)}; rerun the same command to retry them")
+
+
+def run_sweep(config: str, sets: list[str], grid: list[str], data: Path, heldout: Path, out: Path,
+              metrics: list[str], progress: bool = True) -> Path:
+    """Run (or continue) the sweep; returns the folder, which then holds every report file."""
+    from trainer.sweep.execute import default_device
+
+    out = Path(out)
+    definition = plan_sweep(config, sets, grid, data, heldout, out, metrics)
+    check_folder(out, definition)
+    with SweepLock(out):
+        if not check_folder(out, definition):  # again, now that no other sweep can write it
+            write_definition(out, definition)
+        device = default_device()
+        encode_once(definition, device)
+        runs = list(definition.runs)
+        pending = [run for run in runs if run_state(run_dir(out, run)) is not RunState.FINISHED]
+        print(f"sweep: {len(runs)} runs, {len(runs) - len(pending)} already finished")
+        done = {run.name: steps_done(run_dir(out, run), run.config.train.max_train_steps) for run in runs}
+        bar = SweepProgress(runs, done, enabled=progress)
+        try:
+            slots = gpu_slots()
+            if len(slots) > 1 and len(pending) > 1:
+                _in_pool(definition, out, pending, bar, slots)
+            else:
+                _in_process(definition, out, pending, bar, device)
+        finally:
+            bar.close()
+        results = {run.name: read_result(run_dir(out, run)) for run in runs}
+        best = write_report(out, definition, results)
+    print(f"best: {best.name} ({HELDOUT_LOSS} {results[best.name]['metrics'][HELDOUT_LOSS]:.6g}); "
+          f"report: {out / 'README.md'}, config: {out / 'best.yaml'}")
+    return out
+
