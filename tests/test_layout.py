@@ -1,5 +1,6 @@
 """The package split holds: the trainer never loads the engine or the HTTP side (only `slapgen eval`, which
-imports trainer.evaluate inside the command, loads the engine), the engine never loads the trainer or HTTP
+imports trainer.evaluate inside the command, and a sweep asked for generation metrics, which imports it
+inside its evaluation, load the engine), the engine never loads the trainer or HTTP
 code, and the model home and the evaluation math depend on neither (each checked in a fresh interpreter)."""
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from tests.conftest import REPO_ROOT, offline_env
     [
         ("trainer.train, trainer.heldout", ["slapgen.engine", "slapgen.serving", "bentoml", "starlette"]),
         ("trainer.cli", ["slapgen.engine", "slapgen.serving", "bentoml"]),
+        ("trainer.sweep.sweep, trainer.sweep.execute, trainer.sweep.report", ["slapgen.engine", "slapgen.serving", "bentoml"]),
         ("slapgen.engine.generator", ["trainer", "slapgen.serving", "bentoml", "starlette", "pydantic_settings"]),
         ("slapgen.models.cogvideox", ["trainer", "slapgen.engine", "slapgen.serving", "bentoml"]),
         ("slapgen.serving.routes", ["trainer"]),

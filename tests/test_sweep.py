@@ -1,6 +1,7 @@
 """`slapgen sweep` on the tiny model: a real 2 x 2 sweep process, SIGKILLed in the middle and run again,
-its results checked against held-out losses recomputed from the saved LoRA files; the grid planning,
-the folder's refusal of another grid, the report's figures and the one-run-per-GPU pool."""
+its results checked against held-out losses recomputed from the saved LoRA files; a 1 x 2 sweep with
+generation metrics checked against `slapgen eval` on the same LoRAs; the grid planning, the folder's
+refusal of another grid or evaluation, the report's figures and the one-run-per-GPU pool."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from trainer.config import LoraConfig, load_config
 from trainer.errors import SweepError
 from trainer.heldout import heldout_entries, heldout_loss
 from trainer.lora import LORA_FILENAME, add_lora, load_lora_into, read_lora_metadata
-from trainer.sweep.evaluate import check_metrics
+from trainer.sweep.evaluate import EvalRequest, check_metrics, plan_evaluation
 from trainer.sweep.folder import SweepDefinition
 from trainer.sweep.grid import parse_axis, plan_runs, split_values
 from trainer.sweep.report import pick_best, write_report
@@ -198,9 +199,13 @@ def test_grid_planning(tiny_cache_dir, tmp_path):
         plan_runs("tiny-smoke", [*sets, "lora.rank=4"], [parse_axis("lora.rank=8,16")], cache)
     with pytest.raises(SweepError, match="listed twice"):
         parse_axis("lora.rank=8,8")
-    with pytest.raises(SweepError, match="arrive with `slapgen eval`"):
-        check_metrics(["loss", "clip"])
+    assert check_metrics(["clip", "loss", "temporal"]) == ("loss", "clip", "temporal")
+    with pytest.raises(SweepError, match=r"^--metrics vibes: unknown metric \(known: loss, clip, fvd, temporal\)$"):
+        check_metrics(["loss", "vibes"])
     assert check_metrics([]) == ("loss",)
+    with pytest.raises(SweepError, match="^--seeds sets how videos are generated for clip, fvd or temporal"):
+        plan_evaluation(("loss",), runs, EvalRequest(seeds="1"))
+    assert plan_evaluation(("loss",), runs, EvalRequest()) is None
 
 
 def _fake_sweep(tmp_path: Path, tiny_cache_dir: Path, grid: list[str], losses: list[float]):
@@ -311,3 +316,137 @@ def test_pool_runs_one_job_per_gpu_and_its_children_die_with_the_sweep(tmp_path)
         for pid in children:  # only the children this test started, should the check above fail
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+# --- generation metrics -------------------------------------------------------------------------------
+
+EVAL_SETS = ("num_frames=9", "height=32", "width=48", "num_inference_steps=1")
+EVAL_SEED = "1"
+
+
+def flipped_tiny_clip(tiny_cache_dir: Path, folder: Path) -> Path:
+    """The tiny CLIP with its text projection negated. The tiny CLIP's cosines on our videos are negative, so
+    its score (clamped at 0, as torchmetrics') is 0 for every video and could not tell two LoRAs apart;
+    negated, every score is positive and depends on the video."""
+    import torch
+    from transformers import CLIPModel, CLIPProcessor
+
+    from slapgen.evaluation.tiny import materialise_tiny_eval_model
+
+    source = materialise_tiny_eval_model("clip", tiny_cache_dir)
+    model = CLIPModel.from_pretrained(source)
+    with torch.no_grad():
+        model.text_projection.weight.mul_(-1)
+    model.save_pretrained(folder)
+    CLIPProcessor.from_pretrained(source).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def generation_sweep(tiny_cache_dir, demo_dataset, tmp_path_factory):
+    """A finished 1 x 2 sweep (rank 2 x two learning rates) with `--metrics loss,clip,temporal`, through the CLI."""
+    from trainer.demo_data import write_demo_dataset
+
+    root = tmp_path_factory.mktemp("sweep-eval")
+    heldout = root / "heldout"
+    write_demo_dataset(heldout, clips=1, seed=7)
+    clip = flipped_tiny_clip(tiny_cache_dir, root / "clip-flipped")
+    out = root / "training_logs" / "gen"
+    args = ["sweep", "--config", "tiny-smoke", "--grid", "lora.rank=2", "--grid", "optim.learning_rate=1e-3,1e-2",
+            "--data", str(demo_dataset), "--heldout", str(heldout), "--out", str(out), "--metrics", "loss,clip,temporal",
+            "--seeds", EVAL_SEED, "--clip-model", str(clip)]
+    for item in tiny_train_overrides(tiny_cache_dir, "data.height=32", "data.width=32", "data.num_frames=1",
+                                     "data.max_clips=2", "train.max_train_steps=2", "optim.lr_warmup_steps=1",
+                                     "checkpoint.every_steps=10", "train.gradient_checkpointing=false"):
+        args += ["--set", item]
+    for item in EVAL_SETS:
+        args += ["--eval-set", item]
+    assert cli_main(args) == 0
+    return {"out": out, "heldout": heldout, "clip": clip, "args": args}
+
+
+COLUMNS = ["heldout_loss", "clip_score_clip_flipped", "subject_consistency_dino", "temporal_flickering"]
+
+
+def test_generation_metrics_are_slapgen_evals_on_each_saved_lora(generation_sweep, tmp_path, capsys):
+    """Guards a sweep that scores the wrong video (the base model's, another run's LoRA, other settings or seeds)
+    or names its columns otherwise than `slapgen eval`: every clip / temporal value in results.csv equals
+    the value `slapgen eval` reports for the same saved LoRA file, seed and settings; the combined report's
+    base model equals eval's base. Also: every column is in results.csv, the README table and a figure."""
+    out, case = generation_sweep["out"], generation_sweep
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert list(rows[0])[4:8] == COLUMNS
+    code = cli_main(["eval", "--model", "tiny", "--adapter", f"a={out / 'runs' / rows[0]['run']}",
+                     "--adapter", f"b={out / 'runs' / rows[1]['run']}", "--heldout", str(case["heldout"]),
+                     "--out", str(tmp_path / "eval"), "--metrics", "clip,temporal", "--seeds", EVAL_SEED,
+                     "--clip-model", str(case["clip"]), "--device", "cpu", *[f"--set={item}" for item in EVAL_SETS]])
+    assert code == 0, capsys.readouterr().err[-2000:]
+    reference = json.loads((tmp_path / "eval" / "eval.json").read_text())["systems"]
+    clip = COLUMNS[1]
+    # The LoRAs change the video, so equality below tells each LoRA from base and from the other run.
+    assert len({reference[name]["metrics"][clip] for name in ("base", "a", "b")}) == 3
+    assert all(reference[name]["metrics"][clip] > 0 for name in ("base", "a", "b"))  # not hidden by the clamp at 0
+    for row, name in zip(rows, ("a", "b")):
+        for column in COLUMNS[1:]:
+            assert float(row[column]) == pytest.approx(reference[name]["metrics"][column], rel=1e-6, abs=1e-9), column
+    combined = json.loads((out / "eval.json").read_text())
+    assert list(combined["systems"]) == ["base", rows[0]["run"], rows[1]["run"]]
+    for column in COLUMNS[1:]:
+        assert combined["systems"]["base"]["metrics"][column] == pytest.approx(reference["base"]["metrics"][column], rel=1e-6)
+    base_loss = json.loads((out / "base" / "sweep_result.json").read_text())["heldout_losses"]
+    for row in rows:
+        ab = combined["systems"][row["run"]]["ab_vs_base"]
+        assert set(ab) == set(COLUMNS)
+        wins = float(row[clip]) > combined["systems"]["base"]["metrics"][clip]
+        assert (ab[clip]["wins"], ab[clip]["losses"]) == ((1, 0) if wins else (0, 1))
+        assert ab["heldout_loss"]["wins"] == (float(row["heldout_loss"]) < base_loss[0])  # one held-out clip
+    sources = [part.split("'")[0] for part in (out / "report.html").read_text().split("<video src='")[1:]]
+    assert len(sources) == 3 and all((out / source).is_file() for source in sources)
+
+    readme = (out / "README.md").read_text()
+    assert "| run | lora.rank | optim.learning_rate | lora.alpha | " + " | ".join(COLUMNS) + " | best |" in readme
+    for row in rows:
+        assert f"| {float(row[clip]):.6g} |" in readme or f"| **{float(row[clip]):.6g}** |" in readme
+    for column in COLUMNS:
+        assert f"![{column}]({column}.png)" in readme
+        assert matplotlib.image.imread(out / f"{column}.png").ndim == 3
+
+
+def test_a_finished_generation_sweep_reruns_nothing_and_refuses_other_settings(generation_sweep, monkeypatch, capsys):
+    """Guards a rerun that trains, measures held-out loss or generates again for runs (or the base model) it
+    already evaluated, and a folder that accepts another metric set, generation setting or seed (the
+    numbers in it would then mix two evaluations): refused in one line, before anything changes."""
+    out, args = generation_sweep["out"], generation_sweep["args"]
+    before = {path: stamp for path, stamp in _mtimes(out).items() if path.startswith(("runs/", "base/"))}
+    (out / "results.csv").unlink()
+
+    def never(*_args, **_kwargs):
+        raise AssertionError("a finished sweep was trained or evaluated again")
+
+    import trainer.evaluate.run
+    import trainer.sweep.evaluate
+    import trainer.train
+
+    monkeypatch.setattr(trainer.evaluate.run, "run_eval", never)
+    monkeypatch.setattr(trainer.sweep.evaluate, "run_heldout_losses", never)
+    monkeypatch.setattr(trainer.train, "train", never)
+    assert cli_main(args) == 0
+    printed = capsys.readouterr().out
+    assert "sweep: 2 runs, 2 already finished" in printed and "base model: evaluated before" in printed
+    assert {path: stamp for path, stamp in _mtimes(out).items() if path.startswith(("runs/", "base/"))} == before
+    assert (out / "results.csv").is_file()  # the report is written again from the stored results
+
+    definition = (out / "sweep.json").read_bytes()
+    changed = {"num_inference_steps=1": "num_inference_steps=2"}
+    other_setting = [changed.get(arg, arg) for arg in args]
+    assert cli_main(other_setting) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"slapgen sweep: {out} holds a sweep with another --eval-set (num_frames=9 height=32 width=48 "
+        f"num_inference_steps=1; now num_frames=9 height=32 width=48 num_inference_steps=2); rerun it with the same "
+        "command or choose another --out")
+    assert cli_main(["loss,clip" if arg == "loss,clip,temporal" else arg for arg in args]) == 2
+    assert capsys.readouterr().err.strip().startswith(
+        f"slapgen sweep: {out} holds a sweep with another --metrics (loss,clip,temporal; now loss,clip);")
+    assert cli_main(["2" if arg == EVAL_SEED else arg for arg in args]) == 2
+    assert "another --seeds (1; now 2)" in capsys.readouterr().err
+    assert (out / "sweep.json").read_bytes() == definition

@@ -129,10 +129,13 @@ def cmd_eval(args) -> int:
 
 
 def cmd_sweep(args) -> int:
+    from trainer.sweep.evaluate import EvalRequest
     from trainer.sweep.sweep import run_sweep
 
     metrics = [name.strip() for name in args.metrics.split(",") if name.strip()]
-    run_sweep(args.config, args.set, args.grid, args.data, args.heldout, args.out, metrics)
+    request = EvalRequest(seeds=args.seeds, sets=tuple(args.eval_set), clip_model=args.clip_model,
+                          dino_model=args.dino_model, i3d_model=args.i3d_model)
+    run_sweep(args.config, args.set, args.grid, args.data, args.heldout, args.out, metrics, request=request)
     return 0
 
 
@@ -212,7 +215,15 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--heldout", type=Path, required=True, help="held-out dataset every run is judged on")
     sw.add_argument("--out", type=Path, required=True, help="sweep folder, e.g. training_logs/NAME (rerun to continue)")
     sw.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="fix a config value for every run")
-    sw.add_argument("--metrics", default="loss", help="comma-separated; loss (held-out loss) is always measured")
+    sw.add_argument("--metrics", default="loss", help="comma-separated, any of loss,clip,fvd,temporal; loss (held-out "
+                                                      "loss) is always measured; the others generate videos (slapgen eval)")
+    sw.add_argument("--seeds", help="generation seeds of clip/fvd/temporal, e.g. 1,2 (default 0)")
+    sw.add_argument("--eval-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="generation setting of clip/fvd/temporal, as `slapgen eval --set`: num_inference_steps, "
+                         "guidance_scale, negative_prompt, num_frames, height, width, fps, adapter_scale")
+    sw.add_argument("--clip-model", help="as slapgen eval's (default openai/clip-vit-large-patch14; tiny with model tiny)")
+    sw.add_argument("--dino-model", help="as slapgen eval's (default facebook/dino-vitb16; tiny with model tiny)")
+    sw.add_argument("--i3d-model", help="as slapgen eval's (default flateon/FVD-I3D-torchscript; tiny with model tiny)")
     sw.set_defaults(run=cmd_sweep)
 
     cfg = commands.add_parser("config", help="print a preset or config file with every field documented")

@@ -44,6 +44,9 @@ class EvalOptions:
     clip_model: str = DEFAULT_CLIP
     dino_model: str = DEFAULT_DINO
     i3d_model: str = DEFAULT_I3D
+    include_base: bool = True  # False: only the adapters (a sweep evaluates the base model once, apart)
+    model_cache_dir: Path | None = None  # where `tiny` is materialised (default SLAP_CACHE_DIR), as the trainer's
+    settings_flag: str = "--set"  # the option the generation settings came from, named in errors
 
     @property
     def generates(self) -> bool:
@@ -56,19 +59,22 @@ class EvalOptions:
         try:
             check_frame_count(params.num_frames, spec.max_num_frames, spec.name, spec.frame_step)
         except FrameCountError as error:
-            raise EvalError(f"--set {error}") from None
+            raise EvalError(f"{self.settings_flag} {error}") from None
         for name, limit in (("height", spec.height), ("width", spec.width)):
             value = getattr(params, name)
             if value % SIZE_MULTIPLE or not 0 < value <= limit:
-                raise EvalError(f"--set {name} must be a multiple of {SIZE_MULTIPLE} up to {limit} for {spec.name}, got {value}")
+                raise EvalError(f"{self.settings_flag} {name} must be a multiple of {SIZE_MULTIPLE} up to {limit} "
+                                f"for {spec.name}, got {value}")
         if params.num_inference_steps < 1 or params.fps < 1 or params.guidance_scale < 0 or params.adapter_scale < 0:
-            raise EvalError("--set num_inference_steps and fps must be at least 1, guidance_scale and adapter_scale not negative")
+            raise EvalError(f"{self.settings_flag} num_inference_steps and fps must be at least 1, guidance_scale and "
+                            "adapter_scale not negative")
         if "temporal" in self.metrics and params.num_frames < 2:
-            raise EvalError("temporal metrics compare consecutive frames; set --set num_frames=9 or more, or leave "
-                            "temporal out of --metrics")
+            raise EvalError(f"temporal metrics compare consecutive frames; set {self.settings_flag} num_frames=9 or more, "
+                            "or leave temporal out of --metrics")
         if "fvd" in self.metrics and params.num_frames < I3D_MIN_FRAMES:
             raise EvalError(f"fvd needs videos of at least {I3D_MIN_FRAMES} frames (the I3D's minimum), got "
-                            f"num_frames={params.num_frames}; set e.g. --set num_frames=17 or leave fvd out of --metrics")
+                            f"num_frames={params.num_frames}; set e.g. {self.settings_flag} num_frames=17 or leave fvd out "
+                            "of --metrics")
         return params
 
 
@@ -100,7 +106,8 @@ def parse_seeds(text: str) -> tuple[int, ...]:
     return seeds
 
 
-def parse_settings(pairs: list[str]) -> dict:
+def parse_settings(pairs: list[str], flag: str = "--set") -> dict:
+    """KEY=VALUE generation settings -> {key: typed value}; `flag` is the option they came from (for errors)."""
     settings = {}
     known = {f.name for f in fields(GenerationParams)}
     for pair in pairs:
@@ -108,11 +115,11 @@ def parse_settings(pairs: list[str]) -> dict:
         key = key.strip()
         if not separator or key not in SETTABLE:
             extra = f" ({key} is chosen by slapgen eval)" if key in known else ""
-            raise EvalError(f"--set {pair}: expected KEY=VALUE with KEY one of {', '.join(SETTABLE)}{extra}")
+            raise EvalError(f"{flag} {pair}: expected KEY=VALUE with KEY one of {', '.join(SETTABLE)}{extra}")
         try:
             settings[key] = SETTABLE[key](raw)
         except ValueError:
-            raise EvalError(f"--set {pair}: {key} must be a {SETTABLE[key].__name__}") from None
+            raise EvalError(f"{flag} {pair}: {key} must be a {SETTABLE[key].__name__}") from None
     return settings
 
 

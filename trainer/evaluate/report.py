@@ -43,6 +43,15 @@ def _win(entry: dict) -> str:
     return f"{entry['rate']:.2f} [{entry['low']:.2f}, {entry['high']:.2f}] p={entry['sign_test_p']:.3g} (n={entry['comparisons']})"
 
 
+def served(result: dict) -> str:
+    """How the systems were run: one pipeline, or (results combined by `combine`) one per evaluation."""
+    swaps = result["engine"]["adapter_swaps"]
+    pipelines = result["engine"].get("pipelines", 1)
+    if pipelines == 1:
+        return f"one pipeline, {swaps} adapter swaps"
+    return f"{pipelines} evaluations, one pipeline each, same prompts, seeds and settings ({swaps} adapter swaps)"
+
+
 def notes(result: dict) -> list[str]:
     lines = []
     for name, definition in result["metric_definitions"].items():
@@ -63,8 +72,8 @@ def markdown(result: dict) -> str:
     metrics = list(result["metric_definitions"])
     systems = list(result["systems"])
     lines = [f"# slapgen eval: {result['model']} on {result['heldout']}", "",
-             f"{len(result['prompts'])} held-out prompts x seeds {result['seeds']} x {len(systems)} systems; one pipeline, "
-             f"{result['engine']['adapter_swaps']} adapter swaps.", "",
+             f"{len(result['prompts'])} held-out prompts x seeds {result['seeds']} x {len(systems)} systems; "
+             f"{served(result)}.", "",
              "| system | " + " | ".join(_metric_header(m, result["metric_definitions"][m]) for m in metrics) + " |",
              "|---|" + "---|" * len(metrics)]
     for system in systems:
@@ -110,7 +119,7 @@ def page(result: dict) -> str:
              f"<style>{STYLE}</style></head><body>",
              f"<h1>slapgen eval: {e(result['model'])}</h1>",
              f"<p>Held-out set {e(result['heldout'])}: {len(result['prompts'])} prompts, seeds {e(str(result['seeds']))}, "
-             f"{len(systems)} systems served by one pipeline ({result['engine']['adapter_swaps']} adapter swaps).</p>",
+             f"{len(systems)} systems; {e(served(result))}.</p>",
              "<h2>Metrics</h2><table id='metrics'><tr><th>system</th>"
              + "".join(f"<th>{e(_metric_header(m, result['metric_definitions'][m]))}</th>" for m in metrics) + "</tr>"]
     for system in systems:

@@ -22,16 +22,13 @@ from slapgen.models.loading import ModelSetting, resolve_model
 from slapgen.video import read_mp4, write_mp4
 from trainer.config import DataConfig
 from trainer.errors import EvalError
+from trainer.evaluate.names import FLICKER, FVD, HELDOUT_LOSS, SUBJECT
 from trainer.evaluate.options import BASE, EvalOptions
 from trainer.evaluate.systems import System, resolve_systems, slot_shape, stage_adapters
 from trainer.frames import load_clip
 from trainer.heldout import DEFAULT_TIMESTEPS, heldout_entries, heldout_losses
 
 MODEL_SETTING = ModelSetting("--model", "use --model tiny")
-HELDOUT_LOSS = "heldout_loss"
-FVD = "fvd_i3d"
-SUBJECT = "subject_consistency_dino"
-FLICKER = "temporal_flickering"
 FORMAT = 1
 
 
@@ -65,15 +62,14 @@ def run_eval(options: EvalOptions) -> dict:
     timer = Timer()
     if options.device.startswith("cuda") and not torch.cuda.is_available():
         raise EvalError(f"--device {options.device} needs a CUDA GPU and none is usable here; use --device cpu")
-    resolved = resolve_model(options.model, setting=MODEL_SETTING)
+    resolved = resolve_model(options.model, options.model_cache_dir, setting=MODEL_SETTING)
     params = options.params(resolved.spec)
-    systems = resolve_systems(options.adapters)
+    systems = resolve_systems(options.adapters, include_base=options.include_base)
     out = Path(options.out)
     out.mkdir(parents=True, exist_ok=True)
 
     # 1. Held-out clips into the latent cache (their captions are the prompts).
-    data = DataConfig(height=params.height, width=params.width, num_frames=params.num_frames, fps=params.fps,
-                      max_clips=options.max_clips)
+    data = heldout_data(params, options.max_clips)
     started = time.perf_counter()
     entries = heldout_entries(options.heldout, resolved, data, options.cache or out / "cache", device=options.device)
     timer.add("latent_cache", started)
@@ -111,6 +107,13 @@ def run_eval(options: EvalOptions) -> dict:
 
     return assemble(options, resolved.spec.name, params, systems, entries, prompts, losses, videos, fvd, definitions,
                     engine, timer)
+
+
+def heldout_data(params, max_clips: int | None) -> DataConfig:
+    """How the held-out clips are read for evaluation: at the generated videos' size, length and fps, so
+    the held-out loss is of the clips at that size and FVD compares like with like."""
+    return DataConfig(height=params.height, width=params.width, num_frames=params.num_frames, fps=params.fps,
+                      max_clips=max_clips)
 
 
 def held_out_losses(generator, resolved, systems: list[System], entries, scale: float, options: EvalOptions,
@@ -253,6 +256,7 @@ def assemble(options: EvalOptions, model: str, params, systems: list[System], en
              timer: Timer) -> dict:
     per_video = [name for name in definitions if name not in (HELDOUT_LOSS, FVD)]
     result_systems = {}
+    has_base = any(system.name == BASE for system in systems)
     for system in systems:
         own = [video for video in videos if video.system == system.name]
         values = {}
@@ -266,7 +270,8 @@ def assemble(options: EvalOptions, model: str, params, systems: list[System], en
             "adapter": str(system.weights) if system.weights else None,
             "metrics": values,
             **({"fvd_i3d_detail": fvd[system.name]} if fvd else {}),
-            **({"ab_vs_base": ab_vs_base(system.name, losses, videos, per_video, definitions)} if system.name != BASE else {}),
+            **({"ab_vs_base": ab_vs_base(system.name, losses, videos, per_video, definitions)}
+               if has_base and system.name != BASE else {}),
         }
     count = max(len(videos), 1)
     seconds_per_video = {"generate": timer.seconds.get("generate", 0.0) / count} if videos else {}

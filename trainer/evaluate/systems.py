@@ -34,12 +34,15 @@ class System:
         return None if self.weights is None else self.name
 
 
-def resolve_systems(adapters: tuple[AdapterArg, ...]) -> list[System]:
+def resolve_systems(adapters: tuple[AdapterArg, ...], include_base: bool = True) -> list[System]:
+    """`base` (unless `include_base` is False: a sweep evaluates it once, not with every run), then each adapter."""
     names = [adapter.name for adapter in adapters]
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
         raise EvalError(f"--adapter names must differ; {repeated[0]} is given twice")
-    return [System(BASE, None), *(_system(adapter) for adapter in adapters)]
+    if not include_base and not adapters:
+        raise EvalError("nothing to evaluate: no adapter and the base model left out")
+    return [*([System(BASE, None)] if include_base else []), *(_system(adapter) for adapter in adapters)]
 
 
 def _system(adapter: AdapterArg) -> System:

@@ -1,10 +1,13 @@
 """One run of a sweep, from wherever it stopped: train (fresh or from its latest checkpoint), evaluate,
 and record the result.
 
-A run's folder tells how far it got: `sweep_result.json` (written atomically, last) means finished
-and evaluated; the final LoRA without it means trained but not evaluated; a checkpoint means resume
+A run's folder tells how far it got: `sweep_result.json` (written atomically, last, after every
+metric the sweep asks for, generation metrics included) means finished and evaluated; the final LoRA without it means trained but not evaluated; a checkpoint means resume
 from it (`slapgen train --resume latest`, bit-exact); anything else starts over. So a sweep killed
 at any instant loses at most the steps since the interrupted run's last checkpoint.
+
+With generation metrics the base model is evaluated once, after the runs, the same way
+(`execute_base`: OUT/base/sweep_result.json last), for the A/B of every run against it.
 
 `python -m trainer.sweep.execute OUT RUN_NAME` runs one run of the sweep in OUT: what the sweep
 starts once per GPU when there are several (`trainer.sweep.pool`).
@@ -25,12 +28,13 @@ from slapgen.errors import SlapgenError
 from trainer import checkpoints
 from trainer.lora import LORA_FILENAME
 from trainer.metrics import truncate_after
-from trainer.sweep.evaluate import EvaluationInputs, evaluate_run
+from trainer.sweep.evaluate import EvaluationInputs, evaluate_base, evaluate_run
 from trainer.sweep.folder import SweepDefinition, read_definition, run_dir
 from trainer.sweep.grid import PlannedRun
 
 RESULT_FILE = "sweep_result.json"
 METRICS_FILE = "metrics.jsonl"
+BASE_DIR = "base"
 
 
 class RunState(Enum):
@@ -101,14 +105,34 @@ def execute_run(definition: SweepDefinition, run: PlannedRun, out: Path, device:
         train(run.config, Path(definition.data), directory, resume="latest" if state is RunState.RESUME else None,
               progress=False, on_step=on_step)
     started = time.perf_counter()
-    metrics = evaluate_run(directory, run.config, definition.metrics, EvaluationInputs(Path(definition.heldout), device))
+    evaluation = evaluate_run(directory, run.config, definition.metrics, evaluation_inputs(definition, device))
     result = {
         "run": run.name,
         "values": run.values,
-        "metrics": metrics,
+        "metrics": evaluation.metrics,
+        "heldout_losses": evaluation.heldout_losses,
         "steps": run.config.train.max_train_steps,
         "evaluation_seconds": round(time.perf_counter() - started, 3),
     }
+    atomic_write_text(directory / RESULT_FILE, json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def evaluation_inputs(definition: SweepDefinition, device: str) -> EvaluationInputs:
+    return EvaluationInputs(Path(definition.heldout), device, definition.evaluation)
+
+
+def execute_base(definition: SweepDefinition, out: Path, device: str) -> dict:
+    """The base model's columns (OUT/base/sweep_result.json, written last), measured once; read back when done.
+    Held-out loss in the first run's precision and resolution (every run shares them unless they are on the grid)."""
+    directory = Path(out) / BASE_DIR
+    if (directory / RESULT_FILE).is_file():
+        return read_result(directory)
+    started = time.perf_counter()
+    config = definition.runs[0].config
+    evaluation = evaluate_base(directory, config, definition.metrics, evaluation_inputs(definition, device))
+    result = {"run": BASE_DIR, "metrics": evaluation.metrics, "heldout_losses": evaluation.heldout_losses,
+              "evaluation_seconds": round(time.perf_counter() - started, 3)}
     atomic_write_text(directory / RESULT_FILE, json.dumps(result, indent=2) + "\n")
     return result
 

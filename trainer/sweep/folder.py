@@ -1,9 +1,10 @@
 """The sweep folder: what it holds, the sweep it belongs to (`sweep.json`), and who is running it.
 
-`sweep.json` records the sweep's definition (config, --set, grid, data, held-out set, metrics and
-every run's validated config), written atomically before the first run starts. A rerun with the
-same command finds the same definition and continues; a rerun with another grid, config, --set or
-data is refused with one sentence that says what differs, before anything changes. A lock
+`sweep.json` records the sweep's definition (config, --set, grid, data, held-out set, metrics, the
+generation settings of generation metrics, and every run's validated config), written atomically
+before the first run starts. A rerun with the same command finds the same definition and continues;
+a rerun with another grid, config, --set, data, metrics or generation setting is refused with one
+sentence that says what differs, before anything changes. A lock
 (`flock`, released by the kernel even on SIGKILL) keeps two sweeps from running in one folder.
 """
 
@@ -18,6 +19,7 @@ from pathlib import Path
 from slapgen.atomic import atomic_write_text
 from trainer.config import TrainConfig
 from trainer.errors import SweepError
+from trainer.sweep.evaluate import EvalSettings, metric_columns
 from trainer.sweep.grid import Axis, PlannedRun
 
 DEFINITION_FILE = "sweep.json"
@@ -43,8 +45,16 @@ class SweepDefinition:
     metrics: tuple[str, ...]
     alpha_follows_rank: bool
     runs: tuple[PlannedRun, ...]
+    evaluation: EvalSettings | None = None  # generation settings; None when only held-out loss is measured
+
+    @property
+    def columns(self) -> list[str]:
+        """Every metric column of results.csv, held-out loss first."""
+        return metric_columns(self.metrics, self.evaluation.clip_model if self.evaluation else None)
 
     def to_json(self) -> dict:
+        # Generation settings are recorded only when generation metrics are asked, so a loss-only sweep's
+        # sweep.json reads as it did before they existed.
         return {
             "format": DEFINITION_FORMAT,
             "grid": [{"key": axis.key, "values": list(axis.values)} for axis in self.axes],
@@ -54,6 +64,7 @@ class SweepDefinition:
             "heldout": self.heldout,
             "metrics": list(self.metrics),
             "alpha_follows_rank": self.alpha_follows_rank,
+            **(self.evaluation.to_json() if self.evaluation else {}),
             "runs": [
                 {"name": run.name, "values": run.values, "overrides": list(run.overrides),
                  "config": run.config.model_dump(mode="json")}
@@ -76,6 +87,7 @@ class SweepDefinition:
                            TrainConfig.model_validate(run["config"]))
                 for index, run in enumerate(tree["runs"])
             ),
+            evaluation=EvalSettings.from_json(tree) if "seeds" in tree else None,
         )
 
     def run(self, name: str) -> PlannedRun:
@@ -105,13 +117,17 @@ _COMPARED = (
     ("data", "--data", lambda tree: tree["data"]),
     ("heldout", "--heldout", lambda tree: tree["heldout"]),
     ("metrics", "--metrics", lambda tree: ",".join(tree["metrics"])),
+    ("seeds", "--seeds", lambda tree: ",".join(str(seed) for seed in tree["seeds"]) if "seeds" in tree else "none"),
+    ("eval_set", "--eval-set", lambda tree: " ".join(f"{k}={v}" for k, v in tree.get("eval_set", {}).items()) or "none"),
+    ("eval_models", "evaluation model", lambda tree: ", ".join(f"{k} {v}" for k, v in tree.get("eval_models", {}).items())
+     or "none"),
 )
 
 
 def difference(existing: dict, wanted: dict) -> str | None:
     """What differs between the definition in a folder and the one asked for (a phrase), or None."""
     for key, label, say in _COMPARED:
-        if existing.get(key) != wanted[key]:
+        if existing.get(key) != wanted.get(key):
             try:
                 before = say(existing)
             except (KeyError, TypeError):

@@ -3,8 +3,10 @@ training-loss curves on one set of axes.
 
 Per metric: two axes -> a heatmap (first axis down, second across, every cell annotated, the best run
 framed); one axis -> a line over its values; more than two -> one heatmap over the first two axes for
-each combination of the others' values (`METRIC--KEY=V.png`). Lower is better for every metric a sweep
-measures today (held-out loss).
+each combination of the others' values (`METRIC--KEY=V.png`). Each figure says which way is better
+(lower for held-out loss and FVD, higher for CLIP score and the temporal metrics); the colour map
+runs so that better is always yellow, and the framed / starred run is the sweep's winner (lowest
+held-out loss), whatever the metric.
 """
 
 from __future__ import annotations
@@ -37,21 +39,26 @@ def _run_at(runs: list[PlannedRun], values: dict[str, str]) -> PlannedRun | None
     return None
 
 
+def _better(higher_is_better: bool) -> str:
+    return "higher is better" if higher_is_better else "lower is better"
+
+
 def metric_figures(out: Path, axes: list[Axis], runs: list[PlannedRun], values: dict[str, float], metric: str,
-                   best: str) -> list[Path]:
+                   best: str, higher_is_better: bool = False) -> list[Path]:
     """The PNG(s) of `metric` (values by run name) over the grid; returns their paths."""
     if len(axes) == 1:
-        return [_line(out / f"{metric}.png", axes[0], runs, values, metric, best)]
+        return [_line(out / f"{metric}.png", axes[0], runs, values, metric, best, higher_is_better)]
     paths = []
     for rest in itertools.product(*(axis.values for axis in axes[2:])):
         fixed = {axis.key: value for axis, value in zip(axes[2:], rest)}
         suffix = "".join(f"--{axis.leaf}={value}" for axis, value in zip(axes[2:], rest))
         path = out / _UNSAFE.sub("-", f"{metric}{suffix}.png")
-        paths.append(_heatmap(path, axes[0], axes[1], runs, fixed, values, metric, best))
+        paths.append(_heatmap(path, axes[0], axes[1], runs, fixed, values, metric, best, higher_is_better))
     return paths
 
 
-def _line(path: Path, axis: Axis, runs: list[PlannedRun], values: dict[str, float], metric: str, best: str) -> Path:
+def _line(path: Path, axis: Axis, runs: list[PlannedRun], values: dict[str, float], metric: str, best: str,
+          higher_is_better: bool) -> Path:
     figure = Figure(figsize=(5, 3.5))
     ax = figure.subplots()
     ordered = [_run_at(runs, {axis.key: value}) for value in axis.values]
@@ -63,13 +70,13 @@ def _line(path: Path, axis: Axis, runs: list[PlannedRun], values: dict[str, floa
     ax.set_xticks(range(len(ys)), list(axis.values))
     ax.set_xlabel(axis.key)
     ax.set_ylabel(metric)
-    ax.set_title(f"{metric} (lower is better)")
+    ax.set_title(f"{metric} ({_better(higher_is_better)})")
     ax.legend()
     return _save(figure, path)
 
 
 def _heatmap(path: Path, rows: Axis, columns: Axis, runs: list[PlannedRun], fixed: dict[str, str],
-             values: dict[str, float], metric: str, best: str) -> Path:
+             values: dict[str, float], metric: str, best: str, higher_is_better: bool) -> Path:
     grid = [[float("nan")] * len(columns.values) for _ in rows.values]
     best_cell = None
     for i, row in enumerate(rows.values):
@@ -81,7 +88,7 @@ def _heatmap(path: Path, rows: Axis, columns: Axis, runs: list[PlannedRun], fixe
                     best_cell = (i, j)
     figure = Figure(figsize=(1.6 + 1.3 * len(columns.values), 1.4 + 0.8 * len(rows.values)))
     ax = figure.subplots()
-    image = ax.imshow(grid, cmap="viridis_r", aspect="auto")
+    image = ax.imshow(grid, cmap="viridis" if higher_is_better else "viridis_r", aspect="auto")
     figure.colorbar(image, ax=ax, label=metric)
     for i, j in itertools.product(range(len(rows.values)), range(len(columns.values))):
         ax.text(j, i, f"{grid[i][j]:.4g}", ha="center", va="center", color="black",
@@ -95,7 +102,7 @@ def _heatmap(path: Path, rows: Axis, columns: Axis, runs: list[PlannedRun], fixe
     ax.set_xlabel(columns.key)
     ax.set_ylabel(rows.key)
     extra = ", ".join(f"{key}={value}" for key, value in fixed.items())
-    ax.set_title(f"{metric}{f' at {extra}' if extra else ''} (lower is better; best framed)", fontsize=9)
+    ax.set_title(f"{metric}{f' at {extra}' if extra else ''} ({_better(higher_is_better)}; the sweep's best framed)", fontsize=9)
     return _save(figure, path)
 
 

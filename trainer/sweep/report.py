@@ -1,7 +1,9 @@
 """What a finished sweep leaves for people: `results.csv`, `README.md` (what varied, every metric, the
 best run marked), a figure per metric, the runs' loss curves, and `best.yaml`, the config that trains
 the winner with `slapgen train --config best.yaml`. The winner is the run with the lowest held-out
-loss; a run whose loss is not a number (diverged) never wins. Every file is written atomically.
+loss; a run whose loss is not a number (diverged) never wins. With generation metrics, also
+`slapgen eval`'s report for the base model and every run side by side (`report.html`, `eval.json`,
+`eval.md`, with the A/B of each run against base). Every file is written atomically.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from pathlib import Path
 
 from slapgen.atomic import atomic_write_text
 from trainer.config import TrainConfig
-from trainer.sweep.evaluate import HELDOUT_LOSS, metric_columns
+from trainer.sweep.evaluate import ADAPTER, EVAL_DIR, HELDOUT_LOSS, higher_is_better
+from trainer.sweep.execute import BASE_DIR
 from trainer.sweep.folder import CACHE_DIR, SweepDefinition, run_dir
 from trainer.sweep.grid import ALPHA_KEY, PlannedRun
 from trainer.sweep.plots import loss_curves, metric_figures
@@ -24,6 +27,16 @@ RESULTS_CSV = "results.csv"
 README = "README.md"
 BEST_YAML = "best.yaml"
 LOSS_CURVES = "loss_curves.png"
+EVAL_REPORT = "report.html"
+# What each column is, for the README (`slapgen eval`'s eval.json says it in full).
+COLUMN_NOTES = {
+    "clip": "CLIP score of each generated video against its prompt (torchmetrics' definition, the prompt's first "
+            "CLIP-window tokens)",
+    "fvd_i3d": "Frechet distance of I3D features of the run's videos and of the held-out clips (few clips: "
+               "small-sample bias dominates; compare only at equal counts)",
+    "subject_consistency_dino": "VBench subject consistency on DINO features",
+    "temporal_flickering": "VBench temporal flickering (1.0 for a still video)",
+}
 
 
 def config_value(config: TrainConfig, key: str):
@@ -61,11 +74,17 @@ def sweep_command(definition: SweepDefinition, out: Path) -> str:
         words += ["--set", item]
     if definition.metrics != ("loss",):
         words += ["--metrics", ",".join(definition.metrics)]
+    if definition.evaluation is not None:
+        settings = definition.evaluation
+        words += ["--seeds", ",".join(str(seed) for seed in settings.seeds)]
+        for key, value in settings.generation.items():
+            words += ["--eval-set", f"{key}={value}"]
+        words += ["--clip-model", settings.clip_model, "--dino-model", settings.dino_model, "--i3d-model", settings.i3d_model]
     return shlex.join(words)
 
 
 def write_results_csv(path: Path, definition: SweepDefinition, results: dict[str, dict], best: PlannedRun) -> Path:
-    columns = metric_columns(definition.metrics)
+    columns = definition.columns
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     keys = varied_keys(definition)
@@ -99,7 +118,7 @@ def write_best_yaml(path: Path, definition: SweepDefinition, results: dict[str, 
 
 def _markdown_table(definition: SweepDefinition, results: dict[str, dict], best: PlannedRun) -> list[str]:
     keys = varied_keys(definition)
-    columns = metric_columns(definition.metrics)
+    columns = definition.columns
     lines = ["| run | " + " | ".join(keys) + " | " + " | ".join(columns) + " | best |",
              "|---" * (len(keys) + len(columns) + 2) + "|"]
     for run in definition.runs:
@@ -111,8 +130,28 @@ def _markdown_table(definition: SweepDefinition, results: dict[str, dict], best:
     return lines
 
 
+def _generation_lines(definition: SweepDefinition, base: dict | None) -> list[str]:
+    if definition.evaluation is None:
+        return []
+    settings = definition.evaluation
+    lines = [f"Generation metrics (`slapgen eval` on each run's saved LoRA, one video per held-out caption and seed "
+             f"{', '.join(str(seed) for seed in settings.seeds)}"
+             + (f", {', '.join(f'{k}={v}' for k, v in settings.generation.items())}" if settings.generation else "")
+             + "; `runs/NAME/eval/eval.json` holds every number):", ""]
+    for column in definition.columns[1:]:
+        note = COLUMN_NOTES["clip" if column.startswith("clip_score_") else column]
+        lines.append(f"- `{column}` ({'higher' if higher_is_better(column) else 'lower'} is better): {note}.")
+    lines.append("")
+    if base is not None:
+        lines += ["The base model without a LoRA, for reference: "
+                  + ", ".join(f"`{column}` {base['metrics'][column]:.6g}" for column in definition.columns)
+                  + f". [`{EVAL_REPORT}`]({EVAL_REPORT}): every run next to the base model per prompt and seed (videos), "
+                  "with each run's A/B against it.", ""]
+    return lines
+
+
 def write_readme(path: Path, definition: SweepDefinition, results: dict[str, dict], best: PlannedRun, out: Path,
-                 figures: list[Path]) -> Path:
+                 figures: list[Path], base: dict | None = None) -> Path:
     varied = ", ".join(f"`{axis.key}` ({', '.join(axis.values)})" for axis in definition.axes)
     follows = f"; `{ALPHA_KEY}` follows `lora.rank`" if definition.alpha_follows_rank else ""
     lines = [
@@ -129,6 +168,7 @@ def write_readme(path: Path, definition: SweepDefinition, results: dict[str, dic
         "(100, 300, ..., 900) and fixed noise (seed 0), from each run's saved LoRA (`trainer/heldout.py`); "
         "lower is better. `results.csv` holds the same numbers in full precision.",
         "",
+        *_generation_lines(definition, base),
         *_markdown_table(definition, results, best),
         "",
         f"Best: **{best.name}**. `{BEST_YAML}` trains it: "
@@ -142,17 +182,40 @@ def write_readme(path: Path, definition: SweepDefinition, results: dict[str, dic
     return atomic_write_text(path, "\n".join(lines))
 
 
-def write_report(out: Path, definition: SweepDefinition, results: dict[str, dict]) -> PlannedRun:
-    """Every file of a finished sweep; returns the best run."""
+def write_report(out: Path, definition: SweepDefinition, results: dict[str, dict], base: dict | None = None) -> PlannedRun:
+    """Every file of a finished sweep but the eval report; returns the best run. `base`: the base model's result."""
     out = Path(out)
     runs = list(definition.runs)
     best = pick_best(runs, results)
     write_results_csv(out / RESULTS_CSV, definition, results, best)
     write_best_yaml(out / BEST_YAML, definition, results, best, out)
     figures = []
-    for column in metric_columns(definition.metrics):
+    for column in definition.columns:
         values = {name: result["metrics"][column] for name, result in results.items()}
-        figures += metric_figures(out, list(definition.axes), runs, values, column, best.name)
+        figures += metric_figures(out, list(definition.axes), runs, values, column, best.name, higher_is_better(column))
     loss_curves(out / LOSS_CURVES, {run.name: run_dir(out, run) / "metrics.jsonl" for run in runs})
-    write_readme(out / README, definition, results, best, out, figures)
+    write_readme(out / README, definition, results, best, out, figures, base)
     return best
+
+
+def write_eval_report(out: Path, definition: SweepDefinition, results: dict[str, dict], base: dict) -> dict[str, Path]:
+    """`slapgen eval`'s eval.json, eval.md and report.html in OUT for the base model and every run, put together
+    from their own evaluations (RUN/eval, OUT/base/eval) by `trainer.evaluate.combine`; nothing is generated."""
+    from trainer.evaluate.combine import Part, combine
+    from trainer.evaluate.options import BASE
+    from trainer.evaluate.report import write_reports
+
+    out = Path(out)
+
+    def part(folder: Path, system: str, name: str) -> Part:
+        return Part(json.loads((folder / "eval.json").read_text(encoding="utf-8")), folder, {system: name})
+
+    parts = [part(out / BASE_DIR / EVAL_DIR, BASE, BASE)]
+    parts += [part(run_dir(out, run) / EVAL_DIR, ADAPTER, run.name) for run in definition.runs]
+    losses = {BASE: base["heldout_losses"], **{name: result["heldout_losses"] for name, result in results.items()}}
+    loss_definition = {
+        "higher_is_better": False,
+        "what": "the training objective on every held-out clip at the runs' training size and precision, at fixed "
+                "timesteps with noise seeded per clip (the sweep's heldout_loss; per clip for the A/B)",
+    }
+    return write_reports(combine(parts, out, losses, loss_definition), out)

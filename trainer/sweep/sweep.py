@@ -1,14 +1,18 @@
 """`slapgen sweep`, top to bottom: check everything, claim the folder, encode once, run, report.
 
-1. Parse the grid and metrics; read both datasets; build and validate every run's config
-   (`grid.plan_runs`). Nothing is written before all of it passes.
+1. Parse the grid, metrics and generation settings; read both datasets; build and validate every
+   run's config (`grid.plan_runs`) and the generation settings against the model. Nothing is written
+   before all of it passes.
 2. The folder: a new one gets `sweep.json`; one that holds this same sweep continues; any other is
    refused with one sentence (`folder.check_folder`), under a lock no second sweep can take.
 3. The latent cache, once: every training and held-out clip (and the validation prompts) is encoded
-   into OUT/latent-cache, which every run's `latent_cache` names, so no run encodes anything.
-4. The runs (`execute.execute_run`, each from wherever it stopped): one at a time in this process on
-   a CPU or one GPU; with several GPUs, one child process per GPU (`pool.run_pool`).
-5. The report (`report.write_report`).
+   into OUT/latent-cache, which every run's `latent_cache` names, so no run encodes anything (the
+   held-out clips twice with generation metrics: at the training size for the loss, at the videos'
+   size for `slapgen eval`).
+4. The runs (`execute.execute_run`, each from wherever it stopped, evaluation included): one at a
+   time in this process on a CPU or one GPU; with several GPUs, one child process per GPU
+   (`pool.run_pool`). With generation metrics, then the base model (`execute.execute_base`).
+5. The report (`report.write_report`; with generation metrics also `report.write_eval_report`).
 """
 
 from __future__ import annotations
@@ -19,18 +23,20 @@ from pathlib import Path
 
 from trainer.datasets import read_dataset
 from trainer.errors import SweepError
-from trainer.sweep.evaluate import HELDOUT_LOSS, check_metrics
-from trainer.sweep.execute import RunState, execute_run, last_logged_step, read_result, run_state, steps_done
+from trainer.sweep.evaluate import HELDOUT_LOSS, EvalRequest, check_metrics, generation_data, plan_evaluation
+from trainer.sweep.execute import (BASE_DIR, RESULT_FILE, RunState, execute_base, execute_run, last_logged_step,
+                                   read_result, run_state, steps_done)
 from trainer.sweep.folder import CACHE_DIR, SweepDefinition, SweepLock, check_folder, run_dir, write_definition
 from trainer.sweep.grid import alpha_follows_rank, parse_axis, plan_runs
 from trainer.sweep.pool import Job, run_pool
 from trainer.sweep.progress import SweepProgress
-from trainer.sweep.report import write_report
+from trainer.sweep.report import write_eval_report, write_report
 
 
 def plan_sweep(config: str, sets: list[str], grid: list[str], data: Path, heldout: Path, out: Path,
-               metrics: list[str]) -> SweepDefinition:
-    """The sweep the command asks for, every part validated; reads, never writes."""
+               metrics: list[str], request: EvalRequest = EvalRequest()) -> SweepDefinition:
+    """The sweep the command asks for, every part validated; reads, never writes (but for the model: see
+    `check_generation`)."""
     axes = [parse_axis(text) for text in grid]
     measured = check_metrics(metrics)
     read_dataset(Path(data))  # a missing or malformed dataset is one sentence now, not after an hour of runs
@@ -39,8 +45,15 @@ def plan_sweep(config: str, sets: list[str], grid: list[str], data: Path, heldou
     return SweepDefinition(
         config=config, sets=tuple(sets), axes=tuple(axes), data=str(Path(data).resolve()),
         heldout=str(Path(heldout).resolve()), metrics=measured, alpha_follows_rank=alpha_follows_rank(axes, sets),
-        runs=tuple(runs),
+        runs=tuple(runs), evaluation=plan_evaluation(measured, runs, request),
     )
+
+
+def check_generation(definition: SweepDefinition) -> None:
+    """Generation settings that do not fit the model (size, frames, FVD's minimum length): one sentence now,
+    not after the first run. Resolves the model (as the cache step would next), so it runs after the folder check."""
+    if definition.evaluation is not None:
+        generation_data(definition.runs[0].config, definition.metrics, definition.evaluation)
 
 
 def encode_once(definition: SweepDefinition, device: str) -> None:
@@ -60,6 +73,11 @@ def encode_once(definition: SweepDefinition, device: str) -> None:
         cache = LatentCache(config.latent_cache, resolved, config.data, device=device)
         print(f"latent cache, training clips: {cache.precompute(training[: config.data.max_clips]).summary()}")
         print(f"latent cache, held-out clips: {cache.precompute(heldout).summary()}")
+        if definition.evaluation is not None:  # what `slapgen eval` reads in every run, encoded once here
+            generated = LatentCache(config.latent_cache, resolved,
+                                    generation_data(config, definition.metrics, definition.evaluation), device=device)
+            print(f"latent cache, held-out clips at the evaluation's size: {generated.precompute(heldout).summary()}")
+            generated.release_encoders()
         cache.prompt_embeddings([*config.validation.prompts, ""])
         cache.release_encoders()
 
@@ -85,7 +103,7 @@ def _in_process(definition: SweepDefinition, out: Path, pending: list, progress:
         progress.say(f"{run.name}: {run_state(run_dir(out, run)).value}")
 
         result = execute_run(definition, run, out, device, on_step=lambda step, name=run.name: progress.step(name, step))
-        progress.say(f"{run.name}: {HELDOUT_LOSS} {result['metrics'][HELDOUT_LOSS]:.6g}")
+        progress.say(f"{run.name}: " + ", ".join(f"{column} {value:.6g}" for column, value in result["metrics"].items()))
         gc.collect()  # the run's model and optimizer, before the next run allocates its own
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -109,13 +127,14 @@ def _in_pool(definition: SweepDefinition, out: Path, pending: list, progress: Sw
 
 
 def run_sweep(config: str, sets: list[str], grid: list[str], data: Path, heldout: Path, out: Path,
-              metrics: list[str], progress: bool = True) -> Path:
+              metrics: list[str], progress: bool = True, request: EvalRequest = EvalRequest()) -> Path:
     """Run (or continue) the sweep; returns the folder, which then holds every report file."""
     from trainer.sweep.execute import default_device
 
     out = Path(out)
-    definition = plan_sweep(config, sets, grid, data, heldout, out, metrics)
+    definition = plan_sweep(config, sets, grid, data, heldout, out, metrics, request)
     check_folder(out, definition)
+    check_generation(definition)
     with SweepLock(out):
         if not check_folder(out, definition):  # again, now that no other sweep can write it
             write_definition(out, definition)
@@ -135,7 +154,14 @@ def run_sweep(config: str, sets: list[str], grid: list[str], data: Path, heldout
         finally:
             bar.close()
         results = {run.name: read_result(run_dir(out, run)) for run in runs}
-        best = write_report(out, definition, results)
+        base = None
+        if definition.evaluation is not None:
+            base_done = (out / BASE_DIR / RESULT_FILE).is_file()
+            print("base model: " + ("evaluated before" if base_done else "evaluating (once, for the A/B of every run)"))
+            base = execute_base(definition, out, device)
+        best = write_report(out, definition, results, base)
+        if base is not None:
+            write_eval_report(out, definition, results, base)
     print(f"best: {best.name} ({HELDOUT_LOSS} {results[best.name]['metrics'][HELDOUT_LOSS]:.6g}); "
           f"report: {out / 'README.md'}, config: {out / 'best.yaml'}")
     return out
