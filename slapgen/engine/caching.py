@@ -124,6 +124,9 @@ class StepCache:
         config = cache_config(setting, pipeline)
         if config is None:
             return cls(setting, transformer, [])
+        if setting.kind == "fbc" and len(transformer.transformer_blocks) < 2:
+            raise CacheUnavailableError(f"SLAP_CACHE={setting} needs a transformer of at least 2 blocks (the first "
+                                        "decides for the others); use SLAP_CACHE=none.")
         transformer.enable_cache(config)
         hooked = hooked_modules(transformer)
         if not hooked:
