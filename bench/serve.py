@@ -8,6 +8,8 @@
 3. On a GPU only: per-denoising-step latency and peak memory of a randomly initialised CogVideoX-5B
    (real config) at 49x480x720 with classifier-free guidance, for bf16 eager, bf16 + compile,
    fp8 + compile.
+4. Each attention kernel (SLAP_ATTENTION) on one denoising step, and each step cache (SLAP_CACHE) on a
+   whole denoising loop; the tiny model on the CPU, CogVideoX-5B on a GPU.
 
 Each case runs in its own process. Prints a table, writes bench/results/serve-{cpu,gpu}.json.
 
@@ -19,6 +21,12 @@ Cases the GPU run (bench/gpu/run.sh) calls one at a time, each printing one JSON
     --case 5b:vae-decode                the VAE decode of one 49x480x720 video (slicing + tiling)
     --case hotswap-5b:QUANT-MODE [--blocks N] [--rank 128]
                                         adapter hot-swap into the LoRA slot of the compiled transformer
+    --case attention-5b:QUANT-MODE [--blocks N] [--steps S]
+                                        one denoising step per SLAP_ATTENTION kernel: latency, peak memory,
+                                        output vs sdpa; a kernel that cannot run gives its one sentence
+    --case caches-5b:QUANT-MODE [--blocks N] [--loop-steps S]
+                                        an S-step denoising loop (the pipeline's own, CFG, no VAE) per
+                                        SLAP_CACHE value: time, speed-up and latents vs none
 The same cases with `tiny` instead of `5b` run the same code on the tiny model (the CPU dry run).
 """
 
@@ -454,12 +462,206 @@ def hotswap_case(model: str, variant: str, rank: int, swaps: int, blocks: int | 
     return row
 
 
+def _sdpa_gigabytes(transformer, inputs) -> float:
+    """Memory one attention call of the `math` kernel materialises: scores and probabilities of every head
+    over every token pair (text + video), in the model's dtype."""
+    config = transformer.config
+    batch, frames, _, height, width = inputs["hidden_states"].shape
+    tokens = inputs["encoder_hidden_states"].shape[1] + frames * (height // config.patch_size) * (width // config.patch_size)
+    element = torch.finfo(transformer.dtype).bits // 8
+    return 2 * batch * config.num_attention_heads * tokens**2 * element / 2**30
+
+
+def attention_case(model: str, variant: str, steps: int, blocks: int | None = None) -> dict:
+    """One denoising step (CFG batch of 2) per attention kernel on one randomly initialised transformer,
+    as the engine sets it up (quantisation, then the kernel, then compile): median step time, peak memory,
+    and the output against PyTorch's default choice (max abs error relative to the output's max, and the
+    signal-to-noise ratio in dB). A kernel that cannot run here reports its start-up sentence instead; `math`
+    is skipped where its attention matrix would not fit (5B at 49x480x720: about 60 GB per call)."""
+    from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
+
+    from slapgen.engine.attention import apply_attention
+    from slapgen.engine.compiling import CompiledTransformer
+    from slapgen.engine.quantization import quantize_transformer
+    from slapgen.errors import AttentionUnavailableError
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    quant, compile_it = _parse_variant(variant)
+    transformer, inputs, resolution = _random_transformer(model, device, blocks)
+    all_blocks, blocks = _all_blocks(model), transformer.config.num_layers
+    quantize_transformer(transformer, quant)
+    free_gb = torch.cuda.mem_get_info()[0] / 2**30 if device == "cuda" else None
+    rows, reference = [], None
+    # fa3 and fp8 switch torch's flash kernel to FlashAttention 3 for the rest of the process: they go last.
+    for kernel in ["sdpa", "flash", "efficient", "cudnn", "math", "sage", "fa3", "fp8"]:
+        row = {"attention": kernel}
+        rows.append(row)
+        transformer.set_attn_processor(CogVideoXAttnProcessor2_0())
+        if kernel == "math" and free_gb is not None and _sdpa_gigabytes(transformer, inputs) > 0.5 * free_gb:
+            row["skipped"] = f"one attention call would materialise {_sdpa_gigabytes(transformer, inputs):.0f} GB"
+            continue
+        try:
+            apply_attention(transformer, kernel, device)
+        except AttentionUnavailableError as error:
+            row["unavailable"] = str(error)
+            continue
+        holder = type("Holder", (), {"transformer": transformer})()
+        compiled = CompiledTransformer()
+        if compile_it:
+            torch._dynamo.reset()
+            compiled.compile(holder)
+
+        def step() -> tuple[float, torch.Tensor]:
+            _synchronize(device)
+            started = time.perf_counter()
+            with torch.inference_mode():
+                output = holder.transformer(**inputs)[0]
+            _synchronize(device)
+            return time.perf_counter() - started, output
+
+        try:
+            first_s, output = step()
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            times = [step()[0] for _ in range(steps)]
+        except Exception as error:  # noqa: BLE001 - a kernel failing at this size is a result, not a crash
+            row["error"] = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:300] if str(error).strip() else ''}"
+            continue
+        output = output.float()
+        if reference is None:
+            reference = output
+        noise = (output - reference).pow(2).mean()
+        row.update({
+            "step_s_median": statistics.median(times),
+            "first_step_s": first_s,
+            "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,
+            "max_abs_error_vs_sdpa": ((output - reference).abs().max() / reference.abs().max()).item(),
+            "sqnr_db_vs_sdpa": None if noise == 0 else (10 * torch.log10(reference.pow(2).mean() / noise)).item(),
+            "graphs": compiled.graphs if compile_it else None,
+        })
+        if blocks < all_blocks:
+            row["est_step_s_all_blocks"] = row["step_s_median"] * all_blocks / blocks
+        row["est_50_steps_s"] = 50 * row.get("est_step_s_all_blocks", row["step_s_median"])
+    sdpa = rows[0].get("step_s_median")
+    for row in rows:
+        if sdpa and row.get("step_s_median"):
+            row["speedup_vs_sdpa"] = sdpa / row["step_s_median"]
+    return {"case": f"attention-{model}:{variant}", "device": device_description(), "resolution": resolution,
+            "blocks": blocks, "all_blocks": all_blocks, "kernels": rows,
+            "extrapolation": None if blocks >= all_blocks else f"measured on {blocks} of {all_blocks} blocks; times x {all_blocks}/{blocks}"}
+
+
+def _random_pipeline(model: str, device: str, blocks: int | None):
+    """The CogVideoX pipeline around a random transformer, for denoising loops that stop at the latents: no VAE
+    and no text encoder (prompt embeddings are given); the scheduler is the model's."""
+    from diffusers import CogVideoXDPMScheduler, CogVideoXPipeline
+
+    from slapgen.models.tiny import build_tiny_pipeline
+
+    transformer, inputs, resolution = _random_transformer(model, device, blocks)
+    # CogVideoX-5B and the tiny model (its 5B layout) share the scheduler configuration.
+    scheduler = CogVideoXDPMScheduler.from_config(build_tiny_pipeline().scheduler.config)
+    pipeline = CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer, scheduler=scheduler)
+    pipeline.set_progress_bar_config(disable=True)
+    frames, height, width = (int(part) for part in resolution.split("x"))
+    text = inputs["encoder_hidden_states"][:1]
+    arguments = {"prompt_embeds": text, "negative_prompt_embeds": torch.randn_like(text), "num_frames": frames,
+                 "height": height, "width": width, "guidance_scale": 6.0, "output_type": "latent"}
+    return pipeline, arguments, resolution
+
+
+def caches_case(model: str, variant: str, loop_steps: int, blocks: int | None = None) -> dict:
+    """A `loop_steps`-step denoising loop (the pipeline's own: timesteps, classifier-free guidance, scheduler;
+    no VAE decode) per step cache on one randomly initialised transformer, hooked as the engine hooks it:
+    time per loop, speed-up over no cache, peak memory, and the final latents against no cache (mean absolute
+    difference relative to the latents' mean absolute value). The caches' rules depend on the step index and
+    the timestep, so only a loop of the served step count (50) shows their real saving."""
+    from slapgen.engine.caching import CacheSetting, StepCache
+    from slapgen.engine.compiling import CompiledTransformer
+    from slapgen.engine.quantization import quantize_transformer
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    quant, compile_it = _parse_variant(variant)
+    blocks = None if blocks is None else max(2, blocks)  # First Block Cache needs a first block and others
+    pipeline, arguments, resolution = _random_pipeline(model, device, blocks)
+    all_blocks, blocks = _all_blocks(model), pipeline.transformer.config.num_layers
+    quantize_transformer(pipeline.transformer, quant)
+    transformer = pipeline.transformer
+    rows, reference = [], None
+
+    def loop() -> tuple[float, torch.Tensor]:
+        _synchronize(device)
+        started = time.perf_counter()
+        with torch.inference_mode():
+            latents = pipeline(**arguments, num_inference_steps=loop_steps, generator=torch.Generator().manual_seed(0)).frames
+        _synchronize(device)
+        return time.perf_counter() - started, latents.float()
+
+    for text in ["none", "pab", "fastercache", "fbc:0.05", "taylorseer"]:
+        pipeline.transformer = transformer
+        cache = StepCache.apply(pipeline, CacheSetting.parse(text))
+        compiled = CompiledTransformer()
+        if compile_it:
+            torch._dynamo.reset()
+            compiled.compile(pipeline)
+        row = {"cache": text, "hooked_modules": len(cache.hooked)}
+        rows.append(row)
+        try:
+            # Eager: one short loop for first-call set-up. Compiled: the engine's warm-up (StepCache.warm_up_steps).
+            started = time.perf_counter()
+            for steps in (cache.warm_up_steps(loop_steps) if compile_it else [2]):
+                cache.reset()
+                with torch.inference_mode():
+                    pipeline(**arguments, num_inference_steps=steps, generator=torch.Generator().manual_seed(0))
+            _synchronize(device)
+            warm_up_s = time.perf_counter() - started
+            compiled.mark_warm()
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            cache.reset()
+            loop_s, latents = loop()
+        except Exception as error:  # noqa: BLE001 - a cache failing at this size is a result, not a crash
+            row["error"] = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:300] if str(error).strip() else ''}"
+            continue
+        finally:
+            pipeline.transformer = transformer
+            if cache.hooked:
+                transformer.disable_cache()
+        if reference is None:
+            reference = latents
+        row.update({
+            "loop_s": loop_s,
+            "step_s_mean": loop_s / loop_steps,
+            "warm_up_s": warm_up_s,
+            "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,
+            "latents_rel_diff_vs_none": ((latents - reference).abs().mean() / reference.abs().mean()).item(),
+            "recompilations": compiled.recompilations if compile_it else None,
+            "graphs": compiled.graphs if compile_it else None,
+        })
+        if blocks < all_blocks:
+            row["est_loop_s_all_blocks"] = loop_s * all_blocks / blocks
+        row["est_50_steps_s"] = 50 / loop_steps * row.get("est_loop_s_all_blocks", loop_s)
+    none = rows[0].get("loop_s")
+    for row in rows:
+        if none and row.get("loop_s"):
+            row["speedup_vs_none"] = none / row["loop_s"]
+    return {"case": f"caches-{model}:{variant}", "device": device_description(), "resolution": resolution,
+            "blocks": blocks, "all_blocks": all_blocks, "loop_steps": loop_steps, "caches": rows,
+            "extrapolation": None if blocks >= all_blocks else (
+                f"measured on {blocks} of {all_blocks} blocks; times x {all_blocks}/{blocks} (First Block Cache always "
+                f"runs the first block: with fewer blocks it saves a smaller share, so this under-estimates it)")}
+
+
 def run_case(case: str, args) -> dict:
     kind, _, variant = case.partition(":")
     if kind == "swap":
         return swap_case(variant, args.swaps)
     if kind == "overhead":
         return overhead_case(args.requests)
+    if kind.startswith("attention-"):
+        return attention_case(kind.removeprefix("attention-"), variant, args.steps, args.blocks)
+    if kind.startswith("caches-"):
+        return caches_case(kind.removeprefix("caches-"), variant, args.loop_steps, args.blocks)
     if kind.startswith("hotswap-"):
         return hotswap_case(kind.removeprefix("hotswap-"), variant, args.rank, args.swaps, args.blocks)
     if variant == "vae-decode":
@@ -474,6 +676,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed denoising steps per 5B variant (GPU)")
     parser.add_argument("--blocks", type=int, help="run only the first N of 5B's 42 blocks and extrapolate (step, hotswap)")
     parser.add_argument("--rank", type=int, default=128, help="LoRA slot rank of the hotswap case")
+    parser.add_argument("--loop-steps", type=int, default=50, help="denoising steps per loop of the caches case")
     parser.add_argument("--decodes", type=int, default=1, help="timed decodes of the vae-decode case (after one warm-up)")
     parser.add_argument("--warm-caches", action="store_true",
                         help="let inductor reuse compiled graphs from earlier runs (default: every compile is cold)")
@@ -489,7 +692,10 @@ def main() -> None:
     extra = ["--swaps", str(args.swaps), "--requests", str(args.requests), "--steps", str(args.steps)]
     cases = ["swap:hotswap", "swap:load_lora_weights", "swap:reload_pipeline", "overhead:tiny"]
     if torch.cuda.is_available():
-        cases += ["5b:bf16-eager", "5b:bf16-compile", "5b:fp8-compile"]
+        cases += ["5b:bf16-eager", "5b:bf16-compile", "5b:fp8-compile", "attention-5b:bf16-eager", "caches-5b:bf16-eager"]
+    else:
+        cases += ["attention-tiny:bf16-eager", "caches-tiny:bf16-eager"]
+        extra += ["--loop-steps", "10"]
     rows = [run_case_in_subprocess(Path(__file__), case, extra) for case in cases]
     hot = next((r for r in rows if r["case"] == "swap:hotswap" and "swap_s_median" in r), None)
     for row in rows:
@@ -499,9 +705,21 @@ def main() -> None:
     print_table([r for r in rows if r["case"].startswith("swap")],
                 ["case", "swap_s_median", "swap_over_hotswap", "first_generation_s_median", "recompilations", "error"])
     print()
-    print_table([r for r in rows if not r["case"].startswith("swap")],
+    print_table([r for r in rows if not r["case"].startswith(("swap", "attention", "caches"))],
                 ["case", "direct_s_median", "http_s_median", "overhead_ms", "http_over_direct",
                  "step_s_median", "est_50_steps_s", "peak_memory_gb", "error"])
+    for row in rows:
+        if row["case"].startswith("attention") and "kernels" in row:
+            print(f"\n{row['case']} ({row['resolution']}, {row['blocks']} blocks)")
+            print_table(row["kernels"], ["attention", "step_s_median", "speedup_vs_sdpa", "est_50_steps_s",
+                                         "peak_memory_gb", "max_abs_error_vs_sdpa", "sqnr_db_vs_sdpa", "unavailable",
+                                         "skipped", "error"])
+        elif row["case"].startswith("caches") and "caches" in row:
+            print(f"\n{row['case']} ({row['resolution']}, {row['blocks']} blocks, {row['loop_steps']} steps)")
+            print_table(row["caches"], ["cache", "hooked_modules", "loop_s", "speedup_vs_none", "est_50_steps_s",
+                                        "peak_memory_gb", "latents_rel_diff_vs_none", "error"])
+        elif row["case"].startswith(("attention", "caches")):
+            print(f"\n{row['case']}: {row.get('error')}")
     path = write_results("serve", {"device": device_description(), "torch": torch.__version__,
                                    "inductor_caches": "warm" if args.warm_caches else "disabled", "results": rows}, save=args.save)
     print(f"wrote {path}")

@@ -35,6 +35,14 @@ class QuantizationUnavailableError(ModelUnavailableError):
     """The requested quantisation cannot run on this device."""
 
 
+class AttentionUnavailableError(ModelUnavailableError):
+    """The requested attention kernel cannot run on this machine (`SLAP_ATTENTION`)."""
+
+
+class CacheUnavailableError(ModelUnavailableError):
+    """The requested step cache cannot be applied to this model (`SLAP_CACHE`)."""
+
+
 class FrameCountError(SlapgenError):
     """A clip length the model cannot generate or train on."""
 

@@ -29,6 +29,29 @@ def test_bench_case_runs_and_reports(script, case, keys, tmp_path):
     assert keys <= set(row) and all(row[k] > 0 for k in keys)
 
 
+def test_attention_and_cache_cases_report_every_option(tmp_path):
+    """Guards the GPU run's attention and cache checks crashing on one option or leaving one out: on the tiny
+    model every SLAP_ATTENTION kernel is measured or answers its one start-up sentence (on a CPU: sdpa, flash
+    and math run), and every SLAP_CACHE value is measured with the modules it hooks."""
+    def run(case, *args):
+        result = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "serve.py"), "--case", case, *args],
+                                cwd=REPO_ROOT, env=offline_env(tmp_path, HOME=str(tmp_path)), capture_output=True,
+                                text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return json.loads(result.stdout.strip().splitlines()[-1])
+
+    kernels = {row["attention"]: row for row in run("attention-tiny:bf16-eager", "--steps", "1")["kernels"]}
+    assert list(kernels) == ["sdpa", "flash", "efficient", "cudnn", "math", "sage", "fa3", "fp8"]
+    for name, row in kernels.items():
+        assert row.get("step_s_median", 0) > 0 or row.get("unavailable", "").startswith(f"SLAP_ATTENTION={name} cannot run")
+    if not __import__("torch").cuda.is_available():
+        assert {name for name, row in kernels.items() if "step_s_median" in row} == {"sdpa", "flash", "math"}
+    caches = run("caches-tiny:bf16-eager", "--loop-steps", "4")["caches"]
+    assert [(row["cache"], row["hooked_modules"]) for row in caches] == [
+        ("none", 0), ("pab", 2), ("fastercache", 2), ("fbc:0.05", 2), ("taylorseer", 4)]
+    assert all(row["loop_s"] > 0 for row in caches) and caches[0]["latents_rel_diff_vs_none"] == 0
+
+
 def test_a_run_never_overwrites_the_committed_results(tmp_path, monkeypatch):
     """Guards benchmark runs replacing bench/results/NAME-{cpu,gpu}.json (the committed numbers) unless
     asked to with --save."""

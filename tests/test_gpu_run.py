@@ -90,9 +90,12 @@ def test_plan_runs_the_checks_in_order_of_value(dry_run):
     assert len(set(groups)) + 3 <= 8, "the device tool returns at most 8 files (groups + .txt, summary, log)"
     text = result.stdout
     model = "tiny" if dry_run else "5b"
-    for case in [f"{model}:bf16-eager", f"{model}:bf16-compile", f"{model}:vae-decode", f"hotswap-{model}:"]:
+    for case in [f"{model}:bf16-eager", f"{model}:bf16-compile", f"{model}:vae-decode", f"hotswap-{model}:",
+                 f"attention-{model}:bf16-eager", f"caches-{model}:bf16-eager"]:
         assert case in text
     assert ("tiny:cached" if dry_run else "cogvideox-5b-random:cached") in text
     if not dry_run:
         assert "5b:fp8-compile" in text and "--rank 128" in text
-    assert "-m pytest -m gpu" in text and "tests/test_quantization.py" in text
+    assert "-m pytest -m gpu" in text and "tests/test_quantization.py" in text and "tests/test_attention.py" in text
+    if not dry_run:
+        assert "--loop-steps 50" in text, "the caches' saving shows only over the served 50-step schedule"

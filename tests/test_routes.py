@@ -55,6 +55,7 @@ def upload(client, name, data, headers=AUTH):
 def test_info_and_templates(client):
     info = client.get("/info").json()
     assert (info["model"], info["max_lora_rank"], info["queue"]) == ("tiny", 8, 0)
+    assert (info["attention"], info["cache"], info["cache_hooked_modules"]) == ("sdpa", "none", 0)
     assert {t["name"] for t in client.get("/templates").json()["templates"]} == set(default_library().templates)
 
 

@@ -132,6 +132,18 @@ def test_fp8_without_a_capable_gpu_stops_start_up_with_one_sentence(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the CPU refusal")
+def test_an_attention_kernel_that_cannot_run_stops_start_up_with_one_sentence(tmp_path):
+    """Guards SLAP_ATTENTION=fa3 on a machine without Hopper starting workers that crash: `bentoml serve`
+    stops before any worker with one line naming the setting and the fallback."""
+    result = _serve_and_wait(tmp_path, SLAP_MODEL="tiny", SLAP_DEVICE="cpu", SLAP_QUANT="none", SLAP_ATTENTION="fa3",
+                             SLAP_CACHE_DIR=str(tmp_path / "cache"))
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.startswith("slapgen:")]
+    assert len(lines) == 1 and "SLAP_ATTENTION=fa3 cannot run here" in lines[0] and "Hopper" in lines[0], result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+
+
 def test_a_huge_body_is_a_413_before_it_is_read(tiny_server):
     """Guards unlimited bodies: a 500 MB JSON body used to be accepted into memory."""
     response = httpx.post(f"{tiny_server.url}/generate", content=b'{"prompt": "' + b"x" * (2 * 1024**2) + b'"}',

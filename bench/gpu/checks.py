@@ -7,7 +7,9 @@ into OUT as soon as one of its checks finishes, so a run cut short still returns
     1-step.json        per-denoising-step latency and peak memory of CogVideoX-5B (random weights, real
                        config, 49x480x720, CFG batch 2): bf16 eager on all 42 blocks, and on the first N
                        (the extrapolation's calibration); bf16 + compile, fp8 + compile on N blocks,
-                       extrapolated to 42; the VAE decode; projected 50-step video times
+                       extrapolated to 42; the VAE decode; projected 50-step video times; each
+                       SLAP_ATTENTION kernel (one step, bf16 eager, N blocks) and each SLAP_CACHE value
+                       (a 50-step denoising loop, bf16 eager, 4 blocks)
     2-hotswap.json     rank-128 adapter hot-swap on the compiled fp8 transformer: swap latency,
                        recompilations (must be 0), output changes
     3-train.json       one 5B LoRA training step (rank 128, gradient checkpointing, bf16)
@@ -72,6 +74,8 @@ def plan(dry_run: bool, blocks: int) -> list[Check]:
     caches = ["--warm-caches"] if dry_run else []  # the dry run's times mean nothing; let reruns reuse graphs
     sub = ["--blocks", str(blocks)]
     steps = ["--steps", "2" if dry_run else "5"]
+    # The caches need the whole 50-step schedule to show their saving; 4 of 42 blocks keep that loop short.
+    cache_blocks = 2 if dry_run else 4
     return [
         Check("bf16-eager", "1-step", [py, serve, "--case", f"{model}:bf16-eager", *steps], 120),
         Check(f"bf16-eager-{blocks}-blocks", "1-step", [py, serve, "--case", f"{model}:bf16-eager", *steps, *sub], 90),
@@ -80,6 +84,12 @@ def plan(dry_run: bool, blocks: int) -> list[Check]:
         Check(f"{fp8}-compile-{blocks}-blocks", "1-step",
               [py, serve, "--case", f"{model}:{fp8}-compile", *steps, *sub, *caches], 240),
         Check("vae-decode", "1-step", [py, serve, "--case", f"{model}:vae-decode"], 120),
+        # Each SLAP_ATTENTION kernel on one step, each SLAP_CACHE value on a whole denoising loop (bf16 eager).
+        Check(f"attention-kernels-{blocks}-blocks", "1-step",
+              [py, serve, "--case", f"attention-{model}:bf16-eager", "--steps", "2" if dry_run else "3", *sub], 150),
+        Check(f"step-caches-{cache_blocks}-blocks", "1-step",
+              [py, serve, "--case", f"caches-{model}:bf16-eager", "--blocks", str(cache_blocks),
+               "--loop-steps", "6" if dry_run else "50"], 180),
         Check(f"hotswap-{fp8}-compile-{blocks}-blocks", "2-hotswap",
               [py, serve, "--case", f"hotswap-{model}:{fp8}-compile", "--rank", "8" if dry_run else "128",
                "--swaps", "4", *sub, *caches], 300),
@@ -176,6 +186,11 @@ def projections(step_rows: list[dict]) -> dict:
             out[f"{name}_50_steps_s"] = result["est_50_steps_s"]
             if decode is not None:
                 out[f"{name}_video_s"] = result["est_50_steps_s"] + decode
+    for result in results.values():
+        for row in result.get("kernels", []):
+            out[f"attention-{row['attention']}_speedup_vs_sdpa"] = row.get("speedup_vs_sdpa")
+        for row in result.get("caches", []):
+            out[f"cache-{row['cache']}_speedup_vs_none"] = row.get("speedup_vs_none")
     full = next((r for n, r in results.items() if n == "bf16-eager" and "step_s_median" in r), None)
     part = next((r for n, r in results.items() if n.startswith("bf16-eager-") and "est_step_s_all_blocks" in r), None)
     if full and part:
@@ -268,6 +283,10 @@ def _headline(row: dict) -> str:
             "same_adapter_identical_after_swaps", "peak_memory_mb"]
     parts = [f"{k}={result[k]:.4g}" if isinstance(result[k], float) else f"{k}={result[k]}" for k in keys
              if result.get(k) is not None]
+    for label, option, speedup in [("kernels", "attention", "speedup_vs_sdpa"), ("caches", "cache", "speedup_vs_none")]:
+        for option_row in result.get(label, []):
+            value = option_row.get(speedup)
+            parts.append(f"{option_row[option]}={value:.3g}x" if value else f"{option_row[option]}=n/a")
     if "summary_line" in row:
         parts.append(row["summary_line"])
     if row.get("stderr_tail"):

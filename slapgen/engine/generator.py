@@ -1,7 +1,8 @@
 """Owns one loaded pipeline and runs generations on it one at a time, in arrival order.
 
 Start-up (`VideoGenerator.load`): load the pipeline, add the hot-swap LoRA slot (sized from the
-adapters present unless fixed), place it, quantise the transformer, compile it and warm it up. A
+adapters present unless fixed), place it, quantise the transformer, choose its attention kernel, hook
+the step cache, compile it and warm it up. A
 generation switches the slot to the request's adapter under the same lock as the denoising loop, so
 a swap never lands mid-generation; the lock is first-come first-served, so a request waits for at
 most one swap per request ahead of it.
@@ -19,6 +20,8 @@ import numpy as np
 import torch
 
 from slapgen.engine.adapters import AdapterStore, AdapterTarget, LoadedAdapter, largest_rank_in
+from slapgen.engine.attention import apply_attention, check_attention
+from slapgen.engine.caching import CacheSetting, StepCache
 from slapgen.engine.compiling import CompiledTransformer
 from slapgen.engine.lora_slot import LoraSlot, lora_modules
 from slapgen.engine.params import EngineOptions, GenerationParams
@@ -79,7 +82,8 @@ def slot_rank_for(options: EngineOptions, model_name: str, modules: dict[str, tu
 
 class VideoGenerator:
     def __init__(self, pipeline, spec: ModelSpec, device: str, slot: LoraSlot, adapters: AdapterStore,
-                 quantization: str = "none", compiled: CompiledTransformer | None = None, max_queue: int | None = None):
+                 quantization: str = "none", compiled: CompiledTransformer | None = None, max_queue: int | None = None,
+                 attention: str = "sdpa", step_cache: StepCache | None = None):
         self.pipeline = pipeline
         self.spec = spec
         self.device = device
@@ -87,32 +91,41 @@ class VideoGenerator:
         self.adapters = adapters
         self.quantization = quantization
         self.compiled = compiled
+        self.attention = attention
+        self.step_cache = step_cache or StepCache(CacheSetting(), pipeline.transformer, [])
         self._lock = FifoLock(max_queue)
         self._last_duration_s = 1.0
 
     @classmethod
     def load(cls, resolved: ResolvedModel, options: EngineOptions) -> "VideoGenerator":
-        quantization = choose_quantization(options.quantization, options.device)  # before the slow load: fail fast
+        # Before the slow load: an impossible setting fails fast.
+        quantization = choose_quantization(options.quantization, options.device)
+        check_attention(options.attention, options.device, resolved.spec.torch_dtype)
         pipeline = load_pipeline(resolved)
         modules = lora_modules(pipeline.transformer, options.lora_target_modules)
         slot = LoraSlot(pipeline.transformer, slot_rank_for(options, resolved.spec.name, modules), options.lora_target_modules)
         place_pipeline(pipeline, options.device, options.offload)
         quantize_transformer(pipeline.transformer, quantization)
+        apply_attention(pipeline.transformer, options.attention, options.device)
+        step_cache = StepCache.apply(pipeline, options.cache)
         compiled = None
         if options.compile:
             compiled = CompiledTransformer()
             compiled.compile(pipeline)
         target = AdapterTarget(resolved.spec.name, slot.modules, slot.max_rank)
         adapters = AdapterStore(options.adapters_dir, target, options.adapter_cache_size)
-        generator = cls(pipeline, resolved.spec, options.device, slot, adapters, quantization, compiled, options.max_queue)
+        generator = cls(pipeline, resolved.spec, options.device, slot, adapters, quantization, compiled, options.max_queue,
+                        options.attention, step_cache)
         if compiled is not None:
             generator.warm_up()
         return generator
 
     def warm_up(self) -> float:
-        """One short generation at the default size, so compilation happens before the first user request."""
+        """Generations at the default size, so compilation happens before the first user request: one short
+        one, and with a step cache one at the default step count too (`StepCache.warm_up_steps`)."""
         started = time.perf_counter()
-        self.generate_frames(GenerationParams.defaults_for(self.spec, num_inference_steps=2))
+        for steps in self.step_cache.warm_up_steps(self.spec.default_num_inference_steps):
+            self.generate_frames(GenerationParams.defaults_for(self.spec, num_inference_steps=steps))
         if self.compiled is not None:
             self.compiled.mark_warm()
         return time.perf_counter() - started
@@ -128,6 +141,8 @@ class VideoGenerator:
             "dtype": str(self.spec.torch_dtype).removeprefix("torch."),
             "device": self.device,
             "quantization": self.quantization,
+            "attention": self.attention,
+            **self.step_cache.info(),
             "compiled": self.compiled is not None,
             "adapter": self.slot.active,
             "adapter_swaps": self.slot.swaps,
@@ -153,7 +168,9 @@ class VideoGenerator:
         when it is reached in the queue, so a request the client gave up on never holds the model.
         `cancelled()` is asked when the generation gets the model and after every denoising step; once
         it says yes the generation ends there (no VAE decode) and the next request starts.
-        Raises AdapterError, QueueFullError, GenerationTimeoutError, GenerationCancelledError."""
+        Raises AdapterError, RequestError (a request the step cache cannot serve), QueueFullError,
+        GenerationTimeoutError, GenerationCancelledError."""
+        self.step_cache.check(params)
         # Read the adapter (disk or LRU) before queueing, so disk I/O never holds the pipeline.
         adapter: LoadedAdapter | None = self.adapters.get(params.adapter) if params.adapter else None
         timed_out = []
@@ -181,6 +198,7 @@ class VideoGenerator:
                     raise GenerationCancelledError("the job was cancelled before it started")
                 started = time.perf_counter()
                 self.slot.activate(adapter, params.adapter_scale)
+                self.step_cache.reset()
                 # A CPU generator gives the same noise on every device, so a seed reproduces anywhere.
                 generator = torch.Generator("cpu").manual_seed(params.seed)
                 with torch.inference_mode():

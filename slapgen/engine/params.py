@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from slapgen.engine.caching import CacheSetting
 from slapgen.models.specs import ModelSpec
 
 WARM_UP_PROMPT = "Power slap: the striker winds up and the palm strikes the cheek."
@@ -67,12 +68,15 @@ class GenerationParams:
 
 
 Quantization = Literal["auto", "fp8", "fp8-weight", "int8", "none"]
+# The attention kernel (slapgen.engine.attention): sdpa lets PyTorch pick per call.
+AttentionKernel = Literal["sdpa", "flash", "efficient", "cudnn", "math", "fa3", "fp8", "sage"]
 
 
 @dataclass(frozen=True)
 class EngineOptions:
     """How to build a `VideoGenerator`; `max_lora_rank=None` sizes the LoRA slot from the adapters
-    present at start-up (at least `DEFAULT_SLOT_RANK`)."""
+    present at start-up (at least `DEFAULT_SLOT_RANK`); `attention` and `cache` choose the attention
+    kernel and the step cache (`slapgen.engine.attention`, `slapgen.engine.caching`)."""
 
     device: str = "cpu"
     offload: Literal["none", "model"] = "none"
@@ -83,3 +87,5 @@ class EngineOptions:
     lora_target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
     adapter_cache_size: int = 8
     max_queue: int | None = None  # generations running + waiting; more raise QueueFullError (None: no limit)
+    attention: AttentionKernel = "sdpa"
+    cache: CacheSetting = CacheSetting()

@@ -6,6 +6,8 @@
 - the VAE's factors and latent scaling factor, read from the model's own VAE config (and stored
   with every latent-cache entry, so a cache never meets the wrong factor);
 - the 3D rotary position embeddings the pipeline builds;
+- the attention processor that runs CogVideoX's attention under a chosen kernel, and the module names
+  and tensor layout the step caches need;
 - the training objective: a draw from the cached VAE posterior times the scaling factor, noise at a
   random timestep, v-prediction turned into a clean-latent estimate with the scheduler, squared
   error weighted by 1 / (1 - alpha_bar_t); `training_step` is the one step `slapgen train` and
@@ -16,6 +18,9 @@ Other modules import these names; none writes 4, 8, 16 or a scaling factor again
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
@@ -111,6 +116,41 @@ def rotary_embeddings(transformer_config, height: int, width: int, num_latent_fr
         temporal_size=num_latent_frames,
         device=device,
     )
+
+
+# Module names inside diffusers' CogVideoXTransformer3DModel that step caches hook (`re.fullmatch`):
+# each block's self-attention (text and video tokens together) and its feed-forward.
+BLOCK_ATTENTION_PATTERN = r"transformer_blocks\.\d+\.attn1"
+BLOCK_FEED_FORWARD_PATTERN = r"transformer_blocks\.\d+\.ff"
+# The transformer's hidden states are (batch, frames, channels, height, width), FasterCache's "BFCHW".
+HIDDEN_STATES_LAYOUT = "BFCHW"
+
+
+def kernel_attention_processor(kernel_context: Callable[[], AbstractContextManager]):
+    """CogVideoX's own attention processor (diffusers' `CogVideoXAttnProcessor2_0`, which calls
+    `F.scaled_dot_product_attention` directly and so ignores diffusers' `set_attention_backend`), with
+    each call run inside `kernel_context()`: an SDPA kernel choice (`torch.nn.attention.sdpa_kernel`)
+    or a mode that routes SDPA to another kernel. Subclassing keeps diffusers' RoPE, text-first
+    concatenation and split exactly as they are; the context traces into a torch.compile graph."""
+    return _kernel_processor_class()(kernel_context)
+
+
+@functools.cache
+def _kernel_processor_class():
+    from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
+
+    class KernelAttnProcessor(CogVideoXAttnProcessor2_0):
+        def __init__(self, kernel_context: Callable[[], AbstractContextManager]):
+            super().__init__()
+            self.kernel_context = kernel_context
+
+        # The parameters are spelled out: diffusers' Attention drops keyword arguments (image_rotary_emb)
+        # that a processor's signature does not name.
+        def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask=None, image_rotary_emb=None):
+            with self.kernel_context():
+                return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+
+    return KernelAttnProcessor
 
 
 @dataclass

@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from slapgen.engine.caching import CacheSetting
 from slapgen.engine.params import EngineOptions
 from slapgen.errors import SettingsError
 from slapgen.models.loading import default_cache_dir
@@ -53,6 +54,12 @@ class SlapSettings(BaseSettings):
         "auto", description="torchao quantisation of the transformer's linear layers; auto = fp8 on a capable GPU"
     )
     compile: bool = Field(False, description="torch.compile the transformer and warm it up before reporting ready")
+    attention: Literal["sdpa", "flash", "efficient", "cudnn", "math", "fa3", "fp8", "sage"] = Field(
+        "sdpa", description="the transformer's attention kernel; sdpa lets PyTorch pick one per call"
+    )
+    cache: str = Field(
+        "none", description="step caching: none, pab, fastercache, fbc:THRESHOLD (0 < THRESHOLD <= 1) or taylorseer"
+    )
     adapters_dir: Path | None = Field(
         None, description="LoRA adapters: NAME.safetensors or NAME/ folders (default: SLAP_CACHE_DIR/adapters)"
     )
@@ -74,6 +81,12 @@ class SlapSettings(BaseSettings):
     def _empty_token_is_unset(cls, value):
         return value or None
 
+    @field_validator("cache")
+    @classmethod
+    def _cache_parses(cls, value):
+        CacheSetting.parse(value)  # ValueError -> one sentence naming SLAP_CACHE
+        return value.strip()
+
     @field_validator("max_lora_rank")
     @classmethod
     def _rank_in_range(cls, value):
@@ -94,13 +107,16 @@ class SlapSettings(BaseSettings):
 
     def engine_options(self, worker_index: int = 1) -> EngineOptions:
         """What this worker's engine runs with; with several GPUs, worker k (1-based) takes GPU k-1."""
+        import torch
+
+        from slapgen.engine.attention import check_attention
         from slapgen.engine.quantization import choose_quantization
 
         device = self.resolved_device()
         if device == "cuda":
-            import torch
-
             device = f"cuda:{(worker_index - 1) % torch.cuda.device_count()}"
+        # The model's dtype is not known yet: bf16 (what 5B runs in) on a GPU; the engine checks again with it.
+        check_attention(self.attention, device, torch.bfloat16 if device.startswith("cuda") else torch.float32)
         return EngineOptions(
             device=device,
             offload=self.offload,
@@ -111,6 +127,8 @@ class SlapSettings(BaseSettings):
             lora_target_modules=tuple(self.target_modules()),
             adapter_cache_size=self.adapter_cache_size,
             max_queue=self.max_queue,
+            attention=self.attention,
+            cache=CacheSetting.parse(self.cache),
         )
 
     def resolved_device(self) -> str:
