@@ -5,7 +5,9 @@ whose first frames are the condition. `check_condition` is the rule the service 
 apply: such an adapter needs a condition image, and a condition image needs such an adapter.
 `TicftGeneration.start` encodes the condition image, repeated over the whole clip (the VAE encodes
 in chunks of frames, so the condition is encoded inside a clip as long as training's, the way TIC-FT's
-own inference does), and draws the first latents; `after_step` puts the clean condition and the
+own inference does; the one chunk that straddles condition and target, pixel frames 9-16 for c1b3t9,
+saw target frames in training and the image here, which touches only the last buffer, noised to 749
+or more), and draws the first latents; `after_step` puts the clean condition and the
 buffers' fixed noisy copies back after every scheduler step (`slapgen.models.ticft`); `frames` keeps
 the target frames unless the whole clip was asked for. Nothing here changes the transformer's input
 shapes or the LoRA slot, so switching between TIC-FT and plain adapters never recompiles.
