@@ -21,7 +21,7 @@ from slapgen.engine.adapters import MAX_ADAPTER_BYTES
 from slapgen.engine.generator import VideoGenerator
 from slapgen.errors import GenerationCancelledError, SlapgenError
 from slapgen.models.loading import resolve_model
-from slapgen.serving.body_limit import BodySizeLimit
+from slapgen.serving.body_limit import GENERATION_BODY_LIMIT, BodySizeLimit
 from slapgen.serving.http_errors import describe_error, error_response, quiet_client_errors, status_for
 from slapgen.serving.job_routes import JobRoutes
 from slapgen.serving.openapi import ApiDocument
@@ -99,7 +99,7 @@ class SlapGen:
     def generate(self, request: GenerateRequest, /, ctx: bentoml.Context) -> Annotated[Path, ContentType("video/mp4")]:
         """Generate a clip: {"prompt": "..."} or {"template": "knockout", "slots": {...}}, plus optional settings."""
         try:
-            params = request.for_model(self.generator.spec, self.generator.adapters.names())
+            params = _resolve(request, self.generator)
             ctx.response.headers["X-Seed"] = str(params.seed)
             return self.generator.generate_mp4(params, Path(ctx.temp_dir) / "video.mp4", deadline=_deadline())
         except SlapgenError as error:
@@ -112,7 +112,7 @@ class SlapGen:
         # BentoML also routes a plain POST /jobs here, without a task id: it runs like /generate.
         task_id = getattr(ctx.request.state, "task_id", None) or f"direct-{id(ctx)}"
         try:
-            params = request.for_model(self.generator.spec, self.generator.adapters.names())
+            params = _resolve(request, self.generator)
             job_board.queued(task_id, params.num_inference_steps)
             path = self.generator.generate_mp4(
                 params, Path(ctx.temp_dir) / "video.mp4", on_step=lambda k, n: job_board.step(task_id, k, n),
@@ -141,15 +141,19 @@ class SlapGen:
         return {"template": request.template, "prompt": text, "words": len(text.split())}
 
 
+def _resolve(request: GenerateRequest, generator: VideoGenerator):
+    """The request checked against the running model, its adapters and their TIC-FT layouts."""
+    return request.for_model(generator.spec, generator.adapters.names(), generator.adapters.ticft_layout)
+
+
 def _check_job(request: GenerateRequest):
-    generator = bentoml.get_current_service().generator
-    return request.for_model(generator.spec, generator.adapters.names())
+    return _resolve(request, bentoml.get_current_service().generator)
 
 
 # Outermost first: bound the body, refuse form bodies on JSON routes (BentoML's form parser 500s on a
 # malformed one), then BentoML's job routes as we offer them (submit checked first, cancel, status);
 # serve our API document and an offline API page in place of BentoML's.
-SlapGen.add_asgi_middleware(BodySizeLimit, upload_limit=MAX_ADAPTER_BYTES + 1024**2)
+SlapGen.add_asgi_middleware(BodySizeLimit, upload_limit=MAX_ADAPTER_BYTES + 1024**2, generation_limit=GENERATION_BODY_LIMIT)
 SlapGen.add_asgi_middleware(JsonBodiesOnly)
 SlapGen.add_asgi_middleware(JobRoutes, check=_check_job, board=job_board)
 SlapGen.add_asgi_middleware(ApiDocument, spec=lambda: SlapGen.openapi_spec.asdict(), version=version("slapgen"))

@@ -63,6 +63,15 @@ class AdapterTooLargeError(AdapterError):
     """An upload above the size limit."""
 
 
+class TicftLayoutError(SlapgenError, ValueError):
+    """A TIC-FT layout (`c1b3t9`) that cannot be parsed or does not fit the model's frame limits. Also a
+    ValueError, so a config validator can raise it."""
+
+
+class ImageError(SlapgenError):
+    """A condition image that is not a PNG or JPEG slapgen can decode within its limits."""
+
+
 class RequestError(SlapgenError):
     """A generation request the running model cannot honour (a field out of its limits)."""
 

@@ -172,9 +172,10 @@ def preset_overrides(tiny_cache_dir: Path, *extra: str) -> list[str]:
 
 
 def write_test_adapter(folder: Path, tiny_cache_dir: Path, rank: int, seed: int, alpha: float | None = None,
-                       base_model: str = "tiny") -> Path:
+                       base_model: str = "tiny", ticft_layout: str | None = None) -> Path:
     """A LoRA adapter for the tiny model in exactly the trainer's format (trainer.lora.save_lora),
-    with seeded random weights so two adapters change the output differently."""
+    with seeded random weights so two adapters change the output differently; `ticft_layout` makes it
+    a TIC-FT adapter of that layout."""
     import torch
     from diffusers import CogVideoXTransformer3DModel
 
@@ -182,7 +183,12 @@ def write_test_adapter(folder: Path, tiny_cache_dir: Path, rank: int, seed: int,
     from trainer.config import load_config
     from trainer.lora import add_lora, save_lora
 
-    config = load_config("tiny-smoke", [f"model_cache_dir={tiny_cache_dir}", f"lora.rank={rank}", f"lora.alpha={alpha or rank}"])
+    overrides = [f"model_cache_dir={tiny_cache_dir}", f"lora.rank={rank}", f"lora.alpha={alpha or rank}"]
+    if ticft_layout is not None:
+        from slapgen.models.ticft import TicftLayout
+
+        overrides += [f"ticft.layout={ticft_layout}", f"data.num_frames={TicftLayout.parse(ticft_layout).pixel_frames}"]
+    config = load_config("tiny-smoke", overrides)
     transformer = CogVideoXTransformer3DModel.from_pretrained(materialise_tiny_model(tiny_cache_dir), subfolder="transformer")
     add_lora(transformer, config.lora)
     generator = torch.Generator().manual_seed(seed)

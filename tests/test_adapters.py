@@ -109,11 +109,16 @@ def test_recent_adapters_come_from_memory(adapter_files, target, tmp_path, monke
 def test_hot_swap_on_the_compiled_model_never_recompiles(adapter_files, tiny_cache_dir, tmp_path, monkeypatch):
     """base -> A -> B -> A -> base on the torch.compile'd tiny transformer, with dynamo told to fail on
     any recompilation; outputs prove each swap took effect and swapping back restores exactly, also after a
-    cancelled generation."""
+    cancelled generation and between a TIC-FT adapter (image-to-video: its own first latents and step
+    callback) and a plain one."""
+    from tests.conftest import write_test_adapter
+
     adapters_dir = tmp_path / "adapters"
     adapters_dir.mkdir()
     for name in ("a", "b"):
         shutil.copy(adapter_files[name], adapters_dir / f"{name}.safetensors")
+    write_test_adapter(tmp_path / "ticft", tiny_cache_dir, rank=4, seed=12, ticft_layout="c1b1t1")
+    shutil.copy(tmp_path / "ticft" / "pytorch_lora_weights.safetensors", adapters_dir / "ticft.safetensors")
     options = EngineOptions(compile=True, adapters_dir=adapters_dir, max_lora_rank=MAX_RANK)
     generator = VideoGenerator.load(resolve_model("tiny", tiny_cache_dir), options)
     assert generator.info()["compiled"] is True and generator.compiled.graphs >= 1
@@ -135,6 +140,11 @@ def test_hot_swap_on_the_compiled_model_never_recompiles(adapter_files, tiny_cac
     assert not np.array_equal(frames["a"], frames["b"])
     assert not np.array_equal(frames["base"], frames["a"])
     assert not np.array_equal(half, frames["a"]) and not np.array_equal(half, frames["base"])
+    image = (np.random.default_rng(3).random((64, 96, 3)) * 255).astype(np.uint8)
+    animated = generator.generate_frames(base.replace(adapter="ticft", condition_image=image))
+    assert np.array_equal(generator.generate_frames(base.replace(adapter="a")), frames["a"])
+    assert np.array_equal(generator.generate_frames(base.replace(adapter="ticft", condition_image=image)), animated)
+    assert animated.shape == (4, 64, 96, 3) and generator.info()["recompilations"] == 0
     assert json.dumps(generator.info())  # /info is plain JSON
 
 

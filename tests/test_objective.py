@@ -85,7 +85,8 @@ def test_the_loop_scales_latents_by_the_models_own_vae_factor(vae, demo_dataset,
     seen = []
     real_step = train_module.training_step
 
-    def spying_step(transformer, scheduler, batch, draws, rotary, dtype):
+    def spying_step(transformer, scheduler, batch, draws, rotary, dtype, frame_plan=None):
+        assert frame_plan is None  # a plain run: every frame noised at t, every frame in the loss
         loss = real_step(transformer, scheduler, batch, draws, rotary, dtype)
         expected = objective_by_hand(transformer, scheduler.alphas_cumprod, batch.latent_mean, batch.latent_logvar,
                                      batch.prompt_embeds, draws, factor, rotary)

@@ -32,14 +32,16 @@ def test_preset_trains_and_its_lora_serves_with_default_settings(preset, demo_da
     from diffusers import CogVideoXPipeline
 
     original = load_config(preset)
-    config = load_config(preset, preset_overrides(tiny_cache_dir))
+    # A TIC-FT preset's clip length is its layout's: the tiny run uses c1b1t1, 9 frames like the others.
+    config = load_config(preset, preset_overrides(tiny_cache_dir, *(["ticft.layout=c1b1t1"] if original.ticft else [])))
     assert config.lora == original.lora and config.logging == original.logging
     assert config.optim.model_copy(update={"lr_warmup_steps": original.optim.lr_warmup_steps}) == original.optim
     assert config.train.mixed_precision == original.train.mixed_precision
 
     dtypes = []
     real_step = train_module.training_step
-    monkeypatch.setattr(train_module, "training_step", lambda *args: dtypes.append(args[-1]) or real_step(*args))
+    monkeypatch.setattr(train_module, "training_step",
+                        lambda *args, **kwargs: dtypes.append(args[-1]) or real_step(*args, **kwargs))
     run = tmp_path / "run"
     adapter = train_module.train(config, demo_dataset, run, progress=False)
 
@@ -55,6 +57,7 @@ def test_preset_trains_and_its_lora_serves_with_default_settings(preset, demo_da
         assert (run / "validation" / "step-000002" / "prompt-00.mp4").stat().st_size > 0
     metadata = read_lora_metadata(adapter)
     assert (int(metadata["slapgen.rank"]), float(metadata["slapgen.alpha"])) == (original.lora.rank, original.lora.alpha)
+    assert metadata.get("slapgen.ticft_layout") == (config.ticft.layout if config.ticft else None)
 
     # Serve it with the engine's default options (slot sized from the adapters present).
     adapters = tmp_path / "adapters"
@@ -64,6 +67,14 @@ def test_preset_trains_and_its_lora_serves_with_default_settings(preset, demo_da
     generator = VideoGenerator.load(resolved, EngineOptions(adapters_dir=adapters))
     assert generator.slot.max_rank >= original.lora.rank
     params = GenerationParams.defaults_for(generator.spec, seed=1, num_inference_steps=2, adapter="trained")
+    if config.ticft:  # image-to-video: served from a condition image, against TIC-FT written out with diffusers
+        from tests.test_ticft import reference_ticft_frames
+
+        image = (np.random.default_rng(2).random((generator.spec.height, generator.spec.width, 3)) * 255).astype(np.uint8)
+        params = params.replace(condition_image=image)
+        expected = reference_ticft_frames(resolved.folder, adapter, params, config.ticft.parsed_layout)
+        np.testing.assert_allclose(generator.generate_frames(params), expected, rtol=0, atol=1e-3)
+        return
     served = generator.generate_frames(params)
     reference = CogVideoXPipeline.from_pretrained(resolved.folder, dtype=torch.float32)
     reference.set_progress_bar_config(disable=True)

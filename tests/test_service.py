@@ -145,10 +145,14 @@ def test_an_attention_kernel_that_cannot_run_stops_start_up_with_one_sentence(tm
 
 
 def test_a_huge_body_is_a_413_before_it_is_read(tiny_server):
-    """Guards unlimited bodies: a 500 MB JSON body used to be accepted into memory."""
-    response = httpx.post(f"{tiny_server.url}/generate", content=b'{"prompt": "' + b"x" * (2 * 1024**2) + b'"}',
+    """Guards unlimited bodies: a 500 MB JSON body used to be accepted into memory. (/generate takes up to
+    12 MiB, room for a TIC-FT condition image; other JSON routes 1 MiB.)"""
+    response = httpx.post(f"{tiny_server.url}/generate", content=b'{"prompt": "' + b"x" * (13 * 1024**2) + b'"}',
                           headers={"content-type": "application/json"}, timeout=60)
     assert response.status_code == 413 and set(response.json()) == {"error", "detail"}
+    rendered = httpx.post(f"{tiny_server.url}/prompts/render", content=b'{"template": "' + b"x" * (2 * 1024**2) + b'"}',
+                          headers={"content-type": "application/json"}, timeout=60)
+    assert rendered.status_code == 413 and "larger than 1048576 bytes" in rendered.json()["error"]
 
 
 def test_a_bad_request_logs_one_line_not_a_traceback(tiny_server):

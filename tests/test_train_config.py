@@ -27,7 +27,7 @@ def test_every_field_is_documented():
 
 
 def test_presets_match_the_research_notes():
-    assert PRESETS == ["aggressive", "conservative", "tiny-smoke"]
+    assert PRESETS == ["aggressive", "conservative", "ticft", "tiny-smoke"]
     conservative = load_config("conservative")
     assert conservative.model == "THUDM/CogVideoX-5b"
     assert (conservative.data.max_clips, conservative.data.num_frames, conservative.data.height,
@@ -44,13 +44,24 @@ def test_presets_match_the_research_notes():
     assert (aggressive.lora.rank, aggressive.lora.alpha) == (256, 128)
     assert (aggressive.optim.optimizer, aggressive.optim.learning_rate, aggressive.optim.weight_decay) == ("adamw", 5e-4, 1e-2)
 
+    # TIC-FT's released code (scripts/cogvideox/P2V/train.sh), not the research note's batch 2 / lr 1e-3.
+    ticft = load_config("ticft")
+    assert (ticft.ticft.layout, ticft.ticft.condition) == ("c1b3t9", "first-frame")
+    assert (ticft.data.num_frames, ticft.data.height, ticft.data.width) == (49, 480, 480)
+    assert (ticft.lora.rank, ticft.lora.alpha) == (128, 128)
+    assert (ticft.train.max_train_steps, ticft.train.batch_size, ticft.train.gradient_accumulation_steps) == (6000, 1, 1)
+    o = ticft.optim
+    assert (o.optimizer, o.learning_rate, o.adam_beta1, o.adam_beta2, o.weight_decay, o.adam_epsilon, o.max_grad_norm,
+            o.lr_scheduler, o.lr_warmup_steps) == ("adamw", 5e-5, 0.9, 0.99, 1e-4, 1e-8, 1.0, "constant_with_warmup", 1000)
+    assert "train.batch_size=2 --set optim.learning_rate=1e-3" in (PRESETS_DIR / "ticft.yaml").read_text()
+
     smoke = load_config("tiny-smoke")
     assert smoke.model == "tiny" and smoke.train.max_train_steps <= 20 and smoke.train.mixed_precision == "no"
 
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_documented_yaml_round_trips(preset, tmp_path):
-    config = load_config(preset, ["lora.rank=64", "train.max_train_steps=300"])
+    config = load_config(preset, ["lora.rank=64", "train.max_train_steps=3000"])
     text = config.to_documented_yaml()
     assert "# peak learning rate (after warm-up)" in text and "# LoRA rank r" in text
     file = tmp_path / "config.yaml"

@@ -52,7 +52,7 @@ def cmd_precompute(args) -> int:
     setting = ModelSetting("--model", "use --model tiny") if args.model else TRAINER_SETTING
     resolved = resolve_model(config.model, config.model_cache_dir, setting=setting)
     clips = read_dataset(args.dataset)[: config.data.max_clips]
-    report = LatentCache(args.out, resolved, config.data, device=args.device).precompute(clips)
+    report = LatentCache(args.out, resolved, config.data, device=args.device, ticft=config.ticft).precompute(clips)
     print(report.summary())
     if report.skipped:
         print(json.dumps(report.skipped, indent=2))
@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     pre.set_defaults(run=cmd_precompute)
 
     tr = commands.add_parser("train", help="train a LoRA; writes RUN_DIR/pytorch_lora_weights.safetensors")
-    tr.add_argument("--config", required=True, help="YAML file or preset name (conservative, aggressive, tiny-smoke)")
+    tr.add_argument("--config", required=True, help="YAML file or preset name (conservative, aggressive, ticft, tiny-smoke)")
     tr.add_argument("--data", type=Path, required=True, help="dataset folder or .csv/.jsonl")
     tr.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, metrics, validation, LoRA)")
     tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. lora.rank=64")

@@ -12,6 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from slapgen.models.cogvideox import SIZE_MULTIPLE, frame_rule, is_valid_frame_count
+from slapgen.models.ticft import TicftLayout
 from trainer.errors import TrainConfigError
 
 PRESETS_DIR = Path(__file__).parent / "presets"
@@ -91,6 +92,23 @@ class LoggingConfig(Section):
     tensorboard: bool = Field(True, description="also log to TensorBoard under RUN_DIR/logs")
 
 
+class TicftConfig(Section):
+    layout: str = Field("c1b3t9", description="latent frames: c<condition>b<buffer>t<target>; c1b3t9 = 49 pixel "
+                                              "frames, 13 of condition then 36 of target")
+    condition: Literal["first-frame", "pairs"] = Field(
+        "first-frame", description="first-frame: each clip's own first frame; pairs: the dataset (.csv/.jsonl) "
+                                   "names an image or clip per row in a `condition` column")
+
+    @field_validator("layout")
+    @classmethod
+    def _layout_parses(cls, value: str) -> str:
+        return str(TicftLayout.parse(value))
+
+    @property
+    def parsed_layout(self) -> TicftLayout:
+        return TicftLayout.parse(self.layout)
+
+
 class TrainConfig(Section):
     """Everything a run needs. Save it next to the weights and the run is reproducible."""
 
@@ -106,11 +124,22 @@ class TrainConfig(Section):
     checkpoint: CheckpointConfig = Field(CheckpointConfig(), description="resumable checkpoints")
     validation: ValidationConfig = Field(ValidationConfig(), description="videos generated during training")
     logging: LoggingConfig = Field(LoggingConfig(), description="metrics.jsonl and TensorBoard")
+    ticft: TicftConfig | None = Field(
+        None, description="temporal in-context fine-tuning (image-to-video, e.g. {layout: c1b3t9}); null: text-to-video")
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> "TrainConfig":
         if self.optim.lr_warmup_steps >= self.train.max_train_steps and self.optim.lr_scheduler != "constant":
             raise ValueError("optim.lr_warmup_steps must be below train.max_train_steps")
+        return self
+
+    @model_validator(mode="after")
+    def _clip_length_is_the_layouts(self) -> "TrainConfig":
+        if self.ticft is not None:
+            layout = self.ticft.parsed_layout.check_fits(None, "CogVideoX 1.0")
+            if self.data.num_frames != layout.pixel_frames:
+                raise ValueError(f"data.num_frames must be {layout.pixel_frames}, the pixel frames of ticft.layout "
+                                 f"{layout}, got {self.data.num_frames}")
         return self
 
     def to_yaml(self) -> str:

@@ -2,7 +2,8 @@
 
 Layouts (picked from what `path` is):
 - a folder with `videos.txt` + `prompts.txt` (diffusers' training scripts): line i pairs up;
-- a `.csv` / `.jsonl` file with `video` and `caption` columns (paths relative to the file);
+- a `.csv` / `.jsonl` file with `video` and `caption` columns (paths relative to the file), and
+  optionally `condition` (an image or clip a TIC-FT pairs dataset conditions that row on);
 - a folder of `clip.mp4` + `clip.txt` pairs (searched recursively).
 
 Two things a dataset handed to us may hold are never trusted:
@@ -29,7 +30,7 @@ from pathlib import Path
 from trainer.errors import DatasetError
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".webm", ".mkv", ".avi", ".m4v")
-VIDEO_COLUMN, CAPTION_COLUMN = "video", "caption"
+VIDEO_COLUMN, CAPTION_COLUMN, CONDITION_COLUMN = "video", "caption", "condition"
 _UNDECODABLE = re.compile("[\udc80-\udcff]")  # what surrogateescape makes of bytes that are not UTF-8
 CAPTION_PROBLEMS = {"caption_unreadable": "is not valid UTF-8", "caption_outside_dataset": "is a link out of the dataset folder"}
 
@@ -42,6 +43,7 @@ class Clip:
     caption: str | None
     name: str
     issues: tuple[str, ...] = ()  # what was refused while reading (only without require_files / require_captions)
+    condition: Path | None = None  # a TIC-FT pairs dataset's condition image or clip for this row
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,7 @@ class _Row:
     source: str  # where the row is, for messages: "data.csv line 3"
     caption_source: str  # the file (and line) the caption comes from
     caption_issue: str | None = None  # a caption file that was not read (a link out of the dataset)
+    condition: str | None = None  # the `condition` column, as written
 
 
 def read_dataset(path: Path, require_captions: bool = True, require_files: bool = True) -> list[Clip]:
@@ -105,7 +108,22 @@ def _clip(root: Path, row: _Row, require_captions: bool, require_files: bool) ->
     caption = caption.strip() if caption else None
     if require_captions and not caption:
         raise DatasetError(f"{row.source}: video {row.name} has an empty caption")
-    return Clip(video=video, caption=caption or None, name=row.name, issues=tuple(issues))
+    return Clip(video=video, caption=caption or None, name=row.name, issues=tuple(issues),
+                condition=_condition(root, row, require_files))
+
+
+def _condition(root: Path, row: _Row, require_files: bool) -> Path | None:
+    """The row's condition file, held to the same rules as its video; None when the row names none."""
+    if not row.condition:
+        return None
+    if _UNDECODABLE.search(row.condition):
+        raise DatasetError(f"{row.source}: the condition path is not valid UTF-8")
+    condition, inside = _resolve(root, row.condition)
+    if not inside:
+        raise DatasetError(f"{row.source}: condition {row.condition} is a link out of the dataset folder")
+    if require_files and not condition.is_file():
+        raise DatasetError(f"{row.source}: condition {row.condition} not found (looked in {condition})")
+    return condition
 
 
 def _resolve(root: Path, name: str) -> tuple[Path, bool]:
@@ -139,7 +157,8 @@ def _csv_rows(path: Path) -> list[_Row]:
         rows = []
         for number, row in enumerate(reader, start=2):
             where = f"{path.name} line {number}"
-            rows.append(_Row((row[VIDEO_COLUMN] or "").strip(), row[CAPTION_COLUMN], where, where))
+            rows.append(_Row((row[VIDEO_COLUMN] or "").strip(), row[CAPTION_COLUMN], where, where,
+                             condition=(row.get(CONDITION_COLUMN) or "").strip() or None))
         return rows
 
 
@@ -156,7 +175,8 @@ def _jsonl_rows(path: Path) -> list[_Row]:
             raise DatasetError(f"{path.name} line {number} is not a JSON object")
         _check_columns(list(row), path)
         where = f"{path.name} line {number}"
-        rows.append(_Row(str(row[VIDEO_COLUMN]).strip(), row[CAPTION_COLUMN], where, where))
+        condition = str(row.get(CONDITION_COLUMN) or "").strip()
+        rows.append(_Row(str(row[VIDEO_COLUMN]).strip(), row[CAPTION_COLUMN], where, where, condition=condition or None))
     return rows
 
 

@@ -2,7 +2,8 @@
 
 Frames are sampled at the target fps from the start of the clip, resized so the clip covers the
 target size, centre-cropped, and scaled to [-1, 1]. Decoding streams and stops at the last frame
-needed, so long clips cost no more than short ones.
+needed, so long clips cost no more than short ones. A TIC-FT clip (`load_ticft_clip`) is the
+condition's frames followed by the target's, assembled here and encoded in one VAE pass.
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from slapgen.errors import ImageError
+from slapgen.images import IMAGE_SUFFIXES, image_frame, read_image, resize_and_crop
+from slapgen.models.ticft import TicftLayout
 from trainer.errors import ClipError
 
 
@@ -59,17 +62,24 @@ def load_clip(path: Path, num_frames: int, fps: float, height: int, width: int) 
     return resize_and_crop(video, height, width) / 127.5 - 1.0
 
 
-def resize_and_crop(video: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Scale (F, C, H, W) so it covers height x width, then cut the centre."""
-    source_height, source_width = video.shape[-2:]
-    scale = max(height / source_height, width / source_width)
-    resized_height = max(height, round(source_height * scale))
-    resized_width = max(width, round(source_width * scale))
-    if (resized_height, resized_width) != (source_height, source_width):
-        video = F.interpolate(video, size=(resized_height, resized_width), mode="bilinear", antialias=True, align_corners=False)
-    top = (resized_height - height) // 2
-    left = (resized_width - width) // 2
-    return video[..., top : top + height, left : left + width].clamp(0, 255)
+def load_ticft_clip(video: Path, condition: Path | None, layout: TicftLayout, fps: float, height: int,
+                    width: int) -> torch.Tensor:
+    """A TIC-FT training clip, (layout.pixel_frames, 3, height, width) in [-1, 1]: the condition's
+    `condition_pixel_frames`, then the target's `target_pixel_frames` from the start of `video`.
+
+    The condition is `video`'s own first frame (None), an image file repeated, or the first frames of
+    another clip. Raises `ClipError`."""
+    target = load_clip(video, layout.target_pixel_frames, fps, height, width)
+    if condition is None:
+        head = target[:1].expand(layout.condition_pixel_frames, -1, -1, -1)
+    elif condition.suffix.lower() in IMAGE_SUFFIXES:
+        try:
+            head = image_frame(read_image(condition), height, width).expand(layout.condition_pixel_frames, -1, -1, -1)
+        except ImageError as error:
+            raise ClipError("corrupt", str(error)) from None
+    else:
+        head = load_clip(condition, layout.condition_pixel_frames, fps, height, width)
+    return torch.cat([head, target]).contiguous()
 
 
 def _first_line(error: BaseException) -> str:

@@ -1,7 +1,10 @@
 """Encode every clip with the VAE and every caption with T5 once; training reads only this cache.
 
 One safetensors file per (clip bytes, caption, model, resolution, frames, fps), named by the hash
-of all of them, so a changed clip or caption is re-encoded and everything else is reused. Each entry
+of all of them, so a changed clip or caption is re-encoded and everything else is reused. A TIC-FT
+run (`ticft` in the config) encodes the condition and target as one clip in one VAE pass, and its
+keys add the layout, the condition source and, for a pairs dataset, the condition file's bytes: the
+VAE's latents of the target depend on what precedes it. Each entry
 records the factors of the VAE that encoded it (`VaeFactors`: spatial, temporal, scaling factor), so
 training scales latents with the factor that belongs to them. Files are written atomically, so an
 interrupted run resumes where it stopped and never leaves a half-written entry. A clip that cannot
@@ -29,10 +32,10 @@ from slapgen.errors import first_line
 from slapgen.models.cogvideox import VaeFactors
 from slapgen.models.loading import ResolvedModel, load_pipeline
 from slapgen.models.specs import ModelSpec
-from trainer.config import DataConfig
+from trainer.config import DataConfig, TicftConfig
 from trainer.datasets import Clip
-from trainer.errors import ClipError
-from trainer.frames import load_clip
+from trainer.errors import ClipError, DatasetError
+from trainer.frames import load_clip, load_ticft_clip
 
 CACHE_FORMAT = 2  # 2: entries record the VAE's factors
 HASH_INDEX = "file_hashes.json"
@@ -87,6 +90,13 @@ class CacheEntry:
     def vae_factors(self) -> VaeFactors:
         with safe_open(str(self.path), framework="pt") as handle:
             return VaeFactors.from_metadata(handle.metadata())
+
+    def mean_latents(self) -> torch.Tensor:
+        """The clip's posterior mean, scaled as the transformer sees latents, (1, F, C, H, W)."""
+        with safe_open(str(self.path), framework="pt") as handle:
+            mean = handle.get_tensor("latent_mean").float()
+            factor = VaeFactors.from_metadata(handle.metadata()).scaling_factor
+        return (mean * factor).permute(1, 0, 2, 3).unsqueeze(0).contiguous()
 
 
 @dataclass
@@ -154,11 +164,13 @@ class Encoders:
 
 
 class LatentCache:
-    def __init__(self, root: Path, resolved: ResolvedModel, data: DataConfig, device: str = "cpu"):
+    def __init__(self, root: Path, resolved: ResolvedModel, data: DataConfig, device: str = "cpu",
+                 ticft: TicftConfig | None = None):
         self.root = Path(root)
         self.resolved = resolved
         self.data = data
         self.device = device
+        self.ticft = ticft
         self._encoders: Encoders | None = None
 
     @property
@@ -167,12 +179,18 @@ class LatentCache:
             self._encoders = Encoders.load(self.resolved, self.device)
         return self._encoders
 
-    def clip_key(self, file_hash: str, caption: str) -> str:
+    def clip_key(self, file_hash: str, caption: str, condition_hash: str = "") -> str:
         d = self.data
-        return _sha256(
-            f"v{CACHE_FORMAT}", file_hash, caption, model_identity(self.resolved), f"{d.height}x{d.width}",
-            f"{d.num_frames}@{d.fps:g}",
-        )
+        parts = [f"v{CACHE_FORMAT}", file_hash, caption, model_identity(self.resolved), f"{d.height}x{d.width}",
+                 f"{d.num_frames}@{d.fps:g}"]
+        if self.ticft is not None:  # plain runs keep their keys
+            parts += [f"ticft:{self.ticft.layout}:{self.ticft.condition}", condition_hash]
+        return _sha256(*parts)
+
+    def _condition_hash(self, clip: Clip, hasher: "FileHasher") -> str:
+        if self.ticft is None or self.ticft.condition != "pairs":
+            return ""
+        return hasher.digest(clip.condition)
 
     def _path(self, kind: str, key: str) -> Path:
         return self.root / kind / key[:2] / f"{key}.safetensors"
@@ -180,13 +198,18 @@ class LatentCache:
     def precompute(self, clips: list[Clip], progress: bool = True) -> PrecomputeReport:
         from tqdm.auto import tqdm
 
+        if self.ticft is not None and self.ticft.condition == "pairs":
+            missing = [clip.name for clip in clips if clip.condition is None]
+            if missing:
+                raise DatasetError(f"ticft.condition is pairs, but {len(missing)} rows name no condition (first: "
+                                   f"{missing[0]}); add a `condition` column with an image or clip per row")
         self.root.mkdir(parents=True, exist_ok=True)
         hasher = FileHasher(self.root / HASH_INDEX)
         report = PrecomputeReport()
         bar = tqdm(clips, desc="precompute", unit="clip", disable=not progress)
         try:
             for clip in bar:
-                key = self.clip_key(hasher.digest(clip.video), clip.caption or "")
+                key = self.clip_key(hasher.digest(clip.video), clip.caption or "", self._condition_hash(clip, hasher))
                 path = self._path("clips", key)
                 if _reusable(path, CLIP_TENSORS, clip.name, report, bar.write):
                     report.reused += 1
@@ -203,8 +226,13 @@ class LatentCache:
 
     def _encode_clip(self, clip: Clip, path: Path, report: PrecomputeReport, say) -> bool:
         """Encode `clip` into the entry at `path`; False (reported in `report.skipped`) if it cannot be decoded."""
+        d = self.data
+        condition = clip.condition if self.ticft is not None and self.ticft.condition == "pairs" else None
         try:
-            frames = load_clip(clip.video, self.data.num_frames, self.data.fps, self.data.height, self.data.width)
+            if self.ticft is None:
+                frames = load_clip(clip.video, d.num_frames, d.fps, d.height, d.width)
+            else:
+                frames = load_ticft_clip(clip.video, condition, self.ticft.parsed_layout, d.fps, d.height, d.width)
         except ClipError as error:
             report.skipped.append({"video": clip.name, "reason": error.reason, "detail": str(error)})
             say(f"skipped {clip.name}: {error}")
@@ -216,6 +244,8 @@ class LatentCache:
             "prompt_embeds": self.encoders.encode_prompt(clip.caption or "").contiguous(),
         }
         metadata = {"video": clip.name, "caption": clip.caption or "", **self.encoders.vae_factors.to_metadata()}
+        if self.ticft is not None:
+            metadata.update(ticft_layout=self.ticft.layout, ticft_condition=condition.name if condition else "first-frame")
         _atomic_save(tensors, path, metadata)
         return True
 

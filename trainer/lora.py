@@ -2,7 +2,8 @@
 
 The file is what `CogVideoXPipeline.load_lora_weights` reads: keys `transformer.<module>.lora_A/B.weight`
 and diffusers' `lora_adapter_metadata` (the peft config, so alpha survives). slapgen adds its own
-metadata under `slapgen.*`: base model, rank, alpha, target modules, steps, the training config.
+metadata under `slapgen.*`: base model, rank, alpha, target modules, steps, the training config, and
+for a TIC-FT run its layout (`slapgen.ticft_layout`), which tells the service it needs a condition image.
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ def save_lora(transformer, folder: Path, config: TrainConfig, base_model: str, s
         lora_format.STEPS_KEY: str(steps),
         lora_format.CONFIG_KEY: config.model_dump_json(),
     }
+    if config.ticft is not None:
+        metadata[lora_format.TICFT_LAYOUT_KEY] = config.ticft.layout
     path = folder / LORA_FILENAME
     with atomic_path(path) as staging:
         save_file(lora_state_dict(transformer), str(staging), metadata=metadata)

@@ -3,7 +3,8 @@
 `setup` builds a `Run`: one accelerate `Accelerator` (its mixed precision decided before it is
 created), the dataset encoded into the latent cache, the transformer with LoRA, optimizer and LR
 schedule, and the checkpoint to resume from. `train` then loops: load cached latents, draw the
-step's noise, `cogvideox.training_step`, backward, clip, step; log, checkpoint, validate every N
+step's noise (a TIC-FT run: each frame's noise level and the target-only loss, `slapgen.models.ticft`),
+`cogvideox.training_step`, backward, clip, step; log, checkpoint, validate every N
 steps; and finally writes RUN_DIR/pytorch_lora_weights.safetensors. Checkpoints are saved and loaded
 explicitly (`save_checkpoint` / `read_checkpoint` + `apply_checkpoint`): the LoRA, optimizer, schedule and each process's
 random state; the step inside them is also the data position (see trainer.batches). Resume reads
@@ -25,12 +26,14 @@ from accelerate.utils import ProjectConfiguration, parse_flag_from_env, set_seed
 
 from slapgen.atomic import atomic_write_text
 from slapgen.models.cogvideox import draw_noise, latent_frames, rotary_embeddings, training_step
+from slapgen.errors import TicftLayoutError
 from slapgen.models.loading import TRAINER_SETTING, ResolvedModel, resolve_model
+from slapgen.models.ticft import TicftLayout
 from trainer import checkpoints
 from trainer.batches import BatchOrder, load_batch
 from trainer.config import TrainConfig
 from trainer.datasets import read_dataset
-from trainer.errors import TrainError
+from trainer.errors import TrainConfigError, TrainError
 from trainer.latent_cache import CacheEntry, LatentCache
 from trainer.lora import LORA_FILENAME, add_lora, save_lora, set_lora_state
 from trainer.metrics import MetricsLog, peak_memory_mb, truncate_after
@@ -62,6 +65,7 @@ class Run:
     metrics: MetricsLog
     validator: Validator | None
     step: int = 0
+    ticft_layout: TicftLayout | None = None  # a TIC-FT run's layout: per-frame noise, target-only loss
 
     @property
     def main(self) -> bool:
@@ -83,6 +87,13 @@ def setup(config: TrainConfig, data_path: Path, run_dir: Path, resume: str | Non
 
     run_dir = Path(run_dir)
     resolved = resolve_model(config.model, config.model_cache_dir, setting=TRAINER_SETTING)
+    layout = None
+    if config.ticft is not None:
+        spec = resolved.spec
+        try:
+            layout = config.ticft.parsed_layout.check_fits(spec.max_num_frames, spec.name, spec.frame_step)
+        except TicftLayoutError as error:
+            raise TrainConfigError(f"ticft.layout: {error}") from None
     # accelerate keeps its state for the life of the process; a second `train()` in one process (a sweep,
     # the tests) must be free to pick another precision. The process group itself survives the reset.
     AcceleratorState._reset_state(reset_partial_state=True)
@@ -111,7 +122,8 @@ def setup(config: TrainConfig, data_path: Path, run_dir: Path, resume: str | Non
 
     # 1. Latent cache: the main process encodes, the others then find everything cached.
     clips = read_dataset(data_path)[: config.data.max_clips]
-    cache = LatentCache(config.latent_cache or run_dir / "cache", resolved, config.data, device=str(device))
+    cache = LatentCache(config.latent_cache or run_dir / "cache", resolved, config.data, device=str(device),
+                        ticft=config.ticft)
     with accelerator.main_process_first():
         report = cache.precompute(clips, progress=progress and main)
         validation_embeds = cache.prompt_embeddings([*config.validation.prompts, ""])
@@ -140,9 +152,10 @@ def setup(config: TrainConfig, data_path: Path, run_dir: Path, resume: str | Non
         vae = AutoencoderKLCogVideoX.from_pretrained(resolved.folder, subfolder="vae", dtype=weight_dtype).to(device)
         vae.enable_slicing()
         vae.enable_tiling()
+        condition = (layout, report.entries[0].mean_latents().to(device)) if layout is not None else None
         validator = Validator(
             run_dir / "validation", vae, noise_scheduler.config, validation_embeds[:-1], validation_embeds[-1],
-            config.validation, config.data,
+            config.validation, config.data, ticft=condition,
         )
     if config.logging.tensorboard:
         accelerator.init_trackers("slapgen", config={"rank": config.lora.rank, "lr": config.optim.learning_rate})
@@ -167,6 +180,7 @@ def setup(config: TrainConfig, data_path: Path, run_dir: Path, resume: str | Non
         noise_generator=torch.Generator().manual_seed(config.train.seed * 1_000_003 + accelerator.process_index),
         metrics=MetricsLog(run_dir / "metrics.jsonl", accelerator, enabled=main),
         validator=validator,
+        ticft_layout=layout,
     )
 
     # 3. Resume.
@@ -204,9 +218,11 @@ def train(
     while run.step < max_steps:
         batch = load_batch(run.entries, run.order.indices(micro_step), accelerator.device)
         draws = draw_noise(batch, num_train_timesteps, run.noise_generator)
+        frame_plan = run.ticft_layout.frame_plan(draws.timesteps, num_train_timesteps) if run.ticft_layout else None
         with accelerator.accumulate(run.transformer):
             with accelerator.autocast():
-                loss = training_step(run.transformer, run.noise_scheduler, batch, draws, run.rotary, run.weight_dtype)
+                loss = training_step(run.transformer, run.noise_scheduler, batch, draws, run.rotary, run.weight_dtype,
+                                     frame_plan=frame_plan)
             accelerator.backward(loss)
             grad_norm = None
             if accelerator.sync_gradients:

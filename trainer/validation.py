@@ -1,4 +1,8 @@
-"""Validation videos: the current LoRA generates each validation prompt; mp4s go next to the step."""
+"""Validation videos: the current LoRA generates each validation prompt; mp4s go next to the step.
+
+A TIC-FT run conditions every validation video on the first training clip's condition, taken from
+the latent cache (its posterior mean, as the service encodes a condition image), re-injected after
+every step as the engine does, and writes the target frames: what the service would return."""
 
 from __future__ import annotations
 
@@ -7,12 +11,16 @@ from pathlib import Path
 
 import torch
 
+from slapgen.models.ticft import TicftLayout, next_timestep, start_conditioned
 from slapgen.video import write_mp4
 from trainer.config import DataConfig, ValidationConfig
 
 
 class Validator:
-    def __init__(self, folder: Path, vae, scheduler_config, prompt_embeds, negative_embeds, validation: ValidationConfig, data: DataConfig):
+    def __init__(self, folder: Path, vae, scheduler_config, prompt_embeds, negative_embeds, validation: ValidationConfig,
+                 data: DataConfig, ticft: tuple[TicftLayout, torch.Tensor] | None = None):
+        """`ticft`: a TIC-FT run's layout and clean condition latents (1, C+B, ch, h, w), scaled."""
+        self.ticft = ticft
         self.folder = Path(folder)
         self.vae = vae
         self.scheduler_config = scheduler_config
@@ -40,6 +48,7 @@ class Validator:
         # Validation must not consume the training RNG, or resumed runs would diverge.
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), autocast():
             for index, embeds in enumerate(self.prompt_embeds):
+                generator = torch.Generator("cpu").manual_seed(self.validation.seed)
                 frames = pipeline(
                     prompt_embeds=embeds.unsqueeze(0).to(device, self.vae.dtype),
                     negative_prompt_embeds=self.negative_embeds.unsqueeze(0).to(device, self.vae.dtype),
@@ -48,11 +57,27 @@ class Validator:
                     width=self.data.width,
                     num_inference_steps=self.validation.num_inference_steps,
                     guidance_scale=self.validation.guidance_scale,
-                    generator=torch.Generator("cpu").manual_seed(self.validation.seed),
+                    generator=generator,
                     output_type="np",
+                    **self._conditioning(pipeline, generator, device),
                 ).frames[0]
+                if self.ticft is not None:
+                    frames = frames[self.ticft[0].condition_pixel_frames :]
                 path = self.folder / f"step-{step:06d}" / f"prompt-{index:02d}.mp4"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 written.append(write_mp4(frames, path, fps=round(self.data.fps)))
         transformer.train(was_training)
         return written
+
+    def _conditioning(self, pipeline, generator: torch.Generator, device) -> dict:
+        """The pipeline arguments of a TIC-FT validation video: its first latents and the re-injection."""
+        if self.ticft is None:
+            return {}
+        layout, clean = self.ticft
+        latents, condition = start_conditioned(pipeline, layout, clean.to(device), generator,
+                                               self.validation.num_inference_steps, self.vae.dtype)
+
+        def reinject(pipe, step, timestep, tensors):
+            return {"latents": condition.reinject(tensors["latents"], next_timestep(pipe.scheduler, step))}
+
+        return {"latents": latents, "callback_on_step_end": reinject}

@@ -4,7 +4,8 @@ adapters held in CPU memory so switching back to a recent adapter never re-reads
 An adapter is one `NAME.safetensors` file or one diffusers LoRA folder `NAME/` holding
 `pytorch_lora_weights.safetensors`, in diffusers' LoRA format (`slapgen.models.lora_format`, what
 `slapgen train` writes). Validation happens before anything is written, so a bad upload leaves the
-folder untouched.
+folder untouched. A TIC-FT adapter carries its layout (`slapgen.ticft_layout`), checked against the
+running model's frame limits: it generates from a condition image, clips of that layout only.
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load
 
 from slapgen.atomic import atomic_write_bytes
-from slapgen.errors import AdapterError, AdapterExistsError, AdapterNotFoundError, AdapterTooLargeError
+from slapgen.errors import AdapterError, AdapterExistsError, AdapterNotFoundError, AdapterTooLargeError, TicftLayoutError
 from slapgen.models import lora_format
+from slapgen.models.cogvideox import FRAME_STEP
 from slapgen.models.lora_format import DIFFUSERS_METADATA_KEY, KEY_PATTERN, WEIGHTS_FILE, Header, HeaderError, parse_header
+from slapgen.models.ticft import TicftLayout
 
 ADAPTER_NAME_PATTERN = re.compile(r"^[a-z0-9_-]{1,64}$")  # use fullmatch: with match, "$" accepts "a\n"
 MAX_ADAPTER_BYTES = 2 * 1024**3
@@ -40,6 +43,8 @@ class AdapterTarget:
     model_name: str
     modules: dict[str, tuple[int, int]]
     max_rank: int
+    max_num_frames: int | None = None  # a TIC-FT adapter's clip must fit (None: not checked)
+    frame_step: int = FRAME_STEP
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,7 @@ class CheckedAdapter:
 
     rank: int
     config: object = field(repr=False)  # peft.LoraConfig
+    ticft_layout: TicftLayout | None = None
 
 
 @dataclass(frozen=True)
@@ -57,6 +63,7 @@ class LoadedAdapter:
     metadata: dict[str, str]
     rank: int
     config: object = field(repr=False)  # peft.LoraConfig, built the way diffusers builds it
+    ticft_layout: TicftLayout | None = None  # a TIC-FT adapter: generates from a condition image
 
     def info(self) -> dict:
         return adapter_info(self.name, self.metadata, self.rank)
@@ -78,6 +85,7 @@ def adapter_info(name: str, metadata: dict[str, str], rank: int) -> dict:
         "base_model": metadata.get(lora_format.BASE_MODEL_KEY),
         "steps": int(steps) if steps else None,
         "target_modules": sorted(targets) if targets else None,
+        "ticft_layout": metadata.get(lora_format.TICFT_LAYOUT_KEY),
     }
 
 
@@ -205,7 +213,19 @@ def check_adapter(name: str, header: Header, target: AdapterTarget) -> CheckedAd
     if declared and not _same_model(declared, target.model_name):
         raise AdapterError(f"adapter {name} was trained on {declared}, but this service runs {target.model_name}",
                            field="adapter")
-    return CheckedAdapter(rank, config)
+    return CheckedAdapter(rank, config, ticft_layout(name, header.metadata, target))
+
+
+def ticft_layout(name: str, metadata: dict[str, str], target: AdapterTarget) -> TicftLayout | None:
+    """A TIC-FT adapter's layout, when it fits the running model; None for a plain adapter."""
+    written = metadata.get(lora_format.TICFT_LAYOUT_KEY)
+    if written is None:
+        return None
+    try:
+        layout = TicftLayout.parse(written)
+        return layout.check_fits(target.max_num_frames, target.model_name, target.frame_step)
+    except TicftLayoutError as error:
+        raise AdapterError(f"adapter {name}: metadata {lora_format.TICFT_LAYOUT_KEY}: {error}", field="adapter") from None
 
 
 def check_weights(name: str, state_dict: dict[str, torch.Tensor]) -> None:
@@ -230,7 +250,7 @@ def parse_adapter(name: str, data: bytes, target: AdapterTarget) -> LoadedAdapte
     except (SafetensorError, ValueError, OSError, RuntimeError) as error:
         raise AdapterError(f"adapter {name} is not a readable safetensors file ({error})", field="adapter") from None
     check_weights(name, state_dict)
-    return LoadedAdapter(name, state_dict, header.metadata, checked.rank, checked.config)
+    return LoadedAdapter(name, state_dict, header.metadata, checked.rank, checked.config, checked.ticft_layout)
 
 
 def read_head(path: Path) -> bytes:
@@ -307,6 +327,10 @@ class AdapterStore:
             while len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
         return adapter
+
+    def ticft_layout(self, name: str) -> TicftLayout | None:
+        """The adapter's TIC-FT layout (None for a plain adapter); the adapter is read as `get` reads it."""
+        return self.get(name).ticft_layout
 
     def cached_names(self) -> list[str]:
         with self._lock:

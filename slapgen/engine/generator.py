@@ -23,6 +23,7 @@ from slapgen.engine.adapters import AdapterStore, AdapterTarget, LoadedAdapter, 
 from slapgen.engine.attention import apply_attention, check_attention
 from slapgen.engine.caching import CacheSetting, StepCache
 from slapgen.engine.compiling import CompiledTransformer
+from slapgen.engine.conditioning import TicftGeneration
 from slapgen.engine.lora_slot import LoraSlot, lora_modules
 from slapgen.engine.params import EngineOptions, GenerationParams
 from slapgen.engine.placement import place_pipeline
@@ -112,7 +113,8 @@ class VideoGenerator:
         if options.compile:
             compiled = CompiledTransformer()
             compiled.compile(pipeline)
-        target = AdapterTarget(resolved.spec.name, slot.modules, slot.max_rank)
+        target = AdapterTarget(resolved.spec.name, slot.modules, slot.max_rank, resolved.spec.max_num_frames,
+                               resolved.spec.frame_step)
         adapters = AdapterStore(options.adapters_dir, target, options.adapter_cache_size)
         generator = cls(pipeline, resolved.spec, options.device, slot, adapters, quantization, compiled, options.max_queue,
                         options.attention, step_cache)
@@ -162,20 +164,24 @@ class VideoGenerator:
 
     def generate_frames(self, params: GenerationParams, on_step: StepCallback | None = None,
                         deadline: float | None = None, cancelled: Callable[[], bool] | None = None) -> np.ndarray:
-        """Run the pipeline; returns float frames in [0, 1] shaped (F, H, W, 3).
+        """Run the pipeline; returns float frames in [0, 1] shaped (F, H, W, 3). A TIC-FT adapter generates
+        from `params.condition_image` and returns the target frames (the whole clip when asked).
 
         `deadline` (time.monotonic()) stops the generation between denoising steps, or before it starts
         when it is reached in the queue, so a request the client gave up on never holds the model.
         `cancelled()` is asked when the generation gets the model and after every denoising step; once
         it says yes the generation ends there (no VAE decode) and the next request starts.
-        Raises AdapterError, RequestError (a request the step cache cannot serve), QueueFullError,
-        GenerationTimeoutError, GenerationCancelledError."""
+        Raises AdapterError, RequestError (a request the step cache or the adapter's layout cannot serve),
+        QueueFullError, GenerationTimeoutError, GenerationCancelledError."""
         self.step_cache.check(params)
         # Read the adapter (disk or LRU) before queueing, so disk I/O never holds the pipeline.
         adapter: LoadedAdapter | None = self.adapters.get(params.adapter) if params.adapter else None
+        ticft = TicftGeneration.for_request(params, adapter.ticft_layout if adapter else None)
         timed_out = []
 
         def report_step(pipeline, index, timestep, tensors):
+            if ticft is not None:
+                tensors = ticft.after_step(pipeline, index, tensors)
             if on_step is not None:
                 on_step(index + 1, params.num_inference_steps)
             if cancelled is not None and index + 1 < params.num_inference_steps and cancelled():
@@ -202,8 +208,9 @@ class VideoGenerator:
                 # A CPU generator gives the same noise on every device, so a seed reproduces anywhere.
                 generator = torch.Generator("cpu").manual_seed(params.seed)
                 with torch.inference_mode():
+                    start = {"latents": ticft.start(self.pipeline, params, generator)} if ticft is not None else {}
                     output = self.pipeline(
-                        **params.pipeline_arguments(), generator=generator, output_type="np", return_dict=True,
+                        **params.pipeline_arguments(), **start, generator=generator, output_type="np", return_dict=True,
                         callback_on_step_end=report_step,
                     )
                 self._last_duration_s = time.perf_counter() - started
@@ -214,7 +221,8 @@ class VideoGenerator:
         if timed_out:
             raise GenerationTimeoutError(f"the request timed out after {timed_out[0]} of {params.num_inference_steps} "
                                          "denoising steps; it was stopped there")
-        return np.asarray(output.frames[0])
+        frames = np.asarray(output.frames[0])
+        return ticft.frames(frames) if ticft is not None else frames
 
     def generate_mp4(self, params: GenerationParams, path: Path, on_step: StepCallback | None = None,
                      deadline: float | None = None, cancelled: Callable[[], bool] | None = None) -> Path:

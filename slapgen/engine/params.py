@@ -6,9 +6,11 @@ No HTTP here: the service turns a validated request into `GenerationParams` and 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
+
+import numpy as np
 
 from slapgen.engine.caching import CacheSetting
 from slapgen.models.specs import ModelSpec
@@ -32,6 +34,9 @@ class GenerationParams:
     fps: int
     adapter: str | None = None
     adapter_scale: float = 1.0
+    # A TIC-FT adapter's condition: RGB uint8 (H, W, 3), resized and cropped like training frames.
+    condition_image: np.ndarray | None = field(default=None, compare=False, repr=False)
+    include_condition_frames: bool = False  # TIC-FT: return the whole clip, not only the target frames
 
     @classmethod
     def defaults_for(cls, spec: ModelSpec, prompt: str = WARM_UP_PROMPT, **overrides: Any) -> "GenerationParams":

@@ -11,7 +11,9 @@
 - the training objective: a draw from the cached VAE posterior times the scaling factor, noise at a
   random timestep, v-prediction turned into a clean-latent estimate with the scheduler, squared
   error weighted by 1 / (1 - alpha_bar_t); `training_step` is the one step `slapgen train` and
-  `bench/train_step.py` both run.
+  `bench/train_step.py` both run. A `FramePlan` (TIC-FT, `slapgen.models.ticft`) gives each latent
+  frame its own noise level and limits the loss to some frames; without one every frame is noised
+  at the sample's timestep and counts.
 
 Other modules import these names; none writes 4, 8, 16 or a scaling factor again.
 """
@@ -191,17 +193,58 @@ def draw_noise(batch: LatentBatch, num_train_timesteps: int, generator: torch.Ge
     return NoiseDraws(posterior, noise, timesteps.to(device))
 
 
+# A frame timestep that leaves the frame's clean latents as they are (TIC-FT's condition frames).
+CLEAN_FRAME = -1
+
+
+@dataclass(frozen=True)
+class FramePlan:
+    """Per-latent-frame noise of one batch: each frame's timestep (B, F), `CLEAN_FRAME` for a frame
+    kept clean, and the frames the loss covers. The transformer still gets the sample's timestep."""
+
+    frame_timesteps: torch.Tensor
+    loss_frames: slice
+
+
+def add_noise_per_frame(scheduler, latents: torch.Tensor, noise: torch.Tensor, frame_timesteps: torch.Tensor) -> torch.Tensor:
+    """`scheduler.add_noise` frame by frame, (B, F, C, H, W) with timesteps (B, F); `CLEAN_FRAME` frames
+    come back bit-equal to `latents` (alpha_bar at t=0 is not exactly 1, so "noise at 0" would not be)."""
+    frames = []
+    for index in range(latents.shape[1]):
+        timesteps = frame_timesteps[:, index].to(latents.device)
+        noised = scheduler.add_noise(latents[:, index], noise[:, index], timesteps.clamp(min=0))
+        clean = (timesteps == CLEAN_FRAME).view(-1, *([1] * (latents.ndim - 2)))
+        frames.append(torch.where(clean, latents[:, index], noised))
+    return torch.stack(frames, dim=1)
+
+
 def sample_latents(mean: torch.Tensor, logvar: torch.Tensor, posterior: torch.Tensor, scaling_factor: float) -> torch.Tensor:
     """A draw from the VAE posterior, scaled as the transformer sees latents, (B, C, F, H, W) -> (B, F, C, H, W)."""
     latents = mean + torch.exp(0.5 * logvar) * posterior
     return (latents * scaling_factor).permute(0, 2, 1, 3, 4).contiguous()
 
 
+def encode_latents(vae, frames: torch.Tensor, device=None) -> torch.Tensor:
+    """A clip (F, 3, H, W) in [-1, 1] -> its VAE posterior mean, scaled as the transformer sees latents,
+    (1, F', C, H', W'), on `device` (default: the VAE's). The whole clip goes in one call: the VAE encodes
+    in chunks of frames, so the latents of a part encoded alone differ from the same frames inside the
+    longer clip."""
+    video = frames.permute(1, 0, 2, 3).unsqueeze(0).to(device or vae.device, vae.dtype)
+    mean = vae.encode(video).latent_dist.mean
+    return (mean * vae.config.scaling_factor).permute(0, 2, 1, 3, 4).contiguous()
+
+
 def diffusion_loss(transformer, scheduler, latents: torch.Tensor, prompt_embeds: torch.Tensor, rotary,
-                   noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-    """CogVideoX's weighted clean-latent loss of one batch; `latents` are scaled, (B, F, C, H, W)."""
+                   noise: torch.Tensor, timesteps: torch.Tensor, frame_plan: FramePlan | None = None) -> torch.Tensor:
+    """CogVideoX's weighted clean-latent loss of one batch; `latents` are scaled, (B, F, C, H, W).
+
+    With a `frame_plan`, each frame is noised at its own timestep and only `loss_frames` count; the
+    transformer, the v -> x0 conversion and the weight use the sample's `timesteps` (TIC-FT's rule)."""
     batch = latents.shape[0]
-    noisy = scheduler.add_noise(latents, noise.to(latents.dtype), timesteps)
+    if frame_plan is None:
+        noisy = scheduler.add_noise(latents, noise.to(latents.dtype), timesteps)
+    else:
+        noisy = add_noise_per_frame(scheduler, latents, noise.to(latents.dtype), frame_plan.frame_timesteps)
     velocity = transformer(
         hidden_states=noisy,
         encoder_hidden_states=prompt_embeds,
@@ -213,15 +256,19 @@ def diffusion_loss(transformer, scheduler, latents: torch.Tensor, prompt_embeds:
     alphas_cumprod = scheduler.alphas_cumprod.to(latents.device, torch.float32)[timesteps]
     weights = (1.0 / (1.0 - alphas_cumprod)).view(batch, *([1] * (latents.ndim - 1)))
     error = weights * (predicted_latents.float() - latents.float()) ** 2
+    if frame_plan is not None:
+        error = error[:, frame_plan.loss_frames]
     return error.reshape(batch, -1).mean(dim=1).mean()
 
 
-def training_step(transformer, scheduler, batch: LatentBatch, draws: NoiseDraws, rotary, dtype: torch.dtype) -> torch.Tensor:
+def training_step(transformer, scheduler, batch: LatentBatch, draws: NoiseDraws, rotary, dtype: torch.dtype,
+                  frame_plan: FramePlan | None = None) -> torch.Tensor:
     """The loss of one training step on cached latents; the caller runs backward and the optimizer.
 
-    `dtype` is what the transformer computes in (its weights' dtype under mixed precision)."""
+    `dtype` is what the transformer computes in (its weights' dtype under mixed precision); `frame_plan`
+    is TIC-FT's per-frame noise and loss mask (None: plain text-to-video training)."""
     device = batch.latent_mean.device
     draws = draws.to(device)
     latents = sample_latents(batch.latent_mean.float(), batch.latent_logvar.float(), draws.posterior, batch.scaling_factor)
     return diffusion_loss(transformer, scheduler, latents.to(dtype), batch.prompt_embeds.to(dtype), rotary,
-                          draws.noise, draws.timesteps)
+                          draws.noise, draws.timesteps, frame_plan)

@@ -23,6 +23,8 @@ ALPHA_KEY = "slapgen.alpha"
 TARGET_MODULES_KEY = "slapgen.target_modules"
 STEPS_KEY = "slapgen.steps"
 CONFIG_KEY = "slapgen.config"
+# A TIC-FT adapter's layout (`c1b3t9`): it generates from a condition image, with clips of that layout.
+TICFT_LAYOUT_KEY = "slapgen.ticft_layout"
 
 
 class HeaderError(ValueError):

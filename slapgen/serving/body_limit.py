@@ -12,7 +12,10 @@ import json
 
 from slapgen.serving.http_errors import error_body
 
-JSON_BODY_LIMIT = 1024**2  # generation requests are a few hundred bytes
+JSON_BODY_LIMIT = 1024**2  # most JSON bodies are a few hundred bytes
+# Generation bodies may carry a TIC-FT condition image: 8 MiB as base64, and the rest of the request.
+GENERATION_BODY_LIMIT = 12 * 1024**2
+GENERATION_PATHS = frozenset({"/generate", "/jobs", "/jobs/submit"})
 UPLOAD_PATH = "/adapters/upload"
 
 
@@ -21,21 +24,25 @@ class BodyTooLarge(Exception):
 
 
 class BodySizeLimit:
-    """Pure ASGI middleware: `upload_limit` bytes for adapter uploads, `limit` for everything else.
+    """Pure ASGI middleware: `upload_limit` bytes for adapter uploads, `generation_limit` (default: `limit`)
+    for generation requests, `limit` for everything else.
 
     Small bodies are read whole (at most `limit` bytes) before the route sees them and replayed to it;
     uploads stream through, counted, and `BodyTooLarge` stops one that grows past its limit."""
 
-    def __init__(self, app, limit: int = JSON_BODY_LIMIT, upload_limit: int = JSON_BODY_LIMIT):
+    def __init__(self, app, limit: int = JSON_BODY_LIMIT, upload_limit: int = JSON_BODY_LIMIT,
+                 generation_limit: int | None = None):
         self.app = app
         self.limit = limit
         self.upload_limit = upload_limit
+        self.generation_limit = limit if generation_limit is None else generation_limit
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        upload = scope["path"].rstrip("/") == UPLOAD_PATH
-        limit = self.upload_limit if upload else self.limit
+        path = scope["path"].rstrip("/")
+        upload = path == UPLOAD_PATH
+        limit = self.upload_limit if upload else self.generation_limit if path in GENERATION_PATHS else self.limit
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
             return await _refuse(send, limit)

@@ -25,7 +25,7 @@ from starlette.concurrency import run_in_threadpool
 
 from slapgen.engine.params import GenerationParams
 from slapgen.errors import SlapgenError
-from slapgen.serving.body_limit import JSON_BODY_LIMIT, read_body, send_json
+from slapgen.serving.body_limit import GENERATION_BODY_LIMIT, read_body, send_json
 from slapgen.serving.http_errors import error_body, status_for
 from slapgen.serving.jobs import JobBoard
 from slapgen.serving.requests import GenerateRequest
@@ -59,7 +59,7 @@ class JobRoutes:
         await self.app(scope, receive, send)
 
     async def _submit(self, scope, receive, send):
-        body, replay = await read_body(receive, JSON_BODY_LIMIT)  # BodySizeLimit, outside, has checked the size
+        body, replay = await read_body(receive, GENERATION_BODY_LIMIT)  # BodySizeLimit, outside, has checked the size
         try:
             params = await run_in_threadpool(self.check, GenerateRequest.model_validate_json(body or b"{}"))
         except ValidationError as error:

@@ -2,23 +2,32 @@
 
 Validation happens twice on purpose: once at the HTTP edge (types, ranges, unknown fields: pydantic,
 which BentoML answers with a 400 naming the field) and once with the loaded model's spec as context
-(frame rule and size limits, template, adapter), which raises `slapgen.errors` exceptions carrying
-the field; the service maps both to the same 400 JSON shape.
+(frame rule and size limits, template, adapter, a TIC-FT adapter's condition image), which raises
+`slapgen.errors` exceptions carrying the field; the service maps both to the same 400 JSON shape.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import re
 import secrets
+from collections.abc import Callable
 from typing import Annotated, Literal
+
+import numpy as np
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from prompts import PromptLibrary, default_library
 from slapgen.engine.adapters import ADAPTER_NAME_PATTERN
+from slapgen.engine.conditioning import CONDITION_FIELD, check_condition, check_frames
 from slapgen.engine.params import GenerationParams
-from slapgen.errors import RequestError
+from slapgen.errors import ImageError, RequestError
+from slapgen.images import MAX_IMAGE_BYTES, decode_image
 from slapgen.models.cogvideox import SIZE_MULTIPLE, check_frame_count
 from slapgen.models.specs import ModelSpec
+from slapgen.models.ticft import TicftLayout
 from slapgen.serving.ratings import CHOICES, CRITERIA
 
 MAX_PROMPT_CHARS = 4000
@@ -26,6 +35,9 @@ MAX_SEED = 2**63 - 1
 MAX_ADAPTER_SCALE = 4.0
 MAX_INFERENCE_STEPS = 200
 MAX_GUIDANCE_SCALE = 50
+# Base64 of the largest accepted image, with room for a data: prefix and line breaks.
+MAX_CONDITION_IMAGE_CHARS = MAX_IMAGE_BYTES * 4 // 3 + 256 * 1024
+DATA_URI = re.compile(r"data:image/(?:png|jpe?g);base64,", re.IGNORECASE)
 
 Prompt = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_PROMPT_CHARS)]
 AdapterName = Annotated[str, StringConstraints(pattern=ADAPTER_NAME_PATTERN.pattern)]
@@ -64,9 +76,16 @@ class GenerateRequest(BaseModel):
     fps: int | None = Field(None, ge=1, le=60)
     height: int | None = Field(None, ge=SIZE_MULTIPLE, multiple_of=SIZE_MULTIPLE)
     width: int | None = Field(None, ge=SIZE_MULTIPLE, multiple_of=SIZE_MULTIPLE)
+    condition_image: Annotated[str, StringConstraints(max_length=MAX_CONDITION_IMAGE_CHARS)] | None = Field(
+        None, description="TIC-FT adapters only: the frame to animate, a base64 PNG or JPEG (or a data: URI), "
+                          "at most 8 MiB; resized and centre-cropped to the output size")
+    include_condition_frames: bool = Field(
+        False, description="TIC-FT: return the whole clip, condition frames first (default: the target frames)")
 
-    def for_model(self, spec: ModelSpec, adapters: list[str] | None = None) -> GenerationParams:
-        """Check against `spec` and the available `adapters`, render a template, fill every default.
+    def for_model(self, spec: ModelSpec, adapters: list[str] | None = None,
+                  ticft_layout: Callable[[str], TicftLayout | None] | None = None) -> GenerationParams:
+        """Check against `spec`, the available `adapters` and each adapter's TIC-FT layout (`ticft_layout`,
+        name -> layout or None), render a template, decode a condition image, fill every default.
         Raises `RequestError` / `FrameCountError` / `RenderError`, each naming the field."""
         if (self.prompt is None) == (self.template is None):
             raise RequestError("give either prompt or template (with slots), not both or neither", field="prompt")
@@ -85,6 +104,13 @@ class GenerateRequest(BaseModel):
         if self.adapter is not None and adapters is not None and self.adapter not in adapters:
             raise RequestError(f"unknown adapter {self.adapter!r}; available: {', '.join(adapters) or 'none'}",
                                field="adapter")
+        if ticft_layout is not None:  # without it the engine makes the same checks when it generates
+            layout = ticft_layout(self.adapter) if self.adapter is not None else None
+            check_condition(self.adapter, layout, self.condition_image is not None, self.include_condition_frames)
+            if layout is not None:
+                num_frames = layout.pixel_frames if self.num_frames is None else num_frames
+                check_frames(num_frames, layout)
+        condition = decode_condition_image(self.condition_image) if self.condition_image is not None else None
         return GenerationParams(
             prompt=prompt,
             negative_prompt=self.negative_prompt or "",
@@ -98,7 +124,29 @@ class GenerateRequest(BaseModel):
             fps=self.fps or spec.fps,
             adapter=self.adapter,
             adapter_scale=self.adapter_scale,
+            condition_image=condition,
+            include_condition_frames=self.include_condition_frames,
         )
+
+
+def decode_condition_image(text: str) -> np.ndarray:
+    """`condition_image` (base64, or a data:image/png|jpeg;base64 URI) -> RGB uint8 (H, W, 3); RequestError
+    naming the field for anything else."""
+    body = text.strip()
+    if body[:5].lower() == "data:":
+        prefix = DATA_URI.match(body)
+        if prefix is None:
+            raise RequestError("condition_image: a data URI must start data:image/png;base64, or data:image/jpeg;base64,",
+                               field=CONDITION_FIELD)
+        body = body[prefix.end():]
+    try:
+        data = base64.b64decode("".join(body.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestError("condition_image is not valid base64", field=CONDITION_FIELD) from None
+    try:
+        return decode_image(data)
+    except ImageError as error:
+        raise RequestError(f"condition_image: {error}", field=CONDITION_FIELD) from None
 
 
 def request_limits(spec: ModelSpec) -> dict:
