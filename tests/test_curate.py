@@ -90,8 +90,12 @@ def test_planted_defects_get_exactly_the_right_flags(curated, planted):
     assert "repetition loop" in by_name["clip_007.mp4"]["caption"]["garbage_reasons"]
     info = by_name["clip_000.mp4"]["video_info"]
     assert (info["width"], info["height"], info["frame_count"], info["fps"]) == (224, 144, 40, 16)
-    assert info["duration_s"] == pytest.approx(2.5) and len(info["phash"]) == 8 * 64 * 2
+    # 8 hashed frames per second of 16 fps footage: every other frame of the 40.
+    assert info["duration_s"] == pytest.approx(2.5) and info["hashed_frames"] == 20
+    assert info["content_box"] == [0, 102, 0, 160]  # 224x144 probed at 160x102, no bars to crop
     assert by_name["x_copy_of_000.mp4"]["video_info"]["width"] == 320
+    relation = by_name["x_copy_of_000.mp4"]["duplicate"]
+    assert (relation["of"], relation["kind"], relation["mirrored"], relation["speed"]) == ("clip_000.mp4", "same footage", False, 1.0)
     assert report["summary"]["without_caption"] == 1 and report["summary"]["clips"] == len(EXPECTED)
 
 
@@ -216,3 +220,177 @@ def test_curation_never_reads_through_a_link_out_of_the_dataset(demo_dataset, tm
         assert "TOPSECRET" not in (out / name).read_text()
     outside_record = next(c for c in json.loads((out / "report.json").read_text())["clips"] if c["video"] == "z_outside.mp4")
     assert outside_record["video_info"]["error"] == "not read: a link out of the dataset folder"
+
+
+@pytest.fixture(scope="module")
+def relatives(tmp_path_factory):
+    """clip_000 (2.5 s) and footage derived from it the ways highlight reels reuse a broadcast, plus a
+    hard negative: the same athletes, colours, backdrop and camera with other motion."""
+    from dataclasses import replace
+
+    from trainer.demo_data import FPS, SECONDS, DemoClip, caption_for, render_frame
+
+    data = tmp_path_factory.mktemp("relatives")
+    scene = DemoClip(striker_on_left=True, striker_colour="red", defender_colour="blue", outcome="staggers",
+                     camera="pan", backdrop=0.3)
+    count = int(FPS * SECONDS)
+    write_mp4(np.stack([render_frame(scene, i / (count - 1)) for i in range(count)]), data / "clip_000.mp4", fps=FPS)
+    other = replace(scene, impact=0.68, spacing=46.0, reach=30.0, outcome="knockout")
+    write_mp4(np.stack([render_frame(other, i / (count - 1)) for i in range(count)]), data / "y_other_motion.mp4", fps=FPS)
+    source = str(data / "clip_000.mp4")
+    _ffmpeg("-ss", "0.75", "-t", "1.25", "-i", source, str(data / "x_subspan.mp4"))
+    _ffmpeg("-i", source, "-vf", "hflip,pad=224:192:0:24:black", str(data / "x_mirrored_letterboxed.mp4"))
+    _ffmpeg("-i", source, "-vf", "setpts=2.0*PTS", "-r", "16", str(data / "x_slowed.mp4"))
+    for video in data.glob("*.mp4"):
+        video.with_suffix(".txt").write_text(caption_for(scene))
+    out = tmp_path_factory.mktemp("relatives-out")
+    assert cli_main(["curate", str(data), "--out", str(out), "--workers", "1", "--config", "tiny-smoke"]) == 0
+    return {clip["video"]: clip for clip in json.loads((out / "report.json").read_text())["clips"]}
+
+
+def test_reused_footage_is_flagged_with_its_relation_and_span(relatives):
+    """Guards duplicates that survive trimming, mirroring, letterboxing and slow motion going
+    unflagged (the old whole-clip hash missed all three), and the relation in the report saying the
+    wrong thing: kind, mirroring, speed, and which seconds of the original the copy repeats (the
+    sub-span was cut at 0.75 s for 1.25 s; spans are hashed at 8 per second, so within 1/8 s)."""
+    subspan = relatives["x_subspan.mp4"]["duplicate"]
+    assert (subspan["of"], subspan["kind"], subspan["mirrored"], subspan["speed"]) == ("clip_000.mp4", "sub-span", False, 1.0)
+    start, end = subspan["span_in_original_s"]
+    clip_start, clip_end = subspan["span_in_clip_s"]
+    assert start == pytest.approx(0.75 + clip_start, abs=0.13) and end - start == pytest.approx(clip_end - clip_start, abs=0.13)
+    assert clip_end - clip_start >= 0.8 * 1.125  # the copy's hashed span (1.25 s less one sample), nearly all of it
+    mirrored = relatives["x_mirrored_letterboxed.mp4"]["duplicate"]
+    assert (mirrored["kind"], mirrored["mirrored"], mirrored["speed"]) == ("same footage", True, 1.0)
+    assert relatives["x_mirrored_letterboxed.mp4"]["video_info"]["content_box"][:2] != [0, 137]  # bars cropped
+    slowed = relatives["x_slowed.mp4"]["duplicate"]
+    assert (slowed["kind"], slowed["mirrored"], slowed["speed"]) == ("same footage", False, 0.5)
+    assert "slowed 2x" in slowed["summary"]
+    for name in ("x_subspan.mp4", "x_mirrored_letterboxed.mp4", "x_slowed.mp4"):
+        assert relatives[name]["issues"][0] == "duplicate" and relatives[name]["duplicate_of"] == "clip_000.mp4"
+    # ffmpeg slows by showing each frame twice: half the frame pairs are frozen, so it is flagged `frozen` too.
+    assert relatives["x_slowed.mp4"]["issues"] == ["duplicate", "frozen"]
+    assert relatives["clip_000.mp4"]["issues"] == [] and relatives["y_other_motion.mp4"]["issues"] == []
+
+
+def test_content_box_crops_exactly_the_black_bars():
+    """Guards letterboxed copies hashing their bars (every cell shifts, so they never match): bars
+    above/below and left/right are cut, plus the one blended line where scaling meets a bar; a dark
+    but textured scene edge is kept."""
+    from trainer.curate.fingerprint import content_box
+
+    rng = np.random.default_rng(0)
+    frames = [np.zeros((100, 160), np.uint8) for _ in range(3)]
+    for frame in frames:
+        frame[12:88, 20:140] = rng.integers(60, 200, (76, 120))
+        frame[12:88, 20:24] = rng.integers(10, 40, (76, 4))  # dark scene columns, not flat: part of the picture
+    # Content rows 12-87 and columns 20-139; the first/last line next to a bar goes too.
+    assert content_box(frames) == (13, 87, 21, 139)
+    assert content_box([np.zeros((100, 160), np.uint8)]) == (0, 100, 0, 160)  # all black: nothing to crop
+
+
+def test_mirroring_is_a_sign_flip_of_the_projection():
+    """Guards the mirrored query: projecting a mirrored frame's hash must equal flipping the signs of
+    the odd horizontal frequencies of the projection, or mirrored copies are never found."""
+    from trainer.curate.duplicates import _dct_projection
+    from trainer.curate.fingerprint import GRID
+
+    projection, signs = _dct_projection()
+    np.testing.assert_allclose(projection.T @ projection, np.eye(projection.shape[1]), atol=1e-6)  # orthonormal
+    hashes = np.random.default_rng(1).normal(size=(5, GRID * GRID)).astype(np.float32)
+    mirrored = hashes.reshape(5, GRID, GRID)[:, :, ::-1].reshape(5, -1)
+    np.testing.assert_allclose(mirrored @ projection, (hashes @ projection) * signs, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "caption, outcomes",
+    [
+        ("The striker swings and the palm lands flush on the cheek; the defender absorbs the blow.", ["clean-strike", "block-absorb"]),
+        ("The striker swings but misses, the hand only grazes the chin and the defender stays on his feet.", ["block-absorb", "miss"]),
+        ("A clubbing blow with the heel of the hand: the referee calls a foul after the palm strikes the cheek.", ["foul"]),
+        ("The palm connects and the defender collapses, out cold; the referee waves off the bout.", ["clean-strike", "knockout"]),
+        ("Two athletes stand across the table under bright lights.", []),
+    ],
+)
+def test_outcome_labels(caption, outcomes):
+    """Guards the outcome labels hard-negative selection relies on: a strike that missed or was a
+    foul is never also a clean strike, and a caption can be a clean strike the defender absorbs."""
+    assert check_caption(caption).outcomes == outcomes
+
+
+def _record(name: str, categories: list[str], outcomes: list[str], score: float, issues=()) -> dict:
+    return {"video": name, "issues": list(issues), "video_info": {"duration_s": 2.0},
+            "caption": {"categories": categories, "outcomes": outcomes, "score": score}}
+
+
+def test_hard_negative_share_reserves_part_of_the_selection():
+    """Guards `--hard-negatives`: round(N * share) slots go to the best clean hard negatives (miss,
+    foul, block/absorb, round robin over those labels, rarest first), the rest is the category round
+    robin as before; a flagged hard negative is never taken."""
+    from trainer.curate.selection import select_best
+
+    records = [
+        _record("strike_a", ["strike"], ["clean-strike"], 0.9),
+        _record("strike_b", ["strike"], ["clean-strike"], 0.8),
+        _record("ko_a", ["knockout"], ["clean-strike", "knockout"], 0.7),
+        _record("miss_a", ["strike"], ["miss"], 0.5),
+        _record("miss_b", ["strike"], ["miss"], 0.6),
+        _record("foul_a", ["strike"], ["foul"], 0.4),
+        _record("absorb_a", ["block-absorb"], ["block-absorb"], 0.3),
+        _record("miss_flagged", ["strike"], ["miss"], 0.99, issues=["duplicate"]),
+    ]
+    names = lambda chosen: [r["video"] for r in chosen]  # noqa: E731
+    # 4 x 0.5 = 2 reserved: rarest hard-negative labels first (foul and block-absorb have 1 clip, miss 2).
+    assert names(select_best(records, 4, 0.5)) == ["foul_a", "absorb_a", "ko_a", "strike_a"]
+    # Without a share: categories only, rarest first (block-absorb and knockout hold one clip each; ties
+    # keep the CATEGORIES order), then strike's best two.
+    assert names(select_best(records, 4)) == ["absorb_a", "ko_a", "strike_a", "strike_b"]
+    # A share larger than the hard negatives there are takes them all, then fills up as usual.
+    chosen = names(select_best(records, 7, 1.0))
+    assert chosen[:4] == ["foul_a", "absorb_a", "miss_b", "miss_a"] and "miss_flagged" not in chosen and len(chosen) == 7
+
+
+def test_report_shows_coverage_per_label_before_and_after_selection(demo_dataset, tmp_path):
+    """Guards the coverage table: per category and outcome, how many clips carry the label in the
+    whole dataset, among the clean clips and in the selection, counted from the report's own records."""
+    out = tmp_path / "out"
+    assert cli_main(["curate", str(demo_dataset), "--out", str(out), "--select", "3", "--hard-negatives", "0.34",
+                     "--workers", "1", "--config", "tiny-smoke"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    clips = {c["video"]: c for c in report["clips"]}
+    selected = [clips[name] for name in report["selected"]]
+    coverage = report["summary"]["coverage"]
+    for key in ("categories", "outcomes"):
+        for label, counts in coverage[key].items():
+            assert counts == {"clips": sum(label in c["caption"][key] for c in clips.values()),
+                              "clean": sum(label in c["caption"][key] for c in clips.values() if not c["issues"]),
+                              "selected": sum(label in c["caption"][key] for c in selected)}
+    # The demo's outcomes cycle absorbs / staggers / knockout: clips 000 and 003 absorb (hard negatives);
+    # round(3 * 0.34) = 1 slot is theirs.
+    assert coverage["outcomes"]["block-absorb"]["clips"] == 2 and coverage["outcomes"]["block-absorb"]["selected"] >= 1
+    assert report["summary"]["hard_negatives_selected"] == coverage["outcomes"]["block-absorb"]["selected"]
+    page = (out / "report.html").read_text()
+    assert "Coverage per label, before and after selection" in page and "block-absorb" in page
+
+
+def test_hard_negative_share_needs_a_selection_and_a_share(planted, tmp_path, capsys):
+    assert cli_main(["curate", str(planted), "--out", str(tmp_path / "o"), "--hard-negatives", "0.2"]) == 2
+    assert "--select" in capsys.readouterr().err
+    assert cli_main(["curate", str(planted), "--out", str(tmp_path / "o"), "--select", "2", "--hard-negatives", "1.5"]) == 2
+    assert "between 0 and 1" in capsys.readouterr().err
+
+
+def test_relations_between_fingerprints_without_any_match_or_with_an_exact_copy():
+    """Guards the vectorised search crashing when nothing matches (an empty candidate set) and the
+    plainest case: three unrelated random fingerprints give no relation; adding an exact copy of the
+    first gives exactly one, same footage at speed 1 over the whole clip."""
+    from trainer.curate.duplicates import find_duplicates, find_relations
+    from trainer.curate.fingerprint import Signature
+
+    rng = np.random.default_rng(0)
+    unrelated = [Signature(np.arange(20) / 8, rng.normal(0, 0.1, (20, 64)).astype(np.float32)) for _ in range(3)]
+    assert find_relations([]) == [] and find_relations([None, unrelated[0]]) == []
+    assert find_relations(unrelated) == [] and find_duplicates(unrelated) == {}
+    (relation,) = find_relations([*unrelated, unrelated[0]])
+    assert (relation.clip, relation.original, relation.kind, relation.speed, relation.mirrored) == (0, 3, "same footage", 1.0, False)
+    assert relation.span_in_clip == relation.span_in_original == (0.0, 19 / 8) and relation.distance == 0.0
+    assert find_duplicates([*unrelated, unrelated[0]]) == {3: (0, relation.reversed())}

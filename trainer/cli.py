@@ -1,4 +1,4 @@
-"""`slapgen` command line: demo-data, curate, precompute, train, eval, sweep, config.
+"""`slapgen` command line: demo-data, caption, curate, precompute, train, eval, sweep, config.
 
 Every subcommand has --help; bad input ends with one line on stderr and exit status 2.
 """
@@ -76,8 +76,13 @@ def cmd_curate(args) -> int:
         raise DatasetError("--select must be at least 1")
     if args.workers is not None and args.workers < 1:
         raise DatasetError("--workers must be at least 1")
+    if not 0 <= args.hard_negatives <= 1:
+        raise DatasetError("--hard-negatives must be a share between 0 and 1, e.g. 0.2")
+    if args.hard_negatives and args.select is None:
+        raise DatasetError("--hard-negatives reserves part of a selection: give --select N too")
     data = load_config(args.config, args.set).data
-    settings = CurateSettings(num_frames=data.num_frames, fps=data.fps, workers=args.workers, select=args.select)
+    settings = CurateSettings(num_frames=data.num_frames, fps=data.fps, workers=args.workers, select=args.select,
+                              hard_negative_share=args.hard_negatives)
     summary = curate(args.dataset, args.out, settings)["summary"]
     print(
         f"{summary['clips']} clips: {summary['clean']} clean, {summary['flagged']} flagged, "
@@ -86,7 +91,8 @@ def cmd_curate(args) -> int:
     for code, count in summary["issues"].items():
         print(f"  {code}: {count}")
     if args.select:
-        print(f"selected {summary['selected']} of {args.select} requested -> {args.out / 'selected.jsonl'}")
+        print(f"selected {summary['selected']} of {args.select} requested -> {args.out / 'selected.jsonl'}"
+              f" ({summary['hard_negatives_selected']} hard negatives)")
     print(f"report: {args.out / 'report.html'}")
     return 0
 
@@ -139,6 +145,25 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def cmd_caption(args) -> int:
+    from trainer.captioning.run import CaptionSettings, caption_dataset
+
+    if args.fps <= 0:
+        raise DatasetError("--fps must be positive")
+    if args.max_frames < 1 or (args.max_new_tokens is not None and args.max_new_tokens < 1):
+        raise DatasetError("--max-frames and --max-new-tokens must be at least 1")
+    settings = CaptionSettings(model=args.model, device=args.device, fps=args.fps, max_frames=args.max_frames,
+                               max_new_tokens=args.max_new_tokens, overwrite=args.overwrite,
+                               retry_flagged=args.retry_flagged, seed=args.seed)
+    summary = caption_dataset(args.dataset, settings)
+    rate = f"; {len(summary.captioned) + len(summary.flagged)} clips in {summary.seconds:.1f} s" if summary.seconds else ""
+    print(f"captioned {len(summary.captioned)} clips, flagged {len(summary.flagged)} (retried {summary.retried}), "
+          f"left {summary.skipped} alone{rate}")
+    if summary.flagged:
+        print(f"flagged clips and why: {args.dataset / '.slapgen-captions.json'}")
+    return 0
+
+
 def cmd_config(args) -> int:
     from trainer.config import load_config
 
@@ -160,11 +185,26 @@ def build_parser() -> argparse.ArgumentParser:
     cur.add_argument("dataset", type=Path, help="folder (videos.txt+prompts.txt or clip.mp4+clip.txt) or .csv/.jsonl")
     cur.add_argument("--out", type=Path, required=True, help="report folder (report.json, report.html, selected.jsonl)")
     cur.add_argument("--select", type=int, metavar="N", help="write the N best clean clips to OUT/selected.jsonl")
+    cur.add_argument("--hard-negatives", type=float, default=0.0, metavar="SHARE",
+                     help="share of --select kept for failed strikes and defensive moves (miss, foul, block/absorb), e.g. 0.2")
     cur.add_argument("--workers", type=int, help="processes probing clips (default: every core)")
     cur.add_argument("--config", default="conservative",
                      help="training config or preset whose data section sets the training length (default conservative)")
     cur.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     cur.set_defaults(run=cmd_curate)
+
+    cap = commands.add_parser("caption", help="caption the clips of a folder that have none, with a video-language model")
+    cap.add_argument("dataset", type=Path, help="folder of clips; writes clip.txt beside each clip.mp4")
+    cap.add_argument("--model", default="Qwen/Qwen3-VL-8B-Instruct",
+                     help="`tiny`, a local model folder, or a hub id (default Qwen/Qwen3-VL-8B-Instruct)")
+    cap.add_argument("--device", default="cuda" if _cuda() else "cpu", help="where to run the model")
+    cap.add_argument("--fps", type=float, default=2.0, help="frames per second shown to the model (default 2)")
+    cap.add_argument("--max-frames", type=int, default=64, help="at most this many frames per clip (default 64)")
+    cap.add_argument("--max-new-tokens", type=int, help="caption length limit in tokens (default: the model's, else 200)")
+    cap.add_argument("--overwrite", action="store_true", help="replace existing captions too")
+    cap.add_argument("--retry-flagged", action="store_true", help="try again the clips an earlier run flagged")
+    cap.add_argument("--seed", type=int, default=0, help="seed of the per-clip sampling")
+    cap.set_defaults(run=cmd_caption)
 
     pre = commands.add_parser("precompute", help="encode clips (VAE) and captions (T5) into a latent cache")
     pre.add_argument("dataset", type=Path, help="folder (videos.txt+prompts.txt or clip.mp4+clip.txt) or .csv/.jsonl")

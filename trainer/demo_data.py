@@ -30,18 +30,32 @@ class DemoClip:
     outcome: str
     camera: str
     backdrop: float  # gym lighting; also keeps two clips with the same choices from being identical
+    # Motion knobs (bench/duplicates.py varies them to draw other footage of the same scene layout).
+    impact: float = 0.55  # when the palm lands, as a fraction of the clip
+    spacing: float = 38.0  # each athlete's distance from the table's centre, pixels
+    reach: float = 34.0  # arm length, pixels
+
+
+def _window(canvas, y_low, y_high, x_low, x_high):
+    """The canvas rows/columns that can hold a shape within these bounds (drawing only there is
+    what keeps a frame at a fraction of a millisecond), as open grids plus the view."""
+    top, left = max(0, math.floor(y_low)), max(0, math.floor(x_low))
+    bottom, right = min(canvas.shape[0], math.ceil(y_high) + 1), min(canvas.shape[1], math.ceil(x_high) + 1)
+    yy, xx = np.ogrid[top:bottom, left:right]
+    return yy, xx, canvas[top:bottom, left:right]
 
 
 def _disc(canvas, cy, cx, radius, colour):
-    yy, xx = np.ogrid[: canvas.shape[0], : canvas.shape[1]]
-    canvas[(yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2] = colour
+    yy, xx, view = _window(canvas, cy - radius, cy + radius, cx - radius, cx + radius)
+    view[(yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2] = colour
 
 
 def _segment(canvas, y0, x0, y1, x1, thickness, colour):
-    yy, xx = np.ogrid[: canvas.shape[0], : canvas.shape[1]]
+    yy, xx, view = _window(canvas, min(y0, y1) - thickness, max(y0, y1) + thickness,
+                           min(x0, x1) - thickness, max(x0, x1) + thickness)
     dy, dx = y1 - y0, x1 - x0
     t = np.clip(((yy - y0) * dy + (xx - x0) * dx) / max(dy * dy + dx * dx, 1e-6), 0, 1)
-    canvas[(yy - (y0 + t * dy)) ** 2 + (xx - (x0 + t * dx)) ** 2 <= thickness**2] = colour
+    view[(yy - (y0 + t * dy)) ** 2 + (xx - (x0 + t * dx)) ** 2 <= thickness**2] = colour
 
 
 def _figure(canvas, x, lean, colour, head_shift=0.0, drop=0.0):
@@ -54,32 +68,34 @@ def _figure(canvas, x, lean, colour, head_shift=0.0, drop=0.0):
     return shoulder_y, x + lean
 
 
-def _frame(clip: DemoClip, t: float) -> np.ndarray:
-    """The scene at time t in [0, 1]: face-off, wind-up, strike at 0.55, recoil, outcome."""
+def render_frame(clip: DemoClip, t: float) -> np.ndarray:
+    """The scene at time t in [0, 1]: face-off, wind-up, strike at `clip.impact`, recoil, outcome."""
     pan = 12 * math.sin(t * math.pi) if clip.camera == "pan" else 0.0
     canvas = np.empty((HEIGHT, WIDTH, 3), dtype=np.float32)
     canvas[:] = np.linspace(clip.backdrop, clip.backdrop + 0.25, HEIGHT)[:, None, None] * np.array([0.9, 0.85, 0.8])
     canvas[int(HEIGHT * 0.62) : int(HEIGHT * 0.68), int(WIDTH * 0.38 + pan) : int(WIDTH * 0.62 + pan)] = (0.45, 0.3, 0.2)
     side = 1 if clip.striker_on_left else -1
-    striker_x = WIDTH / 2 - side * 38 + pan
-    defender_x = WIDTH / 2 + side * 38 + pan
-    impact, after = 0.55, max(0.0, t - 0.55)
+    striker_x = WIDTH / 2 - side * clip.spacing + pan
+    defender_x = WIDTH / 2 + side * clip.spacing + pan
+    impact = clip.impact
+    after = max(0.0, t - impact)
     head_snap = side * 14 * math.exp(-after * 12) * (after > 0) * (2.0 if clip.outcome == "knockout" else 1.0)
     drop = {"absorbs": 0.0, "staggers": 6.0, "knockout": 30.0}[clip.outcome] * min(1.0, after * 3)
     stagger = side * {"absorbs": 0.0, "staggers": 10.0, "knockout": 16.0}[clip.outcome] * min(1.0, after * 3)
     _figure(canvas, defender_x + stagger, side * 2, COLOURS[clip.defender_colour], head_snap, drop)
     weight = -side * 6 * min(1.0, t / 0.4) if t < impact else side * 6
     shoulder_y, shoulder_x = _figure(canvas, striker_x, weight, COLOURS[clip.striker_colour])
-    if t < 0.15:
+    wind_up, swing = impact - 0.40, impact - 0.10
+    if t < wind_up:
         angle = math.pi / 2  # arm hangs: face-off
-    elif t < 0.45:
-        angle = math.pi / 2 + (t - 0.15) / 0.30 * math.pi * 0.75  # wind-up, arm drawn back
+    elif t < swing:
+        angle = math.pi / 2 + (t - wind_up) / 0.30 * math.pi * 0.75  # wind-up, arm drawn back
     elif t < impact:
-        angle = math.pi * 1.25 - (t - 0.45) / (impact - 0.45) * math.pi * 1.25  # fast swing
+        angle = math.pi * 1.25 - (t - swing) / (impact - swing) * math.pi * 1.25  # fast swing
     else:
         angle = -0.15 + after * 2.0  # follow-through
-    hand_y = shoulder_y + 34 * math.sin(angle)
-    hand_x = shoulder_x + side * 34 * math.cos(angle)
+    hand_y = shoulder_y + clip.reach * math.sin(angle)
+    hand_x = shoulder_x + side * clip.reach * math.cos(angle)
     _segment(canvas, shoulder_y, shoulder_x, hand_y, hand_x, 4, COLOURS[clip.striker_colour])
     _disc(canvas, hand_y, hand_x, 5, (0.93, 0.75, 0.6))
     if impact <= t < impact + 0.06:
@@ -129,7 +145,7 @@ def write_demo_dataset(out: Path, clips: int = 8, seed: int = 0) -> list[Path]:
             camera=rng.choice(CAMERAS),
             backdrop=round(rng.uniform(0.25, 0.45), 3),
         )
-        frames = np.stack([_frame(clip, i / (frame_count - 1)) for i in range(frame_count)])
+        frames = np.stack([render_frame(clip, i / (frame_count - 1)) for i in range(frame_count)])
         path = out / f"clip_{index:03d}.mp4"
         write_mp4(frames, path, fps=FPS)
         path.with_suffix(".txt").write_text(caption_for(clip) + "\n", encoding="utf-8")

@@ -1,5 +1,5 @@
 """Caption checks: length, garbage (loops, refusals, non-words, off-topic), motion categories,
-the four aspects a good caption covers (research notes), and a score.
+outcome labels (clean strike, knockout, block/absorb, foul, miss), the four aspects a good caption covers (research notes), and a score.
 
 Plain keyword rules on purpose: they are fast on thousands of captions, need no model, and a user
 can read exactly why a caption was tagged or flagged.
@@ -23,6 +23,21 @@ CATEGORIES: dict[str, tuple[str, ...]] = {
     "referee": ("referee", "official", "waves off", "wave-off", "wave off"),
     "replay-slow-motion": ("slow motion", "slow-motion", "replay", "slowed"),
 }
+
+# How the exchange ends. A caption can carry several (a clean strike the defender absorbs).
+OUTCOMES: dict[str, tuple[str, ...]] = {
+    "clean-strike": ("clean strike", "clean slap", "lands flush", "flush", "connects", "lands cleanly", "lands square",
+                     "strikes the cheek", "strikes his cheek", "lands on the cheek", "lands on his cheek", "full force"),
+    "knockout": CATEGORIES["knockout"],
+    "block-absorb": ("absorb", "absorbs", "takes the blow", "takes the hit", "braces", "holds his ground", "block",
+                     "blocks", "tucks his chin", "stays on his feet", "shakes it off", "resets his stance"),
+    "foul": ("foul", "illegal", "heel of the hand", "clubbing", "flinch", "flinches", "warning", "warns",
+             "point deduction", "deducts", "disqualified", "disqualification"),
+    "miss": ("miss", "misses", "missed", "whiff", "whiffs", "fails to connect", "failed strike", "falls short",
+             "grazes", "glances off", "barely connects", "only grazes"),
+}
+# Failed strikes and defensive moves: what `--hard-negatives` reserves part of a selection for.
+HARD_NEGATIVES = ("miss", "foul", "block-absorb")
 
 ASPECTS: dict[str, tuple[str, ...]] = {
     "motion": ("swing", "swings", "whips", "snaps", "rotates", "fast", "explosive", "motion", "speed", "jerks",
@@ -57,6 +72,7 @@ class CaptionReport:
     issues: list[str] = field(default_factory=list)
     garbage_reasons: list[str] = field(default_factory=list)
     categories: list[str] = field(default_factory=list)
+    outcomes: list[str] = field(default_factory=list)
     aspects: list[str] = field(default_factory=list)
     score: float = 0.0
 
@@ -99,9 +115,18 @@ def check_caption(caption: str | None) -> CaptionReport:
     if report.garbage_reasons:
         report.issues.append("caption_garbage")
     report.categories = [name for name, phrases in CATEGORIES.items() if _has(lower, phrases)]
+    report.outcomes = outcome_labels(lower)
     report.aspects = [name for name, phrases in ASPECTS.items() if _has(lower, phrases)]
     report.score = caption_score(report)
     return report
+
+
+def outcome_labels(lower: str) -> list[str]:
+    """Outcome labels of a lower-cased caption; a strike that missed or was a foul is not clean."""
+    labels = [name for name, phrases in OUTCOMES.items() if _has(lower, phrases)]
+    if "miss" in labels or "foul" in labels:
+        labels = [label for label in labels if label != "clean-strike"]
+    return labels
 
 
 def caption_score(report: CaptionReport) -> float:

@@ -1,38 +1,364 @@
-"""Duplicates across the whole dataset, by distance between perceptual hashes.
+"""Clips that repeat other clips' footage: re-encoded, rescaled, at another frame rate, trimmed to
+a sub-span, mirrored, letterboxed, or slowed down (a replay), and which part of it they repeat.
 
-Distances are computed in blocks with one matrix product each (|a-b|^2 = |a|^2 + |b|^2 - 2ab), so
-3,000 clips take well under a second. A clip that repeats an earlier one points at the earliest
-clip of its group (`duplicate_of`), which stays eligible for selection.
+Each clip's fingerprint (fingerprint.py) is a sequence of frame hashes with times. Three steps,
+each a handful of array operations over all clips at once (3,000 clips: bench/duplicates.py):
+
+1. Candidates. Every hashed frame of every clip goes into one k-d tree (scipy), projected onto the
+   low spatial frequencies of its 2D DCT (an orthonormal projection, so it never makes two frames
+   look further apart than they are). Every other frame of each clip, as it is and mirrored (a sign
+   flip of the odd horizontal frequencies), asks for its `NEIGHBOURS` nearest frames within
+   `FRAME_RADIUS`. A pair of clips goes on when at least `SUPPORT` of the asking clip's frames
+   found a frame of the other.
+2. Mappings. Each matched frame votes for t_other = offset + speed * t_this at every speed in
+   `SPEEDS`; each pair's `HYPOTHESES` best-supported mappings are aligned: the other clip's hashes
+   are interpolated at the mapped times (resampling the sequence, so a replay at half speed or a
+   copy at another frame rate lines up) and compared frame by frame. The best is refined by a
+   quarter and half a sample either way.
+3. Decision. A mapping holds when at least 1 - `TRIM` of this clip's frames inside the other match
+   (RMS <= `FRAME_MATCH`) with a mean RMS <= `MATCH_RMS`, it covers at least `CONTAINED` of this
+   clip, and the two clips move together along it (`MIN_MOTION`): look-alike stills of the same
+   stage, or a mapping at the wrong speed, fail that last test.
+
+Each group of clips sharing footage keeps one clip: the earliest of those that are not a part or a
+slowed copy of another; the rest point at it (`Relation`).
 """
 
 from __future__ import annotations
 
+import importlib
+from dataclasses import dataclass
+
 import numpy as np
 
-from trainer.curate.video_probe import hash_vector
+from trainer.curate.fingerprint import GRID, SAMPLE_RATE, Signature
 
-# RMS distance (0-1 luma) under which two hashes are the same footage. Measured: re-encode + resize
-# ~0.003; different synthetic clips of the same scene >= 0.039.
-DUPLICATE_RMS = 0.015
-BLOCK = 1024
+# Seconds of the other clip per second of this one: 0.5 = this clip is a half-speed replay.
+SPEEDS = (0.25, 1 / 3, 0.5, 2 / 3, 1.0, 1.5, 2.0, 3.0, 4.0)
+FRAME_RADIUS = 0.02  # RMS (0-1 luma) within which a frame counts as a possible match
+FRAME_MATCH = 0.012  # RMS at or under which an aligned frame matches
+TRIM = 0.2  # at least 1 - TRIM of the aligned frames must match (fast motion between samples may not)
+MATCH_RMS = 0.01  # and their mean RMS at most this
+MIN_MOTION = 0.75  # and the correlation of the clips' movement along the alignment at least this
+MOTION_LAG = 2  # samples over which movement is measured (a quarter second: steadier than one frame)
+CONTAINED = 0.8  # an alignment must cover this much of the clip it maps
+MIN_FRAMES = 6  # and at least this many of its hashed frames
+QUERY_STRIDE = 2  # every other hashed frame asks the tree
+MIN_VOTES = 2  # matched frames of a clip that must agree on a mapping before it is aligned
+HYPOTHESES = 2  # best-supported mappings aligned per pair of clips
+CHUNK_ROWS = 400_000  # frame rows aligned per array operation (~100 MB)
+KEY_SPAN = 1e6  # seconds: larger than any clip, so clip * KEY_SPAN + time sorts clip by clip
+BIN_SPAN = 1 << 20  # offset bins per (pair, speed) in the packed hypothesis key
+NEIGHBOURS = 16  # nearest frames each query frame gets from the tree
+SUPPORT = 0.4  # share of a clip's query frames that must match frames of the other clip
+DCT_ORDER = 4  # low frequencies kept for the tree: u + v < DCT_ORDER, DC excluded (9 dimensions)
 
 
-def find_duplicates(hashes: list[str | None]) -> dict[int, int]:
-    """{index: index of the earliest clip it duplicates} for clips with a hash (None = unreadable)."""
-    indices = [i for i, h in enumerate(hashes) if h]
-    if len(indices) < 2:
+@dataclass(frozen=True)
+class Relation:
+    """What `clip` repeats of `original`: t_original = offset + speed * t_clip over the spans."""
+
+    clip: int
+    original: int
+    kind: str  # "same footage" (each covers the other) or "sub-span" (clip is a part of original)
+    mirrored: bool
+    speed: float  # seconds of original per second of clip: 0.5 = clip is slowed to half speed
+    span_in_clip: tuple[float, float]
+    span_in_original: tuple[float, float]
+    distance: float  # trimmed mean RMS along the alignment (0-1 luma)
+    motion: float  # correlation of the two clips' changes along it (_motion_agreement)
+
+    def reversed(self) -> Relation:
+        return Relation(self.original, self.clip, self.kind, self.mirrored, 1 / self.speed,
+                        self.span_in_original, self.span_in_clip, self.distance, self.motion)
+
+    def describe(self) -> str:
+        parts = [self.kind]
+        if self.kind == "sub-span" or self.span_in_original[0] > 0.5 / SAMPLE_RATE:
+            parts.append(f"{self.span_in_original[0]:.2f}-{self.span_in_original[1]:.2f} s of it")
+        if self.mirrored:
+            parts.append("mirrored")
+        if self.speed < 0.95:
+            parts.append(f"slowed {1 / self.speed:.2g}x")
+        elif self.speed > 1.05:
+            parts.append(f"sped up {self.speed:.2g}x")
+        return ", ".join(parts)
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind, "mirrored": self.mirrored, "speed": round(self.speed, 4),
+                "span_in_clip_s": [round(t, 3) for t in self.span_in_clip],
+                "span_in_original_s": [round(t, 3) for t in self.span_in_original],
+                "distance": round(self.distance, 4), "motion": round(self.motion, 3), "summary": self.describe()}
+
+
+def load_duplicate_search() -> None:
+    """Import scipy's k-d tree (most of a second), so a caller can do it while it waits on other work."""
+    importlib.import_module("scipy.spatial")
+
+
+def _dct_projection() -> tuple[np.ndarray, np.ndarray]:
+    """(GRID*GRID, K) orthonormal low-frequency DCT basis, and each column's sign under mirroring."""
+    n = np.arange(GRID)
+    basis_1d = np.cos(np.pi * (2 * n[None, :] + 1) * n[:, None] / (2 * GRID)) * np.sqrt(2 / GRID)
+    basis_1d[0] /= np.sqrt(2)
+    columns, signs = [], []
+    for u in range(DCT_ORDER):
+        for v in range(DCT_ORDER - u):
+            if u or v:
+                columns.append(np.outer(basis_1d[u], basis_1d[v]).ravel())
+                signs.append(-1.0 if v % 2 else 1.0)  # x -> GRID-1-x flips odd horizontal frequencies
+    return np.stack(columns, axis=1).astype(np.float32), np.asarray(signs, np.float32)
+
+
+def _resample(other: Signature, times: np.ndarray) -> np.ndarray:
+    """`other`'s hashes at `times` (inside its span), interpolated linearly between its samples."""
+    position = np.interp(times, other.times, np.arange(len(other.times), dtype=np.float64))
+    low = np.floor(position).astype(int)
+    high = np.minimum(low + 1, len(other.times) - 1)
+    weight = (position - low)[:, None].astype(np.float32)
+    return other.hashes[low] * (1 - weight) + other.hashes[high] * weight
+
+
+def _motion_agreement(clip: Signature, other: Signature, speed: float, offset: float, inside: np.ndarray) -> float:
+    """Correlation between how the two clips change over `MOTION_LAG` samples along the mapping:
+    near 1 when the same movement happens at the same moments, near 0 for footage that merely
+    looks alike (the same still scene, or a mapping at the wrong speed)."""
+    mine = clip.hashes[inside]
+    theirs = _resample(other, offset + speed * clip.times[inside])
+    mine, theirs = mine[MOTION_LAG:] - mine[:-MOTION_LAG], theirs[MOTION_LAG:] - theirs[:-MOTION_LAG]
+    energy = np.sqrt((mine**2).sum() * (theirs**2).sum())
+    return float((mine * theirs).sum() / energy) if energy > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class _Frames:
+    """Every usable clip's hashes laid end to end, so alignments of many clip pairs are computed
+    in a few array operations instead of one Python loop turn each."""
+
+    clips: list[int]  # index in the caller's list, per local clip
+    starts: np.ndarray  # first row of each local clip
+    lengths: np.ndarray
+    times: np.ndarray  # (rows,) float64
+    hashes: np.ndarray  # (rows, GRID*GRID)
+    mirrored: np.ndarray  # the same, each frame flipped left to right
+    keys: np.ndarray  # local clip * KEY_SPAN + time: sorted, so one searchsorted finds a time in any clip
+
+    @classmethod
+    def of(cls, signatures: list[Signature | None]) -> _Frames:
+        clips = [i for i, s in enumerate(signatures) if s is not None and len(s.times) >= MIN_FRAMES]
+        lengths = np.array([len(signatures[i].times) for i in clips], dtype=np.int64)
+        times = np.concatenate([signatures[i].times for i in clips]).astype(np.float64)
+        hashes = np.concatenate([signatures[i].hashes for i in clips])
+        mirrored = np.ascontiguousarray(hashes.reshape(-1, GRID, GRID)[:, :, ::-1].reshape(len(hashes), -1))
+        owner = np.repeat(np.arange(len(clips)), lengths)
+        return cls(clips, np.r_[0, np.cumsum(lengths)[:-1]].astype(np.int64), lengths, times, hashes, mirrored,
+                   owner * KEY_SPAN + times)
+
+    @property
+    def durations(self) -> np.ndarray:
+        return self.times[self.starts + self.lengths - 1] - self.times[self.starts]
+
+
+def _verify(frames: _Frames, a: np.ndarray, b: np.ndarray, mirrored: np.ndarray, speed: np.ndarray,
+            offset: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """For each mapping (local clip a onto local clip b: t_b = offset + speed * t_a, a mirrored or
+    not): the share of a's frames inside b that match (RMS <= FRAME_MATCH), their mean RMS, and the
+    first and last of a's times inside b. b's hashes are interpolated at the mapped times."""
+    count = len(a)
+    matched_share, distance = np.zeros(count), np.full(count, np.inf)
+    first, last = np.zeros(count), np.zeros(count)
+    rows_per = frames.lengths[a]
+    bounds = np.r_[0, np.cumsum(rows_per)]
+    # Chunks of hypotheses holding at most about CHUNK_ROWS frame rows each.
+    cuts = np.unique(np.searchsorted(bounds, np.arange(0, bounds[-1], CHUNK_ROWS), side="right") - 1)
+    for lo_h, hi_h in zip(cuts, np.r_[cuts[1:], count]):
+        h = np.arange(lo_h, hi_h)
+        rep = np.repeat(h, rows_per[h])
+        offsets_in_chunk = bounds[h] - bounds[lo_h]
+        row = frames.starts[a[rep]] + np.arange(len(rep)) - np.repeat(offsets_in_chunk, rows_per[h])
+        t = frames.times[row]
+        mapped = offset[rep] + speed[rep] * t
+        b_first = frames.starts[b[rep]]
+        b_last = b_first + frames.lengths[b[rep]] - 1
+        slack = 0.5 / SAMPLE_RATE * np.maximum(1.0, speed[rep])
+        inside = (mapped >= frames.times[b_first] - slack) & (mapped <= frames.times[b_last] + slack)
+        low = np.clip(np.searchsorted(frames.keys, b[rep] * KEY_SPAN + mapped, side="right") - 1, b_first, b_last - 1)
+        weight = np.clip((mapped - frames.times[low]) / (frames.times[low + 1] - frames.times[low]), 0.0, 1.0)
+        weight = weight[:, None].astype(np.float32)
+        mine = np.where(mirrored[rep][:, None], frames.mirrored[row], frames.hashes[row])
+        theirs = frames.hashes[low] * (1 - weight) + frames.hashes[low + 1] * weight
+        rms = np.sqrt(np.mean((mine - theirs) ** 2, axis=1))
+        good = inside & (rms <= FRAME_MATCH)
+        local = rep - lo_h
+        inside_count = np.bincount(local, inside, minlength=len(h))
+        good_count = np.bincount(local, good, minlength=len(h))
+        matched_share[h] = np.where(inside_count >= MIN_FRAMES, good_count / np.maximum(inside_count, 1), 0.0)
+        distance[h] = np.bincount(local, rms * good, minlength=len(h)) / np.maximum(good_count, 1)
+        distance[h[good_count == 0]] = np.inf
+        first[h] = np.minimum.reduceat(np.where(inside, t, np.inf), offsets_in_chunk)
+        last[h] = np.maximum.reduceat(np.where(inside, t, -np.inf), offsets_in_chunk)
+    return matched_share, distance, first, last
+
+
+def _candidate_votes(frames: _Frames) -> tuple[np.ndarray, ...]:
+    """Matched frames from the k-d tree: (clip a, clip b, mirrored, t_a, frame index in a, t_b)
+    for every query frame of a and near frame of b, for pairs where enough of a's frames match."""
+    from scipy.spatial import cKDTree
+
+    projection, mirror_signs = _dct_projection()
+    points = frames.hashes @ projection
+    owner = np.repeat(np.arange(len(frames.clips)), frames.lengths)
+    within = np.arange(len(owner)) - frames.starts[owner]
+    query_rows = np.flatnonzero(within % QUERY_STRIDE == 0)
+    query_count = np.bincount(owner[query_rows], minlength=len(frames.clips))
+    tree = cKDTree(points)
+    collected = []
+    for mirrored in (False, True):
+        queries = points[query_rows] * (mirror_signs if mirrored else 1.0)
+        distances, found = tree.query(queries, k=NEIGHBOURS, distance_upper_bound=FRAME_RADIUS * GRID, workers=-1)
+        hit = np.isfinite(distances)
+        query, found = np.repeat(query_rows, NEIGHBOURS).reshape(hit.shape)[hit], found[hit]
+        keep = owner[query] != owner[found]
+        collected.append((query[keep], found[keep], np.full(int(keep.sum()), mirrored)))
+    query, found, mirrored = (np.concatenate(parts) for parts in zip(*collected))
+    a, b = owner[query], owner[found]
+    pair = (a * len(frames.clips) + b) * 2 + mirrored
+    # Pairs whose matched frames are too few to cover CONTAINED of a are not worth aligning.
+    per_frame = int(frames.lengths.max()) + 1
+    pairs, voters = np.unique(np.unique(pair * per_frame + within[query]) // per_frame, return_counts=True)
+    needed = np.maximum(MIN_VOTES, SUPPORT * query_count[pairs // 2 // len(frames.clips)])
+    wanted = np.isin(pair, pairs[voters >= needed])
+    return (a[wanted], b[wanted], mirrored[wanted], frames.times[query[wanted]], within[query[wanted]],
+            frames.times[found[wanted]])
+
+
+def _hypotheses(frames: _Frames, a, b, mirrored, t_a, frame_a, t_b) -> tuple[np.ndarray, ...]:
+    """The HYPOTHESES best-supported mappings per (a, b, mirrored): each matched frame votes, once,
+    for the offset bin t_b - speed * t_a of every speed at which a fits inside b; a bin's support
+    includes its two neighbours'."""
+    durations = frames.durations
+    bin_width = 1.0 / SAMPLE_RATE
+    n = len(frames.clips)
+    cells, frame_ids = [], []
+    for speed_index, speed in enumerate(SPEEDS):
+        fits = CONTAINED * speed * durations[a] <= durations[b] + bin_width
+        width = bin_width * max(1.0, speed)
+        offset_bin = np.round((t_b[fits] - speed * t_a[fits]) / width).astype(np.int64)
+        pair = (a[fits] * n + b[fits]) * 2 + mirrored[fits]
+        cells.append((pair * len(SPEEDS) + speed_index) * BIN_SPAN + offset_bin + BIN_SPAN // 2)
+        frame_ids.append(frame_a[fits])
+    per_frame = int(frames.lengths.max()) + 1
+    cell, counts = np.unique(np.unique(np.concatenate(cells) * per_frame + np.concatenate(frame_ids)) // per_frame,
+                             return_counts=True)
+    support = counts.copy()
+    for neighbour in (-1, 1):
+        position = np.minimum(np.searchsorted(cell, cell + neighbour), max(len(cell) - 1, 0))
+        exists = cell[position] == cell + neighbour
+        support[exists] += counts[position[exists]]
+    group = cell // BIN_SPAN // len(SPEEDS)
+    order = np.lexsort((-support, group))
+    cell, support, group = cell[order], support[order], group[order]
+    rank = np.arange(len(cell)) - np.searchsorted(group, group)  # 0 for each pair's best-supported mapping
+    cell = cell[(rank < HYPOTHESES) & (support >= MIN_VOTES)]
+    speeds = np.asarray(SPEEDS)[cell // BIN_SPAN % len(SPEEDS)]
+    offsets = (cell % BIN_SPAN - BIN_SPAN // 2) * bin_width * np.maximum(1.0, speeds)
+    pair = cell // BIN_SPAN // len(SPEEDS)
+    return pair // 2 // n, pair // 2 % n, (pair % 2).astype(bool), speeds, offsets
+
+
+def _best_per_pair(pair_key: np.ndarray, score: np.ndarray) -> np.ndarray:
+    """Index of the highest `score` for each distinct `pair_key`."""
+    order = np.lexsort((-score, pair_key))
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = pair_key[order][1:] != pair_key[order][:-1]
+    return order[first]
+
+
+def find_relations(signatures: list[Signature | None]) -> list[Relation]:
+    """Every (clip, original) pair where `clip` repeats at least `CONTAINED` of itself from `original`."""
+    if sum(1 for s in signatures if s is not None and len(s.times) >= MIN_FRAMES) < 2:
+        return []
+    frames = _Frames.of(signatures)
+    votes = _candidate_votes(frames)
+    if len(votes[0]) == 0:
+        return []
+    a, b, mirrored, speed, offset = _hypotheses(frames, *votes)
+    if len(a) == 0:
+        return []
+    n = len(frames.clips)
+    # Score every hypothesis, keep each pair's best, then refine its offset within its bin.
+    share, distance, _, _ = _verify(frames, a, b, mirrored, speed, offset)
+    best = _best_per_pair((a * n + b) * 2 + mirrored, share - distance)
+    best = best[share[best] >= 0.5]
+    a, b, mirrored, speed, offset = a[best], b[best], mirrored[best], speed[best], offset[best]
+    shifts = np.array([0.0, -2, -1, 1, 2]) * 0.25 / SAMPLE_RATE  # quarter and half a sample either way
+    offset = (offset[:, None] + np.maximum(1.0, speed)[:, None] * shifts[None, :]).ravel()
+    a, b, mirrored, speed = (np.repeat(x, len(shifts)) for x in (a, b, mirrored, speed))
+    share, distance, first, last = _verify(frames, a, b, mirrored, speed, offset)
+    accepted = (share >= 1 - TRIM) & (distance <= MATCH_RMS) & (last - first >= CONTAINED * frames.durations[a])
+    relations = []
+    for index in _best_per_pair((a * n + b) * 2 + mirrored, accepted * 10.0 - distance):
+        if not accepted[index]:
+            continue
+        clip_index, other_index = frames.clips[a[index]], frames.clips[b[index]]
+        clip = signatures[clip_index].mirrored() if mirrored[index] else signatures[clip_index]
+        other = signatures[other_index]
+        span_in_clip = (float(first[index]), float(last[index]))
+        inside = (clip.times >= span_in_clip[0]) & (clip.times <= span_in_clip[1])
+        motion = _motion_agreement(clip, other, float(speed[index]), float(offset[index]), inside)
+        if motion < MIN_MOTION:
+            continue  # alike, but not the same movement: a still stretch of a similar scene, or a wrong speed
+        span_in_original = (max(0.0, float(offset[index] + speed[index] * span_in_clip[0])),
+                            min(float(other.times[-1]), float(offset[index] + speed[index] * span_in_clip[1])))
+        covers_original = span_in_original[1] - span_in_original[0] >= CONTAINED * other.duration
+        relations.append(Relation(clip_index, other_index, "same footage" if covers_original else "sub-span",
+                                  bool(mirrored[index]), float(speed[index]), span_in_clip, span_in_original,
+                                  float(distance[index]), motion))
+    # One relation per pair of clips, the closest: a mirrored copy can also align, less well, unmirrored.
+    closest: dict[frozenset, Relation] = {}
+    for relation in relations:
+        key = frozenset((relation.clip, relation.original))
+        if key not in closest or relation.distance < closest[key].distance:
+            closest[key] = relation
+    return sorted(closest.values(), key=lambda r: (r.clip, r.original))
+
+
+def find_duplicates(signatures: list[Signature | None]) -> dict[int, tuple[int, Relation]]:
+    """{index: (the clip kept for its group, how it repeats footage)} for every clip that repeats
+    another's; the relation is to the kept clip when they matched directly, else to the copy that
+    links them."""
+    relations = find_relations(signatures)
+    if not relations:
         return {}
-    vectors = np.stack([hash_vector(hashes[i]) for i in indices])
-    squared = (vectors**2).sum(axis=1)
-    limit = DUPLICATE_RMS**2 * vectors.shape[1]
-    original: dict[int, int] = {}
-    for start in range(0, len(indices), BLOCK):
-        block = vectors[start : start + BLOCK]
-        distances = squared[start : start + BLOCK, None] + squared[None, :] - 2 * block @ vectors.T
-        for row, distances_row in enumerate(distances):
-            position = start + row
-            earlier = np.flatnonzero(distances_row[:position] <= limit)
-            if earlier.size:
-                first = indices[int(earlier[0])]
-                original[indices[position]] = original.get(first, first)
-    return original
+    parent = list(range(len(signatures)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    contained = set()
+    for relation in relations:
+        parent[root(relation.clip)] = root(relation.original)
+        if relation.kind == "sub-span" or relation.speed < 0.95:
+            contained.add(relation.clip)  # a part of the other, or a slowed copy of it
+    groups: dict[int, list[int]] = {}
+    for member in sorted({r.clip for r in relations} | {r.original for r in relations}):
+        groups.setdefault(root(member), []).append(member)
+    direct: dict[tuple[int, int], Relation] = {}
+    for relation in relations:
+        for oriented in (relation, relation.reversed()):
+            key = (oriented.clip, oriented.original)
+            if key not in direct or oriented.distance < direct[key].distance:
+                direct[key] = oriented
+    duplicates = {}
+    for members in groups.values():
+        keeper = min(members, key=lambda i: (i in contained, i))
+        for member in members:
+            if member != keeper:
+                # Linked to the kept clip through another copy: the mapping reported is to that copy.
+                relation = direct.get((member, keeper)) or min(
+                    (r for (c, _), r in direct.items() if c == member), key=lambda r: r.distance)
+                duplicates[member] = (keeper, relation)
+    return duplicates

@@ -7,7 +7,7 @@ import html
 from pathlib import Path
 
 from slapgen.atomic import atomic_write_text
-from trainer.curate.captions import ASPECTS, CATEGORIES, MAX_WORDS, MIN_WORDS
+from trainer.curate.captions import ASPECTS, CATEGORIES, MAX_WORDS, MIN_WORDS, OUTCOMES
 
 
 def _plots(out: Path, report: dict) -> dict[str, str]:
@@ -66,15 +66,22 @@ def write_html_report(out: Path, report: dict) -> Path:
         thumbnail = f'<img src="{escape(clip["thumbnail"])}" width="160" alt="">' if clip["thumbnail"] else "unreadable"
         issues = ", ".join(clip["issues"])
         if clip.get("duplicate_of"):
-            issues += f" (of {escape(clip['duplicate_of'])})"
+            issues += f" (of {clip['duplicate_of']})"
         reasons = clip["caption"].get("garbage_reasons") or []
         detail = clip["video_info"].get("error") or "; ".join(reasons)
+        if clip.get("duplicate"):
+            relation = clip["duplicate"]
+            start, end = relation["span_in_clip_s"]
+            detail = f"{relation['summary']} of {relation['of']} (its {start:.2f}-{end:.2f} s)" + (f"; {detail}" if detail else "")
         caption = clip["caption_text"] or ""
         rows.append(
             f"<tr><td>{thumbnail}</td><td>{escape(clip['video'])}</td><td>{escape(issues)}</td>"
             f"<td>{escape(detail)}</td><td class=caption>{escape(caption[:400])}</td></tr>"
         )
     counts = "".join(f"<li>{escape(code)}: {count}</li>" for code, count in summary["issues"].items())
+    coverage_rows = "".join(
+        f"<tr><td>{escape(kind)}</td><td>{escape(name)}</td><td>{c['clips']}</td><td>{c['clean']}</td><td>{c['selected']}</td></tr>"
+        for kind, labels in summary["coverage"].items() for name, c in labels.items())
     figures = "".join(
         f'<figure><img src="plots/{name}.png" alt="{escape(title)}"><figcaption>{escape(title)}</figcaption></figure>'
         for name, title in plots.items()
@@ -93,8 +100,11 @@ td.caption {{ font-size: 0.85em; max-width: 420px; }}
 {f'{summary["selected"]} selected into <code>selected.jsonl</code>.' if summary["requested"] else ''}
 Probed at {summary["clips_per_second"]} clips/s with {summary["workers"]} workers.</p>
 <h2>Issues</h2><ul>{counts or "<li>none</li>"}</ul>
+<h2>Coverage per label, before and after selection</h2>
+<p>{f'{summary["hard_negatives_selected"]} of the selected clips are hard negatives (miss, foul, block/absorb).' if summary["requested"] else 'No selection requested.'}</p>
+<table><tr><th>labels</th><th>label</th><th>all clips</th><th>clean</th><th>selected</th></tr>{coverage_rows}</table>
 <h2>Captions and coverage</h2>{figures}
-<p>Categories: {escape(", ".join(CATEGORIES))}. Aspects: {escape(", ".join(ASPECTS))}.</p>
+<p>Categories: {escape(", ".join(CATEGORIES))}. Outcomes: {escape(", ".join(OUTCOMES))}. Aspects: {escape(", ".join(ASPECTS))}.</p>
 <h2>Flagged clips</h2>
 <table><tr><th>thumbnail</th><th>video</th><th>issues</th><th>detail</th><th>caption</th></tr>
 {"".join(rows) or '<tr><td colspan="5">none</td></tr>'}

@@ -1,7 +1,9 @@
 """`slapgen curate`: look at every clip and caption, flag problems, pick the best N, write a report.
 
 Clips are probed in worker processes (`workers`, default: every core) and streamed back in dataset
-order, so memory holds one small record per clip, never the clips. Everything a clip can be blamed
+order, so memory holds one small record and one footage fingerprint per clip, never the clips.
+Duplicates are found across all fingerprints at the end (duplicates.py); the throughput reported
+(`clips_per_second`) includes that step. Everything a clip can be blamed
 for is a code in its `issues` list (report.json), so tools can filter on it.
 """
 
@@ -16,8 +18,9 @@ from pathlib import Path
 
 from slapgen.atomic import atomic_write_text
 from trainer.curate.captions import CaptionReport, check_caption
-from trainer.curate.duplicates import find_duplicates
+from trainer.curate.duplicates import find_duplicates, load_duplicate_search
 from trainer.curate.selection import select_best
+from trainer.curate.fingerprint import Signature
 from trainer.curate.video_probe import VideoProbe, probe_video
 from trainer.datasets import Clip, read_dataset
 from trainer.frames import sample_indices
@@ -32,9 +35,11 @@ class CurateSettings:
     fps: float = 8.0
     workers: int | None = None
     select: int | None = None
+    hard_negative_share: float = 0.0  # of the selection, kept for failed strikes and defensive moves
 
 
 def _probe(job: tuple[int, str | None, str]) -> tuple[int, VideoProbe]:
+    # The fingerprint travels back with the probe (a few kB); report.json never holds it.
     index, video, thumbnail = job
     if video is None:
         return index, VideoProbe(False, "not read: a link out of the dataset folder")
@@ -86,10 +91,13 @@ def curate(dataset: Path, out: Path, settings: CurateSettings = CurateSettings()
     jobs = [(i, None if "outside_dataset" in clip.issues else str(clip.video), str(thumbnails / f"{i:06d}.png"))
             for i, clip in enumerate(clips)]
     records: list[dict] = []
+    signatures: list[Signature | None] = []
     started = time.perf_counter()
     bar = tqdm(total=len(clips), desc="curate", unit="clip", disable=not progress)
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        for index, probe in pool.map(_probe, jobs, chunksize=4):
+        probes = pool.map(_probe, jobs, chunksize=4)  # the workers start decoding now
+        load_duplicate_search()  # meanwhile this process loads what it needs afterwards
+        for index, probe in probes:
             clip = clips[index]
             caption = check_caption(clip.caption)
             records.append({
@@ -101,15 +109,17 @@ def curate(dataset: Path, out: Path, settings: CurateSettings = CurateSettings()
                 "caption": {k: v for k, v in vars(caption).items() if k != "issues"},
                 "thumbnail": Path(jobs[index][2]).relative_to(out).as_posix() if probe.readable else None,
             })
+            signatures.append(probe.signature)
             bar.update(1)
     bar.close()
+
+    for index, (kept, relation) in find_duplicates(signatures).items():
+        records[index]["issues"].insert(0, "duplicate")
+        records[index]["duplicate_of"] = records[kept]["video"]
+        records[index]["duplicate"] = {"of": records[relation.original]["video"], **relation.to_json()}
     elapsed = time.perf_counter() - started
 
-    for index, first in find_duplicates([r["video_info"]["phash"] or None for r in records]).items():
-        records[index]["issues"].insert(0, "duplicate")
-        records[index]["duplicate_of"] = records[first]["video"]
-
-    selected = select_best(records, settings.select) if settings.select else []
+    selected = select_best(records, settings.select, settings.hard_negative_share) if settings.select else []
     if settings.select:
         rows = [{"video": os.path.relpath(r["path"], out), "caption": r["caption_text"]} for r in selected]
         atomic_write_text(out / "selected.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
@@ -125,9 +135,16 @@ def curate(dataset: Path, out: Path, settings: CurateSettings = CurateSettings()
 def _summary(records: list[dict], selected: list[dict], elapsed: float, workers: int, settings: CurateSettings) -> dict:
     from collections import Counter
 
-    from trainer.curate.captions import ASPECTS, CATEGORIES
+    from trainer.curate.captions import ASPECTS, CATEGORIES, HARD_NEGATIVES, OUTCOMES
 
     issue_counts = Counter(code for r in records for code in r["issues"])
+    clean = [r for r in records if not r["issues"]]
+
+    def coverage(key: str, names) -> dict:
+        return {name: {"clips": sum(name in r["caption"][key] for r in records),
+                       "clean": sum(name in r["caption"][key] for r in clean),
+                       "selected": sum(name in r["caption"][key] for r in selected)} for name in names}
+
     return {
         "clips": len(records),
         "clean": sum(1 for r in records if not r["issues"]),
@@ -136,6 +153,10 @@ def _summary(records: list[dict], selected: list[dict], elapsed: float, workers:
         "issues": dict(sorted(issue_counts.items())),
         "categories": {c: sum(c in r["caption"]["categories"] for r in records) for c in CATEGORIES},
         "aspects": {a: sum(a in r["caption"]["aspects"] for r in records) for a in ASPECTS},
+        # Before (every clip, the clean ones) and after selection, per label.
+        "coverage": {"categories": coverage("categories", CATEGORIES), "outcomes": coverage("outcomes", OUTCOMES)},
+        "hard_negatives_selected": sum(any(h in r["caption"]["outcomes"] for h in HARD_NEGATIVES) for r in selected),
+        "duplicates": sum(1 for r in records if r.get("duplicate")),
         "selected": len(selected),
         "requested": settings.select,
         "seconds": round(elapsed, 3),

@@ -1,29 +1,41 @@
-"""Pick the best N clean clips, balanced across motion categories.
+"""Pick the best N clean clips, balanced across motion categories, with a share kept for hard negatives.
 
-Round robin over the categories (rarest first, so a scarce category is not crowded out), each
-time taking that category's best-scoring clip not yet chosen; uncategorised clips come last.
+Hard negatives first: `round(N * hard_negative_share)` slots go to clean clips whose caption says
+the strike failed or was defended (`HARD_NEGATIVES`: miss, foul, block/absorb), round robin over
+those labels. The rest: round robin over the categories (rarest first, so a scarce category is
+not crowded out), each time taking that category's best-scoring clip not yet chosen;
+uncategorised clips come last. A round robin takes the best-ranked clip of each queue in turn.
 Flagged clips, duplicates included, are never candidates, so two copies of one clip cannot both
-be selected (the earliest copy is clean; the rest are flagged `duplicate`).
+be selected (the clip kept for a duplicate group is clean; the rest are flagged `duplicate`).
 """
 
 from __future__ import annotations
 
-from trainer.curate.captions import CATEGORIES
+from trainer.curate.captions import CATEGORIES, HARD_NEGATIVES
 
 
-def select_best(records: list[dict], count: int) -> list[dict]:
+def select_best(records: list[dict], count: int, hard_negative_share: float = 0.0) -> list[dict]:
     clean = [r for r in records if not r["issues"]]
-    by_category: dict[str, list[dict]] = {name: [] for name in CATEGORIES}
-    uncategorised = []
-    for record in clean:
-        for category in record["caption"]["categories"]:
-            by_category[category].append(record)
-        if not record["caption"]["categories"]:
-            uncategorised.append(record)
-    queues = [sorted(clips, key=_rank) for _, clips in sorted(by_category.items(), key=lambda item: len(item[1]))]
-    queues = [q for q in queues if q] + ([sorted(uncategorised, key=_rank)] if uncategorised else [])
     chosen: list[dict] = []
     taken: set[str] = set()
+    reserved = round(count * hard_negative_share)
+    if reserved:
+        by_outcome = {label: [r for r in clean if label in r["caption"]["outcomes"]] for label in HARD_NEGATIVES}
+        _round_robin(_queues(by_outcome, []), reserved, chosen, taken)
+    by_category = {name: [r for r in clean if name in r["caption"]["categories"]] for name in CATEGORIES}
+    uncategorised = [r for r in clean if not r["caption"]["categories"]]
+    _round_robin(_queues(by_category, uncategorised), count, chosen, taken)
+    return chosen
+
+
+def _queues(groups: dict[str, list[dict]], last: list[dict]) -> list[list[dict]]:
+    """Each group best first, rarest group first; `last` (if any) after them."""
+    queues = [sorted(clips, key=_rank) for _, clips in sorted(groups.items(), key=lambda item: len(item[1]))]
+    return [q for q in queues if q] + ([sorted(last, key=_rank)] if last else [])
+
+
+def _round_robin(queues: list[list[dict]], count: int, chosen: list[dict], taken: set[str]) -> None:
+    """Append to `chosen` until it holds `count` clips or the queues run dry."""
     while len(chosen) < count and any(queues):
         for queue in queues:
             while queue and queue[0]["video"] in taken:
@@ -32,7 +44,6 @@ def select_best(records: list[dict], count: int) -> list[dict]:
                 record = queue.pop(0)
                 chosen.append(record)
                 taken.add(record["video"])
-    return chosen
 
 
 def _rank(record: dict) -> tuple:

@@ -2,26 +2,22 @@
 
 ffmpeg scales every frame down to `PROBE_WIDTH` pixels wide while decoding (a fraction of the cost
 of full-size frames), and the frames are consumed as they stream: black and frozen checks run frame
-by frame, each frame keeps only its 8x8 block means, and one middle frame is kept as the thumbnail.
-
-The perceptual hash is those 8x8 greyscale block means, as bytes, at `HASH_SAMPLES` instants spread
-over the clip. Re-encoding or resizing footage barely moves it (RMS ~0.003 on a 0-1 scale), while
-different clips of the same scene stay far apart (>0.04 on our synthetic slaps), so duplicates are
-found by RMS distance between hashes (see duplicates.py).
+by frame, one middle frame is kept as the thumbnail, and a `FrameSampler` keeps about eight small
+greyscale frames per second of footage for the clip's fingerprint (fingerprint.py), which
+duplicates.py aligns against every other clip's.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from trainer.curate.fingerprint import FrameSampler, Signature, block_means, footage_signature
+
 PROBE_WIDTH = 160
-HASH_SAMPLES = 8
-HASH_GRID = 8
 BLACK_LUMA = 0.06  # mean luma (0-1) at or below which a frame counts as black
 FROZEN_BLOCK = 4  # frozen check on 4x4 block means: immune to compression noise, sees a moving arm
 FROZEN_MAX_DIFF = 4 / 255  # no block moves more than this between two frames: a frozen pair
@@ -41,20 +37,13 @@ class VideoProbe:
     frame_count: int = 0
     black_fraction: float = 0.0
     frozen_fraction: float = 0.0
-    phash: str = ""  # hex: HASH_SAMPLES x 8x8 uint8 block means
+    content_box: tuple[int, int, int, int] | None = None  # at probe size, black bars cropped: top, bottom, left, right
+    hashed_frames: int = 0
     thumbnail: np.ndarray | None = field(default=None, repr=False)
+    signature: Signature | None = field(default=None, repr=False)
 
     def to_json(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k != "thumbnail"}
-
-
-def block_means(gray: np.ndarray, rows: int, cols: int) -> np.ndarray:
-    """Mean of each cell of a rows x cols grid laid over the frame (area downscaling)."""
-    row_edges = np.linspace(0, gray.shape[0], rows + 1).astype(int)
-    col_edges = np.linspace(0, gray.shape[1], cols + 1).astype(int)
-    summed = np.add.reduceat(np.add.reduceat(gray, row_edges[:-1], axis=0), col_edges[:-1], axis=1)
-    areas = np.outer(np.diff(row_edges), np.diff(col_edges))
-    return summed / areas
+        return {k: v for k, v in asdict(self).items() if k not in ("thumbnail", "signature")}
 
 
 def probe_video(path: Path) -> VideoProbe:
@@ -73,7 +62,8 @@ def probe_video(path: Path) -> VideoProbe:
         reader.close()
         return VideoProbe(False, "no readable video stream")
     middle = int(float(meta.get("duration") or 0) * fps / 2)
-    means, black, frozen, count = [], 0, 0, 0
+    sampler = FrameSampler(fps)
+    black, frozen, count = 0, 0, 0
     previous, thumbnail = None, None
     try:
         for raw in reader:
@@ -86,7 +76,7 @@ def probe_video(path: Path) -> VideoProbe:
             if previous is not None and not is_black:
                 frozen += np.abs(blocks - previous).max() <= FROZEN_MAX_DIFF
             previous = blocks
-            means.append(block_means(gray, HASH_GRID, HASH_GRID))
+            sampler.offer(count, gray)
             if count == middle or thumbnail is None:
                 thumbnail = rgb.copy()
             count += 1
@@ -96,8 +86,7 @@ def probe_video(path: Path) -> VideoProbe:
         reader.close()
     if count == 0:
         return VideoProbe(False, "no frames could be decoded")
-    positions = [min(count - 1, math.floor((i + 0.5) * count / HASH_SAMPLES)) for i in range(HASH_SAMPLES)]
-    hashed = np.clip(np.round(np.stack([means[p] for p in positions]) * 255), 0, 255).astype(np.uint8)
+    signature = footage_signature(sampler)
     return VideoProbe(
         readable=True,
         duration_s=count / fps,
@@ -107,13 +96,11 @@ def probe_video(path: Path) -> VideoProbe:
         frame_count=count,
         black_fraction=black / count,
         frozen_fraction=frozen / max(1, count - 1),
-        phash=hashed.tobytes().hex(),
+        content_box=signature.box,
+        hashed_frames=len(signature.times),
         thumbnail=thumbnail,
+        signature=signature,
     )
-
-
-def hash_vector(phash: str) -> np.ndarray:
-    return np.frombuffer(bytes.fromhex(phash), dtype=np.uint8).astype(np.float32) / 255.0
 
 
 def _reason(error: BaseException) -> str:
