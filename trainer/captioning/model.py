@@ -4,8 +4,9 @@
 Hugging Face cache first, then a download). All three end in the same `AutoProcessor` /
 `AutoModelForImageTextToText.from_pretrained` calls on a folder, so the tests run the code a real
 model runs. The default is Qwen3-VL-8B-Instruct: an open model that takes video natively (frames
-with their timestamps) and that transformers 5 supports; the Qwen2.5-VL and Qwen3-VL families load
-the same way.
+with their timestamps) and that transformers 5 supports; other Qwen3-VL sizes load the same way.
+Frames are passed already sampled, with `VideoMetadata` for their timestamps (Qwen3-VL's processor
+needs them); another model family may need its own frame handling here.
 
 transformers' video processors need torchvision; without it the processor cannot be built and
 the error says how to install it.

@@ -37,7 +37,7 @@ from trainer.curate.fingerprint import GRID, SAMPLE_RATE, Signature
 SPEEDS = (0.25, 1 / 3, 0.5, 2 / 3, 1.0, 1.5, 2.0, 3.0, 4.0)
 FRAME_RADIUS = 0.02  # RMS (0-1 luma) within which a frame counts as a possible match
 FRAME_MATCH = 0.012  # RMS at or under which an aligned frame matches
-TRIM = 0.2  # at least 1 - TRIM of the aligned frames must match (fast motion between samples may not)
+TRIM = 0.25  # at least 1 - TRIM of the aligned frames must match (fast motion between samples may not)
 MATCH_RMS = 0.01  # and their mean RMS at most this
 MIN_MOTION = 0.75  # and the correlation of the clips' movement along the alignment at least this
 MOTION_LAG = 2  # samples over which movement is measured (a quarter second: steadier than one frame)
@@ -50,7 +50,7 @@ CHUNK_ROWS = 400_000  # frame rows aligned per array operation (~100 MB)
 KEY_SPAN = 1e6  # seconds: larger than any clip, so clip * KEY_SPAN + time sorts clip by clip
 BIN_SPAN = 1 << 20  # offset bins per (pair, speed) in the packed hypothesis key
 NEIGHBOURS = 16  # nearest frames each query frame gets from the tree
-SUPPORT = 0.4  # share of a clip's query frames that must match frames of the other clip
+SUPPORT = 0.3  # share of a clip's query frames that must match frames of the other clip
 DCT_ORDER = 4  # low frequencies kept for the tree: u + v < DCT_ORDER, DC excluded (9 dimensions)
 
 
