@@ -106,7 +106,7 @@ def test_recent_adapters_come_from_memory(adapter_files, target, tmp_path, monke
 
 
 @pytest.mark.slow
-def test_hot_swap_on_the_compiled_model_never_recompiles(adapter_files, tiny_cache_dir, tmp_path, monkeypatch):
+def test_hot_swap_on_the_compiled_model_never_recompiles(adapter_files, tiny_cache_dir, tmp_path, request):
     """base -> A -> B -> A -> base on the torch.compile'd tiny transformer, with dynamo told to fail on
     any recompilation; outputs prove each swap took effect and swapping back restores exactly, also after a
     cancelled generation and between a TIC-FT adapter (image-to-video: its own first latents and step
@@ -122,7 +122,10 @@ def test_hot_swap_on_the_compiled_model_never_recompiles(adapter_files, tiny_cac
     options = EngineOptions(compile=True, adapters_dir=adapters_dir, max_lora_rank=MAX_RANK)
     generator = VideoGenerator.load(resolve_model("tiny", tiny_cache_dir), options)
     assert generator.info()["compiled"] is True and generator.compiled.graphs >= 1
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    # torch's own patch (pytest's monkeypatch undo leaves dynamo's config entry hidden for later tests).
+    recompiles_fail = torch._dynamo.config.patch(error_on_recompile=True)
+    recompiles_fail.__enter__()
+    request.addfinalizer(lambda: recompiles_fail.__exit__(None, None, None))
     base = GenerationParams.defaults_for(generator.spec, seed=3)
     frames = {}
     for label, adapter in [("base", None), ("a", "a"), ("b", "b"), ("a again", "a"), ("base again", None)]:

@@ -171,7 +171,7 @@ def test_cli_quick_start_and_bad_input(tiny_cache_dir, demo_dataset, tmp_path, c
     assert cli_main(["train", "--config", "tiny-smoke", "--data", str(data), "--out", str(tmp_path / "run"), "--set", "lora.rnk=2"]) == 2
     assert "lora.rnk" in capsys.readouterr().err
     assert cli_main(["train", "--config", "nope", "--data", str(data), "--out", str(tmp_path / "run")]) == 2
-    assert "presets: aggressive, conservative, tiny-smoke" in capsys.readouterr().err
+    assert "presets: aggressive, conservative, ticft, tiny-smoke" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU error path")
