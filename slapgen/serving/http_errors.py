@@ -49,6 +49,14 @@ def error_body(message: str, field: str | None = None) -> dict:
     return {"error": message, "detail": detail}
 
 
+def validation_error_body(error: ValidationError) -> dict:
+    """A request body pydantic refused, in the shape BentoML gives `/generate`'s: the first message as
+    `error`, every failed field in `detail`."""
+    details = error.errors(include_url=False, include_context=False, include_input=False)
+    first = details[0] if details else {"msg": "invalid body"}
+    return {"error": first["msg"], "detail": details}
+
+
 def error_response(error: SlapgenError) -> JSONResponse:
     headers = {"Retry-After": str(error.retry_after)} if isinstance(error, QueueFullError) else None
     return JSONResponse(error_body(str(error), error.field), status_code=status_for(error), headers=headers)

@@ -26,7 +26,7 @@ from starlette.concurrency import run_in_threadpool
 from slapgen.engine.params import GenerationParams
 from slapgen.errors import SlapgenError
 from slapgen.serving.body_limit import GENERATION_BODY_LIMIT, read_body, send_json
-from slapgen.serving.http_errors import error_body, status_for
+from slapgen.serving.http_errors import error_body, status_for, validation_error_body
 from slapgen.serving.jobs import JobBoard
 from slapgen.serving.requests import GenerateRequest
 
@@ -63,9 +63,7 @@ class JobRoutes:
         try:
             params = await run_in_threadpool(self.check, GenerateRequest.model_validate_json(body or b"{}"))
         except ValidationError as error:
-            details = error.errors(include_url=False, include_context=False, include_input=False)
-            first = details[0] if details else {"msg": "invalid body"}
-            return await send_json(send, 400, {"error": first["msg"], "detail": details})
+            return await send_json(send, 400, validation_error_body(error))
         except SlapgenError as error:
             return await send_json(send, status_for(error), error_body(str(error), error.field))
         # Hold BentoML's answer until the board knows the task id it carries.

@@ -20,7 +20,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from slapgen.errors import SlapgenError
-from slapgen.serving.http_errors import error_response
+from slapgen.serving.http_errors import error_response, validation_error_body
 from slapgen.serving.ratings import RatingStore
 from slapgen.serving.requests import RatingRequest
 
@@ -33,10 +33,7 @@ def studio_routes(ratings: RatingStore) -> list:
         try:
             rows = RatingRequest.model_validate_json(body or b"{}").rows()
         except ValidationError as error:
-            details = error.errors(include_url=False, include_context=False, include_input=False)
-            first = details[0] if details else {"msg": "invalid body"}
-            return JSONResponse({"error": first["msg"], "detail": [{"loc": list(d["loc"]), "msg": d["msg"]}
-                                                                   for d in details]}, status_code=400)
+            return JSONResponse(validation_error_body(error), status_code=400)
         except SlapgenError as error:
             return error_response(error)
         ids = await run_in_threadpool(ratings.add, rows)
