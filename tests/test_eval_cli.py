@@ -194,8 +194,10 @@ def test_loss_only_generates_nothing_and_reuses_a_shared_cache(evaluation, demo_
 def test_eval_scores_a_ticft_adapter_on_each_clips_first_frame(tiny_cache_dir, demo_dataset, tmp_path, capsys):
     """Guards a TIC-FT adapter scored like a plain one (no condition: the engine refuses it) or on the
     wrong condition: its videos are exactly what the engine makes from the first frame of the held-out
-    clip each prompt comes from, with the layout's target frames; the held-out loss, not defined for it
-    yet, is refused in one line."""
+    clip each prompt comes from, with the layout's target frames. Its held-out loss is its own objective
+    (the layout's cache, per-frame noise, target frames only), recomputed with the LoRA loaded through
+    peft as training saved it, and its A/B is against the base model on that same objective, never
+    against base's text-to-video loss."""
     import numpy as np
 
     from slapgen.engine.generator import VideoGenerator
@@ -203,20 +205,47 @@ def test_eval_scores_a_ticft_adapter_on_each_clips_first_frame(tiny_cache_dir, d
     from slapgen.images import first_frame
     from slapgen.models.ticft import TicftLayout
     from slapgen.video import write_mp4
+    from trainer.config import TicftConfig
     from trainer.datasets import read_dataset
     from trainer.evaluate.options import parse_settings
 
     lora = write_test_adapter(tmp_path / "ticft", tiny_cache_dir, rank=4, seed=5, ticft_layout="c1b1t3")
+    out = tmp_path / "out"
     arguments = ["eval", "--model", "tiny", "--adapter", f"i2v={lora}", "--heldout", str(demo_dataset),
                  "--max-clips", "2", "--seeds", "1", "--device", "cpu", *[f"--set={s}" for s in SETTINGS]]
-    assert cli_main([*arguments, "--out", str(tmp_path / "with-loss")]) == 2
-    assert "held-out loss of a TIC-FT adapter (i2v)" in capsys.readouterr().err
-
-    out = tmp_path / "out"
-    assert cli_main([*arguments, "--out", str(out), "--metrics", "temporal"]) == 0, capsys.readouterr().err[-2000:]
+    assert cli_main([*arguments, "--out", str(out), "--metrics", "loss,temporal"]) == 0, capsys.readouterr().err[-2000:]
     result = json.loads((out / "eval.json").read_text())
     assert set(result["systems"]) == {"base", "i2v"}
     layout = TicftLayout.parse("c1b1t3")
+
+    # Held-out loss: the layout's cache (first frame + target, 17 frames), the TIC-FT objective.
+    resolved = resolve_model("tiny", tiny_cache_dir)
+    data = DataConfig(height=32, width=48, num_frames=layout.pixel_frames, fps=8, max_clips=2)
+    entries = heldout_entries(demo_dataset, resolved, data, out / "cache", progress=False, ticft=TicftConfig(layout="c1b1t3"))
+    scheduler = CogVideoXDPMScheduler.from_pretrained(resolved.folder, subfolder="scheduler")
+    transformer = CogVideoXTransformer3DModel.from_pretrained(resolved.folder, subfolder="transformer")
+    base_ticft = heldout_losses(transformer, scheduler, entries, layout=layout)
+    base_plain = heldout_losses(transformer, scheduler, heldout_entries(
+        demo_dataset, resolved, data.model_copy(update={"num_frames": 17}), out / "cache", progress=False))
+    add_lora(transformer, load_config("tiny-smoke", ["lora.rank=4", "lora.alpha=4"]).lora)
+    load_lora_into(transformer, lora)
+    adapter = heldout_losses(transformer, scheduler, entries, layout=layout)
+    reported = [prompt["heldout_loss"] for prompt in result["prompts"]]
+    assert [r["i2v"] for r in reported] == pytest.approx(adapter, rel=1e-5)
+    assert [r["base@c1b1t3"] for r in reported] == pytest.approx(base_ticft, rel=1e-6)
+    assert [r["base"] for r in reported] == pytest.approx(base_plain, rel=1e-6)
+    assert result["systems"]["i2v"]["metrics"]["heldout_loss"] == pytest.approx(sum(adapter) / 2, rel=1e-5)
+    assert result["systems"]["i2v"]["ticft_layout"] == "c1b1t3"
+    assert "heldout_loss of TIC-FT adapters: " in (out / "eval.md").read_text()
+    assert result["systems"]["base"]["heldout_loss_by_ticft_layout"] == {"c1b1t3": pytest.approx(sum(base_ticft) / 2, rel=1e-6)}
+    assert result["metric_definitions"]["heldout_loss"]["objectives"] == {"base": "text-to-video", "i2v": "ticft c1b1t3"}
+    wins = sum(mine < base for mine, base in zip(adapter, base_ticft))
+    ties = sum(mine == base for mine, base in zip(adapter, base_ticft))
+    ab = result["systems"]["i2v"]["ab_vs_base"]["heldout_loss"]
+    assert (ab["wins"], ab["ties"], ab["losses"]) == (wins, ties, 2 - wins - ties)
+    assert all(abs(a - b) > 1e-4 * a for a, b in zip(base_ticft, base_plain))  # two objectives, two numbers
+
+    # Videos: the first frame of each prompt's clip, the layout's target frames.
     generator = VideoGenerator.load(resolve_model("tiny", tiny_cache_dir),
                                     EngineOptions(adapters_dir=out / "adapters", max_lora_rank=4))
     params = GenerationParams.defaults_for(generator.spec, seed=1, **parse_settings(SETTINGS))  # as eval builds them

@@ -79,3 +79,47 @@ def test_heldout_loss_restores_the_training_mode(heldout_setup):
     heldout_losses(transformer, scheduler, entries[:1], timesteps=(500,))
     assert transformer.training
     transformer.eval()
+
+
+def test_ticft_heldout_loss_is_the_ticft_objective_at_fixed_noise(tiny_cache_dir, demo_dataset, heldout_setup, tmp_path):
+    """Guards a TIC-FT adapter scored on the text-to-video objective (every frame noised at t, the loss on
+    the condition too) or on a cache without its condition: entries cached with layout c1b1t1 hold the
+    first frame then the target, and the loss is recomputed here by hand: the condition clean, the buffer
+    at min(t, 499), the target at t, the transformer told t, the weighted x0 error on the target frame only."""
+    from slapgen.models.ticft import TicftLayout
+    from trainer.config import TicftConfig
+
+    transformer, scheduler, _ = heldout_setup
+    layout = TicftLayout.parse("c1b1t1")  # 9 pixel frames: latents condition, buffer (level 499), target
+    data = DataConfig(height=32, width=48, num_frames=layout.pixel_frames, fps=8, max_clips=2)
+    resolved = resolve_model("tiny", tiny_cache_dir)
+    entries = heldout_entries(demo_dataset, resolved, data, tmp_path / "cache", progress=False,
+                              ticft=TicftConfig(layout="c1b1t1"))
+    entry, timesteps = entries[0], (120, 800)
+    batch = load_batch([entry], [0], "cpu")
+    generator = torch.Generator().manual_seed(clip_seed(3, entry.key))
+    rotary = rotary_embeddings(transformer.config, 32, 48, 3, "cpu")
+    abar = scheduler.alphas_cumprod.float()
+    by_hand = []
+    for t in timesteps:
+        draws = draw_noise(batch, 1000, generator, timesteps=torch.tensor([t]))
+        x0 = ((batch.latent_mean + torch.exp(0.5 * batch.latent_logvar) * draws.posterior) * batch.scaling_factor)
+        x0 = x0.permute(0, 2, 1, 3, 4)
+        noisy = x0.clone()
+        for frame, level in ((1, min(t, 499)), (2, t)):
+            noisy[:, frame] = abar[level].sqrt() * x0[:, frame] + (1 - abar[level]).sqrt() * draws.noise[:, frame]
+        with torch.no_grad():
+            v = transformer(hidden_states=noisy, encoder_hidden_states=batch.prompt_embeds, timestep=draws.timesteps,
+                            image_rotary_emb=rotary, return_dict=False)[0]
+        x0_hat = abar[t].sqrt() * noisy - (1 - abar[t]).sqrt() * v
+        by_hand.append((((x0_hat - x0) ** 2)[:, 2:] / (1 - abar[t])).mean().item())
+    [loss] = heldout_losses(transformer, scheduler, [entry], seed=3, timesteps=timesteps, layout=layout)
+    assert loss == pytest.approx(sum(by_hand) / 2, rel=1e-5)
+    [plain] = heldout_losses(transformer, scheduler, [entry], seed=3, timesteps=timesteps)
+    assert abs(plain - loss) > 1e-4 * loss  # the check tells the objectives apart
+    # The condition latent is the clip's first frame, encoded with the target in one pass: a cache
+    # entry of its own (not the plain clip's), which a layout that does not match it refuses.
+    plain_entries = heldout_setup[2]
+    assert entry.key not in {plain_entry.key for plain_entry in plain_entries}
+    with pytest.raises(ValueError, match="TIC-FT layout c1b3t1 needs 5"):
+        heldout_losses(transformer, scheduler, [entry], timesteps=(500,), layout=TicftLayout.parse("c1b3t1"))

@@ -450,3 +450,45 @@ def test_a_finished_generation_sweep_reruns_nothing_and_refuses_other_settings(g
     assert cli_main(["2" if arg == EVAL_SEED else arg for arg in args]) == 2
     assert "another --seeds (1; now 2)" in capsys.readouterr().err
     assert (out / "sweep.json").read_bytes() == definition
+
+
+def test_a_ticft_sweep_scores_each_run_on_the_ticft_objective(tiny_cache_dir, demo_dataset, tmp_path, capsys):
+    """Guards a TIC-FT sweep judged by the text-to-video objective on a plain cache (a wrong number that
+    picks a wrong winner): each run's heldout_loss equals trainer.heldout's TIC-FT loss
+    (clips cached with the layout, per-frame noise, target frames only) of its saved LoRA, recomputed
+    here; a grid whose runs train different objectives is refused before anything runs."""
+    from slapgen.models.ticft import TicftLayout
+    from trainer.config import TicftConfig
+    from trainer.demo_data import write_demo_dataset
+
+    heldout = tmp_path / "heldout"
+    write_demo_dataset(heldout, clips=1, seed=7)
+    out = tmp_path / "ticft-sweep"
+    ticft = ("ticft.layout=c1b1t1", "data.num_frames=9", "data.height=32", "data.width=32", "data.max_clips=2",
+             "train.max_train_steps=2", "optim.lr_warmup_steps=1", "checkpoint.every_steps=2",
+             "train.gradient_checkpointing=false")
+    sets = [item for s in tiny_train_overrides(tiny_cache_dir, *ticft) for item in ("--set", s)]
+    command = ["sweep", "--config", "tiny-smoke", "--grid", "optim.learning_rate=1e-3,5e-2", *sets,
+               "--data", str(demo_dataset), "--heldout", str(heldout), "--out", str(out)]
+    assert cli_main(command) == 0, capsys.readouterr().err[-3000:]
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    layout = TicftLayout.parse("c1b1t1")
+    resolved = resolve_model("tiny", tiny_cache_dir)
+    config = load_config("tiny-smoke", tiny_train_overrides(tiny_cache_dir, *ticft))
+    entries = heldout_entries(heldout, resolved, config.data.model_copy(update={"max_clips": None}), tmp_path / "cache",
+                              progress=False, ticft=TicftConfig(layout="c1b1t1"))
+    scheduler = CogVideoXDPMScheduler.from_pretrained(resolved.folder, subfolder="scheduler")
+    transformer = CogVideoXTransformer3DModel.from_pretrained(resolved.folder, subfolder="transformer")
+    add_lora(transformer, config.lora)
+    for row in rows:
+        lora_file = out / "runs" / row["run"] / LORA_FILENAME
+        assert read_lora_metadata(lora_file)["slapgen.ticft_layout"] == "c1b1t1"
+        load_lora_into(transformer, lora_file)
+        expected = heldout_loss(transformer, scheduler, entries, layout=layout)
+        assert float(row["heldout_loss"]) == pytest.approx(expected, rel=1e-5)
+        assert expected != pytest.approx(heldout_loss(transformer, scheduler, entries), rel=1e-4)  # objectives differ
+
+    mixed = [parse_axis("ticft.condition=first-frame,pairs")]
+    with pytest.raises(SweepError, match="trains TIC-FT c1b1t1 \\(pairs\\) and run 00-condition=first-frame TIC-FT "
+                                         "c1b1t1 \\(first-frame\\): their held-out losses measure different objectives"):
+        plan_runs("tiny-smoke", tiny_train_overrides(tiny_cache_dir, *ticft), mixed, tmp_path / "cache2")

@@ -1,6 +1,6 @@
 """TIC-FT end to end: `slapgen train --config ticft` as a real CLI process, its LoRA uploaded to a real
-`bentoml serve`, image-to-video over HTTP from a base64 image, real mp4s decoded back. (Swapping it
-with plain adapters on the compiled transformer: tests/test_adapters.py, one compile for both.)"""
+`bentoml serve` with a compiled transformer, image-to-video over HTTP from a base64 image, real mp4s
+decoded back, and swaps between it and a plain adapter that never recompile (/info counts them)."""
 
 from __future__ import annotations
 
@@ -57,8 +57,8 @@ def server(trained_run, tiny_cache_dir, adapter_files, tmp_path_factory):
     adapters.mkdir()
     shutil.copy(adapter_files["a"], adapters / "a.safetensors")
     running = start_server(
-        folder, startup_timeout_s=300, SLAP_MODEL="tiny", SLAP_CACHE_DIR=str(tiny_cache_dir), SLAP_DEVICE="cpu",
-        SLAP_ADAPTERS_DIR=str(adapters), SLAP_API_TOKEN=TOKEN,
+        folder, startup_timeout_s=600, SLAP_MODEL="tiny", SLAP_CACHE_DIR=str(tiny_cache_dir), SLAP_DEVICE="cpu",
+        SLAP_ADAPTERS_DIR=str(adapters), SLAP_API_TOKEN=TOKEN, SLAP_COMPILE="1", SLAP_QUANT="none",
     )
     uploaded = httpx.post(f"{running.url}/adapters/upload", headers={"Authorization": f"Bearer {TOKEN}"},
                           data={"name": "slap"}, files={"file": ("slap.safetensors", (trained_run / LORA_FILENAME).read_bytes())},
@@ -86,7 +86,10 @@ def _frames(response: httpx.Response, tmp_path, name: str) -> np.ndarray:
 def test_the_service_animates_an_uploaded_image(server, tmp_path):
     """The product path: an image in the JSON body (base64 PNG, or a JPEG data URI), the target frames
     back (the whole clip on request), a plain adapter in between; /jobs gives the same clip as /generate;
-    GET /adapters shows which adapter is TIC-FT."""
+    GET /adapters shows which adapter is TIC-FT. Guards a recompilation of the compiled transformer when
+    the slot swaps TIC-FT -> plain -> TIC-FT -> base -> TIC-FT (the condition goes in as starting latents
+    and re-injection, never as a new input shape): /info's count stays 0, and the clip after the swaps is
+    the clip before them."""
     image = _image(120, 160)
     png = base64.b64encode(_encoded(image, "PNG")).decode()
     jpeg = "data:image/jpeg;base64," + base64.b64encode(_encoded(image, "JPEG")).decode()
@@ -109,7 +112,13 @@ def test_the_service_animates_an_uploaded_image(server, tmp_path):
     job = _frames(httpx.get(f"{server.url}/jobs/get", params={"task_id": task_id}, timeout=60), tmp_path, "job")
     np.testing.assert_array_equal(job, first)
 
-    assert httpx.get(f"{server.url}/info").json()["adapter_swaps"] >= 2
+    base = _frames(_post(server), tmp_path, "base")
+    assert not np.array_equal(base, plain)
+    again = _frames(_post(server, adapter="slap", condition_image=png), tmp_path, "again")
+    np.testing.assert_array_equal(again, first)
+    info = httpx.get(f"{server.url}/info").json()
+    assert info["compiled"] is True and info["recompilations"] == 0, info
+    assert info["adapter_swaps"] >= 3  # slap, a, slap (base runs with the slot switched off, no swap)
     listed = httpx.get(f"{server.url}/adapters").json()["adapters"]
     layouts = {entry["name"]: entry["ticft_layout"] for entry in listed}
     assert layouts == {"a": None, "slap": "c1b1t1"}

@@ -10,6 +10,12 @@ numbers are never comparable. Here every one of those is fixed:
   gets the same noise whatever else is in the set, in whatever order, on any device;
 - the model runs in eval mode (no LoRA dropout) without gradients, one (clip, timestep) at a time.
 
+A TIC-FT adapter is scored on its own objective: entries cached with its layout (condition + target,
+one VAE pass, `heldout_entries(..., ticft=)`) and `layout` given to `heldout_losses`, which applies
+the layout's per-frame noise (condition clean, buffers capped at their levels) and counts the target
+frames only, exactly as its training step did. Those numbers compare with the base model's on the
+same layout and entries, never with a text-to-video loss.
+
 Two calls with the same transformer, entries, seed and timesteps return the same number; it costs
 len(entries) x len(timesteps) transformer forwards and no generation. `slapgen eval` and
 `slapgen sweep` both call `heldout_losses` / `heldout_loss`; `heldout_entries` builds (or reuses)
@@ -26,8 +32,9 @@ import torch
 
 from slapgen.models.cogvideox import draw_noise, rotary_embeddings, training_step
 from slapgen.models.loading import ResolvedModel
+from slapgen.models.ticft import TicftLayout
 from trainer.batches import load_batch
-from trainer.config import DataConfig
+from trainer.config import DataConfig, TicftConfig
 from trainer.datasets import read_dataset
 from trainer.errors import DatasetError
 from trainer.latent_cache import CacheEntry, LatentCache
@@ -53,10 +60,11 @@ def clip_seed(seed: int, key: str) -> int:
 
 
 def heldout_entries(dataset: Path, resolved: ResolvedModel, data: DataConfig, cache_root: Path, device: str = "cpu",
-                    progress: bool = True) -> list[CacheEntry]:
-    """The latent-cache entries of every usable clip of `dataset` (encoded once, reused after)."""
+                    progress: bool = True, ticft: TicftConfig | None = None) -> list[CacheEntry]:
+    """The latent-cache entries of every usable clip of `dataset` (encoded once, reused after); with
+    `ticft`, each clip as that layout's condition + target (`data.num_frames` must be its pixel frames)."""
     clips = read_dataset(Path(dataset))[: data.max_clips]
-    cache = LatentCache(cache_root, resolved, data, device=device)
+    cache = LatentCache(cache_root, resolved, data, device=device, ticft=ticft)
     report = cache.precompute(clips, progress=progress)
     cache.release_encoders()
     if not report.entries:
@@ -67,13 +75,14 @@ def heldout_entries(dataset: Path, resolved: ResolvedModel, data: DataConfig, ca
 @torch.no_grad()
 def heldout_losses(transformer, scheduler, entries: Sequence[CacheEntry], *, seed: int = DEFAULT_SEED,
                    timesteps: Sequence[int] = DEFAULT_TIMESTEPS, dtype: torch.dtype | None = None,
-                   on_forward: Callable[[], None] | None = None) -> list[float]:
+                   on_forward: Callable[[], None] | None = None, layout: TicftLayout | None = None) -> list[float]:
     """The held-out loss of each entry (in `entries` order): the training objective averaged over
     `timesteps` with that clip's fixed noise. `transformer` is a CogVideoX transformer (with or
     without LoRA; a LoRA slot counts too), `scheduler` the model's training scheduler. `dtype` is
     what the transformer computes in (default: its own dtype); in the middle of a mixed-precision run
     pass the run's weight dtype and call this inside `accelerator.autocast()`, as the loop calls
-    `training_step`. `on_forward` is called after each transformer forward (progress bars)."""
+    `training_step`. `on_forward` is called after each transformer forward (progress bars). `layout`: a
+    TIC-FT adapter's objective (entries cached with that layout), as `slapgen train` computes it."""
     if not entries:
         raise ValueError("no held-out entries")
     config = getattr(transformer, "config")
@@ -90,12 +99,16 @@ def heldout_losses(transformer, scheduler, entries: Sequence[CacheEntry], *, see
             batch = load_batch([entry], [0], device)
             factors = entry.vae_factors()
             _, frames, height, width = batch.latent_mean.shape[1:]
+            if layout is not None and frames != layout.latent_frames:
+                raise ValueError(f"{entry.clip.name} has {frames} latent frames; TIC-FT layout {layout} needs "
+                                 f"{layout.latent_frames} (cache the held-out clips with the layout)")
             rotary = rotary_embeddings(config, height * factors.spatial, width * factors.spatial, frames, device)
             generator = torch.Generator("cpu").manual_seed(clip_seed(seed, entry.key))
             total = 0.0
             for t in timesteps:
                 draws = draw_noise(batch, num_train_timesteps, generator, timesteps=torch.tensor([int(t)]))
-                total += training_step(transformer, scheduler, batch, draws, rotary, dtype).item()
+                plan = layout.frame_plan(draws.timesteps, num_train_timesteps) if layout is not None else None
+                total += training_step(transformer, scheduler, batch, draws, rotary, dtype, frame_plan=plan).item()
                 if on_forward is not None:
                     on_forward()
             losses.append(total / len(timesteps))
@@ -105,7 +118,8 @@ def heldout_losses(transformer, scheduler, entries: Sequence[CacheEntry], *, see
 
 
 def heldout_loss(transformer, scheduler, entries: Sequence[CacheEntry], *, seed: int = DEFAULT_SEED,
-                 timesteps: Sequence[int] = DEFAULT_TIMESTEPS, dtype: torch.dtype | None = None) -> float:
+                 timesteps: Sequence[int] = DEFAULT_TIMESTEPS, dtype: torch.dtype | None = None,
+                 layout: TicftLayout | None = None) -> float:
     """The mean of `heldout_losses` over the entries: one number per model, comparable across runs."""
-    losses = heldout_losses(transformer, scheduler, entries, seed=seed, timesteps=timesteps, dtype=dtype)
+    losses = heldout_losses(transformer, scheduler, entries, seed=seed, timesteps=timesteps, dtype=dtype, layout=layout)
     return sum(losses) / len(losses)

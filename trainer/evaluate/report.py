@@ -35,6 +35,8 @@ def _best(result: dict, name: str) -> str | None:
     values = {system: value for system, value in values.items() if value is not None}
     if len(set(values.values())) < 2:
         return None  # nothing to pick between
+    if len(set(result["metric_definitions"][name].get("objectives", {}).values())) > 1:
+        return None  # TIC-FT and text-to-video losses measure different things
     pick = max if result["metric_definitions"][name]["higher_is_better"] else min
     return pick(values, key=values.get)
 
@@ -59,6 +61,8 @@ def notes(result: dict) -> list[str]:
         lines.append(f"{name}: {definition['what']}.{model}")
         if definition.get("text"):
             lines.append(f"{name} text: {definition['text']}.")
+        if definition.get("ticft"):
+            lines.append(f"{name} of TIC-FT adapters: {definition['ticft']}.")
         if definition.get("warning"):
             lines.append(f"WARNING {name}: {definition['warning']}.")
     lines.append("A/B: per prompt and seed, the system against base on the same prompt, seed and settings; win rate = "

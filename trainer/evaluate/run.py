@@ -19,6 +19,7 @@ from slapgen.atomic import atomic_path
 from slapgen.evaluation import stats
 from slapgen.evaluation.frechet import frechet_with_interval, reliable_sample_count
 from slapgen.models.loading import ModelSetting, resolve_model
+from slapgen.models.ticft import TicftLayout
 from slapgen.video import read_mp4, write_mp4
 from trainer.config import DataConfig
 from trainer.errors import EvalError
@@ -28,6 +29,7 @@ from trainer.evaluate.systems import System, resolve_systems, slot_shape, stage_
 from trainer.frames import load_clip
 from trainer.heldout import DEFAULT_TIMESTEPS, heldout_entries, heldout_losses
 
+TICFT_BASE_LOSSES = "heldout_loss_by_ticft_layout"  # in eval.json's `base` system
 MODEL_SETTING = ModelSetting("--model", "use --model tiny")
 FORMAT = 1
 
@@ -83,12 +85,9 @@ def run_eval(options: EvalOptions) -> dict:
                                                             max_lora_rank=rank, lora_target_modules=targets))
     timer.add("load_pipeline", started)
 
-    layouts = {system.name: generator.adapters.ticft_layout(system.adapter) for system in systems if system.adapter}
-    if "loss" in options.metrics and any(layouts.values()):
-        names = ", ".join(name for name, layout in layouts.items() if layout)
-        raise EvalError(f"the held-out loss of a TIC-FT adapter ({names}) is not measured yet (it needs the layout's "
-                        "condition + target cache); leave loss out: --metrics clip,fvd,temporal")
-    losses = held_out_losses(generator, resolved, systems, entries, params.adapter_scale, options, timer) \
+    layouts = {system.name: generator.adapters.ticft_layout(system.adapter) if system.adapter else None
+               for system in systems}
+    losses = held_out_losses(generator, resolved, systems, layouts, entries, data, params.adapter_scale, options, timer) \
         if "loss" in options.metrics else {}
     conditions = [entry.clip.video for entry in entries]
     videos = generate(generator, systems, prompts, conditions, params, options, out, timer) if options.generates else []
@@ -105,14 +104,22 @@ def run_eval(options: EvalOptions) -> dict:
             "what": "the training objective (x0 from v-prediction, weighted by 1/(1-alpha_bar)) on the held-out clips' "
                     "cached latents at fixed timesteps with noise seeded per clip; no generation",
             "timesteps": list(DEFAULT_TIMESTEPS), "seed": options.loss_seed, "clips": len(entries)}
+        if any(layouts.values()):
+            definitions[HELDOUT_LOSS]["objectives"] = {
+                name: objective_name(layout) for name, layout in layouts.items()}
+            definitions[HELDOUT_LOSS]["ticft"] = (
+                "a TIC-FT adapter's held-out loss is its training objective: each clip cached as condition (its first "
+                "frame) + target in one VAE pass, condition frames clean, buffer k noised to min(t, T_k), the loss on "
+                f"the target frames only; its A/B is against the base model on that same objective ({BASE}@LAYOUT), "
+                "never against a text-to-video loss")
     fvd = {}
     if videos:
         score_videos(videos, prompts, options, definitions, timer)
         if "fvd" in options.metrics:
             fvd = fvd_per_system(videos, entries, data, options, definitions, timer)
 
-    return assemble(options, resolved.spec.name, params, systems, entries, prompts, losses, videos, fvd, definitions,
-                    engine, timer)
+    return assemble(options, resolved.spec.name, params, systems, layouts, entries, prompts, losses, videos, fvd,
+                    definitions, engine, timer)
 
 
 def heldout_data(params, max_clips: int | None) -> DataConfig:
@@ -122,22 +129,61 @@ def heldout_data(params, max_clips: int | None) -> DataConfig:
                       max_clips=max_clips)
 
 
-def held_out_losses(generator, resolved, systems: list[System], entries, scale: float, options: EvalOptions,
-                    timer: Timer) -> dict[str, list[float]]:
+def objective_name(layout: TicftLayout | None) -> str:
+    return "text-to-video" if layout is None else f"ticft {layout}"
+
+
+def loss_reference(layout: TicftLayout | None) -> str:
+    """Whose held-out losses a system's are compared with: the base model's on the same objective."""
+    return BASE if layout is None else f"{BASE}@{layout}"
+
+
+def held_out_losses(generator, resolved, systems: list[System], layouts: dict[str, TicftLayout | None], entries,
+                    data: DataConfig, scale: float, options: EvalOptions, timer: Timer) -> dict[str, list[float]]:
+    """Per-clip held-out losses (in `entries` order) of every system on its own objective: the plain one, or
+    a TIC-FT adapter's (clips cached with its layout). With `base` among the systems, the base model is also
+    measured on every TIC-FT layout present, as `base@LAYOUT`, the reference of those adapters' A/B."""
     from diffusers import CogVideoXDPMScheduler
 
     scheduler = CogVideoXDPMScheduler.from_pretrained(resolved.folder, subfolder="scheduler")
-    progress = bar(len(systems) * len(entries) * len(DEFAULT_TIMESTEPS), "held-out loss", "forward")
+    jobs = [(system.name, system.adapter, layouts[system.name]) for system in systems]
+    if any(system.name == BASE for system in systems):
+        ticft_layouts = dict.fromkeys(layout for layout in layouts.values() if layout is not None)
+        jobs += [(loss_reference(layout), None, layout) for layout in ticft_layouts]
+    layout_entries = {None: entries}
+    for layout in dict.fromkeys(layout for _, _, layout in jobs if layout is not None):
+        layout_entries[layout] = ticft_entries(options, resolved, data, layout, entries)
+    progress = bar(len(jobs) * len(entries) * len(DEFAULT_TIMESTEPS), "held-out loss", "forward")
     losses = {}
     started = time.perf_counter()
-    for system in systems:
-        progress.set_postfix(system=system.name)
-        with generator.activated(system.adapter, scale) as transformer:
-            losses[system.name] = heldout_losses(transformer, scheduler, entries, seed=options.loss_seed,
-                                                 dtype=resolved.spec.torch_dtype, on_forward=lambda: progress.update(1))
+    for name, adapter, layout in jobs:
+        progress.set_postfix(system=name)
+        with generator.activated(adapter, scale) as transformer:
+            losses[name] = heldout_losses(transformer, scheduler, layout_entries[layout], seed=options.loss_seed,
+                                          dtype=resolved.spec.torch_dtype, on_forward=lambda: progress.update(1),
+                                          layout=layout)
     progress.close()
     timer.add(HELDOUT_LOSS, started)
     return losses
+
+
+def ticft_entries(options: EvalOptions, resolved, data: DataConfig, layout: TicftLayout, entries) -> list:
+    """The held-out clips cached as `layout`'s condition (each clip's first frame, as eval's TIC-FT videos
+    are conditioned) + target, in the order of the plain `entries`; EvalError when a clip is usable in one
+    cache and not the other (the per-clip A/B pairs them)."""
+    from trainer.config import TicftConfig
+
+    layout_data = data.model_copy(update={"num_frames": layout.pixel_frames})
+    cached = heldout_entries(options.heldout, resolved, layout_data, options.cache or Path(options.out) / "cache",
+                             device=options.device, ticft=TicftConfig(layout=str(layout)))
+    by_video = {entry.clip.video: entry for entry in cached}
+    missing = [entry.clip.name for entry in entries if entry.clip.video not in by_video]
+    if missing or len(by_video) != len(entries):
+        which = missing[0] if missing else "a clip skipped by the plain cache"
+        raise EvalError(f"held-out clip {which} cannot be read as TIC-FT layout {layout} ({layout.pixel_frames} frames "
+                        f"at {data.fps:g} fps) though the plain evaluation reads it; drop it from the held-out set "
+                        "or leave loss out of --metrics")
+    return [by_video[entry.clip.video] for entry in entries]
 
 
 def generate(generator, systems: list[System], prompts: list[str], conditions: list[Path], params, options: EvalOptions,
@@ -266,9 +312,9 @@ def fvd_per_system(videos: list[Video], entries, data: DataConfig, options: Eval
     return {system: result.to_json() for system, result in results.items()}
 
 
-def assemble(options: EvalOptions, model: str, params, systems: list[System], entries, prompts: list[str],
-             losses: dict[str, list[float]], videos: list[Video], fvd: dict, definitions: dict, engine: dict,
-             timer: Timer) -> dict:
+def assemble(options: EvalOptions, model: str, params, systems: list[System], layouts: dict[str, TicftLayout | None],
+             entries, prompts: list[str], losses: dict[str, list[float]], videos: list[Video], fvd: dict,
+             definitions: dict, engine: dict, timer: Timer) -> dict:
     per_video = [name for name in definitions if name not in (HELDOUT_LOSS, FVD)]
     result_systems = {}
     has_base = any(system.name == BASE for system in systems)
@@ -284,8 +330,11 @@ def assemble(options: EvalOptions, model: str, params, systems: list[System], en
         result_systems[system.name] = {
             "adapter": str(system.weights) if system.weights else None,
             "metrics": values,
+            **({"ticft_layout": str(layouts[system.name])} if layouts[system.name] else {}),
+            **({TICFT_BASE_LOSSES: base_ticft_losses(losses)} if system.name == BASE and base_ticft_losses(losses) else {}),
             **({"fvd_i3d_detail": fvd[system.name]} if fvd else {}),
-            **({"ab_vs_base": ab_vs_base(system.name, losses, videos, per_video, definitions)}
+            **({"ab_vs_base": ab_vs_base(system.name, losses, videos, per_video, definitions,
+                                         loss_reference(layouts[system.name]))}
                if has_base and system.name != BASE else {}),
         }
     count = max(len(videos), 1)
@@ -313,12 +362,20 @@ def assemble(options: EvalOptions, model: str, params, systems: list[System], en
     }
 
 
-def ab_vs_base(system: str, losses: dict, videos: list[Video], per_video: list[str], definitions: dict) -> dict:
-    """Per prompt (and seed), does `system` beat `base` on each metric? Win rate, interval over prompts, sign test."""
+def base_ticft_losses(losses: dict[str, list[float]]) -> dict[str, float]:
+    """The base model's mean held-out loss on each TIC-FT adapter's objective, by layout."""
+    prefix = loss_reference(None) + "@"
+    return {name.removeprefix(prefix): float(np.mean(values)) for name, values in losses.items() if name.startswith(prefix)}
+
+
+def ab_vs_base(system: str, losses: dict, videos: list[Video], per_video: list[str], definitions: dict,
+               loss_base: str = BASE) -> dict:
+    """Per prompt (and seed), does `system` beat `base` on each metric? Win rate, interval over prompts, sign test.
+    `loss_base`: the key of the base model's held-out losses on `system`'s objective (`base@LAYOUT` for TIC-FT)."""
     results = {}
     if losses:
         comparisons = [stats.Comparison(str(k), stats.outcome(mine, base, higher_is_better=False))
-                       for k, (mine, base) in enumerate(zip(losses[system], losses[BASE]))]
+                       for k, (mine, base) in enumerate(zip(losses[system], losses[loss_base], strict=True))]
         results[HELDOUT_LOSS] = stats.win_rate(comparisons).to_json()
     base_videos = {(v.prompt, v.seed): v for v in videos if v.system == BASE}
     for name in per_video:

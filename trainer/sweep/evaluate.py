@@ -3,7 +3,8 @@
 `evaluate_run` reads the run's saved LoRA file (never the in-memory model, so a run evaluated after
 a restart gets the same numbers) and returns its columns. Held-out loss is always measured
 (`trainer.heldout`: the training objective at fixed timesteps and noise on the held-out clips, at
-the run's training resolution and precision). Generation metrics (`--metrics clip,fvd,temporal`)
+the run's training resolution and precision; a TIC-FT run's objective for a TIC-FT sweep, whose runs
+all share one layout). Generation metrics (`--metrics clip,fvd,temporal`)
 are `slapgen eval`'s: `run_eval` on the run's LoRA alone (no base: `evaluate_base` runs that once
 per sweep), with the sweep's seeds and generation settings (`--seeds`, `--eval-set`), its outputs
 (eval.json, videos) kept in RUN/eval/.
@@ -226,7 +227,8 @@ def run_generation_metrics(folder: Path, config: TrainConfig, metrics: tuple[str
 def run_heldout_losses(folder: Path, config: TrainConfig, inputs: EvaluationInputs, lora: Path | None) -> list[float]:
     """`trainer.heldout.heldout_losses` (per clip) of the base transformer with the run's saved LoRA (none for
     the base model), in the precision the run trained in, on every clip of the held-out set (encoded into
-    the run's latent cache)."""
+    the run's latent cache). A TIC-FT run is scored on its own objective: the clips cached with its layout
+    and condition source, per-frame noise, the target frames' loss."""
     import torch
     from diffusers import CogVideoXDPMScheduler, CogVideoXTransformer3DModel
 
@@ -238,7 +240,8 @@ def run_heldout_losses(folder: Path, config: TrainConfig, inputs: EvaluationInpu
     resolved = resolve_model(config.model, config.model_cache_dir, setting=TRAINER_SETTING)
     data = config.data.model_copy(update={"max_clips": None})
     cache_root = config.latent_cache or Path(folder) / "cache"
-    entries = heldout_entries(inputs.heldout, resolved, data, cache_root, device=inputs.device, progress=False)
+    entries = heldout_entries(inputs.heldout, resolved, data, cache_root, device=inputs.device, progress=False,
+                              ticft=config.ticft)
     dtype = WEIGHT_DTYPES[mixed_precision_for(config, resolved.spec.dtype, torch.device(inputs.device).type)]
     transformer = CogVideoXTransformer3DModel.from_pretrained(resolved.folder, subfolder="transformer", dtype=dtype)
     if lora is not None:
@@ -247,7 +250,8 @@ def run_heldout_losses(folder: Path, config: TrainConfig, inputs: EvaluationInpu
     transformer.to(inputs.device)
     scheduler = CogVideoXDPMScheduler.from_pretrained(resolved.folder, subfolder="scheduler")
     try:
-        return heldout_losses(transformer, scheduler, entries, dtype=dtype)
+        layout = config.ticft.parsed_layout if config.ticft is not None else None
+        return heldout_losses(transformer, scheduler, entries, dtype=dtype, layout=layout)
     finally:
         del transformer
         if torch.cuda.is_available():

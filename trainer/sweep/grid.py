@@ -121,4 +121,19 @@ def plan_runs(config: str, sets: list[str], axes: list[Axis], latent_cache: Path
         if run_config.latent_cache is None:
             run_config = run_config.model_copy(update={"latent_cache": latent_cache})
         runs.append(PlannedRun(index, run_name(index, axes, values), dict(zip(keys, values)), tuple(grid), run_config))
+    check_one_objective(runs)
     return runs
+
+
+def check_one_objective(runs: list[PlannedRun]) -> None:
+    """SweepError unless every run trains the same objective: a TIC-FT layout (or plain text-to-video)
+    defines what the held-out loss measures, and the base model is measured once for all runs."""
+    def objective(run: PlannedRun) -> str:
+        ticft = run.config.ticft
+        return "text-to-video" if ticft is None else f"TIC-FT {ticft.layout} ({ticft.condition})"
+
+    first = objective(runs[0])
+    for run in runs[1:]:
+        if objective(run) != first:
+            raise SweepError(f"run {run.name} trains {objective(run)} and run {runs[0].name} {first}: their held-out "
+                             "losses measure different objectives; sweep each layout separately")
