@@ -18,6 +18,21 @@ def write_mp4(frames: np.ndarray, path: Path, fps: int) -> Path:
     return Path(path)
 
 
+def write_mp4_atomic(frames: np.ndarray, path: Path, fps: int) -> Path:
+    """`write_mp4`, but the file appears whole or not at all: a crash or a full disk leaves no broken mp4
+    (ffmpeg needs the .mp4 suffix while it writes, so it writes beside the staging file)."""
+    from slapgen.atomic import atomic_path
+
+    with atomic_path(path) as staging:
+        encoding = staging.with_name(staging.name + ".mp4")
+        try:
+            write_mp4(frames, encoding, fps)
+            encoding.replace(staging)
+        finally:
+            encoding.unlink(missing_ok=True)
+    return Path(path)
+
+
 def read_mp4(path: Path) -> tuple[np.ndarray, float]:
     """Decode every frame of a video as uint8 RGB; returns (frames (F, H, W, 3), fps)."""
     import imageio.v2 as imageio

@@ -1,5 +1,5 @@
-"""The package split holds: the trainer never loads the engine or the HTTP side (only `slapgen eval`, which
-imports trainer.evaluate inside the command, and a sweep asked for generation metrics, which imports it
+"""The package split holds: the trainer never loads the engine or the HTTP side (only `slapgen eval` and
+`slapgen generate`, which import trainer.evaluate / trainer.generate inside the command, and a sweep asked for generation metrics, which imports it
 inside its evaluation, load the engine), the engine never loads the trainer or HTTP
 code, and the model home and the evaluation math depend on neither (each checked in a fresh interpreter)."""
 

@@ -1,4 +1,4 @@
-"""`slapgen` command line: demo-data, caption, curate, precompute, train, eval, sweep, config.
+"""`slapgen` command line: demo-data, caption, curate, precompute, train, eval, generate, sweep, config.
 
 Every subcommand has --help; bad input ends with one line on stderr and exit status 2.
 """
@@ -134,6 +134,23 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_generate(args) -> int:
+    # Imported here, as for eval: the generation engine loads only for the commands that generate.
+    from trainer.evaluate.options import parse_settings
+    from trainer.generate import GenerateOptions, generate_video, parse_slots
+
+    options = GenerateOptions(
+        model=args.model, out=args.out, prompt=args.prompt, template=args.template, slots=parse_slots(args.slot),
+        adapter=args.adapter, condition_image=args.condition_image, include_condition_frames=args.include_condition_frames,
+        seed=args.seed, settings=parse_settings(args.set, chooser="its own option (--prompt, --seed, --adapter)"),
+        device=args.device, quantization=args.quantization)
+    made = generate_video(options)
+    layout = f", TIC-FT {made['ticft_layout']}" if made["ticft_layout"] else ""
+    print(f"wrote {made['path']}: {made['frames']} frames of {made['height']}x{made['width']} at {made['fps']} fps, "
+          f"seed {made['seed']}{layout}; {made['generate_seconds']:.1f} s to generate ({made['load_seconds']:.1f} s to load)")
+    return 0
+
+
 def cmd_sweep(args) -> int:
     from trainer.sweep.evaluate import EvalRequest
     from trainer.sweep.sweep import run_sweep
@@ -246,6 +263,27 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--i3d-model", help="I3D TorchScript file or hub repo (default flateon/FVD-I3D-torchscript; "
                                         "tiny with --model tiny)")
     ev.set_defaults(run=cmd_eval)
+
+    gen = commands.add_parser("generate", help="generate one video (text-to-video, or image-to-video with a TIC-FT "
+                                                "adapter) through the service's engine; writes an mp4")
+    gen.add_argument("--model", required=True, help="hub id, local pipeline folder, or `tiny` (as SLAP_MODEL)")
+    gen.add_argument("--prompt", help="the caption (or use --template)")
+    gen.add_argument("--template", help="a prompt template from prompts/ (see GET /templates), with --slot values")
+    gen.add_argument("--slot", action="append", default=[], metavar="NAME=VALUE", help="a template slot (repeatable)")
+    gen.add_argument("--adapter", type=Path, help="a LoRA file, or a run / checkpoint folder holding one")
+    gen.add_argument("--condition-image", type=Path, help="PNG or JPEG a TIC-FT adapter animates (resized and "
+                                                          "cropped as training frames are)")
+    gen.add_argument("--include-condition-frames", action="store_true",
+                     help="TIC-FT: keep the condition's frames in the mp4 (default: the target frames only)")
+    gen.add_argument("--seed", type=int, default=0, help="generation seed (default 0)")
+    gen.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="num_inference_steps, guidance_scale, negative_prompt, num_frames, height, width, fps, "
+                          "adapter_scale (default: the model's; a TIC-FT adapter's num_frames: its layout's)")
+    gen.add_argument("--out", type=Path, required=True, help="the mp4 to write")
+    gen.add_argument("--device", default="cuda" if _cuda() else "cpu", help="where the model runs")
+    gen.add_argument("--quantization", default="none", choices=["none", "auto", "fp8", "fp8-weight", "int8"],
+                     help="torchao weight quantization of the transformer, as SLAP_QUANT (default none)")
+    gen.set_defaults(run=cmd_generate)
 
     sw = commands.add_parser("sweep", help="train every combination of a grid of settings, evaluate each, report the best")
     sw.add_argument("--config", required=True, help="YAML file or preset name every run starts from")

@@ -55,19 +55,7 @@ class EvalOptions:
     def params(self, spec: ModelSpec) -> GenerationParams:
         """The generation settings every system shares: the spec's defaults with `--set` applied, checked
         against the model's limits."""
-        params = GenerationParams.defaults_for(spec, **self.generation)
-        try:
-            check_frame_count(params.num_frames, spec.max_num_frames, spec.name, spec.frame_step)
-        except FrameCountError as error:
-            raise EvalError(f"{self.settings_flag} {error}") from None
-        for name, limit in (("height", spec.height), ("width", spec.width)):
-            value = getattr(params, name)
-            if value % SIZE_MULTIPLE or not 0 < value <= limit:
-                raise EvalError(f"{self.settings_flag} {name} must be a multiple of {SIZE_MULTIPLE} up to {limit} "
-                                f"for {spec.name}, got {value}")
-        if params.num_inference_steps < 1 or params.fps < 1 or params.guidance_scale < 0 or params.adapter_scale < 0:
-            raise EvalError(f"{self.settings_flag} num_inference_steps and fps must be at least 1, guidance_scale and "
-                            "adapter_scale not negative")
+        params = checked_params(spec, self.generation, self.settings_flag)
         if "temporal" in self.metrics and params.num_frames < 2:
             raise EvalError(f"temporal metrics compare consecutive frames; set {self.settings_flag} num_frames=9 or more, "
                             "or leave temporal out of --metrics")
@@ -76,6 +64,25 @@ class EvalOptions:
                             f"num_frames={params.num_frames}; set e.g. {self.settings_flag} num_frames=17 or leave fvd out "
                             "of --metrics")
         return params
+
+
+def checked_params(spec: ModelSpec, settings: dict, flag: str = "--set", **chosen) -> GenerationParams:
+    """The spec's defaults with `settings` (from `flag`) and `chosen` (prompt, seed, ...) applied, checked
+    against the model's limits; one-sentence EvalError naming `flag` otherwise."""
+    params = GenerationParams.defaults_for(spec, **chosen, **settings)
+    try:
+        check_frame_count(params.num_frames, spec.max_num_frames, spec.name, spec.frame_step)
+    except FrameCountError as error:
+        raise EvalError(f"{flag} {error}") from None
+    for name, limit in (("height", spec.height), ("width", spec.width)):
+        value = getattr(params, name)
+        if value % SIZE_MULTIPLE or not 0 < value <= limit:
+            raise EvalError(f"{flag} {name} must be a multiple of {SIZE_MULTIPLE} up to {limit} for {spec.name}, "
+                            f"got {value}")
+    if params.num_inference_steps < 1 or params.fps < 1 or params.guidance_scale < 0 or params.adapter_scale < 0:
+        raise EvalError(f"{flag} num_inference_steps and fps must be at least 1, guidance_scale and adapter_scale not "
+                        "negative")
+    return params
 
 
 def parse_adapter(text: str) -> AdapterArg:
@@ -106,15 +113,16 @@ def parse_seeds(text: str) -> tuple[int, ...]:
     return seeds
 
 
-def parse_settings(pairs: list[str], flag: str = "--set") -> dict:
-    """KEY=VALUE generation settings -> {key: typed value}; `flag` is the option they came from (for errors)."""
+def parse_settings(pairs: list[str], flag: str = "--set", chooser: str = "slapgen eval") -> dict:
+    """KEY=VALUE generation settings -> {key: typed value}; `flag` is the option they came from and
+    `chooser` what sets the other fields (both for errors)."""
     settings = {}
     known = {f.name for f in fields(GenerationParams)}
     for pair in pairs:
         key, separator, raw = pair.partition("=")
         key = key.strip()
         if not separator or key not in SETTABLE:
-            extra = f" ({key} is chosen by slapgen eval)" if key in known else ""
+            extra = f" ({key} is chosen by {chooser})" if key in known else ""
             raise EvalError(f"{flag} {pair}: expected KEY=VALUE with KEY one of {', '.join(SETTABLE)}{extra}")
         try:
             settings[key] = SETTABLE[key](raw)

@@ -15,12 +15,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from slapgen.atomic import atomic_path
 from slapgen.evaluation import stats
 from slapgen.evaluation.frechet import frechet_with_interval, reliable_sample_count
 from slapgen.models.loading import ModelSetting, resolve_model
 from slapgen.models.ticft import TicftLayout
-from slapgen.video import read_mp4, write_mp4
+from slapgen.video import read_mp4, write_mp4_atomic
 from trainer.config import DataConfig
 from trainer.errors import EvalError
 from trainer.evaluate.names import FLICKER, FVD, HELDOUT_LOSS, SUBJECT
@@ -210,23 +209,12 @@ def generate(generator, systems: list[System], prompts: list[str], conditions: l
 
                 frames = generator.generate_frames(system_params.replace(prompt=prompt, seed=seed, adapter=system.adapter),
                                                    on_step)
-                write_video(frames, path, params.fps)
+                write_mp4_atomic(frames, path, params.fps)
                 videos.append(Video(system.name, index, seed, path))
                 progress.update(1)
     progress.close()
     timer.add("generate", started)
     return videos
-
-
-def write_video(frames: np.ndarray, path: Path, fps: int) -> None:
-    """An mp4 that appears whole or not at all (ffmpeg needs the .mp4 suffix while it writes)."""
-    with atomic_path(path) as staging:
-        encoding = staging.with_name(staging.name + ".mp4")
-        try:
-            write_mp4(frames, encoding, fps)
-            encoding.replace(staging)
-        finally:
-            encoding.unlink(missing_ok=True)
 
 
 def score_videos(videos: list[Video], prompts: list[str], options: EvalOptions, definitions: dict, timer: Timer) -> None:
