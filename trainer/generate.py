@@ -113,6 +113,10 @@ def generate_video(options: GenerateOptions, progress: bool = True) -> dict:
         raise GenerateError(f"--out {options.out}: the video is written as mp4; name it e.g. slap.mp4")
     if options.out.is_dir():
         raise GenerateError(f"--out {options.out} is a folder; give the mp4's file name")
+    import torch
+
+    if options.device.startswith("cuda") and not torch.cuda.is_available():
+        raise GenerateError(f"--device {options.device} needs a CUDA GPU and none is usable here; use --device cpu")
     if not 0 <= options.seed < 2**63:
         raise GenerateError("--seed must be between 0 and 2^63-1")
     prompt = render_prompt(options)
