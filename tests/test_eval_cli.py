@@ -238,7 +238,8 @@ def test_eval_scores_a_ticft_adapter_on_each_clips_first_frame(tiny_cache_dir, d
     assert result["systems"]["i2v"]["ticft_layout"] == "c1b1t3"
     assert "heldout_loss of TIC-FT adapters: " in (out / "eval.md").read_text()
     assert result["systems"]["base"]["heldout_loss_by_ticft_layout"] == {"c1b1t3": pytest.approx(sum(base_ticft) / 2, rel=1e-6)}
-    assert result["metric_definitions"]["heldout_loss"]["objectives"] == {"base": "text-to-video", "i2v": "ticft c1b1t3"}
+    assert result["metric_definitions"]["heldout_loss"]["objectives"] == {"base": "text-to-video",
+                                                                           "i2v": "TIC-FT c1b1t3 (first-frame)"}
     wins = sum(mine < base for mine, base in zip(adapter, base_ticft))
     ties = sum(mine == base for mine, base in zip(adapter, base_ticft))
     ab = result["systems"]["i2v"]["ab_vs_base"]["heldout_loss"]
@@ -256,3 +257,15 @@ def test_eval_scores_a_ticft_adapter_on_each_clips_first_frame(tiny_cache_dir, d
                                                           condition_image=first_frame(clip.video)))
         write_mp4(frames, tmp_path / f"reference-{index}.mp4", params.fps)
         assert np.array_equal(made, read_mp4(tmp_path / f"reference-{index}.mp4")[0])
+
+
+def test_ab_on_heldout_loss_uses_the_reference_it_is_given():
+    """Guards a TIC-FT adapter's held-out-loss A/B taken against base's text-to-video loss: with per-clip
+    losses where the two references disagree on every clip, the counts follow `loss_base`."""
+    from trainer.evaluate.run import ab_vs_base
+
+    losses = {"i2v": [1.0, 2.0, 3.0], "base": [0.5, 1.5, 2.5], "base@c1b1t3": [1.5, 2.5, 3.5]}
+    against_layout = ab_vs_base("i2v", losses, [], [], {}, "base@c1b1t3")["heldout_loss"]
+    against_plain = ab_vs_base("i2v", losses, [], [], {})["heldout_loss"]
+    assert (against_layout["wins"], against_layout["losses"]) == (3, 0)
+    assert (against_plain["wins"], against_plain["losses"]) == (0, 3)

@@ -110,7 +110,7 @@ def test_text_to_video_with_a_plain_adapter_and_from_a_template(inputs, tmp_path
     (["--template", "haymaker"], "either --prompt or --template"),
     (["--out-name"], None),
     (["--set", "seed=3"], "seed is chosen by its own option"),
-    (["--device", "cuda"] if not torch.cuda.is_available() else ["--seed", "-1"], "--"),
+    (["--device", "cuda"], "needs a CUDA GPU") if not torch.cuda.is_available() else (["--seed", "-1"], "--seed must"),
     (["--set", "num_frames=10"], "--set num_frames"),
 ])
 def test_bad_input_is_one_line_and_exit_2(arguments, message, inputs, tmp_path, capsys):

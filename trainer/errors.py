@@ -29,3 +29,7 @@ class EvalError(SlapgenError):
 
 class SweepError(SlapgenError):
     """A sweep cannot start or continue as asked (bad grid, a folder that holds another sweep, a failed run)."""
+
+
+class GenerateError(EvalError):
+    """`slapgen generate` cannot run as asked (an option, a file, a mismatch); the message names the option."""

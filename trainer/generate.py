@@ -1,8 +1,8 @@
 """`slapgen generate`: one video from the command line, through the engine the service runs.
 
 The prompt (or a template with its slots), generation settings, an optional LoRA (a file, or a run or
-checkpoint folder) and, for a TIC-FT adapter, the condition image: checked here before the model
-loads, then one `VideoGenerator` (the service's engine, its checks and its TIC-FT re-injection)
+checkpoint folder) and, for a TIC-FT adapter, the condition image (its layout read from the LoRA's
+header): all checked here, with the engine's own rules, before the model loads; then one `VideoGenerator` (the service's engine, its checks and its TIC-FT re-injection)
 makes the frames and the mp4 is written atomically. A TIC-FT adapter's clip length defaults to its
 layout's; the mp4 holds its target frames (the whole clip with `include_condition_frames`).
 """
@@ -19,12 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from slapgen.errors import SlapgenError
-from trainer.errors import EvalError
-
-
-class GenerateError(EvalError):
-    """`slapgen generate` cannot run as asked; the message says why, naming the option."""
-
+from trainer.errors import GenerateError
 
 # Engine error fields -> the option a person typed.
 OPTION_OF_FIELD = {"condition_image": "--condition-image", "adapter": "--adapter", "prompt": "--prompt",
@@ -97,6 +92,7 @@ def named_options():
 
 def generate_video(options: GenerateOptions, progress: bool = True) -> dict:
     """Make the video; returns what was made (path, frames, seconds, the settings used)."""
+    import torch
     from tqdm.auto import tqdm
 
     from slapgen.engine.conditioning import check_condition, check_frames
@@ -105,16 +101,13 @@ def generate_video(options: GenerateOptions, progress: bool = True) -> dict:
     from slapgen.images import read_image
     from slapgen.models.loading import resolve_model
     from slapgen.video import write_mp4_atomic
-    from trainer.evaluate.options import AdapterArg, checked_params
-    from trainer.evaluate.run import MODEL_SETTING
+    from trainer.evaluate.options import MODEL_SETTING, AdapterArg, checked_params
     from trainer.evaluate.systems import resolve_systems, slot_shape, stage_adapters
 
     if options.out.suffix.lower() != ".mp4":
         raise GenerateError(f"--out {options.out}: the video is written as mp4; name it e.g. slap.mp4")
     if options.out.is_dir():
         raise GenerateError(f"--out {options.out} is a folder; give the mp4's file name")
-    import torch
-
     if options.device.startswith("cuda") and not torch.cuda.is_available():
         raise GenerateError(f"--device {options.device} needs a CUDA GPU and none is usable here; use --device cpu")
     if not 0 <= options.seed < 2**63:
@@ -128,8 +121,18 @@ def generate_video(options: GenerateOptions, progress: bool = True) -> dict:
     condition = read_image(options.condition_image) if options.condition_image is not None else None
     systems = resolve_systems((AdapterArg(adapter_name(options.adapter), options.adapter),), include_base=False) \
         if options.adapter else []
+    adapter = systems[0].adapter if systems else None
+    layout = systems[0].ticft_layout if systems else None  # from the LoRA's header, before any model loads
     resolved = resolve_model(options.model, options.model_cache_dir, setting=MODEL_SETTING)
-    params = checked_params(resolved.spec, options.settings, "--set", prompt=prompt, seed=options.seed)
+    params = checked_params(resolved.spec, options.settings, "--set", prompt=prompt, seed=options.seed, adapter=adapter,
+                            include_condition_frames=options.include_condition_frames)
+    if layout is not None and "num_frames" not in options.settings:
+        params = params.replace(num_frames=layout.pixel_frames)
+    with named_options():  # the engine's own checks, before the (slow) model load
+        check_condition(adapter, layout, condition is not None, options.include_condition_frames)
+        if layout is not None:
+            check_frames(params.num_frames, layout)
+    params = params.replace(condition_image=condition)
 
     with tempfile.TemporaryDirectory(prefix="slapgen-generate-") as staged:
         adapters = Path(staged)
@@ -140,16 +143,6 @@ def generate_video(options: GenerateOptions, progress: bool = True) -> dict:
             device=options.device, quantization=options.quantization, adapters_dir=adapters, max_lora_rank=rank,
             lora_target_modules=targets))
         loaded = time.perf_counter() - started
-        adapter = systems[0].adapter if systems else None
-        layout = generator.adapters.ticft_layout(adapter) if adapter else None
-        if layout is not None and "num_frames" not in options.settings:
-            params = params.replace(num_frames=layout.pixel_frames)
-        params = params.replace(adapter=adapter, condition_image=condition,
-                                include_condition_frames=options.include_condition_frames)
-        with named_options():  # the engine's checks, before the progress bar starts
-            check_condition(adapter, layout, condition is not None, options.include_condition_frames)
-            if layout is not None:
-                check_frames(params.num_frames, layout)
         bar = tqdm(total=params.num_inference_steps, desc="generate", unit="step", disable=not progress)
 
         def on_step(done: int, total: int) -> None:

@@ -119,6 +119,12 @@ class TicftLayout:
         return FramePlan(self.frame_timesteps(timesteps, num_train_timesteps), self.target_frames)
 
 
+def objective_name(layout: TicftLayout | None, condition: str = "first-frame") -> str:
+    """What a training objective (and so a held-out loss) is: `text-to-video`, or `TIC-FT c1b3t9
+    (first-frame)` with the condition's source; losses of two objectives never compare."""
+    return "text-to-video" if layout is None else f"TIC-FT {layout} ({condition})"
+
+
 @dataclass(frozen=True)
 class ConditionLatents:
     """The condition of one generation in latent space: the clean condition and buffer latents

@@ -11,11 +11,13 @@ from slapgen.errors import FrameCountError
 from slapgen.evaluation.i3d import I3D_MIN_FRAMES
 from slapgen.evaluation.models import DEFAULT_CLIP, DEFAULT_DINO, DEFAULT_I3D, TINY
 from slapgen.models.cogvideox import SIZE_MULTIPLE, check_frame_count
+from slapgen.models.loading import ModelSetting
 from slapgen.models.specs import ModelSpec
 from trainer.errors import EvalError
 from trainer.heldout import DEFAULT_SEED
 
 BASE = "base"
+MODEL_SETTING = ModelSetting("--model", "use --model tiny")
 METRIC_GROUPS = ("loss", "clip", "fvd", "temporal")
 # GenerationParams fields `--set` may change, with their types; prompt, seed and adapter come from the run.
 SETTABLE = {"num_inference_steps": int, "guidance_scale": float, "negative_prompt": str, "num_frames": int,

@@ -17,19 +17,18 @@ import torch
 
 from slapgen.evaluation import stats
 from slapgen.evaluation.frechet import frechet_with_interval, reliable_sample_count
-from slapgen.models.loading import ModelSetting, resolve_model
-from slapgen.models.ticft import TicftLayout
+from slapgen.models.loading import resolve_model
+from slapgen.models.ticft import TicftLayout, objective_name
 from slapgen.video import read_mp4, write_mp4_atomic
 from trainer.config import DataConfig
 from trainer.errors import EvalError
 from trainer.evaluate.names import FLICKER, FVD, HELDOUT_LOSS, SUBJECT
-from trainer.evaluate.options import BASE, EvalOptions
+from trainer.evaluate.options import BASE, MODEL_SETTING, EvalOptions
 from trainer.evaluate.systems import System, resolve_systems, slot_shape, stage_adapters
 from trainer.frames import load_clip
 from trainer.heldout import DEFAULT_TIMESTEPS, heldout_entries, heldout_losses
 
 TICFT_BASE_LOSSES = "heldout_loss_by_ticft_layout"  # in eval.json's `base` system
-MODEL_SETTING = ModelSetting("--model", "use --model tiny")
 FORMAT = 1
 
 
@@ -69,10 +68,17 @@ def run_eval(options: EvalOptions) -> dict:
     out = Path(options.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    # 1. Held-out clips into the latent cache (their captions are the prompts).
+    # 1. Held-out clips into the latent cache (their captions are the prompts); for the held-out loss of a
+    # TIC-FT adapter, also as its layout's condition + target. All before the pipeline loads, so the VAE
+    # and text encoder are never in memory beside it.
     data = heldout_data(params, options.max_clips)
     started = time.perf_counter()
-    entries = heldout_entries(options.heldout, resolved, data, options.cache or out / "cache", device=options.device)
+    cache = options.cache or out / "cache"
+    entries = heldout_entries(options.heldout, resolved, data, cache, device=options.device)
+    layouts = {system.name: system.ticft_layout for system in systems}
+    layout_entries = {layout: ticft_entries(options, resolved, data, layout, entries)
+                      for layout in dict.fromkeys(layouts.values()) if layout is not None} \
+        if "loss" in options.metrics else {}
     timer.add("latent_cache", started)
     prompts = [entry.clip.caption or "" for entry in entries]
 
@@ -84,10 +90,8 @@ def run_eval(options: EvalOptions) -> dict:
                                                             max_lora_rank=rank, lora_target_modules=targets))
     timer.add("load_pipeline", started)
 
-    layouts = {system.name: generator.adapters.ticft_layout(system.adapter) if system.adapter else None
-               for system in systems}
-    losses = held_out_losses(generator, resolved, systems, layouts, entries, data, params.adapter_scale, options, timer) \
-        if "loss" in options.metrics else {}
+    losses = held_out_losses(generator, resolved, systems, layouts, {None: entries, **layout_entries},
+                             params.adapter_scale, options, timer) if "loss" in options.metrics else {}
     conditions = [entry.clip.video for entry in entries]
     videos = generate(generator, systems, prompts, conditions, params, options, out, timer) if options.generates else []
     engine = {"device": options.device, "adapter_swaps": generator.slot.swaps,
@@ -105,7 +109,7 @@ def run_eval(options: EvalOptions) -> dict:
             "timesteps": list(DEFAULT_TIMESTEPS), "seed": options.loss_seed, "clips": len(entries)}
         if any(layouts.values()):
             definitions[HELDOUT_LOSS]["objectives"] = {
-                name: objective_name(layout) for name, layout in layouts.items()}
+                name: objective_name(layout) for name, layout in layouts.items()}  # eval: first-frame conditions
             definitions[HELDOUT_LOSS]["ticft"] = (
                 "a TIC-FT adapter's held-out loss is its training objective: each clip cached as condition (its first "
                 "frame) + target in one VAE pass, condition frames clean, buffer k noised to min(t, T_k), the loss on "
@@ -128,31 +132,25 @@ def heldout_data(params, max_clips: int | None) -> DataConfig:
                       max_clips=max_clips)
 
 
-def objective_name(layout: TicftLayout | None) -> str:
-    return "text-to-video" if layout is None else f"ticft {layout}"
-
-
 def loss_reference(layout: TicftLayout | None) -> str:
     """Whose held-out losses a system's are compared with: the base model's on the same objective."""
     return BASE if layout is None else f"{BASE}@{layout}"
 
 
-def held_out_losses(generator, resolved, systems: list[System], layouts: dict[str, TicftLayout | None], entries,
-                    data: DataConfig, scale: float, options: EvalOptions, timer: Timer) -> dict[str, list[float]]:
-    """Per-clip held-out losses (in `entries` order) of every system on its own objective: the plain one, or
-    a TIC-FT adapter's (clips cached with its layout). With `base` among the systems, the base model is also
-    measured on every TIC-FT layout present, as `base@LAYOUT`, the reference of those adapters' A/B."""
+def held_out_losses(generator, resolved, systems: list[System], layouts: dict[str, TicftLayout | None],
+                    layout_entries: dict, scale: float, options: EvalOptions, timer: Timer) -> dict[str, list[float]]:
+    """Per-clip held-out losses (in the plain entries' order) of every system on its own objective: the plain
+    one, or a TIC-FT adapter's (`layout_entries[layout]`, the clips cached with its layout). With `base` among
+    the systems, the base model is also measured on every TIC-FT layout present, as `base@LAYOUT`, the
+    reference of those adapters' A/B."""
     from diffusers import CogVideoXDPMScheduler
 
     scheduler = CogVideoXDPMScheduler.from_pretrained(resolved.folder, subfolder="scheduler")
     jobs = [(system.name, system.adapter, layouts[system.name]) for system in systems]
     if any(system.name == BASE for system in systems):
-        ticft_layouts = dict.fromkeys(layout for layout in layouts.values() if layout is not None)
-        jobs += [(loss_reference(layout), None, layout) for layout in ticft_layouts]
-    layout_entries = {None: entries}
-    for layout in dict.fromkeys(layout for _, _, layout in jobs if layout is not None):
-        layout_entries[layout] = ticft_entries(options, resolved, data, layout, entries)
-    progress = bar(len(jobs) * len(entries) * len(DEFAULT_TIMESTEPS), "held-out loss", "forward")
+        jobs += [(loss_reference(layout), None, layout) for layout in layout_entries if layout is not None]
+    clips = len(layout_entries[None])
+    progress = bar(len(jobs) * clips * len(DEFAULT_TIMESTEPS), "held-out loss", "forward")
     losses = {}
     started = time.perf_counter()
     for name, adapter, layout in jobs:
@@ -168,21 +166,20 @@ def held_out_losses(generator, resolved, systems: list[System], layouts: dict[st
 
 def ticft_entries(options: EvalOptions, resolved, data: DataConfig, layout: TicftLayout, entries) -> list:
     """The held-out clips cached as `layout`'s condition (each clip's first frame, as eval's TIC-FT videos
-    are conditioned) + target, in the order of the plain `entries`; EvalError when a clip is usable in one
-    cache and not the other (the per-clip A/B pairs them)."""
+    are conditioned) + target, in the order of the plain `entries`, so the per-clip A/B pairs the same
+    clips; EvalError when a clip the plain cache reads is too short for the layout's target."""
     from trainer.config import TicftConfig
 
     layout_data = data.model_copy(update={"num_frames": layout.pixel_frames})
     cached = heldout_entries(options.heldout, resolved, layout_data, options.cache or Path(options.out) / "cache",
                              device=options.device, ticft=TicftConfig(layout=str(layout)))
-    by_video = {entry.clip.video: entry for entry in cached}
-    missing = [entry.clip.name for entry in entries if entry.clip.video not in by_video]
-    if missing or len(by_video) != len(entries):
-        which = missing[0] if missing else "a clip skipped by the plain cache"
-        raise EvalError(f"held-out clip {which} cannot be read as TIC-FT layout {layout} ({layout.pixel_frames} frames "
-                        f"at {data.fps:g} fps) though the plain evaluation reads it; drop it from the held-out set "
-                        "or leave loss out of --metrics")
-    return [by_video[entry.clip.video] for entry in entries]
+    by_clip = {(entry.clip.video, entry.clip.caption): entry for entry in cached}
+    missing = [entry.clip.name for entry in entries if (entry.clip.video, entry.clip.caption) not in by_clip]
+    if missing:
+        raise EvalError(f"held-out clip {missing[0]} is too short for TIC-FT layout {layout} (its target needs "
+                        f"{layout.target_pixel_frames} frames at {data.fps:g} fps) though the plain evaluation reads "
+                        "it; drop it from the held-out set or leave loss out of --metrics")
+    return [by_clip[(entry.clip.video, entry.clip.caption)] for entry in entries]
 
 
 def generate(generator, systems: list[System], prompts: list[str], conditions: list[Path], params, options: EvalOptions,
@@ -330,7 +327,8 @@ def assemble(options: EvalOptions, model: str, params, systems: list[System], la
     for name in per_video + ([FVD] if fvd else []):
         seconds_per_video[name] = timer.seconds[name] / (count + (len(entries) if name == FVD else 0))
     if losses:
-        seconds_per_video[HELDOUT_LOSS + "_per_clip"] = timer.seconds[HELDOUT_LOSS] / (len(systems) * len(entries))
+        # One per system and held-out clip, base@LAYOUT included.
+        seconds_per_video[HELDOUT_LOSS + "_per_clip"] = timer.seconds[HELDOUT_LOSS] / (len(losses) * len(entries))
     return {
         "format": FORMAT,
         "model": model,

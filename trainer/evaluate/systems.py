@@ -3,7 +3,9 @@
 An adapter path is a LoRA file, or a folder holding `pytorch_lora_weights.safetensors` (a finished
 run folder, a checkpoint folder, a diffusers LoRA folder). The engine serves adapters by name from
 one folder, so each is linked into OUT/adapters/NAME.safetensors (a symbolic link, no copy of the
-weights); the slot is sized to the largest adapter's rank and its target modules.
+weights); the slot is sized to the largest adapter's rank and its target modules. A TIC-FT adapter's
+layout is read from the same header, so its held-out clips can be cached before the model loads (the
+engine checks the layout against the model again when it serves the adapter).
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ from pathlib import Path
 
 from slapgen.atomic import staging_path
 from slapgen.engine.adapters import read_head
+from slapgen.errors import TicftLayoutError
 from slapgen.models import lora_format
 from slapgen.models.lora_format import KEY_PATTERN, WEIGHTS_FILE, HeaderError, parse_header
+from slapgen.models.ticft import TicftLayout
 from trainer.errors import EvalError
 from trainer.evaluate.options import BASE, AdapterArg
 
@@ -28,6 +32,7 @@ class System:
     weights: Path | None  # None: the base model
     rank: int = 0
     target_modules: tuple[str, ...] = ()
+    ticft_layout: TicftLayout | None = None  # a TIC-FT adapter's layout (its `slapgen.ticft_layout` metadata)
 
     @property
     def adapter(self) -> str | None:
@@ -68,7 +73,13 @@ def _system(adapter: AdapterArg) -> System:
         raise EvalError(f"--adapter {adapter.name}={path} holds no transformer LoRA weights")
     declared = header.metadata.get(lora_format.TARGET_MODULES_KEY)
     targets = tuple(declared.split(",")) if declared else tuple(sorted(modules))
-    return System(adapter.name, path.resolve(), max(ranks), targets)
+    layout = None
+    if lora_format.TICFT_LAYOUT_KEY in header.metadata:
+        try:
+            layout = TicftLayout.parse(header.metadata[lora_format.TICFT_LAYOUT_KEY])
+        except TicftLayoutError as error:
+            raise EvalError(f"--adapter {adapter.name}={path}: metadata {lora_format.TICFT_LAYOUT_KEY}: {error}") from None
+    return System(adapter.name, path.resolve(), max(ranks), targets, layout)
 
 
 def _target_name(module: str) -> str:

@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from slapgen.models.ticft import objective_name
 from trainer.config import TrainConfig, load_config
 from trainer.errors import SweepError, TrainConfigError
 
@@ -130,7 +131,7 @@ def check_one_objective(runs: list[PlannedRun]) -> None:
     defines what the held-out loss measures, and the base model is measured once for all runs."""
     def objective(run: PlannedRun) -> str:
         ticft = run.config.ticft
-        return "text-to-video" if ticft is None else f"TIC-FT {ticft.layout} ({ticft.condition})"
+        return objective_name(ticft.parsed_layout, ticft.condition) if ticft else objective_name(None)
 
     first = objective(runs[0])
     for run in runs[1:]:

@@ -65,12 +65,14 @@ def encode_once(definition: SweepDefinition, device: str) -> None:
     done = set()
     for run in definition.runs:
         config = run.config
-        key = (config.model, str(config.model_cache_dir), str(config.latent_cache), config.data.model_dump_json())
+        key = (config.model, str(config.model_cache_dir), str(config.latent_cache), config.data.model_dump_json(),
+               config.ticft.model_dump_json() if config.ticft else "")
         if key in done:
             continue
         done.add(key)
         resolved = resolve_model(config.model, config.model_cache_dir, setting=TRAINER_SETTING)
-        cache = LatentCache(config.latent_cache, resolved, config.data, device=device)
+        # A TIC-FT run trains and is judged on its layout's condition + target clips: those are what to encode.
+        cache = LatentCache(config.latent_cache, resolved, config.data, device=device, ticft=config.ticft)
         print(f"latent cache, training clips: {cache.precompute(training[: config.data.max_clips]).summary()}")
         print(f"latent cache, held-out clips: {cache.precompute(heldout).summary()}")
         if definition.evaluation is not None:  # what `slapgen eval` reads in every run, encoded once here
