@@ -37,6 +37,7 @@ import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -63,13 +64,29 @@ TRANSFORMS = {
 PADS = ("pad=224:176:0:16:black", "pad=288:144:32:0:black")  # letterbox (bars above/below), pillarbox
 
 
-def draw_bout(rng: random.Random):
+def draw_venue(rng: random.Random) -> tuple:
+    """Banners on the back wall, above the athletes (`--venues`): what makes two bouts drawn with the same
+    few discrete choices (4 colours, 2 cameras, 3 outcomes) different footage, as two arenas are. Without
+    them a few "distinct" bouts are the same footage to any frame hash (backdrop, spacing and reach
+    differences vanish at 8x8 luma blocks), and their copies are scored as wrong matches."""
+    from trainer.demo_data import WIDTH
+
+    banners = []
+    for _ in range(rng.randint(3, 5)):
+        width, height = rng.uniform(18, 60), rng.uniform(8, 20)
+        banners.append((rng.uniform(-20, WIDTH - 10), rng.uniform(2, 26 - height / 2), width, height,
+                        tuple(round(rng.uniform(0.05, 0.95), 3) for _ in range(3))))
+    return tuple(banners)
+
+
+def draw_bout(rng: random.Random, venues: bool = False):
     from trainer.demo_data import CAMERAS, COLOURS, OUTCOMES, DemoClip
 
     first, second = rng.sample(sorted(COLOURS), 2)
     turn = DemoClip(striker_on_left=rng.random() < 0.5, striker_colour=first, defender_colour=second,
                     outcome=rng.choice(OUTCOMES), camera=rng.choice(CAMERAS), backdrop=round(rng.uniform(0.22, 0.48), 3),
-                    impact=rng.uniform(0.45, 0.7), spacing=rng.uniform(30, 46), reach=rng.uniform(28, 38))
+                    impact=rng.uniform(0.45, 0.7), spacing=rng.uniform(30, 46), reach=rng.uniform(28, 38),
+                    banners=draw_venue(rng) if venues else ())
     answer = replace(turn, striker_on_left=not turn.striker_on_left, striker_colour=second, defender_colour=first,
                      outcome=rng.choice(OUTCOMES), impact=rng.uniform(0.45, 0.7))
     return turn, answer
@@ -109,14 +126,14 @@ def _ffmpeg(*args: str) -> None:
     subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-loglevel", "error", *args], check=True)
 
 
-def build_set(folder: Path, bases: int, seed: int) -> list[dict]:
+def build_set(folder: Path, bases: int, seed: int, venues: bool = False) -> list[dict]:
     """Write every clip; returns one row per clip: path, bout, transformation, span of the bout."""
     from slapgen.video import write_mp4
 
     rng = random.Random(seed)
     rows = []
     for index in range(bases):
-        bout = draw_bout(rng)
+        bout = draw_bout(rng, venues)
         original = folder / f"b{index:03d}_original.mp4"
         write_mp4(bout_frames(bout, FPS), original, fps=FPS)
         rows.append({"path": original, "bout": index, "kind": "original", "span": (0.0, SECONDS), "rate": 1.0,
@@ -153,11 +170,11 @@ def _probe(path: Path):
     return probe_video(path).signature
 
 
-def _filler_signature(seed: int):
+def _filler_signature(seed: int, venues: bool = False):
     """A further bout's fingerprint from frames drawn at the sampling rate (what probing would keep)."""
     from trainer.curate.fingerprint import SAMPLE_RATE, FrameSampler, footage_signature
 
-    frames = bout_frames(draw_bout(random.Random(seed)), SAMPLE_RATE)
+    frames = bout_frames(draw_bout(random.Random(seed), venues), SAMPLE_RATE)
     sampler = FrameSampler(SAMPLE_RATE)
     for index, frame in enumerate(frames):
         sampler.offer(index, frame @ np.array([0.299, 0.587, 0.114], dtype=np.float32))
@@ -220,6 +237,8 @@ def main() -> None:
     parser.add_argument("--bases", type=int, default=60, help="distinct bouts in the evaluation set (0: time the compare only)")
     parser.add_argument("--scale", type=int, default=3000, help="clips compared for the timing (0: skip)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--venues", action="store_true",
+                        help="give every bout banners of its own (another set: results go to duplicates-venues-*.json)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--set-dir", type=Path, help="build the evaluation set here once and reuse it (default: a new temp folder)")
     add_save_argument(parser)
@@ -233,12 +252,13 @@ def main() -> None:
     folder.mkdir(parents=True, exist_ok=True)
     rows, signatures, built, compare_s, table, wrong, missed = [], [], 0.0, None, [], [], []
     if args.bases:
-        manifest = folder / f"manifest-{args.bases}-{args.seed}.json"
+        kind = "-venues" if args.venues else ""  # a set folder holds one set: this names which
+        manifest = folder / f"manifest-{args.bases}-{args.seed}{kind}.json"
         started = time.perf_counter()
         if manifest.is_file():
             rows = [dict(row, path=folder / row["path"]) for row in json.loads(manifest.read_text())]
         else:
-            rows = build_set(folder, args.bases, args.seed)
+            rows = build_set(folder, args.bases, args.seed, args.venues)
             manifest.write_text(json.dumps([dict(row, path=row["path"].name) for row in rows]))
         built = time.perf_counter() - started
         with ProcessPoolExecutor(args.workers) as pool:
@@ -260,12 +280,13 @@ def main() -> None:
     scale = {}
     if args.scale:
         extra = max(0, args.scale - len(signatures))
-        cached = folder / f"fillers-{extra}.pkl"
+        cached = folder / f"fillers-{extra}{'-venues' if args.venues else ''}.pkl"
         if cached.is_file():
             fillers = pickle.loads(cached.read_bytes())
         else:
             with ProcessPoolExecutor(args.workers) as pool:
-                fillers = list(tqdm(pool.map(_filler_signature, range(10_000, 10_000 + extra), chunksize=16),
+                fillers = list(tqdm(pool.map(partial(_filler_signature, venues=args.venues), range(10_000, 10_000 + extra),
+                                               chunksize=16),
                                     total=extra, desc="fingerprints"))
             cached.write_bytes(pickle.dumps(fillers))
         everything = signatures + fillers
@@ -288,8 +309,9 @@ def main() -> None:
                   f"{at_scale[-1]['recall']:.4f}; worst transformation: precision "
                   f"{min(e['precision'] for e in at_scale if e.get('recall') is not None):.4f}, recall "
                   f"{min(e['recall'] for e in at_scale if e.get('recall') is not None):.4f}")
-    path = write_results("duplicates", {
+    path = write_results("duplicates-venues" if args.venues else "duplicates", {
         "device": device_description(), "cores": os.cpu_count(), "bases": args.bases, "seed": args.seed,
+        "venues": args.venues,
         "clip": f"{int(SECONDS * FPS)}x144x224@{FPS}fps", "compare_s_eval_set": compare_s,
         "results": table, "false_matches": wrong, "missed": missed, "scale": scale}, save=args.save)
     print(f"wrote {path}")

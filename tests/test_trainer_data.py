@@ -183,3 +183,27 @@ def test_links_out_of_the_dataset_are_never_followed(demo_dataset, tmp_path):
     # A listing may name a file outside its folder in plain sight (curation's selected.jsonl does).
     (tmp_path / "list.jsonl").write_text('{"video": "data/clip_000.mp4", "caption": "c"}\n{"video": "outside/elsewhere.mp4", "caption": "d"}\n')
     assert [c.issues for c in read_dataset(tmp_path / "list.jsonl")] == [(), ()]
+
+
+def test_demo_banners_are_drawn_on_the_back_wall_and_pan_with_the_camera():
+    """Guards the duplicates bench's venues (`bench/duplicates.py --venues`): a banner lands where it is
+    placed, moved by the camera's pan at that instant (12 sin(pi t) pixels), and changes no pixel outside
+    its rectangle (without banners, the frame is the one the default set and `slapgen demo-data` draw)."""
+    import math
+
+    import numpy as np
+
+    from trainer.demo_data import DemoClip, render_frame
+
+    plain = DemoClip(striker_on_left=True, striker_colour="red", defender_colour="blue", outcome="absorbs",
+                     camera="pan", backdrop=0.3)
+    colour = (0.1, 0.9, 0.2)
+    venue = DemoClip(**{**plain.__dict__, "banners": ((10.0, 4.0, 30.0, 10.0, colour),)})
+    t = 0.3
+    pan = 12 * math.sin(t * math.pi)
+    with_banner, without = render_frame(venue, t), render_frame(plain, t)
+    left, right = int(10 + pan), int(40 + pan)
+    assert np.allclose(with_banner[4:14, left:right], colour)
+    outside = np.ones(with_banner.shape[:2], dtype=bool)
+    outside[4:14, left:right] = False
+    np.testing.assert_array_equal(with_banner[outside], without[outside])

@@ -34,6 +34,9 @@ class DemoClip:
     impact: float = 0.55  # when the palm lands, as a fraction of the clip
     spacing: float = 38.0  # each athlete's distance from the table's centre, pixels
     reach: float = 34.0  # arm length, pixels
+    # The venue: banners on the back wall, (x, y, width, height, (r, g, b)) in pixels of the frame; they
+    # pan with the camera (bench/duplicates.py gives every bout its own, as real arenas differ).
+    banners: tuple = ()
 
 
 def _window(canvas, y_low, y_high, x_low, x_high):
@@ -73,6 +76,9 @@ def render_frame(clip: DemoClip, t: float) -> np.ndarray:
     pan = 12 * math.sin(t * math.pi) if clip.camera == "pan" else 0.0
     canvas = np.empty((HEIGHT, WIDTH, 3), dtype=np.float32)
     canvas[:] = np.linspace(clip.backdrop, clip.backdrop + 0.25, HEIGHT)[:, None, None] * np.array([0.9, 0.85, 0.8])
+    for x, y, width, height, colour in clip.banners:
+        left, right = max(0, int(x + pan)), min(WIDTH, int(x + width + pan))
+        canvas[int(y) : int(y + height), left:right] = colour
     canvas[int(HEIGHT * 0.62) : int(HEIGHT * 0.68), int(WIDTH * 0.38 + pan) : int(WIDTH * 0.62 + pan)] = (0.45, 0.3, 0.2)
     side = 1 if clip.striker_on_left else -1
     striker_x = WIDTH / 2 - side * clip.spacing + pan
