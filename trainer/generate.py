@@ -2,8 +2,9 @@
 
 The prompt (or a template with its slots), generation settings, an optional LoRA (a file, or a run or
 checkpoint folder) and, for a TIC-FT adapter, the condition image (its layout read from the LoRA's
-header): all checked here, with the engine's own rules, before the model loads; then one `VideoGenerator` (the service's engine, its checks and its TIC-FT re-injection)
-makes the frames and the mp4 is written atomically. A TIC-FT adapter's clip length defaults to its
+header): all checked here, with the engine's own rules, before the model loads. Then one
+`VideoGenerator` (the service's engine, its checks and its TIC-FT re-injection) makes the frames and
+the mp4 is written atomically. A TIC-FT adapter's clip length defaults to its
 layout's; the mp4 holds its target frames (the whole clip with `include_condition_frames`).
 """
 
