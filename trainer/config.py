@@ -12,7 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from slapgen.models.cogvideox import SIZE_MULTIPLE, frame_rule, is_valid_frame_count
-from slapgen.models.ticft import TicftLayout
+from slapgen.models.ticft import TicftLayout, objective_name
 from trainer.errors import TrainConfigError
 
 PRESETS_DIR = Path(__file__).parent / "presets"
@@ -132,6 +132,14 @@ class TrainConfig(Section):
         if self.optim.lr_warmup_steps >= self.train.max_train_steps and self.optim.lr_scheduler != "constant":
             raise ValueError("optim.lr_warmup_steps must be below train.max_train_steps")
         return self
+
+    @property
+    def objective(self) -> str:
+        """What this run trains, so what its held-out loss measures: `text-to-video` or, e.g.,
+        `TIC-FT c1b3t9 (first-frame)`."""
+        if self.ticft is None:
+            return objective_name(None)
+        return objective_name(self.ticft.parsed_layout, self.ticft.condition)
 
     @model_validator(mode="after")
     def _clip_length_is_the_layouts(self) -> "TrainConfig":

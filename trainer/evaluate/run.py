@@ -93,7 +93,8 @@ def run_eval(options: EvalOptions) -> dict:
     losses = held_out_losses(generator, resolved, systems, layouts, {None: entries, **layout_entries},
                              params.adapter_scale, options, timer) if "loss" in options.metrics else {}
     conditions = [entry.clip.video for entry in entries]
-    videos = generate(generator, systems, prompts, conditions, params, options, out, timer) if options.generates else []
+    videos = generate(generator, systems, layouts, prompts, conditions, params, options, out, timer) \
+        if options.generates else []
     engine = {"device": options.device, "adapter_swaps": generator.slot.swaps,
               "slot_rank": generator.slot.max_rank, "slot_target_modules": list(targets)}
     del generator
@@ -182,8 +183,8 @@ def ticft_entries(options: EvalOptions, resolved, data: DataConfig, layout: Ticf
     return [by_clip[(entry.clip.video, entry.clip.caption)] for entry in entries]
 
 
-def generate(generator, systems: list[System], prompts: list[str], conditions: list[Path], params, options: EvalOptions,
-             out: Path, timer: Timer) -> list[Video]:
+def generate(generator, systems: list[System], layouts: dict[str, TicftLayout | None], prompts: list[str],
+             conditions: list[Path], params, options: EvalOptions, out: Path, timer: Timer) -> list[Video]:
     """Every system x prompt x seed, system by system so the slot swaps once per system. A TIC-FT adapter
     animates the first frame of the held-out clip the prompt belongs to (as training conditioned each clip
     on its own first frame), over its layout's length, and yields the layout's target frames."""
@@ -193,7 +194,7 @@ def generate(generator, systems: list[System], prompts: list[str], conditions: l
     progress = bar(len(systems) * len(prompts) * len(options.seeds), "generate", "video")
     started = time.perf_counter()
     for system in systems:
-        layout = generator.adapters.ticft_layout(system.adapter) if system.adapter else None
+        layout = layouts[system.name]  # from the LoRA header; the engine checks it against the model on use
         for index, prompt in enumerate(prompts):
             system_params = params
             if layout is not None:

@@ -14,7 +14,6 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from slapgen.models.ticft import objective_name
 from trainer.config import TrainConfig, load_config
 from trainer.errors import SweepError, TrainConfigError
 
@@ -129,12 +128,8 @@ def plan_runs(config: str, sets: list[str], axes: list[Axis], latent_cache: Path
 def check_one_objective(runs: list[PlannedRun]) -> None:
     """SweepError unless every run trains the same objective: a TIC-FT layout (or plain text-to-video)
     defines what the held-out loss measures, and the base model is measured once for all runs."""
-    def objective(run: PlannedRun) -> str:
-        ticft = run.config.ticft
-        return objective_name(ticft.parsed_layout, ticft.condition) if ticft else objective_name(None)
-
-    first = objective(runs[0])
+    first = runs[0].config.objective
     for run in runs[1:]:
-        if objective(run) != first:
-            raise SweepError(f"run {run.name} trains {objective(run)} and run {runs[0].name} {first}: their held-out "
+        if run.config.objective != first:
+            raise SweepError(f"run {run.name} trains {run.config.objective} and run {runs[0].name} {first}: their held-out "
                              "losses measure different objectives; sweep each layout separately")

@@ -16,7 +16,6 @@ import shlex
 from pathlib import Path
 
 from slapgen.atomic import atomic_write_text
-from slapgen.models.ticft import objective_name
 from trainer.config import TrainConfig
 from trainer.sweep.evaluate import ADAPTER, EVAL_DIR, HELDOUT_LOSS, higher_is_better
 from trainer.sweep.execute import BASE_DIR
@@ -214,8 +213,7 @@ def write_eval_report(out: Path, definition: SweepDefinition, results: dict[str,
     parts = [part(out / BASE_DIR / EVAL_DIR, BASE, BASE)]
     parts += [part(run_dir(out, run) / EVAL_DIR, ADAPTER, run.name) for run in definition.runs]
     losses = {BASE: base["heldout_losses"], **{name: result["heldout_losses"] for name, result in results.items()}}
-    ticft = definition.runs[0].config.ticft  # one objective for every run (grid.check_one_objective)
-    objective = objective_name(ticft.parsed_layout, ticft.condition) if ticft else objective_name(None)
+    objective = definition.runs[0].config.objective  # one for every run (grid.check_one_objective)
     loss_definition = {
         "higher_is_better": False,
         "what": f"the training objective ({objective}) on every held-out clip at the runs' training size and precision, "
