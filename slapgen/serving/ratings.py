@@ -25,6 +25,9 @@ from slapgen.evaluation.stats import LOSS, TIE, WIN, Comparison, win_rate
 
 CRITERIA = ("motion_accuracy", "impact_realism", "prompt_adherence", "overall")
 CHOICES = ("left", "right", "tie")
+# Below this many rated prompts a pair's bootstrap interval says little (with one prompt it is a single
+# point, "100% - 100%"): the summary flags such rows and the studio shows a warning instead of the interval.
+MIN_PROMPTS_FOR_INTERVAL = 10
 CSV_COLUMNS = ("id", "created_at", "rater", "criterion", "choice", "left_system", "left_scale", "right_system",
                "right_scale", "prompt", "seed")
 
@@ -91,9 +94,18 @@ def system_label(system: str, scale: float) -> str:
     return system if system == "base" or scale == 1.0 else f"{system}@{scale:g}"
 
 
+def rated_pairs(ratings: list[dict]) -> int:
+    """How many blind pairs were rated: one `POST /ratings` stores one row per criterion, all with the
+    same time, rater, systems, prompt and seed (`RatingStore.add` stamps them with one clock reading)."""
+    keys = ("created_at", "rater", "left_system", "left_scale", "right_system", "right_scale", "prompt", "seed")
+    return len({tuple(rating[key] for key in keys) for rating in ratings})
+
+
 def summarise(ratings: list[dict]) -> dict:
     """Per pair of systems and criterion: the first system's win rate (ties half) with its 95% bootstrap
-    interval over prompts and the sign test, from `slapgen.evaluation.stats`."""
+    interval over prompts and the sign test, from `slapgen.evaluation.stats`; `small_sample` when fewer
+    than MIN_PROMPTS_FOR_INTERVAL prompts were rated. `ratings` counts verdicts (one per criterion),
+    `rated_pairs` the blind pairs they came from."""
     grouped: dict[tuple[str, str, str], list[Comparison]] = defaultdict(list)
     for rating in ratings:
         left = system_label(rating["left_system"], rating["left_scale"])
@@ -106,5 +118,9 @@ def summarise(ratings: list[dict]) -> dict:
         grouped[(first, second, rating["criterion"])].append(Comparison(unit=rating["prompt"], outcome=outcome))
     rows = []
     for (first, second, criterion), comparisons in sorted(grouped.items()):
-        rows.append({"systems": [first, second], "criterion": criterion, **win_rate(comparisons).to_json()})
-    return {"criteria": list(CRITERIA), "ratings": len(ratings), "pairs": rows}
+        rate = win_rate(comparisons)
+        rows.append({"systems": [first, second], "criterion": criterion, **rate.to_json(),
+                     "small_sample": rate.units < MIN_PROMPTS_FOR_INTERVAL})
+    return {"criteria": list(CRITERIA), "ratings": len(ratings), "rated_pairs": rated_pairs(ratings),
+            "criteria_rated": len({rating["criterion"] for rating in ratings}),
+            "min_prompts_for_interval": MIN_PROMPTS_FOR_INTERVAL, "pairs": rows}

@@ -10,7 +10,10 @@ const CRITERIA = [
   ["overall", "Overall"],
 ];
 const HISTORY_KEY = "slapgen-studio-history";
-const state = { info: null, templates: [], adapters: [], runningTask: null, pair: null };
+const HISTORY_ENTRIES = 50; // settings of this many runs are kept (localStorage)
+const KEPT_VIDEOS = 20; // the newest this many history videos are kept in this browser (IndexedDB)
+// condition: the TIC-FT condition image {dataUrl, source} or null; videos: history entry id -> object URL
+const state = { info: null, templates: [], adapters: [], runningTask: null, pair: null, condition: null, videos: new Map() };
 
 class ApiError extends Error {}
 class Cancelled extends Error {}
@@ -33,8 +36,8 @@ const postJson = (path, body) =>
 
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
-// Submit a job and follow it to the end: onProgress(step, total, etaSeconds). Resolves to an object URL
-// of the mp4; rejects with Cancelled when someone cancels it, ApiError when it fails.
+// Submit a job and follow it to the end: onProgress(step, total, etaSeconds). Resolves to the mp4 (a Blob);
+// rejects with Cancelled when someone cancels it, ApiError when it fails.
 async function runJob(body, onProgress) {
   const { task_id: taskId } = await postJson("/jobs/submit", body);
   state.runningTask = taskId;
@@ -77,8 +80,10 @@ async function fetchResult(taskId) {
   }
   const response = await fetch(`/jobs/get?task_id=${encodeURIComponent(taskId)}`);
   if (!response.ok) throw new ApiError(`could not fetch the video (${response.status})`);
-  return URL.createObjectURL(await response.blob());
+  return await response.blob();
 }
+
+const runJobToUrl = async (body, onProgress) => URL.createObjectURL(await runJob(body, onProgress));
 
 // ---------- the shared form ----------
 
@@ -94,7 +99,18 @@ function slotValues() {
   return values;
 }
 
-// The request body the form describes, for one system (adapter name or null for the base model).
+// The seed of the next run: the one in the form, unless "New seed every run" asks for a fresh one (which
+// then shows in the form, so every run's seed is one the user can see and reuse).
+function seedForRun() {
+  if ($("seed-each-run").checked) newSeed();
+  return Number($("seed").value);
+}
+
+// The TIC-FT layout of an adapter ("c1b1t1"), or null for the base model and plain adapters.
+const ticftLayout = (adapter) => (state.adapters.find((a) => a.name === adapter) || {}).ticft_layout || null;
+
+// The request body the form describes, for one system (adapter name or null for the base model). A TIC-FT
+// adapter gets the condition image, and its frame count comes from its layout (the service fills it in).
 function requestBody(system = { adapter: $("adapter").value || null, scale: Number($("adapter-scale").value) }, seed = null) {
   const body = {
     num_frames: Number($("num-frames").value),
@@ -104,6 +120,13 @@ function requestBody(system = { adapter: $("adapter").value || null, scale: Numb
     width: Number($("width").value),
     height: Number($("height").value),
   };
+  const layout = system.adapter ? ticftLayout(system.adapter) : null;
+  if (layout) {
+    if (!state.condition) throw new ApiError(`${system.adapter} is a TIC-FT adapter (layout ${layout}): choose a condition image in Generate first`);
+    delete body.num_frames;
+    body.condition_image = state.condition.dataUrl;
+    if ($("include-condition-frames").checked) body.include_condition_frames = true;
+  }
   if (promptSource() === "template") {
     body.template = $("template").value;
     body.slots = slotValues();
@@ -120,7 +143,8 @@ function requestBody(system = { adapter: $("adapter").value || null, scale: Numb
 function describeBody(body) {
   const system = body.adapter ? `${body.adapter} × ${body.adapter_scale}` : "base model";
   const what = body.template ? `template ${body.template}` : "own prompt";
-  return `${system} · ${what} · seed ${body.seed} · ${body.num_frames} frames · ${body.num_inference_steps} steps · ` +
+  const frames = body.num_frames ? `${body.num_frames} frames` : `condition image${body.include_condition_frames ? " (whole clip)" : ""}`;
+  return `${system} · ${what} · seed ${body.seed} · ${frames} · ${body.num_inference_steps} steps · ` +
     `guidance ${body.guidance_scale} · ${body.width}×${body.height}`;
 }
 
@@ -213,6 +237,65 @@ function fillSystems() {
   }
   // Sensible pairs by default: base against the first adapter.
   for (const id of ["compare-b", "rate-b"]) if ($(id).value === "base" && adapters.length) $(id).value = adapters[0];
+  showConditionFields();
+}
+
+// ---------- the TIC-FT condition image ----------
+
+const anyTicft = () => state.adapters.some((a) => !a.error && a.ticft_layout);
+
+function showConditionFields() {
+  const layout = ticftLayout($("adapter").value);
+  $("condition-fields").hidden = !layout;
+  $("num-frames").disabled = Boolean(layout);
+  if (layout) {
+    $("condition-about").textContent = `${$("adapter").value} is a TIC-FT adapter (layout ${layout}): it animates the ` +
+      "condition image, which is resized and centre-cropped to the output size; the frame count comes from the layout.";
+  }
+  for (const button of document.querySelectorAll(".use-frame")) button.hidden = !anyTicft();
+}
+
+function setCondition(dataUrl, source) {
+  state.condition = dataUrl ? { dataUrl, source } : null;
+  $("condition-figure").hidden = !dataUrl;
+  $("condition-preview").src = dataUrl || "";
+  $("condition-source").textContent = source || "";
+  if (!dataUrl) $("condition-file").value = "";
+}
+
+function readConditionFile() {
+  const file = $("condition-file").files[0];
+  if (!file) return;
+  $("generate-error").textContent = "";
+  if (!["image/png", "image/jpeg"].includes(file.type)) {
+    $("generate-error").textContent = `${file.name} is not a PNG or JPEG image`;
+    setCondition(null);
+    return;
+  }
+  const reader = new FileReader();
+  reader.onload = () => setCondition(reader.result, file.name);
+  reader.onerror = () => { $("generate-error").textContent = `could not read ${file.name}`; };
+  reader.readAsDataURL(file);
+}
+
+// The frame a video shows now, as a PNG, becomes the condition image; a plain adapter (or the base model)
+// gives way to the first TIC-FT adapter, since only those take one.
+async function useFrameOf(video, label) {
+  if (video.readyState < 2) { $("generate-error").textContent = "that video has no frame to use yet"; return; }
+  video.pause();
+  await showFrame(video);
+  const canvas = document.createElement("canvas");
+  canvas.width = video.videoWidth;
+  canvas.height = video.videoHeight;
+  canvas.getContext("2d").drawImage(video, 0, 0);
+  setCondition(canvas.toDataURL("image/png"), `frame at ${video.currentTime.toFixed(2)} s of ${label}`);
+  if (!ticftLayout($("adapter").value)) {
+    const first = state.adapters.find((a) => !a.error && a.ticft_layout);
+    if (first) $("adapter").value = first.name;
+  }
+  showConditionFields();
+  selectTab("tab-generate");
+  $("condition-fields").scrollIntoView({ block: "nearest" });
 }
 
 const systemOf = (value) => ({ adapter: value === "base" ? null : value, scale: Number($("adapter-scale").value) });
@@ -229,16 +312,22 @@ function setProgress(step, total, eta) {
 async function generate(event) {
   event.preventDefault();
   $("generate-error").textContent = "";
-  const body = requestBody();
+  let body;
+  try {
+    body = requestBody(undefined, seedForRun());
+  } catch (error) {
+    $("generate-error").textContent = error.message;
+    return;
+  }
   $("generate").disabled = true;
   $("cancel").disabled = false;
   setProgress(0, body.num_inference_steps, null);
   $("progress-text").textContent = "queued…";
   try {
-    const url = await runJob(body, setProgress);
+    const video = await runJob(body, setProgress);
+    const url = URL.createObjectURL(video);
     showResult(url);
-    addHistory(body, url);
-    newSeed();
+    await addHistory(body, video, url);
   } catch (error) {
     if (error instanceof Cancelled) $("progress-text").textContent = `cancelled: ${error.message}`;
     else $("generate-error").textContent = error.message;
@@ -266,47 +355,132 @@ async function cancelJob() {
   }
 }
 
+// Chromium paints nothing (a black canvas) from a video that has not yet played or seeked: seeking to where
+// it is makes it decode the frame there.
+function showFrame(video) {
+  return new Promise((resolve) => {
+    video.addEventListener("seeked", () => resolve(), { once: true });
+    video.currentTime = video.currentTime; // eslint-disable-line no-self-assign
+  });
+}
+
+// ---------- History: settings in localStorage, videos (the newest KEPT_VIDEOS) in IndexedDB ----------
+
 function loadHistory() {
   try { return JSON.parse(localStorage.getItem(HISTORY_KEY) || "[]"); } catch { return []; }
 }
 
-function addHistory(body, url) {
-  const entries = loadHistory();
-  entries.unshift({ body, at: new Date().toISOString() });
-  localStorage.setItem(HISTORY_KEY, JSON.stringify(entries.slice(0, 50)));
-  renderHistory(url);
+let videoDb = null;
+function openVideoDb() {
+  videoDb = videoDb || new Promise((resolve, reject) => {
+    const request = indexedDB.open("slapgen-studio", 1);
+    request.onupgradeneeded = () => request.result.createObjectStore("videos");
+    request.onsuccess = () => resolve(request.result);
+    request.onerror = () => reject(request.error);
+  });
+  return videoDb;
 }
 
-// Videos live as object URLs for this visit; the settings (enough to reproduce each one) persist.
-const historyUrls = [];
-function renderHistory(newUrl = null) {
-  if (newUrl) historyUrls.unshift(newUrl);
+// One IndexedDB transaction on the videos store: work(store) queues requests and returns one of them (resolves
+// to its result once the transaction is done) or a value its requests fill in (resolves to that value).
+async function videoStore(mode, work) {
+  const db = await openVideoDb();
+  return new Promise((resolve, reject) => {
+    const transaction = db.transaction("videos", mode);
+    const result = work(transaction.objectStore("videos"));
+    transaction.oncomplete = () => resolve(result instanceof IDBRequest ? result.result : result);
+    transaction.onerror = () => reject(transaction.error);
+    transaction.onabort = () => reject(transaction.error || new Error("the browser refused to store the video"));
+  });
+}
+
+// Why an entry has no video: set for this visit when the browser would not store one.
+const notKept = new Map();
+const conditions = new Map(); // history entry id -> its condition image (data URL), when kept
+
+async function addHistory(body, video, url) {
+  const id = `${Date.now()}-${Math.random().toString(36).slice(2)}`;
+  // The condition image goes with the video (it can be MBs); the settings list stays small.
+  const { condition_image: condition, ...settings } = body;
+  const entries = loadHistory();
+  entries.unshift({ id, body: settings, at: new Date().toISOString(), condition: Boolean(condition) });
+  localStorage.setItem(HISTORY_KEY, JSON.stringify(entries.slice(0, HISTORY_ENTRIES)));
+  state.videos.set(id, url);
+  try {
+    await videoStore("readwrite", (store) => store.put({ video, condition: condition || null }, id));
+    const keep = new Set(entries.slice(0, KEPT_VIDEOS).map((entry) => entry.id));
+    const stored = await videoStore("readonly", (store) => store.getAllKeys());
+    await videoStore("readwrite", (store) => { for (const key of stored) if (!keep.has(key)) store.delete(key); });
+    for (const [key, oldUrl] of state.videos) if (!keep.has(key)) { URL.revokeObjectURL(oldUrl); state.videos.delete(key); }
+  } catch (error) {
+    notKept.set(id, `this browser would not store it (${error.message || error}), so it is gone after a reload`);
+  }
+  renderHistory();
+}
+
+// On start: object URLs for the videos this browser kept, and a clear word on the ones it did not.
+async function loadHistoryVideos() {
+  const entries = loadHistory();
+  try {
+    const records = await videoStore("readonly", (store) => {
+      const found = {};
+      for (const entry of entries.slice(0, KEPT_VIDEOS)) {
+        if (entry.id) store.get(entry.id).onsuccess = (event) => { found[entry.id] = event.target.result; };
+      }
+      return found;
+    });
+    for (const [id, record] of Object.entries(records)) {
+      if (record) { state.videos.set(id, URL.createObjectURL(record.video)); conditions.set(id, record.condition); }
+    }
+  } catch (error) {
+    for (const entry of entries) notKept.set(entry.id, `this browser cannot keep videos (${error.message || error})`);
+  }
+  const missing = entries.filter((entry) => !state.videos.has(entry.id)).length;
+  $("history-note").hidden = missing === 0;
+  $("history-note").textContent = missing === 0 ? "" :
+    `${missing === entries.length ? "The videos" : `${missing} of the ${entries.length} videos`} below are gone ` +
+    `(made in an earlier session that did not keep them, or older than the newest ${KEPT_VIDEOS}, which this browser ` +
+    "keeps). Their settings are kept: “Use these settings” makes one again.";
+}
+
+function renderHistory() {
   const list = $("history");
   list.innerHTML = "";
-  loadHistory().forEach((entry, index) => {
+  loadHistory().forEach((entry) => {
     const item = document.createElement("li");
     const title = document.createElement("p");
     title.textContent = `${new Date(entry.at).toLocaleString()} · ${describeBody(entry.body)}`;
     const code = document.createElement("code");
     code.textContent = JSON.stringify(entry.body);
     item.append(title, code);
-    const url = historyUrls[index];
+    const url = state.videos.get(entry.id);
     if (url) {
       const video = document.createElement("video");
-      video.src = url; video.controls = true; video.muted = true; video.loop = true;
+      video.src = url; video.controls = true; video.muted = true; video.loop = true; video.playsInline = true;
+      video.addEventListener("loadeddata", () => showFrame(video), { once: true }); // its first frame, not black
       const link = document.createElement("a");
       link.href = url; link.download = `slapgen-${entry.body.seed}.mp4`; link.textContent = "Download mp4";
-      item.append(video, link);
+      const useFrame = document.createElement("button");
+      useFrame.type = "button"; useFrame.className = "use-frame"; useFrame.hidden = !anyTicft();
+      useFrame.textContent = "Use this frame as the condition image";
+      useFrame.addEventListener("click", () => useFrameOf(video, `the video of seed ${entry.body.seed}`));
+      item.append(video, link, useFrame);
+    } else {
+      const gone = document.createElement("p");
+      gone.className = "note";
+      gone.textContent = `Video gone: ${notKept.get(entry.id) || "not kept from an earlier session (this browser " +
+        `keeps the newest ${KEPT_VIDEOS})`}. The settings above make it again.`;
+      item.append(gone);
     }
     const again = document.createElement("button");
     again.type = "button"; again.textContent = "Use these settings";
-    again.addEventListener("click", () => applyBody(entry.body));
+    again.addEventListener("click", () => applyBody(entry.body, entry.id));
     item.append(again);
     list.append(item);
   });
 }
 
-function applyBody(body) {
+function applyBody(body, historyId = null) {
   const source = body.template ? "template" : "text";
   document.querySelector(`input[name="prompt-source"][value="${source}"]`).checked = true;
   togglePromptSource();
@@ -324,7 +498,10 @@ function applyBody(body) {
   $("adapter").value = body.adapter || "";
   $("adapter-scale").value = body.adapter_scale ?? 1;
   for (const [id, key] of [["num-frames", "num_frames"], ["steps", "num_inference_steps"], ["guidance", "guidance_scale"],
-    ["seed", "seed"], ["width", "width"], ["height", "height"]]) $(id).value = body[key];
+    ["seed", "seed"], ["width", "width"], ["height", "height"]]) if (body[key] !== undefined) $(id).value = body[key];
+  $("include-condition-frames").checked = Boolean(body.include_condition_frames);
+  if (historyId && conditions.get(historyId)) setCondition(conditions.get(historyId), "the condition image of that run");
+  showConditionFields();
   selectTab("tab-generate");
 }
 
@@ -339,14 +516,15 @@ function togglePromptSource() {
 async function compare(event) {
   event.preventDefault();
   $("compare-error").textContent = "";
-  const seed = Number($("seed").value);
+  const seed = seedForRun();
   const a = $("compare-a").value, b = $("compare-b").value;
   $("compare-run").disabled = true;
   $("compare-play").disabled = true;
   try {
+    const bodies = { a: requestBody(systemOf(a), seed), b: requestBody(systemOf(b), seed) }; // both checked first
     for (const [side, system] of [["a", a], ["b", b]]) {
       $(`compare-${side}-label`).textContent = `${side.toUpperCase()}: ${system === "base" ? "base model" : system}`;
-      const url = await runJob(requestBody(systemOf(system), seed), (step, total) => {
+      const url = await runJobToUrl(bodies[side], (step, total) => {
         $("compare-status").textContent = `${side.toUpperCase()} (${system}): step ${step} of ${total}`;
       });
       $(`compare-video-${side}`).src = url;
@@ -411,14 +589,15 @@ async function newPair(event) {
   $("pair-new").disabled = true;
   $("rating-form").hidden = true;
   $("rate-pair").hidden = true;
-  const seed = Math.floor(Math.random() * 2 ** 31);
+  const seed = seedForRun();
   // Shuffle the sides so position says nothing about the system.
   const sides = Math.random() < 0.5 ? [first, second] : [second, first];
   try {
     const urls = [];
-    for (const [index, system] of sides.entries()) {
-      urls.push(await runJob(requestBody(systemOf(system), seed), (step, total) => {
-        $("rate-status").textContent = `video ${index + 1} of 2: step ${step} of ${total}`;
+    const bodies = sides.map((system) => requestBody(systemOf(system), seed)); // both checked first
+    for (const [index, body] of bodies.entries()) {
+      urls.push(await runJobToUrl(body, (step, total) => {
+        $("rate-status").textContent = `seed ${seed} · video ${index + 1} of 2: step ${step} of ${total}`;
       }));
     }
     const prompt = requestBody(systemOf(first), seed);
@@ -428,7 +607,7 @@ async function newPair(event) {
     $("rate-pair").hidden = false;
     $("rating-form").hidden = false;
     $("rating-form").reset();
-    $("rate-status").textContent = "Which is better? Rate every criterion.";
+    $("rate-status").textContent = `seed ${seed}: which is better? Rate every criterion.`;
     playInSync($("rate-video-left"), $("rate-video-right"));
   } catch (error) {
     $("rate-error").textContent = error.message;
@@ -470,20 +649,50 @@ async function saveRating(event) {
 // ---------- Summary ----------
 
 const pct = (x) => `${(100 * x).toFixed(0)}%`;
+const plural = (n, one, many) => `${n} ${n === 1 ? one : many}`;
+
+// What the rater did: pairs rated, on how many criteria (the service stores one verdict per criterion).
+function ratedText(summary) {
+  const pairs = summary.rated_pairs, criteria = summary.criteria_rated;
+  if (pairs === 0) return "No ratings yet.";
+  const each = summary.ratings === pairs * criteria ? ` on ${plural(criteria, "criterion", "criteria")}`
+    : ` (${plural(summary.ratings, "verdict", "verdicts")} over ${plural(criteria, "criterion", "criteria")})`;
+  return `${plural(pairs, "pair", "pairs")} rated${each}.`;
+}
+
+// Rows with fewer prompts than the service's minimum (`small_sample`) get a warning and no interval: from a
+// prompt or two the bootstrap interval collapses to a point ("100% – 100%") that says nothing.
+function smallSampleText(summary) {
+  const small = summary.pairs.filter((row) => row.small_sample);
+  if (!small.length) return "";
+  const fewest = Math.min(...small.map((row) => row.units));
+  const pairs = [...new Set(small.map((row) => row.systems.join(" vs ")))];
+  return `Small sample: ${pairs.join(", ")} ${pairs.length === 1 ? "has" : "have"} as few as ` +
+    `${plural(fewest, "rated prompt", "rated prompts")} (fewer than ${summary.min_prompts_for_interval}). Win rates ` +
+    `from so few prompts are not evidence either way; the 95% interval is shown from ` +
+    `${summary.min_prompts_for_interval} prompts on. Rate pairs on more prompts.`;
+}
 
 async function loadSummary() {
   const summary = await api("/ratings/summary");
-  $("summary-count").textContent = `${summary.ratings} ratings stored`;
+  $("summary-count").textContent = ratedText(summary);
+  $("summary-warning").textContent = smallSampleText(summary);
+  $("summary-warning").hidden = !$("summary-warning").textContent;
   const body = $("summary-table").querySelector("tbody");
   body.innerHTML = "";
+  const labels = [...$("summary-table").querySelectorAll("thead th")].map((th) => th.textContent);
   for (const row of summary.pairs) {
     const tr = document.createElement("tr");
-    for (const text of [row.systems[0], row.systems[1], row.criterion.replace(/_/g, " "), pct(row.rate),
-      `${pct(row.low)} – ${pct(row.high)}`, `${row.wins} / ${row.ties} / ${row.losses}`, row.sign_test_p.toFixed(3)]) {
+    if (row.small_sample) tr.className = "small-sample";
+    const interval = row.small_sample ? `none yet (needs ${summary.min_prompts_for_interval} prompts)`
+      : `${pct(row.low)} – ${pct(row.high)}`;
+    [row.systems[0], row.systems[1], row.criterion.replace(/_/g, " "), pct(row.rate), String(row.units), interval,
+      `${row.wins} / ${row.ties} / ${row.losses}`, row.sign_test_p.toFixed(3)].forEach((text, index) => {
       const td = document.createElement("td");
       td.textContent = text;
+      td.dataset.label = labels[index]; // the column's name, shown beside the value when rows stack on a phone
       tr.append(td);
-    }
+    });
     body.append(tr);
   }
 }
@@ -522,6 +731,10 @@ async function start() {
   $("generate-form").addEventListener("submit", generate);
   $("cancel").addEventListener("click", cancelJob);
   $("random-seed").addEventListener("click", newSeed);
+  $("adapter").addEventListener("change", showConditionFields);
+  $("condition-file").addEventListener("change", readConditionFile);
+  $("condition-clear").addEventListener("click", () => setCondition(null));
+  $("result-use-frame").addEventListener("click", () => useFrameOf($("result-video"), "the last video"));
   $("template").addEventListener("change", showSlots);
   $("slots").addEventListener("input", renderCaption);
   $("slots").addEventListener("change", renderCaption);
@@ -539,6 +752,7 @@ async function start() {
     fillSettings(info);
     fillTemplates(state.templates);
     fillSystems();
+    await loadHistoryVideos();
     renderHistory();
     document.body.dataset.ready = "true";
   } catch (error) {
