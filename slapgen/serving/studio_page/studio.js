@@ -438,7 +438,8 @@ async function loadHistoryVideos() {
   const missing = entries.filter((entry) => !state.videos.has(entry.id)).length;
   $("history-note").hidden = missing === 0;
   $("history-note").textContent = missing === 0 ? "" :
-    `${missing === entries.length ? "The videos" : `${missing} of the ${entries.length} videos`} below are gone ` +
+    `${missing === entries.length ? "The videos below are" : `${missing} of the ${entries.length} videos below ` +
+      (missing === 1 ? "is" : "are")} gone ` +
     `(made in an earlier session that did not keep them, or older than the newest ${KEPT_VIDEOS}, which this browser ` +
     "keeps). Their settings are kept: “Use these settings” makes one again.";
 }
@@ -663,14 +664,17 @@ function ratedText(summary) {
 // Rows with fewer prompts than the service's minimum (`small_sample`) get a warning and no interval: from a
 // prompt or two the bootstrap interval collapses to a point ("100% – 100%") that says nothing.
 function smallSampleText(summary) {
-  const small = summary.pairs.filter((row) => row.small_sample);
-  if (!small.length) return "";
-  const fewest = Math.min(...small.map((row) => row.units));
-  const pairs = [...new Set(small.map((row) => row.systems.join(" vs ")))];
-  return `Small sample: ${pairs.join(", ")} ${pairs.length === 1 ? "has" : "have"} as few as ` +
-    `${plural(fewest, "rated prompt", "rated prompts")} (fewer than ${summary.min_prompts_for_interval}). Win rates ` +
-    `from so few prompts are not evidence either way; the 95% interval is shown from ` +
-    `${summary.min_prompts_for_interval} prompts on. Rate pairs on more prompts.`;
+  const fewest = new Map(); // "first vs second" -> its fewest rated prompts over criteria
+  for (const row of summary.pairs.filter((r) => r.small_sample)) {
+    const pair = row.systems.join(" vs ");
+    fewest.set(pair, Math.min(row.units, fewest.get(pair) ?? Infinity));
+  }
+  if (!fewest.size) return "";
+  const pairs = [...fewest].map(([pair, units]) => `${pair} (${plural(units, "rated prompt", "rated prompts")})`);
+  const minimum = summary.min_prompts_for_interval;
+  return `Small sample: ${pairs.join(", ")} ${pairs.length === 1 ? "has" : "have"} fewer than ${minimum} rated ` +
+    `prompts. Win rates from so few prompts are not evidence either way, so no 95% interval is shown until ` +
+    `${minimum} prompts are rated.`;
 }
 
 async function loadSummary() {
