@@ -186,6 +186,25 @@ def test_ratings_are_stored_exported_and_summarised_with_the_eval_statistics(cli
     assert pair[0]["sign_test_p"] == pytest.approx(2 * (1 + 4) / 16)
 
 
+def test_the_summary_counts_rated_pairs_and_flags_rows_under_ten_prompts(client):
+    """Guards a summary that counted verdicts as ratings ("4 ratings stored" for one pair rated on 4
+    criteria) and said nothing of a sample too small for its interval: 2 pairs rated (one on 2 criteria,
+    one on 1) are 2 pairs and 3 verdicts; `overall` over 2 prompts is flagged, over 10 prompts it is not."""
+    for prompt, choices in (("p0", {"overall": "left", "impact_realism": "tie"}), ("p1", {"overall": "right"})):
+        assert client.post("/ratings", json={**GOOD_RATING, "prompt": prompt, "choices": choices}).status_code == 201
+    summary = client.get("/ratings/summary").json()
+    assert (summary["rated_pairs"], summary["ratings"], summary["criteria_rated"]) == (2, 3, 2)
+    assert summary["min_prompts_for_interval"] == 10
+    assert {row["criterion"]: (row["units"], row["small_sample"]) for row in summary["pairs"]} == {
+        "impact_realism": (1, True), "overall": (2, True)}
+    for k in range(2, 10):
+        client.post("/ratings", json={**GOOD_RATING, "prompt": f"p{k}", "choices": {"overall": "left"}})
+    summary = client.get("/ratings/summary").json()
+    assert (summary["rated_pairs"], summary["ratings"]) == (10, 11)
+    assert {row["criterion"]: (row["units"], row["small_sample"]) for row in summary["pairs"]} == {
+        "impact_realism": (1, True), "overall": (10, False)}
+
+
 def test_the_studio_page_is_served_with_every_asset_and_nothing_from_the_internet(client):
     """Guards a studio that needs a CDN (blank offline) or a missing packaged asset."""
     assert client.get("/studio", follow_redirects=False).headers["location"] == "/studio/"
