@@ -205,13 +205,18 @@ def png_bytes(height: int, width: int) -> bytes:
 def submitted_bodies(page) -> list[dict]:
     """Every `/jobs/submit` body the page sends from now on, in order."""
     bodies: list[dict] = []
-    page.on("request", lambda request: bodies.append(request.post_data_json) if request.url.endswith("/jobs/submit") else None)
+    def record(request) -> None:
+        if request.url.endswith("/jobs/submit"):
+            bodies.append(request.post_data_json)
+
+    page.on("request", record)
     return bodies
 
 
 def video_bytes(page, selector: str) -> bytes:
     """The mp4 a <video> plays (an object URL of what the page fetched from `/jobs/get`)."""
-    return bytes(page.eval_on_selector(selector, "async v => Array.from(new Uint8Array(await (await fetch(v.src)).arrayBuffer()))"))
+    read = "async v => Array.from(new Uint8Array(await (await fetch(v.src)).arrayBuffer()))"
+    return bytes(page.eval_on_selector(selector, read))
 
 
 def generate_and_fetch(page) -> bytes:
@@ -281,7 +286,8 @@ def test_a_ticft_adapter_animates_an_uploaded_image_or_a_picked_frame(browser, s
 
     # Pick the first frame of that clip: paused at 0, "Use this frame" makes it the condition image.
     wait_for_video(page, "#result-video")
-    page.eval_on_selector("#result-video", "v => new Promise((done) => { v.pause(); v.onseeked = done; v.currentTime = 0; })")
+    page.eval_on_selector("#result-video",
+                          "v => new Promise((done) => { v.pause(); v.onseeked = done; v.currentTime = 0; })")
     page.click("#result-use-frame")
     page.wait_for_function("document.getElementById('condition-source').textContent.startsWith('frame at 0.00 s')")
     picked = image_pixels(page, "#condition-preview")
@@ -417,8 +423,10 @@ def test_the_summary_counts_pairs_warns_on_small_samples_and_fits_a_phone(browse
     phone.wait_for_selector("#summary-table tbody tr")
     widths = phone.evaluate("""() => ({
         page: document.documentElement.scrollWidth, viewport: window.innerWidth,
-        cells: Math.max(...[...document.querySelectorAll('#summary-table td')].map((td) => td.getBoundingClientRect().right)),
-        box: [document.querySelector('.table-wrap').scrollWidth, document.querySelector('.table-wrap').clientWidth]})""")
+        cells: Math.max(...[...document.querySelectorAll('#summary-table td')]
+            .map((td) => td.getBoundingClientRect().right)),
+        box: [document.querySelector('.table-wrap').scrollWidth,
+              document.querySelector('.table-wrap').clientWidth]})""")
     assert widths["page"] <= widths["viewport"], widths
     assert widths["cells"] <= widths["viewport"], widths  # every cell readable without scrolling sideways
     assert widths["box"][0] <= widths["box"][1], widths

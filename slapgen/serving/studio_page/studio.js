@@ -110,7 +110,8 @@ function seedForRun() {
 const ticftLayout = (adapter) => (state.adapters.find((a) => a.name === adapter) || {}).ticft_layout || null;
 
 // The request body the form describes, for one system (adapter name or null for the base model). A TIC-FT
-// adapter gets the condition image, and its frame count comes from its layout (the service fills it in).
+// adapter gets the condition image (the service says so when there is none), and its frame count comes
+// from its layout (the service fills it in).
 function requestBody(system = { adapter: $("adapter").value || null, scale: Number($("adapter-scale").value) }, seed = null) {
   const body = {
     num_frames: Number($("num-frames").value),
@@ -122,9 +123,8 @@ function requestBody(system = { adapter: $("adapter").value || null, scale: Numb
   };
   const layout = system.adapter ? ticftLayout(system.adapter) : null;
   if (layout) {
-    if (!state.condition) throw new ApiError(`${system.adapter} is a TIC-FT adapter (layout ${layout}): choose a condition image in Generate first`);
     delete body.num_frames;
-    body.condition_image = state.condition.dataUrl;
+    if (state.condition) body.condition_image = state.condition.dataUrl;
     if ($("include-condition-frames").checked) body.include_condition_frames = true;
   }
   if (promptSource() === "template") {
@@ -312,13 +312,7 @@ function setProgress(step, total, eta) {
 async function generate(event) {
   event.preventDefault();
   $("generate-error").textContent = "";
-  let body;
-  try {
-    body = requestBody(undefined, seedForRun());
-  } catch (error) {
-    $("generate-error").textContent = error.message;
-    return;
-  }
+  const body = requestBody(undefined, seedForRun());
   $("generate").disabled = true;
   $("cancel").disabled = false;
   setProgress(0, body.num_inference_steps, null);
@@ -466,6 +460,12 @@ function renderHistory() {
       useFrame.textContent = "Use this frame as the condition image";
       useFrame.addEventListener("click", () => useFrameOf(video, `the video of seed ${entry.body.seed}`));
       item.append(video, link, useFrame);
+      if (notKept.has(entry.id)) {
+        const warning = document.createElement("p");
+        warning.className = "note";
+        warning.textContent = `Download it if you want to keep it: ${notKept.get(entry.id)}.`;
+        item.append(warning);
+      }
     } else {
       const gone = document.createElement("p");
       gone.className = "note";
@@ -522,10 +522,9 @@ async function compare(event) {
   $("compare-run").disabled = true;
   $("compare-play").disabled = true;
   try {
-    const bodies = { a: requestBody(systemOf(a), seed), b: requestBody(systemOf(b), seed) }; // both checked first
     for (const [side, system] of [["a", a], ["b", b]]) {
       $(`compare-${side}-label`).textContent = `${side.toUpperCase()}: ${system === "base" ? "base model" : system}`;
-      const url = await runJobToUrl(bodies[side], (step, total) => {
+      const url = await runJobToUrl(requestBody(systemOf(system), seed), (step, total) => {
         $("compare-status").textContent = `${side.toUpperCase()} (${system}): step ${step} of ${total}`;
       });
       $(`compare-video-${side}`).src = url;
@@ -595,9 +594,8 @@ async function newPair(event) {
   const sides = Math.random() < 0.5 ? [first, second] : [second, first];
   try {
     const urls = [];
-    const bodies = sides.map((system) => requestBody(systemOf(system), seed)); // both checked first
-    for (const [index, body] of bodies.entries()) {
-      urls.push(await runJobToUrl(body, (step, total) => {
+    for (const [index, system] of sides.entries()) {
+      urls.push(await runJobToUrl(requestBody(systemOf(system), seed), (step, total) => {
         $("rate-status").textContent = `seed ${seed} · video ${index + 1} of 2: step ${step} of ${total}`;
       }));
     }
