@@ -209,8 +209,10 @@ def test_training_rope_equals_the_pipelines_own_at_a_non_square_size(tiny_cache_
 
 
 class GradientSpy:
-    """Wraps trainer.train.make_optimizer: records, for every optimizer step, each trainable gradient as
-    backward left it (after the last micro-step's accumulation) and as the optimizer then sees it."""
+    """Wraps trainer.train.make_optimizer: records, for every optimizer step, each trainable parameter's
+    gradient as the sum of what every backward of that step contributed (a tensor hook sees each
+    contribution before it is added to .grad, so clipping cannot touch it) and the gradient the
+    optimizer then sees."""
 
     def __init__(self, monkeypatch):
         import trainer.train as train_module
@@ -221,12 +223,19 @@ class GradientSpy:
         def make_optimizer(parameters, optim):
             parameters = list(parameters)
             optimizer = real(parameters, optim)
-            after_backward = {}
+            contributions = {}
+
+            def add(key, gradient):
+                contributions[key] = contributions.get(key, 0) + gradient.detach().clone()
+
             for parameter in parameters:
-                parameter.register_post_accumulate_grad_hook(
-                    lambda p: after_backward.__setitem__(id(p), p.grad.detach().clone()))
-            optimizer.register_step_pre_hook(lambda *_: self.steps.append(
-                ([after_backward[id(p)] for p in parameters], [p.grad.detach().clone() for p in parameters])))
+                parameter.register_hook(lambda gradient, key=id(parameter): add(key, gradient))
+
+            def before_step(*_):
+                self.steps.append(([contributions[id(p)] for p in parameters], [p.grad.detach().clone() for p in parameters]))
+                contributions.clear()
+
+            optimizer.register_step_pre_hook(before_step)
             return optimizer
 
         monkeypatch.setattr(train_module, "make_optimizer", make_optimizer)
@@ -236,10 +245,11 @@ class GradientSpy:
 def test_the_optimizer_sees_the_gradient_clipped_to_max_grad_norm(tiny_cache_dir, demo_dataset, tmp_path, monkeypatch,
                                                                  max_grad_norm, clipped):
     """Guards gradient clipping (dropped, after the optimizer step, on other parameters, to another
-    norm, on one micro-step's gradient instead of the accumulated one): with N = sqrt(sum ||g_i||^2)
-    over every trainable gradient after the last micro-step, the optimizer sees g_i * max_norm / N when
-    N > max_norm (torch's clip_grad_norm_, whose coefficient is max_norm / (N + 1e-6)) and g_i unchanged
-    below it; its total norm is at most max_grad_norm; the logged grad_norm is N."""
+    norm, on each micro-step's gradient instead of the accumulated one): with g_i the sum of every
+    micro-step's backward for trainable parameter i and N = sqrt(sum ||g_i||^2), the optimizer sees
+    g_i * max_norm / N when N > max_norm (torch's clip_grad_norm_, whose coefficient is
+    max_norm / (N + 1e-6)) and g_i unchanged below it; its total norm is at most max_grad_norm; the
+    logged grad_norm is N."""
     spy = GradientSpy(monkeypatch)
     config = _config(tiny_cache_dir, "train.max_train_steps=2", "train.gradient_accumulation_steps=2",
                      f"optim.max_grad_norm={max_grad_norm}", "optim.lr_warmup_steps=1", "checkpoint.every_steps=100",
