@@ -205,7 +205,8 @@ def test_training_rope_equals_the_pipelines_own_at_a_non_square_size(tiny_cache_
         ours = rotary_embeddings(pipeline.transformer.config, height, width, 3, "cpu")
         assert all(torch.equal(a, b) for a, b in zip(ours, reference)), (height, width)
         if height != width:
-            assert not torch.equal(rotary_embeddings(pipeline.transformer.config, width, height, 3, "cpu")[0], reference[0])
+            swapped = rotary_embeddings(pipeline.transformer.config, width, height, 3, "cpu")
+            assert not torch.equal(swapped[0], reference[0]), (height, width)
 
 
 class GradientSpy:
@@ -232,7 +233,8 @@ class GradientSpy:
                 parameter.register_hook(lambda gradient, key=id(parameter): add(key, gradient))
 
             def before_step(*_):
-                self.steps.append(([contributions[id(p)] for p in parameters], [p.grad.detach().clone() for p in parameters]))
+                seen = [p.grad.detach().clone() for p in parameters]
+                self.steps.append(([contributions[id(p)] for p in parameters], seen))
                 contributions.clear()
 
             optimizer.register_step_pre_hook(before_step)
