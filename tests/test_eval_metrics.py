@@ -88,6 +88,59 @@ def test_fvd_of_a_set_against_itself_is_zero_and_grows_with_a_planted_shift(tiny
         features(random_videos(1, frames=9)[0])
 
 
+def test_frechet_bootstrap_resamples_the_two_sets_independently():
+    """Guards a bootstrap that draws one index set for both feature sets (or resamples only one set, or
+    permutes without replacement). b = a + c in one dimension, so FD = (mean_a - mean_b)^2 + (std_a -
+    std_b)^2 = c^2 exactly. Resampling a and b independently, mean(a*) - mean(b*) + c is the difference of
+    two independent bootstrap means, sd = s * sqrt(2/n), so the 95% interval of FD ~ (c - delta)^2 spans
+    (c -+ 1.96 sd)^2, width 4 c 1.96 s sqrt(2/n). Shared indices give width 0; one set resampled gives
+    sqrt(2) less."""
+    rng = np.random.default_rng(0)
+    n, shift = 400, 10.0
+    a = rng.normal(size=(n, 1))
+    result = frechet_with_interval(a, a + shift, resamples=2000, seed=1)
+    assert result.value == pytest.approx(shift**2, rel=1e-9)
+    expected_width = 4 * shift * 1.959964 * a[:, 0].std() * math.sqrt(2 / n)
+    assert result.high - result.low == pytest.approx(expected_width, rel=0.1)
+    assert result.low < shift**2 < result.high
+
+
+class RecordingI3D(torch.nn.Module):
+    """Stands in for StyleGAN-V's TorchScript I3D (same forward signature): records each call and
+    returns 400 numbers that depend on the input, so what comes back can be checked too."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def forward(self, x, rescale: bool = False, resize: bool = False, return_features: bool = False):
+        self.calls.append((x.clone(), dict(rescale=rescale, resize=resize, return_features=return_features)))
+        return x.float().mean() * torch.arange(1, 401, dtype=torch.float32)[None] + x.shape[2]
+
+
+def test_i3d_gets_the_frames_and_call_stylegan_v_gives_it():
+    """Guards the FVD's I3D input: the wrong frames (the last 16, 16 spread over the clip, all of them),
+    the wrong axis order (T, C, H, W or H and W swapped), floats instead of uint8, or other flags than
+    StyleGAN-V's. Its compute_fvd (src/metrics/frechet_video_distance.py) calls the detector with
+    rescale=True, resize=True, return_features=True on uint8 [B, C, T, H, W] (metric_utils permutes the
+    [B, T, C, H, W] clips with permute(0, 2, 1, 3, 4)); a generated video gives its frames t = 0..15.
+    The TorchScript model itself scales to [-1, 1] and resizes to 224, so nothing else touches the
+    pixels. That reference is written out here for a 20-frame, non-square clip."""
+    recorder = RecordingI3D()
+    features = I3DFeatures(recorder)
+    video = random_videos(1, frames=20, height=40, width=56, seed=4)[0]
+    returned = features(video)
+
+    clips_btchw = torch.from_numpy(video)[None, :16].permute(0, 1, 4, 2, 3)  # StyleGAN-V's batch['image']
+    reference = clips_btchw.permute(0, 2, 1, 3, 4).contiguous()  # [1, 3, 16, 40, 56]
+    (seen, flags), = recorder.calls
+    assert seen.dtype == torch.uint8 and seen.shape == (1, 3, 16, 40, 56)
+    assert torch.equal(seen, reference)
+    assert flags == dict(rescale=True, resize=True, return_features=True)
+    np.testing.assert_array_equal(returned, recorder(reference)[0].double().numpy())
+    assert returned.dtype == np.float64
+
+
 # --- CLIP score -------------------------------------------------------------------------------------
 
 class TensorFeatures(torch.nn.Module):
@@ -119,6 +172,59 @@ def test_clip_score_equals_torchmetrics_clipscore_on_the_same_model(tiny_cache_d
         reference = CLIPScore(model_name_or_path=lambda: (TensorFeatures(clip.model), clip.processor))
         reference.update([torch.from_numpy(frame).permute(2, 0, 1) for frame in video], [caption] * len(video))
         assert scorer.score(video, caption) == pytest.approx(reference.compute().item(), abs=1e-4), index
+
+
+def solid_frames(colours, height=40, width=56):
+    return np.stack([np.full((height, width, 3), colour, dtype=np.uint8) for colour in colours])
+
+
+def test_clip_score_clamps_at_zero_as_torchmetrics_does_per_frame_and_on_the_mean(tiny_cache_dir):
+    """Guards the clamp at 0: dropped (a negative score), applied per frame before the mean (a positive
+    score for a video whose mean is negative, a higher one where frames straddle 0), or applied to the
+    mean of clamped frames. torchmetrics 1.9's CLIPScore is the reference: per image (one frame fed
+    alone) max(100 cos, 0); for a video (its frames fed with the text repeated) max(mean of 100 cos, 0).
+    Negative cosines come from solid colours that the tiny CLIP puts on either side of the text, and
+    from the same model with its image projection negated, which flips every cosine."""
+    from torchmetrics.multimodal import CLIPScore
+
+    caption = "knockout"
+    palette = {"black": (0, 0, 0), "white": (255, 255, 255), "red": (255, 0, 0), "green": (0, 255, 0)}
+    flipped = load_clip("tiny", cache_dir=tiny_cache_dir)
+    with torch.no_grad():
+        flipped.model.visual_projection.weight.neg_()
+
+    def torchmetrics_score(clip, frames):
+        reference = CLIPScore(model_name_or_path=lambda: (TensorFeatures(clip.model), clip.processor))
+        reference.update([torch.from_numpy(frame).permute(2, 0, 1) for frame in frames], [caption] * len(frames))
+        return reference.compute().item()
+
+    original = load_clip("tiny", cache_dir=tiny_cache_dir)
+    for clip in (original, flipped):
+        scorer = ClipScorer(clip, frames_per_video=8)
+        frames = solid_frames(palette.values())
+        per_frame = scorer.frame_scores(frames, caption)
+        for frame, score in zip(frames, per_frame):
+            assert max(score.item(), 0.0) == pytest.approx(torchmetrics_score(clip, frame[None]), abs=1e-4)
+
+    signs = dict(zip(palette, ClipScorer(original).frame_scores(solid_frames(palette.values()), caption).tolist()))
+    # The cases below need these signs of the tiny CLIP's cosines (flipped for the negated projection).
+    assert signs["red"] > -signs["green"] > 0 and signs["white"] > signs["green"] > -signs["white"], signs
+    unclamped_mean = lambda scores: scores.mean().item()  # noqa: E731
+    mean_of_clamped = lambda scores: scores.clamp(min=0).mean().item()  # noqa: E731
+    cases = [  # (model, frames, what it must not equal, case)
+        (flipped, ["black", "white", "red"], unclamped_mean, "all below 0: 0, never the negative mean"),
+        (original, ["red", "green"], mean_of_clamped, "straddling, mean above 0: the mean, not that of clamped frames"),
+        (flipped, ["green", "white"], mean_of_clamped, "straddling, mean below 0: 0, not the mean of clamped frames"),
+    ]
+    for clip, names, wrong, case in cases:
+        frames = solid_frames([palette[name] for name in names])
+        scorer = ClipScorer(clip, frames_per_video=8)
+        unclamped = scorer.frame_scores(frames, caption)
+        assert (unclamped < 0).any(), case
+        reference = torchmetrics_score(clip, frames)
+        assert reference == pytest.approx(max(unclamped.mean().item(), 0.0), abs=1e-4), case
+        assert reference != pytest.approx(wrong(unclamped), abs=0.1), case  # the test tells the two apart
+        assert scorer.score(frames, caption) == pytest.approx(reference, abs=1e-4), case
 
 
 def test_clip_score_of_a_long_caption_reads_its_first_window_with_the_end_token(tiny_cache_dir):
@@ -173,6 +279,42 @@ def test_subject_consistency_is_vbench_formula(tiny_cache_dir):
     assert subject_consistency(dino(np.repeat(video[:1], 4, axis=0))) == pytest.approx(1.0, abs=1e-6)
     clamped = subject_consistency(torch.tensor([[1.0, 0.0], [-1.0, 0.0], [1.0, 0.0]]))
     assert clamped == pytest.approx(((0 + 0) / 2 + (0 + 1) / 2) / 2)  # cosines -1 count as 0; unclamped: -0.5
+
+
+def vbench_dino_transform(frames_tchw_uint8, n_px):
+    """VBench's `dino_transform(224)` (vbench/utils.py) on `load_video`'s uint8 (T, C, H, W) frames,
+    written out: torchvision `Resize(size=n_px, antialias=False)` (shorter side to n_px, the longer one
+    int(n_px * long / short), bilinear without antialias, then rounded back to uint8 as torchvision
+    does for integer tensors), `x.float().div(255.0)`, and `Normalize` with ImageNet's mean and std."""
+    height, width = frames_tchw_uint8.shape[-2:]
+    short, long = (width, height) if width <= height else (height, width)
+    new_short, new_long = n_px, int(n_px * long / short)
+    new_width, new_height = (new_short, new_long) if width <= height else (new_long, new_short)
+    resized = torch.nn.functional.interpolate(frames_tchw_uint8.float(), size=(new_height, new_width),
+                                              mode="bilinear", align_corners=False, antialias=False)
+    resized = torch.round(resized).to(torch.uint8)
+    scaled = resized.float().div(255.0)
+    mean = torch.tensor((0.485, 0.456, 0.406)).view(1, 3, 1, 1)
+    std = torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1)
+    return (scaled - mean) / std
+
+
+@pytest.mark.parametrize("height, width", [(40, 56), (56, 40), (64, 97), (480, 720)])
+def test_dino_preprocessing_equals_vbench_transform(height, width):
+    """Guards DINO's input for subject consistency against VBench's: the size (shorter side to 224, the
+    longer one truncated as torchvision does, not rounded; height and width not swapped), the scale
+    (/255 after a resize that lands on uint8 values), and the normalisation (ImageNet mean and std, in
+    that order). A DINO ViT-B/16-shaped config (image_size 224) with a tiny body stands in for the model;
+    the preprocessing never calls it."""
+    from transformers import ViTConfig, ViTModel
+
+    model = ViTModel(ViTConfig(image_size=224, patch_size=16, hidden_size=32, num_hidden_layers=1,
+                               num_attention_heads=2, intermediate_size=64), add_pooling_layer=False).eval()
+    video = random_videos(1, frames=3, height=height, width=width, seed=5)[0]
+    ours = DinoFeatures(model).preprocess(video)
+    reference = vbench_dino_transform(torch.from_numpy(video).permute(0, 3, 1, 2), 224)
+    assert ours.shape == reference.shape
+    torch.testing.assert_close(ours, reference, rtol=0, atol=1e-5)
 
 
 # --- statistics -------------------------------------------------------------------------------------

@@ -68,6 +68,24 @@ def test_spec_inferred_from_transformer_config(tmp_path):
     assert (spec.height, spec.width, spec.max_num_frames, spec.dtype) == (480, 720, 49, "float16")
 
 
+@pytest.mark.parametrize("transformer_config, dtype", [
+    ({"use_rotary_positional_embeddings": True, "attention_head_dim": 64, "num_attention_heads": 48}, "bfloat16"),
+    ({"use_rotary_positional_embeddings": False, "attention_head_dim": 64, "num_attention_heads": 30}, "float16"),
+    ({"attention_head_dim": 64, "num_attention_heads": 30}, "float16"),
+])
+def test_spec_inferred_from_a_folder_takes_the_dtype_its_family_was_trained_in(tmp_path, transformer_config, dtype):
+    """Guards the dtype of a spec read from an unknown folder's transformer config, both branches: a
+    CogVideoX-5B-like transformer (rotary embeddings, 48 heads) gets bf16 as THUDM/CogVideoX-5b
+    (COGVIDEOX_5B.dtype), a 2B-like one (learned embeddings, 30 heads, or no RoPE key, diffusers'
+    default False) gets fp16 as THUDM/CogVideoX-2b; loading 5B weights in fp16 overflows."""
+    (tmp_path / "transformer").mkdir()
+    (tmp_path / "transformer" / "config.json").write_text(json.dumps(transformer_config))
+    spec = spec_for_folder(tmp_path, "someone/cogvideox-finetune")
+    assert spec.dtype == dtype
+    twin = COGVIDEOX_5B if transformer_config.get("use_rotary_positional_embeddings") else COGVIDEOX_2B
+    assert spec.dtype == twin.dtype
+
+
 def test_spec_file_in_folder_wins(tmp_path):
     custom = COGVIDEOX_5B.model_copy(update={"name": "custom", "max_num_frames": 25, "default_num_frames": 25})
     custom.save(tmp_path)

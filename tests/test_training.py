@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -12,7 +13,7 @@ import torch
 from diffusers import CogVideoXDPMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
 from safetensors.torch import load_file
 
-from slapgen.models.cogvideox import draw_noise, rotary_embeddings, training_step
+from slapgen.models.cogvideox import draw_noise, latent_frames, rotary_embeddings, training_step
 from slapgen.models.loading import resolve_model
 from tests.conftest import REPO_ROOT, offline_env, preset_overrides, tiny_train_overrides
 from trainer.batches import BatchOrder, load_batch
@@ -22,7 +23,7 @@ from trainer.datasets import read_dataset
 from trainer.errors import TrainError
 from trainer.latent_cache import LatentCache
 from trainer.lora import LORA_FILENAME, add_lora, load_lora_into, read_lora_metadata
-from trainer.train import train
+from trainer.train import setup, train
 
 
 def _config(tiny_cache_dir, *extra):
@@ -181,6 +182,127 @@ def test_adam8bit_on_cpu_is_a_clear_error(tiny_cache_dir, demo_dataset, tmp_path
     assert code == 2 and "adam8bit needs a CUDA GPU" in capsys.readouterr().err
 
 
+# --- numbers of the loop against references ---------------------------------------------------------
+
+def test_training_rope_equals_the_pipelines_own_at_a_non_square_size(tiny_cache_dir, demo_dataset, tmp_path):
+    """Guards the RoPE the trainer builds (a height/width swap at the call site or in the helper, the
+    crop region's base width and height swapped, the wrong latent frame count): at 48x96 (non-square,
+    not the tiny model's 64x96 aspect, so the crop region matters) the run's rotary embeddings equal
+    diffusers' CogVideoXPipeline._prepare_rotary_positional_embeddings for the same clip, and the
+    swapped size gives different ones (so a swap cannot pass); the helper agrees at more sizes."""
+    config = _config(tiny_cache_dir, "data.height=48", "data.width=96", "data.max_clips=1")
+    run = setup(config, demo_dataset, tmp_path / "run", resume=None, progress=False)
+    pipeline = CogVideoXPipeline.from_pretrained(resolve_model("tiny", tiny_cache_dir).folder, dtype=torch.float32)
+    frames = latent_frames(config.data.num_frames)
+    expected = pipeline._prepare_rotary_positional_embeddings(48, 96, frames, torch.device("cpu"))
+    assert len(run.rotary) == len(expected) == 2
+    for ours, reference in zip(run.rotary, expected):
+        torch.testing.assert_close(ours, reference, rtol=0, atol=0)
+    swapped = pipeline._prepare_rotary_positional_embeddings(96, 48, frames, torch.device("cpu"))
+    assert not torch.equal(swapped[0], expected[0])
+    for height, width in [(64, 96), (96, 64), (32, 96), (64, 64)]:
+        reference = pipeline._prepare_rotary_positional_embeddings(height, width, 3, torch.device("cpu"))
+        ours = rotary_embeddings(pipeline.transformer.config, height, width, 3, "cpu")
+        assert all(torch.equal(a, b) for a, b in zip(ours, reference)), (height, width)
+        if height != width:
+            swapped = rotary_embeddings(pipeline.transformer.config, width, height, 3, "cpu")
+            assert not torch.equal(swapped[0], reference[0]), (height, width)
+
+
+class GradientSpy:
+    """Wraps trainer.train.make_optimizer: records, for every optimizer step, each trainable parameter's
+    gradient as the sum of what every backward of that step contributed (a tensor hook sees each
+    contribution before it is added to .grad, so clipping cannot touch it) and the gradient the
+    optimizer then sees."""
+
+    def __init__(self, monkeypatch):
+        import trainer.train as train_module
+
+        self.steps = []
+        real = train_module.make_optimizer
+
+        def make_optimizer(parameters, optim):
+            parameters = list(parameters)
+            optimizer = real(parameters, optim)
+            contributions = {}
+
+            def add(key, gradient):
+                contributions[key] = contributions.get(key, 0) + gradient.detach().clone()
+
+            for parameter in parameters:
+                parameter.register_hook(lambda gradient, key=id(parameter): add(key, gradient))
+
+            def before_step(*_):
+                seen = [p.grad.detach().clone() for p in parameters]
+                self.steps.append(([contributions[id(p)] for p in parameters], seen))
+                contributions.clear()
+
+            optimizer.register_step_pre_hook(before_step)
+            return optimizer
+
+        monkeypatch.setattr(train_module, "make_optimizer", make_optimizer)
+
+
+@pytest.mark.parametrize("max_grad_norm, clipped", [(1e-4, True), (1e6, False)])
+def test_the_optimizer_sees_the_gradient_clipped_to_max_grad_norm(tiny_cache_dir, demo_dataset, tmp_path, monkeypatch,
+                                                                 max_grad_norm, clipped):
+    """Guards gradient clipping (dropped, after the optimizer step, on other parameters, to another
+    norm, on each micro-step's gradient instead of the accumulated one): with g_i the sum of every
+    micro-step's backward for trainable parameter i and N = sqrt(sum ||g_i||^2), the optimizer sees
+    g_i * max_norm / N when N > max_norm (torch's clip_grad_norm_, whose coefficient is
+    max_norm / (N + 1e-6)) and g_i unchanged below it; its total norm is at most max_grad_norm; the
+    logged grad_norm is N."""
+    spy = GradientSpy(monkeypatch)
+    config = _config(tiny_cache_dir, "train.max_train_steps=2", "train.gradient_accumulation_steps=2",
+                     f"optim.max_grad_norm={max_grad_norm}", "optim.lr_warmup_steps=1", "checkpoint.every_steps=100",
+                     "data.max_clips=2")
+    train(config, demo_dataset, tmp_path / "run", progress=False)
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(spy.steps) == len(logged) == 2
+    for (unclipped, seen), row in zip(spy.steps, logged):
+        total = math.sqrt(sum(float(g.double().pow(2).sum()) for g in unclipped))
+        assert row["grad_norm"] == pytest.approx(total, rel=1e-5)
+        assert (total > max_grad_norm) is clipped
+        factor = min(1.0, max_grad_norm / (total + 1e-6))
+        for before, after in zip(unclipped, seen):
+            torch.testing.assert_close(after, before * factor, rtol=1e-5, atol=1e-12)
+        assert math.sqrt(sum(float(g.double().pow(2).sum()) for g in seen)) <= max_grad_norm * (1 + 1e-5)
+
+
+def schedule_by_hand(step, base, warmup, total, cycles):
+    """diffusers' cosine_with_restarts (get_cosine_with_hard_restarts_schedule_with_warmup) after `step`
+    optimizer steps: linear warm-up over `warmup` steps, then `cycles` cosine decays to 0."""
+    if step < warmup:
+        return base * step / warmup
+    progress = (step - warmup) / (total - warmup)
+    if progress >= 1.0:
+        return 0.0
+    return base * 0.5 * (1.0 + math.cos(math.pi * ((cycles * progress) % 1.0)))
+
+
+LR_SCHEDULE_SETTINGS = ["train.max_train_steps=7", "train.gradient_accumulation_steps=2", "optim.learning_rate=1e-3",
+                        "optim.lr_scheduler=cosine_with_restarts", "optim.lr_warmup_steps=3", "optim.lr_num_cycles=2",
+                        "checkpoint.every_steps=100", "data.max_clips=2"]
+# After optimizer step k (k = 1..7): 1/3, 2/3 of the peak in warm-up, then two cosine cycles.
+LR_SCHEDULE = [schedule_by_hand(k, 1e-3, warmup=3, total=7, cycles=2) for k in range(1, 8)]
+
+
+def logged_lr(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == list(range(1, len(rows) + 1))
+    return [row["lr"] for row in rows]
+
+
+def test_logged_lr_follows_the_schedule_per_optimizer_step(tiny_cache_dir, demo_dataset, tmp_path):
+    """Guards the learning-rate schedule (warm-up length, total length, cycles; the schedule stepped per
+    micro-step with gradient accumulation, or once per process too few/many): the lr logged at optimizer
+    step k is the rate after k scheduler steps (get_last_lr() after stepping, as diffusers' training
+    scripts log it), written out above: [1/3, 2/3, 1, 1/2, 1, 1/2, 0] x 1e-3 with 2 micro-steps each."""
+    assert LR_SCHEDULE == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3, 5e-4, 1e-3, 5e-4, 0.0])
+    train(_config(tiny_cache_dir, *LR_SCHEDULE_SETTINGS), demo_dataset, tmp_path / "run", progress=False)
+    assert logged_lr(tmp_path / "run") == pytest.approx(LR_SCHEDULE, rel=1e-9, abs=1e-15)
+
+
 def test_batch_order_is_a_pure_function_of_the_step():
     order = BatchOrder(num_items=5, batch_size=2, num_processes=2, process_index=1, seed=7)
     first = [order.indices(step) for step in range(6)]
@@ -214,3 +336,22 @@ def test_accelerate_launch_two_cpu_processes(tiny_cache_dir, demo_dataset, tmp_p
     assert json.loads((checkpoint / "trainer_state.json").read_text())["processes"] == 2
     assert read_lora_metadata(run / LORA_FILENAME)["slapgen.steps"] == "4"
     assert json.loads(read_lora_metadata(run / LORA_FILENAME)["slapgen.config"])["train"]["mixed_precision"] == "bf16"
+
+
+@pytest.mark.slow
+def test_logged_lr_with_two_processes_is_the_one_process_schedule(tiny_cache_dir, demo_dataset, tmp_path):
+    """Guards the schedule under `accelerate launch --num_processes 2` (CPU, gloo): accelerate steps a
+    prepared scheduler once per process per optimizer step, so warm-up and length must be counted in
+    those steps (trainer.optim.make_lr_scheduler); otherwise warm-up ends at half the steps and the
+    cosine runs twice as fast. The logged lr per optimizer step is the one-process schedule written out
+    in `LR_SCHEDULE`. Launched as test_accelerate_launch_two_cpu_processes does."""
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+               "--dynamo_backend", "no", "-m", "trainer", "train", "--config", "tiny-smoke",
+               "--data", str(demo_dataset), "--out", str(run),
+               *sum((["--set", o] for o in tiny_train_overrides(tiny_cache_dir, *LR_SCHEDULE_SETTINGS)), [])]
+    env = offline_env(tmp_path, ACCELERATE_USE_CPU="1", CUDA_VISIBLE_DEVICES="")
+    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((run / "checkpoints" / "checkpoint-000007" / "trainer_state.json").read_text())["processes"] == 2
+    assert logged_lr(run) == pytest.approx(LR_SCHEDULE, rel=1e-9, abs=1e-15)

@@ -3,7 +3,8 @@
 Each video goes in as uint8 [1, 3, T, H, W] with `rescale=True, resize=True, return_features=True`:
 the model scales [0, 255] to [-1, 1], resizes frames to 224 x 224 itself, and returns the 400
 Kinetics logits before the softmax. StyleGAN-V's FVD uses 16 consecutive frames from the start of
-a clip; so do we (`FVD_FRAMES`). The I3D needs at least 10 frames.
+a generated clip (its real clips take a random 16-frame window by default); we take the start of
+every clip, so a score does not depend on a random draw (`FVD_FRAMES`). The I3D needs at least 10 frames.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 - subject_consistency: DINO CLS features f_i of every frame, L2-normalised; for each frame i >= 1,
   (max(0, cos(f_{i-1}, f_i)) + max(0, cos(f_0, f_i))) / 2, averaged over those frames
   (vbench/subject_consistency.py). Frames are resized so the shorter side is the model's
-  image_size (224 for DINO ViT-B/16), scaled to [0, 1] and normalised with ImageNet's mean and std.
+  image_size (224 for DINO ViT-B/16) as torchvision's Resize does on uint8 frames, scaled to [0, 1]
+  and normalised with ImageNet's mean and std (VBench's `dino_transform`).
 - temporal_flickering: (255 - mean absolute difference of consecutive uint8 frames) / 255
   (vbench/temporal_flickering.py). 1.0 for a still video.
 """
@@ -41,11 +42,16 @@ class DinoFeatures:
         self._interpolate = "interpolate_pos_encoding" in inspect.signature(model.forward).parameters
 
     def preprocess(self, video: np.ndarray) -> torch.Tensor:
+        """VBench's `dino_transform(224)` on uint8 frames: torchvision's `Resize(224, antialias=False)`,
+        `/ 255`, ImageNet normalisation. torchvision (not a dependency here) is followed exactly: the
+        longer side is int(size * long / short), truncated, and a uint8 image resizes back to uint8."""
         frames = torch.from_numpy(check_video(video)).permute(0, 3, 1, 2).float()
         height, width = frames.shape[-2:]
-        scale = self.image_size / min(height, width)
-        size = (max(1, round(height * scale)), max(1, round(width * scale)))
-        frames = F.interpolate(frames, size=size, mode="bilinear", align_corners=False, antialias=False) / 255.0
+        short, long = min(height, width), max(height, width)
+        resized_long = int(self.image_size * long / short)
+        size = (self.image_size, resized_long) if height <= width else (resized_long, self.image_size)
+        frames = F.interpolate(frames, size=size, mode="bilinear", align_corners=False, antialias=False)
+        frames = frames.round() / 255.0
         mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
         std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
         return (frames - mean) / std
