@@ -55,6 +55,9 @@ class OneErrorShape:
 
         try:
             await self.app(scope, receive, shaped_send)
+            if held and not responded:  # an error answer that never sent its (empty) body
+                responded = True
+                await _send_shaped(send, scope, held)
         except Exception:
             if responded:
                 raise  # the client has a status line already; Starlette logs it and drops the connection

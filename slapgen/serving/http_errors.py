@@ -151,7 +151,17 @@ class _ClientErrorsInOneLine(logging.Filter):
 
 
 def quiet_client_errors() -> None:
-    """Install the filter on the logger BentoML's request handling logs through (once per process)."""
+    """Install the filter on the logger BentoML's request handling logs through (once per process), and
+    let slapgen's own one-line client errors (`log_client_error`) through BentoML's WARNING root level."""
     logger = logging.getLogger("bentoml._internal.server.http_app")
     if not any(isinstance(f, _ClientErrorsInOneLine) for f in logger.filters):
         logger.addFilter(_ClientErrorsInOneLine())
+    logging.getLogger(CLIENT_ERRORS_LOGGER).setLevel(logging.INFO)
+
+
+CLIENT_ERRORS_LOGGER = "slapgen.serving.client_errors"
+
+
+def log_client_error(method: str, path: str, status: int, message: str) -> None:
+    """A request slapgen refused before BentoML saw it, as one line in the server log."""
+    logging.getLogger(CLIENT_ERRORS_LOGGER).info("%s %s: %d %s", method, path, status, message)
