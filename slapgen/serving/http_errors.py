@@ -97,7 +97,8 @@ def _shown(value) -> str:
     if isinstance(value, (list, tuple)):
         return "a list"
     if value is None or isinstance(value, (bool, int, float)):
-        return json.dumps(value)
+        shown = json.dumps(value)
+        return shown if len(shown) <= _SHOWN_CHARS else f"a number of {len(shown)} digits"
     return type(value).__name__
 
 
