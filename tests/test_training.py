@@ -154,6 +154,7 @@ def _full_disk(monkeypatch, failing, code: int) -> None:
     monkeypatch.setattr(trainer.lora, "save_file", save_file, raising=False)  # if the LoRA is written by safetensors
 
 
+@pytest.mark.slow  # three short trainings per case
 @pytest.mark.parametrize("case", ["checkpoint", "lora"])
 def test_a_full_disk_while_saving_stops_with_one_line_and_keeps_the_last_checkpoint(
         tiny_cache_dir, demo_dataset, tmp_path, monkeypatch, capsys, case):
