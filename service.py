@@ -14,23 +14,31 @@ from pathlib import Path
 from typing import Annotated
 
 import bentoml
+from bentoml._internal.configuration.containers import BentoMLContainer
 from bentoml.validators import ContentType
 
-from prompts import default_library
+from slapgen.expected_warnings import silence_expected_warnings
+
+silence_expected_warnings()  # before anything imports torchao or diffusers
+
+from prompts import default_library  # noqa: E402 (after the filters)
 from slapgen.engine.adapters import MAX_ADAPTER_BYTES
 from slapgen.engine.generator import VideoGenerator
 from slapgen.errors import GenerationCancelledError, SlapgenError
 from slapgen.models.loading import resolve_model
 from slapgen.serving.body_limit import GENERATION_BODY_LIMIT, BodySizeLimit
+from slapgen.serving.error_shape import OneErrorShape
 from slapgen.serving.http_errors import describe_error, error_response, quiet_client_errors, status_for
 from slapgen.serving.job_routes import JobRoutes
 from slapgen.serving.openapi import ApiDocument
 from slapgen.serving.ratings import RatingStore
 from slapgen.serving.jobs import JobBoard
 from slapgen.serving.json_only import JsonBodiesOnly
+from slapgen.serving.request_bodies import CheckedBodies
 from slapgen.serving.requests import GenerateRequest, RenderRequest
 from slapgen.serving.routes import build_routes
 from slapgen.serving.settings import load_settings
+from slapgen.serving.startup import check_port_free, claim_task_store, listen_address
 
 
 def _exit_with(message: str) -> None:
@@ -83,7 +91,10 @@ class SlapGen:
     def prepare_model() -> None:
         # Runs once in the serving process before any worker starts, so a missing model or an
         # impossible setting stops `bentoml serve` with one sentence instead of a worker crash loop.
+        # The port and BentoML's task store first: BentoML wipes the store right after this hook.
         try:
+            check_port_free(*listen_address())
+            claim_task_store(BentoMLContainer.result_store_file.get())
             settings.engine_options()
             resolve_model(settings.model, settings.cache_dir, allow_download=True)
         except SlapgenError as error:
@@ -150,10 +161,14 @@ def _check_job(request: GenerateRequest):
     return _resolve(request, bentoml.get_current_service().generator)
 
 
-# Outermost first: bound the body, refuse form bodies on JSON routes (BentoML's form parser 500s on a
-# malformed one), then BentoML's job routes as we offer them (submit checked first, cancel, status);
-# serve our API document and an offline API page in place of BentoML's.
+# Outermost first: every error answer in slapgen's shape (and a 500 for any exception inside), bound the
+# body, refuse form bodies on JSON routes (BentoML's form parser 500s on a malformed one), check `@api`
+# bodies against their models with slapgen's sentences, then BentoML's job routes as we offer them
+# (submit checked first, cancel, status); serve our API document and an offline API page in place of BentoML's.
+SlapGen.add_asgi_middleware(OneErrorShape)
 SlapGen.add_asgi_middleware(BodySizeLimit, upload_limit=MAX_ADAPTER_BYTES + 1024**2, generation_limit=GENERATION_BODY_LIMIT)
 SlapGen.add_asgi_middleware(JsonBodiesOnly)
+SlapGen.add_asgi_middleware(CheckedBodies, models={api.route: api.input_spec for api in SlapGen.apis.values()},
+                            limit=GENERATION_BODY_LIMIT)
 SlapGen.add_asgi_middleware(JobRoutes, check=_check_job, board=job_board)
 SlapGen.add_asgi_middleware(ApiDocument, spec=lambda: SlapGen.openapi_spec.asdict(), version=version("slapgen"))

@@ -27,6 +27,11 @@ class SettingsError(SlapgenError):
     """A `SLAP_*` environment variable holds a value that cannot be used."""
 
 
+class StartupError(SlapgenError):
+    """The server cannot start on this machine as asked: its port is taken, or another live server uses
+    the same BentoML home."""
+
+
 class ModelUnavailableError(SlapgenError):
     """The configured model cannot be found or loaded; the message says how to fix it."""
 

@@ -75,6 +75,52 @@ def test_bad_input_is_a_400_naming_the_field(tiny_server, body, field):
     assert response.status_code == 400, response.text
     locations = [error["loc"] for error in response.json()["detail"]]
     assert [field] in locations, locations
+    assert field in response.json()["error"], response.json()  # the sentence itself names the field
+
+
+@pytest.mark.parametrize("route,body,sentence", [
+    ("/generate", {"prompt": "a", "width": 100}, "width must be a multiple of 16, got 100"),
+    ("/jobs", {"prompt": "a", "num_frames": "many"}, 'num_frames must be a valid integer, got "many"'),
+    ("/jobs/submit", {"prompt": "a", "width": 100}, "width must be a multiple of 16, got 100"),
+    ("/prompts/render", {"template": "t" * 65}, "template must have at most 64 characters, got 65 characters"),
+    ("/ratings", {"left": {}, "right": {"adapter": "a"}, "prompt": "a", "seed": -1, "choices": {"overall": "left"}},
+     "seed must be greater than or equal to 0, got -1"),
+])
+def test_a_type_or_range_error_is_one_sentence_naming_field_and_value_on_every_route(tiny_server, route, body, sentence):
+    """Guards `error` being "1 validation error for GenerateRequestIODescriptor" on BentoML's routes and a bare
+    "Input should be a multiple of 16" on ours (all the studio could show): one formatter, every route."""
+    response = httpx.post(f"{tiny_server.url}{route}", json=body, timeout=30)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"] == sentence
+    assert response.json()["detail"][0]["msg"] == sentence
+
+
+@pytest.mark.parametrize("method,path,status,sentence", [
+    ("GET", "/no-such-route", 404, "there is no route GET /no-such-route; the API page at / lists every route"),
+    ("GET", "/generate", 405, "/generate does not take GET; it takes POST"),
+    ("POST", "/info", 405, "/info does not take POST; it takes HEAD, GET"),
+    ("DELETE", "/templates", 405, "/templates does not take DELETE; it takes HEAD, GET"),
+])
+def test_unknown_routes_and_methods_answer_in_the_one_error_shape(tiny_server, method, path, status, sentence):
+    """Guards the plain-text "Not Found" / "Method Not Allowed" of BentoML's and Starlette's routers, while
+    BentoML's own routes keep working (readiness, liveness, metrics, the API document, task status)."""
+    response = httpx.request(method, f"{tiny_server.url}{path}", timeout=30)
+    assert response.status_code == status
+    assert response.json() == {"error": sentence, "detail": []}
+    for route in ("/readyz", "/livez", "/metrics", "/docs.json"):
+        assert httpx.get(f"{tiny_server.url}{route}", timeout=30).status_code == 200, route
+    assert "bentoml_service_request" in httpx.get(f"{tiny_server.url}/metrics", timeout=30).text
+    unknown_job = httpx.get(f"{tiny_server.url}/jobs/status", params={"task_id": "no-such-job"}, timeout=30)
+    assert unknown_job.status_code == 404 and set(unknown_job.json()) == {"error", "detail"}
+
+
+def test_start_up_prints_none_of_the_expected_library_warnings(tiny_server):
+    """Guards the 12 alarming lines (6 per process) on a CPU start-up: torchao's CUDA libraries that cannot
+    load, no Triton, torch's Enum deprecation, diffusers' torchao tensor import."""
+    log = tiny_server.log_tail(10**7)
+    assert "Service slapgen initialized" in log  # the whole start-up is in the log
+    for noise in ("torchao/_C", "Detected no triton", "is an Enum subclass", "Unable to import `torchao` Tensor objects"):
+        assert noise not in log, noise
 
 
 def test_malformed_json_is_a_400(tiny_server):
@@ -96,9 +142,9 @@ def test_concurrent_requests_queue_and_all_succeed(tiny_server, tmp_path):
     assert np.array_equal(replay, clips[3])
 
 
-def _serve_and_wait(tmp_path, **env):
+def _serve_and_wait(tmp_path, port: int = 0, **env):
     return subprocess.run(
-        bentoml_command("serve", "--host", "127.0.0.1", "--port", "0"),
+        bentoml_command("serve", "--host", "127.0.0.1", "--port", str(port)),
         cwd=REPO_ROOT,
         env=offline_env(tmp_path, **env),
         capture_output=True,
@@ -216,3 +262,62 @@ def test_the_server_serves_slapgens_api_document_and_an_offline_page(tiny_server
     page = httpx.get(f"{tiny_server.url}/").text
     assert "slapgen API" in page and "googletagmanager" not in page
 
+
+
+def _one_sentence(result) -> str:
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("slapgen:")]
+    assert len(lines) == 1, result.stderr[-3000:]
+    return lines[0]
+
+
+def test_a_port_in_use_stops_start_up_with_one_sentence(tiny_server, tmp_path):
+    """Guards the circus traceback ("OSError: [Errno 98] Address already in use") that ended start-up once
+    the service had loaded: the port is checked before anything else."""
+    port = int(tiny_server.url.rsplit(":", 1)[1])
+    line = _one_sentence(_serve_and_wait(tmp_path, port=port, SLAP_MODEL="tiny"))
+    assert line == (f"slapgen: port {port} is in use (something already listens on 127.0.0.1:{port}); "
+                    f"stop it or choose another port with --port")
+
+
+@pytest.fixture(scope="module")
+def own_server(tmp_path_factory, tiny_cache_dir):
+    """A server whose data and BentoML home no other test uses, so a test may damage them."""
+    from tests.conftest import start_server, stop_server
+
+    folder = tmp_path_factory.mktemp("own-server")
+    server = start_server(folder, SLAP_MODEL="tiny", SLAP_CACHE_DIR=str(tiny_cache_dir),
+                          SLAP_ADAPTERS_DIR=str(folder / "adapters"), SLAP_DATA_DIR=str(folder / "data"))
+    yield server
+    stop_server(server)
+
+
+def test_a_second_server_on_one_bentoml_home_stops_with_one_sentence(own_server, tmp_path):
+    """Guards two `bentoml serve` sharing one BENTOML_HOME (the default ~/bentoml): the second used to start
+    and erase the first's task store (BentoML recreates task_result.db at start-up), so the first server's
+    jobs failed. Now it stops with one sentence naming BENTOML_HOME, and the first server's jobs still run."""
+    home = own_server.log_path.parent / "bentoml-home"  # where conftest's offline_env puts BENTOML_HOME
+    assert (home / "task_result.db").is_file()
+    line = _one_sentence(_serve_and_wait(tmp_path, SLAP_MODEL="tiny", BENTOML_HOME=str(home)))
+    assert line.startswith(f"slapgen: another bentoml serve is running with BENTOML_HOME={home}")
+    assert "BENTOML_HOME=/path/to/another/folder bentoml serve" in line
+    task_id = httpx.post(f"{own_server.url}/jobs/submit", json={"prompt": "a", "seed": 1}, timeout=30).json()["task_id"]
+    deadline = time.monotonic() + 120
+    while (status := httpx.get(f"{own_server.url}/jobs/status", params={"task_id": task_id}).json()["status"]) not in (
+            "completed", "failed") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert status == "completed"
+    assert httpx.get(f"{own_server.url}/jobs/get", params={"task_id": task_id}, timeout=30).content[4:8] == b"ftyp"
+
+
+def test_an_unexpected_exception_is_a_500_in_the_one_shape_with_the_traceback_in_the_log(own_server):
+    """Guards Starlette's plain-text "Internal Server Error": with the ratings database damaged under a
+    running server, reading the summary raises inside our route; the client gets the shape and a sentence
+    that leaks nothing, the log gets the traceback."""
+    (own_server.log_path.parent / "data" / "ratings.sqlite").write_bytes(b"not a database " * 100)
+    response = httpx.get(f"{own_server.url}/ratings/summary", timeout=30)
+    assert response.status_code == 500
+    assert response.json() == {"error": "an internal error happened on the server; the server log has the traceback",
+                               "detail": []}
+    time.sleep(0.5)
+    assert "DatabaseError" in own_server.log_tail(20000) and "Traceback" in own_server.log_tail(20000)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -109,6 +111,89 @@ def test_resume_skips_corrupt_checkpoints_for_the_newest_intact_one(tiny_cache_d
     assert all(torch.equal(a[k], b[k]) for k in a)
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def _full_disk(monkeypatch, failing, code: int) -> None:
+    """Writes for which `failing(path)` holds put a few bytes down, then fail as a full disk (or quota)
+    does: an OSError with its errno, from the file object torch.save writes to or from Path.write_bytes."""
+    import errno
+    import os
+    import pathlib
+
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    import trainer.lora
+
+    real_save, real_write_bytes, real_save_file = torch.save, pathlib.Path.write_bytes, safetensors.torch.save_file
+
+    def full(handle):
+        handle.write(b"x" * 100)
+        raise OSError(code, os.strerror(code))
+
+    def save(obj, target, *args, **kwargs):
+        if not failing(Path(target.name if hasattr(target, "write") else target)):
+            return real_save(obj, target, *args, **kwargs)
+        if hasattr(target, "write"):
+            full(target)
+        with open(target, "wb") as handle:
+            full(handle)
+
+    def write_bytes(self, data):
+        if not failing(self):
+            return real_write_bytes(self, data)
+        with open(self, "wb") as handle:
+            full(handle)
+
+    def save_file(tensors, filename, metadata=None):  # as safetensors' own writer fails on a 64 KiB tmpfs
+        if failing(Path(filename)):
+            raise SafetensorError(f"Error while serializing: I/O error: {os.strerror(code)} (os error {code})")
+        return real_save_file(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(torch, "save", save)
+    monkeypatch.setattr(pathlib.Path, "write_bytes", write_bytes)
+    monkeypatch.setattr(trainer.lora, "save_file", save_file, raising=False)  # if the LoRA is written by safetensors
+
+
+@pytest.mark.slow  # three short trainings per case
+@pytest.mark.parametrize("case", ["checkpoint", "lora"])
+def test_a_full_disk_while_saving_stops_with_one_line_and_keeps_the_last_checkpoint(
+        tiny_cache_dir, demo_dataset, tmp_path, monkeypatch, capsys, case):
+    """Guards `slapgen train` ending in a traceback (torch's "unexpected pos", safetensors' or Python's
+    OSError) when the disk fills up or a quota is reached while it saves: one line naming what could not
+    be saved and how to continue, exit 2, no half-written checkpoint left behind, the previous
+    checkpoint whole: resuming from it ends bit-exactly where a run that never failed ends."""
+    import errno
+
+    from trainer.checkpoints import list_checkpoints
+
+    settings = ["train.max_train_steps=4", "checkpoint.every_steps=2"]
+    straight = train(_config(tiny_cache_dir, *settings), demo_dataset, tmp_path / "straight", progress=False)
+    run = tmp_path / "run"
+    if case == "checkpoint":  # optimizer.pt of the second checkpoint hits ENOSPC
+        _full_disk(monkeypatch, lambda path: path.parent.name == "checkpoint-000004" and "optimizer" in path.name,
+                   errno.ENOSPC)
+        expected, last, strerror = "cannot save checkpoint-000004", "checkpoint-000002", "No space left on device"
+    else:  # the final LoRA hits the quota
+        _full_disk(monkeypatch, lambda path: path.parent == run and LORA_FILENAME in path.name, errno.EDQUOT)
+        expected, last, strerror = "cannot save the LoRA", "checkpoint-000004", "Disk quota exceeded"
+    capsys.readouterr()
+    code = cli_main(["train", "--config", "tiny-smoke", "--data", str(demo_dataset), "--out", str(run),
+                     *sum((["--set", o] for o in tiny_train_overrides(tiny_cache_dir, *settings)), [])])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err[-3000:]
+    lines = [line for line in re.split(r"[\r\n]", err) if line.startswith("slapgen")]  # between progress bars
+    assert lines == [f"slapgen train: {expected} in {run}: {strerror}; free some space (or raise the quota), "
+                     f"then continue with --resume latest (from {last})"], err[-3000:]
+    kept = ["checkpoint-000002", "checkpoint-000004"][:2 if case == "lora" else 1]
+    assert [p.name for p in list_checkpoints(run)] == kept
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == kept  # a half-made one is gone
+    assert not [p for p in run.rglob(".*.tmp")] and not (run / LORA_FILENAME).exists()
+
+    monkeypatch.undo()
+    resumed = train(_config(tiny_cache_dir, *settings), demo_dataset, run, resume="latest", progress=False)
+    a, b = load_file(straight), load_file(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_resume_refuses_a_different_config(tiny_cache_dir, demo_dataset, tmp_path):

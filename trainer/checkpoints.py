@@ -11,11 +11,13 @@ A checkpoint folder: the LoRA file, `optimizer.pt`, `scheduler.pt`, `rng-K.pt` p
 
 from __future__ import annotations
 
+import errno
 import json
 import pickle
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -111,8 +113,30 @@ def rng_file(process_index: int) -> str:
 
 
 def _save(obj, path: Path) -> None:
-    with atomic_path(path) as staging:
-        torch.save(obj, staging)
+    # Through a Python file: torch.save to a path reports a full disk as an opaque RuntimeError
+    # ("unexpected pos ..."); a file object's write raises OSError with its errno.
+    with atomic_path(path) as staging, staging.open("wb") as handle:
+        torch.save(obj, handle)
+
+
+STORAGE_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+@contextmanager
+def stop_on_write_error(what: str, run_dir: Path, begun: Path | None = None) -> Iterator[None]:
+    """An OSError while saving `what` (a full disk, a quota, a folder that turned read-only) ends training
+    with one line: what could not be saved, why, and how to continue. Every file is written atomically and
+    older checkpoints are pruned only once a new one is complete, so the previous checkpoint stays whole;
+    `begun`, the checkpoint folder this save started, is removed to give its space back."""
+    try:
+        yield
+    except OSError as error:
+        if begun is not None and not (begun / STATE_FILE).exists():
+            shutil.rmtree(begun, ignore_errors=True)
+        complete = list_checkpoints(run_dir)
+        fix = "free some space (or raise the quota)" if error.errno in STORAGE_FULL else "fix that"
+        then = f"continue with --resume latest (from {complete[-1].name})" if complete else "train again"
+        raise TrainError(f"cannot save {what} in {run_dir}: {error.strerror or first_line(error)}; {fix}, then {then}") from None
 
 
 def save_rng(folder: Path, process_index: int, rng: dict) -> None:

@@ -17,14 +17,9 @@ from trainer.errors import DatasetError
 def quiet_libraries() -> None:
     # Long captions are truncated to the model's token limit on purpose; the per-clip warnings
     # from transformers/diffusers would bury the progress bar.
-    import logging
+    from slapgen.expected_warnings import silence_expected_warnings
 
-    import torch
-
-    if not torch.cuda.is_available():
-        # torchao's CUDA kernels cannot load without a GPU; it says so on every import, harmlessly.
-        logging.getLogger("torchao").setLevel(logging.ERROR)
-        logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+    silence_expected_warnings()  # torchao's expected CPU warnings, as the service silences them
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 

@@ -15,7 +15,7 @@ import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from slapgen.atomic import atomic_path
 from slapgen.models import lora_format
@@ -65,8 +65,11 @@ def save_lora(transformer, folder: Path, config: TrainConfig, base_model: str, s
     if config.ticft is not None:
         metadata[lora_format.TICFT_LAYOUT_KEY] = config.ticft.layout
     path = folder / LORA_FILENAME
+    # Serialised in memory and written by Python: safetensors' own file writer reports a full disk as a
+    # SafetensorError, this write as the OSError (with its errno) the trainer stops on in one line.
+    data = save(lora_state_dict(transformer), metadata=metadata)
     with atomic_path(path) as staging:
-        save_file(lora_state_dict(transformer), str(staging), metadata=metadata)
+        staging.write_bytes(data)
     return path
 
 

@@ -252,7 +252,11 @@ def train(
         losses = []
 
         if run.step % config.checkpoint.every_steps == 0 or run.step in (max_steps, stop_at_step):
-            save_checkpoint(run)
+            try:
+                save_checkpoint(run)
+            except TrainError:
+                bar.close()  # so that the one line saying why starts a line of its own
+                raise
         if run.validator is not None and run.step % config.validation.every_steps == 0:
             run.validator.run(accelerator.unwrap_model(run.transformer), run.step, accelerator.autocast)
         accelerator.wait_for_everyone()
@@ -268,7 +272,8 @@ def train(
     # The adapter.
     final = None
     if run.main:
-        final = save_lora(accelerator.unwrap_model(run.transformer), run.dir, config, run.resolved.spec.name, run.step)
+        with checkpoints.stop_on_write_error("the LoRA", run.dir):
+            final = save_lora(accelerator.unwrap_model(run.transformer), run.dir, config, run.resolved.spec.name, run.step)
         print(f"LoRA written to {final}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -285,13 +290,15 @@ def save_checkpoint(run: Run) -> Path:
     rng = {"torch": torch.get_rng_state(), "noise": run.noise_generator.get_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
-    checkpoints.save_rng(folder, accelerator.process_index, rng)
-    if run.main:
-        save_lora(accelerator.unwrap_model(run.transformer), folder, run.config, run.resolved.spec.name, run.step)
-        checkpoints.save_optimizer(folder, run.optimizer.state_dict(), run.lr_scheduler.state_dict())
+    with checkpoints.stop_on_write_error(folder.name, run.dir, begun=folder if run.main else None):
+        checkpoints.save_rng(folder, accelerator.process_index, rng)
+        if run.main:
+            save_lora(accelerator.unwrap_model(run.transformer), folder, run.config, run.resolved.spec.name, run.step)
+            checkpoints.save_optimizer(folder, run.optimizer.state_dict(), run.lr_scheduler.state_dict())
     accelerator.wait_for_everyone()
     if run.main:
-        checkpoints.write_state(folder, {"step": run.step, "processes": accelerator.num_processes})
+        with checkpoints.stop_on_write_error(folder.name, run.dir, begun=folder):
+            checkpoints.write_state(folder, {"step": run.step, "processes": accelerator.num_processes})
         checkpoints.prune(run.dir, run.config.checkpoint.keep_last)
     accelerator.wait_for_everyone()
     return folder

@@ -4,7 +4,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import re
+from collections.abc import Mapping
 
 from pydantic import ValidationError
 from starlette.responses import JSONResponse
@@ -49,12 +52,71 @@ def error_body(message: str, field: str | None = None) -> dict:
     return {"error": message, "detail": detail}
 
 
+INTERNAL_ERROR = "an internal error happened on the server; the server log has the traceback"
+
+# pydantic's messages start "Input should be ...", "String should have ...": the subject becomes the field.
+_SUBJECT_SHOULD = re.compile(r"^(?:Input|Value|String|Dictionary|List|Tuple|Set|Object|Decimal|Bytes)\s+should\s+")
+_SHOWN_CHARS = 40
+
+
+def validation_sentence(error: Mapping) -> str:
+    """One of pydantic's error dicts (`ValidationError.errors()`) as slapgen's sentence, naming the field
+    and, where pydantic kept it, the value: "width must be a multiple of 16, got 100". The one place that
+    phrases a refused request body, for every route."""
+    loc = [str(part) for part in error.get("loc", ())]
+    field = ".".join(loc) or "the body"
+    if loc[-1:] == ["[key]"]:  # a dict's key was refused: pydantic's loc is (..., dict, key, "[key]")
+        field = f"a key of {'.'.join(loc[:-2]) or 'the body'}"
+    kind, message = error.get("type", ""), error.get("msg", "is not valid")
+    if kind == "json_invalid":
+        return f"the body is not valid JSON ({message.removeprefix('Invalid JSON: ')})"
+    if kind == "missing":
+        return f"{field} is required"
+    if kind == "extra_forbidden":
+        return f"{field} is not a field this route takes"
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        sentence = f"{field} must be a JSON object"
+    elif kind in ("value_error", "assertion_error"):
+        sentence = f"{field}: {message.removeprefix('Value error, ').removeprefix('Assertion failed, ')}"
+    elif should := _SUBJECT_SHOULD.match(message):
+        rule = message[should.end():]
+        if kind.endswith("_parsing") or kind.endswith("_from_float"):
+            rule = rule.split(", ")[0]  # "a valid integer, unable to parse string as an integer": the value says why
+        sentence = f"{field} must {rule}"
+    else:
+        sentence = f"{field}: {message[:1].lower()}{message[1:]}"
+    return f"{sentence}, got {_shown(error['input'])}" if "input" in error else sentence
+
+
+def _shown(value) -> str:
+    """A refused value as JSON would spell it, short: long strings by their length, containers by kind."""
+    if isinstance(value, str):
+        return json.dumps(value) if len(value) <= _SHOWN_CHARS else f"{len(value)} characters"
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    if value is None or isinstance(value, (bool, int, float)):
+        shown = json.dumps(value)
+        return shown if len(shown) <= _SHOWN_CHARS else f"a number of {len(shown)} digits"
+    return type(value).__name__
+
+
 def validation_error_body(error: ValidationError) -> dict:
-    """A request body pydantic refused, in the shape BentoML gives `/generate`'s: the first message as
-    `error`, every failed field in `detail`."""
-    details = error.errors(include_url=False, include_context=False, include_input=False)
-    first = details[0] if details else {"msg": "invalid body"}
-    return {"error": first["msg"], "detail": details}
+    """A request body pydantic refused: the first problem's sentence as `error`, every problem in `detail`
+    (its field as `loc`, its sentence as `msg`, pydantic's `type`). Never echoes the refused values
+    beyond a short excerpt."""
+    details = error.errors(include_url=False, include_context=False)
+    return error_body_for([(list(d["loc"]), validation_sentence(d), d["type"]) for d in details])
+
+
+def error_body_for(problems: list[tuple[list, str, str]]) -> dict:
+    """`(loc, sentence, type)` problems -> the error body; `error` is the first sentence."""
+    if not problems:
+        return error_body("the request body is not valid")
+    more = f" (and {len(problems) - 1} more problem{'s' if len(problems) > 2 else ''}, listed in detail)" if len(problems) > 1 else ""
+    return {"error": problems[0][1] + more,
+            "detail": [{"loc": loc, "msg": sentence, "type": kind} for loc, sentence, kind in problems]}
 
 
 def error_response(error: SlapgenError) -> JSONResponse:
@@ -70,7 +132,7 @@ def plain_error(status: int, message: str, field: str | None = None) -> JSONResp
 def describe_error(error: BaseException) -> str:
     """One line for a person: the field and message of a validation error, else the error's text."""
     if isinstance(error, ValidationError):
-        return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+        return "; ".join(validation_sentence(e) for e in error.errors(include_url=False, include_context=False))
     if isinstance(error, SlapgenError) and error.field:
         return f"{error.field}: {error}"
     return first_line(error)
@@ -90,7 +152,17 @@ class _ClientErrorsInOneLine(logging.Filter):
 
 
 def quiet_client_errors() -> None:
-    """Install the filter on the logger BentoML's request handling logs through (once per process)."""
+    """Install the filter on the logger BentoML's request handling logs through (once per process), and
+    let slapgen's own one-line client errors (`log_client_error`) through BentoML's WARNING root level."""
     logger = logging.getLogger("bentoml._internal.server.http_app")
     if not any(isinstance(f, _ClientErrorsInOneLine) for f in logger.filters):
         logger.addFilter(_ClientErrorsInOneLine())
+    logging.getLogger(CLIENT_ERRORS_LOGGER).setLevel(logging.INFO)
+
+
+CLIENT_ERRORS_LOGGER = "slapgen.serving.client_errors"
+
+
+def log_client_error(method: str, path: str, status: int, message: str) -> None:
+    """A request slapgen refused before BentoML saw it, as one line in the server log."""
+    logging.getLogger(CLIENT_ERRORS_LOGGER).info("%s %s: %d %s", method, path, status, message)

@@ -1,0 +1,70 @@
+"""What `bentoml serve` checks before anything is loaded, each failing with one sentence.
+
+- The port. BentoML binds it only after the service's deployment hook ran (and after it has wiped its
+  task store, below), and a port in use then ends start-up with a traceback.
+- BentoML's task store. Every `bentoml serve` deletes and recreates `$BENTOML_HOME/task_result.db` at
+  start-up, so a second server sharing one BENTOML_HOME (the default `~/bentoml`) erases the jobs of the
+  first, whose task routes then fail. A server holds an exclusive lock beside that file for as long as
+  it runs (the kernel drops it when the process ends, even by kill -9), and a second one stops.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import socket
+from pathlib import Path
+from typing import IO
+
+from slapgen.errors import StartupError
+
+_held_locks: list[IO] = []  # open for the life of the process: closing a file drops its lock
+
+
+def listen_address() -> tuple[str, int]:
+    """The host and port this `bentoml serve` will listen on: its --host / --port options (or their
+    BENTOML_HOST / BENTOML_PORT variables, which click has read into them), else BentoML's configuration."""
+    import click
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    context = click.get_current_context(silent=True)
+    params = context.params if context is not None else {}
+    host = params.get("host") or BentoMLContainer.http.host.get()
+    port = params.get("port")
+    return host, int(port if port is not None else BentoMLContainer.http.port.get())
+
+
+def check_port_free(host: str, port: int) -> None:
+    """StartupError unless `host:port` can be bound now (port 0, any free port, always can)."""
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        # As the server's own socket does: a port whose old connections linger in TIME_WAIT is free.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                raise StartupError(f"port {port} is in use (something already listens on {host}:{port}); "
+                                    f"stop it or choose another port with --port") from None
+            raise StartupError(f"cannot listen on {host}:{port}: {error.strerror}") from None
+
+
+def claim_task_store(result_file: str) -> None:
+    """Lock `result_file` (BentoML's task store) for this process, or StartupError naming BENTOML_HOME
+    when another live server holds it."""
+    if result_file == ":memory:":
+        return
+    lock_path = Path(f"{result_file}.lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    handle = lock_path.open("a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise StartupError(
+            f"another bentoml serve is running with BENTOML_HOME={lock_path.parent}, and starting would erase "
+            f"its jobs (BentoML recreates {Path(result_file).name} at start-up); give each service its own "
+            f"folder: BENTOML_HOME=/path/to/another/folder bentoml serve") from None
+    _held_locks.append(handle)

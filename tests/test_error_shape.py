@@ -1,0 +1,188 @@
+"""The one error shape in process (fast): pydantic's errors as one sentence naming the field and value,
+the catch-all middleware that puts every error answer into `{"error": sentence, "detail": [...]}` and
+turns an escaped exception into a 500 without internals, and the filter of the library warnings that
+are expected at start-up. The real server is held to the same in tests/test_service.py."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from pydantic import ValidationError
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.routing import Route
+from starlette.testclient import TestClient
+
+from slapgen.errors import SettingsError
+from slapgen.serving.error_shape import OneErrorShape
+from slapgen.serving.http_errors import INTERNAL_ERROR, error_response, validation_error_body
+from slapgen.serving.request_bodies import CheckedBodies
+from slapgen.serving.requests import GenerateRequest, RatingRequest, RenderRequest
+
+RATING = {"left": {}, "right": {"adapter": "a"}, "prompt": "a slap", "seed": 1, "choices": {"overall": "left"}}
+
+
+@pytest.mark.parametrize("model,body,sentence,loc", [
+    (GenerateRequest, {"prompt": "a", "width": 100}, "width must be a multiple of 16, got 100", ["width"]),
+    (GenerateRequest, {"prompt": "a", "height": 0}, "height must be greater than or equal to 16, got 0", ["height"]),
+    (GenerateRequest, {"prompt": "a", "num_frames": "many"}, 'num_frames must be a valid integer, got "many"', ["num_frames"]),
+    (GenerateRequest, {"prompt": "a", "seed": 1.5}, "seed must be a valid integer, got 1.5", ["seed"]),
+    (GenerateRequest, {"prompt": "x" * 4001}, "prompt must have at most 4000 characters, got 4001 characters", ["prompt"]),
+    (GenerateRequest, {"prompt": "a", "adapter": "Bad Name"},
+     "adapter must match pattern '^[a-z0-9_-]{1,64}$', got \"Bad Name\"", ["adapter"]),
+    (GenerateRequest, {"prompt": "a", "style": "anime"}, "style is not a field this route takes", ["style"]),
+    (GenerateRequest, [1], "the body must be a JSON object, got a list", []),
+    (RenderRequest, {"slots": {}}, "template is required", ["template"]),
+    (RatingRequest, {**RATING, "choices": {"overall": "both"}},
+     "choices.overall must be 'left', 'right' or 'tie', got \"both\"", ["choices", "overall"]),
+    (RatingRequest, {**RATING, "choices": {"style": "left"}},
+     "a key of choices must be 'motion_accuracy', 'impact_realism', 'prompt_adherence' or 'overall', got \"style\"",
+     ["choices", "style", "[key]"]),
+])
+def test_a_refused_body_is_one_sentence_naming_the_field_and_value(model, body, sentence, loc):
+    """Guards `error` being pydantic's title ("1 validation error for GenerateRequestIODescriptor") or its
+    message without the field ("Input should be a multiple of 16"), which is all the studio could show."""
+    with pytest.raises(ValidationError) as refused:
+        model.model_validate(body)
+    answer = validation_error_body(refused.value)
+    assert answer == {"error": sentence, "detail": [{"loc": loc, "msg": sentence, "type": answer["detail"][0]["type"]}]}
+
+
+def test_several_problems_name_the_first_and_list_every_one():
+    with pytest.raises(ValidationError) as refused:
+        GenerateRequest.model_validate({"prompt": "a", "seed": -1, "fps": 0, "width": 100})
+    answer = validation_error_body(refused.value)
+    assert answer["error"] == "seed must be greater than or equal to 0, got -1 (and 2 more problems, listed in detail)"
+    assert [d["msg"] for d in answer["detail"]] == ["seed must be greater than or equal to 0, got -1",
+                                                    "fps must be greater than or equal to 1, got 0",
+                                                    "width must be a multiple of 16, got 100"]
+
+
+def test_malformed_json_says_where():
+    with pytest.raises(ValidationError) as refused:
+        GenerateRequest.model_validate_json(b'{"prompt": ')
+    assert validation_error_body(refused.value)["error"].startswith("the body is not valid JSON (EOF while parsing")
+
+
+async def _boom(request: Request):
+    raise RuntimeError("secret internals: /srv/data/ratings.sqlite is locked")
+
+
+async def _bentoml_500(request: Request):
+    return JSONResponse({"error": "An unexpected error has occurred, please check the server log."}, status_code=500)
+
+
+async def _ours(request: Request):
+    return error_response(SettingsError("SLAP_X is wrong", field="SLAP_X"))
+
+
+async def _task_404(request: Request):
+    return JSONResponse({"error": "task_id not found"}, status_code=404)
+
+
+async def _bentoml_400(request: Request):
+    return JSONResponse([{"error": "application/vnd.bentoml+pickle is not allowed"}], status_code=415)
+
+
+async def _video(request: Request):
+    async def chunks():
+        yield b"\x00\x00\x00\x18ftypmp42"
+        yield b"more"
+    return StreamingResponse(chunks(), media_type="video/mp4")
+
+
+async def _plain_503(request: Request):
+    return PlainTextResponse("Runners are not ready.", status_code=503)
+
+
+@pytest.fixture(scope="module")
+def shaped_client():
+    app = Starlette(routes=[Route("/boom", _boom), Route("/bentoml-500", _bentoml_500), Route("/ours", _ours),
+                            Route("/task", _task_404), Route("/pickle", _bentoml_400, methods=["POST"]),
+                            Route("/video", _video), Route("/readyz", _plain_503), Route("/only-post", _ours, methods=["POST"])])
+    with TestClient(OneErrorShape(app), raise_server_exceptions=False) as client:
+        yield client
+
+
+def test_an_exception_is_a_500_that_says_so_without_internals(shaped_client, caplog):
+    """Guards Starlette's plain-text "Internal Server Error" for an exception in a route or middleware: the
+    client gets the shape and a sentence that points at the log; the log gets the traceback."""
+    response = shaped_client.get("/boom")  # a route of a Starlette app: its own error middleware answered
+    assert response.status_code == 500 and response.json() == {"error": INTERNAL_ERROR, "detail": []}
+
+    async def failing_middleware(scope, receive, send):  # nothing has answered yet
+        raise RuntimeError("secret internals: /srv/data/ratings.sqlite is locked")
+
+    with caplog.at_level(logging.ERROR, logger="slapgen.serving"):  # no lifespan: the app fails on every call
+        response = TestClient(OneErrorShape(failing_middleware)).get("/anything")
+    assert response.status_code == 500 and response.json() == {"error": INTERNAL_ERROR, "detail": []}
+    assert "secret" not in response.text
+    assert any(record.exc_info and "secret internals" in str(record.exc_info[1]) for record in caplog.records)
+
+
+@pytest.mark.parametrize("path,method,status,error", [
+    ("/bentoml-500", "GET", 500, INTERNAL_ERROR),
+    ("/task", "GET", 404, "task_id not found"),
+    ("/pickle", "POST", 415, "application/vnd.bentoml+pickle is not allowed"),
+    ("/readyz", "GET", 503, "the server answered 503 Service Unavailable"),
+    ("/nowhere", "GET", 404, "there is no route GET /nowhere; the API page at / lists every route"),
+    ("/only-post", "GET", 405, "/only-post does not take GET; it takes POST"),
+])
+def test_library_error_answers_get_the_shape(shaped_client, path, method, status, error):
+    """Guards the plain-text 404/405 of unknown routes and methods and BentoML's bodies without `detail`."""
+    response = shaped_client.request(method, path)
+    assert response.status_code == status
+    assert response.headers["content-type"] == "application/json"
+    assert response.json() == {"error": error, "detail": []}
+
+
+def test_our_own_errors_and_successes_pass_untouched(shaped_client):
+    ours = shaped_client.get("/ours")
+    assert ours.status_code == 500 and ours.json() == {"error": "SLAP_X is wrong",
+                                                       "detail": [{"loc": ["SLAP_X"], "msg": "SLAP_X is wrong"}]}
+    video = shaped_client.get("/video")
+    assert video.status_code == 200 and video.content == b"\x00\x00\x00\x18ftypmp42more"
+
+
+def test_checked_bodies_answer_with_our_sentence_and_pass_good_bodies_on():
+    """Guards BentoML's own answer to a refused `@api` body: the body is checked with the same model first."""
+    async def echo(request: Request):
+        return JSONResponse({"echo": (await request.json())["prompt"]})
+
+    app = CheckedBodies(Starlette(routes=[Route("/generate", echo, methods=["POST"])]),
+                        models={"/generate": GenerateRequest}, limit=1024)
+    with TestClient(app) as client:
+        refused = client.post("/generate", json={"prompt": "a", "width": 100})
+        assert refused.status_code == 400 and refused.json()["error"] == "width must be a multiple of 16, got 100"
+        assert client.post("/generate", json={"prompt": "a slap"}).json() == {"echo": "a slap"}
+
+
+def test_only_the_expected_library_warnings_are_silenced(caplog):
+    """Guards the start-up noise (torchao's CUDA libraries and Triton on a CPU, torch's Enum deprecation,
+    diffusers' torchao tensor import): filtered by exact message, so torchao's other warnings still show."""
+    import torch
+
+    from slapgen.expected_warnings import silence_expected_warnings
+
+    silence_expected_warnings()
+    expected = [
+        ("torch.utils._pytree", "<enum 'KernelPreference'> is an Enum subclass and is now natively supported by "
+                                "torch.compile as an opaque value type."),
+        ("diffusers.quantizers.torchao.torchao_quantizer", "Unable to import `torchao` Tensor objects. This may "
+                                                           "affect loading checkpoints serialized with `torchao`"),
+    ]
+    if not torch.cuda.is_available():
+        expected += [
+            ("torchao", "Failed to load /venv/lib/python3.11/site-packages/torchao/_C_mxfp8.cpython-310-x86_64-linux-gnu.so:"
+                        " Could not load this library"),
+            ("torchao.kernel.intmm", "Warning: Detected no triton, on systems without Triton certain kernels will not work"),
+        ]
+    real = [("torchao", "Failed to load /models/my_kernels.so: undefined symbol"),
+            ("torchao.kernel.intmm", "int8 matmul fell back to a slow path"),
+            ("torch.utils._pytree", "<class 'Foo'> cannot be registered")]
+    with caplog.at_level(logging.WARNING):
+        for name, message in expected + real:
+            logging.getLogger(name).warning(message)
+    assert [(r.name, r.getMessage()) for r in caplog.records] == real
