@@ -1,0 +1,139 @@
+"""Deadlines, queue admission and the job routes' answers against a real `bentoml serve` with a short
+request timeout (5 s) and a queue of 2. Each server here has its own SLAP_CACHE_DIR (a copy of the tiny
+model), so its job board is its own."""
+
+from __future__ import annotations
+
+import shutil
+import time
+
+import httpx
+import pytest
+
+from tests.conftest import start_server, stop_server
+
+TIMEOUT_S = 5
+LONG = {"prompt": "a power slap", "num_inference_steps": 200, "num_frames": 49}  # about a minute on 2 cores
+SHORT = {"prompt": "a power slap", "num_inference_steps": 1}
+
+
+def own_cache_dir(folder, tiny_cache_dir):
+    """A SLAP_CACHE_DIR holding a copy of the session's tiny model, so this server's job board is its own."""
+    from slapgen.models.tiny import materialise_tiny_model
+
+    model = materialise_tiny_model(tiny_cache_dir)
+    cache = folder / "cache"
+    shutil.copytree(model, cache / model.relative_to(tiny_cache_dir))
+    return cache
+
+
+@pytest.fixture(scope="module")
+def limited_server(tmp_path_factory, tiny_cache_dir):
+    folder = tmp_path_factory.mktemp("limited-server")
+    server = start_server(folder, SLAP_MODEL="tiny", SLAP_CACHE_DIR=str(own_cache_dir(folder, tiny_cache_dir)),
+                          SLAP_ADAPTERS_DIR=str(folder / "adapters"), SLAP_REQUEST_TIMEOUT_S=str(TIMEOUT_S),
+                          SLAP_MAX_QUEUE="2")
+    yield server
+    stop_server(server)
+
+
+def _assert_our_error(response: httpx.Response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error", "detail"} and isinstance(body["error"], str) and body["error"].endswith(tuple("abcdefghijklmnopqrstuvwxyz)")), body
+    return body
+
+
+def _queue(server) -> int:
+    return httpx.get(f"{server.url}/info", timeout=30).json()["queue"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("route", ["/generate", "/jobs"])
+def test_a_request_past_its_deadline_gets_our_504_once_the_model_is_free(limited_server, route):
+    """Guards BentoML's own 504 (`{"error"}` without `detail`) answered while the generation ran on, so
+    the next request waited for it (24 s instead of 5 s), and the plain `POST /jobs` route, which had no
+    deadline at all: past SLAP_REQUEST_TIMEOUT_S the generation stops at the end of a step (no decode),
+    the client gets slapgen's 504, and by then the model is free for the next request."""
+    started = time.monotonic()
+    response = httpx.post(f"{limited_server.url}{route}", json=LONG, timeout=120)
+    elapsed = time.monotonic() - started
+    body = _assert_our_error(response, 504)
+    assert "timed out after" in body["error"] and "of 200 denoising steps" in body["error"], body
+    assert TIMEOUT_S <= elapsed < TIMEOUT_S + 15, elapsed
+    assert _queue(limited_server) == 0  # nothing still runs behind the 504
+    started = time.monotonic()
+    after = httpx.post(f"{limited_server.url}/generate", json=SHORT, timeout=120)
+    assert after.status_code == 200, after.text
+    assert time.monotonic() - started < TIMEOUT_S
+
+
+def _submit(server, body) -> httpx.Response:
+    return httpx.post(f"{server.url}/jobs/submit", json=body, timeout=30)
+
+
+def _progress(server, task_id: str) -> dict:
+    return httpx.get(f"{server.url}/jobs/progress", params={"task_id": task_id}, timeout=30).json()
+
+
+def _wait_for(server, task_id: str, states: set[str], timeout_s: float = 120) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        progress = _progress(server, task_id)
+        if progress["state"] in states:
+            return progress
+        time.sleep(0.05)
+    raise AssertionError(f"job {task_id} never reached {states}: {progress}")
+
+
+@pytest.mark.slow
+def test_submit_answers_429_with_retry_after_when_the_queue_is_full_and_a_canceled_job_frees_its_place(limited_server):
+    """Guards `/jobs/submit` never answering 429 (with SLAP_MAX_QUEUE=2, six submits got 200 and four then
+    failed in 0.3 s with "try again later"): a job takes its queue place at submit, so the third submit
+    is a 429 with Retry-After in slapgen's shape, and a canceled job, queued or running, gives its place
+    back at once. Submitted jobs have no deadline: the running one outlives SLAP_REQUEST_TIMEOUT_S."""
+    first, second = _submit(limited_server, LONG), _submit(limited_server, LONG)
+    assert first.status_code == 200 and second.status_code == 200, (first.text, second.text)
+    running, queued = first.json()["task_id"], second.json()["task_id"]
+    refused = _submit(limited_server, LONG)
+    body = _assert_our_error(refused, 429)
+    assert int(refused.headers["retry-after"]) >= 1 and "try again later" in body["error"]
+    assert _queue(limited_server) == 1  # one running, one waiting
+
+    _wait_for(limited_server, running, {"running"})
+    time.sleep(TIMEOUT_S + 1)
+    assert _progress(limited_server, running)["state"] == "running"  # no deadline for a submitted job
+    assert httpx.post(f"{limited_server.url}/jobs/cancel", params={"task_id": queued}).json()["state"] == "canceled"
+    again = _submit(limited_server, SHORT)  # the queued job's place
+    assert again.status_code == 200, again.text
+    assert _submit(limited_server, SHORT).status_code == 429
+    assert httpx.post(f"{limited_server.url}/jobs/cancel", params={"task_id": running}).json()["state"] == "canceling"
+    assert _wait_for(limited_server, running, {"canceled", "failed", "completed"})["state"] == "canceled"
+    short = again.json()["task_id"]
+    assert _wait_for(limited_server, short, {"completed", "failed", "canceled"})["state"] == "completed"
+    assert _wait_for(limited_server, queued, {"canceled", "failed", "completed", "running"})["step"] == 0
+    assert _queue(limited_server) == 0
+    for task_id in (running, queued):  # one spelling in both places
+        status = httpx.get(f"{limited_server.url}/jobs/status", params={"task_id": task_id}).json()["status"]
+        assert status == _progress(limited_server, task_id)["state"] == "canceled"
+
+
+@pytest.mark.slow
+def test_job_status_and_result_errors_are_in_our_shape(limited_server):
+    """Guards BentoML's own answers on its task routes (`{"error": "task_id not found"}` without `detail`):
+    a missing task id is a 400, an unknown one a 404, and the result of a job not finished a 400, each
+    a sentence naming `task_id`."""
+    for route in ("/jobs/status", "/jobs/get"):
+        missing = _assert_our_error(httpx.get(f"{limited_server.url}{route}", timeout=30), 400)
+        unknown = _assert_our_error(httpx.get(f"{limited_server.url}{route}", params={"task_id": "no-such-job"},
+                                              timeout=30), 404)
+        assert missing["detail"][0]["loc"] == ["task_id"] and "no-such-job" in unknown["error"]
+    task_id = _submit(limited_server, LONG).json()["task_id"]
+    try:
+        not_yet = _assert_our_error(httpx.get(f"{limited_server.url}/jobs/get", params={"task_id": task_id}), 400)
+        assert "has not finished yet" in not_yet["error"]
+    finally:
+        httpx.post(f"{limited_server.url}/jobs/cancel", params={"task_id": task_id})
+    _wait_for(limited_server, task_id, {"canceled", "failed", "completed"})
+    canceled = _assert_our_error(httpx.get(f"{limited_server.url}/jobs/get", params={"task_id": task_id}), 409)
+    assert "canceled" in canceled["error"]
