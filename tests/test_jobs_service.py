@@ -137,3 +137,56 @@ def test_job_status_and_result_errors_are_in_our_shape(limited_server):
     _wait_for(limited_server, task_id, {"canceled", "failed", "completed"})
     canceled = _assert_our_error(httpx.get(f"{limited_server.url}/jobs/get", params={"task_id": task_id}), 409)
     assert "canceled" in canceled["error"]
+
+
+def _alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.slow
+def test_after_kill_9_the_workers_die_and_a_restart_on_the_same_port_fails_the_dead_jobs(tmp_path, tiny_cache_dir):
+    """Guards two crash bugs: `kill -9` of `bentoml serve` left its workers alive (their own process
+    groups) holding the port, the model and the job, so a restart died in BentoML's SQLite store; and
+    after a restart the job board kept the dead jobs `running` / `queued` / `cancelling` forever. Now
+    the worker dies with its server, the restart on the same port serves, and every job of the dead
+    server is `failed` with the reason."""
+    import os
+    import signal
+
+    cache = own_cache_dir(tmp_path, tiny_cache_dir)
+    env = dict(SLAP_MODEL="tiny", SLAP_CACHE_DIR=str(cache), SLAP_ADAPTERS_DIR=str(tmp_path / "adapters"))
+    first = start_server(tmp_path, **env)
+    worker = httpx.get(f"{first.url}/info", timeout=30).json()["worker_pid"]
+    port = int(first.url.rsplit(":", 1)[1])
+    second = None
+    try:
+        running, queued, canceled = (_submit(first, LONG).json()["task_id"] for _ in range(3))
+        _wait_for(first, running, {"running"})
+        assert httpx.post(f"{first.url}/jobs/cancel", params={"task_id": canceled}).json()["state"] == "canceled"
+        # Killed while the running job is canceling: a step of this size takes far longer than this.
+        assert httpx.post(f"{first.url}/jobs/cancel", params={"task_id": running}).json()["state"] == "canceling"
+        os.kill(first.process.pid, signal.SIGKILL)
+        first.process.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while _alive(worker) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _alive(worker), "the worker outlived its server"
+
+        second = start_server(tmp_path, port=port, **env)
+        for task_id in (running, queued):
+            job = _progress(second, task_id)
+            assert job["state"] == "failed" and "the server restarted" in job["error"], job
+        assert _progress(second, canceled)["state"] == "canceled"  # it had ended: left as it was
+        assert httpx.post(f"{second.url}/generate", json=SHORT, timeout=120).status_code == 200
+    finally:
+        for server in (first, second):
+            if server is not None:
+                stop_server(server)
+        if _alive(worker):  # only if the test failed: end what it started
+            os.kill(worker, signal.SIGKILL)
