@@ -190,3 +190,46 @@ def test_after_kill_9_the_workers_die_and_a_restart_on_the_same_port_fails_the_d
                 stop_server(server)
         if _alive(worker):  # only if the test failed: end what it started
             os.kill(worker, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_readme_python_client_generates_and_runs_a_job_against_the_server(tiny_server, tmp_path):
+    """Guards Python clients without a working path to jobs (bentoml 1.4.40's `SyncHTTPClient.submit`
+    fails with `_opened_files`): README's Python snippet, run as written against a real server, writes
+    the clip of `/generate` and the job's mp4, both decodable videos of the requested frames, and a
+    job's failure reaches the caller as an exception carrying slapgen's sentence."""
+    import re
+    import subprocess
+    import sys
+
+    from slapgen.video import read_mp4
+    from tests.conftest import REPO_ROOT, offline_env
+
+    blocks = re.findall(r"```python\n(.*?)```", (REPO_ROOT / "README.md").read_text(), flags=re.S)
+    snippet = next(block for block in blocks if "AsyncHTTPClient" in block)
+    assert 'URL = "http://127.0.0.1:3000"' in snippet
+    # The session's server (no 5 s deadline: the default-size clip may take longer on a busy machine).
+    script = snippet.replace('URL = "http://127.0.0.1:3000"', f'URL = "{tiny_server.url}"')
+    # The same client against a job that fails inside the server (canceled as soon as it runs).
+    script += '''
+async def canceled_job():
+    async with bentoml.AsyncHTTPClient(URL, timeout=60) as client:
+        task = await client.jobs.submit({"prompt": "a power slap", "num_inference_steps": 200})
+        await task.cancel()
+        while (await task.get_status()).value in ("pending", "in_progress"):
+            await asyncio.sleep(0.1)
+        try:
+            await task.get()
+        except bentoml.exceptions.BentoMLException as error:
+            print("RAISED", error)
+
+
+asyncio.run(canceled_job())
+'''
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=offline_env(tmp_path),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "step" in result.stdout and "RAISED" in result.stdout and "canceled" in result.stdout, result.stdout
+    for name in ("clip.mp4", "job.mp4"):
+        frames = read_mp4(tmp_path / name)[0]
+        assert frames.shape[0] == 9, (name, frames.shape)  # tiny's default clip length
