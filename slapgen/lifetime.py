@@ -25,12 +25,23 @@ def parent_death_call() -> Callable[[], None] | None:
     return lambda: prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
 def die_with_parent(parent_pid: int) -> None:
-    """Make this process end when its parent `parent_pid` ends; end it now if that has already happened
-    (the request only covers a parent alive when it is made)."""
+    """Make this process end when its parent ends; end it now if `parent_pid`, the parent it was started
+    by, has already ended (the request only covers a parent alive when it is made). A live `parent_pid`
+    that is not the parent (a launcher in between) is not a reason to end."""
     ask = parent_death_call()
     if ask is None:
         return
     ask()
-    if os.getppid() != parent_pid:
+    if os.getppid() != parent_pid and not process_alive(parent_pid):
         os._exit(1)

@@ -19,7 +19,6 @@ alive (a `kill -9`, a crash), and leaves alone those of another live server shar
 from __future__ import annotations
 
 import sqlite3
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -27,21 +26,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from slapgen.errors import JobFinishedError, JobFinishingError, JobNotFoundError
+from slapgen.lifetime import process_alive
 
 MAX_TRACKED_JOBS = 10_000
 COLUMNS = ("task_id", "state", "step", "total_steps", "error", "updated_at")
 ENDED = ("completed", "failed", "canceled")
 UNFINISHED = ("queued", "running", "canceling", "finishing")
-
-
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, someone else's
-        return True
-    return True
 
 
 class JobBoard:
