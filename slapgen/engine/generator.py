@@ -108,7 +108,7 @@ class VideoGenerator:
     def admit(self) -> Admission:
         """A place in this engine's queue (`max_queue` running + waiting), to pass to `generate_frames`;
         QueueFullError when all are taken, with a retry time estimated from the last generation."""
-        retry_after = max(1, round(self._last_duration_s * (self._queue.admitted + 1)))
+        retry_after = max(1, round(self._last_duration_s * (self.queue_length + 1)))
         return self._queue.admit(retry_after)
 
     def info(self) -> dict:
@@ -129,8 +129,8 @@ class VideoGenerator:
 
     @contextmanager
     def activated(self, adapter: str | None, scale: float = 1.0) -> Iterator[torch.nn.Module]:
-        """The transformer with `adapter` (None: the base model) in the slot at `scale`, held under the
-        generation lock: for scoring the served model without generating (`slapgen eval`'s held-out loss)."""
+        """The transformer with `adapter` (None: the base model) in the slot at `scale`, holding the model
+        as a generation does (a queue place and its turn): for scoring the served model without generating (`slapgen eval`'s held-out loss)."""
         loaded: LoadedAdapter | None = self.adapters.get(adapter) if adapter else None
         admission = self.admit()
         try:
