@@ -130,7 +130,8 @@ class VideoGenerator:
     @contextmanager
     def activated(self, adapter: str | None, scale: float = 1.0) -> Iterator[torch.nn.Module]:
         """The transformer with `adapter` (None: the base model) in the slot at `scale`, holding the model
-        as a generation does (a queue place and its turn): for scoring the served model without generating (`slapgen eval`'s held-out loss)."""
+        as a generation does (a queue place and its turn): for scoring the served model without generating
+        (`slapgen eval`'s held-out loss)."""
         loaded: LoadedAdapter | None = self.adapters.get(adapter) if adapter else None
         admission = self.admit()
         try:
