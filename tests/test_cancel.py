@@ -71,21 +71,12 @@ def test_a_cancel_after_the_last_denoising_step_is_refused_with_what_will_happen
     assert board.get("canceled-in-time")["state"] == "canceling" and board.cancel_requested("canceled-in-time")
 
 
-def _dead_pid() -> int:
-    import subprocess
-    import sys
-
-    child = subprocess.Popen([sys.executable, "-c", "pass"])
-    child.wait()
-    return child.pid
-
-
 def test_at_start_up_the_jobs_of_a_dead_server_end_failed(tmp_path):
     """Guards jobs left `running`, `queued` or `cancelling` forever on the board after a kill -9 and a
     restart: every unfinished job whose server is gone ends `failed` with the reason; ended jobs and
     the jobs of a server still alive (another service sharing the board) are left as they were."""
     path = tmp_path / "jobs.sqlite"
-    dead = JobBoard(path, owner=_dead_pid())
+    dead = JobBoard(path, owner=111)
     for task_id in ("queued-job", "running-job", "canceling-job", "finishing-job", "done-job"):
         dead.submitted(task_id, 4)
     dead.step("running-job", 1, 4)
@@ -93,17 +84,21 @@ def test_at_start_up_the_jobs_of_a_dead_server_end_failed(tmp_path):
     dead.cancel("canceling-job")
     dead.step("finishing-job", 4, 4)
     dead.completed("done-job")
-    alive = JobBoard(path, owner=os.getpid())
+    alive = JobBoard(path, owner=222)
     alive.submitted("live-job", 4)
     alive.step("live-job", 1, 4)
 
     restarted = JobBoard(path)
-    assert restarted.end_orphaned("the server restarted") == 4
+    assert restarted.end_orphaned("the server restarted", alive=lambda pid: pid == 222) == 4
     for task_id in ("queued-job", "running-job", "canceling-job", "finishing-job"):
         job = restarted.get(task_id)
         assert (job["state"], job["error"]) == ("failed", "the server restarted"), job
     assert restarted.get("done-job")["state"] == "completed" and restarted.get("live-job")["state"] == "running"
-    assert restarted.end_orphaned("the server restarted") == 0
+    assert restarted.end_orphaned("the server restarted", alive=lambda pid: pid == 222) == 0
+    # The real check: this process is alive, a pid no process has is not.
+    from slapgen.lifetime import process_alive
+
+    assert process_alive(os.getpid()) and not process_alive(2**22 + 1)  # above Linux's largest pid
 
 
 def test_a_cancel_seen_after_the_last_step_cancels_without_decoding(engine, monkeypatch):
