@@ -7,6 +7,7 @@ variables (see README.md). Routes that BentoML's `@api` cannot express (GET /inf
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from importlib.metadata import version
@@ -25,11 +26,12 @@ from prompts import default_library  # noqa: E402 (after the filters)
 from slapgen.engine.adapters import MAX_ADAPTER_BYTES
 from slapgen.engine.generator import VideoGenerator
 from slapgen.errors import GenerationCancelledError, SlapgenError
+from slapgen.lifetime import die_with_parent
 from slapgen.models.loading import resolve_model
 from slapgen.serving.body_limit import GENERATION_BODY_LIMIT, BodySizeLimit
 from slapgen.serving.error_shape import OneErrorShape
 from slapgen.serving.http_errors import describe_error, error_response, quiet_client_errors, status_for
-from slapgen.serving.job_routes import JobRoutes
+from slapgen.serving.job_routes import ADMISSION_KEY, JobRoutes
 from slapgen.serving.openapi import ApiDocument
 from slapgen.serving.ratings import RatingStore
 from slapgen.serving.jobs import JobBoard
@@ -51,8 +53,13 @@ try:
 except SlapgenError as error:
     _exit_with(str(error))
 
+# The server's pid, for its workers to die with it and to own its jobs on the board (set in the
+# serving process before workers start; they inherit it).
+SERVER_PID_VARIABLE = "SLAPGEN_SERVER_PID"
+RESTARTED = "the server restarted before the job ended; submit it again"
+
 # One SQLite file, so every worker answers for every job.
-job_board = JobBoard(settings.cache_dir / "jobs.sqlite")
+job_board = JobBoard(settings.cache_dir / "jobs.sqlite", owner=int(os.environ.get(SERVER_PID_VARIABLE, 0)) or None)
 routes = build_routes(
     lambda: bentoml.get_current_service().generator,
     job_board,
@@ -69,15 +76,23 @@ def _answer_error(ctx: bentoml.Context, error: SlapgenError):
 
 
 def _deadline() -> float:
-    # A second before BentoML answers 504, the generation stops between steps and frees the model.
-    return time.monotonic() + max(1, settings.request_timeout_s - 1)
+    # The engine stops a generation at the end of the step that passes this (no VAE decode) and the
+    # client gets slapgen's 504 once the model is free.
+    return time.monotonic() + settings.request_timeout_s
+
+
+# BentoML's own timeout answers a 504 of its own shape while the handler runs on, holding the model. It
+# is only a backstop here, far enough above SLAP_REQUEST_TIMEOUT_S that the engine's deadline always
+# answers first: the overrun past a deadline is the step running when it passed, or a VAE decode and
+# mp4 write that began just before it.
+BENTOML_TIMEOUT_MARGIN_S = 600
 
 
 @bentoml.service(
     name="slapgen",
     # The engine admits SLAP_MAX_QUEUE generations (429 + Retry-After past that); BentoML's own limit is
     # far above it so /info, /adapters and job status never get a 429 while generations wait.
-    traffic={"timeout": settings.request_timeout_s, "max_concurrency": (settings.max_queue + 64) * settings.workers},
+    traffic={"timeout": settings.request_timeout_s + BENTOML_TIMEOUT_MARGIN_S, "max_concurrency": (settings.max_queue + 64) * settings.workers},
     workers=settings.workers,
     # Extra threads let requests wait in the generator's queue instead of BentoML's thread pool.
     threads=settings.max_queue + 4,
@@ -99,8 +114,14 @@ class SlapGen:
             resolve_model(settings.model, settings.cache_dir, allow_download=True)
         except SlapgenError as error:
             _exit_with(str(error))
+        # Before any worker starts: the jobs of a server that died (kill -9, a crash) end as failed.
+        job_board.end_orphaned(RESTARTED)
+        os.environ[SERVER_PID_VARIABLE] = str(os.getpid())
 
     def __init__(self) -> None:
+        # A worker outliving a `kill -9` of `bentoml serve` would keep the port, the model and its job.
+        if server_pid := os.environ.get(SERVER_PID_VARIABLE):
+            die_with_parent(int(server_pid))
         quiet_client_errors()
         resolved = resolve_model(settings.model, settings.cache_dir, allow_download=False)
         # Loads, quantises, compiles and warms up: /readyz answers only after this returns.
@@ -120,17 +141,20 @@ class SlapGen:
     def jobs(self, request: GenerateRequest, /, ctx: bentoml.Context) -> Annotated[bytes, ContentType("video/mp4")]:
         """Async generation: POST /jobs/submit, then GET /jobs/progress, /jobs/status, /jobs/get;
         POST /jobs/cancel stops it."""
-        # BentoML also routes a plain POST /jobs here, without a task id: it runs like /generate.
-        task_id = getattr(ctx.request.state, "task_id", None) or f"direct-{id(ctx)}"
+        # BentoML also routes a plain POST /jobs here, without a task id: it runs like /generate, deadline
+        # included. A submitted job has no deadline; it took its queue place at submit (JobRoutes).
+        submitted = getattr(ctx.request.state, "task_id", None)
+        task_id = submitted or f"direct-{id(ctx)}"
         try:
             params = _resolve(request, self.generator)
             job_board.queued(task_id, params.num_inference_steps)
             path = self.generator.generate_mp4(
                 params, Path(ctx.temp_dir) / "video.mp4", on_step=lambda k, n: job_board.step(task_id, k, n),
-                cancelled=lambda: job_board.cancel_requested(task_id),
+                deadline=None if submitted else _deadline(), cancelled=lambda: job_board.cancel_requested(task_id),
+                admission=getattr(ctx.request.state, ADMISSION_KEY, None),
             )
         except GenerationCancelledError as error:
-            job_board.cancelled(task_id, describe_error(error))
+            job_board.canceled(task_id, describe_error(error))
             return _answer_error(ctx, error)
         except SlapgenError as error:
             job_board.failed(task_id, describe_error(error))
@@ -170,5 +194,6 @@ SlapGen.add_asgi_middleware(BodySizeLimit, upload_limit=MAX_ADAPTER_BYTES + 1024
 SlapGen.add_asgi_middleware(JsonBodiesOnly)
 SlapGen.add_asgi_middleware(CheckedBodies, models={api.route: api.input_spec for api in SlapGen.apis.values()},
                             limit=GENERATION_BODY_LIMIT)
-SlapGen.add_asgi_middleware(JobRoutes, check=_check_job, board=job_board)
+SlapGen.add_asgi_middleware(JobRoutes, check=_check_job, admit=lambda: bentoml.get_current_service().generator.admit(),
+                             board=job_board)
 SlapGen.add_asgi_middleware(ApiDocument, spec=lambda: SlapGen.openapi_spec.asdict(), version=version("slapgen"))

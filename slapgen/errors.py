@@ -94,7 +94,7 @@ class GenerationTimeoutError(SlapgenError):
 
 
 class GenerationCancelledError(SlapgenError):
-    """Someone cancelled the job: it stopped at the end of a denoising step, or never started."""
+    """Someone canceled the job: it stopped at the end of a denoising step, or never started."""
 
 
 class JobNotFoundError(SlapgenError):
@@ -102,4 +102,8 @@ class JobNotFoundError(SlapgenError):
 
 
 class JobFinishedError(SlapgenError):
-    """The job already ended (completed, failed or cancelled); there is nothing to cancel."""
+    """The job already ended (completed, failed or canceled); there is nothing to cancel."""
+
+
+class JobFinishingError(JobFinishedError):
+    """The job's denoising is done (it is decoding and writing its mp4): a cancel can no longer stop it."""

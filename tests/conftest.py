@@ -97,8 +97,9 @@ class ServerProcess:
         return self.log_path.read_text(errors="replace")[-chars:]
 
 
-def start_server(tmp_path: Path, startup_timeout_s: float = 180, **env_overrides: str) -> ServerProcess:
-    port = free_port()
+def start_server(tmp_path: Path, startup_timeout_s: float = 180, port: int | None = None,
+                 **env_overrides: str) -> ServerProcess:
+    port = port or free_port()
     log_path = tmp_path / f"server-{port}.log"
     log_file = log_path.open("wb")
     process = subprocess.Popen(

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import httpx
@@ -11,7 +12,8 @@ import pytest
 
 from slapgen.engine.generator import VideoGenerator
 from slapgen.engine.params import EngineOptions, GenerationParams
-from slapgen.errors import GenerationCancelledError, JobFinishedError, JobNotFoundError
+from slapgen.errors import GenerationCancelledError, JobFinishedError, JobFinishingError, JobNotFoundError
+from slapgen.serving.http_errors import status_for
 from slapgen.models.loading import resolve_model
 from slapgen.serving.jobs import JobBoard
 from slapgen.video import read_mp4
@@ -19,21 +21,21 @@ from slapgen.video import read_mp4
 
 def test_the_board_cancels_queued_jobs_at_once_and_running_ones_after_their_step(tmp_path):
     """Guards cancel states that lie or get lost: a queued job is cancelled at once and stays so when its
-    handler starts; a running job is `cancelling` until its worker ends it, and a step written meanwhile
+    handler starts; a running job is `canceling` until its worker ends it, and a step written meanwhile
     does not turn it back into `running`; ended or unknown jobs cannot be cancelled."""
     board = JobBoard(tmp_path / "jobs.sqlite")
     board.submitted("queued-job", 10)
-    assert board.cancel("queued-job")["state"] == "cancelled"
+    assert board.cancel("queued-job")["state"] == "canceled"
     board.queued("queued-job", 10)  # its handler starts later
-    assert board.get("queued-job")["state"] == "cancelled" and board.cancel_requested("queued-job")
+    assert board.get("queued-job")["state"] == "canceled" and board.cancel_requested("queued-job")
 
     board.submitted("running-job", 10)
     board.step("running-job", 3, 10)
-    assert board.cancel("running-job")["state"] == "cancelling"
+    assert board.cancel("running-job")["state"] == "canceling"
     board.step("running-job", 4, 10)
-    assert board.get("running-job")["state"] == "cancelling" and board.cancel_requested("running-job")
-    board.cancelled("running-job", "the job was cancelled after 4 of 10 denoising steps")
-    assert board.get("running-job")["state"] == "cancelled"
+    assert board.get("running-job")["state"] == "canceling" and board.cancel_requested("running-job")
+    board.canceled("running-job", "the job was canceled after 4 of 10 denoising steps")
+    assert board.get("running-job")["state"] == "canceled"
 
     board.submitted("done-job", 10)
     board.completed("done-job")
@@ -44,7 +46,74 @@ def test_the_board_cancels_queued_jobs_at_once_and_running_ones_after_their_step
         board.cancel("never-submitted")
     assert not board.cancel_requested("done-job") and not board.cancel_requested("never-submitted")
     # Another process (another worker) sees the same states.
-    assert JobBoard(tmp_path / "jobs.sqlite").get("running-job")["state"] == "cancelled"
+    assert JobBoard(tmp_path / "jobs.sqlite").get("running-job")["state"] == "canceled"
+
+
+def test_a_cancel_after_the_last_denoising_step_is_refused_with_what_will_happen(tmp_path):
+    """Guards a cancel that answered `cancelling` after the last denoising step, after which the job
+    completed anyway: once the last step is reported the job is `finishing` and a cancel is a 409 saying
+    it is already finishing; a cancel that came before that report still wins."""
+    board = JobBoard(tmp_path / "jobs.sqlite")
+    board.submitted("decoding-job", 3)
+    board.step("decoding-job", 2, 3)
+    assert board.get("decoding-job")["state"] == "running"
+    board.step("decoding-job", 3, 3)
+    assert board.get("decoding-job")["state"] == "finishing"
+    with pytest.raises(JobFinishingError, match="already finishing") as refused:
+        board.cancel("decoding-job")
+    assert status_for(refused.value) == 409 and board.get("decoding-job")["state"] == "finishing"
+    assert not board.cancel_requested("decoding-job")
+
+    board.submitted("canceled-in-time", 3)
+    board.step("canceled-in-time", 2, 3)
+    board.cancel("canceled-in-time")
+    board.step("canceled-in-time", 3, 3)  # the last step's report comes after the cancel
+    assert board.get("canceled-in-time")["state"] == "canceling" and board.cancel_requested("canceled-in-time")
+
+
+def test_at_start_up_the_jobs_of_a_dead_server_end_failed(tmp_path):
+    """Guards jobs left `running`, `queued` or `cancelling` forever on the board after a kill -9 and a
+    restart: every unfinished job whose server is gone ends `failed` with the reason; ended jobs and
+    the jobs of a server still alive (another service sharing the board) are left as they were."""
+    path = tmp_path / "jobs.sqlite"
+    dead = JobBoard(path, owner=111)
+    for task_id in ("queued-job", "running-job", "canceling-job", "finishing-job", "done-job"):
+        dead.submitted(task_id, 4)
+    dead.step("running-job", 1, 4)
+    dead.step("canceling-job", 1, 4)
+    dead.cancel("canceling-job")
+    dead.step("finishing-job", 4, 4)
+    dead.completed("done-job")
+    alive = JobBoard(path, owner=222)
+    alive.submitted("live-job", 4)
+    alive.step("live-job", 1, 4)
+
+    restarted = JobBoard(path)
+    assert restarted.end_orphaned("the server restarted", alive=lambda pid: pid == 222) == 4
+    for task_id in ("queued-job", "running-job", "canceling-job", "finishing-job"):
+        job = restarted.get(task_id)
+        assert (job["state"], job["error"]) == ("failed", "the server restarted"), job
+    assert restarted.get("done-job")["state"] == "completed" and restarted.get("live-job")["state"] == "running"
+    assert restarted.end_orphaned("the server restarted", alive=lambda pid: pid == 222) == 0
+    # The real check: this process is alive, a pid no process has is not.
+    from slapgen.lifetime import process_alive
+
+    assert process_alive(os.getpid()) and not process_alive(2**22 + 1)  # above Linux's largest pid
+
+
+def test_a_cancel_seen_after_the_last_step_cancels_without_decoding(engine, monkeypatch):
+    """Guards a cancel read only between steps but not after the last one, so a job canceled during its
+    last step decoded and completed: it stops there (no VAE decode) and the engine is unchanged."""
+    params = GenerationParams.defaults_for(engine.spec, seed=11).replace(num_inference_steps=3)
+    before = engine.generate_frames(params)
+    decodes = []
+    decode = engine.pipeline.vae.decode
+    monkeypatch.setattr(engine.pipeline.vae, "decode", lambda *a, **k: decodes.append(1) or decode(*a, **k))
+    steps = []
+    with pytest.raises(GenerationCancelledError, match="after 3 of 3"):
+        engine.generate_frames(params, on_step=lambda k, n: steps.append(k), cancelled=lambda: len(steps) >= 3)
+    assert steps == [1, 2, 3] and decodes == []
+    assert np.array_equal(engine.generate_frames(params), before) and decodes == [1]
 
 
 @pytest.fixture(scope="module")
@@ -111,24 +180,24 @@ def test_cancel_over_http_stops_the_running_job_skips_the_queued_one_and_the_nex
     _wait_for(tiny_server, running, {"running"})
     assert _progress(tiny_server, queued)["state"] == "queued"
     cancel_queued = httpx.post(f"{tiny_server.url}/jobs/cancel", params={"task_id": queued})
-    assert cancel_queued.json() == {"task_id": queued, "state": "cancelled"}
+    assert cancel_queued.json() == {"task_id": queued, "state": "canceled"}
     cancel_running = httpx.post(f"{tiny_server.url}/jobs/cancel", params={"task_id": running})
-    assert cancel_running.json() == {"task_id": running, "state": "cancelling"}
+    assert cancel_running.json() == {"task_id": running, "state": "canceling"}
 
-    stopped = _wait_for(tiny_server, running, {"cancelled", "completed", "failed"})
-    assert stopped["state"] == "cancelled" and stopped["step"] < 200, stopped
-    skipped = _wait_for(tiny_server, queued, {"cancelled", "completed", "failed", "running"})
-    assert skipped["state"] == "cancelled" and skipped["step"] == 0, skipped
+    stopped = _wait_for(tiny_server, running, {"canceled", "completed", "failed"})
+    assert stopped["state"] == "canceled" and stopped["step"] < 200, stopped
+    skipped = _wait_for(tiny_server, queued, {"canceled", "completed", "failed", "running"})
+    assert skipped["state"] == "canceled" and skipped["step"] == 0, skipped
     for task_id in (running, queued):
         assert httpx.get(f"{tiny_server.url}/jobs/status", params={"task_id": task_id}).json()["status"] == "canceled"
     result = httpx.get(f"{tiny_server.url}/jobs/get", params={"task_id": running})
-    assert result.status_code == 409 and "cancelled" in result.json()["error"]
+    assert result.status_code == 409 and "canceled" in result.json()["error"]
     again = httpx.post(f"{tiny_server.url}/jobs/cancel", params={"task_id": running})
     assert again.status_code == 409 and set(again.json()) == {"error", "detail"}
     assert httpx.post(f"{tiny_server.url}/jobs/cancel", params={"task_id": "no-such-job"}).status_code == 404
 
     after = _submit(tiny_server, **body)
-    assert _wait_for(tiny_server, after, {"completed", "failed", "cancelled"})["state"] == "completed"
+    assert _wait_for(tiny_server, after, {"completed", "failed", "canceled"})["state"] == "completed"
     (tmp_path / "after.mp4").write_bytes(httpx.get(f"{tiny_server.url}/jobs/get", params={"task_id": after}).content)
     (tmp_path / "reference.mp4").write_bytes(reference.content)
     assert np.array_equal(read_mp4(tmp_path / "after.mp4")[0], read_mp4(tmp_path / "reference.mp4")[0])

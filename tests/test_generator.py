@@ -9,30 +9,36 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from slapgen.engine.generator import FifoLock, VideoGenerator
+from slapgen.engine.generator import VideoGenerator
+from slapgen.engine.queue import GenerationQueue
 from slapgen.models.loading import resolve_model
 from slapgen.engine.params import EngineOptions, GenerationParams
 
 
-def test_fifo_lock_serves_in_arrival_order():
-    lock, order = FifoLock(), []
-    lock.__enter__()  # held, so every thread below queues
+def test_the_queue_serves_in_arrival_order():
+    queue, order = GenerationQueue(), []
+    first = queue.admit()
+    holding = queue.turn(first)
+    holding.__enter__()  # held, so every thread below waits
 
     def worker(index):
-        with lock:
+        admission = queue.admit()
+        with queue.turn(admission):
             order.append(index)
+        admission.release()
 
     threads = []
     for index in range(6):
         threads.append(threading.Thread(target=worker, args=(index,)))
         threads[-1].start()
-        while lock.waiting < index + 1:  # the thread took its ticket
+        while len(queue._waiting) < index + 1:  # the thread is in line
             time.sleep(0.001)
-    assert lock.waiting == 6
-    lock.__exit__(None, None, None)
+    assert queue.waiting == 6
+    holding.__exit__(None, None, None)
+    first.release()
     for thread in threads:
         thread.join(timeout=10)
-    assert order == list(range(6)) and lock.waiting == 0
+    assert order == list(range(6)) and queue.waiting == 0 and queue.admitted == 0
 
 
 def test_concurrent_requests_for_different_adapters_match_serial_results(tiny_cache_dir, adapter_files, tmp_path):

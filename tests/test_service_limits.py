@@ -7,6 +7,7 @@ from __future__ import annotations
 import shutil
 import threading
 import time
+import types
 
 import numpy as np
 import pytest
@@ -20,7 +21,13 @@ from prompts import default_library
 from slapgen.engine.adapters import AdapterStore, check_name
 from slapgen.engine.generator import VideoGenerator
 from slapgen.engine.params import EngineOptions, GenerationParams
-from slapgen.errors import AdapterError, AdapterNotFoundError, GenerationTimeoutError, QueueFullError
+from slapgen.errors import (
+    AdapterError,
+    AdapterNotFoundError,
+    GenerationCancelledError,
+    GenerationTimeoutError,
+    QueueFullError,
+)
 from slapgen.models.loading import resolve_model
 from slapgen.serving.body_limit import BodySizeLimit
 from slapgen.serving.http_errors import error_response
@@ -82,7 +89,9 @@ def test_a_full_queue_answers_at_once_with_retry_after(engine):
     """Guards a queue that only BentoML bounded (so /info and job status got 429 too) and 429s without
     Retry-After: the engine refuses the generation beyond SLAP_MAX_QUEUE itself, immediately."""
     params = GenerationParams.defaults_for(engine.spec, num_inference_steps=1)
-    engine._lock.__enter__()  # one generation running...
+    running = engine.admit()
+    holding = engine._queue.turn(running)
+    holding.__enter__()  # one generation running...
     waiting = threading.Thread(target=engine.generate_frames, args=(params,))
     waiting.start()  # ...and one waiting: the queue (2) is full
     while engine.queue_length < 1:
@@ -96,24 +105,122 @@ def test_a_full_queue_answers_at_once_with_retry_after(engine):
         assert response.status_code == 429 and int(response.headers["retry-after"]) >= 1
         assert engine.info()["queue"] == 1  # status reads never queue
     finally:
-        engine._lock.__exit__(None, None, None)
+        holding.__exit__(None, None, None)
+        running.release()
         waiting.join(timeout=60)
     assert engine.queue_length == 0
 
 
-def test_a_deadline_stops_the_generation_between_steps_and_frees_the_model(engine):
-    """Guards a timed-out request (504) that kept running and made every request behind it time out:
-    past its deadline the denoising loop stops at the next step, and the next request runs as usual."""
+def _count_vae_decodes(engine, monkeypatch) -> list[int]:
+    calls = []
+    decode = engine.pipeline.vae.decode
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(engine.pipeline.vae, "decode", counted)
+    return calls
+
+
+def test_a_deadline_stops_the_generation_between_steps_and_frees_the_model(engine, monkeypatch):
+    """Guards a timed-out request (504) that kept running and made every request behind it time out, and
+    one that set diffusers' `_interrupt`, which skips the remaining steps but still runs the whole VAE
+    decode: past its deadline the generation stops at the end of that step, raising out of the pipeline
+    as a cancel does (no decode), and the next request runs as usual."""
     params = GenerationParams.defaults_for(engine.spec, num_inference_steps=3, seed=4)
     reference = engine.generate_frames(params)
+    decodes = _count_vae_decodes(engine, monkeypatch)
     with pytest.raises(GenerationTimeoutError, match="before|waiting"):
         engine.generate_frames(params, deadline=time.monotonic() - 1)
     steps = []
     slow = GenerationParams.defaults_for(engine.spec, num_inference_steps=200, seed=4)
     with pytest.raises(GenerationTimeoutError, match=r"after \d+ of 200"):
         engine.generate_frames(slow, on_step=lambda k, n: steps.append(k), deadline=time.monotonic() + 0.3)
-    assert len(steps) < 200
-    assert np.array_equal(engine.generate_frames(params), reference)
+    assert 0 < len(steps) < 200 and decodes == []
+    # A deadline that passes during the last step stops it too: nobody waits for that decode. The engine's
+    # clock jumps a minute ahead once the last step has run.
+    import slapgen.engine.generator as generator_module
+
+    last_step_done = []
+    clock = types.SimpleNamespace(monotonic=lambda: time.monotonic() + (60 if last_step_done else 0),
+                                  perf_counter=time.perf_counter)
+    monkeypatch.setattr(generator_module, "time", clock)
+    with pytest.raises(GenerationTimeoutError, match="after 3 of 3"):
+        engine.generate_frames(params, on_step=lambda k, n: k == n and last_step_done.append(k),
+                               deadline=time.monotonic() + 30)
+    monkeypatch.setattr(generator_module, "time", time)
+    assert decodes == [] and engine.queue_length == 0 and engine._queue.admitted == 0
+    assert np.array_equal(engine.generate_frames(params), reference) and decodes == [1]
+
+
+def _hold_the_model(engine):
+    """Take the model as a running generation would; returns what gives it back."""
+    admission = engine.admit()
+    holding = engine._queue.turn(admission)
+    holding.__enter__()
+
+    def give_back():
+        holding.__exit__(None, None, None)
+        admission.release()
+
+    return give_back
+
+
+def test_waiting_for_the_model_ends_at_the_deadline_or_a_cancel_and_frees_the_place(engine):
+    """Guards a request that waited for the model past its deadline (BentoML answered 504 while it stayed
+    queued, then ran for nobody) and a canceled queued job that kept its queue place until its turn:
+    both give up while the model is still busy, and their places are free again."""
+    params = GenerationParams.defaults_for(engine.spec, num_inference_steps=1)
+    give_back = _hold_the_model(engine)
+    outcomes = {}
+    cancel = threading.Event()
+
+    def run(name, **kwargs):
+        started = time.monotonic()
+        try:
+            engine.generate_frames(params, **kwargs)
+            outcomes[name] = ("ran", time.monotonic() - started)
+        except Exception as error:
+            outcomes[name] = (type(error).__name__, time.monotonic() - started)
+
+    try:
+        timed = threading.Thread(target=run, args=("deadline",), kwargs={"deadline": time.monotonic() + 0.5})
+        timed.start()
+        timed.join(timeout=10)
+        assert engine._queue.admitted == 1  # only the holder: the place is back while the model is busy
+        canceled = threading.Thread(target=run, args=("cancel",), kwargs={"cancelled": cancel.is_set})
+        canceled.start()
+        time.sleep(0.5)
+        assert "cancel" not in outcomes and engine.queue_length == 1  # waiting...
+        cancel.set()
+        canceled.join(timeout=10)
+        assert engine._queue.admitted == 1
+    finally:
+        give_back()
+    assert outcomes["deadline"][0] == "GenerationTimeoutError" and outcomes["deadline"][1] < 2, outcomes
+    assert outcomes["cancel"][0] == "GenerationCancelledError" and outcomes["cancel"][1] < 0.5 + 2, outcomes
+
+
+def test_an_admitted_job_holds_its_place_until_its_generation_ends(engine):
+    """Guards `/jobs/submit` never answering 429 (admission only when the job ran, so jobs were accepted
+    and then failed): a place taken at submit counts against SLAP_MAX_QUEUE before the job runs, the
+    generation uses that place instead of taking another, and ending (here: canceled before it
+    started) gives it back; releasing twice gives back nothing more."""
+    params = GenerationParams.defaults_for(engine.spec, num_inference_steps=1)
+    first, second = engine.admit(), engine.admit()
+    with pytest.raises(QueueFullError) as refused:
+        engine.admit()
+    assert refused.value.retry_after >= 1
+    with pytest.raises(GenerationCancelledError):
+        engine.generate_frames(params, cancelled=lambda: True, admission=first)
+    third = engine.admit()  # first's place
+    first.release()
+    with pytest.raises(QueueFullError):
+        engine.admit()
+    engine.generate_frames(params, admission=second)
+    third.release()
+    assert engine._queue.admitted == 0
 
 
 def test_names_match_whole_and_deletes_touch_only_the_adapter(engine, adapter_files, tmp_path):

@@ -10,7 +10,6 @@ most one swap per request ahead of it.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -28,6 +27,7 @@ from slapgen.engine.lora_slot import LoraSlot, lora_modules
 from slapgen.engine.params import EngineOptions, GenerationParams
 from slapgen.engine.placement import place_pipeline
 from slapgen.engine.quantization import choose_quantization, quantize_transformer
+from slapgen.engine.queue import Admission, GenerationQueue
 from slapgen.errors import GenerationCancelledError, GenerationTimeoutError, QueueFullError
 from slapgen.models.loading import ResolvedModel, load_pipeline
 from slapgen.models.specs import ModelSpec
@@ -37,38 +37,6 @@ StepCallback = Callable[[int, int], None]  # (steps done, total steps)
 # The slot holds at least this rank, so adapters up to it can be uploaded after start-up.
 DEFAULT_SLOT_RANK = 128
 MAX_SLOT_RANK = 1024
-
-
-class FifoLock:
-    """A lock granted in the order it was asked for (threading.Lock makes no such promise), admitting
-    at most `limit` holders and waiters at once."""
-
-    def __init__(self, limit: int | None = None) -> None:
-        self._condition = threading.Condition()
-        self._next_ticket = 0
-        self._serving = 0
-        self.limit = limit
-
-    def __enter__(self) -> "FifoLock":
-        with self._condition:
-            if self.limit is not None and self._next_ticket - self._serving >= self.limit:
-                raise QueueFullError(f"{self.limit} generations are running or waiting; try again later",
-                                     retry_after=1)
-            ticket = self._next_ticket
-            self._next_ticket += 1
-            self._condition.wait_for(lambda: self._serving == ticket)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        with self._condition:
-            self._serving += 1
-            self._condition.notify_all()
-
-    @property
-    def waiting(self) -> int:
-        """Requests holding a ticket that are not being served (the one running excluded)."""
-        with self._condition:
-            return max(0, self._next_ticket - self._serving - 1)
 
 
 def slot_rank_for(options: EngineOptions, model_name: str, modules: dict[str, tuple[int, int]]) -> int:
@@ -94,7 +62,7 @@ class VideoGenerator:
         self.compiled = compiled
         self.attention = attention
         self.step_cache = step_cache or StepCache(CacheSetting(), pipeline.transformer, [])
-        self._lock = FifoLock(max_queue)
+        self._queue = GenerationQueue(max_queue)
         self._last_duration_s = 1.0
 
     @classmethod
@@ -134,8 +102,14 @@ class VideoGenerator:
 
     @property
     def queue_length(self) -> int:
-        """Requests waiting for the pipeline (not counting the one running)."""
-        return self._lock.waiting
+        """Generations admitted and not running: waiting for the model, or submitted jobs not started yet."""
+        return self._queue.waiting
+
+    def admit(self) -> Admission:
+        """A place in this engine's queue (`max_queue` running + waiting), to pass to `generate_frames`;
+        QueueFullError when all are taken, with a retry time estimated from the last generation."""
+        retry_after = max(1, round(self._last_duration_s * (self.queue_length + 1)))
+        return self._queue.admit(retry_after)
 
     def info(self) -> dict:
         return {
@@ -155,75 +129,82 @@ class VideoGenerator:
 
     @contextmanager
     def activated(self, adapter: str | None, scale: float = 1.0) -> Iterator[torch.nn.Module]:
-        """The transformer with `adapter` (None: the base model) in the slot at `scale`, held under the
-        generation lock: for scoring the served model without generating (`slapgen eval`'s held-out loss)."""
+        """The transformer with `adapter` (None: the base model) in the slot at `scale`, holding the model
+        as a generation does (a queue place and its turn): for scoring the served model without generating
+        (`slapgen eval`'s held-out loss)."""
         loaded: LoadedAdapter | None = self.adapters.get(adapter) if adapter else None
-        with self._lock:
-            self.slot.activate(loaded, scale)
-            yield self.pipeline.transformer
+        admission = self.admit()
+        try:
+            with self._queue.turn(admission):
+                self.slot.activate(loaded, scale)
+                yield self.pipeline.transformer
+        finally:
+            admission.release()
 
     def generate_frames(self, params: GenerationParams, on_step: StepCallback | None = None,
-                        deadline: float | None = None, cancelled: Callable[[], bool] | None = None) -> np.ndarray:
+                        deadline: float | None = None, cancelled: Callable[[], bool] | None = None,
+                        admission: Admission | None = None) -> np.ndarray:
         """Run the pipeline; returns float frames in [0, 1] shaped (F, H, W, 3). A TIC-FT adapter generates
         from `params.condition_image` and returns the target frames (the whole clip when asked).
 
-        `deadline` (time.monotonic()) stops the generation between denoising steps, or before it starts
-        when it is reached in the queue, so a request the client gave up on never holds the model.
-        `cancelled()` is asked when the generation gets the model and after every denoising step; once
-        it says yes the generation ends there (no VAE decode) and the next request starts.
+        `admission` is the place in the queue taken earlier (`admit()`, when a job is submitted); without
+        one the generation is admitted here. Either way it is released when this returns or raises.
+        `deadline` (time.monotonic()) and `cancelled()` stop the generation alike: while it waits for the
+        model, or at the end of the denoising step in which they are seen (the last one included), by
+        raising out of the pipeline, so no VAE decode runs and the next request starts at once.
         Raises AdapterError, RequestError (a request the step cache or the adapter's layout cannot serve),
         QueueFullError, GenerationTimeoutError, GenerationCancelledError."""
+        admission = admission or self.admit()
+        try:
+            return self._generate(params, on_step, deadline, cancelled, admission)
+        finally:
+            admission.release()
+
+    def _generate(self, params: GenerationParams, on_step: StepCallback | None, deadline: float | None,
+                  cancelled: Callable[[], bool] | None, admission: Admission) -> np.ndarray:
         self.step_cache.check(params)
-        # Read the adapter (disk or LRU) before queueing, so disk I/O never holds the pipeline.
+        # Read the adapter (disk or LRU) before waiting for the model, so disk I/O never holds the pipeline.
         adapter: LoadedAdapter | None = self.adapters.get(params.adapter) if params.adapter else None
         ticft = TicftGeneration.for_request(params, adapter.ticft_layout if adapter else None)
-        timed_out = []
+        total = params.num_inference_steps
 
         def report_step(pipeline, index, timestep, tensors):
             if ticft is not None:
                 tensors = ticft.after_step(pipeline, index, tensors)
             if on_step is not None:
-                on_step(index + 1, params.num_inference_steps)
-            if cancelled is not None and index + 1 < params.num_inference_steps and cancelled():
-                # Raised out of the pipeline: the loop and the VAE decode end here. The slot and the
-                # compiled graph are untouched; the pipeline resets its loop state on its next call.
-                raise GenerationCancelledError(f"the job was cancelled after {index + 1} of "
-                                               f"{params.num_inference_steps} denoising steps")
-            if deadline is not None and time.monotonic() > deadline and index + 1 < params.num_inference_steps:
-                pipeline._interrupt = True  # diffusers' pipelines skip the remaining steps
-                timed_out.append(index + 1)
+                on_step(index + 1, total)
+            # Raised out of the pipeline: the loop and the VAE decode end here. The slot and the compiled
+            # graph are untouched; the pipeline resets its loop state on its next call.
+            if cancelled is not None and cancelled():
+                raise GenerationCancelledError(f"the job was canceled after {index + 1} of {total} denoising steps")
+            if deadline is not None and time.monotonic() > deadline:
+                raise GenerationTimeoutError(f"the request timed out after {index + 1} of {total} denoising "
+                                             "steps; it was stopped there")
             return tensors
 
         if cancelled is not None and cancelled():
-            raise GenerationCancelledError("the job was cancelled before it started")
-        try:
-            with self._lock:
-                if deadline is not None and time.monotonic() > deadline:
-                    raise GenerationTimeoutError("the request timed out while waiting for the model")
-                if cancelled is not None and cancelled():
-                    raise GenerationCancelledError("the job was cancelled before it started")
-                started = time.perf_counter()
-                self.slot.activate(adapter, params.adapter_scale)
-                self.step_cache.reset()
-                # A CPU generator gives the same noise on every device, so a seed reproduces anywhere.
-                generator = torch.Generator("cpu").manual_seed(params.seed)
-                with torch.inference_mode():
-                    start = {"latents": ticft.start(self.pipeline, params, generator)} if ticft is not None else {}
-                    output = self.pipeline(
-                        **params.pipeline_arguments(), **start, generator=generator, output_type="np", return_dict=True,
-                        callback_on_step_end=report_step,
-                    )
-                self._last_duration_s = time.perf_counter() - started
-        except QueueFullError as error:
-            # Worth retrying once the requests ahead have had time to run.
-            error.retry_after = max(1, round(self._last_duration_s * (self.queue_length + 1)))
-            raise
-        if timed_out:
-            raise GenerationTimeoutError(f"the request timed out after {timed_out[0]} of {params.num_inference_steps} "
-                                         "denoising steps; it was stopped there")
+            raise GenerationCancelledError("the job was canceled before it started")
+        with self._queue.turn(admission, deadline, cancelled):
+            if deadline is not None and time.monotonic() > deadline:
+                raise GenerationTimeoutError("the request timed out while waiting for the model")
+            if cancelled is not None and cancelled():
+                raise GenerationCancelledError("the job was canceled before it started")
+            started = time.perf_counter()
+            self.slot.activate(adapter, params.adapter_scale)
+            self.step_cache.reset()
+            # A CPU generator gives the same noise on every device, so a seed reproduces anywhere.
+            generator = torch.Generator("cpu").manual_seed(params.seed)
+            with torch.inference_mode():
+                start = {"latents": ticft.start(self.pipeline, params, generator)} if ticft is not None else {}
+                output = self.pipeline(
+                    **params.pipeline_arguments(), **start, generator=generator, output_type="np", return_dict=True,
+                    callback_on_step_end=report_step,
+                )
+            self._last_duration_s = time.perf_counter() - started
         frames = np.asarray(output.frames[0])
         return ticft.frames(frames) if ticft is not None else frames
 
     def generate_mp4(self, params: GenerationParams, path: Path, on_step: StepCallback | None = None,
-                     deadline: float | None = None, cancelled: Callable[[], bool] | None = None) -> Path:
-        return write_mp4(self.generate_frames(params, on_step, deadline, cancelled), path, params.fps)
+                     deadline: float | None = None, cancelled: Callable[[], bool] | None = None,
+                     admission: Admission | None = None) -> Path:
+        return write_mp4(self.generate_frames(params, on_step, deadline, cancelled, admission), path, params.fps)

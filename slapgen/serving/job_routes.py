@@ -3,15 +3,21 @@
 - `POST /jobs/submit` is BentoML's own route: it stores any body as a task and only the task finds
   out that the body was invalid, so a client polls a job that was never going to run. The body is
   checked here exactly as `/generate` would check it (schema, then the running model's limits,
-  template and adapter); a bad one is answered at once with slapgen's 400 shape. A good one is put on
-  the job board as soon as BentoML names its task id, before the client hears that id, so it can be
-  cancelled from its first moment.
+  template and adapter); a bad one is answered at once with slapgen's 400 shape. A good one takes its
+  place in the engine's queue here (`admit`), so a full queue is a 429 with Retry-After at submit,
+  as on `/generate`; the place travels to the job's handler in the request state (`ADMISSION_KEY`)
+  and is released when the generation ends, fails or is canceled, or when BentoML's handling of the
+  submit (the job included: BentoML runs it after answering) is over, whichever comes first. The job
+  is put on the job board as soon as BentoML names its task id, before the client hears that id, so
+  it can be canceled from its first moment.
 - `POST` (or BentoML's `PUT`) `/jobs/cancel?task_id=...`: BentoML's local task server refuses
-  cancelling (400), yet marked the job cancelled while it ran on. Here a queued job is cancelled at
-  once and never runs; a running one stops after its current denoising step (its worker reads the
-  board between steps, so any worker can take the cancel).
-- `GET /jobs/status` of a cancelled job says `canceled` (BentoML's store would say the task
-  completed, since the handler answered the cancellation itself); other jobs pass through.
+  cancelling (400), yet marked the job canceled while it ran on. Here a queued job is canceled at
+  once and never runs; a running one stops at the end of its current denoising step (its worker reads
+  the board after every step, so any worker can take the cancel); a finishing one is a 409.
+- `GET /jobs/status` of a canceled job says `canceled` (BentoML's store would say the task failed,
+  since the handler answered the cancellation itself); other jobs pass through.
+- `GET /jobs/status` and `/jobs/get` without a task id, with an unknown one, or (`/get`) of a job not
+  finished: BentoML answers `{"error"}` alone; here they are slapgen's shape, naming `task_id`.
 """
 
 from __future__ import annotations
@@ -24,24 +30,33 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from slapgen.engine.params import GenerationParams
+from slapgen.engine.queue import Admission
 from slapgen.errors import SlapgenError
 from slapgen.serving.body_limit import GENERATION_BODY_LIMIT, read_body, send_json
-from slapgen.serving.http_errors import error_body, status_for, validation_error_body
+from slapgen.serving.http_errors import error_body, error_response, validation_error_body
 from slapgen.serving.jobs import JobBoard
 from slapgen.serving.requests import GenerateRequest
 
 SUBMIT_PATH = "/jobs/submit"
 CANCEL_PATH = "/jobs/cancel"
 STATUS_PATH = "/jobs/status"
+RESULT_PATH = "/jobs/get"
+# Where the submit's queue place waits for the job's handler: BentoML runs the job with the submit's
+# own request, whose state is this scope's "state".
+ADMISSION_KEY = "slapgen_admission"
+MISSING_TASK_ID = "give the job as ?task_id=... (the id /jobs/submit answered)"
 
 
 class JobRoutes:
-    """`check(request)` returns what `/generate` would run for this body, or raises what it would raise
-    (it runs in a worker thread); `board` is the service's shared job board."""
+    """`check(request)` returns what `/generate` would run for this body, or raises what it would raise;
+    `admit()` takes a place in the engine's queue or raises QueueFullError (both run in a worker
+    thread); `board` is the service's shared job board."""
 
-    def __init__(self, app, check: Callable[[GenerateRequest], GenerationParams], board: JobBoard):
+    def __init__(self, app, check: Callable[[GenerateRequest], GenerationParams], admit: Callable[[], Admission],
+                 board: JobBoard):
         self.app = app
         self.check = check
+        self.admit = admit
         self.board = board
 
     async def __call__(self, scope, receive, send):
@@ -50,12 +65,16 @@ class JobRoutes:
         if path == SUBMIT_PATH and method == "POST":
             return await self._submit(scope, receive, send)
         if path == CANCEL_PATH and method in ("POST", "PUT"):
-            return await self._cancel(scope, send)
-        if path == STATUS_PATH and method == "GET":
+            return await self._cancel(scope, receive, send)
+        if path in (STATUS_PATH, RESULT_PATH) and method == "GET":
             task_id = _task_id(scope)
-            job = await run_in_threadpool(self.board.get, task_id) if task_id else None
-            if job is not None and job["state"] == "cancelled":
-                return await send_json(send, 200, {"task_id": task_id, "status": "canceled"})
+            if not task_id:
+                return await send_json(send, 400, error_body(MISSING_TASK_ID, "task_id"))
+            if path == STATUS_PATH:
+                job = await run_in_threadpool(self.board.get, task_id)
+                if job is not None and job["state"] == "canceled":
+                    return await send_json(send, 200, {"task_id": task_id, "status": "canceled"})
+            return await self.app(scope, receive, _in_our_error_shape(send, task_id))
         await self.app(scope, receive, send)
 
     async def _submit(self, scope, receive, send):
@@ -65,7 +84,12 @@ class JobRoutes:
         except ValidationError as error:
             return await send_json(send, 400, validation_error_body(error))
         except SlapgenError as error:
-            return await send_json(send, status_for(error), error_body(str(error), error.field))
+            return await error_response(error)(scope, receive, send)
+        try:
+            admission = await run_in_threadpool(self.admit)
+        except SlapgenError as error:  # QueueFullError: 429 with Retry-After
+            return await error_response(error)(scope, receive, send)
+        scope.setdefault("state", {})[ADMISSION_KEY] = admission
         # Hold BentoML's answer until the board knows the task id it carries.
         messages: list[dict] = []
 
@@ -85,17 +109,53 @@ class JobRoutes:
                     await send(held)
                 messages.clear()
 
-        await self.app(scope, replay, held_send)
+        try:
+            await self.app(scope, replay, held_send)  # returns once the job BentoML runs after answering is over
+        finally:
+            admission.release()  # a job that never ran (or a refused submit) gives its place back
 
-    async def _cancel(self, scope, send):
+    async def _cancel(self, scope, receive, send):
         task_id = _task_id(scope)
         if not task_id:
-            return await send_json(send, 400, error_body("give the job to cancel as ?task_id=...", "task_id"))
+            return await send_json(send, 400, error_body(MISSING_TASK_ID, "task_id"))
         try:
             job = await run_in_threadpool(self.board.cancel, task_id)
         except SlapgenError as error:
-            return await send_json(send, status_for(error), error_body(str(error), error.field))
+            return await error_response(error)(scope, receive, send)
         await send_json(send, 200, {"task_id": task_id, "state": job["state"]})
+
+
+def _in_our_error_shape(send, task_id: str):
+    """A `send` that rewrites BentoML's own 400 / 404 answers on the task routes (`{"error"}` alone) into
+    slapgen's shape; answers already in it (a failed job's stored error) pass unchanged."""
+    held: list[dict] = []
+
+    async def rewriting_send(message):
+        if message["type"] == "http.response.start" and message["status"] in (400, 404):
+            held.append(message)
+            return
+        if not held:
+            return await send(message)
+        held.append(message)
+        if message.get("more_body", False):
+            return
+        start, body = held[0], b"".join(m.get("body", b"") for m in held[1:])
+        try:
+            answer = json.loads(body)
+        except ValueError:
+            answer = None
+        if isinstance(answer, dict) and "detail" in answer:
+            for kept in held:
+                await send(kept)
+            return
+        if start["status"] == 404:
+            message = (f"no job {task_id!r} is known: it was never submitted, or its result is gone (results are "
+                       "kept 24 hours and a restart of the server forgets them; /jobs/progress may say more)")
+        else:
+            message = f"job {task_id} has not finished yet; /jobs/progress?task_id={task_id} says how far it is"
+        await send_json(send, start["status"], error_body(message, "task_id"))
+
+    return rewriting_send
 
 
 def _task_id(scope) -> str | None:

@@ -2,11 +2,18 @@
 
 BentoML's task store knows pending / completed / failed; this board adds what it cannot: which
 denoising step a running job is on, the reason a job failed inside the handler, and cancellation
-(BentoML's local task server refuses it). A job's state goes queued -> running -> completed | failed;
-a cancel turns a queued job into cancelled at once (it never runs) and a running one into cancelling,
-which the job's own worker sees after its next denoising step and ends as cancelled. It lives in one
-SQLite file (`SLAP_CACHE_DIR/jobs.sqlite` in the service), so with several workers any of them
-answers `/jobs/progress` for a job another one runs; without a path it is in memory (tests).
+(BentoML's local task server refuses it). A job's state goes queued -> running -> finishing (its last
+denoising step is done: VAE decode and mp4) -> completed, or failed at any point. A cancel turns a
+queued job into canceled at once (it never runs) and a running one into canceling, which the job's
+own worker sees at the end of its current denoising step and ends as canceled; a finishing job can
+no longer be canceled (JobFinishingError). States are spelled as BentoML's `/jobs/status` spells
+them (`canceled`), so a client reads one word in both places.
+
+It lives in one SQLite file (`SLAP_CACHE_DIR/jobs.sqlite` in the service), so with several workers
+any of them answers `/jobs/progress` for a job another one runs; without a path it is in memory
+(tests). A job's work lives only in the server that runs it, so every row records its server's pid
+(`owner`); when a server starts, `end_orphaned` fails every unfinished job whose server is no longer
+alive (a `kill -9`, a crash), and leaves alone those of another live server sharing the board.
 """
 
 from __future__ import annotations
@@ -14,19 +21,25 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from slapgen.errors import JobFinishedError, JobNotFoundError
+from slapgen.errors import JobFinishedError, JobFinishingError, JobNotFoundError
+from slapgen.lifetime import process_alive
 
 MAX_TRACKED_JOBS = 10_000
 COLUMNS = ("task_id", "state", "step", "total_steps", "error", "updated_at")
+ENDED = ("completed", "failed", "canceled")
+UNFINISHED = ("queued", "running", "canceling", "finishing")
 
 
 class JobBoard:
-    def __init__(self, path: Path | str | None = None, max_jobs: int = MAX_TRACKED_JOBS):
+    """`owner`: the pid of the server whose workers write through this board (None: unknown)."""
+
+    def __init__(self, path: Path | str | None = None, max_jobs: int = MAX_TRACKED_JOBS, owner: int | None = None):
         self._max_jobs = max_jobs
+        self._owner = owner
         self._lock = threading.Lock()
         if path is None:
             self._shared = sqlite3.connect(":memory:", check_same_thread=False)
@@ -39,7 +52,12 @@ class JobBoard:
             if self._path is not None:
                 db.execute("PRAGMA journal_mode=WAL")  # readers never block the worker writing steps
             db.execute("CREATE TABLE IF NOT EXISTS jobs (task_id TEXT PRIMARY KEY, state TEXT, step INTEGER, "
-                       "total_steps INTEGER, error TEXT, updated_at REAL)")
+                       "total_steps INTEGER, error TEXT, updated_at REAL, owner INTEGER)")
+            if "owner" not in {row[1] for row in db.execute("PRAGMA table_info(jobs)")}:  # a board from before owners
+                db.execute("ALTER TABLE jobs ADD COLUMN owner INTEGER")
+            # Boards written before the states took BentoML's spelling.
+            db.execute("UPDATE jobs SET state = 'canceled' WHERE state = 'cancelled'")
+            db.execute("UPDATE jobs SET state = 'canceling' WHERE state = 'cancelling'")
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -55,9 +73,13 @@ class JobBoard:
         finally:
             db.close()
 
+    def _insert(self, db: sqlite3.Connection, task_id: str, total_steps: int) -> None:
+        db.execute("INSERT OR IGNORE INTO jobs (task_id, state, step, total_steps, error, updated_at, owner) "
+                   "VALUES (?, 'queued', 0, ?, NULL, ?, ?)", (task_id, total_steps, time.time(), self._owner))
+
     def _update(self, task_id: str, **changes) -> None:
         with self._lock, self._connect() as db:
-            db.execute("INSERT OR IGNORE INTO jobs VALUES (?, 'queued', 0, 0, NULL, ?)", (task_id, time.time()))
+            self._insert(db, task_id, 0)
             assignments = ", ".join(f"{column} = ?" for column in changes)
             db.execute(f"UPDATE jobs SET {assignments}, updated_at = ? WHERE task_id = ?",
                        (*changes.values(), time.time(), task_id))
@@ -67,44 +89,62 @@ class JobBoard:
     def submitted(self, task_id: str, total_steps: int) -> None:
         """Known from submission on, so a job can be cancelled before its handler starts."""
         with self._lock, self._connect() as db:
-            db.execute("INSERT OR IGNORE INTO jobs VALUES (?, 'queued', 0, ?, NULL, ?)", (task_id, total_steps, time.time()))
+            self._insert(db, task_id, total_steps)
 
     def queued(self, task_id: str, total_steps: int) -> None:
         with self._lock, self._connect() as db:
-            db.execute("INSERT OR IGNORE INTO jobs VALUES (?, 'queued', 0, ?, NULL, ?)", (task_id, total_steps, time.time()))
+            self._insert(db, task_id, total_steps)
             db.execute("UPDATE jobs SET total_steps = ?, updated_at = ? WHERE task_id = ?", (total_steps, time.time(), task_id))
 
     def step(self, task_id: str, step: int, total_steps: int) -> None:
         with self._lock, self._connect() as db:
-            # A cancel that arrived meanwhile stays visible: only a queued or running job becomes running.
-            db.execute("UPDATE jobs SET state = CASE WHEN state IN ('queued', 'running') THEN 'running' ELSE state END, "
-                       "step = ?, total_steps = ?, updated_at = ? WHERE task_id = ?", (step, total_steps, time.time(), task_id))
+            # A cancel that arrived meanwhile stays visible: only a queued or running job moves on, to
+            # finishing once its last denoising step is done (a cancel can then no longer stop it).
+            moved_on = "finishing" if step >= total_steps else "running"
+            db.execute("UPDATE jobs SET state = CASE WHEN state IN ('queued', 'running') THEN ? ELSE state END, "
+                       "step = ?, total_steps = ?, updated_at = ? WHERE task_id = ?",
+                       (moved_on, step, total_steps, time.time(), task_id))
 
     def cancel(self, task_id: str) -> dict:
-        """Ask a job to stop: a queued job is cancelled now, a running one is marked cancelling.
-        Raises JobNotFoundError, JobFinishedError (completed, failed or already cancelled)."""
+        """Ask a job to stop: a queued job is canceled now, a running one is marked canceling.
+        Raises JobNotFoundError, JobFinishedError (completed, failed or already canceled) and
+        JobFinishingError (its denoising is done: it will complete)."""
         with self._lock, self._connect() as db:
             row = db.execute("SELECT state FROM jobs WHERE task_id = ?", (task_id,)).fetchone()
             if row is None:
                 raise JobNotFoundError(f"no job {task_id!r} is known", "task_id")
-            if row[0] in ("completed", "failed", "cancelled"):
+            if row[0] in ENDED:
                 raise JobFinishedError(f"job {task_id} already ended ({row[0]})", "task_id")
-            new_state = "cancelled" if row[0] == "queued" else "cancelling"
+            if row[0] == "finishing":
+                raise JobFinishingError(f"job {task_id} is already finishing: its denoising is done and it will "
+                                        "complete in a moment", "task_id")
+            new_state = "canceled" if row[0] == "queued" else "canceling"
             db.execute("UPDATE jobs SET state = ?, updated_at = ? WHERE task_id = ?", (new_state, time.time(), task_id))
         return self.get(task_id)
 
     def cancel_requested(self, task_id: str) -> bool:
         job = self.get(task_id)
-        return job is not None and job["state"] in ("cancelling", "cancelled")
+        return job is not None and job["state"] in ("canceling", "canceled")
 
-    def cancelled(self, task_id: str, error: str) -> None:
-        self._update(task_id, state="cancelled", error=error)
+    def canceled(self, task_id: str, error: str) -> None:
+        self._update(task_id, state="canceled", error=error)
 
     def completed(self, task_id: str) -> None:
         self._update(task_id, state="completed")
 
     def failed(self, task_id: str, error: str) -> None:
         self._update(task_id, state="failed", error=error)
+
+    def end_orphaned(self, reason: str, alive: Callable[[int], bool] = process_alive) -> int:
+        """Fail, with `reason`, every unfinished job whose server is gone (or unknown); returns how many.
+        Their work died with that server: nothing will ever finish them."""
+        marks = ", ".join("?" for _ in UNFINISHED)
+        with self._lock, self._connect() as db:
+            rows = db.execute(f"SELECT task_id, owner FROM jobs WHERE state IN ({marks})", UNFINISHED).fetchall()
+            orphans = [task_id for task_id, owner in rows if owner is None or not alive(owner)]
+            db.executemany("UPDATE jobs SET state = 'failed', error = ?, updated_at = ? WHERE task_id = ?",
+                           [(reason, time.time(), task_id) for task_id in orphans])
+        return len(orphans)
 
     def get(self, task_id: str) -> dict | None:
         with self._lock, self._connect() as db:

@@ -98,7 +98,7 @@ EXTRA_PATHS = {
         "summary": "cancel a job: a queued one never runs, a running one stops after its current denoising step",
         "tags": ["slapgen"],
         "parameters": [{"name": "task_id", "in": "query", "required": True, "schema": {"type": "string"}}],
-        "responses": {**_json_ok("task_id and state: cancelled, or cancelling until the running step ends"),
+        "responses": {**_json_ok("task_id and state: canceled, or canceling until the running step ends (409 once the job is finishing)"),
                       **_errors(400, 404, 409)},
     }},
     "/studio": {"get": {"summary": "the web studio: generate, compare, blind-rate (an HTML page)", "tags": ["studio"],

@@ -29,6 +29,7 @@ from prompts import PromptLibrary
 from slapgen.errors import SlapgenError, first_line
 from slapgen.serving.http_errors import error_response, plain_error
 from slapgen.serving.body_limit import BodyTooLarge
+from slapgen.serving.job_routes import MISSING_TASK_ID
 from slapgen.serving.jobs import JobBoard
 from slapgen.serving.ratings import RatingStore
 from slapgen.serving.requests import request_limits
@@ -99,7 +100,7 @@ def build_routes(
     async def job_progress(request: Request) -> JSONResponse:
         task_id = request.query_params.get("task_id")
         if not task_id:
-            return plain_error(400, "task_id is required", "task_id")
+            return plain_error(400, MISSING_TASK_ID, "task_id")
         progress = jobs.get(task_id)
         if progress is None:
             return plain_error(404, f"no job {task_id} has started here; /jobs/status tells whether it exists", "task_id")

@@ -8,16 +8,14 @@ watches and reaps processes.
 
 from __future__ import annotations
 
-import ctypes
 import os
-import signal
 import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-_PR_SET_PDEATHSIG = 1
+from slapgen.lifetime import parent_death_call
 
 
 @dataclass(frozen=True)
@@ -30,14 +28,13 @@ class Job:
 def _die_with_parent_hook() -> Callable[[], None] | None:
     """A preexec function asking the kernel to SIGKILL the child when this process ends, or None where
     prctl does not exist. `prctl` is looked up here, in the parent: the child only makes the call."""
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
+    ask = parent_death_call()
+    if ask is None:
         return None
     parent = os.getpid()
 
     def hook() -> None:
-        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        ask()
         if os.getppid() != parent:  # the parent died before prctl took effect
             os._exit(1)
 

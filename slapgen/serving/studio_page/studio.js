@@ -59,7 +59,7 @@ async function runJob(body, onProgress) {
         const eta = done > 0 ? ((performance.now() - firstStepAt) / 1000 / done) * (total - step) : null;
         onProgress(step, total, eta);
       }
-      if (jobState === "cancelled") throw new Cancelled(progress.error || "cancelled");
+      if (jobState === "canceled") throw new Cancelled(progress.error || "cancelled");
       if (jobState === "failed") throw new ApiError(progress.error || "the job failed");
       if (jobState === "completed") {
         onProgress(total, total, 0);

@@ -1,0 +1,47 @@
+"""Child processes that die with their parent (Linux `PR_SET_PDEATHSIG`).
+
+A parent killed with SIGKILL cannot stop its children; without this they live on, holding the port,
+the model and the job they were running, and a restart races with them. The kernel sends the child
+SIGKILL as soon as its parent ends. Elsewhere (no `prctl`) nothing is asked and nothing changes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+from collections.abc import Callable
+
+_PR_SET_PDEATHSIG = 1
+
+
+def parent_death_call() -> Callable[[], None] | None:
+    """A function that asks the kernel to SIGKILL the calling process when its parent ends, or None
+    where prctl does not exist. `prctl` is looked up now, so the call itself is safe in a preexec hook."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    return lambda: prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Make this process end when its parent ends; end it now if `parent_pid`, the parent it was started
+    by, has already ended (the request only covers a parent alive when it is made). A live `parent_pid`
+    that is not the parent (a launcher in between) is not a reason to end."""
+    ask = parent_death_call()
+    if ask is None:
+        return
+    ask()
+    if os.getppid() != parent_pid and not process_alive(parent_pid):
+        os._exit(1)

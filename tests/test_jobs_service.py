@@ -1,0 +1,234 @@
+"""Deadlines, queue admission and the job routes' answers against a real `bentoml serve` with a short
+request timeout (5 s) and a queue of 2. Each server here has its own SLAP_CACHE_DIR (a copy of the tiny
+model), so its job board is its own."""
+
+from __future__ import annotations
+
+import shutil
+import time
+
+import httpx
+import pytest
+
+from tests.conftest import start_server, stop_server
+
+TIMEOUT_S = 5
+LONG = {"prompt": "a power slap", "num_inference_steps": 200, "num_frames": 49}  # about a minute on 2 cores
+SHORT = {"prompt": "a power slap", "num_inference_steps": 1}
+
+
+def own_cache_dir(folder, tiny_cache_dir):
+    """A SLAP_CACHE_DIR holding a copy of the session's tiny model, so this server's job board is its own."""
+    from slapgen.models.tiny import materialise_tiny_model
+
+    model = materialise_tiny_model(tiny_cache_dir)
+    cache = folder / "cache"
+    shutil.copytree(model, cache / model.relative_to(tiny_cache_dir))
+    return cache
+
+
+@pytest.fixture(scope="module")
+def limited_server(tmp_path_factory, tiny_cache_dir):
+    folder = tmp_path_factory.mktemp("limited-server")
+    server = start_server(folder, SLAP_MODEL="tiny", SLAP_CACHE_DIR=str(own_cache_dir(folder, tiny_cache_dir)),
+                          SLAP_ADAPTERS_DIR=str(folder / "adapters"), SLAP_REQUEST_TIMEOUT_S=str(TIMEOUT_S),
+                          SLAP_MAX_QUEUE="2")
+    yield server
+    stop_server(server)
+
+
+def _assert_our_error(response: httpx.Response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error", "detail"} and isinstance(body["error"], str) and body["error"].endswith(tuple("abcdefghijklmnopqrstuvwxyz)")), body
+    return body
+
+
+def _queue(server) -> int:
+    return httpx.get(f"{server.url}/info", timeout=30).json()["queue"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("route", ["/generate", "/jobs"])
+def test_a_request_past_its_deadline_gets_our_504_once_the_model_is_free(limited_server, route):
+    """Guards BentoML's own 504 (`{"error"}` without `detail`) answered while the generation ran on, so
+    the next request waited for it (24 s instead of 5 s), and the plain `POST /jobs` route, which had no
+    deadline at all: past SLAP_REQUEST_TIMEOUT_S the generation stops at the end of a step (no decode),
+    the client gets slapgen's 504, and by then the model is free for the next request."""
+    started = time.monotonic()
+    response = httpx.post(f"{limited_server.url}{route}", json=LONG, timeout=120)
+    elapsed = time.monotonic() - started
+    body = _assert_our_error(response, 504)
+    assert "timed out after" in body["error"] and "of 200 denoising steps" in body["error"], body
+    assert TIMEOUT_S <= elapsed < TIMEOUT_S + 15, elapsed
+    assert _queue(limited_server) == 0  # nothing still runs behind the 504
+    # Within its own 5 s deadline: it never waits behind the stopped generation (about a minute more).
+    after = httpx.post(f"{limited_server.url}/generate", json=SHORT, timeout=120)
+    assert after.status_code == 200, after.text
+
+
+def _submit(server, body) -> httpx.Response:
+    return httpx.post(f"{server.url}/jobs/submit", json=body, timeout=30)
+
+
+def _progress(server, task_id: str) -> dict:
+    return httpx.get(f"{server.url}/jobs/progress", params={"task_id": task_id}, timeout=30).json()
+
+
+def _wait_for(server, task_id: str, states: set[str], timeout_s: float = 120) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        progress = _progress(server, task_id)
+        if progress["state"] in states:
+            return progress
+        time.sleep(0.05)
+    raise AssertionError(f"job {task_id} never reached {states}: {progress}")
+
+
+@pytest.mark.slow
+def test_submit_answers_429_with_retry_after_when_the_queue_is_full_and_a_canceled_job_frees_its_place(limited_server):
+    """Guards `/jobs/submit` never answering 429 (with SLAP_MAX_QUEUE=2, six submits got 200 and four then
+    failed in 0.3 s with "try again later"): a job takes its queue place at submit, so the third submit
+    is a 429 with Retry-After in slapgen's shape, and a canceled job, queued or running, gives its place
+    back at once. Submitted jobs have no deadline: the running one outlives SLAP_REQUEST_TIMEOUT_S."""
+    first, second = _submit(limited_server, LONG), _submit(limited_server, LONG)
+    assert first.status_code == 200 and second.status_code == 200, (first.text, second.text)
+    running, queued = first.json()["task_id"], second.json()["task_id"]
+    refused = _submit(limited_server, LONG)
+    body = _assert_our_error(refused, 429)
+    assert int(refused.headers["retry-after"]) >= 1 and "try again later" in body["error"]
+    assert _queue(limited_server) == 1  # one running, one waiting
+
+    _wait_for(limited_server, running, {"running"})
+    time.sleep(TIMEOUT_S + 1)
+    assert _progress(limited_server, running)["state"] == "running"  # no deadline for a submitted job
+    assert httpx.post(f"{limited_server.url}/jobs/cancel", params={"task_id": queued}).json()["state"] == "canceled"
+    again = _submit(limited_server, SHORT)  # the queued job's place
+    assert again.status_code == 200, again.text
+    assert _submit(limited_server, SHORT).status_code == 429
+    assert httpx.post(f"{limited_server.url}/jobs/cancel", params={"task_id": running}).json()["state"] == "canceling"
+    assert _wait_for(limited_server, running, {"canceled", "failed", "completed"})["state"] == "canceled"
+    short = again.json()["task_id"]
+    assert _wait_for(limited_server, short, {"completed", "failed", "canceled"})["state"] == "completed"
+    assert _wait_for(limited_server, queued, {"canceled", "failed", "completed", "running"})["step"] == 0
+    assert _queue(limited_server) == 0
+    for task_id in (running, queued):  # one spelling in both places
+        status = httpx.get(f"{limited_server.url}/jobs/status", params={"task_id": task_id}).json()["status"]
+        assert status == _progress(limited_server, task_id)["state"] == "canceled"
+
+
+@pytest.mark.slow
+def test_job_status_and_result_errors_are_in_our_shape(limited_server):
+    """Guards BentoML's own answers on its task routes (`{"error": "task_id not found"}` without `detail`):
+    a missing task id is a 400, an unknown one a 404, and the result of a job not finished a 400, each
+    a sentence naming `task_id`."""
+    for route in ("/jobs/status", "/jobs/get"):
+        missing = _assert_our_error(httpx.get(f"{limited_server.url}{route}", timeout=30), 400)
+        unknown = _assert_our_error(httpx.get(f"{limited_server.url}{route}", params={"task_id": "no-such-job"},
+                                              timeout=30), 404)
+        assert missing["detail"][0]["loc"] == ["task_id"] and "no-such-job" in unknown["error"]
+    task_id = _submit(limited_server, LONG).json()["task_id"]
+    try:
+        not_yet = _assert_our_error(httpx.get(f"{limited_server.url}/jobs/get", params={"task_id": task_id}), 400)
+        assert "has not finished yet" in not_yet["error"]
+    finally:
+        httpx.post(f"{limited_server.url}/jobs/cancel", params={"task_id": task_id})
+    _wait_for(limited_server, task_id, {"canceled", "failed", "completed"})
+    canceled = _assert_our_error(httpx.get(f"{limited_server.url}/jobs/get", params={"task_id": task_id}), 409)
+    assert "canceled" in canceled["error"]
+
+
+def _alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.slow
+def test_after_kill_9_the_workers_die_and_a_restart_on_the_same_port_fails_the_dead_jobs(tmp_path, tiny_cache_dir):
+    """Guards two crash bugs: `kill -9` of `bentoml serve` left its workers alive (their own process
+    groups) holding the port, the model and the job, so a restart died in BentoML's SQLite store; and
+    after a restart the job board kept the dead jobs `running` / `queued` / `cancelling` forever. Now
+    the worker dies with its server, the restart on the same port serves, and every job of the dead
+    server is `failed` with the reason."""
+    import os
+    import signal
+
+    cache = own_cache_dir(tmp_path, tiny_cache_dir)
+    env = dict(SLAP_MODEL="tiny", SLAP_CACHE_DIR=str(cache), SLAP_ADAPTERS_DIR=str(tmp_path / "adapters"))
+    first = start_server(tmp_path, **env)
+    worker = httpx.get(f"{first.url}/info", timeout=30).json()["worker_pid"]
+    port = int(first.url.rsplit(":", 1)[1])
+    second = None
+    try:
+        running, queued, canceled = (_submit(first, LONG).json()["task_id"] for _ in range(3))
+        _wait_for(first, running, {"running"})
+        assert httpx.post(f"{first.url}/jobs/cancel", params={"task_id": canceled}).json()["state"] == "canceled"
+        # Killed while the running job is canceling: a step of this size takes far longer than this.
+        assert httpx.post(f"{first.url}/jobs/cancel", params={"task_id": running}).json()["state"] == "canceling"
+        os.kill(first.process.pid, signal.SIGKILL)
+        first.process.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while _alive(worker) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _alive(worker), "the worker outlived its server"
+
+        second = start_server(tmp_path, port=port, **env)
+        for task_id in (running, queued):
+            job = _progress(second, task_id)
+            assert job["state"] == "failed" and "the server restarted" in job["error"], job
+        assert _progress(second, canceled)["state"] == "canceled"  # it had ended: left as it was
+        assert httpx.post(f"{second.url}/generate", json=SHORT, timeout=120).status_code == 200
+    finally:
+        for server in (first, second):
+            if server is not None:
+                stop_server(server)
+        if _alive(worker):  # only if the test failed: end what it started
+            os.kill(worker, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_readme_python_client_generates_and_runs_a_job_against_the_server(tiny_server, tmp_path):
+    """Guards Python clients without a working path to jobs (bentoml 1.4.40's `SyncHTTPClient.submit`
+    fails with `_opened_files`): README's Python snippet, run as written against a real server, writes
+    the clip of `/generate` and the job's mp4, both decodable videos of the requested frames, and a
+    job's failure reaches the caller as an exception carrying slapgen's sentence."""
+    import re
+    import subprocess
+    import sys
+
+    from slapgen.video import read_mp4
+    from tests.conftest import REPO_ROOT, offline_env
+
+    blocks = re.findall(r"```python\n(.*?)```", (REPO_ROOT / "README.md").read_text(), flags=re.S)
+    snippet = next(block for block in blocks if "AsyncHTTPClient" in block)
+    assert 'URL = "http://127.0.0.1:3000"' in snippet
+    # The session's server (no 5 s deadline: the default-size clip may take longer on a busy machine).
+    script = snippet.replace('URL = "http://127.0.0.1:3000"', f'URL = "{tiny_server.url}"')
+    # The same client against a job that fails inside the server (canceled as soon as it runs).
+    script += '''
+async def canceled_job():
+    async with bentoml.AsyncHTTPClient(URL, timeout=60) as client:
+        task = await client.jobs.submit({"prompt": "a power slap", "num_inference_steps": 200})
+        await task.cancel()
+        while (await task.get_status()).value in ("pending", "in_progress"):
+            await asyncio.sleep(0.1)
+        try:
+            await task.get()
+        except bentoml.exceptions.BentoMLException as error:
+            print("RAISED", error)
+
+
+asyncio.run(canceled_job())
+'''
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=offline_env(tmp_path),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "step" in result.stdout and "RAISED" in result.stdout and "canceled" in result.stdout, result.stdout
+    for name in ("clip.mp4", "job.mp4"):
+        frames = read_mp4(tmp_path / name)[0]
+        assert frames.shape[0] == 9, (name, frames.shape)  # tiny's default clip length
