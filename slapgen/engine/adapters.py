@@ -215,10 +215,12 @@ def lora_config(name: str, header: Header, ranks: dict[str, int]):
             problems.append(f"{option} is not supported")
     if config.alpha_pattern:
         problems.append("per-module alphas (alpha_pattern) are not supported")
-    if not all(positive(rank) for rank in (config.rank_pattern or {}).values()):
-        problems.append("rank_pattern values must be positive numbers")
+    rank_pattern = config.rank_pattern or {}
+    if not isinstance(rank_pattern, dict) or not all(positive(rank) for rank in rank_pattern.values()):
+        problems.append("rank_pattern must map modules to positive numbers")
     targets = config.target_modules
-    if targets is not None and not isinstance(targets, str) and not all(isinstance(t, str) for t in targets):
+    if not (targets is None or isinstance(targets, str)
+            or isinstance(targets, (list, set)) and all(isinstance(target, str) for target in targets)):
         problems.append("target_modules must be module names")
     if problems:
         raise AdapterError(f"adapter {name}: {'; '.join(problems)}", field="adapter")
@@ -234,7 +236,7 @@ def check_slapgen_metadata(name: str, metadata: dict[str, str]) -> None:
                 value = kind(metadata[key])
             except ValueError:
                 value = None
-            if value is None or value < 0 or not math.isfinite(value):
+            if value is None or not 0 <= value < 2**63:  # NaN and infinity fail the comparison too
                 raise AdapterError(f"adapter {name}: metadata {key}={shown(metadata[key], 40)} is not a valid number",
                                    field="adapter")
 
