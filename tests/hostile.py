@@ -343,10 +343,11 @@ def random_image(rng: random.Random) -> tuple[str, bytes]:
     if width * height > 2**20:  # claimed, not real: a header with no (or no matching) pixel data
         return f"png claims {width}x{height}", png_bytes(width, height,
                                                         colour=rng.choice([0, 2, 6]))
-    mode = rng.choice(["1", "L", "LA", "P", "RGB", "RGBA", "I;16", "CMYK"])
+    jpeg_fits = max(width, height) <= 65500  # the largest side JPEG can store
+    mode = rng.choice(["1", "L", "LA", "P", "RGB", "RGBA", "I;16", *(["CMYK"] if jpeg_fits else [])])
     pixels = Image.fromarray(_pattern(width, height, rng.randrange(1000)))
     image = pixels.convert("L").convert("I;16") if mode == "I;16" else pixels.convert(mode)
-    format = "JPEG" if mode in ("L", "RGB", "CMYK") and rng.random() < 0.5 else "PNG"
+    format = "JPEG" if mode == "CMYK" or jpeg_fits and mode in ("L", "RGB") and rng.random() < 0.5 else "PNG"
     options = {"save_all": True, "append_images": [pixels.convert(image.mode)]} \
         if format == "PNG" and mode != "I;16" and rng.random() < 0.2 else {}
     data = _encoded(image, format, **options)
