@@ -65,8 +65,11 @@ class Header:
 
 
 def shown(text: str, limit: int = 80) -> str:
-    """`text` quoted for an error message, cut to `limit` characters: a hostile file's names and values can
-    be megabytes long or hold line breaks, and a message is one line."""
+    """`text` for an error message: as it is when short and printable, else quoted and cut to `limit`
+    characters (a hostile file's names and values can be megabytes long or hold line breaks, and a
+    message is one line)."""
+    if len(text) <= limit and text.isprintable():
+        return text
     return repr(text[:limit]) + ("..." if len(text) > limit else "")
 
 
