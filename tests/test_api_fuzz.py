@@ -31,7 +31,7 @@ JSON_ROUTES = ["/generate", "/jobs", "/jobs/submit", "/prompts/render"]
 # mutations of a good adapter, and one bad diffusers LoRA folder, beside a good adapter and a TIC-FT one.
 MUTATED_IN_FOLDER = 12
 RANDOM_UPLOADS = 16
-RANDOM_IMAGES = 12
+RANDOM_IMAGES = 6
 
 
 @pytest.fixture(scope="module")
