@@ -32,7 +32,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 def decode_image(data: bytes) -> np.ndarray:
     """PNG or JPEG bytes -> RGB uint8 (H, W, 3), EXIF rotation applied; ImageError otherwise."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import Image, ImageOps
 
     if len(data) > MAX_IMAGE_BYTES:
         raise ImageError(f"the image is larger than {MAX_IMAGE_BYTES // 1024**2} MiB")
@@ -47,7 +47,8 @@ def decode_image(data: bytes) -> np.ndarray:
             rgb = upright.convert("RGB")
     except ImageError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError, EOFError) as error:
+    except Exception as error:  # noqa: BLE001 - Pillow promises no error types: UnidentifiedImageError, OSError,
+        # SyntaxError, ValueError, EOFError, and struct.error from a damaged EXIF block re-packed by exif_transpose
         raise ImageError(f"the image is not a PNG or JPEG that can be decoded ({first_line(error, 120)})") from None
     return np.asarray(rgb, dtype=np.uint8)
 

@@ -320,6 +320,10 @@ def hostile_images() -> dict[str, bytes]:
         "jpeg-grey": _encoded(rgb.convert("L"), "JPEG"),
         "jpeg-progressive": _encoded(rgb, "JPEG", progressive=True),
         "jpeg-exif-rotated": _encoded(rgb, "JPEG", exif=exif),
+        # EXIF rotation 6 beside a SampleFormat tag (0x0153) holding text: Pillow's exif_transpose raised
+        # struct.error re-packing it (found by fuzzing the EXIF block)
+        "jpeg-exif-damaged": _encoded(rgb, "JPEG", exif=bytes.fromhex(
+            "4578696600004d4d002a000000080002015300020000000463616d0001120003000000010006000000000000")),
         # animated, truncated, other formats
         "apng-animated": _encoded(animated[0], "PNG", save_all=True, append_images=animated[1:], duration=100),
         "png-truncated": good_png[: len(good_png) // 2],

@@ -24,6 +24,7 @@ REFUSED = {  # kind -> what the sentence says
     "png-zero-width": "not a PNG or JPEG", "png-truncated": "not a PNG or JPEG", "png-header-only": "not a PNG or JPEG",
     "jpeg-truncated": "not a PNG or JPEG", "png-bad-crc": "not a PNG or JPEG", "gif": "not a PNG or JPEG",
     "webp": "not a PNG or JPEG", "bmp": "not a PNG or JPEG", "empty": "not a PNG or JPEG",
+    "jpeg-exif-damaged": "not a PNG or JPEG",
 }
 
 
