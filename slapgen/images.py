@@ -86,7 +86,8 @@ def resize_and_crop(video: torch.Tensor, height: int, width: int) -> torch.Tenso
 def image_frame(image: np.ndarray, height: int, width: int) -> torch.Tensor:
     """An RGB uint8 image (H, W, 3) -> one VAE input frame (1, 3, height, width) in [-1, 1], resized and
     cropped the way training frames are."""
-    frame = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).unsqueeze(0)  # uint8: floats only the crop
+    # Kept uint8 here: resize_and_crop turns only its crop into floats.
+    frame = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).unsqueeze(0)
     return resize_and_crop(frame, height, width) / 127.5 - 1.0
 
 

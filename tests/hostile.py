@@ -105,12 +105,13 @@ def hostile_adapters(good: bytes) -> dict[str, bytes]:
         "offsets-negative": pack(_changed(header, last, data_offsets=[-4, end]), data),
         "offsets-beyond-u64": pack(_changed(header, last, data_offsets=[begin, 2**64 + 4]), data),
         "offsets-three": pack(_changed(header, last, data_offsets=[begin, end, end]), data),
-        "offsets-gap": pack({k: (v if k == "__metadata__" else {**v, "data_offsets": [o + 4 for o in v["data_offsets"]]})
+        "offsets-gap": pack({k: v if k == "__metadata__" else {**v, "data_offsets": [o + 4 for o in v["data_offsets"]]}
                              for k, v in header.items()}, b"\0" * 4 + data),
         # dtypes and sizes
         "dtype-unknown": pack(_changed(header, a, dtype="F33"), data),
         "dtype-not-a-string": pack(_changed(header, a, dtype=32), data),
-        "dtype-integer": pack({k: (v if k == "__metadata__" else {**v, "dtype": "I32"}) for k, v in header.items()}, data),
+        "dtype-integer": pack({k: v if k == "__metadata__" else {**v, "dtype": "I32"} for k, v in header.items()},
+                              data),
         "dtype-size-mismatch": pack(_changed(header, a, dtype="F16"), data),
         "size-mismatch": pack(_changed(header, a, shape=[rank * 2, features]), data),
         # entries

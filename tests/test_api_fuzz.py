@@ -54,7 +54,8 @@ def planted(tmp_path_factory, tiny_cache_dir) -> tuple[Path, dict[str, str]]:
         (folder / f"mutated-{index:02d}.safetensors").write_bytes(data)
         kinds[f"mutated-{index:02d}"] = "drawn"
     (folder / "bad-folder").mkdir()
-    (folder / "bad-folder" / "pytorch_lora_weights.safetensors").write_bytes(hostile_adapters(good.read_bytes())["header-nested"])
+    nested = hostile_adapters(good.read_bytes())["header-nested"]
+    (folder / "bad-folder" / "pytorch_lora_weights.safetensors").write_bytes(nested)
     kinds["bad-folder"] = "bad"
     return folder, kinds
 

@@ -153,7 +153,8 @@ def module_ranks(name: str, shapes: dict[str, list[int]], target: AdapterTarget)
         match = KEY_PATTERN.match(key)
         if match is None:
             raise AdapterError(
-                f"adapter {name}: {shown(key)} is not a diffusers transformer LoRA key (transformer.<module>.lora_A/B.weight)",
+                f"adapter {name}: {shown(key)} is not a diffusers transformer LoRA key "
+                "(transformer.<module>.lora_A/B.weight)",
                 field="adapter")
         module, part = match["module"], match["part"]
         if module not in target.modules:

@@ -135,7 +135,8 @@ def _tensor_entry(key: str, entry) -> tuple[list[int], str, tuple[int, int], int
     begin, end = (_index(n, f"{name}'s data_offsets") for n in offsets)
     bits = math.prod(shape) * DTYPE_BITS[dtype]
     if bits % 8 or end - begin != bits // 8:
-        raise ValueError(f"{name} is {shape} of {dtype} ({bits / 8:g} bytes) but its data_offsets span {end - begin} bytes")
+        raise ValueError(f"{name} is {shape} of {dtype} ({bits / 8:g} bytes) but its data_offsets span "
+                         f"{end - begin} bytes")
     return shape, dtype, (begin, end), bits // 8
 
 
