@@ -1,9 +1,12 @@
 """Images as the VAE sees them: decoding an untrusted condition image, resize + centre crop, first frames.
 
 `resize_and_crop` is the one resize the trainer applies to clips and the engine to condition images,
-so a condition image reaches the model exactly as training frames did. `decode_image` reads only PNG
-and JPEG, refuses more than `MAX_IMAGE_BYTES` or `MAX_IMAGE_PIXELS` before decoding a pixel (the size
-is in the header), and turns every decoder failure into one `ImageError`.
+so a condition image reaches the model exactly as training frames did. It cuts the centre to the
+output's aspect before it scales, so its work and memory are bounded by the source and the output,
+whatever the source's shape (scaling first made a 1x4096 image a 393,216x96 one). `decode_image` reads
+only PNG and JPEG (the first frame of an animated one), refuses more than `MAX_IMAGE_BYTES`,
+`MAX_IMAGE_PIXELS` or `MAX_IMAGE_ASPECT` before decoding a pixel (the size is in the header), and turns
+every decoder failure into one `ImageError`.
 """
 
 from __future__ import annotations
@@ -19,47 +22,72 @@ from slapgen.errors import ImageError, first_line
 
 MAX_IMAGE_BYTES = 8 * 1024**2
 MAX_IMAGE_PIXELS = 4096 * 4096
+# Longer side over shorter side: wider than a panorama, the centre crop would keep a sliver of the image.
+MAX_IMAGE_ASPECT = 10
+# Pillow's integer modes: 16-bit greyscale PNGs (values 0-65535), scaled to 8 bits, not clipped to white.
+WIDE_GREY_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
 IMAGE_FORMATS = ("PNG", "JPEG")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
 def decode_image(data: bytes) -> np.ndarray:
     """PNG or JPEG bytes -> RGB uint8 (H, W, 3), EXIF rotation applied; ImageError otherwise."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import Image, ImageOps
 
     if len(data) > MAX_IMAGE_BYTES:
         raise ImageError(f"the image is larger than {MAX_IMAGE_BYTES // 1024**2} MiB")
     try:
         with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
-            width, height = image.size  # from the header: nothing is decoded yet
-            if width * height > MAX_IMAGE_PIXELS:
-                raise ImageError(f"the image is {width}x{height} pixels; at most {MAX_IMAGE_PIXELS:,} pixels are accepted")
-            image.load()
-            rgb = ImageOps.exif_transpose(image).convert("RGB")
+            check_image_size(*image.size)  # from the header: nothing is decoded yet
+            image.load()  # an animated PNG: its first frame
+            upright = ImageOps.exif_transpose(image)
+            if upright.mode in WIDE_GREY_MODES:
+                grey = (np.asarray(upright, dtype=np.uint32) >> 8).clip(0, 255).astype(np.uint8)
+                return np.repeat(grey[..., None], 3, axis=2)
+            rgb = upright.convert("RGB")
     except ImageError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError, EOFError) as error:
+    except Exception as error:  # noqa: BLE001 - Pillow promises no error types: UnidentifiedImageError, OSError,
+        # SyntaxError, ValueError, EOFError, and struct.error from a damaged EXIF block re-packed by exif_transpose
         raise ImageError(f"the image is not a PNG or JPEG that can be decoded ({first_line(error, 120)})") from None
     return np.asarray(rgb, dtype=np.uint8)
 
 
+def check_image_size(width: int, height: int) -> None:
+    """ImageError unless a `width` x `height` image is within MAX_IMAGE_PIXELS and MAX_IMAGE_ASPECT."""
+    if width < 1 or height < 1:
+        raise ImageError(f"the image is {width}x{height} pixels; it has no pixels")
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ImageError(f"the image is {width}x{height} pixels; at most {MAX_IMAGE_PIXELS:,} pixels are accepted")
+    if max(width, height) > MAX_IMAGE_ASPECT * min(width, height):
+        raise ImageError(f"the image is {width}x{height} pixels; its longer side may be at most {MAX_IMAGE_ASPECT} "
+                         "times its shorter side")
+
+
+def centre_crop_box(source_height: int, source_width: int, height: int, width: int) -> tuple[int, int, int, int]:
+    """(top, left, crop height, crop width): the largest centred part of the source of height:width's aspect."""
+    if source_width * height > source_height * width:  # wider than the output: cut the sides
+        crop_height, crop_width = source_height, max(1, round(source_height * width / height))
+    else:  # taller (or the same aspect): cut top and bottom
+        crop_height, crop_width = max(1, round(source_width * height / width)), source_width
+    return (source_height - crop_height) // 2, (source_width - crop_width) // 2, crop_height, crop_width
+
+
 def resize_and_crop(video: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Scale (F, C, H, W) so it covers height x width, then cut the centre."""
-    source_height, source_width = video.shape[-2:]
-    scale = max(height / source_height, width / source_width)
-    resized_height = max(height, round(source_height * scale))
-    resized_width = max(width, round(source_width * scale))
-    if (resized_height, resized_width) != (source_height, source_width):
-        video = F.interpolate(video, size=(resized_height, resized_width), mode="bilinear", antialias=True, align_corners=False)
-    top = (resized_height - height) // 2
-    left = (resized_width - width) // 2
-    return video[..., top : top + height, left : left + width].clamp(0, 255)
+    """(F, C, H, W) pixels 0-255 (any dtype) -> float (F, C, height, width): the centre cut to height:width's
+    aspect, then scaled to height x width. Only the cut part is ever converted or scaled."""
+    top, left, crop_height, crop_width = centre_crop_box(*video.shape[-2:], height, width)
+    video = video[..., top : top + crop_height, left : left + crop_width].float()
+    if (crop_height, crop_width) != (height, width):
+        video = F.interpolate(video, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
+    return video.clamp(0, 255)
 
 
 def image_frame(image: np.ndarray, height: int, width: int) -> torch.Tensor:
     """An RGB uint8 image (H, W, 3) -> one VAE input frame (1, 3, height, width) in [-1, 1], resized and
     cropped the way training frames are."""
-    frame = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).unsqueeze(0).float()
+    # Kept uint8 here: resize_and_crop turns only its crop into floats.
+    frame = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).unsqueeze(0)
     return resize_and_crop(frame, height, width) / 127.5 - 1.0
 
 

@@ -149,3 +149,89 @@ def test_a_swap_that_fails_half_way_leaves_the_slot_as_it_was(engine, monkeypatc
     assert np.array_equal(generator.generate_frames(params.replace(adapter="good")), reference["good"])
     monkeypatch.setattr(hotswap, "hotswap_adapter_from_state_dict", real)
     _still_exact(engine)
+
+
+def _one_line_adapter_error(error: AdapterError) -> bool:
+    return "\n" not in str(error) and len(str(error)) < 600
+
+
+def test_hostile_adapter_files_are_each_only_that_files_problem(engine, adapter_files, tmp_path):
+    """Guards 'a malformed adapter file takes the service down': a shape of Infinity or 1e999 raised
+    OverflowError and a header (or lora_adapter_metadata) nested 50,000 deep raised RecursionError out of
+    the header parser, past the folder scans that caught only our own errors, so one such file made
+    start-up (SLAP_MAX_LORA_RANK=auto) crash and GET /adapters fail for everyone. Every kind of hostile
+    header (tests/hostile.py: shapes, offsets, dtypes, sizes, entries, metadata, depth, length field) is
+    refused on upload with a one-line error and the folder unchanged; dropped into the folder, it is
+    listed with its error, ignored when sizing the slot, and refused on use."""
+    from slapgen.engine.adapters import AdapterStore, largest_rank_in
+    from slapgen.engine.generator import slot_rank_for
+    from tests.hostile import hostile_adapters
+
+    generator, params, _ = engine
+    hostile = hostile_adapters(adapter_files["c"].read_bytes())  # rank 2; shape-huge-rank-both claims 2^40
+    before = sorted(p.name for p in generator.adapters.folder.iterdir())
+    accepted = []
+    for name, data in hostile.items():
+        try:
+            generator.adapters.add(name, data)
+            accepted.append(name)
+        except AdapterError as error:
+            assert error.field == "file" and _one_line_adapter_error(error), (name, str(error)[:2000])
+    assert accepted == [] and sorted(p.name for p in generator.adapters.folder.iterdir()) == before
+
+    folder = tmp_path / "adapters"
+    folder.mkdir()
+    shutil.copy(adapter_files["a"], folder / "good.safetensors")  # rank 4
+    for name, data in hostile.items():
+        (folder / f"{name}.safetensors").write_bytes(data)
+    # Start-up with SLAP_MAX_LORA_RANK=auto: the slot is sized from the readable adapters only.
+    assert largest_rank_in(folder, generator.adapters.target) == 4
+    assert slot_rank_for(EngineOptions(adapters_dir=folder), "tiny", generator.adapters.target.modules) == 128
+    store = AdapterStore(folder, generator.adapters.target, cache_size=2)
+    listed = {entry["name"]: entry for entry in store.describe()}
+    assert sorted(listed) == sorted([*hostile, "good"])
+    assert "error" not in listed["good"] and listed["good"]["rank"] == 4
+    for name in hostile:
+        assert "error" in listed[name] and "\n" not in listed[name]["error"] and len(listed[name]["error"]) < 600, \
+            (name, listed[name])
+        assert "could not be read" not in listed[name]["error"], listed[name]  # a failure we did not foresee
+        with pytest.raises(AdapterError):
+            store.get(name)
+    assert store.get("good").rank == 4
+
+
+def test_mutated_adapter_files_are_refused_or_served_never_an_escape(engine, adapter_files, tmp_path_factory):
+    """Guards the same bug class with a bounded, seeded property search: good adapters changed in one drawn
+    way (tests/hostile.py `mutated_adapter`: a hostile JSON value in a tensor entry, shape or offset, a
+    metadata value, a peft config field, the length field, a cut, a changed byte). Each is refused with a
+    one-line AdapterError or accepted; in the folder it is listed, with or without an error; sizing the
+    slot never fails. Nothing else escapes, and no failure is one we did not foresee."""
+    from hypothesis import HealthCheck, given, note, settings, strategies as st
+
+    from slapgen.engine.adapters import AdapterStore, largest_rank_in
+    from tests.hostile import mutated_adapter
+
+    generator, _, _ = engine
+    good = adapter_files["a"].read_bytes()
+    root = tmp_path_factory.mktemp("mutated")
+    counter = iter(range(10**6))
+
+    @settings(max_examples=150, derandomize=True, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(st.randoms(use_true_random=False))
+    def check(rng):
+        label, file = mutated_adapter(rng, good)
+        note(label)
+        folder = root / f"case-{next(counter)}"
+        store = AdapterStore(folder, generator.adapters.target, cache_size=1)
+        try:
+            store.add("x", file)
+        except AdapterError as error:
+            assert error.field == "file" and _one_line_adapter_error(error), (label, str(error)[:2000])
+            assert "could not be read" not in str(error), label
+            (folder / "x.safetensors").write_bytes(file)
+        [entry] = store.describe()
+        assert entry["name"] == "x" and "could not be read" not in entry.get("error", ""), (label, entry)
+        assert largest_rank_in(folder, generator.adapters.target) in (0, 4), label
+
+    check()

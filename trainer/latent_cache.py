@@ -37,7 +37,7 @@ from trainer.datasets import Clip
 from trainer.errors import ClipError, DatasetError
 from trainer.frames import load_clip, load_ticft_clip
 
-CACHE_FORMAT = 2  # 2: entries record the VAE's factors
+CACHE_FORMAT = 3  # 2: entries record the VAE's factors; 3: frames are cut to the output's aspect before scaling
 HASH_INDEX = "file_hashes.json"
 CLIP_TENSORS = frozenset({"latent_mean", "latent_logvar", "prompt_embeds"})
 PROMPT_TENSORS = frozenset({"prompt_embeds"})

@@ -10,23 +10,31 @@ running model's frame limits: it generates from a condition image, clips of that
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load
 
 from slapgen.atomic import atomic_write_bytes
-from slapgen.errors import AdapterError, AdapterExistsError, AdapterNotFoundError, AdapterTooLargeError, TicftLayoutError
+from slapgen.errors import (AdapterError, AdapterExistsError, AdapterNotFoundError, AdapterTooLargeError, TicftLayoutError,
+                            first_line)
 from slapgen.models import lora_format
 from slapgen.models.cogvideox import FRAME_STEP
-from slapgen.models.lora_format import DIFFUSERS_METADATA_KEY, KEY_PATTERN, WEIGHTS_FILE, Header, HeaderError, parse_header
+from slapgen.models.lora_format import (DIFFUSERS_METADATA_KEY, KEY_PATTERN, WEIGHTS_FILE, Header, HeaderError, parse_header,
+                                        read_file_header, shown)
 from slapgen.models.ticft import TicftLayout
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 ADAPTER_NAME_PATTERN = re.compile(r"^[a-z0-9_-]{1,64}$")  # use fullmatch: with match, "$" accepts "a\n"
 MAX_ADAPTER_BYTES = 2 * 1024**3
@@ -101,9 +109,36 @@ def _same_model(declared: str, running: str) -> bool:
     return tail(declared) == tail(running)
 
 
-def read_header(head: bytes, name: str) -> Header:
+def read_header(data: bytes, name: str) -> Header:
+    """The header of a whole adapter file held in memory (an upload, or a file read for use)."""
     try:
-        return parse_header(head)
+        return parse_header(data, len(data))
+    except HeaderError as error:
+        raise AdapterError(f"adapter {name} is not a readable safetensors file ({error})", field="adapter") from None
+
+
+def one_file(name: str, read: Callable[[], T]) -> T:
+    """`read()`, which reads adapter `name`'s file; whatever goes wrong is an AdapterError about that one file.
+    A failure that is not already one is a bug of ours: logged with its traceback, but never allowed to
+    crash a start-up, a listing or an upload that happens to meet the file."""
+    try:
+        return read()
+    except AdapterError:
+        raise
+    except Exception as error:  # noqa: BLE001 - see above
+        logger.exception("adapter %s: unexpected error while reading its file", name)
+        raise AdapterError(f"adapter {name} could not be read ({type(error).__name__}: {first_line(error, 200)})",
+                           field="adapter") from None
+
+
+def folder_header(folder: Path, name: str) -> Header:
+    """The header of adapter `name` in `folder`, from the file's first bytes only. Every reason it cannot
+    be read (gone, unreadable, not a safetensors file, hostile) is an AdapterError about this one adapter."""
+    path = weights_path(folder, name)
+    if path is None:
+        raise AdapterNotFoundError(f"adapter {name} was just deleted", field="adapter")
+    try:
+        return read_file_header(path)
     except HeaderError as error:
         raise AdapterError(f"adapter {name} is not a readable safetensors file ({error})", field="adapter") from None
 
@@ -118,11 +153,13 @@ def module_ranks(name: str, shapes: dict[str, list[int]], target: AdapterTarget)
         match = KEY_PATTERN.match(key)
         if match is None:
             raise AdapterError(
-                f"adapter {name}: {key} is not a diffusers transformer LoRA key (transformer.<module>.lora_A/B.weight)",
+                f"adapter {name}: {shown(key)} is not a diffusers transformer LoRA key "
+                "(transformer.<module>.lora_A/B.weight)",
                 field="adapter")
         module, part = match["module"], match["part"]
         if module not in target.modules:
-            raise AdapterError(f"adapter {name}: {module} is not a LoRA-able module of {target.model_name}", field="adapter")
+            raise AdapterError(f"adapter {name}: {shown(module)} is not a LoRA-able module of {target.model_name}",
+                               field="adapter")
         if len(shape) != 2:
             raise AdapterError(f"adapter {name}: {key} must be a matrix", field="adapter")
         in_features, out_features = target.modules[module]
@@ -159,12 +196,17 @@ def lora_config(name: str, header: Header, ranks: dict[str, int]):
         keys = {key.removeprefix(lora_format.TRANSFORMER_PREFIX): None for key in header.shapes}
         rank_of_key = {f"^{module}.lora_B.weight": rank for module, rank in ranks.items()}
         config = _create_lora_config(keys, None, metadata, rank_of_key, is_unet=False)
-    except (ValueError, TypeError, KeyError, AttributeError) as error:
+    except Exception as error:  # noqa: BLE001 - peft's LoraConfig(**untrusted keys) can fail in any way it likes
         raise AdapterError(f"adapter {name}: its LoRA metadata ({DIFFUSERS_METADATA_KEY}) is not a config diffusers can "
-                           f"use ({error})", field="adapter") from None
+                           f"use ({first_line(error, 200)})", field="adapter") from None
 
     def positive(value) -> bool:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        try:
+            return math.isfinite(value) and value > 0
+        except OverflowError:  # an integer too large for a float
+            return False
 
     problems = []
     if not positive(config.r) or not positive(config.lora_alpha):
@@ -174,8 +216,13 @@ def lora_config(name: str, header: Header, ranks: dict[str, int]):
             problems.append(f"{option} is not supported")
     if config.alpha_pattern:
         problems.append("per-module alphas (alpha_pattern) are not supported")
-    if not all(positive(rank) for rank in (config.rank_pattern or {}).values()):
-        problems.append("rank_pattern values must be positive numbers")
+    rank_pattern = config.rank_pattern or {}
+    if not isinstance(rank_pattern, dict) or not all(positive(rank) for rank in rank_pattern.values()):
+        problems.append("rank_pattern must map modules to positive numbers")
+    targets = config.target_modules
+    if not (targets is None or isinstance(targets, str)
+            or isinstance(targets, (list, set)) and all(isinstance(target, str) for target in targets)):
+        problems.append("target_modules must be module names")
     if problems:
         raise AdapterError(f"adapter {name}: {'; '.join(problems)}", field="adapter")
     return config
@@ -190,8 +237,9 @@ def check_slapgen_metadata(name: str, metadata: dict[str, str]) -> None:
                 value = kind(metadata[key])
             except ValueError:
                 value = None
-            if value is None or value < 0 or not math.isfinite(value):
-                raise AdapterError(f"adapter {name}: metadata {key}={metadata[key]!r} is not a valid number", field="adapter")
+            if value is None or not 0 <= value < 2**63:  # NaN and infinity fail the comparison too
+                raise AdapterError(f"adapter {name}: metadata {key}={shown(metadata[key], 40)} is not a valid number",
+                                   field="adapter")
 
 
 def check_adapter(name: str, header: Header, target: AdapterTarget) -> CheckedAdapter:
@@ -211,7 +259,7 @@ def check_adapter(name: str, header: Header, target: AdapterTarget) -> CheckedAd
     config = lora_config(name, header, ranks)
     declared = header.metadata.get(lora_format.BASE_MODEL_KEY)
     if declared and not _same_model(declared, target.model_name):
-        raise AdapterError(f"adapter {name} was trained on {declared}, but this service runs {target.model_name}",
+        raise AdapterError(f"adapter {name} was trained on {shown(declared)}, but this service runs {target.model_name}",
                            field="adapter")
     return CheckedAdapter(rank, config, ticft_layout(name, header.metadata, target))
 
@@ -243,6 +291,10 @@ def check_weights(name: str, state_dict: dict[str, torch.Tensor]) -> None:
 
 def parse_adapter(name: str, data: bytes, target: AdapterTarget) -> LoadedAdapter:
     """Validate adapter bytes against the running model, then load and check the tensors; raises AdapterError."""
+    return one_file(name, lambda: _parse_adapter(name, data, target))
+
+
+def _parse_adapter(name: str, data: bytes, target: AdapterTarget) -> LoadedAdapter:
     header = read_header(data, name)
     checked = check_adapter(name, header, target)
     try:
@@ -251,15 +303,6 @@ def parse_adapter(name: str, data: bytes, target: AdapterTarget) -> LoadedAdapte
         raise AdapterError(f"adapter {name} is not a readable safetensors file ({error})", field="adapter") from None
     check_weights(name, state_dict)
     return LoadedAdapter(name, state_dict, header.metadata, checked.rank, checked.config, checked.ticft_layout)
-
-
-def read_head(path: Path) -> bytes:
-    """The 8-byte length and the JSON header of a safetensors file, without its tensors."""
-    size = path.stat().st_size
-    with path.open("rb") as handle:
-        head = handle.read(8)
-        # A garbage length must not become a huge read: never ask for more than the file holds.
-        return head + handle.read(min(int.from_bytes(head, "little"), size)) if len(head) == 8 else head
 
 
 def weights_path(folder: Path, name: str) -> Path | None:
@@ -285,8 +328,8 @@ def largest_rank_in(folder: Path, target: AdapterTarget) -> int:
         return largest
     for name in adapter_names(folder):
         try:
-            largest = max(largest, adapter_rank(name, read_header(read_head(weights_path(folder, name)), name).shapes, target))
-        except (AdapterError, OSError):
+            largest = max(largest, one_file(name, lambda: adapter_rank(name, folder_header(folder, name).shapes, target)))
+        except AdapterError:
             continue  # listed with its error by GET /adapters; it does not size the slot
     return largest
 
@@ -341,11 +384,14 @@ class AdapterStore:
         described = []
         for name in self.names():
             try:
-                header = read_header(read_head(weights_path(self.folder, name)), name)
-                described.append(adapter_info(name, header.metadata, check_adapter(name, header, self.target).rank))
-            except (AdapterError, OSError) as error:  # a bad file dropped in by hand: listed, not fatal
+                described.append(one_file(name, lambda: self._describe(name)))
+            except AdapterError as error:  # a bad file dropped in by hand: listed, not fatal
                 described.append({"name": name, "error": str(error)})
         return described
+
+    def _describe(self, name: str) -> dict:
+        header = folder_header(self.folder, name)
+        return adapter_info(name, header.metadata, check_adapter(name, header, self.target).rank)
 
     def add(self, name: str, data: bytes) -> LoadedAdapter:
         """Validate, then write atomically. Nothing changes when validation fails."""

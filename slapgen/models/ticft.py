@@ -55,7 +55,7 @@ class TicftLayout:
         """`c1b3t9` -> TicftLayout(1, 3, 9); TicftLayoutError for anything else."""
         match = LAYOUT_PATTERN.fullmatch(text.strip()) if isinstance(text, str) else None
         if match is None:
-            raise TicftLayoutError(f"TIC-FT layout {text!r} must look like {EXAMPLE_LAYOUT} "
+            raise TicftLayoutError(f"TIC-FT layout {str(text)[:40]!r} must look like {EXAMPLE_LAYOUT} "
                                    "(c<condition>b<buffer>t<target>, counted in latent frames)")
         condition, buffer, target = (int(group) for group in match.groups())
         if condition < 1 or target < 1:

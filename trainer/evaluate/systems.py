@@ -15,10 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from slapgen.atomic import staging_path
-from slapgen.engine.adapters import read_head
 from slapgen.errors import TicftLayoutError
 from slapgen.models import lora_format
-from slapgen.models.lora_format import KEY_PATTERN, WEIGHTS_FILE, HeaderError, parse_header
+from slapgen.models.lora_format import KEY_PATTERN, WEIGHTS_FILE, HeaderError, read_file_header
 from slapgen.models.ticft import TicftLayout
 from trainer.errors import EvalError
 from trainer.evaluate.options import BASE, AdapterArg
@@ -60,8 +59,8 @@ def _system(adapter: AdapterArg) -> System:
     elif not path.is_file():
         raise EvalError(f"--adapter {adapter.name}={path}: no such file or folder")
     try:
-        header = parse_header(read_head(path))
-    except (HeaderError, OSError) as error:
+        header = read_file_header(path)
+    except HeaderError as error:
         raise EvalError(f"--adapter {adapter.name}={path} is not a readable LoRA safetensors file ({error})") from None
     ranks, modules = [], set()
     for key, shape in header.shapes.items():

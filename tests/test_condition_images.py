@@ -1,0 +1,148 @@
+"""Condition images from a hostile client (built in tests/hostile.py): every accepted image becomes a frame
+with work bounded by the source and the output, and everything else is one 400 sentence naming
+condition_image, decided from the header before a pixel is decoded where the header already says enough."""
+
+from __future__ import annotations
+
+import base64
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from slapgen.errors import RequestError
+from slapgen.images import MAX_IMAGE_ASPECT, image_frame, resize_and_crop
+from slapgen.serving.requests import decode_condition_image
+from tests.hostile import hostile_images, random_image
+
+IMAGES = hostile_images()
+REFUSED = {  # kind -> what the sentence says
+    "png-1x4096": "longer side", "png-4096x1": "longer side", "png-1x16777216": "longer side",
+    "png-aspect-11": "longer side", "jpeg-claims-1x65500": "pixels",
+    "png-claims-65535x65535": "pixels", "png-claims-2^31x2^31": "pixels", "jpeg-claims-65500x65500": "pixels",
+    "png-zero-width": "not a PNG or JPEG", "png-truncated": "not a PNG or JPEG", "png-header-only": "not a PNG or JPEG",
+    "jpeg-truncated": "not a PNG or JPEG", "png-bad-crc": "not a PNG or JPEG", "gif": "not a PNG or JPEG",
+    "webp": "not a PNG or JPEG", "bmp": "not a PNG or JPEG", "empty": "not a PNG or JPEG",
+    "jpeg-exif-damaged": "not a PNG or JPEG",
+}
+
+
+def _encoded(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _centre_crop_by_hand(source_height: int, source_width: int, height: int, width: int) -> tuple[int, int, int, int]:
+    """The reference: the largest centred part of the source with the output's aspect, written out."""
+    if source_width / source_height > width / height:
+        crop_height, crop_width = source_height, max(1, round(source_height * width / height))
+    else:
+        crop_height, crop_width = max(1, round(source_width * height / width)), source_width
+    return (source_height - crop_height) // 2, (source_width - crop_width) // 2, crop_height, crop_width
+
+
+def test_an_extreme_aspect_ratio_is_refused_from_the_header():
+    """Guards 'a tiny condition image with an extreme aspect ratio blows up the resize': a 99-byte PNG of
+    1x4096 cost 7 s and ~600 MB at tiny's 64x96, and a 65 KB PNG of 1x16,777,216 asked for 1.86 TB (a 500).
+    Both, and anything with a longer side above MAX_IMAGE_ASPECT times the shorter, are a RequestError
+    naming condition_image; the widest accepted aspect still decodes."""
+    for kind in ("png-1x4096", "png-4096x1", "png-1x16777216", "png-aspect-11"):
+        with pytest.raises(RequestError) as refused:
+            decode_condition_image(_encoded(IMAGES[kind]))
+        assert refused.value.field == "condition_image", kind
+        assert str(refused.value).startswith("condition_image: the image is ") and \
+            f"longer side may be at most {MAX_IMAGE_ASPECT} times its shorter side" in str(refused.value), kind
+    assert decode_condition_image(_encoded(IMAGES["png-aspect-10"])).shape == (20, 200, 3)
+
+
+@pytest.mark.parametrize("source", [(4096, 1), (1, 4096), (20, 200), (200, 20), (100, 300), (480, 720), (720, 1280),
+                                    (33, 47), (128, 192), (64, 96), (1, 1)], ids=lambda size: "from-%dx%d" % size)
+@pytest.mark.parametrize("output", [(64, 96), (480, 720), (32, 32)], ids=lambda size: "to-%dx%d" % size)
+def test_the_resize_scales_only_the_part_it_keeps(source, output, monkeypatch):
+    """Guards the same bug at its root: the resize scaled the whole source to cover the output, then cut
+    the centre (1x4096 to 64x96 became a 393,216x96 image first). Now the one scaling call takes exactly
+    the centred crop of the output's aspect and gives exactly the output size, and the frame equals that
+    crop scaled by torch's bilinear antialiased interpolation (the reference, on the crop written out)."""
+    height, width = output
+    calls = []
+    real = F.interpolate
+
+    def recording(tensor, size=None, **kwargs):
+        calls.append((tuple(tensor.shape[-2:]), tuple(size)))
+        return real(tensor, size=size, **kwargs)
+
+    video = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (2, 3, *source), dtype=np.uint8))
+    monkeypatch.setattr(F, "interpolate", recording)
+    frames = resize_and_crop(video, height, width)
+    monkeypatch.setattr(F, "interpolate", real)
+
+    top, left, crop_height, crop_width = _centre_crop_by_hand(*source, height, width)
+    crop = video[..., top : top + crop_height, left : left + crop_width].float()
+    assert frames.shape == (2, 3, height, width) and frames.dtype == torch.float32
+    if (crop_height, crop_width) == output:
+        assert calls == []
+        torch.testing.assert_close(frames, crop, rtol=0, atol=0)
+    else:
+        assert calls == [((crop_height, crop_width), (height, width))]
+        expected = real(crop, size=(height, width), mode="bilinear", antialias=True, align_corners=False).clamp(0, 255)
+        torch.testing.assert_close(frames, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", sorted(IMAGES))
+def test_every_hostile_image_is_a_frame_or_one_sentence(kind):
+    """Guards 500s and unbounded work from condition images: decompression bombs (a huge size claimed by a
+    small file), truncated and damaged files and other formats are a RequestError naming condition_image,
+    decided before decoding where the header says enough; 16-bit, palette, CMYK, LA, 1-bit, animated and
+    EXIF-rotated images become a frame of the output size."""
+    if kind in REFUSED:
+        with pytest.raises(RequestError) as refused:
+            decode_condition_image(_encoded(IMAGES[kind]))
+        message = str(refused.value)
+        assert refused.value.field == "condition_image" and message.startswith("condition_image: "), message
+        assert REFUSED[kind] in message and "\n" not in message and len(message) < 300, message
+        return
+    image = decode_condition_image(_encoded(IMAGES[kind]))
+    assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
+    frame = image_frame(image, 64, 96)
+    assert frame.shape == (1, 3, 64, 96) and bool(frame.isfinite().all()) and -1 <= frame.min() <= frame.max() <= 1
+
+
+def test_special_modes_decode_to_their_pixels():
+    """16-bit greyscale was clipped to white by Pillow's conversion (every value above 255 became 255); it
+    is scaled to 8 bits (v >> 8, the reference written out). An animated PNG gives its first frame, and an
+    EXIF-rotated JPEG comes upright (its width and height swap)."""
+    from PIL import Image
+    import io
+
+    grey = np.asarray(Image.open(io.BytesIO(IMAGES["png-16-bit-grey"])), dtype=np.uint32)
+    decoded = decode_condition_image(_encoded(IMAGES["png-16-bit-grey"]))
+    np.testing.assert_array_equal(decoded, np.repeat((grey >> 8).astype(np.uint8)[..., None], 3, axis=2))
+    assert len(np.unique(decoded)) > 100  # not a white image
+
+    first = Image.open(io.BytesIO(IMAGES["apng-animated"]))
+    assert getattr(first, "n_frames", 1) == 3
+    np.testing.assert_array_equal(decode_condition_image(_encoded(IMAGES["apng-animated"])),
+                                  np.asarray(first.convert("RGB")))
+    assert decode_condition_image(_encoded(IMAGES["jpeg-exif-rotated"])).shape == (48, 32, 3)
+
+
+def test_random_hostile_images_are_frames_or_one_sentence():
+    """The bug class above under a bounded, seeded property search (tests/hostile.py `random_image`: drawn
+    size, aspect, mode, format, animation, a cut or a changed byte, or only a header's claim): each image
+    is a frame of the output size or a RequestError naming condition_image."""
+    from hypothesis import HealthCheck, given, note, settings, strategies as st
+
+    @settings(max_examples=120, derandomize=True, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(st.randoms(use_true_random=False))
+    def check(rng):
+        label, data = random_image(rng)
+        note(label)
+        try:
+            image = decode_condition_image(_encoded(data))
+        except RequestError as error:
+            assert error.field == "condition_image" and "\n" not in str(error), str(error)
+            return
+        assert image.dtype == np.uint8 and image.shape[2] == 3
+        assert image_frame(image, 48, 32).shape == (1, 3, 48, 32)
+
+    check()
