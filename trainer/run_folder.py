@@ -76,3 +76,15 @@ def clear_run(run_dir: Path) -> None:
             shutil.rmtree(path)
         else:
             path.unlink(missing_ok=True)
+
+
+def remove_new(run_dir: Path, existing: set[str] | None) -> None:
+    """Undo a start that failed: remove `run_dir` if it did not exist (`existing` None), else the entries
+    in it that are not in `existing` (the names it held before)."""
+    run_dir = Path(run_dir)
+    if existing is None:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return
+    for path in run_dir.iterdir() if run_dir.is_dir() else ():
+        if path.name not in existing:
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)

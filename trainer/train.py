@@ -14,7 +14,6 @@ previous one (`checkpoints.read_resumable`).
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -86,12 +85,12 @@ def setup(config: TrainConfig, data_path: Path, run_dir: Path, resume: str | Non
     """Inputs are checked (model, layout, dataset, the run folder's earlier training) before the run
     folder is created or changed, and a start that fails after creating it removes it again."""
     run_dir = Path(run_dir)
-    created = not run_dir.exists()
+    existing = {path.name for path in run_dir.iterdir()} if run_dir.is_dir() else None
     try:
         return _setup(config, data_path, run_dir, resume, progress, overwrite)
     except SlapgenError:
-        if created and PartialState().is_main_process:
-            shutil.rmtree(run_dir, ignore_errors=True)  # a failed start leaves no half-made run folder
+        if PartialState().is_main_process:
+            run_folder.remove_new(run_dir, existing)  # a failed start leaves no half-made run folder
         raise
 
 
