@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -328,7 +329,8 @@ LOADING_COMMANDS = ("caption", "curate", "precompute", "train", "eval", "generat
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)  # no heavy import before here: --help and argument errors are instant
     if args.command in LOADING_COMMANDS:
-        print(f"slapgen {args.command}: loading torch and diffusers ...", flush=True)
+        if os.environ.get("RANK", "0") == "0":  # under `accelerate launch`, one line, not one per process
+            print(f"slapgen {args.command}: loading torch and diffusers ...", flush=True)
         quiet_libraries()
     if getattr(args, "device", "") is None:
         args.device = default_device()
