@@ -237,6 +237,37 @@ def test_report_figures_for_one_and_three_axes_and_a_diverged_run(tiny_cache_dir
     assert sorted(p.name for p in three.glob("heldout_loss*.png")) == ["heldout_loss--seed=1.png", "heldout_loss--seed=2.png"]
 
 
+def test_figure_titles_fit_inside_their_figures(tiny_cache_dir, tmp_path, monkeypatch):
+    """Guards heatmap titles clipped at both edges (a 2 x 2 heatmap is narrower than its title, and
+    tight_layout cannot fit a title wider than the figure): every title and axis label of every figure
+    the report draws lies inside the figure, measured on the rendered figure."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from trainer.sweep import plots
+
+    figures = []
+    save = plots._save
+    monkeypatch.setattr(plots, "_save", lambda figure, path: (figures.append(figure), save(figure, path))[1])
+    for name, grid in (("two", ["lora.rank=2,4", "optim.learning_rate=1e-3,1e-2"]),
+                       ("three", ["lora.rank=2,4", "optim.learning_rate=1e-3,1e-2", "train.seed=1,2"])):
+        count = 8 if name == "three" else 4
+        definition, runs, results = _fake_sweep(tmp_path / name, tiny_cache_dir, grid, [0.9 - 0.1 * i for i in range(count)])
+        write_report(tmp_path / name, definition, results)
+    assert len(figures) == 2 + 3  # a heatmap and the loss curves; two heatmaps and the loss curves
+    for figure in figures:
+        canvas = FigureCanvasAgg(figure)
+        canvas.draw()
+        renderer = canvas.get_renderer()
+        width, height = canvas.get_width_height()
+        texts = [text for ax in figure.axes for text in (ax.title, ax.xaxis.label, ax.yaxis.label) if text.get_text()]
+        assert any("the sweep's best framed" in text.get_text().replace("\n", " ") for text in texts) or \
+            any("training loss" in text.get_text() for text in texts)
+        for text in texts:
+            box = text.get_window_extent(renderer)
+            assert box.x0 >= -1 and box.x1 <= width + 1 and box.y0 >= -1 and box.y1 <= height + 1, \
+                (text.get_text(), box.bounds, (width, height))
+
+
 POOL_PARENT = textwrap.dedent("""
     import sys
     from pathlib import Path
@@ -410,6 +441,30 @@ def test_generation_metrics_are_slapgen_evals_on_each_saved_lora(generation_swee
     for column in COLUMNS:
         assert f"![{column}]({column}.png)" in readme
         assert matplotlib.image.imread(out / f"{column}.png").ndim == 3
+
+
+def test_the_sweep_report_is_the_sweeps_and_names_no_path_of_this_machine(generation_sweep, tiny_cache_dir):
+    """Guards the sweep's report.html titled "slapgen eval", and a README and report embedding absolute
+    paths of the machine (data, held-out set, --set values, evaluation models): both are titled as the
+    sweep's, name no folder of this machine, and the README's command, run from the sweep folder,
+    names the same datasets and model cache."""
+    import shlex
+
+    out = generation_sweep["out"]
+    page, readme, markdown = ((out / name).read_text() for name in ("report.html", "README.md", "eval.md"))
+    assert "<title>slapgen sweep gen: tiny</title>" in page and "<h1>slapgen sweep gen: tiny</h1>" in page
+    assert markdown.startswith("# slapgen sweep gen: tiny on ")
+    for text in (page, readme, markdown):
+        for folder in (out.parents[1], tiny_cache_dir, REPO_ROOT):
+            assert str(folder) not in text
+    command = shlex.split(re.search(r"```bash\n(slapgen sweep .*)\n```", readme)[1])
+    option = {word: command[index + 1] for index, word in enumerate(command[:-1]) if word.startswith("--")}
+    assert option["--out"] == "."
+    assert (out / option["--data"]).resolve() == Path(generation_sweep["args"][generation_sweep["args"].index("--data") + 1]).resolve()
+    assert (out / option["--heldout"]).resolve() == generation_sweep["heldout"].resolve()
+    assert (out / option["--clip-model"]).resolve() == generation_sweep["clip"].resolve()
+    cache_setting = next(item for item in command if item.startswith("model_cache_dir="))
+    assert (out / cache_setting.partition("=")[2]).resolve() == tiny_cache_dir.resolve()
 
 
 def test_a_finished_generation_sweep_reruns_nothing_and_refuses_other_settings(generation_sweep, monkeypatch, capsys):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -59,7 +60,7 @@ def cmd_train(args) -> int:
     from trainer.train import train
 
     config = load_config(args.config, args.set)
-    train(config, args.data, args.out, resume=args.resume, stop_at_step=args.stop_at_step)
+    train(config, args.data, args.out, resume=args.resume, stop_at_step=args.stop_at_step, overwrite=args.overwrite)
     return 0
 
 
@@ -209,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     cap.add_argument("dataset", type=Path, help="folder of clips; writes clip.txt beside each clip.mp4")
     cap.add_argument("--model", default="Qwen/Qwen3-VL-8B-Instruct",
                      help="`tiny`, a local model folder, or a hub id (default Qwen/Qwen3-VL-8B-Instruct)")
-    cap.add_argument("--device", default="cuda" if _cuda() else "cpu", help="where to run the model")
+    cap.add_argument("--device", help="where to run the model (default: cuda when a GPU is there, else cpu)")
     cap.add_argument("--fps", type=float, default=2.0, help="frames per second shown to the model (default 2)")
     cap.add_argument("--max-frames", type=int, default=64, help="at most this many frames per clip (default 64)")
     cap.add_argument("--max-new-tokens", type=int, help="caption length limit in tokens (default: the model's, else 200)")
@@ -224,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--out", type=Path, required=True, help="cache folder (reused across runs)")
     pre.add_argument("--config", help="training config or preset whose data section sets resolution and frames")
     pre.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
-    pre.add_argument("--device", default="cuda" if _cuda() else "cpu", help="where to run the encoders")
+    pre.add_argument("--device", help="where to run the encoders (default: cuda when a GPU is there, else cpu)")
     pre.set_defaults(run=cmd_precompute)
 
     tr = commands.add_parser("train", help="train a LoRA; writes RUN_DIR/pytorch_lora_weights.safetensors")
@@ -233,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, metrics, validation, LoRA)")
     tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. lora.rank=64")
     tr.add_argument("--resume", metavar="latest|CHECKPOINT", help="continue from the latest or a given checkpoint")
+    tr.add_argument("--overwrite", action="store_true",
+                    help="start over in a run folder that holds a run: deletes its LoRA, checkpoints, metrics, logs and "
+                         "validation videos (the latent cache stays)")
     tr.add_argument("--stop-at-step", type=int, metavar="N", help="checkpoint and stop after step N (resume later)")
     tr.set_defaults(run=cmd_train)
 
@@ -251,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "num_frames, height, width, fps, adapter_scale (default: the model's)")
     ev.add_argument("--max-clips", type=int, metavar="N", help="use only the first N held-out clips")
     ev.add_argument("--cache", type=Path, help="latent cache for the held-out clips (default OUT/cache; share it)")
-    ev.add_argument("--device", default="cuda" if _cuda() else "cpu", help="where the model and metrics run")
+    ev.add_argument("--device", help="where the model and metrics run (default: cuda when a GPU is there, else cpu)")
     ev.add_argument("--loss-seed", type=int, default=0, help="seed of the held-out loss noise (default 0)")
     ev.add_argument("--clip-model", help="CLIP hub id or folder (default openai/clip-vit-large-patch14; tiny with --model tiny)")
     ev.add_argument("--dino-model", help="DINO hub id or folder (default facebook/dino-vitb16; tiny with --model tiny)")
@@ -275,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="num_inference_steps, guidance_scale, negative_prompt, num_frames, height, width, fps, "
                           "adapter_scale (default: the model's; a TIC-FT adapter's num_frames: its layout's)")
     gen.add_argument("--out", type=Path, required=True, help="the mp4 to write")
-    gen.add_argument("--device", default="cuda" if _cuda() else "cpu", help="where the model runs")
+    gen.add_argument("--device", help="where the model runs (default: cuda when a GPU is there, else cpu)")
     gen.add_argument("--quantization", default="none", choices=["none", "auto", "fp8", "fp8-weight", "int8"],
                      help="torchao weight quantization of the transformer, as SLAP_QUANT (default none)")
     gen.set_defaults(run=cmd_generate)
@@ -306,15 +310,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _cuda() -> bool:
+def default_device() -> str:
     import torch
 
-    return torch.cuda.is_available()
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# Commands that load torch, diffusers or transformers: they say so at once, before the imports that
+# take seconds (a minute on a cold disk), so a person sees that work has started.
+LOADING_COMMANDS = ("caption", "curate", "precompute", "train", "eval", "generate", "sweep")
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    quiet_libraries()
+    args = build_parser().parse_args(argv)  # no heavy import before here: --help and argument errors are instant
+    if args.command in LOADING_COMMANDS:
+        if os.environ.get("RANK", "0") == "0":  # under `accelerate launch`, one line, not one per process
+            print(f"slapgen {args.command}: loading torch and diffusers ...", flush=True)
+        quiet_libraries()
+    if getattr(args, "device", "") is None:
+        args.device = default_device()
     try:
         return args.run(args)
     except SlapgenError as error:

@@ -204,7 +204,29 @@ def load_config(path: Path | str | None, overrides: list[str] = ()) -> TrainConf
     try:
         return TrainConfig.model_validate(tree)
     except ValidationError as error:
-        problems = "; ".join(
-            f"{'.'.join(str(part) for part in issue['loc']) or 'config'}: {issue['msg']}" for issue in error.errors()
-        )
+        problems = "; ".join(_problem(issue) for issue in error.errors())
         raise TrainConfigError(f"invalid training config: {problems}") from None
+
+
+def setting_names(model: type[BaseModel] = None, prefix: str = "") -> list[str]:
+    """Every dotted key a config file or `--set` may name: sections and the settings inside them."""
+    names = []
+    for name, field in (model or TrainConfig).model_fields.items():
+        names.append(prefix + name)
+        section = next((kind for kind in (field.annotation, *getattr(field.annotation, "__args__", ()))
+                        if isinstance(kind, type) and issubclass(kind, Section)), None)
+        if section is not None:
+            names += setting_names(section, f"{prefix}{name}.")
+    return names
+
+
+def _problem(issue: dict) -> str:
+    """One validation issue in words; a misspelt key gets the closest real one (`lora.rnk` -> `lora.rank`)."""
+    import difflib
+
+    key = ".".join(str(part) for part in issue["loc"]) or "config"
+    if issue["type"] != "extra_forbidden":
+        return f"{key}: {issue['msg']}"
+    close = difflib.get_close_matches(key, setting_names(), n=1)
+    hint = f"did you mean {close[0]}?" if close else "see `slapgen config` for every setting"
+    return f"{key}: no such setting ({hint})"

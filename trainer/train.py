@@ -26,10 +26,10 @@ from accelerate.utils import ProjectConfiguration, parse_flag_from_env, set_seed
 
 from slapgen.atomic import atomic_write_text
 from slapgen.models.cogvideox import draw_noise, latent_frames, rotary_embeddings, training_step
-from slapgen.errors import TicftLayoutError
+from slapgen.errors import SlapgenError, TicftLayoutError
 from slapgen.models.loading import TRAINER_SETTING, ResolvedModel, resolve_model
 from slapgen.models.ticft import TicftLayout
-from trainer import checkpoints
+from trainer import checkpoints, run_folder
 from trainer.batches import BatchOrder, load_batch
 from trainer.config import TrainConfig
 from trainer.datasets import read_dataset
@@ -40,7 +40,6 @@ from trainer.metrics import MetricsLog, peak_memory_mb, truncate_after
 from trainer.optim import make_lr_scheduler, make_optimizer
 from trainer.validation import Validator
 
-CONFIG_FILE = "config.yaml"
 WEIGHT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}
 
 
@@ -81,12 +80,27 @@ def mixed_precision_for(config: TrainConfig, spec_dtype: str, device_type: str) 
     return {"bfloat16": "bf16", "float16": "fp16"}.get(spec_dtype, "no")
 
 
-def setup(config: TrainConfig, data_path: Path, run_dir: Path, resume: str | None, progress: bool) -> Run:
+def setup(config: TrainConfig, data_path: Path, run_dir: Path, resume: str | None, progress: bool,
+          overwrite: bool = False) -> Run:
+    """Inputs are checked (model, layout, dataset, the run folder's earlier training) before the run
+    folder is created or changed, and a start that fails after creating it removes it again."""
+    run_dir = Path(run_dir)
+    existing = {path.name for path in run_dir.iterdir()} if run_dir.is_dir() else None
+    try:
+        return _setup(config, data_path, run_dir, resume, progress, overwrite)
+    except SlapgenError:
+        if PartialState().is_main_process:
+            run_folder.remove_new(run_dir, existing)  # a failed start leaves no half-made run folder
+        raise
+
+
+def _setup(config: TrainConfig, data_path: Path, run_dir: Path, resume: str | None, progress: bool,
+           overwrite: bool) -> Run:
     from diffusers import AutoencoderKLCogVideoX, CogVideoXDPMScheduler, CogVideoXTransformer3DModel
     from diffusers.training_utils import cast_training_params
 
-    run_dir = Path(run_dir)
     resolved = resolve_model(config.model, config.model_cache_dir, setting=TRAINER_SETTING)
+    clips = read_dataset(data_path)[: config.data.max_clips]
     layout = None
     if config.ticft is not None:
         spec = resolved.spec
@@ -106,12 +120,16 @@ def setup(config: TrainConfig, data_path: Path, run_dir: Path, resume: str | Non
         gradient_accumulation_steps=config.train.gradient_accumulation_steps,
         mixed_precision=mixed_precision,
         log_with="tensorboard" if config.logging.tensorboard else None,
-        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
+        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / run_folder.LOGS_DIR)),
     )
     main = accelerator.is_main_process
+    run_folder.check_new_start(run_dir, resume, overwrite)  # every process sees the same folder: all or none raise
+    accelerator.wait_for_everyone()
     if main:
+        if overwrite:
+            run_folder.clear_run(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        saved = run_dir / CONFIG_FILE
+        saved = run_dir / run_folder.CONFIG_FILE
         if resume is not None and saved.is_file() and saved.read_text() != config.to_yaml():
             raise TrainError(f"the config differs from the run's {saved}; resume with the same config (--config {saved})")
         atomic_write_text(saved, config.to_yaml())
@@ -121,7 +139,6 @@ def setup(config: TrainConfig, data_path: Path, run_dir: Path, resume: str | Non
     weight_dtype = WEIGHT_DTYPES[mixed_precision]
 
     # 1. Latent cache: the main process encodes, the others then find everything cached.
-    clips = read_dataset(data_path)[: config.data.max_clips]
     cache = LatentCache(config.latent_cache or run_dir / "cache", resolved, config.data, device=str(device),
                         ticft=config.ticft)
     with accelerator.main_process_first():
@@ -154,7 +171,7 @@ def setup(config: TrainConfig, data_path: Path, run_dir: Path, resume: str | Non
         vae.enable_tiling()
         condition = (layout, report.entries[0].mean_latents().to(device)) if layout is not None else None
         validator = Validator(
-            run_dir / "validation", vae, noise_scheduler.config, validation_embeds[:-1], validation_embeds[-1],
+            run_dir / run_folder.VALIDATION_DIR, vae, noise_scheduler.config, validation_embeds[:-1], validation_embeds[-1],
             config.validation, config.data, ticft=condition,
         )
     if config.logging.tensorboard:
@@ -178,7 +195,7 @@ def setup(config: TrainConfig, data_path: Path, run_dir: Path, resume: str | Non
         rotary=rotary_embeddings(accelerator.unwrap_model(transformer).config, config.data.height, config.data.width,
                                  latent_frames(config.data.num_frames, factors.temporal), device),
         noise_generator=torch.Generator().manual_seed(config.train.seed * 1_000_003 + accelerator.process_index),
-        metrics=MetricsLog(run_dir / "metrics.jsonl", accelerator, enabled=main),
+        metrics=MetricsLog(run_dir / run_folder.METRICS_FILE, accelerator, enabled=main),
         validator=validator,
         ticft_layout=layout,
     )
@@ -189,7 +206,7 @@ def setup(config: TrainConfig, data_path: Path, run_dir: Path, resume: str | Non
         checkpoint, contents = checkpoints.read_resumable(run_dir, resume, lambda folder: read_checkpoint(run, folder), say)
         apply_checkpoint(run, checkpoint, contents)
         if main:
-            truncate_after(run_dir / "metrics.jsonl", run.step)
+            truncate_after(run_dir / run_folder.METRICS_FILE, run.step)
             print(f"resumed from {checkpoint} at step {run.step}")
     return run
 
@@ -202,12 +219,14 @@ def train(
     stop_at_step: int | None = None,
     progress: bool = True,
     on_step: Callable[[int], None] | None = None,
+    overwrite: bool = False,
 ) -> Path | None:
     """Train a LoRA; returns the final adapter path (None when stopped early by `stop_at_step`).
-    `on_step(step)` is called after every optimizer step (a sweep's progress bar counts them)."""
+    `on_step(step)` is called after every optimizer step (a sweep's progress bar counts them).
+    A folder holding earlier training needs `resume` or `overwrite` (trainer.run_folder)."""
     from tqdm.auto import tqdm
 
-    run = setup(config, data_path, run_dir, resume, progress)
+    run = setup(config, data_path, run_dir, resume, progress, overwrite)
     accelerator = run.accelerator
     max_steps = config.train.max_train_steps
     num_train_timesteps = run.noise_scheduler.config.num_train_timesteps

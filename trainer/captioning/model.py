@@ -8,8 +8,8 @@ with their timestamps) and that transformers 5 supports; other Qwen3-VL sizes lo
 Frames are passed already sampled, with `VideoMetadata` for their timestamps (Qwen3-VL's processor
 needs them); another model family may need its own frame handling here.
 
-transformers' video processors need torchvision; without it the processor cannot be built and
-the error says how to install it.
+transformers' video processors need torchvision; without it the processor cannot be built, so
+`require_torchvision` runs before any model is built or fetched and says how to install it.
 """
 
 from __future__ import annotations
@@ -29,8 +29,18 @@ DEFAULT_MAX_NEW_TOKENS = 200  # when the model's generation config sets none: ~1
 TORCHVISION_FIX = "pip install torch==2.14.1 torchvision==0.29.1 (or the torchvision matching your torch)"
 
 
+def require_torchvision() -> None:
+    """ModelUnavailableError (one sentence, with the fix) when transformers cannot use torchvision: checked
+    before any model is built or downloaded, since building the processor is what fails without it."""
+    from transformers.utils import is_torchvision_available
+
+    if not is_torchvision_available():
+        raise ModelUnavailableError(f"captioning needs torchvision (transformers' video processors use it); {TORCHVISION_FIX}.")
+
+
 def resolve_caption_model(model: str, cache_dir: Path | None = None) -> Path:
     """The folder `--model` names: the tiny model, a local folder, or a hub snapshot."""
+    require_torchvision()
     if model == TINY_VLM_NAME:
         return materialise_tiny_vlm(cache_dir or default_cache_dir())
     path = Path(model).expanduser()
@@ -65,10 +75,8 @@ class VideoCaptioner:
     def load(cls, folder: Path, device: str = "cpu", max_new_tokens: int | None = None) -> VideoCaptioner:
         import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
-        from transformers.utils import is_torchvision_available
 
-        if not is_torchvision_available():
-            raise ModelUnavailableError(f"captioning needs torchvision (transformers' video processors use it); {TORCHVISION_FIX}.")
+        require_torchvision()  # for a folder that did not come from resolve_caption_model
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
         try:
             processor = AutoProcessor.from_pretrained(folder)

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from slapgen.engine.adapters import ADAPTER_NAME_PATTERN
 from slapgen.engine.params import GenerationParams
 from slapgen.errors import FrameCountError
-from slapgen.evaluation.i3d import I3D_MIN_FRAMES
+from slapgen.evaluation.i3d import FVD_FRAMES, I3D_MIN_FRAMES
 from slapgen.evaluation.models import DEFAULT_CLIP, DEFAULT_DINO, DEFAULT_I3D, TINY
-from slapgen.models.cogvideox import SIZE_MULTIPLE, check_frame_count
+from slapgen.models.cogvideox import SIZE_MULTIPLE, check_frame_count, is_valid_frame_count
 from slapgen.models.loading import ModelSetting
 from slapgen.models.specs import ModelSpec
 from trainer.errors import EvalError
@@ -57,7 +58,10 @@ class EvalOptions:
     def params(self, spec: ModelSpec) -> GenerationParams:
         """The generation settings every system shares: the spec's defaults with `--set` applied, checked
         against the model's limits."""
-        params = checked_params(spec, self.generation, self.settings_flag)
+        generation = self.generation
+        if "fvd" in self.metrics and "num_frames" not in generation:
+            generation = {**generation, "num_frames": fvd_num_frames(spec)}
+        params = checked_params(spec, generation, self.settings_flag)
         if "temporal" in self.metrics and params.num_frames < 2:
             raise EvalError(f"temporal metrics compare consecutive frames; set {self.settings_flag} num_frames=9 or more, "
                             "or leave temporal out of --metrics")
@@ -66,6 +70,17 @@ class EvalOptions:
                             f"num_frames={params.num_frames}; set e.g. {self.settings_flag} num_frames=17 or leave fvd out "
                             "of --metrics")
         return params
+
+
+def fvd_num_frames(spec: ModelSpec) -> int:
+    """The length videos get when FVD is measured and num_frames is not set: the model's default, or, when
+    that is shorter than FVD's clip (StyleGAN-V's first `FVD_FRAMES` frames), the shortest length the model
+    generates that holds the whole clip (17 for tiny, whose default is 9). FVD is defined on 16-frame
+    clips; padding a shorter video with repeated frames would feed the I3D motion that never happened."""
+    if spec.default_num_frames >= FVD_FRAMES:
+        return spec.default_num_frames
+    fitting = [count for count in range(FVD_FRAMES, spec.max_num_frames + 1) if is_valid_frame_count(count, spec.frame_step)]
+    return fitting[0] if fitting else spec.default_num_frames  # none: params() says what fvd needs
 
 
 def checked_params(spec: ModelSpec, settings: dict, flag: str = "--set", **chosen) -> GenerationParams:
@@ -124,7 +139,9 @@ def parse_settings(pairs: list[str], flag: str = "--set", chooser: str = "slapge
         key, separator, raw = pair.partition("=")
         key = key.strip()
         if not separator or key not in SETTABLE:
-            extra = f" ({key} is chosen by {chooser})" if key in known else ""
+            close = difflib.get_close_matches(key, SETTABLE, n=1) if separator else []
+            extra = (f" ({key} is chosen by {chooser})" if key in known
+                     else f" (did you mean {close[0]}?)" if close else "")
             raise EvalError(f"{flag} {pair}: expected KEY=VALUE with KEY one of {', '.join(SETTABLE)}{extra}")
         try:
             settings[key] = SETTABLE[key](raw)

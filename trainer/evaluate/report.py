@@ -11,12 +11,13 @@ from pathlib import Path
 from slapgen.atomic import atomic_write_text
 
 
-def write_reports(result: dict, out: Path) -> dict[str, Path]:
+def write_reports(result: dict, out: Path, title: str = "slapgen eval") -> dict[str, Path]:
+    """`title` heads eval.md and report.html (a sweep's combined report says it is the sweep's)."""
     out = Path(out)
     paths = {"json": out / "eval.json", "md": out / "eval.md", "html": out / "report.html"}
     atomic_write_text(paths["json"], json.dumps(result, indent=2) + "\n")
-    atomic_write_text(paths["md"], markdown(result))
-    atomic_write_text(paths["html"], page(result))
+    atomic_write_text(paths["md"], markdown(result, title))
+    atomic_write_text(paths["html"], page(result, title))
     return paths
 
 
@@ -72,10 +73,10 @@ def notes(result: dict) -> list[str]:
     return lines
 
 
-def markdown(result: dict) -> str:
+def markdown(result: dict, title: str = "slapgen eval") -> str:
     metrics = list(result["metric_definitions"])
     systems = list(result["systems"])
-    lines = [f"# slapgen eval: {result['model']} on {result['heldout']}", "",
+    lines = [f"# {title}: {result['model']} on {result['heldout']}", "",
              f"{len(result['prompts'])} held-out prompts x seeds {result['seeds']} x {len(systems)} systems; "
              f"{served(result)}.", "",
              "| system | " + " | ".join(_metric_header(m, result["metric_definitions"][m]) for m in metrics) + " |",
@@ -115,13 +116,13 @@ td.best { font-weight: bold; background: #eef7ee; }
 """
 
 
-def page(result: dict) -> str:
+def page(result: dict, title: str = "slapgen eval") -> str:
     e = html.escape
     metrics = list(result["metric_definitions"])
     systems = list(result["systems"])
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>slapgen eval: {e(result['model'])}</title>",
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{e(title)}: {e(result['model'])}</title>",
              f"<style>{STYLE}</style></head><body>",
-             f"<h1>slapgen eval: {e(result['model'])}</h1>",
+             f"<h1>{e(title)}: {e(result['model'])}</h1>",
              f"<p>Held-out set {e(result['heldout'])}: {len(result['prompts'])} prompts, seeds {e(str(result['seeds']))}, "
              f"{len(systems)} systems; {e(served(result))}.</p>",
              "<h2>Metrics</h2><table id='metrics'><tr><th>system</th>"

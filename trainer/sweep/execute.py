@@ -28,12 +28,12 @@ from slapgen.errors import SlapgenError
 from trainer import checkpoints
 from trainer.lora import LORA_FILENAME
 from trainer.metrics import truncate_after
+from trainer.run_folder import METRICS_FILE
 from trainer.sweep.evaluate import EvaluationInputs, evaluate_base, evaluate_run
 from trainer.sweep.folder import SweepDefinition, read_definition, run_dir
 from trainer.sweep.grid import PlannedRun
 
 RESULT_FILE = "sweep_result.json"
-METRICS_FILE = "metrics.jsonl"
 BASE_DIR = "base"
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
+import textwrap
 from pathlib import Path
 
 from matplotlib.figure import Figure
@@ -25,8 +26,19 @@ from trainer.sweep.grid import Axis, PlannedRun
 _UNSAFE = re.compile(r"[^A-Za-z0-9.=+_-]")
 
 
+def _figure(width: float, height: float) -> Figure:
+    # Constrained layout makes room for titles, labels and the colour bar at every draw.
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def _title(ax, figure: Figure, text: str, fontsize: float = 10) -> None:
+    """A title wrapped to the figure's width: a heatmap of two columns is narrower than its title, and a
+    title longer than the figure is cut at both edges whatever the layout."""
+    characters_per_line = int(figure.get_figwidth() * 72 / (0.6 * fontsize) * 0.85)  # ~0.6 em per character
+    ax.set_title(textwrap.fill(text, width=max(20, characters_per_line)), fontsize=fontsize)
+
+
 def _save(figure: Figure, path: Path) -> Path:
-    figure.tight_layout()
     with atomic_path(path) as staging:
         figure.savefig(staging, format="png", dpi=110)
     return path
@@ -59,7 +71,7 @@ def metric_figures(out: Path, axes: list[Axis], runs: list[PlannedRun], values: 
 
 def _line(path: Path, axis: Axis, runs: list[PlannedRun], values: dict[str, float], metric: str, best: str,
           higher_is_better: bool) -> Path:
-    figure = Figure(figsize=(5, 3.5))
+    figure = _figure(5, 3.5)
     ax = figure.subplots()
     ordered = [_run_at(runs, {axis.key: value}) for value in axis.values]
     ys = [values[run.name] for run in ordered]
@@ -70,7 +82,7 @@ def _line(path: Path, axis: Axis, runs: list[PlannedRun], values: dict[str, floa
     ax.set_xticks(range(len(ys)), list(axis.values))
     ax.set_xlabel(axis.key)
     ax.set_ylabel(metric)
-    ax.set_title(f"{metric} ({_better(higher_is_better)})")
+    _title(ax, figure, f"{metric} ({_better(higher_is_better)})")
     ax.legend()
     return _save(figure, path)
 
@@ -86,7 +98,7 @@ def _heatmap(path: Path, rows: Axis, columns: Axis, runs: list[PlannedRun], fixe
                 grid[i][j] = values[run.name]
                 if run.name == best:
                     best_cell = (i, j)
-    figure = Figure(figsize=(1.6 + 1.3 * len(columns.values), 1.4 + 0.8 * len(rows.values)))
+    figure = _figure(1.6 + 1.3 * len(columns.values), 1.4 + 0.8 * len(rows.values))
     ax = figure.subplots()
     image = ax.imshow(grid, cmap="viridis" if higher_is_better else "viridis_r", aspect="auto")
     figure.colorbar(image, ax=ax, label=metric)
@@ -102,7 +114,8 @@ def _heatmap(path: Path, rows: Axis, columns: Axis, runs: list[PlannedRun], fixe
     ax.set_xlabel(columns.key)
     ax.set_ylabel(rows.key)
     extra = ", ".join(f"{key}={value}" for key, value in fixed.items())
-    ax.set_title(f"{metric}{f' at {extra}' if extra else ''} ({_better(higher_is_better)}; the sweep's best framed)", fontsize=9)
+    _title(ax, figure, f"{metric}{f' at {extra}' if extra else ''} ({_better(higher_is_better)}; the sweep's best framed)",
+           fontsize=9)
     return _save(figure, path)
 
 
@@ -117,7 +130,7 @@ def _ema(ys: list[float], span: int) -> list[float]:
 def loss_curves(path: Path, curves: dict[str, Path]) -> Path:
     """Training loss by step of each run (label -> its metrics.jsonl): raw, faint, and an exponential
     moving average over ~5% of the steps, solid, in the same colour."""
-    figure = Figure(figsize=(7, 4.5))
+    figure = _figure(7, 4.5)
     ax = figure.subplots()
     for index, (label, metrics_file) in enumerate(curves.items()):
         rows = [json.loads(line) for line in metrics_file.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -129,6 +142,6 @@ def loss_curves(path: Path, curves: dict[str, Path]) -> Path:
         ax.plot(steps, _ema(losses, max(1, len(losses) // 20)), color=colour, linewidth=1.6, label=label)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss")
-    ax.set_title("training loss (faint: logged; solid: moving average)")
+    _title(ax, figure, "training loss (faint: logged; solid: moving average)")
     ax.legend(fontsize=7)
     return _save(figure, path)

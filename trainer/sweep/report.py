@@ -3,7 +3,8 @@ best run marked), a figure per metric, the runs' loss curves, and `best.yaml`, t
 the winner with `slapgen train --config best.yaml`. The winner is the run with the lowest held-out
 loss; a run whose loss is not a number (diverged) never wins. With generation metrics, also
 `slapgen eval`'s report for the base model and every run side by side (`report.html`, `eval.json`,
-`eval.md`, with the A/B of each run against base). Every file is written atomically.
+`eval.md`, with the A/B of each run against base). Every file is written atomically. The README and
+the report name paths relative to the sweep folder they are in, never a folder of this machine.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import csv
 import io
 import json
 import math
+import os
 import shlex
 from pathlib import Path
 
@@ -65,13 +67,29 @@ def pick_best(runs: list[PlannedRun], results: dict[str, dict]) -> PlannedRun:
     return min(runs, key=loss)  # the first of equals
 
 
+def shown_path(value: str, out: Path) -> str:
+    """A path as the sweep's README and report show it: relative to the sweep folder `out` (where they are),
+    so they name no folder of this machine and stay true when the tree is moved; anything else (a preset,
+    a hub id, `tiny`) as it is."""
+    path = Path(value)
+    if not (path.is_absolute() or "/" in value) or not path.exists():
+        return value
+    return os.path.relpath(path.resolve(), Path(out).resolve())
+
+
+def _shown_setting(item: str, out: Path) -> str:
+    key, separator, value = item.partition("=")
+    return f"{key}={shown_path(value, out)}" if separator else item
+
+
 def sweep_command(definition: SweepDefinition, out: Path) -> str:
-    words = ["slapgen", "sweep", "--config", definition.config]
+    """The command that continues (or reproduces) the sweep, run from its own folder."""
+    words = ["slapgen", "sweep", "--config", shown_path(definition.config, out)]
     for axis in definition.axes:
         words += ["--grid", axis.to_text()]
-    words += ["--data", definition.data, "--heldout", definition.heldout, "--out", str(out)]
+    words += ["--data", shown_path(definition.data, out), "--heldout", shown_path(definition.heldout, out), "--out", "."]
     for item in definition.sets:
-        words += ["--set", item]
+        words += ["--set", _shown_setting(item, out)]
     if definition.metrics != ("loss",):
         words += ["--metrics", ",".join(definition.metrics)]
     if definition.evaluation is not None:
@@ -79,7 +97,8 @@ def sweep_command(definition: SweepDefinition, out: Path) -> str:
         words += ["--seeds", ",".join(str(seed) for seed in settings.seeds)]
         for key, value in settings.generation.items():
             words += ["--eval-set", f"{key}={value}"]
-        words += ["--clip-model", settings.clip_model, "--dino-model", settings.dino_model, "--i3d-model", settings.i3d_model]
+        words += ["--clip-model", shown_path(settings.clip_model, out), "--dino-model", shown_path(settings.dino_model, out),
+                  "--i3d-model", shown_path(settings.i3d_model, out)]
     return shlex.join(words)
 
 
@@ -154,17 +173,21 @@ def write_readme(path: Path, definition: SweepDefinition, results: dict[str, dic
                  figures: list[Path], base: dict | None = None) -> Path:
     varied = ", ".join(f"`{axis.key}` ({', '.join(axis.values)})" for axis in definition.axes)
     follows = f"; `{ALPHA_KEY}` follows `lora.rank`" if definition.alpha_follows_rank else ""
+    data = shown_path(definition.data, out)
     lines = [
         f"# Sweep {Path(out).name}",
+        "",
+        "Paths are relative to this folder: run from here, this command continues the sweep.",
         "",
         "```bash",
         sweep_command(definition, out),
         "```",
         "",
-        f"{len(definition.runs)} runs over {varied}{follows}. Every other setting: `--config {definition.config}`"
-        + (f" with {' '.join(f'`--set {item}`' for item in definition.sets)}" if definition.sets else "") + ".",
+        f"{len(definition.runs)} runs over {varied}{follows}. Every other setting: `--config {shown_path(definition.config, out)}`"
+        + (f" with {' '.join(f'`--set {_shown_setting(item, out)}`' for item in definition.sets)}" if definition.sets else "")
+        + ".",
         "",
-        f"`{HELDOUT_LOSS}`: the training objective on every clip of `{definition.heldout}` at fixed timesteps "
+        f"`{HELDOUT_LOSS}`: the training objective on every clip of `{shown_path(definition.heldout, out)}` at fixed timesteps "
         "(100, 300, ..., 900) and fixed noise (seed 0), from each run's saved LoRA (`trainer/heldout.py`); "
         "lower is better. `results.csv` holds the same numbers in full precision.",
         "",
@@ -172,7 +195,7 @@ def write_readme(path: Path, definition: SweepDefinition, results: dict[str, dic
         *_markdown_table(definition, results, best),
         "",
         f"Best: **{best.name}**. `{BEST_YAML}` trains it: "
-        f"`slapgen train --config {Path(out) / BEST_YAML} --data {definition.data} --out runs/{best.name}`.",
+        f"`slapgen train --config {BEST_YAML} --data {data} --out best-run` (from this folder).",
         "",
         *[f"![{figure.stem}]({figure.name})" for figure in figures],
         "",
@@ -219,4 +242,9 @@ def write_eval_report(out: Path, definition: SweepDefinition, results: dict[str,
         "what": f"the training objective ({objective}) on every held-out clip at the runs' training size and precision, "
                 "at fixed timesteps with noise seeded per clip (the sweep's heldout_loss; per clip for the A/B)",
     }
-    return write_reports(combine(parts, out, losses, loss_definition), out)
+    result = combine(parts, out, losses, loss_definition)
+    result["heldout"] = shown_path(result["heldout"], out)
+    for definition_of_metric in result["metric_definitions"].values():
+        if definition_of_metric.get("model"):
+            definition_of_metric["model"] = shown_path(definition_of_metric["model"], out)
+    return write_reports(result, out, title=f"slapgen sweep {out.name}")

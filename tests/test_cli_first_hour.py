@@ -1,0 +1,246 @@
+"""A new user's first hour with the `slapgen` command line (issue 19): a repeated `slapgen train` never
+destroys a finished run, a failed start leaves no folder behind, the CLI says it has started before
+its slow imports, captioning without torchvision is one sentence, a default tiny eval runs, and a
+misspelt `--set` key gets the closest real one."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO_ROOT, offline_env, tiny_train_overrides
+from trainer import checkpoints
+from trainer.cli import main as cli_main
+from trainer.lora import LORA_FILENAME
+
+# 32x32, one frame, two clips: a run of a few steps takes seconds on the CPU.
+SMALL = ("data.height=32", "data.width=32", "data.num_frames=1", "data.max_clips=2", "optim.lr_warmup_steps=1",
+         "train.gradient_checkpointing=false")
+HEAVY_IMPORT = re.compile(r"\|\s+(torch|diffusers|transformers)$")
+
+
+def _train_args(tiny_cache_dir, data, out, *extra_sets, flags=()):
+    args = ["train", "--config", "tiny-smoke", "--data", str(data), "--out", str(out), *flags]
+    for item in tiny_train_overrides(tiny_cache_dir, *SMALL, *extra_sets):
+        args += ["--set", item]
+    return args
+
+
+def _logged_steps(run: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_repeated_train_command_is_refused_and_overwrite_starts_clean(tiny_cache_dir, demo_dataset, tmp_path, capsys):
+    """Guards the data loss of issue 19: `slapgen train` run again into a finished run folder started over
+    silently, overwriting the LoRA and checkpoints and appending a second steps 1-N to metrics.jsonl.
+    It must refuse in one line naming `--resume latest` and `--overwrite`, changing no file; `--overwrite`
+    must then start over in a clean folder (only the new run's checkpoints, each step logged once) and
+    keep the latent cache; `--resume` with `--overwrite` is refused."""
+    run = tmp_path / "run"
+    first = _train_args(tiny_cache_dir, demo_dataset, run, "train.max_train_steps=4", "checkpoint.every_steps=1",
+                        "checkpoint.keep_last=3")
+    assert cli_main(first) == 0
+    assert [p.name for p in checkpoints.list_checkpoints(run)] == [f"checkpoint-00000{step}" for step in (2, 3, 4)]
+    before = {str(p.relative_to(run)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(run.rglob("*")) if p.is_file()}
+    capsys.readouterr()
+
+    assert cli_main(first) == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and error.startswith(f"slapgen train: {run} already holds a run")
+    assert "--resume latest" in error and "--overwrite" in error and "metrics up to step 4" in error
+    after = {str(p.relative_to(run)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(run.rglob("*")) if p.is_file()}
+    assert after == before
+
+    cache_entries = {p: p.stat().st_mtime_ns for p in (run / "cache").rglob("*.safetensors")}
+    assert cache_entries
+    again = _train_args(tiny_cache_dir, demo_dataset, run, "train.max_train_steps=4", "checkpoint.every_steps=4",
+                        flags=["--overwrite"])
+    assert cli_main(again) == 0
+    assert [p.name for p in checkpoints.list_checkpoints(run)] == ["checkpoint-000004"]  # not 2 and 3 of the old run
+    assert _logged_steps(run) == [1, 2, 3, 4]
+    assert {p: p.stat().st_mtime_ns for p in (run / "cache").rglob("*.safetensors")} == cache_entries  # reused, not re-encoded
+    assert "2 clips ready (0 encoded" in capsys.readouterr().out
+
+    assert cli_main([*again, "--resume", "latest"]) == 2
+    assert "give one of them" in capsys.readouterr().err
+
+
+def test_an_interrupted_run_points_to_resume_and_resume_still_works(tiny_cache_dir, demo_dataset, tmp_path, capsys):
+    """Guards the refusal catching a run stopped with --stop-at-step (not only a finished one), and the
+    refusal getting in the way of `--resume latest`, which must continue the run to its end with each
+    step logged once."""
+    run = tmp_path / "run"
+    args = _train_args(tiny_cache_dir, demo_dataset, run, "train.max_train_steps=4", "checkpoint.every_steps=2")
+    assert cli_main([*args, "--stop-at-step", "2"]) == 0
+    capsys.readouterr()
+    assert cli_main(args) == 2
+    assert "continue it with --resume latest" in capsys.readouterr().err
+    assert not (run / LORA_FILENAME).exists()
+    assert cli_main([*args, "--resume", "latest"]) == 0
+    assert (run / LORA_FILENAME).is_file() and _logged_steps(run) == [1, 2, 3, 4]
+
+
+def test_a_failed_start_leaves_no_run_folder(tiny_cache_dir, tmp_path, capsys):
+    """Guards the half-made run folder (config.yaml, an empty cache) a failed start left behind: a missing
+    dataset, or one whose every clip is unreadable, ends in one line and no folder; a folder that was
+    there before is left as it was."""
+    missing = _train_args(tiny_cache_dir, tmp_path / "no-such-dataset", tmp_path / "run")
+    assert cli_main(missing) == 2
+    assert "no-such-dataset" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "clip_000.mp4").write_bytes(b"not a video at all")
+    (broken / "clip_000.txt").write_text("Power slap: the striker winds up and the palm lands on the cheek.\n")
+    assert cli_main(_train_args(tiny_cache_dir, broken, tmp_path / "run")) == 2
+    assert "no usable clips" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine\n")
+    assert cli_main(_train_args(tiny_cache_dir, broken, kept)) == 2
+    assert sorted(p.name for p in kept.iterdir()) == ["notes.txt"]
+
+
+def _imports(tmp_path, *args) -> tuple[subprocess.CompletedProcess, set[str]]:
+    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "trainer", *args], cwd=REPO_ROOT,
+                            env=offline_env(tmp_path), capture_output=True, text=True, timeout=300)
+    return result, {match[1] for line in result.stderr.splitlines() if (match := HEAVY_IMPORT.search(line))}
+
+
+@pytest.mark.slow
+def test_help_and_config_skip_the_heavy_imports(tmp_path):
+    """Guards `slapgen --help` importing torch (the parser asked torch for the default --device) and every
+    command importing diffusers and transformers up front: --help imports none of them, `slapgen config`
+    neither diffusers nor transformers."""
+    result, heavy = _imports(tmp_path, "--help")
+    assert result.returncode == 0 and "usage: slapgen" in result.stdout
+    assert heavy == set()
+    result, heavy = _imports(tmp_path, "train", "--help")
+    assert result.returncode == 0 and "--overwrite" in result.stdout and heavy == set()
+    result, heavy = _imports(tmp_path, "config", "tiny-smoke")
+    assert result.returncode == 0 and "model: tiny" in result.stdout
+    assert not heavy & {"diffusers", "transformers"}
+
+
+@pytest.mark.slow
+def test_train_says_it_has_started_before_importing_torch(tiny_cache_dir, demo_dataset, tmp_path):
+    """Guards a CLI silent for 20-90 s while it imports: a real `slapgen train` process prints its first
+    line before torch is imported (stdout and -X importtime's stderr in one pipe, in order)."""
+    command = [sys.executable, "-u", "-X", "importtime", "-m", "trainer",
+               *_train_args(tiny_cache_dir, demo_dataset, tmp_path / "run")]
+    process = subprocess.Popen(command, cwd=REPO_ROOT, env=offline_env(tmp_path, SLAP_CACHE_DIR=str(tiny_cache_dir)),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    try:
+        for line in process.stdout:
+            seen.append(line.rstrip("\n"))
+            if line.startswith("slapgen train:") or HEAVY_IMPORT.search(line.rstrip("\n")):
+                break
+    finally:
+        process.kill()
+        process.wait()
+    assert seen and seen[-1] == "slapgen train: loading torch and diffusers ...", seen[-5:]
+    assert not any(HEAVY_IMPORT.search(line) for line in seen)
+
+
+HAVE_TORCHVISION = importlib.util.find_spec("torchvision") is not None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(HAVE_TORCHVISION, reason="checks the path without torchvision")
+def test_caption_without_torchvision_is_one_sentence_before_any_model_is_built(demo_dataset, tmp_path):
+    """Guards `slapgen caption --model tiny` without torchvision printing a 20-line traceback: the
+    torchvision check ran after the tiny model was being built. It must be one line naming the fix, with
+    nothing written to the model cache."""
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    (folder / "clip_000.mp4").write_bytes((demo_dataset / "clip_000.mp4").read_bytes())
+    cache = tmp_path / "cache"
+    result = subprocess.run([sys.executable, "-m", "trainer", "caption", str(folder), "--model", "tiny", "--device", "cpu"],
+                            cwd=REPO_ROOT, env=offline_env(tmp_path, SLAP_CACHE_DIR=str(cache)), capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "slapgen caption: captioning needs torchvision (transformers' video processors use it); pip install "
+        "torch==2.14.1 torchvision==0.29.1 (or the torchvision matching your torch)."]
+    assert not cache.exists() and not (folder / "clip_000.txt").exists()
+
+
+def test_fvd_length_is_the_shortest_the_model_makes_that_holds_fvds_clip(tmp_path):
+    """Guards tiny's default eval failing on FVD (its 9 frames are below the I3D's minimum): with fvd
+    measured and num_frames not set, videos get the shortest 8k+1 length holding StyleGAN-V's 16-frame
+    clip; a default already long enough, or a num_frames the user set, is kept (and still checked)."""
+    from slapgen.evaluation.i3d import FVD_FRAMES
+    from slapgen.models.specs import COGVIDEOX_5B
+    from slapgen.models.tiny import TINY_SPEC
+    from trainer.errors import EvalError
+    from trainer.evaluate.options import EvalOptions
+
+    def frames(spec, metrics, generation=None):
+        options = EvalOptions(model="m", adapters=(), heldout=tmp_path, out=tmp_path, metrics=metrics,
+                              generation=generation or {})
+        return options.params(spec).num_frames
+
+    shortest = min(n for n in range(FVD_FRAMES, 50) if (n - 1) % 8 == 0)  # CogVideoX 1.0 makes 8k+1 frames
+    assert shortest == 17 and TINY_SPEC.default_num_frames < FVD_FRAMES
+    assert frames(TINY_SPEC, ("loss", "clip", "fvd", "temporal")) == shortest
+    assert frames(TINY_SPEC, ("clip", "temporal")) == TINY_SPEC.default_num_frames  # no FVD: the model's default
+    assert frames(COGVIDEOX_5B, ("fvd",)) == COGVIDEOX_5B.default_num_frames == 49
+    assert frames(TINY_SPEC, ("fvd",), {"num_frames": 25}) == 25
+    with pytest.raises(EvalError, match="fvd needs videos of at least 10 frames"):
+        frames(TINY_SPEC, ("fvd",), {"num_frames": 9})
+
+
+@pytest.mark.slow
+def test_a_default_tiny_eval_runs_end_to_end(tiny_cache_dir, demo_dataset, tmp_path):
+    """Guards `slapgen eval --model tiny` with default settings stopping on FVD's frame minimum: a real
+    process with nothing but the required options writes every metric, its videos decode to 17 frames."""
+    from slapgen.video import read_mp4
+
+    out = tmp_path / "eval"
+    result = subprocess.run([sys.executable, "-m", "trainer", "eval", "--model", "tiny", "--heldout", str(demo_dataset),
+                             "--out", str(out), "--max-clips", "2"], cwd=REPO_ROOT,
+                            env=offline_env(tmp_path, SLAP_CACHE_DIR=str(tiny_cache_dir)), capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    evaluation = json.loads((out / "eval.json").read_text())
+    assert set(evaluation["systems"]["base"]["metrics"]) == {"heldout_loss", "clip_score_tiny", "fvd_i3d",
+                                                            "subject_consistency_dino", "temporal_flickering"}
+    assert evaluation["generation"]["num_frames"] == 17
+    assert evaluation["systems"]["base"]["fvd_i3d_detail"]["n_a"] == 2
+    for video in evaluation["videos"]:
+        assert len(read_mp4(out / video["path"])[0]) == 17
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["train", "--config", "tiny-smoke", "--data", "d", "--out", "o", "--set", "lora.rnk=2"], "lora.rank"),
+    (["config", "tiny-smoke", "--set", "optim.learnig_rate=1e-3"], "optim.learning_rate"),
+    (["curate", "d", "--out", "o", "--set", "data.num_frame=9"], "data.num_frames"),
+    (["precompute", "d", "--model", "tiny", "--out", "o", "--set", "data.heigth=32"], "data.height"),
+    (["sweep", "--config", "tiny-smoke", "--grid", "lora.rank=2,4", "--data", "DEMO", "--heldout", "DEMO", "--out", "o",
+      "--set", "train.max_train_step=2"], "train.max_train_steps"),
+    (["sweep", "--config", "tiny-smoke", "--grid", "optim.learning_rat=1e-3,1e-2", "--data", "DEMO", "--heldout", "DEMO",
+      "--out", "o"], "optim.learning_rate"),
+    (["sweep", "--config", "tiny-smoke", "--grid", "lora.rank=2,4", "--data", "DEMO", "--heldout", "DEMO", "--out", "o",
+      "--metrics", "loss,clip", "--eval-set", "num_inference_step=2"], "num_inference_steps"),
+    (["eval", "--model", "tiny", "--heldout", "h", "--out", "o", "--set", "num_frame=17"], "num_frames"),
+    (["generate", "--model", "tiny", "--prompt", "p", "--out", "o.mp4", "--set", "guidance=3"], "guidance_scale"),
+])
+def test_a_misspelt_set_key_suggests_the_closest(args, expected, demo_dataset, tmp_path, monkeypatch, capsys):
+    """Guards a wrong `--set` (or `--grid`, `--eval-set`) key answered with the list of every key or a
+    pydantic message and no hint, in every command that takes one: the error is one line with
+    `did you mean KEY?`, and nothing is written."""
+    monkeypatch.chdir(tmp_path)
+    assert cli_main([str(demo_dataset) if arg == "DEMO" else arg for arg in args]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and f"did you mean {expected}?" in error, error
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,90 @@
+"""What a run folder holds, and whether a new `slapgen train` may start in it.
+
+A run folder that already holds training (the final LoRA, a checkpoint, logged steps) is never
+silently started over: that would overwrite the LoRA and checkpoints and log steps 1-N a second
+time. A new start there needs `--resume latest` (continue it) or `--overwrite` (start over), and
+`--overwrite` removes exactly what a run writes (`RUN_OUTPUTS`) and nothing else; the latent cache
+stays, because its entries are keyed by everything they were encoded from and are reused safely.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from slapgen.models.lora_format import WEIGHTS_FILE as LORA_FILENAME
+from trainer import checkpoints
+from trainer.errors import TrainError
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+LOGS_DIR = "logs"  # TensorBoard
+VALIDATION_DIR = "validation"
+# Everything a training run writes into its folder but the latent cache.
+RUN_OUTPUTS = (LORA_FILENAME, checkpoints.CHECKPOINTS_DIR, METRICS_FILE, LOGS_DIR, VALIDATION_DIR, CONFIG_FILE)
+
+
+def last_logged_step(run_dir: Path) -> int:
+    """The highest step in the run's metrics.jsonl (0 when none)."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return 0
+    steps = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            steps.append(int(json.loads(line)["step"]))
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by a kill
+    return max(steps, default=0)
+
+
+def training_found(run_dir: Path) -> list[str]:
+    """What earlier training left in `run_dir`, in words (empty: nothing a new start would destroy)."""
+    run_dir = Path(run_dir)
+    found = []
+    if (run_dir / LORA_FILENAME).is_file():
+        found.append(f"the final {LORA_FILENAME}")
+    saved = checkpoints.list_checkpoints(run_dir)
+    if saved:
+        found.append(f"{len(saved)} checkpoint{'s' if len(saved) > 1 else ''} (the latest {saved[-1].name})")
+    logged = last_logged_step(run_dir)
+    if logged:
+        found.append(f"metrics up to step {logged}")
+    return found
+
+
+def check_new_start(run_dir: Path, resume: str | None, overwrite: bool) -> None:
+    """TrainError (one sentence, naming the fix) when starting from step 0 in `run_dir` would destroy a run."""
+    if resume is not None and overwrite:
+        raise TrainError("--resume continues a run and --overwrite deletes it: give one of them")
+    if resume is not None or overwrite:
+        return
+    found = training_found(run_dir)
+    if not found:
+        return
+    fix = ("continue it with --resume latest, or start over with --overwrite" if checkpoints.list_checkpoints(run_dir)
+           else "start over with --overwrite (it has no checkpoint to resume from)")
+    raise TrainError(f"{run_dir} already holds a run ({', '.join(found)}); {fix}, or choose another --out")
+
+
+def clear_run(run_dir: Path) -> None:
+    """`--overwrite`: remove what an earlier run wrote (`RUN_OUTPUTS`); the latent cache and any other file stay."""
+    for name in RUN_OUTPUTS:
+        path = Path(run_dir) / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def remove_new(run_dir: Path, existing: set[str] | None) -> None:
+    """Undo a start that failed: remove `run_dir` if it did not exist (`existing` None), else the entries
+    in it that are not in `existing` (the names it held before)."""
+    run_dir = Path(run_dir)
+    if existing is None:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return
+    for path in run_dir.iterdir() if run_dir.is_dir() else ():
+        if path.name not in existing:
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
