@@ -151,6 +151,12 @@ class _Tally:
         return out
 
 
+def _logsumexp_last(values: np.ndarray) -> np.ndarray:
+    """log(sum(exp)) over the last axis, shifted by its maximum (finite: a win logit always is)."""
+    top = values.max(axis=-1)
+    return top + np.log(np.exp(values - top[..., None]).sum(axis=-1))
+
+
 def _penalised_newton(pairs: np.ndarray, counts: np.ndarray, systems: int, with_ties: bool, ridge: float,
                       iterations: int = 100, tolerance: float = 1e-10) -> tuple[np.ndarray, np.ndarray]:
     """Maximise the penalised Davidson log-likelihood for each of `counts`' B tallies (B, pairs, 3).
@@ -159,10 +165,10 @@ def _penalised_newton(pairs: np.ndarray, counts: np.ndarray, systems: int, with_
     batch, rows, size = counts.shape[0], len(pairs), systems + 1
     # Which parameter each row's (s, t, log nu) is: scatter matrices for the gradient and the Hessian.
     slots = np.stack([pairs[:, 0], pairs[:, 1], np.full(rows, systems)], axis=1)  # (rows, 3)
-    gradient_scatter = sparse.csr_matrix((np.ones(rows * 3), (np.arange(rows * 3), slots.ravel())),
-                                         shape=(rows * 3, size))
+    gradient_gather = sparse.csr_matrix((np.ones(rows * 3), (slots.ravel(), np.arange(rows * 3))),
+                                        shape=(size, rows * 3))
     flat = (slots[:, :, None] * size + slots[:, None, :]).ravel()  # (rows * 9,)
-    hessian_scatter = sparse.csr_matrix((np.ones(rows * 9), (np.arange(rows * 9), flat)), shape=(rows * 9, size * size))
+    hessian_gather = sparse.csr_matrix((np.ones(rows * 9), (flat, np.arange(rows * 9))), shape=(size * size, rows * 9))
     totals = counts.sum(axis=-1)  # (B, rows)
     observed = counts @ _OUTCOME_COEFFICIENTS  # (B, rows, 3)
     prior = np.full(size, ridge)
@@ -175,7 +181,7 @@ def _penalised_newton(pairs: np.ndarray, counts: np.ndarray, systems: int, with_
         s, t, log_nu = x[:, pairs[:, 0]], x[:, pairs[:, 1]], x[:, -1:]
         tie_logit = log_nu + (s + t) / 2 if with_ties else np.full_like(s, -np.inf)
         logits = np.stack([s, t, tie_logit], axis=-1)  # (B, rows, 3)
-        log_d = logsumexp(logits, axis=-1)
+        log_d = _logsumexp_last(logits)
         safe = np.where(counts > 0, logits, 0.0)
         centre = (x * is_theta).sum(axis=1)
         value = -((counts * safe).sum(axis=(1, 2)) - (totals * log_d).sum(axis=1))
@@ -185,12 +191,12 @@ def _penalised_newton(pairs: np.ndarray, counts: np.ndarray, systems: int, with_
         p = np.exp(logits - log_d[..., None])
         expected = p @ _OUTCOME_COEFFICIENTS  # (B, rows, 3): E[coefficients]
         row_gradient = totals[..., None] * expected - observed
-        gradient = (gradient_scatter.T @ row_gradient.reshape(batch, -1).T).T
+        gradient = (gradient_gather @ row_gradient.reshape(batch, -1).T).T
         gradient += prior * x + centre[:, None] * is_theta
         # Hessian of log D in (s, t, log nu): Cov_p of the outcome coefficients.
         second = np.einsum("bro,oi,oj->brij", p, _OUTCOME_COEFFICIENTS, _OUTCOME_COEFFICIENTS)
         row_hessian = totals[..., None, None] * (second - expected[..., :, None] * expected[..., None, :])
-        hessian = (hessian_scatter.T @ row_hessian.reshape(batch, -1).T).T.reshape(batch, size, size)
+        hessian = (hessian_gather @ row_hessian.reshape(batch, -1).T).T.reshape(batch, size, size)
         hessian += np.diag(prior) + np.outer(is_theta, is_theta)
         return value, gradient, hessian
 
