@@ -33,7 +33,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import add_save_argument, device_description, print_table, run_case_in_subprocess, write_results  # noqa: E402
+from bench.common import (  # noqa: E402
+    add_save_argument, device_description, print_table, run_case_in_subprocess, write_results,
+)
 
 TAU_TARGET, SHARE_TARGET = 0.9, 0.95
 EXPLORATION = {"random": 1.0}  # "adaptive": next_pair's default
@@ -90,7 +92,8 @@ def fixed_design_bound(systems: int, gap: float, tie: float) -> float:
     pairs = [(i, j) for i in range(systems) for j in range(i + 1, systems)]
 
     def information(i, j):
-        weights = np.array([np.exp(strengths[i]), np.exp(strengths[j]), tie * np.exp((strengths[i] + strengths[j]) / 2)])
+        tied = tie * np.exp((strengths[i] + strengths[j]) / 2)
+        weights = np.array([np.exp(strengths[i]), np.exp(strengths[j]), tied])
         p = weights / weights.sum()
         return p[0] + p[1] - (p[0] - p[1]) ** 2
 

@@ -81,7 +81,8 @@ def test_metric_agreement_equals_the_hand_count():
 def test_metric_agreement_interval_resamples_prompts():
     """Guards the interval: over two prompts with rates 1 and 0 (4 verdicts each), the bootstrap takes
     prompts whole, so the resampled rate is 0, 1/2 or 1 and the interval is [0, 1]."""
-    verdicts = [Verdict("a", "b", LEFT, "good", k) for k in range(4)] + [Verdict("a", "b", RIGHT, "bad", k) for k in range(4)]
+    verdicts = ([Verdict("a", "b", LEFT, "good", k) for k in range(4)]
+                + [Verdict("a", "b", RIGHT, "bad", k) for k in range(4)])
     found = metric_agreement(verdicts, {"a": 1.0, "b": 0.0}, resamples=2000)
     assert found.rate == 0.5 and (found.low, found.high) == (0.0, 1.0) and found.prompts == 2
 

@@ -86,7 +86,8 @@ def test_fit_with_ties_equals_the_handwritten_penalised_likelihood_maximum():
 def test_all_wins_and_no_comparisons_stay_finite():
     """Guards the ridge: a system that won every comparison gets a finite strength (the maximum likelihood
     one is infinite) and a system never compared sits at the mean, 0."""
-    verdicts = repeat("a", "b", LEFT, 10) + repeat("a", "c", LEFT, 10) + repeat("b", "c", LEFT, 5) + repeat("c", "b", LEFT, 5)
+    verdicts = (repeat("a", "b", LEFT, 10) + repeat("a", "c", LEFT, 10) + repeat("b", "c", LEFT, 5)
+                + repeat("c", "b", LEFT, 5))
     fitted = fit_strengths(verdicts, ["a", "b", "c", "unseen"])
     assert np.isfinite(list(fitted.values())).all()
     assert fitted["a"] == max(fitted.values()) and fitted["a"] < 10
@@ -153,7 +154,8 @@ def test_expected_order_gain_equals_the_covariance_update_written_out():
         p = weights / weights.sum()
         contrast = np.zeros(4)
         contrast[i], contrast[j] = 1.0, -1.0
-        updated = np.linalg.inv(np.linalg.inv(covariance) + (p[0] + p[1] - (p[0] - p[1]) ** 2) * np.outer(contrast, contrast))
+        information = p[0] + p[1] - (p[0] - p[1]) ** 2
+        updated = np.linalg.inv(np.linalg.inv(covariance) + information * np.outer(contrast, contrast))
         assert gain == pytest.approx(before - _wrong_pairs_expected(strengths, updated), rel=1e-6, abs=1e-12)
 
 

@@ -265,7 +265,8 @@ def rank_systems(verdicts: Sequence[Verdict], systems: Sequence[str], resamples:
                  for rank, k in enumerate(order, start=1)]
     return Ranking(
         standings=standings, tie_parameter=float(np.exp(point[0, -1])) if tally.has_ties else 0.0,
-        top_beats_second=float((replica_strengths[:, top] > replica_strengths[:, second]).mean()) if tally.prompts else 0.0,
+        top_beats_second=(float((replica_strengths[:, top] > replica_strengths[:, second]).mean())
+                          if tally.prompts else 0.0),
         ratings=len(verdicts), prompts=len(tally.prompts),
     )
 
@@ -281,7 +282,8 @@ def stopping(ranking: Ranking, budget: int | None = None, separation: float = SE
     return Stop(False, None)
 
 
-def expected_order_gain(strengths: np.ndarray, covariance: np.ndarray, tie_parameter: float) -> tuple[np.ndarray, np.ndarray]:
+def expected_order_gain(strengths: np.ndarray, covariance: np.ndarray,
+                        tie_parameter: float) -> tuple[np.ndarray, np.ndarray]:
     """For every pair (i < j), how much one more verdict on it is expected to lower the expected
     number of mis-ordered pairs: sum over all pairs e of P(e's order is wrong), P = Phi(-|d_e| / sd_e)
     under the Laplace approximation (d_e the estimated difference, sd_e from `covariance`), before
@@ -349,13 +351,17 @@ def next_pair(verdicts: Sequence[Verdict], systems: Sequence[str], items: Sequen
         # 320 ratings at the 95th percentile of runs instead of 280).
         drawn = generator.multivariate_normal(x[0, :-1], covariance, method="cholesky")
         pairs, gains = expected_order_gain(drawn, covariance, tie_parameter)
-        is_open = np.array([(i, j) in set(open_pairs) for i, j in map(tuple, pairs)])
+        still_open = set(open_pairs)
+        is_open = np.array([(int(i), int(j)) in still_open for i, j in pairs])
         gains = np.where(is_open, gains, -np.inf)
         best = np.flatnonzero(gains >= gains.max() - 1e-12 * max(1.0, abs(gains.max())))
         i, j = pairs[best[generator.integers(len(best))]]
     candidates = [(p, s) for p, s in items if (i, j, p, s) not in seen_by_rater]
-    least = min((pair_item_count.get((i, j, p, s), 0), item_count.get((p, s), 0)) for p, s in candidates)
-    candidates = [(p, s) for p, s in candidates if (pair_item_count.get((i, j, p, s), 0), item_count.get((p, s), 0)) == least]
+    def use(item):  # how often this pair was judged on the item, then how often the item was at all
+        return pair_item_count.get((i, j, *item), 0), item_count.get(item, 0)
+
+    least = min(use(item) for item in candidates)
+    candidates = [item for item in candidates if use(item) == least]
     prompt, seed = candidates[generator.integers(len(candidates))]
     left, right = (systems[i], systems[j]) if generator.random() < 0.5 else (systems[j], systems[i])
     return Pair(left=left, right=right, prompt=prompt, seed=int(seed))
