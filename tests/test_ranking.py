@@ -129,26 +129,27 @@ def test_ranks_and_stopping_rule():
     assert stopping(ranking, budget=len(verdicts)).reason == "budget"
 
 
-def _wrong_pairs_expected(strengths, covariance):
-    k = len(strengths)
+def _wrong_neighbours_expected(strengths, covariance):
+    order = np.argsort(strengths)
     total = 0.0
-    for i, j in itertools.combinations(range(k), 2):
-        sd = np.sqrt(covariance[i, i] + covariance[j, j] - 2 * covariance[i, j])
-        total += norm.cdf(-abs(strengths[i] - strengths[j]) / sd)
+    for low, high in zip(order[:-1], order[1:]):
+        sd = np.sqrt(covariance[low, low] + covariance[high, high] - 2 * covariance[low, high])
+        total += norm.cdf(-(strengths[high] - strengths[low]) / sd)
     return total
 
 
 def test_expected_order_gain_equals_the_covariance_update_written_out():
-    """Guards the pair-choice score: each pair's gain equals the expected number of mis-ordered pairs now
-    minus after adding one verdict's Fisher information (Davidson: p_i + p_j - (p_i - p_j)^2) along that
-    pair's difference to the precision matrix and inverting it again."""
+    """Guards the pair-choice score: each pair's gain equals the expected number of mis-ordered neighbours
+    (systems next to each other in the estimated order) now minus after adding one verdict's Fisher
+    information (Davidson: p_i + p_j - (p_i - p_j)^2) along that pair's difference to the precision
+    matrix and inverting it again."""
     generator = np.random.default_rng(3)
     strengths = np.array([0.9, 0.1, 0.0, -1.0])
     a = generator.normal(size=(4, 4))
     covariance = a @ a.T / 8 + 0.05 * np.eye(4)
     nu = 0.4
     pairs, gains = expected_order_gain(strengths, covariance, nu)
-    before = _wrong_pairs_expected(strengths, covariance)
+    before = _wrong_neighbours_expected(strengths, covariance)
     for (i, j), gain in zip(pairs, gains):
         weights = np.array([np.exp(strengths[i]), np.exp(strengths[j]), nu * np.exp((strengths[i] + strengths[j]) / 2)])
         p = weights / weights.sum()
@@ -156,7 +157,7 @@ def test_expected_order_gain_equals_the_covariance_update_written_out():
         contrast[i], contrast[j] = 1.0, -1.0
         information = p[0] + p[1] - (p[0] - p[1]) ** 2
         updated = np.linalg.inv(np.linalg.inv(covariance) + information * np.outer(contrast, contrast))
-        assert gain == pytest.approx(before - _wrong_pairs_expected(strengths, updated), rel=1e-6, abs=1e-12)
+        assert gain == pytest.approx(before - _wrong_neighbours_expected(strengths, updated), rel=1e-6, abs=1e-12)
 
 
 def test_adaptive_choice_picks_the_uncertain_neighbours():

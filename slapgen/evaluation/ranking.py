@@ -284,29 +284,38 @@ def stopping(ranking: Ranking, budget: int | None = None, separation: float = SE
 
 def expected_order_gain(strengths: np.ndarray, covariance: np.ndarray,
                         tie_parameter: float) -> tuple[np.ndarray, np.ndarray]:
-    """For every pair (i < j), how much one more verdict on it is expected to lower the expected
-    number of mis-ordered pairs: sum over all pairs e of P(e's order is wrong), P = Phi(-|d_e| / sd_e)
-    under the Laplace approximation (d_e the estimated difference, sd_e from `covariance`), before
-    minus after the verdict's Fisher information is added along the candidate's difference (a
-    rank-one update, Sherman-Morrison). Settled pairs (far apart or well measured) gain ~0; the
-    expected number of mis-ordered pairs is what Kendall's tau counts. Returns (pairs, gains)."""
+    """For every pair (i < j), how much one more verdict on it is expected to lower the chance that
+    the ranking is wrong between neighbours: the sum, over systems next to each other in the order of
+    `strengths`, of P(their order is wrong) = Phi(-|d| / sd) under the Laplace approximation (d the
+    estimated difference, sd from `covariance`), before minus after the verdict's Fisher information
+    is added along the candidate's difference (a rank-one update, Sherman-Morrison). A candidate far
+    from every uncertain neighbour pair, or a settled neighbour pair, gains ~0. Neighbours only,
+    because almost every mis-ordered pair of a nearly right ranking is one (Kendall's tau >= 0.9 of 8
+    systems allows one); summing over all pairs spent ratings on far pairs (bench/campaign.py: 280
+    ratings instead of 220 in 40 runs). Returns (pairs, gains)."""
     k = len(strengths)
     pairs = np.array([(i, j) for i in range(k) for j in range(i + 1, k)], dtype=int)
     contrasts = np.zeros((len(pairs), k))
     contrasts[np.arange(len(pairs)), pairs[:, 0]] = 1.0
     contrasts[np.arange(len(pairs)), pairs[:, 1]] = -1.0
-    differences = contrasts @ strengths
-    shared = contrasts @ covariance @ contrasts.T  # (pairs, pairs): Cov(d_e, d_c)
-    variances = np.clip(np.diag(shared), 1e-12, None)
+    order = np.argsort(strengths, kind="stable")
+    neighbours = np.zeros((k - 1, k))
+    neighbours[np.arange(k - 1), order[1:]] = 1.0
+    neighbours[np.arange(k - 1), order[:-1]] = -1.0
+    differences = neighbours @ strengths  # >= 0
+    shared = neighbours @ covariance @ contrasts.T  # (neighbour pairs, candidates): Cov(d_e, d_c)
+    neighbour_variances = np.clip(np.einsum("ek,kl,el->e", neighbours, covariance, neighbours), 1e-12, None)
+    candidate_variances = np.einsum("ck,kl,cl->c", contrasts, covariance, contrasts)
     # Fisher information of one verdict on d = theta_i - theta_j (Davidson): Var of +1 / -1 / 0 per outcome.
     s, t = strengths[pairs[:, 0]], strengths[pairs[:, 1]]
-    logits = np.stack([s, t, np.log(tie_parameter) + (s + t) / 2 if tie_parameter > 0 else np.full_like(s, -np.inf)])
+    tie_logit = np.log(tie_parameter) + (s + t) / 2 if tie_parameter > 0 else np.full_like(s, -np.inf)
+    logits = np.stack([s, t, tie_logit])
     p = np.exp(logits - logsumexp(logits, axis=0))
     information = p[0] + p[1] - (p[0] - p[1]) ** 2
-    wrong_now = norm.cdf(-np.abs(differences) / np.sqrt(variances))
-    shrink = information[None, :] * shared**2 / (1.0 + information * variances)[None, :]  # (e, c)
-    after = np.clip(variances[:, None] - shrink, 1e-12, None)
-    wrong_after = norm.cdf(-np.abs(differences)[:, None] / np.sqrt(after))
+    wrong_now = norm.cdf(-differences / np.sqrt(neighbour_variances))
+    shrink = information[None, :] * shared**2 / (1.0 + information * candidate_variances)[None, :]
+    after = np.clip(neighbour_variances[:, None] - shrink, 1e-12, None)
+    wrong_after = norm.cdf(-differences[:, None] / np.sqrt(after))
     gains = (wrong_now[:, None] - wrong_after).sum(axis=0)
     return pairs, gains
 
@@ -315,8 +324,8 @@ def next_pair(verdicts: Sequence[Verdict], systems: Sequence[str], items: Sequen
               generator: np.random.Generator, exploration: float = EXPLORATION, ridge: float = RIDGE) -> Pair | None:
     """The next pair for `rater`: with probability `exploration` a uniformly random pair, else the pair
     with the largest `expected_order_gain` at strengths drawn from the fit's Laplace posterior (the
-    penalised Hessian's inverse around the estimate); only pairs this rater can still be shown, i.e. with an
-    item (prompt, seed) of `items` on which they have not judged that pair. The item is the one that
+    penalised Hessian's inverse around the estimate); only pairs this rater can still be shown, i.e.
+    with an item (prompt, seed) of `items` on which they have not judged that pair. The item is the one that
     pair has been judged on least (then the item judged least overall: prompts and seeds spread
     evenly), sides drawn at random. None when the rater has judged every pair on every item.
     Deterministic given `generator`'s state."""
