@@ -325,8 +325,8 @@ def next_pair(verdicts: Sequence[Verdict], systems: Sequence[str], items: Sequen
     """The next pair for `rater`: with probability `exploration` a uniformly random pair, else the pair
     with the largest `expected_order_gain` at strengths drawn from the fit's Laplace posterior (the
     penalised Hessian's inverse around the estimate); only pairs this rater can still be shown, i.e.
-    with an item (prompt, seed) of `items` on which they have not judged that pair. The item is the one that
-    pair has been judged on least (then the item judged least overall: prompts and seeds spread
+    with an item (prompt, seed) of `items` on which they have not judged that pair. The item is the
+    one that pair has been judged on least (then the item judged least overall: prompts and seeds spread
     evenly), sides drawn at random. None when the rater has judged every pair on every item.
     Deterministic given `generator`'s state."""
     systems = list(systems)
@@ -356,8 +356,8 @@ def next_pair(verdicts: Sequence[Verdict], systems: Sequence[str], items: Sequen
         tie_parameter = float(np.exp(x[0, -1])) if tally.has_ties else 0.0
         # Thompson-style: the gains are taken at strengths drawn from the Laplace posterior, not at its
         # mean, so a pair that only looks settled after an unlucky early estimate is still picked as often
-        # as its misorder is plausible (greedy at the mean left such pairs alone: bench/campaign.py needed
-        # 320 ratings at the 95th percentile of runs instead of 280).
+        # as its misorder is plausible (greedy at the mean left such pairs alone: bench/campaign.py's 95%
+        # of runs first held at 260 ratings, then dipped, and held for good from 340; at a draw, 240).
         drawn = generator.multivariate_normal(x[0, :-1], covariance, method="cholesky")
         pairs, gains = expected_order_gain(drawn, covariance, tie_parameter)
         still_open = set(open_pairs)
@@ -366,6 +366,7 @@ def next_pair(verdicts: Sequence[Verdict], systems: Sequence[str], items: Sequen
         best = np.flatnonzero(gains >= gains.max() - 1e-12 * max(1.0, abs(gains.max())))
         i, j = pairs[best[generator.integers(len(best))]]
     candidates = [(p, s) for p, s in items if (i, j, p, s) not in seen_by_rater]
+
     def use(item):  # how often this pair was judged on the item, then how often the item was at all
         return pair_item_count.get((i, j, *item), 0), item_count.get(item, 0)
 
