@@ -126,7 +126,7 @@ def main() -> None:
     parser.add_argument("--case", choices=["adaptive", "random"], help="run one strategy (in this process)")
     parser.add_argument("--runs", type=int, default=100, help="simulated campaigns per strategy")
     parser.add_argument("--systems", type=int, default=8)
-    parser.add_argument("--gap", type=float, default=0.4, help="log-strength between neighbouring systems")
+    parser.add_argument("--gap", type=float, default=0.6, help="log-strength between neighbouring systems")
     parser.add_argument("--tie", type=float, default=0.5, help="Davidson's tie parameter nu of the simulation")
     parser.add_argument("--prompts", type=int, default=10)
     parser.add_argument("--seeds", type=int, default=2)
