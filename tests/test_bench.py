@@ -90,3 +90,15 @@ def test_duplicates_bench_on_one_bout(tmp_path):
     rows = {row["transformation"]: row for row in json.loads(written.read_text())["results"]}
     assert rows["all"]["clips"] == 11 and rows["all"]["recall"] == 1.0 and rows["all"]["false_matches"] == 0
     assert all(row["recall"] == 1.0 for name, row in rows.items() if "recall" in row)
+
+
+def test_campaign_bench_runs_and_reports(tmp_path):
+    """Guards bench/campaign.py's case protocol: a tiny adaptive campaign run reports tau shares per
+    checkpoint (numbers not checked; the statistics are tested in test_ranking.py)."""
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "campaign.py"), "--case", "adaptive",
+                             "--runs", "2", "--max-ratings", "40", "--every", "20"],
+                            cwd=REPO_ROOT, env=offline_env(tmp_path, HOME=str(tmp_path)), capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    row = json.loads(result.stdout.strip().splitlines()[-1])
+    assert row["checkpoints"] == [20, 40] and all(0 <= share <= 1 for share in row["share_tau_ge_0.9"])

@@ -57,6 +57,20 @@ def sign_test(wins: int, losses: int) -> float:
     return float(binomtest(wins, wins + losses, 0.5, alternative="two-sided").pvalue)
 
 
+def resample_units(units: int, resamples: int, seed: int | np.random.Generator = 0) -> np.ndarray:
+    """Bootstrap draws over units (prompts): row r lists the unit indices of resample r, drawn with
+    replacement, as many as there are units. Every statistic here resamples through this one draw."""
+    generator = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    return generator.integers(0, units, size=(resamples, units))
+
+
+def percentile_interval(values: np.ndarray, confidence: float = 0.95, axis: int = 0) -> tuple:
+    """The percentile bootstrap interval: the (1 - confidence) / 2 and (1 + confidence) / 2 quantiles."""
+    tail = (1 - confidence) / 2
+    low, high = np.quantile(values, [tail, 1 - tail], axis=axis)
+    return low, high
+
+
 def win_rate(comparisons: Sequence[Comparison], resamples: int = DEFAULT_RESAMPLES, seed: int = 0,
              confidence: float = 0.95) -> WinRate:
     """Win rate with ties counted half, its percentile bootstrap interval resampling whole units
@@ -73,11 +87,9 @@ def win_rate(comparisons: Sequence[Comparison], resamples: int = DEFAULT_RESAMPL
     for comparison in comparisons:
         score_sum[index[comparison.unit]] += comparison.outcome
         count[index[comparison.unit]] += 1
-    generator = np.random.default_rng(seed)
-    draws = generator.integers(0, len(units), size=(resamples, len(units)))
+    draws = resample_units(len(units), resamples, seed)
     rates = score_sum[draws].sum(axis=1) / count[draws].sum(axis=1)
-    tail = (1 - confidence) / 2
-    low, high = np.quantile(rates, [tail, 1 - tail])
+    low, high = percentile_interval(rates, confidence)
     wins = sum(c.outcome == WIN for c in comparisons)
     losses = sum(c.outcome == LOSS for c in comparisons)
     return WinRate(

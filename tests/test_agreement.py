@@ -1,0 +1,99 @@
+"""Agreement of pairwise verdicts (slapgen.evaluation.agreement): Krippendorff's alpha against its closed
+form and the `krippendorff` package, rater consistency, and a metric's agreement and Kendall's tau
+against their closed forms on small hand-made cases."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from slapgen.evaluation.agreement import krippendorff_alpha, metric_agreement, rater_consistency, ranking_tau
+from slapgen.evaluation.ranking import LEFT, RIGHT, TIE, Verdict
+
+
+def test_krippendorff_alpha_equals_the_closed_form_on_a_hand_made_case():
+    """Guards the coincidence-matrix formula and the side-independence of a value: two raters on three
+    units agree on a (shown on opposite sides), agree on b, disagree on the third. o_aa = o_bb = 2,
+    o_ab = o_ba = 1, n_a = n_b = 3, n = 6: alpha = 1 - 5 * 2 / (3 * 3 * 2) = 4 / 9."""
+    verdicts = [
+        Verdict("a", "b", LEFT, "p1", 0, "r1"), Verdict("b", "a", RIGHT, "p1", 0, "r2"),
+        Verdict("a", "b", RIGHT, "p2", 0, "r1"), Verdict("a", "b", RIGHT, "p2", 0, "r2"),
+        Verdict("a", "b", LEFT, "p3", 0, "r1"), Verdict("a", "b", RIGHT, "p3", 0, "r2"),
+    ]
+    assert krippendorff_alpha(verdicts) == pytest.approx(4 / 9)
+    # A rater's repeat on a unit does not count as a second coder; a lone rater's unit is not pairable.
+    assert krippendorff_alpha(verdicts + [Verdict("a", "b", RIGHT, "p1", 0, "r1"),
+                                          Verdict("a", "b", TIE, "p9", 0, "r3")]) == pytest.approx(4 / 9)
+    assert krippendorff_alpha(verdicts[:2]) is None  # one value only: undefined
+
+
+def test_krippendorff_alpha_equals_the_reference_package():
+    """Guards the general case (three categories, units with 2-4 raters, missing values) against the
+    `krippendorff` package on the same reliability data."""
+    krippendorff = pytest.importorskip("krippendorff")
+    generator = np.random.default_rng(0)
+    raters, units = 4, 40
+    data = np.full((raters, units), np.nan)
+    verdicts = []
+    for unit in range(units):
+        lean = generator.choice(3, p=[0.5, 0.3, 0.2])
+        for rater in generator.choice(raters, size=generator.integers(2, raters + 1), replace=False):
+            value = lean if generator.random() < 0.7 else generator.choice(3)
+            data[rater, unit] = value
+            outcome = (LEFT, RIGHT, TIE)[value]
+            verdicts.append(Verdict("x", "y", outcome, f"p{unit}", 0, f"r{rater}"))
+    expected = krippendorff.alpha(reliability_data=data, level_of_measurement="nominal")
+    assert krippendorff_alpha(verdicts) == pytest.approx(expected, abs=1e-12)
+
+
+def test_rater_consistency_counts_repeats_against_the_first_verdict():
+    """Guards the consistency count: r1 repeats unit (a-b, p1) twice, once the same winner on the other
+    side and once a tie: 1 of 2; r2 has no repeat (rate None)."""
+    verdicts = [
+        Verdict("a", "b", LEFT, "p1", 0, "r1"), Verdict("b", "a", RIGHT, "p1", 0, "r1"),
+        Verdict("a", "b", TIE, "p1", 0, "r1"), Verdict("a", "b", LEFT, "p1", 1, "r1"),
+        Verdict("a", "b", LEFT, "p1", 0, "r2"),
+    ]
+    found = rater_consistency(verdicts)
+    assert (found["r1"].repeats, found["r1"].consistent, found["r1"].rate) == (2, 1, 0.5)
+    assert (found["r2"].repeats, found["r2"].rate) == (0, None)
+
+
+def test_metric_agreement_equals_the_hand_count():
+    """Guards the agreement share: per-video scores (higher better) on 6 verdicts: 1 human tie and 1
+    equal score left out, 1 unscored, 3 compared of which 2 agree -> 2 / 3. Lower-is-better flips
+    every compared verdict: 1 / 3. One prompt: the interval is the point."""
+    scores = {("a", "p", 0): 0.9, ("b", "p", 0): 0.1, ("a", "p", 1): 0.2, ("b", "p", 1): 0.8,
+              ("a", "p", 2): 0.5, ("b", "p", 2): 0.5, ("a", "p", 3): 0.7}
+    verdicts = [
+        Verdict("a", "b", LEFT, "p", 0), Verdict("b", "a", RIGHT, "p", 0),  # a preferred, metric agrees (x2)
+        Verdict("a", "b", LEFT, "p", 1),  # a preferred, metric prefers b
+        Verdict("a", "b", TIE, "p", 0), Verdict("a", "b", LEFT, "p", 2), Verdict("a", "b", LEFT, "p", 3),
+    ]
+    found = metric_agreement(verdicts, scores, resamples=200)
+    assert (found.agreeing, found.compared, found.human_ties, found.metric_ties, found.unscored) == (2, 3, 1, 1, 1)
+    assert found.rate == pytest.approx(2 / 3) and found.low == found.high == pytest.approx(2 / 3)
+    assert metric_agreement(verdicts, scores, higher_is_better=False).rate == pytest.approx(1 / 3)
+    per_system = metric_agreement(verdicts, {"a": 1.0, "b": 0.0})
+    assert (per_system.agreeing, per_system.compared) == (5, 5)
+
+
+def test_metric_agreement_interval_resamples_prompts():
+    """Guards the interval: over two prompts with rates 1 and 0 (4 verdicts each), the bootstrap takes
+    prompts whole, so the resampled rate is 0, 1/2 or 1 and the interval is [0, 1]."""
+    verdicts = ([Verdict("a", "b", LEFT, "good", k) for k in range(4)]
+                + [Verdict("a", "b", RIGHT, "bad", k) for k in range(4)])
+    found = metric_agreement(verdicts, {"a": 1.0, "b": 0.0}, resamples=2000)
+    assert found.rate == 0.5 and (found.low, found.high) == (0.0, 1.0) and found.prompts == 2
+
+
+def test_ranking_tau_equals_the_closed_form():
+    """Guards Kendall's tau between a metric's order and the Bradley-Terry order: 4 systems, one
+    discordant pair of 6 -> (5 - 1) / 6; a lower-is-better metric is read the other way."""
+    strengths = {"a": 1.0, "b": 0.5, "c": -0.5, "d": -1.0}
+    metric = {"a": 4.0, "b": 2.0, "c": 3.0, "d": 1.0}
+    tau, _ = ranking_tau(metric, strengths)
+    assert tau == pytest.approx(4 / 6)
+    assert ranking_tau({k: -v for k, v in metric.items()}, strengths, higher_is_better=False)[0] == pytest.approx(4 / 6)
+    with pytest.raises(ValueError, match="at least two systems"):
+        ranking_tau({"a": 1.0}, strengths)
