@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -45,12 +48,59 @@ def pytest_unconfigure(config):
 def pytest_collection_modifyitems(config, items):
     import torch
 
+    mark_the_slow_lane(items)
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+# --- The fast lane: `python -m pytest -q -m "not slow"` (README, "Set up") -------------------------------
+# `slow` is decided here, in one place, so that a test never has to remember it: a test is slow when it
+# or any fixture it uses (the whole fixture closure, so a module's server fixture counts) starts a
+# process: a real `bentoml serve`, a browser, a CLI or a training run in a subprocess. A few in-process
+# tests are slow by name (SLOW_BY_NAME), each with why. An explicit `@pytest.mark.slow` still works.
+
+# A call that starts a process, as the tests and fixtures spell it.
+STARTS_A_PROCESS = re.compile(r"\b(?:subprocess\.(?:run|Popen|call|check_call|check_output)|start_server|sync_playwright)\(")
+
+# module -> tests (names without parameters) that start nothing but take many seconds on 2 cores.
+SLOW_BY_NAME = {
+    # Each trains the tiny model twice or more, or for 40+ steps (10-30 s each on 2 cores); the fast lane
+    # keeps test_overfitting_one_clip_lowers_the_loss and the CLI's quick start.
+    "tests.test_training": {"test_resume_continues_exactly", "test_resume_skips_corrupt_checkpoints_for_the_newest_intact_one",
+                            "test_resume_refuses_a_different_config", "test_checkpoints_rotate_and_hold_a_loadable_lora",
+                            "test_saved_lora_loads_in_diffusers_and_changes_the_output"},
+    # Every preset trains, then serves its LoRA against diffusers (bf16 on a CPU: up to 30 s each).
+    "tests.test_presets": {"test_preset_trains_and_its_lora_serves_with_default_settings"},
+    # A whole sweep through the CLI, each run evaluated in a child process of the sweep's pool.
+    "tests.test_sweep": {"test_generation_metrics_are_slapgen_evals_on_each_saved_lora",
+                         "test_a_finished_generation_sweep_reruns_nothing_and_refuses_other_settings",
+                         "test_a_ticft_sweep_scores_each_run_on_the_ticft_objective"},
+}
+
+
+@functools.cache
+def _starts_a_process(function) -> bool:
+    try:
+        return STARTS_A_PROCESS.search(inspect.getsource(function)) is not None
+    except (OSError, TypeError):  # no source (a builtin fixture)
+        return False
+
+
+def mark_the_slow_lane(items) -> None:
+    slow = pytest.mark.slow
+    for item in items:
+        if "slow" in item.keywords or not isinstance(item, pytest.Function):
+            continue
+        if item.originalname in SLOW_BY_NAME.get(item.module.__name__, ()):
+            item.add_marker(slow)
+            continue
+        fixtures = [definitions[-1].func for definitions in item._fixtureinfo.name2fixturedefs.values()]
+        if any(_starts_a_process(function) for function in [item.function, *fixtures]):
+            item.add_marker(slow)
 
 
 @pytest.fixture(scope="session")
