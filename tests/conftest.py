@@ -5,11 +5,11 @@ from __future__ import annotations
 import functools
 import inspect
 import os
-import re
 import socket
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import httpx
@@ -63,8 +63,10 @@ def pytest_collection_modifyitems(config, items):
 # process: a real `bentoml serve`, a browser, a CLI or a training run in a subprocess. A few in-process
 # tests are slow by name (SLOW_BY_NAME), each with why. An explicit `@pytest.mark.slow` still works.
 
-# A call that starts a process, as the tests and fixtures spell it.
-STARTS_A_PROCESS = re.compile(r"\b(?:subprocess\.(?:run|Popen|call|check_call|check_output)|start_server|sync_playwright)\(")
+# The names a test or fixture calls to start a process (read from its compiled code, nested functions
+# included: no source is read, so marking costs milliseconds).
+STARTS_A_PROCESS = {"start_server", "sync_playwright", "Popen"}
+SUBPROCESS_RUNS = {"run", "call", "check_call", "check_output"}  # as subprocess.NAME
 
 # module -> tests (names without parameters) that start nothing but take many seconds on 2 cores.
 SLOW_BY_NAME = {
@@ -82,12 +84,21 @@ SLOW_BY_NAME = {
 }
 
 
+def _names_used(code: types.CodeType) -> set[str]:
+    names = set(code.co_names)
+    for constant in code.co_consts:
+        if isinstance(constant, types.CodeType):
+            names |= _names_used(constant)
+    return names
+
+
 @functools.cache
 def _starts_a_process(function) -> bool:
-    try:
-        return STARTS_A_PROCESS.search(inspect.getsource(function)) is not None
-    except (OSError, TypeError):  # no source (a builtin fixture)
+    code = getattr(inspect.unwrap(function), "__code__", None)
+    if code is None:  # a builtin fixture
         return False
+    names = _names_used(code)
+    return bool(names & STARTS_A_PROCESS) or ("subprocess" in names and bool(names & SUBPROCESS_RUNS))
 
 
 def mark_the_slow_lane(items) -> None:
