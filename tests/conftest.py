@@ -58,15 +58,16 @@ def pytest_collection_modifyitems(config, items):
 
 
 # --- The fast lane: `python -m pytest -q -m "not slow"` (README, "Set up") -------------------------------
-# `slow` is decided here, in one place, so that a test never has to remember it: a test is slow when it
-# or any fixture it uses (the whole fixture closure, so a module's server fixture counts) starts a
-# process: a real `bentoml serve`, a browser, a CLI or a training run in a subprocess. A few in-process
+# `slow` is decided here, in one place, so that a test never has to remember it: a test is slow when it,
+# any fixture it uses (the whole fixture closure, so a module's server fixture counts) or a helper of the
+# test modules that those call starts a real `bentoml serve`, a browser or a Python process (a CLI, a
+# training run: seconds of imports each). Short native tools (ffmpeg) do not count. A few in-process
 # tests are slow by name (SLOW_BY_NAME), each with why. An explicit `@pytest.mark.slow` still works.
 
-# The names a test or fixture calls to start a process (read from its compiled code, nested functions
-# included: no source is read, so marking costs milliseconds).
-STARTS_A_PROCESS = {"start_server", "sync_playwright", "Popen"}
-SUBPROCESS_RUNS = {"run", "call", "check_call", "check_output"}  # as subprocess.NAME
+# The names such a call uses, read from the compiled code (nested functions included; no source is
+# read, so marking costs milliseconds): our server and browser starters, and `sys.executable`.
+STARTS_A_PROCESS = {"start_server", "bentoml_command", "sync_playwright"}
+STARTS_PYTHON = {"sys", "executable"}
 
 # module -> tests (names without parameters) that start nothing but take many seconds on 2 cores.
 SLOW_BY_NAME = {
@@ -92,13 +93,22 @@ def _names_used(code: types.CodeType) -> set[str]:
     return names
 
 
-@functools.cache
-def _starts_a_process(function) -> bool:
-    code = getattr(inspect.unwrap(function), "__code__", None)
-    if code is None:  # a builtin fixture
+def _starts_a_process(function, seen: frozenset = frozenset()) -> bool:
+    """Whether `function`, or a helper of the test modules it calls (say a module's `_serve()`), makes a
+    call that starts a server, a browser or Python."""
+    function = inspect.unwrap(function)
+    code = getattr(function, "__code__", None)
+    if code is None or function in seen:  # a builtin fixture, or a helper already being looked at
         return False
     names = _names_used(code)
-    return bool(names & STARTS_A_PROCESS) or ("subprocess" in names and bool(names & SUBPROCESS_RUNS))
+    if names & STARTS_A_PROCESS or STARTS_PYTHON <= names:
+        return True
+    helpers = (getattr(function, "__globals__", {}).get(name) for name in names)
+    return any(_starts_a_process(helper, seen | {function}) for helper in helpers
+               if inspect.isfunction(helper) and helper.__module__.startswith("tests."))
+
+
+starts_a_process = functools.cache(_starts_a_process)
 
 
 def mark_the_slow_lane(items) -> None:
@@ -110,7 +120,7 @@ def mark_the_slow_lane(items) -> None:
             item.add_marker(slow)
             continue
         fixtures = [definitions[-1].func for definitions in item._fixtureinfo.name2fixturedefs.values()]
-        if any(_starts_a_process(function) for function in [item.function, *fixtures]):
+        if any(starts_a_process(function) for function in [item.function, *fixtures]):
             item.add_marker(slow)
 
 
