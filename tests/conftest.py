@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 import socket
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import httpx
@@ -45,12 +48,80 @@ def pytest_unconfigure(config):
 def pytest_collection_modifyitems(config, items):
     import torch
 
+    mark_the_slow_lane(items)
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+# --- The fast lane: `python -m pytest -q -m "not slow"` (README, "Set up") -------------------------------
+# `slow` is decided here, in one place, so that a test never has to remember it: a test is slow when it,
+# any fixture it uses (the whole fixture closure, so a module's server fixture counts) or a helper of the
+# test modules that those call starts a real `bentoml serve`, a browser or a Python process (a CLI, a
+# training run: seconds of imports each). Short native tools (ffmpeg) do not count. A few in-process
+# tests are slow by name (SLOW_BY_NAME), each with why. An explicit `@pytest.mark.slow` still works.
+
+# The names such a call uses, read from the compiled code (nested functions included; no source is
+# read, so marking costs milliseconds): our server and browser starters, and `sys.executable`.
+STARTS_A_PROCESS = {"start_server", "bentoml_command", "sync_playwright"}
+STARTS_PYTHON = {"sys", "executable"}
+
+# module -> tests (names without parameters) that start nothing but take many seconds on 2 cores.
+SLOW_BY_NAME = {
+    # Each trains the tiny model twice or more, or for 40+ steps (10-30 s each on 2 cores); the fast lane
+    # keeps test_overfitting_one_clip_lowers_the_loss and the CLI's quick start.
+    "tests.test_training": {"test_resume_continues_exactly", "test_resume_skips_corrupt_checkpoints_for_the_newest_intact_one",
+                            "test_resume_refuses_a_different_config", "test_checkpoints_rotate_and_hold_a_loadable_lora",
+                            "test_saved_lora_loads_in_diffusers_and_changes_the_output"},
+    # Every preset trains, then serves its LoRA against diffusers (bf16 on a CPU: up to 30 s each).
+    "tests.test_presets": {"test_preset_trains_and_its_lora_serves_with_default_settings"},
+    # A whole sweep through the CLI, each run evaluated in a child process of the sweep's pool.
+    "tests.test_sweep": {"test_generation_metrics_are_slapgen_evals_on_each_saved_lora",
+                         "test_a_finished_generation_sweep_reruns_nothing_and_refuses_other_settings",
+                         "test_a_ticft_sweep_scores_each_run_on_the_ticft_objective"},
+}
+
+
+def _names_used(code: types.CodeType) -> set[str]:
+    names = set(code.co_names)
+    for constant in code.co_consts:
+        if isinstance(constant, types.CodeType):
+            names |= _names_used(constant)
+    return names
+
+
+def _starts_a_process(function, seen: frozenset = frozenset()) -> bool:
+    """Whether `function`, or a helper of the test modules it calls (say a module's `_serve()`), makes a
+    call that starts a server, a browser or Python."""
+    function = inspect.unwrap(function)
+    code = getattr(function, "__code__", None)
+    if code is None or function in seen:  # a builtin fixture, or a helper already being looked at
+        return False
+    names = _names_used(code)
+    if names & STARTS_A_PROCESS or STARTS_PYTHON <= names:
+        return True
+    helpers = (getattr(function, "__globals__", {}).get(name) for name in names)
+    return any(_starts_a_process(helper, seen | {function}) for helper in helpers
+               if inspect.isfunction(helper) and helper.__module__.startswith("tests."))
+
+
+starts_a_process = functools.cache(_starts_a_process)
+
+
+def mark_the_slow_lane(items) -> None:
+    slow = pytest.mark.slow
+    for item in items:
+        if "slow" in item.keywords or not isinstance(item, pytest.Function):
+            continue
+        if item.originalname in SLOW_BY_NAME.get(item.module.__name__, ()):
+            item.add_marker(slow)
+            continue
+        fixtures = [definitions[-1].func for definitions in item._fixtureinfo.name2fixturedefs.values()]
+        if any(starts_a_process(function) for function in [item.function, *fixtures]):
+            item.add_marker(slow)
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
-"""README's training commands run as written, on this CPU, in a fresh folder."""
+"""README's commands: the training commands run as written, on this CPU, in a fresh folder; the install
+commands are CPU-sized and the ones CI runs; the fast lane is documented and starts nothing."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ import pytest
 
 from tests.conftest import REPO_ROOT, offline_env
 
-pytestmark = pytest.mark.slow
 
 
 def readme_blocks(*must_contain: str) -> list[str]:
@@ -22,6 +22,7 @@ def readme_blocks(*must_contain: str) -> list[str]:
     return chosen
 
 
+@pytest.mark.slow
 def test_readme_training_commands_run_as_written(tiny_cache_dir, tmp_path):
     """Guards README commands that do not work as printed (the research presets used to crash, the
     accelerate command was never run, `aggressive` had no command that runs on a CPU): the quick start,
@@ -68,3 +69,76 @@ def test_readme_demo_data_folders_are_written_once():
 
 def readme_blocks_all() -> list[str]:
     return re.findall(r"```bash\n(.*?)```", (REPO_ROOT / "README.md").read_text(), flags=re.S)
+
+
+def _ci_readme_block():
+    """.ci/readme_block.py's readme_block, the one reader of README's commands for CI (stdlib only)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ci_readme_block", REPO_ROOT / ".ci" / "readme_block.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.readme_block
+
+
+CPU_INDEX = "--extra-index-url https://download.pytorch.org/whl/cpu"
+
+
+def _pip_installs(text: str) -> list[str]:
+    """Every `pip install ...` command in a shell text (split at && and new lines), `--quiet` dropped."""
+    commands = [part.strip() for line in text.splitlines() for part in line.split("&&")]
+    return [" ".join(word for word in command.split() if word != "--quiet")
+            for command in commands if command.startswith("pip install")]
+
+
+def test_readme_installs_a_cpu_torch_and_says_what_to_use_on_a_gpu():
+    """Guards README's set-up commands installing plain PyPI's `torch==2.13.0`, which on Linux is the
+    CUDA build (GBs): every pinned torch in README (set-up, tests, captioning) comes with PyTorch's CPU
+    index, whose `+cpu` build pip prefers, and README says what to use on a GPU machine instead."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", readme, flags=re.S)
+    pinned = [command for block in blocks for command in _pip_installs(block) if "torch==" in command]
+    assert len(pinned) >= 3, pinned  # set-up, tests, captioning
+    assert all(command.endswith(CPU_INDEX) for command in pinned), pinned
+    assert "On a GPU machine, leave the option out" in readme
+
+
+def test_ci_runs_the_install_commands_readme_gives():
+    """Guards README and CI drifting apart: .ci/run installs exactly README's test command's packages
+    (less PyTorch's CPU index, which CI does without: its torch is on local disk) and runs its test
+    command; .ci/caption-tests finds README's set-up and captioning commands and runs them as written."""
+    readme_block = _ci_readme_block()
+    tests_block = readme_block("pip install -e '.[test]' && python -m pytest -q")
+    ci_run = (REPO_ROOT / ".ci" / "run").read_text()
+    assert [c.replace(" " + CPU_INDEX, "") for c in _pip_installs(tests_block)] == [
+        c for c in _pip_installs(ci_run) if c != "pip install --upgrade pip"]
+    assert "\npython -m pytest -q\n" in ci_run
+
+    caption_ci = (REPO_ROOT / ".ci" / "caption-tests").read_text()
+    markers = re.findall(r'readme_block "([^"]+)"', caption_ci)
+    set_up, caption = (readme_block(marker) for marker in markers)
+    assert set_up.startswith("python3 -m venv .venv") and set_up.rstrip().endswith("SLAP_MODEL=tiny bentoml serve")
+    assert "slapgen caption clips --model tiny" in caption and "torchvision==" in caption
+    assert 'bash -euo pipefail -c "$set_up"' in caption_ci and '&& $caption"' in caption_ci
+
+
+@pytest.mark.slow
+def test_the_fast_lane_is_documented_and_starts_no_process(tmp_path):
+    """Guards a fast lane that is not one: README gives `python -m pytest -q -m "not slow"`, and that
+    selection holds no test that starts a server, a browser or a subprocess through a fixture (the HTTP
+    cancel test, the API fuzz and the studio used to run in it, each starting `bentoml serve`)."""
+    assert _ci_readme_block()('python -m pytest -q -m "not slow"').strip() == 'python -m pytest -q -m "not slow"'
+    files = ["tests/test_cancel.py", "tests/test_api_fuzz.py", "tests/test_studio.py", "tests/test_sweep.py",
+             "tests/test_layout.py", "tests/test_atomic.py"]
+    fast = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                           "-m", "not slow", *files], cwd=REPO_ROOT, env=offline_env(tmp_path),
+                          capture_output=True, text=True, timeout=300)
+    assert fast.returncode == 0, fast.stdout[-3000:]
+    selected = [line for line in fast.stdout.splitlines() if "::" in line]
+    for starts_a_process in ("test_cancel_over_http", "test_api_fuzz.py::", "test_studio.py::",
+                             "test_a_killed_sweep_continues", "test_pool_runs_one_job", "test_layout.py::",
+                             "test_a_writer_killed_mid_write"):
+        assert not [line for line in selected if starts_a_process in line], starts_a_process
+    # ... and it still holds the in-process tests of those files.
+    assert any("test_a_cancel_stops_after_the_current_step" in line for line in selected)
+    assert any("test_grid_planning" in line for line in selected)
