@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+from pathlib import Path
 from collections.abc import Callable
 
 _PR_SET_PDEATHSIG = 1
@@ -33,6 +34,27 @@ def process_alive(pid: int) -> bool:
     except PermissionError:  # alive, someone else's
         return True
     return True
+
+
+def process_start_time(pid: int) -> int | None:
+    """When process `pid` started (clock ticks since boot, /proc/PID/stat field 22), or None where that
+    cannot be read (no such process, no /proc). With its pid it names one process: a pid is reused (a
+    container's `bentoml serve` is pid 1 after every restart), a (pid, start time) pair is not."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name (field 2) is in parentheses and may hold spaces: count fields after its ")".
+    fields = stat[stat.rindex(")") + 2:].split()
+    return int(fields[19])
+
+
+def instance_alive(pid: int, started: int | None) -> bool:
+    """Whether the process that was `pid` when it started at `started` (process_start_time) still runs;
+    with `started` unknown, whether any process `pid` runs."""
+    if not process_alive(pid):
+        return False
+    return started is None or process_start_time(pid) in (None, started)
 
 
 def die_with_parent(parent_pid: int) -> None:

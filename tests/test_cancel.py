@@ -89,16 +89,129 @@ def test_at_start_up_the_jobs_of_a_dead_server_end_failed(tmp_path):
     alive.step("live-job", 1, 4)
 
     restarted = JobBoard(path)
-    assert restarted.end_orphaned("the server restarted", alive=lambda pid: pid == 222) == 4
+    assert restarted.end_orphaned("the server restarted", alive=lambda pid, started: pid == 222) == 4
     for task_id in ("queued-job", "running-job", "canceling-job", "finishing-job"):
         job = restarted.get(task_id)
         assert (job["state"], job["error"]) == ("failed", "the server restarted"), job
     assert restarted.get("done-job")["state"] == "completed" and restarted.get("live-job")["state"] == "running"
-    assert restarted.end_orphaned("the server restarted", alive=lambda pid: pid == 222) == 0
+    assert restarted.end_orphaned("the server restarted", alive=lambda pid, started: pid == 222) == 0
     # The real check: this process is alive, a pid no process has is not.
     from slapgen.lifetime import process_alive
 
     assert process_alive(os.getpid()) and not process_alive(2**22 + 1)  # above Linux's largest pid
+
+
+def test_at_start_up_the_jobs_of_a_dead_server_that_had_this_very_pid_end_failed(tmp_path):
+    """Guards jobs left `running` forever after a container restart: `bentoml serve` is pid 1 in every
+    run, so the dead server's pid counted as alive (it is the new server's own). At start-up the jobs
+    recorded under this very pid are orphans too, and a live pid started at another time (a reused pid)
+    is not the process that owned a job."""
+    from slapgen.lifetime import instance_alive, process_start_time
+
+    path = tmp_path / "jobs.sqlite"
+    JobBoard(path, owner=os.getpid()).submitted("job-of-the-last-run", 4)
+    assert JobBoard(path).end_orphaned("the server restarted", alive=lambda pid, started: True) == 1
+    assert JobBoard(path).get("job-of-the-last-run")["state"] == "failed"
+    started = process_start_time(os.getpid())
+    assert started is not None and instance_alive(os.getpid(), started) and instance_alive(os.getpid(), None)
+    assert not instance_alive(os.getpid(), started + 1)
+
+
+_WORKER = """
+import sys, time
+from slapgen.serving.jobs import JobBoard
+board = JobBoard(sys.argv[1], owner=int(sys.argv[2]))
+board.submitted(sys.argv[3], 4)
+board.step(sys.argv[3], 1, 4)
+print("ready", flush=True)
+time.sleep(float(sys.argv[4]))
+"""
+
+
+def test_when_a_worker_starts_the_jobs_of_a_dead_worker_of_the_same_server_end_failed(tmp_path):
+    """Guards a worker that died (out of memory) and was restarted by circus leaving its jobs `running`
+    forever, since their server still lives: each job records its worker, and a starting worker fails
+    the unfinished jobs of this server's dead workers; a live worker's jobs, and a dead worker's jobs of
+    another server, are left as they were."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "jobs.sqlite"
+
+    def worker(task_id: str, owner: int, live_s: float) -> subprocess.Popen:
+        process = subprocess.Popen([sys.executable, "-c", _WORKER, str(path), str(owner), task_id, str(live_s)],
+                                   stdout=subprocess.PIPE, text=True)
+        assert process.stdout.readline().strip() == "ready"
+        return process
+
+    dead = worker("job-of-a-dead-worker", os.getpid(), 0)
+    dead.wait(timeout=30)
+    worker("job-of-another-server", os.getpid() + 1, 0).wait(timeout=30)
+    live = worker("job-of-a-live-worker", os.getpid(), 60)
+    try:
+        restarted_worker = JobBoard(path, owner=os.getpid())
+        assert restarted_worker.end_dead_workers("the worker running it died") == 1
+        job = restarted_worker.get("job-of-a-dead-worker")
+        assert (job["state"], job["error"]) == ("failed", "the worker running it died")
+        assert restarted_worker.get("job-of-a-live-worker")["state"] == "running"
+        assert restarted_worker.get("job-of-another-server")["state"] == "running"
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_a_cancel_racing_the_last_step_never_answers_canceling_for_a_job_that_will_complete(tmp_path):
+    """Guards a cancel that read the state, then wrote `canceling` in a second statement: a worker that
+    reported its last step in between (the job went `finishing`, and it read no cancel, so it decodes
+    and completes) was overwritten, and the client heard `canceling` for a job that completed. Here
+    another worker writes at the first moment the board lets it; whatever cancel answers must be what
+    that worker sees: `canceling` only if the worker reads the cancel, else the 409 of a finishing job."""
+    path = tmp_path / "jobs.sqlite"
+    running_worker = JobBoard(path)
+    running_worker.submitted("job", 3)
+    running_worker.step("job", 2, 3)
+    worker_read_cancel = []
+
+    def last_step_of_the_other_worker():
+        running_worker.step("job", 3, 3)
+        worker_read_cancel.append(running_worker.cancel_requested("job"))
+
+    class Interleaved:
+        """A connection that lets the other worker in after a statement that left no write transaction open."""
+
+        def __init__(self, db):
+            self._db = db
+
+        def execute(self, *args):
+            cursor = self._db.execute(*args)
+            if not worker_read_cancel and not self._db.in_transaction:
+                last_step_of_the_other_worker()
+            return cursor
+
+        def __getattr__(self, name):
+            return getattr(self._db, name)
+
+    cancelling = JobBoard(path)
+    connect = cancelling._connect
+
+    def interleaved_connect():
+        from contextlib import contextmanager
+
+        @contextmanager
+        def scope():
+            with connect() as db:
+                yield Interleaved(db)
+        return scope()
+
+    cancelling._connect = interleaved_connect
+    try:
+        answer = cancelling.cancel("job")["state"]
+    except JobFinishingError:
+        answer = "finishing"
+    if not worker_read_cancel:  # the cancel held the board throughout: the worker comes after it
+        last_step_of_the_other_worker()
+    assert worker_read_cancel == [answer == "canceling"], (answer, worker_read_cancel)
+    assert running_worker.get("job")["state"] == answer
 
 
 def test_a_cancel_seen_after_the_last_step_cancels_without_decoding(engine, monkeypatch):

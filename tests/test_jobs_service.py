@@ -10,6 +10,7 @@ import time
 import httpx
 import pytest
 
+from slapgen.lifetime import process_alive
 from tests.conftest import start_server, stop_server
 
 TIMEOUT_S = 5
@@ -97,9 +98,9 @@ def test_submit_answers_429_with_retry_after_when_the_queue_is_full_and_a_cancel
     refused = _submit(limited_server, LONG)
     body = _assert_our_error(refused, 429)
     assert int(refused.headers["retry-after"]) >= 1 and "try again later" in body["error"]
+    _wait_for(limited_server, running, {"running"})  # it holds the model: the other one waits
     assert _queue(limited_server) == 1  # one running, one waiting
 
-    _wait_for(limited_server, running, {"running"})
     time.sleep(TIMEOUT_S + 1)
     assert _progress(limited_server, running)["state"] == "running"  # no deadline for a submitted job
     assert httpx.post(f"{limited_server.url}/jobs/cancel", params={"task_id": queued}).json()["state"] == "canceled"
@@ -138,16 +139,6 @@ def test_job_status_and_result_errors_are_in_our_shape(limited_server):
     assert "canceled" in canceled["error"]
 
 
-def _alive(pid: int) -> bool:
-    import os
-
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 @pytest.mark.slow
 def test_after_kill_9_the_workers_die_and_a_restart_on_the_same_port_fails_the_dead_jobs(tmp_path, tiny_cache_dir):
     """Guards two crash bugs: `kill -9` of `bentoml serve` left its workers alive (their own process
@@ -173,9 +164,9 @@ def test_after_kill_9_the_workers_die_and_a_restart_on_the_same_port_fails_the_d
         os.kill(first.process.pid, signal.SIGKILL)
         first.process.wait(timeout=30)
         deadline = time.monotonic() + 30
-        while _alive(worker) and time.monotonic() < deadline:
+        while process_alive(worker) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert not _alive(worker), "the worker outlived its server"
+        assert not process_alive(worker), "the worker outlived its server"
 
         second = start_server(tmp_path, port=port, **env)
         for task_id in (running, queued):
@@ -187,7 +178,7 @@ def test_after_kill_9_the_workers_die_and_a_restart_on_the_same_port_fails_the_d
         for server in (first, second):
             if server is not None:
                 stop_server(server)
-        if _alive(worker):  # only if the test failed: end what it started
+        if process_alive(worker):  # only if the test failed: end what it started
             os.kill(worker, signal.SIGKILL)
 
 

@@ -11,13 +11,21 @@ them (`canceled`), so a client reads one word in both places.
 
 It lives in one SQLite file (`SLAP_CACHE_DIR/jobs.sqlite` in the service), so with several workers
 any of them answers `/jobs/progress` for a job another one runs; without a path it is in memory
-(tests). A job's work lives only in the server that runs it, so every row records its server's pid
-(`owner`); when a server starts, `end_orphaned` fails every unfinished job whose server is no longer
-alive (a `kill -9`, a crash), and leaves alone those of another live server sharing the board.
+(tests). A job's work lives only in the worker process that runs it, so every row records its
+server (`owner`: pid and process start time, since a pid alone is reused: a container's server is pid 1
+after every restart) and its worker (`worker`, likewise). When a server starts, `end_orphaned` fails
+every unfinished job whose server is no longer that live process (a `kill -9`, a crash, a restart),
+and leaves alone those of another live server sharing the board; when a worker starts (circus restarts
+one that died, e.g. out of memory), `end_dead_workers` fails the unfinished jobs of this server's dead
+workers. Pids mean something on one machine only: the board's folder is one per machine.
+
+Every change that depends on a job's state is one conditional UPDATE, so two workers deciding at once
+cannot both act on a state one of them has already changed.
 """
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 import time
@@ -26,7 +34,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from slapgen.errors import JobFinishedError, JobFinishingError, JobNotFoundError
-from slapgen.lifetime import process_alive
+from slapgen.lifetime import instance_alive, process_start_time
 
 MAX_TRACKED_JOBS = 10_000
 COLUMNS = ("task_id", "state", "step", "total_steps", "error", "updated_at")
@@ -40,6 +48,7 @@ class JobBoard:
     def __init__(self, path: Path | str | None = None, max_jobs: int = MAX_TRACKED_JOBS, owner: int | None = None):
         self._max_jobs = max_jobs
         self._owner = owner
+        self._owner_started = process_start_time(owner) if owner is not None else None
         self._lock = threading.Lock()
         if path is None:
             self._shared = sqlite3.connect(":memory:", check_same_thread=False)
@@ -53,8 +62,10 @@ class JobBoard:
                 db.execute("PRAGMA journal_mode=WAL")  # readers never block the worker writing steps
             db.execute("CREATE TABLE IF NOT EXISTS jobs (task_id TEXT PRIMARY KEY, state TEXT, step INTEGER, "
                        "total_steps INTEGER, error TEXT, updated_at REAL, owner INTEGER)")
-            if "owner" not in {row[1] for row in db.execute("PRAGMA table_info(jobs)")}:  # a board from before owners
-                db.execute("ALTER TABLE jobs ADD COLUMN owner INTEGER")
+            present = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
+            for column in ("owner", "owner_started", "worker", "worker_started"):  # boards from before them
+                if column not in present:
+                    db.execute(f"ALTER TABLE jobs ADD COLUMN {column} INTEGER")
             # Boards written before the states took BentoML's spelling.
             db.execute("UPDATE jobs SET state = 'canceled' WHERE state = 'cancelled'")
             db.execute("UPDATE jobs SET state = 'canceling' WHERE state = 'cancelling'")
@@ -74,8 +85,12 @@ class JobBoard:
             db.close()
 
     def _insert(self, db: sqlite3.Connection, task_id: str, total_steps: int) -> None:
-        db.execute("INSERT OR IGNORE INTO jobs (task_id, state, step, total_steps, error, updated_at, owner) "
-                   "VALUES (?, 'queued', 0, ?, NULL, ?, ?)", (task_id, total_steps, time.time(), self._owner))
+        # Written by the worker that takes the job (its submit and its handler run there).
+        worker = os.getpid()
+        db.execute("INSERT OR IGNORE INTO jobs (task_id, state, step, total_steps, error, updated_at, owner, "
+                   "owner_started, worker, worker_started) VALUES (?, 'queued', 0, ?, NULL, ?, ?, ?, ?, ?)",
+                   (task_id, total_steps, time.time(), self._owner, self._owner_started, worker,
+                    process_start_time(worker)))
 
     def _update(self, task_id: str, **changes) -> None:
         with self._lock, self._connect() as db:
@@ -110,17 +125,21 @@ class JobBoard:
         Raises JobNotFoundError, JobFinishedError (completed, failed or already canceled) and
         JobFinishingError (its denoising is done: it will complete)."""
         with self._lock, self._connect() as db:
-            row = db.execute("SELECT state FROM jobs WHERE task_id = ?", (task_id,)).fetchone()
-            if row is None:
-                raise JobNotFoundError(f"no job {task_id!r} is known", "task_id")
-            if row[0] in ENDED:
-                raise JobFinishedError(f"job {task_id} already ended ({row[0]})", "task_id")
-            if row[0] == "finishing":
-                raise JobFinishingError(f"job {task_id} is already finishing: its denoising is done and it will "
-                                        "complete in a moment", "task_id")
-            new_state = "canceled" if row[0] == "queued" else "canceling"
-            db.execute("UPDATE jobs SET state = ?, updated_at = ? WHERE task_id = ?", (new_state, time.time(), task_id))
-        return self.get(task_id)
+            # One statement decides and writes: a worker moving the job to finishing meanwhile either
+            # comes first (and this changes nothing) or finds it canceling.
+            changed = db.execute("UPDATE jobs SET state = CASE WHEN state = 'queued' THEN 'canceled' ELSE 'canceling' "
+                                 "END, updated_at = ? WHERE task_id = ? AND state IN ('queued', 'running', 'canceling')",
+                                 (time.time(), task_id)).rowcount
+            row = db.execute(f"SELECT {', '.join(COLUMNS)} FROM jobs WHERE task_id = ?", (task_id,)).fetchone()
+        if row is None:
+            raise JobNotFoundError(f"no job {task_id!r} is known", "task_id")
+        job = dict(zip(COLUMNS, row))
+        if not changed and job["state"] in ENDED:
+            raise JobFinishedError(f"job {task_id} already ended ({job['state']})", "task_id")
+        if not changed:  # finishing
+            raise JobFinishingError(f"job {task_id} is already finishing: its denoising is done and it will "
+                                    "complete in a moment", "task_id")
+        return job
 
     def cancel_requested(self, task_id: str) -> bool:
         job = self.get(task_id)
@@ -135,16 +154,42 @@ class JobBoard:
     def failed(self, task_id: str, error: str) -> None:
         self._update(task_id, state="failed", error=error)
 
-    def end_orphaned(self, reason: str, alive: Callable[[int], bool] = process_alive) -> int:
-        """Fail, with `reason`, every unfinished job whose server is gone (or unknown); returns how many.
-        Their work died with that server: nothing will ever finish them."""
+    def end_orphaned(self, reason: str, alive: Callable[[int, int | None], bool] = instance_alive) -> int:
+        """At a server's start-up, before its workers: fail, with `reason`, every unfinished job whose
+        server is gone (or unknown); returns how many. Their work died with that server: nothing will ever
+        finish them. Jobs recorded under this very pid are among them (the server starting now runs none
+        yet: a container's server has the same pid after every restart)."""
         marks = ", ".join("?" for _ in UNFINISHED)
         with self._lock, self._connect() as db:
-            rows = db.execute(f"SELECT task_id, owner FROM jobs WHERE state IN ({marks})", UNFINISHED).fetchall()
-            orphans = [task_id for task_id, owner in rows if owner is None or not alive(owner)]
-            db.executemany("UPDATE jobs SET state = 'failed', error = ?, updated_at = ? WHERE task_id = ?",
-                           [(reason, time.time(), task_id) for task_id in orphans])
-        return len(orphans)
+            rows = db.execute(f"SELECT task_id, owner, owner_started FROM jobs WHERE state IN ({marks})",
+                              UNFINISHED).fetchall()
+            orphans = [task_id for task_id, owner, started in rows
+                       if owner is None or owner == os.getpid() or not alive(owner, started)]
+            return self._fail_unfinished(db, orphans, reason)
+
+    def end_dead_workers(self, reason: str, alive: Callable[[int, int | None], bool] = instance_alive) -> int:
+        """When a worker of this server starts (circus restarts one that died): fail, with `reason`, the
+        unfinished jobs of this server whose worker is gone; returns how many. Jobs recorded under this
+        very worker pid are among them (a worker starting now runs none yet)."""
+        if self._owner is None:
+            return 0
+        marks = ", ".join("?" for _ in UNFINISHED)
+        with self._lock, self._connect() as db:
+            rows = db.execute(f"SELECT task_id, owner_started, worker, worker_started FROM jobs WHERE owner = ? "
+                              f"AND worker IS NOT NULL AND state IN ({marks})", (self._owner, *UNFINISHED)).fetchall()
+            dead = [task_id for task_id, owner_started, worker, worker_started in rows
+                    if owner_started == self._owner_started
+                    and (worker == os.getpid() or not alive(worker, worker_started))]
+            return self._fail_unfinished(db, dead, reason)
+
+    @staticmethod
+    def _fail_unfinished(db: sqlite3.Connection, task_ids: list[str], reason: str) -> int:
+        # Only a job still unfinished: one that ended since it was read keeps its end.
+        marks = ", ".join("?" for _ in UNFINISHED)
+        now = time.time()
+        return sum(db.execute(f"UPDATE jobs SET state = 'failed', error = ?, updated_at = ? WHERE task_id = ? "
+                              f"AND state IN ({marks})", (reason, now, task_id, *UNFINISHED)).rowcount
+                   for task_id in task_ids)
 
     def get(self, task_id: str) -> dict | None:
         with self._lock, self._connect() as db:
