@@ -40,7 +40,7 @@ from slapgen.serving.request_bodies import CheckedBodies
 from slapgen.serving.requests import GenerateRequest, RenderRequest
 from slapgen.serving.routes import build_routes
 from slapgen.serving.settings import load_settings
-from slapgen.serving.startup import check_port_free, claim_task_store, listen_address
+from slapgen.serving.startup import check_port_free, claim_task_store, listen_address, with_store
 
 
 def _exit_with(message: str) -> None:
@@ -48,25 +48,29 @@ def _exit_with(message: str) -> None:
     sys.exit(2)
 
 
-try:
-    settings = load_settings()
-except SlapgenError as error:
-    _exit_with(str(error))
-
 # The server's pid, for its workers to die with it and to own its jobs on the board (set in the
 # serving process before workers start; they inherit it).
 SERVER_PID_VARIABLE = "SLAPGEN_SERVER_PID"
 RESTARTED = "the server restarted before the job ended; submit it again"
+WORKER_DIED = "the worker running the job died (out of memory?) and was restarted; submit it again"
+JOB_BOARD = "the job board"
 
-# One SQLite file, so every worker answers for every job.
-job_board = JobBoard(settings.cache_dir / "jobs.sqlite", owner=int(os.environ.get(SERVER_PID_VARIABLE, 0)) or None)
+try:
+    settings = load_settings()
+    # One SQLite file, so every worker answers for every job.
+    job_board = with_store(JOB_BOARD, settings.cache_dir / "jobs.sqlite", "SLAP_CACHE_DIR", lambda path: JobBoard(
+        path, owner=int(os.environ.get(SERVER_PID_VARIABLE, 0)) or None))
+    # The studio's ratings outlive restarts and are shared by every worker.
+    rating_store = with_store("the studio's ratings", settings.data_dir / "ratings.sqlite", "SLAP_DATA_DIR", RatingStore)
+except SlapgenError as error:
+    _exit_with(str(error))
+
 routes = build_routes(
     lambda: bentoml.get_current_service().generator,
     job_board,
     settings.api_token.get_secret_value() if settings.api_token else None,
     default_library(),
-    # The studio's ratings outlive restarts and are shared by every worker.
-    RatingStore(settings.data_dir / "ratings.sqlite"),
+    rating_store,
 )
 
 
@@ -112,16 +116,19 @@ class SlapGen:
             claim_task_store(BentoMLContainer.result_store_file.get())
             settings.engine_options()
             resolve_model(settings.model, settings.cache_dir, allow_download=True)
+            # Before any worker starts: the jobs of a server that died (kill -9, a crash) end as failed.
+            with_store(JOB_BOARD, settings.cache_dir / "jobs.sqlite", "SLAP_CACHE_DIR",
+                       lambda path: job_board.end_orphaned(RESTARTED))
         except SlapgenError as error:
             _exit_with(str(error))
-        # Before any worker starts: the jobs of a server that died (kill -9, a crash) end as failed.
-        job_board.end_orphaned(RESTARTED)
         os.environ[SERVER_PID_VARIABLE] = str(os.getpid())
 
     def __init__(self) -> None:
         # A worker outliving a `kill -9` of `bentoml serve` would keep the port, the model and its job.
         if server_pid := os.environ.get(SERVER_PID_VARIABLE):
             die_with_parent(int(server_pid))
+        # Circus restarts a worker that died (out of memory): its jobs will never end by themselves.
+        job_board.end_dead_workers(WORKER_DIED)
         quiet_client_errors()
         resolved = resolve_model(settings.model, settings.cache_dir, allow_download=False)
         # Loads, quantises, compiles and warms up: /readyz answers only after this returns.

@@ -271,6 +271,24 @@ def _one_sentence(result) -> str:
     return lines[0]
 
 
+def test_a_damaged_job_board_or_an_unwritable_data_folder_stops_start_up_with_one_sentence(tmp_path):
+    """Guards the start-up tracebacks of a jobs.sqlite full of garbage bytes (sqlite3.DatabaseError at import)
+    and of a SLAP_DATA_DIR that is a file (OSError): `bentoml serve` exits non-zero with one `slapgen:`
+    line naming the file and the setting."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "jobs.sqlite").write_bytes(b"\x00garbage\xff" * 512)
+    line = _one_sentence(_serve_and_wait(tmp_path, SLAP_MODEL="tiny", SLAP_CACHE_DIR=str(cache)))
+    assert line.startswith(f"slapgen: cannot use the job board {cache / 'jobs.sqlite'} (file is not a database); "
+                           "SLAP_CACHE_DIR must be a writable folder"), line
+    data = tmp_path / "data-is-a-file"
+    data.write_text("x")
+    line = _one_sentence(_serve_and_wait(tmp_path, SLAP_MODEL="tiny", SLAP_CACHE_DIR=str(tmp_path / "fresh-cache"),
+                                         SLAP_DATA_DIR=str(data)))
+    assert line.startswith(f"slapgen: cannot use the studio's ratings {data / 'ratings.sqlite'} (File exists: {data}); "
+                           "SLAP_DATA_DIR must be a writable folder"), line
+
+
 def test_a_port_in_use_stops_start_up_with_one_sentence(tiny_server, tmp_path):
     """Guards the circus traceback ("OSError: [Errno 98] Address already in use") that ended start-up once
     the service had loaded: the port is checked before anything else."""

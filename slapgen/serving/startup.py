@@ -6,6 +6,8 @@
   start-up, so a second server sharing one BENTOML_HOME (the default `~/bentoml`) erases the jobs of the
   first, whose task routes then fail. A server holds an exclusive lock beside that file for as long as
   it runs (the kernel drops it when the process ends, even by kill -9), and a second one stops.
+- slapgen's own SQLite files (the job board under SLAP_CACHE_DIR, the ratings under SLAP_DATA_DIR): a
+  folder that cannot be written, or a file there that is not an SQLite database, is one sentence too.
 """
 
 from __future__ import annotations
@@ -13,11 +15,14 @@ from __future__ import annotations
 import errno
 import fcntl
 import socket
+import sqlite3
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO
+from typing import IO, TypeVar
 
 from slapgen.errors import StartupError
 
+T = TypeVar("T")
 _held_locks: list[IO] = []  # open for the life of the process: closing a file drops its lock
 
 
@@ -57,8 +62,12 @@ def claim_task_store(result_file: str) -> None:
     if result_file == ":memory:":
         return
     lock_path = Path(f"{result_file}.lock")
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    handle = lock_path.open("a")
+    try:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        handle = lock_path.open("a")
+    except OSError as error:
+        raise StartupError(f"cannot write BentoML's task store lock {lock_path} ({error.strerror}: {error.filename}); "
+                           f"BENTOML_HOME must be a writable folder") from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -68,3 +77,16 @@ def claim_task_store(result_file: str) -> None:
             f"its jobs (BentoML recreates {Path(result_file).name} at start-up); give each service its own "
             f"folder: BENTOML_HOME=/path/to/another/folder bentoml serve") from None
     _held_locks.append(handle)
+
+
+def with_store(what: str, path: Path, variable: str, use: Callable[[Path], T]) -> T:
+    """`use(path)` (opening or reading one of slapgen's SQLite files), or StartupError naming the file and
+    the setting when the folder cannot be written or the file is not a usable SQLite database."""
+    try:
+        return use(path)
+    except OSError as error:
+        reason = f"{error.strerror}: {error.filename}" if error.strerror and error.filename else str(error)
+    except sqlite3.Error as error:
+        reason = str(error)
+    raise StartupError(f"cannot use {what} {path} ({reason}); {variable} must be a writable folder, and a file "
+                       f"there that is not an SQLite database slapgen wrote must be moved away")

@@ -1,0 +1,32 @@
+"""What `bentoml serve` checks at start-up, without a server: each failure is one StartupError sentence."""
+
+from __future__ import annotations
+
+import pytest
+
+from slapgen.errors import StartupError
+from slapgen.serving.jobs import JobBoard
+from slapgen.serving.ratings import RatingStore
+from slapgen.serving.startup import claim_task_store, with_store
+
+
+def test_an_unusable_store_folder_or_file_is_one_sentence_naming_the_setting(tmp_path):
+    """Guards start-up tracebacks (OSError from mkdir, sqlite3.DatabaseError from a damaged file) when
+    SLAP_CACHE_DIR / SLAP_DATA_DIR is a file or jobs.sqlite is not a database, and BENTOML_HOME cannot
+    hold the task store's lock: each is a StartupError naming the file, the reason and the setting."""
+    not_a_folder = tmp_path / "a-file"
+    not_a_folder.write_text("not a folder")
+    garbage = tmp_path / "jobs.sqlite"
+    garbage.write_bytes(b"\x00garbage\xff" * 512)
+    cases = [(not_a_folder / "jobs.sqlite", JobBoard, "SLAP_CACHE_DIR", f"File exists: {not_a_folder}"),
+             (garbage, JobBoard, "SLAP_CACHE_DIR", "file is not a database"),
+             (not_a_folder / "ratings.sqlite", RatingStore, "SLAP_DATA_DIR", f"File exists: {not_a_folder}")]
+    for path, store, variable, reason in cases:
+        with pytest.raises(StartupError) as refused:
+            with_store("the store", path, variable, store)
+        assert str(refused.value) == (f"cannot use the store {path} ({reason}); {variable} must be a writable folder, "
+                                      "and a file there that is not an SQLite database slapgen wrote must be moved away")
+    assert garbage.read_bytes() == b"\x00garbage\xff" * 512  # left as it was
+    with pytest.raises(StartupError, match=f"cannot write BentoML's task store lock {not_a_folder}/task_result.db.lock "
+                                           rf"\(File exists: {not_a_folder}\); BENTOML_HOME must be a writable folder"):
+        claim_task_store(str(not_a_folder / "task_result.db"))
