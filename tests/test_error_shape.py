@@ -186,3 +186,52 @@ def test_only_the_expected_library_warnings_are_silenced(caplog):
         for name, message in expected + real:
             logging.getLogger(name).warning(message)
     assert [(r.name, r.getMessage()) for r in caplog.records] == real
+
+
+def _job_routes_over(app):
+    from slapgen.serving.job_routes import JobRoutes
+    from slapgen.serving.jobs import JobBoard
+
+    def refuse(*args):
+        raise AssertionError("not reached")
+
+    return TestClient(JobRoutes(app, check=refuse, admit=refuse, board=JobBoard()))
+
+
+def test_bentoml_retry_is_refused_before_it_reruns_a_job():
+    """Guards BentoML's own `POST /jobs/retry`, which reran a stored task past the body check, the queue's
+    admission and the job board: it is a 404 in our shape saying to submit again, and never reaches
+    BentoML's route; nor is it listed in the API document."""
+    reruns = []
+
+    async def bentoml_retry(request: Request):
+        reruns.append(request.query_params["task_id"])
+        return JSONResponse({"task_id": "rerun"})
+
+    with _job_routes_over(Starlette(routes=[Route("/jobs/retry", bentoml_retry, methods=["POST"])])) as client:
+        for method in ("POST", "GET"):
+            refused = client.request(method, "/jobs/retry", params={"task_id": "abc"})
+            assert refused.status_code == 404 and refused.json() == {
+                "error": "retrying a job is not offered here; submit its body again with POST /jobs/submit", "detail": []}
+    assert reruns == []
+    from service import SlapGen
+    from slapgen.serving.openapi import slapgen_document
+
+    assert "/jobs/retry" not in slapgen_document(SlapGen.openapi_spec.asdict(), "test")["paths"]
+
+
+def test_the_task_routes_take_an_answer_as_ours_only_when_it_has_exactly_our_shape():
+    """Guards two predicates for "already in our shape": the task routes let any answer with a `detail` key
+    through (`{"error": ..., "detail": "text"}` reached the client), while OneErrorShape requires exactly
+    `error` (a sentence) and `detail` (a list). Now both use error_shape.in_our_shape."""
+    async def bentoml_status(request: Request):
+        return JSONResponse({"error": "task_id not found", "detail": "no such row"}, status_code=404)
+
+    async def our_status(request: Request):
+        return JSONResponse({"error": "the job failed", "detail": []}, status_code=404)
+
+    app = Starlette(routes=[Route("/jobs/status", bentoml_status), Route("/jobs/get", our_status)])
+    with _job_routes_over(app) as client:
+        rewritten = client.get("/jobs/status", params={"task_id": "abc"}).json()
+        assert rewritten["error"].startswith("no job 'abc' is known") and rewritten["detail"][0]["loc"] == ["task_id"]
+        assert client.get("/jobs/get", params={"task_id": "abc"}).json() == {"error": "the job failed", "detail": []}

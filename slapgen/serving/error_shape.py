@@ -82,11 +82,16 @@ async def _send_shaped(send, scope, messages: list[dict]) -> None:
     await send({"type": "http.response.body", "body": data})
 
 
+def in_our_shape(payload) -> bool:
+    """Whether a decoded JSON answer is slapgen's error shape: exactly `error` (a sentence) and `detail` (a list)."""
+    return isinstance(payload, dict) and set(payload) == {"error", "detail"} and isinstance(payload["error"], str) \
+        and isinstance(payload["detail"], list)
+
+
 def shaped(status: int, body: bytes, content_type: bytes, method: str, path: str, allow: str = "") -> dict | None:
     """The error answer `status`/`body` in slapgen's shape, or None when it has that shape already."""
     payload = _json(body) if content_type.lower().startswith(b"application/json") else None
-    if isinstance(payload, dict) and set(payload) == {"error", "detail"} and isinstance(payload["error"], str) \
-            and isinstance(payload["detail"], list):
+    if in_our_shape(payload):
         if not _BENTOML_VALIDATION.match(payload["error"]):
             return None
         return error_body_for([(e.get("loc", []), validation_sentence(e), e.get("type", ""))

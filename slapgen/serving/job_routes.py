@@ -14,6 +14,8 @@
   cancelling (400), yet marked the job canceled while it ran on. Here a queued job is canceled at
   once and never runs; a running one stops at the end of its current denoising step (its worker reads
   the board after every step, so any worker can take the cancel); a finishing one is a 409.
+- `/jobs/retry` (BentoML's) is a 404: it would rerun a stored task without the body check, the queue
+  place or the board; a client submits the body again instead.
 - `GET /jobs/status` of a canceled job says `canceled` (BentoML's store would say the task failed,
   since the handler answered the cancellation itself); other jobs pass through.
 - `GET /jobs/status` and `/jobs/get` without a task id, with an unknown one, or (`/get`) of a job not
@@ -33,6 +35,7 @@ from slapgen.engine.params import GenerationParams
 from slapgen.engine.queue import Admission
 from slapgen.errors import SlapgenError
 from slapgen.serving.body_limit import GENERATION_BODY_LIMIT, read_body, send_json
+from slapgen.serving.error_shape import in_our_shape
 from slapgen.serving.http_errors import error_body, error_response, validation_error_body
 from slapgen.serving.jobs import JobBoard
 from slapgen.serving.requests import GenerateRequest
@@ -41,6 +44,8 @@ SUBMIT_PATH = "/jobs/submit"
 CANCEL_PATH = "/jobs/cancel"
 STATUS_PATH = "/jobs/status"
 RESULT_PATH = "/jobs/get"
+RETRY_PATH = "/jobs/retry"
+NO_RETRY = "retrying a job is not offered here; submit its body again with POST /jobs/submit"
 # Where the submit's queue place waits for the job's handler: BentoML runs the job with the submit's
 # own request, whose state is this scope's "state".
 ADMISSION_KEY = "slapgen_admission"
@@ -64,6 +69,8 @@ class JobRoutes:
         method = scope.get("method")
         if path == SUBMIT_PATH and method == "POST":
             return await self._submit(scope, receive, send)
+        if path == RETRY_PATH:  # BentoML's own retry would rerun a job past the body check, the queue and the board
+            return await send_json(send, 404, error_body(NO_RETRY))
         if path == CANCEL_PATH and method in ("POST", "PUT"):
             return await self._cancel(scope, receive, send)
         if path in (STATUS_PATH, RESULT_PATH) and method == "GET":
@@ -144,7 +151,7 @@ def _in_our_error_shape(send, task_id: str):
             answer = json.loads(body)
         except ValueError:
             answer = None
-        if isinstance(answer, dict) and "detail" in answer:
+        if in_our_shape(answer):
             for kept in held:
                 await send(kept)
             return

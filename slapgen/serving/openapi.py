@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from slapgen.serving.body_limit import send_json
+from slapgen.serving.job_routes import RETRY_PATH
 from slapgen.serving.requests import RatingRequest
 
 ERROR_SCHEMA = {
@@ -46,8 +47,9 @@ RATING_EXAMPLE = {"left": {"adapter": None}, "right": {"adapter": "powerslap", "
                   "prompt": "Power slap: the striker winds up and the palm strikes the cheek.", "seed": 7,
                   "choices": {"motion_accuracy": "right", "impact_realism": "tie", "prompt_adherence": "left",
                               "overall": "right"}, "rater": "ana"}
-# BentoML's task cancel (PUT, refused by its local server) is replaced by ours (POST; PUT also works).
-REPLACED = ("/jobs/cancel",)
+# BentoML's task cancel (PUT, refused by its local server) is replaced by ours (POST; PUT also works);
+# its retry is refused (JobRoutes), so it is not listed.
+REPLACED = ("/jobs/cancel", RETRY_PATH)
 
 
 def _errors(*statuses: int) -> dict:
