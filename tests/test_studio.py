@@ -246,6 +246,26 @@ def image_pixels(page, selector: str) -> np.ndarray:
 
 
 @pytest.mark.slow
+@pytest.mark.slow
+def test_a_finishing_job_shows_a_full_bar_and_its_cancel_is_off(browser, studio):
+    """Guards the studio's progress during `finishing` (denoising done, video being decoded): the bar stalled
+    at N-1 of N and Cancel stayed on, so a click showed the service's 409 as a red error. The service's
+    job routes are stubbed to hold the job in `finishing`; the bar is full, the text says finishing and
+    Cancel is disabled, with no error shown."""
+    page = open_studio(browser, studio.url)
+    page.route("**/jobs/submit", lambda route: route.fulfill(json={"task_id": "finishing-job"}))
+    page.route("**/jobs/progress?*", lambda route: route.fulfill(json={
+        "task_id": "finishing-job", "state": "finishing", "step": 5, "total_steps": 5, "error": None}))
+    page.fill("#steps", "5")
+    page.click("#generate")
+    page.wait_for_function("document.getElementById('progress-text').textContent.startsWith('finishing')",
+                           timeout=30_000)
+    assert page.eval_on_selector("#progress", "p => [p.value, p.max]") == [5, 5]
+    assert page.is_disabled("#cancel") and page.inner_text("#generate-error") == ""
+    assert page.errors == []
+    page.close()
+
+
 def test_a_ticft_adapter_animates_an_uploaded_image_or_a_picked_frame(browser, studio, artifacts, tmp_path):
     """Guards a studio that lists TIC-FT adapters but cannot send a condition image (image-to-video could
     not be tried there). The image input shows only for a TIC-FT adapter; the uploaded PNG is previewed

@@ -15,7 +15,12 @@ const KEPT_VIDEOS = 20; // the newest this many history videos are kept in this 
 // condition: the TIC-FT condition image {dataUrl, source} or null; videos: history entry id -> object URL
 const state = { info: null, templates: [], adapters: [], runningTask: null, pair: null, condition: null, videos: new Map() };
 
-class ApiError extends Error {}
+class ApiError extends Error {
+  constructor(message, status) {
+    super(message);
+    this.status = status;
+  }
+}
 class Cancelled extends Error {}
 
 // ---------- HTTP ----------
@@ -26,7 +31,7 @@ async function api(path, options = {}) {
   const body = type.includes("json") ? await response.json() : await response.text();
   if (!response.ok) {
     const message = body && body.error ? body.error : `${response.status} ${response.statusText}`;
-    throw new ApiError(message);
+    throw new ApiError(message, response.status);
   }
   return body;
 }
@@ -36,7 +41,8 @@ const postJson = (path, body) =>
 
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
-// Submit a job and follow it to the end: onProgress(step, total, etaSeconds). Resolves to the mp4 (a Blob);
+// Submit a job and follow it to the end: onProgress(step, total, etaSeconds, finishing), finishing once its
+// denoising is done (the video is being decoded; it can no longer be canceled). Resolves to the mp4 (a Blob);
 // rejects with Cancelled when someone cancels it, ApiError when it fails.
 async function runJob(body, onProgress) {
   const { task_id: taskId } = await postJson("/jobs/submit", body);
@@ -59,6 +65,7 @@ async function runJob(body, onProgress) {
         const eta = done > 0 ? ((performance.now() - firstStepAt) / 1000 / done) * (total - step) : null;
         onProgress(step, total, eta);
       }
+      if (jobState === "finishing") onProgress(total, total, null, true);
       if (jobState === "canceled") throw new Cancelled(progress.error || "cancelled");
       if (jobState === "failed") throw new ApiError(progress.error || "the job failed");
       if (jobState === "completed") {
@@ -302,9 +309,16 @@ const systemOf = (value) => ({ adapter: value === "base" ? null : value, scale: 
 
 // ---------- Generate ----------
 
-function setProgress(step, total, eta) {
+const FINISHING = "finishing… (decoding the video; too late to cancel)";
+
+function setProgress(step, total, eta, finishing = false) {
   $("progress").max = total;
   $("progress").value = step;
+  if (finishing) {
+    $("progress-text").textContent = FINISHING;
+    $("cancel").disabled = true; // the service would answer 409: the job will complete
+    return;
+  }
   const etaText = eta === null || eta === undefined ? "" : eta > 0.5 ? ` · about ${Math.ceil(eta)} s left` : "";
   $("progress-text").textContent = `step ${step} of ${total}${etaText}`;
 }
@@ -345,7 +359,9 @@ async function cancelJob() {
     await api(`/jobs/cancel?task_id=${encodeURIComponent(state.runningTask)}`, { method: "POST" });
     $("progress-text").textContent = "cancelling…";
   } catch (error) {
-    $("generate-error").textContent = error.message;
+    // 409: it went finishing between two polls; it will complete, which is no error of the user's.
+    if (error instanceof ApiError && error.status === 409) $("progress-text").textContent = FINISHING;
+    else $("generate-error").textContent = error.message;
   }
 }
 
