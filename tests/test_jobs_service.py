@@ -183,6 +183,38 @@ def test_after_kill_9_the_workers_die_and_a_restart_on_the_same_port_fails_the_d
 
 
 @pytest.mark.slow
+def test_a_worker_killed_mid_job_is_restarted_and_its_jobs_end_failed(tmp_path, tiny_cache_dir):
+    """Guards a worker that dies (out of memory) mid-job: circus restarts it, but its server lives on, so
+    the start-up check left the dead worker's running and queued jobs `running` / `queued` forever. The
+    restarted worker fails them with the reason, and serves the next job."""
+    import os
+    import signal
+
+    server = start_server(tmp_path, SLAP_MODEL="tiny", SLAP_CACHE_DIR=str(own_cache_dir(tmp_path, tiny_cache_dir)),
+                          SLAP_ADAPTERS_DIR=str(tmp_path / "adapters"))
+    try:
+        worker = httpx.get(f"{server.url}/info", timeout=30).json()["worker_pid"]
+        running, queued = (_submit(server, LONG).json()["task_id"] for _ in range(2))
+        _wait_for(server, running, {"running"})
+        os.kill(worker, signal.SIGKILL)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:  # until the restarted worker answers
+            try:
+                if httpx.get(f"{server.url}/info", timeout=30).json()["worker_pid"] != worker:
+                    break
+            except (httpx.HTTPError, ValueError, KeyError):
+                pass
+            time.sleep(0.5)
+        for task_id in (running, queued):
+            job = _progress(server, task_id)
+            assert job["state"] == "failed" and "the worker running the job died" in job["error"], job
+        assert _wait_for(server, _submit(server, SHORT).json()["task_id"],
+                         {"completed", "failed", "canceled"})["state"] == "completed"
+    finally:
+        stop_server(server)
+
+
+@pytest.mark.slow
 def test_readme_python_client_generates_and_runs_a_job_against_the_server(tiny_server, tmp_path):
     """Guards Python clients without a working path to jobs (bentoml 1.4.40's `SyncHTTPClient.submit`
     fails with `_opened_files`): README's Python snippet, run as written against a real server, writes
