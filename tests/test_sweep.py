@@ -21,7 +21,7 @@ import pytest
 from diffusers import CogVideoXDPMScheduler, CogVideoXTransformer3DModel
 
 from slapgen.models.loading import resolve_model
-from tests.conftest import REPO_ROOT, offline_env, tiny_train_overrides
+from tests.conftest import REPO_ROOT, cli_stderr, offline_env, tiny_train_overrides
 from trainer.cli import main as cli_main
 from trainer.config import LoraConfig, load_config
 from trainer.errors import SweepError
@@ -167,11 +167,11 @@ def test_another_grid_in_the_same_folder_is_refused(killed_and_rerun, capsys):
     before, definition = _mtimes(out), (out / "sweep.json").read_bytes()
     other_grid = ["optim.learning_rate=1e-3,5e-3" if arg == "optim.learning_rate=1e-3,1e-2" else arg for arg in args]
     assert cli_main(other_grid) == 2
-    assert capsys.readouterr().err.strip() == (
+    assert cli_stderr(capsys.readouterr().err) == (
         f"slapgen sweep: {out} holds a sweep with another grid (optim.learning_rate=1e-3,1e-2 x lora.rank=2,4; "
         f"now optim.learning_rate=1e-3,5e-3 x lora.rank=2,4); rerun it with the same command or choose another --out")
     assert cli_main([*args, "--set", "train.seed=3"]) == 2
-    error = capsys.readouterr().err.strip()
+    error = cli_stderr(capsys.readouterr().err)
     assert error.startswith(f"slapgen sweep: {out} holds a sweep with another --set (") and "\n" not in error
     assert _mtimes(out) == before and (out / "sweep.json").read_bytes() == definition
 
@@ -495,12 +495,12 @@ def test_a_finished_generation_sweep_reruns_nothing_and_refuses_other_settings(g
     changed = {"num_inference_steps=1": "num_inference_steps=2"}
     other_setting = [changed.get(arg, arg) for arg in args]
     assert cli_main(other_setting) == 2
-    assert capsys.readouterr().err.strip() == (
+    assert cli_stderr(capsys.readouterr().err) == (
         f"slapgen sweep: {out} holds a sweep with another --eval-set (num_frames=9 height=32 width=48 "
         f"num_inference_steps=1; now num_frames=9 height=32 width=48 num_inference_steps=2); rerun it with the same "
         "command or choose another --out")
     assert cli_main(["loss,clip" if arg == "loss,clip,temporal" else arg for arg in args]) == 2
-    assert capsys.readouterr().err.strip().startswith(
+    assert cli_stderr(capsys.readouterr().err).startswith(
         f"slapgen sweep: {out} holds a sweep with another --metrics (loss,clip,temporal; now loss,clip);")
     assert cli_main(["2" if arg == EVAL_SEED else arg for arg in args]) == 2
     assert "another --seeds (1; now 2)" in capsys.readouterr().err
