@@ -221,6 +221,25 @@ def _fake_sweep(tmp_path: Path, tiny_cache_dir: Path, grid: list[str], losses: l
     return definition, runs, results
 
 
+def test_the_readme_command_finds_a_config_file_named_without_a_folder(tiny_cache_dir, tmp_path, monkeypatch):
+    """Guards `--config my.yaml` (a file in the current folder, named without a "/") copied as is into the
+    README's command, which runs from the sweep folder (`--out .`), where no my.yaml is: it is shown relative
+    to the sweep folder like the datasets are, and a preset's name stays a name."""
+    from trainer.sweep.report import sweep_command as readme_command
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my.yaml").write_text(load_config("tiny-smoke").to_documented_yaml())
+    out = tmp_path / "sweeps" / "first"
+    out.mkdir(parents=True)
+    runs = plan_runs("my.yaml", tiny_train_overrides(tiny_cache_dir), [parse_axis("lora.rank=2,4")], out / "cache")
+    for config, expected in (("my.yaml", "../../my.yaml"), ("tiny-smoke", "tiny-smoke")):
+        definition = SweepDefinition(config, (), (parse_axis("lora.rank=2,4"),), str(tmp_path / "data"),
+                                     str(tmp_path / "heldout"), ("loss",), True, tuple(runs))
+        words = readme_command(definition, out).split()
+        assert words[words.index("--config") + 1] == expected
+    assert (out / "../../my.yaml").resolve() == (tmp_path / "my.yaml").resolve()
+
+
 def test_report_figures_for_one_and_three_axes_and_a_diverged_run(tiny_cache_dir, tmp_path):
     """Guards a report that only handles exactly two axes (one axis: a line; three: one heatmap per value
     of the third) and a diverged run (NaN loss) winning because NaN compares false."""
