@@ -86,6 +86,26 @@ def test_an_interrupted_run_points_to_resume_and_resume_still_works(tiny_cache_d
     assert (run / LORA_FILENAME).is_file() and _logged_steps(run) == [1, 2, 3, 4]
 
 
+def test_one_last_logged_step_reads_the_last_complete_line_of_any_length(tmp_path):
+    """Guards the two `last_logged_step`s that disagreed: the refusal to start over a run read the highest
+    step of the whole metrics.jsonl, a sweep's progress the last line within the file's last 4 KiB (0 for a
+    run whose lines are longer). One reader serves both: the last complete line, however long, passing
+    over a line cut by a kill; reading only the tail of a long file of short lines."""
+    from trainer import run_folder
+    from trainer.sweep import sweep
+
+    assert sweep.last_logged_step is run_folder.last_logged_step
+    assert run_folder.last_logged_step(tmp_path) == 0  # no metrics.jsonl
+    metrics = tmp_path / run_folder.METRICS_FILE
+    long_lines = [json.dumps({"step": step, "loss": 0.5, "note": "x" * 5000}) for step in (1, 2, 3)]
+    metrics.write_text("\n".join(long_lines) + '\n{"step": 4, "lo')  # killed while writing step 4
+    assert run_folder.last_logged_step(tmp_path) == 3
+    metrics.write_text("".join(json.dumps({"step": step, "loss": 0.5}) + "\n" for step in range(1, 2001)))
+    assert run_folder.last_logged_step(tmp_path) == 2000
+    metrics.write_text("not json\n")
+    assert run_folder.last_logged_step(tmp_path) == 0
+
+
 def test_a_failed_start_leaves_no_run_folder(tiny_cache_dir, tmp_path, capsys):
     """Guards the half-made run folder (config.yaml, an empty cache) a failed start left behind: a missing
     dataset, or one whose every clip is unreadable, ends in one line and no folder; a folder that was
