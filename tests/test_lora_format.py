@@ -82,7 +82,7 @@ HOSTILE_STRING_SHAPES = {
 }
 
 
-def _fastest_call(data: bytes, repeats: int = 3) -> float:
+def _fastest_call(data: bytes, repeats: int = 5) -> float:
     """The shortest of `repeats` timings of json_depth on `data` (the least disturbed by other processes)."""
     timings = []
     for _ in range(repeats):
