@@ -154,6 +154,15 @@ def offline_env(tmp_path: Path, **overrides: str) -> dict[str, str]:
     return env
 
 
+def cli_stderr(text: str) -> str:
+    """A slapgen command's stderr, stripped, less the first line every loading command prints
+    (trainer.cli.loading_line), so a test can compare the rest exactly."""
+    from trainer.cli import LOADING_COMMANDS, loading_line
+
+    known = {loading_line(command) for command in LOADING_COMMANDS}
+    return "\n".join(line for line in text.strip().splitlines() if line not in known).strip()
+
+
 def bentoml_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "bentoml", *args]
 

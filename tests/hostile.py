@@ -5,7 +5,7 @@ depth, size, metadata) and condition images (dimensions, aspect, formats, modes,
 it differs in one way. `mutated_adapter` and `random_image` draw more from a `random.Random`, so a seed
 gives the same files on every run and every machine; under hypothesis the `Random` comes from
 `st.randoms(use_true_random=False)`, so a failure is reported, shrunk and replayed by hypothesis' seed.
-Every file stays small (at most a few MB).
+Every file stays under 10 MiB (the largest headers are just over and just under the 8 MiB limit).
 """
 
 from __future__ import annotations
@@ -143,6 +143,14 @@ def hostile_adapters(good: bytes) -> dict[str, bytes]:
         "header-nested": pack({**header, "x": RAW.format(0)}, data, raw=(deep,)),
         "header-unbalanced": pack("[" * NESTED, data),
         "header-nested-strings": pack('{"a": ' + '["[",' * NESTED + "1" + "]" * NESTED + "}", data),
+        # strings that never close, escaped quotes, a lone last backslash, brackets in strings: the string
+        # pattern of the depth check backtracked on these (40 KB took 5.6 s, 8 MiB would take days)
+        "header-string-unterminated": pack('{"a": "' + '\\"' * (4 * 1024**2 - 8), data),  # just under 8 MiB
+        "header-string-lone-backslash": pack('{"a": "' + '\\"' * 2**18 + "\\", data),
+        "header-quotes-and-backslashes": pack('"\\' * 2**19, data),
+        "header-quotes-and-brackets": pack('"[' * 2**19, data),
+        "header-string-of-brackets": pack('{"a": "' + "[" * 2**20, data),
+        "metadata-peft-string-unterminated": pack(_with_peft(header, '{"r": "' + '\\"' * 2**19), data),
         "header-length-huge": pack(header, data, length=2**64 - 1),
         "header-length-past-end": pack(header, data, length=len(json.dumps(header)) + len(data) + 1),
         "header-length-zero": pack(header, data, length=0),

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO_ROOT, offline_env, tiny_train_overrides
+from tests.conftest import REPO_ROOT, cli_stderr, offline_env, tiny_train_overrides
 from trainer import checkpoints
 from trainer.cli import main as cli_main
 from trainer.lora import LORA_FILENAME
@@ -51,7 +51,7 @@ def test_a_repeated_train_command_is_refused_and_overwrite_starts_clean(tiny_cac
     capsys.readouterr()
 
     assert cli_main(first) == 2
-    error = capsys.readouterr().err.strip()
+    error = cli_stderr(capsys.readouterr().err)
     assert "\n" not in error and error.startswith(f"slapgen train: {run} already holds a run")
     assert "--resume latest" in error and "--overwrite" in error and "metrics up to step 4" in error
     after = {str(p.relative_to(run)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(run.rglob("*")) if p.is_file()}
@@ -84,6 +84,26 @@ def test_an_interrupted_run_points_to_resume_and_resume_still_works(tiny_cache_d
     assert not (run / LORA_FILENAME).exists()
     assert cli_main([*args, "--resume", "latest"]) == 0
     assert (run / LORA_FILENAME).is_file() and _logged_steps(run) == [1, 2, 3, 4]
+
+
+def test_one_last_logged_step_reads_the_last_complete_line_of_any_length(tmp_path):
+    """Guards the two `last_logged_step`s that disagreed: the refusal to start over a run read the highest
+    step of the whole metrics.jsonl, a sweep's progress the last line within the file's last 4 KiB (0 for a
+    run whose lines are longer). One reader serves both: the last complete line, however long, passing
+    over a line cut by a kill; reading only the tail of a long file of short lines."""
+    from trainer import run_folder
+    from trainer.sweep import sweep
+
+    assert sweep.last_logged_step is run_folder.last_logged_step
+    assert run_folder.last_logged_step(tmp_path) == 0  # no metrics.jsonl
+    metrics = tmp_path / run_folder.METRICS_FILE
+    long_lines = [json.dumps({"step": step, "loss": 0.5, "note": "x" * 5000}) for step in (1, 2, 3)]
+    metrics.write_text("\n".join(long_lines) + '\n{"step": 4, "lo')  # killed while writing step 4
+    assert run_folder.last_logged_step(tmp_path) == 3
+    metrics.write_text("".join(json.dumps({"step": step, "loss": 0.5}) + "\n" for step in range(1, 2001)))
+    assert run_folder.last_logged_step(tmp_path) == 2000
+    metrics.write_text("not json\n")
+    assert run_folder.last_logged_step(tmp_path) == 0
 
 
 def test_a_failed_start_leaves_no_run_folder(tiny_cache_dir, tmp_path, capsys):
@@ -134,7 +154,7 @@ def test_help_and_config_skip_the_heavy_imports(tmp_path):
 @pytest.mark.slow
 def test_train_says_it_has_started_before_importing_torch(tiny_cache_dir, demo_dataset, tmp_path):
     """Guards a CLI silent for 20-90 s while it imports: a real `slapgen train` process prints its first
-    line before torch is imported (stdout and -X importtime's stderr in one pipe, in order)."""
+    line (on stderr) before torch is imported (stdout and stderr, where -X importtime writes, in one pipe, in order)."""
     command = [sys.executable, "-u", "-X", "importtime", "-m", "trainer",
                *_train_args(tiny_cache_dir, demo_dataset, tmp_path / "run")]
     process = subprocess.Popen(command, cwd=REPO_ROOT, env=offline_env(tmp_path, SLAP_CACHE_DIR=str(tiny_cache_dir)),
@@ -150,6 +170,29 @@ def test_train_says_it_has_started_before_importing_torch(tiny_cache_dir, demo_d
         process.wait()
     assert seen and seen[-1] == "slapgen train: loading torch and diffusers ...", seen[-5:]
     assert not any(HEAVY_IMPORT.search(line) for line in seen)
+
+
+@pytest.mark.slow
+def test_precompute_stdout_is_only_the_json_of_skipped_clips(tiny_cache_dir, demo_dataset, tmp_path):
+    """Guards `slapgen precompute | jq` failing: the `slapgen precompute: loading torch and diffusers ...` line,
+    the summary and each `skipped CLIP: why` line went to stdout around the JSON list of skipped clips. A
+    real process's stdout must parse as that JSON alone; the people's lines are on stderr."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("clip_000.mp4", "clip_000.txt", "clip_001.mp4", "clip_001.txt"):
+        (data / name).write_bytes((demo_dataset / name).read_bytes())
+    (data / "clip_002.mp4").write_bytes(b"not a video at all")
+    (data / "clip_002.txt").write_text("Power slap: the striker winds up and the palm lands on the cheek.\n")
+    result = subprocess.run([sys.executable, "-m", "trainer", "precompute", str(data), "--model", "tiny", "--out",
+                             str(tmp_path / "cache"), "--config", "tiny-smoke", "--device", "cpu", "--set",
+                             f"model_cache_dir={tiny_cache_dir}"],
+                            cwd=REPO_ROOT, env=offline_env(tmp_path, SLAP_CACHE_DIR=str(tiny_cache_dir)),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    skipped = json.loads(result.stdout)
+    assert [clip["video"] for clip in skipped] == ["clip_002.mp4"], result.stdout
+    assert "2 clips ready (2 encoded, 0 reused); skipped: 1 " in result.stderr, result.stderr[-3000:]
+    assert result.stderr.startswith("slapgen precompute: loading torch and diffusers ...\n"), result.stderr[:300]
 
 
 HAVE_TORCHVISION = importlib.util.find_spec("torchvision") is not None
@@ -169,7 +212,7 @@ def test_caption_without_torchvision_is_one_sentence_before_any_model_is_built(d
                             cwd=REPO_ROOT, env=offline_env(tmp_path, SLAP_CACHE_DIR=str(cache)), capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [
+    assert cli_stderr(result.stderr).splitlines() == [
         "slapgen caption: captioning needs torchvision (transformers' video processors use it); pip install "
         "torch==2.14.1 torchvision==0.29.1 (or the torchvision matching your torch)."]
     assert not cache.exists() and not (folder / "clip_000.txt").exists()
@@ -241,6 +284,6 @@ def test_a_misspelt_set_key_suggests_the_closest(args, expected, demo_dataset, t
     `did you mean KEY?`, and nothing is written."""
     monkeypatch.chdir(tmp_path)
     assert cli_main([str(demo_dataset) if arg == "DEMO" else arg for arg in args]) == 2
-    error = capsys.readouterr().err.strip()
+    error = cli_stderr(capsys.readouterr().err)
     assert "\n" not in error and f"did you mean {expected}?" in error, error
     assert list(tmp_path.iterdir()) == []

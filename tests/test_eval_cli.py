@@ -17,7 +17,7 @@ from diffusers import CogVideoXDPMScheduler, CogVideoXTransformer3DModel
 from slapgen.evaluation import stats
 from slapgen.models.loading import resolve_model
 from slapgen.video import read_mp4
-from tests.conftest import REPO_ROOT, offline_env, tiny_train_overrides, write_test_adapter
+from tests.conftest import REPO_ROOT, cli_stderr, offline_env, tiny_train_overrides, write_test_adapter
 from trainer.cli import main as cli_main
 from trainer.config import DataConfig, load_config
 from trainer.heldout import heldout_entries, heldout_losses
@@ -164,7 +164,7 @@ def test_bad_input_is_one_line_and_exit_2(arguments, message, tiny_cache_dir, de
     """Guards tracebacks (or half-made output folders) for mistakes a person makes on the command line."""
     code = cli_main(["eval", "--model", "tiny", "--heldout", str(demo_dataset), "--out", str(tmp_path / "out"),
                      "--set", "num_frames=17", *arguments])
-    error = capsys.readouterr().err.strip()
+    error = cli_stderr(capsys.readouterr().err)
     assert code == 2 and message in error and len(error.splitlines()) == 1, error
     assert not (tmp_path / "out").exists()
 

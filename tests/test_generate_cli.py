@@ -16,7 +16,7 @@ from slapgen.engine.params import EngineOptions, GenerationParams
 from slapgen.models.loading import resolve_model
 from slapgen.models.ticft import TicftLayout
 from slapgen.video import read_mp4, write_mp4
-from tests.conftest import REPO_ROOT, offline_env, write_test_adapter
+from tests.conftest import REPO_ROOT, cli_stderr, offline_env, write_test_adapter
 from tests.test_ticft import _encoded, _image
 from trainer.cli import main as cli_main
 
@@ -122,6 +122,6 @@ def test_bad_input_is_one_line_and_exit_2(arguments, message, inputs, tmp_path, 
     if arguments == ["--out-name"]:  # the output must be an mp4 file
         arguments, out, message = [], tmp_path / "x.gif", "name it e.g. slap.mp4"
     code = cli_main(["generate", "--model", "tiny", "--prompt", PROMPT, "--out", str(out), *SET_ARGS, *arguments])
-    error = capsys.readouterr().err.strip()
+    error = cli_stderr(capsys.readouterr().err)
     assert code == 2 and message in error and len(error.splitlines()) == 1, error
     assert not out.exists() and list(tmp_path.iterdir()) == []

@@ -4,6 +4,7 @@ walk of the parsed JSON for the nesting depth the parser bounds before parsing."
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -68,3 +69,43 @@ def test_json_depth_counts_nesting_as_a_recursive_walk_does():
     assert json_depth(deep) == MAX_JSON_DEPTH + 1
     with pytest.raises(ValueError, match="do not pair up"):
         json_depth(b"[" * 50_000)
+
+
+# Hostile string shapes for the JSON depth check: each is a header an attacker may write (JSON or almost).
+HOSTILE_STRING_SHAPES = {
+    "escaped quotes in a string never closed": lambda n: b'{"a": "' + b'\\"' * (n // 2),
+    "the same ending in a lone backslash": lambda n: b'{"a": "' + b'\\"' * (n // 2) + b"\\",
+    "a quote and a backslash, repeated": lambda n: b'"\\' * (n // 2),
+    "a quote and a bracket, repeated": lambda n: b'"[' * (n // 2),
+    "brackets inside a closed string": lambda n: b'{"a": "' + b"[" * n + b'"}',
+    "brackets inside a string never closed": lambda n: b'{"a": "' + b"[" * n,
+}
+
+
+def _fastest_call(data: bytes, repeats: int = 5) -> float:
+    """The shortest of `repeats` timings of json_depth on `data` (the least disturbed by other processes)."""
+    timings = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        try:
+            json_depth(data)
+        except ValueError:
+            pass
+        timings.append(time.perf_counter() - start)
+    return min(timings)
+
+
+@pytest.mark.parametrize("shape", sorted(HOSTILE_STRING_SHAPES))
+def test_json_depth_takes_time_linear_in_the_size_of_hostile_strings(shape):
+    """Guards the quadratic string pattern of json_depth: `"[^"\\]*(?:\\.[^"\\]*)*"` failed on a string that
+    never closes and the search restarted at every quote inside it, so a 40 KB header (`{"a": "` then `\\"`
+    repeated) took 5.6 s in parse_header and an 8 MiB one days, holding the GIL (worker start-up, every
+    GET /adapters and every upload hung on one such file). A complexity check, not a timed one: the size is
+    doubled from 4 KiB until one call is slow enough to time well (10 ms, or 2 MiB), then 4 times that size
+    must take under 8 times as long (linear work takes 4 times as long, quadratic work 16 times)."""
+    make = HOSTILE_STRING_SHAPES[shape]
+    size = 4096
+    while size < 2 * 1024**2 and _fastest_call(make(size)) < 0.010:
+        size *= 2
+    small, large = _fastest_call(make(size)), _fastest_call(make(4 * size))
+    assert large < 8 * small, (shape, size, small, large)

@@ -21,7 +21,7 @@ import pytest
 from diffusers import CogVideoXDPMScheduler, CogVideoXTransformer3DModel
 
 from slapgen.models.loading import resolve_model
-from tests.conftest import REPO_ROOT, offline_env, tiny_train_overrides
+from tests.conftest import REPO_ROOT, cli_stderr, offline_env, tiny_train_overrides
 from trainer.cli import main as cli_main
 from trainer.config import LoraConfig, load_config
 from trainer.errors import SweepError
@@ -167,11 +167,11 @@ def test_another_grid_in_the_same_folder_is_refused(killed_and_rerun, capsys):
     before, definition = _mtimes(out), (out / "sweep.json").read_bytes()
     other_grid = ["optim.learning_rate=1e-3,5e-3" if arg == "optim.learning_rate=1e-3,1e-2" else arg for arg in args]
     assert cli_main(other_grid) == 2
-    assert capsys.readouterr().err.strip() == (
+    assert cli_stderr(capsys.readouterr().err) == (
         f"slapgen sweep: {out} holds a sweep with another grid (optim.learning_rate=1e-3,1e-2 x lora.rank=2,4; "
         f"now optim.learning_rate=1e-3,5e-3 x lora.rank=2,4); rerun it with the same command or choose another --out")
     assert cli_main([*args, "--set", "train.seed=3"]) == 2
-    error = capsys.readouterr().err.strip()
+    error = cli_stderr(capsys.readouterr().err)
     assert error.startswith(f"slapgen sweep: {out} holds a sweep with another --set (") and "\n" not in error
     assert _mtimes(out) == before and (out / "sweep.json").read_bytes() == definition
 
@@ -219,6 +219,25 @@ def _fake_sweep(tmp_path: Path, tiny_cache_dir: Path, grid: list[str], losses: l
         (folder / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": loss + 1 / s}) + "\n" for s in (1, 2, 3)))
         results[run.name] = {"metrics": {"heldout_loss": loss}, "steps": 3}
     return definition, runs, results
+
+
+def test_the_readme_command_finds_a_config_file_named_without_a_folder(tiny_cache_dir, tmp_path, monkeypatch):
+    """Guards `--config my.yaml` (a file in the current folder, named without a "/") copied as is into the
+    README's command, which runs from the sweep folder (`--out .`), where no my.yaml is: it is shown relative
+    to the sweep folder like the datasets are, and a preset's name stays a name."""
+    from trainer.sweep.report import sweep_command as readme_command
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my.yaml").write_text(load_config("tiny-smoke").to_documented_yaml())
+    out = tmp_path / "sweeps" / "first"
+    out.mkdir(parents=True)
+    runs = plan_runs("my.yaml", tiny_train_overrides(tiny_cache_dir), [parse_axis("lora.rank=2,4")], out / "cache")
+    for config, expected in (("my.yaml", "../../my.yaml"), ("tiny-smoke", "tiny-smoke")):
+        definition = SweepDefinition(config, (), (parse_axis("lora.rank=2,4"),), str(tmp_path / "data"),
+                                     str(tmp_path / "heldout"), ("loss",), True, tuple(runs))
+        words = readme_command(definition, out).split()
+        assert words[words.index("--config") + 1] == expected
+    assert (out / "../../my.yaml").resolve() == (tmp_path / "my.yaml").resolve()
 
 
 def test_report_figures_for_one_and_three_axes_and_a_diverged_run(tiny_cache_dir, tmp_path):
@@ -495,12 +514,12 @@ def test_a_finished_generation_sweep_reruns_nothing_and_refuses_other_settings(g
     changed = {"num_inference_steps=1": "num_inference_steps=2"}
     other_setting = [changed.get(arg, arg) for arg in args]
     assert cli_main(other_setting) == 2
-    assert capsys.readouterr().err.strip() == (
+    assert cli_stderr(capsys.readouterr().err) == (
         f"slapgen sweep: {out} holds a sweep with another --eval-set (num_frames=9 height=32 width=48 "
         f"num_inference_steps=1; now num_frames=9 height=32 width=48 num_inference_steps=2); rerun it with the same "
         "command or choose another --out")
     assert cli_main(["loss,clip" if arg == "loss,clip,temporal" else arg for arg in args]) == 2
-    assert capsys.readouterr().err.strip().startswith(
+    assert cli_stderr(capsys.readouterr().err).startswith(
         f"slapgen sweep: {out} holds a sweep with another --metrics (loss,clip,temporal; now loss,clip);")
     assert cli_main(["2" if arg == EVAL_SEED else arg for arg in args]) == 2
     assert "another --seeds (1; now 2)" in capsys.readouterr().err

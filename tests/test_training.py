@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from slapgen.models.cogvideox import draw_noise, latent_frames, rotary_embeddings, training_step
 from slapgen.models.loading import resolve_model
-from tests.conftest import REPO_ROOT, offline_env, preset_overrides, tiny_train_overrides
+from tests.conftest import REPO_ROOT, cli_stderr, offline_env, preset_overrides, tiny_train_overrides
 from trainer.batches import BatchOrder, load_batch
 from trainer.cli import main as cli_main
 from trainer.config import load_config
@@ -182,7 +182,7 @@ def test_a_full_disk_while_saving_stops_with_one_line_and_keeps_the_last_checkpo
                      *sum((["--set", o] for o in tiny_train_overrides(tiny_cache_dir, *settings)), [])])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err, err[-3000:]
-    lines = [line for line in re.split(r"[\r\n]", err) if line.startswith("slapgen")]  # between progress bars
+    lines = [line for line in re.split(r"[\r\n]", cli_stderr(err)) if line.startswith("slapgen")]  # between progress bars
     assert lines == [f"slapgen train: {expected} in {run}: {strerror}; free some space (or raise the quota), "
                      f"then continue with --resume latest (from {last})"], err[-3000:]
     kept = ["checkpoint-000002", "checkpoint-000004"][:2 if case == "lora" else 1]
@@ -246,13 +246,15 @@ def test_cli_quick_start_and_bad_input(tiny_cache_dir, demo_dataset, tmp_path, c
     data = tmp_path / "demo"
     assert cli_main(["demo-data", str(data), "--clips", "2"]) == 0
     assert sorted(p.name for p in data.iterdir()) == ["clip_000.mp4", "clip_000.txt", "clip_001.mp4", "clip_001.txt"]
+    capsys.readouterr()
     assert cli_main(["precompute", str(data), "--model", "tiny", "--out", str(tmp_path / "cache"),
                      "--config", "tiny-smoke", "--set", f"model_cache_dir={tiny_cache_dir}"]) == 0
-    assert "2 clips ready (2 encoded" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "2 clips ready (2 encoded" in printed.err and json.loads(printed.out) == []  # no clip skipped
 
     (data / "clip_001.txt").write_text("  \n")
     assert cli_main(["train", "--config", "tiny-smoke", "--data", str(data), "--out", str(tmp_path / "run")]) == 2
-    error = capsys.readouterr().err.strip()
+    error = cli_stderr(capsys.readouterr().err)
     assert error.startswith("slapgen train:") and "clip_001.mp4 has an empty caption" in error and "\n" not in error
     assert cli_main(["train", "--config", "tiny-smoke", "--data", str(data), "--out", str(tmp_path / "run"), "--set", "lora.rnk=2"]) == 2
     assert "lora.rnk" in capsys.readouterr().err

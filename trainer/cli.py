@@ -49,9 +49,9 @@ def cmd_precompute(args) -> int:
     resolved = resolve_model(config.model, config.model_cache_dir, setting=setting)
     clips = read_dataset(args.dataset)[: config.data.max_clips]
     report = LatentCache(args.out, resolved, config.data, device=args.device, ticft=config.ticft).precompute(clips)
-    print(report.summary())
-    if report.skipped:
-        print(json.dumps(report.skipped, indent=2))
+    # stdout is only the skipped clips, as JSON (`[]` when none), so it can be piped; the summary is for people.
+    print(report.summary(), file=sys.stderr)
+    print(json.dumps(report.skipped, indent=2))
     return 0 if report.entries else 1
 
 
@@ -321,11 +321,16 @@ def default_device() -> str:
 LOADING_COMMANDS = ("caption", "curate", "precompute", "train", "eval", "generate", "sweep")
 
 
+def loading_line(command: str) -> str:
+    """The first line of a loading command, on stderr (its stdout may be data: precompute's JSON)."""
+    return f"slapgen {command}: loading torch and diffusers ..."
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)  # no heavy import before here: --help and argument errors are instant
     if args.command in LOADING_COMMANDS:
         if os.environ.get("RANK", "0") == "0":  # under `accelerate launch`, one line, not one per process
-            print(f"slapgen {args.command}: loading torch and diffusers ...", flush=True)
+            print(loading_line(args.command), file=sys.stderr, flush=True)
         quiet_libraries()
     if getattr(args, "device", "") is None:
         args.device = default_device()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -207,13 +208,17 @@ class LatentCache:
         hasher = FileHasher(self.root / HASH_INDEX)
         report = PrecomputeReport()
         bar = tqdm(clips, desc="precompute", unit="clip", disable=not progress)
+
+        def say(line: str) -> None:  # on stderr with the bar: `slapgen precompute` keeps stdout for its JSON
+            bar.write(line, file=sys.stderr)
+
         try:
             for clip in bar:
                 key = self.clip_key(hasher.digest(clip.video), clip.caption or "", self._condition_hash(clip, hasher))
                 path = self._path("clips", key)
-                if _reusable(path, CLIP_TENSORS, clip.name, report, bar.write):
+                if _reusable(path, CLIP_TENSORS, clip.name, report, say):
                     report.reused += 1
-                elif self._encode_clip(clip, path, report, bar.write):
+                elif self._encode_clip(clip, path, report, say):
                     report.encoded += 1
                 else:
                     continue

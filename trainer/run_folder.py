@@ -26,17 +26,27 @@ RUN_OUTPUTS = (LORA_FILENAME, checkpoints.CHECKPOINTS_DIR, METRICS_FILE, LOGS_DI
 
 
 def last_logged_step(run_dir: Path) -> int:
-    """The highest step in the run's metrics.jsonl (0 when none)."""
+    """The step of the last complete line of the run's metrics.jsonl (0 when none). Steps only grow in the
+    file (a resume first cuts it back to its checkpoint's step, --overwrite empties the folder), so this is
+    also the highest step logged. The one reader for both callers: the refusal to start over a run, and a
+    sweep's progress bars, which read every running run's file from outside its process each tick, so only
+    the file's tail is read (all of it only when the last line is longer than the tail)."""
     path = Path(run_dir) / METRICS_FILE
-    if not path.is_file():
+    try:
+        with path.open("rb") as handle:
+            size = handle.seek(0, 2)
+            for tail in (4096, size):
+                handle.seek(max(0, size - tail))
+                for line in reversed(handle.read().decode("utf-8", errors="replace").splitlines()):
+                    try:
+                        return int(json.loads(line)["step"])
+                    except (ValueError, KeyError, TypeError):
+                        continue  # a line cut by a kill, still being written, or cut at the tail's start
+                if tail >= size:
+                    break
+    except OSError:
         return 0
-    steps = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            steps.append(int(json.loads(line)["step"]))
-        except (ValueError, KeyError, TypeError):
-            continue  # a line cut short by a kill
-    return max(steps, default=0)
+    return 0
 
 
 def training_found(run_dir: Path) -> list[str]:

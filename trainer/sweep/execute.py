@@ -71,25 +71,6 @@ def read_result(directory: Path) -> dict:
     return json.loads((directory / RESULT_FILE).read_text(encoding="utf-8"))
 
 
-def last_logged_step(directory: Path) -> int:
-    """The step of the last line of the run's metrics.jsonl (0 when none): a running run's progress,
-    read from outside its process. Only the file's tail is read."""
-    path = directory / METRICS_FILE
-    try:
-        with path.open("rb") as handle:
-            handle.seek(0, 2)
-            handle.seek(max(0, handle.tell() - 4096))
-            lines = handle.read().decode("utf-8", errors="replace").splitlines()
-    except OSError:
-        return 0
-    for line in reversed(lines):
-        try:
-            return int(json.loads(line)["step"])
-        except (ValueError, KeyError, TypeError):
-            continue  # a line cut at the 4 KiB boundary or still being written
-    return 0
-
-
 def execute_run(definition: SweepDefinition, run: PlannedRun, out: Path, device: str,
                 on_step: Callable[[int], None] | None = None) -> dict:
     """Bring `run` to finished from wherever it stopped; returns its result (also in RESULT_FILE)."""

@@ -67,14 +67,21 @@ def pick_best(runs: list[PlannedRun], results: dict[str, dict]) -> PlannedRun:
     return min(runs, key=loss)  # the first of equals
 
 
-def shown_path(value: str, out: Path) -> str:
+def shown_path(value: str, out: Path, is_path: bool = False) -> str:
     """A path as the sweep's README and report show it: relative to the sweep folder `out` (where they are),
     so they name no folder of this machine and stay true when the tree is moved; anything else (a preset,
-    a hub id, `tiny`) as it is."""
+    a hub id, `tiny`) as it is. A value that exists is a path when it has a "/" (a `--set` value or a model
+    named without one may be a name) or when `is_path` says the command reads it as one."""
     path = Path(value)
-    if not (path.is_absolute() or "/" in value) or not path.exists():
+    if not (is_path or path.is_absolute() or "/" in value) or not path.exists():
         return value
     return os.path.relpath(path.resolve(), Path(out).resolve())
+
+
+def shown_config(config: str, out: Path) -> str:
+    """`--config` as the README and report show it: a file (load_config reads the file of that name before a
+    preset, `my.yaml` included) relative to the sweep folder, a preset's name as it is."""
+    return shown_path(config, out, is_path=Path(config).is_file())
 
 
 def _shown_setting(item: str, out: Path) -> str:
@@ -84,7 +91,7 @@ def _shown_setting(item: str, out: Path) -> str:
 
 def sweep_command(definition: SweepDefinition, out: Path) -> str:
     """The command that continues (or reproduces) the sweep, run from its own folder."""
-    words = ["slapgen", "sweep", "--config", shown_path(definition.config, out)]
+    words = ["slapgen", "sweep", "--config", shown_config(definition.config, out)]
     for axis in definition.axes:
         words += ["--grid", axis.to_text()]
     words += ["--data", shown_path(definition.data, out), "--heldout", shown_path(definition.heldout, out), "--out", "."]
@@ -183,7 +190,7 @@ def write_readme(path: Path, definition: SweepDefinition, results: dict[str, dic
         sweep_command(definition, out),
         "```",
         "",
-        f"{len(definition.runs)} runs over {varied}{follows}. Every other setting: `--config {shown_path(definition.config, out)}`"
+        f"{len(definition.runs)} runs over {varied}{follows}. Every other setting: `--config {shown_config(definition.config, out)}`"
         + (f" with {' '.join(f'`--set {_shown_setting(item, out)}`' for item in definition.sets)}" if definition.sets else "")
         + ".",
         "",

@@ -23,9 +23,10 @@ from pathlib import Path
 
 from trainer.datasets import read_dataset
 from trainer.errors import SweepError
+from trainer.run_folder import last_logged_step
 from trainer.sweep.evaluate import HELDOUT_LOSS, EvalRequest, check_metrics, generation_data, plan_evaluation
-from trainer.sweep.execute import (BASE_DIR, RESULT_FILE, RunState, execute_base, execute_run, last_logged_step,
-                                   read_result, run_state, steps_done)
+from trainer.sweep.execute import (BASE_DIR, RESULT_FILE, RunState, execute_base, execute_run, read_result, run_state,
+                                   steps_done)
 from trainer.sweep.folder import CACHE_DIR, SweepDefinition, SweepLock, check_folder, run_dir, write_definition
 from trainer.sweep.grid import alpha_follows_rank, parse_axis, plan_runs
 from trainer.sweep.pool import Job, run_pool
