@@ -25,6 +25,7 @@ from slapgen.serving.body_limit import GENERATION_BODY_LIMIT, BodySizeLimit
 from slapgen.serving.http_errors import describe_error, error_response, quiet_client_errors, status_for
 from slapgen.serving.job_routes import JobRoutes
 from slapgen.serving.openapi import ApiDocument
+from slapgen.serving.campaigns import CampaignStore
 from slapgen.serving.ratings import RatingStore
 from slapgen.serving.jobs import JobBoard
 from slapgen.serving.json_only import JsonBodiesOnly
@@ -52,6 +53,8 @@ routes = build_routes(
     default_library(),
     # The studio's ratings outlive restarts and are shared by every worker.
     RatingStore(settings.data_dir / "ratings.sqlite"),
+    # Rating campaigns (`slapgen campaign create` writes them) live in the same store.
+    CampaignStore(settings.data_dir),
 )
 
 

@@ -98,3 +98,15 @@ class JobNotFoundError(SlapgenError):
 
 class JobFinishedError(SlapgenError):
     """The job already ended (completed, failed or cancelled); there is nothing to cancel."""
+
+
+class CampaignError(SlapgenError):
+    """A rating campaign, or a verdict on one of its pairs, that cannot be used."""
+
+
+class CampaignNotFoundError(CampaignError):
+    """No campaign (or no pair or video of the campaign) by that name."""
+
+
+class CampaignConflictError(CampaignError):
+    """A campaign name that is taken, or a pair its rater has already answered."""

@@ -72,14 +72,14 @@ class RatingStore:
         out = io.StringIO()
         writer = csv.DictWriter(out, fieldnames=CSV_COLUMNS, lineterminator="\n")
         writer.writeheader()
-        writer.writerows({key: _inert(value) for key, value in row.items()} for row in self.all())
+        writer.writerows({key: inert_cell(value) for key, value in row.items()} for row in self.all())
         return out.getvalue()
 
     def summary(self) -> dict:
         return summarise(self.all())
 
 
-def _inert(value):
+def inert_cell(value):
     """A cell a spreadsheet will not run: text starting like a formula gets a leading apostrophe."""
     if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
         return "'" + value
