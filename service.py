@@ -25,7 +25,7 @@ from slapgen.serving.body_limit import GENERATION_BODY_LIMIT, BodySizeLimit
 from slapgen.serving.http_errors import describe_error, error_response, quiet_client_errors, status_for
 from slapgen.serving.job_routes import JobRoutes
 from slapgen.serving.openapi import ApiDocument
-from slapgen.serving.campaigns import CampaignStore
+from slapgen.campaign_store import CampaignStore
 from slapgen.serving.ratings import RatingStore
 from slapgen.serving.jobs import JobBoard
 from slapgen.serving.json_only import JsonBodiesOnly

@@ -17,7 +17,7 @@ from starlette.testclient import TestClient
 
 from slapgen.errors import CampaignConflictError, CampaignError, CampaignNotFoundError
 from slapgen.serving.campaign_routes import campaign_routes
-from slapgen.serving.campaigns import CampaignStore
+from slapgen.campaign_store import CampaignStore
 from slapgen.video import read_mp4, write_mp4
 from trainer.campaign import plan_campaign
 from trainer.cli import main

@@ -11,7 +11,7 @@ from prompts import default_library
 from slapgen.models.tiny import TINY_SPEC
 from slapgen.serving.http_errors import error_body
 from slapgen.serving.jobs import JobBoard
-from slapgen.serving.campaigns import CampaignStore
+from slapgen.campaign_store import CampaignStore
 from slapgen.serving.ratings import RatingStore
 from slapgen.serving.openapi import ERROR_SCHEMA, REPLACED, _bentoml_page, offline_page, slapgen_document
 from slapgen.serving.requests import GenerateRequest, RenderRequest

@@ -14,7 +14,7 @@ from slapgen.engine.generator import VideoGenerator
 from slapgen.engine.params import EngineOptions
 from slapgen.models.loading import resolve_model
 from slapgen.serving.jobs import JobBoard
-from slapgen.serving.campaigns import CampaignStore
+from slapgen.campaign_store import CampaignStore
 from slapgen.serving.ratings import RatingStore
 from slapgen.serving.routes import build_routes
 

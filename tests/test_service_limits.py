@@ -25,7 +25,7 @@ from slapgen.models.loading import resolve_model
 from slapgen.serving.body_limit import BodySizeLimit
 from slapgen.serving.http_errors import error_response
 from slapgen.serving.jobs import JobBoard
-from slapgen.serving.campaigns import CampaignStore
+from slapgen.campaign_store import CampaignStore
 from slapgen.serving.ratings import RatingStore
 from slapgen.serving.routes import build_routes
 

@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 
 from slapgen.errors import CampaignError
-from slapgen.serving.campaigns import CAMPAIGN_NAME_PATTERN, CampaignSpec, Item, check_campaign_name
+from slapgen.campaign_store import CAMPAIGN_NAME_PATTERN, CampaignSpec, Item, check_campaign_name
 
 DEFAULT_CRITERIA = ("overall",)
 _VIDEO_FIELDS = ("system", "prompt", "seed", "path")
@@ -132,7 +132,7 @@ def plan_campaign(name: str, sources: list[Path], systems: list[str] | None = No
 def create_campaign(data_dir: Path, name: str, sources: list[Path], systems: list[str] | None = None,
                     criteria: list[str] | None = None, budget: int | None = None):
     """Plan first (nothing is written when the folders do not make a campaign), then store."""
-    from slapgen.serving.campaigns import CampaignStore
+    from slapgen.campaign_store import CampaignStore
 
     spec = plan_campaign(name, sources, systems, criteria, budget)
     return CampaignStore(data_dir).create(spec)

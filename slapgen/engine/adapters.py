@@ -11,7 +11,6 @@ running model's frame limits: it generates from a condition image, clips of that
 from __future__ import annotations
 
 import math
-import re
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -27,8 +26,9 @@ from slapgen.models import lora_format
 from slapgen.models.cogvideox import FRAME_STEP
 from slapgen.models.lora_format import DIFFUSERS_METADATA_KEY, KEY_PATTERN, WEIGHTS_FILE, Header, HeaderError, parse_header
 from slapgen.models.ticft import TicftLayout
+from slapgen.names import NAME_PATTERN
 
-ADAPTER_NAME_PATTERN = re.compile(r"^[a-z0-9_-]{1,64}$")  # use fullmatch: with match, "$" accepts "a\n"
+ADAPTER_NAME_PATTERN = NAME_PATTERN  # use fullmatch: with match, "$" accepts "a\n"
 MAX_ADAPTER_BYTES = 2 * 1024**3
 # Trained LoRA weights are of order 1e-2..1; beyond this a weight is corrupt or hostile.
 MAX_LORA_WEIGHT = 1e3

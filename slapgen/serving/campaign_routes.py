@@ -1,4 +1,4 @@
-"""The routes of rating campaigns (`slapgen.serving.campaigns`): raters judge blind pairs of videos that
+"""The routes of rating campaigns (`slapgen.campaign_store`): raters judge blind pairs of videos that
 already exist, so nobody waits for a generation.
 
     GET  /campaigns                              every campaign, with its progress
@@ -25,7 +25,7 @@ from starlette.routing import Route
 
 from slapgen.errors import SlapgenError
 from slapgen.evaluation.ranking import OUTCOMES
-from slapgen.serving.campaigns import CampaignStore, IssuedPair, next_pair_for, verdicts_of
+from slapgen.campaign_store import CampaignStore, IssuedPair, next_pair_for, verdicts_of
 from slapgen.serving.http_errors import error_response, validation_error_body
 
 Rater = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64)]

@@ -31,7 +31,7 @@ from slapgen.errors import SlapgenError, first_line
 from slapgen.serving.http_errors import error_response, plain_error
 from slapgen.serving.body_limit import BodyTooLarge
 from slapgen.serving.campaign_routes import campaign_routes
-from slapgen.serving.campaigns import CampaignStore
+from slapgen.campaign_store import CampaignStore
 from slapgen.serving.jobs import JobBoard
 from slapgen.serving.ratings import RatingStore
 from slapgen.serving.requests import request_limits

@@ -12,7 +12,8 @@ concurrent answers store one and the other is a conflict. A rater who asks again
 gets the same pair back. Repeats (the same pair and item shown again, sides swapped) are issued now
 and then to measure each rater's consistency; they are kept out of the ranking.
 
-`CampaignStore` is the only code that knows the storage: a PostgreSQL backend (issue 21) replaces
+No HTTP here (the routes are `slapgen.serving.campaign_routes`), so `slapgen campaign create` writes
+through the same class. `CampaignStore` is the only code that knows the storage: a PostgreSQL backend (issue 21) replaces
 this class and keeps its methods.
 """
 
@@ -30,10 +31,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from slapgen.errors import CampaignConflictError, CampaignError, CampaignNotFoundError
-from slapgen.engine.adapters import ADAPTER_NAME_PATTERN
-from slapgen.serving.ratings import inert_cell
+from slapgen.csv_cells import inert_cell
+from slapgen.names import NAME_PATTERN, NAME_RULE
 
-CAMPAIGN_NAME_PATTERN = ADAPTER_NAME_PATTERN  # [a-z0-9_-]{1,64}: a URL segment and a folder name as is
+CAMPAIGN_NAME_PATTERN = NAME_PATTERN  # a URL segment and a folder name as is
 VERDICT_COLUMNS = ("id", "created_at", "rater", "criterion", "choice", "preferred", "left_system", "right_system",
                    "prompt_index", "prompt", "seed", "pair_id", "repeat")
 _SCHEMA = (
@@ -51,7 +52,7 @@ _SCHEMA = (
 
 def check_campaign_name(name: str) -> str:
     if not isinstance(name, str) or not CAMPAIGN_NAME_PATTERN.fullmatch(name):
-        raise CampaignError(f"campaign name {name!r} must be 1-64 characters of a-z, 0-9, _ and -", field="name")
+        raise CampaignError(f"campaign name {name!r} must be {NAME_RULE}", field="name")
     return name
 
 
