@@ -309,3 +309,18 @@ def _download(client: httpx.Client, path: str, target: Path) -> Path:
     assert response.status_code == 200 and response.headers["content-type"] == "video/mp4"
     target.write_bytes(response.content)
     return target
+
+
+def test_leaderboard_with_a_metric_equal_for_every_system_is_valid_json(tmp_path):
+    """Guards the 500 a real eval run's campaign gave: Kendall's tau of a metric equal for every system
+    is NaN (scipy), which JSON cannot carry; it is null, and the metric's ties are counted apart."""
+    folder = write_eval_dir(tmp_path / "eval", ["base", "lora"], scores={"flat": {"base": 0.5, "lora": 0.5}})
+    store = CampaignStore(tmp_path / "data")
+    store.create(plan_campaign("flat", [folder]))
+    with TestClient(Starlette(routes=campaign_routes(store))) as client:
+        pair = client.get("/campaigns/flat/pair", params={"rater": "ana"}).json()
+        client.post("/campaigns/flat/ratings", json={"pair_id": pair["pair_id"], "rater": "ana", "verdicts": {"overall": "left"}})
+        response = client.get("/campaigns/flat/leaderboard")
+    assert response.status_code == 200, response.text
+    flat = response.json()["criteria"]["overall"]["metrics"]["flat"]
+    assert flat["kendall_tau"] is None and flat["agreement"]["metric_ties"] == 1 and flat["agreement"]["rate"] is None

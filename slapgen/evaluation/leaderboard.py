@@ -9,6 +9,7 @@ It reads `ranking.Verdict`s and plain scores; no storage and no HTTP.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 from slapgen.evaluation.agreement import krippendorff_alpha, metric_agreement, ranking_tau, rater_consistency
@@ -34,7 +35,7 @@ def criterion_board(verdicts: Sequence[Verdict], repeats: Sequence[Verdict], sys
                                      resamples=resamples)
         tau = p_value = None
         if len(set(per_system) & set(systems)) >= 2 and verdicts:
-            tau, p_value = ranking_tau(per_system, strengths, higher_is_better=higher)
+            tau, p_value = (_finite(x) for x in ranking_tau(per_system, strengths, higher_is_better=higher))
         metrics[metric] = {"higher_is_better": higher, "scored": "per video" if per_video else "per system",
                            "agreement": agreement.to_json(), "kendall_tau": tau, "kendall_p_value": p_value}
     return {
@@ -48,6 +49,12 @@ def criterion_board(verdicts: Sequence[Verdict], repeats: Sequence[Verdict], sys
         "metrics": metrics,
         "metric_summary": metric_sentence(metrics),
     }
+
+
+def _finite(value: float) -> float | None:
+    """Kendall's tau is undefined (NaN) when either order is all ties, e.g. a metric equal for every
+    system or a ranking with no verdict yet: None then, which JSON can carry."""
+    return value if math.isfinite(value) else None
 
 
 def _why(reason: str | None, top_beats_second: float, budget: int | None, ratings: int) -> str:
