@@ -201,7 +201,7 @@ class CampaignStore:
             raise CampaignNotFoundError(f"no campaign named {name!r}; GET /campaigns lists them", field="name")
         return Campaign.from_row(*rows[0])
 
-    def list(self) -> list[dict]:
+    def overview(self) -> list[dict]:
         """Every campaign with its progress: ratings answered (per criterion, repeats excluded), raters."""
         counts = {name: (answered, raters) for name, answered, raters in self._read(
             "SELECT campaign, COUNT(*), COUNT(DISTINCT rater) FROM pairs "

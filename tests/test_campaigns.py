@@ -107,7 +107,7 @@ def test_store_creates_a_campaign_with_copied_videos_and_answers_each_pair_once(
     rows = store.verdicts("c1")
     assert [(r["criterion"], r["choice"], r["preferred"], r["rater"]) for r in rows] == [
         ("overall", "left", "base", "ana"), ("motion", "tie", "tie", "ana")]
-    assert store.list() == [{"name": "c1", "created_at": campaign.created_at, "systems": 3, "items": 6,
+    assert store.overview() == [{"name": "c1", "created_at": campaign.created_at, "systems": 3, "items": 6,
                              "criteria": ["overall", "motion"], "ratings": 1, "budget": 18, "raters": 1}]
 
 
@@ -324,3 +324,13 @@ def test_leaderboard_with_a_metric_equal_for_every_system_is_valid_json(tmp_path
     assert response.status_code == 200, response.text
     flat = response.json()["criteria"]["overall"]["metrics"]["flat"]
     assert flat["kendall_tau"] is None and flat["agreement"]["metric_ties"] == 1 and flat["agreement"]["rate"] is None
+
+
+def test_checkpoint_systems_keep_their_eval_names(tmp_path):
+    """System names never reach a URL (videos go by token), so eval's `NAME@STEP` systems (issue 20's
+    `--checkpoints`) are kept as they are; a name `--systems` could not hold (a comma) is refused."""
+    folder = write_eval_dir(tmp_path / "eval", ["base", "lora@500"])
+    assert plan_campaign("steps", [folder]).systems == ["base", "lora@500"]
+    comma = write_eval_dir(tmp_path / "comma", ["base", "a,b"])
+    with pytest.raises(CampaignError, match="without a comma"):
+        plan_campaign("steps", [comma])

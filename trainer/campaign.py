@@ -103,8 +103,10 @@ def plan_campaign(name: str, sources: list[Path], systems: list[str] | None = No
     if len(set(chosen)) < 2:
         raise CampaignError(f"a campaign needs at least two systems; the folders have {', '.join(sorted(files))}")
     for system in chosen:
-        if not CAMPAIGN_NAME_PATTERN.fullmatch(system):
-            raise CampaignError(f"system name {system!r} cannot name a campaign system (a-z, 0-9, _ and -, at most 64)")
+        # Systems are never in a URL (videos go by token), so eval's names stay as they are (`NAME@STEP`
+        # too); only what a CSV cell and `--systems a,b` cannot hold is refused.
+        if not isinstance(system, str) or not system.isprintable() or "," in system or not 0 < len(system) <= 128:
+            raise CampaignError(f"system name {system!r} must be 1-128 printable characters without a comma")
     every_item = sorted(set().union(*(files[s] for s in chosen)))
     missing = []
     for system in chosen:

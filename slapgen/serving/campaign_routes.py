@@ -89,7 +89,7 @@ def campaign_routes(store: CampaignStore) -> list:
             return error_response(error)
 
     async def list_campaigns(request: Request) -> JSONResponse:
-        return await answer(lambda: {"campaigns": store.list()})
+        return await answer(lambda: {"campaigns": store.overview()})
 
     async def get_pair(request: Request) -> JSONResponse:
         try:
