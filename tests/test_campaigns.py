@@ -334,3 +334,25 @@ def test_checkpoint_systems_keep_their_eval_names(tmp_path):
     comma = write_eval_dir(tmp_path / "comma", ["base", "a,b"])
     with pytest.raises(CampaignError, match="without a comma"):
         plan_campaign("steps", [comma])
+
+
+def test_concurrent_answers_to_one_pair_store_one(tmp_path, eval_dir):
+    """The once-only answer holds across processes' connections, not only one store's lock: two stores
+    on one data dir (two workers) answering one pair at once store one set of verdicts; the other is a 409."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    CampaignStore(tmp_path / "data").create(plan_campaign("race", [eval_dir]))
+    stores = [CampaignStore(tmp_path / "data") for _ in range(8)]
+    pair = stores[0].issue_pair("race", "ana", "base", "lora_a", 1, repeat=False)
+
+    def answer(store):
+        try:
+            store.answer("race", pair.pair_id, "ana", {"overall": "left"})
+            return "stored"
+        except CampaignConflictError:
+            return "conflict"
+
+    with ThreadPoolExecutor(8) as pool:
+        outcomes = sorted(pool.map(answer, stores))
+    assert outcomes == ["conflict"] * 7 + ["stored"]
+    assert len(stores[0].verdicts("race")) == 1
