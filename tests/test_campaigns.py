@@ -356,3 +356,17 @@ def test_concurrent_answers_to_one_pair_store_one(tmp_path, eval_dir):
         outcomes = sorted(pool.map(answer, stores))
     assert outcomes == ["conflict"] * 7 + ["stored"]
     assert len(stores[0].verdicts("race")) == 1
+
+
+def test_api_document_has_the_campaign_routes_with_a_valid_example():
+    """The fuzz (tests/test_api_fuzz.py) reaches only documented routes: every campaign route is in the
+    document, and the ratings example passes the route's own body model."""
+    from slapgen.serving.campaign_routes import CampaignVerdictRequest
+    from slapgen.serving.openapi import CAMPAIGN_VERDICT_EXAMPLE, EXTRA_PATHS
+
+    routes = {route.path for route in campaign_routes(CampaignStore.__new__(CampaignStore))}
+    assert routes <= set(EXTRA_PATHS)
+    body = EXTRA_PATHS["/campaigns/{name}/ratings"]["post"]["requestBody"]["content"]["application/json"]
+    assert body["example"] == CAMPAIGN_VERDICT_EXAMPLE
+    CampaignVerdictRequest.model_validate(CAMPAIGN_VERDICT_EXAMPLE)
+    assert {"400", "404", "409"} <= set(EXTRA_PATHS["/campaigns/{name}/ratings"]["post"]["responses"])
