@@ -33,6 +33,7 @@ from slapgen.serving.error_shape import OneErrorShape
 from slapgen.serving.http_errors import describe_error, error_response, quiet_client_errors, status_for
 from slapgen.serving.job_routes import ADMISSION_KEY, JobRoutes
 from slapgen.serving.openapi import ApiDocument
+from slapgen.campaign_store import CampaignStore
 from slapgen.serving.ratings import RatingStore
 from slapgen.serving.jobs import JobBoard
 from slapgen.serving.json_only import JsonBodiesOnly
@@ -62,6 +63,8 @@ try:
         path, owner=int(os.environ.get(SERVER_PID_VARIABLE, 0)) or None))
     # The studio's ratings outlive restarts and are shared by every worker.
     rating_store = with_store("the studio's ratings", settings.data_dir / "ratings.sqlite", "SLAP_DATA_DIR", RatingStore)
+    campaign_store = with_store("the rating campaigns", settings.data_dir / "campaigns.sqlite", "SLAP_DATA_DIR",
+                                lambda path: CampaignStore(path.parent))
 except SlapgenError as error:
     _exit_with(str(error))
 
@@ -71,6 +74,8 @@ routes = build_routes(
     settings.api_token.get_secret_value() if settings.api_token else None,
     default_library(),
     rating_store,
+    # Rating campaigns (`slapgen campaign create` writes them) live in the same folder.
+    campaign_store,
 )
 
 

@@ -107,3 +107,15 @@ class JobFinishedError(SlapgenError):
 
 class JobFinishingError(JobFinishedError):
     """The job's denoising is done (it is decoding and writing its mp4): a cancel can no longer stop it."""
+
+
+class CampaignError(SlapgenError):
+    """A rating campaign, or a verdict on one of its pairs, that cannot be used."""
+
+
+class CampaignNotFoundError(CampaignError):
+    """No campaign (or no pair or video of the campaign) by that name."""
+
+
+class CampaignConflictError(CampaignError):
+    """A campaign name that is taken, or a pair its rater has already answered."""

@@ -64,10 +64,18 @@ def planted(tmp_path_factory, tiny_cache_dir) -> tuple[Path, dict[str, str]]:
 def fuzz_server(tmp_path_factory, tiny_cache_dir, planted):
     folder = tmp_path_factory.mktemp("fuzz-server")
     shutil.copytree(planted[0], folder / "adapters")
+    # A campaign under the document's example name, so the fuzz reaches the campaign routes' real paths
+    # (pairs issued and answered, a leaderboard with verdicts), not only their 404s.
+    from slapgen.campaign_store import CampaignStore
+    from tests.test_campaigns import write_eval_dir
+    from trainer.campaign import plan_campaign
+
+    eval_dir = write_eval_dir(folder / "eval", ["base", "lora"], prompts=2, seeds=(0,), scores={"clip": {"base": 0, "lora": 1}})
+    CampaignStore(folder / "data").create(plan_campaign("lr-sweep", [eval_dir]))
     # Uploads enabled (a token), and a short request timeout so a fuzzed 49-frame request cannot hang the run.
     # SLAP_MAX_LORA_RANK is left at auto: start-up reads every planted file to size the slot.
     server = start_server(folder, SLAP_MODEL="tiny", SLAP_CACHE_DIR=str(tiny_cache_dir),
-                          SLAP_ADAPTERS_DIR=str(folder / "adapters"), SLAP_API_TOKEN=TOKEN,
+                          SLAP_ADAPTERS_DIR=str(folder / "adapters"), SLAP_DATA_DIR=str(folder / "data"), SLAP_API_TOKEN=TOKEN,
                           SLAP_REQUEST_TIMEOUT_S="15", SLAP_MAX_QUEUE="2")
     server.adapters_dir = folder / "adapters"
     yield server

@@ -269,3 +269,49 @@ def test_ab_on_heldout_loss_uses_the_reference_it_is_given():
     against_plain = ab_vs_base("i2v", losses, [], [], {})["heldout_loss"]
     assert (against_layout["wins"], against_layout["losses"]) == (3, 0)
     assert (against_plain["wins"], against_plain["losses"]) == (0, 3)
+
+
+def test_a_campaign_is_made_from_a_real_eval_run(evaluation, tmp_path, monkeypatch):
+    """Issue 20: `slapgen campaign create --from` the real output of `slapgen eval` (reusing this module's
+    run, no extra generation): its three systems, both prompts at seed 1, videos copied byte for byte,
+    and eval's metrics (per video: CLIP and temporal scores; per system only: held-out loss and FVD)
+    reaching the leaderboard's agreement report after a rater answers every pair over the routes."""
+    from starlette.applications import Starlette
+    from starlette.testclient import TestClient
+
+    from slapgen.campaign_store import CampaignStore
+    from slapgen.serving.campaign_routes import campaign_routes
+
+    monkeypatch.setenv("SLAP_DATA_DIR", str(tmp_path / "data"))
+    assert cli_main(["campaign", "create", "real", "--from", str(evaluation["out"]), "--systems", "base,trained,random"]) == 0
+    store = CampaignStore(tmp_path / "data")
+    campaign = store.get("real")
+    result = evaluation["result"]
+    assert campaign.systems == ["base", "trained", "random"]
+    assert [(item.prompt_index, item.prompt, item.seed) for item in campaign.items] == [
+        (p["index"], p["caption"], 1) for p in result["prompts"]]
+    for video in result["videos"]:
+        item = next(k for k, it in enumerate(campaign.items) if it.prompt_index == video["prompt"])
+        copied = store.video_file("real", store.video_tokens("real")[(video["system"], item)])
+        assert copied.read_bytes() == (evaluation["out"] / video["path"]).read_bytes()
+    assert set(campaign.metric_directions) == METRICS and campaign.metric_directions["heldout_loss"] is False
+    with TestClient(Starlette(routes=campaign_routes(store))) as client:
+        while (pair := client.get("/campaigns/real/pair", params={"rater": "ana"}).json())["pair_id"] is not None:
+            shown = store.pair("real", pair["pair_id"])
+            choice = "left" if ["trained", "random", "base"].index(shown.left) < ["trained", "random", "base"].index(shown.right) else "right"
+            assert client.post("/campaigns/real/ratings", json={"pair_id": pair["pair_id"], "rater": "ana",
+                                                                "verdicts": {"overall": choice}}).status_code == 201
+        board = client.get("/campaigns/real/leaderboard").json()["criteria"]["overall"]
+    assert board["ratings"] == 3 * 2 and [s["system"] for s in board["standings"]] == ["trained", "random", "base"]
+    assert set(board["metrics"]) == METRICS
+    assert {m: board["metrics"][m]["scored"] for m in ("heldout_loss", "fvd_i3d")} == {"heldout_loss": "per system",
+                                                                                         "fvd_i3d": "per system"}
+    for metric, report in board["metrics"].items():
+        by_system = {s: result["systems"][s]["metrics"][metric] for s in campaign.systems}
+        if len(set(by_system.values())) == 3:  # the tau of a metric with no tie, from its values by hand
+            higher = result["metric_definitions"][metric]["higher_is_better"]
+            order = sorted(by_system, key=by_system.get, reverse=higher)
+            concordant = sum(1 for i in range(3) for j in range(i + 1, 3)
+                             if ["trained", "random", "base"].index(order[i]) < ["trained", "random", "base"].index(order[j]))
+            assert report["kendall_tau"] == pytest.approx((concordant - (3 - concordant)) / 3), metric
+    assert board["metric_summary"]

@@ -23,6 +23,8 @@ from tests.conftest import REPO_ROOT, offline_env
         ("slapgen.engine.generator", ["trainer", "slapgen.serving", "bentoml", "starlette", "pydantic_settings"]),
         ("slapgen.models.cogvideox", ["trainer", "slapgen.engine", "slapgen.serving", "bentoml"]),
         ("slapgen.serving.routes", ["trainer"]),
+        ("trainer.campaign, slapgen.campaign_store, slapgen.evaluation.leaderboard",
+         ["slapgen.engine", "slapgen.serving", "bentoml", "starlette", "torch"]),
         ("slapgen.evaluation.stats, slapgen.evaluation.frechet, slapgen.evaluation.models, slapgen.evaluation.clip_score, "
          "slapgen.evaluation.temporal, slapgen.evaluation.i3d", ["trainer", "slapgen.engine", "slapgen.serving", "bentoml"]),
     ],

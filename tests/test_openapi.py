@@ -11,6 +11,7 @@ from prompts import default_library
 from slapgen.models.tiny import TINY_SPEC
 from slapgen.serving.http_errors import error_body
 from slapgen.serving.jobs import JobBoard
+from slapgen.campaign_store import CampaignStore
 from slapgen.serving.ratings import RatingStore
 from slapgen.serving.openapi import ERROR_SCHEMA, REPLACED, _bentoml_page, offline_page, slapgen_document
 from slapgen.serving.requests import GenerateRequest, RenderRequest
@@ -30,7 +31,7 @@ def test_every_route_we_serve_is_documented_and_nothing_we_do_not(document, tmp_
     (POST, with the 404/409 it answers) belongs."""
     from service import SlapGen
 
-    ours = {route.path for route in build_routes(lambda: None, JobBoard(), None, default_library(), RatingStore(tmp_path / "r.sqlite")).routes}
+    ours = {route.path for route in build_routes(lambda: None, JobBoard(), None, default_library(), RatingStore(tmp_path / "r.sqlite"), CampaignStore(tmp_path / "data")).routes}
     bentoml_routes = set(SlapGen.openapi_spec.asdict()["paths"]) - set(REPLACED)
     assert ours <= set(document["paths"]) and bentoml_routes <= set(document["paths"])
     assert set(document["paths"]["/jobs/cancel"]) == {"post"}

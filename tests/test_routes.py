@@ -14,6 +14,7 @@ from slapgen.engine.generator import VideoGenerator
 from slapgen.engine.params import EngineOptions
 from slapgen.models.loading import resolve_model
 from slapgen.serving.jobs import JobBoard
+from slapgen.campaign_store import CampaignStore
 from slapgen.serving.ratings import RatingStore
 from slapgen.serving.routes import build_routes
 
@@ -33,7 +34,7 @@ def client(engine, tmp_path):
     jobs = JobBoard()
     jobs.queued("task-1", 4)
     jobs.step("task-1", 2, 4)
-    with TestClient(build_routes(lambda: engine, jobs, TOKEN, default_library(), RatingStore(tmp_path / "ratings.sqlite"))) as test_client:
+    with TestClient(build_routes(lambda: engine, jobs, TOKEN, default_library(), RatingStore(tmp_path / "ratings.sqlite"), CampaignStore(tmp_path / "data"))) as test_client:
         yield test_client
 
 
@@ -75,7 +76,7 @@ def test_upload_list_delete_with_statuses_and_one_error_shape(client, adapter_fi
 
 
 def test_upload_and_delete_are_refused_without_a_configured_token(engine, adapter_files, tmp_path):
-    with TestClient(build_routes(lambda: engine, JobBoard(), None, default_library(), RatingStore(tmp_path / "r.sqlite"))) as client:
+    with TestClient(build_routes(lambda: engine, JobBoard(), None, default_library(), RatingStore(tmp_path / "r.sqlite"), CampaignStore(tmp_path / "data"))) as client:
         body = assert_error_shape(upload(client, "c", adapter_files["c"].read_bytes()), 403)
         assert "SLAP_API_TOKEN" in body["error"]
 

@@ -32,6 +32,7 @@ from slapgen.models.loading import resolve_model
 from slapgen.serving.body_limit import BodySizeLimit
 from slapgen.serving.http_errors import error_response
 from slapgen.serving.jobs import JobBoard
+from slapgen.campaign_store import CampaignStore
 from slapgen.serving.ratings import RatingStore
 from slapgen.serving.routes import build_routes
 
@@ -68,7 +69,7 @@ def engine(tiny_cache_dir, adapter_files, tmp_path_factory):
 
 
 def test_an_upload_streaming_past_its_limit_is_a_413_and_writes_nothing(engine, adapter_files, tmp_path):
-    routes = build_routes(lambda: engine, JobBoard(), "t", default_library(), RatingStore(tmp_path / "r.sqlite"))
+    routes = build_routes(lambda: engine, JobBoard(), "t", default_library(), RatingStore(tmp_path / "r.sqlite"), CampaignStore(tmp_path / "data"))
     app = BodySizeLimit(routes, upload_limit=4096)
     before = sorted(p.name for p in engine.adapters.folder.iterdir())
     with TestClient(app) as client:

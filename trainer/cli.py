@@ -1,4 +1,4 @@
-"""`slapgen` command line: demo-data, caption, curate, precompute, train, eval, generate, sweep, config.
+"""`slapgen` command line: demo-data, caption, curate, precompute, train, eval, generate, sweep, campaign, config.
 
 Every subcommand has --help; bad input ends with one line on stderr and exit status 2.
 """
@@ -177,6 +177,21 @@ def cmd_caption(args) -> int:
     return 0
 
 
+def cmd_campaign_create(args) -> int:
+    from slapgen.serving.settings import load_settings
+    from trainer.campaign import create_campaign
+
+    def names(text):
+        return None if text is None else [part.strip() for part in text.split(",") if part.strip()]
+
+    data_dir = load_settings().data_dir  # the service's store: SLAP_DATA_DIR (default SLAP_CACHE_DIR/data)
+    campaign = create_campaign(data_dir, args.name, args.sources, names(args.systems), names(args.criteria), args.budget)
+    print(f"campaign {campaign.name}: {len(campaign.systems)} systems ({', '.join(campaign.systems)}), "
+          f"{len(campaign.items)} prompt/seed items, criteria {', '.join(campaign.criteria)}, budget "
+          f"{campaign.budget} ratings, in {data_dir}")
+    return 0
+
+
 def cmd_config(args) -> int:
     from trainer.config import load_config
 
@@ -302,6 +317,20 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--dino-model", help="as slapgen eval's (default facebook/dino-vitb16; tiny with model tiny)")
     sw.add_argument("--i3d-model", help="as slapgen eval's (default flateon/FVD-I3D-torchscript; tiny with model tiny)")
     sw.set_defaults(run=cmd_sweep)
+
+    camp = commands.add_parser("campaign", help="blind rating campaigns over the videos of eval / sweep runs")
+    camp_commands = camp.add_subparsers(dest="campaign_command", required=True)
+    create = camp_commands.add_parser("create", help="make a campaign in the service's data store (SLAP_DATA_DIR) from "
+                                                     "eval folders' videos")
+    create.add_argument("name", help="campaign name: 1-64 characters of a-z, 0-9, _ and -")
+    create.add_argument("--from", dest="sources", action="append", type=Path, required=True, metavar="EVAL_DIR",
+                        help="a folder `slapgen eval` wrote (or a sweep run's RUN/eval); repeatable")
+    create.add_argument("--systems", metavar="A,B,...", help="the systems to rate (default: all of them)")
+    create.add_argument("--criteria", metavar="C1,C2,...", help="what raters judge, e.g. overall,motion (default overall)")
+    create.add_argument("--budget", type=int, metavar="N",
+                        help="ratings per criterion after which the campaign is done anyway "
+                             "(default: every pair of systems once on every prompt and seed)")
+    create.set_defaults(run=cmd_campaign_create)
 
     cfg = commands.add_parser("config", help="print a preset or config file with every field documented")
     cfg.add_argument("preset", nargs="?", help="preset name or YAML file (default: built-in defaults)")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -32,11 +31,12 @@ from slapgen.models.cogvideox import FRAME_STEP
 from slapgen.models.lora_format import (DIFFUSERS_METADATA_KEY, KEY_PATTERN, WEIGHTS_FILE, Header, HeaderError, parse_header,
                                         read_file_header, shown)
 from slapgen.models.ticft import TicftLayout
+from slapgen.names import NAME_PATTERN
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
-ADAPTER_NAME_PATTERN = re.compile(r"^[a-z0-9_-]{1,64}$")  # use fullmatch: with match, "$" accepts "a\n"
+ADAPTER_NAME_PATTERN = NAME_PATTERN  # use fullmatch: with match, "$" accepts "a\n"
 MAX_ADAPTER_BYTES = 2 * 1024**3
 # Trained LoRA weights are of order 1e-2..1; beyond this a weight is corrupt or hostile.
 MAX_LORA_WEIGHT = 1e3

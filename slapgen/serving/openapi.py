@@ -17,6 +17,7 @@ from pathlib import Path
 
 from slapgen.serving.body_limit import send_json
 from slapgen.serving.job_routes import RETRY_PATH
+from slapgen.serving.campaign_routes import CampaignVerdictRequest
 from slapgen.serving.requests import RatingRequest
 
 ERROR_SCHEMA = {
@@ -37,7 +38,7 @@ ERROR_SCHEMA = {
 ERROR_REF = {"$ref": "#/components/schemas/Error"}
 STATUS_TEXT = {400: "Bad request (the field is named)", 401: "Missing or wrong bearer token",
                403: "Upload and delete are disabled (no SLAP_API_TOKEN)", 404: "Not found",
-               409: "Name taken, or the job already ended", 413: "Body too large",
+               409: "Name taken, the job already ended, or the pair already answered", 413: "Body too large",
                415: "Not a JSON body (these routes take Content-Type: application/json)", 429: "Queue full; see Retry-After",
                500: "A bug of ours", 503: "Model unavailable", 504: "Timed out; the generation was stopped"}
 GENERATE_EXAMPLE = {"prompt": "Power slap: two athletes face off across the table; the striker winds up and the "
@@ -47,6 +48,9 @@ RATING_EXAMPLE = {"left": {"adapter": None}, "right": {"adapter": "powerslap", "
                   "prompt": "Power slap: the striker winds up and the palm strikes the cheek.", "seed": 7,
                   "choices": {"motion_accuracy": "right", "impact_realism": "tie", "prompt_adherence": "left",
                               "overall": "right"}, "rater": "ana"}
+CAMPAIGN_VERDICT_EXAMPLE = {"pair_id": "hX3v9QeLr2m0Wc1a", "rater": "ana", "verdicts": {"overall": "left"}}
+_CAMPAIGN = {"name": "name", "in": "path", "required": True, "example": "lr-sweep",
+             "schema": {"type": "string", "pattern": "^[a-z0-9_-]{1,64}$"}}
 # BentoML's task cancel (PUT, refused by its local server) is replaced by ours (POST; PUT also works);
 # its retry is refused (JobRoutes), so it is not listed.
 REPLACED = ("/jobs/cancel", RETRY_PATH)
@@ -116,6 +120,38 @@ EXTRA_PATHS = {
     "/ratings/summary": _get("per pair of systems and criterion: win rate, 95% bootstrap interval, sign test"),
     "/ratings.csv": {"get": {"summary": "every rating as CSV", "tags": ["studio"],
                              "responses": {"200": {"description": "CSV", "content": {"text/csv": {}}}}}},
+    "/campaigns": _get("rating campaigns with their progress: systems, items, criteria, ratings, budget, raters"),
+    "/campaigns/{name}/pair": _get(
+        "the next blind pair for a rater: pair_id, prompt, seed, criteria, left and right video URLs (no system "
+        "names; sides shuffled); the same pair until it is answered; pair_id null when the rater has judged all",
+        400, 404, parameters=[_CAMPAIGN, {"name": "rater", "in": "query", "required": True, "example": "ana",
+                                          "schema": {"type": "string", "minLength": 1, "maxLength": 64}}]),
+    "/campaigns/{name}/videos/{file}": {"get": {
+        "summary": "a video of the campaign (the URLs a pair names)", "tags": ["campaigns"],
+        "parameters": [_CAMPAIGN, {"name": "file", "in": "path", "required": True, "example": "0a1b2c.mp4",
+                                   "schema": {"type": "string"}}],
+        "responses": {"200": {"description": "the mp4", "content": {"video/mp4": {}}}, **_errors(404)},
+    }},
+    "/campaigns/{name}/ratings": {"post": {
+        "summary": "a rater's verdicts on an issued pair, one per criterion (left, right or tie); a pair is "
+                   "answered once", "tags": ["campaigns"],
+        "parameters": [_CAMPAIGN],
+        "requestBody": {"required": True, "content": {"application/json": {
+            "schema": _inline(CampaignVerdictRequest.model_json_schema()), "example": CAMPAIGN_VERDICT_EXAMPLE}}},
+        "responses": {"201": {"description": "stored; the new verdicts' ids",
+                              "content": {"application/json": {"schema": {"type": "object"}}}},
+                      **_errors(400, 404, 409, 413, 415)},
+    }},
+    "/campaigns/{name}/leaderboard": _get(
+        "per criterion: Bradley-Terry strengths with 95% intervals and ranks, done and why, inter-rater alpha, "
+        "rater consistency, and which automatic metric agrees with the raters", 404, parameters=[_CAMPAIGN]),
+    "/campaigns/{name}/verdicts": _get("every verdict of the campaign: who, when, the systems shown, the choice",
+                                       404, parameters=[_CAMPAIGN]),
+    "/campaigns/{name}/verdicts.csv": {"get": {
+        "summary": "every verdict of the campaign as CSV (formula cells made inert)", "tags": ["campaigns"],
+        "parameters": [_CAMPAIGN],
+        "responses": {"200": {"description": "CSV", "content": {"text/csv": {}}}, **_errors(404)},
+    }},
     "/adapters/upload": {"post": {
         "summary": "upload a LoRA adapter (checked before anything changes); needs the bearer token",
         "tags": ["slapgen"],

@@ -21,6 +21,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+from slapgen.csv_cells import inert_cell
 from slapgen.evaluation.stats import LOSS, TIE, WIN, Comparison, win_rate
 
 CRITERIA = ("motion_accuracy", "impact_realism", "prompt_adherence", "overall")
@@ -75,18 +76,11 @@ class RatingStore:
         out = io.StringIO()
         writer = csv.DictWriter(out, fieldnames=CSV_COLUMNS, lineterminator="\n")
         writer.writeheader()
-        writer.writerows({key: _inert(value) for key, value in row.items()} for row in self.all())
+        writer.writerows({key: inert_cell(value) for key, value in row.items()} for row in self.all())
         return out.getvalue()
 
     def summary(self) -> dict:
         return summarise(self.all())
-
-
-def _inert(value):
-    """A cell a spreadsheet will not run: text starting like a formula gets a leading apostrophe."""
-    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
-        return "'" + value
-    return value
 
 
 def system_label(system: str, scale: float) -> str:

@@ -8,6 +8,7 @@ Starlette app that `service.py` mounts next to its own routes.
     GET    /templates            prompt templates with their slots
     GET    /jobs/progress        ?task_id=... -> state, step k of N, error
     /studio, /ratings...         the web studio and its ratings (`slapgen.serving.studio`)
+    /campaigns...                rating campaigns over existing videos (`slapgen.serving.campaign_routes`)
 
 Disk work (listing, validating, writing, deleting adapters) runs in a worker thread, never on the
 event loop. Errors answer slapgen's one JSON shape (`slapgen.serving.http_errors`).
@@ -30,6 +31,8 @@ from slapgen.errors import SlapgenError, first_line
 from slapgen.serving.http_errors import error_response, plain_error
 from slapgen.serving.body_limit import BodyTooLarge
 from slapgen.serving.job_routes import MISSING_TASK_ID
+from slapgen.serving.campaign_routes import campaign_routes
+from slapgen.campaign_store import CampaignStore
 from slapgen.serving.jobs import JobBoard
 from slapgen.serving.ratings import RatingStore
 from slapgen.serving.requests import request_limits
@@ -38,7 +41,7 @@ from slapgen.serving.studio import studio_routes
 
 def build_routes(
     generator: Callable[[], object], jobs: JobBoard, api_token: str | None, library: PromptLibrary,
-    ratings: RatingStore,
+    ratings: RatingStore, campaigns: CampaignStore,
 ) -> Starlette:
     """`generator` returns the running VideoGenerator (it exists only once the worker has started)."""
 
@@ -114,4 +117,5 @@ def build_routes(
         Route("/templates", templates, methods=["GET"]),
         Route("/jobs/progress", job_progress, methods=["GET"]),
         *studio_routes(ratings),
+        *campaign_routes(campaigns),
     ])

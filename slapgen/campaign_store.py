@@ -1,0 +1,362 @@
+"""Rating campaigns in the service's data store (`SLAP_DATA_DIR`): many systems' videos made from the
+same prompts and seeds, blind pairs shown to raters, and their verdicts.
+
+Layout: `DATA/campaigns.sqlite` (one file for every campaign; WAL, one transaction per submission,
+as `ratings.RatingStore`) and `DATA/campaigns/NAME/TOKEN.mp4`, the videos copied in at creation. A
+video is named by a random token, so its URL says nothing of its system, and the service serves
+only files the database names inside the campaign's folder: never a path a client wrote.
+
+A pair is issued to one rater (`pair_id`, random) and answered once: the answer is an update of the
+pair's `answered_at` guarded by `answered_at IS NULL` in the same transaction as its verdicts, so two
+concurrent answers store one and the other is a conflict. A rater who asks again before answering
+gets the same pair back. Repeats (the same pair and item shown again, sides swapped) are issued now
+and then to measure each rater's consistency; they are kept out of the ranking.
+
+No HTTP here (the routes are `slapgen.serving.campaign_routes`), so `slapgen campaign create` writes
+through the same class. `CampaignStore` is the only code that knows the storage: a PostgreSQL backend (issue 21) replaces
+this class and keeps its methods.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import secrets
+import shutil
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from slapgen.errors import CampaignConflictError, CampaignError, CampaignNotFoundError
+from slapgen.csv_cells import inert_cell
+from slapgen.names import NAME_PATTERN, NAME_RULE
+
+CAMPAIGN_NAME_PATTERN = NAME_PATTERN  # a URL segment and a folder name as is
+VERDICT_COLUMNS = ("id", "created_at", "rater", "criterion", "choice", "preferred", "left_system", "right_system",
+                   "prompt_index", "prompt", "seed", "pair_id", "repeat")
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS campaigns (name TEXT PRIMARY KEY, created_at REAL, spec TEXT)",
+    "CREATE TABLE IF NOT EXISTS videos (token TEXT PRIMARY KEY, campaign TEXT, system TEXT, item INTEGER, "
+    "file TEXT, UNIQUE (campaign, system, item))",
+    "CREATE TABLE IF NOT EXISTS pairs (pair_id TEXT PRIMARY KEY, campaign TEXT, rater TEXT, left_system TEXT, "
+    "right_system TEXT, item INTEGER, repeat INTEGER, issued_at REAL, answered_at REAL)",
+    "CREATE INDEX IF NOT EXISTS pairs_by_rater ON pairs (campaign, rater, answered_at)",
+    "CREATE TABLE IF NOT EXISTS verdicts (id INTEGER PRIMARY KEY AUTOINCREMENT, campaign TEXT, pair_id TEXT, "
+    "rater TEXT, criterion TEXT, choice TEXT, created_at REAL)",
+    "CREATE INDEX IF NOT EXISTS verdicts_by_campaign ON verdicts (campaign, id)",
+)
+
+
+def check_campaign_name(name: str) -> str:
+    if not isinstance(name, str) or not CAMPAIGN_NAME_PATTERN.fullmatch(name):
+        raise CampaignError(f"campaign name {name!r} must be {NAME_RULE}", field="name")
+    return name
+
+
+@dataclass(frozen=True)
+class Item:
+    """One prompt and seed every system of the campaign has a video of."""
+    prompt_index: int
+    prompt: str
+    seed: int
+
+
+@dataclass
+class CampaignSpec:
+    """What `slapgen campaign create` makes: every (system, item) has a video file to copy in."""
+    name: str
+    systems: list[str]
+    items: list[Item]
+    criteria: list[str]
+    videos: dict[tuple[str, int], Path]  # (system, item index) -> mp4 to copy
+    budget: int | None = None  # ratings per criterion after which the campaign is done anyway
+    sources: list[str] = field(default_factory=list)
+    metric_directions: dict[str, bool] = field(default_factory=dict)  # metric -> higher is better
+    system_scores: dict[str, dict[str, float]] = field(default_factory=dict)  # system -> metric -> value
+    video_scores: dict[str, dict[tuple[str, int], float]] = field(default_factory=dict)  # metric -> (system, item) -> value
+
+    def to_json(self) -> dict:
+        return {"systems": self.systems, "items": [vars(item) for item in self.items], "criteria": self.criteria,
+                "budget": self.budget, "sources": self.sources, "metric_directions": self.metric_directions,
+                "system_scores": self.system_scores,
+                "video_scores": {metric: [[s, i, v] for (s, i), v in values.items()]
+                                 for metric, values in self.video_scores.items()}}
+
+
+@dataclass(frozen=True)
+class Campaign:
+    """A stored campaign as the routes and the leaderboard read it."""
+    name: str
+    created_at: float
+    systems: list[str]
+    items: list[Item]
+    criteria: list[str]
+    budget: int | None
+    sources: list[str]
+    metric_directions: dict[str, bool]
+    system_scores: dict[str, dict[str, float]]
+    video_scores: dict[str, dict[tuple[str, int], float]]
+
+    @classmethod
+    def from_row(cls, name: str, created_at: float, spec: str) -> "Campaign":
+        tree = json.loads(spec)
+        return cls(name=name, created_at=created_at, systems=tree["systems"],
+                   items=[Item(**item) for item in tree["items"]], criteria=tree["criteria"], budget=tree["budget"],
+                   sources=tree["sources"], metric_directions=tree["metric_directions"],
+                   system_scores=tree["system_scores"],
+                   video_scores={metric: {(s, i): v for s, i, v in values}
+                                 for metric, values in tree["video_scores"].items()})
+
+
+@dataclass(frozen=True)
+class IssuedPair:
+    pair_id: str
+    rater: str
+    left: str  # system names: never sent to a rater
+    right: str
+    item: int
+    repeat: bool
+    left_video: str  # video tokens
+    right_video: str
+
+
+class CampaignStore:
+    def __init__(self, data_dir: Path):
+        self.data_dir = Path(data_dir)
+        self.videos_dir = self.data_dir / "campaigns"
+        self.videos_dir.mkdir(parents=True, exist_ok=True)
+        self._path = str(self.data_dir / "campaigns.sqlite")
+        self._lock = threading.Lock()
+        db = self._connect()
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            with db:
+                for statement in _SCHEMA:
+                    db.execute(statement)
+        finally:
+            db.close()
+
+    def _connect(self) -> sqlite3.Connection:
+        return sqlite3.connect(self._path, timeout=30)
+
+    def _read(self, query: str, parameters: tuple = ()) -> list[tuple]:
+        db = self._connect()
+        try:
+            return db.execute(query, parameters).fetchall()
+        finally:
+            db.close()
+
+    # -- campaigns ---------------------------------------------------------------------------------
+
+    def create(self, spec: CampaignSpec) -> Campaign:
+        """Copy the videos in and store the campaign, all or nothing: the videos are staged in a hidden
+        folder renamed into place inside the transaction that inserts the rows, so a failure at any
+        point (a name taken meanwhile, a file that cannot be read, a full disk) leaves nothing."""
+        check_campaign_name(spec.name)
+        if self.exists(spec.name):
+            raise CampaignConflictError(f"campaign {spec.name} exists already; pick another name", field="name")
+        target = self.videos_dir / spec.name
+        staging = self.videos_dir / f".{spec.name}.{secrets.token_hex(4)}.tmp"
+        staging.mkdir()
+        try:
+            rows = []
+            for (system, item), source in sorted(spec.videos.items()):
+                token = secrets.token_hex(12)
+                shutil.copyfile(source, staging / f"{token}.mp4")
+                rows.append((token, spec.name, system, item, f"{token}.mp4"))
+            with self._lock:
+                db = self._connect()
+                try:
+                    with db:
+                        try:
+                            db.execute("INSERT INTO campaigns (name, created_at, spec) VALUES (?, ?, ?)",
+                                       (spec.name, time.time(), json.dumps(spec.to_json())))
+                        except sqlite3.IntegrityError:
+                            raise CampaignConflictError(f"campaign {spec.name} exists already; pick another name",
+                                                        field="name") from None
+                        db.executemany("INSERT INTO videos (token, campaign, system, item, file) VALUES (?, ?, ?, ?, ?)",
+                                       rows)
+                        if target.exists():  # left by a campaign deleted by hand from the database only
+                            raise CampaignConflictError(f"{target} exists already; remove it or pick another name",
+                                                        field="name")
+                        staging.rename(target)
+                finally:
+                    db.close()
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            if target.exists() and not self.exists(spec.name):
+                shutil.rmtree(target, ignore_errors=True)
+            raise
+        return self.get(spec.name)
+
+    def exists(self, name: str) -> bool:
+        return bool(self._read("SELECT 1 FROM campaigns WHERE name = ?", (name,)))
+
+    def get(self, name: str) -> Campaign:
+        rows = self._read("SELECT name, created_at, spec FROM campaigns WHERE name = ?", (name,))
+        if not rows:
+            raise CampaignNotFoundError(f"no campaign named {name!r}; GET /campaigns lists them", field="name")
+        return Campaign.from_row(*rows[0])
+
+    def overview(self) -> list[dict]:
+        """Every campaign with its progress: ratings answered (per criterion, repeats excluded), raters."""
+        counts = {name: (answered, raters) for name, answered, raters in self._read(
+            "SELECT campaign, COUNT(*), COUNT(DISTINCT rater) FROM pairs "
+            "WHERE answered_at IS NOT NULL AND repeat = 0 GROUP BY campaign")}
+        out = []
+        for name, created_at, spec in self._read("SELECT name, created_at, spec FROM campaigns ORDER BY name"):
+            campaign = Campaign.from_row(name, created_at, spec)
+            answered, raters = counts.get(name, (0, 0))
+            out.append({"name": name, "created_at": created_at, "systems": len(campaign.systems),
+                        "items": len(campaign.items), "criteria": campaign.criteria, "ratings": answered,
+                        "budget": campaign.budget, "raters": raters})
+        return out
+
+    # -- videos ------------------------------------------------------------------------------------
+
+    def video_tokens(self, name: str) -> dict[tuple[str, int], str]:
+        return {(system, item): token for token, system, item in self._read(
+            "SELECT token, system, item FROM videos WHERE campaign = ?", (name,))}
+
+    def video_file(self, name: str, token: str) -> Path:
+        """The mp4 of a video token, inside the campaign's folder (checked: never a path from outside)."""
+        rows = self._read("SELECT file FROM videos WHERE campaign = ? AND token = ?", (name, token))
+        if not rows:
+            raise CampaignNotFoundError(f"campaign {name!r} has no video {token!r}", field="video")
+        folder = (self.videos_dir / name).resolve()
+        path = (folder / rows[0][0]).resolve()
+        if not path.is_relative_to(folder) or not path.is_file():
+            raise CampaignNotFoundError(f"campaign {name!r} has no video {token!r}", field="video")
+        return path
+
+    # -- pairs and verdicts ------------------------------------------------------------------------
+
+    def open_pair(self, name: str, rater: str) -> IssuedPair | None:
+        """The pair issued to `rater` and not answered yet, if any."""
+        rows = self._read("SELECT pair_id FROM pairs WHERE campaign = ? AND rater = ? AND answered_at IS NULL "
+                          "ORDER BY issued_at LIMIT 1", (name, rater))
+        return self.pair(name, rows[0][0]) if rows else None
+
+    def issue_pair(self, name: str, rater: str, left: str, right: str, item: int, repeat: bool) -> IssuedPair:
+        pair_id = secrets.token_urlsafe(12)
+        with self._lock:
+            db = self._connect()
+            try:
+                with db:
+                    db.execute("INSERT INTO pairs (pair_id, campaign, rater, left_system, right_system, item, repeat, "
+                               "issued_at, answered_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL)",
+                               (pair_id, name, rater, left, right, item, int(repeat), time.time()))
+            finally:
+                db.close()
+        return self.pair(name, pair_id)
+
+    def pair(self, name: str, pair_id: str) -> IssuedPair:
+        rows = self._read(
+            "SELECT p.pair_id, p.rater, p.left_system, p.right_system, p.item, p.repeat, l.token, r.token FROM pairs p "
+            "JOIN videos l ON l.campaign = p.campaign AND l.system = p.left_system AND l.item = p.item "
+            "JOIN videos r ON r.campaign = p.campaign AND r.system = p.right_system AND r.item = p.item "
+            "WHERE p.campaign = ? AND p.pair_id = ?", (name, pair_id))
+        if not rows:
+            raise CampaignNotFoundError(f"campaign {name!r} has no pair {pair_id!r}; GET /campaigns/{name}/pair "
+                                        "issues one", field="pair_id")
+        pair_id, rater, left, right, item, repeat, left_video, right_video = rows[0]
+        return IssuedPair(pair_id, rater, left, right, item, bool(repeat), left_video, right_video)
+
+    def answer(self, name: str, pair_id: str, rater: str, verdicts: dict[str, str]) -> list[int]:
+        """Store a rater's verdicts on an issued pair (one per criterion), all or nothing; returns their ids."""
+        campaign = self.get(name)
+        pair = self.pair(name, pair_id)
+        if pair.rater != rater:
+            raise CampaignError(f"pair {pair_id} was issued to another rater; ask GET /campaigns/{name}/pair for yours",
+                                field="rater")
+        unknown = sorted(set(verdicts) - set(campaign.criteria))
+        if unknown:
+            raise CampaignError(f"campaign {name} rates {', '.join(campaign.criteria)}, not {', '.join(unknown)}",
+                                field="verdicts")
+        missing = [c for c in campaign.criteria if c not in verdicts]
+        if missing:
+            raise CampaignError(f"a verdict is needed for every criterion; missing: {', '.join(missing)}",
+                                field="verdicts")
+        now = time.time()
+        with self._lock:
+            db = self._connect()
+            try:
+                with db:
+                    updated = db.execute("UPDATE pairs SET answered_at = ? WHERE campaign = ? AND pair_id = ? "
+                                         "AND answered_at IS NULL", (now, name, pair_id)).rowcount
+                    if updated != 1:
+                        raise CampaignConflictError(f"pair {pair_id} is answered already; ask GET "
+                                                    f"/campaigns/{name}/pair for the next one", field="pair_id")
+                    ids = [db.execute("INSERT INTO verdicts (campaign, pair_id, rater, criterion, choice, created_at) "
+                                      "VALUES (?, ?, ?, ?, ?, ?)", (name, pair_id, rater, criterion, verdicts[criterion],
+                                                                     now)).lastrowid
+                           for criterion in campaign.criteria]
+            finally:
+                db.close()
+        return ids
+
+    def verdicts(self, name: str) -> list[dict]:
+        """Every verdict of the campaign, oldest first, with the systems each side showed."""
+        campaign = self.get(name)
+        rows = self._read(
+            "SELECT v.id, v.created_at, v.rater, v.criterion, v.choice, p.left_system, p.right_system, p.item, "
+            "v.pair_id, p.repeat FROM verdicts v JOIN pairs p ON p.pair_id = v.pair_id "
+            "WHERE v.campaign = ? ORDER BY v.id", (name,))
+        out = []
+        for id_, created_at, rater, criterion, choice, left, right, item, pair_id, repeat in rows:
+            it = campaign.items[item]
+            preferred = {"left": left, "right": right}.get(choice, "tie")
+            out.append({"id": id_, "created_at": created_at, "rater": rater, "criterion": criterion, "choice": choice,
+                        "preferred": preferred, "left_system": left, "right_system": right,
+                        "prompt_index": it.prompt_index, "prompt": it.prompt, "seed": it.seed, "item": item,
+                        "pair_id": pair_id, "repeat": bool(repeat)})
+        return out
+
+    def answered_pairs(self, name: str, rater: str) -> list[IssuedPair]:
+        rows = self._read("SELECT pair_id FROM pairs WHERE campaign = ? AND rater = ? AND answered_at IS NOT NULL "
+                          "AND repeat = 0 ORDER BY answered_at", (name, rater))
+        return [self.pair(name, pair_id) for (pair_id,) in rows]
+
+    def verdicts_csv(self, name: str) -> str:
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=VERDICT_COLUMNS, lineterminator="\n", extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows({key: inert_cell(value) for key, value in row.items()} for row in self.verdicts(name))
+        return out.getvalue()
+
+
+REPEAT_SHARE = 0.05  # share of pairs that repeat one the rater answered (sides swapped): their consistency
+
+
+def verdicts_of(rows: list[dict], criterion: str, repeats: bool = False):
+    """The stored verdicts on one criterion as `ranking.Verdict`s (bootstrap unit: the prompt, by its index)."""
+    from slapgen.evaluation.ranking import Verdict
+
+    return [Verdict(left=row["left_system"], right=row["right_system"], outcome=row["choice"], prompt=str(row["prompt_index"]),
+                    seed=row["seed"], rater=row["rater"])
+            for row in rows if row["criterion"] == criterion and (repeats or not row["repeat"])]
+
+
+def next_pair_for(store: CampaignStore, name: str, rater: str, generator) -> IssuedPair | None:
+    """The pair to show `rater` next: the one they have open, else now and then a repeat of one they
+    answered (sides swapped), else `ranking.next_pair` on the campaign's first criterion (the pair
+    expected to tell the most about the ranking). None when the rater has judged every pair on every item."""
+    from slapgen.evaluation.ranking import next_pair
+
+    campaign = store.get(name)
+    if (open_pair := store.open_pair(name, rater)) is not None:
+        return open_pair
+    answered = store.answered_pairs(name, rater)
+    if answered and generator.random() < REPEAT_SHARE:
+        again = answered[generator.integers(len(answered))]
+        return store.issue_pair(name, rater, again.right, again.left, again.item, repeat=True)
+    item_index = {(str(item.prompt_index), item.seed): k for k, item in enumerate(campaign.items)}
+    verdicts = verdicts_of(store.verdicts(name), campaign.criteria[0])
+    chosen = next_pair(verdicts, campaign.systems, list(item_index), rater, generator)
+    if chosen is None:
+        return None
+    return store.issue_pair(name, rater, chosen.left, chosen.right, item_index[(chosen.prompt, chosen.seed)],
+                            repeat=False)

@@ -1,0 +1,83 @@
+"""A rating campaign's leaderboard, per criterion: Bradley-Terry strengths with 95% intervals and ranks
+(`ranking.rank_systems`), whether the campaign may stop and why (`ranking.stopping`), agreement
+between raters and of each rater with themselves (`agreement`), and per automatic metric of the eval
+runs the videos came from: how often it prefers the video the raters preferred, and Kendall's tau
+between its ranking of the systems and theirs, with a sentence naming the metric that tracks them.
+
+It reads `ranking.Verdict`s and plain scores; no storage and no HTTP.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+from slapgen.evaluation.agreement import krippendorff_alpha, metric_agreement, ranking_tau, rater_consistency
+from slapgen.evaluation.ranking import Verdict, rank_systems, stopping
+
+
+def criterion_board(verdicts: Sequence[Verdict], repeats: Sequence[Verdict], systems: Sequence[str],
+                    budget: int | None, metric_directions: Mapping[str, bool],
+                    system_scores: Mapping[str, Mapping[str, float]],
+                    video_scores: Mapping[str, Mapping[tuple[str, str, int], float]],
+                    resamples: int = 1000) -> dict:
+    """One criterion's leaderboard. `verdicts` rank the systems; `repeats` (pairs shown again to the
+    same rater) only measure consistency. `system_scores`: system -> metric -> value; `video_scores`:
+    metric -> (system, prompt, seed) -> value."""
+    ranking = rank_systems(verdicts, systems, resamples=resamples)
+    stop = stopping(ranking, budget)
+    strengths = {s.system: s.strength for s in ranking.standings}
+    metrics = {}
+    for metric, higher in sorted(metric_directions.items()):
+        per_video = video_scores.get(metric)
+        per_system = {system: scores[metric] for system, scores in system_scores.items() if metric in scores}
+        agreement = metric_agreement(verdicts, per_video if per_video else per_system, higher_is_better=higher,
+                                     resamples=resamples)
+        tau = p_value = None
+        if len(set(per_system) & set(systems)) >= 2 and verdicts:
+            tau, p_value = (_finite(x) for x in ranking_tau(per_system, strengths, higher_is_better=higher))
+        metrics[metric] = {"higher_is_better": higher, "scored": "per video" if per_video else "per system",
+                           "agreement": agreement.to_json(), "kendall_tau": tau, "kendall_p_value": p_value}
+    return {
+        **ranking.to_json(),
+        "budget": budget,
+        "done": stop.done,
+        "reason": stop.reason,
+        "why": _why(stop.reason, ranking.top_beats_second, budget, ranking.ratings),
+        "inter_rater_alpha": krippendorff_alpha(verdicts),
+        "rater_consistency": {rater: c.to_json() for rater, c in rater_consistency([*verdicts, *repeats]).items()},
+        "metrics": metrics,
+        "metric_summary": metric_sentence(metrics),
+    }
+
+
+def _finite(value: float) -> float | None:
+    """Kendall's tau is undefined (NaN) when either order is all ties, e.g. a metric equal for every
+    system or a ranking with no verdict yet: None then, which JSON can carry."""
+    return value if math.isfinite(value) else None
+
+
+def _why(reason: str | None, top_beats_second: float, budget: int | None, ratings: int) -> str:
+    share = f"{top_beats_second:.0%} of bootstrap resamples"
+    if reason == "separated":
+        return f"the top system beats the second in {share} (at least 95%)"
+    if reason == "budget":
+        return f"the budget of {budget} ratings is reached; the top system beats the second in only {share}"
+    left = f"; {budget - ratings} ratings left in the budget" if budget is not None else ""
+    return f"not yet: the top system beats the second in {share}, 95% needed{left}"
+
+
+def metric_sentence(metrics: Mapping[str, dict]) -> str:
+    """Which automatic metric tracks the raters: the highest agreement rate, its interval and tau said."""
+    rated = {name: m for name, m in metrics.items() if m["agreement"]["rate"] is not None}
+    if not rated:
+        if not metrics:
+            return "The eval runs behind this campaign scored no automatic metric, so none can be compared."
+        return "No automatic metric can be compared with the raters yet: no verdict with a preference on scored videos."
+    best_name, best = max(rated.items(), key=lambda kv: (kv[1]["agreement"]["rate"], kv[1]["kendall_tau"] or -2))
+    a = best["agreement"]
+    tau = f", and its ranking of the systems has Kendall's tau {best['kendall_tau']:.2f} with theirs" \
+        if best["kendall_tau"] is not None else ""
+    verdict = "tracks the raters best" if a["low"] > 0.5 else "agrees with the raters most, but not clearly better than chance"
+    return (f"{best_name} {verdict}: it prefers the video the raters preferred in {a['rate']:.0%} of "
+            f"{a['compared']} verdicts (95% interval {a['low']:.0%} to {a['high']:.0%}){tau}.")

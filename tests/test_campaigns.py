@@ -1,0 +1,372 @@
+"""Rating campaigns (issue 20): the store, `slapgen campaign create` from eval folders, the HTTP routes
+in process, and a simulated rater with known preferences through a real `bentoml serve`."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sqlite3
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from starlette.applications import Starlette
+from starlette.testclient import TestClient
+
+from slapgen.errors import CampaignConflictError, CampaignError, CampaignNotFoundError
+from slapgen.serving.campaign_routes import campaign_routes
+from slapgen.campaign_store import CampaignStore
+from slapgen.video import read_mp4, write_mp4
+from trainer.campaign import plan_campaign
+from trainer.cli import main
+
+CAPTIONS = ["a slap lands on the cheek", "=HYPERLINK(\"x\") the striker winds up", "the defender's head snaps sideways",
+            "a foul: the palm hits the ear"]
+
+
+def write_eval_dir(folder: Path, systems: list[str], prompts: int = 3, seeds: tuple[int, ...] = (0, 1),
+                   scores: dict[str, dict[str, float]] | None = None, skip: set[tuple[str, int, int]] = frozenset()) -> Path:
+    """A folder shaped as `slapgen eval` writes it (trainer/evaluate/run.py `assemble`): eval.json and
+    videos/SYSTEM/pNNN-sSEED.mp4, real mp4s; `scores[metric][system]` is each system's per-video score
+    (plus the prompt index / 100, so videos differ), and its mean the system's."""
+    scores = scores or {}
+    videos = []
+    for system in systems:
+        for p in range(prompts):
+            for seed in seeds:
+                if (system, p, seed) in skip:
+                    continue
+                path = folder / "videos" / system / f"p{p:03d}-s{seed}.mp4"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                shade = (hash((system, p, seed)) % 200) / 255
+                write_mp4(np.full((4, 16, 16, 3), shade, dtype=np.float32), path, fps=8)
+                videos.append({"system": system, "prompt": p, "seed": seed, "path": str(path.relative_to(folder)),
+                               **{metric: by_system[system] + p / 100 for metric, by_system in scores.items()}})
+    result = {
+        "format": 1, "model": "tiny", "seeds": list(seeds),
+        "metric_definitions": {metric: {"higher_is_better": not metric.endswith("loss")} for metric in scores},
+        "systems": {s: {"adapter": None, "metrics": {m: by_system[s] + (prompts - 1) / 200 for m, by_system in scores.items()}}
+                    for s in systems},
+        "prompts": [{"index": p, "video": f"clip{p}.mp4", "caption": CAPTIONS[p]} for p in range(prompts)],
+        "videos": videos,
+    }
+    (folder / "eval.json").write_text(json.dumps(result))
+    return folder
+
+
+@pytest.fixture
+def eval_dir(tmp_path) -> Path:
+    return write_eval_dir(tmp_path / "eval", ["base", "lora_a", "lora_b"],
+                          scores={"clip_score": {"base": 0.1, "lora_a": 0.3, "lora_b": 0.2}})
+
+
+def nothing_stored(data_dir: Path, name: str) -> bool:
+    if not (data_dir / "campaigns.sqlite").exists():
+        return True
+    db = sqlite3.connect(data_dir / "campaigns.sqlite")
+    rows = db.execute("SELECT COUNT(*) FROM campaigns WHERE name = ?", (name,)).fetchone()[0] + \
+        db.execute("SELECT COUNT(*) FROM videos WHERE campaign = ?", (name,)).fetchone()[0]
+    db.close()
+    leftovers = list((data_dir / "campaigns").iterdir()) if (data_dir / "campaigns").exists() else []
+    return rows == 0 and not leftovers
+
+
+# -- the store -----------------------------------------------------------------------------------------
+
+
+def test_store_creates_a_campaign_with_copied_videos_and_answers_each_pair_once(tmp_path, eval_dir):
+    """A campaign's videos are copies inside the data dir under random tokens; a pair answered twice is
+    a conflict, by another rater or with unknown / missing criteria an error, and nothing is stored then."""
+    store = CampaignStore(tmp_path / "data")
+    campaign = store.create(plan_campaign("c1", [eval_dir], criteria=["overall", "motion"]))
+    assert campaign.systems == ["base", "lora_a", "lora_b"] and len(campaign.items) == 6
+    assert campaign.budget == 3 * 6  # every pair once on every item
+    tokens = store.video_tokens("c1")
+    assert len(tokens) == 18
+    original = eval_dir / "videos" / "lora_a" / "p001-s1.mp4"
+    copied = store.video_file("c1", tokens[("lora_a", 3)])  # items sorted by (prompt, caption, seed): 3 = p1 s1
+    assert copied.read_bytes() == original.read_bytes() and copied.is_relative_to(tmp_path / "data" / "campaigns" / "c1")
+    assert "lora_a" not in copied.name
+    with pytest.raises(CampaignNotFoundError):
+        store.video_file("c1", "../../campaigns.sqlite")
+
+    pair = store.issue_pair("c1", "ana", "base", "lora_a", 0, repeat=False)
+    with pytest.raises(CampaignError, match="another rater"):
+        store.answer("c1", pair.pair_id, "ben", {"overall": "left", "motion": "tie"})
+    with pytest.raises(CampaignError, match="not colour"):
+        store.answer("c1", pair.pair_id, "ana", {"overall": "left", "colour": "tie"})
+    with pytest.raises(CampaignError, match="missing: motion"):
+        store.answer("c1", pair.pair_id, "ana", {"overall": "left"})
+    assert store.verdicts("c1") == []
+    ids = store.answer("c1", pair.pair_id, "ana", {"overall": "left", "motion": "tie"})
+    assert len(ids) == 2
+    with pytest.raises(CampaignConflictError, match="answered already"):
+        store.answer("c1", pair.pair_id, "ana", {"overall": "right", "motion": "right"})
+    rows = store.verdicts("c1")
+    assert [(r["criterion"], r["choice"], r["preferred"], r["rater"]) for r in rows] == [
+        ("overall", "left", "base", "ana"), ("motion", "tie", "tie", "ana")]
+    assert store.overview() == [{"name": "c1", "created_at": campaign.created_at, "systems": 3, "items": 6,
+                             "criteria": ["overall", "motion"], "ratings": 1, "budget": 18, "raters": 1}]
+
+
+def test_a_failed_create_leaves_nothing(tmp_path, eval_dir):
+    """Atomic create: a video that vanishes between planning and copying fails the create, and neither
+    rows nor a folder (staged or final) remain; the name is still free afterwards."""
+    store = CampaignStore(tmp_path / "data")
+    spec = plan_campaign("c2", [eval_dir])
+    (eval_dir / "videos" / "lora_b" / "p002-s1.mp4").unlink()
+    with pytest.raises(FileNotFoundError):
+        store.create(spec)
+    assert nothing_stored(tmp_path / "data", "c2")
+    write_eval_dir(eval_dir, ["base", "lora_a", "lora_b"])
+    store.create(plan_campaign("c2", [eval_dir]))
+    with pytest.raises(CampaignConflictError, match="exists already"):
+        store.create(plan_campaign("c2", [eval_dir]))
+
+
+def test_verdict_export_makes_formula_cells_inert(tmp_path, eval_dir):
+    """CSV export as the studio's: a prompt or rater starting like a formula gets a leading apostrophe."""
+    store = CampaignStore(tmp_path / "data")
+    store.create(plan_campaign("c3", [eval_dir]))
+    pair = store.issue_pair("c3", "=cmd|' /C calc'!A0", "lora_b", "base", 2, repeat=False)  # item 2: prompt 1
+    store.answer("c3", pair.pair_id, "=cmd|' /C calc'!A0", {"overall": "right"})
+    row = next(csv.DictReader(io.StringIO(store.verdicts_csv("c3"))))
+    assert row["rater"] == "'=cmd|' /C calc'!A0" and row["prompt"] == "'" + CAPTIONS[1]
+    assert (row["choice"], row["preferred"], row["left_system"], row["right_system"]) == ("right", "base", "lora_b", "base")
+
+
+# -- slapgen campaign create ---------------------------------------------------------------------------
+
+
+def run_cli(monkeypatch, tmp_path, *args) -> int:
+    monkeypatch.setenv("SLAP_DATA_DIR", str(tmp_path / "data"))
+    return main(["campaign", "create", *args])
+
+
+def test_cli_creates_a_campaign_from_two_eval_folders(monkeypatch, tmp_path, capsys):
+    """Two sweep runs' eval folders (both name their adapter `lora`) become systems RUN-lora; --systems
+    picks; the scores of eval.json travel with the campaign."""
+    run1 = write_eval_dir(tmp_path / "runs" / "r1" / "eval", ["lora"], scores={"clip_score": {"lora": 0.5}})
+    run2 = write_eval_dir(tmp_path / "runs" / "r2" / "eval", ["lora"], scores={"clip_score": {"lora": 0.7}})
+    base = write_eval_dir(tmp_path / "base" / "eval", ["base"], scores={"clip_score": {"base": 0.1}})
+    assert run_cli(monkeypatch, tmp_path, "sw", "--from", str(run1), "--from", str(run2), "--from", str(base),
+                   "--systems", "r1-lora,r2-lora", "--criteria", "overall,motion", "--budget", "40") == 0
+    assert "campaign sw: 2 systems (r1-lora, r2-lora), 6 prompt/seed items" in capsys.readouterr().out
+    campaign = CampaignStore(tmp_path / "data").get("sw")
+    assert campaign.systems == ["r1-lora", "r2-lora"] and campaign.criteria == ["overall", "motion"]
+    assert campaign.budget == 40
+    assert campaign.system_scores == {"r1-lora": {"clip_score": 0.51}, "r2-lora": {"clip_score": 0.71}}
+    assert campaign.video_scores["clip_score"][("r2-lora", 5)] == pytest.approx(0.72)  # item 5: prompt 2, seed 1
+    assert campaign.metric_directions == {"clip_score": True}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["Bad Name"], "campaign name 'Bad Name' must be 1-64 characters"),
+    (["ok", "--systems", "base,nope"], "--systems names nope, not among the folders' systems"),
+    (["ok", "--systems", "base"], "a campaign needs at least two systems"),
+    (["ok", "--criteria", "overall,Motion!"], "criterion 'Motion!' must be"),
+    (["ok", "--budget", "0"], "--budget must be at least 1"),
+])
+def test_cli_refuses_bad_input_in_one_sentence_and_stores_nothing(monkeypatch, tmp_path, capsys, eval_dir, args, message):
+    """Bad names, systems, criteria and budgets end with one line on stderr, status 2, nothing stored."""
+    assert run_cli(monkeypatch, tmp_path, *args, "--from", str(eval_dir)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err
+    assert nothing_stored(tmp_path / "data", "ok")
+
+
+def test_cli_names_the_missing_videos_and_refuses_a_taken_name(monkeypatch, tmp_path, capsys):
+    """Same prompts and seeds across systems are required: the error says which system lacks which;
+    a folder without eval.json and an existing campaign name are one-line errors too."""
+    partial = write_eval_dir(tmp_path / "partial", ["base", "lora"], skip={("lora", 1, 0), ("lora", 2, 1)})
+    assert run_cli(monkeypatch, tmp_path, "c", "--from", str(partial)) == 2
+    assert "missing lora lacks prompt 1 seed 0, prompt 2 seed 1" in capsys.readouterr().err
+    assert nothing_stored(tmp_path / "data", "c")
+    assert run_cli(monkeypatch, tmp_path, "c", "--from", str(tmp_path)) == 2
+    assert "holds no eval.json" in capsys.readouterr().err
+    whole = write_eval_dir(tmp_path / "whole", ["base", "lora"])
+    assert run_cli(monkeypatch, tmp_path, "c", "--from", str(whole)) == 0
+    assert run_cli(monkeypatch, tmp_path, "c", "--from", str(whole)) == 2
+    assert "campaign c exists already" in capsys.readouterr().err
+
+
+# -- HTTP --------------------------------------------------------------------------------------------
+
+
+def assert_error(response, status: int, fragment: str):
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error", "detail"} and fragment in body["error"], body
+
+
+def check_errors(client, name: str):
+    """The 409, 400s and 404s of the campaign routes, in the one error shape."""
+    assert_error(client.get("/campaigns/nope/pair", params={"rater": "ana"}), 404, "no campaign named 'nope'")
+    assert_error(client.get(f"/campaigns/{name}/pair"), 400, "Field required")
+    assert_error(client.get(f"/campaigns/{name}/pair", params={"rater": "  "}), 400, "at least 1 character")
+    assert_error(client.get(f"/campaigns/{name}/videos/abc.mp4"), 404, "has no video 'abc'")
+    assert_error(client.get("/campaigns/nope/leaderboard"), 404, "no campaign named")
+    assert_error(client.get("/campaigns/nope/verdicts.csv"), 404, "no campaign named")
+    pair = client.get(f"/campaigns/{name}/pair", params={"rater": "err"}).json()
+    post = lambda body: client.post(f"/campaigns/{name}/ratings", json=body)  # noqa: E731
+    assert_error(post({"pair_id": "nope", "rater": "err", "verdicts": {"overall": "left"}}), 404, "has no pair 'nope'")
+    assert_error(post({"pair_id": pair["pair_id"], "rater": "err", "verdicts": {"colour": "left"}}), 400,
+                 "not colour")
+    assert_error(post({"pair_id": pair["pair_id"], "rater": "err", "verdicts": {"overall": "best"}}), 400,
+                 "Input should be 'left', 'right' or 'tie'")
+    assert_error(post({"pair_id": pair["pair_id"], "rater": "err"}), 400, "Field required")
+    assert post({"pair_id": pair["pair_id"], "rater": "err", "verdicts": {"overall": "tie"}}).status_code == 201
+    assert_error(post({"pair_id": pair["pair_id"], "rater": "err", "verdicts": {"overall": "left"}}), 409,
+                 "answered already")
+
+
+def test_routes_in_process_serve_blind_pairs_and_errors(tmp_path, eval_dir):
+    """In process (TestClient): a pair names no system, its videos are the campaign's copies, asking
+    again before answering gives the same pair, and the error statuses and shape hold."""
+    store = CampaignStore(tmp_path / "data")
+    store.create(plan_campaign("web", [eval_dir]))
+    with TestClient(Starlette(routes=campaign_routes(store))) as client:
+        pair = client.get("/campaigns/web/pair", params={"rater": "ana"}).json()
+        assert client.get("/campaigns/web/pair", params={"rater": "ana"}).json() == pair
+        text = json.dumps(pair)
+        assert not any(system in text for system in ("base", "lora_a", "lora_b"))
+        assert set(pair) >= {"pair_id", "prompt", "seed", "left", "right", "criteria"}
+        video = client.get(pair["left"]["video"])
+        assert video.status_code == 200 and video.headers["content-type"] == "video/mp4"
+        check_errors(client, "web")
+        listed = client.get("/campaigns").json()["campaigns"]
+        assert [(c["name"], c["ratings"], c["raters"]) for c in listed] == [("web", 1, 1)]
+
+
+# -- a simulated rater through a real server ------------------------------------------------------------
+
+TRUE_STRENGTH = {"base": -1.5, "lora_a": 1.5, "lora_b": 0.0}  # log-strengths: lora_a > lora_b > base
+
+
+def simulated_choice(pair_systems: tuple[str, str], rng: np.random.Generator) -> str:
+    """Bradley-Terry with the true strengths: P(left preferred) = 1 / (1 + e^(s_right - s_left))."""
+    left, right = pair_systems
+    p_left = 1.0 / (1.0 + np.exp(TRUE_STRENGTH[right] - TRUE_STRENGTH[left]))
+    return "left" if rng.random() < p_left else "right"
+
+
+@pytest.mark.slow
+def test_simulated_raters_rank_the_systems_through_a_real_server(tiny_server, tiny_cache_dir, monkeypatch, tmp_path):
+    """End to end: `slapgen campaign create` writes the campaign into the server's data store, three
+    simulated raters with known preferences answer blind pairs over HTTP until the leaderboard says done
+    (or the budget), and the leaderboard ranks the systems in the simulated order; the automatic metric
+    built to follow the truth is named as the one tracking the raters (agreement > 0.5, tau 1) and the
+    reversed one gets tau -1. The verdicts export has every verdict with who and when."""
+    folder = write_eval_dir(tmp_path / "eval", ["base", "lora_a", "lora_b"], prompts=4, seeds=(0, 1), scores={
+        "follows_truth": dict(TRUE_STRENGTH), "reversed": {s: -v for s, v in TRUE_STRENGTH.items()}})
+    name = f"sim-{tmp_path.name[-20:].lower().replace('_', '-')}"
+    monkeypatch.setenv("SLAP_DATA_DIR", str(tiny_cache_dir / "data"))  # what tiny_server reads
+    assert main(["campaign", "create", name, "--from", str(folder), "--budget", "60"]) == 0
+    store = CampaignStore(tiny_cache_dir / "data")  # only to know which systems a blind pair showed
+    rng = np.random.default_rng(20)
+    url = tiny_server.url
+    with httpx.Client(base_url=url, timeout=60) as client:
+        first = client.get(f"/campaigns/{name}/pair", params={"rater": "r0"}).json()
+        frames, _ = read_mp4(_download(client, first["left"]["video"], tmp_path / "left.mp4"))
+        assert frames.shape[1:3] == (16, 16)
+        board = None
+        for answered in range(200):
+            rater = f"r{answered % 3}"
+            pair = client.get(f"/campaigns/{name}/pair", params={"rater": rater}).json()
+            shown = store.pair(name, pair["pair_id"])
+            choice = simulated_choice((shown.left, shown.right), rng)
+            response = client.post(f"/campaigns/{name}/ratings",
+                                   json={"pair_id": pair["pair_id"], "rater": rater, "verdicts": {"overall": choice}})
+            assert response.status_code == 201, response.text
+            if answered % 10 == 9:
+                board = client.get(f"/campaigns/{name}/leaderboard").json()["criteria"]["overall"]
+                if board["done"]:
+                    break
+        assert board is not None and board["done"], board
+        assert [s["system"] for s in board["standings"]] == ["lora_a", "lora_b", "base"]
+        assert board["reason"] in ("separated", "budget") and board["why"]
+        for standing in board["standings"]:
+            assert standing["low"] <= standing["strength"] <= standing["high"]
+        metrics = board["metrics"]
+        assert metrics["follows_truth"]["kendall_tau"] == pytest.approx(1.0)
+        assert metrics["reversed"]["kendall_tau"] == pytest.approx(-1.0)
+        follows = metrics["follows_truth"]["agreement"]
+        assert follows["rate"] > 0.5 and follows["rate"] + metrics["reversed"]["agreement"]["rate"] == pytest.approx(1.0)
+        assert board["metric_summary"].startswith("follows_truth ")
+        assert "inter_rater_alpha" in board and set(board["rater_consistency"]) <= {"r0", "r1", "r2"}
+        exported = client.get(f"/campaigns/{name}/verdicts").json()["verdicts"]
+        assert len(exported) == board["ratings"] + sum(c["repeats"] for c in board["rater_consistency"].values())
+        assert all(row["rater"] in ("r0", "r1", "r2") and row["created_at"] > 0 for row in exported)
+        listed = {c["name"]: c for c in client.get("/campaigns").json()["campaigns"]}
+        assert listed[name]["ratings"] == board["ratings"]
+        check_errors(client, name)
+
+
+def _download(client: httpx.Client, path: str, target: Path) -> Path:
+    response = client.get(path)
+    assert response.status_code == 200 and response.headers["content-type"] == "video/mp4"
+    target.write_bytes(response.content)
+    return target
+
+
+def test_leaderboard_with_a_metric_equal_for_every_system_is_valid_json(tmp_path):
+    """Guards the 500 a real eval run's campaign gave: Kendall's tau of a metric equal for every system
+    is NaN (scipy), which JSON cannot carry; it is null, and the metric's ties are counted apart."""
+    folder = write_eval_dir(tmp_path / "eval", ["base", "lora"], scores={"flat": {"base": 0.5, "lora": 0.5}})
+    store = CampaignStore(tmp_path / "data")
+    store.create(plan_campaign("flat", [folder]))
+    with TestClient(Starlette(routes=campaign_routes(store))) as client:
+        pair = client.get("/campaigns/flat/pair", params={"rater": "ana"}).json()
+        client.post("/campaigns/flat/ratings", json={"pair_id": pair["pair_id"], "rater": "ana", "verdicts": {"overall": "left"}})
+        response = client.get("/campaigns/flat/leaderboard")
+    assert response.status_code == 200, response.text
+    flat = response.json()["criteria"]["overall"]["metrics"]["flat"]
+    assert flat["kendall_tau"] is None and flat["agreement"]["metric_ties"] == 1 and flat["agreement"]["rate"] is None
+
+
+def test_checkpoint_systems_keep_their_eval_names(tmp_path):
+    """System names never reach a URL (videos go by token), so eval's `NAME@STEP` systems (issue 20's
+    `--checkpoints`) are kept as they are; a name `--systems` could not hold (a comma) is refused."""
+    folder = write_eval_dir(tmp_path / "eval", ["base", "lora@500"])
+    assert plan_campaign("steps", [folder]).systems == ["base", "lora@500"]
+    comma = write_eval_dir(tmp_path / "comma", ["base", "a,b"])
+    with pytest.raises(CampaignError, match="without a comma"):
+        plan_campaign("steps", [comma])
+
+
+def test_concurrent_answers_to_one_pair_store_one(tmp_path, eval_dir):
+    """The once-only answer holds across processes' connections, not only one store's lock: two stores
+    on one data dir (two workers) answering one pair at once store one set of verdicts; the other is a 409."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    CampaignStore(tmp_path / "data").create(plan_campaign("race", [eval_dir]))
+    stores = [CampaignStore(tmp_path / "data") for _ in range(8)]
+    pair = stores[0].issue_pair("race", "ana", "base", "lora_a", 1, repeat=False)
+
+    def answer(store):
+        try:
+            store.answer("race", pair.pair_id, "ana", {"overall": "left"})
+            return "stored"
+        except CampaignConflictError:
+            return "conflict"
+
+    with ThreadPoolExecutor(8) as pool:
+        outcomes = sorted(pool.map(answer, stores))
+    assert outcomes == ["conflict"] * 7 + ["stored"]
+    assert len(stores[0].verdicts("race")) == 1
+
+
+def test_api_document_has_the_campaign_routes_with_a_valid_example():
+    """The fuzz (tests/test_api_fuzz.py) reaches only documented routes: every campaign route is in the
+    document, and the ratings example passes the route's own body model."""
+    from slapgen.serving.campaign_routes import CampaignVerdictRequest
+    from slapgen.serving.openapi import CAMPAIGN_VERDICT_EXAMPLE, EXTRA_PATHS
+
+    routes = {route.path for route in campaign_routes(CampaignStore.__new__(CampaignStore))}
+    assert routes <= set(EXTRA_PATHS)
+    body = EXTRA_PATHS["/campaigns/{name}/ratings"]["post"]["requestBody"]["content"]["application/json"]
+    assert body["example"] == CAMPAIGN_VERDICT_EXAMPLE
+    CampaignVerdictRequest.model_validate(CAMPAIGN_VERDICT_EXAMPLE)
+    assert {"400", "404", "409"} <= set(EXTRA_PATHS["/campaigns/{name}/ratings"]["post"]["responses"])

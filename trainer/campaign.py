@@ -1,0 +1,140 @@
+"""`slapgen campaign create`: the videos of `slapgen eval` runs (EVAL_DIR/eval.json and
+EVAL_DIR/videos/SYSTEM/pNNN-sSEED.mp4; a sweep writes one such folder per run, RUN/eval) turned into a
+rating campaign in the service's data store.
+
+Systems keep their eval names; a name found in several folders (every sweep run's adapter is `lora`)
+becomes `RUN-NAME`, RUN the folder's name (its parent's when the folder is called `eval`). Every
+system must have a video of every item (prompt and seed); the error lists what is missing. The
+automatic metrics of eval.json (per system, and per video where eval scored each video) go with the
+campaign so its leaderboard can say which one agrees with the raters.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from slapgen.errors import CampaignError
+from slapgen.campaign_store import CAMPAIGN_NAME_PATTERN, CampaignSpec, Item, check_campaign_name
+
+DEFAULT_CRITERIA = ("overall",)
+_VIDEO_FIELDS = ("system", "prompt", "seed", "path")
+
+
+def _source_label(folder: Path) -> str:
+    named = folder.parent if folder.name == "eval" else folder
+    return re.sub(r"[^a-z0-9_-]+", "-", named.resolve().name.lower()).strip("-")[:40] or "run"
+
+
+def _read_eval(folder: Path) -> dict:
+    path = folder / "eval.json"
+    try:
+        result = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CampaignError(f"{folder} holds no eval.json: --from takes a folder `slapgen eval` (or a sweep run's "
+                            "eval) wrote") from None
+    except (OSError, ValueError) as error:
+        raise CampaignError(f"{path} cannot be read as JSON ({error})") from None
+    if not isinstance(result, dict) or not isinstance(result.get("videos"), list) or not result["videos"]:
+        raise CampaignError(f"{path} lists no videos: run `slapgen eval` with generation metrics or --seeds so it "
+                            "writes videos")
+    return result
+
+
+def plan_campaign(name: str, sources: list[Path], systems: list[str] | None = None,
+                  criteria: list[str] | None = None, budget: int | None = None) -> CampaignSpec:
+    """Everything `CampaignStore.create` needs, checked: names, every system's video of every item."""
+    check_campaign_name(name)
+    criteria = list(criteria or DEFAULT_CRITERIA)
+    for criterion in criteria:
+        if not CAMPAIGN_NAME_PATTERN.fullmatch(criterion):
+            raise CampaignError(f"criterion {criterion!r} must be 1-64 characters of a-z, 0-9, _ and -")
+    if len(set(criteria)) != len(criteria):
+        raise CampaignError("--criteria names a criterion twice")
+    if budget is not None and budget < 1:
+        raise CampaignError("--budget must be at least 1 rating")
+    if not sources:
+        raise CampaignError("name at least one eval folder with --from")
+    folders = [Path(s) for s in sources]
+    results = [_read_eval(folder) for folder in folders]
+    seen: dict[str, int] = {}
+    for result in results:
+        for system in {v.get("system") for v in result["videos"]}:
+            seen[system] = seen.get(system, 0) + 1
+
+    def final_name(folder: Path, system: str) -> str:
+        return f"{_source_label(folder)}-{system}"[:64] if seen[system] > 1 else system
+
+    # (final system) -> (prompt index, caption, seed) -> mp4; the scores alongside.
+    files: dict[str, dict[tuple[int, str, int], Path]] = {}
+    directions: dict[str, bool] = {}
+    system_scores: dict[str, dict[str, float]] = {}
+    video_scores: dict[str, dict[tuple[str, tuple], float]] = {}
+    for folder, result in zip(folders, results):
+        captions = {p["index"]: p["caption"] for p in result.get("prompts", [])}
+        for metric, definition in result.get("metric_definitions", {}).items():
+            directions[metric] = bool(definition.get("higher_is_better", True))
+        for video in result["videos"]:
+            if any(key not in video for key in _VIDEO_FIELDS) or video["prompt"] not in captions:
+                raise CampaignError(f"{folder / 'eval.json'} has a video entry without system, prompt, seed and path")
+            system = final_name(folder, video["system"])
+            key = (video["prompt"], captions[video["prompt"]], video["seed"])
+            if system in files and key in files[system]:
+                raise CampaignError(f"system {system} has two videos of prompt {key[0]} seed {key[2]}")
+            path = (folder / video["path"]).resolve()
+            if not path.is_relative_to(folder.resolve()) or not path.is_file():
+                raise CampaignError(f"{folder / video['path']} is missing: eval.json names a video that is not there")
+            files.setdefault(system, {})[key] = path
+            for metric, value in video.items():
+                if metric not in _VIDEO_FIELDS and isinstance(value, (int, float)):
+                    video_scores.setdefault(metric, {})[(system, key)] = float(value)
+        for system, data in result.get("systems", {}).items():
+            if system in seen:
+                system_scores[final_name(folder, system)] = {
+                    metric: float(value) for metric, value in (data.get("metrics") or {}).items()
+                    if isinstance(value, (int, float))}
+
+    chosen = sorted(files) if systems is None else list(systems)
+    unknown = [s for s in chosen if s not in files]
+    if unknown:
+        raise CampaignError(f"--systems names {', '.join(unknown)}, not among the folders' systems "
+                            f"({', '.join(sorted(files))})")
+    if len(set(chosen)) < 2:
+        raise CampaignError(f"a campaign needs at least two systems; the folders have {', '.join(sorted(files))}")
+    for system in chosen:
+        # Systems are never in a URL (videos go by token), so eval's names stay as they are (`NAME@STEP`
+        # too); only what a CSV cell and `--systems a,b` cannot hold is refused.
+        if not isinstance(system, str) or not system.isprintable() or "," in system or not 0 < len(system) <= 128:
+            raise CampaignError(f"system name {system!r} must be 1-128 printable characters without a comma")
+    every_item = sorted(set().union(*(files[s] for s in chosen)))
+    missing = []
+    for system in chosen:
+        lacking = [f"prompt {prompt} seed {seed}" for prompt, caption, seed in every_item
+                   if (prompt, caption, seed) not in files[system]]
+        if lacking:
+            missing.append(f"{system} lacks {', '.join(lacking)}")
+    if missing:
+        raise CampaignError("every system needs a video of the same prompts and seeds; missing " + "; ".join(missing))
+    items = [Item(prompt_index=p, prompt=caption, seed=seed) for p, caption, seed in every_item]
+    index = {key: k for k, key in enumerate(every_item)}
+    return CampaignSpec(
+        name=name, systems=chosen, items=items, criteria=criteria,
+        videos={(s, index[key]): files[s][key] for s in chosen for key in every_item},
+        # Without a budget: every pair judged once on every item, the most one rater can be shown.
+        budget=budget or len(chosen) * (len(chosen) - 1) // 2 * len(items), sources=[str(folder.resolve()) for folder in folders],
+        metric_directions={m: d for m, d in directions.items()
+                           if m in video_scores or any(m in system_scores.get(s, {}) for s in chosen)},
+        system_scores={s: system_scores.get(s, {}) for s in chosen},
+        video_scores={metric: {(s, index[key]): v for (s, key), v in values.items() if s in chosen}
+                      for metric, values in video_scores.items()},
+    )
+
+
+def create_campaign(data_dir: Path, name: str, sources: list[Path], systems: list[str] | None = None,
+                    criteria: list[str] | None = None, budget: int | None = None):
+    """Plan first (nothing is written when the folders do not make a campaign), then store."""
+    from slapgen.campaign_store import CampaignStore
+
+    spec = plan_campaign(name, sources, systems, criteria, budget)
+    return CampaignStore(data_dir).create(spec)
