@@ -204,7 +204,7 @@ def assert_error(response, status: int, fragment: str):
 def check_errors(client, name: str):
     """The 409, 400s and 404s of the campaign routes, in the one error shape."""
     assert_error(client.get("/campaigns/nope/pair", params={"rater": "ana"}), 404, "no campaign named 'nope'")
-    assert_error(client.get(f"/campaigns/{name}/pair"), 400, "Field required")
+    assert_error(client.get(f"/campaigns/{name}/pair"), 400, "rater is required")
     assert_error(client.get(f"/campaigns/{name}/pair", params={"rater": "  "}), 400, "at least 1 character")
     assert_error(client.get(f"/campaigns/{name}/videos/abc.mp4"), 404, "has no video 'abc'")
     assert_error(client.get("/campaigns/nope/leaderboard"), 404, "no campaign named")
@@ -215,8 +215,8 @@ def check_errors(client, name: str):
     assert_error(post({"pair_id": pair["pair_id"], "rater": "err", "verdicts": {"colour": "left"}}), 400,
                  "not colour")
     assert_error(post({"pair_id": pair["pair_id"], "rater": "err", "verdicts": {"overall": "best"}}), 400,
-                 "Input should be 'left', 'right' or 'tie'")
-    assert_error(post({"pair_id": pair["pair_id"], "rater": "err"}), 400, "Field required")
+                 "verdicts.overall must be 'left', 'right' or 'tie', got \"best\"")
+    assert_error(post({"pair_id": pair["pair_id"], "rater": "err"}), 400, "verdicts is required")
     assert post({"pair_id": pair["pair_id"], "rater": "err", "verdicts": {"overall": "tie"}}).status_code == 201
     assert_error(post({"pair_id": pair["pair_id"], "rater": "err", "verdicts": {"overall": "left"}}), 409,
                  "answered already")
