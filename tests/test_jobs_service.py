@@ -1,10 +1,9 @@
 """Deadlines, queue admission and the job routes' answers against a real `bentoml serve` with a short
-request timeout (5 s) and a queue of 2. Each server here has its own SLAP_CACHE_DIR (a copy of the tiny
-model), so its job board is its own."""
+request timeout (5 s) and a queue of 2. Each server here has its own SLAP_CACHE_DIR, so its job board is
+its own, and serves the tiny model at a larger native size, so a long request is long on any machine."""
 
 from __future__ import annotations
 
-import shutil
 import time
 
 import httpx
@@ -14,24 +13,26 @@ from slapgen.lifetime import process_alive
 from tests.conftest import start_server, stop_server
 
 TIMEOUT_S = 5
-LONG = {"prompt": "a power slap", "num_inference_steps": 200, "num_frames": 49}  # about a minute on 2 cores
-SHORT = {"prompt": "a power slap", "num_inference_steps": 1}
+# A generation that outlasts every wait here on any machine: the tiny model's weights at a 256x384 native size
+# (about 0.13 s a step on 2 quiet cores, so 200 steps take about 26 s, and longer on a busy machine). At
+# tiny's own 64x96 the same request took under 5 s on a quiet machine, and these tests then failed there.
+LONG = {"prompt": "a power slap", "num_inference_steps": 200, "num_frames": 49, "height": 256, "width": 384}
+SHORT = {"prompt": "a power slap", "num_inference_steps": 1, "height": 64, "width": 96}
 
 
-def own_cache_dir(folder, tiny_cache_dir):
-    """A SLAP_CACHE_DIR holding a copy of the session's tiny model, so this server's job board is its own."""
-    from slapgen.models.tiny import materialise_tiny_model
+def slow_model_env(folder, tiny_cache_dir) -> dict[str, str]:
+    """SLAP_MODEL: the tiny model written with a 256x384 native size (so LONG is long); SLAP_CACHE_DIR: a
+    folder of this server's own, so its job board is its own."""
+    from slapgen.models.tiny import TINY_SPEC, write_tiny_model
 
-    model = materialise_tiny_model(tiny_cache_dir)
-    cache = folder / "cache"
-    shutil.copytree(model, cache / model.relative_to(tiny_cache_dir))
-    return cache
+    model = write_tiny_model(folder / "slow-tiny", spec=TINY_SPEC.model_copy(update={"height": 256, "width": 384}))
+    return dict(SLAP_MODEL=str(model), SLAP_CACHE_DIR=str(folder / "cache"))
 
 
 @pytest.fixture(scope="module")
 def limited_server(tmp_path_factory, tiny_cache_dir):
     folder = tmp_path_factory.mktemp("limited-server")
-    server = start_server(folder, SLAP_MODEL="tiny", SLAP_CACHE_DIR=str(own_cache_dir(folder, tiny_cache_dir)),
+    server = start_server(folder, **slow_model_env(folder, tiny_cache_dir),
                           SLAP_ADAPTERS_DIR=str(folder / "adapters"), SLAP_REQUEST_TIMEOUT_S=str(TIMEOUT_S),
                           SLAP_MAX_QUEUE="2")
     yield server
@@ -104,6 +105,9 @@ def test_submit_answers_429_with_retry_after_when_the_queue_is_full_and_a_cancel
     time.sleep(TIMEOUT_S + 1)
     assert _progress(limited_server, running)["state"] == "running"  # no deadline for a submitted job
     assert httpx.post(f"{limited_server.url}/jobs/cancel", params={"task_id": queued}).json()["state"] == "canceled"
+    deadline = time.monotonic() + 10  # its waiter sees the cancel within a quarter of a second
+    while _queue(limited_server) != 0 and time.monotonic() < deadline:  # /info's queue: those waiting
+        time.sleep(0.05)
     again = _submit(limited_server, SHORT)  # the queued job's place
     assert again.status_code == 200, again.text
     assert _submit(limited_server, SHORT).status_code == 429
@@ -135,6 +139,8 @@ def test_job_status_and_result_errors_are_in_our_shape(limited_server):
     finally:
         httpx.post(f"{limited_server.url}/jobs/cancel", params={"task_id": task_id})
     _wait_for(limited_server, task_id, {"canceled", "failed", "completed"})
+    # At once, though BentoML stores the handler's answer a moment after the board says canceled (a 400
+    # "not finished yet" then, while /jobs/status already said canceled).
     canceled = _assert_our_error(httpx.get(f"{limited_server.url}/jobs/get", params={"task_id": task_id}), 409)
     assert "canceled" in canceled["error"]
 
@@ -149,8 +155,7 @@ def test_after_kill_9_the_workers_die_and_a_restart_on_the_same_port_fails_the_d
     import os
     import signal
 
-    cache = own_cache_dir(tmp_path, tiny_cache_dir)
-    env = dict(SLAP_MODEL="tiny", SLAP_CACHE_DIR=str(cache), SLAP_ADAPTERS_DIR=str(tmp_path / "adapters"))
+    env = dict(**slow_model_env(tmp_path, tiny_cache_dir), SLAP_ADAPTERS_DIR=str(tmp_path / "adapters"))
     first = start_server(tmp_path, **env)
     worker = httpx.get(f"{first.url}/info", timeout=30).json()["worker_pid"]
     port = int(first.url.rsplit(":", 1)[1])
@@ -190,8 +195,7 @@ def test_a_worker_killed_mid_job_is_restarted_and_its_jobs_end_failed(tmp_path, 
     import os
     import signal
 
-    server = start_server(tmp_path, SLAP_MODEL="tiny", SLAP_CACHE_DIR=str(own_cache_dir(tmp_path, tiny_cache_dir)),
-                          SLAP_ADAPTERS_DIR=str(tmp_path / "adapters"))
+    server = start_server(tmp_path, **slow_model_env(tmp_path, tiny_cache_dir), SLAP_ADAPTERS_DIR=str(tmp_path / "adapters"))
     try:
         worker = httpx.get(f"{server.url}/info", timeout=30).json()["worker_pid"]
         running, queued = (_submit(server, LONG).json()["task_id"] for _ in range(2))

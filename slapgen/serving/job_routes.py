@@ -77,10 +77,13 @@ class JobRoutes:
             task_id = _task_id(scope)
             if not task_id:
                 return await send_json(send, 400, error_body(MISSING_TASK_ID, "task_id"))
-            if path == STATUS_PATH:
-                job = await run_in_threadpool(self.board.get, task_id)
-                if job is not None and job["state"] == "canceled":
+            # A canceled job is the board's word on both routes: BentoML stores the handler's answer only
+            # a moment after the board says canceled, and its local server has no canceled status at all.
+            job = await run_in_threadpool(self.board.get, task_id)
+            if job is not None and job["state"] == "canceled":
+                if path == STATUS_PATH:
                     return await send_json(send, 200, {"task_id": task_id, "status": "canceled"})
+                return await send_json(send, 409, error_body(job["error"] or f"job {task_id} was canceled", "task_id"))
             return await self.app(scope, receive, _in_our_error_shape(send, task_id))
         await self.app(scope, receive, send)
 
