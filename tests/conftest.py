@@ -300,3 +300,19 @@ def adapter_files(tiny_cache_dir, tmp_path_factory) -> dict[str, Path]:
         "big": write_test_adapter(root / "big", tiny_cache_dir, rank=16, seed=3),
         "other-model": write_test_adapter(root / "other", tiny_cache_dir, rank=4, seed=4, base_model="THUDM/CogVideoX-5b"),
     }
+
+
+def job_progress(server, task_id: str) -> dict:
+    """`GET /jobs/progress` of a job on a test server."""
+    return httpx.get(f"{server.url}/jobs/progress", params={"task_id": task_id}, timeout=30).json()
+
+
+def wait_for_job(server, task_id: str, states: set[str], timeout_s: float = 180) -> dict:
+    """Poll a job's progress until its state is one of `states`; its last progress."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        progress = job_progress(server, task_id)
+        if progress["state"] in states:
+            return progress
+        time.sleep(0.05)
+    raise AssertionError(f"job {task_id} never reached {states}: {progress}")

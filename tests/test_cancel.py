@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import os
-import time
 
 import httpx
 import numpy as np
@@ -17,6 +16,7 @@ from slapgen.serving.http_errors import status_for
 from slapgen.models.loading import resolve_model
 from slapgen.serving.jobs import JobBoard
 from slapgen.video import read_mp4
+from tests.conftest import job_progress, wait_for_job
 
 
 def test_the_board_cancels_queued_jobs_at_once_and_running_ones_after_their_step(tmp_path):
@@ -265,18 +265,6 @@ def _submit(server, **body) -> str:
     return response.json()["task_id"]
 
 
-def _progress(server, task_id: str) -> dict:
-    return httpx.get(f"{server.url}/jobs/progress", params={"task_id": task_id}, timeout=30).json()
-
-
-def _wait_for(server, task_id: str, states: set[str], timeout_s: float = 180) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        progress = _progress(server, task_id)
-        if progress["state"] in states:
-            return progress
-        time.sleep(0.05)
-    raise AssertionError(f"job {task_id} never reached {states}: {progress}")
 
 
 def test_cancel_over_http_stops_the_running_job_skips_the_queued_one_and_the_next_job_is_unchanged(tiny_server, tmp_path):
@@ -290,16 +278,16 @@ def test_cancel_over_http_stops_the_running_job_skips_the_queued_one_and_the_nex
 
     running = _submit(tiny_server, seed=1, num_inference_steps=200)
     queued = _submit(tiny_server, seed=2, num_inference_steps=200)
-    _wait_for(tiny_server, running, {"running"})
-    assert _progress(tiny_server, queued)["state"] == "queued"
+    wait_for_job(tiny_server, running, {"running"})
+    assert job_progress(tiny_server, queued)["state"] == "queued"
     cancel_queued = httpx.post(f"{tiny_server.url}/jobs/cancel", params={"task_id": queued})
     assert cancel_queued.json() == {"task_id": queued, "state": "canceled"}
     cancel_running = httpx.post(f"{tiny_server.url}/jobs/cancel", params={"task_id": running})
     assert cancel_running.json() == {"task_id": running, "state": "canceling"}
 
-    stopped = _wait_for(tiny_server, running, {"canceled", "completed", "failed"})
+    stopped = wait_for_job(tiny_server, running, {"canceled", "completed", "failed"})
     assert stopped["state"] == "canceled" and stopped["step"] < 200, stopped
-    skipped = _wait_for(tiny_server, queued, {"canceled", "completed", "failed", "running"})
+    skipped = wait_for_job(tiny_server, queued, {"canceled", "completed", "failed", "running"})
     assert skipped["state"] == "canceled" and skipped["step"] == 0, skipped
     for task_id in (running, queued):
         assert httpx.get(f"{tiny_server.url}/jobs/status", params={"task_id": task_id}).json()["status"] == "canceled"
@@ -310,7 +298,7 @@ def test_cancel_over_http_stops_the_running_job_skips_the_queued_one_and_the_nex
     assert httpx.post(f"{tiny_server.url}/jobs/cancel", params={"task_id": "no-such-job"}).status_code == 404
 
     after = _submit(tiny_server, **body)
-    assert _wait_for(tiny_server, after, {"completed", "failed", "canceled"})["state"] == "completed"
+    assert wait_for_job(tiny_server, after, {"completed", "failed", "canceled"})["state"] == "completed"
     (tmp_path / "after.mp4").write_bytes(httpx.get(f"{tiny_server.url}/jobs/get", params={"task_id": after}).content)
     (tmp_path / "reference.mp4").write_bytes(reference.content)
     assert np.array_equal(read_mp4(tmp_path / "after.mp4")[0], read_mp4(tmp_path / "reference.mp4")[0])

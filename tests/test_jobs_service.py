@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from slapgen.lifetime import process_alive
-from tests.conftest import start_server, stop_server
+from tests.conftest import job_progress, start_server, stop_server, wait_for_job
 
 TIMEOUT_S = 5
 # A generation that outlasts every wait here on any machine: the tiny model's weights at a 256x384 native size
@@ -73,18 +73,6 @@ def _submit(server, body) -> httpx.Response:
     return httpx.post(f"{server.url}/jobs/submit", json=body, timeout=30)
 
 
-def _progress(server, task_id: str) -> dict:
-    return httpx.get(f"{server.url}/jobs/progress", params={"task_id": task_id}, timeout=30).json()
-
-
-def _wait_for(server, task_id: str, states: set[str], timeout_s: float = 120) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        progress = _progress(server, task_id)
-        if progress["state"] in states:
-            return progress
-        time.sleep(0.05)
-    raise AssertionError(f"job {task_id} never reached {states}: {progress}")
 
 
 @pytest.mark.slow
@@ -99,11 +87,11 @@ def test_submit_answers_429_with_retry_after_when_the_queue_is_full_and_a_cancel
     refused = _submit(limited_server, LONG)
     body = _assert_our_error(refused, 429)
     assert int(refused.headers["retry-after"]) >= 1 and "try again later" in body["error"]
-    _wait_for(limited_server, running, {"running"})  # it holds the model: the other one waits
+    wait_for_job(limited_server, running, {"running"})  # it holds the model: the other one waits
     assert _queue(limited_server) == 1  # one running, one waiting
 
     time.sleep(TIMEOUT_S + 1)
-    assert _progress(limited_server, running)["state"] == "running"  # no deadline for a submitted job
+    assert job_progress(limited_server, running)["state"] == "running"  # no deadline for a submitted job
     assert httpx.post(f"{limited_server.url}/jobs/cancel", params={"task_id": queued}).json()["state"] == "canceled"
     deadline = time.monotonic() + 10  # its waiter sees the cancel within a quarter of a second
     while _queue(limited_server) != 0 and time.monotonic() < deadline:  # /info's queue: those waiting
@@ -112,14 +100,14 @@ def test_submit_answers_429_with_retry_after_when_the_queue_is_full_and_a_cancel
     assert again.status_code == 200, again.text
     assert _submit(limited_server, SHORT).status_code == 429
     assert httpx.post(f"{limited_server.url}/jobs/cancel", params={"task_id": running}).json()["state"] == "canceling"
-    assert _wait_for(limited_server, running, {"canceled", "failed", "completed"})["state"] == "canceled"
+    assert wait_for_job(limited_server, running, {"canceled", "failed", "completed"})["state"] == "canceled"
     short = again.json()["task_id"]
-    assert _wait_for(limited_server, short, {"completed", "failed", "canceled"})["state"] == "completed"
-    assert _wait_for(limited_server, queued, {"canceled", "failed", "completed", "running"})["step"] == 0
+    assert wait_for_job(limited_server, short, {"completed", "failed", "canceled"})["state"] == "completed"
+    assert wait_for_job(limited_server, queued, {"canceled", "failed", "completed", "running"})["step"] == 0
     assert _queue(limited_server) == 0
     for task_id in (running, queued):  # one spelling in both places
         status = httpx.get(f"{limited_server.url}/jobs/status", params={"task_id": task_id}).json()["status"]
-        assert status == _progress(limited_server, task_id)["state"] == "canceled"
+        assert status == job_progress(limited_server, task_id)["state"] == "canceled"
 
 
 @pytest.mark.slow
@@ -138,7 +126,7 @@ def test_job_status_and_result_errors_are_in_our_shape(limited_server):
         assert "has not finished yet" in not_yet["error"]
     finally:
         httpx.post(f"{limited_server.url}/jobs/cancel", params={"task_id": task_id})
-    _wait_for(limited_server, task_id, {"canceled", "failed", "completed"})
+    wait_for_job(limited_server, task_id, {"canceled", "failed", "completed"})
     # At once, though BentoML stores the handler's answer a moment after the board says canceled (a 400
     # "not finished yet" then, while /jobs/status already said canceled).
     canceled = _assert_our_error(httpx.get(f"{limited_server.url}/jobs/get", params={"task_id": task_id}), 409)
@@ -162,7 +150,7 @@ def test_after_kill_9_the_workers_die_and_a_restart_on_the_same_port_fails_the_d
     second = None
     try:
         running, queued, canceled = (_submit(first, LONG).json()["task_id"] for _ in range(3))
-        _wait_for(first, running, {"running"})
+        wait_for_job(first, running, {"running"})
         assert httpx.post(f"{first.url}/jobs/cancel", params={"task_id": canceled}).json()["state"] == "canceled"
         # Killed while the running job is canceling: a step of this size takes far longer than this.
         assert httpx.post(f"{first.url}/jobs/cancel", params={"task_id": running}).json()["state"] == "canceling"
@@ -175,9 +163,9 @@ def test_after_kill_9_the_workers_die_and_a_restart_on_the_same_port_fails_the_d
 
         second = start_server(tmp_path, port=port, **env)
         for task_id in (running, queued):
-            job = _progress(second, task_id)
+            job = job_progress(second, task_id)
             assert job["state"] == "failed" and "the server restarted" in job["error"], job
-        assert _progress(second, canceled)["state"] == "canceled"  # it had ended: left as it was
+        assert job_progress(second, canceled)["state"] == "canceled"  # it had ended: left as it was
         assert httpx.post(f"{second.url}/generate", json=SHORT, timeout=120).status_code == 200
     finally:
         for server in (first, second):
@@ -199,7 +187,7 @@ def test_a_worker_killed_mid_job_is_restarted_and_its_jobs_end_failed(tmp_path, 
     try:
         worker = httpx.get(f"{server.url}/info", timeout=30).json()["worker_pid"]
         running, queued = (_submit(server, LONG).json()["task_id"] for _ in range(2))
-        _wait_for(server, running, {"running"})
+        wait_for_job(server, running, {"running"})
         os.kill(worker, signal.SIGKILL)
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:  # until the restarted worker answers
@@ -210,9 +198,9 @@ def test_a_worker_killed_mid_job_is_restarted_and_its_jobs_end_failed(tmp_path, 
                 pass
             time.sleep(0.5)
         for task_id in (running, queued):
-            job = _progress(server, task_id)
+            job = job_progress(server, task_id)
             assert job["state"] == "failed" and "the worker running the job died" in job["error"], job
-        assert _wait_for(server, _submit(server, SHORT).json()["task_id"],
+        assert wait_for_job(server, _submit(server, SHORT).json()["task_id"],
                          {"completed", "failed", "canceled"})["state"] == "completed"
     finally:
         stop_server(server)
