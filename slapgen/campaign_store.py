@@ -19,8 +19,6 @@ this class and keeps its methods.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import secrets
 import shutil
@@ -31,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from slapgen.errors import CampaignConflictError, CampaignError, CampaignNotFoundError
-from slapgen.csv_cells import inert_cell
+from slapgen.csv_cells import inert_csv
 from slapgen.names import NAME_PATTERN, NAME_RULE
 
 CAMPAIGN_NAME_PATTERN = NAME_PATTERN  # a URL segment and a folder name as is
@@ -321,11 +319,7 @@ class CampaignStore:
         return [self.pair(name, pair_id) for (pair_id,) in rows]
 
     def verdicts_csv(self, name: str) -> str:
-        out = io.StringIO()
-        writer = csv.DictWriter(out, fieldnames=VERDICT_COLUMNS, lineterminator="\n", extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows({key: inert_cell(value) for key, value in row.items()} for row in self.verdicts(name))
-        return out.getvalue()
+        return inert_csv(self.verdicts(name), VERDICT_COLUMNS, extrasaction="ignore")
 
 
 REPEAT_SHARE = 0.05  # share of pairs that repeat one the rater answered (sides swapped): their consistency

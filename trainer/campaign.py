@@ -16,6 +16,7 @@ import re
 from pathlib import Path
 
 from slapgen.errors import CampaignError
+from slapgen.names import NAME_RULE
 from slapgen.campaign_store import CAMPAIGN_NAME_PATTERN, CampaignSpec, Item, check_campaign_name
 
 DEFAULT_CRITERIA = ("overall",)
@@ -49,7 +50,7 @@ def plan_campaign(name: str, sources: list[Path], systems: list[str] | None = No
     criteria = list(criteria or DEFAULT_CRITERIA)
     for criterion in criteria:
         if not CAMPAIGN_NAME_PATTERN.fullmatch(criterion):
-            raise CampaignError(f"criterion {criterion!r} must be 1-64 characters of a-z, 0-9, _ and -")
+            raise CampaignError(f"criterion {criterion!r} must be {NAME_RULE}")
     if len(set(criteria)) != len(criteria):
         raise CampaignError("--criteria names a criterion twice")
     if budget is not None and budget < 1:

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from slapgen.errors import SlapgenError
+from slapgen.names import NAME_RULE
 from trainer.errors import DatasetError
 
 
@@ -322,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     camp_commands = camp.add_subparsers(dest="campaign_command", required=True)
     create = camp_commands.add_parser("create", help="make a campaign in the service's data store (SLAP_DATA_DIR) from "
                                                      "eval folders' videos")
-    create.add_argument("name", help="campaign name: 1-64 characters of a-z, 0-9, _ and -")
+    create.add_argument("name", help=f"campaign name: {NAME_RULE}")
     create.add_argument("--from", dest="sources", action="append", type=Path, required=True, metavar="EVAL_DIR",
                         help="a folder `slapgen eval` wrote (or a sweep run's RUN/eval); repeatable")
     create.add_argument("--systems", metavar="A,B,...", help="the systems to rate (default: all of them)")

@@ -25,6 +25,7 @@ cannot both act on a state one of them has already changed.
 
 from __future__ import annotations
 
+import functools
 import os
 import sqlite3
 import threading
@@ -40,6 +41,13 @@ MAX_TRACKED_JOBS = 10_000
 COLUMNS = ("task_id", "state", "step", "total_steps", "error", "updated_at")
 ENDED = ("completed", "failed", "canceled")
 UNFINISHED = ("queued", "running", "canceling", "finishing")
+UNFINISHED_MARKS = ", ".join("?" for _ in UNFINISHED)
+
+
+@functools.lru_cache(maxsize=4)
+def _own_start_time(pid: int) -> int | None:
+    # This process's start time, read from /proc once per process (keyed by pid: workers are forked).
+    return process_start_time(pid)
 
 
 class JobBoard:
@@ -61,7 +69,8 @@ class JobBoard:
             if self._path is not None:
                 db.execute("PRAGMA journal_mode=WAL")  # readers never block the worker writing steps
             db.execute("CREATE TABLE IF NOT EXISTS jobs (task_id TEXT PRIMARY KEY, state TEXT, step INTEGER, "
-                       "total_steps INTEGER, error TEXT, updated_at REAL, owner INTEGER)")
+                       "total_steps INTEGER, error TEXT, updated_at REAL, owner INTEGER, owner_started INTEGER, "
+                       "worker INTEGER, worker_started INTEGER)")
             present = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
             for column in ("owner", "owner_started", "worker", "worker_started"):  # boards from before them
                 if column not in present:
@@ -90,7 +99,7 @@ class JobBoard:
         db.execute("INSERT OR IGNORE INTO jobs (task_id, state, step, total_steps, error, updated_at, owner, "
                    "owner_started, worker, worker_started) VALUES (?, 'queued', 0, ?, NULL, ?, ?, ?, ?, ?)",
                    (task_id, total_steps, time.time(), self._owner, self._owner_started, worker,
-                    process_start_time(worker)))
+                    _own_start_time(worker)))
 
     def _update(self, task_id: str, **changes) -> None:
         with self._lock, self._connect() as db:
@@ -159,9 +168,8 @@ class JobBoard:
         server is gone (or unknown); returns how many. Their work died with that server: nothing will ever
         finish them. Jobs recorded under this very pid are among them (the server starting now runs none
         yet: a container's server has the same pid after every restart)."""
-        marks = ", ".join("?" for _ in UNFINISHED)
         with self._lock, self._connect() as db:
-            rows = db.execute(f"SELECT task_id, owner, owner_started FROM jobs WHERE state IN ({marks})",
+            rows = db.execute(f"SELECT task_id, owner, owner_started FROM jobs WHERE state IN ({UNFINISHED_MARKS})",
                               UNFINISHED).fetchall()
             orphans = [task_id for task_id, owner, started in rows
                        if owner is None or owner == os.getpid() or not alive(owner, started)]
@@ -173,10 +181,9 @@ class JobBoard:
         very worker pid are among them (a worker starting now runs none yet)."""
         if self._owner is None:
             return 0
-        marks = ", ".join("?" for _ in UNFINISHED)
         with self._lock, self._connect() as db:
             rows = db.execute(f"SELECT task_id, owner_started, worker, worker_started FROM jobs WHERE owner = ? "
-                              f"AND worker IS NOT NULL AND state IN ({marks})", (self._owner, *UNFINISHED)).fetchall()
+                              f"AND worker IS NOT NULL AND state IN ({UNFINISHED_MARKS})", (self._owner, *UNFINISHED)).fetchall()
             dead = [task_id for task_id, owner_started, worker, worker_started in rows
                     if owner_started == self._owner_started
                     and (worker == os.getpid() or not alive(worker, worker_started))]
@@ -185,10 +192,9 @@ class JobBoard:
     @staticmethod
     def _fail_unfinished(db: sqlite3.Connection, task_ids: list[str], reason: str) -> int:
         # Only a job still unfinished: one that ended since it was read keeps its end.
-        marks = ", ".join("?" for _ in UNFINISHED)
         now = time.time()
         return sum(db.execute(f"UPDATE jobs SET state = 'failed', error = ?, updated_at = ? WHERE task_id = ? "
-                              f"AND state IN ({marks})", (reason, now, task_id, *UNFINISHED)).rowcount
+                              f"AND state IN ({UNFINISHED_MARKS})", (reason, now, task_id, *UNFINISHED)).rowcount
                    for task_id in task_ids)
 
     def get(self, task_id: str) -> dict | None:

@@ -19,6 +19,7 @@ from slapgen.serving.body_limit import send_json
 from slapgen.serving.job_routes import RETRY_PATH
 from slapgen.serving.campaign_routes import CampaignVerdictRequest
 from slapgen.serving.requests import RatingRequest
+from slapgen.names import NAME_PATTERN
 
 ERROR_SCHEMA = {
     "type": "object",
@@ -50,7 +51,7 @@ RATING_EXAMPLE = {"left": {"adapter": None}, "right": {"adapter": "powerslap", "
                               "overall": "right"}, "rater": "ana"}
 CAMPAIGN_VERDICT_EXAMPLE = {"pair_id": "hX3v9QeLr2m0Wc1a", "rater": "ana", "verdicts": {"overall": "left"}}
 _CAMPAIGN = {"name": "name", "in": "path", "required": True, "example": "lr-sweep",
-             "schema": {"type": "string", "pattern": "^[a-z0-9_-]{1,64}$"}}
+             "schema": {"type": "string", "pattern": NAME_PATTERN.pattern}}
 # BentoML's task cancel (PUT, refused by its local server) is replaced by ours (POST; PUT also works);
 # its retry is refused (JobRoutes), so it is not listed.
 REPLACED = ("/jobs/cancel", RETRY_PATH)
@@ -157,7 +158,7 @@ EXTRA_PATHS = {
         "tags": ["slapgen"],
         "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
             "type": "object", "required": ["name", "file"],
-            "properties": {"name": {"type": "string", "pattern": "^[a-z0-9_-]{1,64}$"},
+            "properties": {"name": {"type": "string", "pattern": NAME_PATTERN.pattern},
                            "file": {"type": "string", "format": "binary"}}}}}},
         "responses": {"201": {"description": "created", "content": {"application/json": {"schema": {"type": "object"}}}},
                       **_errors(400, 401, 403, 409, 413)},

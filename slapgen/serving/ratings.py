@@ -13,15 +13,13 @@ the pair's first system (names sorted), and the bootstrap resamples prompts.
 
 from __future__ import annotations
 
-import csv
-import io
 import sqlite3
 import threading
 import time
 from collections import defaultdict
 from pathlib import Path
 
-from slapgen.csv_cells import inert_cell
+from slapgen.csv_cells import inert_csv
 from slapgen.evaluation.stats import LOSS, TIE, WIN, Comparison, win_rate
 
 CRITERIA = ("motion_accuracy", "impact_realism", "prompt_adherence", "overall")
@@ -73,11 +71,7 @@ class RatingStore:
         return [dict(zip(CSV_COLUMNS, row)) for row in rows]
 
     def csv(self) -> str:
-        out = io.StringIO()
-        writer = csv.DictWriter(out, fieldnames=CSV_COLUMNS, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows({key: inert_cell(value) for key, value in row.items()} for row in self.all())
-        return out.getvalue()
+        return inert_csv(self.all(), CSV_COLUMNS)
 
     def summary(self) -> dict:
         return summarise(self.all())

@@ -118,16 +118,10 @@ def execute_base(definition: SweepDefinition, out: Path, device: str) -> dict:
     return result
 
 
-def default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def main(argv: list[str] | None = None) -> int:
     """One run in its own process (CUDA_VISIBLE_DEVICES names its GPU); one line on stderr and exit 2
     on a SlapgenError, as the CLI does."""
-    from trainer.cli import quiet_libraries
+    from trainer.cli import default_device, quiet_libraries
 
     parser = argparse.ArgumentParser(prog="python -m trainer.sweep.execute", description="run one run of a sweep")
     parser.add_argument("out", type=Path, help="the sweep folder (holds sweep.json)")

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from slapgen.atomic import atomic_write_text
 from trainer.config import TrainConfig
+from trainer.run_folder import METRICS_FILE
 from trainer.sweep.evaluate import ADAPTER, EVAL_DIR, HELDOUT_LOSS, higher_is_better
 from trainer.sweep.execute import BASE_DIR
 from trainer.sweep.folder import CACHE_DIR, SweepDefinition, run_dir
@@ -223,7 +224,7 @@ def write_report(out: Path, definition: SweepDefinition, results: dict[str, dict
     for column in definition.columns:
         values = {name: result["metrics"][column] for name, result in results.items()}
         figures += metric_figures(out, list(definition.axes), runs, values, column, best.name, higher_is_better(column))
-    loss_curves(out / LOSS_CURVES, {run.name: run_dir(out, run) / "metrics.jsonl" for run in runs})
+    loss_curves(out / LOSS_CURVES, {run.name: run_dir(out, run) / METRICS_FILE for run in runs})
     write_readme(out / README, definition, results, best, out, figures, base)
     return best
 

@@ -132,7 +132,7 @@ def _in_pool(definition: SweepDefinition, out: Path, pending: list, progress: Sw
 def run_sweep(config: str, sets: list[str], grid: list[str], data: Path, heldout: Path, out: Path,
               metrics: list[str], progress: bool = True, request: EvalRequest = EvalRequest()) -> Path:
     """Run (or continue) the sweep; returns the folder, which then holds every report file."""
-    from trainer.sweep.execute import default_device
+    from trainer.cli import default_device
 
     out = Path(out)
     definition = plan_sweep(config, sets, grid, data, heldout, out, metrics, request)
