@@ -98,8 +98,8 @@ def test_a_type_or_range_error_is_one_sentence_naming_field_and_value_on_every_r
 @pytest.mark.parametrize("method,path,status,sentence", [
     ("GET", "/no-such-route", 404, "there is no route GET /no-such-route; the API page at / lists every route"),
     ("GET", "/generate", 405, "/generate does not take GET; it takes POST"),
-    ("POST", "/info", 405, "/info does not take POST; it takes HEAD, GET"),
-    ("DELETE", "/templates", 405, "/templates does not take DELETE; it takes HEAD, GET"),
+    ("POST", "/info", 405, "/info does not take POST; it takes GET, HEAD"),
+    ("DELETE", "/templates", 405, "/templates does not take DELETE; it takes GET, HEAD"),
 ])
 def test_unknown_routes_and_methods_answer_in_the_one_error_shape(tiny_server, method, path, status, sentence):
     """Guards the plain-text "Not Found" / "Method Not Allowed" of BentoML's and Starlette's routers, while

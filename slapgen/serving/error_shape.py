@@ -106,7 +106,8 @@ def shaped(status: int, body: bytes, content_type: bytes, method: str, path: str
     if status == 404 and text in ("", "Not Found"):
         return error_body(f"there is no route {method} {path}; the API page at / lists every route")
     if status == 405 and text in ("", "Method Not Allowed"):
-        takes = f"; it takes {allow}" if allow else ""
+        # Starlette builds Allow from a set: its order changes from one process to the next.
+        takes = f"; it takes {', '.join(sorted(m.strip() for m in allow.split(',')))}" if allow else ""
         return error_body(f"{path} does not take {method}{takes}")
     if status >= 500:  # plain text from a library: its words are not for the client
         return error_body(f"the server answered {status} {_phrase(status)}".strip())
