@@ -31,7 +31,6 @@ LOSS = "loss"
 GENERATION_METRICS = ("clip", "fvd", "temporal")
 EVAL_DIR = "eval"  # RUN/eval and OUT/base/eval: `slapgen eval`'s outputs for that LoRA (or the base model)
 ADAPTER = "lora"  # the run's LoRA's system name in RUN/eval/eval.json
-LOWER_IS_BETTER = (HELDOUT_LOSS, FVD)
 
 
 def check_metrics(metrics: list[str]) -> tuple[str, ...]:
@@ -61,10 +60,6 @@ def metric_columns(metrics: tuple[str, ...], clip_model: str | None = None) -> l
         elif name == "temporal":
             columns += [SUBJECT, FLICKER]
     return columns
-
-
-def higher_is_better(column: str) -> bool:
-    return column not in LOWER_IS_BETTER
 
 
 @dataclass(frozen=True)

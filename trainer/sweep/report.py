@@ -20,7 +20,8 @@ from pathlib import Path
 from slapgen.atomic import atomic_write_text
 from trainer.config import TrainConfig
 from trainer.run_folder import METRICS_FILE
-from trainer.sweep.evaluate import ADAPTER, EVAL_DIR, HELDOUT_LOSS, higher_is_better
+from trainer.evaluate.picking import higher_is_better
+from trainer.sweep.evaluate import ADAPTER, EVAL_DIR, HELDOUT_LOSS
 from trainer.sweep.execute import BASE_DIR
 from trainer.sweep.folder import CACHE_DIR, SweepDefinition, run_dir
 from trainer.sweep.grid import ALPHA_KEY, PlannedRun

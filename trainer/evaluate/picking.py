@@ -1,0 +1,46 @@
+"""`--pick-by METRIC`: what "best" means when `slapgen eval --checkpoints` or `slapgen sweep` names one
+checkpoint or run. One rule for both commands (and for the leaderboard's advice on which metric to pass):
+which names are metrics, which way each one is better, and how a candidate without a number is treated.
+Imports nothing heavy, so the sweep can use it without loading the engine."""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Mapping
+
+from trainer.errors import EvalError
+from trainer.evaluate.names import CLIP_PREFIX, FLICKER, FVD, HELDOUT_LOSS, SUBJECT
+
+DEFAULT_PICK_BY = HELDOUT_LOSS
+LOWER_IS_BETTER = (HELDOUT_LOSS, FVD)
+_FIXED = (HELDOUT_LOSS, FVD, SUBJECT, FLICKER)
+
+
+def higher_is_better(metric: str) -> bool:
+    return metric not in LOWER_IS_BETTER
+
+
+def is_metric_name(name: str) -> bool:
+    """A name eval writes: a fixed one, or `clip_score_` + a CLIP model's short name."""
+    return name in _FIXED or (name.startswith(CLIP_PREFIX) and len(name) > len(CLIP_PREFIX))
+
+
+def check_pick_by(name: str) -> str:
+    """The `--pick-by` value as given, or one sentence naming the closest metric."""
+    if is_metric_name(name):
+        return name
+    close = difflib.get_close_matches(name, [*_FIXED, CLIP_PREFIX + "MODEL"], n=1)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    raise EvalError(f"--pick-by {name!r} is not a metric: use one of {', '.join(_FIXED)} or "
+                    f"{CLIP_PREFIX}MODEL (as eval.json names it){hint}")
+
+
+def best_of(values: Mapping[str, float | None], metric: str) -> str | None:
+    """The candidate with the best value of `metric` (the first of equals, in the mapping's order); a
+    missing or non-finite value is never best; None when no candidate has a number."""
+    scored = [(name, v) for name, v in values.items() if v is not None and math.isfinite(v)]
+    if not scored:
+        return None
+    sign = -1.0 if higher_is_better(metric) else 1.0
+    return min(scored, key=lambda item: sign * item[1])[0]  # min keeps the first of equals
