@@ -49,13 +49,13 @@ def last_logged_step(run_dir: Path) -> int:
     return 0
 
 
-def training_found(run_dir: Path) -> list[str]:
-    """What earlier training left in `run_dir`, in words (empty: nothing a new start would destroy)."""
+def training_found(run_dir: Path, saved: list[Path]) -> list[str]:
+    """What earlier training left in `run_dir` (`saved`: its checkpoints), in words (empty: nothing a new
+    start would destroy)."""
     run_dir = Path(run_dir)
     found = []
     if (run_dir / LORA_FILENAME).is_file():
         found.append(f"the final {LORA_FILENAME}")
-    saved = checkpoints.list_checkpoints(run_dir)
     if saved:
         found.append(f"{len(saved)} checkpoint{'s' if len(saved) > 1 else ''} (the latest {saved[-1].name})")
     logged = last_logged_step(run_dir)
@@ -70,10 +70,11 @@ def check_new_start(run_dir: Path, resume: str | None, overwrite: bool) -> None:
         raise TrainError("--resume continues a run and --overwrite deletes it: give one of them")
     if resume is not None or overwrite:
         return
-    found = training_found(run_dir)
+    saved = checkpoints.list_checkpoints(run_dir)
+    found = training_found(run_dir, saved)
     if not found:
         return
-    fix = ("continue it with --resume latest, or start over with --overwrite" if checkpoints.list_checkpoints(run_dir)
+    fix = ("continue it with --resume latest, or start over with --overwrite" if saved
            else "start over with --overwrite (it has no checkpoint to resume from)")
     raise TrainError(f"{run_dir} already holds a run ({', '.join(found)}); {fix}, or choose another --out")
 

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from slapgen.evaluation.ranking import TIE, Verdict
-from slapgen.evaluation.stats import DEFAULT_RESAMPLES, percentile_interval, resample_units
+from slapgen.evaluation.stats import DEFAULT_RESAMPLES, ratio_interval
 
 
 def _unit(verdict: Verdict) -> tuple:
@@ -119,9 +119,7 @@ def metric_agreement(verdicts: Sequence[Verdict], scores: Mapping, higher_is_bet
     compared = np.array([len(by_prompt[p]) for p in prompts], dtype=float)
     if not prompts:
         return MetricAgreement(None, None, None, 0, 0, human_ties, metric_ties, unscored, 0)
-    draws = resample_units(len(prompts), resamples, seed)
-    rates = agreeing[draws].sum(axis=1) / compared[draws].sum(axis=1)
-    low, high = percentile_interval(rates, confidence)
+    low, high = ratio_interval(agreeing, compared, resamples, seed, confidence)
     return MetricAgreement(
         rate=float(agreeing.sum() / compared.sum()), low=float(low), high=float(high), agreeing=int(agreeing.sum()),
         compared=int(compared.sum()), human_ties=human_ties, metric_ties=metric_ties, unscored=unscored,

@@ -71,6 +71,15 @@ def percentile_interval(values: np.ndarray, confidence: float = 0.95, axis: int 
     return low, high
 
 
+def ratio_interval(numerators: np.ndarray, denominators: np.ndarray, resamples: int, seed: int | np.random.Generator,
+                   confidence: float = 0.95) -> tuple[float, float]:
+    """The percentile bootstrap interval of sum(numerators) / sum(denominators), resampling units (one
+    entry of each array per unit): a win rate's, a metric's agreement with raters'."""
+    draws = resample_units(len(numerators), resamples, seed)
+    low, high = percentile_interval(numerators[draws].sum(axis=1) / denominators[draws].sum(axis=1), confidence)
+    return float(low), float(high)
+
+
 def win_rate(comparisons: Sequence[Comparison], resamples: int = DEFAULT_RESAMPLES, seed: int = 0,
              confidence: float = 0.95) -> WinRate:
     """Win rate with ties counted half, its percentile bootstrap interval resampling whole units
@@ -87,9 +96,7 @@ def win_rate(comparisons: Sequence[Comparison], resamples: int = DEFAULT_RESAMPL
     for comparison in comparisons:
         score_sum[index[comparison.unit]] += comparison.outcome
         count[index[comparison.unit]] += 1
-    draws = resample_units(len(units), resamples, seed)
-    rates = score_sum[draws].sum(axis=1) / count[draws].sum(axis=1)
-    low, high = percentile_interval(rates, confidence)
+    low, high = ratio_interval(score_sum, count, resamples, seed, confidence)
     wins = sum(c.outcome == WIN for c in comparisons)
     losses = sum(c.outcome == LOSS for c in comparisons)
     return WinRate(
