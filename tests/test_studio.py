@@ -678,7 +678,14 @@ def test_a_phone_shows_the_pair_and_buttons_on_screen_and_a_tap_rates(browser, s
     assert page.inner_text("#campaign-status") == \
         f"No pair left for you: cleo has judged every pair of systems on every prompt and seed of {name}."
     page.wait_for_selector(".board[data-criterion=overall] tbody tr")
-    assert page.evaluate("document.documentElement.scrollWidth") <= width  # the leaderboard fits too
+    assert page.evaluate("document.documentElement.scrollWidth") <= width  # the leaderboard fits too,
+    table = page.eval_on_selector(".board .table-wrap", "w => [w.scrollWidth, w.clientWidth]")
+    assert table[0] <= table[1], table  # its table without scrolling sideways inside its box
+    broken = page.evaluate("""() => [...document.querySelectorAll('.board th')].filter((th) => {
+        const range = document.createRange(); range.selectNodeContents(th);
+        return !th.textContent.includes(' ') && range.getClientRects().length > 1;  // one word on 2+ lines
+    }).map((th) => th.textContent)""")
+    assert broken == [], broken  # squeezed to fit, a header word was cut mid-word ("Ra / nk")
     page.screenshot(path=str(artifacts / "studio-campaign-phone-done.png"), full_page=True)
     assert page.errors == []
     context.close()
