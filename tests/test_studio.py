@@ -1,8 +1,9 @@
 """The web studio in a real browser (Playwright driving Debian's Chromium) against the real service on
 the tiny model: generate from a template to a playing video, cancel, compare, blind-rate, and the
 rating still in the summary after a restart; image-to-video with a TIC-FT adapter, the seed kept
-across views, history videos kept across a reload, and the summary's counts, small-sample warning
-and phone layout. Every test shares the module's one server. Screenshots of every view go to
+across views, history videos kept across a reload, the summary's counts, small-sample warning
+and phone layout, and the Campaigns tab (keyboard rating, the leaderboard, errors, a phone). Every test
+shares the module's one server. Screenshots of every view go to
 $SLAP_TEST_ARTIFACTS (else the test's tmp folder)."""
 
 from __future__ import annotations
@@ -452,3 +453,239 @@ def test_the_summary_counts_pairs_warns_on_small_samples_and_fits_a_phone(browse
     assert widths["box"][0] <= widths["box"][1], widths
     phone.screenshot(path=str(artifacts / "studio-phone-summary.png"), full_page=True)
     assert page.errors == [] and phone.errors == []
+
+
+# -- the Campaigns tab ---------------------------------------------------------------------------------
+
+CAMPAIGN_SYSTEMS = ("alpha-sys", "beta-sys", "gamma-sys")  # names a page must never show beside the videos
+
+
+def write_campaign(data_dir: Path, folder: Path, name: str, systems: tuple[str, ...], prompts: int,
+                   criteria: list[str], budget: int | None):
+    """A campaign straight through the store, from small synthetic videos (a shade per system and prompt)."""
+    from slapgen.campaign_store import CampaignSpec, CampaignStore, Item
+    from slapgen.video import write_mp4_atomic
+
+    items = [Item(prompt_index=p, prompt=f"prompt {p}: the palm lands on the cheek", seed=3) for p in range(prompts)]
+    videos = {}
+    for s, system in enumerate(systems):
+        for p in range(prompts):
+            frames = np.full((8, 64, 96, 3), (40 + 60 * s + 20 * p) / 255, dtype=np.float32)
+            videos[(system, p)] = write_mp4_atomic(frames, folder / f"{name}-{system}-{p}.mp4", fps=8)
+    return CampaignStore(data_dir).create(CampaignSpec(name=name, systems=list(systems), items=items,
+                                                      criteria=criteria, videos=videos, budget=budget))
+
+
+@pytest.fixture(scope="module")
+def campaigns(studio, studio_home, tmp_path_factory) -> dict[str, str]:
+    """In the studio server's data store: `rate-me` (3 systems, 2 prompts, overall + motion, budget 12) and
+    `solo` (2 systems, 1 prompt, overall: one pair in all, so a rater runs out of pairs after one)."""
+    folder = tmp_path_factory.mktemp("campaign-videos")
+    write_campaign(studio_home / "data", folder, "rate-me", CAMPAIGN_SYSTEMS, 2, ["overall", "motion"], 12)
+    write_campaign(studio_home / "data", folder, "solo", CAMPAIGN_SYSTEMS[:2], 1, ["overall"], None)
+    return {"main": "rate-me", "solo": "solo"}
+
+
+def pick_campaign(page, name: str, rater: str) -> str:
+    """Open the Campaigns tab, enter the rater's name, pick the campaign; returns the id of the pair shown."""
+    page.click("#tab-campaigns")
+    page.wait_for_selector(f"button[data-campaign='{name}']")
+    page.fill("#campaign-rater", rater)
+    page.click(f"button[data-campaign='{name}']")
+    page.wait_for_selector("#campaign-pair:not([hidden])")
+    return page.get_attribute("#campaign-pair", "data-pair-id")
+
+
+def wait_for_new_pair(page, pair_id: str) -> str:
+    page.wait_for_function(f"(d => d.pairId && d.pairId !== '{pair_id}')(document.getElementById('campaign-pair').dataset)",
+                           timeout=60_000)
+    return page.get_attribute("#campaign-pair", "data-pair-id")
+
+
+def verdicts_of(url: str, name: str, rater: str) -> list[tuple[str, str, str]]:
+    """(pair id, criterion, choice) of every verdict the service stored for `rater`, oldest first."""
+    rows = httpx.get(f"{url}/campaigns/{name}/verdicts").json()["verdicts"]
+    return [(row["pair_id"], row["criterion"], row["choice"]) for row in rows if row["rater"] == rater]
+
+
+def assert_board_matches_api(page, url: str, name: str) -> dict:
+    """The page's leaderboard, criterion by criterion, against `GET /campaigns/NAME/leaderboard`: the done /
+    why line, the ratings and prompts counted, the budget bar, and every row's rank, system, strength with
+    its interval (to the 2 decimals shown) and comparisons."""
+    board = httpx.get(f"{url}/campaigns/{name}/leaderboard").json()
+    for criterion, result in board["criteria"].items():
+        section = page.locator(f".board[data-criterion='{criterion}']")
+        ratings = f"{result['ratings']} rating{'' if result['ratings'] == 1 else 's'}"
+        assert section.locator(".board-counts").inner_text().startswith(
+            f"{ratings} on {result['prompts']} prompt{'' if result['prompts'] == 1 else 's'}"), criterion
+        state = section.locator(".board-state").inner_text()
+        assert state.lower().endswith(result["why"].lower() + "."), (state, result["why"])
+        assert state.startswith("Done") == result["done"]
+        if result["budget"] is not None:
+            assert f"{result['ratings']} of {result['budget']} ratings" in section.locator(".stop-bars").inner_text()
+        rows = [row.split("\t") for row in section.locator("tbody tr").all_inner_texts()]
+        assert len(rows) == len(result["standings"])
+        for cells, standing in zip(rows, result["standings"]):
+            assert cells[0] == str(standing["rank"]) and cells[1] == standing["system"], (cells, standing)
+            shown = [float(x) for x in re.fullmatch(r"(-?[\d.]+) \((-?[\d.]+) to (-?[\d.]+)\)", cells[2]).groups()]
+            expected = [standing["strength"], standing["low"], standing["high"]]
+            assert np.allclose(shown, expected, atol=0.005 + 1e-9), (cells, standing)
+            assert cells[3] == str(standing["comparisons"]), (cells, standing)
+    return board
+
+
+@pytest.mark.slow
+def test_a_rater_picks_a_campaign_and_rates_a_pair_with_the_keyboard(browser, studio, campaigns, artifacts):
+    """Guards the Campaigns tab (issue 20): a rater picks a campaign and a name (remembered), sees a blind
+    pair (no system name beside it), and rates it with `1` (left) then `=` (tie) on the second criterion:
+    exactly those verdicts are stored for that rater, pair and criterion; keys typed into the name field
+    rate nothing; the next pair loads; the leaderboard and the list show what the API returns."""
+    name = campaigns["main"]
+    page = open_studio(browser, studio.url)
+    page.click("#tab-campaigns")
+    page.wait_for_selector(f"button[data-campaign='{name}']")
+    listed = {c["name"]: c for c in httpx.get(f"{studio.url}/campaigns").json()["campaigns"]}
+    about = page.locator(f"button[data-campaign='{name}'] + .campaign-about").inner_text()
+    assert f"{listed[name]['ratings']} ratings of a budget of 12" in about, about
+    page.click(f"button[data-campaign='{name}']")  # no name yet: the page asks for one
+    assert page.inner_text("#campaign-error").startswith("enter your name first")
+    assert page.is_hidden("#campaign-rating")
+
+    first = pick_campaign(page, name, "ana")
+    for side in ("left", "right"):
+        assert wait_for_video(page, f"#campaign-video-{side}")["width"] == 96
+    shown = page.inner_text("#campaign-pair") + "".join(
+        page.get_attribute(f"#campaign-video-{side}", "src") for side in ("left", "right"))
+    assert not any(system in shown for system in CAMPAIGN_SYSTEMS), shown
+    assert "prompt 0" in shown or "prompt 1" in shown
+    assert page.get_attribute(".verdict.current", "data-criterion") == "overall"
+    assert page.is_visible(".verdict.current .keys-marker")
+
+    page.focus("#campaign-rater")  # typing in the name field is not rating
+    page.keyboard.press("1")
+    assert page.input_value("#campaign-rater") == "ana1"
+    page.keyboard.press("Backspace")
+    page.locator("#campaign-rater").blur()
+    assert page.locator(".verdict button[aria-pressed=true]").count() == 0
+
+    page.keyboard.press("1")
+    assert page.get_attribute(".verdict[data-criterion=overall] button[data-choice=left]", "aria-pressed") == "true"
+    assert page.get_attribute(".verdict.current", "data-criterion") == "motion"  # the keys moved on
+    page.screenshot(path=str(artifacts / "studio-campaign-rating.png"), full_page=True)
+    page.keyboard.press("=")
+    second = wait_for_new_pair(page, first)
+    assert verdicts_of(studio.url, name, "ana") == [(first, "overall", "left"), (first, "motion", "tie")]
+    assert page.get_attribute(".verdict.current", "data-criterion") == "overall"  # a fresh pair starts over
+    assert page.locator(".verdict button[aria-pressed=true]").count() == 0 and second != first
+
+    page.wait_for_function("document.querySelector(\".board[data-criterion='motion'] .board-counts\")"
+                           "?.textContent.startsWith('1 rating')")
+    assert_board_matches_api(page, studio.url, name)
+    listed = {c["name"]: c for c in httpx.get(f"{studio.url}/campaigns").json()["campaigns"]}
+    page.wait_for_function(f"document.querySelector(\"button[data-campaign='{name}'] + .campaign-about\")"
+                           f".textContent.includes('{listed[name]['ratings']} rating')")
+    page.screenshot(path=str(artifacts / "studio-campaign-board.png"), full_page=True)
+
+    page.reload()  # the name is remembered
+    page.wait_for_selector("body[data-ready=true]")
+    page.click("#tab-campaigns")
+    assert page.input_value("#campaign-rater") == "ana"
+    assert page.errors == []
+
+
+@pytest.mark.slow
+def test_a_pair_answered_in_another_tab_shows_the_services_sentence(browser, studio, campaigns):
+    """Guards the page against swallowing API errors: the same rater in two tabs gets the same open pair;
+    the second tab's answer is the service's 409, whose sentence the page shows (then the next pair), and
+    only the first tab's verdicts are stored. A refused send (a 429 here) shows its sentence and keeps the
+    pair and verdicts: a verdict given again sends them."""
+    name = campaigns["main"]
+    first_tab, second_tab = open_studio(browser, studio.url), open_studio(browser, studio.url)
+    shared = pick_campaign(first_tab, name, "ben")
+    assert pick_campaign(second_tab, name, "ben") == shared
+    first_tab.keyboard.press("2")
+    first_tab.keyboard.press("2")
+    wait_for_new_pair(first_tab, shared)
+    second_tab.click(".verdict[data-criterion=overall] button[data-choice=left]")
+    second_tab.click(".verdict[data-criterion=motion] button[data-choice=tie]")
+    second_tab.wait_for_function("document.getElementById('campaign-error').textContent !== ''")
+    again = httpx.post(f"{studio.url}/campaigns/{name}/ratings",
+                       json={"pair_id": shared, "rater": "ben", "verdicts": {"overall": "left", "motion": "tie"}})
+    assert again.status_code == 409
+    assert second_tab.inner_text("#campaign-error") == again.json()["error"]
+    next_pair = wait_for_new_pair(second_tab, shared)
+    assert second_tab.inner_text("#campaign-error") == again.json()["error"]  # still said under the next pair
+    assert verdicts_of(studio.url, name, "ben") == [(shared, "overall", "right"), (shared, "motion", "right")]
+
+    busy = "the service is busy; try again in a minute"
+    second_tab.route(f"**/campaigns/{name}/ratings",
+                     lambda route: route.fulfill(status=429, json={"error": busy, "detail": []}))
+    second_tab.keyboard.press("1")
+    second_tab.keyboard.press("1")
+    second_tab.wait_for_function(f"document.getElementById('campaign-error').textContent === '{busy}'")
+    assert second_tab.get_attribute("#campaign-pair", "data-pair-id") == next_pair
+    assert second_tab.locator(".verdict button[aria-pressed=true]").count() == 2
+    second_tab.unroute(f"**/campaigns/{name}/ratings")
+    second_tab.click(".verdict[data-criterion=motion] button[data-choice=right]")
+    wait_for_new_pair(second_tab, next_pair)
+    assert verdicts_of(studio.url, name, "ben")[2:] == [(next_pair, "overall", "left"), (next_pair, "motion", "right")]
+    assert second_tab.inner_text("#campaign-error") == ""
+    assert first_tab.errors == [] and second_tab.errors == []
+
+
+@pytest.mark.slow
+def test_a_phone_shows_the_pair_and_buttons_on_screen_and_a_tap_rates(browser, studio, campaigns, artifacts):
+    """Guards the Campaigns tab on a phone (390 x 844, touch): both videos and every verdict button are
+    on screen with no sideways scrolling (the videos stacked), a tap on Left stores that verdict, and a
+    rater with no pair left is told so in the service's words."""
+    name = campaigns["solo"]
+    context = browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True,
+                                  device_scale_factor=2)
+    page = context.new_page()
+    page.errors = []
+    page.on("pageerror", lambda error: page.errors.append(str(error)))
+    page.goto(f"{studio.url}/studio")
+    page.wait_for_selector("body[data-ready=true]", timeout=60_000)
+    page.tap("#tab-campaigns")
+    page.wait_for_selector(f"button[data-campaign='{name}']")
+    page.fill("#campaign-rater", "cleo")
+    page.tap(f"button[data-campaign='{name}']")
+    page.wait_for_selector("#campaign-pair:not([hidden])")
+    first = page.get_attribute("#campaign-pair", "data-pair-id")
+    for side in ("left", "right"):
+        wait_for_video(page, f"#campaign-video-{side}")
+    width = page.evaluate("window.innerWidth")
+    assert page.evaluate("document.documentElement.scrollWidth") <= width
+    boxes = {selector: page.locator(selector).bounding_box() for selector in (
+        "#campaign-video-left", "#campaign-video-right", "button[data-choice=left]", "button[data-choice=tie]",
+        "button[data-choice=right]")}
+    for selector, box in boxes.items():
+        assert page.is_visible(selector) and box["x"] >= 0 and box["x"] + box["width"] <= width, (selector, box)
+    assert boxes["#campaign-video-right"]["y"] >= boxes["#campaign-video-left"]["y"] + boxes["#campaign-video-left"]["height"]
+    page.screenshot(path=str(artifacts / "studio-campaign-phone.png"), full_page=True)
+
+    page.tap("button[data-choice=left]")
+    pair = first
+    for _ in range(20):  # a repeat of the answered pair comes now and then (5%): rate it too
+        page.wait_for_function("(s => s.startsWith('No pair left') || s.startsWith('Which'))"
+                               "(document.getElementById('campaign-status').textContent)"
+                               f" && document.getElementById('campaign-pair').dataset.pairId !== '{pair}'")
+        if page.is_hidden("#campaign-pair"):
+            break
+        pair = page.get_attribute("#campaign-pair", "data-pair-id")
+        page.tap("button[data-choice=left]")
+    assert verdicts_of(studio.url, name, "cleo")[0] == (first, "overall", "left")
+    assert page.inner_text("#campaign-status") == \
+        f"No pair left for you: cleo has judged every pair of systems on every prompt and seed of {name}."
+    page.wait_for_selector(".board[data-criterion=overall] tbody tr")
+    assert page.evaluate("document.documentElement.scrollWidth") <= width  # the leaderboard fits too,
+    table = page.eval_on_selector(".board .table-wrap", "w => [w.scrollWidth, w.clientWidth]")
+    assert table[0] <= table[1], table  # its table without scrolling sideways inside its box
+    broken = page.evaluate("""() => [...document.querySelectorAll('.board th')].filter((th) => {
+        const range = document.createRange(); range.selectNodeContents(th);
+        return !th.textContent.includes(' ') && range.getClientRects().length > 1;  // one word on 2+ lines
+    }).map((th) => th.textContent)""")
+    assert broken == [], broken  # squeezed to fit, a header word was cut mid-word ("Ra / nk")
+    page.screenshot(path=str(artifacts / "studio-campaign-phone-done.png"), full_page=True)
+    assert page.errors == []
+    context.close()

@@ -5,7 +5,8 @@
     GET  /ratings/summary        per pair of systems and criterion: win rate, 95% interval, sign test
     GET  /ratings.csv            every rating, for a spreadsheet
 
-The page is a client of the public HTTP API only (templates, render, adapters, jobs, info, ratings).
+The page is a client of the public HTTP API only (templates, render, adapters, jobs, info, ratings,
+campaigns: its Campaigns tab rates `slapgen.serving.campaign_routes` pairs and shows their leaderboard).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 // slapgen studio: a client of the service's public HTTP API only (templates, render, adapters,
-// jobs, info, ratings). No framework, no CDN: this file, the page and its stylesheet are all there is.
+// jobs, info, ratings, campaigns). No framework, no CDN: this file, the page and its stylesheet are all there is.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -715,6 +715,321 @@ async function loadSummary() {
   }
 }
 
+// ---------- Campaigns: blind pairs of existing videos, the rater's verdicts, the live leaderboard ----------
+
+const RATER_KEY = "slapgen-studio-rater";
+const VERDICT_KEYS = { "1": "left", "2": "right", "=": "tie" };
+const VERDICT_LABELS = [["left", "Left"], ["tie", "Tie"], ["right", "Right"]];
+// name: the campaign being rated; pair: the pair shown (GET .../pair); verdicts: criterion -> left|right|tie;
+// current: the criterion the keys apply to; busy: a submit is on its way; asked: the newest pair request
+// (an older answer that arrives late is dropped).
+const campaign = { name: null, pair: null, verdicts: {}, current: 0, busy: false, asked: 0 };
+
+const campaignUrl = (name, rest = "") => `/campaigns/${encodeURIComponent(name)}${rest}`;
+const raterName = () => $("campaign-rater").value.trim();
+const fixed = (x) => { const text = x.toFixed(2); return text === "-0.00" ? "0.00" : text; };
+
+async function loadCampaigns() {
+  const { campaigns } = await api("/campaigns");
+  const list = $("campaign-list");
+  list.innerHTML = "";
+  $("campaigns-note").textContent = campaigns.length ? "" :
+    "No campaign yet: `slapgen campaign create NAME --from EVAL_DIR` makes one from eval videos.";
+  for (const entry of campaigns) {
+    const item = document.createElement("li");
+    if (entry.name === campaign.name) item.className = "chosen";
+    const pick = document.createElement("button");
+    pick.type = "button";
+    pick.className = "campaign-pick";
+    pick.dataset.campaign = entry.name;
+    pick.textContent = entry.name === campaign.name ? `Rating ${entry.name}` : `Rate ${entry.name}`;
+    pick.addEventListener("click", () => chooseCampaign(entry.name));
+    const about = document.createElement("span");
+    about.className = "campaign-about";
+    const budget = entry.budget === null ? " (no budget)" : ` of a budget of ${entry.budget}`;
+    about.textContent = `${plural(entry.systems, "system", "systems")} · ${plural(entry.items, "prompt and seed", "prompts and seeds")} · ` +
+      `${entry.criteria.join(", ")} · ${plural(entry.ratings, "rating", "ratings")}${budget} · ${plural(entry.raters, "rater", "raters")}`;
+    item.append(pick, about);
+    if (entry.budget) {
+      const bar = document.createElement("progress");
+      bar.max = entry.budget; bar.value = Math.min(entry.ratings, entry.budget);
+      bar.setAttribute("aria-label", `${entry.name}: ratings toward its budget`);
+      item.append(bar);
+    }
+    list.append(item);
+  }
+}
+
+async function chooseCampaign(name) {
+  $("campaign-error").textContent = "";
+  if (!raterName()) {
+    $("campaign-error").textContent = "enter your name first: each rater gets their own pairs";
+    $("campaign-rater").focus();
+    return;
+  }
+  localStorage.setItem(RATER_KEY, raterName());
+  campaign.name = name;
+  $("campaign-rating").hidden = false;
+  $("campaign-title").textContent = name;
+  $("campaign-csv").href = campaignUrl(name, "/verdicts.csv");
+  $("campaign-csv").download = `${name}-verdicts.csv`;
+  for (const button of document.querySelectorAll(".campaign-pick")) {
+    const chosen = button.dataset.campaign === name;
+    button.textContent = `${chosen ? "Rating" : "Rate"} ${button.dataset.campaign}`;
+    button.parentElement.classList.toggle("chosen", chosen);
+  }
+  await Promise.all([loadPair(), refreshBoard()]);
+}
+
+// The rater's next pair (or the one they have open: the service gives it again until it is answered).
+async function loadPair(keepError = false) {
+  if (!campaign.name) return;
+  const asked = ++campaign.asked;
+  if (!keepError) $("campaign-error").textContent = "";
+  $("campaign-status").textContent = "loading a pair…";
+  let pair;
+  try {
+    pair = await api(`${campaignUrl(campaign.name, "/pair")}?rater=${encodeURIComponent(raterName())}`);
+  } catch (error) {
+    if (asked !== campaign.asked) return;
+    showPair(null);
+    $("campaign-status").textContent = "";
+    $("campaign-error").textContent = error.message;
+    return;
+  }
+  if (asked !== campaign.asked) return;
+  if (pair.pair_id === null) { // nothing left for this rater: the service says so in words
+    showPair(null);
+    $("campaign-status").textContent = `No pair left for you: ${pair.message}.`;
+    return;
+  }
+  showPair(pair);
+  $("campaign-status").textContent = `Which is better? Judge every criterion (${pair.criteria.length}).`;
+}
+
+function showPair(pair) {
+  campaign.pair = pair;
+  campaign.verdicts = {};
+  campaign.current = 0;
+  $("campaign-pair").hidden = !pair;
+  $("campaign-pair").dataset.pairId = pair ? pair.pair_id : "";
+  for (const side of ["left", "right"]) {
+    const video = $(`campaign-video-${side}`);
+    if (pair) video.src = pair[side].video;
+    else { video.removeAttribute("src"); video.load(); }
+  }
+  if (!pair) { $("campaign-criteria").innerHTML = ""; return; }
+  $("campaign-prompt").textContent = `“${pair.prompt}” · seed ${pair.seed}`;
+  buildVerdictButtons(pair.criteria);
+  playInSync($("campaign-video-left"), $("campaign-video-right"));
+}
+
+function buildVerdictButtons(criteria) {
+  const container = $("campaign-criteria");
+  container.innerHTML = "";
+  criteria.forEach((criterion, index) => {
+    const group = document.createElement("fieldset");
+    group.className = "criterion verdict";
+    group.dataset.criterion = criterion;
+    const legend = document.createElement("legend");
+    const name = document.createElement("span");
+    name.textContent = criterion.replace(/_/g, " ");
+    const marker = document.createElement("span");
+    marker.className = "keys-marker";
+    marker.textContent = "keys";
+    legend.append(name, marker);
+    group.append(legend);
+    const buttons = document.createElement("div");
+    buttons.className = "verdict-buttons";
+    for (const [choice, label] of VERDICT_LABELS) {
+      const button = document.createElement("button");
+      button.type = "button";
+      button.dataset.choice = choice;
+      button.textContent = label;
+      button.setAttribute("aria-pressed", "false");
+      button.setAttribute("aria-label", `${criterion.replace(/_/g, " ")}: ${label}`);
+      button.addEventListener("click", () => giveVerdict(index, choice));
+      buttons.append(button);
+    }
+    group.append(buttons);
+    container.append(group);
+  });
+  markCurrent();
+}
+
+function markCurrent() {
+  const groups = [...$("campaign-criteria").querySelectorAll(".verdict")];
+  groups.forEach((group, index) => {
+    const current = index === campaign.current;
+    group.classList.toggle("current", current);
+    if (current) group.setAttribute("aria-current", "true"); else group.removeAttribute("aria-current");
+    const chosen = campaign.verdicts[group.dataset.criterion];
+    for (const button of group.querySelectorAll("button")) {
+      button.setAttribute("aria-pressed", String(button.dataset.choice === chosen));
+      button.disabled = campaign.busy;
+    }
+  });
+}
+
+// A verdict on one criterion (a click, a tap or a key); the keys move on to the next criterion without one,
+// and once every criterion has one the verdicts go to the service.
+function giveVerdict(index, choice) {
+  if (!campaign.pair || campaign.busy) return;
+  const criteria = campaign.pair.criteria;
+  campaign.verdicts[criteria[index]] = choice;
+  const open = criteria.findIndex((criterion) => !(criterion in campaign.verdicts));
+  campaign.current = open === -1 ? index : open;
+  markCurrent();
+  if (open === -1) submitVerdicts();
+}
+
+async function submitVerdicts() {
+  const pair = campaign.pair;
+  campaign.busy = true;
+  markCurrent();
+  $("campaign-status").textContent = "sending…";
+  let answered = false;
+  try {
+    await postJson(campaignUrl(campaign.name, "/ratings"),
+                   { pair_id: pair.pair_id, rater: pair.rater, verdicts: { ...campaign.verdicts } });
+    answered = true;
+    $("campaign-error").textContent = "";
+  } catch (error) {
+    $("campaign-error").textContent = error.message;
+    // Answered already (another tab) or gone: this pair can take no verdict, so the next one comes. Any
+    // other error keeps the pair and its verdicts, to send again by giving a verdict again.
+    answered = error instanceof ApiError && (error.status === 409 || error.status === 404);
+    if (!answered) $("campaign-status").textContent = "Not saved; change a verdict (or give one again) to retry.";
+  } finally {
+    campaign.busy = false;
+    markCurrent();
+  }
+  if (answered) {
+    await Promise.all([loadPair(true), refreshBoard(), loadCampaigns().catch(() => {})]);
+  }
+}
+
+function campaignKeys(event) {
+  if ($("view-campaigns").hidden || !campaign.pair || campaign.busy) return;
+  if (event.ctrlKey || event.metaKey || event.altKey || event.repeat) return;
+  // Typing a name (or anything else) is not rating.
+  const target = event.target;
+  if (target.closest("input, textarea, select, [contenteditable]") || target.isContentEditable) return;
+  const choice = VERDICT_KEYS[event.key];
+  if (!choice) return;
+  event.preventDefault();
+  giveVerdict(campaign.current, choice);
+}
+
+async function refreshBoard() {
+  if (!campaign.name) return;
+  const name = campaign.name;
+  $("board-note").textContent = "updating…";
+  try {
+    const board = await api(campaignUrl(name, "/leaderboard"));
+    if (name !== campaign.name) return;
+    renderBoard(board);
+    $("board-note").textContent = `${plural(board.systems.length, "system", "systems")} · ` +
+      `${plural(board.raters.length, "rater", "raters")} so far · updated ${new Date().toLocaleTimeString()}`;
+  } catch (error) {
+    $("board-note").textContent = error.message;
+  }
+}
+
+function renderBoard(board) {
+  const container = $("campaign-board");
+  container.innerHTML = "";
+  for (const [criterion, result] of Object.entries(board.criteria)) {
+    const section = document.createElement("section");
+    section.className = "board";
+    section.dataset.criterion = criterion;
+    const title = document.createElement("h3");
+    title.textContent = criterion.replace(/_/g, " ");
+    const stateLine = document.createElement("p");
+    stateLine.className = `board-state ${result.done ? "done" : "open"}`;
+    stateLine.textContent = result.done ? `Done: ${result.why}.` : `${result.why[0].toUpperCase()}${result.why.slice(1)}.`;
+    section.append(title, stateLine, stoppingBars(criterion, result));
+    const counts = document.createElement("p");
+    counts.className = "board-counts";
+    counts.textContent = `${plural(result.ratings, "rating", "ratings")} on ${plural(result.prompts, "prompt", "prompts")}` +
+      (result.inter_rater_alpha === null || result.inter_rater_alpha === undefined ? "" :
+        ` · agreement between raters (Krippendorff's alpha) ${fixed(result.inter_rater_alpha)}`);
+    section.append(counts, standingsTable(criterion, result.standings));
+    if (result.metric_summary) {
+      const metrics = document.createElement("p");
+      metrics.className = "hint";
+      metrics.textContent = result.metric_summary;
+      section.append(metrics);
+    }
+    container.append(section);
+  }
+}
+
+// Progress toward the stopping rule: the top system beating the second in 95% of bootstrap resamples, or
+// the budget of ratings, whichever comes first.
+function stoppingBars(criterion, result) {
+  const wrap = document.createElement("div");
+  wrap.className = "stop-bars";
+  const bar = (label, max, value, text) => {
+    const row = document.createElement("div");
+    const caption = document.createElement("span");
+    caption.textContent = `${label}: ${text}`;
+    const progress = document.createElement("progress");
+    progress.max = max; progress.value = Math.min(value, max);
+    progress.setAttribute("aria-label", `${criterion}: ${label}`);
+    row.append(caption, progress);
+    wrap.append(row);
+  };
+  bar("Separation", 0.95, result.top_beats_second,
+      `the top system beats the second in ${pct(result.top_beats_second)} of resamples (95% stops)`);
+  if (result.budget !== null && result.budget !== undefined) {
+    bar("Budget", result.budget, result.ratings, `${result.ratings} of ${result.budget} ratings`);
+  }
+  return wrap;
+}
+
+function standingsTable(criterion, standings) {
+  const wrap = document.createElement("div");
+  wrap.className = "table-wrap";
+  const table = document.createElement("table");
+  table.className = "standings";
+  const caption = document.createElement("caption");
+  caption.textContent = `${criterion.replace(/_/g, " ")}: Bradley-Terry log-strength (mean 0), 95% bootstrap interval over prompts`;
+  const head = document.createElement("thead");
+  head.innerHTML = '<tr><th scope="col">Rank</th><th scope="col">System</th>' +
+    '<th scope="col">Strength (95% interval)</th><th scope="col">Comparisons</th></tr>';
+  const body = document.createElement("tbody");
+  for (const standing of standings) {
+    const row = document.createElement("tr");
+    for (const text of [String(standing.rank), standing.system,
+      `${fixed(standing.strength)} (${fixed(standing.low)} to ${fixed(standing.high)})`, String(standing.comparisons)]) {
+      const cell = document.createElement("td");
+      cell.textContent = text;
+      row.append(cell);
+    }
+    body.append(row);
+  }
+  table.append(caption, head, body);
+  wrap.append(table);
+  return wrap;
+}
+
+function setUpCampaigns() {
+  $("campaign-rater").value = localStorage.getItem(RATER_KEY) || "";
+  // A new name is a new rater: their own pairs, so the pair shown is asked again.
+  $("campaign-rater").addEventListener("change", () => {
+    if (!raterName()) return;
+    localStorage.setItem(RATER_KEY, raterName());
+    if (campaign.name && !(campaign.pair && campaign.pair.rater === raterName())) loadPair();
+  });
+  $("campaigns-refresh").addEventListener("click", () => loadCampaigns().catch((error) => {
+    $("campaigns-note").textContent = error.message;
+  }));
+  $("board-refresh").addEventListener("click", refreshBoard);
+  linkVideos($("campaign-video-left"), $("campaign-video-right"));
+  document.addEventListener("keydown", campaignKeys);
+}
+
 // ---------- tabs (arrow keys move between them, as a tablist should) ----------
 
 function selectTab(id) {
@@ -726,6 +1041,7 @@ function selectTab(id) {
     if (selected) tab.focus();
   }
   if (id === "tab-summary") loadSummary().catch((error) => { $("summary-count").textContent = error.message; });
+  if (id === "tab-campaigns") loadCampaigns().catch((error) => { $("campaigns-note").textContent = error.message; });
 }
 
 function setUpTabs() {
@@ -762,6 +1078,7 @@ async function start() {
   $("pair-form").addEventListener("submit", newPair);
   $("rating-form").addEventListener("submit", saveRating);
   $("summary-refresh").addEventListener("click", () => loadSummary());
+  setUpCampaigns();
   try {
     const [info, templates, adapters] = await Promise.all([api("/info"), api("/templates"), api("/adapters")]);
     state.info = info; state.templates = templates.templates; state.adapters = adapters.adapters;
