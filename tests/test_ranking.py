@@ -11,8 +11,8 @@ from scipy.optimize import minimize
 from scipy.stats import norm
 
 from slapgen.evaluation.ranking import (
-    LEFT, OUTCOMES, RIDGE, RIGHT, TIE, Pair, Ranking, Verdict, expected_order_gain, fit_strengths, next_pair,
-    rank_systems, stopping,
+    LEFT, MIN_SEPARATION_PROMPTS, OUTCOMES, RIDGE, RIGHT, TIE, Pair, Ranking, Verdict, expected_order_gain,
+    fit_strengths, next_pair, rank_systems, stopping,
 )
 
 
@@ -127,6 +127,26 @@ def test_ranks_and_stopping_rule():
     assert ranking.top_beats_second < 0.95
     assert not stopping(ranking, budget=100).done and stopping(ranking, budget=100).reason is None
     assert stopping(ranking, budget=len(verdicts)).reason == "budget"
+
+
+def test_few_prompts_or_a_tie_never_separate():
+    """Guards a campaign called done after one verdict: over one prompt every bootstrap resample is the
+    same, so the leader beat the second in 100% of them; after a single tie the leader was ahead by
+    rounding (3.9e-16) in every resample. Separation needs MIN_SEPARATION_PROMPTS prompts and a
+    difference larger than rounding."""
+    systems = ["a", "b", "c"]
+    one = [Verdict("a", "b", LEFT, "p0", 0, "r")]
+    ranking = rank_systems(one, systems, resamples=200)
+    assert ranking.top_beats_second == 1.0 and ranking.prompts == 1  # the degenerate bootstrap itself
+    assert not stopping(ranking).done
+    tie = rank_systems([Verdict("a", "c", TIE, "p0", 0, "r")], systems, resamples=200)
+    assert tie.top_beats_second == 0.0 and not stopping(tie).done
+    four = [Verdict("a", "b", LEFT, f"p{k}", 0, "r") for k in range(MIN_SEPARATION_PROMPTS - 1)]
+    assert not stopping(rank_systems(four, systems, resamples=200)).done
+    five = [*four, Verdict("a", "b", LEFT, "p-last", 0, "r")]
+    five_ranked = rank_systems(five, systems, resamples=200)
+    # Every resample of five prompts that all favour a over b keeps a ahead: the bootstrap's own answer.
+    assert five_ranked.top_beats_second == 1.0 and stopping(five_ranked).reason == "separated"
 
 
 def _wrong_neighbours_expected(strengths, covariance):

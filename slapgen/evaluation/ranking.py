@@ -41,6 +41,10 @@ RIDGE = 0.1
 # Each resample is a refit (a small Newton solve), so fewer than stats.DEFAULT_RESAMPLES' 10,000.
 DEFAULT_RESAMPLES = 1000
 SEPARATION = 0.95  # the stopping rule's confidence that the top system beats the second
+# A bootstrap over a handful of prompts has a handful of distinct resamples (over one prompt, every
+# resample is the same, so one verdict looked 100% separated): separation needs at least this many.
+MIN_SEPARATION_PROMPTS = 5
+STRENGTH_TIE = 1e-9  # strengths this close are equal: after one tie, the leader was ahead by rounding
 EXPLORATION = 0.1  # share of pairs chosen uniformly at random by `next_pair`
 
 # Outcome -> its (s, t, log nu) coefficients in the log-probability's numerator: a's win, b's win, tie.
@@ -265,7 +269,7 @@ def rank_systems(verdicts: Sequence[Verdict], systems: Sequence[str], resamples:
                  for rank, k in enumerate(order, start=1)]
     return Ranking(
         standings=standings, tie_parameter=float(np.exp(point[0, -1])) if tally.has_ties else 0.0,
-        top_beats_second=(float((replica_strengths[:, top] > replica_strengths[:, second]).mean())
+        top_beats_second=(float((replica_strengths[:, top] - replica_strengths[:, second] > STRENGTH_TIE).mean())
                           if tally.prompts else 0.0),
         ratings=len(verdicts), prompts=len(tally.prompts),
     )
@@ -273,9 +277,10 @@ def rank_systems(verdicts: Sequence[Verdict], systems: Sequence[str], resamples:
 
 def stopping(ranking: Ranking, budget: int | None = None, separation: float = SEPARATION) -> Stop:
     """The campaign may stop when the top system beats the second in at least `separation` of the
-    bootstrap resamples over prompts (a one-sided 95% bootstrap test of their difference), or when
-    `budget` ratings are in; the reason says which (separation first when both hold)."""
-    if ranking.top_beats_second >= separation:
+    bootstrap resamples over prompts (a one-sided 95% bootstrap test of their difference), on at least
+    `MIN_SEPARATION_PROMPTS` prompts, or when `budget` ratings are in; the reason says which
+    (separation first when both hold)."""
+    if ranking.prompts >= MIN_SEPARATION_PROMPTS and ranking.top_beats_second >= separation:
         return Stop(True, "separated")
     if budget is not None and ranking.ratings >= budget:
         return Stop(True, "budget")
