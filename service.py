@@ -58,13 +58,16 @@ JOB_BOARD = "the job board"
 
 try:
     settings = load_settings()
-    # One SQLite file, so every worker answers for every job.
-    job_board = with_store(JOB_BOARD, settings.cache_dir / "jobs.sqlite", "SLAP_CACHE_DIR", lambda path: JobBoard(
-        path, owner=int(os.environ.get(SERVER_PID_VARIABLE, 0)) or None))
+    # One database (SLAP_DATABASE_URL, else one SQLite file per store), so every worker, and every replica
+    # sharing a PostgreSQL, answers for every job. Opening a store migrates its schema: this import in
+    # `bentoml serve`'s own process does it once, before any worker starts (workers find it done).
+    job_board = with_store(JOB_BOARD, settings.store_database(settings.cache_dir / "jobs.sqlite"), "SLAP_CACHE_DIR",
+                           lambda where: JobBoard(where, owner=int(os.environ.get(SERVER_PID_VARIABLE, 0)) or None))
     # The studio's ratings outlive restarts and are shared by every worker.
-    rating_store = with_store("the studio's ratings", settings.data_dir / "ratings.sqlite", "SLAP_DATA_DIR", RatingStore)
-    campaign_store = with_store("the rating campaigns", settings.data_dir / "campaigns.sqlite", "SLAP_DATA_DIR",
-                                lambda path: CampaignStore(path.parent))
+    rating_store = with_store("the studio's ratings", settings.store_database(settings.data_dir / "ratings.sqlite"),
+                              "SLAP_DATA_DIR", RatingStore)
+    campaign_store = with_store("the rating campaigns", settings.store_database(settings.data_dir / "campaigns.sqlite"),
+                                "SLAP_DATA_DIR", lambda where: CampaignStore(settings.data_dir, settings.database_url))
 except SlapgenError as error:
     _exit_with(str(error))
 
@@ -122,8 +125,8 @@ class SlapGen:
             settings.engine_options()
             resolve_model(settings.model, settings.cache_dir, allow_download=True)
             # Before any worker starts: the jobs of a server that died (kill -9, a crash) end as failed.
-            with_store(JOB_BOARD, settings.cache_dir / "jobs.sqlite", "SLAP_CACHE_DIR",
-                       lambda path: job_board.end_orphaned(RESTARTED))
+            with_store(JOB_BOARD, settings.store_database(settings.cache_dir / "jobs.sqlite"), "SLAP_CACHE_DIR",
+                       lambda where: job_board.end_orphaned(RESTARTED))
         except SlapgenError as error:
             _exit_with(str(error))
         os.environ[SERVER_PID_VARIABLE] = str(os.getpid())
