@@ -66,7 +66,7 @@ def store_url(where: Path | str | None) -> str:
     if where is None:
         return MEMORY
     if isinstance(where, str) and "://" in where:
-        return where
+        return database_url(where)
     return sqlite_file_url(where)
 
 
