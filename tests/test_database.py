@@ -4,6 +4,7 @@ the SQLite files the code before them wrote."""
 from __future__ import annotations
 
 import sqlite3
+import threading
 
 import pytest
 
@@ -146,3 +147,33 @@ def test_a_postgresql_url_is_driven_by_psycopg_and_unset_keeps_the_sqlite_files(
     settings = load_settings()
     assert settings.store_database(tmp_path / "ratings.sqlite") == tmp_path / "ratings.sqlite"
     assert settings.results_dir == tmp_path / "results"
+
+
+def _rating(rater: str, criterion: str, choice: str = "left") -> dict:
+    return {"rater": rater, "criterion": criterion, "choice": choice, "left_system": "base", "left_scale": 1.0,
+            "right_system": "lora", "right_scale": 1.0, "prompt": "a slap", "seed": 1}
+
+
+def test_ratings_from_many_writers_are_all_kept_and_a_broken_submission_leaves_nothing(database_url):
+    """Guards ratings lost or half-stored when several workers (or replicas on one PostgreSQL) write at
+    once: eight stores adding two-row submissions (two criteria of one blind pair) concurrently keep all 16
+    rows, each id once, as 8 rated pairs; a submission whose second row is broken stores neither row."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    stores = [RatingStore(database_url) for _ in range(8)]
+    start = threading.Barrier(len(stores))
+
+    def submit(k):
+        start.wait()
+        return stores[k].add([_rating(f"r{k}", "overall"), _rating(f"r{k}", "motion_accuracy", "tie")])
+
+    with ThreadPoolExecutor(len(stores)) as pool:
+        ids = [i for batch in pool.map(submit, range(len(stores))) for i in batch]
+    rows = stores[0].all()
+    assert sorted(ids) == [row["id"] for row in rows] and len(set(ids)) == 16
+    assert sorted((row["rater"], row["criterion"]) for row in rows) == sorted(
+        (f"r{k}", c) for k in range(8) for c in ("overall", "motion_accuracy"))
+    broken = {key: value for key, value in _rating("x", "motion_accuracy").items() if key != "seed"}
+    with pytest.raises(KeyError):
+        stores[1].add([_rating("x", "overall"), broken])
+    assert len(stores[2].all()) == 16 and stores[2].summary()["rated_pairs"] == 8

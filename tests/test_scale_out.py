@@ -13,11 +13,10 @@ from slapgen.serving.jobs import JobBoard
 from tests.conftest import start_server, stop_server
 
 
-def test_job_progress_written_by_one_worker_is_read_by_another(tmp_path):
-    """Guards per-worker job state (an in-memory board): with two workers, /jobs/progress answered 404
-    whenever it reached the worker that was not running the job."""
-    path = tmp_path / "jobs.sqlite"
-    running, answering = JobBoard(path), JobBoard(path)  # two workers' boards on one file
+def test_job_progress_written_by_one_worker_is_read_by_another(database_url):
+    """Guards per-worker job state (an in-memory board): with two workers (or two replicas on one
+    PostgreSQL), /jobs/progress answered 404 whenever it reached the one that was not running the job."""
+    running, answering = JobBoard(database_url), JobBoard(database_url)  # two workers' boards on one database
     running.queued("t1", 30)
     running.step("t1", 12, 30)
     assert answering.get("t1")["state"] == "running" and answering.get("t1")["step"] == 12
