@@ -36,6 +36,7 @@ from slapgen.serving.openapi import ApiDocument
 from slapgen.campaign_store import CampaignStore
 from slapgen.serving.ratings import RatingStore
 from slapgen.serving.jobs import JobBoard
+from slapgen.serving.results import ResultStore
 from slapgen.serving.json_only import JsonBodiesOnly
 from slapgen.serving.request_bodies import CheckedBodies
 from slapgen.serving.requests import GenerateRequest, RenderRequest
@@ -68,6 +69,8 @@ try:
                               "SLAP_DATA_DIR", RatingStore)
     campaign_store = with_store("the rating campaigns", settings.store_database(settings.data_dir / "campaigns.sqlite"),
                                 "SLAP_DATA_DIR", lambda where: CampaignStore(settings.data_dir, settings.database_url))
+    # Finished jobs' mp4s, for a replica other than the one that ran the job to answer /jobs/get.
+    job_results = with_store("the jobs' results folder", settings.results_dir, "SLAP_RESULTS_DIR", ResultStore)
 except SlapgenError as error:
     _exit_with(str(error))
 
@@ -168,6 +171,9 @@ class SlapGen:
                 deadline=None if submitted else _deadline(), cancelled=lambda: job_board.cancel_requested(task_id),
                 admission=getattr(ctx.request.state, ADMISSION_KEY, None),
             )
+            video = path.read_bytes()
+            if submitted:  # before the board says completed: a replica that reads completed finds the file
+                job_results.save(task_id, video)
         except GenerationCancelledError as error:
             job_board.canceled(task_id, describe_error(error))
             return _answer_error(ctx, error)
@@ -179,7 +185,7 @@ class SlapGen:
             raise
         job_board.completed(task_id)
         # Bytes, not a Path: BentoML's task store replays a FileResponse without an HTTP scope and fails.
-        return path.read_bytes()
+        return video
 
     @bentoml.api(route="/prompts/render")
     def render_prompt(self, request: RenderRequest, /, ctx: bentoml.Context) -> dict:
@@ -210,5 +216,5 @@ SlapGen.add_asgi_middleware(JsonBodiesOnly)
 SlapGen.add_asgi_middleware(CheckedBodies, models={api.route: api.input_spec for api in SlapGen.apis.values()},
                             limit=GENERATION_BODY_LIMIT)
 SlapGen.add_asgi_middleware(JobRoutes, check=_check_job, admit=lambda: bentoml.get_current_service().generator.admit(),
-                             board=job_board)
+                             board=job_board, results=job_results)
 SlapGen.add_asgi_middleware(ApiDocument, spec=lambda: SlapGen.openapi_spec.asdict(), version=version("slapgen"))
