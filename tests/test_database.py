@@ -177,3 +177,18 @@ def test_ratings_from_many_writers_are_all_kept_and_a_broken_submission_leaves_n
     with pytest.raises(KeyError):
         stores[1].add([_rating("x", "overall"), broken])
     assert len(stores[2].all()) == 16 and stores[2].summary()["rated_pairs"] == 8
+
+
+def test_without_postgresql_its_tests_skip_with_one_reason_unless_ci_requires_it(monkeypatch):
+    """Guards a missing PostgreSQL that errors every parametrised test with a traceback, or that CI would
+    skip silently: without Debian's binaries the tests skip with one sentence saying what to install, and
+    with SLAP_REQUIRE_POSTGRES (set by .ci/run) they fail with it."""
+    import tests.postgres as postgres
+
+    monkeypatch.setattr(postgres.glob, "glob", lambda pattern: [])
+    monkeypatch.delenv("SLAP_REQUIRE_POSTGRES", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="apt-get install postgresql"):
+        postgres.start_postgres()
+    monkeypatch.setenv("SLAP_REQUIRE_POSTGRES", "1")
+    with pytest.raises(pytest.fail.Exception, match="apt-get install postgresql"):
+        postgres.start_postgres()
