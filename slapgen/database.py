@@ -27,7 +27,7 @@ from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.pool import StaticPool
+from sqlalchemy.pool import NullPool, StaticPool
 
 from slapgen.errors import SettingsError
 
@@ -99,7 +99,9 @@ def _shared_engine(url: str, pid: int) -> Engine:
     if make_url(url).get_backend_name() != "sqlite":
         # pool_pre_ping: a replica keeps working after PostgreSQL restarts (a stale connection is replaced).
         return create_engine(url, pool_pre_ping=True)
-    engine = create_engine(url, connect_args={"timeout": _SQLITE_BUSY_TIMEOUT_S})
+    # A connection per transaction, as before SQLAlchemy: opening an SQLite file costs microseconds, and a
+    # pooled connection would keep reading a file replaced under the server from its cache.
+    engine = create_engine(url, poolclass=NullPool, connect_args={"timeout": _SQLITE_BUSY_TIMEOUT_S})
 
     @event.listens_for(engine, "connect")
     def _wal(dbapi_connection, _record):
