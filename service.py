@@ -36,6 +36,7 @@ from slapgen.serving.openapi import ApiDocument
 from slapgen.campaign_store import CampaignStore
 from slapgen.serving.ratings import RatingStore
 from slapgen.serving.jobs import JobBoard
+from slapgen.serving.results import ResultStore
 from slapgen.serving.json_only import JsonBodiesOnly
 from slapgen.serving.request_bodies import CheckedBodies
 from slapgen.serving.requests import GenerateRequest, RenderRequest
@@ -58,13 +59,18 @@ JOB_BOARD = "the job board"
 
 try:
     settings = load_settings()
-    # One SQLite file, so every worker answers for every job.
-    job_board = with_store(JOB_BOARD, settings.cache_dir / "jobs.sqlite", "SLAP_CACHE_DIR", lambda path: JobBoard(
-        path, owner=int(os.environ.get(SERVER_PID_VARIABLE, 0)) or None))
+    # One database (SLAP_DATABASE_URL, else one SQLite file per store), so every worker, and every replica
+    # sharing a PostgreSQL, answers for every job. Opening a store migrates its schema: this import in
+    # `bentoml serve`'s own process does it once, before any worker starts (workers find it done).
+    job_board = with_store(JOB_BOARD, settings.store_database(settings.cache_dir / "jobs.sqlite"), "SLAP_CACHE_DIR",
+                           lambda where: JobBoard(where, owner=int(os.environ.get(SERVER_PID_VARIABLE, 0)) or None))
     # The studio's ratings outlive restarts and are shared by every worker.
-    rating_store = with_store("the studio's ratings", settings.data_dir / "ratings.sqlite", "SLAP_DATA_DIR", RatingStore)
-    campaign_store = with_store("the rating campaigns", settings.data_dir / "campaigns.sqlite", "SLAP_DATA_DIR",
-                                lambda path: CampaignStore(path.parent))
+    rating_store = with_store("the studio's ratings", settings.store_database(settings.data_dir / "ratings.sqlite"),
+                              "SLAP_DATA_DIR", RatingStore)
+    campaign_store = with_store("the rating campaigns", settings.store_database(settings.data_dir / "campaigns.sqlite"),
+                                "SLAP_DATA_DIR", lambda where: CampaignStore(settings.data_dir, settings.database_url))
+    # Finished jobs' mp4s, for a replica other than the one that ran the job to answer /jobs/get.
+    job_results = with_store("the jobs' results folder", settings.results_dir, "SLAP_RESULTS_DIR", ResultStore)
 except SlapgenError as error:
     _exit_with(str(error))
 
@@ -122,8 +128,8 @@ class SlapGen:
             settings.engine_options()
             resolve_model(settings.model, settings.cache_dir, allow_download=True)
             # Before any worker starts: the jobs of a server that died (kill -9, a crash) end as failed.
-            with_store(JOB_BOARD, settings.cache_dir / "jobs.sqlite", "SLAP_CACHE_DIR",
-                       lambda path: job_board.end_orphaned(RESTARTED))
+            with_store(JOB_BOARD, settings.store_database(settings.cache_dir / "jobs.sqlite"), "SLAP_CACHE_DIR",
+                       lambda where: job_board.end_orphaned(RESTARTED))
         except SlapgenError as error:
             _exit_with(str(error))
         os.environ[SERVER_PID_VARIABLE] = str(os.getpid())
@@ -165,6 +171,9 @@ class SlapGen:
                 deadline=None if submitted else _deadline(), cancelled=lambda: job_board.cancel_requested(task_id),
                 admission=getattr(ctx.request.state, ADMISSION_KEY, None),
             )
+            video = path.read_bytes()
+            if submitted:  # before the board says completed: a replica that reads completed finds the file
+                job_results.save(task_id, video)
         except GenerationCancelledError as error:
             job_board.canceled(task_id, describe_error(error))
             return _answer_error(ctx, error)
@@ -176,7 +185,7 @@ class SlapGen:
             raise
         job_board.completed(task_id)
         # Bytes, not a Path: BentoML's task store replays a FileResponse without an HTTP scope and fails.
-        return path.read_bytes()
+        return video
 
     @bentoml.api(route="/prompts/render")
     def render_prompt(self, request: RenderRequest, /, ctx: bentoml.Context) -> dict:
@@ -207,5 +216,5 @@ SlapGen.add_asgi_middleware(JsonBodiesOnly)
 SlapGen.add_asgi_middleware(CheckedBodies, models={api.route: api.input_spec for api in SlapGen.apis.values()},
                             limit=GENERATION_BODY_LIMIT)
 SlapGen.add_asgi_middleware(JobRoutes, check=_check_job, admit=lambda: bentoml.get_current_service().generator.admit(),
-                             board=job_board)
+                             board=job_board, results=job_results)
 SlapGen.add_asgi_middleware(ApiDocument, spec=lambda: SlapGen.openapi_spec.asdict(), version=version("slapgen"))

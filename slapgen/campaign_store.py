@@ -1,8 +1,9 @@
 """Rating campaigns in the service's data store (`SLAP_DATA_DIR`): many systems' videos made from the
 same prompts and seeds, blind pairs shown to raters, and their verdicts.
 
-Layout: `DATA/campaigns.sqlite` (one file for every campaign; WAL, one transaction per submission,
-as `ratings.RatingStore`) and `DATA/campaigns/NAME/TOKEN.mp4`, the videos copied in at creation. A
+Layout: the tables in the service's database (`slapgen.database`: `SLAP_DATABASE_URL`, else the SQLite
+file `DATA/campaigns.sqlite`; one transaction per submission, as `ratings.RatingStore`) and
+`DATA/campaigns/NAME/TOKEN.mp4`, the videos copied in at creation (replicas share the folder). A
 video is named by a random token, so its URL says nothing of its system, and the service serves
 only files the database names inside the campaign's folder: never a path a client wrote.
 
@@ -13,8 +14,8 @@ gets the same pair back. Repeats (the same pair and item shown again, sides swap
 and then to measure each rater's consistency; they are kept out of the ranking.
 
 No HTTP here (the routes are `slapgen.serving.campaign_routes`), so `slapgen campaign create` writes
-through the same class. `CampaignStore` is the only code that knows the storage: a PostgreSQL backend (issue 21) replaces
-this class and keeps its methods.
+through the same class (and migrates the schema first, as the service does). `CampaignStore` is the only
+code that knows the storage.
 """
 
 from __future__ import annotations
@@ -22,11 +23,16 @@ from __future__ import annotations
 import json
 import secrets
 import shutil
-import sqlite3
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from sqlalchemy import (Column, Double, Integer, MetaData, Table, Text, UniqueConstraint, and_, distinct, func, insert,
+                        select, update)
+from sqlalchemy.exc import IntegrityError
+
+from slapgen.database import open_store
 
 from slapgen.errors import CampaignConflictError, CampaignError, CampaignNotFoundError
 from slapgen.csv_cells import inert_csv
@@ -35,17 +41,20 @@ from slapgen.names import NAME_PATTERN, NAME_RULE
 CAMPAIGN_NAME_PATTERN = NAME_PATTERN  # a URL segment and a folder name as is
 VERDICT_COLUMNS = ("id", "created_at", "rater", "criterion", "choice", "preferred", "left_system", "right_system",
                    "prompt_index", "prompt", "seed", "pair_id", "repeat")
-_SCHEMA = (
-    "CREATE TABLE IF NOT EXISTS campaigns (name TEXT PRIMARY KEY, created_at REAL, spec TEXT)",
-    "CREATE TABLE IF NOT EXISTS videos (token TEXT PRIMARY KEY, campaign TEXT, system TEXT, item INTEGER, "
-    "file TEXT, UNIQUE (campaign, system, item))",
-    "CREATE TABLE IF NOT EXISTS pairs (pair_id TEXT PRIMARY KEY, campaign TEXT, rater TEXT, left_system TEXT, "
-    "right_system TEXT, item INTEGER, repeat INTEGER, issued_at REAL, answered_at REAL)",
-    "CREATE INDEX IF NOT EXISTS pairs_by_rater ON pairs (campaign, rater, answered_at)",
-    "CREATE TABLE IF NOT EXISTS verdicts (id INTEGER PRIMARY KEY AUTOINCREMENT, campaign TEXT, pair_id TEXT, "
-    "rater TEXT, criterion TEXT, choice TEXT, created_at REAL)",
-    "CREATE INDEX IF NOT EXISTS verdicts_by_campaign ON verdicts (campaign, id)",
-)
+# The tables as their newest migration (slapgen/migrations/versions/campaigns_*) leaves them.
+_metadata = MetaData()
+campaigns = Table("campaigns", _metadata, Column("name", Text, primary_key=True), Column("created_at", Double),
+                  Column("spec", Text))
+videos = Table("videos", _metadata, Column("token", Text, primary_key=True), Column("campaign", Text),
+               Column("system", Text), Column("item", Integer), Column("file", Text),
+               UniqueConstraint("campaign", "system", "item"))
+pairs = Table("pairs", _metadata, Column("pair_id", Text, primary_key=True), Column("campaign", Text),
+              Column("rater", Text), Column("left_system", Text), Column("right_system", Text),
+              Column("item", Integer), Column("repeat", Integer), Column("issued_at", Double),
+              Column("answered_at", Double))
+verdicts_table = Table("verdicts", _metadata, Column("id", Integer, primary_key=True, autoincrement=True),
+                 Column("campaign", Text), Column("pair_id", Text), Column("rater", Text), Column("criterion", Text),
+                 Column("choice", Text), Column("created_at", Double), sqlite_autoincrement=True)
 
 
 def check_campaign_name(name: str) -> str:
@@ -122,30 +131,19 @@ class IssuedPair:
 
 
 class CampaignStore:
-    def __init__(self, data_dir: Path):
+    """`data_dir`: the campaigns' videos (DATA/campaigns/); `database`: a URL (default: the SQLite file
+    DATA/campaigns.sqlite)."""
+
+    def __init__(self, data_dir: Path, database: str | None = None):
         self.data_dir = Path(data_dir)
         self.videos_dir = self.data_dir / "campaigns"
         self.videos_dir.mkdir(parents=True, exist_ok=True)
-        self._path = str(self.data_dir / "campaigns.sqlite")
         self._lock = threading.Lock()
-        db = self._connect()
-        try:
-            db.execute("PRAGMA journal_mode=WAL")
-            with db:
-                for statement in _SCHEMA:
-                    db.execute(statement)
-        finally:
-            db.close()
+        self._engine = open_store(database or self.data_dir / "campaigns.sqlite", "campaigns")
 
-    def _connect(self) -> sqlite3.Connection:
-        return sqlite3.connect(self._path, timeout=30)
-
-    def _read(self, query: str, parameters: tuple = ()) -> list[tuple]:
-        db = self._connect()
-        try:
-            return db.execute(query, parameters).fetchall()
-        finally:
-            db.close()
+    def _read(self, query) -> list[tuple]:
+        with self._engine.connect() as db:
+            return [tuple(row) for row in db.execute(query).all()]
 
     # -- campaigns ---------------------------------------------------------------------------------
 
@@ -164,25 +162,20 @@ class CampaignStore:
             for (system, item), source in sorted(spec.videos.items()):
                 token = secrets.token_hex(12)
                 shutil.copyfile(source, staging / f"{token}.mp4")
-                rows.append((token, spec.name, system, item, f"{token}.mp4"))
-            with self._lock:
-                db = self._connect()
+                rows.append({"token": token, "campaign": spec.name, "system": system, "item": item,
+                             "file": f"{token}.mp4"})
+            with self._lock, self._engine.begin() as db:
                 try:
-                    with db:
-                        try:
-                            db.execute("INSERT INTO campaigns (name, created_at, spec) VALUES (?, ?, ?)",
-                                       (spec.name, time.time(), json.dumps(spec.to_json())))
-                        except sqlite3.IntegrityError:
-                            raise CampaignConflictError(f"campaign {spec.name} exists already; pick another name",
-                                                        field="name") from None
-                        db.executemany("INSERT INTO videos (token, campaign, system, item, file) VALUES (?, ?, ?, ?, ?)",
-                                       rows)
-                        if target.exists():  # left by a campaign deleted by hand from the database only
-                            raise CampaignConflictError(f"{target} exists already; remove it or pick another name",
-                                                        field="name")
-                        staging.rename(target)
-                finally:
-                    db.close()
+                    db.execute(insert(campaigns).values(name=spec.name, created_at=time.time(),
+                                                        spec=json.dumps(spec.to_json())))
+                except IntegrityError:
+                    raise CampaignConflictError(f"campaign {spec.name} exists already; pick another name",
+                                                field="name") from None
+                db.execute(insert(videos), rows)
+                if target.exists():  # left by a campaign deleted by hand from the database only
+                    raise CampaignConflictError(f"{target} exists already; remove it or pick another name",
+                                                field="name")
+                staging.rename(target)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             if target.exists() and not self.exists(spec.name):
@@ -191,10 +184,10 @@ class CampaignStore:
         return self.get(spec.name)
 
     def exists(self, name: str) -> bool:
-        return bool(self._read("SELECT 1 FROM campaigns WHERE name = ?", (name,)))
+        return bool(self._read(select(1).select_from(campaigns).where(campaigns.c.name == name)))
 
     def get(self, name: str) -> Campaign:
-        rows = self._read("SELECT name, created_at, spec FROM campaigns WHERE name = ?", (name,))
+        rows = self._read(select(campaigns.c.name, campaigns.c.created_at, campaigns.c.spec).where(campaigns.c.name == name))
         if not rows:
             raise CampaignNotFoundError(f"no campaign named {name!r}; GET /campaigns lists them", field="name")
         return Campaign.from_row(*rows[0])
@@ -202,10 +195,11 @@ class CampaignStore:
     def overview(self) -> list[dict]:
         """Every campaign with its progress: ratings answered (per criterion, repeats excluded), raters."""
         counts = {name: (answered, raters) for name, answered, raters in self._read(
-            "SELECT campaign, COUNT(*), COUNT(DISTINCT rater) FROM pairs "
-            "WHERE answered_at IS NOT NULL AND repeat = 0 GROUP BY campaign")}
+            select(pairs.c.campaign, func.count(), func.count(distinct(pairs.c.rater)))
+            .where(pairs.c.answered_at.is_not(None), pairs.c.repeat == 0).group_by(pairs.c.campaign))}
         out = []
-        for name, created_at, spec in self._read("SELECT name, created_at, spec FROM campaigns ORDER BY name"):
+        for name, created_at, spec in self._read(
+                select(campaigns.c.name, campaigns.c.created_at, campaigns.c.spec).order_by(campaigns.c.name)):
             campaign = Campaign.from_row(name, created_at, spec)
             answered, raters = counts.get(name, (0, 0))
             out.append({"name": name, "created_at": created_at, "systems": len(campaign.systems),
@@ -217,11 +211,11 @@ class CampaignStore:
 
     def video_tokens(self, name: str) -> dict[tuple[str, int], str]:
         return {(system, item): token for token, system, item in self._read(
-            "SELECT token, system, item FROM videos WHERE campaign = ?", (name,))}
+            select(videos.c.token, videos.c.system, videos.c.item).where(videos.c.campaign == name))}
 
     def video_file(self, name: str, token: str) -> Path:
         """The mp4 of a video token, inside the campaign's folder (checked: never a path from outside)."""
-        rows = self._read("SELECT file FROM videos WHERE campaign = ? AND token = ?", (name, token))
+        rows = self._read(select(videos.c.file).where(videos.c.campaign == name, videos.c.token == token))
         if not rows:
             raise CampaignNotFoundError(f"campaign {name!r} has no video {token!r}", field="video")
         folder = (self.videos_dir / name).resolve()
@@ -234,34 +228,34 @@ class CampaignStore:
 
     def open_pair(self, name: str, rater: str) -> IssuedPair | None:
         """The pair issued to `rater` and not answered yet, if any."""
-        rows = self._read("SELECT pair_id FROM pairs WHERE campaign = ? AND rater = ? AND answered_at IS NULL "
-                          "ORDER BY issued_at LIMIT 1", (name, rater))
+        rows = self._read(select(pairs.c.pair_id).where(pairs.c.campaign == name, pairs.c.rater == rater,
+                                                        pairs.c.answered_at.is_(None))
+                          .order_by(pairs.c.issued_at).limit(1))
         return self.pair(name, rows[0][0]) if rows else None
 
     def issue_pair(self, name: str, rater: str, left: str, right: str, item: int, repeat: bool) -> IssuedPair:
         pair_id = secrets.token_urlsafe(12)
-        with self._lock:
-            db = self._connect()
-            try:
-                with db:
-                    db.execute("INSERT INTO pairs (pair_id, campaign, rater, left_system, right_system, item, repeat, "
-                               "issued_at, answered_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL)",
-                               (pair_id, name, rater, left, right, item, int(repeat), time.time()))
-            finally:
-                db.close()
+        with self._lock, self._engine.begin() as db:
+            db.execute(insert(pairs).values(pair_id=pair_id, campaign=name, rater=rater, left_system=left,
+                                            right_system=right, item=item, repeat=int(repeat), issued_at=time.time(),
+                                            answered_at=None))
         return self.pair(name, pair_id)
 
     def pair(self, name: str, pair_id: str) -> IssuedPair:
+        left, right = videos.alias("l"), videos.alias("r")
         rows = self._read(
-            "SELECT p.pair_id, p.rater, p.left_system, p.right_system, p.item, p.repeat, l.token, r.token FROM pairs p "
-            "JOIN videos l ON l.campaign = p.campaign AND l.system = p.left_system AND l.item = p.item "
-            "JOIN videos r ON r.campaign = p.campaign AND r.system = p.right_system AND r.item = p.item "
-            "WHERE p.campaign = ? AND p.pair_id = ?", (name, pair_id))
+            select(pairs.c.pair_id, pairs.c.rater, pairs.c.left_system, pairs.c.right_system, pairs.c.item,
+                   pairs.c.repeat, left.c.token, right.c.token)
+            .join(left, and_(left.c.campaign == pairs.c.campaign, left.c.system == pairs.c.left_system,
+                             left.c.item == pairs.c.item))
+            .join(right, and_(right.c.campaign == pairs.c.campaign, right.c.system == pairs.c.right_system,
+                              right.c.item == pairs.c.item))
+            .where(pairs.c.campaign == name, pairs.c.pair_id == pair_id))
         if not rows:
             raise CampaignNotFoundError(f"campaign {name!r} has no pair {pair_id!r}; GET /campaigns/{name}/pair "
                                         "issues one", field="pair_id")
-        pair_id, rater, left, right, item, repeat, left_video, right_video = rows[0]
-        return IssuedPair(pair_id, rater, left, right, item, bool(repeat), left_video, right_video)
+        pair_id, rater, left_system, right_system, item, repeat, left_video, right_video = rows[0]
+        return IssuedPair(pair_id, rater, left_system, right_system, item, bool(repeat), left_video, right_video)
 
     def answer(self, name: str, pair_id: str, rater: str, verdicts: dict[str, str]) -> list[int]:
         """Store a rater's verdicts on an issued pair (one per criterion), all or nothing; returns their ids."""
@@ -279,30 +273,26 @@ class CampaignStore:
             raise CampaignError(f"a verdict is needed for every criterion; missing: {', '.join(missing)}",
                                 field="verdicts")
         now = time.time()
-        with self._lock:
-            db = self._connect()
-            try:
-                with db:
-                    updated = db.execute("UPDATE pairs SET answered_at = ? WHERE campaign = ? AND pair_id = ? "
-                                         "AND answered_at IS NULL", (now, name, pair_id)).rowcount
-                    if updated != 1:
-                        raise CampaignConflictError(f"pair {pair_id} is answered already; ask GET "
-                                                    f"/campaigns/{name}/pair for the next one", field="pair_id")
-                    ids = [db.execute("INSERT INTO verdicts (campaign, pair_id, rater, criterion, choice, created_at) "
-                                      "VALUES (?, ?, ?, ?, ?, ?)", (name, pair_id, rater, criterion, verdicts[criterion],
-                                                                     now)).lastrowid
-                           for criterion in campaign.criteria]
-            finally:
-                db.close()
-        return ids
+        with self._lock, self._engine.begin() as db:
+            # The guard and the verdicts are one transaction: of two concurrent answers (two workers, two
+            # replicas) one updates the pair; the other waits for it, finds it answered and stores nothing.
+            updated = db.execute(update(pairs).where(pairs.c.campaign == name, pairs.c.pair_id == pair_id,
+                                                     pairs.c.answered_at.is_(None)).values(answered_at=now)).rowcount
+            if updated != 1:
+                raise CampaignConflictError(f"pair {pair_id} is answered already; ask GET "
+                                            f"/campaigns/{name}/pair for the next one", field="pair_id")
+            return [db.execute(insert(verdicts_table).values(
+                campaign=name, pair_id=pair_id, rater=rater, criterion=criterion, choice=verdicts[criterion],
+                created_at=now)).inserted_primary_key[0] for criterion in campaign.criteria]
 
     def verdicts(self, name: str) -> list[dict]:
         """Every verdict of the campaign, oldest first, with the systems each side showed."""
         campaign = self.get(name)
+        v = verdicts_table
         rows = self._read(
-            "SELECT v.id, v.created_at, v.rater, v.criterion, v.choice, p.left_system, p.right_system, p.item, "
-            "v.pair_id, p.repeat FROM verdicts v JOIN pairs p ON p.pair_id = v.pair_id "
-            "WHERE v.campaign = ? ORDER BY v.id", (name,))
+            select(v.c.id, v.c.created_at, v.c.rater, v.c.criterion, v.c.choice, pairs.c.left_system,
+                   pairs.c.right_system, pairs.c.item, v.c.pair_id, pairs.c.repeat)
+            .join(pairs, pairs.c.pair_id == v.c.pair_id).where(v.c.campaign == name).order_by(v.c.id))
         out = []
         for id_, created_at, rater, criterion, choice, left, right, item, pair_id, repeat in rows:
             it = campaign.items[item]
@@ -314,8 +304,9 @@ class CampaignStore:
         return out
 
     def answered_pairs(self, name: str, rater: str) -> list[IssuedPair]:
-        rows = self._read("SELECT pair_id FROM pairs WHERE campaign = ? AND rater = ? AND answered_at IS NOT NULL "
-                          "AND repeat = 0 ORDER BY answered_at", (name, rater))
+        rows = self._read(select(pairs.c.pair_id).where(pairs.c.campaign == name, pairs.c.rater == rater,
+                                                        pairs.c.answered_at.is_not(None), pairs.c.repeat == 0)
+                          .order_by(pairs.c.answered_at))
         return [self.pair(name, pair_id) for (pair_id,) in rows]
 
     def verdicts_csv(self, name: str) -> str:

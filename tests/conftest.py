@@ -15,6 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.postgres import database_url, postgres_server, postgres_url  # noqa: F401 (fixtures)
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 

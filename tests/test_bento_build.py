@@ -22,7 +22,7 @@ def test_bentoml_build_packages_the_service_and_not_the_trainer(tmp_path):
     assert (bento / "src" / "service.py").is_file()
     for module in ("engine/generator.py", "serving/routes.py", "models/cogvideox.py", "models/tiny.py",
                    "evaluation/stats.py", "serving/studio_page/index.html", "serving/studio_page/studio.js",
-                   "serving/studio_page/studio.css"):
+                   "serving/studio_page/studio.css", "migrations/env.py", "migrations/versions/jobs_0001_board.py"):
         assert (bento / "src" / "slapgen" / module).is_file(), module
     assert (bento / "src" / "prompts" / "templates.yaml").is_file()
     for left_out in ("tests", "trainer", "bench"):  # the service imports none of them
@@ -30,7 +30,8 @@ def test_bentoml_build_packages_the_service_and_not_the_trainer(tmp_path):
     dockerfile = (bento / "env" / "docker" / "Dockerfile").read_text()
     assert "nvidia/cuda" in dockerfile and "ffmpeg" in dockerfile
     requirements = (bento / "env" / "python" / "requirements.txt").read_text()
-    for package in ("torch", "diffusers", "peft", "torchao", "imageio-ffmpeg", "pydantic-settings", "scipy"):
+    for package in ("torch", "diffusers", "peft", "torchao", "imageio-ffmpeg", "pydantic-settings", "scipy", "sqlalchemy",
+                    "psycopg", "alembic"):
         assert package in requirements
     manifest = yaml.safe_load(bentos[0].read_text())
     assert manifest["services"][0]["config"]["resources"] == {"gpu": 1}

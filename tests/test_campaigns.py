@@ -6,7 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-import sqlite3
+import threading
 from pathlib import Path
 
 import httpx
@@ -62,24 +62,21 @@ def eval_dir(tmp_path) -> Path:
                           scores={"clip_score": {"base": 0.1, "lora_a": 0.3, "lora_b": 0.2}})
 
 
-def nothing_stored(data_dir: Path, name: str) -> bool:
-    if not (data_dir / "campaigns.sqlite").exists():
-        return True
-    db = sqlite3.connect(data_dir / "campaigns.sqlite")
-    rows = db.execute("SELECT COUNT(*) FROM campaigns WHERE name = ?", (name,)).fetchone()[0] + \
-        db.execute("SELECT COUNT(*) FROM videos WHERE campaign = ?", (name,)).fetchone()[0]
-    db.close()
-    leftovers = list((data_dir / "campaigns").iterdir()) if (data_dir / "campaigns").exists() else []
-    return rows == 0 and not leftovers
+def nothing_stored(data_dir: Path, name: str, database: str | None = None) -> bool:
+    """No row and no video folder (staged or final) of campaign `name` (read through a store on the same
+    database, so on SQLite and PostgreSQL alike)."""
+    store = CampaignStore(data_dir, database)
+    leftovers = list(store.videos_dir.iterdir())
+    return not store.exists(name) and not store.video_tokens(name) and not leftovers
 
 
 # -- the store -----------------------------------------------------------------------------------------
 
 
-def test_store_creates_a_campaign_with_copied_videos_and_answers_each_pair_once(tmp_path, eval_dir):
+def test_store_creates_a_campaign_with_copied_videos_and_answers_each_pair_once(tmp_path, eval_dir, database_url):
     """A campaign's videos are copies inside the data dir under random tokens; a pair answered twice is
     a conflict, by another rater or with unknown / missing criteria an error, and nothing is stored then."""
-    store = CampaignStore(tmp_path / "data")
+    store = CampaignStore(tmp_path / "data", database_url)
     campaign = store.create(plan_campaign("c1", [eval_dir], criteria=["overall", "motion"]))
     assert campaign.systems == ["base", "lora_a", "lora_b"] and len(campaign.items) == 6
     assert campaign.budget == 3 * 6  # every pair once on every item
@@ -111,15 +108,15 @@ def test_store_creates_a_campaign_with_copied_videos_and_answers_each_pair_once(
                              "criteria": ["overall", "motion"], "ratings": 1, "budget": 18, "raters": 1}]
 
 
-def test_a_failed_create_leaves_nothing(tmp_path, eval_dir):
+def test_a_failed_create_leaves_nothing(tmp_path, eval_dir, database_url):
     """Atomic create: a video that vanishes between planning and copying fails the create, and neither
     rows nor a folder (staged or final) remain; the name is still free afterwards."""
-    store = CampaignStore(tmp_path / "data")
+    store = CampaignStore(tmp_path / "data", database_url)
     spec = plan_campaign("c2", [eval_dir])
     (eval_dir / "videos" / "lora_b" / "p002-s1.mp4").unlink()
     with pytest.raises(FileNotFoundError):
         store.create(spec)
-    assert nothing_stored(tmp_path / "data", "c2")
+    assert nothing_stored(tmp_path / "data", "c2", database_url)
     write_eval_dir(eval_dir, ["base", "lora_a", "lora_b"])
     store.create(plan_campaign("c2", [eval_dir]))
     with pytest.raises(CampaignConflictError, match="exists already"):
@@ -336,16 +333,19 @@ def test_checkpoint_systems_keep_their_eval_names(tmp_path):
         plan_campaign("steps", [comma])
 
 
-def test_concurrent_answers_to_one_pair_store_one(tmp_path, eval_dir):
+def test_concurrent_answers_to_one_pair_store_one(tmp_path, eval_dir, database_url):
     """The once-only answer holds across processes' connections, not only one store's lock: two stores
-    on one data dir (two workers) answering one pair at once store one set of verdicts; the other is a 409."""
+    on one data dir (two workers, or two replicas on one PostgreSQL) answering one pair at once store one set
+    of verdicts; the others are a 409."""
     from concurrent.futures import ThreadPoolExecutor
 
-    CampaignStore(tmp_path / "data").create(plan_campaign("race", [eval_dir]))
-    stores = [CampaignStore(tmp_path / "data") for _ in range(8)]
+    CampaignStore(tmp_path / "data", database_url).create(plan_campaign("race", [eval_dir]))
+    stores = [CampaignStore(tmp_path / "data", database_url) for _ in range(8)]
+    start = threading.Barrier(len(stores))
     pair = stores[0].issue_pair("race", "ana", "base", "lora_a", 1, repeat=False)
 
     def answer(store):
+        start.wait()
         try:
             store.answer("race", pair.pair_id, "ana", {"overall": "left"})
             return "stored"

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import threading
 
 import httpx
 import numpy as np
@@ -19,11 +20,11 @@ from slapgen.video import read_mp4
 from tests.conftest import job_progress, wait_for_job
 
 
-def test_the_board_cancels_queued_jobs_at_once_and_running_ones_after_their_step(tmp_path):
+def test_the_board_cancels_queued_jobs_at_once_and_running_ones_after_their_step(database_url):
     """Guards cancel states that lie or get lost: a queued job is cancelled at once and stays so when its
     handler starts; a running job is `canceling` until its worker ends it, and a step written meanwhile
     does not turn it back into `running`; ended or unknown jobs cannot be cancelled."""
-    board = JobBoard(tmp_path / "jobs.sqlite")
+    board = JobBoard(database_url)
     board.submitted("queued-job", 10)
     assert board.cancel("queued-job")["state"] == "canceled"
     board.queued("queued-job", 10)  # its handler starts later
@@ -46,14 +47,14 @@ def test_the_board_cancels_queued_jobs_at_once_and_running_ones_after_their_step
         board.cancel("never-submitted")
     assert not board.cancel_requested("done-job") and not board.cancel_requested("never-submitted")
     # Another process (another worker) sees the same states.
-    assert JobBoard(tmp_path / "jobs.sqlite").get("running-job")["state"] == "canceled"
+    assert JobBoard(database_url).get("running-job")["state"] == "canceled"
 
 
-def test_a_cancel_after_the_last_denoising_step_is_refused_with_what_will_happen(tmp_path):
+def test_a_cancel_after_the_last_denoising_step_is_refused_with_what_will_happen(database_url):
     """Guards a cancel that answered `cancelling` after the last denoising step, after which the job
     completed anyway: once the last step is reported the job is `finishing` and a cancel is a 409 saying
     it is already finishing; a cancel that came before that report still wins."""
-    board = JobBoard(tmp_path / "jobs.sqlite")
+    board = JobBoard(database_url)
     board.submitted("decoding-job", 3)
     board.step("decoding-job", 2, 3)
     assert board.get("decoding-job")["state"] == "running"
@@ -71,11 +72,11 @@ def test_a_cancel_after_the_last_denoising_step_is_refused_with_what_will_happen
     assert board.get("canceled-in-time")["state"] == "canceling" and board.cancel_requested("canceled-in-time")
 
 
-def test_at_start_up_the_jobs_of_a_dead_server_end_failed(tmp_path):
+def test_at_start_up_the_jobs_of_a_dead_server_end_failed(database_url):
     """Guards jobs left `running`, `queued` or `cancelling` forever on the board after a kill -9 and a
     restart: every unfinished job whose server is gone ends `failed` with the reason; ended jobs and
     the jobs of a server still alive (another service sharing the board) are left as they were."""
-    path = tmp_path / "jobs.sqlite"
+    path = database_url
     dead = JobBoard(path, owner=111)
     for task_id in ("queued-job", "running-job", "canceling-job", "finishing-job", "done-job"):
         dead.submitted(task_id, 4)
@@ -101,14 +102,14 @@ def test_at_start_up_the_jobs_of_a_dead_server_end_failed(tmp_path):
     assert process_alive(os.getpid()) and not process_alive(2**22 + 1)  # above Linux's largest pid
 
 
-def test_at_start_up_the_jobs_of_a_dead_server_that_had_this_very_pid_end_failed(tmp_path):
+def test_at_start_up_the_jobs_of_a_dead_server_that_had_this_very_pid_end_failed(database_url):
     """Guards jobs left `running` forever after a container restart: `bentoml serve` is pid 1 in every
     run, so the dead server's pid counted as alive (it is the new server's own). At start-up the jobs
     recorded under this very pid are orphans too, and a live pid started at another time (a reused pid)
     is not the process that owned a job."""
     from slapgen.lifetime import instance_alive, process_start_time
 
-    path = tmp_path / "jobs.sqlite"
+    path = database_url
     JobBoard(path, owner=os.getpid()).submitted("job-of-the-last-run", 4)
     assert JobBoard(path).end_orphaned("the server restarted", alive=lambda pid, started: True) == 1
     assert JobBoard(path).get("job-of-the-last-run")["state"] == "failed"
@@ -128,7 +129,7 @@ time.sleep(float(sys.argv[4]))
 """
 
 
-def test_when_a_worker_starts_the_jobs_of_a_dead_worker_of_the_same_server_end_failed(tmp_path):
+def test_when_a_worker_starts_the_jobs_of_a_dead_worker_of_the_same_server_end_failed(database_url):
     """Guards a worker that died (out of memory) and was restarted by circus leaving its jobs `running`
     forever, since their server still lives: each job records its worker, and a starting worker fails
     the unfinished jobs of this server's dead workers; a live worker's jobs, and a dead worker's jobs of
@@ -136,7 +137,7 @@ def test_when_a_worker_starts_the_jobs_of_a_dead_worker_of_the_same_server_end_f
     import subprocess
     import sys
 
-    path = tmp_path / "jobs.sqlite"
+    path = database_url
 
     def worker(task_id: str, owner: int, live_s: float) -> subprocess.Popen:
         process = subprocess.Popen([sys.executable, "-c", _WORKER, str(path), str(owner), task_id, str(live_s)],
@@ -160,14 +161,17 @@ def test_when_a_worker_starts_the_jobs_of_a_dead_worker_of_the_same_server_end_f
         live.wait()
 
 
-def test_a_cancel_racing_the_last_step_never_answers_canceling_for_a_job_that_will_complete(tmp_path):
+def test_a_cancel_racing_the_last_step_never_answers_canceling_for_a_job_that_will_complete(database_url):
     """Guards a cancel that read the state, then wrote `canceling` in a second statement: a worker that
     reported its last step in between (the job went `finishing`, and it read no cancel, so it decodes
     and completes) was overwritten, and the client heard `canceling` for a job that completed. Here
-    another worker writes at the first moment the board lets it; whatever cancel answers must be what
-    that worker sees: `canceling` only if the worker reads the cancel, else the 409 of a finishing job."""
-    path = tmp_path / "jobs.sqlite"
-    running_worker = JobBoard(path)
+    another worker (its own board, as another process or replica has) reports its last step right after
+    the cancel's first statement, and the cancel waits a moment for it (not forever: a worker the database
+    makes wait for the cancel's transaction comes after it); whatever cancel answers must be what that
+    worker sees: `canceling` only if the worker reads the cancel, else the 409 of a finishing job."""
+    from sqlalchemy import event
+
+    running_worker = JobBoard(database_url)
     running_worker.submitted("job", 3)
     running_worker.step("job", 2, 3)
     worker_read_cancel = []
@@ -176,42 +180,49 @@ def test_a_cancel_racing_the_last_step_never_answers_canceling_for_a_job_that_wi
         running_worker.step("job", 3, 3)
         worker_read_cancel.append(running_worker.cancel_requested("job"))
 
-    class Interleaved:
-        """A connection that lets the other worker in after a statement that left no write transaction open."""
+    cancelling = JobBoard(database_url)
+    other_worker = threading.Thread(target=last_step_of_the_other_worker)
 
-        def __init__(self, db):
-            self._db = db
+    def after_each_statement(*args):
+        if other_worker.ident is None:  # after the cancel's first statement only
+            other_worker.start()
+            other_worker.join(timeout=1.0)  # done, or waiting for the cancel's transaction
 
-        def execute(self, *args):
-            cursor = self._db.execute(*args)
-            if not worker_read_cancel and not self._db.in_transaction:
-                last_step_of_the_other_worker()
-            return cursor
-
-        def __getattr__(self, name):
-            return getattr(self._db, name)
-
-    cancelling = JobBoard(path)
-    connect = cancelling._connect
-
-    def interleaved_connect():
-        from contextlib import contextmanager
-
-        @contextmanager
-        def scope():
-            with connect() as db:
-                yield Interleaved(db)
-        return scope()
-
-    cancelling._connect = interleaved_connect
+    engine = cancelling._engine
+    event.listen(engine, "after_cursor_execute", after_each_statement)
     try:
-        answer = cancelling.cancel("job")["state"]
-    except JobFinishingError:
-        answer = "finishing"
-    if not worker_read_cancel:  # the cancel held the board throughout: the worker comes after it
-        last_step_of_the_other_worker()
+        try:
+            answer = cancelling.cancel("job")["state"]
+        except JobFinishingError:
+            answer = "finishing"
+    finally:
+        event.remove(engine, "after_cursor_execute", after_each_statement)
+    other_worker.join(timeout=60)
     assert worker_read_cancel == [answer == "canceling"], (answer, worker_read_cancel)
     assert running_worker.get("job")["state"] == answer
+
+
+def test_two_cancels_racing_on_one_queued_job_cancel_it_once(database_url):
+    """Guards a cancel decided from a state read before another cancel's write landed: boards in eight
+    threads (eight workers or replicas) cancel one queued job at once; exactly one answers `canceled`,
+    every other one hears that the job already ended, and the job is canceled once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    boards = [JobBoard(database_url) for _ in range(8)]
+    boards[0].submitted("queued-job", 10)
+    start = threading.Barrier(len(boards))
+
+    def cancel(board):
+        start.wait()
+        try:
+            return board.cancel("queued-job")["state"]
+        except JobFinishedError as error:
+            return str(error)
+
+    with ThreadPoolExecutor(len(boards)) as pool:
+        answers = sorted(pool.map(cancel, boards))
+    assert answers == ["canceled"] + ["job queued-job already ended (canceled)"] * 7, answers
+    assert boards[3].get("queued-job")["state"] == "canceled"
 
 
 def test_a_cancel_seen_after_the_last_step_cancels_without_decoding(engine, monkeypatch):

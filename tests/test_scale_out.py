@@ -13,17 +13,62 @@ from slapgen.serving.jobs import JobBoard
 from tests.conftest import start_server, stop_server
 
 
-def test_job_progress_written_by_one_worker_is_read_by_another(tmp_path):
-    """Guards per-worker job state (an in-memory board): with two workers, /jobs/progress answered 404
-    whenever it reached the worker that was not running the job."""
-    path = tmp_path / "jobs.sqlite"
-    running, answering = JobBoard(path), JobBoard(path)  # two workers' boards on one file
+def test_job_progress_written_by_one_worker_is_read_by_another(database_url):
+    """Guards per-worker job state (an in-memory board): with two workers (or two replicas on one
+    PostgreSQL), /jobs/progress answered 404 whenever it reached the one that was not running the job."""
+    running, answering = JobBoard(database_url), JobBoard(database_url)  # two workers' boards on one database
     running.queued("t1", 30)
     running.step("t1", 12, 30)
     assert answering.get("t1")["state"] == "running" and answering.get("t1")["step"] == 12
     running.failed("t1", "adapter: no adapter named x")
     assert answering.get("t1")["error"] == "adapter: no adapter named x"
     assert answering.get("nope") is None
+
+
+def test_a_replica_whose_task_store_lacks_a_job_answers_from_the_board_and_the_results_folder(tmp_path, database_url):
+    """Guards jobs only the replica that took them could answer: BentoML's task store is one per server,
+    and replica B's answered 404 for a job of replica A. B's routes now answer status and result from the
+    shared board and results folder: the mp4 A's worker wrote, pending / in_progress / failed as BentoML
+    spells them, a 400 for a job not finished; a job no one knows is still our 404."""
+    from starlette.responses import JSONResponse
+    from starlette.testclient import TestClient
+
+    from slapgen.serving.job_routes import JobRoutes
+    from slapgen.serving.results import ResultStore
+
+    async def replica_b_task_store(scope, receive, send):  # BentoML's answer for a task it never ran
+        await JSONResponse({"error": "Task not found"}, status_code=404)(scope, receive, send)
+
+    def refuse(*args):
+        raise AssertionError("not reached")
+
+    replica_a, replica_b = JobBoard(database_url), JobBoard(database_url)
+    results = ResultStore(tmp_path / "results")
+    video = b"\x00\x00\x00\x18ftypisom" + bytes(range(256))
+    replica_a.submitted("done", 3)
+    results.save("done", video)
+    replica_a.completed("done")
+    replica_a.submitted("queued", 3)
+    replica_a.submitted("running", 3)
+    replica_a.step("running", 1, 3)
+    replica_a.submitted("broken", 3)
+    replica_a.failed("broken", "adapter: no adapter named x")
+    client = TestClient(JobRoutes(replica_b_task_store, check=refuse, admit=refuse, board=replica_b, results=results))
+
+    def status(task_id):
+        return client.get("/jobs/status", params={"task_id": task_id}).json()
+
+    assert [status(t)["status"] for t in ("done", "queued", "running", "broken")] == [
+        "completed", "pending", "in_progress", "failed"]
+    result = client.get("/jobs/get", params={"task_id": "done"})
+    assert result.status_code == 200 and result.headers["content-type"] == "video/mp4" and result.content == video
+    not_yet = client.get("/jobs/get", params={"task_id": "running"})
+    assert not_yet.status_code == 400 and "has not finished yet" in not_yet.json()["error"]
+    failed = client.get("/jobs/get", params={"task_id": "broken"})
+    assert failed.status_code == 409 and failed.json()["error"] == "job broken failed: adapter: no adapter named x"
+    unknown = client.get("/jobs/get", params={"task_id": "nobody-knows"})
+    assert unknown.status_code == 404 and "no job 'nobody-knows' is known" in unknown.json()["error"]
+    assert results.path("../escape") is None and results.read("../escape") is None
 
 
 @pytest.mark.slow

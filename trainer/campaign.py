@@ -133,9 +133,10 @@ def plan_campaign(name: str, sources: list[Path], systems: list[str] | None = No
 
 
 def create_campaign(data_dir: Path, name: str, sources: list[Path], systems: list[str] | None = None,
-                    criteria: list[str] | None = None, budget: int | None = None):
-    """Plan first (nothing is written when the folders do not make a campaign), then store."""
+                    criteria: list[str] | None = None, budget: int | None = None, database: str | None = None):
+    """Plan first (nothing is written when the folders do not make a campaign), then store (in `database`,
+    a URL, or else DATA/campaigns.sqlite; its schema is migrated first, as the service does at start-up)."""
     from slapgen.campaign_store import CampaignStore
 
     spec = plan_campaign(name, sources, systems, criteria, budget)
-    return CampaignStore(data_dir).create(spec)
+    return CampaignStore(data_dir, database).create(spec)

@@ -185,8 +185,10 @@ def cmd_campaign_create(args) -> int:
     def names(text):
         return None if text is None else [part.strip() for part in text.split(",") if part.strip()]
 
-    data_dir = load_settings().data_dir  # the service's store: SLAP_DATA_DIR (default SLAP_CACHE_DIR/data)
-    campaign = create_campaign(data_dir, args.name, args.sources, names(args.systems), names(args.criteria), args.budget)
+    settings = load_settings()  # the service's store: SLAP_DATA_DIR (default SLAP_CACHE_DIR/data), SLAP_DATABASE_URL
+    data_dir = settings.data_dir
+    campaign = create_campaign(data_dir, args.name, args.sources, names(args.systems), names(args.criteria), args.budget,
+                               database=settings.database_url)
     print(f"campaign {campaign.name}: {len(campaign.systems)} systems ({', '.join(campaign.systems)}), "
           f"{len(campaign.items)} prompt/seed items, criteria {', '.join(campaign.criteria)}, budget "
           f"{campaign.budget} ratings, in {data_dir}")

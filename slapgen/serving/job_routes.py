@@ -20,12 +20,18 @@
   since the handler answered the cancellation itself); other jobs pass through.
 - `GET /jobs/status` and `/jobs/get` without a task id, with an unknown one, or (`/get`) of a job not
   finished: BentoML answers `{"error"}` alone; here they are slapgen's shape, naming `task_id`.
+- Any replica answers for any job: BentoML's task store is one per server, so when it does not know
+  the task (a job another replica took), `/jobs/status` answers from the job board (a shared
+  database) and `/jobs/get` from the board and the shared results folder (`slapgen.serving.results`),
+  where the worker that ran the job wrote its mp4. `/jobs/progress` and `/jobs/cancel` are the board's
+  already; a cancel taken here stops the job on the replica running it (its worker reads the board
+  after every step).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from urllib.parse import parse_qs
 
 from pydantic import ValidationError
@@ -39,6 +45,7 @@ from slapgen.serving.error_shape import in_our_shape
 from slapgen.serving.http_errors import error_body, error_response, validation_error_body
 from slapgen.serving.jobs import JobBoard
 from slapgen.serving.requests import GenerateRequest
+from slapgen.serving.results import ResultStore
 
 SUBMIT_PATH = "/jobs/submit"
 CANCEL_PATH = "/jobs/cancel"
@@ -50,19 +57,24 @@ NO_RETRY = "retrying a job is not offered here; submit its body again with POST 
 # own request, whose state is this scope's "state".
 ADMISSION_KEY = "slapgen_admission"
 MISSING_TASK_ID = "give the job as ?task_id=... (the id /jobs/submit answered)"
+# A job's state on the board as BentoML's /jobs/status spells it (canceled is answered before asking BentoML).
+BENTOML_STATUS = {"queued": "pending", "running": "in_progress", "canceling": "in_progress",
+                  "finishing": "in_progress", "completed": "completed", "failed": "failed"}
 
 
 class JobRoutes:
     """`check(request)` returns what `/generate` would run for this body, or raises what it would raise;
     `admit()` takes a place in the engine's queue or raises QueueFullError (both run in a worker
-    thread); `board` is the service's shared job board."""
+    thread); `board` is the service's shared job board; `results` the folder of finished jobs' mp4s every
+    replica reads (None: this server's own task store only)."""
 
     def __init__(self, app, check: Callable[[GenerateRequest], GenerationParams], admit: Callable[[], Admission],
-                 board: JobBoard):
+                 board: JobBoard, results: ResultStore | None = None):
         self.app = app
         self.check = check
         self.admit = admit
         self.board = board
+        self.results = results
 
     async def __call__(self, scope, receive, send):
         path = scope["path"].rstrip("/") if scope["type"] == "http" else ""
@@ -84,7 +96,8 @@ class JobRoutes:
                 if path == STATUS_PATH:
                     return await send_json(send, 200, {"task_id": task_id, "status": "canceled"})
                 return await send_json(send, 409, error_body(job["error"] or f"job {task_id} was canceled", "task_id"))
-            return await self.app(scope, receive, _in_our_error_shape(send, task_id))
+            return await self.app(scope, receive, _in_our_error_shape(
+                send, task_id, lambda: self._answer_from_shared_state(send, path, task_id)))
         await self.app(scope, receive, send)
 
     async def _submit(self, scope, receive, send):
@@ -124,6 +137,32 @@ class JobRoutes:
         finally:
             admission.release()  # a job that never ran (or a refused submit) gives its place back
 
+    async def _answer_from_shared_state(self, send, path: str, task_id: str) -> bool:
+        """Answer for a job this server's task store does not know, from the board and the results folder
+        (another replica ran it); False when the board does not know it either."""
+        job = await run_in_threadpool(self.board.get, task_id)
+        if job is None or self.results is None:
+            return False
+        state = job["state"]
+        if path == STATUS_PATH:
+            await send_json(send, 200, {"task_id": task_id, "status": BENTOML_STATUS.get(state, "canceled")})
+            return True
+        if state == "completed" and (video := await run_in_threadpool(self.results.read, task_id)) is not None:
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", b"video/mp4"), (b"content-length", str(len(video)).encode())]})
+            await send({"type": "http.response.body", "body": video})
+        elif state == "completed":
+            await send_json(send, 404, error_body(f"the video of job {task_id} is gone from the results folder (results "
+                                                  "are kept 24 hours)", "task_id"))
+        elif state == "failed":
+            await send_json(send, 409, error_body(f"job {task_id} failed: {job['error']}", "task_id"))
+        elif state == "canceled":
+            await send_json(send, 409, error_body(job["error"] or f"job {task_id} was canceled", "task_id"))
+        else:
+            await send_json(send, 400, error_body(f"job {task_id} has not finished yet; /jobs/progress?task_id={task_id} "
+                                                  "says how far it is", "task_id"))
+        return True
+
     async def _cancel(self, scope, receive, send):
         task_id = _task_id(scope)
         if not task_id:
@@ -135,9 +174,10 @@ class JobRoutes:
         await send_json(send, 200, {"task_id": task_id, "state": job["state"]})
 
 
-def _in_our_error_shape(send, task_id: str):
+def _in_our_error_shape(send, task_id: str, unknown_here: Callable[[], Awaitable[bool]]):
     """A `send` that rewrites BentoML's own 400 / 404 answers on the task routes (`{"error"}` alone) into
-    slapgen's shape; answers already in it (a failed job's stored error) pass unchanged."""
+    slapgen's shape; answers already in it (a failed job's stored error) pass unchanged. On BentoML's 404
+    (a task its store does not know) `unknown_here()` answers first if it can (another replica's job)."""
     held: list[dict] = []
 
     async def rewriting_send(message):
@@ -157,6 +197,8 @@ def _in_our_error_shape(send, task_id: str):
         if in_our_shape(answer):
             for kept in held:
                 await send(kept)
+            return
+        if start["status"] == 404 and await unknown_here():
             return
         if start["status"] == 404:
             message = (f"no job {task_id!r} is known: it was never submitted, or its result is gone (results are "

@@ -9,15 +9,20 @@ own worker sees at the end of its current denoising step and ends as canceled; a
 no longer be canceled (JobFinishingError). States are spelled as BentoML's `/jobs/status` spells
 them (`canceled`), so a client reads one word in both places.
 
-It lives in one SQLite file (`SLAP_CACHE_DIR/jobs.sqlite` in the service), so with several workers
-any of them answers `/jobs/progress` for a job another one runs; without a path it is in memory
-(tests). A job's work lives only in the worker process that runs it, so every row records its
+It lives in the service's database (`slapgen.database`: `SLAP_DATABASE_URL`, else the SQLite file
+`SLAP_CACHE_DIR/jobs.sqlite`), so with several workers, or several replicas sharing one PostgreSQL,
+any of them answers `/jobs/progress` for a job another one runs, and a cancel taken by any of them
+reaches the worker running the job (it reads the board after every step); without a path it is in
+memory (tests). A job's work lives only in the worker process that runs it, so every row records its
 server (`owner`: pid and process start time, since a pid alone is reused: a container's server is pid 1
 after every restart) and its worker (`worker`, likewise). When a server starts, `end_orphaned` fails
 every unfinished job whose server is no longer that live process (a `kill -9`, a crash, a restart),
 and leaves alone those of another live server sharing the board; when a worker starts (circus restarts
 one that died, e.g. out of memory), `end_dead_workers` fails the unfinished jobs of this server's dead
-workers. Pids mean something on one machine only: the board's folder is one per machine.
+workers. Pids mean something on one machine only, so every row also records its machine (`host`,
+the host name: a replica's pod or container): a server judges only its own machine's jobs, and the
+jobs of another replica sharing the database are left to that replica (every container's server is
+pid 1, so without the host one replica's start-up failed the others' running jobs).
 
 Every change that depends on a job's state is one conditional UPDATE, so two workers deciding at once
 cannot both act on a state one of them has already changed.
@@ -27,13 +32,16 @@ from __future__ import annotations
 
 import functools
 import os
-import sqlite3
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from sqlalchemy import BigInteger, Column, Connection, Double, Integer, MetaData, Table, Text, case, delete, select, update
+
+from slapgen.database import open_store, upsert_ignoring
 from slapgen.errors import JobFinishedError, JobFinishingError, JobNotFoundError
 from slapgen.lifetime import instance_alive, process_start_time
 
@@ -41,7 +49,22 @@ MAX_TRACKED_JOBS = 10_000
 COLUMNS = ("task_id", "state", "step", "total_steps", "error", "updated_at")
 ENDED = ("completed", "failed", "canceled")
 UNFINISHED = ("queued", "running", "canceling", "finishing")
-UNFINISHED_MARKS = ", ".join("?" for _ in UNFINISHED)
+
+# The table as its newest migration (slapgen/migrations/versions/jobs_*) leaves it.
+jobs = Table(
+    "jobs", MetaData(),
+    Column("task_id", Text, primary_key=True), Column("state", Text), Column("step", Integer),
+    Column("total_steps", Integer), Column("error", Text), Column("updated_at", Double),
+    Column("owner", BigInteger), Column("owner_started", BigInteger), Column("worker", BigInteger),
+    Column("worker_started", BigInteger), Column("host", Text),
+)
+HOST = socket.gethostname()  # this machine, as the rows it writes name it
+_PUBLIC = [jobs.c[name] for name in COLUMNS]
+
+
+def _on_this_machine():
+    # Rows from before the host was recorded (NULL) come from a board that was one per machine.
+    return (jobs.c.host == HOST) | jobs.c.host.is_(None)
 
 
 @functools.lru_cache(maxsize=4)
@@ -51,64 +74,36 @@ def _own_start_time(pid: int) -> int | None:
 
 
 class JobBoard:
-    """`owner`: the pid of the server whose workers write through this board (None: unknown)."""
+    """`where`: the database (a URL, an SQLite file's path, or None: in memory); `owner`: the pid of the
+    server whose workers write through this board (None: unknown)."""
 
-    def __init__(self, path: Path | str | None = None, max_jobs: int = MAX_TRACKED_JOBS, owner: int | None = None):
+    def __init__(self, where: Path | str | None = None, max_jobs: int = MAX_TRACKED_JOBS, owner: int | None = None):
         self._max_jobs = max_jobs
         self._owner = owner
         self._owner_started = process_start_time(owner) if owner is not None else None
-        self._lock = threading.Lock()
-        if path is None:
-            self._shared = sqlite3.connect(":memory:", check_same_thread=False)
-            self._path = None
-        else:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            self._shared = None
-            self._path = str(path)
-        with self._connect() as db:
-            if self._path is not None:
-                db.execute("PRAGMA journal_mode=WAL")  # readers never block the worker writing steps
-            db.execute("CREATE TABLE IF NOT EXISTS jobs (task_id TEXT PRIMARY KEY, state TEXT, step INTEGER, "
-                       "total_steps INTEGER, error TEXT, updated_at REAL, owner INTEGER, owner_started INTEGER, "
-                       "worker INTEGER, worker_started INTEGER)")
-            present = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
-            for column in ("owner", "owner_started", "worker", "worker_started"):  # boards from before them
-                if column not in present:
-                    db.execute(f"ALTER TABLE jobs ADD COLUMN {column} INTEGER")
-            # Boards written before the states took BentoML's spelling.
-            db.execute("UPDATE jobs SET state = 'canceled' WHERE state = 'cancelled'")
-            db.execute("UPDATE jobs SET state = 'canceling' WHERE state = 'cancelling'")
+        self._lock = threading.Lock()  # one writer per process at a time (SQLite would make the others wait)
+        self._engine = open_store(where, "jobs")
 
     @contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
-        """A transaction: committed when the block ends (a file connection is closed too)."""
-        if self._shared is not None:
-            with self._shared:
-                yield self._shared
-            return
-        db = sqlite3.connect(self._path, timeout=30)
-        try:
-            with db:
-                yield db
-        finally:
-            db.close()
+    def _connect(self) -> Iterator[Connection]:
+        """A transaction: committed when the block ends, rolled back if it raises."""
+        with self._engine.begin() as db:
+            yield db
 
-    def _insert(self, db: sqlite3.Connection, task_id: str, total_steps: int) -> None:
+    def _insert(self, db: Connection, task_id: str, total_steps: int) -> None:
         # Written by the worker that takes the job (its submit and its handler run there).
         worker = os.getpid()
-        db.execute("INSERT OR IGNORE INTO jobs (task_id, state, step, total_steps, error, updated_at, owner, "
-                   "owner_started, worker, worker_started) VALUES (?, 'queued', 0, ?, NULL, ?, ?, ?, ?, ?)",
-                   (task_id, total_steps, time.time(), self._owner, self._owner_started, worker,
-                    _own_start_time(worker)))
+        db.execute(upsert_ignoring(db, jobs).values(
+            task_id=task_id, state="queued", step=0, total_steps=total_steps, error=None, updated_at=time.time(),
+            owner=self._owner, owner_started=self._owner_started, worker=worker,
+            worker_started=_own_start_time(worker), host=HOST))
 
     def _update(self, task_id: str, **changes) -> None:
         with self._lock, self._connect() as db:
             self._insert(db, task_id, 0)
-            assignments = ", ".join(f"{column} = ?" for column in changes)
-            db.execute(f"UPDATE jobs SET {assignments}, updated_at = ? WHERE task_id = ?",
-                       (*changes.values(), time.time(), task_id))
-            db.execute("DELETE FROM jobs WHERE task_id IN (SELECT task_id FROM jobs ORDER BY updated_at DESC "
-                       "LIMIT -1 OFFSET ?)", (self._max_jobs,))
+            db.execute(update(jobs).where(jobs.c.task_id == task_id).values(**changes, updated_at=time.time()))
+            newest = select(jobs.c.task_id).order_by(jobs.c.updated_at.desc()).offset(self._max_jobs)
+            db.execute(delete(jobs).where(jobs.c.task_id.in_(newest.scalar_subquery())))
 
     def submitted(self, task_id: str, total_steps: int) -> None:
         """Known from submission on, so a job can be cancelled before its handler starts."""
@@ -118,16 +113,17 @@ class JobBoard:
     def queued(self, task_id: str, total_steps: int) -> None:
         with self._lock, self._connect() as db:
             self._insert(db, task_id, total_steps)
-            db.execute("UPDATE jobs SET total_steps = ?, updated_at = ? WHERE task_id = ?", (total_steps, time.time(), task_id))
+            db.execute(update(jobs).where(jobs.c.task_id == task_id).values(total_steps=total_steps,
+                                                                             updated_at=time.time()))
 
     def step(self, task_id: str, step: int, total_steps: int) -> None:
         with self._lock, self._connect() as db:
             # A cancel that arrived meanwhile stays visible: only a queued or running job moves on, to
             # finishing once its last denoising step is done (a cancel can then no longer stop it).
             moved_on = "finishing" if step >= total_steps else "running"
-            db.execute("UPDATE jobs SET state = CASE WHEN state IN ('queued', 'running') THEN ? ELSE state END, "
-                       "step = ?, total_steps = ?, updated_at = ? WHERE task_id = ?",
-                       (moved_on, step, total_steps, time.time(), task_id))
+            db.execute(update(jobs).where(jobs.c.task_id == task_id).values(
+                state=case((jobs.c.state.in_(("queued", "running")), moved_on), else_=jobs.c.state),
+                step=step, total_steps=total_steps, updated_at=time.time()))
 
     def cancel(self, task_id: str) -> dict:
         """Ask a job to stop: a queued job is canceled now, a running one is marked canceling.
@@ -135,11 +131,13 @@ class JobBoard:
         JobFinishingError (its denoising is done: it will complete)."""
         with self._lock, self._connect() as db:
             # One statement decides and writes: a worker moving the job to finishing meanwhile either
-            # comes first (and this changes nothing) or finds it canceling.
-            changed = db.execute("UPDATE jobs SET state = CASE WHEN state = 'queued' THEN 'canceled' ELSE 'canceling' "
-                                 "END, updated_at = ? WHERE task_id = ? AND state IN ('queued', 'running', 'canceling')",
-                                 (time.time(), task_id)).rowcount
-            row = db.execute(f"SELECT {', '.join(COLUMNS)} FROM jobs WHERE task_id = ?", (task_id,)).fetchone()
+            # comes first (and this changes nothing) or finds it canceling. On PostgreSQL a concurrent
+            # writer of the row waits for this transaction and then re-reads the row it changes.
+            changed = db.execute(update(jobs).where(
+                jobs.c.task_id == task_id, jobs.c.state.in_(("queued", "running", "canceling"))).values(
+                state=case((jobs.c.state == "queued", "canceled"), else_="canceling"),
+                updated_at=time.time())).rowcount
+            row = db.execute(select(*_PUBLIC).where(jobs.c.task_id == task_id)).first()
         if row is None:
             raise JobNotFoundError(f"no job {task_id!r} is known", "task_id")
         job = dict(zip(COLUMNS, row))
@@ -169,8 +167,8 @@ class JobBoard:
         finish them. Jobs recorded under this very pid are among them (the server starting now runs none
         yet: a container's server has the same pid after every restart)."""
         with self._lock, self._connect() as db:
-            rows = db.execute(f"SELECT task_id, owner, owner_started FROM jobs WHERE state IN ({UNFINISHED_MARKS})",
-                              UNFINISHED).fetchall()
+            rows = db.execute(select(jobs.c.task_id, jobs.c.owner, jobs.c.owner_started).where(
+                jobs.c.state.in_(UNFINISHED), _on_this_machine())).all()
             orphans = [task_id for task_id, owner, started in rows
                        if owner is None or owner == os.getpid() or not alive(owner, started)]
             return self._fail_unfinished(db, orphans, reason)
@@ -182,22 +180,22 @@ class JobBoard:
         if self._owner is None:
             return 0
         with self._lock, self._connect() as db:
-            rows = db.execute(f"SELECT task_id, owner_started, worker, worker_started FROM jobs WHERE owner = ? "
-                              f"AND worker IS NOT NULL AND state IN ({UNFINISHED_MARKS})", (self._owner, *UNFINISHED)).fetchall()
+            rows = db.execute(select(jobs.c.task_id, jobs.c.owner_started, jobs.c.worker, jobs.c.worker_started).where(
+                jobs.c.owner == self._owner, jobs.c.worker.is_not(None), jobs.c.state.in_(UNFINISHED),
+                _on_this_machine())).all()
             dead = [task_id for task_id, owner_started, worker, worker_started in rows
                     if owner_started == self._owner_started
                     and (worker == os.getpid() or not alive(worker, worker_started))]
             return self._fail_unfinished(db, dead, reason)
 
     @staticmethod
-    def _fail_unfinished(db: sqlite3.Connection, task_ids: list[str], reason: str) -> int:
+    def _fail_unfinished(db: Connection, task_ids: list[str], reason: str) -> int:
         # Only a job still unfinished: one that ended since it was read keeps its end.
         now = time.time()
-        return sum(db.execute(f"UPDATE jobs SET state = 'failed', error = ?, updated_at = ? WHERE task_id = ? "
-                              f"AND state IN ({UNFINISHED_MARKS})", (reason, now, task_id, *UNFINISHED)).rowcount
-                   for task_id in task_ids)
+        return sum(db.execute(update(jobs).where(jobs.c.task_id == task_id, jobs.c.state.in_(UNFINISHED)).values(
+            state="failed", error=reason, updated_at=now)).rowcount for task_id in task_ids)
 
     def get(self, task_id: str) -> dict | None:
         with self._lock, self._connect() as db:
-            row = db.execute(f"SELECT {', '.join(COLUMNS)} FROM jobs WHERE task_id = ?", (task_id,)).fetchone()
+            row = db.execute(select(*_PUBLIC).where(jobs.c.task_id == task_id)).first()
         return dict(zip(COLUMNS, row)) if row else None

@@ -1,10 +1,11 @@
-"""Blind A/B ratings from the web studio, stored in SQLite under `SLAP_DATA_DIR`.
+"""Blind A/B ratings from the web studio, stored in the service's database (`slapgen.database`:
+`SLAP_DATABASE_URL`, else the SQLite file `SLAP_DATA_DIR/ratings.sqlite`).
 
 A rating says, for one criterion, which of two videos made from the same prompt and seed was better:
 the one shown left, the one shown right, or neither. The store keeps which system was on which side
 (the page randomises sides and hides the systems from the rater), so nothing is lost and the summary
-can be recomputed. Every write is one transaction in WAL mode: several raters (and several workers)
-write at once safely, and a restart loses nothing.
+can be recomputed. Every write is one transaction (in WAL mode on SQLite): several raters (and several
+workers, or replicas on one PostgreSQL) write at once safely, and a restart loses nothing.
 
 The summary is computed with `slapgen.evaluation.stats`, the same code `slapgen eval` uses for its
 automatic A/B against the base model: the outcome of each rating is read from the point of view of
@@ -13,12 +14,14 @@ the pair's first system (names sorted), and the bootstrap resamples prompts.
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 import time
 from collections import defaultdict
 from pathlib import Path
 
+from sqlalchemy import BigInteger, Column, Double, Integer, MetaData, Table, Text, insert, select
+
+from slapgen.database import open_store
 from slapgen.csv_cells import inert_csv
 from slapgen.evaluation.stats import LOSS, TIE, WIN, Comparison, win_rate
 
@@ -31,43 +34,35 @@ CSV_COLUMNS = ("id", "created_at", "rater", "criterion", "choice", "left_system"
                "right_scale", "prompt", "seed")
 
 
-class RatingStore:
-    def __init__(self, path: Path):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self._path = str(path)
-        self._lock = threading.Lock()
-        with self._connect() as db:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("CREATE TABLE IF NOT EXISTS ratings (id INTEGER PRIMARY KEY AUTOINCREMENT, created_at REAL, "
-                       "rater TEXT, criterion TEXT, choice TEXT, left_system TEXT, left_scale REAL, "
-                       "right_system TEXT, right_scale REAL, prompt TEXT, seed INTEGER)")
+# The table as its newest migration (slapgen/migrations/versions/ratings_*) leaves it.
+ratings = Table(
+    "ratings", MetaData(),
+    Column("id", Integer, primary_key=True, autoincrement=True), Column("created_at", Double),
+    Column("rater", Text), Column("criterion", Text), Column("choice", Text), Column("left_system", Text),
+    Column("left_scale", Double), Column("right_system", Text), Column("right_scale", Double),
+    Column("prompt", Text), Column("seed", BigInteger),
+    sqlite_autoincrement=True,
+)
 
-    def _connect(self) -> sqlite3.Connection:
-        return sqlite3.connect(self._path, timeout=30)
+
+class RatingStore:
+    """`where`: the database (a URL, or an SQLite file's path)."""
+
+    def __init__(self, where: Path | str):
+        self._lock = threading.Lock()
+        self._engine = open_store(where, "ratings")
 
     def add(self, rows: list[dict]) -> list[int]:
         """Store the ratings of one submission (one per criterion) all or nothing; returns their ids."""
         now = time.time()
-        with self._lock:
-            db = self._connect()
-            try:
-                with db:
-                    ids = [db.execute(
-                        "INSERT INTO ratings (created_at, rater, criterion, choice, left_system, left_scale, "
-                        "right_system, right_scale, prompt, seed) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        (now, row["rater"], row["criterion"], row["choice"], row["left_system"], row["left_scale"],
-                         row["right_system"], row["right_scale"], row["prompt"], row["seed"]),
-                    ).lastrowid for row in rows]
-            finally:
-                db.close()
-        return ids
+        with self._lock, self._engine.begin() as db:
+            return [db.execute(insert(ratings).values(
+                created_at=now, **{column: row[column] for column in CSV_COLUMNS[2:]})).inserted_primary_key[0]
+                for row in rows]
 
     def all(self) -> list[dict]:
-        db = self._connect()
-        try:
-            rows = db.execute(f"SELECT {', '.join(CSV_COLUMNS)} FROM ratings ORDER BY id").fetchall()
-        finally:
-            db.close()
+        with self._engine.connect() as db:
+            rows = db.execute(select(*(ratings.c[column] for column in CSV_COLUMNS)).order_by(ratings.c.id)).all()
         return [dict(zip(CSV_COLUMNS, row)) for row in rows]
 
     def csv(self) -> str:

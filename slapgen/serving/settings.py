@@ -34,6 +34,14 @@ class SlapSettings(BaseSettings):
     data_dir: Path | None = Field(
         None, description="what the service keeps: the studio's ratings (default: SLAP_CACHE_DIR/data)"
     )
+    database_url: str | None = Field(
+        None,
+        description="where the job board, ratings and campaigns live: postgresql://USER:PASSWORD@HOST:PORT/DB "
+        "for several replicas, or sqlite:///PATH; unset: SQLite files under SLAP_CACHE_DIR and SLAP_DATA_DIR",
+    )
+    results_dir: Path | None = Field(
+        None, description="finished jobs' mp4s, read by every replica (default: SLAP_DATA_DIR/results)"
+    )
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="`auto` picks cuda when available"
     )
@@ -81,6 +89,13 @@ class SlapSettings(BaseSettings):
     def _empty_token_is_unset(cls, value):
         return value or None
 
+    @field_validator("database_url", mode="before")
+    @classmethod
+    def _database_url_parses(cls, value):
+        from slapgen.database import database_url
+
+        return database_url(value) if value else None  # ValueError -> one sentence naming SLAP_DATABASE_URL
+
     @field_validator("cache")
     @classmethod
     def _cache_parses(cls, value):
@@ -100,7 +115,13 @@ class SlapSettings(BaseSettings):
             self.adapters_dir = self.cache_dir / "adapters"
         if self.data_dir is None:
             self.data_dir = self.cache_dir / "data"
+        if self.results_dir is None:
+            self.results_dir = self.data_dir / "results"
         return self
+
+    def store_database(self, default_file: Path) -> str | Path:
+        """Where a store lives: SLAP_DATABASE_URL, or else its own SQLite file."""
+        return self.database_url or default_file
 
     def target_modules(self) -> list[str]:
         return self.lora_target_modules.split(",")

@@ -6,8 +6,9 @@
   start-up, so a second server sharing one BENTOML_HOME (the default `~/bentoml`) erases the jobs of the
   first, whose task routes then fail. A server holds an exclusive lock beside that file for as long as
   it runs (the kernel drops it when the process ends, even by kill -9), and a second one stops.
-- slapgen's own SQLite files (the job board under SLAP_CACHE_DIR, the ratings under SLAP_DATA_DIR): a
-  folder that cannot be written, or a file there that is not an SQLite database, is one sentence too.
+- slapgen's own database (SLAP_DATABASE_URL, or SQLite files: the job board under SLAP_CACHE_DIR, the
+  ratings under SLAP_DATA_DIR): a folder that cannot be written, a file there that is not an SQLite
+  database, or a PostgreSQL that cannot be reached, is one sentence too.
 """
 
 from __future__ import annotations
@@ -79,14 +80,24 @@ def claim_task_store(result_file: str) -> None:
     _held_locks.append(handle)
 
 
-def with_store(what: str, path: Path, variable: str, use: Callable[[Path], T]) -> T:
-    """`use(path)` (opening or reading one of slapgen's SQLite files), or StartupError naming the file and
-    the setting when the folder cannot be written or the file is not a usable SQLite database."""
+def with_store(what: str, where: Path | str, variable: str, use: Callable[[Path | str], T]) -> T:
+    """`use(where)` (opening or reading one of slapgen's stores: an SQLite file's path, or the URL of
+    SLAP_DATABASE_URL), or StartupError naming the file (or database) and the setting when the folder
+    cannot be written, the file is not a usable SQLite database, or the database cannot be used."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import SQLAlchemyError
+
     try:
-        return use(path)
+        return use(where)
     except OSError as error:
         reason = f"{error.strerror}: {error.filename}" if error.strerror and error.filename else str(error)
     except sqlite3.Error as error:
         reason = str(error)
-    raise StartupError(f"cannot use {what} {path} ({reason}); {variable} must be a writable folder, and a file "
+    except SQLAlchemyError as error:
+        reason = " ".join(str(getattr(error, "orig", None) or error).split())
+    if isinstance(where, str):  # a URL: its password never reaches a log
+        shown = make_url(where).render_as_string(hide_password=True)
+        raise StartupError(f"cannot use {what} in {shown} ({reason}); SLAP_DATABASE_URL must name a database "
+                           f"this server can reach and write")
+    raise StartupError(f"cannot use {what} {where} ({reason}); {variable} must be a writable folder, and a file "
                        f"there that is not an SQLite database slapgen wrote must be moved away")

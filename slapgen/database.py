@@ -1,0 +1,164 @@
+"""Where the service's state lives: one SQLAlchemy engine per database URL, and its schema migrations.
+
+The job board, the studio's ratings and the rating campaigns are tables in one database when
+`SLAP_DATABASE_URL` names one (`postgresql://...` for several replicas, or `sqlite:///...`); unset,
+each keeps its own SQLite file as before (`SLAP_CACHE_DIR/jobs.sqlite`, `SLAP_DATA_DIR/ratings.sqlite`,
+`SLAP_DATA_DIR/campaigns.sqlite`). Every statement the stores run is SQLAlchemy Core, so one code path
+serves both databases; what differs (WAL and the busy timeout on SQLite, `INSERT ... ON CONFLICT DO
+NOTHING`'s spelling) is decided here or by the dialect.
+
+Schemas are alembic migrations (`slapgen/migrations`), one independent branch per store (`jobs`,
+`ratings`, `campaigns`), so a store's own SQLite file carries only its tables and one shared database
+carries all three. `open_store` brings its store's branch to its head before the store's first
+statement: in the service that happens in `bentoml serve`'s own process when it imports the service,
+before any worker starts; in `slapgen campaign create`, before it writes. Two processes migrating at
+once (two replicas starting together) take turns: a PostgreSQL advisory lock, or a lock file beside
+the SQLite file, and the second finds the schema already at its head.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import functools
+import os
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.pool import NullPool, StaticPool
+
+from slapgen.errors import SettingsError
+
+MIGRATIONS_DIR = Path(__file__).with_name("migrations")
+STORES = ("jobs", "ratings", "campaigns")  # alembic branch labels
+# Any constant: the key of the advisory lock PostgreSQL holds while one process migrates.
+_MIGRATION_LOCK_KEY = 0x51A9_6E4
+_SQLITE_BUSY_TIMEOUT_S = 30
+MEMORY = "sqlite://"  # an in-memory database, one per store (tests)
+
+
+def database_url(value: str) -> str:
+    """The SQLAlchemy URL of a `SLAP_DATABASE_URL` value: `sqlite:///PATH` or `postgresql://...` (driven
+    by psycopg 3); anything else raises ValueError with one sentence."""
+    try:
+        url = make_url(value)
+    except Exception:
+        raise ValueError("must be a URL: sqlite:///PATH or postgresql://USER:PASSWORD@HOST:PORT/DATABASE") from None
+    if url.drivername in ("postgresql", "postgres", "postgresql+psycopg"):
+        if not url.database:
+            raise ValueError("a postgresql:// URL must name its database: postgresql://USER@HOST:PORT/DATABASE")
+        return url.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
+    if url.drivername == "sqlite":
+        if not url.database or url.database == ":memory:":
+            raise ValueError("a sqlite:/// URL must name a file: sqlite:////absolute/path/slapgen.sqlite")
+        return url.render_as_string(hide_password=False)
+    raise ValueError(f"the {url.drivername} database is not supported; use sqlite:///PATH or postgresql://...")
+
+
+def sqlite_file_url(path: Path | str) -> str:
+    return URL.create("sqlite", database=str(Path(path))).render_as_string()
+
+
+def store_url(where: Path | str | None) -> str:
+    """A store's database from what its constructor got: None (in memory), a URL, or an SQLite file's path."""
+    if where is None:
+        return MEMORY
+    if isinstance(where, str) and "://" in where:
+        return database_url(where)
+    return sqlite_file_url(where)
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file of an SQLite URL (None for PostgreSQL or memory)."""
+    parsed = make_url(url)
+    return Path(parsed.database) if parsed.get_backend_name() == "sqlite" and parsed.database else None
+
+
+def open_store(where: Path | str | None, store: str) -> Engine:
+    """The engine of a store's database with the store's schema at its head."""
+    url = store_url(where)
+    if url == MEMORY:
+        engine = _memory_engine()
+    else:
+        if (path := sqlite_path(url)) is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        engine = _shared_engine(url, os.getpid())  # keyed by pid: a pool never crosses a fork
+    migrate(engine, store)
+    return engine
+
+
+def _memory_engine() -> Engine:
+    # One connection for every thread: a second one would open a second, empty, database.
+    return create_engine(MEMORY, poolclass=StaticPool, connect_args={"check_same_thread": False})
+
+
+@functools.lru_cache(maxsize=None)
+def _shared_engine(url: str, pid: int) -> Engine:
+    if make_url(url).get_backend_name() != "sqlite":
+        # pool_pre_ping: a replica keeps working after PostgreSQL restarts (a stale connection is replaced).
+        return create_engine(url, pool_pre_ping=True)
+    # A connection per transaction, as before SQLAlchemy: opening an SQLite file costs microseconds, and a
+    # pooled connection would keep reading a file replaced under the server from its cache.
+    engine = create_engine(url, poolclass=NullPool, connect_args={"timeout": _SQLITE_BUSY_TIMEOUT_S})
+
+    @event.listens_for(engine, "connect")
+    def _wal(dbapi_connection, _record):
+        # Readers never block the writer (a worker writing its steps, a rater submitting).
+        dbapi_connection.execute("PRAGMA journal_mode=WAL")
+
+    return engine
+
+
+def upsert_ignoring(engine_or_connection, table):
+    """`INSERT ... ON CONFLICT DO NOTHING` in the database's dialect (both spell it alike, from different modules)."""
+    if engine_or_connection.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    return insert(table).on_conflict_do_nothing()
+
+
+_process_migration_lock = threading.Lock()
+
+
+@contextmanager
+def _migration_turn(engine: Engine, connection):
+    """Held while one process migrates: PostgreSQL's advisory lock (released at commit), or an exclusive
+    lock on a file beside the SQLite file (its locking is per machine, as SQLite itself is)."""
+    with _process_migration_lock:
+        if engine.dialect.name == "postgresql":
+            connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK_KEY})")
+            yield
+            return
+        path = sqlite_path(str(engine.url))
+        if path is None:
+            yield
+            return
+        with open(f"{path}.migrate-lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def alembic_config(connection=None):
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.attributes["connection"] = connection
+    return config
+
+
+def migrate(engine: Engine, store: str) -> None:
+    """Bring `store`'s tables to their newest schema, keeping every row (a database from before alembic
+    is adopted by the branch's first revision)."""
+    from alembic import command
+
+    if store not in STORES:
+        raise SettingsError(f"unknown store {store!r}; one of {', '.join(STORES)}")
+    with engine.begin() as connection, _migration_turn(engine, connection):
+        command.upgrade(alembic_config(connection), f"{store}@head")

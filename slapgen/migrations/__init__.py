@@ -1,0 +1,1 @@
+"""Alembic migrations of slapgen's database (see `slapgen.database`): one branch per store."""

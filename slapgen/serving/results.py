@@ -1,0 +1,53 @@
+"""Finished jobs' mp4s in a folder every replica reads (`SLAP_RESULTS_DIR`, default SLAP_DATA_DIR/results).
+
+BentoML keeps a task's result in its own store, one per server (`$BENTOML_HOME/task_result.db`), so
+only the replica that ran a job could answer `/jobs/get`. The worker that ran a submitted job also
+writes its mp4 here, atomically (`slapgen.atomic`: a reader never sees half a video), before the job
+board says `completed`; a replica whose own task store does not know the task answers from the board
+and this folder (`slapgen.serving.job_routes`). On several machines the folder is a shared volume
+(NFS, a Kubernetes ReadWriteMany volume): whole files written by rename are safe there, unlike
+SQLite's locking. Results older than BentoML's own retention (24 hours) are removed as new ones come.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+from slapgen.atomic import atomic_write_bytes
+
+RETENTION_S = 24 * 3600  # as BentoML keeps its task results
+_TASK_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")  # BentoML's task ids are hex; nothing else names a file
+
+
+class ResultStore:
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)  # at start-up: a folder that cannot be made is one sentence
+
+    def path(self, task_id: str) -> Path | None:
+        """Where the job's mp4 is (or will be); None for a task id that cannot name a file here."""
+        return self.folder / f"{task_id}.mp4" if _TASK_ID.fullmatch(task_id) else None
+
+    def save(self, task_id: str, video: bytes) -> None:
+        if (target := self.path(task_id)) is None:
+            return
+        atomic_write_bytes(target, video)
+        self._forget_old()
+
+    def read(self, task_id: str) -> bytes | None:
+        target = self.path(task_id)
+        try:
+            return target.read_bytes() if target is not None else None
+        except FileNotFoundError:
+            return None
+
+    def _forget_old(self) -> None:
+        oldest = time.time() - RETENTION_S
+        for old in self.folder.glob("*.mp4"):
+            try:
+                if old.stat().st_mtime < oldest:
+                    old.unlink()
+            except FileNotFoundError:  # another replica removed it first
+                pass

@@ -1,0 +1,194 @@
+"""The service's database: SLAP_DATABASE_URL checked once, and alembic migrations that keep every row of
+the SQLite files the code before them wrote."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+
+import pytest
+
+from slapgen.campaign_store import CampaignStore
+from slapgen.errors import SettingsError
+from slapgen.serving.jobs import JobBoard
+from slapgen.serving.ratings import RatingStore
+
+# The CREATE statements of the code before alembic (slapgen/serving/jobs.py, ratings.py and
+# slapgen/campaign_store.py as they were), written out so the test does not depend on the code it checks.
+# The jobs table is the oldest shape, before the owner and worker columns.
+OLD_JOBS = ("CREATE TABLE IF NOT EXISTS jobs (task_id TEXT PRIMARY KEY, state TEXT, step INTEGER, "
+            "total_steps INTEGER, error TEXT, updated_at REAL)")
+OLD_RATINGS = ("CREATE TABLE IF NOT EXISTS ratings (id INTEGER PRIMARY KEY AUTOINCREMENT, created_at REAL, "
+               "rater TEXT, criterion TEXT, choice TEXT, left_system TEXT, left_scale REAL, "
+               "right_system TEXT, right_scale REAL, prompt TEXT, seed INTEGER)")
+OLD_CAMPAIGNS = (
+    "CREATE TABLE IF NOT EXISTS campaigns (name TEXT PRIMARY KEY, created_at REAL, spec TEXT)",
+    "CREATE TABLE IF NOT EXISTS videos (token TEXT PRIMARY KEY, campaign TEXT, system TEXT, item INTEGER, "
+    "file TEXT, UNIQUE (campaign, system, item))",
+    "CREATE TABLE IF NOT EXISTS pairs (pair_id TEXT PRIMARY KEY, campaign TEXT, rater TEXT, left_system TEXT, "
+    "right_system TEXT, item INTEGER, repeat INTEGER, issued_at REAL, answered_at REAL)",
+    "CREATE INDEX IF NOT EXISTS pairs_by_rater ON pairs (campaign, rater, answered_at)",
+    "CREATE TABLE IF NOT EXISTS verdicts (id INTEGER PRIMARY KEY AUTOINCREMENT, campaign TEXT, pair_id TEXT, "
+    "rater TEXT, criterion TEXT, choice TEXT, created_at REAL)",
+    "CREATE INDEX IF NOT EXISTS verdicts_by_campaign ON verdicts (campaign, id)",
+)
+SPEC = ('{"systems": ["base", "lora"], "items": [{"prompt_index": 0, "prompt": "a slap", "seed": 3}], '
+        '"criteria": ["overall"], "budget": 1, "sources": [], "metric_directions": {}, "system_scores": {}, '
+        '"video_scores": {}}')
+
+
+def _old_database(path, statements, rows):
+    db = sqlite3.connect(path)
+    with db:
+        for statement in statements:
+            db.execute(statement)
+        for statement, values in rows:
+            db.execute(statement, values)
+    db.close()
+
+
+def _versions(path) -> set[str]:
+    db = sqlite3.connect(path)
+    try:
+        return {row[0] for row in db.execute("SELECT version_num FROM alembic_version")}
+    finally:
+        db.close()
+
+
+def test_databases_written_before_alembic_are_migrated_with_every_row_kept(tmp_path):
+    """Guards an upgrade that loses ratings or jobs: SQLite files made by the code before alembic (its
+    CREATE statements above, with rows) open with every row as it was, the board's later columns and
+    BentoML's spelling of its states added, the schema stamped at each branch's head, and new rows
+    written beside the old ones."""
+    cache, data = tmp_path / "cache", tmp_path / "data"
+    cache.mkdir()
+    data.mkdir()
+    _old_database(cache / "jobs.sqlite", [OLD_JOBS], [
+        ("INSERT INTO jobs VALUES (?, ?, ?, ?, ?, ?)", ("old-done", "completed", 30, 30, None, 1000.0)),
+        ("INSERT INTO jobs VALUES (?, ?, ?, ?, ?, ?)", ("old-cancelled", "cancelled", 4, 30, "stopped", 1001.0)),
+    ])
+    _old_database(data / "ratings.sqlite", [OLD_RATINGS], [
+        ("INSERT INTO ratings (created_at, rater, criterion, choice, left_system, left_scale, right_system, "
+         "right_scale, prompt, seed) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+         (1000.5, "ana", "overall", "left", "base", 1.0, "lora", 0.5, "a slap", 7)),
+    ])
+    _old_database(data / "campaigns.sqlite", OLD_CAMPAIGNS, [
+        ("INSERT INTO campaigns VALUES (?, ?, ?)", ("old", 900.0, SPEC)),
+        ("INSERT INTO videos VALUES (?, ?, ?, ?, ?)", ("tok-base", "old", "base", 0, "tok-base.mp4")),
+        ("INSERT INTO videos VALUES (?, ?, ?, ?, ?)", ("tok-lora", "old", "lora", 0, "tok-lora.mp4")),
+        ("INSERT INTO pairs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", ("p1", "old", "ana", "base", "lora", 0, 0, 901.0, 902.0)),
+        ("INSERT INTO verdicts (campaign, pair_id, rater, criterion, choice, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+         ("old", "p1", "ana", "overall", "right", 902.0)),
+    ])
+
+    board = JobBoard(cache / "jobs.sqlite", owner=123)
+    assert board.get("old-done") == {"task_id": "old-done", "state": "completed", "step": 30, "total_steps": 30,
+                                     "error": None, "updated_at": 1000.0}
+    assert board.get("old-cancelled")["state"] == "canceled"  # the old spelling, migrated
+    board.submitted("new-job", 5)
+    assert board.cancel("new-job")["state"] == "canceled"
+    assert _versions(cache / "jobs.sqlite") == {"jobs_0002"}
+
+    ratings = RatingStore(data / "ratings.sqlite")
+    assert ratings.all() == [{"id": 1, "created_at": 1000.5, "rater": "ana", "criterion": "overall", "choice": "left",
+                              "left_system": "base", "left_scale": 1.0, "right_system": "lora", "right_scale": 0.5,
+                              "prompt": "a slap", "seed": 7}]
+    assert ratings.add([{**ratings.all()[0], "rater": "ben"}]) == [2]
+    assert _versions(data / "ratings.sqlite") == {"ratings_0001"}
+
+    campaigns = CampaignStore(data)
+    assert [c["name"] for c in campaigns.overview()] == ["old"] and campaigns.overview()[0]["ratings"] == 1
+    assert [(v["rater"], v["preferred"], v["prompt"]) for v in campaigns.verdicts("old")] == [("ana", "lora", "a slap")]
+    assert campaigns.pair("old", "p1").left_video == "tok-base"
+    assert _versions(data / "campaigns.sqlite") == {"campaigns_0001"}
+
+    # Opening again (a worker after the server, a restart) changes nothing.
+    assert JobBoard(cache / "jobs.sqlite").get("old-done")["state"] == "completed"
+    assert len(RatingStore(data / "ratings.sqlite").all()) == 2
+
+
+def test_three_stores_share_one_database_each_at_its_own_head(tmp_path):
+    """Guards stores that cannot share one database (SLAP_DATABASE_URL): the job board, ratings and
+    campaigns each migrate their own alembic branch into one file, and each works there."""
+    url = f"sqlite:///{tmp_path / 'one.sqlite'}"
+    board, ratings, campaigns = JobBoard(url), RatingStore(url), CampaignStore(tmp_path / "data", url)
+    board.submitted("job", 3)
+    ratings.add([{"rater": "ana", "criterion": "overall", "choice": "tie", "left_system": "base", "left_scale": 1.0,
+                  "right_system": "a", "right_scale": 1.0, "prompt": "p", "seed": 2**40}])
+    assert board.get("job")["state"] == "queued" and ratings.all()[0]["seed"] == 2**40
+    assert campaigns.overview() == [] and not (tmp_path / "data" / "campaigns.sqlite").exists()
+    assert _versions(tmp_path / "one.sqlite") == {"jobs_0002", "ratings_0001", "campaigns_0001"}
+
+
+@pytest.mark.parametrize("value, sentence", [
+    ("mysql://user@host/db", "the mysql database is not supported"),
+    ("postgresql://user@host", "must name its database"),
+    ("sqlite://", "must name a file"),
+])
+def test_a_bad_database_url_is_one_sentence_naming_the_setting(monkeypatch, value, sentence):
+    """Guards a SLAP_DATABASE_URL that only fails at the first query (or in every worker): it is checked
+    once with the other settings, and the sentence names the variable."""
+    from slapgen.serving.settings import load_settings
+
+    monkeypatch.setenv("SLAP_DATABASE_URL", value)
+    with pytest.raises(SettingsError, match=f"SLAP_DATABASE_URL: .*{sentence}"):
+        load_settings()
+
+
+def test_a_postgresql_url_is_driven_by_psycopg_and_unset_keeps_the_sqlite_files(monkeypatch, tmp_path):
+    """Guards `postgresql://` reaching SQLAlchemy's default driver (psycopg2, not installed), and an unset
+    URL that moved the stores away from their SQLite files (an upgrade would lose them)."""
+    from slapgen.serving.settings import load_settings
+
+    monkeypatch.setenv("SLAP_DATABASE_URL", "postgresql://slap:secret@db:5432/slapgen")
+    assert load_settings().database_url == "postgresql+psycopg://slap:secret@db:5432/slapgen"
+    monkeypatch.delenv("SLAP_DATABASE_URL")
+    monkeypatch.setenv("SLAP_DATA_DIR", str(tmp_path))
+    settings = load_settings()
+    assert settings.store_database(tmp_path / "ratings.sqlite") == tmp_path / "ratings.sqlite"
+    assert settings.results_dir == tmp_path / "results"
+
+
+def _rating(rater: str, criterion: str, choice: str = "left") -> dict:
+    return {"rater": rater, "criterion": criterion, "choice": choice, "left_system": "base", "left_scale": 1.0,
+            "right_system": "lora", "right_scale": 1.0, "prompt": "a slap", "seed": 1}
+
+
+def test_ratings_from_many_writers_are_all_kept_and_a_broken_submission_leaves_nothing(database_url):
+    """Guards ratings lost or half-stored when several workers (or replicas on one PostgreSQL) write at
+    once: eight stores adding two-row submissions (two criteria of one blind pair) concurrently keep all 16
+    rows, each id once, as 8 rated pairs; a submission whose second row is broken stores neither row."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    stores = [RatingStore(database_url) for _ in range(8)]
+    start = threading.Barrier(len(stores))
+
+    def submit(k):
+        start.wait()
+        return stores[k].add([_rating(f"r{k}", "overall"), _rating(f"r{k}", "motion_accuracy", "tie")])
+
+    with ThreadPoolExecutor(len(stores)) as pool:
+        ids = [i for batch in pool.map(submit, range(len(stores))) for i in batch]
+    rows = stores[0].all()
+    assert sorted(ids) == [row["id"] for row in rows] and len(set(ids)) == 16
+    assert sorted((row["rater"], row["criterion"]) for row in rows) == sorted(
+        (f"r{k}", c) for k in range(8) for c in ("overall", "motion_accuracy"))
+    broken = {key: value for key, value in _rating("x", "motion_accuracy").items() if key != "seed"}
+    with pytest.raises(KeyError):
+        stores[1].add([_rating("x", "overall"), broken])
+    assert len(stores[2].all()) == 16 and stores[2].summary()["rated_pairs"] == 8
+
+
+def test_without_postgresql_its_tests_skip_with_one_reason_unless_ci_requires_it(monkeypatch):
+    """Guards a missing PostgreSQL that errors every parametrised test with a traceback, or that CI would
+    skip silently: without Debian's binaries the tests skip with one sentence saying what to install, and
+    with SLAP_REQUIRE_POSTGRES (set by .ci/run) they fail with it."""
+    import tests.postgres as postgres
+
+    monkeypatch.setattr(postgres.glob, "glob", lambda pattern: [])
+    monkeypatch.delenv("SLAP_REQUIRE_POSTGRES", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="apt-get install postgresql"):
+        postgres.start_postgres()
+    monkeypatch.setenv("SLAP_REQUIRE_POSTGRES", "1")
+    with pytest.raises(pytest.fail.Exception, match="apt-get install postgresql"):
+        postgres.start_postgres()
