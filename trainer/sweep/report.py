@@ -288,7 +288,7 @@ def _winner_lines(definition: SweepDefinition, best: Winner, data: str) -> list[
     where = f"**{best.name}** at step **{best.step}**" if best.checkpoint else f"**{best.name}**"
     lines = [f"Best, by `{best.metric}` ({direction}, `--pick-by`): {where} ({value}). Its LoRA: `{best.lora}`."]
     if best.checkpoint:
-        lines += ["", f"Candidates: every saved checkpoint of every run and its final LoRA (at the run's last step), "
+        lines += ["", f"Candidates: every checkpoint each run kept (`checkpoint.keep_last`) and its final LoRA (at its last step), "
                       f"a row each; {_generated_note(definition)}"]
     plan = reproduction(best.run.config, best.step)
     lines += ["", f"`{BEST_YAML}` trains it: `{train_command(best, data)}` (from this folder), which leaves it in "
@@ -324,7 +324,7 @@ def write_readme(path: Path, definition: SweepDefinition, results: dict[str, dic
         + ".",
         "",
         f"`{HELDOUT_LOSS}`: the training objective on every clip of `{shown_path(definition.heldout, out)}` at fixed timesteps "
-        "(100, 300, ..., 900) and fixed noise (seed 0), from each run's saved LoRA (`trainer/heldout.py`); "
+        "(100, 300, ..., 900) and fixed noise (seed 0), from each saved LoRA file (`trainer/heldout.py`); "
         "lower is better. `results.csv` holds the same numbers in full precision.",
         "",
         *_generation_lines(definition, base),
