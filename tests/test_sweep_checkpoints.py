@@ -277,3 +277,62 @@ def test_pick_by_chooses_what_best_means_and_which_way(tiny_cache_dir, tmp_path)
     assert pick_best(runs, results, "heldout_loss") == runs[0]
     results[names[1]]["metrics"]["temporal_flickering"] = nan
     assert pick_best(runs, results, "temporal_flickering") == runs[0]
+
+
+EVAL_SETS = ("num_frames=9", "height=32", "width=48", "num_inference_steps=1")
+
+
+@pytest.mark.slow
+def test_generate_top_scores_the_best_checkpoints_and_a_campaign_rates_them(tiny_cache_dir, demo_dataset, tmp_path,
+                                                                          monkeypatch, capsys):
+    """Guards --generate-top generating for other checkpoints than the K best by held-out loss (or for all),
+    generation numbers that are not `slapgen eval`'s on that checkpoint's LoRA file, --pick-by of a
+    generation metric crowning a checkpoint that has no videos, a rerun that generates again, and a sweep
+    folder `slapgen campaign create --from` cannot rate: its systems are the base model and each
+    generated checkpoint as RUN@STEP, with their videos."""
+    import trainer.evaluate.run
+    import trainer.sweep.evaluate
+    from trainer.campaign import plan_campaign
+    from trainer.demo_data import write_demo_dataset
+
+    heldout = tmp_path / "heldout"
+    write_demo_dataset(heldout, clips=1, seed=7)
+    out = tmp_path / "gen"
+    args = ["sweep", "--config", "tiny-smoke", "--grid", "lora.rank=2", "--data", str(demo_dataset), "--heldout", str(heldout),
+            "--out", str(out), "--checkpoints", "--generate-top", "2", "--pick-by", "temporal_flickering",
+            "--metrics", "loss,temporal", "--seeds", "1", *[f"--eval-set={item}" for item in EVAL_SETS]]
+    for item in tiny_train_overrides(tiny_cache_dir, *FIXED):
+        args += ["--set", item]
+    assert cli_main(args) == 0, capsys.readouterr().err[-3000:]
+    rows = _rows(out)
+    run = rows[0]["run"]
+    assert [int(row["step"]) for row in rows] == list(STEPS)
+    by_loss = sorted(rows, key=lambda row: float(row["heldout_loss"]))
+    generated = [row for row in rows if row["temporal_flickering"] != ""]
+    assert sorted(int(row["step"]) for row in generated) == sorted(int(row["step"]) for row in by_loss[:2])
+    assert by_loss[2]["temporal_flickering"] == "" and by_loss[2]["subject_consistency_dino"] == ""
+    winner = max(generated, key=lambda row: float(row["temporal_flickering"]))
+    assert [row["step"] for row in rows if row["best"] == "yes"] == [winner["step"]]
+
+    reference_out = tmp_path / "eval"
+    adapters = [arg for row in generated for arg in ("--adapter", f"s{row['step']}={out / row['lora']}")]
+    assert cli_main(["eval", "--model", "tiny", *adapters, "--heldout", str(heldout), "--out", str(reference_out),
+                     "--metrics", "temporal", "--seeds", "1", "--device", "cpu",
+                     *[f"--set={item}" for item in EVAL_SETS]]) == 0
+    reference = json.loads((reference_out / "eval.json").read_text())["systems"]
+    for row in generated:
+        for column in ("subject_consistency_dino", "temporal_flickering"):
+            assert float(row[column]) == pytest.approx(reference[f"s{row['step']}"]["metrics"][column], rel=1e-6, abs=1e-9)
+
+    spec = plan_campaign("steps", [out])
+    assert sorted(spec.systems) == sorted(["base", *(f"{run}@{row['step']}" for row in generated)])
+    assert len(spec.items) == 1 and all(path.is_file() for path in spec.videos.values())
+
+    def never(*_args, **_kwargs):
+        raise AssertionError("a checkpoint with videos was generated again")
+
+    monkeypatch.setattr(trainer.evaluate.run, "run_eval", never)
+    monkeypatch.setattr(trainer.sweep.evaluate, "run_heldout_losses", never)
+    before = (out / "results.csv").read_bytes()
+    assert cli_main(args) == 0
+    assert (out / "results.csv").read_bytes() == before
