@@ -336,3 +336,10 @@ def test_generate_top_scores_the_best_checkpoints_and_a_campaign_rates_them(tiny
     before = (out / "results.csv").read_bytes()
     assert cli_main(args) == 0
     assert (out / "results.csv").read_bytes() == before
+
+    # Another --pick-by measures nothing new: the rerun reports by it (higher subject consistency wins) and records it.
+    other = [("subject_consistency_dino" if arg == "temporal_flickering" else arg) for arg in args]
+    assert cli_main(other) == 0
+    subject = max(generated, key=lambda row: float(row["subject_consistency_dino"]))
+    assert [row["step"] for row in _rows(out) if row["best"] == "yes"] == [subject["step"]]
+    assert read_definition(out).pick_by == "subject_consistency_dino"

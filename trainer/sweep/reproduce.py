@@ -33,7 +33,7 @@ def reproduction(config: TrainConfig, step: int) -> Reproduction:
     """The config (and `--stop-at-step`) that trains the LoRA the run with `config` had at `step`."""
     total = config.train.max_train_steps
     if step == total:
-        return Reproduction(config, None, f"step {step} is the run's last: its final LoRA")
+        return Reproduction(config, None, f"it is the run's final LoRA (step {step}, its last), trained by the run's own config")
     schedule = config.optim.lr_scheduler
     if schedule in LENGTH_FREE_SCHEDULES:
         tree = config.model_dump()
