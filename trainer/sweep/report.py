@@ -266,10 +266,12 @@ def _generation_lines(definition: SweepDefinition, base: dict | None) -> list[st
     if definition.evaluation is None:
         return []
     settings = definition.evaluation
-    lines = [f"Generation metrics (`slapgen eval` on each run's saved LoRA, one video per held-out caption and seed "
+    each, where = (("checkpoint's", "`runs/NAME/eval/eval.json` (the final LoRA) and `runs/NAME/eval-step-NNNNNN/eval.json` hold")
+                   if definition.checkpoints else ("run's", "`runs/NAME/eval/eval.json` holds"))
+    lines = [f"Generation metrics (`slapgen eval` on each {each} saved LoRA, one video per held-out caption and seed "
              f"{', '.join(str(seed) for seed in settings.seeds)}"
              + (f", {', '.join(f'{k}={v}' for k, v in settings.generation.items())}" if settings.generation else "")
-             + "; `runs/NAME/eval/eval.json` holds every number):", ""]
+             + f"; {where} every number):", ""]
     for column in definition.columns[1:]:
         note = COLUMN_NOTES["clip" if column.startswith("clip_score_") else column]
         lines.append(f"- `{column}` ({'higher' if higher_is_better(column) else 'lower'} is better): {note}.")
@@ -277,8 +279,9 @@ def _generation_lines(definition: SweepDefinition, base: dict | None) -> list[st
     if base is not None:
         lines += ["The base model without a LoRA, for reference: "
                   + ", ".join(f"`{column}` {base['metrics'][column]:.6g}" for column in definition.columns)
-                  + f". [`{EVAL_REPORT}`]({EVAL_REPORT}): every run next to the base model per prompt and seed (videos), "
-                  "with each run's A/B against it.", ""]
+                  + f". [`{EVAL_REPORT}`]({EVAL_REPORT}): every "
+                  + ("checkpoint that made videos (`RUN@STEP`)" if definition.checkpoints else "run")
+                  + " next to the base model per prompt and seed (videos), with the A/B of each against it.", ""]
     return lines
 
 
