@@ -64,6 +64,7 @@ def _rows(out: Path) -> list[dict]:
     return list(csv.DictReader((out / "results.csv").open()))
 
 
+@pytest.mark.slow  # a whole 2-run sweep through the CLI (the module's fixture), about a minute on 2 cores
 def test_the_winner_is_the_checkpoint_with_the_lowest_heldout_loss(checkpoint_sweep, tiny_cache_dir, tmp_path):
     """Guards a sweep that scores only final LoRAs (or scores the final LoRA under every step's name) and
     a winner that is not the (run, step) with the lowest held-out loss: results.csv has a row per
@@ -119,6 +120,7 @@ def _train_from_best_yaml(best_yaml: Path, data: Path, folder: Path, monkeypatch
     return folder / lora
 
 
+@pytest.mark.slow  # a whole 2-run sweep through the CLI (the module's fixture), about a minute on 2 cores
 def test_best_yaml_trains_the_winning_checkpoint_bit_for_bit(checkpoint_sweep, tmp_path, monkeypatch):
     """Guards a best.yaml that names a checkpoint but trains something else: `slapgen train` with the
     best.yaml and command written for step 4 of each run (and for the sweep's actual winner) leaves a
@@ -155,6 +157,7 @@ def test_best_yaml_trains_the_winning_checkpoint_bit_for_bit(checkpoint_sweep, t
     assert not all(torch.equal(naive[key], checkpoint[key]) for key in checkpoint)
 
 
+@pytest.mark.slow  # a whole 2-run sweep through the CLI (the module's fixture), about a minute on 2 cores
 def test_a_rerun_scores_only_the_checkpoints_not_scored_and_reports_the_same(checkpoint_sweep, monkeypatch, capsys):
     """Guards a rerun after an interruption that scores every checkpoint again (or trains again), or writes
     another report: with the second run interrupted after scoring two of its three candidates (its
@@ -196,6 +199,7 @@ def test_a_rerun_scores_only_the_checkpoints_not_scored_and_reports_the_same(che
     assert measured == [] and {name: (out / name).read_bytes() for name in report} == report
 
 
+@pytest.mark.slow  # a whole 2-run sweep through the CLI (the module's fixture), about a minute on 2 cores
 def test_bad_options_are_one_sentence_before_anything_runs(checkpoint_sweep, tiny_cache_dir, tmp_path, capsys):
     """Guards a --pick-by that is no metric or that the sweep does not measure (fvd_i3d without --metrics
     fvd), a --generate-top without --checkpoints or without generation metrics, discovered after the runs
