@@ -199,15 +199,12 @@ def test_a_rerun_scores_only_the_checkpoints_not_scored_and_reports_the_same(che
     assert measured == [] and {name: (out / name).read_bytes() for name in report} == report
 
 
-@pytest.mark.slow  # a whole 2-run sweep through the CLI (the module's fixture), about a minute on 2 cores
-def test_bad_options_are_one_sentence_before_anything_runs(checkpoint_sweep, tiny_cache_dir, tmp_path, capsys):
+def test_bad_options_are_one_sentence_before_anything_runs(tiny_cache_dir, demo_dataset, tmp_path, capsys):
     """Guards a --pick-by that is no metric or that the sweep does not measure (fvd_i3d without --metrics
     fvd), a --generate-top without --checkpoints or without generation metrics, discovered after the runs
-    (or never); and a rerun of a --checkpoints sweep without --checkpoints mixing two kinds of results:
-    each refused in one line, exit 2, nothing written."""
-    case = checkpoint_sweep
+    (or never): each refused in one line, exit 2, before the sweep folder exists."""
     new = tmp_path / "new"
-    plain = [arg for arg in sweep_args(tiny_cache_dir, case["data"], case["heldout"], new) if arg != "--checkpoints"]
+    plain = [arg for arg in sweep_args(tiny_cache_dir, demo_dataset, demo_dataset, new) if arg != "--checkpoints"]
     for extra, message in (
         (["--pick-by", "vibes"], "slapgen sweep: --pick-by 'vibes' is not a metric: use one of heldout_loss, fvd_i3d, "
                                  "subject_consistency_dino, temporal_flickering or clip_score_MODEL (as eval.json names it)"),
@@ -222,9 +219,14 @@ def test_bad_options_are_one_sentence_before_anything_runs(checkpoint_sweep, tin
         assert cli_stderr(capsys.readouterr().err) == message
         assert not new.exists()
 
-    out = case["out"]
+
+@pytest.mark.slow  # a whole 2-run sweep through the CLI (the module's fixture), about a minute on 2 cores
+def test_a_rerun_without_checkpoints_is_refused(checkpoint_sweep, capsys):
+    """Guards a rerun of a --checkpoints sweep without --checkpoints mixing two kinds of results in one
+    folder: refused in one line that says what differs, exit 2, sweep.json untouched."""
+    out, args = checkpoint_sweep["out"], checkpoint_sweep["args"]
     definition = (out / "sweep.json").read_bytes()
-    assert cli_main([arg for arg in case["args"] if arg != "--checkpoints"]) == 2
+    assert cli_main([arg for arg in args if arg != "--checkpoints"]) == 2
     assert cli_stderr(capsys.readouterr().err) == (
         f"slapgen sweep: {out} holds a sweep with another --checkpoints (on; now off); rerun it with the same command "
         "or choose another --out")
