@@ -149,13 +149,16 @@ def cmd_generate(args) -> int:
 
 
 def cmd_sweep(args) -> int:
+    from trainer.sweep.candidates import CandidateRequest
     from trainer.sweep.evaluate import EvalRequest
     from trainer.sweep.sweep import run_sweep
 
     metrics = [name.strip() for name in args.metrics.split(",") if name.strip()]
     request = EvalRequest(seeds=args.seeds, sets=tuple(args.eval_set), clip_model=args.clip_model,
                           dino_model=args.dino_model, i3d_model=args.i3d_model)
-    run_sweep(args.config, args.set, args.grid, args.data, args.heldout, args.out, metrics, request=request)
+    candidates = CandidateRequest(checkpoints=args.checkpoints, generate_top=args.generate_top, pick_by=args.pick_by)
+    run_sweep(args.config, args.set, args.grid, args.data, args.heldout, args.out, metrics, request=request,
+              candidates=candidates)
     return 0
 
 
@@ -319,6 +322,13 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--clip-model", help="as slapgen eval's (default openai/clip-vit-large-patch14; tiny with model tiny)")
     sw.add_argument("--dino-model", help="as slapgen eval's (default facebook/dino-vitb16; tiny with model tiny)")
     sw.add_argument("--i3d-model", help="as slapgen eval's (default flateon/FVD-I3D-torchscript; tiny with model tiny)")
+    sw.add_argument("--checkpoints", action="store_true",
+                    help="score every saved checkpoint of every run (and its final LoRA): the winner is a (run, step)")
+    sw.add_argument("--generate-top", type=int, metavar="K",
+                    help="with --checkpoints: generation metrics only for the K best checkpoints by held-out loss")
+    sw.add_argument("--pick-by", default="heldout_loss", metavar="METRIC",
+                    help="the metric that names the winner, as eval.json names it (default heldout_loss; e.g. "
+                         "clip_score_vitl14, fvd_i3d, subject_consistency_dino, temporal_flickering)")
     sw.set_defaults(run=cmd_sweep)
 
     camp = commands.add_parser("campaign", help="blind rating campaigns over the videos of eval / sweep runs")
