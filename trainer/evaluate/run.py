@@ -70,11 +70,11 @@ def run_eval(options: EvalOptions) -> dict:
     timer = Timer()
     if options.device.startswith("cuda") and not torch.cuda.is_available():
         raise EvalError(f"--device {options.device} needs a CUDA GPU and none is usable here; use --device cpu")
-    resolved = resolve_model(options.model, options.model_cache_dir, setting=MODEL_SETTING)
-    params = options.params(resolved.spec)
-    # --checkpoints: each run folder's saved steps (read before anything is written: a bad folder is one sentence).
+    # --checkpoints: each run folder's saved steps (read first: a bad folder is one sentence before the model loads).
     plans = {adapter.name: run_candidates(adapter.name, adapter.path) for adapter in options.adapters} \
         if options.checkpoints else {}
+    resolved = resolve_model(options.model, options.model_cache_dir, setting=MODEL_SETTING)
+    params = options.params(resolved.spec)
     systems = resolve_systems(options.adapters, include_base=options.include_base, checkpoints=plans)
     out = Path(options.out)
     out.mkdir(parents=True, exist_ok=True)
