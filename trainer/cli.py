@@ -117,6 +117,9 @@ def cmd_eval(args) -> int:
         clip_model=args.clip_model or sources["clip_model"],
         dino_model=args.dino_model or sources["dino_model"],
         i3d_model=args.i3d_model or sources["i3d_model"],
+        checkpoints=args.checkpoints,
+        generate_top=args.generate_top,
+        pick_by=args.pick_by,
     )
     if args.max_clips is not None and args.max_clips < 1:
         raise DatasetError("--max-clips must be at least 1")
@@ -124,6 +127,12 @@ def cmd_eval(args) -> int:
     paths = write_reports(result, args.out)
     for system, data in result["systems"].items():
         print(f"{system}: " + ", ".join(f"{name} {value:.4g}" for name, value in data["metrics"].items()))
+    if "checkpoints" in result:
+        from trainer.evaluate.curves import best_sentence
+
+        for adapter, entry in result["checkpoints"]["runs"].items():
+            print(best_sentence(adapter, entry))
+            print(f"{adapter}: {entry['overfitting']['sentence']}")
     for definition in result["metric_definitions"].values():
         if definition.get("warning"):
             print(f"warning: {definition['warning']}")
@@ -282,6 +291,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--dino-model", help="DINO hub id or folder (default facebook/dino-vitb16; tiny with --model tiny)")
     ev.add_argument("--i3d-model", help="I3D TorchScript file or hub repo (default flateon/FVD-I3D-torchscript; "
                                         "tiny with --model tiny)")
+    ev.add_argument("--checkpoints", action="store_true",
+                    help="each --adapter is a run folder: score every saved checkpoint and the final LoRA as systems "
+                         "NAME@STEP, with curves over steps, the best checkpoint named and overfitting said")
+    ev.add_argument("--generate-top", type=int, metavar="K",
+                    help="with --checkpoints: held-out loss on every checkpoint, videos and generation metrics only on "
+                         "each run's best K by held-out loss (default: all)")
+    ev.add_argument("--pick-by", metavar="METRIC",
+                    help="with --checkpoints: the metric that names each run's best checkpoint, as eval.json names it "
+                         "(default heldout_loss; e.g. clip_score_vitl14, fvd_i3d)")
     ev.set_defaults(run=cmd_eval)
 
     gen = commands.add_parser("generate", help="generate one video (text-to-video, or image-to-video with a TIC-FT "
