@@ -58,10 +58,10 @@ def _marked_pids(mark: str) -> list[int]:
     return pids
 
 
-def _start_node(env: dict, *args: str) -> int:
-    """`ray start ARGS` in a session of its own; returns that session's process group, which every daemon of the
-    node (raylet, agents; GCS on the head) stays in after `ray start` returns."""
-    starting = subprocess.Popen([RAY, "start", "--num-cpus", "1", "--disable-usage-stats",
+def _start_node(env: dict, *args: str, wrap: tuple[str, ...] = ()) -> int:
+    """`ray start ARGS` (run by `wrap`, when given) in a session of its own; returns that session's process group,
+    which every daemon of the node (raylet, agents; GCS on the head) stays in after `ray start` returns."""
+    starting = subprocess.Popen([*wrap, RAY, "start", "--num-cpus", "1", "--disable-usage-stats",
                                  "--dashboard-agent-listen-port", str(free_port()), *args],
                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     output, _ = starting.communicate(timeout=300)
@@ -70,8 +70,9 @@ def _start_node(env: dict, *args: str) -> int:
 
 
 @contextmanager
-def two_node_cluster(root_env: dict):
-    """A head and a second node, one CPU each; yields (address, env for drivers, process group of each node)."""
+def two_node_cluster(root_env: dict, worker_wrap: tuple[str, ...] = ()):
+    """A head and a second node (its `ray start` run by `worker_wrap`), one CPU each; yields (address, env for
+    drivers, process group of each node)."""
     temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's unix socket paths live under it
     env = {**root_env, "RAY_TMPDIR": temp, MARK: temp}
     port = free_port()
@@ -79,7 +80,7 @@ def two_node_cluster(root_env: dict):
     try:
         groups["head"] = _start_node(env, "--head", "--port", str(port), "--include-dashboard", "false",
                                      "--ray-client-server-port", str(free_port()), "--dashboard-port", str(free_port()))
-        groups["worker"] = _start_node(env, "--address", f"127.0.0.1:{port}")
+        groups["worker"] = _start_node(env, "--address", f"127.0.0.1:{port}", wrap=worker_wrap)
         yield f"127.0.0.1:{port}", env, groups
     finally:
         for group in groups.values():
@@ -180,6 +181,36 @@ def test_a_node_killed_mid_run_leaves_the_results_of_an_uninterrupted_sweep(tiny
 
     progress = (tmp_path / "driver.err").read_text().replace("\r", "\n")
     assert re.search(rf"run [12]/2 \S+ step \d/{STEPS} .*ETA \d\d:\d\d", progress), progress[-2000:]
+
+
+@pytest.mark.slow
+def test_a_node_that_does_not_see_the_sweep_folder_stops_the_sweep_with_one_sentence(tiny_cache_dir, demo_dataset,
+                                                                                       tmp_path):
+    """Guards a cluster whose second node has its own, empty folder where the driver's sweep folder is (a local
+    disk instead of the shared one): without the start-up check its runs would train into a folder nobody reads
+    and the sweep would report from nothing. The node is given a mount namespace of its own (`unshare -m`) in
+    which an empty folder is bind-mounted over the folder that holds --out; the sweep stops before any run with
+    one sentence naming that node."""
+    if subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:
+        pytest.skip("unshare -m (a mount namespace of its own for the second node) is not permitted here")
+    from trainer.demo_data import write_demo_dataset
+
+    heldout = tmp_path / "heldout"
+    write_demo_dataset(heldout, clips=1, seed=7)
+    shared, empty = tmp_path / "shared", tmp_path / "empty"
+    shared.mkdir()
+    empty.mkdir()
+    local_disk = ("unshare", "-m", "--propagation", "private", "sh", "-c", 'mount --bind "$1" "$2" && shift 2 && exec "$@"',
+                  "sh", str(empty), str(shared))
+    with two_node_cluster(offline_env(tmp_path), worker_wrap=local_disk) as (address, cluster_env, groups):
+        out = shared / "sweep"
+        done = subprocess.run(sweep_command(tiny_cache_dir, demo_dataset, heldout, out, "auto"), cwd=REPO_ROOT,
+                              env={**cluster_env, "RAY_ADDRESS": address}, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert re.fullmatch(rf"slapgen sweep: the sweep folder {re.escape(str(out))} is not the same folder on Ray node\(s\) "
+                        r"\S+ \(node \w{8}\) \(no sweep.json there, or another one\): put --out on storage every node "
+                        r"mounts at the same path \(NFS or a shared disk\)", cli_stderr(done.stderr)), done.stderr[-3000:]
+    assert not (out / "runs").exists() and not (out / "latent-cache").exists()  # stopped before any encoding or run
 
 
 def test_gpus_per_run_without_ray_and_a_negative_count_are_one_sentence(tmp_path, capsys):

@@ -100,7 +100,8 @@ def check_shared_folder(out: Path) -> None:
     for node in ray.nodes():
         if node.get("Alive"):
             strategy = NodeAffinitySchedulingStrategy(node_id=node["NodeID"], soft=False)
-            asked[node["NodeManagerAddress"] + " " + node["NodeID"][:8]] = read.options(scheduling_strategy=strategy).remote(str(out))
+            name = f"{node['NodeManagerAddress']} (node {node['NodeID'][:8]})"
+            asked[name] = read.options(scheduling_strategy=strategy).remote(str(out))
     answers = ray.get(list(asked.values()), timeout=SHARED_CHECK_TIMEOUT_S)
     missing = [node for node, digest in zip(asked, answers) if digest != expected]
     if missing:
