@@ -213,6 +213,21 @@ def test_a_node_that_does_not_see_the_sweep_folder_stops_the_sweep_with_one_sent
     assert not (out / "runs").exists() and not (out / "latent-cache").exists()  # stopped before any encoding or run
 
 
+@pytest.mark.slow
+def test_ray_local_without_the_gpus_a_run_asks_for_is_one_sentence(tiny_cache_dir, demo_dataset, tmp_path):
+    """Guards `--ray local` on a machine without GPUs and the default --gpus-per-run 1: Ray would queue every run
+    forever for a GPU no node has. Stops with one sentence before the folder is written."""
+    out = tmp_path / "sweep"
+    command = sweep_command(tiny_cache_dir, demo_dataset, demo_dataset, out, "local")
+    del command[command.index("--gpus-per-run"):command.index("--gpus-per-run") + 2]
+    done = subprocess.run(command, cwd=REPO_ROOT, env=offline_env(tmp_path, CUDA_VISIBLE_DEVICES=""),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert cli_stderr(done.stderr) == ("slapgen sweep: no node of the Ray cluster has 1 GPU(s) for a run (the most a "
+                                       "node has is 0); use --gpus-per-run 0 on a machine without GPUs")
+    assert not out.exists()
+
+
 def test_gpus_per_run_without_ray_and_a_negative_count_are_one_sentence(tmp_path, capsys):
     """Guards --gpus-per-run silently ignored without --ray (the sweep would run on this machine's GPUs as if
     it had not been given) and a negative GPU count reaching Ray."""

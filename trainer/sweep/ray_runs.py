@@ -20,6 +20,7 @@ Ray is an extra (`pip install -e '.[ray]'`): it is imported only inside these fu
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import sys
@@ -55,8 +56,10 @@ def connect(address: str) -> Iterator[None]:
     if address == LOCAL:
         # Short and private: Ray's unix sockets live under it (a 107-byte path limit), and the cluster is this sweep's.
         temp = tempfile.mkdtemp(prefix="slapgen-ray-")
+        # Errors only: Ray's warnings about a cluster that lives and dies with this sweep (its token authentication,
+        # on by default) are not the user's business.
         ray.init(address="local", _temp_dir=temp, include_dashboard=False, log_to_driver=False,
-                 configure_logging=False)
+                 logging_level=logging.ERROR)
     else:
         try:
             ray.init(address=address, log_to_driver=False, configure_logging=False)
@@ -72,6 +75,22 @@ def connect(address: str) -> Iterator[None]:
         ray.shutdown()
         if temp is not None:
             shutil.rmtree(temp, ignore_errors=True)
+
+
+def check_gpus(gpus_per_run: float, address: str) -> str | None:
+    """Whether a live node has the GPUs a run asks for. None when one has; otherwise an error for `local` (the
+    cluster is this machine: its runs would wait forever), and for another cluster the line to show (an
+    autoscaler may still add such a node, and the runs wait for it)."""
+    ray = _import_ray()
+    most = max((node["Resources"].get("GPU", 0) for node in ray.nodes() if node.get("Alive")), default=0)
+    if gpus_per_run <= most:
+        return None
+    problem = (f"no node of the Ray cluster has {gpus_per_run:g} GPU(s) for a run (the most a node has is {most:g})"
+               + ("; use --gpus-per-run 0 on a machine without GPUs" if address == LOCAL else
+                  "; the runs wait until such a node joins (use --gpus-per-run 0 on a CPU-only cluster)"))
+    if address == LOCAL:
+        raise SweepError(problem)
+    return problem
 
 
 def definition_digest(out: str) -> str | None:

@@ -168,8 +168,10 @@ def run_sweep(config: str, sets: list[str], grid: list[str], data: Path, heldout
     check_generation(definition)
     with ExitStack() as stack:
         if ray is not None:  # a cluster that does not answer: one sentence before anything is written
-            from trainer.sweep.ray_runs import check_shared_folder, connect
+            from trainer.sweep.ray_runs import check_gpus, check_shared_folder, connect
             stack.enter_context(connect(ray))
+            if (waiting := check_gpus(gpus_per_run, ray)) is not None:
+                print(f"sweep: {waiting}")
         stack.enter_context(SweepLock(out))
         if not check_folder(out, definition):  # again, now that no other sweep can write it
             write_definition(out, definition)
