@@ -158,8 +158,12 @@ def test_a_node_killed_mid_run_leaves_the_results_of_an_uninterrupted_sweep(tiny
         reference_output, _ = reference.communicate(timeout=600)
         assert reference.returncode == 0, reference_output[-3000:]
     finally:
-        if reference.poll() is None:
-            reference.kill()
+        if reference.poll() is None:  # Ctrl-C: the sweep stops the cluster it started and removes its folder
+            reference.send_signal(signal.SIGINT)
+            try:
+                reference.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                reference.kill()
 
     assert at_kill["checkpoints"] and max(at_kill["checkpoints"]) < STEPS and not at_kill["lora"]
     (first_node, _), (second_node, _) = attempts(victim)  # exactly two attempts: the killed one and its retry
