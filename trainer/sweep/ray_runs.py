@@ -121,8 +121,12 @@ def check_shared_folder(out: Path) -> None:
             strategy = NodeAffinitySchedulingStrategy(node_id=node["NodeID"], soft=False)
             name = f"{node['NodeManagerAddress']} (node {node['NodeID'][:8]})"
             asked[name] = read.options(scheduling_strategy=strategy).remote(str(out))
-    answers = ray.get(list(asked.values()), timeout=SHARED_CHECK_TIMEOUT_S)
-    missing = [node for node, digest in zip(asked, answers) if digest != expected]
+    ready, _ = ray.wait(list(asked.values()), num_returns=len(asked), timeout=SHARED_CHECK_TIMEOUT_S)
+    silent = [node for node, ref in asked.items() if ref not in ready]
+    if silent:
+        raise SweepError(f"Ray node(s) {', '.join(silent)} did not run a task within {SHARED_CHECK_TIMEOUT_S} s "
+                         f"(reading {DEFINITION_FILE} there); check them with `ray status`")
+    missing = [node for node, ref in asked.items() if ray.get(ref) != expected]
     if missing:
         raise SweepError(not_shared_sentence(out, missing))
 
