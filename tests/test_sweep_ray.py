@@ -260,6 +260,7 @@ def test_ray_auto_without_a_cluster_and_ray_missing_are_one_sentence(monkeypatch
                               "setting `--address` flag or `RAY_ADDRESS` environment variable.")
 
     monkeypatch.setattr(ray, "init", no_cluster)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
     with pytest.raises(SweepError, match=r"^--ray auto found no Ray cluster: RAY_ADDRESS is not set and none runs on "
                                          r"this machine; start one with `ray start --head`"):
         with connect("auto"):

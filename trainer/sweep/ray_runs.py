@@ -64,6 +64,9 @@ def connect(address: str) -> Iterator[None]:
         try:
             ray.init(address=address, log_to_driver=False, configure_logging=False)
         except ConnectionError as error:
+            if address == AUTO and os.environ.get("RAY_ADDRESS"):
+                raise SweepError(f"--ray auto: no Ray cluster answers at RAY_ADDRESS={os.environ['RAY_ADDRESS']} "
+                                 f"({error})") from None
             if address == AUTO:
                 raise SweepError("--ray auto found no Ray cluster: RAY_ADDRESS is not set and none runs on this "
                                  "machine; start one with `ray start --head` (and `ray start --address HEAD_IP:6379` "
