@@ -13,7 +13,7 @@ from pathlib import Path
 
 from slapgen.errors import SlapgenError
 from slapgen.names import NAME_RULE
-from trainer.errors import DatasetError
+from trainer.errors import DatasetError, SweepError
 
 
 def quiet_libraries() -> None:
@@ -165,9 +165,14 @@ def cmd_sweep(args) -> int:
     metrics = [name.strip() for name in args.metrics.split(",") if name.strip()]
     request = EvalRequest(seeds=args.seeds, sets=tuple(args.eval_set), clip_model=args.clip_model,
                           dino_model=args.dino_model, i3d_model=args.i3d_model)
+    if args.gpus_per_run is not None and args.ray is None:
+        raise SweepError("--gpus-per-run applies to --ray only: without it the sweep runs one run per GPU of this machine")
+    gpus_per_run = 1 if args.gpus_per_run is None else args.gpus_per_run
+    if gpus_per_run < 0:
+        raise SweepError(f"--gpus-per-run must be 0 (a CPU-only cluster) or more, not {gpus_per_run:g}")
     candidates = CandidateRequest(checkpoints=args.checkpoints, generate_top=args.generate_top, pick_by=args.pick_by)
     run_sweep(args.config, args.set, args.grid, args.data, args.heldout, args.out, metrics, request=request,
-              candidates=candidates)
+              candidates=candidates, ray=args.ray, gpus_per_run=gpus_per_run)
     return 0
 
 
@@ -347,6 +352,10 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--pick-by", default="heldout_loss", metavar="METRIC",
                     help="the metric that names the winner, as eval.json names it (default heldout_loss; e.g. "
                          "clip_score_vitl14, fvd_i3d, subject_consistency_dino, temporal_flickering)")
+    sw.add_argument("--ray", metavar="ADDRESS", help="run every run as a Ray task on a cluster: auto (RAY_ADDRESS or the "
+                                                     "one running here), local (start one for this sweep) or HOST:PORT; "
+                                                     "--out must be on storage every node sees")
+    sw.add_argument("--gpus-per-run", type=float, help="GPUs each run's Ray task asks for (default 1; 0 for a CPU-only cluster)")
     sw.set_defaults(run=cmd_sweep)
 
     camp = commands.add_parser("campaign", help="blind rating campaigns over the videos of eval / sweep runs")
