@@ -17,8 +17,8 @@ time of one adaptive `next_pair` call (the costly path, run on every GET /campai
 For scale, `fixed_design_bound`: the ratio of ratings a design fixed in advance with the truth known
 (the best split over pairs 1, 2 and 3 places apart in the true order) needs against uniform random
 pairs for the same largest variance of a neighbouring difference (Fisher information of Davidson's
-model, effective resistance of the comparison graph). Adaptive choice must learn that split from
-the verdicts, so it is not expected to beat this bound; evenly spaced systems are its hardest case.
+model, effective resistance of the comparison graph). It bounds designs fixed in advance only: an
+adaptive choice can beat it by spending ratings on the neighbours the verdicts so far left close.
 
     python bench/campaign.py [--runs 100] [--gap 0.6] [--max-ratings 440] [--every 20] [--save]
 """
