@@ -372,6 +372,8 @@ def next_pair(verdicts: Sequence[Verdict], systems: Sequence[str], items: Sequen
         # say (preposterior), so a neighbour pair that only looks settled after an unlucky early estimate
         # keeps a gain as large as its misorder is plausible. A draw on top of it only added noise
         # (bench/campaign.py, 120 runs on other seeds: 240 ratings at a draw, 160 at the estimate).
+        # Deterministic but for exact ties: raters asking at once, before any of their verdicts is in, get
+        # the same pair (on the items the spreading rule gives each), until its verdicts lower its gain.
         pairs, gains = expected_order_gain(x[0, :-1], covariance, tie_parameter)
         still_open = set(open_pairs)
         is_open = np.array([(int(i), int(j)) in still_open for i, j in pairs])
