@@ -370,8 +370,9 @@ def next_pair(verdicts: Sequence[Verdict], systems: Sequence[str], items: Sequen
         tie_parameter = float(np.exp(x[0, -1])) if tally.has_ties else 0.0
         # At the estimate, not at a posterior draw: the gain already averages over what the verdict may
         # say (preposterior), so a neighbour pair that only looks settled after an unlucky early estimate
-        # keeps a gain as large as its misorder is plausible. A draw on top of it only added noise
-        # (bench/campaign.py, 120 runs on other seeds: 240 ratings at a draw, 160 at the estimate).
+        # keeps a gain as large as its misorder is plausible. A draw on top of it only added noise (a
+        # replica of bench/campaign.py's simulation, 120 runs on other seeds: 240 ratings at a draw, 160
+        # at the estimate).
         # Deterministic but for exact ties: raters asking at once, before any of their verdicts is in, get
         # the same pair (on the items the spreading rule gives each), until its verdicts lower its gain.
         pairs, gains = expected_order_gain(x[0, :-1], covariance, tie_parameter)
