@@ -107,7 +107,7 @@ def time_next_pair(systems: int, verdicts: int, calls: int = 15) -> dict:
     past = []
     for k in range(verdicts):
         i, j = generator.choice(systems, 2, replace=False)
-        weights = np.array([np.exp(strengths[i]), np.exp(strengths[j]), 0.5 * np.exp((strengths[i] + strengths[j]) / 2)])
+        weights = np.exp([strengths[i], strengths[j], np.log(0.5) + (strengths[i] + strengths[j]) / 2])
         prompt, seed = items[generator.integers(len(items))]
         past.append(Verdict(names[i], names[j], OUTCOMES[generator.choice(3, p=weights / weights.sum())], prompt, seed,
                             f"r{k % 4}"))
@@ -194,7 +194,8 @@ def main() -> None:
           f"oracle fixed design / random: {bound:.3f}")
     timing = time_next_pair(args.timing_systems, args.timing_verdicts)
     print(f"next_pair with {timing['systems']} systems and {timing['verdicts']} verdicts: median "
-          f"{timing['median_ms']} ms (CPU {timing['median_cpu_ms']} ms), max {timing['max_ms']} ms of {timing['calls']} calls")
+          f"{timing['median_ms']} ms (CPU {timing['median_cpu_ms']} ms), max {timing['max_ms']} ms of "
+          f"{timing['calls']} calls")
     path = write_results("campaign", {"device": device_description(), "cores": os.cpu_count(),
                                       "settings": {k: v for k, v in vars(args).items() if k not in ("case", "save")},
                                       "ratio_adaptive_to_random": ratio, "fixed_design_bound": bound,
