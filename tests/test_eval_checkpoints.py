@@ -106,9 +106,10 @@ def test_checkpoints_become_systems_named_at_their_step_and_linked_for_the_slot(
     assert [(s.name, s.adapter) for s in plain] == [("base", None), ("file", "file")]
 
 
-def test_generate_top_keeps_base_and_each_runs_best_k_by_heldout_loss():
-    """Guards --generate-top keeping the worst K (direction), K over all runs instead of per run, a
-    diverged checkpoint (NaN loss) among the kept, or base left without videos."""
+def test_generate_top_keeps_base_and_the_best_k_checkpoints_by_heldout_loss():
+    """Guards --generate-top keeping the worst K (direction), K per run instead of over every run given
+    (the sweep's meaning of the same flag), a diverged checkpoint (NaN loss) among the kept, or base left
+    without videos."""
     from trainer.evaluate.run import systems_to_generate
 
     plans = {"a": [Candidate(s, Path(f"a{s}"), CHECKPOINT) for s in (1, 2, 3)],
@@ -117,8 +118,10 @@ def test_generate_top_keeps_base_and_each_runs_best_k_by_heldout_loss():
                *[System(f"b@{s}", Path("x")) for s in (1, 2)]]
     losses = {"base": [9.0], "a@1": [0.5, 0.7], "a@2": [float("nan"), 0.1], "a@3": [0.4, 0.6], "b@1": [2.0], "b@2": [3.0]}
     kept = [s.name for s in systems_to_generate(systems, plans, losses, 2)]
-    assert kept == ["base", "a@1", "a@3", "b@1", "b@2"]  # a: means 0.6, nan, 0.5 -> a@3, a@1
-    assert [s.name for s in systems_to_generate(systems, plans, losses, 1)] == ["base", "a@3", "b@1"]
+    # mean losses: a@1 0.6, a@2 nan, a@3 0.5, b@1 2.0, b@2 3.0 -> the two lowest over both runs: a@3, a@1
+    assert kept == ["base", "a@1", "a@3"]
+    assert [s.name for s in systems_to_generate(systems, plans, losses, 4)] == ["base", "a@1", "a@3", "b@1", "b@2"]
+    assert [s.name for s in systems_to_generate(systems, plans, losses, 1)] == ["base", "a@3"]
     assert systems_to_generate(systems, plans, losses, None) == systems
 
 
@@ -227,8 +230,8 @@ def test_reports_name_the_best_checkpoint_say_overfitting_and_show_offline_curve
 
 @pytest.mark.parametrize("choices, message", [
     ({"checkpoints": True, "adapters": ()}, "--checkpoints scores the saved checkpoints of each --adapter"),
-    ({"generate_top": 2}, "--generate-top K chooses among a run's checkpoints; give --checkpoints too"),
-    ({"checkpoints": True, "generate_top": 0}, "--generate-top must be at least 1 checkpoint per run, got 0"),
+    ({"generate_top": 2}, "--generate-top K chooses among the checkpoints --checkpoints scores; give --checkpoints too"),
+    ({"checkpoints": True, "generate_top": 0}, "--generate-top must be at least 1 checkpoint, got 0"),
     ({"checkpoints": True, "generate_top": 1, "metrics": ("clip",)}, "keep loss in --metrics"),
     ({"checkpoints": True, "generate_top": 1, "metrics": ("loss",)}, "--metrics loss makes none"),
     ({"pick_by": "heldout_loss"}, "--pick-by names the best of a run's checkpoints; give --checkpoints too"),

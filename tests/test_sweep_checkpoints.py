@@ -213,7 +213,7 @@ def test_bad_options_are_one_sentence_before_anything_runs(tiny_cache_dir, demo_
         (["--checkpoints", "--generate-top", "2"], "slapgen sweep: --generate-top K bounds which checkpoints get "
                                                    "generation metrics; add clip, fvd or temporal to --metrics or leave it out"),
         (["--generate-top", "2", "--metrics", "loss,temporal"], "slapgen sweep: --generate-top K chooses among the "
-                                                                "checkpoints --checkpoints scores; add --checkpoints"),
+                                                                "checkpoints --checkpoints scores; give --checkpoints too"),
     ):
         assert cli_main([*plain, *extra]) == 2
         assert cli_stderr(capsys.readouterr().err) == message

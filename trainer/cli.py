@@ -301,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "NAME@STEP, with curves over steps, the best checkpoint named and overfitting said")
     ev.add_argument("--generate-top", type=int, metavar="K",
                     help="with --checkpoints: held-out loss on every checkpoint, videos and generation metrics only on "
-                         "each run's best K by held-out loss (default: all)")
+                         "the K with the lowest held-out loss over every run given (default: all)")
     ev.add_argument("--pick-by", metavar="METRIC",
                     help="with --checkpoints: the metric that names each run's best checkpoint, as eval.json names it "
                          "(default heldout_loss; e.g. clip_score_vitl14, fvd_i3d)")

@@ -15,6 +15,7 @@ from slapgen.models.cogvideox import SIZE_MULTIPLE, check_frame_count, is_valid_
 from slapgen.models.loading import ModelSetting
 from slapgen.models.specs import ModelSpec
 from trainer.errors import EvalError
+from trainer.evaluate.checkpoints import check_generate_top
 from trainer.evaluate.names import CLIP_PREFIX, FLICKER, FVD, HELDOUT_LOSS, SUBJECT
 from trainer.evaluate.picking import DEFAULT_PICK_BY, check_pick_by
 from trainer.heldout import DEFAULT_SEED
@@ -54,7 +55,7 @@ class EvalOptions:
     model_cache_dir: Path | None = None  # where `tiny` is materialised (default SLAP_CACHE_DIR), as the trainer's
     settings_flag: str = "--set"  # the option the generation settings came from, named in errors
     checkpoints: bool = False  # every adapter is a run folder; each saved step is a system NAME@STEP
-    generate_top: int | None = None  # with checkpoints: videos only of each run's best K by held-out loss
+    generate_top: int | None = None  # with checkpoints: videos only of the K lowest held-out losses, over all runs
     pick_by: str | None = None  # with checkpoints: the metric that names each run's best (None: DEFAULT_PICK_BY)
 
     def __post_init__(self) -> None:
@@ -96,10 +97,7 @@ def check_checkpoint_choices(options: EvalOptions) -> None:
     if options.checkpoints and not options.adapters:
         raise EvalError("--checkpoints scores the saved checkpoints of each --adapter NAME=RUN; give at least one")
     if options.generate_top is not None:
-        if not options.checkpoints:
-            raise EvalError("--generate-top K chooses among a run's checkpoints; give --checkpoints too")
-        if options.generate_top < 1:
-            raise EvalError(f"--generate-top must be at least 1 checkpoint per run, got {options.generate_top}")
+        check_generate_top(options.generate_top, options.checkpoints)
         if "loss" not in options.metrics:
             raise EvalError("--generate-top ranks checkpoints by held-out loss; keep loss in --metrics")
         if not options.generates:

@@ -6,8 +6,8 @@ Every system sees the same prompts (the held-out captions), seeds and settings. 
 from the mp4 files written, the frames a person watches in the report.
 
 With `--checkpoints` each run's saved steps are systems `NAME@STEP` (`checkpoints`), all through the
-same slot; held-out loss on all of them, videos on all or (`--generate-top K`) on each run's best K by
-held-out loss, then `curves.summary` per run: the pick under `--pick-by`, the best per metric, and
+same slot; held-out loss on all of them, videos on all or (`--generate-top K`) on the K with the lowest
+held-out loss over every run given, then `curves.summary` per run: the pick under `--pick-by`, the best per metric, and
 overfitting in words (eval.json's `checkpoints`).
 """
 
@@ -27,11 +27,10 @@ from slapgen.models.ticft import TicftLayout, objective_name
 from slapgen.video import read_mp4, write_mp4_atomic
 from trainer.config import DataConfig
 from trainer.errors import EvalError
-from trainer.evaluate.checkpoints import Candidate, run_candidates, system_name
+from trainer.evaluate.checkpoints import Candidate, run_candidates, system_name, top_by_heldout_loss
 from trainer.evaluate.curves import summary
 from trainer.evaluate.names import FLICKER, FVD, HELDOUT_LOSS, SUBJECT
 from trainer.evaluate.options import BASE, MODEL_SETTING, EvalOptions
-from trainer.evaluate.picking import best_first
 from trainer.evaluate.systems import System, resolve_systems, slot_shape, stage_adapters
 from trainer.frames import load_clip
 from trainer.heldout import DEFAULT_TIMESTEPS, heldout_entries, heldout_losses
@@ -143,16 +142,15 @@ def run_eval(options: EvalOptions) -> dict:
 
 def systems_to_generate(systems: list[System], plans: dict[str, list[Candidate]], losses: dict[str, list[float]],
                         top: int | None) -> list[System]:
-    """Every system, or with `--generate-top K` base, the adapters given as files and each run's best K
-    checkpoints by held-out loss (picking's rule: lowest first, a non-finite loss never among them)."""
+    """Every system, or with `--generate-top K` base, the adapters given as files and the K checkpoints
+    with the lowest held-out loss over every run given (`checkpoints.top_by_heldout_loss`, the sweep's
+    rule too)."""
     if top is None:
         return systems
     mean_loss = {name: float(np.mean(values)) for name, values in losses.items()}
-    checkpointed, kept = set(), set()
-    for adapter, candidates in plans.items():
-        names = [system_name(adapter, candidate.step) for candidate in candidates]
-        checkpointed.update(names)
-        kept.update(best_first({name: mean_loss.get(name) for name in names}, HELDOUT_LOSS)[:top])
+    checkpointed = [system_name(adapter, candidate.step) for adapter, candidates in plans.items()
+                    for candidate in candidates]
+    kept = set(top_by_heldout_loss({name: mean_loss.get(name) for name in checkpointed}, top))
     return [system for system in systems if system.name not in checkpointed or system.name in kept]
 
 

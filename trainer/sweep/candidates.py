@@ -8,8 +8,8 @@ at the last step too; it holds the final LoRA's tensors, so the final LoRA file 
 Their numbers go to RUN/checkpoint_scores.json, rewritten atomically (`slapgen.atomic`) after each
 candidate's held-out loss and after each candidate's generation metrics: a sweep interrupted while
 scoring scores only what is missing when it is run again. Generation metrics go to every candidate, or
-with `--generate-top K` to the K best of the whole sweep by held-out loss (`top_by_heldout_loss`,
-`picking.best_of` applied K times), chosen once every run has its held-out losses.
+with `--generate-top K` to the K best of the whole sweep by held-out loss (`slapgen eval`'s
+`checkpoints.top_by_heldout_loss`), chosen once every run has its held-out losses.
 
 Each candidate's `slapgen eval` output: the final LoRA's in RUN/eval (as without --checkpoints), a
 checkpoint's in RUN/eval-step-NNNNNN. The sweep's combined eval.json (`report.write_eval_report`) names
@@ -23,11 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from slapgen.atomic import atomic_write_text
-from trainer import checkpoints
 from trainer.errors import SweepError
 from trainer.evaluate.names import HELDOUT_LOSS
-from trainer.evaluate.picking import best_of
-from trainer.lora import LORA_FILENAME
+from trainer.evaluate.checkpoints import FINAL, check_generate_top, saved_candidates, top_by_heldout_loss
 from trainer.sweep.evaluate import EVAL_DIR
 
 SCORES_FILE = "checkpoint_scores.json"
@@ -66,30 +64,21 @@ def label(run: str, step: int) -> str:
 
 
 def check_checkpoint_options(checkpoints_on: bool, generate_top: int | None, generates: bool) -> None:
-    """One sentence for a `--generate-top` the sweep cannot honour; nothing is run before this passes."""
+    """One sentence for a `--generate-top` the sweep cannot honour (eval's rule, then the sweep's own);
+    nothing is run before this passes."""
     if generate_top is None:
         return
-    if generate_top < 1:
-        raise SweepError(f"--generate-top {generate_top}: give at least 1 checkpoint to generate videos for")
-    if not checkpoints_on:
-        raise SweepError("--generate-top K chooses among the checkpoints --checkpoints scores; add --checkpoints")
+    check_generate_top(generate_top, checkpoints_on)
     if not generates:
         raise SweepError("--generate-top K bounds which checkpoints get generation metrics; add clip, fvd or temporal "
                          "to --metrics or leave it out")
 
 
-def list_candidates(run_dir: Path, run: str, max_steps: int) -> list[Candidate]:
-    """The run's scorable LoRAs, by step: its complete checkpoints below the last step, then its final LoRA."""
-    found = []
-    for folder in checkpoints.list_checkpoints(run_dir):
-        try:
-            step = checkpoints.read_state(folder)["step"]
-        except checkpoints.CorruptCheckpoint:
-            continue
-        if step < max_steps and (folder / LORA_FILENAME).is_file():
-            found.append(Candidate(run, step, folder / LORA_FILENAME, final=False))
-    found.append(Candidate(run, max_steps, Path(run_dir) / LORA_FILENAME, final=True))
-    return found
+def list_candidates(run_dir: Path, run: str) -> list[Candidate]:
+    """The run's scorable LoRAs, by step (`slapgen eval --checkpoints`' reading of a run folder): its
+    complete checkpoints below the last step, then its final LoRA."""
+    return [Candidate(run, found.step, found.weights, final=found.source == FINAL)
+            for found in saved_candidates(run_dir, f"run {run}", skip_unreadable=True)]
 
 
 def read_scores(run_dir: Path) -> dict[int, dict]:
@@ -112,19 +101,6 @@ def write_score(run_dir: Path, entry: dict) -> None:
     atomic_write_text(Path(run_dir) / SCORES_FILE, json.dumps(tree, indent=2) + "\n")
 
 
-def top_by_heldout_loss(losses: dict[str, float], count: int) -> list[str]:
-    """The `count` best labels by held-out loss (picking's rule: lower is better, a NaN never chosen, the
-    first of equals first), best first."""
-    left, chosen = dict(losses), []
-    while len(chosen) < count:
-        best = best_of(left, HELDOUT_LOSS)
-        if best is None:
-            break
-        chosen.append(best)
-        del left[best]
-    return chosen
-
-
 def _wanted_columns(definition, inputs) -> list[str]:
     from trainer.sweep.evaluate import metric_columns
 
@@ -140,7 +116,7 @@ def score_run(definition, run, directory: Path, inputs, generate: bool) -> list[
 
     scores = read_scores(directory)
     entries = []
-    for candidate in list_candidates(directory, run.name, run.config.train.max_train_steps):
+    for candidate in list_candidates(directory, run.name):
         entry = scores.get(candidate.step)
         if entry is None:
             losses = run_heldout_losses(directory, run.config, inputs, candidate.lora)
@@ -188,7 +164,7 @@ def generate_top(definition, out: Path, inputs, say=print) -> list[str]:
     for run, entry in found:
         if label(run.name, entry["step"]) in chosen:
             directory = run_dir(out, run)
-            candidate = next(c for c in list_candidates(directory, run.name, run.config.train.max_train_steps)
+            candidate = next(c for c in list_candidates(directory, run.name)
                              if c.step == entry["step"])
             generate_candidate(definition, run, directory, candidate, entry, inputs)
     return chosen

@@ -384,7 +384,7 @@ def write_eval_report(out: Path, definition: SweepDefinition, results: dict[str,
     if definition.checkpoints:  # every (run, step) that made videos, as RUN@STEP
         for run, entry in scored_candidates(definition, out):
             directory = run_dir(out, run)
-            candidate = next(c for c in list_candidates(directory, run.name, run.config.train.max_train_steps)
+            candidate = next(c for c in list_candidates(directory, run.name)
                              if c.step == entry["step"])
             if any(column != HELDOUT_LOSS for column in entry["metrics"]):  # its videos were made and scored
                 parts.append(part(candidate.eval_dir(directory), ADAPTER, candidate.label))
