@@ -63,10 +63,12 @@ class CompileCache:
 
     @staticmethod
     def _point_inductor_at(folder: Path) -> None:
-        from torch._inductor.utils import clear_caches
+        from torch._inductor import utils
 
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
-        clear_caches()  # inductor memoises paths under the folder (the lock folder, the C++ prefix header)
+        # inductor memoises paths under the folder (the lock folder, the C++ prefix header); older torch (the GPU
+        # machine's 2.11) may only have the function's former name.
+        (getattr(utils, "clear_caches", None) or utils.clear_inductor_caches)()
 
     def abandon(self, error: BaseException) -> None:
         """Compile in a private folder from now on (the shared one made the compile fail)."""
