@@ -87,6 +87,7 @@ def test_a_damaged_or_foreign_cache_falls_back_to_compiling_in_one_log_line(tmp_
                          "compiled and stored (a new model, settings or torch version, or an empty folder)"]
     second, second_log = _compile_a_module(folder, tmp_path)
     assert (second["graphs_compiled"], second["graphs_from_cache"], second["output_ok"]) == (0, 1, True)
+    assert second["graphs"] == 1  # a graph loaded from the cache still goes through the counting backend
     assert second_log == [f"LOG INFO slapgen.engine.compiling compile cache {folder}: all 1 graphs loaded from it, "
                           "nothing compiled"]
 
