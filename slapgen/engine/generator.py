@@ -28,7 +28,7 @@ from slapgen.engine.params import EngineOptions, GenerationParams
 from slapgen.engine.placement import place_pipeline
 from slapgen.engine.quantization import choose_quantization, quantize_transformer
 from slapgen.engine.queue import Admission, GenerationQueue
-from slapgen.errors import GenerationCancelledError, GenerationTimeoutError, QueueFullError
+from slapgen.errors import GenerationCancelledError, GenerationTimeoutError
 from slapgen.models.loading import ResolvedModel, load_pipeline
 from slapgen.models.specs import ModelSpec
 from slapgen.video import write_mp4
