@@ -66,7 +66,8 @@ print(json.dumps({**compiled.cache.info(), "graphs": compiled.graphs,
 
 def _compile_a_module(cache_dir: Path, tmp_path: Path, mode: str = "plain") -> tuple[dict, list[str]]:
     result = subprocess.run([sys.executable, "-c", COMPILE_A_MODULE, str(cache_dir), mode], cwd=REPO_ROOT,
-                            env=offline_env(tmp_path), capture_output=True, text=True, timeout=600)
+                            env={**offline_env(tmp_path), "TMPDIR": str(tmp_path)},  # a fallback's folder too
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [line for line in result.stderr.splitlines() if line.startswith("LOG ")]
     return json.loads(result.stdout.strip().splitlines()[-1]), lines

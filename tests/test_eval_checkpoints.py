@@ -237,7 +237,7 @@ def test_reports_name_the_best_checkpoint_say_overfitting_and_show_offline_curve
     ({"pick_by": "heldout_loss"}, "--pick-by names the best of a run's checkpoints; give --checkpoints too"),
     ({"checkpoints": True, "pick_by": "heldout-loss"}, "did you mean heldout_loss"),
     ({"checkpoints": True, "pick_by": "fvd_i3d", "metrics": ("loss", "clip")}, "measured by `fvd`"),
-    ({"checkpoints": True, "pick_by": "clip_score_vitl14"}, "this evaluation's CLIP score is clip_score_tiny"),
+    ({"checkpoints": True, "pick_by": "clip_score_vitl14"}, "the CLIP score measured here is clip_score_tiny"),
 ])
 def test_checkpoint_flags_that_mean_nothing_are_refused_in_one_sentence(choices, message):
     """Guards --generate-top / --pick-by silently ignored (without --checkpoints), a K of 0 generating

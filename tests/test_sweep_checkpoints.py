@@ -208,10 +208,10 @@ def test_bad_options_are_one_sentence_before_anything_runs(tiny_cache_dir, demo_
     for extra, message in (
         (["--pick-by", "vibes"], "slapgen sweep: --pick-by 'vibes' is not a metric: use one of heldout_loss, fvd_i3d, "
                                  "subject_consistency_dino, temporal_flickering or clip_score_MODEL (as eval.json names it)"),
-        (["--pick-by", "fvd_i3d"], "slapgen sweep: --pick-by fvd_i3d: this sweep does not measure it (heldout_loss); add "
-                                   "fvd to --metrics"),
-        (["--checkpoints", "--generate-top", "2"], "slapgen sweep: --generate-top K bounds which checkpoints get "
-                                                   "generation metrics; add clip, fvd or temporal to --metrics or leave it out"),
+        (["--pick-by", "fvd_i3d"], "slapgen sweep: --pick-by fvd_i3d is measured by `fvd`, which --metrics loss leaves "
+                                   "out; add it"),
+        (["--checkpoints", "--generate-top", "2"], "slapgen sweep: --generate-top limits the videos made, and --metrics "
+                                                   "loss makes none; add clip, fvd or temporal, or drop --generate-top"),
         (["--generate-top", "2", "--metrics", "loss,temporal"], "slapgen sweep: --generate-top K chooses among the "
                                                                 "checkpoints --checkpoints scores; give --checkpoints too"),
     ):

@@ -17,8 +17,10 @@ in a private folder, said in one log line.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import shutil
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
@@ -74,7 +76,10 @@ class CompileCache:
         """Compile in a private folder from now on (the shared one made the compile fail)."""
         reason = (str(error).strip().splitlines() or [""])[0][:200]
         self.fell_back = f"{type(error).__name__}: {reason}" if reason else type(error).__name__
-        self._point_inductor_at(Path(tempfile.mkdtemp(prefix="slapgen-inductor-")))
+        private = Path(tempfile.mkdtemp(prefix="slapgen-inductor-"))
+        # A full inductor cache per fallback start would pile up in a container's /tmp: removed at exit.
+        atexit.register(shutil.rmtree, private, ignore_errors=True)
+        self._point_inductor_at(private)
         log.warning("compile cache %s cannot be used (%s); compiling without it. Empty the folder to rebuild it.",
                     self.folder, self.fell_back)
 

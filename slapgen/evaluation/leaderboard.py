@@ -13,7 +13,7 @@ import math
 from collections.abc import Mapping, Sequence
 
 from slapgen.evaluation.agreement import krippendorff_alpha, metric_agreement, ranking_tau, rater_consistency
-from slapgen.evaluation.ranking import MIN_SEPARATION_PROMPTS, Verdict, rank_systems, stopping
+from slapgen.evaluation.ranking import MIN_SEPARATION_PROMPTS, Stop, Verdict, rank_systems, stopping
 
 
 def criterion_board(verdicts: Sequence[Verdict], repeats: Sequence[Verdict], systems: Sequence[str],
@@ -43,7 +43,7 @@ def criterion_board(verdicts: Sequence[Verdict], repeats: Sequence[Verdict], sys
         "budget": budget,
         "done": stop.done,
         "reason": stop.reason,
-        "why": _why(stop.reason, ranking.top_beats_second, budget, ranking.ratings, ranking.prompts),
+        "why": _why(stop, ranking.top_beats_second, budget, ranking.ratings, ranking.prompts),
         "inter_rater_alpha": krippendorff_alpha(verdicts),
         "rater_consistency": {rater: c.to_json() for rater, c in rater_consistency([*verdicts, *repeats]).items()},
         "metrics": metrics,
@@ -58,12 +58,12 @@ def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _why(reason: str | None, top_beats_second: float, budget: int | None, ratings: int, prompts: int) -> str:
+def _why(stop: Stop, top_beats_second: float, budget: int | None, ratings: int, prompts: int) -> str:
     share = f"{top_beats_second:.0%} of bootstrap resamples"
-    if reason == "separated":
+    if stop.reason == "separated":
         return f"the top system beats the second in {share} (at least 95%)"
-    few = prompts < MIN_SEPARATION_PROMPTS
-    if reason == "budget":
+    few = stop.prompts_needed > 0
+    if stop.reason == "budget":
         if few:
             return (f"the budget of {budget} ratings is reached, on {prompts} prompt{'s' * (prompts != 1)}: too few to "
                     f"separate the top system from the second (at least {MIN_SEPARATION_PROMPTS})")

@@ -114,6 +114,7 @@ class Ranking:
 class Stop:
     done: bool
     reason: str | None  # "separated", "budget" or None while neither holds
+    prompts_needed: int = 0  # more prompts with verdicts before separation can hold (MIN_SEPARATION_PROMPTS)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -280,11 +281,12 @@ def stopping(ranking: Ranking, budget: int | None = None, separation: float = SE
     bootstrap resamples over prompts (a one-sided 95% bootstrap test of their difference), on at least
     `MIN_SEPARATION_PROMPTS` prompts, or when `budget` ratings are in; the reason says which
     (separation first when both hold)."""
-    if ranking.prompts >= MIN_SEPARATION_PROMPTS and ranking.top_beats_second >= separation:
+    needed = max(0, MIN_SEPARATION_PROMPTS - ranking.prompts)
+    if not needed and ranking.top_beats_second >= separation:
         return Stop(True, "separated")
     if budget is not None and ranking.ratings >= budget:
-        return Stop(True, "budget")
-    return Stop(False, None)
+        return Stop(True, "budget", needed)
+    return Stop(False, None, needed)
 
 
 def verdict_information(strengths: np.ndarray, pairs: np.ndarray, tie_parameter: float) -> np.ndarray:

@@ -24,7 +24,7 @@ from slapgen.models.lora_format import STEPS_KEY, WEIGHTS_FILE, HeaderError, rea
 from slapgen.names import NAME_PATTERN
 from trainer import checkpoints
 from trainer.errors import EvalError
-from trainer.evaluate.names import HELDOUT_LOSS
+from trainer.evaluate.names import GENERATING_GROUPS, HELDOUT_LOSS
 from trainer.evaluate.picking import best_first
 from trainer.run_folder import last_logged_step
 
@@ -95,15 +95,21 @@ def saved_candidates(run_dir: Path, given: str, skip_unreadable: bool = False) -
     return [by_step[step] for step in sorted(by_step)]
 
 
-def check_generate_top(generate_top: int | None, checkpoints_on: bool) -> None:
-    """The `--generate-top K` rule eval and the sweep share: K >= 1, among the checkpoints `--checkpoints`
-    scores (each command adds what else it needs)."""
+def check_generate_top(generate_top: int | None, checkpoints_on: bool, metrics: tuple[str, ...]) -> None:
+    """The `--generate-top K` rule eval and the sweep share (`metrics`: the `--metrics` groups): K >= 1,
+    among the checkpoints `--checkpoints` scores, ranked by held-out loss, bounding videos that a
+    generation metric makes."""
     if generate_top is None:
         return
     if not checkpoints_on:
         raise EvalError("--generate-top K chooses among the checkpoints --checkpoints scores; give --checkpoints too")
     if generate_top < 1:
         raise EvalError(f"--generate-top must be at least 1 checkpoint, got {generate_top}")
+    if "loss" not in metrics:
+        raise EvalError("--generate-top ranks checkpoints by held-out loss; keep loss in --metrics")
+    if not any(group in metrics for group in GENERATING_GROUPS):
+        raise EvalError(f"--generate-top limits the videos made, and --metrics {','.join(metrics)} makes none; add "
+                        "clip, fvd or temporal, or drop --generate-top")
 
 
 def top_by_heldout_loss(losses: Mapping[str, float | None], count: int | None) -> list[str]:

@@ -36,6 +36,28 @@ def check_pick_by(name: str) -> str:
                     f"{CLIP_PREFIX}MODEL (as eval.json names it){hint}")
 
 
+def metric_group(metric: str) -> str:
+    """The `--metrics` group (eval's and the sweep's) that measures a metric eval names."""
+    return {HELDOUT_LOSS: "loss", FVD: "fvd", SUBJECT: "temporal", FLICKER: "temporal"}.get(metric, "clip")
+
+
+def check_measured(metric: str, groups: tuple[str, ...], clip_model: str | None) -> str:
+    """`--pick-by METRIC` against what this eval or sweep measures (`groups`: its `--metrics`; the CLIP
+    score is named after `clip_model`): one sentence before anything runs, not a pick-less report after."""
+    group = metric_group(metric)
+    if group not in groups:
+        raise EvalError(f"--pick-by {metric} is measured by `{group}`, which --metrics {','.join(groups)} leaves out; "
+                        "add it")
+    if group == "clip":
+        from slapgen.evaluation.models import short_name
+
+        own_clip = CLIP_PREFIX + short_name(clip_model)
+        if metric != own_clip:
+            raise EvalError(f"--pick-by {metric}: the CLIP score measured here is {own_clip} (from --clip-model "
+                            f"{clip_model})")
+    return metric
+
+
 def best_of(values: Mapping[str, float | None], metric: str) -> str | None:
     """The candidate with the best value of `metric` (the first of equals, in the mapping's order); a
     missing or non-finite value is never best; None when no candidate has a number."""

@@ -209,7 +209,7 @@ def _checkpoint_intro(section: dict) -> str:
     if not any(entry["generated"] for entry in section["runs"].values()):
         videos = "no videos (no generation metric asked)"
     else:
-        videos = f"videos on each run's best {top} by held-out loss" if top else "videos on all of them"
+        videos = f"videos on the {top} with the lowest held-out loss over every run" if top else "videos on all of them"
     return f"Every saved checkpoint of each run as a system NAME@STEP: held-out loss on all of them, {videos}"
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from slapgen.atomic import atomic_write_text
 from trainer.errors import SweepError
 from trainer.evaluate.names import HELDOUT_LOSS
-from trainer.evaluate.checkpoints import FINAL, check_generate_top, saved_candidates, top_by_heldout_loss
+from trainer.evaluate.checkpoints import FINAL, saved_candidates, system_name, top_by_heldout_loss
 from trainer.sweep.evaluate import EVAL_DIR
 
 SCORES_FILE = "checkpoint_scores.json"
@@ -52,26 +52,10 @@ class Candidate:
 
     @property
     def label(self) -> str:
-        return label(self.run, self.step)
+        return system_name(self.run, self.step)
 
     def eval_dir(self, run_dir: Path) -> Path:
         return Path(run_dir) / (EVAL_DIR if self.final else f"{CHECKPOINT_EVAL_PREFIX}{self.step:06d}")
-
-
-def label(run: str, step: int) -> str:
-    """A candidate's name in reports and campaigns, `slapgen eval --checkpoints`' NAME@STEP."""
-    return f"{run}@{step}"
-
-
-def check_checkpoint_options(checkpoints_on: bool, generate_top: int | None, generates: bool) -> None:
-    """One sentence for a `--generate-top` the sweep cannot honour (eval's rule, then the sweep's own);
-    nothing is run before this passes."""
-    if generate_top is None:
-        return
-    check_generate_top(generate_top, checkpoints_on)
-    if not generates:
-        raise SweepError("--generate-top K bounds which checkpoints get generation metrics; add clip, fvd or temporal "
-                         "to --metrics or leave it out")
 
 
 def list_candidates(run_dir: Path, run: str) -> list[Candidate]:
@@ -158,11 +142,11 @@ def generate_top(definition, out: Path, inputs, say=print) -> list[str]:
     from trainer.sweep.folder import run_dir
 
     found = scored_candidates(definition, out)
-    losses = {label(run.name, entry["step"]): entry["metrics"][HELDOUT_LOSS] for run, entry in found}
+    losses = {system_name(run.name, entry["step"]): entry["metrics"][HELDOUT_LOSS] for run, entry in found}
     chosen = top_by_heldout_loss(losses, definition.generate_top)
     say(f"generation metrics for the {len(chosen)} best of {len(found)} checkpoints by {HELDOUT_LOSS}: {', '.join(chosen)}")
     for run, entry in found:
-        if label(run.name, entry["step"]) in chosen:
+        if system_name(run.name, entry["step"]) in chosen:
             directory = run_dir(out, run)
             candidate = next(c for c in list_candidates(directory, run.name)
                              if c.step == entry["step"])

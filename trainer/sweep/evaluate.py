@@ -25,10 +25,10 @@ from pathlib import Path
 
 from trainer.config import DataConfig, TrainConfig
 from trainer.errors import SweepError
-from trainer.evaluate.names import CLIP_PREFIX, FLICKER, FVD, HELDOUT_LOSS, SUBJECT
+from trainer.evaluate.names import CLIP_PREFIX, FLICKER, FVD, GENERATING_GROUPS, HELDOUT_LOSS, SUBJECT
 
 LOSS = "loss"
-GENERATION_METRICS = ("clip", "fvd", "temporal")
+GENERATION_METRICS = GENERATING_GROUPS  # `--metrics` groups that generate videos, as eval's
 EVAL_DIR = "eval"  # RUN/eval and OUT/base/eval: `slapgen eval`'s outputs for that LoRA (or the base model)
 ADAPTER = "lora"  # the run's LoRA's system name in RUN/eval/eval.json
 
@@ -39,21 +39,6 @@ def check_metrics(metrics: list[str]) -> tuple[str, ...]:
         if name != LOSS and name not in GENERATION_METRICS:
             raise SweepError(f"--metrics {name}: unknown metric (known: {', '.join([LOSS, *GENERATION_METRICS])})")
     return tuple(dict.fromkeys([LOSS, *metrics]))
-
-
-def check_pick_by_measured(pick_by: str, metrics: tuple[str, ...], clip_model: str | None = None) -> str:
-    """`--pick-by` checked by `slapgen eval`'s rule (`picking.check_pick_by`), then against what this sweep
-    measures: one sentence before any run starts, not a winner-less report after the last."""
-    from trainer.evaluate.picking import check_pick_by
-
-    check_pick_by(pick_by)
-    columns = metric_columns(metrics, clip_model)
-    if pick_by in columns:
-        return pick_by
-    group = ("clip" if pick_by.startswith(CLIP_PREFIX) else "fvd" if pick_by == FVD else "temporal")
-    fix = (f"this sweep's CLIP column is {next(c for c in columns if c.startswith(CLIP_PREFIX))} (from --clip-model)"
-           if group in metrics else f"add {group} to --metrics")
-    raise SweepError(f"--pick-by {pick_by}: this sweep does not measure it ({', '.join(columns)}); {fix}")
 
 
 def generation_metrics(metrics: tuple[str, ...]) -> tuple[str, ...]:

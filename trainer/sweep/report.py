@@ -28,7 +28,8 @@ from trainer.run_folder import METRICS_FILE
 from trainer.checkpoints import CHECKPOINTS_DIR, checkpoint_dir
 from trainer.evaluate.picking import best_of, higher_is_better
 from trainer.lora import LORA_FILENAME
-from trainer.sweep.candidates import label, list_candidates, scored_candidates
+from trainer.evaluate.checkpoints import system_name
+from trainer.sweep.candidates import list_candidates, scored_candidates
 from trainer.sweep.evaluate import ADAPTER, EVAL_DIR, HELDOUT_LOSS
 from trainer.sweep.execute import BASE_DIR
 from trainer.sweep.folder import CACHE_DIR, SweepDefinition, run_dir
@@ -109,8 +110,8 @@ def pick_winner(out: Path, definition: SweepDefinition, results: dict[str, dict]
         return Winner(run, results[run.name]["steps"], _lora_shown(out, run, LORA_FILENAME), metric,
                       results[run.name]["metrics"].get(metric), False)
     found = scored_candidates(definition, out)
-    best = best_of({label(run.name, entry["step"]): entry["metrics"].get(metric) for run, entry in found}, metric)
-    run, entry = next(((run, entry) for run, entry in found if label(run.name, entry["step"]) == best), found[0])
+    best = best_of({system_name(run.name, entry["step"]): entry["metrics"].get(metric) for run, entry in found}, metric)
+    run, entry = next(((run, entry) for run, entry in found if system_name(run.name, entry["step"]) == best), found[0])
     return Winner(run, entry["step"], _lora_shown(out, run, entry["lora"]), metric, entry["metrics"].get(metric), True)
 
 

@@ -13,9 +13,11 @@ stops it at step S (`slapgen train --stop-at-step S`), whose checkpoint-S holds 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from pydantic import ValidationError
 
+from trainer.checkpoints import checkpoint_dir
 from trainer.config import TrainConfig
 
 # Schedules whose learning rate at a step does not depend on the run's length (`num_training_steps`).
@@ -49,4 +51,4 @@ def reproduction(config: TrainConfig, step: int) -> Reproduction:
     return Reproduction(config, step, f"the {schedule} learning-rate schedule spans the run's {total} steps: a run of "
                                       f"{step} steps would follow another schedule and train another model, so this is "
                                       f"the run's own config; stop it with --stop-at-step {step} and take its "
-                                      f"checkpoint-{step:06d}")
+                                      f"{checkpoint_dir(Path(), step).name}")

@@ -29,8 +29,10 @@ from pathlib import Path
 from trainer.datasets import read_dataset
 from trainer.errors import SweepError
 from trainer.run_folder import last_logged_step
-from trainer.sweep.candidates import CandidateRequest, check_checkpoint_options, generate_top
-from trainer.sweep.evaluate import (EvalRequest, check_metrics, check_pick_by_measured, generation_data, generation_metrics,
+from trainer.evaluate.checkpoints import check_generate_top
+from trainer.evaluate.picking import check_measured, check_pick_by
+from trainer.sweep.candidates import CandidateRequest, generate_top
+from trainer.sweep.evaluate import (EvalRequest, check_metrics, generation_data,
                                     plan_evaluation)
 from trainer.sweep.execute import (BASE_DIR, RESULT_FILE, RunState, evaluation_inputs, execute_base, execute_run,
                                    read_result, run_state, steps_done)
@@ -48,12 +50,12 @@ def plan_sweep(config: str, sets: list[str], grid: list[str], data: Path, heldou
     `check_generation`)."""
     axes = [parse_axis(text) for text in grid]
     measured = check_metrics(metrics)
-    check_checkpoint_options(candidates.checkpoints, candidates.generate_top, bool(generation_metrics(measured)))
+    check_generate_top(candidates.generate_top, candidates.checkpoints, measured)
     read_dataset(Path(data))  # a missing or malformed dataset is one sentence now, not after an hour of runs
     read_dataset(Path(heldout))
     runs = plan_runs(config, sets, axes, latent_cache=Path(out).resolve() / CACHE_DIR)
     evaluation = plan_evaluation(measured, runs, request)
-    pick_by = check_pick_by_measured(candidates.pick_by, measured, evaluation.clip_model if evaluation else None)
+    pick_by = check_measured(check_pick_by(candidates.pick_by), measured, evaluation.clip_model if evaluation else None)
     return SweepDefinition(
         config=config, sets=tuple(sets), axes=tuple(axes), data=str(Path(data).resolve()),
         heldout=str(Path(heldout).resolve()), metrics=measured, alpha_follows_rank=alpha_follows_rank(axes, sets),
