@@ -37,10 +37,16 @@ def test_two_machines_train_as_two_processes_of_one_machine(tiny_cache_dir, demo
                                         "--machine_rank", rank, "--main_process_ip", "127.0.0.1", "--main_process_port", port),
                                  cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                 for rank in ("0", "1")]
-    one_machine = subprocess.run(launch(tiny_cache_dir, demo_dataset, tmp_path / "one-machine", "--num_machines", "1",
-                                        "--main_process_port", str(free_port())),
-                                 cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
-    outputs = [machine.communicate(timeout=600)[0] for machine in machines]
+    try:
+        one_machine = subprocess.run(launch(tiny_cache_dir, demo_dataset, tmp_path / "one-machine", "--num_machines", "1",
+                                            "--main_process_port", str(free_port())),
+                                     cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+        outputs = [machine.communicate(timeout=600)[0] for machine in machines]
+    finally:  # a rank left waiting at the rendezvous must not outlive the test
+        for machine in machines:
+            if machine.poll() is None:
+                machine.kill()
+                machine.wait()
     for machine, output in zip(machines, outputs):
         assert machine.returncode == 0, output[-3000:]
     assert one_machine.returncode == 0, one_machine.stderr[-3000:]

@@ -30,10 +30,10 @@ from tests.conftest import REPO_ROOT, cli_stderr, free_port, offline_env, tiny_t
 from trainer.lora import LORA_FILENAME
 from trainer.sweep.ray_runs import ATTEMPT_MARK
 
-STEPS = 8
+STEPS = 24  # long enough that the poll below (every 50 ms) sees a cell between checkpoints and its LoRA
 # Small and fast: 32x32, one frame; a checkpoint every 2 steps, so a cell is killed with steps left to resume.
 FIXED = ("data.height=32", "data.width=32", "data.num_frames=1", "data.max_clips=2", f"train.max_train_steps={STEPS}",
-         "checkpoint.every_steps=2", "checkpoint.keep_last=10", "train.gradient_checkpointing=false")
+         "checkpoint.every_steps=2", "checkpoint.keep_last=20", "train.gradient_checkpointing=false")
 RAY = str(Path(sys.executable).parent / "ray")
 MARK = "SLAPGEN_TEST_RAY_CLUSTER"
 
@@ -184,7 +184,7 @@ def test_a_node_killed_mid_run_leaves_the_results_of_an_uninterrupted_sweep(tiny
         assert all(torch.equal(expected[key], got[key]) for key in expected), run.name
 
     progress = (tmp_path / "driver.err").read_text().replace("\r", "\n")
-    assert re.search(rf"run [12]/2 \S+ step \d/{STEPS} .*ETA \d\d:\d\d", progress), progress[-2000:]
+    assert re.search(rf"run [12]/2 \S+ step \d+/{STEPS} .*ETA \d\d:\d\d", progress), progress[-2000:]
 
 
 @pytest.mark.slow
