@@ -64,7 +64,7 @@ def test_every_manifest_parses_and_names_its_kind():
     for path in MANIFESTS:
         parsed = documents(path)
         assert parsed, f"{path} is empty"
-        if path in (HELM_VALUES,):
+        if path == HELM_VALUES:
             continue
         for document in parsed:
             assert document.get("apiVersion") and document.get("kind"), f"{path}: {document}"
