@@ -9,13 +9,16 @@ spreading rule, so only the pair choice differs). Every `--every` ratings the st
 and Kendall's tau against the true order is recorded. A strategy's "ratings needed" is the first
 checkpoint from which tau >= 0.9 holds in at least 95% of its runs at every later checkpoint (the
 95th percentile of runs is noisy; a share that dips back under 0.95 does not count as reached).
-Each strategy runs in its own process.
+"median_run_settles_at" (extra information, not the criterion): the median over runs of the checkpoint
+from which that run's tau stays >= 0.9. Each strategy runs in its own process. Last, the wall and CPU
+time of one adaptive `next_pair` call (the costly path, run on every GET /campaigns/NAME/pair) with
+`--timing-systems` systems and `--timing-verdicts` verdicts.
 
 For scale, `fixed_design_bound`: the ratio of ratings a design fixed in advance with the truth known
 (the best split over pairs 1, 2 and 3 places apart in the true order) needs against uniform random
 pairs for the same largest variance of a neighbouring difference (Fisher information of Davidson's
-model, effective resistance of the comparison graph). Adaptive choice must learn that split from
-the verdicts, so it is not expected to beat this bound; evenly spaced systems are its hardest case.
+model, effective resistance of the comparison graph). It bounds designs fixed in advance only: an
+adaptive choice can beat it by spending ratings on the neighbours the verdicts so far left close.
 
     python bench/campaign.py [--runs 100] [--gap 0.6] [--max-ratings 440] [--every 20] [--save]
 """
@@ -77,12 +80,47 @@ def run_case(strategy: str, args) -> dict:
     holds_from_here = np.flip(np.logical_and.accumulate(np.flip(share >= SHARE_TARGET)))
     reached = np.flatnonzero(holds_from_here)
     first_hit = np.flatnonzero(share >= SHARE_TARGET)
+    # Extra information, not the criterion: per run, the first checkpoint from which that run's tau stays
+    # >= 0.9 (a run that never settles counts as beyond the last checkpoint); the median over runs.
+    settled = np.flip(np.logical_and.accumulate(np.flip(taus >= TAU_TARGET, axis=1), axis=1), axis=1)
+    per_run = np.where(settled.any(axis=1), checkpoints[np.argmax(settled, axis=1)], np.inf)
+    median_per_run = float(np.median(per_run))
     return {
         "case": strategy, "runs": args.runs, "ratings_needed": int(checkpoints[reached[0]]) if len(reached) else None,
         "first_checkpoint_at_0.95": int(checkpoints[first_hit[0]]) if len(first_hit) else None,
+        "median_run_settles_at": int(median_per_run) if np.isfinite(median_per_run) else None,
         "checkpoints": checkpoints.tolist(), "share_tau_ge_0.9": share.round(4).tolist(),
         "median_tau": np.median(taus, axis=0).round(4).tolist(), "seconds": time.perf_counter() - started,
     }
+
+
+def time_next_pair(systems: int, verdicts: int, calls: int = 15) -> dict:
+    """Wall time of one adaptive `next_pair` call (exploration 0: the fit and the gain of every pair, the
+    costly path; it runs on every GET /campaigns/NAME/pair) for `systems` systems and `verdicts`
+    verdicts drawn on random pairs, 10 prompts x 2 seeds, 4 raters. Median and maximum of `calls`."""
+    from slapgen.evaluation.ranking import OUTCOMES, Verdict, next_pair
+
+    generator = np.random.default_rng(0)
+    names = [f"s{k}" for k in range(systems)]
+    strengths = generator.normal(0, 1, systems)
+    items = [(f"p{p}", s) for p in range(10) for s in range(2)]
+    past = []
+    for k in range(verdicts):
+        i, j = generator.choice(systems, 2, replace=False)
+        weights = np.exp([strengths[i], strengths[j], np.log(0.5) + (strengths[i] + strengths[j]) / 2])
+        prompt, seed = items[generator.integers(len(items))]
+        past.append(Verdict(names[i], names[j], OUTCOMES[generator.choice(3, p=weights / weights.sum())], prompt, seed,
+                            f"r{k % 4}"))
+    wall, cpu = [], []
+    for call in range(calls):
+        started, started_cpu = time.perf_counter(), time.process_time()
+        next_pair(past, names, items, f"r{call % 4}", np.random.default_rng(call), exploration=0.0)
+        wall.append(time.perf_counter() - started)
+        cpu.append(time.process_time() - started_cpu)
+    # CPU time as well: on a shared machine the wall time counts other people's work too.
+    return {"systems": systems, "verdicts": verdicts, "calls": calls,
+            "median_ms": round(1000 * float(np.median(wall)), 2), "max_ms": round(1000 * max(wall), 2),
+            "median_cpu_ms": round(1000 * float(np.median(cpu)), 2)}
 
 
 def fixed_design_bound(systems: int, gap: float, tie: float) -> float:
@@ -133,6 +171,8 @@ def main() -> None:
     parser.add_argument("--raters", type=int, default=4)
     parser.add_argument("--max-ratings", type=int, default=440)
     parser.add_argument("--every", type=int, default=20, help="ratings between checkpoints")
+    parser.add_argument("--timing-systems", type=int, default=60, help="systems of the next_pair timing")
+    parser.add_argument("--timing-verdicts", type=int, default=2000, help="verdicts of the next_pair timing")
     add_save_argument(parser)
     args = parser.parse_args()
     if args.case:
@@ -148,13 +188,18 @@ def main() -> None:
           f"{args.seeds} seeds, {args.raters} raters, {args.runs} runs; target: tau >= {TAU_TARGET} in "
           f"{SHARE_TARGET:.0%} of runs")
     bound = fixed_design_bound(args.systems, args.gap, args.tie)
-    print_table(rows, ["case", "runs", "ratings_needed", "first_checkpoint_at_0.95", "seconds"])
+    print_table(rows, ["case", "runs", "ratings_needed", "first_checkpoint_at_0.95", "median_run_settles_at",
+                       "seconds"])
     print(f"adaptive / random: {ratio if ratio is None else round(ratio, 3)} (aim <= 0.6); "
           f"oracle fixed design / random: {bound:.3f}")
+    timing = time_next_pair(args.timing_systems, args.timing_verdicts)
+    print(f"next_pair with {timing['systems']} systems and {timing['verdicts']} verdicts: median "
+          f"{timing['median_ms']} ms (CPU {timing['median_cpu_ms']} ms), max {timing['max_ms']} ms of "
+          f"{timing['calls']} calls")
     path = write_results("campaign", {"device": device_description(), "cores": os.cpu_count(),
                                       "settings": {k: v for k, v in vars(args).items() if k not in ("case", "save")},
                                       "ratio_adaptive_to_random": ratio, "fixed_design_bound": bound,
-                                      "results": rows}, save=args.save)
+                                      "next_pair_timing": timing, "results": rows}, save=args.save)
     print(f"wrote {path}")
 
 

@@ -97,3 +97,19 @@ def test_ranking_tau_equals_the_closed_form():
     assert ranking_tau({k: -v for k, v in metric.items()}, strengths, higher_is_better=False)[0] == pytest.approx(4 / 6)
     with pytest.raises(ValueError, match="at least two systems"):
         ranking_tau({"a": 1.0}, strengths)
+
+
+def test_the_leaderboard_names_a_pick_by_only_for_a_metric_clearly_better_than_chance():
+    """Guards advising `--pick-by` for a metric whose agreement with the raters could be chance (its 95%
+    interval reaching 50%), or naming one that agrees less than another."""
+    from slapgen.evaluation.leaderboard import metric_sentence, tracking_metric
+
+    def metric(rate, low, high, tau):
+        return {"agreement": {"rate": rate, "low": low, "high": high, "compared": 40}, "kendall_tau": tau}
+
+    clear = {"fvd_i3d": metric(0.60, 0.52, 0.70, 0.2), "clip_score_vitl14": metric(0.80, 0.70, 0.90, 0.8)}
+    assert tracking_metric(clear) == "clip_score_vitl14"
+    assert metric_sentence(clear).endswith("--pick-by clip_score_vitl14.")
+    unclear = {"clip_score_vitl14": metric(0.62, 0.45, 0.80, 0.4)}
+    assert tracking_metric(unclear) is None and "--pick-by" not in metric_sentence(unclear)
+    assert tracking_metric({"x": {"agreement": {"rate": None}, "kendall_tau": None}}) is None

@@ -292,6 +292,8 @@ def test_simulated_raters_rank_the_systems_through_a_real_server(tiny_server, ti
         follows = metrics["follows_truth"]["agreement"]
         assert follows["rate"] > 0.5 and follows["rate"] + metrics["reversed"]["agreement"]["rate"] == pytest.approx(1.0)
         assert board["metric_summary"].startswith("follows_truth ")
+        if follows["low"] > 0.5:  # clearly better than chance: the leaderboard names it for --pick-by
+            assert board["pick_by"] == "follows_truth" and board["metric_summary"].endswith("--pick-by follows_truth.")
         assert "inter_rater_alpha" in board and set(board["rater_consistency"]) <= {"r0", "r1", "r2"}
         exported = client.get(f"/campaigns/{name}/verdicts").json()["verdicts"]
         assert len(exported) == board["ratings"] + sum(c["repeats"] for c in board["rater_consistency"].values())

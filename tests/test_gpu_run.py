@@ -91,7 +91,7 @@ def test_plan_runs_the_checks_in_order_of_value(dry_run):
     text = result.stdout
     model = "tiny" if dry_run else "5b"
     for case in [f"{model}:bf16-eager", f"{model}:bf16-compile", f"{model}:vae-decode", f"hotswap-{model}:",
-                 f"attention-{model}:bf16-eager", f"caches-{model}:bf16-eager"]:
+                 f"attention-{model}:bf16-eager", f"caches-{model}:bf16-eager", f"coldstart.py --case compile-{model}"]:
         assert case in text
     assert ("tiny:cached" if dry_run else "cogvideox-5b-random:cached") in text
     if not dry_run:

@@ -149,35 +149,69 @@ def test_few_prompts_or_a_tie_never_separate():
     assert five_ranked.top_beats_second == 1.0 and stopping(five_ranked).reason == "separated"
 
 
-def _wrong_neighbours_expected(strengths, covariance):
-    order = np.argsort(strengths)
-    total = 0.0
-    for low, high in zip(order[:-1], order[1:]):
-        sd = np.sqrt(covariance[low, low] + covariance[high, high] - 2 * covariance[low, high])
-        total += norm.cdf(-(strengths[high] - strengths[low]) / sd)
-    return total
+def _davidson_log_probabilities(theta, i, j, nu):
+    """log P(i wins), log P(j wins), log P(tie) of one verdict on (i, j), Davidson's model written out."""
+    win_i, win_j, tie = np.exp(theta[i]), np.exp(theta[j]), nu * np.exp((theta[i] + theta[j]) / 2)
+    total = win_i + win_j + tie
+    return np.log([win_i / total, win_j / total, tie / total])
 
 
-def test_expected_order_gain_equals_the_covariance_update_written_out():
-    """Guards the pair-choice score: each pair's gain equals the expected number of mis-ordered neighbours
-    (systems next to each other in the estimated order) now minus after adding one verdict's Fisher
-    information (Davidson: p_i + p_j - (p_i - p_j)^2) along that pair's difference to the precision
-    matrix and inverting it again."""
+def _expected_fisher_information(theta, i, j, nu, step=1e-4):
+    """E over the outcome of minus the Hessian of its log-probability in theta, by central differences."""
+    k = len(theta)
+    probabilities = np.exp(_davidson_log_probabilities(theta, i, j, nu))
+    information = np.zeros((k, k))
+    for a in range(k):
+        for b in range(k):
+            def shifted(da, db):
+                x = np.array(theta, dtype=float)
+                x[a] += da
+                x[b] += db
+                return _davidson_log_probabilities(x, i, j, nu)
+            second = (shifted(step, step) - shifted(step, -step) - shifted(-step, step) + shifted(-step, -step)) / (
+                4 * step * step)
+            information[a, b] = -(probabilities * second).sum()
+    return information
+
+
+def _expected_wrong_after(difference, variance_removed, variance_after):
+    """E[Phi(-|X| / sqrt(variance_after))], X ~ N(difference, variance_removed), by numerical integration."""
+    from scipy.integrate import quad
+
+    spread = np.sqrt(variance_removed)
+
+    def integrand(z):
+        return norm.pdf(z) * norm.cdf(-abs(difference + spread * z) / np.sqrt(variance_after))
+
+    return quad(integrand, -12, 12, points=[-difference / spread], limit=200, epsabs=1e-13)[0]
+
+
+def test_expected_order_gain_equals_the_preposterior_update_written_out():
+    """Guards the pair-choice score: each pair's gain equals, summed over neighbours (systems next to each
+    other in the estimated order), P(their order is wrong) now minus its expectation after one verdict on
+    that pair. References written out here: the verdict's Fisher information is the expected negative
+    Hessian of Davidson's log-probabilities (finite differences), added to the precision matrix and
+    inverted again; the expectation integrates over the estimate's move N(0, variance removed) by
+    quadrature. Fails with the information counted four times (the outcome's +1/-1/0 variance without
+    its 1/4) and with the estimate held fixed (Phi(-d / sd after): no gain for a neighbour pair at d = 0)."""
     generator = np.random.default_rng(3)
-    strengths = np.array([0.9, 0.1, 0.0, -1.0])
+    strengths = np.array([0.9, 0.1, 0.1, -1.0])  # two neighbours exactly level: d = 0
     a = generator.normal(size=(4, 4))
     covariance = a @ a.T / 8 + 0.05 * np.eye(4)
     nu = 0.4
     pairs, gains = expected_order_gain(strengths, covariance, nu)
-    before = _wrong_neighbours_expected(strengths, covariance)
+    order = np.argsort(strengths, kind="stable")
     for (i, j), gain in zip(pairs, gains):
-        weights = np.array([np.exp(strengths[i]), np.exp(strengths[j]), nu * np.exp((strengths[i] + strengths[j]) / 2)])
-        p = weights / weights.sum()
-        contrast = np.zeros(4)
-        contrast[i], contrast[j] = 1.0, -1.0
-        information = p[0] + p[1] - (p[0] - p[1]) ** 2
-        updated = np.linalg.inv(np.linalg.inv(covariance) + information * np.outer(contrast, contrast))
-        assert gain == pytest.approx(before - _wrong_neighbours_expected(strengths, updated), rel=1e-6, abs=1e-12)
+        updated = np.linalg.inv(np.linalg.inv(covariance) + _expected_fisher_information(strengths, i, j, nu))
+        expected = 0.0
+        for low, high in zip(order[:-1], order[1:]):
+            contrast = np.zeros(4)
+            contrast[high], contrast[low] = 1.0, -1.0
+            difference = contrast @ strengths
+            variance_now, variance_after = contrast @ covariance @ contrast, contrast @ updated @ contrast
+            expected += norm.cdf(-difference / np.sqrt(variance_now)) - _expected_wrong_after(
+                difference, variance_now - variance_after, variance_after)
+        assert gain == pytest.approx(expected, rel=1e-5, abs=1e-9)
 
 
 def test_adaptive_choice_picks_the_uncertain_neighbours():
@@ -192,6 +226,21 @@ def test_adaptive_choice_picks_the_uncertain_neighbours():
     for seed in range(5):
         pair = next_pair(verdicts, list("abcd"), items, "new rater", np.random.default_rng(seed), exploration=0.0)
         assert {pair.left, pair.right} == {"b", "c"}
+
+
+def test_adaptive_choice_asks_about_neighbours_level_in_the_estimate():
+    """Guards the preposterior gain: a beat b and c 6-2 each, b and c split 2-2, so b and c are exactly level
+    in the estimate and their order is a coin toss (P(wrong) = 1/2, the largest there is), while a's lead
+    is clearer: the next pair is b-c for every seed. Holding the estimate fixed (the earlier rule) gave
+    level neighbours no gain of their own (Phi(0) before and after), so it chose a-b or a-c at the
+    estimate and at a third of its posterior draws."""
+    verdicts = []
+    for x, y, times in [("a", "b", 6), ("b", "a", 2), ("a", "c", 6), ("c", "a", 2), ("b", "c", 2), ("c", "b", 2)]:
+        verdicts += repeat(x, y, LEFT, times, prompt=f"{x}{y}")
+    items = [(f"q{k}", 0) for k in range(5)]
+    for seed in range(20):
+        pair = next_pair(verdicts, list("abc"), items, "new rater", np.random.default_rng(seed), exploration=0.0)
+        assert {pair.left, pair.right} == {"b", "c"}, seed
 
 
 def test_next_pair_never_repeats_and_spreads_items():

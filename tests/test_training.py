@@ -116,7 +116,6 @@ def test_resume_skips_corrupt_checkpoints_for_the_newest_intact_one(tiny_cache_d
 def _full_disk(monkeypatch, failing, code: int) -> None:
     """Writes for which `failing(path)` holds put a few bytes down, then fail as a full disk (or quota)
     does: an OSError with its errno, from the file object torch.save writes to or from Path.write_bytes."""
-    import errno
     import os
     import pathlib
 

@@ -1,6 +1,8 @@
 """`slapgen campaign create`: the videos of `slapgen eval` runs (EVAL_DIR/eval.json and
-EVAL_DIR/videos/SYSTEM/pNNN-sSEED.mp4; a sweep writes one such folder per run, RUN/eval) turned into a
-rating campaign in the service's data store.
+EVAL_DIR/videos/SYSTEM/pNNN-sSEED.mp4; a sweep writes one such folder per run, RUN/eval, and, with
+generation metrics, one for the whole sweep in its own folder: the base model and every run, or with
+--checkpoints every checkpoint that made videos, as RUN@STEP) turned into a rating campaign in the
+service's data store.
 
 Systems keep their eval names; a name found in several folders (every sweep run's adapter is `lora`)
 becomes `RUN-NAME`, RUN the folder's name (its parent's when the folder is called `eval`). Every
@@ -33,8 +35,8 @@ def _read_eval(folder: Path) -> dict:
     try:
         result = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise CampaignError(f"{folder} holds no eval.json: --from takes a folder `slapgen eval` (or a sweep run's "
-                            "eval) wrote") from None
+        raise CampaignError(f"{folder} holds no eval.json: --from takes a folder `slapgen eval` wrote, or a sweep's "
+                            "folder (or a run's RUN/eval) when the sweep had generation metrics") from None
     except (OSError, ValueError) as error:
         raise CampaignError(f"{path} cannot be read as JSON ({error})") from None
     if not isinstance(result, dict) or not isinstance(result.get("videos"), list) or not result["videos"]:

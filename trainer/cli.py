@@ -13,7 +13,7 @@ from pathlib import Path
 
 from slapgen.errors import SlapgenError
 from slapgen.names import NAME_RULE
-from trainer.errors import DatasetError
+from trainer.errors import DatasetError, SweepError
 
 
 def quiet_libraries() -> None:
@@ -117,6 +117,9 @@ def cmd_eval(args) -> int:
         clip_model=args.clip_model or sources["clip_model"],
         dino_model=args.dino_model or sources["dino_model"],
         i3d_model=args.i3d_model or sources["i3d_model"],
+        checkpoints=args.checkpoints,
+        generate_top=args.generate_top,
+        pick_by=args.pick_by,
     )
     if args.max_clips is not None and args.max_clips < 1:
         raise DatasetError("--max-clips must be at least 1")
@@ -124,6 +127,12 @@ def cmd_eval(args) -> int:
     paths = write_reports(result, args.out)
     for system, data in result["systems"].items():
         print(f"{system}: " + ", ".join(f"{name} {value:.4g}" for name, value in data["metrics"].items()))
+    if "checkpoints" in result:
+        from trainer.evaluate.curves import best_sentence
+
+        for adapter, entry in result["checkpoints"]["runs"].items():
+            print(best_sentence(adapter, entry))
+            print(f"{adapter}: {entry['overfitting']['sentence']}")
     for definition in result["metric_definitions"].values():
         if definition.get("warning"):
             print(f"warning: {definition['warning']}")
@@ -149,13 +158,21 @@ def cmd_generate(args) -> int:
 
 
 def cmd_sweep(args) -> int:
+    from trainer.sweep.candidates import CandidateRequest
     from trainer.sweep.evaluate import EvalRequest
     from trainer.sweep.sweep import run_sweep
 
     metrics = [name.strip() for name in args.metrics.split(",") if name.strip()]
     request = EvalRequest(seeds=args.seeds, sets=tuple(args.eval_set), clip_model=args.clip_model,
                           dino_model=args.dino_model, i3d_model=args.i3d_model)
-    run_sweep(args.config, args.set, args.grid, args.data, args.heldout, args.out, metrics, request=request)
+    if args.gpus_per_run is not None and args.ray is None:
+        raise SweepError("--gpus-per-run applies to --ray only: without it the sweep runs one run per GPU of this machine")
+    gpus_per_run = 1 if args.gpus_per_run is None else args.gpus_per_run
+    if gpus_per_run < 0:
+        raise SweepError(f"--gpus-per-run must be 0 (a CPU-only cluster) or more, not {gpus_per_run:g}")
+    candidates = CandidateRequest(checkpoints=args.checkpoints, generate_top=args.generate_top, pick_by=args.pick_by)
+    run_sweep(args.config, args.set, args.grid, args.data, args.heldout, args.out, metrics, request=request,
+              candidates=candidates, ray=args.ray, gpus_per_run=gpus_per_run)
     return 0
 
 
@@ -279,6 +296,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--dino-model", help="DINO hub id or folder (default facebook/dino-vitb16; tiny with --model tiny)")
     ev.add_argument("--i3d-model", help="I3D TorchScript file or hub repo (default flateon/FVD-I3D-torchscript; "
                                         "tiny with --model tiny)")
+    ev.add_argument("--checkpoints", action="store_true",
+                    help="each --adapter is a run folder: score every saved checkpoint and the final LoRA as systems "
+                         "NAME@STEP, with curves over steps, the best checkpoint named and overfitting said")
+    ev.add_argument("--generate-top", type=int, metavar="K",
+                    help="with --checkpoints: held-out loss on every checkpoint, videos and generation metrics only on "
+                         "the K with the lowest held-out loss over every run given (default: all)")
+    ev.add_argument("--pick-by", metavar="METRIC",
+                    help="with --checkpoints: the metric that names each run's best checkpoint, as eval.json names it "
+                         "(default heldout_loss; e.g. clip_score_vitl14, fvd_i3d)")
     ev.set_defaults(run=cmd_eval)
 
     gen = commands.add_parser("generate", help="generate one video (text-to-video, or image-to-video with a TIC-FT "
@@ -319,6 +345,17 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--clip-model", help="as slapgen eval's (default openai/clip-vit-large-patch14; tiny with model tiny)")
     sw.add_argument("--dino-model", help="as slapgen eval's (default facebook/dino-vitb16; tiny with model tiny)")
     sw.add_argument("--i3d-model", help="as slapgen eval's (default flateon/FVD-I3D-torchscript; tiny with model tiny)")
+    sw.add_argument("--checkpoints", action="store_true",
+                    help="score every saved checkpoint of every run (and its final LoRA): the winner is a (run, step)")
+    sw.add_argument("--generate-top", type=int, metavar="K",
+                    help="with --checkpoints: generation metrics only for the K best checkpoints by held-out loss")
+    sw.add_argument("--pick-by", default="heldout_loss", metavar="METRIC",
+                    help="the metric that names the winner, as eval.json names it (default heldout_loss; e.g. "
+                         "clip_score_vitl14, fvd_i3d, subject_consistency_dino, temporal_flickering)")
+    sw.add_argument("--ray", metavar="ADDRESS", help="run every run as a Ray task on a cluster: auto (RAY_ADDRESS or the "
+                                                     "one running here), local (start one for this sweep) or HOST:PORT; "
+                                                     "--out must be on storage every node sees")
+    sw.add_argument("--gpus-per-run", type=float, help="GPUs each run's Ray task asks for (default 1; 0 for a CPU-only cluster)")
     sw.set_defaults(run=cmd_sweep)
 
     camp = commands.add_parser("campaign", help="blind rating campaigns over the videos of eval / sweep runs")

@@ -11,7 +11,8 @@ into OUT as soon as one of its checks finishes, so a run cut short still returns
                        SLAP_ATTENTION kernel (one step, bf16 eager, N blocks) and each SLAP_CACHE value
                        (a 50-step denoising loop, bf16 eager, 4 blocks)
     2-hotswap.json     rank-128 adapter hot-swap on the compiled fp8 transformer: swap latency,
-                       recompilations (must be 0), output changes
+                       recompilations (must be 0), output changes; the compile cache: the bf16 transformer
+                       (6 blocks) compiled with an empty SLAP_COMPILE_CACHE_DIR, then again from it
     3-train.json       one 5B LoRA training step (rank 128, gradient checkpointing, bf16)
     4-pytest-gpu.json  `pytest -m gpu` on the test files that hold GPU tests: exit code and counts
     4-pytest-gpu.txt   its output
@@ -69,7 +70,7 @@ def gpu_test_files() -> list[str]:
 
 def plan(dry_run: bool, blocks: int) -> list[Check]:
     py = sys.executable
-    serve, train = str(BENCH / "serve.py"), str(BENCH / "train_step.py")
+    serve, train, coldstart = str(BENCH / "serve.py"), str(BENCH / "train_step.py"), str(BENCH / "coldstart.py")
     model, fp8 = ("tiny", "fp8-weight") if dry_run else ("5b", "fp8")
     caches = ["--warm-caches"] if dry_run else []  # the dry run's times mean nothing; let reruns reuse graphs
     sub = ["--blocks", str(blocks)]
@@ -93,6 +94,10 @@ def plan(dry_run: bool, blocks: int) -> list[Check]:
         Check(f"hotswap-{fp8}-compile-{blocks}-blocks", "2-hotswap",
               [py, serve, "--case", f"hotswap-{model}:{fp8}-compile", "--rank", "8" if dry_run else "128",
                "--swaps", "4", *sub, *caches], 300),
+        # SLAP_COMPILE_CACHE_DIR: compile cold (empty folder) then warm (the same folder) in two fresh processes.
+        # 6 of 42 blocks keep both compiles near 2 minutes; the times are extrapolated to 42.
+        Check(f"compile-cache-{min(blocks, 6)}-blocks", "2-hotswap",
+              [py, coldstart, "--case", f"compile-{model}", "--blocks", str(min(blocks, 6))], 150),
         Check("train-step-5b-cached" if not dry_run else "train-step-tiny-cached", "3-train",
               [py, train, "--case", "tiny:cached" if dry_run else "cogvideox-5b-random:cached",
                "--steps", "2" if dry_run else "3"], 240),
@@ -278,7 +283,8 @@ def main() -> int:
 def _headline(row: dict) -> str:
     """The few numbers of a check worth a line in the device tool's output tail."""
     result = row.get("result") or {}
-    keys = ["step_s_median", "est_step_s_all_blocks", "est_50_steps_s", "compile_s", "peak_memory_gb",
+    keys = ["step_s_median", "est_step_s_all_blocks", "est_50_steps_s", "compile_s", "compile_s_cold", "compile_s_warm",
+            "cold_over_warm", "warm_graphs_from_cache", "peak_memory_gb",
             "est_peak_memory_gb_all_blocks", "decode_s_median", "swap_s_median", "recompilations",
             "same_adapter_identical_after_swaps", "peak_memory_mb"]
     parts = [f"{k}={result[k]:.4g}" if isinstance(result[k], float) else f"{k}={result[k]}" for k in keys

@@ -1,22 +1,127 @@
-"""`torch.compile` of the transformer, counting how often it compiles after warm-up.
+"""`torch.compile` of the transformer, counting how often it compiles after warm-up, and the compile cache.
 
 Compilation goes through inductor behind a thin backend that counts graphs. Every graph compiled
 after `mark_warm()` is a recompilation: a request that made dynamo's guards fail (a new shape, a
 changed attribute). Hot-swapping adapters must keep this at zero; `GET /info` reports it.
+
+`SLAP_COMPILE_CACHE_DIR` (`CompileCache`) becomes inductor's own on-disk cache folder
+(`TORCHINDUCTOR_CACHE_DIR`): the AOTAutograd and FX graph caches, the compiled C++ / Triton kernels and
+autotuning results, keyed by the graph, the shapes, the inductor config, the device and torch's version,
+so another model or another torch simply misses. torch writes every entry to a hidden file and renames it
+into place, and builds each kernel under a file lock in the folder, so replicas that start at once can
+share it. The backend still sees every graph (a cache hit is found inside `compile_fx`), so the count
+above holds with a warm cache. What torch does not survive is a damaged kernel library in the folder (it
+loads the file as it finds it): any failure of the warm-up with the shared folder falls back to compiling
+in a private folder, said in one log line.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import tempfile
 import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
+log = logging.getLogger(__name__)
+log.setLevel(logging.INFO)  # the compile cache's one line belongs in a server's start-up log (BentoML's root: WARNING)
+# torch's loggers that report a cache entry they could not unpickle (a warning with a traceback each).
+CACHE_LOGGERS = ("torch._inductor.codecache", "torch._functorch._aot_autograd.autograd_cache")
+
+
+class _UnreadableEntries(logging.Filter):
+    """Counts torch's 'unable to load' warnings and keeps their tracebacks out of the log: the compile
+    cache's own line says how many entries were skipped."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "unable to load" in str(record.msg):
+            self.count += 1
+            return False
+        return True
+
+
+class CompileCache:
+    """`SLAP_COMPILE_CACHE_DIR` as inductor's cache folder, and what the warm-up found in it."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.from_cache = 0  # graphs whose compiled code came from the folder
+        self.compiled = 0  # graphs compiled here (and stored in the folder)
+        self.unreadable = 0  # entries torch could not read (skipped, compiled again)
+        self.fell_back: str | None = None  # why the folder was abandoned for a private one
+
+    def use(self) -> None:
+        self._point_inductor_at(self.folder)
+
+    @staticmethod
+    def _point_inductor_at(folder: Path) -> None:
+        from torch._inductor import utils
+
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
+        # inductor memoises paths under the folder (the lock folder, the C++ prefix header); older torch (the GPU
+        # machine's 2.11) may only have the function's former name.
+        (getattr(utils, "clear_caches", None) or utils.clear_inductor_caches)()
+
+    def abandon(self, error: BaseException) -> None:
+        """Compile in a private folder from now on (the shared one made the compile fail)."""
+        reason = (str(error).strip().splitlines() or [""])[0][:200]
+        self.fell_back = f"{type(error).__name__}: {reason}" if reason else type(error).__name__
+        self._point_inductor_at(Path(tempfile.mkdtemp(prefix="slapgen-inductor-")))
+        log.warning("compile cache %s cannot be used (%s); compiling without it. Empty the folder to rebuild it.",
+                    self.folder, self.fell_back)
+
+    @contextmanager
+    def counting(self) -> Iterator[None]:
+        """Adds the FX graph cache's hits and misses during the block (inductor's own counters)."""
+        from torch._dynamo.utils import counters
+
+        before = dict(counters["inductor"])
+        unreadable = _UnreadableEntries()
+        loggers = [logging.getLogger(name) for name in CACHE_LOGGERS]
+        for logger in loggers:
+            logger.addFilter(unreadable)
+        try:
+            yield
+        finally:
+            for logger in loggers:
+                logger.removeFilter(unreadable)
+            after = counters["inductor"]
+            self.from_cache += after["fxgraph_cache_hit"] - before.get("fxgraph_cache_hit", 0)
+            self.compiled += sum(after[k] - before.get(k, 0) for k in ("fxgraph_cache_miss", "fxgraph_cache_bypass"))
+            self.unreadable += unreadable.count
+
+    def summary(self) -> str:
+        """The one log line of a start-up: what came from the folder, what was compiled."""
+        total = self.from_cache + self.compiled
+        where = f"compile cache {self.folder}"
+        if self.fell_back:
+            return f"{where} was not used ({self.fell_back}); {self.compiled} graphs compiled in a private folder"
+        skipped = f"; {self.unreadable} unreadable entries skipped" if self.unreadable else ""
+        if self.compiled == 0:
+            return f"{where}: all {total} graphs loaded from it, nothing compiled{skipped}"
+        return (f"{where}: {self.from_cache} of {total} graphs loaded from it, {self.compiled} compiled and stored "
+                f"(a new model, settings or torch version, or an empty folder){skipped}")
+
+    def info(self) -> dict:
+        return {"dir": str(self.folder), "graphs_from_cache": self.from_cache, "graphs_compiled": self.compiled,
+                "unreadable_entries": self.unreadable, "fell_back": self.fell_back}
+
 
 class CompiledTransformer:
-    def __init__(self) -> None:
+    def __init__(self, cache_dir: Path | None = None) -> None:
         self.graphs = 0
+        self.cache = CompileCache(cache_dir) if cache_dir is not None else None
         self._warm_at: int | None = None
         self._lock = threading.Lock()
+        self._eager = None
 
     def _backend(self, graph_module, example_inputs):
         from torch._inductor.compile_fx import compile_fx
@@ -26,7 +131,30 @@ class CompiledTransformer:
         return compile_fx(graph_module, example_inputs)
 
     def compile(self, pipeline) -> None:
-        pipeline.transformer = torch.compile(pipeline.transformer, backend=self._backend, fullgraph=False)
+        if self.cache is not None:
+            self.cache.use()
+        self._eager = pipeline.transformer
+        self._wrap(pipeline)
+
+    def _wrap(self, pipeline) -> None:
+        pipeline.transformer = torch.compile(self._eager, backend=self._backend, fullgraph=False)
+
+    def warm_up(self, pipeline, run: Callable[[], object]) -> None:
+        """`run()` (the warm-up generations, which compile); with a compile cache, counted, and on any failure
+        with the shared folder run again compiling in a private one (`CompileCache.abandon`)."""
+        if self.cache is None:
+            run()
+            return
+        try:
+            with self.cache.counting():
+                run()
+        except Exception as error:  # a damaged cache entry fails in many ways (a C++ or import error, a bad ELF)
+            self.cache.abandon(error)
+            torch._dynamo.reset()  # forget the graphs and guards built on the shared folder's code
+            self._wrap(pipeline)
+            with self.cache.counting():
+                run()
+        log.info(self.cache.summary())
 
     def mark_warm(self) -> None:
         self._warm_at = self.graphs

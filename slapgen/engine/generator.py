@@ -28,7 +28,7 @@ from slapgen.engine.params import EngineOptions, GenerationParams
 from slapgen.engine.placement import place_pipeline
 from slapgen.engine.quantization import choose_quantization, quantize_transformer
 from slapgen.engine.queue import Admission, GenerationQueue
-from slapgen.errors import GenerationCancelledError, GenerationTimeoutError, QueueFullError
+from slapgen.errors import GenerationCancelledError, GenerationTimeoutError
 from slapgen.models.loading import ResolvedModel, load_pipeline
 from slapgen.models.specs import ModelSpec
 from slapgen.video import write_mp4
@@ -79,7 +79,7 @@ class VideoGenerator:
         step_cache = StepCache.apply(pipeline, options.cache)
         compiled = None
         if options.compile:
-            compiled = CompiledTransformer()
+            compiled = CompiledTransformer(options.compile_cache_dir)
             compiled.compile(pipeline)
         target = AdapterTarget(resolved.spec.name, slot.modules, slot.max_rank, resolved.spec.max_num_frames,
                                resolved.spec.frame_step)
@@ -87,7 +87,7 @@ class VideoGenerator:
         generator = cls(pipeline, resolved.spec, options.device, slot, adapters, quantization, compiled, options.max_queue,
                         options.attention, step_cache)
         if compiled is not None:
-            generator.warm_up()
+            compiled.warm_up(pipeline, generator.warm_up)  # with a compile cache: counted, falls back when damaged
         return generator
 
     def warm_up(self) -> float:
@@ -124,6 +124,7 @@ class VideoGenerator:
             "adapter_swaps": self.slot.swaps,
             "max_lora_rank": self.slot.max_rank,
             "recompilations": self.compiled.recompilations if self.compiled else 0,
+            "compile_cache": self.compiled.cache.info() if self.compiled and self.compiled.cache else None,
             "queue": self.queue_length,
         }
 

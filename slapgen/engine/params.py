@@ -87,6 +87,7 @@ class EngineOptions:
     offload: Literal["none", "model"] = "none"
     quantization: Quantization = "none"
     compile: bool = False
+    compile_cache_dir: Path | None = None  # inductor's cache folder (`slapgen.engine.compiling.CompileCache`)
     adapters_dir: Path = Path("adapters")
     max_lora_rank: int | None = None
     lora_target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")

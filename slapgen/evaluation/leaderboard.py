@@ -48,6 +48,7 @@ def criterion_board(verdicts: Sequence[Verdict], repeats: Sequence[Verdict], sys
         "rater_consistency": {rater: c.to_json() for rater, c in rater_consistency([*verdicts, *repeats]).items()},
         "metrics": metrics,
         "metric_summary": metric_sentence(metrics),
+        "pick_by": tracking_metric(metrics),
     }
 
 
@@ -74,17 +75,35 @@ def _why(reason: str | None, top_beats_second: float, budget: int | None, rating
     return f"not yet: the top system beats the second in {share}, 95% needed{left}"
 
 
-def metric_sentence(metrics: Mapping[str, dict]) -> str:
-    """Which automatic metric tracks the raters: the highest agreement rate, its interval and tau said."""
+def _most_agreeing(metrics: Mapping[str, dict]) -> tuple[str, dict] | None:
+    """The metric with the highest agreement rate (then the highest tau), or None when none was compared."""
     rated = {name: m for name, m in metrics.items() if m["agreement"]["rate"] is not None}
     if not rated:
+        return None
+    return max(rated.items(), key=lambda kv: (kv[1]["agreement"]["rate"], kv[1]["kendall_tau"] or -2))
+
+
+def tracking_metric(metrics: Mapping[str, dict]) -> str | None:
+    """The metric to pick checkpoints by next time (`--pick-by`, under eval's name for it): the one that
+    agrees with the raters most, when its 95% interval lies above chance; None otherwise."""
+    found = _most_agreeing(metrics)
+    return found[0] if found is not None and found[1]["agreement"]["low"] > 0.5 else None
+
+
+def metric_sentence(metrics: Mapping[str, dict]) -> str:
+    """Which automatic metric tracks the raters: the highest agreement rate, its interval and tau said,
+    and the `--pick-by` that uses it when it is clearly better than chance."""
+    found = _most_agreeing(metrics)
+    if found is None:
         if not metrics:
             return "The eval runs behind this campaign scored no automatic metric, so none can be compared."
         return "No automatic metric can be compared with the raters yet: no verdict with a preference on scored videos."
-    best_name, best = max(rated.items(), key=lambda kv: (kv[1]["agreement"]["rate"], kv[1]["kendall_tau"] or -2))
+    best_name, best = found
     a = best["agreement"]
     tau = f", and its ranking of the systems has Kendall's tau {best['kendall_tau']:.2f} with theirs" \
         if best["kendall_tau"] is not None else ""
-    verdict = "tracks the raters best" if a["low"] > 0.5 else "agrees with the raters most, but not clearly better than chance"
+    tracking = tracking_metric(metrics) == best_name
+    verdict = "tracks the raters best" if tracking else "agrees with the raters most, but not clearly better than chance"
+    advice = (f" Pick the next sweep's or eval's best checkpoint by it: --pick-by {best_name}." if tracking else "")
     return (f"{best_name} {verdict}: it prefers the video the raters preferred in {a['rate']:.0%} of "
-            f"{a['compared']} verdicts (95% interval {a['low']:.0%} to {a['high']:.0%}){tau}.")
+            f"{a['compared']} verdicts (95% interval {a['low']:.0%} to {a['high']:.0%}){tau}.{advice}")

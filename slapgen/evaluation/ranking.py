@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 from scipy import sparse
-from scipy.special import logsumexp
+from scipy.special import logsumexp, owens_t
 from scipy.stats import norm
 
 from slapgen.evaluation.stats import percentile_interval, resample_units
@@ -287,40 +287,54 @@ def stopping(ranking: Ranking, budget: int | None = None, separation: float = SE
     return Stop(False, None)
 
 
-def expected_order_gain(strengths: np.ndarray, covariance: np.ndarray,
-                        tie_parameter: float) -> tuple[np.ndarray, np.ndarray]:
-    """For every pair (i < j), how much one more verdict on it is expected to lower the chance that
-    the ranking is wrong between neighbours: the sum, over systems next to each other in the order of
-    `strengths`, of P(their order is wrong) = Phi(-|d| / sd) under the Laplace approximation (d the
-    estimated difference, sd from `covariance`), before minus after the verdict's Fisher information
-    is added along the candidate's difference (a rank-one update, Sherman-Morrison). A candidate far
-    from every uncertain neighbour pair, or a settled neighbour pair, gains ~0. Neighbours only,
-    because almost every mis-ordered pair of a nearly right ranking is one (Kendall's tau >= 0.9 of 8
-    systems allows one); summing over all pairs spent ratings on far pairs (bench/campaign.py: 280
-    ratings instead of 220 in 40 runs). Returns (pairs, gains)."""
-    k = len(strengths)
-    pairs = np.array([(i, j) for i in range(k) for j in range(i + 1, k)], dtype=int)
-    contrasts = np.zeros((len(pairs), k))
-    contrasts[np.arange(len(pairs)), pairs[:, 0]] = 1.0
-    contrasts[np.arange(len(pairs)), pairs[:, 1]] = -1.0
-    order = np.argsort(strengths, kind="stable")
-    neighbours = np.zeros((k - 1, k))
-    neighbours[np.arange(k - 1), order[1:]] = 1.0
-    neighbours[np.arange(k - 1), order[:-1]] = -1.0
-    differences = neighbours @ strengths  # >= 0
-    shared = neighbours @ covariance @ contrasts.T  # (neighbour pairs, candidates): Cov(d_e, d_c)
-    neighbour_variances = np.clip(np.einsum("ek,kl,el->e", neighbours, covariance, neighbours), 1e-12, None)
-    candidate_variances = np.einsum("ck,kl,cl->c", contrasts, covariance, contrasts)
-    # Fisher information of one verdict on d = theta_i - theta_j (Davidson): Var of +1 / -1 / 0 per outcome.
+def verdict_information(strengths: np.ndarray, pairs: np.ndarray, tie_parameter: float) -> np.ndarray:
+    """Fisher information one verdict on each pair (i, j) of `pairs` adds along theta_i - theta_j, on the
+    scale of the fit's Hessian: the precision matrix grows by it times c c^T (c = e_i - e_j). The outcome's
+    coefficients in (theta_i, theta_j) are (1, 0), (0, 1) or (1/2, 1/2) (Davidson), whose covariance is
+    Var(+1/2, -1/2, 0) c c^T = (p_i + p_j - (p_i - p_j)^2) / 4 c c^T. (Without the / 4 a verdict counted
+    as four: the lookahead then overrated how far one verdict moves the estimate.)"""
     s, t = strengths[pairs[:, 0]], strengths[pairs[:, 1]]
     tie_logit = np.log(tie_parameter) + (s + t) / 2 if tie_parameter > 0 else np.full_like(s, -np.inf)
     logits = np.stack([s, t, tie_logit])
     p = np.exp(logits - logsumexp(logits, axis=0))
-    information = p[0] + p[1] - (p[0] - p[1]) ** 2
-    wrong_now = norm.cdf(-differences / np.sqrt(neighbour_variances))
-    shrink = information[None, :] * shared**2 / (1.0 + information * candidate_variances)[None, :]
-    after = np.clip(neighbour_variances[:, None] - shrink, 1e-12, None)
-    wrong_after = norm.cdf(-differences[:, None] / np.sqrt(after))
+    return (p[0] + p[1] - (p[0] - p[1]) ** 2) / 4
+
+
+def expected_order_gain(strengths: np.ndarray, covariance: np.ndarray,
+                        tie_parameter: float) -> tuple[np.ndarray, np.ndarray]:
+    """For every pair (i < j), how much one more verdict on it is expected to lower the chance that
+    the ranking is wrong between neighbours: the sum, over systems next to each other in the order of
+    `strengths` (d >= 0 their estimated difference, v its variance under the Laplace approximation
+    with `covariance`), of the probability that their order is wrong now, Phi(-d / sqrt(v)), minus its
+    expectation once the verdict is in. The verdict's information (`verdict_information`) along the
+    candidate's difference removes s from v (a rank-one update, Sherman-Morrison), and moves the
+    estimate of d by an amount not known yet: N(0, s) before the verdict (preposterior; v = s + a^2,
+    a^2 the variance after). So the expected probability after is E[Phi(-|X| / a)], X ~ N(d, s), which is
+    2 T(d / sqrt(v), a / sqrt(s)) with Owen's T (closed form: the bivariate normal's, whose second T
+    term vanishes here). Taking the estimate as fixed instead (Phi(-d / a) after) gave a neighbour pair
+    with d ~ 0, the least settled, no gain at all. A candidate far from every uncertain neighbour pair,
+    or a settled neighbour pair, gains ~0. Neighbours only, because almost every mis-ordered pair of a
+    nearly right ranking is one (Kendall's tau >= 0.9 of 8 systems allows one); summing over all pairs
+    spent ratings on far pairs. Returns (pairs, gains)."""
+    k = len(strengths)
+    first, second = np.triu_indices(k, 1)
+    pairs = np.stack([first, second], axis=1)
+    order = np.argsort(strengths, kind="stable")
+    lower, upper = order[:-1], order[1:]  # neighbour e: d_e = theta_upper - theta_lower
+    differences = strengths[upper] - strengths[lower]  # >= 0
+    # Covariances by indexing rather than contrast matrices: the (neighbours x candidates) products are
+    # what a 60-system campaign's GET /pair pays for.
+    along = covariance[upper] - covariance[lower]  # (neighbours, k): Cov(d_e, theta)
+    shared = along[:, first] - along[:, second]  # Cov(d_e, theta_i - theta_j)
+    neighbour_variances = np.clip(along[np.arange(k - 1), upper] - along[np.arange(k - 1), lower], 1e-12, None)
+    candidate_variances = covariance[first, first] + covariance[second, second] - 2 * covariance[first, second]
+    information = verdict_information(strengths, pairs, tie_parameter)
+    removed = information[None, :] * shared**2 / (1.0 + information * candidate_variances)[None, :]
+    removed = np.clip(removed, 1e-300, neighbour_variances[:, None] * (1 - 1e-12))
+    after = neighbour_variances[:, None] - removed
+    standardised = differences / np.sqrt(neighbour_variances)
+    wrong_now = norm.cdf(-standardised)
+    wrong_after = 2 * owens_t(standardised[:, None], np.sqrt(after / removed))
     gains = (wrong_now[:, None] - wrong_after).sum(axis=0)
     return pairs, gains
 
@@ -328,8 +342,8 @@ def expected_order_gain(strengths: np.ndarray, covariance: np.ndarray,
 def next_pair(verdicts: Sequence[Verdict], systems: Sequence[str], items: Sequence[tuple[str, int]], rater: str,
               generator: np.random.Generator, exploration: float = EXPLORATION, ridge: float = RIDGE) -> Pair | None:
     """The next pair for `rater`: with probability `exploration` a uniformly random pair, else the pair
-    with the largest `expected_order_gain` at strengths drawn from the fit's Laplace posterior (the
-    penalised Hessian's inverse around the estimate); only pairs this rater can still be shown, i.e.
+    with the largest `expected_order_gain` at the fitted strengths and their Laplace covariance (the
+    penalised Hessian's inverse); only pairs this rater can still be shown, i.e.
     with an item (prompt, seed) of `items` on which they have not judged that pair. The item is the
     one that pair has been judged on least (then the item judged least overall: prompts and seeds spread
     evenly), sides drawn at random. None when the rater has judged every pair on every item.
@@ -359,12 +373,14 @@ def next_pair(verdicts: Sequence[Verdict], systems: Sequence[str], items: Sequen
         x, hessian = _fit(tally, tally.counts.sum(axis=0, keepdims=True), ridge)
         covariance = np.linalg.inv(hessian[0])[:-1, :-1]  # the log-strengths' block (log nu marginalised)
         tie_parameter = float(np.exp(x[0, -1])) if tally.has_ties else 0.0
-        # Thompson-style: the gains are taken at strengths drawn from the Laplace posterior, not at its
-        # mean, so a pair that only looks settled after an unlucky early estimate is still picked as often
-        # as its misorder is plausible (greedy at the mean left such pairs alone: bench/campaign.py's 95%
-        # of runs first held at 260 ratings, then dipped, and held for good from 340; at a draw, 240).
-        drawn = generator.multivariate_normal(x[0, :-1], covariance, method="cholesky")
-        pairs, gains = expected_order_gain(drawn, covariance, tie_parameter)
+        # At the estimate, not at a posterior draw: the gain already averages over what the verdict may
+        # say (preposterior), so a neighbour pair that only looks settled after an unlucky early estimate
+        # keeps a gain as large as its misorder is plausible. A draw on top of it only added noise (a
+        # replica of bench/campaign.py's simulation, 120 runs on other seeds: 240 ratings at a draw, 160
+        # at the estimate).
+        # Deterministic but for exact ties: raters asking at once, before any of their verdicts is in, get
+        # the same pair (on the items the spreading rule gives each), until its verdicts lower its gain.
+        pairs, gains = expected_order_gain(x[0, :-1], covariance, tie_parameter)
         still_open = set(open_pairs)
         is_open = np.array([(int(i), int(j)) in still_open for i, j in pairs])
         gains = np.where(is_open, gains, -np.inf)

@@ -62,6 +62,9 @@ class SlapSettings(BaseSettings):
         "auto", description="torchao quantisation of the transformer's linear layers; auto = fp8 on a capable GPU"
     )
     compile: bool = Field(False, description="torch.compile the transformer and warm it up before reporting ready")
+    compile_cache_dir: Path | None = Field(
+        None, description="a writable folder (a volume replicas share) for the compiled transformer; unset: torch's default"
+    )
     attention: Literal["sdpa", "flash", "efficient", "cudnn", "math", "fa3", "fp8", "sage"] = Field(
         "sdpa", description="the transformer's attention kernel; sdpa lets PyTorch pick one per call"
     )
@@ -101,6 +104,11 @@ class SlapSettings(BaseSettings):
     def _cache_parses(cls, value):
         CacheSetting.parse(value)  # ValueError -> one sentence naming SLAP_CACHE
         return value.strip()
+
+    @field_validator("compile_cache_dir")
+    @classmethod
+    def _compile_cache_is_a_writable_folder(cls, value):
+        return None if value is None else writable_folder(value)
 
     @field_validator("max_lora_rank")
     @classmethod
@@ -143,6 +151,7 @@ class SlapSettings(BaseSettings):
             offload=self.offload,
             quantization=choose_quantization(self.quant, device),
             compile=self.compile,
+            compile_cache_dir=self.compile_cache_dir,
             adapters_dir=self.adapters_dir,
             max_lora_rank=None if self.max_lora_rank == "auto" else self.max_lora_rank,
             lora_target_modules=tuple(self.target_modules()),
@@ -163,6 +172,21 @@ class SlapSettings(BaseSettings):
             raise SettingsError("SLAP_DEVICE=cuda, but this machine has no usable CUDA GPU (torch "
                                 f"{torch.__version__}); use SLAP_DEVICE=auto or cpu, or install a CUDA build of torch.")
         return self.device
+
+
+def writable_folder(path: Path) -> Path:
+    """`path` as an absolute folder, made if missing, after writing a file into it (an ownership or a read-only
+    mount shows only then); ValueError with the reason otherwise."""
+    import tempfile
+
+    path = Path(path).expanduser().absolute()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as error:
+        raise ValueError(f"{path} is not a writable folder ({error.strerror or error})") from None
+    return path
 
 
 def load_settings() -> SlapSettings:

@@ -10,16 +10,20 @@ from slapgen.engine.adapters import ADAPTER_NAME_PATTERN
 from slapgen.engine.params import GenerationParams
 from slapgen.errors import FrameCountError
 from slapgen.evaluation.i3d import FVD_FRAMES, I3D_MIN_FRAMES
-from slapgen.evaluation.models import DEFAULT_CLIP, DEFAULT_DINO, DEFAULT_I3D, TINY
+from slapgen.evaluation.models import DEFAULT_CLIP, DEFAULT_DINO, DEFAULT_I3D, TINY, short_name
 from slapgen.models.cogvideox import SIZE_MULTIPLE, check_frame_count, is_valid_frame_count
 from slapgen.models.loading import ModelSetting
 from slapgen.models.specs import ModelSpec
 from trainer.errors import EvalError
+from trainer.evaluate.checkpoints import check_generate_top
+from trainer.evaluate.names import CLIP_PREFIX, FLICKER, FVD, HELDOUT_LOSS, SUBJECT
+from trainer.evaluate.picking import DEFAULT_PICK_BY, check_pick_by
 from trainer.heldout import DEFAULT_SEED
 
 BASE = "base"
 MODEL_SETTING = ModelSetting("--model", "use --model tiny")
 METRIC_GROUPS = ("loss", "clip", "fvd", "temporal")
+GENERATING_GROUPS = ("clip", "fvd", "temporal")
 # GenerationParams fields `--set` may change, with their types; prompt, seed and adapter come from the run.
 SETTABLE = {"num_inference_steps": int, "guidance_scale": float, "negative_prompt": str, "num_frames": int,
             "height": int, "width": int, "fps": int, "adapter_scale": float}
@@ -50,10 +54,20 @@ class EvalOptions:
     include_base: bool = True  # False: only the adapters (a sweep evaluates the base model once, apart)
     model_cache_dir: Path | None = None  # where `tiny` is materialised (default SLAP_CACHE_DIR), as the trainer's
     settings_flag: str = "--set"  # the option the generation settings came from, named in errors
+    checkpoints: bool = False  # every adapter is a run folder; each saved step is a system NAME@STEP
+    generate_top: int | None = None  # with checkpoints: videos only of the K lowest held-out losses, over all runs
+    pick_by: str | None = None  # with checkpoints: the metric that names each run's best (None: DEFAULT_PICK_BY)
+
+    def __post_init__(self) -> None:
+        check_checkpoint_choices(self)
 
     @property
     def generates(self) -> bool:
-        return any(group in self.metrics for group in ("clip", "fvd", "temporal"))
+        return any(group in self.metrics for group in GENERATING_GROUPS)
+
+    @property
+    def pick_metric(self) -> str:
+        return self.pick_by or DEFAULT_PICK_BY
 
     def params(self, spec: ModelSpec) -> GenerationParams:
         """The generation settings every system shares: the spec's defaults with `--set` applied, checked
@@ -70,6 +84,38 @@ class EvalOptions:
                             f"num_frames={params.num_frames}; set e.g. {self.settings_flag} num_frames=17 or leave fvd out "
                             "of --metrics")
         return params
+
+
+def metric_group(metric: str) -> str:
+    """The `--metrics` group that measures a metric eval names."""
+    return {HELDOUT_LOSS: "loss", FVD: "fvd", SUBJECT: "temporal", FLICKER: "temporal"}.get(metric, "clip")
+
+
+def check_checkpoint_choices(options: EvalOptions) -> None:
+    """--checkpoints, --generate-top and --pick-by together: one sentence for a combination that cannot
+    mean anything (before any file is read or written)."""
+    if options.checkpoints and not options.adapters:
+        raise EvalError("--checkpoints scores the saved checkpoints of each --adapter NAME=RUN; give at least one")
+    if options.generate_top is not None:
+        check_generate_top(options.generate_top, options.checkpoints)
+        if "loss" not in options.metrics:
+            raise EvalError("--generate-top ranks checkpoints by held-out loss; keep loss in --metrics")
+        if not options.generates:
+            raise EvalError(f"--generate-top limits the videos made, and --metrics {','.join(options.metrics)} makes "
+                            "none; add clip, fvd or temporal, or drop --generate-top")
+    if options.pick_by is None:
+        return
+    if not options.checkpoints:
+        raise EvalError("--pick-by names the best of a run's checkpoints; give --checkpoints too")
+    metric = check_pick_by(options.pick_by)
+    group = metric_group(metric)
+    if group not in options.metrics:
+        raise EvalError(f"--pick-by {metric} is measured by `{group}`, which --metrics {','.join(options.metrics)} "
+                        "leaves out; add it")
+    own_clip = CLIP_PREFIX + short_name(options.clip_model)
+    if group == "clip" and metric != own_clip:
+        raise EvalError(f"--pick-by {metric}: this evaluation's CLIP score is {own_clip} (from --clip-model "
+                        f"{options.clip_model})")
 
 
 def fvd_num_frames(spec: ModelSpec) -> int:

@@ -39,8 +39,13 @@ def check_pick_by(name: str) -> str:
 def best_of(values: Mapping[str, float | None], metric: str) -> str | None:
     """The candidate with the best value of `metric` (the first of equals, in the mapping's order); a
     missing or non-finite value is never best; None when no candidate has a number."""
+    ranked = best_first(values, metric)
+    return ranked[0] if ranked else None
+
+
+def best_first(values: Mapping[str, float | None], metric: str) -> list[str]:
+    """The candidates with a finite value of `metric`, best first (equals in the mapping's order): what
+    `--generate-top K` keeps the first K of, by the rule `best_of` picks the first of."""
     scored = [(name, v) for name, v in values.items() if v is not None and math.isfinite(v)]
-    if not scored:
-        return None
     sign = -1.0 if higher_is_better(metric) else 1.0
-    return min(scored, key=lambda item: sign * item[1])[0]  # min keeps the first of equals
+    return [name for name, _ in sorted(scored, key=lambda item: sign * item[1])]  # a stable sort keeps equals in order

@@ -1,6 +1,11 @@
 """`slapgen eval`'s outputs: eval.json (everything), eval.md (the tables), report.html (the tables and
 every video, systems side by side per prompt and seed). The page is one self-contained file: inline
-CSS, no script, videos by relative path, nothing fetched from the network."""
+CSS, no script, videos and figures by relative path, nothing fetched from the network.
+
+With `--checkpoints` (the result's `checkpoints` section, `curves.summary` per run) all three name each
+run's best checkpoint under `--pick-by` and its LoRA file, say whether it overfits, and tabulate every
+metric by step with the best per metric marked; the curves (`curve_plots`, curves/*.png) are drawn here
+and shown in report.html."""
 
 from __future__ import annotations
 
@@ -9,12 +14,19 @@ import json
 from pathlib import Path
 
 from slapgen.atomic import atomic_write_text
+from trainer.evaluate.curves import best_sentence
 
 
 def write_reports(result: dict, out: Path, title: str = "slapgen eval") -> dict[str, Path]:
     """`title` heads eval.md and report.html (a sweep's combined report says it is the sweep's)."""
     out = Path(out)
     paths = {"json": out / "eval.json", "md": out / "eval.md", "html": out / "report.html"}
+    if "checkpoints" in result:
+        from trainer.evaluate.curve_plots import write_curves  # matplotlib only when there are curves
+
+        base = result["systems"].get("base", {}).get("metrics")
+        for adapter, entry in result["checkpoints"]["runs"].items():
+            entry["curves"] = write_curves(out, adapter, entry, base)
     atomic_write_text(paths["json"], json.dumps(result, indent=2) + "\n")
     atomic_write_text(paths["md"], markdown(result, title))
     atomic_write_text(paths["html"], page(result, title))
@@ -97,6 +109,7 @@ def markdown(result: dict, title: str = "slapgen eval") -> str:
         lines += ["", "## A/B against base (win rate [95% interval], sign test p)", "",
                   "| system | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
         lines += [f"| {s} | " + " | ".join(_win(entries[n]) for n in names) + " |" for s, entries in ab.items()]
+    lines += checkpoint_markdown(result)
     lines += ["", "## What the numbers are", ""] + [f"- {line}" for line in notes(result)]
     lines += ["", "Seconds per video: " + ", ".join(f"{k} {v:.3g}" for k, v in result["seconds_per_video"].items()), ""]
     return "\n".join(lines)
@@ -113,6 +126,8 @@ td.best { font-weight: bold; background: #eef7ee; }
 .cell .scores { font-size: 12px; color: #555; }
 .caption { font-size: 14px; color: #333; max-width: 1100px; }
 .warning { color: #a00; }
+.curves { display: flex; flex-wrap: wrap; gap: 12px; margin: 8px 0 24px; }
+.curves img { max-width: 100%; width: 600px; border: 1px solid #ddd; }
 """
 
 
@@ -142,6 +157,7 @@ def page(result: dict, title: str = "slapgen eval") -> str:
         parts += [f"<tr><td>{e(s)}</td>" + "".join(f"<td>{e(_win(entries[n]))}</td>" for n in names) + "</tr>"
                   for s, entries in ab.items()]
         parts.append("</table>")
+    parts += checkpoint_html(result)
     parts.append("<h2>What the numbers are</h2><ul>")
     for line in notes(result):
         css = " class='warning'" if line.startswith("WARNING") else ""
@@ -150,7 +166,8 @@ def page(result: dict, title: str = "slapgen eval") -> str:
     if result["videos"]:
         parts.append("<h2>Videos</h2>")
         by_key = {(v["prompt"], v["seed"], v["system"]): v for v in result["videos"]}
-        columns = f"grid-template-columns: repeat({len(systems)}, minmax(160px, 1fr))"
+        with_videos = {v["system"] for v in result["videos"]}  # --generate-top: not every checkpoint made videos
+        columns = f"grid-template-columns: repeat({len(with_videos)}, minmax(160px, 1fr))"
         for prompt in result["prompts"]:
             parts.append(f"<h3>Prompt {prompt['index']} ({e(prompt['video'])})</h3><p class='caption'>{e(prompt['caption'])}</p>")
             for seed in result["seeds"]:
@@ -166,3 +183,71 @@ def page(result: dict, title: str = "slapgen eval") -> str:
                 parts.append("</div>")
     parts.append("</body></html>\n")
     return "\n".join(parts)
+
+
+def _checkpoint_rows(entry: dict) -> tuple[list[str], list[list[tuple[str, bool]]]]:
+    """The columns of one run's checkpoint table and, per step, each cell's text and whether it is that
+    metric's best."""
+    metrics = list(entry["metrics"])
+    header = ["step", "system", *[f"{m} {'↑' if entry['higher_is_better'][m] else '↓'}" for m in metrics],
+              "training loss", "videos"]
+    generated = set(entry["generated"])
+    rows = []
+    for k, (step, system) in enumerate(zip(entry["steps"], entry["systems"])):
+        cells = [(str(step), False), (system, False)]
+        for metric in metrics:
+            best = entry["best_per_metric"].get(metric, {}).get("system") == system
+            cells.append((_number(entry["metrics"][metric][k]), best))
+        cells.append((_number(entry["training_loss"][k]), False))
+        cells.append(("yes" if system in generated else "no", False))
+        rows.append(cells)
+    return header, rows
+
+
+def _checkpoint_intro(section: dict) -> str:
+    top = section["generate_top"]
+    if not any(entry["generated"] for entry in section["runs"].values()):
+        videos = "no videos (no generation metric asked)"
+    else:
+        videos = f"videos on each run's best {top} by held-out loss" if top else "videos on all of them"
+    return f"Every saved checkpoint of each run as a system NAME@STEP: held-out loss on all of them, {videos}"
+
+
+def checkpoint_markdown(result: dict) -> list[str]:
+    section = result.get("checkpoints")
+    if not section:
+        return []
+    lines = ["", f"## Checkpoints (best by {section['pick_by']})", "", _checkpoint_intro(section) + "."]
+    for adapter, entry in section["runs"].items():
+        header, rows = _checkpoint_rows(entry)
+        lines += ["", f"### {adapter} ({entry['run']})", "", f"**{best_sentence(adapter, entry)}**", "",
+                  f"Overfitting check: {entry['overfitting']['sentence']}.", "",
+                  "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(f"**{text}**" if best else text for text, best in row) + " |" for row in rows]
+        lines += [""] + [f"![{adapter} {metric}]({path})" for metric, path in entry.get("curves", {}).items()]
+    return lines
+
+
+def checkpoint_html(result: dict) -> list[str]:
+    section = result.get("checkpoints")
+    if not section:
+        return []
+    e = html.escape
+    parts = [f"<h2>Checkpoints (best by {e(section['pick_by'])})</h2>",
+             f"<p>{e(_checkpoint_intro(section))}; the best of each metric is marked in the table and starred on its "
+             "curve.</p>"]
+    for adapter, entry in section["runs"].items():
+        header, rows = _checkpoint_rows(entry)
+        css = " class='warning'" if entry["overfitting"]["overfitting"] else ""
+        parts += [f"<h3>{e(adapter)}</h3>", f"<p>Run {e(entry['run'])}</p>",
+                  f"<p class='pick'><b>{e(best_sentence(adapter, entry))}</b></p>",
+                  f"<p{css}>Overfitting check: {e(entry['overfitting']['sentence'])}.</p>",
+                  f"<table class='checkpoints' id='checkpoints-{e(adapter)}'><tr>"
+                  + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>"]
+        for row in rows:
+            parts.append("<tr>" + "".join(("<td class='best'>" if best else "<td>") + f"{e(text)}</td>" for text, best in row)
+                         + "</tr>")
+        parts.append("</table><div class='curves'>")
+        parts += [f"<img src='{e(path)}' alt='{e(adapter)}: {e(metric)} by step'>" for metric, path in entry.get("curves", {}).items()]
+        parts.append("</div>")
+    return parts

@@ -4,6 +4,11 @@ system -> A/B against `base` -> the result dict `report` writes out.
 
 Every system sees the same prompts (the held-out captions), seeds and settings. Videos are scored
 from the mp4 files written, the frames a person watches in the report.
+
+With `--checkpoints` each run's saved steps are systems `NAME@STEP` (`checkpoints`), all through the
+same slot; held-out loss on all of them, videos on all or (`--generate-top K`) on the K with the lowest
+held-out loss over every run given, then `curves.summary` per run: the pick under `--pick-by`, the best per metric, and
+overfitting in words (eval.json's `checkpoints`).
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from slapgen.models.ticft import TicftLayout, objective_name
 from slapgen.video import read_mp4, write_mp4_atomic
 from trainer.config import DataConfig
 from trainer.errors import EvalError
+from trainer.evaluate.checkpoints import Candidate, run_candidates, system_name, top_by_heldout_loss
+from trainer.evaluate.curves import summary
 from trainer.evaluate.names import FLICKER, FVD, HELDOUT_LOSS, SUBJECT
 from trainer.evaluate.options import BASE, MODEL_SETTING, EvalOptions
 from trainer.evaluate.systems import System, resolve_systems, slot_shape, stage_adapters
@@ -62,9 +69,12 @@ def run_eval(options: EvalOptions) -> dict:
     timer = Timer()
     if options.device.startswith("cuda") and not torch.cuda.is_available():
         raise EvalError(f"--device {options.device} needs a CUDA GPU and none is usable here; use --device cpu")
+    # --checkpoints: each run folder's saved steps (read first: a bad folder is one sentence before the model loads).
+    plans = {adapter.name: run_candidates(adapter.name, adapter.path) for adapter in options.adapters} \
+        if options.checkpoints else {}
     resolved = resolve_model(options.model, options.model_cache_dir, setting=MODEL_SETTING)
     params = options.params(resolved.spec)
-    systems = resolve_systems(options.adapters, include_base=options.include_base)
+    systems = resolve_systems(options.adapters, include_base=options.include_base, checkpoints=plans)
     out = Path(options.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -93,7 +103,8 @@ def run_eval(options: EvalOptions) -> dict:
     losses = held_out_losses(generator, resolved, systems, layouts, {None: entries, **layout_entries},
                              params.adapter_scale, options, timer) if "loss" in options.metrics else {}
     conditions = [entry.clip.video for entry in entries]
-    videos = generate(generator, systems, layouts, prompts, conditions, params, options, out, timer) \
+    generating = systems_to_generate(systems, plans, losses, options.generate_top)
+    videos = generate(generator, generating, layouts, prompts, conditions, params, options, out, timer) \
         if options.generates else []
     engine = {"device": options.device, "adapter_swaps": generator.slot.swaps,
               "slot_rank": generator.slot.max_rank, "slot_target_modules": list(targets)}
@@ -122,8 +133,35 @@ def run_eval(options: EvalOptions) -> dict:
         if "fvd" in options.metrics:
             fvd = fvd_per_system(videos, entries, data, options, definitions, timer)
 
-    return assemble(options, resolved.spec.name, params, systems, layouts, entries, prompts, losses, videos, fvd,
-                    definitions, engine, timer)
+    result = assemble(options, resolved.spec.name, params, systems, layouts, entries, prompts, losses, videos, fvd,
+                      definitions, engine, timer)
+    if plans:
+        result["checkpoints"] = checkpoint_section(options, plans, result, {video.system for video in videos})
+    return result
+
+
+def systems_to_generate(systems: list[System], plans: dict[str, list[Candidate]], losses: dict[str, list[float]],
+                        top: int | None) -> list[System]:
+    """Every system, or with `--generate-top K` base, the adapters given as files and the K checkpoints
+    with the lowest held-out loss over every run given (`checkpoints.top_by_heldout_loss`, the sweep's
+    rule too)."""
+    if top is None:
+        return systems
+    mean_loss = {name: float(np.mean(values)) for name, values in losses.items()}
+    checkpointed = [system_name(adapter, candidate.step) for adapter, candidates in plans.items()
+                    for candidate in candidates]
+    kept = set(top_by_heldout_loss({name: mean_loss.get(name) for name in checkpointed}, top))
+    return [system for system in systems if system.name not in checkpointed or system.name in kept]
+
+
+def checkpoint_section(options: EvalOptions, plans: dict[str, list[Candidate]], result: dict, generated: set[str]) -> dict:
+    """eval.json's `checkpoints`: each run's curves, best pick and overfitting verdict (`curves.summary`)."""
+    scores = {name: data["metrics"] for name, data in result["systems"].items()}
+    metrics = list(result["metric_definitions"])
+    return {"pick_by": options.pick_metric, "generate_top": options.generate_top,
+            "runs": {adapter.name: summary(adapter.name, adapter.path, plans[adapter.name], scores, metrics,
+                                           options.pick_metric, sorted(generated))
+                     for adapter in options.adapters}}
 
 
 def heldout_data(params, max_clips: int | None) -> DataConfig:
@@ -306,20 +344,21 @@ def assemble(options: EvalOptions, model: str, params, systems: list[System], la
     has_base = any(system.name == BASE for system in systems)
     for system in systems:
         own = [video for video in videos if video.system == system.name]
+        scored = per_video if own else []  # --generate-top: a checkpoint left out has its held-out loss only
         values = {}
         if losses:
             values[HELDOUT_LOSS] = float(np.mean(losses[system.name]))
-        for name in per_video:
+        for name in scored:
             values[name] = float(np.mean([video.scores[name] for video in own]))
-        if fvd:
+        if system.name in fvd:
             values[FVD] = fvd[system.name]["value"]
         result_systems[system.name] = {
             "adapter": str(system.weights) if system.weights else None,
             "metrics": values,
             **({"ticft_layout": str(layouts[system.name])} if layouts[system.name] else {}),
             **({TICFT_BASE_LOSSES: base_ticft_losses(losses)} if system.name == BASE and base_ticft_losses(losses) else {}),
-            **({"fvd_i3d_detail": fvd[system.name]} if fvd else {}),
-            **({"ab_vs_base": ab_vs_base(system.name, losses, videos, per_video, definitions,
+            **({"fvd_i3d_detail": fvd[system.name]} if system.name in fvd else {}),
+            **({"ab_vs_base": ab_vs_base(system.name, losses, videos, scored, definitions,
                                          loss_reference(layouts[system.name]))}
                if has_base and system.name != BASE else {}),
         }

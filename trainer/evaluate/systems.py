@@ -6,12 +6,16 @@ one folder, so each is linked into OUT/adapters/NAME.safetensors (a symbolic lin
 weights); the slot is sized to the largest adapter's rank and its target modules. A TIC-FT adapter's
 layout is read from the same header, so its held-out clips can be cached before the model loads (the
 engine checks the layout against the model again when it serves the adapter).
+
+With `--checkpoints` a run folder is one system per saved step (`checkpoints.run_candidates`): named
+NAME@STEP, linked as OUT/adapters/NAME--STEP.safetensors (the store's names have no `@`).
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from slapgen.atomic import staging_path
@@ -20,6 +24,7 @@ from slapgen.models import lora_format
 from slapgen.models.lora_format import KEY_PATTERN, WEIGHTS_FILE, HeaderError, read_file_header
 from slapgen.models.ticft import TicftLayout
 from trainer.errors import EvalError
+from trainer.evaluate.checkpoints import Candidate, slot_name, system_name
 from trainer.evaluate.options import BASE, AdapterArg
 
 DEFAULT_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
@@ -32,21 +37,31 @@ class System:
     rank: int = 0
     target_modules: tuple[str, ...] = ()
     ticft_layout: TicftLayout | None = None  # a TIC-FT adapter's layout (its `slapgen.ticft_layout` metadata)
+    slot_name: str | None = None  # its name in the engine's adapter store when `name` is not one (NAME@STEP)
 
     @property
     def adapter(self) -> str | None:
-        return None if self.weights is None else self.name
+        return None if self.weights is None else self.slot_name or self.name
 
 
-def resolve_systems(adapters: tuple[AdapterArg, ...], include_base: bool = True) -> list[System]:
-    """`base` (unless `include_base` is False: a sweep evaluates it once, not with every run), then each adapter."""
+def resolve_systems(adapters: tuple[AdapterArg, ...], include_base: bool = True,
+                    checkpoints: Mapping[str, Sequence[Candidate]] | None = None) -> list[System]:
+    """`base` (unless `include_base` is False: a sweep evaluates it once, not with every run), then each adapter;
+    an adapter named in `checkpoints` (its run's candidates, `checkpoints.run_candidates`) as one system per step."""
     names = [adapter.name for adapter in adapters]
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
         raise EvalError(f"--adapter names must differ; {repeated[0]} is given twice")
     if not include_base and not adapters:
         raise EvalError("nothing to evaluate: no adapter and the base model left out")
-    return [*([System(BASE, None)] if include_base else []), *(_system(adapter) for adapter in adapters)]
+    systems = [System(BASE, None)] if include_base else []
+    for adapter in adapters:
+        if checkpoints and adapter.name in checkpoints:
+            systems += [replace(_system(AdapterArg(system_name(adapter.name, c.step), c.weights)),
+                                slot_name=slot_name(adapter.name, c.step)) for c in checkpoints[adapter.name]]
+        else:
+            systems.append(_system(adapter))
+    return systems
 
 
 def _system(adapter: AdapterArg) -> System:
@@ -92,7 +107,7 @@ def stage_adapters(systems: list[System], folder: Path) -> None:
     for system in systems:
         if system.weights is None:
             continue
-        link = folder / f"{system.name}.safetensors"
+        link = folder / f"{system.adapter}.safetensors"
         staging = staging_path(link)
         os.symlink(system.weights, staging)
         os.replace(staging, link)  # atomic, like every other write

@@ -41,6 +41,21 @@ def check_metrics(metrics: list[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys([LOSS, *metrics]))
 
 
+def check_pick_by_measured(pick_by: str, metrics: tuple[str, ...], clip_model: str | None = None) -> str:
+    """`--pick-by` checked by `slapgen eval`'s rule (`picking.check_pick_by`), then against what this sweep
+    measures: one sentence before any run starts, not a winner-less report after the last."""
+    from trainer.evaluate.picking import check_pick_by
+
+    check_pick_by(pick_by)
+    columns = metric_columns(metrics, clip_model)
+    if pick_by in columns:
+        return pick_by
+    group = ("clip" if pick_by.startswith(CLIP_PREFIX) else "fvd" if pick_by == FVD else "temporal")
+    fix = (f"this sweep's CLIP column is {next(c for c in columns if c.startswith(CLIP_PREFIX))} (from --clip-model)"
+           if group in metrics else f"add {group} to --metrics")
+    raise SweepError(f"--pick-by {pick_by}: this sweep does not measure it ({', '.join(columns)}); {fix}")
+
+
 def generation_metrics(metrics: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(name for name in metrics if name in GENERATION_METRICS)
 
@@ -168,8 +183,10 @@ def _evaluate(folder: Path, config: TrainConfig, metrics: tuple[str, ...], input
     return Evaluation({column: results[column] for column in wanted}, losses)
 
 
-def eval_options(folder: Path, config: TrainConfig, metrics: tuple[str, ...], inputs: EvaluationInputs, lora: Path | None):
-    """`slapgen eval`'s options for one LoRA (without base) or, with `lora` None, for the base model alone."""
+def eval_options(folder: Path, config: TrainConfig, metrics: tuple[str, ...], inputs: EvaluationInputs, lora: Path | None,
+                 out: Path | None = None):
+    """`slapgen eval`'s options for one LoRA (without base) or, with `lora` None, for the base model alone;
+    written to `out` (default FOLDER/eval)."""
     from trainer.evaluate.options import AdapterArg, EvalOptions
 
     settings = inputs.settings
@@ -179,7 +196,7 @@ def eval_options(folder: Path, config: TrainConfig, metrics: tuple[str, ...], in
         model=config.model,
         adapters=() if lora is None else (AdapterArg(ADAPTER, lora),),
         heldout=Path(inputs.heldout),
-        out=Path(folder) / EVAL_DIR,
+        out=Path(out) if out is not None else Path(folder) / EVAL_DIR,
         metrics=generation_metrics(metrics),
         seeds=settings.seeds,
         generation=dict(settings.generation),
@@ -207,13 +224,14 @@ def generation_data(config: TrainConfig, metrics: tuple[str, ...], settings: Eva
 
 
 def run_generation_metrics(folder: Path, config: TrainConfig, metrics: tuple[str, ...], inputs: EvaluationInputs,
-                           lora: Path | None) -> dict[str, float]:
-    """`slapgen eval` (`run_eval`) of the LoRA, or of the base model, written to FOLDER/eval; its per-system metrics."""
+                           lora: Path | None, out: Path | None = None) -> dict[str, float]:
+    """`slapgen eval` (`run_eval`) of the LoRA, or of the base model, written to `out` (default FOLDER/eval);
+    its per-system metrics."""
     from trainer.evaluate.options import BASE
     from trainer.evaluate.report import write_reports
     from trainer.evaluate.run import run_eval
 
-    options = eval_options(folder, config, metrics, inputs, lora)
+    options = eval_options(folder, config, metrics, inputs, lora, out)
     result = run_eval(options)
     write_reports(result, options.out)
     return dict(result["systems"][BASE if lora is None else ADAPTER]["metrics"])

@@ -6,6 +6,9 @@ metric the sweep asks for, generation metrics included) means finished and evalu
 from it (`slapgen train --resume latest`, bit-exact); anything else starts over. So a sweep killed
 at any instant loses at most the steps since the interrupted run's last checkpoint.
 
+With --checkpoints the evaluation scores every checkpoint of the run and its final LoRA, each stored
+the moment it is scored (`candidates.score_run`), so a rerun scores only what is missing.
+
 With generation metrics the base model is evaluated once, after the runs, the same way
 (`execute_base`: OUT/base/sweep_result.json last), for the A/B of every run against it.
 
@@ -29,6 +32,7 @@ from trainer import checkpoints
 from trainer.lora import LORA_FILENAME
 from trainer.metrics import truncate_after
 from trainer.run_folder import METRICS_FILE
+from trainer.sweep.candidates import score_run
 from trainer.sweep.evaluate import EvaluationInputs, evaluate_base, evaluate_run
 from trainer.sweep.folder import SweepDefinition, read_definition, run_dir
 from trainer.sweep.grid import PlannedRun
@@ -86,12 +90,18 @@ def execute_run(definition: SweepDefinition, run: PlannedRun, out: Path, device:
         train(run.config, Path(definition.data), directory, resume="latest" if state is RunState.RESUME else None,
               progress=False, on_step=on_step)
     started = time.perf_counter()
-    evaluation = evaluate_run(directory, run.config, definition.metrics, evaluation_inputs(definition, device))
+    if definition.checkpoints:  # every checkpoint and the final LoRA, each stored as scored (trainer.sweep.candidates)
+        final = score_run(definition, run, directory, evaluation_inputs(definition, device),
+                          generate=definition.generate_top is None)[-1]
+        metrics, losses = final["metrics"], final["heldout_losses"]
+    else:
+        evaluation = evaluate_run(directory, run.config, definition.metrics, evaluation_inputs(definition, device))
+        metrics, losses = evaluation.metrics, evaluation.heldout_losses
     result = {
         "run": run.name,
         "values": run.values,
-        "metrics": evaluation.metrics,
-        "heldout_losses": evaluation.heldout_losses,
+        "metrics": metrics,  # the final LoRA's
+        "heldout_losses": losses,
         "steps": run.config.train.max_train_steps,
         "evaluation_seconds": round(time.perf_counter() - started, 3),
     }

@@ -1,10 +1,11 @@
 """The sweep folder: what it holds, the sweep it belongs to (`sweep.json`), and who is running it.
 
 `sweep.json` records the sweep's definition (config, --set, grid, data, held-out set, metrics, the
-generation settings of generation metrics, and every run's validated config), written atomically
-before the first run starts. A rerun with the same command finds the same definition and continues;
-a rerun with another grid, config, --set, data, metrics or generation setting is refused with one
-sentence that says what differs, before anything changes. A lock
+generation settings of generation metrics, --checkpoints / --generate-top / --pick-by, and every run's
+validated config), written atomically before the first run starts. A rerun with the same command finds
+the same definition and continues; a rerun with another grid, config, --set, data, metrics, generation
+setting, --checkpoints or --generate-top is refused with one sentence that says what differs, before
+anything changes. Another --pick-by measures nothing new: the rerun reports by it (and records it). A lock
 (`flock`, released by the kernel even on SIGKILL) keeps two sweeps from running in one folder.
 """
 
@@ -19,7 +20,7 @@ from pathlib import Path
 from slapgen.atomic import atomic_write_text
 from trainer.config import TrainConfig
 from trainer.errors import SweepError
-from trainer.sweep.evaluate import EvalSettings, metric_columns
+from trainer.sweep.evaluate import HELDOUT_LOSS, EvalSettings, metric_columns
 from trainer.sweep.grid import Axis, PlannedRun
 
 DEFINITION_FILE = "sweep.json"
@@ -27,6 +28,8 @@ LOCK_FILE = ".sweep.lock"
 RUNS_DIR = "runs"
 CACHE_DIR = "latent-cache"
 DEFINITION_FORMAT = 1
+# What only changes the report, not what is trained or measured: a rerun may change it.
+REPORT_ONLY = ("pick_by",)
 
 
 def run_dir(out: Path, run: PlannedRun) -> Path:
@@ -46,6 +49,9 @@ class SweepDefinition:
     alpha_follows_rank: bool
     runs: tuple[PlannedRun, ...]
     evaluation: EvalSettings | None = None  # generation settings; None when only held-out loss is measured
+    checkpoints: bool = False  # --checkpoints: every saved checkpoint of every run is a candidate
+    generate_top: int | None = None  # --generate-top K: generation metrics for the K best by held-out loss only
+    pick_by: str = HELDOUT_LOSS  # --pick-by: the metric that names the winner
 
     @property
     def columns(self) -> list[str]:
@@ -53,8 +59,8 @@ class SweepDefinition:
         return metric_columns(self.metrics, self.evaluation.clip_model if self.evaluation else None)
 
     def to_json(self) -> dict:
-        # Generation settings are recorded only when generation metrics are asked, so a loss-only sweep's
-        # sweep.json reads as it did before they existed.
+        # Generation settings (and --checkpoints, --generate-top, a --pick-by other than the default) are
+        # recorded only when asked, so a sweep without them has the sweep.json it had before they existed.
         return {
             "format": DEFINITION_FORMAT,
             "grid": [{"key": axis.key, "values": list(axis.values)} for axis in self.axes],
@@ -65,6 +71,9 @@ class SweepDefinition:
             "metrics": list(self.metrics),
             "alpha_follows_rank": self.alpha_follows_rank,
             **(self.evaluation.to_json() if self.evaluation else {}),
+            **({"checkpoints": True} if self.checkpoints else {}),
+            **({"generate_top": self.generate_top} if self.generate_top is not None else {}),
+            **({"pick_by": self.pick_by} if self.pick_by != HELDOUT_LOSS else {}),
             "runs": [
                 {"name": run.name, "values": run.values, "overrides": list(run.overrides),
                  "config": run.config.model_dump(mode="json")}
@@ -88,6 +97,9 @@ class SweepDefinition:
                 for index, run in enumerate(tree["runs"])
             ),
             evaluation=EvalSettings.from_json(tree) if "seeds" in tree else None,
+            checkpoints=bool(tree.get("checkpoints", False)),
+            generate_top=tree.get("generate_top"),
+            pick_by=tree.get("pick_by", HELDOUT_LOSS),
         )
 
     def run(self, name: str) -> PlannedRun:
@@ -121,11 +133,15 @@ _COMPARED = (
     ("eval_set", "--eval-set", lambda tree: " ".join(f"{k}={v}" for k, v in tree.get("eval_set", {}).items()) or "none"),
     ("eval_models", "evaluation model", lambda tree: ", ".join(f"{k} {v}" for k, v in tree.get("eval_models", {}).items())
      or "none"),
+    ("checkpoints", "--checkpoints", lambda tree: "on" if tree.get("checkpoints") else "off"),
+    ("generate_top", "--generate-top", lambda tree: str(tree.get("generate_top", "none"))),
 )
 
 
 def difference(existing: dict, wanted: dict) -> str | None:
-    """What differs between the definition in a folder and the one asked for (a phrase), or None."""
+    """What differs between the definition in a folder and the one asked for (a phrase), or None;
+    what only changes the report (`REPORT_ONLY`) is not a difference."""
+    existing, wanted = ({k: v for k, v in tree.items() if k not in REPORT_ONLY} for tree in (existing, wanted))
     for key, label, say in _COMPARED:
         if existing.get(key) != wanted.get(key):
             try:
@@ -160,7 +176,10 @@ def check_folder(out: Path, definition: SweepDefinition) -> bool:
 
 
 def write_definition(out: Path, definition: SweepDefinition) -> None:
-    atomic_write_text(Path(out) / DEFINITION_FILE, json.dumps(definition.to_json(), indent=2) + "\n")
+    """sweep.json, when new or when it differs (a rerun with another --pick-by records the one it reports by)."""
+    path, text = Path(out) / DEFINITION_FILE, json.dumps(definition.to_json(), indent=2) + "\n"
+    if not path.is_file() or path.read_text(encoding="utf-8") != text:
+        atomic_write_text(path, text)
 
 
 class SweepLock:

@@ -5,8 +5,11 @@ Per metric: two axes -> a heatmap (first axis down, second across, every cell an
 framed); one axis -> a line over its values; more than two -> one heatmap over the first two axes for
 each combination of the others' values (`METRIC--KEY=V.png`). Each figure says which way is better
 (lower for held-out loss and FVD, higher for CLIP score and the temporal metrics); the colour map
-runs so that better is always yellow, and the framed / starred run is the sweep's winner (lowest
-held-out loss), whatever the metric.
+runs so that better is always yellow, and the framed / starred run is the sweep's winner (by
+`--pick-by`), whatever the metric.
+
+With --checkpoints, instead, one figure per metric over optimizer steps (`METRIC_by_step.png`): a line
+per run through its checkpoints' values, the winning (run, step) starred.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from slapgen.atomic import atomic_path
 from trainer.sweep.grid import Axis, PlannedRun
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9.=+_-]")
+BY_STEP = "_by_step"  # METRIC_by_step.png
 
 
 def _figure(width: float, height: float) -> Figure:
@@ -116,6 +120,26 @@ def _heatmap(path: Path, rows: Axis, columns: Axis, runs: list[PlannedRun], fixe
     extra = ", ".join(f"{key}={value}" for key, value in fixed.items())
     _title(ax, figure, f"{metric}{f' at {extra}' if extra else ''} ({_better(higher_is_better)}; the sweep's best framed)",
            fontsize=9)
+    return _save(figure, path)
+
+
+def step_curves(path: Path, metric: str, curves: dict[str, list[tuple[int, float]]], best: tuple[str, int],
+                higher_is_better: bool = False) -> Path:
+    """`metric` over steps, a line per run (label -> its (step, value)s, steps ascending), `best` (run, step) starred."""
+    figure = _figure(7, 4.5)
+    ax = figure.subplots()
+    for index, (run, points) in enumerate(curves.items()):
+        if not points:
+            continue
+        steps, values = zip(*points)
+        ax.plot(steps, values, marker="o", color=f"C{index % 10}", label=run)
+        for step, value in points:
+            if (run, step) == best:
+                ax.plot([step], [value], marker="*", markersize=16, color="tab:red", label="best", zorder=3)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(metric)
+    _title(ax, figure, f"{metric} over steps ({_better(higher_is_better)}; the sweep's best starred)")
+    ax.legend(fontsize=7)
     return _save(figure, path)
 
 

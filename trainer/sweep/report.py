@@ -1,7 +1,11 @@
 """What a finished sweep leaves for people: `results.csv`, `README.md` (what varied, every metric, the
 best run marked), a figure per metric, the runs' loss curves, and `best.yaml`, the config that trains
-the winner with `slapgen train --config best.yaml`. The winner is the run with the lowest held-out
-loss; a run whose loss is not a number (diverged) never wins. With generation metrics, also
+the winner with `slapgen train --config best.yaml`. The winner is the best by `--pick-by` (default the
+lowest held-out loss; `trainer.evaluate.picking`, eval's rule: a candidate without a number, a diverged
+run, never wins). With --checkpoints the candidates are every checkpoint of every run (`candidates`):
+results.csv and the README have a row per (run, step), the winner is a (run, step) whose LoRA file the
+README names, each metric is drawn over steps per run, and best.yaml trains that checkpoint
+(`reproduce`: the run's length or --stop-at-step, whichever gives the same model). With generation metrics, also
 `slapgen eval`'s report for the base model and every run side by side (`report.html`, `eval.json`,
 `eval.md`, with the A/B of each run against base). Every file is written atomically. The README and
 the report name paths relative to the sweep folder they are in, never a folder of this machine.
@@ -12,20 +16,25 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 import os
 import shlex
+import textwrap
+from dataclasses import dataclass
 from pathlib import Path
 
 from slapgen.atomic import atomic_write_text
 from trainer.config import TrainConfig
 from trainer.run_folder import METRICS_FILE
-from trainer.evaluate.picking import higher_is_better
+from trainer.checkpoints import CHECKPOINTS_DIR, checkpoint_dir
+from trainer.evaluate.picking import best_of, higher_is_better
+from trainer.lora import LORA_FILENAME
+from trainer.sweep.candidates import label, list_candidates, scored_candidates
 from trainer.sweep.evaluate import ADAPTER, EVAL_DIR, HELDOUT_LOSS
 from trainer.sweep.execute import BASE_DIR
 from trainer.sweep.folder import CACHE_DIR, SweepDefinition, run_dir
 from trainer.sweep.grid import ALPHA_KEY, PlannedRun
-from trainer.sweep.plots import loss_curves, metric_figures
+from trainer.sweep.plots import BY_STEP, loss_curves, metric_figures, step_curves
+from trainer.sweep.reproduce import reproduction
 
 RESULTS_CSV = "results.csv"
 README = "README.md"
@@ -61,12 +70,48 @@ def varied_keys(definition: SweepDefinition) -> list[str]:
     return [*keys, ALPHA_KEY] if definition.alpha_follows_rank else keys
 
 
-def pick_best(runs: list[PlannedRun], results: dict[str, dict]) -> PlannedRun:
-    def loss(run: PlannedRun) -> float:
-        value = results[run.name]["metrics"][HELDOUT_LOSS]
-        return value if math.isfinite(value) else math.inf
+def pick_best(runs: list[PlannedRun], results: dict[str, dict], pick_by: str = HELDOUT_LOSS) -> PlannedRun:
+    """The best run by `pick_by` (`picking.best_of`: its direction, the first of equals, a NaN never best);
+    the first run when none has a number."""
+    best = best_of({run.name: results[run.name]["metrics"].get(pick_by) for run in runs}, pick_by)
+    return next((run for run in runs if run.name == best), runs[0])
 
-    return min(runs, key=loss)  # the first of equals
+
+@dataclass(frozen=True)
+class Winner:
+    """The sweep's best (run, step), by `metric`."""
+
+    run: PlannedRun
+    step: int
+    lora: str  # its LoRA file, relative to the sweep folder
+    metric: str
+    value: float | None
+    checkpoint: bool  # a --checkpoints sweep: the candidates were (run, step)s
+
+    @property
+    def name(self) -> str:
+        return self.run.name
+
+    def say(self) -> str:
+        value = "no number" if self.value is None else f"{self.value:.6g}"
+        where = f"{self.run.name} at step {self.step}" if self.checkpoint else self.run.name
+        return f"{where} ({self.metric} {value}), LoRA {self.lora}"
+
+
+def _lora_shown(out: Path, run: PlannedRun, relative: str) -> str:
+    return shown_path(str(run_dir(out, run) / relative), out, is_path=True)
+
+
+def pick_winner(out: Path, definition: SweepDefinition, results: dict[str, dict]) -> Winner:
+    metric = definition.pick_by
+    if not definition.checkpoints:
+        run = pick_best(list(definition.runs), results, metric)
+        return Winner(run, results[run.name]["steps"], _lora_shown(out, run, LORA_FILENAME), metric,
+                      results[run.name]["metrics"].get(metric), False)
+    found = scored_candidates(definition, out)
+    best = best_of({label(run.name, entry["step"]): entry["metrics"].get(metric) for run, entry in found}, metric)
+    run, entry = next(((run, entry) for run, entry in found if label(run.name, entry["step"]) == best), found[0])
+    return Winner(run, entry["step"], _lora_shown(out, run, entry["lora"]), metric, entry["metrics"].get(metric), True)
 
 
 def shown_path(value: str, out: Path, is_path: bool = False) -> str:
@@ -108,14 +153,33 @@ def sweep_command(definition: SweepDefinition, out: Path) -> str:
             words += ["--eval-set", f"{key}={value}"]
         words += ["--clip-model", shown_path(settings.clip_model, out), "--dino-model", shown_path(settings.dino_model, out),
                   "--i3d-model", shown_path(settings.i3d_model, out)]
+    if definition.checkpoints:
+        words.append("--checkpoints")
+    if definition.generate_top is not None:
+        words += ["--generate-top", str(definition.generate_top)]
+    if definition.pick_by != HELDOUT_LOSS:
+        words += ["--pick-by", definition.pick_by]
     return shlex.join(words)
 
 
-def write_results_csv(path: Path, definition: SweepDefinition, results: dict[str, dict], best: PlannedRun) -> Path:
+def _value_cell(metrics: dict, column: str) -> str:
+    return repr(metrics[column]) if column in metrics else ""  # empty: not measured (--generate-top)
+
+
+def write_results_csv(path: Path, definition: SweepDefinition, results: dict[str, dict], best: Winner, out: Path) -> Path:
+    """A row per run; with --checkpoints a row per (run, step) with its LoRA file (relative to the sweep folder)."""
     columns = definition.columns
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     keys = varied_keys(definition)
+    if definition.checkpoints:
+        writer.writerow(["run", "step", *keys, *columns, "lora", "best"])
+        for run, entry in scored_candidates(definition, out):
+            won = (run.name, entry["step"]) == (best.name, best.step)
+            writer.writerow([run.name, entry["step"], *(_cell(config_value(run.config, key)) for key in keys),
+                             *(_value_cell(entry["metrics"], column) for column in columns),
+                             _lora_shown(out, run, entry["lora"]), "yes" if won else ""])
+        return atomic_write_text(path, buffer.getvalue())
     writer.writerow(["run", *keys, *columns, "steps", "best"])
     for run in definition.runs:
         result = results[run.name]
@@ -125,26 +189,66 @@ def write_results_csv(path: Path, definition: SweepDefinition, results: dict[str
     return atomic_write_text(path, buffer.getvalue())
 
 
-def best_config(run: PlannedRun, out: Path) -> TrainConfig:
+def best_config(config: TrainConfig, out: Path) -> TrainConfig:
     """The winner's config as it trained, except the sweep's own latent cache (a run folder detail)."""
-    if run.config.latent_cache is not None and Path(run.config.latent_cache) == Path(out).resolve() / CACHE_DIR:
-        return run.config.model_copy(update={"latent_cache": None})
-    return run.config
+    if config.latent_cache is not None and Path(config.latent_cache) == Path(out).resolve() / CACHE_DIR:
+        return config.model_copy(update={"latent_cache": None})
+    return config
 
 
-def write_best_yaml(path: Path, definition: SweepDefinition, results: dict[str, dict], best: PlannedRun, out: Path) -> Path:
-    loss = results[best.name]["metrics"][HELDOUT_LOSS]
+def train_command(best: Winner, data: str, config: str = BEST_YAML, run_folder: str = "best-run") -> str:
+    """`slapgen train` that trains the winner from best.yaml (`--stop-at-step` when its schedule needs it)."""
+    plan = reproduction(best.run.config, best.step)
+    words = ["slapgen", "train", "--config", config, "--data", data, "--out", run_folder]
+    return shlex.join(words + (["--stop-at-step", str(plan.stop_at_step)] if plan.stop_at_step is not None else []))
+
+
+def trained_lora(best: Winner, run_folder: str = "best-run") -> str:
+    """Where `train_command` leaves the winner's LoRA."""
+    plan = reproduction(best.run.config, best.step)
+    if plan.stop_at_step is None:
+        return f"{run_folder}/{LORA_FILENAME}"
+    return f"{run_folder}/{CHECKPOINTS_DIR}/{checkpoint_dir(Path('.'), plan.stop_at_step).name}/{LORA_FILENAME}"
+
+
+def write_best_yaml(path: Path, definition: SweepDefinition, best: Winner, out: Path) -> Path:
+    """The config that trains the winner (`reproduce.reproduction`), with a header that says how."""
+    plan = reproduction(best.run.config, best.step)
+    value = "no number" if best.value is None else repr(best.value)
+    where = f"run {best.name} at step {best.step}" if best.checkpoint else f"run {best.name}"
     header = [
-        f"# The winner of the sweep in {out}: run {best.name} (lowest {HELDOUT_LOSS}, {loss!r}),",
-        f"#   {', '.join(f'{key}={_cell(config_value(best.config, key))}' for key in varied_keys(definition))}.",
-        f"# Train it: slapgen train --config {path} --data {definition.data} --out runs/{best.name}",
+        f"# The winner of the sweep in {out}: {where} (best {best.metric}, {value}),",
+        f"#   {', '.join(f'{key}={_cell(config_value(best.run.config, key))}' for key in varied_keys(definition))}.",
+        f"# Its LoRA in the sweep folder: {best.lora}",
+        *(textwrap.wrap(f"This config trains it: {plan.why}.", width=100, initial_indent="# ", subsequent_indent="#   ")),
+        f"# Train it: {train_command(best, definition.data, str(path), f'runs/{best.name}')}",
+        f"#   (the LoRA: {trained_lora(best, f'runs/{best.name}')})",
         f"# (add --set latent_cache={Path(out).resolve() / CACHE_DIR} to reuse the sweep's encoded clips)",
         "",
     ]
-    return atomic_write_text(path, "\n".join(header) + best_config(best, out).to_documented_yaml())
+    return atomic_write_text(path, "\n".join(header) + best_config(plan.config, out).to_documented_yaml())
 
 
-def _markdown_table(definition: SweepDefinition, results: dict[str, dict], best: PlannedRun) -> list[str]:
+def _number(metrics: dict, column: str, bold: bool) -> str:
+    if column not in metrics:
+        return "-"  # not measured: --generate-top gave this checkpoint no videos
+    return f"**{metrics[column]:.6g}**" if bold else f"{metrics[column]:.6g}"
+
+
+def _checkpoint_table(definition: SweepDefinition, best: Winner, out: Path) -> list[str]:
+    keys = varied_keys(definition)
+    columns = definition.columns
+    lines = ["| run | step | " + " | ".join(keys) + " | " + " | ".join(columns) + " | best |",
+             "|---" * (len(keys) + len(columns) + 3) + "|"]
+    for run, entry in scored_candidates(definition, out):
+        won = (run.name, entry["step"]) == (best.name, best.step)
+        cells = [run.name, str(entry["step"]), *(_cell(config_value(run.config, key)) for key in keys),
+                 *(_number(entry["metrics"], c, won) for c in columns), "**best**" if won else ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _markdown_table(definition: SweepDefinition, results: dict[str, dict], best: Winner) -> list[str]:
     keys = varied_keys(definition)
     columns = definition.columns
     lines = ["| run | " + " | ".join(keys) + " | " + " | ".join(columns) + " | best |",
@@ -162,10 +266,12 @@ def _generation_lines(definition: SweepDefinition, base: dict | None) -> list[st
     if definition.evaluation is None:
         return []
     settings = definition.evaluation
-    lines = [f"Generation metrics (`slapgen eval` on each run's saved LoRA, one video per held-out caption and seed "
+    each, where = (("checkpoint's", "`runs/NAME/eval/eval.json` (the final LoRA) and `runs/NAME/eval-step-NNNNNN/eval.json` hold")
+                   if definition.checkpoints else ("run's", "`runs/NAME/eval/eval.json` holds"))
+    lines = [f"Generation metrics (`slapgen eval` on each {each} saved LoRA, one video per held-out caption and seed "
              f"{', '.join(str(seed) for seed in settings.seeds)}"
              + (f", {', '.join(f'{k}={v}' for k, v in settings.generation.items())}" if settings.generation else "")
-             + "; `runs/NAME/eval/eval.json` holds every number):", ""]
+             + f"; {where} every number):", ""]
     for column in definition.columns[1:]:
         note = COLUMN_NOTES["clip" if column.startswith("clip_score_") else column]
         lines.append(f"- `{column}` ({'higher' if higher_is_better(column) else 'lower'} is better): {note}.")
@@ -173,12 +279,36 @@ def _generation_lines(definition: SweepDefinition, base: dict | None) -> list[st
     if base is not None:
         lines += ["The base model without a LoRA, for reference: "
                   + ", ".join(f"`{column}` {base['metrics'][column]:.6g}" for column in definition.columns)
-                  + f". [`{EVAL_REPORT}`]({EVAL_REPORT}): every run next to the base model per prompt and seed (videos), "
-                  "with each run's A/B against it.", ""]
+                  + f". [`{EVAL_REPORT}`]({EVAL_REPORT}): every "
+                  + ("checkpoint that made videos (`RUN@STEP`)" if definition.checkpoints else "run")
+                  + " next to the base model per prompt and seed (videos), with the A/B of each against it.", ""]
     return lines
 
 
-def write_readme(path: Path, definition: SweepDefinition, results: dict[str, dict], best: PlannedRun, out: Path,
+def _winner_lines(definition: SweepDefinition, best: Winner, data: str) -> list[str]:
+    direction = "highest" if higher_is_better(best.metric) else "lowest"
+    value = "no number" if best.value is None else f"{best.value:.6g}"
+    where = f"**{best.name}** at step **{best.step}**" if best.checkpoint else f"**{best.name}**"
+    lines = [f"Best, by `{best.metric}` ({direction}, `--pick-by`): {where} ({value}). Its LoRA: `{best.lora}`."]
+    if best.checkpoint:
+        lines += ["", f"Candidates: every checkpoint each run kept (`checkpoint.keep_last`) and its final LoRA (at its last step), "
+                      f"a row each; {_generated_note(definition)}"]
+    plan = reproduction(best.run.config, best.step)
+    lines += ["", f"`{BEST_YAML}` trains it: `{train_command(best, data)}` (from this folder), which leaves it in "
+                  f"`{trained_lora(best)}`: {plan.why}."]
+    return lines
+
+
+def _generated_note(definition: SweepDefinition) -> str:
+    if definition.evaluation is None:
+        return "held-out loss on each."
+    if definition.generate_top is None:
+        return "held-out loss and the generation metrics on each."
+    return (f"held-out loss on each, generation metrics on the {definition.generate_top} best by held-out loss "
+            "(`--generate-top`; `-`: not measured).")
+
+
+def write_readme(path: Path, definition: SweepDefinition, results: dict[str, dict], best: Winner, out: Path,
                  figures: list[Path], base: dict | None = None) -> Path:
     varied = ", ".join(f"`{axis.key}` ({', '.join(axis.values)})" for axis in definition.axes)
     follows = f"; `{ALPHA_KEY}` follows `lora.rank`" if definition.alpha_follows_rank else ""
@@ -197,14 +327,13 @@ def write_readme(path: Path, definition: SweepDefinition, results: dict[str, dic
         + ".",
         "",
         f"`{HELDOUT_LOSS}`: the training objective on every clip of `{shown_path(definition.heldout, out)}` at fixed timesteps "
-        "(100, 300, ..., 900) and fixed noise (seed 0), from each run's saved LoRA (`trainer/heldout.py`); "
+        "(100, 300, ..., 900) and fixed noise (seed 0), from each saved LoRA file (`trainer/heldout.py`); "
         "lower is better. `results.csv` holds the same numbers in full precision.",
         "",
         *_generation_lines(definition, base),
-        *_markdown_table(definition, results, best),
+        *(_checkpoint_table(definition, best, out) if definition.checkpoints else _markdown_table(definition, results, best)),
         "",
-        f"Best: **{best.name}**. `{BEST_YAML}` trains it: "
-        f"`slapgen train --config {BEST_YAML} --data {data} --out best-run` (from this folder).",
+        *_winner_lines(definition, best, data),
         "",
         *[f"![{figure.stem}]({figure.name})" for figure in figures],
         "",
@@ -214,15 +343,23 @@ def write_readme(path: Path, definition: SweepDefinition, results: dict[str, dic
     return atomic_write_text(path, "\n".join(lines))
 
 
-def write_report(out: Path, definition: SweepDefinition, results: dict[str, dict], base: dict | None = None) -> PlannedRun:
-    """Every file of a finished sweep but the eval report; returns the best run. `base`: the base model's result."""
+def write_report(out: Path, definition: SweepDefinition, results: dict[str, dict], base: dict | None = None) -> Winner:
+    """Every file of a finished sweep but the eval report; returns the winner. `base`: the base model's result."""
     out = Path(out)
     runs = list(definition.runs)
-    best = pick_best(runs, results)
-    write_results_csv(out / RESULTS_CSV, definition, results, best)
-    write_best_yaml(out / BEST_YAML, definition, results, best, out)
+    best = pick_winner(out, definition, results)
+    write_results_csv(out / RESULTS_CSV, definition, results, best, out)
+    write_best_yaml(out / BEST_YAML, definition, best, out)
     figures = []
     for column in definition.columns:
+        if definition.checkpoints:  # each metric over steps, a line per run
+            curves = {run.name: [] for run in runs}
+            for run, entry in scored_candidates(definition, out):
+                if column in entry["metrics"]:
+                    curves[run.name].append((entry["step"], entry["metrics"][column]))
+            figures.append(step_curves(out / f"{column}{BY_STEP}.png", column, curves, (best.name, best.step),
+                                       higher_is_better(column)))
+            continue
         values = {name: result["metrics"][column] for name, result in results.items()}
         figures += metric_figures(out, list(definition.axes), runs, values, column, best.name, higher_is_better(column))
     loss_curves(out / LOSS_CURVES, {run.name: run_dir(out, run) / METRICS_FILE for run in runs})
@@ -243,8 +380,18 @@ def write_eval_report(out: Path, definition: SweepDefinition, results: dict[str,
         return Part(json.loads((folder / "eval.json").read_text(encoding="utf-8")), folder, {system: name})
 
     parts = [part(out / BASE_DIR / EVAL_DIR, BASE, BASE)]
-    parts += [part(run_dir(out, run) / EVAL_DIR, ADAPTER, run.name) for run in definition.runs]
-    losses = {BASE: base["heldout_losses"], **{name: result["heldout_losses"] for name, result in results.items()}}
+    losses = {BASE: base["heldout_losses"]}
+    if definition.checkpoints:  # every (run, step) that made videos, as RUN@STEP
+        for run, entry in scored_candidates(definition, out):
+            directory = run_dir(out, run)
+            candidate = next(c for c in list_candidates(directory, run.name)
+                             if c.step == entry["step"])
+            if any(column != HELDOUT_LOSS for column in entry["metrics"]):  # its videos were made and scored
+                parts.append(part(candidate.eval_dir(directory), ADAPTER, candidate.label))
+                losses[candidate.label] = entry["heldout_losses"]
+    else:
+        parts += [part(run_dir(out, run) / EVAL_DIR, ADAPTER, run.name) for run in definition.runs]
+        losses |= {name: result["heldout_losses"] for name, result in results.items()}
     objective = definition.runs[0].config.objective  # one for every run (grid.check_one_objective)
     loss_definition = {
         "higher_is_better": False,

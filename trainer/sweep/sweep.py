@@ -9,24 +9,31 @@
    into OUT/latent-cache, which every run's `latent_cache` names, so no run encodes anything (the
    held-out clips twice with generation metrics: at the training size for the loss, at the videos'
    size for `slapgen eval`).
-4. The runs (`execute.execute_run`, each from wherever it stopped, evaluation included): one at a
-   time in this process on a CPU or one GPU; with several GPUs, one child process per GPU
-   (`pool.run_pool`). With generation metrics, then the base model (`execute.execute_base`).
-5. The report (`report.write_report`; with generation metrics also `report.write_eval_report`).
+4. The runs (`execute.execute_run`, each from wherever it stopped, evaluation included; with
+   --checkpoints every checkpoint of it): one at a time in this process on a CPU or one GPU; with
+   several GPUs, one child process per GPU (`pool.run_pool`); with `--ray`, one Ray task per run on
+   any node of a cluster (`ray_runs`). With --generate-top K, then the K best checkpoints of the
+   sweep get their generation metrics (`candidates.generate_top`). With generation metrics, then the
+   base model (`execute.execute_base`).
+5. The report (`report.write_report`, the winner by --pick-by; with generation metrics also
+   `report.write_eval_report`).
 """
 
 from __future__ import annotations
 
 import gc
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 
 from trainer.datasets import read_dataset
 from trainer.errors import SweepError
 from trainer.run_folder import last_logged_step
-from trainer.sweep.evaluate import HELDOUT_LOSS, EvalRequest, check_metrics, generation_data, plan_evaluation
-from trainer.sweep.execute import (BASE_DIR, RESULT_FILE, RunState, execute_base, execute_run, read_result, run_state,
-                                   steps_done)
+from trainer.sweep.candidates import CandidateRequest, check_checkpoint_options, generate_top
+from trainer.sweep.evaluate import (EvalRequest, check_metrics, check_pick_by_measured, generation_data, generation_metrics,
+                                    plan_evaluation)
+from trainer.sweep.execute import (BASE_DIR, RESULT_FILE, RunState, evaluation_inputs, execute_base, execute_run,
+                                   read_result, run_state, steps_done)
 from trainer.sweep.folder import CACHE_DIR, SweepDefinition, SweepLock, check_folder, run_dir, write_definition
 from trainer.sweep.grid import alpha_follows_rank, parse_axis, plan_runs
 from trainer.sweep.pool import Job, run_pool
@@ -35,18 +42,23 @@ from trainer.sweep.report import write_eval_report, write_report
 
 
 def plan_sweep(config: str, sets: list[str], grid: list[str], data: Path, heldout: Path, out: Path,
-               metrics: list[str], request: EvalRequest = EvalRequest()) -> SweepDefinition:
+               metrics: list[str], request: EvalRequest = EvalRequest(),
+               candidates: CandidateRequest = CandidateRequest()) -> SweepDefinition:
     """The sweep the command asks for, every part validated; reads, never writes (but for the model: see
     `check_generation`)."""
     axes = [parse_axis(text) for text in grid]
     measured = check_metrics(metrics)
+    check_checkpoint_options(candidates.checkpoints, candidates.generate_top, bool(generation_metrics(measured)))
     read_dataset(Path(data))  # a missing or malformed dataset is one sentence now, not after an hour of runs
     read_dataset(Path(heldout))
     runs = plan_runs(config, sets, axes, latent_cache=Path(out).resolve() / CACHE_DIR)
+    evaluation = plan_evaluation(measured, runs, request)
+    pick_by = check_pick_by_measured(candidates.pick_by, measured, evaluation.clip_model if evaluation else None)
     return SweepDefinition(
         config=config, sets=tuple(sets), axes=tuple(axes), data=str(Path(data).resolve()),
         heldout=str(Path(heldout).resolve()), metrics=measured, alpha_follows_rank=alpha_follows_rank(axes, sets),
-        runs=tuple(runs), evaluation=plan_evaluation(measured, runs, request),
+        runs=tuple(runs), evaluation=evaluation, checkpoints=candidates.checkpoints,
+        generate_top=candidates.generate_top, pick_by=pick_by,
     )
 
 
@@ -112,35 +124,70 @@ def _in_process(definition: SweepDefinition, out: Path, pending: list, progress:
             torch.cuda.empty_cache()
 
 
+def _watch(definition: SweepDefinition, out: Path, progress: SweepProgress):
+    """The bar's tick when runs train outside this process (`pool`'s children, Ray's tasks): their steps, read from
+    the metrics.jsonl of each run seen running (one that ended since the last tick: its last steps too)."""
+    seen: list[str] = []
+
+    def on_tick(running: list[str]) -> None:
+        seen.extend(name for name in running if name not in seen)
+        progress.show(running)
+        for name in seen:
+            progress.step(name, last_logged_step(run_dir(out, definition.run(name))))
+
+    return on_tick
+
+
 def _in_pool(definition: SweepDefinition, out: Path, pending: list, progress: SweepProgress, slots: list[str]) -> None:
     jobs = [Job(run.name, [sys.executable, "-m", "trainer.sweep.execute", str(out), run.name], run_dir(out, run) / "sweep.log")
             for run in pending]
-
-    def on_tick(running: list[str]) -> None:
-        progress.show(running)
-        for name in running:
-            progress.step(name, last_logged_step(run_dir(out, definition.run(name))))
-
     progress.say(f"{len(pending)} runs on GPUs {','.join(slots)}, one run per GPU; each run logs to runs/NAME/sweep.log")
-    codes = run_pool(jobs, slots, on_tick)
-    failed = [f"{name} (exit {code}, see {run_dir(out, definition.run(name)) / 'sweep.log'})"
-              for name, code in codes.items() if code != 0]
+    codes = run_pool(jobs, slots, _watch(definition, out, progress))
+    _raise_failed([f"{name} (exit {code}, see {run_dir(out, definition.run(name)) / 'sweep.log'})"
+                   for name, code in codes.items() if code != 0], len(pending))
+
+
+def _on_ray(definition: SweepDefinition, out: Path, pending: list, progress: SweepProgress, gpus_per_run: float) -> None:
+    from trainer.sweep.ray_runs import run_cells
+
+    progress.say(f"{len(pending)} runs as Ray tasks of {gpus_per_run:g} GPU each; each run logs to runs/NAME/sweep.log")
+    outcome = run_cells(out, [run.name for run in pending], gpus_per_run, _watch(definition, out, progress))
+    for name, failure in outcome.items():
+        if failure is None:
+            result = read_result(run_dir(out, definition.run(name)))
+            progress.say(f"{name}: " + ", ".join(f"{column} {value:.6g}" for column, value in result["metrics"].items()))
+    _raise_failed([f"{name} ({failure}; see {run_dir(out, definition.run(name)) / 'sweep.log'})"
+                   for name, failure in outcome.items() if failure is not None], len(pending))
+
+
+def _raise_failed(failed: list[str], pending: int) -> None:
     if failed:
-        raise SweepError(f"{len(failed)} of {len(pending)} runs failed: {'; '.join(failed)}; rerun the same command to retry them")
+        raise SweepError(f"{len(failed)} of {pending} runs failed: {'; '.join(failed)}; rerun the same command to retry them")
 
 
 def run_sweep(config: str, sets: list[str], grid: list[str], data: Path, heldout: Path, out: Path,
-              metrics: list[str], progress: bool = True, request: EvalRequest = EvalRequest()) -> Path:
-    """Run (or continue) the sweep; returns the folder, which then holds every report file."""
+              metrics: list[str], progress: bool = True, request: EvalRequest = EvalRequest(),
+              candidates: CandidateRequest = CandidateRequest(), ray: str | None = None,
+              gpus_per_run: float = 1) -> Path:
+    """Run (or continue) the sweep; returns the folder, which then holds every report file. `ray`: the Ray
+    cluster (`ray_runs.connect`) whose nodes run the runs, each asking for `gpus_per_run` GPUs."""
     from trainer.cli import default_device
 
     out = Path(out)
-    definition = plan_sweep(config, sets, grid, data, heldout, out, metrics, request)
+    definition = plan_sweep(config, sets, grid, data, heldout, out, metrics, request, candidates)
     check_folder(out, definition)
     check_generation(definition)
-    with SweepLock(out):
-        if not check_folder(out, definition):  # again, now that no other sweep can write it
-            write_definition(out, definition)
+    with ExitStack() as stack:
+        if ray is not None:  # a cluster that does not answer: one sentence before anything is written
+            from trainer.sweep.ray_runs import check_gpus, check_shared_folder, connect
+            stack.enter_context(connect(ray))
+            if (waiting := check_gpus(gpus_per_run, ray)) is not None:
+                print(f"sweep: {waiting}")
+        stack.enter_context(SweepLock(out))
+        check_folder(out, definition)  # again, now that no other sweep can write it
+        write_definition(out, definition)  # new, or another --pick-by (the only difference check_folder lets by)
+        if ray is not None:
+            check_shared_folder(out)
         device = default_device()
         encode_once(definition, device)
         runs = list(definition.runs)
@@ -149,14 +196,17 @@ def run_sweep(config: str, sets: list[str], grid: list[str], data: Path, heldout
         done = {run.name: steps_done(run_dir(out, run), run.config.train.max_train_steps) for run in runs}
         bar = SweepProgress(runs, done, enabled=progress)
         try:
-            slots = gpu_slots()
-            if len(slots) > 1 and len(pending) > 1:
+            if ray is not None:
+                _on_ray(definition, out, pending, bar, gpus_per_run)
+            elif len(slots := gpu_slots()) > 1 and len(pending) > 1:
                 _in_pool(definition, out, pending, bar, slots)
             else:
                 _in_process(definition, out, pending, bar, device)
         finally:
             bar.close()
         results = {run.name: read_result(run_dir(out, run)) for run in runs}
+        if definition.generate_top is not None:  # needs every run's held-out losses, so after the last run
+            generate_top(definition, out, evaluation_inputs(definition, device))
         base = None
         if definition.evaluation is not None:
             base_done = (out / BASE_DIR / RESULT_FILE).is_file()
@@ -165,7 +215,6 @@ def run_sweep(config: str, sets: list[str], grid: list[str], data: Path, heldout
         best = write_report(out, definition, results, base)
         if base is not None:
             write_eval_report(out, definition, results, base)
-    print(f"best: {best.name} ({HELDOUT_LOSS} {results[best.name]['metrics'][HELDOUT_LOSS]:.6g}); "
-          f"report: {out / 'README.md'}, config: {out / 'best.yaml'}")
+    print(f"best: {best.say()}; report: {out / 'README.md'}, config: {out / 'best.yaml'}")
     return out
 

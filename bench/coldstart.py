@@ -1,0 +1,160 @@
+"""Cold start: how long a new replica takes to be ready, with an empty vs a warm compile cache.
+
+1. Service (the default): the time from `bentoml serve` to `/readyz` answering 200, with `SLAP_COMPILE=1`
+   on the tiny model, alternating a start with an empty `SLAP_COMPILE_CACHE_DIR` (cold: every graph
+   compiled) and a start on the folder that cold start filled (warm: loaded from it), `--rounds` times.
+   The ratio is cold median / warm median, from one run. Each start's `/info` says what came from the
+   cache, and that nothing recompiled.
+2. On a GPU (bench/gpu/checks.py): `--case compile-5b [--blocks N]`, compiling CogVideoX-5B's transformer
+   (real config, random weights, first N blocks, extrapolated to 42) in a fresh process with an empty
+   cache folder, then in another fresh process on the same folder; the same code as the service's
+   (`CompiledTransformer` with a `CompileCache`). `compile-tiny` runs it on the tiny model (the dry run).
+
+    python bench/coldstart.py [--rounds 3] [--save]     # writes bench/results/coldstart-cpu.json with --save
+
+The machine is shared: run it as `nice -n 19 python bench/coldstart.py` and read the ratio of medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import add_save_argument, device_description, print_table, write_results  # noqa: E402
+
+
+def serve_once(folder: Path, cache_dir: Path, compile_cache: Path, label: str) -> dict:
+    """One `bentoml serve` of the compiled tiny model: seconds until /readyz answers 200, and its /info."""
+    import httpx
+
+    from tests.conftest import start_server, stop_server
+
+    started = time.perf_counter()
+    server = start_server(folder, startup_timeout_s=1800, SLAP_MODEL="tiny", SLAP_CACHE_DIR=str(cache_dir),
+                          SLAP_DEVICE="cpu", SLAP_QUANT="none", SLAP_COMPILE="1", SLAP_MAX_LORA_RANK="8",
+                          SLAP_COMPILE_CACHE_DIR=str(compile_cache), SLAP_ADAPTERS_DIR=str(folder / "adapters"))
+    ready_s = time.perf_counter() - started
+    try:
+        info = httpx.get(f"{server.url}/info", timeout=30).json()
+    finally:
+        stop_server(server)
+    cache = info["compile_cache"]
+    return {"start": label, "ready_s": ready_s, "graphs_from_cache": cache["graphs_from_cache"],
+            "graphs_compiled": cache["graphs_compiled"], "fell_back": cache["fell_back"],
+            "recompilations": info["recompilations"]}
+
+
+def service_bench(rounds: int) -> dict:
+    from slapgen.models.tiny import materialise_tiny_model
+
+    root = Path(tempfile.mkdtemp(prefix="slapgen-coldstart-"))
+    materialise_tiny_model(root / "slapgen-cache")
+    rows = []
+    for index in range(rounds):
+        compile_cache = root / f"compile-cache-{index}"  # empty: the cold start fills it, the warm one reads it
+        for label in ("cold", "warm"):
+            folder = root / f"{label}-{index}"
+            folder.mkdir()
+            rows.append({"round": index + 1, **serve_once(folder, root / "slapgen-cache", compile_cache, label)})
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    cold = statistics.median(r["ready_s"] for r in rows if r["start"] == "cold")
+    warm = statistics.median(r["ready_s"] for r in rows if r["start"] == "warm")
+    return {"rows": rows, "cold_ready_s_median": cold, "warm_ready_s_median": warm, "cold_over_warm": cold / warm}
+
+
+# --- The GPU run's check: the transformer alone, compiled cold then warm in two fresh processes ---------------
+
+def compile_once(model: str, blocks: int | None, cache_dir: Path) -> dict:
+    """Build the random transformer, compile it with `cache_dir` as the compile cache, run one step."""
+    from bench.serve import _all_blocks, _random_transformer, _synchronize
+    from slapgen.engine.compiling import CompiledTransformer
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    started = time.perf_counter()
+    transformer, inputs, resolution = _random_transformer(model, device, blocks)
+    built_s = time.perf_counter() - started
+    holder = type("Holder", (), {"transformer": transformer})()
+    compiled = CompiledTransformer(cache_dir)
+    compiled.compile(holder)
+
+    def step() -> None:
+        with torch.inference_mode():
+            holder.transformer(**inputs)
+        _synchronize(device)
+
+    started = time.perf_counter()
+    compiled.warm_up(holder, step)  # the first step compiles (or loads from the cache)
+    compile_s = time.perf_counter() - started
+    started = time.perf_counter()
+    step()
+    step_s = time.perf_counter() - started
+    return {"resolution": resolution, "blocks": transformer.config.num_layers, "all_blocks": _all_blocks(model),
+            "build_s": built_s, "first_step_s": compile_s, "step_s": step_s, "compile_s": compile_s - step_s,
+            "graphs": compiled.graphs, **compiled.cache.info()}
+
+
+def compile_case(model: str, blocks: int | None) -> dict:
+    cache_dir = Path(tempfile.mkdtemp(prefix="slapgen-compile-cache-"))
+    runs = {}
+    for label in ("cold", "warm"):
+        argv = [sys.executable, __file__, "--case", f"compile-once-{model}", "--cache-dir", str(cache_dir)]
+        result = subprocess.run(argv + (["--blocks", str(blocks)] if blocks else []), capture_output=True, text=True,
+                                timeout=3600)
+        if result.returncode != 0:
+            raise SystemExit(f"the {label} compile failed: {result.stderr.strip().splitlines()[-1:]}")
+        runs[label] = json.loads(result.stdout.strip().splitlines()[-1])
+    cold, warm = runs["cold"], runs["warm"]
+    row = {"case": f"compile-{model}", "device": device_description(), "resolution": cold["resolution"],
+           "blocks": cold["blocks"], "cold": cold, "warm": warm,
+           "compile_s_cold": cold["compile_s"], "compile_s_warm": warm["compile_s"],
+           "cold_over_warm": cold["first_step_s"] / warm["first_step_s"],
+           "warm_graphs_from_cache": warm["graphs_from_cache"], "warm_graphs_compiled": warm["graphs_compiled"]}
+    if cold["blocks"] < cold["all_blocks"]:
+        scale = cold["all_blocks"] / cold["blocks"]
+        row["est_compile_s_cold_all_blocks"] = cold["first_step_s"] * scale
+        row["est_compile_s_warm_all_blocks"] = warm["first_step_s"] * scale
+        row["extrapolation"] = (f"measured on {cold['blocks']} of {cold['all_blocks']} blocks; first-step times x "
+                                f"{cold['all_blocks']}/{cold['blocks']} (tracing grows with the blocks; identical "
+                                "blocks share kernels, so the cold estimate is high)")
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3, help="cold + warm start pairs, alternating")
+    parser.add_argument("--case", help="compile-5b | compile-tiny (the GPU run's check and its dry run)")
+    parser.add_argument("--blocks", type=int, help="with --case: the first N transformer blocks")
+    parser.add_argument("--cache-dir", type=Path, help=argparse.SUPPRESS)
+    add_save_argument(parser)
+    args = parser.parse_args()
+    if args.case:
+        model = args.case.rpartition("-")[2]
+        if model not in ("5b", "tiny") or not args.case.startswith("compile-"):
+            raise SystemExit(f"unknown case {args.case!r}: use compile-5b or compile-tiny")
+        if args.case.startswith("compile-once-"):
+            print(json.dumps(compile_once(model, args.blocks, args.cache_dir)))
+        else:
+            print(json.dumps(compile_case(model, args.blocks)))
+        return
+    result = service_bench(args.rounds)
+    print_table(result["rows"], ["round", "start", "ready_s", "graphs_from_cache", "graphs_compiled", "recompilations"])
+    print(f"\nready: cold {result['cold_ready_s_median']:.1f} s, warm {result['warm_ready_s_median']:.1f} s (medians); "
+          f"cold / warm = {result['cold_over_warm']:.2f}x")
+    path = write_results("coldstart", {"device": device_description(), "torch": torch.__version__, "model": "tiny",
+                                       "what": "bentoml serve -> /readyz 200 with SLAP_COMPILE=1, empty vs warm "
+                                               "SLAP_COMPILE_CACHE_DIR", **result}, save=args.save)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+"""SLAP_COMPILE_CACHE_DIR: replicas load the compiled transformer from a shared folder instead of compiling it,
+swaps still never recompile, and a damaged or foreign folder never stops a start-up."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from slapgen.errors import SettingsError
+from slapgen.serving.settings import load_settings
+from tests.conftest import REPO_ROOT, offline_env, start_server, stop_server
+
+CACHE_LINE = "compile cache "  # the start of the one line the engine logs about the folder
+
+
+def test_the_compile_cache_setting_is_a_writable_folder(monkeypatch, tmp_path):
+    """Guards SLAP_COMPILE_CACHE_DIR being ignored, or a path that cannot hold the cache failing later inside
+    torch's compile: a missing folder is made and reaches the engine's options; a file is one sentence."""
+    monkeypatch.setenv("SLAP_DEVICE", "cpu")
+    monkeypatch.setenv("SLAP_COMPILE_CACHE_DIR", str(tmp_path / "volume" / "compile-cache"))
+    settings = load_settings()
+    assert settings.engine_options().compile_cache_dir == tmp_path / "volume" / "compile-cache"
+    assert (tmp_path / "volume" / "compile-cache").is_dir()
+    (tmp_path / "a-file").write_text("not a folder")
+    monkeypatch.setenv("SLAP_COMPILE_CACHE_DIR", str(tmp_path / "a-file"))
+    with pytest.raises(SettingsError) as refused:
+        load_settings()
+    assert str(refused.value) == (f"invalid settings: SLAP_COMPILE_CACHE_DIR: Value error, {tmp_path / 'a-file'} is not "
+                                  "a writable folder (File exists).")
+    monkeypatch.delenv("SLAP_COMPILE_CACHE_DIR")
+    assert load_settings().engine_options().compile_cache_dir is None  # unset: torch's own default folder
+
+
+# --- The fallback, on a small module compiled in fresh processes (seconds, not a whole model's compile) ---------
+
+COMPILE_A_MODULE = r"""
+import json, logging, sys
+from pathlib import Path
+import torch
+from slapgen.engine.compiling import CompiledTransformer
+
+if sys.argv[2] == "other-torch":  # what another torch version changes in every cache key: torch's own hash
+    import torch._inductor.codecache as codecache
+    codecache.torch_key = lambda: b"another torch build"
+logging.basicConfig(level=logging.WARNING, format="LOG %(levelname)s %(name)s %(message)s")
+holder = type("Holder", (), {})()
+holder.transformer = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
+torch.manual_seed(0)
+x = torch.randn(3, 8)
+compiled = CompiledTransformer(Path(sys.argv[1]))
+compiled.compile(holder)
+outputs = []
+compiled.warm_up(holder, lambda: outputs.append(holder.transformer(x)))
+compiled.mark_warm()
+print(json.dumps({**compiled.cache.info(), "graphs": compiled.graphs,
+                  "output_ok": torch.allclose(outputs[-1], holder.transformer._orig_mod(x), rtol=1e-4, atol=1e-5)}))
+"""
+
+
+def _compile_a_module(cache_dir: Path, tmp_path: Path, mode: str = "plain") -> tuple[dict, list[str]]:
+    result = subprocess.run([sys.executable, "-c", COMPILE_A_MODULE, str(cache_dir), mode], cwd=REPO_ROOT,
+                            env=offline_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("LOG ")]
+    return json.loads(result.stdout.strip().splitlines()[-1]), lines
+
+
+@pytest.mark.slow
+def test_a_damaged_or_foreign_cache_falls_back_to_compiling_in_one_log_line(tmp_path):
+    """Guards a start-up that dies on a damaged compile cache: torch loads a cached kernel library as it finds it
+    (garbage .so files made bentoml serve exit with C++ errors before the fallback). Every start here succeeds with
+    the right output: the first fills the folder (one graph compiled), the second loads it, one with every kernel
+    library overwritten falls back to a private folder, one with the FX graph entry overwritten compiles again
+    (counted in the line instead of torch's traceback), and one as another torch build (a foreign cache: every key
+    differs) compiles; each says so in one log line (two for the fallback)."""
+    folder = tmp_path / "compile-cache"
+    first, first_log = _compile_a_module(folder, tmp_path)
+    assert (first["graphs_compiled"], first["graphs_from_cache"], first["fell_back"], first["output_ok"]) == (1, 0, None, True)
+    assert first_log == [f"LOG INFO slapgen.engine.compiling compile cache {folder}: 0 of 1 graphs loaded from it, 1 "
+                         "compiled and stored (a new model, settings or torch version, or an empty folder)"]
+    second, second_log = _compile_a_module(folder, tmp_path)
+    assert (second["graphs_compiled"], second["graphs_from_cache"], second["output_ok"]) == (0, 1, True)
+    assert second["graphs"] == 1  # a graph loaded from the cache still goes through the counting backend
+    assert second_log == [f"LOG INFO slapgen.engine.compiling compile cache {folder}: all 1 graphs loaded from it, "
+                          "nothing compiled"]
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(folder, damaged)
+    libraries = list(damaged.rglob("*.so"))
+    assert libraries
+    for path in libraries:
+        path.write_bytes(b"garbage")
+    third, third_log = _compile_a_module(damaged, tmp_path)
+    assert third["output_ok"] is True and third["graphs_compiled"] >= 1 and third["fell_back"]
+    assert len(third_log) == 2, third_log
+    assert third_log[0].startswith(f"LOG WARNING slapgen.engine.compiling compile cache {damaged} cannot be used (")
+    assert third_log[0].endswith("); compiling without it. Empty the folder to rebuild it.")
+    assert third_log[1].startswith(f"LOG INFO slapgen.engine.compiling compile cache {damaged} was not used (")
+    assert all(path.read_bytes() == b"garbage" for path in libraries)  # the private folder took the new code
+
+    unreadable = tmp_path / "unreadable"
+    shutil.copytree(folder, unreadable)
+    entries = [path for path in (unreadable / "fxgraph").rglob("*") if path.is_file()]
+    assert len(entries) == 1
+    for path in entries:
+        path.write_bytes(b"garbage")
+    fourth, fourth_log = _compile_a_module(unreadable, tmp_path)
+    assert (fourth["graphs_compiled"], fourth["fell_back"], fourth["output_ok"]) == (1, None, True)
+    assert fourth_log == [first_log[0].replace(str(folder), str(unreadable)) + "; 1 unreadable entries skipped"]
+
+    foreign, foreign_log = _compile_a_module(folder, tmp_path, "other-torch")
+    assert (foreign["graphs_compiled"], foreign["graphs_from_cache"], foreign["fell_back"], foreign["output_ok"]) == (
+        1, 0, None, True)
+    assert foreign_log == first_log
+
+
+# --- The real service, started twice on one folder -------------------------------------------------------------
+
+def _generate(server, adapter: str | None) -> np.ndarray:
+    from slapgen.video import read_mp4
+
+    body = {"prompt": "Power slap: the striker winds up and the palm strikes the cheek.", "seed": 3}
+    if adapter:
+        body["adapter"] = adapter
+    response = httpx.post(f"{server.url}/generate", json=body, timeout=600)
+    assert response.status_code == 200, response.text
+    path = server.log_path.with_name(f"{adapter or 'base'}-{server.url.rsplit(':', 1)[1]}.mp4")
+    path.write_bytes(response.content)
+    return read_mp4(path)[0]
+
+
+def _cache_lines(server) -> list[str]:
+    return [line[line.index(CACHE_LINE):] for line in server.log_path.read_text(errors="replace").splitlines()
+            if CACHE_LINE in line]
+
+
+@pytest.mark.slow
+def test_a_second_replica_loads_the_compiled_transformer_from_the_shared_cache(tiny_cache_dir, adapter_files, tmp_path):
+    """Guards SLAP_COMPILE_CACHE_DIR not reaching torch (a replica compiling from scratch on a warm volume) and a
+    cached graph that escapes the recompilation count: two `bentoml serve` with SLAP_COMPILE=1 on one folder; the
+    first compiles every graph and stores it, the second loads all of them and compiles none (inductor's FX graph
+    cache counters, in /info and one log line), still counts them as graphs, and swapping adapters on it
+    recompiles nothing and changes the video as on the first."""
+    adapters = tmp_path / "adapters"
+    adapters.mkdir()
+    for name in ("a", "b"):
+        shutil.copy(adapter_files[name], adapters / f"{name}.safetensors")
+    compile_cache = tmp_path / "shared-volume" / "compile-cache"
+    infos, frames = [], []
+    for replica in ("first", "second"):
+        folder = tmp_path / replica
+        folder.mkdir()
+        server = start_server(folder, startup_timeout_s=1200, SLAP_MODEL="tiny", SLAP_CACHE_DIR=str(tiny_cache_dir),
+                              SLAP_DEVICE="cpu", SLAP_QUANT="none", SLAP_COMPILE="1", SLAP_MAX_LORA_RANK="8",
+                              SLAP_ADAPTERS_DIR=str(adapters), SLAP_COMPILE_CACHE_DIR=str(compile_cache))
+        try:
+            frames.append({adapter: _generate(server, adapter) for adapter in ("a", "b", None, "a")})
+            infos.append(httpx.get(f"{server.url}/info", timeout=30).json())
+            lines = _cache_lines(server)
+        finally:
+            stop_server(server)
+        cache = infos[-1]["compile_cache"]
+        if replica == "first":
+            compiled = cache["graphs_compiled"]
+            assert compiled >= 1 and cache["graphs_from_cache"] == 0 and cache["fell_back"] is None
+            assert lines == [f"compile cache {compile_cache}: 0 of {compiled} graphs loaded from it, {compiled} compiled "
+                             "and stored (a new model, settings or torch version, or an empty folder)"]
+            assert any((compile_cache / "fxgraph").iterdir())  # what the second replica reads
+        else:
+            assert (cache["graphs_from_cache"], cache["graphs_compiled"], cache["fell_back"]) == (compiled, 0, None)
+            assert lines == [f"compile cache {compile_cache}: all {compiled} graphs loaded from it, nothing compiled"]
+        info = infos[-1]
+        assert info["compiled"] is True and info["recompilations"] == 0 and info["adapter_swaps"] == 3
+    for first, second in zip(frames[0].values(), frames[1].values()):
+        assert np.array_equal(first, second)  # the cached code computes what the compiled code computed
+    assert not np.array_equal(frames[1]["a"], frames[1]["b"]) and not np.array_equal(frames[1]["a"], frames[1][None])

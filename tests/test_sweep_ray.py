@@ -1,0 +1,271 @@
+"""`slapgen sweep --ray` on real Ray clusters of this machine: a 2 x 1 sweep on a cluster of a head and a
+second node (each `ray start` in its own session), the second node SIGKILLed while it trains a cell past
+its first checkpoint; the sweep ends with the results.csv and the bit-identical LoRAs of the same sweep
+uninterrupted (`--ray local`: a cluster of its own). And the sentences of the options' misuses.
+
+Every cluster here is this test's: its own RAY_TMPDIR, free ports, and it is ended by killing its
+processes (each node's session, then anything left carrying the test's mark), never with `ray stop`,
+which would stop every Ray cluster of this user on the machine."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import REPO_ROOT, cli_stderr, free_port, offline_env, tiny_train_overrides
+from trainer.lora import LORA_FILENAME
+from trainer.sweep.ray_runs import ATTEMPT_MARK
+
+STEPS = 8
+# Small and fast: 32x32, one frame; a checkpoint every 2 steps, so a cell is killed with steps left to resume.
+FIXED = ("data.height=32", "data.width=32", "data.num_frames=1", "data.max_clips=2", f"train.max_train_steps={STEPS}",
+         "checkpoint.every_steps=2", "checkpoint.keep_last=10", "train.gradient_checkpointing=false")
+RAY = str(Path(sys.executable).parent / "ray")
+MARK = "SLAPGEN_TEST_RAY_CLUSTER"
+
+
+def sweep_command(tiny_cache_dir: Path, data: Path, heldout: Path, out: Path, ray: str) -> list[str]:
+    command = [sys.executable, "-m", "trainer", "sweep", "--config", "tiny-smoke", "--grid", "optim.learning_rate=1e-3,1e-2",
+               "--grid", "lora.rank=4", "--data", str(data), "--heldout", str(heldout), "--out", str(out),
+               "--ray", ray, "--gpus-per-run", "0"]
+    for item in tiny_train_overrides(tiny_cache_dir, *FIXED):
+        command += ["--set", item]
+    return command
+
+
+def _marked_pids(mark: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and f"{MARK}={mark}".encode() in (entry / "environ").read_bytes().split(b"\0"):
+                pids.append(int(entry.name))
+        except OSError:
+            pass
+    return pids
+
+
+def _start_node(env: dict, *args: str, wrap: tuple[str, ...] = ()) -> int:
+    """`ray start ARGS` (run by `wrap`, when given) in a session of its own; returns that session's process group,
+    which every daemon of the node (raylet, agents; GCS on the head) stays in after `ray start` returns."""
+    starting = subprocess.Popen([*wrap, RAY, "start", "--num-cpus", "1", "--disable-usage-stats",
+                                 "--dashboard-agent-listen-port", str(free_port()), *args],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    output, _ = starting.communicate(timeout=300)
+    assert starting.returncode == 0, output[-3000:]
+    return starting.pid  # start_new_session: the session's (and its process group's) id is the pid of `ray start`
+
+
+@contextmanager
+def two_node_cluster(root_env: dict, worker_wrap: tuple[str, ...] = ()):
+    """A head and a second node (its `ray start` run by `worker_wrap`), one CPU each; yields (address, env for
+    drivers, process group of each node)."""
+    temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's unix socket paths live under it
+    env = {**root_env, "RAY_TMPDIR": temp, MARK: temp}
+    port = free_port()
+    groups = {}
+    try:
+        groups["head"] = _start_node(env, "--head", "--port", str(port), "--include-dashboard", "false",
+                                     "--ray-client-server-port", str(free_port()), "--dashboard-port", str(free_port()))
+        groups["worker"] = _start_node(env, "--address", f"127.0.0.1:{port}", wrap=worker_wrap)
+        yield f"127.0.0.1:{port}", env, groups
+    finally:
+        for group in groups.values():
+            try:
+                os.killpg(group, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for pid in _marked_pids(temp):  # task workers: their own sessions, ended with their raylet; anything left
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def attempts(run: Path) -> list[tuple[str, int]]:
+    """(node id, pid) of each attempt at a cell, from its sweep.log."""
+    log = run / "sweep.log"
+    text = log.read_text(errors="replace") if log.is_file() else ""
+    return [(node, int(pid)) for node, pid in re.findall(rf"{ATTEMPT_MARK} (\w+) \(\S+\), pid (\d+)", text)]
+
+
+def _on_node(pid: int, group: int) -> bool:
+    """Whether the task worker `pid` was started by the raylet of the node whose daemons are in `group`."""
+    import psutil
+
+    try:
+        return os.getpgid(psutil.Process(pid).ppid()) == group
+    except (psutil.Error, ProcessLookupError):
+        return False
+
+
+def _checkpoint_steps(run: Path) -> list[int]:
+    return sorted(json.loads(path.read_text())["step"] for path in run.glob("checkpoints/*/trainer_state.json"))
+
+
+@pytest.mark.slow
+def test_a_node_killed_mid_run_leaves_the_results_of_an_uninterrupted_sweep(tiny_cache_dir, demo_dataset, tmp_path):
+    """Guards the cluster path: a cell whose node dies not retried (the sweep fails or hangs), a retry that
+    trains from step 0 instead of the cell's latest checkpoint or lands on the dead node, and a sweep whose
+    results.csv or LoRAs differ from those of the same sweep without the kill (compared tensor by tensor,
+    exactly); and a driver without one bar for the whole sweep with its ETA."""
+    from trainer.demo_data import write_demo_dataset
+
+    heldout = tmp_path / "heldout"
+    write_demo_dataset(heldout, clips=1, seed=7)
+    env = offline_env(tmp_path)
+    reference_out = tmp_path / "reference"
+    # The uninterrupted sweep, meanwhile, on a cluster of its own that the sweep starts and stops (--ray local).
+    reference = subprocess.Popen(sweep_command(tiny_cache_dir, demo_dataset, heldout, reference_out, "local"), cwd=REPO_ROOT,
+                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        with two_node_cluster(env) as (address, cluster_env, groups):
+            out = tmp_path / "killed"
+            driver_env = {**cluster_env, "RAY_ADDRESS": address}
+            with (tmp_path / "driver.out").open("w") as stdout, (tmp_path / "driver.err").open("w") as stderr:
+                driver = subprocess.Popen(sweep_command(tiny_cache_dir, demo_dataset, heldout, out, "auto"), cwd=REPO_ROOT,
+                                          env=driver_env, stdout=stdout, stderr=stderr, text=True)
+                victim = None
+                deadline = time.monotonic() + 600
+                while victim is None and driver.poll() is None and time.monotonic() < deadline:
+                    for run in sorted((out / "runs").glob("*")):
+                        tried = attempts(run)
+                        if (len(tried) == 1 and _on_node(tried[0][1], groups["worker"]) and _checkpoint_steps(run)
+                                and not (run / LORA_FILENAME).exists()):
+                            os.killpg(groups["worker"], signal.SIGKILL)  # the node: its raylet and agents
+                            os.kill(tried[0][1], signal.SIGKILL)  # and its task's worker, at once, as a dead machine
+                            victim = run
+                            break
+                    time.sleep(0.05)
+                assert victim is not None, (tmp_path / "driver.err").read_text()[-3000:]
+                at_kill = {"checkpoints": _checkpoint_steps(victim), "lora": (victim / LORA_FILENAME).exists()}
+                driver.wait(timeout=600)
+            assert driver.returncode == 0, (tmp_path / "driver.err").read_text()[-3000:]
+        reference_output, _ = reference.communicate(timeout=600)
+        assert reference.returncode == 0, reference_output[-3000:]
+    finally:
+        if reference.poll() is None:  # Ctrl-C: the sweep stops the cluster it started and removes its folder
+            reference.send_signal(signal.SIGINT)
+            try:
+                reference.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                reference.kill()
+
+    assert at_kill["checkpoints"] and max(at_kill["checkpoints"]) < STEPS and not at_kill["lora"]
+    (first_node, _), (second_node, _) = attempts(victim)  # exactly two attempts: the killed one and its retry
+    assert second_node != first_node  # the retry ran on the head, not on the dead node
+    log = (victim / "sweep.log").read_text()
+    resumed = re.search(r"resumed from \S*/checkpoints/checkpoint-(\d+) at step (\d+)", log)
+    assert resumed, log[-3000:]
+    assert int(resumed.group(2)) >= max(at_kill["checkpoints"])  # from its latest checkpoint, not from step 0
+    assert [json.loads(line)["step"] for line in (victim / "metrics.jsonl").read_text().splitlines()] == \
+        list(range(1, STEPS + 1))
+
+    assert (out / "results.csv").read_text() == (reference_out / "results.csv").read_text()
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [row["optim.learning_rate"] for row in rows] == ["0.001", "0.01"]
+    for run in sorted((reference_out / "runs").iterdir()):
+        expected, got = load_file(run / LORA_FILENAME), load_file(out / "runs" / run.name / LORA_FILENAME)
+        assert expected.keys() == got.keys() and expected
+        assert all(torch.equal(expected[key], got[key]) for key in expected), run.name
+
+    progress = (tmp_path / "driver.err").read_text().replace("\r", "\n")
+    assert re.search(rf"run [12]/2 \S+ step \d/{STEPS} .*ETA \d\d:\d\d", progress), progress[-2000:]
+
+
+@pytest.mark.slow
+def test_a_node_that_does_not_see_the_sweep_folder_stops_the_sweep_with_one_sentence(tiny_cache_dir, demo_dataset,
+                                                                                       tmp_path):
+    """Guards a cluster whose second node has its own, empty folder where the driver's sweep folder is (a local
+    disk instead of the shared one): without the start-up check its runs would train into a folder nobody reads
+    and the sweep would report from nothing. The node is given a mount namespace of its own (`unshare -m`) in
+    which an empty folder is bind-mounted over the folder that holds --out; the sweep stops before any run with
+    one sentence naming that node."""
+    if subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:
+        pytest.skip("unshare -m (a mount namespace of its own for the second node) is not permitted here")
+    from trainer.demo_data import write_demo_dataset
+
+    heldout = tmp_path / "heldout"
+    write_demo_dataset(heldout, clips=1, seed=7)
+    shared, empty = tmp_path / "shared", tmp_path / "empty"
+    shared.mkdir()
+    empty.mkdir()
+    local_disk = ("unshare", "-m", "--propagation", "private", "sh", "-c", 'mount --bind "$1" "$2" && shift 2 && exec "$@"',
+                  "sh", str(empty), str(shared))
+    with two_node_cluster(offline_env(tmp_path), worker_wrap=local_disk) as (address, cluster_env, groups):
+        out = shared / "sweep"
+        done = subprocess.run(sweep_command(tiny_cache_dir, demo_dataset, heldout, out, "auto"), cwd=REPO_ROOT,
+                              env={**cluster_env, "RAY_ADDRESS": address}, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert re.fullmatch(rf"slapgen sweep: the sweep folder {re.escape(str(out))} is not the same folder on Ray node\(s\) "
+                        r"\S+ \(node \w{8}\) \(no sweep.json there, or another one\): put --out on storage every node "
+                        r"mounts at the same path \(NFS or a shared disk\)", cli_stderr(done.stderr)), done.stderr[-3000:]
+    assert not (out / "runs").exists() and not (out / "latent-cache").exists()  # stopped before any encoding or run
+
+
+@pytest.mark.slow
+def test_ray_local_without_the_gpus_a_run_asks_for_is_one_sentence(tiny_cache_dir, demo_dataset, tmp_path):
+    """Guards `--ray local` on a machine without GPUs and the default --gpus-per-run 1: Ray would queue every run
+    forever for a GPU no node has. Stops with one sentence before the folder is written."""
+    out = tmp_path / "sweep"
+    command = sweep_command(tiny_cache_dir, demo_dataset, demo_dataset, out, "local")
+    del command[command.index("--gpus-per-run"):command.index("--gpus-per-run") + 2]
+    done = subprocess.run(command, cwd=REPO_ROOT, env=offline_env(tmp_path, CUDA_VISIBLE_DEVICES=""),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert cli_stderr(done.stderr) == ("slapgen sweep: no node of the Ray cluster has 1 GPU(s) for a run (the most a "
+                                       "node has is 0); use --gpus-per-run 0 on a machine without GPUs")
+    assert not out.exists()
+
+
+def test_gpus_per_run_without_ray_and_a_negative_count_are_one_sentence(tmp_path, capsys):
+    """Guards --gpus-per-run silently ignored without --ray (the sweep would run on this machine's GPUs as if
+    it had not been given) and a negative GPU count reaching Ray."""
+    from trainer.cli import main
+
+    base = ["sweep", "--config", "tiny-smoke", "--grid", "lora.rank=4", "--data", str(tmp_path), "--heldout",
+            str(tmp_path), "--out", str(tmp_path / "out")]
+    assert main([*base, "--gpus-per-run", "1"]) == 2
+    assert cli_stderr(capsys.readouterr().err) == ("slapgen sweep: --gpus-per-run applies to --ray only: without it the "
+                                                   "sweep runs one run per GPU of this machine")
+    assert main([*base, "--ray", "local", "--gpus-per-run", "-1"]) == 2
+    assert cli_stderr(capsys.readouterr().err) == "slapgen sweep: --gpus-per-run must be 0 (a CPU-only cluster) or more, not -1"
+    assert not (tmp_path / "out").exists()
+
+
+def test_ray_auto_without_a_cluster_and_ray_missing_are_one_sentence(monkeypatch):
+    """Guards Ray's own ConnectionError (or an ImportError) reaching the user as a traceback: --ray auto with no
+    cluster says so and how to start one; --ray without Ray installed says how to install it."""
+    import ray
+
+    from trainer.errors import SweepError
+    from trainer.sweep.ray_runs import connect
+
+    def no_cluster(**kwargs):  # what ray.init(address="auto") raises with no RAY_ADDRESS and no cluster here
+        raise ConnectionError("Could not find any running Ray instance. Please specify the one to connect to by "
+                              "setting `--address` flag or `RAY_ADDRESS` environment variable.")
+
+    monkeypatch.setattr(ray, "init", no_cluster)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(SweepError, match=r"^--ray auto found no Ray cluster: RAY_ADDRESS is not set and none runs on "
+                                         r"this machine; start one with `ray start --head`"):
+        with connect("auto"):
+            pass
+    monkeypatch.setitem(sys.modules, "ray", None)
+    with pytest.raises(SweepError, match=r"^--ray needs Ray, which is not installed here: pip install -e '\.\[ray\]'"):
+        with connect("auto"):
+            pass
