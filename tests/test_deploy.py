@@ -83,14 +83,16 @@ def test_every_slap_variable_in_the_manifests_is_a_setting():
     assert sorted(named - known) == []
 
 
-def test_the_service_settings_in_the_manifests_validate(monkeypatch):
+def test_the_service_settings_in_the_manifests_validate(monkeypatch, tmp_path):
     """Guards a value the service would refuse at start-up (a crash loop in every pod): the Deployment's
-    plain values and the Secret's SLAP_DATABASE_URL go through SlapSettings as `bentoml serve` reads them."""
+    plain values and the Secret's SLAP_DATABASE_URL go through SlapSettings as `bentoml serve` reads them
+    (absolute folders re-rooted under tmp_path: some settings make and write their folder when validated)."""
     container = service_container()
     secret = one("Secret")
     for name, variable in environment(container).items():
         if "value" in variable:
-            monkeypatch.setenv(name, variable["value"])
+            value = variable["value"]
+            monkeypatch.setenv(name, str(tmp_path / value.lstrip("/")) if value.startswith("/") else value)
         else:
             reference = variable["valueFrom"]["secretKeyRef"]
             assert reference["name"] == secret["metadata"]["name"]
