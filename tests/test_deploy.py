@@ -1,0 +1,235 @@
+"""The deployment examples under deploy/ (Kubernetes manifests, prometheus-adapter values, the KubeRay
+cluster) parse, and agree with what they describe: the settings the service reads, the routes and port
+BentoML serves, the folders the container mounts, the metric BentoML exports. Fast: no cluster, no
+server (tests/test_deploy_replicas.py checks the same names against a real `bentoml serve`)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from slapgen.serving.settings import SlapSettings
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = REPO_ROOT / "deploy"
+K8S = DEPLOY / "k8s"
+MANIFESTS = sorted(DEPLOY.rglob("*.yaml"))
+HELM_VALUES = K8S / "monitoring" / "prometheus-adapter-values.yaml"  # Helm values, not a Kubernetes object
+SHARED_FOLDER_SETTINGS = ("SLAP_ADAPTERS_DIR", "SLAP_DATA_DIR", "SLAP_RESULTS_DIR", "SLAP_COMPILE_CACHE_DIR")
+
+
+def documents(path: Path) -> list[dict]:
+    return [document for document in yaml.safe_load_all(path.read_text()) if document is not None]
+
+
+def objects(folder: Path = DEPLOY) -> list[dict]:
+    return [document for path in MANIFESTS if path.is_relative_to(folder) and path != HELM_VALUES
+            and path.name != "kustomization.yaml" for document in documents(path)]
+
+
+def one(kind: str, folder: Path = DEPLOY) -> dict:
+    found = [document for document in objects(folder) if document["kind"] == kind]
+    assert len(found) == 1, f"expected one {kind} under {folder}, found {len(found)}"
+    return found[0]
+
+
+def service_container() -> dict:
+    (container,) = one("Deployment")["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def environment(container: dict) -> dict[str, dict]:
+    return {variable["name"]: variable for variable in container.get("env", [])}
+
+
+def all_containers() -> list[dict]:
+    """Every container of every pod template under deploy/ (Deployment, StatefulSet, RayCluster groups)."""
+    found = []
+    for document in objects():
+        spec = document.get("spec", {})
+        templates = [spec.get("template"), spec.get("headGroupSpec", {}).get("template"),
+                     *(group.get("template") for group in spec.get("workerGroupSpecs", []))]
+        found += [container for template in templates if template for container in template["spec"]["containers"]]
+    return found
+
+
+def test_every_manifest_parses_and_names_its_kind():
+    """Guards a manifest broken by an edit (bad indentation, a tab, a missing apiVersion) that only
+    `kubectl apply` would find; and kustomization.yaml listing a file that is not there, or missing one
+    of the base's files."""
+    assert len(MANIFESTS) >= 8, MANIFESTS
+    for path in MANIFESTS:
+        parsed = documents(path)
+        assert parsed, f"{path} is empty"
+        if path == HELM_VALUES:
+            continue
+        for document in parsed:
+            assert document.get("apiVersion") and document.get("kind"), f"{path}: {document}"
+    listed = documents(K8S / "kustomization.yaml")[0]["resources"]
+    assert sorted(listed) == sorted(path.name for path in K8S.glob("*.yaml") if path.name != "kustomization.yaml")
+
+
+def test_every_slap_variable_in_the_manifests_is_a_setting():
+    """Guards a variable that the service silently ignores (SlapSettings takes `extra="ignore"`): a typo
+    (SLAP_ADAPTER_DIR) or a setting renamed in slapgen/serving/settings.py but not in deploy/. The names
+    are read from the settings class itself."""
+    known = {f"SLAP_{field.upper()}" for field in SlapSettings.model_fields}
+    named = {name for container in all_containers() for name in environment(container) if name.startswith("SLAP_")}
+    named |= set(re.findall(r"\bSLAP_[A-Z_]+\b", (K8S / "database-secret.yaml").read_text()))
+    assert SHARED_FOLDER_SETTINGS[0] in named and "SLAP_DATABASE_URL" in named
+    assert sorted(named - known) == []
+
+
+def test_the_service_settings_in_the_manifests_validate(monkeypatch, tmp_path):
+    """Guards a value the service would refuse at start-up (a crash loop in every pod): the Deployment's
+    plain values and the Secret's SLAP_DATABASE_URL go through SlapSettings as `bentoml serve` reads them
+    (absolute folders re-rooted under tmp_path: some settings make and write their folder when validated)."""
+    container = service_container()
+    secret = one("Secret")
+    for name, variable in environment(container).items():
+        if "value" in variable:
+            value = variable["value"]
+            monkeypatch.setenv(name, str(tmp_path / value.lstrip("/")) if value.startswith("/") else value)
+        else:
+            reference = variable["valueFrom"]["secretKeyRef"]
+            assert reference["name"] == secret["metadata"]["name"]
+            monkeypatch.setenv(name, secret["stringData"][reference["key"]])
+    settings = SlapSettings()
+    assert settings.database_url.startswith("postgresql") and settings.workers == 1 and settings.compile
+
+
+def _system_routes() -> set[str]:
+    """The routes BentoML's server adds to every service (its own code, not a copy of the list)."""
+    from bentoml._internal.server.base_app import BaseAppFactory
+
+    class Handlers:
+        livez = readyz = metrics = staticmethod(lambda request: None)
+
+    return {route.path for route in BaseAppFactory.get_system_routes(Handlers())}
+
+
+def test_probes_are_routes_the_service_serves():
+    """Guards probes on a path BentoML does not serve (every pod killed or never ready) or the wrong way
+    round: readiness and start-up on /readyz (ready only after load + compile + warm-up), liveness on
+    /livez (which a long generation does not block)."""
+    container = service_container()
+    probes = {kind: container[kind]["httpGet"] for kind in ("readinessProbe", "livenessProbe", "startupProbe")}
+    assert {probe["path"] for probe in probes.values()} <= _system_routes()
+    assert probes["readinessProbe"]["path"] == probes["startupProbe"]["path"] == "/readyz"
+    assert probes["livenessProbe"]["path"] == "/livez"
+    # Long enough for a cold start: download + compile of 5B, many minutes.
+    startup = container["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 20 * 60
+
+
+def test_the_container_port_is_bentomls_and_the_services_target():
+    """Guards a port that nothing listens on: the container port must be `bentoml serve`'s default (the
+    image's EXPOSE), the one README's `docker run -p` publishes, and the one the Service, the probes and
+    the PodMonitor reach by name."""
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    (port,) = service_container()["ports"]
+    assert port["containerPort"] == BentoMLContainer.http.port.get()
+    readme = (REPO_ROOT / "README.md").read_text()
+    assert f"-p {port['containerPort']}:{port['containerPort']}" in readme
+    (service,) = [document for document in objects(K8S) if document["kind"] == "Service"
+                  and document["spec"]["selector"] == one("Deployment")["spec"]["selector"]["matchLabels"]]
+    (service_port,) = service["spec"]["ports"]
+    assert service_port["targetPort"] == port["name"]
+    container = service_container()
+    assert {container[kind]["httpGet"]["port"] for kind in ("readinessProbe", "livenessProbe", "startupProbe")} == {port["name"]}
+    monitor = documents(K8S / "monitoring" / "podmonitor.yaml")[0]
+    assert [endpoint["port"] for endpoint in monitor["spec"]["podMetricsEndpoints"]] == [port["name"]]
+
+
+def test_folders_are_mounted_where_the_settings_point():
+    """Guards a setting pointing at a folder that is not the shared volume (adapters or results written
+    into one pod's own disk, unseen by the other replicas; a compile cache lost at every restart) and a
+    shared BentoML home (BentoML recreates its task store at start-up, so replicas would break each other)."""
+    deployment = one("Deployment")
+    container = service_container()
+    env = environment(container)
+    mounts = {mount["mountPath"]: mount for mount in container["volumeMounts"]}
+    volumes = {volume["name"]: volume for volume in deployment["spec"]["template"]["spec"]["volumes"]}
+    claims = {claim["metadata"]["name"]: claim for claim in objects(K8S) if claim["kind"] == "PersistentVolumeClaim"}
+    for name in (*SHARED_FOLDER_SETTINGS, "HF_HOME"):
+        mount = mounts.get(env[name]["value"])
+        assert mount is not None, f"{name}={env[name]['value']} is not a mount path"
+        claim = claims[volumes[mount["name"]]["persistentVolumeClaim"]["claimName"]]
+        assert claim["spec"]["accessModes"] == ["ReadWriteMany"], name
+    subpaths = [mounts[env[name]["value"]].get("subPath") for name in SHARED_FOLDER_SETTINGS]
+    assert len(set(subpaths)) == len(subpaths), "two settings share one folder"
+    home = mounts[env["BENTOML_HOME"]["value"]]
+    assert "emptyDir" in volumes[home["name"]]
+    assert deployment["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+
+
+def exported_in_flight_metric() -> str:
+    """The name BentoML's HTTP metrics middleware gives its in-flight request gauge under the new service
+    SDK: its default metrics namespace (v2 configuration) + the gauge's own name, both read from bentoml."""
+    import bentoml._internal.configuration as configuration
+    from bentoml._internal.server.http.instruments import RunnerTrafficMetricsMiddleware
+
+    defaults = yaml.safe_load((Path(configuration.__file__).parent / "v2" / "default_configuration.yaml").read_text())
+    namespace = defaults["services"]["metrics"]["namespace"]
+    gauges = []
+
+    class Recording:
+        """Stands in for BentoML's Prometheus client: records what the middleware declares."""
+
+        def Gauge(self, name, documentation, **kwargs):  # noqa: N802 (prometheus_client's spelling)
+            gauges.append((kwargs["namespace"], name, documentation))
+            return object()
+
+        Histogram = Counter = Summary = lambda self, **kwargs: object()  # noqa: E731, N815
+
+    RunnerTrafficMetricsMiddleware(app=None, namespace=namespace)._setup(metrics_client=Recording(), duration_buckets=(1.0,))
+    (name,) = [f"{space}_{name}" for space, name, documentation in gauges if "in progress" in documentation]
+    return name
+
+
+def test_the_hpa_scales_on_a_metric_bentoml_exports():
+    """Guards an HPA on a metric nobody exports (it never scales, silently): the HPA's metric, the
+    prometheus-adapter rule that serves it and the metric BentoML's server really declares agree.
+    tests/test_deploy_replicas.py checks the same name in a real server's /metrics."""
+    metric = exported_in_flight_metric()
+    assert metric == "bentoml_service_request_in_progress"
+    (target,) = one("HorizontalPodAutoscaler")["spec"]["metrics"]
+    assert target["type"] == "Pods" and target["pods"]["metric"]["name"] == metric
+    (rule,) = documents(HELM_VALUES)[0]["rules"]["custom"]
+    assert rule["seriesQuery"].startswith(metric + "{")
+    assert re.fullmatch(rule["name"]["matches"], metric) and rule["name"]["as"] == metric
+    assert set(rule["resources"]["overrides"]) == {"namespace", "pod"}
+    assert one("HorizontalPodAutoscaler")["spec"]["scaleTargetRef"]["name"] == one("Deployment")["metadata"]["name"]
+
+
+def test_every_ray_node_mounts_the_same_shared_sweep_volume():
+    """Guards a sweep folder only some nodes see (a run on a worker writing checkpoints its retry on another
+    node cannot find): the head and every worker group mount one ReadWriteMany claim at one path, and the
+    workers ask for GPUs (`--gpus-per-run`)."""
+    cluster = one("RayCluster", DEPLOY / "ray")
+    claim = one("PersistentVolumeClaim", DEPLOY / "ray")
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    pods = [cluster["spec"]["headGroupSpec"]["template"]["spec"],
+            *(group["template"]["spec"] for group in cluster["spec"]["workerGroupSpecs"])]
+    mounted = set()
+    for pod in pods:
+        shared = {volume["name"] for volume in pod["volumes"]
+                  if volume.get("persistentVolumeClaim", {}).get("claimName") == claim["metadata"]["name"]}
+        (container,) = pod["containers"]
+        mounted |= {(mount["mountPath"], mount.get("subPath")) for mount in container["volumeMounts"]
+                    if mount["name"] in shared}
+        assert shared and any(mount["name"] in shared for mount in container["volumeMounts"])
+    assert len(mounted) == 1, mounted
+    for group in cluster["spec"]["workerGroupSpecs"]:
+        assert group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] >= 1
+
+
+@pytest.mark.parametrize("path", ["deploy/k8s/kustomization.yaml", "deploy/ray/raycluster.yaml"])
+def test_readme_points_at_the_examples(path):
+    """Guards README's Deploy section pointing at files that moved."""
+    assert path.rsplit("/", 1)[0] in (REPO_ROOT / "README.md").read_text()
+    assert (REPO_ROOT / path).is_file()
