@@ -100,7 +100,7 @@ def test_databases_written_before_alembic_are_migrated_with_every_row_kept(tmp_p
     assert [c["name"] for c in campaigns.overview()] == ["old"] and campaigns.overview()[0]["ratings"] == 1
     assert [(v["rater"], v["preferred"], v["prompt"]) for v in campaigns.verdicts("old")] == [("ana", "lora", "a slap")]
     assert campaigns.pair("old", "p1").left_video == "tok-base"
-    assert _versions(data / "campaigns.sqlite") == {"campaigns_0001"}
+    assert _versions(data / "campaigns.sqlite") == {"campaigns_0002"}
 
     # Opening again (a worker after the server, a restart) changes nothing.
     assert JobBoard(cache / "jobs.sqlite").get("old-done")["state"] == "completed"
@@ -117,7 +117,7 @@ def test_three_stores_share_one_database_each_at_its_own_head(tmp_path):
                   "right_system": "a", "right_scale": 1.0, "prompt": "p", "seed": 2**40}])
     assert board.get("job")["state"] == "queued" and ratings.all()[0]["seed"] == 2**40
     assert campaigns.overview() == [] and not (tmp_path / "data" / "campaigns.sqlite").exists()
-    assert _versions(tmp_path / "one.sqlite") == {"jobs_0002", "ratings_0001", "campaigns_0001"}
+    assert _versions(tmp_path / "one.sqlite") == {"jobs_0002", "ratings_0001", "campaigns_0002"}
 
 
 @pytest.mark.parametrize("value, sentence", [
