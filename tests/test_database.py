@@ -192,3 +192,23 @@ def test_without_postgresql_its_tests_skip_with_one_reason_unless_ci_requires_it
     monkeypatch.setenv("SLAP_REQUIRE_POSTGRES", "1")
     with pytest.raises(pytest.fail.Exception, match="apt-get install postgresql"):
         postgres.start_postgres()
+
+
+def test_a_database_migrated_by_a_newer_slapgen_is_one_sentence(database_url):
+    """Guards an older replica starting on a database a newer slapgen migrated (a rolling upgrade): alembic's
+    "Can't locate revision" escaped start-up (which catches SQLAlchemy's errors) as a traceback. Opening a
+    store there is one SettingsError naming the revision and what to do, and the database is unchanged."""
+    from sqlalchemy import create_engine, text
+
+    JobBoard(database_url)
+    engine = create_engine(database_url.replace("postgresql://", "postgresql+psycopg://"))
+    with engine.begin() as db:
+        db.execute(text("UPDATE alembic_version SET version_num = 'jobs_9999' WHERE version_num LIKE 'jobs_%'"))
+    with pytest.raises(SettingsError) as refused:
+        JobBoard(database_url)
+    assert str(refused.value) == ("the database's jobs schema (revision jobs_9999) is newer than this slapgen's; "
+                                  "upgrade slapgen to the version that migrated it, or give this one another database")
+    with engine.connect() as db:
+        assert [row[0] for row in db.execute(text("SELECT version_num FROM alembic_version"))] == ["jobs_9999"]
+    engine.dispose()
+
