@@ -212,3 +212,21 @@ def test_a_database_migrated_by_a_newer_slapgen_is_one_sentence(database_url):
         assert [row[0] for row in db.execute(text("SELECT version_num FROM alembic_version"))] == ["jobs_9999"]
     engine.dispose()
 
+
+def test_a_migration_killed_after_adding_its_column_runs_again(database_url):
+    """Guards a start killed between jobs_0002's ADD COLUMN (SQLite commits it on its own) and the version
+    stamp: every later start failed with "duplicate column name: host". A board at jobs_0001 whose table
+    already has the host column migrates to the head and works."""
+    from alembic import command
+    from sqlalchemy import create_engine, text
+
+    from slapgen.database import alembic_config
+
+    engine = create_engine(database_url.replace("postgresql://", "postgresql+psycopg://"))
+    with engine.begin() as db:
+        command.upgrade(alembic_config(db), "jobs_0001")
+        db.execute(text("ALTER TABLE jobs ADD COLUMN host TEXT"))
+    engine.dispose()
+    board = JobBoard(database_url, owner=7)
+    board.submitted("after-the-kill", 3)
+    assert board.get("after-the-kill")["state"] == "queued"
