@@ -178,10 +178,10 @@ class SlapGen:
             job_board.canceled(task_id, describe_error(error))
             return _answer_error(ctx, error)
         except SlapgenError as error:
-            job_board.failed(task_id, describe_error(error))
+            job_board.failed(task_id, describe_error(error), status_for(error))
             return _answer_error(ctx, error)
         except Exception as error:
-            job_board.failed(task_id, describe_error(error))
+            job_board.failed(task_id, describe_error(error))  # a 500, as the exception's own answer
             raise
         job_board.completed(task_id)
         # Bytes, not a Path: BentoML's task store replays a FileResponse without an HTTP scope and fails.

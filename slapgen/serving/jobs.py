@@ -56,8 +56,11 @@ jobs = Table(
     Column("task_id", Text, primary_key=True), Column("state", Text), Column("step", Integer),
     Column("total_steps", Integer), Column("error", Text), Column("updated_at", Double),
     Column("owner", BigInteger), Column("owner_started", BigInteger), Column("worker", BigInteger),
-    Column("worker_started", BigInteger), Column("host", Text),
+    Column("worker_started", BigInteger), Column("host", Text), Column("http_status", Integer),
 )
+# A failed job's answer when its failure has no HTTP status of its own (its server or worker died, or a
+# row from before the status was kept), as an unexpected exception in the handler is answered.
+FAILED_WITHOUT_STATUS = 500
 HOST = socket.gethostname()  # this machine, as the rows it writes name it
 _PUBLIC = [jobs.c[name] for name in COLUMNS]
 
@@ -158,8 +161,16 @@ class JobBoard:
     def completed(self, task_id: str) -> None:
         self._update(task_id, state="completed")
 
-    def failed(self, task_id: str, error: str) -> None:
-        self._update(task_id, state="failed", error=error)
+    def failed(self, task_id: str, error: str, http_status: int = FAILED_WITHOUT_STATUS) -> None:
+        """`http_status`: what the error is answered with (`status_for(error)`), kept for every replica's
+        `/jobs/get` of the job."""
+        self._update(task_id, state="failed", error=error, http_status=http_status)
+
+    def failure_status(self, task_id: str) -> int:
+        """The HTTP status a failed job's `/jobs/get` answers."""
+        with self._lock, self._connect() as db:
+            status = db.execute(select(jobs.c.http_status).where(jobs.c.task_id == task_id)).scalar()
+        return status or FAILED_WITHOUT_STATUS
 
     def end_orphaned(self, reason: str, alive: Callable[[int, int | None], bool] = instance_alive) -> int:
         """At a server's start-up, before its workers: fail, with `reason`, every unfinished job whose
