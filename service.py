@@ -129,7 +129,7 @@ class SlapGen:
             resolve_model(settings.model, settings.cache_dir, allow_download=True)
             # Before any worker starts: the jobs of a server that died (kill -9, a crash) end as failed.
             with_store(JOB_BOARD, settings.store_database(settings.cache_dir / "jobs.sqlite"), "SLAP_CACHE_DIR",
-                       lambda where: job_board.end_orphaned(RESTARTED))
+                       lambda where: job_board.end_orphaned(RESTARTED, lease_s=settings.job_lease_s))
         except SlapgenError as error:
             _exit_with(str(error))
         os.environ[SERVER_PID_VARIABLE] = str(os.getpid())
