@@ -44,6 +44,8 @@ from pathlib import Path
 
 from sqlalchemy import BigInteger, Column, Connection, Double, Integer, MetaData, Table, Text, case, delete, select, update
 
+from sqlalchemy.exc import DBAPIError
+
 from slapgen.database import open_store, upsert_ignoring
 from slapgen.errors import JobFinishedError, JobFinishingError, JobNotFoundError
 from slapgen.lifetime import instance_alive, process_start_time
@@ -127,13 +129,22 @@ class JobBoard:
             # A cancel that arrived meanwhile stays visible: only a queued or running job moves on, to
             # finishing once its last denoising step is done (a cancel can then no longer stop it).
             moved_on = "finishing" if step >= total_steps else "running"
-            now = time.time()
             db.execute(update(jobs).where(jobs.c.task_id == task_id).values(
                 state=case((jobs.c.state.in_(("queued", "running")), moved_on), else_=jobs.c.state),
-                step=step, total_steps=total_steps, updated_at=now))
-            # The jobs waiting on this machine behind this one are alive too: their lease is renewed with
-            # each step of the job they wait for (another replica's start-up fails only stale ones).
-            db.execute(update(jobs).where(jobs.c.state == "queued", jobs.c.host == HOST).values(updated_at=now))
+                step=step, total_steps=total_steps, updated_at=time.time()))
+        self._renew_queued()
+
+    def _renew_queued(self) -> None:
+        """The jobs waiting on this machine behind a running one are alive too: their lease is renewed with
+        each step of the job they wait for (another replica's start-up fails only stale ones). Its own
+        transaction, and best effort: two workers renewing the same rows at once may deadlock on
+        PostgreSQL, and the step must not fail for it (the other worker's renewal counts as well)."""
+        try:
+            with self._lock, self._connect() as db:
+                db.execute(update(jobs).where(jobs.c.state == "queued", jobs.c.host == HOST).values(
+                    updated_at=time.time()))
+        except DBAPIError:
+            pass
 
     def cancel(self, task_id: str) -> dict:
         """Ask a job to stop: a queued job is canceled now, a running one is marked canceling.
