@@ -43,7 +43,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from sqlalchemy import BigInteger, Column, Connection, Double, Integer, MetaData, Table, Text, case, delete, select, update
-
 from sqlalchemy.exc import DBAPIError
 
 from slapgen.database import open_store, upsert_ignoring
