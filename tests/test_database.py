@@ -230,3 +230,32 @@ def test_a_migration_killed_after_adding_its_column_runs_again(database_url):
     board = JobBoard(database_url, owner=7)
     board.submitted("after-the-kill", 3)
     assert board.get("after-the-kill")["state"] == "queued"
+
+
+@pytest.mark.parametrize("failing", ["initdb", "pg_ctl"])
+def test_a_postgresql_that_fails_to_start_leaves_no_folder_behind(monkeypatch, tmp_path, failing):
+    """Guards the test fixture leaking a temp folder (and maybe a server) on every failed start: its
+    clean-up began only after start_postgres returned. An initdb or pg_ctl start that fails removes the
+    folder it made and raises."""
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    import tests.postgres as postgres
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(postgres, "server_binaries", lambda: Path("/usr/lib/postgresql/15/bin"))
+    monkeypatch.setattr(postgres.os, "geteuid", lambda: 1000)  # no chown to the postgres user
+    ran = []
+
+    def run(self, tool, *args):
+        ran.append(tool)
+        if tool == "initdb":
+            (self.folder / "data").mkdir()
+        if tool == failing:
+            raise subprocess.CalledProcessError(1, tool)
+
+    monkeypatch.setattr(postgres.PostgresServer, "run", run)
+    with pytest.raises(subprocess.CalledProcessError):
+        postgres.start_postgres()
+    assert ran[-1] == failing and list(tmp_path.iterdir()) == []
