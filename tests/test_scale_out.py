@@ -111,7 +111,8 @@ def test_a_failed_job_gets_one_answer_on_every_replica(tmp_path, database_url):
             status = client.get("/jobs/status", params={"task_id": task_id})
             result = client.get("/jobs/get", params={"task_id": task_id})
             answers[replica, task_id] = (status.status_code, status.json(), result.status_code, result.json()["error"])
-    for task_id, code, error in (("unexpected", 500, "RuntimeError: boom"), ("refused", 422, "adapter: no adapter named x"),
+    for task_id, code, error in (("unexpected", 500, "RuntimeError: boom"),
+                                 ("refused", 422, "adapter: no adapter named x"),
                                  ("orphan", 500, "the server restarted")):
         expected = (200, {"task_id": task_id, "status": "failed"}, code, f"job {task_id} failed: {error}")
         assert answers["ran it", task_id] == expected and answers["did not", task_id] == expected

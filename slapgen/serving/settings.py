@@ -68,8 +68,8 @@ class SlapSettings(BaseSettings):
     )
     compile: bool = Field(False, description="torch.compile the transformer and warm it up before reporting ready")
     compile_cache_dir: Path | None = Field(
-        None, description="a writable folder (a volume replicas share) for the compiled transformer, checked (and made) "
-        "when SLAP_COMPILE is on; unset: torch's default"
+        None, description="a writable folder (a volume replicas share) for the compiled transformer, checked (and "
+        "made) when SLAP_COMPILE is on; unset: torch's default"
     )
     attention: Literal["sdpa", "flash", "efficient", "cudnn", "math", "fa3", "fp8", "sage"] = Field(
         "sdpa", description="the transformer's attention kernel; sdpa lets PyTorch pick one per call"

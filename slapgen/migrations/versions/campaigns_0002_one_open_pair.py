@@ -28,7 +28,8 @@ def upgrade() -> None:
     op.execute(
         "DELETE FROM pairs WHERE answered_at IS NULL AND EXISTS (SELECT 1 FROM pairs AS older "
         "WHERE older.campaign = pairs.campaign AND older.rater = pairs.rater AND older.answered_at IS NULL "
-        "AND (older.issued_at < pairs.issued_at OR (older.issued_at = pairs.issued_at AND older.pair_id < pairs.pair_id)))")
+        "AND (older.issued_at < pairs.issued_at "
+        "OR (older.issued_at = pairs.issued_at AND older.pair_id < pairs.pair_id)))")
     op.create_index(INDEX, "pairs", ["campaign", "rater"], unique=True,
                     sqlite_where=sa.text("answered_at IS NULL"), postgresql_where=sa.text("answered_at IS NULL"))
 
