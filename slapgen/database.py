@@ -167,15 +167,15 @@ def migrate(engine: Engine, store: str) -> None:
     except CommandError as error:
         # A revision this slapgen does not know: a newer slapgen migrated the database (an older replica
         # starting during a rolling upgrade, or a downgrade); changing nothing is the only safe answer.
-        revision = _stamped_revisions(engine, store)
+        revision = _unknown_revisions(engine)
         raise SettingsError(
             f"the database's {store} schema (revision {revision}) is newer than this slapgen's; upgrade slapgen to "
             f"the version that migrated it, or give this one another database") from error
 
 
-def _stamped_revisions(engine: Engine, store: str) -> str:
-    """The revisions alembic_version holds that this slapgen does not know (those of `store`'s branch and
-    any stranger), for the sentence of a database migrated by a newer slapgen."""
+def _unknown_revisions(engine: Engine) -> str:
+    """The revisions alembic_version holds that this slapgen does not know, for the sentence of a database
+    migrated by a newer slapgen."""
     from alembic.script import ScriptDirectory
     from sqlalchemy import text
 
@@ -183,7 +183,7 @@ def _stamped_revisions(engine: Engine, store: str) -> str:
     try:
         with engine.connect() as connection:
             stamped = [row[0] for row in connection.execute(text("SELECT version_num FROM alembic_version"))]
-    except Exception:  # the sentence names what it can; the cause is alembic's own message
+    except Exception:  # unreadable: the sentence says so, and alembic's own error is chained as the cause
         return "unknown"
     unknown = sorted(set(stamped) - known)
     return ", ".join(unknown) or "unknown"
