@@ -129,7 +129,7 @@ class SlapGen:
             resolve_model(settings.model, settings.cache_dir, allow_download=True)
             # Before any worker starts: the jobs of a server that died (kill -9, a crash) end as failed.
             with_store(JOB_BOARD, settings.store_database(settings.cache_dir / "jobs.sqlite"), "SLAP_CACHE_DIR",
-                       lambda where: job_board.end_orphaned(RESTARTED))
+                       lambda where: job_board.end_orphaned(RESTARTED, lease_s=settings.job_lease_s))
         except SlapgenError as error:
             _exit_with(str(error))
         os.environ[SERVER_PID_VARIABLE] = str(os.getpid())
@@ -178,10 +178,10 @@ class SlapGen:
             job_board.canceled(task_id, describe_error(error))
             return _answer_error(ctx, error)
         except SlapgenError as error:
-            job_board.failed(task_id, describe_error(error))
+            job_board.failed(task_id, describe_error(error), status_for(error))
             return _answer_error(ctx, error)
         except Exception as error:
-            job_board.failed(task_id, describe_error(error))
+            job_board.failed(task_id, describe_error(error))  # a 500, as the exception's own answer
             raise
         job_board.completed(task_id)
         # Bytes, not a Path: BentoML's task store replays a FileResponse without an HTTP scope and fails.

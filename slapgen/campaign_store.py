@@ -10,7 +10,9 @@ only files the database names inside the campaign's folder: never a path a clien
 A pair is issued to one rater (`pair_id`, random) and answered once: the answer is an update of the
 pair's `answered_at` guarded by `answered_at IS NULL` in the same transaction as its verdicts, so two
 concurrent answers store one and the other is a conflict. A rater who asks again before answering
-gets the same pair back. Repeats (the same pair and item shown again, sides swapped) are issued now
+gets the same pair back, also when two requests race from two replicas: the database holds at most
+one open pair per rater (a unique partial index), and the request whose insert it refuses returns the
+other's pair. Repeats (the same pair and item shown again, sides swapped) are issued now
 and then to measure each rater's consistency; they are kept out of the ranking.
 
 No HTTP here (the routes are `slapgen.serving.campaign_routes`), so `slapgen campaign create` writes
@@ -28,8 +30,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sqlalchemy import (Column, Double, Integer, MetaData, Table, Text, UniqueConstraint, and_, distinct, func, insert,
-                        select, update)
+from sqlalchemy import (Column, Double, Index, Integer, MetaData, Table, Text, UniqueConstraint, and_, distinct, func,
+                        insert, select, text, update)
 from sqlalchemy.exc import IntegrityError
 
 from slapgen.database import open_store
@@ -52,6 +54,9 @@ pairs = Table("pairs", _metadata, Column("pair_id", Text, primary_key=True), Col
               Column("rater", Text), Column("left_system", Text), Column("right_system", Text),
               Column("item", Integer), Column("repeat", Integer), Column("issued_at", Double),
               Column("answered_at", Double))
+# One open pair per rater (campaigns_0002): what makes two concurrent `GET /pair` issue one pair.
+Index("pairs_one_open_per_rater", pairs.c.campaign, pairs.c.rater, unique=True,
+      sqlite_where=text("answered_at IS NULL"), postgresql_where=text("answered_at IS NULL"))
 verdicts_table = Table("verdicts", _metadata, Column("id", Integer, primary_key=True, autoincrement=True),
                  Column("campaign", Text), Column("pair_id", Text), Column("rater", Text), Column("criterion", Text),
                  Column("choice", Text), Column("created_at", Double), sqlite_autoincrement=True)
@@ -234,11 +239,19 @@ class CampaignStore:
         return self.pair(name, rows[0][0]) if rows else None
 
     def issue_pair(self, name: str, rater: str, left: str, right: str, item: int, repeat: bool) -> IssuedPair:
+        """Issue a pair to `rater`, or return the rater's open pair if they have one: the database allows one
+        open pair per rater (a unique partial index), so of two requests racing from two replicas or workers
+        one inserts and the other gets that pair."""
         pair_id = secrets.token_urlsafe(12)
-        with self._lock, self._engine.begin() as db:
-            db.execute(insert(pairs).values(pair_id=pair_id, campaign=name, rater=rater, left_system=left,
-                                            right_system=right, item=item, repeat=int(repeat), issued_at=time.time(),
-                                            answered_at=None))
+        try:
+            with self._lock, self._engine.begin() as db:
+                db.execute(insert(pairs).values(pair_id=pair_id, campaign=name, rater=rater, left_system=left,
+                                                right_system=right, item=item, repeat=int(repeat),
+                                                issued_at=time.time(), answered_at=None))
+        except IntegrityError:
+            if (open_pair := self.open_pair(name, rater)) is None:
+                raise  # not the one-open-pair rule (it would have left an open pair to return)
+            return open_pair
         return self.pair(name, pair_id)
 
     def pair(self, name: str, pair_id: str) -> IssuedPair:

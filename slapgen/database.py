@@ -157,8 +157,33 @@ def migrate(engine: Engine, store: str) -> None:
     """Bring `store`'s tables to their newest schema, keeping every row (a database from before alembic
     is adopted by the branch's first revision)."""
     from alembic import command
+    from alembic.util import CommandError
 
     if store not in STORES:
         raise SettingsError(f"unknown store {store!r}; one of {', '.join(STORES)}")
-    with engine.begin() as connection, _migration_turn(engine, connection):
-        command.upgrade(alembic_config(connection), f"{store}@head")
+    try:
+        with engine.begin() as connection, _migration_turn(engine, connection):
+            command.upgrade(alembic_config(connection), f"{store}@head")
+    except CommandError as error:
+        # A revision this slapgen does not know: a newer slapgen migrated the database (an older replica
+        # starting during a rolling upgrade, or a downgrade); changing nothing is the only safe answer.
+        revision = _unknown_revisions(engine)
+        raise SettingsError(
+            f"the database's {store} schema (revision {revision}) is newer than this slapgen's; upgrade slapgen to "
+            f"the version that migrated it, or give this one another database") from error
+
+
+def _unknown_revisions(engine: Engine) -> str:
+    """The revisions alembic_version holds that this slapgen does not know, for the sentence of a database
+    migrated by a newer slapgen."""
+    from alembic.script import ScriptDirectory
+    from sqlalchemy import text
+
+    known = {script.revision for script in ScriptDirectory.from_config(alembic_config()).walk_revisions()}
+    try:
+        with engine.connect() as connection:
+            stamped = [row[0] for row in connection.execute(text("SELECT version_num FROM alembic_version"))]
+    except Exception:  # unreadable: the sentence says so, and alembic's own error is chained as the cause
+        return "unknown"
+    unknown = sorted(set(stamped) - known)
+    return ", ".join(unknown) or "unknown"

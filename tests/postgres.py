@@ -81,9 +81,20 @@ def start_postgres() -> PostgresServer:
         entry = pwd.getpwnam(user)
         os.chown(folder, entry.pw_uid, entry.pw_gid)
     server = PostgresServer(binaries, folder, free_port(), user)
-    server.run("initdb", "-D", str(folder / "data"), "-A", "trust", "-U", "postgres", "--no-sync")
-    server.run("pg_ctl", "-D", str(folder / "data"), "-l", str(folder / "server.log"), "-w", "-o",
-               f"-p {server.port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off", "start")
+    try:
+        server.run("initdb", "-D", str(folder / "data"), "-A", "trust", "-U", "postgres", "--no-sync")
+        server.run("pg_ctl", "-D", str(folder / "data"), "-l", str(folder / "server.log"), "-w", "-o",
+                   f"-p {server.port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off", "start")
+    except BaseException:
+        # A failed start leaves nothing behind: a server pg_ctl started but did not see ready (its -w
+        # timed out) is stopped, and the folder removed.
+        if (folder / "data" / "postmaster.pid").exists():
+            try:
+                server.stop()
+            except (subprocess.SubprocessError, OSError):
+                pass
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
     return server
 
 

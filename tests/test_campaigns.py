@@ -372,3 +372,30 @@ def test_api_document_has_the_campaign_routes_with_a_valid_example():
     assert body["example"] == CAMPAIGN_VERDICT_EXAMPLE
     CampaignVerdictRequest.model_validate(CAMPAIGN_VERDICT_EXAMPLE)
     assert {"400", "404", "409"} <= set(EXTRA_PATHS["/campaigns/{name}/ratings"]["post"]["responses"])
+
+
+def test_one_rater_asking_two_replicas_at_once_gets_one_pair(tmp_path, eval_dir, database_url, monkeypatch):
+    """Guards a rater issued the same pair twice: two stores on one database (two replicas or workers)
+    answering one rater's `GET /pair` at once both found no open pair (the check and the insert are
+    separate transactions) and both issued one. Both requests are held until each has checked, then
+    both get the same pair_id and the database holds one open pair for the rater."""
+    import numpy as np
+    from concurrent.futures import ThreadPoolExecutor
+
+    from slapgen.campaign_store import next_pair_for, pairs
+
+    CampaignStore(tmp_path / "data", database_url).create(plan_campaign("race", [eval_dir]))
+    stores = [CampaignStore(tmp_path / "data", database_url) for _ in range(2)]
+    checked = threading.Barrier(len(stores))
+    answered_pairs = CampaignStore.answered_pairs
+
+    def after_both_checked(self, name, rater):  # next_pair_for reads it right after its open-pair check
+        checked.wait(timeout=30)
+        return answered_pairs(self, name, rater)
+
+    monkeypatch.setattr(CampaignStore, "answered_pairs", after_both_checked)
+    with ThreadPoolExecutor(len(stores)) as pool:
+        issued = list(pool.map(lambda store: next_pair_for(store, "race", "ana", np.random.default_rng(0)), stores))
+    assert issued[0].pair_id == issued[1].pair_id
+    open_rows = stores[0]._read(pairs.select().where(pairs.c.rater == "ana", pairs.c.answered_at.is_(None)))
+    assert [row[0] for row in open_rows] == [issued[0].pair_id]

@@ -313,3 +313,41 @@ def test_cancel_over_http_stops_the_running_job_skips_the_queued_one_and_the_nex
     (tmp_path / "after.mp4").write_bytes(httpx.get(f"{tiny_server.url}/jobs/get", params={"task_id": after}).content)
     (tmp_path / "reference.mp4").write_bytes(reference.content)
     assert np.array_equal(read_mp4(tmp_path / "after.mp4")[0], read_mp4(tmp_path / "reference.mp4")[0])
+
+
+def test_at_start_up_another_machines_jobs_past_their_lease_end_failed(database_url, monkeypatch):
+    """Guards the jobs of a replica replaced by one with another host name (Kubernetes names a new pod
+    anew) staying `running` forever: start-up judged only its own machine's rows. Another machine's
+    unfinished jobs not updated for the lease end failed; its fresh ones, and its queued jobs renewed by
+    the step of the job they wait behind, are left alone (that replica is alive)."""
+    from sqlalchemy import update
+
+    from slapgen.serving import jobs as jobs_module
+
+    lease_s = 900
+    gone, live = JobBoard(database_url, owner=1), JobBoard(database_url, owner=1)
+    for task_id in ("gone-running", "gone-queued", "gone-finishing", "gone-done", "live-running", "live-queued"):
+        gone.submitted(task_id, 4)
+    gone.step("gone-running", 1, 4)
+    gone.step("gone-finishing", 4, 4)
+    gone.completed("gone-done")
+    live.step("live-running", 1, 4)
+    stale = jobs_module.time.time() - lease_s - 1
+    with gone._connect() as db:  # rows written by two other machines; the "gone" ones last updated past the lease
+        db.execute(update(jobs_module.jobs).where(jobs_module.jobs.c.task_id.like("gone-%")).values(
+            host="old-pod-7f9c", updated_at=stale))
+        db.execute(update(jobs_module.jobs).where(jobs_module.jobs.c.task_id.like("live-%")).values(
+            host="live-pod-2b1d", updated_at=stale))
+    # The live replica's running job takes a step: its own row and the queued job behind it are renewed.
+    monkeypatch.setattr(jobs_module, "HOST", "live-pod-2b1d")
+    live.step("live-running", 2, 4)
+    monkeypatch.undo()
+
+    starting = JobBoard(database_url, owner=2)
+    assert starting.end_orphaned("the server restarted", alive=lambda pid, started: True, lease_s=lease_s) == 3
+    for task_id in ("gone-running", "gone-queued", "gone-finishing"):
+        assert (starting.get(task_id)["state"], starting.get(task_id)["error"]) == ("failed", "the server restarted")
+    assert starting.get("gone-done")["state"] == "completed"
+    assert starting.get("live-running")["state"] == "running" and starting.get("live-queued")["state"] == "queued"
+    # Without a lease (one machine) another machine's rows are never judged.
+    assert starting.end_orphaned("again", alive=lambda pid, started: True) == 0

@@ -24,6 +24,7 @@ def test_the_compile_cache_setting_is_a_writable_folder(monkeypatch, tmp_path):
     """Guards SLAP_COMPILE_CACHE_DIR being ignored, or a path that cannot hold the cache failing later inside
     torch's compile: a missing folder is made and reaches the engine's options; a file is one sentence."""
     monkeypatch.setenv("SLAP_DEVICE", "cpu")
+    monkeypatch.setenv("SLAP_COMPILE", "1")
     monkeypatch.setenv("SLAP_COMPILE_CACHE_DIR", str(tmp_path / "volume" / "compile-cache"))
     settings = load_settings()
     assert settings.engine_options().compile_cache_dir == tmp_path / "volume" / "compile-cache"
@@ -36,6 +37,17 @@ def test_the_compile_cache_setting_is_a_writable_folder(monkeypatch, tmp_path):
                                   "a writable folder (File exists).")
     monkeypatch.delenv("SLAP_COMPILE_CACHE_DIR")
     assert load_settings().engine_options().compile_cache_dir is None  # unset: torch's own default folder
+
+
+def test_reading_settings_without_compile_leaves_the_compile_cache_folder_alone(monkeypatch, tmp_path):
+    """Guards reading the settings changing state: SLAP_COMPILE_CACHE_DIR was made (and a file written
+    into it) by every load_settings(), also `slapgen campaign create` and servers that do not compile.
+    With SLAP_COMPILE off a missing folder is not made, and nothing is written under tmp_path."""
+    monkeypatch.setenv("SLAP_DEVICE", "cpu")
+    monkeypatch.delenv("SLAP_COMPILE", raising=False)
+    monkeypatch.setenv("SLAP_COMPILE_CACHE_DIR", str(tmp_path / "volume" / "compile-cache"))
+    assert load_settings().compile_cache_dir == tmp_path / "volume" / "compile-cache"
+    assert list(tmp_path.iterdir()) == []
 
 
 # --- The fallback, on a small module compiled in fresh processes (seconds, not a whole model's compile) ---------

@@ -87,7 +87,7 @@ def test_databases_written_before_alembic_are_migrated_with_every_row_kept(tmp_p
     assert board.get("old-cancelled")["state"] == "canceled"  # the old spelling, migrated
     board.submitted("new-job", 5)
     assert board.cancel("new-job")["state"] == "canceled"
-    assert _versions(cache / "jobs.sqlite") == {"jobs_0002"}
+    assert _versions(cache / "jobs.sqlite") == {"jobs_0003"}
 
     ratings = RatingStore(data / "ratings.sqlite")
     assert ratings.all() == [{"id": 1, "created_at": 1000.5, "rater": "ana", "criterion": "overall", "choice": "left",
@@ -100,7 +100,7 @@ def test_databases_written_before_alembic_are_migrated_with_every_row_kept(tmp_p
     assert [c["name"] for c in campaigns.overview()] == ["old"] and campaigns.overview()[0]["ratings"] == 1
     assert [(v["rater"], v["preferred"], v["prompt"]) for v in campaigns.verdicts("old")] == [("ana", "lora", "a slap")]
     assert campaigns.pair("old", "p1").left_video == "tok-base"
-    assert _versions(data / "campaigns.sqlite") == {"campaigns_0001"}
+    assert _versions(data / "campaigns.sqlite") == {"campaigns_0002"}
 
     # Opening again (a worker after the server, a restart) changes nothing.
     assert JobBoard(cache / "jobs.sqlite").get("old-done")["state"] == "completed"
@@ -117,7 +117,7 @@ def test_three_stores_share_one_database_each_at_its_own_head(tmp_path):
                   "right_system": "a", "right_scale": 1.0, "prompt": "p", "seed": 2**40}])
     assert board.get("job")["state"] == "queued" and ratings.all()[0]["seed"] == 2**40
     assert campaigns.overview() == [] and not (tmp_path / "data" / "campaigns.sqlite").exists()
-    assert _versions(tmp_path / "one.sqlite") == {"jobs_0002", "ratings_0001", "campaigns_0001"}
+    assert _versions(tmp_path / "one.sqlite") == {"jobs_0003", "ratings_0001", "campaigns_0002"}
 
 
 @pytest.mark.parametrize("value, sentence", [
@@ -192,3 +192,70 @@ def test_without_postgresql_its_tests_skip_with_one_reason_unless_ci_requires_it
     monkeypatch.setenv("SLAP_REQUIRE_POSTGRES", "1")
     with pytest.raises(pytest.fail.Exception, match="apt-get install postgresql"):
         postgres.start_postgres()
+
+
+def test_a_database_migrated_by_a_newer_slapgen_is_one_sentence(database_url):
+    """Guards an older replica starting on a database a newer slapgen migrated (a rolling upgrade): alembic's
+    "Can't locate revision" escaped start-up (which catches SQLAlchemy's errors) as a traceback. Opening a
+    store there is one SettingsError naming the revision and what to do, and the database is unchanged."""
+    from sqlalchemy import create_engine, text
+
+    JobBoard(database_url)
+    engine = create_engine(database_url.replace("postgresql://", "postgresql+psycopg://"))
+    with engine.begin() as db:
+        db.execute(text("UPDATE alembic_version SET version_num = 'jobs_9999' WHERE version_num LIKE 'jobs_%'"))
+    with pytest.raises(SettingsError) as refused:
+        JobBoard(database_url)
+    assert str(refused.value) == ("the database's jobs schema (revision jobs_9999) is newer than this slapgen's; "
+                                  "upgrade slapgen to the version that migrated it, or give this one another database")
+    with engine.connect() as db:
+        assert [row[0] for row in db.execute(text("SELECT version_num FROM alembic_version"))] == ["jobs_9999"]
+    engine.dispose()
+
+
+def test_a_migration_killed_after_adding_its_column_runs_again(database_url):
+    """Guards a start killed between jobs_0002's ADD COLUMN (SQLite commits it on its own) and the version
+    stamp: every later start failed with "duplicate column name: host". A board at jobs_0001 whose table
+    already has the host column migrates to the head and works."""
+    from alembic import command
+    from sqlalchemy import create_engine, text
+
+    from slapgen.database import alembic_config
+
+    engine = create_engine(database_url.replace("postgresql://", "postgresql+psycopg://"))
+    with engine.begin() as db:
+        command.upgrade(alembic_config(db), "jobs_0001")
+        db.execute(text("ALTER TABLE jobs ADD COLUMN host TEXT"))
+    engine.dispose()
+    board = JobBoard(database_url, owner=7)
+    board.submitted("after-the-kill", 3)
+    assert board.get("after-the-kill")["state"] == "queued"
+
+
+@pytest.mark.parametrize("failing", ["initdb", "pg_ctl"])
+def test_a_postgresql_that_fails_to_start_leaves_no_folder_behind(monkeypatch, tmp_path, failing):
+    """Guards the test fixture leaking a temp folder (and maybe a server) on every failed start: its
+    clean-up began only after start_postgres returned. An initdb or pg_ctl start that fails removes the
+    folder it made and raises."""
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    import tests.postgres as postgres
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(postgres, "server_binaries", lambda: Path("/usr/lib/postgresql/15/bin"))
+    monkeypatch.setattr(postgres.os, "geteuid", lambda: 1000)  # no chown to the postgres user
+    ran = []
+
+    def run(self, tool, *args):
+        ran.append(tool)
+        if tool == "initdb":
+            (self.folder / "data").mkdir()
+        if tool == failing:
+            raise subprocess.CalledProcessError(1, tool)
+
+    monkeypatch.setattr(postgres.PostgresServer, "run", run)
+    with pytest.raises(subprocess.CalledProcessError):
+        postgres.start_postgres()
+    assert ran[-1] == failing and list(tmp_path.iterdir()) == []

@@ -52,7 +52,7 @@ def test_a_replica_whose_task_store_lacks_a_job_answers_from_the_board_and_the_r
     replica_a.submitted("running", 3)
     replica_a.step("running", 1, 3)
     replica_a.submitted("broken", 3)
-    replica_a.failed("broken", "adapter: no adapter named x")
+    replica_a.failed("broken", "adapter: no adapter named x", 422)
     client = TestClient(JobRoutes(replica_b_task_store, check=refuse, admit=refuse, board=replica_b, results=results))
 
     def status(task_id):
@@ -65,10 +65,57 @@ def test_a_replica_whose_task_store_lacks_a_job_answers_from_the_board_and_the_r
     not_yet = client.get("/jobs/get", params={"task_id": "running"})
     assert not_yet.status_code == 400 and "has not finished yet" in not_yet.json()["error"]
     failed = client.get("/jobs/get", params={"task_id": "broken"})
-    assert failed.status_code == 409 and failed.json()["error"] == "job broken failed: adapter: no adapter named x"
+    assert failed.status_code == 422 and failed.json()["error"] == "job broken failed: adapter: no adapter named x"
     unknown = client.get("/jobs/get", params={"task_id": "nobody-knows"})
     assert unknown.status_code == 404 and "no job 'nobody-knows' is known" in unknown.json()["error"]
     assert results.path("../escape") is None and results.read("../escape") is None
+
+
+def test_a_failed_job_gets_one_answer_on_every_replica(tmp_path, database_url):
+    """Guards a failed job answered differently by each replica: the one that ran it replayed BentoML's
+    stored answer (the error's own status) or, when the handler raised an unexpected exception (nothing
+    stored), said in_progress and 400 forever, while the others said 409. Now both replicas answer a failed
+    job from the board: status `failed`, and `/jobs/get` the error with the status it was answered with
+    (500 for an unexpected exception, and for a job failed without one, as a dead server's)."""
+    from starlette.responses import JSONResponse
+    from starlette.testclient import TestClient
+
+    from slapgen.serving.job_routes import JobRoutes
+    from slapgen.serving.results import ResultStore
+
+    async def task_store_that_ran_it(scope, receive, send):  # BentoML stored no result: the handler raised
+        if scope["path"] == "/jobs/status":
+            answer = JSONResponse({"task_id": "t", "status": "in_progress"})
+        else:
+            answer = JSONResponse({"error": "Task is not finished yet"}, status_code=400)
+        await answer(scope, receive, send)
+
+    async def task_store_that_did_not(scope, receive, send):
+        await JSONResponse({"error": "Task not found"}, status_code=404)(scope, receive, send)
+
+    def refuse(*args):
+        raise AssertionError("not reached")
+
+    board = JobBoard(database_url, owner=1)
+    board.submitted("unexpected", 3)
+    board.failed("unexpected", "RuntimeError: boom")
+    board.submitted("refused", 3)
+    board.failed("refused", "adapter: no adapter named x", 422)
+    board.submitted("orphan", 3)
+    assert JobBoard(database_url).end_orphaned("the server restarted", alive=lambda pid, started: False) == 1
+    answers = {}
+    for replica, task_store in (("ran it", task_store_that_ran_it), ("did not", task_store_that_did_not)):
+        client = TestClient(JobRoutes(task_store, check=refuse, admit=refuse, board=JobBoard(database_url),
+                                      results=ResultStore(tmp_path / "results")))
+        for task_id in ("unexpected", "refused", "orphan"):
+            status = client.get("/jobs/status", params={"task_id": task_id})
+            result = client.get("/jobs/get", params={"task_id": task_id})
+            answers[replica, task_id] = (status.status_code, status.json(), result.status_code, result.json()["error"])
+    for task_id, code, error in (("unexpected", 500, "RuntimeError: boom"),
+                                 ("refused", 422, "adapter: no adapter named x"),
+                                 ("orphan", 500, "the server restarted")):
+        expected = (200, {"task_id": task_id, "status": "failed"}, code, f"job {task_id} failed: {error}")
+        assert answers["ran it", task_id] == expected and answers["did not", task_id] == expected
 
 
 @pytest.mark.slow

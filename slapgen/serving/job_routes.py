@@ -17,7 +17,10 @@
 - `/jobs/retry` (BentoML's) is a 404: it would rerun a stored task without the body check, the queue
   place or the board; a client submits the body again instead.
 - `GET /jobs/status` of a canceled job says `canceled` (BentoML's store would say the task failed,
-  since the handler answered the cancellation itself); other jobs pass through.
+  since the handler answered the cancellation itself). A failed job is answered from the board on every
+  replica: `failed`, and `/jobs/get` the error with the HTTP status it was answered with when the job
+  failed (BentoML's stored answer exists only on the replica that ran it, and not at all when the
+  handler raised an unexpected exception). Other jobs pass through.
 - `GET /jobs/status` and `/jobs/get` without a task id, with an unknown one, or (`/get`) of a job not
   finished: BentoML answers `{"error"}` alone; here they are slapgen's shape, naming `task_id`.
 - Any replica answers for any job: BentoML's task store is one per server, so when it does not know
@@ -89,13 +92,13 @@ class JobRoutes:
             task_id = _task_id(scope)
             if not task_id:
                 return await send_json(send, 400, error_body(MISSING_TASK_ID, "task_id"))
-            # A canceled job is the board's word on both routes: BentoML stores the handler's answer only
-            # a moment after the board says canceled, and its local server has no canceled status at all.
+            # A canceled or failed job is the board's word on both routes, on every replica alike: BentoML
+            # stores the handler's answer only a moment after the board says canceled, and its local server
+            # has no canceled status at all; a failed job's stored answer exists only on the replica that ran
+            # it (and none at all when the handler raised something unexpected: it says in_progress forever).
             job = await run_in_threadpool(self.board.get, task_id)
-            if job is not None and job["state"] == "canceled":
-                if path == STATUS_PATH:
-                    return await send_json(send, 200, {"task_id": task_id, "status": "canceled"})
-                return await send_json(send, 409, error_body(job["error"] or f"job {task_id} was canceled", "task_id"))
+            if job is not None and job["state"] in ("canceled", "failed"):
+                return await self._answer_ended(send, path, job)
             return await self.app(scope, receive, _in_our_error_shape(
                 send, task_id, lambda: self._answer_from_shared_state(send, path, task_id)))
         await self.app(scope, receive, send)
@@ -154,14 +157,23 @@ class JobRoutes:
         elif state == "completed":
             await send_json(send, 404, error_body(f"the video of job {task_id} is gone from the results folder (results "
                                                   "are kept 24 hours)", "task_id"))
-        elif state == "failed":
-            await send_json(send, 409, error_body(f"job {task_id} failed: {job['error']}", "task_id"))
-        elif state == "canceled":
-            await send_json(send, 409, error_body(job["error"] or f"job {task_id} was canceled", "task_id"))
+        elif state in ("canceled", "failed"):  # ended since __call__ read the board
+            await self._answer_ended(send, path, job)
         else:
             await send_json(send, 400, error_body(f"job {task_id} has not finished yet; /jobs/progress?task_id={task_id} "
                                                   "says how far it is", "task_id"))
         return True
+
+    async def _answer_ended(self, send, path: str, job: dict) -> None:
+        """A canceled or failed job's status or result, from the board: a canceled job's `/jobs/get` is a 409,
+        a failed one's the HTTP status its error was answered with when it failed (`JobBoard.failed`)."""
+        task_id, state = job["task_id"], job["state"]
+        if path == STATUS_PATH:
+            return await send_json(send, 200, {"task_id": task_id, "status": state})
+        if state == "canceled":
+            return await send_json(send, 409, error_body(job["error"] or f"job {task_id} was canceled", "task_id"))
+        status = await run_in_threadpool(self.board.failure_status, task_id)
+        await send_json(send, status, error_body(f"job {task_id} failed: {job['error']}", "task_id"))
 
     async def _cancel(self, scope, receive, send):
         task_id = _task_id(scope)

@@ -22,7 +22,10 @@ one that died, e.g. out of memory), `end_dead_workers` fails the unfinished jobs
 workers. Pids mean something on one machine only, so every row also records its machine (`host`,
 the host name: a replica's pod or container): a server judges only its own machine's jobs, and the
 jobs of another replica sharing the database are left to that replica (every container's server is
-pid 1, so without the host one replica's start-up failed the others' running jobs).
+pid 1, so without the host one replica's start-up failed the others' running jobs). Another machine's
+unfinished job is failed at start-up only when its row went `SLAP_JOB_LEASE_S` without an update: its
+replica is gone (Kubernetes names a replacement pod anew, so no one else would ever end them); a running
+job updates its row every step, and renews the queued jobs of its machine with it.
 
 Every change that depends on a job's state is one conditional UPDATE, so two workers deciding at once
 cannot both act on a state one of them has already changed.
@@ -40,6 +43,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from sqlalchemy import BigInteger, Column, Connection, Double, Integer, MetaData, Table, Text, case, delete, select, update
+from sqlalchemy.exc import DBAPIError
 
 from slapgen.database import open_store, upsert_ignoring
 from slapgen.errors import JobFinishedError, JobFinishingError, JobNotFoundError
@@ -56,8 +60,11 @@ jobs = Table(
     Column("task_id", Text, primary_key=True), Column("state", Text), Column("step", Integer),
     Column("total_steps", Integer), Column("error", Text), Column("updated_at", Double),
     Column("owner", BigInteger), Column("owner_started", BigInteger), Column("worker", BigInteger),
-    Column("worker_started", BigInteger), Column("host", Text),
+    Column("worker_started", BigInteger), Column("host", Text), Column("http_status", Integer),
 )
+# A failed job's answer when its failure has no HTTP status of its own (its server or worker died, or a
+# row from before the status was kept), as an unexpected exception in the handler is answered.
+FAILED_WITHOUT_STATUS = 500
 HOST = socket.gethostname()  # this machine, as the rows it writes name it
 _PUBLIC = [jobs.c[name] for name in COLUMNS]
 
@@ -124,6 +131,19 @@ class JobBoard:
             db.execute(update(jobs).where(jobs.c.task_id == task_id).values(
                 state=case((jobs.c.state.in_(("queued", "running")), moved_on), else_=jobs.c.state),
                 step=step, total_steps=total_steps, updated_at=time.time()))
+        self._renew_queued()
+
+    def _renew_queued(self) -> None:
+        """The jobs waiting on this machine behind a running one are alive too: their lease is renewed with
+        each step of the job they wait for (another replica's start-up fails only stale ones). Its own
+        transaction, and best effort: two workers renewing the same rows at once may deadlock on
+        PostgreSQL, and the step must not fail for it (the other worker's renewal counts as well)."""
+        try:
+            with self._lock, self._connect() as db:
+                db.execute(update(jobs).where(jobs.c.state == "queued", jobs.c.host == HOST).values(
+                    updated_at=time.time()))
+        except DBAPIError:
+            pass
 
     def cancel(self, task_id: str) -> dict:
         """Ask a job to stop: a queued job is canceled now, a running one is marked canceling.
@@ -158,19 +178,35 @@ class JobBoard:
     def completed(self, task_id: str) -> None:
         self._update(task_id, state="completed")
 
-    def failed(self, task_id: str, error: str) -> None:
-        self._update(task_id, state="failed", error=error)
+    def failed(self, task_id: str, error: str, http_status: int = FAILED_WITHOUT_STATUS) -> None:
+        """`http_status`: what the error is answered with (`status_for(error)`), kept for every replica's
+        `/jobs/get` of the job."""
+        self._update(task_id, state="failed", error=error, http_status=http_status)
 
-    def end_orphaned(self, reason: str, alive: Callable[[int, int | None], bool] = instance_alive) -> int:
+    def failure_status(self, task_id: str) -> int:
+        """The HTTP status a failed job's `/jobs/get` answers."""
+        with self._lock, self._connect() as db:
+            status = db.execute(select(jobs.c.http_status).where(jobs.c.task_id == task_id)).scalar()
+        return status or FAILED_WITHOUT_STATUS
+
+    def end_orphaned(self, reason: str, alive: Callable[[int, int | None], bool] = instance_alive,
+                     lease_s: float | None = None) -> int:
         """At a server's start-up, before its workers: fail, with `reason`, every unfinished job whose
         server is gone (or unknown); returns how many. Their work died with that server: nothing will ever
         finish them. Jobs recorded under this very pid are among them (the server starting now runs none
-        yet: a container's server has the same pid after every restart)."""
+        yet: a container's server has the same pid after every restart). With `lease_s`, also every
+        unfinished job of another machine not updated for `lease_s` seconds: its replica is gone (a pod
+        replaced by one with another name never judges its predecessor's jobs), since a running job
+        updates its row every denoising step and renews the queued jobs of its machine."""
         with self._lock, self._connect() as db:
             rows = db.execute(select(jobs.c.task_id, jobs.c.owner, jobs.c.owner_started).where(
                 jobs.c.state.in_(UNFINISHED), _on_this_machine())).all()
             orphans = [task_id for task_id, owner, started in rows
                        if owner is None or owner == os.getpid() or not alive(owner, started)]
+            if lease_s is not None:
+                orphans += db.execute(select(jobs.c.task_id).where(
+                    jobs.c.state.in_(UNFINISHED), ~_on_this_machine(),
+                    jobs.c.updated_at < time.time() - lease_s)).scalars().all()
             return self._fail_unfinished(db, orphans, reason)
 
     def end_dead_workers(self, reason: str, alive: Callable[[int, int | None], bool] = instance_alive) -> int:

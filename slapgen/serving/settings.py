@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from slapgen.engine.caching import CacheSetting
@@ -51,6 +51,11 @@ class SlapSettings(BaseSettings):
     request_timeout_s: int = Field(
         3600, ge=1, description="seconds a request may wait and run before the server gives up"
     )
+    job_lease_s: int = Field(
+        900, ge=60, description="seconds another replica's unfinished job may go without an update (a denoising "
+        "step, or a queued job's renewal by its replica's running job) before a replica starting up fails it as "
+        "its replica's gone; longer than the slowest step or VAE decode"
+    )
     max_queue: int = Field(
         16, ge=1, description="generations admitted at once per worker (running + waiting); more get HTTP 429"
     )
@@ -63,7 +68,8 @@ class SlapSettings(BaseSettings):
     )
     compile: bool = Field(False, description="torch.compile the transformer and warm it up before reporting ready")
     compile_cache_dir: Path | None = Field(
-        None, description="a writable folder (a volume replicas share) for the compiled transformer; unset: torch's default"
+        None, description="a writable folder (a volume replicas share) for the compiled transformer, checked (and "
+        "made) when SLAP_COMPILE is on; unset: torch's default"
     )
     attention: Literal["sdpa", "flash", "efficient", "cudnn", "math", "fa3", "fp8", "sage"] = Field(
         "sdpa", description="the transformer's attention kernel; sdpa lets PyTorch pick one per call"
@@ -107,8 +113,14 @@ class SlapSettings(BaseSettings):
 
     @field_validator("compile_cache_dir")
     @classmethod
-    def _compile_cache_is_a_writable_folder(cls, value):
-        return None if value is None else writable_folder(value)
+    def _compile_cache_is_a_writable_folder(cls, value, info: ValidationInfo):
+        if value is None:
+            return None
+        if not info.data.get("compile"):
+            # Read only when compiling: reading settings (`slapgen campaign create`, a server without
+            # SLAP_COMPILE) makes no folder and writes no file.
+            return Path(value).expanduser().absolute()
+        return writable_folder(value)
 
     @field_validator("max_lora_rank")
     @classmethod

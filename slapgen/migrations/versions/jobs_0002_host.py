@@ -17,7 +17,10 @@ depends_on = None
 
 def upgrade() -> None:
     # Existing rows keep NULL: they were written when the board was one per machine, so they are this one's.
-    op.add_column("jobs", sa.Column("host", sa.Text))
+    # Checked first: SQLite commits an ADD COLUMN on its own, so a start killed before the version stamp
+    # left the column and runs this again.
+    if "host" not in {column["name"] for column in sa.inspect(op.get_bind()).get_columns("jobs")}:
+        op.add_column("jobs", sa.Column("host", sa.Text))
 
 
 def downgrade() -> None:
