@@ -207,6 +207,41 @@ def start_server(tmp_path: Path, startup_timeout_s: float = 180, port: int | Non
     raise RuntimeError(f"bentoml serve not ready after {startup_timeout_s}s:\n{server.log_tail()}")
 
 
+def start_servers(folders: list[Path], startup_timeout_s: float, envs: list[dict[str, str]]) -> list[ServerProcess]:
+    """Several servers (replicas) started at once, each in its folder (its own BENTOML_HOME) with its env, on
+    ports chosen together so they differ (two free_port() calls may return one port twice); if one fails
+    to start, the others are stopped before the error goes on."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    ports = distinct_free_ports(len(folders))
+    with ThreadPoolExecutor(len(folders)) as pool:
+        started = [pool.submit(start_server, folder, startup_timeout_s, port, **env)
+                   for folder, port, env in zip(folders, ports, envs, strict=True)]
+        servers = []
+        try:
+            for future in started:
+                servers.append(future.result())
+        except BaseException:
+            for future in started:
+                if future.exception() is None:
+                    stop_server(future.result())
+            raise
+    return servers
+
+
+def distinct_free_ports(count: int) -> list[int]:
+    """`count` ports free now, all different: each socket stays bound until all are (the kernel never hands
+    out a bound port again)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
 def stop_server(server: ServerProcess) -> None:
     import signal
 

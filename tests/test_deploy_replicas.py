@@ -6,7 +6,6 @@ paths and the HPA's metric of deploy/k8s are what a real server serves."""
 from __future__ import annotations
 
 import shutil
-from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
@@ -14,7 +13,7 @@ import pytest
 from safetensors.torch import save_file
 
 from slapgen.video import read_mp4
-from tests.conftest import start_server, stop_server
+from tests.conftest import start_servers, stop_server
 from tests.hostile import hostile_adapters
 from tests.test_adapter_hardening import BAD_KINDS, _read
 from tests.test_deploy import one, service_container
@@ -40,20 +39,11 @@ def shared_adapters(adapter_files, tmp_path_factory):
 @pytest.fixture(scope="module")
 def two_replicas(shared_adapters, tiny_cache_dir, tmp_path_factory):
     folders = [tmp_path_factory.mktemp(f"replica-{name}") for name in ("a", "b")]
-    with ThreadPoolExecutor(2) as pool:
-        started = [pool.submit(start_server, folder, 600, SLAP_MODEL="tiny", SLAP_CACHE_DIR=str(tiny_cache_dir),
-                               SLAP_ADAPTERS_DIR=str(shared_adapters), SLAP_DATA_DIR=str(folder / "data"),
-                               SLAP_DATABASE_URL=f"sqlite:///{folder / 'slapgen.sqlite'}")  # its own, not the cache's jobs.sqlite
-                   for folder in folders]
-        servers = []
-        try:
-            for future in started:
-                servers.append(future.result())
-        except BaseException:
-            for future in started:
-                if future.exception() is None:
-                    stop_server(future.result())
-            raise
+    servers = start_servers(folders, 600, [
+        dict(SLAP_MODEL="tiny", SLAP_CACHE_DIR=str(tiny_cache_dir), SLAP_ADAPTERS_DIR=str(shared_adapters),
+             SLAP_DATA_DIR=str(folder / "data"),
+             SLAP_DATABASE_URL=f"sqlite:///{folder / 'slapgen.sqlite'}")  # its own, not the cache's jobs.sqlite
+        for folder in folders])
     yield servers
     for server in servers:
         stop_server(server)

@@ -4,15 +4,13 @@ folder and one results folder, as a Kubernetes Deployment of two pods would."""
 
 from __future__ import annotations
 
-import socket
-from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
 import pytest
 
 from slapgen.video import read_mp4
-from tests.conftest import job_progress, start_server, stop_server, wait_for_job, write_test_adapter
+from tests.conftest import job_progress, start_servers, stop_server, wait_for_job, write_test_adapter
 from tests.test_campaigns import write_eval_dir
 from trainer.cli import main
 
@@ -29,36 +27,11 @@ def replicas(tmp_path, tiny_cache_dir, postgres_url):
     folders = [tmp_path / "replica-a", tmp_path / "replica-b"]  # each its own BENTOML_HOME (conftest's offline_env)
     for folder in folders:
         folder.mkdir()
-    # Started together: both migrate the empty database at once, and take turns. Their ports are chosen
-    # first, both bound at once, so they differ (two free_port() calls may return one port twice).
-    ports = distinct_free_ports(len(folders))
-    with ThreadPoolExecutor(2) as pool:
-        started = [pool.submit(start_server, folder, 600, port, **env) for folder, port in zip(folders, ports)]
-        servers = []
-        try:
-            for future in started:
-                servers.append(future.result())
-        except BaseException:
-            for future in started:
-                if future.exception() is None:
-                    stop_server(future.result())
-            raise
+    # Started together: both migrate the empty database at once, and take turns.
+    servers = start_servers(folders, 600, [env, env])
     yield servers[0], servers[1], env
     for server in servers:
         stop_server(server)
-
-
-def distinct_free_ports(count: int) -> list[int]:
-    """`count` ports free now, all different: each socket stays bound until all are (the kernel never hands
-    out a bound port again)."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 def _submit(server, **body) -> str:
