@@ -5,9 +5,12 @@ the mp4s its lost attempt finished; the options' misuses are one sentence."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -22,10 +25,17 @@ from trainer.evaluate.ray_shards import ATTEMPT_MARK, PLAN_FILE, SHARD_LOG
 SETTINGS = ["num_frames=17", "height=32", "width=48", "num_inference_steps=2"]
 
 
-def eval_command(tiny_cache_dir: Path, heldout: Path, lora: Path, out: Path, *extra: str) -> list[str]:
+def eval_command(tiny_cache_dir: Path, heldout: Path, lora: Path, out: Path, *extra: str, seeds: str = "1") -> list[str]:
     return [sys.executable, "-m", "trainer", "eval", "--model", "tiny", "--adapter", f"random={lora}", "--heldout",
-            str(heldout), "--out", str(out), "--max-clips", "2", "--seeds", "1", "--device", "cpu",
+            str(heldout), "--out", str(out), "--max-clips", "2", "--seeds", seeds, "--device", "cpu",
             *[f"--set={s}" for s in SETTINGS], *extra]
+
+
+def attempts(out: Path, system: str) -> list[tuple[str, int]]:
+    """(node id, pid) of each attempt at a system's shard, from its shard.log."""
+    log = out / "videos" / system / SHARD_LOG
+    text = log.read_text(errors="replace") if log.is_file() else ""
+    return [(node, int(pid)) for node, pid in re.findall(rf"{ATTEMPT_MARK} (\w+) \(\S+\), pid (\d+)", text)]
 
 
 @pytest.mark.slow
@@ -68,6 +78,58 @@ def test_eval_on_ray_gives_the_numbers_and_frames_of_one_process(tiny_cache_dir,
     progress = outputs[1][1].replace("\r", "\n")
     assert re.search(r"generate \(2 shards on Ray\): +100%.* 4/4 \[", progress), progress[-3000:]
     assert re.search(r"generate \(2 shards on Ray\): .*<\d\d:\d\d", progress), progress[-3000:]  # tqdm's ETA
+
+
+@pytest.mark.slow
+def test_a_node_killed_mid_shard_leaves_the_numbers_of_one_process(tiny_cache_dir, demo_dataset, tmp_path):
+    """Guards the cluster path when a node dies: a shard not retried (the eval fails or hangs), a retry on the
+    dead node, a retry that makes again the videos its lost attempt had finished, and numbers that differ from
+    the same eval in one process. A head and a second node (`ray start`, as tests/test_sweep_ray.py); the second
+    node is SIGKILLed once its shard has finished some of its 4 videos; the shard's retry runs on the head, the
+    finished mp4s are the same files (inode and mtime), and eval.json's numbers equal the one-process run's."""
+    from tests.test_sweep_ray import _on_node, two_node_cluster
+
+    lora = write_test_adapter(tmp_path / "lora", tiny_cache_dir, rank=4, seed=3)
+    env = offline_env(tmp_path, SLAP_CACHE_DIR=str(tiny_cache_dir))
+    here, out = tmp_path / "here", tmp_path / "killed"
+    reference = subprocess.Popen(eval_command(tiny_cache_dir, demo_dataset, lora, here, seeds="1,2"), cwd=REPO_ROOT,
+                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        with two_node_cluster(env) as (address, cluster_env, groups):
+            with (tmp_path / "driver.err").open("w") as stderr:
+                driver = subprocess.Popen(eval_command(tiny_cache_dir, demo_dataset, lora, out, "--ray", "auto",
+                                                       "--gpus-per-run", "0", seeds="1,2"), cwd=REPO_ROOT,
+                                          env={**cluster_env, "RAY_ADDRESS": address}, stdout=subprocess.DEVNULL,
+                                          stderr=stderr, text=True)
+                victim, at_kill = None, {}
+                deadline = time.monotonic() + 900
+                while victim is None and driver.poll() is None and time.monotonic() < deadline:
+                    for system in ("base", "random"):
+                        tried = attempts(out, system)
+                        done = sorted((out / "videos" / system).glob("p*.mp4"))  # not the hidden staging files
+                        if len(tried) == 1 and _on_node(tried[0][1], groups["worker"]) and 0 < len(done) < 4:
+                            os.killpg(groups["worker"], signal.SIGKILL)  # the node: its raylet and agents
+                            os.kill(tried[0][1], signal.SIGKILL)  # and its task's worker, at once, as a dead machine
+                            victim = system
+                            at_kill = {path: (path.stat().st_ino, path.stat().st_mtime_ns) for path in done}
+                            break
+                    time.sleep(0.05)
+                assert victim is not None, (tmp_path / "driver.err").read_text()[-3000:]
+                driver.wait(timeout=900)
+            assert driver.returncode == 0, (tmp_path / "driver.err").read_text()[-3000:]
+        reference_output, _ = reference.communicate(timeout=900)
+        assert reference.returncode == 0, reference_output[-3000:]
+    finally:
+        if reference.poll() is None:
+            reference.kill()
+
+    (first_node, _), (second_node, _) = attempts(out, victim)  # exactly two attempts: the killed one and its retry
+    assert second_node != first_node  # the retry ran on the head, not on the dead node
+    assert {path: (path.stat().st_ino, path.stat().st_mtime_ns) for path in at_kill} == at_kill  # not made again
+    expected = json.loads((here / "eval.json").read_text())
+    got = json.loads((out / "eval.json").read_text())
+    assert got["systems"] == expected["systems"] and got["videos"] == expected["videos"]
+    assert len(expected["videos"]) == 8  # 2 systems x 2 prompts x 2 seeds
 
 
 @dataclass(frozen=True)
