@@ -90,7 +90,9 @@ def test_a_node_killed_mid_shard_leaves_the_numbers_of_one_process(tiny_cache_di
     from tests.test_sweep_ray import _on_node, two_node_cluster
 
     lora = write_test_adapter(tmp_path / "lora", tiny_cache_dir, rank=4, seed=3)
-    env = offline_env(tmp_path, SLAP_CACHE_DIR=str(tiny_cache_dir))
+    # A HOME of its own: a `--ray local` cluster earlier in the session leaves ~/.ray/auth_token, with which
+    # `ray start` of the second node fails Ray's token authentication against this head.
+    env = offline_env(tmp_path, SLAP_CACHE_DIR=str(tiny_cache_dir), HOME=str(tmp_path / "home"))
     here, out = tmp_path / "here", tmp_path / "killed"
     reference = subprocess.Popen(eval_command(tiny_cache_dir, demo_dataset, lora, here, seeds="1,2"), cwd=REPO_ROOT,
                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
