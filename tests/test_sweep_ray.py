@@ -252,8 +252,8 @@ def test_ray_auto_without_a_cluster_and_ray_missing_are_one_sentence(monkeypatch
     cluster says so and how to start one; --ray without Ray installed says how to install it."""
     import ray
 
-    from trainer.errors import SweepError
-    from trainer.sweep.ray_runs import connect
+    from trainer.errors import ClusterError
+    from trainer.ray_cluster import connect
 
     def no_cluster(**kwargs):  # what ray.init(address="auto") raises with no RAY_ADDRESS and no cluster here
         raise ConnectionError("Could not find any running Ray instance. Please specify the one to connect to by "
@@ -261,11 +261,11 @@ def test_ray_auto_without_a_cluster_and_ray_missing_are_one_sentence(monkeypatch
 
     monkeypatch.setattr(ray, "init", no_cluster)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    with pytest.raises(SweepError, match=r"^--ray auto found no Ray cluster: RAY_ADDRESS is not set and none runs on "
+    with pytest.raises(ClusterError, match=r"^--ray auto found no Ray cluster: RAY_ADDRESS is not set and none runs on "
                                          r"this machine; start one with `ray start --head`"):
         with connect("auto"):
             pass
     monkeypatch.setitem(sys.modules, "ray", None)
-    with pytest.raises(SweepError, match=r"^--ray needs Ray, which is not installed here: pip install -e '\.\[ray\]'"):
+    with pytest.raises(ClusterError, match=r"^--ray needs Ray, which is not installed here: pip install -e '\.\[ray\]'"):
         with connect("auto"):
             pass

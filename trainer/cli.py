@@ -13,7 +13,8 @@ from pathlib import Path
 
 from slapgen.errors import SlapgenError
 from slapgen.names import NAME_RULE
-from trainer.errors import DatasetError, SweepError
+from trainer.errors import DatasetError
+from trainer.ray_cluster import check_gpus_option
 
 
 def quiet_libraries() -> None:
@@ -120,6 +121,8 @@ def cmd_eval(args) -> int:
         checkpoints=args.checkpoints,
         generate_top=args.generate_top,
         pick_by=args.pick_by,
+        ray=args.ray,
+        gpus_per_run=check_gpus_option(args.gpus_per_run, args.ray, "eval generates every video in this process"),
     )
     if args.max_clips is not None and args.max_clips < 1:
         raise DatasetError("--max-clips must be at least 1")
@@ -165,11 +168,7 @@ def cmd_sweep(args) -> int:
     metrics = [name.strip() for name in args.metrics.split(",") if name.strip()]
     request = EvalRequest(seeds=args.seeds, sets=tuple(args.eval_set), clip_model=args.clip_model,
                           dino_model=args.dino_model, i3d_model=args.i3d_model)
-    if args.gpus_per_run is not None and args.ray is None:
-        raise SweepError("--gpus-per-run applies to --ray only: without it the sweep runs one run per GPU of this machine")
-    gpus_per_run = 1 if args.gpus_per_run is None else args.gpus_per_run
-    if gpus_per_run < 0:
-        raise SweepError(f"--gpus-per-run must be 0 (a CPU-only cluster) or more, not {gpus_per_run:g}")
+    gpus_per_run = check_gpus_option(args.gpus_per_run, args.ray, "the sweep runs one run per GPU of this machine")
     candidates = CandidateRequest(checkpoints=args.checkpoints, generate_top=args.generate_top, pick_by=args.pick_by)
     run_sweep(args.config, args.set, args.grid, args.data, args.heldout, args.out, metrics, request=request,
               candidates=candidates, ray=args.ray, gpus_per_run=gpus_per_run)
@@ -305,6 +304,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--pick-by", metavar="METRIC",
                     help="with --checkpoints: the metric that names each run's best checkpoint, as eval.json names it "
                          "(default heldout_loss; e.g. clip_score_vitl14, fvd_i3d)")
+    ev.add_argument("--ray", metavar="ADDRESS", help="generate the videos as Ray tasks on a cluster, one per system: auto "
+                                                     "(RAY_ADDRESS or the one running here), local (start one for this "
+                                                     "eval) or HOST:PORT; --out must be on storage every node sees")
+    ev.add_argument("--gpus-per-run", type=float, help="GPUs each system's Ray task asks for (default 1; 0 for a "
+                                                       "CPU-only cluster)")
     ev.set_defaults(run=cmd_eval)
 
     gen = commands.add_parser("generate", help="generate one video (text-to-video, or image-to-video with a TIC-FT "

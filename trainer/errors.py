@@ -33,3 +33,8 @@ class SweepError(SlapgenError):
 
 class GenerateError(EvalError):
     """`slapgen generate` cannot run as asked (an option, a file, a mismatch); the message names the option."""
+
+
+class ClusterError(SlapgenError):
+    """A Ray cluster cannot be used as asked (none answers, no node has the GPUs, a folder not shared) by
+    `slapgen sweep --ray` or `slapgen eval --ray`."""

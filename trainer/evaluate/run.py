@@ -63,6 +63,19 @@ def bar(total: int, description: str, unit: str):
 
 
 def run_eval(options: EvalOptions) -> dict:
+    """The evaluation `options` ask for; with `--ray`, connected to that cluster first (one sentence when it
+    does not answer or has no node with the GPUs a shard asks for, before anything is read or written)."""
+    if options.ray is None:
+        return evaluate(options)
+    from trainer.ray_cluster import check_gpus, connect
+
+    with connect(options.ray):
+        if (waiting := check_gpus(options.gpus_per_run, options.ray, task="a shard")) is not None:
+            print(f"eval: {waiting}")
+        return evaluate(options)
+
+
+def evaluate(options: EvalOptions) -> dict:
     from slapgen.engine.generator import VideoGenerator
     from slapgen.engine.params import EngineOptions
 
@@ -105,12 +118,19 @@ def run_eval(options: EvalOptions) -> dict:
     conditions = [entry.clip.video for entry in entries]
     generating = systems_to_generate(systems, plans, losses, options.generate_top)
     videos = generate(generator, generating, layouts, prompts, conditions, params, options, out, timer) \
-        if options.generates else []
+        if options.generates and options.ray is None else []
     engine = {"device": options.device, "adapter_swaps": generator.slot.swaps,
               "slot_rank": generator.slot.max_rank, "slot_target_modules": list(targets)}
     del generator
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+    if options.generates and options.ray is not None:  # after the driver's pipeline is gone: shards may share its GPU
+        from trainer.evaluate.ray_shards import generate_on_ray
+
+        started = time.perf_counter()
+        videos = generate_on_ray(options, resolved, generating, layouts, prompts, conditions, params, rank, targets)
+        timer.add("generate", started)
+        engine["ray"] = {"address": options.ray, "gpus_per_shard": options.gpus_per_run, "shards": len(generating)}
 
     definitions: dict[str, dict] = {}
     if losses:
@@ -221,11 +241,18 @@ def ticft_entries(options: EvalOptions, resolved, data: DataConfig, layout: Ticf
     return [by_clip[(entry.clip.video, entry.clip.caption)] for entry in entries]
 
 
+def video_path(out: Path, system: str, prompt: int, seed: int) -> Path:
+    return out / "videos" / system / f"p{prompt:03d}-s{seed}.mp4"
+
+
 def generate(generator, systems: list[System], layouts: dict[str, TicftLayout | None], prompts: list[str],
-             conditions: list[Path], params, options: EvalOptions, out: Path, timer: Timer) -> list[Video]:
+             conditions: list[Path], params, options: EvalOptions, out: Path, timer: Timer,
+             keep_existing: bool = False) -> list[Video]:
     """Every system x prompt x seed, system by system so the slot swaps once per system. A TIC-FT adapter
     animates the first frame of the held-out clip the prompt belongs to (as training conditioned each clip
-    on its own first frame), over its layout's length, and yields the layout's target frames."""
+    on its own first frame), over its layout's length, and yields the layout's target frames.
+    `keep_existing`: an mp4 already at a video's path is kept, not made again (a retried Ray shard's: an mp4
+    is there only once written whole)."""
     from slapgen.images import first_frame
 
     videos = []
@@ -238,7 +265,11 @@ def generate(generator, systems: list[System], layouts: dict[str, TicftLayout | 
             if layout is not None:
                 system_params = params.replace(num_frames=layout.pixel_frames, condition_image=first_frame(conditions[index]))
             for seed in options.seeds:
-                path = out / "videos" / system.name / f"p{index:03d}-s{seed}.mp4"
+                path = video_path(out, system.name, index, seed)
+                if keep_existing and path.is_file():
+                    videos.append(Video(system.name, index, seed, path))
+                    progress.update(1)
+                    continue
 
                 def on_step(done: int, total: int) -> None:
                     progress.set_postfix(system=system.name, prompt=index, seed=seed, step=f"{done}/{total}")

@@ -14,94 +14,29 @@ checkpoints, metrics and results of a cell land where every node and the driver 
 - One worker process per cell (`max_calls=1`): a run's model and GPU memory leave with it. Its
   stdout and stderr go to `runs/NAME/sweep.log`, one line per attempt saying on which node and pid.
 
-Ray is an extra (`pip install -e '.[ray]'`): it is imported only inside these functions.
+Connecting and the start-up checks are `trainer.ray_cluster`'s (eval's --ray uses them too). Ray is an
+extra (`pip install -e '.[ray]'`): it is imported only inside these functions.
 """
 
 from __future__ import annotations
 
-import hashlib
-import logging
 import os
-import shutil
 import sys
-import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
-from slapgen.errors import SlapgenError
+from trainer import ray_cluster
 from trainer.errors import SweepError
+from trainer.ray_cluster import file_digest
 from trainer.sweep.folder import DEFINITION_FILE, RUNS_DIR
 
-AUTO, LOCAL = "auto", "local"
 MAX_RETRIES = 3  # system failures (a worker or node died) per cell; each retry resumes from the latest checkpoint
-SHARED_CHECK_TIMEOUT_S = 300  # a node's first task starts a Python worker: seconds on an idle node, more under load
 ATTEMPT_MARK = "sweep cell attempt on Ray node"
-
-
-def _import_ray():
-    try:
-        import ray
-    except ImportError:
-        raise SweepError("--ray needs Ray, which is not installed here: pip install -e '.[ray]' (or pip install ray)") from None
-    return ray
-
-
-@contextmanager
-def connect(address: str) -> Iterator[None]:
-    """Connected to the cluster `address` names (`auto`, `local` or HOST:PORT / ray://...) for the block;
-    `local` starts a cluster of this machine for the block and stops it after. One sentence when none answers."""
-    ray = _import_ray()
-    temp = None
-    if address == LOCAL:
-        # Short and private: Ray's unix sockets live under it (a 107-byte path limit), and the cluster is this sweep's.
-        temp = tempfile.mkdtemp(prefix="slapgen-ray-")
-        # Errors only: Ray's warnings about a cluster that lives and dies with this sweep (its token authentication,
-        # on by default) are not the user's business.
-        ray.init(address="local", _temp_dir=temp, include_dashboard=False, log_to_driver=False,
-                 logging_level=logging.ERROR)
-    else:
-        try:
-            ray.init(address=address, log_to_driver=False, configure_logging=False)
-        except ConnectionError as error:
-            if address == AUTO and os.environ.get("RAY_ADDRESS"):
-                raise SweepError(f"--ray auto: no Ray cluster answers at RAY_ADDRESS={os.environ['RAY_ADDRESS']} "
-                                 f"({error})") from None
-            if address == AUTO:
-                raise SweepError("--ray auto found no Ray cluster: RAY_ADDRESS is not set and none runs on this "
-                                 "machine; start one with `ray start --head` (and `ray start --address HEAD_IP:6379` "
-                                 "on every other node), or use --ray local for one of this machine") from None
-            raise SweepError(f"--ray {address}: no Ray cluster answers at that address ({error})") from None
-    try:
-        yield
-    finally:
-        ray.shutdown()
-        if temp is not None:
-            shutil.rmtree(temp, ignore_errors=True)
-
-
-def check_gpus(gpus_per_run: float, address: str) -> str | None:
-    """Whether a live node has the GPUs a run asks for. None when one has; otherwise an error for `local` (the
-    cluster is this machine: its runs would wait forever), and for another cluster the line to show (an
-    autoscaler may still add such a node, and the runs wait for it)."""
-    ray = _import_ray()
-    most = max((node["Resources"].get("GPU", 0) for node in ray.nodes() if node.get("Alive")), default=0)
-    if gpus_per_run <= most:
-        return None
-    problem = (f"no node of the Ray cluster has {gpus_per_run:g} GPU(s) for a run (the most a node has is {most:g})"
-               + ("; use --gpus-per-run 0 on a machine without GPUs" if address == LOCAL else
-                  "; the runs wait until such a node joins (use --gpus-per-run 0 on a CPU-only cluster)"))
-    if address == LOCAL:
-        raise SweepError(problem)
-    return problem
 
 
 def definition_digest(out: str) -> str | None:
     """sha256 of OUT/sweep.json as this node reads it; None when it has none."""
-    try:
-        return hashlib.sha256((Path(out) / DEFINITION_FILE).read_bytes()).hexdigest()
-    except OSError:
-        return None
+    return file_digest(str(Path(out) / DEFINITION_FILE))
 
 
 def not_shared_sentence(out: Path, nodes: list[str]) -> str:
@@ -110,28 +45,9 @@ def not_shared_sentence(out: Path, nodes: list[str]) -> str:
 
 
 def check_shared_folder(out: Path) -> None:
-    """Every live node reads the same OUT/sweep.json as this driver, or one sentence naming those that do not.
-    A task pinned to each node (no CPU asked, so a busy node answers too) reads it there."""
-    ray = _import_ray()
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
+    """Every live node reads the same OUT/sweep.json as this driver, or one sentence naming those that do not."""
     out = Path(out).resolve()
-    expected = definition_digest(str(out))
-    read = ray.remote(num_cpus=0, max_retries=0)(definition_digest)
-    asked = {}
-    for node in ray.nodes():
-        if node.get("Alive"):
-            strategy = NodeAffinitySchedulingStrategy(node_id=node["NodeID"], soft=False)
-            name = f"{node['NodeManagerAddress']} (node {node['NodeID'][:8]})"
-            asked[name] = read.options(scheduling_strategy=strategy).remote(str(out))
-    ready, _ = ray.wait(list(asked.values()), num_returns=len(asked), timeout=SHARED_CHECK_TIMEOUT_S)
-    silent = [node for node, ref in asked.items() if ref not in ready]
-    if silent:
-        raise SweepError(f"Ray node(s) {', '.join(silent)} did not run a task within {SHARED_CHECK_TIMEOUT_S} s "
-                         f"(reading {DEFINITION_FILE} there); check them with `ray status`")
-    missing = [node for node, ref in asked.items() if ray.get(ref) != expected]
-    if missing:
-        raise SweepError(not_shared_sentence(out, missing))
+    ray_cluster.check_shared_folder(out / DEFINITION_FILE, lambda nodes: not_shared_sentence(out, nodes))
 
 
 def run_cell(out: str, name: str, device: str) -> dict:
@@ -161,22 +77,12 @@ def run_cell(out: str, name: str, device: str) -> dict:
     return result["metrics"]
 
 
-def _failure(error: Exception) -> str:
-    """What a failed cell's error says, without Ray's wrapping when the run itself raised."""
-    cause = getattr(error, "cause", None)
-    if isinstance(cause, SlapgenError):
-        return str(cause)
-    if cause is not None:
-        return f"{type(cause).__name__}: {cause}"
-    return f"{type(error).__name__} after {MAX_RETRIES} retries: {str(error).splitlines()[0] if str(error) else ''}"
-
-
 def run_cells(out: Path, names: list[str], gpus_per_run: float, on_tick: Callable[[list[str]], None] | None = None,
               interval_s: float = 1.0) -> dict[str, str | None]:
     """Every run of `names` as a Ray task asking for `gpus_per_run` GPUs, all submitted at once (Ray queues what
     the cluster cannot place yet); returns {name: None when it finished, else why it failed}.
     `on_tick(names of the runs that have started and not ended)` is called every `interval_s`."""
-    ray = _import_ray()
+    ray = ray_cluster.import_ray()
 
     out = Path(out).resolve()
     device = "cuda" if gpus_per_run > 0 else "cpu"
@@ -195,7 +101,7 @@ def run_cells(out: Path, names: list[str], gpus_per_run: float, on_tick: Callabl
                     ray.get(ref)
                     outcome[refs[ref]] = None
                 except ray.exceptions.RayError as error:
-                    outcome[refs[ref]] = _failure(error)
+                    outcome[refs[ref]] = ray_cluster.task_failure(error, MAX_RETRIES)
             if on_tick is not None:
                 # Started: its task has written to its log (an attempt line at least) since the sweep began.
                 on_tick([refs[ref] for ref in waiting

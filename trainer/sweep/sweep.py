@@ -172,7 +172,7 @@ def run_sweep(config: str, sets: list[str], grid: list[str], data: Path, heldout
               candidates: CandidateRequest = CandidateRequest(), ray: str | None = None,
               gpus_per_run: float = 1) -> Path:
     """Run (or continue) the sweep; returns the folder, which then holds every report file. `ray`: the Ray
-    cluster (`ray_runs.connect`) whose nodes run the runs, each asking for `gpus_per_run` GPUs."""
+    cluster (`ray_cluster.connect`) whose nodes run the runs, each asking for `gpus_per_run` GPUs."""
     from trainer.cli import default_device
 
     out = Path(out)
@@ -181,7 +181,8 @@ def run_sweep(config: str, sets: list[str], grid: list[str], data: Path, heldout
     check_generation(definition)
     with ExitStack() as stack:
         if ray is not None:  # a cluster that does not answer: one sentence before anything is written
-            from trainer.sweep.ray_runs import check_gpus, check_shared_folder, connect
+            from trainer.ray_cluster import check_gpus, connect
+            from trainer.sweep.ray_runs import check_shared_folder
             stack.enter_context(connect(ray))
             if (waiting := check_gpus(gpus_per_run, ray)) is not None:
                 print(f"sweep: {waiting}")
