@@ -47,7 +47,7 @@ def test_eval_on_ray_gives_the_numbers_and_frames_of_one_process(tiny_cache_dir,
     eval.json's metrics, per-video scores, A/B and held-out losses are equal, and every mp4 decodes to the same
     frames."""
     lora = write_test_adapter(tmp_path / "lora", tiny_cache_dir, rank=4, seed=3)
-    env = offline_env(tmp_path, SLAP_CACHE_DIR=str(tiny_cache_dir))
+    env = offline_env(tmp_path, SLAP_CACHE_DIR=str(tiny_cache_dir), HOME=str(tmp_path / "home"))  # its own ~/.ray
     here, sharded = tmp_path / "here", tmp_path / "sharded"
     # A video an earlier eval left where this one writes: never kept as this eval's.
     write_mp4_atomic(np.zeros((9, 32, 48, 3), np.uint8), sharded / "videos" / "random" / "p000-s1.mp4", 8)
@@ -206,7 +206,8 @@ def test_ray_local_without_the_gpus_a_shard_asks_for_is_one_sentence(tiny_cache_
     lora = write_test_adapter(tmp_path / "lora", tiny_cache_dir, rank=4, seed=3)
     out = tmp_path / "out"
     done = subprocess.run(eval_command(tiny_cache_dir, demo_dataset, lora, out, "--ray", "local"), cwd=REPO_ROOT,
-                          env=offline_env(tmp_path, SLAP_CACHE_DIR=str(tiny_cache_dir), CUDA_VISIBLE_DEVICES=""),
+                          env=offline_env(tmp_path, SLAP_CACHE_DIR=str(tiny_cache_dir), CUDA_VISIBLE_DEVICES="",
+                                              HOME=str(tmp_path / "home")),
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 2, done.stderr[-3000:]
     assert cli_stderr(done.stderr) == ("slapgen eval: no node of the Ray cluster has 1 GPU(s) for a shard (the most a "

@@ -127,7 +127,7 @@ def test_a_node_killed_mid_run_leaves_the_results_of_an_uninterrupted_sweep(tiny
 
     heldout = tmp_path / "heldout"
     write_demo_dataset(heldout, clips=1, seed=7)
-    env = offline_env(tmp_path)
+    env = offline_env(tmp_path, HOME=str(tmp_path / "home"))  # its own ~/.ray (see test_eval_ray)
     reference_out = tmp_path / "reference"
     # The uninterrupted sweep, meanwhile, on a cluster of its own that the sweep starts and stops (--ray local).
     reference = subprocess.Popen(sweep_command(tiny_cache_dir, demo_dataset, heldout, reference_out, "local"), cwd=REPO_ROOT,
@@ -206,7 +206,7 @@ def test_a_node_that_does_not_see_the_sweep_folder_stops_the_sweep_with_one_sent
     empty.mkdir()
     local_disk = ("unshare", "-m", "--propagation", "private", "sh", "-c", 'mount --bind "$1" "$2" && shift 2 && exec "$@"',
                   "sh", str(empty), str(shared))
-    with two_node_cluster(offline_env(tmp_path), worker_wrap=local_disk) as (address, cluster_env, groups):
+    with two_node_cluster(offline_env(tmp_path, HOME=str(tmp_path / "home")), worker_wrap=local_disk) as (address, cluster_env, groups):
         out = shared / "sweep"
         done = subprocess.run(sweep_command(tiny_cache_dir, demo_dataset, heldout, out, "auto"), cwd=REPO_ROOT,
                               env={**cluster_env, "RAY_ADDRESS": address}, capture_output=True, text=True, timeout=600)
@@ -224,7 +224,7 @@ def test_ray_local_without_the_gpus_a_run_asks_for_is_one_sentence(tiny_cache_di
     out = tmp_path / "sweep"
     command = sweep_command(tiny_cache_dir, demo_dataset, demo_dataset, out, "local")
     del command[command.index("--gpus-per-run"):command.index("--gpus-per-run") + 2]
-    done = subprocess.run(command, cwd=REPO_ROOT, env=offline_env(tmp_path, CUDA_VISIBLE_DEVICES=""),
+    done = subprocess.run(command, cwd=REPO_ROOT, env=offline_env(tmp_path, CUDA_VISIBLE_DEVICES="", HOME=str(tmp_path / "home")),
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 2, done.stderr[-3000:]
     assert cli_stderr(done.stderr) == ("slapgen sweep: no node of the Ray cluster has 1 GPU(s) for a run (the most a "
