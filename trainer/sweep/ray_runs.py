@@ -50,16 +50,17 @@ def check_shared_folder(out: Path) -> None:
     ray_cluster.check_shared_folder(out / DEFINITION_FILE, lambda nodes: not_shared_sentence(out, nodes))
 
 
-def run_cell(out: str, name: str, device: str) -> dict:
+def run_cell(out: str, name: str, device: str, expected_digest: str) -> dict:
     """One grid cell, inside a Ray task: `execute_run` on the run `name` of the sweep in `out`, in a worker
-    process of its own (the task's `max_calls=1`), its output in the run's sweep.log. Returns its metrics."""
+    process of its own (the task's `max_calls=1`), its output in the run's sweep.log. Returns its metrics.
+    `expected_digest`: the driver's sweep.json, which this node must read too."""
     import ray
 
     from trainer.cli import quiet_libraries
     from trainer.sweep.execute import execute_run
     from trainer.sweep.folder import read_definition
 
-    if definition_digest(out) is None:  # a node that joined after the start-up check
+    if definition_digest(out) != expected_digest:  # a node that joined after the start-up check: none, or another
         raise SweepError(not_shared_sentence(Path(out), [ray.util.get_node_ip_address()]))
     log_path = Path(out) / RUNS_DIR / name / "sweep.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -89,7 +90,8 @@ def run_cells(out: Path, names: list[str], gpus_per_run: float, on_tick: Callabl
     cell = ray.remote(max_retries=MAX_RETRIES, retry_exceptions=False, max_calls=1)(run_cell)
     logs = {name: out / RUNS_DIR / name / "sweep.log" for name in names}
     log_size_at_start = {name: logs[name].stat().st_size if logs[name].is_file() else 0 for name in names}
-    refs = {cell.options(num_gpus=gpus_per_run, name=f"slapgen-sweep {name}").remote(str(out), name, device): name
+    digest = definition_digest(str(out))
+    refs = {cell.options(num_gpus=gpus_per_run, name=f"slapgen-sweep {name}").remote(str(out), name, device, digest): name
             for name in names}
     outcome: dict[str, str | None] = {}
     waiting = list(refs)
