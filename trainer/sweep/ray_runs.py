@@ -91,8 +91,8 @@ def run_cells(out: Path, names: list[str], gpus_per_run: float, on_tick: Callabl
     logs = {name: out / RUNS_DIR / name / "sweep.log" for name in names}
     log_size_at_start = {name: logs[name].stat().st_size if logs[name].is_file() else 0 for name in names}
     digest = definition_digest(str(out))
-    refs = {cell.options(num_gpus=gpus_per_run, name=f"slapgen-sweep {name}").remote(str(out), name, device, digest): name
-            for name in names}
+    refs = {cell.options(num_gpus=gpus_per_run, name=f"slapgen-sweep {name}").remote(str(out), name, device, digest):
+            name for name in names}
     outcome: dict[str, str | None] = {}
     waiting = list(refs)
     try:
