@@ -11,6 +11,7 @@ import hashlib
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -29,6 +30,25 @@ def import_ray():
     except ImportError:
         raise ClusterError("--ray needs Ray, which is not installed here: pip install -e '.[ray]' (or pip install ray)") from None
     return ray
+
+
+def log_attempt(log_path: Path, mark: str) -> None:
+    """Inside a task (a sweep's cell, an eval's shard): this worker's output appended to `log_path` (file
+    descriptors, not only sys.stdout: C libraries and tqdm write there too), then one line, `mark` first,
+    naming the attempt's node and pid (a retry after a lost node is a second line), and libraries quieted."""
+    import ray
+
+    from trainer.cli import quiet_libraries
+
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("ab") as log:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+    print(f"{mark} {ray.get_runtime_context().get_node_id()} ({ray.util.get_node_ip_address()}), pid {os.getpid()}",
+          flush=True)
+    quiet_libraries()
 
 
 def check_gpus_option(gpus_per_run: float | None, ray: str | None, without_ray: str) -> float:

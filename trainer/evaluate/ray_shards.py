@@ -17,7 +17,6 @@ driver, from the mp4s, exactly as for videos made in this process.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import uuid
 from dataclasses import replace
@@ -46,23 +45,13 @@ def generate_shard(options, resolved, system, layout, prompts: list[str], condit
     from slapgen.engine.generator import VideoGenerator
     from slapgen.engine.params import EngineOptions
     from slapgen.models.loading import resolve_model
-    from trainer.cli import quiet_libraries
     from trainer.evaluate.options import MODEL_SETTING
     from trainer.evaluate.run import Timer, generate
 
     out = Path(options.out)
     if not (out / "videos" / PLAN_FILE).is_file():  # a node that joined after the start-up check
         raise EvalError(not_shared_sentence(out, [ray.util.get_node_ip_address()]))
-    log_path = out / "videos" / system.name / SHARD_LOG
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("ab") as log:  # file descriptors, not only sys.stdout: C libraries and tqdm write there too
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.dup2(log.fileno(), 1)
-        os.dup2(log.fileno(), 2)
-    print(f"{ATTEMPT_MARK} {ray.get_runtime_context().get_node_id()} ({ray.util.get_node_ip_address()}), "
-          f"pid {os.getpid()}", flush=True)
-    quiet_libraries()
+    ray_cluster.log_attempt(out / "videos" / system.name / SHARD_LOG, ATTEMPT_MARK)
     if not resolved.folder.is_dir():  # the driver's copy of the model is not on this node: this node's own
         resolved = resolve_model(options.model, options.model_cache_dir, setting=MODEL_SETTING)
     generator = VideoGenerator.load(resolved, EngineOptions(device=device, adapters_dir=out / "adapters",

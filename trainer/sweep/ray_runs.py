@@ -20,7 +20,6 @@ extra (`pip install -e '.[ray]'`): it is imported only inside these functions.
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -56,22 +55,12 @@ def run_cell(out: str, name: str, device: str, expected_digest: str) -> dict:
     `expected_digest`: the driver's sweep.json, which this node must read too."""
     import ray
 
-    from trainer.cli import quiet_libraries
     from trainer.sweep.execute import execute_run
     from trainer.sweep.folder import read_definition
 
     if definition_digest(out) != expected_digest:  # a node that joined after the start-up check: none, or another
         raise SweepError(not_shared_sentence(Path(out), [ray.util.get_node_ip_address()]))
-    log_path = Path(out) / RUNS_DIR / name / "sweep.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("ab") as log:  # file descriptors, not only sys.stdout: C libraries and tqdm write there too
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.dup2(log.fileno(), 1)
-        os.dup2(log.fileno(), 2)
-    print(f"{ATTEMPT_MARK} {ray.get_runtime_context().get_node_id()} ({ray.util.get_node_ip_address()}), "
-          f"pid {os.getpid()}", flush=True)
-    quiet_libraries()
+    ray_cluster.log_attempt(Path(out) / RUNS_DIR / name / "sweep.log", ATTEMPT_MARK)
     definition = read_definition(Path(out))
     result = execute_run(definition, definition.run(name), Path(out), device)
     sys.stdout.flush()
