@@ -51,6 +51,30 @@ def log_attempt(log_path: Path, mark: str) -> None:
     quiet_libraries()
 
 
+def wait_for_tasks(refs: dict, retries: int, on_tick: Callable[[list], None],
+                   interval_s: float) -> dict[str, str | None]:
+    """Every task of `refs` (object ref -> name) to its end: {name: None when it finished, else why it failed
+    (`task_failure`)}. `on_tick(the refs still running)` every `interval_s`. Interrupted (Ctrl-C), the tasks
+    still running are canceled; what they wrote to the shared folder (checkpoints, mp4s) stays."""
+    ray = import_ray()
+    outcome: dict[str, str | None] = {}
+    waiting = list(refs)
+    try:
+        while waiting:
+            ready, waiting = ray.wait(waiting, num_returns=len(waiting), timeout=interval_s)
+            for ref in ready:
+                try:
+                    ray.get(ref)
+                    outcome[refs[ref]] = None
+                except ray.exceptions.RayError as error:
+                    outcome[refs[ref]] = task_failure(error, retries)
+            on_tick(waiting)
+    finally:
+        for ref in waiting:
+            ray.cancel(ref, force=True)
+    return outcome
+
+
 def check_gpus_option(gpus_per_run: float | None, ray: str | None, without_ray: str) -> float:
     """--gpus-per-run as a command gets it: only with --ray (`without_ray`: what the command does then, said in
     the error), 0 or more; its default 1."""

@@ -92,21 +92,12 @@ def generate_on_ray(options, resolved, systems: list, layouts: dict, prompts: li
         options, resolved, system, layouts[system.name], prompts, conditions, params, rank, targets, device): system.name
         for system in systems}
     progress = bar(len(paths), f"generate ({len(systems)} shards on Ray)", "video")
-    failed: dict[str, str] = {}
-    waiting = list(refs)
     try:
-        while waiting:
-            ready, waiting = ray.wait(waiting, num_returns=len(waiting), timeout=interval_s)
-            for ref in ready:
-                try:
-                    ray.get(ref)
-                except ray.exceptions.RayError as error:
-                    failed[refs[ref]] = ray_cluster.task_failure(error, MAX_RETRIES)
-            progress.update(sum(path.is_file() for path in paths) - progress.n)
+        outcome = ray_cluster.wait_for_tasks(
+            refs, MAX_RETRIES, lambda _: progress.update(sum(path.is_file() for path in paths) - progress.n), interval_s)
     finally:
-        for ref in waiting:  # interrupted (Ctrl-C): stop the shards still running; their finished mp4s stay
-            ray.cancel(ref, force=True)
         progress.close()
+    failed = {name: why for name, why in outcome.items() if why is not None}
     if failed:
         raise EvalError(f"{len(failed)} of {len(systems)} generation shards failed: "
                         + "; ".join(f"{name} ({why}; see {out / 'videos' / name / SHARD_LOG})" for name, why in failed.items()))

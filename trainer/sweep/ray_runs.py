@@ -82,22 +82,11 @@ def run_cells(out: Path, names: list[str], gpus_per_run: float, on_tick: Callabl
     digest = definition_digest(str(out))
     refs = {cell.options(num_gpus=gpus_per_run, name=f"slapgen-sweep {name}").remote(str(out), name, device, digest):
             name for name in names}
-    outcome: dict[str, str | None] = {}
-    waiting = list(refs)
-    try:
-        while waiting:
-            ready, waiting = ray.wait(waiting, num_returns=len(waiting), timeout=interval_s)
-            for ref in ready:
-                try:
-                    ray.get(ref)
-                    outcome[refs[ref]] = None
-                except ray.exceptions.RayError as error:
-                    outcome[refs[ref]] = ray_cluster.task_failure(error, MAX_RETRIES)
-            if on_tick is not None:
-                # Started: its task has written to its log (an attempt line at least) since the sweep began.
-                on_tick([refs[ref] for ref in waiting
-                         if logs[refs[ref]].is_file() and logs[refs[ref]].stat().st_size > log_size_at_start[refs[ref]]])
-    finally:
-        for ref in waiting:  # interrupted (Ctrl-C): stop the cells still running; their checkpoints stay
-            ray.cancel(ref, force=True)
-    return outcome
+
+    def tick(waiting: list) -> None:
+        if on_tick is not None:
+            # Started: its task has written to its log (an attempt line at least) since the sweep began.
+            on_tick([refs[ref] for ref in waiting
+                     if logs[refs[ref]].is_file() and logs[refs[ref]].stat().st_size > log_size_at_start[refs[ref]]])
+
+    return ray_cluster.wait_for_tasks(refs, MAX_RETRIES, tick, interval_s)
