@@ -15,7 +15,6 @@ per run through its checkpoints' values, the winning (run, step) starred.
 from __future__ import annotations
 
 import itertools
-import json
 import re
 import textwrap
 from pathlib import Path
@@ -151,16 +150,19 @@ def _ema(ys: list[float], span: int) -> list[float]:
     return smoothed
 
 
-def loss_curves(path: Path, curves: dict[str, Path]) -> Path:
-    """Training loss by step of each run (label -> its metrics.jsonl): raw, faint, and an exponential
-    moving average over ~5% of the steps, solid, in the same colour."""
+def loss_curves(path: Path, runs: dict[str, Path]) -> Path:
+    """Training loss by step of each run (label -> its run folder, whose metrics.jsonl is read as eval's
+    curves read it): raw, faint, and an exponential moving average over ~5% of the steps, solid, in the
+    same colour."""
+    from trainer.evaluate.curves import read_training_loss
+
     figure = _figure(7, 4.5)
     ax = figure.subplots()
-    for index, (label, metrics_file) in enumerate(curves.items()):
-        rows = [json.loads(line) for line in metrics_file.read_text(encoding="utf-8").splitlines() if line.strip()]
-        steps, losses = [row["step"] for row in rows], [row["loss"] for row in rows]
-        if not steps:
+    for index, (label, run_dir) in enumerate(runs.items()):
+        logged = read_training_loss(run_dir)
+        if not logged:
             continue
+        steps, losses = [step for step, _ in logged], [loss for _, loss in logged]
         colour = f"C{index % 10}"
         ax.plot(steps, losses, color=colour, alpha=0.25, linewidth=0.8)
         ax.plot(steps, _ema(losses, max(1, len(losses) // 20)), color=colour, linewidth=1.6, label=label)

@@ -24,7 +24,6 @@ from pathlib import Path
 
 from slapgen.atomic import atomic_write_text
 from trainer.config import TrainConfig
-from trainer.run_folder import METRICS_FILE
 from trainer.checkpoints import CHECKPOINTS_DIR, checkpoint_dir
 from trainer.evaluate.picking import best_of, higher_is_better
 from trainer.lora import LORA_FILENAME
@@ -363,7 +362,7 @@ def write_report(out: Path, definition: SweepDefinition, results: dict[str, dict
             continue
         values = {name: result["metrics"][column] for name, result in results.items()}
         figures += metric_figures(out, list(definition.axes), runs, values, column, best.name, higher_is_better(column))
-    loss_curves(out / LOSS_CURVES, {run.name: run_dir(out, run) / METRICS_FILE for run in runs})
+    loss_curves(out / LOSS_CURVES, {run.name: run_dir(out, run) for run in runs})
     write_readme(out / README, definition, results, best, out, figures, base)
     return best
 
