@@ -351,10 +351,11 @@ def write_report(out: Path, definition: SweepDefinition, results: dict[str, dict
     write_results_csv(out / RESULTS_CSV, definition, results, best, out)
     write_best_yaml(out / BEST_YAML, definition, best, out)
     figures = []
+    scored = scored_candidates(definition, out) if definition.checkpoints else []  # read once, not per column
     for column in definition.columns:
         if definition.checkpoints:  # each metric over steps, a line per run
             curves = {run.name: [] for run in runs}
-            for run, entry in scored_candidates(definition, out):
+            for run, entry in scored:
                 if column in entry["metrics"]:
                     curves[run.name].append((entry["step"], entry["metrics"][column]))
             figures.append(step_curves(out / f"{column}{BY_STEP}.png", column, curves, (best.name, best.step),
