@@ -304,11 +304,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--pick-by", metavar="METRIC",
                     help="with --checkpoints: the metric that names each run's best checkpoint, as eval.json names it "
                          "(default heldout_loss; e.g. clip_score_vitl14, fvd_i3d)")
-    ev.add_argument("--ray", metavar="ADDRESS", help="generate the videos as Ray tasks on a cluster, one per system: auto "
-                                                     "(RAY_ADDRESS or the one running here), local (start one for this "
-                                                     "eval) or HOST:PORT; --out must be on storage every node sees")
-    ev.add_argument("--gpus-per-run", type=float, help="GPUs each system's Ray task asks for (default 1; 0 for a "
-                                                       "CPU-only cluster)")
+    ev.add_argument("--ray", metavar="ADDRESS", help="generate the videos on a Ray cluster, spread over as many workers "
+                                                     "as it has slots: auto (RAY_ADDRESS or the one running here), local "
+                                                     "(start one for this eval) or HOST:PORT; --out must be on storage "
+                                                     "every node sees")
+    ev.add_argument("--gpus-per-run", type=float, help="GPUs each generation worker asks for (default 1; 0 for a "
+                                                       "CPU-only cluster: one worker per CPU)")
     ev.set_defaults(run=cmd_eval)
 
     gen = commands.add_parser("generate", help="generate one video (text-to-video, or image-to-video with a TIC-FT "

@@ -136,6 +136,20 @@ def check_gpus(gpus_per_run: float, address: str, task: str = "a run") -> str | 
     return problem
 
 
+def task_slots(gpus_per_task: float) -> int:
+    """How many tasks asking for `gpus_per_task` GPUs and one CPU (Ray's default) the cluster's live nodes run
+    at once: per node, its GPUs over `gpus_per_task` and its CPUs, whichever allows fewer; its CPUs alone when
+    the tasks ask for no GPU (a CPU-only cluster)."""
+    ray = import_ray()
+    slots = 0
+    for node in ray.nodes():
+        if node.get("Alive"):
+            resources = node["Resources"]
+            by_cpu = int(resources.get("CPU", 0))
+            slots += by_cpu if gpus_per_task == 0 else min(by_cpu, int(resources.get("GPU", 0) // gpus_per_task))
+    return slots
+
+
 def file_digest(path: str) -> str | None:
     """sha256 of the file at `path` as this node reads it; None when it has none."""
     try:

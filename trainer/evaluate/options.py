@@ -56,7 +56,7 @@ class EvalOptions:
     generate_top: int | None = None  # with checkpoints: videos only of the K lowest held-out losses, over all runs
     pick_by: str | None = None  # with checkpoints: the metric that names each run's best (None: DEFAULT_PICK_BY)
     ray: str | None = None  # the Ray cluster whose tasks generate the videos (`ray_cluster.connect`); None: here
-    gpus_per_run: float = 1  # GPUs each generation shard's Ray task asks for (0: a CPU-only cluster)
+    gpus_per_run: float = 1  # GPUs each generation worker's Ray task asks for (0: a CPU-only cluster)
 
     def __post_init__(self) -> None:
         check_checkpoint_choices(self)

@@ -64,13 +64,13 @@ def bar(total: int, description: str, unit: str):
 
 def run_eval(options: EvalOptions) -> dict:
     """The evaluation `options` ask for; with `--ray`, connected to that cluster first (one sentence when it
-    does not answer or has no node with the GPUs a shard asks for, before anything is read or written)."""
+    does not answer or has no node with the GPUs a worker asks for, before anything is read or written)."""
     if options.ray is None:
         return evaluate(options)
     from trainer.ray_cluster import check_gpus, connect
 
     with connect(options.ray):
-        if (waiting := check_gpus(options.gpus_per_run, options.ray, task="a shard")) is not None:
+        if (waiting := check_gpus(options.gpus_per_run, options.ray, task="a worker")) is not None:
             print(f"eval: {waiting}")
         return evaluate(options)
 
@@ -117,20 +117,22 @@ def evaluate(options: EvalOptions) -> dict:
                              params.adapter_scale, options, timer) if "loss" in options.metrics else {}
     conditions = [entry.clip.video for entry in entries]
     generating = systems_to_generate(systems, plans, losses, options.generate_top)
-    videos = generate(generator, generating, layouts, prompts, conditions, params, options, out, timer) \
+    planned = planned_videos(generating, len(prompts), options.seeds)
+    videos = generate(generator, planned, layouts, prompts, conditions, params, options, out, timer) \
         if options.generates and options.ray is None else []
     engine = {"device": options.device, "adapter_swaps": generator.slot.swaps,
               "slot_rank": generator.slot.max_rank, "slot_target_modules": list(targets)}
     del generator
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    if options.generates and options.ray is not None:  # after the driver's pipeline is gone: shards may share its GPU
+    if options.generates and options.ray is not None:  # after the driver's pipeline is gone: workers may share its GPU
         from trainer.evaluate.ray_shards import generate_on_ray
 
         started = time.perf_counter()
-        videos = generate_on_ray(options, resolved, generating, layouts, prompts, conditions, params, rank, targets)
+        videos, workers = generate_on_ray(options, resolved, planned, layouts, prompts, conditions, params, rank,
+                                          targets)
         timer.add("generate", started)
-        engine["ray"] = {"address": options.ray, "gpus_per_shard": options.gpus_per_run, "shards": len(generating)}
+        engine["ray"] = {"address": options.ray, "gpus_per_worker": options.gpus_per_run, "workers": workers}
 
     definitions: dict[str, dict] = {}
     if losses:
@@ -245,40 +247,47 @@ def video_path(out: Path, system: str, prompt: int, seed: int) -> Path:
     return out / "videos" / system / f"p{prompt:03d}-s{seed}.mp4"
 
 
-def generate(generator, systems: list[System], layouts: dict[str, TicftLayout | None], prompts: list[str],
-             conditions: list[Path], params, options: EvalOptions, out: Path, timer: Timer,
+def planned_videos(systems: list[System], prompt_count: int, seeds) -> list[tuple[System, int, int]]:
+    """Every (system, prompt index, seed) an eval generates, in the order one process makes them and eval.json
+    lists them: system by system, so a pipeline going down the list (or down a stretch of it: a Ray worker's)
+    swaps its slot only where the system changes."""
+    return [(system, prompt, seed) for system in systems for prompt in range(prompt_count) for seed in seeds]
+
+
+def generate(generator, planned: list[tuple[System, int, int]], layouts: dict[str, TicftLayout | None],
+             prompts: list[str], conditions: list[Path], params, options: EvalOptions, out: Path, timer: Timer,
              keep_existing: bool = False) -> list[Video]:
-    """Every system x prompt x seed, system by system so the slot swaps once per system. A TIC-FT adapter
+    """The videos of `planned` (`planned_videos`, or a stretch of it), in its order. Each is made from its own
+    settings and seed alone (the engine seeds every generation afresh and puts the item's adapter in the slot),
+    so it is the same video whichever pipeline, and whatever came before it, makes it. A TIC-FT adapter
     animates the first frame of the held-out clip the prompt belongs to (as training conditioned each clip
     on its own first frame), over its layout's length, and yields the layout's target frames.
-    `keep_existing`: an mp4 already at a video's path is kept, not made again (a retried Ray shard's: an mp4
+    `keep_existing`: an mp4 already at a video's path is kept, not made again (a retried Ray worker's: an mp4
     is there only once written whole)."""
     from slapgen.images import first_frame
 
     videos = []
-    progress = bar(len(systems) * len(prompts) * len(options.seeds), "generate", "video")
+    progress = bar(len(planned), "generate", "video")
     started = time.perf_counter()
-    for system in systems:
+    for system, index, seed in planned:
         layout = layouts[system.name]  # from the LoRA header; the engine checks it against the model on use
-        for index, prompt in enumerate(prompts):
-            system_params = params
-            if layout is not None:
-                system_params = params.replace(num_frames=layout.pixel_frames, condition_image=first_frame(conditions[index]))
-            for seed in options.seeds:
-                path = video_path(out, system.name, index, seed)
-                if keep_existing and path.is_file():
-                    videos.append(Video(system.name, index, seed, path))
-                    progress.update(1)
-                    continue
+        system_params = params
+        if layout is not None:
+            system_params = params.replace(num_frames=layout.pixel_frames, condition_image=first_frame(conditions[index]))
+        path = video_path(out, system.name, index, seed)
+        if keep_existing and path.is_file():
+            videos.append(Video(system.name, index, seed, path))
+            progress.update(1)
+            continue
 
-                def on_step(done: int, total: int) -> None:
-                    progress.set_postfix(system=system.name, prompt=index, seed=seed, step=f"{done}/{total}")
+        def on_step(done: int, total: int) -> None:
+            progress.set_postfix(system=system.name, prompt=index, seed=seed, step=f"{done}/{total}")
 
-                frames = generator.generate_frames(system_params.replace(prompt=prompt, seed=seed, adapter=system.adapter),
-                                                   on_step)
-                write_mp4_atomic(frames, path, params.fps)
-                videos.append(Video(system.name, index, seed, path))
-                progress.update(1)
+        frames = generator.generate_frames(system_params.replace(prompt=prompts[index], seed=seed,
+                                                                 adapter=system.adapter), on_step)
+        write_mp4_atomic(frames, path, params.fps)
+        videos.append(Video(system.name, index, seed, path))
+        progress.update(1)
     progress.close()
     timer.add("generate", started)
     return videos
