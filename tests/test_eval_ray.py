@@ -154,8 +154,9 @@ def test_a_node_killed_mid_shard_leaves_the_numbers_of_one_process(tiny_cache_di
     """Guards the cluster path when a node dies: a shard not retried (the eval fails or hangs), a retry on the
     dead node, a retry that makes again the videos its lost attempt had finished, and numbers that differ from
     the same eval in one process. A head and a second node (`ray start`, as tests/test_sweep_ray.py); the second
-    node is SIGKILLed once its shard has finished some of its 4 videos; the shard's retry runs on the head, the
-    finished mp4s are the same files (inode and mtime), and eval.json's numbers equal the one-process run's."""
+    node is SIGKILLed once its worker (one per 1-CPU node) has finished some of the 4 videos of its stretch; the
+    worker's retry runs on the head, the finished mp4s are the same files (inode and mtime), and eval.json's
+    numbers equal the one-process run's."""
     from tests.test_sweep_ray import _on_node, two_node_cluster
 
     lora = write_test_adapter(tmp_path / "lora", tiny_cache_dir, rank=4, seed=3)
