@@ -124,7 +124,8 @@ def flow_matching_loss(transformer, latents: torch.Tensor, prompt_embeds: torch.
     transformer is told the sample's sigma (TIC-FT's rule, base_specification.py L500)."""
     batch = latents.shape[0]
     noisy = noisy_latents(latents, noise, sigmas if frame_plan is None else frame_plan.frame_sigmas)
-    timestep = transformer_timestep(sigmas, latents, transformer.config.patch_size, expand_timesteps)
+    patch_size = transformer.config.patch_size if expand_timesteps else None  # (not read through a DDP wrapper)
+    timestep = transformer_timestep(sigmas, latents, patch_size, expand_timesteps)
     prediction = transformer(hidden_states=noisy, timestep=timestep, encoder_hidden_states=prompt_embeds,
                              return_dict=False)[0]
     error = (prediction.float() - velocity_target(latents.float(), noise.float())) ** 2
