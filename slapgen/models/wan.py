@@ -49,6 +49,13 @@ BLOCK_ATTENTION_PATTERN = r"blocks\.\d+\.attn1"
 BLOCK_FEED_FORWARD_PATTERN = r"blocks\.\d+\.ffn"
 # Wan's transformer takes (batch, channels, frames, height, width): FasterCache's "BCFHW".
 LATENT_LAYOUT = "BCFHW"
+# The step caches (`slapgen.engine.caching`'s kinds) that run on Wan in diffusers 0.42.1, measured on the tiny
+# twin (tests/test_wan_family.py): PAB, First Block Cache and TaylorSeer (with the patterns above; its
+# defaults hook nothing in Wan) skip block work. FasterCache does not: `WanPipeline` runs the conditional and
+# unconditional passes as two batch-1 calls (`cache_context("cond")` / `("uncond")`), while FasterCache
+# expects them batched together and fails (`faster_cache.py` L464, IndexError). NOTE for the interface: it
+# has no member saying which caches a family supports; the engine should refuse the others by this list.
+SUPPORTED_STEP_CACHES = ("none", "pab", "fbc", "taylorseer")
 
 
 def _spec(**fields) -> ModelSpec:
