@@ -224,6 +224,7 @@ class CogVideoXFamily(family.ModelFamily):
     pipeline_class_name = "CogVideoXPipeline"
     transformer_class_name = "CogVideoXTransformer3DModel"
     latent_layout = HIDDEN_STATES_LAYOUT
+    objective = "x0 from v-prediction, weighted by 1/(1-alpha_bar)"
     lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0")
     step_cache_hooks = StepCacheHooks(BLOCK_ATTENTION_PATTERN, BLOCK_FEED_FORWARD_PATTERN, HIDDEN_STATES_LAYOUT)
 

@@ -132,10 +132,11 @@ class VaeFactors:
     @classmethod
     def from_metadata(cls, metadata: dict[str, str]) -> "VaeFactors":
         """Raises KeyError / ValueError on missing or malformed keys (the latent cache's damaged-entry path)."""
-        mean = tuple(float(value) for value in json.loads(metadata["vae_latents_mean"])) \
-            if "vae_latents_mean" in metadata else ()
-        std = tuple(float(value) for value in json.loads(metadata["vae_latents_std"])) \
-            if "vae_latents_std" in metadata else ()
+        try:
+            mean = tuple(float(value) for value in json.loads(metadata.get("vae_latents_mean", "[]")))
+            std = tuple(float(value) for value in json.loads(metadata.get("vae_latents_std", "[]")))
+        except TypeError as error:  # JSON that is not a list of numbers
+            raise ValueError(f"malformed per-channel VAE normalisation ({error})") from None
         if len(mean) != len(std):
             raise ValueError("vae_latents_mean and vae_latents_std differ in length")
         return cls(int(metadata["vae_spatial"]), int(metadata["vae_temporal"]), float(metadata["vae_scaling_factor"]),
@@ -218,6 +219,8 @@ class ModelFamily(ABC):
     #: channels are in every latent tensor a caller gets from or gives to the family (noise,
     #: `encode_latents`, `sample_latents`, the pipeline's `latents=` and callback latents).
     latent_layout: str
+    #: The training objective in a few words, for reports ("x0 from v-prediction, weighted by 1/(1-alpha_bar)").
+    objective: str
     #: The transformer's linear layers a LoRA attaches to by default (peft `target_modules`).
     lora_target_modules: tuple[str, ...]
     #: What step caches hook in the transformer.
