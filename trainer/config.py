@@ -11,7 +11,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from slapgen.models.cogvideox import SIZE_MULTIPLE, frame_rule, is_valid_frame_count
+from slapgen.models.family import frame_rule, is_valid_frame_count
+from slapgen.models.specs import BASE_SIZE_MULTIPLE as SIZE_MULTIPLE
+from slapgen.models.specs import DEFAULT_FRAME_STEP as FRAME_STEP
 from slapgen.models.ticft import TicftLayout, objective_name
 from trainer.errors import TrainConfigError
 
@@ -25,15 +27,15 @@ class Section(BaseModel):
 class DataConfig(Section):
     height: int = Field(480, ge=SIZE_MULTIPLE, multiple_of=SIZE_MULTIPLE, description="training height in pixels")
     width: int = Field(720, ge=SIZE_MULTIPLE, multiple_of=SIZE_MULTIPLE, description="training width in pixels")
-    num_frames: int = Field(49, ge=1, description=f"frames per clip, {frame_rule()} for CogVideoX 1.0 (49 = 6 s at 8 fps)")
+    num_frames: int = Field(49, ge=1, description=f"frames per clip, {frame_rule(FRAME_STEP)} for CogVideoX 1.0 (49 = 6 s at 8 fps)")
     fps: float = Field(8, gt=0, description="frames are sampled from each clip at this rate")
     max_clips: int | None = Field(None, ge=1, description="use only the first N clips of the dataset")
 
     @field_validator("num_frames")
     @classmethod
     def _frames_round_trip_the_vae(cls, value: int) -> int:
-        if not is_valid_frame_count(value):
-            raise ValueError(f"num_frames must be {frame_rule()} so the VAE round-trips it")
+        if not is_valid_frame_count(value, FRAME_STEP):
+            raise ValueError(f"num_frames must be {frame_rule(FRAME_STEP)} so the VAE round-trips it")
         return value
 
 

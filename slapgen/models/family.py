@@ -132,10 +132,11 @@ class VaeFactors:
     @classmethod
     def from_metadata(cls, metadata: dict[str, str]) -> "VaeFactors":
         """Raises KeyError / ValueError on missing or malformed keys (the latent cache's damaged-entry path)."""
-        mean = tuple(float(value) for value in json.loads(metadata["vae_latents_mean"])) \
-            if "vae_latents_mean" in metadata else ()
-        std = tuple(float(value) for value in json.loads(metadata["vae_latents_std"])) \
-            if "vae_latents_std" in metadata else ()
+        try:
+            mean = tuple(float(value) for value in json.loads(metadata.get("vae_latents_mean", "[]")))
+            std = tuple(float(value) for value in json.loads(metadata.get("vae_latents_std", "[]")))
+        except TypeError as error:  # JSON that is not a list of numbers
+            raise ValueError(f"malformed per-channel VAE normalisation ({error})") from None
         if len(mean) != len(std):
             raise ValueError("vae_latents_mean and vae_latents_std differ in length")
         return cls(int(metadata["vae_spatial"]), int(metadata["vae_temporal"]), float(metadata["vae_scaling_factor"]),
@@ -211,10 +212,15 @@ class ModelFamily(ABC):
     #: `model_index.json`'s `_class_name` of this family's diffusers pipeline folders (how a folder
     #: without a slap_spec.json tells its family).
     pipeline_class_name: str
+    #: The class name of the family's diffusers transformer (how code handed only a transformer or a
+    #: pipeline, e.g. the held-out loss or the engine's hooks, finds its family: `family_of_transformer`).
+    transformer_class_name: str
     #: The transformer's latent layout, "BFCHW" (CogVideoX) or "BCFHW" (Wan): where frames and
     #: channels are in every latent tensor a caller gets from or gives to the family (noise,
     #: `encode_latents`, `sample_latents`, the pipeline's `latents=` and callback latents).
     latent_layout: str
+    #: The training objective in a few words, for reports ("x0 from v-prediction, weighted by 1/(1-alpha_bar)").
+    objective: str
     #: The transformer's linear layers a LoRA attaches to by default (peft `target_modules`).
     lora_target_modules: tuple[str, ...]
     #: What step caches hook in the transformer.
@@ -298,11 +304,19 @@ class ModelFamily(ABC):
         levels, (len(fractions),): how the held-out loss fixes its levels without naming units."""
 
     @abstractmethod
+    def transformer_inputs(self, transformer_config, height: int, width: int, num_latent_frames: int, device):
+        """What the transformer needs besides latents, text and timestep for clips of this pixel size and
+        latent length, computed once and reused (CogVideoX: the 3D RoPE its pipeline builds outside the
+        transformer; None for a family whose transformer builds its own, as Wan's does). Opaque to callers:
+        they only hand it back to `training_step`."""
+
+    @abstractmethod
     def training_step(self, transformer, scheduler, batch: LatentBatch, draws: NoiseDraws, dtype: torch.dtype,
-                      frame_plan: FramePlan | None = None) -> torch.Tensor:
-        """The loss of one training step on cached latents (the caller runs backward and the optimizer);
-        any extra transformer input (rotary embeddings, ...) is computed here. `dtype`: what the
-        transformer computes in; `frame_plan`: per-frame noise levels and a loss over some frames only."""
+                      frame_plan: FramePlan | None = None, transformer_inputs=None) -> torch.Tensor:
+        """The loss of one training step on cached latents (the caller runs backward and the optimizer).
+        `dtype`: what the transformer computes in; `frame_plan`: per-frame noise levels and a loss over
+        some frames only; `transformer_inputs`: from `transformer_inputs` (None: computed here from the
+        batch's shape, so callers never build RoPE or other family inputs)."""
 
     # -- engine ----------------------------------------------------------------------------------
 
@@ -377,3 +391,19 @@ def family_of_pipeline_class(class_name: str) -> ModelFamily | None:
     if not FAMILIES:
         _register_builtin_families()
     return next((family for family in FAMILIES.values() if family.pipeline_class_name == class_name), None)
+
+
+def family_of_transformer(transformer: torch.nn.Module) -> ModelFamily:
+    """The family of a diffusers transformer, also inside a peft `PeftModel` or a `torch.compile` wrapper."""
+    if not FAMILIES:
+        _register_builtin_families()
+    module = transformer
+    for unwrap in ("module", "get_base_model", "_orig_mod"):  # DDP, peft, torch.compile
+        inner = getattr(module, unwrap, None)
+        if inner is not None:
+            module = inner() if callable(inner) and not isinstance(inner, torch.nn.Module) else inner
+    names = {cls.__name__ for cls in type(module).__mro__}
+    for family in FAMILIES.values():
+        if family.transformer_class_name in names:
+            return family
+    raise ValueError(f"no model family has a transformer of class {type(module).__name__}")

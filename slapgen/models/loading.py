@@ -1,8 +1,8 @@
 """Turn a model setting (`SLAP_MODEL`, the trainer's `model`) into a local pipeline folder + spec,
 then into a pipeline.
 
-The tiny model, a local folder and a hub id all end in the same `CogVideoXPipeline.from_pretrained`
-call on a folder, in the spec's dtype, so the code tests exercise is the code production runs.
+The tiny model, a local folder and a hub id all end in the same call on a folder, the spec's family's
+`load_pipeline` in the spec's dtype, so the code tests exercise is the code production runs.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from slapgen.errors import ModelUnavailableError
+from slapgen.models.family import family_of
 from slapgen.models.specs import ModelSpec, spec_for_folder
 from slapgen.models.tiny import TINY_MODEL_NAME, materialise_tiny_model
 
@@ -56,7 +57,7 @@ def resolve_model(model: str, cache_dir: Path | None = None, allow_download: boo
         if not (path / "model_index.json").is_file():
             raise ModelUnavailableError(
                 f"{setting.name}={model} is a folder but not a diffusers pipeline (no model_index.json); "
-                f"point it at a saved CogVideoXPipeline folder, {tiny_fix}."
+                f"point it at a saved diffusers pipeline folder, {tiny_fix}."
             )
         return ResolvedModel(path.resolve(), spec_for_folder(path, path.name))
 
@@ -91,14 +92,12 @@ def _hub_snapshot(repo_id: str, allow_download: bool, setting: ModelSetting, tin
 
 
 def load_pipeline(resolved: ResolvedModel, **components):
-    """The CogVideoX pipeline of a resolved folder, every component in the spec's dtype, on the CPU.
-
-    `components` replace or drop parts (`transformer=None` loads only the encoders)."""
-    from diffusers import CogVideoXPipeline
-
+    """The pipeline of a resolved folder (its spec's family's), every component in the spec's dtype, on
+    the CPU. `components` replace or drop parts (`transformer=None` loads only the encoders)."""
+    family = family_of(resolved.spec)
     try:
-        return CogVideoXPipeline.from_pretrained(resolved.folder, dtype=resolved.spec.torch_dtype, **components)
+        return family.load_pipeline(resolved.folder, resolved.spec.torch_dtype, **components)
     except (OSError, ValueError, KeyError) as error:
         raise ModelUnavailableError(
-            f"could not load a CogVideoX pipeline from {resolved.folder} ({error}); check the folder is complete."
+            f"could not load a {family.pipeline_class_name} from {resolved.folder} ({error}); check the folder is complete."
         ) from error
