@@ -66,23 +66,27 @@ def test_loss_is_the_mse_against_noise_minus_x0_with_timestep_sigma_times_1000(t
 
 
 def test_ticft_frame_plan_keeps_condition_clean_buffers_capped_and_loss_on_targets(transformer):
-    """Guards TIC-FT on flow matching: condition frames are x0 exactly, buffer k sits at min(sigma, level_k)
-    with levels 0.25/0.5/0.75, targets at sigma, the transformer hears the sample's sigma, and only target
-    frames count in the loss (formula written out)."""
+    """Guards TIC-FT on flow matching through the shared layout code: with Wan's levels the plan is
+    clean / min(sigma, 0.25|0.5|0.75) / sigma per frame (x 1000), and `WanFamily.training_step` noises each
+    frame so (condition frame x0 exactly), tells the transformer the sample's sigma and counts only the
+    target frames (formula written out)."""
+    scheduler = FlowMatchEulerDiscreteScheduler()
     layout = TicftLayout(1, 3, 2)
-    sigmas = torch.tensor([0.9, 0.4])
-    plan = fm.ticft_frame_plan(layout, sigmas)
-    expected_levels = torch.tensor([[0.0, 0.25, 0.5, 0.75, 0.9, 0.9], [0.0, 0.25, 0.4, 0.4, 0.4, 0.4]])
-    torch.testing.assert_close(plan.frame_sigmas, expected_levels)
+    timesteps = torch.tensor([900.0, 400.0])
+    plan = layout.frame_plan_for(WAN, scheduler, timesteps)
+    expected_sigmas = torch.tensor([[0.0, 0.25, 0.5, 0.75, 0.9, 0.9], [0.0, 0.25, 0.4, 0.4, 0.4, 0.4]])
+    torch.testing.assert_close(plan.frame_timesteps[:, 1:], 1000 * expected_sigmas[:, 1:])
+    assert (plan.frame_timesteps[:, 0] == CLEAN_FRAME).all()
     latents, noise = _draw(2, 4, 6, 8, 12, seed=7), _draw(2, 4, 6, 8, 12, seed=8)
-    prompt_embeds = _draw(2, 7, 32, seed=9)
-    noisy = fm.noisy_latents(latents, noise, plan.frame_sigmas)
-    assert torch.equal(noisy[:, :, 0], latents[:, :, 0])
+    assert torch.equal(WAN.noise_frames(scheduler, latents, noise, plan.frame_timesteps)[:, :, 0], latents[:, :, 0])
+    # A posterior with zero variance and no normalisation: the training step's x0 is `latents` itself.
+    batch = LatentBatch(latents, torch.full_like(latents, -1e4), _draw(2, 7, 32, seed=9))
+    draws = NoiseDraws(torch.zeros_like(latents), noise, timesteps)
     with torch.no_grad():
-        loss = fm.flow_matching_loss(transformer, latents, prompt_embeds, noise, sigmas, plan)
-        s = expected_levels.view(2, 1, 6, 1, 1)
-        v = transformer(hidden_states=(1 - s) * latents + s * noise, timestep=sigmas * 1000,
-                        encoder_hidden_states=prompt_embeds, return_dict=False)[0]
+        loss = WAN.training_step(transformer, scheduler, batch, draws, torch.float32, plan)
+        s = expected_sigmas.view(2, 1, 6, 1, 1)
+        v = transformer(hidden_states=(1 - s) * latents + s * noise, timestep=timesteps,
+                        encoder_hidden_states=batch.prompt_embeds, return_dict=False)[0]
         expected = ((v - (noise - latents))[:, :, 4:] ** 2).mean()
     torch.testing.assert_close(loss, expected)
 

@@ -9,12 +9,11 @@ TIC-FT's Wan training forward runs (`finetrainers/models/wan/base_specification.
 
 Latents here are laid out as Wan's transformer takes them: (batch, channels, frames, height, width).
 
-TIC-FT on flow matching (`FlowFramePlan`, `FlowConditionLatents`): condition frames are clean
-(sigma 0: x_0 is x0 bit for bit), buffer k sits at min(sigma, (k + 1) / (B + 1)) (0.25 / 0.5 / 0.75 for
-three buffers, TIC-FT's Wan levels, base_specification.py L487-497), target frames at sigma, and the
-loss covers the target frames only. At inference the clean condition and each buffer's fixed noisy
-copy are put back after every scheduler step, so the transformer sees what training showed it with
-any scheduler (flow-match Euler, or the UniPC the Wan folders ship).
+TIC-FT on flow matching (`FlowFramePlan`, `buffer_sigmas`): condition frames are clean (sigma 0: x_0 is
+x0 bit for bit), buffer k sits at min(sigma, (k + 1) / (B + 1)) (0.25 / 0.5 / 0.75 for three buffers,
+TIC-FT's Wan levels, base_specification.py L487-497), target frames at sigma, and the loss covers the
+target frames only. The layout and inference re-injection are family-agnostic (`slapgen.models.ticft`,
+through `WanFamily`'s TIC-FT members).
 
 Nothing here loads a model or names a model family.
 """
@@ -105,16 +104,6 @@ def buffer_sigmas(buffer: int) -> tuple[float, ...]:
     return tuple((k + 1) / (buffer + 1) for k in range(buffer))
 
 
-def ticft_frame_plan(layout, sigmas: torch.Tensor) -> FlowFramePlan:
-    """TIC-FT's noise rule for `layout` (a `slapgen.models.ticft.TicftLayout`) at sample sigmas (B,):
-    condition frames 0, buffer k min(sigma, level_k), target frames sigma; loss on the target frames."""
-    sigmas = sigmas.float()
-    columns = [torch.zeros_like(sigmas)] * layout.condition
-    columns += [sigmas.clamp(max=level) for level in buffer_sigmas(layout.buffer)]
-    columns += [sigmas] * layout.target
-    return FlowFramePlan(torch.stack(columns, dim=1), slice(layout.condition + layout.buffer, None))
-
-
 def flow_matching_loss(transformer, latents: torch.Tensor, prompt_embeds: torch.Tensor, noise: torch.Tensor,
                        sigmas: torch.Tensor, frame_plan: FlowFramePlan | None = None,
                        expand_timesteps: bool = False) -> torch.Tensor:
@@ -132,59 +121,3 @@ def flow_matching_loss(transformer, latents: torch.Tensor, prompt_embeds: torch.
     if frame_plan is not None:
         error = error[:, :, frame_plan.loss_frames]
     return error.reshape(batch, -1).mean(dim=1).mean()
-
-
-# --- inference: TIC-FT re-injection -----------------------------------------------------------
-
-def next_sigma(scheduler, step_index: int) -> float:
-    """The sigma the transformer sees after denoising step `step_index`: `scheduler.sigmas[i + 1]`
-    (flow-match Euler and UniPC in flow mode both append a final 0 after the last step)."""
-    return float(scheduler.sigmas[step_index + 1])
-
-
-@dataclass(frozen=True)
-class FlowConditionLatents:
-    """The condition of one generation in latent space: the clean condition and buffer latents
-    (1, ch, C+B, h, w) and each buffer's fixed noisy copy at its level (1, ch, B, h, w)."""
-
-    layout: object  # slapgen.models.ticft.TicftLayout
-    clean: torch.Tensor
-    noisy_buffers: torch.Tensor
-    levels: tuple[float, ...]
-
-    @classmethod
-    def build(cls, layout, clean: torch.Tensor, buffer_noise: torch.Tensor) -> "FlowConditionLatents":
-        """`clean` holds at least the first C+B latent frames of the encoded, normalised clip;
-        `buffer_noise` is (1, ch, B, h, w), drawn once per generation."""
-        clean = clean[:, :, : layout.condition + layout.buffer]
-        levels = buffer_sigmas(layout.buffer)
-        buffers = clean[:, :, layout.condition:]
-        level_tensor = torch.tensor(levels, dtype=torch.float32).view(1, -1).expand(clean.shape[0], -1)
-        return cls(layout, clean, noisy_latents(buffers, buffer_noise, level_tensor), levels)
-
-    def reinject(self, latents: torch.Tensor, sigma: float) -> torch.Tensor:
-        """`latents` with the clean condition put back and each buffer whose level is below `sigma` (the
-        sigma the transformer sees next) reset to its fixed noisy copy."""
-        condition = self.layout.condition
-        latents = latents.clone()
-        latents[:, :, :condition] = self.clean[:, :, :condition].to(latents.dtype)
-        for k, level in enumerate(self.levels):
-            if sigma > level:
-                latents[:, :, condition + k] = self.noisy_buffers[:, :, k].to(latents.dtype)
-        return latents
-
-    def initial_latents(self, noise: torch.Tensor, first_sigma: float) -> torch.Tensor:
-        """The latents a generation starts from: `noise` (1, ch, F, h, w) with the condition put in."""
-        return self.reinject(noise.to(self.clean.dtype), first_sigma)
-
-
-class ReinjectAfterStep:
-    """A `callback_on_step_end` for a diffusers pipeline: after each scheduler step, the condition goes back
-    in for the sigma of the next step (use with `callback_on_step_end_tensor_inputs=["latents"]`)."""
-
-    def __init__(self, condition: FlowConditionLatents):
-        self.condition = condition
-
-    def __call__(self, pipeline, step_index: int, timestep, callback_kwargs: dict) -> dict:
-        sigma = next_sigma(pipeline.scheduler, step_index)
-        return {"latents": self.condition.reinject(callback_kwargs["latents"], sigma)}

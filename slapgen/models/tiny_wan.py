@@ -42,12 +42,16 @@ TINY_LATENT_CHANNELS = 4
 
 TINY_WAN_SPEC = ModelSpec(
     name=TINY_WAN_MODEL_NAME,
+    family="wan",
     dtype="float32",
     height=64,
     width=96,
     fps=16,  # Wan 2.1's
     max_num_frames=81,  # Wan 2.1's
     frame_step=4,  # Wan's VAE: 4x temporal, any 4k+1 round-trips
+    spatial_compression=WAN21_VAE["scale_factor_spatial"],
+    temporal_compression=WAN21_VAE["scale_factor_temporal"],
+    patch_size=WAN21_T2V_1_3B_TRANSFORMER["patch_size"][1],
     default_num_frames=9,
     max_sequence_length=32,
     default_num_inference_steps=4,

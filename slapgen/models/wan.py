@@ -58,16 +58,8 @@ LATENT_LAYOUT = "BCFHW"
 SUPPORTED_STEP_CACHES = ("none", "pab", "fbc", "taylorseer")
 
 
-def _spec(**fields) -> ModelSpec:
-    """TRANSITIONAL: builds a ModelSpec from `fields`, leaving out the fields today's ModelSpec does not
-    have yet (`family`, `spatial_compression`, `temporal_compression`, `patch_size`, added on branch
-    h-family). Once that ModelSpec is merged nothing is left out and this is `ModelSpec(**fields)`."""
-    known = ModelSpec.model_fields
-    return ModelSpec(**{name: value for name, value in fields.items() if name in known})
-
-
 def _wan_spec(name: str, height: int, width: int, fps: int, max_num_frames: int, spatial_compression: int) -> ModelSpec:
-    return _spec(
+    return ModelSpec(
         name=name,
         family="wan",
         # Wan's weights are bf16 (the conversion script's and every diffusers example's transformer dtype).
@@ -174,6 +166,7 @@ class WanFamily(family.ModelFamily):
     pipeline_class_name = "WanPipeline"
     transformer_class_name = "WanTransformer3DModel"
     latent_layout = LATENT_LAYOUT
+    objective = "flow matching: velocity (noise - x0) at sigma, squared error, weight 1"
     # Every attention projection of every block, self (attn1) and cross (attn2): finetrainers' Wan
     # default `blocks.*(to_q|to_k|to_v|to_out.0)` and TIC-FT's Wan runs; the same names as CogVideoX's.
     lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0")
