@@ -26,7 +26,8 @@ def _schedulers():
 def test_condition_comes_out_clean_and_buffers_hold_their_level(scheduler_name):
     """Guards re-injection on flow matching: the generated latents' condition frame equals the clean condition
     bit for bit; every transformer call at a sigma above a buffer's level sees that buffer at its fixed copy
-    (1 - level) x0 + level n with levels 0.25/0.5/0.75; and the transformer is called below the levels too."""
+    (1 - level) x0 + level n with levels 0.25/0.5/0.75, and from the step the sigma reaches the level on it
+    is denoised instead (not reset once more)."""
     pipeline = build_tiny_wan_pipeline()
     pipeline.scheduler = _schedulers()[scheduler_name]
     channels = pipeline.transformer.config.in_channels
@@ -69,7 +70,8 @@ def test_condition_comes_out_clean_and_buffers_hold_their_level(scheduler_name):
             if level_now > level:
                 assert torch.equal(hidden[:, :, LAYOUT.condition + k], condition.noisy_buffers[:, :, k])
                 held += 1
-            else:
+            else:  # from the step the sigma reaches its level, the buffer is denoised with the target
+                assert not torch.equal(hidden[:, :, LAYOUT.condition + k], condition.noisy_buffers[:, :, k])
                 below += 1
     assert held and below
 
