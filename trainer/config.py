@@ -114,7 +114,7 @@ class TicftConfig(Section):
 class TrainConfig(Section):
     """Everything a run needs. Save it next to the weights and the run is reproducible."""
 
-    model: str = Field("THUDM/CogVideoX-5b", description="hub id, local pipeline folder, or `tiny`")
+    model: str = Field("THUDM/CogVideoX-5b", description="hub id, local pipeline folder, `tiny` (CogVideoX) or `tiny-wan`")
     model_cache_dir: Path | None = Field(
         None, description="where `tiny` is materialised; null: SLAP_CACHE_DIR, else ~/.cache/slapgen"
     )

@@ -365,8 +365,9 @@ def register(family: ModelFamily) -> ModelFamily:
 def _register_builtin_families() -> None:
     # The one place that names the families: adding one = its module + one line here.
     from slapgen.models.cogvideox import COGVIDEOX
+    from slapgen.models.wan import WAN
 
-    for family in (COGVIDEOX,):
+    for family in (COGVIDEOX, WAN):
         if family.name not in FAMILIES:
             register(family)
 

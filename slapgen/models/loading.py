@@ -16,6 +16,7 @@ from slapgen.errors import ModelUnavailableError
 from slapgen.models.family import family_of
 from slapgen.models.specs import ModelSpec, spec_for_folder
 from slapgen.models.tiny import TINY_MODEL_NAME, materialise_tiny_model
+from slapgen.models.tiny_wan import TINY_WAN_MODEL_NAME, materialise_tiny_wan_model
 
 HUB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -51,6 +52,9 @@ def resolve_model(model: str, cache_dir: Path | None = None, allow_download: boo
     if model == TINY_MODEL_NAME:
         folder = materialise_tiny_model(cache_dir)
         return ResolvedModel(folder, spec_for_folder(folder, TINY_MODEL_NAME))
+    if model == TINY_WAN_MODEL_NAME:
+        folder = materialise_tiny_wan_model(cache_dir)
+        return ResolvedModel(folder, spec_for_folder(folder, TINY_WAN_MODEL_NAME))
 
     path = Path(model).expanduser()
     if path.exists():
