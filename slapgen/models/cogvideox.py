@@ -1,4 +1,6 @@
-"""Everything specific to CogVideoX 1.0 (2B and 5B), in one place.
+"""Everything specific to CogVideoX 1.0 (2B and 5B), in one place, and `CogVideoXFamily`: CogVideoX's
+implementation of the model-family interface (`slapgen.models.family`), through which every other module
+reaches it.
 
 - the frame rule and latent frames: the VAE compresses time 4x and space 8x, the transformer cuts
   latents into 2x2 patches; CogVideoX 1.0 decodes an even number of latent frames into 4k+4 pixel
@@ -15,7 +17,8 @@
   frame its own noise level and limits the loss to some frames; without one every frame is noised
   at the sample's timestep and counts.
 
-Other modules import these names; none writes 4, 8, 16 or a scaling factor again.
+The free functions stay importable under their names (tests check them directly); other modules go
+through `family_of(spec)` and none writes 4, 8, 16 or a scaling factor again.
 """
 
 from __future__ import annotations
@@ -23,7 +26,6 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
 
 import torch
 
