@@ -230,6 +230,11 @@ class CogVideoXFamily(family.ModelFamily):
     lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0")
     step_cache_hooks = StepCacheHooks(BLOCK_ATTENTION_PATTERN, BLOCK_FEED_FORWARD_PATTERN, HIDDEN_STATES_LAYOUT)
 
+    def known_specs(self):
+        from slapgen.models.specs import KNOWN_SPECS
+
+        return KNOWN_SPECS
+
     def infer_spec(self, folder, name):
         import json
         from pathlib import Path

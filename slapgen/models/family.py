@@ -239,6 +239,11 @@ class ModelFamily(ABC):
     # -- specs and loading -----------------------------------------------------------------------
 
     @abstractmethod
+    def known_specs(self) -> "dict[str, ModelSpec]":
+        """The family's real models by lower-cased hub id (their published limits and defaults), so a
+        hub id resolves to its spec before or without a download."""
+
+    @abstractmethod
     def infer_spec(self, folder: Path, name: str) -> "ModelSpec":
         """The spec of a pipeline folder of this family that has no slap_spec.json and no known name,
         read from its own configs (transformer, VAE) as diffusers derives its defaults."""
@@ -370,6 +375,18 @@ def _register_builtin_families() -> None:
     for family in (COGVIDEOX, WAN):
         if family.name not in FAMILIES:
             register(family)
+
+
+def known_spec(name: str) -> "ModelSpec | None":
+    """The spec of a model known by name (a hub id such as THUDM/CogVideoX-5b or
+    Wan-AI/Wan2.1-T2V-1.3B-Diffusers, any case) in any registered family, else None."""
+    if not FAMILIES:
+        _register_builtin_families()
+    for family in FAMILIES.values():
+        spec = family.known_specs().get(name.lower())
+        if spec is not None:
+            return spec
+    return None
 
 
 def family_named(name: str) -> ModelFamily:

@@ -113,6 +113,7 @@ COGVIDEOX_5B = ModelSpec(
 
 COGVIDEOX_2B = COGVIDEOX_5B.model_copy(update={"name": "THUDM/CogVideoX-2b", "dtype": "float16"})
 
+# CogVideoX's real models; `family.known_spec` looks a name up in every family's.
 KNOWN_SPECS: dict[str, ModelSpec] = {spec.name.lower(): spec for spec in (COGVIDEOX_5B, COGVIDEOX_2B)}
 
 
@@ -126,7 +127,7 @@ def spec_for_folder(folder: Path, name: str) -> ModelSpec:
     spec_file = folder / SPEC_FILENAME
     if spec_file.is_file():
         return ModelSpec.model_validate_json(spec_file.read_text())
-    known = KNOWN_SPECS.get(name.lower())
+    known = families.known_spec(name)
     if known is not None:
         return known
     return family_of_folder(folder).infer_spec(folder, name)

@@ -174,6 +174,9 @@ class WanFamily(family.ModelFamily):
 
     # -- specs and loading ------------------------------------------------------------------------
 
+    def known_specs(self) -> dict[str, ModelSpec]:
+        return WAN_SPECS
+
     def infer_spec(self, folder: Path, name: str) -> ModelSpec:
         """A known Wan name's spec, else Wan 2.1 1.3B's limits (or 2.2 5B's when the folder's VAE is the
         16x one), named `name`: the folder's configs do not say a native size or fps."""
