@@ -30,15 +30,14 @@ from bench.common import add_save_argument, device_description, print_table, wri
 
 def random_adapter(folder: Path, rank: int = 8) -> Path:
     """A LoRA for the tiny model in the trainer's format, with seeded random weights."""
-    from diffusers import CogVideoXTransformer3DModel
-
-    from slapgen.models.tiny import materialise_tiny_model
+    from slapgen.models.family import family_of
+    from slapgen.models.tiny import TINY_SPEC, materialise_tiny_model
     from slapgen.models.loading import default_cache_dir
     from trainer.config import load_config
     from trainer.lora import add_lora, save_lora
 
     config = load_config("tiny-smoke", [f"lora.rank={rank}", f"lora.alpha={rank}"])
-    transformer = CogVideoXTransformer3DModel.from_pretrained(materialise_tiny_model(default_cache_dir()), subfolder="transformer")
+    transformer = family_of(TINY_SPEC).load_transformer(materialise_tiny_model(default_cache_dir()), torch.float32)
     add_lora(transformer, config.lora)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():

@@ -59,7 +59,7 @@ def _models(name: str, device: str):
 
 
 def run_case(case: str, steps: int) -> dict:
-    from slapgen.models.cogvideox import LatentBatch, draw_noise, rotary_embeddings, training_step
+    from slapgen.models.family import LatentBatch, family_of
     from slapgen.video import write_mp4
     from trainer.config import LoraConfig, OptimConfig
     from trainer.frames import load_clip
@@ -88,7 +88,8 @@ def run_case(case: str, steps: int) -> dict:
     caption = "Power slap: the striker winds up and the open hand strikes the cheek; the head snaps sideways."
     cached_mean, cached_logvar = encoders.encode_video(load_clip(clip_path, frames, spec.fps, spec.height, spec.width))
     cached_embeds = encoders.encode_prompt(caption)
-    scaling_factor = encoders.vae_factors.scaling_factor
+    factors = encoders.vae_factors
+    family = family_of(spec)
     if mode == "cached":
         # `slapgen train` releases the VAE and T5 once the cache is filled: train without them in memory.
         encoders = pipeline = None
@@ -96,7 +97,7 @@ def run_case(case: str, steps: int) -> dict:
         if device == "cuda":
             torch.cuda.empty_cache()
     latent_frames = cached_mean.shape[1]
-    rotary = rotary_embeddings(transformer.config, spec.height, spec.width, latent_frames, device)
+    inputs = family.transformer_inputs(transformer.config, spec.height, spec.width, latent_frames, device)
     autocast = torch.autocast("cuda", dtype=dtype) if device == "cuda" else torch.autocast("cpu", enabled=False)
     noise_generator = torch.Generator().manual_seed(0)
 
@@ -108,10 +109,11 @@ def run_case(case: str, steps: int) -> dict:
         else:
             mean, logvar, embeds = cached_mean, cached_logvar, cached_embeds
         batch = LatentBatch(mean.unsqueeze(0).to(device, torch.float32), logvar.unsqueeze(0).to(device, torch.float32),
-                            embeds.unsqueeze(0).to(device, torch.float32), scaling_factor)
-        draws = draw_noise(batch, scheduler.config.num_train_timesteps, noise_generator)
+                            embeds.unsqueeze(0).to(device, torch.float32), factors.scaling_factor,
+                            factors.latents_mean, factors.latents_std)
+        draws = family.draw_noise(batch, scheduler, noise_generator)
         with autocast:  # what `slapgen train`'s loop does, through the same training_step
-            loss = training_step(transformer, scheduler, batch, draws, rotary, dtype)
+            loss = family.training_step(transformer, scheduler, batch, draws, dtype, transformer_inputs=inputs)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()

@@ -12,7 +12,7 @@ from functools import lru_cache
 import torch
 from safetensors import safe_open
 
-from slapgen.models.cogvideox import LatentBatch, VaeFactors
+from slapgen.models.family import LatentBatch, VaeFactors
 from trainer.latent_cache import CacheEntry
 
 
@@ -38,16 +38,21 @@ class BatchOrder:
 
 
 def load_batch(entries: list[CacheEntry], indices: list[int], device) -> LatentBatch:
-    """The cached tensors of `indices`, stacked, with the scaling factor their VAE recorded."""
+    """The cached tensors of `indices`, stacked, with the latent normalisation their VAE recorded."""
     rows, factors = [], set()
     for index in indices:
         with safe_open(str(entries[index].path), framework="pt") as handle:
-            factors.add(VaeFactors.from_metadata(handle.metadata()).scaling_factor)
+            vae = VaeFactors.from_metadata(handle.metadata())
+            factors.add((vae.scaling_factor, vae.latents_mean, vae.latents_std))
             rows.append({name: handle.get_tensor(name) for name in handle.keys()})
     if len(factors) != 1:
-        raise ValueError(f"cache entries of one batch were encoded by different VAEs (scaling factors {sorted(factors)})")
+        scaling = sorted({factor[0] for factor in factors})
+        raise ValueError(f"cache entries of one batch were encoded by different VAEs (scaling factors {scaling}, "
+                         "or different per-channel normalisations)")
 
     def stacked(name: str) -> torch.Tensor:
         return torch.stack([row[name] for row in rows]).to(device=device, dtype=torch.float32)
 
-    return LatentBatch(stacked("latent_mean"), stacked("latent_logvar"), stacked("prompt_embeds"), factors.pop())
+    scaling_factor, latents_mean, latents_std = factors.pop()
+    return LatentBatch(stacked("latent_mean"), stacked("latent_logvar"), stacked("prompt_embeds"), scaling_factor,
+                       latents_mean, latents_std)

@@ -4,7 +4,8 @@
 numbers are never comparable. Here every one of those is fixed:
 
 - timesteps: the same `timesteps` for every clip (default: the midpoints of 5 equal bins of the
-  1000 training timesteps, 100, 300, ..., 900, so the mean is a midpoint-rule estimate of the
+  noise range, 0.1, 0.3, ..., 0.9, which the model family maps to its own levels: for CogVideoX's
+  1000 training timesteps 100, 300, ..., 900, so the mean is a midpoint-rule estimate of the
   expectation over t ~ U{0..999} that training minimises);
 - noise and posterior draw: from a CPU generator seeded by (`seed`, the clip's cache key), so a clip
   gets the same noise whatever else is in the set, in whatever order, on any device;
@@ -30,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from slapgen.models.cogvideox import draw_noise, rotary_embeddings, training_step
+from slapgen.models.family import ModelFamily, family_of_transformer
 from slapgen.models.loading import ResolvedModel
 from slapgen.models.ticft import TicftLayout
 from trainer.batches import load_batch
@@ -43,13 +44,23 @@ DEFAULT_SEED = 0
 DEFAULT_NUM_TIMESTEPS = 5
 
 
+def midpoint_fractions(count: int = DEFAULT_NUM_TIMESTEPS) -> tuple[float, ...]:
+    """`count` fractions of the noise range at the midpoints of equal bins of [0, 1): 5 -> 0.1, 0.3, ..., 0.9;
+    each family maps them to its own noise levels (`ModelFamily.noise_levels`)."""
+    if count < 1:
+        raise ValueError("at least one timestep")
+    return tuple((k + 0.5) / count for k in range(count))
+
+
 def midpoint_timesteps(count: int = DEFAULT_NUM_TIMESTEPS, num_train_timesteps: int = 1000) -> tuple[int, ...]:
-    """`count` timesteps at the midpoints of equal bins of [0, num_train_timesteps): 5 -> 100, 300, ..., 900."""
+    """`count` integer timesteps at the midpoints of equal bins of [0, num_train_timesteps): 5 -> 100, 300, ..., 900."""
     if count < 1:
         raise ValueError("at least one timestep")
     return tuple(int((k + 0.5) * num_train_timesteps / count) for k in range(count))
 
 
+DEFAULT_FRACTIONS = midpoint_fractions()
+# The default levels of a family with 1000 integer timesteps (CogVideoX's DDPM schedule).
 DEFAULT_TIMESTEPS = midpoint_timesteps()
 
 
@@ -74,21 +85,27 @@ def heldout_entries(dataset: Path, resolved: ResolvedModel, data: DataConfig, ca
 
 @torch.no_grad()
 def heldout_losses(transformer, scheduler, entries: Sequence[CacheEntry], *, seed: int = DEFAULT_SEED,
-                   timesteps: Sequence[int] = DEFAULT_TIMESTEPS, dtype: torch.dtype | None = None,
-                   on_forward: Callable[[], None] | None = None, layout: TicftLayout | None = None) -> list[float]:
+                   timesteps: Sequence | None = None, dtype: torch.dtype | None = None,
+                   on_forward: Callable[[], None] | None = None, layout: TicftLayout | None = None,
+                   family: ModelFamily | None = None) -> list[float]:
     """The held-out loss of each entry (in `entries` order): the training objective averaged over
-    `timesteps` with that clip's fixed noise. `transformer` is a CogVideoX transformer (with or
-    without LoRA; a LoRA slot counts too), `scheduler` the model's training scheduler. `dtype` is
+    `timesteps` (noise levels in the family's units; default: `DEFAULT_FRACTIONS` of the noise range,
+    through `family.noise_levels`: 100, 300, ..., 900 for CogVideoX) with that clip's fixed noise.
+    `transformer` is the model's transformer (with or without LoRA; a LoRA slot counts too), `family`
+    its family (default: the transformer's), `scheduler` the model's training scheduler. `dtype` is
     what the transformer computes in (default: its own dtype); in the middle of a mixed-precision run
     pass the run's weight dtype and call this inside `accelerator.autocast()`, as the loop calls
     `training_step`. `on_forward` is called after each transformer forward (progress bars). `layout`: a
     TIC-FT adapter's objective (entries cached with that layout), as `slapgen train` computes it."""
     if not entries:
         raise ValueError("no held-out entries")
+    family = family or family_of_transformer(transformer)
     config = getattr(transformer, "config")
     parameter = next(transformer.parameters())
     device, dtype = parameter.device, dtype or getattr(transformer, "dtype", parameter.dtype)
     num_train_timesteps = scheduler.config.num_train_timesteps
+    if timesteps is None:
+        timesteps = family.noise_levels(DEFAULT_FRACTIONS, scheduler).tolist()
     if any(not 0 <= t < num_train_timesteps for t in timesteps):
         raise ValueError(f"timesteps must lie in [0, {num_train_timesteps})")
     was_training = transformer.training
@@ -102,13 +119,14 @@ def heldout_losses(transformer, scheduler, entries: Sequence[CacheEntry], *, see
             if layout is not None and frames != layout.latent_frames:
                 raise ValueError(f"{entry.clip.name} has {frames} latent frames; TIC-FT layout {layout} needs "
                                  f"{layout.latent_frames} (cache the held-out clips with the layout)")
-            rotary = rotary_embeddings(config, height * factors.spatial, width * factors.spatial, frames, device)
+            inputs = family.transformer_inputs(config, height * factors.spatial, width * factors.spatial, frames, device)
             generator = torch.Generator("cpu").manual_seed(clip_seed(seed, entry.key))
             total = 0.0
             for t in timesteps:
-                draws = draw_noise(batch, num_train_timesteps, generator, timesteps=torch.tensor([int(t)]))
-                plan = layout.frame_plan(draws.timesteps, num_train_timesteps) if layout is not None else None
-                total += training_step(transformer, scheduler, batch, draws, rotary, dtype, frame_plan=plan).item()
+                draws = family.draw_noise(batch, scheduler, generator, timesteps=torch.tensor([t]))
+                plan = layout.frame_plan_for(family, scheduler, draws.timesteps) if layout is not None else None
+                total += family.training_step(transformer, scheduler, batch, draws, dtype, frame_plan=plan,
+                                              transformer_inputs=inputs).item()
                 if on_forward is not None:
                     on_forward()
             losses.append(total / len(timesteps))
@@ -118,8 +136,9 @@ def heldout_losses(transformer, scheduler, entries: Sequence[CacheEntry], *, see
 
 
 def heldout_loss(transformer, scheduler, entries: Sequence[CacheEntry], *, seed: int = DEFAULT_SEED,
-                 timesteps: Sequence[int] = DEFAULT_TIMESTEPS, dtype: torch.dtype | None = None,
-                 layout: TicftLayout | None = None) -> float:
+                 timesteps: Sequence | None = None, dtype: torch.dtype | None = None,
+                 layout: TicftLayout | None = None, family: ModelFamily | None = None) -> float:
     """The mean of `heldout_losses` over the entries: one number per model, comparable across runs."""
-    losses = heldout_losses(transformer, scheduler, entries, seed=seed, timesteps=timesteps, dtype=dtype, layout=layout)
+    losses = heldout_losses(transformer, scheduler, entries, seed=seed, timesteps=timesteps, dtype=dtype, layout=layout,
+                            family=family)
     return sum(losses) / len(losses)

@@ -5,8 +5,9 @@ of all of them, so a changed clip or caption is re-encoded and everything else i
 run (`ticft` in the config) encodes the condition and target as one clip in one VAE pass, and its
 keys add the layout, the condition source and, for a pairs dataset, the condition file's bytes: the
 VAE's latents of the target depend on what precedes it. Each entry
-records the factors of the VAE that encoded it (`VaeFactors`: spatial, temporal, scaling factor), so
-training scales latents with the factor that belongs to them. Files are written atomically, so an
+records the factors of the VAE that encoded it (`VaeFactors`: spatial, temporal, scaling factor, and a
+per-channel mean and std for a family that normalises so, absent from older entries, which read as they
+were written), so training normalises latents as belongs to them. Files are written atomically, so an
 interrupted run resumes where it stopped and never leaves a half-written entry. A clip that cannot
 be decoded is reported and skipped.
 
@@ -30,7 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from slapgen.atomic import atomic_path, atomic_write_text
 from slapgen.errors import first_line
-from slapgen.models.cogvideox import VaeFactors
+from slapgen.models.family import ModelFamily, VaeFactors, family_of
 from slapgen.models.loading import ResolvedModel, load_pipeline
 from slapgen.models.specs import ModelSpec
 from trainer.config import DataConfig, TicftConfig
@@ -92,12 +93,15 @@ class CacheEntry:
         with safe_open(str(self.path), framework="pt") as handle:
             return VaeFactors.from_metadata(handle.metadata())
 
-    def mean_latents(self) -> torch.Tensor:
-        """The clip's posterior mean, scaled as the transformer sees latents, (1, F, C, H, W)."""
+    def mean_latents(self, family: ModelFamily) -> torch.Tensor:
+        """The clip's posterior mean, normalised as the transformer sees latents, batch 1 in `family`'s
+        latent layout ((1, F, C, H, W) for CogVideoX)."""
         with safe_open(str(self.path), framework="pt") as handle:
             mean = handle.get_tensor("latent_mean").float()
-            factor = VaeFactors.from_metadata(handle.metadata()).scaling_factor
-        return (mean * factor).permute(1, 0, 2, 3).unsqueeze(0).contiguous()
+            factors = VaeFactors.from_metadata(handle.metadata())
+        normalised = factors.normalise(mean.unsqueeze(0), channel_dim=1)  # (1, C, F, H, W)
+        order = ["BCFHW".index(axis) for axis in family.latent_layout]
+        return normalised.permute(*order).contiguous()
 
 
 @dataclass
@@ -134,7 +138,7 @@ class Encoders:
         self.spec = spec
         self.device = device
         self.pipeline = pipeline
-        self.vae_factors = VaeFactors.from_config(pipeline.vae.config)
+        self.vae_factors = family_of(spec).vae_factors(pipeline.vae.config)
         self.pipeline.vae.enable_slicing()
         self.pipeline.vae.enable_tiling()
         self.pipeline.vae.to(device)

@@ -4,7 +4,7 @@
 created), the dataset encoded into the latent cache, the transformer with LoRA, optimizer and LR
 schedule, and the checkpoint to resume from. `train` then loops: load cached latents, draw the
 step's noise (a TIC-FT run: each frame's noise level and the target-only loss, `slapgen.models.ticft`),
-`cogvideox.training_step`, backward, clip, step; log, checkpoint, validate every N
+the model family's `training_step`, backward, clip, step; log, checkpoint, validate every N
 steps; and finally writes RUN_DIR/pytorch_lora_weights.safetensors. Checkpoints are saved and loaded
 explicitly (`save_checkpoint` / `read_checkpoint` + `apply_checkpoint`): the LoRA, optimizer, schedule and each process's
 random state; the step inside them is also the data position (see trainer.batches). Resume reads
@@ -25,7 +25,7 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import ProjectConfiguration, parse_flag_from_env, set_seed
 
 from slapgen.atomic import atomic_write_text
-from slapgen.models.cogvideox import draw_noise, latent_frames, rotary_embeddings, training_step
+from slapgen.models.family import family_of, family_of_transformer, latent_frames
 from slapgen.errors import SlapgenError, TicftLayoutError
 from slapgen.models.loading import TRAINER_SETTING, ResolvedModel, resolve_model
 from slapgen.models.ticft import TicftLayout
@@ -59,7 +59,8 @@ class Run:
     optimizer: torch.optim.Optimizer
     lr_scheduler: object
     order: BatchOrder
-    rotary: tuple | None
+    # The family's transformer inputs for the run's clip size, built once (CogVideoX: its 3D RoPE).
+    transformer_inputs: object
     noise_generator: torch.Generator  # posterior draws, diffusion noise, timesteps of this process
     metrics: MetricsLog
     validator: Validator | None
@@ -69,6 +70,17 @@ class Run:
     @property
     def main(self) -> bool:
         return self.accelerator.is_main_process
+
+    @property
+    def rotary(self):
+        """`transformer_inputs` under its name from before model families (CogVideoX's RoPE)."""
+        return self.transformer_inputs
+
+
+def training_step(transformer, scheduler, batch, draws, transformer_inputs, dtype, frame_plan=None):
+    """One step of the loop through the transformer's family (a module-level name: tests watch the loop's steps)."""
+    return family_of_transformer(transformer).training_step(transformer, scheduler, batch, draws, dtype, frame_plan,
+                                                            transformer_inputs=transformer_inputs)
 
 
 def mixed_precision_for(config: TrainConfig, spec_dtype: str, device_type: str) -> str:
@@ -96,7 +108,6 @@ def setup(config: TrainConfig, data_path: Path, run_dir: Path, resume: str | Non
 
 def _setup(config: TrainConfig, data_path: Path, run_dir: Path, resume: str | None, progress: bool,
            overwrite: bool) -> Run:
-    from diffusers import AutoencoderKLCogVideoX, CogVideoXDPMScheduler, CogVideoXTransformer3DModel
     from diffusers.training_utils import cast_training_params
 
     resolved = resolve_model(config.model, config.model_cache_dir, setting=TRAINER_SETTING)
@@ -151,8 +162,9 @@ def _setup(config: TrainConfig, data_path: Path, run_dir: Path, resume: str | No
         raise TrainError(f"no usable clips in {data_path} ({report.summary()})")
 
     # 2. Model, LoRA, optimizer, schedule.
-    transformer = CogVideoXTransformer3DModel.from_pretrained(resolved.folder, subfolder="transformer", dtype=weight_dtype)
-    noise_scheduler = CogVideoXDPMScheduler.from_pretrained(resolved.folder, subfolder="scheduler")
+    family = family_of(resolved.spec)
+    transformer = family.load_transformer(resolved.folder, weight_dtype)
+    noise_scheduler = family.load_training_scheduler(resolved.folder)
     add_lora(transformer, config.lora)
     if weight_dtype != torch.float32:
         cast_training_params(transformer, dtype=torch.float32)  # LoRA weights train in fp32
@@ -166,13 +178,13 @@ def _setup(config: TrainConfig, data_path: Path, run_dir: Path, resume: str | No
 
     validator = None
     if config.validation.prompts and main:
-        vae = AutoencoderKLCogVideoX.from_pretrained(resolved.folder, subfolder="vae", dtype=weight_dtype).to(device)
+        vae = family.load_vae(resolved.folder, weight_dtype).to(device)
         vae.enable_slicing()
         vae.enable_tiling()
-        condition = (layout, report.entries[0].mean_latents().to(device)) if layout is not None else None
+        condition = (layout, report.entries[0].mean_latents(family).to(device)) if layout is not None else None
         validator = Validator(
             run_dir / run_folder.VALIDATION_DIR, vae, noise_scheduler.config, validation_embeds[:-1], validation_embeds[-1],
-            config.validation, config.data, ticft=condition,
+            config.validation, config.data, ticft=condition, family=family,
         )
     if config.logging.tensorboard:
         accelerator.init_trackers("slapgen", config={"rank": config.lora.rank, "lr": config.optim.learning_rate})
@@ -192,8 +204,9 @@ def _setup(config: TrainConfig, data_path: Path, run_dir: Path, resume: str | No
         lr_scheduler=lr_scheduler,
         order=BatchOrder(len(report.entries), config.train.batch_size, accelerator.num_processes,
                          accelerator.process_index, config.train.seed),
-        rotary=rotary_embeddings(accelerator.unwrap_model(transformer).config, config.data.height, config.data.width,
-                                 latent_frames(config.data.num_frames, factors.temporal), device),
+        transformer_inputs=family.transformer_inputs(
+            accelerator.unwrap_model(transformer).config, config.data.height, config.data.width,
+            latent_frames(config.data.num_frames, factors.temporal), device),
         noise_generator=torch.Generator().manual_seed(config.train.seed * 1_000_003 + accelerator.process_index),
         metrics=MetricsLog(run_dir / run_folder.METRICS_FILE, accelerator, enabled=main),
         validator=validator,
@@ -229,19 +242,19 @@ def train(
     run = setup(config, data_path, run_dir, resume, progress, overwrite)
     accelerator = run.accelerator
     max_steps = config.train.max_train_steps
-    num_train_timesteps = run.noise_scheduler.config.num_train_timesteps
+    family = family_of(run.resolved.spec)
     micro_step = run.step * config.train.gradient_accumulation_steps
     run.transformer.train()
     bar = tqdm(total=max_steps, initial=run.step, desc="train", unit="step", disable=not (progress and run.main))
     losses, started = [], time.perf_counter()
     while run.step < max_steps:
         batch = load_batch(run.entries, run.order.indices(micro_step), accelerator.device)
-        draws = draw_noise(batch, num_train_timesteps, run.noise_generator)
-        frame_plan = run.ticft_layout.frame_plan(draws.timesteps, num_train_timesteps) if run.ticft_layout else None
+        draws = family.draw_noise(batch, run.noise_scheduler, run.noise_generator)
+        frame_plan = run.ticft_layout.frame_plan_for(family, run.noise_scheduler, draws.timesteps) if run.ticft_layout else None
         with accelerator.accumulate(run.transformer):
             with accelerator.autocast():
-                loss = training_step(run.transformer, run.noise_scheduler, batch, draws, run.rotary, run.weight_dtype,
-                                     frame_plan=frame_plan)
+                loss = training_step(run.transformer, run.noise_scheduler, batch, draws, run.transformer_inputs,
+                                     run.weight_dtype, frame_plan=frame_plan)
             accelerator.backward(loss)
             grad_norm = None
             if accelerator.sync_gradients:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from slapgen.models.family import ModelFamily
 from slapgen.models.ticft import TicftLayout, next_timestep, start_conditioned
 from slapgen.video import write_mp4
 from trainer.config import DataConfig, ValidationConfig
@@ -18,8 +19,10 @@ from trainer.config import DataConfig, ValidationConfig
 
 class Validator:
     def __init__(self, folder: Path, vae, scheduler_config, prompt_embeds, negative_embeds, validation: ValidationConfig,
-                 data: DataConfig, ticft: tuple[TicftLayout, torch.Tensor] | None = None):
-        """`ticft`: a TIC-FT run's layout and clean condition latents (1, C+B, ch, h, w), scaled."""
+                 data: DataConfig, ticft: tuple[TicftLayout, torch.Tensor] | None = None, *, family: ModelFamily):
+        """`ticft`: a TIC-FT run's layout and clean condition latents (batch 1, >= C+B frames, in the
+        family's latent layout), normalised; `family`: the model's family (its pipeline, TIC-FT levels)."""
+        self.family = family
         self.ticft = ticft
         self.folder = Path(folder)
         self.vae = vae
@@ -31,15 +34,8 @@ class Validator:
 
     @torch.no_grad()
     def run(self, transformer, step: int, autocast=contextlib.nullcontext) -> list[Path]:
-        from diffusers import CogVideoXDPMScheduler, CogVideoXPipeline
-
-        pipeline = CogVideoXPipeline(
-            tokenizer=None,
-            text_encoder=None,
-            vae=self.vae,
-            transformer=transformer,
-            scheduler=CogVideoXDPMScheduler.from_config(self.scheduler_config),
-        )
+        pipeline = self.family.inference_pipeline(tokenizer=None, text_encoder=None, vae=self.vae, transformer=transformer,
+                                                  scheduler_config=self.scheduler_config)
         pipeline.set_progress_bar_config(disable=True)
         device = next(transformer.parameters()).device
         was_training = transformer.training
@@ -75,9 +71,9 @@ class Validator:
             return {}
         layout, clean = self.ticft
         latents, condition = start_conditioned(pipeline, layout, clean.to(device), generator,
-                                               self.validation.num_inference_steps, self.vae.dtype)
+                                               self.validation.num_inference_steps, self.vae.dtype, self.family)
 
         def reinject(pipe, step, timestep, tensors):
-            return {"latents": condition.reinject(tensors["latents"], next_timestep(pipe.scheduler, step))}
+            return {"latents": condition.reinject(tensors["latents"], next_timestep(pipe.scheduler, step, self.family))}
 
         return {"latents": latents, "callback_on_step_end": reinject}

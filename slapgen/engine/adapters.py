@@ -27,9 +27,9 @@ from slapgen.atomic import atomic_write_bytes
 from slapgen.errors import (AdapterError, AdapterExistsError, AdapterNotFoundError, AdapterTooLargeError, TicftLayoutError,
                             first_line)
 from slapgen.models import lora_format
-from slapgen.models.cogvideox import FRAME_STEP
 from slapgen.models.lora_format import (DIFFUSERS_METADATA_KEY, KEY_PATTERN, WEIGHTS_FILE, Header, HeaderError, parse_header,
                                         read_file_header, shown)
+from slapgen.models.specs import DEFAULT_FRAME_STEP
 from slapgen.models.ticft import TicftLayout
 from slapgen.names import NAME_PATTERN
 
@@ -52,7 +52,7 @@ class AdapterTarget:
     modules: dict[str, tuple[int, int]]
     max_rank: int
     max_num_frames: int | None = None  # a TIC-FT adapter's clip must fit (None: not checked)
-    frame_step: int = FRAME_STEP
+    frame_step: int = DEFAULT_FRAME_STEP
 
 
 @dataclass(frozen=True)

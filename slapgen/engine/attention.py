@@ -2,7 +2,7 @@
 
 CogVideoX's attention processor calls `F.scaled_dot_product_attention` (SDPA) directly, so diffusers'
 `set_attention_backend` never reaches it. The kernel is chosen instead by running that processor
-inside a context (`slapgen.models.cogvideox.kernel_attention_processor`):
+inside a context (the model family's `kernel_attention_processor`):
 
 - `sdpa`: the stock processor, untouched; PyTorch picks a kernel per call.
 - `flash`, `efficient`, `cudnn`, `math`: SDPA restricted to that one backend (`sdpa_kernel`).
@@ -31,7 +31,7 @@ from torch.overrides import TorchFunctionMode
 
 from slapgen.engine.params import AttentionKernel
 from slapgen.errors import AttentionUnavailableError, first_line
-from slapgen.models.cogvideox import kernel_attention_processor
+from slapgen.models.family import family_of_transformer
 
 ATTENTION_KERNELS: tuple[str, ...] = get_args(AttentionKernel)
 # CogVideoX-2B and -5B attend with 64-dimensional heads; start-up checks before loading use it.
@@ -166,5 +166,6 @@ def apply_attention(transformer: torch.nn.Module, kernel: AttentionKernel, devic
         if reason is not None:
             raise AttentionUnavailableError(f"SLAP_ATTENTION={kernel} cannot run here: {reason}; {FALLBACK}.")
     processors = transformer.attn_processors
-    transformer.set_attn_processor(kernel_attention_processor(kernel_context(kernel)))
+    family = family_of_transformer(transformer)
+    transformer.set_attn_processor(family.kernel_attention_processor(kernel_context(kernel)))
     return len(processors)

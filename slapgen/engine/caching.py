@@ -13,7 +13,7 @@ them again (diffusers 0.42.1, `CacheMixin.enable_cache`):
   their last contribution added instead.
 - `taylorseer`: each block's attention and feed-forward run on steps 0-2 and every fifth step after,
   and are extrapolated (first-order Taylor series) in between. diffusers' default module patterns match
-  nothing in CogVideoX, so the patterns come from `slapgen.models.cogvideox`; the hooked modules are
+  nothing in CogVideoX, so the patterns come from the model family (`ModelFamily.step_cache_hooks`); the hooked modules are
   counted at start-up and none is an error.
 
 The hooks keep per-generation state; it is reset before every generation, so nothing of one request
@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Literal, get_args
 import torch
 
 from slapgen.errors import CacheUnavailableError, RequestError
-from slapgen.models.cogvideox import BLOCK_ATTENTION_PATTERN, BLOCK_FEED_FORWARD_PATTERN, HIDDEN_STATES_LAYOUT
+from slapgen.models.family import family_of_transformer
 
 if TYPE_CHECKING:
     from slapgen.engine.params import GenerationParams
@@ -67,7 +67,8 @@ class CacheSetting:
 
 
 def cache_config(setting: CacheSetting, pipeline):
-    """diffusers' config object for `setting` on a CogVideoX pipeline (None for `none`)."""
+    """diffusers' config object for `setting` on a pipeline (None for `none`), hooking what the
+    transformer's family names."""
     from diffusers import FasterCacheConfig, FirstBlockCacheConfig, PyramidAttentionBroadcastConfig, TaylorSeerCacheConfig
 
     def current_timestep():  # set by the pipeline before each transformer call
@@ -75,11 +76,12 @@ def cache_config(setting: CacheSetting, pipeline):
 
     if setting.kind == "none":
         return None
+    hooks = family_of_transformer(pipeline.transformer).step_cache_hooks
     if setting.kind == "pab":
         return PyramidAttentionBroadcastConfig(
             spatial_attention_block_skip_range=2,
             spatial_attention_timestep_skip_range=(100, 800),
-            spatial_attention_block_identifiers=(BLOCK_ATTENTION_PATTERN,),
+            spatial_attention_block_identifiers=(hooks.attention_pattern,),
             current_timestep_callback=current_timestep,
         )
     if setting.kind == "fastercache":
@@ -89,15 +91,15 @@ def cache_config(setting: CacheSetting, pipeline):
             spatial_attention_timestep_skip_range=(-1, 681),
             low_frequency_weight_update_timestep_range=(99, 641),
             high_frequency_weight_update_timestep_range=(-1, 301),
-            spatial_attention_block_identifiers=(BLOCK_ATTENTION_PATTERN,),
+            spatial_attention_block_identifiers=(hooks.attention_pattern,),
             attention_weight_callback=lambda _: 0.3,
-            tensor_format=HIDDEN_STATES_LAYOUT,
+            tensor_format=hooks.hidden_states_layout,
             current_timestep_callback=current_timestep,
         )
     if setting.kind == "fbc":
         return FirstBlockCacheConfig(threshold=setting.threshold)
     return TaylorSeerCacheConfig(
-        cache_identifiers=[BLOCK_ATTENTION_PATTERN, BLOCK_FEED_FORWARD_PATTERN],
+        cache_identifiers=[hooks.attention_pattern, hooks.feed_forward_pattern],
         # Factors in the model's own dtype: bf16 for 5B, and no extra rounding for an fp32 model.
         taylor_factors_dtype=pipeline.transformer.dtype,
     )

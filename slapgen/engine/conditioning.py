@@ -21,7 +21,7 @@ import torch
 from slapgen.engine.params import GenerationParams
 from slapgen.errors import RequestError
 from slapgen.images import image_frame
-from slapgen.models.cogvideox import encode_latents
+from slapgen.models.family import ModelFamily
 from slapgen.models.ticft import ConditionLatents, TicftLayout, next_timestep, start_conditioned
 
 CONDITION_FIELD = "condition_image"
@@ -52,33 +52,36 @@ def check_frames(num_frames: int, layout: TicftLayout) -> None:
 class TicftGeneration:
     """One TIC-FT generation: what goes into the pipeline and what comes out of it."""
 
-    def __init__(self, layout: TicftLayout, image: np.ndarray, include_condition_frames: bool):
+    def __init__(self, layout: TicftLayout, image: np.ndarray, include_condition_frames: bool, family: ModelFamily):
+        self.family = family
         self.layout = layout
         self.image = image
         self.include_condition_frames = include_condition_frames
         self.condition: ConditionLatents | None = None
 
     @classmethod
-    def for_request(cls, params: GenerationParams, layout: TicftLayout | None) -> "TicftGeneration | None":
+    def for_request(cls, params: GenerationParams, layout: TicftLayout | None,
+                    family: ModelFamily) -> "TicftGeneration | None":
         """None for a plain generation; RequestError when the adapter and condition do not go together."""
         check_condition(params.adapter, layout, params.condition_image is not None, params.include_condition_frames)
         if layout is None:
             return None
         check_frames(params.num_frames, layout)
-        return cls(layout, params.condition_image, params.include_condition_frames)
+        return cls(layout, params.condition_image, params.include_condition_frames, family)
 
     def start(self, pipeline, params: GenerationParams, generator: torch.Generator) -> torch.Tensor:
         """Encode the condition and return the `latents=` the pipeline starts from."""
         device = pipeline._execution_device
         frames = image_frame(self.image, params.height, params.width).expand(self.layout.pixel_frames, -1, -1, -1)
-        clean = encode_latents(pipeline.vae, frames, device)
+        clean = self.family.encode_latents(pipeline.vae, frames, device)
         latents, self.condition = start_conditioned(pipeline, self.layout, clean, generator, params.num_inference_steps,
-                                                    pipeline.transformer.dtype)
+                                                    pipeline.transformer.dtype, self.family)
         return latents
 
     def after_step(self, pipeline, step_index: int, tensors: dict) -> dict:
         """The step callback's work: the condition and buffers put back into the latents."""
-        tensors["latents"] = self.condition.reinject(tensors["latents"], next_timestep(pipeline.scheduler, step_index))
+        tensors["latents"] = self.condition.reinject(tensors["latents"], next_timestep(pipeline.scheduler, step_index,
+                                                                                      self.family))
         return tensors
 
     def frames(self, frames: np.ndarray) -> np.ndarray:

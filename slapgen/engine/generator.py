@@ -29,6 +29,7 @@ from slapgen.engine.placement import place_pipeline
 from slapgen.engine.quantization import choose_quantization, quantize_transformer
 from slapgen.engine.queue import Admission, GenerationQueue
 from slapgen.errors import GenerationCancelledError, GenerationTimeoutError
+from slapgen.models.family import family_of
 from slapgen.models.loading import ResolvedModel, load_pipeline
 from slapgen.models.specs import ModelSpec
 from slapgen.video import write_mp4
@@ -166,7 +167,7 @@ class VideoGenerator:
         self.step_cache.check(params)
         # Read the adapter (disk or LRU) before waiting for the model, so disk I/O never holds the pipeline.
         adapter: LoadedAdapter | None = self.adapters.get(params.adapter) if params.adapter else None
-        ticft = TicftGeneration.for_request(params, adapter.ticft_layout if adapter else None)
+        ticft = TicftGeneration.for_request(params, adapter.ticft_layout if adapter else None, family_of(self.spec))
         total = params.num_inference_steps
 
         def report_step(pipeline, index, timestep, tensors):
@@ -195,10 +196,12 @@ class VideoGenerator:
             self.step_cache.reset()
             # A CPU generator gives the same noise on every device, so a seed reproduces anywhere.
             generator = torch.Generator("cpu").manual_seed(params.seed)
+            family = family_of(self.spec)
             with torch.inference_mode():
                 start = {"latents": ticft.start(self.pipeline, params, generator)} if ticft is not None else {}
                 output = self.pipeline(
-                    **params.pipeline_arguments(), **start, generator=generator, output_type="np", return_dict=True,
+                    **family.pipeline_arguments(params.pipeline_arguments()), **start, generator=generator,
+                    output_type="np", return_dict=True,
                     callback_on_step_end=report_step,
                 )
             self._last_duration_s = time.perf_counter() - started

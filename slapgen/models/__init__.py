@@ -1,2 +1,3 @@
-"""What slapgen knows about its models: CogVideoX's maths (`cogvideox`), per-model limits (`specs`),
+"""What slapgen knows about its models: the model-family interface and registry (`family`), CogVideoX's
+implementation of it (`cogvideox`), per-model limits (`specs`),
 the tiny random twin (`tiny`), resolving and loading (`loading`), and the LoRA file format."""

@@ -1,4 +1,6 @@
-"""Everything specific to CogVideoX 1.0 (2B and 5B), in one place.
+"""Everything specific to CogVideoX 1.0 (2B and 5B), in one place, and `CogVideoXFamily`: CogVideoX's
+implementation of the model-family interface (`slapgen.models.family`), through which every other module
+reaches it.
 
 - the frame rule and latent frames: the VAE compresses time 4x and space 8x, the transformer cuts
   latents into 2x2 patches; CogVideoX 1.0 decodes an even number of latent frames into 4k+4 pixel
@@ -15,7 +17,8 @@
   frame its own noise level and limits the loss to some frames; without one every frame is noised
   at the sample's timestep and counts.
 
-Other modules import these names; none writes 4, 8, 16 or a scaling factor again.
+The free functions stay importable under their names (tests check them directly); other modules go
+through `family_of(spec)` and none writes 4, 8, 16 or a scaling factor again.
 """
 
 from __future__ import annotations
@@ -23,11 +26,18 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
 
 import torch
 
-from slapgen.errors import FrameCountError
+from slapgen.models import family
+from slapgen.models.family import (  # noqa: F401 (re-exported: CogVideoX's names before the interface)
+    CLEAN_FRAME,
+    FramePlan,
+    LatentBatch,
+    NoiseDraws,
+    StepCacheHooks,
+    VaeFactors,
+)
 
 # CogVideoX 1.0's VAE: 8x spatial and 4x temporal compression; the transformer's patches are 2x2.
 SPATIAL_COMPRESSION = 8
@@ -43,59 +53,26 @@ NATIVE_FPS = 8
 
 
 def frame_rule(frame_step: int = FRAME_STEP) -> str:
-    return f"{frame_step}k+1 (1, {frame_step + 1}, {2 * frame_step + 1}, ...)"
+    return family.frame_rule(frame_step)
 
 
 def is_valid_frame_count(num_frames: int, frame_step: int = FRAME_STEP) -> bool:
     """True when `num_frames` is `frame_step * k + 1` for some k >= 0."""
-    return num_frames >= 1 and (num_frames - 1) % frame_step == 0
+    return family.is_valid_frame_count(num_frames, frame_step)
 
 
 def check_frame_count(num_frames: int, max_frames: int, model: str, frame_step: int = FRAME_STEP) -> int:
     """`num_frames` when `model` can generate it; otherwise `FrameCountError` stating the rule."""
-    if not is_valid_frame_count(num_frames, frame_step):
-        raise FrameCountError(f"num_frames must be {frame_rule(frame_step)} for {model}, got {num_frames}",
-                              field="num_frames")
-    if num_frames > max_frames:
-        raise FrameCountError(f"num_frames must be at most {max_frames} for {model}, got {num_frames}",
-                              field="num_frames")
-    return num_frames
+    return family.check_frame_count(num_frames, max_frames, model, frame_step)
 
 
 def latent_frames(num_frames: int, temporal_compression: int = TEMPORAL_COMPRESSION) -> int:
     """Latent frames the VAE encodes `num_frames` pixel frames into (the first frame stands alone)."""
-    return (num_frames - 1) // temporal_compression + 1
+    return family.latent_frames(num_frames, temporal_compression)
 
 
 def latent_size(height: int, width: int, spatial_compression: int = SPATIAL_COMPRESSION) -> tuple[int, int]:
     return height // spatial_compression, width // spatial_compression
-
-
-@dataclass(frozen=True)
-class VaeFactors:
-    """What the VAE does to a clip's shape and scale, as its config says."""
-
-    spatial: int
-    temporal: int
-    scaling_factor: float
-
-    @classmethod
-    def from_config(cls, config) -> "VaeFactors":
-        get = config.get if isinstance(config, dict) else lambda key: getattr(config, key)
-        # diffusers' CogVideoX pipeline derives the spatial factor the same way.
-        return cls(
-            spatial=2 ** (len(get("block_out_channels")) - 1),
-            temporal=int(get("temporal_compression_ratio")),
-            scaling_factor=float(get("scaling_factor")),
-        )
-
-    def to_metadata(self) -> dict[str, str]:
-        return {"vae_spatial": str(self.spatial), "vae_temporal": str(self.temporal),
-                "vae_scaling_factor": repr(self.scaling_factor)}
-
-    @classmethod
-    def from_metadata(cls, metadata: dict[str, str]) -> "VaeFactors":
-        return cls(int(metadata["vae_spatial"]), int(metadata["vae_temporal"]), float(metadata["vae_scaling_factor"]))
 
 
 def rotary_embeddings(transformer_config, height: int, width: int, num_latent_frames: int, device) -> tuple | None:
@@ -155,30 +132,6 @@ def _kernel_processor_class():
     return KernelAttnProcessor
 
 
-@dataclass
-class LatentBatch:
-    """What a training step reads from the latent cache: the VAE posterior of each clip (B, C, F, H, W),
-    its T5 prompt embeddings (B, S, D), and the scaling factor of the VAE that encoded them."""
-
-    latent_mean: torch.Tensor
-    latent_logvar: torch.Tensor
-    prompt_embeds: torch.Tensor
-    scaling_factor: float
-
-
-@dataclass
-class NoiseDraws:
-    """The random numbers of one training step, drawn apart from the step so they can be fixed
-    (held-out loss, tests) or replayed (resume)."""
-
-    posterior: torch.Tensor  # like latent_mean: the draw from the VAE posterior
-    noise: torch.Tensor  # like the latents, (B, F, C, H, W): the diffusion noise
-    timesteps: torch.Tensor  # (B,) integer timesteps
-
-    def to(self, device) -> "NoiseDraws":
-        return NoiseDraws(self.posterior.to(device), self.noise.to(device), self.timesteps.to(device))
-
-
 def draw_noise(batch: LatentBatch, num_train_timesteps: int, generator: torch.Generator,
                timesteps: torch.Tensor | None = None) -> NoiseDraws:
     """Draw a step's posterior sample, noise and timesteps from `generator` (on its device)."""
@@ -191,19 +144,6 @@ def draw_noise(batch: LatentBatch, num_train_timesteps: int, generator: torch.Ge
     if timesteps is None:
         timesteps = torch.randint(0, num_train_timesteps, (shape[0],), generator=generator, device=device)
     return NoiseDraws(posterior, noise, timesteps.to(device))
-
-
-# A frame timestep that leaves the frame's clean latents as they are (TIC-FT's condition frames).
-CLEAN_FRAME = -1
-
-
-@dataclass(frozen=True)
-class FramePlan:
-    """Per-latent-frame noise of one batch: each frame's timestep (B, F), `CLEAN_FRAME` for a frame
-    kept clean, and the frames the loss covers. The transformer still gets the sample's timestep."""
-
-    frame_timesteps: torch.Tensor
-    loss_frames: slice
 
 
 def add_noise_per_frame(scheduler, latents: torch.Tensor, noise: torch.Tensor, frame_timesteps: torch.Tensor) -> torch.Tensor:
@@ -272,3 +212,128 @@ def training_step(transformer, scheduler, batch: LatentBatch, draws: NoiseDraws,
     latents = sample_latents(batch.latent_mean.float(), batch.latent_logvar.float(), draws.posterior, batch.scaling_factor)
     return diffusion_loss(transformer, scheduler, latents.to(dtype), batch.prompt_embeds.to(dtype), rotary,
                           draws.noise, draws.timesteps, frame_plan)
+
+
+def _pixel_size_of(latent_mean: torch.Tensor) -> tuple[int, int, int]:
+    """(height, width, latent frames) of a cached posterior (B, C, F, H, W) in CogVideoX's VAE."""
+    return latent_mean.shape[3] * SPATIAL_COMPRESSION, latent_mean.shape[4] * SPATIAL_COMPRESSION, latent_mean.shape[2]
+
+
+class CogVideoXFamily(family.ModelFamily):
+    """CogVideoX 1.0 (2B, 5B) as a `ModelFamily`: the free functions above behind the interface."""
+
+    name = "cogvideox"
+    pipeline_class_name = "CogVideoXPipeline"
+    transformer_class_name = "CogVideoXTransformer3DModel"
+    latent_layout = HIDDEN_STATES_LAYOUT
+    objective = "x0 from v-prediction, weighted by 1/(1-alpha_bar)"
+    lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0")
+    step_cache_hooks = StepCacheHooks(BLOCK_ATTENTION_PATTERN, BLOCK_FEED_FORWARD_PATTERN, HIDDEN_STATES_LAYOUT)
+
+    def known_specs(self):
+        from slapgen.models.specs import KNOWN_SPECS
+
+        return KNOWN_SPECS
+
+    def infer_spec(self, folder, name):
+        import json
+        from pathlib import Path
+
+        from slapgen.models.specs import ModelSpec
+
+        config = json.loads((Path(folder) / "transformer" / "config.json").read_text())
+        sample_frames = int(config.get("sample_frames", 49))
+        # sample_frames counts pixel frames; the largest valid length not above it is the longest clip.
+        max_frames = sample_frames - (sample_frames - 1) % FRAME_STEP
+        uses_rope = bool(config.get("use_rotary_positional_embeddings", False))
+        return ModelSpec(
+            name=name,
+            family=self.name,
+            # CogVideoX-5B (rotary embeddings) was trained in bf16, 2B (learned embeddings) in fp16.
+            dtype="bfloat16" if uses_rope else "float16",
+            height=int(config.get("sample_height", 60)) * SPATIAL_COMPRESSION,
+            width=int(config.get("sample_width", 90)) * SPATIAL_COMPRESSION,
+            fps=NATIVE_FPS,
+            max_num_frames=max_frames,
+            default_num_frames=max_frames,
+            max_sequence_length=int(config.get("max_text_seq_length", 226)),
+            default_num_inference_steps=50,
+            default_guidance_scale=6.0,
+        )
+
+    def pipeline_class(self):
+        from diffusers import CogVideoXPipeline
+
+        return CogVideoXPipeline
+
+    def load_pipeline(self, folder, dtype, **components):
+        return self.pipeline_class().from_pretrained(folder, dtype=dtype, **components)
+
+    def load_transformer(self, folder, dtype):
+        from diffusers import CogVideoXTransformer3DModel
+
+        return CogVideoXTransformer3DModel.from_pretrained(folder, subfolder="transformer", dtype=dtype)
+
+    def load_vae(self, folder, dtype):
+        from diffusers import AutoencoderKLCogVideoX
+
+        return AutoencoderKLCogVideoX.from_pretrained(folder, subfolder="vae", dtype=dtype)
+
+    def load_training_scheduler(self, folder):
+        from diffusers import CogVideoXDPMScheduler
+
+        return CogVideoXDPMScheduler.from_pretrained(folder, subfolder="scheduler")
+
+    def inference_pipeline(self, *, tokenizer, text_encoder, vae, transformer, scheduler_config):
+        from diffusers import CogVideoXDPMScheduler
+
+        return self.pipeline_class()(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                                     scheduler=CogVideoXDPMScheduler.from_config(scheduler_config))
+
+    def encode_latents(self, vae, frames, device=None):
+        return encode_latents(vae, frames, device)
+
+    def sample_latents(self, mean, logvar, posterior, batch):
+        return sample_latents(mean, logvar, posterior, batch.scaling_factor)
+
+    def draw_noise(self, batch, scheduler, generator, timesteps=None):
+        return draw_noise(batch, scheduler.config.num_train_timesteps, generator, timesteps=timesteps)
+
+    def noise_levels(self, fractions, scheduler):
+        # Integer timesteps: fraction f of [0, N) is timestep int(f * N) (0.1 -> 100 for N = 1000).
+        count = scheduler.config.num_train_timesteps
+        levels = [int(round(fraction * count, 6)) for fraction in fractions]
+        if any(not 0 <= level < count for level in levels):
+            raise ValueError("noise fractions must lie in [0, 1)")
+        return torch.tensor(levels)
+
+    def transformer_inputs(self, transformer_config, height, width, num_latent_frames, device):
+        return rotary_embeddings(transformer_config, height, width, num_latent_frames, device)
+
+    def training_step(self, transformer, scheduler, batch, draws, dtype, frame_plan=None, transformer_inputs=None):
+        if transformer_inputs is None:
+            height, width, frames = _pixel_size_of(batch.latent_mean)
+            config = getattr(transformer, "module", transformer).config  # under DDP the model is inside
+            transformer_inputs = self.transformer_inputs(config, height, width, frames, batch.latent_mean.device)
+        return training_step(transformer, scheduler, batch, draws, transformer_inputs, dtype, frame_plan=frame_plan)
+
+    def kernel_attention_processor(self, kernel_context):
+        return kernel_attention_processor(kernel_context)
+
+    def ticft_buffer_levels(self, buffers, scheduler):
+        # TIC-FT's released code: `scheduler.timesteps[750], [500], [250]` of 1000, i.e. N (k + 1) / (B + 1) - 1.
+        count = scheduler.config.num_train_timesteps
+        return tuple(round(count * (k + 1) / (buffers + 1)) - 1 for k in range(buffers))
+
+    def noise_frames(self, scheduler, latents, noise, frame_timesteps):
+        return add_noise_per_frame(scheduler, latents, noise, frame_timesteps)
+
+    def next_level(self, scheduler, step_index):
+        timesteps = scheduler.timesteps
+        return int(timesteps[step_index + 1]) if step_index + 1 < len(timesteps) else -1
+
+    def first_level(self, scheduler):
+        return int(scheduler.timesteps[0])
+
+
+COGVIDEOX = CogVideoXFamily()

@@ -1,8 +1,8 @@
 """Turn a model setting (`SLAP_MODEL`, the trainer's `model`) into a local pipeline folder + spec,
 then into a pipeline.
 
-The tiny model, a local folder and a hub id all end in the same `CogVideoXPipeline.from_pretrained`
-call on a folder, in the spec's dtype, so the code tests exercise is the code production runs.
+The tiny model, a local folder and a hub id all end in the same call on a folder, the spec's family's
+`load_pipeline` in the spec's dtype, so the code tests exercise is the code production runs.
 """
 
 from __future__ import annotations
@@ -13,10 +13,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from slapgen.errors import ModelUnavailableError
+from slapgen.models.family import family_of
+from slapgen.models.family import known_spec
 from slapgen.models.specs import ModelSpec, spec_for_folder
-from slapgen.models.tiny import TINY_MODEL_NAME, materialise_tiny_model
+from slapgen.models.tiny import TINY_MODEL_NAME, TINY_SPEC, materialise_tiny_model
+from slapgen.models.tiny_wan import TINY_WAN_MODEL_NAME, TINY_WAN_SPEC, materialise_tiny_wan_model
 
 HUB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+# The built-in models by name, with their specs: what `spec_without_weights` knows before a folder
+# is materialised. A built-in model that `resolve_model` materialises also goes here.
+BUILT_IN_SPECS: dict[str, ModelSpec] = {TINY_MODEL_NAME: TINY_SPEC, TINY_WAN_MODEL_NAME: TINY_WAN_SPEC}
 
 
 @dataclass(frozen=True)
@@ -50,13 +57,16 @@ def resolve_model(model: str, cache_dir: Path | None = None, allow_download: boo
     if model == TINY_MODEL_NAME:
         folder = materialise_tiny_model(cache_dir)
         return ResolvedModel(folder, spec_for_folder(folder, TINY_MODEL_NAME))
+    if model == TINY_WAN_MODEL_NAME:
+        folder = materialise_tiny_wan_model(cache_dir)
+        return ResolvedModel(folder, spec_for_folder(folder, TINY_WAN_MODEL_NAME))
 
     path = Path(model).expanduser()
     if path.exists():
         if not (path / "model_index.json").is_file():
             raise ModelUnavailableError(
                 f"{setting.name}={model} is a folder but not a diffusers pipeline (no model_index.json); "
-                f"point it at a saved CogVideoXPipeline folder, {tiny_fix}."
+                f"point it at a saved diffusers pipeline folder, {tiny_fix}."
             )
         return ResolvedModel(path.resolve(), spec_for_folder(path, path.name))
 
@@ -67,6 +77,38 @@ def resolve_model(model: str, cache_dir: Path | None = None, allow_download: boo
         )
     folder = _hub_snapshot(model, allow_download, setting, tiny_fix)
     return ResolvedModel(folder, spec_for_folder(folder, model))
+
+
+def spec_without_weights(model: str) -> ModelSpec | None:
+    """The spec of the model a setting names, read without loading, materialising or downloading any
+    weights (what a training config needs to follow the model's family): a built-in model's, a known
+    hub id's, a local pipeline folder's (`spec_for_folder`: its slap_spec.json, else its configs), a
+    hub id already in the local Hugging Face cache likewise. None when only a download would tell (or
+    the setting names nothing loadable: `resolve_model` says why when the run starts)."""
+    if model in BUILT_IN_SPECS:
+        return BUILT_IN_SPECS[model]
+    known = known_spec(model)
+    if known is not None:
+        return known
+    path = Path(model).expanduser()
+    if path.exists():
+        folder, name = path, path.name
+    elif HUB_ID_PATTERN.match(model):
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        try:
+            folder, name = Path(snapshot_download(model, local_files_only=True)), model
+        except (LocalEntryNotFoundError, OSError, ValueError):
+            return None
+    else:
+        return None
+    if not (folder / "model_index.json").is_file():
+        return None
+    try:
+        return spec_for_folder(folder, name)
+    except (OSError, ValueError, KeyError):  # a damaged folder: `resolve_model` reports it when the run loads it
+        return None
 
 
 def _hub_snapshot(repo_id: str, allow_download: bool, setting: ModelSetting, tiny_fix: str) -> Path:
@@ -91,14 +133,12 @@ def _hub_snapshot(repo_id: str, allow_download: bool, setting: ModelSetting, tin
 
 
 def load_pipeline(resolved: ResolvedModel, **components):
-    """The CogVideoX pipeline of a resolved folder, every component in the spec's dtype, on the CPU.
-
-    `components` replace or drop parts (`transformer=None` loads only the encoders)."""
-    from diffusers import CogVideoXPipeline
-
+    """The pipeline of a resolved folder (its spec's family's), every component in the spec's dtype, on
+    the CPU. `components` replace or drop parts (`transformer=None` loads only the encoders)."""
+    family = family_of(resolved.spec)
     try:
-        return CogVideoXPipeline.from_pretrained(resolved.folder, dtype=resolved.spec.torch_dtype, **components)
+        return family.load_pipeline(resolved.folder, resolved.spec.torch_dtype, **components)
     except (OSError, ValueError, KeyError) as error:
         raise ModelUnavailableError(
-            f"could not load a CogVideoX pipeline from {resolved.folder} ({error}); check the folder is complete."
+            f"could not load a {family.pipeline_class_name} from {resolved.folder} ({error}); check the folder is complete."
         ) from error

@@ -14,7 +14,17 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from slapgen.atomic import atomic_write_text
-from slapgen.models.cogvideox import FRAME_STEP, NATIVE_FPS, SIZE_MULTIPLE, SPATIAL_COMPRESSION, frame_rule, is_valid_frame_count
+from slapgen.models import family as families
+
+# What a spec without these fields (one written before families existed: CogVideoX 1.0) means.
+DEFAULT_FAMILY = "cogvideox"
+DEFAULT_SPATIAL_COMPRESSION = 8
+DEFAULT_TEMPORAL_COMPRESSION = 4
+DEFAULT_PATCH_SIZE = 2
+DEFAULT_FRAME_STEP = 8
+# The size multiple of a spec with the default factors: every request's height and width is at least
+# a multiple of it (a family with a coarser VAE or patch asks more through its spec).
+BASE_SIZE_MULTIPLE = DEFAULT_SPATIAL_COMPRESSION * DEFAULT_PATCH_SIZE
 
 SPEC_FILENAME = "slap_spec.json"
 
@@ -27,27 +37,58 @@ class ModelSpec(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: str
+    family: Literal["cogvideox", "wan"] = Field(DEFAULT_FAMILY, description="model family (slapgen.models.family)")
     dtype: DTypeName
-    height: int = Field(gt=0, multiple_of=SIZE_MULTIPLE, description="native and maximum height")
-    width: int = Field(gt=0, multiple_of=SIZE_MULTIPLE, description="native and maximum width")
+    height: int = Field(gt=0, description="native and maximum height, a multiple of size_multiple")
+    width: int = Field(gt=0, description="native and maximum width, a multiple of size_multiple")
     fps: int = Field(gt=0)
     max_num_frames: int = Field(gt=0)
     frame_step: Literal[4, 8, 16] = Field(
-        FRAME_STEP, description="valid clip lengths are frame_step*k+1 (see slapgen.models.cogvideox)"
+        DEFAULT_FRAME_STEP, description="valid clip lengths are frame_step*k+1 (slapgen.models.family.frame_rule)"
     )
+    spatial_compression: Literal[8, 16] = Field(DEFAULT_SPATIAL_COMPRESSION, description="the VAE's spatial factor")
+    temporal_compression: Literal[4, 8] = Field(DEFAULT_TEMPORAL_COMPRESSION, description="the VAE's temporal factor")
+    patch_size: Literal[1, 2, 4] = Field(DEFAULT_PATCH_SIZE, description="the transformer's spatial patch size")
     default_num_frames: int = Field(gt=0)
-    max_sequence_length: int = Field(gt=0, description="T5 tokens the transformer was trained on")
+    max_sequence_length: int = Field(gt=0, description="text-encoder tokens the transformer was trained on")
     default_num_inference_steps: int = Field(ge=1, le=200)
     default_guidance_scale: float = Field(ge=0)
 
     @model_validator(mode="after")
     def _frames_follow_the_frame_rule(self) -> "ModelSpec":
+        for field in ("height", "width"):
+            if getattr(self, field) % self.size_multiple:
+                raise ValueError(f"{field} must be a multiple of {self.size_multiple}")
         for field in ("max_num_frames", "default_num_frames"):
-            if not is_valid_frame_count(getattr(self, field), self.frame_step):
-                raise ValueError(f"{field} must be {frame_rule(self.frame_step)}")
+            if not self.is_valid_frame_count(getattr(self, field)):
+                raise ValueError(f"{field} must be {self.frame_rule}")
         if self.default_num_frames > self.max_num_frames:
             raise ValueError("default_num_frames exceeds max_num_frames")
         return self
+
+    @property
+    def size_multiple(self) -> int:
+        """Heights and widths split into whole patches of latents: spatial factor x patch size."""
+        return self.spatial_compression * self.patch_size
+
+    @property
+    def frame_rule(self) -> str:
+        """The frame rule in words: `8k+1 (1, 9, 17, ...)`."""
+        return families.frame_rule(self.frame_step)
+
+    def is_valid_frame_count(self, num_frames: int) -> bool:
+        return families.is_valid_frame_count(num_frames, self.frame_step)
+
+    def check_frame_count(self, num_frames: int) -> int:
+        """`num_frames` when this model can generate it; otherwise `FrameCountError` stating the rule."""
+        return families.check_frame_count(num_frames, self.max_num_frames, self.name, self.frame_step)
+
+    def latent_frames(self, num_frames: int) -> int:
+        """Latent frames the VAE encodes `num_frames` pixel frames into."""
+        return families.latent_frames(num_frames, self.temporal_compression)
+
+    def latent_size(self, height: int, width: int) -> tuple[int, int]:
+        return height // self.spatial_compression, width // self.spatial_compression
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -62,7 +103,7 @@ COGVIDEOX_5B = ModelSpec(
     dtype="bfloat16",
     height=480,
     width=720,
-    fps=NATIVE_FPS,
+    fps=8,  # CogVideoX 1.0 was trained on 49-frame clips at 8 frames per second
     max_num_frames=49,
     default_num_frames=49,
     max_sequence_length=226,
@@ -72,6 +113,7 @@ COGVIDEOX_5B = ModelSpec(
 
 COGVIDEOX_2B = COGVIDEOX_5B.model_copy(update={"name": "THUDM/CogVideoX-2b", "dtype": "float16"})
 
+# CogVideoX's real models; `family.known_spec` looks a name up in every family's.
 KNOWN_SPECS: dict[str, ModelSpec] = {spec.name.lower(): spec for spec in (COGVIDEOX_5B, COGVIDEOX_2B)}
 
 
@@ -85,24 +127,18 @@ def spec_for_folder(folder: Path, name: str) -> ModelSpec:
     spec_file = folder / SPEC_FILENAME
     if spec_file.is_file():
         return ModelSpec.model_validate_json(spec_file.read_text())
-    known = KNOWN_SPECS.get(name.lower())
+    known = families.known_spec(name)
     if known is not None:
         return known
-    config = json.loads((folder / "transformer" / "config.json").read_text())
-    sample_frames = int(config.get("sample_frames", 49))
-    # sample_frames counts pixel frames; the largest valid length not above it is the longest clip.
-    max_frames = sample_frames - (sample_frames - 1) % FRAME_STEP
-    uses_rope = bool(config.get("use_rotary_positional_embeddings", False))
-    return ModelSpec(
-        name=name,
-        # CogVideoX-5B (rotary embeddings) was trained in bf16, 2B (learned embeddings) in fp16.
-        dtype="bfloat16" if uses_rope else "float16",
-        height=int(config.get("sample_height", 60)) * SPATIAL_COMPRESSION,
-        width=int(config.get("sample_width", 90)) * SPATIAL_COMPRESSION,
-        fps=NATIVE_FPS,
-        max_num_frames=max_frames,
-        default_num_frames=max_frames,
-        max_sequence_length=int(config.get("max_text_seq_length", 226)),
-        default_num_inference_steps=50,
-        default_guidance_scale=6.0,
-    )
+    return family_of_folder(folder).infer_spec(folder, name)
+
+
+def family_of_folder(folder: Path) -> families.ModelFamily:
+    """The family of a diffusers pipeline folder, by its `model_index.json`'s pipeline class; a folder
+    without one (or of a class no family claims) is taken as the default family, as before families."""
+    index = Path(folder) / "model_index.json"
+    try:
+        class_name = json.loads(index.read_text()).get("_class_name", "")
+    except (OSError, ValueError, AttributeError):
+        class_name = ""
+    return families.family_of_pipeline_class(class_name) or families.family_named(DEFAULT_FAMILY)

@@ -13,7 +13,10 @@ Noise rule (training and inference alike), for a sample at timestep t:
 - target frames are at t, and the transformer is told t.
 The loss covers the target frames only.
 
-At inference the scheduler never holds a frame fixed (CogVideoXDPMScheduler adds fresh noise every
+The levels are in the model family's units (`ModelFamily.ticft_buffer_levels`): the timesteps above for
+CogVideoX's DDPM schedule; a flow-matching family maps the same fractions to its sigmas.
+
+At inference the scheduler never holds a frame fixed (CogVideoX's DPM scheduler adds fresh noise every
 step), so `ConditionLatents.reinject` runs after every scheduler step: clean condition latents back
 in, and each buffer's fixed noisy copy while the next timestep is above its level. The transformer
 then sees exactly what training showed it, with any scheduler.
@@ -29,14 +32,9 @@ from dataclasses import dataclass
 import torch
 
 from slapgen.errors import TicftLayoutError
-from slapgen.models.cogvideox import (
-    CLEAN_FRAME,
-    FRAME_STEP,
-    TEMPORAL_COMPRESSION,
-    FramePlan,
-    frame_rule,
-    is_valid_frame_count,
-)
+from slapgen.models.family import CLEAN_FRAME, FramePlan, ModelFamily, frame_rule, is_valid_frame_count
+from slapgen.models.specs import DEFAULT_FRAME_STEP as FRAME_STEP
+from slapgen.models.specs import DEFAULT_TEMPORAL_COMPRESSION as TEMPORAL_COMPRESSION
 
 LAYOUT_PATTERN = re.compile(r"c(\d{1,3})b(\d{1,3})t(\d{1,3})")
 EXAMPLE_LAYOUT = "c1b3t9"
@@ -90,9 +88,9 @@ class TicftLayout:
         return slice(self.condition + self.buffer, None)
 
     def buffer_levels(self, num_train_timesteps: int = 1000) -> tuple[int, ...]:
-        """Each buffer's fixed timestep, nearest the condition first: (249, 499, 749) for 3 buffers and
-        1000 timesteps, TIC-FT's `scheduler.timesteps[750], [500], [250]`."""
-        return tuple(round(num_train_timesteps * (k + 1) / (self.buffer + 1)) - 1 for k in range(self.buffer))
+        """Each buffer's fixed timestep of a DDPM schedule, nearest the condition first: (249, 499, 749)
+        for 3 buffers and 1000 timesteps, TIC-FT's `scheduler.timesteps[750], [500], [250]`."""
+        return timestep_buffer_levels(self.buffer, num_train_timesteps)
 
     def check_fits(self, max_num_frames: int | None, model: str, frame_step: int = FRAME_STEP) -> "TicftLayout":
         """The layout when `model` can generate its whole clip; TicftLayoutError naming the limit otherwise."""
@@ -106,17 +104,33 @@ class TicftLayout:
                                    f"{max_num_frames}")
         return self
 
-    def frame_timesteps(self, timesteps: torch.Tensor, num_train_timesteps: int = 1000) -> torch.Tensor:
-        """Each latent frame's timestep, (B, F), for samples at `timesteps` (B,): the noise rule above."""
-        timesteps = timesteps.long()
+    def frame_timesteps(self, timesteps: torch.Tensor, num_train_timesteps: int = 1000,
+                        levels: tuple | None = None) -> torch.Tensor:
+        """Each latent frame's noise level, (B, F), for samples at `timesteps` (B,): the noise rule above.
+        `levels`: the buffers' levels in the family's units (default: `buffer_levels(num_train_timesteps)`);
+        integer levels stay integers, float levels (sigmas) floats."""
+        if not timesteps.is_floating_point():
+            timesteps = timesteps.long()
+        if levels is None:
+            levels = self.buffer_levels(num_train_timesteps)
         columns = [torch.full_like(timesteps, CLEAN_FRAME)] * self.condition
-        columns += [timesteps.clamp(max=level) for level in self.buffer_levels(num_train_timesteps)]
+        columns += [timesteps.clamp(max=level) for level in levels]
         columns += [timesteps] * self.target
         return torch.stack(columns, dim=1)
 
-    def frame_plan(self, timesteps: torch.Tensor, num_train_timesteps: int = 1000) -> FramePlan:
-        """What `cogvideox.training_step` needs to train TIC-FT: the noise rule and the target-only loss."""
-        return FramePlan(self.frame_timesteps(timesteps, num_train_timesteps), self.target_frames)
+    def frame_plan(self, timesteps: torch.Tensor, num_train_timesteps: int = 1000,
+                   levels: tuple | None = None) -> FramePlan:
+        """What a family's `training_step` needs to train TIC-FT: the noise rule and the target-only loss."""
+        return FramePlan(self.frame_timesteps(timesteps, num_train_timesteps, levels), self.target_frames)
+
+    def frame_plan_for(self, family: ModelFamily, scheduler, timesteps: torch.Tensor) -> FramePlan:
+        """`frame_plan` with the buffers at `family`'s levels for `scheduler`."""
+        return self.frame_plan(timesteps, levels=family.ticft_buffer_levels(self.buffer, scheduler))
+
+
+def timestep_buffer_levels(buffers: int, num_train_timesteps: int = 1000) -> tuple[int, ...]:
+    """TIC-FT's buffer timesteps on a DDPM schedule: N (k + 1) / (B + 1) - 1, nearest the condition first."""
+    return tuple(round(num_train_timesteps * (k + 1) / (buffers + 1)) - 1 for k in range(buffers))
 
 
 def objective_name(layout: TicftLayout | None, condition: str = "first-frame") -> str:
@@ -127,66 +141,76 @@ def objective_name(layout: TicftLayout | None, condition: str = "first-frame") -
 
 @dataclass(frozen=True)
 class ConditionLatents:
-    """The condition of one generation in latent space: the clean condition and buffer latents
-    (1, C+B, ch, h, w) and each buffer's fixed noisy copy at its level (1, B, ch, h, w)."""
+    """The condition of one generation in latent space, in the family's latent layout (frames on
+    `frame_axis`): the clean condition and buffer latents (C+B frames) and each buffer's fixed noisy
+    copy at its level (B frames)."""
 
     layout: TicftLayout
     clean: torch.Tensor
     noisy_buffers: torch.Tensor
-    levels: tuple[int, ...]
+    levels: tuple
+    frame_axis: int = 1
 
     @classmethod
-    def build(cls, layout: TicftLayout, clean: torch.Tensor, buffer_noise: torch.Tensor, scheduler) -> "ConditionLatents":
-        """`clean` holds at least the first C+B latent frames of the encoded clip; `buffer_noise` is
-        (1, B, ch, h, w), drawn once per generation."""
-        clean = clean[:, : layout.condition + layout.buffer]
-        levels = layout.buffer_levels(scheduler.config.num_train_timesteps)
-        noisy = [scheduler.add_noise(clean[:, layout.condition + k], buffer_noise[:, k].to(clean.dtype),
-                                     torch.tensor([level], device=clean.device))
-                 for k, level in enumerate(levels)]
-        noisy_buffers = torch.stack(noisy, dim=1) if noisy else clean[:, :0]
-        return cls(layout, clean, noisy_buffers, levels)
+    def build(cls, layout: TicftLayout, clean: torch.Tensor, buffer_noise: torch.Tensor, scheduler,
+              family: ModelFamily) -> "ConditionLatents":
+        """`clean` holds at least the first C+B latent frames of the encoded clip, in `family`'s latent
+        layout; `buffer_noise` is B frames of noise in the same layout, drawn once per generation."""
+        axis = family.frame_axis
+        clean = clean.narrow(axis, 0, layout.condition + layout.buffer)
+        levels = family.ticft_buffer_levels(layout.buffer, scheduler)
+        buffers = clean.narrow(axis, layout.condition, layout.buffer)
+        frame_levels = torch.tensor([list(levels)], device=clean.device)
+        noisy_buffers = (family.noise_frames(scheduler, buffers, buffer_noise.to(clean.dtype), frame_levels)
+                         if layout.buffer else buffers)
+        return cls(layout, clean, noisy_buffers, levels, axis)
 
-    def initial_latents(self, target_noise: torch.Tensor, first_timestep: int) -> torch.Tensor:
-        """The latents the denoising loop starts from: (1, F, ch, h, w) with `target_noise` in the target frames."""
+    def initial_latents(self, target_noise: torch.Tensor, first_timestep) -> torch.Tensor:
+        """The latents the denoising loop starts from: the whole clip with `target_noise` in the target frames."""
         start = target_noise.to(self.clean.dtype).clone()
         return self.reinject(start, first_timestep)
 
-    def reinject(self, latents: torch.Tensor, next_timestep: int) -> torch.Tensor:
+    def reinject(self, latents: torch.Tensor, next_timestep) -> torch.Tensor:
         """`latents` with the clean condition put back and each buffer whose level is below
-        `next_timestep` (the timestep the transformer sees next) reset to its fixed noisy copy."""
+        `next_timestep` (the level the transformer sees next) reset to its fixed noisy copy."""
         layout = self.layout
         latents = latents.clone()
-        latents[:, : layout.condition] = self.clean[:, : layout.condition].to(latents.dtype)
+        frames = latents.movedim(self.frame_axis, 1)  # a view: writing into it writes `latents`
+        clean = self.clean.movedim(self.frame_axis, 1)
+        noisy = self.noisy_buffers.movedim(self.frame_axis, 1)
+        frames[:, : layout.condition] = clean[:, : layout.condition].to(latents.dtype)
         for k, level in enumerate(self.levels):
             if next_timestep > level:
-                latents[:, layout.condition + k] = self.noisy_buffers[:, k].to(latents.dtype)
+                frames[:, layout.condition + k] = noisy[:, k].to(latents.dtype)
         return latents
 
 
-def next_timestep(scheduler, step_index: int) -> int:
-    """The timestep the transformer sees after denoising step `step_index` (-1 after the last one)."""
-    timesteps = scheduler.timesteps
-    return int(timesteps[step_index + 1]) if step_index + 1 < len(timesteps) else -1
+def next_timestep(scheduler, step_index: int, family: ModelFamily):
+    """The level the transformer sees after denoising step `step_index` (-1 after the last one)."""
+    return family.next_level(scheduler, step_index)
 
 
 def start_conditioned(pipeline, layout: TicftLayout, clean: torch.Tensor, generator: torch.Generator,
-                      num_inference_steps: int, dtype: torch.dtype) -> tuple[torch.Tensor, ConditionLatents]:
-    """The `latents=` a CogVideoX pipeline starts a TIC-FT generation from, and the condition to re-inject
+                      num_inference_steps: int, dtype: torch.dtype, family: ModelFamily) -> tuple[torch.Tensor, ConditionLatents]:
+    """The `latents=` a pipeline of `family` starts a TIC-FT generation from, and the condition to re-inject
     after each of its steps (`ConditionLatents.reinject` with `next_timestep`).
 
-    `clean`: the encoded clip's scaled latents, (1, >= C+B, ch, h, w), on the generation's device. From
-    `generator` it draws the whole clip's noise (as the pipeline would), then each buffer's noise."""
+    `clean`: the encoded clip's normalised latents in the family's layout (batch 1, >= C+B frames), on the
+    generation's device. From `generator` it draws the whole clip's noise (as the pipeline would), then
+    each buffer's noise."""
     from diffusers.utils.torch_utils import randn_tensor
 
     device = clean.device
-    frame_shape = tuple(clean.shape[2:])
-    target_noise = randn_tensor((1, layout.latent_frames, *frame_shape), generator=generator, device=device, dtype=dtype)
-    buffer_noise = randn_tensor((1, layout.buffer, *frame_shape), generator=generator, device=device, dtype=dtype)
+    axis = family.frame_axis
+    shape = list(clean.shape)
+    shape[axis] = layout.latent_frames
+    target_noise = randn_tensor(tuple(shape), generator=generator, device=device, dtype=dtype)
+    shape[axis] = layout.buffer
+    buffer_noise = randn_tensor(tuple(shape), generator=generator, device=device, dtype=dtype)
     scheduler = pipeline.scheduler
     scheduler.set_timesteps(num_inference_steps, device=device)  # the pipeline sets the same ones again
-    condition = ConditionLatents.build(layout, clean.to(dtype), buffer_noise, scheduler)
-    latents = condition.initial_latents(target_noise, int(scheduler.timesteps[0]))
-    # The pipeline multiplies given latents by init_noise_sigma (1.0 for CogVideoX's schedulers): divide
-    # so the condition it starts from is exactly the clean one.
-    return latents / scheduler.init_noise_sigma, condition
+    condition = ConditionLatents.build(layout, clean.to(dtype), buffer_noise, scheduler, family)
+    latents = condition.initial_latents(target_noise, family.first_level(scheduler))
+    # The pipeline multiplies given latents by init_noise_sigma (1.0 for CogVideoX's schedulers; a
+    # scheduler without it multiplies nothing): divide so the condition it starts from is exactly the clean one.
+    return latents / getattr(scheduler, "init_noise_sigma", 1.0), condition

@@ -25,7 +25,7 @@ from slapgen.engine.conditioning import CONDITION_FIELD, check_condition, check_
 from slapgen.engine.params import GenerationParams
 from slapgen.errors import ImageError, RequestError
 from slapgen.images import MAX_IMAGE_BYTES, decode_image
-from slapgen.models.cogvideox import SIZE_MULTIPLE, check_frame_count
+from slapgen.models.specs import BASE_SIZE_MULTIPLE as SIZE_MULTIPLE
 from slapgen.models.specs import ModelSpec
 from slapgen.models.ticft import TicftLayout
 from slapgen.serving.ratings import CHOICES, CRITERIA
@@ -69,7 +69,7 @@ class GenerateRequest(BaseModel):
     adapter: AdapterName | None = Field(None, description="adapter name; null for the base model")
     adapter_scale: float = Field(1.0, ge=0, le=MAX_ADAPTER_SCALE, description="strength of the adapter")
     negative_prompt: Annotated[str, StringConstraints(max_length=MAX_PROMPT_CHARS)] | None = None
-    num_frames: int | None = Field(None, ge=1, description="8k+1 for CogVideoX 1.0, at most the model's maximum")
+    num_frames: int | None = Field(None, ge=1, description="the model's frame rule (8k+1 for CogVideoX 1.0), at most its maximum")
     num_inference_steps: int | None = Field(None, ge=1, le=MAX_INFERENCE_STEPS)
     guidance_scale: float | None = Field(None, ge=0, le=MAX_GUIDANCE_SCALE)
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="random when omitted; echoed in X-Seed")
@@ -96,11 +96,14 @@ class GenerateRequest(BaseModel):
             prompt = RenderRequest(template=self.template, slots=self.slots or {}).render()
         num_frames = spec.default_num_frames
         if self.num_frames is not None:
-            num_frames = check_frame_count(self.num_frames, spec.max_num_frames, spec.name, spec.frame_step)
+            num_frames = spec.check_frame_count(self.num_frames)
         for field in ("height", "width"):
             value, limit = getattr(self, field), getattr(spec, field)
             if value is not None and value > limit:
                 raise RequestError(f"{field} must be at most {limit} for {spec.name}, got {value}", field=field)
+            if value is not None and value % spec.size_multiple:  # a model with a coarser grid than the base one
+                raise RequestError(f"{field} must be a multiple of {spec.size_multiple} for {spec.name}, got {value}",
+                                   field=field)
         if self.adapter is not None and adapters is not None and self.adapter not in adapters:
             raise RequestError(f"unknown adapter {self.adapter!r}; available: {', '.join(adapters) or 'none'}",
                                field="adapter")
@@ -153,7 +156,7 @@ def request_limits(spec: ModelSpec) -> dict:
     """What a `/generate` body may ask of this model, and what it gets by default (for clients' forms)."""
     return {
         "max_num_frames": spec.max_num_frames, "frame_step": spec.frame_step, "max_height": spec.height,
-        "max_width": spec.width, "size_multiple": SIZE_MULTIPLE, "max_inference_steps": MAX_INFERENCE_STEPS,
+        "max_width": spec.width, "size_multiple": spec.size_multiple, "max_inference_steps": MAX_INFERENCE_STEPS,
         "max_guidance_scale": MAX_GUIDANCE_SCALE, "max_adapter_scale": MAX_ADAPTER_SCALE,
         "max_prompt_chars": MAX_PROMPT_CHARS, "max_seed": MAX_SEED,
         "defaults": {"num_frames": spec.default_num_frames, "height": spec.height, "width": spec.width,

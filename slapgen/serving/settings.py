@@ -25,7 +25,7 @@ class SlapSettings(BaseSettings):
     model: str = Field(
         DEFAULT_MODEL,
         min_length=1,
-        description="hub id (THUDM/CogVideoX-5b, THUDM/CogVideoX-2b), local pipeline folder, or `tiny`",
+        description="hub id (THUDM/CogVideoX-5b, THUDM/CogVideoX-2b, Wan-AI/Wan2.1-T2V-1.3B-Diffusers, ...), local pipeline folder, `tiny` (CogVideoX) or `tiny-wan`",
     )
     cache_dir: Path = Field(
         default_factory=default_cache_dir,

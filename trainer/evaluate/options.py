@@ -11,7 +11,6 @@ from slapgen.engine.params import GenerationParams
 from slapgen.errors import FrameCountError
 from slapgen.evaluation.i3d import FVD_FRAMES, I3D_MIN_FRAMES
 from slapgen.evaluation.models import DEFAULT_CLIP, DEFAULT_DINO, DEFAULT_I3D, TINY
-from slapgen.models.cogvideox import SIZE_MULTIPLE, check_frame_count, is_valid_frame_count
 from slapgen.models.loading import ModelSetting
 from slapgen.models.specs import ModelSpec
 from trainer.errors import EvalError
@@ -106,7 +105,7 @@ def fvd_num_frames(spec: ModelSpec) -> int:
     clips; padding a shorter video with repeated frames would feed the I3D motion that never happened."""
     if spec.default_num_frames >= FVD_FRAMES:
         return spec.default_num_frames
-    fitting = [count for count in range(FVD_FRAMES, spec.max_num_frames + 1) if is_valid_frame_count(count, spec.frame_step)]
+    fitting = [count for count in range(FVD_FRAMES, spec.max_num_frames + 1) if spec.is_valid_frame_count(count)]
     return fitting[0] if fitting else spec.default_num_frames  # none: params() says what fvd needs
 
 
@@ -115,13 +114,13 @@ def checked_params(spec: ModelSpec, settings: dict, flag: str = "--set", **chose
     against the model's limits; one-sentence EvalError naming `flag` otherwise."""
     params = GenerationParams.defaults_for(spec, **chosen, **settings)
     try:
-        check_frame_count(params.num_frames, spec.max_num_frames, spec.name, spec.frame_step)
+        spec.check_frame_count(params.num_frames)
     except FrameCountError as error:
         raise EvalError(f"{flag} {error}") from None
     for name, limit in (("height", spec.height), ("width", spec.width)):
         value = getattr(params, name)
-        if value % SIZE_MULTIPLE or not 0 < value <= limit:
-            raise EvalError(f"{flag} {name} must be a multiple of {SIZE_MULTIPLE} up to {limit} for {spec.name}, "
+        if value % spec.size_multiple or not 0 < value <= limit:
+            raise EvalError(f"{flag} {name} must be a multiple of {spec.size_multiple} up to {limit} for {spec.name}, "
                             f"got {value}")
     if params.num_inference_steps < 1 or params.fps < 1 or params.guidance_scale < 0 or params.adapter_scale < 0:
         raise EvalError(f"{flag} num_inference_steps and fps must be at least 1, guidance_scale and adapter_scale not "

@@ -22,6 +22,7 @@ import torch
 
 from slapgen.evaluation import stats
 from slapgen.evaluation.frechet import frechet_with_interval, reliable_sample_count
+from slapgen.models.family import family_of
 from slapgen.models.loading import resolve_model
 from slapgen.models.ticft import TicftLayout, objective_name
 from slapgen.video import read_mp4, write_mp4_atomic
@@ -33,7 +34,7 @@ from trainer.evaluate.names import FLICKER, FVD, HELDOUT_LOSS, SUBJECT
 from trainer.evaluate.options import BASE, MODEL_SETTING, EvalOptions
 from trainer.evaluate.systems import System, resolve_systems, slot_shape, stage_adapters
 from trainer.frames import load_clip
-from trainer.heldout import DEFAULT_TIMESTEPS, heldout_entries, heldout_losses
+from trainer.heldout import DEFAULT_FRACTIONS, heldout_entries, heldout_losses
 
 TICFT_BASE_LOSSES = "heldout_loss_by_ticft_layout"  # in eval.json's `base` system
 FORMAT = 1
@@ -136,11 +137,13 @@ def evaluate(options: EvalOptions) -> dict:
 
     definitions: dict[str, dict] = {}
     if losses:
+        family = family_of(resolved.spec)
+        levels = family.noise_levels(DEFAULT_FRACTIONS, family.load_training_scheduler(resolved.folder)).tolist()
         definitions[HELDOUT_LOSS] = {
             "higher_is_better": False,
-            "what": "the training objective (x0 from v-prediction, weighted by 1/(1-alpha_bar)) on the held-out clips' "
+            "what": f"the training objective ({family.objective}) on the held-out clips' "
                     "cached latents at fixed timesteps with noise seeded per clip; no generation",
-            "timesteps": list(DEFAULT_TIMESTEPS), "seed": options.loss_seed, "clips": len(entries)}
+            "timesteps": levels, "seed": options.loss_seed, "clips": len(entries)}
         if any(layouts.values()):
             definitions[HELDOUT_LOSS]["objectives"] = {
                 name: objective_name(layout) for name, layout in layouts.items()}  # eval: first-frame conditions
@@ -204,14 +207,13 @@ def held_out_losses(generator, resolved, systems: list[System], layouts: dict[st
     one, or a TIC-FT adapter's (`layout_entries[layout]`, the clips cached with its layout). With `base` among
     the systems, the base model is also measured on every TIC-FT layout present, as `base@LAYOUT`, the
     reference of those adapters' A/B."""
-    from diffusers import CogVideoXDPMScheduler
-
-    scheduler = CogVideoXDPMScheduler.from_pretrained(resolved.folder, subfolder="scheduler")
+    family = family_of(resolved.spec)
+    scheduler = family.load_training_scheduler(resolved.folder)
     jobs = [(system.name, system.adapter, layouts[system.name]) for system in systems]
     if any(system.name == BASE for system in systems):
         jobs += [(loss_reference(layout), None, layout) for layout in layout_entries if layout is not None]
     clips = len(layout_entries[None])
-    progress = bar(len(jobs) * clips * len(DEFAULT_TIMESTEPS), "held-out loss", "forward")
+    progress = bar(len(jobs) * clips * len(DEFAULT_FRACTIONS), "held-out loss", "forward")
     losses = {}
     started = time.perf_counter()
     for name, adapter, layout in jobs:
@@ -219,7 +221,7 @@ def held_out_losses(generator, resolved, systems: list[System], layouts: dict[st
         with generator.activated(adapter, scale) as transformer:
             losses[name] = heldout_losses(transformer, scheduler, layout_entries[layout], seed=options.loss_seed,
                                           dtype=resolved.spec.torch_dtype, on_forward=lambda: progress.update(1),
-                                          layout=layout)
+                                          layout=layout, family=family)
     progress.close()
     timer.add(HELDOUT_LOSS, started)
     return losses

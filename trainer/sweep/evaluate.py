@@ -228,8 +228,8 @@ def run_heldout_losses(folder: Path, config: TrainConfig, inputs: EvaluationInpu
     the run's latent cache). A TIC-FT run is scored on its own objective: the clips cached with its layout
     and condition source, per-frame noise, the target frames' loss."""
     import torch
-    from diffusers import CogVideoXDPMScheduler, CogVideoXTransformer3DModel
 
+    from slapgen.models.family import family_of
     from slapgen.models.loading import TRAINER_SETTING, resolve_model
     from trainer.heldout import heldout_entries, heldout_losses
     from trainer.lora import add_lora, load_lora_into
@@ -241,15 +241,16 @@ def run_heldout_losses(folder: Path, config: TrainConfig, inputs: EvaluationInpu
     entries = heldout_entries(inputs.heldout, resolved, data, cache_root, device=inputs.device, progress=False,
                               ticft=config.ticft)
     dtype = WEIGHT_DTYPES[mixed_precision_for(config, resolved.spec.dtype, torch.device(inputs.device).type)]
-    transformer = CogVideoXTransformer3DModel.from_pretrained(resolved.folder, subfolder="transformer", dtype=dtype)
+    family = family_of(resolved.spec)
+    transformer = family.load_transformer(resolved.folder, dtype)
     if lora is not None:
         add_lora(transformer, config.lora)
         load_lora_into(transformer, lora)
     transformer.to(inputs.device)
-    scheduler = CogVideoXDPMScheduler.from_pretrained(resolved.folder, subfolder="scheduler")
+    scheduler = family.load_training_scheduler(resolved.folder)
     try:
         layout = config.ticft.parsed_layout if config.ticft is not None else None
-        return heldout_losses(transformer, scheduler, entries, dtype=dtype, layout=layout)
+        return heldout_losses(transformer, scheduler, entries, dtype=dtype, layout=layout, family=family)
     finally:
         del transformer
         if torch.cuda.is_available():
