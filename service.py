@@ -63,7 +63,8 @@ try:
     # sharing a PostgreSQL, answers for every job. Opening a store migrates its schema: this import in
     # `bentoml serve`'s own process does it once, before any worker starts (workers find it done).
     job_board = with_store(JOB_BOARD, settings.store_database(settings.cache_dir / "jobs.sqlite"), "SLAP_CACHE_DIR",
-                           lambda where: JobBoard(where, owner=int(os.environ.get(SERVER_PID_VARIABLE, 0)) or None))
+                           lambda where: JobBoard(where, owner=int(os.environ.get(SERVER_PID_VARIABLE, 0)) or None,
+                                                  lease_s=settings.job_lease_s))
     # The studio's ratings outlive restarts and are shared by every worker.
     rating_store = with_store("the studio's ratings", settings.store_database(settings.data_dir / "ratings.sqlite"),
                               "SLAP_DATA_DIR", RatingStore)
@@ -129,7 +130,7 @@ class SlapGen:
             resolve_model(settings.model, settings.cache_dir, allow_download=True)
             # Before any worker starts: the jobs of a server that died (kill -9, a crash) end as failed.
             with_store(JOB_BOARD, settings.store_database(settings.cache_dir / "jobs.sqlite"), "SLAP_CACHE_DIR",
-                       lambda where: job_board.end_orphaned(RESTARTED, lease_s=settings.job_lease_s))
+                       lambda where: job_board.end_orphaned(RESTARTED))
         except SlapgenError as error:
             _exit_with(str(error))
         os.environ[SERVER_PID_VARIABLE] = str(os.getpid())

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -39,6 +40,7 @@ def serve_once(folder: Path, cache_dir: Path, compile_cache: Path, label: str) -
 
     from tests.conftest import start_server, stop_server
 
+    load_before = os.getloadavg()[0]
     started = time.perf_counter()
     server = start_server(folder, startup_timeout_s=1800, SLAP_MODEL="tiny", SLAP_CACHE_DIR=str(cache_dir),
                           SLAP_DEVICE="cpu", SLAP_QUANT="none", SLAP_COMPILE="1", SLAP_MAX_LORA_RANK="8",
@@ -49,7 +51,9 @@ def serve_once(folder: Path, cache_dir: Path, compile_cache: Path, label: str) -
     finally:
         stop_server(server)
     cache = info["compile_cache"]
-    return {"start": label, "ready_s": ready_s, "graphs_from_cache": cache["graphs_from_cache"],
+    # The machine is shared: the 1-minute load average around the start says how busy it was.
+    return {"start": label, "ready_s": ready_s, "load_1min_before": load_before, "load_1min_after": os.getloadavg()[0],
+            "graphs_from_cache": cache["graphs_from_cache"],
             "graphs_compiled": cache["graphs_compiled"], "fell_back": cache["fell_back"],
             "recompilations": info["recompilations"]}
 
@@ -147,7 +151,8 @@ def main() -> None:
             print(json.dumps(compile_case(model, args.blocks)))
         return
     result = service_bench(args.rounds)
-    print_table(result["rows"], ["round", "start", "ready_s", "graphs_from_cache", "graphs_compiled", "recompilations"])
+    print_table(result["rows"], ["round", "start", "ready_s", "load_1min_before", "load_1min_after", "graphs_from_cache",
+                                 "graphs_compiled", "recompilations"])
     print(f"\nready: cold {result['cold_ready_s_median']:.1f} s, warm {result['warm_ready_s_median']:.1f} s (medians); "
           f"cold / warm = {result['cold_over_warm']:.2f}x")
     path = write_results("coldstart", {"device": device_description(), "torch": torch.__version__, "model": "tiny",

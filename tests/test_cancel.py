@@ -15,7 +15,7 @@ from slapgen.engine.params import EngineOptions, GenerationParams
 from slapgen.errors import GenerationCancelledError, JobFinishedError, JobFinishingError, JobNotFoundError
 from slapgen.serving.http_errors import status_for
 from slapgen.models.loading import resolve_model
-from slapgen.serving.jobs import JobBoard
+from slapgen.serving.jobs import JobBoard, stale_reason
 from slapgen.video import read_mp4
 from tests.conftest import job_progress, wait_for_job
 
@@ -343,11 +343,51 @@ def test_at_start_up_another_machines_jobs_past_their_lease_end_failed(database_
     live.step("live-running", 2, 4)
     monkeypatch.undo()
 
-    starting = JobBoard(database_url, owner=2)
-    assert starting.end_orphaned("the server restarted", alive=lambda pid, started: True, lease_s=lease_s) == 3
+    starting = JobBoard(database_url, owner=2, lease_s=lease_s)
+    assert starting.end_orphaned("the server restarted", alive=lambda pid, started: True) == 3
     for task_id in ("gone-running", "gone-queued", "gone-finishing"):
-        assert (starting.get(task_id)["state"], starting.get(task_id)["error"]) == ("failed", "the server restarted")
+        assert (starting.get(task_id)["state"], starting.get(task_id)["error"]) == ("failed", stale_reason(lease_s))
     assert starting.get("gone-done")["state"] == "completed"
     assert starting.get("live-running")["state"] == "running" and starting.get("live-queued")["state"] == "queued"
     # Without a lease (one machine) another machine's rows are never judged.
-    assert starting.end_orphaned("again", alive=lambda pid, started: True) == 0
+    assert JobBoard(database_url, owner=2).end_orphaned("again", alive=lambda pid, started: True) == 0
+
+
+def test_a_running_replica_fails_a_vanished_replicas_job_when_it_reads_it(database_url):
+    """Guards the jobs of a replica that vanished while the others run on staying `running` forever for
+    clients polling the survivors (only a replica's start-up judged leases). Reading a job (`get`: what
+    /jobs/status, /jobs/get and /jobs/progress answer from) fails another server's unfinished job not
+    updated for the lease, in the same transaction, with the lease's reason; its fresh jobs, its ended
+    ones, this server's own, and any job read through a board without a lease are left as they are."""
+    from sqlalchemy import update
+
+    from slapgen.serving import jobs as jobs_module
+
+    lease_s = 60
+    vanished = JobBoard(database_url, owner=1)
+    for task_id in ("stale-running", "stale-queued", "stale-done", "fresh-running", "other-server-here"):
+        vanished.submitted(task_id, 4)
+    vanished.step("stale-running", 1, 4)
+    vanished.step("fresh-running", 1, 4)
+    vanished.completed("stale-done")
+    survivor = JobBoard(database_url, owner=os.getpid(), lease_s=lease_s)
+    survivor.submitted("own-stale", 4)  # a row this very server wrote
+    stale = jobs_module.time.time() - lease_s - 1
+    with vanished._connect() as db:
+        db.execute(update(jobs_module.jobs).where(jobs_module.jobs.c.task_id.like("stale-%")).values(
+            host="vanished-pod-7f9c", updated_at=stale))
+        db.execute(update(jobs_module.jobs).where(jobs_module.jobs.c.task_id == "fresh-running").values(
+            host="vanished-pod-7f9c"))
+        # Another server on this machine (owner 1), and a row of the survivor's own: both past the lease.
+        db.execute(update(jobs_module.jobs).where(jobs_module.jobs.c.task_id.in_(("own-stale", "other-server-here"))).values(
+            updated_at=stale))
+    own = dict(JobBoard(database_url, owner=os.getpid()).get("own-stale"))  # read without a lease: unchanged
+
+    assert JobBoard(database_url, owner=os.getpid()).get("stale-running")["state"] == "running"  # no lease: untouched
+    for task_id in ("stale-running", "stale-queued", "other-server-here"):
+        job = survivor.get(task_id)
+        assert (job["state"], job["error"]) == ("failed", stale_reason(lease_s)), job
+        assert survivor.failure_status(task_id) == jobs_module.FAILED_WITHOUT_STATUS
+    assert survivor.get("stale-done")["state"] == "completed"
+    assert survivor.get("fresh-running")["state"] == "running"
+    assert survivor.get("own-stale") == own and own["state"] == "queued"

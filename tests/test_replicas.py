@@ -105,3 +105,38 @@ def test_two_replicas_on_one_postgresql_answer_for_each_others_jobs_ratings_and_
         (tmp_path / f"lora-{name}.mp4").write_bytes(response.content)
         videos[name] = read_mp4(tmp_path / f"lora-{name}.mp4")[0]
     assert np.array_equal(videos["a"], videos["b"]) and not np.array_equal(videos["b"], videos["b-base"])
+
+
+def test_a_replica_killed_mid_job_is_answered_failed_by_the_survivor_within_the_lease(tmp_path, tiny_cache_dir,
+                                                                                      postgres_url):
+    """Guards a job of a replica that vanished (SIGKILL: no handler runs, no start-up follows) staying
+    `running` forever for clients polling the surviving replica: only a replica's start-up judged leases.
+    The survivor, never restarted, answers the job failed with the lease's reason on /jobs/progress,
+    /jobs/status and /jobs/get once its row went SLAP_JOB_LEASE_S without an update."""
+    import os
+    import signal
+
+    from slapgen.serving.jobs import stale_reason
+
+    lease_s = 60  # the least SLAP_JOB_LEASE_S accepts
+    env = dict(SLAP_MODEL="tiny", SLAP_CACHE_DIR=str(tiny_cache_dir), SLAP_DATABASE_URL=postgres_url,
+               SLAP_RESULTS_DIR=str(tmp_path / "results"), SLAP_ADAPTERS_DIR=str(tmp_path / "adapters"),
+               SLAP_JOB_LEASE_S=str(lease_s))
+    folders = [tmp_path / "replica-a", tmp_path / "replica-b"]
+    for folder in folders:
+        folder.mkdir()
+    a, b = start_servers(folders, 600, [env, env])
+    try:
+        job = _submit(a, seed=1, num_inference_steps=200)
+        wait_for_job(b, job, {"running"})
+        os.killpg(a.process.pid, signal.SIGKILL)  # the whole replica at once: server and workers
+        a.process.wait()
+        ended = wait_for_job(b, job, {"failed", "completed", "canceled"}, timeout_s=lease_s + 120)
+        assert (ended["state"], ended["error"]) == ("failed", stale_reason(lease_s)), ended
+        assert httpx.get(f"{b.url}/jobs/status", params={"task_id": job}).json()["status"] == "failed"
+        result = httpx.get(f"{b.url}/jobs/get", params={"task_id": job})
+        assert result.status_code == 500 and stale_reason(lease_s) in result.json()["error"], result.text
+        assert b.process.poll() is None  # answered by the running survivor, not by a restart
+    finally:
+        for server in (a, b):
+            stop_server(server)

@@ -13,6 +13,15 @@ share it. The backend still sees every graph (a cache hit is found inside `compi
 above holds with a warm cache. What torch does not survive is a damaged kernel library in the folder (it
 loads the file as it finds it): any failure of the warm-up with the shared folder falls back to compiling
 in a private folder, said in one log line.
+
+What a warm start still spends (tiny model, 2-core CPU, profiled in one process): about 5 s of dynamo
+tracing the transformer again and 5 s of loading the cached module, then the warm-up generation itself;
+`bentoml serve`'s two Python processes importing torch, diffusers and bentoml cost more than all of it.
+torch 2.13 has no cache for dynamo's tracing of a module compiled with graph breaks allowed:
+`torch.compiler.save_cache_artifacts` holds the same inductor / AOTAutograd entries as this folder (a
+blob for a database instead of a volume), and `torch._dynamo.config.caching_precompile` (experimental)
+did not reuse its entries with this counting backend (a warm start traced again, and AOTAutograd missed),
+and it drops dynamo's identity guards (ID_MATCH), which nothing here has shown a hot swap can do without.
 """
 
 from __future__ import annotations

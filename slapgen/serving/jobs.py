@@ -25,7 +25,10 @@ jobs of another replica sharing the database are left to that replica (every con
 pid 1, so without the host one replica's start-up failed the others' running jobs). Another machine's
 unfinished job is failed at start-up only when its row went `SLAP_JOB_LEASE_S` without an update: its
 replica is gone (Kubernetes names a replacement pod anew, so no one else would ever end them); a running
-job updates its row every step, and renews the queued jobs of its machine with it.
+job updates its row every step, and renews the queued jobs of its machine with it. The same rule
+(`_fail_stale`) runs whenever a replica reads a job (`get`: `/jobs/status`, `/jobs/get`, `/jobs/progress`):
+another server's unfinished job past its lease is failed in that read's transaction, so a replica that
+vanished while the others run on leaves no job `running` forever, with no background work of our own.
 
 Every change that depends on a job's state is one conditional UPDATE, so two workers deciding at once
 cannot both act on a state one of them has already changed.
@@ -42,7 +45,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from sqlalchemy import BigInteger, Column, Connection, Double, Integer, MetaData, Table, Text, case, delete, select, update
+from sqlalchemy import (BigInteger, Column, Connection, Double, Integer, MetaData, Table, Text, case, delete, or_, select,
+                        update)
 from sqlalchemy.exc import DBAPIError
 
 from slapgen.database import open_store, upsert_ignoring
@@ -69,6 +73,11 @@ HOST = socket.gethostname()  # this machine, as the rows it writes name it
 _PUBLIC = [jobs.c[name] for name in COLUMNS]
 
 
+def stale_reason(lease_s: float) -> str:
+    """Why a job past its lease failed: the one sentence every replica writes for it."""
+    return f"its replica stopped updating it for {lease_s:g} s (the replica is gone); submit it again"
+
+
 def _on_this_machine():
     # Rows from before the host was recorded (NULL) come from a board that was one per machine.
     return (jobs.c.host == HOST) | jobs.c.host.is_(None)
@@ -82,10 +91,13 @@ def _own_start_time(pid: int) -> int | None:
 
 class JobBoard:
     """`where`: the database (a URL, an SQLite file's path, or None: in memory); `owner`: the pid of the
-    server whose workers write through this board (None: unknown)."""
+    server whose workers write through this board (None: unknown); `lease_s`: how long another server's
+    unfinished job may go without an update before it is failed as abandoned (None: never, one server)."""
 
-    def __init__(self, where: Path | str | None = None, max_jobs: int = MAX_TRACKED_JOBS, owner: int | None = None):
+    def __init__(self, where: Path | str | None = None, max_jobs: int = MAX_TRACKED_JOBS, owner: int | None = None,
+                 lease_s: float | None = None):
         self._max_jobs = max_jobs
+        self._lease_s = lease_s
         self._owner = owner
         self._owner_started = process_start_time(owner) if owner is not None else None
         self._lock = threading.Lock()  # one writer per process at a time (SQLite would make the others wait)
@@ -189,25 +201,35 @@ class JobBoard:
             status = db.execute(select(jobs.c.http_status).where(jobs.c.task_id == task_id)).scalar()
         return status or FAILED_WITHOUT_STATUS
 
-    def end_orphaned(self, reason: str, alive: Callable[[int, int | None], bool] = instance_alive,
-                     lease_s: float | None = None) -> int:
-        """At a server's start-up, before its workers: fail, with `reason`, every unfinished job whose
-        server is gone (or unknown); returns how many. Their work died with that server: nothing will ever
-        finish them. Jobs recorded under this very pid are among them (the server starting now runs none
-        yet: a container's server has the same pid after every restart). With `lease_s`, also every
-        unfinished job of another machine not updated for `lease_s` seconds: its replica is gone (a pod
-        replaced by one with another name never judges its predecessor's jobs), since a running job
-        updates its row every denoising step and renews the queued jobs of its machine."""
+    def end_orphaned(self, reason: str, alive: Callable[[int, int | None], bool] = instance_alive) -> int:
+        """At a server's start-up, before its workers: fail, with `reason`, every unfinished job of this machine
+        whose server is gone (or unknown); returns how many, with those `_fail_stale` fails. Their work died
+        with that server: nothing will ever finish them. Jobs recorded under this very pid are among them (the
+        server starting now runs none yet: a container's server has the same pid after every restart). Another
+        machine's jobs are judged by their lease alone (`_fail_stale`): pids mean nothing there."""
         with self._lock, self._connect() as db:
             rows = db.execute(select(jobs.c.task_id, jobs.c.owner, jobs.c.owner_started).where(
                 jobs.c.state.in_(UNFINISHED), _on_this_machine())).all()
             orphans = [task_id for task_id, owner, started in rows
                        if owner is None or owner == os.getpid() or not alive(owner, started)]
-            if lease_s is not None:
-                orphans += db.execute(select(jobs.c.task_id).where(
-                    jobs.c.state.in_(UNFINISHED), ~_on_this_machine(),
-                    jobs.c.updated_at < time.time() - lease_s)).scalars().all()
-            return self._fail_unfinished(db, orphans, reason)
+            return self._fail_unfinished(db, orphans, reason) + self._fail_stale(db)
+
+    def _fail_stale(self, db: Connection, task_id: str | None = None) -> int:
+        """The lease rule, one guarded UPDATE: fail every unfinished job (or only `task_id`) of another server
+        (another machine, or another server process here) not updated for the lease; returns how many. Its
+        replica is gone: a running job updates its row every denoising step and renews the queued jobs of its
+        machine. The condition is re-checked by the UPDATE itself, so a step written meanwhile by the job's
+        own worker (it renews the row) or another replica failing it first leaves it as they left it."""
+        if self._lease_s is None:
+            return 0
+        now = time.time()
+        another_server = or_(~_on_this_machine(), jobs.c.owner.is_distinct_from(self._owner),
+                             jobs.c.owner_started.is_distinct_from(self._owner_started))
+        stale = update(jobs).where(jobs.c.state.in_(UNFINISHED), jobs.c.updated_at < now - self._lease_s,
+                                   another_server)
+        if task_id is not None:
+            stale = stale.where(jobs.c.task_id == task_id)
+        return db.execute(stale.values(state="failed", error=stale_reason(self._lease_s), updated_at=now)).rowcount
 
     def end_dead_workers(self, reason: str, alive: Callable[[int, int | None], bool] = instance_alive) -> int:
         """When a worker of this server starts (circus restarts one that died): fail, with `reason`, the
@@ -232,6 +254,11 @@ class JobBoard:
             state="failed", error=reason, updated_at=now)).rowcount for task_id in task_ids)
 
     def get(self, task_id: str) -> dict | None:
+        """The job's row; an unfinished job of another server past its lease is failed first (`_fail_stale`),
+        in the same transaction, so every replica's answer about it ends."""
         with self._lock, self._connect() as db:
             row = db.execute(select(*_PUBLIC).where(jobs.c.task_id == task_id)).first()
+            # The guarded UPDATE only for an unfinished job: reading a job that ended writes nothing.
+            if row is not None and row[1] in UNFINISHED and self._fail_stale(db, task_id):
+                row = db.execute(select(*_PUBLIC).where(jobs.c.task_id == task_id)).first()
         return dict(zip(COLUMNS, row)) if row else None

@@ -53,8 +53,8 @@ class SlapSettings(BaseSettings):
     )
     job_lease_s: int = Field(
         900, ge=60, description="seconds another replica's unfinished job may go without an update (a denoising "
-        "step, or a queued job's renewal by its replica's running job) before a replica starting up fails it as "
-        "its replica's gone; longer than the slowest step or VAE decode"
+        "step, or a queued job's renewal by its replica's running job) before a replica reading it or starting "
+        "up fails it as its replica's gone; longer than the slowest step or VAE decode"
     )
     max_queue: int = Field(
         16, ge=1, description="generations admitted at once per worker (running + waiting); more get HTTP 429"
