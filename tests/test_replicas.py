@@ -18,20 +18,26 @@ pytestmark = pytest.mark.slow
 TOKEN = "replica-token"
 
 
-@pytest.fixture
-def replicas(tmp_path, tiny_cache_dir, postgres_url):
-    shared = tmp_path / "shared"
-    env = dict(SLAP_MODEL="tiny", SLAP_CACHE_DIR=str(tiny_cache_dir), SLAP_DATABASE_URL=postgres_url,
+LEASE_S = 60  # the least SLAP_JOB_LEASE_S accepts: the kill test waits for it to pass
+
+
+@pytest.fixture(scope="module")
+def replicas(tmp_path_factory, tiny_cache_dir, postgres_server):
+    """Two replicas on one fresh PostgreSQL database, shared by this module's tests (two server starts,
+    not four). Safe to share: the first test's jobs all end before it returns, and the kill test, which
+    ends replica A, runs last (file order)."""
+    database = postgres_server.create_database()
+    shared = tmp_path_factory.mktemp("replicas-shared")
+    env = dict(SLAP_MODEL="tiny", SLAP_CACHE_DIR=str(tiny_cache_dir), SLAP_DATABASE_URL=postgres_server.url(database),
                SLAP_ADAPTERS_DIR=str(shared / "adapters"), SLAP_DATA_DIR=str(shared / "data"),
-               SLAP_RESULTS_DIR=str(shared / "results"), SLAP_API_TOKEN=TOKEN)
-    folders = [tmp_path / "replica-a", tmp_path / "replica-b"]  # each its own BENTOML_HOME (conftest's offline_env)
-    for folder in folders:
-        folder.mkdir()
+               SLAP_RESULTS_DIR=str(shared / "results"), SLAP_API_TOKEN=TOKEN, SLAP_JOB_LEASE_S=str(LEASE_S))
+    folders = [tmp_path_factory.mktemp("replica-a"), tmp_path_factory.mktemp("replica-b")]  # own BENTOML_HOMEs
     # Started together: both migrate the empty database at once, and take turns.
     servers = start_servers(folders, 600, [env, env])
     yield servers[0], servers[1], env
     for server in servers:
         stop_server(server)
+    postgres_server.drop_database(database)
 
 
 def _submit(server, **body) -> str:
@@ -107,8 +113,7 @@ def test_two_replicas_on_one_postgresql_answer_for_each_others_jobs_ratings_and_
     assert np.array_equal(videos["a"], videos["b"]) and not np.array_equal(videos["b"], videos["b-base"])
 
 
-def test_a_replica_killed_mid_job_is_answered_failed_by_the_survivor_within_the_lease(tmp_path, tiny_cache_dir,
-                                                                                      postgres_url):
+def test_a_replica_killed_mid_job_is_answered_failed_by_the_survivor_within_the_lease(replicas):
     """Guards a job of a replica that vanished (SIGKILL: no handler runs, no start-up follows) staying
     `running` forever for clients polling the surviving replica: only a replica's start-up judged leases.
     The survivor, never restarted, answers the job failed with the lease's reason on /jobs/progress,
@@ -118,25 +123,16 @@ def test_a_replica_killed_mid_job_is_answered_failed_by_the_survivor_within_the_
 
     from slapgen.serving.jobs import stale_reason
 
-    lease_s = 60  # the least SLAP_JOB_LEASE_S accepts
-    env = dict(SLAP_MODEL="tiny", SLAP_CACHE_DIR=str(tiny_cache_dir), SLAP_DATABASE_URL=postgres_url,
-               SLAP_RESULTS_DIR=str(tmp_path / "results"), SLAP_ADAPTERS_DIR=str(tmp_path / "adapters"),
-               SLAP_JOB_LEASE_S=str(lease_s))
-    folders = [tmp_path / "replica-a", tmp_path / "replica-b"]
-    for folder in folders:
-        folder.mkdir()
-    a, b = start_servers(folders, 600, [env, env])
-    try:
-        job = _submit(a, seed=1, num_inference_steps=200)
-        wait_for_job(b, job, {"running"})
-        os.killpg(a.process.pid, signal.SIGKILL)  # the whole replica at once: server and workers
-        a.process.wait()
-        ended = wait_for_job(b, job, {"failed", "completed", "canceled"}, timeout_s=lease_s + 120)
-        assert (ended["state"], ended["error"]) == ("failed", stale_reason(lease_s)), ended
-        assert httpx.get(f"{b.url}/jobs/status", params={"task_id": job}).json()["status"] == "failed"
-        result = httpx.get(f"{b.url}/jobs/get", params={"task_id": job})
-        assert result.status_code == 500 and stale_reason(lease_s) in result.json()["error"], result.text
-        assert b.process.poll() is None  # answered by the running survivor, not by a restart
-    finally:
-        for server in (a, b):
-            stop_server(server)
+    lease_s = LEASE_S
+    a, b, _ = replicas  # this module's last test: it ends replica A
+    job = _submit(a, seed=1, num_inference_steps=200)
+    wait_for_job(b, job, {"running"})
+    os.killpg(a.process.pid, signal.SIGKILL)  # the whole replica at once: server and workers
+    a.process.wait()
+    ended = wait_for_job(b, job, {"failed", "completed", "canceled"}, timeout_s=lease_s + 120)
+    assert (ended["state"], ended["error"]) == ("failed", stale_reason(lease_s)), ended
+    assert httpx.get(f"{b.url}/jobs/status", params={"task_id": job}).json()["status"] == "failed"
+    result = httpx.get(f"{b.url}/jobs/get", params={"task_id": job})
+    assert result.status_code == 500 and stale_reason(lease_s) in result.json()["error"], result.text
+    assert b.process.poll() is None  # answered by the running survivor, not by a restart
+
