@@ -168,8 +168,22 @@ def test_loaders_and_inferred_spec_from_a_folder(tmp_path):
     spec = WAN.infer_spec(folder, "my-wan")
     assert spec.name == "my-wan" and (spec.height, spec.width, spec.fps) == (480, 832, 16)
     assert WAN.infer_spec(folder, "Wan-AI/Wan2.2-TI2V-5B-Diffusers") == WAN22_TI2V_5B
-    config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-    rebuilt = WAN.inference_pipeline(tokenizer=pipeline.tokenizer, text_encoder=pipeline.text_encoder, vae=pipeline.vae,
-                                     transformer=pipeline.transformer, scheduler_config=config)
+    rebuilt = WAN.inference_pipeline(folder, tokenizer=pipeline.tokenizer, text_encoder=pipeline.text_encoder,
+                                     vae=pipeline.vae, transformer=pipeline.transformer)
     assert isinstance(rebuilt, WanPipeline) and rebuilt.config.expand_timesteps is False
-    assert rebuilt.scheduler.config.flow_shift == pipeline.scheduler.config.flow_shift
+    # The folder's sampler, never the training scheduler's config (which made validation sample a flow model
+    # as an epsilon-DDPM one: UniPC from a flow-match config has prediction_type epsilon, no flow sigmas).
+    assert type(rebuilt.scheduler) is type(pipeline.scheduler)
+    assert dict(rebuilt.scheduler.config) == dict(pipeline.scheduler.config)
+    assert rebuilt.scheduler.config.prediction_type == "flow_prediction" and rebuilt.scheduler.config.use_flow_sigmas
+
+
+def test_inference_pipeline_keeps_wan22_per_token_timesteps(tmp_path):
+    """Guards Wan 2.2 TI2V-5B's `expand_timesteps` (a pipeline option in model_index.json) being guessed or
+    dropped when validation rebuilds the pipeline from loaded components."""
+    folder = write_tiny_wan_model(tmp_path / "tiny-wan-22", vae="2.2")
+    pipeline = WAN.load_pipeline(folder, torch.float32)
+    assert pipeline.config.expand_timesteps is True
+    rebuilt = WAN.inference_pipeline(folder, tokenizer=None, text_encoder=None, vae=pipeline.vae,
+                                     transformer=pipeline.transformer)
+    assert rebuilt.config.expand_timesteps is True

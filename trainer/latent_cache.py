@@ -150,8 +150,9 @@ class Encoders:
 
     @torch.no_grad()
     def encode_video(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(F, C, H, W) in [-1, 1] -> the VAE posterior's mean and log-variance, (C, F', H', W')."""
-        video = frames.permute(1, 0, 2, 3).unsqueeze(0).to(self.device, self.spec.torch_dtype)
+        """(F, C, H, W) in [-1, 1] -> the VAE posterior's mean and log-variance, (C, F', H', W'). The clip
+        goes in the VAE's own dtype, which a family may keep apart from the spec's (Wan's is float32)."""
+        video = frames.permute(1, 0, 2, 3).unsqueeze(0).to(self.device, self.pipeline.vae.dtype)
         posterior = self.pipeline.vae.encode(video).latent_dist
         return posterior.mean[0].cpu(), posterior.logvar[0].cpu()
 

@@ -183,7 +183,7 @@ def _setup(config: TrainConfig, data_path: Path, run_dir: Path, resume: str | No
         vae.enable_tiling()
         condition = (layout, report.entries[0].mean_latents(family).to(device)) if layout is not None else None
         validator = Validator(
-            run_dir / run_folder.VALIDATION_DIR, vae, noise_scheduler.config, validation_embeds[:-1], validation_embeds[-1],
+            run_dir / run_folder.VALIDATION_DIR, vae, resolved.folder, validation_embeds[:-1], validation_embeds[-1],
             config.validation, config.data, ticft=condition, family=family,
         )
     if config.logging.tensorboard:

@@ -18,7 +18,7 @@ from trainer.config import DataConfig, ValidationConfig
 
 
 class Validator:
-    def __init__(self, folder: Path, vae, scheduler_config, prompt_embeds, negative_embeds, validation: ValidationConfig,
+    def __init__(self, folder: Path, vae, model_folder: Path, prompt_embeds, negative_embeds, validation: ValidationConfig,
                  data: DataConfig, ticft: tuple[TicftLayout, torch.Tensor] | None = None, *, family: ModelFamily):
         """`ticft`: a TIC-FT run's layout and clean condition latents (batch 1, >= C+B frames, in the
         family's latent layout), normalised; `family`: the model's family (its pipeline, TIC-FT levels)."""
@@ -26,7 +26,7 @@ class Validator:
         self.ticft = ticft
         self.folder = Path(folder)
         self.vae = vae
-        self.scheduler_config = scheduler_config
+        self.model_folder = Path(model_folder)  # its inference scheduler and pipeline options
         self.prompt_embeds = prompt_embeds
         self.negative_embeds = negative_embeds
         self.validation = validation
@@ -34,8 +34,8 @@ class Validator:
 
     @torch.no_grad()
     def run(self, transformer, step: int, autocast=contextlib.nullcontext) -> list[Path]:
-        pipeline = self.family.inference_pipeline(tokenizer=None, text_encoder=None, vae=self.vae, transformer=transformer,
-                                                  scheduler_config=self.scheduler_config)
+        pipeline = self.family.inference_pipeline(self.model_folder, tokenizer=None, text_encoder=None, vae=self.vae,
+                                                  transformer=transformer)
         pipeline.set_progress_bar_config(disable=True)
         device = next(transformer.parameters()).device
         was_training = transformer.training

@@ -284,11 +284,11 @@ class CogVideoXFamily(family.ModelFamily):
 
         return CogVideoXDPMScheduler.from_pretrained(folder, subfolder="scheduler")
 
-    def inference_pipeline(self, *, tokenizer, text_encoder, vae, transformer, scheduler_config):
+    def inference_pipeline(self, folder, *, tokenizer, text_encoder, vae, transformer):
         from diffusers import CogVideoXDPMScheduler
 
         return self.pipeline_class()(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
-                                     scheduler=CogVideoXDPMScheduler.from_config(scheduler_config))
+                                     scheduler=CogVideoXDPMScheduler.from_pretrained(folder, subfolder="scheduler"))
 
     def encode_latents(self, vae, frames, device=None):
         return encode_latents(vae, frames, device)

@@ -270,9 +270,10 @@ class ModelFamily(ABC):
         """The scheduler the training objective uses (its noise schedule, `num_train_timesteps`)."""
 
     @abstractmethod
-    def inference_pipeline(self, *, tokenizer, text_encoder, vae, transformer, scheduler_config: dict):
-        """A pipeline for generation from components already loaded (validation during training);
-        `scheduler_config` is the folder's inference scheduler config."""
+    def inference_pipeline(self, folder: Path, *, tokenizer, text_encoder, vae, transformer):
+        """A pipeline for generation from components already loaded (validation during training), with the
+        model folder's own inference scheduler and pipeline options (never the training scheduler's config:
+        Wan trains on flow-match Euler sigmas and samples with the folder's UniPC)."""
 
     def pipeline_arguments(self, arguments: dict[str, Any]) -> dict[str, Any]:
         """The family's own keyword arguments added to the common ones of a pipeline call (prompt,

@@ -219,15 +219,16 @@ class WanFamily(family.ModelFamily):
         return FlowMatchEulerDiscreteScheduler(num_train_timesteps=int(config.get("num_train_timesteps",
                                                                                   NUM_TRAIN_TIMESTEPS)))
 
-    def inference_pipeline(self, *, tokenizer, text_encoder, vae, transformer, scheduler_config: dict):
-        """NOTE: the interface does not pass the folder's pipeline config; Wan 2.2 TI2V-5B's `expand_timesteps`
-        is read off its VAE (the 16x one ships only with it). With one timestep for every token, as in
-        text-to-video, both forms give the same transformer output (tests/test_wan_family.py)."""
-        from diffusers import UniPCMultistepScheduler
+    def inference_pipeline(self, folder: Path, *, tokenizer, text_encoder, vae, transformer):
+        """The folder's scheduler (its own class: UniPC with flow sigmas in Wan's releases) and the pipeline's
+        `expand_timesteps` (Wan 2.2 TI2V-5B's per-token timesteps) as `model_index.json` records them."""
+        import diffusers
 
+        scheduler_config = json.loads((Path(folder) / "scheduler" / "scheduler_config.json").read_text())
+        scheduler = getattr(diffusers, scheduler_config["_class_name"]).from_config(scheduler_config)
+        pipeline_config = json.loads((Path(folder) / "model_index.json").read_text())
         return self.pipeline_class()(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
-                                     scheduler=UniPCMultistepScheduler.from_config(scheduler_config),
-                                     expand_timesteps=int(vae.config.scale_factor_spatial) == 16)
+                                     scheduler=scheduler, expand_timesteps=bool(pipeline_config.get("expand_timesteps")))
 
     # -- latents ----------------------------------------------------------------------------------
 
