@@ -187,3 +187,28 @@ def test_inference_pipeline_keeps_wan22_per_token_timesteps(tmp_path):
     rebuilt = WAN.inference_pipeline(folder, tokenizer=None, text_encoder=None, vae=pipeline.vae,
                                      transformer=pipeline.transformer)
     assert rebuilt.config.expand_timesteps is True
+
+
+def test_a_pipeline_class_no_family_claims_is_one_sentence_not_cogvideox(tmp_path):
+    """Guards a Wan folder of a pipeline slapgen does not support (WanImageToVideoPipeline: Wan2.1-I2V, VACE)
+    silently resolving as CogVideoX (480x720, 8 fps, 49 frames) and failing later in a traceback; and a
+    slap_spec.json whose family is not the folder's (a Wan folder with a spec file written before `family`
+    existed) being believed."""
+    from slapgen.errors import ModelUnavailableError
+    from slapgen.models.specs import SPEC_FILENAME, spec_for_folder
+
+    folder = write_tiny_wan_model(tmp_path / "tiny-wan")
+    assert spec_for_folder(folder, "tiny-wan").family == "wan"
+
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "WanImageToVideoPipeline"}))
+    with pytest.raises(ModelUnavailableError, match=r"holds a WanImageToVideoPipeline, which slapgen does not "
+                                                    r"support; supported pipelines: CogVideoXPipeline, WanPipeline"):
+        spec_for_folder(folder, "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers")
+
+    (folder / "model_index.json").write_text(json.dumps(index))
+    spec = json.loads((folder / SPEC_FILENAME).read_text())
+    del spec["family"]  # read as the default family, cogvideox
+    (folder / SPEC_FILENAME).write_text(json.dumps(spec))
+    with pytest.raises(ModelUnavailableError, match=r"holds a WanPipeline \(wan\) but its spec says family 'cogvideox'"):
+        spec_for_folder(folder, "tiny-wan")

@@ -378,6 +378,13 @@ def _register_builtin_families() -> None:
             register(family)
 
 
+def registered_families() -> list[ModelFamily]:
+    """Every registered family, in registration order."""
+    if not FAMILIES:
+        _register_builtin_families()
+    return list(FAMILIES.values())
+
+
 def known_spec(name: str) -> "ModelSpec | None":
     """The spec of a model known by name (a hub id such as THUDM/CogVideoX-5b or
     Wan-AI/Wan2.1-T2V-1.3B-Diffusers, any case) in any registered family, else None."""

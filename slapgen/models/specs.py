@@ -14,6 +14,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from slapgen.atomic import atomic_write_text
+from slapgen.errors import ModelUnavailableError
 from slapgen.models import family as families
 
 # What a spec without these fields (one written before families existed: CogVideoX 1.0) means.
@@ -120,25 +121,39 @@ KNOWN_SPECS: dict[str, ModelSpec] = {spec.name.lower(): spec for spec in (COGVID
 def spec_for_folder(folder: Path, name: str) -> ModelSpec:
     """Spec for a local diffusers pipeline folder.
 
-    A `slap_spec.json` written next to `model_index.json` wins; otherwise the limits are read from
-    the transformer config the same way diffusers derives its own defaults.
+    A `slap_spec.json` written next to `model_index.json` wins (its family must be the folder's);
+    otherwise a known model name's spec, else the limits read from the folder's configs by its family,
+    the same way diffusers derives its own defaults.
     """
     folder = Path(folder)
+    family = family_of_folder(folder)
     spec_file = folder / SPEC_FILENAME
     if spec_file.is_file():
-        return ModelSpec.model_validate_json(spec_file.read_text())
-    known = families.known_spec(name)
-    if known is not None:
-        return known
-    return family_of_folder(folder).infer_spec(folder, name)
+        spec = ModelSpec.model_validate_json(spec_file.read_text())
+    else:
+        spec = families.known_spec(name) or family.infer_spec(folder, name)
+    if spec.family != family.name:
+        raise ModelUnavailableError(
+            f"{folder} holds a {family.pipeline_class_name} ({family.name}) but its spec says family "
+            f"{spec.family!r}; fix `family` in {SPEC_FILENAME} or the model name.")
+    return spec
 
 
 def family_of_folder(folder: Path) -> families.ModelFamily:
     """The family of a diffusers pipeline folder, by its `model_index.json`'s pipeline class; a folder
-    without one (or of a class no family claims) is taken as the default family, as before families."""
+    without one is taken as the default family (as before families). A pipeline class no family claims
+    (Wan's image-to-video or VACE pipelines, say) is one sentence naming the ones supported, never a
+    silent fall back to another family's loader."""
     index = Path(folder) / "model_index.json"
     try:
         class_name = json.loads(index.read_text()).get("_class_name", "")
     except (OSError, ValueError, AttributeError):
         class_name = ""
-    return families.family_of_pipeline_class(class_name) or families.family_named(DEFAULT_FAMILY)
+    if not class_name:
+        return families.family_named(DEFAULT_FAMILY)
+    family = families.family_of_pipeline_class(class_name)
+    if family is None:
+        supported = ", ".join(sorted(known.pipeline_class_name for known in families.registered_families()))
+        raise ModelUnavailableError(
+            f"{folder} holds a {class_name}, which slapgen does not support; supported pipelines: {supported}.")
+    return family
