@@ -215,3 +215,16 @@ def test_tiny_smoke_trains_on_tiny_wan(demo_dataset, tiny_cache_dir, tmp_path):
     assert int(read_lora_metadata(adapter)["slapgen.rank"]) == config.lora.rank == 4
     with safe_open(adapter, "pt") as weights:
         assert any(".blocks.0.attn1.to_q." in key for key in weights.keys())
+
+
+def test_the_clip_size_is_checked_against_the_models_own_patch_multiple(tmp_path):
+    """Guards Wan 2.2 TI2V-5B (16x VAE, 2x2 patches: multiples of 32) accepting a height that is only a
+    multiple of 16: the config validated sizes against CogVideoX's 16 whatever the model, and training then
+    failed in a shape-mismatch traceback (31 latent rows patched into 30)."""
+    from slapgen.models.wan import WAN22_TI2V_5B
+
+    assert WAN22_TI2V_5B.size_multiple == 16 * 2
+    with pytest.raises(TrainConfigError, match=r"data.height must be a multiple of 32 for "
+                                               r"Wan-AI/Wan2.2-TI2V-5B-Diffusers, got 496"):
+        load_config("conservative", ["model=Wan-AI/Wan2.2-TI2V-5B-Diffusers", "data.height=496"])
+    assert load_config("conservative", ["model=Wan-AI/Wan2.2-TI2V-5B-Diffusers", "data.height=512"]).data.height == 512

@@ -115,6 +115,20 @@ class TicftConfig(Section):
         return TicftLayout.parse(self.layout)
 
 
+def check_clip_shape(data: DataConfig, spec: ModelSpec) -> None:
+    """The clips' shape against the model's own rules (`ValueError`, one sentence): frames its VAE
+    round-trips, heights and widths in whole latent patches (16 for CogVideoX and Wan 2.1, 32 for Wan 2.2
+    TI2V-5B's 16x VAE). Checked when the config is read if the model is known without weights, and again
+    by `slapgen train` once the model is resolved (a hub id only a download identifies)."""
+    if not spec.is_valid_frame_count(data.num_frames):
+        raise ValueError(f"data.num_frames must be {spec.frame_rule} so the VAE of {spec.name} round-trips it, "
+                         f"got {data.num_frames}")
+    for field in ("height", "width"):
+        value = getattr(data, field)
+        if value % spec.size_multiple:
+            raise ValueError(f"data.{field} must be a multiple of {spec.size_multiple} for {spec.name}, got {value}")
+
+
 class TrainConfig(Section):
     """Everything a run needs. Save it next to the weights and the run is reproducible."""
 
@@ -145,6 +159,10 @@ class TrainConfig(Section):
 
     @model_validator(mode="after")
     def _frames_round_trip_the_vae(self) -> "TrainConfig":
+        spec = self.model_spec
+        if spec is not None:
+            check_clip_shape(self.data, spec)
+            return self
         frame_step, model = self._frame_rule_owner()
         if not is_valid_frame_count(self.data.num_frames, frame_step):
             raise ValueError(f"data.num_frames must be {frame_rule(frame_step)} so the VAE of {model} round-trips "

@@ -31,7 +31,7 @@ from slapgen.models.loading import TRAINER_SETTING, ResolvedModel, resolve_model
 from slapgen.models.ticft import TicftLayout
 from trainer import checkpoints, run_folder
 from trainer.batches import BatchOrder, load_batch
-from trainer.config import TrainConfig
+from trainer.config import TrainConfig, check_clip_shape
 from trainer.datasets import read_dataset
 from trainer.errors import TrainConfigError, TrainError
 from trainer.latent_cache import CacheEntry, LatentCache
@@ -111,6 +111,10 @@ def _setup(config: TrainConfig, data_path: Path, run_dir: Path, resume: str | No
     from diffusers.training_utils import cast_training_params
 
     resolved = resolve_model(config.model, config.model_cache_dir, setting=TRAINER_SETTING)
+    try:
+        check_clip_shape(config.data, resolved.spec)
+    except ValueError as error:
+        raise TrainConfigError(str(error)) from None
     clips = read_dataset(data_path)[: config.data.max_clips]
     layout = None
     if config.ticft is not None:
