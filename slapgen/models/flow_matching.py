@@ -106,15 +106,17 @@ def buffer_sigmas(buffer: int) -> tuple[float, ...]:
 
 def flow_matching_loss(transformer, latents: torch.Tensor, prompt_embeds: torch.Tensor, noise: torch.Tensor,
                        sigmas: torch.Tensor, frame_plan: FlowFramePlan | None = None,
-                       expand_timesteps: bool = False) -> torch.Tensor:
-    """The flow-matching loss of one batch: `latents` normalised, (B, C, F, H, W); `sigmas` (B,).
+                       expand_timesteps: bool = False,
+                       num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> torch.Tensor:
+    """The flow-matching loss of one batch: `latents` normalised, (B, C, F, H, W); `sigmas` (B,); the
+    transformer is told sigma x `num_train_timesteps` (the scheduler's count).
 
     With a `frame_plan` each frame is noised at its own sigma and only `loss_frames` count; the
     transformer is told the sample's sigma (TIC-FT's rule, base_specification.py L500)."""
     batch = latents.shape[0]
     noisy = noisy_latents(latents, noise, sigmas if frame_plan is None else frame_plan.frame_sigmas)
     patch_size = transformer.config.patch_size if expand_timesteps else None  # (not read through a DDP wrapper)
-    timestep = transformer_timestep(sigmas, latents, patch_size, expand_timesteps)
+    timestep = transformer_timestep(sigmas, latents, patch_size, expand_timesteps, num_train_timesteps)
     prediction = transformer(hidden_states=noisy, timestep=timestep, encoder_hidden_states=prompt_embeds,
                              return_dict=False)[0]
     error = (prediction.float() - velocity_target(latents.float(), noise.float())) ** 2

@@ -272,7 +272,7 @@ class WanFamily(family.ModelFamily):
         # One timestep per sample, (B,): for Wan 2.2's expand_timesteps models the same value on every
         # token gives the same output, so training does not need the pipeline's per-token form.
         return flow_matching_loss(transformer, latents.to(dtype), batch.prompt_embeds.to(dtype), draws.noise.to(dtype),
-                                  draws.timesteps.float() / count, flow_plan)
+                                  draws.timesteps.float() / count, flow_plan, num_train_timesteps=count)
 
     # -- engine -----------------------------------------------------------------------------------
 
