@@ -14,28 +14,6 @@ import pytest
 from tests.conftest import REPO_ROOT, offline_env
 
 
-@pytest.fixture(scope="module")
-def fresh_imports(request, tmp_path_factory) -> dict[str, subprocess.CompletedProcess]:
-    """For each `module` case of the test below that this session runs: a fresh interpreter that imports it
-    and prints its sys.modules. The interpreters run a few at a time, not one after another: each is a process
-    of its own that only imports and prints (nothing shared, its own temporary HOME folders), and most of
-    each one's seconds are torch's import, which on two cores overlaps."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    cases = sorted({item.callspec.params["module"] for item in request.session.items
-                    if item.originalname == "test_packages_import_only_what_they_use" and hasattr(item, "callspec")})
-    folder = tmp_path_factory.mktemp("fresh-imports")
-
-    def fresh(index_and_module: tuple[int, str]) -> subprocess.CompletedProcess:
-        index, module = index_and_module
-        code = f"import sys, json, {module}; print(json.dumps(sorted(sys.modules)))"
-        return subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=offline_env(folder / str(index)),
-                              capture_output=True, text=True, timeout=300)
-
-    with ThreadPoolExecutor(max_workers=2) as pool:  # 2: the cores of a small machine; each holds torch in memory
-        return dict(zip(cases, pool.map(fresh, enumerate(cases))))
-
-
 @pytest.mark.parametrize(
     "module, forbidden",
     [
@@ -51,10 +29,12 @@ def fresh_imports(request, tmp_path_factory) -> dict[str, subprocess.CompletedPr
          "slapgen.evaluation.temporal, slapgen.evaluation.i3d", ["trainer", "slapgen.engine", "slapgen.serving", "bentoml"]),
     ],
 )
-def test_packages_import_only_what_they_use(module, forbidden, fresh_imports):
+def test_packages_import_only_what_they_use(module, forbidden, tmp_path):
     """Guards the split this layout exists for: an import that drags HTTP code into the trainer or the
     trainer into the service (whose bento does not even ship `trainer/`)."""
-    result = fresh_imports[module]
+    code = f"import sys, json, {module}; print(json.dumps(sorted(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=offline_env(tmp_path),
+                            capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     loaded = json.loads(result.stdout.strip().splitlines()[-1])
     leaked = [name for name in loaded if any(name == f or name.startswith(f + ".") for f in forbidden)]
