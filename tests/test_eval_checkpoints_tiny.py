@@ -17,7 +17,7 @@ from scipy.stats import kendalltau
 
 from slapgen.models.loading import resolve_model
 from slapgen.models.lora_format import WEIGHTS_FILE
-from tests.conftest import REPO_ROOT, cli_stderr, offline_env, start_server, stop_server, tiny_train_overrides
+from tests.conftest import REPO_ROOT, cli_stderr, offline_env, tiny_train_overrides
 from trainer.cli import main as cli_main
 from trainer.config import DataConfig, load_config
 from trainer.heldout import heldout_entries, heldout_losses
@@ -148,7 +148,7 @@ def rater_choice(left: str, right: str, heldout: dict[str, float]) -> str:
     return "left" if heldout[left] < heldout[right] else "right"
 
 
-def test_checkpoints_to_campaign_to_leaderboard_through_a_real_server(checkpoint_eval, tiny_cache_dir, tmp_path,
+def test_checkpoints_to_campaign_to_leaderboard_through_a_real_server(checkpoint_eval, tiny_server, tiny_cache_dir,
                                                                       monkeypatch):
     """Issue 20, done when: the eval of a run's checkpoints becomes a campaign (`slapgen campaign create
     --from`), a real `bentoml serve` on that data dir serves blind pairs to a simulated rater who prefers
@@ -156,11 +156,13 @@ def test_checkpoints_to_campaign_to_leaderboard_through_a_real_server(checkpoint
     pair's winner above its loser (so its top system lost no verdict); the agreement report's rate
     for held-out loss (per system) and CLIP score (per video) equal the shares counted here from
     eval.json's numbers and the exported verdicts, and Kendall's tau equals scipy's on the systems'
-    scores against the board's strengths."""
+    scores against the board's strengths. The server is the session's `tiny_server` (the same settings this
+    test needs, started once): the campaign goes into its data store under a name no other test uses, and
+    everything read back (pairs, ratings, leaderboard, verdicts) is that campaign's alone."""
     from slapgen.campaign_store import CampaignStore
 
     result = checkpoint_eval["result"]
-    data_dir = tmp_path / "data"
+    data_dir = tiny_cache_dir / "data"  # what tiny_server reads (SLAP_DATA_DIR unset: SLAP_CACHE_DIR/data)
     monkeypatch.setenv("SLAP_DATA_DIR", str(data_dir))
     assert cli_main(["campaign", "create", "ckpts", "--from", str(checkpoint_eval["out"]), "--budget", "8"]) == 0
     systems = sorted({video["system"] for video in result["videos"]})  # base + the two that made videos
@@ -168,29 +170,24 @@ def test_checkpoints_to_campaign_to_leaderboard_through_a_real_server(checkpoint
     store = CampaignStore(data_dir)  # only to know which systems a blind pair showed
     assert store.get("ckpts").systems == systems
 
-    server = start_server(tmp_path, SLAP_MODEL="tiny", SLAP_CACHE_DIR=str(tiny_cache_dir),
-                          SLAP_ADAPTERS_DIR=str(tmp_path / "adapters"), SLAP_DATA_DIR=str(data_dir))
-    try:
-        with httpx.Client(base_url=server.url, timeout=60) as client:
-            board, raters = None, iter(f"r{k}" for k in range(20))
-            rater = next(raters)
-            for _ in range(40):
-                pair = client.get("/campaigns/ckpts/pair", params={"rater": rater}).json()
-                if pair["pair_id"] is None:  # this rater has seen every pair on every item
-                    rater = next(raters)
-                    continue
-                assert not any(name in json.dumps(pair) for name in systems)  # blind
-                shown = store.pair("ckpts", pair["pair_id"])
-                response = client.post("/campaigns/ckpts/ratings", json={
-                    "pair_id": pair["pair_id"], "rater": rater,
-                    "verdicts": {"overall": rater_choice(shown.left, shown.right, heldout)}})
-                assert response.status_code == 201, response.text
-                board = client.get("/campaigns/ckpts/leaderboard").json()["criteria"]["overall"]
-                if board["done"]:
-                    break
-            verdicts = client.get("/campaigns/ckpts/verdicts").json()["verdicts"]
-    finally:
-        stop_server(server)
+    with httpx.Client(base_url=tiny_server.url, timeout=60) as client:
+        board, raters = None, iter(f"r{k}" for k in range(20))
+        rater = next(raters)
+        for _ in range(40):
+            pair = client.get("/campaigns/ckpts/pair", params={"rater": rater}).json()
+            if pair["pair_id"] is None:  # this rater has seen every pair on every item
+                rater = next(raters)
+                continue
+            assert not any(name in json.dumps(pair) for name in systems)  # blind
+            shown = store.pair("ckpts", pair["pair_id"])
+            response = client.post("/campaigns/ckpts/ratings", json={
+                "pair_id": pair["pair_id"], "rater": rater,
+                "verdicts": {"overall": rater_choice(shown.left, shown.right, heldout)}})
+            assert response.status_code == 201, response.text
+            board = client.get("/campaigns/ckpts/leaderboard").json()["criteria"]["overall"]
+            if board["done"]:
+                break
+        verdicts = client.get("/campaigns/ckpts/verdicts").json()["verdicts"]
 
     assert board is not None and board["done"] and board["reason"] in ("separated", "budget"), board
     ranked = [row for row in verdicts if not row["repeat"]]

@@ -106,13 +106,14 @@ def test_readme_installs_a_cpu_torch_and_says_what_to_use_on_a_gpu():
 def test_ci_runs_the_install_commands_readme_gives():
     """Guards README and CI drifting apart: .ci/run installs exactly README's test command's packages
     (less PyTorch's CPU index, which CI does without: its torch is on local disk) and runs its test
-    command; .ci/caption-tests finds README's set-up and captioning commands and runs them as written."""
+    command as README writes it (its options too: `--durations=30`); .ci/caption-tests finds README's set-up and captioning commands and runs them as written."""
     readme_block = _ci_readme_block()
     tests_block = readme_block("pip install -e '.[test]' && python -m pytest -q")
     ci_run = (REPO_ROOT / ".ci" / "run").read_text()
     assert [c.replace(" " + CPU_INDEX, "") for c in _pip_installs(tests_block)] == [
         c for c in _pip_installs(ci_run) if c != "pip install --upgrade pip"]
-    assert "\npython -m pytest -q\n" in ci_run
+    test_command = tests_block.strip().rsplit(" && ", 1)[1]  # what CI runs: README's, options included
+    assert test_command.startswith("python -m pytest -q") and f"\n{test_command}\n" in ci_run, test_command
 
     caption_ci = (REPO_ROOT / ".ci" / "caption-tests").read_text()
     markers = re.findall(r'readme_block "([^"]+)"', caption_ci)

@@ -154,10 +154,21 @@ def _full_disk(monkeypatch, failing, code: int) -> None:
     monkeypatch.setattr(trainer.lora, "save_file", save_file, raising=False)  # if the LoRA is written by safetensors
 
 
-@pytest.mark.slow  # three short trainings per case
+FULL_DISK_SETTINGS = ("train.max_train_steps=4", "checkpoint.every_steps=2")
+
+
+@pytest.fixture(scope="module")
+def full_disk_straight(tiny_cache_dir, demo_dataset, tmp_path_factory) -> Path:
+    """The LoRA of the full-disk cases' run trained without a failure. Shared by both cases: each only reads it
+    (the run it is compared with is the case's own), and it is trained before either case fakes a full disk."""
+    return train(_config(tiny_cache_dir, *FULL_DISK_SETTINGS), demo_dataset, tmp_path_factory.mktemp("full-disk-straight"),
+                 progress=False)
+
+
+@pytest.mark.slow  # two short trainings per case, and the module's run without a failure
 @pytest.mark.parametrize("case", ["checkpoint", "lora"])
 def test_a_full_disk_while_saving_stops_with_one_line_and_keeps_the_last_checkpoint(
-        tiny_cache_dir, demo_dataset, tmp_path, monkeypatch, capsys, case):
+        tiny_cache_dir, demo_dataset, full_disk_straight, tmp_path, monkeypatch, capsys, case):
     """Guards `slapgen train` ending in a traceback (torch's "unexpected pos", safetensors' or Python's
     OSError) when the disk fills up or a quota is reached while it saves: one line naming what could not
     be saved and how to continue, exit 2, no half-written checkpoint left behind, the previous
@@ -166,8 +177,8 @@ def test_a_full_disk_while_saving_stops_with_one_line_and_keeps_the_last_checkpo
 
     from trainer.checkpoints import list_checkpoints
 
-    settings = ["train.max_train_steps=4", "checkpoint.every_steps=2"]
-    straight = train(_config(tiny_cache_dir, *settings), demo_dataset, tmp_path / "straight", progress=False)
+    settings = FULL_DISK_SETTINGS
+    straight = full_disk_straight
     run = tmp_path / "run"
     if case == "checkpoint":  # optimizer.pt of the second checkpoint hits ENOSPC
         _full_disk(monkeypatch, lambda path: path.parent.name == "checkpoint-000004" and "optimizer" in path.name,
