@@ -199,7 +199,7 @@ def check_modules(name: str, modules: set[str], target: AdapterTarget) -> None:
     unknown = sorted(modules - set(target.modules))
     if not unknown:
         return
-    kinds = sorted({re.sub(r"\.\d+(?=\.|$)", ".N", module) for module in unknown})
+    kinds = sorted({re.sub(r"(blocks)\.\d+\.", r"\1.N.", module) for module in unknown})
     listed = ", ".join(shown(kind) for kind in kinds[:6]) + (f" and {len(kinds) - 6} more" if len(kinds) > 6 else "")
     what = "is not a LoRA-able module" if len(unknown) == 1 else f"({len(unknown)} modules) are not LoRA-able modules"
     raise AdapterError(f"adapter {name}: {listed} {what} of {target.model_name} as this service runs it (its LoRA "
