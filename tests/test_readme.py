@@ -143,3 +143,24 @@ def test_the_fast_lane_is_documented_and_starts_no_process(tmp_path):
     # ... and it still holds the in-process tests of those files.
     assert any("test_a_cancel_stops_after_the_current_step" in line for line in selected)
     assert any("test_grid_planning" in line for line in selected)
+
+
+def test_readme_supported_models_table_is_the_specs():
+    """Guards README's model limits drifting from the code: every row of the "Supported models" table is
+    what the spec of that model says (size, size multiple, frame rule and maximum, fps, default steps and
+    guidance, dtype), and every spec slapgen knows by name has its row."""
+    from slapgen.models.specs import KNOWN_SPECS
+    from slapgen.models.tiny import TINY_SPEC
+    from slapgen.models.tiny_wan import TINY_WAN_SPEC
+    from slapgen.models.wan import WAN_SPECS
+
+    text = (REPO_ROOT / "README.md").read_text()
+    table = text.split("## Supported models", 1)[1].split("\n## ", 1)[0]
+    rows = {line.split("|")[1].strip().strip("`"): line for line in table.splitlines() if line.startswith("| `")}
+    specs = [*KNOWN_SPECS.values(), *WAN_SPECS.values(), TINY_SPEC, TINY_WAN_SPEC]
+    assert sorted(rows) == sorted(spec.name for spec in specs)
+    for spec in specs:
+        expected = (f"| `{spec.name}` | {spec.family} | {spec.height}x{spec.width} | {spec.size_multiple} | "
+                    f"{spec.frame_step}k+1, at most {spec.max_num_frames} | {spec.fps} | "
+                    f"{spec.default_num_inference_steps} | {spec.default_guidance_scale:g} | {spec.dtype} |")
+        assert rows[spec.name] == expected

@@ -3,7 +3,10 @@ adapters held in CPU memory so switching back to a recent adapter never re-reads
 
 An adapter is one `NAME.safetensors` file or one diffusers LoRA folder `NAME/` holding
 `pytorch_lora_weights.safetensors`, in diffusers' LoRA format (`slapgen.models.lora_format`, what
-`slapgen train` writes). Validation happens before anything is written, so a bad upload leaves the
+`slapgen train` writes). An upload in a community trainer's layout that the model's family converts
+(`ModelFamily.community_lora_layouts`: Wan's original / musubi-tuner keys) is converted by diffusers' own
+loader once its header passed the same bounds, checked as a native upload, and stored in diffusers' layout.
+Validation happens before anything is written, so a bad upload leaves the
 folder untouched. A TIC-FT adapter carries its layout (`slapgen.ticft_layout`), checked against the
 running model's frame limits: it generates from a condition image, clips of that layout only.
 """
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -21,12 +25,13 @@ from typing import TypeVar
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load
+from safetensors.torch import load, save
 
 from slapgen.atomic import atomic_write_bytes
 from slapgen.errors import (AdapterError, AdapterExistsError, AdapterNotFoundError, AdapterTooLargeError, TicftLayoutError,
                             first_line)
 from slapgen.models import lora_format
+from slapgen.models.family import family_named
 from slapgen.models.lora_format import (DIFFUSERS_METADATA_KEY, KEY_PATTERN, WEIGHTS_FILE, Header, HeaderError, parse_header,
                                         read_file_header, shown)
 from slapgen.models.specs import DEFAULT_FRAME_STEP
@@ -41,6 +46,9 @@ MAX_ADAPTER_BYTES = 2 * 1024**3
 # Trained LoRA weights are of order 1e-2..1; beyond this a weight is corrupt or hostile.
 MAX_LORA_WEIGHT = 1e3
 WEIGHT_DTYPES = ("F32", "F16", "BF16")
+# A community-layout LoRA holds per module a down and an up matrix, an alpha and perhaps a bias, plus a few
+# per-block norm tensors; a file with more tensors than this per module of the slot is refused unread.
+MAX_COMMUNITY_TENSORS_PER_MODULE = 8
 
 
 @dataclass(frozen=True)
@@ -53,6 +61,7 @@ class AdapterTarget:
     max_rank: int
     max_num_frames: int | None = None  # a TIC-FT adapter's clip must fit (None: not checked)
     frame_step: int = DEFAULT_FRAME_STEP
+    family: str | None = None  # the model's family (`ModelSpec.family`): which community layouts upload converts
 
 
 @dataclass(frozen=True)
@@ -94,6 +103,7 @@ def adapter_info(name: str, metadata: dict[str, str], rank: int) -> dict:
         "steps": int(steps) if steps else None,
         "target_modules": sorted(targets) if targets else None,
         "ticft_layout": metadata.get(lora_format.TICFT_LAYOUT_KEY),
+        "converted_from": metadata.get(lora_format.CONVERTED_FROM_KEY),
     }
 
 
@@ -148,18 +158,19 @@ def module_ranks(name: str, shapes: dict[str, list[int]], target: AdapterTarget)
     running model; the slot's rank limit is not checked here."""
     if not shapes:
         raise AdapterError(f"adapter {name} holds no tensors", field="adapter")
-    parts_by_module: dict[str, dict[str, int]] = {}
-    for key, shape in shapes.items():
+    matches = {}
+    for key in shapes:
         match = KEY_PATTERN.match(key)
         if match is None:
             raise AdapterError(
                 f"adapter {name}: {shown(key)} is not a diffusers transformer LoRA key "
                 "(transformer.<module>.lora_A/B.weight)",
                 field="adapter")
-        module, part = match["module"], match["part"]
-        if module not in target.modules:
-            raise AdapterError(f"adapter {name}: {shown(module)} is not a LoRA-able module of {target.model_name}",
-                               field="adapter")
+        matches[key] = match
+    check_modules(name, {match["module"] for match in matches.values()}, target)
+    parts_by_module: dict[str, dict[str, int]] = {}
+    for key, shape in shapes.items():
+        module, part = matches[key]["module"], matches[key]["part"]
         if len(shape) != 2:
             raise AdapterError(f"adapter {name}: {key} must be a matrix", field="adapter")
         in_features, out_features = target.modules[module]
@@ -179,6 +190,21 @@ def module_ranks(name: str, shapes: dict[str, list[int]], target: AdapterTarget)
             raise AdapterError(f"adapter {name}: {module} has lora_A of rank {parts['A']} but lora_B of rank {parts['B']}",
                                field="adapter")
     return {module: parts["A"] for module, parts in parts_by_module.items()}
+
+
+def check_modules(name: str, modules: set[str], target: AdapterTarget) -> None:
+    """Every module the adapter trains is one the slot holds; otherwise one sentence naming them all (block
+    numbers folded: `blocks.N.ffn.net.2`). An adapter is served whole or refused: served without some of its
+    modules it would give frames that neither its trainer nor diffusers makes."""
+    unknown = sorted(modules - set(target.modules))
+    if not unknown:
+        return
+    kinds = sorted({re.sub(r"(blocks)\.\d+\.", r"\1.N.", module) for module in unknown})
+    listed = ", ".join(shown(kind) for kind in kinds[:6]) + (f" and {len(kinds) - 6} more" if len(kinds) > 6 else "")
+    what = "is not a LoRA-able module" if len(unknown) == 1 else f"({len(unknown)} modules) are not LoRA-able modules"
+    raise AdapterError(f"adapter {name}: {listed} {what} of {target.model_name} as this service runs it (its LoRA "
+                       "slot holds only the modules SLAP_LORA_TARGET_MODULES names, and an adapter is served whole "
+                       "or not at all)", field="adapter")
 
 
 def adapter_rank(name: str, shapes: dict[str, list[int]], target: AdapterTarget) -> int:
@@ -242,19 +268,27 @@ def check_slapgen_metadata(name: str, metadata: dict[str, str]) -> None:
                                    field="adapter")
 
 
-def check_adapter(name: str, header: Header, target: AdapterTarget) -> CheckedAdapter:
-    """Validate an adapter's header against the running model and slot. Raises AdapterError."""
-    ranks = module_ranks(name, header.shapes, target)
-    rank = max(ranks.values())
+def check_rank(name: str, rank: int, target: AdapterTarget) -> None:
     if rank > target.max_rank:
         raise AdapterError(
             f"adapter {name} has rank {rank}, above the LoRA slot's rank {target.max_rank}; the slot is sized at "
             f"start-up from the adapters in SLAP_ADAPTERS_DIR, so put it there and restart, or set "
             f"SLAP_MAX_LORA_RANK={rank}", field="adapter")
+
+
+def check_dtypes(name: str, header: Header) -> None:
     unsupported = sorted({dtype for dtype in header.dtypes.values() if dtype not in WEIGHT_DTYPES})
     if unsupported:
         raise AdapterError(f"adapter {name}: tensors of type {', '.join(unsupported)}; LoRA weights must be "
                            f"{', '.join(WEIGHT_DTYPES)}", field="adapter")
+
+
+def check_adapter(name: str, header: Header, target: AdapterTarget) -> CheckedAdapter:
+    """Validate an adapter's header against the running model and slot. Raises AdapterError."""
+    ranks = module_ranks(name, header.shapes, target)
+    rank = max(ranks.values())
+    check_rank(name, rank, target)
+    check_dtypes(name, header)
     check_slapgen_metadata(name, header.metadata)
     config = lora_config(name, header, ranks)
     declared = header.metadata.get(lora_format.BASE_MODEL_KEY)
@@ -303,6 +337,56 @@ def _parse_adapter(name: str, data: bytes, target: AdapterTarget) -> LoadedAdapt
         raise AdapterError(f"adapter {name} is not a readable safetensors file ({error})", field="adapter") from None
     check_weights(name, state_dict)
     return LoadedAdapter(name, state_dict, header.metadata, checked.rank, checked.config, checked.ticft_layout)
+
+
+def prepare_upload(name: str, data: bytes, target: AdapterTarget) -> tuple[LoadedAdapter, bytes]:
+    """An upload's adapter and the bytes to store: the upload itself when it is in diffusers' layout; the
+    adapter converted to diffusers' layout when it is in a community layout of the model's family. Raises
+    AdapterError."""
+    def prepare() -> tuple[LoadedAdapter, bytes]:
+        header = read_header(data, name)
+        layout = family_named(target.family).community_lora_layout(header.shapes) if target.family else None
+        stored = data if layout is None else convert_community(name, data, header, layout, target)
+        return _parse_adapter(name, stored, target), stored
+
+    return one_file(name, prepare)
+
+
+def convert_community(name: str, data: bytes, header: Header, layout: str, target: AdapterTarget) -> bytes:
+    """A community-layout LoRA (`layout`) converted by the family's diffusers loader, as safetensors bytes in
+    diffusers' layout with `slapgen.converted_from`. Before the converter sees a tensor the header is bounded
+    (tensor count, dtypes, ranks, dimensions) and the values checked, alphas included: diffusers' alpha folding
+    (`get_alpha_scales`) never ends on a negative alpha. The result is then checked as any upload."""
+    where = f"adapter {name} ({layout} layout)"
+    limit = MAX_COMMUNITY_TENSORS_PER_MODULE * len(target.modules)
+    if len(header.shapes) > limit:
+        raise AdapterError(f"{where} holds {len(header.shapes):,} tensors; a LoRA of {target.model_name} holds at most "
+                           f"{limit:,}", field="adapter")
+    check_dtypes(name, header)
+    for key, shape in header.shapes.items():
+        if key.endswith(".alpha"):
+            if math.prod(shape) != 1:
+                raise AdapterError(f"{where}: {shown(key)} must hold one number, not {shape}", field="adapter")
+        elif len(shape) > 2:
+            raise AdapterError(f"{where}: {shown(key)} must be a matrix or a vector, not {shape}", field="adapter")
+        elif len(shape) == 2:
+            check_rank(name, min(shape), target)
+    try:
+        tensors = load(data)
+    except (SafetensorError, ValueError, OSError, RuntimeError) as error:
+        raise AdapterError(f"adapter {name} is not a readable safetensors file ({error})", field="adapter") from None
+    check_weights(name, tensors)
+    for key, tensor in tensors.items():
+        if key.endswith(".alpha") and not tensor.float().item() > 0:
+            raise AdapterError(f"{where}: {shown(key)} is {tensor.float().item():g}; an alpha must be positive",
+                               field="adapter")
+    try:
+        converted = family_named(target.family).convert_community_lora(tensors)
+    except Exception as error:  # noqa: BLE001 - diffusers' converters fail on untrusted keys in any way they like
+        raise AdapterError(f"{where}: diffusers could not convert it ({type(error).__name__}: "
+                           f"{first_line(error, 200)})", field="adapter") from None
+    metadata = {"format": "pt", lora_format.CONVERTED_FROM_KEY: layout}
+    return save({key: tensor.contiguous() for key, tensor in converted.items()}, metadata=metadata)
 
 
 def weights_path(folder: Path, name: str) -> Path | None:
@@ -394,18 +478,19 @@ class AdapterStore:
         return adapter_info(name, header.metadata, check_adapter(name, header, self.target).rank)
 
     def add(self, name: str, data: bytes) -> LoadedAdapter:
-        """Validate, then write atomically. Nothing changes when validation fails."""
+        """Validate (a community layout converted to diffusers' first, `prepare_upload`), then write atomically.
+        Nothing changes when validation fails."""
         check_name(name, field="name")
         if len(data) > MAX_ADAPTER_BYTES:
             raise AdapterTooLargeError(f"adapter {name} is larger than {MAX_ADAPTER_BYTES // 1024**3} GiB", field="file")
         try:
-            adapter = parse_adapter(name, data, self.target)
+            adapter, stored = prepare_upload(name, data, self.target)
         except AdapterError as error:  # the uploaded file is what is wrong
             raise AdapterError(str(error), field="file") from None
         with self._lock:
             if weights_path(self.folder, name):
                 raise AdapterExistsError(f"adapter {name} already exists; delete it first", field="name")
-            atomic_write_bytes(self.folder / f"{name}.safetensors", data)
+            atomic_write_bytes(self.folder / f"{name}.safetensors", stored)
         return adapter
 
     def remove(self, name: str) -> None:

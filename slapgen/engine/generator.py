@@ -83,7 +83,7 @@ class VideoGenerator:
             compiled = CompiledTransformer(options.compile_cache_dir)
             compiled.compile(pipeline)
         target = AdapterTarget(resolved.spec.name, slot.modules, slot.max_rank, resolved.spec.max_num_frames,
-                               resolved.spec.frame_step)
+                               resolved.spec.frame_step, resolved.spec.family)
         adapters = AdapterStore(options.adapters_dir, target, options.adapter_cache_size)
         generator = cls(pipeline, resolved.spec, options.device, slot, adapters, quantization, compiled, options.max_queue,
                         options.attention, step_cache)

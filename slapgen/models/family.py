@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -325,6 +325,25 @@ class ModelFamily(ABC):
         batch's shape, so callers never build RoPE or other family inputs)."""
 
     # -- engine ----------------------------------------------------------------------------------
+
+    #: Community trainers' LoRA key layouts that the family's diffusers LoRA loader converts to diffusers'
+    #: keys: (the prefix every key of such a file starts with, the layout's name). Empty: none (uploads
+    #: must be in diffusers' layout).
+    community_lora_layouts: tuple[tuple[str, str], ...] = ()
+
+    def community_lora_layout(self, keys: Collection[str]) -> str | None:
+        """The name of the community layout all of `keys` are in, or None (diffusers' layout, or unknown)."""
+        for prefix, layout in self.community_lora_layouts:
+            if keys and all(key.startswith(prefix) for key in keys):
+                return layout
+        return None
+
+    def convert_community_lora(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A LoRA in one of `community_lora_layouts` -> diffusers' keys (`transformer.<module>.lora_A/B.weight`,
+        alphas folded into the weights), by the family's own diffusers loader (`lora_state_dict`, which is what
+        `load_lora_weights` converts a file with), so the adapter served is the one diffusers would load.
+        Raises whatever the converter raises on a file it cannot convert; callers make it their error."""
+        return self.pipeline_class().lora_state_dict(dict(state_dict))
 
     @abstractmethod
     def kernel_attention_processor(self, kernel_context: Callable[[], AbstractContextManager]):

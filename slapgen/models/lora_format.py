@@ -31,6 +31,8 @@ STEPS_KEY = "slapgen.steps"
 CONFIG_KEY = "slapgen.config"
 # A TIC-FT adapter's layout (`c1b3t9`): it generates from a condition image, with clips of that layout.
 TICFT_LAYOUT_KEY = "slapgen.ticft_layout"
+# An upload converted from a community trainer's key layout: that layout's name (`ModelFamily.community_lora_layouts`).
+CONVERTED_FROM_KEY = "slapgen.converted_from"
 
 
 class HeaderError(ValueError):

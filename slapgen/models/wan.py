@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -37,6 +38,8 @@ from slapgen.models.flow_matching import (
     sample_sigmas,
 )
 from slapgen.models.specs import ModelSpec
+from slapgen.models.wan_configs import (WAN21_T2V_1_3B_TRANSFORMER, WAN21_T2V_14B_TRANSFORMER,
+                                        WAN22_TI2V_5B_TRANSFORMER)
 
 TEMPORAL_COMPRESSION = 4  # both Wan VAEs (`scale_factor_temporal`, wan_configs)
 FRAME_STEP = TEMPORAL_COMPRESSION  # no chunking quirk as in CogVideoX 1.0: every 4k+1 round-trips
@@ -56,6 +59,20 @@ LATENT_LAYOUT = "BCFHW"
 # expects them batched together and fails (`faster_cache.py` L464, IndexError). NOTE for the interface: it
 # has no member saying which caches a family supports; the engine should refuse the others by this list.
 SUPPORTED_STEP_CACHES = ("none", "pab", "fbc", "taylorseer")
+
+# Community trainers' Wan LoRA layouts, by the key prefix on which diffusers 0.42.1's
+# `WanLoraLoaderMixin.lora_state_dict` converts a file (lora_pipeline.py L4140-4143), with the name we store:
+# - "wan-original": Wan's own module names (`diffusion_model.blocks.0.self_attn.q.lora_down.weight` or
+#   `.lora_A.weight`, optional `.alpha`): diffusion-pipe, ai-toolkit and ComfyUI write it
+#   (`_convert_non_diffusers_wan_lora_to_diffusers`);
+# - "musubi-tuner": kohya's musubi-tuner (`lora_unet_blocks_0_self_attn_q.lora_down.weight` + `.alpha`; every
+#   block's attention and feed-forward, `_convert_musubi_wan_lora_to_diffusers`).
+COMMUNITY_LORA_LAYOUTS = (("diffusion_model.", "wan-original"), ("lora_unet_", "musubi-tuner"))
+# The most transformer blocks a Wan model has (14B: 40). diffusers' "wan-original" converter loops over every
+# block number from the lowest to the highest a file names, so a hostile `blocks.999999999` is refused first.
+MAX_BLOCKS = max(config["num_layers"] for config in (WAN21_T2V_1_3B_TRANSFORMER, WAN21_T2V_14B_TRANSFORMER,
+                                                      WAN22_TI2V_5B_TRANSFORMER))
+_BLOCK_NUMBER = re.compile(r"blocks[._](\d+)")
 
 
 def _wan_spec(name: str, height: int, width: int, fps: int, max_num_frames: int, spatial_compression: int) -> ModelSpec:
@@ -275,6 +292,17 @@ class WanFamily(family.ModelFamily):
                                   draws.timesteps.float() / count, flow_plan, num_train_timesteps=count)
 
     # -- engine -----------------------------------------------------------------------------------
+
+    community_lora_layouts = COMMUNITY_LORA_LAYOUTS
+
+    def convert_community_lora(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """diffusers' conversion (`WanPipeline.lora_state_dict`), once the block numbers are ones a Wan has."""
+        for key in state_dict:
+            for number in _BLOCK_NUMBER.findall(key):
+                if len(number) > 3 or int(number) >= MAX_BLOCKS:
+                    raise ValueError(f"{key[:120]} names block {number[:12]}, and no Wan model has more than "
+                                     f"{MAX_BLOCKS} blocks")
+        return super().convert_community_lora(state_dict)
 
     def kernel_attention_processor(self, kernel_context: Callable[[], AbstractContextManager]):
         return kernel_attention_processor(kernel_context)
