@@ -12,8 +12,8 @@
   1000, what Wan's schedulers call timesteps and what the transformer is told;
 - the pipeline class is `WanPipeline`; the folders ship `UniPCMultistepScheduler` in flow mode;
 - LoRA targets every attention projection (self- and cross-attention) of every block; step caches hook
-  `blocks.N.attn1` and `blocks.N.ffn` (FasterCache is refused: see `UNSUPPORTED_STEP_CACHES`); the attention processor is diffusers' `WanAttnProcessor`, run
-  inside a kernel context.
+  `blocks.N.attn1` and `blocks.N.ffn` (FasterCache is refused: `UNSUPPORTED_STEP_CACHES`); the attention
+  processor is diffusers' `WanAttnProcessor`, run inside a kernel context.
 """
 
 from __future__ import annotations
