@@ -136,6 +136,16 @@ def tiny_cache_dir() -> Path:
     return cache_dir
 
 
+@pytest.fixture(scope="session")
+def tiny_wan_cache_dir() -> Path:
+    """SLAP_CACHE_DIR of the session with the tiny Wan model (`tiny-wan`) materialised in it."""
+    from slapgen.models.tiny_wan import materialise_tiny_wan_model
+
+    cache_dir = Path(os.environ["SLAP_CACHE_DIR"])
+    materialise_tiny_wan_model(cache_dir)
+    return cache_dir
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -290,31 +300,33 @@ def preset_overrides(tiny_cache_dir: Path, *extra: str) -> list[str]:
 
 
 def write_test_adapter(folder: Path, tiny_cache_dir: Path, rank: int, seed: int, alpha: float | None = None,
-                       base_model: str = "tiny", ticft_layout: str | None = None) -> Path:
-    """A LoRA adapter for the tiny model in exactly the trainer's format (trainer.lora.save_lora),
-    with seeded random weights so two adapters change the output differently; `ticft_layout` makes it
-    a TIC-FT adapter of that layout."""
+                       base_model: str | None = None, ticft_layout: str | None = None, model: str = "tiny") -> Path:
+    """A LoRA adapter for a tiny model (`tiny`, or `tiny-wan`) in exactly the trainer's format
+    (trainer.lora.save_lora, the family's LoRA targets), with seeded random weights so two adapters change
+    the output differently; `base_model` (default: `model`) is the name its metadata records;
+    `ticft_layout` makes it a TIC-FT adapter of that layout."""
     import torch
-    from diffusers import CogVideoXTransformer3DModel
 
-    from slapgen.models.tiny import materialise_tiny_model
+    from slapgen.models.family import family_of
+    from slapgen.models.loading import resolve_model
     from trainer.config import load_config
     from trainer.lora import add_lora, save_lora
 
-    overrides = [f"model_cache_dir={tiny_cache_dir}", f"lora.rank={rank}", f"lora.alpha={alpha or rank}"]
+    overrides = [f"model={model}", f"model_cache_dir={tiny_cache_dir}", f"lora.rank={rank}", f"lora.alpha={alpha or rank}"]
     if ticft_layout is not None:
         from slapgen.models.ticft import TicftLayout
 
         overrides += [f"ticft.layout={ticft_layout}", f"data.num_frames={TicftLayout.parse(ticft_layout).pixel_frames}"]
     config = load_config("tiny-smoke", overrides)
-    transformer = CogVideoXTransformer3DModel.from_pretrained(materialise_tiny_model(tiny_cache_dir), subfolder="transformer")
+    resolved = resolve_model(model, tiny_cache_dir)
+    transformer = family_of(resolved.spec).load_transformer(resolved.folder, torch.float32)
     add_lora(transformer, config.lora)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, parameter in transformer.named_parameters():
             if "lora_" in name:
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
-    return save_lora(transformer, folder, config, base_model, steps=seed)
+    return save_lora(transformer, folder, config, base_model or model, steps=seed)
 
 
 @pytest.fixture(scope="session")
@@ -336,6 +348,23 @@ def adapter_files(tiny_cache_dir, tmp_path_factory) -> dict[str, Path]:
         "no-alpha": no_alpha,
         "big": write_test_adapter(root / "big", tiny_cache_dir, rank=16, seed=3),
         "other-model": write_test_adapter(root / "other", tiny_cache_dir, rank=4, seed=4, base_model="THUDM/CogVideoX-5b"),
+    }
+
+
+@pytest.fixture(scope="session")
+def wan_adapter_files(tiny_wan_cache_dir, tmp_path_factory) -> dict[str, Path]:
+    """Adapters for tiny-wan in the trainer's format, as `adapter_files` makes them for tiny: a (rank 4),
+    b (rank 8, alpha 4), d (rank 2, alpha 6); ticft: a TIC-FT adapter of layout c1b1t1 (9 frames)."""
+    root = tmp_path_factory.mktemp("wan-adapter-files")
+
+    def write(name: str, **settings) -> Path:
+        return write_test_adapter(root / name, tiny_wan_cache_dir, model="tiny-wan", **settings)
+
+    return {
+        "a": write("a", rank=4, seed=1),
+        "b": write("b", rank=8, seed=2, alpha=4),
+        "d": write("d", rank=2, seed=6, alpha=6),
+        "ticft": write("ticft", rank=4, seed=12, ticft_layout="c1b1t1"),
     }
 
 

@@ -18,6 +18,16 @@ from slapgen.engine.params import EngineOptions, GenerationParams
 from slapgen.errors import GenerationCancelledError
 
 MAX_RANK = 8
+# The engine's tests that take a model run on each family's tiny model: tiny (CogVideoX) and tiny-wan.
+MODELS = ["tiny", "tiny-wan"]
+
+
+def model_fixtures(request, model: str):
+    """The session's cache folder holding `model` and its adapters (conftest's `adapter_files` /
+    `wan_adapter_files`: a, b and d are in both)."""
+    if model == "tiny":
+        return request.getfixturevalue("tiny_cache_dir"), request.getfixturevalue("adapter_files")
+    return request.getfixturevalue("tiny_wan_cache_dir"), request.getfixturevalue("wan_adapter_files")
 
 
 @pytest.fixture
@@ -106,21 +116,24 @@ def test_recent_adapters_come_from_memory(adapter_files, target, tmp_path, monke
 
 
 @pytest.mark.slow
-def test_hot_swap_on_the_compiled_model_never_recompiles(adapter_files, tiny_cache_dir, tmp_path, request):
-    """base -> A -> B -> A -> base on the torch.compile'd tiny transformer, with dynamo told to fail on
-    any recompilation; outputs prove each swap took effect and swapping back restores exactly, also after a
-    cancelled generation and between a TIC-FT adapter (image-to-video: its own first latents and step
-    callback) and a plain one."""
+@pytest.mark.parametrize("model", MODELS)
+def test_hot_swap_on_the_compiled_model_never_recompiles(model, tmp_path, request):
+    """base -> A -> B -> A -> base on the torch.compile'd tiny transformer of each family, with dynamo told
+    to fail on any recompilation; outputs prove each swap took effect and swapping back restores exactly, also
+    after a cancelled generation and between a TIC-FT adapter (image-to-video: its own first latents and step
+    callback) and a plain one. On tiny-wan it guards the slot and TIC-FT on Wan's transformer and its UniPC
+    scheduler (a hook or re-injection that made dynamo guard on a Python value would recompile)."""
     from tests.conftest import write_test_adapter
 
+    tiny_cache_dir, adapter_files = model_fixtures(request, model)
     adapters_dir = tmp_path / "adapters"
     adapters_dir.mkdir()
     for name in ("a", "b"):
         shutil.copy(adapter_files[name], adapters_dir / f"{name}.safetensors")
-    write_test_adapter(tmp_path / "ticft", tiny_cache_dir, rank=4, seed=12, ticft_layout="c1b1t1")
+    write_test_adapter(tmp_path / "ticft", tiny_cache_dir, rank=4, seed=12, ticft_layout="c1b1t1", model=model)
     shutil.copy(tmp_path / "ticft" / "pytorch_lora_weights.safetensors", adapters_dir / "ticft.safetensors")
     options = EngineOptions(compile=True, adapters_dir=adapters_dir, max_lora_rank=MAX_RANK)
-    generator = VideoGenerator.load(resolve_model("tiny", tiny_cache_dir), options)
+    generator = VideoGenerator.load(resolve_model(model, tiny_cache_dir), options)
     assert generator.info()["compiled"] is True and generator.compiled.graphs >= 1
     # torch's own patch (pytest's monkeypatch undo leaves dynamo's config entry hidden for later tests).
     recompiles_fail = torch._dynamo.config.patch(error_on_recompile=True)
@@ -149,21 +162,25 @@ def test_hot_swap_on_the_compiled_model_never_recompiles(adapter_files, tiny_cac
     assert np.array_equal(generator.generate_frames(base.replace(adapter="ticft", condition_image=image)), animated)
     assert animated.shape == (4, 64, 96, 3) and generator.info()["recompilations"] == 0
     assert json.dumps(generator.info())  # /info is plain JSON
+    assert generator.info()["family"] == {"tiny": "cogvideox", "tiny-wan": "wan"}[model]
 
 
-@pytest.mark.parametrize("name, scale", [("b", 0.7), ("d", 1.3), ("no-alpha", 0.6), ("b", 0.0)])
-def test_serving_an_adapter_matches_plain_diffusers(adapter_files, tiny_cache_dir, tmp_path, name, scale):
+@pytest.mark.parametrize("model, name, scale", [("tiny", "b", 0.7), ("tiny", "d", 1.3), ("tiny", "no-alpha", 0.6),
+                                                  ("tiny", "b", 0.0), ("tiny-wan", "b", 0.7), ("tiny-wan", "d", 1.3)])
+def test_serving_an_adapter_matches_plain_diffusers(model, tmp_path, name, scale, request):
     """Guards a hot-swap slot whose scale ignores alpha / rank (or applies it twice), a padded slot
     that changes the maths, and an adapter_scale that is not diffusers' `set_adapters` weight: the
     engine's frames at `adapter_scale` s must equal plain diffusers' `load_lora_weights` +
-    `set_adapters(name, s)` on the same fp32 tiny model, seed and settings. b has alpha/rank 1/2,
-    d 3, no-alpha carries no alpha (diffusers then takes alpha = rank); all sit in a rank-8 slot."""
-    from diffusers import CogVideoXPipeline
+    `set_adapters(name, s)` on the same fp32 tiny model (the family's pipeline: CogVideoXPipeline,
+    WanPipeline), seed and settings. b has alpha/rank 1/2, d 3, no-alpha carries no alpha (diffusers then
+    takes alpha = rank); all sit in a rank-8 slot."""
+    from slapgen.models.family import family_of
 
+    tiny_cache_dir, adapter_files = model_fixtures(request, model)
     adapters_dir = tmp_path / "adapters"
     adapters_dir.mkdir()
     shutil.copy(adapter_files[name], adapters_dir / f"{name}.safetensors")
-    resolved = resolve_model("tiny", tiny_cache_dir)
+    resolved = resolve_model(model, tiny_cache_dir)
     generator = VideoGenerator.load(resolved, EngineOptions(adapters_dir=adapters_dir, max_lora_rank=MAX_RANK))
     # 5 frames of 32x48, not the spec's 9 of 64x96: the maths compared is per token, and the VAE decode of the
     # larger clip was most of each of the case's three generations.
@@ -171,12 +188,13 @@ def test_serving_an_adapter_matches_plain_diffusers(adapter_files, tiny_cache_di
                                            adapter_scale=scale, num_frames=5, height=32, width=48)
     served = generator.generate_frames(params)
 
-    reference = CogVideoXPipeline.from_pretrained(resolved.folder, dtype=torch.float32)
+    family = family_of(resolved.spec)
+    reference = family.pipeline_class().from_pretrained(resolved.folder, dtype=torch.float32)
     reference.set_progress_bar_config(disable=True)
     reference.load_lora_weights(str(adapter_files[name].parent), weight_name=adapter_files[name].name, adapter_name=name)
     reference.set_adapters(name, scale)
-    expected = reference(**params.pipeline_arguments(), generator=torch.Generator("cpu").manual_seed(params.seed),
-                         output_type="np").frames[0]
+    expected = reference(**family.pipeline_arguments(params.pipeline_arguments()),
+                         generator=torch.Generator("cpu").manual_seed(params.seed), output_type="np").frames[0]
     assert served.shape == expected.shape
     np.testing.assert_allclose(served, expected, rtol=0, atol=1e-3)
     if scale > 0:  # the tolerance is far below what the adapter changes, so a wrong scale cannot pass

@@ -32,15 +32,16 @@ ALL_SDPA_OPS = set(CPU_KERNEL_OPS.values())
 FRAME_ATOL = 1e-4
 
 
-def _engine(tiny_cache_dir, tmp_path, **options) -> VideoGenerator:
-    return VideoGenerator.load(resolve_model("tiny", tiny_cache_dir),
+def _engine(tiny_cache_dir, tmp_path, model: str = "tiny", **options) -> VideoGenerator:
+    return VideoGenerator.load(resolve_model(model, tiny_cache_dir),
                                EngineOptions(adapters_dir=tmp_path / "adapters", max_lora_rank=4, **options))
 
 
-def _profiled_frames(generator: VideoGenerator) -> tuple[np.ndarray, dict[str, int]]:
+def _profiled_frames(generator: VideoGenerator, **changes) -> tuple[np.ndarray, dict[str, int]]:
     """Frames of a short generation and how often each SDPA kernel op ran in it."""
+    params = GenerationParams.defaults_for(generator.spec, seed=4, num_inference_steps=STEPS, **changes)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        frames = generator.generate_frames(GenerationParams.defaults_for(generator.spec, seed=4, num_inference_steps=STEPS))
+        frames = generator.generate_frames(params)
     counts = {name: 0 for name in ALL_SDPA_OPS}
     for event in prof.events():
         if event.name in counts:
@@ -70,6 +71,31 @@ def test_cpu_kernels_run_cogvideox_attention_and_match_default_sdpa(kernel, defa
     for name in ALL_SDPA_OPS:
         assert counts[name] == expected.get(name, 0) + (other if name == CPU_KERNEL_OPS["flash"] else 0), (name, counts)
     assert generator.info()["attention"] == kernel
+    np.testing.assert_allclose(frames, default_frames, rtol=0, atol=FRAME_ATOL)
+
+
+@pytest.fixture(scope="module")
+def wan_default_run(tiny_wan_cache_dir, tmp_path_factory):
+    return _profiled_frames(_engine(tiny_wan_cache_dir, tmp_path_factory.mktemp("wan-default"), "tiny-wan"), num_frames=5)
+
+
+@pytest.mark.parametrize("kernel", ["math", "flash"])
+def test_cpu_kernels_run_wan_attention_and_match_default_sdpa(kernel, wan_default_run, tiny_wan_cache_dir, tmp_path):
+    """Guards a kernel setting that never reaches Wan's attention (the family's processor not installed, or
+    one that bypasses the kernel context) or computes something else: every transformer attention call
+    (blocks x 2 attentions, self and cross, x 2 calls a step, WanPipeline's conditional and unconditional
+    passes, x steps) must run the chosen kernel's aten op, and the frames must stay within FRAME_ATOL of
+    PyTorch's default choice (5 frames of tiny-wan)."""
+    generator = _engine(tiny_wan_cache_dir, tmp_path, "tiny-wan", attention=kernel)
+    frames, counts = _profiled_frames(generator, num_frames=5)
+    default_frames, default_counts = wan_default_run
+    calls = generator.pipeline.transformer.config.num_layers * 2 * 2 * STEPS
+    other = default_counts[CPU_KERNEL_OPS["flash"]] - calls  # the text encoder's and the VAE's, untouched
+    assert default_counts[CPU_KERNEL_OPS["math"]] == 0 and other >= 0
+    expected = {CPU_KERNEL_OPS[kernel]: calls}
+    for name in ALL_SDPA_OPS:
+        assert counts[name] == expected.get(name, 0) + (other if name == CPU_KERNEL_OPS["flash"] else 0), (name, counts)
+    assert (generator.info()["attention"], generator.info()["family"]) == (kernel, "wan")
     np.testing.assert_allclose(frames, default_frames, rtol=0, atol=FRAME_ATOL)
 
 

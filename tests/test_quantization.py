@@ -11,14 +11,20 @@ import torch
 from slapgen.engine.lora_slot import LoraSlot
 from slapgen.engine.quantization import choose_quantization, fp8_capable, quantize_transformer
 from slapgen.errors import QuantizationUnavailableError
+from slapgen.models.family import family_of_transformer
 from slapgen.models.tiny import build_tiny_pipeline
+from slapgen.models.tiny_wan import TINY_WAN_SPEC, build_tiny_wan_pipeline
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+# Each family's tiny pipeline: CogVideoX (tiny) and Wan (tiny-wan, 5 frames: its VAE is slow on a CPU).
+BUILDERS = {"tiny": build_tiny_pipeline, "tiny-wan": build_tiny_wan_pipeline}
 
 
 def _generate(pipeline) -> np.ndarray:
-    return pipeline("a power slap", num_frames=9, height=64, width=96, num_inference_steps=2, output_type="np",
-                    generator=torch.Generator().manual_seed(0)).frames[0]
+    wan = family_of_transformer(pipeline.transformer).name == "wan"
+    extra = {"max_sequence_length": TINY_WAN_SPEC.max_sequence_length} if wan else {}
+    return pipeline("a power slap", num_frames=5 if wan else 9, height=64, width=96, num_inference_steps=2,
+                    output_type="np", generator=torch.Generator().manual_seed(0), **extra).frames[0]
 
 
 def _weight_types(transformer) -> dict[str, str]:
@@ -52,20 +58,27 @@ def rounding_bound(weight: torch.Tensor, mode: str) -> torch.Tensor:
 def _transformer_output(transformer) -> torch.Tensor:
     generator = torch.Generator().manual_seed(0)
     config = transformer.config
-    latents = torch.randn(1, 3, config.in_channels, 8, 12, generator=generator)
-    text = torch.randn(1, config.max_text_seq_length, config.text_embed_dim, generator=generator)
     with torch.no_grad():
+        if family_of_transformer(transformer).name == "wan":  # (B, C, F, H, W); Wan builds its own RoPE
+            latents = torch.randn(1, config.in_channels, 2, 8, 12, generator=generator)
+            text = torch.randn(1, TINY_WAN_SPEC.max_sequence_length, config.text_dim, generator=generator)
+            return transformer(hidden_states=latents, encoder_hidden_states=text, timestep=torch.tensor([500.0]),
+                               return_dict=False)[0]
+        latents = torch.randn(1, 3, config.in_channels, 8, 12, generator=generator)
+        text = torch.randn(1, config.max_text_seq_length, config.text_embed_dim, generator=generator)
         return transformer(hidden_states=latents, encoder_hidden_states=text, timestep=torch.tensor([500]),
                            image_rotary_emb=None, return_dict=False)[0]
 
 
+@pytest.mark.parametrize("model", BUILDERS)
 @pytest.mark.parametrize("mode, tensor_type", [("fp8-weight", "Float8Tensor"), ("int8", "Int8Tensor")])
-def test_weight_only_quantization_matches_its_closed_form(mode, tensor_type):
+def test_weight_only_quantization_matches_its_closed_form(mode, tensor_type, model):
     """Guards a quantisation that quantises the wrong layers (LoRA A/B included), the wrong scale or
     grouping, or corrupts weights: every quantised layer must dequantise to the closed form of its
     scheme, and the whole transformer must compute what an fp32 copy holding those closed-form weights
-    computes. A corrupted or mis-scaled layer is off by at least a quantisation step and fails."""
-    pipeline = build_tiny_pipeline()
+    computes. A corrupted or mis-scaled layer is off by at least a quantisation step and fails. On tiny-wan
+    the same holds for Wan's linear layers (self- and cross-attention, feed-forwards, embedders)."""
+    pipeline = BUILDERS[model]()
     LoraSlot(pipeline.transformer, 4, TARGETS)
     transformer = pipeline.transformer
     reference = copy.deepcopy(transformer)

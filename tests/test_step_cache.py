@@ -18,8 +18,8 @@ STEPS = 6  # timesteps 999, 832, 666, 499, 332, 166: every cache's rule takes bo
 SEED = 11
 
 
-def _engine(tiny_cache_dir, tmp_path, cache: str = "none", **options) -> VideoGenerator:
-    return VideoGenerator.load(resolve_model("tiny", tiny_cache_dir),
+def _engine(tiny_cache_dir, tmp_path, cache: str = "none", model: str = "tiny", **options) -> VideoGenerator:
+    return VideoGenerator.load(resolve_model(model, tiny_cache_dir),
                                EngineOptions(adapters_dir=tmp_path / "adapters", max_lora_rank=4,
                                              cache=CacheSetting.parse(cache), **options))
 
@@ -293,3 +293,88 @@ def test_kernel_and_cache_under_compile_never_recompile_across_swaps(attention, 
     eager = VideoGenerator.load(resolved, EngineOptions(**options))
     for label, adapter in [("base", None), ("b", "b")]:
         np.testing.assert_allclose(frames[label], eager.generate_frames(base.replace(adapter=adapter)), rtol=0, atol=1e-4)
+
+
+# --- Wan (tiny-wan): the caches its family supports match plain diffusers' hook; the others are refused. -----
+# WanPipeline runs classifier-free guidance as two batch-1 transformer calls a step (conditional, then
+# unconditional), so work is counted in calls, not rows. 5 frames: tiny-wan's VAE is slow on a CPU.
+WAN_CACHES = ["pab", "fbc:1", "taylorseer"]
+
+
+def wan_reference_config(kind: str, pipeline):
+    """The same cache on a plain WanPipeline, with Wan's module names written out here."""
+    from diffusers import FirstBlockCacheConfig, PyramidAttentionBroadcastConfig, TaylorSeerCacheConfig
+
+    if kind == "pab":
+        return PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=2,
+                                               spatial_attention_timestep_skip_range=(100, 800),
+                                               spatial_attention_block_identifiers=[r"blocks\.\d+\.attn1"],
+                                               current_timestep_callback=lambda: pipeline.current_timestep)
+    if kind == "taylorseer":
+        return TaylorSeerCacheConfig(cache_identifiers=[r"blocks\.\d+\.attn1", r"blocks\.\d+\.ffn"],
+                                     taylor_factors_dtype=torch.float32)
+    return FirstBlockCacheConfig(threshold=float(kind.partition(":")[2]))
+
+
+def _wan_calls(transformer) -> list[int]:
+    """Calls of each block's self-attention (its query projection), appended as block indices."""
+    calls: list[int] = []
+    for index, block in enumerate(transformer.blocks):
+        block.attn1.to_q.register_forward_hook(lambda m, args, out, index=index: calls.append(index))
+    return calls
+
+
+@pytest.fixture(scope="module")
+def wan_uncached(tiny_wan_cache_dir, tmp_path_factory):
+    """tiny-wan's frames and self-attention calls without a cache."""
+    generator = VideoGenerator.load(resolve_model("tiny-wan", tiny_wan_cache_dir),
+                                    EngineOptions(adapters_dir=tmp_path_factory.mktemp("wan") / "adapters",
+                                                  max_lora_rank=4))
+    calls = _wan_calls(generator.pipeline.transformer)
+    frames = generator.generate_frames(_params(generator, num_frames=5))
+    return frames, calls
+
+
+@pytest.mark.parametrize("kind", WAN_CACHES)
+def test_each_cache_wan_supports_matches_plain_diffusers_on_wan(kind, tiny_wan_cache_dir, tmp_path, wan_uncached):
+    """Guards the step caches on Wan: First Block Cache looked for CogVideoX's `transformer_blocks` (an
+    AttributeError on Wan's `blocks`), and TaylorSeer's default patterns hook nothing in Wan. Each cache Wan
+    supports must hook Wan's modules (the family's patterns), do less self-attention work than no cache, and
+    give frames and per-block calls equal to a plain WanPipeline with the same hook, Wan's module names
+    written out here (bit for bit)."""
+    none_frames, none_calls = wan_uncached
+    generator = _engine(tiny_wan_cache_dir, tmp_path, kind, model="tiny-wan")
+    assert generator.info()["cache_hooked_modules"] > 0 and generator.info()["family"] == "wan"
+    calls = _wan_calls(generator.pipeline.transformer)
+    params = _params(generator, num_frames=5)
+    frames = generator.generate_frames(params)
+
+    from diffusers import WanPipeline
+
+    pipeline = WanPipeline.from_pretrained(resolve_model("tiny-wan", tiny_wan_cache_dir).folder, dtype=torch.float32)
+    pipeline.set_progress_bar_config(disable=True)
+    pipeline.transformer.enable_cache(wan_reference_config(kind, pipeline))
+    reference_calls = _wan_calls(pipeline.transformer)
+    expected = pipeline(**params.pipeline_arguments(), generator=torch.Generator("cpu").manual_seed(params.seed),
+                        output_type="np").frames[0]
+    assert np.array_equal(frames, expected) and calls == reference_calls
+    blocks = generator.pipeline.transformer.config.num_layers
+    assert len(none_calls) == blocks * 2 * STEPS and len(calls) < len(none_calls)
+    assert not np.array_equal(frames, none_frames)
+
+
+def test_a_cache_wan_does_not_support_stops_start_up_with_one_sentence(tiny_wan_cache_dir, tmp_path, monkeypatch):
+    """Guards FasterCache on Wan failing mid-request (diffusers 0.42.1's FasterCache raises IndexError on
+    WanPipeline's separate conditional and unconditional calls): the engine refuses it at start-up, before
+    the pipeline loads, with one sentence naming SLAP_CACHE, why, and the caches that do work."""
+    from slapgen.engine import generator as generator_module
+    from slapgen.errors import CacheUnavailableError
+
+    loads = []
+    monkeypatch.setattr(generator_module, "load_pipeline", lambda *a: loads.append(a))
+    with pytest.raises(CacheUnavailableError) as error:
+        _engine(tiny_wan_cache_dir, tmp_path, "fastercache", model="tiny-wan")
+    message = str(error.value)
+    assert loads == [] and "\n" not in message
+    assert message.startswith("SLAP_CACHE=fastercache does not work on wan models: ")
+    assert "two calls" in message and message.endswith("use SLAP_CACHE=none, pab, fbc:THRESHOLD or taylorseer.")

@@ -293,6 +293,64 @@ def test_generation_holds_the_condition_exactly(scheduler_class, ticft_adapters,
     assert frames.shape == (4, 32, 48, 3)
 
 
+def test_generation_holds_the_condition_exactly_on_wan(wan_adapter_files, tiny_wan_cache_dir, tmp_path):
+    """Guards TIC-FT through the engine on Wan (flow matching, the UniPC scheduler its folders ship, the
+    BCFHW layout, per-channel latent normalisation): every transformer call (conditional and unconditional)
+    sees the clean condition, computed here as the VAE's posterior mean of the image over the 9 frames
+    normalised by the VAE's latents_mean / latents_std, and the buffer at its fixed copy
+    (1 - 0.5) x + 0.5 eps while sigma > 0.5; the latents WanPipeline decodes hold that condition bit for
+    bit, and the output is the 4 target frames of layout c1b1t1."""
+    from slapgen.models.ticft import TicftLayout
+
+    folder = tmp_path / "adapters"
+    folder.mkdir()
+    shutil.copy(wan_adapter_files["ticft"], folder / "slap.safetensors")
+    generator = VideoGenerator.load(resolve_model("tiny-wan", tiny_wan_cache_dir),
+                                    EngineOptions(adapters_dir=folder, max_lora_rank=8))
+    pipeline = generator.pipeline
+    assert type(pipeline.scheduler).__name__ == "UniPCMultistepScheduler"
+    layout = TicftLayout.parse("c1b1t1")
+    image = _image(32, 48)  # the output size: the engine's resize is then the identity
+    params = GenerationParams.defaults_for(generator.spec, seed=4, num_inference_steps=6, num_frames=9, height=32,
+                                           width=48, adapter="slap", condition_image=image)
+    seen, decoded = [], []
+
+    def record(module, args, kwargs):
+        index = int((pipeline.scheduler.timesteps == kwargs["timestep"][0]).nonzero()[0])
+        seen.append((float(pipeline.scheduler.sigmas[index]), kwargs["hidden_states"].clone()))
+
+    hook = pipeline.transformer.register_forward_pre_hook(record, with_kwargs=True)
+    real_decode = pipeline.vae.decode
+    pipeline.vae.decode = lambda latents, **kwargs: decoded.append(latents.clone()) or real_decode(latents, **kwargs)
+    try:
+        frames = generator.generate_frames(params)
+    finally:
+        hook.remove()
+        del pipeline.vae.decode
+
+    vae_config = pipeline.vae.config
+    view = (1, vae_config.z_dim, 1, 1, 1)
+    latents_mean, latents_std = torch.tensor(vae_config.latents_mean).view(view), torch.tensor(vae_config.latents_std).view(view)
+    pixels = torch.from_numpy(image).permute(2, 0, 1).float() / 127.5 - 1
+    with torch.no_grad():
+        mean = pipeline.vae.encode(pixels[:, None].expand(3, 9, 32, 48)[None]).latent_dist.mean
+    clean = (mean - latents_mean) / latents_std  # (1, C, 3, 4, 6)
+    draws = torch.Generator().manual_seed(4)  # the clip's noise, then the buffer's
+    torch.randn((1, vae_config.z_dim, 3, 4, 6), generator=draws)
+    buffer_noise = torch.randn((1, vae_config.z_dim, 1, 4, 6), generator=draws)
+    fixed = 0.5 * clean[:, :, 1] + 0.5 * buffer_noise[:, :, 0]
+
+    assert len(seen) == 2 * 6 and seen[0][0] > 0.5  # two calls a step: WanPipeline's guidance
+    for sigma, hidden in seen:
+        assert torch.equal(hidden[:, :, 0], clean[:, :, 0])
+        if sigma > 0.5:
+            torch.testing.assert_close(hidden[:, :, 1], fixed, rtol=1e-5, atol=1e-5)
+    assert any(sigma <= 0.5 for sigma, _ in seen)  # some steps ran with the buffer released
+    # WanPipeline denormalises before decoding: latents / (1 / std) + mean, as it writes it.
+    assert torch.equal(decoded[0][:, :, 0], (clean / (1.0 / latents_std) + latents_mean)[:, :, 0])
+    assert frames.shape == (layout.target_pixel_frames, 32, 48, 3) == (4, 32, 48, 3)
+
+
 def test_engine_refuses_mismatched_conditions(ticft_adapters, adapter_files, tiny_cache_dir, tmp_path):
     """Guards a TIC-FT adapter run without its condition (noise where the condition should be), a
     condition silently ignored by a plain adapter, and a clip length other than the layout's; each is a

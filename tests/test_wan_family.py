@@ -18,7 +18,6 @@ from diffusers import (
 
 from slapgen.models.tiny_wan import TINY_WAN_SPEC, build_tiny_wan_pipeline, write_tiny_wan_model
 from slapgen.models.wan import (
-    SUPPORTED_STEP_CACHES,
     WAN,
     WAN21_T2V_1_3B,
     WAN21_T2V_14B,
@@ -108,7 +107,7 @@ def _cache_configs():
 def test_supported_step_caches_hook_wan_and_skip_block_work(kind):
     """Guards the family's cache patterns and its supported list: each supported cache hooks modules of the
     Wan transformer and runs the last block's attention fewer times than without a cache (2 calls a step)."""
-    assert kind in SUPPORTED_STEP_CACHES
+    assert kind not in WAN.step_cache_hooks.unsupported
     baseline, _, _ = _block_calls(None)
     calls, hooked, latents = _block_calls(_cache_configs()[kind])
     assert hooked
@@ -119,7 +118,7 @@ def test_supported_step_caches_hook_wan_and_skip_block_work(kind):
 def test_fastercache_is_not_supported_because_wan_runs_guidance_unbatched():
     """Guards the exclusion of FasterCache: on WanPipeline (conditional and unconditional passes as separate
     batch-1 calls) diffusers 0.42.1's FasterCache fails; when diffusers fixes it this test says so."""
-    assert "fastercache" not in SUPPORTED_STEP_CACHES
+    assert "fastercache" in WAN.step_cache_hooks.unsupported
 
     def faster(pipeline):
         return FasterCacheConfig(

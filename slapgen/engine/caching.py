@@ -13,8 +13,11 @@ them again (diffusers 0.42.1, `CacheMixin.enable_cache`):
   their last contribution added instead.
 - `taylorseer`: each block's attention and feed-forward run on steps 0-2 and every fifth step after,
   and are extrapolated (first-order Taylor series) in between. diffusers' default module patterns match
-  nothing in CogVideoX, so the patterns come from the model family (`ModelFamily.step_cache_hooks`); the hooked modules are
-  counted at start-up and none is an error.
+  nothing in CogVideoX or Wan, so the patterns come from the model family (`ModelFamily.step_cache_hooks`); the hooked
+  modules are counted at start-up and none is an error.
+
+Which caches a family supports is the family's (`StepCacheHooks.unsupported`: Wan refuses `fastercache`); any
+other is refused at start-up, before the model loads (`check_supported`), never mid-request.
 
 The hooks keep per-generation state; it is reset before every generation, so nothing of one request
 reaches the next even when a generation failed half-way.
@@ -29,7 +32,7 @@ from typing import TYPE_CHECKING, Literal, get_args
 import torch
 
 from slapgen.errors import CacheUnavailableError, RequestError
-from slapgen.models.family import family_of_transformer
+from slapgen.models.family import ModelFamily, family_of_transformer
 
 if TYPE_CHECKING:
     from slapgen.engine.params import GenerationParams
@@ -105,6 +108,17 @@ def cache_config(setting: CacheSetting, pipeline):
     )
 
 
+def check_supported(setting: CacheSetting, family: ModelFamily) -> None:
+    """`CacheUnavailableError` (one sentence naming SLAP_CACHE, why, and the caches that do work) when
+    `setting` does not work on `family`'s models."""
+    unsupported = family.step_cache_hooks.unsupported
+    if setting.kind in unsupported:
+        working = ["fbc:THRESHOLD" if kind == "fbc" else kind for kind in CACHE_KINDS if kind not in unsupported]
+        raise CacheUnavailableError(f"SLAP_CACHE={setting} does not work on {family.name} models: "
+                                    f"{unsupported[setting.kind]}; use SLAP_CACHE={', '.join(working[:-1])} "
+                                    f"or {working[-1]}.")
+
+
 def hooked_modules(transformer: torch.nn.Module) -> list[str]:
     """Names of the transformer's submodules carrying a diffusers hook (the transformer itself excluded)."""
     return [name for name, module in transformer.named_modules()
@@ -123,10 +137,12 @@ class StepCache:
     def apply(cls, pipeline, setting: CacheSetting) -> "StepCache":
         """Hook `pipeline.transformer` (before torch.compile); `CacheUnavailableError` when nothing was hooked."""
         transformer = pipeline.transformer
+        family = family_of_transformer(transformer)
+        check_supported(setting, family)
         config = cache_config(setting, pipeline)
         if config is None:
             return cls(setting, transformer, [])
-        if setting.kind == "fbc" and len(transformer.transformer_blocks) < 2:
+        if setting.kind == "fbc" and len(getattr(transformer, family.step_cache_hooks.blocks_attribute)) < 2:
             raise CacheUnavailableError(f"SLAP_CACHE={setting} needs a transformer of at least 2 blocks (the first "
                                         "decides for the others); use SLAP_CACHE=none.")
         transformer.enable_cache(config)

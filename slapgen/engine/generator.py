@@ -20,7 +20,7 @@ import torch
 
 from slapgen.engine.adapters import AdapterStore, AdapterTarget, LoadedAdapter, largest_rank_in
 from slapgen.engine.attention import apply_attention, check_attention
-from slapgen.engine.caching import CacheSetting, StepCache
+from slapgen.engine.caching import CacheSetting, StepCache, check_supported
 from slapgen.engine.compiling import CompiledTransformer
 from slapgen.engine.conditioning import TicftGeneration
 from slapgen.engine.lora_slot import LoraSlot, lora_modules
@@ -71,6 +71,7 @@ class VideoGenerator:
         # Before the slow load: an impossible setting fails fast.
         quantization = choose_quantization(options.quantization, options.device)
         check_attention(options.attention, options.device, resolved.spec.torch_dtype)
+        check_supported(options.cache, family_of(resolved.spec))
         pipeline = load_pipeline(resolved)
         modules = lora_modules(pipeline.transformer, options.lora_target_modules)
         slot = LoraSlot(pipeline.transformer, slot_rank_for(options, resolved.spec.name, modules), options.lora_target_modules)
@@ -115,6 +116,7 @@ class VideoGenerator:
     def info(self) -> dict:
         return {
             "model": self.spec.name,
+            "family": self.spec.family,
             "dtype": str(self.spec.torch_dtype).removeprefix("torch."),
             "device": self.device,
             "quantization": self.quantization,

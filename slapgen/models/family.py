@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -193,11 +193,15 @@ class FramePlan:
 class StepCacheHooks:
     """What diffusers' step caches (PAB, FasterCache, First Block Cache, TaylorSeer) hook in a family's
     transformer: module-name patterns (`re.fullmatch`) of each block's self-attention and feed-forward,
-    and the hidden states' layout as FasterCache spells it ("BFCHW", "BCFHW")."""
+    the hidden states' layout as FasterCache spells it ("BFCHW", "BCFHW"), the transformer's attribute
+    holding its blocks (First Block Cache needs two or more), and the caches (`SLAP_CACHE` kinds) that do
+    not work on the family, each with why: the one place that says which caches a family supports."""
 
     attention_pattern: str
     feed_forward_pattern: str
     hidden_states_layout: str
+    blocks_attribute: str = "transformer_blocks"
+    unsupported: Mapping[str, str] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------------

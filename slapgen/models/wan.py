@@ -12,8 +12,8 @@
   1000, what Wan's schedulers call timesteps and what the transformer is told;
 - the pipeline class is `WanPipeline`; the folders ship `UniPCMultistepScheduler` in flow mode;
 - LoRA targets every attention projection (self- and cross-attention) of every block; step caches hook
-  `blocks.N.attn1` and `blocks.N.ffn`; the attention processor is diffusers' `WanAttnProcessor`, run
-  inside a kernel context.
+  `blocks.N.attn1` and `blocks.N.ffn` (FasterCache is refused: `UNSUPPORTED_STEP_CACHES`); the attention
+  processor is diffusers' `WanAttnProcessor`, run inside a kernel context.
 """
 
 from __future__ import annotations
@@ -52,13 +52,18 @@ BLOCK_ATTENTION_PATTERN = r"blocks\.\d+\.attn1"
 BLOCK_FEED_FORWARD_PATTERN = r"blocks\.\d+\.ffn"
 # Wan's transformer takes (batch, channels, frames, height, width): FasterCache's "BCFHW".
 LATENT_LAYOUT = "BCFHW"
-# The step caches (`slapgen.engine.caching`'s kinds) that run on Wan in diffusers 0.42.1, measured on the tiny
-# twin (tests/test_wan_family.py): PAB, First Block Cache and TaylorSeer (with the patterns above; its
+# The blocks' attribute in WanTransformer3DModel (CogVideoX's is `transformer_blocks`).
+BLOCKS_ATTRIBUTE = "blocks"
+# The step caches (`slapgen.engine.caching`'s kinds) that do not run on Wan in diffusers 0.42.1, measured on the
+# tiny twin (tests/test_wan_family.py): PAB, First Block Cache and TaylorSeer (with the patterns above; its
 # defaults hook nothing in Wan) skip block work. FasterCache does not: `WanPipeline` runs the conditional and
 # unconditional passes as two batch-1 calls (`cache_context("cond")` / `("uncond")`), while FasterCache
-# expects them batched together and fails (`faster_cache.py` L464, IndexError). NOTE for the interface: it
-# has no member saying which caches a family supports; the engine should refuse the others by this list.
-SUPPORTED_STEP_CACHES = ("none", "pab", "fbc", "taylorseer")
+# expects them batched together and fails (`faster_cache.py` L464, IndexError). The engine refuses these at
+# start-up (`StepCacheHooks.unsupported`).
+UNSUPPORTED_STEP_CACHES = {
+    "fastercache": "diffusers' FasterCache expects the conditional and unconditional passes in one batch, and "
+                   "WanPipeline runs them as two calls (it fails mid-generation)",
+}
 
 # Community trainers' Wan LoRA layouts, by the key prefix on which diffusers 0.42.1's
 # `WanLoraLoaderMixin.lora_state_dict` converts a file (lora_pipeline.py L4140-4143), with the name we store:
@@ -187,7 +192,8 @@ class WanFamily(family.ModelFamily):
     # Every attention projection of every block, self (attn1) and cross (attn2): finetrainers' Wan
     # default `blocks.*(to_q|to_k|to_v|to_out.0)` and TIC-FT's Wan runs; the same names as CogVideoX's.
     lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0")
-    step_cache_hooks = StepCacheHooks(BLOCK_ATTENTION_PATTERN, BLOCK_FEED_FORWARD_PATTERN, LATENT_LAYOUT)
+    step_cache_hooks = StepCacheHooks(BLOCK_ATTENTION_PATTERN, BLOCK_FEED_FORWARD_PATTERN, LATENT_LAYOUT,
+                                      BLOCKS_ATTRIBUTE, UNSUPPORTED_STEP_CACHES)
 
     # -- specs and loading ------------------------------------------------------------------------
 

@@ -1082,7 +1082,7 @@ async function start() {
   try {
     const [info, templates, adapters] = await Promise.all([api("/info"), api("/templates"), api("/adapters")]);
     state.info = info; state.templates = templates.templates; state.adapters = adapters.adapters;
-    $("model-info").textContent = `model ${info.model} · ${info.dtype} · ${info.device}` +
+    $("model-info").textContent = `model ${info.model} (${info.family}) · ${info.dtype} · ${info.device}` +
       `${info.compiled ? " · compiled" : ""} · quantization ${info.quantization}`;
     fillSettings(info);
     fillTemplates(state.templates);
