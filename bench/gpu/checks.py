@@ -149,10 +149,11 @@ def plan(dry_run: bool, blocks: int) -> list[Check]:
 
 
 def wan_checks(dry_run: bool, py: str, serve: str, train: str) -> list[Check]:
-    """Wan 2.2 TI2V-5B at its native 121x704x1280 (the dry run: the tiny Wan with 2.2's layout, on the CPU, where
-    the GPU estimates mean nothing: 300 s each). Each timeout is twice the guessed start-up plus 3x the estimated
-    GPU work, so a slower start or half the assumed MFU still ends in time. A Wan VAE decode is left out: 121
-    frames at 720p through the 16x VAE would cost the run's budget, and neither check needs a VAE."""
+    """Wan 2.2 TI2V-5B at its native 121x704x1280 (the dry run: the tiny Wan with 2.2's layout, on the CPU,
+    where the GPU estimates mean nothing: 600 s each; its compile took 209 s under load). Each timeout is twice
+    the guessed start-up plus 3x the estimated GPU work, so a slower start or half the assumed MFU still ends
+    in time. A Wan VAE decode is left out: 121 frames at 720p through the 16x VAE would cost the run's budget,
+    and neither check needs a VAE."""
     model, compile_blocks = ("tiny-wan22", 1) if dry_run else ("wan22-5b", 6)
     estimate = wan_estimates(compile_blocks)
     step_runs = 2 + 2  # serve.py's step case: 2 warm-ups, then --steps timed
@@ -162,7 +163,7 @@ def wan_checks(dry_run: bool, py: str, serve: str, train: str) -> list[Check]:
 
     def check(name: str, argv: list[str], work_s: float, fixed_s: float = 0) -> Check:
         if dry_run:
-            return Check(name, "5-wan", argv, 300)
+            return Check(name, "5-wan", argv, 600)
         return Check(name, "5-wan", argv, round(2 * (CHECK_START_S + fixed_s) + 3 * work_s),
                      estimated_s=round(CHECK_START_S + fixed_s + work_s, 1))
 
@@ -347,7 +348,8 @@ def main() -> int:
                 if check.group == "1-step":
                     payload["projection"] = projections(groups[check.group])
             write_json(out / f"{check.group}.json", payload)
-            summary["checks"].append({k: row.get(k) for k in ("check", "status", "elapsed_s", "summary_line") if k in row})
+            summary["checks"].append({k: row.get(k) for k in ("check", "status", "elapsed_s", "estimated_s", "summary_line")
+                                      if k in row})
             if check.group == "1-step":
                 summary["projection"] = payload["projection"]
             write_json(out / "summary.json", summary)
@@ -368,6 +370,8 @@ def _headline(row: dict) -> str:
         for option_row in result.get(label, []):
             value = option_row.get(speedup)
             parts.append(f"{option_row[option]}={value:.3g}x" if value else f"{option_row[option]}=n/a")
+    if "estimated_s" in row:
+        parts.append(f"(estimated {row['estimated_s']:.0f} s)")
     if "summary_line" in row:
         parts.append(row["summary_line"])
     if row.get("stderr_tail"):
