@@ -60,7 +60,9 @@ ANCHORS = {"bf16-eager_50_steps_s": 112, "bf16-compile_50_steps_s": 87, "fp8-com
 # seconds = FLOPs / (989 TFLOP/s, the H200's dense bf16 peak, x 40% MFU). One forward of one sample:
 #     2 x P x T          every block weight does one multiply-add per token (P block parameters, T tokens)
 #   + 4 x L x T^2 x D    self-attention's scores and weighted sum (L blocks, D wide); at 27k tokens as much again
-# (cross-attention to 512 text tokens and the embeddings are under 2% and left out). A denoising step with
+# (2 x P x T charges every video token for the cross-attention's key and value projections, which see only the
+# 512 text tokens: 5.6% too much, less the 1% of cross-attention scores and 0.7% of per-token time embeddings
+# it leaves out; a 4% over-estimate, small next to the MFU guess). A denoising step with
 # classifier-free guidance is 2 forwards; a training step x3 (forward and backward) + 1 forward that gradient
 # checkpointing recomputes = 4 forwards of one sample.
 H200_BF16_PEAK_FLOPS = 989e12
