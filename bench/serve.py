@@ -28,6 +28,8 @@ Cases the GPU run (bench/gpu/run.sh) calls one at a time, each printing one JSON
                                         an S-step denoising loop (the pipeline's own, CFG, no VAE) per
                                         SLAP_CACHE value: time, speed-up and latents vs none
 The same cases with `tiny` instead of `5b` run the same code on the tiny model (the CPU dry run).
+`wan22-5b:QUANT-MODE [--blocks N]` is one denoising step of a random Wan 2.2 TI2V-5B transformer (real
+config) at its native 121x704x1280 with CFG (`bench/wan_models.py`); `tiny-wan22` its CPU stand-in.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import device_description, add_save_argument, print_table, run_case_in_subprocess, write_results  # noqa: E402
+from bench.wan_models import WAN_BENCH_MODELS, wan_all_blocks, wan_size, wan_step_inputs, wan_transformer  # noqa: E402
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
@@ -161,9 +164,13 @@ def overhead_case(requests: int) -> dict:
 def _random_transformer(model: str, device: str, blocks: int | None = None):
     """A randomly initialised transformer in bf16 on `device`, with the inputs of one denoising step at the
     model's size and classifier-free guidance (batch 2): CogVideoX-5B's real config (optionally only its
-    first `blocks` blocks) at 49x480x720, or the tiny model (a CPU smoke run of the same code)."""
+    first `blocks` blocks) at 49x480x720, or the tiny model (a CPU smoke run of the same code); or a Wan
+    (`bench/wan_models.py`: Wan 2.2 TI2V-5B at 121x704x1280, or its tiny stand-in)."""
     from slapgen.models.cogvideox import latent_frames, latent_size, rotary_embeddings
 
+    if model in WAN_BENCH_MODELS:
+        transformer = wan_transformer(model, device, blocks).eval()
+        return transformer, wan_step_inputs(transformer, model, device), wan_size(model).resolution
     torch.manual_seed(0)
     if model == "5b":
         from diffusers import CogVideoXTransformer3DModel
@@ -196,6 +203,8 @@ def _random_transformer(model: str, device: str, blocks: int | None = None):
 
 
 def _all_blocks(model: str) -> int:
+    if model in WAN_BENCH_MODELS:
+        return wan_all_blocks(model)
     if model == "5b":
         from slapgen.models.reference_configs import COGVIDEOX_5B_TRANSFORMER
 
@@ -215,7 +224,8 @@ def _parse_variant(variant: str) -> tuple[str, bool]:
 
 def _block_share(transformer) -> tuple[int, int]:
     """(parameters in the transformer blocks, all parameters): how weights scale with the block count."""
-    in_blocks = sum(p.numel() for p in transformer.transformer_blocks.parameters())
+    blocks = getattr(transformer, "transformer_blocks", None) or transformer.blocks  # CogVideoX's name, Wan's
+    in_blocks = sum(p.numel() for p in blocks.parameters())
     return in_blocks, sum(p.numel() for p in transformer.parameters())
 
 

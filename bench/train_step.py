@@ -5,6 +5,8 @@
 Cases: the tiny model on CPU; on a GPU also a randomly initialised CogVideoX-5B (real config,
 49 frames 480x720, LoRA rank 128, bf16, gradient checkpointing). Each case runs in its own
 process. Prints a table and writes bench/results/train_step-{cpu,gpu}.json.
+The GPU run (bench/gpu/checks.py) also calls `--case wan22-5b-random:cached`: Wan 2.2 TI2V-5B's
+transformer at 121x704x1280 from random latents (`tiny-wan22-random:cached` on the CPU).
 
     python bench/train_step.py [--steps 5]
 """
@@ -58,6 +60,94 @@ def _models(name: str, device: str):
     return pipeline, COGVIDEOX_5B, 128, torch.bfloat16
 
 
+# Wan from random latents: `wan22-5b-random` (Wan 2.2 TI2V-5B's transformer, real config, at 121x704x1280)
+# and `tiny-wan22-random` (the CPU dry run's stand-in), see bench/wan_models.py.
+WAN_RANDOM_LATENTS = {"wan22-5b-random": ("wan22-5b", 128), "tiny-wan22-random": ("tiny-wan22", 4)}
+
+
+def wan_random_latents_case(case: str, steps: int) -> dict:
+    """One LoRA training step of a random Wan transformer from random latents of the real shape: what
+    `slapgen train` runs once the latent cache is filled and the VAE and UMT5 are released (a VAE encode
+    of a 121x704x1280 clip and a random 5.7B-parameter UMT5 would cost the GPU run's budget and change
+    nothing here). The flow-matching objective through the family's `training_step`, LoRA on the
+    family's target modules, gradient checkpointing, bf16 autocast, AdamW."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from bench.wan_models import wan_size, wan_transformer
+    from slapgen.models.family import LatentBatch, VaeFactors
+    from slapgen.models.flow_matching import NUM_TRAIN_TIMESTEPS
+    from slapgen.models.wan import WAN
+    from trainer.config import LoraConfig, OptimConfig
+    from trainer.lora import add_lora
+    from trainer.optim import make_optimizer
+
+    model_name, mode = case.split(":")
+    if mode != "cached":
+        raise SystemExit(f"{model_name} trains from random latents only: use {model_name}:cached")
+    model, rank = WAN_RANDOM_LATENTS[model_name]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    size = wan_size(model)
+    transformer = wan_transformer(model, device, dtype=dtype)
+    # What the family's `load_training_scheduler` builds: flow-match Euler with the folder's 1000 steps.
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS)
+    add_lora(transformer, LoraConfig(rank=rank, alpha=rank, target_modules=list(WAN.lora_target_modules)))
+    for parameter in transformer.parameters():
+        if parameter.requires_grad:
+            parameter.data = parameter.data.float()
+    transformer.enable_gradient_checkpointing()
+    transformer.train()
+    trainable = [p for p in transformer.parameters() if p.requires_grad]
+    optimizer = make_optimizer(trainable, OptimConfig(optimizer="adamw"))
+    generator = torch.Generator().manual_seed(0)
+    shape = (1, *size.latent_shape(transformer.config.in_channels))
+    factors = VaeFactors.from_config(size.vae_config)
+    batch = LatentBatch(torch.randn(shape, generator=generator).to(device),
+                        torch.full(shape, -6.0, device=device),  # a VAE posterior's small log-variance
+                        torch.randn(1, size.text_length, transformer.config.text_dim, generator=generator).to(device),
+                        factors.scaling_factor, factors.latents_mean, factors.latents_std)
+    autocast = torch.autocast("cuda", dtype=dtype) if device == "cuda" else torch.autocast("cpu", enabled=False)
+
+    def step() -> float:
+        started = time.perf_counter()
+        draws = WAN.draw_noise(batch, scheduler, generator)
+        with autocast:
+            loss = WAN.training_step(transformer, scheduler, batch, draws, dtype)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - started
+
+    step()  # warm-up: allocator, optimizer state
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = [step() for _ in range(steps)]
+    return {
+        "case": case,
+        "device": device_description(),
+        "model": model_name,
+        "mode": "cached (random latents)",
+        "resolution": size.resolution,
+        "latent_shape": list(shape),
+        "lora_rank": rank,
+        "lora_parameters": sum(p.numel() for p in trainable),
+        "gradient_checkpointing": True,
+        "step_s_median": statistics.median(times),
+        "step_s_min": min(times),
+        "peak_memory_mb": _peak_memory_mb(device),
+        "memory_kind": "cuda max_memory_allocated" if device == "cuda" else "process peak RSS",
+    }
+
+
+def _peak_memory_mb(device: str) -> float:
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def run_case(case: str, steps: int) -> dict:
     from slapgen.models.family import LatentBatch, family_of
     from slapgen.video import write_mp4
@@ -68,6 +158,8 @@ def run_case(case: str, steps: int) -> dict:
     from trainer.optim import make_optimizer
 
     model_name, mode = case.split(":")
+    if model_name in WAN_RANDOM_LATENTS:
+        return wan_random_latents_case(case, steps)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     pipeline, spec, rank, dtype = _models(model_name, device)

@@ -5,6 +5,7 @@ by hand; see bench/README.md)."""
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import subprocess
 import sys
@@ -86,7 +87,9 @@ def test_plan_runs_the_checks_in_order_of_value(dry_run):
     assert result.returncode == 0, result.stderr
     rows = [line.split() for line in result.stdout.splitlines()]
     groups = [row[1] for row in rows]
-    assert groups == sorted(groups) and groups[0] == "1-step" and groups[-1] == "4-pytest-gpu"
+    assert groups == sorted(groups) and groups[0] == "1-step"
+    # Every CogVideoX check (pytest-gpu last of them) before the Wan ones: a budget cut drops Wan first.
+    assert groups[-4:] == ["4-pytest-gpu", "5-wan", "5-wan", "5-wan"]
     assert len(set(groups)) + 3 <= 8, "the device tool returns at most 8 files (groups + .txt, summary, log)"
     text = result.stdout
     model = "tiny" if dry_run else "5b"
@@ -99,3 +102,55 @@ def test_plan_runs_the_checks_in_order_of_value(dry_run):
     assert "-m pytest -m gpu" in text and "tests/test_quantization.py" in text and "tests/test_attention.py" in text
     if not dry_run:
         assert "--loop-steps 50" in text, "the caches' saving shows only over the served 50-step schedule"
+    wan = "tiny-wan22" if dry_run else "wan22-5b"
+    assert [row[0] for row in rows[-3:]] == [f"{wan}-bf16-eager", f"{wan}-lora-train-step",
+                                            f"{wan}-bf16-compile-{1 if dry_run else 6}-blocks"]
+    for case in [f"--case {wan}:bf16-eager", f"--case {wan}-random:cached", f"--case {wan}:bf16-compile"]:
+        assert case in text
+
+
+def test_wan_estimates_follow_the_flops_formula(monkeypatch):
+    """The Wan checks' timeouts come from FLOPs: guards a wrong parameter count (the constant is the real
+    config's, counted here on the meta device), a wrong token count or a formula that drops attention."""
+    import torch
+    from diffusers import WanTransformer3DModel
+
+    from slapgen.models.wan_configs import WAN22_TI2V_5B_TRANSFORMER
+
+    loader = importlib.util.spec_from_file_location("gpu_checks", GPU / "checks.py")
+    checks = importlib.util.module_from_spec(loader)
+    monkeypatch.setitem(sys.modules, "gpu_checks", checks)  # its dataclass looks its module up there
+    loader.loader.exec_module(checks)
+    with torch.device("meta"):
+        transformer = WanTransformer3DModel(**WAN22_TI2V_5B_TRANSFORMER)
+    params = sum(p.numel() for p in transformer.blocks.parameters())
+    assert checks.WAN22_5B_BLOCK_PARAMS == params
+    tokens = 31 * (704 // 32) * (1280 // 32)  # 121 frames -> 31 latent frames; 16x VAE, 2x2 patches
+    assert checks.WAN22_5B_TOKENS == tokens == 27280
+    forward = 2 * params * tokens + 4 * 30 * tokens**2 * 3072
+    rate = 989e12 * 0.40
+    estimates = checks.wan_estimates(6)
+    assert estimates["step_s"] == pytest.approx(2 * forward / rate)  # CFG: two forwards
+    assert estimates["step_s_blocks"] == pytest.approx(2 * forward / rate * 6 / 30)
+    assert estimates["train_step_s"] == pytest.approx(4 * forward / rate)  # x3 + checkpointing's recompute
+    plan = {check.name: check for check in checks.plan(False, 14)}
+    eager = plan["wan22-5b-bf16-eager"]
+    assert eager.estimated_s == pytest.approx(checks.CHECK_START_S + 4 * estimates["step_s"], abs=0.05)
+    assert eager.timeout_s == round(2 * checks.CHECK_START_S + 3 * 4 * estimates["step_s"])
+
+
+def test_wan_cases_run_on_the_tiny_stand_in():
+    """The Wan cases the GPU run calls, at the dry run's size in process: guards a Wan transformer reaching code
+    written for CogVideoX's (`transformer_blocks`, its rotary inputs) or a latent shape off the VAE's factors."""
+    sys.path.insert(0, str(REPO_ROOT))
+    from bench import serve, train_step
+
+    step = serve.step_case("bf16-eager", 1, model="tiny-wan22", blocks=1)
+    assert step["resolution"] == "9x64x96" and step["blocks"] == 1
+    assert step["est_step_s_all_blocks"] == pytest.approx(step["step_s_median"] * 2)  # tiny Wan: 2 blocks
+    train = train_step.run_case("tiny-wan22-random:cached", 1)
+    # 9 frames -> 3 latent frames; 64x96 through the 16x VAE; the tiny 2.2 stand-in's 8 channels
+    assert train["latent_shape"] == [1, 8, (9 - 1) // 4 + 1, 64 // 16, 96 // 16]
+    # rank 4 on to_q/to_k/to_v/to_out.0 of attn1 and attn2 in 2 blocks, 32 wide: A (4 x 32) + B (32 x 4) each
+    assert train["lora_parameters"] == 2 * 2 * 4 * (4 * 32 + 32 * 4)
+    assert train["step_s_median"] > 0

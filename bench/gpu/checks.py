@@ -16,6 +16,11 @@ into OUT as soon as one of its checks finishes, so a run cut short still returns
     3-train.json       one 5B LoRA training step (rank 128, gradient checkpointing, bf16)
     4-pytest-gpu.json  `pytest -m gpu` on the test files that hold GPU tests: exit code and counts
     4-pytest-gpu.txt   its output
+    5-wan.json         Wan 2.2 TI2V-5B (random weights, real config, 121x704x1280, CFG batch 2): one bf16
+                       eager denoising step on all 30 blocks; one LoRA training step (rank 128, gradient
+                       checkpointing, bf16) with peak memory; bf16 + compile on 6 blocks, extrapolated to 30.
+                       Last, after every CogVideoX check: each row has `estimated_s`, the time its
+                       timeout was set from (see `wan_estimates`)
     summary.json       device, package versions, every check's status and time, the key numbers
     checks.log         every check's stderr
 
@@ -51,6 +56,41 @@ ANCHORS = {"bf16-eager_50_steps_s": 112, "bf16-compile_50_steps_s": 87, "fp8-com
            "finetrainers_5b_lora_memory_gb": 18}
 
 
+# --- what the Wan checks should take on an H200 (nothing measured there yet), which sets their timeouts ---
+# seconds = FLOPs / (989 TFLOP/s, the H200's dense bf16 peak, x 40% MFU). One forward of one sample:
+#     2 x P x T          every block weight does one multiply-add per token (P block parameters, T tokens)
+#   + 4 x L x T^2 x D    self-attention's scores and weighted sum (L blocks, D wide); at 27k tokens as much again
+# (2 x P x T charges every video token for the cross-attention's key and value projections, which see only the
+# 512 text tokens: 5.6% too much, less the 1% of cross-attention scores and 0.7% of per-token time embeddings
+# it leaves out; a 4% over-estimate, small next to the MFU guess). A denoising step with
+# classifier-free guidance is 2 forwards; a training step x3 (forward and backward) + 1 forward that gradient
+# checkpointing recomputes = 4 forwards of one sample.
+H200_BF16_PEAK_FLOPS = 989e12
+ASSUMED_MFU = 0.40
+# WanTransformer3DModel(**WAN22_TI2V_5B_TRANSFORMER): parameters in its 30 blocks (of 5.00 B in all), counted on
+# the meta device (tests/test_gpu_run.py counts them again), 3072 wide.
+WAN22_5B_BLOCK_PARAMS = 4_909_701_120
+WAN22_5B_BLOCKS, WAN22_5B_WIDTH = 30, 3072
+# 121 frames at 704x1280 through the 16x VAE and 1x2x2 patches: 31 x 22 x 40 tokens.
+WAN22_5B_TOKENS = ((121 - 1) // 4 + 1) * (704 // 16 // 2) * (1280 // 16 // 2)
+# Start-up of a check's process on the GPU machine: Python, torch, diffusers, peft imports, a random 5B model
+# built on the GPU (fp32, then cast), CUDA context. A guess, not measured there.
+CHECK_START_S = 40
+
+
+def forward_flops(block_params: int, tokens: int, layers: int, width: int) -> float:
+    """One transformer forward of one sample (see above)."""
+    return 2 * block_params * tokens + 4 * layers * tokens**2 * width
+
+
+def wan_estimates(blocks: int = WAN22_5B_BLOCKS) -> dict[str, float]:
+    """Seconds on an H200 at 40% MFU: a CFG denoising step (all blocks, and `blocks` of them) and a training step."""
+    rate = H200_BF16_PEAK_FLOPS * ASSUMED_MFU
+    forward = forward_flops(WAN22_5B_BLOCK_PARAMS, WAN22_5B_TOKENS, WAN22_5B_BLOCKS, WAN22_5B_WIDTH)
+    return {"step_s": 2 * forward / rate, "step_s_blocks": 2 * forward / rate * blocks / WAN22_5B_BLOCKS,
+            "train_step_s": 4 * forward / rate}
+
+
 @dataclass
 class Check:
     name: str
@@ -58,6 +98,7 @@ class Check:
     argv: list[str]
     timeout_s: int
     kind: str = "json"  # json: the last stdout line is the result; pytest: the output is kept
+    estimated_s: float | None = None  # the Wan checks: the whole check's time on an H200, from FLOPs
     results: dict = field(default_factory=dict)
 
 
@@ -103,6 +144,40 @@ def plan(dry_run: bool, blocks: int) -> list[Check]:
                "--steps", "2" if dry_run else "3"], 240),
         Check("pytest-gpu", "4-pytest-gpu",
               [py, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", *gpu_test_files()], 180, kind="pytest"),
+        # Wan after every CogVideoX check: a first call's budget runs out before them, a second call runs them
+        # (bench/README.md, "The GPU run").
+        *wan_checks(dry_run, py, serve, train),
+    ]
+
+
+def wan_checks(dry_run: bool, py: str, serve: str, train: str) -> list[Check]:
+    """Wan 2.2 TI2V-5B at its native 121x704x1280 (the dry run: the tiny Wan with 2.2's layout, on the CPU,
+    where the GPU estimates mean nothing: 600 s each; its compile took 209 s under load). Each timeout is twice
+    the guessed start-up plus 3x the estimated GPU work, so a slower start or half the assumed MFU still ends
+    in time. A Wan VAE decode is left out: 121 frames at 720p through the 16x VAE would cost the run's budget,
+    and neither check needs a VAE."""
+    model, compile_blocks = ("tiny-wan22", 1) if dry_run else ("wan22-5b", 6)
+    estimate = wan_estimates(compile_blocks)
+    step_runs = 2 + 2  # serve.py's step case: 2 warm-ups, then --steps timed
+    train_runs = 1 + 2  # train_step.py: 1 warm-up, then --steps timed
+    # Compiling 6 blocks is no FLOPs matter: a guess from CogVideoX's 14-block compile checks (240 s timeouts).
+    compile_s = 90
+
+    def check(name: str, argv: list[str], work_s: float, fixed_s: float = 0) -> Check:
+        if dry_run:
+            return Check(name, "5-wan", argv, 600)
+        return Check(name, "5-wan", argv, round(2 * (CHECK_START_S + fixed_s) + 3 * work_s),
+                     estimated_s=round(CHECK_START_S + fixed_s + work_s, 1))
+
+    return [
+        check(f"{model}-bf16-eager", [py, serve, "--case", f"{model}:bf16-eager", "--steps", "2"],
+              step_runs * estimate["step_s"]),
+        check(f"{model}-lora-train-step", [py, train, "--case", f"{model}-random:cached", "--steps", "2"],
+              train_runs * estimate["train_step_s"]),
+        check(f"{model}-bf16-compile-{compile_blocks}-blocks",
+              [py, serve, "--case", f"{model}:bf16-compile", "--steps", "2", "--blocks", str(compile_blocks),
+               *(["--warm-caches"] if dry_run else [])],
+              step_runs * estimate["step_s_blocks"], fixed_s=compile_s),
     ]
 
 
@@ -237,7 +312,8 @@ def main() -> int:
         checks = [c for c in checks if c.name in wanted]
     if args.list:
         for check in checks:
-            print(f"{check.name:34} {check.group:14} {check.timeout_s:4d}s  {' '.join(check.argv[1:])}")
+            estimate = f"~{check.estimated_s:.0f}s" if check.estimated_s else "-"
+            print(f"{check.name:34} {check.group:14} {check.timeout_s:4d}s {estimate:>6}  {' '.join(check.argv[1:])}")
         return 0
     if args.out is None:
         parser.error("--out is required")
@@ -260,6 +336,8 @@ def main() -> int:
                 row = {"check": check.name, "status": "skipped: no time left in the budget"}
             else:
                 row = run_check(check, min(check.timeout_s, left), log, env)
+            if check.estimated_s is not None:
+                row["estimated_s"] = check.estimated_s
             failures += row["status"] != "ok"
             groups.setdefault(check.group, []).append(row)
             payload = {"device": device, "torch": summary["packages"]["torch"]["version"], "mode": summary["mode"]}
@@ -272,7 +350,8 @@ def main() -> int:
                 if check.group == "1-step":
                     payload["projection"] = projections(groups[check.group])
             write_json(out / f"{check.group}.json", payload)
-            summary["checks"].append({k: row.get(k) for k in ("check", "status", "elapsed_s", "summary_line") if k in row})
+            summary["checks"].append({k: row.get(k) for k in ("check", "status", "elapsed_s", "estimated_s", "summary_line")
+                                      if k in row})
             if check.group == "1-step":
                 summary["projection"] = payload["projection"]
             write_json(out / "summary.json", summary)
@@ -293,6 +372,8 @@ def _headline(row: dict) -> str:
         for option_row in result.get(label, []):
             value = option_row.get(speedup)
             parts.append(f"{option_row[option]}={value:.3g}x" if value else f"{option_row[option]}=n/a")
+    if "estimated_s" in row:
+        parts.append(f"(estimated {row['estimated_s']:.0f} s)")
     if "summary_line" in row:
         parts.append(row["summary_line"])
     if row.get("stderr_tail"):

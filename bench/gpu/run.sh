@@ -63,7 +63,7 @@ if [ $dry_run = 1 ]; then
     "$venv/bin/python" -m pip uninstall -y -q $carried 2>/dev/null
     python=$venv/bin/python
     OUT=${OUT:-bench/results/runs/gpu-dry-run-$(date +%Y%m%d-%H%M%S)}
-    mode=(--dry-run --budget-s 1200)
+    mode=(--dry-run --budget-s 1800)
 fi
 OUT=${OUT:-$scratch/out}
 mkdir -p "$OUT"
