@@ -136,6 +136,16 @@ def tiny_cache_dir() -> Path:
     return cache_dir
 
 
+@pytest.fixture(scope="session")
+def tiny_wan_cache_dir() -> Path:
+    """SLAP_CACHE_DIR of the session with the tiny Wan model (`tiny-wan`) materialised in it (once)."""
+    from slapgen.models.tiny_wan import materialise_tiny_wan_model
+
+    cache_dir = Path(os.environ["SLAP_CACHE_DIR"])
+    materialise_tiny_wan_model(cache_dir)
+    return cache_dir
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
