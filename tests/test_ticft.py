@@ -193,9 +193,10 @@ def test_the_ticft_preset_trains_wan_with_flow_matching_buffer_levels_and_a_targ
     from trainer.train import train
 
     config = load_config("ticft", [
-        "model=tiny-wan", f"model_cache_dir={tiny_wan_cache_dir}", "data.height=32", "data.width=48", "data.max_clips=1",
-        "train.max_train_steps=2", "train.mixed_precision=\"no\"", "optim.lr_warmup_steps=1", "optim.learning_rate=1e-2",
-        "lora.rank=4", "lora.alpha=4", "checkpoint.every_steps=100", "validation.prompts=[]", "logging.tensorboard=false"])
+        "model=tiny-wan", f"model_cache_dir={tiny_wan_cache_dir}", "data.height=32", "data.width=48", "data.fps=24",
+        "data.max_clips=1", "train.max_train_steps=2", "train.mixed_precision=\"no\"", "optim.lr_warmup_steps=1",
+        "optim.learning_rate=1e-2", "lora.rank=4", "lora.alpha=4", "checkpoint.every_steps=100", "validation.prompts=[]",
+        "logging.tensorboard=false"])
     assert config.ticft.layout == "c1b3t9"
     vae_config = json.loads((resolve_model("tiny-wan", tiny_wan_cache_dir).folder / "vae" / "config.json").read_text())
     latents_mean = torch.tensor(vae_config["latents_mean"]).view(1, -1, 1, 1, 1)

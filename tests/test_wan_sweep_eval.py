@@ -83,11 +83,13 @@ def test_a_wan_sweep_scores_each_run_and_the_base_model_on_the_wan_objective(wan
     assert list(combined["systems"]) == ["base", *(row["run"] for row in rows)]
 
 
-def test_slapgen_eval_of_a_wan_lora_writes_its_heldout_loss_and_generation_metrics(wan_sweep, tiny_wan_cache_dir, tmp_path):
+def test_slapgen_eval_of_a_wan_lora_writes_its_heldout_loss_and_generation_metrics(wan_sweep, tiny_wan_cache_dir, tmp_path,
+                                                                                  monkeypatch):
     """Guards `slapgen eval --model tiny-wan` (the tiny evaluation models for Wan's twin, a Wan LoRA in the hot-swap
     slot): eval.json holds base and the adapter with held-out loss and the temporal metrics, the held-out
     losses equal the Wan objective of the plain transformer and of the LoRA loaded through peft at eval's
-    size, and the videos are mp4s of the asked size and length."""
+    size, and the videos are mp4s of the asked size and length; `slapgen campaign create` takes the folder
+    as it takes a CogVideoX one (its videos copied byte for byte)."""
     out = wan_sweep["out"]
     run = next((out / "runs").iterdir())
     code = cli_main(["eval", "--model", "tiny-wan", "--adapter", f"wan={run}", "--heldout", str(wan_sweep["heldout"]),
@@ -109,3 +111,14 @@ def test_slapgen_eval_of_a_wan_lora_writes_its_heldout_loss_and_generation_metri
     for video in result["videos"]:
         frames, fps = read_mp4(tmp_path / "eval" / video["path"])
         assert frames.shape == (9, 32, 48, 3) and fps == 16
+
+    from slapgen.campaign_store import CampaignStore
+
+    monkeypatch.setenv("SLAP_DATA_DIR", str(tmp_path / "data"))
+    assert cli_main(["campaign", "create", "wan", "--from", str(tmp_path / "eval"), "--systems", "base,wan"]) == 0
+    store = CampaignStore(tmp_path / "data")
+    assert store.get("wan").systems == ["base", "wan"]
+    tokens = store.video_tokens("wan")
+    for video in result["videos"]:
+        copied = store.video_file("wan", tokens[(video["system"], 0)])
+        assert copied.read_bytes() == (tmp_path / "eval" / video["path"]).read_bytes()
