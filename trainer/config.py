@@ -1,23 +1,33 @@
 """Typed training configuration, loaded from YAML with `--set section.key=value` overrides.
 
 Validated once here; the training loop trusts it.
+
+A preset's model-specific values follow the model's family: a preset may hold a `families:` mapping
+(family name -> settings, e.g. `families: {wan: {data: {fps: 16}}}`); `load_config` merges the block of
+the family of the model the run uses (after `--set model=...`) over the preset, then applies `--set`,
+which always wins. The family is read without weights (`spec_without_weights`); a model only a download
+could identify gets the preset's own values. The frame rule checked is the model's (8k+1 for
+CogVideoX 1.0, 4k+1 for Wan).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from slapgen.models.family import frame_rule, is_valid_frame_count
+from slapgen.models.loading import spec_without_weights
 from slapgen.models.specs import BASE_SIZE_MULTIPLE as SIZE_MULTIPLE
+from slapgen.models.specs import DEFAULT_FAMILY, ModelSpec
 from slapgen.models.specs import DEFAULT_FRAME_STEP as FRAME_STEP
 from slapgen.models.ticft import TicftLayout, objective_name
 from trainer.errors import TrainConfigError
 
 PRESETS_DIR = Path(__file__).parent / "presets"
+FAMILIES_KEY = "families"  # a preset's per-family blocks
 
 
 class Section(BaseModel):
@@ -27,16 +37,10 @@ class Section(BaseModel):
 class DataConfig(Section):
     height: int = Field(480, ge=SIZE_MULTIPLE, multiple_of=SIZE_MULTIPLE, description="training height in pixels")
     width: int = Field(720, ge=SIZE_MULTIPLE, multiple_of=SIZE_MULTIPLE, description="training width in pixels")
-    num_frames: int = Field(49, ge=1, description=f"frames per clip, {frame_rule(FRAME_STEP)} for CogVideoX 1.0 (49 = 6 s at 8 fps)")
+    num_frames: int = Field(49, ge=1, description=f"frames per clip, the model's frame rule: {frame_rule(FRAME_STEP)} for "
+                                                  "CogVideoX 1.0 (49 = 6 s at 8 fps), 4k+1 for Wan (81 = 5 s at 16 fps)")
     fps: float = Field(8, gt=0, description="frames are sampled from each clip at this rate")
     max_clips: int | None = Field(None, ge=1, description="use only the first N clips of the dataset")
-
-    @field_validator("num_frames")
-    @classmethod
-    def _frames_round_trip_the_vae(cls, value: int) -> int:
-        if not is_valid_frame_count(value, FRAME_STEP):
-            raise ValueError(f"num_frames must be {frame_rule(FRAME_STEP)} so the VAE round-trips it")
-        return value
 
 
 class LoraConfig(Section):
@@ -129,6 +133,24 @@ class TrainConfig(Section):
     ticft: TicftConfig | None = Field(
         None, description="temporal in-context fine-tuning (image-to-video, e.g. {layout: c1b3t9}); null: text-to-video")
 
+    @property
+    def model_spec(self) -> ModelSpec | None:
+        """The spec of `model` as known without weights (None when only a download would tell)."""
+        return spec_without_weights(self.model)
+
+    def _frame_rule_owner(self) -> tuple[int, str]:
+        """The frame step clips must follow and the model it is from (CogVideoX 1.0's when unknown)."""
+        spec = self.model_spec
+        return (spec.frame_step, self.model) if spec is not None else (FRAME_STEP, "CogVideoX 1.0")
+
+    @model_validator(mode="after")
+    def _frames_round_trip_the_vae(self) -> "TrainConfig":
+        frame_step, model = self._frame_rule_owner()
+        if not is_valid_frame_count(self.data.num_frames, frame_step):
+            raise ValueError(f"data.num_frames must be {frame_rule(frame_step)} so the VAE of {model} round-trips "
+                             f"it, got {self.data.num_frames}")
+        return self
+
     @model_validator(mode="after")
     def _warmup_fits(self) -> "TrainConfig":
         if self.optim.lr_warmup_steps >= self.train.max_train_steps and self.optim.lr_scheduler != "constant":
@@ -146,7 +168,8 @@ class TrainConfig(Section):
     @model_validator(mode="after")
     def _clip_length_is_the_layouts(self) -> "TrainConfig":
         if self.ticft is not None:
-            layout = self.ticft.parsed_layout.check_fits(None, "CogVideoX 1.0")
+            frame_step, model = self._frame_rule_owner()
+            layout = self.ticft.parsed_layout.check_fits(None, model, frame_step)
             if self.data.num_frames != layout.pixel_frames:
                 raise ValueError(f"data.num_frames must be {layout.pixel_frames}, the pixel frames of ticft.layout "
                                  f"{layout}, got {self.data.num_frames}")
@@ -182,9 +205,68 @@ def _set_dotted(tree: dict[str, Any], dotted: str, raw: str) -> None:
     node[keys[-1]] = yaml.safe_load(raw)  # "1e-4" -> float, "true" -> bool, "[a, b]" -> list
 
 
+def family_names() -> tuple[str, ...]:
+    """The model families a spec may name (`ModelSpec.family`): the keys a `families:` block may use."""
+    return get_args(ModelSpec.model_fields["family"].annotation)
+
+
+def _dotted_settings(block: dict[str, Any], prefix: str = "") -> list[str]:
+    """`{data: {fps: 16}}` -> ["data.fps"]: the settings a family block sets, sections descended."""
+    names = []
+    for key, value in block.items():
+        dotted = f"{prefix}{key}"
+        names += _dotted_settings(value, f"{dotted}.") if isinstance(value, dict) else [dotted]
+    return names
+
+
+def _check_family_blocks(blocks: Any, source: str) -> dict[str, dict[str, Any]]:
+    """Every block of a config's `families:` mapping names a known family and only real settings (so a
+    typo in the Wan block fails a CogVideoX run too, not only the run that would use it)."""
+    import difflib
+
+    if not isinstance(blocks, dict):
+        raise TrainConfigError(f"{source}: {FAMILIES_KEY} must map a model family to settings, e.g. "
+                               f"{FAMILIES_KEY}: {{wan: {{data: {{fps: 16}}}}}}")
+    known, settings = family_names(), setting_names()
+    for family, block in blocks.items():
+        if family not in known:
+            raise TrainConfigError(f"{source}: {FAMILIES_KEY}.{family} is not a model family (known: {', '.join(known)})")
+        if not isinstance(block, dict):
+            raise TrainConfigError(f"{source}: {FAMILIES_KEY}.{family} must be a mapping of settings")
+        for dotted in _dotted_settings(block):
+            if dotted == "model" or dotted.startswith("model."):
+                raise TrainConfigError(f"{source}: {FAMILIES_KEY}.{family}.model: the model picks the family block, "
+                                       "a block cannot pick the model")
+            if dotted not in settings:
+                close = difflib.get_close_matches(dotted, settings, n=1)
+                hint = f"did you mean {close[0]}?" if close else "see `slapgen config` for every setting"
+                raise TrainConfigError(f"{source}: {FAMILIES_KEY}.{family}.{dotted} is no such setting ({hint})")
+    return blocks
+
+
+def _merged(base: dict[str, Any], block: dict[str, Any]) -> dict[str, Any]:
+    """`block` over `base`, section by section (`{data: {fps: 16}}` changes only data.fps)."""
+    merged = dict(base)
+    for key, value in block.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merged(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def model_family(model: str) -> str:
+    """The family whose block a preset applies for `model`: its spec's, known without weights; the
+    default family (CogVideoX, what presets' own values are for) when only a download would tell."""
+    spec = spec_without_weights(model)
+    return spec.family if spec is not None else DEFAULT_FAMILY
+
+
 def load_config(path: Path | str | None, overrides: list[str] = ()) -> TrainConfig:
-    """Load YAML (a path or a preset name) and apply `key=value` overrides; one-line errors."""
+    """Load YAML (a path or a preset name), merge the `families:` block of the run's model's family,
+    then apply `key=value` overrides (they always win); one-line errors."""
     tree: dict[str, Any] = {}
+    source = "config"
     if path is not None:
         file = Path(path)
         if not file.is_file() and (PRESETS_DIR / f"{path}.yaml").is_file():
@@ -198,11 +280,20 @@ def load_config(path: Path | str | None, overrides: list[str] = ()) -> TrainConf
             raise TrainConfigError(f"{file} is not valid YAML ({error})") from None
         if not isinstance(tree, dict):
             raise TrainConfigError(f"{file} must hold a mapping of settings")
+        source = f"preset {file.stem}" if file.parent == PRESETS_DIR else str(file)
+    parsed = []
     for override in overrides:
         key, separator, value = override.partition("=")
         if not separator or not key:
             raise TrainConfigError(f"--set {override}: expected key=value, e.g. --set lora.rank=64")
-        _set_dotted(tree, key.strip(), value)
+        parsed.append((key.strip(), value))
+    if FAMILIES_KEY in tree:
+        blocks = _check_family_blocks(tree.pop(FAMILIES_KEY), source)
+        model = next((yaml.safe_load(value) for key, value in reversed(parsed) if key == "model"),
+                     tree.get("model", TrainConfig.model_fields["model"].default))
+        tree = _merged(tree, blocks.get(model_family(str(model)), {}))
+    for key, value in parsed:
+        _set_dotted(tree, key, value)
     try:
         return TrainConfig.model_validate(tree)
     except ValidationError as error:
@@ -227,6 +318,8 @@ def _problem(issue: dict) -> str:
     import difflib
 
     key = ".".join(str(part) for part in issue["loc"]) or "config"
+    if not issue["loc"] and issue["type"] == "value_error":  # a check across sections names its settings itself
+        return str(issue["ctx"]["error"])
     if issue["type"] != "extra_forbidden":
         return f"{key}: {issue['msg']}"
     close = difflib.get_close_matches(key, setting_names(), n=1)

@@ -14,11 +14,16 @@ from pathlib import Path
 
 from slapgen.errors import ModelUnavailableError
 from slapgen.models.family import family_of
-from slapgen.models.specs import ModelSpec, spec_for_folder
-from slapgen.models.tiny import TINY_MODEL_NAME, materialise_tiny_model
-from slapgen.models.tiny_wan import TINY_WAN_MODEL_NAME, materialise_tiny_wan_model
+from slapgen.models.specs import KNOWN_SPECS, ModelSpec, spec_for_folder
+from slapgen.models.tiny import TINY_MODEL_NAME, TINY_SPEC, materialise_tiny_model
+from slapgen.models.tiny_wan import TINY_WAN_MODEL_NAME, TINY_WAN_SPEC, materialise_tiny_wan_model
+from slapgen.models.wan import WAN_SPECS
 
 HUB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+# The built-in models by name, with their specs: what `spec_without_weights` knows before a folder
+# is materialised. A built-in model that `resolve_model` materialises also goes here.
+BUILT_IN_SPECS: dict[str, ModelSpec] = {TINY_MODEL_NAME: TINY_SPEC, TINY_WAN_MODEL_NAME: TINY_WAN_SPEC}
 
 
 @dataclass(frozen=True)
@@ -72,6 +77,38 @@ def resolve_model(model: str, cache_dir: Path | None = None, allow_download: boo
         )
     folder = _hub_snapshot(model, allow_download, setting, tiny_fix)
     return ResolvedModel(folder, spec_for_folder(folder, model))
+
+
+def spec_without_weights(model: str) -> ModelSpec | None:
+    """The spec of the model a setting names, read without loading, materialising or downloading any
+    weights (what a training config needs to follow the model's family): a built-in model's, a known
+    hub id's, a local pipeline folder's (`spec_for_folder`: its slap_spec.json, else its configs), a
+    hub id already in the local Hugging Face cache likewise. None when only a download would tell (or
+    the setting names nothing loadable: `resolve_model` says why when the run starts)."""
+    if model in BUILT_IN_SPECS:
+        return BUILT_IN_SPECS[model]
+    known = KNOWN_SPECS.get(model.lower()) or WAN_SPECS.get(model.lower())
+    if known is not None:
+        return known
+    path = Path(model).expanduser()
+    if path.exists():
+        folder, name = path, path.name
+    elif HUB_ID_PATTERN.match(model):
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        try:
+            folder, name = Path(snapshot_download(model, local_files_only=True)), model
+        except (LocalEntryNotFoundError, OSError, ValueError):
+            return None
+    else:
+        return None
+    if not (folder / "model_index.json").is_file():
+        return None
+    try:
+        return spec_for_folder(folder, name)
+    except (OSError, ValueError, KeyError):  # a damaged folder: `resolve_model` reports it when the run loads it
+        return None
 
 
 def _hub_snapshot(repo_id: str, allow_download: bool, setting: ModelSetting, tiny_fix: str) -> Path:

@@ -1,0 +1,223 @@
+"""A preset's model-specific values follow the family of the run's model (issue 22): the preset's
+`families:` block of that family is merged over it, `--set` always wins, CogVideoX runs resolve exactly
+as before, and the frame rule checked is the model's."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from slapgen.models.specs import ModelSpec
+from trainer.config import FAMILIES_KEY, PRESETS_DIR, TrainConfig, family_names, load_config, model_family
+from trainer.errors import TrainConfigError
+
+PRESETS = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def _write_wan_folder(folder: Path, **spec) -> Path:
+    """A Wan pipeline folder as far as config resolution reads it (model_index.json, slap_spec.json):
+    no weights, so the test shows the family is known without them. Wan 2.1 T2V 1.3B's limits."""
+    folder.mkdir(parents=True)
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline"}))
+    values = dict(name="wan-1.3b-like", family="wan", dtype="bfloat16", height=480, width=832, fps=16,
+                  max_num_frames=81, frame_step=4, spatial_compression=8, temporal_compression=4, patch_size=2,
+                  default_num_frames=81, max_sequence_length=512, default_num_inference_steps=50,
+                  default_guidance_scale=5.0)
+    ModelSpec(**(values | spec)).save(folder)
+    return folder
+
+
+@pytest.fixture
+def wan_model(tmp_path) -> str:
+    return str(_write_wan_folder(tmp_path / "wan"))
+
+
+@pytest.fixture
+def tiny_wan_like_model(tmp_path) -> str:
+    """tiny-wan's spec (slapgen.models.tiny_wan.TINY_WAN_SPEC on h-wan) until `tiny-wan` resolves by name."""
+    return str(_write_wan_folder(tmp_path / "tiny-wan", name="tiny-wan", dtype="float32", height=64, width=96,
+                                 default_num_frames=9, max_sequence_length=32, default_num_inference_steps=4))
+
+
+def _preset_tree(preset: str) -> dict:
+    return yaml.safe_load((PRESETS_DIR / f"{preset}.yaml").read_text())
+
+
+def _settings(config: TrainConfig) -> dict[str, object]:
+    """Every leaf setting of a resolved config by dotted name, except `model` (the test chooses it)."""
+    flat = {}
+    for section, values in config.model_dump(mode="json").items():
+        if isinstance(values, dict):
+            flat.update({f"{section}.{key}": value for key, value in values.items()})
+        elif section != "model":
+            flat[section] = values
+    return flat
+
+
+def _block_settings(block: dict, prefix: str = "") -> dict[str, object]:
+    return {name: value for key, item in block.items()
+            for name, value in (_block_settings(item, f"{prefix}{key}.") if isinstance(item, dict)
+                                else {f"{prefix}{key}": item}).items()}
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("model", ["THUDM/CogVideoX-5b", "tiny"])
+def test_a_cogvideox_model_resolves_the_preset_as_before(preset, model):
+    """Guards the CogVideoX behaviour: its runs get the preset's own values, exactly what they were
+    before family blocks existed (the preset read without its `families:` block)."""
+    tree = {key: value for key, value in _preset_tree(preset).items() if key != FAMILIES_KEY}
+    assert load_config(preset, [f"model={model}"]) == TrainConfig.model_validate(tree | {"model": model})
+
+
+def test_conservative_on_wan_gets_the_wan_values(wan_model):
+    """Guards presets hardcoding CogVideoX's values for every model (49 x 480 x 720 at 8 fps, CogVideoX's
+    learning rate and rank on a Wan run): the Wan block's values, written out here from
+    conservative.yaml's sources, replace them; everything else stays the preset's."""
+    wan = load_config("conservative", [f"model={wan_model}"])
+    cogvideox = load_config("conservative")
+    assert (wan.data.height, wan.data.width, wan.data.num_frames, wan.data.fps) == (480, 832, 81, 16)
+    assert (wan.lora.rank, wan.lora.alpha, wan.optim.learning_rate) == (32, 32, 1e-4)
+    assert (wan.train.max_train_steps, wan.validation.guidance_scale) == (2000, 5.0)
+    assert wan.data.max_clips == cogvideox.data.max_clips == 100
+    assert wan.optim.model_copy(update={"learning_rate": 1e-3}) == cogvideox.optim
+    assert wan.checkpoint == cogvideox.checkpoint and wan.logging == cogvideox.logging
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_wan_block_setting_and_only_those_change(preset, wan_model):
+    """Guards a block that is not applied (or applied to the wrong settings): on a Wan model each setting
+    the preset's Wan block names has the block's value, every other one the CogVideoX resolution's."""
+    block = _block_settings(_preset_tree(preset)[FAMILIES_KEY]["wan"])
+    wan = _settings(load_config(preset, [f"model={wan_model}"]))
+    cogvideox = _settings(load_config(preset))
+    assert {name: wan[name] for name in block} == block
+    assert {name: value for name, value in wan.items() if name not in block} == \
+        {name: value for name, value in cogvideox.items() if name not in block}
+
+
+def test_set_beats_the_family_block(wan_model):
+    """Guards the block being merged after `--set` (or a `--set` placed before `--set model=...` being
+    lost): the user's values win wherever they stand on the command line."""
+    config = load_config("conservative", ["lora.rank=8", f"model={wan_model}", "data.fps=24"])
+    assert (config.lora.rank, config.data.fps) == (8, 24)
+    assert (config.lora.alpha, config.data.width) == (32, 832)  # the rest of the block still applies
+
+
+def test_the_model_set_last_picks_the_block(wan_model):
+    """Guards reading the family from the preset's `model` instead of the run's (the last `--set model=`)."""
+    assert load_config("conservative", ["model=tiny", f"model={wan_model}"]).data.fps == 16
+    assert load_config("conservative", [f"model={wan_model}", "model=tiny"]).data.fps == 8
+
+
+def test_tiny_smoke_on_tiny_wan_is_tiny_wans_size_and_a_valid_frame_count(tiny_wan_like_model):
+    """Guards `slapgen train --config tiny-smoke --set model=tiny-wan` running at a size or length
+    tiny-wan cannot take: its spec's 64 x 96, 9 frames (4k+1), its 16 fps."""
+    config = load_config("tiny-smoke", [f"model={tiny_wan_like_model}"])
+    spec = config.model_spec
+    assert spec.family == "wan"
+    assert (config.data.height, config.data.width, config.data.fps) == (spec.height, spec.width, spec.fps)
+    assert (config.data.num_frames - 1) % 4 == 0 and config.data.num_frames <= spec.max_num_frames
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("family", ["cogvideox", "wan"])
+def test_every_preset_resolves_and_validates_for_every_family(preset, family, wan_model):
+    """Guards a preset whose block leaves a family with clips its model cannot take: every preset
+    validates for every family, with the family's frame rule and whole latent patches."""
+    assert set(family_names()) == {"cogvideox", "wan"}  # a new family must get a model here
+    model = {"cogvideox": "THUDM/CogVideoX-5b", "wan": wan_model}[family]
+    config = load_config(preset, [f"model={model}"])
+    spec = config.model_spec
+    assert spec.family == family
+    assert (config.data.num_frames - 1) % spec.frame_step == 0
+    assert config.data.height % spec.size_multiple == 0 and config.data.width % spec.size_multiple == 0
+    if config.ticft is not None:
+        assert config.ticft.parsed_layout.pixel_frames == config.data.num_frames
+
+
+def test_the_frame_rule_is_the_models(wan_model):
+    """Guards checking every model against CogVideoX's 8k+1: 13 frames (4k+1) is a valid Wan clip, not
+    a CogVideoX one; 11 is neither, and the error states the model's rule."""
+    assert load_config("conservative", [f"model={wan_model}", "data.num_frames=13"]).data.num_frames == 13
+    with pytest.raises(TrainConfigError, match=r"8k\+1"):
+        load_config("conservative", ["data.num_frames=13"])
+    with pytest.raises(TrainConfigError) as error:
+        load_config("conservative", [f"model={wan_model}", "data.num_frames=11"])
+    assert "data.num_frames must be 4k+1" in str(error.value) and "\n" not in str(error.value)
+
+
+def test_the_family_is_known_without_weights(wan_model, tmp_path):
+    """Guards resolution that needs a download or a load: built-in and known names, a folder's spec file,
+    and a hub id nobody has downloaded (the preset's own, CogVideoX values) all answer at once."""
+    assert model_family("tiny") == model_family("THUDM/CogVideoX-5b") == "cogvideox"
+    assert model_family(wan_model) == "wan"
+    assert model_family("someone/not-downloaded") == "cogvideox"  # HF_HUB_OFFLINE, empty HF_HOME: unknown
+    assert load_config("conservative", ["model=someone/not-downloaded"]).data.fps == 8
+
+
+def _write_preset(folder: Path, monkeypatch, name: str, families: dict) -> str:
+    monkeypatch.setattr("trainer.config.PRESETS_DIR", folder)
+    tree = _preset_tree("tiny-smoke") | {FAMILIES_KEY: families}
+    (folder / f"{name}.yaml").write_text(yaml.safe_dump(tree))
+    return name
+
+
+@pytest.mark.parametrize(
+    "families, message",
+    [
+        ({"wan": {"lora": {"rnk": 4}}}, "preset broken: families.wan.lora.rnk is no such setting (did you mean lora.rank?)"),
+        ({"hunyuan": {"data": {"fps": 24}}}, "preset broken: families.hunyuan is not a model family (known: cogvideox, wan)"),
+        ({"wan": {"model": "tiny"}}, "preset broken: families.wan.model: the model picks the family block"),
+        ({"wan": [1, 2]}, "preset broken: families.wan must be a mapping of settings"),
+    ],
+)
+def test_a_bad_family_block_is_one_sentence_naming_the_preset(families, message, tmp_path, monkeypatch):
+    """Guards a typo in a family block being ignored (or found only by the run that uses that family):
+    every block is checked on every load, CogVideoX runs included, in one line naming the preset."""
+    preset = _write_preset(tmp_path, monkeypatch, "broken", families)
+    with pytest.raises(TrainConfigError) as error:
+        load_config(preset)  # a tiny (CogVideoX) run: the Wan block is still checked
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_config_shows_the_resolved_values(wan_model, capsys):
+    """Guards `slapgen config` printing the preset's CogVideoX values (or its raw `families:` block) for a
+    Wan run: it prints what the run would use, and that output loads back to the same config."""
+    from trainer.cli import main as cli_main
+
+    assert cli_main(["config", "aggressive", "--set", f"model={wan_model}"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert FAMILIES_KEY not in printed
+    assert (printed["data"]["width"], printed["lora"]["rank"], printed["optim"]["learning_rate"]) == (832, 64, 5e-5)
+    assert TrainConfig.model_validate(printed) == load_config("aggressive", [f"model={wan_model}"])
+
+
+@pytest.mark.slow
+def test_tiny_smoke_trains_on_tiny_wan(demo_dataset, tiny_wan_cache_dir, tmp_path):
+    """`slapgen train --config tiny-smoke --set model=tiny-wan` trains (issue 22, through the CLI) with tiny-wan's
+    values: its 16 fps in the run's config, every step logged with a finite loss, a validation video, a
+    rank-4 LoRA on Wan's attention blocks. (Steps and clips cut to keep it short.)"""
+    import numpy as np
+    from safetensors import safe_open
+
+    from trainer.cli import main as cli_main
+    from trainer.lora import read_lora_metadata
+
+    run = tmp_path / "run"
+    settings = ["model=tiny-wan", f"model_cache_dir={tiny_wan_cache_dir}", "train.max_train_steps=2",
+                "validation.every_steps=2", "checkpoint.every_steps=2", "data.max_clips=2", "logging.tensorboard=false"]
+    assert cli_main(["train", "--config", "tiny-smoke", "--data", str(demo_dataset), "--out", str(run),
+                     *sum((["--set", item] for item in settings), [])]) == 0
+    config = load_config(run / "config.yaml")
+    assert config.model_spec.family == "wan" and config.data.fps == 16
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in logged] == [1, 2]
+    assert all(np.isfinite(row["loss"]) for row in logged)
+    assert (run / "validation" / "step-000002" / "prompt-00.mp4").stat().st_size > 0
+    adapter = run / "pytorch_lora_weights.safetensors"
+    assert int(read_lora_metadata(adapter)["slapgen.rank"]) == config.lora.rank == 4
+    with safe_open(adapter, "pt") as weights:
+        assert any(".blocks.0.attn1.to_q." in key for key in weights.keys())
