@@ -133,7 +133,7 @@ def wan_heldout_setup(tiny_wan_cache_dir, demo_dataset, tmp_path_factory):
     from peft import LoraConfig
 
     resolved = resolve_model("tiny-wan", tiny_wan_cache_dir)
-    data = DataConfig(height=32, width=48, num_frames=9, fps=8, max_clips=1)
+    data = DataConfig(height=32, width=48, num_frames=5, fps=16, max_clips=1)
     entries = heldout_entries(demo_dataset, resolved, data, tmp_path_factory.mktemp("wan-heldout-cache"), progress=False)
     transformer = WanTransformer3DModel.from_pretrained(resolved.folder, subfolder="transformer")
     transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))

@@ -207,7 +207,7 @@ def test_tiny_smoke_trains_on_tiny_wan(demo_dataset, tiny_wan_cache_dir, tmp_pat
     from trainer.lora import read_lora_metadata
 
     run = tmp_path / "run"
-    settings = ["model=tiny-wan", f"model_cache_dir={tiny_wan_cache_dir}", "train.max_train_steps=2",
+    settings = ["model=tiny-wan", f"model_cache_dir={tiny_wan_cache_dir}", "train.max_train_steps=2", "optim.lr_warmup_steps=1",
                 "validation.every_steps=2", "checkpoint.every_steps=2", "data.max_clips=2", "logging.tensorboard=false"]
     assert cli_main(["train", "--config", "tiny-smoke", "--data", str(demo_dataset), "--out", str(run),
                      *sum((["--set", item] for item in settings), [])]) == 0

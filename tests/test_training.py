@@ -38,12 +38,12 @@ MODELS = ["tiny", "tiny-wan"]
 
 def _on_model(model: str, request, tmp_path) -> list[str]:
     """The settings that put a test on `model`: none for tiny (the CogVideoX tests exactly as they were);
-    tiny-wan (materialised by its session fixture) on 2 clips with one latent cache for every run of the
-    test, since the tiny Wan VAE's encode is most of a short run's cost on a CPU."""
+    tiny-wan (materialised by its session fixture) on 2 clips of 5 frames (4k+1) with one latent cache for
+    every run of the test, since the tiny Wan VAE's encode is most of a short run's cost on a CPU."""
     if model == "tiny":
         return []
     request.getfixturevalue("tiny_wan_cache_dir")
-    return [f"model={model}", "data.max_clips=2", f"latent_cache={tmp_path / 'latents'}"]
+    return [f"model={model}", "data.num_frames=5", "data.max_clips=2", f"latent_cache={tmp_path / 'latents'}"]
 
 
 def _fixed_loss(transformer, tiny_cache_dir, cache_root, clips, config) -> float:

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.slow
 TRAIN_SETS = ("model=tiny-wan", "data.height=32", "data.width=32", "data.num_frames=1", "data.max_clips=2",
               "train.max_train_steps=2", "optim.lr_warmup_steps=1", "checkpoint.every_steps=10",
               "train.gradient_checkpointing=false")
-EVAL_SETS = ("num_frames=9", "height=32", "width=48", "num_inference_steps=1")
+EVAL_SETS = ("num_frames=5", "height=32", "width=48", "num_inference_steps=1")
 TEMPORAL = ("subject_consistency_dino", "temporal_flickering")
 
 
@@ -101,7 +101,7 @@ def test_slapgen_eval_of_a_wan_lora_writes_its_heldout_loss_and_generation_metri
     for system in result["systems"].values():
         assert set(system["metrics"]) == {"heldout_loss", *TEMPORAL}
         assert all(math.isfinite(value) for value in system["metrics"].values())
-    data = DataConfig(height=32, width=48, num_frames=9, fps=16)
+    data = DataConfig(height=32, width=48, num_frames=5, fps=16)
     config = load_config(run / "config.yaml")
     base = _wan_losses(tiny_wan_cache_dir, wan_sweep["heldout"], data, tmp_path / "cache")
     trained = _wan_losses(tiny_wan_cache_dir, wan_sweep["heldout"], data, tmp_path / "cache", run / LORA_FILENAME, config)
@@ -110,7 +110,7 @@ def test_slapgen_eval_of_a_wan_lora_writes_its_heldout_loss_and_generation_metri
     assert len(result["videos"]) == 2
     for video in result["videos"]:
         frames, fps = read_mp4(tmp_path / "eval" / video["path"])
-        assert frames.shape == (9, 32, 48, 3) and fps == 16
+        assert frames.shape == (5, 32, 48, 3) and fps == 16
 
     from slapgen.campaign_store import CampaignStore
 
