@@ -176,6 +176,7 @@ def test_the_loss_covers_target_frames_only():
     assert abs(loss.item() - error.flatten(1).mean(1).mean().item()) > 1e-4  # all frames would give another number
 
 
+@pytest.mark.slow  # trains tiny-wan for 2 steps on a 49-frame clip
 def test_the_ticft_preset_trains_wan_with_flow_matching_buffer_levels_and_a_target_only_loss(
         tiny_wan_cache_dir, demo_dataset, tmp_path, monkeypatch):
     """Guards TIC-FT training on Wan (the `ticft` preset's layout c1b3t9 on tiny-wan, sizes and steps
