@@ -123,3 +123,59 @@ def test_ticft_heldout_loss_is_the_ticft_objective_at_fixed_noise(tiny_cache_dir
     assert entry.key not in {plain_entry.key for plain_entry in plain_entries}
     with pytest.raises(ValueError, match="TIC-FT layout c1b3t1 needs 5"):
         heldout_losses(transformer, scheduler, [entry], timesteps=(500,), layout=TicftLayout.parse("c1b3t1"))
+
+
+@pytest.fixture(scope="module")
+def wan_heldout_setup(tiny_wan_cache_dir, demo_dataset, tmp_path_factory):
+    """tiny-wan's transformer with a plain peft LoRA of random weights (so the adapter counts), diffusers'
+    flow-match scheduler, and one held-out clip cached by the trainer's latent cache."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
+    from peft import LoraConfig
+
+    resolved = resolve_model("tiny-wan", tiny_wan_cache_dir)
+    data = DataConfig(height=32, width=48, num_frames=5, fps=16, max_clips=1)
+    entries = heldout_entries(demo_dataset, resolved, data, tmp_path_factory.mktemp("wan-heldout-cache"), progress=False)
+    transformer = WanTransformer3DModel.from_pretrained(resolved.folder, subfolder="transformer")
+    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    generator = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for name, parameter in transformer.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
+    return resolved, transformer, FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000), entries
+
+
+def test_wan_heldout_loss_is_the_flow_matching_objective_at_fixed_noise(wan_heldout_setup):
+    """Guards the held-out loss on a Wan model (the family's objective, levels and latent normalisation):
+    recomputed here with plain diffusers + peft from flow matching's definition and the documented draws
+    (a CPU generator seeded by clip_seed(seed, key); per level the posterior draw, then the noise):
+        x0  = ((mu + exp(logvar / 2) * eps_posterior) - latents_mean[c]) / latents_std[c]   (Wan's VAE config)
+        x_s = (1 - s) x0 + s n,  transformer told s x 1000,  loss = mean((v - (n - x0))^2)
+    at the default levels, the midpoints s = 0.1, 0.3, ..., 0.9. An unnormalised latent, CogVideoX's
+    objective, integer levels or another draw order each give another number."""
+    import json
+
+    from safetensors.torch import load_file
+
+    resolved, transformer, scheduler, entries = wan_heldout_setup
+    entry = entries[0]
+    tensors = load_file(entry.path)
+    vae_config = json.loads((resolved.folder / "vae" / "config.json").read_text())
+    channel = (1, -1, 1, 1, 1)
+    latents_mean = torch.tensor(vae_config["latents_mean"]).view(channel)
+    latents_std = torch.tensor(vae_config["latents_std"]).view(channel)
+    mu, logvar = tensors["latent_mean"][None].float(), tensors["latent_logvar"][None].float()
+    embeds = tensors["prompt_embeds"][None].float()
+    generator = torch.Generator("cpu").manual_seed(clip_seed(4, entry.key))
+    by_hand = []
+    for s in (0.1, 0.3, 0.5, 0.7, 0.9):
+        posterior = torch.randn(mu.shape, generator=generator)
+        noise = torch.randn(mu.shape, generator=generator)
+        x0 = (mu + torch.exp(0.5 * logvar) * posterior - latents_mean) / latents_std
+        noisy = (1 - s) * x0 + s * noise
+        with torch.no_grad():
+            v = transformer(hidden_states=noisy, timestep=torch.tensor([s * 1000]), encoder_hidden_states=embeds,
+                            return_dict=False)[0]
+        by_hand.append(((v - (noise - x0)) ** 2).mean().item())
+    [loss] = heldout_losses(transformer, scheduler, [entry], seed=4)
+    assert loss == pytest.approx(sum(by_hand) / 5, rel=1e-5)

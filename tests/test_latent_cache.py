@@ -133,3 +133,52 @@ def test_corrupt_prompt_embedding_is_re_encoded(tiny_cache_dir, tmp_path, capsys
     (again,) = cache.prompt_embeddings(["a power slap"])
     assert torch.equal(first, again)
     assert f"cache entry {entry.name} is not a readable safetensors file" in capsys.readouterr().out
+
+
+def _renamed_copy(model_folder, target, name: str, **spec_changes):
+    """A copy of a materialised tiny folder whose slap_spec.json says `name` (and `spec_changes`)."""
+    from slapgen.models.specs import SPEC_FILENAME, spec_for_folder
+
+    shutil.copytree(model_folder, target)
+    spec = spec_for_folder(target, name).model_copy(update={"name": name, **spec_changes})
+    (target / SPEC_FILENAME).unlink()
+    spec.save(target)
+    return target
+
+
+def test_wan_entries_carry_the_per_channel_normalisation_and_never_meet_cogvideox(tiny_cache_dir, tiny_wan_cache_dir,
+                                                                                  dataset, tmp_path):
+    """Guards a latent cache shared by two families: a Wan entry holds its VAE's per-channel
+    normalisation (latents_mean / latents_std, as vae/config.json states them) and a CogVideoX entry none;
+    an entry written for one family is never read for the other, even when the two model folders have the
+    same name (their keys would have been equal: name@folder), for clips and for prompts alike; and a Wan
+    model whose spec says bfloat16 encodes (its VAE is loaded in float32: frames go in the VAE's dtype)."""
+    import json
+
+    from slapgen.models.family import VaeFactors
+    from trainer.config import DataConfig
+
+    clips = read_dataset(dataset)[:1]
+    data = DataConfig(height=32, width=48, num_frames=9, fps=8)
+    tiny, wan = resolve_model("tiny", tiny_cache_dir), resolve_model("tiny-wan", tiny_wan_cache_dir)
+    root = tmp_path / "cache"
+    cogvideox_entry = LatentCache(root, tiny, data).precompute(clips, progress=False).entries[0]
+    report = LatentCache(root, wan, data).precompute(clips, progress=False)
+    assert (report.encoded, report.reused) == (1, 0)
+    vae_config = json.loads((wan.folder / "vae" / "config.json").read_text())
+    factors = report.entries[0].vae_factors()
+    assert factors == VaeFactors(8, 4, 1.0, tuple(vae_config["latents_mean"]), tuple(vae_config["latents_std"]))
+    assert cogvideox_entry.vae_factors().latents_mean == ()
+
+    # One folder name for both families; the Wan one in bfloat16, as the real Wan specs are.
+    same = tmp_path / "same-name"
+    cogvideox_copy = resolve_model(str(_renamed_copy(tiny.folder, same / "a" / "model", "model")))
+    wan_copy = resolve_model(str(_renamed_copy(wan.folder, same / "b" / "model", "model", dtype="bfloat16")))
+    assert (cogvideox_copy.spec.family, wan_copy.spec.family) == ("cogvideox", "wan")
+    LatentCache(same / "cache", cogvideox_copy, data).precompute(clips, progress=False)
+    report = LatentCache(same / "cache", wan_copy, data).precompute(clips, progress=False)
+    assert (report.encoded, report.reused) == (1, 0)
+    assert report.entries[0].vae_factors().latents_mean == factors.latents_mean
+    LatentCache(same / "cache", cogvideox_copy, data).prompt_embeddings(["a slap"])
+    LatentCache(same / "cache", wan_copy, data).prompt_embeddings(["a slap"])
+    assert len(list((same / "cache" / "prompts").rglob("*.safetensors"))) == 2

@@ -21,19 +21,30 @@ PRESETS = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}
 
 
-@pytest.mark.parametrize("preset", PRESETS)
-def test_preset_trains_and_its_lora_serves_with_default_settings(preset, demo_dataset, tiny_cache_dir, tmp_path,
-                                                                 monkeypatch):
+# Each preset on each family's tiny twin; on tiny-wan the research presets' Wan values (their `families:
+# {wan: ...}` block). On tiny-wan, TIC-FT's serving reference is not written out here (its Wan training:
+# test_ticft's Wan test) and tiny-smoke trains and serves in test_training and test_preset_families already.
+CASES = [(preset, "tiny") for preset in PRESETS] + [(preset, "tiny-wan") for preset in ("aggressive", "conservative")]
+
+
+@pytest.mark.parametrize("preset, model", CASES)
+def test_preset_trains_and_its_lora_serves_with_default_settings(preset, model, demo_dataset, tiny_cache_dir, tmp_path,
+                                                                 monkeypatch, request):
     """Guards presets that cannot train (a second Accelerator with the preset's bf16 raised
     `AcceleratorState has already been initialized`; nothing caught it because every training test
     used tiny-smoke) and preset LoRAs the service refuses by default (aggressive's rank 256 against a
-    fixed rank-128 slot)."""
+    fixed rank-128 slot); on tiny-wan, a preset's Wan values that cannot train or serve, and a served Wan
+    LoRA whose frames differ from plain WanPipeline's with it loaded."""
     import trainer.train as train_module
-    from diffusers import CogVideoXPipeline
+    from diffusers import CogVideoXPipeline, WanPipeline
 
-    original = load_config(preset)
+    wan = model == "tiny-wan"
+    if wan:
+        request.getfixturevalue("tiny_wan_cache_dir")
+    original = load_config(preset, [f"model={model}"] if wan else [])
     # A TIC-FT preset's clip length is its layout's: the tiny run uses c1b1t1, 9 frames like the others.
-    config = load_config(preset, preset_overrides(tiny_cache_dir, *(["ticft.layout=c1b1t1"] if original.ticft else [])))
+    config = load_config(preset, preset_overrides(tiny_cache_dir, *(["ticft.layout=c1b1t1"] if original.ticft else []),
+                                                  *([f"model={model}", "data.num_frames=5", "data.max_clips=2"] if wan else [])))
     assert config.lora == original.lora and config.logging == original.logging
     assert config.optim.model_copy(update={"lr_warmup_steps": original.optim.lr_warmup_steps}) == original.optim
     assert config.train.mixed_precision == original.train.mixed_precision
@@ -63,7 +74,7 @@ def test_preset_trains_and_its_lora_serves_with_default_settings(preset, demo_da
     adapters = tmp_path / "adapters"
     adapters.mkdir()
     shutil.copy(adapter, adapters / "trained.safetensors")
-    resolved = resolve_model("tiny", tiny_cache_dir)
+    resolved = resolve_model(model, tiny_cache_dir)
     generator = VideoGenerator.load(resolved, EngineOptions(adapters_dir=adapters))
     assert generator.slot.max_rank >= original.lora.rank
     params = GenerationParams.defaults_for(generator.spec, seed=1, num_inference_steps=2, adapter="trained")
@@ -76,7 +87,7 @@ def test_preset_trains_and_its_lora_serves_with_default_settings(preset, demo_da
         np.testing.assert_allclose(generator.generate_frames(params), expected, rtol=0, atol=1e-3)
         return
     served = generator.generate_frames(params)
-    reference = CogVideoXPipeline.from_pretrained(resolved.folder, dtype=torch.float32)
+    reference = (WanPipeline if wan else CogVideoXPipeline).from_pretrained(resolved.folder, dtype=torch.float32)
     reference.set_progress_bar_config(disable=True)
     reference.load_lora_weights(str(adapter.parent), weight_name=adapter.name, adapter_name="trained")
     expected = reference(**params.pipeline_arguments(), generator=torch.Generator("cpu").manual_seed(1),

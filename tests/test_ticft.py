@@ -176,6 +176,62 @@ def test_the_loss_covers_target_frames_only():
     assert abs(loss.item() - error.flatten(1).mean(1).mean().item()) > 1e-4  # all frames would give another number
 
 
+@pytest.mark.slow  # trains tiny-wan for 2 steps on a 49-frame clip
+def test_the_ticft_preset_trains_wan_with_flow_matching_buffer_levels_and_a_target_only_loss(
+        tiny_wan_cache_dir, demo_dataset, tmp_path, monkeypatch):
+    """Guards TIC-FT training on Wan (the `ticft` preset's layout c1b3t9 on tiny-wan, sizes and steps
+    shrunk): each step of the real loop noises frame by frame as flow matching's TIC-FT rule says and
+    scores the target frames only, recomputed here from the definition with the step's own draws:
+        x0 = ((mu + exp(logvar / 2) eps_posterior) - latents_mean[c]) / latents_std[c]
+        frame 0 (condition) at sigma 0, buffer k at min(s, 0.25 / 0.5 / 0.75), frames 4-12 (targets) at s,
+        x_f = (1 - sigma_f) x0_f + sigma_f n_f,  transformer told s x 1000,
+        loss = mean over the target frames of (v - (n - x0))^2.
+    CogVideoX's DDPM levels (249/499/749), a loss over every frame or a noised condition fail it; the
+    LoRA it writes is a TIC-FT adapter of that layout."""
+    import trainer.train as train_module
+    from trainer.config import load_config
+    from trainer.lora import read_lora_metadata
+    from trainer.train import train
+
+    config = load_config("ticft", [
+        "model=tiny-wan", f"model_cache_dir={tiny_wan_cache_dir}", "data.height=32", "data.width=48", "data.fps=24",
+        "data.max_clips=1", "train.max_train_steps=2", "train.mixed_precision=\"no\"", "optim.lr_warmup_steps=1",
+        "optim.learning_rate=1e-2", "lora.rank=4", "lora.alpha=4", "checkpoint.every_steps=100", "validation.prompts=[]",
+        "logging.tensorboard=false"])
+    assert config.ticft.layout == "c1b3t9"
+    vae_config = json.loads((resolve_model("tiny-wan", tiny_wan_cache_dir).folder / "vae" / "config.json").read_text())
+    latents_mean = torch.tensor(vae_config["latents_mean"]).view(1, -1, 1, 1, 1)
+    latents_std = torch.tensor(vae_config["latents_std"]).view(1, -1, 1, 1, 1)
+    real_step, steps = train_module.training_step, []
+
+    def by_hand(transformer, batch, draws):
+        s = draws.timesteps.item() / 1000
+        x0 = (batch.latent_mean + torch.exp(0.5 * batch.latent_logvar) * draws.posterior - latents_mean) / latents_std
+        sigmas = [0.0, min(s, 0.25), min(s, 0.5), min(s, 0.75)] + [s] * 9
+        noisy = torch.stack([(1 - sigma) * x0[:, :, f] + sigma * draws.noise[:, :, f] for f, sigma in enumerate(sigmas)], 2)
+        with torch.no_grad():
+            v = transformer(hidden_states=noisy, timestep=draws.timesteps, encoder_hidden_states=batch.prompt_embeds,
+                            return_dict=False)[0]
+        error = (v - (draws.noise - x0)) ** 2
+        return s, error[:, :, 4:].mean().item(), error.mean().item()
+
+    def spy(transformer, scheduler, batch, draws, transformer_inputs, dtype, frame_plan=None):
+        expected = by_hand(transformer, batch, draws)
+        loss = real_step(transformer, scheduler, batch, draws, transformer_inputs, dtype, frame_plan=frame_plan)
+        steps.append((expected, frame_plan, loss.item()))
+        return loss
+
+    monkeypatch.setattr(train_module, "training_step", spy)
+    adapter = train(config, demo_dataset, tmp_path / "run", progress=False)
+    assert len(steps) == 2
+    for (s, target_loss, all_frames_loss), plan, loss in steps:
+        levels = [-1.0, min(s, 0.25) * 1000, min(s, 0.5) * 1000, min(s, 0.75) * 1000] + [s * 1000] * 9
+        torch.testing.assert_close(plan.frame_timesteps[0].float(), torch.tensor(levels), rtol=1e-6, atol=1e-4)
+        assert loss == pytest.approx(target_loss, rel=1e-5)
+        assert abs(loss - all_frames_loss) > 1e-4 * loss
+    assert read_lora_metadata(adapter)["slapgen.ticft_layout"] == "c1b3t9"
+
+
 # --- data --------------------------------------------------------------------------------------------
 
 def test_the_cache_encodes_condition_and_target_in_one_pass(tiny_cache_dir, demo_dataset, tmp_path):

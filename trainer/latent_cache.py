@@ -33,7 +33,7 @@ from slapgen.atomic import atomic_path, atomic_write_text
 from slapgen.errors import first_line
 from slapgen.models.family import ModelFamily, VaeFactors, family_of
 from slapgen.models.loading import ResolvedModel, load_pipeline
-from slapgen.models.specs import ModelSpec
+from slapgen.models.specs import DEFAULT_FAMILY, ModelSpec
 from trainer.config import DataConfig, TicftConfig
 from trainer.datasets import Clip
 from trainer.errors import ClipError, DatasetError
@@ -46,8 +46,12 @@ PROMPT_TENSORS = frozenset({"prompt_embeds"})
 
 
 def model_identity(resolved: ResolvedModel) -> str:
-    # A hub snapshot folder is named by its commit, so a new revision gets new cache keys.
-    return f"{resolved.spec.name}@{resolved.folder.name}"
+    # A hub snapshot folder is named by its commit, so a new revision gets new cache keys. The family is
+    # part of it (a VAE's latents and normalisation, a text encoder's embeddings are the family's), so two
+    # folders of one name in different families never share an entry; the default family's identity is
+    # the one written before families existed, so existing caches keep their keys.
+    identity = f"{resolved.spec.name}@{resolved.folder.name}"
+    return identity if resolved.spec.family == DEFAULT_FAMILY else f"{identity}#{resolved.spec.family}"
 
 
 def _sha256(*parts: str) -> str:

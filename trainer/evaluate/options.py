@@ -13,6 +13,7 @@ from slapgen.evaluation.i3d import FVD_FRAMES, I3D_MIN_FRAMES
 from slapgen.evaluation.models import DEFAULT_CLIP, DEFAULT_DINO, DEFAULT_I3D, TINY
 from slapgen.models.loading import ModelSetting
 from slapgen.models.specs import ModelSpec
+from slapgen.models.tiny_wan import TINY_WAN_MODEL_NAME
 from trainer.errors import EvalError
 from trainer.evaluate.checkpoints import check_generate_top
 from trainer.evaluate.names import GENERATING_GROUPS, METRIC_GROUPS
@@ -177,7 +178,8 @@ def parse_settings(pairs: list[str], flag: str = "--set", chooser: str = "slapge
 
 
 def default_model_sources(model: str) -> dict[str, str]:
-    """The tiny base model gets the tiny evaluation models; any other the published checkpoints."""
-    if model == TINY:
+    """A tiny base model (each family's twin: tiny, tiny-wan) gets the tiny evaluation models; any other the
+    published checkpoints."""
+    if model in (TINY, TINY_WAN_MODEL_NAME):
         return {"clip_model": TINY, "dino_model": TINY, "i3d_model": TINY}
     return {"clip_model": DEFAULT_CLIP, "dino_model": DEFAULT_DINO, "i3d_model": DEFAULT_I3D}
