@@ -108,23 +108,12 @@ def wan_random_latents_case(case: str, steps: int) -> dict:
                         factors.scaling_factor, factors.latents_mean, factors.latents_std)
     autocast = torch.autocast("cuda", dtype=dtype) if device == "cuda" else torch.autocast("cpu", enabled=False)
 
-    def step() -> float:
-        started = time.perf_counter()
+    def loss() -> torch.Tensor:
         draws = WAN.draw_noise(batch, scheduler, generator)
         with autocast:
-            loss = WAN.training_step(transformer, scheduler, batch, draws, dtype)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - started
+            return WAN.training_step(transformer, scheduler, batch, draws, dtype)
 
-    step()  # warm-up: allocator, optimizer state
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    times = [step() for _ in range(steps)]
+    times = _timed_steps(loss, trainable, optimizer, device, steps)
     return {
         "case": case,
         "device": device_description(),
@@ -140,6 +129,25 @@ def wan_random_latents_case(case: str, steps: int) -> dict:
         "peak_memory_mb": _peak_memory_mb(device),
         "memory_kind": "cuda max_memory_allocated" if device == "cuda" else "process peak RSS",
     }
+
+
+def _timed_steps(loss, trainable, optimizer, device: str, steps: int) -> list[float]:
+    """Seconds of each of `steps` optimizer steps on `loss()` (backward, clipping at 1.0, AdamW step), after
+    one untimed warm-up step (allocator, optimizer state); peak memory counts from the timed steps."""
+    def step() -> float:
+        started = time.perf_counter()
+        loss().backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - started
+
+    step()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    return [step() for _ in range(steps)]
 
 
 def _peak_memory_mb(device: str) -> float:
@@ -193,8 +201,7 @@ def run_case(case: str, steps: int) -> dict:
     autocast = torch.autocast("cuda", dtype=dtype) if device == "cuda" else torch.autocast("cpu", enabled=False)
     noise_generator = torch.Generator().manual_seed(0)
 
-    def step() -> float:
-        started = time.perf_counter()
+    def loss() -> torch.Tensor:
         if mode == "uncached":
             mean, logvar = encoders.encode_video(load_clip(clip_path, frames, spec.fps, spec.height, spec.width))
             embeds = encoders.encode_prompt(caption)
@@ -205,24 +212,10 @@ def run_case(case: str, steps: int) -> dict:
                             factors.latents_mean, factors.latents_std)
         draws = family.draw_noise(batch, scheduler, noise_generator)
         with autocast:  # what `slapgen train`'s loop does, through the same training_step
-            loss = family.training_step(transformer, scheduler, batch, draws, dtype, transformer_inputs=inputs)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - started
+            return family.training_step(transformer, scheduler, batch, draws, dtype, transformer_inputs=inputs)
 
-    step()  # warm-up: allocator, optimizer state
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    times = [step() for _ in range(steps)]
-    peak = (
-        torch.cuda.max_memory_allocated() / 2**20
-        if device == "cuda"
-        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    )
+    times = _timed_steps(loss, trainable, optimizer, device, steps)
+    peak = _peak_memory_mb(device)
     return {
         "case": case,
         "device": device_description(),
