@@ -89,9 +89,15 @@ def test_conservative_on_wan_gets_the_wan_values(wan_model):
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_wan_block_setting_and_only_those_change(preset, wan_model):
     """Guards a block that is not applied (or applied to the wrong settings): on a Wan model each setting
-    the preset's Wan block names has the block's value, every other one the CogVideoX resolution's."""
-    block = _block_settings(_preset_tree(preset)[FAMILIES_KEY]["wan"])
-    wan = _settings(load_config(preset, [f"model={wan_model}"]))
+    the preset's Wan block names has the block's value (`native`: the model's spec's), every other one the
+    CogVideoX resolution's."""
+    config = load_config(preset, [f"model={wan_model}"])
+    spec = config.model_spec
+    native = {"data.fps": spec.fps, "data.height": spec.height, "data.width": spec.width,
+              "data.num_frames": spec.default_num_frames}
+    block = {name: native[name] if value == "native" else value
+             for name, value in _block_settings(_preset_tree(preset)[FAMILIES_KEY]["wan"]).items()}
+    wan = _settings(config)
     cogvideox = _settings(load_config(preset))
     assert {name: wan[name] for name in block} == block
     assert {name: value for name, value in wan.items() if name not in block} == \
@@ -234,3 +240,66 @@ def test_the_clip_size_is_checked_against_the_models_own_patch_multiple(tmp_path
                                                r"Wan-AI/Wan2.2-TI2V-5B-Diffusers, got 496"):
         load_config("conservative", ["model=Wan-AI/Wan2.2-TI2V-5B-Diffusers", "data.height=496"])
     assert load_config("conservative", ["model=Wan-AI/Wan2.2-TI2V-5B-Diffusers", "data.height=512"]).data.height == 512
+
+
+# Each known Wan model's published frame rate (slapgen.models.wan: Wan 2.1's 16 fps, WanPipeline's export
+# rate; Wan 2.2 TI2V-5B's model card: "121 frames (24 fps for 5s)").
+WAN_MODEL_FPS = [("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", 16), ("Wan-AI/Wan2.1-T2V-14B-Diffusers", 16),
+                 ("Wan-AI/Wan2.2-TI2V-5B-Diffusers", 24)]
+
+
+@pytest.mark.parametrize("model, fps", WAN_MODEL_FPS)
+@pytest.mark.parametrize("preset", ["conservative", "aggressive"])
+def test_a_wan_preset_samples_clips_at_each_wan_models_own_fps(preset, model, fps):
+    """Guards the presets' Wan blocks giving every Wan model Wan 2.1's 16 fps (Wan 2.2 TI2V-5B, a 24 fps
+    model, trained on clips sampled at 16): fps is the model's own; the clip stays 81 x 480 x 832 (the
+    toolkits' training size, whole 32-pixel patches for 5B's VAE); `--set data.fps=12` still wins."""
+    config = load_config(preset, [f"model={model}"])
+    assert config.data.fps == fps
+    assert (config.data.height, config.data.width, config.data.num_frames) == (480, 832, 81)
+    assert load_config(preset, [f"model={model}", "data.fps=12"]).data.fps == 12
+    assert load_config(preset, ["data.fps=12", f"model={model}"]).data.fps == 12
+
+
+@pytest.mark.parametrize("model, fps", WAN_MODEL_FPS)
+def test_ticft_on_wan_takes_each_wan_models_own_fps(model, fps):
+    """Guards TIC-FT's Wan block fixing 16 fps for every Wan model: only fps is the model's own, the
+    released script's 49 x 480 x 480 clip stays."""
+    config = load_config("ticft", [f"model={model}"])
+    assert (config.data.fps, config.data.height, config.data.width, config.data.num_frames) == (fps, 480, 480, 49)
+
+
+def test_native_on_the_command_line_is_the_models_own_clip():
+    """Guards `--set data.X=native` being refused or taken literally: each of the four data values becomes
+    the model's spec value (Wan 2.2 TI2V-5B: 704 x 1280, 121 frames, 24 fps; CogVideoX-5b: 8 fps), the
+    run's model being the one set last."""
+    native = ["data.height=native", "data.width=native", "data.num_frames=native", "data.fps=native"]
+    data = load_config("conservative", ["model=Wan-AI/Wan2.2-TI2V-5B-Diffusers", *native]).data
+    assert (data.height, data.width, data.num_frames, data.fps) == (704, 1280, 121, 24)
+    assert load_config("conservative", ["data.fps=native"]).data.fps == 8
+    assert load_config("tiny-smoke", ["data.fps=native", "model=Wan-AI/Wan2.1-T2V-1.3B-Diffusers"]).data.fps == 16
+
+
+def test_native_for_a_model_known_only_after_a_download_is_one_sentence(tmp_path):
+    """Guards `native` reaching validation as a string (pydantic's "Input should be a valid number") or
+    silently becoming CogVideoX's value when the model has no spec without a download: one sentence naming
+    the setting to pass, from `--set` or a config file alike."""
+    expected = ("data.fps=native means the model's own value, but someone/not-downloaded is known only after a "
+                "download; pass a number instead (--set data.fps=NUMBER)")
+    with pytest.raises(TrainConfigError) as error:
+        load_config("conservative", ["model=someone/not-downloaded", "data.fps=native"])
+    assert str(error.value) == expected
+    config_file = tmp_path / "mine.yaml"
+    config_file.write_text(yaml.safe_dump({"model": "someone/not-downloaded", "data": {"fps": "native"}}))
+    with pytest.raises(TrainConfigError) as error:
+        load_config(config_file)
+    assert str(error.value) == expected
+
+
+def test_config_prints_the_resolved_native_fps(capsys):
+    """Guards `slapgen config` printing `native` (or Wan 2.1's 16) for a Wan 2.2 TI2V-5B run: it prints the
+    number the run uses, 24."""
+    from trainer.cli import main as cli_main
+
+    assert cli_main(["config", "conservative", "--set", "model=Wan-AI/Wan2.2-TI2V-5B-Diffusers"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["data"]["fps"] == 24

@@ -8,10 +8,16 @@ the family of the model the run uses (after `--set model=...`) over the preset, 
 which always wins. The family is read without weights (`spec_without_weights`); a model only a download
 could identify gets the preset's own values. The frame rule checked is the model's (8k+1 for
 CogVideoX 1.0, 4k+1 for Wan).
+
+`data.fps`, `data.height`, `data.width` and `data.num_frames` may be `native` (in YAML, a family block or
+`--set`): the run's model's own value from its spec (`NATIVE_DATA_VALUES`), resolved here, after `--set`
+and before validation, so a saved or printed config holds numbers. A model only a download could identify
+has no spec yet: `native` is then an error naming the setting to pass instead.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -28,6 +34,15 @@ from trainer.errors import TrainConfigError
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 FAMILIES_KEY = "families"  # a preset's per-family blocks
+NATIVE = "native"  # a data value that is the run's model's own (its spec's)
+# The data settings that may be `native`, each with the spec value it stands for: the model's frame rate,
+# its native (largest) size, and its default clip length (what its pipeline generates by default).
+NATIVE_DATA_VALUES: dict[str, Callable[[ModelSpec], int]] = {
+    "fps": lambda spec: spec.fps,
+    "height": lambda spec: spec.height,
+    "width": lambda spec: spec.width,
+    "num_frames": lambda spec: spec.default_num_frames,
+}
 
 
 class Section(BaseModel):
@@ -35,11 +50,12 @@ class Section(BaseModel):
 
 
 class DataConfig(Section):
-    height: int = Field(480, ge=SIZE_MULTIPLE, multiple_of=SIZE_MULTIPLE, description="training height in pixels")
-    width: int = Field(720, ge=SIZE_MULTIPLE, multiple_of=SIZE_MULTIPLE, description="training width in pixels")
+    height: int = Field(480, ge=SIZE_MULTIPLE, multiple_of=SIZE_MULTIPLE, description="training height in pixels; native: the model's own")
+    width: int = Field(720, ge=SIZE_MULTIPLE, multiple_of=SIZE_MULTIPLE, description="training width in pixels; native: the model's own")
     num_frames: int = Field(49, ge=1, description=f"frames per clip, the model's frame rule: {frame_rule(FRAME_STEP)} for "
-                                                  "CogVideoX 1.0 (49 = 6 s at 8 fps), 4k+1 for Wan (81 = 5 s at 16 fps)")
-    fps: float = Field(8, gt=0, description="frames are sampled from each clip at this rate")
+                                                  "CogVideoX 1.0 (49 = 6 s at 8 fps), 4k+1 for Wan (81 = 5 s at 16 fps); "
+                                                  "native: the model's default")
+    fps: float = Field(8, gt=0, description="frames are sampled from each clip at this rate; native: the model's own")
     max_clips: int | None = Field(None, ge=1, description="use only the first N clips of the dataset")
 
 
@@ -280,9 +296,26 @@ def model_family(model: str) -> str:
     return spec.family if spec is not None else DEFAULT_FAMILY
 
 
+def _resolve_native(tree: dict[str, Any]) -> dict[str, Any]:
+    """`tree` with each `native` data value replaced by the run's model's own (`NATIVE_DATA_VALUES`)."""
+    data = tree.get("data")
+    if not isinstance(data, dict):
+        return tree
+    asked = [key for key in NATIVE_DATA_VALUES if data.get(key) == NATIVE]
+    if not asked:
+        return tree
+    model = str(tree.get("model", TrainConfig.model_fields["model"].default))
+    spec = spec_without_weights(model)
+    if spec is None:
+        raise TrainConfigError(f"data.{asked[0]}={NATIVE} means the model's own value, but {model} is known only "
+                               f"after a download; pass a number instead (--set data.{asked[0]}=NUMBER)")
+    return tree | {"data": data | {key: NATIVE_DATA_VALUES[key](spec) for key in asked}}
+
+
 def load_config(path: Path | str | None, overrides: list[str] = ()) -> TrainConfig:
     """Load YAML (a path or a preset name), merge the `families:` block of the run's model's family,
-    then apply `key=value` overrides (they always win); one-line errors."""
+    then apply `key=value` overrides (they always win), then resolve `native` data values against the
+    model's spec; one-line errors."""
     tree: dict[str, Any] = {}
     source = "config"
     if path is not None:
@@ -312,6 +345,7 @@ def load_config(path: Path | str | None, overrides: list[str] = ()) -> TrainConf
         tree = _merged(tree, blocks.get(model_family(str(model)), {}))
     for key, value in parsed:
         _set_dotted(tree, key, value)
+    tree = _resolve_native(tree)
     try:
         return TrainConfig.model_validate(tree)
     except ValidationError as error:
