@@ -50,8 +50,10 @@ class Section(BaseModel):
 
 
 class DataConfig(Section):
-    height: int = Field(480, ge=SIZE_MULTIPLE, multiple_of=SIZE_MULTIPLE, description="training height in pixels; native: the model's own")
-    width: int = Field(720, ge=SIZE_MULTIPLE, multiple_of=SIZE_MULTIPLE, description="training width in pixels; native: the model's own")
+    height: int = Field(480, ge=SIZE_MULTIPLE, multiple_of=SIZE_MULTIPLE,
+                      description="training height in pixels; native: the model's own")
+    width: int = Field(720, ge=SIZE_MULTIPLE, multiple_of=SIZE_MULTIPLE,
+                     description="training width in pixels; native: the model's own")
     num_frames: int = Field(49, ge=1, description=f"frames per clip, the model's frame rule: {frame_rule(FRAME_STEP)} for "
                                                   "CogVideoX 1.0 (49 = 6 s at 8 fps), 4k+1 for Wan (81 = 5 s at 16 fps); "
                                                   "native: the model's default")
