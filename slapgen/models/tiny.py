@@ -9,16 +9,20 @@ attention module names (`to_q`, `to_k`, `to_v`, `to_out.0`) for LoRA, the 5B sch
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from diffusers import AutoencoderKLCogVideoX, CogVideoXDPMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
-from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
 
 from slapgen.atomic import atomic_path
 from slapgen.models.cogvideox import PATCH_SIZE, SPATIAL_COMPRESSION, TEMPORAL_COMPRESSION
 from slapgen.models.reference_configs import COGVIDEOX_5B_VAE
 from slapgen.models.specs import ModelSpec
+
+# diffusers and transformers are imported where the model is built: `slapgen config` reads TINY_SPEC
+# (through the trainer's config) and must not pay for them.
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXDPMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
+    from transformers import PreTrainedTokenizerFast, T5EncoderModel
 
 TINY_MODEL_NAME = "tiny"
 # Bump when anything below changes so a stale cached folder is never reused.
@@ -56,6 +60,9 @@ _VOCABULARY_CORPUS = [
 
 
 def _build_tokenizer() -> PreTrainedTokenizerFast:
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
     tokenizer = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tokenizer.normalizer = normalizers.Lowercase()
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -75,6 +82,8 @@ def _build_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def _build_text_encoder(vocab_size: int) -> T5EncoderModel:
+    from transformers import T5Config, T5EncoderModel
+
     config = T5Config(
         vocab_size=vocab_size,
         d_model=32,
@@ -92,6 +101,8 @@ def _build_text_encoder(vocab_size: int) -> T5EncoderModel:
 
 
 def _build_transformer() -> CogVideoXTransformer3DModel:
+    from diffusers import CogVideoXTransformer3DModel
+
     return CogVideoXTransformer3DModel(
         num_attention_heads=2,
         attention_head_dim=16,
@@ -114,6 +125,8 @@ def _build_transformer() -> CogVideoXTransformer3DModel:
 
 
 def _build_vae(scaling_factor: float) -> AutoencoderKLCogVideoX:
+    from diffusers import AutoencoderKLCogVideoX
+
     # The 5B VAE's block layout (so its spatial and temporal factors), with narrow channels.
     return AutoencoderKLCogVideoX(
         in_channels=3,
@@ -130,6 +143,8 @@ def _build_vae(scaling_factor: float) -> AutoencoderKLCogVideoX:
 
 
 def _build_scheduler() -> CogVideoXDPMScheduler:
+    from diffusers import CogVideoXDPMScheduler
+
     # CogVideoX-5B's scheduler config.
     return CogVideoXDPMScheduler(
         beta_schedule="scaled_linear",
@@ -147,6 +162,8 @@ def _build_scheduler() -> CogVideoXDPMScheduler:
 
 def build_tiny_pipeline(seed: int = TINY_SEED,
                         vae_scaling_factor: float = COGVIDEOX_5B_VAE["scaling_factor"]) -> CogVideoXPipeline:
+    from diffusers import CogVideoXPipeline
+
     """Build the tiny pipeline in memory; the same seed always gives the same weights.
     `vae_scaling_factor` is CogVideoX-5B's unless a test needs another model's (2B)."""
     with torch.random.fork_rng(devices=[]):

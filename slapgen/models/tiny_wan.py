@@ -15,11 +15,9 @@ flow_shift 5.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
-from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
-from transformers import UMT5Config, UMT5EncoderModel
 
 from slapgen.atomic import atomic_path
 from slapgen.models.specs import ModelSpec
@@ -32,6 +30,11 @@ from slapgen.models.wan_configs import (
     WAN22_VAE,
     UMT5_XXL,
 )
+
+# diffusers and transformers are imported where the model is built (see slapgen.models.tiny).
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKLWan, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5EncoderModel
 
 TINY_WAN_MODEL_NAME = "tiny-wan"
 # Bump when anything below changes so a stale cached folder is never reused.
@@ -62,6 +65,8 @@ VaeLayout = Literal["2.1", "2.2"]
 
 
 def _build_text_encoder(vocab_size: int) -> UMT5EncoderModel:
+    from transformers import UMT5Config, UMT5EncoderModel
+
     # UMT5-XXL's shape (gated GELU, relative position buckets), narrow.
     config = UMT5Config(
         vocab_size=vocab_size,
@@ -81,6 +86,8 @@ def _build_text_encoder(vocab_size: int) -> UMT5EncoderModel:
 
 
 def _build_transformer(latent_channels: int) -> WanTransformer3DModel:
+    from diffusers import WanTransformer3DModel
+
     return WanTransformer3DModel(
         patch_size=WAN21_T2V_1_3B_TRANSFORMER["patch_size"],
         num_attention_heads=2,
@@ -98,6 +105,8 @@ def _build_transformer(latent_channels: int) -> WanTransformer3DModel:
 
 
 def _build_vae(layout: VaeLayout, latent_channels: int) -> AutoencoderKLWan:
+    from diffusers import AutoencoderKLWan
+
     # The real VAE's block layout (dim_mult, temporal downsampling, residual or not, pixel patches, so its
     # spatial and temporal factors), narrow; latents_mean/std are the real ones' first channels, so the
     # normalisation is not the identity.
@@ -122,6 +131,8 @@ def _build_vae(layout: VaeLayout, latent_channels: int) -> AutoencoderKLWan:
 
 
 def build_tiny_wan_pipeline(seed: int = TINY_WAN_SEED, vae: VaeLayout = "2.1") -> WanPipeline:
+    from diffusers import UniPCMultistepScheduler, WanPipeline
+
     """Build the tiny pipeline in memory; the same seed always gives the same weights. `vae="2.2"` is the
     Wan 2.2 TI2V-5B layout (16x VAE, per-token timesteps)."""
     channels = TINY_LATENT_CHANNELS if vae == "2.1" else 2 * TINY_LATENT_CHANNELS
