@@ -321,9 +321,10 @@ class CogVideoXFamily(family.ModelFamily):
         return kernel_attention_processor(kernel_context)
 
     def ticft_buffer_levels(self, buffers, scheduler):
-        # TIC-FT's released code: `scheduler.timesteps[750], [500], [250]` of 1000, i.e. N (k + 1) / (B + 1) - 1.
-        count = scheduler.config.num_train_timesteps
-        return tuple(round(count * (k + 1) / (buffers + 1)) - 1 for k in range(buffers))
+        # TIC-FT's released code: `scheduler.timesteps[750], [500], [250]` of 1000 (the rule lives in ticft.py).
+        from slapgen.models.ticft import timestep_buffer_levels
+
+        return timestep_buffer_levels(buffers, scheduler.config.num_train_timesteps)
 
     def noise_frames(self, scheduler, latents, noise, frame_timesteps):
         return add_noise_per_frame(scheduler, latents, noise, frame_timesteps)
