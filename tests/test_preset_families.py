@@ -303,3 +303,64 @@ def test_config_prints_the_resolved_native_fps(capsys):
 
     assert cli_main(["config", "conservative", "--set", "model=Wan-AI/Wan2.2-TI2V-5B-Diffusers"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["data"]["fps"] == 24
+
+
+def test_a_model_known_only_after_its_download_and_of_another_family_stops_the_run(demo_dataset, tiny_wan_cache_dir,
+                                                                                     tmp_path):
+    """Guards a Wan model that only a download identifies (an uncached hub id) silently training on the
+    preset's CogVideoX values: the preset's family block is chosen before the download, so the run, once
+    the model resolves as Wan, stops with one sentence saying to run again (the model is then cached and
+    known) and leaves no run folder. A folder that appears between config and start stands in for the
+    download."""
+    import shutil
+
+    from slapgen.models.tiny_wan import materialise_tiny_wan_model
+    from trainer.config import check_preset_family
+    from trainer.train import setup
+
+    model = tmp_path / "downloaded" / "wan-finetune"
+    config = load_config("tiny-smoke", [f"model={model}"])
+    assert config.data.fps == load_config("tiny-smoke").data.fps  # the preset's own (CogVideoX) values
+    shutil.copytree(materialise_tiny_wan_model(tiny_wan_cache_dir), model)
+    run = tmp_path / "run"
+    with pytest.raises(TrainConfigError) as error:
+        setup(config, demo_dataset, run, resume=None, progress=False)
+    assert str(error.value) == (
+        f"{model} is a wan model, but the preset's cogvideox values were applied because the model was not known "
+        "before its download; run the same command again: the model is now in the local cache, so the preset's "
+        "wan values apply")
+    assert not run.exists()
+    # Run again: the model is known now, the preset's Wan block applies, and the check passes.
+    again = load_config("tiny-smoke", [f"model={model}"])
+    assert again.data.fps == 16
+    check_preset_family(again, again.model_spec)
+
+
+def test_slapgen_train_downloads_an_unknown_model_first_and_applies_its_familys_block(tiny_wan_cache_dir, tmp_path,
+                                                                                        monkeypatch):
+    """Guards `slapgen train` stopping (or, before, silently training on CogVideoX values) for a Wan model
+    that only a download identifies: the command downloads it first, then reads the preset again, so the
+    run gets the preset's Wan block. There is no hub here: the download is a copy of tiny-wan into the
+    folder the setting names, made by resolve_model's first call; `train` records the config it is given."""
+    import shutil
+
+    import slapgen.models.loading as loading
+    import trainer.train
+    from slapgen.models.tiny_wan import materialise_tiny_wan_model
+    from trainer.cli import main as cli_main
+
+    model = tmp_path / "downloaded" / "wan-finetune"
+    real_resolve = loading.resolve_model
+
+    def resolve_after_download(name, *args, **kwargs):
+        if name == str(model) and not model.exists():
+            shutil.copytree(materialise_tiny_wan_model(tiny_wan_cache_dir), model)
+        return real_resolve(name, *args, **kwargs)
+
+    given = []
+    monkeypatch.setattr(loading, "resolve_model", resolve_after_download)
+    monkeypatch.setattr(trainer.train, "train", lambda config, *args, **kwargs: given.append(config))
+    assert cli_main(["train", "--config", "tiny-smoke", "--data", str(tmp_path), "--out", str(tmp_path / "run"),
+                     "--set", f"model={model}"]) == 0
+    (config,) = given
+    assert config.data.fps == 16 and config.model_spec.family == "wan"

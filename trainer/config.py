@@ -5,8 +5,9 @@ Validated once here; the training loop trusts it.
 A preset's model-specific values follow the model's family: a preset may hold a `families:` mapping
 (family name -> settings, e.g. `families: {wan: {data: {fps: 16}}}`); `load_config` merges the block of
 the family of the model the run uses (after `--set model=...`) over the preset, then applies `--set`,
-which always wins. The family is read without weights (`spec_without_weights`); a model only a download
-could identify gets the preset's own values. The frame rule checked is the model's (8k+1 for
+which always wins. The family is read without weights (`spec_without_weights`); for a model only a download
+could identify, `slapgen train` downloads it first and reads the config again, and a run started otherwise
+whose model turns out to be of another family than the block applied stops (`check_preset_family`). The frame rule checked is the model's (8k+1 for
 CogVideoX 1.0, 4k+1 for Wan).
 
 `data.fps`, `data.height`, `data.width` and `data.num_frames` may be `native` (in YAML, a family block or
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from slapgen.models.family import frame_rule, is_valid_frame_count
 from slapgen.models.loading import spec_without_weights
@@ -164,6 +165,15 @@ class TrainConfig(Section):
     logging: LoggingConfig = Field(LoggingConfig(), description="metrics.jsonl and TensorBoard")
     ticft: TicftConfig | None = Field(
         None, description="temporal in-context fine-tuning (image-to-video, e.g. {layout: c1b3t9}); null: text-to-video")
+
+    # The family whose `families:` block `load_config` merged for a preset that has such blocks (None: the
+    # config had none). Training compares it with the family the downloaded model turns out to be.
+    _preset_family: str | None = PrivateAttr(None)
+
+    def __eq__(self, other: object) -> bool:
+        # Two configs are equal when their settings are: pydantic would also compare `_preset_family`, a note
+        # on how this one was loaded, not a setting.
+        return type(other) is type(self) and self.model_dump() == other.model_dump()
 
     @property
     def model_spec(self) -> ModelSpec | None:
@@ -344,15 +354,32 @@ def load_config(path: Path | str | None, overrides: list[str] = ()) -> TrainConf
         blocks = _check_family_blocks(tree.pop(FAMILIES_KEY), source)
         model = next((yaml.safe_load(value) for key, value in reversed(parsed) if key == "model"),
                      tree.get("model", TrainConfig.model_fields["model"].default))
-        tree = _merged(tree, blocks.get(model_family(str(model)), {}))
+        preset_family = model_family(str(model))
+        tree = _merged(tree, blocks.get(preset_family, {}))
+    else:
+        preset_family = None
     for key, value in parsed:
         _set_dotted(tree, key, value)
     tree = _resolve_native(tree)
     try:
-        return TrainConfig.model_validate(tree)
+        config = TrainConfig.model_validate(tree)
     except ValidationError as error:
         problems = "; ".join(_problem(issue) for issue in error.errors())
         raise TrainConfigError(f"invalid training config: {problems}") from None
+    config._preset_family = preset_family
+    return config
+
+
+def check_preset_family(config: TrainConfig, spec: ModelSpec) -> None:
+    """A preset's per-family values were chosen before the model was loaded: for a model only a download
+    could identify, with the default family's. Once the model is resolved, a run whose model turns out to
+    be of another family stops here rather than train a Wan model on CogVideoX's size, frames and rate."""
+    chosen = config._preset_family
+    if chosen is not None and chosen != spec.family:
+        raise TrainConfigError(
+            f"{config.model} is a {spec.family} model, but the preset's {chosen} values were applied because the "
+            f"model was not known before its download; run the same command again: the model is now in the local "
+            f"cache, so the preset's {spec.family} values apply")
 
 
 def setting_names(model: type[BaseModel] = None, prefix: str = "") -> list[str]:

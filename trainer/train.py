@@ -31,7 +31,7 @@ from slapgen.models.loading import TRAINER_SETTING, ResolvedModel, resolve_model
 from slapgen.models.ticft import TicftLayout
 from trainer import checkpoints, run_folder
 from trainer.batches import BatchOrder, load_batch
-from trainer.config import TrainConfig, check_clip_shape
+from trainer.config import TrainConfig, check_clip_shape, check_preset_family
 from trainer.datasets import read_dataset
 from trainer.errors import TrainConfigError, TrainError
 from trainer.latent_cache import CacheEntry, LatentCache
@@ -111,6 +111,7 @@ def _setup(config: TrainConfig, data_path: Path, run_dir: Path, resume: str | No
     from diffusers.training_utils import cast_training_params
 
     resolved = resolve_model(config.model, config.model_cache_dir, setting=TRAINER_SETTING)
+    check_preset_family(config, resolved.spec)
     try:
         check_clip_shape(config.data, resolved.spec)
     except ValueError as error:
