@@ -141,3 +141,27 @@ def test_noise_frames_and_levels_in_the_family_units():
     torch.testing.assert_close(WAN.noise_levels([0.0, 0.25, 0.9], scheduler), torch.tensor([0.0, 250.0, 900.0]))
     with pytest.raises(ValueError):
         WAN.noise_levels([1.0], scheduler)
+
+
+def test_a_bf16_transformer_gets_the_line_drawn_at_the_exact_sigma():
+    """Guards bf16 training drawing x_sigma at a rounded sigma (sigma cast to bf16 first: 0.7123 -> 0.7109,
+    and x0 and the noise rounded before mixing) while the transformer is told the exact one: x_sigma is
+    formed in float32 and cast once, as finetrainers' `flow_match_xt`; the target is n - x0 in float32."""
+    transformer = build_tiny_wan_pipeline().transformer.to(torch.bfloat16)
+    latents, noise = _draw(1, 4, 3, 8, 12, seed=19), _draw(1, 4, 3, 8, 12, seed=20)
+    prompt_embeds = _draw(1, 7, 32, seed=21).to(torch.bfloat16)
+    sigmas = torch.tensor([0.7123])
+    seen = {}
+    hook = transformer.register_forward_pre_hook(lambda module, args, kwargs: seen.update(kwargs), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            loss = fm.flow_matching_loss(transformer, latents, prompt_embeds, noise, sigmas)
+    finally:
+        hook.remove()
+    expected_input = ((1 - 0.7123) * latents + 0.7123 * noise).to(torch.bfloat16)
+    assert torch.equal(seen["hidden_states"], expected_input)
+    torch.testing.assert_close(seen["timestep"], torch.tensor([712.3]))
+    with torch.no_grad():
+        v = transformer(hidden_states=expected_input, timestep=torch.tensor([712.3]),
+                        encoder_hidden_states=prompt_embeds, return_dict=False)[0]
+    torch.testing.assert_close(loss, ((v.float() - (noise - latents)) ** 2).mean())

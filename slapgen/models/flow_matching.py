@@ -112,14 +112,20 @@ def flow_matching_loss(transformer, latents: torch.Tensor, prompt_embeds: torch.
     transformer is told sigma x `num_train_timesteps` (the scheduler's count).
 
     With a `frame_plan` each frame is noised at its own sigma and only `loss_frames` count; the
-    transformer is told the sample's sigma (TIC-FT's rule, base_specification.py L500)."""
+    transformer is told the sample's sigma (TIC-FT's rule, base_specification.py L500).
+
+    x_sigma and the target are formed in float32 and x_sigma is cast to the prompt embeddings' dtype (the
+    transformer's) only then, as finetrainers' `flow_match_xt` does: in bf16 the line would be drawn at a
+    rounded sigma (0.7123 -> 0.7109) while the transformer is told the exact one."""
     batch = latents.shape[0]
-    noisy = noisy_latents(latents, noise, sigmas if frame_plan is None else frame_plan.frame_sigmas)
+    latents, noise = latents.float(), noise.float()
+    frame_sigmas = sigmas if frame_plan is None else frame_plan.frame_sigmas
+    noisy = noisy_latents(latents, noise, frame_sigmas.float()).to(prompt_embeds.dtype)
     patch_size = transformer.config.patch_size if expand_timesteps else None  # (not read through a DDP wrapper)
     timestep = transformer_timestep(sigmas, latents, patch_size, expand_timesteps, num_train_timesteps)
     prediction = transformer(hidden_states=noisy, timestep=timestep, encoder_hidden_states=prompt_embeds,
                              return_dict=False)[0]
-    error = (prediction.float() - velocity_target(latents.float(), noise.float())) ** 2
+    error = (prediction.float() - velocity_target(latents, noise)) ** 2
     if frame_plan is not None:
         error = error[:, :, frame_plan.loss_frames]
     return error.reshape(batch, -1).mean(dim=1).mean()

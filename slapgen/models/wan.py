@@ -294,7 +294,8 @@ class WanFamily(family.ModelFamily):
             _frame_sigmas(frame_plan.frame_timesteps.to(device), count), frame_plan.loss_frames)
         # One timestep per sample, (B,): for Wan 2.2's expand_timesteps models the same value on every
         # token gives the same output, so training does not need the pipeline's per-token form.
-        return flow_matching_loss(transformer, latents.to(dtype), batch.prompt_embeds.to(dtype), draws.noise.to(dtype),
+        # Latents and noise stay float32: the objective casts x_sigma to the embeddings' dtype once it is formed.
+        return flow_matching_loss(transformer, latents, batch.prompt_embeds.to(dtype), draws.noise.float(),
                                   draws.timesteps.float() / count, flow_plan, num_train_timesteps=count)
 
     # -- engine -----------------------------------------------------------------------------------
