@@ -175,6 +175,17 @@ def _hostile(kind: str, engine) -> dict:
         tensors.update({f"diffusion_model.blocks.0.norm{i}.diff": torch.zeros(1) for i in range(2000)})
     elif kind == "far block":  # diffusers' converter would loop over a billion block numbers
         tensors["diffusion_model.blocks.999999999.self_attn.q.lora_down.weight"] = torch.zeros(2, 4)
+    elif kind == "signed block":  # int("+300000") is 300000 to diffusers' converter: a loop as long
+        tensors["diffusion_model.blocks.+300000.self_attn.q.lora_down.weight"] = torch.zeros(2, 4)
+    elif kind == "block past the last":
+        tensors["diffusion_model.blocks.40.self_attn.q.lora_down.weight"] = torch.zeros(2, 4)
+    elif kind == "head diff":  # the converter builds torch.eye(N, N) for it: N = 100,000 is 40 GB
+        tensors["diffusion_model.head.head.diff"] = torch.zeros(12000, 1)
+        tensors["diffusion_model.head.head.diff_b"] = torch.zeros(12000)
+    elif kind == "full-weight delta":  # dropped by the converter: the adapter would serve without it
+        tensors[f"{stem}.diff"] = torch.zeros(4, 4)
+    elif kind == "DoRA":  # dropped likewise
+        tensors[f"{stem}.dora_scale"] = torch.ones(1, 4)
     elif kind == "negative alpha":  # diffusers' alpha folding (get_alpha_scales) never ends on one
         tensors[f"{stem}.alpha"] = torch.tensor(-2.0)
     elif kind == "NaN":
@@ -190,7 +201,12 @@ def _hostile(kind: str, engine) -> dict:
 
 @pytest.mark.parametrize("kind, message, converted", [
     ("many tensors", "holds 2,048 tensors; a LoRA of tiny-wan holds at most 160", False),
-    ("far block", "names block 999999999, and no Wan model has more than 40 blocks", False),
+    ("far block", "'diffusion_model.blocks.999999999.self_attn.q.lora_down.weight' is not a LoRA matrix", False),
+    ("signed block", "'diffusion_model.blocks.+300000.self_attn.q.lora_down.weight' is not a LoRA matrix", False),
+    ("block past the last", "names block 40, and no Wan model has more than 40 blocks", False),
+    ("head diff", "'diffusion_model.head.head.diff' is not a LoRA matrix or alpha of a Wan block's attention", False),
+    ("full-weight delta", "diffusion_model.blocks.0.self_attn.q.diff' is not a LoRA matrix", False),
+    ("DoRA", "(full-weight .diff/.diff_b deltas, DoRA's dora_scale, image cross-attention", False),
     ("negative alpha", "diffusion_model.blocks.0.self_attn.q.alpha is -2; an alpha must be positive", False),
     ("NaN", "diffusion_model.blocks.0.self_attn.q.lora_up.weight holds NaN or infinite values", False),
     ("alpha of many numbers", "diffusion_model.blocks.0.self_attn.q.alpha must hold one number", False),

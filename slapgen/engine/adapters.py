@@ -355,7 +355,7 @@ def prepare_upload(name: str, data: bytes, target: AdapterTarget) -> tuple[Loade
 def convert_community(name: str, data: bytes, header: Header, layout: str, target: AdapterTarget) -> bytes:
     """A community-layout LoRA (`layout`) converted by the family's diffusers loader, as safetensors bytes in
     diffusers' layout with `slapgen.converted_from`. Before the converter sees a tensor the header is bounded
-    (tensor count, dtypes, ranks, dimensions) and the values checked, alphas included: diffusers' alpha folding
+    (tensor count, dtypes, the family's allowed keys, ranks, dimensions) and the values checked, alphas included: diffusers' alpha folding
     (`get_alpha_scales`) never ends on a negative alpha. The result is then checked as any upload."""
     where = f"adapter {name} ({layout} layout)"
     limit = MAX_COMMUNITY_TENSORS_PER_MODULE * len(target.modules)
@@ -363,6 +363,10 @@ def convert_community(name: str, data: bytes, header: Header, layout: str, targe
         raise AdapterError(f"{where} holds {len(header.shapes):,} tensors; a LoRA of {target.model_name} holds at most "
                            f"{limit:,}", field="adapter")
     check_dtypes(name, header)
+    try:
+        family_named(target.family).check_community_lora_keys(layout, header.shapes)
+    except ValueError as error:
+        raise AdapterError(f"{where}: {error}", field="adapter") from None
     for key, shape in header.shapes.items():
         if key.endswith(".alpha"):
             if math.prod(shape) != 1:

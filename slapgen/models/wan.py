@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 import json
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
 
@@ -74,10 +74,22 @@ UNSUPPORTED_STEP_CACHES = {
 #   block's attention and feed-forward, `_convert_musubi_wan_lora_to_diffusers`).
 COMMUNITY_LORA_LAYOUTS = (("diffusion_model.", "wan-original"), ("lora_unet_", "musubi-tuner"))
 # The most transformer blocks a Wan model has (14B: 40). diffusers' "wan-original" converter loops over every
-# block number from the lowest to the highest a file names, so a hostile `blocks.999999999` is refused first.
+# block number from the lowest to the highest a file names, parsed with int() (which also reads "+7", " 7" and
+# "7_000"), so a hostile block number is refused first.
 MAX_BLOCKS = max(config["num_layers"] for config in (WAN21_T2V_1_3B_TRANSFORMER, WAN21_T2V_14B_TRANSFORMER,
                                                       WAN22_TI2V_5B_TRANSFORMER))
-_BLOCK_NUMBER = re.compile(r"blocks[._](\d+)")
+# Every key a community Wan LoRA may hold, whole: a LoRA matrix or alpha of a block's attention (self and text
+# cross-attention) or feed-forward, with an ASCII block number of one or two digits. Everything else the
+# converters take is refused before them: full-weight deltas (`.diff`, `.diff_b`: dropped, or an identity
+# matrix as large as the tensor's first dimension for `head.head.diff`), DoRA's `dora_scale` (dropped), image
+# cross-attention (`k_img`/`v_img`, image-to-video models only) and embedding or head LoRAs.
+COMMUNITY_LORA_KEYS = {
+    "wan-original": re.compile(r"diffusion_model\.blocks\.([0-9]{1,2})\."
+                               r"(?:self_attn\.[qkvo]|cross_attn\.[qkvo]|ffn\.[02])"
+                               r"\.(?:lora_A\.weight|lora_B\.weight|lora_down\.weight|lora_up\.weight|alpha)"),
+    "musubi-tuner": re.compile(r"lora_unet_blocks_([0-9]{1,2})_(?:self_attn_[qkvo]|cross_attn_[qkvo]|ffn_[02])"
+                               r"\.(?:lora_down\.weight|lora_up\.weight|alpha)"),
+}
 
 
 def _wan_spec(name: str, height: int, width: int, fps: int, max_num_frames: int, spatial_compression: int) -> ModelSpec:
@@ -302,14 +314,18 @@ class WanFamily(family.ModelFamily):
 
     community_lora_layouts = COMMUNITY_LORA_LAYOUTS
 
-    def convert_community_lora(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """diffusers' conversion (`WanPipeline.lora_state_dict`), once the block numbers are ones a Wan has."""
-        for key in state_dict:
-            for number in _BLOCK_NUMBER.findall(key):
-                if len(number) > 3 or int(number) >= MAX_BLOCKS:
-                    raise ValueError(f"{key[:120]} names block {number[:12]}, and no Wan model has more than "
-                                     f"{MAX_BLOCKS} blocks")
-        return super().convert_community_lora(state_dict)
+    def check_community_lora_keys(self, layout: str, keys: Collection[str]) -> None:
+        pattern = COMMUNITY_LORA_KEYS[layout]
+        for key in keys:
+            match = pattern.fullmatch(key)
+            if match is None:
+                raise ValueError(
+                    f"{key[:120]!r} is not a LoRA matrix or alpha of a Wan block's attention or feed-forward, "
+                    "the only keys served from this layout (full-weight .diff/.diff_b deltas, DoRA's dora_scale, "
+                    "image cross-attention and embedding or head LoRAs are not)")
+            if int(match.group(1)) >= MAX_BLOCKS:
+                raise ValueError(f"{key[:120]!r} names block {match.group(1)}, and no Wan model has more than "
+                                 f"{MAX_BLOCKS} blocks")
 
     def kernel_attention_processor(self, kernel_context: Callable[[], AbstractContextManager]):
         return kernel_attention_processor(kernel_context)
