@@ -192,7 +192,10 @@ def test_loss_only_generates_nothing_and_reuses_a_shared_cache(evaluation, demo_
 
 
 def _cogvideox_reference():
-    return CogVideoXTransformer3DModel, lambda folder: CogVideoXDPMScheduler.from_pretrained(folder, subfolder="scheduler")
+    def training_scheduler(folder):
+        return CogVideoXDPMScheduler.from_pretrained(folder, subfolder="scheduler")
+
+    return CogVideoXTransformer3DModel, training_scheduler
 
 
 def _wan_reference():
@@ -250,7 +253,8 @@ def test_eval_scores_a_ticft_adapter_on_each_clips_first_frame(model, demo_datas
     fps = result["generation"]["fps"]
     assert fps == resolved.spec.fps  # the model's own rate (8 for tiny, 16 for tiny-wan)
     data = DataConfig(height=32, width=48, num_frames=layout.pixel_frames, fps=fps, max_clips=2)
-    entries = heldout_entries(demo_dataset, resolved, data, out / "cache", progress=False, ticft=TicftConfig(layout=layout_name))
+    entries = heldout_entries(demo_dataset, resolved, data, out / "cache", progress=False,
+                              ticft=TicftConfig(layout=layout_name))
     transformer_class, training_scheduler = reference()
     scheduler = training_scheduler(resolved.folder)
     transformer = transformer_class.from_pretrained(resolved.folder, subfolder="transformer")

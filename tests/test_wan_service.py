@@ -103,8 +103,9 @@ def test_the_studio_takes_a_wan_models_limits_from_info_and_generates_with_it(se
             assert frames == list(range(1, limits["max_num_frames"] + 1, limits["frame_step"]))
             assert page.input_value("#num-frames") == str(defaults["num_frames"])
             for field in ("width", "height"):
-                shown = page.eval_on_selector(f"#{field}", "i => [Number(i.max), Number(i.step), Number(i.min), Number(i.value)]")
-                assert shown == [limits[f"max_{field}"], limits["size_multiple"], limits["size_multiple"], defaults[field]]
+                shown = page.eval_on_selector(f"#{field}", "i => [i.max, i.step, i.min, i.value].map(Number)")
+                assert shown == [limits[f"max_{field}"], limits["size_multiple"], limits["size_multiple"],
+                                 defaults[field]]
             assert page.input_value("#steps") == str(defaults["num_inference_steps"])
             assert float(page.input_value("#guidance")) == defaults["guidance_scale"]
 
@@ -122,7 +123,8 @@ def test_the_studio_takes_a_wan_models_limits_from_info_and_generates_with_it(se
             page.select_option("#adapter", "animate")
             assert page.is_visible("#condition-fields") and page.is_disabled("#num-frames")
             upload = png_bytes(120, 160)
-            page.set_input_files("#condition-file", files=[{"name": "a.png", "mimeType": "image/png", "buffer": upload}])
+            page.set_input_files("#condition-file",
+                                 files=[{"name": "a.png", "mimeType": "image/png", "buffer": upload}])
             page.wait_for_function("document.getElementById('condition-preview').naturalWidth > 0")
             animated = mp4_frames(generate_and_fetch(page), tmp_path, "studio-animated")
             assert animated.shape == (4, 64, 96, 3)
