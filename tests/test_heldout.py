@@ -191,8 +191,8 @@ def test_wan_ticft_heldout_loss_is_the_flow_matching_ticft_objective_at_fixed_no
         frame 0 (condition) at sigma 0, frame 1 (buffer) at min(s, 0.5), frame 2 (target) at s,
         x_f = (1 - sigma_f) x0_f + sigma_f n_f,  transformer told s x 1000,
         loss = mean over the target frame of (v - (n - x0))^2.
-    A buffer at another level (0.75 gives another number), a loss over every frame, a noised condition or the
-    text-to-video objective each give another number."""
+    A buffer held at another level (0.75 instead of 0.5 fails here), a loss over every frame, a noised condition
+    or the text-to-video objective each give another number."""
     import json
 
     from safetensors.torch import load_file
