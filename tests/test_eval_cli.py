@@ -191,13 +191,37 @@ def test_loss_only_generates_nothing_and_reuses_a_shared_cache(evaluation, demo_
             [p["heldout_loss"][system] for p in first], rel=1e-6)
 
 
-def test_eval_scores_a_ticft_adapter_on_each_clips_first_frame(tiny_cache_dir, demo_dataset, tmp_path, capsys):
+def _cogvideox_reference():
+    def training_scheduler(folder):
+        return CogVideoXDPMScheduler.from_pretrained(folder, subfolder="scheduler")
+
+    return CogVideoXTransformer3DModel, training_scheduler
+
+
+def _wan_reference():
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
+
+    return WanTransformer3DModel, lambda folder: FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000)
+
+
+# Per model: its cache fixture, a TIC-FT adapter (its layout's clip length is the eval's num_frames) and the
+# plain diffusers classes the held-out reference is computed with. tiny-wan reuses the session's Wan TIC-FT
+# adapter (c1b1t1, 9 frames: the tiny Wan VAE's decode is the cost on a CPU).
+TICFT_EVAL_CASES = {
+    "tiny": ("tiny_cache_dir", "c1b1t3", _cogvideox_reference),
+    "tiny-wan": ("tiny_wan_cache_dir", "c1b1t1", _wan_reference),
+}
+
+
+@pytest.mark.parametrize("model", list(TICFT_EVAL_CASES))
+def test_eval_scores_a_ticft_adapter_on_each_clips_first_frame(model, demo_dataset, tmp_path, capsys, request):
     """Guards a TIC-FT adapter scored like a plain one (no condition: the engine refuses it) or on the
     wrong condition: its videos are exactly what the engine makes from the first frame of the held-out
     clip each prompt comes from, with the layout's target frames. Its held-out loss is its own objective
     (the layout's cache, per-frame noise, target frames only), recomputed with the LoRA loaded through
     peft as training saved it, and its A/B is against the base model on that same objective, never
-    against base's text-to-video loss."""
+    against base's text-to-video loss. On CogVideoX and on Wan (its flow-matching TIC-FT objective, whose
+    by-hand check is test_heldout's; the Wan pipeline's TIC-FT generation)."""
     import numpy as np
 
     from slapgen.engine.generator import VideoGenerator
@@ -209,37 +233,48 @@ def test_eval_scores_a_ticft_adapter_on_each_clips_first_frame(tiny_cache_dir, d
     from trainer.datasets import read_dataset
     from trainer.evaluate.options import parse_settings
 
-    lora = write_test_adapter(tmp_path / "ticft", tiny_cache_dir, rank=4, seed=5, ticft_layout="c1b1t3")
+    cache_fixture, layout_name, reference = TICFT_EVAL_CASES[model]
+    cache_dir = request.getfixturevalue(cache_fixture)
+    layout = TicftLayout.parse(layout_name)
+    if model == "tiny":
+        lora = write_test_adapter(tmp_path / "ticft", cache_dir, rank=4, seed=5, ticft_layout=layout_name)
+    else:
+        lora = request.getfixturevalue("wan_adapter_files")["ticft"]  # rank 4, alpha 4, c1b1t1
+    settings = [f"num_frames={layout.pixel_frames}", "height=32", "width=48", "num_inference_steps=1"]
     out = tmp_path / "out"
-    arguments = ["eval", "--model", "tiny", "--adapter", f"i2v={lora}", "--heldout", str(demo_dataset),
-                 "--max-clips", "2", "--seeds", "1", "--device", "cpu", *[f"--set={s}" for s in SETTINGS]]
+    arguments = ["eval", "--model", model, "--adapter", f"i2v={lora}", "--heldout", str(demo_dataset),
+                 "--max-clips", "2", "--seeds", "1", "--device", "cpu", *[f"--set={s}" for s in settings]]
     assert cli_main([*arguments, "--out", str(out), "--metrics", "loss,temporal"]) == 0, capsys.readouterr().err[-2000:]
     result = json.loads((out / "eval.json").read_text())
     assert set(result["systems"]) == {"base", "i2v"}
-    layout = TicftLayout.parse("c1b1t3")
 
-    # Held-out loss: the layout's cache (first frame + target, 17 frames), the TIC-FT objective.
-    resolved = resolve_model("tiny", tiny_cache_dir)
-    data = DataConfig(height=32, width=48, num_frames=layout.pixel_frames, fps=8, max_clips=2)
-    entries = heldout_entries(demo_dataset, resolved, data, out / "cache", progress=False, ticft=TicftConfig(layout="c1b1t3"))
-    scheduler = CogVideoXDPMScheduler.from_pretrained(resolved.folder, subfolder="scheduler")
-    transformer = CogVideoXTransformer3DModel.from_pretrained(resolved.folder, subfolder="transformer")
+    # Held-out loss: the layout's cache (first frame + target, the layout's frames), the TIC-FT objective.
+    resolved = resolve_model(model, cache_dir)
+    fps = result["generation"]["fps"]
+    assert fps == resolved.spec.fps  # the model's own rate (8 for tiny, 16 for tiny-wan)
+    data = DataConfig(height=32, width=48, num_frames=layout.pixel_frames, fps=fps, max_clips=2)
+    entries = heldout_entries(demo_dataset, resolved, data, out / "cache", progress=False,
+                              ticft=TicftConfig(layout=layout_name))
+    transformer_class, training_scheduler = reference()
+    scheduler = training_scheduler(resolved.folder)
+    transformer = transformer_class.from_pretrained(resolved.folder, subfolder="transformer")
     base_ticft = heldout_losses(transformer, scheduler, entries, layout=layout)
-    base_plain = heldout_losses(transformer, scheduler, heldout_entries(
-        demo_dataset, resolved, data.model_copy(update={"num_frames": 17}), out / "cache", progress=False))
-    add_lora(transformer, load_config("tiny-smoke", ["lora.rank=4", "lora.alpha=4"]).lora)
+    base_plain = heldout_losses(transformer, scheduler, heldout_entries(demo_dataset, resolved, data, out / "cache",
+                                                                        progress=False))
+    add_lora(transformer, load_config("tiny-smoke", [f"model={model}", "lora.rank=4", "lora.alpha=4"]).lora)
     load_lora_into(transformer, lora)
     adapter = heldout_losses(transformer, scheduler, entries, layout=layout)
     reported = [prompt["heldout_loss"] for prompt in result["prompts"]]
     assert [r["i2v"] for r in reported] == pytest.approx(adapter, rel=1e-5)
-    assert [r["base@c1b1t3"] for r in reported] == pytest.approx(base_ticft, rel=1e-6)
+    assert [r[f"base@{layout_name}"] for r in reported] == pytest.approx(base_ticft, rel=1e-6)
     assert [r["base"] for r in reported] == pytest.approx(base_plain, rel=1e-6)
     assert result["systems"]["i2v"]["metrics"]["heldout_loss"] == pytest.approx(sum(adapter) / 2, rel=1e-5)
-    assert result["systems"]["i2v"]["ticft_layout"] == "c1b1t3"
+    assert result["systems"]["i2v"]["ticft_layout"] == layout_name
     assert "heldout_loss of TIC-FT adapters: " in (out / "eval.md").read_text()
-    assert result["systems"]["base"]["heldout_loss_by_ticft_layout"] == {"c1b1t3": pytest.approx(sum(base_ticft) / 2, rel=1e-6)}
+    assert result["systems"]["base"]["heldout_loss_by_ticft_layout"] == {
+        layout_name: pytest.approx(sum(base_ticft) / 2, rel=1e-6)}
     assert result["metric_definitions"]["heldout_loss"]["objectives"] == {"base": "text-to-video",
-                                                                           "i2v": "TIC-FT c1b1t3 (first-frame)"}
+                                                                           "i2v": f"TIC-FT {layout_name} (first-frame)"}
     wins = sum(mine < base for mine, base in zip(adapter, base_ticft))
     ties = sum(mine == base for mine, base in zip(adapter, base_ticft))
     ab = result["systems"]["i2v"]["ab_vs_base"]["heldout_loss"]
@@ -247,9 +282,8 @@ def test_eval_scores_a_ticft_adapter_on_each_clips_first_frame(tiny_cache_dir, d
     assert all(abs(a - b) > 1e-4 * a for a, b in zip(base_ticft, base_plain))  # two objectives, two numbers
 
     # Videos: the first frame of each prompt's clip, the layout's target frames.
-    generator = VideoGenerator.load(resolve_model("tiny", tiny_cache_dir),
-                                    EngineOptions(adapters_dir=out / "adapters", max_lora_rank=4))
-    params = GenerationParams.defaults_for(generator.spec, seed=1, **parse_settings(SETTINGS))  # as eval builds them
+    generator = VideoGenerator.load(resolved, EngineOptions(adapters_dir=out / "adapters", max_lora_rank=4))
+    params = GenerationParams.defaults_for(generator.spec, seed=1, **parse_settings(settings))  # as eval builds them
     for index, clip in enumerate(read_dataset(demo_dataset)[:2]):
         made, _ = read_mp4(out / "videos" / "i2v" / f"p{index:03d}-s1.mp4")
         assert made.shape[0] == layout.pixel_frames - layout.condition_pixel_frames

@@ -179,3 +179,55 @@ def test_wan_heldout_loss_is_the_flow_matching_objective_at_fixed_noise(wan_held
         by_hand.append(((v - (noise - x0)) ** 2).mean().item())
     [loss] = heldout_losses(transformer, scheduler, [entry], seed=4)
     assert loss == pytest.approx(sum(by_hand) / 5, rel=1e-5)
+
+
+def test_wan_ticft_heldout_loss_is_the_flow_matching_ticft_objective_at_fixed_noise(wan_heldout_setup, demo_dataset,
+                                                                                    tmp_path):
+    """Guards a TIC-FT adapter on Wan scored on the wrong objective (`slapgen eval`'s and `slapgen sweep`'s held-out
+    loss of a Wan TIC-FT LoRA): entries cached with layout c1b1t1 (the clip's first frame, then the target, one VAE
+    pass) and the loss recomputed here with plain diffusers + peft from flow matching's TIC-FT rule and the
+    documented draws (a CPU generator seeded by clip_seed(seed, key); per level the posterior draw, then the noise):
+        x0 = ((mu + exp(logvar / 2) * eps_posterior) - latents_mean[c]) / latents_std[c]
+        frame 0 (condition) at sigma 0, frame 1 (buffer) at min(s, 0.5), frame 2 (target) at s,
+        x_f = (1 - sigma_f) x0_f + sigma_f n_f,  transformer told s x 1000,
+        loss = mean over the target frame of (v - (n - x0))^2.
+    A buffer held at another level (0.75 instead of 0.5 fails here), a loss over every frame, a noised condition
+    or the text-to-video objective each give another number."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from slapgen.models.ticft import TicftLayout
+    from trainer.config import TicftConfig
+
+    resolved, transformer, scheduler, _ = wan_heldout_setup
+    layout = TicftLayout.parse("c1b1t1")  # 9 pixel frames: latents condition, buffer (sigma 0.5), target
+    data = DataConfig(height=32, width=48, num_frames=layout.pixel_frames, fps=16, max_clips=1)
+    [entry] = heldout_entries(demo_dataset, resolved, data, tmp_path / "cache", progress=False,
+                              ticft=TicftConfig(layout="c1b1t1"))
+    tensors = load_file(entry.path)
+    vae_config = json.loads((resolved.folder / "vae" / "config.json").read_text())
+    channel = (1, -1, 1, 1, 1)
+    latents_mean = torch.tensor(vae_config["latents_mean"]).view(channel)
+    latents_std = torch.tensor(vae_config["latents_std"]).view(channel)
+    mu, logvar = tensors["latent_mean"][None].float(), tensors["latent_logvar"][None].float()
+    assert mu.shape[2] == layout.latent_frames == 3
+    embeds = tensors["prompt_embeds"][None].float()
+    generator = torch.Generator("cpu").manual_seed(clip_seed(6, entry.key))
+    levels = (0.2, 0.9)  # one below the buffer's sigma 0.5 (the buffer at s) and one above (the buffer held at 0.5)
+    by_hand = []
+    for s in levels:
+        posterior = torch.randn(mu.shape, generator=generator)
+        noise = torch.randn(mu.shape, generator=generator)
+        x0 = (mu + torch.exp(0.5 * logvar) * posterior - latents_mean) / latents_std
+        sigmas = (0.0, min(s, 0.5), s)
+        noisy = torch.stack([(1 - sigma) * x0[:, :, f] + sigma * noise[:, :, f] for f, sigma in enumerate(sigmas)], 2)
+        with torch.no_grad():
+            v = transformer(hidden_states=noisy, timestep=torch.tensor([s * 1000]), encoder_hidden_states=embeds,
+                            return_dict=False)[0]
+        by_hand.append(((v - (noise - x0)) ** 2)[:, :, 2:].mean().item())
+    timesteps = [s * 1000 for s in levels]
+    [loss] = heldout_losses(transformer, scheduler, [entry], seed=6, timesteps=timesteps, layout=layout)
+    assert loss == pytest.approx(sum(by_hand) / 2, rel=1e-5)
+    [plain] = heldout_losses(transformer, scheduler, [entry], seed=6, timesteps=timesteps)
+    assert abs(plain - loss) > 1e-4 * loss  # the check tells the objectives apart

@@ -440,18 +440,22 @@ def test_batch_order_is_a_pure_function_of_the_step():
 
 
 @pytest.mark.slow
-def test_accelerate_launch_two_cpu_processes(tiny_cache_dir, demo_dataset, tmp_path):
+@pytest.mark.parametrize("model", MODELS)
+def test_accelerate_launch_two_cpu_processes(model, tiny_cache_dir, demo_dataset, tmp_path, request):
     """Two real processes (gloo), launched without --mixed_precision while the config asks for bf16 (the
     conservative preset): guards the trainer building a second Accelerator with another precision
     (`AcceleratorState has already been initialized`) and CPU processes that never join one group.
     accelerate 1.15's `launch --cpu --num_processes 2` starts only one process without mpirun, so CPU
-    multi-process goes through the torchrun launcher with ACCELERATE_USE_CPU=1, as README.md documents."""
+    multi-process goes through the torchrun launcher with ACCELERATE_USE_CPU=1, as README.md documents.
+    On tiny-wan too: DDP over Wan's transformer (a LoRA that leaves most modules frozen, flow matching's
+    per-sample sigma) must reduce every LoRA gradient on every step."""
     run = tmp_path / "run"
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                "--dynamo_backend", "no", "-m", "trainer", "train", "--config", "conservative",
                "--data", str(demo_dataset), "--out", str(run),
                *sum((["--set", o] for o in preset_overrides(tiny_cache_dir, "train.max_train_steps=4",
-                                                            "checkpoint.every_steps=2", "validation.prompts=[]")), [])]
+                                                            "checkpoint.every_steps=2", "validation.prompts=[]",
+                                                            *_on_model(model, request, tmp_path))), [])]
     env = offline_env(tmp_path, ACCELERATE_USE_CPU="1", CUDA_VISIBLE_DEVICES="")
     result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
