@@ -24,7 +24,7 @@ from typing import Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from slapgen.models.family import frame_rule, is_valid_frame_count
+from slapgen.models.family import family_of, frame_rule, is_valid_frame_count
 from slapgen.models.loading import spec_without_weights
 from slapgen.models.specs import BASE_SIZE_MULTIPLE as SIZE_MULTIPLE
 from slapgen.models.specs import DEFAULT_FAMILY, ModelSpec
@@ -64,8 +64,9 @@ class DataConfig(Section):
 class LoraConfig(Section):
     rank: int = Field(128, ge=1, le=1024, description="LoRA rank r")
     alpha: float = Field(128, gt=0, description="LoRA alpha; the update is scaled by alpha / rank")
-    target_modules: list[str] = Field(
-        ["to_q", "to_k", "to_v", "to_out.0"], min_length=1, description="transformer modules that get LoRA layers"
+    target_modules: list[str] | None = Field(
+        None, min_length=1, description="transformer modules that get LoRA layers; null: the model family's (to_q, "
+                                        "to_k, to_v, to_out.0 for CogVideoX and Wan), written out once the model is known"
     )
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA branch")
 
@@ -164,6 +165,32 @@ class TrainConfig(Section):
     logging: LoggingConfig = Field(LoggingConfig(), description="metrics.jsonl and TensorBoard")
     ticft: TicftConfig | None = Field(
         None, description="temporal in-context fine-tuning (image-to-video, e.g. {layout: c1b3t9}); null: text-to-video")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _lora_targets_default_to_the_familys(cls, data: Any) -> Any:
+        """`lora.target_modules` unset: the family's of `model` when it is known without weights (else
+        `with_model_defaults` fills them once the run resolves the model)."""
+        if not isinstance(data, dict):
+            return data
+        model = data.get("model", cls.model_fields["model"].default)
+        lora = data.get("lora", {})
+        if isinstance(lora, LoraConfig):
+            lora = lora.model_dump()
+        if not isinstance(model, str) or not isinstance(lora, dict) or lora.get("target_modules") is not None:
+            return data
+        spec = spec_without_weights(model)
+        if spec is None:
+            return data
+        return data | {"lora": lora | {"target_modules": list(family_of(spec).lora_target_modules)}}
+
+    def with_model_defaults(self, spec: ModelSpec) -> "TrainConfig":
+        """This config with what it leaves to the model taken from the resolved model's `spec` (a model known
+        only after a download): the LoRA's target modules, its family's. Unchanged when they are set."""
+        if self.lora.target_modules is not None:
+            return self
+        targets = list(family_of(spec).lora_target_modules)
+        return self.model_copy(update={"lora": self.lora.model_copy(update={"target_modules": targets})})
 
     @property
     def model_spec(self) -> ModelSpec | None:

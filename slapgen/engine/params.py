@@ -90,7 +90,8 @@ class EngineOptions:
     compile_cache_dir: Path | None = None  # inductor's cache folder (`slapgen.engine.compiling.CompileCache`)
     adapters_dir: Path = Path("adapters")
     max_lora_rank: int | None = None
-    lora_target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    # The modules the LoRA slot holds; None: the model family's (`ModelFamily.lora_target_modules`).
+    lora_target_modules: tuple[str, ...] | None = None
     adapter_cache_size: int = 8
     max_queue: int | None = None  # generations running + waiting; more raise QueueFullError (None: no limit)
     attention: AttentionKernel = "sdpa"
