@@ -80,7 +80,7 @@ class VideoGenerator:
         place_pipeline(pipeline, options.device, options.offload)
         quantize_transformer(pipeline.transformer, quantization)
         apply_attention(pipeline.transformer, options.attention, options.device)
-        step_cache = StepCache.apply(pipeline, options.cache)
+        step_cache = StepCache.apply(pipeline, options.cache, family)
         compiled = None
         if options.compile:
             compiled = CompiledTransformer(options.compile_cache_dir)
