@@ -55,7 +55,7 @@ def test_engine_settings_and_eval_leave_the_targets_to_the_family(wan_with_own_t
     CogVideoX's four names: unset, the engine's slot holds exactly the modules the model's family names."""
     monkeypatch.delenv("SLAP_LORA_TARGET_MODULES", raising=False)
     assert SlapSettings().target_modules() is None
-    assert EngineOptions().lora_target_modules is None
+    assert EngineOptions(adapters_dir=tmp_path / "adapters").lora_target_modules is None
     assert slot_shape([]) == (1, None)  # `slapgen eval` of the base model alone
 
     generator = VideoGenerator.load(resolve_model("tiny-wan", tiny_wan_cache_dir),
