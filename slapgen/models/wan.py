@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from slapgen.errors import AdapterError
 from slapgen.models import family
 from slapgen.models.family import CLEAN_FRAME, FramePlan, LatentBatch, NoiseDraws, StepCacheHooks, VaeFactors
 from slapgen.models.flow_matching import (
@@ -78,6 +79,14 @@ COMMUNITY_LORA_LAYOUTS = (("diffusion_model.", "wan-original"), ("lora_unet_", "
 MAX_BLOCKS = max(config["num_layers"] for config in (WAN21_T2V_1_3B_TRANSFORMER, WAN21_T2V_14B_TRANSFORMER,
                                                       WAN22_TI2V_5B_TRANSFORMER))
 _BLOCK_NUMBER = re.compile(r"blocks[._](\d+)")
+# Community Wan LoRAs may hold more than low-rank factors: full-weight deltas (`.diff`), bias deltas (`.diff_b`)
+# and DoRA magnitudes (`dora_scale`). diffusers 0.42.1 drops `.diff` (an info log; `load_lora_weights` then
+# makes the frames of the LoRA without them, checked on tiny-wan) and every norm layer's `.diff` / `.diff_b`,
+# refuses `dora_scale` in Wan's original layout and drops it (a warning) in musubi-tuner's, and makes a linear
+# layer's `.diff_b` a peft LoRA bias, which the engine's slot does not hold. So an upload with any of them
+# non-zero (any `dora_scale`) is refused, naming the kinds; all-zero deltas change nothing and are left out.
+DELTA_KINDS = {".diff": "full-weight deltas (.diff)", ".diff_b": "bias deltas (.diff_b)"}
+DORA_KEY = "dora_scale"
 
 
 def _wan_spec(name: str, height: int, width: int, fps: int, max_num_frames: int, spatial_compression: int) -> ModelSpec:
@@ -302,13 +311,25 @@ class WanFamily(family.ModelFamily):
     community_lora_layouts = COMMUNITY_LORA_LAYOUTS
 
     def convert_community_lora(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """diffusers' conversion (`WanPipeline.lora_state_dict`), once the block numbers are ones a Wan has."""
+        """diffusers' conversion (`WanPipeline.lora_state_dict`), once the block numbers are ones a Wan has and
+        nothing in the file is one diffusers would drop or the slot cannot hold (`DELTA_KINDS`, `DORA_KEY`:
+        AdapterError naming the kinds); all-zero deltas are left out first."""
         for key in state_dict:
             for number in _BLOCK_NUMBER.findall(key):
                 if len(number) > 3 or int(number) >= MAX_BLOCKS:
                     raise ValueError(f"{key[:120]} names block {number[:12]}, and no Wan model has more than "
                                      f"{MAX_BLOCKS} blocks")
-        return super().convert_community_lora(state_dict)
+        deltas = {key for key in state_dict if key.endswith(tuple(DELTA_KINDS))}
+        kinds = [what for suffix, what in DELTA_KINDS.items()
+                 if any(key.endswith(suffix) and bool(state_dict[key].any()) for key in deltas)]
+        if any(DORA_KEY in key for key in state_dict):
+            kinds.append(f"DoRA magnitudes ({DORA_KEY})")
+        if kinds:
+            listed = " and ".join([", ".join(kinds[:-1]), kinds[-1]] if len(kinds) > 1 else kinds)
+            raise AdapterError(f"it holds {listed}, which diffusers' Wan LoRA loader drops or this service's LoRA slot "
+                               "cannot hold, so served it would make frames its author's LoRA does not; only its "
+                               "lora_down/lora_up (lora_A/lora_B) and alpha keys can be served", field="adapter")
+        return super().convert_community_lora({key: value for key, value in state_dict.items() if key not in deltas})
 
     def kernel_attention_processor(self, kernel_context: Callable[[], AbstractContextManager]):
         return kernel_attention_processor(kernel_context)
