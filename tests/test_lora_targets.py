@@ -55,6 +55,9 @@ def test_engine_settings_and_eval_leave_the_targets_to_the_family(wan_with_own_t
     CogVideoX's four names: unset, the engine's slot holds exactly the modules the model's family names."""
     monkeypatch.delenv("SLAP_LORA_TARGET_MODULES", raising=False)
     assert SlapSettings().target_modules() is None
+    monkeypatch.setenv("SLAP_LORA_TARGET_MODULES", "to_q,to_k,net.2")
+    assert SlapSettings().target_modules() == ("to_q", "to_k", "net.2")  # set: the service's own list
+    monkeypatch.delenv("SLAP_LORA_TARGET_MODULES")
     assert EngineOptions(adapters_dir=tmp_path / "adapters").lora_target_modules is None
     assert slot_shape([]) == (1, None)  # `slapgen eval` of the base model alone
 
