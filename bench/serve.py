@@ -588,6 +588,7 @@ def caches_case(model: str, variant: str, loop_steps: int, blocks: int | None = 
     the timestep, so only a loop of the served step count (50) shows their real saving."""
     from slapgen.engine.caching import CacheSetting, StepCache
     from slapgen.engine.compiling import CompiledTransformer
+    from slapgen.models.cogvideox import COGVIDEOX  # every model this bench builds is a CogVideoX
     from slapgen.engine.quantization import quantize_transformer
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -609,7 +610,7 @@ def caches_case(model: str, variant: str, loop_steps: int, blocks: int | None = 
 
     for text in ["none", "pab", "fastercache", "fbc:0.05", "taylorseer"]:
         pipeline.transformer = transformer
-        cache = StepCache.apply(pipeline, CacheSetting.parse(text))
+        cache = StepCache.apply(pipeline, CacheSetting.parse(text), COGVIDEOX)
         compiled = CompiledTransformer()
         if compile_it:
             torch._dynamo.reset()

@@ -241,8 +241,9 @@ def test_a_cancel_seen_after_the_last_step_cancels_without_decoding(engine, monk
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_cache_dir):
-    return VideoGenerator.load(resolve_model("tiny", tiny_cache_dir), EngineOptions(max_lora_rank=8))
+def engine(tiny_cache_dir, tmp_path_factory):
+    return VideoGenerator.load(resolve_model("tiny", tiny_cache_dir),
+                               EngineOptions(adapters_dir=tmp_path_factory.mktemp("cancel") / "adapters", max_lora_rank=8))
 
 
 def test_a_cancel_stops_after_the_current_step_and_leaves_the_engine_as_it_was(engine):

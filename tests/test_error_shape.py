@@ -25,7 +25,7 @@ RATING = {"left": {}, "right": {"adapter": "a"}, "prompt": "a slap", "seed": 1, 
 
 
 @pytest.mark.parametrize("model,body,sentence,loc", [
-    (GenerateRequest, {"prompt": "a", "width": 100}, "width must be a multiple of 16, got 100", ["width"]),
+    (GenerateRequest, {"prompt": "a", "width": 8}, "width must be greater than or equal to 16, got 8", ["width"]),
     (GenerateRequest, {"prompt": "a", "height": 0}, "height must be greater than or equal to 16, got 0", ["height"]),
     (GenerateRequest, {"prompt": "a", "num_frames": "many"}, 'num_frames must be a valid integer, got "many"', ["num_frames"]),
     (GenerateRequest, {"prompt": "a", "seed": 1.5}, "seed must be a valid integer, got 1.5", ["seed"]),
@@ -52,12 +52,12 @@ def test_a_refused_body_is_one_sentence_naming_the_field_and_value(model, body, 
 
 def test_several_problems_name_the_first_and_list_every_one():
     with pytest.raises(ValidationError) as refused:
-        GenerateRequest.model_validate({"prompt": "a", "seed": -1, "fps": 0, "width": 100})
+        GenerateRequest.model_validate({"prompt": "a", "seed": -1, "fps": 0, "width": 8})
     answer = validation_error_body(refused.value)
     assert answer["error"] == "seed must be greater than or equal to 0, got -1 (and 2 more problems, listed in detail)"
     assert [d["msg"] for d in answer["detail"]] == ["seed must be greater than or equal to 0, got -1",
                                                     "fps must be greater than or equal to 1, got 0",
-                                                    "width must be a multiple of 16, got 100"]
+                                                    "width must be greater than or equal to 16, got 8"]
 
 
 def test_malformed_json_says_where():
@@ -154,8 +154,8 @@ def test_checked_bodies_answer_with_our_sentence_and_pass_good_bodies_on():
     app = CheckedBodies(Starlette(routes=[Route("/generate", echo, methods=["POST"])]),
                         models={"/generate": GenerateRequest}, limit=1024)
     with TestClient(app) as client:
-        refused = client.post("/generate", json={"prompt": "a", "width": 100})
-        assert refused.status_code == 400 and refused.json()["error"] == "width must be a multiple of 16, got 100"
+        refused = client.post("/generate", json={"prompt": "a", "width": 8})
+        assert refused.status_code == 400 and refused.json()["error"] == "width must be greater than or equal to 16, got 8"
         assert client.post("/generate", json={"prompt": "a slap"}).json() == {"echo": "a slap"}
 
 

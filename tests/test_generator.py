@@ -74,3 +74,13 @@ def test_a_bad_file_in_the_adapter_folder_is_an_adapter_error_not_a_crash(tiny_c
         generator.generate_frames(GenerationParams.defaults_for(generator.spec, adapter="broken"))
     assert error.value.field == "adapter" and "not a readable safetensors" in str(error.value)
     assert generator.generate_frames(GenerationParams.defaults_for(generator.spec)).shape[0] == generator.spec.default_num_frames
+
+
+def test_the_engine_has_no_adapters_folder_of_its_own():
+    """Guards EngineOptions' relative default `Path("adapters")`: an engine built without a folder (test_cancel's)
+    made an `adapters/` folder wherever the process ran, the repository's root under pytest. The folder is a
+    required option; the service passes SLAP_ADAPTERS_DIR (default SLAP_CACHE_DIR/adapters)."""
+    import pytest
+
+    with pytest.raises(TypeError, match="adapters_dir"):
+        EngineOptions(max_lora_rank=8)

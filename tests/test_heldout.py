@@ -13,7 +13,8 @@ from slapgen.models.loading import resolve_model
 from tests.test_objective import objective_by_hand
 from trainer.batches import load_batch
 from trainer.config import DataConfig
-from trainer.heldout import DEFAULT_TIMESTEPS, clip_seed, heldout_entries, heldout_loss, heldout_losses, midpoint_timesteps
+from trainer.heldout import (DEFAULT_FRACTIONS, clip_seed, heldout_entries, heldout_loss, heldout_losses,
+                             midpoint_fractions)
 
 
 @pytest.fixture(scope="module")
@@ -26,10 +27,23 @@ def heldout_setup(tiny_cache_dir, demo_dataset, tmp_path_factory):
     return transformer, scheduler, entries
 
 
-def test_midpoint_timesteps():
-    """Guards timesteps that do not stratify [0, 1000) evenly (the mean would not estimate training's expectation)."""
-    assert DEFAULT_TIMESTEPS == (100, 300, 500, 700, 900)
-    assert midpoint_timesteps(4) == (125, 375, 625, 875)
+def test_default_levels_stratify_each_familys_noise_range():
+    """Guards held-out levels that do not stratify the noise range evenly (the mean would not estimate training's
+    expectation): the fractions the loss uses are the midpoints of equal bins of [0, 1), and each family maps
+    them to its own units, CogVideoX's DDPM timesteps (k + 0.5) * 1000 / 5 and Wan's sigma x 1000."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from slapgen.models.cogvideox import COGVIDEOX
+    from slapgen.models.wan import WAN
+
+    assert DEFAULT_FRACTIONS == (0.1, 0.3, 0.5, 0.7, 0.9)
+    assert midpoint_fractions(4) == (0.125, 0.375, 0.625, 0.875)
+    with pytest.raises(ValueError):
+        midpoint_fractions(0)
+    cogvideox = COGVIDEOX.noise_levels(DEFAULT_FRACTIONS, CogVideoXDPMScheduler(num_train_timesteps=1000))
+    assert cogvideox.tolist() == [int((k + 0.5) * 1000 / 5) for k in range(5)] == [100, 300, 500, 700, 900]
+    wan = WAN.noise_levels(DEFAULT_FRACTIONS, FlowMatchEulerDiscreteScheduler())
+    torch.testing.assert_close(wan, torch.tensor([100.0, 300.0, 500.0, 700.0, 900.0]))
 
 
 def test_heldout_loss_is_identical_across_runs_and_orders(heldout_setup):

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 from pydantic import ValidationError
 
@@ -87,3 +89,27 @@ def test_the_frame_rule_message_states_8k_plus_1(frames):
     with pytest.raises(SlapgenError) as error:
         GenerateRequest(prompt="a", num_frames=frames).for_model(COGVIDEOX_5B)
     assert error.value.field == "num_frames" and "8k+1 (1, 9, 17, ...)" in str(error.value) and "4k" not in str(error.value)
+
+
+@pytest.mark.parametrize("size", [40, 48])
+def test_a_size_hears_one_rule_the_models_multiple(size):
+    """Guards two size rules on /generate: pydantic's multiple of 16 at the edge, then the spec's own multiple,
+    so a Wan 2.2 TI2V-5B request (multiple 32) heard "a multiple of 16" for 40 and "a multiple of 32" for 48.
+    Now one rule, the model's multiple, in one sentence naming it, as the {"error", "detail"} body."""
+    from slapgen.models.wan import WAN22_TI2V_5B
+    from slapgen.serving.http_errors import error_response
+
+    assert (TINY_SPEC.size_multiple, WAN22_TI2V_5B.size_multiple) == (16, 32)
+    for field in ("height", "width"):
+        request = GenerateRequest.model_validate({"prompt": "a", field: size})  # no multiple at the edge
+        with pytest.raises(SlapgenError) as refused:
+            request.for_model(WAN22_TI2V_5B)
+        sentence = f"{field} must be a multiple of 32 for Wan-AI/Wan2.2-TI2V-5B-Diffusers, got {size}"
+        assert str(refused.value) == sentence and refused.value.field == field
+        body = json.loads(error_response(refused.value).body)
+        assert body == {"error": sentence, "detail": [{"loc": [field], "msg": sentence}]}
+        if size % 16:
+            with pytest.raises(SlapgenError, match=f"^{field} must be a multiple of 16 for tiny, got {size}$"):
+                request.for_model(TINY_SPEC)
+        else:
+            assert getattr(request.for_model(TINY_SPEC), field) == size

@@ -100,3 +100,22 @@ def test_config_output_holds_no_machine_specific_path(capsys):
     printed = capsys.readouterr().out
     assert str(Path.home()) not in printed
     assert yaml.safe_load(printed)["model_cache_dir"] is None and yaml.safe_load(printed)["latent_cache"] is None
+
+
+def test_the_models_spec_is_looked_up_once_and_follows_set_model(monkeypatch):
+    """Guards `TrainConfig.model_spec` resolving the model again on every read (a folder's configs read, the
+    local hub cache searched, each time a check or the trainer asked): one look-up when the config is validated,
+    none on reads, and a `--set model=...` gets the spec of the model it names."""
+    import trainer.config as config_module
+
+    looked_up = []
+    real = config_module.spec_without_weights
+    monkeypatch.setattr(config_module, "spec_without_weights", lambda model: looked_up.append(model) or real(model))
+    config = TrainConfig.model_validate({"model": "tiny-wan", "data": {"height": 64, "width": 96, "num_frames": 9}})
+    assert looked_up == ["tiny-wan"]
+    assert [config.model_spec.name for _ in range(3)] == ["tiny-wan"] * 3 and looked_up == ["tiny-wan"]
+    assert config.model_copy(update={"latent_cache": "cache"}).model_spec.name == "tiny-wan"
+
+    overridden = load_config("tiny-smoke", ["model=tiny-wan"])
+    assert (overridden.model, overridden.model_spec.name, overridden.model_spec.family) == ("tiny-wan", "tiny-wan", "wan")
+    assert load_config("tiny-smoke").model_spec.family == "cogvideox"

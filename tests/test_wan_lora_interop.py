@@ -14,7 +14,7 @@ import pytest
 import torch
 from diffusers import WanPipeline
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save, save_file
 
 from slapgen.engine.adapters import AdapterError, AdapterStore, AdapterTarget
 from slapgen.engine.generator import VideoGenerator
@@ -180,12 +180,10 @@ def _hostile(kind: str, engine) -> dict:
     elif kind == "block past the last":
         tensors["diffusion_model.blocks.40.self_attn.q.lora_down.weight"] = torch.zeros(2, 4)
     elif kind == "head diff":  # the converter builds torch.eye(N, N) for it: N = 100,000 is 40 GB
-        tensors["diffusion_model.head.head.diff"] = torch.zeros(12000, 1)
-        tensors["diffusion_model.head.head.diff_b"] = torch.zeros(12000)
-    elif kind == "full-weight delta":  # dropped by the converter: the adapter would serve without it
-        tensors[f"{stem}.diff"] = torch.zeros(4, 4)
-    elif kind == "DoRA":  # dropped likewise
-        tensors[f"{stem}.dora_scale"] = torch.ones(1, 4)
+        tensors["diffusion_model.head.head.diff"] = torch.full((12000, 1), 0.25)
+        tensors["diffusion_model.head.head.diff_b"] = torch.full((12000,), 0.25)
+    elif kind == "head LoRA":
+        tensors["diffusion_model.head.head.lora_down.weight"] = torch.zeros(2, 4)
     elif kind == "negative alpha":  # diffusers' alpha folding (get_alpha_scales) never ends on one
         tensors[f"{stem}.alpha"] = torch.tensor(-2.0)
     elif kind == "NaN":
@@ -196,7 +194,25 @@ def _hostile(kind: str, engine) -> dict:
         tensors[f"{stem}.lora_down.weight"] = torch.zeros(16, engine.slot.modules["blocks.0.attn1.to_q"][0])
     elif kind == "alpha of many numbers":
         tensors[f"{stem}.alpha"] = torch.ones(3)
+    elif kind in ("full-weight delta", "bias delta", "DoRA", "every extra kind"):
+        tensors.update(_extra_keys(kind, engine, zero=False))
     return tensors
+
+
+def _extra_keys(kind: str, engine, zero: bool) -> dict:
+    """Keys beyond the low-rank factors that community Wan trainers write: a full-weight delta (`.diff`, of
+    block 0's self-attention query and its first norm), a bias delta (`.diff_b`), a DoRA magnitude."""
+    in_features, out_features = engine.slot.modules["blocks.0.attn1.to_q"]
+    values = torch.zeros if zero else (lambda *shape: torch.full(shape, 0.25))
+    stem = "diffusion_model.blocks.0.self_attn.q"
+    extra = {}
+    if kind in ("full-weight delta", "every extra kind"):
+        extra |= {f"{stem}.diff": values(out_features, in_features), "diffusion_model.blocks.0.norm3.diff": values(in_features)}
+    if kind in ("bias delta", "every extra kind"):
+        extra |= {f"{stem}.diff_b": values(out_features), "diffusion_model.blocks.0.norm3.diff_b": values(in_features)}
+    if kind in ("DoRA", "every extra kind"):
+        extra[f"{stem}.dora_scale"] = torch.ones(out_features, 1)
+    return extra
 
 
 @pytest.mark.parametrize("kind, message, converted", [
@@ -204,14 +220,19 @@ def _hostile(kind: str, engine) -> dict:
     ("far block", "'diffusion_model.blocks.999999999.self_attn.q.lora_down.weight' is not a LoRA matrix", False),
     ("signed block", "'diffusion_model.blocks.+300000.self_attn.q.lora_down.weight' is not a LoRA matrix", False),
     ("block past the last", "names block 40, and no Wan model has more than 40 blocks", False),
-    ("head diff", "'diffusion_model.head.head.diff' is not a LoRA matrix or alpha of a Wan block's attention", False),
-    ("full-weight delta", "diffusion_model.blocks.0.self_attn.q.diff' is not a LoRA matrix", False),
-    ("DoRA", "(full-weight .diff/.diff_b deltas, DoRA's dora_scale, image cross-attention", False),
+    ("head diff", "it holds full-weight deltas (.diff) and bias deltas (.diff_b), which", False),
+    ("head LoRA", "'diffusion_model.head.head.lora_down.weight' is not a LoRA matrix or alpha of a Wan block's", False),
     ("negative alpha", "diffusion_model.blocks.0.self_attn.q.alpha is -2; an alpha must be positive", False),
     ("NaN", "diffusion_model.blocks.0.self_attn.q.lora_up.weight holds NaN or infinite values", False),
     ("alpha of many numbers", "diffusion_model.blocks.0.self_attn.q.alpha must hold one number", False),
     ("rank above the slot", "has rank 16, above the LoRA slot's rank 8", False),
     ("wrong shape", "transformer.blocks.0.attn1.to_q.lora_A.weight has 7 features, tiny-wan needs", True),
+    ("full-weight delta", "(wan-original layout): it holds full-weight deltas (.diff), which diffusers' Wan LoRA "
+                          "loader drops or this service's LoRA slot cannot hold", False),
+    ("bias delta", "(wan-original layout): it holds bias deltas (.diff_b), which", False),
+    ("DoRA", "(wan-original layout): it holds DoRA magnitudes (dora_scale), which", False),
+    ("every extra kind", "it holds full-weight deltas (.diff), bias deltas (.diff_b) and DoRA magnitudes (dora_scale), "
+                         "which", False),
 ])
 def test_a_hostile_community_file_is_refused_in_one_sentence_and_changes_nothing(engine, tmp_path, monkeypatch,
                                                                                 kind, message, converted):
@@ -232,6 +253,35 @@ def test_a_hostile_community_file_is_refused_in_one_sentence_and_changes_nothing
     assert message in str(error.value) and "\n" not in str(error.value)
     assert bool(calls) == converted
     assert list((tmp_path / "adapters").iterdir()) == []
+
+
+def test_diffusers_drops_a_wan_loras_full_weight_deltas(engine, reference, tmp_path):
+    """Why full-weight deltas are refused rather than served as diffusers serves them: diffusers' Wan loader
+    drops `.diff` keys (0.42.1: an info log), so `load_lora_weights` of a LoRA with non-zero ones makes
+    exactly the frames of the LoRA without them, not what its author trained. If a diffusers release starts
+    applying them, this fails: serve them as diffusers does then, instead of refusing."""
+    lora = community_lora("wan-original", engine, rank=2, seed=7, feed_forward=False)
+    frames = {}
+    for label, tensors in (("plain", lora), ("with-diff", lora | _extra_keys("full-weight delta", engine, zero=False))):
+        # Copies: diffusers' converter folds alphas into the cross-attention factors in place.
+        reference.load_lora_weights({key: value.clone() for key, value in tensors.items()}, adapter_name=label)
+        reference.set_adapters(label)
+        frames[label] = diffusers_frames(reference, params_for(engine, label))
+        reference.delete_adapters(label)
+    assert np.array_equal(frames["with-diff"], frames["plain"])
+
+
+def test_all_zero_deltas_are_left_out_and_the_lora_serves_diffusers_frames(engine, reference, tmp_path):
+    """Guards refusing a harmless file: community trainers may write all-zero `.diff` / `.diff_b` keys (diffusers
+    notes norm deltas are zeros), which change nothing; such an upload is served, stored in diffusers' layout
+    without them, with the frames `load_lora_weights` makes of the same LoRA."""
+    lora = community_lora("wan-original", engine, rank=2, seed=8, feed_forward=False)
+    path = tmp_path / "plain.safetensors"
+    save_file(lora, path)
+    data = save(lora | _extra_keys("full-weight delta", engine, zero=True) | _extra_keys("bias delta", engine, zero=True))
+    serve_and_compare(engine, reference, "zero-deltas", data, path)
+    with safe_open(str(engine.adapters.folder / "zero-deltas.safetensors"), framework="pt") as handle:
+        assert all(lora_format.KEY_PATTERN.match(key) for key in handle.keys())
 
 
 def test_cogvideox_uploads_stay_in_diffusers_layout(engine, tmp_path):

@@ -23,9 +23,10 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ModelWrapValidatorHandler, PrivateAttr, ValidationError,
+                      field_validator, model_validator)
 
-from slapgen.models.family import frame_rule, is_valid_frame_count
+from slapgen.models.family import family_of, frame_rule, is_valid_frame_count
 from slapgen.models.loading import spec_without_weights
 from slapgen.models.specs import BASE_SIZE_MULTIPLE as SIZE_MULTIPLE
 from slapgen.models.specs import DEFAULT_FAMILY, ModelSpec
@@ -65,8 +66,9 @@ class DataConfig(Section):
 class LoraConfig(Section):
     rank: int = Field(128, ge=1, le=1024, description="LoRA rank r")
     alpha: float = Field(128, gt=0, description="LoRA alpha; the update is scaled by alpha / rank")
-    target_modules: list[str] = Field(
-        ["to_q", "to_k", "to_v", "to_out.0"], min_length=1, description="transformer modules that get LoRA layers"
+    target_modules: list[str] | None = Field(
+        None, min_length=1, description="transformer modules that get LoRA layers; null: the model family's (to_q, "
+                                        "to_k, to_v, to_out.0 for CogVideoX and Wan), written out once the model is known"
     )
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA branch")
 
@@ -175,27 +177,60 @@ class TrainConfig(Section):
         # on how this one was loaded, not a setting.
         return type(other) is type(self) and self.model_dump() == other.model_dump()
 
+    # The spec of `model` as known without weights, looked up once, when the config is validated (`model_spec`).
+    _model_spec: ModelSpec | None = PrivateAttr(None)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _against_the_models_spec(cls, data: Any, handler: ModelWrapValidatorHandler["TrainConfig"]) -> "TrainConfig":
+        """Looks the model's spec up once (after `--set model=...`: `load_config` validates the merged tree), fills
+        what the config leaves to the model's family before the fields are validated (an unset
+        `lora.target_modules`: the family's; `with_model_defaults` does it for a model known only after a
+        download), and checks the clips against the model once the fields are valid."""
+        if not isinstance(data, dict):
+            return handler(data)  # a TrainConfig, validated already
+        model = data.get("model", cls.model_fields["model"].default)
+        spec = spec_without_weights(model) if isinstance(model, str) else None
+        if spec is not None:
+            data = _with_family_targets(data, spec)
+        config = handler(data)
+        config._model_spec = spec
+        config._check_clips_against_the_model()
+        return config
+
+    def with_model_defaults(self, spec: ModelSpec) -> "TrainConfig":
+        """This config with what it leaves to the model taken from the resolved model's `spec` (a model known
+        only after a download): the LoRA's target modules, its family's. Unchanged when they are set."""
+        if self.lora.target_modules is not None:
+            return self
+        targets = list(family_of(spec).lora_target_modules)
+        return self.model_copy(update={"lora": self.lora.model_copy(update={"target_modules": targets})})
+
     @property
     def model_spec(self) -> ModelSpec | None:
-        """The spec of `model` as known without weights (None when only a download would tell)."""
-        return spec_without_weights(self.model)
+        """The spec of `model` as known without weights (None when only a download would tell), looked up once
+        when the config was validated (a `model_copy` that changes `model` must validate again)."""
+        return self._model_spec
 
     def _frame_rule_owner(self) -> tuple[int, str]:
         """The frame step clips must follow and the model it is from (CogVideoX 1.0's when unknown)."""
         spec = self.model_spec
         return (spec.frame_step, self.model) if spec is not None else (FRAME_STEP, "CogVideoX 1.0")
 
-    @model_validator(mode="after")
-    def _frames_round_trip_the_vae(self) -> "TrainConfig":
-        spec = self.model_spec
-        if spec is not None:
-            check_clip_shape(self.data, spec)
-            return self
+    def _check_clips_against_the_model(self) -> None:
+        """Frames the model's VAE round-trips and sizes in its latent patches (`check_clip_shape`; the frame
+        rule of CogVideoX 1.0 when the model is unknown), and a TIC-FT layout's own clip length."""
         frame_step, model = self._frame_rule_owner()
-        if not is_valid_frame_count(self.data.num_frames, frame_step):
+        if self.model_spec is not None:
+            check_clip_shape(self.data, self.model_spec)
+        elif not is_valid_frame_count(self.data.num_frames, frame_step):
             raise ValueError(f"data.num_frames must be {frame_rule(frame_step)} so the VAE of {model} round-trips "
                              f"it, got {self.data.num_frames}")
-        return self
+        if self.ticft is not None:
+            layout = self.ticft.parsed_layout.check_fits(None, model, frame_step)
+            if self.data.num_frames != layout.pixel_frames:
+                raise ValueError(f"data.num_frames must be {layout.pixel_frames}, the pixel frames of ticft.layout "
+                                 f"{layout}, got {self.data.num_frames}")
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> "TrainConfig":
@@ -210,16 +245,6 @@ class TrainConfig(Section):
         if self.ticft is None:
             return objective_name(None)
         return objective_name(self.ticft.parsed_layout, self.ticft.condition)
-
-    @model_validator(mode="after")
-    def _clip_length_is_the_layouts(self) -> "TrainConfig":
-        if self.ticft is not None:
-            frame_step, model = self._frame_rule_owner()
-            layout = self.ticft.parsed_layout.check_fits(None, model, frame_step)
-            if self.data.num_frames != layout.pixel_frames:
-                raise ValueError(f"data.num_frames must be {layout.pixel_frames}, the pixel frames of ticft.layout "
-                                 f"{layout}, got {self.data.num_frames}")
-        return self
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -239,6 +264,16 @@ class TrainConfig(Section):
                 dumped = yaml.safe_dump({name: value if not isinstance(value, Path) else str(value)}, default_flow_style=True, width=10**6)
                 lines.append(dumped.strip()[1:-1])
         return "\n".join(lines) + "\n"
+
+
+def _with_family_targets(tree: dict[str, Any], spec: ModelSpec) -> dict[str, Any]:
+    """`tree` (a config's raw mapping) with an unset `lora.target_modules` set to the family's of `spec`."""
+    lora = tree.get("lora", {})
+    if isinstance(lora, LoraConfig):
+        lora = lora.model_dump()
+    if not isinstance(lora, dict) or lora.get("target_modules") is not None:
+        return tree  # set, or not a mapping (the validation that follows says so)
+    return tree | {"lora": lora | {"target_modules": list(family_of(spec).lora_target_modules)}}
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, raw: str) -> None:

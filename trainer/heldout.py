@@ -52,16 +52,7 @@ def midpoint_fractions(count: int = DEFAULT_NUM_TIMESTEPS) -> tuple[float, ...]:
     return tuple((k + 0.5) / count for k in range(count))
 
 
-def midpoint_timesteps(count: int = DEFAULT_NUM_TIMESTEPS, num_train_timesteps: int = 1000) -> tuple[int, ...]:
-    """`count` integer timesteps at the midpoints of equal bins of [0, num_train_timesteps): 5 -> 100, 300, ..., 900."""
-    if count < 1:
-        raise ValueError("at least one timestep")
-    return tuple(int((k + 0.5) * num_train_timesteps / count) for k in range(count))
-
-
 DEFAULT_FRACTIONS = midpoint_fractions()
-# The default levels of a family with 1000 integer timesteps (CogVideoX's DDPM schedule).
-DEFAULT_TIMESTEPS = midpoint_timesteps()
 
 
 def clip_seed(seed: int, key: str) -> int:

@@ -26,6 +26,8 @@ from trainer.errors import TrainError
 
 
 def peft_config(lora: LoraConfig) -> PeftLoraConfig:
+    if lora.target_modules is None:  # resolved by the config (`TrainConfig.with_model_defaults`), never guessed here
+        raise ValueError("lora.target_modules is unset: resolve the config against its model first")
     return PeftLoraConfig(
         r=lora.rank,
         lora_alpha=lora.alpha,

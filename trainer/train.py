@@ -112,6 +112,7 @@ def _setup(config: TrainConfig, data_path: Path, run_dir: Path, resume: str | No
 
     resolved = resolve_model(config.model, config.model_cache_dir, setting=TRAINER_SETTING)
     check_preset_family(config, resolved.spec)
+    config = config.with_model_defaults(resolved.spec)  # what the config left to the model, before it is saved
     try:
         check_clip_shape(config.data, resolved.spec)
     except ValueError as error:

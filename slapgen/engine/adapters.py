@@ -49,6 +49,9 @@ WEIGHT_DTYPES = ("F32", "F16", "BF16")
 # A community-layout LoRA holds per module a down and an up matrix, an alpha and perhaps a bias, plus a few
 # per-block norm tensors; a file with more tensors than this per module of the slot is refused unread.
 MAX_COMMUNITY_TENSORS_PER_MODULE = 8
+# The low-rank factors' keys in every community layout (their down / up matrices); other matrices (a Wan
+# LoRA's full-weight `.diff`) have no rank, and the family refuses those it cannot serve.
+COMMUNITY_FACTOR_KEY = re.compile(r"\.(?:lora_down|lora_up|lora_A|lora_B)\.weight$")
 
 
 @dataclass(frozen=True)
@@ -373,7 +376,7 @@ def convert_community(name: str, data: bytes, header: Header, layout: str, targe
                 raise AdapterError(f"{where}: {shown(key)} must hold one number, not {shape}", field="adapter")
         elif len(shape) > 2:
             raise AdapterError(f"{where}: {shown(key)} must be a matrix or a vector, not {shape}", field="adapter")
-        elif len(shape) == 2:
+        elif len(shape) == 2 and COMMUNITY_FACTOR_KEY.search(key):
             check_rank(name, min(shape), target)
     try:
         tensors = load(data)
@@ -386,6 +389,8 @@ def convert_community(name: str, data: bytes, header: Header, layout: str, targe
                                field="adapter")
     try:
         converted = family_named(target.family).convert_community_lora(tensors)
+    except AdapterError as error:  # the family refused the file before its converter ran
+        raise AdapterError(f"{where}: {error}", field="adapter") from None
     except Exception as error:  # noqa: BLE001 - diffusers' converters fail on untrusted keys in any way they like
         raise AdapterError(f"{where}: diffusers could not convert it ({type(error).__name__}: "
                            f"{first_line(error, 200)})", field="adapter") from None

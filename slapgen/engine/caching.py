@@ -17,7 +17,8 @@ them again (diffusers 0.42.1, `CacheMixin.enable_cache`):
   modules are counted at start-up and none is an error.
 
 Which caches a family supports is the family's (`StepCacheHooks.unsupported`: Wan refuses `fastercache`); any
-other is refused at start-up, before the model loads (`check_supported`), never mid-request.
+other is refused at start-up, before the model loads (`check_supported`, called once there by the engine),
+never mid-request; hooking (`StepCache.apply`) trusts that check.
 
 The hooks keep per-generation state; it is reset before every generation, so nothing of one request
 reaches the next even when a generation failed half-way.
@@ -32,7 +33,7 @@ from typing import TYPE_CHECKING, Literal, get_args
 import torch
 
 from slapgen.errors import CacheUnavailableError, RequestError
-from slapgen.models.family import ModelFamily, family_of_transformer
+from slapgen.models.family import ModelFamily, StepCacheHooks
 
 if TYPE_CHECKING:
     from slapgen.engine.params import GenerationParams
@@ -69,9 +70,9 @@ class CacheSetting:
         return f"fbc:{self.threshold:g}" if self.kind == "fbc" else self.kind
 
 
-def cache_config(setting: CacheSetting, pipeline):
-    """diffusers' config object for `setting` on a pipeline (None for `none`), hooking what the
-    transformer's family names."""
+def cache_config(setting: CacheSetting, pipeline, hooks: StepCacheHooks):
+    """diffusers' config object for `setting` on a pipeline (None for `none`), hooking what `hooks` (the
+    transformer's family's) name."""
     from diffusers import FasterCacheConfig, FirstBlockCacheConfig, PyramidAttentionBroadcastConfig, TaylorSeerCacheConfig
 
     def current_timestep():  # set by the pipeline before each transformer call
@@ -79,7 +80,6 @@ def cache_config(setting: CacheSetting, pipeline):
 
     if setting.kind == "none":
         return None
-    hooks = family_of_transformer(pipeline.transformer).step_cache_hooks
     if setting.kind == "pab":
         return PyramidAttentionBroadcastConfig(
             spatial_attention_block_skip_range=2,
@@ -134,12 +134,11 @@ class StepCache:
         self.hooked = hooked
 
     @classmethod
-    def apply(cls, pipeline, setting: CacheSetting) -> "StepCache":
-        """Hook `pipeline.transformer` (before torch.compile); `CacheUnavailableError` when nothing was hooked."""
+    def apply(cls, pipeline, setting: CacheSetting, family: ModelFamily) -> "StepCache":
+        """Hook `pipeline.transformer`, of `family` (before torch.compile), with a `setting` the family supports
+        (`check_supported`, at start-up); `CacheUnavailableError` when nothing was hooked."""
         transformer = pipeline.transformer
-        family = family_of_transformer(transformer)
-        check_supported(setting, family)
-        config = cache_config(setting, pipeline)
+        config = cache_config(setting, pipeline, family.step_cache_hooks)
         if config is None:
             return cls(setting, transformer, [])
         if setting.kind == "fbc" and len(getattr(transformer, family.step_cache_hooks.blocks_attribute)) < 2:

@@ -71,14 +71,16 @@ class VideoGenerator:
         # Before the slow load: an impossible setting fails fast.
         quantization = choose_quantization(options.quantization, options.device)
         check_attention(options.attention, options.device, resolved.spec.torch_dtype)
-        check_supported(options.cache, family_of(resolved.spec))
+        family = family_of(resolved.spec)
+        check_supported(options.cache, family)
+        targets = options.lora_target_modules or family.lora_target_modules
         pipeline = load_pipeline(resolved)
-        modules = lora_modules(pipeline.transformer, options.lora_target_modules)
-        slot = LoraSlot(pipeline.transformer, slot_rank_for(options, resolved.spec.name, modules), options.lora_target_modules)
+        modules = lora_modules(pipeline.transformer, targets)
+        slot = LoraSlot(pipeline.transformer, slot_rank_for(options, resolved.spec.name, modules), targets)
         place_pipeline(pipeline, options.device, options.offload)
         quantize_transformer(pipeline.transformer, quantization)
         apply_attention(pipeline.transformer, options.attention, options.device)
-        step_cache = StepCache.apply(pipeline, options.cache)
+        step_cache = StepCache.apply(pipeline, options.cache, family)
         compiled = None
         if options.compile:
             compiled = CompiledTransformer(options.compile_cache_dir)

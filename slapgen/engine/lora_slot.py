@@ -33,6 +33,7 @@ class LoraSlot:
     def __init__(self, transformer: torch.nn.Module, max_rank: int, target_modules: list[str] | tuple[str, ...]):
         self.transformer = transformer  # the module itself, not a compiled wrapper: swaps write into it
         self.max_rank = max_rank
+        self.target_modules = tuple(target_modules)
         self._loaded: LoadedAdapter | None = None  # whose weights are in the slot
         self.active: str | None = None  # adapter in effect (None: base model)
         self.swaps = 0

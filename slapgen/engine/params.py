@@ -88,9 +88,12 @@ class EngineOptions:
     quantization: Quantization = "none"
     compile: bool = False
     compile_cache_dir: Path | None = None  # inductor's cache folder (`slapgen.engine.compiling.CompileCache`)
-    adapters_dir: Path = Path("adapters")
+    # The adapters' folder, always given (the service's is under SLAP_CACHE_DIR): a relative default wrote an
+    # `adapters/` folder wherever the process ran.
+    adapters_dir: Path = field(kw_only=True)
     max_lora_rank: int | None = None
-    lora_target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    # The modules the LoRA slot holds; None: the model family's (`ModelFamily.lora_target_modules`).
+    lora_target_modules: tuple[str, ...] | None = None
     adapter_cache_size: int = 8
     max_queue: int | None = None  # generations running + waiting; more raise QueueFullError (None: no limit)
     attention: AttentionKernel = "sdpa"

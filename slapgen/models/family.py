@@ -352,7 +352,9 @@ class ModelFamily(ABC):
         """A LoRA in one of `community_lora_layouts` -> diffusers' keys (`transformer.<module>.lora_A/B.weight`,
         alphas folded into the weights), by the family's own diffusers loader (`lora_state_dict`, which is what
         `load_lora_weights` converts a file with), so the adapter served is the one diffusers would load.
-        Raises whatever the converter raises on a file it cannot convert; callers make it their error."""
+        Raises AdapterError (a sentence) for a file the family refuses before converting it (one whose effect
+        the converter would partly drop), else whatever the converter raises on a file it cannot convert;
+        callers make it their error."""
         return self.pipeline_class().lora_state_dict(dict(state_dict))
 
     @abstractmethod

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from slapgen.errors import AdapterError
 from slapgen.models import family
 from slapgen.models.family import CLEAN_FRAME, FramePlan, LatentBatch, NoiseDraws, StepCacheHooks, VaeFactors
 from slapgen.models.flow_matching import (
@@ -78,11 +79,20 @@ COMMUNITY_LORA_LAYOUTS = (("diffusion_model.", "wan-original"), ("lora_unet_", "
 # "7_000"), so a hostile block number is refused first.
 MAX_BLOCKS = max(config["num_layers"] for config in (WAN21_T2V_1_3B_TRANSFORMER, WAN21_T2V_14B_TRANSFORMER,
                                                       WAN22_TI2V_5B_TRANSFORMER))
-# Every key a community Wan LoRA may hold, whole: a LoRA matrix or alpha of a block's attention (self and text
-# cross-attention) or feed-forward, with an ASCII block number of one or two digits. Everything else the
-# converters take is refused before them: full-weight deltas (`.diff`, `.diff_b`: dropped, or an identity
-# matrix as large as the tensor's first dimension for `head.head.diff`), DoRA's `dora_scale` (dropped), image
-# cross-attention (`k_img`/`v_img`, image-to-video models only) and embedding or head LoRAs.
+# Community Wan LoRAs may hold more than low-rank factors: full-weight deltas (`.diff`), bias deltas (`.diff_b`)
+# and DoRA magnitudes (`dora_scale`). diffusers 0.42.1 drops `.diff` (an info log; `load_lora_weights` then
+# makes the frames of the LoRA without them, checked on tiny-wan) and every norm layer's `.diff` / `.diff_b`,
+# refuses `dora_scale` in Wan's original layout and drops it (a warning) in musubi-tuner's, and makes a linear
+# layer's `.diff_b` a peft LoRA bias, which the engine's slot does not hold. So an upload with any of them
+# non-zero (any `dora_scale`) is refused, naming the kinds; all-zero deltas change nothing and are left out.
+DELTA_KINDS = {".diff": "full-weight deltas (.diff)", ".diff_b": "bias deltas (.diff_b)"}
+DORA_KEY = "dora_scale"
+# Every key a community Wan LoRA may hold, whole, checked on the header before any tensor is read: a LoRA
+# matrix or alpha of a block's attention (self and text cross-attention) or feed-forward, with an ASCII block
+# number of one or two digits; or a delta / DoRA key (plain ASCII names), which `convert_community_lora`
+# refuses or leaves out before the converter sees the file. Everything else the converters take is refused:
+# image cross-attention (`k_img`/`v_img`, image-to-video models only) and embedding or head LoRAs (for
+# `head.head.diff` diffusers builds an identity matrix as large as the tensor's first dimension).
 COMMUNITY_LORA_KEYS = {
     "wan-original": re.compile(r"diffusion_model\.blocks\.([0-9]{1,2})\."
                                r"(?:self_attn\.[qkvo]|cross_attn\.[qkvo]|ffn\.[02])"
@@ -90,6 +100,7 @@ COMMUNITY_LORA_KEYS = {
     "musubi-tuner": re.compile(r"lora_unet_blocks_([0-9]{1,2})_(?:self_attn_[qkvo]|cross_attn_[qkvo]|ffn_[02])"
                                r"\.(?:lora_down\.weight|lora_up\.weight|alpha)"),
 }
+DELTA_OR_DORA_KEY = re.compile(r"(?:diffusion_model\.|lora_unet_)[a-z0-9_.]{1,100}(?:\.diff|\.diff_b|[._]dora_scale)")
 
 
 def _wan_spec(name: str, height: int, width: int, fps: int, max_num_frames: int, spatial_compression: int) -> ModelSpec:
@@ -318,14 +329,32 @@ class WanFamily(family.ModelFamily):
         pattern = COMMUNITY_LORA_KEYS[layout]
         for key in keys:
             match = pattern.fullmatch(key)
+            if match is None and DELTA_OR_DORA_KEY.fullmatch(key):
+                continue  # refused or left out by `convert_community_lora`, before the converter
             if match is None:
                 raise ValueError(
                     f"{key[:120]!r} is not a LoRA matrix or alpha of a Wan block's attention or feed-forward, "
-                    "the only keys served from this layout (full-weight .diff/.diff_b deltas, DoRA's dora_scale, "
-                    "image cross-attention and embedding or head LoRAs are not)")
+                    "the only LoRA keys served from this layout (image cross-attention and embedding or head "
+                    "LoRAs are not)")
             if int(match.group(1)) >= MAX_BLOCKS:
                 raise ValueError(f"{key[:120]!r} names block {match.group(1)}, and no Wan model has more than "
                                  f"{MAX_BLOCKS} blocks")
+
+    def convert_community_lora(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """diffusers' conversion (`WanPipeline.lora_state_dict`) of a file whose keys passed
+        `check_community_lora_keys`, once nothing in it is one diffusers would drop or the slot cannot hold
+        (`DELTA_KINDS`, `DORA_KEY`: AdapterError naming the kinds); all-zero deltas are left out first."""
+        deltas = {key for key in state_dict if key.endswith(tuple(DELTA_KINDS))}
+        kinds = [what for suffix, what in DELTA_KINDS.items()
+                 if any(key.endswith(suffix) and bool(state_dict[key].any()) for key in deltas)]
+        if any(DORA_KEY in key for key in state_dict):
+            kinds.append(f"DoRA magnitudes ({DORA_KEY})")
+        if kinds:
+            listed = " and ".join([", ".join(kinds[:-1]), kinds[-1]] if len(kinds) > 1 else kinds)
+            raise AdapterError(f"it holds {listed}, which diffusers' Wan LoRA loader drops or this service's LoRA slot "
+                               "cannot hold, so served it would make frames its author's LoRA does not; only its "
+                               "lora_down/lora_up (lora_A/lora_B) and alpha keys can be served", field="adapter")
+        return super().convert_community_lora({key: value for key, value in state_dict.items() if key not in deltas})
 
     def kernel_attention_processor(self, kernel_context: Callable[[], AbstractContextManager]):
         return kernel_attention_processor(kernel_context)

@@ -65,7 +65,7 @@ _SHOWN_CHARS = 40
 
 def validation_sentence(error: Mapping) -> str:
     """One of pydantic's error dicts (`ValidationError.errors()`) as slapgen's sentence, naming the field
-    and, where pydantic kept it, the value: "width must be a multiple of 16, got 100". The one place that
+    and, where pydantic kept it, the value: "seed must be greater than or equal to 0, got -1". The one place that
     phrases a refused request body, for every route."""
     loc = [str(part) for part in error.get("loc", ())]
     field = ".".join(loc) or "the body"

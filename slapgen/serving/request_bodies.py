@@ -1,7 +1,7 @@
 """The bodies of BentoML's `@api` routes are checked here, before BentoML parses them.
 
 BentoML answers a body pydantic refuses with `"error": "1 validation error for GenerateRequestIODescriptor"`
-and pydantic's message ("Input should be a multiple of 16") without the field. The models here are the
+and pydantic's message ("Input should be greater than or equal to 16") without the field. The models here are the
 very ones BentoML validates with (each api's `input_spec`, built from slapgen's request models), so the
 rule is the same; only the answer is slapgen's sentence naming the field and value
 (`http_errors.validation_error_body`, as every other route answers). A valid body goes on to BentoML

@@ -74,8 +74,12 @@ class GenerateRequest(BaseModel):
     guidance_scale: float | None = Field(None, ge=0, le=MAX_GUIDANCE_SCALE)
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="random when omitted; echoed in X-Seed")
     fps: int | None = Field(None, ge=1, le=60)
-    height: int | None = Field(None, ge=SIZE_MULTIPLE, multiple_of=SIZE_MULTIPLE)
-    width: int | None = Field(None, ge=SIZE_MULTIPLE, multiple_of=SIZE_MULTIPLE)
+    # The multiple is the model's (`ModelSpec.size_multiple`: 16, or 32 for Wan 2.2 TI2V-5B), checked in
+    # `for_model` only, so every size hears one rule; here only the bound no model goes below.
+    height: int | None = Field(None, ge=SIZE_MULTIPLE, description="a multiple of the model's size_multiple "
+                                                                 "(GET /info: limits.size_multiple), at most its native height")
+    width: int | None = Field(None, ge=SIZE_MULTIPLE, description="a multiple of the model's size_multiple "
+                                                                "(GET /info: limits.size_multiple), at most its native width")
     condition_image: Annotated[str, StringConstraints(max_length=MAX_CONDITION_IMAGE_CHARS)] | None = Field(
         None, description="TIC-FT adapters only: the frame to animate, a base64 PNG or JPEG (or a data: URI), "
                           "at most 8 MiB; resized and centre-cropped to the output size")
@@ -101,7 +105,7 @@ class GenerateRequest(BaseModel):
             value, limit = getattr(self, field), getattr(spec, field)
             if value is not None and value > limit:
                 raise RequestError(f"{field} must be at most {limit} for {spec.name}, got {value}", field=field)
-            if value is not None and value % spec.size_multiple:  # a model with a coarser grid than the base one
+            if value is not None and value % spec.size_multiple:  # the one size-multiple rule of a request
                 raise RequestError(f"{field} must be a multiple of {spec.size_multiple} for {spec.name}, got {value}",
                                    field=field)
         if self.adapter is not None and adapters is not None and self.adapter not in adapters:

@@ -85,8 +85,9 @@ class SlapSettings(BaseSettings):
         description="highest adapter rank the hot-swap slot holds; auto: the largest adapter in SLAP_ADAPTERS_DIR "
         "at start-up, at least 128",
     )
-    lora_target_modules: str = Field(
-        "to_q,to_k,to_v,to_out.0", pattern=r"^[\w.]+(,[\w.]+)*$", description="modules adapters may target"
+    lora_target_modules: str | None = Field(
+        None, pattern=r"^[\w.]+(,[\w.]+)*$",
+        description="modules adapters may target; unset: the model family's (to_q,to_k,to_v,to_out.0 for CogVideoX and Wan)"
     )
     adapter_cache_size: int = Field(8, ge=1, description="adapters kept in CPU memory (LRU)")
     api_token: SecretStr | None = Field(
@@ -143,8 +144,9 @@ class SlapSettings(BaseSettings):
         """Where a store lives: SLAP_DATABASE_URL, or else its own SQLite file."""
         return self.database_url or default_file
 
-    def target_modules(self) -> list[str]:
-        return self.lora_target_modules.split(",")
+    def target_modules(self) -> tuple[str, ...] | None:
+        """SLAP_LORA_TARGET_MODULES as module names; None when unset (the engine takes the model family's)."""
+        return tuple(self.lora_target_modules.split(",")) if self.lora_target_modules else None
 
     def engine_options(self, worker_index: int = 1) -> EngineOptions:
         """What this worker's engine runs with; with several GPUs, worker k (1-based) takes GPU k-1."""
@@ -166,7 +168,7 @@ class SlapSettings(BaseSettings):
             compile_cache_dir=self.compile_cache_dir,
             adapters_dir=self.adapters_dir,
             max_lora_rank=None if self.max_lora_rank == "auto" else self.max_lora_rank,
-            lora_target_modules=tuple(self.target_modules()),
+            lora_target_modules=self.target_modules(),
             adapter_cache_size=self.adapter_cache_size,
             max_queue=self.max_queue,
             attention=self.attention,

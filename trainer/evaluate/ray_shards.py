@@ -56,7 +56,7 @@ def not_shared_sentence(out: Path, nodes: list[str]) -> str:
 
 
 def generate_shard(options, resolved, worker: int, planned: list, layouts: dict, prompts: list[str],
-                   conditions: list[Path], params, rank: int, targets: tuple[str, ...], device: str) -> int:
+                   conditions: list[Path], params, rank: int, targets: tuple[str, ...] | None, device: str) -> int:
     """One worker's stretch of videos, inside a Ray task: one pipeline on `device`, `run.generate` keeping the
     mp4s already there (a retried attempt's). Returns how many videos the stretch has."""
     import ray
@@ -84,7 +84,7 @@ def generate_shard(options, resolved, worker: int, planned: list, layouts: dict,
 
 
 def generate_on_ray(options, resolved, planned: list, layouts: dict, prompts: list[str], conditions: list[Path],
-                    params, rank: int, targets: tuple[str, ...], interval_s: float = 1.0) -> tuple[list, int]:
+                    params, rank: int, targets: tuple[str, ...] | None, interval_s: float = 1.0) -> tuple[list, int]:
     """The videos of `planned` (`run.planned_videos`) made by workers (Ray tasks, all submitted at once; Ray queues
     what the cluster cannot place yet) on the cluster `ray_cluster.connect` joined. Returns the `run.Video`s in the
     order one process makes them, and how many workers made them. EvalError naming each failed worker and its log."""

@@ -122,7 +122,7 @@ def evaluate(options: EvalOptions) -> dict:
     videos = generate(generator, planned, layouts, prompts, conditions, params, options, out, timer) \
         if options.generates and options.ray is None else []
     engine = {"device": options.device, "adapter_swaps": generator.slot.swaps,
-              "slot_rank": generator.slot.max_rank, "slot_target_modules": list(targets)}
+              "slot_rank": generator.slot.max_rank, "slot_target_modules": list(generator.slot.target_modules)}
     del generator
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

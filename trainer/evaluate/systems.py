@@ -27,8 +27,6 @@ from trainer.errors import EvalError
 from trainer.evaluate.checkpoints import Candidate, slot_name, system_name
 from trainer.evaluate.options import BASE, AdapterArg
 
-DEFAULT_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
-
 
 @dataclass(frozen=True)
 class System:
@@ -113,8 +111,9 @@ def stage_adapters(systems: list[System], folder: Path) -> None:
         os.replace(staging, link)  # atomic, like every other write
 
 
-def slot_shape(systems: list[System]) -> tuple[int, tuple[str, ...]]:
-    """The LoRA slot's rank and target modules: enough for every adapter (rank 1 with none)."""
+def slot_shape(systems: list[System]) -> tuple[int, tuple[str, ...] | None]:
+    """The LoRA slot's rank and target modules: enough for every adapter (rank 1 with none; target modules
+    None with none, which the engine reads as the model family's)."""
     rank = max([system.rank for system in systems] + [1])
-    modules = sorted({module for system in systems for module in system.target_modules} or set(DEFAULT_TARGET_MODULES))
-    return rank, tuple(modules)
+    modules = sorted({module for system in systems for module in system.target_modules})
+    return rank, tuple(modules) or None

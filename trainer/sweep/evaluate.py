@@ -236,6 +236,7 @@ def run_heldout_losses(folder: Path, config: TrainConfig, inputs: EvaluationInpu
     from trainer.train import WEIGHT_DTYPES, mixed_precision_for
 
     resolved = resolve_model(config.model, config.model_cache_dir, setting=TRAINER_SETTING)
+    config = config.with_model_defaults(resolved.spec)
     data = config.data.model_copy(update={"max_clips": None})
     cache_root = config.latent_cache or Path(folder) / "cache"
     entries = heldout_entries(inputs.heldout, resolved, data, cache_root, device=inputs.device, progress=False,
