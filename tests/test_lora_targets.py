@@ -64,5 +64,6 @@ def test_engine_settings_and_eval_leave_the_targets_to_the_family(wan_with_own_t
     generator = VideoGenerator.load(resolve_model("tiny-wan", tiny_wan_cache_dir),
                                     EngineOptions(adapters_dir=tmp_path / "adapters", max_lora_rank=4))
     assert generator.slot.target_modules == OWN_TARGETS
+    assert generator.info()["lora_target_modules"] == list(OWN_TARGETS)  # what GET /info tells a LoRA's author
     names = {name.rsplit(".", 1)[-1] for name in generator.slot.modules}
     assert names == set(OWN_TARGETS) and len(generator.slot.modules) > 2

@@ -128,6 +128,7 @@ class VideoGenerator:
             "adapter": self.slot.active,
             "adapter_swaps": self.slot.swaps,
             "max_lora_rank": self.slot.max_rank,
+            "lora_target_modules": list(self.slot.target_modules),  # the family's unless SLAP_LORA_TARGET_MODULES
             "recompilations": self.compiled.recompilations if self.compiled else 0,
             "compile_cache": self.compiled.cache.info() if self.compiled and self.compiled.cache else None,
             "queue": self.queue_length,
