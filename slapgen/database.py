@@ -5,7 +5,7 @@ The job board, the studio's ratings and the rating campaigns are tables in one d
 each keeps its own SQLite file as before (`SLAP_CACHE_DIR/jobs.sqlite`, `SLAP_DATA_DIR/ratings.sqlite`,
 `SLAP_DATA_DIR/campaigns.sqlite`). Every statement the stores run is SQLAlchemy Core, so one code path
 serves both databases; what differs (WAL and the busy timeout on SQLite, `INSERT ... ON CONFLICT DO
-NOTHING`'s spelling) is decided here or by the dialect.
+NOTHING`'s spelling, reading the database's clock: `epoch_now`) is decided here or by the dialect.
 
 Schemas are alembic migrations (`slapgen/migrations`), one independent branch per store (`jobs`,
 `ratings`, `campaigns`), so a store's own SQLite file carries only its tables and one shared database
