@@ -119,7 +119,8 @@ def _unreachable_engine(database_url: str):
     or an SQLite file in a folder that does not exist (both raise DBAPIError at connect)."""
     if database_url.startswith("sqlite"):
         return create_engine("sqlite:////nonexistent-folder-of-slapgen-tests/jobs.sqlite")
-    return create_engine(f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/gone", connect_args={"connect_timeout": 5})
+    return create_engine(f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/gone",
+                         connect_args={"connect_timeout": 5})
 
 
 def test_a_database_that_does_not_answer_fails_no_job_until_the_lease_passes(database_url, caplog):
