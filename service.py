@@ -169,7 +169,7 @@ class SlapGen:
             job_board.queued(task_id, params.num_inference_steps)
             path = self.generator.generate_mp4(
                 params, Path(ctx.temp_dir) / "video.mp4", on_step=lambda k, n: job_board.step(task_id, k, n),
-                deadline=None if submitted else _deadline(), cancelled=lambda: job_board.cancel_requested(task_id),
+                deadline=None if submitted else _deadline(), cancelled=lambda: job_board.stop_requested(task_id),
                 admission=getattr(ctx.request.state, ADMISSION_KEY, None),
             )
             video = path.read_bytes()

@@ -5,7 +5,7 @@ The job board, the studio's ratings and the rating campaigns are tables in one d
 each keeps its own SQLite file as before (`SLAP_CACHE_DIR/jobs.sqlite`, `SLAP_DATA_DIR/ratings.sqlite`,
 `SLAP_DATA_DIR/campaigns.sqlite`). Every statement the stores run is SQLAlchemy Core, so one code path
 serves both databases; what differs (WAL and the busy timeout on SQLite, `INSERT ... ON CONFLICT DO
-NOTHING`'s spelling) is decided here or by the dialect.
+NOTHING`'s spelling, reading the database's clock: `epoch_now`) is decided here or by the dialect.
 
 Schemas are alembic migrations (`slapgen/migrations`), one independent branch per store (`jobs`,
 `ratings`, `campaigns`), so a store's own SQLite file carries only its tables and one shared database
@@ -25,9 +25,11 @@ import threading
 from contextlib import contextmanager
 from pathlib import Path
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Double, Engine, cast, create_engine, event, extract, func
 from sqlalchemy.engine import URL, make_url
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.pool import NullPool, StaticPool
+from sqlalchemy.sql.functions import FunctionElement
 
 from slapgen.errors import SettingsError
 
@@ -118,6 +120,27 @@ def upsert_ignoring(engine_or_connection, table):
     else:
         from sqlalchemy.dialects.sqlite import insert
     return insert(table).on_conflict_do_nothing()
+
+
+class epoch_now(FunctionElement):
+    """The database's clock, in seconds since the epoch (a float), for timestamps that processes on several
+    machines write and compare: every one reads the same clock, so a replica whose own clock is off judges
+    no live job stale. PostgreSQL: the server's `clock_timestamp()`; SQLite: its `julianday('now')`, the
+    clock of the machine whose processes share the file."""
+
+    type = Double()
+    inherit_cache = True
+
+
+@compiles(epoch_now, "postgresql")
+def _postgresql_epoch_now(element, compiler, **kw):
+    return compiler.process(cast(extract("epoch", func.clock_timestamp()), Double), **kw)
+
+
+@compiles(epoch_now, "sqlite")
+def _sqlite_epoch_now(element, compiler, **kw):
+    # unixepoch('subsec') needs SQLite 3.42; julianday counts days from -4713-11-24 12:00 (2440587.5 is 1970).
+    return compiler.process((func.julianday("now") - 2440587.5) * 86400.0, **kw)
 
 
 _process_migration_lock = threading.Lock()

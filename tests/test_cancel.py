@@ -28,13 +28,13 @@ def test_the_board_cancels_queued_jobs_at_once_and_running_ones_after_their_step
     board.submitted("queued-job", 10)
     assert board.cancel("queued-job")["state"] == "canceled"
     board.queued("queued-job", 10)  # its handler starts later
-    assert board.get("queued-job")["state"] == "canceled" and board.cancel_requested("queued-job")
+    assert board.get("queued-job")["state"] == "canceled" and board.stop_requested("queued-job")
 
     board.submitted("running-job", 10)
     board.step("running-job", 3, 10)
     assert board.cancel("running-job")["state"] == "canceling"
     board.step("running-job", 4, 10)
-    assert board.get("running-job")["state"] == "canceling" and board.cancel_requested("running-job")
+    assert board.get("running-job")["state"] == "canceling" and board.stop_requested("running-job")
     board.canceled("running-job", "the job was canceled after 4 of 10 denoising steps")
     assert board.get("running-job")["state"] == "canceled"
 
@@ -45,7 +45,7 @@ def test_the_board_cancels_queued_jobs_at_once_and_running_ones_after_their_step
             board.cancel(task_id)
     with pytest.raises(JobNotFoundError):
         board.cancel("never-submitted")
-    assert not board.cancel_requested("done-job") and not board.cancel_requested("never-submitted")
+    assert not board.stop_requested("done-job") and not board.stop_requested("never-submitted")
     # Another process (another worker) sees the same states.
     assert JobBoard(database_url).get("running-job")["state"] == "canceled"
 
@@ -63,13 +63,13 @@ def test_a_cancel_after_the_last_denoising_step_is_refused_with_what_will_happen
     with pytest.raises(JobFinishingError, match="already finishing") as refused:
         board.cancel("decoding-job")
     assert status_for(refused.value) == 409 and board.get("decoding-job")["state"] == "finishing"
-    assert not board.cancel_requested("decoding-job")
+    assert not board.stop_requested("decoding-job")
 
     board.submitted("canceled-in-time", 3)
     board.step("canceled-in-time", 2, 3)
     board.cancel("canceled-in-time")
     board.step("canceled-in-time", 3, 3)  # the last step's report comes after the cancel
-    assert board.get("canceled-in-time")["state"] == "canceling" and board.cancel_requested("canceled-in-time")
+    assert board.get("canceled-in-time")["state"] == "canceling" and board.stop_requested("canceled-in-time")
 
 
 def test_at_start_up_the_jobs_of_a_dead_server_end_failed(database_url):
@@ -178,7 +178,7 @@ def test_a_cancel_racing_the_last_step_never_answers_canceling_for_a_job_that_wi
 
     def last_step_of_the_other_worker():
         running_worker.step("job", 3, 3)
-        worker_read_cancel.append(running_worker.cancel_requested("job"))
+        worker_read_cancel.append(running_worker.stop_requested("job"))
 
     cancelling = JobBoard(database_url)
     other_worker = threading.Thread(target=last_step_of_the_other_worker)
@@ -316,33 +316,34 @@ def test_cancel_over_http_stops_the_running_job_skips_the_queued_one_and_the_nex
     assert np.array_equal(read_mp4(tmp_path / "after.mp4")[0], read_mp4(tmp_path / "reference.mp4")[0])
 
 
-def test_at_start_up_another_machines_jobs_past_their_lease_end_failed(database_url, monkeypatch):
+def test_at_start_up_another_machines_jobs_past_their_lease_end_failed(database_url):
     """Guards the jobs of a replica replaced by one with another host name (Kubernetes names a new pod
     anew) staying `running` forever: start-up judged only its own machine's rows. Another machine's
-    unfinished jobs not updated for the lease end failed; its fresh ones, and its queued jobs renewed by
-    the step of the job they wait behind, are left alone (that replica is alive)."""
+    unfinished jobs not updated for the lease end failed; its fresh ones, its queued job renewed by its
+    live process (`renew`, which its renewal thread runs), are left alone (that replica is alive)."""
     from sqlalchemy import update
 
+    from slapgen.database import epoch_now
     from slapgen.serving import jobs as jobs_module
 
     lease_s = 900
     gone, live = JobBoard(database_url, owner=1), JobBoard(database_url, owner=1)
-    for task_id in ("gone-running", "gone-queued", "gone-finishing", "gone-done", "live-running", "live-queued"):
+    for task_id in ("gone-running", "gone-queued", "gone-finishing", "gone-done"):
         gone.submitted(task_id, 4)
+    for task_id in ("live-running", "live-queued"):
+        live.submitted(task_id, 4)
     gone.step("gone-running", 1, 4)
     gone.step("gone-finishing", 4, 4)
     gone.completed("gone-done")
     live.step("live-running", 1, 4)
-    stale = jobs_module.time.time() - lease_s - 1
+    stale = epoch_now() - lease_s - 1
     with gone._connect() as db:  # rows written by two other machines; the "gone" ones last updated past the lease
         db.execute(update(jobs_module.jobs).where(jobs_module.jobs.c.task_id.like("gone-%")).values(
             host="old-pod-7f9c", updated_at=stale))
         db.execute(update(jobs_module.jobs).where(jobs_module.jobs.c.task_id.like("live-%")).values(
             host="live-pod-2b1d", updated_at=stale))
-    # The live replica's running job takes a step: its own row and the queued job behind it are renewed.
-    monkeypatch.setattr(jobs_module, "HOST", "live-pod-2b1d")
-    live.step("live-running", 2, 4)
-    monkeypatch.undo()
+    # The live replica's process renews the jobs it holds: its running job and the queued one behind it.
+    assert live.renew() == 2
 
     starting = JobBoard(database_url, owner=2, lease_s=lease_s)
     assert starting.end_orphaned("the server restarted", alive=lambda pid, started: True) == 3
@@ -362,6 +363,7 @@ def test_a_running_replica_fails_a_vanished_replicas_job_when_it_reads_it(databa
     ones, this server's own, and any job read through a board without a lease are left as they are."""
     from sqlalchemy import update
 
+    from slapgen.database import epoch_now
     from slapgen.serving import jobs as jobs_module
 
     lease_s = 60
@@ -373,7 +375,7 @@ def test_a_running_replica_fails_a_vanished_replicas_job_when_it_reads_it(databa
     vanished.completed("stale-done")
     survivor = JobBoard(database_url, owner=os.getpid(), lease_s=lease_s)
     survivor.submitted("own-stale", 4)  # a row this very server wrote
-    stale = jobs_module.time.time() - lease_s - 1
+    stale = epoch_now() - lease_s - 1
     with vanished._connect() as db:
         db.execute(update(jobs_module.jobs).where(jobs_module.jobs.c.task_id.like("stale-%")).values(
             host="vanished-pod-7f9c", updated_at=stale))

@@ -24,11 +24,19 @@ the host name: a replica's pod or container): a server judges only its own machi
 jobs of another replica sharing the database are left to that replica (every container's server is
 pid 1, so without the host one replica's start-up failed the others' running jobs). Another machine's
 unfinished job is failed at start-up only when its row went `SLAP_JOB_LEASE_S` without an update: its
-replica is gone (Kubernetes names a replacement pod anew, so no one else would ever end them); a running
-job updates its row every step, and renews the queued jobs of its machine with it. The same rule
-(`_fail_stale`) runs whenever a replica reads a job (`get`: `/jobs/status`, `/jobs/get`, `/jobs/progress`):
-another server's unfinished job past its lease is failed in that read's transaction, so a replica that
-vanished while the others run on leaves no job `running` forever, with no background work of our own.
+replica is gone (Kubernetes names a replacement pod anew, so no one else would ever end them). The same
+rule (`_fail_stale`) runs whenever a replica reads a job (`get`: `/jobs/status`, `/jobs/get`,
+`/jobs/progress`): another server's unfinished job past its lease is failed in that read's transaction, so
+a replica that vanished while the others run on leaves no job `running` forever.
+
+A live process renews the lease of every unfinished job it holds (submitted or started there, not ended)
+from a daemon thread of its own, every quarter of the lease (`renew`), whatever its model is doing: a job
+queued behind a long synchronous `/generate`, or one whose first step waits for a compile, is as alive as
+one taking steps. `updated_at` is the database's clock (`epoch_now`), written and compared there, so clocks
+that differ between replicas judge nothing. A job failed by another replica is stopped by its worker at its
+next check (`stop_requested`), and a job's end is written only while it is unfinished: the first end wins.
+Progress writes are best effort: a database that does not answer (a PostgreSQL failover) is logged once and
+the next step writes again; only past the lease, when other replicas fail the job anyway, does it fail.
 
 Every change that depends on a job's state is one conditional UPDATE, so two workers deciding at once
 cannot both act on a state one of them has already changed.
@@ -37,10 +45,12 @@ cannot both act on a state one of them has already changed.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -49,7 +59,7 @@ from sqlalchemy import (BigInteger, Column, Connection, Double, Integer, MetaDat
                         update)
 from sqlalchemy.exc import DBAPIError
 
-from slapgen.database import open_store, upsert_ignoring
+from slapgen.database import epoch_now, open_store, upsert_ignoring
 from slapgen.errors import JobFinishedError, JobFinishingError, JobNotFoundError
 from slapgen.lifetime import instance_alive, process_start_time
 
@@ -57,6 +67,9 @@ MAX_TRACKED_JOBS = 10_000
 COLUMNS = ("task_id", "state", "step", "total_steps", "error", "updated_at")
 ENDED = ("completed", "failed", "canceled")
 UNFINISHED = ("queued", "running", "canceling", "finishing")
+# What the worker running a job stops for, at its next check: a cancel, or another replica that failed it.
+STOP = ("canceling", "canceled", "failed")
+log = logging.getLogger(__name__)
 
 # The table as its newest migration (slapgen/migrations/versions/jobs_*) leaves it.
 jobs = Table(
@@ -92,16 +105,25 @@ def _own_start_time(pid: int) -> int | None:
 class JobBoard:
     """`where`: the database (a URL, an SQLite file's path, or None: in memory); `owner`: the pid of the
     server whose workers write through this board (None: unknown); `lease_s`: how long another server's
-    unfinished job may go without an update before it is failed as abandoned (None: never, one server)."""
+    unfinished job may go without an update before it is failed as abandoned (None: never, one server);
+    `renew_every_s`: how often a process renews the jobs it holds (default a quarter of the lease; None
+    without a lease: no renewal)."""
 
     def __init__(self, where: Path | str | None = None, max_jobs: int = MAX_TRACKED_JOBS, owner: int | None = None,
-                 lease_s: float | None = None):
+                 lease_s: float | None = None, renew_every_s: float | None = None):
         self._max_jobs = max_jobs
         self._lease_s = lease_s
+        self._renew_every_s = renew_every_s if renew_every_s is not None else lease_s / 4 if lease_s else None
         self._owner = owner
         self._owner_started = process_start_time(owner) if owner is not None else None
         self._lock = threading.Lock()  # one writer per process at a time (SQLite would make the others wait)
         self._engine = open_store(where, "jobs")
+        # The unfinished jobs this process holds, whose leases it renews, and the process they belong to (a
+        # forked child holds none of its parent's, nor its renewal thread).
+        self._held: set[str] = set()
+        self._held_by: int | None = None
+        self._held_lock = threading.Lock()
+        self._unreachable_since: float | None = None  # time.monotonic() of a best-effort write's first failure
 
     @contextmanager
     def _connect(self) -> Iterator[Connection]:
@@ -113,49 +135,104 @@ class JobBoard:
         # Written by the worker that takes the job (its submit and its handler run there).
         worker = os.getpid()
         db.execute(upsert_ignoring(db, jobs).values(
-            task_id=task_id, state="queued", step=0, total_steps=total_steps, error=None, updated_at=time.time(),
+            task_id=task_id, state="queued", step=0, total_steps=total_steps, error=None, updated_at=epoch_now(),
             owner=self._owner, owner_started=self._owner_started, worker=worker,
             worker_started=_own_start_time(worker), host=HOST))
 
-    def _update(self, task_id: str, **changes) -> None:
-        with self._lock, self._connect() as db:
-            self._insert(db, task_id, 0)
-            db.execute(update(jobs).where(jobs.c.task_id == task_id).values(**changes, updated_at=time.time()))
-            newest = select(jobs.c.task_id).order_by(jobs.c.updated_at.desc()).offset(self._max_jobs)
-            db.execute(delete(jobs).where(jobs.c.task_id.in_(newest.scalar_subquery())))
+    def _end(self, task_id: str, ended_from: tuple[str, ...], **changes) -> None:
+        """Write a job's end, only while its state is one of `ended_from`: the first end wins (a job another
+        replica failed stays failed, a completed one carries no error written after it). This process no
+        longer holds the job either way: a write that raised leaves no row renewed forever."""
+        try:
+            with self._lock, self._connect() as db:
+                self._insert(db, task_id, 0)
+                db.execute(update(jobs).where(jobs.c.task_id == task_id, jobs.c.state.in_(ended_from)).values(
+                    **changes, updated_at=epoch_now()))
+                newest = select(jobs.c.task_id).order_by(jobs.c.updated_at.desc()).offset(self._max_jobs)
+                db.execute(delete(jobs).where(jobs.c.task_id.in_(newest.scalar_subquery())))
+        finally:
+            with self._held_lock:
+                self._held.discard(task_id)
 
     def submitted(self, task_id: str, total_steps: int) -> None:
         """Known from submission on, so a job can be cancelled before its handler starts."""
         with self._lock, self._connect() as db:
             self._insert(db, task_id, total_steps)
+        self._hold(task_id)
 
     def queued(self, task_id: str, total_steps: int) -> None:
         with self._lock, self._connect() as db:
             self._insert(db, task_id, total_steps)
             db.execute(update(jobs).where(jobs.c.task_id == task_id).values(total_steps=total_steps,
-                                                                             updated_at=time.time()))
+                                                                             updated_at=epoch_now()))
+        self._hold(task_id)
 
     def step(self, task_id: str, step: int, total_steps: int) -> None:
-        with self._lock, self._connect() as db:
-            # A cancel that arrived meanwhile stays visible: only a queued or running job moves on, to
-            # finishing once its last denoising step is done (a cancel can then no longer stop it).
-            moved_on = "finishing" if step >= total_steps else "running"
-            db.execute(update(jobs).where(jobs.c.task_id == task_id).values(
-                state=case((jobs.c.state.in_(("queued", "running")), moved_on), else_=jobs.c.state),
-                step=step, total_steps=total_steps, updated_at=time.time()))
-        self._renew_queued()
-
-    def _renew_queued(self) -> None:
-        """The jobs waiting on this machine behind a running one are alive too: their lease is renewed with
-        each step of the job they wait for (another replica's start-up fails only stale ones). Its own
-        transaction, and best effort: two workers renewing the same rows at once may deadlock on
-        PostgreSQL, and the step must not fail for it (the other worker's renewal counts as well)."""
-        try:
+        """Best effort (`_best_effort`): a database that does not answer costs this step's progress only."""
+        def write():
             with self._lock, self._connect() as db:
-                db.execute(update(jobs).where(jobs.c.state == "queued", jobs.c.host == HOST).values(
-                    updated_at=time.time()))
-        except DBAPIError:
-            pass
+                # A cancel that arrived meanwhile stays visible: only a queued or running job moves on, to
+                # finishing once its last denoising step is done (a cancel can then no longer stop it); a job
+                # that ended (another replica failed it) keeps its row as it ended.
+                moved_on = "finishing" if step >= total_steps else "running"
+                db.execute(update(jobs).where(jobs.c.task_id == task_id, jobs.c.state.in_(UNFINISHED)).values(
+                    state=case((jobs.c.state.in_(("queued", "running")), moved_on), else_=jobs.c.state),
+                    step=step, total_steps=total_steps, updated_at=epoch_now()))
+
+        self._best_effort(write, None)
+
+    def _best_effort(self, statement: Callable[[], object], unanswered: object) -> object:
+        """`statement()`'s result, or `unanswered` when the database raised DBAPIError (a failover, a restart):
+        logged once per outage, and the next call tries again. Once the database has not answered for longer
+        than the lease the error is raised: other replicas fail this process's jobs by then."""
+        try:
+            result = statement()
+        except DBAPIError as error:
+            now = time.monotonic()
+            with self._held_lock:
+                first = self._unreachable_since is None
+                if first:
+                    self._unreachable_since = now
+                since = self._unreachable_since
+            if first:
+                log.warning("the job board's database did not answer (%s); jobs run on and their progress is "
+                            "written again at their next step", error.orig or error)
+            if self._lease_s is not None and now - since > self._lease_s:
+                raise
+            return unanswered
+        with self._held_lock:
+            since, self._unreachable_since = self._unreachable_since, None
+        if since is not None:
+            log.warning("the job board's database answers again after %.0f s", time.monotonic() - since)
+        return result
+
+    def _hold(self, task_id: str) -> None:
+        """This process works on the job until its end is written: its lease is renewed meanwhile. The first
+        job a process holds starts its renewal thread (daemon: it ends with the process, or when this board
+        is gone)."""
+        with self._held_lock:
+            if self._held_by != os.getpid():
+                self._held, self._held_by = set(), os.getpid()
+                if self._renew_every_s is not None:
+                    threading.Thread(target=_renew_while_alive, args=(weakref.ref(self), self._renew_every_s),
+                                     name="slapgen-job-leases", daemon=True).start()
+            self._held.add(task_id)
+
+    def renew(self) -> int:
+        """Renew the lease of every unfinished job this process holds, in one UPDATE; returns how many. Its
+        thread calls it every `renew_every_s`: a live server's jobs never go stale, however long one
+        generation (or a compile before its first step) holds the model."""
+        with self._held_lock:
+            held = sorted(self._held) if self._held_by == os.getpid() else []
+        if not held:
+            return 0
+
+        def write():
+            with self._lock, self._connect() as db:
+                return db.execute(update(jobs).where(jobs.c.task_id.in_(held), jobs.c.state.in_(UNFINISHED)).values(
+                    updated_at=epoch_now())).rowcount
+
+        return self._best_effort(write, 0)
 
     def cancel(self, task_id: str) -> dict:
         """Ask a job to stop: a queued job is canceled now, a running one is marked canceling.
@@ -168,7 +245,7 @@ class JobBoard:
             changed = db.execute(update(jobs).where(
                 jobs.c.task_id == task_id, jobs.c.state.in_(("queued", "running", "canceling"))).values(
                 state=case((jobs.c.state == "queued", "canceled"), else_="canceling"),
-                updated_at=time.time())).rowcount
+                updated_at=epoch_now())).rowcount
             row = db.execute(select(*_PUBLIC).where(jobs.c.task_id == task_id)).first()
         if row is None:
             raise JobNotFoundError(f"no job {task_id!r} is known", "task_id")
@@ -180,20 +257,23 @@ class JobBoard:
                                     "complete in a moment", "task_id")
         return job
 
-    def cancel_requested(self, task_id: str) -> bool:
-        job = self.get(task_id)
-        return job is not None and job["state"] in ("canceling", "canceled")
+    def stop_requested(self, task_id: str) -> bool:
+        """Whether the job's worker should stop it: a cancel, or another replica failed it (its lease ran out
+        while the database did not answer). Best effort: unanswered, the job runs on (`_best_effort`)."""
+        job = self._best_effort(lambda: self.get(task_id), None)
+        return job is not None and job["state"] in STOP
 
     def canceled(self, task_id: str, error: str) -> None:
-        self._update(task_id, state="canceled", error=error)
+        # A queued job canceled at once is already canceled: its worker adds why when its handler starts.
+        self._end(task_id, (*UNFINISHED, "canceled"), state="canceled", error=error)
 
     def completed(self, task_id: str) -> None:
-        self._update(task_id, state="completed")
+        self._end(task_id, UNFINISHED, state="completed")
 
     def failed(self, task_id: str, error: str, http_status: int = FAILED_WITHOUT_STATUS) -> None:
         """`http_status`: what the error is answered with (`status_for(error)`), kept for every replica's
         `/jobs/get` of the job."""
-        self._update(task_id, state="failed", error=error, http_status=http_status)
+        self._end(task_id, UNFINISHED, state="failed", error=error, http_status=http_status)
 
     def failure_status(self, task_id: str) -> int:
         """The HTTP status a failed job's `/jobs/get` answers."""
@@ -217,19 +297,19 @@ class JobBoard:
     def _fail_stale(self, db: Connection, task_id: str | None = None) -> int:
         """The lease rule, one guarded UPDATE: fail every unfinished job (or only `task_id`) of another server
         (another machine, or another server process here) not updated for the lease; returns how many. Its
-        replica is gone: a running job updates its row every denoising step and renews the queued jobs of its
-        machine. The condition is re-checked by the UPDATE itself, so a step written meanwhile by the job's
-        own worker (it renews the row) or another replica failing it first leaves it as they left it."""
+        replica is gone: a live process renews the jobs it holds every quarter of the lease (`renew`). Both
+        times are the database's clock. The condition is re-checked by the UPDATE itself, so a renewal written
+        meanwhile by the job's own process or another replica failing it first leaves it as they left it."""
         if self._lease_s is None:
             return 0
-        now = time.time()
         another_server = or_(~_on_this_machine(), jobs.c.owner.is_distinct_from(self._owner),
                              jobs.c.owner_started.is_distinct_from(self._owner_started))
-        stale = update(jobs).where(jobs.c.state.in_(UNFINISHED), jobs.c.updated_at < now - self._lease_s,
+        stale = update(jobs).where(jobs.c.state.in_(UNFINISHED), jobs.c.updated_at < epoch_now() - self._lease_s,
                                    another_server)
         if task_id is not None:
             stale = stale.where(jobs.c.task_id == task_id)
-        return db.execute(stale.values(state="failed", error=stale_reason(self._lease_s), updated_at=now)).rowcount
+        return db.execute(stale.values(state="failed", error=stale_reason(self._lease_s),
+                                       updated_at=epoch_now())).rowcount
 
     def end_dead_workers(self, reason: str, alive: Callable[[int, int | None], bool] = instance_alive) -> int:
         """When a worker of this server starts (circus restarts one that died): fail, with `reason`, the
@@ -249,9 +329,8 @@ class JobBoard:
     @staticmethod
     def _fail_unfinished(db: Connection, task_ids: list[str], reason: str) -> int:
         # Only a job still unfinished: one that ended since it was read keeps its end.
-        now = time.time()
         return sum(db.execute(update(jobs).where(jobs.c.task_id == task_id, jobs.c.state.in_(UNFINISHED)).values(
-            state="failed", error=reason, updated_at=now)).rowcount for task_id in task_ids)
+            state="failed", error=reason, updated_at=epoch_now())).rowcount for task_id in task_ids)
 
     def get(self, task_id: str) -> dict | None:
         """The job's row; an unfinished job of another server past its lease is failed first (`_fail_stale`),
@@ -262,3 +341,18 @@ class JobBoard:
             if row is not None and row[1] in UNFINISHED and self._fail_stale(db, task_id):
                 row = db.execute(select(*_PUBLIC).where(jobs.c.task_id == task_id)).first()
         return dict(zip(COLUMNS, row)) if row else None
+
+
+def _renew_while_alive(board: "weakref.ref[JobBoard]", every_s: float) -> None:
+    """A process's renewal thread: `renew` every `every_s` while its board exists (tests drop theirs). It holds
+    the board only while renewing, and never dies of the database (`renew` is best effort)."""
+    while True:
+        time.sleep(every_s)
+        live = board()
+        if live is None:
+            return
+        try:
+            live.renew()
+        except Exception:  # past the lease the outage is raised; this thread renews again when it ends
+            log.debug("renewing the job leases failed", exc_info=True)
+        del live

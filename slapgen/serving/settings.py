@@ -52,9 +52,9 @@ class SlapSettings(BaseSettings):
         3600, ge=1, description="seconds a request may wait and run before the server gives up"
     )
     job_lease_s: int = Field(
-        900, ge=60, description="seconds another replica's unfinished job may go without an update (a denoising "
-        "step, or a queued job's renewal by its replica's running job) before a replica reading it or starting "
-        "up fails it as its replica's gone; longer than the slowest step or VAE decode"
+        900, ge=60, description="seconds another replica's unfinished job may go without an update (its replica's "
+        "worker renews the jobs it holds every quarter of this, on the database's clock) before a replica reading "
+        "it or starting up fails it as its replica's gone; longer than a database failover"
     )
     max_queue: int = Field(
         16, ge=1, description="generations admitted at once per worker (running + waiting); more get HTTP 429"

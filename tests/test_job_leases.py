@@ -1,0 +1,157 @@
+"""The job board's lease between replicas sharing one database (issue 21's review): a live process renews
+the jobs it holds whatever its model is doing, a job another replica failed stops and keeps that end, the
+lease is judged on the database's clock, and a database that does not answer for a moment fails no job.
+Store-level, on SQLite and PostgreSQL alike (`database_url`)."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import pytest
+from sqlalchemy import create_engine, select, update
+from sqlalchemy.exc import DBAPIError
+
+from slapgen.database import epoch_now
+from slapgen.serving import jobs as jobs_module
+from slapgen.serving.jobs import FAILED_WITHOUT_STATUS, JobBoard, stale_reason
+from tests.conftest import free_port
+
+LEASE_S = 60
+
+
+def _written_by_another_replica(board: JobBoard, task_ids: tuple[str, ...], seconds_ago: float | None = None) -> None:
+    """Rows as replica A's pod wrote them, last updated `seconds_ago` by the database's clock (None: when
+    they were written)."""
+    aged = {} if seconds_ago is None else {"updated_at": epoch_now() - seconds_ago}
+    with board._connect() as db:
+        db.execute(update(jobs_module.jobs).where(jobs_module.jobs.c.task_id.in_(task_ids)).values(
+            host="replica-a-pod", **aged))
+
+
+def _age_s(board: JobBoard, task_id: str) -> float:
+    """Seconds since the row was last written, by the database's clock."""
+    with board._connect() as db:
+        return db.execute(select(epoch_now() - jobs_module.jobs.c.updated_at).where(
+            jobs_module.jobs.c.task_id == task_id)).scalar()
+
+
+def test_a_live_process_renews_the_jobs_it_holds_without_any_step(database_url):
+    """Guards the HIGH finding: queued jobs were renewed only by another job's step, so jobs queued behind a
+    long synchronous /generate (which never touches the board), or a job compiling before its first step,
+    went past the lease and a peer replica failed them while their replica was healthy. The process that
+    holds a job renews it from its own thread; a job no live process holds (its worker is gone) is not
+    renewed and ends failed as before, and an ended job is no longer renewed."""
+    replica_a = JobBoard(database_url, owner=1, lease_s=LEASE_S, renew_every_s=0.05)
+    gone_worker = JobBoard(database_url, owner=1)  # its rows are held by no live process: never renewed
+    for task_id in ("queued-behind-generate", "compiling-before-first-step"):
+        replica_a.submitted(task_id, 4)
+        replica_a.queued(task_id, 4)
+    gone_worker.submitted("worker-gone", 4)
+    held = ("queued-behind-generate", "compiling-before-first-step")
+    _written_by_another_replica(replica_a, (*held, "worker-gone"), seconds_ago=LEASE_S + 1)
+
+    deadline = time.monotonic() + 60
+    while any(_age_s(replica_a, task_id) > LEASE_S for task_id in held) and time.monotonic() < deadline:
+        time.sleep(0.05)  # the renewal thread runs every 0.05 s: no step is ever taken here
+    replica_b = JobBoard(database_url, owner=2, lease_s=LEASE_S)
+    for task_id in held:
+        assert replica_b.get(task_id)["state"] == "queued", replica_b.get(task_id)
+    gone = replica_b.get("worker-gone")
+    assert (gone["state"], gone["error"]) == ("failed", stale_reason(LEASE_S))
+
+    replica_a.completed("queued-behind-generate")
+    assert replica_a.renew() == 1  # only the job still unfinished
+
+
+def test_a_job_another_replica_failed_stops_and_its_first_end_wins(database_url):
+    """Guards a peer's failure being ignored and then overwritten: `cancel_requested` looked only at
+    canceling/canceled, so the worker generated on, and its `completed` turned the failed job into a
+    completed one still carrying the lease's error (or its own failure replaced the peer's). The worker
+    stops a failed job, and an end is written only while the job is unfinished: the failed job keeps
+    its error and status, and a completed job takes no later failure."""
+    replica_a = JobBoard(database_url, owner=1)
+    ending = ("then-completed", "then-failed", "then-canceled")
+    for task_id in ending:
+        replica_a.submitted(task_id, 4)
+        replica_a.step(task_id, 1, 4)
+    _written_by_another_replica(replica_a, ending, seconds_ago=LEASE_S + 1)
+    replica_b = JobBoard(database_url, owner=2, lease_s=LEASE_S)
+    for task_id in ending:
+        assert replica_b.get(task_id)["state"] == "failed"
+        assert replica_a.stop_requested(task_id)
+
+    replica_a.step("then-completed", 2, 4)
+    replica_a.completed("then-completed")
+    replica_a.failed("then-failed", "the worker's own error", 400)
+    replica_a.canceled("then-canceled", "the job was canceled after 1 of 4 denoising steps")
+    for task_id in ending:
+        job = replica_b.get(task_id)
+        assert (job["state"], job["step"], job["error"]) == ("failed", 1, stale_reason(LEASE_S)), job
+        assert replica_b.failure_status(task_id) == FAILED_WITHOUT_STATUS
+
+    replica_a.submitted("completed-first", 4)
+    replica_a.completed("completed-first")
+    replica_a.failed("completed-first", "a late error", 500)
+    replica_a.canceled("completed-first", "a late cancel")
+    assert (replica_b.get("completed-first")["state"], replica_b.get("completed-first")["error"]) == ("completed", None)
+    assert not replica_a.stop_requested("completed-first")
+
+
+def test_clocks_that_differ_between_replicas_fail_no_live_job(database_url, monkeypatch):
+    """Guards the MEDIUM finding: `updated_at` was the writer's `time.time()`, compared with the reader's,
+    so a writer whose clock ran behind (or a reader whose clock ran ahead) by more than the lease failed a
+    job that had just taken a step. Both are the database's clock now: written a moment ago by it."""
+    real_time = time.time
+    monkeypatch.setattr(time, "time", lambda: real_time() - 2 * LEASE_S)  # replica A's clock runs behind
+    replica_a = JobBoard(database_url, owner=1)
+    replica_a.submitted("job", 4)
+    replica_a.step("job", 1, 4)
+    monkeypatch.setattr(time, "time", lambda: real_time() + 2 * LEASE_S)  # replica B's clock runs ahead
+    replica_b = JobBoard(database_url, owner=2, lease_s=LEASE_S)
+    _written_by_another_replica(replica_b, ("job",))
+    assert replica_b.get("job")["state"] == "running"
+    assert 0 <= _age_s(replica_b, "job") < 10  # the database's clock, not either replica's
+
+
+def _unreachable_engine(database_url: str):
+    """A real engine of the same database kind that does not answer: a PostgreSQL port nothing listens on,
+    or an SQLite file in a folder that does not exist (both raise DBAPIError at connect)."""
+    if database_url.startswith("sqlite"):
+        return create_engine("sqlite:////nonexistent-folder-of-slapgen-tests/jobs.sqlite")
+    return create_engine(f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/gone",
+                         connect_args={"connect_timeout": 5})
+
+
+def test_a_database_that_does_not_answer_fails_no_job_until_the_lease_passes(database_url, caplog):
+    """Guards the LOW finding: a DBAPIError in `step()` (a PostgreSQL failover) propagated out of the
+    pipeline and failed every running job. The progress write and the stop check are best effort: logged
+    once per outage, written again at the next step; only a database unreachable for longer than the lease
+    (when other replicas fail the job anyway) is raised."""
+    lease_s = 1.0  # short, so the outage outlasts it in a second
+    board = JobBoard(database_url, owner=1, lease_s=lease_s, renew_every_s=3600)
+    board.submitted("job", 5)
+    board.step("job", 1, 5)
+    reachable = board._engine
+
+    board._engine = _unreachable_engine(database_url)
+    with caplog.at_level(logging.WARNING, logger=jobs_module.__name__):
+        board.step("job", 2, 5)
+        board.step("job", 3, 5)
+        assert board.stop_requested("job") is False
+        board._engine = reachable
+        board.step("job", 4, 5)
+    messages = [record.getMessage() for record in caplog.records]
+    assert len(messages) == 2, messages  # once when the outage began, once when it ended
+    assert messages[0].startswith("the job board's database did not answer (") and "step" in messages[0]
+    assert messages[1].startswith("the job board's database answers again after ")
+    job = board.get("job")
+    assert (job["state"], job["step"]) == ("running", 4)
+
+    board._engine = _unreachable_engine(database_url)
+    board.step("job", 5, 5)  # the outage begins
+    time.sleep(lease_s + 0.2)
+    with pytest.raises(DBAPIError):
+        board.step("job", 5, 5)
+    with pytest.raises(DBAPIError):
+        board.stop_requested("job")
