@@ -22,6 +22,7 @@ from slapgen.video import read_mp4, write_mp4_atomic
 from tests.conftest import REPO_ROOT, cli_stderr, offline_env, write_test_adapter
 from trainer.cli import main as cli_main
 from trainer.evaluate.ray_shards import ATTEMPT_MARK, PLAN_FILE, STRETCH_MARK, stretches, worker_log
+from trainer.ray_cluster import TaskDemand
 
 SETTINGS = ["num_frames=17", "height=32", "width=48", "num_inference_steps=2"]
 
@@ -287,10 +288,10 @@ def test_a_cluster_has_a_worker_slot_per_gpus_per_run_of_each_node(monkeypatch):
              {"Alive": True, "Resources": {"CPU": 2.0, "GPU": 1.0}},
              {"Alive": False, "Resources": {"CPU": 64.0, "GPU": 8.0}}]
     monkeypatch.setattr(ray_cluster, "import_ray", lambda: FakeRay(nodes))
-    assert ray_cluster.task_slots(1) == 8 + 4 + 1
-    assert ray_cluster.task_slots(0.5) == 16 + 4 + 2
-    assert ray_cluster.task_slots(2) == 4 + 4 + 0  # the 1-GPU node runs none; 3 GPUs in all would not make a slot
-    assert ray_cluster.task_slots(0) == 16 + 4 + 2
+    assert ray_cluster.task_slots(TaskDemand(1)) == 8 + 4 + 1
+    assert ray_cluster.task_slots(TaskDemand(0.5)) == 16 + 4 + 2
+    assert ray_cluster.task_slots(TaskDemand(2)) == 4 + 4 + 0  # the 1-GPU node runs none; 3 GPUs in all make no slot
+    assert ray_cluster.task_slots(TaskDemand(0)) == 16 + 4 + 2
 
 
 @pytest.mark.parametrize(("extra", "message"), [
