@@ -187,7 +187,8 @@ def placement_problem(demand: TaskDemand, address: str, task: str) -> tuple[str,
     most_memory = max((resources.get("memory", 0) for resources in with_gpus), default=0)
     if demand.memory > most_memory:
         return (f"no node of the Ray cluster has {demand.memory / GIB:.1f} GiB of memory for {task} (the most a node "
-                f"offers Ray is {most_memory / GIB:.1f} GiB)", "`ray start --memory` sets what a node offers")
+                f"offers Ray is {most_memory / GIB:.1f} GiB)", "use a GPU (--gpus-per-run 1) or a machine with more "
+                "memory" if address == LOCAL else "`ray start --memory` sets what a node offers")
     return f"no node of the Ray cluster has a CPU along with the rest {task} asks for", "`ray start --num-cpus` sets it"
 
 
