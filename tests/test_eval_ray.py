@@ -22,6 +22,7 @@ from slapgen.video import read_mp4, write_mp4_atomic
 from tests.conftest import REPO_ROOT, cli_stderr, offline_env, write_test_adapter
 from trainer.cli import main as cli_main
 from trainer.evaluate.ray_shards import ATTEMPT_MARK, PLAN_FILE, STRETCH_MARK, stretches, worker_log
+from trainer.ray_cluster import TaskDemand
 
 SETTINGS = ["num_frames=17", "height=32", "width=48", "num_inference_steps=2"]
 
@@ -84,7 +85,7 @@ def test_eval_on_ray_gives_the_numbers_and_frames_of_one_process(tiny_cache_dir,
     assert got["videos"] == expected["videos"] and len(expected["videos"]) == 4  # 2 systems x 2 prompts x 1 seed
     assert got["prompts"] == expected["prompts"]
     assert got["metric_definitions"] == expected["metric_definitions"]
-    workers = got["engine"]["ray"]["workers"]  # one per CPU of this machine (`--ray local`), at most one per video
+    workers = got["engine"]["ray"]["workers"]  # 4 per CPU of this machine (`--ray local`), at most one per video
     assert got["engine"]["ray"] == {"address": "local", "gpus_per_worker": 0, "workers": workers} and 1 <= workers <= 4
     for video in expected["videos"]:
         mine, theirs = read_mp4(here / video["path"])[0], read_mp4(sharded / video["path"])[0]
@@ -107,7 +108,7 @@ def test_workers_share_the_videos_of_one_system_and_make_the_frames_of_one_proce
     """Guards the unit of work being the video, not the system: with one Ray task per system an eval of a few
     systems used a few GPUs however large the cluster, and a worker that makes videos of several systems (its slot
     swapped between them) or only some of a system's must still make each video bit-identical to one process's.
-    3 systems (base + 2 LoRAs) x 2 prompts x 1 seed on a cluster of two 1-CPU nodes: two workers, each with 3
+    3 systems (base + 2 LoRAs) x 2 prompts x 1 seed on a cluster of two 1-CPU nodes, `--workers 2`: each with 3
     videos in one process's order, so adapter `a` is split over both and each worker swaps its slot once; eval.json
     and every decoded frame equal the eval without --ray."""
     from tests.test_sweep_ray import two_node_cluster
@@ -122,7 +123,7 @@ def test_workers_share_the_videos_of_one_system_and_make_the_frames_of_one_proce
     try:
         with two_node_cluster(env) as (address, cluster_env, _):
             driver = subprocess.run(eval_command(tiny_cache_dir, demo_dataset, None, out, "--ray", "auto",
-                                                 "--gpus-per-run", "0", adapters=adapters),
+                                                 "--gpus-per-run", "0", "--workers", "2", adapters=adapters),
                                     cwd=REPO_ROOT, env={**cluster_env, "RAY_ADDRESS": address},
                                     capture_output=True, text=True, timeout=900)
         assert driver.returncode == 0, driver.stderr[-3000:]
@@ -154,9 +155,9 @@ def test_a_node_killed_mid_shard_leaves_the_numbers_of_one_process(tiny_cache_di
     """Guards the cluster path when a node dies: a shard not retried (the eval fails or hangs), a retry on the
     dead node, a retry that makes again the videos its lost attempt had finished, and numbers that differ from
     the same eval in one process. A head and a second node (`ray start`, as tests/test_sweep_ray.py); the second
-    node is SIGKILLed once its worker (one per 1-CPU node) has finished some of the 4 videos of its stretch; the
-    worker's retry runs on the head, the finished mp4s are the same files (inode and mtime), and eval.json's
-    numbers equal the one-process run's."""
+    node is SIGKILLed once its worker (`--workers 2`, one per 1-CPU node) has finished some of the 4 videos of its
+    stretch; the worker's retry runs on the head, the finished mp4s are the same files (inode and mtime), and
+    eval.json's numbers equal the one-process run's."""
     from tests.test_sweep_ray import _on_node, two_node_cluster
 
     lora = write_test_adapter(tmp_path / "lora", tiny_cache_dir, rank=4, seed=3)
@@ -170,7 +171,8 @@ def test_a_node_killed_mid_shard_leaves_the_numbers_of_one_process(tiny_cache_di
         with two_node_cluster(env) as (address, cluster_env, groups):
             with (tmp_path / "driver.err").open("w") as stderr:
                 driver = subprocess.Popen(eval_command(tiny_cache_dir, demo_dataset, lora, out, "--ray", "auto",
-                                                       "--gpus-per-run", "0", seeds="1,2"), cwd=REPO_ROOT,
+                                                       "--gpus-per-run", "0", "--workers", "2", seeds="1,2"),
+                                          cwd=REPO_ROOT,
                                           env={**cluster_env, "RAY_ADDRESS": address}, stdout=subprocess.DEVNULL,
                                           stderr=stderr, text=True)
                 victim, at_kill = None, {}
@@ -287,10 +289,10 @@ def test_a_cluster_has_a_worker_slot_per_gpus_per_run_of_each_node(monkeypatch):
              {"Alive": True, "Resources": {"CPU": 2.0, "GPU": 1.0}},
              {"Alive": False, "Resources": {"CPU": 64.0, "GPU": 8.0}}]
     monkeypatch.setattr(ray_cluster, "import_ray", lambda: FakeRay(nodes))
-    assert ray_cluster.task_slots(1) == 8 + 4 + 1
-    assert ray_cluster.task_slots(0.5) == 16 + 4 + 2
-    assert ray_cluster.task_slots(2) == 4 + 4 + 0  # the 1-GPU node runs none; 3 GPUs in all would not make a slot
-    assert ray_cluster.task_slots(0) == 16 + 4 + 2
+    assert ray_cluster.task_slots(TaskDemand(1)) == 8 + 4 + 1
+    assert ray_cluster.task_slots(TaskDemand(0.5)) == 16 + 4 + 2
+    assert ray_cluster.task_slots(TaskDemand(2)) == 4 + 4 + 0  # the 1-GPU node runs none; 3 GPUs in all make no slot
+    assert ray_cluster.task_slots(TaskDemand(0)) == 16 + 4 + 2
 
 
 @pytest.mark.parametrize(("extra", "message"), [
@@ -321,3 +323,90 @@ def test_ray_local_without_the_gpus_a_worker_asks_for_is_one_sentence(tiny_cache
     assert cli_stderr(done.stderr) == ("slapgen eval: no node of the Ray cluster has 1 GPU(s) for a worker (the most a "
                                        "node has is 0); use --gpus-per-run 0 on a machine without GPUs")
     assert not out.exists()
+
+
+def _plan_on_fake_cluster(monkeypatch, tmp_path, fake, **options):
+    """`generate_on_ray` of base x 4 prompts x 2 seeds (8 videos) on `fake` (tests.fake_ray), the shared-folder check
+    left out; returns (the stretches submitted, their Ray options, the worker count), having checked the
+    `Video`s returned."""
+    from types import SimpleNamespace
+
+    from trainer import ray_cluster
+    from trainer.evaluate.options import EvalOptions
+    from trainer.evaluate.ray_shards import generate_on_ray
+    from trainer.evaluate.run import planned_videos
+    from trainer.evaluate.systems import System
+
+    monkeypatch.setattr(ray_cluster, "import_ray", lambda: fake)
+    monkeypatch.setattr(ray_cluster, "check_shared_folder", lambda marker, not_shared: None)
+    eval_options = EvalOptions(model="tiny", adapters=(), heldout=tmp_path, out=tmp_path / "out", seeds=(1, 2),
+                               metrics=("temporal",), ray="auto", **options)
+    planned = planned_videos([System("base", None)], 4, eval_options.seeds)
+    videos, workers = generate_on_ray(eval_options, SimpleNamespace(folder=tmp_path / "model"), planned,
+                                      {"base": None}, ["p"] * 4, [tmp_path] * 4, FakeParams(), 4, ("to_q",),
+                                      interval_s=0.0)
+    assert [(video.prompt, video.seed) for video in videos] == [(prompt, seed) for _, prompt, seed in planned]
+    shards = [args[3] for _, args in fake.submitted]
+    assert [video for shard in shards for video in shard] == planned  # every video once, in one process's order
+    return shards, [ray_options for ray_options, _ in fake.submitted], workers
+
+
+def test_a_cluster_whose_gpu_nodes_have_not_joined_gets_several_stretches(monkeypatch, tmp_path, capsys):
+    """Guards issue 21's idle GPUs: right after a cluster starts (the KubeRay example's GPU pods still pulling their
+    image) the cluster has no slot, and the eval cut its videos into one stretch, so one worker made every video
+    and the GPUs that joined later stayed idle. With no slot yet, the 8 videos go out as STRETCHES_PER_SLOT (4)
+    stretches of 2, which a late node takes from Ray's queue; the wait for a node is said once, not each tick; with
+    --workers N, N stretches."""
+    from tests.fake_ray import FakeRay, node
+
+    def gpu_node_joins(ray: FakeRay) -> bool:  # after 3 ticks; the workers end after 5
+        if ray.waits == 3:
+            ray._nodes.append(node(cpus=8, gpus=1))
+        return ray.waits == 5
+
+    fake = FakeRay([node(cpus=0)], on_wait=gpu_node_joins)  # the head: `num-cpus: 0`, as deploy/ray/raycluster.yaml
+    shards, ray_options, workers = _plan_on_fake_cluster(monkeypatch, tmp_path, fake)
+    assert workers == 4 and [len(shard) for shard in shards] == [2, 2, 2, 2]
+    assert ray_options == [{"num_gpus": 1, "name": f"slapgen-eval worker {k}"} for k in range(4)]
+    said = [line for line in capsys.readouterr().out.splitlines() if "wait until such a node joins" in line]
+    assert said == ["eval: no node of the Ray cluster has 1 GPU(s) for a worker (the most a node has is 0); the workers "
+                    "wait until such a node joins (at most 1800 s, --node-wait; use --gpus-per-run 0 on a CPU-only "
+                    "cluster)"]
+
+    shards, _, workers = _plan_on_fake_cluster(monkeypatch, tmp_path, FakeRay([node(cpus=8, gpus=8)]), workers=3)
+    assert workers == 3 and [len(shard) for shard in shards] == [3, 3, 2]
+    from trainer.evaluate.ray_shards import STRETCHES_PER_SLOT
+
+    assert STRETCHES_PER_SLOT == 4
+
+
+def test_cpu_workers_ask_ray_for_their_pipelines_memory(monkeypatch, tmp_path):
+    """Guards `--gpus-per-run 0` giving one worker per CPU, each loading a whole pipeline (64 on a 64-CPU node: Ray's
+    OOM killer, retries exhausted): a CPU worker asks Ray for MEMORY_PER_WEIGHT_BYTE (2) x the model's weight files
+    (3 MiB here: 2 + 1 in two component folders; other files not counted), and the node's slots are its memory
+    over that (3 for 20 MiB, not its 64 CPUs), so 4 x 3 = 12 stretches, capped at the 8 videos. A GPU worker asks
+    for no memory: its GPUs bound the count."""
+    from tests.fake_ray import FakeRay, node
+    from trainer import ray_cluster
+
+    mib = 1024 ** 2
+    for name, size in (("transformer/diffusion_pytorch_model.safetensors", 2 * mib),
+                       ("vae/diffusion_pytorch_model.safetensors", mib), ("transformer/config.json", 5 * mib)):
+        (tmp_path / "model" / name).parent.mkdir(parents=True, exist_ok=True)
+        with (tmp_path / "model" / name).open("wb") as file:
+            file.truncate(size)
+    big_node = node(cpus=64, memory_gib=20 / 1024)  # 20 MiB: 3 workers of 6 MiB
+    shards, ray_options, workers = _plan_on_fake_cluster(monkeypatch, tmp_path, FakeRay([big_node]), gpus_per_run=0)
+    assert workers == 8  # min(8 videos, 4 stretches x 3 slots)
+    assert ray_options == [{"num_gpus": 0, "memory": 6 * mib, "name": f"slapgen-eval worker {k}"} for k in range(8)]
+    shards, _, workers = _plan_on_fake_cluster(monkeypatch, tmp_path, FakeRay([node(cpus=64, memory_gib=7 / 1024)]),
+                                               gpus_per_run=0)
+    assert workers == 4  # one slot (7 MiB): 4 stretches, whatever its 64 CPUs
+
+    from trainer.evaluate.ray_shards import MEMORY_PER_WEIGHT_BYTE, worker_demand
+
+    assert MEMORY_PER_WEIGHT_BYTE == 2
+    assert worker_demand(0, tmp_path / "model") == ray_cluster.TaskDemand(0, memory=2 * 3 * mib)
+    assert worker_demand(1, tmp_path / "model") == ray_cluster.TaskDemand(1)
+    monkeypatch.setattr(ray_cluster, "import_ray", lambda: FakeRay([big_node]))
+    assert ray_cluster.task_slots(worker_demand(0, tmp_path / "model")) == 3

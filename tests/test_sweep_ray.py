@@ -58,10 +58,11 @@ def _marked_pids(mark: str) -> list[int]:
     return pids
 
 
-def _start_node(env: dict, *args: str, wrap: tuple[str, ...] = ()) -> int:
-    """`ray start ARGS` (run by `wrap`, when given) in a session of its own; returns that session's process group,
-    which every daemon of the node (raylet, agents; GCS on the head) stays in after `ray start` returns."""
-    starting = subprocess.Popen([*wrap, RAY, "start", "--num-cpus", "1", "--disable-usage-stats",
+def _start_node(env: dict, *args: str, wrap: tuple[str, ...] = (), cpus: int = 1) -> int:
+    """`ray start ARGS` of a node of `cpus` CPUs (run by `wrap`, when given) in a session of its own; returns that
+    session's process group, which every daemon of the node (raylet, agents; GCS on the head) stays in after
+    `ray start` returns."""
+    starting = subprocess.Popen([*wrap, RAY, "start", "--num-cpus", str(cpus), "--disable-usage-stats",
                                  "--dashboard-agent-listen-port", str(free_port()), *args],
                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     output, _ = starting.communicate(timeout=300)
@@ -70,17 +71,19 @@ def _start_node(env: dict, *args: str, wrap: tuple[str, ...] = ()) -> int:
 
 
 @contextmanager
-def two_node_cluster(root_env: dict, worker_wrap: tuple[str, ...] = ()):
-    """A head and a second node (its `ray start` run by `worker_wrap`), one CPU each; yields (address, env for
-    drivers, process group of each node)."""
+def two_node_cluster(root_env: dict, worker_wrap: tuple[str, ...] = (), head_cpus: int = 1, second_node: bool = True):
+    """A head of `head_cpus` CPUs and (unless not `second_node`) a second node of one CPU (its `ray start` run by
+    `worker_wrap`); yields (address, env for drivers, process group of each node)."""
     temp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's unix socket paths live under it
     env = {**root_env, "RAY_TMPDIR": temp, MARK: temp}
     port = free_port()
     groups = {}
     try:
         groups["head"] = _start_node(env, "--head", "--port", str(port), "--include-dashboard", "false",
-                                     "--ray-client-server-port", str(free_port()), "--dashboard-port", str(free_port()))
-        groups["worker"] = _start_node(env, "--address", f"127.0.0.1:{port}", wrap=worker_wrap)
+                                     "--ray-client-server-port", str(free_port()), "--dashboard-port", str(free_port()),
+                                     cpus=head_cpus)
+        if second_node:
+            groups["worker"] = _start_node(env, "--address", f"127.0.0.1:{port}", wrap=worker_wrap)
         yield f"127.0.0.1:{port}", env, groups
     finally:
         for group in groups.values():
@@ -215,6 +218,31 @@ def test_a_node_that_does_not_see_the_sweep_folder_stops_the_sweep_with_one_sent
                         r"\S+ \(node \w{8}\) \(no sweep.json there, or another one\): put --out on storage every node "
                         r"mounts at the same path \(NFS or a shared disk\)", cli_stderr(done.stderr)), done.stderr[-3000:]
     assert not (out / "runs").exists() and not (out / "latent-cache").exists()  # stopped before any encoding or run
+
+
+@pytest.mark.slow
+def test_runs_no_node_can_run_stop_the_sweep_after_node_wait(tiny_cache_dir, demo_dataset, tmp_path):
+    """Guards issue 21's silent stall on a real cluster: a head that runs no tasks (`--num-cpus 0`, as the KubeRay
+    example's) and no worker node (not joined yet, or dead): Ray queues the runs forever and the sweep's bar stood
+    still without a word. The sweep says once that the runs wait for such a node, then stops after --node-wait
+    (2 s) with one sentence, before any run started."""
+    from trainer.demo_data import write_demo_dataset
+
+    heldout = tmp_path / "heldout"
+    write_demo_dataset(heldout, clips=1, seed=7)
+    out = tmp_path / "sweep"
+    with two_node_cluster(offline_env(tmp_path, HOME=str(tmp_path / "home")), head_cpus=0,
+                          second_node=False) as (address, cluster_env, _):
+        done = subprocess.run([*sweep_command(tiny_cache_dir, demo_dataset, heldout, out, "auto"), "--node-wait", "2"],
+                              cwd=REPO_ROOT, env={**cluster_env, "RAY_ADDRESS": address}, capture_output=True,
+                              text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    said = "no node of the Ray cluster has a CPU along with the rest a run asks for"
+    assert done.stderr.strip().splitlines()[-1] == (f"slapgen sweep: stopped after 2 s (--node-wait) without a live node that can "
+                                       f"run the runs: {said}; rerun once such a node has joined (`ray start "
+                                       f"--num-cpus` sets it)")
+    assert (done.stdout + done.stderr).count(f"{said}; the runs wait until such a node joins (at most 2 s") == 1
+    assert not list((out / "runs").glob("*/sweep.log"))  # no run started
 
 
 @pytest.mark.slow

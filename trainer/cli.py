@@ -14,7 +14,7 @@ from pathlib import Path
 from slapgen.errors import SlapgenError
 from slapgen.names import NAME_RULE
 from trainer.errors import DatasetError
-from trainer.ray_cluster import check_gpus_option
+from trainer.ray_cluster import check_gpus_option, check_node_wait_option
 
 
 def quiet_libraries() -> None:
@@ -106,6 +106,7 @@ def cmd_eval(args) -> int:
     # Imported here: `slapgen eval` is the one command that loads the generation engine.
     from trainer.evaluate.options import (EvalOptions, default_model_sources, parse_adapter, parse_metrics, parse_seeds,
                                           parse_settings)
+    from trainer.evaluate.ray_shards import check_workers_option
     from trainer.evaluate.report import write_reports
     from trainer.evaluate.run import run_eval
 
@@ -130,6 +131,8 @@ def cmd_eval(args) -> int:
         pick_by=args.pick_by,
         ray=args.ray,
         gpus_per_run=check_gpus_option(args.gpus_per_run, args.ray, "eval generates every video in this process"),
+        workers=check_workers_option(args.workers, args.ray),
+        node_wait_s=check_node_wait_option(args.node_wait, args.ray, "eval generates every video in this process"),
     )
     if args.max_clips is not None and args.max_clips < 1:
         raise DatasetError("--max-clips must be at least 1")
@@ -176,9 +179,10 @@ def cmd_sweep(args) -> int:
     request = EvalRequest(seeds=args.seeds, sets=tuple(args.eval_set), clip_model=args.clip_model,
                           dino_model=args.dino_model, i3d_model=args.i3d_model)
     gpus_per_run = check_gpus_option(args.gpus_per_run, args.ray, "the sweep runs one run per GPU of this machine")
+    node_wait_s = check_node_wait_option(args.node_wait, args.ray, "the sweep runs one run per GPU of this machine")
     candidates = CandidateRequest(checkpoints=args.checkpoints, generate_top=args.generate_top, pick_by=args.pick_by)
     run_sweep(args.config, args.set, args.grid, args.data, args.heldout, args.out, metrics, request=request,
-              candidates=candidates, ray=args.ray, gpus_per_run=gpus_per_run)
+              candidates=candidates, ray=args.ray, gpus_per_run=gpus_per_run, node_wait_s=node_wait_s)
     return 0
 
 
@@ -311,12 +315,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--pick-by", metavar="METRIC",
                     help="with --checkpoints: the metric that names each run's best checkpoint, as eval.json names it "
                          "(default heldout_loss; e.g. clip_score_vitl14, fvd_i3d)")
-    ev.add_argument("--ray", metavar="ADDRESS", help="generate the videos on a Ray cluster, spread over as many workers "
-                                                     "as it has slots: auto (RAY_ADDRESS or the one running here), local "
-                                                     "(start one for this eval) or HOST:PORT; --out must be on storage "
-                                                     "every node sees")
+    ev.add_argument("--ray", metavar="ADDRESS", help="generate the videos on a Ray cluster, spread over workers that "
+                                                     "run as many at once as it has slots: auto (RAY_ADDRESS or the one "
+                                                     "running here), local (start one for this eval) or HOST:PORT; --out "
+                                                     "must be on storage every node sees")
     ev.add_argument("--gpus-per-run", type=float, help="GPUs each generation worker asks for (default 1; 0 for a "
-                                                       "CPU-only cluster: one worker per CPU)")
+                                                       "CPU-only cluster: one worker per CPU, as memory allows)")
+    ev.add_argument("--workers", type=int, metavar="N", help="with --ray: cut the videos into N workers' stretches "
+                                                             "(default: 4 per slot the cluster has at the start)")
+    ev.add_argument("--node-wait", type=float, metavar="SECONDS",
+                    help="with --ray: stop once no live node could run a worker for this long (default 1800)")
     ev.set_defaults(run=cmd_eval)
 
     gen = commands.add_parser("generate", help="generate one video (text-to-video, or image-to-video with a TIC-FT "
@@ -368,6 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "one running here), local (start one for this sweep) or HOST:PORT; "
                                                      "--out must be on storage every node sees")
     sw.add_argument("--gpus-per-run", type=float, help="GPUs each run's Ray task asks for (default 1; 0 for a CPU-only cluster)")
+    sw.add_argument("--node-wait", type=float, metavar="SECONDS",
+                    help="with --ray: stop once no live node could run a run for this long (default 1800)")
     sw.set_defaults(run=cmd_sweep)
 
     camp = commands.add_parser("campaign", help="blind rating campaigns over the videos of eval / sweep runs")

@@ -1,6 +1,7 @@
 """The Ray cluster a command runs its tasks on (`slapgen sweep --ray`, `slapgen eval --ray`): connecting to it,
-and the checks before any task runs (a node with the GPUs a task asks for; the output folder the same on
-every node). One sentence (`ClusterError`) for each way it can fail.
+the checks before any task runs (a node with the GPUs a task asks for; the output folder the same on
+every node), and waiting for the tasks (stopped with one sentence once no live node could run them for
+`--node-wait` seconds). One sentence (`ClusterError`) for each way it can fail.
 
 Ray is an extra (`pip install -e '.[ray]'`): it is imported only inside these functions.
 """
@@ -13,8 +14,10 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from slapgen.errors import SlapgenError
@@ -22,6 +25,38 @@ from trainer.errors import ClusterError
 
 AUTO, LOCAL = "auto", "local"
 SHARED_CHECK_TIMEOUT_S = 300  # a node's first task starts a Python worker: seconds on an idle node, more under load
+# --node-wait's default: longer than a cloud provider takes to bring up a GPU node and pull a multi-GB image (the
+# KubeRay example's workers), short enough that a cluster whose only GPU node died does not hold a command for hours.
+DEFAULT_NODE_WAIT_S = 1800.0
+GIB = 1024 ** 3
+
+
+@dataclass(frozen=True)
+class TaskDemand:
+    """What one task asks Ray for: `gpus` (--gpus-per-run), one CPU (Ray's default for a task), and `memory` bytes
+    of Ray's `memory` resource (0: none asked; a node offers Ray about 70% of its free memory by default)."""
+    gpus: float
+    memory: int = 0
+
+    def ray_options(self) -> dict:
+        return {"num_gpus": self.gpus, **({"memory": self.memory} if self.memory else {})}
+
+    def per_node(self, resources: dict) -> int:
+        """How many such tasks at once a node with `resources` (as `ray.nodes()` gives them) runs."""
+        counts = [_fits(resources.get("CPU", 0), 1)]
+        if self.gpus > 0:
+            counts.append(_fits(resources.get("GPU", 0), self.gpus))
+        if self.memory > 0:
+            counts.append(_fits(resources.get("memory", 0), self.memory))
+        return min(counts)
+
+
+def _fits(offered: float, asked: float) -> int:
+    return int(offered / asked + 1e-9)  # 0.3 / 0.1 is 2.999...: Ray itself counts resources to 1e-4
+
+
+def live_resources() -> list[dict]:
+    return [node["Resources"] for node in import_ray().nodes() if node.get("Alive")]
 
 
 def import_ray():
@@ -51,16 +86,18 @@ def log_attempt(log_path: Path, mark: str) -> None:
     quiet_libraries()
 
 
-def wait_for_tasks(refs: dict, retries: int, on_tick: Callable[[list], None],
-                   interval_s: float) -> dict[str, str | None]:
+def wait_for_tasks(refs: dict, retries: int, on_tick: Callable[[list], None], interval_s: float,
+                   nodes: NodeWait) -> dict[str, str | None]:
     """Every task of `refs` (object ref -> name) to its end: {name: None when it finished, else why it failed
-    (`task_failure`)}. `on_tick(the refs still running)` every `interval_s`. Interrupted (Ctrl-C), the tasks
-    still running are canceled; what they wrote to the shared folder (checkpoints, mp4s) stays."""
+    (`task_failure`)}. `on_tick(the refs still running)` every `interval_s`, and `nodes.check()` while any is
+    left (its ClusterError: no live node could run them for --node-wait). Interrupted (Ctrl-C, that error), the
+    tasks still running are canceled; what they wrote to the shared folder (checkpoints, mp4s) stays."""
     ray = import_ray()
     outcome: dict[str, str | None] = {}
     waiting = list(refs)
     try:
         while waiting:
+            nodes.check()
             ready, waiting = ray.wait(waiting, num_returns=len(waiting), timeout=interval_s)
             for ref in ready:
                 try:
@@ -75,15 +112,31 @@ def wait_for_tasks(refs: dict, retries: int, on_tick: Callable[[list], None],
     return outcome
 
 
+def check_only_with_ray(flag: str, value, ray: str | None, without_ray: str) -> None:
+    """An option of the cluster path (`flag`, given when `value` is not None) used without --ray: one sentence
+    saying what the command does then (`without_ray`)."""
+    if value is not None and ray is None:
+        raise ClusterError(f"{flag} applies to --ray only: without it {without_ray}")
+
+
 def check_gpus_option(gpus_per_run: float | None, ray: str | None, without_ray: str) -> float:
     """--gpus-per-run as a command gets it: only with --ray (`without_ray`: what the command does then, said in
     the error), 0 or more; its default 1."""
-    if gpus_per_run is not None and ray is None:
-        raise ClusterError(f"--gpus-per-run applies to --ray only: without it {without_ray}")
+    check_only_with_ray("--gpus-per-run", gpus_per_run, ray, without_ray)
     gpus_per_run = 1 if gpus_per_run is None else gpus_per_run
     if gpus_per_run < 0:
         raise ClusterError(f"--gpus-per-run must be 0 (a CPU-only cluster) or more, not {gpus_per_run:g}")
     return gpus_per_run
+
+
+def check_node_wait_option(node_wait: float | None, ray: str | None, without_ray: str) -> float:
+    """--node-wait as a command gets it: only with --ray, more than 0 seconds; its default `DEFAULT_NODE_WAIT_S`."""
+    check_only_with_ray("--node-wait", node_wait, ray, without_ray)
+    if node_wait is None:
+        return DEFAULT_NODE_WAIT_S
+    if not node_wait > 0:
+        raise ClusterError(f"--node-wait must be more than 0 seconds, not {node_wait:g}")
+    return node_wait
 
 
 @contextmanager
@@ -119,35 +172,74 @@ def connect(address: str) -> Iterator[None]:
             shutil.rmtree(temp, ignore_errors=True)
 
 
-def check_gpus(gpus_per_run: float, address: str, task: str = "a run") -> str | None:
-    """Whether a live node has the GPUs a task asks for. None when one has; otherwise an error for `local` (the
-    cluster is this machine: its tasks would wait forever), and for another cluster the line to show (an
-    autoscaler may still add such a node, and the tasks wait for it). `task`: what one task is, in words."""
-    ray = import_ray()
-    most = max((node["Resources"].get("GPU", 0) for node in ray.nodes() if node.get("Alive")), default=0)
-    if gpus_per_run <= most:
+def placement_problem(demand: TaskDemand, address: str, task: str) -> tuple[str, str] | None:
+    """None when a live node offers everything one task asks for (`demand`), whether or not it is busy; otherwise
+    (what is missing, as a sentence; advice for the user, or ""). `task`: what one task is, in words."""
+    nodes = live_resources()
+    if any(demand.per_node(resources) >= 1 for resources in nodes):
         return None
-    plural = task.split(" ", 1)[1] + "s"
-    problem = (f"no node of the Ray cluster has {gpus_per_run:g} GPU(s) for {task} (the most a node has is {most:g})"
-               + ("; use --gpus-per-run 0 on a machine without GPUs" if address == LOCAL else
-                  f"; the {plural} wait until such a node joins (use --gpus-per-run 0 on a CPU-only cluster)"))
-    if address == LOCAL:
-        raise ClusterError(problem)
-    return problem
+    most_gpus = max((resources.get("GPU", 0) for resources in nodes), default=0)
+    if demand.gpus > most_gpus:
+        return (f"no node of the Ray cluster has {demand.gpus:g} GPU(s) for {task} (the most a node has is "
+                f"{most_gpus:g})", "use --gpus-per-run 0 on a machine without GPUs" if address == LOCAL else
+                "use --gpus-per-run 0 on a CPU-only cluster")
+    with_gpus = [resources for resources in nodes if demand.gpus == 0 or _fits(resources.get("GPU", 0), demand.gpus)]
+    most_memory = max((resources.get("memory", 0) for resources in with_gpus), default=0)
+    if demand.memory > most_memory:
+        return (f"no node of the Ray cluster has {demand.memory / GIB:.1f} GiB of memory for {task} (the most a node "
+                f"offers Ray is {most_memory / GIB:.1f} GiB)", "use a GPU (--gpus-per-run 1) or a machine with more "
+                "memory" if address == LOCAL else "`ray start --memory` sets what a node offers")
+    return f"no node of the Ray cluster has a CPU along with the rest {task} asks for", "`ray start --num-cpus` sets it"
 
 
-def task_slots(gpus_per_task: float) -> int:
-    """How many tasks asking for `gpus_per_task` GPUs and one CPU (Ray's default) the cluster's live nodes run
-    at once: per node, its GPUs over `gpus_per_task` and its CPUs, whichever allows fewer; its CPUs alone when
-    the tasks ask for no GPU (a CPU-only cluster)."""
-    ray = import_ray()
-    slots = 0
-    for node in ray.nodes():
-        if node.get("Alive"):
-            resources = node["Resources"]
-            by_cpu = int(resources.get("CPU", 0))
-            slots += by_cpu if gpus_per_task == 0 else min(by_cpu, int(resources.get("GPU", 0) // gpus_per_task))
-    return slots
+def _plural(task: str) -> str:
+    return task.split(" ", 1)[1] + "s"
+
+
+def check_gpus(gpus_per_run: float, address: str, task: str = "a run") -> None:
+    """Before anything is written: on `local` (the cluster is this machine, nothing joins it), a node with the
+    GPUs a task asks for, or one sentence. Another cluster may still gain such a node (an autoscaler, pods still
+    starting): its tasks wait for it, and `NodeWait` says so once they are submitted."""
+    if address != LOCAL:
+        return
+    if (missing := placement_problem(TaskDemand(gpus_per_run), address, task)) is not None:
+        raise ClusterError("; ".join(missing))
+
+
+def task_slots(demand: TaskDemand) -> int:
+    """How many tasks asking for `demand` the cluster's live nodes run at once: per node, its GPUs over the GPUs a
+    task asks for, its CPUs (one per task) and its memory over the task's, whichever allows fewest."""
+    return sum(demand.per_node(resources) for resources in live_resources())
+
+
+@dataclass
+class NodeWait:
+    """Tasks waiting while no live node offers what one asks for (none has joined yet, or the only such node
+    died and Ray queues its task's retry): said once (`say`) when it begins, a ClusterError after `limit_s`
+    seconds of it; at once on `local` (nothing joins this machine's cluster). `check` runs every tick."""
+    demand: TaskDemand
+    address: str
+    task: str  # what one task is, in words: "a run", "a worker"
+    limit_s: float
+    say: Callable[[str], None]
+    clock: Callable[[], float] = time.monotonic
+    since: float | None = field(default=None, init=False)
+
+    def check(self) -> None:
+        missing = placement_problem(self.demand, self.address, self.task)
+        if missing is None:
+            self.since = None  # a later stall is said again
+            return
+        problem, advice = missing
+        if self.address == LOCAL:
+            raise ClusterError(f"{problem}; {advice}")
+        if self.since is None:
+            self.since = self.clock()
+            self.say(f"{problem}; the {_plural(self.task)} wait until such a node joins (at most {self.limit_s:g} s, "
+                     f"--node-wait; {advice})")
+        elif self.clock() - self.since >= self.limit_s:
+            raise ClusterError(f"stopped after {self.limit_s:g} s (--node-wait) without a live node that can run "
+                               f"the {_plural(self.task)}: {problem}; rerun once such a node has joined ({advice})")
 
 
 def file_digest(path: str) -> str | None:

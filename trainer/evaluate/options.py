@@ -19,6 +19,7 @@ from trainer.evaluate.checkpoints import check_generate_top
 from trainer.evaluate.names import GENERATING_GROUPS, METRIC_GROUPS
 from trainer.evaluate.picking import DEFAULT_PICK_BY, check_measured, check_pick_by
 from trainer.heldout import DEFAULT_SEED
+from trainer.ray_cluster import DEFAULT_NODE_WAIT_S
 
 BASE = "base"
 MODEL_SETTING = ModelSetting("--model", "use --model tiny")
@@ -57,6 +58,8 @@ class EvalOptions:
     pick_by: str | None = None  # with checkpoints: the metric that names each run's best (None: DEFAULT_PICK_BY)
     ray: str | None = None  # the Ray cluster whose tasks generate the videos (`ray_cluster.connect`); None: here
     gpus_per_run: float = 1  # GPUs each generation worker's Ray task asks for (0: a CPU-only cluster)
+    workers: int | None = None  # how many stretches the videos are cut into (None: `ray_shards.STRETCHES_PER_SLOT` per slot)
+    node_wait_s: float = DEFAULT_NODE_WAIT_S  # workers waiting this long with no live node that can run one: stop
 
     def __post_init__(self) -> None:
         check_checkpoint_choices(self)

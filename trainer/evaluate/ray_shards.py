@@ -2,13 +2,19 @@
 many at once as the cluster has slots for; every metric is then computed by the driver, from the mp4s, exactly
 as for videos made in this process.
 
-- The unit of work is one video. The planned videos (`run.planned_videos`: system by system) are cut into one
-  contiguous stretch (shard) per worker, as many workers as the cluster's live nodes run at once
-  (`ray_cluster.task_slots`: a node's GPUs over `--gpus-per-run`, on a CPU-only cluster its CPUs), no more than
-  there are videos; stretch sizes differ by one at most. So a system's videos are spread over several workers,
-  and a worker's slot swaps only where its stretch crosses from one system to the next. Static stretches, not a
-  queue the workers pull from: every video costs the same steps, and a stretch is a Ray task, which Ray retries
-  by itself after a lost node (a queue's items would have to be put back by hand when their actor dies).
+- The unit of work is one video. The planned videos (`run.planned_videos`: system by system) are cut into
+  contiguous stretches (shards), one per worker: `STRETCHES_PER_SLOT` for each slot the cluster's live nodes
+  have at the start (`ray_cluster.task_slots`: a node's GPUs over `--gpus-per-run`, on a CPU-only cluster its
+  CPUs as its memory allows; a cluster with none yet counts as one), or `--workers N`; no more than there are
+  videos; stretch sizes differ by one at most. Ray runs as many at once as there are slots and queues the rest,
+  so a node that joins late (GPU pods still pulling their image) or a faster GPU takes queued stretches: no GPU
+  idles while one worker makes most videos. The price: one pipeline load per stretch (a few per slot). A
+  system's videos are spread over several workers, and a worker's slot swaps only where its stretch crosses from
+  one system to the next. Static stretches, not a queue the workers pull from: a stretch is a Ray task, which
+  Ray retries by itself after a lost node (a queue's items would have to be put back by hand when their actor
+  dies).
+- CPU-only workers (`--gpus-per-run 0`) ask Ray for memory too (`worker_demand`: `MEMORY_PER_WEIGHT_BYTE` times
+  the model's weight files), so a many-core node runs as many pipelines as its memory holds, not one per CPU.
 - Each worker is a Ray task asking for `--gpus-per-run` GPUs, in a worker process of its own (`max_calls=1`:
   its pipeline and GPU memory leave with it). It loads one `VideoGenerator` (the driver's engine options, slot
   rank and target modules) and runs `run.generate` on its stretch: each video seeded and set up on its own, so
@@ -20,6 +26,8 @@ as for videos made in this process.
   makes only the stretch's unfinished videos. The driver deletes the videos an earlier eval left at those paths
   before any worker starts, so every video kept is this eval's.
 - Progress: the driver counts the finished mp4s of every worker each tick; one bar, with its ETA, for all.
+  Workers waiting with no live node that can run one (none has joined, or the only one died) are said once and
+  stop the eval after `--node-wait` seconds (`ray_cluster.NodeWait`).
 """
 
 from __future__ import annotations
@@ -37,10 +45,45 @@ PLAN_FILE = "ray-shards.json"  # OUT/videos/ray-shards.json: this eval's stretch
 ATTEMPT_MARK = "eval worker attempt on Ray node"
 STRETCH_MARK = "videos of this worker:"  # then SYSTEM/pNNN-sSEED.mp4 ..., in the order it makes them
 MAX_RETRIES = 3  # system failures (a worker or node died) per worker; each retry keeps its finished mp4s
+# Stretches per slot: a node that joins after the start still finds queued ones, and a slow GPU takes fewer.
+# Each costs a pipeline load (about a minute for 5B from shared storage, against minutes per video).
+STRETCHES_PER_SLOT = 4
+# A CPU worker's memory, per byte of the model's weight files: the weights once (loaded in their dtype), and as
+# much again for activations, latents, the text encoder's output and the VAE's decode. An estimate for Ray's
+# admission (how many pipelines a node holds at once), not a limit Ray enforces.
+MEMORY_PER_WEIGHT_BYTE = 2
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
 def worker_log(out: Path, worker: int) -> Path:
     return out / "videos" / f"ray-worker-{worker}.log"
+
+
+def check_workers_option(workers: int | None, ray: str | None) -> int | None:
+    """--workers as eval gets it: only with --ray, at least 1."""
+    ray_cluster.check_only_with_ray("--workers", workers, ray, "eval generates every video in this process")
+    if workers is not None and workers < 1:
+        raise EvalError(f"--workers must be at least 1, not {workers}")
+    return workers
+
+
+def stretch_count(videos: int, slots: int, workers: int | None = None) -> int:
+    """How many stretches (workers, one Ray task each) `videos` videos are cut into: `workers` when given (--workers),
+    else `STRETCHES_PER_SLOT` per slot the cluster has now, a cluster without any counted as one slot (its nodes
+    are still joining); never more than there are videos, at least one."""
+    wanted = workers if workers is not None else STRETCHES_PER_SLOT * max(slots, 1)
+    return max(1, min(videos, wanted))
+
+
+def worker_demand(gpus_per_run: float, model_folder: Path) -> ray_cluster.TaskDemand:
+    """What one worker's task asks Ray for: `gpus_per_run` GPUs; a CPU-only worker (0) also the memory its
+    pipeline takes, so that a node of many CPUs runs no more of them than its memory holds (on a GPU node the
+    GPUs bound the count)."""
+    if gpus_per_run > 0:
+        return ray_cluster.TaskDemand(gpus_per_run)
+    weights = sum(path.stat().st_size for path in Path(model_folder).rglob("*")
+                  if path.suffix in WEIGHT_SUFFIXES and path.is_file())
+    return ray_cluster.TaskDemand(0, memory=MEMORY_PER_WEIGHT_BYTE * weights)
 
 
 def stretches(planned: list, workers: int) -> list[list]:
@@ -101,7 +144,9 @@ def generate_on_ray(options, resolved, planned: list, layouts: dict, prompts: li
               for system, prompt, seed in planned]
     for path in paths:  # an earlier eval's video at this eval's path: never kept as this one's
         path.unlink(missing_ok=True)
-    shards = stretches(planned, max(1, min(len(planned), ray_cluster.task_slots(options.gpus_per_run))))
+    demand = worker_demand(options.gpus_per_run, resolved.folder)
+    slots = ray_cluster.task_slots(demand)
+    shards = stretches(planned, stretch_count(len(planned), slots, options.workers))
     plan = out / "videos" / PLAN_FILE
     plan.parent.mkdir(parents=True, exist_ok=True)
     plan.write_text(json.dumps({"eval": uuid.uuid4().hex, "workers": [
@@ -110,13 +155,18 @@ def generate_on_ray(options, resolved, planned: list, layouts: dict, prompts: li
 
     device = "cuda" if options.gpus_per_run > 0 else "cpu"
     task = ray.remote(max_retries=MAX_RETRIES, retry_exceptions=False, max_calls=1)(generate_shard)
-    refs = {task.options(num_gpus=options.gpus_per_run, name=f"slapgen-eval worker {worker}").remote(
+    print(f"eval: {len(paths)} videos in {len(shards)} stretches, one Ray task each; the cluster runs {slots} at "
+          "once now and queues the rest for its slots as they free or join", flush=True)
+    refs = {task.options(**demand.ray_options(), name=f"slapgen-eval worker {worker}").remote(
         options, resolved, worker, shard, layouts, prompts, conditions, params, rank, targets, device): worker
         for worker, shard in enumerate(shards)}
     progress = bar(len(paths), f"generate ({len(shards)} workers on Ray)", "video")
+    nodes = ray_cluster.NodeWait(demand, options.ray, "a worker", options.node_wait_s,
+                                 lambda line: progress.write(f"eval: {line}"))
     try:
         outcome = ray_cluster.wait_for_tasks(
-            refs, MAX_RETRIES, lambda _: progress.update(sum(path.is_file() for path in paths) - progress.n), interval_s)
+            refs, MAX_RETRIES, lambda _: progress.update(sum(path.is_file() for path in paths) - progress.n), interval_s,
+            nodes)
     finally:
         progress.close()
     failed = {worker: why for worker, why in outcome.items() if why is not None}

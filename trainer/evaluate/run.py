@@ -65,14 +65,14 @@ def bar(total: int, description: str, unit: str):
 
 def run_eval(options: EvalOptions) -> dict:
     """The evaluation `options` ask for; with `--ray`, connected to that cluster first (one sentence when it
-    does not answer or has no node with the GPUs a worker asks for, before anything is read or written)."""
+    does not answer, or when it is `local` and has no node with the GPUs a worker asks for, before anything is
+    read or written)."""
     if options.ray is None:
         return evaluate(options)
     from trainer.ray_cluster import check_gpus, connect
 
     with connect(options.ray):
-        if (waiting := check_gpus(options.gpus_per_run, options.ray, task="a worker")) is not None:
-            print(f"eval: {waiting}")
+        check_gpus(options.gpus_per_run, options.ray, task="a worker")
         return evaluate(options)
 
 

@@ -67,21 +67,22 @@ def run_cell(out: str, name: str, device: str, expected_digest: str) -> dict:
     return result["metrics"]
 
 
-def run_cells(out: Path, names: list[str], gpus_per_run: float, on_tick: Callable[[list[str]], None] | None = None,
-              interval_s: float = 1.0) -> dict[str, str | None]:
-    """Every run of `names` as a Ray task asking for `gpus_per_run` GPUs, all submitted at once (Ray queues what
-    the cluster cannot place yet); returns {name: None when it finished, else why it failed}.
-    `on_tick(names of the runs that have started and not ended)` is called every `interval_s`."""
+def run_cells(out: Path, names: list[str], nodes: ray_cluster.NodeWait,
+              on_tick: Callable[[list[str]], None] | None = None, interval_s: float = 1.0) -> dict[str, str | None]:
+    """Every run of `names` as a Ray task asking for `nodes.demand` (--gpus-per-run GPUs), all submitted at once
+    (Ray queues what the cluster cannot place yet); returns {name: None when it finished, else why it failed}.
+    `on_tick(names of the runs that have started and not ended)` is called every `interval_s`; ClusterError once
+    no live node could run them for --node-wait (`ray_cluster.NodeWait`)."""
     ray = ray_cluster.import_ray()
 
     out = Path(out).resolve()
-    device = "cuda" if gpus_per_run > 0 else "cpu"
+    device = "cuda" if nodes.demand.gpus > 0 else "cpu"
     cell = ray.remote(max_retries=MAX_RETRIES, retry_exceptions=False, max_calls=1)(run_cell)
     logs = {name: out / RUNS_DIR / name / "sweep.log" for name in names}
     log_size_at_start = {name: logs[name].stat().st_size if logs[name].is_file() else 0 for name in names}
     digest = definition_digest(str(out))
-    refs = {cell.options(num_gpus=gpus_per_run, name=f"slapgen-sweep {name}").remote(str(out), name, device, digest):
-            name for name in names}
+    refs = {cell.options(**nodes.demand.ray_options(), name=f"slapgen-sweep {name}").remote(str(out), name, device,
+                                                                                          digest): name for name in names}
 
     def tick(waiting: list) -> None:
         if on_tick is not None:
@@ -89,4 +90,4 @@ def run_cells(out: Path, names: list[str], gpus_per_run: float, on_tick: Callabl
             on_tick([refs[ref] for ref in waiting
                      if logs[refs[ref]].is_file() and logs[refs[ref]].stat().st_size > log_size_at_start[refs[ref]]])
 
-    return ray_cluster.wait_for_tasks(refs, MAX_RETRIES, tick, interval_s)
+    return ray_cluster.wait_for_tasks(refs, MAX_RETRIES, tick, interval_s, nodes)

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from trainer.datasets import read_dataset
 from trainer.errors import SweepError
+from trainer.ray_cluster import DEFAULT_NODE_WAIT_S, NodeWait, TaskDemand
 from trainer.run_folder import last_logged_step
 from trainer.evaluate.checkpoints import check_generate_top
 from trainer.evaluate.picking import check_measured, check_pick_by
@@ -149,11 +150,11 @@ def _in_pool(definition: SweepDefinition, out: Path, pending: list, progress: Sw
                    for name, code in codes.items() if code != 0], len(pending))
 
 
-def _on_ray(definition: SweepDefinition, out: Path, pending: list, progress: SweepProgress, gpus_per_run: float) -> None:
+def _on_ray(definition: SweepDefinition, out: Path, pending: list, progress: SweepProgress, nodes: NodeWait) -> None:
     from trainer.sweep.ray_runs import run_cells
 
-    progress.say(f"{len(pending)} runs as Ray tasks of {gpus_per_run:g} GPU each; each run logs to runs/NAME/sweep.log")
-    outcome = run_cells(out, [run.name for run in pending], gpus_per_run, _watch(definition, out, progress))
+    progress.say(f"{len(pending)} runs as Ray tasks of {nodes.demand.gpus:g} GPU each; each run logs to runs/NAME/sweep.log")
+    outcome = run_cells(out, [run.name for run in pending], nodes, _watch(definition, out, progress))
     for name, failure in outcome.items():
         if failure is None:
             result = read_result(run_dir(out, definition.run(name)))
@@ -170,9 +171,10 @@ def _raise_failed(failed: list[str], pending: int) -> None:
 def run_sweep(config: str, sets: list[str], grid: list[str], data: Path, heldout: Path, out: Path,
               metrics: list[str], progress: bool = True, request: EvalRequest = EvalRequest(),
               candidates: CandidateRequest = CandidateRequest(), ray: str | None = None,
-              gpus_per_run: float = 1) -> Path:
+              gpus_per_run: float = 1, node_wait_s: float = DEFAULT_NODE_WAIT_S) -> Path:
     """Run (or continue) the sweep; returns the folder, which then holds every report file. `ray`: the Ray
-    cluster (`ray_cluster.connect`) whose nodes run the runs, each asking for `gpus_per_run` GPUs."""
+    cluster (`ray_cluster.connect`) whose nodes run the runs, each asking for `gpus_per_run` GPUs; the sweep
+    stops once no live node could run them for `node_wait_s` seconds."""
     from trainer.cli import default_device
 
     out = Path(out)
@@ -184,8 +186,7 @@ def run_sweep(config: str, sets: list[str], grid: list[str], data: Path, heldout
             from trainer.ray_cluster import check_gpus, connect
             from trainer.sweep.ray_runs import check_shared_folder
             stack.enter_context(connect(ray))
-            if (waiting := check_gpus(gpus_per_run, ray)) is not None:
-                print(f"sweep: {waiting}")
+            check_gpus(gpus_per_run, ray)
         stack.enter_context(SweepLock(out))
         check_folder(out, definition)  # again, now that no other sweep can write it
         write_definition(out, definition)  # new, or another --pick-by (the only difference check_folder lets by)
@@ -200,7 +201,8 @@ def run_sweep(config: str, sets: list[str], grid: list[str], data: Path, heldout
         bar = SweepProgress(runs, done, enabled=progress)
         try:
             if ray is not None:
-                _on_ray(definition, out, pending, bar, gpus_per_run)
+                _on_ray(definition, out, pending, bar, NodeWait(TaskDemand(gpus_per_run), ray, "a run", node_wait_s,
+                                                                bar.say))
             elif len(slots := gpu_slots()) > 1 and len(pending) > 1:
                 _in_pool(definition, out, pending, bar, slots)
             else:

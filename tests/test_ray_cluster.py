@@ -1,0 +1,106 @@
+"""`trainer.ray_cluster` without a cluster (`tests.fake_ray`): tasks that no live node can run are said once and
+stop the command after --node-wait seconds (one code path for sweep and eval); how many tasks a node runs at
+once when they ask for memory; the sentences of --node-wait's and --workers' misuses."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import cli_stderr
+from tests.fake_ray import FakeRay, node
+from trainer import ray_cluster
+from trainer.errors import ClusterError
+from trainer.ray_cluster import GIB, NodeWait, TaskDemand, wait_for_tasks
+
+GPU_WAIT = ("no node of the Ray cluster has 1 GPU(s) for a run (the most a node has is 0); the runs wait until such a "
+            "node joins (at most 10 s, --node-wait; use --gpus-per-run 0 on a CPU-only cluster)")
+
+
+def test_runs_no_live_node_can_run_are_said_once_and_stop_after_node_wait(monkeypatch):
+    """Guards issue 21's silent stall: the only GPU node dead (Ray queues its task's retry forever) or none joined
+    yet, and the bar stopped without a word, for ever. Two runs waiting with only a CPU node alive (the GPU node
+    dead): the sentence is said once, not each tick; once --node-wait (10 s on the fake clock, 1 s per tick) has
+    passed since it was said, one sentence stops the wait and the runs left are canceled."""
+    fake = FakeRay([node(cpus=4), node(cpus=8, gpus=1, alive=False)], on_wait=lambda ray: False, interval_s=1.0)
+    monkeypatch.setattr(ray_cluster, "import_ray", lambda: fake)
+    said, ticks = [], []
+    nodes = NodeWait(TaskDemand(1), "auto", "a run", 10, said.append, clock=fake.clock)
+    with pytest.raises(ClusterError) as error:
+        wait_for_tasks({"ref a": "lr-1", "ref b": "lr-2"}, 3, ticks.append, 1.0, nodes)
+    assert said == [GPU_WAIT]
+    assert str(error.value) == ("stopped after 10 s (--node-wait) without a live node that can run the runs: no node "
+                                "of the Ray cluster has 1 GPU(s) for a run (the most a node has is 0); rerun once such "
+                                "a node has joined (use --gpus-per-run 0 on a CPU-only cluster)")
+    assert fake.now == 10 and len(ticks) == 10  # said at 0 s, stopped at the first check at 10 s, not before
+    assert sorted(fake.canceled) == ["ref a", "ref b"]
+
+
+def test_a_node_that_joins_in_time_or_a_busy_node_is_no_stall(monkeypatch):
+    """Guards the bounded wait stopping a healthy command: tasks queued behind busy nodes that have the GPUs are
+    never a stall, however long they wait; a node that joins before --node-wait ends the wait (said once, no
+    error), and a second stall later is said again and timed from its own start."""
+    busy = FakeRay([node(cpus=8, gpus=1)], on_wait=lambda ray: ray.waits == 30)
+    monkeypatch.setattr(ray_cluster, "import_ray", lambda: busy)
+    said = []
+    outcome = wait_for_tasks({"ref": "lr-1"}, 3, lambda waiting: None, 1.0,
+                             NodeWait(TaskDemand(1), "auto", "a run", 10, said.append, clock=busy.clock))
+    assert outcome == {"lr-1": None} and busy.now == 30 and said == []
+
+    def cluster(ray: FakeRay) -> bool:  # joins after 8 s; dies at 12 s; another joins at 21 s; done at 25 s
+        ray._nodes[:] = [node(cpus=0)] + ([node(cpus=8, gpus=1)] if 8 <= ray.now < 12 or ray.now >= 21 else [])
+        return ray.now >= 25
+
+    starting = FakeRay([node(cpus=0)], on_wait=cluster)
+    monkeypatch.setattr(ray_cluster, "import_ray", lambda: starting)
+    outcome = wait_for_tasks({"ref": "lr-1"}, 3, lambda waiting: None, 1.0,
+                             NodeWait(TaskDemand(1), "auto", "a run", 10, said.append, clock=starting.clock))
+    assert outcome == {"lr-1": None} and said == [GPU_WAIT, GPU_WAIT]  # 0-8 s and 12-21 s: each under 10 s
+
+
+def test_on_a_cluster_of_this_machine_no_node_is_an_error_at_once(monkeypatch):
+    """Guards `--ray local` (nothing ever joins it) waiting --node-wait for nothing: CPU workers asking for more
+    memory than this machine offers Ray stop the command at the first check, before any wait."""
+    fake = FakeRay([node(cpus=16, memory_gib=12)], on_wait=lambda ray: False)
+    monkeypatch.setattr(ray_cluster, "import_ray", lambda: fake)
+    nodes = NodeWait(TaskDemand(0, memory=20 * GIB), "local", "a worker", 1800, print, clock=fake.clock)
+    with pytest.raises(ClusterError) as error:
+        wait_for_tasks({"ref": 0}, 3, lambda waiting: None, 1.0, nodes)
+    assert str(error.value) == ("no node of the Ray cluster has 20.0 GiB of memory for a worker (the most a node offers "
+                                "Ray is 12.0 GiB); use a GPU (--gpus-per-run 1) or a machine with more memory")
+    assert fake.waits == 0 and fake.canceled == ["ref"]
+
+
+def test_tasks_that_ask_for_memory_run_as_many_at_once_as_a_node_holds(monkeypatch):
+    """Guards one CPU-only worker per CPU whatever its memory (a 64-CPU node loading 64 pipelines: Ray's OOM
+    killer, retries exhausted): with memory asked, a node runs its memory over a task's (floor), or its CPUs
+    when fewer; a KubeRay head without CPUs runs none, and is named when no node has a CPU."""
+    fake = FakeRay([node(cpus=64, memory_gib=100), node(cpus=2, memory_gib=100), node(cpus=0, memory_gib=100)])
+    monkeypatch.setattr(ray_cluster, "import_ray", lambda: fake)
+    assert ray_cluster.task_slots(TaskDemand(0, memory=30 * GIB)) == 3 + 2 + 0
+    assert ray_cluster.task_slots(TaskDemand(0)) == 64 + 2 + 0
+    assert ray_cluster.placement_problem(TaskDemand(0, memory=30 * GIB), "auto", "a worker") is None
+    fake._nodes[:] = [node(cpus=0)]
+    assert ray_cluster.placement_problem(TaskDemand(0), "auto", "a run") == (
+        "no node of the Ray cluster has a CPU along with the rest a run asks for", "`ray start --num-cpus` sets it")
+
+
+@pytest.mark.parametrize(("command", "extra", "message"), [
+    ("sweep", ["--node-wait", "60"], "--node-wait applies to --ray only: without it the sweep runs one run per GPU of "
+                                     "this machine"),
+    ("sweep", ["--ray", "local", "--node-wait", "0"], "--node-wait must be more than 0 seconds, not 0"),
+    ("eval", ["--node-wait", "60"], "--node-wait applies to --ray only: without it eval generates every video in this "
+                                    "process"),
+    ("eval", ["--workers", "4"], "--workers applies to --ray only: without it eval generates every video in this "
+                                 "process"),
+    ("eval", ["--ray", "local", "--workers", "0"], "--workers must be at least 1, not 0"),
+])
+def test_node_wait_and_workers_misuse_is_one_sentence(command, extra, message, tmp_path, capsys):
+    """Guards --node-wait / --workers silently ignored without --ray, and a wait of 0 s or no worker at all
+    reaching the cluster path; nothing is written."""
+    from trainer.cli import main
+
+    base = {"sweep": ["sweep", "--config", "tiny-smoke", "--grid", "lora.rank=4", "--data", str(tmp_path)],
+            "eval": ["eval", "--model", "tiny"]}[command]
+    assert main([*base, "--heldout", str(tmp_path), "--out", str(tmp_path / "out"), *extra]) == 2
+    assert cli_stderr(capsys.readouterr().err) == f"slapgen {command}: {message}"
+    assert not (tmp_path / "out").exists()
