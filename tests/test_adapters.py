@@ -97,6 +97,20 @@ def test_bad_uploads_change_nothing(adapter_files, target, tmp_path, name, make,
     assert not (tmp_path / "x.safetensors").exists()
 
 
+def test_another_familys_adapter_is_refused_naming_its_model(wan_adapter_files, target, tmp_path):
+    """Guards a tiny-wan LoRA uploaded to (or `slapgen generate --adapter`ed on) the CogVideoX tiny model
+    answered with "blocks.N.attn1.to_k, ... (16 modules) are not LoRA-able modules of tiny ... the modules
+    SLAP_LORA_TARGET_MODULES names", which sends the user to a setting that cannot help: the model its
+    metadata names is checked before its keys, and the sentence says which model to use it with."""
+    folder = tmp_path / "adapters"
+    store = AdapterStore(folder, target, cache_size=4)
+    with pytest.raises(AdapterError) as error:
+        store.add("wan", wan_adapter_files["a"].read_bytes())
+    assert str(error.value) == ("adapter wan was trained on tiny-wan, but this service runs tiny; use it with that "
+                                "model (SLAP_MODEL=tiny-wan, or --model tiny-wan on the command line)")
+    assert list(folder.rglob("*")) == []
+
+
 def test_recent_adapters_come_from_memory(adapter_files, target, tmp_path, monkeypatch):
     store = AdapterStore(tmp_path, target, cache_size=2)
     for name in ("a", "b"):

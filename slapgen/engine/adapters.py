@@ -285,17 +285,25 @@ def check_dtypes(name: str, header: Header) -> None:
 
 def check_adapter(name: str, header: Header, target: AdapterTarget) -> CheckedAdapter:
     """Validate an adapter's header against the running model and slot. Raises AdapterError."""
+    check_base_model(name, header.metadata, target)
     ranks = module_ranks(name, header.shapes, target)
     rank = max(ranks.values())
     check_rank(name, rank, target)
     check_dtypes(name, header)
     check_slapgen_metadata(name, header.metadata)
     config = lora_config(name, header, ranks)
-    declared = header.metadata.get(lora_format.BASE_MODEL_KEY)
-    if declared and not _same_model(declared, target.model_name):
-        raise AdapterError(f"adapter {name} was trained on {shown(declared)}, but this service runs {target.model_name}",
-                           field="adapter")
     return CheckedAdapter(rank, config, ticft_layout(name, header.metadata, target))
+
+
+def check_base_model(name: str, metadata: dict[str, str], target: AdapterTarget) -> None:
+    """The model the adapter says it was trained on is the running one. Checked before its keys: a LoRA of
+    another model (another family's, say a Wan LoRA on CogVideoX) fails every module check too, and the
+    module list that sentence would print hides the one fix, serving it on its own model."""
+    declared = metadata.get(lora_format.BASE_MODEL_KEY)
+    if declared and not _same_model(declared, target.model_name):
+        raise AdapterError(f"adapter {name} was trained on {shown(declared)}, but this service runs {target.model_name}; "
+                           f"use it with that model (SLAP_MODEL={shown(declared)}, or --model {shown(declared)} on "
+                           "the command line)", field="adapter")
 
 
 def ticft_layout(name: str, metadata: dict[str, str], target: AdapterTarget) -> TicftLayout | None:
