@@ -1,7 +1,7 @@
 """A new user's first hour with the `slapgen` command line (issue 19): a repeated `slapgen train` never
 destroys a finished run, a failed start leaves no folder behind, the CLI says it has started before
 its slow imports, captioning without torchvision is one sentence, a default tiny eval runs, and a
-misspelt `--set` key gets the closest real one."""
+misspelt `--set` key or preset gets the closest real one."""
 
 from __future__ import annotations
 
@@ -287,3 +287,12 @@ def test_a_misspelt_set_key_suggests_the_closest(args, expected, demo_dataset, t
     error = cli_stderr(capsys.readouterr().err)
     assert "\n" not in error and f"did you mean {expected}?" in error, error
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_misspelt_preset_suggests_the_closest(tmp_path, capsys):
+    """Guards `--config tiny-smok` answered with the list of presets only: the sentence names the preset it
+    misspells, as a misspelt --set key's does (and `slapgen config` says the same)."""
+    assert cli_main(["config", "tiny-smok"]) == 2
+    assert cli_stderr(capsys.readouterr().err) == (
+        "slapgen config: config tiny-smok not found: did you mean tiny-smoke? (presets: aggressive, conservative, "
+        "ticft, tiny-smoke)")

@@ -325,8 +325,12 @@ def load_config(path: Path | str | None, overrides: list[str] = ()) -> TrainConf
         if not file.is_file() and (PRESETS_DIR / f"{path}.yaml").is_file():
             file = PRESETS_DIR / f"{path}.yaml"
         if not file.is_file():
-            presets = ", ".join(sorted(p.stem for p in PRESETS_DIR.glob("*.yaml")))
-            raise TrainConfigError(f"config {path} not found (presets: {presets})")
+            import difflib
+
+            names = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+            close = difflib.get_close_matches(str(path), names, n=1)
+            hint = f": did you mean {close[0]}?" if close else ""
+            raise TrainConfigError(f"config {path} not found{hint} (presets: {', '.join(names)})")
         try:
             tree = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as error:
