@@ -203,7 +203,8 @@ HAVE_TORCHVISION = importlib.util.find_spec("torchvision") is not None
 def test_caption_without_torchvision_is_one_sentence_before_any_model_is_built(demo_dataset, tmp_path):
     """Guards `slapgen caption --model tiny` without torchvision printing a 20-line traceback: the
     torchvision check ran after the tiny model was being built. It must be one line naming the fix, with
-    nothing written to the model cache."""
+    nothing written to the model cache. The fix is README's command, with PyTorch's CPU index: without it
+    (as the sentence said before) pip on a CPU machine takes the 3 GB CUDA builds of the pair."""
     folder = tmp_path / "clips"
     folder.mkdir()
     (folder / "clip_000.mp4").write_bytes((demo_dataset / "clip_000.mp4").read_bytes())
@@ -212,9 +213,11 @@ def test_caption_without_torchvision_is_one_sentence_before_any_model_is_built(d
                             cwd=REPO_ROOT, env=offline_env(tmp_path, SLAP_CACHE_DIR=str(cache)), capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 2
+    fix = "pip install torch==2.14.1 torchvision==0.29.1 --extra-index-url https://download.pytorch.org/whl/cpu"
     assert cli_stderr(result.stderr).splitlines() == [
-        "slapgen caption: captioning needs torchvision (transformers' video processors use it); pip install "
-        "torch==2.14.1 torchvision==0.29.1 (or the torchvision matching your torch)."]
+        f"slapgen caption: captioning needs torchvision (transformers' video processors use it); {fix} (the CPU "
+        "builds; on a GPU machine, the torchvision matching your torch)."]
+    assert f"\n{fix} && pip install -e '.[caption]'" in (REPO_ROOT / "README.md").read_text()
     assert not cache.exists() and not (folder / "clip_000.txt").exists()
 
 
