@@ -299,3 +299,19 @@ def test_a_misspelt_preset_suggests_the_closest(tmp_path, capsys):
     assert cli_stderr(capsys.readouterr().err) == (
         "slapgen config: config tiny-smok not found: did you mean tiny-smoke? (presets: aggressive, conservative, "
         "ticft, tiny-smoke)")
+
+
+def test_help_names_wan_and_both_tiny_models():
+    """Guards `slapgen --help` saying "Teach CogVideoX" and every --model help offering only `tiny`: a new user
+    who reads --help never learns that Wan and its CPU twin `tiny-wan` are there, nor that `--set model=` picks
+    the model to train."""
+    from trainer.cli import build_parser
+
+    parser = build_parser()
+    assert "Wan" in parser.description
+    commands = next(action for action in parser._actions if action.dest == "command").choices
+    for command in ("precompute", "eval", "generate"):
+        model = next(action for action in commands[command]._actions if action.dest == "model")
+        assert "`tiny` or `tiny-wan`" in model.help, command
+    train_set = next(action for action in commands["train"]._actions if action.dest == "set")
+    assert "model=tiny-wan" in train_set.help

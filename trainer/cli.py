@@ -218,8 +218,12 @@ def cmd_config(args) -> int:
     return 0
 
 
+# The models a --model option takes; the built-in tiny twins run on a CPU without a download.
+MODEL_CHOICES = "hub id, local pipeline folder, `tiny` or `tiny-wan`"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="slapgen", description="Teach CogVideoX a new video domain with LoRA.")
+    parser = argparse.ArgumentParser(prog="slapgen", description="Teach CogVideoX or Wan a new video domain with LoRA.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo = commands.add_parser("demo-data", help="write a small synthetic powerslap dataset (mp4 + captions)")
@@ -255,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pre = commands.add_parser("precompute", help="encode clips (VAE) and captions (T5) into a latent cache")
     pre.add_argument("dataset", type=Path, help="folder (videos.txt+prompts.txt or clip.mp4+clip.txt) or .csv/.jsonl")
-    pre.add_argument("--model", help="hub id, local pipeline folder, or `tiny` (overrides the config)")
+    pre.add_argument("--model", help=f"{MODEL_CHOICES} (overrides the config)")
     pre.add_argument("--out", type=Path, required=True, help="cache folder (reused across runs)")
     pre.add_argument("--config", help="training config or preset whose data section sets resolution and frames")
     pre.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
@@ -266,7 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--config", required=True, help="YAML file or preset name (conservative, aggressive, ticft, tiny-smoke)")
     tr.add_argument("--data", type=Path, required=True, help="dataset folder or .csv/.jsonl")
     tr.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, metrics, validation, LoRA)")
-    tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. lora.rank=64")
+    tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override, e.g. lora.rank=64, or model=tiny-wan to train Wan (`slapgen config PRESET` lists every key)")
     tr.add_argument("--resume", metavar="latest|CHECKPOINT", help="continue from the latest or a given checkpoint")
     tr.add_argument("--overwrite", action="store_true",
                     help="start over in a run folder that holds a run: deletes its LoRA, checkpoints, metrics, logs and "
@@ -276,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = commands.add_parser("eval", help="compare the base model and adapters on a held-out dataset; writes eval.json, "
                                           "eval.md, report.html")
-    ev.add_argument("--model", required=True, help="hub id, local pipeline folder, or `tiny` (as SLAP_MODEL)")
+    ev.add_argument("--model", required=True, help=f"{MODEL_CHOICES} (as SLAP_MODEL)")
     ev.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
                     help="an adapter to compare with `base`: a LoRA file or a run / checkpoint folder (repeatable)")
     ev.add_argument("--heldout", type=Path, required=True, help="held-out dataset, any layout `slapgen train` reads")
@@ -314,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = commands.add_parser("generate", help="generate one video (text-to-video, or image-to-video with a TIC-FT "
                                                 "adapter) through the service's engine; writes an mp4")
-    gen.add_argument("--model", required=True, help="hub id, local pipeline folder, or `tiny` (as SLAP_MODEL)")
+    gen.add_argument("--model", required=True, help=f"{MODEL_CHOICES} (as SLAP_MODEL)")
     gen.add_argument("--prompt", help="the caption (or use --template)")
     gen.add_argument("--template", help="a prompt template from prompts/ (see GET /templates), with --slot values")
     gen.add_argument("--slot", action="append", default=[], metavar="NAME=VALUE", help="a template slot (repeatable)")
