@@ -280,11 +280,19 @@ def test_a_default_tiny_eval_runs_end_to_end(tiny_cache_dir, demo_dataset, tmp_p
       "--metrics", "loss,clip", "--eval-set", "num_inference_step=2"], "num_inference_steps"),
     (["eval", "--model", "tiny", "--heldout", "h", "--out", "o", "--set", "num_frame=17"], "num_frames"),
     (["generate", "--model", "tiny", "--prompt", "p", "--out", "o.mp4", "--set", "guidance=3"], "guidance_scale"),
+    # Other trainers' names and keys in the wrong section: spelling alone suggested `optim`, `train`, `lora`.
+    (["config", "tiny-smoke", "--set", "optim.lr=1e-4"], "optim.learning_rate"),
+    (["config", "tiny-smoke", "--set", "lr=1e-4"], "optim.learning_rate"),
+    (["config", "tiny-smoke", "--set", "network_dim=32"], "lora.rank"),
+    (["config", "tiny-smoke", "--set", "rank=32"], "lora.rank"),
+    (["config", "tiny-smoke", "--set", "train.steps=5"], "train.max_train_steps"),
+    (["config", "tiny-smoke", "--set", "seed=3"], "train.seed"),
 ])
 def test_a_misspelt_set_key_suggests_the_closest(args, expected, demo_dataset, tmp_path, monkeypatch, capsys):
     """Guards a wrong `--set` (or `--grid`, `--eval-set`) key answered with the list of every key or a
     pydantic message and no hint, in every command that takes one: the error is one line with
-    `did you mean KEY?`, and nothing is written."""
+    `did you mean KEY?`, and nothing is written. Also guards the hint for another trainer's name or a key
+    in the wrong section being a section or a wrong setting (`optim.lr` -> `optim`, `rank` -> `train`)."""
     monkeypatch.chdir(tmp_path)
     assert cli_main([str(demo_dataset) if arg == "DEMO" else arg for arg in args]) == 2
     error = cli_stderr(capsys.readouterr().err)

@@ -258,8 +258,6 @@ def _dotted_settings(block: dict[str, Any], prefix: str = "") -> list[str]:
 def _check_family_blocks(blocks: Any, source: str) -> dict[str, dict[str, Any]]:
     """Every block of a config's `families:` mapping names a known family and only real settings (so a
     typo in the Wan block fails a CogVideoX run too, not only the run that would use it)."""
-    import difflib
-
     if not isinstance(blocks, dict):
         raise TrainConfigError(f"{source}: {FAMILIES_KEY} must map a model family to settings, e.g. "
                                f"{FAMILIES_KEY}: {{wan: {{data: {{fps: 16}}}}}}")
@@ -274,8 +272,8 @@ def _check_family_blocks(blocks: Any, source: str) -> dict[str, dict[str, Any]]:
                 raise TrainConfigError(f"{source}: {FAMILIES_KEY}.{family}.model: the model picks the family block, "
                                        "a block cannot pick the model")
             if dotted not in settings:
-                close = difflib.get_close_matches(dotted, settings, n=1)
-                hint = f"did you mean {close[0]}?" if close else "see `slapgen config` for every setting"
+                close = closest_setting(dotted)
+                hint = f"did you mean {close}?" if close else "see `slapgen config` for every setting"
                 raise TrainConfigError(f"{source}: {FAMILIES_KEY}.{family}.{dotted} is no such setting ({hint})")
     return blocks
 
@@ -380,6 +378,31 @@ def _problem(issue: dict) -> str:
         return str(issue["ctx"]["error"])
     if issue["type"] != "extra_forbidden":
         return f"{key}: {issue['msg']}"
-    close = difflib.get_close_matches(key, setting_names(), n=1)
-    hint = f"did you mean {close[0]}?" if close else "see `slapgen config` for every setting"
+    close = closest_setting(key)
+    hint = f"did you mean {close}?" if close else "see `slapgen config` for every setting"
     return f"{key}: no such setting ({hint})"
+
+
+# What other LoRA trainers call a setting (musubi-tuner's network_dim / network_alpha, finetrainers' and
+# diffusion-pipe's lr, rank, lora_alpha, train_steps): spelling alone would never lead from them to ours.
+OTHER_TRAINERS_NAMES = {"lr": "optim.learning_rate", "rank": "lora.rank", "network_dim": "lora.rank",
+                        "network_alpha": "lora.alpha", "lora_alpha": "lora.alpha", "steps": "train.max_train_steps",
+                        "train_steps": "train.max_train_steps"}
+
+
+def closest_setting(key: str) -> str | None:
+    """The setting a wrong key most likely means: another trainer's name for it (`optim.lr`), the one setting
+    of that name in some section (`seed` -> `train.seed`), else the closest spelling. A dotted key names a
+    value inside a section, so it is never answered with a section (`optim.lr` is not `optim`)."""
+    import difflib
+
+    names = setting_names()
+    settings = [name for name in names if not any(other.startswith(name + ".") for other in names)]
+    written = key.rsplit(".", 1)[-1]
+    if written in OTHER_TRAINERS_NAMES:
+        return OTHER_TRAINERS_NAMES[written]
+    same_name = [name for name in settings if name.rsplit(".", 1)[-1] == written]
+    if same_name:
+        return same_name[0]
+    close = difflib.get_close_matches(key, settings if "." in key else names, n=1)
+    return close[0] if close else None
