@@ -371,8 +371,6 @@ def setting_names(model: type[BaseModel] = None, prefix: str = "") -> list[str]:
 
 def _problem(issue: dict) -> str:
     """One validation issue in words; a misspelt key gets the closest real one (`lora.rnk` -> `lora.rank`)."""
-    import difflib
-
     key = ".".join(str(part) for part in issue["loc"]) or "config"
     if not issue["loc"] and issue["type"] == "value_error":  # a check across sections names its settings itself
         return str(issue["ctx"]["error"])
