@@ -111,6 +111,27 @@ def test_another_familys_adapter_is_refused_naming_its_model(wan_adapter_files, 
     assert list(folder.rglob("*")) == []
 
 
+@pytest.mark.parametrize("layout, key", [("musubi-tuner", "lora_unet_blocks_0_self_attn_q"),
+                                         ("wan-original", "diffusion_model.blocks.0.self_attn.q")])
+def test_a_community_wan_lora_on_cogvideox_says_it_is_for_wan(target, tmp_path, layout, key):
+    """Guards a musubi-tuner (or diffusion-pipe) Wan LoRA uploaded to a CogVideoX service answered with its
+    first key, "lora_unet_blocks_0_self_attn_q.alpha is not a diffusers transformer LoRA key": the sentence
+    says the file is in a layout slapgen converts for Wan models only, and nothing is stored."""
+    from dataclasses import replace
+
+    path = tmp_path / "community.safetensors"
+    save_file({f"{key}.lora_down.weight": torch.zeros(4, 32), f"{key}.lora_up.weight": torch.zeros(32, 4),
+               f"{key}.alpha": torch.tensor(4.0)}, path)
+    folder = tmp_path / "adapters"
+    store = AdapterStore(folder, replace(target, family="cogvideox"), cache_size=4)
+    with pytest.raises(AdapterError) as error:
+        store.add("community", path.read_bytes())
+    assert str(error.value) == (f"adapter community is in the {layout} layout, which slapgen converts for wan models "
+                                "only; this service runs tiny, a cogvideox model, whose adapters must be in diffusers' "
+                                "layout (transformer.<module>.lora_A/B.weight)")
+    assert list(folder.rglob("*")) == []
+
+
 def test_recent_adapters_come_from_memory(adapter_files, target, tmp_path, monkeypatch):
     store = AdapterStore(tmp_path, target, cache_size=2)
     for name in ("a", "b"):
