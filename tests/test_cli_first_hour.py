@@ -323,3 +323,24 @@ def test_help_names_wan_and_both_tiny_models():
         assert "`tiny` or `tiny-wan`" in model.help, command
     train_set = next(action for action in commands["train"]._actions if action.dest == "set")
     assert "model=tiny-wan" in train_set.help
+
+
+@pytest.mark.parametrize("command", ["eval", "generate"])
+def test_an_adapter_of_another_model_is_refused_before_the_slow_work(command, tiny_cache_dir, wan_adapter_files,
+                                                                       demo_dataset, tmp_path, capsys):
+    """Guards `slapgen eval --model tiny --adapter w=<a tiny-wan LoRA>` encoding the held-out clips, loading the
+    pipeline and scoring the base model (hours on a real model) before the adapter was refused, and then with
+    a list of 16 modules: both commands say which model it was trained on before anything is written."""
+    out = tmp_path / "out"
+    args = {"eval": ["eval", "--model", "tiny", "--adapter", f"w={wan_adapter_files['a']}", "--heldout",
+                     str(demo_dataset), "--out", str(out), "--metrics", "loss"],
+            "generate": ["generate", "--model", "tiny", "--adapter", str(wan_adapter_files["a"]), "--prompt", "a slap",
+                         "--out", str(out / "clip.mp4")]}[command]
+    assert cli_main(args) == 2
+    name = "w" if command == "eval" else "a"  # generate names it after its folder
+    # The starting line, then the refusal: no progress bar of encoding, loading or denoising in between.
+    assert capsys.readouterr().err.splitlines() == [
+        f"slapgen {command}: loading torch and diffusers ...",
+        f"slapgen {command}: adapter {name} was trained on tiny-wan, but this service runs tiny; use it with that "
+        "model (SLAP_MODEL=tiny-wan, or --model tiny-wan on the command line)"]
+    assert not out.exists()

@@ -285,7 +285,7 @@ def check_dtypes(name: str, header: Header) -> None:
 
 def check_adapter(name: str, header: Header, target: AdapterTarget) -> CheckedAdapter:
     """Validate an adapter's header against the running model and slot. Raises AdapterError."""
-    check_base_model(name, header.metadata, target)
+    check_base_model(name, header.metadata.get(lora_format.BASE_MODEL_KEY), target.model_name)
     check_other_familys_layout(name, header, target)
     ranks = module_ranks(name, header.shapes, target)
     rank = max(ranks.values())
@@ -309,13 +309,13 @@ def check_other_familys_layout(name: str, header: Header, target: AdapterTarget)
                                "(transformer.<module>.lora_A/B.weight)", field="adapter")
 
 
-def check_base_model(name: str, metadata: dict[str, str], target: AdapterTarget) -> None:
-    """The model the adapter says it was trained on is the running one. Checked before its keys: a LoRA of
-    another model (another family's, say a Wan LoRA on CogVideoX) fails every module check too, and the
-    module list that sentence would print hides the one fix, serving it on its own model."""
-    declared = metadata.get(lora_format.BASE_MODEL_KEY)
-    if declared and not _same_model(declared, target.model_name):
-        raise AdapterError(f"adapter {name} was trained on {shown(declared)}, but this service runs {target.model_name}; "
+def check_base_model(name: str, declared: str | None, model_name: str) -> None:
+    """The model the adapter says it was trained on (`declared`, its `slapgen.base_model`) is the running one,
+    `model_name`. Checked before its keys: a LoRA of another model (another family's, say a Wan LoRA on
+    CogVideoX) fails every module check too, and the module list that sentence would print hides the one
+    fix, serving it on its own model. `slapgen eval` and `generate` check it before their slow work too."""
+    if declared and not _same_model(declared, model_name):
+        raise AdapterError(f"adapter {name} was trained on {shown(declared)}, but this service runs {model_name}; "
                            f"use it with that model (SLAP_MODEL={shown(declared)}, or --model {shown(declared)} on "
                            "the command line)", field="adapter")
 
