@@ -122,13 +122,14 @@ def test_a_missing_model_names_the_trainers_setting(offline_hub, tmp_path):
     ("Tiny", "tiny"),
     ("Wan-AI/Wan2.1-T2V-1.3B", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"),  # the original-format repo, not diffusers'
     ("THUDM/CogVideoX-5b-I2V", None),  # another model, not a misspelling of CogVideoX-5b
+    ("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", None),  # the right name, only not downloaded: no "did you mean" itself
     ("not a model", None),
 ])
 def test_a_misspelt_model_name_suggests_the_known_one(offline_hub, tmp_path, written, suggested):
     """Guards SLAP_MODEL=tiny_wan (or `--set model=Wan-AI/Wan2.1-T2V-1.3B`, missing -Diffusers) answered only
     with "neither an existing folder nor a hub id" / "run `hf download ...`", which sends the user to download
     a repo slapgen cannot load: the sentence names the built-in or known model the name misspells, and
-    suggests nothing for a name that only starts like a known one."""
+    suggests nothing for a name that only starts like a known one, nor for a known name spelt right."""
     with pytest.raises(ModelUnavailableError) as caught:
         resolve_model(written, tmp_path)
     message = str(caught.value)

@@ -94,7 +94,7 @@ def did_you_mean(model: str) -> str:
         return re.sub(r"[^a-z0-9.]", "", name.lower())
 
     for name in known_model_names():
-        if letters(name) in (letters(model), letters(model + "-Diffusers")):
+        if name != model and letters(name) in (letters(model), letters(model + "-Diffusers")):
             return f" (did you mean {name}?)"
     close = difflib.get_close_matches(model.lower(), list(BUILT_IN_SPECS), n=1, cutoff=0.75)
     return f" (did you mean {close[0]}?)" if close else ""
