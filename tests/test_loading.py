@@ -151,3 +151,15 @@ def test_a_known_hub_id_in_another_case_finds_the_cached_snapshot(offline_hub, t
     (snapshot.parents[1] / "refs" / "main").write_text("0123abcd")
     resolved = resolve_model("THUDM/CogVideoX-5B", tmp_path)
     assert resolved.folder == snapshot and resolved.spec.name == "THUDM/CogVideoX-5b"
+
+
+def test_an_uncached_wan_model_points_to_the_tiny_wan_twin(offline_hub, tmp_path):
+    """Guards a Wan hub id that cannot load answered "or set SLAP_MODEL=tiny to run the built-in tiny model":
+    tiny is a CogVideoX, so the Wan user trying the CPU path would switch families without knowing; a Wan
+    model's sentence names tiny-wan, and a CogVideoX model's still names tiny."""
+    with pytest.raises(ModelUnavailableError) as caught:
+        resolve_model("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", tmp_path)
+    assert str(caught.value).endswith("or set SLAP_MODEL=tiny-wan to run the built-in tiny-wan model.")
+    with pytest.raises(ModelUnavailableError) as caught:
+        resolve_model("THUDM/CogVideoX-2b", tmp_path)
+    assert str(caught.value).endswith("or set SLAP_MODEL=tiny to run the built-in tiny model.")

@@ -47,7 +47,7 @@ def cmd_precompute(args) -> int:
     from trainer.latent_cache import LatentCache
 
     config = load_config(args.config, [f"model={args.model}", *args.set] if args.model else args.set)
-    setting = ModelSetting("--model", "use --model tiny") if args.model else TRAINER_SETTING
+    setting = ModelSetting("--model", "use --model ") if args.model else TRAINER_SETTING
     resolved = resolve_model(config.model, config.model_cache_dir, setting=setting)
     clips = read_dataset(args.dataset)[: config.data.max_clips]
     report = LatentCache(args.out, resolved, config.data, device=args.device, ticft=config.ticft).precompute(clips)

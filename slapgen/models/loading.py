@@ -32,11 +32,11 @@ class ModelSetting:
     """How the person chose the model, so an error names what they can change."""
 
     name: str  # e.g. SLAP_MODEL
-    tiny_fix: str  # e.g. "set SLAP_MODEL=tiny"
+    tiny_fix: str  # e.g. "set SLAP_MODEL=": the built-in tiny model's name (of the model's family) follows
 
 
-SERVICE_SETTING = ModelSetting("SLAP_MODEL", "set SLAP_MODEL=tiny")
-TRAINER_SETTING = ModelSetting("model", "use --set model=tiny")
+SERVICE_SETTING = ModelSetting("SLAP_MODEL", "set SLAP_MODEL=")
+TRAINER_SETTING = ModelSetting("model", "use --set model=")
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,10 @@ def resolve_model(model: str, cache_dir: Path | None = None, allow_download: boo
                   setting: ModelSetting = SERVICE_SETTING) -> ResolvedModel:
     """Find (materialising or downloading if needed) the pipeline folder that `model` names."""
     cache_dir = cache_dir or default_cache_dir()
-    tiny_fix = f"or {setting.tiny_fix} to run the built-in tiny model"
+    known = known_spec(model)
+    # A Wan model that cannot load: its CPU twin is the tiny model to try (tiny is CogVideoX).
+    tiny = TINY_WAN_MODEL_NAME if known is not None and known.family == TINY_WAN_SPEC.family else TINY_MODEL_NAME
+    tiny_fix = f"or {setting.tiny_fix}{tiny} to run the built-in {tiny} model"
     if model == TINY_MODEL_NAME:
         folder = materialise_tiny_model(cache_dir)
         return ResolvedModel(folder, spec_for_folder(folder, TINY_MODEL_NAME))
@@ -63,7 +66,6 @@ def resolve_model(model: str, cache_dir: Path | None = None, allow_download: boo
         return ResolvedModel(folder, spec_for_folder(folder, TINY_WAN_MODEL_NAME))
 
     path = Path(model).expanduser()
-    known = known_spec(model)
     if known is not None and not path.exists():
         # Known hub ids match in any case (`known_spec`), but the Hugging Face cache and `hf download`
         # spell them one way: THUDM/CogVideoX-5B would miss a cached THUDM/CogVideoX-5b.

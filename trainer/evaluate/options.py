@@ -21,7 +21,7 @@ from trainer.evaluate.picking import DEFAULT_PICK_BY, check_measured, check_pick
 from trainer.heldout import DEFAULT_SEED
 
 BASE = "base"
-MODEL_SETTING = ModelSetting("--model", "use --model tiny")
+MODEL_SETTING = ModelSetting("--model", "use --model ")
 # GenerationParams fields `--set` may change, with their types; prompt, seed and adapter come from the run.
 SETTABLE = {"num_inference_steps": int, "guidance_scale": float, "negative_prompt": str, "num_frames": int,
             "height": int, "width": int, "fps": int, "adapter_scale": float}
