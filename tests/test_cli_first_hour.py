@@ -344,3 +344,12 @@ def test_an_adapter_of_another_model_is_refused_before_the_slow_work(command, ti
         f"slapgen {command}: adapter {name} was trained on tiny-wan, but this service runs tiny; use it with that "
         "model (SLAP_MODEL=tiny-wan, or --model tiny-wan on the command line)"]
     assert not out.exists()
+
+
+def test_curate_says_what_too_short_means(demo_dataset, tmp_path, capsys):
+    """Guards `slapgen curate clips --out o` (README's Curation example, no --config) flagging every demo clip
+    `too_short: 4` with nothing on what the length is measured against: the default config's training length
+    (conservative: 49 frames at 8 fps), which --config changes."""
+    assert cli_main(["curate", str(demo_dataset), "--out", str(tmp_path / "o"), "--workers", "1"]) == 0
+    assert "\n  too_short: 4 (fewer than 49 frames at 8 fps, the training length of --config conservative)\n" in \
+        capsys.readouterr().out

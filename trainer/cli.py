@@ -87,7 +87,10 @@ def cmd_curate(args) -> int:
         f"{summary['without_caption']} without a caption; {summary['clips_per_second']} clips/s"
     )
     for code, count in summary["issues"].items():
-        print(f"  {code}: {count}")
+        # too_short depends on the config: say which length, so a clip list all flagged is not a mystery.
+        why = (f" (fewer than {data.num_frames} frames at {data.fps:g} fps, the training length of --config "
+               f"{args.config})") if code == "too_short" else ""
+        print(f"  {code}: {count}{why}")
     if args.select:
         print(f"selected {summary['selected']} of {args.select} requested -> {args.out / 'selected.jsonl'}"
               f" ({summary['hard_negatives_selected']} hard negatives)")
