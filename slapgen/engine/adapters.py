@@ -286,7 +286,7 @@ def check_dtypes(name: str, header: Header) -> None:
 def check_adapter(name: str, header: Header, target: AdapterTarget) -> CheckedAdapter:
     """Validate an adapter's header against the running model and slot. Raises AdapterError."""
     check_base_model(name, header.metadata.get(lora_format.BASE_MODEL_KEY), target.model_name)
-    check_other_familys_layout(name, header, target)
+    check_other_family_layout(name, header, target)
     ranks = module_ranks(name, header.shapes, target)
     rank = max(ranks.values())
     check_rank(name, rank, target)
@@ -296,7 +296,7 @@ def check_adapter(name: str, header: Header, target: AdapterTarget) -> CheckedAd
     return CheckedAdapter(rank, config, ticft_layout(name, header.metadata, target))
 
 
-def check_other_familys_layout(name: str, header: Header, target: AdapterTarget) -> None:
+def check_other_family_layout(name: str, header: Header, target: AdapterTarget) -> None:
     """A LoRA in a community layout another family converts (a musubi-tuner LoRA on a CogVideoX service) is
     refused saying so, rather than by its first key (`lora_unet_blocks_0_self_attn_k.alpha is not a diffusers
     transformer LoRA key`), which leaves the user to guess the file is for another model family."""
