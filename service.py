@@ -23,7 +23,7 @@ from slapgen.expected_warnings import silence_expected_warnings
 silence_expected_warnings()  # before anything imports torchao or diffusers
 
 from prompts import default_library  # noqa: E402 (after the filters)
-from slapgen.engine.adapters import MAX_ADAPTER_BYTES
+from slapgen.engine.adapters import MAX_ADAPTER_BYTES, adapter_names
 from slapgen.engine.generator import VideoGenerator
 from slapgen.errors import GenerationCancelledError, SlapgenError
 from slapgen.lifetime import die_with_parent
@@ -86,6 +86,15 @@ routes = build_routes(
 )
 
 
+def _say_where_adapters_are() -> None:
+    # `bentoml serve PATH` runs in PATH, so a relative SLAP_ADAPTERS_DIR may name another folder than the one
+    # the user meant; an empty listing would be the only sign.
+    folder = settings.adapters_dir.absolute()
+    names = adapter_names(folder) if folder.is_dir() else []
+    print(f"slapgen: serving {settings.model}; adapters from {folder}: {', '.join(names) or 'none yet'}",
+          file=sys.stderr, flush=True)
+
+
 def _answer_error(ctx: bentoml.Context, error: SlapgenError):
     ctx.response.status_code = status_for(error)  # BentoML copies the context's status onto the response
     return error_response(error)
@@ -128,6 +137,7 @@ class SlapGen:
             claim_task_store(BentoMLContainer.result_store_file.get())
             settings.engine_options()
             resolve_model(settings.model, settings.cache_dir, allow_download=True)
+            _say_where_adapters_are()
             # Before any worker starts: the jobs of a server that died (kill -9, a crash) end as failed.
             with_store(JOB_BOARD, settings.store_database(settings.cache_dir / "jobs.sqlite"), "SLAP_CACHE_DIR",
                        lambda where: job_board.end_orphaned(RESTARTED))

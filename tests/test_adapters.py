@@ -97,6 +97,41 @@ def test_bad_uploads_change_nothing(adapter_files, target, tmp_path, name, make,
     assert not (tmp_path / "x.safetensors").exists()
 
 
+def test_another_familys_adapter_is_refused_naming_its_model(wan_adapter_files, target, tmp_path):
+    """Guards a tiny-wan LoRA uploaded to (or `slapgen generate --adapter`ed on) the CogVideoX tiny model
+    answered with "blocks.N.attn1.to_k, ... (16 modules) are not LoRA-able modules of tiny ... the modules
+    SLAP_LORA_TARGET_MODULES names", which sends the user to a setting that cannot help: the model its
+    metadata names is checked before its keys, and the sentence says which model to use it with."""
+    folder = tmp_path / "adapters"
+    store = AdapterStore(folder, target, cache_size=4)
+    with pytest.raises(AdapterError) as error:
+        store.add("wan", wan_adapter_files["a"].read_bytes())
+    assert str(error.value) == ("adapter wan was trained on tiny-wan, but this service runs tiny; use it with that "
+                                "model (SLAP_MODEL=tiny-wan, or --model tiny-wan on the command line)")
+    assert list(folder.rglob("*")) == []
+
+
+@pytest.mark.parametrize("layout, key", [("musubi-tuner", "lora_unet_blocks_0_self_attn_q"),
+                                         ("wan-original", "diffusion_model.blocks.0.self_attn.q")])
+def test_a_community_wan_lora_on_cogvideox_says_it_is_for_wan(target, tmp_path, layout, key):
+    """Guards a musubi-tuner (or diffusion-pipe) Wan LoRA uploaded to a CogVideoX service answered with its
+    first key, "lora_unet_blocks_0_self_attn_q.alpha is not a diffusers transformer LoRA key": the sentence
+    says the file is in a layout slapgen converts for Wan models only, and nothing is stored."""
+    from dataclasses import replace
+
+    path = tmp_path / "community.safetensors"
+    save_file({f"{key}.lora_down.weight": torch.zeros(4, 32), f"{key}.lora_up.weight": torch.zeros(32, 4),
+               f"{key}.alpha": torch.tensor(4.0)}, path)
+    folder = tmp_path / "adapters"
+    store = AdapterStore(folder, replace(target, family="cogvideox"), cache_size=4)
+    with pytest.raises(AdapterError) as error:
+        store.add("community", path.read_bytes())
+    assert str(error.value) == (f"adapter community is in the {layout} layout, which slapgen converts for wan models "
+                                "only; this service runs tiny, a cogvideox model, whose adapters must be in diffusers' "
+                                "layout (transformer.<module>.lora_A/B.weight)")
+    assert list(folder.rglob("*")) == []
+
+
 def test_recent_adapters_come_from_memory(adapter_files, target, tmp_path, monkeypatch):
     store = AdapterStore(tmp_path, target, cache_size=2)
     for name in ("a", "b"):

@@ -1,7 +1,7 @@
 """A new user's first hour with the `slapgen` command line (issue 19): a repeated `slapgen train` never
 destroys a finished run, a failed start leaves no folder behind, the CLI says it has started before
 its slow imports, captioning without torchvision is one sentence, a default tiny eval runs, and a
-misspelt `--set` key gets the closest real one."""
+misspelt `--set` key or preset gets the closest real one."""
 
 from __future__ import annotations
 
@@ -203,7 +203,8 @@ HAVE_TORCHVISION = importlib.util.find_spec("torchvision") is not None
 def test_caption_without_torchvision_is_one_sentence_before_any_model_is_built(demo_dataset, tmp_path):
     """Guards `slapgen caption --model tiny` without torchvision printing a 20-line traceback: the
     torchvision check ran after the tiny model was being built. It must be one line naming the fix, with
-    nothing written to the model cache."""
+    nothing written to the model cache. The fix is README's command, with PyTorch's CPU index: without it
+    (as the sentence said before) pip on a CPU machine takes the 3 GB CUDA builds of the pair."""
     folder = tmp_path / "clips"
     folder.mkdir()
     (folder / "clip_000.mp4").write_bytes((demo_dataset / "clip_000.mp4").read_bytes())
@@ -212,9 +213,11 @@ def test_caption_without_torchvision_is_one_sentence_before_any_model_is_built(d
                             cwd=REPO_ROOT, env=offline_env(tmp_path, SLAP_CACHE_DIR=str(cache)), capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 2
+    fix = "pip install torch==2.14.1 torchvision==0.29.1 --extra-index-url https://download.pytorch.org/whl/cpu"
     assert cli_stderr(result.stderr).splitlines() == [
-        "slapgen caption: captioning needs torchvision (transformers' video processors use it); pip install "
-        "torch==2.14.1 torchvision==0.29.1 (or the torchvision matching your torch)."]
+        f"slapgen caption: captioning needs torchvision (transformers' video processors use it); {fix} (the CPU "
+        "builds; on a GPU machine, the torchvision matching your torch)."]
+    assert f"\n{fix} && pip install -e '.[caption]'" in (REPO_ROOT / "README.md").read_text()
     assert not cache.exists() and not (folder / "clip_000.txt").exists()
 
 
@@ -277,13 +280,76 @@ def test_a_default_tiny_eval_runs_end_to_end(tiny_cache_dir, demo_dataset, tmp_p
       "--metrics", "loss,clip", "--eval-set", "num_inference_step=2"], "num_inference_steps"),
     (["eval", "--model", "tiny", "--heldout", "h", "--out", "o", "--set", "num_frame=17"], "num_frames"),
     (["generate", "--model", "tiny", "--prompt", "p", "--out", "o.mp4", "--set", "guidance=3"], "guidance_scale"),
+    # Other trainers' names and keys in the wrong section: spelling alone suggested `optim`, `train`, `lora`.
+    (["config", "tiny-smoke", "--set", "optim.lr=1e-4"], "optim.learning_rate"),
+    (["config", "tiny-smoke", "--set", "lr=1e-4"], "optim.learning_rate"),
+    (["config", "tiny-smoke", "--set", "network_dim=32"], "lora.rank"),
+    (["config", "tiny-smoke", "--set", "rank=32"], "lora.rank"),
+    (["config", "tiny-smoke", "--set", "train.steps=5"], "train.max_train_steps"),
+    (["config", "tiny-smoke", "--set", "seed=3"], "train.seed"),
 ])
 def test_a_misspelt_set_key_suggests_the_closest(args, expected, demo_dataset, tmp_path, monkeypatch, capsys):
     """Guards a wrong `--set` (or `--grid`, `--eval-set`) key answered with the list of every key or a
     pydantic message and no hint, in every command that takes one: the error is one line with
-    `did you mean KEY?`, and nothing is written."""
+    `did you mean KEY?`, and nothing is written. Also guards the hint for another trainer's name or a key
+    in the wrong section being a section or a wrong setting (`optim.lr` -> `optim`, `rank` -> `train`)."""
     monkeypatch.chdir(tmp_path)
     assert cli_main([str(demo_dataset) if arg == "DEMO" else arg for arg in args]) == 2
     error = cli_stderr(capsys.readouterr().err)
     assert "\n" not in error and f"did you mean {expected}?" in error, error
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_misspelt_preset_suggests_the_closest(tmp_path, capsys):
+    """Guards `--config tiny-smok` answered with the list of presets only: the sentence names the preset it
+    misspells, as a misspelt --set key's does (and `slapgen config` says the same)."""
+    assert cli_main(["config", "tiny-smok"]) == 2
+    assert cli_stderr(capsys.readouterr().err) == (
+        "slapgen config: config tiny-smok not found: did you mean tiny-smoke? (presets: aggressive, conservative, "
+        "ticft, tiny-smoke)")
+
+
+def test_help_names_wan_and_both_tiny_models():
+    """Guards `slapgen --help` saying "Teach CogVideoX" and every --model help offering only `tiny`: a new user
+    who reads --help never learns that Wan and its CPU twin `tiny-wan` are there, nor that `--set model=` picks
+    the model to train."""
+    from trainer.cli import build_parser
+
+    parser = build_parser()
+    assert "Wan" in parser.description
+    commands = next(action for action in parser._actions if action.dest == "command").choices
+    for command in ("precompute", "eval", "generate"):
+        model = next(action for action in commands[command]._actions if action.dest == "model")
+        assert "`tiny` or `tiny-wan`" in model.help, command
+    train_set = next(action for action in commands["train"]._actions if action.dest == "set")
+    assert "model=tiny-wan" in train_set.help
+
+
+@pytest.mark.parametrize("command", ["eval", "generate"])
+def test_an_adapter_of_another_model_is_refused_before_the_slow_work(command, tiny_cache_dir, wan_adapter_files,
+                                                                       demo_dataset, tmp_path, capsys):
+    """Guards `slapgen eval --model tiny --adapter w=<a tiny-wan LoRA>` encoding the held-out clips, loading the
+    pipeline and scoring the base model (hours on a real model) before the adapter was refused, and then with
+    a list of 16 modules: both commands say which model it was trained on before anything is written."""
+    out = tmp_path / "out"
+    args = {"eval": ["eval", "--model", "tiny", "--adapter", f"w={wan_adapter_files['a']}", "--heldout",
+                     str(demo_dataset), "--out", str(out), "--metrics", "loss"],
+            "generate": ["generate", "--model", "tiny", "--adapter", str(wan_adapter_files["a"]), "--prompt", "a slap",
+                         "--out", str(out / "clip.mp4")]}[command]
+    assert cli_main(args) == 2
+    name = "w" if command == "eval" else "a"  # generate names it after its folder
+    # The starting line, then the refusal: no progress bar of encoding, loading or denoising in between.
+    assert capsys.readouterr().err.splitlines() == [
+        f"slapgen {command}: loading torch and diffusers ...",
+        f"slapgen {command}: adapter {name} was trained on tiny-wan, but this service runs tiny; use it with that "
+        "model (SLAP_MODEL=tiny-wan, or --model tiny-wan on the command line)"]
+    assert not out.exists()
+
+
+def test_curate_says_what_too_short_means(demo_dataset, tmp_path, capsys):
+    """Guards `slapgen curate clips --out o` (README's Curation example, no --config) flagging every demo clip
+    `too_short: 4` with nothing on what the length is measured against: the default config's training length
+    (conservative: 49 frames at 8 fps), which --config changes."""
+    assert cli_main(["curate", str(demo_dataset), "--out", str(tmp_path / "o"), "--workers", "1"]) == 0
+    assert "\n  too_short: 4 (fewer than 49 frames at 8 fps, the training length of --config conservative)\n" in \
+        capsys.readouterr().out

@@ -159,6 +159,26 @@ def test_checked_bodies_answer_with_our_sentence_and_pass_good_bodies_on():
         assert client.post("/generate", json={"prompt": "a slap"}).json() == {"echo": "a slap"}
 
 
+@pytest.mark.parametrize("field, meant", [("num_steps", "num_inference_steps"), ("steps", "num_inference_steps"),
+                                          ("frames", "num_frames"), ("guidance", "guidance_scale"),
+                                          ("adapter_strength", "adapter_scale"), ("style", None)])
+def test_an_unknown_body_field_names_the_field_it_means(field, meant):
+    """Guards `{"num_steps": 2}` (other tools' name) answered only "num_steps is not a field this route takes",
+    where `slapgen generate --set num_step=2` says which one it means: /generate's answer (CheckedBodies, as
+    /jobs/submit's) names the closest field of the body, and nothing for a field like none of them."""
+    async def echo(request: Request):
+        return JSONResponse({})
+
+    app = CheckedBodies(Starlette(routes=[Route("/generate", echo, methods=["POST"])]),
+                        models={"/generate": GenerateRequest}, limit=1024)
+    with TestClient(app) as client:
+        refused = client.post("/generate", json={"prompt": "a", field: 2})
+    hint = f" (did you mean {meant}?)" if meant else ""
+    assert refused.status_code == 400
+    assert refused.json()["error"] == f"{field} is not a field this route takes{hint}"
+    assert refused.json()["detail"][0]["loc"] == [field]
+
+
 def test_only_the_expected_library_warnings_are_silenced(caplog):
     """Guards the start-up noise (torchao's CUDA libraries and Triton on a CPU, torch's Enum deprecation,
     diffusers' torchao tensor import): filtered by exact message, so torchao's other warnings still show."""

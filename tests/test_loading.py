@@ -115,3 +115,51 @@ def test_a_missing_model_names_the_trainers_setting(offline_hub, tmp_path):
     with pytest.raises(ModelUnavailableError) as caught:
         resolve_model("THUDM/CogVideoX-5b", tmp_path, setting=TRAINER_SETTING)
     assert "--set model=tiny" in str(caught.value) and "SLAP_MODEL" not in str(caught.value)
+
+
+@pytest.mark.parametrize("written, suggested", [
+    ("tiny_wan", "tiny-wan"),
+    ("Tiny", "tiny"),
+    ("Wan-AI/Wan2.1-T2V-1.3B", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"),  # the original-format repo, not diffusers'
+    ("THUDM/CogVideoX-5b-I2V", None),  # another model, not a misspelling of CogVideoX-5b
+    ("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", None),  # the right name, only not downloaded: no "did you mean" itself
+    ("not a model", None),
+])
+def test_a_misspelt_model_name_suggests_the_known_one(offline_hub, tmp_path, written, suggested):
+    """Guards SLAP_MODEL=tiny_wan (or `--set model=Wan-AI/Wan2.1-T2V-1.3B`, missing -Diffusers) answered only
+    with "neither an existing folder nor a hub id" / "run `hf download ...`", which sends the user to download
+    a repo slapgen cannot load: the sentence names the built-in or known model the name misspells, and
+    suggests nothing for a name that only starts like a known one, nor for a known name spelt right."""
+    with pytest.raises(ModelUnavailableError) as caught:
+        resolve_model(written, tmp_path)
+    message = str(caught.value)
+    if suggested is None:
+        assert "did you mean" not in message
+    else:
+        assert f"(did you mean {suggested}?)" in message
+    assert "\n" not in message
+
+
+def test_a_known_hub_id_in_another_case_finds_the_cached_snapshot(offline_hub, tmp_path):
+    """Guards SLAP_MODEL=THUDM/CogVideoX-5B (capital B) stopping with "not in the local Hugging Face cache"
+    while THUDM/CogVideoX-5b is cached: known hub ids match in any case (their spec did already), so the
+    cache is looked up under the hub's own spelling."""
+    snapshot = tmp_path / "hf" / "hub" / "models--THUDM--CogVideoX-5b" / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    (snapshot / "model_index.json").write_text('{"_class_name": "CogVideoXPipeline"}')
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0123abcd")
+    resolved = resolve_model("THUDM/CogVideoX-5B", tmp_path)
+    assert resolved.folder == snapshot and resolved.spec.name == "THUDM/CogVideoX-5b"
+
+
+def test_an_uncached_wan_model_points_to_the_tiny_wan_twin(offline_hub, tmp_path):
+    """Guards a Wan hub id that cannot load answered "or set SLAP_MODEL=tiny to run the built-in tiny model":
+    tiny is a CogVideoX, so the Wan user trying the CPU path would switch families without knowing; a Wan
+    model's sentence names tiny-wan, and a CogVideoX model's still names tiny."""
+    with pytest.raises(ModelUnavailableError) as caught:
+        resolve_model("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", tmp_path)
+    assert str(caught.value).endswith("or set SLAP_MODEL=tiny-wan to run the built-in tiny-wan model.")
+    with pytest.raises(ModelUnavailableError) as caught:
+        resolve_model("THUDM/CogVideoX-2b", tmp_path)
+    assert str(caught.value).endswith("or set SLAP_MODEL=tiny to run the built-in tiny model.")

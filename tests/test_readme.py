@@ -44,6 +44,29 @@ def test_readme_training_commands_run_as_written(tiny_cache_dir, tmp_path):
     assert (tmp_path / "curation" / "report.html").is_file()
 
 
+@pytest.mark.slow
+def test_readme_wan_cpu_commands_train_the_adapter_the_service_serves(tiny_wan_cache_dir, tmp_path):
+    """Guards "Train and serve Wan"'s CPU commands, which no test ran: its demo data and tiny-wan training, run
+    by bash as README writes them in an empty folder, leave a LoRA of tiny-wan at `adapters/wan/`, the folder
+    its `SLAP_ADAPTERS_DIR=adapters` serves as adapter `wan` (the service line itself starts a server; the
+    adapter folder's layout and the model it names are what that line depends on)."""
+    from slapgen.engine.adapters import adapter_names, weights_path
+    from slapgen.models import lora_format
+    from slapgen.models.lora_format import read_file_header
+
+    block = readme_blocks("slapgen demo-data wan-clips")[0]
+    commands = [line for line in block.splitlines() if line.strip()]
+    assert commands[-1] == "SLAP_MODEL=tiny-wan SLAP_ADAPTERS_DIR=adapters bentoml serve", commands
+    env = offline_env(tmp_path, SLAP_CACHE_DIR=str(tiny_wan_cache_dir),
+                      PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    result = subprocess.run(["bash", "-euo", "pipefail", "-c", "\n".join(commands[:-1])], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert adapter_names(tmp_path / "adapters") == ["wan"]
+    header = read_file_header(weights_path(tmp_path / "adapters", "wan"))
+    assert header.metadata[lora_format.BASE_MODEL_KEY] == "tiny-wan"
+
+
 def test_readme_gives_every_preset_a_cpu_command():
     """Guards a preset README offers no small command for (aggressive had none): every preset in
     trainer/presets/ has a `slapgen train --config NAME` command on the tiny model (`--set model=tiny`,

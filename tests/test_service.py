@@ -123,6 +123,14 @@ def test_start_up_prints_none_of_the_expected_library_warnings(tiny_server):
         assert noise not in log, noise
 
 
+def test_start_up_says_which_adapter_folder_it_serves(tiny_server):
+    """Guards a SLAP_ADAPTERS_DIR that silently names another folder (relative, with `bentoml serve PATH`,
+    which runs in PATH): nothing said where adapters were looked for, and `GET /adapters` was simply empty.
+    Start-up prints the model and the absolute folder with what it holds."""
+    folder = tiny_server.log_path.parent / "adapters"
+    assert f"slapgen: serving tiny; adapters from {folder}: none yet\n" in tiny_server.log_tail(10**7)
+
+
 def test_malformed_json_is_a_400(tiny_server):
     response = httpx.post(
         f"{tiny_server.url}/generate", content=b'{"prompt": ', headers={"content-type": "application/json"}, timeout=30

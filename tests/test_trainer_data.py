@@ -63,11 +63,26 @@ def test_bad_datasets_say_what_is_wrong(demo_dataset, tmp_path, files, message):
 
 
 def test_missing_captions_allowed_only_when_asked(demo_dataset, tmp_path):
+    """Also guards a clip without its .txt refused as having "an empty caption" (the user looks for an empty
+    file that is not there): the sentence names the file to write and the command that writes it."""
     _copy_clips(demo_dataset, tmp_path)
     (tmp_path / "clip_000.txt").write_text("a caption")
-    with pytest.raises(DatasetError, match="clip_001.mp4 has an empty caption"):
+    with pytest.raises(DatasetError) as error:
         read_dataset(tmp_path)
+    assert str(error.value) == (f"video clip_001.mp4 has no caption: write clip_001.txt beside it, or caption the "
+                                f"clips that have none with `slapgen caption {tmp_path}`")
     assert [c.caption for c in read_dataset(tmp_path, require_captions=False)] == ["a caption", None]
+
+
+def test_a_folder_without_videos_says_what_a_clip_is(tmp_path):
+    """Guards a folder of stills (or .gif, .txt) refused as "holds no clips" with nothing on what counts as
+    one: the sentence lists the video suffixes read and the videos.txt + prompts.txt layout."""
+    (tmp_path / "frame.png").write_bytes(b"png")
+    (tmp_path / "frame.txt").write_text("a caption")
+    with pytest.raises(DatasetError) as error:
+        read_dataset(tmp_path)
+    assert str(error.value) == (f"dataset {tmp_path} holds no clips: no video file (.mp4, .mov, .webm, .mkv, .avi, "
+                                ".m4v) in it or its subfolders, and no videos.txt + prompts.txt")
 
 
 def test_sample_indices_follow_the_target_fps():

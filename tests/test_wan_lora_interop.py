@@ -286,11 +286,11 @@ def test_all_zero_deltas_are_left_out_and_the_lora_serves_diffusers_frames(engin
 
 def test_cogvideox_uploads_stay_in_diffusers_layout(engine, tmp_path):
     """Guards converting with the wrong family: diffusers has no community converter for CogVideoX, so a
-    Wan-layout file offered to a CogVideoX slot is refused as before, as not diffusers' keys."""
+    Wan-layout file offered to a CogVideoX slot is refused, saying its layout is converted for Wan only."""
     store = AdapterStore(tmp_path / "adapters", AdapterTarget("tiny", engine.slot.modules, MAX_RANK, family="cogvideox"),
                          cache_size=2)
     path = tmp_path / "musubi.safetensors"
     save_file(community_lora("musubi-tuner", engine, rank=2, seed=1, feed_forward=True), path)
-    with pytest.raises(AdapterError, match="not a diffusers transformer LoRA key"):
+    with pytest.raises(AdapterError, match="in the musubi-tuner layout, which slapgen converts for wan models only"):
         store.add("musubi", path.read_bytes())
     assert list((tmp_path / "adapters").iterdir()) == []

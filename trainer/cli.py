@@ -47,7 +47,7 @@ def cmd_precompute(args) -> int:
     from trainer.latent_cache import LatentCache
 
     config = load_config(args.config, [f"model={args.model}", *args.set] if args.model else args.set)
-    setting = ModelSetting("--model", "use --model tiny") if args.model else TRAINER_SETTING
+    setting = ModelSetting("--model", "use --model ") if args.model else TRAINER_SETTING
     resolved = resolve_model(config.model, config.model_cache_dir, setting=setting)
     clips = read_dataset(args.dataset)[: config.data.max_clips]
     report = LatentCache(args.out, resolved, config.data, device=args.device, ticft=config.ticft).precompute(clips)
@@ -94,7 +94,10 @@ def cmd_curate(args) -> int:
         f"{summary['without_caption']} without a caption; {summary['clips_per_second']} clips/s"
     )
     for code, count in summary["issues"].items():
-        print(f"  {code}: {count}")
+        # too_short depends on the config: say which length, so a clip list all flagged is not a mystery.
+        why = (f" (fewer than {data.num_frames} frames at {data.fps:g} fps, the training length of --config "
+               f"{args.config})") if code == "too_short" else ""
+        print(f"  {code}: {count}{why}")
     if args.select:
         print(f"selected {summary['selected']} of {args.select} requested -> {args.out / 'selected.jsonl'}"
               f" ({summary['hard_negatives_selected']} hard negatives)")
@@ -229,8 +232,12 @@ def cmd_config(args) -> int:
     return 0
 
 
+# The models a --model option takes; the built-in tiny twins run on a CPU without a download.
+MODEL_CHOICES = "hub id, local pipeline folder, `tiny` or `tiny-wan`"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="slapgen", description="Teach CogVideoX a new video domain with LoRA.")
+    parser = argparse.ArgumentParser(prog="slapgen", description="Teach CogVideoX or Wan a new video domain with LoRA.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo = commands.add_parser("demo-data", help="write a small synthetic powerslap dataset (mp4 + captions)")
@@ -266,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pre = commands.add_parser("precompute", help="encode clips (VAE) and captions (T5) into a latent cache")
     pre.add_argument("dataset", type=Path, help="folder (videos.txt+prompts.txt or clip.mp4+clip.txt) or .csv/.jsonl")
-    pre.add_argument("--model", help="hub id, local pipeline folder, or `tiny` (overrides the config)")
+    pre.add_argument("--model", help=f"{MODEL_CHOICES} (overrides the config)")
     pre.add_argument("--out", type=Path, required=True, help="cache folder (reused across runs)")
     pre.add_argument("--config", help="training config or preset whose data section sets resolution and frames")
     pre.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
@@ -277,7 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--config", required=True, help="YAML file or preset name (conservative, aggressive, ticft, tiny-smoke)")
     tr.add_argument("--data", type=Path, required=True, help="dataset folder or .csv/.jsonl")
     tr.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, metrics, validation, LoRA)")
-    tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. lora.rank=64")
+    tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override, e.g. lora.rank=64, or model=tiny-wan to train Wan (`slapgen config PRESET` lists every key)")
     tr.add_argument("--resume", metavar="latest|CHECKPOINT", help="continue from the latest or a given checkpoint")
     tr.add_argument("--overwrite", action="store_true",
                     help="start over in a run folder that holds a run: deletes its LoRA, checkpoints, metrics, logs and "
@@ -287,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = commands.add_parser("eval", help="compare the base model and adapters on a held-out dataset; writes eval.json, "
                                           "eval.md, report.html")
-    ev.add_argument("--model", required=True, help="hub id, local pipeline folder, or `tiny` (as SLAP_MODEL)")
+    ev.add_argument("--model", required=True, help=f"{MODEL_CHOICES} (as SLAP_MODEL)")
     ev.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
                     help="an adapter to compare with `base`: a LoRA file or a run / checkpoint folder (repeatable)")
     ev.add_argument("--heldout", type=Path, required=True, help="held-out dataset, any layout `slapgen train` reads")
@@ -329,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = commands.add_parser("generate", help="generate one video (text-to-video, or image-to-video with a TIC-FT "
                                                 "adapter) through the service's engine; writes an mp4")
-    gen.add_argument("--model", required=True, help="hub id, local pipeline folder, or `tiny` (as SLAP_MODEL)")
+    gen.add_argument("--model", required=True, help=f"{MODEL_CHOICES} (as SLAP_MODEL)")
     gen.add_argument("--prompt", help="the caption (or use --template)")
     gen.add_argument("--template", help="a prompt template from prompts/ (see GET /templates), with --slot values")
     gen.add_argument("--slot", action="append", default=[], metavar="NAME=VALUE", help="a template slot (repeatable)")

@@ -303,8 +303,6 @@ def _dotted_settings(block: dict[str, Any], prefix: str = "") -> list[str]:
 def _check_family_blocks(blocks: Any, source: str) -> dict[str, dict[str, Any]]:
     """Every block of a config's `families:` mapping names a known family and only real settings (so a
     typo in the Wan block fails a CogVideoX run too, not only the run that would use it)."""
-    import difflib
-
     if not isinstance(blocks, dict):
         raise TrainConfigError(f"{source}: {FAMILIES_KEY} must map a model family to settings, e.g. "
                                f"{FAMILIES_KEY}: {{wan: {{data: {{fps: 16}}}}}}")
@@ -319,8 +317,8 @@ def _check_family_blocks(blocks: Any, source: str) -> dict[str, dict[str, Any]]:
                 raise TrainConfigError(f"{source}: {FAMILIES_KEY}.{family}.model: the model picks the family block, "
                                        "a block cannot pick the model")
             if dotted not in settings:
-                close = difflib.get_close_matches(dotted, settings, n=1)
-                hint = f"did you mean {close[0]}?" if close else "see `slapgen config` for every setting"
+                close = closest_setting(dotted)
+                hint = f"did you mean {close}?" if close else "see `slapgen config` for every setting"
                 raise TrainConfigError(f"{source}: {FAMILIES_KEY}.{family}.{dotted} is no such setting ({hint})")
     return blocks
 
@@ -370,8 +368,12 @@ def load_config(path: Path | str | None, overrides: list[str] = ()) -> TrainConf
         if not file.is_file() and (PRESETS_DIR / f"{path}.yaml").is_file():
             file = PRESETS_DIR / f"{path}.yaml"
         if not file.is_file():
-            presets = ", ".join(sorted(p.stem for p in PRESETS_DIR.glob("*.yaml")))
-            raise TrainConfigError(f"config {path} not found (presets: {presets})")
+            import difflib
+
+            names = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+            close = difflib.get_close_matches(str(path), names, n=1)
+            hint = f": did you mean {close[0]}?" if close else ""
+            raise TrainConfigError(f"config {path} not found{hint} (presets: {', '.join(names)})")
         try:
             tree = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as error:
@@ -431,13 +433,36 @@ def setting_names(model: type[BaseModel] = None, prefix: str = "") -> list[str]:
 
 def _problem(issue: dict) -> str:
     """One validation issue in words; a misspelt key gets the closest real one (`lora.rnk` -> `lora.rank`)."""
-    import difflib
-
     key = ".".join(str(part) for part in issue["loc"]) or "config"
     if not issue["loc"] and issue["type"] == "value_error":  # a check across sections names its settings itself
         return str(issue["ctx"]["error"])
     if issue["type"] != "extra_forbidden":
         return f"{key}: {issue['msg']}"
-    close = difflib.get_close_matches(key, setting_names(), n=1)
-    hint = f"did you mean {close[0]}?" if close else "see `slapgen config` for every setting"
+    close = closest_setting(key)
+    hint = f"did you mean {close}?" if close else "see `slapgen config` for every setting"
     return f"{key}: no such setting ({hint})"
+
+
+# What other LoRA trainers call a setting (musubi-tuner's network_dim / network_alpha, finetrainers' and
+# diffusion-pipe's lr, rank, lora_alpha, train_steps): spelling alone would never lead from them to ours.
+OTHER_TRAINERS_NAMES = {"lr": "optim.learning_rate", "rank": "lora.rank", "network_dim": "lora.rank",
+                        "network_alpha": "lora.alpha", "lora_alpha": "lora.alpha", "steps": "train.max_train_steps",
+                        "train_steps": "train.max_train_steps"}
+
+
+def closest_setting(key: str) -> str | None:
+    """The setting a wrong key most likely means: another trainer's name for it (`optim.lr`), the one setting
+    of that name in some section (`seed` -> `train.seed`), else the closest spelling. A dotted key names a
+    value inside a section, so it is never answered with a section (`optim.lr` is not `optim`)."""
+    import difflib
+
+    names = setting_names()
+    settings = [name for name in names if not any(other.startswith(name + ".") for other in names)]
+    written = key.rsplit(".", 1)[-1]
+    if written in OTHER_TRAINERS_NAMES:
+        return OTHER_TRAINERS_NAMES[written]
+    same_name = [name for name in settings if name.rsplit(".", 1)[-1] == written]
+    if same_name:
+        return same_name[0]
+    close = difflib.get_close_matches(key, settings if "." in key else names, n=1)
+    return close[0] if close else None

@@ -54,6 +54,7 @@ class _Row:
     caption_source: str  # the file (and line) the caption comes from
     caption_issue: str | None = None  # a caption file that was not read (a link out of the dataset)
     condition: str | None = None  # the `condition` column, as written
+    caption_file: str | None = None  # a folder dataset's caption file for this video, when there is none
 
 
 def read_dataset(path: Path, require_captions: bool = True, require_files: bool = True) -> list[Clip]:
@@ -79,6 +80,9 @@ def read_dataset(path: Path, require_captions: bool = True, require_files: bool 
         rows, root = _txt_pair_rows(path), path
     else:
         rows, root = _folder_pair_rows(path), path
+        if not rows:  # say what a clip is: a folder of stills or of .gif files is a common first try
+            raise DatasetError(f"dataset {path} holds no clips: no video file ({', '.join(VIDEO_SUFFIXES)}) in it or "
+                               "its subfolders, and no videos.txt + prompts.txt")
     clips = [_clip(root, row, require_captions, require_files) for row in rows]
     if not clips:
         raise DatasetError(f"dataset {path} holds no clips")
@@ -106,6 +110,9 @@ def _clip(root: Path, row: _Row, require_captions: bool, require_files: bool) ->
             raise DatasetError(f"{row.caption_source}: caption of {row.name} {CAPTION_PROBLEMS[caption_issue]}")
         issues.append(caption_issue)
     caption = caption.strip() if caption else None
+    if require_captions and row.caption_file:
+        raise DatasetError(f"video {row.name} has no caption: write {row.caption_file} beside it, or caption the "
+                           f"clips that have none with `slapgen caption {root}`")
     if require_captions and not caption:
         raise DatasetError(f"{row.source}: video {row.name} has an empty caption")
     return Clip(video=video, caption=caption or None, name=row.name, issues=tuple(issues),
@@ -207,11 +214,12 @@ def _folder_pair_rows(folder: Path) -> list[_Row]:
         name = video.relative_to(folder).as_posix()
         caption_file = video.with_suffix(".txt")
         caption_name = caption_file.relative_to(folder).as_posix()
-        caption, issue = None, None
-        if caption_file.is_file():
-            if _resolve(folder, caption_name)[1]:
-                caption = _read_text(caption_file)
-            else:
-                issue = "caption_outside_dataset"  # never opened: its text must not reach a report
-        rows.append(_Row(name, caption, name, caption_name, issue))
+        caption, issue, missing = None, None, None
+        if not caption_file.is_file():
+            missing = caption_name
+        elif _resolve(folder, caption_name)[1]:
+            caption = _read_text(caption_file)
+        else:
+            issue = "caption_outside_dataset"  # never opened: its text must not reach a report
+        rows.append(_Row(name, caption, name, caption_name, issue, caption_file=missing))
     return rows

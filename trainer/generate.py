@@ -103,7 +103,7 @@ def generate_video(options: GenerateOptions, progress: bool = True) -> dict:
     from slapgen.models.loading import resolve_model
     from slapgen.video import write_mp4_atomic
     from trainer.evaluate.options import MODEL_SETTING, AdapterArg, checked_params
-    from trainer.evaluate.systems import resolve_systems, slot_shape, stage_adapters
+    from trainer.evaluate.systems import check_base_models, resolve_systems, slot_shape, stage_adapters
 
     if options.out.suffix.lower() != ".mp4":
         raise GenerateError(f"--out {options.out}: the video is written as mp4; name it e.g. slap.mp4")
@@ -125,6 +125,7 @@ def generate_video(options: GenerateOptions, progress: bool = True) -> dict:
     adapter = systems[0].adapter if systems else None
     layout = systems[0].ticft_layout if systems else None  # from the LoRA's header, before any model loads
     resolved = resolve_model(options.model, options.model_cache_dir, setting=MODEL_SETTING)
+    check_base_models(systems, resolved.spec.name)
     params = checked_params(resolved.spec, options.settings, "--set", prompt=prompt, seed=options.seed, adapter=adapter,
                             include_condition_frames=options.include_condition_frames)
     if layout is not None and "num_frames" not in options.settings:

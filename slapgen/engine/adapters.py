@@ -31,7 +31,7 @@ from slapgen.atomic import atomic_write_bytes
 from slapgen.errors import (AdapterError, AdapterExistsError, AdapterNotFoundError, AdapterTooLargeError, TicftLayoutError,
                             first_line)
 from slapgen.models import lora_format
-from slapgen.models.family import family_named
+from slapgen.models.family import family_named, registered_families
 from slapgen.models.lora_format import (DIFFUSERS_METADATA_KEY, KEY_PATTERN, WEIGHTS_FILE, Header, HeaderError, parse_header,
                                         read_file_header, shown)
 from slapgen.models.specs import DEFAULT_FRAME_STEP
@@ -288,17 +288,39 @@ def check_dtypes(name: str, header: Header) -> None:
 
 def check_adapter(name: str, header: Header, target: AdapterTarget) -> CheckedAdapter:
     """Validate an adapter's header against the running model and slot. Raises AdapterError."""
+    check_base_model(name, header.metadata.get(lora_format.BASE_MODEL_KEY), target.model_name)
+    check_other_family_layout(name, header, target)
     ranks = module_ranks(name, header.shapes, target)
     rank = max(ranks.values())
     check_rank(name, rank, target)
     check_dtypes(name, header)
     check_slapgen_metadata(name, header.metadata)
     config = lora_config(name, header, ranks)
-    declared = header.metadata.get(lora_format.BASE_MODEL_KEY)
-    if declared and not _same_model(declared, target.model_name):
-        raise AdapterError(f"adapter {name} was trained on {shown(declared)}, but this service runs {target.model_name}",
-                           field="adapter")
     return CheckedAdapter(rank, config, ticft_layout(name, header.metadata, target))
+
+
+def check_other_family_layout(name: str, header: Header, target: AdapterTarget) -> None:
+    """A LoRA in a community layout another family converts (a musubi-tuner LoRA on a CogVideoX service) is
+    refused saying so, rather than by its first key (`lora_unet_blocks_0_self_attn_k.alpha is not a diffusers
+    transformer LoRA key`), which leaves the user to guess the file is for another model family."""
+    for family in registered_families():
+        layout = family.community_lora_layout(header.shapes) if family.name != target.family else None
+        if layout is not None:
+            running = f"{target.model_name}, a {target.family} model," if target.family else target.model_name
+            raise AdapterError(f"adapter {name} is in the {layout} layout, which slapgen converts for {family.name} "
+                               f"models only; this service runs {running} whose adapters must be in diffusers' layout "
+                               "(transformer.<module>.lora_A/B.weight)", field="adapter")
+
+
+def check_base_model(name: str, declared: str | None, model_name: str) -> None:
+    """The model the adapter says it was trained on (`declared`, its `slapgen.base_model`) is the running one,
+    `model_name`. Checked before its keys: a LoRA of another model (another family's, say a Wan LoRA on
+    CogVideoX) fails every module check too, and the module list that sentence would print hides the one
+    fix, serving it on its own model. `slapgen eval` and `generate` check it before their slow work too."""
+    if declared and not _same_model(declared, model_name):
+        raise AdapterError(f"adapter {name} was trained on {shown(declared)}, but this service runs {model_name}; "
+                           f"use it with that model (SLAP_MODEL={shown(declared)}, or --model {shown(declared)} on "
+                           "the command line)", field="adapter")
 
 
 def ticft_layout(name: str, metadata: dict[str, str], target: AdapterTarget) -> TicftLayout | None:

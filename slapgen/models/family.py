@@ -428,6 +428,11 @@ def known_spec(name: str) -> "ModelSpec | None":
     return None
 
 
+def known_model_names() -> list[str]:
+    """The hub ids of every registered family's known models, as the hub spells them."""
+    return [spec.name for family in registered_families() for spec in family.known_specs().values()]
+
+
 def family_named(name: str) -> ModelFamily:
     """The registered family called `name` (a spec's `family`)."""
     if not FAMILIES:

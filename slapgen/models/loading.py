@@ -7,6 +7,7 @@ The tiny model, a local folder and a hub id all end in the same call on a folder
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from slapgen.errors import ModelUnavailableError
 from slapgen.models.family import family_of
-from slapgen.models.family import known_spec
+from slapgen.models.family import known_model_names, known_spec
 from slapgen.models.specs import ModelSpec, spec_for_folder
 from slapgen.models.tiny import TINY_MODEL_NAME, TINY_SPEC, materialise_tiny_model
 from slapgen.models.tiny_wan import TINY_WAN_MODEL_NAME, TINY_WAN_SPEC, materialise_tiny_wan_model
@@ -31,11 +32,11 @@ class ModelSetting:
     """How the person chose the model, so an error names what they can change."""
 
     name: str  # e.g. SLAP_MODEL
-    tiny_fix: str  # e.g. "set SLAP_MODEL=tiny"
+    tiny_fix: str  # e.g. "set SLAP_MODEL=": the built-in tiny model's name (of the model's family) follows
 
 
-SERVICE_SETTING = ModelSetting("SLAP_MODEL", "set SLAP_MODEL=tiny")
-TRAINER_SETTING = ModelSetting("model", "use --set model=tiny")
+SERVICE_SETTING = ModelSetting("SLAP_MODEL", "set SLAP_MODEL=")
+TRAINER_SETTING = ModelSetting("model", "use --set model=")
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,10 @@ def resolve_model(model: str, cache_dir: Path | None = None, allow_download: boo
                   setting: ModelSetting = SERVICE_SETTING) -> ResolvedModel:
     """Find (materialising or downloading if needed) the pipeline folder that `model` names."""
     cache_dir = cache_dir or default_cache_dir()
-    tiny_fix = f"or {setting.tiny_fix} to run the built-in tiny model"
+    known = known_spec(model)
+    # A Wan model that cannot load: its CPU twin is the tiny model to try (tiny is CogVideoX).
+    tiny = TINY_WAN_MODEL_NAME if known is not None and known.family == TINY_WAN_SPEC.family else TINY_MODEL_NAME
+    tiny_fix = f"or {setting.tiny_fix}{tiny} to run the built-in {tiny} model"
     if model == TINY_MODEL_NAME:
         folder = materialise_tiny_model(cache_dir)
         return ResolvedModel(folder, spec_for_folder(folder, TINY_MODEL_NAME))
@@ -62,6 +66,10 @@ def resolve_model(model: str, cache_dir: Path | None = None, allow_download: boo
         return ResolvedModel(folder, spec_for_folder(folder, TINY_WAN_MODEL_NAME))
 
     path = Path(model).expanduser()
+    if known is not None and not path.exists():
+        # Known hub ids match in any case (`known_spec`), but the Hugging Face cache and `hf download`
+        # spell them one way: THUDM/CogVideoX-5B would miss a cached THUDM/CogVideoX-5b.
+        model = known.name
     if path.exists():
         if not (path / "model_index.json").is_file():
             raise ModelUnavailableError(
@@ -72,11 +80,26 @@ def resolve_model(model: str, cache_dir: Path | None = None, allow_download: boo
 
     if not HUB_ID_PATTERN.match(model):
         raise ModelUnavailableError(
-            f"{setting.name}={model} is neither an existing folder nor a hub id like THUDM/CogVideoX-5b; "
-            f"fix the path, {tiny_fix}."
+            f"{setting.name}={model} is neither an existing folder nor a hub id like THUDM/CogVideoX-5b"
+            f"{did_you_mean(model)}; fix the path, {tiny_fix}."
         )
     folder = _hub_snapshot(model, allow_download, setting, tiny_fix)
     return ResolvedModel(folder, spec_for_folder(folder, model))
+
+
+def did_you_mean(model: str) -> str:
+    """` (did you mean NAME?)` when `model` is a slip of a built-in or known model's name, else "": a built-in
+    name misspelt (tinny, tiny_wan), a known hub id in other separators (THUDM/CogVideoX_5b), or a known
+    diffusers repo without its -Diffusers (Wan-AI/Wan2.1-T2V-1.3B, Wan's original-format repo, which diffusers
+    cannot load). Nothing is guessed between real model names (CogVideoX1.5-5B is not CogVideoX-5b)."""
+    def letters(name: str) -> str:
+        return re.sub(r"[^a-z0-9.]", "", name.lower())
+
+    for name in known_model_names():
+        if name != model and letters(name) in (letters(model), letters(model + "-Diffusers")):
+            return f" (did you mean {name}?)"
+    close = difflib.get_close_matches(model.lower(), list(BUILT_IN_SPECS), n=1, cutoff=0.75)
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
 def spec_without_weights(model: str) -> ModelSpec | None:
@@ -116,7 +139,7 @@ def _hub_snapshot(repo_id: str, allow_download: bool, setting: ModelSetting, tin
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     message = (
-        f"{repo_id} is not in the local Hugging Face cache and could not be downloaded; "
+        f"{repo_id} is not in the local Hugging Face cache and could not be downloaded{did_you_mean(repo_id)}; "
         f"run `hf download {repo_id}` on a machine with hub access (or set {setting.name} to a local "
         f"pipeline folder), {tiny_fix}."
     )

@@ -4,10 +4,11 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 from pydantic import ValidationError
 from starlette.responses import JSONResponse
@@ -63,10 +64,11 @@ _SUBJECT_SHOULD = re.compile(r"^(?:Input|Value|String|Dictionary|List|Tuple|Set|
 _SHOWN_CHARS = 40
 
 
-def validation_sentence(error: Mapping) -> str:
+def validation_sentence(error: Mapping, fields: Collection[str] = ()) -> str:
     """One of pydantic's error dicts (`ValidationError.errors()`) as slapgen's sentence, naming the field
     and, where pydantic kept it, the value: "seed must be greater than or equal to 0, got -1". The one place that
-    phrases a refused request body, for every route."""
+    phrases a refused request body, for every route. `fields`, the body's own fields, give an unknown one
+    the field it most likely means ("num_steps ... (did you mean num_inference_steps?)")."""
     loc = [str(part) for part in error.get("loc", ())]
     field = ".".join(loc) or "the body"
     if loc[-1:] == ["[key]"]:  # a dict's key was refused: pydantic's loc is (..., dict, key, "[key]")
@@ -77,7 +79,7 @@ def validation_sentence(error: Mapping) -> str:
     if kind == "missing":
         return f"{field} is required"
     if kind == "extra_forbidden":
-        return f"{field} is not a field this route takes"
+        return f"{field} is not a field this route takes{_closest_field(loc[-1] if loc else '', fields)}"
     if kind in ("model_type", "model_attributes_type", "dict_type"):
         sentence = f"{field} must be a JSON object"
     elif kind in ("value_error", "assertion_error"):
@@ -90,6 +92,15 @@ def validation_sentence(error: Mapping) -> str:
     else:
         sentence = f"{field}: {message[:1].lower()}{message[1:]}"
     return f"{sentence}, got {_shown(error['input'])}" if "input" in error else sentence
+
+
+def _closest_field(written: str, fields: Collection[str]) -> str:
+    """` (did you mean FIELD?)` for a field name that ends in a word of one of `fields` (num_steps, frames,
+    guidance: other tools' short names) or is spelt close to one (num_frame, adapter_strength), else ""."""
+    last_word = written.lower().rsplit("_", 1)[-1]
+    close = [field for field in fields if last_word in field.split("_")][:1]
+    close = close or difflib.get_close_matches(written.lower(), list(fields), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
 def _shown(value) -> str:
@@ -106,12 +117,12 @@ def _shown(value) -> str:
     return type(value).__name__
 
 
-def validation_error_body(error: ValidationError) -> dict:
+def validation_error_body(error: ValidationError, fields: Collection[str] = ()) -> dict:
     """A request body pydantic refused: the first problem's sentence as `error`, every problem in `detail`
     (its field as `loc`, its sentence as `msg`, pydantic's `type`). Never echoes the refused values
-    beyond a short excerpt."""
+    beyond a short excerpt. `fields`: the body's own fields (see `validation_sentence`)."""
     details = error.errors(include_url=False, include_context=False)
-    return error_body_for([(list(d["loc"]), validation_sentence(d), d["type"]) for d in details])
+    return error_body_for([(list(d["loc"]), validation_sentence(d, fields), d["type"]) for d in details])
 
 
 def error_body_for(problems: list[tuple[list, str, str]]) -> dict:

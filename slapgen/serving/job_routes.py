@@ -108,7 +108,7 @@ class JobRoutes:
         try:
             params = await run_in_threadpool(self.check, GenerateRequest.model_validate_json(body or b"{}"))
         except ValidationError as error:
-            return await send_json(send, 400, validation_error_body(error))
+            return await send_json(send, 400, validation_error_body(error, GenerateRequest.model_fields))
         except SlapgenError as error:
             return await error_response(error)(scope, receive, send)
         try:

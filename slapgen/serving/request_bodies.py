@@ -34,5 +34,5 @@ class CheckedBodies:
             model.model_validate_json(body or b"{}")  # as BentoML's JSON serde reads it
         except ValidationError as error:
             log_client_error(scope["method"], scope["path"], 400, describe_error(error))
-            return await send_json(send, 400, validation_error_body(error))
+            return await send_json(send, 400, validation_error_body(error, model.model_fields))
         await self.app(scope, replay, send)

@@ -26,7 +26,9 @@ from trainer.captioning.tiny_vlm import TINY_VLM_NAME, materialise_tiny_vlm
 
 DEFAULT_CAPTION_MODEL = "Qwen/Qwen3-VL-8B-Instruct"
 DEFAULT_MAX_NEW_TOKENS = 200  # when the model's generation config sets none: ~150 words, above the 100 asked for
-TORCHVISION_FIX = "pip install torch==2.14.1 torchvision==0.29.1 (or the torchvision matching your torch)"
+# README's captioning command (tests check they agree): without PyTorch's CPU index, pip takes the CUDA builds, 3 GB.
+TORCHVISION_FIX = ("pip install torch==2.14.1 torchvision==0.29.1 --extra-index-url https://download.pytorch.org/whl/cpu "
+                   "(the CPU builds; on a GPU machine, the torchvision matching your torch)")
 
 
 def require_torchvision() -> None:

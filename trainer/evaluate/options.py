@@ -22,7 +22,7 @@ from trainer.heldout import DEFAULT_SEED
 from trainer.ray_cluster import DEFAULT_NODE_WAIT_S
 
 BASE = "base"
-MODEL_SETTING = ModelSetting("--model", "use --model tiny")
+MODEL_SETTING = ModelSetting("--model", "use --model ")
 # GenerationParams fields `--set` may change, with their types; prompt, seed and adapter come from the run.
 SETTABLE = {"num_inference_steps": int, "guidance_scale": float, "negative_prompt": str, "num_frames": int,
             "height": int, "width": int, "fps": int, "adapter_scale": float}

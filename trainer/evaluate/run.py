@@ -32,7 +32,7 @@ from trainer.evaluate.checkpoints import Candidate, run_candidates, system_name,
 from trainer.evaluate.curves import summary
 from trainer.evaluate.names import FLICKER, FVD, HELDOUT_LOSS, SUBJECT
 from trainer.evaluate.options import BASE, MODEL_SETTING, EvalOptions
-from trainer.evaluate.systems import System, resolve_systems, slot_shape, stage_adapters
+from trainer.evaluate.systems import System, check_base_models, resolve_systems, slot_shape, stage_adapters
 from trainer.frames import load_clip
 from trainer.heldout import DEFAULT_FRACTIONS, heldout_entries, heldout_losses
 
@@ -89,6 +89,7 @@ def evaluate(options: EvalOptions) -> dict:
     resolved = resolve_model(options.model, options.model_cache_dir, setting=MODEL_SETTING)
     params = options.params(resolved.spec)
     systems = resolve_systems(options.adapters, include_base=options.include_base, checkpoints=plans)
+    check_base_models(systems, resolved.spec.name)
     out = Path(options.out)
     out.mkdir(parents=True, exist_ok=True)
 

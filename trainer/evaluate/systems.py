@@ -36,6 +36,7 @@ class System:
     target_modules: tuple[str, ...] = ()
     ticft_layout: TicftLayout | None = None  # a TIC-FT adapter's layout (its `slapgen.ticft_layout` metadata)
     slot_name: str | None = None  # its name in the engine's adapter store when `name` is not one (NAME@STEP)
+    base_model: str | None = None  # the model its metadata says it was trained on (`slapgen.base_model`)
 
     @property
     def adapter(self) -> str | None:
@@ -91,7 +92,17 @@ def _system(adapter: AdapterArg) -> System:
             layout = TicftLayout.parse(header.metadata[lora_format.TICFT_LAYOUT_KEY])
         except TicftLayoutError as error:
             raise EvalError(f"--adapter {adapter.name}={path}: metadata {lora_format.TICFT_LAYOUT_KEY}: {error}") from None
-    return System(adapter.name, path.resolve(), max(ranks), targets, layout)
+    return System(adapter.name, path.resolve(), max(ranks), targets, layout,
+                  base_model=header.metadata.get(lora_format.BASE_MODEL_KEY))
+
+
+def check_base_models(systems: list[System], model_name: str) -> None:
+    """Every adapter was trained on `model_name` (the engine's rule, `check_base_model`), checked before the
+    held-out clips are encoded and the pipeline loads, not when the adapter is first swapped in."""
+    from slapgen.engine.adapters import check_base_model
+
+    for system in systems:
+        check_base_model(system.name, system.base_model, model_name)
 
 
 def _target_name(module: str) -> str:
