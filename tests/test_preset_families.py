@@ -336,18 +336,14 @@ def test_a_model_known_only_after_its_download_and_of_another_family_stops_the_r
     check_preset_family(again, again.model_spec)
 
 
-def test_slapgen_train_downloads_an_unknown_model_first_and_applies_its_familys_block(tiny_wan_cache_dir, tmp_path,
-                                                                                        monkeypatch):
-    """Guards `slapgen train` stopping (or, before, silently training on CogVideoX values) for a Wan model
-    that only a download identifies: the command downloads it first, then reads the preset again, so the
-    run gets the preset's Wan block. There is no hub here: the download is a copy of tiny-wan into the
-    folder the setting names, made by resolve_model's first call; `train` records the config it is given."""
+@pytest.fixture
+def model_known_after_download(tiny_wan_cache_dir, tmp_path, monkeypatch) -> Path:
+    """A Wan model folder that exists only once `resolve_model` has "downloaded" it (no hub here: its first
+    call copies tiny-wan into the folder the setting names)."""
     import shutil
 
     import slapgen.models.loading as loading
-    import trainer.train
     from slapgen.models.tiny_wan import materialise_tiny_wan_model
-    from trainer.cli import main as cli_main
 
     model = tmp_path / "downloaded" / "wan-finetune"
     real_resolve = loading.resolve_model
@@ -357,10 +353,44 @@ def test_slapgen_train_downloads_an_unknown_model_first_and_applies_its_familys_
             shutil.copytree(materialise_tiny_wan_model(tiny_wan_cache_dir), model)
         return real_resolve(name, *args, **kwargs)
 
-    given = []
     monkeypatch.setattr(loading, "resolve_model", resolve_after_download)
+    return model
+
+
+def test_slapgen_train_downloads_an_unknown_model_first_and_applies_its_familys_block(model_known_after_download,
+                                                                                        tmp_path, monkeypatch):
+    """Guards `slapgen train` stopping (or, before, silently training on CogVideoX values) for a Wan model
+    that only a download identifies: the command downloads it first, then reads the preset again, so the
+    run gets the preset's Wan block; `train` records the config it is given."""
+    import trainer.train
+    from trainer.cli import main as cli_main
+
+    model = model_known_after_download
+    given = []
     monkeypatch.setattr(trainer.train, "train", lambda config, *args, **kwargs: given.append(config))
     assert cli_main(["train", "--config", "tiny-smoke", "--data", str(tmp_path), "--out", str(tmp_path / "run"),
                      "--set", f"model={model}"]) == 0
     (config,) = given
     assert config.data.fps == 16 and config.model_spec.family == "wan"
+
+
+def test_a_sweep_plans_a_model_known_only_after_its_download_with_its_familys_values(model_known_after_download,
+                                                                                     tmp_path):
+    """Guards sweeps of a Wan model only a download identifies: each run was planned (and saved in sweep.json)
+    with the preset's CogVideoX values and no LoRA targets before the download, so pool and Ray runs, which
+    read their config back from sweep.json, trained Wan on CogVideoX's fps and guidance, and a rerun of the
+    sweep was refused as changed once the model was cached. Planning downloads the model first: the runs get
+    the Wan block and the family's targets, and planning again gives the same runs."""
+    from slapgen.models.family import family_of
+    from trainer.sweep.grid import parse_axis, plan_runs
+
+    model = model_known_after_download
+    plan = lambda: plan_runs("tiny-smoke", [f"model={model}"], [parse_axis("lora.rank=2,4")], tmp_path / "cache")
+    runs = plan()
+    wan = family_of(runs[0].config.model_spec)
+    assert [(run.config.data.fps, run.config.validation.guidance_scale) for run in runs] == [(16, 5.0)] * 2
+    assert all(run.config.lora.target_modules == list(wan.lora_target_modules) for run in runs)
+    saved = [TrainConfig.model_validate(run.config.model_dump(mode="json")) for run in runs]  # as sweep.json holds
+    assert [(config.data.fps, config.lora.target_modules) for config in saved] == [
+        (16, list(wan.lora_target_modules))] * 2
+    assert [run.config for run in plan()] == [run.config for run in runs]

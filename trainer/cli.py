@@ -58,17 +58,10 @@ def cmd_precompute(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from trainer.config import load_config
+    from trainer.config import load_config_for_run
     from trainer.train import train
 
-    config = load_config(args.config, args.set)
-    if config.model_spec is None:
-        # Only a download tells this model's family, and with it which of a preset's `families:` blocks
-        # applies: download it now (the run would anyway), then read the config again with the model known.
-        from slapgen.models.loading import TRAINER_SETTING, resolve_model
-
-        resolve_model(config.model, config.model_cache_dir, setting=TRAINER_SETTING)
-        config = load_config(args.config, args.set)
+    config = load_config_for_run(args.config, args.set)
     train(config, args.data, args.out, resume=args.resume, stop_at_step=args.stop_at_step, overwrite=args.overwrite)
     return 0
 

@@ -6,7 +6,8 @@ A preset's model-specific values follow the model's family: a preset may hold a 
 (family name -> settings, e.g. `families: {wan: {data: {fps: 16}}}`); `load_config` merges the block of
 the family of the model the run uses (after `--set model=...`) over the preset, then applies `--set`,
 which always wins. The family is read without weights (`spec_without_weights`); for a model only a download
-could identify, `slapgen train` downloads it first and reads the config again, and a run started otherwise
+could identify, `slapgen train` and `slapgen sweep` download it first and read the config again
+(`load_config_for_run`), and a run started otherwise
 whose model turns out to be of another family than the block applied stops (`check_preset_family`).
 The frame rule checked is the model's (8k+1 for CogVideoX 1.0, 4k+1 for Wan).
 
@@ -404,6 +405,20 @@ def load_config(path: Path | str | None, overrides: list[str] = ()) -> TrainConf
         problems = "; ".join(_problem(issue) for issue in error.errors())
         raise TrainConfigError(f"invalid training config: {problems}") from None
     config._preset_family = preset_family
+    return config
+
+
+def load_config_for_run(path: Path | str | None, overrides: list[str] = ()) -> TrainConfig:
+    """`load_config` for runs about to start (`slapgen train`, each run a sweep plans): a model only a download
+    identifies is downloaded first (the run would download it anyway), then the config is read again, so the
+    preset's block of the model's family applies and what the config leaves to the family (the LoRA targets)
+    is filled in before the config is saved or compared with a saved one."""
+    config = load_config(path, overrides)
+    if config.model_spec is None:
+        from slapgen.models.loading import TRAINER_SETTING, resolve_model
+
+        resolve_model(config.model, config.model_cache_dir, setting=TRAINER_SETTING)
+        config = load_config(path, overrides)
     return config
 
 

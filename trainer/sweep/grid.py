@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trainer.config import TrainConfig, load_config
+from trainer.config import TrainConfig, load_config_for_run
 from trainer.errors import SweepError, TrainConfigError
 
 RANK_KEY = "lora.rank"
@@ -115,7 +115,7 @@ def plan_runs(config: str, sets: list[str], axes: list[Axis], latent_cache: Path
         if follows:
             grid.append(f"{ALPHA_KEY}={dict(zip(keys, values))[RANK_KEY]}")
         try:
-            run_config = load_config(config, [*sets, *grid])
+            run_config = load_config_for_run(config, [*sets, *grid])
         except TrainConfigError as error:
             raise SweepError(f"grid point {', '.join(grid)}: {error}") from None
         if run_config.latent_cache is None:
