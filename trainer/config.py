@@ -7,8 +7,8 @@ A preset's model-specific values follow the model's family: a preset may hold a 
 the family of the model the run uses (after `--set model=...`) over the preset, then applies `--set`,
 which always wins. The family is read without weights (`spec_without_weights`); for a model only a download
 could identify, `slapgen train` and `slapgen sweep` download it first and read the config again
-(`load_config_for_run`), and a run started otherwise
-whose model turns out to be of another family than the block applied stops (`check_preset_family`).
+(`load_config_for_run`), and a run started otherwise whose model turns out to be of another family than
+the block applied stops (`check_preset_family`).
 The frame rule checked is the model's (8k+1 for CogVideoX 1.0, 4k+1 for Wan).
 
 `data.fps`, `data.height`, `data.width` and `data.num_frames` may be `native` (in YAML, a family block or
