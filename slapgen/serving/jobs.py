@@ -36,8 +36,9 @@ one taking steps. It stops renewing a job whose own handler has shown no sign of
 (the service's SLAP_REQUEST_TIMEOUT_S): no `queued()`, `step()` or `stop_requested()` (a job waiting for the
 model asks that every `CANCEL_POLL_S`; a running one after every step). Such a generation is hung (a stuck
 CUDA kernel, an ffmpeg pipe that never drains), and another replica fails it after the lease, as it fails a
-gone replica's. A job only submitted (its handler not started yet) is renewed regardless. `updated_at` is the database's clock (`epoch_now`), written and compared there, so clocks
-that differ between replicas judge nothing. A job failed by another replica is stopped by its worker at its
+gone replica's. A job only submitted (its handler not started yet) is renewed regardless. `updated_at` is
+the database's clock (`epoch_now`), written and compared there, so clocks that differ between replicas
+judge nothing. A job failed by another replica is stopped by its worker at its
 next check (`stop_requested`), and a job's end is written only while it is unfinished: the first end wins.
 Progress writes are best effort: a database that does not answer (a PostgreSQL failover) is logged once and
 the next step writes again; only past the lease, when other replicas fail the job anyway, does it fail.
