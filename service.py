@@ -61,10 +61,12 @@ try:
     settings = load_settings()
     # One database (SLAP_DATABASE_URL, else one SQLite file per store), so every worker, and every replica
     # sharing a PostgreSQL, answers for every job. Opening a store migrates its schema: this import in
-    # `bentoml serve`'s own process does it once, before any worker starts (workers find it done).
+    # `bentoml serve`'s own process does it once, before any worker starts (workers find it done). A job
+    # whose handler shows no life for a whole request's time (longer than any step) is hung: not renewed.
     job_board = with_store(JOB_BOARD, settings.store_database(settings.cache_dir / "jobs.sqlite"), "SLAP_CACHE_DIR",
                            lambda where: JobBoard(where, owner=int(os.environ.get(SERVER_PID_VARIABLE, 0)) or None,
-                                                  lease_s=settings.job_lease_s))
+                                                  lease_s=settings.job_lease_s,
+                                                  stalled_after_s=settings.request_timeout_s))
     # The studio's ratings outlive restarts and are shared by every worker.
     rating_store = with_store("the studio's ratings", settings.store_database(settings.data_dir / "ratings.sqlite"),
                               "SLAP_DATA_DIR", RatingStore)

@@ -155,3 +155,62 @@ def test_a_database_that_does_not_answer_fails_no_job_until_the_lease_passes(dat
         board.step("job", 5, 5)
     with pytest.raises(DBAPIError):
         board.stop_requested("job")
+
+
+def test_a_hung_generation_is_no_longer_renewed_and_a_peer_fails_it(database_url):
+    """Guards the MEDIUM finding: the renewal thread renewed every held job for the life of the process, so a
+    generation hung in a step (a stuck CUDA kernel, an ffmpeg pipe) said running on every replica forever and
+    a cancel left it canceling forever. A job whose handler showed no life (`queued()`, `step()`,
+    `stop_requested()`) for `stalled_after_s` is no longer renewed and a peer fails it after the lease; a job
+    stepping on, one waiting for the model (it asks whether to stop), one started less than the bound ago (a
+    compile before its first step) and one only submitted (its handler not started) are renewed as before."""
+    stalled_after_s = 1.0
+    replica_a = JobBoard(database_url, owner=1, lease_s=LEASE_S, renew_every_s=3600, stalled_after_s=stalled_after_s)
+    for task_id in ("hung-in-a-step", "hung-before-step-1", "canceled-then-hung", "stepping", "waiting-for-model"):
+        replica_a.submitted(task_id, 4)
+        replica_a.queued(task_id, 4)
+    for task_id in ("hung-in-a-step", "canceled-then-hung", "stepping"):
+        replica_a.step(task_id, 1, 4)
+    replica_a.submitted("only-submitted", 4)
+    replica_b = JobBoard(database_url, owner=2, lease_s=LEASE_S)
+    assert replica_b.cancel("canceled-then-hung")["state"] == "canceling"
+
+    time.sleep(stalled_after_s + 0.2)  # past the bound for every job started above
+    replica_a.step("stepping", 2, 4)
+    assert replica_a.stop_requested("waiting-for-model") is False  # as the model's queue asks while it waits
+    replica_a.submitted("compiling", 4)
+    replica_a.queued("compiling", 4)  # started a moment ago: its first step may take up to the bound
+    hung = ("hung-in-a-step", "hung-before-step-1", "canceled-then-hung")
+    alive = ("stepping", "waiting-for-model", "only-submitted", "compiling")
+    _written_by_another_replica(replica_a, (*hung, *alive), seconds_ago=LEASE_S + 1)
+    assert replica_a.renew() == len(alive)
+
+    expected = {"stepping": "running", "waiting-for-model": "queued", "only-submitted": "queued", "compiling": "queued"}
+    assert {task_id: replica_b.get(task_id)["state"] for task_id in alive} == expected
+    for task_id in hung:
+        job = replica_b.get(task_id)
+        assert (job["state"], job["error"]) == ("failed", stale_reason(LEASE_S)), job
+        assert replica_a.stop_requested(task_id)  # the hung worker stops there, should it ever wake up
+
+
+def test_a_job_that_ended_is_not_held_again(database_url):
+    """Guards the LOW finding: `_held` leaked ids. `submitted()` runs after BentoML has started the task's
+    handler; when the job had already ended (its handler raised), `_end` had let the id go and `submitted()`
+    held it again, for the life of the process. A job is held only while its row is unfinished, read in the
+    same transaction, and a held job another replica failed is let go at the next renewal."""
+    board = JobBoard(database_url, owner=1, lease_s=LEASE_S, renew_every_s=3600)
+    board.queued("ended-before-submitted", 5)
+    board.failed("ended-before-submitted", "the request names no known adapter", 400)
+    board.submitted("ended-before-submitted", 5)
+    board.submitted("canceled-while-queued", 5)
+    JobBoard(database_url, owner=2).cancel("canceled-while-queued")
+    board.queued("canceled-while-queued", 5)  # its handler starts, then ends it as canceled
+    board.submitted("failed-by-a-peer", 5)
+    board.queued("failed-by-a-peer", 5)
+    assert set(board._held) == {"canceled-while-queued", "failed-by-a-peer"}
+
+    board.canceled("canceled-while-queued", "the job was canceled before it started")
+    _written_by_another_replica(board, ("failed-by-a-peer",), seconds_ago=LEASE_S + 1)
+    assert JobBoard(database_url, owner=2, lease_s=LEASE_S).get("failed-by-a-peer")["state"] == "failed"
+    assert board.renew() == 0
+    assert board._held == {}

@@ -32,8 +32,13 @@ a replica that vanished while the others run on leaves no job `running` forever.
 A live process renews the lease of every unfinished job it holds (submitted or started there, not ended)
 from a daemon thread of its own, every quarter of the lease (`renew`), whatever its model is doing: a job
 queued behind a long synchronous `/generate`, or one whose first step waits for a compile, is as alive as
-one taking steps. `updated_at` is the database's clock (`epoch_now`), written and compared there, so clocks
-that differ between replicas judge nothing. A job failed by another replica is stopped by its worker at its
+one taking steps. It stops renewing a job whose own handler has shown no sign of life for `stalled_after_s`
+(the service's SLAP_REQUEST_TIMEOUT_S): no `queued()`, `step()` or `stop_requested()` (a job waiting for the
+model asks that every `CANCEL_POLL_S`; a running one after every step). Such a generation is hung (a stuck
+CUDA kernel, an ffmpeg pipe that never drains), and another replica fails it after the lease, as it fails a
+gone replica's. A job only submitted (its handler not started yet) is renewed regardless. `updated_at` is
+the database's clock (`epoch_now`), written and compared there, so clocks that differ between replicas
+judge nothing. A job failed by another replica is stopped by its worker at its
 next check (`stop_requested`), and a job's end is written only while it is unfinished: the first end wins.
 Progress writes are best effort: a database that does not answer (a PostgreSQL failover) is logged once and
 the next step writes again; only past the lease, when other replicas fail the job anyway, does it fail.
@@ -107,20 +112,25 @@ class JobBoard:
     server whose workers write through this board (None: unknown); `lease_s`: how long another server's
     unfinished job may go without an update before it is failed as abandoned (None: never, one server);
     `renew_every_s`: how often a process renews the jobs it holds (default a quarter of the lease; None
-    without a lease: no renewal)."""
+    without a lease: no renewal); `stalled_after_s`: how long a started job may go without a sign of life
+    from its handler before its lease is no longer renewed (None: renewed while held; the service passes
+    SLAP_REQUEST_TIMEOUT_S, longer than any legitimate step, a compile before the first one included)."""
 
     def __init__(self, where: Path | str | None = None, max_jobs: int = MAX_TRACKED_JOBS, owner: int | None = None,
-                 lease_s: float | None = None, renew_every_s: float | None = None):
+                 lease_s: float | None = None, renew_every_s: float | None = None,
+                 stalled_after_s: float | None = None):
         self._max_jobs = max_jobs
         self._lease_s = lease_s
         self._renew_every_s = renew_every_s if renew_every_s is not None else lease_s / 4 if lease_s else None
+        self._stalled_after_s = stalled_after_s
         self._owner = owner
         self._owner_started = process_start_time(owner) if owner is not None else None
         self._lock = threading.Lock()  # one writer per process at a time (SQLite would make the others wait)
         self._engine = open_store(where, "jobs")
-        # The unfinished jobs this process holds, whose leases it renews, and the process they belong to (a
-        # forked child holds none of its parent's, nor its renewal thread).
-        self._held: set[str] = set()
+        # The unfinished jobs this process holds, whose leases it renews, each with its handler's last sign of
+        # life (time.monotonic(); None: only submitted, its handler not started), and the process they belong
+        # to (a forked child holds none of its parent's, nor its renewal thread).
+        self._held: dict[str, float | None] = {}
         self._held_by: int | None = None
         self._held_lock = threading.Lock()
         self._unreachable_since: float | None = None  # time.monotonic() of a best-effort write's first failure
@@ -152,23 +162,28 @@ class JobBoard:
                 db.execute(delete(jobs).where(jobs.c.task_id.in_(newest.scalar_subquery())))
         finally:
             with self._held_lock:
-                self._held.discard(task_id)
+                self._held.pop(task_id, None)
 
     def submitted(self, task_id: str, total_steps: int) -> None:
-        """Known from submission on, so a job can be cancelled before its handler starts."""
+        """Known from submission on, so a job can be cancelled before its handler starts. BentoML starts the
+        handler before this runs: a job that already ended (its handler raised) is not held again."""
         with self._lock, self._connect() as db:
             self._insert(db, task_id, total_steps)
-        self._hold(task_id)
+            self._hold_unfinished(db, task_id, started=False)
 
     def queued(self, task_id: str, total_steps: int) -> None:
+        """Its handler started: a sign of life (`stalled_after_s`)."""
         with self._lock, self._connect() as db:
             self._insert(db, task_id, total_steps)
             db.execute(update(jobs).where(jobs.c.task_id == task_id).values(total_steps=total_steps,
                                                                              updated_at=epoch_now()))
-        self._hold(task_id)
+            self._hold_unfinished(db, task_id, started=True)
 
     def step(self, task_id: str, step: int, total_steps: int) -> None:
-        """Best effort (`_best_effort`): a database that does not answer costs this step's progress only."""
+        """Best effort (`_best_effort`): a database that does not answer costs this step's progress only. A sign
+        of life either way (`stalled_after_s`)."""
+        self._alive(task_id)
+
         def write():
             with self._lock, self._connect() as db:
                 # A cancel that arrived meanwhile stays visible: only a queued or running job moves on, to
@@ -206,31 +221,54 @@ class JobBoard:
             log.warning("the job board's database answers again after %.0f s", time.monotonic() - since)
         return result
 
-    def _hold(self, task_id: str) -> None:
-        """This process works on the job until its end is written: its lease is renewed meanwhile. The first
-        job a process holds starts its renewal thread (daemon: it ends with the process, or when this board
-        is gone)."""
+    def _hold_unfinished(self, db: Connection, task_id: str, started: bool) -> None:
+        """This process works on the job until its end is written: its lease is renewed meanwhile. Read in the
+        caller's transaction, under `_lock` like `_end`'s write, so an end written first is seen: a job that
+        ended is never held again (its id would be renewed for nothing, forever). `started`: its handler runs
+        (a sign of life now); a job held before keeps its own. The first job a process holds starts its
+        renewal thread (daemon: it ends with the process, or when this board is gone)."""
+        if db.execute(select(jobs.c.state).where(jobs.c.task_id == task_id)).scalar() not in UNFINISHED:
+            return
         with self._held_lock:
             if self._held_by != os.getpid():
-                self._held, self._held_by = set(), os.getpid()
+                self._held, self._held_by = {}, os.getpid()
                 if self._renew_every_s is not None:
                     threading.Thread(target=_renew_while_alive, args=(weakref.ref(self), self._renew_every_s),
                                      name="slapgen-job-leases", daemon=True).start()
-            self._held.add(task_id)
+            if started:
+                self._held[task_id] = time.monotonic()
+            else:
+                self._held.setdefault(task_id, None)
+
+    def _alive(self, task_id: str) -> None:
+        """The job's handler is not hung: it took a step, or asked whether to stop."""
+        with self._held_lock:
+            if self._held_by == os.getpid() and task_id in self._held:
+                self._held[task_id] = time.monotonic()
 
     def renew(self) -> int:
-        """Renew the lease of every unfinished job this process holds, in one UPDATE; returns how many. Its
-        thread calls it every `renew_every_s`: a live server's jobs never go stale, however long one
-        generation (or a compile before its first step) holds the model."""
+        """Renew the lease of every unfinished job this process holds whose handler is not stalled, in one
+        UPDATE; returns how many. Its thread calls it every `renew_every_s`: a live server's jobs never go
+        stale, however long one generation (or a compile before its first step, up to `stalled_after_s`)
+        holds the model. Held jobs whose rows ended meanwhile (another replica failed them) are let go."""
+        now = time.monotonic()
         with self._held_lock:
-            held = sorted(self._held) if self._held_by == os.getpid() else []
+            held = dict(self._held) if self._held_by == os.getpid() else {}
         if not held:
             return 0
+        live = sorted(task_id for task_id, alive_at in held.items()
+                      if alive_at is None or self._stalled_after_s is None or now - alive_at <= self._stalled_after_s)
 
         def write():
             with self._lock, self._connect() as db:
-                return db.execute(update(jobs).where(jobs.c.task_id.in_(held), jobs.c.state.in_(UNFINISHED)).values(
-                    updated_at=epoch_now())).rowcount
+                renewed = db.execute(update(jobs).where(jobs.c.task_id.in_(live), jobs.c.state.in_(UNFINISHED)).values(
+                    updated_at=epoch_now())).rowcount if live else 0
+                unfinished = set(db.execute(select(jobs.c.task_id).where(
+                    jobs.c.task_id.in_(sorted(held)), jobs.c.state.in_(UNFINISHED))).scalars())
+            with self._held_lock:
+                for task_id in held.keys() - unfinished:
+                    self._held.pop(task_id, None)
+            return renewed
 
         return self._best_effort(write, 0)
 
@@ -259,7 +297,9 @@ class JobBoard:
 
     def stop_requested(self, task_id: str) -> bool:
         """Whether the job's worker should stop it: a cancel, or another replica failed it (its lease ran out
-        while the database did not answer). Best effort: unanswered, the job runs on (`_best_effort`)."""
+        while the database did not answer). Best effort: unanswered, the job runs on (`_best_effort`). Only the
+        job's own handler asks (after every step, and while it waits for the model): a sign of life."""
+        self._alive(task_id)
         job = self._best_effort(lambda: self.get(task_id), None)
         return job is not None and job["state"] in STOP
 
