@@ -333,7 +333,7 @@ def _plan_on_fake_cluster(monkeypatch, tmp_path, fake, **options):
 
     from trainer import ray_cluster
     from trainer.evaluate.options import EvalOptions
-    from trainer.evaluate.ray_shards import generate_on_ray
+    from trainer.evaluate.ray_shards import generate_on_ray, worker_demand
     from trainer.evaluate.run import planned_videos
     from trainer.evaluate.systems import System
 
@@ -342,7 +342,8 @@ def _plan_on_fake_cluster(monkeypatch, tmp_path, fake, **options):
     eval_options = EvalOptions(model="tiny", adapters=(), heldout=tmp_path, out=tmp_path / "out", seeds=(1, 2),
                                metrics=("temporal",), ray="auto", **options)
     planned = planned_videos([System("base", None)], 4, eval_options.seeds)
-    videos, workers = generate_on_ray(eval_options, SimpleNamespace(folder=tmp_path / "model"), planned,
+    videos, workers = generate_on_ray(eval_options, SimpleNamespace(folder=tmp_path / "model"),
+                                      worker_demand(eval_options.gpus_per_run, tmp_path / "model"), planned,
                                       {"base": None}, ["p"] * 4, [tmp_path] * 4, FakeParams(), 4, ("to_q",),
                                       interval_s=0.0)
     assert [(video.prompt, video.seed) for video in videos] == [(prompt, seed) for _, prompt, seed in planned]
