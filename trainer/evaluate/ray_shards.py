@@ -160,8 +160,8 @@ def generate_on_ray(options, resolved, demand: ray_cluster.TaskDemand, planned: 
                     interval_s: float = 1.0) -> tuple[list, int]:
     """The videos of `planned` (`run.planned_videos`) made by workers (Ray tasks asking for `demand`, `worker_demand`'s
     as `run.run_eval` checked it; all submitted at once; Ray queues what the cluster cannot place yet) on the cluster
-    `ray_cluster.connect` joined. Returns the `run.Video`s in the
-    order one process makes them, and how many workers made them. EvalError naming each failed worker and its log."""
+    `ray_cluster.connect` joined. Returns the `run.Video`s in the order one process makes them, and how many workers
+    made them. EvalError naming each failed worker and its log."""
     from trainer.evaluate.run import Video, bar, video_path
 
     ray = ray_cluster.import_ray()

@@ -23,7 +23,7 @@ import torch
 from slapgen.evaluation import stats
 from slapgen.evaluation.frechet import frechet_with_interval, reliable_sample_count
 from slapgen.models.family import family_of
-from slapgen.models.loading import resolve_model
+from slapgen.models.loading import ResolvedModel, resolve_model
 from slapgen.models.ticft import TicftLayout, objective_name
 from slapgen.video import read_mp4, write_mp4_atomic
 from trainer.config import DataConfig
@@ -35,6 +35,7 @@ from trainer.evaluate.options import BASE, MODEL_SETTING, EvalOptions
 from trainer.evaluate.systems import System, check_base_models, resolve_systems, slot_shape, stage_adapters
 from trainer.frames import load_clip
 from trainer.heldout import DEFAULT_FRACTIONS, heldout_entries, heldout_losses
+from trainer.ray_cluster import TaskDemand
 
 TICFT_BASE_LOSSES = "heldout_loss_by_ticft_layout"  # in eval.json's `base` system
 FORMAT = 1
@@ -82,7 +83,7 @@ def run_eval(options: EvalOptions) -> dict:
         return evaluate(options, resolved, demand)
 
 
-def evaluate(options: EvalOptions, resolved=None, demand=None) -> dict:
+def evaluate(options: EvalOptions, resolved: ResolvedModel | None = None, demand: TaskDemand | None = None) -> dict:
     """`resolved`: the model `run_eval` resolved (None: resolved here); `demand`: what each Ray worker asks for
     (`ray_shards.worker_demand`, with --ray)."""
     from slapgen.engine.generator import VideoGenerator
@@ -94,7 +95,8 @@ def evaluate(options: EvalOptions, resolved=None, demand=None) -> dict:
     # --checkpoints: each run folder's saved steps (read first: a bad folder is one sentence before the model loads).
     plans = {adapter.name: run_candidates(adapter.name, adapter.path) for adapter in options.adapters} \
         if options.checkpoints else {}
-    resolved = resolved or resolve_model(options.model, options.model_cache_dir, setting=MODEL_SETTING)
+    if resolved is None:
+        resolved = resolve_model(options.model, options.model_cache_dir, setting=MODEL_SETTING)
     params = options.params(resolved.spec)
     systems = resolve_systems(options.adapters, include_base=options.include_base, checkpoints=plans)
     check_base_models(systems, resolved.spec.name)
