@@ -1,8 +1,8 @@
-"""A stand-in for the few `ray` calls the cluster paths make (`ray.nodes`, `ray.remote(...)(f).options(...)
-.remote(...)`, `ray.wait`, `ray.get`, `ray.cancel`), for unit tests of what the driver plans and how it waits,
-where a real cluster would be too slow or cannot be put in the state (a node that never joins, the only GPU
-node dead). Nothing runs: a test says, per tick, which nodes are alive and when the submitted tasks end. The
-real cluster paths are tested end to end in test_sweep_ray.py and test_eval_ray.py."""
+"""A stand-in for the few `ray` calls the cluster paths make (`ray.init`, `ray.shutdown`, `ray.nodes`,
+`ray.remote(...)(f).options(...).remote(...)`, `ray.wait`, `ray.get`, `ray.cancel`), for unit tests of what the
+driver plans and how it waits, where a real cluster would be too slow or cannot be put in the state (a node that
+never joins, the only GPU node dead). Nothing runs: a test says, per tick, which nodes are alive and when the
+submitted tasks end. The real cluster paths are tested end to end in test_sweep_ray.py and test_eval_ray.py."""
 
 from __future__ import annotations
 
@@ -24,6 +24,12 @@ class FakeRay:
         self.submitted: list[tuple[dict, tuple]] = []  # (the task's options, its arguments), in submission order
         self.canceled: list[object] = []
         self.exceptions = types.SimpleNamespace(RayError=RuntimeError)
+
+    def init(self, **_options) -> None:  # `ray_cluster.connect`: nothing to start
+        pass
+
+    def shutdown(self) -> None:
+        pass
 
     def nodes(self) -> list[dict]:
         return self._nodes

@@ -333,7 +333,7 @@ def _plan_on_fake_cluster(monkeypatch, tmp_path, fake, **options):
 
     from trainer import ray_cluster
     from trainer.evaluate.options import EvalOptions
-    from trainer.evaluate.ray_shards import generate_on_ray
+    from trainer.evaluate.ray_shards import generate_on_ray, worker_demand
     from trainer.evaluate.run import planned_videos
     from trainer.evaluate.systems import System
 
@@ -342,7 +342,8 @@ def _plan_on_fake_cluster(monkeypatch, tmp_path, fake, **options):
     eval_options = EvalOptions(model="tiny", adapters=(), heldout=tmp_path, out=tmp_path / "out", seeds=(1, 2),
                                metrics=("temporal",), ray="auto", **options)
     planned = planned_videos([System("base", None)], 4, eval_options.seeds)
-    videos, workers = generate_on_ray(eval_options, SimpleNamespace(folder=tmp_path / "model"), planned,
+    videos, workers = generate_on_ray(eval_options, SimpleNamespace(folder=tmp_path / "model"),
+                                      worker_demand(eval_options.gpus_per_run, tmp_path / "model"), planned,
                                       {"base": None}, ["p"] * 4, [tmp_path] * 4, FakeParams(), 4, ("to_q",),
                                       interval_s=0.0)
     assert [(video.prompt, video.seed) for video in videos] == [(prompt, seed) for _, prompt, seed in planned]
@@ -410,3 +411,79 @@ def test_cpu_workers_ask_ray_for_their_pipelines_memory(monkeypatch, tmp_path):
     assert worker_demand(1, tmp_path / "model") == ray_cluster.TaskDemand(1)
     monkeypatch.setattr(ray_cluster, "import_ray", lambda: FakeRay([big_node]))
     assert ray_cluster.task_slots(worker_demand(0, tmp_path / "model")) == 3
+
+
+def test_ray_local_without_a_cpu_workers_memory_is_one_sentence_before_anything_is_read(monkeypatch, tiny_cache_dir,
+                                                                                        demo_dataset, tmp_path):
+    """Guards `--ray local --gpus-per-run 0` on a machine with too little memory for one CPU worker: the start-up
+    check asked only for the workers' GPUs, so the eval read the held-out clips, loaded the pipeline, deleted the
+    earlier eval's videos, wrote ray-shards.json and submitted every task before `NodeWait`'s first check refused
+    the memory. Now the one demand the workers ask for (`worker_demand`) is checked first: its sentence, and the
+    earlier video, the held-out cache folder, the plan and the queue untouched."""
+    from tests.fake_ray import FakeRay, node
+    from trainer import ray_cluster
+    from trainer.errors import ClusterError
+    from trainer.evaluate.options import EvalOptions
+    from trainer.evaluate.run import run_eval
+
+    from slapgen.models.tiny import materialise_tiny_model
+
+    model = materialise_tiny_model(tiny_cache_dir)  # the tiny_cache_dir fixture's, already there
+    memory = 2 * sum(path.stat().st_size for path in model.rglob("*.safetensors"))  # MEMORY_PER_WEIGHT_BYTE x weights
+    offered = memory // 2  # a 16-CPU node offering Ray half of one worker's memory
+    fake = FakeRay([node(cpus=16, memory_gib=offered / ray_cluster.GIB)])
+    monkeypatch.setattr(ray_cluster, "import_ray", lambda: fake)
+    monkeypatch.setattr(ray_cluster, "check_shared_folder", lambda marker, not_shared: None)  # FakeRay runs no task
+    out = tmp_path / "out"
+    earlier = out / "videos" / "base" / "p000-s0.mp4"
+    write_mp4_atomic(np.zeros((9, 32, 48, 3), np.uint8), earlier, 8)
+    before = earlier.read_bytes()
+    options = EvalOptions(model="tiny", adapters=(), heldout=demo_dataset, out=out, metrics=("temporal",),
+                          max_clips=1, model_cache_dir=tiny_cache_dir, ray="local", gpus_per_run=0,
+                          generation={"num_frames": 9, "height": 32, "width": 48, "num_inference_steps": 1})
+    with pytest.raises(ClusterError) as refused:
+        run_eval(options)
+    assert str(refused.value) == (
+        f"no node of the Ray cluster has {memory / ray_cluster.GIB:.1f} GiB of memory for a worker (the most a node "
+        f"offers Ray is {offered / ray_cluster.GIB:.1f} GiB); use a GPU (--gpus-per-run 1) or a machine with more "
+        "memory")
+    assert earlier.read_bytes() == before
+    assert sorted(path.relative_to(out) for path in out.rglob("*")) == [Path("videos"), Path("videos/base"),
+                                                                        Path("videos/base/p000-s0.mp4")]
+    assert fake.submitted == [] and fake.waits == 0
+
+
+def test_a_cpu_workers_memory_counts_only_the_weights_from_pretrained_loads(tmp_path):
+    """Guards `worker_demand` adding up every weight file under the model folder: a hub snapshot shipping .bin
+    beside .safetensors, or `*.fp16.safetensors` variants beside the plain files, asked Ray for 2-3x the memory
+    a pipeline takes, so CPU workers never fit. Per component folder only what `from_pretrained` (no variant)
+    reads: the plain safetensors, shards included; .bin only where no safetensors are; variants only where no
+    plain file is (then the largest variant's)."""
+    from trainer.evaluate.ray_shards import MEMORY_PER_WEIGHT_BYTE, worker_demand
+
+    sizes = {  # bytes; True: from_pretrained reads it
+        "model_index.json": (100, False),
+        "transformer/diffusion_pytorch_model-00001-of-00002.safetensors": (4000, True),
+        "transformer/diffusion_pytorch_model-00002-of-00002.safetensors": (3000, True),
+        "transformer/diffusion_pytorch_model.safetensors.index.json": (50, False),
+        "transformer/diffusion_pytorch_model.fp16-00001-of-00002.safetensors": (2000, False),
+        "transformer/diffusion_pytorch_model.fp16-00002-of-00002.safetensors": (1500, False),
+        "transformer/diffusion_pytorch_model-00001-of-00002.bin": (4000, False),
+        "transformer/diffusion_pytorch_model-00002-of-00002.bin": (3000, False),
+        "text_encoder/model.safetensors": (900, True),
+        "text_encoder/pytorch_model.bin": (900, False),
+        "text_encoder/model.fp16.safetensors": (450, False),
+        "vae/diffusion_pytorch_model.bin": (300, True),  # no safetensors here: the .bin is what loads
+        "vae/diffusion_pytorch_model.fp16.bin": (150, False),
+        "image_encoder/model.fp16.safetensors": (80, True),  # only variants: the largest one's
+        "image_encoder/model.bf16.safetensors": (70, False),
+        "image_encoder/model.fp16.bin": (80, False),
+    }
+    for name, (size, _) in sizes.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        with (tmp_path / name).open("wb") as file:
+            file.truncate(size)
+    loaded = 4000 + 3000 + 900 + 300 + 80
+    assert loaded == sum(size for size, reads in sizes.values() if reads)
+    assert worker_demand(0, tmp_path) == TaskDemand(0, memory=MEMORY_PER_WEIGHT_BYTE * loaded)
+    assert worker_demand(1, None) == TaskDemand(1)  # a GPU worker needs no model folder

@@ -104,12 +104,44 @@ def test_a_size_hears_one_rule_the_models_multiple(size):
         request = GenerateRequest.model_validate({"prompt": "a", field: size})  # no multiple at the edge
         with pytest.raises(SlapgenError) as refused:
             request.for_model(WAN22_TI2V_5B)
-        sentence = f"{field} must be a multiple of 32 for Wan-AI/Wan2.2-TI2V-5B-Diffusers, got {size}"
+        sentence = (f"{field} must be a multiple of 32 up to {getattr(WAN22_TI2V_5B, field)} for "
+                    f"Wan-AI/Wan2.2-TI2V-5B-Diffusers, got {size}")
         assert str(refused.value) == sentence and refused.value.field == field
         body = json.loads(error_response(refused.value).body)
         assert body == {"error": sentence, "detail": [{"loc": [field], "msg": sentence}]}
         if size % 16:
-            with pytest.raises(SlapgenError, match=f"^{field} must be a multiple of 16 for tiny, got {size}$"):
+            with pytest.raises(SlapgenError, match=f"^{field} must be a multiple of 16 up to {getattr(TINY_SPEC, field)} "
+                                                   f"for tiny, got {size}$"):
                 request.for_model(TINY_SPEC)
         else:
             assert getattr(request.for_model(TINY_SPEC), field) == size
+
+
+@pytest.mark.parametrize("spec_name", ["wan22-5b", "tiny"])
+def test_a_size_is_one_rule_with_one_sentence_at_every_edge(spec_name):
+    """Guards the size rule written twice: `checked_params` (`slapgen eval` / `generate --set`) had its own copy of the
+    multiple-and-maximum check with another sentence than `GenerateRequest.for_model` (HTTP), so the same bad width
+    read differently at each edge. Now `ModelSpec.check_size` owns it: for Wan 2.2 TI2V-5B (multiple 32) and tiny
+    (16), a size off the multiple or over the native size gets the same sentence from both edges (eval's after the
+    flag it came from), and a size the rule allows passes both."""
+    from slapgen.models.wan import WAN22_TI2V_5B
+    from trainer.errors import EvalError
+    from trainer.evaluate.options import checked_params
+
+    spec = {"wan22-5b": WAN22_TI2V_5B, "tiny": TINY_SPEC}[spec_name]
+    multiple = {"wan22-5b": 32, "tiny": 16}[spec_name]
+    assert spec.size_multiple == multiple
+    for field in ("height", "width"):
+        limit = getattr(spec, field)
+        for value in (multiple + 8, multiple + 16, limit + multiple):  # 48 is a multiple of 16 but not of 32
+            sentence = f"{field} must be a multiple of {multiple} up to {limit} for {spec.name}, got {value}"
+            if value % multiple == 0 and value <= limit:
+                assert getattr(GenerateRequest(prompt="a", **{field: value}).for_model(spec), field) == value
+                assert getattr(checked_params(spec, {field: value}), field) == value
+                continue
+            with pytest.raises(SlapgenError) as http:
+                GenerateRequest(prompt="a", **{field: value}).for_model(spec)
+            with pytest.raises(EvalError) as cli:
+                checked_params(spec, {field: value}, "--set")
+            assert (str(http.value), http.value.field) == (sentence, field)
+            assert str(cli.value) == f"--set {sentence}"

@@ -81,7 +81,7 @@ def test_bad_input_is_a_400_naming_the_field(tiny_server, body, field):
 @pytest.mark.parametrize("route,body,sentence", [
     ("/generate", {"prompt": "a", "width": 8}, "width must be greater than or equal to 16, got 8"),
     ("/jobs", {"prompt": "a", "num_frames": "many"}, 'num_frames must be a valid integer, got "many"'),
-    ("/jobs/submit", {"prompt": "a", "width": 40}, "width must be a multiple of 16 for tiny, got 40"),  # the model's rule
+    ("/jobs/submit", {"prompt": "a", "width": 40}, "width must be a multiple of 16 up to 96 for tiny, got 40"),  # the model's rule
     ("/prompts/render", {"template": "t" * 65}, "template must have at most 64 characters, got 65 characters"),
     ("/ratings", {"left": {}, "right": {"adapter": "a"}, "prompt": "a", "seed": -1, "choices": {"overall": "left"}},
      "seed must be greater than or equal to 0, got -1"),

@@ -196,13 +196,14 @@ def _plural(task: str) -> str:
     return task.split(" ", 1)[1] + "s"
 
 
-def check_gpus(gpus_per_run: float, address: str, task: str = "a run") -> None:
-    """Before anything is written: on `local` (the cluster is this machine, nothing joins it), a node with the
-    GPUs a task asks for, or one sentence. Another cluster may still gain such a node (an autoscaler, pods still
+def check_placeable(demand: TaskDemand, address: str, task: str = "a run") -> None:
+    """Before anything is read or written: on `local` (the cluster is this machine, nothing joins it), a node with
+    everything a task asks for (`demand`: its GPUs, a CPU, its memory; the same demand its tasks are submitted
+    with), or one sentence, `NodeWait`'s. Another cluster may still gain such a node (an autoscaler, pods still
     starting): its tasks wait for it, and `NodeWait` says so once they are submitted."""
     if address != LOCAL:
         return
-    if (missing := placement_problem(TaskDemand(gpus_per_run), address, task)) is not None:
+    if (missing := placement_problem(demand, address, task)) is not None:
         raise ClusterError("; ".join(missing))
 
 

@@ -72,6 +72,16 @@ class ModelSpec(BaseModel):
         """Heights and widths split into whole patches of latents: spatial factor x patch size."""
         return self.spatial_compression * self.patch_size
 
+    def check_size(self, field: str, value: int) -> int:
+        """`value` when this model generates a `field` ("height" or "width") of it: a multiple of `size_multiple`,
+        more than 0, at most the native size; otherwise ValueError, one sentence stating the rule. The one size
+        rule of a generation, whichever edge (HTTP request, `slapgen eval` / `generate --set`) it comes from."""
+        limit = getattr(self, field)
+        if value % self.size_multiple or not 0 < value <= limit:
+            raise ValueError(f"{field} must be a multiple of {self.size_multiple} up to {limit} for {self.name}, "
+                             f"got {value}")
+        return value
+
     @property
     def frame_rule(self) -> str:
         """The frame rule in words: `8k+1 (1, 9, 17, ...)`."""

@@ -75,7 +75,7 @@ class GenerateRequest(BaseModel):
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="random when omitted; echoed in X-Seed")
     fps: int | None = Field(None, ge=1, le=60)
     # The multiple is the model's (`ModelSpec.size_multiple`: 16, or 32 for Wan 2.2 TI2V-5B), checked in
-    # `for_model` only, so every size hears one rule; here only the bound no model goes below.
+    # `for_model` only (`ModelSpec.check_size`), so every size hears one rule; here only the bound no model goes below.
     height: int | None = Field(None, ge=SIZE_MULTIPLE, description="a multiple of the model's size_multiple "
                                                                  "(GET /info: limits.size_multiple), at most its native height")
     width: int | None = Field(None, ge=SIZE_MULTIPLE, description="a multiple of the model's size_multiple "
@@ -102,12 +102,11 @@ class GenerateRequest(BaseModel):
         if self.num_frames is not None:
             num_frames = spec.check_frame_count(self.num_frames)
         for field in ("height", "width"):
-            value, limit = getattr(self, field), getattr(spec, field)
-            if value is not None and value > limit:
-                raise RequestError(f"{field} must be at most {limit} for {spec.name}, got {value}", field=field)
-            if value is not None and value % spec.size_multiple:  # the one size-multiple rule of a request
-                raise RequestError(f"{field} must be a multiple of {spec.size_multiple} for {spec.name}, got {value}",
-                                   field=field)
+            if (value := getattr(self, field)) is not None:
+                try:
+                    spec.check_size(field, value)  # the one size rule, `slapgen eval`'s and `generate`'s too
+                except ValueError as error:
+                    raise RequestError(str(error), field=field) from None
         if self.adapter is not None and adapters is not None and self.adapter not in adapters:
             raise RequestError(f"unknown adapter {self.adapter!r}; available: {', '.join(adapters) or 'none'}",
                                field="adapter")

@@ -121,11 +121,11 @@ def checked_params(spec: ModelSpec, settings: dict, flag: str = "--set", **chose
         spec.check_frame_count(params.num_frames)
     except FrameCountError as error:
         raise EvalError(f"{flag} {error}") from None
-    for name, limit in (("height", spec.height), ("width", spec.width)):
-        value = getattr(params, name)
-        if value % spec.size_multiple or not 0 < value <= limit:
-            raise EvalError(f"{flag} {name} must be a multiple of {spec.size_multiple} up to {limit} for {spec.name}, "
-                            f"got {value}")
+    for name in ("height", "width"):
+        try:
+            spec.check_size(name, getattr(params, name))
+        except ValueError as error:
+            raise EvalError(f"{flag} {error}") from None
     if params.num_inference_steps < 1 or params.fps < 1 or params.guidance_scale < 0 or params.adapter_scale < 0:
         raise EvalError(f"{flag} num_inference_steps and fps must be at least 1, guidance_scale and adapter_scale not "
                         "negative")

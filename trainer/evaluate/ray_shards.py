@@ -14,7 +14,8 @@ as for videos made in this process.
   Ray retries by itself after a lost node (a queue's items would have to be put back by hand when their actor
   dies).
 - CPU-only workers (`--gpus-per-run 0`) ask Ray for memory too (`worker_demand`: `MEMORY_PER_WEIGHT_BYTE` times
-  the model's weight files), so a many-core node runs as many pipelines as its memory holds, not one per CPU.
+  the model's weight files that `from_pretrained` loads), so a many-core node runs as many pipelines as its memory
+  holds, not one per CPU. `run.run_eval` checks that demand on `--ray local` before anything is read or written.
 - Each worker is a Ray task asking for `--gpus-per-run` GPUs, in a worker process of its own (`max_calls=1`:
   its pipeline and GPU memory leave with it). It loads one `VideoGenerator` (the driver's engine options, slot
   rank and target modules) and runs `run.generate` on its stretch: each video seeded and set up on its own, so
@@ -33,6 +34,7 @@ as for videos made in this process.
 from __future__ import annotations
 
 import json
+import re
 import sys
 import uuid
 from dataclasses import replace
@@ -52,7 +54,8 @@ STRETCHES_PER_SLOT = 4
 # much again for activations, latents, the text encoder's output and the VAE's decode. An estimate for Ray's
 # admission (how many pipelines a node holds at once), not a limit Ray enforces.
 MEMORY_PER_WEIGHT_BYTE = 2
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")  # the order from_pretrained prefers them in
+SHARD_SUFFIX = re.compile(r"-\d+-of-\d+")  # model-00001-of-00002.safetensors
 
 
 def worker_log(out: Path, worker: int) -> Path:
@@ -75,15 +78,41 @@ def stretch_count(videos: int, slots: int, workers: int | None = None) -> int:
     return max(1, min(videos, wanted))
 
 
-def worker_demand(gpus_per_run: float, model_folder: Path) -> ray_cluster.TaskDemand:
+def worker_demand(gpus_per_run: float, model_folder: Path | None) -> ray_cluster.TaskDemand:
     """What one worker's task asks Ray for: `gpus_per_run` GPUs; a CPU-only worker (0) also the memory its
-    pipeline takes, so that a node of many CPUs runs no more of them than its memory holds (on a GPU node the
-    GPUs bound the count)."""
+    pipeline takes (`model_folder`'s weights; unused for a GPU worker), so that a node of many CPUs runs no more
+    of them than its memory holds (on a GPU node the GPUs bound the count)."""
     if gpus_per_run > 0:
         return ray_cluster.TaskDemand(gpus_per_run)
-    weights = sum(path.stat().st_size for path in Path(model_folder).rglob("*")
-                  if path.suffix in WEIGHT_SUFFIXES and path.is_file())
+    weights = sum(path.stat().st_size for path in loaded_weight_files(Path(model_folder)))
     return ray_cluster.TaskDemand(0, memory=MEMORY_PER_WEIGHT_BYTE * weights)
+
+
+def loaded_weight_files(model_folder: Path) -> list[Path]:
+    """The weight files `from_pretrained` (no variant asked, as the engine loads) reads from each component folder
+    of `model_folder`, not every one there: a hub snapshot may ship .bin beside .safetensors, and `*.fp16.safetensors`
+    variants beside the plain files. Per folder: the first format of `WEIGHT_SUFFIXES` it has (safetensors before
+    .bin); of those files the plain ones (shards included), or, with only variants, the largest variant's."""
+    by_folder: dict[Path, list[Path]] = {}
+    for path in sorted(model_folder.rglob("*")):
+        if path.suffix in WEIGHT_SUFFIXES and path.is_file():
+            by_folder.setdefault(path.parent, []).append(path)
+    loaded = []
+    for files in by_folder.values():
+        suffix = next(suffix for suffix in WEIGHT_SUFFIXES if any(path.suffix == suffix for path in files))
+        by_variant: dict[str | None, list[Path]] = {}
+        for path in files:
+            if path.suffix == suffix:
+                by_variant.setdefault(weight_variant(path), []).append(path)
+        loaded += by_variant.get(None) or max(by_variant.values(), key=lambda group: sum(p.stat().st_size for p in group))
+    return loaded
+
+
+def weight_variant(path: Path) -> str | None:
+    """A weight file's variant, as diffusers and transformers name them: `fp16` of `model.fp16.safetensors` and of
+    the shard `diffusion_pytorch_model.fp16-00001-of-00002.safetensors`; None for a plain file or shard."""
+    stem = SHARD_SUFFIX.sub("", path.name.removesuffix(path.suffix))
+    return stem.split(".", 1)[1] if "." in stem else None
 
 
 def stretches(planned: list, workers: int) -> list[list]:
@@ -126,11 +155,13 @@ def generate_shard(options, resolved, worker: int, planned: list, layouts: dict,
     return len(videos)
 
 
-def generate_on_ray(options, resolved, planned: list, layouts: dict, prompts: list[str], conditions: list[Path],
-                    params, rank: int, targets: tuple[str, ...] | None, interval_s: float = 1.0) -> tuple[list, int]:
-    """The videos of `planned` (`run.planned_videos`) made by workers (Ray tasks, all submitted at once; Ray queues
-    what the cluster cannot place yet) on the cluster `ray_cluster.connect` joined. Returns the `run.Video`s in the
-    order one process makes them, and how many workers made them. EvalError naming each failed worker and its log."""
+def generate_on_ray(options, resolved, demand: ray_cluster.TaskDemand, planned: list, layouts: dict,
+                    prompts: list[str], conditions: list[Path], params, rank: int, targets: tuple[str, ...] | None,
+                    interval_s: float = 1.0) -> tuple[list, int]:
+    """The videos of `planned` (`run.planned_videos`) made by workers (Ray tasks asking for `demand`, `worker_demand`'s
+    as `run.run_eval` checked it; all submitted at once; Ray queues what the cluster cannot place yet) on the cluster
+    `ray_cluster.connect` joined. Returns the `run.Video`s in the order one process makes them, and how many workers
+    made them. EvalError naming each failed worker and its log."""
     from trainer.evaluate.run import Video, bar, video_path
 
     ray = ray_cluster.import_ray()
@@ -144,7 +175,6 @@ def generate_on_ray(options, resolved, planned: list, layouts: dict, prompts: li
               for system, prompt, seed in planned]
     for path in paths:  # an earlier eval's video at this eval's path: never kept as this one's
         path.unlink(missing_ok=True)
-    demand = worker_demand(options.gpus_per_run, resolved.folder)
     slots = ray_cluster.task_slots(demand)
     shards = stretches(planned, stretch_count(len(planned), slots, options.workers))
     plan = out / "videos" / PLAN_FILE

@@ -23,7 +23,7 @@ import torch
 from slapgen.evaluation import stats
 from slapgen.evaluation.frechet import frechet_with_interval, reliable_sample_count
 from slapgen.models.family import family_of
-from slapgen.models.loading import resolve_model
+from slapgen.models.loading import ResolvedModel, resolve_model
 from slapgen.models.ticft import TicftLayout, objective_name
 from slapgen.video import read_mp4, write_mp4_atomic
 from trainer.config import DataConfig
@@ -35,6 +35,7 @@ from trainer.evaluate.options import BASE, MODEL_SETTING, EvalOptions
 from trainer.evaluate.systems import System, check_base_models, resolve_systems, slot_shape, stage_adapters
 from trainer.frames import load_clip
 from trainer.heldout import DEFAULT_FRACTIONS, heldout_entries, heldout_losses
+from trainer.ray_cluster import TaskDemand
 
 TICFT_BASE_LOSSES = "heldout_loss_by_ticft_layout"  # in eval.json's `base` system
 FORMAT = 1
@@ -65,18 +66,26 @@ def bar(total: int, description: str, unit: str):
 
 def run_eval(options: EvalOptions) -> dict:
     """The evaluation `options` ask for; with `--ray`, connected to that cluster first (one sentence when it
-    does not answer, or when it is `local` and has no node with the GPUs a worker asks for, before anything is
-    read or written)."""
+    does not answer, or when it is `local` and has no node with what a worker asks for, its GPUs or, a CPU worker,
+    its memory: before anything else is read or written)."""
     if options.ray is None:
         return evaluate(options)
-    from trainer.ray_cluster import check_gpus, connect
+    from trainer.evaluate.ray_shards import worker_demand
+    from trainer.ray_cluster import check_placeable, connect
 
     with connect(options.ray):
-        check_gpus(options.gpus_per_run, options.ray, task="a worker")
-        return evaluate(options)
+        # One demand, checked here and asked for by every worker. A CPU worker's is its model's weights' memory, so
+        # the model is resolved first; a GPU worker's needs no model (none downloaded before a missing GPU is said).
+        resolved = resolve_model(options.model, options.model_cache_dir, setting=MODEL_SETTING) \
+            if options.gpus_per_run == 0 else None
+        demand = worker_demand(options.gpus_per_run, resolved.folder if resolved is not None else None)
+        check_placeable(demand, options.ray, task="a worker")
+        return evaluate(options, resolved, demand)
 
 
-def evaluate(options: EvalOptions) -> dict:
+def evaluate(options: EvalOptions, resolved: ResolvedModel | None = None, demand: TaskDemand | None = None) -> dict:
+    """`resolved`: the model `run_eval` resolved (None: resolved here); `demand`: what each Ray worker asks for
+    (`ray_shards.worker_demand`, with --ray)."""
     from slapgen.engine.generator import VideoGenerator
     from slapgen.engine.params import EngineOptions
 
@@ -86,7 +95,8 @@ def evaluate(options: EvalOptions) -> dict:
     # --checkpoints: each run folder's saved steps (read first: a bad folder is one sentence before the model loads).
     plans = {adapter.name: run_candidates(adapter.name, adapter.path) for adapter in options.adapters} \
         if options.checkpoints else {}
-    resolved = resolve_model(options.model, options.model_cache_dir, setting=MODEL_SETTING)
+    if resolved is None:
+        resolved = resolve_model(options.model, options.model_cache_dir, setting=MODEL_SETTING)
     params = options.params(resolved.spec)
     systems = resolve_systems(options.adapters, include_base=options.include_base, checkpoints=plans)
     check_base_models(systems, resolved.spec.name)
@@ -131,8 +141,8 @@ def evaluate(options: EvalOptions) -> dict:
         from trainer.evaluate.ray_shards import generate_on_ray
 
         started = time.perf_counter()
-        videos, workers = generate_on_ray(options, resolved, planned, layouts, prompts, conditions, params, rank,
-                                          targets)
+        videos, workers = generate_on_ray(options, resolved, demand, planned, layouts, prompts, conditions, params,
+                                          rank, targets)
         timer.add("generate", started)
         engine["ray"] = {"address": options.ray, "gpus_per_worker": options.gpus_per_run, "workers": workers}
 

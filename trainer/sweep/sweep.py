@@ -183,10 +183,10 @@ def run_sweep(config: str, sets: list[str], grid: list[str], data: Path, heldout
     check_generation(definition)
     with ExitStack() as stack:
         if ray is not None:  # a cluster that does not answer: one sentence before anything is written
-            from trainer.ray_cluster import check_gpus, connect
+            from trainer.ray_cluster import check_placeable, connect
             from trainer.sweep.ray_runs import check_shared_folder
             stack.enter_context(connect(ray))
-            check_gpus(gpus_per_run, ray)
+            check_placeable(TaskDemand(gpus_per_run), ray)
         stack.enter_context(SweepLock(out))
         check_folder(out, definition)  # again, now that no other sweep can write it
         write_definition(out, definition)  # new, or another --pick-by (the only difference check_folder lets by)
