@@ -444,8 +444,8 @@ def test_ray_local_without_a_cpu_workers_memory_is_one_sentence_before_anything_
     with pytest.raises(ClusterError) as refused:
         run_eval(options)
     assert str(refused.value) == (
-        f"no node of the Ray cluster has {memory / ray_cluster.GIB:.1f} GiB of memory for a worker (the most a node "
-        f"offers Ray is {offered / ray_cluster.GIB:.1f} GiB); use a GPU (--gpus-per-run 1) or a machine with more "
+        f"no node of the Ray cluster has {memory / 2 ** 20:.1f} MiB of memory for a worker (the most a node "
+        f"offers Ray is {offered / 2 ** 20:.1f} MiB); use a GPU (--gpus-per-run 1) or a machine with more "
         "memory")
     assert earlier.read_bytes() == before
     assert sorted(path.relative_to(out) for path in out.rglob("*")) == [Path("videos"), Path("videos/base"),

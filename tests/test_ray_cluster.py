@@ -104,3 +104,12 @@ def test_node_wait_and_workers_misuse_is_one_sentence(command, extra, message, t
     assert main([*base, "--heldout", str(tmp_path), "--out", str(tmp_path / "out"), *extra]) == 2
     assert cli_stderr(capsys.readouterr().err) == f"slapgen {command}: {message}"
     assert not (tmp_path / "out").exists()
+
+
+def test_memory_is_written_in_the_unit_people_read():
+    """Guards a tiny model's worker told it needs "0.0 GiB" of memory: below a GiB the sentence says MiB."""
+    from trainer.ray_cluster import memory_text
+
+    assert memory_text(20 * 2 ** 30) == "20.0 GiB"
+    assert memory_text(3.25 * 2 ** 20) == "3.2 MiB"
+    assert memory_text(2 ** 30 - 1) == "1024.0 MiB"

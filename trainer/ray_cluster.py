@@ -186,10 +186,15 @@ def placement_problem(demand: TaskDemand, address: str, task: str) -> tuple[str,
     with_gpus = [resources for resources in nodes if demand.gpus == 0 or _fits(resources.get("GPU", 0), demand.gpus)]
     most_memory = max((resources.get("memory", 0) for resources in with_gpus), default=0)
     if demand.memory > most_memory:
-        return (f"no node of the Ray cluster has {demand.memory / GIB:.1f} GiB of memory for {task} (the most a node "
-                f"offers Ray is {most_memory / GIB:.1f} GiB)", "use a GPU (--gpus-per-run 1) or a machine with more "
+        return (f"no node of the Ray cluster has {memory_text(demand.memory)} of memory for {task} (the most a node "
+                f"offers Ray is {memory_text(most_memory)})", "use a GPU (--gpus-per-run 1) or a machine with more "
                 "memory" if address == LOCAL else "`ray start --memory` sets what a node offers")
     return f"no node of the Ray cluster has a CPU along with the rest {task} asks for", "`ray start --num-cpus` sets it"
+
+
+def memory_text(size: float) -> str:
+    """Bytes as people read them: "20.0 GiB", "3.2 MiB" (a tiny model's worker is not "0.0 GiB")."""
+    return f"{size / GIB:.1f} GiB" if size >= GIB else f"{size / 1024 ** 2:.1f} MiB"
 
 
 def _plural(task: str) -> str:
