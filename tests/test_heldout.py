@@ -167,19 +167,9 @@ def test_wan_heldout_loss_is_the_flow_matching_objective_at_fixed_noise(wan_held
         x_s = (1 - s) x0 + s n,  transformer told s x 1000,  loss = mean((v - (n - x0))^2)
     at the default levels, the midpoints s = 0.1, 0.3, ..., 0.9. An unnormalised latent, CogVideoX's
     objective, integer levels or another draw order each give another number."""
-    import json
-
-    from safetensors.torch import load_file
-
     resolved, transformer, scheduler, entries = wan_heldout_setup
     entry = entries[0]
-    tensors = load_file(entry.path)
-    vae_config = json.loads((resolved.folder / "vae" / "config.json").read_text())
-    channel = (1, -1, 1, 1, 1)
-    latents_mean = torch.tensor(vae_config["latents_mean"]).view(channel)
-    latents_std = torch.tensor(vae_config["latents_std"]).view(channel)
-    mu, logvar = tensors["latent_mean"][None].float(), tensors["latent_logvar"][None].float()
-    embeds = tensors["prompt_embeds"][None].float()
+    latents_mean, latents_std, mu, logvar, embeds = _wan_entry_by_hand(resolved, entry)
     generator = torch.Generator("cpu").manual_seed(clip_seed(4, entry.key))
     by_hand = []
     for s in (0.1, 0.3, 0.5, 0.7, 0.9):
@@ -207,10 +197,6 @@ def test_wan_ticft_heldout_loss_is_the_flow_matching_ticft_objective_at_fixed_no
         loss = mean over the target frame of (v - (n - x0))^2.
     A buffer held at another level (0.75 instead of 0.5 fails here), a loss over every frame, a noised condition
     or the text-to-video objective each give another number."""
-    import json
-
-    from safetensors.torch import load_file
-
     from slapgen.models.ticft import TicftLayout
     from trainer.config import TicftConfig
 
@@ -219,14 +205,8 @@ def test_wan_ticft_heldout_loss_is_the_flow_matching_ticft_objective_at_fixed_no
     data = DataConfig(height=32, width=48, num_frames=layout.pixel_frames, fps=16, max_clips=1)
     [entry] = heldout_entries(demo_dataset, resolved, data, tmp_path / "cache", progress=False,
                               ticft=TicftConfig(layout="c1b1t1"))
-    tensors = load_file(entry.path)
-    vae_config = json.loads((resolved.folder / "vae" / "config.json").read_text())
-    channel = (1, -1, 1, 1, 1)
-    latents_mean = torch.tensor(vae_config["latents_mean"]).view(channel)
-    latents_std = torch.tensor(vae_config["latents_std"]).view(channel)
-    mu, logvar = tensors["latent_mean"][None].float(), tensors["latent_logvar"][None].float()
+    latents_mean, latents_std, mu, logvar, embeds = _wan_entry_by_hand(resolved, entry)
     assert mu.shape[2] == layout.latent_frames == 3
-    embeds = tensors["prompt_embeds"][None].float()
     generator = torch.Generator("cpu").manual_seed(clip_seed(6, entry.key))
     levels = (0.2, 0.9)  # one below the buffer's sigma 0.5 (the buffer at s) and one above (the buffer held at 0.5)
     by_hand = []
@@ -245,3 +225,19 @@ def test_wan_ticft_heldout_loss_is_the_flow_matching_ticft_objective_at_fixed_no
     assert loss == pytest.approx(sum(by_hand) / 2, rel=1e-5)
     [plain] = heldout_losses(transformer, scheduler, [entry], seed=6, timesteps=timesteps)
     assert abs(plain - loss) > 1e-4 * loss  # the check tells the objectives apart
+
+
+def _wan_entry_by_hand(resolved, entry) -> tuple[torch.Tensor, ...]:
+    """A Wan cache entry read with plain safetensors and the VAE's config: the per-channel latents mean and std
+    (1, C, 1, 1, 1), the posterior mean and log-variance and the prompt embeddings, each with a batch of 1."""
+    import json
+
+    from safetensors.torch import load_file
+
+    tensors = load_file(entry.path)
+    vae_config = json.loads((resolved.folder / "vae" / "config.json").read_text())
+    channel = (1, -1, 1, 1, 1)
+    latents_mean = torch.tensor(vae_config["latents_mean"]).view(channel)
+    latents_std = torch.tensor(vae_config["latents_std"]).view(channel)
+    mu, logvar = tensors["latent_mean"][None].float(), tensors["latent_logvar"][None].float()
+    return latents_mean, latents_std, mu, logvar, tensors["prompt_embeds"][None].float()
