@@ -80,7 +80,9 @@ def test_a_repo_that_is_not_a_diffusers_pipeline_is_refused_without_downloading_
 
 def test_only_the_safetensors_weights_the_pipeline_loads_are_downloaded(hub, tiny_wan_cache_dir, tmp_path):
     """Guards downloading 2-3x the pipeline's weights: a repo that ships .bin next to .safetensors and fp16
-    variants (as many hub pipelines do) gives only the default safetensors of each component."""
+    variants (as many hub pipelines do) gives only the default safetensors of each component. The snapshot,
+    which lacks files the repo lists, is then found in the cache as it is (by the spec lookup and a second
+    resolve, without a request), not taken for an interrupted download."""
     folder = materialise_tiny_wan_model(tiny_wan_cache_dir)
     repo = linked_copy(folder, tmp_path / "repo")
     extras = {"transformer/diffusion_pytorch_model.bin", "transformer/diffusion_pytorch_model.fp16.safetensors",
@@ -96,3 +98,8 @@ def test_only_the_safetensors_weights_the_pipeline_loads_are_downloaded(hub, tin
     assert {"transformer/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
             "text_encoder/model.safetensors"} <= set(downloaded)
     assert repo_files(resolved.folder) == repo_files(folder)
+
+    hub.forget_requests()
+    assert spec_without_weights("someone/tiny-wan-with-extras") == TINY_WAN_SPEC
+    assert resolve_model("someone/tiny-wan-with-extras", tmp_path) == resolved
+    assert hub.requests == []
