@@ -49,7 +49,7 @@ def _commit_of(files: dict[str, Path]) -> str:
     return digest.hexdigest()
 
 
-def _etag_of(name: str, file: Path, commit: str) -> str:
+def _etag_of(name: str, commit: str) -> str:
     """A git-blob-like id (40 hex, so the client does not take it for an LFS sha256 to check the bytes
     against)."""
     return hashlib.sha1(f"{commit}\0{name}".encode()).hexdigest()
@@ -154,7 +154,7 @@ class FakeHub:
             self._send(handler, 200, json.dumps(info).encode(), {"Content-Type": "application/json"}, send_body)
         elif tail.startswith("tree/"):
             tree = [{"type": "file", "path": name, "size": file.stat().st_size,
-                     "oid": _etag_of(name, file, repo.commit)} for name, file in repo.files.items()]
+                     "oid": _etag_of(name, repo.commit)} for name, file in repo.files.items()]
             self._send(handler, 200, json.dumps(tree).encode(), {"Content-Type": "application/json"}, send_body)
         else:
             self._send(handler, 404, b"{}", {"X-Error-Code": "EntryNotFound"}, send_body)
@@ -171,7 +171,7 @@ class FakeHub:
                                             "X-Error-Message": "Entry not found"}, send_body)
             return
         body = file.read_bytes() if send_body else b""
-        headers = {"X-Repo-Commit": repo.commit, "ETag": f'"{_etag_of(name, file, repo.commit)}"',
+        headers = {"X-Repo-Commit": repo.commit, "ETag": f'"{_etag_of(name, repo.commit)}"',
                    "Content-Type": "application/octet-stream"}
         self._send(handler, 200, body, headers, send_body, length=file.stat().st_size)
 
