@@ -146,6 +146,27 @@ def tiny_wan_cache_dir() -> Path:
     return cache_dir
 
 
+@pytest.fixture(scope="session")
+def fake_hub():
+    """A Hugging Face hub on 127.0.0.1 for the session (tests/fake_hub.py): `add_repo` a folder under an id."""
+    from tests.fake_hub import FakeHub
+
+    hub = FakeHub().start()
+    yield hub
+    hub.stop()
+
+
+@pytest.fixture
+def hub(fake_hub, tmp_path, monkeypatch):
+    """The session's fake hub, with huggingface_hub (this process's and the processes it starts) pointed at
+    it, online, an empty HF_HOME of the test's own and the requests recorded from this test on."""
+    from tests.fake_hub import point_huggingface_hub_at
+
+    point_huggingface_hub_at(fake_hub.url, tmp_path / "hf-home", monkeypatch)
+    fake_hub.forget_requests()
+    return fake_hub
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

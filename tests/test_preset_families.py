@@ -337,23 +337,15 @@ def test_a_model_known_only_after_its_download_and_of_another_family_stops_the_r
 
 
 @pytest.fixture
-def model_known_after_download(tiny_wan_cache_dir, tmp_path, monkeypatch) -> Path:
-    """A Wan model folder that exists only once `resolve_model` has "downloaded" it (no hub here: its first
-    call copies tiny-wan into the folder the setting names)."""
-    import shutil
-
-    import slapgen.models.loading as loading
+def model_known_after_download(hub, tiny_wan_cache_dir) -> str:
+    """A Wan model that only a download identifies: the tiny Wan twin as a repository of a real HTTP hub
+    (tests/fake_hub.py), which the test's empty Hugging Face cache does not hold."""
+    from slapgen.models.loading import spec_without_weights
     from slapgen.models.tiny_wan import materialise_tiny_wan_model
 
-    model = tmp_path / "downloaded" / "wan-finetune"
-    real_resolve = loading.resolve_model
-
-    def resolve_after_download(name, *args, **kwargs):
-        if name == str(model) and not model.exists():
-            shutil.copytree(materialise_tiny_wan_model(tiny_wan_cache_dir), model)
-        return real_resolve(name, *args, **kwargs)
-
-    monkeypatch.setattr(loading, "resolve_model", resolve_after_download)
+    model = "someone/wan-finetune"
+    hub.add_repo(model, materialise_tiny_wan_model(tiny_wan_cache_dir))
+    assert spec_without_weights(model) is None
     return model
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from slapgen.errors import ModelUnavailableError
 from slapgen.models.family import family_of
 from slapgen.models.family import known_model_names, known_spec
-from slapgen.models.specs import ModelSpec, spec_for_folder
+from slapgen.models.specs import SPEC_FILENAME, ModelSpec, family_of_folder, spec_for_folder
 from slapgen.models.tiny import TINY_MODEL_NAME, TINY_SPEC, materialise_tiny_model
 from slapgen.models.tiny_wan import TINY_WAN_MODEL_NAME, TINY_WAN_SPEC, materialise_tiny_wan_model
 
@@ -117,12 +117,11 @@ def spec_without_weights(model: str) -> ModelSpec | None:
     if path.exists():
         folder, name = path, path.name
     elif HUB_ID_PATTERN.match(model):
-        from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import LocalEntryNotFoundError
+        from huggingface_hub import hf_hub_download
 
-        try:
-            folder, name = Path(snapshot_download(model, local_files_only=True)), model
-        except (LocalEntryNotFoundError, OSError, ValueError):
+        try:  # the cached snapshot holding the pipeline's index (a download fetches only the pipeline's files)
+            folder, name = Path(hf_hub_download(model, "model_index.json", local_files_only=True)).parent, model
+        except (OSError, ValueError):  # not cached (LocalEntryNotFoundError is an OSError)
             return None
     else:
         return None
@@ -135,8 +134,10 @@ def spec_without_weights(model: str) -> ModelSpec | None:
 
 
 def _hub_snapshot(repo_id: str, allow_download: bool, setting: ModelSetting, tiny_fix: str) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    """The cached folder of the pipeline `repo_id` names, downloading it if allowed and not cached."""
+    from diffusers import DiffusionPipeline
+    from huggingface_hub.errors import RemoteEntryNotFoundError
+    from huggingface_hub.utils import httpx  # the HTTP library huggingface_hub raises the errors of
 
     message = (
         f"{repo_id} is not in the local Hugging Face cache and could not be downloaded{did_you_mean(repo_id)}; "
@@ -144,15 +145,68 @@ def _hub_snapshot(repo_id: str, allow_download: bool, setting: ModelSetting, tin
         f"pipeline folder), {tiny_fix}."
     )
     try:
-        return Path(snapshot_download(repo_id, local_files_only=True))
-    except LocalEntryNotFoundError:
+        return _with_slap_spec(repo_id, Path(DiffusionPipeline.download(repo_id, local_files_only=True)), True)
+    except OSError:  # not cached, or cached only in part
         if not allow_download:
             raise ModelUnavailableError(message) from None
     try:
-        return Path(snapshot_download(repo_id))
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError):
+        return _download_pipeline(repo_id)
+    except RemoteEntryNotFoundError:  # the hub has the repository, but no model_index.json in it
+        raise ModelUnavailableError(
+            f"{setting.name}={repo_id} has no model_index.json, so it is not a diffusers pipeline repository"
+            f"{_diffusers_repo_hint(repo_id)}; name a diffusers pipeline repository or a local pipeline folder, "
+            f"{tiny_fix}."
+        ) from None
+    except (OSError, httpx.TransportError):
         # Offline, hub unreachable, or the id does not exist: the fix is the same.
         raise ModelUnavailableError(message) from None
+
+
+def _download_pipeline(repo_id: str) -> Path:
+    """Download only what the pipeline loads, never a whole repository: diffusers' `DiffusionPipeline.download`
+    takes model_index.json's components' files, skipping .bin next to .safetensors and weight variants (fp16,
+    ema). model_index.json comes first, alone, so that a repository that is no pipeline, or a pipeline no
+    family of slapgen loads (Wan's image-to-video, say), is refused before any weights."""
+    from diffusers import DiffusionPipeline
+    from huggingface_hub import hf_hub_download, model_info
+
+    model_info(repo_id)  # fails at once when the hub is unreachable (a file request retries for half a minute)
+    family_of_folder(Path(hf_hub_download(repo_id, "model_index.json")).parent)
+    return _with_slap_spec(repo_id, Path(DiffusionPipeline.download(repo_id)), False)
+
+
+# Organisations that publish a model's original (non-diffusers) weights in one repository and its diffusers
+# pipeline in another, and how the original's id becomes the pipeline's.
+DIFFUSERS_REPO_OF_ORIGINAL = {
+    "Wan-AI": lambda repo_id: None if repo_id.endswith("-Diffusers") else f"{repo_id}-Diffusers",
+    "THUDM": lambda repo_id: repo_id[: -len("-SAT")] if repo_id.upper().endswith("-SAT") else None,
+}
+
+
+def _diffusers_repo_hint(repo_id: str) -> str:
+    """For a repository that is no diffusers pipeline: `did_you_mean`'s known model, else the repository
+    where its organisation usually keeps the pipeline, else ""."""
+    owner = repo_id.split("/", 1)[0]
+    pipeline_repo = DIFFUSERS_REPO_OF_ORIGINAL[owner](repo_id) if owner in DIFFUSERS_REPO_OF_ORIGINAL else None
+    return did_you_mean(repo_id) or (f" (its diffusers pipeline is usually {pipeline_repo})" if pipeline_repo else "")
+
+
+def _with_slap_spec(repo_id: str, folder: Path, local_files_only: bool) -> Path:
+    """`folder` with the repository's slap_spec.json too, when it has one (a slapgen-written pipeline folder
+    pushed to the hub): slapgen's spec is no pipeline component, so diffusers leaves it behind, and the spec
+    read from the configs instead would be the full-size model's."""
+    from huggingface_hub import get_cached_repo_tree, hf_hub_download
+    from huggingface_hub.errors import CachedRepoTreeNotFoundError
+
+    if (folder / SPEC_FILENAME).is_file():
+        return folder
+    try:
+        listed = {entry.path for entry in get_cached_repo_tree(repo_id, revision=folder.name)}
+    except CachedRepoTreeNotFoundError:  # a snapshot written without a listing: what is there is all there is
+        return folder
+    if SPEC_FILENAME in listed:
+        hf_hub_download(repo_id, SPEC_FILENAME, revision=folder.name, local_files_only=local_files_only)
+    return folder
 
 
 def load_pipeline(resolved: ResolvedModel, **components):
