@@ -173,7 +173,7 @@ def run_case(case: str, steps: int) -> dict:
     pipeline, spec, rank, dtype = _models(model_name, device)
     transformer, scheduler = pipeline.transformer, pipeline.scheduler
     encoders = Encoders(pipeline, spec, device)
-    add_lora(transformer, LoraConfig(rank=rank, alpha=rank))
+    add_lora(transformer, LoraConfig(rank=rank, alpha=rank, target_modules=list(family_of(spec).lora_target_modules)))
     for parameter in transformer.parameters():
         if parameter.requires_grad:
             parameter.data = parameter.data.float()
