@@ -84,6 +84,37 @@ def test_tasks_that_ask_for_memory_run_as_many_at_once_as_a_node_holds(monkeypat
         "no node of the Ray cluster has a CPU along with the rest a run asks for", "`ray start --num-cpus` sets it")
 
 
+def test_a_task_retried_after_its_node_was_lost_is_said_once_in_words(monkeypatch, tmp_path):
+    """Guards a node lost mid-sweep told only in Ray's words (its raylet's log dump and "Task run_cell failed"),
+    never naming the run: a second attempt line in a task's log, written by the retry `log_attempt` starts, is
+    said once (which task, the lost node, the new one, the retry count, what it keeps). An attempt line from an
+    earlier session (the log is appended to), a task's first attempt and a line still being written say nothing."""
+    from trainer.sweep.ray_runs import ATTEMPT_MARK
+
+    log = tmp_path / "runs" / "01" / "sweep.log"
+    log.parent.mkdir(parents=True)
+    log.write_text(f"{ATTEMPT_MARK} {'a' * 56} (10.0.0.9), pid 1\ntraining...\n")  # an earlier sweep's attempt
+
+    def attempt(node_id: str, ip: str, pid: int, end: str = "\n") -> None:
+        with log.open("a") as handle:
+            handle.write(f"{ATTEMPT_MARK} {node_id} ({ip}), pid {pid}{end}")
+
+    steps = {1: lambda: attempt("63bc40af" + "0" * 48, "10.0.0.2", 22278), 3: lambda: attempt("eab5173b" + "1" * 48, "10.0.0.1", 2307, end=""),
+             4: lambda: log.open("a").write("5\n")}
+    fake = FakeRay([node(cpus=4)], on_wait=lambda ray: (steps.get(ray.waits, lambda: None)(), ray.waits == 6)[1])
+    monkeypatch.setattr(ray_cluster, "import_ray", lambda: fake)
+    said = []
+    retried = ray_cluster.RetryNotice({"run 01": log, "run 02": tmp_path / "runs" / "02" / "sweep.log"}, ATTEMPT_MARK,
+                                      3, "resuming from its latest checkpoint", said.append)
+    seen_at = {}
+    outcome = wait_for_tasks({"ref": "run 01"}, 3, lambda waiting: seen_at.setdefault(len(said), fake.waits), 1.0,
+                             NodeWait(TaskDemand(0), "auto", "a run", 10, said.append, clock=fake.clock), retried)
+    assert outcome == {"run 01": None}
+    assert said == ["run 01: its Ray node 63bc40af (10.0.0.2) was lost (killed or gone); Ray runs it again on node "
+                    "eab5173b (10.0.0.1) (retry 1 of 3), resuming from its latest checkpoint"]
+    assert seen_at[1] == 4  # said at the tick its line was whole, not while it was half written
+
+
 @pytest.mark.parametrize(("command", "extra", "message"), [
     ("sweep", ["--node-wait", "60"], "--node-wait applies to --ray only: without it the sweep runs one run per GPU of "
                                      "this machine"),

@@ -86,11 +86,53 @@ def log_attempt(log_path: Path, mark: str) -> None:
     quiet_libraries()
 
 
+@dataclass
+class RetryNotice:
+    """A task's new attempt (a second `log_attempt` line in its log, after its node or worker was lost), said once
+    in words (`say`): which task, the node that was lost, where Ray runs it again and what the retry keeps (`keeps`),
+    where otherwise the user reads only Ray's own messages. `logs`: each task's name -> its log; only what a log
+    gains after this is made counts (an earlier session's attempts are not this one's retries)."""
+    logs: dict[str, Path]
+    mark: str
+    retries: int
+    keeps: str  # what a retry keeps, in words: "from its latest checkpoint"
+    say: Callable[[str], None]
+    read: dict[str, int] = field(default_factory=dict, init=False)  # bytes of each log read so far
+    attempts: dict[str, list[str]] = field(default_factory=dict, init=False)  # "node ID8 (IP)" of each attempt seen
+
+    def __post_init__(self) -> None:
+        self.read = {name: log.stat().st_size if log.is_file() else 0 for name, log in self.logs.items()}
+
+    def check(self) -> None:
+        for name, log in self.logs.items():
+            try:
+                with log.open("rb") as handle:
+                    handle.seek(self.read[name])
+                    gained = handle.read()
+            except OSError:  # not written yet
+                continue
+            complete = gained[:gained.rfind(b"\n") + 1]  # a line still being written is read next time
+            self.read[name] += len(complete)
+            for line in complete.decode("utf-8", "replace").splitlines():
+                if line.startswith(self.mark + " "):
+                    self._attempt(name, line[len(self.mark) + 1:])
+
+    def _attempt(self, name: str, where: str) -> None:
+        node_id, _, rest = where.partition(" ")
+        node = f"node {node_id[:8]} {rest.split(',')[0]}"
+        seen = self.attempts.setdefault(name, [])
+        seen.append(node)
+        if len(seen) > 1:
+            self.say(f"{name}: its Ray {seen[-2]} was lost (killed or gone); Ray runs it again on {node} "
+                     f"(retry {len(seen) - 1} of {self.retries}), {self.keeps}")
+
+
 def wait_for_tasks(refs: dict, retries: int, on_tick: Callable[[list], None], interval_s: float,
-                   nodes: NodeWait) -> dict[str, str | None]:
+                   nodes: NodeWait, retried: RetryNotice | None = None) -> dict[str, str | None]:
     """Every task of `refs` (object ref -> name) to its end: {name: None when it finished, else why it failed
     (`task_failure`)}. `on_tick(the refs still running)` every `interval_s`, and `nodes.check()` while any is
-    left (its ClusterError: no live node could run them for --node-wait). Interrupted (Ctrl-C, that error), the
+    left (its ClusterError: no live node could run them for --node-wait); `retried.check()` each tick says a task
+    Ray runs again after its node was lost. Interrupted (Ctrl-C, that error), the
     tasks still running are canceled; what they wrote to the shared folder (checkpoints, mp4s) stays."""
     ray = import_ray()
     outcome: dict[str, str | None] = {}
@@ -105,6 +147,8 @@ def wait_for_tasks(refs: dict, retries: int, on_tick: Callable[[list], None], in
                     outcome[refs[ref]] = None
                 except ray.exceptions.RayError as error:
                     outcome[refs[ref]] = task_failure(error, retries)
+            if retried is not None:
+                retried.check()
             on_tick(waiting)
     finally:
         for ref in waiting:
