@@ -135,3 +135,44 @@ def test_node_wait_and_workers_misuse_is_one_sentence(command, extra, message, t
     assert main([*base, "--heldout", str(tmp_path), "--out", str(tmp_path / "out"), *extra]) == 2
     assert cli_stderr(capsys.readouterr().err) == f"slapgen {command}: {message}"
     assert not (tmp_path / "out").exists()
+
+
+def test_a_cluster_address_where_nothing_listens_is_one_sentence_at_once(monkeypatch, tmp_path):
+    """Guards a silent 14-minute hang: ray.init retries an address where nothing listens 20 times (~40 s each)
+    before it raises. `--ray HOST:PORT` with no cluster there, and `--ray auto` when the cluster `ray start` last
+    recorded on this machine has died without `ray stop` (its address still in RAY_TMPDIR), are one sentence each
+    within seconds, and ray.init is never reached."""
+    import time
+
+    import ray
+    from ray._private import services
+
+    from tests.conftest import free_port
+
+    def never(**kwargs):
+        raise AssertionError("ray.init reached")
+
+    monkeypatch.setattr(ray, "init", never)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    port = free_port()
+    started = time.monotonic()
+    with pytest.raises(ClusterError) as error:
+        with ray_cluster.connect(f"127.0.0.1:{port}"):
+            pass
+    assert str(error.value).startswith(f"--ray 127.0.0.1:{port}: no Ray cluster answers at that address (nothing "
+                                       f"answers at ")
+    assert "Connection refused" in str(error.value)
+
+    (tmp_path / "ray").mkdir()
+    (tmp_path / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{port}")  # what `ray start --head` records
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    monkeypatch.setattr(services, "find_gcs_addresses", lambda: [])  # no other cluster running on this machine
+    with pytest.raises(ClusterError) as error:
+        with ray_cluster.connect("auto"):
+            pass
+    resolved = services.canonicalize_bootstrap_address(f"127.0.0.1:{port}")  # Ray names this machine by its IP
+    assert str(error.value) == (f"--ray auto: the cluster last started on this machine, at {resolved}, does not answer "
+                                "([Errno 111] Connection refused): it stopped without `ray stop` or its head died; "
+                                "start one with `ray start --head` (and `ray start --address HEAD_IP:6379` on every "
+                                "other node), or use --ray local for one of this machine")
+    assert time.monotonic() - started < 30

@@ -12,6 +12,7 @@ import hashlib
 import logging
 import os
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -24,6 +25,7 @@ from slapgen.errors import SlapgenError
 from trainer.errors import ClusterError
 
 AUTO, LOCAL = "auto", "local"
+CONNECT_TIMEOUT_S = 10  # a cluster's head answers a TCP connect at once; a dropped packet is waited for this long
 SHARED_CHECK_TIMEOUT_S = 300  # a node's first task starts a Python worker: seconds on an idle node, more under load
 # --node-wait's default: longer than a cloud provider takes to bring up a GPU node and pull a multi-GB image (the
 # KubeRay example's workers), short enough that a cluster whose only GPU node died does not hold a command for hours.
@@ -198,11 +200,15 @@ def connect(address: str) -> Iterator[None]:
                  logging_level=logging.ERROR)
     else:
         try:
+            _check_answers(address)
             ray.init(address=address, log_to_driver=False, configure_logging=False)
         except ConnectionError as error:
             if address == AUTO and os.environ.get("RAY_ADDRESS"):
                 raise ClusterError(f"--ray auto: no Ray cluster answers at RAY_ADDRESS={os.environ['RAY_ADDRESS']} "
                                    f"({error})") from None
+            if address == AUTO and str(error).startswith("the cluster last started"):
+                raise ClusterError(f"--ray auto: {error}start one with `ray start --head` (and `ray start --address "
+                                   "HEAD_IP:6379` on every other node), or use --ray local for one of this machine") from None
             if address == AUTO:
                 raise ClusterError("--ray auto found no Ray cluster: RAY_ADDRESS is not set and none runs on this "
                                    "machine; start one with `ray start --head` (and `ray start --address HEAD_IP:6379` "
@@ -214,6 +220,29 @@ def connect(address: str) -> Iterator[None]:
         ray.shutdown()
         if temp is not None:
             shutil.rmtree(temp, ignore_errors=True)
+
+
+def _check_answers(address: str) -> None:
+    """ConnectionError at once when nothing listens at the cluster address `address` resolves to (Ray's own
+    resolution: RAY_ADDRESS, the cluster `ray start` last recorded on this machine, one running here). ray.init
+    itself retries a silent address for about 14 minutes (20 attempts of ~40 s) before saying anything: a
+    mistyped HOST:PORT, a head not up yet, or a cluster that died without `ray stop` (its address still recorded).
+    A Ray Client address (ray://) is left to ray.init."""
+    if address.startswith("ray://"):
+        return
+    from ray._private.services import canonicalize_bootstrap_address  # what ray.init calls on `address`
+
+    resolved = canonicalize_bootstrap_address(address)  # ConnectionError with auto and no cluster anywhere
+    if resolved is None:
+        return
+    host, _, port = resolved.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except (OSError, ValueError) as error:
+        recorded = "" if address != AUTO or os.environ.get("RAY_ADDRESS") else (
+            f"the cluster last started on this machine, at {resolved}, does not answer ({error}): it stopped without "
+            "`ray stop` or its head died; ")
+        raise ConnectionError(recorded or f"nothing answers at {resolved}: {error}") from None
 
 
 def placement_problem(demand: TaskDemand, address: str, task: str) -> tuple[str, str] | None:
