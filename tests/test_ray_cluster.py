@@ -176,3 +176,25 @@ def test_a_cluster_address_where_nothing_listens_is_one_sentence_at_once(monkeyp
                                 "start one with `ray start --head` (and `ray start --address HEAD_IP:6379` on every "
                                 "other node), or use --ray local for one of this machine")
     assert time.monotonic() - started < 30
+
+
+@pytest.mark.parametrize(("command", "advice"), [
+    ("sweep", "rerun the same command: finished runs are kept, the others resume from their latest checkpoint"),
+    ("train", "add --resume latest to continue from the last checkpoint"),
+])
+def test_ctrl_c_says_how_to_continue_with_an_option_the_command_has(command, advice, monkeypatch, tmp_path, capsys):
+    """Guards a Ctrl-C of `slapgen sweep --ray` (or of any sweep) advising `--resume latest`, an option only
+    `slapgen train` has (a sweep given it stops on an unknown option): each command's own way to continue."""
+    import trainer.sweep.sweep
+    import trainer.train
+    from trainer.cli import main
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer.sweep.sweep, "run_sweep", interrupted)
+    monkeypatch.setattr(trainer.train, "train", interrupted)
+    argv = {"sweep": ["sweep", "--config", "tiny-smoke", "--grid", "lora.rank=4", "--heldout", str(tmp_path)],
+            "train": ["train", "--config", "tiny-smoke"]}[command]
+    assert main([*argv, "--data", str(tmp_path), "--out", str(tmp_path / "out")]) == 130
+    assert cli_stderr(capsys.readouterr().err) == f"slapgen {command}: interrupted; finished work is kept ({advice})"
