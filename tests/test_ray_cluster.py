@@ -198,3 +198,14 @@ def test_ctrl_c_says_how_to_continue_with_an_option_the_command_has(command, adv
             "train": ["train", "--config", "tiny-smoke"]}[command]
     assert main([*argv, "--data", str(tmp_path), "--out", str(tmp_path / "out")]) == 130
     assert cli_stderr(capsys.readouterr().err) == f"slapgen {command}: interrupted; finished work is kept ({advice})"
+
+
+def test_the_cluster_a_command_joined_is_named_with_what_its_live_nodes_offer(monkeypatch):
+    """Guards `--ray auto` joining a cluster without saying which: it takes RAY_ADDRESS, the cluster last started
+    here, or any running on this machine (another user's too), and the sweep said only "2 runs as Ray tasks". The
+    line names the live nodes' addresses and sums their CPUs and GPUs (a dead node counts for nothing)."""
+    head = node(cpus=0)
+    worker = dict(node(cpus=8, gpus=2), NodeManagerAddress="10.0.0.2")
+    dead = dict(node(cpus=8, gpus=1, alive=False), NodeManagerAddress="10.0.0.3")
+    monkeypatch.setattr(ray_cluster, "import_ray", lambda: FakeRay([head, worker, dead]))
+    assert ray_cluster.cluster_line() == "Ray cluster of 2 live node(s) at 10.0.0.1, 10.0.0.2: 8 CPUs, 2 GPUs"

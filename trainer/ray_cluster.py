@@ -57,6 +57,16 @@ def _fits(offered: float, asked: float) -> int:
     return int(offered / asked + 1e-9)  # 0.3 / 0.1 is 2.999...: Ray itself counts resources to 1e-4
 
 
+def cluster_line() -> str:
+    """Which cluster the command joined, in words: its live nodes' addresses and what they offer (`--ray auto` takes
+    RAY_ADDRESS, the cluster last started here or any running on this machine, which may be another user's)."""
+    nodes = [node for node in import_ray().nodes() if node.get("Alive")]
+    addresses = sorted({node["NodeManagerAddress"] for node in nodes})
+    total = {kind: sum(node["Resources"].get(kind, 0) for node in nodes) for kind in ("CPU", "GPU")}
+    return (f"Ray cluster of {len(nodes)} live node(s) at {', '.join(addresses) or 'none'}: {total['CPU']:g} CPUs, "
+            f"{total['GPU']:g} GPUs")
+
+
 def live_resources() -> list[dict]:
     return [node["Resources"] for node in import_ray().nodes() if node.get("Alive")]
 
