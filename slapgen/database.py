@@ -195,7 +195,8 @@ def migrate(engine: Engine, store: str) -> None:
         # schema named is the revision's own (revisions are STORE_NNNN).
         newer = sorted({name.split("_")[0] for name in revision.split(", ")} & set(STORES)) or [store]
         raise SettingsError(
-            f"the database's {', '.join(newer)} schema (revision {revision}) is newer than this slapgen's; upgrade slapgen to "
+            f"the database's {', '.join(newer)} schema (revision {revision}) is newer than this slapgen's; upgrade "
+            "slapgen to "
             f"the version that migrated it, or give this one another database") from error
 
 

@@ -223,12 +223,13 @@ def test_a_newer_revision_of_another_store_is_named_as_that_stores(database_url,
     CampaignStore(tmp_path / "data", database_url)
     engine = create_engine(database_url.replace("postgresql://", "postgresql+psycopg://"))
     with engine.begin() as db:
-        db.execute(text("UPDATE alembic_version SET version_num = 'campaigns_0099' WHERE version_num LIKE 'campaigns_%'"))
+        db.execute(text("UPDATE alembic_version SET version_num = 'campaigns_0099' "
+                        "WHERE version_num LIKE 'campaigns_%'"))
     with pytest.raises(SettingsError) as refused:
         JobBoard(database_url)
     assert str(refused.value) == ("the database's campaigns schema (revision campaigns_0099) is newer than this "
-                                  "slapgen's; upgrade slapgen to the version that migrated it, or give this one another "
-                                  "database")
+                                  "slapgen's; upgrade slapgen to the version that migrated it, or give this one "
+                                  "another database")
     engine.dispose()
 
 

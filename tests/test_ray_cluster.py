@@ -99,7 +99,8 @@ def test_a_task_retried_after_its_node_was_lost_is_said_once_in_words(monkeypatc
         with log.open("a") as handle:
             handle.write(f"{ATTEMPT_MARK} {node_id} ({ip}), pid {pid}{end}")
 
-    steps = {1: lambda: attempt("63bc40af" + "0" * 48, "10.0.0.2", 22278), 3: lambda: attempt("eab5173b" + "1" * 48, "10.0.0.1", 2307, end=""),
+    steps = {1: lambda: attempt("63bc40af" + "0" * 48, "10.0.0.2", 22278),
+             3: lambda: attempt("eab5173b" + "1" * 48, "10.0.0.1", 2307, end=""),  # half a line, finished at 4
              4: lambda: log.open("a").write("5\n")}
     fake = FakeRay([node(cpus=4)], on_wait=lambda ray: (steps.get(ray.waits, lambda: None)(), ray.waits == 6)[1])
     monkeypatch.setattr(ray_cluster, "import_ray", lambda: fake)

@@ -218,7 +218,8 @@ def connect(address: str) -> Iterator[None]:
                                    f"({error})") from None
             if address == AUTO and str(error).startswith("the cluster last started"):
                 raise ClusterError(f"--ray auto: {error}start one with `ray start --head` (and `ray start --address "
-                                   "HEAD_IP:6379` on every other node), or use --ray local for one of this machine") from None
+                                   "HEAD_IP:6379` on every other node), or use --ray local for one of this "
+                                   "machine") from None
             if address == AUTO:
                 raise ClusterError("--ray auto found no Ray cluster: RAY_ADDRESS is not set and none runs on this "
                                    "machine; start one with `ray start --head` (and `ray start --address HEAD_IP:6379` "

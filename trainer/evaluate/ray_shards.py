@@ -155,8 +155,8 @@ def generate_on_ray(options, resolved, planned: list, layouts: dict, prompts: li
 
     device = "cuda" if options.gpus_per_run > 0 else "cpu"
     task = ray.remote(max_retries=MAX_RETRIES, retry_exceptions=False, max_calls=1)(generate_shard)
-    print(f"eval: {len(paths)} videos in {len(shards)} stretches, one Ray task each, on the {ray_cluster.cluster_line()}; "
-          f"it runs {slots} at once now and queues the rest for its slots as they free or join", flush=True)
+    print(f"eval: {len(paths)} videos in {len(shards)} stretches, one Ray task each, on the "
+          f"{ray_cluster.cluster_line()}; it runs {slots} at once now and queues the rest for its slots as they free or join", flush=True)
     nodes = ray_cluster.NodeWait(demand, options.ray, "a worker", options.node_wait_s,
                                  lambda line: progress.write(f"eval: {line}"))
     # Before any task starts: a retry is an attempt line written after this (an earlier eval's log is appended to).
