@@ -4,6 +4,8 @@ once when they ask for memory; the sentences of --node-wait's and --workers' mis
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from tests.conftest import cli_stderr
@@ -210,3 +212,30 @@ def test_the_cluster_a_command_joined_is_named_with_what_its_live_nodes_offer(mo
     dead = dict(node(cpus=8, gpus=1, alive=False), NodeManagerAddress="10.0.0.3")
     monkeypatch.setattr(ray_cluster, "import_ray", lambda: FakeRay([head, worker, dead]))
     assert ray_cluster.cluster_line() == "Ray cluster of 2 live node(s) at 10.0.0.1, 10.0.0.2: 8 CPUs, 2 GPUs"
+
+
+def test_ray_local_leaves_no_token_in_home_for_later_ray_start(monkeypatch, tmp_path):
+    """Guards `--ray local` breaking README's `ray start` recipe afterwards: Ray 2.60's ray.init wrote a token to
+    ~/.ray/auth_token for the cluster it started, the next `ray start --head` on the machine found it and turned
+    token authentication on, and `ray start --address` (which sends none) never joined; a driver given HOST:PORT
+    was refused after 25 s as "no Ray cluster answers". ray.init now runs with a token of the command's own in its
+    environment (what Ray reads first, so it writes no file), removed afterwards; a token of the user's is left
+    to Ray."""
+    import ray
+
+    seen = []
+    monkeypatch.setattr(ray, "init", lambda **kwargs: seen.append(os.environ.get("RAY_AUTH_TOKEN")))
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    with ray_cluster.connect("local"):
+        assert os.environ["RAY_AUTH_TOKEN"] == seen[0]
+    assert len(seen[0]) == 64 and int(seen[0], 16) >= 0  # 256 bits in hex, as Ray's generator makes them
+    assert "RAY_AUTH_TOKEN" not in os.environ and not (tmp_path / ".ray").exists()
+
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("the user's")
+    with ray_cluster.connect("local"):
+        pass
+    assert seen[1] is None and "RAY_AUTH_TOKEN" not in os.environ

@@ -201,9 +201,11 @@ def connect(address: str) -> Iterator[None]:
     `local` starts a cluster of this machine for the block and stops it after. One sentence when none answers."""
     ray = import_ray()
     temp = None
+    own_token = False
     if address == LOCAL:
         # Short and private: Ray's unix sockets live under it (a 107-byte path limit), and the cluster is this command's.
         temp = tempfile.mkdtemp(prefix="slapgen-ray-")
+        own_token = _token_of_this_command()
         # Errors only: Ray's warnings about a cluster that lives and dies with this command (its token
         # authentication, on by default) are not the user's business.
         ray.init(address="local", _temp_dir=temp, include_dashboard=False, log_to_driver=False,
@@ -229,8 +231,28 @@ def connect(address: str) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+        if own_token:
+            os.environ.pop(RAY_AUTH_TOKEN, None)
         if temp is not None:
             shutil.rmtree(temp, ignore_errors=True)
+
+
+RAY_AUTH_TOKEN = "RAY_AUTH_TOKEN"  # Ray reads a cluster's token from here before ~/.ray/auth_token
+
+
+def _token_of_this_command() -> bool:
+    """A token for the cluster `--ray local` starts, in this process's environment (its raylet and workers inherit
+    it); True when set here. Ray 2.60 protects a cluster ray.init starts with a token, and with none anywhere it
+    writes one to ~/.ray/auth_token, where every later `ray start --head` on this machine finds it and turns token
+    authentication on, which `ray start --address` and a driver given HOST:PORT do not send: README's recipe then
+    fails (the second node never joins). A token of its own protects this cluster as well and writes nothing."""
+    import secrets
+
+    if os.environ.get(RAY_AUTH_TOKEN) or os.environ.get("RAY_AUTH_TOKEN_PATH") or \
+            (Path.home() / ".ray" / "auth_token").is_file():
+        return False  # the user's own token: Ray uses it and writes nothing
+    os.environ[RAY_AUTH_TOKEN] = secrets.token_hex(32)  # as Ray's own generator makes them
+    return True
 
 
 def _check_answers(address: str) -> None:
