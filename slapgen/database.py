@@ -191,8 +191,12 @@ def migrate(engine: Engine, store: str) -> None:
         # A revision this slapgen does not know: a newer slapgen migrated the database (an older replica
         # starting during a rolling upgrade, or a downgrade); changing nothing is the only safe answer.
         revision = _unknown_revisions(engine)
+        # One alembic_version table for every store: another store's unknown revision stops this one too, so the
+        # schema named is the revision's own (revisions are STORE_NNNN).
+        newer = sorted({name.split("_")[0] for name in revision.split(", ")} & set(STORES)) or [store]
         raise SettingsError(
-            f"the database's {store} schema (revision {revision}) is newer than this slapgen's; upgrade slapgen to "
+            f"the database's {', '.join(newer)} schema (revision {revision}) is newer than this slapgen's; upgrade "
+            "slapgen to "
             f"the version that migrated it, or give this one another database") from error
 
 

@@ -213,6 +213,26 @@ def test_a_database_migrated_by_a_newer_slapgen_is_one_sentence(database_url):
     engine.dispose()
 
 
+def test_a_newer_revision_of_another_store_is_named_as_that_stores(database_url, tmp_path):
+    """Guards the sentence naming the wrong schema: a database whose campaigns a newer slapgen migrated stopped
+    `bentoml serve` (which opens the job board first) with "the database's jobs schema (revision campaigns_0099)";
+    every store shares alembic_version, so the store named is the unknown revision's own."""
+    from sqlalchemy import create_engine, text
+
+    JobBoard(database_url)
+    CampaignStore(tmp_path / "data", database_url)
+    engine = create_engine(database_url.replace("postgresql://", "postgresql+psycopg://"))
+    with engine.begin() as db:
+        db.execute(text("UPDATE alembic_version SET version_num = 'campaigns_0099' "
+                        "WHERE version_num LIKE 'campaigns_%'"))
+    with pytest.raises(SettingsError) as refused:
+        JobBoard(database_url)
+    assert str(refused.value) == ("the database's campaigns schema (revision campaigns_0099) is newer than this "
+                                  "slapgen's; upgrade slapgen to the version that migrated it, or give this one "
+                                  "another database")
+    engine.dispose()
+
+
 def test_a_migration_killed_after_adding_its_column_runs_again(database_url):
     """Guards a start killed between jobs_0002's ADD COLUMN (SQLite commits it on its own) and the version
     stamp: every later start failed with "duplicate column name: host". A board at jobs_0001 whose table

@@ -4,6 +4,8 @@ once when they ask for memory; the sentences of --node-wait's and --workers' mis
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from tests.conftest import cli_stderr
@@ -84,6 +86,38 @@ def test_tasks_that_ask_for_memory_run_as_many_at_once_as_a_node_holds(monkeypat
         "no node of the Ray cluster has a CPU along with the rest a run asks for", "`ray start --num-cpus` sets it")
 
 
+def test_a_task_retried_after_its_node_was_lost_is_said_once_in_words(monkeypatch, tmp_path):
+    """Guards a node lost mid-sweep told only in Ray's words (its raylet's log dump and "Task run_cell failed"),
+    never naming the run: a second attempt line in a task's log, written by the retry `log_attempt` starts, is
+    said once (which task, the lost node, the new one, the retry count, what it keeps). An attempt line from an
+    earlier session (the log is appended to), a task's first attempt and a line still being written say nothing."""
+    from trainer.sweep.ray_runs import ATTEMPT_MARK
+
+    log = tmp_path / "runs" / "01" / "sweep.log"
+    log.parent.mkdir(parents=True)
+    log.write_text(f"{ATTEMPT_MARK} {'a' * 56} (10.0.0.9), pid 1\ntraining...\n")  # an earlier sweep's attempt
+
+    def attempt(node_id: str, ip: str, pid: int, end: str = "\n") -> None:
+        with log.open("a") as handle:
+            handle.write(f"{ATTEMPT_MARK} {node_id} ({ip}), pid {pid}{end}")
+
+    steps = {1: lambda: attempt("63bc40af" + "0" * 48, "10.0.0.2", 22278),
+             3: lambda: attempt("eab5173b" + "1" * 48, "10.0.0.1", 2307, end=""),  # half a line, finished at 4
+             4: lambda: log.open("a").write("5\n")}
+    fake = FakeRay([node(cpus=4)], on_wait=lambda ray: (steps.get(ray.waits, lambda: None)(), ray.waits == 6)[1])
+    monkeypatch.setattr(ray_cluster, "import_ray", lambda: fake)
+    said = []
+    retried = ray_cluster.RetryNotice({"run 01": log, "run 02": tmp_path / "runs" / "02" / "sweep.log"}, ATTEMPT_MARK,
+                                      3, "resuming from its latest checkpoint", said.append)
+    seen_at = {}
+    outcome = wait_for_tasks({"ref": "run 01"}, 3, lambda waiting: seen_at.setdefault(len(said), fake.waits), 1.0,
+                             NodeWait(TaskDemand(0), "auto", "a run", 10, said.append, clock=fake.clock), retried)
+    assert outcome == {"run 01": None}
+    assert said == ["run 01: its Ray node 63bc40af (10.0.0.2) was lost (killed or gone); Ray runs it again on node "
+                    "eab5173b (10.0.0.1) (retry 1 of 3), resuming from its latest checkpoint"]
+    assert seen_at[1] == 4  # said at the tick its line was whole, not while it was half written
+
+
 @pytest.mark.parametrize(("command", "extra", "message"), [
     ("sweep", ["--node-wait", "60"], "--node-wait applies to --ray only: without it the sweep runs one run per GPU of "
                                      "this machine"),
@@ -113,3 +147,104 @@ def test_memory_is_written_in_the_unit_people_read():
     assert memory_text(20 * 2 ** 30) == "20.0 GiB"
     assert memory_text(3.25 * 2 ** 20) == "3.2 MiB"
     assert memory_text(2 ** 30 - 1) == "1024.0 MiB"
+
+
+def test_a_cluster_address_where_nothing_listens_is_one_sentence_at_once(monkeypatch, tmp_path):
+    """Guards a silent 14-minute hang: ray.init retries an address where nothing listens 20 times (~40 s each)
+    before it raises. `--ray HOST:PORT` with no cluster there, and `--ray auto` when the cluster `ray start` last
+    recorded on this machine has died without `ray stop` (its address still in RAY_TMPDIR), are one sentence each
+    within seconds, and ray.init is never reached."""
+    import time
+
+    import ray
+    from ray._private import services
+
+    from tests.conftest import free_port
+
+    def never(**kwargs):
+        raise AssertionError("ray.init reached")
+
+    monkeypatch.setattr(ray, "init", never)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    port = free_port()
+    started = time.monotonic()
+    with pytest.raises(ClusterError) as error:
+        with ray_cluster.connect(f"127.0.0.1:{port}"):
+            pass
+    assert str(error.value).startswith(f"--ray 127.0.0.1:{port}: no Ray cluster answers at that address (nothing "
+                                       f"answers at ")
+    assert "Connection refused" in str(error.value)
+
+    (tmp_path / "ray").mkdir()
+    (tmp_path / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{port}")  # what `ray start --head` records
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    monkeypatch.setattr(services, "find_gcs_addresses", lambda: [])  # no other cluster running on this machine
+    with pytest.raises(ClusterError) as error:
+        with ray_cluster.connect("auto"):
+            pass
+    resolved = services.canonicalize_bootstrap_address(f"127.0.0.1:{port}")  # Ray names this machine by its IP
+    assert str(error.value) == (f"--ray auto: the cluster last started on this machine, at {resolved}, does not answer "
+                                "([Errno 111] Connection refused): it stopped without `ray stop` or its head died; "
+                                "start one with `ray start --head` (and `ray start --address HEAD_IP:6379` on every "
+                                "other node), or use --ray local for one of this machine")
+    assert time.monotonic() - started < 30
+
+
+@pytest.mark.parametrize(("command", "advice"), [
+    ("sweep", "rerun the same command: finished runs are kept, the others resume from their latest checkpoint"),
+    ("train", "add --resume latest to continue from the last checkpoint"),
+])
+def test_ctrl_c_says_how_to_continue_with_an_option_the_command_has(command, advice, monkeypatch, tmp_path, capsys):
+    """Guards a Ctrl-C of `slapgen sweep --ray` (or of any sweep) advising `--resume latest`, an option only
+    `slapgen train` has (a sweep given it stops on an unknown option): each command's own way to continue."""
+    import trainer.sweep.sweep
+    import trainer.train
+    from trainer.cli import main
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer.sweep.sweep, "run_sweep", interrupted)
+    monkeypatch.setattr(trainer.train, "train", interrupted)
+    argv = {"sweep": ["sweep", "--config", "tiny-smoke", "--grid", "lora.rank=4", "--heldout", str(tmp_path)],
+            "train": ["train", "--config", "tiny-smoke"]}[command]
+    assert main([*argv, "--data", str(tmp_path), "--out", str(tmp_path / "out")]) == 130
+    assert cli_stderr(capsys.readouterr().err) == f"slapgen {command}: interrupted; finished work is kept ({advice})"
+
+
+def test_the_cluster_a_command_joined_is_named_with_what_its_live_nodes_offer(monkeypatch):
+    """Guards `--ray auto` joining a cluster without saying which: it takes RAY_ADDRESS, the cluster last started
+    here, or any running on this machine (another user's too), and the sweep said only "2 runs as Ray tasks". The
+    line names the live nodes' addresses and sums their CPUs and GPUs (a dead node counts for nothing)."""
+    head = node(cpus=0)
+    worker = dict(node(cpus=8, gpus=2), NodeManagerAddress="10.0.0.2")
+    dead = dict(node(cpus=8, gpus=1, alive=False), NodeManagerAddress="10.0.0.3")
+    monkeypatch.setattr(ray_cluster, "import_ray", lambda: FakeRay([head, worker, dead]))
+    assert ray_cluster.cluster_line() == "Ray cluster of 2 live node(s) at 10.0.0.1, 10.0.0.2: 8 CPUs, 2 GPUs"
+
+
+def test_ray_local_leaves_no_token_in_home_for_later_ray_start(monkeypatch, tmp_path):
+    """Guards `--ray local` breaking README's `ray start` recipe afterwards: Ray 2.60's ray.init wrote a token to
+    ~/.ray/auth_token for the cluster it started, the next `ray start --head` on the machine found it and turned
+    token authentication on, and `ray start --address` (which sends none) never joined; a driver given HOST:PORT
+    was refused after 25 s as "no Ray cluster answers". ray.init now runs with a token of the command's own in its
+    environment (what Ray reads first, so it writes no file), removed afterwards; a token of the user's is left
+    to Ray."""
+    import ray
+
+    seen = []
+    monkeypatch.setattr(ray, "init", lambda **kwargs: seen.append(os.environ.get("RAY_AUTH_TOKEN")))
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    with ray_cluster.connect("local"):
+        assert os.environ["RAY_AUTH_TOKEN"] == seen[0]
+    assert len(seen[0]) == 64 and int(seen[0], 16) >= 0  # 256 bits in hex, as Ray's generator makes them
+    assert "RAY_AUTH_TOKEN" not in os.environ and not (tmp_path / ".ray").exists()
+
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("the user's")
+    with ray_cluster.connect("local"):
+        pass
+    assert seen[1] is None and "RAY_AUTH_TOKEN" not in os.environ

@@ -71,6 +71,43 @@ def test_a_replica_whose_task_store_lacks_a_job_answers_from_the_board_and_the_r
     assert results.path("../escape") is None and results.read("../escape") is None
 
 
+def test_a_result_missing_from_a_replicas_results_folder_says_whether_it_is_old_or_never_was_there(tmp_path,
+                                                                                                  database_url):
+    """Guards a replica whose SLAP_RESULTS_DIR is not the one the running replica wrote to (not shared): seen on two
+    replicas, `/jobs/get` of a job completed 6 s earlier said "the video ... is gone from the results folder
+    (results are kept 24 hours)", blaming age. Within the retention the sentence names this replica's folder, the
+    job's age and the setting to share; past it, the age sentence stays."""
+    from starlette.responses import JSONResponse
+    from starlette.testclient import TestClient
+
+    from slapgen.serving.job_routes import JobRoutes
+    from slapgen.serving.results import RETENTION_S, ResultStore
+
+    async def task_store_that_did_not(scope, receive, send):
+        await JSONResponse({"error": "Task not found"}, status_code=404)(scope, receive, send)
+
+    def refuse(*args):
+        raise AssertionError("not reached")
+
+    board = JobBoard(database_url)
+    board.submitted("elsewhere", 3)
+    board.completed("elsewhere")  # its mp4 went to the running replica's own folder, not to this one's
+    own_folder = ResultStore(tmp_path / "replica-b-results")
+    client = TestClient(JobRoutes(task_store_that_did_not, check=refuse, admit=refuse, board=JobBoard(database_url),
+                                  results=own_folder))
+    answer = client.get("/jobs/get", params={"task_id": "elsewhere"})
+    assert answer.status_code == 404
+    error = answer.json()["error"]
+    age = int(error.split("completed ")[1].split(" s ago")[0])
+    assert 0 <= age < 60
+    assert error == ("the video of job elsewhere is not in the results folder this replica reads "
+                     f"({own_folder.folder}), though the job completed {age} s ago and results are kept 24 hours: the replica that ran it "
+                     "wrote it to another folder (give every replica the same SLAP_RESULTS_DIR, a shared volume), or "
+                     "it was deleted")
+    old = own_folder.missing_sentence("old", completed_at=1000.0, now=1000.0 + RETENTION_S + 1)
+    assert old == "the video of job old is gone from the results folder (results are kept 24 hours)"
+
+
 def test_a_failed_job_gets_one_answer_on_every_replica(tmp_path, database_url):
     """Guards a failed job answered differently by each replica: the one that ran it replayed BentoML's
     stored answer (the error's own status) or, when the handler raised an unexpected exception (nothing

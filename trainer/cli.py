@@ -418,6 +418,12 @@ def loading_line(command: str) -> str:
     return f"slapgen {command}: loading torch and diffusers ..."
 
 
+# What to type after a Ctrl-C: only `train` has --resume (a sweep given it stops on an unknown option).
+RESUME_ADVICE = {"train": "add --resume latest to continue from the last checkpoint",
+                 "sweep": "rerun the same command: finished runs are kept, the others resume from their latest "
+                          "checkpoint"}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)  # no heavy import before here: --help and argument errors are instant
     if args.command in LOADING_COMMANDS:
@@ -432,7 +438,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"slapgen {args.command}: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"slapgen {args.command}: interrupted; finished work is kept (re-run or --resume latest)", file=sys.stderr)
+        advice = RESUME_ADVICE.get(args.command, "re-run")
+        print(f"slapgen {args.command}: interrupted; finished work is kept ({advice})", file=sys.stderr)
         return 130
 
 

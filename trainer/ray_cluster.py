@@ -12,6 +12,7 @@ import hashlib
 import logging
 import os
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -24,6 +25,7 @@ from slapgen.errors import SlapgenError
 from trainer.errors import ClusterError
 
 AUTO, LOCAL = "auto", "local"
+CONNECT_TIMEOUT_S = 10  # a cluster's head answers a TCP connect at once; a dropped packet is waited for this long
 SHARED_CHECK_TIMEOUT_S = 300  # a node's first task starts a Python worker: seconds on an idle node, more under load
 # --node-wait's default: longer than a cloud provider takes to bring up a GPU node and pull a multi-GB image (the
 # KubeRay example's workers), short enough that a cluster whose only GPU node died does not hold a command for hours.
@@ -53,6 +55,16 @@ class TaskDemand:
 
 def _fits(offered: float, asked: float) -> int:
     return int(offered / asked + 1e-9)  # 0.3 / 0.1 is 2.999...: Ray itself counts resources to 1e-4
+
+
+def cluster_line() -> str:
+    """Which cluster the command joined, in words: its live nodes' addresses and what they offer (`--ray auto` takes
+    RAY_ADDRESS, the cluster last started here or any running on this machine, which may be another user's)."""
+    nodes = [node for node in import_ray().nodes() if node.get("Alive")]
+    addresses = sorted({node["NodeManagerAddress"] for node in nodes})
+    total = {kind: sum(node["Resources"].get(kind, 0) for node in nodes) for kind in ("CPU", "GPU")}
+    return (f"Ray cluster of {len(nodes)} live node(s) at {', '.join(addresses) or 'none'}: {total['CPU']:g} CPUs, "
+            f"{total['GPU']:g} GPUs")
 
 
 def live_resources() -> list[dict]:
@@ -86,11 +98,53 @@ def log_attempt(log_path: Path, mark: str) -> None:
     quiet_libraries()
 
 
+@dataclass
+class RetryNotice:
+    """A task's new attempt (a second `log_attempt` line in its log, after its node or worker was lost), said once
+    in words (`say`): which task, the node that was lost, where Ray runs it again and what the retry keeps (`keeps`),
+    where otherwise the user reads only Ray's own messages. `logs`: each task's name -> its log; only what a log
+    gains after this is made counts (an earlier session's attempts are not this one's retries)."""
+    logs: dict[str, Path]
+    mark: str
+    retries: int
+    keeps: str  # what a retry keeps, in words: "from its latest checkpoint"
+    say: Callable[[str], None]
+    read: dict[str, int] = field(default_factory=dict, init=False)  # bytes of each log read so far
+    attempts: dict[str, list[str]] = field(default_factory=dict, init=False)  # "node ID8 (IP)" of each attempt seen
+
+    def __post_init__(self) -> None:
+        self.read = {name: log.stat().st_size if log.is_file() else 0 for name, log in self.logs.items()}
+
+    def check(self) -> None:
+        for name, log in self.logs.items():
+            try:
+                with log.open("rb") as handle:
+                    handle.seek(self.read[name])
+                    gained = handle.read()
+            except OSError:  # not written yet
+                continue
+            complete = gained[:gained.rfind(b"\n") + 1]  # a line still being written is read next time
+            self.read[name] += len(complete)
+            for line in complete.decode("utf-8", "replace").splitlines():
+                if line.startswith(self.mark + " "):
+                    self._attempt(name, line[len(self.mark) + 1:])
+
+    def _attempt(self, name: str, where: str) -> None:
+        node_id, _, rest = where.partition(" ")
+        node = f"node {node_id[:8]} {rest.split(',')[0]}"
+        seen = self.attempts.setdefault(name, [])
+        seen.append(node)
+        if len(seen) > 1:
+            self.say(f"{name}: its Ray {seen[-2]} was lost (killed or gone); Ray runs it again on {node} "
+                     f"(retry {len(seen) - 1} of {self.retries}), {self.keeps}")
+
+
 def wait_for_tasks(refs: dict, retries: int, on_tick: Callable[[list], None], interval_s: float,
-                   nodes: NodeWait) -> dict[str, str | None]:
+                   nodes: NodeWait, retried: RetryNotice | None = None) -> dict[str, str | None]:
     """Every task of `refs` (object ref -> name) to its end: {name: None when it finished, else why it failed
     (`task_failure`)}. `on_tick(the refs still running)` every `interval_s`, and `nodes.check()` while any is
-    left (its ClusterError: no live node could run them for --node-wait). Interrupted (Ctrl-C, that error), the
+    left (its ClusterError: no live node could run them for --node-wait); `retried.check()` each tick says a task
+    Ray runs again after its node was lost. Interrupted (Ctrl-C, that error), the
     tasks still running are canceled; what they wrote to the shared folder (checkpoints, mp4s) stays."""
     ray = import_ray()
     outcome: dict[str, str | None] = {}
@@ -105,6 +159,8 @@ def wait_for_tasks(refs: dict, retries: int, on_tick: Callable[[list], None], in
                     outcome[refs[ref]] = None
                 except ray.exceptions.RayError as error:
                     outcome[refs[ref]] = task_failure(error, retries)
+            if retried is not None:
+                retried.check()
             on_tick(waiting)
     finally:
         for ref in waiting:
@@ -145,20 +201,27 @@ def connect(address: str) -> Iterator[None]:
     `local` starts a cluster of this machine for the block and stops it after. One sentence when none answers."""
     ray = import_ray()
     temp = None
+    own_token = False
     if address == LOCAL:
         # Short and private: Ray's unix sockets live under it (a 107-byte path limit), and the cluster is this command's.
         temp = tempfile.mkdtemp(prefix="slapgen-ray-")
+        own_token = _token_of_this_command()
         # Errors only: Ray's warnings about a cluster that lives and dies with this command (its token
         # authentication, on by default) are not the user's business.
         ray.init(address="local", _temp_dir=temp, include_dashboard=False, log_to_driver=False,
                  logging_level=logging.ERROR)
     else:
         try:
+            _check_answers(address)
             ray.init(address=address, log_to_driver=False, configure_logging=False)
         except ConnectionError as error:
             if address == AUTO and os.environ.get("RAY_ADDRESS"):
                 raise ClusterError(f"--ray auto: no Ray cluster answers at RAY_ADDRESS={os.environ['RAY_ADDRESS']} "
                                    f"({error})") from None
+            if address == AUTO and str(error).startswith("the cluster last started"):
+                raise ClusterError(f"--ray auto: {error}start one with `ray start --head` (and `ray start --address "
+                                   "HEAD_IP:6379` on every other node), or use --ray local for one of this "
+                                   "machine") from None
             if address == AUTO:
                 raise ClusterError("--ray auto found no Ray cluster: RAY_ADDRESS is not set and none runs on this "
                                    "machine; start one with `ray start --head` (and `ray start --address HEAD_IP:6379` "
@@ -168,8 +231,51 @@ def connect(address: str) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+        if own_token:
+            os.environ.pop(RAY_AUTH_TOKEN, None)
         if temp is not None:
             shutil.rmtree(temp, ignore_errors=True)
+
+
+RAY_AUTH_TOKEN = "RAY_AUTH_TOKEN"  # Ray reads a cluster's token from here before ~/.ray/auth_token
+
+
+def _token_of_this_command() -> bool:
+    """A token for the cluster `--ray local` starts, in this process's environment (its raylet and workers inherit
+    it); True when set here. Ray 2.60 protects a cluster ray.init starts with a token, and with none anywhere it
+    writes one to ~/.ray/auth_token, where every later `ray start --head` on this machine finds it and turns token
+    authentication on, which `ray start --address` and a driver given HOST:PORT do not send: README's recipe then
+    fails (the second node never joins). A token of its own protects this cluster as well and writes nothing."""
+    import secrets
+
+    if os.environ.get(RAY_AUTH_TOKEN) or os.environ.get("RAY_AUTH_TOKEN_PATH") or \
+            (Path.home() / ".ray" / "auth_token").is_file():
+        return False  # the user's own token: Ray uses it and writes nothing
+    os.environ[RAY_AUTH_TOKEN] = secrets.token_hex(32)  # as Ray's own generator makes them
+    return True
+
+
+def _check_answers(address: str) -> None:
+    """ConnectionError at once when nothing listens at the cluster address `address` resolves to (Ray's own
+    resolution: RAY_ADDRESS, the cluster `ray start` last recorded on this machine, one running here). ray.init
+    itself retries a silent address for about 14 minutes (20 attempts of ~40 s) before saying anything: a
+    mistyped HOST:PORT, a head not up yet, or a cluster that died without `ray stop` (its address still recorded).
+    A Ray Client address (ray://) is left to ray.init."""
+    if address.startswith("ray://"):
+        return
+    from ray._private.services import canonicalize_bootstrap_address  # what ray.init calls on `address`
+
+    resolved = canonicalize_bootstrap_address(address)  # ConnectionError with auto and no cluster anywhere
+    if resolved is None:
+        return
+    host, _, port = resolved.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except (OSError, ValueError) as error:
+        recorded = "" if address != AUTO or os.environ.get("RAY_ADDRESS") else (
+            f"the cluster last started on this machine, at {resolved}, does not answer ({error}): it stopped without "
+            "`ray stop` or its head died; ")
+        raise ConnectionError(recorded or f"nothing answers at {resolved}: {error}") from None
 
 
 def placement_problem(demand: TaskDemand, address: str, task: str) -> tuple[str, str] | None:

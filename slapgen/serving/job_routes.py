@@ -155,8 +155,7 @@ class JobRoutes:
                         "headers": [(b"content-type", b"video/mp4"), (b"content-length", str(len(video)).encode())]})
             await send({"type": "http.response.body", "body": video})
         elif state == "completed":
-            await send_json(send, 404, error_body(f"the video of job {task_id} is gone from the results folder (results "
-                                                  "are kept 24 hours)", "task_id"))
+            await send_json(send, 404, error_body(self.results.missing_sentence(task_id, job["updated_at"]), "task_id"))
         elif state in ("canceled", "failed"):  # ended since __call__ read the board
             await self._answer_ended(send, path, job)
         else:

@@ -43,6 +43,18 @@ class ResultStore:
         except FileNotFoundError:
             return None
 
+    def missing_sentence(self, task_id: str, completed_at: float, now: float | None = None) -> str:
+        """Why a completed job's mp4 is not here. Within the retention it was never here: the replica that ran the
+        job wrote it to a folder this one does not read (SLAP_RESULTS_DIR not shared), or someone deleted it.
+        `completed_at`: the board's updated_at (the database's clock, seconds)."""
+        age = (time.time() if now is None else now) - completed_at
+        if age < RETENTION_S:
+            return (f"the video of job {task_id} is not in the results folder this replica reads ({self.folder}), "
+                    f"though the job completed {max(age, 0):.0f} s ago and results are kept 24 hours: the replica "
+                    "that ran it wrote it to another folder (give every replica the same SLAP_RESULTS_DIR, a shared "
+                    "volume), or it was deleted")
+        return f"the video of job {task_id} is gone from the results folder (results are kept 24 hours)"
+
     def _forget_old(self) -> None:
         oldest = time.time() - RETENTION_S
         for old in self.folder.glob("*.mp4"):

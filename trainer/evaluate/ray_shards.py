@@ -185,18 +185,22 @@ def generate_on_ray(options, resolved, demand: ray_cluster.TaskDemand, planned: 
 
     device = "cuda" if options.gpus_per_run > 0 else "cpu"
     task = ray.remote(max_retries=MAX_RETRIES, retry_exceptions=False, max_calls=1)(generate_shard)
-    print(f"eval: {len(paths)} videos in {len(shards)} stretches, one Ray task each; the cluster runs {slots} at "
-          "once now and queues the rest for its slots as they free or join", flush=True)
+    print(f"eval: {len(paths)} videos in {len(shards)} stretches, one Ray task each, on the "
+          f"{ray_cluster.cluster_line()}; it runs {slots} at once now and queues the rest for its slots as they free or join", flush=True)
+    nodes = ray_cluster.NodeWait(demand, options.ray, "a worker", options.node_wait_s,
+                                 lambda line: progress.write(f"eval: {line}"))
+    # Before any task starts: a retry is an attempt line written after this (an earlier eval's log is appended to).
+    retried = ray_cluster.RetryNotice({f"worker {worker}": worker_log(out, worker) for worker in range(len(shards))},
+                                      ATTEMPT_MARK, MAX_RETRIES, "making only the videos of its stretch not made yet",
+                                      nodes.say)
     refs = {task.options(**demand.ray_options(), name=f"slapgen-eval worker {worker}").remote(
         options, resolved, worker, shard, layouts, prompts, conditions, params, rank, targets, device): worker
         for worker, shard in enumerate(shards)}
     progress = bar(len(paths), f"generate ({len(shards)} workers on Ray)", "video")
-    nodes = ray_cluster.NodeWait(demand, options.ray, "a worker", options.node_wait_s,
-                                 lambda line: progress.write(f"eval: {line}"))
     try:
         outcome = ray_cluster.wait_for_tasks(
             refs, MAX_RETRIES, lambda _: progress.update(sum(path.is_file() for path in paths) - progress.n), interval_s,
-            nodes)
+            nodes, retried)
     finally:
         progress.close()
     failed = {worker: why for worker, why in outcome.items() if why is not None}

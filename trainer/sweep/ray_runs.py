@@ -80,6 +80,9 @@ def run_cells(out: Path, names: list[str], nodes: ray_cluster.NodeWait,
     cell = ray.remote(max_retries=MAX_RETRIES, retry_exceptions=False, max_calls=1)(run_cell)
     logs = {name: out / RUNS_DIR / name / "sweep.log" for name in names}
     log_size_at_start = {name: logs[name].stat().st_size if logs[name].is_file() else 0 for name in names}
+    # Before any task starts: a retry is an attempt line written after this.
+    retried = ray_cluster.RetryNotice({f"run {name}": logs[name] for name in names}, ATTEMPT_MARK, MAX_RETRIES,
+                                      "resuming from its latest checkpoint", nodes.say)
     digest = definition_digest(str(out))
     refs = {cell.options(**nodes.demand.ray_options(), name=f"slapgen-sweep {name}").remote(str(out), name, device,
                                                                                           digest): name for name in names}
@@ -90,4 +93,4 @@ def run_cells(out: Path, names: list[str], nodes: ray_cluster.NodeWait,
             on_tick([refs[ref] for ref in waiting
                      if logs[refs[ref]].is_file() and logs[refs[ref]].stat().st_size > log_size_at_start[refs[ref]]])
 
-    return ray_cluster.wait_for_tasks(refs, MAX_RETRIES, tick, interval_s, nodes)
+    return ray_cluster.wait_for_tasks(refs, MAX_RETRIES, tick, interval_s, nodes, retried)

@@ -153,7 +153,10 @@ def _in_pool(definition: SweepDefinition, out: Path, pending: list, progress: Sw
 def _on_ray(definition: SweepDefinition, out: Path, pending: list, progress: SweepProgress, nodes: NodeWait) -> None:
     from trainer.sweep.ray_runs import run_cells
 
-    progress.say(f"{len(pending)} runs as Ray tasks of {nodes.demand.gpus:g} GPU each; each run logs to runs/NAME/sweep.log")
+    from trainer.ray_cluster import cluster_line
+
+    progress.say(f"{len(pending)} runs as Ray tasks of {nodes.demand.gpus:g} GPU each on the {cluster_line()}; "
+                 "each run logs to runs/NAME/sweep.log")
     outcome = run_cells(out, [run.name for run in pending], nodes, _watch(definition, out, progress))
     for name, failure in outcome.items():
         if failure is None:
