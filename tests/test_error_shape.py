@@ -17,7 +17,7 @@ from starlette.testclient import TestClient
 
 from slapgen.errors import SettingsError
 from slapgen.serving.error_shape import OneErrorShape
-from slapgen.serving.http_errors import INTERNAL_ERROR, error_response, validation_error_body
+from slapgen.serving.http_errors import INTERNAL_ERROR, describe_error, error_response, validation_error_body
 from slapgen.serving.request_bodies import CheckedBodies
 from slapgen.serving.requests import GenerateRequest, RatingRequest, RenderRequest
 
@@ -58,6 +58,18 @@ def test_several_problems_name_the_first_and_list_every_one():
     assert [d["msg"] for d in answer["detail"]] == ["seed must be greater than or equal to 0, got -1",
                                                     "fps must be greater than or equal to 1, got 0",
                                                     "width must be greater than or equal to 16, got 8"]
+
+
+def test_a_body_of_thousands_of_problems_lists_the_first_twenty_and_counts_the_rest():
+    """Guards the answer to a body of a million unknown fields (12 MB): every problem was phrased (a did-you-mean
+    search each), answered (100 MB of JSON) and logged, holding the worker's event loop for over a minute."""
+    with pytest.raises(ValidationError) as refused:
+        GenerateRequest.model_validate({"prompt": "a", **{f"k{index}": 0 for index in range(3000)}})
+    answer = validation_error_body(refused.value, GenerateRequest.model_fields)
+    assert answer["error"] == "k0 is not a field this route takes (and 2999 more problems, the first 20 listed in detail)"
+    assert answer["detail"] == [{"loc": [f"k{index}"], "msg": f"k{index} is not a field this route takes",
+                                 "type": "extra_forbidden"} for index in range(20)]
+    assert describe_error(refused.value).endswith("k19 is not a field this route takes; and 2980 more")
 
 
 def test_malformed_json_says_where():
