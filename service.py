@@ -29,6 +29,7 @@ from slapgen.errors import GenerationCancelledError, SlapgenError
 from slapgen.lifetime import die_with_parent
 from slapgen.models.loading import resolve_model
 from slapgen.serving.body_limit import GENERATION_BODY_LIMIT, BodySizeLimit
+from slapgen.serving.concurrency import ConcurrencyLimit
 from slapgen.serving.error_shape import OneErrorShape
 from slapgen.serving.http_errors import describe_error, error_response, quiet_client_errors, status_for
 from slapgen.serving.job_routes import ADMISSION_KEY, JobRoutes
@@ -115,9 +116,10 @@ BENTOML_TIMEOUT_MARGIN_S = 600
 
 @bentoml.service(
     name="slapgen",
-    # The engine admits SLAP_MAX_QUEUE generations (429 + Retry-After past that); BentoML's own limit is
-    # far above it so /info, /adapters and job status never get a 429 while generations wait.
-    traffic={"timeout": settings.request_timeout_s + BENTOML_TIMEOUT_MARGIN_S, "max_concurrency": (settings.max_queue + 64) * settings.workers},
+    # The engine admits SLAP_MAX_QUEUE generations (429 + Retry-After past that); slapgen's ConcurrencyLimit
+    # (below; not BentoML's max_concurrency, which slow senders fill) is far above it so /info, /adapters and
+    # job status never get a 429 while generations wait.
+    traffic={"timeout": settings.request_timeout_s + BENTOML_TIMEOUT_MARGIN_S},
     workers=settings.workers,
     # Extra threads let requests wait in the generator's queue instead of BentoML's thread pool.
     threads=settings.max_queue + 4,
@@ -218,11 +220,13 @@ def _check_job(request: GenerateRequest):
 
 
 # Outermost first: every error answer in slapgen's shape (and a 500 for any exception inside), bound the
-# body, refuse form bodies on JSON routes (BentoML's form parser 500s on a malformed one), check `@api`
-# bodies against their models with slapgen's sentences, then BentoML's job routes as we offer them
-# (submit checked first, cancel, status); serve our API document and an offline API page in place of BentoML's.
+# body (and the time it takes to arrive), bound the requests in flight, refuse form bodies on JSON routes
+# (BentoML's form parser 500s on a malformed one), check `@api` bodies against their models with slapgen's
+# sentences, then BentoML's job routes as we offer them (submit checked first, cancel, status); serve our API
+# document and an offline API page in place of BentoML's.
 SlapGen.add_asgi_middleware(OneErrorShape)
 SlapGen.add_asgi_middleware(BodySizeLimit, upload_limit=MAX_ADAPTER_BYTES + 1024**2, generation_limit=GENERATION_BODY_LIMIT)
+SlapGen.add_asgi_middleware(ConcurrencyLimit, limit=(settings.max_queue + 64) * settings.workers)
 SlapGen.add_asgi_middleware(JsonBodiesOnly)
 SlapGen.add_asgi_middleware(CheckedBodies, models={api.route: api.input_spec for api in SlapGen.apis.values()},
                             limit=GENERATION_BODY_LIMIT)

@@ -229,3 +229,29 @@ def test_a_body_of_thousands_of_unknown_fields_is_a_short_400(fuzz_server, route
         "detail": [{"loc": [f"z{index}"], "msg": f"z{index} is not a field this route takes", "type": "extra_forbidden"}
                    for index in range(20)]}
     assert "z4999" not in fuzz_server.log_tail(10**7)
+
+
+def test_clients_that_never_finish_their_body_do_not_lock_the_others_out(fuzz_server):
+    """Guards slow-loris on the real server: 70 clients that sent headers and a few bytes of a body, then
+    nothing, filled BentoML's max_concurrency (66 here), and every other client got BentoML's 429
+    `{"error": "Too many requests"}` until its ten-minute request timeout. Now a request takes a place only once
+    its body is in (slapgen.serving.concurrency): the others are answered as usual."""
+    import socket
+
+    host, port = fuzz_server.url.removeprefix("http://").split(":")
+    stalled = []
+    try:
+        for _ in range(70):
+            connection = socket.create_connection((host, int(port)))
+            connection.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                               b"Content-Length: 1000\r\n\r\n{\"prompt\": \"")
+            stalled.append(connection)
+        assert httpx.get(f"{fuzz_server.url}/readyz", timeout=30).status_code == 200  # all requests reached the server
+        info = httpx.get(f"{fuzz_server.url}/info", timeout=30)
+        assert info.status_code == 200, info.text[:300]
+        answer = httpx.post(f"{fuzz_server.url}/generate", timeout=120,
+                            json={"prompt": "a power slap", "num_inference_steps": 1, "seed": 1, "height": 32, "width": 48})
+        assert answer.status_code == 200 and answer.headers["content-type"] == "video/mp4", answer.text[:300]
+    finally:
+        for connection in stalled:
+            connection.close()
