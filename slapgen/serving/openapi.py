@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from slapgen.serving.body_limit import BODY_READ_TIMEOUT_S, send_json
-from slapgen.serving.job_routes import RETRY_PATH
+from slapgen.serving.job_routes import RESULT_PATH, RETRY_PATH
 from slapgen.serving.campaign_routes import CampaignVerdictRequest
 from slapgen.serving.requests import RatingRequest
 from slapgen.names import NAME_PATTERN
@@ -53,6 +53,14 @@ RATING_EXAMPLE = {"left": {"adapter": None}, "right": {"adapter": "powerslap", "
 CAMPAIGN_VERDICT_EXAMPLE = {"pair_id": "hX3v9QeLr2m0Wc1a", "rater": "ana", "verdicts": {"overall": "left"}}
 _CAMPAIGN = {"name": "name", "in": "path", "required": True, "example": "lr-sweep",
              "schema": {"type": "string", "pattern": NAME_PATTERN.pattern}}
+# BentoML documents its job status as a TaskStatusResponse of success/failure/cancelled with created_at required;
+# its local server answers pending/in_progress/completed/failed, its submit task_id and status alone, and
+# slapgen's JobRoutes a canceled or failed job (and another replica's) as task_id and status alone.
+JOB_STATUS_SCHEMA = {"type": "object", "title": "TaskStatusResponse", "required": ["task_id", "status"],
+                     "properties": {"task_id": {"type": "string"},
+                                    "status": {"enum": ["pending", "in_progress", "completed", "failed", "canceled"]},
+                                    "created_at": {"type": "string"},
+                                    "executed_at": {"anyOf": [{"type": "string"}, {"type": "null"}]}}}
 # BentoML's task cancel (PUT, refused by its local server) is replaced by ours (POST; PUT also works);
 # its retry is refused (JobRoutes), so it is not listed.
 REPLACED = ("/jobs/cancel", RETRY_PATH)
@@ -182,6 +190,7 @@ def slapgen_document(bentoml_spec: dict, version: str) -> dict:
     for replaced in ("InvalidArgument", "NotFound", "InternalServerError"):
         schemas.pop(replaced, None)
     schemas["Error"] = ERROR_SCHEMA
+    schemas["TaskStatusResponse"] = JOB_STATUS_SCHEMA
     for path in REPLACED:
         spec["paths"].pop(path, None)
     for path, operations in spec["paths"].items():
@@ -192,6 +201,8 @@ def slapgen_document(bentoml_spec: dict, version: str) -> dict:
             if path in ("/generate", "/jobs", "/jobs/submit"):
                 responses.update(_errors(400, 408, 413, 415, 429, 504))
                 _set_example(operation, GENERATE_EXAMPLE)
+            elif path == RESULT_PATH:  # a canceled job's result is a 409, a failed one's the status its error had
+                responses.update(_errors(409, 429, 503, 504))
             elif path == "/prompts/render":
                 responses.update(_errors(400, 408, 413, 415))
                 _set_example(operation, RENDER_EXAMPLE)
