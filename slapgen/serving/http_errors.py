@@ -122,8 +122,8 @@ def _shown(value) -> str:
 
 
 def validation_error_body(error: ValidationError, fields: Collection[str] = ()) -> dict:
-    """A request body pydantic refused: the first problem's sentence as `error`, every problem in `detail`
-    (its field as `loc`, its sentence as `msg`, pydantic's `type`). Never echoes the refused values
+    """A request body pydantic refused: the first problem's sentence as `error`, the first MAX_LISTED_PROBLEMS
+    problems in `detail` (its field as `loc`, its sentence as `msg`, pydantic's `type`). Never echoes the refused values
     beyond a short excerpt. `fields`: the body's own fields (see `validation_sentence`)."""
     details = error.errors(include_url=False, include_context=False)[:MAX_LISTED_PROBLEMS]
     return error_body_for([(list(d["loc"]), validation_sentence(d, fields), d["type"]) for d in details],
@@ -153,12 +153,17 @@ def plain_error(status: int, message: str, field: str | None = None) -> JSONResp
     return JSONResponse(error_body(message, field), status_code=status)
 
 
+def problems_line(sentences: list[str], total: int) -> str:
+    """The sentences of the listed problems as one line, counting the `total` - listed ones left out."""
+    unlisted = total - len(sentences)
+    return "; ".join(sentences + ([f"and {unlisted} more"] if unlisted else []))
+
+
 def describe_error(error: BaseException) -> str:
     """One line for a person: the field and message of a validation error, else the error's text."""
     if isinstance(error, ValidationError):
         listed = error.errors(include_url=False, include_context=False)[:MAX_LISTED_PROBLEMS]
-        unlisted = error.error_count() - len(listed)
-        return "; ".join([validation_sentence(e) for e in listed] + ([f"and {unlisted} more"] if unlisted else []))
+        return problems_line([validation_sentence(e) for e in listed], error.error_count())
     if isinstance(error, SlapgenError) and error.field:
         return f"{error.field}: {error}"
     return first_line(error)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ValidationError
 
 from slapgen.serving.body_limit import read_body, send_json
-from slapgen.serving.http_errors import log_client_error, validation_error_body
+from slapgen.serving.http_errors import log_client_error, problems_line, validation_error_body
 
 
 class CheckedBodies:
@@ -34,8 +34,7 @@ class CheckedBodies:
             model.model_validate_json(body or b"{}")  # as BentoML's JSON serde reads it
         except ValidationError as error:
             answer = validation_error_body(error, model.model_fields)  # pydantic lists a million problems slowly: once
-            unlisted = error.error_count() - len(answer["detail"])
-            log_client_error(scope["method"], scope["path"], 400, "; ".join(
-                [problem["msg"] for problem in answer["detail"]] + ([f"and {unlisted} more"] if unlisted else [])))
+            log_client_error(scope["method"], scope["path"], 400,
+                             problems_line([problem["msg"] for problem in answer["detail"]], error.error_count()))
             return await send_json(send, 400, answer)
         await self.app(scope, replay, send)
