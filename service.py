@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+import uuid
 from importlib.metadata import version
 from pathlib import Path
 from typing import Annotated
@@ -175,7 +176,9 @@ class SlapGen:
         # BentoML also routes a plain POST /jobs here, without a task id: it runs like /generate, deadline
         # included. A submitted job has no deadline; it took its queue place at submit (JobRoutes).
         submitted = getattr(ctx.request.state, "task_id", None)
-        task_id = submitted or f"direct-{id(ctx)}"
+        # Unique: `id(ctx)` was reused once the context was freed, and the board keeps an ended job's row (the
+        # first end wins), so a direct job after one that failed (a 429) or was canceled read "stop" at once.
+        task_id = submitted or f"direct-{uuid.uuid4().hex}"
         try:
             params = _resolve(request, self.generator)
             job_board.queued(task_id, params.num_inference_steps)

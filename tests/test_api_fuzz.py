@@ -292,3 +292,21 @@ def test_job_answers_match_the_document(fuzz_server):
     wait_for_job(fuzz_server, task["task_id"], {"canceled"})
     check("/jobs/status", "get", httpx.get(f"{fuzz_server.url}/jobs/status", params=task, timeout=30))
     check("/jobs/get", "get", httpx.get(f"{fuzz_server.url}/jobs/get", params=task, timeout=30))
+
+
+def test_a_plain_post_to_jobs_is_not_stopped_by_an_earlier_refused_one(fuzz_server):
+    """Guards what schemathesis (seed 3) found: a plain POST /jobs ran under the id `direct-{id(ctx)}`, which
+    Python reuses once a request's context is freed, and the job board keeps an ended job's row, so after one
+    such request failed (a 429 while the queue was full) every later one read "stop" and answered 409 "the job
+    was canceled before it started", for every client, until the board rotated the row out."""
+    from collections import Counter
+    from concurrent.futures import ThreadPoolExecutor
+
+    body = {"prompt": "a power slap", "num_inference_steps": 1, "seed": 1, "height": 32, "width": 48}
+    long = {**body, "num_inference_steps": 20}
+    with ThreadPoolExecutor(8) as pool:  # more than SLAP_MAX_QUEUE=2: some are 429s, failed on the board
+        burst = Counter(pool.map(lambda _: httpx.post(f"{fuzz_server.url}/jobs", json=long, timeout=120).status_code,
+                                 range(8)))
+    assert burst[429] >= 1 and set(burst) <= {200, 429}, burst
+    after = [httpx.post(f"{fuzz_server.url}/jobs", json=body, timeout=120) for _ in range(6)]
+    assert [answer.status_code for answer in after] == [200] * 6, [answer.text[:200] for answer in after]
