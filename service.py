@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+import uuid
 from importlib.metadata import version
 from pathlib import Path
 from typing import Annotated
@@ -29,6 +30,7 @@ from slapgen.errors import GenerationCancelledError, SlapgenError
 from slapgen.lifetime import die_with_parent
 from slapgen.models.loading import resolve_model
 from slapgen.serving.body_limit import GENERATION_BODY_LIMIT, BodySizeLimit
+from slapgen.serving.concurrency import ConcurrencyLimit
 from slapgen.serving.error_shape import OneErrorShape
 from slapgen.serving.http_errors import describe_error, error_response, quiet_client_errors, status_for
 from slapgen.serving.job_routes import ADMISSION_KEY, JobRoutes
@@ -117,9 +119,10 @@ BENTOML_TIMEOUT_MARGIN_S = 600
 
 @bentoml.service(
     name="slapgen",
-    # The engine admits SLAP_MAX_QUEUE generations (429 + Retry-After past that); BentoML's own limit is
-    # far above it so /info, /adapters and job status never get a 429 while generations wait.
-    traffic={"timeout": settings.request_timeout_s + BENTOML_TIMEOUT_MARGIN_S, "max_concurrency": (settings.max_queue + 64) * settings.workers},
+    # The engine admits SLAP_MAX_QUEUE generations (429 + Retry-After past that); slapgen's ConcurrencyLimit
+    # (below; not BentoML's max_concurrency, which slow senders fill) is far above it so /info, /adapters and
+    # job status never get a 429 while generations wait.
+    traffic={"timeout": settings.request_timeout_s + BENTOML_TIMEOUT_MARGIN_S},
     workers=settings.workers,
     # Extra threads let requests wait in the generator's queue instead of BentoML's thread pool.
     threads=settings.max_queue + 4,
@@ -175,7 +178,9 @@ class SlapGen:
         # BentoML also routes a plain POST /jobs here, without a task id: it runs like /generate, deadline
         # included. A submitted job has no deadline; it took its queue place at submit (JobRoutes).
         submitted = getattr(ctx.request.state, "task_id", None)
-        task_id = submitted or f"direct-{id(ctx)}"
+        # Unique: `id(ctx)` was reused once the context was freed, and the board keeps an ended job's row (the
+        # first end wins), so a direct job after one that failed (a 429) or was canceled read "stop" at once.
+        task_id = submitted or f"direct-{uuid.uuid4().hex}"
         try:
             params = _resolve(request, self.generator)
             job_board.queued(task_id, params.num_inference_steps)
@@ -220,11 +225,13 @@ def _check_job(request: GenerateRequest):
 
 
 # Outermost first: every error answer in slapgen's shape (and a 500 for any exception inside), bound the
-# body, refuse form bodies on JSON routes (BentoML's form parser 500s on a malformed one), check `@api`
-# bodies against their models with slapgen's sentences, then BentoML's job routes as we offer them
-# (submit checked first, cancel, status); serve our API document and an offline API page in place of BentoML's.
+# body (and the time it takes to arrive), bound the requests in flight, refuse form bodies on JSON routes
+# (BentoML's form parser 500s on a malformed one), check `@api` bodies against their models with slapgen's
+# sentences, then BentoML's job routes as we offer them (submit checked first, cancel, status); serve our API
+# document and an offline API page in place of BentoML's.
 SlapGen.add_asgi_middleware(OneErrorShape)
 SlapGen.add_asgi_middleware(BodySizeLimit, upload_limit=MAX_ADAPTER_BYTES + 1024**2, generation_limit=GENERATION_BODY_LIMIT)
+SlapGen.add_asgi_middleware(ConcurrencyLimit, limit=(settings.max_queue + 64) * settings.workers)
 SlapGen.add_asgi_middleware(JsonBodiesOnly)
 SlapGen.add_asgi_middleware(CheckedBodies, models={api.route: api.input_spec for api in SlapGen.apis.values()},
                             limit=GENERATION_BODY_LIMIT)

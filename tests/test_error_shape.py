@@ -5,6 +5,7 @@ are expected at start-up. The real server is held to the same in tests/test_serv
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
@@ -17,7 +18,8 @@ from starlette.testclient import TestClient
 
 from slapgen.errors import SettingsError
 from slapgen.serving.error_shape import OneErrorShape
-from slapgen.serving.http_errors import INTERNAL_ERROR, error_response, validation_error_body
+from slapgen.serving.http_errors import INTERNAL_ERROR, describe_error, error_response, validation_error_body
+from slapgen.serving.campaign_routes import CampaignVerdictRequest
 from slapgen.serving.request_bodies import CheckedBodies
 from slapgen.serving.requests import GenerateRequest, RatingRequest, RenderRequest
 
@@ -58,6 +60,35 @@ def test_several_problems_name_the_first_and_list_every_one():
     assert [d["msg"] for d in answer["detail"]] == ["seed must be greater than or equal to 0, got -1",
                                                     "fps must be greater than or equal to 1, got 0",
                                                     "width must be greater than or equal to 16, got 8"]
+
+
+def test_a_body_of_hundreds_of_problems_lists_the_first_twenty_and_counts_the_rest():
+    """Guards the answer to a body of a million unknown fields (12 MB): every problem was phrased (a did-you-mean
+    search each), answered (100 MB of JSON) and logged, holding the worker's event loop for over a minute."""
+    with pytest.raises(ValidationError) as refused:
+        GenerateRequest.model_validate({"prompt": "a", **{f"k{index}": 0 for index in range(200)}})
+    answer = validation_error_body(refused.value, GenerateRequest.model_fields)
+    assert answer["error"] == "k0 is not a field this route takes (and 199 more problems, the first 20 listed in detail)"
+    assert answer["detail"] == [{"loc": [f"k{index}"], "msg": f"k{index} is not a field this route takes",
+                                 "type": "extra_forbidden"} for index in range(20)]
+    assert describe_error(refused.value).endswith("k19 is not a field this route takes; and 180 more")
+
+
+@pytest.mark.parametrize("model,body", [
+    (GenerateRequest, {"prompt": "a", **{f"k{index}": 0 for index in range(300)}}),
+    (GenerateRequest, {"template": "knockout", "slots": {f"s{index}": index for index in range(300)}}),
+    (RatingRequest, {**RATING, "choices": {f"c{index}": "x" for index in range(300)}}),
+    (CampaignVerdictRequest, {"pair_id": "p", "rater": "r", "verdicts": {f"c{index}": "x" for index in range(300)}}),
+])
+def test_an_object_of_more_members_than_any_body_needs_is_one_problem(model, body):
+    """Guards the seconds of a worker's event loop that pydantic took to list a million problems (each unknown
+    field, each refused slot or verdict of a 12 MB body): an object of more than 256 members is one problem."""
+    with pytest.raises(ValidationError) as refused:
+        model.model_validate_json(json.dumps(body))
+    assert refused.value.error_count() == 1
+    members = next(len(value) for value in [body, *body.values()] if isinstance(value, dict) and len(value) > 256)
+    assert validation_error_body(refused.value)["error"] == (
+        f"the body: an object of {members} members is more than a body may hold (256), got an object")
 
 
 def test_malformed_json_says_where():

@@ -59,6 +59,80 @@ def test_body_size_limit_refuses_declared_and_streamed_bodies():
         assert streamed.status_code == 413 and "larger than 1000 bytes" in streamed.json()["error"]
 
 
+async def _call(app, path: str, receive) -> list[dict]:
+    """The messages an ASGI `app` sends for a POST to `path` whose body `receive` gives."""
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    await app({"type": "http", "method": "POST", "path": path, "headers": [], "query_string": b""}, receive, send)
+    return sent
+
+
+def _answer(sent: list[dict]) -> tuple[int, dict, dict]:
+    import json
+
+    return sent[0]["status"], dict(sent[0]["headers"]), json.loads(b"".join(m.get("body", b"") for m in sent[1:]))
+
+
+def test_a_body_that_stops_arriving_is_a_408():
+    """Guards slow-loris: a client that sent headers and part of a body, then nothing, was waited for until
+    BentoML's ten-minute request timeout. It gets a 408 in slapgen's shape once `read_timeout_s` has passed."""
+    import asyncio
+
+    async def trickle():
+        if not hasattr(trickle, "sent"):
+            trickle.sent = True
+            return {"type": "http.request", "body": b'{"prompt": "', "more_body": True}
+        await asyncio.sleep(3600)
+
+    app = BodySizeLimit(Starlette(routes=[Route("/generate", _echo, methods=["POST"])]), read_timeout_s=0.2)
+    status, _, body = _answer(asyncio.run(_call(app, "/generate", trickle)))
+    assert (status, body) == (408, {"error": "the request body did not arrive within 0.2 s", "detail": []})
+
+
+def test_requests_count_against_the_limit_only_once_their_body_is_in():
+    """Guards the 429 everyone got while 66 clients sent a body slowly: BentoML's max_concurrency counted a request
+    from its first byte and answered `{"error": "Too many requests"}` (not slapgen's shape, no Retry-After).
+    With one place, a request whose body never comes holds none; one inside the route holds it, and the next
+    gets slapgen's 429 with Retry-After."""
+    import asyncio
+
+    from slapgen.serving.concurrency import ConcurrencyLimit
+
+    async def run():
+        inside, release = asyncio.Event(), asyncio.Event()
+
+        async def held(request: Request) -> JSONResponse:
+            inside.set()
+            await release.wait()
+            return JSONResponse({"done": True})
+
+        app = BodySizeLimit(ConcurrencyLimit(Starlette(routes=[Route("/generate", _echo, methods=["POST"]),
+                                                               Route("/held", held, methods=["POST"])]), limit=1))
+
+        async def never():
+            await asyncio.sleep(3600)
+
+        async def whole():
+            return {"type": "http.request", "body": b"{}", "more_body": False}
+
+        stalled = asyncio.create_task(_call(app, "/generate", never))
+        assert _answer(await _call(app, "/generate", whole))[0] == 200  # the stalled body holds no place
+        holder = asyncio.create_task(_call(app, "/held", whole))
+        await inside.wait()
+        refused = _answer(await _call(app, "/generate", whole))
+        release.set()
+        assert _answer(await holder)[0] == 200
+        stalled.cancel()
+        return refused
+
+    status, headers, body = asyncio.run(run())
+    assert (status, headers[b"retry-after"]) == (429, b"1")
+    assert body == {"error": "the server is handling as many requests as it takes at once (1); try again in a moment", "detail": []}
+
+
 @pytest.fixture(scope="module")
 def engine(tiny_cache_dir, adapter_files, tmp_path_factory):
     folder = tmp_path_factory.mktemp("limits-adapters")

@@ -8,6 +8,7 @@ Both answer 413 in slapgen's error shape.
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 from slapgen.serving.http_errors import error_body
@@ -17,6 +18,8 @@ JSON_BODY_LIMIT = 1024**2  # most JSON bodies are a few hundred bytes
 GENERATION_BODY_LIMIT = 12 * 1024**2
 GENERATION_PATHS = frozenset({"/generate", "/jobs", "/jobs/submit"})
 UPLOAD_PATH = "/adapters/upload"
+# A whole (non-upload) body, 12 MB at most, arrives within this: about 1 Mbit/s.
+BODY_READ_TIMEOUT_S = 120
 
 
 class BodyTooLarge(Exception):
@@ -27,12 +30,14 @@ class BodySizeLimit:
     """Pure ASGI middleware: `upload_limit` bytes for adapter uploads, `generation_limit` (default: `limit`)
     for generation requests, `limit` for everything else.
 
-    Small bodies are read whole (at most `limit` bytes) before the route sees them and replayed to it;
+    Small bodies are read whole (at most `limit` bytes, within `read_timeout_s`, else 408) before the route sees
+    them and replayed to it;
     uploads stream through, counted, and `BodyTooLarge` stops one that grows past its limit."""
 
     def __init__(self, app, limit: int = JSON_BODY_LIMIT, upload_limit: int = JSON_BODY_LIMIT,
-                 generation_limit: int | None = None):
+                 generation_limit: int | None = None, read_timeout_s: float = BODY_READ_TIMEOUT_S):
         self.app = app
+        self.read_timeout_s = read_timeout_s
         self.limit = limit
         self.upload_limit = upload_limit
         self.generation_limit = limit if generation_limit is None else generation_limit
@@ -49,9 +54,11 @@ class BodySizeLimit:
         if upload:
             return await self.app(scope, _counting(receive, limit), send)
         try:
-            _, replay = await read_body(receive, limit)
+            _, replay = await asyncio.wait_for(read_body(receive, limit), self.read_timeout_s)
         except BodyTooLarge:
             return await _refuse(send, limit)
+        except TimeoutError:  # a client sending a byte now and then (slow-loris) holds nothing past this
+            return await send_json(send, 408, error_body(f"the request body did not arrive within {self.read_timeout_s:g} s"))
         await self.app(scope, replay, send)
 
 

@@ -27,6 +27,7 @@ from slapgen.errors import SlapgenError
 from slapgen.evaluation.ranking import OUTCOMES
 from slapgen.campaign_store import CampaignStore, IssuedPair, next_pair_for, verdicts_of
 from slapgen.serving.http_errors import error_response, validation_error_body
+from slapgen.serving.requests import RequestBody
 
 Rater = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64)]
 
@@ -36,7 +37,7 @@ class RaterQuery(BaseModel):
     rater: Rater = Field(description="who rates: any name up to 64 characters, the same on every visit")
 
 
-class CampaignVerdictRequest(BaseModel):
+class CampaignVerdictRequest(RequestBody):
     """A rater's verdicts on one issued pair, one per criterion of the campaign."""
 
     model_config = ConfigDict(extra="forbid")

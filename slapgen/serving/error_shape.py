@@ -18,7 +18,7 @@ import re
 from http import HTTPStatus
 
 from slapgen.serving.body_limit import send_json
-from slapgen.serving.http_errors import INTERNAL_ERROR, error_body, error_body_for, validation_sentence
+from slapgen.serving.http_errors import INTERNAL_ERROR, MAX_LISTED_PROBLEMS, error_body, error_body_for, validation_sentence
 
 # BentoML's own answer to a body pydantic refused; slapgen's `CheckedBodies` answers first, so this is
 # only a backstop (without the refused value, which BentoML drops).
@@ -94,8 +94,9 @@ def shaped(status: int, body: bytes, content_type: bytes, method: str, path: str
     if in_our_shape(payload):
         if not _BENTOML_VALIDATION.match(payload["error"]):
             return None
+        problems = [e for e in payload["detail"] if isinstance(e, dict)]
         return error_body_for([(e.get("loc", []), validation_sentence(e), e.get("type", ""))
-                               for e in payload["detail"] if isinstance(e, dict)])
+                               for e in problems[:MAX_LISTED_PROBLEMS]], total=len(problems))
     if status == 500:
         return error_body(INTERNAL_ERROR)  # whatever the body says is an internal detail
     if isinstance(payload, list) and payload:  # BentoML answers some errors as [{"error": ...}]

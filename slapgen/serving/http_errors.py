@@ -62,6 +62,10 @@ INTERNAL_ERROR = "an internal error happened on the server; the server log has t
 # pydantic's messages start "Input should be ...", "String should have ...": the subject becomes the field.
 _SUBJECT_SHOULD = re.compile(r"^(?:Input|Value|String|Dictionary|List|Tuple|Set|Object|Decimal|Bytes)\s+should\s+")
 _SHOWN_CHARS = 40
+# A body may hold a million problems (12 MB of unknown fields): phrasing each one (a did-you-mean search
+# apiece), answering them all and logging them all took a worker's event loop for over a minute and sent
+# 100 MB back. The first few say what is wrong; the sentence counts the rest.
+MAX_LISTED_PROBLEMS = 20
 
 
 def validation_sentence(error: Mapping, fields: Collection[str] = ()) -> str:
@@ -118,18 +122,23 @@ def _shown(value) -> str:
 
 
 def validation_error_body(error: ValidationError, fields: Collection[str] = ()) -> dict:
-    """A request body pydantic refused: the first problem's sentence as `error`, every problem in `detail`
-    (its field as `loc`, its sentence as `msg`, pydantic's `type`). Never echoes the refused values
+    """A request body pydantic refused: the first problem's sentence as `error`, the first MAX_LISTED_PROBLEMS
+    problems in `detail` (its field as `loc`, its sentence as `msg`, pydantic's `type`). Never echoes the refused values
     beyond a short excerpt. `fields`: the body's own fields (see `validation_sentence`)."""
-    details = error.errors(include_url=False, include_context=False)
-    return error_body_for([(list(d["loc"]), validation_sentence(d, fields), d["type"]) for d in details])
+    details = error.errors(include_url=False, include_context=False)[:MAX_LISTED_PROBLEMS]
+    return error_body_for([(list(d["loc"]), validation_sentence(d, fields), d["type"]) for d in details],
+                          total=error.error_count())
 
 
-def error_body_for(problems: list[tuple[list, str, str]]) -> dict:
-    """`(loc, sentence, type)` problems -> the error body; `error` is the first sentence."""
+def error_body_for(problems: list[tuple[list, str, str]], total: int | None = None) -> dict:
+    """`(loc, sentence, type)` problems -> the error body; `error` is the first sentence. `total`: how many
+    problems there were, when `problems` are only the first of them; at most MAX_LISTED_PROBLEMS are listed."""
     if not problems:
         return error_body("the request body is not valid")
-    more = f" (and {len(problems) - 1} more problem{'s' if len(problems) > 2 else ''}, listed in detail)" if len(problems) > 1 else ""
+    total = max(total or 0, len(problems))
+    problems = problems[:MAX_LISTED_PROBLEMS]
+    listed = "listed in detail" if total == len(problems) else f"the first {len(problems)} listed in detail"
+    more = f" (and {total - 1} more problem{'s' if total > 2 else ''}, {listed})" if total > 1 else ""
     return {"error": problems[0][1] + more,
             "detail": [{"loc": loc, "msg": sentence, "type": kind} for loc, sentence, kind in problems]}
 
@@ -144,10 +153,17 @@ def plain_error(status: int, message: str, field: str | None = None) -> JSONResp
     return JSONResponse(error_body(message, field), status_code=status)
 
 
+def problems_line(sentences: list[str], total: int) -> str:
+    """The sentences of the listed problems as one line, counting the `total` - listed ones left out."""
+    unlisted = total - len(sentences)
+    return "; ".join(sentences + ([f"and {unlisted} more"] if unlisted else []))
+
+
 def describe_error(error: BaseException) -> str:
     """One line for a person: the field and message of a validation error, else the error's text."""
     if isinstance(error, ValidationError):
-        return "; ".join(validation_sentence(e) for e in error.errors(include_url=False, include_context=False))
+        listed = error.errors(include_url=False, include_context=False)[:MAX_LISTED_PROBLEMS]
+        return problems_line([validation_sentence(e) for e in listed], error.error_count())
     if isinstance(error, SlapgenError) and error.field:
         return f"{error.field}: {error}"
     return first_line(error)

@@ -3,7 +3,7 @@
 BentoML generates the document from the `@bentoml.api` routes only. This adds what it leaves out or
 gets wrong for us: the routes of `slapgen/serving/routes.py`, working request examples (BentoML's
 example of `/generate` is all nulls, which is a 400), the error schema every route really answers
-with, 413 / 415 / 429 / 504, and our `/jobs/cancel` in place of BentoML's. The page is BentoML's,
+with, 408 / 413 / 415 / 429 / 504, and our `/jobs/cancel` in place of BentoML's. The page is BentoML's,
 without the parts that reach the internet (tag manager, badge images), so it works offline.
 """
 
@@ -15,8 +15,8 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-from slapgen.serving.body_limit import send_json
-from slapgen.serving.job_routes import RETRY_PATH
+from slapgen.serving.body_limit import BODY_READ_TIMEOUT_S, send_json
+from slapgen.serving.job_routes import RESULT_PATH, RETRY_PATH
 from slapgen.serving.campaign_routes import CampaignVerdictRequest
 from slapgen.serving.requests import RatingRequest
 from slapgen.names import NAME_PATTERN
@@ -39,6 +39,7 @@ ERROR_SCHEMA = {
 ERROR_REF = {"$ref": "#/components/schemas/Error"}
 STATUS_TEXT = {400: "Bad request (the field is named)", 401: "Missing or wrong bearer token",
                403: "Upload and delete are disabled (no SLAP_API_TOKEN)", 404: "Not found",
+               408: f"The body did not arrive within {BODY_READ_TIMEOUT_S} s",
                409: "Name taken, the job already ended, or the pair already answered", 413: "Body too large",
                415: "Not a JSON body (these routes take Content-Type: application/json)", 429: "Queue full; see Retry-After",
                500: "A bug of ours", 503: "Model unavailable", 504: "Timed out; the generation was stopped"}
@@ -52,6 +53,14 @@ RATING_EXAMPLE = {"left": {"adapter": None}, "right": {"adapter": "powerslap", "
 CAMPAIGN_VERDICT_EXAMPLE = {"pair_id": "hX3v9QeLr2m0Wc1a", "rater": "ana", "verdicts": {"overall": "left"}}
 _CAMPAIGN = {"name": "name", "in": "path", "required": True, "example": "lr-sweep",
              "schema": {"type": "string", "pattern": NAME_PATTERN.pattern}}
+# BentoML documents its job status as a TaskStatusResponse of success/failure/cancelled with created_at required;
+# its local server answers pending/in_progress/completed/failed, its submit task_id and status alone, and
+# slapgen's JobRoutes a canceled or failed job (and another replica's) as task_id and status alone.
+JOB_STATUS_SCHEMA = {"type": "object", "title": "TaskStatusResponse", "required": ["task_id", "status"],
+                     "properties": {"task_id": {"type": "string"},
+                                    "status": {"enum": ["pending", "in_progress", "completed", "failed", "canceled"]},
+                                    "created_at": {"type": "string"},
+                                    "executed_at": {"anyOf": [{"type": "string"}, {"type": "null"}]}}}
 # BentoML's task cancel (PUT, refused by its local server) is replaced by ours (POST; PUT also works);
 # its retry is refused (JobRoutes), so it is not listed.
 REPLACED = ("/jobs/cancel", RETRY_PATH)
@@ -116,7 +125,7 @@ EXTRA_PATHS = {
             "schema": _inline(RatingRequest.model_json_schema()), "example": RATING_EXAMPLE}}},
         "responses": {"201": {"description": "stored; the new ratings' ids",
                               "content": {"application/json": {"schema": {"type": "object"}}}},
-                      **_errors(400, 413, 415)},
+                      **_errors(400, 408, 413, 415)},
     }},
     "/ratings/summary": _get("per pair of systems and criterion: win rate, 95% bootstrap interval, sign test"),
     "/ratings.csv": {"get": {"summary": "every rating as CSV", "tags": ["studio"],
@@ -141,7 +150,7 @@ EXTRA_PATHS = {
             "schema": _inline(CampaignVerdictRequest.model_json_schema()), "example": CAMPAIGN_VERDICT_EXAMPLE}}},
         "responses": {"201": {"description": "stored; the new verdicts' ids",
                               "content": {"application/json": {"schema": {"type": "object"}}}},
-                      **_errors(400, 404, 409, 413, 415)},
+                      **_errors(400, 404, 408, 409, 413, 415)},
     }},
     "/campaigns/{name}/leaderboard": _get(
         "per criterion: Bradley-Terry strengths with 95% intervals and ranks, done and why, inter-rater alpha, "
@@ -181,6 +190,7 @@ def slapgen_document(bentoml_spec: dict, version: str) -> dict:
     for replaced in ("InvalidArgument", "NotFound", "InternalServerError"):
         schemas.pop(replaced, None)
     schemas["Error"] = ERROR_SCHEMA
+    schemas["TaskStatusResponse"] = JOB_STATUS_SCHEMA
     for path in REPLACED:
         spec["paths"].pop(path, None)
     for path, operations in spec["paths"].items():
@@ -189,10 +199,12 @@ def slapgen_document(bentoml_spec: dict, version: str) -> dict:
             for status in [s for s in responses if s.isdigit() and int(s) >= 400]:
                 responses[status] = _errors(int(status))[status]
             if path in ("/generate", "/jobs", "/jobs/submit"):
-                responses.update(_errors(400, 413, 415, 429, 504))
+                responses.update(_errors(400, 408, 413, 415, 429, 504))
                 _set_example(operation, GENERATE_EXAMPLE)
+            elif path == RESULT_PATH:  # a canceled job's result is a 409, a failed one's the status its error had
+                responses.update(_errors(409, 429, 503, 504))
             elif path == "/prompts/render":
-                responses.update(_errors(400, 413, 415))
+                responses.update(_errors(400, 408, 413, 415))
                 _set_example(operation, RENDER_EXAMPLE)
     spec["paths"].update(copy.deepcopy(EXTRA_PATHS))
     return spec

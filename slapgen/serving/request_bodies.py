@@ -13,7 +13,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ValidationError
 
 from slapgen.serving.body_limit import read_body, send_json
-from slapgen.serving.http_errors import describe_error, log_client_error, validation_error_body
+from slapgen.serving.http_errors import log_client_error, problems_line, validation_error_body
 
 
 class CheckedBodies:
@@ -33,6 +33,8 @@ class CheckedBodies:
         try:
             model.model_validate_json(body or b"{}")  # as BentoML's JSON serde reads it
         except ValidationError as error:
-            log_client_error(scope["method"], scope["path"], 400, describe_error(error))
-            return await send_json(send, 400, validation_error_body(error, model.model_fields))
+            answer = validation_error_body(error, model.model_fields)  # pydantic lists a million problems slowly: once
+            log_client_error(scope["method"], scope["path"], 400,
+                             problems_line([problem["msg"] for problem in answer["detail"]], error.error_count()))
+            return await send_json(send, 400, answer)
         await self.app(scope, replay, send)

@@ -17,7 +17,8 @@ from typing import Annotated, Literal
 
 import numpy as np
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic_core import PydanticCustomError
 
 from prompts import PromptLibrary, default_library
 from slapgen.engine.adapters import ADAPTER_NAME_PATTERN
@@ -45,7 +46,30 @@ TemplateName = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 SlotValues = dict[Annotated[str, StringConstraints(max_length=64)], Annotated[str, StringConstraints(max_length=200)]]
 
 
-class RenderRequest(BaseModel):
+# Far above any body a client means (a request has under 20 fields, at most 32 slots): pydantic reports each
+# unknown field or refused dict entry, and listing a million of them (12 MB of `{"k0": 0, ...}`) held the
+# worker's event loop for seconds per request; past this the body is one problem.
+MAX_OBJECT_MEMBERS = 256
+
+
+class RequestBody(BaseModel):
+    """A JSON request body: no object in it has more than MAX_OBJECT_MEMBERS members."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bounded_objects(cls, data):
+        pending = [data]
+        while pending:
+            value = pending.pop()
+            members = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+            if isinstance(value, dict) and len(value) > MAX_OBJECT_MEMBERS:
+                raise PydanticCustomError("too_many_members", "an object of {count} members is more than a body may "
+                                          "hold ({limit})", {"count": len(value), "limit": MAX_OBJECT_MEMBERS})
+            pending.extend(member for member in members if isinstance(member, (dict, list)))
+        return data
+
+
+class RenderRequest(RequestBody):
     """Body of `POST /prompts/render`."""
 
     model_config = ConfigDict(extra="forbid")
@@ -58,7 +82,7 @@ class RenderRequest(BaseModel):
         return (library or default_library()).render(self.template, self.slots)
 
 
-class GenerateRequest(BaseModel):
+class GenerateRequest(RequestBody):
     """Body of `POST /generate`: `prompt`, or `template` + `slots`. Other fields default from the model spec."""
 
     model_config = ConfigDict(extra="forbid")
@@ -179,7 +203,7 @@ class RatedSystem(BaseModel):
         return self.adapter or "base"
 
 
-class RatingRequest(BaseModel):
+class RatingRequest(RequestBody):
     """A rater's verdicts on one blind pair (same prompt and seed), one choice per criterion."""
 
     model_config = ConfigDict(extra="forbid")
