@@ -21,16 +21,23 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 _TEST_HOME: Path | None = None
+_TEST_TMPDIR: Path | None = None
 
 
 def pytest_configure(config):
-    """Everything the suite (and every process it starts) writes goes under one temporary folder:
-    HOME, the slapgen cache, the Hugging Face home and BentoML's home, never the developer's."""
+    """Everything the suite (and every process it starts) writes goes under temporary folders removed at
+    the end: HOME, the slapgen cache, the Hugging Face home and BentoML's home, never the developer's, and
+    TMPDIR for the processes it starts (BentoML's request and socket folders, torchelastic's, which
+    otherwise stay in /tmp by the hundred). pytest's own tmp_path folders are not affected: tempfile
+    has already fixed its folder for this process."""
     import tempfile
 
-    global _TEST_HOME
+    global _TEST_HOME, _TEST_TMPDIR
     _TEST_HOME = Path(tempfile.mkdtemp(prefix="slapgen-tests-"))
+    # Short, like /tmp/st1a2b3c4d: unix socket paths under it (BentoML's, Ray's) must stay under 108 bytes.
+    _TEST_TMPDIR = Path(tempfile.mkdtemp(prefix="st"))
     os.environ.update(
+        TMPDIR=str(_TEST_TMPDIR),
         HOME=str(_TEST_HOME / "home"),
         SLAP_CACHE_DIR=str(_TEST_HOME / "slapgen-cache"),
         HF_HOME=str(_TEST_HOME / "hf-home"),
@@ -43,8 +50,9 @@ def pytest_configure(config):
 def pytest_unconfigure(config):
     import shutil
 
-    if _TEST_HOME is not None:
-        shutil.rmtree(_TEST_HOME, ignore_errors=True)
+    for folder in (_TEST_HOME, _TEST_TMPDIR):
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):
