@@ -193,6 +193,29 @@ def test_a_hung_generation_is_no_longer_renewed_and_a_peer_fails_it(database_url
         assert replica_a.stop_requested(task_id)  # the hung worker stops there, should it ever wake up
 
 
+def test_one_server_fails_its_own_hung_job_after_the_lease(database_url):
+    """Guards the single-server half of the hung-generation finding: the lease rule skipped the reading
+    server's own jobs, so with one server (no peer to fail it) a generation hung in a step said running on
+    `/jobs/progress` forever. A hung job of this very server, past the lease, is failed by its own read and
+    its worker is told to stop; its live job stepping on is renewed and stays running."""
+    stalled_after_s = 1.0
+    server = JobBoard(database_url, owner=1, lease_s=LEASE_S, renew_every_s=3600, stalled_after_s=stalled_after_s)
+    for task_id in ("hung", "stepping"):
+        server.submitted(task_id, 4)
+        server.queued(task_id, 4)
+        server.step(task_id, 1, 4)
+    time.sleep(stalled_after_s + 0.2)
+    server.step("stepping", 2, 4)
+    with server._connect() as db:  # the lease has passed since either row was written
+        db.execute(update(jobs_module.jobs).values(updated_at=epoch_now() - (LEASE_S + 1)))
+    assert server.renew() == 1  # the stepping job only
+
+    assert server.get("stepping")["state"] == "running"
+    hung = server.get("hung")
+    assert (hung["state"], hung["error"]) == ("failed", stale_reason(LEASE_S)), hung
+    assert server.stop_requested("hung")
+
+
 def test_a_job_that_ended_is_not_held_again(database_url):
     """Guards the LOW finding: `_held` leaked ids. `submitted()` runs after BentoML has started the task's
     handler; when the job had already ended (its handler raised), `_end` had let the id go and `submitted()`

@@ -26,8 +26,8 @@ pid 1, so without the host one replica's start-up failed the others' running job
 unfinished job is failed at start-up only when its row went `SLAP_JOB_LEASE_S` without an update: its
 replica is gone (Kubernetes names a replacement pod anew, so no one else would ever end them). The same
 rule (`_fail_stale`) runs whenever a replica reads a job (`get`: `/jobs/status`, `/jobs/get`,
-`/jobs/progress`): another server's unfinished job past its lease is failed in that read's transaction, so
-a replica that vanished while the others run on leaves no job `running` forever.
+`/jobs/progress`): an unfinished job past its lease is failed in that read's transaction, so a replica that
+vanished while the others run on, or a hung generation, leaves no job `running` forever.
 
 A live process renews the lease of every unfinished job it holds (submitted or started there, not ended)
 from a daemon thread of its own, every quarter of the lease (`renew`), whatever its model is doing: a job
@@ -35,8 +35,8 @@ queued behind a long synchronous `/generate`, or one whose first step waits for 
 one taking steps. It stops renewing a job whose own handler has shown no sign of life for `stalled_after_s`
 (the service's SLAP_REQUEST_TIMEOUT_S): no `queued()`, `step()` or `stop_requested()` (a job waiting for the
 model asks that every `CANCEL_POLL_S`; a running one after every step). Such a generation is hung (a stuck
-CUDA kernel, an ffmpeg pipe that never drains), and another replica fails it after the lease, as it fails a
-gone replica's. A job only submitted (its handler not started yet) is renewed regardless. `updated_at` is
+CUDA kernel, an ffmpeg pipe that never drains), and any replica reading it after the lease, its own server
+included, fails it, as it fails a gone replica's. A job only submitted (its handler not started yet) is renewed regardless. `updated_at` is
 the database's clock (`epoch_now`), written and compared there, so clocks that differ between replicas
 judge nothing. A job failed by another replica is stopped by its worker at its
 next check (`stop_requested`), and a job's end is written only while it is unfinished: the first end wins.
@@ -60,7 +60,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from sqlalchemy import (BigInteger, Column, Connection, Double, Integer, MetaData, Table, Text, case, delete, or_, select,
+from sqlalchemy import (BigInteger, Column, Connection, Double, Integer, MetaData, Table, Text, case, delete, select,
                         update)
 from sqlalchemy.exc import DBAPIError
 
@@ -93,7 +93,7 @@ _PUBLIC = [jobs.c[name] for name in COLUMNS]
 
 def stale_reason(lease_s: float) -> str:
     """Why a job past its lease failed: the one sentence every replica writes for it."""
-    return f"its replica stopped updating it for {lease_s:g} s (the replica is gone); submit it again"
+    return f"its replica stopped updating it for {lease_s:g} s (the replica is gone or the generation hung); submit it again"
 
 
 def _on_this_machine():
@@ -109,8 +109,8 @@ def _own_start_time(pid: int) -> int | None:
 
 class JobBoard:
     """`where`: the database (a URL, an SQLite file's path, or None: in memory); `owner`: the pid of the
-    server whose workers write through this board (None: unknown); `lease_s`: how long another server's
-    unfinished job may go without an update before it is failed as abandoned (None: never, one server);
+    server whose workers write through this board (None: unknown); `lease_s`: how long an unfinished job
+    may go without an update before it is failed as abandoned or hung (None: never);
     `renew_every_s`: how often a process renews the jobs it holds (default a quarter of the lease; None
     without a lease: no renewal); `stalled_after_s`: how long a started job may go without a sign of life
     from its handler before its lease is no longer renewed (None: renewed while held; the service passes
@@ -335,17 +335,16 @@ class JobBoard:
             return self._fail_unfinished(db, orphans, reason) + self._fail_stale(db)
 
     def _fail_stale(self, db: Connection, task_id: str | None = None) -> int:
-        """The lease rule, one guarded UPDATE: fail every unfinished job (or only `task_id`) of another server
-        (another machine, or another server process here) not updated for the lease; returns how many. Its
-        replica is gone: a live process renews the jobs it holds every quarter of the lease (`renew`). Both
-        times are the database's clock. The condition is re-checked by the UPDATE itself, so a renewal written
-        meanwhile by the job's own process or another replica failing it first leaves it as they left it."""
+        """The lease rule, one guarded UPDATE: fail every unfinished job (or only `task_id`) not updated for the
+        lease; returns how many. A live process renews the jobs it holds every quarter of the lease (`renew`),
+        unless their handler is hung: past the lease, the job's replica is gone or its generation is hung, and
+        this holds for this server's own jobs too (with one server, a hung job would otherwise say running
+        forever). Both times are the database's clock. The condition is re-checked by the UPDATE itself, so a
+        renewal written meanwhile by the job's own process or another replica failing it first leaves it as
+        they left it."""
         if self._lease_s is None:
             return 0
-        another_server = or_(~_on_this_machine(), jobs.c.owner.is_distinct_from(self._owner),
-                             jobs.c.owner_started.is_distinct_from(self._owner_started))
-        stale = update(jobs).where(jobs.c.state.in_(UNFINISHED), jobs.c.updated_at < epoch_now() - self._lease_s,
-                                   another_server)
+        stale = update(jobs).where(jobs.c.state.in_(UNFINISHED), jobs.c.updated_at < epoch_now() - self._lease_s)
         if task_id is not None:
             stale = stale.where(jobs.c.task_id == task_id)
         return db.execute(stale.values(state="failed", error=stale_reason(self._lease_s),
@@ -373,7 +372,7 @@ class JobBoard:
             state="failed", error=reason, updated_at=epoch_now())).rowcount for task_id in task_ids)
 
     def get(self, task_id: str) -> dict | None:
-        """The job's row; an unfinished job of another server past its lease is failed first (`_fail_stale`),
+        """The job's row; an unfinished job past its lease is failed first (`_fail_stale`),
         in the same transaction, so every replica's answer about it ends."""
         with self._lock, self._connect() as db:
             row = db.execute(select(*_PUBLIC).where(jobs.c.task_id == task_id)).first()
