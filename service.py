@@ -90,13 +90,15 @@ routes = build_routes(
 )
 
 
-def _say_where_adapters_are() -> None:
+def _say_where_adapters_are() -> None:  # and which settings change nothing
     # `bentoml serve PATH` runs in PATH, so a relative SLAP_ADAPTERS_DIR may name another folder than the one
     # the user meant; an empty listing would be the only sign.
     folder = settings.adapters_dir.absolute()
     names = adapter_names(folder) if folder.is_dir() else []
     print(f"slapgen: serving {settings.model}; adapters from {folder}: {', '.join(names) or 'none yet'}",
           file=sys.stderr, flush=True)
+    for sentence in settings.ineffective():
+        print(f"slapgen: {sentence}", file=sys.stderr, flush=True)
 
 
 def _answer_error(ctx: bentoml.Context, error: SlapgenError):

@@ -46,8 +46,14 @@ def test_reading_settings_without_compile_leaves_the_compile_cache_folder_alone(
     monkeypatch.setenv("SLAP_DEVICE", "cpu")
     monkeypatch.delenv("SLAP_COMPILE", raising=False)
     monkeypatch.setenv("SLAP_COMPILE_CACHE_DIR", str(tmp_path / "volume" / "compile-cache"))
-    assert load_settings().compile_cache_dir == tmp_path / "volume" / "compile-cache"
+    settings = load_settings()
+    assert settings.compile_cache_dir == tmp_path / "volume" / "compile-cache"
     assert list(tmp_path.iterdir()) == []
+    # ... and start-up says so (the fuzz's finding: a cache volume nothing writes looked like one that works).
+    assert settings.ineffective() == [f"SLAP_COMPILE_CACHE_DIR={tmp_path / 'volume' / 'compile-cache'} is not used: "
+                                      "nothing is compiled without SLAP_COMPILE=1"]
+    monkeypatch.setenv("SLAP_COMPILE", "1")
+    assert load_settings().ineffective() == []
 
 
 # --- The fallback, on a small module compiled in fresh processes (seconds, not a whole model's compile) ---------

@@ -53,7 +53,11 @@ MAX_OBJECT_MEMBERS = 256
 
 
 class RequestBody(BaseModel):
-    """A JSON request body: no object in it has more than MAX_OBJECT_MEMBERS members."""
+    """A JSON request body: no object in it has more than MAX_OBJECT_MEMBERS members, and its values have the
+    JSON types they are documented with. pydantic's lax mode read `"seed": false` as seed 0, `"num_frames":
+    true` as 1 and `"seed": "7"` as 7: a client's bug passed as a request it never meant."""
+
+    model_config = ConfigDict(strict=True)
 
     @model_validator(mode="before")
     @classmethod
@@ -195,7 +199,7 @@ def request_limits(spec: ModelSpec) -> dict:
 class RatedSystem(BaseModel):
     """One side of a blind pair: the base model, or an adapter at a scale."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     adapter: AdapterName | None = Field(None, description="adapter name; null for the base model")
     adapter_scale: float = Field(1.0, ge=0, le=MAX_ADAPTER_SCALE)
 

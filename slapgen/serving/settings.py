@@ -140,6 +140,15 @@ class SlapSettings(BaseSettings):
             self.results_dir = self.data_dir / "results"
         return self
 
+    def ineffective(self) -> list[str]:
+        """A sentence for each setting given that changes nothing with the others as they are: start-up says
+        them, since a volume mounted for a cache nothing writes looks, from outside, like a cache that works."""
+        unused = []
+        if self.compile_cache_dir is not None and not self.compile:
+            unused.append(f"SLAP_COMPILE_CACHE_DIR={self.compile_cache_dir} is not used: nothing is compiled "
+                          f"without SLAP_COMPILE=1")
+        return unused
+
     def store_database(self, default_file: Path) -> str | Path:
         """Where a store lives: SLAP_DATABASE_URL, or else its own SQLite file."""
         return self.database_url or default_file
