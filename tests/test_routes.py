@@ -153,6 +153,9 @@ GOOD_RATING = {"left": {"adapter": None}, "right": {"adapter": "a", "adapter_sca
     ({"choices": {"style": "left"}}, "choices.style.[key]"),
     ({"left": {"adapter": "../etc"}}, "left.adapter"),
     ({"right": {"adapter": None}}, "right"),  # the same system on both sides
+    # A system this server does not serve (made-up names grew /ratings/summary's work for every rater).
+    ({"right": {"adapter": "nobody-served-this"}}, "right.adapter"),
+    ({"left": {"adapter": "nobody-served-this"}}, "left.adapter"),
     ({"seed": -1}, "seed"),
     ({"prompt": ""}, "prompt"),
     ({"rater": "x" * 65}, "rater"),

@@ -135,9 +135,7 @@ class GenerateRequest(RequestBody):
                     spec.check_size(field, value)  # the one size rule, `slapgen eval`'s and `generate`'s too
                 except ValueError as error:
                     raise RequestError(str(error), field=field) from None
-        if self.adapter is not None and adapters is not None and self.adapter not in adapters:
-            raise RequestError(f"unknown adapter {self.adapter!r}; available: {', '.join(adapters) or 'none'}",
-                               field="adapter")
+        check_served(self.adapter, adapters, "adapter")
         if ticft_layout is not None:  # without it the engine makes the same checks when it generates
             layout = ticft_layout(self.adapter) if self.adapter is not None else None
             check_condition(self.adapter, layout, self.condition_image is not None, self.include_condition_frames)
@@ -196,6 +194,13 @@ def request_limits(spec: ModelSpec) -> dict:
     }
 
 
+def check_served(adapter: str | None, adapters: list[str] | None, field: str) -> None:
+    """RequestError naming `field` unless `adapter` is None (the base model), `adapters` is None (not checked
+    here) or one of `adapters`, the adapters this server serves."""
+    if adapter is not None and adapters is not None and adapter not in adapters:
+        raise RequestError(f"unknown adapter {adapter!r}; available: {', '.join(adapters) or 'none'}", field=field)
+
+
 class RatedSystem(BaseModel):
     """One side of a blind pair: the base model, or an adapter at a scale."""
 
@@ -218,10 +223,15 @@ class RatingRequest(RequestBody):
     choices: dict[Literal[CRITERIA], Literal[CHOICES]] = Field(min_length=1, description="criterion -> left, right or tie")
     rater: Annotated[str, StringConstraints(strip_whitespace=True, max_length=64)] = ""
 
-    def rows(self) -> list[dict]:
-        """What `RatingStore.add` stores: one row per criterion."""
+    def rows(self, adapters: list[str] | None = None) -> list[dict]:
+        """What `RatingStore.add` stores: one row per criterion. Each side must be the base model or one of
+        `adapters` (the server's; None: not checked): a rating of a system nobody served says nothing, and
+        the summary's work grows with every distinct system, so a client posting made-up names would slow
+        `/ratings/summary` for every rater."""
         if self.left == self.right:
             raise RequestError("the two sides of a pair must be different systems", field="right")
+        check_served(self.left.adapter, adapters, "left.adapter")
+        check_served(self.right.adapter, adapters, "right.adapter")
         return [{"rater": self.rater, "criterion": criterion, "choice": choice, "left_system": self.left.name(),
                  "left_scale": self.left.adapter_scale, "right_system": self.right.name(),
                  "right_scale": self.right.adapter_scale, "prompt": self.prompt, "seed": self.seed}

@@ -116,6 +116,6 @@ def build_routes(
         Route("/adapters/{name}", delete_adapter, methods=["DELETE"]),
         Route("/templates", templates, methods=["GET"]),
         Route("/jobs/progress", job_progress, methods=["GET"]),
-        *studio_routes(ratings),
+        *studio_routes(ratings, lambda: generator().adapters.names()),
         *campaign_routes(campaigns),
     ])

@@ -11,6 +11,7 @@ campaigns: its Campaigns tab rates `slapgen.serving.campaign_routes` pairs and s
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -28,11 +29,14 @@ from slapgen.serving.requests import RatingRequest
 STUDIO_FILES = Path(__file__).with_name("studio_page")
 
 
-def studio_routes(ratings: RatingStore) -> list:
+def studio_routes(ratings: RatingStore, served_adapters: Callable[[], list[str]]) -> list:
+    """`served_adapters`: the names of the adapters the server serves now (a rating names only those)."""
+
     async def add_ratings(request: Request) -> JSONResponse:
         body = await request.body()
         try:
-            rows = RatingRequest.model_validate_json(body or b"{}").rows()
+            rating = RatingRequest.model_validate_json(body or b"{}")
+            rows = rating.rows(await run_in_threadpool(served_adapters))
         except ValidationError as error:
             return JSONResponse(validation_error_body(error), status_code=400)
         except SlapgenError as error:
