@@ -102,6 +102,7 @@ def cmd_eval(args) -> int:
     # Imported here: `slapgen eval` is the one command that loads the generation engine.
     from trainer.evaluate.options import (EvalOptions, default_model_sources, parse_adapter, parse_metrics, parse_seeds,
                                           parse_settings)
+    from trainer.evaluate.names import metric_text
     from trainer.evaluate.ray_shards import check_workers_option
     from trainer.evaluate.report import write_reports
     from trainer.evaluate.run import run_eval
@@ -135,7 +136,7 @@ def cmd_eval(args) -> int:
     result = run_eval(options)
     paths = write_reports(result, args.out)
     for system, data in result["systems"].items():
-        print(f"{system}: " + ", ".join(f"{name} {value:.4g}" for name, value in data["metrics"].items()))
+        print(f"{system}: " + ", ".join(f"{name} {metric_text(value)}" for name, value in data["metrics"].items()))
     if "checkpoints" in result:
         from trainer.evaluate.curves import best_sentence
 
