@@ -349,3 +349,19 @@ def test_a_campaign_is_made_from_a_real_eval_run(evaluation, tmp_path, monkeypat
                              if ["trained", "random", "base"].index(order[i]) < ["trained", "random", "base"].index(order[j]))
             assert report["kendall_tau"] == pytest.approx((concordant - (3 - concordant)) / 3), metric
     assert board["metric_summary"]
+
+
+def test_ctrl_c_of_eval_says_the_videos_are_made_again(monkeypatch, tmp_path, capsys):
+    """Guards a Ctrl-C of `slapgen eval` saying only "finished work is kept (re-run)": a user reran it
+    expecting the videos made so far to be kept, and it made all 64 again (eval keeps only the held-out
+    latent cache, `run.generate` without keep_existing)."""
+    import trainer.evaluate.run
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer.evaluate.run, "run_eval", interrupted)
+    assert cli_main(["eval", "--model", "tiny", "--heldout", str(tmp_path), "--out", str(tmp_path / "out")]) == 130
+    assert cli_stderr(capsys.readouterr().err) == ("slapgen eval: interrupted; finished work is kept (rerun the same "
+                                                   "command: the held-out latent cache is kept, every video is made "
+                                                   "again)")

@@ -419,10 +419,14 @@ def loading_line(command: str) -> str:
     return f"slapgen {command}: loading torch and diffusers ..."
 
 
-# What to type after a Ctrl-C: only `train` has --resume (a sweep given it stops on an unknown option).
+# What to type after a Ctrl-C, and what it redoes: only `train` has --resume (a sweep given it stops on an
+# unknown option).
 RESUME_ADVICE = {"train": "add --resume latest to continue from the last checkpoint",
                  "sweep": "rerun the same command: finished runs are kept, the others resume from their latest "
-                          "checkpoint"}
+                          "checkpoint",
+                 # eval keeps only the held-out latent cache: a rerun makes every video again (a video of the
+                 # same name could be from other settings or another checkpoint, so none is reused).
+                 "eval": "rerun the same command: the held-out latent cache is kept, every video is made again"}
 
 
 def main(argv: list[str] | None = None) -> int:
