@@ -305,7 +305,8 @@ def train(
                 bar.close()  # so that the one line saying why starts a line of its own
                 raise
         if run.validator is not None and run.step % config.validation.every_steps == 0:
-            run.validator.run(accelerator.unwrap_model(run.transformer), run.step, accelerator.autocast)
+            run.validator.run(accelerator.unwrap_model(run.transformer), run.step, accelerator.autocast,
+                              progress=progress and run.main)
         accelerator.wait_for_everyone()
         started = time.perf_counter()
         if stop_at_step is not None and stop_at_step <= run.step < max_steps:
