@@ -365,3 +365,24 @@ def test_ctrl_c_of_eval_says_the_videos_are_made_again(monkeypatch, tmp_path, ca
     assert cli_stderr(capsys.readouterr().err) == ("slapgen eval: interrupted; finished work is kept (rerun the same "
                                                    "command: the held-out latent cache is kept, every video is made "
                                                    "again)")
+
+
+def test_ctrl_c_line_starts_a_line_of_its_own_under_an_open_bar(monkeypatch, tmp_path, capsys):
+    """Guards the Ctrl-C line printed with a plain print while the interrupted bar is still on the screen: it
+    was glued onto the end of the bar's line ("... system=smoke@2]slapgen eval: interrupted; ...")."""
+    import re
+
+    from tqdm import tqdm
+
+    import trainer.evaluate.run
+
+    def interrupted_mid_bar(*args, **kwargs):
+        bar = tqdm(total=64, desc="generate", file=sys.stderr)
+        bar.update(24)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer.evaluate.run, "run_eval", interrupted_mid_bar)
+    assert cli_main(["eval", "--model", "tiny", "--heldout", str(tmp_path), "--out", str(tmp_path / "out")]) == 130
+    segments = re.split(r"[\r\n]", capsys.readouterr().err)
+    line = [segment for segment in segments if "interrupted" in segment]
+    assert line and all(segment.startswith("slapgen eval: interrupted; finished work is kept") for segment in line)

@@ -443,8 +443,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"slapgen {args.command}: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        from tqdm import tqdm
+
         advice = RESUME_ADVICE.get(args.command, "re-run")
-        print(f"slapgen {args.command}: interrupted; finished work is kept ({advice})", file=sys.stderr)
+        # Above the bar the Ctrl-C left open (a plain print was glued onto the end of its line).
+        tqdm.write(f"slapgen {args.command}: interrupted; finished work is kept ({advice})", file=sys.stderr)
         return 130
 
 
