@@ -113,3 +113,30 @@ def test_the_leaderboard_names_a_pick_by_only_for_a_metric_clearly_better_than_c
     unclear = {"clip_score_vitl14": metric(0.62, 0.45, 0.80, 0.4)}
     assert tracking_metric(unclear) is None and "--pick-by" not in metric_sentence(unclear)
     assert tracking_metric({"x": {"agreement": {"rate": None}, "kendall_tau": None}}) is None
+
+
+def test_the_metric_summary_says_a_metric_clearly_against_the_raters():
+    """Guards the summary naming only the most agreeing metric: on the tiny walk-through raters who liked
+    motion disagreed with temporal_flickering in all 48 verdicts (interval 0% to 0%), a clear signal, and
+    the sentence said only that heldout_loss agreed 54% (not clearly better than chance). A metric whose
+    interval lies below 50% is now named with its share of contrary verdicts (1 - rate); one whose interval
+    reaches 50% is not, and `--pick-by` advice stays last."""
+    from slapgen.evaluation.leaderboard import metric_sentence
+
+    def metric(rate, low, high, compared=48):
+        return {"agreement": {"rate": rate, "low": low, "high": high, "compared": compared}, "kendall_tau": None}
+
+    board = {"heldout_loss": metric(0.54, 0.38, 0.71), "temporal_flickering": metric(0.0, 0.0, 0.0),
+             "subject_consistency_dino": metric(0.25, 0.125, 0.375, 40), "fvd_i3d": metric(0.46, 0.25, 0.67)}
+    sentence = metric_sentence(board)
+    assert sentence.startswith("heldout_loss agrees with the raters most, but not clearly better than chance")
+    assert sentence.endswith(
+        ". Clearly against the raters: temporal_flickering prefers the video they did not in 100% of 48 verdicts "
+        "(95% interval 100% to 100%); subject_consistency_dino prefers the video they did not in 75% of 40 "
+        "verdicts (95% interval 62% to 88%); the raters prefer what these metrics penalise, so do not pick by them.")
+    assert "fvd_i3d" not in sentence
+    clear = {"clip_score_vitl14": metric(0.80, 0.70, 0.90), "temporal_flickering": metric(0.1, 0.0, 0.2)}
+    assert ("temporal_flickering prefers the video they did not in 90% of 48 verdicts (95% interval 80% to 100%); "
+            "the raters prefer what it penalises, so do not pick by it." in metric_sentence(clear))
+    assert metric_sentence(clear).endswith("--pick-by clip_score_vitl14.")
+    assert "against" not in metric_sentence({"heldout_loss": metric(0.54, 0.38, 0.71)})

@@ -225,6 +225,32 @@ def test_reports_name_the_best_checkpoint_say_overfitting_and_show_offline_curve
     assert "http://" not in page and "https://" not in page and "<script" not in page
 
 
+
+def test_checkpoints_a_few_ten_thousandths_apart_read_apart_in_every_report(tmp_path):
+    """Guards eval printing 4 significant digits: a tiny run's checkpoints had held-out losses 1.08634,
+    1.08615 and 1.08593, and base, every checkpoint and the named best all read 1.086 in eval.md, report.html
+    and the best sentence, so the marked best could not be told from the rest. Eval now prints 6 digits,
+    as the sweep's report does."""
+    from trainer.evaluate.curves import best_sentence
+    from trainer.evaluate.report import write_reports
+
+    run = make_run(tmp_path / "run", [2, 4, 6], final=6, logged=[(s, 1.2 - s / 100) for s in range(1, 7)])
+    scores = {"base": {"heldout_loss": 1.0863932}, "lora@2": {"heldout_loss": 1.0863442},
+              "lora@4": {"heldout_loss": 1.0861467}, "lora@6": {"heldout_loss": 1.0859291}}
+    result = checkpoint_result(run)
+    result["systems"] = {name: {"adapter": None, "metrics": metrics} for name, metrics in scores.items()}
+    entry = summary("lora", run, run_candidates("lora", run), scores, ["heldout_loss"], "heldout_loss", [])
+    result["checkpoints"]["runs"]["lora"] = entry
+    paths = write_reports(result, tmp_path / "out")
+    markdown, page = paths["md"].read_text(), paths["html"].read_text()
+    for shown in ("| base | 1.08639 |", "| lora@2 | 1.08634 |", "| lora@4 | 1.08615 |", "| lora@6 | **1.08593** |",
+                  "| 2 | lora@2 | 1.08634 |", "| 6 | lora@6 | **1.08593** |"):
+        assert shown in markdown
+    assert "<td class='best'>1.08593</td>" in page and "<td>1.08634</td>" in page
+    assert "is lora@6 (step 6, 1.08593)" in best_sentence("lora", entry)
+    assert "(step 6, 1.08593): no sign of overfitting" in entry["overfitting"]["sentence"]
+
+
 # -- the flags ----------------------------------------------------------------------------------------------
 
 

@@ -349,3 +349,40 @@ def test_a_campaign_is_made_from_a_real_eval_run(evaluation, tmp_path, monkeypat
                              if ["trained", "random", "base"].index(order[i]) < ["trained", "random", "base"].index(order[j]))
             assert report["kendall_tau"] == pytest.approx((concordant - (3 - concordant)) / 3), metric
     assert board["metric_summary"]
+
+
+def test_ctrl_c_of_eval_says_the_videos_are_made_again(monkeypatch, tmp_path, capsys):
+    """Guards a Ctrl-C of `slapgen eval` saying only "finished work is kept (re-run)": a user reran it
+    expecting the videos made so far to be kept, and it made all 64 again (eval keeps only the held-out
+    latent cache, `run.generate` without keep_existing)."""
+    import trainer.evaluate.run
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer.evaluate.run, "run_eval", interrupted)
+    assert cli_main(["eval", "--model", "tiny", "--heldout", str(tmp_path), "--out", str(tmp_path / "out")]) == 130
+    assert cli_stderr(capsys.readouterr().err) == ("slapgen eval: interrupted; finished work is kept (rerun the same "
+                                                   "command: the held-out latent cache is kept, every video is made "
+                                                   "again)")
+
+
+def test_ctrl_c_line_starts_a_line_of_its_own_under_an_open_bar(monkeypatch, tmp_path, capsys):
+    """Guards the Ctrl-C line printed with a plain print while the interrupted bar is still on the screen: it
+    was glued onto the end of the bar's line ("... system=smoke@2]slapgen eval: interrupted; ...")."""
+    import re
+
+    from tqdm import tqdm
+
+    import trainer.evaluate.run
+
+    def interrupted_mid_bar(*args, **kwargs):
+        bar = tqdm(total=64, desc="generate", file=sys.stderr)
+        bar.update(24)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer.evaluate.run, "run_eval", interrupted_mid_bar)
+    assert cli_main(["eval", "--model", "tiny", "--heldout", str(tmp_path), "--out", str(tmp_path / "out")]) == 130
+    segments = re.split(r"[\r\n]", capsys.readouterr().err)
+    line = [segment for segment in segments if "interrupted" in segment]
+    assert line and all(segment.startswith("slapgen eval: interrupted; finished work is kept") for segment in line)

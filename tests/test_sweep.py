@@ -567,3 +567,29 @@ def test_a_ticft_sweep_scores_each_run_on_the_ticft_objective(tiny_cache_dir, de
     with pytest.raises(SweepError, match="trains TIC-FT c1b1t1 \\(pairs\\) and run 00-condition=first-frame TIC-FT "
                                          "c1b1t1 \\(first-frame\\): their held-out losses measure different objectives"):
         plan_runs("tiny-smoke", tiny_train_overrides(tiny_cache_dir, *ticft), mixed, tmp_path / "cache2")
+
+
+def test_a_runs_lines_start_lines_of_their_own_under_the_sweep_bar(tiny_cache_dir, demo_dataset, tmp_path, monkeypatch):
+    """Guards `slapgen train`'s lines printed with a plain print while the sweep's bar is on the screen: in a
+    terminal (bar on stderr, lines on stdout, one screen) "data: 4 clips ready ..." and "LoRA written to ..."
+    were glued onto the end of the bar's line ("... [00:02, ETA 00:02]LoRA written to ..."). Here both streams
+    are one screen, as in a terminal; every line of the run must start a segment of its own."""
+    import io
+    from types import SimpleNamespace
+
+    from trainer.sweep.progress import SweepProgress
+    from trainer.train import train
+
+    config = load_config("tiny-smoke", tiny_train_overrides(tiny_cache_dir, "train.max_train_steps=3",
+                                                            "checkpoint.every_steps=3"))
+    screen = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", screen)
+    monkeypatch.setattr(sys, "stderr", screen)
+    progress = SweepProgress([SimpleNamespace(name="00-run", config=config)], {"00-run": 0})
+    progress.show(["00-run"])
+    final = train(config, demo_dataset, tmp_path / "run", progress=False, on_step=lambda step: progress.step("00-run", step))
+    progress.close()
+    segments = re.split(r"[\r\n]", screen.getvalue())
+    assert f"LoRA written to {final}" in segments
+    assert any(segment.startswith("data: 4 clips ready") for segment in segments)
+    assert not [segment for segment in segments if "ETA" in segment and ("LoRA" in segment or "data:" in segment)]

@@ -310,10 +310,15 @@ def test_generate_top_scores_the_best_checkpoints_and_a_campaign_rates_them(tiny
     for item in tiny_train_overrides(tiny_cache_dir, *FIXED):
         args += ["--set", item]
     assert cli_main(args) == 0, capsys.readouterr().err[-3000:]
+    said = capsys.readouterr().out
     rows = _rows(out)
     run = rows[0]["run"]
     assert [int(row["step"]) for row in rows] == list(STEPS)
     by_loss = sorted(rows, key=lambda row: float(row["heldout_loss"]))
+    # Each generation says which checkpoint it is (its bars say only system=lora), in the sweep's order.
+    in_order = sorted(by_loss[:2], key=lambda row: int(row["step"]))
+    for position, row in enumerate(in_order, 1):
+        assert f"{run}@{row['step']}: videos and generation metrics ({position} of 2)\n" in said
     generated = [row for row in rows if row["temporal_flickering"] != ""]
     assert sorted(int(row["step"]) for row in generated) == sorted(int(row["step"]) for row in by_loss[:2])
     assert by_loss[2]["temporal_flickering"] == "" and by_loss[2]["subject_consistency_dino"] == ""

@@ -485,3 +485,21 @@ def test_logged_lr_with_two_processes_is_the_one_process_schedule(tiny_cache_dir
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((run / "checkpoints" / "checkpoint-000007" / "trainer_state.json").read_text())["processes"] == 2
     assert logged_lr(run) == pytest.approx(LR_SCHEDULE, rel=1e-9, abs=1e-15)
+
+
+def test_validation_videos_show_a_bar_of_their_denoising_steps(tiny_cache_dir, demo_dataset, tmp_path, capsys):
+    """Guards validation running with the pipeline's bar disabled and no word: on a real model one validation
+    video takes minutes, and the training bar sat still at its step, unexplained. Each video now has a bar
+    (denoising steps, ETA) named by step and video; a sweep's runs (progress=False) stay quiet."""
+    config = load_config("tiny-smoke", tiny_train_overrides(
+        tiny_cache_dir, "train.max_train_steps=4", "validation.every_steps=2", "validation.num_inference_steps=3",
+        "validation.prompts=[a slap, a stagger]"))
+    train(config, demo_dataset, tmp_path / "run", progress=True)
+    shown = capsys.readouterr().err
+    for step in (2, 4):
+        for video in (1, 2):
+            assert f"validation at step {step}, video {video}/2:" in shown
+    assert re.search(r"validation at step 2, video 1/2: +\d+%\|[^|]*\| \d/3 \[", shown)
+    assert sorted(p.name for p in (tmp_path / "run" / "validation").iterdir()) == ["step-000002", "step-000004"]
+    train(config, demo_dataset, tmp_path / "quiet", progress=False)
+    assert "validation at step" not in capsys.readouterr().err

@@ -102,6 +102,7 @@ def cmd_eval(args) -> int:
     # Imported here: `slapgen eval` is the one command that loads the generation engine.
     from trainer.evaluate.options import (EvalOptions, default_model_sources, parse_adapter, parse_metrics, parse_seeds,
                                           parse_settings)
+    from trainer.evaluate.names import metric_text
     from trainer.evaluate.ray_shards import check_workers_option
     from trainer.evaluate.report import write_reports
     from trainer.evaluate.run import run_eval
@@ -135,7 +136,7 @@ def cmd_eval(args) -> int:
     result = run_eval(options)
     paths = write_reports(result, args.out)
     for system, data in result["systems"].items():
-        print(f"{system}: " + ", ".join(f"{name} {value:.4g}" for name, value in data["metrics"].items()))
+        print(f"{system}: " + ", ".join(f"{name} {metric_text(value)}" for name, value in data["metrics"].items()))
     if "checkpoints" in result:
         from trainer.evaluate.curves import best_sentence
 
@@ -418,10 +419,14 @@ def loading_line(command: str) -> str:
     return f"slapgen {command}: loading torch and diffusers ..."
 
 
-# What to type after a Ctrl-C: only `train` has --resume (a sweep given it stops on an unknown option).
+# What to type after a Ctrl-C, and what it redoes: only `train` has --resume (a sweep given it stops on an
+# unknown option).
 RESUME_ADVICE = {"train": "add --resume latest to continue from the last checkpoint",
                  "sweep": "rerun the same command: finished runs are kept, the others resume from their latest "
-                          "checkpoint"}
+                          "checkpoint",
+                 # eval keeps only the held-out latent cache: a rerun makes every video again (a video of the
+                 # same name could be from other settings or another checkpoint, so none is reused).
+                 "eval": "rerun the same command: the held-out latent cache is kept, every video is made again"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -438,8 +443,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"slapgen {args.command}: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        from tqdm import tqdm
+
         advice = RESUME_ADVICE.get(args.command, "re-run")
-        print(f"slapgen {args.command}: interrupted; finished work is kept ({advice})", file=sys.stderr)
+        # Above the bar the Ctrl-C left open (a plain print was glued onto the end of its line).
+        tqdm.write(f"slapgen {args.command}: interrupted; finished work is kept ({advice})", file=sys.stderr)
         return 130
 
 

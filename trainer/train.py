@@ -43,6 +43,15 @@ from trainer.validation import Validator
 WEIGHT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}
 
 
+def say(line: str) -> None:
+    """A line of the run's story on stdout, above any progress bar still on the screen (tqdm clears and
+    redraws it): inside `slapgen sweep` the sweep's bar stays open while a run trains, and a plain print
+    glued "data: ..." and "LoRA written to ..." onto the end of the bar's line."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(line)
+
+
 @dataclass
 class Run:
     """Everything the loop touches, built once by `setup`."""
@@ -163,7 +172,7 @@ def _setup(config: TrainConfig, data_path: Path, run_dir: Path, resume: str | No
         validation_embeds = cache.prompt_embeddings([*config.validation.prompts, ""])
     cache.release_encoders()
     if main:
-        print(f"data: {report.summary()}")
+        say(f"data: {report.summary()}")
     if not report.entries:
         raise TrainError(f"no usable clips in {data_path} ({report.summary()})")
 
@@ -221,12 +230,12 @@ def _setup(config: TrainConfig, data_path: Path, run_dir: Path, resume: str | No
 
     # 3. Resume.
     if resume is not None:
-        say = print if main else lambda line: None
-        checkpoint, contents = checkpoints.read_resumable(run_dir, resume, lambda folder: read_checkpoint(run, folder), say)
+        checkpoint, contents = checkpoints.read_resumable(run_dir, resume, lambda folder: read_checkpoint(run, folder),
+                                                          say if main else lambda line: None)
         apply_checkpoint(run, checkpoint, contents)
         if main:
             truncate_after(run_dir / run_folder.METRICS_FILE, run.step)
-            print(f"resumed from {checkpoint} at step {run.step}")
+            say(f"resumed from {checkpoint} at step {run.step}")
     return run
 
 
@@ -296,14 +305,15 @@ def train(
                 bar.close()  # so that the one line saying why starts a line of its own
                 raise
         if run.validator is not None and run.step % config.validation.every_steps == 0:
-            run.validator.run(accelerator.unwrap_model(run.transformer), run.step, accelerator.autocast)
+            run.validator.run(accelerator.unwrap_model(run.transformer), run.step, accelerator.autocast,
+                              progress=progress and run.main)
         accelerator.wait_for_everyone()
         started = time.perf_counter()
         if stop_at_step is not None and stop_at_step <= run.step < max_steps:
             bar.close()
             accelerator.end_training()
             if run.main:
-                print(f"stopped at step {run.step}; continue with --resume latest")
+                say(f"stopped at step {run.step}; continue with --resume latest")
             return None
     bar.close()
 
@@ -312,7 +322,7 @@ def train(
     if run.main:
         with checkpoints.stop_on_write_error("the LoRA", run.dir):
             final = save_lora(accelerator.unwrap_model(run.transformer), run.dir, config, run.resolved.spec.name, run.step)
-        print(f"LoRA written to {final}")
+        say(f"LoRA written to {final}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return final

@@ -33,7 +33,9 @@ class Validator:
         self.data = data
 
     @torch.no_grad()
-    def run(self, transformer, step: int, autocast=contextlib.nullcontext) -> list[Path]:
+    def run(self, transformer, step: int, autocast=contextlib.nullcontext, progress: bool = False) -> list[Path]:
+        """`progress`: a bar per video (denoising steps, ETA) while the training bar waits; on a real model one
+        validation video takes minutes, and without it the training bar sat still at the step, unexplained."""
         pipeline = self.family.inference_pipeline(self.model_folder, tokenizer=None, text_encoder=None, vae=self.vae,
                                                   transformer=transformer)
         pipeline.set_progress_bar_config(disable=True)
@@ -44,6 +46,10 @@ class Validator:
         # Validation must not consume the training RNG, or resumed runs would diverge.
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), autocast():
             for index, embeds in enumerate(self.prompt_embeds):
+                if progress:
+                    pipeline.set_progress_bar_config(
+                        desc=f"validation at step {step}, video {index + 1}/{len(self.prompt_embeds)}", unit="step",
+                        leave=False)
                 generator = torch.Generator("cpu").manual_seed(self.validation.seed)
                 frames = pipeline(
                     prompt_embeds=embeds.unsqueeze(0).to(device, self.vae.dtype),

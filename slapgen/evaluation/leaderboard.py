@@ -106,4 +106,20 @@ def metric_sentence(metrics: Mapping[str, dict]) -> str:
     verdict = "tracks the raters best" if tracking else "agrees with the raters most, but not clearly better than chance"
     advice = (f" Pick the next sweep's or eval's best checkpoint by it: --pick-by {best_name}." if tracking else "")
     return (f"{best_name} {verdict}: it prefers the video the raters preferred in {a['rate']:.0%} of "
-            f"{a['compared']} verdicts (95% interval {a['low']:.0%} to {a['high']:.0%}){tau}.{advice}")
+            f"{a['compared']} verdicts (95% interval {a['low']:.0%} to {a['high']:.0%}){tau}."
+            f"{_contrary_sentence(metrics)}{advice}")
+
+
+def _contrary_sentence(metrics: Mapping[str, dict]) -> str:
+    """Metrics that clearly point the other way (95% interval of agreement below chance), said, as they are
+    telling too: on a tiny walk-through raters who liked motion disagreed with temporal_flickering (1.0 for a
+    still video) in every verdict, and the summary, naming only the most agreeing metric, hid it."""
+    contrary = sorted(((name, m["agreement"]) for name, m in metrics.items()
+                       if m["agreement"]["rate"] is not None and m["agreement"]["high"] < 0.5),
+                      key=lambda kv: kv[1]["rate"])
+    if not contrary:
+        return ""
+    said = "; ".join(f"{name} prefers the video they did not in {1 - a['rate']:.0%} of {a['compared']} verdicts "
+                     f"(95% interval {1 - a['high']:.0%} to {1 - a['low']:.0%})" for name, a in contrary)
+    penalise, it = ("it penalises", "it") if len(contrary) == 1 else ("these metrics penalise", "them")
+    return f" Clearly against the raters: {said}; the raters prefer what {penalise}, so do not pick by {it}."

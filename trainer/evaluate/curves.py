@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from trainer.evaluate.checkpoints import Candidate, system_name
-from trainer.evaluate.names import HELDOUT_LOSS
+from trainer.evaluate.names import HELDOUT_LOSS, metric_text
 from trainer.evaluate.picking import best_of, higher_is_better
 from trainer.run_folder import METRICS_FILE
 
@@ -87,10 +87,10 @@ def overfitting(steps: Sequence[int], heldout: Sequence[float | None], training:
     best = min(points, key=lambda point: point[1])  # min keeps the earliest of equals
     last = points[-1]
     if best[0] == last[0]:
-        return Overfitting(False, f"held-out loss is lowest at the last checkpoint (step {last[0]}, {last[1]:.4g}): no "
+        return Overfitting(False, f"held-out loss is lowest at the last checkpoint (step {last[0]}, {metric_text(last[1])}): no "
                                   "sign of overfitting; more steps may still help", best[0], last[0], 0.0)
     rise = (last[1] - best[1]) / abs(best[1]) if best[1] else math.inf
-    span = f"from step {best[0]} to step {last[0]} held-out loss rose {rise:.1%} ({best[1]:.4g} -> {last[1]:.4g})"
+    span = f"from step {best[0]} to step {last[0]} held-out loss rose {rise:.1%} ({metric_text(best[1])} -> {metric_text(last[1])})"
     if not last[1] > best[1] * (1 + OVERFIT_RISE):  # the rule as written (the ratio above rounds differently)
         return Overfitting(False, f"{span}, within {OVERFIT_RISE:.0%} of its minimum: no clear overfitting",
                            best[0], last[0], rise)
@@ -98,9 +98,9 @@ def overfitting(steps: Sequence[int], heldout: Sequence[float | None], training:
         return Overfitting(False, f"{span}, but the run logged no training loss at one of those checkpoints, so "
                                   "overfitting cannot be told from training going wrong", best[0], last[0], rise)
     if last[2] < best[2]:
-        return Overfitting(True, f"overfitting: {span} while training loss fell ({best[2]:.4g} -> {last[2]:.4g}); the "
+        return Overfitting(True, f"overfitting: {span} while training loss fell ({metric_text(best[2])} -> {metric_text(last[2])}); the "
                                  f"checkpoint at step {best[0]} generalises best", best[0], last[0], rise)
-    return Overfitting(False, f"{span} and training loss did not fall ({best[2]:.4g} -> {last[2]:.4g}): training "
+    return Overfitting(False, f"{span} and training loss did not fall ({metric_text(best[2])} -> {metric_text(last[2])}): training "
                               "itself got worse (a learning rate too high?), not overfitting", best[0], last[0], rise)
 
 
@@ -147,4 +147,4 @@ def best_sentence(adapter: str, entry: dict) -> str:
     if best is None:
         return (f"{adapter}: no checkpoint has a {entry['pick_by']} to pick by (not measured, or not finite)")
     return (f"{adapter}: best checkpoint by {best['metric']} is {best['system']} (step {best['step']}, "
-            f"{best['value']:.4g}): {best['weights']}")
+            f"{metric_text(best['value'])}): {best['weights']}")

@@ -10,3 +10,10 @@ CLIP_PREFIX = "clip_score_"  # + the CLIP checkpoint's short name (slapgen.evalu
 FVD = "fvd_i3d"
 SUBJECT = "subject_consistency_dino"
 FLICKER = "temporal_flickering"
+
+
+def metric_text(value: float) -> str:
+    """A metric value as eval's outputs print it: 6 significant digits, as the sweep's report does, because
+    checkpoints of one run often differ only in the 4th or 5th digit (at 4, a tiny run's checkpoints all
+    read 1.086 and the marked best could not be told from the rest)."""
+    return f"{value:.6g}"

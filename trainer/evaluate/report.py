@@ -15,6 +15,7 @@ from pathlib import Path
 
 from slapgen.atomic import atomic_write_text
 from trainer.evaluate.curves import best_sentence
+from trainer.evaluate.names import metric_text
 
 
 def write_reports(result: dict, out: Path, title: str = "slapgen eval") -> dict[str, Path]:
@@ -36,7 +37,7 @@ def write_reports(result: dict, out: Path, title: str = "slapgen eval") -> dict[
 def _number(value) -> str:
     if value is None:
         return "-"
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
+    return metric_text(value) if isinstance(value, float) else str(value)
 
 
 def _metric_header(name: str, definition: dict) -> str:
@@ -102,7 +103,7 @@ def markdown(result: dict, title: str = "slapgen eval") -> str:
     detail = [(s, d["fvd_i3d_detail"]) for s, d in result["systems"].items() if "fvd_i3d_detail" in d]
     if detail:
         lines += ["", "| system | fvd_i3d | 95% interval | generated | real |", "|---|---|---|---|---|"]
-        lines += [f"| {s} | {d['value']:.4g} | [{d['low']:.4g}, {d['high']:.4g}] | {d['n_a']} | {d['n_b']} |" for s, d in detail]
+        lines += [f"| {s} | {metric_text(d['value'])} | [{metric_text(d['low'])}, {metric_text(d['high'])}] | {d['n_a']} | {d['n_b']} |" for s, d in detail]
     ab = {s: d["ab_vs_base"] for s, d in result["systems"].items() if "ab_vs_base" in d}
     if ab:
         names = list(next(iter(ab.values())))

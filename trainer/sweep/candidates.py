@@ -118,7 +118,7 @@ def generate_candidate(definition, run, directory: Path, candidate: Candidate, e
     has them; returns the entry, stored with them."""
     from trainer.sweep.evaluate import run_generation_metrics
 
-    wanted = [column for column in _wanted_columns(definition, inputs) if column != HELDOUT_LOSS]
+    wanted = _generation_columns(definition, inputs)
     if all(column in entry["metrics"] for column in wanted):
         return entry
     measured = run_generation_metrics(directory, run.config, definition.metrics, inputs, candidate.lora,
@@ -126,6 +126,10 @@ def generate_candidate(definition, run, directory: Path, candidate: Candidate, e
     entry = {**entry, "metrics": {**entry["metrics"], **{column: measured[column] for column in wanted}}}
     write_score(directory, entry)
     return entry
+
+
+def _generation_columns(definition, inputs) -> list[str]:
+    return [column for column in _wanted_columns(definition, inputs) if column != HELDOUT_LOSS]
 
 
 def scored_candidates(definition, out: Path) -> list[tuple[object, dict]]:
@@ -145,10 +149,14 @@ def generate_top(definition, out: Path, inputs, say=print) -> list[str]:
     losses = {system_name(run.name, entry["step"]): entry["metrics"][HELDOUT_LOSS] for run, entry in found}
     chosen = top_by_heldout_loss(losses, definition.generate_top)
     say(f"generation metrics for the {len(chosen)} best of {len(found)} checkpoints by {HELDOUT_LOSS}: {', '.join(chosen)}")
-    for run, entry in found:
-        if system_name(run.name, entry["step"]) in chosen:
-            directory = run_dir(out, run)
-            candidate = next(c for c in list_candidates(directory, run.name)
-                             if c.step == entry["step"])
-            generate_candidate(definition, run, directory, candidate, entry, inputs)
+    wanted = _generation_columns(definition, inputs)
+    # Each one's generation has its own bars (system=lora): say which checkpoint it is and how many are left.
+    pending = [(run, entry) for run, entry in found if system_name(run.name, entry["step"]) in chosen
+               and not all(column in entry["metrics"] for column in wanted)]
+    for position, (run, entry) in enumerate(pending, 1):
+        say(f"{system_name(run.name, entry['step'])}: videos and generation metrics ({position} of {len(pending)})")
+        directory = run_dir(out, run)
+        candidate = next(c for c in list_candidates(directory, run.name)
+                         if c.step == entry["step"])
+        generate_candidate(definition, run, directory, candidate, entry, inputs)
     return chosen
