@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -175,8 +176,31 @@ def hub(fake_hub, tmp_path, monkeypatch):
     return fake_hub
 
 
+_HANDED_OUT_PORTS: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
+    """A port nothing listens on now, below the kernel's ephemeral range, and not handed out before in this run.
+
+    Below the range because a port from it (what binding port 0 gives) is also a source port the kernel
+    picks for outgoing connections: a client retrying `connect(127.0.0.1:P)` before its server listens on P
+    (rank 1 of a two-machine `accelerate launch` waiting for rank 0's TCPStore) can get P as its own source
+    port and connect to itself. It then waits for itself forever, and the server cannot bind P: the
+    two-machine test hung this way for 600 s now and then on a loaded machine."""
+    low, _high = (int(bound) for bound in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    candidates = list(range(10000, low)) if low > 11000 else []
+    random.shuffle(candidates)
+    for port in candidates:
+        if port in _HANDED_OUT_PORTS:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT_PORTS.add(port)
+        return port
+    with socket.socket() as sock:  # a kernel whose ephemeral range starts low: what it gives
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 

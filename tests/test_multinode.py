@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -32,23 +33,27 @@ def test_two_machines_train_as_two_processes_of_one_machine(tiny_cache_dir, demo
     LoRA of the same run as two processes of one machine (same global ranks, same global batch), and its
     checkpoint holds both ranks' RNG states."""
     env = offline_env(tmp_path, ACCELERATE_USE_CPU="1", CUDA_VISIBLE_DEVICES="")
-    port = str(free_port())
+    port = str(free_port())  # below the ephemeral range: rank 1 cannot connect to itself (conftest.free_port)
+    logs = [tmp_path / f"machine-{rank}.log" for rank in ("0", "1")]
     machines = [subprocess.Popen(launch(tiny_cache_dir, demo_dataset, tmp_path / "two-machines", "--num_machines", "2",
                                         "--machine_rank", rank, "--main_process_ip", "127.0.0.1", "--main_process_port", port),
-                                 cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-                for rank in ("0", "1")]
+                                 cwd=REPO_ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+                for rank, log in zip(("0", "1"), logs)]
     try:
-        one_machine = subprocess.run(launch(tiny_cache_dir, demo_dataset, tmp_path / "one-machine", "--num_machines", "1",
-                                            "--main_process_port", str(free_port())),
-                                     cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
-        outputs = [machine.communicate(timeout=600)[0] for machine in machines]
+        _wait_for_all(machines, timeout_s=600)
     finally:  # a rank left waiting at the rendezvous must not outlive the test
         for machine in machines:
             if machine.poll() is None:
                 machine.kill()
                 machine.wait()
-    for machine, output in zip(machines, outputs):
-        assert machine.returncode == 0, output[-3000:]
+    for rank, (machine, log) in enumerate(zip(machines, logs)):
+        both = "\n".join(f"--- machine {k} ---\n{path.read_text()[-3000:]}" for k, path in enumerate(logs))
+        assert machine.returncode == 0, f"machine {rank} ended with {machine.returncode}\n{both}"
+    # After the two machines, not beside them: four training processes at once on two cores is what made
+    # a slow rank 0 slower still.
+    one_machine = subprocess.run(launch(tiny_cache_dir, demo_dataset, tmp_path / "one-machine", "--num_machines", "1",
+                                        "--main_process_port", str(free_port())),
+                                 cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert one_machine.returncode == 0, one_machine.stderr[-3000:]
 
     checkpoint = tmp_path / "two-machines" / "checkpoints" / "checkpoint-000002"
@@ -61,6 +66,17 @@ def test_two_machines_train_as_two_processes_of_one_machine(tiny_cache_dir, demo
     # Not the one-process run: the ranks' noise is drawn per global rank (trainer.train), so it must differ.
     assert any(not torch.equal(expected[key], value) for key, value in
                load_file(_one_process(tiny_cache_dir, demo_dataset, tmp_path, env) / LORA_FILENAME).items())
+
+
+def _wait_for_all(processes: list[subprocess.Popen], timeout_s: float) -> None:
+    """Until every process has ended, one has failed (the others would wait for it at the rendezvous until
+    torch's own timeout: that is stopped now, not after minutes), or `timeout_s` has passed."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        codes = [process.poll() for process in processes]
+        if all(code is not None for code in codes) or any(code not in (None, 0) for code in codes):
+            return
+        time.sleep(0.5)
 
 
 def _one_process(tiny_cache_dir, data, tmp_path, env):
