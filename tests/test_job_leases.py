@@ -256,7 +256,8 @@ def _beside_a_transaction_in_task_id_order(url: str, call, first: str, then: str
     try:
         with ThreadPoolExecutor(1) as thread, engine.connect() as other:
             other.execute(text("SET LOCAL deadlock_timeout = '60s'"))
-            other.execute(select(jobs_module.jobs.c.task_id).where(jobs_module.jobs.c.task_id == first).with_for_update())
+            other.execute(select(jobs_module.jobs.c.task_id).where(
+                jobs_module.jobs.c.task_id == first).with_for_update())
             result = thread.submit(call)
             deadline = time.monotonic() + 30
             while _backends_waiting_for_a_lock(engine) == 0:

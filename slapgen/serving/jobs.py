@@ -279,7 +279,8 @@ class JobBoard:
             with self._lock, self._connect() as db:
                 unfinished = set(_lock_in_order(db, jobs.c.task_id.in_(sorted(held)), jobs.c.state.in_(UNFINISHED)))
                 renewing = [task_id for task_id in live if task_id in unfinished]
-                renewed = db.execute(update(jobs).where(jobs.c.task_id.in_(renewing), jobs.c.state.in_(UNFINISHED)).values(
+                renewed = db.execute(update(jobs).where(
+                    jobs.c.task_id.in_(renewing), jobs.c.state.in_(UNFINISHED)).values(
                     updated_at=epoch_now())).rowcount if renewing else 0
             with self._held_lock:
                 for task_id in held.keys() - unfinished:
@@ -360,12 +361,12 @@ class JobBoard:
 
     def _fail_stale(self, db: Connection, task_ids: list[str]) -> int:
         """The lease rule, one guarded UPDATE: fail those of `task_ids` (rows this transaction has locked, or
-        one row) that are unfinished and not updated for the lease; returns how many. A live process renews the jobs it holds every quarter of the lease (`renew`),
-        unless their handler is hung: past the lease, the job's replica is gone or its generation is hung, and
-        this holds for this server's own jobs too (with one server, a hung job would otherwise say running
-        forever). Both times are the database's clock. The condition is re-checked by the UPDATE itself, so a
-        renewal written meanwhile by the job's own process or another replica failing it first leaves it as
-        they left it."""
+        one row) that are unfinished and not updated for the lease; returns how many. A live process renews the
+        jobs it holds every quarter of the lease (`renew`), unless their handler is hung: past the lease, the
+        job's replica is gone or its generation is hung, and this holds for this server's own jobs too (with one
+        server, a hung job would otherwise say running forever). Both times are the database's clock. The
+        condition is re-checked by the UPDATE itself, so a renewal written meanwhile by the job's own process or
+        another replica failing it first leaves it as they left it."""
         if self._lease_s is None or not task_ids:
             return 0
         return db.execute(update(jobs).where(
