@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from sqlalchemy import create_engine, select, update
+from sqlalchemy import create_engine, select, text, update
 from sqlalchemy.exc import DBAPIError
 
+from slapgen.database import database_url as slapgen_database_url
 from slapgen.database import epoch_now
 from slapgen.serving import jobs as jobs_module
 from slapgen.serving.jobs import FAILED_WITHOUT_STATUS, JobBoard, stale_reason
@@ -237,3 +239,81 @@ def test_a_job_that_ended_is_not_held_again(database_url):
     assert JobBoard(database_url, owner=2, lease_s=LEASE_S).get("failed-by-a-peer")["state"] == "failed"
     assert board.renew() == 0
     assert board._held == {}
+
+
+
+def _backends_waiting_for_a_lock(engine) -> int:
+    with engine.connect() as db:
+        return db.execute(text("SELECT count(*) FROM pg_stat_activity "
+                               "WHERE datname = current_database() AND wait_event_type = 'Lock'")).scalar()
+
+
+def _beside_a_transaction_in_task_id_order(url: str, call, first: str, then: str):
+    """`call()`'s result, run while another transaction holds row `first` and, once `call` waits for it,
+    writes row `then` (first < then: the order every change of several rows follows). Only `call`'s side
+    looks for a deadlock (the other's check waits a minute), so a cycle fails `call` itself."""
+    engine = create_engine(slapgen_database_url(url))
+    try:
+        with ThreadPoolExecutor(1) as thread, engine.connect() as other:
+            other.execute(text("SET LOCAL deadlock_timeout = '60s'"))
+            other.execute(select(jobs_module.jobs.c.task_id).where(
+                jobs_module.jobs.c.task_id == first).with_for_update())
+            result = thread.submit(call)
+            deadline = time.monotonic() + 30
+            while _backends_waiting_for_a_lock(engine) == 0:
+                assert time.monotonic() < deadline, "the call never waited for the row the other transaction holds"
+                time.sleep(0.02)
+            other.execute(update(jobs_module.jobs).where(jobs_module.jobs.c.task_id == then).values(
+                error=jobs_module.jobs.c.error))
+            other.commit()
+            return result.result(timeout=60)
+    finally:
+        engine.dispose()
+
+
+def _server_start_up(url: str):
+    for task_id in ("b", "c", "a"):  # written in this order: a plain scan of the table returns b, c, a
+        JobBoard(url, owner=1).submitted(task_id, 4)
+    starting = JobBoard(url, owner=1, lease_s=LEASE_S)
+    return lambda: starting.end_orphaned("the server restarted", alive=lambda pid, started: False), "a", "b", 3
+
+
+def _worker_start_up(url: str):
+    for task_id in ("b", "c", "a"):
+        JobBoard(url, owner=1).submitted(task_id, 4)
+    return lambda: JobBoard(url, owner=1).end_dead_workers("the worker running it died"), "a", "b", 3
+
+
+def _lease_renewal(url: str):
+    replica_a = JobBoard(url, owner=1, lease_s=LEASE_S, renew_every_s=3600)
+    for task_id in ("b", "a"):
+        replica_a.submitted(task_id, 4)
+    return replica_a.renew, "a", "b", 2
+
+
+def _end_and_cleanup(url: str):
+    JobBoard(url, owner=1).submitted("a", 4)  # the oldest row: a board that keeps one job deletes it
+    keeping_one = JobBoard(url, owner=1, max_jobs=1)
+    keeping_one.submitted("x", 4)
+    return lambda: keeping_one.completed("x"), "a", "x", None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("change", [_server_start_up, _worker_start_up, _lease_renewal, _end_and_cleanup])
+def test_every_change_of_several_rows_locks_them_in_task_id_order(postgres_url, change):
+    """Guards the deadlock (PostgreSQL 40P01, deadlock detected) between a replica's lease renewal and
+    another's start-up: each took its row locks in whatever order its scan met the rows (the start-ups one
+    orphan at a time in a plain SELECT's order, then the stale jobs; the renewal in its UPDATE's plan's), so
+    each could hold a row the other waited for, and PostgreSQL aborted one: a start-up then failed and its
+    replica did not start. Each change of several rows now locks them all first, in task_id order: beside a
+    transaction that holds a and then writes b (as the others now do) it waits for a holding nothing, and
+    both end. Before the fix each of these held b (or, for a job's end, x) while it waited for a, and was
+    aborted. The four changes: a server's and a worker's start-up (fail b, c and a), the lease renewal
+    (renews a and b), and a job's end with the cleanup of the board's oldest rows (x ends, a is deleted)."""
+    call, first, then, expected = change(postgres_url)
+    assert _beside_a_transaction_in_task_id_order(postgres_url, call, first, then) == expected
+    board = JobBoard(postgres_url)
+    if change is _end_and_cleanup:
+        assert (board.get("x")["state"], board.get("a")) == ("completed", None)
+    elif change is not _lease_renewal:
+        assert {board.get(task_id)["state"] for task_id in ("a", "b", "c")} == {"failed"}

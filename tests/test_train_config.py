@@ -119,3 +119,17 @@ def test_the_models_spec_is_looked_up_once_and_follows_set_model(monkeypatch):
     overridden = load_config("tiny-smoke", ["model=tiny-wan"])
     assert (overridden.model, overridden.model_spec.name, overridden.model_spec.family) == ("tiny-wan", "tiny-wan", "wan")
     assert load_config("tiny-smoke").model_spec.family == "cogvideox"
+
+
+def test_load_config_looks_the_models_spec_up_once(monkeypatch):
+    """Guards `load_config` looking the run's model up three times for one config (a folder's configs read or
+    the local hub cache searched each time): for the preset's family block, for its `native` values and
+    again when the config was validated. One look-up per load now, and the spec is the model's."""
+    import trainer.config as config_module
+
+    looked_up = []
+    real = config_module.spec_without_weights
+    monkeypatch.setattr(config_module, "spec_without_weights", lambda model: looked_up.append(model) or real(model))
+    config = load_config("tiny-smoke", ["model=tiny-wan"])  # its Wan block sets data.fps: native
+    assert looked_up == ["tiny-wan"]
+    assert (config.model_spec.name, config.data.fps) == ("tiny-wan", real("tiny-wan").fps)

@@ -294,3 +294,30 @@ def test_cogvideox_uploads_stay_in_diffusers_layout(engine, tmp_path):
     with pytest.raises(AdapterError, match="in the musubi-tuner layout, which slapgen converts for wan models only"):
         store.add("musubi", path.read_bytes())
     assert list((tmp_path / "adapters").iterdir()) == []
+
+
+def test_a_refused_community_key_is_an_adapter_error_answered_400_in_one_sentence(tmp_path):
+    """Guards the Wan family raising two error types at one boundary: `check_community_lora_keys` raised
+    ValueError where `convert_community_lora` raises AdapterError, so its caller had to map both (one it
+    missed would answer 500, an unexpected error). The family raises AdapterError for every file it refuses,
+    and the upload's answer is a 400 with one sentence naming the file, its layout and the key."""
+    import json
+
+    from slapgen.models.wan import WAN
+    from slapgen.serving.http_errors import error_response
+
+    head = "diffusion_model.head.head"  # an embedding/head LoRA: not served from a community layout
+    with pytest.raises(AdapterError):
+        WAN.check_community_lora_keys("wan-original", [f"{head}.lora_down.weight"])
+    store = AdapterStore(tmp_path / "adapters", AdapterTarget("tiny-wan", {"blocks.0.attn1.to_q": (16, 16)}, MAX_RANK,
+                                                              family="wan"), cache_size=2)
+    with pytest.raises(AdapterError) as refused:
+        store.add("head-lora", save({f"{head}.lora_down.weight": torch.zeros(2, 16),
+                                     f"{head}.lora_up.weight": torch.zeros(16, 2)}))
+    answer = error_response(refused.value)
+    sentence = (f"adapter head-lora (wan-original layout): '{head}.lora_down.weight' is not a LoRA matrix or alpha "
+                "of a Wan block's attention or feed-forward, the only LoRA keys served from this layout (image "
+                "cross-attention and embedding or head LoRAs are not)")
+    assert (answer.status_code, json.loads(answer.body)) == (
+        400, {"error": sentence, "detail": [{"loc": ["file"], "msg": sentence}]})  # the upload's file field
+    assert list((tmp_path / "adapters").iterdir()) == []

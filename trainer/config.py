@@ -25,7 +25,7 @@ from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, ModelWrapValidatorHandler, PrivateAttr, ValidationError,
-                      field_validator, model_validator)
+                      ValidationInfo, field_validator, model_validator)
 
 from slapgen.models.family import family_of, frame_rule, is_valid_frame_count
 from slapgen.models.loading import spec_without_weights
@@ -38,6 +38,8 @@ from trainer.errors import TrainConfigError
 PRESETS_DIR = Path(__file__).parent / "presets"
 FAMILIES_KEY = "families"  # a preset's per-family blocks
 NATIVE = "native"  # a data value that is the run's model's own (its spec's)
+# The validation context's key for a spec the caller already looked up: (model, spec), used only for that model.
+KNOWN_SPEC = "known_model_spec"
 # The data settings that may be `native`, each with the spec value it stands for: the model's frame rate,
 # its native (largest) size, and its default clip length (what its pipeline generates by default).
 NATIVE_DATA_VALUES: dict[str, Callable[[ModelSpec], int]] = {
@@ -183,15 +185,18 @@ class TrainConfig(Section):
 
     @model_validator(mode="wrap")
     @classmethod
-    def _against_the_models_spec(cls, data: Any, handler: ModelWrapValidatorHandler["TrainConfig"]) -> "TrainConfig":
-        """Looks the model's spec up once (after `--set model=...`: `load_config` validates the merged tree), fills
+    def _against_the_models_spec(cls, data: Any, handler: ModelWrapValidatorHandler["TrainConfig"],
+                                 info: ValidationInfo) -> "TrainConfig":
+        """Looks the model's spec up once (after `--set model=...`: `load_config` validates the merged tree, and
+        passes the spec it looked up as the validation context's `KNOWN_SPEC` for that model), fills
         what the config leaves to the model's family before the fields are validated (an unset
         `lora.target_modules`: the family's; `with_model_defaults` does it for a model known only after a
         download), and checks the clips against the model once the fields are valid."""
         if not isinstance(data, dict):
             return handler(data)  # a TrainConfig, validated already
         model = data.get("model", cls.model_fields["model"].default)
-        spec = spec_without_weights(model) if isinstance(model, str) else None
+        known = (info.context or {}).get(KNOWN_SPEC)
+        spec = known[1] if known is not None and known[0] == model else _spec_of(model)
         if spec is not None:
             data = _with_family_targets(data, spec)
         config = handler(data)
@@ -267,6 +272,11 @@ class TrainConfig(Section):
         return "\n".join(lines) + "\n"
 
 
+def _spec_of(model: Any) -> ModelSpec | None:
+    """The spec of a config's `model` as known without weights (None: only a download would tell, or not a name)."""
+    return spec_without_weights(model) if isinstance(model, str) else None
+
+
 def _with_family_targets(tree: dict[str, Any], spec: ModelSpec) -> dict[str, Any]:
     """`tree` (a config's raw mapping) with an unset `lora.target_modules` set to the family's of `spec`."""
     lora = tree.get("lora", {})
@@ -338,12 +348,17 @@ def _merged(base: dict[str, Any], block: dict[str, Any]) -> dict[str, Any]:
 def model_family(model: str) -> str:
     """The family whose block a preset applies for `model`: its spec's, known without weights; the
     default family (CogVideoX, what presets' own values are for) when only a download would tell."""
-    spec = spec_without_weights(model)
+    return _family_block_for(spec_without_weights(model))
+
+
+def _family_block_for(spec: ModelSpec | None) -> str:
+    # The spec's family; presets' own values are the default family's.
     return spec.family if spec is not None else DEFAULT_FAMILY
 
 
-def _resolve_native(tree: dict[str, Any]) -> dict[str, Any]:
-    """`tree` with each `native` data value replaced by the run's model's own (`NATIVE_DATA_VALUES`)."""
+def _resolve_native(tree: dict[str, Any], spec: ModelSpec | None) -> dict[str, Any]:
+    """`tree` with each `native` data value replaced by the run's model's own (`NATIVE_DATA_VALUES`), from its
+    `spec` (None: known only after a download)."""
     data = tree.get("data")
     if not isinstance(data, dict):
         return tree
@@ -351,7 +366,6 @@ def _resolve_native(tree: dict[str, Any]) -> dict[str, Any]:
     if not asked:
         return tree
     model = str(tree.get("model", TrainConfig.model_fields["model"].default))
-    spec = spec_without_weights(model)
     if spec is None:
         raise TrainConfigError(f"data.{asked[0]}={NATIVE} means the model's own value, but {model} is known only "
                                f"after a download; pass a number instead (--set data.{asked[0]}=NUMBER)")
@@ -388,19 +402,22 @@ def load_config(path: Path | str | None, overrides: list[str] = ()) -> TrainConf
         if not separator or not key:
             raise TrainConfigError(f"--set {override}: expected key=value, e.g. --set lora.rank=64")
         parsed.append((key.strip(), value))
+    # The run's model (the last --set model=... wins; a family block cannot set it) and its spec, looked up once
+    # for the family block, the `native` values and the validation.
+    model = next((yaml.safe_load(value) for key, value in reversed(parsed) if key == "model"),
+                 tree.get("model", TrainConfig.model_fields["model"].default))
+    spec = _spec_of(model)
     if FAMILIES_KEY in tree:
         blocks = _check_family_blocks(tree.pop(FAMILIES_KEY), source)
-        model = next((yaml.safe_load(value) for key, value in reversed(parsed) if key == "model"),
-                     tree.get("model", TrainConfig.model_fields["model"].default))
-        preset_family = model_family(str(model))
+        preset_family = _family_block_for(spec)
         tree = _merged(tree, blocks.get(preset_family, {}))
     else:
         preset_family = None
     for key, value in parsed:
         _set_dotted(tree, key, value)
-    tree = _resolve_native(tree)
+    tree = _resolve_native(tree, spec)
     try:
-        config = TrainConfig.model_validate(tree)
+        config = TrainConfig.model_validate(tree, context={KNOWN_SPEC: (model, spec)})
     except ValidationError as error:
         problems = "; ".join(_problem(issue) for issue in error.errors())
         raise TrainConfigError(f"invalid training config: {problems}") from None

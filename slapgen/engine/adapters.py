@@ -390,7 +390,7 @@ def convert_community(name: str, data: bytes, header: Header, layout: str, targe
     check_dtypes(name, header)
     try:
         family_named(target.family).check_community_lora_keys(layout, header.shapes)
-    except ValueError as error:
+    except AdapterError as error:  # the family refused a key: its sentence, naming the file
         raise AdapterError(f"{where}: {error}", field="adapter") from None
     for key, shape in header.shapes.items():
         if key.endswith(".alpha"):

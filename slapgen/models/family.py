@@ -343,10 +343,11 @@ class ModelFamily(ABC):
         return None
 
     def check_community_lora_keys(self, layout: str, keys: Collection[str]) -> None:
-        """Raise ValueError (one sentence) unless every key of a `layout` file is one the family serves and
-        its diffusers converter handles in bounded time and memory. Runs on the header alone, before any
-        tensor is read or converted: community converters trust their keys (loops over block numbers they
-        parse, identity matrices as large as a tensor's first dimension). No layouts: nothing to check."""
+        """Raise AdapterError (one sentence, as `convert_community_lora` does) unless every key of a `layout`
+        file is one the family serves and its diffusers converter handles in bounded time and memory. Runs on
+        the header alone, before any tensor is read or converted: community converters trust their keys (loops
+        over block numbers they parse, identity matrices as large as a tensor's first dimension). No layouts:
+        nothing to check."""
 
     def convert_community_lora(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """A LoRA in one of `community_lora_layouts` -> diffusers' keys (`transformer.<module>.lora_A/B.weight`,

@@ -332,13 +332,13 @@ class WanFamily(family.ModelFamily):
             if match is None and DELTA_OR_DORA_KEY.fullmatch(key):
                 continue  # refused or left out by `convert_community_lora`, before the converter
             if match is None:
-                raise ValueError(
+                raise AdapterError(
                     f"{key[:120]!r} is not a LoRA matrix or alpha of a Wan block's attention or feed-forward, "
                     "the only LoRA keys served from this layout (image cross-attention and embedding or head "
-                    "LoRAs are not)")
+                    "LoRAs are not)", field="adapter")
             if int(match.group(1)) >= MAX_BLOCKS:
-                raise ValueError(f"{key[:120]!r} names block {match.group(1)}, and no Wan model has more than "
-                                 f"{MAX_BLOCKS} blocks")
+                raise AdapterError(f"{key[:120]!r} names block {match.group(1)}, and no Wan model has more than "
+                                   f"{MAX_BLOCKS} blocks", field="adapter")
 
     def convert_community_lora(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """diffusers' conversion (`WanPipeline.lora_state_dict`) of a file whose keys passed

@@ -44,7 +44,9 @@ Progress writes are best effort: a database that does not answer (a PostgreSQL f
 the next step writes again; only past the lease, when other replicas fail the job anyway, does it fail.
 
 Every change that depends on a job's state is one conditional UPDATE, so two workers deciding at once
-cannot both act on a state one of them has already changed.
+cannot both act on a state one of them has already changed. A transaction that changes several rows (a
+renewal, a start-up failing orphans and stale jobs, the cleanup of the oldest rows) first locks them all
+in task_id order (`_lock_in_order`), so two such transactions wait for each other rather than deadlock.
 """
 
 from __future__ import annotations
@@ -60,8 +62,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from sqlalchemy import (BigInteger, Column, Connection, Double, Integer, MetaData, Table, Text, case, delete, select,
-                        update)
+from sqlalchemy import (BigInteger, Column, Connection, Double, Integer, MetaData, Table, Text, case, delete, false,
+                        select, update)
 from sqlalchemy.exc import DBAPIError
 
 from slapgen.database import epoch_now, open_store, upsert_ignoring
@@ -99,6 +101,16 @@ def stale_reason(lease_s: float) -> str:
 def _on_this_machine():
     # Rows from before the host was recorded (NULL) come from a board that was one per machine.
     return (jobs.c.host == HOST) | jobs.c.host.is_(None)
+
+
+def _lock_in_order(db: Connection, *where) -> list[str]:
+    """Lock the rows matching `where` in one statement, in task_id order; their ids. Every transaction that
+    changes several rows takes their locks this way before its UPDATEs, which then change only these rows:
+    two of them (one replica renewing its leases while another starts up) wait for each other instead of
+    each holding a row the other waits for, which PostgreSQL ends by aborting one (40P01, deadlock
+    detected). A row changed meanwhile is read again once its lock is granted, so `where` holds for every
+    id returned. SQLite has no row locks (one writer at a time): FOR UPDATE is not written there."""
+    return list(db.execute(select(jobs.c.task_id).where(*where).order_by(jobs.c.task_id).with_for_update()).scalars())
 
 
 @functools.lru_cache(maxsize=4)
@@ -152,14 +164,18 @@ class JobBoard:
     def _end(self, task_id: str, ended_from: tuple[str, ...], **changes) -> None:
         """Write a job's end, only while its state is one of `ended_from`: the first end wins (a job another
         replica failed stays failed, a completed one carries no error written after it). This process no
-        longer holds the job either way: a write that raised leaves no row renewed forever."""
+        longer holds the job either way: a write that raised leaves no row renewed forever. The oldest rows
+        past `max_jobs` are deleted in a transaction of their own, locked in order (`_lock_in_order`)."""
         try:
-            with self._lock, self._connect() as db:
-                self._insert(db, task_id, 0)
-                db.execute(update(jobs).where(jobs.c.task_id == task_id, jobs.c.state.in_(ended_from)).values(
-                    **changes, updated_at=epoch_now()))
-                newest = select(jobs.c.task_id).order_by(jobs.c.updated_at.desc()).offset(self._max_jobs)
-                db.execute(delete(jobs).where(jobs.c.task_id.in_(newest.scalar_subquery())))
+            with self._lock:
+                with self._connect() as db:
+                    self._insert(db, task_id, 0)
+                    db.execute(update(jobs).where(jobs.c.task_id == task_id, jobs.c.state.in_(ended_from)).values(
+                        **changes, updated_at=epoch_now()))
+                with self._connect() as db:
+                    newest = select(jobs.c.task_id).order_by(jobs.c.updated_at.desc()).offset(self._max_jobs)
+                    if oldest := _lock_in_order(db, jobs.c.task_id.in_(newest.scalar_subquery())):
+                        db.execute(delete(jobs).where(jobs.c.task_id.in_(oldest)))
         finally:
             with self._held_lock:
                 self._held.pop(task_id, None)
@@ -261,10 +277,11 @@ class JobBoard:
 
         def write():
             with self._lock, self._connect() as db:
-                renewed = db.execute(update(jobs).where(jobs.c.task_id.in_(live), jobs.c.state.in_(UNFINISHED)).values(
-                    updated_at=epoch_now())).rowcount if live else 0
-                unfinished = set(db.execute(select(jobs.c.task_id).where(
-                    jobs.c.task_id.in_(sorted(held)), jobs.c.state.in_(UNFINISHED))).scalars())
+                unfinished = set(_lock_in_order(db, jobs.c.task_id.in_(sorted(held)), jobs.c.state.in_(UNFINISHED)))
+                renewing = [task_id for task_id in live if task_id in unfinished]
+                renewed = db.execute(update(jobs).where(
+                    jobs.c.task_id.in_(renewing), jobs.c.state.in_(UNFINISHED)).values(
+                    updated_at=epoch_now())).rowcount if renewing else 0
             with self._held_lock:
                 for task_id in held.keys() - unfinished:
                     self._held.pop(task_id, None)
@@ -332,23 +349,29 @@ class JobBoard:
                 jobs.c.state.in_(UNFINISHED), _on_this_machine())).all()
             orphans = [task_id for task_id, owner, started in rows
                        if owner is None or owner == os.getpid() or not alive(owner, started)]
-            return self._fail_unfinished(db, orphans, reason) + self._fail_stale(db)
+            # The orphans and the stale jobs, locked together and in order (`_lock_in_order`).
+            locked = _lock_in_order(db, jobs.c.state.in_(UNFINISHED), jobs.c.task_id.in_(orphans) | self._past_lease())
+            orphaned = set(orphans)
+            return (self._fail_unfinished(db, [task_id for task_id in locked if task_id in orphaned], reason)
+                    + self._fail_stale(db, locked))
 
-    def _fail_stale(self, db: Connection, task_id: str | None = None) -> int:
-        """The lease rule, one guarded UPDATE: fail every unfinished job (or only `task_id`) not updated for the
-        lease; returns how many. A live process renews the jobs it holds every quarter of the lease (`renew`),
-        unless their handler is hung: past the lease, the job's replica is gone or its generation is hung, and
-        this holds for this server's own jobs too (with one server, a hung job would otherwise say running
-        forever). Both times are the database's clock. The condition is re-checked by the UPDATE itself, so a
-        renewal written meanwhile by the job's own process or another replica failing it first leaves it as
-        they left it."""
-        if self._lease_s is None:
+    def _past_lease(self):
+        """The condition of a row not updated for the lease (none without a lease)."""
+        return jobs.c.updated_at < epoch_now() - self._lease_s if self._lease_s is not None else false()
+
+    def _fail_stale(self, db: Connection, task_ids: list[str]) -> int:
+        """The lease rule, one guarded UPDATE: fail those of `task_ids` (rows this transaction has locked, or
+        one row) that are unfinished and not updated for the lease; returns how many. A live process renews the
+        jobs it holds every quarter of the lease (`renew`), unless their handler is hung: past the lease, the
+        job's replica is gone or its generation is hung, and this holds for this server's own jobs too (with one
+        server, a hung job would otherwise say running forever). Both times are the database's clock. The
+        condition is re-checked by the UPDATE itself, so a renewal written meanwhile by the job's own process or
+        another replica failing it first leaves it as they left it."""
+        if self._lease_s is None or not task_ids:
             return 0
-        stale = update(jobs).where(jobs.c.state.in_(UNFINISHED), jobs.c.updated_at < epoch_now() - self._lease_s)
-        if task_id is not None:
-            stale = stale.where(jobs.c.task_id == task_id)
-        return db.execute(stale.values(state="failed", error=stale_reason(self._lease_s),
-                                       updated_at=epoch_now())).rowcount
+        return db.execute(update(jobs).where(
+            jobs.c.task_id.in_(task_ids), jobs.c.state.in_(UNFINISHED), self._past_lease()).values(
+            state="failed", error=stale_reason(self._lease_s), updated_at=epoch_now())).rowcount
 
     def end_dead_workers(self, reason: str, alive: Callable[[int, int | None], bool] = instance_alive) -> int:
         """When a worker of this server starts (circus restarts one that died): fail, with `reason`, the
@@ -363,13 +386,17 @@ class JobBoard:
             dead = [task_id for task_id, owner_started, worker, worker_started in rows
                     if owner_started == self._owner_started
                     and (worker == os.getpid() or not alive(worker, worker_started))]
-            return self._fail_unfinished(db, dead, reason)
+            locked = _lock_in_order(db, jobs.c.task_id.in_(dead), jobs.c.state.in_(UNFINISHED))
+            return self._fail_unfinished(db, locked, reason)
 
     @staticmethod
     def _fail_unfinished(db: Connection, task_ids: list[str], reason: str) -> int:
-        # Only a job still unfinished: one that ended since it was read keeps its end.
-        return sum(db.execute(update(jobs).where(jobs.c.task_id == task_id, jobs.c.state.in_(UNFINISHED)).values(
-            state="failed", error=reason, updated_at=epoch_now())).rowcount for task_id in task_ids)
+        # Rows the caller has locked (`_lock_in_order`), in one guarded UPDATE: only a job still unfinished,
+        # one that ended since it was read keeps its end.
+        if not task_ids:
+            return 0
+        return db.execute(update(jobs).where(jobs.c.task_id.in_(task_ids), jobs.c.state.in_(UNFINISHED)).values(
+            state="failed", error=reason, updated_at=epoch_now())).rowcount
 
     def get(self, task_id: str) -> dict | None:
         """The job's row; an unfinished job past its lease is failed first (`_fail_stale`),
@@ -377,7 +404,7 @@ class JobBoard:
         with self._lock, self._connect() as db:
             row = db.execute(select(*_PUBLIC).where(jobs.c.task_id == task_id)).first()
             # The guarded UPDATE only for an unfinished job: reading a job that ended writes nothing.
-            if row is not None and row[1] in UNFINISHED and self._fail_stale(db, task_id):
+            if row is not None and row[1] in UNFINISHED and self._fail_stale(db, [task_id]):
                 row = db.execute(select(*_PUBLIC).where(jobs.c.task_id == task_id)).first()
         return dict(zip(COLUMNS, row)) if row else None
 
