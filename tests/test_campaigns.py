@@ -492,3 +492,23 @@ def test_a_metric_from_another_evaluation_model_is_not_compared(tmp_path):
     assert mixed.metrics_left_out == {"clip_score": (
         f"clip_score is left out: a-lora and c-lora have it defined differently (model: {str(models.resolve())!r} "
         "against 'openai/clip-vit-base-patch32'), so their numbers do not compare")}
+
+
+def test_a_ticft_adapters_heldout_loss_is_not_compared_with_a_text_to_video_one(tmp_path):
+    """Guards one eval folder's TIC-FT adapter (its held-out loss: the layout's objective) and base (text-to-video)
+    ranked together by heldout_loss in a campaign: eval's `objectives` gives each system its own, the rule
+    compares each system's, so heldout_loss is left out; two TIC-FT adapters of one layout still compare."""
+    definition = heldout_loss_definition("cogvideox", [])
+    layout = "TIC-FT c1b1t3 (first-frame)"
+    scores = {"heldout_loss": {"base": 0.5, "i2v": 0.4, "i2v_b": 0.3}, "flicker": {"base": 0.1, "i2v": 0.2, "i2v_b": 0.3}}
+    folder = write_eval_dir(tmp_path / "eval", ["base", "i2v", "i2v_b"], scores=scores, per_system=("heldout_loss",),
+                            definitions={"heldout_loss": definition | {"objectives": {
+                                "base": "text-to-video", "i2v": layout, "i2v_b": layout}}})
+    mixed = plan_campaign("mixed", [folder])
+    assert set(mixed.metric_directions) == {"flicker"}
+    assert mixed.metrics_left_out == {"heldout_loss": (
+        f"heldout_loss is left out: base and i2v have it defined differently (objectives: 'text-to-video' against "
+        f"{layout!r}), so their numbers do not compare")}
+    assert "heldout_loss" not in mixed.system_scores["i2v"]
+    same = plan_campaign("same", [folder], systems=["i2v", "i2v_b"])
+    assert set(same.metric_directions) == {"flicker", "heldout_loss"} and same.metrics_left_out == {}
