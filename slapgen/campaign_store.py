@@ -89,13 +89,15 @@ class CampaignSpec:
     metric_directions: dict[str, bool] = field(default_factory=dict)  # metric -> higher is better
     system_scores: dict[str, dict[str, float]] = field(default_factory=dict)  # system -> metric -> value
     video_scores: dict[str, dict[tuple[str, int], float]] = field(default_factory=dict)  # metric -> (system, item) -> value
+    metrics_left_out: dict[str, str] = field(default_factory=dict)  # metric -> why its numbers do not compare
 
     def to_json(self) -> dict:
         return {"systems": self.systems, "items": [vars(item) for item in self.items], "criteria": self.criteria,
                 "budget": self.budget, "sources": self.sources, "metric_directions": self.metric_directions,
                 "system_scores": self.system_scores,
                 "video_scores": {metric: [[s, i, v] for (s, i), v in values.items()]
-                                 for metric, values in self.video_scores.items()}}
+                                 for metric, values in self.video_scores.items()},
+                "metrics_left_out": self.metrics_left_out}
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,7 @@ class Campaign:
     metric_directions: dict[str, bool]
     system_scores: dict[str, dict[str, float]]
     video_scores: dict[str, dict[tuple[str, int], float]]
+    metrics_left_out: dict[str, str]
 
     @classmethod
     def from_row(cls, name: str, created_at: float, spec: str) -> "Campaign":
@@ -120,7 +123,8 @@ class Campaign:
                    sources=tree["sources"], metric_directions=tree["metric_directions"],
                    system_scores=tree["system_scores"],
                    video_scores={metric: {(s, i): v for s, i, v in values}
-                                 for metric, values in tree["video_scores"].items()})
+                                 for metric, values in tree["video_scores"].items()},
+                   metrics_left_out=tree.get("metrics_left_out", {}))  # campaigns stored before it had none
 
 
 @dataclass(frozen=True)

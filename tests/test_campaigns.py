@@ -27,11 +27,14 @@ CAPTIONS = ["a slap lands on the cheek", "=HYPERLINK(\"x\") the striker winds up
 
 
 def write_eval_dir(folder: Path, systems: list[str], prompts: int = 3, seeds: tuple[int, ...] = (0, 1),
-                   scores: dict[str, dict[str, float]] | None = None, skip: set[tuple[str, int, int]] = frozenset()) -> Path:
+                   scores: dict[str, dict[str, float]] | None = None, skip: set[tuple[str, int, int]] = frozenset(),
+                   definitions: dict[str, dict] | None = None, per_system: tuple[str, ...] = ()) -> Path:
     """A folder shaped as `slapgen eval` writes it (trainer/evaluate/run.py `assemble`): eval.json and
     videos/SYSTEM/pNNN-sSEED.mp4, real mp4s; `scores[metric][system]` is each system's per-video score
-    (plus the prompt index / 100, so videos differ), and its mean the system's."""
+    (plus the prompt index / 100, so videos differ), and its mean the system's; a metric in `per_system`
+    (held-out loss, FVD) has the system's number only. `definitions[metric]` adds to its definition."""
     scores = scores or {}
+    definitions = definitions or {}
     videos = []
     for system in systems:
         for p in range(prompts):
@@ -43,10 +46,12 @@ def write_eval_dir(folder: Path, systems: list[str], prompts: int = 3, seeds: tu
                 shade = (hash((system, p, seed)) % 200) / 255
                 write_mp4(np.full((4, 16, 16, 3), shade, dtype=np.float32), path, fps=8)
                 videos.append({"system": system, "prompt": p, "seed": seed, "path": str(path.relative_to(folder)),
-                               **{metric: by_system[system] + p / 100 for metric, by_system in scores.items()}})
+                               **{metric: by_system[system] + p / 100 for metric, by_system in scores.items()
+                                  if metric not in per_system}})
     result = {
         "format": 1, "model": "tiny", "seeds": list(seeds),
-        "metric_definitions": {metric: {"higher_is_better": not metric.endswith("loss")} for metric in scores},
+        "metric_definitions": {metric: {"higher_is_better": not metric.endswith("loss"), **definitions.get(metric, {})}
+                               for metric in scores},
         "systems": {s: {"adapter": None, "metrics": {m: by_system[s] + (prompts - 1) / 200 for m, by_system in scores.items()}}
                     for s in systems},
         "prompts": [{"index": p, "video": f"clip{p}.mp4", "caption": CAPTIONS[p]} for p in range(prompts)],
@@ -399,3 +404,111 @@ def test_one_rater_asking_two_replicas_at_once_gets_one_pair(tmp_path, eval_dir,
     assert issued[0].pair_id == issued[1].pair_id
     open_rows = stores[0]._read(pairs.select().where(pairs.c.rater == "ana", pairs.c.answered_at.is_(None)))
     assert [row[0] for row in open_rows] == [issued[0].pair_id]
+
+
+def heldout_loss_definition(family: str, systems: list[str]) -> dict:
+    """eval.json's `heldout_loss` definition as `slapgen eval` writes it for a text-to-video model of `family`
+    (trainer/evaluate/run.py), less the fields equal for every family here."""
+    from slapgen.models.family import family_named
+
+    objective = family_named(family).objective
+    return {"what": f"the training objective ({objective}) on the held-out clips' cached latents at fixed timesteps "
+                    "with noise seeded per clip; no generation",
+            "seed": 0, "clips": 3, "objective": objective, "objectives": {system: "text-to-video" for system in systems}}
+
+
+def answered_leaderboard(store: CampaignStore, name: str) -> dict:
+    """The `overall` leaderboard after one rater answered every pair of `name` (left always preferred)."""
+    with TestClient(Starlette(routes=campaign_routes(store))) as client:
+        while (pair := client.get(f"/campaigns/{name}/pair", params={"rater": "ana"}).json())["pair_id"] is not None:
+            client.post(f"/campaigns/{name}/ratings", json={"pair_id": pair["pair_id"], "rater": "ana",
+                                                            "verdicts": {"overall": "left"}})
+        response = client.get(f"/campaigns/{name}/leaderboard")
+    assert response.status_code == 200, response.text
+    return response.json()["criteria"]["overall"]
+
+
+@pytest.mark.parametrize("wan_family", ["cogvideox", "wan"])
+def test_heldout_losses_of_two_objectives_are_not_compared_with_the_raters(monkeypatch, tmp_path, capsys, wan_family):
+    """Guards a campaign from the evals of two models (`--from eval/steps --from eval/wan-steps`: CogVideoX,
+    v-prediction; Wan, flow matching) computing heldout_loss's agreement with the raters and Kendall's tau
+    over losses of two training objectives, which are not comparable numbers. The campaign is still made
+    (people may compare two models) and CLIP, equally defined in both folders, stays; heldout_loss is left
+    out and the leaderboard says why. With equal objectives (both CogVideoX) heldout_loss is compared."""
+    clip = {"model": "openai/clip-vit-large-patch14", "what": "torchmetrics' CLIP score"}
+    cog = write_eval_dir(tmp_path / "steps", ["base", "lora"], per_system=("heldout_loss",),
+                         scores={"clip_score": {"base": 0.2, "lora": 0.3}, "heldout_loss": {"base": 0.9, "lora": 0.8}},
+                         definitions={"clip_score": clip, "heldout_loss": heldout_loss_definition("cogvideox", ["base", "lora"])})
+    other = write_eval_dir(tmp_path / "wan-steps", ["base", "lora"], per_system=("heldout_loss",),
+                           scores={"clip_score": {"base": 0.1, "lora": 0.4}, "heldout_loss": {"base": 0.2, "lora": 0.1}},
+                           definitions={"clip_score": clip,
+                                        "heldout_loss": heldout_loss_definition(wan_family, ["base", "lora"])})
+    assert run_cli(monkeypatch, tmp_path, "two", "--from", str(cog), "--from", str(other)) == 0
+    said = capsys.readouterr().out
+    store = CampaignStore(tmp_path / "data")
+    board = answered_leaderboard(store, "two")
+    assert board["metrics"]["clip_score"]["agreement"]["compared"] > 0
+    if wan_family == "cogvideox":
+        assert set(board["metrics"]) == {"clip_score", "heldout_loss"} and board["metrics_left_out"] == {}
+        assert "left out" not in said
+        from scipy.stats import kendalltau
+
+        losses = {"steps-base": 0.9, "steps-lora": 0.8, "wan-steps-base": 0.2, "wan-steps-lora": 0.1}  # eval.json has each + 0.01: tau reads the order only
+        strengths = {s["system"]: s["strength"] for s in board["standings"]}
+        expected = kendalltau([-losses[s] for s in losses], [strengths[s] for s in losses]).statistic
+        assert board["metrics"]["heldout_loss"]["kendall_tau"] == pytest.approx(expected)
+        return
+    from slapgen.models.family import family_named
+
+    assert set(board["metrics"]) == {"clip_score"}
+    why = board["metrics_left_out"]["heldout_loss"]
+    assert why == (f"heldout_loss is left out: steps-base and wan-steps-base have it defined differently (objective: "
+                   f"{family_named('cogvideox').objective!r} against {family_named('wan').objective!r}), "
+                   "so their numbers do not compare")
+    assert board["metric_summary"].endswith(f" {why[0].upper()}{why[1:]}.")
+    assert f"{why[0].upper()}{why[1:]}." in said.splitlines()  # `campaign create` says it at once
+    assert store.get("two").system_scores["wan-steps-lora"] == {"clip_score": pytest.approx(0.41)}
+
+
+def test_a_metric_from_another_evaluation_model_is_not_compared(tmp_path):
+    """Guards the one rule (`comparable_metrics`: equal definitions) beyond the held-out loss: a CLIP score
+    computed with another CLIP model in one folder is left out, while a sweep's model path written relative
+    to its folder (trainer/sweep/report.py `shown_path`) and notes on one eval's prompts do not count as a
+    difference."""
+    models = tmp_path / "models" / "clip"
+    models.mkdir(parents=True)
+    first = write_eval_dir(tmp_path / "a", ["lora"], scores={"clip_score": {"lora": 0.2}, "flicker": {"lora": 0.5}},
+                           definitions={"clip_score": {"model": str(models), "prompts_truncated": 0},
+                                        "flicker": {"model": None}})
+    second = write_eval_dir(tmp_path / "b", ["lora"], scores={"clip_score": {"lora": 0.3}, "flicker": {"lora": 0.6}},
+                            definitions={"clip_score": {"model": "../models/clip", "prompts_truncated": 2},
+                                         "flicker": {"model": None}})
+    third = write_eval_dir(tmp_path / "c", ["lora"], scores={"clip_score": {"lora": 0.4}, "flicker": {"lora": 0.7}},
+                           definitions={"clip_score": {"model": "openai/clip-vit-base-patch32"}, "flicker": {"model": None}})
+    same = plan_campaign("same", [first, second])
+    assert set(same.metric_directions) == {"clip_score", "flicker"} and same.metrics_left_out == {}
+    mixed = plan_campaign("mixed", [first, second, third])
+    assert set(mixed.metric_directions) == {"flicker"} and set(mixed.video_scores) == {"flicker"}
+    assert mixed.metrics_left_out == {"clip_score": (
+        f"clip_score is left out: a-lora and c-lora have it defined differently (model: {str(models.resolve())!r} "
+        "against 'openai/clip-vit-base-patch32'), so their numbers do not compare")}
+
+
+def test_a_ticft_adapters_heldout_loss_is_not_compared_with_a_text_to_video_one(tmp_path):
+    """Guards one eval folder's TIC-FT adapter (its held-out loss: the layout's objective) and base (text-to-video)
+    ranked together by heldout_loss in a campaign: eval's `objectives` gives each system its own, the rule
+    compares each system's, so heldout_loss is left out; two TIC-FT adapters of one layout still compare."""
+    definition = heldout_loss_definition("cogvideox", [])
+    layout = "TIC-FT c1b1t3 (first-frame)"
+    scores = {"heldout_loss": {"base": 0.5, "i2v": 0.4, "i2v_b": 0.3}, "flicker": {"base": 0.1, "i2v": 0.2, "i2v_b": 0.3}}
+    folder = write_eval_dir(tmp_path / "eval", ["base", "i2v", "i2v_b"], scores=scores, per_system=("heldout_loss",),
+                            definitions={"heldout_loss": definition | {"objectives": {
+                                "base": "text-to-video", "i2v": layout, "i2v_b": layout}}})
+    mixed = plan_campaign("mixed", [folder])
+    assert set(mixed.metric_directions) == {"flicker"}
+    assert mixed.metrics_left_out == {"heldout_loss": (
+        f"heldout_loss is left out: base and i2v have it defined differently (objectives: 'text-to-video' against "
+        f"{layout!r}), so their numbers do not compare")}
+    assert "heldout_loss" not in mixed.system_scores["i2v"]
+    same = plan_campaign("same", [folder], systems=["i2v", "i2v_b"])
+    assert set(same.metric_directions) == {"flicker", "heldout_loss"} and same.metrics_left_out == {}

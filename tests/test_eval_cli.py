@@ -15,6 +15,7 @@ import pytest
 from diffusers import CogVideoXDPMScheduler, CogVideoXTransformer3DModel
 
 from slapgen.evaluation import stats
+from slapgen.models.family import family_named, family_of
 from slapgen.models.loading import resolve_model
 from slapgen.video import read_mp4
 from tests.conftest import REPO_ROOT, cli_stderr, offline_env, tiny_train_overrides, write_test_adapter
@@ -76,6 +77,9 @@ def test_eval_writes_every_metric_for_every_system(evaluation):
     assert detail["n_a"] == 2 and detail["n_b"] == 2 and detail["low"] <= detail["high"]
     assert "warning:" in evaluation["stdout"] and "report:" in evaluation["stdout"]
     assert "| system | heldout_loss ↓ |" in (out / "eval.md").read_text()
+    # What a campaign compares before setting two folders' losses side by side (trainer/campaign.py).
+    assert definitions["heldout_loss"]["objective"] == family_named("cogvideox").objective
+    assert definitions["heldout_loss"]["objectives"] == dict.fromkeys(("base", "trained", "random"), "text-to-video")
 
 
 def test_heldout_loss_through_the_slot_is_the_trained_loras(evaluation, tiny_cache_dir, demo_dataset):
@@ -275,6 +279,7 @@ def test_eval_scores_a_ticft_adapter_on_each_clips_first_frame(model, demo_datas
         layout_name: pytest.approx(sum(base_ticft) / 2, rel=1e-6)}
     assert result["metric_definitions"]["heldout_loss"]["objectives"] == {"base": "text-to-video",
                                                                            "i2v": f"TIC-FT {layout_name} (first-frame)"}
+    assert result["metric_definitions"]["heldout_loss"]["objective"] == family_of(resolved.spec).objective  # Wan: flow matching
     wins = sum(mine < base for mine, base in zip(adapter, base_ticft))
     ties = sum(mine == base for mine, base in zip(adapter, base_ticft))
     ab = result["systems"]["i2v"]["ab_vs_base"]["heldout_loss"]

@@ -487,6 +487,23 @@ def test_the_sweep_report_is_the_sweeps_and_names_no_path_of_this_machine(genera
     assert (out / cache_setting.partition("=")[2]).resolve() == tiny_cache_dir.resolve()
 
 
+def test_the_sweep_eval_json_records_its_heldout_losses_objective(generation_sweep, tmp_path):
+    """Guards the sweep's combined eval.json without the held-out loss's objective (its `what` said only
+    "text-to-video" for CogVideoX and Wan alike): it records the model family's objective and each system's
+    as `slapgen eval` does, so a campaign from a sweep of one model and an eval of another does not rank
+    their losses together, while a campaign from the sweep alone still compares heldout_loss."""
+    from slapgen.models.family import family_named
+    from trainer.campaign import plan_campaign
+
+    out = generation_sweep["out"]
+    result = json.loads((out / "eval.json").read_text())
+    definition = result["metric_definitions"]["heldout_loss"]
+    assert definition["objective"] == family_named("cogvideox").objective
+    assert definition["objectives"] == dict.fromkeys(result["systems"], "text-to-video")
+    plan = plan_campaign("sweep", [out])
+    assert "heldout_loss" in plan.metric_directions and plan.metrics_left_out == {}
+
+
 def test_a_finished_generation_sweep_reruns_nothing_and_refuses_other_settings(generation_sweep, monkeypatch, capsys):
     """Guards a rerun that trains, measures held-out loss or generates again for runs (or the base model) it
     already evaluated, and a folder that accepts another metric set, generation setting or seed (the

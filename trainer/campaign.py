@@ -8,7 +8,9 @@ Systems keep their eval names; a name found in several folders (every sweep run'
 becomes `RUN-NAME`, RUN the folder's name (its parent's when the folder is called `eval`). Every
 system must have a video of every item (prompt and seed); the error lists what is missing. The
 automatic metrics of eval.json (per system, and per video where eval scored each video) go with the
-campaign so its leaderboard can say which one agrees with the raters.
+campaign so its leaderboard can say which one agrees with the raters; a metric whose definition differs
+between the chosen systems (a held-out loss of two training objectives, a CLIP score of two CLIP
+models) is left out, with the sentence the leaderboard gives for it (`comparable_metrics`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from slapgen.campaign_store import CAMPAIGN_NAME_PATTERN, CampaignSpec, Item, ch
 
 DEFAULT_CRITERIA = ("overall",)
 _VIDEO_FIELDS = ("system", "prompt", "seed", "path")
+# Keys of a metric definition that describe one eval's inputs or caveats, not what its numbers measure.
+_NOTES = ("warning", "text", "prompts_truncated", "prompt_tokens_read")
 
 
 def _source_label(folder: Path) -> str:
@@ -43,6 +47,38 @@ def _read_eval(folder: Path) -> dict:
         raise CampaignError(f"{path} lists no videos: run `slapgen eval` with generation metrics or --seeds so it "
                             "writes videos")
     return result
+
+
+def _definition_of(definition: dict, system: str, folder: Path) -> dict:
+    """What one system's value of a metric measures: its folder's definition without notes, the evaluation
+    model's path as a resolved path (a sweep writes it relative to its folder) and, for a per-system
+    `objectives` (the held-out loss: text-to-video or a TIC-FT layout), this system's entry."""
+    meaning = {key: value for key, value in definition.items() if key not in _NOTES}
+    model = meaning.get("model")
+    if isinstance(model, str) and ((folder / model).exists() or Path(model).is_absolute()):
+        meaning["model"] = str((folder / model).resolve())
+    if isinstance(meaning.get("objectives"), dict):
+        meaning["objectives"] = meaning["objectives"].get(system)
+    return meaning
+
+
+def comparable_metrics(definitions: dict[str, dict[str, dict]]) -> dict[str, str]:
+    """The one rule for setting numbers side by side: a metric is comparable across systems when their
+    definitions (`_definition_of`) are equal. `definitions`: metric -> system -> definition. Returns the
+    metrics that are not, each with the sentence saying why (two systems and the first field that differs)."""
+    left_out = {}
+    for metric, by_system in definitions.items():
+        if len(by_system) < 2:
+            continue
+        (first, reference), *others = sorted(by_system.items())
+        other = next(((system, d) for system, d in others if d != reference), None)
+        if other is None:
+            continue
+        system, meaning = other
+        field = next(key for key in sorted(set(reference) | set(meaning)) if reference.get(key) != meaning.get(key))
+        left_out[metric] = (f"{metric} is left out: {first} and {system} have it defined differently ({field}: "
+                            f"{reference.get(field)!r} against {meaning.get(field)!r}), so their numbers do not compare")
+    return left_out
 
 
 def plan_campaign(name: str, sources: list[Path], systems: list[str] | None = None,
@@ -72,12 +108,17 @@ def plan_campaign(name: str, sources: list[Path], systems: list[str] | None = No
     # (final system) -> (prompt index, caption, seed) -> mp4; the scores alongside.
     files: dict[str, dict[tuple[int, str, int], Path]] = {}
     directions: dict[str, bool] = {}
+    definitions: dict[str, dict[str, dict]] = {}  # metric -> final system -> what its value measures
     system_scores: dict[str, dict[str, float]] = {}
     video_scores: dict[str, dict[tuple[str, tuple], float]] = {}
     for folder, result in zip(folders, results):
         captions = {p["index"]: p["caption"] for p in result.get("prompts", [])}
         for metric, definition in result.get("metric_definitions", {}).items():
             directions[metric] = bool(definition.get("higher_is_better", True))
+            for system in {v.get("system") for v in result["videos"]} | set(result.get("systems", {})):
+                if system in seen:
+                    definitions.setdefault(metric, {})[final_name(folder, system)] = \
+                        _definition_of(definition, system, folder)
         for video in result["videos"]:
             if any(key not in video for key in _VIDEO_FIELDS) or video["prompt"] not in captions:
                 raise CampaignError(f"{folder / 'eval.json'} has a video entry without system, prompt, seed and path")
@@ -119,6 +160,10 @@ def plan_campaign(name: str, sources: list[Path], systems: list[str] | None = No
             missing.append(f"{system} lacks {', '.join(lacking)}")
     if missing:
         raise CampaignError("every system needs a video of the same prompts and seeds; missing " + "; ".join(missing))
+    scored = {m for m in directions if m in video_scores or any(m in system_scores.get(s, {}) for s in chosen)}
+    left_out = comparable_metrics({m: {s: d for s, d in definitions[m].items() if s in chosen}
+                                   for m in sorted(scored) if m in definitions})
+    kept = scored - set(left_out)
     items = [Item(prompt_index=p, prompt=caption, seed=seed) for p, caption, seed in every_item]
     index = {key: k for k, key in enumerate(every_item)}
     return CampaignSpec(
@@ -126,11 +171,11 @@ def plan_campaign(name: str, sources: list[Path], systems: list[str] | None = No
         videos={(s, index[key]): files[s][key] for s in chosen for key in every_item},
         # Without a budget: every pair judged once on every item, the most one rater can be shown.
         budget=budget or len(chosen) * (len(chosen) - 1) // 2 * len(items), sources=[str(folder.resolve()) for folder in folders],
-        metric_directions={m: d for m, d in directions.items()
-                           if m in video_scores or any(m in system_scores.get(s, {}) for s in chosen)},
-        system_scores={s: system_scores.get(s, {}) for s in chosen},
+        metric_directions={m: d for m, d in directions.items() if m in kept},
+        system_scores={s: {m: v for m, v in system_scores.get(s, {}).items() if m not in left_out} for s in chosen},
         video_scores={metric: {(s, index[key]): v for (s, key), v in values.items() if s in chosen}
-                      for metric, values in video_scores.items()},
+                      for metric, values in video_scores.items() if metric not in left_out},
+        metrics_left_out=left_out,
     )
 
 

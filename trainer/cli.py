@@ -216,6 +216,8 @@ def cmd_campaign_create(args) -> int:
     print(f"campaign {campaign.name}: {len(campaign.systems)} systems ({', '.join(campaign.systems)}), "
           f"{len(campaign.items)} prompt/seed items, criteria {', '.join(campaign.criteria)}, budget "
           f"{campaign.budget} ratings, in {data_dir}")
+    for why in campaign.metrics_left_out.values():  # said now, not first on the leaderboard
+        print(f"{why[0].upper()}{why[1:]}.")
     return 0
 
 

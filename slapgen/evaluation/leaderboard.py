@@ -20,10 +20,12 @@ def criterion_board(verdicts: Sequence[Verdict], repeats: Sequence[Verdict], sys
                     budget: int | None, metric_directions: Mapping[str, bool],
                     system_scores: Mapping[str, Mapping[str, float]],
                     video_scores: Mapping[str, Mapping[tuple[str, str, int], float]],
-                    resamples: int = 1000) -> dict:
+                    resamples: int = 1000, metrics_left_out: Mapping[str, str] | None = None) -> dict:
     """One criterion's leaderboard. `verdicts` rank the systems; `repeats` (pairs shown again to the
     same rater) only measure consistency. `system_scores`: system -> metric -> value; `video_scores`:
-    metric -> (system, prompt, seed) -> value."""
+    metric -> (system, prompt, seed) -> value; `metrics_left_out`: metric -> the sentence why it is not
+    compared (its definition differs between the systems), said after the metric summary."""
+    metrics_left_out = dict(metrics_left_out or {})
     ranking = rank_systems(verdicts, systems, resamples=resamples)
     stop = stopping(ranking, budget)
     strengths = {s.system: s.strength for s in ranking.standings}
@@ -47,7 +49,9 @@ def criterion_board(verdicts: Sequence[Verdict], repeats: Sequence[Verdict], sys
         "inter_rater_alpha": krippendorff_alpha(verdicts),
         "rater_consistency": {rater: c.to_json() for rater, c in rater_consistency([*verdicts, *repeats]).items()},
         "metrics": metrics,
-        "metric_summary": metric_sentence(metrics),
+        "metrics_left_out": metrics_left_out,
+        "metric_summary": " ".join([*([metric_sentence(metrics)] if metrics or not metrics_left_out else []),
+                                    *(f"{why[0].upper()}{why[1:]}." for _, why in sorted(metrics_left_out.items()))]),
         "pick_by": tracking_metric(metrics),
     }
 

@@ -79,7 +79,8 @@ def campaign_routes(store: CampaignStore) -> list:
             ranked = verdicts_of(rows, criterion)
             repeats = verdicts_of([row for row in rows if row["repeat"]], criterion, repeats=True)
             criteria[criterion] = criterion_board(ranked, repeats, campaign.systems, campaign.budget,
-                                                  campaign.metric_directions, campaign.system_scores, video_scores)
+                                                  campaign.metric_directions, campaign.system_scores, video_scores,
+                                                  metrics_left_out=campaign.metrics_left_out)
         return {"campaign": name, "systems": campaign.systems, "items": len(campaign.items),
                 "raters": sorted({row["rater"] for row in rows}), "criteria": criteria}
 

@@ -154,10 +154,12 @@ def evaluate(options: EvalOptions, resolved: ResolvedModel | None = None, demand
             "higher_is_better": False,
             "what": f"the training objective ({family.objective}) on the held-out clips' "
                     "cached latents at fixed timesteps with noise seeded per clip; no generation",
-            "timesteps": levels, "seed": options.loss_seed, "clips": len(entries)}
+            "timesteps": levels, "seed": options.loss_seed, "clips": len(entries),
+            # The model family's loss and each system's task: losses of two objectives are different numbers
+            # (a campaign compares heldout_loss across eval folders only where both are equal).
+            "objective": family.objective,
+            "objectives": {name: objective_name(layout) for name, layout in layouts.items()}}  # eval: first-frame conditions
         if any(layouts.values()):
-            definitions[HELDOUT_LOSS]["objectives"] = {
-                name: objective_name(layout) for name, layout in layouts.items()}  # eval: first-frame conditions
             definitions[HELDOUT_LOSS]["ticft"] = (
                 "a TIC-FT adapter's held-out loss is its training objective: each clip cached as condition (its first "
                 "frame) + target in one VAE pass, condition frames clean, buffer k noised to min(t, T_k), the loss on "

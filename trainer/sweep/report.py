@@ -371,6 +371,8 @@ def write_report(out: Path, definition: SweepDefinition, results: dict[str, dict
 def write_eval_report(out: Path, definition: SweepDefinition, results: dict[str, dict], base: dict) -> dict[str, Path]:
     """`slapgen eval`'s eval.json, eval.md and report.html in OUT for the base model and every run, put together
     from their own evaluations (RUN/eval, OUT/base/eval) by `trainer.evaluate.combine`; nothing is generated."""
+    from slapgen.models.family import family_of
+    from slapgen.models.loading import spec_without_weights
     from trainer.evaluate.combine import Part, combine
     from trainer.evaluate.options import BASE
     from trainer.evaluate.report import write_reports
@@ -394,10 +396,14 @@ def write_eval_report(out: Path, definition: SweepDefinition, results: dict[str,
         parts += [part(run_dir(out, run) / EVAL_DIR, ADAPTER, run.name) for run in definition.runs]
         losses |= {name: result["heldout_losses"] for name, result in results.items()}
     objective = definition.runs[0].config.objective  # one for every run (grid.check_one_objective)
+    spec = spec_without_weights(definition.runs[0].config.model)  # `model` is one for the grid (generation metrics)
     loss_definition = {
         "higher_is_better": False,
         "what": f"the training objective ({objective}) on every held-out clip at the runs' training size and precision, "
                 "at fixed timesteps with noise seeded per clip (the sweep's heldout_loss; per clip for the A/B)",
+        # As `slapgen eval` records them: what a campaign compares before it sets two folders' losses side by side.
+        **({"objective": family_of(spec).objective} if spec is not None else {}),
+        "objectives": {name: objective for name in losses},  # the base model's too: scored on the runs' objective
     }
     result = combine(parts, out, losses, loss_definition)
     result["heldout"] = shown_path(result["heldout"], out)
