@@ -188,7 +188,9 @@ def free_port() -> int:
     port and connect to itself. It then waits for itself forever, and the server cannot bind P: the
     two-machine test hung this way for 600 s now and then on a loaded machine."""
     low, _high = (int(bound) for bound in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
-    candidates = list(range(10000, low)) if low > 11000 else []
+    # Above Ray's default worker ports (10002-19999, which a `ray start` reserves whole) and never torch's
+    # default rendezvous port.
+    candidates = [port for port in range(20000, low) if port != 29500] if low > 21000 else []
     random.shuffle(candidates)
     for port in candidates:
         if port in _HANDED_OUT_PORTS:
