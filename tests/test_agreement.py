@@ -140,3 +140,10 @@ def test_the_metric_summary_says_a_metric_clearly_against_the_raters():
             "the raters prefer what it penalises, so do not pick by it." in metric_sentence(clear))
     assert metric_sentence(clear).endswith("--pick-by clip_score_vitl14.")
     assert "against" not in metric_sentence({"heldout_loss": metric(0.54, 0.38, 0.71)})
+    # Every metric against the raters: no "agrees with the raters most" before "clearly against" (review).
+    against = {"temporal_flickering": metric(0.0, 0.0, 0.0), "fvd_i3d": metric(0.2, 0.1, 0.3)}
+    assert metric_sentence(against) == (
+        "No automatic metric agrees with the raters. Clearly against the raters: temporal_flickering prefers the "
+        "video they did not in 100% of 48 verdicts (95% interval 100% to 100%); fvd_i3d prefers the video they did "
+        "not in 80% of 48 verdicts (95% interval 70% to 90%); the raters prefer what these metrics penalise, so do "
+        "not pick by them.")

@@ -512,3 +512,15 @@ def test_a_ticft_adapters_heldout_loss_is_not_compared_with_a_text_to_video_one(
     assert "heldout_loss" not in mixed.system_scores["i2v"]
     same = plan_campaign("same", [folder], systems=["i2v", "i2v_b"])
     assert set(same.metric_directions) == {"flicker", "heldout_loss"} and same.metrics_left_out == {}
+    # Base of that folder beside base of a text-to-video-only folder: the TIC-FT folder's definition carries eval's
+    # `ticft` sentence, a note (review: it made two text-to-video losses "defined differently").
+    plain = write_eval_dir(tmp_path / "plain", ["base"], scores={"heldout_loss": {"base": 0.6}, "flicker": {"base": 0.2}},
+                           per_system=("heldout_loss",), definitions={"heldout_loss": definition | {"objectives": {
+                               "base": "text-to-video"}}})
+    with_note = {"heldout_loss": definition | {"ticft": "a TIC-FT adapter's loss is its layout's objective",
+                                                "objectives": {"base": "text-to-video", "i2v": layout}}}
+    noted = write_eval_dir(tmp_path / "noted", ["base", "i2v"], scores={"heldout_loss": {"base": 0.5, "i2v": 0.4},
+                                                                        "flicker": {"base": 0.1, "i2v": 0.2}},
+                           per_system=("heldout_loss",), definitions=with_note)
+    bases = plan_campaign("bases", [plain, noted], systems=["plain-base", "noted-base"])
+    assert set(bases.metric_directions) == {"flicker", "heldout_loss"} and bases.metrics_left_out == {}

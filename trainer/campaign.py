@@ -26,7 +26,9 @@ from slapgen.campaign_store import CAMPAIGN_NAME_PATTERN, CampaignSpec, Item, ch
 DEFAULT_CRITERIA = ("overall",)
 _VIDEO_FIELDS = ("system", "prompt", "seed", "path")
 # Keys of a metric definition that describe one eval's inputs or caveats, not what its numbers measure.
-_NOTES = ("warning", "text", "prompts_truncated", "prompt_tokens_read")
+# `ticft`: the sentence an eval adds when one of its systems is a TIC-FT adapter; `objectives` already says,
+# per system, what its loss measures (two text-to-video systems stay comparable beside it).
+_NOTES = ("warning", "text", "prompts_truncated", "prompt_tokens_read", "ticft")
 
 
 def _source_label(folder: Path) -> str:

@@ -104,6 +104,8 @@ def metric_sentence(metrics: Mapping[str, dict]) -> str:
         return "No automatic metric can be compared with the raters yet: no verdict with a preference on scored videos."
     best_name, best = found
     a = best["agreement"]
+    if a["high"] < 0.5:  # even the most agreeing metric points the other way: the contrary sentence says it all
+        return f"No automatic metric agrees with the raters.{_contrary_sentence(metrics)}"
     tau = f", and its ranking of the systems has Kendall's tau {best['kendall_tau']:.2f} with theirs" \
         if best["kendall_tau"] is not None else ""
     tracking = tracking_metric(metrics) == best_name
