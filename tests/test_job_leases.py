@@ -218,6 +218,26 @@ def test_one_server_fails_its_own_hung_job_after_the_lease(database_url):
     assert server.stop_requested("hung")
 
 
+def test_a_process_suspended_past_the_lease_does_not_fail_its_own_live_job(database_url):
+    """Guards the review's finding on the single-server lease rule: after a process was suspended for longer
+    than the lease (a paused VM, a laptop asleep), the database's clock had moved on, and the job's own
+    handler asking `stop_requested` read its row past the lease and failed it. A job this process holds and
+    sees alive is never failed by its own reads; a hung one still is."""
+    server = JobBoard(database_url, owner=1, lease_s=LEASE_S, renew_every_s=3600, stalled_after_s=60)
+    server.submitted("alive", 4)
+    server.queued("alive", 4)
+    server.step("alive", 1, 4)
+    with server._connect() as db:  # the suspension: the row is older than the lease by the database's clock
+        db.execute(update(jobs_module.jobs).values(updated_at=epoch_now() - (LEASE_S + 1)))
+    assert server.stop_requested("alive") is False
+    assert server.get("alive")["state"] == "running"
+    assert server.renew() == 1 and _age_s(server, "alive") < LEASE_S  # the thread's next turn renews it
+    # Another replica reading it in that window still fails it: its lease did lapse, as far as it can tell.
+    with server._connect() as db:
+        db.execute(update(jobs_module.jobs).values(updated_at=epoch_now() - (LEASE_S + 1)))
+    assert JobBoard(database_url, owner=2, lease_s=LEASE_S).get("alive")["state"] == "failed"
+
+
 def test_a_job_that_ended_is_not_held_again(database_url):
     """Guards the LOW finding: `_held` leaked ids. `submitted()` runs after BentoML has started the task's
     handler; when the job had already ended (its handler raised), `_end` had let the id go and `submitted()`

@@ -262,6 +262,20 @@ class JobBoard:
             if self._held_by == os.getpid() and task_id in self._held:
                 self._held[task_id] = time.monotonic()
 
+    def _not_stalled(self, alive_at: float | None, now: float) -> bool:
+        """The one rule for a held job's handler being alive: only submitted (None), or a sign of life within
+        `stalled_after_s`."""
+        return alive_at is None or self._stalled_after_s is None or now - alive_at <= self._stalled_after_s
+
+    def _holds_alive(self, task_id: str) -> bool:
+        """This process holds the job and its handler is not stalled: its lease is this process's to renew."""
+        now = time.monotonic()
+        with self._held_lock:
+            if self._held_by != os.getpid() or task_id not in self._held:
+                return False
+            alive_at = self._held[task_id]
+        return self._not_stalled(alive_at, now)
+
     def renew(self) -> int:
         """Renew the lease of every unfinished job this process holds whose handler is not stalled, in one
         UPDATE; returns how many. Its thread calls it every `renew_every_s`: a live server's jobs never go
@@ -272,8 +286,7 @@ class JobBoard:
             held = dict(self._held) if self._held_by == os.getpid() else {}
         if not held:
             return 0
-        live = sorted(task_id for task_id, alive_at in held.items()
-                      if alive_at is None or self._stalled_after_s is None or now - alive_at <= self._stalled_after_s)
+        live = sorted(task_id for task_id, alive_at in held.items() if self._not_stalled(alive_at, now))
 
         def write():
             with self._lock, self._connect() as db:
@@ -400,11 +413,14 @@ class JobBoard:
 
     def get(self, task_id: str) -> dict | None:
         """The job's row; an unfinished job past its lease is failed first (`_fail_stale`),
-        in the same transaction, so every replica's answer about it ends."""
+        in the same transaction, so every replica's answer about it ends. Not a job this very process holds
+        alive: after the process was suspended for longer than the lease (a paused VM, a laptop asleep), its
+        handler's own `stop_requested` read would otherwise fail it before the renewal thread's next turn."""
+        holds_alive = self._holds_alive(task_id)
         with self._lock, self._connect() as db:
             row = db.execute(select(*_PUBLIC).where(jobs.c.task_id == task_id)).first()
             # The guarded UPDATE only for an unfinished job: reading a job that ended writes nothing.
-            if row is not None and row[1] in UNFINISHED and self._fail_stale(db, [task_id]):
+            if row is not None and row[1] in UNFINISHED and not holds_alive and self._fail_stale(db, [task_id]):
                 row = db.execute(select(*_PUBLIC).where(jobs.c.task_id == task_id)).first()
         return dict(zip(COLUMNS, row)) if row else None
 

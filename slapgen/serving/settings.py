@@ -52,9 +52,10 @@ class SlapSettings(BaseSettings):
         3600, ge=1, description="seconds a request may wait and run before the server gives up"
     )
     job_lease_s: int = Field(
-        900, ge=60, description="seconds another replica's unfinished job may go without an update (its replica's "
-        "worker renews the jobs it holds every quarter of this, on the database's clock) before a replica reading "
-        "it or starting up fails it as its replica's gone; longer than a database failover"
+        900, ge=60, description="seconds an unfinished job may go without an update (the worker holding a job renews "
+        "it every quarter of this, on the database's clock, unless its generation is hung) before a replica reading "
+        "it or starting up, its own server included, fails it as its replica's gone or its generation hung; longer "
+        "than a database failover"
     )
     max_queue: int = Field(
         16, ge=1, description="generations admitted at once per worker (running + waiting); more get HTTP 429"
