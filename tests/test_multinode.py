@@ -5,6 +5,8 @@ is the same run as two processes of one machine (README: Train a LoRA, "Several 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -37,14 +39,15 @@ def test_two_machines_train_as_two_processes_of_one_machine(tiny_cache_dir, demo
     logs = [tmp_path / f"machine-{rank}.log" for rank in ("0", "1")]
     machines = [subprocess.Popen(launch(tiny_cache_dir, demo_dataset, tmp_path / "two-machines", "--num_machines", "2",
                                         "--machine_rank", rank, "--main_process_ip", "127.0.0.1", "--main_process_port", port),
-                                 cwd=REPO_ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+                                 cwd=REPO_ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                                 start_new_session=True)  # its own process group: the training ranks go with it
                 for rank, log in zip(("0", "1"), logs)]
     try:
         _wait_for_all(machines, timeout_s=600)
     finally:  # a rank left waiting at the rendezvous must not outlive the test
         for machine in machines:
             if machine.poll() is None:
-                machine.kill()
+                os.killpg(machine.pid, signal.SIGKILL)  # the launcher and the ranks torchrun started
                 machine.wait()
     for rank, (machine, log) in enumerate(zip(machines, logs)):
         both = "\n".join(f"--- machine {k} ---\n{path.read_text()[-3000:]}" for k, path in enumerate(logs))
