@@ -13,7 +13,7 @@ FLICKER = "temporal_flickering"
 
 
 def metric_text(value: float) -> str:
-    """A metric value as eval's outputs print it: 6 significant digits, as the sweep's report does, because
+    """A metric value as eval's and the sweep's outputs print it: 6 significant digits, because
     checkpoints of one run often differ only in the 4th or 5th digit (at 4, a tiny run's checkpoints all
     read 1.086 and the marked best could not be told from the rest)."""
     return f"{value:.6g}"

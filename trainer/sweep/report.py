@@ -25,6 +25,7 @@ from pathlib import Path
 from slapgen.atomic import atomic_write_text
 from trainer.config import TrainConfig
 from trainer.checkpoints import CHECKPOINTS_DIR, checkpoint_dir
+from trainer.evaluate.names import metric_text
 from trainer.evaluate.picking import best_of, higher_is_better
 from trainer.lora import LORA_FILENAME
 from trainer.evaluate.checkpoints import system_name
@@ -93,7 +94,7 @@ class Winner:
         return self.run.name
 
     def say(self) -> str:
-        value = "no number" if self.value is None else f"{self.value:.6g}"
+        value = "no number" if self.value is None else metric_text(self.value)
         where = f"{self.run.name} at step {self.step}" if self.checkpoint else self.run.name
         return f"{where} ({self.metric} {value}), LoRA {self.lora}"
 
@@ -232,7 +233,7 @@ def write_best_yaml(path: Path, definition: SweepDefinition, best: Winner, out: 
 def _number(metrics: dict, column: str, bold: bool) -> str:
     if column not in metrics:
         return "-"  # not measured: --generate-top gave this checkpoint no videos
-    return f"**{metrics[column]:.6g}**" if bold else f"{metrics[column]:.6g}"
+    return f"**{metric_text(metrics[column])}**" if bold else metric_text(metrics[column])
 
 
 def _checkpoint_table(definition: SweepDefinition, best: Winner, out: Path) -> list[str]:
@@ -255,7 +256,7 @@ def _markdown_table(definition: SweepDefinition, results: dict[str, dict], best:
              "|---" * (len(keys) + len(columns) + 2) + "|"]
     for run in definition.runs:
         metrics = results[run.name]["metrics"]
-        shown = [f"**{metrics[c]:.6g}**" if run.name == best.name else f"{metrics[c]:.6g}" for c in columns]
+        shown = [f"**{metric_text(metrics[c])}**" if run.name == best.name else metric_text(metrics[c]) for c in columns]
         cells = [run.name, *(_cell(config_value(run.config, key)) for key in keys), *shown,
                  "**best**" if run.name == best.name else ""]
         lines.append("| " + " | ".join(cells) + " |")
@@ -278,7 +279,7 @@ def _generation_lines(definition: SweepDefinition, base: dict | None) -> list[st
     lines.append("")
     if base is not None:
         lines += ["The base model without a LoRA, for reference: "
-                  + ", ".join(f"`{column}` {base['metrics'][column]:.6g}" for column in definition.columns)
+                  + ", ".join(f"`{column}` {metric_text(base['metrics'][column])}" for column in definition.columns)
                   + f". [`{EVAL_REPORT}`]({EVAL_REPORT}): every "
                   + ("checkpoint that made videos (`RUN@STEP`)" if definition.checkpoints else "run")
                   + " next to the base model per prompt and seed (videos), with the A/B of each against it.", ""]
@@ -287,7 +288,7 @@ def _generation_lines(definition: SweepDefinition, base: dict | None) -> list[st
 
 def _winner_lines(definition: SweepDefinition, best: Winner, data: str) -> list[str]:
     direction = "highest" if higher_is_better(best.metric) else "lowest"
-    value = "no number" if best.value is None else f"{best.value:.6g}"
+    value = "no number" if best.value is None else metric_text(best.value)
     where = f"**{best.name}** at step **{best.step}**" if best.checkpoint else f"**{best.name}**"
     lines = [f"Best, by `{best.metric}` ({direction}, `--pick-by`): {where} ({value}). Its LoRA: `{best.lora}`."]
     if best.checkpoint:

@@ -27,6 +27,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from trainer.datasets import read_dataset
+from trainer.evaluate.names import metric_text
 from trainer.errors import SweepError
 from trainer.ray_cluster import DEFAULT_NODE_WAIT_S, NodeWait, TaskDemand
 from trainer.run_folder import last_logged_step
@@ -121,7 +122,7 @@ def _in_process(definition: SweepDefinition, out: Path, pending: list, progress:
         progress.say(f"{run.name}: {run_state(run_dir(out, run)).value}")
 
         result = execute_run(definition, run, out, device, on_step=lambda step, name=run.name: progress.step(name, step))
-        progress.say(f"{run.name}: " + ", ".join(f"{column} {value:.6g}" for column, value in result["metrics"].items()))
+        progress.say(f"{run.name}: " + ", ".join(f"{column} {metric_text(value)}" for column, value in result["metrics"].items()))
         gc.collect()  # the run's model and optimizer, before the next run allocates its own
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -161,7 +162,7 @@ def _on_ray(definition: SweepDefinition, out: Path, pending: list, progress: Swe
     for name, failure in outcome.items():
         if failure is None:
             result = read_result(run_dir(out, definition.run(name)))
-            progress.say(f"{name}: " + ", ".join(f"{column} {value:.6g}" for column, value in result["metrics"].items()))
+            progress.say(f"{name}: " + ", ".join(f"{column} {metric_text(value)}" for column, value in result["metrics"].items()))
     _raise_failed([f"{name} ({failure}; see {run_dir(out, definition.run(name)) / 'sweep.log'})"
                    for name, failure in outcome.items() if failure is not None], len(pending))
 
