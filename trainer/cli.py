@@ -203,6 +203,7 @@ def cmd_caption(args) -> int:
 
 
 def cmd_campaign_create(args) -> int:
+    from slapgen.evaluation.leaderboard import left_out_sentences
     from slapgen.serving.settings import load_settings
     from trainer.campaign import create_campaign
 
@@ -216,8 +217,8 @@ def cmd_campaign_create(args) -> int:
     print(f"campaign {campaign.name}: {len(campaign.systems)} systems ({', '.join(campaign.systems)}), "
           f"{len(campaign.items)} prompt/seed items, criteria {', '.join(campaign.criteria)}, budget "
           f"{campaign.budget} ratings, in {data_dir}")
-    for why in campaign.metrics_left_out.values():  # said now, not first on the leaderboard
-        print(f"{why[0].upper()}{why[1:]}.")
+    for sentence in left_out_sentences(campaign.metrics_left_out):  # said now, not first on the leaderboard
+        print(sentence)
     return 0
 
 

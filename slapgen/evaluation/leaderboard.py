@@ -51,7 +51,7 @@ def criterion_board(verdicts: Sequence[Verdict], repeats: Sequence[Verdict], sys
         "metrics": metrics,
         "metrics_left_out": metrics_left_out,
         "metric_summary": " ".join([*([metric_sentence(metrics)] if metrics or not metrics_left_out else []),
-                                    *(f"{why[0].upper()}{why[1:]}." for _, why in sorted(metrics_left_out.items()))]),
+                                    *left_out_sentences(metrics_left_out)]),
         "pick_by": tracking_metric(metrics),
     }
 
@@ -85,6 +85,12 @@ def _most_agreeing(metrics: Mapping[str, dict]) -> tuple[str, dict] | None:
     if not rated:
         return None
     return max(rated.items(), key=lambda kv: (kv[1]["agreement"]["rate"], kv[1]["kendall_tau"] or -2))
+
+
+def left_out_sentences(metrics_left_out: Mapping[str, str]) -> list[str]:
+    """Why each metric left out of a campaign is (`trainer.campaign.comparable_metrics`), as sentences, in
+    metric order: what `campaign create` prints and the leaderboard's summary ends with."""
+    return [f"{why[0].upper()}{why[1:]}." for _, why in sorted(metrics_left_out.items())]
 
 
 def tracking_metric(metrics: Mapping[str, dict]) -> str | None:
