@@ -173,6 +173,20 @@ def test_bad_input_is_one_line_and_exit_2(arguments, message, tiny_cache_dir, de
     assert not (tmp_path / "out").exists()
 
 
+
+def test_fvd_on_a_short_ticft_layout_is_refused_before_anything_runs(tiny_cache_dir, demo_dataset, tmp_path, capsys):
+    """Guards README's tiny TIC-FT adapter (c1b1t1: 4 target frames) crashing `slapgen eval` with the I3D's
+    traceback ("the I3D needs at least 10 frames, got 4") after every video was generated: FVD's frame
+    minimum is checked against each TIC-FT adapter's target frames (4 * 1 for c1b1t1, below 10) before any
+    output is written."""
+    lora = write_test_adapter(tmp_path / "ticft", tiny_cache_dir, rank=4, seed=5, ticft_layout="c1b1t1")
+    code = cli_main(["eval", "--model", "tiny", "--adapter", f"i2v={lora}", "--heldout", str(demo_dataset),
+                     "--out", str(tmp_path / "out"), "--max-clips", "1", "--metrics", "fvd"])
+    error = cli_stderr(capsys.readouterr().err)
+    assert code == 2 and len(error.splitlines()) == 1, error
+    assert "fvd needs videos of at least 10 frames" in error and "layout c1b1t1" in error and "its 4 target frames" in error
+    assert not (tmp_path / "out").exists()
+
 def test_loss_only_generates_nothing_and_reuses_a_shared_cache(evaluation, demo_dataset, tmp_path, capsys):
     """Guards `--metrics loss` (what a sweep runs after every training) generating videos or loading the
     evaluation models, and `--cache` not being shared: with the first run's latent cache it encodes

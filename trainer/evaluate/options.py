@@ -88,6 +88,19 @@ class EvalOptions:
                             "of --metrics")
         return params
 
+    def check_ticft_frames(self, layouts: dict) -> None:
+        """EvalError, before anything is read or written, when FVD would score a TIC-FT adapter's videos on
+        fewer target frames than the I3D takes (`layouts`: system name -> its TicftLayout or None). Its videos
+        are its layout's target frames whatever num_frames is, so `params` cannot see this."""
+        if "fvd" not in self.metrics:
+            return
+        for name, layout in layouts.items():
+            if layout is not None and layout.target_pixel_frames < I3D_MIN_FRAMES:
+                raise EvalError(f"fvd needs videos of at least {I3D_MIN_FRAMES} frames (the I3D's minimum), but {name} is a "
+                                f"TIC-FT adapter of layout {layout}, whose videos are its {layout.target_pixel_frames} "
+                                "target frames; leave fvd out of --metrics (e.g. --metrics loss,clip,temporal) or train "
+                                "a layout with at least 3 target latent frames (c1b1t3)")
+
 
 def check_checkpoint_choices(options: EvalOptions) -> None:
     """--checkpoints, --generate-top and --pick-by together: one sentence for a combination that cannot

@@ -100,6 +100,7 @@ def evaluate(options: EvalOptions, resolved: ResolvedModel | None = None, demand
     params = options.params(resolved.spec)
     systems = resolve_systems(options.adapters, include_base=options.include_base, checkpoints=plans)
     check_base_models(systems, resolved.spec.name)
+    options.check_ticft_frames({system.name: system.ticft_layout for system in systems})
     out = Path(options.out)
     out.mkdir(parents=True, exist_ok=True)
 
