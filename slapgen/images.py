@@ -32,8 +32,10 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 def decode_image(data: bytes) -> np.ndarray:
     """PNG or JPEG bytes -> RGB uint8 (H, W, 3), EXIF rotation applied; ImageError otherwise."""
-    from PIL import Image, ImageOps
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
+    if not data:
+        raise ImageError("the image is empty (no bytes)")
     if len(data) > MAX_IMAGE_BYTES:
         raise ImageError(f"the image is larger than {MAX_IMAGE_BYTES // 1024**2} MiB")
     try:
@@ -47,6 +49,14 @@ def decode_image(data: bytes) -> np.ndarray:
             rgb = upright.convert("RGB")
     except ImageError:
         raise
+    except Image.DecompressionBombError:
+        # Pillow refuses a header claiming over twice its own pixel limit while opening, before our size check.
+        raise ImageError(f"the image has more than {MAX_IMAGE_PIXELS:,} pixels; at most {MAX_IMAGE_PIXELS:,} pixels "
+                         "are accepted") from None
+    except UnidentifiedImageError:
+        # Its text is "cannot identify image file <_io.BytesIO object at 0x...>": our buffer, not the client's file.
+        raise ImageError("the image is not a PNG or JPEG that can be decoded (its header is neither a valid PNG nor "
+                         "a valid JPEG one)") from None
     except Exception as error:  # noqa: BLE001 - Pillow promises no error types: UnidentifiedImageError, OSError,
         # SyntaxError, ValueError, EOFError, and struct.error from a damaged EXIF block re-packed by exif_transpose
         raise ImageError(f"the image is not a PNG or JPEG that can be decoded ({first_line(error, 120)})") from None

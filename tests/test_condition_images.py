@@ -23,7 +23,7 @@ REFUSED = {  # kind -> what the sentence says
     "png-claims-65535x65535": "pixels", "png-claims-2^31x2^31": "pixels", "jpeg-claims-65500x65500": "pixels",
     "png-zero-width": "not a PNG or JPEG", "png-truncated": "not a PNG or JPEG", "png-header-only": "not a PNG or JPEG",
     "jpeg-truncated": "not a PNG or JPEG", "png-bad-crc": "not a PNG or JPEG", "gif": "not a PNG or JPEG",
-    "webp": "not a PNG or JPEG", "bmp": "not a PNG or JPEG", "empty": "not a PNG or JPEG",
+    "webp": "not a PNG or JPEG", "bmp": "not a PNG or JPEG", "empty": "the image is empty",
     "jpeg-exif-damaged": "not a PNG or JPEG",
 }
 
@@ -106,6 +106,28 @@ def test_every_hostile_image_is_a_frame_or_one_sentence(kind):
     frame = image_frame(image, 64, 96)
     assert frame.shape == (1, 3, 64, 96) and bool(frame.isfinite().all()) and -1 <= frame.min() <= frame.max() <= 1
 
+
+
+def test_refusals_say_what_is_wrong_in_the_clients_terms():
+    """Guards sentences that quoted Pillow's internals: a GIF, WebP, BMP, damaged PNG header or empty
+    string said "cannot identify image file <_io.BytesIO object at 0x7f...>" (our buffer's address, a
+    different text every request), and a PNG whose header claims 65535x65535 said it was "not a PNG or
+    JPEG" with Pillow's "could be decompression bomb DOS attack" instead of README's pixel limit."""
+    from slapgen.images import MAX_IMAGE_PIXELS
+
+    for kind in ("gif", "webp", "bmp", "png-header-only", "png-bad-crc", "png-zero-width"):
+        with pytest.raises(RequestError) as refused:
+            decode_condition_image(_encoded(IMAGES[kind]))
+        assert str(refused.value) == ("condition_image: the image is not a PNG or JPEG that can be decoded (its "
+                                      "header is neither a valid PNG nor a valid JPEG one)"), kind
+    with pytest.raises(RequestError) as refused:
+        decode_condition_image("")
+    assert str(refused.value) == "condition_image: the image is empty (no bytes)"
+    for kind in ("png-claims-65535x65535", "png-claims-2^31x2^31", "jpeg-claims-65500x65500"):
+        with pytest.raises(RequestError) as refused:
+            decode_condition_image(_encoded(IMAGES[kind]))
+        assert str(refused.value) == (f"condition_image: the image has more than {4096 * 4096:,} pixels; at most "
+                                      f"{MAX_IMAGE_PIXELS:,} pixels are accepted"), kind
 
 def test_special_modes_decode_to_their_pixels():
     """16-bit greyscale was clipped to white by Pillow's conversion (every value above 255 became 255); it
