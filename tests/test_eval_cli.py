@@ -187,6 +187,26 @@ def test_fvd_on_a_short_ticft_layout_is_refused_before_anything_runs(tiny_cache_
     assert "fvd needs videos of at least 10 frames" in error and "layout c1b1t1" in error and "its 4 target frames" in error
     assert not (tmp_path / "out").exists()
 
+
+def test_a_ticft_adapters_loss_is_printed_beside_base_on_its_own_objective(tiny_cache_dir, demo_dataset, tmp_path, capsys):
+    """Guards the summary printing `base: heldout_loss X` (text-to-video) and `i2v: heldout_loss Y` (TIC-FT)
+    as if they compared, with base's number on the TIC-FT objective nowhere in the terminal or eval.md's
+    text: a line names it, as the mean of eval.json's per-prompt `base@c1b1t1` losses."""
+    from trainer.evaluate.names import metric_text
+
+    lora = write_test_adapter(tmp_path / "ticft", tiny_cache_dir, rank=4, seed=5, ticft_layout="c1b1t1")
+    out = tmp_path / "out"
+    code = cli_main(["eval", "--model", "tiny", "--adapter", f"i2v={lora}", "--heldout", str(demo_dataset),
+                     "--out", str(out), "--max-clips", "2", "--metrics", "loss", "--set", "height=32", "--set", "width=48"])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    per_prompt = [prompt["heldout_loss"]["base@c1b1t1"] for prompt in json.loads((out / "eval.json").read_text())["prompts"]]
+    sentence = (f"base@c1b1t1: heldout_loss {metric_text(sum(per_prompt) / len(per_prompt))}, the base model on the "
+                "TIC-FT c1b1t1 objective i2v trained; compare their heldout_loss with this, not with base's "
+                "text-to-video one")
+    assert sentence in printed.splitlines(), printed
+    assert f"- {sentence}." in (out / "eval.md").read_text()
+
 def test_loss_only_generates_nothing_and_reuses_a_shared_cache(evaluation, demo_dataset, tmp_path, capsys):
     """Guards `--metrics loss` (what a sweep runs after every training) generating videos or loading the
     evaluation models, and `--cache` not being shared: with the first run's latent cache it encodes

@@ -104,7 +104,7 @@ def cmd_eval(args) -> int:
                                           parse_settings)
     from trainer.evaluate.names import metric_text
     from trainer.evaluate.ray_shards import check_workers_option
-    from trainer.evaluate.report import write_reports
+    from trainer.evaluate.report import ticft_base_sentences, write_reports
     from trainer.evaluate.run import run_eval
 
     sources = default_model_sources(args.model)
@@ -137,6 +137,8 @@ def cmd_eval(args) -> int:
     paths = write_reports(result, args.out)
     for system, data in result["systems"].items():
         print(f"{system}: " + ", ".join(f"{name} {metric_text(value)}" for name, value in data["metrics"].items()))
+    for sentence in ticft_base_sentences(result):
+        print(sentence)
     if "checkpoints" in result:
         from trainer.evaluate.curves import best_sentence
 

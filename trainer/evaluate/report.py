@@ -68,8 +68,21 @@ def served(result: dict) -> str:
     return f"{pipelines} evaluations, one pipeline each, same prompts, seeds and settings ({swaps} adapter swaps)"
 
 
+def ticft_base_sentences(result: dict) -> list[str]:
+    """The base model's held-out loss on each TIC-FT layout, next to the systems' own: a TIC-FT adapter's
+    heldout_loss is only comparable with this number, and base's row holds its text-to-video one."""
+    by_layout = result["systems"].get("base", {}).get("heldout_loss_by_ticft_layout", {})
+    sentences = []
+    for layout, value in by_layout.items():
+        adapters = [name for name, system in result["systems"].items() if system.get("ticft_layout") == layout]
+        sentences.append(f"base@{layout}: heldout_loss {metric_text(value)}, the base model on the TIC-FT {layout} "
+                         f"objective {' and '.join(adapters)} trained; compare their heldout_loss with this, not with "
+                         "base's text-to-video one")
+    return sentences
+
+
 def notes(result: dict) -> list[str]:
-    lines = []
+    lines = [f"{sentence}." for sentence in ticft_base_sentences(result)]
     for name, definition in result["metric_definitions"].items():
         model = f" Model: {definition['model']}." if definition.get("model") else ""
         lines.append(f"{name}: {definition['what']}.{model}")
