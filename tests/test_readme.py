@@ -67,6 +67,32 @@ def test_readme_wan_cpu_commands_train_the_adapter_the_service_serves(tiny_wan_c
     assert header.metadata[lora_format.BASE_MODEL_KEY] == "tiny-wan"
 
 
+
+@pytest.mark.slow
+def test_readme_ticft_tiny_command_writes_the_lora_and_validation_video_it_names(tiny_cache_dir, demo_dataset, tmp_path):
+    """Guards "Image-to-video with TIC-FT"'s tiny command: it set validation.num_inference_steps but validation
+    ran every 500 steps, so its 4-step run wrote no validation video (the one the section says is conditioned
+    on the first clip). Run by bash as written (the demo clips copied in as "Train a LoRA" makes them), it
+    leaves the LoRA and validation video its comment names, the video c1b1t1's 4 target frames (4 x 1)."""
+    import shutil
+
+    from slapgen.models.lora_format import read_file_header
+    from slapgen.video import read_mp4
+
+    block = readme_blocks("--config ticft --data demo")[0]
+    tiny = block[block.index("# on the tiny model"):]
+    shutil.copytree(demo_dataset, tmp_path / "demo")
+    env = offline_env(tmp_path, SLAP_CACHE_DIR=str(tiny_cache_dir),
+                      PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    result = subprocess.run(["bash", "-euo", "pipefail", "-c", tiny], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    named = re.findall(r"runs/i2v-tiny/\S+", tiny)[-1], re.findall(r"validation/\S+\.mp4", tiny)[0]
+    lora = tmp_path / named[0].rstrip(",")
+    assert read_file_header(lora).metadata["slapgen.ticft_layout"] == "c1b1t1"
+    frames, _ = read_mp4(tmp_path / "runs" / "i2v-tiny" / named[1])
+    assert frames.shape == (4, 64, 96, 3)
+
 def test_readme_gives_every_preset_a_cpu_command():
     """Guards a preset README offers no small command for (aggressive had none): every preset in
     trainer/presets/ has a `slapgen train --config NAME` command on the tiny model (`--set model=tiny`,
