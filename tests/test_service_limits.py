@@ -59,6 +59,27 @@ def test_body_size_limit_refuses_declared_and_streamed_bodies():
         assert streamed.status_code == 413 and "larger than 1000 bytes" in streamed.json()["error"]
 
 
+
+def test_a_too_large_generation_body_names_the_condition_image_limit():
+    """Guards the 413 a TIC-FT client gets for a 9 MiB photo ("the request body is larger than 12582912
+    bytes"): a number of bytes, with nothing about condition_image's own 8 MiB limit (8 * 1024**2 bytes
+    before base64, whose 4/3 keeps the largest accepted image under the 12 MiB body). Other routes keep
+    the plain sentence."""
+    from slapgen.images import MAX_IMAGE_BYTES
+    from slapgen.serving.body_limit import GENERATION_BODY_LIMIT
+
+    assert MAX_IMAGE_BYTES == 8 * 1024**2 and GENERATION_BODY_LIMIT == 12 * 1024**2
+    routes = [Route(path, _echo, methods=["POST"]) for path in ("/generate", "/jobs/submit", "/prompts/render")]
+    app = BodySizeLimit(Starlette(routes=routes), limit=1000, generation_limit=GENERATION_BODY_LIMIT)
+    with TestClient(app) as client:
+        for path in ("/generate", "/jobs/submit"):
+            refused = client.post(path, content=b"x" * (GENERATION_BODY_LIMIT + 1))
+            assert refused.status_code == 413 and refused.json()["error"] == (
+                "the request body is larger than 12582912 bytes (12 MiB); its condition_image may be at most 8 MiB "
+                "before base64 (which adds a third)"), path
+        assert client.post("/prompts/render", content=b"x" * 1001).json()["error"] == \
+            "the request body is larger than 1000 bytes"
+
 async def _call(app, path: str, receive) -> list[dict]:
     """The messages an ASGI `app` sends for a POST to `path` whose body `receive` gives."""
     sent = []

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+from slapgen.images import MAX_IMAGE_BYTES
 from slapgen.serving.http_errors import error_body
 
 JSON_BODY_LIMIT = 1024**2  # most JSON bodies are a few hundred bytes
@@ -49,14 +50,15 @@ class BodySizeLimit:
         upload = path == UPLOAD_PATH
         limit = self.upload_limit if upload else self.generation_limit if path in GENERATION_PATHS else self.limit
         declared = dict(scope.get("headers") or []).get(b"content-length")
+        generation = path in GENERATION_PATHS
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
-            return await _refuse(send, limit)
+            return await _refuse(send, limit, generation)
         if upload:
             return await self.app(scope, _counting(receive, limit), send)
         try:
             _, replay = await asyncio.wait_for(read_body(receive, limit), self.read_timeout_s)
         except BodyTooLarge:
-            return await _refuse(send, limit)
+            return await _refuse(send, limit, generation)
         except TimeoutError:  # a client sending a byte now and then (slow-loris) holds nothing past this
             return await send_json(send, 408, error_body(f"the request body did not arrive within {self.read_timeout_s:g} s"))
         await self.app(scope, replay, send)
@@ -105,5 +107,9 @@ async def send_json(send, status: int, payload: dict) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-async def _refuse(send, limit: int) -> None:
-    await send_json(send, 413, error_body(f"the request body is larger than {limit} bytes"))
+async def _refuse(send, limit: int, generation: bool = False) -> None:
+    mib = f" ({limit // 1024**2} MiB)" if limit % 1024**2 == 0 else ""
+    # A generation body this large is a condition image past its own limit: say that limit, in the client's terms.
+    image = (f"; its condition_image may be at most {MAX_IMAGE_BYTES // 1024**2} MiB before base64 (which adds a "
+             "third)") if generation else ""
+    await send_json(send, 413, error_body(f"the request body is larger than {limit} bytes{mib}{image}"))
