@@ -129,6 +129,21 @@ def test_refusals_say_what_is_wrong_in_the_clients_terms():
         assert str(refused.value) == (f"condition_image: the image has more than {4096 * 4096:,} pixels; at most "
                                       f"{MAX_IMAGE_PIXELS:,} pixels are accepted"), kind
 
+
+def test_an_image_over_the_byte_limit_is_refused_in_mib_not_base64_characters():
+    """Guards two sentences for one limit: an 8.5 MiB PNG (under the 12 MiB body) was refused by a field
+    length, "condition_image must have at most 11446954 characters, got 11883872 characters", while one of
+    8.1 MiB said "the image is larger than 8 MiB". Both now reach decode_image's byte limit."""
+    from slapgen.images import MAX_IMAGE_BYTES
+    from slapgen.serving.requests import GenerateRequest
+
+    data = b"\x89PNG\r\n\x1a\n" + bytes(int(8.5 * 1024**2))
+    assert len(data) > MAX_IMAGE_BYTES == 8 * 1024**2
+    request = GenerateRequest.model_validate({"prompt": "a slap", "condition_image": _encoded(data)})
+    with pytest.raises(RequestError) as refused:
+        decode_condition_image(request.condition_image)
+    assert str(refused.value) == "condition_image: the image is larger than 8 MiB"
+
 def test_special_modes_decode_to_their_pixels():
     """16-bit greyscale was clipped to white by Pillow's conversion (every value above 255 became 255); it
     is scaled to 8 bits (v >> 8, the reference written out). An animated PNG gives its first frame, and an

@@ -36,7 +36,9 @@ MAX_SEED = 2**63 - 1
 MAX_ADAPTER_SCALE = 4.0
 MAX_INFERENCE_STEPS = 200
 MAX_GUIDANCE_SCALE = 50
-# Base64 of the largest accepted image, with room for a data: prefix and line breaks.
+# Base64 of the largest accepted image, with room for a data: prefix and line breaks: what the generation
+# routes' body limit must hold. Not a field constraint: the body limit bounds the string, and decode_image's
+# byte limit is the one rule a client reads ("larger than 8 MiB", not a count of base64 characters).
 MAX_CONDITION_IMAGE_CHARS = MAX_IMAGE_BYTES * 4 // 3 + 256 * 1024
 DATA_URI = re.compile(r"data:image/(?:png|jpe?g);base64,", re.IGNORECASE)
 
@@ -108,7 +110,7 @@ class GenerateRequest(RequestBody):
                                                                  "(GET /info: limits.size_multiple), at most its native height")
     width: int | None = Field(None, ge=SIZE_MULTIPLE, description="a multiple of the model's size_multiple "
                                                                 "(GET /info: limits.size_multiple), at most its native width")
-    condition_image: Annotated[str, StringConstraints(max_length=MAX_CONDITION_IMAGE_CHARS)] | None = Field(
+    condition_image: str | None = Field(
         None, description="TIC-FT adapters only: the frame to animate, a base64 PNG or JPEG (or a data: URI), "
                           "at most 8 MiB; resized and centre-cropped to the output size")
     include_condition_frames: bool = Field(
