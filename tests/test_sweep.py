@@ -586,6 +586,23 @@ def test_a_ticft_sweep_scores_each_run_on_the_ticft_objective(tiny_cache_dir, de
         plan_runs("tiny-smoke", tiny_train_overrides(tiny_cache_dir, *ticft), mixed, tmp_path / "cache2")
 
 
+
+def test_a_ticft_sweep_with_fvd_on_a_short_layout_is_refused_before_any_run(tiny_cache_dir, demo_dataset, tmp_path, capsys):
+    """Guards a c1b1t1 sweep with --metrics fvd training its first run and then failing in eval (the I3D
+    takes at least 10 frames; c1b1t1's videos are its 4 target frames, 4 x 1): one sentence before any run."""
+    out = tmp_path / "sweep"
+    ticft = ("ticft.layout=c1b1t1", "data.num_frames=9", "data.height=32", "data.width=32", "train.max_train_steps=2",
+             "optim.lr_warmup_steps=1")
+    sets = [item for s in tiny_train_overrides(tiny_cache_dir, *ticft) for item in ("--set", s)]
+    code = cli_main(["sweep", "--config", "tiny-smoke", "--grid", "optim.learning_rate=1e-3,5e-2", *sets, "--data",
+                     str(demo_dataset), "--heldout", str(demo_dataset), "--out", str(out), "--metrics", "loss,fvd",
+                     "--eval-set", "num_frames=17", "--eval-set", "height=32", "--eval-set", "width=48"])
+    error = cli_stderr(capsys.readouterr().err)
+    assert code == 2 and len(error.splitlines()) == 1, error
+    assert "fvd needs videos of at least 10 frames" in error and "every run is a TIC-FT adapter of layout c1b1t1, " \
+        "whose videos are its 4 target frames" in error, error
+    assert not (out / "runs").exists()
+
 def test_a_runs_lines_start_lines_of_their_own_under_the_sweep_bar(tiny_cache_dir, demo_dataset, tmp_path, monkeypatch):
     """Guards `slapgen train`'s lines printed with a plain print while the sweep's bar is on the screen: in a
     terminal (bar on stderr, lines on stdout, one screen) "data: 4 clips ready ..." and "LoRA written to ..."

@@ -205,7 +205,10 @@ def generation_data(config: TrainConfig, metrics: tuple[str, ...], settings: Eva
     inputs = EvaluationInputs(Path("."), "cpu", settings)
     options = eval_options(Path("."), config, metrics, inputs, None)
     spec = resolve_model(config.model, config.model_cache_dir, setting=TRAINER_SETTING).spec
-    return heldout_data(options.params(spec), options.max_clips)
+    params = options.params(spec)
+    # Every run trains this layout (grid.check_one_objective); its videos are the layout's target frames.
+    options.check_ticft_frames({"every run": config.ticft.parsed_layout if config.ticft is not None else None})
+    return heldout_data(params, options.max_clips)
 
 
 def run_generation_metrics(folder: Path, config: TrainConfig, metrics: tuple[str, ...], inputs: EvaluationInputs,
