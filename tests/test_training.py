@@ -503,3 +503,15 @@ def test_validation_videos_show_a_bar_of_their_denoising_steps(tiny_cache_dir, d
     assert sorted(p.name for p in (tmp_path / "run" / "validation").iterdir()) == ["step-000002", "step-000004"]
     train(config, demo_dataset, tmp_path / "quiet", progress=False)
     assert "validation at step" not in capsys.readouterr().err
+
+
+def test_the_last_step_is_validated_whatever_every_steps_divides(tiny_cache_dir, demo_dataset, tmp_path):
+    """Guards a run whose step count is not a multiple of `validation.every_steps` ending with no video of its
+    final LoRA (a TIC-FT walk-through's finding: README's 4-step example with the default 500 wrote none): as
+    finetrainers' and diffusers' scripts do, the last step is validated too, once."""
+    config = load_config("tiny-smoke", tiny_train_overrides(
+        tiny_cache_dir, "train.max_train_steps=3", "validation.every_steps=2", "validation.num_inference_steps=1",
+        "validation.prompts=[a slap]"))
+    train(config, demo_dataset, tmp_path / "run", progress=False)
+    assert sorted(p.name for p in (tmp_path / "run" / "validation").iterdir()) == ["step-000002", "step-000003"]
+    assert (tmp_path / "run" / "validation" / "step-000003" / "prompt-00.mp4").stat().st_size > 0

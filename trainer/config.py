@@ -111,7 +111,7 @@ class CheckpointConfig(Section):
 
 class ValidationConfig(Section):
     prompts: list[str] = Field(default_factory=list, description="empty: no validation videos")
-    every_steps: int = Field(500, ge=1, description="generate validation videos every N optimizer steps")
+    every_steps: int = Field(500, ge=1, description="generate validation videos every N optimizer steps, and at the last")
     num_inference_steps: int = Field(50, ge=1, le=200, description="denoising steps per validation video")
     guidance_scale: float = Field(6.0, ge=0, description="classifier-free guidance for validation videos")
     seed: int = Field(0, ge=0, description="noise seed, the same at every validation so videos compare")

@@ -304,7 +304,9 @@ def train(
             except TrainError:
                 bar.close()  # so that the one line saying why starts a line of its own
                 raise
-        if run.validator is not None and run.step % config.validation.every_steps == 0:
+        # And at the last step, as finetrainers' and diffusers' scripts do: the final LoRA's videos are the ones a
+        # user looks at first, whatever every_steps divides.
+        if run.validator is not None and (run.step % config.validation.every_steps == 0 or run.step == max_steps):
             run.validator.run(accelerator.unwrap_model(run.transformer), run.step, accelerator.autocast,
                               progress=progress and run.main)
         accelerator.wait_for_everyone()
