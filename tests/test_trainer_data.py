@@ -222,3 +222,19 @@ def test_demo_banners_are_drawn_on_the_back_wall_and_pan_with_the_camera():
     outside = np.ones(with_banner.shape[:2], dtype=bool)
     outside[4:14, left:right] = False
     np.testing.assert_array_equal(with_banner[outside], without[outside])
+
+
+def test_a_missing_dataset_says_how_to_make_one_to_try(tmp_path, monkeypatch, capsys):
+    """Guards a new user running README's training command before its demo-data one: "dataset demo does not
+    exist" said nothing about what a dataset is or where one comes from. The sentence names the forms and the
+    command that makes one, and that command, as given, makes a dataset this reader accepts."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DatasetError) as missing:
+        read_dataset(tmp_path / "demo")
+    message = str(missing.value)
+    assert message == (f"dataset {tmp_path / 'demo'} does not exist (a folder of clips with captions, or a .csv / "
+                       f".jsonl; `slapgen demo-data {tmp_path / 'demo'}` makes a small one to try the commands on)")
+    from trainer.cli import main
+
+    assert main(["demo-data", str(tmp_path / "demo"), "--clips", "2"]) == 0
+    assert len(read_dataset(tmp_path / "demo")) == 2

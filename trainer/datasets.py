@@ -67,7 +67,9 @@ def read_dataset(path: Path, require_captions: bool = True, require_files: bool 
     """
     path = Path(path)
     if not path.exists():
-        raise DatasetError(f"dataset {path} does not exist")
+        # The first thing a new user meets when README's commands are run out of order (`--data demo`).
+        raise DatasetError(f"dataset {path} does not exist (a folder of clips with captions, or a .csv / .jsonl; "
+                           f"`slapgen demo-data {path}` makes a small one to try the commands on)")
     if path.is_file():
         if path.suffix.lower() == ".csv":
             rows = _csv_rows(path)
