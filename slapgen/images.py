@@ -57,7 +57,7 @@ def decode_image(data: bytes) -> np.ndarray:
         # Its text is "cannot identify image file <_io.BytesIO object at 0x...>": our buffer, not the client's file.
         raise ImageError("the image is not a PNG or JPEG that can be decoded (its header is neither a valid PNG nor "
                          "a valid JPEG one)") from None
-    except Exception as error:  # noqa: BLE001 - Pillow promises no error types: UnidentifiedImageError, OSError,
+    except Exception as error:  # noqa: BLE001 - Pillow promises no error types beyond the two above: OSError,
         # SyntaxError, ValueError, EOFError, and struct.error from a damaged EXIF block re-packed by exif_transpose
         raise ImageError(f"the image is not a PNG or JPEG that can be decoded ({first_line(error, 120)})") from None
     return np.asarray(rgb, dtype=np.uint8)

@@ -48,9 +48,9 @@ class BodySizeLimit:
             return await self.app(scope, receive, send)
         path = scope["path"].rstrip("/")
         upload = path == UPLOAD_PATH
-        limit = self.upload_limit if upload else self.generation_limit if path in GENERATION_PATHS else self.limit
-        declared = dict(scope.get("headers") or []).get(b"content-length")
         generation = path in GENERATION_PATHS
+        limit = self.upload_limit if upload else self.generation_limit if generation else self.limit
+        declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
             return await _refuse(send, limit, generation)
         if upload:

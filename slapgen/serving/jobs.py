@@ -36,7 +36,8 @@ one taking steps. It stops renewing a job whose own handler has shown no sign of
 (the service's SLAP_REQUEST_TIMEOUT_S): no `queued()`, `step()` or `stop_requested()` (a job waiting for the
 model asks that every `CANCEL_POLL_S`; a running one after every step). Such a generation is hung (a stuck
 CUDA kernel, an ffmpeg pipe that never drains), and any replica reading it after the lease, its own server
-included, fails it, as it fails a gone replica's. A job only submitted (its handler not started yet) is renewed regardless. `updated_at` is
+included, fails it, as it fails a gone replica's; only the process holding a live job never fails it by its own
+reads (`get`). A job only submitted (its handler not started yet) is renewed regardless. `updated_at` is
 the database's clock (`epoch_now`), written and compared there, so clocks that differ between replicas
 judge nothing. A job failed by another replica is stopped by its worker at its
 next check (`stop_requested`), and a job's end is written only while it is unfinished: the first end wins.
