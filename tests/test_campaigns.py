@@ -19,7 +19,7 @@ from slapgen.errors import CampaignConflictError, CampaignError, CampaignNotFoun
 from slapgen.serving.campaign_routes import campaign_routes
 from slapgen.campaign_store import CampaignStore
 from slapgen.video import read_mp4, write_mp4
-from trainer.campaign import plan_campaign
+from trainer.campaign import comparable_metrics, plan_campaign
 from trainer.cli import main
 
 CAPTIONS = ["a slap lands on the cheek", "=HYPERLINK(\"x\") the striker winds up", "the defender's head snaps sideways",
@@ -468,6 +468,38 @@ def test_heldout_losses_of_two_objectives_are_not_compared_with_the_raters(monke
     assert board["metric_summary"].endswith(f" {why[0].upper()}{why[1:]}.")
     assert f"{why[0].upper()}{why[1:]}." in said.splitlines()  # `campaign create` says it at once
     assert store.get("two").system_scores["wan-steps-lora"] == {"clip_score": pytest.approx(0.41)}
+
+
+def test_heldout_losses_in_two_latent_spaces_are_not_compared(tmp_path):
+    """Guards a campaign over Wan 2.1 and Wan 2.2 evals (or CogVideoX-2b and -5b) comparing their held-out losses:
+    same family, same objective, but another VAE (Wan 2.2's 16x spatial, 48 channels and its own normalisation;
+    CogVideoX-5b's scaling factor 0.7 against 2b's 1.15), so the same loss is measured in other latents. The
+    definitions' `latents` (from the real models' VAE configs) differ, and the rule leaves heldout_loss out; Wan
+    2.1 1.3B and 14B share a VAE, and their losses still compare."""
+    import hashlib
+
+    from slapgen.models.family import VaeFactors
+    from slapgen.models.reference_configs import COGVIDEOX_2B_VAE, COGVIDEOX_5B_VAE
+    from slapgen.models.wan_configs import WAN21_VAE, WAN22_VAE
+
+    wan21, wan22 = (VaeFactors.from_config(config).latent_space() for config in (WAN21_VAE, WAN22_VAE))
+    digest = hashlib.sha256(json.dumps([WAN22_VAE["latents_mean"], WAN22_VAE["latents_std"]]).encode()).hexdigest()
+    assert wan22 == ("VAE 4x16x16 (frames x height x width), scaling factor 1, 48 channels normalised by their "
+                     f"mean/std (sha256 {digest[:12]})")
+    assert wan21.startswith("VAE 4x8x8 (frames x height x width), scaling factor 1, 16 channels")
+    cog2b, cog5b = (VaeFactors.from_config(config).latent_space() for config in (COGVIDEOX_2B_VAE, COGVIDEOX_5B_VAE))
+    assert (cog2b, cog5b) == ("VAE 4x8x8 (frames x height x width), scaling factor 1.15258",
+                              "VAE 4x8x8 (frames x height x width), scaling factor 0.7")
+
+    def definitions(first: str, second: str) -> dict:
+        return {"heldout_loss": {system: {**heldout_loss_definition("wan", ["lora"]), "latents": latents}
+                                 for system, latents in (("a-lora", first), ("b-lora", second))}}
+
+    assert comparable_metrics(definitions(wan21, wan21)) == {}  # 1.3B and 14B: one VAE
+    assert comparable_metrics(definitions(wan21, wan22)) == {"heldout_loss": (
+        f"heldout_loss is left out: a-lora and b-lora have it defined differently (latents: {wan21!r} against "
+        f"{wan22!r}), so their numbers do not compare")}
+    assert comparable_metrics(definitions(cog2b, cog5b)) != {}
 
 
 def test_a_metric_from_another_evaluation_model_is_not_compared(tmp_path):

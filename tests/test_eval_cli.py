@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from diffusers import CogVideoXDPMScheduler, CogVideoXTransformer3DModel
 
@@ -49,7 +50,8 @@ def evaluation(tiny_cache_dir, demo_dataset, tmp_path_factory):
     result = subprocess.run(command, cwd=REPO_ROOT, env=offline_env(root, SLAP_CACHE_DIR=str(tiny_cache_dir)),
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
-    return {"out": out, "run": root / "run", "config": config, "stdout": result.stdout, "stderr": result.stderr,
+    return {"out": out, "run": root / "run", "lora": lora_file, "config": config, "stdout": result.stdout,
+            "stderr": result.stderr,
             "result": json.loads((out / "eval.json").read_text())}
 
 
@@ -80,6 +82,10 @@ def test_eval_writes_every_metric_for_every_system(evaluation):
     # What a campaign compares before setting two folders' losses side by side (trainer/campaign.py).
     assert definitions["heldout_loss"]["objective"] == family_named("cogvideox").objective
     assert definitions["heldout_loss"]["objectives"] == dict.fromkeys(("base", "trained", "random"), "text-to-video")
+    vae = json.loads((resolve_model("tiny", evaluation["config"].model_cache_dir).folder / "vae" / "config.json").read_text())
+    assert definitions["heldout_loss"]["latents"] == (  # the tiny CogVideoX VAE: 4x temporal, 2^(3 blocks - 1) spatial
+        f"VAE {vae['temporal_compression_ratio']}x{2 ** (len(vae['block_out_channels']) - 1)}x"
+        f"{2 ** (len(vae['block_out_channels']) - 1)} (frames x height x width), scaling factor {vae['scaling_factor']:g}")
 
 
 def test_heldout_loss_through_the_slot_is_the_trained_loras(evaluation, tiny_cache_dir, demo_dataset):
@@ -390,10 +396,68 @@ def test_a_campaign_is_made_from_a_real_eval_run(evaluation, tmp_path, monkeypat
     assert board["metric_summary"]
 
 
-def test_ctrl_c_of_eval_says_the_videos_are_made_again(monkeypatch, tmp_path, capsys):
-    """Guards a Ctrl-C of `slapgen eval` saying only "finished work is kept (re-run)": a user reran it
-    expecting the videos made so far to be kept, and it made all 64 again (eval keeps only the held-out
-    latent cache, `run.generate` without keep_existing)."""
+def test_a_rerun_after_ctrl_c_makes_only_the_videos_not_made_yet(evaluation, tiny_cache_dir, demo_dataset, tmp_path,
+                                                                   monkeypatch, capsys):
+    """Guards `slapgen eval` making every video again after a Ctrl-C (hours of GPU time on a real model), and the
+    other side of keeping videos: a rerun taking a video made from another adapter for this eval's. The fixture's
+    eval (base, trained, random; 2 prompts; 1 seed) is run again into a new folder, stopped by a Ctrl-C as its 4th
+    video starts; the same command then makes only the 3 videos not made yet, leaves the 3 made untouched, and every
+    video decodes to the uninterrupted run's frames, with its per-video scores and held-out losses. Run again with
+    another LoRA file under the name `random`, only random's 2 videos are made again."""
+    from slapgen.engine.generator import VideoGenerator
+    from trainer.evaluate.names import FLICKER, SUBJECT
+
+    real = VideoGenerator.generate_frames
+    made: list[tuple[str | None, str, int]] = []
+    stop_at = [3]  # the count of videos after which a Ctrl-C comes (None: none)
+
+    def counting(self, params, on_step=None, **kwargs):
+        if len(made) == stop_at[0]:
+            raise KeyboardInterrupt
+        made.append((params.adapter, params.prompt, params.seed))
+        return real(self, params, on_step, **kwargs)
+
+    monkeypatch.setattr(VideoGenerator, "generate_frames", counting)
+    out = tmp_path / "out"
+
+    def command(random: Path) -> list[str]:
+        return ["eval", "--model", "tiny", "--adapter", f"trained={evaluation['run']}", "--adapter", f"random={random}",
+                "--heldout", str(demo_dataset), "--out", str(out), "--max-clips", "2", "--seeds", "1", "--device", "cpu",
+                "--metrics", "loss,temporal", "--cache", str(evaluation["out"] / "cache"),
+                *[f"--set={s}" for s in SETTINGS]]
+
+    assert cli_main(command(evaluation["lora"])) == 130
+    expected = evaluation["result"]
+    planned = [(video["system"], video["prompt"]) for video in expected["videos"]]  # one process's order
+    first = {out / video["path"]: (out / video["path"]).stat().st_mtime_ns for video in expected["videos"][:3]}
+    assert len(made) == 3 and all(path.is_file() for path in first)
+    capsys.readouterr()
+
+    made.clear()
+    stop_at[0] = None
+    assert cli_main(command(evaluation["lora"])) == 0, capsys.readouterr().err[-3000:]
+    captions = [prompt["caption"] for prompt in expected["prompts"]]
+    assert [(adapter or "base", captions.index(text)) for adapter, text, _ in made] == planned[3:]
+    assert {path: path.stat().st_mtime_ns for path in first} == first  # kept, not made again
+    result = json.loads((out / "eval.json").read_text())
+    assert result["engine"]["videos_kept"] == 3
+    assert f"eval: keeping 3 of 6 videos an earlier run made in {out / 'videos'}" in capsys.readouterr().out
+    for mine, theirs in zip(result["videos"], expected["videos"], strict=True):
+        assert (mine["system"], mine["prompt"], mine["path"]) == (theirs["system"], theirs["prompt"], theirs["path"])
+        assert np.array_equal(read_mp4(out / mine["path"])[0], read_mp4(evaluation["out"] / theirs["path"])[0])
+        assert (mine[SUBJECT], mine[FLICKER]) == (theirs[SUBJECT], theirs[FLICKER])
+    assert [p["heldout_loss"] for p in result["prompts"]] == [p["heldout_loss"] for p in expected["prompts"]]
+
+    retrained = write_test_adapter(tmp_path / "retrained", tiny_cache_dir, rank=8, seed=4)
+    made.clear()
+    assert cli_main(command(retrained)) == 0, capsys.readouterr().err[-3000:]
+    assert [adapter for adapter, _, _ in made] == ["random", "random"]
+    assert json.loads((out / "eval.json").read_text())["engine"]["videos_kept"] == 4
+
+
+def test_ctrl_c_of_eval_says_the_finished_videos_are_kept(monkeypatch, tmp_path, capsys):
+    """Guards a Ctrl-C of `slapgen eval` saying only "finished work is kept (re-run)" or promising what a
+    rerun does not do: its advice names what a rerun keeps (the latent cache and the finished videos)."""
     import trainer.evaluate.run
 
     def interrupted(*args, **kwargs):
@@ -402,8 +466,8 @@ def test_ctrl_c_of_eval_says_the_videos_are_made_again(monkeypatch, tmp_path, ca
     monkeypatch.setattr(trainer.evaluate.run, "run_eval", interrupted)
     assert cli_main(["eval", "--model", "tiny", "--heldout", str(tmp_path), "--out", str(tmp_path / "out")]) == 130
     assert cli_stderr(capsys.readouterr().err) == ("slapgen eval: interrupted; finished work is kept (rerun the same "
-                                                   "command: the held-out latent cache is kept, every video is made "
-                                                   "again)")
+                                                   "command: the held-out latent cache and every finished video are "
+                                                   "kept, and only the videos not made yet are generated)")
 
 
 def test_ctrl_c_line_starts_a_line_of_its_own_under_an_open_bar(monkeypatch, tmp_path, capsys):

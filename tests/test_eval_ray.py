@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,7 @@ from slapgen.video import read_mp4, write_mp4_atomic
 from tests.conftest import REPO_ROOT, cli_stderr, offline_env, write_test_adapter
 from trainer.cli import main as cli_main
 from trainer.evaluate.ray_shards import ATTEMPT_MARK, PLAN_FILE, STRETCH_MARK, stretches, worker_log
+from trainer.evaluate.recipes import recipe_path
 from trainer.ray_cluster import TaskDemand
 
 SETTINGS = ["num_frames=17", "height=32", "width=48", "num_inference_steps=2"]
@@ -181,7 +181,7 @@ def test_a_node_killed_mid_shard_leaves_the_numbers_of_one_process(tiny_cache_di
                     for worker in (0, 1):  # two 1-CPU nodes: two workers of 4 videos each
                         tried = attempts(out, worker)
                         done = [path for path in (out / "videos" / name for name in stretch(out, worker))
-                                if path.is_file()]  # an mp4 is at its path only once whole
+                                if recipe_path(path).is_file()]  # a recipe is written once its mp4 is whole
                         if len(tried) == 1 and _on_node(tried[0][1], groups["worker"]) and 0 < len(done) < 4:
                             os.killpg(groups["worker"], signal.SIGKILL)  # the node: its raylet and agents
                             os.kill(tried[0][1], signal.SIGKILL)  # and its task's worker, at once, as a dead machine
@@ -208,56 +208,48 @@ def test_a_node_killed_mid_shard_leaves_the_numbers_of_one_process(tiny_cache_di
     assert got["engine"]["ray"]["workers"] == 2
 
 
-@dataclass(frozen=True)
-class FakeParams:
-    """The generation settings `run.generate` reads: fps, and replace() for each video's prompt and seed."""
-    fps: int = 8
-    prompt: str = ""
-    seed: int = 0
-    adapter: str | None = None
-
-    def replace(self, **changes) -> FakeParams:
-        return replace(self, **changes)
-
-
 class RecordingGenerator:
     """Makes a 2-frame video whose pixels are its seed; records each (prompt, seed) it was asked for."""
 
     def __init__(self) -> None:
         self.made: list[tuple[str, int]] = []
 
-    def generate_frames(self, params: FakeParams, on_step) -> np.ndarray:
+    def generate_frames(self, params, on_step) -> np.ndarray:
         self.made.append((params.prompt, params.seed))
         return np.full((2, 16, 16, 3), params.seed * 10, np.uint8)
 
 
-def test_a_retried_shard_keeps_the_videos_its_lost_attempt_finished(tmp_path):
+def test_a_retried_shard_keeps_only_the_videos_its_lost_attempt_finished(tmp_path):
     """Guards a shard retried after its node was lost making again every video the lost attempt had already
-    written (hours of GPU time on a real model) or, worse, appending them twice: with `keep_existing`, an mp4
-    at a video's path is kept as it is and listed once; the others are generated. Without it (one process,
-    the default), every video is made."""
+    written (hours of GPU time on a real model), appending them twice, or keeping a video that is not whole or not
+    this eval's: a video with its recipe beside it is kept as it is and listed once; one whose recipe is missing
+    (the attempt died between the mp4 and its recipe) or differs (other settings) is made again."""
+    from slapgen.engine.params import GenerationParams
     from trainer.evaluate.options import AdapterArg, EvalOptions
+    from trainer.evaluate.recipes import made_earlier, record
     from trainer.evaluate.run import Timer, generate, planned_videos, video_path
     from trainer.evaluate.systems import System
 
     options = EvalOptions(model="tiny", adapters=(AdapterArg("a", tmp_path),), heldout=tmp_path, out=tmp_path,
                           seeds=(1, 2), metrics=("temporal",))
-    system = System("base", None)
-    finished = video_path(tmp_path, "base", 0, 1)
-    write_mp4_atomic(np.full((2, 16, 16, 3), 200, np.uint8), finished, 8)
+    params = GenerationParams("", "", 9, 32, 48, 1, 6.0, 0, 16, 8)
+    planned = planned_videos([System("base", None)], 2, options.seeds)
+    recipes = [{"video": k, "generation": "this eval's"} for k in range(len(planned))]
+    finished, no_recipe, other = (video_path(tmp_path, "base", p, s) for p, s in ((0, 1), (1, 1), (1, 2)))
+    for path in (finished, no_recipe, other):
+        write_mp4_atomic(np.full((2, 16, 16, 3), 200, np.uint8), path, 8)
+    record(finished, recipes[0])
+    record(other, {"video": 3, "generation": "another eval's"})
     before = finished.read_bytes()
     generator = RecordingGenerator()
-    planned = planned_videos([system], 2, options.seeds)
-    videos = generate(generator, planned, {"base": None}, ["p0", "p1"], [tmp_path, tmp_path], FakeParams(), options,
-                      tmp_path, Timer(), keep_existing=True)
+    videos = generate(generator, planned, recipes, {"base": None}, ["p0", "p1"], [tmp_path, tmp_path], params,
+                      options, tmp_path, Timer())
     assert generator.made == [("p0", 2), ("p1", 1), ("p1", 2)]
     assert finished.read_bytes() == before
     assert [(v.prompt, v.seed, v.path) for v in videos] == [(p, s, video_path(tmp_path, "base", p, s))
                                                             for p in (0, 1) for s in (1, 2)]
-    assert all(path.is_file() for path in (v.path for v in videos))
-    again = RecordingGenerator()
-    generate(again, planned, {"base": None}, ["p0", "p1"], [tmp_path, tmp_path], FakeParams(), options, tmp_path, Timer())
-    assert again.made == [("p0", 1), ("p0", 2), ("p1", 1), ("p1", 2)]
+    assert all(made_earlier(video.path, recipe) for video, recipe in zip(videos, recipes, strict=True))
+    assert other.read_bytes() != before  # made again: seed 2's frames, not the other eval's
 
 
 def test_the_videos_are_cut_into_one_contiguous_stretch_per_worker():
@@ -342,13 +334,14 @@ def _plan_on_fake_cluster(monkeypatch, tmp_path, fake, **options):
     eval_options = EvalOptions(model="tiny", adapters=(), heldout=tmp_path, out=tmp_path / "out", seeds=(1, 2),
                                metrics=("temporal",), ray="auto", **options)
     planned = planned_videos([System("base", None)], 4, eval_options.seeds)
+    recipes = [{"video": k} for k in range(len(planned))]
     videos, workers = generate_on_ray(eval_options, SimpleNamespace(folder=tmp_path / "model"),
-                                      worker_demand(eval_options.gpus_per_run, tmp_path / "model"), planned,
-                                      {"base": None}, ["p"] * 4, [tmp_path] * 4, FakeParams(), 4, ("to_q",),
-                                      interval_s=0.0)
+                                      worker_demand(eval_options.gpus_per_run, tmp_path / "model"), planned, recipes,
+                                      {"base": None}, ["p"] * 4, [tmp_path] * 4, None, 4, ("to_q",), interval_s=0.0)
     assert [(video.prompt, video.seed) for video in videos] == [(prompt, seed) for _, prompt, seed in planned]
     shards = [args[3] for _, args in fake.submitted]
     assert [video for shard in shards for video in shard] == planned  # every video once, in one process's order
+    assert [recipe for _, args in fake.submitted for recipe in args[4]] == recipes  # each beside its video
     return shards, [ray_options for ray_options, _ in fake.submitted], workers
 
 

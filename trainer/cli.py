@@ -429,9 +429,9 @@ def loading_line(command: str) -> str:
 RESUME_ADVICE = {"train": "add --resume latest to continue from the last checkpoint",
                  "sweep": "rerun the same command: finished runs are kept, the others resume from their latest "
                           "checkpoint",
-                 # eval keeps only the held-out latent cache: a rerun makes every video again (a video of the
-                 # same name could be from other settings or another checkpoint, so none is reused).
-                 "eval": "rerun the same command: the held-out latent cache is kept, every video is made again"}
+                 # A video is kept only beside its recipe, equal to the rerun's (trainer/evaluate/recipes.py).
+                 "eval": "rerun the same command: the held-out latent cache and every finished video are kept, and "
+                         "only the videos not made yet are generated"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,6 +19,7 @@ knowing the units (`noise_levels`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -120,6 +121,18 @@ class VaeFactors:
             std = torch.tensor(self.latents_std, dtype=latents.dtype, device=latents.device).view(shape)
             latents = (latents - mean) / std
         return latents * self.scaling_factor
+
+    def latent_space(self) -> str:
+        """The latent space in one line, for a number measured in it (eval's held-out loss): two VAEs with other
+        factors or normalisation give latents whose losses do not compare (Wan 2.1's and 2.2's, CogVideoX-2b's and
+        -5b's scaling factors); models sharing a VAE (Wan 2.1 1.3B and 14B) give the same line."""
+        line = (f"VAE {self.temporal}x{self.spatial}x{self.spatial} (frames x height x width), "
+                f"scaling factor {self.scaling_factor:g}")
+        if self.latents_mean:
+            normalisation = json.dumps([list(self.latents_mean), list(self.latents_std)]).encode()
+            line += (f", {len(self.latents_mean)} channels normalised by their mean/std "
+                     f"(sha256 {hashlib.sha256(normalisation).hexdigest()[:12]})")
+        return line
 
     def to_metadata(self) -> dict[str, str]:
         metadata = {"vae_spatial": str(self.spatial), "vae_temporal": str(self.temporal),
@@ -290,6 +303,10 @@ class ModelFamily(ABC):
     def vae_factors(self, vae_config) -> VaeFactors:
         """The VAE's factors and latent normalisation, from its config (stored in cache entries)."""
         return VaeFactors.from_config(vae_config)
+
+    def latent_space(self, folder: Path) -> str:
+        """The model folder's latent space in one line (`VaeFactors.latent_space`), from its VAE's config alone."""
+        return self.vae_factors(json.loads((Path(folder) / "vae" / "config.json").read_text())).latent_space()
 
     @abstractmethod
     def encode_latents(self, vae, frames: torch.Tensor, device=None) -> torch.Tensor:

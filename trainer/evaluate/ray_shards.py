@@ -23,9 +23,10 @@ as for videos made in this process.
   OUT/videos/SYSTEM/pNNN-sSEED.mp4 on storage every node sees. Its output goes to OUT/videos/ray-worker-K.log:
   one line per attempt naming node and pid, then the line listing the videos of its stretch.
 - A node lost mid-eval: Ray retries the task (`MAX_RETRIES` system failures; an error of the generation itself
-  is not retried), and the retry keeps the mp4s the lost attempt finished (an mp4 exists only once whole): it
-  makes only the stretch's unfinished videos. The driver deletes the videos an earlier eval left at those paths
-  before any worker starts, so every video kept is this eval's.
+  is not retried), and the retry keeps the videos the lost attempt finished (`recipes`: a video with its recipe
+  beside it is whole and this eval's): it makes only the stretch's unfinished videos. Before any worker starts,
+  the driver keeps an earlier eval's videos made from the same recipes and removes the others at those paths
+  (`run.sort_out_earlier_videos`, as without Ray), so every video kept is one this eval would make.
 - Progress: the driver counts the finished mp4s of every worker each tick; one bar, with its ETA, for all.
   Workers waiting with no live node that can run one (none has joined, or the only one died) are said once and
   stop the eval after `--node-wait` seconds (`ray_cluster.NodeWait`).
@@ -127,17 +128,17 @@ def not_shared_sentence(out: Path, nodes: list[str]) -> str:
             f"there, or another one): put --out on storage every node mounts at the same path (NFS or a shared disk)")
 
 
-def generate_shard(options, resolved, worker: int, planned: list, layouts: dict, prompts: list[str],
-                   conditions: list[Path], params, rank: int, targets: tuple[str, ...] | None, device: str) -> int:
-    """One worker's stretch of videos, inside a Ray task: one pipeline on `device`, `run.generate` keeping the
-    mp4s already there (a retried attempt's). Returns how many videos the stretch has."""
+def generate_shard(options, resolved, worker: int, planned: list, video_recipes: list[dict], layouts: dict,
+                   prompts: list[str], conditions: list[Path], params, rank: int, targets: tuple[str, ...] | None) -> int:
+    """One worker's stretch of videos (`video_recipes`: theirs), inside a Ray task: one pipeline on the eval's
+    generation device, `run.generate` keeping the videos already made from their recipes (a retried attempt's).
+    Returns how many videos the stretch has."""
     import ray
 
     from slapgen.engine.generator import VideoGenerator
-    from slapgen.engine.params import EngineOptions
     from slapgen.models.loading import resolve_model
     from trainer.evaluate.options import MODEL_SETTING
-    from trainer.evaluate.run import Timer, generate, video_path
+    from trainer.evaluate.run import Timer, eval_engine_options, generate, generation_device, video_path
 
     out = Path(options.out)
     if not (out / "videos" / PLAN_FILE).is_file():  # a node that joined after the start-up check
@@ -147,21 +148,20 @@ def generate_shard(options, resolved, worker: int, planned: list, layouts: dict,
                                  for system, prompt, seed in planned), flush=True)
     if not resolved.folder.is_dir():  # the driver's copy of the model is not on this node: this node's own
         resolved = resolve_model(options.model, options.model_cache_dir, setting=MODEL_SETTING)
-    generator = VideoGenerator.load(resolved, EngineOptions(device=device, adapters_dir=out / "adapters",
-                                                            max_lora_rank=rank, lora_target_modules=targets))
-    videos = generate(generator, planned, layouts, prompts, conditions, params, options, out, Timer(),
-                      keep_existing=True)
+    generator = VideoGenerator.load(resolved, eval_engine_options(generation_device(options), out, rank, targets))
+    videos = generate(generator, planned, video_recipes, layouts, prompts, conditions, params, options, out, Timer())
     sys.stdout.flush()
     return len(videos)
 
 
-def generate_on_ray(options, resolved, demand: ray_cluster.TaskDemand, planned: list, layouts: dict,
-                    prompts: list[str], conditions: list[Path], params, rank: int, targets: tuple[str, ...] | None,
-                    interval_s: float = 1.0) -> tuple[list, int]:
-    """The videos of `planned` (`run.planned_videos`) made by workers (Ray tasks asking for `demand`, `worker_demand`'s
+def generate_on_ray(options, resolved, demand: ray_cluster.TaskDemand, planned: list, video_recipes: list[dict],
+                    layouts: dict, prompts: list[str], conditions: list[Path], params, rank: int,
+                    targets: tuple[str, ...] | None, interval_s: float = 1.0) -> tuple[list, int]:
+    """The videos of `planned` (`run.planned_videos`; `video_recipes`: theirs) made by workers (Ray tasks asking for `demand`, `worker_demand`'s
     as `run.run_eval` checked it; all submitted at once; Ray queues what the cluster cannot place yet) on the cluster
     `ray_cluster.connect` joined. Returns the `run.Video`s in the order one process makes them, and how many workers
     made them. EvalError naming each failed worker and its log."""
+    from trainer.evaluate.recipes import recipe_path
     from trainer.evaluate.run import Video, bar, video_path
 
     ray = ray_cluster.import_ray()
@@ -173,17 +173,15 @@ def generate_on_ray(options, resolved, demand: ray_cluster.TaskDemand, planned: 
     # The driver's names for them, as one process gives (eval.json's paths are relative to --out as given).
     videos = [Video(system.name, prompt, seed, video_path(Path(options_out), system.name, prompt, seed))
               for system, prompt, seed in planned]
-    for path in paths:  # an earlier eval's video at this eval's path: never kept as this one's
-        path.unlink(missing_ok=True)
     slots = ray_cluster.task_slots(demand)
-    shards = stretches(planned, stretch_count(len(planned), slots, options.workers))
+    count = stretch_count(len(planned), slots, options.workers)
+    shards, shard_recipes = stretches(planned, count), stretches(video_recipes, count)
     plan = out / "videos" / PLAN_FILE
     plan.parent.mkdir(parents=True, exist_ok=True)
     plan.write_text(json.dumps({"eval": uuid.uuid4().hex, "workers": [
         [str(video_path(Path(), system.name, prompt, seed)) for system, prompt, seed in shard] for shard in shards]}))
     ray_cluster.check_shared_folder(plan, lambda nodes: not_shared_sentence(out, nodes))
 
-    device = "cuda" if options.gpus_per_run > 0 else "cpu"
     task = ray.remote(max_retries=MAX_RETRIES, retry_exceptions=False, max_calls=1)(generate_shard)
     print(f"eval: {len(paths)} videos in {len(shards)} stretches, one Ray task each, on the "
           f"{ray_cluster.cluster_line()}; it runs {slots} at once now and queues the rest for its slots as they free or join", flush=True)
@@ -194,13 +192,14 @@ def generate_on_ray(options, resolved, demand: ray_cluster.TaskDemand, planned: 
                                       ATTEMPT_MARK, MAX_RETRIES, "making only the videos of its stretch not made yet",
                                       nodes.say)
     refs = {task.options(**demand.ray_options(), name=f"slapgen-eval worker {worker}").remote(
-        options, resolved, worker, shard, layouts, prompts, conditions, params, rank, targets, device): worker
+        options, resolved, worker, shard, shard_recipes[worker], layouts, prompts, conditions, params, rank, targets): worker
         for worker, shard in enumerate(shards)}
     progress = bar(len(paths), f"generate ({len(shards)} workers on Ray)", "video")
+    # A video is done once its recipe is written (after the mp4); the driver removed every recipe not this eval's.
     try:
         outcome = ray_cluster.wait_for_tasks(
-            refs, MAX_RETRIES, lambda _: progress.update(sum(path.is_file() for path in paths) - progress.n), interval_s,
-            nodes, retried)
+            refs, MAX_RETRIES, lambda _: progress.update(sum(recipe_path(path).is_file() for path in paths) - progress.n),
+            interval_s, nodes, retried)
     finally:
         progress.close()
     failed = {worker: why for worker, why in outcome.items() if why is not None}

@@ -32,6 +32,7 @@ from trainer.evaluate.checkpoints import Candidate, run_candidates, system_name,
 from trainer.evaluate.curves import summary
 from trainer.evaluate.names import FLICKER, FVD, HELDOUT_LOSS, SUBJECT
 from trainer.evaluate.options import BASE, MODEL_SETTING, EvalOptions
+from trainer.evaluate.recipes import forget, made_earlier, recipe_base, record, video_recipe
 from trainer.evaluate.systems import System, check_base_models, resolve_systems, slot_shape, stage_adapters
 from trainer.frames import load_clip
 from trainer.heldout import DEFAULT_FRACTIONS, heldout_entries, heldout_losses
@@ -87,7 +88,6 @@ def evaluate(options: EvalOptions, resolved: ResolvedModel | None = None, demand
     """`resolved`: the model `run_eval` resolved (None: resolved here); `demand`: what each Ray worker asks for
     (`ray_shards.worker_demand`, with --ray)."""
     from slapgen.engine.generator import VideoGenerator
-    from slapgen.engine.params import EngineOptions
 
     timer = Timer()
     if options.device.startswith("cuda") and not torch.cuda.is_available():
@@ -122,19 +122,24 @@ def evaluate(options: EvalOptions, resolved: ResolvedModel | None = None, demand
     started = time.perf_counter()
     stage_adapters(systems, out / "adapters")
     rank, targets = slot_shape(systems)
-    generator = VideoGenerator.load(resolved, EngineOptions(device=options.device, adapters_dir=out / "adapters",
-                                                            max_lora_rank=rank, lora_target_modules=targets))
+    generator = VideoGenerator.load(resolved, eval_engine_options(options.device, out, rank, targets))
     timer.add("load_pipeline", started)
 
     losses = held_out_losses(generator, resolved, systems, layouts, {None: entries, **layout_entries},
                              params.adapter_scale, options, timer) if "loss" in options.metrics else {}
     conditions = [entry.clip.video for entry in entries]
     generating = systems_to_generate(systems, plans, losses, options.generate_top)
-    planned = planned_videos(generating, len(prompts), options.seeds)
-    videos = generate(generator, planned, layouts, prompts, conditions, params, options, out, timer) \
+    planned = planned_videos(generating, len(prompts), options.seeds) if options.generates else []
+    # Each video's recipe (`recipes`): a rerun into the same --out keeps the videos an earlier run made from it.
+    base_recipe = recipe_base(resolved.spec.name, resolved.folder, resolved.spec.torch_dtype,
+                              eval_engine_options(generation_device(options), out, rank, targets))
+    video_recipes = recipes_of(planned, base_recipe, layouts, prompts, conditions, params)
+    kept = sort_out_earlier_videos(out, planned, video_recipes)
+    videos = generate(generator, planned, video_recipes, layouts, prompts, conditions, params, options, out, timer) \
         if options.generates and options.ray is None else []
     engine = {"device": options.device, "adapter_swaps": generator.slot.swaps,
-              "slot_rank": generator.slot.max_rank, "slot_target_modules": list(generator.slot.target_modules)}
+              "slot_rank": generator.slot.max_rank, "slot_target_modules": list(generator.slot.target_modules),
+              "videos_kept": kept}
     del generator
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -142,30 +147,14 @@ def evaluate(options: EvalOptions, resolved: ResolvedModel | None = None, demand
         from trainer.evaluate.ray_shards import generate_on_ray
 
         started = time.perf_counter()
-        videos, workers = generate_on_ray(options, resolved, demand, planned, layouts, prompts, conditions, params,
-                                          rank, targets)
+        videos, workers = generate_on_ray(options, resolved, demand, planned, video_recipes, layouts, prompts,
+                                          conditions, params, rank, targets)
         timer.add("generate", started)
         engine["ray"] = {"address": options.ray, "gpus_per_worker": options.gpus_per_run, "workers": workers}
 
     definitions: dict[str, dict] = {}
     if losses:
-        family = family_of(resolved.spec)
-        levels = family.noise_levels(DEFAULT_FRACTIONS, family.load_training_scheduler(resolved.folder)).tolist()
-        definitions[HELDOUT_LOSS] = {
-            "higher_is_better": False,
-            "what": f"the training objective ({family.objective}) on the held-out clips' "
-                    "cached latents at fixed timesteps with noise seeded per clip; no generation",
-            "timesteps": levels, "seed": options.loss_seed, "clips": len(entries),
-            # The model family's loss and each system's task: losses of two objectives are different numbers
-            # (a campaign compares heldout_loss across eval folders only where both are equal).
-            "objective": family.objective,
-            "objectives": {name: objective_name(layout) for name, layout in layouts.items()}}  # eval: first-frame conditions
-        if any(layouts.values()):
-            definitions[HELDOUT_LOSS]["ticft"] = (
-                "a TIC-FT adapter's held-out loss is its training objective: each clip cached as condition (its first "
-                "frame) + target in one VAE pass, condition frames clean, buffer k noised to min(t, T_k), the loss on "
-                f"the target frames only; its A/B is against the base model on that same objective ({BASE}@LAYOUT), "
-                "never against a text-to-video loss")
+        definitions[HELDOUT_LOSS] = heldout_loss_definition(resolved, layouts, options.loss_seed, entries)
     fvd = {}
     if videos:
         score_videos(videos, prompts, options, definitions, timer)
@@ -177,6 +166,32 @@ def evaluate(options: EvalOptions, resolved: ResolvedModel | None = None, demand
     if plans:
         result["checkpoints"] = checkpoint_section(options, plans, result, {video.system for video in videos})
     return result
+
+
+def heldout_loss_definition(resolved: ResolvedModel, layouts: dict[str, TicftLayout | None], seed: int,
+                            entries: list) -> dict:
+    """eval.json's definition of the held-out loss: what a campaign compares before setting two eval folders'
+    losses side by side (`trainer.campaign.comparable_metrics`: equal definitions). The model family's objective
+    and each system's task (losses of two objectives are different numbers), the noise levels, seed and clip
+    count, and the latent space the clips were encoded into (the same objective in another VAE's latents is
+    another number too)."""
+    family = family_of(resolved.spec)
+    levels = family.noise_levels(DEFAULT_FRACTIONS, family.load_training_scheduler(resolved.folder)).tolist()
+    definition = {
+        "higher_is_better": False,
+        "what": f"the training objective ({family.objective}) on the held-out clips' "
+                "cached latents at fixed timesteps with noise seeded per clip; no generation",
+        "timesteps": levels, "seed": seed, "clips": len(entries),
+        "objective": family.objective,
+        "objectives": {name: objective_name(layout) for name, layout in layouts.items()},  # eval: first-frame conditions
+        "latents": family.latent_space(resolved.folder)}
+    if any(layouts.values()):
+        definition["ticft"] = (
+            "a TIC-FT adapter's held-out loss is its training objective: each clip cached as condition (its first "
+            "frame) + target in one VAE pass, condition frames clean, buffer k noised to min(t, T_k), the loss on "
+            f"the target frames only; its A/B is against the base model on that same objective ({BASE}@LAYOUT), "
+            "never against a text-to-video loss")
+    return definition
 
 
 def systems_to_generate(systems: list[System], plans: dict[str, list[Candidate]], losses: dict[str, list[float]],
@@ -263,6 +278,70 @@ def video_path(out: Path, system: str, prompt: int, seed: int) -> Path:
     return out / "videos" / system / f"p{prompt:03d}-s{seed}.mp4"
 
 
+def generation_device(options: EvalOptions) -> str:
+    """The device the videos are made on: --device, or with --ray each worker's (a GPU with --gpus-per-run)."""
+    if options.ray is None:
+        return options.device
+    return "cuda" if options.gpus_per_run > 0 else "cpu"
+
+
+def eval_engine_options(device: str, out: Path, rank: int, targets: tuple[str, ...] | None):
+    """The engine every pipeline of an eval is built with (this process's and each Ray worker's): the adapters
+    linked into OUT/adapters, one slot for all of them, the rest the engine's defaults."""
+    from slapgen.engine.params import EngineOptions
+
+    return EngineOptions(device=device, adapters_dir=Path(out) / "adapters", max_lora_rank=rank,
+                         lora_target_modules=targets)
+
+
+def video_params(system: System, index: int, seed: int, layouts: dict[str, TicftLayout | None], prompts: list[str],
+                 conditions: list[Path], params, condition_image=None):
+    """The generation of one planned video, as the engine gets it: the eval's settings with the prompt, seed and the
+    system's adapter; a TIC-FT adapter animates the first frame of the held-out clip the prompt belongs to (as
+    training conditioned each clip on its own first frame), over its layout's length, and yields the layout's
+    target frames. `condition_image`: that frame when already decoded."""
+    from slapgen.images import first_frame
+
+    layout = layouts[system.name]  # from the LoRA header; the engine checks it against the model on use
+    if layout is not None:
+        image = condition_image if condition_image is not None else first_frame(conditions[index])
+        params = params.replace(num_frames=layout.pixel_frames, condition_image=image)
+    return params.replace(prompt=prompts[index], seed=seed, adapter=system.adapter)
+
+
+def recipes_of(planned: list[tuple[System, int, int]], base: dict, layouts: dict[str, TicftLayout | None],
+               prompts: list[str], conditions: list[Path], params) -> list[dict]:
+    """Each planned video's recipe (`recipes.video_recipe`), in `planned`'s order."""
+    from slapgen.images import first_frame
+
+    digests: dict[Path, str] = {}
+    frames: dict[int, object] = {}  # a condition clip's first frame, decoded once
+    made = []
+    for system, index, seed in planned:
+        if layouts[system.name] is not None and index not in frames:
+            frames[index] = first_frame(conditions[index])
+        video = video_params(system, index, seed, layouts, prompts, conditions, params, frames.get(index))
+        made.append(video_recipe(base, video, system.weights, digests))
+    return made
+
+
+def sort_out_earlier_videos(out: Path, planned: list[tuple[System, int, int]], video_recipes: list[dict]) -> int:
+    """Before any video is made: keep each video an earlier run made into `out` from the recipe this eval has for it,
+    remove the others at this eval's paths (other settings, another checkpoint, a retrained LoRA of the same name),
+    and say how many are kept. Returns that count."""
+    kept = 0
+    for (system, index, seed), recipe in zip(planned, video_recipes, strict=True):
+        path = video_path(out, system.name, index, seed)
+        if made_earlier(path, recipe):
+            kept += 1
+        else:
+            forget(path)
+    if kept:
+        print(f"eval: keeping {kept} of {len(planned)} videos an earlier run made in {out / 'videos'} from the same "
+              f"model, adapter and settings; making {len(planned) - kept}", flush=True)
+    return kept
+
+
 def planned_videos(systems: list[System], prompt_count: int, seeds) -> list[tuple[System, int, int]]:
     """Every (system, prompt index, seed) an eval generates, in the order one process makes them and eval.json
     lists them: system by system, so a pipeline going down the list (or down a stretch of it: a Ray worker's)
@@ -270,28 +349,20 @@ def planned_videos(systems: list[System], prompt_count: int, seeds) -> list[tupl
     return [(system, prompt, seed) for system in systems for prompt in range(prompt_count) for seed in seeds]
 
 
-def generate(generator, planned: list[tuple[System, int, int]], layouts: dict[str, TicftLayout | None],
-             prompts: list[str], conditions: list[Path], params, options: EvalOptions, out: Path, timer: Timer,
-             keep_existing: bool = False) -> list[Video]:
-    """The videos of `planned` (`planned_videos`, or a stretch of it), in its order. Each is made from its own
-    settings and seed alone (the engine seeds every generation afresh and puts the item's adapter in the slot),
-    so it is the same video whichever pipeline, and whatever came before it, makes it. A TIC-FT adapter
-    animates the first frame of the held-out clip the prompt belongs to (as training conditioned each clip
-    on its own first frame), over its layout's length, and yields the layout's target frames.
-    `keep_existing`: an mp4 already at a video's path is kept, not made again (a retried Ray worker's: an mp4
-    is there only once written whole)."""
-    from slapgen.images import first_frame
-
+def generate(generator, planned: list[tuple[System, int, int]], video_recipes: list[dict],
+             layouts: dict[str, TicftLayout | None], prompts: list[str], conditions: list[Path], params,
+             options: EvalOptions, out: Path, timer: Timer) -> list[Video]:
+    """The videos of `planned` (`planned_videos`, or a stretch of it), in its order; `video_recipes`: theirs
+    (`recipes_of`). Each is made from its own settings and seed alone (the engine seeds every generation afresh
+    and puts the item's adapter in the slot), so it is the same video whichever pipeline, and whatever came
+    before it, makes it. A video already at its path from the same recipe (an interrupted earlier run's, a lost
+    Ray attempt's) is kept, not made again; each video made is written whole, then its recipe."""
     videos = []
     progress = bar(len(planned), "generate", "video")
     started = time.perf_counter()
-    for system, index, seed in planned:
-        layout = layouts[system.name]  # from the LoRA header; the engine checks it against the model on use
-        system_params = params
-        if layout is not None:
-            system_params = params.replace(num_frames=layout.pixel_frames, condition_image=first_frame(conditions[index]))
+    for (system, index, seed), recipe in zip(planned, video_recipes, strict=True):
         path = video_path(out, system.name, index, seed)
-        if keep_existing and path.is_file():
+        if made_earlier(path, recipe):
             videos.append(Video(system.name, index, seed, path))
             progress.update(1)
             continue
@@ -299,9 +370,10 @@ def generate(generator, planned: list[tuple[System, int, int]], layouts: dict[st
         def on_step(done: int, total: int) -> None:
             progress.set_postfix(system=system.name, prompt=index, seed=seed, step=f"{done}/{total}")
 
-        frames = generator.generate_frames(system_params.replace(prompt=prompts[index], seed=seed,
-                                                                 adapter=system.adapter), on_step)
+        frames = generator.generate_frames(video_params(system, index, seed, layouts, prompts, conditions, params),
+                                           on_step)
         write_mp4_atomic(frames, path, params.fps)
+        record(path, recipe)
         videos.append(Video(system.name, index, seed, path))
         progress.update(1)
     progress.close()
@@ -419,7 +491,8 @@ def assemble(options: EvalOptions, model: str, params, systems: list[System], la
                if has_base and system.name != BASE else {}),
         }
     count = max(len(videos), 1)
-    seconds_per_video = {"generate": timer.seconds.get("generate", 0.0) / count} if videos else {}
+    made = len(videos) - engine.get("videos_kept", 0)  # kept videos took no generation time in this run
+    seconds_per_video = {"generate": timer.seconds.get("generate", 0.0) / made} if made else {}
     for name in per_video + ([FVD] if fvd else []):
         seconds_per_video[name] = timer.seconds[name] / (count + (len(entries) if name == FVD else 0))
     if losses:

@@ -123,9 +123,19 @@ def execute_base(definition: SweepDefinition, out: Path, device: str) -> dict:
     config = definition.runs[0].config
     evaluation = evaluate_base(directory, config, definition.metrics, evaluation_inputs(definition, device))
     result = {"run": BASE_DIR, "metrics": evaluation.metrics, "heldout_losses": evaluation.heldout_losses,
-              "evaluation_seconds": round(time.perf_counter() - started, 3)}
+              "latents": latent_space_of(config), "evaluation_seconds": round(time.perf_counter() - started, 3)}
     atomic_write_text(directory / RESULT_FILE, json.dumps(result, indent=2) + "\n")
     return result
+
+
+def latent_space_of(config) -> str:
+    """The latent space the sweep's held-out losses are measured in (`ModelFamily.latent_space`), read where the
+    base model was just evaluated (its model folder is there); the report's definition of heldout_loss holds it."""
+    from slapgen.models.family import family_of
+    from slapgen.models.loading import TRAINER_SETTING, resolve_model
+
+    resolved = resolve_model(config.model, config.model_cache_dir, setting=TRAINER_SETTING)
+    return family_of(resolved.spec).latent_space(resolved.folder)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -405,6 +405,7 @@ def write_eval_report(out: Path, definition: SweepDefinition, results: dict[str,
         # As `slapgen eval` records them: what a campaign compares before it sets two folders' losses side by side.
         **({"objective": family_of(spec).objective} if spec is not None else {}),
         "objectives": {name: objective for name in losses},  # the base model's too: scored on the runs' objective
+        **({"latents": base["latents"]} if "latents" in base else {}),  # a base result from before it was kept: none
     }
     result = combine(parts, out, losses, loss_definition)
     result["heldout"] = shown_path(result["heldout"], out)
