@@ -28,7 +28,8 @@ ERROR_SCHEMA = {
         "error": {"type": "string", "description": "one sentence saying what is wrong"},
         "detail": {
             "type": "array",
-            "description": "the fields to blame (empty when no field is)",
+            "description": "the fields to blame (empty when no field is; a 413's, loc [] or [file], has ctx "
+                           "limit_bytes and content_length)",
             "items": {"type": "object", "properties": {
                 "loc": {"type": "array", "items": {"anyOf": [{"type": "string"}, {"type": "integer"}]}},
                 "msg": {"type": "string"},
