@@ -155,7 +155,8 @@ EXTRA_PATHS = {
     }},
     "/campaigns/{name}/leaderboard": _get(
         "per criterion: Bradley-Terry strengths with 95% intervals and ranks, done and why, inter-rater alpha, "
-        "rater consistency, and which automatic metric agrees with the raters", 404, parameters=[_CAMPAIGN]),
+        "rater consistency, which automatic metric agrees with the raters, and once done the winner with its LoRA file",
+        404, parameters=[_CAMPAIGN]),
     "/campaigns/{name}/verdicts": _get("every verdict of the campaign: who, when, the systems shown, the choice",
                                        404, parameters=[_CAMPAIGN]),
     "/campaigns/{name}/verdicts.csv": {"get": {
