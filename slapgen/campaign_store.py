@@ -90,6 +90,8 @@ class CampaignSpec:
     system_scores: dict[str, dict[str, float]] = field(default_factory=dict)  # system -> metric -> value
     video_scores: dict[str, dict[tuple[str, int], float]] = field(default_factory=dict)  # metric -> (system, item) -> value
     metrics_left_out: dict[str, str] = field(default_factory=dict)  # metric -> why its numbers do not compare
+    # system -> its LoRA file as eval.json names it (None: the base model); what serving the winner takes
+    adapters: dict[str, str | None] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {"systems": self.systems, "items": [vars(item) for item in self.items], "criteria": self.criteria,
@@ -97,7 +99,7 @@ class CampaignSpec:
                 "system_scores": self.system_scores,
                 "video_scores": {metric: [[s, i, v] for (s, i), v in values.items()]
                                  for metric, values in self.video_scores.items()},
-                "metrics_left_out": self.metrics_left_out}
+                "metrics_left_out": self.metrics_left_out, "adapters": self.adapters}
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,7 @@ class Campaign:
     system_scores: dict[str, dict[str, float]]
     video_scores: dict[str, dict[tuple[str, int], float]]
     metrics_left_out: dict[str, str]
+    adapters: dict[str, str | None]  # a system missing: a campaign stored before campaigns recorded them
 
     @classmethod
     def from_row(cls, name: str, created_at: float, spec: str) -> "Campaign":
@@ -124,7 +127,8 @@ class Campaign:
                    system_scores=tree["system_scores"],
                    video_scores={metric: {(s, i): v for s, i, v in values}
                                  for metric, values in tree["video_scores"].items()},
-                   metrics_left_out=tree.get("metrics_left_out", {}))  # campaigns stored before it had none
+                   metrics_left_out=tree.get("metrics_left_out", {}),  # campaigns stored before it had none
+                   adapters=tree.get("adapters", {}))
 
 
 @dataclass(frozen=True)

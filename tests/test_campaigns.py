@@ -28,11 +28,13 @@ CAPTIONS = ["a slap lands on the cheek", "=HYPERLINK(\"x\") the striker winds up
 
 def write_eval_dir(folder: Path, systems: list[str], prompts: int = 3, seeds: tuple[int, ...] = (0, 1),
                    scores: dict[str, dict[str, float]] | None = None, skip: set[tuple[str, int, int]] = frozenset(),
-                   definitions: dict[str, dict] | None = None, per_system: tuple[str, ...] = ()) -> Path:
+                   definitions: dict[str, dict] | None = None, per_system: tuple[str, ...] = (),
+                   adapters: dict[str, str] | None = None) -> Path:
     """A folder shaped as `slapgen eval` writes it (trainer/evaluate/run.py `assemble`): eval.json and
     videos/SYSTEM/pNNN-sSEED.mp4, real mp4s; `scores[metric][system]` is each system's per-video score
     (plus the prompt index / 100, so videos differ), and its mean the system's; a metric in `per_system`
-    (held-out loss, FVD) has the system's number only. `definitions[metric]` adds to its definition."""
+    (held-out loss, FVD) has the system's number only. `definitions[metric]` adds to its definition;
+    `adapters[system]`: its LoRA file as eval.json names it (else None, the base model's)."""
     scores = scores or {}
     definitions = definitions or {}
     videos = []
@@ -52,7 +54,7 @@ def write_eval_dir(folder: Path, systems: list[str], prompts: int = 3, seeds: tu
         "format": 1, "model": "tiny", "seeds": list(seeds),
         "metric_definitions": {metric: {"higher_is_better": not metric.endswith("loss"), **definitions.get(metric, {})}
                                for metric in scores},
-        "systems": {s: {"adapter": None, "metrics": {m: by_system[s] + (prompts - 1) / 200 for m, by_system in scores.items()}}
+        "systems": {s: {"adapter": (adapters or {}).get(s), "metrics": {m: by_system[s] + (prompts - 1) / 200 for m, by_system in scores.items()}}
                     for s in systems},
         "prompts": [{"index": p, "video": f"clip{p}.mp4", "caption": CAPTIONS[p]} for p in range(prompts)],
         "videos": videos,
@@ -556,3 +558,37 @@ def test_a_ticft_adapters_heldout_loss_is_not_compared_with_a_text_to_video_one(
                            per_system=("heldout_loss",), definitions=with_note)
     bases = plan_campaign("bases", [plain, noted], systems=["plain-base", "noted-base"])
     assert set(bases.metric_directions) == {"flicker", "heldout_loss"} and bases.metrics_left_out == {}
+
+
+def test_the_leaderboard_names_the_winners_lora_file(tmp_path):
+    """Guards a leaderboard that named the winning system but not its LoRA file, so serving the winner meant
+    digging through eval folders: once a criterion is done, `winner` holds the top system and the file eval.json
+    gave it (absolute as eval writes it, or relative to the eval folder), the sentence the studio prints says it;
+    before done there is no winner. The base model has no file, and a campaign stored before campaigns recorded
+    files says where to look."""
+    runs = tmp_path / "runs"
+    files = {"lora_a": runs / "a" / "pytorch_lora_weights.safetensors", "lora_b": runs / "b" / "last.safetensors"}
+    for file in files.values():
+        file.parent.mkdir(parents=True)
+        file.write_bytes(b"weights")
+    folder = write_eval_dir(tmp_path / "eval", ["lora_a", "lora_b"], prompts=3, seeds=(0,),
+                            adapters={"lora_a": str(files["lora_a"]), "lora_b": "../runs/b/last.safetensors"})
+    store = CampaignStore(tmp_path / "data")
+    store.create(plan_campaign("pick", [folder]))
+    assert store.get("pick").adapters == {name: str(file.resolve()) for name, file in files.items()}
+    with TestClient(Starlette(routes=campaign_routes(store))) as client:
+        assert client.get("/campaigns/pick/leaderboard").json()["criteria"]["overall"]["winner"] is None
+    board = answered_leaderboard(store, "pick")
+    assert board["done"]
+    top = board["standings"][0]["system"]
+    path = str(files[top].resolve())
+    assert board["winner"] == {"system": top, "adapter": path, "sentence": (
+        f"{top} won; its LoRA file is {path} (serve it: POST /adapters/upload, or copy it to "
+        "SLAP_ADAPTERS_DIR/NAME.safetensors)")}
+    from slapgen.evaluation.leaderboard import winner
+
+    assert winner("base", {"base": None, "lora_a": path}) == {
+        "system": "base", "adapter": None, "sentence": "base won: the base model, served without an adapter"}
+    assert winner("lora_a", {})["sentence"] == (
+        "lora_a won; this campaign was made before campaigns recorded LoRA files: the `adapter` of its system in the "
+        "eval.json it came from names its file")

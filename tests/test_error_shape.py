@@ -198,6 +198,41 @@ def test_checked_bodies_answer_with_our_sentence_and_pass_good_bodies_on():
         assert client.post("/generate", json={"prompt": "a slap"}).json() == {"echo": "a slap"}
 
 
+def test_a_condition_image_with_line_breaks_is_refused_in_the_clients_terms():
+    """Guards a TIC-FT request whose image was encoded with plain `base64` (a line break every 76 characters)
+    answered only with the parser's words ("control character (\\u0000-\\u001F) found while parsing a string"):
+    the sentence says a JSON string cannot hold raw line breaks and to encode with `base64 -w0`. The same image
+    on one line (`-w0`) passes on."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    async def echo(request: Request):
+        return JSONResponse({"image_characters": len((await request.json())["condition_image"])})
+
+    png = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(png, format="PNG")
+    wrapped = base64.encodebytes(png.getvalue())  # wraps every 76 characters, as `base64` does without -w0
+    one_line = base64.b64encode(png.getvalue())
+    assert b"\n" in wrapped.rstrip(b"\n") and wrapped.replace(b"\n", b"") == one_line
+
+    def body(image: bytes) -> bytes:  # as README's printf / base64 / printf writes it
+        return b'{"prompt": "the striker winds up", "adapter": "slap-i2v", "condition_image": "' + image + b'"}'
+
+    app = CheckedBodies(Starlette(routes=[Route("/generate", echo, methods=["POST"])]),
+                        models={"/generate": GenerateRequest}, limit=1024**2)
+    with TestClient(app) as client:
+        refused = client.post("/generate", content=body(wrapped), headers={"content-type": "application/json"})
+        passed = client.post("/generate", content=body(one_line), headers={"content-type": "application/json"})
+    sentence = ("the body is not valid JSON: a string in it holds a raw line break or other control character (at line 2 "
+                "column 0), which a JSON string cannot hold (write it as \\n); a base64 condition_image must be one "
+                "line: encode it with `base64 -w0`, as plain `base64` breaks its lines every 76 characters")
+    assert (refused.status_code, refused.json()) == (400, {"error": sentence, "detail": [
+        {"loc": [], "msg": sentence, "type": "json_invalid"}]})
+    assert passed.json() == {"image_characters": len(one_line)}
+
+
 @pytest.mark.parametrize("field, meant", [("num_steps", "num_inference_steps"), ("steps", "num_inference_steps"),
                                           ("frames", "num_frames"), ("guidance", "guidance_scale"),
                                           ("adapter_strength", "adapter_scale"), ("style", None)])

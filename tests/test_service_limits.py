@@ -80,6 +80,25 @@ def test_a_too_large_generation_body_names_the_condition_image_limit():
         assert client.post("/prompts/render", content=b"x" * 1001).json()["error"] == \
             "the request body is larger than 1000 bytes"
 
+def test_a_413_names_the_limit_and_the_content_length_in_detail():
+    """Guards the 413 whose `detail` was an empty list: a client had the sentence only, nothing to read the
+    numbers from. `detail` holds one problem, loc the whole body ([] as pydantic's body-level errors), with the
+    limit in bytes and, when the client declared one, the Content-Length it sent; a chunked body (no
+    Content-Length) has the limit alone."""
+    app = BodySizeLimit(Starlette(routes=[Route("/prompts/render", _echo, methods=["POST"])]), limit=1000)
+    with TestClient(app) as client:
+        declared = client.post("/prompts/render", content=b"x" * 1234)
+        streamed = client.post("/prompts/render", content=(b"y" * 100 for _ in range(30)))  # chunked
+    assert (declared.status_code, declared.json()) == (413, {
+        "error": "the request body is larger than 1000 bytes",
+        "detail": [{"loc": [], "msg": "Content-Length is 1234 bytes, over the limit of 1000 bytes",
+                    "type": "body_too_large", "ctx": {"limit_bytes": 1000, "content_length": 1234}}]})
+    assert (streamed.status_code, streamed.json()) == (413, {
+        "error": "the request body is larger than 1000 bytes",
+        "detail": [{"loc": [], "msg": "the body streamed past the limit of 1000 bytes", "type": "body_too_large",
+                    "ctx": {"limit_bytes": 1000}}]})
+
+
 async def _call(app, path: str, receive) -> list[dict]:
     """The messages an ASGI `app` sends for a POST to `path` whose body `receive` gives."""
     sent = []
@@ -164,6 +183,8 @@ def engine(tiny_cache_dir, adapter_files, tmp_path_factory):
 
 
 def test_an_upload_streaming_past_its_limit_is_a_413_and_writes_nothing(engine, adapter_files, tmp_path):
+    """Guards an upload read whole past its limit, and its 413 whose detail named the field but no limit (and,
+    declared too large, an empty detail): either way the upload's sentence, loc `file` and the numbers."""
     routes = build_routes(lambda: engine, JobBoard(), "t", default_library(), RatingStore(tmp_path / "r.sqlite"), CampaignStore(tmp_path / "data"))
     app = BodySizeLimit(routes, upload_limit=4096)
     before = sorted(p.name for p in engine.adapters.folder.iterdir())
@@ -177,8 +198,19 @@ def test_an_upload_streaming_past_its_limit_is_a_413_and_writes_nothing(engine, 
 
         response = client.post("/adapters/upload", content=chunks(),
                                headers={"Authorization": "Bearer t", "content-type": "multipart/form-data; boundary=b"})
-    assert response.status_code == 413 and response.json()["detail"][0]["loc"] == ["file"]
+    assert (response.status_code, response.json()) == (413, {
+        "error": "the upload is larger than 4096 bytes",
+        "detail": [{"loc": ["file"], "msg": "the body streamed past the limit of 4096 bytes", "type": "body_too_large",
+                    "ctx": {"limit_bytes": 4096}}]})
     assert sorted(p.name for p in engine.adapters.folder.iterdir()) == before
+    # Declared over the limit: refused before a byte is read, in the same words, with the Content-Length sent.
+    with TestClient(app) as client:
+        declared = client.post("/adapters/upload", content=b"x" * 5000,
+                               headers={"Authorization": "Bearer t", "content-type": "multipart/form-data; boundary=b"})
+    assert (declared.status_code, declared.json()) == (413, {
+        "error": "the upload is larger than 4096 bytes",
+        "detail": [{"loc": ["file"], "msg": "Content-Length is 5000 bytes, over the limit of 4096 bytes",
+                    "type": "body_too_large", "ctx": {"limit_bytes": 4096, "content_length": 5000}}]})
 
 
 def test_a_full_queue_answers_at_once_with_retry_after(engine):

@@ -461,8 +461,9 @@ CAMPAIGN_SYSTEMS = ("alpha-sys", "beta-sys", "gamma-sys")  # names a page must n
 
 
 def write_campaign(data_dir: Path, folder: Path, name: str, systems: tuple[str, ...], prompts: int,
-                   criteria: list[str], budget: int | None):
-    """A campaign straight through the store, from small synthetic videos (a shade per system and prompt)."""
+                   criteria: list[str], budget: int | None, adapters: dict[str, str | None] | None = None):
+    """A campaign straight through the store, from small synthetic videos (a shade per system and prompt);
+    `adapters`: each system's LoRA file as `campaign create` records it."""
     from slapgen.campaign_store import CampaignSpec, CampaignStore, Item
     from slapgen.video import write_mp4_atomic
 
@@ -473,7 +474,8 @@ def write_campaign(data_dir: Path, folder: Path, name: str, systems: tuple[str, 
             frames = np.full((8, 64, 96, 3), (40 + 60 * s + 20 * p) / 255, dtype=np.float32)
             videos[(system, p)] = write_mp4_atomic(frames, folder / f"{name}-{system}-{p}.mp4", fps=8)
     return CampaignStore(data_dir).create(CampaignSpec(name=name, systems=list(systems), items=items,
-                                                      criteria=criteria, videos=videos, budget=budget))
+                                                      criteria=criteria, videos=videos, budget=budget,
+                                                      adapters=adapters or {}))
 
 
 @pytest.fixture(scope="module")
@@ -521,6 +523,10 @@ def assert_board_matches_api(page, url: str, name: str) -> dict:
         state = section.locator(".board-state").inner_text()
         assert state.lower().endswith(result["why"].lower() + "."), (state, result["why"])
         assert state.startswith("Done") == result["done"]
+        winner = section.locator(".board-winner")  # once done: the winner and its LoRA file, as the API says
+        sentence = result["winner"]["sentence"] if result["winner"] else None
+        assert ([winner.inner_text()] if winner.count() else []) == ([sentence[0].upper() + sentence[1:] + "."]
+                                                                      if sentence else []), criterion
         if result["budget"] is not None:
             assert f"{result['ratings']} of {result['budget']} ratings" in section.locator(".stop-bars").inner_text()
         rows = [row.split("\t") for row in section.locator("tbody tr").all_inner_texts()]
@@ -590,6 +596,32 @@ def test_a_rater_picks_a_campaign_and_rates_a_pair_with_the_keyboard(browser, st
     page.wait_for_selector("body[data-ready=true]")
     page.click("#tab-campaigns")
     assert page.input_value("#campaign-rater") == "ana"
+    assert page.errors == []
+
+
+@pytest.mark.slow
+def test_a_done_board_names_the_winner_and_its_lora_file(browser, studio, studio_home, tmp_path, artifacts):
+    """Guards a leaderboard that named the winning system but not its LoRA file, so serving the winner meant
+    digging through eval folders: once a criterion is done (a budget of 1 rating here) the board prints the
+    winner's sentence under the done line, its LoRA file's path whole, and the board still matches the API."""
+    name = "served"
+    files = {system: f"/srv/runs/{system}/checkpoints/checkpoint-000750/pytorch_lora_weights.safetensors"
+             for system in CAMPAIGN_SYSTEMS[:2]}
+    write_campaign(studio_home / "data", tmp_path, name, CAMPAIGN_SYSTEMS[:2], 1, ["overall"], 1, adapters=files)
+    pair = httpx.get(f"{studio.url}/campaigns/{name}/pair", params={"rater": "dora"}).json()
+    httpx.post(f"{studio.url}/campaigns/{name}/ratings", json={"pair_id": pair["pair_id"], "rater": "dora",
+                                                                "verdicts": {"overall": "right"}}).raise_for_status()
+    page = open_studio(browser, studio.url)
+    page.click("#tab-campaigns")
+    page.wait_for_selector(f"button[data-campaign='{name}']")
+    page.fill("#campaign-rater", "dora")
+    page.click(f"button[data-campaign='{name}']")
+    page.wait_for_selector(".board[data-criterion=overall] .board-winner")
+    board = assert_board_matches_api(page, studio.url, name)["criteria"]["overall"]
+    top = board["standings"][0]["system"]
+    assert board["done"] and board["winner"]["system"] == top and board["winner"]["adapter"] == files[top]
+    assert files[top] in page.inner_text(".board[data-criterion=overall] .board-winner")
+    page.screenshot(path=str(artifacts / "studio-campaign-winner.png"), full_page=True)
     assert page.errors == []
 
 

@@ -64,6 +64,12 @@ def _definition_of(definition: dict, system: str, folder: Path) -> dict:
     return meaning
 
 
+def _adapter_file(adapter, folder: Path) -> str | None:
+    """A system's LoRA file from eval.json (`systems[NAME]["adapter"]`, absolute as eval writes it; a relative
+    one read against the eval folder), for the leaderboard to name the file that serves the winner."""
+    return str((folder / adapter).resolve()) if isinstance(adapter, str) and adapter else None
+
+
 def comparable_metrics(definitions: dict[str, dict[str, dict]]) -> dict[str, str]:
     """The one rule for setting numbers side by side: a metric is comparable across systems when their
     definitions (`_definition_of`) are equal. `definitions`: metric -> system -> definition. Returns the
@@ -113,6 +119,7 @@ def plan_campaign(name: str, sources: list[Path], systems: list[str] | None = No
     definitions: dict[str, dict[str, dict]] = {}  # metric -> final system -> what its value measures
     system_scores: dict[str, dict[str, float]] = {}
     video_scores: dict[str, dict[tuple[str, tuple], float]] = {}
+    adapters: dict[str, str | None] = {}  # final system -> its LoRA file (None: the base model)
     for folder, result in zip(folders, results):
         captions = {p["index"]: p["caption"] for p in result.get("prompts", [])}
         for metric, definition in result.get("metric_definitions", {}).items():
@@ -137,6 +144,7 @@ def plan_campaign(name: str, sources: list[Path], systems: list[str] | None = No
                     video_scores.setdefault(metric, {})[(system, key)] = float(value)
         for system, data in result.get("systems", {}).items():
             if system in seen:
+                adapters[final_name(folder, system)] = _adapter_file(data.get("adapter"), folder)
                 system_scores[final_name(folder, system)] = {
                     metric: float(value) for metric, value in (data.get("metrics") or {}).items()
                     if isinstance(value, (int, float))}
@@ -178,6 +186,7 @@ def plan_campaign(name: str, sources: list[Path], systems: list[str] | None = No
         video_scores={metric: {(s, index[key]): v for (s, key), v in values.items() if s in chosen}
                       for metric, values in video_scores.items() if metric not in left_out},
         metrics_left_out=left_out,
+        adapters={s: adapters[s] for s in chosen if s in adapters},
     )
 
 

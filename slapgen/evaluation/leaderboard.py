@@ -2,7 +2,8 @@
 (`ranking.rank_systems`), whether the campaign may stop and why (`ranking.stopping`), agreement
 between raters and of each rater with themselves (`agreement`), and per automatic metric of the eval
 runs the videos came from: how often it prefers the video the raters preferred, and Kendall's tau
-between its ranking of the systems and theirs, with a sentence naming the metric that tracks them.
+between its ranking of the systems and theirs, with a sentence naming the metric that tracks them. Once
+done, the winner with its LoRA file (what serving it takes).
 
 It reads `ranking.Verdict`s and plain scores; no storage and no HTTP.
 """
@@ -20,11 +21,13 @@ def criterion_board(verdicts: Sequence[Verdict], repeats: Sequence[Verdict], sys
                     budget: int | None, metric_directions: Mapping[str, bool],
                     system_scores: Mapping[str, Mapping[str, float]],
                     video_scores: Mapping[str, Mapping[tuple[str, str, int], float]],
-                    resamples: int = 1000, metrics_left_out: Mapping[str, str] | None = None) -> dict:
+                    resamples: int = 1000, metrics_left_out: Mapping[str, str] | None = None,
+                    adapters: Mapping[str, str | None] | None = None) -> dict:
     """One criterion's leaderboard. `verdicts` rank the systems; `repeats` (pairs shown again to the
     same rater) only measure consistency. `system_scores`: system -> metric -> value; `video_scores`:
     metric -> (system, prompt, seed) -> value; `metrics_left_out`: metric -> the sentence why it is not
-    compared (its definition differs between the systems), said after the metric summary."""
+    compared (its definition differs between the systems), said after the metric summary; `adapters`: system ->
+    its LoRA file (None: the base model; a system missing: not recorded), named for the winner."""
     metrics_left_out = dict(metrics_left_out or {})
     ranking = rank_systems(verdicts, systems, resamples=resamples)
     stop = stopping(ranking, budget)
@@ -46,6 +49,7 @@ def criterion_board(verdicts: Sequence[Verdict], repeats: Sequence[Verdict], sys
         "done": stop.done,
         "reason": stop.reason,
         "why": _why(stop, ranking.top_beats_second, budget, ranking.ratings, ranking.prompts),
+        "winner": winner(ranking.standings[0].system, adapters or {}) if stop.done and ranking.standings else None,
         "inter_rater_alpha": krippendorff_alpha(verdicts),
         "rater_consistency": {rater: c.to_json() for rater, c in rater_consistency([*verdicts, *repeats]).items()},
         "metrics": metrics,
@@ -54,6 +58,20 @@ def criterion_board(verdicts: Sequence[Verdict], repeats: Sequence[Verdict], sys
                                     *left_out_sentences(metrics_left_out)]),
         "pick_by": tracking_metric(metrics),
     }
+
+
+def winner(system: str, adapters: Mapping[str, str | None]) -> dict:
+    """The top system of a done criterion with its LoRA file (`adapter`, None for the base model or when the
+    campaign did not record it) and a sentence saying how to serve it."""
+    if system not in adapters:
+        sentence = (f"{system} won; this campaign was made before campaigns recorded LoRA files: the `adapter` of "
+                    "its system in the eval.json it came from names its file")
+    elif adapters[system] is None:
+        sentence = f"{system} won: the base model, served without an adapter"
+    else:
+        sentence = (f"{system} won; its LoRA file is {adapters[system]} (serve it: POST /adapters/upload, or copy it to "
+                    "SLAP_ADAPTERS_DIR/NAME.safetensors)")
+    return {"system": system, "adapter": adapters.get(system), "sentence": sentence}
 
 
 def _finite(value: float) -> float | None:

@@ -24,7 +24,12 @@ BODY_READ_TIMEOUT_S = 120
 
 
 class BodyTooLarge(Exception):
-    """Raised from `receive` when an upload streams past its limit; the upload route answers 413."""
+    """Raised from `receive` when an upload streams past its limit; the upload route answers 413 with
+    `too_large_body(error.limit, upload=True)`."""
+
+    def __init__(self, limit: int):
+        super().__init__(f"the body streamed past its limit of {limit} bytes")
+        self.limit = limit
 
 
 class BodySizeLimit:
@@ -52,13 +57,13 @@ class BodySizeLimit:
         limit = self.upload_limit if upload else self.generation_limit if generation else self.limit
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
-            return await _refuse(send, limit, generation)
+            return await send_json(send, 413, too_large_body(limit, declared.decode("latin-1"), generation, upload))
         if upload:
             return await self.app(scope, _counting(receive, limit), send)
         try:
             _, replay = await asyncio.wait_for(read_body(receive, limit), self.read_timeout_s)
         except BodyTooLarge:
-            return await _refuse(send, limit, generation)
+            return await send_json(send, 413, too_large_body(limit, generation=generation))
         except TimeoutError:  # a client sending a byte now and then (slow-loris) holds nothing past this
             return await send_json(send, 408, error_body(f"the request body did not arrive within {self.read_timeout_s:g} s"))
         await self.app(scope, replay, send)
@@ -74,7 +79,7 @@ async def read_body(receive, limit: int):
             break
         body += message.get("body", b"")
         if len(body) > limit:
-            raise BodyTooLarge(f"the request body is larger than {limit} bytes")
+            raise BodyTooLarge(limit)
         if not message.get("more_body", False):
             break
 
@@ -93,7 +98,7 @@ def _counting(receive, limit: int):
         if message["type"] == "http.request":
             received += len(message.get("body", b""))
             if received > limit:
-                raise BodyTooLarge(f"the upload is larger than {limit} bytes")
+                raise BodyTooLarge(limit)
         return message
 
     return counted
@@ -107,9 +112,24 @@ async def send_json(send, status: int, payload: dict) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-async def _refuse(send, limit: int, generation: bool = False) -> None:
+def too_large_body(limit: int, content_length: str | None = None, generation: bool = False,
+                   upload: bool = False) -> dict:
+    """The one 413 answer, from the middleware and the upload route alike: the sentence, and in `detail` one
+    problem (loc `file` for an upload, else the whole body, as pydantic's body-level errors) whose `ctx`
+    gives the limit in bytes and, when the client declared one, the Content-Length it sent (the header's
+    text; None when the body came chunked and was counted while it streamed)."""
     mib = f" ({limit // 1024**2} MiB)" if limit % 1024**2 == 0 else ""
     # A generation body this large is a condition image past its own limit: say that limit, in the client's terms.
     image = (f"; its condition_image may be at most {MAX_IMAGE_BYTES // 1024**2} MiB before base64 (which adds a "
              "third)") if generation else ""
-    await send_json(send, 413, error_body(f"the request body is larger than {limit} bytes{mib}{image}"))
+    sentence = f"the {'upload' if upload else 'request body'} is larger than {limit} bytes{mib}{image}"
+    context: dict = {"limit_bytes": limit}
+    if content_length is None:
+        problem = f"the body streamed past the limit of {limit} bytes"
+    elif content_length.isdigit():
+        context["content_length"] = int(content_length)
+        problem = f"Content-Length is {int(content_length)} bytes, over the limit of {limit} bytes"
+    else:
+        problem = f"Content-Length {content_length[:40]!r} is not a number of bytes; the limit is {limit} bytes"
+    return {"error": sentence,
+            "detail": [{"loc": ["file"] if upload else [], "msg": problem, "type": "body_too_large", "ctx": context}]}

@@ -6,7 +6,8 @@ already exist, so nobody waits for a generation.
     GET  /campaigns/{name}/videos/{token}.mp4    a video of the campaign (only files the store names)
     POST /campaigns/{name}/ratings               {"pair_id", "rater", "verdicts": {criterion: left|right|tie}}
     GET  /campaigns/{name}/leaderboard           per criterion: strengths, intervals, ranks, done and why,
-                                                 rater agreement, which automatic metric tracks the raters
+                                                 rater agreement, which automatic metric tracks the raters,
+                                                 once done the winner and its LoRA file
     GET  /campaigns/{name}/verdicts(.csv)        every verdict: who, when, which systems were shown
 
 Storage and statistics run in a worker thread, never on the event loop.
@@ -80,7 +81,8 @@ def campaign_routes(store: CampaignStore) -> list:
             repeats = verdicts_of([row for row in rows if row["repeat"]], criterion, repeats=True)
             criteria[criterion] = criterion_board(ranked, repeats, campaign.systems, campaign.budget,
                                                   campaign.metric_directions, campaign.system_scores, video_scores,
-                                                  metrics_left_out=campaign.metrics_left_out)
+                                                  metrics_left_out=campaign.metrics_left_out,
+                                                  adapters=campaign.adapters)
         return {"campaign": name, "systems": campaign.systems, "items": len(campaign.items),
                 "raters": sorted({row["rater"] for row in rows}), "criteria": criteria}
 

@@ -79,7 +79,7 @@ def validation_sentence(error: Mapping, fields: Collection[str] = ()) -> str:
         field = f"a key of {'.'.join(loc[:-2]) or 'the body'}"
     kind, message = error.get("type", ""), error.get("msg", "is not valid")
     if kind == "json_invalid":
-        return f"the body is not valid JSON ({message.removeprefix('Invalid JSON: ')})"
+        return _invalid_json_sentence(message.removeprefix("Invalid JSON: "))
     if kind == "missing":
         return f"{field} is required"
     if kind == "extra_forbidden":
@@ -96,6 +96,23 @@ def validation_sentence(error: Mapping, fields: Collection[str] = ()) -> str:
     else:
         sentence = f"{field}: {message[:1].lower()}{message[1:]}"
     return f"{sentence}, got {_shown(error['input'])}" if "input" in error else sentence
+
+
+# jiter's "control character (\u0000-\u001F) found while parsing a string at line 2 column 0": a raw byte
+# below 0x20 inside a JSON string. In practice a base64 condition_image written by `base64` without -w0, which
+# breaks its lines every 76 characters; the parser's words say nothing of that.
+_RAW_CONTROL_CHARACTER = re.compile(r"^control character .* while parsing a string(?: (?P<where>at line \d+ column \d+))?")
+
+
+def _invalid_json_sentence(reason: str) -> str:
+    """A body JSON cannot parse, in the client's terms where the parser's are not: a raw line break in a string."""
+    raw = _RAW_CONTROL_CHARACTER.match(reason)
+    if raw is None:
+        return f"the body is not valid JSON ({reason})"
+    where = f" ({raw['where']})" if raw["where"] else ""
+    return (f"the body is not valid JSON: a string in it holds a raw line break or other control character{where}, "
+            "which a JSON string cannot hold (write it as \\n); a base64 condition_image must be one line: encode "
+            "it with `base64 -w0`, as plain `base64` breaks its lines every 76 characters")
 
 
 def _closest_field(written: str, fields: Collection[str]) -> str:

@@ -28,7 +28,8 @@ ERROR_SCHEMA = {
         "error": {"type": "string", "description": "one sentence saying what is wrong"},
         "detail": {
             "type": "array",
-            "description": "the fields to blame (empty when no field is)",
+            "description": "the fields to blame (empty when no field is; a 413's, loc [] or [file], has ctx "
+                           "limit_bytes and content_length)",
             "items": {"type": "object", "properties": {
                 "loc": {"type": "array", "items": {"anyOf": [{"type": "string"}, {"type": "integer"}]}},
                 "msg": {"type": "string"},
@@ -154,7 +155,8 @@ EXTRA_PATHS = {
     }},
     "/campaigns/{name}/leaderboard": _get(
         "per criterion: Bradley-Terry strengths with 95% intervals and ranks, done and why, inter-rater alpha, "
-        "rater consistency, and which automatic metric agrees with the raters", 404, parameters=[_CAMPAIGN]),
+        "rater consistency, which automatic metric agrees with the raters, and once done the winner with its LoRA file",
+        404, parameters=[_CAMPAIGN]),
     "/campaigns/{name}/verdicts": _get("every verdict of the campaign: who, when, the systems shown, the choice",
                                        404, parameters=[_CAMPAIGN]),
     "/campaigns/{name}/verdicts.csv": {"get": {

@@ -29,7 +29,7 @@ from starlette.routing import Route
 from prompts import PromptLibrary
 from slapgen.errors import SlapgenError, first_line
 from slapgen.serving.http_errors import error_response, plain_error
-from slapgen.serving.body_limit import BodyTooLarge
+from slapgen.serving.body_limit import BodyTooLarge, too_large_body
 from slapgen.serving.job_routes import MISSING_TASK_ID
 from slapgen.serving.campaign_routes import campaign_routes
 from slapgen.campaign_store import CampaignStore
@@ -74,7 +74,7 @@ def build_routes(
         try:
             form = await request.form(max_files=1, max_fields=2)
         except BodyTooLarge as exc:  # streamed past the limit (BodySizeLimit counts the bytes)
-            return plain_error(413, str(exc), "file")
+            return JSONResponse(too_large_body(exc.limit, upload=True), status_code=413)
         except Exception as exc:  # malformed multipart: starlette raises several kinds
             return plain_error(400, f"expected multipart/form-data with fields name and file ({first_line(exc, 200)})")
         name, upload = form.get("name"), form.get("file")

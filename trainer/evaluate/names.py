@@ -10,6 +10,7 @@ CLIP_PREFIX = "clip_score_"  # + the CLIP checkpoint's short name (slapgen.evalu
 FVD = "fvd_i3d"
 SUBJECT = "subject_consistency_dino"
 FLICKER = "temporal_flickering"
+TICFT_BASE_LOSSES = "heldout_loss_by_ticft_layout"  # in eval.json's `base` system: its held-out loss per TIC-FT layout
 
 
 def metric_text(value: float) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from slapgen.atomic import atomic_write_text
 from trainer.evaluate.curves import best_sentence
-from trainer.evaluate.names import metric_text
+from trainer.evaluate.names import HELDOUT_LOSS, TICFT_BASE_LOSSES, metric_text
 
 
 def write_reports(result: dict, out: Path, title: str = "slapgen eval") -> dict[str, Path]:
@@ -40,17 +40,41 @@ def _number(value) -> str:
     return metric_text(value) if isinstance(value, float) else str(value)
 
 
-def _metric_header(name: str, definition: dict) -> str:
-    return f"{name} {'↑' if definition['higher_is_better'] else '↓'}"
+def _metric_header(name: str, definition: dict, objective: str | None = None) -> str:
+    on = f" on {objective}" if objective else ""
+    return f"{name} {'↑' if definition['higher_is_better'] else '↓'}{on}"
 
 
-def _best(result: dict, name: str) -> str | None:
-    values = {system: data["metrics"].get(name) for system, data in result["systems"].items()}
+def _columns(result: dict) -> list[tuple[str, str | None]]:
+    """The metrics table's columns, (metric, objective): one per metric, except a metric whose systems have
+    different objectives (a TIC-FT adapter's held-out loss beside text-to-video ones), which gets one column per
+    objective, named in its header, so no reader compares numbers of two objectives across a column."""
+    columns = []
+    for name, definition in result["metric_definitions"].items():
+        objectives = list(dict.fromkeys(definition.get("objectives", {}).values()))
+        columns += [(name, objective) for objective in objectives] if len(objectives) > 1 else [(name, None)]
+    return columns
+
+
+def _value(result: dict, system: str, name: str, objective: str | None):
+    """`system`'s number in the column (metric, objective): its own on its objective, and base's on a TIC-FT
+    objective (eval.json's `base` `heldout_loss_by_ticft_layout`, measured on that layout's cached clips)."""
+    data = result["systems"][system]
+    own = result["metric_definitions"][name].get("objectives", {}).get(system)
+    if objective is None or own == objective:
+        return data["metrics"].get(name)
+    objectives = result["metric_definitions"][name]["objectives"]
+    layouts = {other["ticft_layout"] for key, other in result["systems"].items()
+               if other.get("ticft_layout") and objectives.get(key) == objective}
+    by_layout = data.get(TICFT_BASE_LOSSES, {}) if name == HELDOUT_LOSS else {}
+    return next((by_layout[layout] for layout in layouts if layout in by_layout), None)
+
+
+def _best(result: dict, name: str, objective: str | None = None) -> str | None:
+    values = {system: _value(result, system, name, objective) for system in result["systems"]}
     values = {system: value for system, value in values.items() if value is not None}
     if len(set(values.values())) < 2:
         return None  # nothing to pick between
-    if len(set(result["metric_definitions"][name].get("objectives", {}).values())) > 1:
-        return None  # TIC-FT and text-to-video losses measure different things
     pick = max if result["metric_definitions"][name]["higher_is_better"] else min
     return pick(values, key=values.get)
 
@@ -70,8 +94,8 @@ def served(result: dict) -> str:
 
 def ticft_base_sentences(result: dict) -> list[str]:
     """The base model's held-out loss on each TIC-FT layout, next to the systems' own: a TIC-FT adapter's
-    heldout_loss is only comparable with this number, and base's row holds its text-to-video one."""
-    by_layout = result["systems"].get("base", {}).get("heldout_loss_by_ticft_layout", {})
+    heldout_loss is only comparable with this number (the metrics table's column of that objective holds it too)."""
+    by_layout = result["systems"].get("base", {}).get(TICFT_BASE_LOSSES, {})
     sentences = []
     for layout, value in by_layout.items():
         adapters = [name for name, system in result["systems"].items() if system.get("ticft_layout") == layout]
@@ -100,18 +124,18 @@ def notes(result: dict) -> list[str]:
 
 
 def markdown(result: dict, title: str = "slapgen eval") -> str:
-    metrics = list(result["metric_definitions"])
+    columns = _columns(result)
     systems = list(result["systems"])
     lines = [f"# {title}: {result['model']} on {result['heldout']}", "",
              f"{len(result['prompts'])} held-out prompts x seeds {result['seeds']} x {len(systems)} systems; "
              f"{served(result)}.", "",
-             "| system | " + " | ".join(_metric_header(m, result["metric_definitions"][m]) for m in metrics) + " |",
-             "|---|" + "---|" * len(metrics)]
+             "| system | " + " | ".join(_metric_header(m, result["metric_definitions"][m], o) for m, o in columns) + " |",
+             "|---|" + "---|" * len(columns)]
     for system in systems:
         cells = []
-        for name in metrics:
-            value = _number(result["systems"][system]["metrics"].get(name))
-            cells.append(f"**{value}**" if _best(result, name) == system and len(systems) > 1 else value)
+        for name, objective in columns:
+            value = _number(_value(result, system, name, objective))
+            cells.append(f"**{value}**" if _best(result, name, objective) == system and len(systems) > 1 else value)
         lines.append(f"| {system} | " + " | ".join(cells) + " |")
     detail = [(s, d["fvd_i3d_detail"]) for s, d in result["systems"].items() if "fvd_i3d_detail" in d]
     if detail:
@@ -155,12 +179,13 @@ def page(result: dict, title: str = "slapgen eval") -> str:
              f"<p>Held-out set {e(result['heldout'])}: {len(result['prompts'])} prompts, seeds {e(str(result['seeds']))}, "
              f"{len(systems)} systems; {e(served(result))}.</p>",
              "<h2>Metrics</h2><table id='metrics'><tr><th>system</th>"
-             + "".join(f"<th>{e(_metric_header(m, result['metric_definitions'][m]))}</th>" for m in metrics) + "</tr>"]
+             + "".join(f"<th>{e(_metric_header(m, result['metric_definitions'][m], o))}</th>" for m, o in _columns(result))
+             + "</tr>"]
     for system in systems:
         cells = []
-        for name in metrics:
-            best = " class='best'" if _best(result, name) == system and len(systems) > 1 else ""
-            cells.append(f"<td{best}>{e(_number(result['systems'][system]['metrics'].get(name)))}</td>")
+        for name, objective in _columns(result):
+            best = " class='best'" if _best(result, name, objective) == system and len(systems) > 1 else ""
+            cells.append(f"<td{best}>{e(_number(_value(result, system, name, objective)))}</td>")
         parts.append(f"<tr><td>{e(system)}</td>{''.join(cells)}</tr>")
     parts.append("</table>")
     ab = {s: d["ab_vs_base"] for s, d in result["systems"].items() if "ab_vs_base" in d}

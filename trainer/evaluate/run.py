@@ -30,7 +30,7 @@ from trainer.config import DataConfig
 from trainer.errors import EvalError
 from trainer.evaluate.checkpoints import Candidate, run_candidates, system_name, top_by_heldout_loss
 from trainer.evaluate.curves import summary
-from trainer.evaluate.names import FLICKER, FVD, HELDOUT_LOSS, SUBJECT
+from trainer.evaluate.names import FLICKER, FVD, HELDOUT_LOSS, SUBJECT, TICFT_BASE_LOSSES
 from trainer.evaluate.options import BASE, MODEL_SETTING, EvalOptions
 from trainer.evaluate.recipes import forget, made_earlier, recipe_base, record, video_recipe
 from trainer.evaluate.systems import System, check_base_models, resolve_systems, slot_shape, stage_adapters
@@ -38,7 +38,6 @@ from trainer.frames import load_clip
 from trainer.heldout import DEFAULT_FRACTIONS, heldout_entries, heldout_losses
 from trainer.ray_cluster import TaskDemand
 
-TICFT_BASE_LOSSES = "heldout_loss_by_ticft_layout"  # in eval.json's `base` system
 FORMAT = 1
 
 

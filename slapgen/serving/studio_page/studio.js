@@ -948,7 +948,14 @@ function renderBoard(board) {
     const stateLine = document.createElement("p");
     stateLine.className = `board-state ${result.done ? "done" : "open"}`;
     stateLine.textContent = result.done ? `Done: ${result.why}.` : `${result.why[0].toUpperCase()}${result.why.slice(1)}.`;
-    section.append(title, stateLine, stoppingBars(criterion, result));
+    section.append(title, stateLine);
+    if (result.winner) {  // once done: the winner and the LoRA file that serves it
+      const winnerLine = document.createElement("p");
+      winnerLine.className = "board-winner";
+      winnerLine.textContent = `${result.winner.sentence[0].toUpperCase()}${result.winner.sentence.slice(1)}.`;
+      section.append(winnerLine);
+    }
+    section.append(stoppingBars(criterion, result));
     const counts = document.createElement("p");
     counts.className = "board-counts";
     counts.textContent = `${plural(result.ratings, "rating", "ratings")} on ${plural(result.prompts, "prompt", "prompts")}` +
