@@ -401,9 +401,10 @@ def test_a_rerun_after_ctrl_c_makes_only_the_videos_not_made_yet(evaluation, tin
     """Guards `slapgen eval` making every video again after a Ctrl-C (hours of GPU time on a real model), and the
     other side of keeping videos: a rerun taking a video made from another adapter for this eval's. The fixture's
     eval (base, trained, random; 2 prompts; 1 seed) is run again into a new folder, stopped by a Ctrl-C as its 4th
-    video starts; the same command then makes only the 3 videos not made yet, leaves the 3 made untouched, and every
-    video decodes to the uninterrupted run's frames, with its per-video scores and held-out losses. Run again with
-    another LoRA file under the name `random`, only random's 2 videos are made again."""
+    video starts; the same command then measures no held-out loss again, makes only the 3 videos not made yet, leaves
+    the 3 made untouched, and every video decodes to the uninterrupted run's frames, with its per-video scores and
+    held-out losses. Run again with another LoRA file under the name `random`, only random's losses and 2 videos
+    are measured and made again."""
     from slapgen.engine.generator import VideoGenerator
     from trainer.evaluate.names import FLICKER, SUBJECT
 
@@ -440,8 +441,10 @@ def test_a_rerun_after_ctrl_c_makes_only_the_videos_not_made_yet(evaluation, tin
     assert [(adapter or "base", captions.index(text)) for adapter, text, _ in made] == planned[3:]
     assert {path: path.stat().st_mtime_ns for path in first} == first  # kept, not made again
     result = json.loads((out / "eval.json").read_text())
-    assert result["engine"]["videos_kept"] == 3
-    assert f"eval: keeping 3 of 6 videos an earlier run made in {out / 'videos'}" in capsys.readouterr().out
+    assert (result["engine"]["videos_kept"], result["engine"]["losses_kept"]) == (3, 3)  # losses come before videos
+    said = capsys.readouterr().out
+    assert f"eval: keeping 3 of 6 videos an earlier run made in {out / 'videos'}" in said
+    assert f"eval: keeping the held-out losses of 3 of 3 systems an earlier run measured in {out / 'heldout_losses'}" in said
     for mine, theirs in zip(result["videos"], expected["videos"], strict=True):
         assert (mine["system"], mine["prompt"], mine["path"]) == (theirs["system"], theirs["prompt"], theirs["path"])
         assert np.array_equal(read_mp4(out / mine["path"])[0], read_mp4(evaluation["out"] / theirs["path"])[0])
@@ -452,7 +455,8 @@ def test_a_rerun_after_ctrl_c_makes_only_the_videos_not_made_yet(evaluation, tin
     made.clear()
     assert cli_main(command(retrained)) == 0, capsys.readouterr().err[-3000:]
     assert [adapter for adapter, _, _ in made] == ["random", "random"]
-    assert json.loads((out / "eval.json").read_text())["engine"]["videos_kept"] == 4
+    engine = json.loads((out / "eval.json").read_text())["engine"]
+    assert (engine["videos_kept"], engine["losses_kept"]) == (4, 2)  # random's losses measured again too
 
 
 def test_ctrl_c_of_eval_says_the_finished_videos_are_kept(monkeypatch, tmp_path, capsys):
@@ -466,8 +470,9 @@ def test_ctrl_c_of_eval_says_the_finished_videos_are_kept(monkeypatch, tmp_path,
     monkeypatch.setattr(trainer.evaluate.run, "run_eval", interrupted)
     assert cli_main(["eval", "--model", "tiny", "--heldout", str(tmp_path), "--out", str(tmp_path / "out")]) == 130
     assert cli_stderr(capsys.readouterr().err) == ("slapgen eval: interrupted; finished work is kept (rerun the same "
-                                                   "command: the held-out latent cache and every finished video are "
-                                                   "kept, and only the videos not made yet are generated)")
+                                                   "command: the held-out latent cache, the held-out losses measured "
+                                                   "and every finished video are kept, and only what is missing is "
+                                                   "measured or generated)")
 
 
 def test_ctrl_c_line_starts_a_line_of_its_own_under_an_open_bar(monkeypatch, tmp_path, capsys):

@@ -92,3 +92,36 @@ def test_a_video_counts_as_made_only_whole_and_beside_its_recipe(tmp_path, damag
     assert not made_earlier(video, made)
     forget(video)
     assert not video.exists() and not recipe_path(video).exists()
+
+
+def test_every_input_of_a_held_out_loss_is_in_its_recipe(tmp_path):
+    """Guards an eval rerun keeping held-out losses measured on other clips (a held-out set changed, or the same
+    clips encoded at another size: other cache keys), with another noise seed or levels, another adapter or scale,
+    or on another objective (a TIC-FT layout), as if they were this eval's; and a torn or foreign losses file being
+    read as numbers."""
+    from slapgen.models.ticft import TicftLayout
+    from trainer.evaluate.recipes import loss_recipe, measured_earlier, record_losses
+
+    base = recipe_base("tiny", tmp_path / "model", torch.float32, ENGINE)
+    weights = tmp_path / "lora.safetensors"
+    weights.write_bytes(b"weights")
+    other = tmp_path / "other.safetensors"
+    other.write_bytes(b"other weights")
+    given = dict(weights=weights, scale=1.0, layout=None, seed=0, levels=[100, 300], entry_keys=["k1", "k2"])
+    changed = dict(weights=other, scale=0.5, layout=TicftLayout.parse("c1b1t1"), seed=1, levels=[100, 500],
+                   entry_keys=["k2", "k1"])
+
+    def made(**changes) -> dict:
+        arguments = {**given, **changes}
+        return loss_recipe(base, arguments.pop("weights"), {}, **arguments)
+
+    same = made()
+    for name, value in changed.items():
+        assert made(**{name: value}) != same, name
+    assert made(weights=None)["adapter_sha256"] is None
+    path = tmp_path / "heldout_losses" / "lora.json"
+    record_losses(path, same, [0.5, 0.25])
+    assert measured_earlier(path, same) == [0.5, 0.25]
+    assert measured_earlier(path, made(seed=1)) is None
+    path.write_text(path.read_text()[:30])
+    assert measured_earlier(path, same) is None

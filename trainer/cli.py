@@ -430,8 +430,8 @@ RESUME_ADVICE = {"train": "add --resume latest to continue from the last checkpo
                  "sweep": "rerun the same command: finished runs are kept, the others resume from their latest "
                           "checkpoint",
                  # A video is kept only beside its recipe, equal to the rerun's (trainer/evaluate/recipes.py).
-                 "eval": "rerun the same command: the held-out latent cache and every finished video are kept, and "
-                         "only the videos not made yet are generated"}
+                 "eval": "rerun the same command: the held-out latent cache, the held-out losses measured and every "
+                         "finished video are kept, and only what is missing is measured or generated"}
 
 
 def main(argv: list[str] | None = None) -> int:

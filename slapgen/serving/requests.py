@@ -203,10 +203,11 @@ def check_served(adapter: str | None, adapters: list[str] | None, field: str) ->
         raise RequestError(f"unknown adapter {adapter!r}; available: {', '.join(adapters) or 'none'}", field=field)
 
 
-class RatedSystem(BaseModel):
-    """One side of a blind pair: the base model, or an adapter at a scale."""
+class RatedSystem(RequestBody):
+    """One side of a blind pair: the base model, or an adapter at a scale. A `RequestBody` itself: a nested model
+    keeps its own config, so the body's strict JSON types hold inside it only through this."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid")
     adapter: AdapterName | None = Field(None, description="adapter name; null for the base model")
     adapter_scale: float = Field(1.0, ge=0, le=MAX_ADAPTER_SCALE)
 

@@ -1,4 +1,4 @@
-"""Which videos an eval rerun keeps: each mp4 `slapgen eval` writes gets a recipe beside it
+"""Which videos and held-out losses an eval rerun keeps: each mp4 `slapgen eval` writes gets a recipe beside it
 (OUT/videos/SYSTEM/pNNN-sSEED.json), everything that decides its frames: the model (name and the folder
 its weights came from), the engine's settings that change numbers (device, dtype, quantisation,
 attention, step cache, the slot's rank and target modules), the library versions, the generation's
@@ -11,6 +11,12 @@ this eval's.
 The mp4 is written (atomically) before its recipe, so a recipe exists only beside a whole video; a
 crash between the two leaves a video without a recipe, which is made again. Videos written before
 recipes existed have none and are made again too.
+
+Held-out losses likewise (OUT/heldout_losses/SYSTEM.json, one file per system, written the moment its losses
+are measured): the same model and engine part, the adapter's digest and scale, the TIC-FT layout, the noise
+seed and levels, and the cache keys of the held-out clips in order (each key is a digest of the clip, its
+caption and the settings it was encoded with), so an `--checkpoints` eval of many checkpoints interrupted
+halfway measures only the systems it had not.
 """
 
 from __future__ import annotations
@@ -50,15 +56,38 @@ def video_recipe(base: dict, params: GenerationParams, weights: Path | None, dig
     model). `digests` caches each file's digest over one eval."""
     generation = {key: value for key, value in asdict(params).items() if key not in ("adapter", "condition_image")}
     condition = params.condition_image
-    if weights is not None and weights not in digests:
-        with open(weights, "rb") as file:
-            digests[weights] = hashlib.file_digest(file, "sha256").hexdigest()
     return _json_ready({
         **base, "generation": generation,
-        "adapter_sha256": digests[weights] if weights is not None else None,
+        "adapter_sha256": _digest(weights, digests),
         "condition_image": None if condition is None else {
             "shape": list(condition.shape),
             "sha256": hashlib.sha256(np.ascontiguousarray(condition).tobytes()).hexdigest()}})
+
+
+def loss_recipe(base: dict, weights: Path | None, digests: dict[Path, str], scale: float, layout, seed: int,
+                levels: list, entry_keys: list[str]) -> dict:
+    """A system's held-out losses' recipe: `base` (`recipe_base`, the engine the losses are measured with), the
+    adapter's file (None: base model) and scale, the TIC-FT layout (None: text-to-video), the noise seed and levels,
+    and the held-out clips' cache keys in order."""
+    return _json_ready({**base, "adapter_sha256": _digest(weights, digests),
+                        "adapter_scale": scale, "ticft_layout": None if layout is None else str(layout),
+                        "loss_seed": seed, "noise_levels": levels, "clips": entry_keys})
+
+
+def measured_earlier(path: Path, recipe: dict) -> list[float] | None:
+    """The per-clip losses an earlier run wrote to `path` from `recipe`, else None."""
+    try:
+        recorded = json.loads(Path(path).read_text())
+        losses = recorded["losses"] if recorded["recipe"] == recipe else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(losses, list) or len(losses) != len(recipe["clips"]):
+        return None
+    return [float(value) for value in losses]
+
+
+def record_losses(path: Path, recipe: dict, losses: list[float]) -> None:
+    atomic_write_text(path, json.dumps({"recipe": recipe, "losses": losses}, indent=1, sort_keys=True))
 
 
 def made_earlier(video: Path, recipe: dict) -> bool:
@@ -79,6 +108,16 @@ def forget(video: Path) -> None:
     """Remove a video that is not this eval's and its recipe (the recipe first: never a recipe without its video)."""
     recipe_path(video).unlink(missing_ok=True)
     Path(video).unlink(missing_ok=True)
+
+
+def _digest(weights: Path | None, digests: dict[Path, str]) -> str | None:
+    """The SHA-256 of an adapter's file (None: no adapter), read once per eval (`digests`)."""
+    if weights is None:
+        return None
+    if weights not in digests:
+        with open(weights, "rb") as file:
+            digests[weights] = hashlib.file_digest(file, "sha256").hexdigest()
+    return digests[weights]
 
 
 def _version(name: str) -> str | None:

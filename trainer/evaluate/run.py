@@ -32,13 +32,15 @@ from trainer.evaluate.checkpoints import Candidate, run_candidates, system_name,
 from trainer.evaluate.curves import summary
 from trainer.evaluate.names import FLICKER, FVD, HELDOUT_LOSS, SUBJECT, TICFT_BASE_LOSSES
 from trainer.evaluate.options import BASE, MODEL_SETTING, EvalOptions
-from trainer.evaluate.recipes import forget, made_earlier, recipe_base, record, video_recipe
+from trainer.evaluate.recipes import (forget, loss_recipe, made_earlier, measured_earlier, recipe_base, record,
+                                      record_losses, video_recipe)
 from trainer.evaluate.systems import System, check_base_models, resolve_systems, slot_shape, stage_adapters
 from trainer.frames import load_clip
 from trainer.heldout import DEFAULT_FRACTIONS, heldout_entries, heldout_losses
 from trainer.ray_cluster import TaskDemand
 
 FORMAT = 1
+LOSSES_DIR = "heldout_losses"  # OUT/heldout_losses/SYSTEM.json: each system's per-clip losses and their recipe
 
 
 @dataclass
@@ -124,21 +126,26 @@ def evaluate(options: EvalOptions, resolved: ResolvedModel | None = None, demand
     generator = VideoGenerator.load(resolved, eval_engine_options(options.device, out, rank, targets))
     timer.add("load_pipeline", started)
 
-    losses = held_out_losses(generator, resolved, systems, layouts, {None: entries, **layout_entries},
-                             params.adapter_scale, options, timer) if "loss" in options.metrics else {}
+    # What every number and video comes from (`recipes`): a rerun into the same --out keeps an earlier run's
+    # held-out losses and videos made from the recipes this eval has for them.
+    digests: dict[Path, str] = {}
+    loss_base = recipe_base(resolved.spec.name, resolved.folder, resolved.spec.torch_dtype,
+                            eval_engine_options(options.device, out, rank, targets))
+    losses, losses_kept = held_out_losses(generator, resolved, systems, layouts, {None: entries, **layout_entries},
+                                          params.adapter_scale, options, timer, loss_base, digests) \
+        if "loss" in options.metrics else ({}, 0)
     conditions = [entry.clip.video for entry in entries]
     generating = systems_to_generate(systems, plans, losses, options.generate_top)
     planned = planned_videos(generating, len(prompts), options.seeds) if options.generates else []
-    # Each video's recipe (`recipes`): a rerun into the same --out keeps the videos an earlier run made from it.
-    base_recipe = recipe_base(resolved.spec.name, resolved.folder, resolved.spec.torch_dtype,
-                              eval_engine_options(generation_device(options), out, rank, targets))
-    video_recipes = recipes_of(planned, base_recipe, layouts, prompts, conditions, params)
+    video_base = recipe_base(resolved.spec.name, resolved.folder, resolved.spec.torch_dtype,
+                             eval_engine_options(generation_device(options), out, rank, targets))
+    video_recipes = recipes_of(planned, video_base, layouts, prompts, conditions, params, digests)
     kept = sort_out_earlier_videos(out, planned, video_recipes)
     videos = generate(generator, planned, video_recipes, layouts, prompts, conditions, params, options, out, timer) \
         if options.generates and options.ray is None else []
     engine = {"device": options.device, "adapter_swaps": generator.slot.swaps,
               "slot_rank": generator.slot.max_rank, "slot_target_modules": list(generator.slot.target_modules),
-              "videos_kept": kept}
+              "videos_kept": kept, "losses_kept": losses_kept}
     del generator
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -230,29 +237,45 @@ def loss_reference(layout: TicftLayout | None) -> str:
 
 
 def held_out_losses(generator, resolved, systems: list[System], layouts: dict[str, TicftLayout | None],
-                    layout_entries: dict, scale: float, options: EvalOptions, timer: Timer) -> dict[str, list[float]]:
+                    layout_entries: dict, scale: float, options: EvalOptions, timer: Timer, base_recipe: dict,
+                    digests: dict[Path, str]) -> tuple[dict[str, list[float]], int]:
     """Per-clip held-out losses (in the plain entries' order) of every system on its own objective: the plain
     one, or a TIC-FT adapter's (`layout_entries[layout]`, the clips cached with its layout). With `base` among
     the systems, the base model is also measured on every TIC-FT layout present, as `base@LAYOUT`, the
-    reference of those adapters' A/B."""
+    reference of those adapters' A/B. Each system's losses are written to OUT/heldout_losses/NAME.json with their
+    recipe (`recipes.loss_recipe`, from `base_recipe`) the moment they are measured; losses an earlier run wrote
+    there from the same recipe are kept, not measured again. Returns the losses and how many systems' were kept."""
     family = family_of(resolved.spec)
     scheduler = family.load_training_scheduler(resolved.folder)
-    jobs = [(system.name, system.adapter, layouts[system.name]) for system in systems]
+    levels = family.noise_levels(DEFAULT_FRACTIONS, scheduler).tolist()
+    jobs = [(system.name, system.adapter, system.weights, layouts[system.name]) for system in systems]
     if any(system.name == BASE for system in systems):
-        jobs += [(loss_reference(layout), None, layout) for layout in layout_entries if layout is not None]
+        jobs += [(loss_reference(layout), None, None, layout) for layout in layout_entries if layout is not None]
     clips = len(layout_entries[None])
-    progress = bar(len(jobs) * clips * len(DEFAULT_FRACTIONS), "held-out loss", "forward")
+    store = Path(options.out) / LOSSES_DIR
+    recipes = {name: loss_recipe(base_recipe, weights, digests, scale, layout, options.loss_seed, levels,
+                                 [entry.key for entry in layout_entries[layout]]) for name, _, weights, layout in jobs}
+    kept = {name: values for name in recipes if (values := measured_earlier(store / f"{name}.json", recipes[name]))}
+    if kept:
+        print(f"eval: keeping the held-out losses of {len(kept)} of {len(jobs)} systems an earlier run measured in "
+              f"{store} from the same model, adapter and clips", flush=True)
+    progress = bar(len(jobs) * clips * len(levels), "held-out loss", "forward")
+    progress.update(len(kept) * clips * len(levels))
     losses = {}
     started = time.perf_counter()
-    for name, adapter, layout in jobs:
+    for name, adapter, _, layout in jobs:
+        if name in kept:
+            losses[name] = kept[name]
+            continue
         progress.set_postfix(system=name)
         with generator.activated(adapter, scale) as transformer:
             losses[name] = heldout_losses(transformer, scheduler, layout_entries[layout], seed=options.loss_seed,
-                                          dtype=resolved.spec.torch_dtype, on_forward=lambda: progress.update(1),
-                                          layout=layout, family=family)
+                                          timesteps=levels, dtype=resolved.spec.torch_dtype,
+                                          on_forward=lambda: progress.update(1), layout=layout, family=family)
+        record_losses(store / f"{name}.json", recipes[name], losses[name])
     progress.close()
     timer.add(HELDOUT_LOSS, started)
-    return losses
+    return losses, len(kept)
 
 
 def ticft_entries(options: EvalOptions, resolved, data: DataConfig, layout: TicftLayout, entries) -> list:
@@ -309,11 +332,11 @@ def video_params(system: System, index: int, seed: int, layouts: dict[str, Ticft
 
 
 def recipes_of(planned: list[tuple[System, int, int]], base: dict, layouts: dict[str, TicftLayout | None],
-               prompts: list[str], conditions: list[Path], params) -> list[dict]:
-    """Each planned video's recipe (`recipes.video_recipe`), in `planned`'s order."""
+               prompts: list[str], conditions: list[Path], params, digests: dict[Path, str]) -> list[dict]:
+    """Each planned video's recipe (`recipes.video_recipe`), in `planned`'s order; `digests`: the adapters' files'
+    digests read so far."""
     from slapgen.images import first_frame
 
-    digests: dict[Path, str] = {}
     frames: dict[int, object] = {}  # a condition clip's first frame, decoded once
     made = []
     for system, index, seed in planned:
@@ -496,7 +519,9 @@ def assemble(options: EvalOptions, model: str, params, systems: list[System], la
         seconds_per_video[name] = timer.seconds[name] / (count + (len(entries) if name == FVD else 0))
     if losses:
         # One per system and held-out clip, base@LAYOUT included.
-        seconds_per_video[HELDOUT_LOSS + "_per_clip"] = timer.seconds[HELDOUT_LOSS] / (len(losses) * len(entries))
+        measured = len(losses) - engine.get("losses_kept", 0)  # kept losses took no time in this run
+        if measured:
+            seconds_per_video[HELDOUT_LOSS + "_per_clip"] = timer.seconds[HELDOUT_LOSS] / (measured * len(entries))
     return {
         "format": FORMAT,
         "model": model,
