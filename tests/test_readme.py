@@ -213,3 +213,22 @@ def test_readme_supported_models_table_is_the_specs():
                     f"{spec.frame_step}k+1, at most {spec.max_num_frames} | {spec.fps} | "
                     f"{spec.default_num_inference_steps} | {spec.default_guidance_scale:g} | {spec.dtype} |")
         assert rows[spec.name] == expected
+
+
+@pytest.mark.slow
+def test_readme_plain_diffusers_snippet_runs_as_written(tiny_cache_dir, tmp_path):
+    """Guards "Or load it in plain diffusers" (a new user's walk-through: no snippet, no folder named): the Python
+    block, run as written in a folder holding a tiny-model LoRA at `runs/smoke`, loads the tiny model from the
+    folder it names under SLAP_CACHE_DIR, loads the LoRA and writes a 9-frame mp4 at the tiny model's size."""
+    from slapgen.video import read_mp4
+    from tests.conftest import write_test_adapter
+
+    block = next(b for b in re.findall(r"```python\n(.*?)```", (REPO_ROOT / "README.md").read_text(), flags=re.S)
+                 if "pipeline.load_lora_weights(\"runs/smoke\")" in b)
+    write_test_adapter(tmp_path / "runs" / "smoke", tiny_cache_dir, rank=4, seed=3)
+    env = offline_env(tmp_path, SLAP_CACHE_DIR=str(tiny_cache_dir))
+    result = subprocess.run([sys.executable, "-c", block], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    frames, fps = read_mp4(tmp_path / "smoke-diffusers.mp4")
+    assert frames.shape == (9, 64, 96, 3) and fps == 8
