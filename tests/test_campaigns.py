@@ -502,6 +502,11 @@ def test_heldout_losses_in_two_latent_spaces_are_not_compared(tmp_path):
         f"heldout_loss is left out: a-lora and b-lora have it defined differently (latents: {wan21!r} against "
         f"{wan22!r}), so their numbers do not compare")}
     assert comparable_metrics(definitions(cog2b, cog5b)) != {}
+    old = {"heldout_loss": {"a-lora": heldout_loss_definition("wan", ["lora"]),  # an eval.json from before `latents`
+                            "b-lora": {**heldout_loss_definition("wan", ["lora"]), "latents": wan21}}}
+    assert comparable_metrics(old) == {"heldout_loss": (
+        "heldout_loss is left out: a-lora's eval does not record its latents (an eval made by an older slapgen), so it "
+        "cannot be compared with b-lora's; run that eval again to compare them")}
 
 
 def test_a_metric_from_another_evaluation_model_is_not_compared(tmp_path):

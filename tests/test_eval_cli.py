@@ -442,6 +442,9 @@ def test_a_rerun_after_ctrl_c_makes_only_the_videos_not_made_yet(evaluation, tin
     assert {path: path.stat().st_mtime_ns for path in first} == first  # kept, not made again
     result = json.loads((out / "eval.json").read_text())
     assert (result["engine"]["videos_kept"], result["engine"]["losses_kept"]) == (3, 3)  # losses come before videos
+    # Time per video over the videos this run made (3), none per held-out clip (no loss measured in this run).
+    assert result["seconds_per_video"]["generate"] == pytest.approx(result["timing_s"]["generate"] / 3)
+    assert "heldout_loss_per_clip" not in result["seconds_per_video"]
     said = capsys.readouterr().out
     assert f"eval: keeping 3 of 6 videos an earlier run made in {out / 'videos'}" in said
     assert f"eval: keeping the held-out losses of 3 of 3 systems an earlier run measured in {out / 'heldout_losses'}" in said

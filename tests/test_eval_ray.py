@@ -252,6 +252,21 @@ def test_a_retried_shard_keeps_only_the_videos_its_lost_attempt_finished(tmp_pat
     assert other.read_bytes() != before  # made again: seed 2's frames, not the other eval's
 
 
+def test_videos_made_on_ray_are_recorded_on_the_workers_device():
+    """Guards the recipes of videos made by Ray workers naming the driver's --device: a GPU worker's videos were
+    recorded as made on the driver's CPU (and kept by a CPU rerun). The device is each worker's: a GPU with
+    --gpus-per-run, else the CPU; without --ray, --device."""
+    from trainer.evaluate.options import EvalOptions
+    from trainer.evaluate.run import generation_device
+
+    def options(**given) -> EvalOptions:
+        return EvalOptions(model="tiny", adapters=(), heldout=Path("."), out=Path("out"), metrics=("temporal",), **given)
+
+    assert generation_device(options(device="cpu", ray="auto", gpus_per_run=1)) == "cuda"
+    assert generation_device(options(device="cuda", ray="auto", gpus_per_run=0)) == "cpu"
+    assert generation_device(options(device="cuda:1")) == "cuda:1"
+
+
 def test_the_videos_are_cut_into_one_contiguous_stretch_per_worker():
     """Guards a worker left without videos or given more than one more than another (the eval waits on the
     longest stretch), and stretches out of one process's order (a worker's slot would swap back and forth):

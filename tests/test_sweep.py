@@ -487,11 +487,12 @@ def test_the_sweep_report_is_the_sweeps_and_names_no_path_of_this_machine(genera
     assert (out / cache_setting.partition("=")[2]).resolve() == tiny_cache_dir.resolve()
 
 
-def test_the_sweep_eval_json_records_its_heldout_losses_objective(generation_sweep, tmp_path):
+def test_the_sweep_eval_json_records_its_heldout_losses_objective(generation_sweep, tiny_cache_dir, tmp_path):
     """Guards the sweep's combined eval.json without the held-out loss's objective (its `what` said only
     "text-to-video" for CogVideoX and Wan alike): it records the model family's objective and each system's
     as `slapgen eval` does, so a campaign from a sweep of one model and an eval of another does not rank
-    their losses together, while a campaign from the sweep alone still compares heldout_loss."""
+    their losses together, while a campaign from the sweep alone still compares heldout_loss; and the latent
+    space they are measured in, from the base model's result (a sweep on Wan 2.1 and one on 2.2 likewise)."""
     from slapgen.models.family import family_named
     from trainer.campaign import plan_campaign
 
@@ -500,6 +501,13 @@ def test_the_sweep_eval_json_records_its_heldout_losses_objective(generation_swe
     definition = result["metric_definitions"]["heldout_loss"]
     assert definition["objective"] == family_named("cogvideox").objective
     assert definition["objectives"] == dict.fromkeys(result["systems"], "text-to-video")
+    # The latent space its losses are measured in, as eval records it (another VAE's latents: other numbers).
+    from slapgen.models.family import family_of
+    from slapgen.models.loading import resolve_model
+
+    resolved = resolve_model("tiny", tiny_cache_dir)
+    assert definition["latents"] == family_of(resolved.spec).latent_space(resolved.folder)
+    assert json.loads((out / "base" / "sweep_result.json").read_text())["latents"] == definition["latents"]
     plan = plan_campaign("sweep", [out])
     assert "heldout_loss" in plan.metric_directions and plan.metrics_left_out == {}
 

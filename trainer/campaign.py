@@ -70,6 +70,10 @@ def _adapter_file(adapter, folder: Path) -> str | None:
     return str((folder / adapter).resolve()) if isinstance(adapter, str) and adapter else None
 
 
+# Parts of a metric's definition that eval.json files written by older slapgen versions lack.
+RECORDED_LATER = ("objective", "objectives", "latents")
+
+
 def comparable_metrics(definitions: dict[str, dict[str, dict]]) -> dict[str, str]:
     """The one rule for setting numbers side by side: a metric is comparable across systems when their
     definitions (`_definition_of`) are equal. `definitions`: metric -> system -> definition. Returns the
@@ -84,6 +88,12 @@ def comparable_metrics(definitions: dict[str, dict[str, dict]]) -> dict[str, str
             continue
         system, meaning = other
         field = next(key for key in sorted(set(reference) | set(meaning)) if reference.get(key) != meaning.get(key))
+        unrecorded = [name for name, definition in ((first, reference), (system, meaning)) if field not in definition]
+        if unrecorded and field in RECORDED_LATER:  # an eval.json written before slapgen recorded this part
+            left_out[metric] = (f"{metric} is left out: {unrecorded[0]}'s eval does not record its {field} (an eval "
+                                 f"made by an older slapgen), so it cannot be compared with {system if unrecorded[0] == first else first}'s; "
+                                 "run that eval again to compare them")
+            continue
         left_out[metric] = (f"{metric} is left out: {first} and {system} have it defined differently ({field}: "
                             f"{reference.get(field)!r} against {meaning.get(field)!r}), so their numbers do not compare")
     return left_out

@@ -138,6 +138,7 @@ def generate_shard(options, resolved, worker: int, planned: list, video_recipes:
     from slapgen.engine.generator import VideoGenerator
     from slapgen.models.loading import resolve_model
     from trainer.evaluate.options import MODEL_SETTING
+    from trainer.evaluate.recipes import base_mismatch, recipe_base
     from trainer.evaluate.run import Timer, eval_engine_options, generate, generation_device, video_path
 
     out = Path(options.out)
@@ -148,7 +149,12 @@ def generate_shard(options, resolved, worker: int, planned: list, video_recipes:
                                  for system, prompt, seed in planned), flush=True)
     if not resolved.folder.is_dir():  # the driver's copy of the model is not on this node: this node's own
         resolved = resolve_model(options.model, options.model_cache_dir, setting=MODEL_SETTING)
-    generator = VideoGenerator.load(resolved, eval_engine_options(generation_device(options), out, rank, targets))
+    engine = eval_engine_options(generation_device(options), out, rank, targets)
+    # The driver's recipes claim its model, code and libraries: a node with others would make other frames.
+    if video_recipes and (differs := base_mismatch(recipe_base(resolved, engine, here=False), video_recipes[0])):
+        raise EvalError(f"Ray node {ray.util.get_node_ip_address()} cannot make this eval's videos: its {differs}; "
+                        "give every node the same model, slapgen and libraries as the machine running slapgen eval")
+    generator = VideoGenerator.load(resolved, engine)
     videos = generate(generator, planned, video_recipes, layouts, prompts, conditions, params, options, out, Timer())
     sys.stdout.flush()
     return len(videos)

@@ -18,10 +18,13 @@ from trainer.evaluate.curves import best_sentence
 from trainer.evaluate.names import HELDOUT_LOSS, TICFT_BASE_LOSSES, metric_text
 
 
+REPORT_FILES = {"json": "eval.json", "md": "eval.md", "html": "report.html"}
+
+
 def write_reports(result: dict, out: Path, title: str = "slapgen eval") -> dict[str, Path]:
     """`title` heads eval.md and report.html (a sweep's combined report says it is the sweep's)."""
     out = Path(out)
-    paths = {"json": out / "eval.json", "md": out / "eval.md", "html": out / "report.html"}
+    paths = {kind: out / name for kind, name in REPORT_FILES.items()}
     if "checkpoints" in result:
         from trainer.evaluate.curve_plots import write_curves  # matplotlib only when there are curves
 

@@ -129,18 +129,19 @@ def evaluate(options: EvalOptions, resolved: ResolvedModel | None = None, demand
     # What every number and video comes from (`recipes`): a rerun into the same --out keeps an earlier run's
     # held-out losses and videos made from the recipes this eval has for them.
     digests: dict[Path, str] = {}
-    loss_base = recipe_base(resolved.spec.name, resolved.folder, resolved.spec.torch_dtype,
-                            eval_engine_options(options.device, out, rank, targets))
+    loss_base = recipe_base(resolved, eval_engine_options(options.device, out, rank, targets))
     losses, losses_kept = held_out_losses(generator, resolved, systems, layouts, {None: entries, **layout_entries},
                                           params.adapter_scale, options, timer, loss_base, digests) \
         if "loss" in options.metrics else ({}, 0)
     conditions = [entry.clip.video for entry in entries]
     generating = systems_to_generate(systems, plans, losses, options.generate_top)
     planned = planned_videos(generating, len(prompts), options.seeds) if options.generates else []
-    video_base = recipe_base(resolved.spec.name, resolved.folder, resolved.spec.torch_dtype,
-                             eval_engine_options(generation_device(options), out, rank, targets))
+    video_base = recipe_base(resolved, eval_engine_options(generation_device(options), out, rank, targets),
+                             here=options.ray is None)
     video_recipes = recipes_of(planned, video_base, layouts, prompts, conditions, params, digests)
     kept = sort_out_earlier_videos(out, planned, video_recipes)
+    if kept < len(planned):  # an earlier report names videos removed or not made yet: it is written anew at the end
+        forget_reports(out)
     videos = generate(generator, planned, video_recipes, layouts, prompts, conditions, params, options, out, timer) \
         if options.generates and options.ray is None else []
     engine = {"device": options.device, "adapter_swaps": generator.slot.swaps,
@@ -369,6 +370,16 @@ def planned_videos(systems: list[System], prompt_count: int, seeds) -> list[tupl
     lists them: system by system, so a pipeline going down the list (or down a stretch of it: a Ray worker's)
     swaps its slot only where the system changes."""
     return [(system, prompt, seed) for system in systems for prompt in range(prompt_count) for seed in seeds]
+
+
+def forget_reports(out: Path) -> None:
+    """Remove an earlier run's eval.json, eval.md and report.html from `out`: once this eval has removed the videos
+    not made from its recipes, or before it has made the rest, they would point at videos that are not there; the
+    reports are written again, whole, when the eval ends."""
+    from trainer.evaluate.report import REPORT_FILES
+
+    for name in REPORT_FILES.values():
+        (out / name).unlink(missing_ok=True)
 
 
 def generate(generator, planned: list[tuple[System, int, int]], video_recipes: list[dict],
