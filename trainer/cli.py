@@ -61,8 +61,14 @@ def cmd_train(args) -> int:
     from trainer.config import load_config_for_run
     from trainer.train import train
 
+    from trainer.run_folder import where_to_look_next
+
     config = load_config_for_run(args.config, args.set)
-    train(config, args.data, args.out, resume=args.resume, stop_at_step=args.stop_at_step, overwrite=args.overwrite)
+    final = train(config, args.data, args.out, resume=args.resume, stop_at_step=args.stop_at_step,
+                  overwrite=args.overwrite)
+    if final is not None:  # None: stopped early (it said how to continue), or not the main process
+        for line in where_to_look_next(args.out, config.model, config.logging.tensorboard):
+            print(line)
     return 0
 
 

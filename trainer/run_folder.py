@@ -10,12 +10,14 @@ stays, because its entries are keyed by everything they were encoded from and ar
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 from pathlib import Path
 
 import yaml
 
 from slapgen.models.lora_format import WEIGHTS_FILE as LORA_FILENAME
+from slapgen.names import NAME_PATTERN, NAME_RULE
 from trainer import checkpoints
 from trainer.errors import TrainError
 
@@ -128,6 +130,33 @@ def check_resume_config(run_dir: Path, config_yaml: str) -> None:
         f"schedule (its steps, learning-rate schedule and checkpoints), so resume with the same config (--config "
         f"{saved}); to train further, start a new run with another --out and the settings you want (a new run "
         f"trains a new LoRA from the base model: the trainer has no option to start from an existing LoRA)")
+
+
+def where_to_look_next(run_dir: Path, model: str, tensorboard: bool) -> list[str]:
+    """The lines `slapgen train` ends with after the LoRA's: what a user looks at next, only what this run
+    wrote (its last validation videos, metrics.jsonl, the TensorBoard command when it logged there) and how to
+    serve it, in one line. Paths as `run_dir` was given, so they work from where the command ran; the
+    adapters folder absolute, since `bentoml serve` reads it from the service's folder."""
+    run_dir = Path(run_dir)
+    lines = []
+    videos = sorted(path for path in (run_dir / VALIDATION_DIR).glob("step-*") if path.is_dir())
+    if videos:
+        earlier = f"; earlier steps' beside it in {run_dir / VALIDATION_DIR}" if len(videos) > 1 else ""
+        lines.append(f"validation videos: {videos[-1]} (the final LoRA's{earlier})")
+    if (run_dir / METRICS_FILE).is_file():
+        lines.append(f"metrics: {run_dir / METRICS_FILE} (a JSON line per logged step)")
+    if tensorboard and (run_dir / LOGS_DIR).is_dir():
+        lines.append(f"TensorBoard: tensorboard --logdir {shlex.quote(str(run_dir / LOGS_DIR))}")
+    name = run_dir.absolute().name
+    if NAME_PATTERN.fullmatch(name):
+        lines.append(f"serve it: SLAP_MODEL={shlex.quote(model)} SLAP_ADAPTERS_DIR="
+                     f"{shlex.quote(str(run_dir.absolute().parent))} bentoml serve (in the slapgen folder), then ask "
+                     f'for "adapter": "{name}"')
+    else:  # the served folder's adapters are named after their folders; this one's name is not an adapter name
+        lines.append(f"serve it: upload it to a running server as a name of {NAME_RULE}: curl -X POST "
+                     f'http://127.0.0.1:3000/adapters/upload -H "Authorization: Bearer $SLAP_API_TOKEN" -F name=NAME '
+                     f"-F file=@{shlex.quote(str(run_dir / LORA_FILENAME))}")
+    return lines
 
 
 def clear_run(run_dir: Path) -> None:
