@@ -127,7 +127,7 @@ def check_resume_config(run_dir: Path, config_yaml: str) -> None:
         shown += f"; and {more} more"
     raise TrainError(
         f"the config differs from the run's {saved} ({shown}): --resume continues that run with its own config and "
-        f"schedule (its steps, learning-rate schedule and checkpoints), so resume with the same config (--config "
+        f"schedule, so resume with the same config (--config "
         f"{saved}); to train further, start a new run with another --out and the settings you want (a new run "
         f"trains a new LoRA from the base model: the trainer has no option to start from an existing LoRA)")
 
