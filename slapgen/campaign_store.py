@@ -7,6 +7,10 @@ file `DATA/campaigns.sqlite`; one transaction per submission, as `ratings.Rating
 video is named by a random token, so its URL says nothing of its system, and the service serves
 only files the database names inside the campaign's folder: never a path a client wrote.
 
+A campaign is deleted (`delete`, only from the command line, where the data is) rows first, in one
+transaction, then its folder: renamed to a hidden `.NAME.TOKEN.deleted` and removed. A crash before the
+commit leaves the campaign whole, one after it an unlisted folder (a later delete clears hidden ones).
+
 A pair is issued to one rater (`pair_id`, random) and answered once: the answer is an update of the
 pair's `answered_at` guarded by `answered_at IS NULL` in the same transaction as its verdicts, so two
 concurrent answers store one and the other is a conflict. A rater who asks again before answering
@@ -30,13 +34,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sqlalchemy import (Column, Double, Index, Integer, MetaData, Table, Text, UniqueConstraint, and_, distinct, func,
-                        insert, select, text, update)
+from sqlalchemy import (Column, Double, Index, Integer, MetaData, Table, Text, UniqueConstraint, and_, delete,
+                        distinct, func, insert, select, text, update)
 from sqlalchemy.exc import IntegrityError
 
 from slapgen.database import open_store
 
-from slapgen.errors import CampaignConflictError, CampaignError, CampaignNotFoundError
+from slapgen.errors import CampaignConflictError, CampaignError, CampaignNotFoundError, CampaignRatedError
 from slapgen.csv_cells import inert_csv
 from slapgen.names import NAME_PATTERN, NAME_RULE
 
@@ -132,6 +136,16 @@ class Campaign:
 
 
 @dataclass(frozen=True)
+class DeletedCampaign:
+    """What deleting a campaign removed."""
+    name: str
+    videos: int
+    pairs: int  # issued, answered or not, repeats included
+    ratings: int  # answered pairs, repeats included: each verdict set a rater gave
+    raters: int  # who answered at least one
+
+
+@dataclass(frozen=True)
 class IssuedPair:
     pair_id: str
     rater: str
@@ -219,6 +233,38 @@ class CampaignStore:
                         "items": len(campaign.items), "criteria": campaign.criteria, "ratings": answered,
                         "budget": campaign.budget, "raters": raters})
         return out
+
+    def delete(self, name: str, with_ratings: bool = False) -> DeletedCampaign:
+        """Remove campaign `name`: its row, videos, pairs and verdicts in one transaction, then its copied
+        videos. A campaign with ratings is kept (CampaignRatedError) unless `with_ratings`; the ratings are
+        counted by the statement that deletes their pairs, inside the transaction, so one answered meanwhile
+        is counted too (or finds its pair gone and is refused as answered). The folder goes only after the
+        commit: a crash before it leaves the campaign whole and listed, one after it no campaign, only files."""
+        with self._lock, self._engine.begin() as db:
+            if db.execute(delete(campaigns).where(campaigns.c.name == name)).rowcount != 1:
+                raise CampaignNotFoundError(f"no campaign named {name!r}", field="name")
+            issued = db.execute(delete(pairs).where(pairs.c.campaign == name)
+                                .returning(pairs.c.rater, pairs.c.answered_at)).all()
+            answered = [rater for rater, answered_at in issued if answered_at is not None]
+            if answered and not with_ratings:  # raising rolls the transaction back: nothing is deleted
+                raters = len(set(answered))
+                raise CampaignRatedError(f"campaign {name} has {len(answered)} rating{'s' * (len(answered) != 1)} "
+                                         f"from {raters} rater{'s' * (raters != 1)}, which deleting it loses",
+                                         len(answered), raters)
+            db.execute(delete(verdicts_table).where(verdicts_table.c.campaign == name))
+            removed_videos = db.execute(delete(videos).where(videos.c.campaign == name)).rowcount
+        self._discard_folder(name)
+        return DeletedCampaign(name, removed_videos, len(issued), len(answered), len(set(answered)))
+
+    def _discard_folder(self, name: str) -> None:
+        """Remove a deleted campaign's folder: renamed first to a hidden name no campaign can have (a crash
+        while removing leaves no half-empty NAME/ that would block a new campaign of that name), then removed
+        with any such folder an earlier crash left."""
+        folder = self.videos_dir / name
+        if folder.is_dir():
+            folder.rename(self.videos_dir / f".{name}.{secrets.token_hex(4)}.deleted")
+        for leftover in self.videos_dir.glob(".*.deleted"):
+            shutil.rmtree(leftover, ignore_errors=True)
 
     # -- videos ------------------------------------------------------------------------------------
 

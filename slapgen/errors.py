@@ -119,3 +119,12 @@ class CampaignNotFoundError(CampaignError):
 
 class CampaignConflictError(CampaignError):
     """A campaign name that is taken, or a pair its rater has already answered."""
+
+
+class CampaignRatedError(CampaignConflictError):
+    """A campaign to delete that holds ratings, which deleting it would lose (`ratings` answered pairs from
+    `raters` raters): its deleter must say it means them too."""
+
+    def __init__(self, message: str, ratings: int, raters: int):
+        super().__init__(message, field="name")
+        self.ratings, self.raters = ratings, raters

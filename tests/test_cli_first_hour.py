@@ -86,6 +86,52 @@ def test_an_interrupted_run_points_to_resume_and_resume_still_works(tiny_cache_d
     assert (run / LORA_FILENAME).is_file() and _logged_steps(run) == [1, 2, 3, 4]
 
 
+def test_train_ends_pointing_to_what_to_look_at_next(tiny_cache_dir, demo_dataset, tmp_path, capsys, monkeypatch):
+    """Guards `slapgen train` ending with only `LoRA written to ...` (a new user's walk-through): its last lines
+    also name the final validation videos, metrics.jsonl, the TensorBoard command and how to serve the LoRA,
+    each only when the run wrote it, with paths that work from where the command ran (the adapters folder
+    absolute: `bentoml serve` runs in the service's folder) and the adapter the service names after the folder."""
+    from slapgen.engine.adapters import adapter_names
+
+    monkeypatch.chdir(tmp_path)
+    run = Path("runs") / "smoke"
+    assert cli_main(_train_args(tiny_cache_dir, demo_dataset, run, "train.max_train_steps=3",
+                                "validation.every_steps=2", "validation.num_inference_steps=1", "validation.prompts=[a slap]",
+                                "logging.tensorboard=true")) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-5:] == [
+        f"LoRA written to {run / LORA_FILENAME}",
+        "validation videos: runs/smoke/validation/step-000003 (the final LoRA's; earlier steps' beside it in "
+        "runs/smoke/validation)",
+        "metrics: runs/smoke/metrics.jsonl (a JSON line per logged step)",
+        "TensorBoard: tensorboard --logdir runs/smoke/logs",
+        f"serve it: SLAP_MODEL=tiny SLAP_ADAPTERS_DIR={tmp_path / 'runs'} bentoml serve (in the slapgen folder), "
+        'then ask for "adapter": "smoke"',
+    ]
+    assert (run / "validation" / "step-000003" / "prompt-00.mp4").is_file()
+    assert list((run / "logs").rglob("events.out.tfevents.*"))  # what the TensorBoard line points at
+    assert adapter_names(tmp_path / "runs") == ["smoke"]  # the adapter the serve line names
+
+    # No validation prompts, no TensorBoard, a folder name that is no adapter name: only what exists, and an upload.
+    other = Path("runs") / "Smoke.2"
+    assert cli_main(_train_args(tiny_cache_dir, demo_dataset, other, "train.max_train_steps=2", "validation.prompts=[]",
+                                "logging.tensorboard=false")) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-3:] == [
+        f"LoRA written to {other / LORA_FILENAME}",
+        "metrics: runs/Smoke.2/metrics.jsonl (a JSON line per logged step)",
+        "serve it: upload it to a running server as a name of 1-64 characters of a-z, 0-9, _ and -: curl -X POST "
+        'http://127.0.0.1:3000/adapters/upload -H "Authorization: Bearer $SLAP_API_TOKEN" -F name=NAME '
+        "-F file=@runs/Smoke.2/pytorch_lora_weights.safetensors",
+    ]
+
+    # Stopped early: the run has no final LoRA yet, so it points only to --resume.
+    stopped = Path("runs") / "stopped"
+    assert cli_main([*_train_args(tiny_cache_dir, demo_dataset, stopped, "train.max_train_steps=3"),
+                     "--stop-at-step", "1"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == "stopped at step 1; continue with --resume latest"
+
+
 def test_one_last_logged_step_reads_the_last_complete_line_of_any_length(tmp_path):
     """Guards the two `last_logged_step`s that disagreed: the refusal to start over a run read the highest
     step of the whole metrics.jsonl, a sweep's progress the last line within the file's last 4 KiB (0 for a

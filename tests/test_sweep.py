@@ -241,6 +241,38 @@ def test_the_readme_command_finds_a_config_file_named_without_a_folder(tiny_cach
     assert (out / "../../my.yaml").resolve() == (tmp_path / "my.yaml").resolve()
 
 
+@pytest.mark.parametrize("checkpoints", [False, True])
+def test_the_last_line_names_paths_usable_from_where_the_sweep_ran(checkpoints, tiny_cache_dir, demo_dataset, tmp_path,
+                                                                   monkeypatch, capsys):
+    """Guards the sweep's last line naming the best LoRA relative to the sweep folder (`LoRA runs/01-...`) beside
+    the report and config relative to where the command ran (`report: training_logs/tiny/README.md`): copied, the
+    LoRA path named no file. Every path on the line must name its file from where the command ran, a
+    checkpoint's LoRA (--checkpoints) too; the sweep's README keeps its folder-relative LoRA."""
+    from trainer.demo_data import write_demo_dataset
+
+    monkeypatch.chdir(tmp_path)
+    write_demo_dataset(tmp_path / "heldout", clips=1, seed=7)
+    args = ["sweep", "--config", "tiny-smoke", "--grid", "lora.rank=2,4", "--data", str(demo_dataset),
+            "--heldout", str(tmp_path / "heldout"), "--out", "training_logs/tiny",
+            *(["--checkpoints"] if checkpoints else [])]
+    for item in tiny_train_overrides(tiny_cache_dir, "data.height=32", "data.width=32", "data.num_frames=1",
+                                     "data.max_clips=2", "train.max_train_steps=2", "optim.lr_warmup_steps=1",
+                                     "checkpoint.every_steps=1", "train.gradient_checkpointing=false"):
+        args += ["--set", item]
+    assert cli_main(args) == 0, capsys.readouterr().err[-2000:]
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    shown = re.fullmatch(r"best: (\S+)(?: at step (\d))? \(heldout_loss \S+\), LoRA (\S+); report: (\S+), config: (\S+)",
+                         last)
+    assert shown, last
+    run, step, lora, report, config = shown.groups()
+    assert (report, config) == ("training_logs/tiny/README.md", "training_logs/tiny/best.yaml")
+    within = f"checkpoints/checkpoint-00000{step}/{LORA_FILENAME}" if checkpoints and step == "1" else LORA_FILENAME
+    assert lora == f"training_logs/tiny/runs/{run}/{within}"
+    for path in (lora, report, config):
+        assert Path(path).is_file(), path  # from where the command ran
+    assert f"`runs/{run}/{within}`" in Path(report).read_text()  # the README, inside the folder, as it was
+
+
 def test_report_figures_for_one_and_three_axes_and_a_diverged_run(tiny_cache_dir, tmp_path):
     """Guards a report that only handles exactly two axes (one axis: a line; three: one heatmap per value
     of the third) and a diverged run (NaN loss) winning because NaN compares false."""

@@ -224,12 +224,45 @@ def test_a_full_disk_while_saving_stops_with_one_line_and_keeps_the_last_checkpo
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_resume_refuses_a_different_config(tiny_cache_dir, demo_dataset, tmp_path):
+def test_resume_refuses_a_different_config(tiny_cache_dir, demo_dataset, tmp_path, capsys):
+    """Guards the refusal of a resume with another config saying only `the config differs`: a new user who
+    resumed a finished run with a longer train.max_train_steps could not tell which keys differed, nor that
+    training further is a new run. The one line names each differing key with both values, says that resume
+    continues the run's own schedule, and what to do instead; the run's config.yaml is left as it was."""
     run = tmp_path / "run"
     train(_config(tiny_cache_dir, "train.max_train_steps=4"), demo_dataset, run, stop_at_step=2, progress=False)
+    saved = (run / "config.yaml").read_text()
+    capsys.readouterr()
     code = cli_main(["train", "--config", "tiny-smoke", "--data", str(demo_dataset), "--out", str(run), "--resume", "latest",
-                     *sum((["--set", o] for o in tiny_train_overrides(tiny_cache_dir, "train.max_train_steps=4", "lora.rank=8")), [])])
+                     *sum((["--set", o] for o in tiny_train_overrides(tiny_cache_dir, "train.max_train_steps=20",
+                                                                     "lora.rank=8")), [])])
     assert code == 2
+    error = cli_stderr(capsys.readouterr().err)
+    assert "\n" not in error
+    assert error.startswith(f"slapgen train: the config differs from the run's {run / 'config.yaml'} "
+                            "(lora.rank: 4 in the run, 8 now; train.max_train_steps: 4 in the run, 20 now): ")
+    assert "--resume continues that run with its own config and schedule" in error
+    assert "to train further, start a new run with another --out" in error
+    assert (run / "config.yaml").read_text() == saved
+
+
+def test_config_differences_name_dotted_keys_with_both_values():
+    """Guards the differences a refused resume names (see above): dotted keys in the config's order, values as
+    JSON (a string stays quoted, null is null), a key only one side has said to be unset there, a section null
+    on one side one difference."""
+    from trainer.run_folder import config_differences
+
+    saved = "model: tiny\ntrain: {max_train_steps: 10, seed: 42}\nlora: {target_modules: null, rank: 4}\nticft: null\n"
+    now = ("model: '7'\ntrain: {max_train_steps: 20, seed: 42}\nlora: {target_modules: [to_q], rank: 4, dropout: 0.1}\n"
+           "ticft: {layout: c1b3t9}\n")
+    assert config_differences(saved, now) == [
+        'model: "tiny" in the run, "7" now',
+        "train.max_train_steps: 10 in the run, 20 now",
+        'lora.target_modules: null in the run, ["to_q"] now',
+        "lora.dropout: unset in the run, 0.1 now",
+        'ticft: null in the run, {"layout": "c1b3t9"} now',
+    ]
+    assert config_differences(saved, saved.replace("{max_train_steps: 10, seed: 42}", "{seed: 42, max_train_steps: 10}")) == []
 
 
 def test_checkpoints_rotate_and_hold_a_loadable_lora(tiny_cache_dir, demo_dataset, tmp_path):

@@ -1,4 +1,4 @@
-"""`slapgen campaign create`: the videos of `slapgen eval` runs (EVAL_DIR/eval.json and
+"""`slapgen campaign create`, `list` and `delete`. Create: the videos of `slapgen eval` runs (EVAL_DIR/eval.json and
 EVAL_DIR/videos/SYSTEM/pNNN-sSEED.mp4; a sweep writes one such folder per run, RUN/eval, and, with
 generation metrics, one for the whole sweep in its own folder: the base model and every run, or with
 --checkpoints every checkpoint that made videos, as RUN@STEP) turned into a rating campaign in the
@@ -11,6 +11,9 @@ automatic metrics of eval.json (per system, and per video where eval scored each
 campaign so its leaderboard can say which one agrees with the raters; a metric whose definition differs
 between the chosen systems (a held-out loss of two training objectives, a CLIP score of two CLIP
 models) is left out, with the sentence the leaderboard gives for it (`comparable_metrics`).
+
+List and delete read the same store create writes (SLAP_DATA_DIR, or SLAP_DATABASE_URL), through
+`CampaignStore`; where no store exists yet they create none.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import json
 import re
 from pathlib import Path
 
-from slapgen.errors import CampaignError
+from slapgen.errors import CampaignError, CampaignNotFoundError, CampaignRatedError
 from slapgen.names import NAME_RULE
 from slapgen.campaign_store import CAMPAIGN_NAME_PATTERN, CampaignSpec, Item, check_campaign_name
 
@@ -208,3 +211,44 @@ def create_campaign(data_dir: Path, name: str, sources: list[Path], systems: lis
 
     spec = plan_campaign(name, sources, systems, criteria, budget)
     return CampaignStore(data_dir, database).create(spec)
+
+
+def _existing_store(data_dir: Path, database: str | None):
+    """The store create writes, or None where there is none yet (no database URL and no DATA/campaigns.sqlite):
+    listing or deleting then creates no file."""
+    from slapgen.campaign_store import CampaignStore
+
+    if database is None and not (Path(data_dir) / "campaigns.sqlite").is_file():
+        return None
+    return CampaignStore(data_dir, database)
+
+
+def campaign_lines(data_dir: Path, database: str | None = None) -> list[str]:
+    """`slapgen campaign list`: a line per campaign (name, systems, ratings so far of its budget, raters),
+    or one saying there is none and where it looked."""
+    store = _existing_store(data_dir, database)
+    overview = store.overview() if store is not None else []
+    if not overview:
+        return [f"no campaigns in {data_dir}"]
+    lines = []
+    for entry in overview:
+        systems = store.get(entry["name"]).systems
+        raters = entry["raters"]
+        lines.append(f"{entry['name']}: {len(systems)} systems ({', '.join(systems)}), {entry['ratings']}/"
+                     f"{entry['budget']} ratings, {raters} rater{'s' * (raters != 1)}, criteria "
+                     f"{', '.join(entry['criteria'])}")
+    return lines
+
+
+def delete_campaign(data_dir: Path, name: str, confirmed: bool, database: str | None = None):
+    """`slapgen campaign delete NAME`: the campaign, its pairs, verdicts and videos (`CampaignStore.delete`);
+    one with ratings only when `confirmed` (--yes)."""
+    store = _existing_store(data_dir, database)
+    try:
+        if store is None:
+            raise CampaignNotFoundError(f"no campaign named {name!r}", field="name")
+        return store.delete(name, with_ratings=confirmed)
+    except CampaignRatedError as error:
+        raise CampaignRatedError(f"{error}; add --yes to delete it with them", error.ratings, error.raters) from None
+    except CampaignNotFoundError as error:
+        raise CampaignNotFoundError(f"{error} in {data_dir}; `slapgen campaign list` lists them", field="name") from None

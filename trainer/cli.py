@@ -1,4 +1,5 @@
-"""`slapgen` command line: demo-data, caption, curate, precompute, train, eval, generate, sweep, campaign, config.
+"""`slapgen` command line: demo-data, caption, curate, precompute, train, eval, generate, sweep, campaign (create,
+list, delete), config.
 
 Every subcommand has --help; bad input ends with one line on stderr and exit status 2.
 """
@@ -61,8 +62,14 @@ def cmd_train(args) -> int:
     from trainer.config import load_config_for_run
     from trainer.train import train
 
+    from trainer.run_folder import where_to_look_next
+
     config = load_config_for_run(args.config, args.set)
-    train(config, args.data, args.out, resume=args.resume, stop_at_step=args.stop_at_step, overwrite=args.overwrite)
+    final = train(config, args.data, args.out, resume=args.resume, stop_at_step=args.stop_at_step,
+                  overwrite=args.overwrite)
+    if final is not None:  # None: stopped early (it said how to continue), or not the main process
+        for line in where_to_look_next(args.out, config.model, config.logging.tensorboard):
+            print(line)
     return 0
 
 
@@ -221,6 +228,31 @@ def cmd_campaign_create(args) -> int:
           f"{campaign.budget} ratings, in {data_dir}")
     for sentence in left_out_sentences(campaign.metrics_left_out):  # said now, not first on the leaderboard
         print(sentence)
+    return 0
+
+
+def cmd_campaign_list(args) -> int:
+    from slapgen.serving.settings import load_settings
+    from trainer.campaign import campaign_lines
+
+    settings = load_settings()  # the store create writes
+    for line in campaign_lines(settings.data_dir, settings.database_url):
+        print(line)
+    return 0
+
+
+def cmd_campaign_delete(args) -> int:
+    from slapgen.serving.settings import load_settings
+    from trainer.campaign import delete_campaign
+
+    settings = load_settings()
+    deleted = delete_campaign(settings.data_dir, args.name, args.yes, database=settings.database_url)
+    def counted(number: int, noun: str) -> str:
+        return f"{number} {noun}{'s' * (number != 1)}"
+
+    raters = f" from {counted(deleted.raters, 'rater')}" if deleted.ratings else ""
+    print(f"deleted campaign {deleted.name}: {counted(deleted.videos, 'video')}, {counted(deleted.pairs, 'issued pair')}, "
+          f"{counted(deleted.ratings, 'rating')}{raters}")
     return 0
 
 
@@ -400,6 +432,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="ratings per criterion after which the campaign is done anyway "
                              "(default: every pair of systems once on every prompt and seed)")
     create.set_defaults(run=cmd_campaign_create)
+    listing = camp_commands.add_parser("list", help="every campaign in the service's data store: systems, ratings "
+                                                    "so far of its budget, raters")
+    listing.set_defaults(run=cmd_campaign_list)
+    remove = camp_commands.add_parser("delete", help="delete a campaign with its pairs, ratings and copied videos")
+    remove.add_argument("name", help="the campaign (`slapgen campaign list` lists them)")
+    remove.add_argument("--yes", action="store_true", help="delete it even though it has ratings (they are lost)")
+    remove.set_defaults(run=cmd_campaign_delete)
 
     cfg = commands.add_parser("config", help="print a preset or config file with every field documented")
     cfg.add_argument("preset", nargs="?", help="preset name or YAML file (default: built-in defaults)")

@@ -10,10 +10,14 @@ stays, because its entries are keyed by everything they were encoded from and ar
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 from pathlib import Path
 
+import yaml
+
 from slapgen.models.lora_format import WEIGHTS_FILE as LORA_FILENAME
+from slapgen.names import NAME_PATTERN, NAME_RULE
 from trainer import checkpoints
 from trainer.errors import TrainError
 
@@ -77,6 +81,82 @@ def check_new_start(run_dir: Path, resume: str | None, overwrite: bool) -> None:
     fix = ("continue it with --resume latest, or start over with --overwrite" if saved
            else "start over with --overwrite (it has no checkpoint to resume from)")
     raise TrainError(f"{run_dir} already holds a run ({', '.join(found)}); {fix}, or choose another --out")
+
+
+_UNSET = object()  # a key one side of a comparison does not have
+
+
+def _differences(before: object, now: object, key: str = "") -> list[str]:
+    """Where two config mappings differ, as dotted keys with both values (recursing while both sides are
+    mappings; a section that is null on one side is one difference)."""
+    if isinstance(before, dict) and isinstance(now, dict):
+        keys = [*before, *(name for name in now if name not in before)]
+        return [line for name in keys
+                for line in _differences(before.get(name, _UNSET), now.get(name, _UNSET), f"{key}.{name}" if key else name)]
+    if before == now:
+        return []
+    said = ["unset" if value is _UNSET else json.dumps(value) for value in (before, now)]
+    return [f"{key}: {said[0]} in the run, {said[1]} now"]
+
+
+def config_differences(saved_yaml: str, new_yaml: str) -> list[str]:
+    """Each setting on which the run's saved config.yaml and the new start's config differ, in words
+    (`train.max_train_steps: 10 in the run, 20 now`), in the config's order; values as JSON, so a
+    string and a number that print alike still read apart."""
+    return _differences(yaml.safe_load(saved_yaml) or {}, yaml.safe_load(new_yaml) or {})
+
+
+# The differences a refusal names before it says how many more there are.
+DIFFERENCES_SHOWN = 3
+
+
+def check_resume_config(run_dir: Path, config_yaml: str) -> None:
+    """TrainError (one sentence) when `--resume` is given a config other than the run's own config.yaml: it
+    names the settings that differ with both values, and says that a resume continues the run's own
+    schedule, so that training a finished run longer is a new run (the usual wish behind a changed
+    train.max_train_steps)."""
+    saved = Path(run_dir) / CONFIG_FILE
+    if not saved.is_file() or saved.read_text() == config_yaml:
+        return
+    differences = config_differences(saved.read_text(), config_yaml)
+    if not differences:
+        return  # the same settings written differently (an older dump's layout): nothing a resume would change
+    shown = "; ".join(differences[:DIFFERENCES_SHOWN])
+    more = len(differences) - DIFFERENCES_SHOWN
+    if more > 0:
+        shown += f"; and {more} more"
+    raise TrainError(
+        f"the config differs from the run's {saved} ({shown}): --resume continues that run with its own config and "
+        f"schedule, so resume with the same config (--config "
+        f"{saved}); to train further, start a new run with another --out and the settings you want (a new run "
+        f"trains a new LoRA from the base model: the trainer has no option to start from an existing LoRA)")
+
+
+def where_to_look_next(run_dir: Path, model: str, tensorboard: bool) -> list[str]:
+    """The lines `slapgen train` ends with after the LoRA's: what a user looks at next, only what this run
+    wrote (its last validation videos, metrics.jsonl, the TensorBoard command when it logged there) and how to
+    serve it, in one line. Paths as `run_dir` was given, so they work from where the command ran; the
+    adapters folder absolute, since `bentoml serve` reads it from the service's folder."""
+    run_dir = Path(run_dir)
+    lines = []
+    videos = sorted(path for path in (run_dir / VALIDATION_DIR).glob("step-*") if path.is_dir())
+    if videos:
+        earlier = f"; earlier steps' beside it in {run_dir / VALIDATION_DIR}" if len(videos) > 1 else ""
+        lines.append(f"validation videos: {videos[-1]} (the final LoRA's{earlier})")
+    if (run_dir / METRICS_FILE).is_file():
+        lines.append(f"metrics: {run_dir / METRICS_FILE} (a JSON line per logged step)")
+    if tensorboard and (run_dir / LOGS_DIR).is_dir():
+        lines.append(f"TensorBoard: tensorboard --logdir {shlex.quote(str(run_dir / LOGS_DIR))}")
+    name = run_dir.absolute().name
+    if NAME_PATTERN.fullmatch(name):
+        lines.append(f"serve it: SLAP_MODEL={shlex.quote(model)} SLAP_ADAPTERS_DIR="
+                     f"{shlex.quote(str(run_dir.absolute().parent))} bentoml serve (in the slapgen folder), then ask "
+                     f'for "adapter": "{name}"')
+    else:  # the served folder's adapters are named after their folders; this one's name is not an adapter name
+        lines.append(f"serve it: upload it to a running server as a name of {NAME_RULE}: curl -X POST "
+                     f'http://127.0.0.1:3000/adapters/upload -H "Authorization: Bearer $SLAP_API_TOKEN" -F name=NAME '
+                     f"-F file=@{shlex.quote(str(run_dir / LORA_FILENAME))}")
+    return lines
 
 
 def clear_run(run_dir: Path) -> None:

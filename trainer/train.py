@@ -155,10 +155,9 @@ def _setup(config: TrainConfig, data_path: Path, run_dir: Path, resume: str | No
         if overwrite:
             run_folder.clear_run(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        saved = run_dir / run_folder.CONFIG_FILE
-        if resume is not None and saved.is_file() and saved.read_text() != config.to_yaml():
-            raise TrainError(f"the config differs from the run's {saved}; resume with the same config (--config {saved})")
-        atomic_write_text(saved, config.to_yaml())
+        if resume is not None:
+            run_folder.check_resume_config(run_dir, config.to_yaml())
+        atomic_write_text(run_dir / run_folder.CONFIG_FILE, config.to_yaml())
     accelerator.wait_for_everyone()
     set_seed(config.train.seed, device_specific=True)  # LoRA dropout differs per process
     device = accelerator.device

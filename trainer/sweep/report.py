@@ -93,10 +93,12 @@ class Winner:
     def name(self) -> str:
         return self.run.name
 
-    def say(self) -> str:
+    def say(self, out: Path) -> str:
+        """The winner in words for the sweep's last line: its LoRA under `out` as the command was given it (the
+        sweep's other paths there are, so each works from where the command ran), not relative to the folder."""
         value = "no number" if self.value is None else metric_text(self.value)
         where = f"{self.run.name} at step {self.step}" if self.checkpoint else self.run.name
-        return f"{where} ({self.metric} {value}), LoRA {self.lora}"
+        return f"{where} ({self.metric} {value}), LoRA {Path(out) / self.lora}"
 
 
 def _lora_shown(out: Path, run: PlannedRun, relative: str) -> str:

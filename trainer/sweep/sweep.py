@@ -224,6 +224,6 @@ def run_sweep(config: str, sets: list[str], grid: list[str], data: Path, heldout
         best = write_report(out, definition, results, base)
         if base is not None:
             write_eval_report(out, definition, results, base)
-    print(f"best: {best.say()}; report: {out / 'README.md'}, config: {out / 'best.yaml'}")
+    print(f"best: {best.say(out)}; report: {out / 'README.md'}, config: {out / 'best.yaml'}")
     return out
 
