@@ -24,7 +24,7 @@ from slapgen.expected_warnings import silence_expected_warnings
 silence_expected_warnings()  # before anything imports torchao or diffusers
 
 from prompts import default_library  # noqa: E402 (after the filters)
-from slapgen.engine.adapters import MAX_ADAPTER_BYTES, adapter_names
+from slapgen.engine.adapters import MAX_ADAPTER_BYTES, adapter_names, misnamed_adapters
 from slapgen.engine.generator import VideoGenerator
 from slapgen.errors import GenerationCancelledError, SlapgenError
 from slapgen.lifetime import die_with_parent
@@ -95,8 +95,13 @@ def _say_where_adapters_are() -> None:  # and which settings change nothing
     # the user meant; an empty listing would be the only sign.
     folder = settings.adapters_dir.absolute()
     names = adapter_names(folder) if folder.is_dir() else []
-    print(f"slapgen: serving {settings.model}; adapters from {folder}: {', '.join(names) or 'none yet'}",
+    # Adapter-like entries whose names are not adapter names (a sweep's run folders) would otherwise vanish.
+    misnamed = misnamed_adapters(folder) if folder.is_dir() else {}
+    unserved = f"; {len(misnamed)} not served, their names are not adapter names (below)" if misnamed else ""
+    print(f"slapgen: serving {settings.model}; adapters from {folder}: {', '.join(names) or 'none yet'}{unserved}",
           file=sys.stderr, flush=True)
+    for sentence in misnamed.values():
+        print(f"slapgen: {sentence}", file=sys.stderr, flush=True)
     for sentence in settings.ineffective():
         print(f"slapgen: {sentence}", file=sys.stderr, flush=True)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 
 import numpy as np
@@ -52,6 +53,58 @@ def test_trainer_adapters_validate_and_describe(adapter_files, target, tmp_path)
     assert [d["rank"] for d in store.describe()] == [4, 8]
     store.remove("b")
     assert store.names() == ["a"] and not folder.exists()
+
+
+RULE = "(1-64 characters of a-z, 0-9, _ and -)"
+
+
+def test_a_sweeps_run_folders_are_listed_with_why_they_are_not_served(adapter_files, target, tmp_path):
+    """Guards a sweep's runs folder served as SLAP_ADAPTERS_DIR looking empty: its run folders
+    (`03-learning_rate=1e-2_rank=8/pytorch_lora_weights.safetensors`) have `=` in their names, which adapter
+    names do not allow, and were skipped without a word (`GET /adapters` was `[]`). Every adapter-like entry
+    (a folder holding the weights file, a *.safetensors file) whose name is not allowed is listed with the
+    sentence saying why and the one-liner that links it under an allowed name; it never sizes the slot and
+    is never served. Once linked (the one-liner, as a shell splits it), it is served under the new name and
+    no longer listed, and deleting that adapter removes the link only."""
+    from slapgen.engine.adapters import largest_rank_in
+
+    runs = tmp_path / "runs"
+    for run in ("03-learning_rate=1e-2_rank=8", "04-learning_rate=1e-3_rank=8"):
+        (runs / run / "logs").mkdir(parents=True)
+        shutil.copy(adapter_files["a"], runs / run / "pytorch_lora_weights.safetensors")
+    shutil.copy(adapter_files["b"], runs / "My LoRA.safetensors")
+    (runs / "sweep.json").write_text("{}")  # not adapter-like: neither listed nor served
+    (runs / "empty-run").mkdir()
+    store = AdapterStore(runs, target, cache_size=2)
+    expected = {
+        "03-learning_rate=1e-2_rank=8": "adapter folder `03-learning_rate=1e-2_rank=8` is not served: its name is not "
+        f"an adapter name {RULE}; rename it, or link it under an allowed name from inside the adapters folder, e.g. "
+        "`ln -s 03-learning_rate=1e-2_rank=8/pytorch_lora_weights.safetensors 03-learning_rate_1e-2_rank_8.safetensors`",
+        "04-learning_rate=1e-3_rank=8": "adapter folder `04-learning_rate=1e-3_rank=8` is not served: its name is not "
+        f"an adapter name {RULE}; rename it, or link it under an allowed name from inside the adapters folder, e.g. "
+        "`ln -s 04-learning_rate=1e-3_rank=8/pytorch_lora_weights.safetensors 04-learning_rate_1e-3_rank_8.safetensors`",
+        "My LoRA": "adapter file `My LoRA.safetensors` is not served: `My LoRA` is not an adapter name "
+        f"{RULE}; rename it, or link it under an allowed name from inside the adapters folder, e.g. "
+        "`ln -s 'My LoRA.safetensors' my_lora.safetensors`",
+    }
+    assert store.names() == [] and largest_rank_in(runs, target) == 0
+    assert store.describe() == [{"name": name, "error": error} for name, error in expected.items()]
+    for name in expected:
+        with pytest.raises(AdapterError, match="must be 1-64 characters"):
+            store.get(name)
+
+    for name in ("03-learning_rate=1e-2_rank=8", "My LoRA"):
+        command, option, source, link = shlex.split(expected[name].rsplit("`", 2)[1])
+        assert (command, option) == ("ln", "-s")
+        (runs / link).symlink_to(source)  # what `ln -s SOURCE LINK` does in the folder
+    assert store.names() == ["03-learning_rate_1e-2_rank_8", "my_lora"]
+    listed = {entry["name"]: entry for entry in store.describe()}
+    assert sorted(listed) == ["03-learning_rate_1e-2_rank_8", "04-learning_rate=1e-3_rank=8", "my_lora"]
+    assert (listed["03-learning_rate_1e-2_rank_8"]["rank"], listed["my_lora"]["rank"]) == (4, 8)
+    assert listed["04-learning_rate=1e-3_rank=8"]["error"] == expected["04-learning_rate=1e-3_rank=8"]
+    assert store.get("my_lora").rank == 8 and largest_rank_in(runs, target) == 8
+    store.remove("my_lora")
+    assert (runs / "My LoRA.safetensors").read_bytes() == adapter_files["b"].read_bytes()
 
 
 def _wrong_keys(data: bytes, tmp_path) -> bytes:

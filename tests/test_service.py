@@ -131,6 +131,34 @@ def test_start_up_says_which_adapter_folder_it_serves(tiny_server):
     assert f"slapgen: serving tiny; adapters from {folder}: none yet\n" in tiny_server.log_tail(10**7)
 
 
+def test_a_sweeps_runs_folder_says_why_its_runs_are_not_served(tiny_cache_dir, adapter_files, tmp_path):
+    """Guards `SLAP_ADAPTERS_DIR=training_logs/tiny/runs bentoml serve` printing `none yet` and answering
+    `GET /adapters` with `[]` although the folder holds run folders with LoRA weights: their names
+    (`03-learning_rate=1e-2_rank=8`) are not adapter names and were skipped without a word. Start-up counts
+    them on its line and prints each one's sentence below it, `GET /adapters` lists it with that sentence,
+    and a generation naming it is still refused."""
+    import shutil
+
+    from tests.conftest import start_server, stop_server
+
+    runs = tmp_path / "runs"
+    run = "03-learning_rate=1e-2_rank=8"
+    (runs / run).mkdir(parents=True)
+    shutil.copy(adapter_files["a"], runs / run / "pytorch_lora_weights.safetensors")
+    sentence = (f"adapter folder `{run}` is not served: its name is not an adapter name (1-64 characters of a-z, "
+                "0-9, _ and -); rename it, or link it under an allowed name from inside the adapters folder, e.g. "
+                f"`ln -s {run}/pytorch_lora_weights.safetensors 03-learning_rate_1e-2_rank_8.safetensors`")
+    server = start_server(tmp_path, SLAP_MODEL="tiny", SLAP_CACHE_DIR=str(tiny_cache_dir), SLAP_ADAPTERS_DIR=str(runs))
+    try:
+        assert (f"slapgen: serving tiny; adapters from {runs}: none yet; 1 not served, their names are not adapter "
+                f"names (below)\nslapgen: {sentence}\n") in server.log_tail(10**7)
+        assert httpx.get(f"{server.url}/adapters", timeout=30).json()["adapters"] == [{"name": run, "error": sentence}]
+        refused = httpx.post(f"{server.url}/generate", json={"prompt": "a power slap", "adapter": run}, timeout=60)
+        assert refused.status_code == 400 and "adapter" in refused.json()["error"], refused.text
+    finally:
+        stop_server(server)
+
+
 def test_malformed_json_is_a_400(tiny_server):
     response = httpx.post(
         f"{tiny_server.url}/generate", content=b'{"prompt": ', headers={"content-type": "application/json"}, timeout=30

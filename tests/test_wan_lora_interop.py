@@ -168,6 +168,66 @@ def test_a_community_lora_with_modules_the_slot_lacks_is_refused_naming_them(eng
     assert "\n" not in message and list((tmp_path / "adapters").iterdir()) == []
 
 
+@pytest.mark.parametrize("trained", ["attention", "block 1's self-attention"])
+def test_a_musubi_lora_of_some_modules_converts_as_diffusers_converts_them(engine, tmp_path, trained):
+    """Guards `adapter musubi-attn (musubi-tuner layout): diffusers could not convert it (KeyError:
+    'blocks_0_ffn_0.lora_down.weight')`: diffusers 0.42.1's musubi-tuner converter pops every attention and
+    feed-forward module of every block, so a musubi LoRA trained on the attention only (or on some blocks)
+    failed, although it is served by the default attention slot. Such a file is stored as exactly what
+    diffusers' converter makes of those modules (the reference: `WanPipeline.lora_state_dict` of a whole
+    musubi file holding them, which converts module by module), and nothing else."""
+    whole = community_lora("musubi-tuner", engine, rank=4, seed=6, feed_forward=True)
+    keep = ((lambda key: "_ffn_" not in key) if trained == "attention"
+            else (lambda key: key.startswith("lora_unet_blocks_1_self_attn_")))
+    part = {key: value for key, value in whole.items() if keep(key)}
+    with pytest.raises(KeyError):  # what plain diffusers does with it
+        WanPipeline.lora_state_dict({key: value.clone() for key, value in part.items()})
+    expected = {key: value for key, value in
+                WanPipeline.lora_state_dict({key: value.clone() for key, value in whole.items()}).items()
+                if (".attn1." in key and ".blocks.1." in key) or (trained == "attention" and ".ffn." not in key)}
+    attention_only = {module: features for module, features in engine.slot.modules.items() if ".ffn." not in module}
+    store = AdapterStore(tmp_path / "adapters", AdapterTarget("tiny-wan", attention_only, MAX_RANK, family="wan"),
+                         cache_size=2)
+    store.add("musubi-part", save(part))
+    with safe_open(str(tmp_path / "adapters" / "musubi-part.safetensors"), framework="pt") as handle:
+        stored = {key: handle.get_tensor(key) for key in handle.keys()}
+        assert handle.metadata()[lora_format.CONVERTED_FROM_KEY] == "musubi-tuner"
+    assert sorted(stored) == sorted(expected) and len(expected) == (32 if trained == "attention" else 8)
+    for key, tensor in expected.items():
+        assert torch.equal(stored[key], tensor), key
+    assert [(entry["name"], entry["rank"]) for entry in store.describe()] == [("musubi-part", 4)]
+
+
+def test_a_musubi_module_without_its_alpha_is_refused_saying_what_the_converter_needs(engine, tmp_path):
+    """Guards `diffusers could not convert it (KeyError: 'blocks_0_self_attn_q.alpha')`, a sentence in diffusers'
+    terms: a musubi-tuner module with some of its keys only is refused naming the module, what it lacks and
+    what diffusers' converter needs, before the converter runs; nothing is written."""
+    tensors = community_lora("musubi-tuner", engine, rank=2, seed=4, feed_forward=False)
+    del tensors["lora_unet_blocks_0_self_attn_q.alpha"]
+    store = AdapterStore(tmp_path / "adapters", AdapterTarget("tiny-wan", engine.slot.modules, MAX_RANK, family="wan"),
+                         cache_size=2)
+    with pytest.raises(AdapterError) as refused:
+        store.add("musubi-no-alpha", save(tensors))
+    assert str(refused.value) == (
+        "adapter musubi-no-alpha (musubi-tuner layout): 'lora_unet_blocks_0_self_attn_q' has no .alpha, which "
+        "diffusers' converter for musubi-tuner's layout needs beside its .lora_down.weight and .lora_up.weight; "
+        "save the LoRA again with each of its modules whole")
+    assert list((tmp_path / "adapters").iterdir()) == []
+
+
+def test_an_attention_only_musubi_lora_serves_the_frames_diffusers_makes_of_it(engine, reference, tmp_path):
+    """Guards the same KeyError end to end: an attention-only musubi-tuner LoRA is served with the frames plain
+    diffusers makes of it, that is of the same file with zero feed-forward factors (which add nothing), the
+    only form of it `WanPipeline.load_lora_weights` loads."""
+    attention = community_lora("musubi-tuner", engine, rank=4, seed=12, feed_forward=False)
+    zero_feed_forward = {key: torch.zeros_like(value) if not key.endswith(".alpha") else value
+                         for key, value in community_lora("musubi-tuner", engine, rank=4, seed=12,
+                                                          feed_forward=True).items() if "_ffn_" in key}
+    path = tmp_path / "musubi-zero-ffn.safetensors"
+    save_file(attention | zero_feed_forward, path)
+    serve_and_compare(engine, reference, "musubi-attention", save(attention), path)
+
+
 def _hostile(kind: str, engine) -> dict:
     tensors = community_lora("wan-original", engine, rank=2, seed=9, feed_forward=False)
     stem = "diffusion_model.blocks.0.self_attn.q"

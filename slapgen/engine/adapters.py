@@ -3,7 +3,8 @@ adapters held in CPU memory so switching back to a recent adapter never re-reads
 
 An adapter is one `NAME.safetensors` file or one diffusers LoRA folder `NAME/` holding
 `pytorch_lora_weights.safetensors`, in diffusers' LoRA format (`slapgen.models.lora_format`, what
-`slapgen train` writes). An upload in a community trainer's layout that the model's family converts
+`slapgen train` writes); one whose NAME is not an adapter name (a sweep's run folder) is listed with why, never
+served. An upload in a community trainer's layout that the model's family converts
 (`ModelFamily.community_lora_layouts`: Wan's original / musubi-tuner keys) is converted by diffusers' own
 loader once its header passed the same bounds, checked as a native upload, and stored in diffusers' layout.
 Validation happens before anything is written, so a bad upload leaves the
@@ -16,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import shlex
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -36,7 +38,7 @@ from slapgen.models.lora_format import (DIFFUSERS_METADATA_KEY, KEY_PATTERN, WEI
                                         read_file_header, shown)
 from slapgen.models.specs import DEFAULT_FRAME_STEP
 from slapgen.models.ticft import TicftLayout
-from slapgen.names import NAME_PATTERN
+from slapgen.names import NAME_PATTERN, NAME_RULE
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -427,13 +429,64 @@ def weights_path(folder: Path, name: str) -> Path | None:
     return None
 
 
+def entry_adapter_name(entry: Path) -> str | None:
+    """The name the folder entry `entry` would be served under when it looks like an adapter (a `*.safetensors`
+    file, or a folder holding WEIGHTS_FILE), whether or not that name is allowed; None when it does not look like
+    one. Hidden entries are never adapters: they are editors' files and atomic writes' staging copies."""
+    if entry.name.startswith("."):
+        return None
+    if entry.is_file():
+        return entry.name.removesuffix(".safetensors") if entry.name.endswith(".safetensors") else None
+    return entry.name if (entry / WEIGHTS_FILE).is_file() else None
+
+
 def adapter_names(folder: Path) -> list[str]:
-    found = set()
-    for entry in Path(folder).iterdir():
-        name = entry.name.removesuffix(".safetensors") if entry.is_file() else entry.name
-        if ADAPTER_NAME_PATTERN.fullmatch(name) and weights_path(folder, name):
-            found.add(name)
-    return sorted(found)
+    """The adapters `folder` serves: its adapter-like entries whose names are allowed (ADAPTER_NAME_PATTERN)."""
+    found = {entry_adapter_name(entry) for entry in Path(folder).iterdir()}
+    return sorted(name for name in found if name is not None and ADAPTER_NAME_PATTERN.fullmatch(name))
+
+
+def misnamed_adapters(folder: Path) -> dict[str, str]:
+    """Entries of `folder` that look like adapters but whose names are not adapter names (a sweep's run folder
+    `03-learning_rate=1e-2_rank=8`, a `My LoRA.safetensors`), each with the sentence that says why it is not
+    served and what to do; those an allowed name already links to (served under it) are left out. They are
+    never served: every use goes by an allowed name."""
+    names = adapter_names(folder)
+    served = {path.resolve() for name in names if (path := weights_path(folder, name)) is not None}
+    taken = set(names)
+    misnamed = {}
+    for entry in sorted(Path(folder).iterdir()):
+        name = entry_adapter_name(entry)
+        if name is None or ADAPTER_NAME_PATTERN.fullmatch(name):
+            continue
+        weights = entry if entry.is_file() else entry / WEIGHTS_FILE
+        if weights.resolve() in served:
+            continue
+        misnamed[name] = misnamed_error(entry, name, taken)
+    return misnamed
+
+
+def misnamed_error(entry: Path, name: str, taken: set[str]) -> str:
+    """Why adapter-like `entry` (served as `name`) is not served, and the one-liner that links it under an allowed
+    name not in `taken` (which then holds it)."""
+    def quoted(text: str) -> str:
+        return f"`{text}`" if text.isprintable() else shown(text, 255)
+
+    if entry.is_file():
+        what = f"adapter file {quoted(entry.name)} is not served: {quoted(name)} is"
+        weights = entry.name
+    else:
+        what = f"adapter folder {quoted(name)} is not served: its name is"
+        weights = f"{entry.name}/{WEIGHTS_FILE}"
+    sentence = f"{what} not an adapter name ({NAME_RULE}); rename it"
+    if not entry.name.isprintable():  # no one-liner a terminal shows as it is
+        return sentence
+    stem = re.sub(r"[^a-z0-9_-]+", "_", name.lower()).strip("_")[:60] or "adapter"
+    suggestion = next(candidate for candidate in (stem, *(f"{stem}-{n}" for n in range(2, 10**6)))
+                      if candidate not in taken)
+    taken.add(suggestion)
+    return (f"{sentence}, or link it under an allowed name from inside the adapters folder, e.g. "
+            f"`ln -s {shlex.quote(weights)} {suggestion}.safetensors`")
 
 
 def largest_rank_in(folder: Path, target: AdapterTarget) -> int:
@@ -502,7 +555,9 @@ class AdapterStore:
                 described.append(one_file(name, lambda: self._describe(name)))
             except AdapterError as error:  # a bad file dropped in by hand: listed, not fatal
                 described.append({"name": name, "error": str(error)})
-        return described
+        # An adapter-like entry whose name is not allowed (a sweep's run folder) is listed with why, never served.
+        described += [{"name": name, "error": error} for name, error in misnamed_adapters(self.folder).items()]
+        return sorted(described, key=lambda entry: entry["name"])
 
     def _describe(self, name: str) -> dict:
         header = folder_header(self.folder, name)

@@ -101,6 +101,20 @@ COMMUNITY_LORA_KEYS = {
                                r"\.(?:lora_down\.weight|lora_up\.weight|alpha)"),
 }
 DELTA_OR_DORA_KEY = re.compile(r"(?:diffusion_model\.|lora_unet_)[a-z0-9_.]{1,100}(?:\.diff|\.diff_b|[._]dora_scale)")
+# musubi-tuner trains the modules its network arguments name (the attention only, say), but diffusers 0.42.1's
+# converter for its layout (`_convert_musubi_wan_lora_to_diffusers`) pops the lora_down, lora_up and alpha of
+# every one of these modules (self- and cross-attention's q, k, v, o, the feed-forward's 0 and 2) of every block
+# below the count of block numbers in the file, and fails with a KeyError on the first it lacks. So a module a
+# file lacks whole is given zero factors for the converter and left out of what it returns (its diffusers name
+# here): the rest converts by diffusers' own rule (names, alpha folding). Those are the frames diffusers makes
+# of that file with zero factors for the missing modules, which add nothing.
+MUSUBI_MODULES = {
+    **{f"{theirs}_{o}": f"{ours}.{c}" for theirs, ours in (("self_attn", "attn1"), ("cross_attn", "attn2"))
+       for o, c in zip("qkvo", ("to_q", "to_k", "to_v", "to_out.0"))},
+    "ffn_0": "ffn.net.0.proj",
+    "ffn_2": "ffn.net.2",
+}
+MUSUBI_MODULE_PARTS = (".lora_down.weight", ".lora_up.weight", ".alpha")
 
 
 def _wan_spec(name: str, height: int, width: int, fps: int, max_num_frames: int, spatial_compression: int) -> ModelSpec:
@@ -343,7 +357,8 @@ class WanFamily(family.ModelFamily):
     def convert_community_lora(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """diffusers' conversion (`WanPipeline.lora_state_dict`) of a file whose keys passed
         `check_community_lora_keys`, once nothing in it is one diffusers would drop or the slot cannot hold
-        (`DELTA_KINDS`, `DORA_KEY`: AdapterError naming the kinds); all-zero deltas are left out first."""
+        (`DELTA_KINDS`, `DORA_KEY`: AdapterError naming the kinds); all-zero deltas are left out first. A musubi-tuner
+        file that trains only some modules (the attention, say) converts too (`complete_musubi_modules`)."""
         deltas = {key for key in state_dict if key.endswith(tuple(DELTA_KINDS))}
         kinds = [what for suffix, what in DELTA_KINDS.items()
                  if any(key.endswith(suffix) and bool(state_dict[key].any()) for key in deltas)]
@@ -354,7 +369,12 @@ class WanFamily(family.ModelFamily):
             raise AdapterError(f"it holds {listed}, which diffusers' Wan LoRA loader drops or this service's LoRA slot "
                                "cannot hold, so served it would make frames its author's LoRA does not; only its "
                                "lora_down/lora_up (lora_A/lora_B) and alpha keys can be served", field="adapter")
-        return super().convert_community_lora({key: value for key, value in state_dict.items() if key not in deltas})
+        kept = {key: value for key, value in state_dict.items() if key not in deltas}
+        if self.community_lora_layout(kept) != "musubi-tuner":
+            return super().convert_community_lora(kept)
+        completed, filled = complete_musubi_modules(kept)
+        converted = super().convert_community_lora(completed)
+        return {key: value for key, value in converted.items() if key.rsplit(".lora_", 1)[0] not in filled}
 
     def kernel_attention_processor(self, kernel_context: Callable[[], AbstractContextManager]):
         return kernel_attention_processor(kernel_context)
@@ -380,6 +400,37 @@ class WanFamily(family.ModelFamily):
 
     def first_level(self, scheduler):
         return float(scheduler.sigmas[0]) * scheduler.config.num_train_timesteps
+
+
+def complete_musubi_modules(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], set[str]]:
+    """`state_dict` (musubi-tuner's layout) with zero factors (rank 1, alpha 1) for each module of MUSUBI_MODULES
+    it lacks whole in blocks 0 to its highest, which diffusers' converter needs (see MUSUBI_MODULES), and those
+    modules' converted names (`transformer.blocks.N.<module>`), to leave out of what it returns. A module with
+    only some of its keys is an AdapterError: diffusers converts a module from all three."""
+    parts_by_stem: dict[str, set[str]] = {}
+    for key in state_dict:
+        stem, dot, part = key.partition(".")
+        parts_by_stem.setdefault(stem, set()).add(dot + part)
+    blocks = [int(match.group(1)) for key in state_dict
+              if (match := COMMUNITY_LORA_KEYS["musubi-tuner"].fullmatch(key)) is not None]
+    for stem, parts in sorted(parts_by_stem.items()):
+        if any(part in MUSUBI_MODULE_PARTS for part in parts):
+            lacking = [part for part in MUSUBI_MODULE_PARTS if part not in parts]
+            if lacking:
+                raise AdapterError(
+                    f"{stem[:120]!r} has no {' and no '.join(lacking)}, which diffusers' converter for musubi-tuner's "
+                    f"layout needs beside its {' and '.join(part for part in MUSUBI_MODULE_PARTS if part in parts)}; "
+                    "save the LoRA again with each of its modules whole", field="adapter")
+    completed, filled = dict(state_dict), set()
+    for block in range(max(blocks) + 1 if blocks else 0):
+        for theirs, ours in MUSUBI_MODULES.items():
+            stem = f"lora_unet_blocks_{block}_{theirs}"
+            if stem not in parts_by_stem:
+                completed[f"{stem}.lora_down.weight"] = torch.zeros(1, 1)
+                completed[f"{stem}.lora_up.weight"] = torch.zeros(1, 1)
+                completed[f"{stem}.alpha"] = torch.tensor(1.0)
+                filled.add(f"transformer.blocks.{block}.{ours}")
+    return completed, filled
 
 
 WAN = WanFamily()
