@@ -79,13 +79,67 @@ def test_overfitting_one_clip_lowers_the_loss(tiny_cache_dir, demo_dataset, tmp_
     assert {"loss", "lr", "grad_norm", "step_time_s", "peak_memory_mb"} <= set(logged[0])
 
 
+def test_caption_dropout_trains_the_dropped_samples_on_the_empty_caption(tiny_cache_dir, demo_dataset, tmp_path,
+                                                                         monkeypatch):
+    """Guards `train.caption_dropout` (a new user's walk-through: every other video trainer has it): the samples
+    a Bernoulli(share) draw picks train on the empty caption's embedding, as diffusers' own CogVideoXPipeline
+    encodes "" (the unconditional branch classifier-free guidance uses), and the others on their own clip's
+    caption, each as diffusers encodes it. The draw is the documented one (seeded from a digest of seed,
+    micro-step and process), about `share` of the samples over the run; the noise draws are the run's without
+    dropout (the dropout has a generator of its own)."""
+    import hashlib
+
+    import trainer.train as train_module
+
+    share, steps, batch = 0.5, 6, 2
+    seen = []
+    real_step = train_module.training_step
+
+    def spying_step(transformer, scheduler, batch_, draws, transformer_inputs, dtype, frame_plan=None):
+        seen.append((batch_.prompt_embeds.clone(), draws.timesteps.clone()))
+        return real_step(transformer, scheduler, batch_, draws, transformer_inputs, dtype, frame_plan=frame_plan)
+
+    monkeypatch.setattr(train_module, "training_step", spying_step)
+    settings = [f"train.max_train_steps={steps}", f"train.batch_size={batch}", "checkpoint.every_steps=100"]
+    train(_config(tiny_cache_dir, *settings, f"train.caption_dropout={share}"), demo_dataset, tmp_path / "dropout",
+          progress=False)
+    dropped_run, seen = seen, []
+    train(_config(tiny_cache_dir, *settings), demo_dataset, tmp_path / "plain", progress=False)
+
+    resolved = resolve_model("tiny", tiny_cache_dir)
+    pipeline = CogVideoXPipeline.from_pretrained(resolved.folder)
+
+    def embedding(text: str) -> torch.Tensor:
+        return pipeline.encode_prompt(text, do_classifier_free_guidance=False, device="cpu",
+                                      max_sequence_length=resolved.spec.max_sequence_length)[0][0]
+
+    empty = embedding("")
+    captions = [embedding(clip.caption) for clip in read_dataset(demo_dataset)]
+    seed = _config(tiny_cache_dir).train.seed
+    picked = []
+    for micro_step, ((embeds, timesteps), (_, plain_timesteps)) in enumerate(zip(dropped_run, seen, strict=True)):
+        digest = hashlib.sha256(f"caption dropout {seed} {micro_step} 0".encode()).digest()
+        generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+        expected = (torch.rand(batch, generator=generator) < share).tolist()
+        assert torch.equal(timesteps, plain_timesteps)  # the run's noise draws are not moved by the dropout's
+        for sample, dropped in zip(embeds, expected, strict=True):
+            if dropped:
+                assert torch.allclose(sample, empty, atol=1e-5)
+            else:
+                assert any(torch.allclose(sample, caption, atol=1e-5) for caption in captions)
+                assert not torch.allclose(sample, empty, atol=1e-5)
+        picked += expected
+    assert 0 < sum(picked) < len(picked) == steps * batch  # some dropped, some kept (6 of 12 here)
+
+
 @pytest.mark.parametrize("model", MODELS)
 def test_resume_continues_exactly(model, tiny_cache_dir, demo_dataset, tmp_path, request):
-    """Guards resume (LoRA, optimizer, schedule, data position and every random state restored) on each
-    family: stopped at step 3 and resumed, the LoRA is bit-identical to an uninterrupted run's (on
+    """Guards resume (LoRA, optimizer, schedule, data position, the captions dropped and every random state
+    restored) on each family: stopped at step 3 and resumed, the LoRA is bit-identical to an uninterrupted run's (on
     tiny-wan: flow matching's logit-normal sigma draws come from the same restored generator)."""
     settings = ["train.max_train_steps=6", "checkpoint.every_steps=3", "optim.lr_scheduler=cosine_with_restarts",
-                "optim.lr_warmup_steps=2", "train.gradient_accumulation_steps=2", *_on_model(model, request, tmp_path)]
+                "optim.lr_warmup_steps=2", "train.gradient_accumulation_steps=2", "train.caption_dropout=0.5",
+                *_on_model(model, request, tmp_path)]
     straight = train(_config(tiny_cache_dir, *settings), demo_dataset, tmp_path / "straight", progress=False)
     interrupted = tmp_path / "interrupted"
     assert train(_config(tiny_cache_dir, *settings), demo_dataset, interrupted, stop_at_step=3, progress=False) is None

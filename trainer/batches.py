@@ -7,6 +7,7 @@ checkpoint's step is the data position.
 
 from __future__ import annotations
 
+import hashlib
 from functools import lru_cache
 
 import torch
@@ -35,6 +36,18 @@ class BatchOrder:
         """Items this process trains on at `micro_step` (0-based, counted over the whole run)."""
         start = (micro_step * self.num_processes + self.process_index) * self.batch_size
         return [self._epoch_order(k // self.num_items)[k % self.num_items] for k in range(start, start + self.batch_size)]
+
+
+def captions_dropped(seed: int, micro_step: int, process_index: int, batch_size: int, share: float) -> list[bool]:
+    """Which samples of this process's batch at `micro_step` train with the empty caption (`train.caption_dropout`,
+    `share` of them on average): a pure function of (seed, micro-step, process), as the batch itself is, so a
+    resumed run drops the very samples an uninterrupted one does with no saved state. Drawn from a generator of its
+    own (seeded from a digest of the three), so the run's noise draws are the same whatever the share."""
+    if share == 0:
+        return [False] * batch_size
+    digest = hashlib.sha256(f"caption dropout {seed} {micro_step} {process_index}".encode()).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+    return (torch.rand(batch_size, generator=generator) < share).tolist()
 
 
 def load_batch(entries: list[CacheEntry], indices: list[int], device) -> LatentBatch:

@@ -101,6 +101,9 @@ class TrainLoopConfig(Section):
         "auto", description="auto: the model's dtype on a GPU (bf16 for 5B, fp16 for 2B), fp32 on CPU"
     )
     gradient_checkpointing: bool = Field(True, description="recompute activations to save memory")
+    caption_dropout: float = Field(0.0, ge=0, lt=1, description="share of training samples whose caption is replaced "
+                                   "by the empty one, so the LoRA keeps the unconditional branch that classifier-free "
+                                   "guidance uses (finetrainers' caption_dropout_p; 0.1 is common)")
     seed: int = Field(42, ge=0, description="seeds data order, noise and timesteps")
 
 

@@ -30,7 +30,7 @@ from slapgen.errors import SlapgenError, TicftLayoutError
 from slapgen.models.loading import TRAINER_SETTING, ResolvedModel, resolve_model
 from slapgen.models.ticft import TicftLayout
 from trainer import checkpoints, run_folder
-from trainer.batches import BatchOrder, load_batch
+from trainer.batches import BatchOrder, captions_dropped, load_batch
 from trainer.config import TrainConfig, check_clip_shape, check_preset_family
 from trainer.datasets import read_dataset
 from trainer.errors import TrainConfigError, TrainError
@@ -75,6 +75,7 @@ class Run:
     validator: Validator | None
     step: int = 0
     ticft_layout: TicftLayout | None = None  # a TIC-FT run's layout: per-frame noise, target-only loss
+    empty_caption: torch.Tensor | None = None  # the empty caption's embedding (S, D): what caption dropout trains on
 
     @property
     def main(self) -> bool:
@@ -225,6 +226,7 @@ def _setup(config: TrainConfig, data_path: Path, run_dir: Path, resume: str | No
         metrics=MetricsLog(run_dir / run_folder.METRICS_FILE, accelerator, enabled=main),
         validator=validator,
         ticft_layout=layout,
+        empty_caption=validation_embeds[-1].to(device=device, dtype=torch.float32),  # as load_batch stacks embeddings
     )
 
     # 3. Resume.
@@ -263,6 +265,10 @@ def train(
     losses, started = [], time.perf_counter()
     while run.step < max_steps:
         batch = load_batch(run.entries, run.order.indices(micro_step), accelerator.device)
+        if config.train.caption_dropout:
+            dropped = captions_dropped(config.train.seed, micro_step, accelerator.process_index,
+                                       config.train.batch_size, config.train.caption_dropout)
+            batch.prompt_embeds[torch.tensor(dropped, device=batch.prompt_embeds.device)] = run.empty_caption
         draws = family.draw_noise(batch, run.noise_scheduler, run.noise_generator)
         frame_plan = run.ticft_layout.frame_plan_for(family, run.noise_scheduler, draws.timesteps) if run.ticft_layout else None
         with accelerator.accumulate(run.transformer):
