@@ -132,6 +132,52 @@ def test_caption_dropout_trains_the_dropped_samples_on_the_empty_caption(tiny_ca
     assert 0 < sum(picked) < len(picked) == steps * batch  # some dropped, some kept (6 of 12 here)
 
 
+def test_wan_trains_on_the_sigmas_its_flow_matching_section_draws(tiny_cache_dir, demo_dataset, tmp_path,
+                                                                  monkeypatch, request):
+    """Guards `flow_matching` (a new user's walk-through: no choice of Wan's timestep sampling; musubi-tuner trains
+    Wan with shift 3): the noise levels the transformer sees at each step are the config's draw, replayed here from
+    the run's documented generator (seed x 1_000_003 + process) in the family's draw order (posterior, noise, then
+    u ~ U(0, 1)) and shifted by the formula shift u / (1 + (shift - 1) u), times 1000. Without the section the
+    levels are TIC-FT's logit-normal ones, as before. On CogVideoX (v-prediction, integer timesteps) the section is
+    refused in one sentence."""
+    import trainer.train as train_module
+
+    seen = []
+    real_step = train_module.training_step
+
+    def spying_step(transformer, scheduler, batch, draws, transformer_inputs, dtype, frame_plan=None):
+        seen.append((batch.latent_mean.shape, draws.timesteps.clone()))
+        return real_step(transformer, scheduler, batch, draws, transformer_inputs, dtype, frame_plan=frame_plan)
+
+    monkeypatch.setattr(train_module, "training_step", spying_step)
+    settings = ["train.max_train_steps=3", "train.batch_size=2", "checkpoint.every_steps=100",
+                *_on_model("tiny-wan", request, tmp_path)]
+    config = _config(tiny_cache_dir, *settings, "flow_matching.sigma_sampling=uniform", "flow_matching.shift=3")
+    train(config, demo_dataset, tmp_path / "shifted", progress=False)
+    generator = torch.Generator().manual_seed(config.train.seed * 1_000_003 + 0)
+    for shape, timesteps in seen:
+        torch.randn(shape, generator=generator)  # the posterior draw
+        torch.randn(shape, generator=generator)  # the diffusion noise
+        u = torch.rand((shape[0],), generator=generator)
+        torch.testing.assert_close(timesteps, 1000 * (3 * u / (1 + 2 * u)))
+    assert len(seen) == 3
+
+    seen.clear()
+    train(_config(tiny_cache_dir, *settings), demo_dataset, tmp_path / "default", progress=False)
+    generator = torch.Generator().manual_seed(config.train.seed * 1_000_003 + 0)
+    for shape, timesteps in seen:
+        torch.randn(shape, generator=generator)
+        torch.randn(shape, generator=generator)
+        u = torch.sigmoid(torch.normal(0.0, 1.0, (shape[0],), generator=generator))
+        torch.testing.assert_close(timesteps, 1000 * u)
+
+    from trainer.errors import TrainConfigError
+
+    with pytest.raises(TrainConfigError, match=r"flow_matching sets how a flow-matching model \(Wan\) draws its noise "
+                                         r"levels; tiny is a cogvideox model, which trains on x0 from v-prediction"):
+        _config(tiny_cache_dir, "flow_matching.shift=3")
+
+
 @pytest.mark.parametrize("model", MODELS)
 def test_resume_continues_exactly(model, tiny_cache_dir, demo_dataset, tmp_path, request):
     """Guards resume (LoRA, optimizer, schedule, data position, the captions dropped and every random state

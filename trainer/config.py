@@ -125,6 +125,23 @@ class LoggingConfig(Section):
     tensorboard: bool = Field(True, description="also log to TensorBoard under RUN_DIR/logs")
 
 
+class FlowMatchingConfig(Section):
+    """How a flow-matching model (Wan) draws each training sample's noise level sigma. The default is the released
+    TIC-FT Wan recipe (logit-normal, shift 1: most draws near sigma 0.5); musubi-tuner trains Wan with shift 3,
+    which moves draws toward noise as Wan's own sampler does."""
+
+    sigma_sampling: Literal["logit_normal", "uniform"] = Field(
+        "logit_normal", description="logit_normal: sigmoid of a normal draw; uniform: U(0, 1); before the shift")
+    shift: float = Field(1.0, gt=0, description="sigma -> shift sigma / (1 + (shift - 1) sigma); 1: unchanged")
+    logit_mean: float = Field(0.0, description="mean of the normal draw (logit_normal)")
+    logit_std: float = Field(1.0, gt=0, description="standard deviation of the normal draw (logit_normal)")
+
+    def draw(self):
+        from slapgen.models.flow_matching import SigmaDraw
+
+        return SigmaDraw(self.sigma_sampling, self.shift, self.logit_mean, self.logit_std)
+
+
 class TicftConfig(Section):
     layout: str = Field("c1b3t9", description="latent frames: c<condition>b<buffer>t<target>; c1b3t9 = 49 pixel "
                                               "frames, 13 of condition then 36 of target")
@@ -171,6 +188,8 @@ class TrainConfig(Section):
     checkpoint: CheckpointConfig = Field(CheckpointConfig(), description="resumable checkpoints")
     validation: ValidationConfig = Field(ValidationConfig(), description="videos generated during training")
     logging: LoggingConfig = Field(LoggingConfig(), description="metrics.jsonl and TensorBoard")
+    flow_matching: FlowMatchingConfig | None = Field(
+        None, description="a flow-matching model's (Wan's) noise-level sampling; null: TIC-FT's logit-normal, shift 1")
     ticft: TicftConfig | None = Field(
         None, description="temporal in-context fine-tuning (image-to-video, e.g. {layout: c1b3t9}); null: text-to-video")
 
@@ -232,6 +251,7 @@ class TrainConfig(Section):
         frame_step, model = self._frame_rule_owner()
         if self.model_spec is not None:
             check_clip_shape(self.data, self.model_spec)
+            self.check_flow_matching(self.model_spec)
         elif not is_valid_frame_count(self.data.num_frames, frame_step):
             raise ValueError(f"data.num_frames must be {frame_rule(frame_step)} so the VAE of {model} round-trips "
                              f"it, got {self.data.num_frames}")
@@ -240,6 +260,13 @@ class TrainConfig(Section):
             if self.data.num_frames != layout.pixel_frames:
                 raise ValueError(f"data.num_frames must be {layout.pixel_frames}, the pixel frames of ticft.layout "
                                  f"{layout}, got {self.data.num_frames}")
+
+    def check_flow_matching(self, spec: ModelSpec) -> None:
+        """`flow_matching` only for a model whose family trains on flow-matching sigmas (ValueError otherwise)."""
+        family = family_of(spec)
+        if self.flow_matching is not None and not family.draws_sigmas:
+            raise ValueError(f"flow_matching sets how a flow-matching model (Wan) draws its noise levels; {self.model} "
+                             f"is a {family.name} model, which trains on {family.objective}: remove flow_matching")
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> "TrainConfig":

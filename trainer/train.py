@@ -125,6 +125,7 @@ def _setup(config: TrainConfig, data_path: Path, run_dir: Path, resume: str | No
     config = config.with_model_defaults(resolved.spec)  # what the config left to the model, before it is saved
     try:
         check_clip_shape(config.data, resolved.spec)
+        config.check_flow_matching(resolved.spec)  # a model known only now (a download) is checked here
     except ValueError as error:
         raise TrainConfigError(str(error)) from None
     clips = read_dataset(data_path)[: config.data.max_clips]
@@ -269,7 +270,8 @@ def train(
             dropped = captions_dropped(config.train.seed, micro_step, accelerator.process_index,
                                        config.train.batch_size, config.train.caption_dropout)
             batch.prompt_embeds[torch.tensor(dropped, device=batch.prompt_embeds.device)] = run.empty_caption
-        draws = family.draw_noise(batch, run.noise_scheduler, run.noise_generator)
+        draws = family.draw_noise(batch, run.noise_scheduler, run.noise_generator,
+                                  sigmas=config.flow_matching.draw() if config.flow_matching else None)
         frame_plan = run.ticft_layout.frame_plan_for(family, run.noise_scheduler, draws.timesteps) if run.ticft_layout else None
         with accelerator.accumulate(run.transformer):
             with accelerator.autocast():

@@ -296,7 +296,7 @@ class CogVideoXFamily(family.ModelFamily):
     def sample_latents(self, mean, logvar, posterior, batch):
         return sample_latents(mean, logvar, posterior, batch.scaling_factor)
 
-    def draw_noise(self, batch, scheduler, generator, timesteps=None):
+    def draw_noise(self, batch, scheduler, generator, timesteps=None, sigmas=None):
         return draw_noise(batch, scheduler.config.num_train_timesteps, generator, timesteps=timesteps)
 
     def noise_levels(self, fractions, scheduler):

@@ -238,6 +238,8 @@ class ModelFamily(ABC):
     latent_layout: str
     #: The training objective in a few words, for reports ("x0 from v-prediction, weighted by 1/(1-alpha_bar)").
     objective: str
+    #: Whether training draws flow-matching sigmas (`draw_noise`'s `sigmas` applies: the `flow_matching` config).
+    draws_sigmas: bool = False
     #: The transformer's linear layers a LoRA attaches to by default (peft `target_modules`).
     lora_target_modules: tuple[str, ...]
     #: What step caches hook in the transformer.
@@ -321,9 +323,10 @@ class ModelFamily(ABC):
 
     @abstractmethod
     def draw_noise(self, batch: LatentBatch, scheduler, generator: torch.Generator,
-                   timesteps: torch.Tensor | None = None) -> NoiseDraws:
+                   timesteps: torch.Tensor | None = None, sigmas=None) -> NoiseDraws:
         """A step's posterior sample, diffusion noise (in `latent_layout`) and per-sample noise levels
-        drawn from `generator` (on its device); `timesteps` fixes the levels instead of drawing them."""
+        drawn from `generator` (on its device); `timesteps` fixes the levels instead of drawing them;
+        `sigmas` (`flow_matching.SigmaDraw`, only where `draws_sigmas`): how a flow-matching family draws them."""
 
     @abstractmethod
     def noise_levels(self, fractions: Sequence[float], scheduler) -> torch.Tensor:

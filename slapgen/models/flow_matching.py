@@ -31,6 +31,19 @@ NUM_TRAIN_TIMESTEPS = 1000  # timestep = sigma * 1000, as Wan's schedulers (num_
 SigmaSampling = Literal["logit_normal", "uniform"]
 
 
+@dataclass(frozen=True)
+class SigmaDraw:
+    """How a training step draws its sigmas (`sample_sigmas`' options); the default is TIC-FT's released Wan recipe."""
+
+    scheme: SigmaSampling = "logit_normal"
+    shift: float = 1.0
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+
+    def sample(self, batch: int, generator: torch.Generator) -> torch.Tensor:
+        return sample_sigmas(batch, generator, self.scheme, self.shift, self.logit_mean, self.logit_std)
+
+
 def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
     """Wan's timestep shift, shift s / (1 + (shift - 1) s): diffusers' `FlowMatchEulerDiscreteScheduler`
     (static shift) and UniPC's `flow_shift` move sigmas the same way; shift 1 leaves them as they are."""

@@ -35,8 +35,8 @@ from slapgen.models.flow_matching import (
     FlowFramePlan,
     buffer_sigmas,
     flow_matching_loss,
+    SigmaDraw,
     noisy_latents,
-    sample_sigmas,
 )
 from slapgen.models.specs import ModelSpec
 from slapgen.models.wan_configs import (WAN21_T2V_1_3B_TRANSFORMER, WAN21_T2V_14B_TRANSFORMER,
@@ -226,6 +226,7 @@ class WanFamily(family.ModelFamily):
     transformer_class_name = "WanTransformer3DModel"
     latent_layout = LATENT_LAYOUT
     objective = "flow matching: velocity (noise - x0) at sigma, squared error, weight 1"
+    draws_sigmas = True
     # Every attention projection of every block, self (attn1) and cross (attn2): finetrainers' Wan
     # default `blocks.*(to_q|to_k|to_v|to_out.0)` and TIC-FT's Wan runs; the same names as CogVideoX's.
     lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0")
@@ -300,15 +301,15 @@ class WanFamily(family.ModelFamily):
         return batch.normalise(mean + torch.exp(0.5 * logvar) * posterior)
 
     def draw_noise(self, batch: LatentBatch, scheduler, generator: torch.Generator,
-                   timesteps: torch.Tensor | None = None) -> NoiseDraws:
-        """Posterior draw and noise both (B, C, F, H, W); levels sigma x N with sigma from
-        `flow_matching.sample_sigmas` (logit-normal, TIC-FT's Wan recipe)."""
+                   timesteps: torch.Tensor | None = None, sigmas: SigmaDraw | None = None) -> NoiseDraws:
+        """Posterior draw and noise both (B, C, F, H, W); levels sigma x N with sigma drawn as `sigmas` says
+        (default `SigmaDraw()`: logit-normal, shift 1, TIC-FT's Wan recipe)."""
         shape = batch.latent_mean.shape
         device = generator.device
         posterior = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
         noise = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
         if timesteps is None:
-            timesteps = sample_sigmas(shape[0], generator) * scheduler.config.num_train_timesteps
+            timesteps = (sigmas or SigmaDraw()).sample(shape[0], generator) * scheduler.config.num_train_timesteps
         return NoiseDraws(posterior, noise, timesteps.float().to(device))
 
     def noise_levels(self, fractions: Sequence[float], scheduler) -> torch.Tensor:
