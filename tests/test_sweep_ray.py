@@ -172,6 +172,9 @@ def test_a_node_killed_mid_run_leaves_the_results_of_an_uninterrupted_sweep(tiny
     (first_node, _), (second_node, _) = attempts(victim)  # exactly two attempts: the killed one and its retry
     assert second_node != first_node  # the retry ran on the head, not on the dead node
     log = (victim / "sweep.log").read_text()
+    # Where each run logs, as a path from where the driver ran (its --out), so it can be copied.
+    assert f"each run logs to {out / 'runs' / 'NAME' / 'sweep.log'}" in (tmp_path / "driver.out").read_text() + \
+        (tmp_path / "driver.err").read_text()
     resumed = re.search(r"resumed from \S*/checkpoints/checkpoint-(\d+) at step (\d+)", log)
     assert resumed, log[-3000:]
     assert int(resumed.group(2)) >= max(at_kill["checkpoints"])  # from its latest checkpoint, not from step 0

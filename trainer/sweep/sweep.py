@@ -38,7 +38,8 @@ from trainer.sweep.evaluate import (EvalRequest, check_metrics, generation_data,
                                     plan_evaluation)
 from trainer.sweep.execute import (BASE_DIR, RESULT_FILE, RunState, evaluation_inputs, execute_base, execute_run,
                                    read_result, run_state, steps_done)
-from trainer.sweep.folder import CACHE_DIR, SweepDefinition, SweepLock, check_folder, run_dir, write_definition
+from trainer.sweep.folder import (CACHE_DIR, RUNS_DIR, SweepDefinition, SweepLock, check_folder, run_dir,
+                                  write_definition)
 from trainer.sweep.grid import alpha_follows_rank, parse_axis, plan_runs
 from trainer.sweep.pool import Job, run_pool
 from trainer.sweep.progress import SweepProgress
@@ -142,10 +143,16 @@ def _watch(definition: SweepDefinition, out: Path, progress: SweepProgress):
     return on_tick
 
 
+def run_log_pattern(out: Path) -> str:
+    """Where each run's log is, as a path from where the sweep runs (as every path it prints: one to copy)."""
+    return str(Path(out) / RUNS_DIR / "NAME" / "sweep.log")
+
+
 def _in_pool(definition: SweepDefinition, out: Path, pending: list, progress: SweepProgress, slots: list[str]) -> None:
     jobs = [Job(run.name, [sys.executable, "-m", "trainer.sweep.execute", str(out), run.name], run_dir(out, run) / "sweep.log")
             for run in pending]
-    progress.say(f"{len(pending)} runs on GPUs {','.join(slots)}, one run per GPU; each run logs to runs/NAME/sweep.log")
+    progress.say(f"{len(pending)} runs on GPUs {','.join(slots)}, one run per GPU; each run logs to "
+                 f"{run_log_pattern(out)}")
     codes = run_pool(jobs, slots, _watch(definition, out, progress))
     _raise_failed([f"{name} (exit {code}, see {run_dir(out, definition.run(name)) / 'sweep.log'})"
                    for name, code in codes.items() if code != 0], len(pending))
@@ -157,7 +164,7 @@ def _on_ray(definition: SweepDefinition, out: Path, pending: list, progress: Swe
     from trainer.ray_cluster import cluster_line
 
     progress.say(f"{len(pending)} runs as Ray tasks of {nodes.demand.gpus:g} GPU each on the {cluster_line()}; "
-                 "each run logs to runs/NAME/sweep.log")
+                 f"each run logs to {run_log_pattern(out)}")
     outcome = run_cells(out, [run.name for run in pending], nodes, _watch(definition, out, progress))
     for name, failure in outcome.items():
         if failure is None:
