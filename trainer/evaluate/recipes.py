@@ -35,7 +35,7 @@ import numpy as np
 
 from slapgen.atomic import atomic_write_text
 from slapgen.engine.params import EngineOptions, GenerationParams
-from slapgen.models.loading import ResolvedModel
+from slapgen.models.loading import BUILT_IN_SPECS, ResolvedModel
 
 FORMAT = 2
 # Libraries whose versions change a video's numbers (kernels, schedulers, the pipelines' code, the mp4 encoder).
@@ -72,7 +72,7 @@ def model_identity(resolved: ResolvedModel) -> dict:
     folder = Path(resolved.folder)
     if folder.parent.name == "snapshots":  # Hugging Face's cache: models--ORG--NAME/snapshots/COMMIT
         return {"name": resolved.spec.name, "revision": folder.name}
-    if resolved.spec.name in ("tiny", "tiny-wan"):
+    if resolved.spec.name in BUILT_IN_SPECS:
         return {"name": resolved.spec.name, "version": folder.name}
     files = sorted(path for path in folder.rglob("*") if path.is_file())
     stamps = [[str(path.relative_to(folder)), path.stat().st_size, path.stat().st_mtime_ns] for path in files]
