@@ -458,6 +458,8 @@ def test_a_rerun_after_ctrl_c_makes_only_the_videos_not_made_yet(evaluation, tin
     made.clear()
     assert cli_main(command(retrained)) == 0, capsys.readouterr().err[-3000:]
     assert [adapter for adapter, _, _ in made] == ["random", "random"]
+    assert (f"eval: making again 2 videos an earlier run left in {out / 'videos'}; the first, random/p000-s1.mp4: its "
+            "recipe differs in adapter_sha256") in capsys.readouterr().out
     engine = json.loads((out / "eval.json").read_text())["engine"]
     assert (engine["videos_kept"], engine["losses_kept"]) == (4, 2)  # random's losses measured again too
 

@@ -204,3 +204,20 @@ def test_every_input_of_a_held_out_loss_is_in_its_recipe(tmp_path):
     path.write_text(path.read_text()[:30])
     assert measured_earlier(path, same) is None
     assert os.listdir(path.parent) == ["lora.json"]  # written atomically: no staging file left
+
+
+def test_a_video_made_again_says_why(tmp_path):
+    """Guards a rerun that remakes videos without a word (after an upgrade or a changed setting it seemed to ignore
+    what it had made): the first part of the recorded recipe that differs, as a dotted key, or that there is none."""
+    from trainer.evaluate.recipes import first_difference, why_not_kept
+
+    video = tmp_path / "videos" / "base" / "p000-s1.mp4"
+    assert why_not_kept(video, recipe(tmp_path)) is None  # nothing there: nothing to say
+    video.parent.mkdir(parents=True)
+    video.write_bytes(b"mp4")
+    assert why_not_kept(video, recipe(tmp_path)).startswith("it has no recipe")
+    record(video, recipe(tmp_path, PARAMS.replace(guidance_scale=5.0)))
+    assert why_not_kept(video, recipe(tmp_path)) == "its recipe differs in generation.guidance_scale"
+    assert first_difference({"a": {"b": 1, "c": 2}}, {"a": {"b": 1, "c": 3}}) == "a.c"
+    assert first_difference({"a": 1}, {"a": 1, "z": None}) == "z"  # a missing key is not a null one
+    assert first_difference({"a": 1}, {"a": 1}) is None

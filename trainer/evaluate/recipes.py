@@ -177,6 +177,33 @@ def made_earlier(video: Path, recipe: dict) -> bool:
     return recorded == recipe and Path(video).is_file()
 
 
+def why_not_kept(video: Path, recipe: dict) -> str | None:
+    """Why a video at `video` is not this eval's, in a few words (the first part of its recorded recipe that differs
+    from `recipe`, as a dotted key, or that it has none); None when there is no video there."""
+    if not Path(video).is_file():
+        return None
+    try:
+        recorded = json.loads(recipe_path(video).read_text())
+    except (OSError, ValueError):
+        return "it has no recipe (made by an older slapgen, or cut off before its recipe was written)"
+    difference = first_difference(recorded, recipe)
+    return f"its recipe differs in {difference}" if difference else "its recipe is not one slapgen writes"
+
+
+_ABSENT = object()  # a key one recipe has and the other has not (not the same as a null value)
+
+
+def first_difference(recorded, wanted, prefix: str = "") -> str | None:
+    """The first dotted key (in sorted order) where two recipes differ, None when they are equal."""
+    if isinstance(recorded, dict) and isinstance(wanted, dict):
+        for key in sorted(set(recorded) | set(wanted)):
+            found = first_difference(recorded.get(key, _ABSENT), wanted.get(key, _ABSENT), f"{prefix}{key}.")
+            if found is not None:
+                return found
+        return None
+    return prefix.rstrip(".") if recorded != wanted else None
+
+
 def record(video: Path, recipe: dict) -> None:
     """Write `video`'s recipe, after the video itself."""
     atomic_write_text(recipe_path(video), json.dumps(recipe, indent=1, sort_keys=True))

@@ -33,7 +33,7 @@ from trainer.evaluate.curves import summary
 from trainer.evaluate.names import FLICKER, FVD, HELDOUT_LOSS, SUBJECT, TICFT_BASE_LOSSES
 from trainer.evaluate.options import BASE, MODEL_SETTING, EvalOptions
 from trainer.evaluate.recipes import (forget, loss_recipe, made_earlier, measured_earlier, recipe_base, record,
-                                      record_losses, video_recipe)
+                                      record_losses, video_recipe, why_not_kept)
 from trainer.evaluate.systems import System, check_base_models, resolve_systems, slot_shape, stage_adapters
 from trainer.frames import load_clip
 from trainer.heldout import DEFAULT_FRACTIONS, heldout_entries, heldout_losses
@@ -352,16 +352,22 @@ def sort_out_earlier_videos(out: Path, planned: list[tuple[System, int, int]], v
     """Before any video is made: keep each video an earlier run made into `out` from the recipe this eval has for it,
     remove the others at this eval's paths (other settings, another checkpoint, a retrained LoRA of the same name),
     and say how many are kept. Returns that count."""
-    kept = 0
+    kept, remade = 0, []
     for (system, index, seed), recipe in zip(planned, video_recipes, strict=True):
         path = video_path(out, system.name, index, seed)
         if made_earlier(path, recipe):
             kept += 1
-        else:
-            forget(path)
+            continue
+        if (why := why_not_kept(path, recipe)) is not None:
+            remade.append((path, why))
+        forget(path)
     if kept:
         print(f"eval: keeping {kept} of {len(planned)} videos an earlier run made in {out / 'videos'} from the same "
               f"model, adapter and settings; making {len(planned) - kept}", flush=True)
+    if remade:  # say why, or a rerun after an upgrade or a changed setting seems to ignore what it made
+        path, why = remade[0]
+        print(f"eval: making again {len(remade)} video{'s' * (len(remade) != 1)} an earlier run left in "
+              f"{out / 'videos'}; the first, {path.relative_to(out / 'videos')}: {why}", flush=True)
     return kept
 
 
