@@ -78,15 +78,27 @@ def service_bench(rounds: int) -> dict:
 
 # --- The GPU run's check: the transformer alone, compiled cold then warm in two fresh processes ---------------
 
-def compile_once(model: str, blocks: int | None, cache_dir: Path) -> dict:
-    """Build the random transformer, compile it with `cache_dir` as the compile cache, run one step."""
+def compile_once(model: str, blocks: int | None, cache_dir: Path, quant: str = "none") -> dict:
+    """Build the random transformer, quantise it (`quant`, as SLAP_QUANT), compile it with `cache_dir` as the
+    compile cache, run one step: the steps a replica takes before /readyz, less reading the weights from disk."""
     from bench.serve import _all_blocks, _random_transformer, _synchronize
     from slapgen.engine.compiling import CompiledTransformer
+    from slapgen.engine.quantization import quantize_transformer
+
+    def phase(text: str) -> None:
+        print(f"[{cache_dir.name}] {text}", file=sys.stderr, flush=True)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     started = time.perf_counter()
     transformer, inputs, resolution = _random_transformer(model, device, blocks)
     built_s = time.perf_counter() - started
+    phase(f"built {transformer.config.num_layers} blocks in {built_s:.1f} s")
+    _synchronize(device)
+    started = time.perf_counter()
+    quantized_layers = quantize_transformer(transformer, quant)  # type: ignore[arg-type]
+    _synchronize(device)
+    quantize_s = time.perf_counter() - started
+    phase(f"quantised {quantized_layers} layers ({quant}) in {quantize_s:.1f} s")
     holder = type("Holder", (), {"transformer": transformer})()
     compiled = CompiledTransformer(cache_dir)
     compiled.compile(holder)
@@ -99,27 +111,38 @@ def compile_once(model: str, blocks: int | None, cache_dir: Path) -> dict:
     started = time.perf_counter()
     compiled.warm_up(holder, step)  # the first step compiles (or loads from the cache)
     compile_s = time.perf_counter() - started
+    phase(f"first step (compile or cache load) in {compile_s:.1f} s")
     started = time.perf_counter()
     step()
     step_s = time.perf_counter() - started
     return {"resolution": resolution, "blocks": transformer.config.num_layers, "all_blocks": _all_blocks(model),
-            "build_s": built_s, "first_step_s": compile_s, "step_s": step_s, "compile_s": compile_s - step_s,
+            "build_s": built_s, "quant": quant, "quantize_s": quantize_s, "quantized_layers": quantized_layers,
+            "first_step_s": compile_s, "step_s": step_s, "compile_s": compile_s - step_s,
             "graphs": compiled.graphs, **compiled.cache.info()}
 
 
-def compile_case(model: str, blocks: int | None) -> dict:
+def compile_case(model: str, blocks: int | None, quant: str = "none") -> dict:
     cache_dir = Path(tempfile.mkdtemp(prefix="slapgen-compile-cache-"))
     runs = {}
     for label in ("cold", "warm"):
-        argv = [sys.executable, __file__, "--case", f"compile-once-{model}", "--cache-dir", str(cache_dir)]
-        result = subprocess.run(argv + (["--blocks", str(blocks)] if blocks else []), capture_output=True, text=True,
-                                timeout=3600)
+        argv = [sys.executable, __file__, "--case", f"compile-once-{model}", "--cache-dir", str(cache_dir),
+                "--quant", quant]
+        # stderr passes through (the GPU run's checks.log), so a start cut off by a timeout still shows which of
+        # its phases it reached and how long each took
+        result = subprocess.run(argv + (["--blocks", str(blocks)] if blocks else []), stdout=subprocess.PIPE,
+                                text=True, timeout=3600)
         if result.returncode != 0:
-            raise SystemExit(f"the {label} compile failed: {result.stderr.strip().splitlines()[-1:]}")
+            raise SystemExit(f"the {label} compile failed (its stderr is above)")
         runs[label] = json.loads(result.stdout.strip().splitlines()[-1])
+        if label == "cold":  # a partial result first: a timeout during the warm start still returns the cold one
+            print(json.dumps({"case": f"compile-{model}", "quant": quant, "partial": "cold start only", "cold": runs[label]}),
+                  flush=True)
     cold, warm = runs["cold"], runs["warm"]
     row = {"case": f"compile-{model}", "device": device_description(), "resolution": cold["resolution"],
-           "blocks": cold["blocks"], "cold": cold, "warm": warm,
+           "blocks": cold["blocks"], "quant": quant, "quantize_s_warm": warm["quantize_s"],
+           # what a replica with a warm compile cache spends before /readyz, less reading weights and the
+           # text encoder and VAE: quantising, then loading the compiled graphs and running the first step
+           "warm_quantize_and_first_step_s": warm["quantize_s"] + warm["first_step_s"], "cold": cold, "warm": warm,
            "compile_s_cold": cold["compile_s"], "compile_s_warm": warm["compile_s"],
            "cold_over_warm": cold["first_step_s"] / warm["first_step_s"],
            "warm_graphs_from_cache": warm["graphs_from_cache"], "warm_graphs_compiled": warm["graphs_compiled"]}
@@ -138,6 +161,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="cold + warm start pairs, alternating")
     parser.add_argument("--case", help="compile-5b | compile-tiny (the GPU run's check and its dry run)")
     parser.add_argument("--blocks", type=int, help="with --case: the first N transformer blocks")
+    parser.add_argument("--quant", default="none", choices=["none", "fp8", "fp8-weight", "int8"],
+                        help="with --case: quantise as SLAP_QUANT does before compiling")
     parser.add_argument("--cache-dir", type=Path, help=argparse.SUPPRESS)
     add_save_argument(parser)
     args = parser.parse_args()
@@ -146,9 +171,9 @@ def main() -> None:
         if model not in ("5b", "tiny") or not args.case.startswith("compile-"):
             raise SystemExit(f"unknown case {args.case!r}: use compile-5b or compile-tiny")
         if args.case.startswith("compile-once-"):
-            print(json.dumps(compile_once(model, args.blocks, args.cache_dir)))
+            print(json.dumps(compile_once(model, args.blocks, args.cache_dir, args.quant)))
         else:
-            print(json.dumps(compile_case(model, args.blocks)))
+            print(json.dumps(compile_case(model, args.blocks, args.quant)))
         return
     result = service_bench(args.rounds)
     print_table(result["rows"], ["round", "start", "ready_s", "load_1min_before", "load_1min_after", "graphs_from_cache",
