@@ -132,7 +132,7 @@ def caption_for(clip: DemoClip) -> str:
 
 def write_demo_dataset(out: Path, clips: int = 8, seed: int = 0) -> list[Path]:
     """Write `clips` synthetic clips + captions as `clip_NNN.mp4` / `clip_NNN.txt` under `out`."""
-    from tqdm.auto import tqdm
+    from trainer.progress import progress_bar
 
     if clips < 1:
         raise ValueError("clips must be at least 1")
@@ -141,7 +141,7 @@ def write_demo_dataset(out: Path, clips: int = 8, seed: int = 0) -> list[Path]:
     rng = random.Random(seed)
     frame_count = int(FPS * SECONDS)
     written = []
-    for index in tqdm(range(clips), desc="demo clips", unit="clip"):
+    for index in progress_bar(range(clips), desc="demo clips", unit="clip"):
         striker_colour, defender_colour = rng.sample(sorted(COLOURS), 2)
         clip = DemoClip(
             striker_on_left=rng.random() < 0.5,

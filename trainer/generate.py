@@ -94,7 +94,7 @@ def named_options():
 def generate_video(options: GenerateOptions, progress: bool = True) -> dict:
     """Make the video; returns what was made (path, frames, seconds, the settings used)."""
     import torch
-    from tqdm.auto import tqdm
+    from trainer.progress import progress_bar
 
     from slapgen.engine.conditioning import check_condition, check_frames
     from slapgen.engine.generator import VideoGenerator
@@ -145,7 +145,7 @@ def generate_video(options: GenerateOptions, progress: bool = True) -> dict:
             device=options.device, quantization=options.quantization, adapters_dir=adapters, max_lora_rank=rank,
             lora_target_modules=targets))
         loaded = time.perf_counter() - started
-        bar = tqdm(total=params.num_inference_steps, desc="generate", unit="step", disable=not progress)
+        bar = progress_bar(total=params.num_inference_steps, desc="generate", unit="step", disable=not progress)
 
         def on_step(done: int, total: int) -> None:
             bar.update(done - bar.n)

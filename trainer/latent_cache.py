@@ -206,7 +206,7 @@ class LatentCache:
         return self.root / kind / key[:2] / f"{key}.safetensors"
 
     def precompute(self, clips: list[Clip], progress: bool = True) -> PrecomputeReport:
-        from tqdm.auto import tqdm
+        from trainer.progress import progress_bar
 
         if self.ticft is not None and self.ticft.condition == "pairs":
             missing = [clip.name for clip in clips if clip.condition is None]
@@ -216,7 +216,7 @@ class LatentCache:
         self.root.mkdir(parents=True, exist_ok=True)
         hasher = FileHasher(self.root / HASH_INDEX)
         report = PrecomputeReport()
-        bar = tqdm(clips, desc="precompute", unit="clip", disable=not progress)
+        bar = progress_bar(clips, desc="precompute", unit="clip", disable=not progress)
 
         def say(line: str) -> None:  # on stderr with the bar: `slapgen precompute` keeps stdout for its JSON
             bar.write(line, file=sys.stderr)

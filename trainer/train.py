@@ -254,7 +254,7 @@ def train(
     """Train a LoRA; returns the final adapter path (None when stopped early by `stop_at_step`).
     `on_step(step)` is called after every optimizer step (a sweep's progress bar counts them).
     A folder holding earlier training needs `resume` or `overwrite` (trainer.run_folder)."""
-    from tqdm.auto import tqdm
+    from trainer.progress import progress_bar
 
     run = setup(config, data_path, run_dir, resume, progress, overwrite)
     accelerator = run.accelerator
@@ -262,7 +262,7 @@ def train(
     family = family_of(run.resolved.spec)
     micro_step = run.step * config.train.gradient_accumulation_steps
     run.transformer.train()
-    bar = tqdm(total=max_steps, initial=run.step, desc="train", unit="step", disable=not (progress and run.main))
+    bar = progress_bar(total=max_steps, initial=run.step, desc="train", unit="step", disable=not (progress and run.main))
     losses, started = [], time.perf_counter()
     while run.step < max_steps:
         batch = load_batch(run.entries, run.order.indices(micro_step), accelerator.device)

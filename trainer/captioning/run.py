@@ -102,7 +102,7 @@ def _clip_seed(clip_name: str, seed: int, attempt: int) -> int:
 def caption_dataset(dataset: Path, settings: CaptionSettings = CaptionSettings(), progress: bool = True) -> CaptionSummary:
     import time
 
-    from tqdm.auto import tqdm
+    from trainer.progress import progress_bar
 
     from trainer.captioning.model import VideoCaptioner, resolve_caption_model
 
@@ -121,7 +121,7 @@ def caption_dataset(dataset: Path, settings: CaptionSettings = CaptionSettings()
         return summary
     started = time.perf_counter()
     captioner = VideoCaptioner.load(resolve_caption_model(settings.model), settings.device, settings.max_new_tokens)
-    for clip in tqdm(todo, desc="caption", unit="clip", disable=not progress):
+    for clip in progress_bar(todo, desc="caption", unit="clip", disable=not progress):
         try:
             frames, indices = sample_frames(clip.video, settings.fps, settings.max_frames, settings.max_side)
         except (OSError, RuntimeError, ValueError, StopIteration) as error:

@@ -79,7 +79,7 @@ def _issues(clip: Clip, probe: VideoProbe, caption: CaptionReport, settings: Cur
 
 def curate(dataset: Path, out: Path, settings: CurateSettings = CurateSettings(), progress: bool = True) -> dict:
     """Write DIR/report.json, DIR/report.html (+ plots, thumbnails) and, with `select`, DIR/selected.jsonl."""
-    from tqdm.auto import tqdm
+    from trainer.progress import progress_bar
 
     from trainer.curate.report import write_html_report
 
@@ -93,7 +93,7 @@ def curate(dataset: Path, out: Path, settings: CurateSettings = CurateSettings()
     records: list[dict] = []
     signatures: list[Signature | None] = []
     started = time.perf_counter()
-    bar = tqdm(total=len(clips), desc="curate", unit="clip", disable=not progress)
+    bar = progress_bar(total=len(clips), desc="curate", unit="clip", disable=not progress)
     with ProcessPoolExecutor(max_workers=workers) as pool:
         probes = pool.map(_probe, jobs, chunksize=4)  # the workers start decoding now
         load_duplicate_search()  # meanwhile this process loads what it needs afterwards

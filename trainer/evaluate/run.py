@@ -61,9 +61,9 @@ class Timer:
 
 
 def bar(total: int, description: str, unit: str):
-    from tqdm.auto import tqdm
+    from trainer.progress import progress_bar
 
-    return tqdm(total=total, desc=description, unit=unit, dynamic_ncols=True)
+    return progress_bar(total=total, desc=description, unit=unit, dynamic_ncols=True)
 
 
 def run_eval(options: EvalOptions) -> dict:
@@ -466,9 +466,9 @@ def score_videos(videos: list[Video], prompts: list[str], options: EvalOptions, 
 
 
 def progress_over(items: list, description: str):
-    from tqdm.auto import tqdm
+    from trainer.progress import progress_bar
 
-    return tqdm(items, desc=description, unit="video", dynamic_ncols=True)
+    return progress_bar(items, desc=description, unit="video", dynamic_ncols=True)
 
 
 def fvd_per_system(videos: list[Video], entries, data: DataConfig, options: EvalOptions, definitions: dict,

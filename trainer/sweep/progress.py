@@ -4,7 +4,7 @@ run's checkpoint) count as done from the start, so the ETA is measured on this s
 
 from __future__ import annotations
 
-from tqdm.auto import tqdm
+from trainer.progress import progress_bar
 
 from trainer.sweep.grid import PlannedRun
 
@@ -18,7 +18,7 @@ class SweepProgress:
         self.done = dict(done)
         self.running: list[str] = []
         total = sum(run.config.train.max_train_steps for run in runs)
-        self.bar = tqdm(total=total, initial=sum(self.done.values()), desc="sweep", unit="step",
+        self.bar = progress_bar(total=total, initial=sum(self.done.values()), desc="sweep", unit="step",
                         bar_format=BAR_FORMAT, disable=not enabled)
 
     def _label(self, name: str) -> str:
