@@ -19,20 +19,21 @@ class Terminal(io.StringIO):
 
 def test_a_log_file_gets_whole_lines_a_terminal_the_live_bar(monkeypatch):
     """Guards redirected logs (`slapgen train ... > train.log 2>&1`, nohup, a Ray worker's log) holding one endless
-    line of `\\r`-joined redraws: in a file each redraw is a line of its own, and 200 quick updates write the
-    first and the last state only (one line per TQDM_MININTERVAL, 30 s by default), while a terminal keeps tqdm's
-    live bar."""
+    line of `\\r`-joined redraws: in a file each redraw is a line of its own, and 200 quick updates and forced
+    redraws (`set_postfix`) write the first and the last state only (one line per TQDM_MININTERVAL, 30 s by
+    default; the last when the bar closes), while a terminal keeps tqdm's live bar."""
     monkeypatch.delenv("TQDM_MININTERVAL", raising=False)
     monkeypatch.delenv("TQDM_DISABLE", raising=False)
     log, terminal = io.StringIO(), Terminal()
     for stream in (log, terminal):
         with progress_bar(total=200, desc="train", unit="step", file=stream) as bar:
-            for _ in range(200):
+            for step in range(200):
+                bar.set_postfix(step=step)  # redraws at once, as eval's bar does on every denoising step
                 bar.update(1)
     lines = log.getvalue().splitlines(keepends=True)
     assert "\r" not in log.getvalue() and all(line.endswith("\n") for line in lines)
     assert len(lines) == 2 and lines[0].startswith("train:   0%") and lines[-1].startswith("train: 100%")
-    assert re.search(r"200/200 \[\d\d:\d\d<00:00", lines[-1])
+    assert re.search(r"200/200 \[\d\d:\d\d<00:00.*step=199", lines[-1])
     assert "\r" in terminal.getvalue()
 
 

@@ -647,16 +647,21 @@ def test_a_runs_lines_start_lines_of_their_own_under_the_sweep_bar(tiny_cache_di
     """Guards `slapgen train`'s lines printed with a plain print while the sweep's bar is on the screen: in a
     terminal (bar on stderr, lines on stdout, one screen) "data: 4 clips ready ..." and "LoRA written to ..."
     were glued onto the end of the bar's line ("... [00:02, ETA 00:02]LoRA written to ..."). Here both streams
-    are one screen, as in a terminal; every line of the run must start a segment of its own."""
+    are one screen, as in a terminal (a file is not: there the bar is plain lines, `trainer.progress`); every line
+    of the run must start a segment of its own."""
     import io
     from types import SimpleNamespace
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
 
     from trainer.sweep.progress import SweepProgress
     from trainer.train import train
 
     config = load_config("tiny-smoke", tiny_train_overrides(tiny_cache_dir, "train.max_train_steps=3",
                                                             "checkpoint.every_steps=3"))
-    screen = io.StringIO()
+    screen = Terminal()
     monkeypatch.setattr(sys, "stdout", screen)
     monkeypatch.setattr(sys, "stderr", screen)
     progress = SweepProgress([SimpleNamespace(name="00-run", config=config)], {"00-run": 0})

@@ -44,13 +44,13 @@ def cmd_demo_data(args) -> int:
 def cmd_precompute(args) -> int:
     from slapgen.models.loading import TRAINER_SETTING, ModelSetting, resolve_model
     from trainer.config import load_config
-    from trainer.datasets import read_dataset
+    from trainer.datasets import read_training_clips
     from trainer.latent_cache import LatentCache
 
     config = load_config(args.config, [f"model={args.model}", *args.set] if args.model else args.set)
     setting = ModelSetting("--model", "use --model ") if args.model else TRAINER_SETTING
     resolved = resolve_model(config.model, config.model_cache_dir, setting=setting)
-    clips = read_dataset(args.dataset)[: config.data.max_clips]
+    clips = read_training_clips(args.dataset, config.data.max_clips, config.data.trigger_word)
     report = LatentCache(args.out, resolved, config.data, device=args.device, ticft=config.ticft).precompute(clips)
     # stdout is only the skipped clips, as JSON (`[]` when none), so it can be piped; the summary is for people.
     print(report.summary(), file=sys.stderr)
@@ -105,6 +105,16 @@ def cmd_curate(args) -> int:
     return 0
 
 
+def check_trigger_word_option(word: str | None) -> str | None:
+    from trainer.errors import EvalError
+    from trainer.trigger_word import check_trigger_word
+
+    try:
+        return check_trigger_word(word)
+    except ValueError as error:
+        raise EvalError(f"--trigger-word: {error}") from None
+
+
 def cmd_eval(args) -> int:
     # Imported here: `slapgen eval` is the one command that loads the generation engine.
     from trainer.evaluate.options import (EvalOptions, default_model_sources, parse_adapter, parse_metrics, parse_seeds,
@@ -124,6 +134,7 @@ def cmd_eval(args) -> int:
         seeds=parse_seeds(args.seeds),
         generation=parse_settings(args.set),
         max_clips=args.max_clips,
+        trigger_word=check_trigger_word_option(args.trigger_word),
         cache=args.cache,
         device=args.device,
         loss_seed=args.loss_seed,
@@ -338,6 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="generation setting for every system: num_inference_steps, guidance_scale, negative_prompt, "
                          "num_frames, height, width, fps, adapter_scale (default: the model's)")
     ev.add_argument("--max-clips", type=int, metavar="N", help="use only the first N held-out clips")
+    ev.add_argument("--trigger-word", metavar="WORD",
+                    help="the LoRAs' data.trigger_word: put into every held-out caption (the prompts) as training did")
     ev.add_argument("--cache", type=Path, help="latent cache for the held-out clips (default OUT/cache; share it)")
     ev.add_argument("--device", help="where the model and metrics run (default: cuda when a GPU is there, else cpu)")
     ev.add_argument("--loss-seed", type=int, default=0, help="seed of the held-out loss noise (default 0)")

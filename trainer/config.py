@@ -34,6 +34,7 @@ from slapgen.models.specs import DEFAULT_FAMILY, ModelSpec
 from slapgen.models.specs import DEFAULT_FRAME_STEP as FRAME_STEP
 from slapgen.models.ticft import TicftLayout, objective_name
 from trainer.errors import TrainConfigError
+from trainer.trigger_word import check_trigger_word, with_trigger_word
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 FAMILIES_KEY = "families"  # a preset's per-family blocks
@@ -64,6 +65,14 @@ class DataConfig(Section):
                                                   "native: the model's default")
     fps: float = Field(8, gt=0, description="frames are sampled from each clip at this rate; native: the model's own")
     max_clips: int | None = Field(None, ge=1, description="use only the first N clips of the dataset")
+    trigger_word: str | None = Field(None, description="a word every caption, validation prompt and held-out caption "
+                                                       "carries: [trigger] in a caption becomes it, and a caption "
+                                                       "without it gets 'WORD, ' in front (ai-toolkit's rule)")
+
+    @field_validator("trigger_word")
+    @classmethod
+    def _check_trigger_word(cls, word: str | None) -> str | None:
+        return check_trigger_word(word)
 
 
 class LoraConfig(Section):
@@ -273,6 +282,11 @@ class TrainConfig(Section):
         if self.optim.lr_warmup_steps >= self.train.max_train_steps and self.optim.lr_scheduler != "constant":
             raise ValueError("optim.lr_warmup_steps must be below train.max_train_steps")
         return self
+
+    @property
+    def validation_prompts(self) -> list[str]:
+        """The validation prompts as the run generates them: with `data.trigger_word` (`trigger_word`'s rule)."""
+        return [with_trigger_word(prompt, self.data.trigger_word) for prompt in self.validation.prompts]
 
     @property
     def objective(self) -> str:

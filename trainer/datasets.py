@@ -24,10 +24,11 @@ import csv
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from trainer.errors import DatasetError
+from trainer.trigger_word import PLACEHOLDER, with_trigger_word
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".webm", ".mkv", ".avi", ".m4v")
 VIDEO_COLUMN, CAPTION_COLUMN, CONDITION_COLUMN = "video", "caption", "condition"
@@ -89,6 +90,20 @@ def read_dataset(path: Path, require_captions: bool = True, require_files: bool 
     if not clips:
         raise DatasetError(f"dataset {path} holds no clips")
     return clips
+
+
+def read_training_clips(path: Path, max_clips: int | None = None, trigger_word: str | None = None) -> list[Clip]:
+    """The clips a run trains or is judged on: `read_dataset`, the first `max_clips`, each caption with the
+    run's trigger word (`trainer.trigger_word`). A caption holding `[trigger]` in a run without a trigger word
+    is refused: it would train on the placeholder itself."""
+    clips = read_dataset(Path(path))[:max_clips]
+    if trigger_word is None:
+        marked = next((clip for clip in clips if PLACEHOLDER in (clip.caption or "")), None)
+        if marked is not None:
+            raise DatasetError(f"the caption of {marked.name} holds {PLACEHOLDER}, but this run has no trigger word: "
+                               "set data.trigger_word (e.g. --set data.trigger_word=WORD), or edit the caption")
+        return clips
+    return [replace(clip, caption=with_trigger_word(clip.caption or "", trigger_word)) for clip in clips]
 
 
 def _clip(root: Path, row: _Row, require_captions: bool, require_files: bool) -> Clip:

@@ -36,7 +36,7 @@ from slapgen.models.loading import ResolvedModel
 from slapgen.models.ticft import TicftLayout
 from trainer.batches import load_batch
 from trainer.config import DataConfig, TicftConfig
-from trainer.datasets import read_dataset
+from trainer.datasets import read_training_clips
 from trainer.errors import DatasetError
 from trainer.latent_cache import CacheEntry, LatentCache
 
@@ -65,7 +65,7 @@ def heldout_entries(dataset: Path, resolved: ResolvedModel, data: DataConfig, ca
                     progress: bool = True, ticft: TicftConfig | None = None) -> list[CacheEntry]:
     """The latent-cache entries of every usable clip of `dataset` (encoded once, reused after); with
     `ticft`, each clip as that layout's condition + target (`data.num_frames` must be its pixel frames)."""
-    clips = read_dataset(Path(dataset))[: data.max_clips]
+    clips = read_training_clips(Path(dataset), data.max_clips, data.trigger_word)
     cache = LatentCache(cache_root, resolved, data, device=device, ticft=ticft)
     report = cache.precompute(clips, progress=progress)
     cache.release_encoders()

@@ -66,6 +66,8 @@ def save_lora(transformer, folder: Path, config: TrainConfig, base_model: str, s
     }
     if config.ticft is not None:
         metadata[lora_format.TICFT_LAYOUT_KEY] = config.ticft.layout
+    if config.data.trigger_word:
+        metadata[lora_format.TRIGGER_WORD_KEY] = config.data.trigger_word
     path = folder / LORA_FILENAME
     # Serialised in memory and written by Python: safetensors' own file writer reports a full disk as a
     # SafetensorError, this write as the OSError (with its errno) the trainer stops on in one line.

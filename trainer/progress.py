@@ -8,23 +8,42 @@ not read. `TQDM_DISABLE=1` turns every bar off (tqdm's own variable; it did not 
 
 from __future__ import annotations
 
+import math
 import os
 import sys
+import time
 from typing import Any, TextIO
 
 LOG_INTERVAL_S = 30.0
 
 
 class LogLines:
-    """A file-like for tqdm that writes each redraw as one line of its own (tqdm writes `\\r` + status + padding)."""
+    """A file-like for tqdm that writes a redraw as a line of its own (tqdm writes `\\r` + status + padding), at
+    most one per `interval_s`: a bar's `set_postfix` redraws at once, whatever tqdm's `mininterval` (eval's bar
+    moves on every denoising step). The last redraw held back is written when the bar closes (tqdm ends a bar it
+    leaves on screen with a line break), so a log always ends with the bar's final state."""
 
-    def __init__(self, stream: TextIO):
+    def __init__(self, stream: TextIO, interval_s: float):
         self.stream = stream
+        self.interval_s = interval_s
+        self.last_written = -math.inf
+        self.held: str | None = None
 
     def write(self, text: str) -> None:
+        if text == "\n":  # the bar closes
+            if self.held is not None:
+                self.stream.write(self.held + "\n")
+                self.held = None
+            return
         line = text.replace("\r", "").rstrip()
-        if line:
+        if not line:
+            return
+        now = time.monotonic()
+        if now - self.last_written >= self.interval_s:
             self.stream.write(line + "\n")
+            self.last_written, self.held = now, None
+        else:
+            self.held = line
 
     def flush(self) -> None:
         self.stream.flush()
@@ -42,8 +61,8 @@ def progress_bar(iterable: Any = None, **options: Any):
         options["disable"] = True
     stream = options.pop("file", None) or sys.stderr
     if not (hasattr(stream, "isatty") and stream.isatty()):
-        options.update(file=LogLines(stream), dynamic_ncols=False,
-                       mininterval=float(os.environ.get("TQDM_MININTERVAL", LOG_INTERVAL_S)))
+        interval_s = float(os.environ.get("TQDM_MININTERVAL", LOG_INTERVAL_S))
+        options.update(file=LogLines(stream, interval_s), dynamic_ncols=False, mininterval=interval_s)
     else:
         options["file"] = stream
     return tqdm(iterable, **options)

@@ -32,7 +32,7 @@ from slapgen.models.ticft import TicftLayout
 from trainer import checkpoints, run_folder
 from trainer.batches import BatchOrder, captions_dropped, load_batch
 from trainer.config import TrainConfig, check_clip_shape, check_preset_family
-from trainer.datasets import read_dataset
+from trainer.datasets import read_training_clips
 from trainer.errors import TrainConfigError, TrainError
 from trainer.latent_cache import CacheEntry, LatentCache
 from trainer.lora import LORA_FILENAME, add_lora, save_lora, set_lora_state
@@ -128,7 +128,7 @@ def _setup(config: TrainConfig, data_path: Path, run_dir: Path, resume: str | No
         config.check_flow_matching(resolved.spec)  # a model known only now (a download) is checked here
     except ValueError as error:
         raise TrainConfigError(str(error)) from None
-    clips = read_dataset(data_path)[: config.data.max_clips]
+    clips = read_training_clips(data_path, config.data.max_clips, config.data.trigger_word)
     layout = None
     if config.ticft is not None:
         spec = resolved.spec
@@ -170,7 +170,7 @@ def _setup(config: TrainConfig, data_path: Path, run_dir: Path, resume: str | No
                         ticft=config.ticft)
     with accelerator.main_process_first():
         report = cache.precompute(clips, progress=progress and main)
-        validation_embeds = cache.prompt_embeddings([*config.validation.prompts, ""])
+        validation_embeds = cache.prompt_embeddings([*config.validation_prompts, ""])
     cache.release_encoders()
     if main:
         say(f"data: {report.summary()}")

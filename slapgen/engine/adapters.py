@@ -108,6 +108,7 @@ def adapter_info(name: str, metadata: dict[str, str], rank: int) -> dict:
         "steps": int(steps) if steps else None,
         "target_modules": sorted(targets) if targets else None,
         "ticft_layout": metadata.get(lora_format.TICFT_LAYOUT_KEY),
+        "trigger_word": metadata.get(lora_format.TRIGGER_WORD_KEY),
         "converted_from": metadata.get(lora_format.CONVERTED_FROM_KEY),
     }
 

@@ -28,6 +28,7 @@ RANK_KEY = "slapgen.rank"
 ALPHA_KEY = "slapgen.alpha"
 TARGET_MODULES_KEY = "slapgen.target_modules"
 STEPS_KEY = "slapgen.steps"
+TRIGGER_WORD_KEY = "slapgen.trigger_word"  # data.trigger_word: prompts to this LoRA should say it
 CONFIG_KEY = "slapgen.config"
 # A TIC-FT adapter's layout (`c1b3t9`): it generates from a condition image, with clips of that layout.
 TICFT_LAYOUT_KEY = "slapgen.ticft_layout"

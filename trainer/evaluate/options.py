@@ -44,6 +44,7 @@ class EvalOptions:
     seeds: tuple[int, ...] = (0,)
     generation: dict = field(default_factory=dict)  # validated --set values
     max_clips: int | None = None
+    trigger_word: str | None = None  # the LoRAs' trigger word, put into the held-out captions (the prompts) as training did
     cache: Path | None = None  # latent cache of the held-out clips (default OUT/cache)
     device: str = "cpu"
     loss_seed: int = DEFAULT_SEED

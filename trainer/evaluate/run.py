@@ -108,7 +108,7 @@ def evaluate(options: EvalOptions, resolved: ResolvedModel | None = None, demand
     # 1. Held-out clips into the latent cache (their captions are the prompts); for the held-out loss of a
     # TIC-FT adapter, also as its layout's condition + target. All before the pipeline loads, so the VAE
     # and text encoder are never in memory beside it.
-    data = heldout_data(params, options.max_clips)
+    data = heldout_data(params, options.max_clips, options.trigger_word)
     started = time.perf_counter()
     cache = options.cache or out / "cache"
     entries = heldout_entries(options.heldout, resolved, data, cache, device=options.device)
@@ -225,11 +225,11 @@ def checkpoint_section(options: EvalOptions, plans: dict[str, list[Candidate]], 
                      for adapter in options.adapters}}
 
 
-def heldout_data(params, max_clips: int | None) -> DataConfig:
+def heldout_data(params, max_clips: int | None, trigger_word: str | None = None) -> DataConfig:
     """How the held-out clips are read for evaluation: at the generated videos' size, length and fps, so
     the held-out loss is of the clips at that size and FVD compares like with like."""
     return DataConfig(height=params.height, width=params.width, num_frames=params.num_frames, fps=params.fps,
-                      max_clips=max_clips)
+                      max_clips=max_clips, trigger_word=trigger_word)
 
 
 def loss_reference(layout: TicftLayout | None) -> str:
@@ -544,6 +544,7 @@ def assemble(options: EvalOptions, model: str, params, systems: list[System], la
         "model": model,
         "heldout": str(options.heldout),
         "seeds": list(options.seeds),
+        **({"trigger_word": options.trigger_word} if options.trigger_word else {}),
         "generation": {key: value for key, value in asdict(params).items() if key not in ("prompt", "seed", "adapter")},
         "engine": engine,
         "metric_definitions": definitions,

@@ -192,6 +192,7 @@ def eval_options(folder: Path, config: TrainConfig, metrics: tuple[str, ...], in
         i3d_model=settings.i3d_model,
         include_base=lora is None,
         model_cache_dir=config.model_cache_dir,
+        trigger_word=config.data.trigger_word,
         settings_flag="--eval-set",
     )
 
@@ -208,7 +209,7 @@ def generation_data(config: TrainConfig, metrics: tuple[str, ...], settings: Eva
     params = options.params(spec)
     # Every run trains this layout (grid.check_one_objective); its videos are the layout's target frames.
     options.check_ticft_frames({"every run": config.ticft.parsed_layout if config.ticft is not None else None})
-    return heldout_data(params, options.max_clips)
+    return heldout_data(params, options.max_clips, options.trigger_word)
 
 
 def run_generation_metrics(folder: Path, config: TrainConfig, metrics: tuple[str, ...], inputs: EvaluationInputs,

@@ -126,10 +126,17 @@ def plan_runs(config: str, sets: list[str], axes: list[Axis], latent_cache: Path
 
 
 def check_one_objective(runs: list[PlannedRun]) -> None:
-    """SweepError unless every run trains the same objective: a TIC-FT layout (or plain text-to-video)
-    defines what the held-out loss measures, and the base model is measured once for all runs."""
+    """SweepError unless every run trains the same objective and trigger word: a TIC-FT layout (or plain
+    text-to-video) defines what the held-out loss measures, the trigger word what its captions say, and the base
+    model is measured once for all runs."""
     first = runs[0].config.objective
     for run in runs[1:]:
         if run.config.objective != first:
             raise SweepError(f"run {run.name} trains {run.config.objective} and run {runs[0].name} {first}: their held-out "
                              "losses measure different objectives; sweep each layout separately")
+    trigger = runs[0].config.data.trigger_word
+    for run in runs[1:]:
+        if run.config.data.trigger_word != trigger:
+            raise SweepError(f"run {run.name} has trigger word {run.config.data.trigger_word!r} and run {runs[0].name} "
+                             f"{trigger!r}: the held-out captions (and prompts) of a sweep are one set for every run "
+                             "and the base model; sweep each trigger word separately")

@@ -26,7 +26,7 @@ import sys
 from contextlib import ExitStack
 from pathlib import Path
 
-from trainer.datasets import read_dataset
+from trainer.datasets import read_dataset, read_training_clips
 from trainer.evaluate.names import metric_text
 from trainer.errors import SweepError
 from trainer.ray_cluster import DEFAULT_NODE_WAIT_S, NodeWait, TaskDemand
@@ -79,7 +79,6 @@ def encode_once(definition: SweepDefinition, device: str) -> None:
     from slapgen.models.loading import TRAINER_SETTING, resolve_model
     from trainer.latent_cache import LatentCache
 
-    training, heldout = read_dataset(Path(definition.data)), read_dataset(Path(definition.heldout))
     done = set()
     for run in definition.runs:
         config = run.config
@@ -91,14 +90,17 @@ def encode_once(definition: SweepDefinition, device: str) -> None:
         resolved = resolve_model(config.model, config.model_cache_dir, setting=TRAINER_SETTING)
         # A TIC-FT run trains and is judged on its layout's condition + target clips: those are what to encode.
         cache = LatentCache(config.latent_cache, resolved, config.data, device=device, ticft=config.ticft)
-        print(f"latent cache, training clips: {cache.precompute(training[: config.data.max_clips]).summary()}")
+        trigger = config.data.trigger_word
+        training = read_training_clips(Path(definition.data), config.data.max_clips, trigger)
+        heldout = read_training_clips(Path(definition.heldout), None, trigger)
+        print(f"latent cache, training clips: {cache.precompute(training).summary()}")
         print(f"latent cache, held-out clips: {cache.precompute(heldout).summary()}")
         if definition.evaluation is not None:  # what `slapgen eval` reads in every run, encoded once here
             generated = LatentCache(config.latent_cache, resolved,
                                     generation_data(config, definition.metrics, definition.evaluation), device=device)
             print(f"latent cache, held-out clips at the evaluation's size: {generated.precompute(heldout).summary()}")
             generated.release_encoders()
-        cache.prompt_embeddings([*config.validation.prompts, ""])
+        cache.prompt_embeddings([*config.validation_prompts, ""])
         cache.release_encoders()
 
 
