@@ -47,16 +47,40 @@ def test_tqdm_disable_reaches_bars_given_an_explicit_disable(monkeypatch):
     assert log.getvalue() == ""
 
 
-def test_a_command_with_stderr_in_a_file_writes_readable_lines(tmp_path):
-    """The same through a real command: `slapgen demo-data` with stderr redirected to a file leaves no carriage
-    return in it, and its bar's last state is a line of its own."""
-    log = tmp_path / "demo.log"
+def test_a_bar_under_another_in_a_log_file_is_plain_lines_too(monkeypatch):
+    """Guards a bar opened while another is open (eval's bars under an in-process sweep's, validation's under
+    training's) in a log file: tqdm put it at position 1 and moved the cursor with escape codes, which a file
+    keeps as `^[[A` lines in place of the bar's progress."""
+    monkeypatch.setenv("TQDM_MININTERVAL", "0")
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    log = io.StringIO()
+    with progress_bar(total=2, desc="sweep", file=log) as outer:
+        with progress_bar(total=3, desc="generate", file=log) as inner:
+            inner.update(3)
+        outer.update(2)
+    text = log.getvalue()
+    assert "\x1b" not in text and "\r" not in text
+    lines = text.splitlines()
+    assert any(line.startswith("generate: 100%") for line in lines) and lines[-1].startswith("sweep: 100%")
+    assert len(lines) == len(set(lines)), "a state written twice"
+
+
+def test_a_training_run_with_stderr_in_a_file_writes_readable_lines(tiny_cache_dir, demo_dataset, tmp_path):
+    """The same through a real command: `slapgen train` with a validation video, stderr redirected to a file,
+    leaves no carriage return and no cursor move in it (the validation bar is diffusers' own tqdm, configured
+    through `progress_options`), and the training bar's last state is a line of its own."""
+    log = tmp_path / "train.log"
     env = offline_env(tmp_path)
     env.pop("TQDM_DISABLE", None)
+    command = [sys.executable, "-m", "trainer", "train", "--config", "tiny-smoke", "--data", str(demo_dataset),
+               "--out", str(tmp_path / "run"), "--set", f"model_cache_dir={tiny_cache_dir}",
+               "--set", "train.max_train_steps=2", "--set", "optim.lr_warmup_steps=0", "--set", "validation.every_steps=2",
+               "--set", "validation.prompts=['a slap']", "--set", "validation.num_inference_steps=2",
+               "--set", "logging.tensorboard=false"]
     with log.open("w") as stderr:
-        result = subprocess.run([sys.executable, "-m", "trainer", "demo-data", str(tmp_path / "clips"), "--clips", "2"],
-                                env=env, stdout=subprocess.DEVNULL, stderr=stderr, timeout=300, cwd=os.getcwd())
+        result = subprocess.run(command, env=env, stdout=subprocess.DEVNULL, stderr=stderr, timeout=600, cwd=os.getcwd())
     text = log.read_bytes().decode()  # read_text() would turn each "\r" into "\n"
     assert result.returncode == 0, text[-2000:]
-    assert "\r" not in text
-    assert re.search(r"^demo clips: 100%.* 2/2 \[", text, flags=re.M), text
+    assert "\r" not in text and "\x1b" not in text, text[-2000:]
+    assert re.search(r"^train: 100%.* 2/2 \[", text, flags=re.M), text
+    assert re.search(r"^validation at step 2, video 1/1:", text, flags=re.M), text

@@ -68,7 +68,9 @@ def killed_and_rerun(tiny_cache_dir, demo_dataset, tmp_path_factory):
     write_demo_dataset(heldout, clips=1, seed=7)
     out = root / "training_logs" / "lr-rank"
     command = sweep_command(tiny_cache_dir, demo_dataset, heldout, out)
-    env = offline_env(root)
+    # Every redraw of the bar as a line (its stderr is a pipe, where it is otherwise a line per 30 s): the test
+    # reads a mid-run state of it.
+    env = offline_env(root, TQDM_MININTERVAL="0")
     with (root / "first.log").open("wb") as log:
         process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 400

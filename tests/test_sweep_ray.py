@@ -138,7 +138,8 @@ def test_a_node_killed_mid_run_leaves_the_results_of_an_uninterrupted_sweep(tiny
     try:
         with two_node_cluster(env) as (address, cluster_env, groups):
             out = tmp_path / "killed"
-            driver_env = {**cluster_env, "RAY_ADDRESS": address}
+            # every redraw of the bar as a line (a file otherwise gets one per 30 s): the test reads a mid-run state
+            driver_env = {**cluster_env, "RAY_ADDRESS": address, "TQDM_MININTERVAL": "0"}
             with (tmp_path / "driver.out").open("w") as stdout, (tmp_path / "driver.err").open("w") as stderr:
                 driver = subprocess.Popen(sweep_command(tiny_cache_dir, demo_dataset, heldout, out, "auto"), cwd=REPO_ROOT,
                                           env=driver_env, stdout=stdout, stderr=stderr, text=True)

@@ -42,11 +42,15 @@ def test_the_rule_is_ai_toolkits(caption, expected):
 @pytest.mark.parametrize("value, message", [('"two\\nlines"', "one line"), ("'[trigger]'", "placeholder")])
 def test_a_bad_trigger_word_is_one_sentence(tiny_cache_dir, value, message):
     """Guards a trigger word that cannot be written into a caption reaching the cache: a line break or the
-    placeholder itself is refused when the config is read; spaces around it are dropped and an empty one is none."""
+    placeholder itself is refused when the config is read; spaces around it are dropped and an empty one is none.
+    A validation prompt holding the placeholder in a run without a word is refused too (it would be generated
+    from the literal text)."""
     with pytest.raises(TrainConfigError, match=message):
         load_config("tiny-smoke", tiny_train_overrides(tiny_cache_dir, f"data.trigger_word={value}"))
     assert load_config("tiny-smoke", tiny_train_overrides(tiny_cache_dir, "data.trigger_word=' x '")).data.trigger_word == "x"
     assert load_config("tiny-smoke", tiny_train_overrides(tiny_cache_dir, "data.trigger_word=''")).data.trigger_word is None
+    with pytest.raises(TrainConfigError, match=r"validation.prompts hold \[trigger\] but data.trigger_word is not set"):
+        load_config("tiny-smoke", tiny_train_overrides(tiny_cache_dir, "validation.prompts=['a [trigger] strike']"))
 
 
 def _dataset_with_a_placeholder(demo_dataset, tmp_path):
@@ -142,3 +146,59 @@ def test_a_sweep_over_trigger_words_is_refused_before_any_run(tiny_cache_dir, tm
         plan_runs("tiny-smoke", sets, [parse_axis(f"data.trigger_word={WORD},other")], tmp_path / "cache")
     runs = plan_runs("tiny-smoke", [*sets, f"data.trigger_word={WORD}"], [parse_axis("lora.rank=4,8")], tmp_path / "cache")
     assert [run.config.data.trigger_word for run in runs] == [WORD, WORD]
+
+
+def test_a_run_or_sweep_from_before_the_setting_continues(tiny_cache_dir, tmp_path):
+    """Guards every run and sweep started before `data.trigger_word` (and `train.caption_dropout`) existed being
+    refused on `--resume` or a rerun ("data.trigger_word: unset in the run, null now"): a setting the saved
+    config lacks counts as unchanged when it is at its default now, and as a difference at any other value."""
+    from trainer.run_folder import CONFIG_FILE, check_resume_config, config_differences
+    from trainer.sweep.folder import difference
+
+    config = load_config("tiny-smoke", tiny_train_overrides(tiny_cache_dir))
+    now = config.model_dump(mode="json")
+    older = json.loads(json.dumps(now))
+    del older["data"]["trigger_word"], older["train"]["caption_dropout"]
+    import yaml
+
+    assert config_differences(yaml.safe_dump(older), config.to_yaml()) == []
+    (tmp_path / CONFIG_FILE).write_text(yaml.safe_dump(older))
+    check_resume_config(tmp_path, config.to_yaml())  # no TrainError
+    worded = config.model_copy(update={"data": config.data.model_copy(update={"trigger_word": WORD})})
+    assert config_differences(yaml.safe_dump(older), worded.to_yaml()) == [
+        f'data.trigger_word: unset in the run, "{WORD}" now']
+
+    sweep = {"format": 1, "grid": [], "config": "tiny-smoke", "set": [], "data": "d", "heldout": "h", "metrics": ["loss"],
+             "alpha_follows_rank": True, "runs": [{"name": "00", "values": {}, "overrides": [], "config": now}]}
+    sweep_before = {**sweep, "runs": [{**sweep["runs"][0], "config": older}]}
+    assert difference(sweep_before, sweep) is None
+    sweep_worded = {**sweep, "runs": [{**sweep["runs"][0], "config": worded.model_dump(mode="json")}]}
+    assert difference(sweep_before, sweep_worded) is not None
+
+
+def test_eval_takes_the_word_the_adapters_were_trained_with(tiny_cache_dir, demo_dataset, tmp_path, capsys):
+    """Guards `slapgen eval` of a trigger-word LoRA without `--trigger-word` measuring it on captions without the
+    word it learnt: the word comes from the adapter's `slapgen.trigger_word` (said in one line); adapters trained
+    with different words are one sentence."""
+    from safetensors.torch import load_file, save_file
+
+    from tests.conftest import write_test_adapter
+
+    def worded(name: str, word: str):
+        folder = write_test_adapter(tmp_path / name, tiny_cache_dir, rank=4, seed=len(name))
+        path = folder / LORA_FILENAME if folder.is_dir() else folder
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata()
+        save_file(load_file(str(path)), str(path), metadata={**metadata, "slapgen.trigger_word": word})
+        return path
+
+    first, second = worded("first", WORD), worded("second", "other")
+    out = tmp_path / "eval"
+    assert cli_main(["eval", "--model", "tiny", "--heldout", str(demo_dataset), "--out", str(out), "--metrics", "loss",
+                     "--max-clips", "1", "--adapter", f"first={first}"]) == 0
+    result = json.loads((out / "eval.json").read_text())
+    assert result["trigger_word"] == WORD and result["prompts"][0]["caption"].startswith(f"{WORD}, ")
+    assert f"eval: first trained with trigger word {WORD!r}" in capsys.readouterr().out
+    assert cli_main(["eval", "--model", "tiny", "--heldout", str(demo_dataset), "--out", str(tmp_path / "two"),
+                     "--metrics", "loss", "--adapter", f"first={first}", "--adapter", f"second={second}"]) == 2
+    assert "trained with different trigger words (first: 'pwrslap', second: 'other')" in capsys.readouterr().err

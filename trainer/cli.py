@@ -350,7 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "num_frames, height, width, fps, adapter_scale (default: the model's)")
     ev.add_argument("--max-clips", type=int, metavar="N", help="use only the first N held-out clips")
     ev.add_argument("--trigger-word", metavar="WORD",
-                    help="the LoRAs' data.trigger_word: put into every held-out caption (the prompts) as training did")
+                    help="put into every held-out caption (the prompts) as training did; default: the word the adapters "
+                         "were trained with (data.trigger_word, in their metadata)")
     ev.add_argument("--cache", type=Path, help="latent cache for the held-out clips (default OUT/cache; share it)")
     ev.add_argument("--device", help="where the model and metrics run (default: cuda when a GPU is there, else cpu)")
     ev.add_argument("--loss-seed", type=int, default=0, help="seed of the held-out loss noise (default 0)")

@@ -34,7 +34,7 @@ from slapgen.models.specs import DEFAULT_FAMILY, ModelSpec
 from slapgen.models.specs import DEFAULT_FRAME_STEP as FRAME_STEP
 from slapgen.models.ticft import TicftLayout, objective_name
 from trainer.errors import TrainConfigError
-from trainer.trigger_word import check_trigger_word, with_trigger_word
+from trainer.trigger_word import PLACEHOLDER, check_trigger_word, with_trigger_word
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 FAMILIES_KEY = "families"  # a preset's per-family blocks
@@ -67,7 +67,7 @@ class DataConfig(Section):
     max_clips: int | None = Field(None, ge=1, description="use only the first N clips of the dataset")
     trigger_word: str | None = Field(None, description="a word every caption, validation prompt and held-out caption "
                                                        "carries: [trigger] in a caption becomes it, and a caption "
-                                                       "without it gets 'WORD, ' in front (ai-toolkit's rule)")
+                                                       "without it gets 'WORD, ' in front (like ai-toolkit)")
 
     @field_validator("trigger_word")
     @classmethod
@@ -281,6 +281,13 @@ class TrainConfig(Section):
     def _warmup_fits(self) -> "TrainConfig":
         if self.optim.lr_warmup_steps >= self.train.max_train_steps and self.optim.lr_scheduler != "constant":
             raise ValueError("optim.lr_warmup_steps must be below train.max_train_steps")
+        return self
+
+    @model_validator(mode="after")
+    def _placeholder_has_a_word(self) -> "TrainConfig":
+        if self.data.trigger_word is None and any(PLACEHOLDER in prompt for prompt in self.validation.prompts):
+            raise ValueError(f"validation.prompts hold {PLACEHOLDER} but data.trigger_word is not set: set it, or "
+                             "write the prompt out")
         return self
 
     @property
@@ -542,3 +549,36 @@ def closest_setting(key: str) -> str | None:
         return same_name[0]
     close = difflib.get_close_matches(key, settings if "." in key else names, n=1)
     return close[0] if close else None
+
+
+def with_settings_added_since(saved: dict, now: dict, model: type[BaseModel] | None = None) -> dict:
+    """`saved` (a run's config.yaml, a sweep.json's run config, as written by an earlier slapgen) with each
+    setting it lacks and `now` has at the setting's default added, as `now` has it: a run started before a
+    setting existed (`data.trigger_word`, `train.caption_dropout`) trained with its default, so resuming it
+    or rerunning its sweep must not count the setting as a change. A setting it lacks at any other value
+    stays a difference."""
+    model = model or TrainConfig
+    filled = dict(saved)
+    for name, value in now.items():
+        field = model.model_fields.get(name)
+        if field is None:
+            continue
+        section = _section_type(field.annotation)
+        if name in saved:
+            if section is not None and isinstance(saved[name], dict) and isinstance(value, dict):
+                filled[name] = with_settings_added_since(saved[name], value, section)
+            continue
+        default = field.get_default(call_default_factory=True)
+        if isinstance(default, BaseModel):
+            default = default.model_dump(mode="json")
+        if value == default:
+            filled[name] = value
+    return filled
+
+
+def _section_type(annotation: Any) -> type[BaseModel] | None:
+    """The Section class of a field (`DataConfig`, or `TicftConfig | None`), or None."""
+    for candidate in (annotation, *get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None

@@ -101,7 +101,8 @@ def read_training_clips(path: Path, max_clips: int | None = None, trigger_word: 
         marked = next((clip for clip in clips if PLACEHOLDER in (clip.caption or "")), None)
         if marked is not None:
             raise DatasetError(f"the caption of {marked.name} holds {PLACEHOLDER}, but this run has no trigger word: "
-                               "set data.trigger_word (e.g. --set data.trigger_word=WORD), or edit the caption")
+                               "set data.trigger_word (--set data.trigger_word=WORD to train or sweep; slapgen eval: "
+                               "--trigger-word WORD), or edit the caption")
         return clips
     return [replace(clip, caption=with_trigger_word(clip.caption or "", trigger_word)) for clip in clips]
 

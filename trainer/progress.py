@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import sys
 import time
 from typing import Any, TextIO
@@ -17,31 +18,37 @@ from typing import Any, TextIO
 LOG_INTERVAL_S = 30.0
 
 
+_ESCAPES = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # tqdm's cursor moves for a bar below another
+
+
 class LogLines:
     """A file-like for tqdm that writes a redraw as a line of its own (tqdm writes `\\r` + status + padding), at
     most one per `interval_s`: a bar's `set_postfix` redraws at once, whatever tqdm's `mininterval` (eval's bar
     moves on every denoising step). The last redraw held back is written when the bar closes (tqdm ends a bar it
-    leaves on screen with a line break), so a log always ends with the bar's final state."""
+    leaves on screen with a line break), so a log always ends with the bar's final state, once."""
 
     def __init__(self, stream: TextIO, interval_s: float):
         self.stream = stream
         self.interval_s = interval_s
         self.last_written = -math.inf
+        self.last_line: str | None = None
         self.held: str | None = None
+
+    def _emit(self, line: str) -> None:
+        self.stream.write(line + "\n")
+        self.last_written, self.last_line, self.held = time.monotonic(), line, None
 
     def write(self, text: str) -> None:
         if text == "\n":  # the bar closes
-            if self.held is not None:
-                self.stream.write(self.held + "\n")
-                self.held = None
+            if self.held is not None and self.held != self.last_line:
+                self._emit(self.held)
+            self.held = None
             return
-        line = text.replace("\r", "").rstrip()
-        if not line:
+        line = _ESCAPES.sub("", text.replace("\r", "")).strip("\n").rstrip()
+        if not line or line == self.last_line:
             return
-        now = time.monotonic()
-        if now - self.last_written >= self.interval_s:
-            self.stream.write(line + "\n")
-            self.last_written, self.held = now, None
+        if time.monotonic() - self.last_written >= self.interval_s:
+            self._emit(line)
         else:
             self.held = line
 
@@ -53,16 +60,23 @@ def _truthy(value: str | None) -> bool:
     return (value or "").strip().lower() not in ("", "0", "false", "no", "off")
 
 
-def progress_bar(iterable: Any = None, **options: Any):
-    """`tqdm(iterable, **options)`, drawn as a live bar on a terminal and as plain lines in a log file."""
-    from tqdm.auto import tqdm
-
+def progress_options(**options: Any) -> dict[str, Any]:
+    """tqdm's keyword arguments for a bar on stderr (or `file=`): as given on a terminal; in a log file, plain
+    lines (`LogLines`) and position 0 (a bar below another moves the cursor, which a file cannot). Also for a
+    bar tqdm is asked for by someone else (diffusers' `set_progress_bar_config`)."""
     if _truthy(os.environ.get("TQDM_DISABLE")):
         options["disable"] = True
     stream = options.pop("file", None) or sys.stderr
     if not (hasattr(stream, "isatty") and stream.isatty()):
         interval_s = float(os.environ.get("TQDM_MININTERVAL", LOG_INTERVAL_S))
-        options.update(file=LogLines(stream, interval_s), dynamic_ncols=False, mininterval=interval_s)
+        options.update(file=LogLines(stream, interval_s), dynamic_ncols=False, mininterval=interval_s, position=0)
     else:
         options["file"] = stream
-    return tqdm(iterable, **options)
+    return options
+
+
+def progress_bar(iterable: Any = None, **options: Any):
+    """`tqdm(iterable, **options)`, drawn as a live bar on a terminal and as plain lines in a log file."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, **progress_options(**options))

@@ -103,7 +103,10 @@ def config_differences(saved_yaml: str, new_yaml: str) -> list[str]:
     """Each setting on which the run's saved config.yaml and the new start's config differ, in words
     (`train.max_train_steps: 10 in the run, 20 now`), in the config's order; values as JSON, so a
     string and a number that print alike still read apart."""
-    return _differences(yaml.safe_load(saved_yaml) or {}, yaml.safe_load(new_yaml) or {})
+    from trainer.config import with_settings_added_since
+
+    now = yaml.safe_load(new_yaml) or {}
+    return _differences(with_settings_added_since(yaml.safe_load(saved_yaml) or {}, now), now)
 
 
 # The differences a refusal names before it says how many more there are.

@@ -1,7 +1,8 @@
 """`data.trigger_word`: a word every training caption carries, so the LoRA's look is asked for by name.
 
-The rule is ai-toolkit's, which users of other trainers already write captions for: `[trigger]` in a caption
-becomes the word; a caption that does not contain the word gets `WORD, ` in front. The same rule applies to
+The rule is like ai-toolkit's, which users of other trainers already write captions for: `[trigger]` in a
+caption becomes the word; a caption that does not name the word (as a whole word) gets `WORD, ` in front
+(ai-toolkit puts `WORD ` there and matches the word anywhere, inside longer words too). The same rule applies to
 the run's validation prompts, its held-out captions (loss and, in `slapgen eval --trigger-word`, the prompts),
 so every number of the run is measured on prompts like the ones it trained on."""
 

@@ -15,6 +15,7 @@ from slapgen.models.family import ModelFamily
 from slapgen.models.ticft import TicftLayout, next_timestep, start_conditioned
 from slapgen.video import write_mp4
 from trainer.config import DataConfig, ValidationConfig
+from trainer.progress import progress_options
 
 
 class Validator:
@@ -47,9 +48,9 @@ class Validator:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), autocast():
             for index, embeds in enumerate(self.prompt_embeds):
                 if progress:
-                    pipeline.set_progress_bar_config(
+                    pipeline.set_progress_bar_config(**progress_options(
                         desc=f"validation at step {step}, video {index + 1}/{len(self.prompt_embeds)}", unit="step",
-                        leave=False)
+                        leave=False))
                 generator = torch.Generator("cpu").manual_seed(self.validation.seed)
                 frames = pipeline(
                     prompt_embeds=embeds.unsqueeze(0).to(device, self.vae.dtype),

@@ -14,7 +14,7 @@ overfitting in words (eval.json's `checkpoints`).
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +34,8 @@ from trainer.evaluate.names import FLICKER, FVD, HELDOUT_LOSS, SUBJECT, TICFT_BA
 from trainer.evaluate.options import BASE, MODEL_SETTING, EvalOptions
 from trainer.evaluate.recipes import (forget, loss_recipe, made_earlier, measured_earlier, recipe_base, record,
                                       record_losses, video_recipe, why_not_kept)
-from trainer.evaluate.systems import System, check_base_models, resolve_systems, slot_shape, stage_adapters
+from trainer.evaluate.systems import (System, check_base_models, resolve_systems, slot_shape, stage_adapters,
+                                      trigger_word_of)
 from trainer.frames import load_clip
 from trainer.heldout import DEFAULT_FRACTIONS, heldout_entries, heldout_losses
 from trainer.ray_cluster import TaskDemand
@@ -101,6 +102,7 @@ def evaluate(options: EvalOptions, resolved: ResolvedModel | None = None, demand
     params = options.params(resolved.spec)
     systems = resolve_systems(options.adapters, include_base=options.include_base, checkpoints=plans)
     check_base_models(systems, resolved.spec.name)
+    options = replace(options, trigger_word=trigger_word_of(systems, options.trigger_word))
     options.check_ticft_frames({system.name: system.ticft_layout for system in systems})
     out = Path(options.out)
     out.mkdir(parents=True, exist_ok=True)

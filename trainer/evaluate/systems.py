@@ -37,6 +37,7 @@ class System:
     ticft_layout: TicftLayout | None = None  # a TIC-FT adapter's layout (its `slapgen.ticft_layout` metadata)
     slot_name: str | None = None  # its name in the engine's adapter store when `name` is not one (NAME@STEP)
     base_model: str | None = None  # the model its metadata says it was trained on (`slapgen.base_model`)
+    trigger_word: str | None = None  # the trigger word it was trained with (`slapgen.trigger_word`)
 
     @property
     def adapter(self) -> str | None:
@@ -93,7 +94,8 @@ def _system(adapter: AdapterArg) -> System:
         except TicftLayoutError as error:
             raise EvalError(f"--adapter {adapter.name}={path}: metadata {lora_format.TICFT_LAYOUT_KEY}: {error}") from None
     return System(adapter.name, path.resolve(), max(ranks), targets, layout,
-                  base_model=header.metadata.get(lora_format.BASE_MODEL_KEY))
+                  base_model=header.metadata.get(lora_format.BASE_MODEL_KEY),
+                  trigger_word=header.metadata.get(lora_format.TRIGGER_WORD_KEY) or None)
 
 
 def check_base_models(systems: list[System], model_name: str) -> None:
@@ -103,6 +105,25 @@ def check_base_models(systems: list[System], model_name: str) -> None:
 
     for system in systems:
         check_base_model(system.name, system.base_model, model_name)
+
+
+def trigger_word_of(systems: list[System], given: str | None) -> str | None:
+    """The trigger word the held-out captions get: `--trigger-word` when given; else the one the adapters were
+    trained with (`slapgen.trigger_word`), said in one line, so a forgotten option does not measure them on
+    captions without the word they learnt; adapters trained with different words are one sentence."""
+    if given is not None:
+        return given
+    words = {system.name: system.trigger_word for system in systems if system.trigger_word}
+    if len(set(words.values())) > 1:
+        said = ", ".join(f"{name}: {word!r}" for name, word in words.items())
+        raise EvalError(f"the adapters were trained with different trigger words ({said}): evaluate them apart, or "
+                        "give the held-out captions one with --trigger-word")
+    if not words:
+        return None
+    word = next(iter(words.values()))
+    print(f"eval: {', '.join(words)} trained with trigger word {word!r}: it goes into every held-out caption as "
+          "training put it into its captions (--trigger-word to choose another)")
+    return word
 
 
 def _target_name(module: str) -> str:

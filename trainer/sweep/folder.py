@@ -138,10 +138,27 @@ _COMPARED = (
 )
 
 
+def _with_settings_added_since(existing: dict, wanted: dict) -> dict:
+    """`existing` with each run config given the settings added to slapgen since it was written, at their
+    defaults (`config.with_settings_added_since`): a sweep started before them continues."""
+    from trainer.config import with_settings_added_since
+
+    runs, wanted_runs = existing.get("runs"), wanted.get("runs")
+    if not (isinstance(runs, list) and isinstance(wanted_runs, list) and len(runs) == len(wanted_runs)):
+        return existing
+    filled = []
+    for run, wanted_run in zip(runs, wanted_runs):
+        if isinstance(run, dict) and isinstance(run.get("config"), dict) and isinstance(wanted_run.get("config"), dict):
+            run = {**run, "config": with_settings_added_since(run["config"], wanted_run["config"])}
+        filled.append(run)
+    return {**existing, "runs": filled}
+
+
 def difference(existing: dict, wanted: dict) -> str | None:
     """What differs between the definition in a folder and the one asked for (a phrase), or None;
     what only changes the report (`REPORT_ONLY`) is not a difference."""
     existing, wanted = ({k: v for k, v in tree.items() if k not in REPORT_ONLY} for tree in (existing, wanted))
+    existing = _with_settings_added_since(existing, wanted)
     for key, label, say in _COMPARED:
         if existing.get(key) != wanted.get(key):
             try:
