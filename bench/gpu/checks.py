@@ -311,13 +311,12 @@ def main() -> int:
         args.blocks = min(args.blocks, 1)  # the tiny model has 2 blocks
     checks = plan(args.dry_run, args.blocks)
     if args.only:
-        wanted = set(args.only.split(","))
-        unknown = wanted - {c.name for c in checks}
-        if unknown:
-            parser.error(f"unknown checks {sorted(unknown)}; the plan has {[c.name for c in checks]}")
-        # in the order named: a second try runs what matters most first
+        wanted = list(dict.fromkeys(args.only.split(",")))  # in the order named: a second try runs what matters most first
         by_name = {c.name: c for c in checks}
-        checks = [by_name[name] for name in dict.fromkeys(args.only.split(","))]
+        unknown = set(wanted) - set(by_name)
+        if unknown:
+            parser.error(f"unknown checks {sorted(unknown)}; the plan has {list(by_name)}")
+        checks = [by_name[name] for name in wanted]
     if args.list:
         for check in checks:
             estimate = f"~{check.estimated_s:.0f}s" if check.estimated_s else "-"

@@ -102,9 +102,8 @@ def _clip_seed(clip_name: str, seed: int, attempt: int) -> int:
 def caption_dataset(dataset: Path, settings: CaptionSettings = CaptionSettings(), progress: bool = True) -> CaptionSummary:
     import time
 
-    from trainer.progress import progress_bar
-
     from trainer.captioning.model import VideoCaptioner, resolve_caption_model
+    from trainer.progress import progress_bar
 
     dataset = Path(dataset)
     if not dataset.is_dir() or (dataset / "videos.txt").exists() or (dataset / "prompts.txt").exists():

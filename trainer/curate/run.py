@@ -79,9 +79,8 @@ def _issues(clip: Clip, probe: VideoProbe, caption: CaptionReport, settings: Cur
 
 def curate(dataset: Path, out: Path, settings: CurateSettings = CurateSettings(), progress: bool = True) -> dict:
     """Write DIR/report.json, DIR/report.html (+ plots, thumbnails) and, with `select`, DIR/selected.jsonl."""
-    from trainer.progress import progress_bar
-
     from trainer.curate.report import write_html_report
+    from trainer.progress import progress_bar
 
     out = Path(out)
     thumbnails = out / "thumbnails"

@@ -5,7 +5,6 @@ run's checkpoint) count as done from the start, so the ETA is measured on this s
 from __future__ import annotations
 
 from trainer.progress import progress_bar
-
 from trainer.sweep.grid import PlannedRun
 
 BAR_FORMAT = "{desc} | {percentage:3.0f}% {n_fmt}/{total_fmt} steps [{elapsed}, ETA {remaining}]"
@@ -19,7 +18,7 @@ class SweepProgress:
         self.running: list[str] = []
         total = sum(run.config.train.max_train_steps for run in runs)
         self.bar = progress_bar(total=total, initial=sum(self.done.values()), desc="sweep", unit="step",
-                        bar_format=BAR_FORMAT, disable=not enabled)
+                                bar_format=BAR_FORMAT, disable=not enabled)
 
     def _label(self, name: str) -> str:
         steps = self.runs[name].config.train.max_train_steps
