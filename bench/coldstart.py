@@ -5,10 +5,12 @@
    compiled) and a start on the folder that cold start filled (warm: loaded from it), `--rounds` times.
    The ratio is cold median / warm median, from one run. Each start's `/info` says what came from the
    cache, and that nothing recompiled.
-2. On a GPU (bench/gpu/checks.py): `--case compile-5b [--blocks N]`, compiling CogVideoX-5B's transformer
-   (real config, random weights, first N blocks, extrapolated to 42) in a fresh process with an empty
-   cache folder, then in another fresh process on the same folder; the same code as the service's
-   (`CompiledTransformer` with a `CompileCache`). `compile-tiny` runs it on the tiny model (the dry run).
+2. On a GPU (bench/gpu/checks.py): `--case compile-5b [--blocks N] [--quant fp8] [--scope blocks]`,
+   compiling CogVideoX-5B's transformer (real config, random weights, first N blocks; a whole-transformer
+   compile extrapolated to 42) in a fresh process with an empty cache folder, then in another fresh process
+   on the same folder; the same code as the service's (`CompiledTransformer` with a `CompileCache`).
+   `compile-tiny` runs it on the tiny model (the dry run; with `--blocks 42`, the tiny widths at 5B's depth:
+   what each `--scope` costs as the model deepens, on a CPU).
 
     python bench/coldstart.py [--rounds 3] [--save]     # writes bench/results/coldstart-cpu.json with --save
 
@@ -78,9 +80,10 @@ def service_bench(rounds: int) -> dict:
 
 # --- The GPU run's check: the transformer alone, compiled cold then warm in two fresh processes ---------------
 
-def compile_once(model: str, blocks: int | None, cache_dir: Path, quant: str = "none") -> dict:
-    """Build the random transformer, quantise it (`quant`, as SLAP_QUANT), compile it with `cache_dir` as the
-    compile cache, run one step: the steps a replica takes before /readyz, less reading the weights from disk."""
+def compile_once(model: str, blocks: int | None, cache_dir: Path, quant: str = "none", scope: str = "blocks") -> dict:
+    """Build the random transformer, quantise it (`quant`, as SLAP_QUANT), compile it (`scope`, as
+    SLAP_COMPILE_SCOPE) with `cache_dir` as the compile cache, run one step: the steps a replica takes before
+    /readyz, less reading the weights from disk."""
     from bench.serve import _all_blocks, _random_transformer, _synchronize
     from slapgen.engine.compiling import CompiledTransformer
     from slapgen.engine.quantization import quantize_transformer
@@ -100,7 +103,7 @@ def compile_once(model: str, blocks: int | None, cache_dir: Path, quant: str = "
     quantize_s = time.perf_counter() - started
     phase(f"quantised {quantized_layers} layers ({quant}) in {quantize_s:.1f} s")
     holder = type("Holder", (), {"transformer": transformer})()
-    compiled = CompiledTransformer(cache_dir)
+    compiled = CompiledTransformer(cache_dir, scope=scope)  # type: ignore[arg-type]
     compiled.compile(holder)
 
     def step() -> None:
@@ -116,17 +119,17 @@ def compile_once(model: str, blocks: int | None, cache_dir: Path, quant: str = "
     step()
     step_s = time.perf_counter() - started
     return {"resolution": resolution, "blocks": transformer.config.num_layers, "all_blocks": _all_blocks(model),
-            "build_s": built_s, "quant": quant, "quantize_s": quantize_s, "quantized_layers": quantized_layers,
+            "build_s": built_s, "quant": quant, "scope": scope, "quantize_s": quantize_s, "quantized_layers": quantized_layers,
             "first_step_s": compile_s, "step_s": step_s, "compile_s": compile_s - step_s,
             "graphs": compiled.graphs, **compiled.cache.info()}
 
 
-def compile_case(model: str, blocks: int | None, quant: str = "none") -> dict:
+def compile_case(model: str, blocks: int | None, quant: str = "none", scope: str = "blocks") -> dict:
     cache_dir = Path(tempfile.mkdtemp(prefix="slapgen-compile-cache-"))
     runs = {}
     for label in ("cold", "warm"):
         argv = [sys.executable, __file__, "--case", f"compile-once-{model}", "--cache-dir", str(cache_dir),
-                "--quant", quant]
+                "--quant", quant, "--scope", scope]
         # stderr passes through (the GPU run's checks.log), so a start cut off by a timeout still shows which of
         # its phases it reached and how long each took
         result = subprocess.run(argv + (["--blocks", str(blocks)] if blocks else []), stdout=subprocess.PIPE,
@@ -135,18 +138,19 @@ def compile_case(model: str, blocks: int | None, quant: str = "none") -> dict:
             raise SystemExit(f"the {label} compile failed (its stderr is above)")
         runs[label] = json.loads(result.stdout.strip().splitlines()[-1])
         if label == "cold":  # a partial result first: a timeout during the warm start still returns the cold one
-            print(json.dumps({"case": f"compile-{model}", "quant": quant, "partial": "cold start only", "cold": runs[label]}),
+            print(json.dumps({"case": f"compile-{model}", "quant": quant, "scope": scope, "partial": "cold start only", "cold": runs[label]}),
                   flush=True)
     cold, warm = runs["cold"], runs["warm"]
     row = {"case": f"compile-{model}", "device": device_description(), "resolution": cold["resolution"],
-           "blocks": cold["blocks"], "quant": quant, "quantize_s_warm": warm["quantize_s"],
+           "blocks": cold["blocks"], "quant": quant, "scope": scope, "quantize_s_warm": warm["quantize_s"],
            # what a replica with a warm compile cache spends before /readyz, less reading weights and the
            # text encoder and VAE: quantising, then loading the compiled graphs and running the first step
            "warm_quantize_and_first_step_s": warm["quantize_s"] + warm["first_step_s"], "cold": cold, "warm": warm,
            "compile_s_cold": cold["compile_s"], "compile_s_warm": warm["compile_s"],
            "cold_over_warm": cold["first_step_s"] / warm["first_step_s"],
            "warm_graphs_from_cache": warm["graphs_from_cache"], "warm_graphs_compiled": warm["graphs_compiled"]}
-    if cold["blocks"] < cold["all_blocks"]:
+    # Only a whole-transformer compile grows with the blocks; a regional one compiles the same graphs for 6 or 42.
+    if cold["blocks"] < cold["all_blocks"] and scope == "transformer":
         scale = cold["all_blocks"] / cold["blocks"]
         row["est_compile_s_cold_all_blocks"] = cold["first_step_s"] * scale
         row["est_compile_s_warm_all_blocks"] = warm["first_step_s"] * scale
@@ -156,6 +160,32 @@ def compile_case(model: str, blocks: int | None, quant: str = "none") -> dict:
     return row
 
 
+def compare_scopes(model: str, blocks: int | None, quant: str, save: bool) -> None:
+    """Each SLAP_COMPILE_SCOPE compiled cold then warm on the same transformer, in one run (a ratio on a noisy
+    machine): what regional compilation saves at the model's depth (`--blocks 42`: CogVideoX-5B's)."""
+    rows = []
+    for scope in ("transformer", "blocks"):
+        row = compile_case(model, blocks, quant, scope)
+        rows.append({"scope": scope, "blocks": row["blocks"], "graphs": row["cold"]["graphs"],
+                     "first_step_s_cold": row["cold"]["first_step_s"], "first_step_s_warm": row["warm"]["first_step_s"],
+                     "step_s_cold_process": row["cold"]["step_s"], "step_s_warm_process": row["warm"]["step_s"],
+                     "warm_graphs_from_cache": row["warm_graphs_from_cache"], "detail": row})
+    whole, regional = rows
+    summary = {"cold_transformer_over_blocks": whole["first_step_s_cold"] / regional["first_step_s_cold"],
+               "warm_transformer_over_blocks": whole["first_step_s_warm"] / regional["first_step_s_warm"],
+               "step_blocks_over_transformer": (regional["step_s_cold_process"] + regional["step_s_warm_process"])
+               / (whole["step_s_cold_process"] + whole["step_s_warm_process"])}
+    print(f"device: {device_description()}, torch {torch.__version__}, {model} transformer, {whole['blocks']} blocks")
+    print_table(rows, ["scope", "graphs", "first_step_s_cold", "first_step_s_warm", "step_s_cold_process",
+                       "step_s_warm_process", "warm_graphs_from_cache"])
+    print(", ".join(f"{key} {value:.2f}x" for key, value in summary.items()))
+    path = write_results("compile-scopes", {"device": device_description(), "torch": torch.__version__, "model": model,
+                                            "quant": quant, "what": "first step (compile, or load from the compile "
+                                            "cache) cold then warm, per SLAP_COMPILE_SCOPE", "rows": rows, **summary},
+                         save=save)
+    print(f"wrote {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3, help="cold + warm start pairs, alternating")
@@ -163,6 +193,9 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, help="with --case: the first N transformer blocks")
     parser.add_argument("--quant", default="none", choices=["none", "fp8", "fp8-weight", "int8"],
                         help="with --case: quantise as SLAP_QUANT does before compiling")
+    parser.add_argument("--scope", default="blocks", choices=["blocks", "transformer", "both"],
+                        help="with --case: what is compiled, as SLAP_COMPILE_SCOPE; both: each in turn, a table and "
+                             "bench/results/compile-scopes-*.json")
     parser.add_argument("--cache-dir", type=Path, help=argparse.SUPPRESS)
     add_save_argument(parser)
     args = parser.parse_args()
@@ -170,10 +203,12 @@ def main() -> None:
         model = args.case.rpartition("-")[2]
         if model not in ("5b", "tiny") or not args.case.startswith("compile-"):
             raise SystemExit(f"unknown case {args.case!r}: use compile-5b or compile-tiny")
-        if args.case.startswith("compile-once-"):
-            print(json.dumps(compile_once(model, args.blocks, args.cache_dir, args.quant)))
+        if args.scope == "both":
+            compare_scopes(model, args.blocks, args.quant, args.save)
+        elif args.case.startswith("compile-once-"):
+            print(json.dumps(compile_once(model, args.blocks, args.cache_dir, args.quant, args.scope)))
         else:
-            print(json.dumps(compile_case(model, args.blocks, args.quant)))
+            print(json.dumps(compile_case(model, args.blocks, args.quant, args.scope)))
         return
     result = service_bench(args.rounds)
     print_table(result["rows"], ["round", "start", "ready_s", "load_1min_before", "load_1min_after", "graphs_from_cache",

@@ -53,6 +53,11 @@ from bench.wan_models import WAN_BENCH_MODELS, wan_all_blocks, wan_size, wan_ste
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
+# What the compiled cases compile (`--compile-scope`, as SLAP_COMPILE_SCOPE): each block (the service's default)
+# or the whole transformer; rows record it.
+COMPILE_SCOPE = "blocks"
+
+
 def _tiny_adapters(cache_dir: Path, count: int) -> list[Path]:
     from tests.conftest import write_test_adapter
 
@@ -82,7 +87,7 @@ def swap_case(method: str, swaps: int) -> dict:
         pipeline(**params.pipeline_arguments(), generator=torch.Generator().manual_seed(0), output_type="np")
         return time.perf_counter() - started
 
-    compiled = CompiledTransformer()
+    compiled = CompiledTransformer(scope=COMPILE_SCOPE)
     pipeline = load_pipeline(resolved)
     pipeline.set_progress_bar_config(disable=True)
     if method == "hotswap":
@@ -268,7 +273,7 @@ def step_case(variant: str, steps: int, model: str = "5b", blocks: int | None = 
     blocks = transformer.config.num_layers
     block_params, total_params = _block_share(transformer)
     quantize_transformer(transformer, quant)
-    compiled = CompiledTransformer()
+    compiled = CompiledTransformer(scope=COMPILE_SCOPE)
     if compile_it:
         holder = type("Holder", (), {"transformer": transformer})()
         compiled.compile(holder)
@@ -393,7 +398,7 @@ def hotswap_case(model: str, variant: str, rank: int, swaps: int, blocks: int | 
     slot = LoraSlot(transformer, rank, TARGETS)
     transformer.to(device, torch.bfloat16)  # the slot's zero adapter arrives in fp32 on the CPU
     quantized_layers = quantize_transformer(transformer, quant)
-    compiled = CompiledTransformer()
+    compiled = CompiledTransformer(scope=COMPILE_SCOPE)
     holder = type("Holder", (), {"transformer": transformer})()
     if compile_it:
         compiled.compile(holder)
@@ -516,7 +521,7 @@ def attention_case(model: str, variant: str, steps: int, blocks: int | None = No
             row["unavailable"] = str(error)
             continue
         holder = type("Holder", (), {"transformer": transformer})()
-        compiled = CompiledTransformer()
+        compiled = CompiledTransformer(scope=COMPILE_SCOPE)
         if compile_it:
             torch._dynamo.reset()
             compiled.compile(holder)
@@ -611,7 +616,7 @@ def caches_case(model: str, variant: str, loop_steps: int, blocks: int | None = 
     for text in ["none", "pab", "fastercache", "fbc:0.05", "taylorseer"]:
         pipeline.transformer = transformer
         cache = StepCache.apply(pipeline, CacheSetting.parse(text), COGVIDEOX)
-        compiled = CompiledTransformer()
+        compiled = CompiledTransformer(scope=COMPILE_SCOPE)
         if compile_it:
             torch._dynamo.reset()
             compiled.compile(pipeline)
@@ -691,16 +696,21 @@ def main() -> None:
     parser.add_argument("--decodes", type=int, default=1, help="timed decodes of the vae-decode case (after one warm-up)")
     parser.add_argument("--warm-caches", action="store_true",
                         help="let inductor reuse compiled graphs from earlier runs (default: every compile is cold)")
+    parser.add_argument("--compile-scope", default="blocks", choices=["blocks", "transformer"],
+                        help="what the compiled cases compile, as SLAP_COMPILE_SCOPE (default: blocks, the service's)")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     add_save_argument(parser)
     args = parser.parse_args()
+    global COMPILE_SCOPE
+    COMPILE_SCOPE = args.compile_scope
     if not args.warm_caches:
         # A fresh server compiles from scratch; cached graphs would hide what a recompilation costs.
         os.environ["TORCHINDUCTOR_FORCE_DISABLE_CACHES"] = "1"
     if args.case:
-        print(json.dumps(run_case(args.case, args)))
+        print(json.dumps({**run_case(args.case, args), "compile_scope": COMPILE_SCOPE}))
         return
-    extra = ["--swaps", str(args.swaps), "--requests", str(args.requests), "--steps", str(args.steps)]
+    extra = ["--swaps", str(args.swaps), "--requests", str(args.requests), "--steps", str(args.steps),
+             "--compile-scope", COMPILE_SCOPE]
     cases = ["swap:hotswap", "swap:load_lora_weights", "swap:reload_pipeline", "overhead:tiny"]
     if torch.cuda.is_available():
         cases += ["5b:bf16-eager", "5b:bf16-compile", "5b:fp8-compile", "attention-5b:bf16-eager", "caches-5b:bf16-eager"]

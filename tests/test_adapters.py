@@ -204,9 +204,10 @@ def test_recent_adapters_come_from_memory(adapter_files, target, tmp_path, monke
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model", MODELS)
-def test_hot_swap_on_the_compiled_model_never_recompiles(model, tmp_path, request):
-    """base -> A -> B -> A -> base on the torch.compile'd tiny transformer of each family, with dynamo told
+@pytest.mark.parametrize("model, scope", [("tiny", "blocks"), ("tiny-wan", "blocks"), ("tiny", "transformer")])
+def test_hot_swap_on_the_compiled_model_never_recompiles(model, scope, tmp_path, request):
+    """base -> A -> B -> A -> base on the torch.compile'd tiny transformer of each family (its blocks compiled, the
+    default, and on CogVideoX the whole transformer too: SLAP_COMPILE_SCOPE), with dynamo told
     to fail on any recompilation; outputs prove each swap took effect and swapping back restores exactly, also
     after a cancelled generation and between a TIC-FT adapter (image-to-video: its own first latents and step
     callback) and a plain one. On tiny-wan it guards the slot and TIC-FT on Wan's transformer and its UniPC
@@ -220,9 +221,10 @@ def test_hot_swap_on_the_compiled_model_never_recompiles(model, tmp_path, reques
         shutil.copy(adapter_files[name], adapters_dir / f"{name}.safetensors")
     write_test_adapter(tmp_path / "ticft", tiny_cache_dir, rank=4, seed=12, ticft_layout="c1b1t1", model=model)
     shutil.copy(tmp_path / "ticft" / "pytorch_lora_weights.safetensors", adapters_dir / "ticft.safetensors")
-    options = EngineOptions(compile=True, adapters_dir=adapters_dir, max_lora_rank=MAX_RANK)
+    options = EngineOptions(compile=True, compile_scope=scope, adapters_dir=adapters_dir, max_lora_rank=MAX_RANK)
     generator = VideoGenerator.load(resolve_model(model, tiny_cache_dir), options)
     assert generator.info()["compiled"] is True and generator.compiled.graphs >= 1
+    assert generator.info()["compile_scope"] == scope
     # torch's own patch (pytest's monkeypatch undo leaves dynamo's config entry hidden for later tests).
     recompiles_fail = torch._dynamo.config.patch(error_on_recompile=True)
     recompiles_fail.__enter__()

@@ -72,7 +72,7 @@ holder = type("Holder", (), {})()
 holder.transformer = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
 torch.manual_seed(0)
 x = torch.randn(3, 8)
-compiled = CompiledTransformer(Path(sys.argv[1]))
+compiled = CompiledTransformer(Path(sys.argv[1]), scope="transformer")  # a plain module: no family, no blocks
 compiled.compile(holder)
 outputs = []
 compiled.warm_up(holder, lambda: outputs.append(holder.transformer(x)))

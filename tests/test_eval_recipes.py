@@ -59,15 +59,21 @@ def test_every_generation_setting_is_in_the_recipe(tmp_path):
 
 def test_every_engine_setting_that_changes_frames_is_in_the_recipe(tmp_path):
     """Guards an engine setting left out: videos made on another device, with FP8/int8, another attention kernel or
-    step cache, or a slot of another rank differ in their numbers, and were kept. Where files live and how many
+    step cache, or a slot of another rank, or compiled another way, differ in their numbers, and were kept. Where files live and how many
     requests wait do not change frames and are left out; `cuda` and `cuda:0` are one device."""
     fields = {field.name for field in dataclasses.fields(EngineOptions)}
-    assert set(ENGINE_CHANGED) | set(NOT_IN_RECIPE) == fields
+    assert set(ENGINE_CHANGED) | set(NOT_IN_RECIPE) | {"compile_scope"} == fields
     same = recipe(tmp_path)
     for name, value in ENGINE_CHANGED.items():
         assert recipe(tmp_path, engine=dataclasses.replace(ENGINE, **{name: value})) != same, name
     for name in NOT_IN_RECIPE:
         assert name not in same["engine"]
+    # What is compiled changes frames only when something is (inductor's kernels round differently): an eval that
+    # does not compile keeps its videos whatever the scope, and its recipes from before the setting existed.
+    compiled = dataclasses.replace(ENGINE, compile=True)
+    assert recipe(tmp_path, engine=dataclasses.replace(compiled, compile_scope="transformer")) != recipe(tmp_path, engine=compiled)
+    assert recipe(tmp_path, engine=dataclasses.replace(ENGINE, compile_scope="transformer")) == same
+    assert "compile_scope" not in same["engine"]
     on_gpu = recipe(tmp_path, engine=dataclasses.replace(ENGINE, device="cuda"))
     assert recipe(tmp_path, engine=dataclasses.replace(ENGINE, device="cuda:0")) == on_gpu
     assert on_gpu["engine"]["device"] == "cuda:0"  # no GPU here, so no GPU name

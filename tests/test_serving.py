@@ -91,7 +91,7 @@ def test_adapters_change_the_video_and_swapping_never_recompiles(server, tmp_pat
     assert not np.array_equal(clips["base"], clips["a"])
     assert np.array_equal(clips["a"], clips["a again"]) and np.array_equal(clips["base"], clips["base again"])
     info = httpx.get(f"{server.url}/info").json()
-    assert info["compiled"] is True and info["recompilations"] == 0
+    assert info["compiled"] is True and info["recompilations"] == 0 and info["compile_scope"] == "blocks"
     assert (info["model"], info["dtype"], info["quantization"], info["queue"]) == ("tiny", "float32", "none", 0)
     listed = httpx.get(f"{server.url}/adapters").json()
     by_name = {a["name"]: a for a in listed["adapters"]}

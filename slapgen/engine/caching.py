@@ -141,7 +141,7 @@ class StepCache:
         config = cache_config(setting, pipeline, family.step_cache_hooks)
         if config is None:
             return cls(setting, transformer, [])
-        if setting.kind == "fbc" and len(getattr(transformer, family.step_cache_hooks.blocks_attribute)) < 2:
+        if setting.kind == "fbc" and len(family.transformer_blocks(transformer)) < 2:
             raise CacheUnavailableError(f"SLAP_CACHE={setting} needs a transformer of at least 2 blocks (the first "
                                         "decides for the others); use SLAP_CACHE=none.")
         transformer.enable_cache(config)

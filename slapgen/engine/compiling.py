@@ -1,5 +1,14 @@
 """`torch.compile` of the transformer, counting how often it compiles after warm-up, and the compile cache.
 
+`SLAP_COMPILE_SCOPE` says what is compiled. `blocks` (the default) is regional compilation (PyTorch's
+"Reducing torch.compile cold start compilation time with regional compilation" recipe; diffusers'
+`compile_repeated_blocks` does the same for the models that list their block class): each of the family's
+repeated blocks (`ModelFamily.transformer_blocks`) is compiled in place, and since torch inlines a module's
+parameters as graph inputs, every block runs the one compiled code: CogVideoX compiles 2 graphs however deep
+it is (its first block gets a strided slice of the tokens), Wan 1; the embeddings and the output layers stay
+eager. `transformer` compiles the whole module: one graph per model, whose compile time (and, warm, whose
+tracing) grows with the number of blocks: minutes for CogVideoX-5B's 42 (bench/README.md).
+
 Compilation goes through inductor behind a thin backend that counts graphs. Every graph compiled
 after `mark_warm()` is a recompilation: a request that made dynamo's guards fail (a new shape, a
 changed attribute). Hot-swapping adapters must keep this at zero; `GET /info` reports it.
@@ -37,6 +46,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+
+from slapgen.engine.params import CompileScope
 
 log = logging.getLogger(__name__)
 log.setLevel(logging.INFO)  # the compile cache's one line belongs in a server's start-up log (BentoML's root: WARNING)
@@ -130,8 +141,9 @@ class CompileCache:
 
 
 class CompiledTransformer:
-    def __init__(self, cache_dir: Path | None = None) -> None:
+    def __init__(self, cache_dir: Path | None = None, *, scope: CompileScope) -> None:
         self.graphs = 0
+        self.scope = scope
         self.cache = CompileCache(cache_dir) if cache_dir is not None else None
         self._warm_at: int | None = None
         self._lock = threading.Lock()
@@ -151,7 +163,15 @@ class CompiledTransformer:
         self._wrap(pipeline)
 
     def _wrap(self, pipeline) -> None:
-        pipeline.transformer = torch.compile(self._eager, backend=self._backend, fullgraph=False)
+        if self.scope == "transformer":
+            pipeline.transformer = torch.compile(self._eager, backend=self._backend, fullgraph=False)
+            return
+        from slapgen.models.family import family_of_transformer
+
+        # `nn.Module.compile` compiles in place (again after a fallback's reset): the transformer, its hooks and
+        # its LoRA slot stay the same objects, only the blocks' calls go through dynamo.
+        for block in family_of_transformer(self._eager).transformer_blocks(self._eager):
+            block.compile(backend=self._backend, fullgraph=False)
 
     def warm_up(self, pipeline, run: Callable[[], object]) -> None:
         """`run()` (the warm-up generations, which compile); with a compile cache, counted, and on any failure

@@ -83,7 +83,7 @@ class VideoGenerator:
         step_cache = StepCache.apply(pipeline, options.cache, family)
         compiled = None
         if options.compile:
-            compiled = CompiledTransformer(options.compile_cache_dir)
+            compiled = CompiledTransformer(options.compile_cache_dir, scope=options.compile_scope)
             compiled.compile(pipeline)
         target = AdapterTarget(resolved.spec.name, slot.modules, slot.max_rank, resolved.spec.max_num_frames,
                                resolved.spec.frame_step, resolved.spec.family)
@@ -125,6 +125,7 @@ class VideoGenerator:
             "attention": self.attention,
             **self.step_cache.info(),
             "compiled": self.compiled is not None,
+            "compile_scope": self.compiled.scope if self.compiled else None,
             "adapter": self.slot.active,
             "adapter_swaps": self.slot.swaps,
             "max_lora_rank": self.slot.max_rank,

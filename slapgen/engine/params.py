@@ -74,6 +74,9 @@ class GenerationParams:
 
 Quantization = Literal["auto", "fp8", "fp8-weight", "int8", "none"]
 # The attention kernel (slapgen.engine.attention): sdpa lets PyTorch pick per call.
+# What `torch.compile` compiles (slapgen.engine.compiling): each repeated block (one graph serves them all) or
+# the transformer whole.
+CompileScope = Literal["blocks", "transformer"]
 AttentionKernel = Literal["sdpa", "flash", "efficient", "cudnn", "math", "fa3", "fp8", "sage"]
 
 
@@ -87,6 +90,7 @@ class EngineOptions:
     offload: Literal["none", "model"] = "none"
     quantization: Quantization = "none"
     compile: bool = False
+    compile_scope: CompileScope = "blocks"
     compile_cache_dir: Path | None = None  # inductor's cache folder (`slapgen.engine.compiling.CompileCache`)
     # The adapters' folder, always given (the service's is under SLAP_CACHE_DIR): a relative default wrote an
     # `adapters/` folder wherever the process ran.

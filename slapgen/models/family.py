@@ -206,14 +206,13 @@ class FramePlan:
 class StepCacheHooks:
     """What diffusers' step caches (PAB, FasterCache, First Block Cache, TaylorSeer) hook in a family's
     transformer: module-name patterns (`re.fullmatch`) of each block's self-attention and feed-forward,
-    the hidden states' layout as FasterCache spells it ("BFCHW", "BCFHW"), the transformer's attribute
-    holding its blocks (First Block Cache needs two or more), and the caches (`SLAP_CACHE` kinds) that do
-    not work on the family, each with why: the one place that says which caches a family supports."""
+    the hidden states' layout as FasterCache spells it ("BFCHW", "BCFHW"), and the caches (`SLAP_CACHE`
+    kinds) that do not work on the family, each with why: the one place that says which caches a family
+    supports."""
 
     attention_pattern: str
     feed_forward_pattern: str
     hidden_states_layout: str
-    blocks_attribute: str = "transformer_blocks"
     unsupported: Mapping[str, str] = field(default_factory=dict)
 
 
@@ -244,6 +243,10 @@ class ModelFamily(ABC):
     lora_target_modules: tuple[str, ...]
     #: What step caches hook in the transformer.
     step_cache_hooks: StepCacheHooks
+    #: The transformer's attribute holding its repeated blocks (an `nn.ModuleList` of one class): what
+    #: regional compilation compiles one by one (`SLAP_COMPILE_SCOPE=blocks`) and First Block Cache needs
+    #: two or more of.
+    blocks_attribute: str = "transformer_blocks"
 
     @property
     def frame_axis(self) -> int:
@@ -254,6 +257,10 @@ class ModelFamily(ABC):
     def channel_axis(self) -> int:
         """The latent channels' dimension in `latent_layout`."""
         return self.latent_layout.index("C")
+
+    def transformer_blocks(self, transformer: torch.nn.Module) -> torch.nn.ModuleList:
+        """The transformer's repeated blocks (`blocks_attribute`)."""
+        return getattr(transformer, self.blocks_attribute)
 
     # -- specs and loading -----------------------------------------------------------------------
 

@@ -231,7 +231,8 @@ class WanFamily(family.ModelFamily):
     # default `blocks.*(to_q|to_k|to_v|to_out.0)` and TIC-FT's Wan runs; the same names as CogVideoX's.
     lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0")
     step_cache_hooks = StepCacheHooks(BLOCK_ATTENTION_PATTERN, BLOCK_FEED_FORWARD_PATTERN, LATENT_LAYOUT,
-                                      BLOCKS_ATTRIBUTE, UNSUPPORTED_STEP_CACHES)
+                                      UNSUPPORTED_STEP_CACHES)
+    blocks_attribute = BLOCKS_ATTRIBUTE
 
     # -- specs and loading ------------------------------------------------------------------------
 

@@ -1,7 +1,8 @@
 """The routes BentoML's `@api` cannot express (GET, DELETE, multipart with custom auth), as a
 Starlette app that `service.py` mounts next to its own routes.
 
-    GET    /info                 model, family, dtype, quantization, attention, cache, compiled, adapter, recompilations, queue
+    GET    /info                 model, family, dtype, quantization, attention, cache, compiled, compile_scope,
+                                 adapter, recompilations, queue
     GET    /adapters             adapters with metadata, and which one is loaded
     POST   /adapters/upload      multipart name + file; validated before anything changes
     DELETE /adapters/{name}

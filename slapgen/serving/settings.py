@@ -10,7 +10,7 @@ from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_va
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from slapgen.engine.caching import CacheSetting
-from slapgen.engine.params import EngineOptions
+from slapgen.engine.params import CompileScope, EngineOptions
 from slapgen.errors import SettingsError
 from slapgen.models.loading import default_cache_dir
 
@@ -68,6 +68,11 @@ class SlapSettings(BaseSettings):
         "auto", description="torchao quantisation of the transformer's linear layers; auto = fp8 on a capable GPU"
     )
     compile: bool = Field(False, description="torch.compile the transformer and warm it up before reporting ready")
+    compile_scope: CompileScope = Field(
+        "blocks", description="with SLAP_COMPILE: blocks compiles the transformer's repeated block once for all "
+        "of them (regional compilation: a start-up compile that does not grow with depth); transformer compiles "
+        "it whole (minutes for 5B)"
+    )
     compile_cache_dir: Path | None = Field(
         None, description="a writable folder (a volume replicas share) for the compiled transformer, checked (and "
         "made) when SLAP_COMPILE is on; unset: torch's default"
@@ -148,6 +153,9 @@ class SlapSettings(BaseSettings):
         if self.compile_cache_dir is not None and not self.compile:
             unused.append(f"SLAP_COMPILE_CACHE_DIR={self.compile_cache_dir} is not used: nothing is compiled "
                           f"without SLAP_COMPILE=1")
+        if self.compile_scope != "blocks" and not self.compile:
+            unused.append(f"SLAP_COMPILE_SCOPE={self.compile_scope} is not used: nothing is compiled without "
+                          "SLAP_COMPILE=1")
         return unused
 
     def store_database(self, default_file: Path) -> str | Path:
@@ -175,6 +183,7 @@ class SlapSettings(BaseSettings):
             offload=self.offload,
             quantization=choose_quantization(self.quant, device),
             compile=self.compile,
+            compile_scope=self.compile_scope,
             compile_cache_dir=self.compile_cache_dir,
             adapters_dir=self.adapters_dir,
             max_lora_rank=None if self.max_lora_rank == "auto" else self.max_lora_rank,

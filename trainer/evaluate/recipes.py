@@ -60,6 +60,8 @@ def recipe_base(resolved: ResolvedModel, engine: EngineOptions, here: bool = Tru
     (its device as `device_name` says it; `here` False: made elsewhere, by Ray workers on GPUs this process may
     not have, so without the GPU's name), the code and library versions."""
     settings = {key: value for key, value in _json_ready(asdict(engine)).items() if key not in NOT_IN_RECIPE}
+    if not engine.compile:  # what would be compiled changes nothing uncompiled (and recipes older than it stay valid)
+        del settings["compile_scope"]
     settings["device"] = device_name(engine.device, with_gpu_name=here)
     return {"format": FORMAT, "model": model_identity(resolved), "dtype": str(resolved.spec.torch_dtype),
             "engine": settings, "code": code_digest(), "versions": versions()}
