@@ -9,8 +9,8 @@
    compiling CogVideoX-5B's transformer (real config, random weights, first N blocks; a whole-transformer
    compile extrapolated to 42) in a fresh process with an empty cache folder, then in another fresh process
    on the same folder; the same code as the service's (`CompiledTransformer` with a `CompileCache`).
-   `compile-tiny` runs it on the tiny model (the dry run; with `--blocks 42`, the tiny widths at 5B's depth:
-   what each `--scope` costs as the model deepens, on a CPU).
+   `compile-tiny` runs it on the tiny model (the dry run; `--blocks 42 --scope both [--save]`: the tiny
+   widths at 5B's depth, each scope cold then warm in one run, a table and bench/results/compile-scopes-*.json).
 
     python bench/coldstart.py [--rounds 3] [--save]     # writes bench/results/coldstart-cpu.json with --save
 
@@ -28,12 +28,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import get_args
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import add_save_argument, device_description, print_table, write_results  # noqa: E402
+from slapgen.engine.params import CompileScope  # noqa: E402
 
 
 def serve_once(folder: Path, cache_dir: Path, compile_cache: Path, label: str) -> dict:
@@ -57,7 +59,7 @@ def serve_once(folder: Path, cache_dir: Path, compile_cache: Path, label: str) -
     return {"start": label, "ready_s": ready_s, "load_1min_before": load_before, "load_1min_after": os.getloadavg()[0],
             "graphs_from_cache": cache["graphs_from_cache"],
             "graphs_compiled": cache["graphs_compiled"], "fell_back": cache["fell_back"],
-            "recompilations": info["recompilations"]}
+            "recompilations": info["recompilations"], "compile_scope": info["compile_scope"]}
 
 
 def service_bench(rounds: int) -> dict:
@@ -193,7 +195,7 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, help="with --case: the first N transformer blocks")
     parser.add_argument("--quant", default="none", choices=["none", "fp8", "fp8-weight", "int8"],
                         help="with --case: quantise as SLAP_QUANT does before compiling")
-    parser.add_argument("--scope", default="blocks", choices=["blocks", "transformer", "both"],
+    parser.add_argument("--scope", default="blocks", choices=[*get_args(CompileScope), "both"],
                         help="with --case: what is compiled, as SLAP_COMPILE_SCOPE; both: each in turn, a table and "
                              "bench/results/compile-scopes-*.json")
     parser.add_argument("--cache-dir", type=Path, help=argparse.SUPPRESS)

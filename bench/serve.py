@@ -42,6 +42,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import get_args
 
 import torch
 
@@ -49,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import device_description, add_save_argument, print_table, run_case_in_subprocess, write_results  # noqa: E402
 from bench.wan_models import WAN_BENCH_MODELS, wan_all_blocks, wan_size, wan_step_inputs, wan_transformer  # noqa: E402
+from slapgen.engine.params import CompileScope  # noqa: E402
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
@@ -229,7 +231,9 @@ def _parse_variant(variant: str) -> tuple[str, bool]:
 
 def _block_share(transformer) -> tuple[int, int]:
     """(parameters in the transformer blocks, all parameters): how weights scale with the block count."""
-    blocks = getattr(transformer, "transformer_blocks", None) or transformer.blocks  # CogVideoX's name, Wan's
+    from slapgen.models.family import family_of_transformer
+
+    blocks = family_of_transformer(transformer).transformer_blocks(transformer)
     in_blocks = sum(p.numel() for p in blocks.parameters())
     return in_blocks, sum(p.numel() for p in transformer.parameters())
 
@@ -696,7 +700,7 @@ def main() -> None:
     parser.add_argument("--decodes", type=int, default=1, help="timed decodes of the vae-decode case (after one warm-up)")
     parser.add_argument("--warm-caches", action="store_true",
                         help="let inductor reuse compiled graphs from earlier runs (default: every compile is cold)")
-    parser.add_argument("--compile-scope", default="blocks", choices=["blocks", "transformer"],
+    parser.add_argument("--compile-scope", default="blocks", choices=get_args(CompileScope),
                         help="what the compiled cases compile, as SLAP_COMPILE_SCOPE (default: blocks, the service's)")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     add_save_argument(parser)

@@ -204,7 +204,8 @@ def test_recent_adapters_come_from_memory(adapter_files, target, tmp_path, monke
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model, scope", [("tiny", "blocks"), ("tiny-wan", "blocks"), ("tiny", "transformer")])
+@pytest.mark.parametrize("model, scope", [("tiny", "blocks"), ("tiny-wan", "blocks"), ("tiny", "transformer"),
+                                          ("tiny-wan", "transformer")])
 def test_hot_swap_on_the_compiled_model_never_recompiles(model, scope, tmp_path, request):
     """base -> A -> B -> A -> base on the torch.compile'd tiny transformer of each family (its blocks compiled, the
     default, and on CogVideoX the whole transformer too: SLAP_COMPILE_SCOPE), with dynamo told
@@ -225,6 +226,8 @@ def test_hot_swap_on_the_compiled_model_never_recompiles(model, scope, tmp_path,
     generator = VideoGenerator.load(resolve_model(model, tiny_cache_dir), options)
     assert generator.info()["compiled"] is True and generator.compiled.graphs >= 1
     assert generator.info()["compile_scope"] == scope
+    # dynamo's wrapper around the whole transformer only when that is what was asked (blocks: compiled in place)
+    assert hasattr(generator.pipeline.transformer, "_orig_mod") == (scope == "transformer")
     # torch's own patch (pytest's monkeypatch undo leaves dynamo's config entry hidden for later tests).
     recompiles_fail = torch._dynamo.config.patch(error_on_recompile=True)
     recompiles_fail.__enter__()

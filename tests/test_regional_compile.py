@@ -4,22 +4,29 @@ kept as the other choice."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
-from slapgen.engine.compiling import CompiledTransformer
 from slapgen.engine.params import GenerationParams
 from slapgen.errors import SettingsError
 from slapgen.models.family import family_of
-from slapgen.models.loading import load_pipeline, resolve_model
+from slapgen.models.loading import resolve_model
 from slapgen.serving.settings import load_settings
+from tests.conftest import REPO_ROOT, offline_env
 
 
 def test_the_compile_scope_setting_reaches_the_engine(monkeypatch):
-    """Guards SLAP_COMPILE_SCOPE being ignored (the engine compiling its default whatever was asked), a typo
-    accepted, or a scope given without SLAP_COMPILE passing silently: blocks by default, transformer when asked,
-    a bad value one sentence naming the choices, and a scope nothing uses said at start-up."""
+    """Guards SLAP_COMPILE_SCOPE not reaching the engine's options (which scope the engine then compiles:
+    tests/test_adapters.py's hot-swap test), a typo accepted, or a scope given without SLAP_COMPILE passing
+    silently: blocks by default, transformer when asked, a bad value one sentence naming the choices, and a scope
+    given that nothing uses said at start-up (the default's value too, when given)."""
     monkeypatch.setenv("SLAP_DEVICE", "cpu")
     monkeypatch.setenv("SLAP_COMPILE", "1")
     assert load_settings().engine_options().compile_scope == "blocks"
@@ -29,58 +36,123 @@ def test_the_compile_scope_setting_reaches_the_engine(monkeypatch):
     monkeypatch.setenv("SLAP_COMPILE", "0")
     assert load_settings().ineffective() == ["SLAP_COMPILE_SCOPE=transformer is not used: nothing is compiled "
                                              "without SLAP_COMPILE=1"]
+    monkeypatch.setenv("SLAP_COMPILE_SCOPE", "blocks")  # given, even at the default: said too
+    assert load_settings().ineffective() == ["SLAP_COMPILE_SCOPE=blocks is not used: nothing is compiled "
+                                             "without SLAP_COMPILE=1"]
+    monkeypatch.delenv("SLAP_COMPILE_SCOPE")
+    assert load_settings().ineffective() == []
     monkeypatch.setenv("SLAP_COMPILE_SCOPE", "block")
     with pytest.raises(SettingsError) as refused:
         load_settings()
     assert str(refused.value) == "invalid settings: SLAP_COMPILE_SCOPE: Input should be 'blocks' or 'transformer'."
 
 
-def deeper_twin(pipeline, family, layers: int) -> None:
-    """The pipeline's transformer replaced by a random one of the same config with `layers` blocks (seeded)."""
-    config = {**pipeline.transformer.config, "num_layers": layers}
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(layers)
-        pipeline.transformer = type(pipeline.transformer).from_config(config).eval()
-    assert len(family.transformer_blocks(pipeline.transformer)) == layers
+def deeper_twin(monkeypatch, layers: int) -> None:
+    """Every pipeline the engine loads gets a random transformer of the same config with `layers` blocks (seeded:
+    the same weights for every load)."""
+    import slapgen.engine.generator as generator_module
+
+    load = generator_module.load_pipeline
+
+    def load_deeper(resolved):
+        pipeline = load(resolved)
+        config = {**pipeline.transformer.config, "num_layers": layers}
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(layers)
+            pipeline.transformer = type(pipeline.transformer).from_config(config).eval()
+        return pipeline
+
+    monkeypatch.setattr(generator_module, "load_pipeline", load_deeper)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("model, graphs", [("tiny", 2), ("tiny-wan", 1)])
-def test_regional_compilation_compiles_one_block_for_all(model, graphs, request):
-    """Guards SLAP_COMPILE_SCOPE=blocks compiling every block on its own (dynamo guarding on each block's identity
-    or its parameters: graphs, and the compile time, growing with depth, which is what made a 5B replica's start
-    take minutes), or wrapping the whole transformer anyway: on 2-block and 5-block random twins of the family's
-    tiny transformer the number of compiled graphs is the same (CogVideoX 2, as its first block takes a strided
-    slice of the tokens; Wan 1), the pipeline keeps the transformer module itself (not dynamo's wrapper), every
-    block runs through dynamo, and the frames equal the eager transformer's."""
+def test_regional_compilation_compiles_one_block_for_all(model, graphs, monkeypatch, tmp_path, request):
+    """Guards SLAP_COMPILE_SCOPE=blocks compiling every block on its own (a backend, guard or per-block attribute
+    that makes dynamo compile each block's call again: graphs, and the compile time, growing with depth, which is
+    what made a 5B replica's start take minutes), or wrapping the whole transformer anyway: through the engine
+    (LoRA slot, attention processors, warm-up) on 2-block and 5-block random twins of the family's tiny
+    transformer, the number of compiled graphs is the same (without a step cache: CogVideoX 2, as its first block
+    takes a strided slice of the tokens; Wan 1), the pipeline keeps the transformer module itself (not dynamo's
+    wrapper), every block runs through dynamo, a second generation compiles nothing, and the frames equal the
+    uncompiled engine's."""
+    from slapgen.engine.generator import VideoGenerator
+    from slapgen.engine.params import EngineOptions
+
     cache_dir = request.getfixturevalue("tiny_cache_dir" if model == "tiny" else "tiny_wan_cache_dir")
     resolved = resolve_model(model, cache_dir)
     family = family_of(resolved.spec)
-    params = GenerationParams.defaults_for(resolved.spec, num_inference_steps=2, seed=5)
     counted = {}
     for layers in (2, 5):
-        pipeline = load_pipeline(resolved)
-        pipeline.set_progress_bar_config(disable=True)
-        deeper_twin(pipeline, family, layers)
-
-        def generate():
-            generator = torch.Generator().manual_seed(params.seed)
-            return pipeline(**params.pipeline_arguments(), generator=generator, output_type="np").frames[0]
-
-        eager = generate()
-        transformer = pipeline.transformer
-        compiled = CompiledTransformer(scope="blocks")
-        compiled.compile(pipeline)
-        assert pipeline.transformer is transformer and transformer._compiled_call_impl is None
-        assert all(block._compiled_call_impl is not None for block in family.transformer_blocks(transformer))
-        frames = []
-        compiled.warm_up(pipeline, lambda: frames.append(generate()))
-        compiled.mark_warm()
+        deeper_twin(monkeypatch, layers)
+        options = EngineOptions(adapters_dir=tmp_path / "adapters", max_lora_rank=4)
+        params = GenerationParams.defaults_for(resolved.spec, num_inference_steps=2, seed=5)
+        eager = VideoGenerator.load(resolved, options).generate_frames(params)
+        engine = VideoGenerator.load(resolved, dataclasses.replace(options, compile=True, compile_scope="blocks"))
+        transformer = engine.pipeline.transformer
+        assert not hasattr(transformer, "_orig_mod") and transformer._compiled_call_impl is None
+        blocks = family.transformer_blocks(transformer)
+        assert len(blocks) == layers and all(block._compiled_call_impl is not None for block in blocks)
         with torch._dynamo.config.patch(error_on_recompile=True):
-            frames.append(generate())
-        counted[layers] = compiled.graphs
-        assert compiled.recompilations == 0
-        for compiled_frames in frames:  # inductor's fused kernels round differently from eager: not bit-equal
-            np.testing.assert_allclose(compiled_frames, eager, atol=1e-4)
+            compiled_frames = engine.generate_frames(params)
+        counted[layers] = engine.compiled.graphs
+        assert engine.info()["recompilations"] == 0 and engine.info()["compile_scope"] == "blocks"
+        # inductor's fused kernels round differently from eager: close, not bit-equal
+        np.testing.assert_allclose(compiled_frames, eager, atol=1e-4)
         torch._dynamo.reset()
     assert counted == {2: graphs, 5: graphs}
+
+
+COMPILE_THE_BLOCKS = r"""
+import json, logging, sys
+from pathlib import Path
+import numpy as np, torch
+from slapgen.engine.compiling import CompiledTransformer
+from slapgen.engine.params import GenerationParams
+from slapgen.models.family import family_of
+from slapgen.models.loading import load_pipeline, resolve_model
+
+logging.basicConfig(level=logging.WARNING, format="LOG %(levelname)s %(name)s %(message)s")
+resolved = resolve_model("tiny", Path(sys.argv[2]))
+pipeline = load_pipeline(resolved)
+pipeline.set_progress_bar_config(disable=True)
+params = GenerationParams.defaults_for(resolved.spec, num_inference_steps=2, seed=5)
+generate = lambda: pipeline(**params.pipeline_arguments(), generator=torch.Generator().manual_seed(5),
+                            output_type="np").frames[0]
+eager = generate()
+compiled = CompiledTransformer(Path(sys.argv[1]), scope="blocks")
+compiled.compile(pipeline)
+frames = []
+compiled.warm_up(pipeline, lambda: frames.append(generate()))
+compiled.mark_warm()
+blocks = family_of(resolved.spec).transformer_blocks(pipeline.transformer)
+print(json.dumps({**compiled.cache.info(), "graphs": compiled.graphs,
+                  "compiled_blocks": sum(block._compiled_call_impl is not None for block in blocks),
+                  "output_ok": bool(np.allclose(frames[-1], eager, atol=1e-4))}))
+"""
+
+
+@pytest.mark.slow
+def test_a_damaged_cache_falls_back_with_the_blocks_compiled_again(tiny_cache_dir, tmp_path):
+    """Guards the fallback from a damaged compile cache under regional compilation: after `torch._dynamo.reset()`
+    the blocks must be compiled again in place (a fallback that compiled the transformer whole, or left the blocks
+    calling code built on the damaged folder, would crash or lose the scope). A start fills the folder; with every
+    kernel library in it overwritten, the next falls back to a private folder, compiles both graphs again with
+    every block compiled, and makes the uncompiled pipeline's frames."""
+    def start(folder: Path) -> dict:
+        result = subprocess.run([sys.executable, "-c", COMPILE_THE_BLOCKS, str(folder), str(tiny_cache_dir)],
+                                cwd=REPO_ROOT, env={**offline_env(tmp_path), "TMPDIR": str(tmp_path)},
+                                capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return json.loads(result.stdout.strip().splitlines()[-1])
+
+    folder = tmp_path / "compile-cache"
+    first = start(folder)
+    assert (first["graphs_compiled"], first["fell_back"], first["compiled_blocks"], first["output_ok"]) == (2, None, 2, True)
+    libraries = list(folder.rglob("*.so"))
+    assert libraries
+    for path in libraries:
+        path.write_bytes(b"garbage")
+    damaged = start(folder)
+    assert damaged["fell_back"] and damaged["graphs_compiled"] == 2 and damaged["compiled_blocks"] == 2
+    assert damaged["output_ok"] is True

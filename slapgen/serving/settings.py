@@ -153,7 +153,7 @@ class SlapSettings(BaseSettings):
         if self.compile_cache_dir is not None and not self.compile:
             unused.append(f"SLAP_COMPILE_CACHE_DIR={self.compile_cache_dir} is not used: nothing is compiled "
                           f"without SLAP_COMPILE=1")
-        if self.compile_scope != "blocks" and not self.compile:
+        if "compile_scope" in self.model_fields_set and not self.compile:
             unused.append(f"SLAP_COMPILE_SCOPE={self.compile_scope} is not used: nothing is compiled without "
                           "SLAP_COMPILE=1")
         return unused
