@@ -117,6 +117,26 @@ def test_plan_runs_the_checks_in_order_of_value(dry_run):
         assert case in text
 
 
+def test_the_projection_compares_each_compile_scope_at_the_same_blocks(monkeypatch):
+    """Guards the regional default's step time going unreported against the whole transformer's: the plan runs
+    the fp8 compiled step both ways on the same blocks, and the projection divides the two medians (and nothing
+    for a check with no whole-transformer counterpart)."""
+    loader = importlib.util.spec_from_file_location("gpu_checks_projection", GPU / "checks.py")
+    checks = importlib.util.module_from_spec(loader)
+    monkeypatch.setitem(sys.modules, "gpu_checks_projection", checks)  # its dataclass looks its module up there
+    loader.loader.exec_module(checks)
+    names = [check.name for check in checks.plan(False, 14)]
+    assert names.index("fp8-compile-transformer-14-blocks") == names.index("fp8-compile-14-blocks") + 1
+    whole = next(check for check in checks.plan(False, 14) if check.name == "fp8-compile-transformer-14-blocks")
+    assert whole.argv[-2:] == ["--compile-scope", "transformer"]
+    rows = [{"check": "fp8-compile-14-blocks", "result": {"step_s_median": 0.9}},
+            {"check": "fp8-compile-transformer-14-blocks", "result": {"step_s_median": 0.75}},
+            {"check": "bf16-compile-14-blocks", "result": {"step_s_median": 1.2}}]
+    projection = checks.projections(rows)
+    assert projection["fp8-compile-14-blocks_step_over_whole_transformer"] == pytest.approx(0.9 / 0.75)
+    assert not [key for key in projection if key.startswith("bf16-compile") and "whole" in key]
+
+
 def test_only_runs_the_checks_in_the_order_named():
     """Guards a second call on a short lease running its most wanted check last: `--only` used to keep the
     plan's order, whatever order the call named them in."""

@@ -7,7 +7,8 @@ into OUT as soon as one of its checks finishes, so a run cut short still returns
     1-step.json        per-denoising-step latency and peak memory of CogVideoX-5B (random weights, real
                        config, 49x480x720, CFG batch 2): bf16 eager on all 42 blocks, and on the first N
                        (the extrapolation's calibration); bf16 + compile, fp8 + compile on N blocks (each
-                       block compiled, SLAP_COMPILE_SCOPE's default), extrapolated to 42; the VAE decode; projected 50-step video times; each
+                       block compiled, SLAP_COMPILE_SCOPE's default; fp8 also with the whole transformer
+                       compiled, `projection`'s `..._step_over_whole_transformer`), extrapolated to 42; the VAE decode; projected 50-step video times; each
                        SLAP_ATTENTION kernel (one step, bf16 eager, N blocks) and each SLAP_CACHE value
                        (a 50-step denoising loop, bf16 eager, 4 blocks)
     2-hotswap.json     first: a replica's start (fp8, every block compiled as the service does, all 42
@@ -134,6 +135,11 @@ def plan(dry_run: bool, blocks: int) -> list[Check]:
               [py, serve, "--case", f"{model}:bf16-compile", *steps, *sub, *caches], 240),
         Check(f"{fp8}-compile-{blocks}-blocks", "1-step",
               [py, serve, "--case", f"{model}:{fp8}-compile", *steps, *sub, *caches], 240),
+        # The same with the whole transformer compiled: the step time the regional default gives up, if any (no
+        # fusion across blocks, embeddings eager), at the same block count; the CPU's tiny twin says 1.04x.
+        Check(f"{fp8}-compile-transformer-{blocks}-blocks", "1-step",
+              [py, serve, "--case", f"{model}:{fp8}-compile", *steps, *sub, *caches, "--compile-scope", "transformer"],
+              240),
         Check("vae-decode", "1-step", [py, serve, "--case", f"{model}:vae-decode"], 120),
         # Each SLAP_ATTENTION kernel on one step, each SLAP_CACHE value on a whole denoising loop (bf16 eager).
         Check(f"attention-kernels-{blocks}-blocks", "1-step",
@@ -282,6 +288,10 @@ def projections(step_rows: list[dict]) -> dict:
             out[f"attention-{row['attention']}_speedup_vs_sdpa"] = row.get("speedup_vs_sdpa")
         for row in result.get("caches", []):
             out[f"cache-{row['cache']}_speedup_vs_none"] = row.get("speedup_vs_none")
+    for name, result in results.items():  # each compiled step regionally (the default) over the whole transformer's
+        whole = results.get(name.replace("-compile-", "-compile-transformer-", 1))
+        if "-compile-transformer-" not in name and whole and "step_s_median" in result and "step_s_median" in whole:
+            out[f"{name}_step_over_whole_transformer"] = result["step_s_median"] / whole["step_s_median"]
     full = next((r for n, r in results.items() if n == "bf16-eager" and "step_s_median" in r), None)
     part = next((r for n, r in results.items() if n.startswith("bf16-eager-") and "est_step_s_all_blocks" in r), None)
     if full and part:
