@@ -82,7 +82,8 @@ def service_bench(rounds: int) -> dict:
 
 # --- The GPU run's check: the transformer alone, compiled cold then warm in two fresh processes ---------------
 
-def compile_once(model: str, blocks: int | None, cache_dir: Path, quant: str = "none", scope: str = "blocks") -> dict:
+def compile_once(model: str, blocks: int | None, cache_dir: Path, quant: str = "none",
+                 scope: CompileScope = "blocks") -> dict:
     """Build the random transformer, quantise it (`quant`, as SLAP_QUANT), compile it (`scope`, as
     SLAP_COMPILE_SCOPE) with `cache_dir` as the compile cache, run one step: the steps a replica takes before
     /readyz, less reading the weights from disk."""
@@ -105,7 +106,7 @@ def compile_once(model: str, blocks: int | None, cache_dir: Path, quant: str = "
     quantize_s = time.perf_counter() - started
     phase(f"quantised {quantized_layers} layers ({quant}) in {quantize_s:.1f} s")
     holder = type("Holder", (), {"transformer": transformer})()
-    compiled = CompiledTransformer(cache_dir, scope=scope)  # type: ignore[arg-type]
+    compiled = CompiledTransformer(cache_dir, scope=scope)
     compiled.compile(holder)
 
     def step() -> None:
@@ -126,7 +127,7 @@ def compile_once(model: str, blocks: int | None, cache_dir: Path, quant: str = "
             "graphs": compiled.graphs, **compiled.cache.info()}
 
 
-def compile_case(model: str, blocks: int | None, quant: str = "none", scope: str = "blocks") -> dict:
+def compile_case(model: str, blocks: int | None, quant: str = "none", scope: CompileScope = "blocks") -> dict:
     cache_dir = Path(tempfile.mkdtemp(prefix="slapgen-compile-cache-"))
     runs = {}
     for label in ("cold", "warm"):

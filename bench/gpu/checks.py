@@ -8,7 +8,8 @@ into OUT as soon as one of its checks finishes, so a run cut short still returns
                        config, 49x480x720, CFG batch 2): bf16 eager on all 42 blocks, and on the first N
                        (the extrapolation's calibration); bf16 + compile, fp8 + compile on N blocks (each
                        block compiled, SLAP_COMPILE_SCOPE's default; fp8 also with the whole transformer
-                       compiled, `projection`'s `..._step_over_whole_transformer`), extrapolated to 42; the VAE decode; projected 50-step video times; each
+                       compiled, `projection`'s `..._step_over_whole_transformer`), extrapolated to 42; the
+                       VAE decode; projected 50-step video times; each
                        SLAP_ATTENTION kernel (one step, bf16 eager, N blocks) and each SLAP_CACHE value
                        (a 50-step denoising loop, bf16 eager, 4 blocks)
     2-hotswap.json     first: a replica's start (fp8, every block compiled as the service does, all 42

@@ -4,10 +4,11 @@
 "Reducing torch.compile cold start compilation time with regional compilation" recipe; diffusers'
 `compile_repeated_blocks` does the same for the models that list their block class): each of the family's
 repeated blocks (`ModelFamily.transformer_blocks`) is compiled in place, and since torch inlines a module's
-parameters as graph inputs, every block runs the one compiled code: without a step cache CogVideoX compiles 2 graphs however deep it
-is (its first block gets a strided slice of the tokens), Wan 1 (a step cache's hooks add a few, also the same
-at any depth); the embeddings and the output layers stay eager. `transformer` compiles the whole module: one graph per model, whose compile time (and, warm, whose
-tracing) grows with the number of blocks: minutes for CogVideoX-5B's 42 (bench/README.md).
+parameters as graph inputs, every block runs the one compiled code: without a step cache CogVideoX compiles
+2 graphs however deep it is (its first block gets a strided slice of the tokens), Wan 1 (a step cache's hooks
+add a few, also the same at any depth); the embeddings and the output layers stay eager. `transformer`
+compiles the whole module: one graph per model, whose compile time (and, warm, whose tracing) grows with the
+number of blocks: minutes for CogVideoX-5B's 42 (bench/README.md).
 
 Compilation goes through inductor behind a thin backend that counts graphs. Every graph compiled
 after `mark_warm()` is a recompilation: a request that made dynamo's guards fail (a new shape, a
@@ -24,8 +25,8 @@ loads the file as it finds it): any failure of the warm-up with the shared folde
 in a private folder, said in one log line.
 
 What a warm start still spends (tiny model, 2-core CPU, profiled in one process, the whole transformer
-compiled): about 5 s of dynamo tracing the transformer again and 5 s of loading the cached module, then the warm-up generation itself;
-`bentoml serve`'s two Python processes importing torch, diffusers and bentoml cost more than all of it.
+compiled): about 5 s of dynamo tracing the transformer again and 5 s of loading the cached module, then the
+warm-up generation itself; `bentoml serve`'s two Python processes importing torch, diffusers and bentoml cost more than all of it.
 torch 2.13 has no cache for dynamo's tracing of a module compiled with graph breaks allowed:
 `torch.compiler.save_cache_artifacts` holds the same inductor / AOTAutograd entries as this folder (a
 blob for a database instead of a volume), and `torch._dynamo.config.caching_precompile` (experimental)
@@ -48,6 +49,7 @@ from pathlib import Path
 import torch
 
 from slapgen.engine.params import CompileScope
+from slapgen.models.family import family_of_transformer
 
 log = logging.getLogger(__name__)
 log.setLevel(logging.INFO)  # the compile cache's one line belongs in a server's start-up log (BentoML's root: WARNING)
@@ -166,8 +168,6 @@ class CompiledTransformer:
         if self.scope == "transformer":
             pipeline.transformer = torch.compile(self._eager, backend=self._backend, fullgraph=False)
             return
-        from slapgen.models.family import family_of_transformer
-
         # `nn.Module.compile` compiles in place (again after a fallback's reset): the transformer, its hooks and
         # its LoRA slot stay the same objects, only the blocks' calls go through dynamo.
         for block in family_of_transformer(self._eager).transformer_blocks(self._eager):

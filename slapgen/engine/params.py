@@ -73,10 +73,10 @@ class GenerationParams:
 
 
 Quantization = Literal["auto", "fp8", "fp8-weight", "int8", "none"]
-# The attention kernel (slapgen.engine.attention): sdpa lets PyTorch pick per call.
-# What `torch.compile` compiles (slapgen.engine.compiling): each repeated block (one graph serves them all) or
-# the transformer whole.
+# What `torch.compile` compiles (slapgen.engine.compiling): each repeated block (one compiled code serves them
+# all) or the transformer whole.
 CompileScope = Literal["blocks", "transformer"]
+# The attention kernel (slapgen.engine.attention): sdpa lets PyTorch pick per call.
 AttentionKernel = Literal["sdpa", "flash", "efficient", "cudnn", "math", "fa3", "fp8", "sage"]
 
 
