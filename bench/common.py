@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
 import platform
@@ -65,3 +66,21 @@ def write_results(name: str, payload: dict, save: bool = False) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path
+
+
+def dump_stacks_every(seconds: float | None) -> None:
+    """Every `seconds` until the process ends, every thread's Python stack to stderr: where a compile that never
+    ends spends its time, readable in the log of a check killed at its timeout (faulthandler writes from its own
+    thread, so a main thread stuck in C still gets its stack written)."""
+    if seconds:
+        faulthandler.dump_traceback_later(seconds, repeat=True, file=sys.stderr)
+
+
+def compile_phases(at_least_s: float = 0.5) -> dict[str, float]:
+    """Seconds this process spent in each of torch.compile's timed phases (dynamo's `compile_times`, summed over
+    graphs: tracing, AOTAutograd, inductor's lowering and code generation, waiting for kernels to build), the
+    phases of at least `at_least_s` only: which part of a slow compile is slow."""
+    from torch._dynamo.utils import compile_times
+
+    names, values = compile_times(repr="csv", aggregate=True)
+    return {name: round(float(value), 2) for name, value in zip(names, values) if float(value) >= at_least_s}

@@ -48,7 +48,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import device_description, add_save_argument, print_table, run_case_in_subprocess, write_results  # noqa: E402
+from bench.common import (add_save_argument, compile_phases, device_description, dump_stacks_every, print_table,  # noqa: E402
+                          run_case_in_subprocess, write_results)
 from bench.wan_models import WAN_BENCH_MODELS, wan_all_blocks, wan_size, wan_step_inputs, wan_transformer  # noqa: E402
 from slapgen.engine.params import CompileScope  # noqa: E402
 
@@ -307,6 +308,7 @@ def step_case(variant: str, steps: int, model: str = "5b", blocks: int | None = 
         "first_step_s": warm_up[0],
         "compile_s": warm_up[0] - median if compile_it else None,
         "graphs": compiled.graphs if compile_it else None,
+        "compile_phases_s": compile_phases() if compile_it else None,
         "weights_gb": weights_gb,
         "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,
     }
@@ -702,16 +704,22 @@ def main() -> None:
                         help="let inductor reuse compiled graphs from earlier runs (default: every compile is cold)")
     parser.add_argument("--compile-scope", default="blocks", choices=get_args(CompileScope),
                         help="what the compiled cases compile, as SLAP_COMPILE_SCOPE (default: blocks, the service's)")
+    parser.add_argument("--stacks-every-s", type=float,
+                        help="every S seconds, every thread's Python stack to stderr (where a slow compile spends its time)")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     add_save_argument(parser)
     args = parser.parse_args()
+    dump_stacks_every(args.stacks_every_s)
     global COMPILE_SCOPE
     COMPILE_SCOPE = args.compile_scope
     if not args.warm_caches:
         # A fresh server compiles from scratch; cached graphs would hide what a recompilation costs.
         os.environ["TORCHINDUCTOR_FORCE_DISABLE_CACHES"] = "1"
     if args.case:
-        print(json.dumps({**run_case(args.case, args), "compile_scope": COMPILE_SCOPE}))
+        row = run_case(args.case, args)
+        if args.case.startswith("swap:") or args.case.endswith("-compile"):  # the cases that compile say what
+            row["compile_scope"] = COMPILE_SCOPE
+        print(json.dumps(row))
         return
     extra = ["--swaps", str(args.swaps), "--requests", str(args.requests), "--steps", str(args.steps),
              "--compile-scope", COMPILE_SCOPE]

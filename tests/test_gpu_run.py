@@ -82,26 +82,41 @@ def test_size_check_passes_under_the_cap_and_fails_over_it(tmp_path):
 
 @pytest.mark.parametrize("dry_run", [False, True])
 def test_plan_runs_the_checks_in_order_of_value(dry_run):
+    """Guards a GPU call spending its budget on what cannot end: fp8 under compile did not end in time on an
+    H200, so the plan starts with an unquantised replica start (the one open issue's number), runs every check
+    that can end before the ones measured already, and the fp8 compiled checks last of all."""
     result = subprocess.run([sys.executable, str(GPU / "checks.py"), "--list", *(["--dry-run"] if dry_run else [])],
                             capture_output=True, text=True, cwd=REPO_ROOT)
     assert result.returncode == 0, result.stderr
     rows = [line.split() for line in result.stdout.splitlines()]
-    # The whole-replica start comes first of all (the one open issue's last number; compiled regionally, as the
-    # service does, it no longer needs a call of its own), in the group of the other compile-cache check, so the
-    # files stay within the tool's 8; the whole-transformer cache check stays the earlier run's calibration.
-    replica = rows.pop(0)
-    assert replica[0] == f"replica-start-{'fp8-weight' if dry_run else 'fp8'}-all-blocks" and replica[1] == "2-hotswap"
-    assert "--blocks" not in replica and f"--quant {'fp8-weight' if dry_run else 'fp8'}" in " ".join(replica)
-    assert "--scope blocks" in " ".join(replica)
-    assert "--scope transformer" in next(" ".join(row) for row in rows if row[0].startswith("compile-cache-"))
-    groups = [row[1] for row in rows]
-    assert groups == sorted(groups) and groups[0] == "1-step"
-    # Every CogVideoX check (pytest-gpu last of them) before the Wan ones: a budget cut drops Wan first.
-    assert groups[-4:] == ["4-pytest-gpu", "5-wan", "5-wan", "5-wan"]
-    assert len(set(groups)) + 3 <= 8, "the device tool returns at most 8 files (groups + .txt, summary, log)"
+    names = [row[0] for row in rows]
+    fp8 = "fp8-weight" if dry_run else "fp8"
+    # The whole-replica start first, unquantised, every block compiled, as the service does; in the group of the
+    # other compile-cache check, so the files stay within the tool's 8.
+    replica = rows[0]
+    assert replica[0] == f"replica-start-{'unquantised' if dry_run else 'bf16'}-all-blocks" and replica[1] == "2-hotswap"
+    text_of = {row[0]: " ".join(row) for row in rows}
+    assert "--blocks" not in replica and "--quant none" in text_of[replica[0]] and "--scope blocks" in text_of[replica[0]]
+    # The fp8 compiled checks come after everything else; the fp8 diagnosis (one block, stacks) before them.
+    fp8_compiled = [f"replica-start-{fp8}-all-blocks", f"{fp8}-compile-14-blocks" if not dry_run else f"{fp8}-compile-1-blocks",
+                    f"{fp8}-compile-transformer-{14 if not dry_run else 1}-blocks"]
+    assert names[-3:] == fp8_compiled
+    assert "--stacks-every-s" in text_of[f"{fp8}-compile-1-block"] and "--blocks 1" in text_of[f"{fp8}-compile-1-block"]
+    assert names.index(f"{fp8}-eager-{14 if not dry_run else 1}-blocks") < names.index(f"{fp8}-compile-1-block")
+    # New measurements before the repeats of the first H200 run's; every CogVideoX check before Wan.
+    measured = ["bf16-eager", "compile-cache-6-blocks" if not dry_run else "compile-cache-1-blocks",
+                "train-step-5b-cached" if not dry_run else "train-step-tiny-cached"]
+    new = ["vae-decode", "pytest-gpu", f"{fp8}-compile-1-block"]
+    assert max(names.index(name) for name in new) < min(names.index(name) for name in measured)
+    wan = "tiny-wan22" if dry_run else "wan22-5b"
+    wan_rows = [f"{wan}-bf16-eager", f"{wan}-lora-train-step", f"{wan}-bf16-compile-{1 if dry_run else 6}-blocks"]
+    assert names[-6:-3] == wan_rows
+    assert "--scope transformer" in next(text for name, text in text_of.items() if name.startswith("compile-cache-"))
+    groups = {row[1] for row in rows}
+    assert len(groups) + 3 <= 8, "the device tool returns at most 8 files (groups + .txt, summary, log)"
     text = result.stdout
     model = "tiny" if dry_run else "5b"
-    for case in [f"{model}:bf16-eager", f"{model}:bf16-compile", f"{model}:vae-decode", f"hotswap-{model}:",
+    for case in [f"{model}:bf16-eager", f"{model}:bf16-compile", f"{model}:vae-decode", f"hotswap-{model}:bf16-compile",
                  f"attention-{model}:bf16-eager", f"caches-{model}:bf16-eager", f"coldstart.py --case compile-{model}"]:
         assert case in text
     assert ("tiny:cached" if dry_run else "cogvideox-5b-random:cached") in text
@@ -110,31 +125,32 @@ def test_plan_runs_the_checks_in_order_of_value(dry_run):
     assert "-m pytest -m gpu" in text and "tests/test_quantization.py" in text and "tests/test_attention.py" in text
     if not dry_run:
         assert "--loop-steps 50" in text, "the caches' saving shows only over the served 50-step schedule"
-    wan = "tiny-wan22" if dry_run else "wan22-5b"
-    assert [row[0] for row in rows[-3:]] == [f"{wan}-bf16-eager", f"{wan}-lora-train-step",
-                                            f"{wan}-bf16-compile-{1 if dry_run else 6}-blocks"]
     for case in [f"--case {wan}:bf16-eager", f"--case {wan}-random:cached", f"--case {wan}:bf16-compile"]:
         assert case in text
 
 
 def test_the_projection_compares_each_compile_scope_at_the_same_blocks(monkeypatch):
     """Guards the regional default's step time going unreported against the whole transformer's: the plan runs
-    the fp8 compiled step both ways on the same blocks, and the projection divides the two medians (and nothing
-    for a check with no whole-transformer counterpart)."""
+    the bf16 compiled step both ways on the same blocks, and the projection divides the two medians; an eager
+    check, whose name has no `-compile-` to swap, gets no ratio (it was once divided by itself: 1.0 in the first
+    H200 run's projection)."""
     loader = importlib.util.spec_from_file_location("gpu_checks_projection", GPU / "checks.py")
     checks = importlib.util.module_from_spec(loader)
     monkeypatch.setitem(sys.modules, "gpu_checks_projection", checks)  # its dataclass looks its module up there
     loader.loader.exec_module(checks)
     names = [check.name for check in checks.plan(False, 14)]
-    assert names.index("fp8-compile-transformer-14-blocks") == names.index("fp8-compile-14-blocks") + 1
-    whole = next(check for check in checks.plan(False, 14) if check.name == "fp8-compile-transformer-14-blocks")
+    assert names.index("bf16-compile-transformer-14-blocks") == names.index("bf16-compile-14-blocks") + 1
+    whole = next(check for check in checks.plan(False, 14) if check.name == "bf16-compile-transformer-14-blocks")
     assert whole.argv[-2:] == ["--compile-scope", "transformer"]
-    rows = [{"check": "fp8-compile-14-blocks", "result": {"step_s_median": 0.9}},
-            {"check": "fp8-compile-transformer-14-blocks", "result": {"step_s_median": 0.75}},
-            {"check": "bf16-compile-14-blocks", "result": {"step_s_median": 1.2}}]
+    rows = [{"check": "bf16-compile-14-blocks", "result": {"step_s_median": 0.9}},
+            {"check": "bf16-compile-transformer-14-blocks", "result": {"step_s_median": 0.75}},
+            {"check": "fp8-compile-14-blocks", "result": {"step_s_median": 1.2}},
+            {"check": "bf16-eager", "result": {"step_s_median": 1.7}},
+            {"check": "bf16-eager-14-blocks", "result": {"step_s_median": 0.6}}]
     projection = checks.projections(rows)
-    assert projection["fp8-compile-14-blocks_step_over_whole_transformer"] == pytest.approx(0.9 / 0.75)
-    assert not [key for key in projection if key.startswith("bf16-compile") and "whole" in key]
+    assert projection["bf16-compile-14-blocks_step_over_whole_transformer"] == pytest.approx(0.9 / 0.75)
+    assert [key for key in projection if key.endswith("_step_over_whole_transformer")] == [
+        "bf16-compile-14-blocks_step_over_whole_transformer"]
 
 
 def test_only_runs_the_checks_in_the_order_named():
