@@ -6,6 +6,7 @@ by hand; see bench/README.md)."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 import subprocess
 import sys
@@ -82,75 +83,112 @@ def test_size_check_passes_under_the_cap_and_fails_over_it(tmp_path):
 
 @pytest.mark.parametrize("dry_run", [False, True])
 def test_plan_runs_the_checks_in_order_of_value(dry_run):
-    """Guards a GPU call spending its budget on what cannot end: fp8 under compile did not end in time on an
-    H200, so the plan starts with an unquantised replica start (the one open issue's number), runs every check
-    that can end before the ones measured already, and the fp8 compiled checks last of all."""
+    """Guards a GPU call spending its budget on what cannot end, or on what was measured already: the unquantised
+    replica start first (the one open issue's number), then fp8's compile on one block, which every fp8 compiled
+    check needs, then the checks never run, the autotuned fp8 compile beside them, the repeats, Wan last."""
     result = subprocess.run([sys.executable, str(GPU / "checks.py"), "--list", *(["--dry-run"] if dry_run else [])],
                             capture_output=True, text=True, cwd=REPO_ROOT)
     assert result.returncode == 0, result.stderr
     rows = [line.split() for line in result.stdout.splitlines()]
     names = [row[0] for row in rows]
-    fp8 = "fp8-weight" if dry_run else "fp8"
+    text_of = {row[0]: " ".join(row) for row in rows}
+    fp8, n = ("fp8-weight", 1) if dry_run else ("fp8", 14)
     # The whole-replica start first, unquantised, every block compiled, as the service does; in the group of the
     # other compile-cache check, so the files stay within the tool's 8.
     replica = rows[0]
     assert replica[0] == f"replica-start-{'unquantised' if dry_run else 'bf16'}-all-blocks" and replica[1] == "2-hotswap"
-    text_of = {row[0]: " ".join(row) for row in rows}
     assert "--blocks" not in replica and "--quant none" in text_of[replica[0]] and "--scope blocks" in text_of[replica[0]]
-    # The fp8 compiled checks come after everything else; the fp8 diagnosis (one block, stacks) before them.
-    fp8_compiled = [f"replica-start-{fp8}-all-blocks", f"{fp8}-compile-14-blocks" if not dry_run else f"{fp8}-compile-1-blocks",
-                    f"{fp8}-compile-transformer-{14 if not dry_run else 1}-blocks"]
-    assert names[-3:] == fp8_compiled
-    assert "--stacks-every-s" in text_of[f"{fp8}-compile-1-block"] and "--blocks 1" in text_of[f"{fp8}-compile-1-block"]
-    assert names.index(f"{fp8}-eager-{14 if not dry_run else 1}-blocks") < names.index(f"{fp8}-compile-1-block")
-    # New measurements before the repeats of the first H200 run's; every CogVideoX check before Wan.
-    measured = ["bf16-eager", "compile-cache-6-blocks" if not dry_run else "compile-cache-1-blocks",
-                "train-step-5b-cached" if not dry_run else "train-step-tiny-cached"]
-    new = ["vae-decode", "pytest-gpu", f"{fp8}-compile-1-block"]
-    assert max(names.index(name) for name in new) < min(names.index(name) for name in measured)
+    one_block = f"{fp8}-compile-1-block"
+    assert names[1] == one_block
+    assert "--stacks-every-s 30" in text_of[one_block] and "--blocks 1" in text_of[one_block]
+    fp8_compiled = [f"replica-start-{fp8}-all-blocks", f"{fp8}-compile-{n}-blocks", f"{fp8}-compile-transformer-{n}-blocks"]
+    for name in fp8_compiled:
+        assert text_of[name].endswith(f"(needs {one_block})"), name
+    assert names[2] == fp8_compiled[0] and "--quant " + fp8 in text_of[fp8_compiled[0]]
+    assert "(needs" not in text_of[one_block] and "TORCHINDUCTOR" not in text_of[one_block]
+    autotuned = f"{one_block}-autotuned"
+    assert "TORCHINDUCTOR_MAX_AUTOTUNE_GEMM_BACKENDS=ATEN,TRITON" in text_of[autotuned]
+    # New measurements before the repeats of the first H200 session's; every CogVideoX check before Wan.
+    first_measured = ["bf16-eager", f"compile-cache-{min(n, 6)}-blocks",
+                      "train-step-tiny-cached" if dry_run else "train-step-5b-cached"]
+    never_run = [f"bf16-compile-transformer-{n}-blocks", f"hotswap-bf16-compile-{n}-blocks", "vae-decode",
+                 f"attention-kernels-{n}-blocks", "pytest-gpu", f"{fp8}-eager-{n}-blocks", autotuned]
+    assert max(names.index(name) for name in never_run) < min(names.index(name) for name in first_measured)
+    assert names.index(f"bf16-compile-transformer-{n}-blocks") == names.index(f"bf16-compile-{n}-blocks") + 1
     wan = "tiny-wan22" if dry_run else "wan22-5b"
-    wan_rows = [f"{wan}-bf16-eager", f"{wan}-lora-train-step", f"{wan}-bf16-compile-{1 if dry_run else 6}-blocks"]
-    assert names[-6:-3] == wan_rows
+    assert names[-3:] == [f"{wan}-bf16-eager", f"{wan}-lora-train-step", f"{wan}-bf16-compile-{1 if dry_run else 6}-blocks"]
     assert "--scope transformer" in next(text for name, text in text_of.items() if name.startswith("compile-cache-"))
     groups = {row[1] for row in rows}
     assert len(groups) + 3 <= 8, "the device tool returns at most 8 files (groups + .txt, summary, log)"
     text = result.stdout
     model = "tiny" if dry_run else "5b"
     for case in [f"{model}:bf16-eager", f"{model}:bf16-compile", f"{model}:vae-decode", f"hotswap-{model}:bf16-compile",
-                 f"attention-{model}:bf16-eager", f"caches-{model}:bf16-eager", f"coldstart.py --case compile-{model}"]:
+                 f"attention-{model}:bf16-eager", f"caches-{model}:bf16-eager", f"coldstart.py --case compile-{model}",
+                 f"{model}:{fp8}-compile", f"{model}:{fp8}-eager"]:
         assert case in text
     assert ("tiny:cached" if dry_run else "cogvideox-5b-random:cached") in text
     if not dry_run:
-        assert "5b:fp8-compile" in text and "--rank 128" in text
-    assert "-m pytest -m gpu" in text and "tests/test_quantization.py" in text and "tests/test_attention.py" in text
-    if not dry_run:
+        assert "--rank 128" in text
         assert "--loop-steps 50" in text, "the caches' saving shows only over the served 50-step schedule"
+    assert "-m pytest -m gpu" in text and "tests/test_quantization.py" in text and "tests/test_attention.py" in text
     for case in [f"--case {wan}:bf16-eager", f"--case {wan}-random:cached", f"--case {wan}:bf16-compile"]:
         assert case in text
 
 
-def test_the_projection_compares_each_compile_scope_at_the_same_blocks(monkeypatch):
-    """Guards the regional default's step time going unreported against the whole transformer's: the plan runs
-    the bf16 compiled step both ways on the same blocks, and the projection divides the two medians; an eager
-    check, whose name has no `-compile-` to swap, gets no ratio (it was once divided by itself: 1.0 in the first
-    H200 run's projection)."""
-    loader = importlib.util.spec_from_file_location("gpu_checks_projection", GPU / "checks.py")
+def _load_checks(monkeypatch, name: str):
+    loader = importlib.util.spec_from_file_location(name, GPU / "checks.py")
     checks = importlib.util.module_from_spec(loader)
-    monkeypatch.setitem(sys.modules, "gpu_checks_projection", checks)  # its dataclass looks its module up there
+    monkeypatch.setitem(sys.modules, name, checks)  # its dataclass looks its module up there
     loader.loader.exec_module(checks)
-    names = [check.name for check in checks.plan(False, 14)]
-    assert names.index("bf16-compile-transformer-14-blocks") == names.index("bf16-compile-14-blocks") + 1
+    return checks
+
+
+def test_the_projection_compares_each_compile_scope_and_the_autotuning(monkeypatch):
+    """Guards the regional default's step time going unreported against the whole transformer's, and the
+    ATen-only compile's against inductor's autotuned one: the projection divides each pair measured in the run; an
+    eager check, whose name has no `-compile-` to swap, gets no ratio (it was once divided by itself: 1.0 in the
+    second H200 session's projection)."""
+    checks = _load_checks(monkeypatch, "gpu_checks_projection")
     whole = next(check for check in checks.plan(False, 14) if check.name == "bf16-compile-transformer-14-blocks")
     assert whole.argv[-2:] == ["--compile-scope", "transformer"]
     rows = [{"check": "bf16-compile-14-blocks", "result": {"step_s_median": 0.9}},
             {"check": "bf16-compile-transformer-14-blocks", "result": {"step_s_median": 0.75}},
             {"check": "fp8-compile-14-blocks", "result": {"step_s_median": 1.2}},
             {"check": "bf16-eager", "result": {"step_s_median": 1.7}},
-            {"check": "bf16-eager-14-blocks", "result": {"step_s_median": 0.6}}]
+            {"check": "bf16-eager-14-blocks", "result": {"step_s_median": 0.6}},
+            {"check": "fp8-compile-1-block", "result": {"step_s_median": 0.05, "compile_s": 12.0}},
+            {"check": "fp8-compile-1-block-autotuned", "result": {"step_s_median": 0.04, "compile_s": 200.0}}]
     projection = checks.projections(rows)
     assert projection["bf16-compile-14-blocks_step_over_whole_transformer"] == pytest.approx(0.9 / 0.75)
     assert [key for key in projection if key.endswith("_step_over_whole_transformer")] == [
         "bf16-compile-14-blocks_step_over_whole_transformer"]
+    assert projection["fp8-compile-1-block_over_autotuned"] == pytest.approx({"compile_s": 12 / 200, "step_s": 0.05 / 0.04})
+    assert [key for key in projection if key.endswith("_over_autotuned")] == ["fp8-compile-1-block_over_autotuned"]
+
+
+def test_a_check_gets_its_own_settings_and_skips_when_what_it_needs_did_not_end(monkeypatch, tmp_path):
+    """Guards the fp8 compiled checks each spending their own timeout after the one-block compile they need
+    did not end, and a check's own environment (the autotuned compile's TORCHINDUCTOR setting) leaking into the
+    others or not reaching its process: through the real main loop, with checks that are small Python commands."""
+    checks = _load_checks(monkeypatch, "gpu_checks_needs")
+    show = "import json, os; print(json.dumps({'gemm': os.environ.get('TORCHINDUCTOR_MAX_AUTOTUNE_GEMM_BACKENDS')}))"
+    plan = [checks.Check("first", "1-step", [sys.executable, "-c", "raise SystemExit(1)"], 30),
+            checks.Check("needs-first", "1-step", [sys.executable, "-c", show], 30, needs="first"),
+            checks.Check("own-settings", "1-step", [sys.executable, "-c", show], 30,
+                         env={"TORCHINDUCTOR_MAX_AUTOTUNE_GEMM_BACKENDS": "ATEN,TRITON"}),
+            checks.Check("plain", "1-step", [sys.executable, "-c", show], 30)]
+    monkeypatch.setattr(checks, "plan", lambda dry_run, blocks: plan)
+    monkeypatch.setattr(checks, "environment", lambda: {"device": "cpu", "packages": {"torch": {"version": "x"}}})
+    monkeypatch.delenv("TORCHINDUCTOR_MAX_AUTOTUNE_GEMM_BACKENDS", raising=False)
+    monkeypatch.setattr(sys, "argv", ["checks.py", "--out", str(tmp_path)])
+    assert checks.main() == 1
+    rows = {row["check"]: row for row in json.loads((tmp_path / "1-step.json").read_text())["results"]}
+    assert rows["first"]["status"] == "failed"
+    assert rows["needs-first"]["status"] == "skipped: needs first, which failed"
+    assert rows["own-settings"]["result"] == {"gemm": "ATEN,TRITON"}
+    assert rows["plain"]["result"] == {"gemm": None}
+    # A check whose need is not in the call (`--only` left it out) runs.
+    assert checks.unmet(plan[1], {}) is None and checks.unmet(plan[1], {"first": "ok"}) is None
 
 
 def test_only_runs_the_checks_in_the_order_named():

@@ -139,3 +139,42 @@ def test_dynamic_fp8_quantizes_and_generates_on_gpu():
         expected = fake_quantized(original[name], "fp8-weight")
         assert torch.allclose(dequantized, expected, rtol=2**-7, atol=1e-6), name  # bf16 scales round a little
     assert np.isfinite(_generate(pipeline)).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not fp8_capable("cuda"), reason="needs a GPU of compute capability 8.9+")
+def test_compiled_fp8_matmuls_are_not_autotuned_at_start_up(monkeypatch):
+    """Guards fp8's minutes-long start-up compile (about 220 s for one CogVideoX-5B block on an H200): inductor
+    autotunes Triton kernels for every fp8 matmul shape outside max-autotune too, unless slapgen's compiles name
+    ATen alone (`slapgen.engine.compiling.gemm_backends`). An fp8 layer compiled the service's way benchmarks no
+    kernel choice, its output matches eager's, and with TRITON allowed again the same compile does autotune (the
+    cause, shown)."""
+    from torch._dynamo.utils import counters
+
+    from slapgen.engine.compiling import CompiledTransformer
+
+    def autotunings(backends: str | None) -> tuple[int, torch.Tensor, torch.Tensor]:
+        if backends is None:
+            monkeypatch.delenv("TORCHINDUCTOR_MAX_AUTOTUNE_GEMM_BACKENDS", raising=False)
+        else:
+            monkeypatch.setenv("TORCHINDUCTOR_MAX_AUTOTUNE_GEMM_BACKENDS", backends)
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.GELU(), torch.nn.Linear(512, 256))
+        model = model.to("cuda", torch.bfloat16)
+        quantize_transformer(model, "fp8")
+        holder = type("Holder", (), {"transformer": model})()
+        x = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
+        with torch.inference_mode():
+            eager = model(x)
+        torch._dynamo.reset()
+        counters.clear()
+        CompiledTransformer(scope="transformer").compile(holder)
+        with torch._inductor.config.patch(force_disable_caches=True), torch.inference_mode():
+            compiled = holder.transformer(x)
+        return counters["inductor"]["select_algorithm_autotune"], eager, compiled
+
+    tuned, eager, compiled = autotunings(None)
+    assert tuned == 0
+    torch.testing.assert_close(compiled, eager, rtol=2e-2, atol=2e-2)  # bf16 outputs of the same fp8 kernels
+    tuned_with_triton, _, _ = autotunings("ATEN,TRITON")
+    assert tuned_with_triton > 0, "no autotuning even with TRITON allowed: the slow fp8 compile has another cause"

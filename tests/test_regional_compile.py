@@ -156,3 +156,41 @@ def test_a_damaged_cache_falls_back_with_the_blocks_compiled_again(tiny_cache_di
     damaged = start(folder)
     assert damaged["fell_back"] and damaged["graphs_compiled"] == 2 and damaged["compiled_blocks"] == 2
     assert damaged["output_ok"] is True
+
+
+@pytest.mark.parametrize("asked, expected", [(None, "ATEN"), ("ATEN,TRITON", "ATEN,TRITON")])
+def test_compiles_choose_aten_gemms_unless_asked(monkeypatch, asked, expected):
+    """Guards fp8's minutes-long start-up compile coming back: inductor autotunes Triton templates for
+    `torch._scaled_mm` even outside max-autotune, gated only by `max_autotune_gemm_backends` naming TRITON
+    (`_use_autotune_backend("TRITON")` in `use_triton_template`). That gate is read while the backend lowers a
+    graph, so the spy reads it inside inductor's compile of a real graph: ATen only by default, and what
+    TORCHINDUCTOR_MAX_AUTOTUNE_GEMM_BACKENDS says when set (the GPU half, the autotuning itself:
+    tests/test_quantization.py's GPU test)."""
+    import torch._inductor.compile_fx as compile_fx_module
+    from torch._inductor.utils import _use_autotune_backend
+
+    from slapgen.engine.compiling import CompiledTransformer
+
+    if asked is None:
+        monkeypatch.delenv("TORCHINDUCTOR_MAX_AUTOTUNE_GEMM_BACKENDS", raising=False)
+    else:
+        monkeypatch.setenv("TORCHINDUCTOR_MAX_AUTOTUNE_GEMM_BACKENDS", asked)
+    seen = []
+    real_compile_fx = compile_fx_module.compile_fx
+
+    def spy(graph_module, example_inputs, *args, **kwargs):
+        seen.append((torch._inductor.config.max_autotune_gemm_backends, _use_autotune_backend("TRITON")))
+        return real_compile_fx(graph_module, example_inputs, *args, **kwargs)
+
+    monkeypatch.setattr(compile_fx_module, "compile_fx", spy)
+    torch._dynamo.reset()
+    before = torch._inductor.config.max_autotune_gemm_backends
+    linear = torch.nn.Linear(8, 8)
+    holder = type("Holder", (), {"transformer": linear})()
+    compiled = CompiledTransformer(scope="transformer")
+    compiled.compile(holder)
+    x = torch.randn(4, 8)
+    with torch.inference_mode():
+        assert torch.allclose(holder.transformer(x), linear(x), atol=1e-6)
+    assert seen == [(expected, "TRITON" in expected)] and compiled.graphs == 1
+    assert torch._inductor.config.max_autotune_gemm_backends == before  # set for slapgen's compiles only

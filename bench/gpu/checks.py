@@ -5,31 +5,33 @@ into OUT as soon as one of its checks finishes, so a run cut short still returns
 `summary.json` is rewritten after every check. The device tool returns at most 8 files from OUT:
 
     1-step.json        per-denoising-step latency and peak memory of CogVideoX-5B (random weights, real
-                       config, 49x480x720, CFG batch 2): bf16 + compile on N blocks with each block compiled
-                       (SLAP_COMPILE_SCOPE's default) and with the whole transformer compiled (`projection`'s
-                       `..._step_over_whole_transformer`), extrapolated to 42; the VAE decode; each
-                       SLAP_ATTENTION kernel (one step, bf16 eager, N blocks) and each SLAP_CACHE value (a
-                       50-step denoising loop, bf16 eager, 4 blocks); fp8 eager on N blocks; fp8 + compile on
-                       1 block with the compile's phases (and every thread's stack in checks.log each 30 s);
-                       bf16 eager on all 42 blocks and on N (the extrapolation's calibration); projected
-                       50-step video times
+                       config, 49x480x720, CFG batch 2): fp8 + compile on 1 block (every thread's stack in
+                       checks.log each 30 s, dynamo's compile phases); bf16 + compile and fp8 + compile on N
+                       blocks with each block compiled (SLAP_COMPILE_SCOPE's default) and with the whole
+                       transformer compiled (`projection`'s `..._step_over_whole_transformer`), extrapolated
+                       to 42; the VAE decode; each SLAP_ATTENTION kernel (one step, bf16 eager, N blocks) and
+                       each SLAP_CACHE value (a 50-step denoising loop, bf16 eager, 4 blocks); fp8 eager on
+                       N blocks; fp8 + compile on 1 block with inductor's GEMM autotuning allowed
+                       (`projection`'s `..._over_autotuned`); bf16 eager on all 42 blocks and on N (the
+                       extrapolation's calibration); projected 50-step video times
     2-hotswap.json     first: a replica's start (bf16, every block compiled as the service does, all 42
-                       blocks) with an empty SLAP_COMPILE_CACHE_DIR, then again from it; rank-128 adapter
-                       hot-swap on the compiled bf16 transformer: swap latency, recompilations (must be 0),
-                       output changes; the whole bf16 transformer (6 blocks) compiled cold, then warm
+                       blocks) with an empty SLAP_COMPILE_CACHE_DIR, then again from it; the same with fp8;
+                       rank-128 adapter hot-swap on the compiled bf16 transformer: swap latency,
+                       recompilations (must be 0), output changes; the whole bf16 transformer (6 blocks)
+                       compiled cold, then warm
     3-train.json       one 5B LoRA training step (rank 128, gradient checkpointing, bf16)
     4-pytest-gpu.json  `pytest -m gpu` on the test files that hold GPU tests: exit code and counts
     4-pytest-gpu.txt   its output
     5-wan.json         Wan 2.2 TI2V-5B (random weights, real config, 121x704x1280, CFG batch 2): one bf16
                        eager denoising step on all 30 blocks; one LoRA training step (rank 128, gradient
                        checkpointing, bf16) with peak memory; bf16 + compile on 6 blocks, extrapolated to 30.
-                       After the CogVideoX checks: each row has `estimated_s`, the time its timeout was
-                       set from (see `wan_estimates`)
-    (last)             fp8 + compile as the service would run it (a replica's start; N blocks, each scope),
-                       into 2-hotswap / 1-step: none ended in time on an H200 (2026-12-04), so they come after
-                       everything else, and a call that names them (--only) runs them first
+                       Last, after every CogVideoX check: each row has `estimated_s`, the time its timeout
+                       was set from (see `wan_estimates`)
     summary.json       device, package versions, every check's status and time, the key numbers
     checks.log         every check's stderr
+
+The fp8 compiled checks need `fp8-compile-1-block` to have ended ok in the same call (`needs`); if it did not,
+they are skipped rather than each spending its own timeout.
 
     python bench/gpu/checks.py --out DIR [--dry-run] [--budget-s 450] [--blocks 14] [--only NAME,...] [--list]
 
@@ -106,6 +108,8 @@ class Check:
     timeout_s: int
     kind: str = "json"  # json: the last stdout line is the result; pytest: the output is kept
     estimated_s: float | None = None  # the Wan checks: the whole check's time on an H200, from FLOPs
+    env: dict[str, str] = field(default_factory=dict)  # added to the run's environment for this check alone
+    needs: str | None = None  # skipped unless this earlier check ended ok: a slow start pays its timeout once
     results: dict = field(default_factory=dict)
 
 
@@ -125,14 +129,22 @@ def plan(dry_run: bool, blocks: int) -> list[Check]:
     steps = ["--steps", "2" if dry_run else "5"]
     # The caches need the whole 50-step schedule to show their saving; 4 of 42 blocks keep that loop short.
     cache_blocks = 2 if dry_run else 4
+    fp8_block = f"{fp8}-compile-1-block"
     return [
         # A whole replica's start as the service builds it with SLAP_QUANT=none (every block compiled:
         # SLAP_COMPILE_SCOPE's default) on all 42 blocks, cold then warm on one compile cache: issue 21's "warm 5B
-        # replica ready in under 60 s", and the regional compile's step time at full depth. Unquantised: with fp8
-        # one block's graph took about 220 s to compile on an H200 (2026-12-04, torch 2.11, torchao 0.18), and the
-        # fp8 start did not end in 300 s; bf16 compiled 2 graphs for 14 blocks in 19.6 s.
+        # replica ready in under 60 s", and the regional compile's step time at full depth.
         Check("replica-start-bf16-all-blocks" if not dry_run else "replica-start-unquantised-all-blocks", "2-hotswap",
               [py, coldstart, "--case", f"compile-{model}", "--quant", "none", "--scope", "blocks"], 180),
+        # fp8 under compile took about 220 s for one block's graph on an H200 (2026-12-04): inductor autotuned
+        # Triton kernels for each fp8 matmul shape, which slapgen's compiles no longer allow
+        # (`slapgen.engine.compiling.gemm_backends`). One block first, with every thread's stack in checks.log
+        # each 30 s and dynamo's compile phases; the fp8 compiled checks after it run only if it ends.
+        Check(fp8_block, "1-step",
+              [py, serve, "--case", f"{model}:{fp8}-compile", "--steps", "2", "--blocks", "1", *caches,
+               "--stacks-every-s", "30"], 150),
+        Check(f"replica-start-{fp8}-all-blocks", "2-hotswap",
+              [py, coldstart, "--case", f"compile-{model}", "--quant", fp8, "--scope", "blocks"], 240, needs=fp8_block),
         # The regional default's step against the whole transformer's on the same blocks, in one run
         # (`projection`'s `..._step_over_whole_transformer`); the CPU's tiny twin says 1.04x.
         Check(f"bf16-compile-{blocks}-blocks", "1-step",
@@ -140,6 +152,11 @@ def plan(dry_run: bool, blocks: int) -> list[Check]:
         Check(f"bf16-compile-transformer-{blocks}-blocks", "1-step",
               [py, serve, "--case", f"{model}:bf16-compile", *steps, *sub, *caches, "--compile-scope", "transformer"],
               180),
+        Check(f"{fp8}-compile-{blocks}-blocks", "1-step",
+              [py, serve, "--case", f"{model}:{fp8}-compile", *steps, *sub, *caches], 150, needs=fp8_block),
+        Check(f"{fp8}-compile-transformer-{blocks}-blocks", "1-step",
+              [py, serve, "--case", f"{model}:{fp8}-compile", *steps, *sub, *caches, "--compile-scope", "transformer"],
+              180, needs=fp8_block),
         Check(f"hotswap-bf16-compile-{blocks}-blocks", "2-hotswap",
               [py, serve, "--case", f"hotswap-{model}:bf16-compile", "--rank", "8" if dry_run else "128",
                "--swaps", "4", *sub, *caches], 240),
@@ -152,12 +169,12 @@ def plan(dry_run: bool, blocks: int) -> list[Check]:
                "--loop-steps", "6" if dry_run else "50"], 180),
         Check("pytest-gpu", "4-pytest-gpu",
               [py, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", *gpu_test_files()], 180, kind="pytest"),
-        # fp8: what it gains uncompiled, then why its compile is slow: one block compiled, every thread's stack in
-        # checks.log each 30 s (a timeout still says where the time went) and, if it ends, the compile's phases.
+        # What fp8 gains uncompiled, and what the ATen-only compile gives up: the same block compiled with inductor's
+        # Triton autotuning allowed (compile time and step time, next to `fp8-compile-1-block`'s).
         Check(f"{fp8}-eager-{blocks}-blocks", "1-step", [py, serve, "--case", f"{model}:{fp8}-eager", *steps, *sub], 90),
-        Check(f"{fp8}-compile-1-block", "1-step",
+        Check(f"{fp8}-compile-1-block-autotuned", "1-step",
               [py, serve, "--case", f"{model}:{fp8}-compile", "--steps", "2", "--blocks", "1", *caches,
-               "--stacks-every-s", "30"], 300),
+               "--stacks-every-s", "30"], 300, env={"TORCHINDUCTOR_MAX_AUTOTUNE_GEMM_BACKENDS": "ATEN,TRITON"}),
         # Measured once already (H200, 2026-12-04), repeated for the same-run ratios and the extrapolation's check.
         Check("bf16-eager", "1-step", [py, serve, "--case", f"{model}:bf16-eager", *steps], 120),
         Check(f"bf16-eager-{blocks}-blocks", "1-step", [py, serve, "--case", f"{model}:bf16-eager", *steps, *sub], 90),
@@ -169,17 +186,9 @@ def plan(dry_run: bool, blocks: int) -> list[Check]:
         Check("train-step-5b-cached" if not dry_run else "train-step-tiny-cached", "3-train",
               [py, train, "--case", "tiny:cached" if dry_run else "cogvideox-5b-random:cached",
                "--steps", "2" if dry_run else "3"], 240),
-        # Wan after the CogVideoX checks measured so far: a first call's budget runs out before them, a second
-        # call runs them (bench/README.md, "The GPU run").
+        # Wan after every CogVideoX check: a first call's budget runs out before them, a second call runs them
+        # (bench/README.md, "The GPU run").
         *wan_checks(dry_run, py, serve, train),
-        # fp8 under compile did not end in time on an H200 (2026-12-04): last, for a call that names them (--only).
-        Check(f"replica-start-{fp8}-all-blocks", "2-hotswap",
-              [py, coldstart, "--case", f"compile-{model}", "--quant", fp8, "--scope", "blocks"], 300),
-        Check(f"{fp8}-compile-{blocks}-blocks", "1-step",
-              [py, serve, "--case", f"{model}:{fp8}-compile", *steps, *sub, *caches], 240),
-        Check(f"{fp8}-compile-transformer-{blocks}-blocks", "1-step",
-              [py, serve, "--case", f"{model}:{fp8}-compile", *steps, *sub, *caches, "--compile-scope", "transformer"],
-              240),
     ]
 
 
@@ -248,13 +257,22 @@ def _read_environment() -> dict:
     }
 
 
+def unmet(check: Check, statuses: dict[str, str]) -> str | None:
+    """Why `check` must not run, given the statuses of the checks run so far this call; None when it may. A check
+    whose `needs` is not in this call (`--only` left it out) runs."""
+    if check.needs is None or check.needs not in statuses or statuses[check.needs] == "ok":
+        return None
+    return f"needs {check.needs}, which {statuses[check.needs]}"
+
+
 def run_check(check: Check, timeout_s: float, log, env: dict) -> dict:
     """Run one check in its own process group (inductor's compile workers die with it on a timeout)."""
-    log.write(f"\n===== {check.name}: {' '.join(check.argv)}\n")
+    settings = "".join(f"{name}={value} " for name, value in check.env.items())
+    log.write(f"\n===== {check.name}: {settings}{' '.join(check.argv)}\n")
     log.flush()
     started = time.perf_counter()
-    process = subprocess.Popen(check.argv, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=log, text=True,
-                               start_new_session=True)
+    process = subprocess.Popen(check.argv, cwd=REPO_ROOT, env={**env, **check.env}, stdout=subprocess.PIPE,
+                               stderr=log, text=True, start_new_session=True)
     try:
         stdout, _ = process.communicate(timeout=timeout_s)
         status = "ok" if process.returncode == 0 else "failed"
@@ -310,6 +328,11 @@ def projections(step_rows: list[dict]) -> dict:
         whole = results.get(name.replace("-compile-", "-compile-transformer-", 1))
         if whole and "step_s_median" in result and "step_s_median" in whole:
             out[f"{name}_step_over_whole_transformer"] = result["step_s_median"] / whole["step_s_median"]
+    for name, result in results.items():  # what the ATen-only compile gives up against inductor's autotuning
+        tuned = results.get(f"{name}-autotuned")
+        if tuned and "step_s_median" in result and "step_s_median" in tuned:
+            out[f"{name}_over_autotuned"] = {"compile_s": result["compile_s"] / tuned["compile_s"],
+                                             "step_s": result["step_s_median"] / tuned["step_s_median"]}
     full = next((r for n, r in results.items() if n == "bf16-eager" and "step_s_median" in r), None)
     part = next((r for n, r in results.items() if n.startswith("bf16-eager-") and "est_step_s_all_blocks" in r), None)
     if full and part:
@@ -353,7 +376,10 @@ def main() -> int:
     if args.list:
         for check in checks:
             estimate = f"~{check.estimated_s:.0f}s" if check.estimated_s else "-"
-            print(f"{check.name:34} {check.group:14} {check.timeout_s:4d}s {estimate:>6}  {' '.join(check.argv[1:])}")
+            settings = "".join(f"{name}={value} " for name, value in check.env.items())
+            needs = f"  (needs {check.needs})" if check.needs else ""
+            print(f"{check.name:34} {check.group:14} {check.timeout_s:4d}s {estimate:>6}  {settings}{' '.join(check.argv[1:])}"
+                  f"{needs}")
         return 0
     if args.out is None:
         parser.error("--out is required")
@@ -369,13 +395,17 @@ def main() -> int:
           flush=True)
     groups: dict[str, list[dict]] = {}
     failures = 0
+    statuses: dict[str, str] = {}
     with (out / "checks.log").open("a") as log:
         for check in checks:
             left = deadline - time.monotonic()
             if left < 20:
                 row = {"check": check.name, "status": "skipped: no time left in the budget"}
+            elif unmet(check, statuses):
+                row = {"check": check.name, "status": f"skipped: {unmet(check, statuses)}"}
             else:
                 row = run_check(check, min(check.timeout_s, left), log, env)
+            statuses[check.name] = row["status"]
             if check.estimated_s is not None:
                 row["estimated_s"] = check.estimated_s
             failures += row["status"] != "ok"

@@ -14,6 +14,14 @@ Compilation goes through inductor behind a thin backend that counts graphs. Ever
 after `mark_warm()` is a recompilation: a request that made dynamo's guards fail (a new shape, a
 changed attribute). Hot-swapping adapters must keep this at zero; `GET /info` reports it.
 
+The backend compiles with ATen's matrix-multiply kernels only (`gemm_backends`). inductor lowers
+`torch._scaled_mm`, fp8's matmul, to Triton templates it autotunes even outside max-autotune
+(`use_triton_template(..., check_max_autotune=False)` in torch/_inductor/kernel/mm.py; int8's `_int_mm` too):
+every fp8 GEMM shape compiles and benchmarks a set of Triton kernels before the first step. On an H200
+(torch 2.11, torchao 0.18) one fp8 CogVideoX-5B block's graph took about 220 s to compile where bf16's two
+graphs took 19.6 s. bf16 and fp32 matmuls, and every matmul on a CPU, use Triton / C++ templates only under
+max-autotune, which slapgen never turns on, so for them nothing changes.
+
 `SLAP_COMPILE_CACHE_DIR` (`CompileCache`) becomes inductor's own on-disk cache folder
 (`TORCHINDUCTOR_CACHE_DIR`): the AOTAutograd and FX graph caches, the compiled C++ / Triton kernels and
 autotuning results, keyed by the graph, the shapes, the inductor config, the device and torch's version,
@@ -142,6 +150,13 @@ class CompileCache:
                 "unreadable_entries": self.unreadable, "fell_back": self.fell_back}
 
 
+def gemm_backends() -> str:
+    """inductor's `max_autotune_gemm_backends` for slapgen's compiles: ATen only (cuBLAS / CUTLASS, no start-up
+    autotuning; see above), unless TORCHINDUCTOR_MAX_AUTOTUNE_GEMM_BACKENDS asks for others (`ATEN,TRITON` lets
+    inductor autotune fp8 GEMMs again: minutes per new shape, for whatever step time the tuning finds)."""
+    return os.environ.get("TORCHINDUCTOR_MAX_AUTOTUNE_GEMM_BACKENDS") or "ATEN"
+
+
 class CompiledTransformer:
     def __init__(self, cache_dir: Path | None = None, *, scope: CompileScope) -> None:
         self.graphs = 0
@@ -154,9 +169,12 @@ class CompiledTransformer:
     def _backend(self, graph_module, example_inputs):
         from torch._inductor.compile_fx import compile_fx
 
+        from torch._inductor import config as inductor_config
+
         with self._lock:
             self.graphs += 1
-        return compile_fx(graph_module, example_inputs)
+        with inductor_config.patch(max_autotune_gemm_backends=gemm_backends()):
+            return compile_fx(graph_module, example_inputs)
 
     def compile(self, pipeline) -> None:
         if self.cache is not None:
