@@ -19,7 +19,7 @@ The backend compiles with ATen's matrix-multiply kernels only (`gemm_backends`).
 (`use_triton_template(..., check_max_autotune=False)` in torch/_inductor/kernel/mm.py; int8's `_int_mm` too):
 every fp8 GEMM shape compiles and benchmarks a set of Triton kernels before the first step. On an H200
 (torch 2.11, torchao 0.18) one fp8 CogVideoX-5B block's graph took about 220 s to compile where bf16's two
-graphs took 19.6 s. bf16 and fp32 matmuls, and every matmul on a CPU, use Triton / C++ templates only under
+graphs for 14 blocks took 19.6 s. bf16 and fp32 matmuls, and every matmul on a CPU, use Triton / C++ templates only under
 max-autotune, which slapgen never turns on, so for them nothing changes.
 
 `SLAP_COMPILE_CACHE_DIR` (`CompileCache`) becomes inductor's own on-disk cache folder
@@ -153,7 +153,8 @@ class CompileCache:
 def gemm_backends() -> str:
     """inductor's `max_autotune_gemm_backends` for slapgen's compiles: ATen only (cuBLAS / CUTLASS, no start-up
     autotuning; see above), unless TORCHINDUCTOR_MAX_AUTOTUNE_GEMM_BACKENDS asks for others (`ATEN,TRITON` lets
-    inductor autotune fp8 GEMMs again: minutes per new shape, for whatever step time the tuning finds)."""
+    inductor autotune fp8 GEMMs again: Triton kernels compiled and timed for each new shape, for whatever step
+    time the tuning finds)."""
     return os.environ.get("TORCHINDUCTOR_MAX_AUTOTUNE_GEMM_BACKENDS") or "ATEN"
 
 
@@ -167,9 +168,8 @@ class CompiledTransformer:
         self._eager = None
 
     def _backend(self, graph_module, example_inputs):
-        from torch._inductor.compile_fx import compile_fx
-
         from torch._inductor import config as inductor_config
+        from torch._inductor.compile_fx import compile_fx
 
         with self._lock:
             self.graphs += 1
