@@ -2,8 +2,9 @@
 
 1. Service (the default): the time from `bentoml serve` to `/readyz` answering 200, with `SLAP_COMPILE=1`
    on the tiny model, alternating a start with an empty `SLAP_COMPILE_CACHE_DIR` (cold: every graph
-   compiled) and a start on the folder that cold start filled (warm: loaded from it), `--rounds` times.
-   The ratio is cold median / warm median, from one run. Each start's `/info` says what came from the
+   compiled) and a start on the folder that cold start filled (warm: loaded from it), `--rounds` times,
+   for `--scope` (SLAP_COMPILE_SCOPE; `both`: each scope's pair in turn within every round). The ratio is
+   cold median / warm median per scope, from one run. Each start's `/info` says what came from the
    cache, and that nothing recompiled.
 2. On a GPU (bench/gpu/checks.py): `--case compile-5b [--blocks N] [--quant fp8] [--scope blocks]`,
    compiling CogVideoX-5B's transformer (real config, random weights, first N blocks; a whole-transformer
@@ -12,7 +13,8 @@
    `compile-tiny` runs it on the tiny model (the dry run; `--blocks 42 --scope both [--save]`: the tiny
    widths at 5B's depth, each scope cold then warm in one run, a table and bench/results/compile-scopes-*.json).
 
-    python bench/coldstart.py [--rounds 3] [--save]     # writes bench/results/coldstart-cpu.json with --save
+    python bench/coldstart.py [--rounds 3] [--scope blocks|transformer|both] [--save]
+                                                        # writes bench/results/coldstart-cpu.json with --save
 
 The machine is shared: run it as `nice -n 19 python bench/coldstart.py` and read the ratio of medians.
 """
@@ -38,8 +40,9 @@ from bench.common import add_save_argument, device_description, print_table, wri
 from slapgen.engine.params import CompileScope  # noqa: E402
 
 
-def serve_once(folder: Path, cache_dir: Path, compile_cache: Path, label: str) -> dict:
-    """One `bentoml serve` of the compiled tiny model: seconds until /readyz answers 200, and its /info."""
+def serve_once(folder: Path, cache_dir: Path, compile_cache: Path, label: str, scope: CompileScope) -> dict:
+    """One `bentoml serve` of the compiled tiny model (`scope` as SLAP_COMPILE_SCOPE): seconds until /readyz
+    answers 200, and its /info."""
     import httpx
 
     from tests.conftest import start_server, stop_server
@@ -47,7 +50,8 @@ def serve_once(folder: Path, cache_dir: Path, compile_cache: Path, label: str) -
     load_before = os.getloadavg()[0]
     started = time.perf_counter()
     server = start_server(folder, startup_timeout_s=1800, SLAP_MODEL="tiny", SLAP_CACHE_DIR=str(cache_dir),
-                          SLAP_DEVICE="cpu", SLAP_QUANT="none", SLAP_COMPILE="1", SLAP_MAX_LORA_RANK="8",
+                          SLAP_DEVICE="cpu", SLAP_QUANT="none", SLAP_COMPILE="1", SLAP_COMPILE_SCOPE=scope,
+                          SLAP_MAX_LORA_RANK="8",
                           SLAP_COMPILE_CACHE_DIR=str(compile_cache), SLAP_ADAPTERS_DIR=str(folder / "adapters"))
     ready_s = time.perf_counter() - started
     try:
@@ -62,22 +66,28 @@ def serve_once(folder: Path, cache_dir: Path, compile_cache: Path, label: str) -
             "recompilations": info["recompilations"], "compile_scope": info["compile_scope"]}
 
 
-def service_bench(rounds: int) -> dict:
+def service_bench(rounds: int, scopes: list[CompileScope]) -> dict:
+    """`rounds` times, for each scope in turn: a cold start (empty compile cache) then a warm one (the folder the
+    cold start filled). Medians and the cold / warm ratio per scope, all from this one run."""
     from slapgen.models.tiny import materialise_tiny_model
 
     root = Path(tempfile.mkdtemp(prefix="slapgen-coldstart-"))
     materialise_tiny_model(root / "slapgen-cache")
     rows = []
     for index in range(rounds):
-        compile_cache = root / f"compile-cache-{index}"  # empty: the cold start fills it, the warm one reads it
-        for label in ("cold", "warm"):
-            folder = root / f"{label}-{index}"
-            folder.mkdir()
-            rows.append({"round": index + 1, **serve_once(folder, root / "slapgen-cache", compile_cache, label)})
-            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    cold = statistics.median(r["ready_s"] for r in rows if r["start"] == "cold")
-    warm = statistics.median(r["ready_s"] for r in rows if r["start"] == "warm")
-    return {"rows": rows, "cold_ready_s_median": cold, "warm_ready_s_median": warm, "cold_over_warm": cold / warm}
+        for scope in scopes:
+            compile_cache = root / f"compile-cache-{scope}-{index}"  # empty: the cold start fills it, the warm one reads it
+            for label in ("cold", "warm"):
+                folder = root / f"{label}-{scope}-{index}"
+                folder.mkdir()
+                rows.append({"round": index + 1, **serve_once(folder, root / "slapgen-cache", compile_cache, label, scope)})
+                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    by_scope = {}
+    for scope in scopes:
+        cold = statistics.median(r["ready_s"] for r in rows if r["start"] == "cold" and r["compile_scope"] == scope)
+        warm = statistics.median(r["ready_s"] for r in rows if r["start"] == "warm" and r["compile_scope"] == scope)
+        by_scope[scope] = {"cold_ready_s_median": cold, "warm_ready_s_median": warm, "cold_over_warm": cold / warm}
+    return {"rows": rows, "by_scope": by_scope}
 
 
 # --- The GPU run's check: the transformer alone, compiled cold then warm in two fresh processes ---------------
@@ -197,8 +207,8 @@ def main() -> None:
     parser.add_argument("--quant", default="none", choices=["none", "fp8", "fp8-weight", "int8"],
                         help="with --case: quantise as SLAP_QUANT does before compiling")
     parser.add_argument("--scope", default="blocks", choices=[*get_args(CompileScope), "both"],
-                        help="with --case: what is compiled, as SLAP_COMPILE_SCOPE; both: each in turn, a table and "
-                             "bench/results/compile-scopes-*.json")
+                        help="what is compiled, as SLAP_COMPILE_SCOPE; both: each in turn (with --case: a table and "
+                             "bench/results/compile-scopes-*.json)")
     parser.add_argument("--cache-dir", type=Path, help=argparse.SUPPRESS)
     add_save_argument(parser)
     args = parser.parse_args()
@@ -213,11 +223,12 @@ def main() -> None:
         else:
             print(json.dumps(compile_case(model, args.blocks, args.quant, args.scope)))
         return
-    result = service_bench(args.rounds)
-    print_table(result["rows"], ["round", "start", "ready_s", "load_1min_before", "load_1min_after", "graphs_from_cache",
-                                 "graphs_compiled", "recompilations"])
-    print(f"\nready: cold {result['cold_ready_s_median']:.1f} s, warm {result['warm_ready_s_median']:.1f} s (medians); "
-          f"cold / warm = {result['cold_over_warm']:.2f}x")
+    result = service_bench(args.rounds, list(get_args(CompileScope)) if args.scope == "both" else [args.scope])
+    print_table(result["rows"], ["round", "compile_scope", "start", "ready_s", "load_1min_before", "load_1min_after",
+                                 "graphs_from_cache", "graphs_compiled", "recompilations"])
+    for scope, medians in result["by_scope"].items():
+        print(f"\n{scope}: ready cold {medians['cold_ready_s_median']:.1f} s, warm {medians['warm_ready_s_median']:.1f} s "
+              f"(medians); cold / warm = {medians['cold_over_warm']:.2f}x")
     path = write_results("coldstart", {"device": device_description(), "torch": torch.__version__, "model": "tiny",
                                        "what": "bentoml serve -> /readyz 200 with SLAP_COMPILE=1, empty vs warm "
                                                "SLAP_COMPILE_CACHE_DIR", **result}, save=args.save)
