@@ -162,8 +162,8 @@ def test_a_damaged_cache_falls_back_with_the_blocks_compiled_again(tiny_cache_di
 def test_compiles_choose_aten_gemms_unless_asked(monkeypatch, asked, expected):
     """Guards fp8's minutes-long start-up compile coming back: inductor autotunes Triton templates for
     `torch._scaled_mm` even outside max-autotune, gated only by `max_autotune_gemm_backends` naming TRITON
-    (`_use_autotune_backend("TRITON")` in `use_triton_template`). That gate is read while the backend lowers a
-    graph, so the spy reads it inside inductor's compile of a real graph: ATen only by default, and what
+    (`_use_autotune_backend("TRITON")` in `use_triton_template`). inductor lowers an inference graph inside its
+    `compile_fx` call, so the spy reads the gate as that call begins, on a real graph: ATen only by default, and what
     TORCHINDUCTOR_MAX_AUTOTUNE_GEMM_BACKENDS says when set (the GPU half, the autotuning itself:
     tests/test_quantization.py's GPU test)."""
     import torch._inductor.compile_fx as compile_fx_module

@@ -18,9 +18,11 @@ The backend compiles with ATen's matrix-multiply kernels only (`gemm_backends`).
 `torch._scaled_mm`, fp8's matmul, to Triton templates it autotunes even outside max-autotune
 (`use_triton_template(..., check_max_autotune=False)` in torch/_inductor/kernel/mm.py; int8's `_int_mm` too):
 every fp8 GEMM shape compiles and benchmarks a set of Triton kernels before the first step. On an H200
-(torch 2.11, torchao 0.18) one fp8 CogVideoX-5B block's graph took about 220 s to compile where bf16's two
-graphs for 14 blocks took 19.6 s. bf16 and fp32 matmuls, and every matmul on a CPU, use Triton / C++ templates only under
-max-autotune, which slapgen never turns on, so for them nothing changes.
+(torch 2.11, torchao 0.18) one fp8 CogVideoX-5B block's graph took about 210 s to compile where bf16's two
+graphs for 14 blocks took 19.6 s. `mm` and `addmm` (CogVideoX's and Wan's compiled blocks hold `addmm` only)
+use Triton templates only under max-autotune, which slapgen never turns on, and a CPU has no Triton templates,
+so for them nothing changes; `bmm` / `baddbmm`, autotuned like `_scaled_mm`, would lose it too. The setting is
+part of inductor's cache key, so a compile-cache folder filled before it misses once.
 
 `SLAP_COMPILE_CACHE_DIR` (`CompileCache`) becomes inductor's own on-disk cache folder
 (`TORCHINDUCTOR_CACHE_DIR`): the AOTAutograd and FX graph caches, the compiled C++ / Triton kernels and
