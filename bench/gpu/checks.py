@@ -114,6 +114,10 @@ class Check:
     needs: str | None = None  # skipped unless this earlier check ended ok: a slow start pays its timeout once
     results: dict = field(default_factory=dict)
 
+    def shown(self, argv: list[str]) -> str:
+        """`argv` as a shell line, behind the check's own environment."""
+        return "".join(f"{name}={value} " for name, value in self.env.items()) + " ".join(argv)
+
 
 def gpu_test_files() -> list[str]:
     """Test files holding `@pytest.mark.gpu` tests: `pytest -m gpu` on the whole suite would also import
@@ -132,6 +136,8 @@ def plan(dry_run: bool, blocks: int) -> list[Check]:
     # The caches need the whole 50-step schedule to show their saving; 4 of 42 blocks keep that loop short.
     cache_blocks = 2 if dry_run else 4
     fp8_block = f"{fp8}-compile-1-block"
+    fp8_block_argv = [py, serve, "--case", f"{model}:{fp8}-compile", "--steps", "2", "--blocks", "1", *caches,
+                      "--stacks-every-s", "30"]
     return [
         # A whole replica's start as the service builds it with SLAP_QUANT=none (every block compiled:
         # SLAP_COMPILE_SCOPE's default) on all 42 blocks, cold then warm on one compile cache: issue 21's "warm 5B
@@ -142,9 +148,7 @@ def plan(dry_run: bool, blocks: int) -> list[Check]:
         # Triton kernels for each fp8 matmul shape, which slapgen's compiles no longer allow
         # (`slapgen.engine.compiling.gemm_backends`). One block first, with every thread's stack in checks.log
         # each 30 s and dynamo's compile phases; the fp8 compiled checks after it run only if it ends.
-        Check(fp8_block, "1-step",
-              [py, serve, "--case", f"{model}:{fp8}-compile", "--steps", "2", "--blocks", "1", *caches,
-               "--stacks-every-s", "30"], 150),
+        Check(fp8_block, "1-step", fp8_block_argv, 150),
         Check(f"replica-start-{fp8}-all-blocks", "2-hotswap",
               [py, coldstart, "--case", f"compile-{model}", "--quant", fp8, "--scope", "blocks"], 240, needs=fp8_block),
         # The regional default's step against the whole transformer's on the same blocks, in one run
@@ -176,9 +180,8 @@ def plan(dry_run: bool, blocks: int) -> list[Check]:
         # What fp8 gains uncompiled, and what the ATen-only compile gives up: the same block compiled with inductor's
         # Triton autotuning allowed (compile time and step time, next to `fp8-compile-1-block`'s).
         Check(f"{fp8}-eager-{blocks}-blocks", "1-step", [py, serve, "--case", f"{model}:{fp8}-eager", *steps, *sub], 90),
-        Check(f"{fp8}-compile-1-block-autotuned", "1-step",
-              [py, serve, "--case", f"{model}:{fp8}-compile", "--steps", "2", "--blocks", "1", *caches,
-               "--stacks-every-s", "30"], 300, env={"TORCHINDUCTOR_MAX_AUTOTUNE_GEMM_BACKENDS": "ATEN,TRITON"}),
+        Check(f"{fp8_block}-autotuned", "1-step", fp8_block_argv, 300,
+              env={"TORCHINDUCTOR_MAX_AUTOTUNE_GEMM_BACKENDS": "ATEN,TRITON"}),
         # Measured once already (H200, 2026-12-04), repeated for the same-run ratios and the extrapolation's check.
         Check("bf16-eager", "1-step", [py, serve, "--case", f"{model}:bf16-eager", *steps], 120),
         Check(f"bf16-eager-{blocks}-blocks", "1-step", [py, serve, "--case", f"{model}:bf16-eager", *steps, *sub], 90),
@@ -271,8 +274,7 @@ def unmet(check: Check, statuses: dict[str, str]) -> str | None:
 
 def run_check(check: Check, timeout_s: float, log, env: dict) -> dict:
     """Run one check in its own process group (inductor's compile workers die with it on a timeout)."""
-    settings = "".join(f"{name}={value} " for name, value in check.env.items())
-    log.write(f"\n===== {check.name}: {settings}{' '.join(check.argv)}\n")
+    log.write(f"\n===== {check.name}: {check.shown(check.argv)}\n")
     log.flush()
     started = time.perf_counter()
     process = subprocess.Popen(check.argv, cwd=REPO_ROOT, env={**env, **check.env}, stdout=subprocess.PIPE,
@@ -380,10 +382,8 @@ def main() -> int:
     if args.list:
         for check in checks:
             estimate = f"~{check.estimated_s:.0f}s" if check.estimated_s else "-"
-            settings = "".join(f"{name}={value} " for name, value in check.env.items())
             needs = f"  (needs {check.needs})" if check.needs else ""
-            print(f"{check.name:34} {check.group:14} {check.timeout_s:4d}s {estimate:>6}  {settings}{' '.join(check.argv[1:])}"
-                  f"{needs}")
+            print(f"{check.name:34} {check.group:14} {check.timeout_s:4d}s {estimate:>6}  {check.shown(check.argv[1:])}{needs}")
         return 0
     if args.out is None:
         parser.error("--out is required")
@@ -405,8 +405,8 @@ def main() -> int:
             left = deadline - time.monotonic()
             if left < 20:
                 row = {"check": check.name, "status": "skipped: no time left in the budget"}
-            elif unmet(check, statuses):
-                row = {"check": check.name, "status": f"skipped: {unmet(check, statuses)}"}
+            elif reason := unmet(check, statuses):
+                row = {"check": check.name, "status": f"skipped: {reason}"}
             else:
                 row = run_check(check, min(check.timeout_s, left), log, env)
             statuses[check.name] = row["status"]
