@@ -30,8 +30,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 from scipy import sparse
-from scipy.special import logsumexp, owens_t
-from scipy.stats import norm
+# scipy.special's ndtr is the standard normal CDF (scipy.stats.norm.cdf) without importing scipy.stats, which
+# costs every service start (each worker imports this through the campaign routes) about 0.5 s.
+from scipy.special import logsumexp, ndtr, owens_t
 
 from slapgen.evaluation.stats import percentile_interval, resample_units
 
@@ -335,7 +336,7 @@ def expected_order_gain(strengths: np.ndarray, covariance: np.ndarray,
     removed = np.clip(removed, 1e-300, neighbour_variances[:, None] * (1 - 1e-12))
     after = neighbour_variances[:, None] - removed
     standardised = differences / np.sqrt(neighbour_variances)
-    wrong_now = norm.cdf(-standardised)
+    wrong_now = ndtr(-standardised)
     wrong_after = 2 * owens_t(standardised[:, None], np.sqrt(after / removed))
     gains = (wrong_now[:, None] - wrong_after).sum(axis=0)
     return pairs, gains
