@@ -1,13 +1,15 @@
 """The deployment examples under deploy/ (Kubernetes manifests, prometheus-adapter values, the KubeRay
-cluster) parse, and agree with what they describe: the settings the service reads, the routes and port
-BentoML serves, the folders the container mounts, the metric BentoML exports. Fast: no cluster, no
-server (tests/test_deploy_replicas.py checks the same names against a real `bentoml serve`)."""
+cluster) parse, are valid for Kubernetes' own schemas, and agree with what they describe: the settings
+the service reads, the routes and port BentoML serves, the folders the container mounts, the metric
+BentoML exports. Fast: no cluster, no server (tests/test_deploy_replicas.py checks the same names against
+a real `bentoml serve`)."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
+import kubernetes_validate
 import pytest
 import yaml
 
@@ -70,6 +72,46 @@ def test_every_manifest_parses_and_names_its_kind():
             assert document.get("apiVersion") and document.get("kind"), f"{path}: {document}"
     listed = documents(K8S / "kustomization.yaml")[0]["resources"]
     assert sorted(listed) == sorted(path.name for path in K8S.glob("*.yaml") if path.name != "kustomization.yaml")
+
+
+# Kinds whose schemas their operators install (KubeRay, the Prometheus Operator), not Kubernetes itself: the
+# schema check below cannot see them, and every other kind must be one it knows.
+OPERATOR_KINDS = {"RayCluster", "PodMonitor"}
+# The oldest Kubernetes the examples claim (HPA autoscaling/v2, startupProbe and ReadWriteMany are all older), and
+# the newest the schemas installed know.
+SCHEMA_VERSIONS = ("1.29.0", kubernetes_validate.latest_version())
+
+
+@pytest.mark.parametrize("kubernetes_version", SCHEMA_VERSIONS)
+def test_every_kubernetes_object_is_valid_for_the_api_server(kubernetes_version):
+    """Guards a manifest that parses but that the API server would reject or silently mangle: a misspelt
+    field (`httpget` for `httpGet`, which `kubectl apply` refuses with strict field validation and older
+    servers drop, leaving a pod with no readiness probe), a number where a string belongs, a field in the
+    wrong place. Checked against Kubernetes' own OpenAPI schemas (kubernetes-validate's copies), in strict
+    mode: no property the schema does not name. No cluster runs here, so this is the API server's schema
+    check without its admission; RayCluster and PodMonitor are the operators' and are left out."""
+    checked = []
+    for document in objects():
+        if document["kind"] in OPERATOR_KINDS:
+            continue
+        try:
+            kubernetes_validate.validate(document, kubernetes_version, strict=True)
+        except kubernetes_validate.ValidationError as error:
+            pytest.fail(f"{document['kind']} {document['metadata']['name']}: {error.message} at "
+                        f"{'.'.join(map(str, error.path))}")
+        checked.append(document["kind"])
+    assert {"Deployment", "Service", "StatefulSet", "HorizontalPodAutoscaler", "PersistentVolumeClaim",
+            "Secret"} <= set(checked), checked
+
+
+def test_the_schema_check_rejects_a_misspelt_probe():
+    """Guards the check above passing everything (a schema version it silently does not have, strict mode
+    off): the real Deployment with its readiness probe's `httpGet` misspelt must fail it."""
+    deployment = one("Deployment")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    container["readinessProbe"]["httpget"] = container["readinessProbe"].pop("httpGet")
+    with pytest.raises(kubernetes_validate.ValidationError, match="'httpget' was unexpected"):
+        kubernetes_validate.validate(deployment, SCHEMA_VERSIONS[0], strict=True)
 
 
 def test_every_slap_variable_in_the_manifests_is_a_setting():
