@@ -1,13 +1,14 @@
 """The deployment examples under deploy/ (Kubernetes manifests, prometheus-adapter values, the KubeRay
-cluster) parse, are valid for Kubernetes' own schemas, and agree with what they describe: the settings
-the service reads, the routes and port BentoML serves, the folders the container mounts, the metric
-BentoML exports. Fast: no cluster, no server (tests/test_deploy_replicas.py checks the same names against
-a real `bentoml serve`)."""
+cluster) parse, are valid for Kubernetes' own schemas, point at each other by names that resolve, and agree
+with what they describe: the settings the service reads, the routes and port BentoML serves, the folders
+the container mounts, the metric BentoML exports. Fast: no cluster, no server (tests/test_deploy_replicas.py
+checks the same names against a real `bentoml serve`)."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import kubernetes_validate
 import pytest
@@ -47,15 +48,18 @@ def environment(container: dict) -> dict[str, dict]:
     return {variable["name"]: variable for variable in container.get("env", [])}
 
 
+def pod_templates(document: dict) -> list[dict]:
+    """The pod templates of one object (a Deployment's or StatefulSet's, a RayCluster's head and worker groups)."""
+    spec = document.get("spec", {})
+    templates = [spec.get("template"), spec.get("headGroupSpec", {}).get("template"),
+                 *(group.get("template") for group in spec.get("workerGroupSpecs", []))]
+    return [template for template in templates if template]
+
+
 def all_containers() -> list[dict]:
     """Every container of every pod template under deploy/ (Deployment, StatefulSet, RayCluster groups)."""
-    found = []
-    for document in objects():
-        spec = document.get("spec", {})
-        templates = [spec.get("template"), spec.get("headGroupSpec", {}).get("template"),
-                     *(group.get("template") for group in spec.get("workerGroupSpecs", []))]
-        found += [container for template in templates if template for container in template["spec"]["containers"]]
-    return found
+    return [container for document in objects() for template in pod_templates(document)
+            for container in template["spec"]["containers"]]
 
 
 def test_every_manifest_parses_and_names_its_kind():
@@ -112,6 +116,156 @@ def test_the_schema_check_rejects_a_misspelt_probe():
     container["readinessProbe"]["httpget"] = container["readinessProbe"].pop("httpGet")
     with pytest.raises(kubernetes_validate.ValidationError, match="'httpget' was unexpected"):
         kubernetes_validate.validate(deployment, SCHEMA_VERSIONS[0], strict=True)
+
+
+PROBES = ("readinessProbe", "livenessProbe", "startupProbe")
+
+
+def unresolved_references(applied: list[dict]) -> list[str]:
+    """What a cluster would not find among objects applied together (deploy/k8s, deploy/ray): the names
+    by which they point at each other. The API server refuses a few of these (a selector its own template
+    does not match, a mount of no volume); the rest it accepts and the cluster fails later, often silently:
+    a Service with no endpoints, an HPA that never scales, a pod pending on a claim nobody made, a
+    container that cannot start for a missing Secret key, a probe on a port name no container has, or a
+    database URL whose host, port or password is not the database's."""
+    def named(kind: str) -> dict[str, dict]:
+        return {document["metadata"]["name"]: document for document in applied if document["kind"] == kind}
+
+    services, secrets, claims = named("Service"), named("Secret"), named("PersistentVolumeClaim")
+    workloads = [document for document in applied if document["kind"] in ("Deployment", "StatefulSet")]
+
+    def selected(selector: dict) -> list[dict]:
+        return [workload for workload in workloads
+                if selector and selector.items() <= workload["spec"]["template"]["metadata"]["labels"].items()]
+
+    def port_names(workload: dict) -> set[str]:
+        return {port["name"] for container in workload["spec"]["template"]["spec"]["containers"]
+                for port in container.get("ports", []) if "name" in port}
+
+    def secret_value(name: str, key: str) -> str | None:
+        return secrets.get(name, {}).get("stringData", {}).get(key)
+
+    problems = []
+    for document in applied:
+        kind, spec = document["kind"], document.get("spec", {})
+        where = f"{kind} {document['metadata']['name']}"
+        for template in pod_templates(document):
+            volumes = {volume["name"]: volume for volume in template["spec"].get("volumes", [])}
+            volumes |= {claim["metadata"]["name"]: claim for claim in spec.get("volumeClaimTemplates", [])}
+            for volume in volumes.values():
+                claim = volume.get("persistentVolumeClaim", {}).get("claimName")
+                if claim and claim not in claims:
+                    problems.append(f"{where}: volume {volume['name']} claims {claim}, which is not defined")
+            for container in template["spec"]["containers"]:
+                ports = {port["name"] for port in container.get("ports", []) if "name" in port}
+                problems += [f"{where}: {container['name']} mounts {mount['name']}, which is not a volume"
+                             for mount in container.get("volumeMounts", []) if mount["name"] not in volumes]
+                for variable in container.get("env", []):
+                    reference = variable.get("valueFrom", {}).get("secretKeyRef")
+                    if reference and secret_value(reference["name"], reference["key"]) is None:
+                        problems.append(f"{where}: {variable['name']} reads {reference['name']}/{reference['key']}, "
+                                        "which is not defined")
+                for probe in PROBES:
+                    port = container.get(probe, {}).get("httpGet", {}).get("port")
+                    if isinstance(port, str) and port not in ports:
+                        problems.append(f"{where}: the {probe} is on port {port}, which {container['name']} does not name")
+                resources = container.get("resources", {})
+                if "nvidia.com/gpu" in resources.get("requests", {}) and \
+                        resources["requests"]["nvidia.com/gpu"] != resources.get("limits", {}).get("nvidia.com/gpu"):
+                    problems.append(f"{where}: a GPU request that is not its limit (the API server refuses it)")
+        if kind in ("Deployment", "StatefulSet") and document not in selected(spec["selector"]["matchLabels"]):
+            problems.append(f"{where}: its selector does not match its own pods' labels")
+        if kind == "StatefulSet" and spec["serviceName"] not in services:
+            problems.append(f"{where}: its serviceName {spec['serviceName']} is not a Service")
+        if kind in ("Service", "PodMonitor"):
+            targets = selected(spec["selector"].get("matchLabels", spec["selector"]))
+            if len(targets) != 1:
+                problems.append(f"{where}: selects {len(targets)} workloads, not one")
+            wanted = [port["targetPort"] for port in spec.get("ports", [])] + \
+                     [endpoint["port"] for endpoint in spec.get("podMetricsEndpoints", [])]
+            problems += [f"{where}: port {port} is not a port its pods name" for target in targets
+                         for port in wanted if isinstance(port, str) and port not in port_names(target)]
+        if kind == "HorizontalPodAutoscaler":
+            target = spec["scaleTargetRef"]
+            if not any(other["kind"] == target["kind"] and other["metadata"]["name"] == target["name"]
+                       and other["apiVersion"] == target["apiVersion"] for other in applied):
+                problems.append(f"{where}: scales {target['kind']} {target['name']}, which is not defined")
+    for name in secrets:
+        url = secret_value(name, "SLAP_DATABASE_URL")
+        if url is None:
+            continue
+        parsed = urlsplit(url)
+        database = services.get(parsed.hostname)
+        if database is None or parsed.port not in {port["port"] for port in database["spec"]["ports"]}:
+            problems.append(f"Secret {name}: SLAP_DATABASE_URL names {parsed.hostname}:{parsed.port}, not a Service port")
+            continue
+        servers = [container for workload in selected(database["spec"]["selector"])
+                   for container in workload["spec"]["template"]["spec"]["containers"]]
+        if len(servers) != 1:
+            problems.append(f"Secret {name}: SLAP_DATABASE_URL's Service {parsed.hostname} reaches {len(servers)} servers")
+            continue
+        env = environment(servers[0])
+        password = env["POSTGRES_PASSWORD"]["valueFrom"]["secretKeyRef"]
+        if (parsed.username, parsed.path.lstrip("/"), parsed.password) != (
+                env["POSTGRES_USER"]["value"], env["POSTGRES_DB"]["value"],
+                secret_value(password["name"], password["key"])):
+            problems.append(f"Secret {name}: SLAP_DATABASE_URL's user, database or password is not the database's")
+    return problems
+
+
+@pytest.mark.parametrize("folder", [K8S, DEPLOY / "ray"], ids=["k8s", "ray"])
+def test_every_reference_between_the_objects_resolves(folder):
+    """Guards an example that `kubectl apply` accepts and the cluster then fails to run: an edit that
+    renames one end of a reference (a label, a port name, a claim, a Secret key, the database's password)
+    but not the other. No cluster runs here; `unresolved_references` follows each name as one would."""
+    assert unresolved_references(objects(folder)) == []
+
+
+def _the(applied: list[dict], kind: str, name: str) -> dict:
+    (found,) = [document for document in applied if document["kind"] == kind and document["metadata"]["name"] == name]
+    return found
+
+
+def _rename_label(applied):
+    _the(applied, "Service", "slapgen")["spec"]["selector"] = {"app.kubernetes.io/name": "slapgn"}
+
+
+def _rename_deployment(applied):
+    _the(applied, "Deployment", "slapgen")["metadata"]["name"] = "slapgen-service"
+
+
+def _rename_claim(applied):
+    _the(applied, "PersistentVolumeClaim", "slapgen-shared")["metadata"]["name"] = "shared"
+
+
+def _rename_port(applied):
+    _the(applied, "Deployment", "slapgen")["spec"]["template"]["spec"]["containers"][0]["ports"][0]["name"] = "web"
+
+
+def _change_one_password(applied):
+    _the(applied, "Secret", "slapgen-database")["stringData"]["POSTGRES_PASSWORD"] = "s3cret"
+
+
+def _rename_secret_key(applied):
+    secret = _the(applied, "Secret", "slapgen-database")
+    secret["stringData"]["DATABASE_URL"] = secret["stringData"].pop("SLAP_DATABASE_URL")
+
+
+@pytest.mark.parametrize("break_it, said", [
+    (_rename_label, "Service slapgen: selects 0 workloads"),
+    (_rename_deployment, "HorizontalPodAutoscaler slapgen: scales Deployment slapgen"),
+    (_rename_claim, "claims slapgen-shared, which is not defined"),
+    (_rename_port, "the readinessProbe is on port http"),
+    (_change_one_password, "SLAP_DATABASE_URL's user, database or password"),
+    (_rename_secret_key, "SLAP_DATABASE_URL reads slapgen-database/SLAP_DATABASE_URL"),
+], ids=lambda value: getattr(value, "__name__", "")[1:] or None)
+def test_a_broken_reference_is_found(break_it, said):
+    """Guards the check above finding nothing because it looks at nothing: each of these edits of the real
+    deploy/k8s objects, one end of a reference renamed, must be reported."""
+    applied = objects(K8S)
+    break_it(applied)
+    problems = unresolved_references(applied)
+    assert any(said in problem for problem in problems), problems
 
 
 def test_every_slap_variable_in_the_manifests_is_a_setting():
