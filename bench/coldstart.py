@@ -5,7 +5,10 @@
    compiled) and a start on the folder that cold start filled (warm: loaded from it), `--rounds` times,
    for `--scope` (SLAP_COMPILE_SCOPE; `both`: each scope's pair in turn within every round). The ratio is
    cold median / warm median per scope, from one run. Each start's `/info` says what came from the
-   cache, and that nothing recompiled.
+   cache, and that nothing recompiled. `--model 5b` (the GPU run's first check) serves CogVideoX-5B
+   instead: its real configs with random weights (`write_random_5b_model`), written once as a pipeline
+   folder and read from disk by every start as `SLAP_MODEL=THUDM/CogVideoX-5b` would be, on the GPU,
+   `--quant` as SLAP_QUANT; the last stdout line is the result as JSON.
 2. On a GPU (bench/gpu/checks.py): `--case compile-5b [--blocks N] [--quant fp8] [--scope blocks]`,
    compiling CogVideoX-5B's transformer (real config, random weights, first N blocks; a whole-transformer
    compile extrapolated to 42) in a fresh process with an empty cache folder, then in another fresh process
@@ -13,7 +16,7 @@
    `compile-tiny` runs it on the tiny model (the dry run; `--blocks 42 --scope both [--save]`: the tiny
    widths at 5B's depth, each scope cold then warm in one run, a table and bench/results/compile-scopes-*.json).
 
-    python bench/coldstart.py [--rounds 3] [--scope blocks|transformer|both] [--save]
+    python bench/coldstart.py [--rounds 3] [--scope blocks|transformer|both] [--model tiny|5b] [--save]
                                                         # writes bench/results/coldstart-cpu.json with --save
 
 The machine is shared: run it as `nice -n 19 python bench/coldstart.py` and read the ratio of medians.
@@ -24,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -40,18 +44,20 @@ from bench.common import add_save_argument, device_description, print_table, wri
 from slapgen.engine.params import CompileScope  # noqa: E402
 
 
-def serve_once(folder: Path, cache_dir: Path, compile_cache: Path, label: str, scope: CompileScope) -> dict:
-    """One `bentoml serve` of the compiled tiny model (`scope` as SLAP_COMPILE_SCOPE): seconds until /readyz
-    answers 200, and its /info."""
+def serve_once(folder: Path, cache_dir: Path, compile_cache: Path, label: str, scope: CompileScope,
+               model: str = "tiny", device: str = "cpu", quant: str = "none") -> dict:
+    """One `bentoml serve` of the compiled `model` (`tiny`, or a pipeline folder; `scope` as SLAP_COMPILE_SCOPE):
+    seconds until /readyz answers 200, and its /info."""
     import httpx
 
     from tests.conftest import start_server, stop_server
 
+    # The tiny model's adapter slot is sized for the tests' rank-8 adapters; a real model keeps its default.
+    rank = {"SLAP_MAX_LORA_RANK": "8"} if model == "tiny" else {}
     load_before = os.getloadavg()[0]
     started = time.perf_counter()
-    server = start_server(folder, startup_timeout_s=1800, SLAP_MODEL="tiny", SLAP_CACHE_DIR=str(cache_dir),
-                          SLAP_DEVICE="cpu", SLAP_QUANT="none", SLAP_COMPILE="1", SLAP_COMPILE_SCOPE=scope,
-                          SLAP_MAX_LORA_RANK="8",
+    server = start_server(folder, startup_timeout_s=1800, SLAP_MODEL=model, SLAP_CACHE_DIR=str(cache_dir),
+                          SLAP_DEVICE=device, SLAP_QUANT=quant, SLAP_COMPILE="1", SLAP_COMPILE_SCOPE=scope, **rank,
                           SLAP_COMPILE_CACHE_DIR=str(compile_cache), SLAP_ADAPTERS_DIR=str(folder / "adapters"))
     ready_s = time.perf_counter() - started
     try:
@@ -66,13 +72,41 @@ def serve_once(folder: Path, cache_dir: Path, compile_cache: Path, label: str, s
             "recompilations": info["recompilations"], "compile_scope": info["compile_scope"]}
 
 
-def service_bench(rounds: int, scopes: list[CompileScope]) -> dict:
+def write_random_5b_model(folder: Path, device: str, layers: int | None = None) -> dict:
+    """CogVideoX-5B's pipeline at its real configs (transformer, VAE, T5 v1.1 XXL text encoder, scheduler) with
+    random weights, saved as a diffusers folder with 5B's spec beside it: the bytes a replica reads for
+    `SLAP_MODEL=THUDM/CogVideoX-5b`, without the hub (the GPU machine reaches nothing). Built on `device`
+    (seconds on a GPU, where initialising 10 B parameters on the CPU takes minutes). `layers` keeps only the
+    first blocks of the transformer and the text encoder (a CPU test of this function). The tokenizer is
+    the tiny model's (word-level, its ids a subset of T5's)."""
+    from bench.train_step import _models
+
+    started = time.perf_counter()
+    pipeline, spec, _, dtype = _models("5b", device, layers=layers)
+    pipeline.to(dtype=dtype)
+    built_s = time.perf_counter() - started
+    pipeline.save_pretrained(folder, safe_serialization=True)
+    spec.save(folder)
+    del pipeline
+    return {"build_s": built_s, "write_s": time.perf_counter() - started - built_s,
+            "gb_on_disk": sum(path.stat().st_size for path in folder.rglob("*") if path.is_file()) / 1e9}
+
+
+def service_bench(rounds: int, scopes: list[CompileScope], model: str = "tiny", quant: str = "none") -> dict:
     """`rounds` times, for each scope in turn: a cold start (empty compile cache) then a warm one (the folder the
-    cold start filled). Medians and the cold / warm ratio per scope, all from this one run."""
+    cold start filled). Medians and the cold / warm ratio per scope, all from this one run. `model`: tiny on
+    the CPU, or 5b on the GPU (`write_random_5b_model`, written once before the first start)."""
     from slapgen.models.tiny import materialise_tiny_model
 
     root = Path(tempfile.mkdtemp(prefix="slapgen-coldstart-"))
-    materialise_tiny_model(root / "slapgen-cache")
+    written = {}
+    if model == "5b":
+        served, device = root / "CogVideoX-5b-random", "cuda"
+        written = write_random_5b_model(served, device)
+        print(json.dumps({"wrote_random_5b": written}), file=sys.stderr, flush=True)
+    else:
+        served, device = "tiny", "cpu"
+        materialise_tiny_model(root / "slapgen-cache")
     rows = []
     for index in range(rounds):
         for scope in scopes:
@@ -80,14 +114,18 @@ def service_bench(rounds: int, scopes: list[CompileScope]) -> dict:
             for label in ("cold", "warm"):
                 folder = root / f"{label}-{scope}-{index}"
                 folder.mkdir()
-                rows.append({"round": index + 1, **serve_once(folder, root / "slapgen-cache", compile_cache, label, scope)})
+                rows.append({"round": index + 1, **serve_once(folder, root / "slapgen-cache", compile_cache, label, scope,
+                                                              str(served), device, quant)})
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     by_scope = {}
     for scope in scopes:
         cold = statistics.median(r["ready_s"] for r in rows if r["start"] == "cold" and r["compile_scope"] == scope)
         warm = statistics.median(r["ready_s"] for r in rows if r["start"] == "warm" and r["compile_scope"] == scope)
         by_scope[scope] = {"cold_ready_s_median": cold, "warm_ready_s_median": warm, "cold_over_warm": cold / warm}
-    return {"rows": rows, "by_scope": by_scope}
+    shutil.rmtree(root, ignore_errors=True)  # 5B's folder is 21 GB of the GPU machine's 64 GB disk
+    # One scope: its medians at the top too, where the GPU run's log line looks.
+    return {"model": model, "quant": quant, **({"random_5b_folder": written} if written else {}), "rows": rows,
+            "by_scope": by_scope, **(by_scope[scopes[0]] if len(scopes) == 1 else {})}
 
 
 # --- The GPU run's check: the transformer alone, compiled cold then warm in two fresh processes ---------------
@@ -205,10 +243,12 @@ def main() -> None:
     parser.add_argument("--case", help="compile-5b | compile-tiny (the GPU run's check and its dry run)")
     parser.add_argument("--blocks", type=int, help="with --case: the first N transformer blocks")
     parser.add_argument("--quant", default="none", choices=["none", "fp8", "fp8-weight", "int8"],
-                        help="with --case: quantise as SLAP_QUANT does before compiling")
+                        help="quantise as SLAP_QUANT does before compiling")
     parser.add_argument("--scope", default="blocks", choices=[*get_args(CompileScope), "both"],
                         help="what is compiled, as SLAP_COMPILE_SCOPE; both: each in turn (with --case: a table and "
                              "bench/results/compile-scopes-*.json)")
+    parser.add_argument("--model", default="tiny", choices=["tiny", "5b"],
+                        help="without --case: the model served (5b: random weights at its real configs, on the GPU)")
     parser.add_argument("--cache-dir", type=Path, help=argparse.SUPPRESS)
     add_save_argument(parser)
     args = parser.parse_args()
@@ -223,16 +263,18 @@ def main() -> None:
         else:
             print(json.dumps(compile_case(model, args.blocks, args.quant, args.scope)))
         return
-    result = service_bench(args.rounds, list(get_args(CompileScope)) if args.scope == "both" else [args.scope])
+    result = service_bench(args.rounds, list(get_args(CompileScope)) if args.scope == "both" else [args.scope],
+                           args.model, args.quant)
     print_table(result["rows"], ["round", "compile_scope", "start", "ready_s", "load_1min_before", "load_1min_after",
                                  "graphs_from_cache", "graphs_compiled", "recompilations"])
     for scope, medians in result["by_scope"].items():
         print(f"\n{scope}: ready cold {medians['cold_ready_s_median']:.1f} s, warm {medians['warm_ready_s_median']:.1f} s "
               f"(medians); cold / warm = {medians['cold_over_warm']:.2f}x")
-    path = write_results("coldstart", {"device": device_description(), "torch": torch.__version__, "model": "tiny",
-                                       "what": "bentoml serve -> /readyz 200 with SLAP_COMPILE=1, empty vs warm "
-                                               "SLAP_COMPILE_CACHE_DIR", **result}, save=args.save)
+    results = {"device": device_description(), "torch": torch.__version__,
+               "what": "bentoml serve -> /readyz 200 with SLAP_COMPILE=1, empty vs warm SLAP_COMPILE_CACHE_DIR", **result}
+    path = write_results("coldstart" if args.model == "tiny" else f"coldstart-{args.model}", results, save=args.save)
     print(f"wrote {path}")
+    print(json.dumps(results))  # last: the GPU run's check reads its result from the last stdout line
 
 
 if __name__ == "__main__":

@@ -31,8 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import device_description, add_save_argument, print_table, run_case_in_subprocess, write_results  # noqa: E402
 
 
-def _models(name: str, device: str):
-    """(pipeline without weights loaded from disk, spec, lora rank, dtype)."""
+def _models(name: str, device: str, layers: int | None = None):
+    """(pipeline without weights loaded from disk, spec, lora rank, dtype); `layers`: only the first blocks of
+    5B's transformer and text encoder (a CPU-sized stand-in)."""
     from diffusers import CogVideoXPipeline
 
     from slapgen.models.tiny import TINY_SPEC, build_tiny_pipeline
@@ -47,13 +48,14 @@ def _models(name: str, device: str):
 
     tiny = build_tiny_pipeline()
     tiny.tokenizer.model_max_length = COGVIDEOX_5B.max_sequence_length  # token ids differ; shapes are real
+    depth = {"num_layers": layers} if layers else {}
     torch.set_default_dtype(torch.bfloat16)
     with torch.device(device):
         pipeline = CogVideoXPipeline(
             tokenizer=tiny.tokenizer,
-            text_encoder=T5EncoderModel(T5Config(**T5_V1_1_XXL)),
+            text_encoder=T5EncoderModel(T5Config(**{**T5_V1_1_XXL, **depth})),
             vae=AutoencoderKLCogVideoX(**COGVIDEOX_5B_VAE),
-            transformer=CogVideoXTransformer3DModel(**COGVIDEOX_5B_TRANSFORMER),
+            transformer=CogVideoXTransformer3DModel(**{**COGVIDEOX_5B_TRANSFORMER, **depth}),
             scheduler=tiny.scheduler,
         )
     torch.set_default_dtype(torch.float32)

@@ -18,10 +18,12 @@ from tests.conftest import REPO_ROOT
 pytestmark = pytest.mark.slow
 
 GPU = REPO_ROOT / "bench" / "gpu"
-# What the GPU image lacks and slapgen, the bench scripts or the tests import (issue 13, FACTS.md).
-NEEDED = {"diffusers", "torchao", "pydantic", "pydantic-core", "pydantic-settings", "imageio-ffmpeg"}
+# What the GPU image lacks and slapgen, the bench scripts or the tests import (issue 13, FACTS.md), and what the
+# first check's `bentoml serve` and the service's job board need (issue 21).
+NEEDED = {"diffusers", "torchao", "pydantic", "pydantic-core", "pydantic-settings", "imageio-ffmpeg",
+          "bentoml", "sqlalchemy", "alembic", "starlette", "uvicorn"}
 # The image's own: carrying them would replace its CUDA build or waste the 64 MiB the device tool carries.
-NEVER = re.compile(r"^(torch|torchvision|torchaudio|triton|nvidia-.*|cuda-.*|bentoml)$")
+NEVER = re.compile(r"^(torch|torchvision|torchaudio|triton|nvidia-.*|cuda-.*)$")
 
 
 def _pins(path) -> dict[str, str]:
@@ -72,20 +74,21 @@ def _sized_wheels(folder, sizes_mib):
 
 
 def test_size_check_passes_under_the_cap_and_fails_over_it(tmp_path):
-    under = subprocess.run(["bash", str(GPU / "prepare.sh"), "--check", str(_sized_wheels(tmp_path / "a", [30, 9.5]))],
+    under = subprocess.run(["bash", str(GPU / "prepare.sh"), "--check", str(_sized_wheels(tmp_path / "a", [40, 15.5]))],
                            capture_output=True, text=True)
     assert under.returncode == 0, under.stderr
-    assert "39.50 MiB  total (2 wheels; cap 40 MiB)" in under.stdout
-    over = subprocess.run(["bash", str(GPU / "prepare.sh"), "--check", str(_sized_wheels(tmp_path / "b", [30, 10.5]))],
+    assert "55.50 MiB  total (2 wheels; cap 56 MiB)" in under.stdout
+    over = subprocess.run(["bash", str(GPU / "prepare.sh"), "--check", str(_sized_wheels(tmp_path / "b", [40, 16.5]))],
                           capture_output=True, text=True)
-    assert over.returncode != 0 and "more than 40 MiB" in over.stderr
+    assert over.returncode != 0 and "more than 56 MiB" in over.stderr
 
 
 @pytest.mark.parametrize("dry_run", [False, True])
 def test_plan_runs_the_checks_in_order_of_value(dry_run):
     """Guards a GPU call spending its budget on what cannot end, or on what was measured already: the unquantised
-    replica start first (the one open issue's number), then fp8's compile on one block, which every fp8 compiled
-    check needs, then the checks never run, the autotuned fp8 compile beside them, the repeats, Wan last."""
+    replica's start through `bentoml serve` first (the one open issue's number), then the same start's compile
+    alone, then fp8's compile on one block, which every fp8 compiled check needs, then the checks never run, the
+    autotuned fp8 compile beside them, the repeats, Wan last."""
     result = subprocess.run([sys.executable, str(GPU / "checks.py"), "--list", *(["--dry-run"] if dry_run else [])],
                             capture_output=True, text=True, cwd=REPO_ROOT)
     assert result.returncode == 0, result.stderr
@@ -93,18 +96,21 @@ def test_plan_runs_the_checks_in_order_of_value(dry_run):
     names = [row[0] for row in rows]
     text_of = {row[0]: " ".join(row) for row in rows}
     fp8, n = ("fp8-weight", 1) if dry_run else ("fp8", 14)
-    # The whole-replica start first, unquantised, every block compiled, as the service does; in the group of the
-    # other compile-cache check, so the files stay within the tool's 8.
-    replica = rows[0]
+    # The whole replica first, `bentoml serve` on the full model, unquantised, every block compiled, as the service
+    # does; then its compile alone; in the group of the other compile-cache check, so the files stay within 8.
+    served, replica = rows[0], rows[1]
+    assert served[0] == f"replica-serve-{'unquantised' if dry_run else 'bf16'}" and served[1] == "2-hotswap"
+    assert "--case" not in served and "--blocks" not in served
+    assert f"--model {'tiny' if dry_run else '5b'} --rounds 1 --scope blocks --quant none" in text_of[served[0]]
     assert replica[0] == f"replica-start-{'unquantised' if dry_run else 'bf16'}-all-blocks" and replica[1] == "2-hotswap"
     assert "--blocks" not in replica and "--quant none" in text_of[replica[0]] and "--scope blocks" in text_of[replica[0]]
     one_block = f"{fp8}-compile-1-block"
-    assert names[1] == one_block
+    assert names[2] == one_block
     assert "--stacks-every-s 30" in text_of[one_block] and "--blocks 1" in text_of[one_block]
     fp8_compiled = [f"replica-start-{fp8}-all-blocks", f"{fp8}-compile-{n}-blocks", f"{fp8}-compile-transformer-{n}-blocks"]
     for name in fp8_compiled:
         assert text_of[name].endswith(f"(needs {one_block})"), name
-    assert names[2] == fp8_compiled[0] and "--quant " + fp8 in text_of[fp8_compiled[0]]
+    assert names[3] == fp8_compiled[0] and "--quant " + fp8 in text_of[fp8_compiled[0]]
     # fp8's 14-block steps after the checks never run: an fp8 compile that ends but slowly must not take their budget.
     assert names.index("pytest-gpu") < names.index(fp8_compiled[1]) < names.index(fp8_compiled[2])
     assert "(needs" not in text_of[one_block] and "TORCHINDUCTOR" not in text_of[one_block]
@@ -248,3 +254,36 @@ def test_wan_cases_run_on_the_tiny_stand_in():
     # rank 4 on to_q/to_k/to_v/to_out.0 of attn1 and attn2 in 2 blocks, 32 wide: A (4 x 32) + B (32 x 4) each
     assert train["lora_parameters"] == 2 * 2 * 4 * (4 * 32 + 32 * 4)
     assert train["step_s_median"] > 0
+
+
+def test_the_first_checks_5b_folder_is_5bs_shape_and_loads_as_5b(tmp_path):
+    """Guards the GPU run's replica start (`coldstart.py --model 5b`) serving something other than CogVideoX-5B:
+    a folder slapgen would not take for 5B (another spec, so other defaults: size, steps, the warm-up's video)
+    or components off 5B's published configs (less to read from disk, another graph to compile). Built here
+    with one block in the transformer and the text encoder; every other config value is 5B's."""
+    sys.path.insert(0, str(REPO_ROOT))
+    from bench.coldstart import write_random_5b_model
+    from slapgen.models.loading import load_pipeline, resolve_model
+    from slapgen.models.reference_configs import COGVIDEOX_5B_TRANSFORMER, COGVIDEOX_5B_VAE, T5_V1_1_XXL
+    from slapgen.models.specs import COGVIDEOX_5B
+
+    folder = tmp_path / "CogVideoX-5b-random"
+    written = write_random_5b_model(folder, "cpu", layers=1)
+    resolved = resolve_model(str(folder), cache_dir=tmp_path / "cache", allow_download=False)
+    assert resolved.spec == COGVIDEOX_5B
+    pipeline = load_pipeline(resolved)
+    one_block = {"num_layers": 1}
+    assert {key: pipeline.transformer.config[key] for key in COGVIDEOX_5B_TRANSFORMER} == {**COGVIDEOX_5B_TRANSFORMER, **one_block}
+    assert {key: pipeline.vae.config[key] for key in COGVIDEOX_5B_VAE} == {
+        key: list(value) if isinstance(value, tuple) else value for key, value in COGVIDEOX_5B_VAE.items()}
+    # tie_word_embeddings: transformers 5 writes True for T5EncoderModel whatever it was given; an encoder has no
+    # output embedding to tie, so it changes no weight
+    t5 = {key: value for key, value in T5_V1_1_XXL.items() if key != "tie_word_embeddings"}
+    assert {key: getattr(pipeline.text_encoder.config, key) for key in t5} == {**t5, **one_block}
+    assert pipeline.tokenizer.model_max_length == COGVIDEOX_5B.max_sequence_length
+    assert {module.dtype for module in (pipeline.transformer, pipeline.vae, pipeline.text_encoder)} == {COGVIDEOX_5B.torch_dtype}
+    # what a replica reads: every parameter once in bf16 (T5's embedding is shared by `shared` and `embed_tokens`),
+    # the 5B VAE's 0.4 GB and T5's 32128 x 4096 embedding among them, one block of each
+    assert written["gb_on_disk"] == pytest.approx(sum(
+        parameter.numel() * 2 for module in (pipeline.transformer, pipeline.vae, pipeline.text_encoder)
+        for parameter in module.parameters()) / 1e9, rel=0.01)

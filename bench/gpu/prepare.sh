@@ -6,13 +6,13 @@
 #   bench/gpu/prepare.sh              download (replaces bench/gpu/wheels/), print sizes, check
 #   bench/gpu/prepare.sh --check DIR  only the size check, on the wheels in DIR
 #
-# SLAP_WHEELS_LIMIT_MIB (default 40) is the cap.
+# SLAP_WHEELS_LIMIT_MIB (default 56) is the cap: the working tree is about 3 MiB of the 64.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 requirements=bench/gpu/requirements.txt
 wheels=bench/gpu/wheels
-limit_mib=${SLAP_WHEELS_LIMIT_MIB:-40}
+limit_mib=${SLAP_WHEELS_LIMIT_MIB:-56}
 
 check_size() {
     local dir=$1 total
