@@ -69,7 +69,10 @@ def serve_once(folder: Path, cache_dir: Path, compile_cache: Path, label: str, s
     return {"start": label, "ready_s": ready_s, "load_1min_before": load_before, "load_1min_after": os.getloadavg()[0],
             "graphs_from_cache": cache["graphs_from_cache"],
             "graphs_compiled": cache["graphs_compiled"], "fell_back": cache["fell_back"],
-            "recompilations": info["recompilations"], "compile_scope": info["compile_scope"]}
+            "recompilations": info["recompilations"], "compile_scope": info["compile_scope"],
+            # the engine's own phases (reading the weights, moving them, the compile and warm-up...); the rest of
+            # ready_s is the processes' start and imports
+            "startup_s": info["startup_s"]}
 
 
 def write_random_5b_model(folder: Path, device: str, layers: int | None = None) -> dict:

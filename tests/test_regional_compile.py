@@ -97,6 +97,8 @@ def test_regional_compilation_compiles_one_block_for_all(model, graphs, monkeypa
             compiled_frames = engine.generate_frames(params)
         counted[layers] = engine.compiled.graphs
         assert engine.info()["recompilations"] == 0 and engine.info()["compile_scope"] == "blocks"
+        # the compile happens in the warm-up, timed as start-up's last phase (GET /info)
+        assert list(engine.info()["startup_s"])[-1] == "compile_and_warm_up"
         # inductor's fused kernels round differently from eager: close, not bit-equal
         np.testing.assert_allclose(compiled_frames, eager, atol=1e-4)
         torch._dynamo.reset()

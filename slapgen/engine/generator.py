@@ -2,8 +2,8 @@
 
 Start-up (`VideoGenerator.load`): load the pipeline, add the hot-swap LoRA slot (sized from the
 adapters present unless fixed), place it, quantise the transformer, choose its attention kernel, hook
-the step cache, compile it and warm it up. A
-generation switches the slot to the request's adapter under the same lock as the denoising loop, so
+the step cache, compile it and warm it up. Each phase's seconds are kept (`startup_s`, in `GET /info`), so a
+replica's slow start says where it went. A generation switches the slot to the request's adapter under the same lock as the denoising loop, so
 a swap never lands mid-generation; the lock is first-come first-served, so a request waits for at
 most one swap per request ahead of it.
 """
@@ -50,6 +50,21 @@ def slot_rank_for(options: EngineOptions, model_name: str, modules: dict[str, tu
     return min(max(DEFAULT_SLOT_RANK, present), MAX_SLOT_RANK)
 
 
+class StartupPhases:
+    """Seconds each phase of a start-up took, in the order they ran."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(time.perf_counter() - started, 3)
+
+
 class VideoGenerator:
     def __init__(self, pipeline, spec: ModelSpec, device: str, slot: LoraSlot, adapters: AdapterStore,
                  quantization: str = "none", compiled: CompiledTransformer | None = None, max_queue: int | None = None,
@@ -65,6 +80,7 @@ class VideoGenerator:
         self.step_cache = step_cache or StepCache(CacheSetting(), pipeline.transformer, [])
         self._queue = GenerationQueue(max_queue)
         self._last_duration_s = 1.0
+        self.startup_s: dict[str, float] = {}  # `load`'s phases
 
     @classmethod
     def load(cls, resolved: ResolvedModel, options: EngineOptions) -> "VideoGenerator":
@@ -74,24 +90,32 @@ class VideoGenerator:
         family = family_of(resolved.spec)
         check_supported(options.cache, family)
         targets = options.lora_target_modules or family.lora_target_modules
-        pipeline = load_pipeline(resolved)
-        modules = lora_modules(pipeline.transformer, targets)
-        slot = LoraSlot(pipeline.transformer, slot_rank_for(options, resolved.spec.name, modules), targets)
-        place_pipeline(pipeline, options.device, options.offload)
-        quantize_transformer(pipeline.transformer, quantization)
-        apply_attention(pipeline.transformer, options.attention, options.device)
-        step_cache = StepCache.apply(pipeline, options.cache, family)
+        phases = StartupPhases()
+        with phases.phase("read_weights"):
+            pipeline = load_pipeline(resolved)
+        with phases.phase("lora_slot"):
+            modules = lora_modules(pipeline.transformer, targets)
+            slot = LoraSlot(pipeline.transformer, slot_rank_for(options, resolved.spec.name, modules), targets)
+        with phases.phase("to_device"):
+            place_pipeline(pipeline, options.device, options.offload)
+        with phases.phase("quantize"):
+            quantize_transformer(pipeline.transformer, quantization)
+        with phases.phase("attention_and_cache"):
+            apply_attention(pipeline.transformer, options.attention, options.device)
+            step_cache = StepCache.apply(pipeline, options.cache, family)
         compiled = None
         if options.compile:
             compiled = CompiledTransformer(options.compile_cache_dir, scope=options.compile_scope)
-            compiled.compile(pipeline)
+            compiled.compile(pipeline)  # lazy: the warm-up's first call compiles, or loads from the compile cache
         target = AdapterTarget(resolved.spec.name, slot.modules, slot.max_rank, resolved.spec.max_num_frames,
                                resolved.spec.frame_step, resolved.spec.family)
         adapters = AdapterStore(options.adapters_dir, target, options.adapter_cache_size)
         generator = cls(pipeline, resolved.spec, options.device, slot, adapters, quantization, compiled, options.max_queue,
                         options.attention, step_cache)
         if compiled is not None:
-            compiled.warm_up(pipeline, generator.warm_up)  # with a compile cache: counted, falls back when damaged
+            with phases.phase("compile_and_warm_up"):
+                compiled.warm_up(pipeline, generator.warm_up)  # with a compile cache: counted, falls back when damaged
+        generator.startup_s = phases.seconds
         return generator
 
     def warm_up(self) -> float:
@@ -132,6 +156,7 @@ class VideoGenerator:
             "lora_target_modules": list(self.slot.target_modules),  # the family's unless SLAP_LORA_TARGET_MODULES
             "recompilations": self.compiled.recompilations if self.compiled else 0,
             "compile_cache": self.compiled.cache.info() if self.compiled and self.compiled.cache else None,
+            "startup_s": self.startup_s,
             "queue": self.queue_length,
         }
 
