@@ -46,9 +46,10 @@ from slapgen.engine.params import CompileScope  # noqa: E402
 
 
 def serve_once(folder: Path, cache_dir: Path, compile_cache: Path, label: str, scope: CompileScope,
-               model: str = "tiny", device: str = "cpu", quant: str = "none") -> dict:
-    """One `bentoml serve` of the compiled `model` (`tiny`, or a pipeline folder; `scope` as SLAP_COMPILE_SCOPE):
-    seconds until /readyz answers 200, and its /info."""
+               served: Path, model: str, device: str, quant: str, timeout_s: float) -> dict:
+    """One `bentoml serve` of the compiled pipeline folder `served` (`model`: tiny or 5b; `scope` as
+    SLAP_COMPILE_SCOPE): seconds until /readyz answers 200, and its /info. A start not ready in `timeout_s` is
+    stopped (the server runs in its own session: a kill of this process would not reach it) and raises."""
     import httpx
 
     from tests.conftest import start_server, stop_server
@@ -57,7 +58,7 @@ def serve_once(folder: Path, cache_dir: Path, compile_cache: Path, label: str, s
     rank = {"SLAP_MAX_LORA_RANK": "8"} if model == "tiny" else {}
     load_before = os.getloadavg()[0]
     started = time.perf_counter()
-    server = start_server(folder, startup_timeout_s=1800, SLAP_MODEL=model, SLAP_CACHE_DIR=str(cache_dir),
+    server = start_server(folder, startup_timeout_s=timeout_s, SLAP_MODEL=str(served), SLAP_CACHE_DIR=str(cache_dir),
                           SLAP_DEVICE=device, SLAP_QUANT=quant, SLAP_COMPILE="1", SLAP_COMPILE_SCOPE=scope, **rank,
                           SLAP_COMPILE_CACHE_DIR=str(compile_cache), SLAP_ADAPTERS_DIR=str(folder / "adapters"))
     ready_s = time.perf_counter() - started
@@ -71,9 +72,13 @@ def serve_once(folder: Path, cache_dir: Path, compile_cache: Path, label: str, s
             "graphs_from_cache": cache["graphs_from_cache"],
             "graphs_compiled": cache["graphs_compiled"], "fell_back": cache["fell_back"],
             "recompilations": info["recompilations"], "compile_scope": info["compile_scope"],
-            # the engine's own phases (reading the weights, moving them, the compile and warm-up...); the rest of
-            # ready_s is the processes' start and imports
+            # the engine's own phases (loading the pipeline, moving it, the compile and warm-up...); the rest of
+            # ready_s is the processes' start and imports, the stores, BentoML's set-up
             "startup_s": info["startup_s"]}
+
+
+# CogVideoX-5B in bf16: a 5.6 B-parameter transformer, 4.8 B of T5 v1.1 XXL's encoder, the VAE.
+RANDOM_5B_GB = 21.0
 
 
 def write_random_5b_model(folder: Path, device: str, layers: int | None = None) -> dict:
@@ -85,6 +90,10 @@ def write_random_5b_model(folder: Path, device: str, layers: int | None = None) 
     the tiny model's (word-level, its ids a subset of T5's)."""
     from bench.train_step import _models
 
+    free_gb = shutil.disk_usage(folder.parent).free / 1e9
+    if layers is None and free_gb < RANDOM_5B_GB * 1.2:
+        raise SystemExit(f"CogVideoX-5B's random pipeline takes about {RANDOM_5B_GB:.0f} GB; {folder.parent} has "
+                         f"{free_gb:.1f} GB free")
     started = time.perf_counter()
     pipeline, spec, _, dtype = _models("5b", device, layers=layers)
     pipeline.to(dtype=dtype)
@@ -99,40 +108,68 @@ def write_random_5b_model(folder: Path, device: str, layers: int | None = None) 
             "gb_on_disk": sum(path.stat().st_size for path in folder.rglob("*") if path.is_file()) / 1e9}
 
 
-def service_bench(rounds: int, scopes: list[CompileScope], model: str = "tiny", quant: str = "none") -> dict:
+def evict_from_page_cache(folder: Path) -> int:
+    """Drop `folder`'s files from the kernel's page cache (written back first), so the next start reads them
+    from the disk as a fresh node would, not from memory as right after writing them. Returns the files
+    evicted; 0 where `posix_fadvise` does not exist."""
+    if not hasattr(os, "posix_fadvise"):
+        return 0
+    evicted = 0
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        descriptor = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+            os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
+            evicted += 1
+        finally:
+            os.close(descriptor)
+    return evicted
+
+
+def service_bench(rounds: int, scopes: list[CompileScope], model: str = "tiny", quant: str = "none",
+                  time_limit_s: float = 3600) -> dict:
     """`rounds` times, for each scope in turn: a cold start (empty compile cache) then a warm one (the folder the
     cold start filled). Medians and the cold / warm ratio per scope, all from this one run. `model`: tiny on
-    the CPU, or 5b on the GPU (`write_random_5b_model`, written once before the first start)."""
+    the CPU, or 5b on the GPU (`write_random_5b_model`, written once, evicted from the page cache before each
+    start). Every start gets what is left of `time_limit_s`; one that does not end is stopped, and the rows so
+    far come back with the error."""
     from slapgen.models.tiny import materialise_tiny_model
 
+    deadline = time.monotonic() + time_limit_s
     root = Path(tempfile.mkdtemp(prefix="slapgen-coldstart-"))
-    written = {}
-    if model == "5b":
-        served, device = root / "CogVideoX-5b-random", "cuda"
-        written = write_random_5b_model(served, device)
-        print(json.dumps({"wrote_random_5b": written}), file=sys.stderr, flush=True)
-    else:
-        served, device = "tiny", "cpu"
-        materialise_tiny_model(root / "slapgen-cache")
-    rows = []
-    for index in range(rounds):
-        for scope in scopes:
-            compile_cache = root / f"compile-cache-{scope}-{index}"  # empty: the cold start fills it, the warm one reads it
-            for label in ("cold", "warm"):
-                folder = root / f"{label}-{scope}-{index}"
-                folder.mkdir()
-                rows.append({"round": index + 1, **serve_once(folder, root / "slapgen-cache", compile_cache, label, scope,
-                                                              str(served), device, quant)})
-                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    by_scope = {}
+    result: dict = {"model": model, "quant": quant}
+    rows = result["rows"] = []
+    try:
+        if model == "5b":
+            served, device = root / "CogVideoX-5b-random", "cuda"
+            result["random_5b_folder"] = write_random_5b_model(served, device)
+            print(json.dumps(result["random_5b_folder"]), file=sys.stderr, flush=True)
+        else:  # by its folder, as a real model is served
+            served, device = materialise_tiny_model(root / "slapgen-cache"), "cpu"
+        for index in range(rounds):
+            for scope in scopes:
+                compile_cache = root / f"compile-cache-{scope}-{index}"  # the cold start fills it, the warm one reads it
+                for label in ("cold", "warm"):
+                    folder = root / f"{label}-{scope}-{index}"
+                    folder.mkdir()
+                    evicted = evict_from_page_cache(served) if model == "5b" else None
+                    row = serve_once(folder, root / "slapgen-cache", compile_cache, label, scope, served, model, device,
+                                     quant, timeout_s=deadline - time.monotonic())
+                    rows.append({"round": index + 1, **row, **({"files_evicted": evicted} if evicted is not None else {})})
+                    print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    except (RuntimeError, OSError) as error:  # a start that failed or ran out of time: what was measured still counts
+        result["error"] = str(error)[-2000:]
+    finally:
+        shutil.rmtree(root, ignore_errors=True)  # 5B's folder is 21 GB of the GPU machine's 64 GB disk
+    result["by_scope"] = {}
     for scope in scopes:
-        cold = statistics.median(r["ready_s"] for r in rows if r["start"] == "cold" and r["compile_scope"] == scope)
-        warm = statistics.median(r["ready_s"] for r in rows if r["start"] == "warm" and r["compile_scope"] == scope)
-        by_scope[scope] = {"cold_ready_s_median": cold, "warm_ready_s_median": warm, "cold_over_warm": cold / warm}
-    shutil.rmtree(root, ignore_errors=True)  # 5B's folder is 21 GB of the GPU machine's 64 GB disk
-    # One scope: its medians at the top too, where the GPU run's log line looks.
-    return {"model": model, "quant": quant, **({"random_5b_folder": written} if written else {}), "rows": rows,
-            "by_scope": by_scope, **(by_scope[scopes[0]] if len(scopes) == 1 else {})}
+        cold = [r["ready_s"] for r in rows if r["start"] == "cold" and r["compile_scope"] == scope]
+        warm = [r["ready_s"] for r in rows if r["start"] == "warm" and r["compile_scope"] == scope]
+        if cold and warm:
+            result["by_scope"][scope] = {"cold_ready_s_median": statistics.median(cold),
+                                         "warm_ready_s_median": statistics.median(warm),
+                                         "cold_over_warm": statistics.median(cold) / statistics.median(warm)}
+    return result
 
 
 # --- The GPU run's check: the transformer alone, compiled cold then warm in two fresh processes ---------------
@@ -256,6 +293,8 @@ def main() -> None:
                              "bench/results/compile-scopes-*.json)")
     parser.add_argument("--model", default="tiny", choices=["tiny", "5b"],
                         help="without --case: the model served (5b: random weights at its real configs, on the GPU)")
+    parser.add_argument("--time-limit-s", type=float, default=3600,
+                        help="without --case: every start together ends within this; one that does not is stopped")
     parser.add_argument("--cache-dir", type=Path, help=argparse.SUPPRESS)
     add_save_argument(parser)
     args = parser.parse_args()
@@ -271,9 +310,10 @@ def main() -> None:
             print(json.dumps(compile_case(model, args.blocks, args.quant, args.scope)))
         return
     result = service_bench(args.rounds, list(get_args(CompileScope)) if args.scope == "both" else [args.scope],
-                           args.model, args.quant)
-    print_table(result["rows"], ["round", "compile_scope", "start", "ready_s", "load_1min_before", "load_1min_after",
-                                 "graphs_from_cache", "graphs_compiled", "recompilations"])
+                           args.model, args.quant, args.time_limit_s)
+    if result["rows"]:
+        print_table(result["rows"], ["round", "compile_scope", "start", "ready_s", "load_1min_before", "load_1min_after",
+                                     "graphs_from_cache", "graphs_compiled", "recompilations"])
     for scope, medians in result["by_scope"].items():
         print(f"\n{scope}: ready cold {medians['cold_ready_s_median']:.1f} s, warm {medians['warm_ready_s_median']:.1f} s "
               f"(medians); cold / warm = {medians['cold_over_warm']:.2f}x")
@@ -282,6 +322,8 @@ def main() -> None:
     path = write_results("coldstart" if args.model == "tiny" else f"coldstart-{args.model}", results, save=args.save)
     print(f"wrote {path}")
     print(json.dumps(results))  # last: the GPU run's check reads its result from the last stdout line
+    if "error" in result:
+        raise SystemExit(f"coldstart: a start failed or ran out of time, the rows before it are above: {result['error']}")
 
 
 if __name__ == "__main__":

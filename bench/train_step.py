@@ -48,7 +48,7 @@ def _models(name: str, device: str, layers: int | None = None):
 
     tiny = build_tiny_pipeline()
     tiny.tokenizer.model_max_length = COGVIDEOX_5B.max_sequence_length  # token ids differ; shapes are real
-    depth = {"num_layers": layers} if layers else {}
+    depth = {"num_layers": layers} if layers is not None else {}
     torch.set_default_dtype(torch.bfloat16)
     with torch.device(device):
         pipeline = CogVideoXPipeline(

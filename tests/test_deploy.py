@@ -6,9 +6,10 @@ checks the same names against a real `bentoml serve`)."""
 
 from __future__ import annotations
 
+import base64
 import re
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import kubernetes_validate
 import pytest
@@ -81,8 +82,8 @@ def test_every_manifest_parses_and_names_its_kind():
 # Kinds whose schemas their operators install (KubeRay, the Prometheus Operator), not Kubernetes itself: the
 # schema check below cannot see them, and every other kind must be one it knows.
 OPERATOR_KINDS = {"RayCluster", "PodMonitor"}
-# The oldest Kubernetes the examples claim (HPA autoscaling/v2, startupProbe and ReadWriteMany are all older), and
-# the newest the schemas installed know.
+# A floor of our choosing, not a release the examples name: 1.29 (December 2023; HPA autoscaling/v2, startupProbe
+# and ReadWriteMany are all older), and the newest the schemas installed know.
 SCHEMA_VERSIONS = ("1.29.0", kubernetes_validate.latest_version())
 
 
@@ -126,8 +127,8 @@ def unresolved_references(applied: list[dict]) -> list[str]:
     by which they point at each other. The API server refuses a few of these (a selector its own template
     does not match, a mount of no volume); the rest it accepts and the cluster fails later, often silently:
     a Service with no endpoints, an HPA that never scales, a pod pending on a claim nobody made, a
-    container that cannot start for a missing Secret key, a probe on a port name no container has, or a
-    database URL whose host, port or password is not the database's."""
+    container that cannot start for a missing Secret key, a probe on a port no container has, or a
+    database URL whose host, port, user or password is not the database's."""
     def named(kind: str) -> dict[str, dict]:
         return {document["metadata"]["name"]: document for document in applied if document["kind"] == kind}
 
@@ -138,12 +139,24 @@ def unresolved_references(applied: list[dict]) -> list[str]:
         return [workload for workload in workloads
                 if selector and selector.items() <= workload["spec"]["template"]["metadata"]["labels"].items()]
 
-    def port_names(workload: dict) -> set[str]:
-        return {port["name"] for container in workload["spec"]["template"]["spec"]["containers"]
-                for port in container.get("ports", []) if "name" in port}
+    def container_ports(containers: list[dict]) -> set[str | int]:
+        """What a probe or a Service's targetPort may name: a container port's name or its number."""
+        return {value for container in containers for port in container.get("ports", [])
+                for value in (port.get("name"), port["containerPort"]) if value is not None}
 
     def secret_value(name: str, key: str) -> str | None:
-        return secrets.get(name, {}).get("stringData", {}).get(key)
+        secret = secrets.get(name, {})
+        if key in secret.get("stringData", {}):
+            return secret["stringData"][key]
+        encoded = secret.get("data", {}).get(key)
+        return base64.b64decode(encoded).decode() if encoded is not None else None
+
+    def value_of(variable: dict | None) -> str | None:
+        """An env variable's value, given or read from a Secret (None: neither)."""
+        if variable is None:
+            return None
+        reference = variable.get("valueFrom", {}).get("secretKeyRef")
+        return secret_value(reference["name"], reference["key"]) if reference else variable.get("value")
 
     problems = []
     for document in applied:
@@ -157,7 +170,6 @@ def unresolved_references(applied: list[dict]) -> list[str]:
                 if claim and claim not in claims:
                     problems.append(f"{where}: volume {volume['name']} claims {claim}, which is not defined")
             for container in template["spec"]["containers"]:
-                ports = {port["name"] for port in container.get("ports", []) if "name" in port}
                 problems += [f"{where}: {container['name']} mounts {mount['name']}, which is not a volume"
                              for mount in container.get("volumeMounts", []) if mount["name"] not in volumes]
                 for variable in container.get("env", []):
@@ -167,12 +179,8 @@ def unresolved_references(applied: list[dict]) -> list[str]:
                                         "which is not defined")
                 for probe in PROBES:
                     port = container.get(probe, {}).get("httpGet", {}).get("port")
-                    if isinstance(port, str) and port not in ports:
-                        problems.append(f"{where}: the {probe} is on port {port}, which {container['name']} does not name")
-                resources = container.get("resources", {})
-                if "nvidia.com/gpu" in resources.get("requests", {}) and \
-                        resources["requests"]["nvidia.com/gpu"] != resources.get("limits", {}).get("nvidia.com/gpu"):
-                    problems.append(f"{where}: a GPU request that is not its limit (the API server refuses it)")
+                    if port is not None and port not in container_ports([container]):
+                        problems.append(f"{where}: the {probe} is on port {port}, which {container['name']} does not have")
         if kind in ("Deployment", "StatefulSet") and document not in selected(spec["selector"]["matchLabels"]):
             problems.append(f"{where}: its selector does not match its own pods' labels")
         if kind == "StatefulSet" and spec["serviceName"] not in services:
@@ -181,10 +189,11 @@ def unresolved_references(applied: list[dict]) -> list[str]:
             targets = selected(spec["selector"].get("matchLabels", spec["selector"]))
             if len(targets) != 1:
                 problems.append(f"{where}: selects {len(targets)} workloads, not one")
-            wanted = [port["targetPort"] for port in spec.get("ports", [])] + \
+            # a Service port without targetPort targets its own number
+            wanted = [port.get("targetPort", port.get("port")) for port in spec.get("ports", [])] + \
                      [endpoint["port"] for endpoint in spec.get("podMetricsEndpoints", [])]
-            problems += [f"{where}: port {port} is not a port its pods name" for target in targets
-                         for port in wanted if isinstance(port, str) and port not in port_names(target)]
+            problems += [f"{where}: port {port} is not a port its pods have" for target in targets for port in wanted
+                         if port not in container_ports(target["spec"]["template"]["spec"]["containers"])]
         if kind == "HorizontalPodAutoscaler":
             target = spec["scaleTargetRef"]
             if not any(other["kind"] == target["kind"] and other["metadata"]["name"] == target["name"]
@@ -196,8 +205,9 @@ def unresolved_references(applied: list[dict]) -> list[str]:
             continue
         parsed = urlsplit(url)
         database = services.get(parsed.hostname)
-        if database is None or parsed.port not in {port["port"] for port in database["spec"]["ports"]}:
-            problems.append(f"Secret {name}: SLAP_DATABASE_URL names {parsed.hostname}:{parsed.port}, not a Service port")
+        port = parsed.port or 5432  # PostgreSQL's, when the URL names none
+        if database is None or port not in {service_port["port"] for service_port in database["spec"]["ports"]}:
+            problems.append(f"Secret {name}: SLAP_DATABASE_URL names {parsed.hostname}:{port}, not a Service port")
             continue
         servers = [container for workload in selected(database["spec"]["selector"])
                    for container in workload["spec"]["template"]["spec"]["containers"]]
@@ -205,11 +215,12 @@ def unresolved_references(applied: list[dict]) -> list[str]:
             problems.append(f"Secret {name}: SLAP_DATABASE_URL's Service {parsed.hostname} reaches {len(servers)} servers")
             continue
         env = environment(servers[0])
-        password = env["POSTGRES_PASSWORD"]["valueFrom"]["secretKeyRef"]
-        if (parsed.username, parsed.path.lstrip("/"), parsed.password) != (
-                env["POSTGRES_USER"]["value"], env["POSTGRES_DB"]["value"],
-                secret_value(password["name"], password["key"])):
-            problems.append(f"Secret {name}: SLAP_DATABASE_URL's user, database or password is not the database's")
+        # the postgres image's own variables; POSTGRES_DB defaults to the user's name
+        user, password = value_of(env.get("POSTGRES_USER")), value_of(env.get("POSTGRES_PASSWORD"))
+        database_name = value_of(env.get("POSTGRES_DB")) or user
+        given = (unquote(parsed.username or ""), unquote(parsed.password or ""), unquote(parsed.path.lstrip("/")))
+        if given != (user, password, database_name):
+            problems.append(f"Secret {name}: SLAP_DATABASE_URL's user, password or database is not the database's")
     return problems
 
 
@@ -246,6 +257,15 @@ def _change_one_password(applied):
     _the(applied, "Secret", "slapgen-database")["stringData"]["POSTGRES_PASSWORD"] = "s3cret"
 
 
+def _rename_database_host(applied):
+    secret = _the(applied, "Secret", "slapgen-database")
+    secret["stringData"]["SLAP_DATABASE_URL"] = secret["stringData"]["SLAP_DATABASE_URL"].replace("@slapgen-postgres:", "@postgres:")
+
+
+def _rename_headless_service(applied):
+    _the(applied, "StatefulSet", "slapgen-postgres")["spec"]["serviceName"] = "slapgen-pg"
+
+
 def _rename_secret_key(applied):
     secret = _the(applied, "Secret", "slapgen-database")
     secret["stringData"]["DATABASE_URL"] = secret["stringData"].pop("SLAP_DATABASE_URL")
@@ -256,7 +276,9 @@ def _rename_secret_key(applied):
     (_rename_deployment, "HorizontalPodAutoscaler slapgen: scales Deployment slapgen"),
     (_rename_claim, "claims slapgen-shared, which is not defined"),
     (_rename_port, "the readinessProbe is on port http"),
-    (_change_one_password, "SLAP_DATABASE_URL's user, database or password"),
+    (_change_one_password, "SLAP_DATABASE_URL's user, password or database"),
+    (_rename_database_host, "SLAP_DATABASE_URL names postgres:5432, not a Service port"),
+    (_rename_headless_service, "StatefulSet slapgen-postgres: its serviceName slapgen-pg is not a Service"),
     (_rename_secret_key, "SLAP_DATABASE_URL reads slapgen-database/SLAP_DATABASE_URL"),
 ], ids=lambda value: getattr(value, "__name__", "")[1:] or None)
 def test_a_broken_reference_is_found(break_it, said):

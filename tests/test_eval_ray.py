@@ -227,7 +227,8 @@ def test_a_retried_shard_keeps_only_the_videos_its_lost_attempt_finished(tmp_pat
     from slapgen.engine.params import GenerationParams
     from trainer.evaluate.options import AdapterArg, EvalOptions
     from trainer.evaluate.recipes import made_earlier, record
-    from trainer.evaluate.run import Timer, generate, planned_videos, video_path
+    from slapgen.timing import PhaseTimes
+    from trainer.evaluate.run import generate, planned_videos, video_path
     from trainer.evaluate.systems import System
 
     options = EvalOptions(model="tiny", adapters=(AdapterArg("a", tmp_path),), heldout=tmp_path, out=tmp_path,
@@ -243,7 +244,7 @@ def test_a_retried_shard_keeps_only_the_videos_its_lost_attempt_finished(tmp_pat
     before = finished.read_bytes()
     generator = RecordingGenerator()
     videos = generate(generator, planned, recipes, {"base": None}, ["p0", "p1"], [tmp_path, tmp_path], params,
-                      options, tmp_path, Timer())
+                      options, tmp_path, PhaseTimes())
     assert generator.made == [("p0", 2), ("p1", 1), ("p1", 2)]
     assert finished.read_bytes() == before
     assert [(v.prompt, v.seed, v.path) for v in videos] == [(p, s, video_path(tmp_path, "base", p, s))

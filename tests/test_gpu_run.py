@@ -84,11 +84,11 @@ def test_size_check_passes_under_the_cap_and_fails_over_it(tmp_path):
 
 
 @pytest.mark.parametrize("dry_run", [False, True])
-def test_plan_runs_the_checks_in_order_of_value(dry_run):
+def test_plan_runs_the_checks_in_order_of_value(dry_run, monkeypatch):
     """Guards a GPU call spending its budget on what cannot end, or on what was measured already: the unquantised
-    replica's start through `bentoml serve` first (the one open issue's number), then the same start's compile
-    alone, then fp8's compile on one block, which every fp8 compiled check needs, then the checks never run, the
-    autotuned fp8 compile beside them, the repeats, Wan last."""
+    replica's start through `bentoml serve` first (the one open issue's number), then fp8's compile on one block,
+    which every fp8 compiled check needs, the fp8 start and the bf16 start's compile alone, then the checks never
+    run, the autotuned fp8 compile beside them, the repeats, Wan last."""
     result = subprocess.run([sys.executable, str(GPU / "checks.py"), "--list", *(["--dry-run"] if dry_run else [])],
                             capture_output=True, text=True, cwd=REPO_ROOT)
     assert result.returncode == 0, result.stderr
@@ -97,20 +97,24 @@ def test_plan_runs_the_checks_in_order_of_value(dry_run):
     text_of = {row[0]: " ".join(row) for row in rows}
     fp8, n = ("fp8-weight", 1) if dry_run else ("fp8", 14)
     # The whole replica first, `bentoml serve` on the full model, unquantised, every block compiled, as the service
-    # does; then its compile alone; in the group of the other compile-cache check, so the files stay within 8.
-    served, replica = rows[0], rows[1]
+    # does, stopping its own server before the check's timeout; in the group of the other compile-cache checks,
+    # so the files stay within 8.
+    served = rows[0]
     assert served[0] == f"replica-serve-{'unquantised' if dry_run else 'bf16'}" and served[1] == "2-hotswap"
     assert "--case" not in served and "--blocks" not in served
     assert f"--model {'tiny' if dry_run else '5b'} --rounds 1 --scope blocks --quant none" in text_of[served[0]]
-    assert replica[0] == f"replica-start-{'unquantised' if dry_run else 'bf16'}-all-blocks" and replica[1] == "2-hotswap"
-    assert "--blocks" not in replica and "--quant none" in text_of[replica[0]] and "--scope blocks" in text_of[replica[0]]
+    timeouts = {check.name: check.timeout_s for check in _load_checks(monkeypatch, "gpu_checks_plan").plan(dry_run, 14)}
+    assert int(served[served.index("--time-limit-s") + 1]) < timeouts[served[0]]
     one_block = f"{fp8}-compile-1-block"
-    assert names[2] == one_block
+    assert names[1] == one_block
     assert "--stacks-every-s 30" in text_of[one_block] and "--blocks 1" in text_of[one_block]
     fp8_compiled = [f"replica-start-{fp8}-all-blocks", f"{fp8}-compile-{n}-blocks", f"{fp8}-compile-transformer-{n}-blocks"]
     for name in fp8_compiled:
         assert text_of[name].endswith(f"(needs {one_block})"), name
-    assert names[3] == fp8_compiled[0] and "--quant " + fp8 in text_of[fp8_compiled[0]]
+    assert names[2] == fp8_compiled[0] and "--quant " + fp8 in text_of[fp8_compiled[0]]
+    replica = rows[3]  # the bf16 start's compile alone
+    assert replica[0] == f"replica-start-{'unquantised' if dry_run else 'bf16'}-all-blocks" and replica[1] == "2-hotswap"
+    assert "--blocks" not in replica and "--quant none" in text_of[replica[0]] and "--scope blocks" in text_of[replica[0]]
     # fp8's 14-block steps after the checks never run: an fp8 compile that ends but slowly must not take their budget.
     assert names.index("pytest-gpu") < names.index(fp8_compiled[1]) < names.index(fp8_compiled[2])
     assert "(needs" not in text_of[one_block] and "TORCHINDUCTOR" not in text_of[one_block]
@@ -256,12 +260,12 @@ def test_wan_cases_run_on_the_tiny_stand_in():
     assert train["step_s_median"] > 0
 
 
-def test_the_first_checks_5b_folder_is_5bs_shape_and_loads_as_5b(tmp_path):
+def test_the_first_checks_5b_folder_is_5bs_shape_and_loads_as_5b(tmp_path, monkeypatch):
     """Guards the GPU run's replica start (`coldstart.py --model 5b`) serving something other than CogVideoX-5B:
     a folder slapgen would not take for 5B (another spec, so other defaults: size, steps, the warm-up's video)
     or components off 5B's published configs (less to read from disk, another graph to compile). Built here
     with one block in the transformer and the text encoder; every other config value is 5B's."""
-    sys.path.insert(0, str(REPO_ROOT))
+    monkeypatch.syspath_prepend(str(REPO_ROOT))
     from bench.coldstart import write_random_5b_model
     from slapgen.models.loading import load_pipeline, resolve_model
     from slapgen.models.reference_configs import COGVIDEOX_5B_TRANSFORMER, COGVIDEOX_5B_VAE, T5_V1_1_XXL

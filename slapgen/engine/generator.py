@@ -32,6 +32,7 @@ from slapgen.errors import GenerationCancelledError, GenerationTimeoutError
 from slapgen.models.family import family_of
 from slapgen.models.loading import ResolvedModel, load_pipeline
 from slapgen.models.specs import ModelSpec
+from slapgen.timing import PhaseTimes
 from slapgen.video import write_mp4
 
 StepCallback = Callable[[int, int], None]  # (steps done, total steps)
@@ -48,21 +49,6 @@ def slot_rank_for(options: EngineOptions, model_name: str, modules: dict[str, tu
         return options.max_lora_rank
     present = largest_rank_in(options.adapters_dir, AdapterTarget(model_name, modules, MAX_SLOT_RANK))
     return min(max(DEFAULT_SLOT_RANK, present), MAX_SLOT_RANK)
-
-
-class StartupPhases:
-    """Seconds each phase of a start-up took, in the order they ran."""
-
-    def __init__(self):
-        self.seconds: dict[str, float] = {}
-
-    @contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        started = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[name] = round(time.perf_counter() - started, 3)
 
 
 class VideoGenerator:
@@ -90,8 +76,9 @@ class VideoGenerator:
         family = family_of(resolved.spec)
         check_supported(options.cache, family)
         targets = options.lora_target_modules or family.lora_target_modules
-        phases = StartupPhases()
-        with phases.phase("read_weights"):
+        on_gpu = torch.device(options.device).type == "cuda"
+        phases = PhaseTimes(settle=torch.cuda.synchronize if on_gpu else None)
+        with phases.phase("load_pipeline"):
             pipeline = load_pipeline(resolved)
         with phases.phase("lora_slot"):
             modules = lora_modules(pipeline.transformer, targets)
@@ -156,7 +143,7 @@ class VideoGenerator:
             "lora_target_modules": list(self.slot.target_modules),  # the family's unless SLAP_LORA_TARGET_MODULES
             "recompilations": self.compiled.recompilations if self.compiled else 0,
             "compile_cache": self.compiled.cache.info() if self.compiled and self.compiled.cache else None,
-            "startup_s": self.startup_s,
+            "startup_s": {phase: round(seconds, 3) for phase, seconds in self.startup_s.items()},
             "queue": self.queue_length,
         }
 

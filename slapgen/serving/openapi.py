@@ -106,7 +106,8 @@ def _inline(schema: dict) -> dict:
 
 
 EXTRA_PATHS = {
-    "/info": _get("model, its family, dtype, quantization, attention kernel, step cache, compiled and its scope, adapter, slot rank, recompilations, queue, worker"),
+    "/info": _get("model, its family, dtype, quantization, attention kernel, step cache, compiled and its scope, adapter, "
+                  "slot rank, recompilations, compile cache, start-up phases' seconds, queue, worker"),
     "/adapters": _get("adapters with rank, alpha, base model, steps (or the error that makes one unusable)"),
     "/templates": _get("prompt templates with their slots, choices and defaults"),
     "/jobs/progress": _get("state, denoising step k of N and the error of a job", 400, 404, parameters=[

@@ -138,8 +138,9 @@ def generate_shard(options, resolved, worker: int, planned: list, video_recipes:
     from slapgen.engine.generator import VideoGenerator
     from slapgen.models.loading import resolve_model
     from trainer.evaluate.options import MODEL_SETTING
+    from slapgen.timing import PhaseTimes
     from trainer.evaluate.recipes import base_mismatch, recipe_base
-    from trainer.evaluate.run import Timer, eval_engine_options, generate, generation_device, video_path
+    from trainer.evaluate.run import eval_engine_options, generate, generation_device, video_path
 
     out = Path(options.out)
     if not (out / "videos" / PLAN_FILE).is_file():  # a node that joined after the start-up check
@@ -155,7 +156,7 @@ def generate_shard(options, resolved, worker: int, planned: list, video_recipes:
         raise EvalError(f"Ray node {ray.util.get_node_ip_address()} cannot make this eval's videos: its {differs}; "
                         "give every node the same model, slapgen and libraries as the machine running slapgen eval")
     generator = VideoGenerator.load(resolved, engine)
-    videos = generate(generator, planned, video_recipes, layouts, prompts, conditions, params, options, out, Timer())
+    videos = generate(generator, planned, video_recipes, layouts, prompts, conditions, params, options, out, PhaseTimes())
     sys.stdout.flush()
     return len(videos)
 

@@ -25,6 +25,7 @@ from slapgen.evaluation.frechet import frechet_with_interval, reliable_sample_co
 from slapgen.models.family import family_of
 from slapgen.models.loading import ResolvedModel, resolve_model
 from slapgen.models.ticft import TicftLayout, objective_name
+from slapgen.timing import PhaseTimes
 from slapgen.video import read_mp4, write_mp4_atomic
 from trainer.config import DataConfig
 from trainer.errors import EvalError
@@ -51,14 +52,6 @@ class Video:
     seed: int
     path: Path
     scores: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass
-class Timer:
-    seconds: dict[str, float] = field(default_factory=dict)
-
-    def add(self, name: str, started: float) -> None:
-        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
 
 
 def bar(total: int, description: str, unit: str):
@@ -91,7 +84,7 @@ def evaluate(options: EvalOptions, resolved: ResolvedModel | None = None, demand
     (`ray_shards.worker_demand`, with --ray)."""
     from slapgen.engine.generator import VideoGenerator
 
-    timer = Timer()
+    timer = PhaseTimes()
     if options.device.startswith("cuda") and not torch.cuda.is_available():
         raise EvalError(f"--device {options.device} needs a CUDA GPU and none is usable here; use --device cpu")
     # --checkpoints: each run folder's saved steps (read first: a bad folder is one sentence before the model loads).
@@ -240,7 +233,7 @@ def loss_reference(layout: TicftLayout | None) -> str:
 
 
 def held_out_losses(generator, resolved, systems: list[System], layouts: dict[str, TicftLayout | None],
-                    layout_entries: dict, scale: float, options: EvalOptions, timer: Timer, base_recipe: dict,
+                    layout_entries: dict, scale: float, options: EvalOptions, timer: PhaseTimes, base_recipe: dict,
                     digests: dict[Path, str]) -> tuple[dict[str, list[float]], int]:
     """Per-clip held-out losses (in the plain entries' order) of every system on its own objective: the plain
     one, or a TIC-FT adapter's (`layout_entries[layout]`, the clips cached with its layout). With `base` among
@@ -392,7 +385,7 @@ def forget_reports(out: Path) -> None:
 
 def generate(generator, planned: list[tuple[System, int, int]], video_recipes: list[dict],
              layouts: dict[str, TicftLayout | None], prompts: list[str], conditions: list[Path], params,
-             options: EvalOptions, out: Path, timer: Timer) -> list[Video]:
+             options: EvalOptions, out: Path, timer: PhaseTimes) -> list[Video]:
     """The videos of `planned` (`planned_videos`, or a stretch of it), in its order; `video_recipes`: theirs
     (`recipes_of`). Each is made from its own settings and seed alone (the engine seeds every generation afresh
     and puts the item's adapter in the slot), so it is the same video whichever pipeline, and whatever came
@@ -422,7 +415,7 @@ def generate(generator, planned: list[tuple[System, int, int]], video_recipes: l
     return videos
 
 
-def score_videos(videos: list[Video], prompts: list[str], options: EvalOptions, definitions: dict, timer: Timer) -> None:
+def score_videos(videos: list[Video], prompts: list[str], options: EvalOptions, definitions: dict, timer: PhaseTimes) -> None:
     """Per-video metrics, one evaluation model loaded at a time; each pass decodes the mp4s again rather
     than holding every video in memory (120 videos of 49 x 480 x 720 would be 6 GB)."""
     if "clip" in options.metrics:
@@ -474,7 +467,7 @@ def progress_over(items: list, description: str):
 
 
 def fvd_per_system(videos: list[Video], entries, data: DataConfig, options: EvalOptions, definitions: dict,
-                   timer: Timer) -> dict[str, dict]:
+                   timer: PhaseTimes) -> dict[str, dict]:
     """Each system's generated clips against the held-out clips, as the VAE saw them (same frames, size, fps)."""
     from slapgen.evaluation.i3d import FVD_FRAMES, I3DFeatures
     from slapgen.evaluation.models import load_i3d
@@ -507,7 +500,7 @@ def fvd_per_system(videos: list[Video], entries, data: DataConfig, options: Eval
 
 def assemble(options: EvalOptions, model: str, params, systems: list[System], layouts: dict[str, TicftLayout | None],
              entries, prompts: list[str], losses: dict[str, list[float]], videos: list[Video], fvd: dict,
-             definitions: dict, engine: dict, timer: Timer) -> dict:
+             definitions: dict, engine: dict, timer: PhaseTimes) -> dict:
     per_video = [name for name in definitions if name not in (HELDOUT_LOSS, FVD)]
     result_systems = {}
     has_base = any(system.name == BASE for system in systems)

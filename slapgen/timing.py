@@ -1,0 +1,32 @@
+"""Seconds per named phase of a piece of work (a replica's start-up, an evaluation), for reports that say
+where the time went."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+
+@dataclass
+class PhaseTimes:
+    """Seconds per phase, in the order the phases first ran; a phase that runs again adds to its total."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+    # Called before a phase's end is read: work a phase queued on a GPU runs after its Python returns, and
+    # would otherwise be counted in the next phase (`torch.cuda.synchronize`).
+    settle: Callable[[], None] | None = None
+
+    def add(self, name: str, started: float) -> None:
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.settle is not None:
+                self.settle()
+            self.add(name, started)
