@@ -16,7 +16,7 @@
    `compile-tiny` runs it on the tiny model (the dry run; `--blocks 42 --scope both [--save]`: the tiny
    widths at 5B's depth, each scope cold then warm in one run, a table and bench/results/compile-scopes-*.json).
 
-    python bench/coldstart.py [--rounds 3] [--scope blocks|transformer|both] [--model tiny|5b] [--save]
+    python bench/coldstart.py [--rounds 3] [--scope blocks|transformer|both] [--model tiny|5b] [--time-limit-s S] [--save]
                                                         # writes bench/results/coldstart-cpu.json with --save
 
 The machine is shared: run it as `nice -n 19 python bench/coldstart.py` and read the ratio of medians.
@@ -41,7 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import add_save_argument, device_description, print_table, write_results  # noqa: E402
+from bench.common import RUNS_DIR, add_save_argument, device_description, print_table, write_results  # noqa: E402
 from slapgen.engine.params import CompileScope  # noqa: E402
 
 
@@ -54,6 +54,8 @@ def serve_once(folder: Path, cache_dir: Path, compile_cache: Path, label: str, s
 
     from tests.conftest import start_server, stop_server
 
+    if timeout_s <= 0:
+        raise RuntimeError(f"no time left for the {label} start (--time-limit-s)")
     # The tiny model's adapter slot is sized for the tests' rank-8 adapters; a real model keeps its default.
     rank = {"SLAP_MAX_LORA_RANK": "8"} if model == "tiny" else {}
     load_before = os.getloadavg()[0]
@@ -108,6 +110,19 @@ def write_random_5b_model(folder: Path, device: str, layers: int | None = None) 
             "gb_on_disk": sum(path.stat().st_size for path in folder.rglob("*") if path.is_file()) / 1e9}
 
 
+def filesystem_type(path: Path) -> str | None:
+    """The type of the filesystem holding `path` (ext4, xfs, tmpfs, overlay...), from /proc/mounts' longest
+    mount point above it; None where /proc/mounts cannot be read."""
+    try:
+        mounts = [line.split() for line in Path("/proc/mounts").read_text().splitlines()]
+    except OSError:
+        return None
+    resolved = path.resolve()
+    above = [(len(fields[1]), fields[2]) for fields in mounts if len(fields) > 2
+             and (resolved == Path(fields[1]) or Path(fields[1]) in resolved.parents)]
+    return max(above)[1] if above else None
+
+
 def evict_from_page_cache(folder: Path) -> int:
     """Drop `folder`'s files from the kernel's page cache (written back first), so the next start reads them
     from the disk as a fresh node would, not from memory as right after writing them. Returns the files
@@ -136,8 +151,13 @@ def service_bench(rounds: int, scopes: list[CompileScope], model: str = "tiny", 
     from slapgen.models.tiny import materialise_tiny_model
 
     deadline = time.monotonic() + time_limit_s
-    root = Path(tempfile.mkdtemp(prefix="slapgen-coldstart-"))
-    result: dict = {"model": model, "quant": quant}
+    # 5B's weights must be read from a disk: a tmpfs /tmp is memory, where dropping pages from the cache does
+    # nothing; then the folder goes under bench/results/runs (git-ignored).
+    parent = None if model == "tiny" or filesystem_type(Path(tempfile.gettempdir())) != "tmpfs" else RUNS_DIR
+    if parent is not None:
+        parent.mkdir(parents=True, exist_ok=True)
+    root = Path(tempfile.mkdtemp(prefix="slapgen-coldstart-", dir=parent))
+    result: dict = {"model": model, "quant": quant, "filesystem": filesystem_type(root)}
     rows = result["rows"] = []
     try:
         if model == "5b":
@@ -157,8 +177,8 @@ def service_bench(rounds: int, scopes: list[CompileScope], model: str = "tiny", 
                                      quant, timeout_s=deadline - time.monotonic())
                     rows.append({"round": index + 1, **row, **({"files_evicted": evicted} if evicted is not None else {})})
                     print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    except (RuntimeError, OSError) as error:  # a start that failed or ran out of time: what was measured still counts
-        result["error"] = str(error)[-2000:]
+    except Exception as error:  # a start that failed or ran out of time: what was measured still counts
+        result["error"] = f"{type(error).__name__}: {error}"[-2000:]
     finally:
         shutil.rmtree(root, ignore_errors=True)  # 5B's folder is 21 GB of the GPU machine's 64 GB disk
     result["by_scope"] = {}

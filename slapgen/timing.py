@@ -26,7 +26,7 @@ class PhaseTimes:
         started = time.perf_counter()
         try:
             yield
-        finally:
-            if self.settle is not None:
+            if self.settle is not None:  # not after an error: settling would raise a CUDA error again over it
                 self.settle()
+        finally:
             self.add(name, started)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import re
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 import kubernetes_validate
 import pytest
@@ -139,10 +139,9 @@ def unresolved_references(applied: list[dict]) -> list[str]:
         return [workload for workload in workloads
                 if selector and selector.items() <= workload["spec"]["template"]["metadata"]["labels"].items()]
 
-    def container_ports(containers: list[dict]) -> set[str | int]:
-        """What a probe or a Service's targetPort may name: a container port's name or its number."""
-        return {value for container in containers for port in container.get("ports", [])
-                for value in (port.get("name"), port["containerPort"]) if value is not None}
+    def port_names(containers: list[dict]) -> set[str]:
+        """The names a probe or a Service's targetPort may use (a number reaches its port declared or not)."""
+        return {port["name"] for container in containers for port in container.get("ports", []) if "name" in port}
 
     def secret_value(name: str, key: str) -> str | None:
         secret = secrets.get(name, {})
@@ -179,7 +178,7 @@ def unresolved_references(applied: list[dict]) -> list[str]:
                                         "which is not defined")
                 for probe in PROBES:
                     port = container.get(probe, {}).get("httpGet", {}).get("port")
-                    if port is not None and port not in container_ports([container]):
+                    if isinstance(port, str) and port not in port_names([container]):
                         problems.append(f"{where}: the {probe} is on port {port}, which {container['name']} does not have")
         if kind in ("Deployment", "StatefulSet") and document not in selected(spec["selector"]["matchLabels"]):
             problems.append(f"{where}: its selector does not match its own pods' labels")
@@ -192,8 +191,8 @@ def unresolved_references(applied: list[dict]) -> list[str]:
             # a Service port without targetPort targets its own number
             wanted = [port.get("targetPort", port.get("port")) for port in spec.get("ports", [])] + \
                      [endpoint["port"] for endpoint in spec.get("podMetricsEndpoints", [])]
-            problems += [f"{where}: port {port} is not a port its pods have" for target in targets for port in wanted
-                         if port not in container_ports(target["spec"]["template"]["spec"]["containers"])]
+            problems += [f"{where}: port {port} is not a port its pods name" for target in targets for port in wanted
+                         if isinstance(port, str) and port not in port_names(target["spec"]["template"]["spec"]["containers"])]
         if kind == "HorizontalPodAutoscaler":
             target = spec["scaleTargetRef"]
             if not any(other["kind"] == target["kind"] and other["metadata"]["name"] == target["name"]
@@ -204,7 +203,8 @@ def unresolved_references(applied: list[dict]) -> list[str]:
         if url is None:
             continue
         parsed = urlsplit(url)
-        database = services.get(parsed.hostname)
+        host = (parsed.hostname or "").split(".")[0]  # a Service answers as NAME, NAME.NAMESPACE, NAME.NAMESPACE.svc...
+        database = services.get(host)
         port = parsed.port or 5432  # PostgreSQL's, when the URL names none
         if database is None or port not in {service_port["port"] for service_port in database["spec"]["ports"]}:
             problems.append(f"Secret {name}: SLAP_DATABASE_URL names {parsed.hostname}:{port}, not a Service port")
@@ -215,10 +215,12 @@ def unresolved_references(applied: list[dict]) -> list[str]:
             problems.append(f"Secret {name}: SLAP_DATABASE_URL's Service {parsed.hostname} reaches {len(servers)} servers")
             continue
         env = environment(servers[0])
-        # the postgres image's own variables; POSTGRES_DB defaults to the user's name
-        user, password = value_of(env.get("POSTGRES_USER")), value_of(env.get("POSTGRES_PASSWORD"))
-        database_name = value_of(env.get("POSTGRES_DB")) or user
-        given = (unquote(parsed.username or ""), unquote(parsed.password or ""), unquote(parsed.path.lstrip("/")))
+        # the postgres image's own variables and defaults: user postgres, database the user's name (libpq's
+        # default database is the user's name too)
+        user = value_of(env.get("POSTGRES_USER")) or "postgres"
+        password, database_name = value_of(env.get("POSTGRES_PASSWORD")), value_of(env.get("POSTGRES_DB")) or user
+        given_user = unquote(parsed.username or "")
+        given = (given_user, unquote(parsed.password or ""), unquote(parsed.path.lstrip("/")) or given_user)
         if given != (user, password, database_name):
             problems.append(f"Secret {name}: SLAP_DATABASE_URL's user, password or database is not the database's")
     return problems
@@ -269,6 +271,32 @@ def _rename_headless_service(applied):
 def _rename_secret_key(applied):
     secret = _the(applied, "Secret", "slapgen-database")
     secret["stringData"]["DATABASE_URL"] = secret["stringData"].pop("SLAP_DATABASE_URL")
+
+
+def _equivalent_forms(applied):
+    """The same example written the other ways Kubernetes and PostgreSQL accept: the Secret's values base64 in
+    `data`, the URL's default port left out, its host qualified with the namespace and a password %-encoded,
+    POSTGRES_DB left to default to the user's name, the database Service's targetPort left to default to its
+    port, a probe on a port number."""
+    secret = _the(applied, "Secret", "slapgen-database")
+    password = "change me/now"
+    secret["stringData"]["POSTGRES_PASSWORD"] = password
+    url = f"postgresql://slapgen:{quote(password, safe='')}@slapgen-postgres.slapgen.svc.cluster.local/slapgen"
+    secret["stringData"]["SLAP_DATABASE_URL"] = url
+    secret["data"] = {key: base64.b64encode(value.encode()).decode() for key, value in secret.pop("stringData").items()}
+    server = _the(applied, "StatefulSet", "slapgen-postgres")["spec"]["template"]["spec"]["containers"][0]
+    server["env"] = [variable for variable in server["env"] if variable["name"] != "POSTGRES_DB"]
+    del _the(applied, "Service", "slapgen-postgres")["spec"]["ports"][0]["targetPort"]
+    _the(applied, "Deployment", "slapgen")["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]["httpGet"]["port"] = 3000
+
+
+def test_equivalent_forms_of_the_references_resolve():
+    """Guards the reference check reporting what a cluster accepts (a false alarm makes a correct edit look broken):
+    every form in `_equivalent_forms` must still resolve, and the real example must differ from it."""
+    applied = objects(K8S)
+    _equivalent_forms(applied)
+    assert applied != objects(K8S)
+    assert unresolved_references(applied) == []
 
 
 @pytest.mark.parametrize("break_it, said", [

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -291,3 +293,32 @@ def test_the_first_checks_5b_folder_is_5bs_shape_and_loads_as_5b(tmp_path, monke
     assert written["gb_on_disk"] == pytest.approx(sum(
         parameter.numel() * 2 for module in (pipeline.transformer, pipeline.vae, pipeline.text_encoder)
         for parameter in module.parameters()) / 1e9, rel=0.01)
+
+
+def _processes_with_in_their_environment(text: str) -> list[str]:
+    found = []
+    for process in Path("/proc").iterdir():
+        if process.name.isdigit():
+            try:
+                if text.encode() in (process / "environ").read_bytes():
+                    found.append(process.name)
+            except OSError:  # ended meanwhile, or not ours
+                pass
+    return found
+
+
+def test_a_start_past_its_time_limit_returns_its_rows_and_leaves_nothing_behind(tmp_path):
+    """Guards the GPU run's first check losing its result, its disk or the GPU: a start not ready by
+    `--time-limit-s` must be stopped by the bench itself (the server has its own session, which the check's kill
+    would miss), come back as the last stdout line with the error, exit non-zero, and leave no folder and no
+    server process behind."""
+    env = {**os.environ, "TMPDIR": str(tmp_path), "PYTHONPATH": str(REPO_ROOT), "SLAP_BENCH_RESULTS": str(tmp_path / "results")}
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "coldstart.py"), "--model", "tiny", "--rounds", "1",
+                             "--scope", "blocks", "--time-limit-s", "8"], capture_output=True, text=True, env=env,
+                            cwd=REPO_ROOT, timeout=300)
+    assert result.returncode == 1, result.stderr[-2000:]
+    last = json.loads(result.stdout.strip().splitlines()[-1])
+    assert last["rows"] == [] and last["by_scope"] == {} and "not ready after" in last["error"], last
+    assert not list(tmp_path.glob("slapgen-coldstart-*"))
+    assert len(list((tmp_path / "results" / "runs").glob("coldstart-*.json"))) == 1
+    assert _processes_with_in_their_environment(str(tmp_path)) == []

@@ -145,10 +145,11 @@ def plan(dry_run: bool, blocks: int) -> list[Check]:
         # SLAP_COMPILE=1 and SLAP_QUANT=none, on CogVideoX-5B's real configs with random weights written to disk
         # first (about 21 GB, dropped from the page cache before each start: read from the disk, compiled block by
         # block and warmed up as a replica does), cold with an empty SLAP_COMPILE_CACHE_DIR, then warm from it.
-        # It stops its own server at 300 s (the server has its own session, which a timeout's kill misses).
+        # It stops its own server at 270 s (the server has its own session, which a timeout's kill misses; stopping
+        # it, up to 20 s, and deleting the folder fit before the 330 s kill).
         Check("replica-serve-bf16" if not dry_run else "replica-serve-unquantised", "2-hotswap",
               [py, coldstart, "--model", model, "--rounds", "1", "--scope", "blocks", "--quant", "none",
-               "--time-limit-s", "300"], 330),
+               "--time-limit-s", "270"], 330),
         # fp8 under compile took about 210 s for one block's graph on an H200 (2026-12-04): inductor autotuned
         # Triton kernels for each fp8 matmul shape, which slapgen's compiles no longer allow
         # (`slapgen.engine.compiling.gemm_backends`). One block first, with every thread's stack in checks.log

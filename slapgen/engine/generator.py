@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -76,8 +77,9 @@ class VideoGenerator:
         family = family_of(resolved.spec)
         check_supported(options.cache, family)
         targets = options.lora_target_modules or family.lora_target_modules
-        on_gpu = torch.device(options.device).type == "cuda"
-        phases = PhaseTimes(settle=torch.cuda.synchronize if on_gpu else None)
+        device = torch.device(options.device)
+        # the worker's own GPU (cuda:1 for the second worker), not the current device, which is cuda:0's
+        phases = PhaseTimes(settle=partial(torch.cuda.synchronize, device) if device.type == "cuda" else None)
         with phases.phase("load_pipeline"):
             pipeline = load_pipeline(resolved)
         with phases.phase("lora_slot"):

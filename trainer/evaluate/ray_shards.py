@@ -137,8 +137,8 @@ def generate_shard(options, resolved, worker: int, planned: list, video_recipes:
 
     from slapgen.engine.generator import VideoGenerator
     from slapgen.models.loading import resolve_model
-    from trainer.evaluate.options import MODEL_SETTING
     from slapgen.timing import PhaseTimes
+    from trainer.evaluate.options import MODEL_SETTING
     from trainer.evaluate.recipes import base_mismatch, recipe_base
     from trainer.evaluate.run import eval_engine_options, generate, generation_device, video_path
 
