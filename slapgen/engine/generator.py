@@ -3,9 +3,9 @@
 Start-up (`VideoGenerator.load`): load the pipeline, add the hot-swap LoRA slot (sized from the
 adapters present unless fixed), place it, quantise the transformer, choose its attention kernel, hook
 the step cache, compile it and warm it up. Each phase's seconds are kept (`startup_s`, in `GET /info`), so a
-replica's slow start says where it went. A generation switches the slot to the request's adapter under the same lock as the denoising loop, so
-a swap never lands mid-generation; the lock is first-come first-served, so a request waits for at
-most one swap per request ahead of it.
+replica's slow start says where it went. A generation switches the slot to the request's adapter under the
+same lock as the denoising loop, so a swap never lands mid-generation; the lock is first-come first-served,
+so a request waits for at most one swap per request ahead of it.
 """
 
 from __future__ import annotations
