@@ -112,3 +112,31 @@ def test_start_up_phases_are_timed_each_under_its_own_name(tiny_cache_dir, tmp_p
     assert list(phases) == list(sleeps)
     assert all(phases[phase] >= sleep for phase, sleep in sleeps.items()), phases
     assert sum(phases.values()) <= whole + 0.005  # each rounded to the millisecond
+
+
+def test_the_warm_up_times_its_decodes_from_the_end_of_the_last_denoising_step(tiny_cache_dir, tmp_path):
+    """Guards `startup_s`'s `warm_up_decode` (what the warm-up spends in the VAE after denoising, reported apart
+    from the compile): timed from the generation's start, or from the end of a step before the last, it would hold
+    denoising too. Each denoising step is made 0.6 s slower and each VAE decode 0.3 s: the decode seconds must hold
+    every decode's sleep and none of a step's."""
+    generator = VideoGenerator.load(resolve_model("tiny", tiny_cache_dir),
+                                    EngineOptions(adapters_dir=tmp_path / "adapters", max_lora_rank=4))
+    pipeline = generator.pipeline
+    generations = generator.step_cache.warm_up_steps(generator.spec.default_num_inference_steps)
+    decode, step = pipeline.vae.decode, pipeline.scheduler.step
+
+    def slow_decode(*args, **kwargs):
+        time.sleep(0.3)
+        return decode(*args, **kwargs)
+
+    def slow_step(*args, **kwargs):
+        time.sleep(0.6)
+        return step(*args, **kwargs)
+
+    pipeline.vae.decode, pipeline.scheduler.step = slow_decode, slow_step
+    started = time.perf_counter()
+    decode_s = generator.warm_up()
+    whole = time.perf_counter() - started
+    assert generations == [2]  # no step cache: one short generation
+    assert 0.3 <= decode_s < 0.3 + 0.6, decode_s  # the decode's sleep, not a step's (the tiny VAE itself: ms)
+    assert whole >= decode_s + 2 * 0.6

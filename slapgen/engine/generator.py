@@ -2,10 +2,11 @@
 
 Start-up (`VideoGenerator.load`): load the pipeline, add the hot-swap LoRA slot (sized from the
 adapters present unless fixed), place it, quantise the transformer, choose its attention kernel, hook
-the step cache, compile it and warm it up. Each phase's seconds are kept (`startup_s`, in `GET /info`), so a
-replica's slow start says where it went. A generation switches the slot to the request's adapter under the
-same lock as the denoising loop, so a swap never lands mid-generation; the lock is first-come first-served,
-so a request waits for at most one swap per request ahead of it.
+the step cache, compile it and warm it up (the warm-up's VAE decodes timed apart). Each phase's seconds
+are kept (`startup_s`, in `GET /info`), so a replica's slow start says where it went. A generation
+switches the slot to the request's adapter under the same lock as the denoising loop, so a swap never
+lands mid-generation; the lock is first-come first-served, so a request waits for at most one swap
+per request ahead of it.
 """
 
 from __future__ import annotations
@@ -102,20 +103,39 @@ class VideoGenerator:
         generator = cls(pipeline, resolved.spec, options.device, slot, adapters, quantization, compiled, options.max_queue,
                         options.attention, step_cache)
         if compiled is not None:
+            decodes: list[float] = []
             with phases.phase("compile_and_warm_up"):
-                compiled.warm_up(pipeline, generator.warm_up)  # with a compile cache: counted, falls back when damaged
+                # with a compile cache: counted, falls back when damaged (the failed run adds no decode)
+                compiled.warm_up(pipeline, lambda: decodes.append(generator.warm_up()))
+            phases.split_off("compile_and_warm_up", sum(decodes), into="warm_up_decode")
         generator.startup_s = phases.seconds
         return generator
 
     def warm_up(self) -> float:
         """Generations at the default size, so compilation happens before the first user request: one short
-        one, and with a step cache one at the default step count too (`StepCache.warm_up_steps`)."""
-        started = time.perf_counter()
+        one, and with a step cache one at the default step count too (`StepCache.warm_up_steps`).
+
+        Returns the seconds their VAE decodes took (from the end of each one's last denoising step to its
+        frames), which `load` reports apart from the compile (`warm_up_decode`): the VAE is not compiled, and
+        decoding a default-size video is a start-up cost of its own (it also finds, at start-up, a decode
+        that does not fit in memory)."""
+        device = torch.device(self.device)
+        decode_s = 0.0
         for steps in self.step_cache.warm_up_steps(self.spec.default_num_inference_steps):
-            self.generate_frames(GenerationParams.defaults_for(self.spec, num_inference_steps=steps))
+            denoised_at: list[float] = []
+
+            def note_the_last_step(done: int, total: int) -> None:
+                if done == total:
+                    if device.type == "cuda":  # the step's queued kernels belong to the denoising
+                        torch.cuda.synchronize(device)
+                    denoised_at.append(time.perf_counter())
+
+            self.generate_frames(GenerationParams.defaults_for(self.spec, num_inference_steps=steps),
+                                 on_step=note_the_last_step)
+            decode_s += time.perf_counter() - denoised_at[-1]
         if self.compiled is not None:
             self.compiled.mark_warm()
-        return time.perf_counter() - started
+        return decode_s
 
     @property
     def queue_length(self) -> int:
