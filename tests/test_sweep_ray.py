@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import shlex
 import signal
 import subprocess
 import sys
@@ -192,6 +193,11 @@ def test_a_node_killed_mid_run_leaves_the_results_of_an_uninterrupted_sweep(tiny
 
     progress = (tmp_path / "driver.err").read_text().replace("\r", "\n")
     assert re.search(rf"run [12]/2 \S+ step \d+/{STEPS} .*ETA \d\d:\d\d", progress), progress[-2000:]
+    # The README's command continues each sweep where its runs ran (without --ray, the rest of a cluster sweep
+    # would train one run after another on the machine that runs it).
+    for folder, ray in ((reference_out, "local"), (out, "auto")):
+        command = re.search(r"```bash\n(.*)\n```", (folder / "README.md").read_text()).group(1)
+        assert shlex.split(command)[-4:] == ["--ray", ray, "--gpus-per-run", "0"], command
 
 
 @pytest.mark.slow
@@ -262,6 +268,25 @@ def test_ray_local_without_the_gpus_a_run_asks_for_is_one_sentence(tiny_cache_di
     assert cli_stderr(done.stderr) == ("slapgen sweep: no node of the Ray cluster has 1 GPU(s) for a run (the most a "
                                        "node has is 0); use --gpus-per-run 0 on a machine without GPUs")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("ray, gpus, node_wait", [(None, 1.0, 1800.0), ("auto", 1.0, 1800.0), ("local", 0.0, 1800.0),
+                                                  ("10.0.0.5:6379", 0.5, 60.0)])
+def test_the_readme_command_runs_the_rest_of_the_sweep_where_it_ran(ray, gpus, node_wait):
+    """Guards the sweep README's command (which "continues the sweep") dropping --ray and --gpus-per-run: run as
+    written, the rest of a cluster sweep would train one run after another on the machine that runs it. The words
+    it adds, parsed by slapgen's own command line, give back where the sweep ran; nothing for a sweep here."""
+    from trainer.cli import build_parser
+    from trainer.ray_cluster import check_gpus_option, check_node_wait_option
+    from trainer.sweep.report import execution_words
+
+    words = execution_words(ray, gpus, node_wait)
+    args = build_parser().parse_args(["sweep", "--config", "c", "--grid", "lora.rank=4", "--data", "d", "--heldout", "h",
+                                      "--out", ".", *words])
+    assert args.ray == ray
+    assert check_gpus_option(args.gpus_per_run, args.ray, "") == gpus
+    assert check_node_wait_option(args.node_wait, args.ray, "") == node_wait
+    assert ("--node-wait" in words) == (node_wait != 1800.0)
 
 
 def test_gpus_per_run_without_ray_and_a_negative_count_are_one_sentence(tmp_path, capsys):

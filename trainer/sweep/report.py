@@ -28,6 +28,7 @@ from trainer.checkpoints import CHECKPOINTS_DIR, checkpoint_dir
 from trainer.evaluate.names import metric_text
 from trainer.evaluate.picking import best_of, higher_is_better
 from trainer.lora import LORA_FILENAME
+from trainer.ray_cluster import DEFAULT_NODE_WAIT_S
 from trainer.evaluate.checkpoints import system_name
 from trainer.sweep.candidates import list_candidates, scored_candidates
 from trainer.sweep.evaluate import ADAPTER, EVAL_DIR, HELDOUT_LOSS
@@ -139,8 +140,19 @@ def _shown_setting(item: str, out: Path) -> str:
     return f"{key}={shown_path(value, out)}" if separator else item
 
 
-def sweep_command(definition: SweepDefinition, out: Path) -> str:
-    """The command that continues (or reproduces) the sweep, run from its own folder."""
+def execution_words(ray: str | None, gpus_per_run: float, node_wait_s: float) -> tuple[str, ...]:
+    """Where the sweep's runs ran, as its command line said it (`--ray`, `--gpus-per-run`, a `--node-wait` not the
+    default): the README's command continues a cluster sweep on the cluster, not one run after another on the
+    machine that runs it. Empty for a sweep on this machine."""
+    if ray is None:
+        return ()
+    words = ("--ray", ray, "--gpus-per-run", f"{gpus_per_run:g}")
+    return words + (("--node-wait", f"{node_wait_s:g}") if node_wait_s != DEFAULT_NODE_WAIT_S else ())
+
+
+def sweep_command(definition: SweepDefinition, out: Path, execution: tuple[str, ...] = ()) -> str:
+    """The command that continues (or reproduces) the sweep, run from its own folder; `execution`: where its runs
+    ran (`execution_words`)."""
     words = ["slapgen", "sweep", "--config", shown_config(definition.config, out)]
     for axis in definition.axes:
         words += ["--grid", axis.to_text()]
@@ -162,7 +174,7 @@ def sweep_command(definition: SweepDefinition, out: Path) -> str:
         words += ["--generate-top", str(definition.generate_top)]
     if definition.pick_by != HELDOUT_LOSS:
         words += ["--pick-by", definition.pick_by]
-    return shlex.join(words)
+    return shlex.join([*words, *execution])
 
 
 def _value_cell(metrics: dict, column: str) -> str:
@@ -312,7 +324,7 @@ def _generated_note(definition: SweepDefinition) -> str:
 
 
 def write_readme(path: Path, definition: SweepDefinition, results: dict[str, dict], best: Winner, out: Path,
-                 figures: list[Path], base: dict | None = None) -> Path:
+                 figures: list[Path], base: dict | None = None, execution: tuple[str, ...] = ()) -> Path:
     varied = ", ".join(f"`{axis.key}` ({', '.join(axis.values)})" for axis in definition.axes)
     follows = f"; `{ALPHA_KEY}` follows `lora.rank`" if definition.alpha_follows_rank else ""
     data = shown_path(definition.data, out)
@@ -322,7 +334,7 @@ def write_readme(path: Path, definition: SweepDefinition, results: dict[str, dic
         "Paths are relative to this folder: run from here, this command continues the sweep.",
         "",
         "```bash",
-        sweep_command(definition, out),
+        sweep_command(definition, out, execution),
         "```",
         "",
         f"{len(definition.runs)} runs over {varied}{follows}. Every other setting: `--config {shown_config(definition.config, out)}`"
@@ -346,8 +358,10 @@ def write_readme(path: Path, definition: SweepDefinition, results: dict[str, dic
     return atomic_write_text(path, "\n".join(lines))
 
 
-def write_report(out: Path, definition: SweepDefinition, results: dict[str, dict], base: dict | None = None) -> Winner:
-    """Every file of a finished sweep but the eval report; returns the winner. `base`: the base model's result."""
+def write_report(out: Path, definition: SweepDefinition, results: dict[str, dict], base: dict | None = None,
+                 execution: tuple[str, ...] = ()) -> Winner:
+    """Every file of a finished sweep but the eval report; returns the winner. `base`: the base model's result;
+    `execution`: where the runs ran (`execution_words`), for the README's command."""
     out = Path(out)
     runs = list(definition.runs)
     best = pick_winner(out, definition, results)
@@ -367,7 +381,7 @@ def write_report(out: Path, definition: SweepDefinition, results: dict[str, dict
         values = {name: result["metrics"][column] for name, result in results.items()}
         figures += metric_figures(out, list(definition.axes), runs, values, column, best.name, higher_is_better(column))
     loss_curves(out / LOSS_CURVES, {run.name: run_dir(out, run) for run in runs})
-    write_readme(out / README, definition, results, best, out, figures, base)
+    write_readme(out / README, definition, results, best, out, figures, base, execution)
     return best
 
 

@@ -43,7 +43,7 @@ from trainer.sweep.folder import (CACHE_DIR, RUNS_DIR, SweepDefinition, SweepLoc
 from trainer.sweep.grid import alpha_follows_rank, parse_axis, plan_runs
 from trainer.sweep.pool import Job, run_pool
 from trainer.sweep.progress import SweepProgress
-from trainer.sweep.report import write_eval_report, write_report
+from trainer.sweep.report import execution_words, write_eval_report, write_report
 
 
 def plan_sweep(config: str, sets: list[str], grid: list[str], data: Path, heldout: Path, out: Path,
@@ -230,7 +230,7 @@ def run_sweep(config: str, sets: list[str], grid: list[str], data: Path, heldout
             base_done = (out / BASE_DIR / RESULT_FILE).is_file()
             print("base model: " + ("evaluated before" if base_done else "evaluating (once, for the A/B of every run)"))
             base = execute_base(definition, out, device)
-        best = write_report(out, definition, results, base)
+        best = write_report(out, definition, results, base, execution_words(ray, gpus_per_run, node_wait_s))
         if base is not None:
             write_eval_report(out, definition, results, base)
     print(f"best: {best.say(out)}; report: {out / 'README.md'}, config: {out / 'best.yaml'}")
