@@ -2,9 +2,28 @@
 
 from __future__ import annotations
 
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+
+
+@contextmanager
+def encoder_outlives_sigterm() -> Iterator[None]:
+    """SIGTERM blocked in this thread while the encoder runs, so the ffmpeg it starts inherits the block.
+
+    A server's graceful stop lets its worker finish the jobs it holds, but BentoML's process manager (circus,
+    `stop_children=True`) sends the same SIGTERM to the worker's children: ffmpeg died under the job encoding
+    its mp4, which failed with "Broken pipe". ffmpeg still ends when its input closes (its parent gone).
+    Only this thread: the process's other threads (a server's main thread) take the signal as before, and in
+    a main thread (the CLI) it is delivered as soon as the encoding ends."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def write_mp4(frames: np.ndarray, path: Path, fps: int) -> Path:
@@ -14,7 +33,8 @@ def write_mp4(frames: np.ndarray, path: Path, fps: int) -> Path:
     if frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"expected frames shaped (F, H, W, 3), got {frames.shape}")
     # Sizes are multiples of 16 already, so ffmpeg never resizes (macro_block_size=16).
-    export_to_video(list(frames), str(path), fps=fps)
+    with encoder_outlives_sigterm():
+        export_to_video(list(frames), str(path), fps=fps)
     return Path(path)
 
 

@@ -479,3 +479,58 @@ def test_readme_points_at_the_examples(path):
     """Guards README's Deploy section pointing at files that moved."""
     assert path.rsplit("/", 1)[0] in (REPO_ROOT / "README.md").read_text()
     assert (REPO_ROOT / path).is_file()
+
+
+def test_worker_group_bounds_come_with_the_autoscaler_that_reads_them():
+    """Guards a RayCluster whose worker group says `minReplicas` / `maxReplicas` (a walk-through read "one per grid
+    cell") without `enableInTreeAutoscaling`: KubeRay then runs exactly `replicas` workers and the bounds do
+    nothing. Bounds that differ from `replicas` need the autoscaler on, and room for a 3 x 3 sweep's runs and
+    its driver (a Ray job holding a GPU of its own, README)."""
+    cluster = one("RayCluster", DEPLOY / "ray")
+    for group in cluster["spec"]["workerGroupSpecs"]:
+        if {group.get("minReplicas", group["replicas"]), group.get("maxReplicas", group["replicas"])} != {group["replicas"]}:
+            assert cluster["spec"].get("enableInTreeAutoscaling") is True
+    assert sum(group.get("maxReplicas", group["replicas"]) for group in cluster["spec"]["workerGroupSpecs"]) >= 3 * 3 + 1
+
+
+def _pinned_torch(requirements: list[str]) -> str:
+    (torch_requirement,) = [item for item in requirements if re.match(r"torch\b(?![-_\w])", item)]
+    assert re.fullmatch(r"torch==[\w.]+", torch_requirement), f"torch is not pinned: {torch_requirement}"
+    return torch_requirement.split("==")[1]
+
+
+def test_the_images_install_the_torch_the_tests_run_on():
+    """Guards images that take whatever torch is newest on the day they are built (`torch>=2.5`): not the version
+    tested, and replicas built on different days hold different versions, whose compile caches (keyed by
+    torch's version) miss on each other. The bento's and the Ray image's torch are the one these tests run on."""
+    import torch
+
+    tested = torch.__version__.split("+")[0]
+    bento = yaml.safe_load((REPO_ROOT / "bentofile.yaml").read_text())["python"]["packages"]
+    assert _pinned_torch(bento) == tested
+    (install,) = [line for line in (DEPLOY / "ray" / "Dockerfile").read_text().splitlines() if line.startswith("RUN pip install")]
+    assert _pinned_torch([word.strip("'\"") for word in install.split()]) == tested
+
+
+def test_the_ray_image_leaves_what_a_clone_accumulates_out_of_its_build_context(tmp_path):
+    """Guards `docker build -f deploy/ray/Dockerfile .` (which copies `.`) sending and baking in a clone's .venv
+    (gigabytes with a CUDA torch), .git, runs and caches. A tree with what README's quick starts, the tests and
+    the benches leave in a clone is read through .dockerignore by docker-py's implementation of Docker's rules:
+    what `pip install -e .` needs stays in, the rest is out."""
+    from docker.utils.build import exclude_paths
+
+    kept = ["pyproject.toml", "README.md", "service.py", "slapgen/engine/generator.py", "slapgen/migrations/script.py.mako",
+            "trainer/presets/conservative.yaml", "trainer/evaluate/run.py", "prompts/library.py"]
+    left_out = [".git/HEAD", ".venv/lib/python3.11/site-packages/torch/__init__.py", "slapgen/__pycache__/video.cpython-311.pyc",
+                "slapgen.egg-info/PKG-INFO", "runs/smoke/lora.safetensors", "training_logs/lr-rank/results.csv",
+                "eval/smoke/videos/base/p000-s0.mp4", "demo/clip_000.mp4", "heldout/clips.csv", "adapters/v1.safetensors",
+                "bench/results/runs/coldstart-cpu.json", "bench/gpu/wheels/bentoml.whl", ".pytest_cache/README.md",
+                "curation/report.html", "slap.mp4"]
+    for name in kept + left_out:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("x")
+    patterns = [line.strip() for line in (REPO_ROOT / ".dockerignore").read_text().splitlines()
+                if line.strip() and not line.startswith("#")]
+    sent = exclude_paths(str(tmp_path), patterns)
+    assert set(kept) <= sent, set(kept) - sent
+    assert not set(left_out) & sent, set(left_out) & sent

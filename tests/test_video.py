@@ -19,3 +19,46 @@ def test_mp4_round_trip_keeps_count_size_and_fps(tmp_path):
 def test_write_rejects_wrong_shape(tmp_path):
     with pytest.raises(ValueError, match="F, H, W, 3"):
         write_mp4(np.zeros((4, 32, 32)), tmp_path / "x.mp4", fps=8)
+
+
+def test_an_encoder_sent_sigterm_as_a_server_stops_still_writes_the_whole_video(tmp_path, monkeypatch):
+    """Guards a job failing with "Broken pipe" when its server stops gracefully: BentoML's process manager sends
+    its SIGTERM to the worker's children too (circus, `stop_children=True`), so the ffmpeg encoding the job's mp4
+    died under it. Here every ffmpeg is sent SIGTERM the moment it starts, while a job's thread (not the main
+    one) writes a video: the real ffmpeg must hold SIGTERM blocked (/proc's SigBlk) and finish the whole mp4,
+    and the thread's own signal mask must be as it was."""
+    import signal
+    import subprocess
+    import threading
+
+    started = []
+
+    class SignalledAtStart(subprocess.Popen):
+        def __init__(self, args, *rest, **kwargs):
+            super().__init__(args, *rest, **kwargs)
+            if "ffmpeg" in str(args[0]):
+                blocked = next(line for line in open(f"/proc/{self.pid}/status") if line.startswith("SigBlk:"))
+                started.append(int(blocked.split()[1], 16) >> (signal.SIGTERM - 1) & 1)
+                self.send_signal(signal.SIGTERM)  # what a server's stop sends the worker's children
+
+    monkeypatch.setattr(subprocess, "Popen", SignalledAtStart)
+    frames = np.broadcast_to(np.linspace(0, 1, 9)[:, None, None, None], (9, 32, 48, 3)).copy()
+    outcome = {}
+
+    def job():
+        before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        try:
+            outcome["path"] = write_mp4(frames, tmp_path / "job.mp4", fps=8)
+        except Exception as error:  # reported below, with what the thread saw
+            outcome["error"] = error
+        outcome["mask_restored"] = signal.pthread_sigmask(signal.SIG_BLOCK, []) == before
+
+    thread = threading.Thread(target=job)
+    thread.start()
+    thread.join(timeout=60)
+    assert "error" not in outcome, outcome.get("error")
+    assert started == [1]  # one ffmpeg, SIGTERM blocked in it
+    assert outcome["mask_restored"]
+    monkeypatch.undo()  # the decoder below is started as usual
+    decoded, _ = read_mp4(outcome["path"])
+    assert decoded.shape == (9, 32, 48, 3)
