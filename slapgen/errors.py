@@ -15,6 +15,16 @@ def first_line(error: BaseException, limit: int | None = None) -> str:
     return lines[0][:limit] if lines else type(error).__name__
 
 
+def validation_message(issue: dict) -> str:
+    """A pydantic validation issue's message, without the prefix pydantic puts before an error our own
+    validators raise ("Value error, ", "Assertion failed, "): their sentence as they wrote it. For every
+    edge that words pydantic's issues: request bodies, SLAP_* settings, training configs."""
+    message = issue.get("msg", "is not valid")
+    if issue.get("type") in ("value_error", "assertion_error"):
+        return message.removeprefix("Value error, ").removeprefix("Assertion failed, ")
+    return message
+
+
 class SlapgenError(Exception):
     """Base of every error slapgen raises on purpose."""
 

@@ -15,7 +15,7 @@ from slapgen.engine.params import EngineOptions, GenerationParams
 from slapgen.errors import GenerationCancelledError, JobFinishedError, JobFinishingError, JobNotFoundError
 from slapgen.serving.http_errors import status_for
 from slapgen.models.loading import resolve_model
-from slapgen.serving.jobs import JobBoard, stale_reason
+from slapgen.serving.jobs import LOST_JOB_STATUS, JobBoard, stale_reason
 from slapgen.video import read_mp4
 from tests.conftest import job_progress, wait_for_job
 
@@ -94,6 +94,7 @@ def test_at_start_up_the_jobs_of_a_dead_server_end_failed(database_url):
     for task_id in ("queued-job", "running-job", "canceling-job", "finishing-job"):
         job = restarted.get(task_id)
         assert (job["state"], job["error"]) == ("failed", "the server restarted"), job
+        assert restarted.failure_status(task_id) == LOST_JOB_STATUS  # /jobs/get: 503, submit it again
     assert restarted.get("done-job")["state"] == "completed" and restarted.get("live-job")["state"] == "running"
     assert restarted.end_orphaned("the server restarted", alive=lambda pid, started: pid == 222) == 0
     # The real check: this process is alive, a pid no process has is not.
@@ -391,7 +392,7 @@ def test_a_running_replica_fails_a_vanished_replicas_job_when_it_reads_it(databa
     for task_id in ("stale-running", "stale-queued", "other-server-here"):
         job = survivor.get(task_id)
         assert (job["state"], job["error"]) == ("failed", stale_reason(lease_s)), job
-        assert survivor.failure_status(task_id) == jobs_module.FAILED_WITHOUT_STATUS
+        assert survivor.failure_status(task_id) == jobs_module.LOST_JOB_STATUS  # lost work: 503, not a 500
     assert survivor.get("stale-done")["state"] == "completed"
     assert survivor.get("fresh-running")["state"] == "running"
     assert survivor.get("own-stale") == own and own["state"] == "queued"

@@ -16,7 +16,7 @@ from sqlalchemy.exc import DBAPIError
 from slapgen.database import database_url as slapgen_database_url
 from slapgen.database import epoch_now
 from slapgen.serving import jobs as jobs_module
-from slapgen.serving.jobs import FAILED_WITHOUT_STATUS, JobBoard, stale_reason
+from slapgen.serving.jobs import LOST_JOB_STATUS, JobBoard, stale_reason
 from tests.conftest import free_port
 
 LEASE_S = 60
@@ -90,7 +90,7 @@ def test_a_job_another_replica_failed_stops_and_its_first_end_wins(database_url)
     for task_id in ending:
         job = replica_b.get(task_id)
         assert (job["state"], job["step"], job["error"]) == ("failed", 1, stale_reason(LEASE_S)), job
-        assert replica_b.failure_status(task_id) == FAILED_WITHOUT_STATUS
+        assert replica_b.failure_status(task_id) == LOST_JOB_STATUS  # its work was lost, not a request's error
 
     replica_a.submitted("completed-first", 4)
     replica_a.completed("completed-first")

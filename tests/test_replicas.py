@@ -133,6 +133,7 @@ def test_a_replica_killed_mid_job_is_answered_failed_by_the_survivor_within_the_
     assert (ended["state"], ended["error"]) == ("failed", stale_reason(lease_s)), ended
     assert httpx.get(f"{b.url}/jobs/status", params={"task_id": job}).json()["status"] == "failed"
     result = httpx.get(f"{b.url}/jobs/get", params={"task_id": job})
-    assert result.status_code == 500 and stale_reason(lease_s) in result.json()["error"], result.text
+    # 503, not 500 ("something unexpected failed"): the job's replica is gone, and the sentence says to submit again
+    assert result.status_code == 503 and stale_reason(lease_s) in result.json()["error"], result.text
     assert b.process.poll() is None  # answered by the running survivor, not by a restart
 

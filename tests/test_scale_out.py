@@ -113,7 +113,7 @@ def test_a_failed_job_gets_one_answer_on_every_replica(tmp_path, database_url):
     stored answer (the error's own status) or, when the handler raised an unexpected exception (nothing
     stored), said in_progress and 400 forever, while the others said 409. Now both replicas answer a failed
     job from the board: status `failed`, and `/jobs/get` the error with the status it was answered with
-    (500 for an unexpected exception, and for a job failed without one, as a dead server's)."""
+    (500 for an unexpected exception; 503 for a job whose work was lost with its server, as a dead one's)."""
     from starlette.responses import JSONResponse
     from starlette.testclient import TestClient
 
@@ -150,7 +150,7 @@ def test_a_failed_job_gets_one_answer_on_every_replica(tmp_path, database_url):
             answers[replica, task_id] = (status.status_code, status.json(), result.status_code, result.json()["error"])
     for task_id, code, error in (("unexpected", 500, "RuntimeError: boom"),
                                  ("refused", 422, "adapter: no adapter named x"),
-                                 ("orphan", 500, "the server restarted")):
+                                 ("orphan", 503, "the server restarted")):
         expected = (200, {"task_id": task_id, "status": "failed"}, code, f"job {task_id} failed: {error}")
         assert answers["ran it", task_id] == expected and answers["did not", task_id] == expected
 

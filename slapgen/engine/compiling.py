@@ -141,11 +141,13 @@ class CompileCache:
         where = f"compile cache {self.folder}"
         if self.fell_back:
             return f"{where} was not used ({self.fell_back}); {self.compiled} graphs compiled in a private folder"
-        skipped = f"; {self.unreadable} unreadable entries skipped" if self.unreadable else ""
         if self.compiled == 0:
+            skipped = f"; {self.unreadable} unreadable entries skipped" if self.unreadable else ""
             return f"{where}: all {total} graphs loaded from it, nothing compiled{skipped}"
-        return (f"{where}: {self.from_cache} of {total} graphs loaded from it, {self.compiled} compiled and stored "
-                f"(a new model, settings or torch version, or an empty folder){skipped}")
+        # why they were compiled: entries torch could not read, or none for them (the usual misses)
+        why = (f"{self.unreadable} of its entries could not be read and were skipped" if self.unreadable
+               else "a new model, settings or torch version, or an empty folder")
+        return f"{where}: {self.from_cache} of {total} graphs loaded from it, {self.compiled} compiled and stored ({why})"
 
     def info(self) -> dict:
         return {"dir": str(self.folder), "graphs_from_cache": self.from_cache, "graphs_compiled": self.compiled,

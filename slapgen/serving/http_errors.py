@@ -27,8 +27,7 @@ from slapgen.errors import (
     QueueFullError,
     SettingsError,
     SlapgenError,
-    first_line,
-)
+    first_line, validation_message)
 
 # First match wins: subclasses before their bases.
 STATUS_BY_ERROR: list[tuple[type[SlapgenError], int]] = [
@@ -87,7 +86,7 @@ def validation_sentence(error: Mapping, fields: Collection[str] = ()) -> str:
     if kind in ("model_type", "model_attributes_type", "dict_type"):
         sentence = f"{field} must be a JSON object"
     elif kind in ("value_error", "assertion_error"):
-        sentence = f"{field}: {message.removeprefix('Value error, ').removeprefix('Assertion failed, ')}"
+        sentence = f"{field}: {validation_message(error)}"
     elif should := _SUBJECT_SHOULD.match(message):
         rule = message[should.end():]
         if kind.endswith("_parsing") or kind.endswith("_from_float"):

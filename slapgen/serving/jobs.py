@@ -90,6 +90,9 @@ jobs = Table(
 # A failed job's answer when its failure has no HTTP status of its own (its server or worker died, or a
 # row from before the status was kept), as an unexpected exception in the handler is answered.
 FAILED_WITHOUT_STATUS = 500
+# `/jobs/get` of a job whose work was lost with its server, worker or replica (a restart, a kill, a lease run
+# out): nothing failed in the request, and submitting it again is the answer, so not a 500 ("unexpected").
+LOST_JOB_STATUS = 503
 HOST = socket.gethostname()  # this machine, as the rows it writes name it
 _PUBLIC = [jobs.c[name] for name in COLUMNS]
 
@@ -385,7 +388,7 @@ class JobBoard:
             return 0
         return db.execute(update(jobs).where(
             jobs.c.task_id.in_(task_ids), jobs.c.state.in_(UNFINISHED), self._past_lease()).values(
-            state="failed", error=stale_reason(self._lease_s), updated_at=epoch_now())).rowcount
+            state="failed", error=stale_reason(self._lease_s), http_status=LOST_JOB_STATUS, updated_at=epoch_now())).rowcount
 
     def end_dead_workers(self, reason: str, alive: Callable[[int, int | None], bool] = instance_alive) -> int:
         """When a worker of this server starts (circus restarts one that died): fail, with `reason`, the
@@ -410,7 +413,7 @@ class JobBoard:
         if not task_ids:
             return 0
         return db.execute(update(jobs).where(jobs.c.task_id.in_(task_ids), jobs.c.state.in_(UNFINISHED)).values(
-            state="failed", error=reason, updated_at=epoch_now())).rowcount
+            state="failed", error=reason, http_status=LOST_JOB_STATUS, updated_at=epoch_now())).rowcount
 
     def get(self, task_id: str) -> dict | None:
         """The job's row; an unfinished job past its lease is failed first (`_fail_stale`),

@@ -43,7 +43,7 @@ STATUS_TEXT = {400: "Bad request (the field is named)", 401: "Missing or wrong b
                408: f"The body did not arrive within {BODY_READ_TIMEOUT_S} s",
                409: "Name taken, the job already ended, or the pair already answered", 413: "Body too large",
                415: "Not a JSON body (these routes take Content-Type: application/json)", 429: "Queue full; see Retry-After",
-               500: "A bug of ours", 503: "Model unavailable", 504: "Timed out; the generation was stopped"}
+               500: "A bug of ours", 503: "Model unavailable, or the job's server, worker or replica died under it (submit it again)", 504: "Timed out; the generation was stopped"}
 GENERATE_EXAMPLE = {"prompt": "Power slap: two athletes face off across the table; the striker winds up and the "
                               "palm strikes the cheek, the defender's head snaps sideways.", "seed": 7}
 RENDER_EXAMPLE = {"template": "knockout", "slots": {"striker": "red"}}

@@ -11,7 +11,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from slapgen.engine.caching import CacheSetting
 from slapgen.engine.params import CompileScope, EngineOptions
-from slapgen.errors import SettingsError
+from slapgen.errors import SettingsError, validation_message
 from slapgen.models.loading import default_cache_dir
 
 DEFAULT_MODEL = "THUDM/CogVideoX-5b"
@@ -227,7 +227,7 @@ def load_settings() -> SlapSettings:
         return SlapSettings()
     except ValidationError as error:
         problems = "; ".join(
-            f"SLAP_{'_'.join(str(part) for part in issue['loc'][:1]).upper()}: {issue['msg']}"
+            f"SLAP_{'_'.join(str(part) for part in issue['loc'][:1]).upper()}: {validation_message(issue)}"
             for issue in error.errors()
         )
         raise SettingsError(f"invalid settings: {problems}.") from None
