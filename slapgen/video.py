@@ -17,8 +17,12 @@ def encoder_outlives_sigterm() -> Iterator[None]:
     A server's graceful stop lets its worker finish the jobs it holds, but BentoML's process manager (circus,
     `stop_children=True`) sends the same SIGTERM to the worker's children: ffmpeg died under the job encoding
     its mp4, which failed with "Broken pipe". ffmpeg still ends when its input closes (its parent gone).
-    Only this thread: the process's other threads (a server's main thread) take the signal as before, and in
-    a main thread (the CLI) it is delivered as soon as the encoding ends."""
+    Only this thread's mask changes: the kernel hands a SIGTERM sent to the process to another of its threads
+    (a server's main thread, torch's threads in the CLI), so the process stops as it would without this.
+    A platform without signal masks (Windows) runs the encoder as it is."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     try:
         yield

@@ -117,8 +117,8 @@ def test_start_up_phases_are_timed_each_under_its_own_name(tiny_cache_dir, tmp_p
 def test_the_warm_up_times_its_decodes_from_the_end_of_the_last_denoising_step(tiny_cache_dir, tmp_path):
     """Guards `startup_s`'s `warm_up_decode` (what the warm-up spends in the VAE after denoising, reported apart
     from the compile): timed from the generation's start, or from the end of a step before the last, it would hold
-    denoising too. Each denoising step is made 0.6 s slower and each VAE decode 0.3 s: the decode seconds must hold
-    every decode's sleep and none of a step's."""
+    denoising too. Each denoising step is made 1.5 s slower and each VAE decode 0.3 s: the decode seconds must hold
+    every decode's sleep and none of a step's (the tiny VAE's own decode took 0.14-0.2 s on 2 cores)."""
     generator = VideoGenerator.load(resolve_model("tiny", tiny_cache_dir),
                                     EngineOptions(adapters_dir=tmp_path / "adapters", max_lora_rank=4))
     pipeline = generator.pipeline
@@ -130,7 +130,7 @@ def test_the_warm_up_times_its_decodes_from_the_end_of_the_last_denoising_step(t
         return decode(*args, **kwargs)
 
     def slow_step(*args, **kwargs):
-        time.sleep(0.6)
+        time.sleep(1.5)
         return step(*args, **kwargs)
 
     pipeline.vae.decode, pipeline.scheduler.step = slow_decode, slow_step
@@ -138,5 +138,5 @@ def test_the_warm_up_times_its_decodes_from_the_end_of_the_last_denoising_step(t
     decode_s = generator.warm_up()
     whole = time.perf_counter() - started
     assert generations == [2]  # no step cache: one short generation
-    assert 0.3 <= decode_s < 0.3 + 0.6, decode_s  # the decode's sleep, not a step's (the tiny VAE itself: ms)
-    assert whole >= decode_s + 2 * 0.6
+    assert 0.3 <= decode_s < 0.3 + 1.5, decode_s  # the decode's sleep, not a step's
+    assert whole >= decode_s + 2 * 1.5

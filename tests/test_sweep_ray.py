@@ -271,7 +271,7 @@ def test_ray_local_without_the_gpus_a_run_asks_for_is_one_sentence(tiny_cache_di
 
 
 @pytest.mark.parametrize("ray, gpus, node_wait", [(None, 1.0, 1800.0), ("auto", 1.0, 1800.0), ("local", 0.0, 1800.0),
-                                                  ("10.0.0.5:6379", 0.5, 60.0)])
+                                                  ("10.0.0.5:6379", 0.3333333, 1234567.0)])
 def test_the_readme_command_runs_the_rest_of_the_sweep_where_it_ran(ray, gpus, node_wait):
     """Guards the sweep README's command (which "continues the sweep") dropping --ray and --gpus-per-run: run as
     written, the rest of a cluster sweep would train one run after another on the machine that runs it. The words
@@ -287,6 +287,7 @@ def test_the_readme_command_runs_the_rest_of_the_sweep_where_it_ran(ray, gpus, n
     assert check_gpus_option(args.gpus_per_run, args.ray, "") == gpus
     assert check_node_wait_option(args.node_wait, args.ray, "") == node_wait
     assert ("--node-wait" in words) == (node_wait != 1800.0)
+    assert ray is None or words[words.index("--gpus-per-run") + 1] in ("0", "1", "0.3333333")  # exact, no 1.0 / 0.333333
 
 
 def test_gpus_per_run_without_ray_and_a_negative_count_are_one_sentence(tmp_path, capsys):

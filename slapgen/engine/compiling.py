@@ -144,9 +144,11 @@ class CompileCache:
         if self.compiled == 0:
             skipped = f"; {self.unreadable} unreadable entries skipped" if self.unreadable else ""
             return f"{where}: all {total} graphs loaded from it, nothing compiled{skipped}"
-        # why they were compiled: entries torch could not read, or none for them (the usual misses)
-        why = (f"{self.unreadable} of its entries could not be read and were skipped" if self.unreadable
-               else "a new model, settings or torch version, or an empty folder")
+        # why they were compiled: entries torch could not read, and for the rest none (the usual misses)
+        usual = "a new model, settings or torch version, or an empty folder"
+        unreadable = f"{self.unreadable} unreadable {'entry' if self.unreadable == 1 else 'entries'} skipped"
+        why = (usual if not self.unreadable else unreadable if self.compiled <= self.unreadable
+               else f"{unreadable}; the others: {usual}")
         return f"{where}: {self.from_cache} of {total} graphs loaded from it, {self.compiled} compiled and stored ({why})"
 
     def info(self) -> dict:

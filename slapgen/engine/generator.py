@@ -122,17 +122,17 @@ class VideoGenerator:
         device = torch.device(self.device)
         decode_s = 0.0
         for steps in self.step_cache.warm_up_steps(self.spec.default_num_inference_steps):
-            denoised_at: list[float] = []
+            # the end of the latest step (the last one's once the pipeline returns), whatever the step count
+            denoised_at = [time.perf_counter()]
 
-            def note_the_last_step(done: int, total: int) -> None:
-                if done == total:
-                    if device.type == "cuda":  # the step's queued kernels belong to the denoising
-                        torch.cuda.synchronize(device)
-                    denoised_at.append(time.perf_counter())
+            def note_the_step(done: int, total: int) -> None:
+                if device.type == "cuda":  # the step's queued kernels belong to the denoising
+                    torch.cuda.synchronize(device)
+                denoised_at[0] = time.perf_counter()
 
             self.generate_frames(GenerationParams.defaults_for(self.spec, num_inference_steps=steps),
-                                 on_step=note_the_last_step)
-            decode_s += time.perf_counter() - denoised_at[-1]
+                                 on_step=note_the_step)
+            decode_s += time.perf_counter() - denoised_at[0]
         if self.compiled is not None:
             self.compiled.mark_warm()
         return decode_s

@@ -87,8 +87,8 @@ jobs = Table(
     Column("owner", BigInteger), Column("owner_started", BigInteger), Column("worker", BigInteger),
     Column("worker_started", BigInteger), Column("host", Text), Column("http_status", Integer),
 )
-# A failed job's answer when its failure has no HTTP status of its own (its server or worker died, or a
-# row from before the status was kept), as an unexpected exception in the handler is answered.
+# A failed job's answer when its failure has no HTTP status of its own (an unexpected exception in the
+# handler, or a row from before the status was kept).
 FAILED_WITHOUT_STATUS = 500
 # `/jobs/get` of a job whose work was lost with its server, worker or replica (a restart, a kill, a lease run
 # out): nothing failed in the request, and submitting it again is the answer, so not a 500 ("unexpected").

@@ -146,8 +146,12 @@ def execution_words(ray: str | None, gpus_per_run: float, node_wait_s: float) ->
     machine that runs it. Empty for a sweep on this machine."""
     if ray is None:
         return ()
-    words = ("--ray", ray, "--gpus-per-run", f"{gpus_per_run:g}")
-    return words + (("--node-wait", f"{node_wait_s:g}") if node_wait_s != DEFAULT_NODE_WAIT_S else ())
+
+    def number(value: float) -> str:  # as typed: 1, 0.5, 0.3333333 (`:g` would round it to 6 digits)
+        return str(int(value)) if value == int(value) else repr(value)
+
+    words = ("--ray", ray, "--gpus-per-run", number(gpus_per_run))
+    return words + (("--node-wait", number(node_wait_s)) if node_wait_s != DEFAULT_NODE_WAIT_S else ())
 
 
 def sweep_command(definition: SweepDefinition, out: Path, execution: tuple[str, ...] = ()) -> str:
