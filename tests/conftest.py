@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import types
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -219,6 +220,18 @@ def offline_env(tmp_path: Path, **overrides: str) -> dict[str, str]:
     )
     env.update(overrides)
     return env
+
+
+def process_environments() -> Iterator[tuple[int, list[bytes]]]:
+    """(pid, its environment's `NAME=value` entries) of every process this user can read (/proc): how a test finds
+    the processes it started, however detached (their own sessions, Ray's workers), to clean them up or to show
+    none is left."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                yield int(entry.name), (entry / "environ").read_bytes().split(b"\0")
+            except OSError:  # ended meanwhile, or not ours
+                pass
 
 
 def cli_stderr(text: str) -> str:

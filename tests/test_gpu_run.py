@@ -11,11 +11,10 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, process_environments
 
 pytestmark = pytest.mark.slow
 
@@ -295,16 +294,8 @@ def test_the_first_checks_5b_folder_is_5bs_shape_and_loads_as_5b(tmp_path, monke
         for parameter in module.parameters()) / 1e9, rel=0.01)
 
 
-def _processes_with_in_their_environment(text: str) -> list[str]:
-    found = []
-    for process in Path("/proc").iterdir():
-        if process.name.isdigit():
-            try:
-                if text.encode() in (process / "environ").read_bytes():
-                    found.append(process.name)
-            except OSError:  # ended meanwhile, or not ours
-                pass
-    return found
+def _processes_with_in_their_environment(text: str) -> list[int]:
+    return [pid for pid, environment in process_environments() if text.encode() in b"\0".join(environment)]
 
 
 def test_a_start_past_its_time_limit_returns_its_rows_and_leaves_nothing_behind(tmp_path):

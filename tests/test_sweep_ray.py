@@ -27,7 +27,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO_ROOT, cli_stderr, free_port, offline_env, tiny_train_overrides
+from tests.conftest import REPO_ROOT, cli_stderr, free_port, offline_env, process_environments, tiny_train_overrides
 from trainer.lora import LORA_FILENAME
 from trainer.sweep.ray_runs import ATTEMPT_MARK
 
@@ -49,14 +49,7 @@ def sweep_command(tiny_cache_dir: Path, data: Path, heldout: Path, out: Path, ra
 
 
 def _marked_pids(mark: str) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and f"{MARK}={mark}".encode() in (entry / "environ").read_bytes().split(b"\0"):
-                pids.append(int(entry.name))
-        except OSError:
-            pass
-    return pids
+    return [pid for pid, environment in process_environments() if f"{MARK}={mark}".encode() in environment]
 
 
 def _start_node(env: dict, *args: str, wrap: tuple[str, ...] = (), cpus: int = 1) -> int:

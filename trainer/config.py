@@ -519,7 +519,7 @@ def _problem(issue: dict) -> str:
     """One validation issue in words; a misspelt key gets the closest real one (`lora.rnk` -> `lora.rank`)."""
     key = ".".join(str(part) for part in issue["loc"]) or "config"
     if not issue["loc"] and issue["type"] == "value_error":  # a check across sections names its settings itself
-        return str(issue["ctx"]["error"])
+        return validation_message(issue)
     if issue["type"] != "extra_forbidden":
         return f"{key}: {validation_message(issue)}"
     close = closest_setting(key)

@@ -141,14 +141,14 @@ class CompileCache:
         where = f"compile cache {self.folder}"
         if self.fell_back:
             return f"{where} was not used ({self.fell_back}); {self.compiled} graphs compiled in a private folder"
+        skipped = f"{self.unreadable} unreadable {'entry' if self.unreadable == 1 else 'entries'} skipped"
         if self.compiled == 0:
-            skipped = f"; {self.unreadable} unreadable entries skipped" if self.unreadable else ""
-            return f"{where}: all {total} graphs loaded from it, nothing compiled{skipped}"
+            return f"{where}: all {total} graphs loaded from it, nothing compiled" + (
+                f"; {skipped}" if self.unreadable else "")
         # why they were compiled: entries torch could not read, and for the rest none (the usual misses)
-        usual = "a new model, settings or torch version, or an empty folder"
-        unreadable = f"{self.unreadable} unreadable {'entry' if self.unreadable == 1 else 'entries'} skipped"
-        why = (usual if not self.unreadable else unreadable if self.compiled <= self.unreadable
-               else f"{unreadable}; the others: {usual}")
+        why = "a new model, settings or torch version, or an empty folder"
+        if self.unreadable:
+            why = skipped if self.compiled <= self.unreadable else f"{skipped}; the others: {why}"
         return f"{where}: {self.from_cache} of {total} graphs loaded from it, {self.compiled} compiled and stored ({why})"
 
     def info(self) -> dict:

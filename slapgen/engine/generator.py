@@ -43,6 +43,12 @@ DEFAULT_SLOT_RANK = 128
 MAX_SLOT_RANK = 1024
 
 
+def gpu_settle(device: torch.device) -> Callable[[], None] | None:
+    """What makes the work queued on `device` count where it was queued: a sync of the worker's own GPU (cuda:1
+    for the second worker, not the current device, cuda:0); None off a GPU."""
+    return partial(torch.cuda.synchronize, device) if device.type == "cuda" else None
+
+
 def slot_rank_for(options: EngineOptions, model_name: str, modules: dict[str, tuple[int, int]]) -> int:
     """`max_lora_rank` when set; otherwise the largest adapter rank in the folder, at least the default.
 
@@ -78,9 +84,7 @@ class VideoGenerator:
         family = family_of(resolved.spec)
         check_supported(options.cache, family)
         targets = options.lora_target_modules or family.lora_target_modules
-        device = torch.device(options.device)
-        # the worker's own GPU (cuda:1 for the second worker), not the current device, which is cuda:0's
-        phases = PhaseTimes(settle=partial(torch.cuda.synchronize, device) if device.type == "cuda" else None)
+        phases = PhaseTimes(settle=gpu_settle(torch.device(options.device)))
         with phases.phase("load_pipeline"):
             pipeline = load_pipeline(resolved)
         with phases.phase("lora_slot"):
@@ -119,15 +123,15 @@ class VideoGenerator:
         frames), which `load` reports apart from the compile (`warm_up_decode`): the VAE is not compiled, and
         decoding a default-size video is a start-up cost of its own (it also finds, at start-up, a decode
         that does not fit in memory)."""
-        device = torch.device(self.device)
+        settle = gpu_settle(torch.device(self.device))
         decode_s = 0.0
         for steps in self.step_cache.warm_up_steps(self.spec.default_num_inference_steps):
             # the end of the latest step (the last one's once the pipeline returns), whatever the step count
             denoised_at = [time.perf_counter()]
 
             def note_the_step(done: int, total: int) -> None:
-                if device.type == "cuda":  # the step's queued kernels belong to the denoising
-                    torch.cuda.synchronize(device)
+                if settle is not None:  # the step's queued kernels belong to the denoising
+                    settle()
                 denoised_at[0] = time.perf_counter()
 
             self.generate_frames(GenerationParams.defaults_for(self.spec, num_inference_steps=steps),

@@ -27,7 +27,9 @@ from slapgen.errors import (
     QueueFullError,
     SettingsError,
     SlapgenError,
-    first_line, validation_message)
+    first_line,
+    validation_message,
+)
 
 # First match wins: subclasses before their bases.
 STATUS_BY_ERROR: list[tuple[type[SlapgenError], int]] = [
