@@ -4,11 +4,14 @@
 "Reducing torch.compile cold start compilation time with regional compilation" recipe; diffusers'
 `compile_repeated_blocks` does the same for the models that list their block class): each of the family's
 repeated blocks (`ModelFamily.transformer_blocks`) is compiled in place, and since torch inlines a module's
-parameters as graph inputs, every block runs the one compiled code: without a step cache CogVideoX compiles
-2 graphs however deep it is (its first block gets a strided slice of the tokens), Wan 1 (a step cache's hooks
-add a few, also the same at any depth); the embeddings and the output layers stay eager. `transformer`
-compiles the whole module: one graph per model, whose compile time (and, warm, whose tracing) grows with the
-number of blocks: minutes for CogVideoX-5B's 42 (bench/README.md).
+parameters as graph inputs, every block runs the one compiled code: without a step cache each family compiles
+1 graph however deep it is (a step cache's hooks add a few, also the same at any depth); the embeddings and the
+output layers stay eager. A block's tensor arguments are made contiguous before its compiled call, outside the
+compiled code (`_with_contiguous_tensors`): CogVideoX's first block gets strided slices of the concatenated text
+and video tokens, and dynamo, which guards on strides, compiled a second graph for it alone (a second
+dynamo trace and inductor compile on a cold start, a second trace and cache load on a warm one; the copy costs
+one read of the tokens per step). `transformer` compiles the whole module: one graph per model, whose compile
+time (and, warm, whose tracing) grows with the number of blocks: minutes for CogVideoX-5B's 42 (bench/README.md).
 
 Compilation goes through inductor behind a thin backend that counts graphs. Every graph compiled
 after `mark_warm()` is a recompilation: a request that made dynamo's guards fail (a new shape, a
@@ -47,6 +50,7 @@ and it drops dynamo's identity guards (ID_MATCH), which nothing here has shown a
 from __future__ import annotations
 
 import atexit
+import functools
 import logging
 import os
 import shutil
@@ -196,6 +200,8 @@ class CompiledTransformer:
         # its LoRA slot stay the same objects, only the blocks' calls go through dynamo.
         for block in family_of_transformer(self._eager).transformer_blocks(self._eager):
             block.compile(backend=self._backend, fullgraph=False)
+            # `Module.compile` keeps the compiled call where `__call__` finds it; the copy goes in front, eager.
+            block._compiled_call_impl = functools.partial(_with_contiguous_tensors, block._compiled_call_impl)
 
     def warm_up(self, pipeline, run: Callable[[], object]) -> None:
         """`run()` (the warm-up generations, which compile); with a compile cache, counted, and on any failure
@@ -220,3 +226,12 @@ class CompiledTransformer:
     @property
     def recompilations(self) -> int:
         return 0 if self._warm_at is None else self.graphs - self._warm_at
+
+
+def _with_contiguous_tensors(compiled_call, /, *args, **kwargs):
+    """`compiled_call` with its tensor arguments contiguous, so every block's call meets the same strides (a
+    contiguous tensor is passed as it is)."""
+    def contiguous(value):
+        return value.contiguous() if isinstance(value, torch.Tensor) else value
+
+    return compiled_call(*map(contiguous, args), **{name: contiguous(value) for name, value in kwargs.items()})
