@@ -48,6 +48,41 @@ def test_the_compile_scope_setting_reaches_the_engine(monkeypatch):
     assert str(refused.value) == "invalid settings: SLAP_COMPILE_SCOPE: Input should be 'blocks' or 'transformer'."
 
 
+@pytest.mark.parametrize("batch", [2, 1])
+def test_a_strided_slice_of_the_tokens_reaches_the_compiled_block_at_row_major_strides(batch):
+    """Guards the copy in front of each compiled block (`_with_row_major_tensors`): a slice of the tokens (what
+    CogVideoX's first block gets) and a fresh tensor of its shape must reach the compiled code with the same
+    strides, or dynamo, which guards on strides, compiles the block twice. With a batch of 1 (no
+    classifier-free guidance) the slice counts as contiguous, so `contiguous()` alone would pass it as it is:
+    fails with 2 graphs. A tensor already at row-major strides is passed as it is (no copy per block), and what
+    is not a tensor (the rotary embeddings' tuple) untouched."""
+    from slapgen.engine.compiling import _with_row_major_tensors, row_major_strides
+
+    graphs = []
+
+    def counting(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    compiled = torch.compile(lambda tokens, rotary: tokens * rotary[0], backend=counting)
+    seen = []
+
+    def block(tokens, *, rotary):
+        seen.append((tokens, tokens.stride(), rotary))
+        return compiled(tokens, rotary)
+
+    joined = torch.randn(batch, 6, 8)  # 2 text tokens, then 4 video tokens
+    rotary = (torch.tensor(2.0), torch.tensor(3.0))
+    sliced = joined[:, 2:]
+    fresh = torch.randn(batch, 4, 8)
+    assert sliced.stride() != row_major_strides(sliced.shape)
+    torch.testing.assert_close(_with_row_major_tensors(block, sliced, rotary=rotary), sliced * 2)
+    torch.testing.assert_close(_with_row_major_tensors(block, fresh, rotary=rotary), fresh * 2)
+    assert [strides for _, strides, _ in seen] == [(32, 8, 1), (32, 8, 1)]
+    assert seen[1][0] is fresh and seen[0][2] is rotary and seen[1][2] is rotary
+    assert len(graphs) == 1
+
+
 def deeper_twin(monkeypatch, layers: int) -> None:
     """Every pipeline the engine loads gets a random transformer of the same config with `layers` blocks (seeded:
     the same weights for every load)."""
@@ -75,7 +110,7 @@ def test_regional_compilation_compiles_one_block_for_all(model, monkeypatch, tmp
     (LoRA slot, attention processors, warm-up) on 2-block and 5-block random twins of the family's tiny
     transformer, one graph is compiled (without a step cache), the pipeline keeps the transformer module itself
     (not dynamo's wrapper), every block runs through dynamo, a second generation compiles nothing, and the frames
-    equal the uncompiled engine's. Also guards the contiguous copy in front of each block's compiled call: CogVideoX's
+    equal the uncompiled engine's. Also guards the row-major copy in front of each block's compiled call: CogVideoX's
     first block gets strided slices of the tokens, which compiled a second graph for that block alone."""
     from slapgen.engine.generator import VideoGenerator
     from slapgen.engine.params import EngineOptions
@@ -147,7 +182,7 @@ def test_a_damaged_cache_falls_back_with_the_blocks_compiled_again(tiny_cache_di
     the blocks must be compiled again in place (a fallback that compiled the transformer whole, or left the blocks
     calling code built on the damaged folder, would crash or lose the scope). A start fills the folder; with every
     kernel library in it overwritten, the next falls back to a private folder, compiles the one graph again with
-    every block compiled (and each block's contiguous copy back in front: without it the first block's graph is
+    every block compiled (and each block's row-major copy back in front: without it the first block's graph is
     compiled apart), and makes the uncompiled pipeline's frames."""
     def start(folder: Path) -> dict:
         result = subprocess.run([sys.executable, "-c", COMPILE_THE_BLOCKS, str(folder), str(tiny_cache_dir)],

@@ -6,11 +6,12 @@
 repeated blocks (`ModelFamily.transformer_blocks`) is compiled in place, and since torch inlines a module's
 parameters as graph inputs, every block runs the one compiled code: without a step cache each family compiles
 1 graph however deep it is (a step cache's hooks add a few, also the same at any depth); the embeddings and the
-output layers stay eager. A block's tensor arguments are made contiguous before its compiled call, outside the
-compiled code (`_with_contiguous_tensors`): CogVideoX's first block gets strided slices of the concatenated text
-and video tokens, and dynamo, which guards on strides, compiled a second graph for it alone (a second
-dynamo trace and inductor compile on a cold start, a second trace and cache load on a warm one; the copy costs
-one read of the tokens per step). `transformer` compiles the whole module: one graph per model, whose compile
+output layers stay eager. A block's tensor arguments are copied to row-major strides before its compiled call,
+outside the compiled code (`_with_row_major_tensors`): CogVideoX's first block gets strided slices of the
+concatenated text and video tokens, and dynamo, which guards on strides, compiled a second graph for it alone (a
+second dynamo trace and inductor compile on a cold start, a second trace and cache load on a warm one). The copy
+is a read and a write of the first block's tokens at each transformer call; the later blocks get their
+predecessor's fresh output, passed as it is. `transformer` compiles the whole module: one graph per model, whose compile
 time (and, warm, whose tracing) grows with the number of blocks: minutes for CogVideoX-5B's 42 (bench/README.md).
 
 Compilation goes through inductor behind a thin backend that counts graphs. Every graph compiled
@@ -22,10 +23,11 @@ The backend compiles with ATen's matrix-multiply kernels only (`gemm_backends`).
 (`use_triton_template(..., check_max_autotune=False)` in torch/_inductor/kernel/mm.py; int8's `_int_mm` too):
 every fp8 GEMM shape compiles and benchmarks a set of Triton kernels before the first step. On an H200
 (torch 2.11, torchao 0.18) one fp8 CogVideoX-5B block's graph took about 210 s to compile where bf16's two
-graphs for 14 blocks took 19.6 s. `mm` and `addmm` (CogVideoX's and Wan's compiled blocks hold `addmm` only)
-use Triton templates only under max-autotune, which slapgen never turns on, and a CPU has no Triton templates,
-so for them nothing changes; `bmm` / `baddbmm`, autotuned like `_scaled_mm`, would lose it too. The setting is
-part of inductor's cache key, so a compile-cache folder filled before it misses once.
+graphs for 14 blocks (before the row-major copy above) took 19.6 s. `mm` and `addmm` (CogVideoX's and Wan's
+compiled blocks hold `addmm` only) use Triton templates only under max-autotune, which slapgen never turns on,
+and a CPU has no Triton templates, so for them nothing changes; `bmm` / `baddbmm`, autotuned like `_scaled_mm`,
+would lose it too. The setting is part of inductor's cache key, so a compile-cache folder filled before it misses
+once.
 
 `SLAP_COMPILE_CACHE_DIR` (`CompileCache`) becomes inductor's own on-disk cache folder
 (`TORCHINDUCTOR_CACHE_DIR`): the AOTAutograd and FX graph caches, the compiled C++ / Triton kernels and
@@ -201,7 +203,7 @@ class CompiledTransformer:
         for block in family_of_transformer(self._eager).transformer_blocks(self._eager):
             block.compile(backend=self._backend, fullgraph=False)
             # `Module.compile` keeps the compiled call where `__call__` finds it; the copy goes in front, eager.
-            block._compiled_call_impl = functools.partial(_with_contiguous_tensors, block._compiled_call_impl)
+            block._compiled_call_impl = functools.partial(_with_row_major_tensors, block._compiled_call_impl)
 
     def warm_up(self, pipeline, run: Callable[[], object]) -> None:
         """`run()` (the warm-up generations, which compile); with a compile cache, counted, and on any failure
@@ -228,10 +230,23 @@ class CompiledTransformer:
         return 0 if self._warm_at is None else self.graphs - self._warm_at
 
 
-def _with_contiguous_tensors(compiled_call, /, *args, **kwargs):
-    """`compiled_call` with its tensor arguments contiguous, so every block's call meets the same strides (a
-    contiguous tensor is passed as it is)."""
-    def contiguous(value):
-        return value.contiguous() if isinstance(value, torch.Tensor) else value
+def row_major_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The strides of a freshly allocated tensor of `shape` (C order)."""
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
 
-    return compiled_call(*map(contiguous, args), **{name: contiguous(value) for name, value in kwargs.items()})
+
+def _with_row_major_tensors(compiled_call, /, *args, **kwargs):
+    """`compiled_call` with its tensor arguments at row-major strides, so every block's call meets the same
+    strides; a tensor already there is passed as it is. Not `contiguous()`: with a batch of 1 (no classifier-free
+    guidance) a slice of the tokens counts as contiguous, its batch stride being ignored, yet dynamo guards on
+    that stride too."""
+    def row_major(value):
+        if isinstance(value, torch.Tensor) and value.stride() != row_major_strides(value.shape):
+            return value.clone(memory_format=torch.contiguous_format)
+        return value
+
+    return compiled_call(*map(row_major, args), **{name: row_major(value) for name, value in kwargs.items()})
