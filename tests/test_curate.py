@@ -349,9 +349,11 @@ def test_hard_negative_share_reserves_part_of_the_selection():
     assert chosen[:4] == ["foul_a", "absorb_a", "miss_b", "miss_a"] and "miss_flagged" not in chosen and len(chosen) == 7
 
 
-def test_report_shows_coverage_per_label_before_and_after_selection(demo_dataset, tmp_path):
+def test_report_shows_coverage_per_label_before_and_after_selection(demo_dataset, tmp_path, capsys):
     """Guards the coverage table: per category and outcome, how many clips carry the label in the
-    whole dataset, among the clean clips and in the selection, counted from the report's own records."""
+    whole dataset, among the clean clips and in the selection, counted from the report's own records; and the
+    command's selection line, which counts the selected hard negatives in words that read right for one
+    ("1 hard negatives" before)."""
     out = tmp_path / "out"
     assert cli_main(["curate", str(demo_dataset), "--out", str(out), "--select", "3", "--hard-negatives", "0.34",
                      "--workers", "1", "--config", "tiny-smoke"]) == 0
@@ -367,7 +369,11 @@ def test_report_shows_coverage_per_label_before_and_after_selection(demo_dataset
     # The demo's outcomes cycle absorbs / staggers / knockout: clips 000 and 003 absorb (hard negatives);
     # round(3 * 0.34) = 1 slot is theirs.
     assert coverage["outcomes"]["block-absorb"]["clips"] == 2 and coverage["outcomes"]["block-absorb"]["selected"] >= 1
-    assert report["summary"]["hard_negatives_selected"] == coverage["outcomes"]["block-absorb"]["selected"]
+    hard = report["summary"]["hard_negatives_selected"]
+    assert hard == coverage["outcomes"]["block-absorb"]["selected"]
+    said = {1: "(1 of them a hard negative: miss, foul, block/absorb)",
+            2: "(2 of them hard negatives: miss, foul, block/absorb)"}[hard]
+    assert f"selected 3 of 3 requested -> {out / 'selected.jsonl'} {said}" in capsys.readouterr().out
     page = (out / "report.html").read_text()
     assert "Coverage per label, before and after selection" in page and "block-absorb" in page
 

@@ -99,8 +99,10 @@ def cmd_curate(args) -> int:
                f"{args.config})") if code == "too_short" else ""
         print(f"  {code}: {count}{why}")
     if args.select:
+        # counted whether or not --hard-negatives kept a share for them
+        hard = summary["hard_negatives_selected"]
         print(f"selected {summary['selected']} of {args.select} requested -> {args.out / 'selected.jsonl'}"
-              f" ({summary['hard_negatives_selected']} hard negatives)")
+              f" ({hard} of them {'a hard negative' if hard == 1 else 'hard negatives'}: miss, foul, block/absorb)")
     print(f"report: {args.out / 'report.html'}")
     return 0
 
