@@ -1,3 +1,4 @@
+import re
 import shutil
 
 import pytest
@@ -33,6 +34,26 @@ def test_encodes_once_then_reuses(tiny_cache_dir, dataset, tmp_path):
     again = _cache(tiny_cache_dir, tmp_path / "cache").precompute(clips, progress=False)
     assert (again.encoded, again.reused) == (0, 4)
     assert [e.key for e in again.entries] == [e.key for e in first.entries]
+
+
+def test_the_precompute_bar_counts_what_its_postfix_counts(tiny_cache_dir, dataset, tmp_path, capsys, monkeypatch):
+    """Guards the precompute bar showing a count behind its own postfix (a walk-through saw "0/8 [...,
+    encoded=6"]): tqdm updates an iterated bar's count only when it draws, and the postfix was drawn at once,
+    between those draws. In a log file with every redraw kept (TQDM_MININTERVAL=0), each line's count must be
+    encoded + reused + skipped, and the last line must count every clip."""
+    monkeypatch.setenv("TQDM_MININTERVAL", "0")
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    cache = _cache(tiny_cache_dir, tmp_path / "cache")
+    clips = read_dataset(dataset)
+    cache.precompute(clips[:2], progress=False)  # two reused, two encoded below
+    capsys.readouterr()
+    cache.precompute(clips)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("precompute")]
+    counted = [(int(m["n"]), int(m["encoded"]) + int(m["reused"]) + int(m["skipped"]))
+               for m in map(re.compile(r"(?P<n>\d+)/4 .*encoded=(?P<encoded>\d+), reused=(?P<reused>\d+), "
+                                        r"skipped=(?P<skipped>\d+)").search, lines) if m]
+    assert counted and all(n == total for n, total in counted), lines
+    assert counted[-1] == (4, 4)
 
 
 def test_changed_caption_or_resolution_is_re_encoded(tiny_cache_dir, dataset, tmp_path):

@@ -232,7 +232,10 @@ class LatentCache:
                 else:
                     continue
                 report.entries.append(CacheEntry(key, path, clip))
-                bar.set_postfix(encoded=report.encoded, reused=report.reused, skipped=len(report.skipped))
+                # drawn with the count, when the loop moves on: tqdm updates the count an iterated bar shows
+                # only when it draws, so an immediate redraw showed a count behind the postfix ("0/8 ... encoded=6")
+                bar.set_postfix(encoded=report.encoded, reused=report.reused, skipped=len(report.skipped),
+                                refresh=False)
         finally:
             hasher.save()
         atomic_write_text(self.root / "last_report.json", json.dumps(report.to_json(), indent=2))

@@ -299,7 +299,7 @@ def train(
         }
         if run.step % config.logging.every_steps == 0 or run.step == max_steps:
             run.metrics.write(run.step, values)
-        bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}")
+        bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}", refresh=False)  # drawn with the count
         bar.update(1)
         if on_step is not None:
             on_step(run.step)
