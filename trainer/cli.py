@@ -386,8 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "adapter) through the service's engine; writes an mp4")
     gen.add_argument("--model", required=True, help=f"{MODEL_CHOICES} (as SLAP_MODEL)")
     gen.add_argument("--prompt", help="the caption (or use --template)")
-    gen.add_argument("--template", help="a prompt template of prompts/templates.yaml, with --slot values (a name it does not know "
-                          "lists those it does; a server's GET /templates shows their slots)")
+    gen.add_argument("--template", help="a prompt template of prompts/templates.yaml, with --slot values (a name "
+                                        "it does not know lists those it does; a server's GET /templates shows their "
+                                        "slots)")
     gen.add_argument("--slot", action="append", default=[], metavar="NAME=VALUE", help="a template slot (repeatable)")
     gen.add_argument("--adapter", type=Path, help="a LoRA file, or a run / checkpoint folder holding one")
     gen.add_argument("--condition-image", type=Path, help="PNG or JPEG a TIC-FT adapter animates (resized and "

@@ -11,8 +11,9 @@ outside the compiled code (`_with_row_major_tensors`): CogVideoX's first block g
 concatenated text and video tokens, and dynamo, which guards on strides, compiled a second graph for it alone (a
 second dynamo trace and inductor compile on a cold start, a second trace and cache load on a warm one). The copy
 is a read and a write of the first block's tokens at each transformer call; the later blocks get their
-predecessor's fresh output, passed as it is. `transformer` compiles the whole module: one graph per model, whose compile
-time (and, warm, whose tracing) grows with the number of blocks: minutes for CogVideoX-5B's 42 (bench/README.md).
+predecessor's fresh output, passed as it is. `transformer` compiles the whole module: one graph per model, whose
+compile time (and, warm, whose tracing) grows with the number of blocks: minutes for CogVideoX-5B's 42
+(bench/README.md).
 
 Compilation goes through inductor behind a thin backend that counts graphs. Every graph compiled
 after `mark_warm()` is a recompilation: a request that made dynamo's guards fail (a new shape, a
@@ -239,14 +240,16 @@ def row_major_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(reversed(strides))
 
 
+def _row_major(value):
+    """A tensor at row-major strides (a copy only if it is not there); anything else as it is. Not `contiguous()`:
+    with a batch of 1 (no classifier-free guidance) a slice of the tokens counts as contiguous, its batch stride
+    being ignored, yet dynamo guards on that stride too."""
+    if isinstance(value, torch.Tensor) and value.stride() != row_major_strides(value.shape):
+        return value.clone(memory_format=torch.contiguous_format)
+    return value
+
+
 def _with_row_major_tensors(compiled_call, /, *args, **kwargs):
     """`compiled_call` with its tensor arguments at row-major strides, so every block's call meets the same
-    strides; a tensor already there is passed as it is. Not `contiguous()`: with a batch of 1 (no classifier-free
-    guidance) a slice of the tokens counts as contiguous, its batch stride being ignored, yet dynamo guards on
-    that stride too."""
-    def row_major(value):
-        if isinstance(value, torch.Tensor) and value.stride() != row_major_strides(value.shape):
-            return value.clone(memory_format=torch.contiguous_format)
-        return value
-
-    return compiled_call(*map(row_major, args), **{name: row_major(value) for name, value in kwargs.items()})
+    strides."""
+    return compiled_call(*map(_row_major, args), **{name: _row_major(value) for name, value in kwargs.items()})
