@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import types
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -247,14 +248,27 @@ def bentoml_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "bentoml", *args]
 
 
+# Set in every test server's environment, with a value of its own: every process the server starts inherits it,
+# however detached (BentoML's workers run in sessions of their own; a compiler inductor started may outlive its
+# worker), so stop_server finds them all by it.
+SERVER_MARK = "SLAPGEN_TEST_SERVER"
+
+
 class ServerProcess:
-    def __init__(self, process: subprocess.Popen, url: str, log_path: Path):
+    def __init__(self, process: subprocess.Popen, url: str, log_path: Path, mark: str):
         self.process = process
         self.url = url
         self.log_path = log_path
+        self.mark = mark  # SERVER_MARK's value in its processes' environments
 
     def log_tail(self, chars: int = 4000) -> str:
         return self.log_path.read_text(errors="replace")[-chars:]
+
+    def live_processes(self) -> list[int]:
+        """Every process of this server still running: the CLI, BentoML's workers, what they started. A zombie
+        (ended, not yet reaped) has no environment left, so it is not one."""
+        entry = f"{SERVER_MARK}={self.mark}".encode()
+        return [pid for pid, environment in process_environments() if entry in environment]
 
 
 def start_server(tmp_path: Path, startup_timeout_s: float = 180, port: int | None = None,
@@ -262,18 +276,20 @@ def start_server(tmp_path: Path, startup_timeout_s: float = 180, port: int | Non
     port = port or free_port()
     log_path = tmp_path / f"server-{port}.log"
     log_file = log_path.open("wb")
+    mark = uuid.uuid4().hex
     process = subprocess.Popen(
         bentoml_command("serve", "--host", "127.0.0.1", "--port", str(port)),
         cwd=REPO_ROOT,
-        env=offline_env(tmp_path, **env_overrides),
+        env=offline_env(tmp_path, **env_overrides, **{SERVER_MARK: mark}),
         stdout=log_file,
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    server = ServerProcess(process, f"http://127.0.0.1:{port}", log_path)
+    server = ServerProcess(process, f"http://127.0.0.1:{port}", log_path, mark)
     deadline = time.monotonic() + startup_timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
+            stop_server(server)  # its workers may outlive it
             raise RuntimeError(f"bentoml serve exited with {process.returncode}:\n{server.log_tail()}")
         try:
             if httpx.get(f"{server.url}/readyz", timeout=2).status_code == 200:
@@ -320,16 +336,29 @@ def distinct_free_ports(count: int) -> list[int]:
             sock.close()
 
 
-def stop_server(server: ServerProcess) -> None:
+def stop_server(server: ServerProcess, grace_s: float = 20) -> None:
+    """SIGTERM to the server's CLI (its process group), which stops BentoML's workers, then wait until every
+    process of the server has ended (ServerProcess.live_processes), not only the CLI: the CLI can exit while
+    a worker, or a compiler the worker started, still runs, and whatever comes next (a test that checks
+    nothing is left, the GPU run's next start on the same GPU) would find it. SIGKILL to every process left
+    after `grace_s`."""
     import signal
 
-    if server.process.poll() is None:
-        os.killpg(server.process.pid, signal.SIGTERM)
-        try:
-            server.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.process.pid, signal.SIGKILL)
-            server.process.wait()
+    try:
+        os.killpg(server.process.pid, signal.SIGTERM)  # start_new_session: the CLI leads its own group
+    except ProcessLookupError:  # the CLI and its group have ended already; workers may not have
+        pass
+    for wait_s in (grace_s, 10):  # after SIGKILL: the kernel's time to end them
+        deadline = time.monotonic() + wait_s
+        while (left := server.live_processes()) and time.monotonic() < deadline:
+            server.process.poll()  # reaps the CLI, our child, once it exits
+            time.sleep(0.1)
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    server.process.wait()
 
 
 @pytest.fixture(scope="session")
