@@ -197,6 +197,19 @@ def test_help_and_config_skip_the_heavy_imports(tmp_path):
     assert not heavy & {"diffusers", "transformers"}
 
 
+def test_a_wrong_template_or_slot_is_said_before_any_heavy_import(tmp_path):
+    """Guards `slapgen generate --template nope` importing torch and diffusers (about 4 s here) before it said
+    the template is unknown: the prompt, template and slots are checked first, and nothing heavy loads."""
+    out = tmp_path / "x.mp4"
+    for arguments, message in ((["--template", "nope"], "unknown template 'nope'; valid templates: face-off"),
+                               (["--template", "knockout", "--slot", "nope=1"], "template knockout has no slot 'nope'")):
+        result, heavy = _imports(tmp_path, "generate", "--model", "tiny", "--out", str(out), *arguments)
+        errors = [line for line in result.stderr.splitlines() if not line.startswith("import time:")]
+        # one line, and not the loading line first
+        assert result.returncode == 2 and len(errors) == 1 and errors[0].startswith("slapgen generate: "), errors
+        assert message in errors[0] and heavy == set() and not out.exists()
+
+
 @pytest.mark.slow
 def test_train_says_it_has_started_before_importing_torch(tiny_cache_dir, demo_dataset, tmp_path):
     """Guards a CLI silent for 20-90 s while it imports: a real `slapgen train` process prints its first

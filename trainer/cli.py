@@ -189,6 +189,15 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def check_generate(args) -> None:
+    """The caption generate would make from --prompt or --template and --slot: a mistake there is said before
+    the seconds of imports, not after them."""
+    from trainer.generate import GenerateOptions, parse_slots, render_prompt
+
+    render_prompt(GenerateOptions(model=args.model, out=args.out, prompt=args.prompt, template=args.template,
+                                  slots=parse_slots(args.slot)))
+
+
 def cmd_sweep(args) -> int:
     from trainer.sweep.candidates import CandidateRequest
     from trainer.sweep.evaluate import EvalRequest
@@ -403,7 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", help="where the model runs (default: cuda when a GPU is there, else cpu)")
     gen.add_argument("--quantization", default="none", choices=["none", "auto", "fp8", "fp8-weight", "int8"],
                      help="torchao weight quantization of the transformer, as SLAP_QUANT (default none)")
-    gen.set_defaults(run=cmd_generate)
+    gen.set_defaults(run=cmd_generate, check=check_generate)
 
     sw = commands.add_parser("sweep", help="train every combination of a grid of settings, evaluate each, report the best")
     sw.add_argument("--config", required=True, help="YAML file or preset name every run starts from")
@@ -493,13 +502,15 @@ RESUME_ADVICE = {"train": "add --resume latest to continue from the last checkpo
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)  # no heavy import before here: --help and argument errors are instant
-    if args.command in LOADING_COMMANDS:
-        if os.environ.get("RANK", "0") == "0":  # under `accelerate launch`, one line, not one per process
-            print(loading_line(args.command), file=sys.stderr, flush=True)
-        quiet_libraries()
-    if getattr(args, "device", "") is None:
-        args.device = default_device()
     try:
+        if (check := getattr(args, "check", None)) is not None:
+            check(args)  # a command's cheap checks of what was typed, before any heavy import
+        if args.command in LOADING_COMMANDS:
+            if os.environ.get("RANK", "0") == "0":  # under `accelerate launch`, one line, not one per process
+                print(loading_line(args.command), file=sys.stderr, flush=True)
+            quiet_libraries()
+        if getattr(args, "device", "") is None:
+            args.device = default_device()
         return args.run(args)
     except SlapgenError as error:
         print(f"slapgen {args.command}: {error}", file=sys.stderr)
