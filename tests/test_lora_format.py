@@ -38,6 +38,55 @@ def test_every_file_safetensors_writes_parses_as_safetensors_reads_it(tmp_path):
         parse_header(data[:-1], len(data) - 1)
 
 
+def _other_files(folder) -> dict[str, bytes]:
+    """Files people name or upload as a LoRA by mistake, each written by the library that writes it."""
+    import pickle
+
+    import numpy as np
+    from PIL import Image
+
+    from slapgen.video import write_mp4
+
+    lora = {"transformer.blocks.0.attn1.to_q.lora_A.weight": torch.zeros(4, 8)}
+    torch.save(lora, folder / "lora.pt")
+    torch.save(lora, folder / "old.bin", _use_new_zipfile_serialization=False)
+    Image.new("RGB", (8, 8)).save(folder / "frame.png")
+    Image.new("RGB", (8, 8)).save(folder / "frame.jpg")
+    write_mp4(np.zeros((9, 16, 16, 3), np.uint8), folder / "clip.mp4", fps=8)
+    return {"zip archive (PyTorch's torch.save": (folder / "lora.pt").read_bytes(),
+            "a pickle (an old PyTorch .bin": (folder / "old.bin").read_bytes(),
+            "a pickle (an old PyTorch": pickle.dumps(lora, protocol=4),
+            "an MP4 or MOV video": (folder / "clip.mp4").read_bytes(),
+            "a PNG image": (folder / "frame.png").read_bytes(),
+            "a JPEG image": (folder / "frame.jpg").read_bytes()}
+
+
+def test_a_file_of_another_format_is_named_not_measured(tmp_path):
+    """Guards the message an mp4 uploaded as an adapter got: "its header length is 8,104,636,986,402,275,328
+    bytes, above the 8 MiB ...", true but noise. A file whose first 8 bytes fail as a header length and that
+    is a known other format (written here by torch, pickle, PIL, imageio-ffmpeg) is named, with how to convert
+    PyTorch's."""
+    for what, data in _other_files(tmp_path).items():
+        with pytest.raises(HeaderError, match=r"^it is (a|an) ") as raised:
+            parse_header(data[:64], len(data))
+        assert what in str(raised.value), (what, str(raised.value))
+    with pytest.raises(HeaderError, match="header length is"):  # unknown bytes: the length, as before
+        parse_header(b"\x00\x00\x00\x7f" * 4, 1024)
+
+
+def test_a_safetensors_header_whose_length_starts_with_a_magic_byte_parses(tmp_path):
+    """Guards the format guess overriding a real file: a header length whose first byte is 0x80 (a pickle's
+    first byte) or whose 8 bytes start like another format must still parse; the guess is asked only once
+    the length failed."""
+    for pad in range(0, 400, 8):
+        data = save({"w": torch.zeros(2, 2)}, metadata={"pad": "x" * pad})
+        if data[0] == 0x80:
+            break
+    assert data[0] == 0x80
+    header = parse_header(data, len(data))
+    assert header.shapes == {"w": [2, 2]} and header.metadata["pad"].startswith("x")
+
+
 def _reference_depth(value) -> int:
     """How deeply a parsed JSON value nests, by recursion (fine for the small values drawn here)."""
     if isinstance(value, dict):

@@ -12,7 +12,7 @@ import pytest
 from safetensors.torch import load_file, save
 
 from prompts import default_library
-from slapgen.video import read_mp4
+from slapgen.video import read_mp4, write_mp4
 from tests.conftest import start_server, stop_server
 
 pytestmark = pytest.mark.slow
@@ -110,8 +110,10 @@ def test_bad_uploads_are_rejected_and_the_running_adapter_is_untouched(server, a
     assert before.status_code == 200
     good = adapter_files["a"].read_bytes()
     wrong_keys = save({k.replace("transformer.", "unet."): v for k, v in load_file(adapter_files["a"]).items()})
+    clip = write_mp4(np.zeros((9, 16, 16, 3), np.uint8), tmp_path / "clip.mp4", fps=8).read_bytes()
     for name, data, message in [
         ("x", good[: len(good) // 2], "not a readable safetensors"),
+        ("x", clip, "not a readable safetensors file (it is an MP4 or MOV video)"),  # named, not measured
         ("x", wrong_keys, "not a diffusers transformer LoRA key"),
         ("x", adapter_files["big"].read_bytes(), "above the LoRA slot's rank 8"),
         ("../x", good, "must be 1-64 characters"),

@@ -153,6 +153,29 @@ def _tensor_entry(key: str, entry) -> tuple[list[int], str, tuple[int, int], int
     return shape, dtype, (begin, end), bits // 8
 
 
+# What a file uploaded or named as a LoRA most often is instead, by its first bytes: (offset, bytes, what).
+OTHER_FORMATS = (
+    (0, b"PK\x03\x04", "a zip archive (PyTorch's torch.save writes one: .pt, .pth, .ckpt, .bin; load it with "
+                        "torch.load and write it with safetensors.torch.save_file)"),
+    (0, b"\x80", "a pickle (an old PyTorch .bin or .pt; load it with torch.load and write it with "
+                 "safetensors.torch.save_file)"),
+    (0, b"GGUF", "a GGUF file"),
+    (4, b"ftyp", "an MP4 or MOV video"),
+    (0, b"\x89PNG", "a PNG image"),
+    (0, b"\xff\xd8\xff", "a JPEG image"),
+    (0, b"RIFF", "a RIFF file (WebP, AVI or WAV)"),
+    (0, b"GIF8", "a GIF image"),
+    (0, b"\x1a\x45\xdf\xa3", "a WebM or MKV video"),
+)
+
+
+def other_format(head: bytes) -> str | None:
+    """What a file that is not safetensors is, from its first bytes, where they say (OTHER_FORMATS); None
+    otherwise. Asked only once its first 8 bytes failed as a safetensors header length: a real header's
+    length may start with any byte."""
+    return next((what for offset, magic, what in OTHER_FORMATS if head[offset : offset + len(magic)] == magic), None)
+
+
 def parse_header(head: bytes, file_size: int) -> Header:
     """The header at the start of a safetensors file of `file_size` bytes (8-byte little-endian length +
     JSON), checked the way safetensors checks it before reading a tensor: the tensors' data follows the
@@ -161,6 +184,9 @@ def parse_header(head: bytes, file_size: int) -> Header:
         if len(head) < 8:
             raise ValueError("file is shorter than a header")
         length = int.from_bytes(head[:8], "little")
+        if length > MAX_HEADER_BYTES or file_size < 8 + length:
+            if (known := other_format(head)) is not None:  # the number below would be noise: say what it is
+                raise ValueError(f"it is {known}")
         if length > MAX_HEADER_BYTES:
             raise ValueError(f"its header length is {length:,} bytes, above the {MAX_HEADER_BYTES // 1024**2} MiB "
                              "a LoRA header may have")
