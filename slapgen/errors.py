@@ -7,6 +7,10 @@ names the request or config field to blame.
 
 from __future__ import annotations
 
+import json
+import re
+from collections.abc import Mapping
+
 
 def first_line(error: BaseException, limit: int | None = None) -> str:
     """The first line of an error's text (at most `limit` characters), or its type's name when empty:
@@ -23,6 +27,45 @@ def validation_message(issue: dict) -> str:
     if issue.get("type") in ("value_error", "assertion_error"):
         return message.removeprefix("Value error, ").removeprefix("Assertion failed, ")
     return message
+
+
+# pydantic's messages start "Input should be ...", "String should have ...": the subject becomes the field.
+_SUBJECT_SHOULD = re.compile(r"^(?:Input|Value|String|Dictionary|List|Tuple|Set|Object|Decimal|Bytes)\s+should\s+")
+_SHOWN_CHARS = 40
+
+
+def issue_sentence(subject: str, issue: Mapping, show_input: bool = True) -> str:
+    """One pydantic validation issue as slapgen's sentence about `subject` (a request field, `SLAP_X`, a config
+    key) and, with `show_input` and where pydantic kept it, the value: "seed must be greater than or equal to 0,
+    got -1". The one place that words pydantic's rules, for every edge: request bodies, SLAP_* settings,
+    training configs. An edge turns `show_input` off for a value that may be a secret."""
+    kind, message = issue.get("type", ""), issue.get("msg", "is not valid")
+    if kind == "missing":
+        return f"{subject} is required"
+    if kind in ("value_error", "assertion_error"):  # our validators' sentences: they name the value where it helps
+        return f"{subject}: {validation_message(issue)}"
+    if should := _SUBJECT_SHOULD.match(message):
+        rule = message[should.end():]
+        if kind.endswith("_parsing") or kind.endswith("_from_float"):
+            rule = rule.split(", ")[0]  # "a valid integer, unable to parse string as an integer": the value says why
+        sentence = f"{subject} must {rule}"
+    else:
+        sentence = f"{subject}: {message[:1].lower()}{message[1:]}"
+    return f"{sentence}, got {shown_value(issue['input'])}" if show_input and "input" in issue else sentence
+
+
+def shown_value(value) -> str:
+    """A refused value as JSON would spell it, short: long strings by their length, containers by kind."""
+    if isinstance(value, str):
+        return json.dumps(value) if len(value) <= _SHOWN_CHARS else f"{len(value)} characters"
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    if value is None or isinstance(value, (bool, int, float)):
+        shown = json.dumps(value)
+        return shown if len(shown) <= _SHOWN_CHARS else f"a number of {len(shown)} digits"
+    return type(value).__name__
 
 
 class SlapgenError(Exception):

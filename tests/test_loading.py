@@ -70,6 +70,33 @@ def test_bad_settings_name_the_variable(monkeypatch, name, value):
         load_settings()
 
 
+def test_a_refused_setting_is_said_with_its_value_but_a_secret_never_is(monkeypatch):
+    """Guards SLAP_* errors in pydantic's words without the value ("SLAP_MAX_QUEUE: Input should be a valid
+    integer, unable to parse string as an integer", while HTTP errors said "got ..."), and the value
+    echoed for a secret: the token, or a database URL with its password."""
+    from pydantic import ValidationError
+
+    from slapgen.serving.settings import SlapSettings, settings_problems
+
+    monkeypatch.setenv("SLAP_MAX_QUEUE", "many")
+    with pytest.raises(SettingsError) as refused:
+        load_settings()
+    assert str(refused.value) == 'invalid settings: SLAP_MAX_QUEUE must be a valid integer, got "many".'
+    monkeypatch.setenv("SLAP_DATABASE_URL", "postgresql://slapgen:hunter2@db.internal")  # no database named
+    with pytest.raises(SettingsError) as refused:
+        load_settings()
+    assert "SLAP_DATABASE_URL: a postgresql:// URL must name its database" in str(refused.value)
+    assert "hunter2" not in str(refused.value) and "many" in str(refused.value)
+    # The environment gives only strings; a secret of the wrong type comes in by name, and is not echoed.
+    monkeypatch.delenv("SLAP_DATABASE_URL")
+    monkeypatch.delenv("SLAP_MAX_QUEUE")
+    with pytest.raises(ValidationError) as invalid:
+        SlapSettings(api_token=20261205, max_lora_rank=4096)
+    problems = settings_problems(invalid.value)
+    assert "SLAP_API_TOKEN must be a valid string" in problems.split("; ") and "20261205" not in problems, problems
+    assert "SLAP_MAX_LORA_RANK: must be auto or a rank from 1 to 1024, got 4096" in problems, problems
+
+
 def test_every_setting_is_documented_in_the_readme():
     from slapgen.serving.settings import SlapSettings
     from tests.conftest import REPO_ROOT

@@ -45,7 +45,7 @@ def test_the_compile_scope_setting_reaches_the_engine(monkeypatch):
     monkeypatch.setenv("SLAP_COMPILE_SCOPE", "block")
     with pytest.raises(SettingsError) as refused:
         load_settings()
-    assert str(refused.value) == "invalid settings: SLAP_COMPILE_SCOPE: Input should be 'blocks' or 'transformer'."
+    assert str(refused.value) == "invalid settings: SLAP_COMPILE_SCOPE must be 'blocks' or 'transformer', got \"block\"."
 
 
 @pytest.mark.parametrize("batch", [2, 1])

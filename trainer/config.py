@@ -27,7 +27,7 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, ModelWrapValidatorHandler, PrivateAttr, ValidationError,
                       ValidationInfo, field_validator, model_validator)
 
-from slapgen.errors import validation_message
+from slapgen.errors import issue_sentence, validation_message
 from slapgen.models.family import family_of, frame_rule, is_valid_frame_count
 from slapgen.models.loading import spec_without_weights
 from slapgen.models.specs import BASE_SIZE_MULTIPLE as SIZE_MULTIPLE
@@ -521,7 +521,7 @@ def _problem(issue: dict) -> str:
     if not issue["loc"] and issue["type"] == "value_error":  # a check across sections names its settings itself
         return validation_message(issue)
     if issue["type"] != "extra_forbidden":
-        return f"{key}: {validation_message(issue)}"
+        return issue_sentence(key, issue)
     close = closest_setting(key)
     hint = f"did you mean {close}?" if close else "see `slapgen config` for every setting"
     return f"{key}: no such setting ({hint})"

@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import difflib
-import json
 import logging
 import re
 from collections.abc import Collection, Mapping
@@ -28,7 +27,8 @@ from slapgen.errors import (
     SettingsError,
     SlapgenError,
     first_line,
-    validation_message,
+    issue_sentence,
+    shown_value,
 )
 
 # First match wins: subclasses before their bases.
@@ -60,9 +60,6 @@ def error_body(message: str, field: str | None = None) -> dict:
 
 INTERNAL_ERROR = "an internal error happened on the server; the server log has the traceback"
 
-# pydantic's messages start "Input should be ...", "String should have ...": the subject becomes the field.
-_SUBJECT_SHOULD = re.compile(r"^(?:Input|Value|String|Dictionary|List|Tuple|Set|Object|Decimal|Bytes)\s+should\s+")
-_SHOWN_CHARS = 40
 # A body may hold a million problems (12 MB of unknown fields): phrasing each one (a did-you-mean search
 # apiece), answering them all and logging them all took a worker's event loop for over a minute and sent
 # 100 MB back. The first few say what is wrong; the sentence counts the rest.
@@ -71,8 +68,9 @@ MAX_LISTED_PROBLEMS = 20
 
 def validation_sentence(error: Mapping, fields: Collection[str] = ()) -> str:
     """One of pydantic's error dicts (`ValidationError.errors()`) as slapgen's sentence, naming the field
-    and, where pydantic kept it, the value: "seed must be greater than or equal to 0, got -1". The one place that
-    phrases a refused request body, for every route. `fields`, the body's own fields, give an unknown one
+    and, where pydantic kept it, the value: "seed must be greater than or equal to 0, got -1" (the wording is
+    `errors.issue_sentence`, shared with settings and configs; what only a body has is here). The one place
+    that phrases a refused request body, for every route. `fields`, the body's own fields, give an unknown one
     the field it most likely means ("num_steps ... (did you mean num_inference_steps?)")."""
     loc = [str(part) for part in error.get("loc", ())]
     field = ".".join(loc) or "the body"
@@ -81,22 +79,12 @@ def validation_sentence(error: Mapping, fields: Collection[str] = ()) -> str:
     kind, message = error.get("type", ""), error.get("msg", "is not valid")
     if kind == "json_invalid":
         return _invalid_json_sentence(message.removeprefix("Invalid JSON: "))
-    if kind == "missing":
-        return f"{field} is required"
     if kind == "extra_forbidden":
         return f"{field} is not a field this route takes{_closest_field(loc[-1] if loc else '', fields)}"
     if kind in ("model_type", "model_attributes_type", "dict_type"):
         sentence = f"{field} must be a JSON object"
-    elif kind in ("value_error", "assertion_error"):
-        sentence = f"{field}: {validation_message(error)}"
-    elif should := _SUBJECT_SHOULD.match(message):
-        rule = message[should.end():]
-        if kind.endswith("_parsing") or kind.endswith("_from_float"):
-            rule = rule.split(", ")[0]  # "a valid integer, unable to parse string as an integer": the value says why
-        sentence = f"{field} must {rule}"
-    else:
-        sentence = f"{field}: {message[:1].lower()}{message[1:]}"
-    return f"{sentence}, got {_shown(error['input'])}" if "input" in error else sentence
+        return f"{sentence}, got {shown_value(error['input'])}" if "input" in error else sentence
+    return issue_sentence(field, error)
 
 
 # jiter's "control character (\u0000-\u001F) found while parsing a string at line 2 column 0": a raw byte
@@ -123,20 +111,6 @@ def _closest_field(written: str, fields: Collection[str]) -> str:
     close = [field for field in fields if last_word in field.split("_")][:1]
     close = close or difflib.get_close_matches(written.lower(), list(fields), n=1, cutoff=0.6)
     return f" (did you mean {close[0]}?)" if close else ""
-
-
-def _shown(value) -> str:
-    """A refused value as JSON would spell it, short: long strings by their length, containers by kind."""
-    if isinstance(value, str):
-        return json.dumps(value) if len(value) <= _SHOWN_CHARS else f"{len(value)} characters"
-    if isinstance(value, dict):
-        return "an object"
-    if isinstance(value, (list, tuple)):
-        return "a list"
-    if value is None or isinstance(value, (bool, int, float)):
-        shown = json.dumps(value)
-        return shown if len(shown) <= _SHOWN_CHARS else f"a number of {len(shown)} digits"
-    return type(value).__name__
 
 
 def validation_error_body(error: ValidationError, fields: Collection[str] = ()) -> dict:

@@ -11,7 +11,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from slapgen.engine.caching import CacheSetting
 from slapgen.engine.params import CompileScope, EngineOptions
-from slapgen.errors import SettingsError, validation_message
+from slapgen.errors import SettingsError, issue_sentence, validation_message
 from slapgen.models.loading import default_cache_dir
 
 DEFAULT_MODEL = "THUDM/CogVideoX-5b"
@@ -133,7 +133,7 @@ class SlapSettings(BaseSettings):
     @classmethod
     def _rank_in_range(cls, value):
         if value != "auto" and not 1 <= value <= 1024:
-            raise ValueError("must be auto or a rank from 1 to 1024")
+            raise ValueError(f"must be auto or a rank from 1 to 1024, got {value}")
         return value
 
     @model_validator(mode="after")
@@ -222,12 +222,22 @@ def writable_folder(path: Path) -> Path:
     return path
 
 
+# Settings whose values an error never repeats: the token, and a database URL with its password.
+SECRET_SETTINGS = frozenset({"api_token", "database_url"})
+
+
 def load_settings() -> SlapSettings:
     try:
         return SlapSettings()
     except ValidationError as error:
-        problems = "; ".join(
-            f"SLAP_{'_'.join(str(part) for part in issue['loc'][:1]).upper()}: {validation_message(issue)}"
-            for issue in error.errors()
-        )
-        raise SettingsError(f"invalid settings: {problems}.") from None
+        raise SettingsError(f"invalid settings: {settings_problems(error)}.") from None
+
+
+def settings_problems(error: ValidationError) -> str:
+    """Each refused setting in one clause, named as it is set (SLAP_MAX_QUEUE) and with the value it was given,
+    but never a secret's."""
+    return "; ".join(
+        issue_sentence(f"SLAP_{str(issue['loc'][0]).upper()}", issue, show_input=issue["loc"][0] not in SECRET_SETTINGS)
+        if issue["loc"] else validation_message(issue)  # a check across settings names them itself
+        for issue in error.errors()
+    )

@@ -174,6 +174,9 @@ def parse_seeds(text: str) -> tuple[int, ...]:
     return seeds
 
 
+KIND_WORDS = {int: "a whole number", float: "a number", str: "text"}
+
+
 def parse_settings(pairs: list[str], flag: str = "--set", chooser: str = "slapgen eval") -> dict:
     """KEY=VALUE generation settings -> {key: typed value}; `flag` is the option they came from and
     `chooser` what sets the other fields (both for errors)."""
@@ -190,7 +193,7 @@ def parse_settings(pairs: list[str], flag: str = "--set", chooser: str = "slapge
         try:
             settings[key] = SETTABLE[key](raw)
         except ValueError:
-            raise EvalError(f"{flag} {pair}: {key} must be a {SETTABLE[key].__name__}") from None
+            raise EvalError(f"{flag} {pair}: {key} must be {KIND_WORDS[SETTABLE[key]]}") from None
     return settings
 
 
