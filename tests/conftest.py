@@ -344,20 +344,23 @@ def stop_server(server: ServerProcess, grace_s: float = 20) -> None:
     after `grace_s`."""
     import signal
 
-    try:
+    def send(sig: int, pids: list[int]) -> None:
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+    if server.process.poll() is None:  # never after: a reaped CLI's pid, and its group's id, may be another's now
         os.killpg(server.process.pid, signal.SIGTERM)  # start_new_session: the CLI leads its own group
-    except ProcessLookupError:  # the CLI and its group have ended already; workers may not have
-        pass
+    else:
+        send(signal.SIGTERM, server.live_processes())  # what an ended CLI left
     for wait_s in (grace_s, 10):  # after SIGKILL: the kernel's time to end them
         deadline = time.monotonic() + wait_s
         while (left := server.live_processes()) and time.monotonic() < deadline:
             server.process.poll()  # reaps the CLI, our child, once it exits
             time.sleep(0.1)
-        for pid in left:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        send(signal.SIGKILL, left)
     server.process.wait()
 
 

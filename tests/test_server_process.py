@@ -23,6 +23,7 @@ _WORKER = textwrap.dedent("""
     if compiler_s:
         subprocess.Popen([sys.executable, "-c", f"import time; time.sleep({compiler_s})"])
     def on_term(*_):
+        Path(ready + ".sigterm").write_text("")
         time.sleep(delay)
         sys.exit(0)
     signal.signal(signal.SIGTERM, signal.SIG_IGN if delay < 0 else on_term)
@@ -83,3 +84,16 @@ def test_a_worker_that_ignores_sigterm_is_killed_after_the_grace_period(tmp_path
     stop_server(server, grace_s=grace_s)
     assert time.monotonic() - started >= grace_s
     assert server.live_processes() == []
+
+
+def test_the_workers_of_a_cli_that_was_killed_get_sigterm(tmp_path):
+    """Guards the workers of a CLI that had already ended (killed, as test_replicas kills a replica) waiting out
+    the grace period for a SIGKILL, or the CLI's group id, free again once it was reaped, being signalled (it
+    may be another process's group by then): they are found by the mark and get SIGTERM."""
+    import signal
+
+    server = _start(tmp_path, worker_delay_s=0)
+    server.process.send_signal(signal.SIGKILL)
+    server.process.wait()
+    stop_server(server, grace_s=60)
+    assert (tmp_path / "worker-ready.sigterm").exists() and server.live_processes() == []
