@@ -16,6 +16,7 @@ import pytest
 
 from tests.conftest import REPO_ROOT, cli_stderr, offline_env, tiny_train_overrides
 from trainer import checkpoints
+from trainer.cli import loading_line
 from trainer.cli import main as cli_main
 from trainer.lora import LORA_FILENAME
 
@@ -197,17 +198,37 @@ def test_help_and_config_skip_the_heavy_imports(tmp_path):
     assert not heavy & {"diffusers", "transformers"}
 
 
-def test_a_wrong_template_or_slot_is_said_before_any_heavy_import(tmp_path):
-    """Guards `slapgen generate --template nope` importing torch and diffusers (about 4 s here) before it said
-    the template is unknown: the prompt, template and slots are checked first, and nothing heavy loads."""
-    out = tmp_path / "x.mp4"
-    for arguments, message in ((["--template", "nope"], "unknown template 'nope'; valid templates: face-off"),
-                               (["--template", "knockout", "--slot", "nope=1"], "template knockout has no slot 'nope'")):
-        result, heavy = _imports(tmp_path, "generate", "--model", "tiny", "--out", str(out), *arguments)
-        errors = [line for line in result.stderr.splitlines() if not line.startswith("import time:")]
-        # one line, and not the loading line first
-        assert result.returncode == 2 and len(errors) == 1 and errors[0].startswith("slapgen generate: "), errors
-        assert message in errors[0] and heavy == set() and not out.exists()
+MISTYPED = [  # (command line, what the one sentence says, what it may import first)
+    (["generate", "--model", "tiny", "--out", "{tmp}/x.mp4", "--template", "nope"],
+     "unknown template 'nope'; valid templates: face-off", set()),
+    (["generate", "--model", "tiny", "--out", "{tmp}/x.mp4", "--template", "knockout", "--slot", "nope=1"],
+     "template knockout has no slot 'nope'", set()),
+    (["train", "--config", "tiny-smok", "--data", "{tmp}", "--out", "{tmp}/run"], "did you mean tiny-smoke?", {"torch"}),
+    (["train", "--config", "tiny-smoke", "--data", "{tmp}", "--out", "{tmp}/run", "--set", "lora.rnk=4"],
+     "lora.rnk: no such setting (did you mean lora.rank?)", {"torch"}),
+    (["curate", "{tmp}", "--out", "{tmp}/curated", "--select", "0"], "--select must be at least 1", {"torch"}),
+    (["eval", "--model", "tiny", "--heldout", "{tmp}", "--out", "{tmp}/eval", "--metrics", "los"],
+     "--metrics los: choose from", {"torch"}),
+    (["sweep", "--config", "tiny-smoke", "--grid", "lora.rnk=4,8", "--data", "{data}", "--heldout", "{data}",
+      "--out", "{tmp}/sweep"], "lora.rnk: no such setting", {"torch"}),
+]
+
+
+@pytest.mark.parametrize("arguments, message, may_import", MISTYPED, ids=lambda case: "-".join(case[:2])
+                         if isinstance(case, list) else None)
+def test_a_mistyped_option_is_said_before_diffusers_and_transformers_load(arguments, message, may_import, demo_dataset,
+                                                                           tmp_path):
+    """Guards a typo answered only after the seconds of importing diffusers and transformers (4-5 s here for
+    `generate --template nope`, `train --config tiny-smok`, `eval --metrics los`...): each command's check of
+    what was typed runs right after the loading line, and the sentence comes before any heavy import but
+    torch, which the training config's model families hold (generate's prompt check needs not even torch)."""
+    command = [argument.replace("{tmp}", str(tmp_path)).replace("{data}", str(demo_dataset)) for argument in arguments]
+    result, heavy = _imports(tmp_path, *command)
+    errors = [line for line in result.stderr.splitlines() if not line.startswith("import time:")]
+    assert result.returncode == 2 and errors[0] == loading_line(command[0]) and len(errors) == 2, errors
+    assert errors[1].startswith(f"slapgen {command[0]}: ") and message in errors[1], errors
+    assert heavy <= may_import, heavy
+    assert not any((tmp_path / name).exists() for name in ("x.mp4", "run", "curated", "eval", "sweep"))
 
 
 @pytest.mark.slow

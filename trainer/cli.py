@@ -58,6 +58,12 @@ def cmd_precompute(args) -> int:
     return 0 if report.entries else 1
 
 
+def check_train(args) -> None:
+    from trainer.config import load_config
+
+    load_config(args.config, args.set)  # the preset's name and every --set (load_config_for_run may download)
+
+
 def cmd_train(args) -> int:
     from trainer.config import load_config_for_run
     from trainer.train import train
@@ -73,9 +79,8 @@ def cmd_train(args) -> int:
     return 0
 
 
-def cmd_curate(args) -> int:
+def check_curate(args) -> None:
     from trainer.config import load_config
-    from trainer.curate import CurateSettings, curate
 
     if args.select is not None and args.select < 1:
         raise DatasetError("--select must be at least 1")
@@ -85,6 +90,13 @@ def cmd_curate(args) -> int:
         raise DatasetError("--hard-negatives must be a share between 0 and 1, e.g. 0.2")
     if args.hard_negatives and args.select is None:
         raise DatasetError("--hard-negatives reserves part of a selection: give --select N too")
+    load_config(args.config, args.set)
+
+
+def cmd_curate(args) -> int:
+    from trainer.config import load_config
+    from trainer.curate import CurateSettings, curate
+
     data = load_config(args.config, args.set).data
     settings = CurateSettings(num_frames=data.num_frames, fps=data.fps, workers=args.workers, select=args.select,
                               hard_negative_share=args.hard_negatives)
@@ -117,17 +129,16 @@ def check_trigger_word_option(word: str | None) -> str | None:
         raise EvalError(f"--trigger-word: {error}") from None
 
 
-def cmd_eval(args) -> int:
-    # Imported here: `slapgen eval` is the one command that loads the generation engine.
+def eval_options(args):
+    """slapgen eval's options, every one checked: for the check before the heavy imports, and for the run."""
     from trainer.evaluate.options import (EvalOptions, default_model_sources, parse_adapter, parse_metrics, parse_seeds,
                                           parse_settings)
-    from trainer.evaluate.names import metric_text
     from trainer.evaluate.ray_shards import check_workers_option
-    from trainer.evaluate.report import ticft_base_sentences, write_reports
-    from trainer.evaluate.run import run_eval
 
+    if args.max_clips is not None and args.max_clips < 1:
+        raise DatasetError("--max-clips must be at least 1")
     sources = default_model_sources(args.model)
-    options = EvalOptions(
+    return EvalOptions(
         model=args.model,
         adapters=tuple(parse_adapter(text) for text in args.adapter),
         heldout=args.heldout,
@@ -151,9 +162,19 @@ def cmd_eval(args) -> int:
         workers=check_workers_option(args.workers, args.ray),
         node_wait_s=check_node_wait_option(args.node_wait, args.ray, "eval generates every video in this process"),
     )
-    if args.max_clips is not None and args.max_clips < 1:
-        raise DatasetError("--max-clips must be at least 1")
-    result = run_eval(options)
+
+
+def check_eval(args) -> None:
+    eval_options(args)
+
+
+def cmd_eval(args) -> int:
+    # Imported here: `slapgen eval` is the one command that loads the generation engine.
+    from trainer.evaluate.names import metric_text
+    from trainer.evaluate.report import ticft_base_sentences, write_reports
+    from trainer.evaluate.run import run_eval
+
+    result = run_eval(eval_options(args))
     paths = write_reports(result, args.out)
     for system, data in result["systems"].items():
         print(f"{system}: " + ", ".join(f"{name} {metric_text(value)}" for name, value in data["metrics"].items()))
@@ -198,19 +219,37 @@ def check_generate(args) -> None:
                                   slots=parse_slots(args.slot)))
 
 
-def cmd_sweep(args) -> int:
+def sweep_options(args) -> dict:
+    """slapgen sweep's options besides the config, the grid and the folders (which `plan_sweep` checks)."""
     from trainer.sweep.candidates import CandidateRequest
     from trainer.sweep.evaluate import EvalRequest
+
+    return {
+        "metrics": [name.strip() for name in args.metrics.split(",") if name.strip()],
+        "request": EvalRequest(seeds=args.seeds, sets=tuple(args.eval_set), clip_model=args.clip_model,
+                               dino_model=args.dino_model, i3d_model=args.i3d_model),
+        "candidates": CandidateRequest(checkpoints=args.checkpoints, generate_top=args.generate_top,
+                                       pick_by=args.pick_by),
+        "gpus_per_run": check_gpus_option(args.gpus_per_run, args.ray, "the sweep runs one run per GPU of this machine"),
+        "node_wait_s": check_node_wait_option(args.node_wait, args.ray, "the sweep runs one run per GPU of this machine"),
+    }
+
+
+def check_sweep(args) -> None:
+    from trainer.sweep.sweep import plan_sweep
+
+    options = sweep_options(args)
+    plan_sweep(args.config, args.set, args.grid, args.data, args.heldout, args.out, options["metrics"],
+               options["request"], options["candidates"])
+
+
+def cmd_sweep(args) -> int:
     from trainer.sweep.sweep import run_sweep
 
-    metrics = [name.strip() for name in args.metrics.split(",") if name.strip()]
-    request = EvalRequest(seeds=args.seeds, sets=tuple(args.eval_set), clip_model=args.clip_model,
-                          dino_model=args.dino_model, i3d_model=args.i3d_model)
-    gpus_per_run = check_gpus_option(args.gpus_per_run, args.ray, "the sweep runs one run per GPU of this machine")
-    node_wait_s = check_node_wait_option(args.node_wait, args.ray, "the sweep runs one run per GPU of this machine")
-    candidates = CandidateRequest(checkpoints=args.checkpoints, generate_top=args.generate_top, pick_by=args.pick_by)
-    run_sweep(args.config, args.set, args.grid, args.data, args.heldout, args.out, metrics, request=request,
-              candidates=candidates, ray=args.ray, gpus_per_run=gpus_per_run, node_wait_s=node_wait_s)
+    options = sweep_options(args)
+    run_sweep(args.config, args.set, args.grid, args.data, args.heldout, args.out, options["metrics"],
+              request=options["request"], candidates=options["candidates"], ray=args.ray,
+              gpus_per_run=options["gpus_per_run"], node_wait_s=options["node_wait_s"])
     return 0
 
 
@@ -309,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     cur.add_argument("--config", default="conservative",
                      help="training config or preset whose data section sets the training length (default conservative)")
     cur.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
-    cur.set_defaults(run=cmd_curate)
+    cur.set_defaults(run=cmd_curate, check=check_curate)
 
     cap = commands.add_parser("caption", help="caption the clips of a folder that have none, with a video-language model")
     cap.add_argument("dataset", type=Path, help="folder of clips; writes clip.txt beside each clip.mp4")
@@ -344,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="start over in a run folder that holds a run: deletes its LoRA, checkpoints, metrics, logs and "
                          "validation videos (the latent cache stays)")
     tr.add_argument("--stop-at-step", type=int, metavar="N", help="checkpoint and stop after step N (resume later)")
-    tr.set_defaults(run=cmd_train)
+    tr.set_defaults(run=cmd_train, check=check_train)
 
     ev = commands.add_parser("eval", help="compare the base model and adapters on a held-out dataset; writes eval.json, "
                                           "eval.md, report.html")
@@ -389,7 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                              "(default: 4 per slot the cluster has at the start)")
     ev.add_argument("--node-wait", type=float, metavar="SECONDS",
                     help="with --ray: stop once no live node could run a worker for this long (default 1800)")
-    ev.set_defaults(run=cmd_eval)
+    ev.set_defaults(run=cmd_eval, check=check_eval)
 
     gen = commands.add_parser("generate", help="generate one video (text-to-video, or image-to-video with a TIC-FT "
                                                 "adapter) through the service's engine; writes an mp4")
@@ -444,7 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--gpus-per-run", type=float, help="GPUs each run's Ray task asks for (default 1; 0 for a CPU-only cluster)")
     sw.add_argument("--node-wait", type=float, metavar="SECONDS",
                     help="with --ray: stop once no live node could run a run for this long (default 1800)")
-    sw.set_defaults(run=cmd_sweep)
+    sw.set_defaults(run=cmd_sweep, check=check_sweep)
 
     camp = commands.add_parser("campaign", help="blind rating campaigns over the videos of eval / sweep runs")
     camp_commands = camp.add_subparsers(dest="campaign_command", required=True)
@@ -503,11 +542,12 @@ RESUME_ADVICE = {"train": "add --resume latest to continue from the last checkpo
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)  # no heavy import before here: --help and argument errors are instant
     try:
+        if args.command in LOADING_COMMANDS and os.environ.get("RANK", "0") == "0":
+            # at once (torch alone takes seconds); under `accelerate launch`, one line, not one per process
+            print(loading_line(args.command), file=sys.stderr, flush=True)
         if (check := getattr(args, "check", None)) is not None:
-            check(args)  # a command's cheap checks of what was typed, before any heavy import
+            check(args)  # what was typed, checked before diffusers and transformers load (seconds more)
         if args.command in LOADING_COMMANDS:
-            if os.environ.get("RANK", "0") == "0":  # under `accelerate launch`, one line, not one per process
-                print(loading_line(args.command), file=sys.stderr, flush=True)
             quiet_libraries()
         if getattr(args, "device", "") is None:
             args.device = default_device()

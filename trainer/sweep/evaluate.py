@@ -144,7 +144,7 @@ class Evaluation:
 
 def evaluate_run(run_dir: Path, config: TrainConfig, metrics: tuple[str, ...], inputs: EvaluationInputs) -> Evaluation:
     """The columns of the LoRA at RUN_DIR/pytorch_lora_weights.safetensors."""
-    from trainer.lora import LORA_FILENAME
+    from slapgen.models.lora_format import WEIGHTS_FILE as LORA_FILENAME
 
     return _evaluate(Path(run_dir), config, metrics, inputs, Path(run_dir) / LORA_FILENAME)
 

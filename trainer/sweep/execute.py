@@ -28,8 +28,8 @@ from pathlib import Path
 
 from slapgen.atomic import atomic_write_text
 from slapgen.errors import SlapgenError
+from slapgen.models.lora_format import WEIGHTS_FILE as LORA_FILENAME  # not trainer.lora: peft, 2.6 s to import
 from trainer import checkpoints
-from trainer.lora import LORA_FILENAME
 from trainer.metrics import truncate_after
 from trainer.run_folder import METRICS_FILE
 from trainer.sweep.candidates import score_run

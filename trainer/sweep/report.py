@@ -23,11 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from slapgen.atomic import atomic_write_text
+from slapgen.models.lora_format import WEIGHTS_FILE as LORA_FILENAME  # not trainer.lora: peft, 2.6 s to import
 from trainer.config import TrainConfig
 from trainer.checkpoints import CHECKPOINTS_DIR, checkpoint_dir
 from trainer.evaluate.names import metric_text
 from trainer.evaluate.picking import best_of, higher_is_better
-from trainer.lora import LORA_FILENAME
 from trainer.ray_cluster import DEFAULT_NODE_WAIT_S
 from trainer.evaluate.checkpoints import system_name
 from trainer.sweep.candidates import list_candidates, scored_candidates
