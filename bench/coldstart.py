@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import RUNS_DIR, add_save_argument, device_description, print_table, write_results  # noqa: E402
 from slapgen.engine.params import CompileScope  # noqa: E402
+from tests.harness import start_server, stop_server  # noqa: E402 (no pytest needed)
 
 
 def serve_once(folder: Path, cache_dir: Path, compile_cache: Path, label: str, scope: CompileScope,
@@ -51,8 +52,6 @@ def serve_once(folder: Path, cache_dir: Path, compile_cache: Path, label: str, s
     SLAP_COMPILE_SCOPE): seconds until /readyz answers 200, and its /info. A start not ready in `timeout_s` is
     stopped (the server runs in its own session: a kill of this process would not reach it) and raises."""
     import httpx
-
-    from tests.conftest import start_server, stop_server
 
     if timeout_s <= 0:
         raise RuntimeError(f"no time left for the {label} start (--time-limit-s)")
@@ -340,8 +339,10 @@ def main() -> None:
               f"(medians); cold / warm = {medians['cold_over_warm']:.2f}x")
     results = {"device": device_description(), "torch": torch.__version__,
                "what": "bentoml serve -> /readyz 200 with SLAP_COMPILE=1, empty vs warm SLAP_COMPILE_CACHE_DIR", **result}
-    path = write_results("coldstart" if args.model == "tiny" else f"coldstart-{args.model}", results, save=args.save)
-    print(f"wrote {path}")
+    # A failed run never replaces the committed figures: it is written beside the other runs.
+    path = write_results("coldstart" if args.model == "tiny" else f"coldstart-{args.model}", results,
+                         save=args.save and "error" not in result)
+    print(f"wrote {path}" + (" (not over the saved results: the run failed)" if args.save and "error" in result else ""))
     print(json.dumps(results))  # last: the GPU run's check reads its result from the last stdout line
     if "error" in result:
         raise SystemExit(f"coldstart: a start failed or ran out of time, the rows before it are above: {result['error']}")

@@ -62,7 +62,7 @@ COMPILE_SCOPE = "blocks"
 
 
 def _tiny_adapters(cache_dir: Path, count: int) -> list[Path]:
-    from tests.conftest import write_test_adapter
+    from tests.harness import write_test_adapter
 
     return [write_test_adapter(cache_dir / f"adapter-{i}", cache_dir, rank=4, seed=i + 1) for i in range(count)]
 
@@ -136,7 +136,7 @@ def overhead_case(requests: int) -> dict:
     from slapgen.engine.generator import VideoGenerator
     from slapgen.models.loading import resolve_model
     from slapgen.serving.settings import SlapSettings
-    from tests.conftest import start_server, stop_server
+    from tests.harness import start_server, stop_server
 
     work = Path(tempfile.mkdtemp())
     settings = SlapSettings(model="tiny", cache_dir=work / "cache", device="cpu", quant="none", adapters_dir=work / "adapters")

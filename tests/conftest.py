@@ -5,22 +5,29 @@ from __future__ import annotations
 import functools
 import inspect
 import os
-import random
-import socket
-import subprocess
-import sys
 import time
 import types
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.postgres import database_url, postgres_server, postgres_url  # noqa: F401 (fixtures)
+from tests.harness import (  # noqa: F401 (the tests import them from here)
+    REPO_ROOT,
+    SERVER_MARK,
+    ServerProcess,
+    bentoml_command,
+    distinct_free_ports,
+    free_port,
+    offline_env,
+    process_environments,
+    start_server,
+    start_servers,
+    stop_server,
+    write_test_adapter,
+)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 _TEST_HOME: Path | None = None
@@ -178,63 +185,6 @@ def hub(fake_hub, tmp_path, monkeypatch):
     return fake_hub
 
 
-_HANDED_OUT_PORTS: set[int] = set()
-
-
-def free_port() -> int:
-    """A port nothing listens on now, below the kernel's ephemeral range, and not handed out before in this run.
-
-    Below the range because a port from it (what binding port 0 gives) is also a source port the kernel
-    picks for outgoing connections: a client retrying `connect(127.0.0.1:P)` before its server listens on P
-    (rank 1 of a two-machine `accelerate launch` waiting for rank 0's TCPStore) can get P as its own source
-    port and connect to itself. It then waits for itself forever, and the server cannot bind P: the
-    two-machine test hung this way for 600 s now and then on a loaded machine."""
-    low, _high = (int(bound) for bound in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
-    # Above Ray's default worker ports (10002-19999, which a `ray start` reserves whole) and never torch's
-    # default rendezvous port.
-    candidates = [port for port in range(20000, low) if port != 29500] if low > 21000 else []
-    random.shuffle(candidates)
-    for port in candidates:
-        if port in _HANDED_OUT_PORTS:
-            continue
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        _HANDED_OUT_PORTS.add(port)
-        return port
-    with socket.socket() as sock:  # a kernel whose ephemeral range starts low: what it gives
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def offline_env(tmp_path: Path, **overrides: str) -> dict[str, str]:
-    """Environment for a child process that can never reach the hub."""
-    env = dict(os.environ)
-    env.update(
-        HF_HUB_OFFLINE="1",
-        HF_HOME=str(tmp_path / "hf-home"),
-        BENTOML_HOME=str(tmp_path / "bentoml-home"),
-        BENTOML_DO_NOT_TRACK="True",
-        PYTHONUNBUFFERED="1",
-    )
-    env.update(overrides)
-    return env
-
-
-def process_environments() -> Iterator[tuple[int, list[bytes]]]:
-    """(pid, its environment's `NAME=value` entries) of every process this user can read (/proc): how a test finds
-    the processes it started, however detached (their own sessions, Ray's workers), to clean them up or to show
-    none is left."""
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                yield int(entry.name), (entry / "environ").read_bytes().split(b"\0")
-            except OSError:  # ended meanwhile, or not ours
-                pass
-
-
 def cli_stderr(text: str) -> str:
     """A slapgen command's stderr, stripped, less the first line every loading command prints
     (trainer.cli.loading_line), so a test can compare the rest exactly."""
@@ -242,126 +192,6 @@ def cli_stderr(text: str) -> str:
 
     known = {loading_line(command) for command in LOADING_COMMANDS}
     return "\n".join(line for line in text.strip().splitlines() if line not in known).strip()
-
-
-def bentoml_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "bentoml", *args]
-
-
-# Set in every test server's environment, with a value of its own: every process the server starts inherits it,
-# however detached (BentoML's workers run in sessions of their own; a compiler inductor started may outlive its
-# worker), so stop_server finds them all by it.
-SERVER_MARK = "SLAPGEN_TEST_SERVER"
-
-
-class ServerProcess:
-    def __init__(self, process: subprocess.Popen, url: str, log_path: Path, mark: str):
-        self.process = process
-        self.url = url
-        self.log_path = log_path
-        self.mark = mark  # SERVER_MARK's value in its processes' environments
-
-    def log_tail(self, chars: int = 4000) -> str:
-        return self.log_path.read_text(errors="replace")[-chars:]
-
-    def live_processes(self) -> list[int]:
-        """Every process of this server still running: the CLI, BentoML's workers, what they started. A zombie
-        (ended, not yet reaped) has no environment left, so it is not one."""
-        entry = f"{SERVER_MARK}={self.mark}".encode()
-        return [pid for pid, environment in process_environments() if entry in environment]
-
-
-def start_server(tmp_path: Path, startup_timeout_s: float = 180, port: int | None = None,
-                 **env_overrides: str) -> ServerProcess:
-    port = port or free_port()
-    log_path = tmp_path / f"server-{port}.log"
-    log_file = log_path.open("wb")
-    mark = uuid.uuid4().hex
-    process = subprocess.Popen(
-        bentoml_command("serve", "--host", "127.0.0.1", "--port", str(port)),
-        cwd=REPO_ROOT,
-        env=offline_env(tmp_path, **env_overrides, **{SERVER_MARK: mark}),
-        stdout=log_file,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    server = ServerProcess(process, f"http://127.0.0.1:{port}", log_path, mark)
-    deadline = time.monotonic() + startup_timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            stop_server(server)  # its workers may outlive it
-            raise RuntimeError(f"bentoml serve exited with {process.returncode}:\n{server.log_tail()}")
-        try:
-            if httpx.get(f"{server.url}/readyz", timeout=2).status_code == 200:
-                return server
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    stop_server(server)
-    raise RuntimeError(f"bentoml serve not ready after {startup_timeout_s}s:\n{server.log_tail()}")
-
-
-def start_servers(folders: list[Path], startup_timeout_s: float, envs: list[dict[str, str]]) -> list[ServerProcess]:
-    """Several servers (replicas) started at once, each in its folder (its own BENTOML_HOME) with its env, on
-    ports chosen together so they differ (two free_port() calls may return one port twice); if one fails
-    to start, the others are stopped before the error goes on."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    ports = distinct_free_ports(len(folders))
-    with ThreadPoolExecutor(len(folders)) as pool:
-        started = [pool.submit(start_server, folder, startup_timeout_s, port, **env)
-                   for folder, port, env in zip(folders, ports, envs, strict=True)]
-        servers = []
-        try:
-            for future in started:
-                servers.append(future.result())
-        except BaseException:
-            for future in started:
-                if future.exception() is None:
-                    stop_server(future.result())
-            raise
-    return servers
-
-
-def distinct_free_ports(count: int) -> list[int]:
-    """`count` ports free now, all different: each socket stays bound until all are (the kernel never hands
-    out a bound port again)."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
-def stop_server(server: ServerProcess, grace_s: float = 20) -> None:
-    """SIGTERM to the server's CLI (its process group), which stops BentoML's workers, then wait until every
-    process of the server has ended (ServerProcess.live_processes), not only the CLI: the CLI can exit while
-    a worker, or a compiler the worker started, still runs, and whatever comes next (a test that checks
-    nothing is left, the GPU run's next start on the same GPU) would find it. SIGKILL to every process left
-    after `grace_s`."""
-    import signal
-
-    def send(sig: int, pids: list[int]) -> None:
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-
-    if server.process.poll() is None:  # never after: a reaped CLI's pid, and its group's id, may be another's now
-        os.killpg(server.process.pid, signal.SIGTERM)  # start_new_session: the CLI leads its own group
-    else:
-        send(signal.SIGTERM, server.live_processes())  # what an ended CLI left
-    for wait_s in (grace_s, 10):  # after SIGKILL: the kernel's time to end them
-        deadline = time.monotonic() + wait_s
-        while (left := server.live_processes()) and time.monotonic() < deadline:
-            server.process.poll()  # reaps the CLI, our child, once it exits
-            time.sleep(0.1)
-        send(signal.SIGKILL, left)
-    server.process.wait()
 
 
 @pytest.fixture(scope="session")
@@ -397,36 +227,6 @@ def preset_overrides(tiny_cache_dir: Path, *extra: str) -> list[str]:
         "data.max_clips=4", "train.max_train_steps=3", "optim.lr_warmup_steps=1", "checkpoint.every_steps=2",
         "validation.every_steps=2", "validation.num_inference_steps=1", *extra,
     ]
-
-
-def write_test_adapter(folder: Path, tiny_cache_dir: Path, rank: int, seed: int, alpha: float | None = None,
-                       base_model: str | None = None, ticft_layout: str | None = None, model: str = "tiny") -> Path:
-    """A LoRA adapter for a tiny model (`tiny`, or `tiny-wan`) in exactly the trainer's format
-    (trainer.lora.save_lora, the family's LoRA targets), with seeded random weights so two adapters change
-    the output differently; `base_model` (default: `model`) is the name its metadata records;
-    `ticft_layout` makes it a TIC-FT adapter of that layout."""
-    import torch
-
-    from slapgen.models.family import family_of
-    from slapgen.models.loading import resolve_model
-    from trainer.config import load_config
-    from trainer.lora import add_lora, save_lora
-
-    overrides = [f"model={model}", f"model_cache_dir={tiny_cache_dir}", f"lora.rank={rank}", f"lora.alpha={alpha or rank}"]
-    if ticft_layout is not None:
-        from slapgen.models.ticft import TicftLayout
-
-        overrides += [f"ticft.layout={ticft_layout}", f"data.num_frames={TicftLayout.parse(ticft_layout).pixel_frames}"]
-    config = load_config("tiny-smoke", overrides)
-    resolved = resolve_model(model, tiny_cache_dir)
-    transformer = family_of(resolved.spec).load_transformer(resolved.folder, torch.float32)
-    add_lora(transformer, config.lora)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in transformer.named_parameters():
-            if "lora_" in name:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
-    return save_lora(transformer, folder, config, base_model or model, steps=seed)
 
 
 @pytest.fixture(scope="session")

@@ -29,6 +29,23 @@ def test_bench_case_runs_and_reports(script, case, keys, tmp_path):
     assert keys <= set(row) and all(row[k] > 0 for k in keys)
 
 
+def test_the_benches_take_from_the_tests_only_what_needs_no_pytest(tmp_path):
+    """Guards bench/coldstart.py stopping at once, after README's install, with "a start failed or ran out of
+    time: ModuleNotFoundError: No module named 'pytest'" (it imported start_server from tests/conftest.py): every
+    bench script takes servers and adapters from tests/harness.py only, which imports with pytest unimportable,
+    and coldstart's --help runs so too (its import of the harness is at the top)."""
+    import re
+
+    taken = {(path.name, module) for path in (REPO_ROOT / "bench").rglob("*.py")
+             for module in re.findall(r"^\s*(?:from|import) (tests(?:\.\w+)?)", path.read_text(), re.MULTILINE)}
+    assert taken and {module for _, module in taken} == {"tests.harness"}, sorted(taken)
+    blocked = ("import runpy, sys; sys.modules['pytest'] = None; import tests.harness; "
+               "sys.argv = ['coldstart.py', '--help']; runpy.run_path('bench/coldstart.py', run_name='__main__')")
+    result = subprocess.run([sys.executable, "-c", blocked], cwd=REPO_ROOT, env=offline_env(tmp_path, PYTHONPATH=str(REPO_ROOT)),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "usage:" in result.stdout, result.stderr[-2000:]
+
+
 def test_attention_and_cache_cases_report_every_option(tmp_path):
     """Guards the GPU run's attention and cache checks crashing on one option or leaving one out: on the tiny
     model every SLAP_ATTENTION kernel is measured or answers its one start-up sentence (on a CPU: sdpa, flash

@@ -299,17 +299,21 @@ def _processes_with_in_their_environment(text: str) -> list[int]:
 
 
 def test_a_start_past_its_time_limit_returns_its_rows_and_leaves_nothing_behind(tmp_path):
-    """Guards the GPU run's first check losing its result, its disk or the GPU: a start not ready by
+    """Guards the GPU run's first check losing its result, its disk or the GPU, and a failed `--save` run replacing
+    the committed figures: a start not ready by
     `--time-limit-s` must be stopped by the bench itself (the server has its own session, which the check's kill
     would miss), come back as the last stdout line with the error, exit non-zero, and leave no folder and no
     server process behind."""
     env = {**os.environ, "TMPDIR": str(tmp_path), "PYTHONPATH": str(REPO_ROOT), "SLAP_BENCH_RESULTS": str(tmp_path / "results")}
     result = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "coldstart.py"), "--model", "tiny", "--rounds", "1",
-                             "--scope", "blocks", "--time-limit-s", "8"], capture_output=True, text=True, env=env,
+                             "--scope", "blocks", "--time-limit-s", "8", "--save"], capture_output=True, text=True, env=env,
                             cwd=REPO_ROOT, timeout=300)
     assert result.returncode == 1, result.stderr[-2000:]
     last = json.loads(result.stdout.strip().splitlines()[-1])
     assert last["rows"] == [] and last["by_scope"] == {} and "not ready after" in last["error"], last
     assert not list(tmp_path.glob("slapgen-coldstart-*"))
+    # --save: a failed run goes beside the other runs, never over the committed figures (it replaced them with
+    # rows: [] before)
     assert len(list((tmp_path / "results" / "runs").glob("coldstart-*.json"))) == 1
+    assert not list((tmp_path / "results").glob("coldstart-*.json")) and "not over the saved results" in result.stdout
     assert _processes_with_in_their_environment(str(tmp_path)) == []
