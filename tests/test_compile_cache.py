@@ -33,8 +33,8 @@ def test_the_compile_cache_setting_is_a_writable_folder(monkeypatch, tmp_path):
     monkeypatch.setenv("SLAP_COMPILE_CACHE_DIR", str(tmp_path / "a-file"))
     with pytest.raises(SettingsError) as refused:
         load_settings()
-    assert str(refused.value) == (f"invalid settings: SLAP_COMPILE_CACHE_DIR: {tmp_path / 'a-file'} is not "
-                                  "a writable folder (File exists).")
+    # not mkdir's "(File exists)", which a walk-through found confusing for a file
+    assert str(refused.value) == f"invalid settings: SLAP_COMPILE_CACHE_DIR: {tmp_path / 'a-file'} is a file, not a folder."
     monkeypatch.delenv("SLAP_COMPILE_CACHE_DIR")
     assert load_settings().engine_options().compile_cache_dir is None  # unset: torch's own default folder
 
@@ -82,13 +82,20 @@ print(json.dumps({**compiled.cache.info(), "graphs": compiled.graphs,
 """
 
 
+# What every warm-up logs first, here of a plain module compiled whole
+COMPILING_A_MODULE = ("LOG INFO slapgen.engine.compiling compiling the transformer (SLAP_COMPILE_SCOPE=transformer) in a "
+                      "warm-up generation, or loading its graphs from SLAP_COMPILE_CACHE_DIR: seconds on the tiny models, "
+                      "minutes for CogVideoX-5B on a GPU when nothing is cached")
+
+
 def _compile_a_module(cache_dir: Path, tmp_path: Path, mode: str = "plain") -> tuple[dict, list[str]]:
     result = subprocess.run([sys.executable, "-c", COMPILE_A_MODULE, str(cache_dir), mode], cwd=REPO_ROOT,
                             env={**offline_env(tmp_path), "TMPDIR": str(tmp_path)},  # a fallback's folder too
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [line for line in result.stderr.splitlines() if line.startswith("LOG ")]
-    return json.loads(result.stdout.strip().splitlines()[-1]), lines
+    assert lines[:1] == [COMPILING_A_MODULE], lines
+    return json.loads(result.stdout.strip().splitlines()[-1]), lines[1:]
 
 
 @pytest.mark.slow
@@ -102,12 +109,12 @@ def test_a_damaged_or_foreign_cache_falls_back_to_compiling_in_one_log_line(tmp_
     folder = tmp_path / "compile-cache"
     first, first_log = _compile_a_module(folder, tmp_path)
     assert (first["graphs_compiled"], first["graphs_from_cache"], first["fell_back"], first["output_ok"]) == (1, 0, None, True)
-    assert first_log == [f"LOG INFO slapgen.engine.compiling compile cache {folder}: 0 of 1 graphs loaded from it, 1 "
+    assert first_log == [f"LOG INFO slapgen.engine.compiling compile cache {folder}: 0 of 1 graph loaded from it, 1 "
                          "compiled and stored (a new model, settings or torch version, or an empty folder)"]
     second, second_log = _compile_a_module(folder, tmp_path)
     assert (second["graphs_compiled"], second["graphs_from_cache"], second["output_ok"]) == (0, 1, True)
     assert second["graphs"] == 1  # a graph loaded from the cache still goes through the counting backend
-    assert second_log == [f"LOG INFO slapgen.engine.compiling compile cache {folder}: all 1 graphs loaded from it, "
+    assert second_log == [f"LOG INFO slapgen.engine.compiling compile cache {folder}: the 1 graph loaded from it, "
                           "nothing compiled"]
 
     damaged = tmp_path / "damaged"
@@ -133,7 +140,7 @@ def test_a_damaged_or_foreign_cache_falls_back_to_compiling_in_one_log_line(tmp_
     fourth, fourth_log = _compile_a_module(unreadable, tmp_path)
     assert (fourth["graphs_compiled"], fourth["fell_back"], fourth["output_ok"]) == (1, None, True)
     # the line names the unreadable entry as the reason, not a new model or settings (a walk-through was misled)
-    assert fourth_log == [f"LOG INFO slapgen.engine.compiling compile cache {unreadable}: 0 of 1 graphs loaded from it, "
+    assert fourth_log == [f"LOG INFO slapgen.engine.compiling compile cache {unreadable}: 0 of 1 graph loaded from it, "
                           "1 compiled and stored (1 unreadable entry skipped)"]
 
     foreign, foreign_log = _compile_a_module(folder, tmp_path, "other-torch")
@@ -162,12 +169,26 @@ def _cache_lines(server) -> list[str]:
             if CACHE_LINE in line]
 
 
+COMPILING_LINE = ("compiling the transformer (SLAP_COMPILE_SCOPE=blocks) in a warm-up generation, or loading its graphs "
+                  "from SLAP_COMPILE_CACHE_DIR: seconds on the tiny models, minutes for CogVideoX-5B on a GPU when "
+                  "nothing is cached")
+
+
+def _said_before_the_cache_line(server) -> bool:
+    """Whether the log says, before the compile (silent, minutes on 5B), what start-up is waiting for."""
+    lines = server.log_path.read_text(errors="replace").splitlines()
+    said = [index for index, line in enumerate(lines) if line.endswith(COMPILING_LINE)]
+    cache = [index for index, line in enumerate(lines) if CACHE_LINE in line]
+    return len(said) == 1 and len(cache) == 1 and said[0] < cache[0]
+
+
 @pytest.mark.slow
 def test_a_second_replica_loads_the_compiled_transformer_from_the_shared_cache(tiny_cache_dir, adapter_files, tmp_path):
     """Guards SLAP_COMPILE_CACHE_DIR not reaching torch (a replica compiling from scratch on a warm volume) and a
     cached graph that escapes the recompilation count: two `bentoml serve` with SLAP_COMPILE=1 on one folder; the
     first compiles every graph and stores it, the second loads all of them and compiles none (inductor's FX graph
-    cache counters, in /info and one log line), still counts them as graphs, and swapping adapters on it
+    cache counters, in /info and one log line, after one that says a compile is under way: a cold start was silent
+    for its whole compile), still counts them as graphs, and swapping adapters on it
     recompiles nothing and changes the video as on the first."""
     adapters = tmp_path / "adapters"
     adapters.mkdir()
@@ -185,18 +206,21 @@ def test_a_second_replica_loads_the_compiled_transformer_from_the_shared_cache(t
             frames.append({adapter: _generate(server, adapter) for adapter in ("a", "b", None, "a")})
             infos.append(httpx.get(f"{server.url}/info", timeout=30).json())
             lines = _cache_lines(server)
+            assert _said_before_the_cache_line(server), server.log_tail()
         finally:
             stop_server(server)
         cache = infos[-1]["compile_cache"]
         if replica == "first":
             compiled = cache["graphs_compiled"]
             assert compiled >= 1 and cache["graphs_from_cache"] == 0 and cache["fell_back"] is None
-            assert lines == [f"compile cache {compile_cache}: 0 of {compiled} graphs loaded from it, {compiled} compiled "
+            graphs = f"{compiled} graph" if compiled == 1 else f"{compiled} graphs"  # 1 with regional compilation
+            assert lines == [f"compile cache {compile_cache}: 0 of {graphs} loaded from it, {compiled} compiled "
                              "and stored (a new model, settings or torch version, or an empty folder)"]
             assert any((compile_cache / "fxgraph").iterdir())  # what the second replica reads
         else:
             assert (cache["graphs_from_cache"], cache["graphs_compiled"], cache["fell_back"]) == (compiled, 0, None)
-            assert lines == [f"compile cache {compile_cache}: all {compiled} graphs loaded from it, nothing compiled"]
+            assert lines == [f"compile cache {compile_cache}: {'the' if compiled == 1 else 'all'} {graphs} loaded from "
+                             "it, nothing compiled"]
         info = infos[-1]
         assert info["compiled"] is True and info["recompilations"] == 0 and info["adapter_swaps"] == 3
     for first, second in zip(frames[0].values(), frames[1].values()):

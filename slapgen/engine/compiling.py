@@ -147,20 +147,24 @@ class CompileCache:
         total = self.from_cache + self.compiled
         where = f"compile cache {self.folder}"
         if self.fell_back:
-            return f"{where} was not used ({self.fell_back}); {self.compiled} graphs compiled in a private folder"
+            return f"{where} was not used ({self.fell_back}); {_graphs(self.compiled)} compiled in a private folder"
         skipped = f"{self.unreadable} unreadable {'entry' if self.unreadable == 1 else 'entries'} skipped"
         if self.compiled == 0:
-            return f"{where}: all {total} graphs loaded from it, nothing compiled" + (
+            return f"{where}: {'the' if total == 1 else 'all'} {_graphs(total)} loaded from it, nothing compiled" + (
                 f"; {skipped}" if self.unreadable else "")
         # why they were compiled: entries torch could not read, and for the rest none (the usual misses)
         why = "a new model, settings or torch version, or an empty folder"
         if self.unreadable:
             why = skipped if self.compiled <= self.unreadable else f"{skipped}; the others: {why}"
-        return f"{where}: {self.from_cache} of {total} graphs loaded from it, {self.compiled} compiled and stored ({why})"
+        return f"{where}: {self.from_cache} of {_graphs(total)} loaded from it, {self.compiled} compiled and stored ({why})"
 
     def info(self) -> dict:
         return {"dir": str(self.folder), "graphs_from_cache": self.from_cache, "graphs_compiled": self.compiled,
                 "unreadable_entries": self.unreadable, "fell_back": self.fell_back}
+
+
+def _graphs(count: int) -> str:
+    return f"{count} graph" if count == 1 else f"{count} graphs"
 
 
 def gemm_backends() -> str:
@@ -209,6 +213,10 @@ class CompiledTransformer:
     def warm_up(self, pipeline, run: Callable[[], object]) -> None:
         """`run()` (the warm-up generations, which compile); with a compile cache, counted, and on any failure
         with the shared folder run again compiling in a private one (`CompileCache.abandon`)."""
+        # The compile is silent and a cold one takes minutes on 5B: say what start-up is waiting for.
+        log.info("compiling the transformer (SLAP_COMPILE_SCOPE=%s) in a warm-up generation%s: seconds on the tiny "
+                 "models, minutes for CogVideoX-5B on a GPU when nothing is cached", self.scope,
+                 ", or loading its graphs from SLAP_COMPILE_CACHE_DIR" if self.cache is not None else "")
         if self.cache is None:
             run()
             return

@@ -213,6 +213,8 @@ def writable_folder(path: Path) -> Path:
     import tempfile
 
     path = Path(path).expanduser().absolute()
+    if path.exists() and not path.is_dir():  # mkdir's "File exists" would say nothing useful
+        raise ValueError(f"{path} is a file, not a folder")
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):
