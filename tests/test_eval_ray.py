@@ -333,7 +333,7 @@ def test_ray_local_without_the_gpus_a_worker_asks_for_is_one_sentence(tiny_cache
     assert not out.exists()
 
 
-def _plan_on_fake_cluster(monkeypatch, tmp_path, fake, **options):
+def _plan_on_fake_cluster(monkeypatch, tmp_path, fake, systems=None, layouts=None, **options):
     """`generate_on_ray` of base x 4 prompts x 2 seeds (8 videos) on `fake` (tests.fake_ray), the shared-folder check
     left out; returns (the stretches submitted, their Ray options, the worker count), having checked the
     `Video`s returned."""
@@ -346,19 +346,45 @@ def _plan_on_fake_cluster(monkeypatch, tmp_path, fake, **options):
     from trainer.evaluate.systems import System
 
     monkeypatch.setattr(ray_cluster, "import_ray", lambda: fake)
-    monkeypatch.setattr(ray_cluster, "check_shared_folder", lambda marker, not_shared: None)
+    # what the check would look for on every node, kept for the test to read
+    monkeypatch.setattr(ray_cluster, "check_shared_folder",
+                        lambda marker, not_shared, needed=None: setattr(fake, "needed_on_every_node", needed))
     eval_options = EvalOptions(model="tiny", adapters=(), heldout=tmp_path, out=tmp_path / "out", seeds=(1, 2),
                                metrics=("temporal",), ray="auto", **options)
-    planned = planned_videos([System("base", None)], 4, eval_options.seeds)
+    planned = planned_videos(systems or [System("base", None)], 4, eval_options.seeds)
     recipes = [{"video": k} for k in range(len(planned))]
     videos, workers = generate_on_ray(eval_options, SimpleNamespace(folder=tmp_path / "model"),
                                       worker_demand(eval_options.gpus_per_run, tmp_path / "model"), planned, recipes,
-                                      {"base": None}, ["p"] * 4, [tmp_path] * 4, None, 4, ("to_q",), interval_s=0.0)
+                                      layouts or {system.name: None for system, _, _ in planned}, ["p"] * 4,
+                                      [tmp_path / f"clip-{k}.mp4" for k in range(4)], None,
+                                      4, ("to_q",), interval_s=0.0)
     assert [(video.prompt, video.seed) for video in videos] == [(prompt, seed) for _, prompt, seed in planned]
     shards = [args[3] for _, args in fake.submitted]
     assert [video for shard in shards for video in shard] == planned  # every video once, in one process's order
     assert [recipe for _, args in fake.submitted for recipe in args[4]] == recipes  # each beside its video
     return shards, [ray_options for ray_options, _ in fake.submitted], workers
+
+
+def test_every_node_is_checked_for_the_adapters_and_images_its_workers_read(monkeypatch, tmp_path):
+    """Guards an adapter at a path one node lacks failing there only after other videos were made, as "no adapter
+    named smoke; available: none" (a walk-through's, with a worker log of 3 lines): the start-up check of the shared
+    folder also looks on every node for each adapter's weights (OUT/adapters links to them), named by the option
+    that gave them (and, with a TIC-FT adapter, for the held-out clips its conditions come from)."""
+    from tests.fake_ray import FakeRay, node
+    from trainer.evaluate.systems import System
+
+    from slapgen.models.ticft import TicftLayout
+
+    weights = tmp_path / "runs" / "smoke" / "pytorch_lora_weights.safetensors"
+    systems = [System("base", None), System("smoke", weights)]
+    fake = FakeRay([node(cpus=8)], on_wait=lambda ray: True)
+    _plan_on_fake_cluster(monkeypatch, tmp_path, fake, systems=systems, gpus_per_run=0)
+    assert fake.needed_on_every_node == {"--adapter smoke": weights}  # no TIC-FT adapter: the clips are not read
+    fake = FakeRay([node(cpus=8)], on_wait=lambda ray: True)
+    _plan_on_fake_cluster(monkeypatch, tmp_path, fake, systems=systems, layouts={"base": None,
+                          "smoke": TicftLayout.parse("c1b1t1")}, gpus_per_run=0)
+    assert fake.needed_on_every_node == {"--adapter smoke": weights,
+                                         **{f"--heldout clip {k + 1}": tmp_path / f"clip-{k}.mp4" for k in range(4)}}
 
 
 def test_a_cluster_whose_gpu_nodes_have_not_joined_gets_several_stretches(monkeypatch, tmp_path, capsys):
@@ -442,7 +468,7 @@ def test_ray_local_without_a_cpu_workers_memory_is_one_sentence_before_anything_
     offered = memory // 2  # a 16-CPU node offering Ray half of one worker's memory
     fake = FakeRay([node(cpus=16, memory_gib=offered / ray_cluster.GIB)])
     monkeypatch.setattr(ray_cluster, "import_ray", lambda: fake)
-    monkeypatch.setattr(ray_cluster, "check_shared_folder", lambda marker, not_shared: None)  # FakeRay runs no task
+    monkeypatch.setattr(ray_cluster, "check_shared_folder", lambda marker, not_shared, needed=None: None)  # FakeRay runs no task
     out = tmp_path / "out"
     earlier = out / "videos" / "base" / "p000-s0.mp4"
     write_mp4_atomic(np.zeros((9, 32, 48, 3), np.uint8), earlier, 8)

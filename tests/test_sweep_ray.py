@@ -194,32 +194,40 @@ def test_a_node_killed_mid_run_leaves_the_results_of_an_uninterrupted_sweep(tiny
 
 
 @pytest.mark.slow
-def test_a_node_that_does_not_see_the_sweep_folder_stops_the_sweep_with_one_sentence(tiny_cache_dir, demo_dataset,
-                                                                                       tmp_path):
+@pytest.mark.parametrize("hidden", ["out", "heldout"])
+def test_a_node_that_does_not_see_the_sweep_folder_stops_the_sweep_with_one_sentence(hidden, tiny_cache_dir,
+                                                                                       demo_dataset, tmp_path):
     """Guards a cluster whose second node has its own, empty folder where the driver's sweep folder is (a local
     disk instead of the shared one): without the start-up check its runs would train into a folder nobody reads
     and the sweep would report from nothing. The node is given a mount namespace of its own (`unshare -m`) in
     which an empty folder is bind-mounted over the folder that holds --out; the sweep stops before any run with
-    one sentence naming that node."""
+    one sentence naming that node. Likewise for the held-out set (`hidden="heldout"`): a walk-through's runs on
+    such a node failed one by one, after the cache was encoded, as "dataset ... does not exist (... `slapgen
+    demo-data` makes a small one)"."""
     if subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:
         pytest.skip("unshare -m (a mount namespace of its own for the second node) is not permitted here")
     from trainer.demo_data import write_demo_dataset
 
-    heldout = tmp_path / "heldout"
-    write_demo_dataset(heldout, clips=1, seed=7)
     shared, empty = tmp_path / "shared", tmp_path / "empty"
     shared.mkdir()
     empty.mkdir()
+    heldout = (shared if hidden == "heldout" else tmp_path) / "heldout"
+    write_demo_dataset(heldout, clips=1, seed=7)
     local_disk = ("unshare", "-m", "--propagation", "private", "sh", "-c", 'mount --bind "$1" "$2" && shift 2 && exec "$@"',
                   "sh", str(empty), str(shared))
     with two_node_cluster(offline_env(tmp_path, HOME=str(tmp_path / "home")), worker_wrap=local_disk) as (address, cluster_env, groups):
-        out = shared / "sweep"
+        out = (shared if hidden == "out" else tmp_path) / "sweep"
         done = subprocess.run(sweep_command(tiny_cache_dir, demo_dataset, heldout, out, "auto"), cwd=REPO_ROOT,
                               env={**cluster_env, "RAY_ADDRESS": address}, capture_output=True, text=True, timeout=600)
     assert done.returncode == 2, done.stderr[-3000:]
-    assert re.fullmatch(rf"slapgen sweep: the sweep folder {re.escape(str(out))} is not the same folder on Ray node\(s\) "
-                        r"\S+ \(node \w{8}\) \(no sweep.json there, or another one\): put --out on storage every node "
-                        r"mounts at the same path \(NFS or a shared disk\)", cli_stderr(done.stderr)), done.stderr[-3000:]
+    if hidden == "out":
+        said = (rf"the sweep folder {re.escape(str(out))} is not the same folder on Ray node\(s\) \S+ \(node \w{{8}}\) "
+                r"\(no sweep.json there, or another one\): put --out on storage every node mounts at the same path "
+                r"\(NFS or a shared disk\)")
+    else:
+        said = (rf"not every Ray node sees what the tasks read: \S+ \(node \w{{8}}\) has no --heldout "
+                rf"{re.escape(str(heldout))}; put it on storage every node mounts at the same path, as the output folder")
+    assert re.fullmatch(f"slapgen sweep: {said}", cli_stderr(done.stderr)), done.stderr[-3000:]
     assert not (out / "runs").exists() and not (out / "latent-cache").exists()  # stopped before any encoding or run
 
 

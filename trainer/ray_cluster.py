@@ -16,7 +16,7 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -362,30 +362,46 @@ def file_digest(path: str) -> str | None:
         return None
 
 
-def check_shared_folder(marker: Path, not_shared: Callable[[list[str]], str]) -> None:
+def node_view(marker: str, needed: list[str]) -> tuple[str | None, list[str]]:
+    """What this node reads: `marker`'s digest (`file_digest`), and those of the `needed` paths it has not."""
+    return file_digest(marker), [path for path in needed if not Path(path).exists()]
+
+
+def check_shared_folder(marker: Path, not_shared: Callable[[list[str]], str],
+                        needed: Mapping[str, Path] | None = None) -> None:
     """Every live node reads the same `marker` file (one the driver wrote into the output folder) as this driver,
-    or `not_shared(nodes that do not)`'s sentence. A task pinned to each node (no CPU asked, so a busy node
-    answers too) reads it there."""
+    or `not_shared(nodes that do not)`'s sentence; and has every path of `needed` (what the tasks read besides the
+    output folder, by the option that named it: `{"--data": path}`), or one sentence naming what each node lacks.
+    A task pinned to each node (no CPU asked, so a busy node answers too) looks there."""
     ray = import_ray()
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     marker = Path(marker).resolve()
     expected = file_digest(str(marker))
-    read = ray.remote(num_cpus=0, max_retries=0)(file_digest)
+    options_of = {str(Path(path).resolve()): option for option, path in (needed or {}).items()}
+    look = ray.remote(num_cpus=0, max_retries=0)(node_view)
     asked = {}
     for node in ray.nodes():
         if node.get("Alive"):
             strategy = NodeAffinitySchedulingStrategy(node_id=node["NodeID"], soft=False)
             name = f"{node['NodeManagerAddress']} (node {node['NodeID'][:8]})"
-            asked[name] = read.options(scheduling_strategy=strategy).remote(str(marker))
+            asked[name] = look.options(scheduling_strategy=strategy).remote(str(marker), list(options_of))
     ready, _ = ray.wait(list(asked.values()), num_returns=len(asked), timeout=SHARED_CHECK_TIMEOUT_S)
     silent = [node for node, ref in asked.items() if ref not in ready]
     if silent:
         raise ClusterError(f"Ray node(s) {', '.join(silent)} did not run a task within {SHARED_CHECK_TIMEOUT_S} s "
                            f"(reading {marker.name} there); check them with `ray status`")
-    missing = [node for node, ref in asked.items() if ray.get(ref) != expected]
+    views = {node: ray.get(ref) for node, ref in asked.items()}
+    missing = [node for node, (digest, _) in views.items() if digest != expected]
     if missing:
         raise ClusterError(not_shared(missing))
+    lacking = {node: lacked for node, (_, lacked) in views.items() if lacked}
+    if lacking:
+        # a folder one node lacks failed only once a task there read it, as "dataset ... does not exist"
+        said = "; ".join(f"{node} has no {', '.join(f'{options_of[path]} {path}' for path in lacked)}"
+                         for node, lacked in lacking.items())
+        raise ClusterError(f"not every Ray node sees what the tasks read: {said}; put it on storage every node mounts "
+                           "at the same path, as the output folder")
 
 
 def task_failure(error: Exception, retries: int) -> str:

@@ -187,7 +187,13 @@ def generate_on_ray(options, resolved, demand: ray_cluster.TaskDemand, planned: 
     plan.parent.mkdir(parents=True, exist_ok=True)
     plan.write_text(json.dumps({"eval": uuid.uuid4().hex, "workers": [
         [str(video_path(Path(), system.name, prompt, seed)) for system, prompt, seed in shard] for shard in shards]}))
-    ray_cluster.check_shared_folder(plan, lambda nodes: not_shared_sentence(out, nodes))
+    # what the workers read besides --out: each adapter's weights (OUT/adapters links to them) and, for a TIC-FT
+    # adapter, the held-out clips whose first frames are its conditions
+    systems = {system.name: system for system, _, _ in planned}.values()
+    needed = {f"--adapter {system.name}": Path(system.weights) for system in systems if system.weights is not None}
+    if any(layout is not None for layout in layouts.values()):
+        needed |= {f"--heldout clip {index + 1}": path for index, path in enumerate(conditions)}
+    ray_cluster.check_shared_folder(plan, lambda nodes: not_shared_sentence(out, nodes), needed)
 
     task = ray.remote(max_retries=MAX_RETRIES, retry_exceptions=False, max_calls=1)(generate_shard)
     print(f"eval: {len(paths)} videos in {len(shards)} stretches, one Ray task each, on the "

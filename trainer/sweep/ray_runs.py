@@ -43,10 +43,12 @@ def not_shared_sentence(out: Path, nodes: list[str]) -> str:
             f"there, or another one): put --out on storage every node mounts at the same path (NFS or a shared disk)")
 
 
-def check_shared_folder(out: Path) -> None:
-    """Every live node reads the same OUT/sweep.json as this driver, or one sentence naming those that do not."""
+def check_shared_folder(out: Path, data: Path, heldout: Path) -> None:
+    """Every live node reads the same OUT/sweep.json as this driver and has the data and held-out set the runs
+    read, or one sentence naming the nodes that do not."""
     out = Path(out).resolve()
-    ray_cluster.check_shared_folder(out / DEFINITION_FILE, lambda nodes: not_shared_sentence(out, nodes))
+    ray_cluster.check_shared_folder(out / DEFINITION_FILE, lambda nodes: not_shared_sentence(out, nodes),
+                                    {"--data": Path(data), "--heldout": Path(heldout)})
 
 
 def run_cell(out: str, name: str, device: str, expected_digest: str) -> dict:

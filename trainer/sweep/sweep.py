@@ -204,7 +204,7 @@ def run_sweep(config: str, sets: list[str], grid: list[str], data: Path, heldout
         check_folder(out, definition)  # again, now that no other sweep can write it
         write_definition(out, definition)  # new, or another --pick-by (the only difference check_folder lets by)
         if ray is not None:
-            check_shared_folder(out)
+            check_shared_folder(out, data, heldout)
         device = default_device()
         encode_once(definition, device)
         runs = list(definition.runs)
