@@ -194,7 +194,8 @@ def test_a_cluster_address_where_nothing_listens_is_one_sentence_at_once(monkeyp
     ("sweep", "rerun the same command: finished runs are kept, the others resume from their latest checkpoint"),
     ("train", "add --resume latest to continue from the last checkpoint"),
 ])
-def test_ctrl_c_says_how_to_continue_with_an_option_the_command_has(command, advice, monkeypatch, tmp_path, capsys):
+def test_ctrl_c_says_how_to_continue_with_an_option_the_command_has(command, advice, monkeypatch, demo_dataset, tmp_path,
+                                                                    capsys):
     """Guards a Ctrl-C of `slapgen sweep --ray` (or of any sweep) advising `--resume latest`, an option only
     `slapgen train` has (a sweep given it stops on an unknown option): each command's own way to continue."""
     import trainer.sweep.sweep
@@ -206,9 +207,9 @@ def test_ctrl_c_says_how_to_continue_with_an_option_the_command_has(command, adv
 
     monkeypatch.setattr(trainer.sweep.sweep, "run_sweep", interrupted)
     monkeypatch.setattr(trainer.train, "train", interrupted)
-    argv = {"sweep": ["sweep", "--config", "tiny-smoke", "--grid", "lora.rank=4", "--heldout", str(tmp_path)],
-            "train": ["train", "--config", "tiny-smoke"]}[command]
-    assert main([*argv, "--data", str(tmp_path), "--out", str(tmp_path / "out")]) == 130
+    argv = {"sweep": ["sweep", "--config", "tiny-smoke", "--grid", "lora.rank=4", "--heldout", str(demo_dataset)],
+            "train": ["train", "--config", "tiny-smoke"]}[command]  # a dataset: the sweep's check reads it first
+    assert main([*argv, "--data", str(demo_dataset), "--out", str(tmp_path / "out")]) == 130
     assert cli_stderr(capsys.readouterr().err) == f"slapgen {command}: interrupted; finished work is kept ({advice})"
 
 
