@@ -213,7 +213,6 @@ def connect(address: str) -> Iterator[None]:
     else:
         try:
             _check_answers(address)
-            ray.init(address=address, log_to_driver=False, configure_logging=False)
         except ConnectionError as error:
             if address == AUTO and os.environ.get("RAY_ADDRESS"):
                 raise ClusterError(f"--ray auto: no Ray cluster answers at RAY_ADDRESS={os.environ['RAY_ADDRESS']} "
@@ -227,6 +226,15 @@ def connect(address: str) -> Iterator[None]:
                                    "machine; start one with `ray start --head` (and `ray start --address HEAD_IP:6379` "
                                    "on every other node), or use --ray local for one of this machine") from None
             raise ClusterError(f"--ray {address}: no Ray cluster answers at that address ({error})") from None
+        try:
+            ray.init(address=address, log_to_driver=False, configure_logging=False)
+        except ConnectionError as error:
+            # Something listens there (the check above connected): most often a cluster with token authentication
+            # (Ray 2.60) this command sends no token to; Ray says so only in a log line above its error.
+            raise ClusterError(f"--ray {address}: the cluster there did not take this command ({error}); if it uses "
+                               "token authentication (`ray start --head` said `Token authentication is enabled`), "
+                               "run with RAY_AUTH_MODE=token and the head's ~/.ray/auth_token in this machine's "
+                               "~/.ray/ (README: Sweeps on a Ray cluster)") from None
     try:
         yield
     finally:
