@@ -56,9 +56,23 @@ def add_save_argument(parser: argparse.ArgumentParser) -> None:
                              "default: a new file under bench/results/runs/")
 
 
+def errors_in(payload: dict) -> list[str]:
+    """The errors a run's JSON records: its own `error`, and each row's (a case that failed)."""
+    found = [str(payload["error"])] if payload.get("error") else []
+    for value in payload.values():
+        if isinstance(value, list):
+            found += [str(row["error"]) for row in value if isinstance(row, dict) and row.get("error")]
+    return found
+
+
 def write_results(name: str, payload: dict, save: bool = False) -> Path:
-    """JSON of a run: the committed `results/NAME-SLUG.json` with `save`, else a new timestamped file."""
+    """JSON of a run: the committed `results/NAME-SLUG.json` with `save`, else a new timestamped file. A run that
+    records an error (`errors_in`) never replaces the committed figures: it goes beside the other runs."""
     slug = "gpu" if torch.cuda.is_available() else "cpu"
+    if save and (errors := errors_in(payload)):
+        print(f"{name}: not saved over {RESULTS_DIR.name}/{name}-{slug}.json, the run has {len(errors)} error(s): "
+              f"{errors[0][:300]}", file=sys.stderr)
+        save = False
     if save:
         path = RESULTS_DIR / f"{name}-{slug}.json"
     else:

@@ -104,6 +104,21 @@ class ServerProcess:
         entry = f"{SERVER_MARK}={self.mark}".encode()
         return [pid for pid, environment in process_environments() if entry in environment]
 
+    def signal(self, pid: int, sig: int) -> None:
+        """`sig` to `pid` if it is still one of this server's processes: by a pidfd opened first, then the mark
+        checked, so a pid that ended and was reused meanwhile (pid_max is 32768 here) is never signalled."""
+        try:
+            descriptor = os.pidfd_open(pid)
+        except ProcessLookupError:
+            return
+        try:
+            if f"{SERVER_MARK}={self.mark}".encode() in (Path("/proc") / str(pid) / "environ").read_bytes().split(b"\0"):
+                signal.pidfd_send_signal(descriptor, sig)
+        except (OSError, ProcessLookupError):  # ended meanwhile
+            pass
+        finally:
+            os.close(descriptor)
+
 
 def start_server(tmp_path: Path, startup_timeout_s: float = 180, port: int | None = None,
                  **env_overrides: str) -> ServerProcess:
@@ -176,24 +191,22 @@ def stop_server(server: ServerProcess, grace_s: float = 20) -> None:
     a worker, or a compiler the worker started, still runs, and whatever comes next (a test that checks
     nothing is left, the GPU run's next start on the same GPU) would find it. SIGKILL to every process left
     after `grace_s`."""
-    def send(sig: int, pids: list[int]) -> None:
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-
     if server.process.poll() is None:  # never after: a reaped CLI's pid, and its group's id, may be another's now
         os.killpg(server.process.pid, signal.SIGTERM)  # start_new_session: the CLI leads its own group
     else:
-        send(signal.SIGTERM, server.live_processes())  # what an ended CLI left
+        for pid in server.live_processes():  # what an ended CLI left
+            server.signal(pid, signal.SIGTERM)
     for wait_s in (grace_s, 10):  # after SIGKILL: the kernel's time to end them
         deadline = time.monotonic() + wait_s
         while (left := server.live_processes()) and time.monotonic() < deadline:
             server.process.poll()  # reaps the CLI, our child, once it exits
             time.sleep(0.1)
-        send(signal.SIGKILL, left)
-    server.process.wait()
+        for pid in left:
+            server.signal(pid, signal.SIGKILL)
+    try:
+        server.process.wait(timeout=10)
+    except subprocess.TimeoutExpired:  # only a process stuck in the kernel outlives SIGKILL this long
+        raise RuntimeError(f"server process {server.process.pid} did not end after SIGKILL") from None
 
 
 def write_test_adapter(folder: Path, tiny_cache_dir: Path, rank: int, seed: int, alpha: float | None = None,

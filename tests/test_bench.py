@@ -70,8 +70,8 @@ def test_attention_and_cache_cases_report_every_option(tmp_path):
 
 
 def test_a_run_never_overwrites_the_committed_results(tmp_path, monkeypatch):
-    """Guards benchmark runs replacing bench/results/NAME-{cpu,gpu}.json (the committed numbers) unless
-    asked to with --save."""
+    """Guards benchmark runs replacing bench/results/NAME-{cpu,gpu}.json (the committed numbers) unless asked to
+    with --save, and a --save run that failed replacing them (a walk-through's coldstart run wrote rows: [] there)."""
     import bench.common as common
 
     monkeypatch.setattr(common, "RESULTS_DIR", tmp_path / "results")
@@ -81,6 +81,12 @@ def test_a_run_never_overwrites_the_committed_results(tmp_path, monkeypatch):
     new = common.write_results("demo", {"run": 2})
     assert new.parent == tmp_path / "results" / "runs" and new != committed
     assert json.loads(committed.read_text()) == {"run": 1} and json.loads(new.read_text()) == {"run": 2}
+    # a --save run with a failed case (bench/serve.py, bench/train_step.py rows) or an error of its own: never saved
+    for failed in ({"run": 3, "results": [{"case": "a", "step_s": 1.0}, {"case": "b", "error": "out of memory"}]},
+                   {"run": 4, "rows": [], "error": "RuntimeError: not ready after 8 s"}):
+        kept = common.write_results("demo", failed, save=True)
+        assert kept.parent == tmp_path / "results" / "runs" and json.loads(kept.read_text()) == failed
+    assert json.loads(committed.read_text()) == {"run": 1}
 
 
 def test_slot_rank_bench_runs_and_writes_a_run_file(tmp_path):

@@ -214,8 +214,9 @@ MISTYPED = [  # (command line, what the one sentence says, what it may import fi
 ]
 
 
-@pytest.mark.parametrize("arguments, message, may_import", MISTYPED, ids=lambda case: "-".join(case[:2])
-                         if isinstance(case, list) else None)
+@pytest.mark.parametrize("arguments, message, may_import", MISTYPED,
+                         ids=["generate-template", "generate-slot", "train-preset", "train-set", "curate-select",
+                              "eval-metrics", "sweep-grid"])
 def test_a_mistyped_option_is_said_before_diffusers_and_transformers_load(arguments, message, may_import, demo_dataset,
                                                                            tmp_path):
     """Guards a typo answered only after the seconds of importing diffusers and transformers (4-5 s here for
@@ -229,6 +230,22 @@ def test_a_mistyped_option_is_said_before_diffusers_and_transformers_load(argume
     assert errors[1].startswith(f"slapgen {command[0]}: ") and message in errors[1], errors
     assert heavy <= may_import, heavy
     assert not any((tmp_path / name).exists() for name in ("x.mp4", "run", "curated", "eval", "sweep"))
+
+
+def test_the_sweeps_check_downloads_no_model(hub, tiny_wan_cache_dir, demo_dataset, tmp_path, monkeypatch):
+    """Guards the sweep's check of what was typed (before the heavy imports) downloading a model only a download
+    identifies, gigabytes before the loading is under way (a review's find): it plans without resolving models,
+    as train's check reads the config without; the run itself downloads as before."""
+    import trainer.sweep.sweep
+    from slapgen.models.tiny_wan import materialise_tiny_wan_model
+
+    hub.add_repo("someone/tiny-wan-copy", materialise_tiny_wan_model(tiny_wan_cache_dir))
+    planned = []
+    monkeypatch.setattr(trainer.sweep.sweep, "run_sweep", lambda *args, **kwargs: planned.append(hub.requests[:]))
+    assert cli_main(["sweep", "--config", "tiny-smoke", "--set", "model=someone/tiny-wan-copy", "--set",
+                     f"model_cache_dir={tmp_path / 'models'}", "--grid", "lora.rank=4,8", "--data", str(demo_dataset),
+                     "--heldout", str(demo_dataset), "--out", str(tmp_path / "sweep")]) == 0
+    assert planned == [[]]  # the run was reached, and the check before it asked the hub for nothing
 
 
 @pytest.mark.slow

@@ -83,9 +83,9 @@ print(json.dumps({**compiled.cache.info(), "graphs": compiled.graphs,
 
 
 # What every warm-up logs first, here of a plain module compiled whole
-COMPILING_A_MODULE = ("LOG INFO slapgen.engine.compiling compiling the transformer (SLAP_COMPILE_SCOPE=transformer) in a "
-                      "warm-up generation, or loading its graphs from SLAP_COMPILE_CACHE_DIR: seconds on the tiny models, "
-                      "minutes for CogVideoX-5B on a GPU when nothing is cached")
+COMPILING_A_MODULE = ("LOG INFO slapgen.engine.compiling compiling the transformer (SLAP_COMPILE_SCOPE=transformer) in the "
+                      "warm-up generations, or loading its graphs from SLAP_COMPILE_CACHE_DIR: seconds on the tiny models, "
+                      "minutes for a full-size model on a GPU when nothing is cached")
 
 
 def _compile_a_module(cache_dir: Path, tmp_path: Path, mode: str = "plain") -> tuple[dict, list[str]]:
@@ -169,8 +169,8 @@ def _cache_lines(server) -> list[str]:
             if CACHE_LINE in line]
 
 
-COMPILING_LINE = ("compiling the transformer (SLAP_COMPILE_SCOPE=blocks) in a warm-up generation, or loading its graphs "
-                  "from SLAP_COMPILE_CACHE_DIR: seconds on the tiny models, minutes for CogVideoX-5B on a GPU when "
+COMPILING_LINE = ("compiling the transformer (SLAP_COMPILE_SCOPE=blocks) in the warm-up generations, or loading its graphs "
+                  "from SLAP_COMPILE_CACHE_DIR: seconds on the tiny models, minutes for a full-size model on a GPU when "
                   "nothing is cached")
 
 

@@ -76,8 +76,8 @@ def test_a_file_of_another_format_is_named_not_measured(tmp_path):
 
 def test_a_safetensors_header_whose_length_starts_with_a_magic_byte_parses(tmp_path):
     """Guards the format guess overriding a real file: a header length whose first byte is 0x80 (a pickle's
-    first byte) or whose 8 bytes start like another format must still parse; the guess is asked only once
-    the length failed."""
+    first byte) must still parse, and the same file cut off inside its header says so, not that it is a
+    pickle; the guess is asked only for a length above the limit."""
     for pad in range(0, 400, 8):
         data = save({"w": torch.zeros(2, 2)}, metadata={"pad": "x" * pad})
         if data[0] == 0x80:
@@ -85,6 +85,8 @@ def test_a_safetensors_header_whose_length_starts_with_a_magic_byte_parses(tmp_p
     assert data[0] == 0x80
     header = parse_header(data, len(data))
     assert header.shapes == {"w": [2, 2]} and header.metadata["pad"].startswith("x")
+    with pytest.raises(HeaderError, match="^file ends inside its header$"):  # cut off, not "a pickle" (a review's find)
+        parse_header(data[:40], 40)
 
 
 def _reference_depth(value) -> int:

@@ -127,7 +127,8 @@ def test_a_replica_killed_mid_job_is_answered_failed_by_the_survivor_within_the_
     a, b, _ = replicas  # this module's last test: it ends replica A
     job = _submit(a, seed=1, num_inference_steps=200)
     wait_for_job(b, job, {"running"})
-    os.killpg(a.process.pid, signal.SIGKILL)  # the whole replica at once: server and workers
+    # the whole replica at once: the CLI's group, and its workers (sessions of their own) by PR_SET_PDEATHSIG
+    os.killpg(a.process.pid, signal.SIGKILL)
     a.process.wait()
     ended = wait_for_job(b, job, {"failed", "completed", "canceled"}, timeout_s=lease_s + 120)
     assert (ended["state"], ended["error"]) == ("failed", stale_reason(lease_s)), ended

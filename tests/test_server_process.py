@@ -1,4 +1,4 @@
-"""The tests' server helper stops a whole server, not only its CLI (tests/conftest.py: stop_server)."""
+"""The tests' server helper stops a whole server, not only its CLI (tests/harness.py: stop_server)."""
 
 from __future__ import annotations
 

@@ -217,7 +217,8 @@ def test_a_node_that_does_not_see_the_sweep_folder_stops_the_sweep_with_one_sent
                   "sh", str(empty), str(shared))
     with two_node_cluster(offline_env(tmp_path, HOME=str(tmp_path / "home")), worker_wrap=local_disk) as (address, cluster_env, groups):
         out = (shared if hidden == "out" else tmp_path) / "sweep"
-        done = subprocess.run(sweep_command(tiny_cache_dir, demo_dataset, heldout, out, "auto"), cwd=REPO_ROOT,
+        data = demo_dataset if hidden == "out" else heldout  # one folder for both: named by both options, once
+        done = subprocess.run(sweep_command(tiny_cache_dir, data, heldout, out, "auto"), cwd=REPO_ROOT,
                               env={**cluster_env, "RAY_ADDRESS": address}, capture_output=True, text=True, timeout=600)
     assert done.returncode == 2, done.stderr[-3000:]
     if hidden == "out":
@@ -225,7 +226,7 @@ def test_a_node_that_does_not_see_the_sweep_folder_stops_the_sweep_with_one_sent
                 r"\(no sweep.json there, or another one\): put --out on storage every node mounts at the same path "
                 r"\(NFS or a shared disk\)")
     else:
-        said = (rf"not every Ray node sees what the tasks read: \S+ \(node \w{{8}}\) has no --heldout "
+        said = (rf"not every Ray node sees what the tasks read: \S+ \(node \w{{8}}\) has no --data and --heldout "
                 rf"{re.escape(str(heldout))}; put it on storage every node mounts at the same path, as the output folder")
     assert re.fullmatch(f"slapgen sweep: {said}", cli_stderr(done.stderr)), done.stderr[-3000:]
     assert not (out / "runs").exists() and not (out / "latent-cache").exists()  # stopped before any encoding or run
@@ -247,10 +248,11 @@ def test_a_cluster_with_token_authentication_says_how_to_send_the_token(tiny_cac
     assert done.returncode == 2, done.stderr[-3000:]
     assert "InvalidAuthToken" in done.stderr  # the cluster did refuse the token, as Ray logs it
     last = done.stderr.strip().splitlines()[-1]
-    assert re.fullmatch(rf"slapgen sweep: --ray {re.escape(address)}: the cluster there did not take this command "
-                        r"\(.+\); if it uses token authentication \(`ray start --head` said `Token authentication is "
-                        r"enabled`\), run with RAY_AUTH_MODE=token and the head's ~/.ray/auth_token in this machine's "
-                        r"~/.ray/ \(README: Sweeps on a Ray cluster\)", last), done.stderr[-3000:]
+    assert re.fullmatch(rf"slapgen sweep: --ray {re.escape(address)}: something answers at \S+:{address.rsplit(':')[1]} "
+                        r"but Ray could not join it \(.+\); if it is a cluster with token authentication \(`ray start "
+                        r"--head` said `Token authentication is enabled`\), run with RAY_AUTH_MODE=token and the head's "
+                        r"~/.ray/auth_token in this machine's ~/.ray/ \(README: Sweeps on a Ray cluster\)", last), \
+        done.stderr[-3000:]
     assert not (tmp_path / "sweep").exists()
 
 

@@ -240,7 +240,7 @@ def check_sweep(args) -> None:
 
     options = sweep_options(args)
     plan_sweep(args.config, args.set, args.grid, args.data, args.heldout, args.out, options["metrics"],
-               options["request"], options["candidates"])
+               options["request"], options["candidates"], resolve_models=False)  # nothing downloaded, as train's
 
 
 def cmd_sweep(args) -> int:

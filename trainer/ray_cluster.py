@@ -212,7 +212,7 @@ def connect(address: str) -> Iterator[None]:
                  logging_level=logging.ERROR)
     else:
         try:
-            _check_answers(address)
+            where = _check_answers(address)
         except ConnectionError as error:
             if address == AUTO and os.environ.get("RAY_ADDRESS"):
                 raise ClusterError(f"--ray auto: no Ray cluster answers at RAY_ADDRESS={os.environ['RAY_ADDRESS']} "
@@ -231,10 +231,10 @@ def connect(address: str) -> Iterator[None]:
         except ConnectionError as error:
             # Something listens there (the check above connected): most often a cluster with token authentication
             # (Ray 2.60) this command sends no token to; Ray says so only in a log line above its error.
-            raise ClusterError(f"--ray {address}: the cluster there did not take this command ({error}); if it uses "
-                               "token authentication (`ray start --head` said `Token authentication is enabled`), "
-                               "run with RAY_AUTH_MODE=token and the head's ~/.ray/auth_token in this machine's "
-                               "~/.ray/ (README: Sweeps on a Ray cluster)") from None
+            raise ClusterError(f"--ray {address}: something answers at {where or address} but Ray could not join it "
+                               f"({error}); if it is a cluster with token authentication (`ray start --head` said "
+                               "`Token authentication is enabled`), run with RAY_AUTH_MODE=token and the head's "
+                               "~/.ray/auth_token in this machine's ~/.ray/ (README: Sweeps on a Ray cluster)") from None
     try:
         yield
     finally:
@@ -263,19 +263,20 @@ def _token_of_this_command() -> bool:
     return True
 
 
-def _check_answers(address: str) -> None:
-    """ConnectionError at once when nothing listens at the cluster address `address` resolves to (Ray's own
+def _check_answers(address: str) -> str | None:
+    """The address `address` resolves to, once something listens there (None for a Ray Client address);
+    ConnectionError at once when nothing listens at the cluster address `address` resolves to (Ray's own
     resolution: RAY_ADDRESS, the cluster `ray start` last recorded on this machine, one running here). ray.init
     itself retries a silent address for about 14 minutes (20 attempts of ~40 s) before saying anything: a
     mistyped HOST:PORT, a head not up yet, or a cluster that died without `ray stop` (its address still recorded).
     A Ray Client address (ray://) is left to ray.init."""
     if address.startswith("ray://"):
-        return
+        return None
     from ray._private.services import canonicalize_bootstrap_address  # what ray.init calls on `address`
 
     resolved = canonicalize_bootstrap_address(address)  # ConnectionError with auto and no cluster anywhere
     if resolved is None:
-        return
+        return None
     host, _, port = resolved.rpartition(":")
     try:
         socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
@@ -284,6 +285,7 @@ def _check_answers(address: str) -> None:
             f"the cluster last started on this machine, at {resolved}, does not answer ({error}): it stopped without "
             "`ray stop` or its head died; ")
         raise ConnectionError(recorded or f"nothing answers at {resolved}: {error}") from None
+    return resolved
 
 
 def placement_problem(demand: TaskDemand, address: str, task: str) -> tuple[str, str] | None:
@@ -386,7 +388,9 @@ def check_shared_folder(marker: Path, not_shared: Callable[[list[str]], str],
 
     marker = Path(marker).resolve()
     expected = file_digest(str(marker))
-    options_of = {str(Path(path).resolve()): option for option, path in (needed or {}).items()}
+    options_of: dict[str, list[str]] = {}  # a path given by several options (--data and --heldout alike) is one
+    for option, path in (needed or {}).items():
+        options_of.setdefault(str(Path(path).resolve()), []).append(option)
     look = ray.remote(num_cpus=0, max_retries=0)(node_view)
     asked = {}
     for node in ray.nodes():
@@ -406,8 +410,8 @@ def check_shared_folder(marker: Path, not_shared: Callable[[list[str]], str],
     lacking = {node: lacked for node, (_, lacked) in views.items() if lacked}
     if lacking:
         # a folder one node lacks failed only once a task there read it, as "dataset ... does not exist"
-        said = "; ".join(f"{node} has no {', '.join(f'{options_of[path]} {path}' for path in lacked)}"
-                         for node, lacked in lacking.items())
+        named = {path: f"{' and '.join(options)} {path}" for path, options in options_of.items()}
+        said = "; ".join(f"{node} has no {', '.join(named[path] for path in lacked)}" for node, lacked in lacking.items())
         raise ClusterError(f"not every Ray node sees what the tasks read: {said}; put it on storage every node mounts "
                            "at the same path, as the output folder")
 

@@ -214,8 +214,8 @@ class CompiledTransformer:
         """`run()` (the warm-up generations, which compile); with a compile cache, counted, and on any failure
         with the shared folder run again compiling in a private one (`CompileCache.abandon`)."""
         # The compile is silent and a cold one takes minutes on 5B: say what start-up is waiting for.
-        log.info("compiling the transformer (SLAP_COMPILE_SCOPE=%s) in a warm-up generation%s: seconds on the tiny "
-                 "models, minutes for CogVideoX-5B on a GPU when nothing is cached", self.scope,
+        log.info("compiling the transformer (SLAP_COMPILE_SCOPE=%s) in the warm-up generations%s: seconds on the tiny "
+                 "models, minutes for a full-size model on a GPU when nothing is cached", self.scope,
                  ", or loading its graphs from SLAP_COMPILE_CACHE_DIR" if self.cache is not None else "")
         if self.cache is None:
             run()

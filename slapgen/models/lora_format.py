@@ -171,8 +171,8 @@ OTHER_FORMATS = (
 
 def other_format(head: bytes) -> str | None:
     """What a file that is not safetensors is, from its first bytes, where they say (OTHER_FORMATS); None
-    otherwise. Asked only once its first 8 bytes failed as a safetensors header length: a real header's
-    length may start with any byte."""
+    otherwise. Asked only once its first 8 bytes read as a header length above MAX_HEADER_BYTES: a real
+    header's length may start with any byte."""
     return next((what for offset, magic, what in OTHER_FORMATS if head[offset : offset + len(magic)] == magic), None)
 
 
@@ -184,10 +184,11 @@ def parse_header(head: bytes, file_size: int) -> Header:
         if len(head) < 8:
             raise ValueError("file is shorter than a header")
         length = int.from_bytes(head[:8], "little")
-        if length > MAX_HEADER_BYTES or file_size < 8 + length:
-            if (known := other_format(head)) is not None:  # the number below would be noise: say what it is
-                raise ValueError(f"it is {known}")
         if length > MAX_HEADER_BYTES:
+            # The number would be noise: say what the file is. (Every format listed reads as a length above the
+            # limit; a safetensors file cut off inside its header may start like a pickle, and is said below.)
+            if (known := other_format(head)) is not None:
+                raise ValueError(f"it is {known}")
             raise ValueError(f"its header length is {length:,} bytes, above the {MAX_HEADER_BYTES // 1024**2} MiB "
                              "a LoRA header may have")
         if len(head) < 8 + length or file_size < 8 + length:

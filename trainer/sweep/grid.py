@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trainer.config import TrainConfig, load_config_for_run
+from trainer.config import TrainConfig, load_config, load_config_for_run
 from trainer.errors import SweepError, TrainConfigError
 
 RANK_KEY = "lora.rank"
@@ -94,10 +94,13 @@ def run_name(index: int, axes: list[Axis], values: tuple[str, ...]) -> str:
     return _UNSAFE_NAME_CHARS.sub("-", f"{index:02d}-{parts}")
 
 
-def plan_runs(config: str, sets: list[str], axes: list[Axis], latent_cache: Path) -> list[PlannedRun]:
+def plan_runs(config: str, sets: list[str], axes: list[Axis], latent_cache: Path,
+              resolve_models: bool = True) -> list[PlannedRun]:
     """Every combination of the axes (the first axis varies slowest), each config validated now.
 
-    A run without a `latent_cache` of its own gets `latent_cache`, the folder every run shares."""
+    A run without a `latent_cache` of its own gets `latent_cache`, the folder every run shares. Without
+    `resolve_models`, a model only a download identifies is not downloaded (its preset values may then be the
+    default family's): for a check of what was typed."""
     if not axes:
         raise SweepError("give at least one --grid KEY=V1,V2,...")
     keys = [axis.key for axis in axes]
@@ -115,7 +118,8 @@ def plan_runs(config: str, sets: list[str], axes: list[Axis], latent_cache: Path
         if follows:
             grid.append(f"{ALPHA_KEY}={dict(zip(keys, values))[RANK_KEY]}")
         try:
-            run_config = load_config_for_run(config, [*sets, *grid])
+            # without resolve_models (a check of what was typed), nothing is downloaded
+            run_config = (load_config_for_run if resolve_models else load_config)(config, [*sets, *grid])
         except TrainConfigError as error:
             raise SweepError(f"grid point {', '.join(grid)}: {error}") from None
         if run_config.latent_cache is None:

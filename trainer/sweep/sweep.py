@@ -48,15 +48,15 @@ from trainer.sweep.report import execution_words, write_eval_report, write_repor
 
 def plan_sweep(config: str, sets: list[str], grid: list[str], data: Path, heldout: Path, out: Path,
                metrics: list[str], request: EvalRequest = EvalRequest(),
-               candidates: CandidateRequest = CandidateRequest()) -> SweepDefinition:
+               candidates: CandidateRequest = CandidateRequest(), resolve_models: bool = True) -> SweepDefinition:
     """The sweep the command asks for, every part validated; reads, never writes (but for the model: see
-    `check_generation`)."""
+    `check_generation`, and `plan_runs`' `resolve_models`, off for the CLI's check of what was typed)."""
     axes = [parse_axis(text) for text in grid]
     measured = check_metrics(metrics)
     check_generate_top(candidates.generate_top, candidates.checkpoints, measured)
     read_dataset(Path(data))  # a missing or malformed dataset is one sentence now, not after an hour of runs
     read_dataset(Path(heldout))
-    runs = plan_runs(config, sets, axes, latent_cache=Path(out).resolve() / CACHE_DIR)
+    runs = plan_runs(config, sets, axes, latent_cache=Path(out).resolve() / CACHE_DIR, resolve_models=resolve_models)
     evaluation = plan_evaluation(measured, runs, request)
     pick_by = check_measured(check_pick_by(candidates.pick_by), measured, evaluation.clip_model if evaluation else None)
     return SweepDefinition(
