@@ -104,7 +104,7 @@ class ServerProcess:
         entry = f"{SERVER_MARK}={self.mark}".encode()
         return [pid for pid, environment in process_environments() if entry in environment]
 
-    def signal(self, pid: int, sig: int) -> None:
+    def signal_if_ours(self, pid: int, sig: int) -> None:
         """`sig` to `pid` if it is still one of this server's processes: by a pidfd opened first, then the mark
         checked, so a pid that ended and was reused meanwhile (pid_max is 32768 here) is never signalled."""
         try:
@@ -195,14 +195,14 @@ def stop_server(server: ServerProcess, grace_s: float = 20) -> None:
         os.killpg(server.process.pid, signal.SIGTERM)  # start_new_session: the CLI leads its own group
     else:
         for pid in server.live_processes():  # what an ended CLI left
-            server.signal(pid, signal.SIGTERM)
+            server.signal_if_ours(pid, signal.SIGTERM)
     for wait_s in (grace_s, 10):  # after SIGKILL: the kernel's time to end them
         deadline = time.monotonic() + wait_s
         while (left := server.live_processes()) and time.monotonic() < deadline:
             server.process.poll()  # reaps the CLI, our child, once it exits
             time.sleep(0.1)
         for pid in left:
-            server.signal(pid, signal.SIGKILL)
+            server.signal_if_ours(pid, signal.SIGKILL)
     try:
         server.process.wait(timeout=10)
     except subprocess.TimeoutExpired:  # only a process stuck in the kernel outlives SIGKILL this long

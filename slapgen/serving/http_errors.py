@@ -28,7 +28,6 @@ from slapgen.errors import (
     SlapgenError,
     first_line,
     issue_sentence,
-    shown_value,
 )
 
 # First match wins: subclasses before their bases.
@@ -81,9 +80,8 @@ def validation_sentence(error: Mapping, fields: Collection[str] = ()) -> str:
         return _invalid_json_sentence(message.removeprefix("Invalid JSON: "))
     if kind == "extra_forbidden":
         return f"{field} is not a field this route takes{_closest_field(loc[-1] if loc else '', fields)}"
-    if kind in ("model_type", "model_attributes_type", "dict_type"):
-        sentence = f"{field} must be a JSON object"
-        return f"{sentence}, got {shown_value(error['input'])}" if "input" in error else sentence
+    if kind in ("model_type", "model_attributes_type", "dict_type"):  # pydantic says "a valid dictionary"
+        error = {**error, "msg": "Input should be a JSON object"}
     return issue_sentence(field, error)
 
 
