@@ -27,7 +27,7 @@ from prompts import default_library  # noqa: E402 (after the filters)
 from slapgen.engine.adapters import MAX_ADAPTER_BYTES, adapter_names, misnamed_adapters
 from slapgen.engine.generator import VideoGenerator
 from slapgen.errors import GenerationCancelledError, SlapgenError
-from slapgen.lifetime import die_with_parent
+from slapgen.lifetime import die_with_parent, stopped_at_once_by_signals
 from slapgen.models.loading import resolve_model
 from slapgen.serving.body_limit import GENERATION_BODY_LIMIT, BodySizeLimit
 from slapgen.serving.concurrency import ConcurrencyLimit
@@ -165,8 +165,10 @@ class SlapGen:
         job_board.end_dead_workers(WORKER_DIED)
         quiet_client_errors()
         resolved = resolve_model(settings.model, settings.cache_dir, allow_download=False)
-        # Loads, quantises, compiles and warms up: /readyz answers only after this returns.
-        self.generator = VideoGenerator.load(resolved, settings.engine_options(bentoml.server_context.worker_index or 1))
+        # Loads, quantises, compiles and warms up: /readyz answers only after this returns. A stop signal meanwhile
+        # (Ctrl-C, a scale-down) ends the worker at once instead of after the minutes of a cold compile.
+        with stopped_at_once_by_signals("loading and warming up the model"):
+            self.generator = VideoGenerator.load(resolved, settings.engine_options(bentoml.server_context.worker_index or 1))
 
     @bentoml.api(route="/generate")
     def generate(self, request: GenerateRequest, /, ctx: bentoml.Context) -> Annotated[Path, ContentType("video/mp4")]:

@@ -1,4 +1,5 @@
-"""Child processes that die with their parent (Linux `PR_SET_PDEATHSIG`).
+"""How long a process lives: children that die with their parent (Linux `PR_SET_PDEATHSIG`), and a start-up
+that a stop signal ends at once.
 
 A parent killed with SIGKILL cannot stop its children; without this they live on, holding the port,
 the model and the job they were running, and a restart races with them. The kernel sends the child
@@ -8,10 +9,15 @@ SIGKILL as soon as its parent ends. Elsewhere (no `prctl`) nothing is asked and 
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from collections.abc import Callable
+
+log = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
 
@@ -67,3 +73,35 @@ def die_with_parent(parent_pid: int) -> None:
     ask()
     if os.getppid() != parent_pid and not process_alive(parent_pid):
         os._exit(1)
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+@contextmanager
+def stopped_at_once_by_signals(what: str) -> Iterator[None]:
+    """Within the block, SIGTERM and SIGINT end this process at once (one log line naming `what`, then the signal's
+    own default action), whatever handler was installed before; the block's end puts those handlers back.
+
+    Why: BentoML builds a worker's service inside uvicorn's start-up, after uvicorn has installed handlers that only
+    note a stop signal for when start-up ends. A Ctrl-C, a Kubernetes scale-down or a rolling update during a
+    minutes-long load and compile then waited for all of it (and held the GPU) before the worker stopped. Nothing
+    is lost by stopping there: a worker starting up has taken no request yet. Only the main thread can set handlers;
+    anywhere else the block changes nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop_now(signum: int, frame) -> None:
+        log.warning("%s received while %s: stopping now", signal.Signals(signum).name, what)
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+    previous = {signum: signal.signal(signum, stop_now) for signum in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

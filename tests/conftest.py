@@ -20,6 +20,7 @@ from tests.harness import (  # noqa: F401 (the tests import them from here)
     bentoml_command,
     distinct_free_ports,
     free_port,
+    launch_server,
     offline_env,
     process_environments,
     start_server,
@@ -86,7 +87,7 @@ def pytest_collection_modifyitems(config, items):
 
 # The names such a call uses, read from the compiled code (nested functions included; no source is
 # read, so marking costs milliseconds): our server and browser starters, and `sys.executable`.
-STARTS_A_PROCESS = {"start_server", "bentoml_command", "sync_playwright"}
+STARTS_A_PROCESS = {"start_server", "launch_server", "bentoml_command", "sync_playwright"}
 STARTS_PYTHON = {"sys", "executable"}
 
 # module -> tests (names without parameters) that start nothing but take many seconds on 2 cores.

@@ -122,6 +122,26 @@ class ServerProcess:
 
 def start_server(tmp_path: Path, startup_timeout_s: float = 180, port: int | None = None,
                  **env_overrides: str) -> ServerProcess:
+    """`bentoml serve` of this repository, once it answers /readyz (stopped, and RuntimeError, if it exits or is
+    not ready within `startup_timeout_s`)."""
+    server = launch_server(tmp_path, port, **env_overrides)
+    deadline = time.monotonic() + startup_timeout_s
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            stop_server(server)  # its workers may outlive it
+            raise RuntimeError(f"bentoml serve exited with {server.process.returncode}:\n{server.log_tail()}")
+        try:
+            if httpx.get(f"{server.url}/readyz", timeout=2).status_code == 200:
+                return server
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    stop_server(server)
+    raise RuntimeError(f"bentoml serve not ready after {startup_timeout_s}s:\n{server.log_tail()}")
+
+
+def launch_server(tmp_path: Path, port: int | None = None, **env_overrides: str) -> ServerProcess:
+    """`bentoml serve` of this repository, started (its log in `tmp_path`), not waited for."""
     port = port or free_port()
     log_path = tmp_path / f"server-{port}.log"
     log_file = log_path.open("wb")
@@ -134,20 +154,7 @@ def start_server(tmp_path: Path, startup_timeout_s: float = 180, port: int | Non
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    server = ServerProcess(process, f"http://127.0.0.1:{port}", log_path, mark)
-    deadline = time.monotonic() + startup_timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            stop_server(server)  # its workers may outlive it
-            raise RuntimeError(f"bentoml serve exited with {process.returncode}:\n{server.log_tail()}")
-        try:
-            if httpx.get(f"{server.url}/readyz", timeout=2).status_code == 200:
-                return server
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    stop_server(server)
-    raise RuntimeError(f"bentoml serve not ready after {startup_timeout_s}s:\n{server.log_tail()}")
+    return ServerProcess(process, f"http://127.0.0.1:{port}", log_path, mark)
 
 
 def start_servers(folders: list[Path], startup_timeout_s: float, envs: list[dict[str, str]]) -> list[ServerProcess]:

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from slapgen.lifetime import process_alive
-from tests.conftest import job_progress, start_server, stop_server, wait_for_job
+from tests.conftest import job_progress, launch_server, start_server, stop_server, wait_for_job
 
 TIMEOUT_S = 5
 # A generation that outlasts every wait here on any machine: the tiny model's weights at a 256x384 native size
@@ -283,3 +283,31 @@ def test_a_server_stopped_with_sigterm_finishes_the_jobs_it_holds(tmp_path, tiny
     for task_id in task_ids:
         frames, _ = read_mp4(tmp_path / "data" / "results" / f"{task_id}.mp4")
         assert frames.shape[0] == 9
+
+
+def test_a_stop_signal_during_the_start_up_compile_ends_the_server_at_once(tmp_path, tiny_cache_dir):
+    """Guards a replica that could not be stopped while it started: BentoML builds the service inside uvicorn's
+    start-up, whose signal handlers only note a SIGTERM for when start-up ends, so a Ctrl-C or a scale-down during
+    the load and compile (minutes on 5B, with the GPU held) waited for all of it; here the tiny model's cold compile
+    ran to its end (about 15 s), "Service slapgen initialized", and only then the worker exited. SIGTERM goes to
+    `bentoml serve` alone (a container's PID 1, as Kubernetes sends it) once the worker logs that it compiles: the
+    worker says it stops, the server exits, and the start-up never completes."""
+    import signal
+
+    # A compile cache of its own: cold, so the compile lasts seconds past the line that says it began.
+    server = launch_server(tmp_path, SLAP_MODEL="tiny", SLAP_CACHE_DIR=str(tiny_cache_dir), SLAP_DEVICE="cpu",
+                           SLAP_QUANT="none", SLAP_COMPILE="1", SLAP_COMPILE_CACHE_DIR=str(tmp_path / "compile-cache"),
+                           SLAP_ADAPTERS_DIR=str(tmp_path / "adapters"))
+    try:
+        deadline = time.monotonic() + 300
+        while "compiling the transformer" not in server.log_tail(20_000) and time.monotonic() < deadline:
+            assert server.process.poll() is None, server.log_tail()
+            time.sleep(0.05)
+        server.process.send_signal(signal.SIGTERM)
+        server.process.wait(timeout=120)
+    finally:
+        stop_server(server)
+    log = server.log_tail(20_000)
+    assert "SIGTERM received while loading and warming up the model: stopping now" in log, log
+    assert "Service slapgen initialized" not in log, log  # the compile was not waited for
+    assert "compile cache " not in log, log  # the line that ends a finished compile

@@ -186,7 +186,7 @@ def test_a_damaged_cache_falls_back_with_the_blocks_compiled_again(tiny_cache_di
     compiled apart), and makes the uncompiled pipeline's frames."""
     def start(folder: Path) -> dict:
         result = subprocess.run([sys.executable, "-c", COMPILE_THE_BLOCKS, str(folder), str(tiny_cache_dir)],
-                                cwd=REPO_ROOT, env={**offline_env(tmp_path), "TMPDIR": str(tmp_path)},
+                                cwd=REPO_ROOT, env=offline_env(tmp_path),  # the session's TMPDIR: see test_compile_cache
                                 capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]
         return json.loads(result.stdout.strip().splitlines()[-1])

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 TOKEN = "replica-token"
 
 
-LEASE_S = 60  # the least SLAP_JOB_LEASE_S accepts: the kill test waits for it to pass
+LEASE_S = 60  # the least SLAP_JOB_LEASE_S accepts
 
 
 @pytest.fixture(scope="module")
@@ -117,20 +117,33 @@ def test_a_replica_killed_mid_job_is_answered_failed_by_the_survivor_within_the_
     """Guards a job of a replica that vanished (SIGKILL: no handler runs, no start-up follows) staying
     `running` forever for clients polling the surviving replica: only a replica's start-up judged leases.
     The survivor, never restarted, answers the job failed with the lease's reason on /jobs/progress,
-    /jobs/status and /jobs/get once its row went SLAP_JOB_LEASE_S without an update."""
+    /jobs/status and /jobs/get once its row went SLAP_JOB_LEASE_S without an update. The lease's minute passes
+    in the database, not on the test's clock: once A is dead and the survivor still says `running` (A renewed the
+    row a moment ago), the row's last update is moved a lease back, as if the minute had gone by."""
     import os
     import signal
+    import time
+
+    import psycopg
 
     from slapgen.serving.jobs import stale_reason
 
     lease_s = LEASE_S
-    a, b, _ = replicas  # this module's last test: it ends replica A
+    a, b, env = replicas  # this module's last test: it ends replica A
     job = _submit(a, seed=1, num_inference_steps=200)
     wait_for_job(b, job, {"running"})
     # the whole replica at once: the CLI's group, and its workers (sessions of their own) by PR_SET_PDEATHSIG
     os.killpg(a.process.pid, signal.SIGKILL)
     a.process.wait()
-    ended = wait_for_job(b, job, {"failed", "completed", "canceled"}, timeout_s=lease_s + 120)
+    deadline = time.monotonic() + 30
+    while a.live_processes() and time.monotonic() < deadline:  # the worker, which writes each step, is gone too
+        time.sleep(0.1)
+    assert a.live_processes() == []
+    assert job_progress(b, job)["state"] == "running"  # within the lease: not failed early
+    with psycopg.connect(env["SLAP_DATABASE_URL"], autocommit=True) as db:
+        moved = db.execute("UPDATE jobs SET updated_at = updated_at - %s WHERE task_id = %s", (lease_s + 1, job)).rowcount
+    assert moved == 1
+    ended = wait_for_job(b, job, {"failed", "completed", "canceled"}, timeout_s=120)
     assert (ended["state"], ended["error"]) == ("failed", stale_reason(lease_s)), ended
     assert httpx.get(f"{b.url}/jobs/status", params={"task_id": job}).json()["status"] == "failed"
     result = httpx.get(f"{b.url}/jobs/get", params={"task_id": job})
