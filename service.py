@@ -161,13 +161,14 @@ class SlapGen:
         # A worker outliving a `kill -9` of `bentoml serve` would keep the port, the model and its job.
         if server_pid := os.environ.get(SERVER_PID_VARIABLE):
             die_with_parent(int(server_pid))
-        # Circus restarts a worker that died (out of memory): its jobs will never end by themselves.
-        job_board.end_dead_workers(WORKER_DIED)
-        quiet_client_errors()
-        resolved = resolve_model(settings.model, settings.cache_dir, allow_download=False)
-        # Loads, quantises, compiles and warms up: /readyz answers only after this returns. A stop signal meanwhile
-        # (Ctrl-C, a scale-down) ends the worker at once instead of after the minutes of a cold compile.
-        with stopped_at_once_by_signals("loading and warming up the model"):
+        # A stop signal during the start-up (Ctrl-C, a scale-down) ends the worker at once instead of after the
+        # minutes of a cold compile: it has taken no request yet.
+        with stopped_at_once_by_signals("starting up"):
+            # Circus restarts a worker that died (out of memory): its jobs will never end by themselves.
+            job_board.end_dead_workers(WORKER_DIED)
+            quiet_client_errors()
+            resolved = resolve_model(settings.model, settings.cache_dir, allow_download=False)
+            # Loads, quantises, compiles and warms up: /readyz answers only after this returns.
             self.generator = VideoGenerator.load(resolved, settings.engine_options(bentoml.server_context.worker_index or 1))
 
     @bentoml.api(route="/generate")

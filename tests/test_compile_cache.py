@@ -126,8 +126,8 @@ def test_a_damaged_or_foreign_cache_falls_back_to_compiling_in_one_log_line(tmp_
     assert second_log == [f"LOG INFO slapgen.engine.compiling compile cache {folder}: the 1 graph loaded from it, "
                           "nothing compiled"]
 
-    # The three starts below each read their own folder (or, as another torch, none of the entries of the first):
-    # run at once, as replicas starting together would.
+    # The three starts below each read a folder of their own (a copy of the first's, damaged or read as another
+    # torch's): independent, so they run at once.
     damaged = tmp_path / "damaged"
     shutil.copytree(folder, damaged)
     libraries = list(damaged.rglob("*.so"))
