@@ -26,8 +26,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-
-import torch
+from typing import TYPE_CHECKING
 
 from slapgen.models import family
 from slapgen.models.family import (  # noqa: F401 (re-exported: CogVideoX's names before the interface)
@@ -38,6 +37,9 @@ from slapgen.models.family import (  # noqa: F401 (re-exported: CogVideoX's name
     StepCacheHooks,
     VaeFactors,
 )
+
+if TYPE_CHECKING:
+    import torch  # imported where used: a typo check must not wait for torch
 
 # CogVideoX 1.0's VAE: 8x spatial and 4x temporal compression; the transformer's patches are 2x2.
 SPATIAL_COMPRESSION = 8
@@ -135,6 +137,7 @@ def _kernel_processor_class():
 def draw_noise(batch: LatentBatch, num_train_timesteps: int, generator: torch.Generator,
                timesteps: torch.Tensor | None = None) -> NoiseDraws:
     """Draw a step's posterior sample, noise and timesteps from `generator` (on its device)."""
+    import torch
     mean = batch.latent_mean
     shape = mean.shape
     device = generator.device
@@ -149,6 +152,7 @@ def draw_noise(batch: LatentBatch, num_train_timesteps: int, generator: torch.Ge
 def add_noise_per_frame(scheduler, latents: torch.Tensor, noise: torch.Tensor, frame_timesteps: torch.Tensor) -> torch.Tensor:
     """`scheduler.add_noise` frame by frame, (B, F, C, H, W) with timesteps (B, F); `CLEAN_FRAME` frames
     come back bit-equal to `latents` (alpha_bar at t=0 is not exactly 1, so "noise at 0" would not be)."""
+    import torch
     frames = []
     for index in range(latents.shape[1]):
         timesteps = frame_timesteps[:, index].to(latents.device)
@@ -160,6 +164,7 @@ def add_noise_per_frame(scheduler, latents: torch.Tensor, noise: torch.Tensor, f
 
 def sample_latents(mean: torch.Tensor, logvar: torch.Tensor, posterior: torch.Tensor, scaling_factor: float) -> torch.Tensor:
     """A draw from the VAE posterior, scaled as the transformer sees latents, (B, C, F, H, W) -> (B, F, C, H, W)."""
+    import torch
     latents = mean + torch.exp(0.5 * logvar) * posterior
     return (latents * scaling_factor).permute(0, 2, 1, 3, 4).contiguous()
 
@@ -180,6 +185,7 @@ def diffusion_loss(transformer, scheduler, latents: torch.Tensor, prompt_embeds:
 
     With a `frame_plan`, each frame is noised at its own timestep and only `loss_frames` count; the
     transformer, the v -> x0 conversion and the weight use the sample's `timesteps` (TIC-FT's rule)."""
+    import torch
     batch = latents.shape[0]
     if frame_plan is None:
         noisy = scheduler.add_noise(latents, noise.to(latents.dtype), timesteps)
@@ -301,6 +307,7 @@ class CogVideoXFamily(family.ModelFamily):
 
     def noise_levels(self, fractions, scheduler):
         # Integer timesteps: fraction f of [0, N) is timestep int(f * N) (0.1 -> 100 for N = 1000).
+        import torch
         count = scheduler.config.num_train_timesteps
         levels = [int(round(fraction * count, 6)) for fraction in fractions]
         if any(not 0 <= level < count for level in levels):

@@ -28,11 +28,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from slapgen.errors import FrameCountError
 
 if TYPE_CHECKING:
+    import torch  # imported where used: a typo check must not wait for torch
+
     from slapgen.models.specs import ModelSpec
 
 
@@ -114,6 +114,7 @@ class VaeFactors:
     def normalise(self, latents: torch.Tensor, channel_dim: int = 1) -> torch.Tensor:
         """VAE latents -> what the transformer sees (see the class docstring); `channel_dim` is where the
         channels are in `latents`."""
+        import torch
         if self.latents_mean:
             shape = [1] * latents.ndim
             shape[channel_dim] = -1
@@ -485,6 +486,7 @@ def family_of_pipeline_class(class_name: str) -> ModelFamily | None:
 
 def family_of_transformer(transformer: torch.nn.Module) -> ModelFamily:
     """The family of a diffusers transformer, also inside a peft `PeftModel` or a `torch.compile` wrapper."""
+    import torch
     if not FAMILIES:
         _register_builtin_families()
     module = transformer

@@ -21,9 +21,11 @@ Nothing here loads a model or names a model family.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
+if TYPE_CHECKING:
+    import torch  # imported where used: a typo check must not wait for torch
+
 
 FRAME_DIM = 2  # (B, C, F, H, W)
 NUM_TRAIN_TIMESTEPS = 1000  # timestep = sigma * 1000, as Wan's schedulers (num_train_timesteps=1000) tell the transformer
@@ -60,6 +62,7 @@ def sample_sigmas(batch: int, generator: torch.Generator, scheme: SigmaSampling 
     paper sec. 3.1): it puts most draws near sigma 0.5, where the velocity is hardest to predict. `shift`
     > 1 moves draws toward noise as Wan's inference schedule does (musubi-tuner trains Wan with its
     "shift" sampling at 3.0); `uniform` is plain U(0, 1)."""
+    import torch
     device = generator.device
     if scheme == "logit_normal":
         u = torch.sigmoid(torch.normal(logit_mean, logit_std, (batch,), generator=generator, device=device))

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from slapgen.atomic import atomic_write_text
 from slapgen.errors import ModelUnavailableError
 from slapgen.models import family as families
+
+if TYPE_CHECKING:
+    import torch  # imported where used: a typo check must not wait for torch
 
 # What a spec without these fields (one written before families existed: CogVideoX 1.0) means.
 DEFAULT_FAMILY = "cogvideox"
@@ -103,6 +105,7 @@ class ModelSpec(BaseModel):
 
     @property
     def torch_dtype(self) -> torch.dtype:
+        import torch
         return getattr(torch, self.dtype)
 
     def save(self, folder: Path) -> None:

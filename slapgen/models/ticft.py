@@ -28,13 +28,15 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from slapgen.errors import TicftLayoutError
 from slapgen.models.family import CLEAN_FRAME, FramePlan, ModelFamily, frame_rule, is_valid_frame_count
 from slapgen.models.specs import DEFAULT_FRAME_STEP as FRAME_STEP
 from slapgen.models.specs import DEFAULT_TEMPORAL_COMPRESSION as TEMPORAL_COMPRESSION
+
+if TYPE_CHECKING:
+    import torch  # imported where used: a typo check must not wait for torch
 
 LAYOUT_PATTERN = re.compile(r"c(\d{1,3})b(\d{1,3})t(\d{1,3})")
 EXAMPLE_LAYOUT = "c1b3t9"
@@ -109,6 +111,7 @@ class TicftLayout:
         """Each latent frame's noise level, (B, F), for samples at `timesteps` (B,): the noise rule above.
         `levels`: the buffers' levels in the family's units (default: `buffer_levels(num_train_timesteps)`);
         integer levels stay integers, float levels (sigmas) floats."""
+        import torch
         if not timesteps.is_floating_point():
             timesteps = timesteps.long()
         if levels is None:
@@ -156,6 +159,7 @@ class ConditionLatents:
               family: ModelFamily) -> "ConditionLatents":
         """`clean` holds at least the first C+B latent frames of the encoded clip, in `family`'s latent
         layout; `buffer_noise` is B frames of noise in the same layout, drawn once per generation."""
+        import torch
         axis = family.frame_axis
         clean = clean.narrow(axis, 0, layout.condition + layout.buffer)
         levels = family.ticft_buffer_levels(layout.buffer, scheduler)

@@ -11,14 +11,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
 
 from slapgen.atomic import atomic_path
 from slapgen.models.cogvideox import PATCH_SIZE, SPATIAL_COMPRESSION, TEMPORAL_COMPRESSION
 from slapgen.models.reference_configs import COGVIDEOX_5B_VAE
 from slapgen.models.specs import ModelSpec
 
-# diffusers and transformers are imported where the model is built: `slapgen config` reads TINY_SPEC
+# torch, diffusers and transformers are imported where the model is built: `slapgen config` reads TINY_SPEC
 # (through the trainer's config) and must not pay for them.
 if TYPE_CHECKING:
     from diffusers import AutoencoderKLCogVideoX, CogVideoXDPMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
@@ -162,6 +161,7 @@ def _build_scheduler() -> CogVideoXDPMScheduler:
 
 def build_tiny_pipeline(seed: int = TINY_SEED,
                         vae_scaling_factor: float = COGVIDEOX_5B_VAE["scaling_factor"]) -> CogVideoXPipeline:
+    import torch
     from diffusers import CogVideoXPipeline
 
     """Build the tiny pipeline in memory; the same seed always gives the same weights.

@@ -17,7 +17,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-import torch
 
 from slapgen.atomic import atomic_path
 from slapgen.models.specs import ModelSpec
@@ -31,7 +30,7 @@ from slapgen.models.wan_configs import (
     UMT5_XXL,
 )
 
-# diffusers and transformers are imported where the model is built (see slapgen.models.tiny).
+# torch, diffusers and transformers are imported where the model is built (see slapgen.models.tiny).
 if TYPE_CHECKING:
     from diffusers import AutoencoderKLWan, WanPipeline, WanTransformer3DModel
     from transformers import UMT5EncoderModel
@@ -131,6 +130,7 @@ def _build_vae(layout: VaeLayout, latent_channels: int) -> AutoencoderKLWan:
 
 
 def build_tiny_wan_pipeline(seed: int = TINY_WAN_SEED, vae: VaeLayout = "2.1") -> WanPipeline:
+    import torch
     from diffusers import UniPCMultistepScheduler, WanPipeline
 
     """Build the tiny pipeline in memory; the same seed always gives the same weights. `vae="2.2"` is the

@@ -24,8 +24,7 @@ import re
 from collections.abc import Callable, Collection, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from slapgen.errors import AdapterError
 from slapgen.models import family
@@ -41,6 +40,9 @@ from slapgen.models.flow_matching import (
 from slapgen.models.specs import ModelSpec
 from slapgen.models.wan_configs import (WAN21_T2V_1_3B_TRANSFORMER, WAN21_T2V_14B_TRANSFORMER,
                                         WAN22_TI2V_5B_TRANSFORMER)
+
+if TYPE_CHECKING:
+    import torch  # imported where used: a typo check must not wait for torch
 
 TEMPORAL_COMPRESSION = 4  # both Wan VAEs (`scale_factor_temporal`, wan_configs)
 FRAME_STEP = TEMPORAL_COMPRESSION  # no chunking quirk as in CogVideoX 1.0: every 4k+1 round-trips
@@ -166,6 +168,7 @@ def normalise_latents(latents: torch.Tensor, vae_config) -> torch.Tensor:
 
 def denormalise_latents(latents: torch.Tensor, vae_config) -> torch.Tensor:
     """The inverse, what `WanPipeline.__call__` does before `vae.decode`: z * latents_std[c] + latents_mean[c]."""
+    import torch
     shape = (1, -1, 1, 1, 1)
     mean = torch.tensor(vae_config.latents_mean, dtype=latents.dtype, device=latents.device).view(shape)
     std = torch.tensor(vae_config.latents_std, dtype=latents.dtype, device=latents.device).view(shape)
@@ -214,6 +217,7 @@ def _kernel_processor_class():
 
 def _frame_sigmas(frame_timesteps: torch.Tensor, num_train_timesteps: int) -> torch.Tensor:
     """Per-frame noise levels (sigma x N, `CLEAN_FRAME` for clean) -> sigmas, clean frames exactly 0."""
+    import torch
     levels = frame_timesteps.float()
     return torch.where(frame_timesteps == CLEAN_FRAME, torch.zeros_like(levels), levels / num_train_timesteps)
 
@@ -268,6 +272,7 @@ class WanFamily(family.ModelFamily):
         """The VAE in float32 whatever `dtype` is: diffusers' Wan docs load it so in every example ("Set the
         AutoencoderKLWan dtype to torch.float32 for better decoding quality", wan.md); the pipeline casts
         latents to the VAE's dtype before decoding."""
+        import torch
         from diffusers import AutoencoderKLWan
 
         return AutoencoderKLWan.from_pretrained(folder, subfolder="vae", dtype=torch.float32)
@@ -299,12 +304,14 @@ class WanFamily(family.ModelFamily):
 
     def sample_latents(self, mean: torch.Tensor, logvar: torch.Tensor, posterior: torch.Tensor,
                        batch: LatentBatch) -> torch.Tensor:
+        import torch
         return batch.normalise(mean + torch.exp(0.5 * logvar) * posterior)
 
     def draw_noise(self, batch: LatentBatch, scheduler, generator: torch.Generator,
                    timesteps: torch.Tensor | None = None, sigmas: SigmaDraw | None = None) -> NoiseDraws:
         """Posterior draw and noise both (B, C, F, H, W); levels sigma x N with sigma drawn as `sigmas` says
         (default `SigmaDraw()`: logit-normal, shift 1, TIC-FT's Wan recipe)."""
+        import torch
         shape = batch.latent_mean.shape
         device = generator.device
         posterior = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
@@ -314,6 +321,7 @@ class WanFamily(family.ModelFamily):
         return NoiseDraws(posterior, noise, timesteps.float().to(device))
 
     def noise_levels(self, fractions: Sequence[float], scheduler) -> torch.Tensor:
+        import torch
         if any(not 0 <= fraction < 1 for fraction in fractions):
             raise ValueError("noise fractions must lie in [0, 1)")
         return torch.tensor([fraction * scheduler.config.num_train_timesteps for fraction in fractions],
@@ -409,6 +417,7 @@ def complete_musubi_modules(state_dict: dict[str, torch.Tensor]) -> tuple[dict[s
     it lacks whole in blocks 0 to its highest, which diffusers' converter needs (see MUSUBI_MODULES), and those
     modules' converted names (`transformer.blocks.N.<module>`), to leave out of what it returns. A module with
     only some of its keys is an AdapterError: diffusers converts a module from all three."""
+    import torch
     parts_by_stem: dict[str, set[str]] = {}
     for key in state_dict:
         stem, dot, part = key.partition(".")
