@@ -11,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-
 from slapgen.atomic import atomic_path
 from slapgen.models.cogvideox import PATCH_SIZE, SPATIAL_COMPRESSION, TEMPORAL_COMPRESSION
 from slapgen.models.reference_configs import COGVIDEOX_5B_VAE

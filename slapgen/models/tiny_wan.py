@@ -17,7 +17,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-
 from slapgen.atomic import atomic_path
 from slapgen.models.specs import ModelSpec
 from slapgen.models.tiny import _build_tokenizer
