@@ -198,6 +198,7 @@ class SlapGen:
                 params, Path(ctx.temp_dir) / "video.mp4", on_step=lambda k, n: job_board.step(task_id, k, n),
                 deadline=None if submitted else _deadline(), cancelled=lambda: job_board.stop_requested(task_id),
                 admission=getattr(ctx.request.state, ADMISSION_KEY, None),
+                on_start=lambda: job_board.step(task_id, 0, params.num_inference_steps),  # running from here
             )
             video = path.read_bytes()
             if submitted:  # before the board says completed: a replica that reads completed finds the file

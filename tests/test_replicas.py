@@ -50,7 +50,7 @@ def test_two_replicas_on_one_postgresql_answer_for_each_others_jobs_ratings_and_
         replicas, tmp_path, tiny_cache_dir, monkeypatch):
     """Guards state that only the replica that made it could see (SQLite files one per machine, BentoML's
     task store one per server): a job submitted on A is followed, canceled and fetched through B, and B's
-    cancel stops the generation running on A; the mp4 B serves decodes to the same frames as A's; ratings
+    cancel stops the generation running on A; A and B answer one status for a running and a waiting job; the mp4 B serves decodes to the same frames as A's; ratings
     posted through A and B (a campaign `slapgen campaign create` wrote into the database) both count in B's
     leaderboard; an adapter uploaded on A is served by B on its next request."""
     a, b, env = replicas
@@ -59,7 +59,19 @@ def test_two_replicas_on_one_postgresql_answer_for_each_others_jobs_ratings_and_
     long_job = _submit(a, seed=1, num_inference_steps=200)
     running = wait_for_job(b, long_job, {"running"})
     assert running["step"] >= 0
-    assert httpx.get(f"{b.url}/jobs/status", params={"task_id": long_job}).json()["status"] == "in_progress"
+    # A job waiting behind it on A: both replicas give one status of each (A's BentoML store said in_progress
+    # for the waiting one, B pending; and only A gave times).
+    submitted = httpx.post(f"{a.url}/jobs/submit", json={"prompt": "a power slap", "seed": 2, "num_inference_steps": 2},
+                           timeout=30).json()
+    waiting = submitted["task_id"]
+    for task_id, status in ((long_job, "in_progress"), (waiting, "pending")):
+        answers = [httpx.get(f"{server.url}/jobs/status", params={"task_id": task_id}).json() for server in (a, b)]
+        assert answers[0] == answers[1] and answers[0]["status"] == status, answers
+        if task_id == waiting:  # the submit's answer is its status too (BentoML's said in_progress)
+            assert submitted == answers[0], (submitted, answers)
+        assert answers[0]["created_at"] and (answers[0]["executed_at"] is None) == (status == "pending"), answers
+    assert httpx.post(f"{b.url}/jobs/cancel", params={"task_id": waiting}).json() == {
+        "task_id": waiting, "state": "canceled"}
     assert httpx.post(f"{b.url}/jobs/cancel", params={"task_id": long_job}).json() == {
         "task_id": long_job, "state": "canceling"}
     stopped = wait_for_job(b, long_job, {"canceled", "completed", "failed"})

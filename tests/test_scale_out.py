@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
 
 import httpx
 import pytest
@@ -151,8 +152,80 @@ def test_a_failed_job_gets_one_answer_on_every_replica(tmp_path, database_url):
     for task_id, code, error in (("unexpected", 500, "RuntimeError: boom"),
                                  ("refused", 422, "adapter: no adapter named x"),
                                  ("orphan", 503, "the server restarted")):
-        expected = (200, {"task_id": task_id, "status": "failed"}, code, f"job {task_id} failed: {error}")
+        expected = (200, {"task_id": task_id, "status": "failed", "created_at": _iso(board.get(task_id)["created_at"]),
+                          "executed_at": None}, code, f"job {task_id} failed: {error}")
         assert answers["ran it", task_id] == expected and answers["did not", task_id] == expected
+
+
+def _iso(seconds: float) -> str:
+    """The board's time (seconds since the epoch, the database's clock) as /jobs/status writes it: ISO 8601, UTC."""
+    return datetime.fromtimestamp(seconds, timezone.utc).isoformat()
+
+
+def test_a_jobs_status_is_one_answer_on_every_replica_at_every_stage(tmp_path, database_url):
+    """Guards /jobs/status answered by BentoML's task store on the replica that ran the job and by the board on
+    the others: a job waiting for the model was `in_progress` on its own replica (BentoML's store says so from
+    submission on) and `pending` on the others, and its two times (both the submission's there) were missing on
+    the others. Both replicas now answer the board's word in one shape, whatever BentoML's store says: pending
+    with `executed_at` null, then in_progress from the moment the generation takes the model (`step(.., 0, ..)`)
+    with `executed_at` that moment, completed, canceled; `created_at` the submission, as the board's times in
+    ISO 8601 UTC. And on the replica that ran a job, a `/jobs/get` that reaches BentoML's store in the moment
+    between the board's `completed` and BentoML's storing of the answer (its 400) is served from the results
+    folder."""
+    from starlette.responses import JSONResponse
+    from starlette.testclient import TestClient
+
+    from slapgen.serving.job_routes import JobRoutes
+    from slapgen.serving.results import ResultStore
+
+    async def task_store_that_runs_it(scope, receive, send):  # BentoML's answers while its handler runs
+        if scope["path"] == "/jobs/status":
+            answer = JSONResponse({"task_id": "t", "status": "in_progress", "created_at": "2026-12-05T10:00:00",
+                                   "executed_at": "2026-12-05T10:00:00"})
+        else:
+            answer = JSONResponse({"error": "Task is not completed yet"}, status_code=400)
+        await answer(scope, receive, send)
+
+    async def task_store_that_did_not(scope, receive, send):
+        await JSONResponse({"error": "Task not found"}, status_code=404)(scope, receive, send)
+
+    def refuse(*args):
+        raise AssertionError("not reached")
+
+    results = ResultStore(tmp_path / "results")
+    clients = [TestClient(JobRoutes(store, check=refuse, admit=refuse, board=JobBoard(database_url), results=results))
+               for store in (task_store_that_runs_it, task_store_that_did_not)]
+    worker = JobBoard(database_url, owner=1)
+
+    def statuses(task_id):
+        answers = [client.get("/jobs/status", params={"task_id": task_id}) for client in clients]
+        assert [answer.status_code for answer in answers] == [200, 200]
+        assert answers[0].json() == answers[1].json()
+        return answers[0].json()
+
+    worker.submitted("waiting", 3)
+    worker.queued("waiting", 3)  # its handler started and waits for the model
+    created = _iso(worker.get("waiting")["created_at"])
+    assert statuses("waiting") == {"task_id": "waiting", "status": "pending", "created_at": created, "executed_at": None}
+    worker.step("waiting", 0, 3)  # took the model
+    row = worker.get("waiting")
+    assert row["state"] == "running" and row["started_at"] >= row["created_at"]
+    assert statuses("waiting") == {"task_id": "waiting", "status": "in_progress", "created_at": created,
+                                   "executed_at": _iso(row["started_at"])}
+    worker.step("waiting", 2, 3)  # later steps keep the moment it started
+    assert statuses("waiting")["executed_at"] == _iso(row["started_at"])
+    video = b"\x00\x00\x00\x18ftypisom" + bytes(range(64))
+    results.save("waiting", video)
+    worker.completed("waiting")
+    assert statuses("waiting") == {"task_id": "waiting", "status": "completed", "created_at": created,
+                                   "executed_at": _iso(row["started_at"])}
+    fetched = clients[0].get("/jobs/get", params={"task_id": "waiting"})
+    assert fetched.status_code == 200 and fetched.content == video
+
+    worker.submitted("dropped", 3)
+    worker.cancel("dropped")
+    assert statuses("dropped") == {"task_id": "dropped", "status": "canceled",
+                                   "created_at": _iso(worker.get("dropped")["created_at"]), "executed_at": None}
 
 
 @pytest.mark.slow

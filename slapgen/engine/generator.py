@@ -189,7 +189,7 @@ class VideoGenerator:
 
     def generate_frames(self, params: GenerationParams, on_step: StepCallback | None = None,
                         deadline: float | None = None, cancelled: Callable[[], bool] | None = None,
-                        admission: Admission | None = None) -> np.ndarray:
+                        admission: Admission | None = None, on_start: Callable[[], None] | None = None) -> np.ndarray:
         """Run the pipeline; returns float frames in [0, 1] shaped (F, H, W, 3). A TIC-FT adapter generates
         from `params.condition_image` and returns the target frames (the whole clip when asked).
 
@@ -197,17 +197,19 @@ class VideoGenerator:
         one the generation is admitted here. Either way it is released when this returns or raises.
         `deadline` (time.monotonic()) and `cancelled()` stop the generation alike: while it waits for the
         model, or at the end of the denoising step in which they are seen (the last one included), by
-        raising out of the pipeline, so no VAE decode runs and the next request starts at once.
+        raising out of the pipeline, so no VAE decode runs and the next request starts at once. `on_start()`
+        runs once the generation holds the model, before its first step (a job's wait in the queue ends).
         Raises AdapterError, RequestError (a request the step cache or the adapter's layout cannot serve),
         QueueFullError, GenerationTimeoutError, GenerationCancelledError."""
         admission = admission or self.admit()
         try:
-            return self._generate(params, on_step, deadline, cancelled, admission)
+            return self._generate(params, on_step, deadline, cancelled, admission, on_start)
         finally:
             admission.release()
 
     def _generate(self, params: GenerationParams, on_step: StepCallback | None, deadline: float | None,
-                  cancelled: Callable[[], bool] | None, admission: Admission) -> np.ndarray:
+                  cancelled: Callable[[], bool] | None, admission: Admission,
+                  on_start: Callable[[], None] | None) -> np.ndarray:
         self.step_cache.check(params)
         # Read the adapter (disk or LRU) before waiting for the model, so disk I/O never holds the pipeline.
         adapter: LoadedAdapter | None = self.adapters.get(params.adapter) if params.adapter else None
@@ -235,6 +237,8 @@ class VideoGenerator:
                 raise GenerationTimeoutError("the request timed out while waiting for the model")
             if cancelled is not None and cancelled():
                 raise GenerationCancelledError("the job was canceled before it started")
+            if on_start is not None:
+                on_start()
             started = time.perf_counter()
             self.slot.activate(adapter, params.adapter_scale)
             self.step_cache.reset()
@@ -254,5 +258,6 @@ class VideoGenerator:
 
     def generate_mp4(self, params: GenerationParams, path: Path, on_step: StepCallback | None = None,
                      deadline: float | None = None, cancelled: Callable[[], bool] | None = None,
-                     admission: Admission | None = None) -> Path:
-        return write_mp4(self.generate_frames(params, on_step, deadline, cancelled, admission), path, params.fps)
+                     admission: Admission | None = None, on_start: Callable[[], None] | None = None) -> Path:
+        return write_mp4(self.generate_frames(params, on_step, deadline, cancelled, admission, on_start), path,
+                         params.fps)

@@ -9,24 +9,30 @@
   and is released when the generation ends, fails or is canceled, or when BentoML's handling of the
   submit (the job included: BentoML runs it after answering) is over, whichever comes first. The job
   is put on the job board as soon as BentoML names its task id, before the client hears that id, so
-  it can be canceled from its first moment.
+  it can be canceled from its first moment; the answer is then the job's status as `/jobs/status`
+  gives it (below): `pending`, where BentoML answered `in_progress` for a job that has not started.
 - `POST` (or BentoML's `PUT`) `/jobs/cancel?task_id=...`: BentoML's local task server refuses
   cancelling (400), yet marked the job canceled while it ran on. Here a queued job is canceled at
   once and never runs; a running one stops at the end of its current denoising step (its worker reads
   the board after every step, so any worker can take the cancel); a finishing one is a 409.
 - `/jobs/retry` (BentoML's) is a 404: it would rerun a stored task without the body check, the queue
   place or the board; a client submits the body again instead.
-- `GET /jobs/status` of a canceled job says `canceled` (BentoML's store would say the task failed,
-  since the handler answered the cancellation itself). A failed job is answered from the board on every
-  replica: `failed`, and `/jobs/get` the error with the HTTP status it was answered with when the job
-  failed (BentoML's stored answer exists only on the replica that ran it, and not at all when the
-  handler raised an unexpected exception). Other jobs pass through.
+- `GET /jobs/status` is the board's word for every job it knows, on every replica alike, in BentoML's
+  shape: `task_id`, `status` (spelled as BentoML spells it: a queued job is `pending`, where BentoML's
+  own store says `in_progress` from submission on; `canceled`, where BentoML's store would say the task
+  failed, since the handler answered the cancellation itself), `created_at` (submitted) and
+  `executed_at` (its generation took the model; null while pending), ISO 8601 in UTC. BentoML's own
+  answer, on the replica that ran the job only, said `in_progress` for a job another replica called
+  `pending`, and its two times were both the submission's. A failed job's `/jobs/get` is the error with
+  the HTTP status it was answered with when the job failed, from the board on every replica
+  (BentoML's stored answer exists only on the replica that ran it, and not at all when the handler
+  raised an unexpected exception). Other results pass through.
 - `GET /jobs/status` and `/jobs/get` without a task id, with an unknown one, or (`/get`) of a job not
   finished: BentoML answers `{"error"}` alone; here they are slapgen's shape, naming `task_id`.
 - Any replica answers for any job: BentoML's task store is one per server, so when it does not know
-  the task (a job another replica took), `/jobs/status` answers from the job board (a shared
-  database) and `/jobs/get` from the board and the shared results folder (`slapgen.serving.results`),
-  where the worker that ran the job wrote its mp4. `/jobs/progress` and `/jobs/cancel` are the board's
+  the task (a job another replica took), or does not have its result yet (the board says `completed`
+  a moment before BentoML stores the handler's answer), `/jobs/get` answers from the board and the
+  shared results folder (`slapgen.serving.results`), where the worker that ran the job wrote its mp4. `/jobs/progress` and `/jobs/cancel` are the board's
   already; a cancel taken here stops the job on the replica running it (its worker reads the board
   after every step).
 """
@@ -35,6 +41,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable
+from datetime import datetime, timezone
 from urllib.parse import parse_qs
 
 from pydantic import ValidationError
@@ -60,9 +67,9 @@ NO_RETRY = "retrying a job is not offered here; submit its body again with POST 
 # own request, whose state is this scope's "state".
 ADMISSION_KEY = "slapgen_admission"
 MISSING_TASK_ID = "give the job as ?task_id=... (the id /jobs/submit answered)"
-# A job's state on the board as BentoML's /jobs/status spells it (canceled is answered before asking BentoML).
+# A job's state on the board as BentoML's /jobs/status spells it (canceled is spelled alike).
 BENTOML_STATUS = {"queued": "pending", "running": "in_progress", "canceling": "in_progress",
-                  "finishing": "in_progress", "completed": "completed", "failed": "failed"}
+                  "finishing": "in_progress", "completed": "completed", "failed": "failed", "canceled": "canceled"}
 
 
 class JobRoutes:
@@ -97,6 +104,8 @@ class JobRoutes:
             # has no canceled status at all; a failed job's stored answer exists only on the replica that ran
             # it (and none at all when the handler raised something unexpected: it says in_progress forever).
             job = await run_in_threadpool(self.board.get, task_id)
+            if job is not None and path == STATUS_PATH:
+                return await send_json(send, 200, job_status(job))
             if job is not None and job["state"] in ("canceled", "failed"):
                 return await self._answer_ended(send, path, job)
             return await self.app(scope, receive, _in_our_error_shape(
@@ -131,6 +140,10 @@ class JobRoutes:
                         task_id = None
                     if isinstance(task_id, str):
                         await run_in_threadpool(self.board.submitted, task_id, params.num_inference_steps)
+                        # The job's status as /jobs/status gives it (BentoML's says in_progress for a job
+                        # that waits): pending, with its submission time.
+                        if (job := await run_in_threadpool(self.board.get, task_id)) is not None:
+                            messages[:] = _json_messages(start, job_status(job))
                 for held in messages:
                     await send(held)
                 messages.clear()
@@ -147,8 +160,8 @@ class JobRoutes:
         if job is None or self.results is None:
             return False
         state = job["state"]
-        if path == STATUS_PATH:
-            await send_json(send, 200, {"task_id": task_id, "status": BENTOML_STATUS.get(state, "canceled")})
+        if path == STATUS_PATH:  # known to the board since __call__ read it
+            await send_json(send, 200, job_status(job))
             return True
         if state == "completed" and (video := await run_in_threadpool(self.results.read, task_id)) is not None:
             await send({"type": "http.response.start", "status": 200,
@@ -167,8 +180,6 @@ class JobRoutes:
         """A canceled or failed job's status or result, from the board: a canceled job's `/jobs/get` is a 409,
         a failed one's the HTTP status its error was answered with when it failed (`JobBoard.failed`)."""
         task_id, state = job["task_id"], job["state"]
-        if path == STATUS_PATH:
-            return await send_json(send, 200, {"task_id": task_id, "status": state})
         if state == "canceled":
             return await send_json(send, 409, error_body(job["error"] or f"job {task_id} was canceled", "task_id"))
         status = await run_in_threadpool(self.board.failure_status, task_id)
@@ -188,7 +199,8 @@ class JobRoutes:
 def _in_our_error_shape(send, task_id: str, unknown_here: Callable[[], Awaitable[bool]]):
     """A `send` that rewrites BentoML's own 400 / 404 answers on the task routes (`{"error"}` alone) into
     slapgen's shape; answers already in it (a failed job's stored error) pass unchanged. On BentoML's 404
-    (a task its store does not know) `unknown_here()` answers first if it can (another replica's job)."""
+    (a task its store does not know: another replica's job) or 400 (its result not stored yet)
+    `unknown_here()` answers first if it can, from the board and the results folder."""
     held: list[dict] = []
 
     async def rewriting_send(message):
@@ -209,7 +221,7 @@ def _in_our_error_shape(send, task_id: str, unknown_here: Callable[[], Awaitable
             for kept in held:
                 await send(kept)
             return
-        if start["status"] == 404 and await unknown_here():
+        if await unknown_here():
             return
         if start["status"] == 404:
             message = (f"no job {task_id!r} is known: it was never submitted, or its result is gone (results are "
@@ -219,6 +231,25 @@ def _in_our_error_shape(send, task_id: str, unknown_here: Callable[[], Awaitable
         await send_json(send, start["status"], error_body(message, "task_id"))
 
     return rewriting_send
+
+
+def _json_messages(start: dict, answer: dict) -> list[dict]:
+    """An answer's start (its status and other headers kept) and body, with `answer` as its JSON body."""
+    body = json.dumps(answer).encode()
+    headers = [(name, value) for name, value in start["headers"]
+               if name.lower() not in (b"content-length", b"content-type")]
+    return [{**start, "headers": [*headers, (b"content-type", b"application/json"),
+                                  (b"content-length", str(len(body)).encode())]},
+            {"type": "http.response.body", "body": body}]
+
+
+def job_status(job: dict) -> dict:
+    """`/jobs/status` of a job on the board, in BentoML's shape, the same on every replica."""
+    def iso(seconds: float | None) -> str | None:  # the database's clock; null on rows from before it was kept
+        return datetime.fromtimestamp(seconds, timezone.utc).isoformat() if seconds is not None else None
+
+    return {"task_id": job["task_id"], "status": BENTOML_STATUS.get(job["state"], job["state"]),
+            "created_at": iso(job["created_at"]), "executed_at": iso(job["started_at"])}
 
 
 def _task_id(scope) -> str | None:

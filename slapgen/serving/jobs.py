@@ -2,8 +2,9 @@
 
 BentoML's task store knows pending / completed / failed; this board adds what it cannot: which
 denoising step a running job is on, the reason a job failed inside the handler, and cancellation
-(BentoML's local task server refuses it). A job's state goes queued -> running -> finishing (its last
-denoising step is done: VAE decode and mp4) -> completed, or failed at any point. A cancel turns a
+(BentoML's local task server refuses it). A job's state goes queued -> running (its generation holds the
+model; `started_at`) -> finishing (its last denoising step is done: VAE decode and mp4) -> completed, or
+failed at any point; `created_at` is its submission. A cancel turns a
 queued job into canceled at once (it never runs) and a running one into canceling, which the job's
 own worker sees at the end of its current denoising step and ends as canceled; a finishing job can
 no longer be canceled (JobFinishingError). States are spelled as BentoML's `/jobs/status` spells
@@ -64,7 +65,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from sqlalchemy import (BigInteger, Column, Connection, Double, Integer, MetaData, Table, Text, case, delete, false,
-                        select, update)
+                        func, select, update)
 from sqlalchemy.exc import DBAPIError
 
 from slapgen.database import epoch_now, open_store, upsert_ignoring
@@ -72,7 +73,7 @@ from slapgen.errors import JobFinishedError, JobFinishingError, JobNotFoundError
 from slapgen.lifetime import instance_alive, process_start_time
 
 MAX_TRACKED_JOBS = 10_000
-COLUMNS = ("task_id", "state", "step", "total_steps", "error", "updated_at")
+COLUMNS = ("task_id", "state", "step", "total_steps", "error", "updated_at", "created_at", "started_at")
 ENDED = ("completed", "failed", "canceled")
 UNFINISHED = ("queued", "running", "canceling", "finishing")
 # What the worker running a job stops for, at its next check: a cancel, or another replica that failed it.
@@ -86,6 +87,7 @@ jobs = Table(
     Column("total_steps", Integer), Column("error", Text), Column("updated_at", Double),
     Column("owner", BigInteger), Column("owner_started", BigInteger), Column("worker", BigInteger),
     Column("worker_started", BigInteger), Column("host", Text), Column("http_status", Integer),
+    Column("created_at", Double), Column("started_at", Double),
 )
 # A failed job's answer when its failure has no HTTP status of its own (an unexpected exception in the
 # handler, or a row from before the status was kept).
@@ -162,6 +164,7 @@ class JobBoard:
         worker = os.getpid()
         db.execute(upsert_ignoring(db, jobs).values(
             task_id=task_id, state="queued", step=0, total_steps=total_steps, error=None, updated_at=epoch_now(),
+            created_at=epoch_now(),
             owner=self._owner, owner_started=self._owner_started, worker=worker,
             worker_started=_own_start_time(worker), host=HOST))
 
@@ -200,8 +203,9 @@ class JobBoard:
             self._hold_unfinished(db, task_id, started=True)
 
     def step(self, task_id: str, step: int, total_steps: int) -> None:
-        """Best effort (`_best_effort`): a database that does not answer costs this step's progress only. A sign
-        of life either way (`stalled_after_s`)."""
+        """Steps done: 0 when the generation takes the model (running from then on, `started_at`). Best effort
+        (`_best_effort`): a database that does not answer costs this step's progress only. A sign of life
+        either way (`stalled_after_s`)."""
         self._alive(task_id)
 
         def write():
@@ -212,7 +216,8 @@ class JobBoard:
                 moved_on = "finishing" if step >= total_steps else "running"
                 db.execute(update(jobs).where(jobs.c.task_id == task_id, jobs.c.state.in_(UNFINISHED)).values(
                     state=case((jobs.c.state.in_(("queued", "running")), moved_on), else_=jobs.c.state),
-                    step=step, total_steps=total_steps, updated_at=epoch_now()))
+                    step=step, total_steps=total_steps, updated_at=epoch_now(),
+                    started_at=func.coalesce(jobs.c.started_at, epoch_now())))
 
         self._best_effort(write, None)
 

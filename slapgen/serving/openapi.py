@@ -55,13 +55,15 @@ CAMPAIGN_VERDICT_EXAMPLE = {"pair_id": "hX3v9QeLr2m0Wc1a", "rater": "ana", "verd
 _CAMPAIGN = {"name": "name", "in": "path", "required": True, "example": "lr-sweep",
              "schema": {"type": "string", "pattern": NAME_PATTERN.pattern}}
 # BentoML documents its job status as a TaskStatusResponse of success/failure/cancelled with created_at required;
-# its local server answers pending/in_progress/completed/failed, its submit task_id and status alone, and
-# slapgen's JobRoutes a canceled or failed job (and another replica's) as task_id and status alone.
+# its local server answers pending/in_progress/completed/failed and its submit task_id and status alone.
+# slapgen's JobRoutes answers every job on the board, on every replica, with all four fields (the times null on
+# rows from before they were kept, executed_at null while pending); BentoML's own answer is left only for a task
+# the board does not know.
+_TIME = {"anyOf": [{"type": "string", "format": "date-time"}, {"type": "null"}]}
 JOB_STATUS_SCHEMA = {"type": "object", "title": "TaskStatusResponse", "required": ["task_id", "status"],
                      "properties": {"task_id": {"type": "string"},
                                     "status": {"enum": ["pending", "in_progress", "completed", "failed", "canceled"]},
-                                    "created_at": {"type": "string"},
-                                    "executed_at": {"anyOf": [{"type": "string"}, {"type": "null"}]}}}
+                                    "created_at": _TIME, "executed_at": _TIME}}
 # BentoML's task cancel (PUT, refused by its local server) is replaced by ours (POST; PUT also works);
 # its retry is refused (JobRoutes), so it is not listed.
 REPLACED = ("/jobs/cancel", RETRY_PATH)
