@@ -1,3 +1,6 @@
+import os
+from pathlib import Path
+
 import pytest
 
 from slapgen.errors import SettingsError
@@ -104,6 +107,39 @@ def test_every_setting_is_documented_in_the_readme():
     readme = (REPO_ROOT / "README.md").read_text()
     missing = [f"SLAP_{name.upper()}" for name in SlapSettings.model_fields if f"`SLAP_{name.upper()}`" not in readme]
     assert missing == []
+
+
+def test_readmes_settings_table_gives_the_defaults_the_service_starts_with(tmp_path, monkeypatch):
+    """Guards a default changed in the code while README's table still gives the old one (a queue length, a lease,
+    a folder a deployment mounts): every row's default column is what `SlapSettings` holds with no SLAP_ variable
+    set: a value in backticks as the environment would spell it (`0` / `1` for a switch), `~/...` or
+    `SLAP_OTHER/sub` for a folder, "unset" (or words, for what the engine decides) for none."""
+    import re
+
+    from slapgen.serving.settings import SlapSettings
+    from tests.conftest import REPO_ROOT
+
+    for name in [name for name in os.environ if name.startswith("SLAP_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    settings = SlapSettings()
+    rows = re.findall(r"^\| `SLAP_([A-Z_]+)` \| ([^|]+?) \|", (REPO_ROOT / "README.md").read_text(), re.M)
+    assert {name.lower() for name, _ in rows} == set(SlapSettings.model_fields)
+    for name, documented in rows:
+        value = getattr(settings, name.lower())
+        literal = re.fullmatch(r"`([^`]+)`", documented)
+        if literal is None:  # "unset", or what the engine decides ("the model family's")
+            assert value is None, (name, documented, value)
+            continue
+        text = literal[1]
+        if derived := re.fullmatch(r"SLAP_([A-Z_]+)/(.+)", text):
+            assert value == getattr(settings, derived[1].lower()) / derived[2], (name, documented, value)
+        elif text.startswith("~/"):
+            assert value == Path(text).expanduser(), (name, documented, value)
+        elif isinstance(value, bool):
+            assert text == str(int(value)), (name, documented, value)
+        else:
+            assert text == str(value), (name, documented, value)
 
 
 def test_every_component_loads_in_the_specs_dtype(tmp_path):

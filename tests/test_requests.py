@@ -145,3 +145,36 @@ def test_a_size_is_one_rule_with_one_sentence_at_every_edge(spec_name):
                 checked_params(spec, {field: value}, "--set")
             assert (str(http.value), http.value.field) == (sentence, field)
             assert str(cli.value) == f"--set {sentence}"
+
+
+def test_readmes_body_field_rules_are_the_requests_bounds():
+    """Guards README's body-field table drifting from the request model: a bound changed in
+    `GenerateRequest` (steps, guidance, fps, scale, seed, prompt length) while README still gives the old
+    range, so a client built from README gets 400s, or never tries what is allowed. Every "A..B" rule is
+    the field's minimum and maximum in the request's JSON schema, and "A-B characters" its lengths."""
+    import re
+
+    from tests.conftest import REPO_ROOT
+
+    readme = (REPO_ROOT / "README.md").read_text()
+    table = readme[readme.index("| field | meaning | rule |"):]
+    table = table[:table.index("\n\n")]
+    properties = GenerateRequest.model_json_schema()["properties"]
+
+    def bounds(field: str) -> dict:
+        schema = properties[field]
+        return next((choice for choice in schema.get("anyOf", []) if choice.get("type") != "null"), schema)
+
+    ranges = {field: rule for field, rule in re.findall(r"^\| `(\w+)` \| [^|]+ \| ([^|]+) \|$", table, re.M)}
+    checked = []
+    for field, rule in ranges.items():
+        if numbers := re.match(r"(\d+)\.\.(2\^(\d+)-1|\d+)", rule):
+            upper = 2 ** int(numbers[3]) - 1 if numbers[3] else int(numbers[2])
+            assert (bounds(field)["minimum"], bounds(field)["maximum"]) == (int(numbers[1]), upper), (field, rule)
+            checked.append(field)
+        elif lengths := re.match(r"(\d+)-(\d+) characters", rule):
+            assert (bounds(field)["minLength"], bounds(field)["maxLength"]) == (int(lengths[1]), int(lengths[2])), field
+            checked.append(field)
+        if default := re.search(r"\(default (\d+)\)", rule):  # a default of the request itself, not of the model
+            assert properties[field]["default"] == int(default[1]), (field, rule)
+    assert sorted(checked) == ["adapter_scale", "fps", "guidance_scale", "num_inference_steps", "prompt", "seed"]
