@@ -232,3 +232,60 @@ def test_readme_plain_diffusers_snippet_runs_as_written(tiny_cache_dir, tmp_path
     assert result.returncode == 0, result.stderr[-3000:]
     frames, fps = read_mp4(tmp_path / "smoke-diffusers.mp4")
     assert frames.shape == (9, 64, 96, 3) and fps == 8
+
+
+def test_the_cold_start_figures_readme_and_bench_readme_give_are_the_committed_run():
+    """Guards README's and bench/README's cold-start figures drifting from `bench/results/coldstart-cpu.json`,
+    the run they cite (issue 21: the results committed, README stating them): a `--save` that replaced the JSON
+    without the prose, or a figure mistyped. From the JSON's rows: per compile scope, the cold and warm medians,
+    each round's time, the ratio, the warm starts' graphs loaded / compiled and the recompilations (bench/README's
+    table); the medians and ratios in README's sentence; and README's split of the `blocks` medians into the
+    start-up phases (median of each), the rest being what makes the parts add up to the total as written."""
+    import json
+    import statistics
+
+    run = json.loads((REPO_ROOT / "bench" / "results" / "coldstart-cpu.json").read_text())
+    readme = " ".join((REPO_ROOT / "README.md").read_text().split())
+    table = (REPO_ROOT / "bench" / "README.md").read_text()
+
+    def rows(scope: str, start: str) -> list[dict]:
+        return sorted((r for r in run["rows"] if r["compile_scope"] == scope and r["start"] == start),
+                      key=lambda r: r["round"])
+
+    medians = {}
+    for scope in ("blocks", "transformer"):
+        cold, warm = rows(scope, "cold"), rows(scope, "warm")
+        assert len(cold) == len(warm) == 3
+        cold_s, warm_s = (statistics.median(r["ready_s"] for r in group) for group in (cold, warm))
+        medians[scope] = cold_s, warm_s
+        assert (cold_s, warm_s) == (run["by_scope"][scope]["cold_ready_s_median"],
+                                    run["by_scope"][scope]["warm_ready_s_median"])
+        (loaded, compiled), = {(r["graphs_from_cache"], r["graphs_compiled"]) for r in warm}
+        recompilations = max(r["recompilations"] for r in cold + warm)
+
+        def shown(median: float, group: list[dict]) -> str:
+            each = ", ".join(f"{r['ready_s']:.1f}" for r in group)
+            return f"{median:.1f} s ({each})"
+
+        row = (f"| {shown(cold_s, cold)} | {shown(warm_s, warm)} | {cold_s / warm_s:.1f}x | {loaded} / {compiled} "
+               f"| {recompilations} |")
+        assert row in table, (scope, row)
+    (blocks_cold, blocks_warm), (whole_cold, whole_warm) = medians["blocks"], medians["transformer"]
+    sentence = (f"{blocks_cold:.1f} s with an empty folder and {blocks_warm:.1f} s with a warm one "
+                f"({blocks_cold / blocks_warm:.1f}x) with each block compiled, the default; {whole_cold:.1f} s and "
+                f"{whole_warm:.1f} s ({whole_cold / whole_warm:.1f}x) with the whole transformer")
+    assert sentence in readme, sentence
+
+    def phases(start: str) -> list[float]:
+        group = rows("blocks", start)
+        parts = [round(statistics.median(r["startup_s"][phase] for r in group), 1)
+                 for phase in ("load_pipeline", "compile_and_warm_up", "warm_up_decode")]
+        total = round(statistics.median(r["ready_s"] for r in group), 1)
+        return [total, *parts, round(total - sum(parts), 1)]
+
+    total, load, compile_s, decode, rest = phases("cold")
+    assert (f"{total:.1f} s cold = {load:.1f} s loading the pipeline" in readme
+            and f"+ {compile_s:.1f} s compiling and warming up + {decode:.1f} s of its decode + {rest:.1f} s for the rest"
+            in readme), phases("cold")
+    total, load, compile_s, decode, rest = phases("warm")
+    assert f"{total:.1f} s warm = {load:.1f} s + {compile_s:.1f} s + {decode:.1f} s + {rest:.1f} s." in readme, phases("warm")

@@ -112,7 +112,8 @@ EXTRA_PATHS = {
                   "slot rank, recompilations, compile cache, start-up phases' seconds, queue, worker"),
     "/adapters": _get("adapters with rank, alpha, base model, steps (or the error that makes one unusable)"),
     "/templates": _get("prompt templates with their slots, choices and defaults"),
-    "/jobs/progress": _get("state, denoising step k of N and the error of a job", 400, 404, parameters=[
+    "/jobs/progress": _get("state, denoising step k of N, the error and the times (created_at, started_at, updated_at: "
+                            "seconds since the epoch) of a job", 400, 404, parameters=[
         {"name": "task_id", "in": "query", "required": True, "schema": {"type": "string"}}]),
     "/jobs/cancel": {"post": {
         "summary": "cancel a job: a queued one never runs, a running one stops after its current denoising step",
