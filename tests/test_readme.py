@@ -289,3 +289,25 @@ def test_the_cold_start_figures_readme_and_bench_readme_give_are_the_committed_r
             in readme), phases("cold")
     total, load, compile_s, decode, rest = phases("warm")
     assert f"{total:.1f} s warm = {load:.1f} s + {compile_s:.1f} s + {decode:.1f} s + {rest:.1f} s." in readme, phases("warm")
+
+
+def test_the_gpu_compile_cache_figures_are_the_committed_h200_run():
+    """Guards README's and bench/README's 5B compile-cache figures (the only GPU measure of a warm compile cache
+    so far) drifting from the check's committed result (`compile-cache-6-blocks` in
+    bench/results/gpu-h200-2026-12-04/call1-2-hotswap.json): cold and warm compile, ratio, graphs, the 42-block
+    estimates."""
+    import json
+
+    run = json.loads((REPO_ROOT / "bench" / "results" / "gpu-h200-2026-12-04" / "call1-2-hotswap.json").read_text())
+    result, = [entry["result"] for entry in run["results"] if entry["check"] == "compile-cache-6-blocks"]
+    cold, warm, ratio = result["compile_s_cold"], result["compile_s_warm"], result["cold_over_warm"]
+    assert result["device"] == "NVIDIA H200" and result["blocks"] == 6
+    readme = " ".join((REPO_ROOT / "README.md").read_text().split())
+    bench_readme = " ".join((REPO_ROOT / "bench" / "README.md").read_text().split())
+    said = (f"the first step took {cold:.1f} s with an empty folder and {warm:.1f} s with the warm one ({ratio:.1f}x; "
+            f"{result['warm_graphs_from_cache']} graph loaded from the cache, {result['warm_graphs_compiled']} compiled); "
+            f"scaled to 42 blocks, {result['est_compile_s_cold_all_blocks']:.0f} s against "
+            f"{result['est_compile_s_warm_all_blocks']:.0f} s")
+    assert said in readme, said
+    said = f"measured {cold:.1f} s cold against {warm:.1f} s warm on 6 of CogVideoX-5B's blocks ({ratio:.1f}x)"
+    assert said in bench_readme, said
