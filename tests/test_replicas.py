@@ -56,13 +56,15 @@ def test_two_replicas_on_one_postgresql_answer_for_each_others_jobs_ratings_and_
     a, b, env = replicas
 
     # A job taken by A, canceled through B while A runs it: A's worker stops after its current step.
-    long_job = _submit(a, seed=1, num_inference_steps=200)
+    long_job = _submit(a, seed=1, num_inference_steps=200, num_frames=49)  # seconds on any machine: still running below
     running = wait_for_job(b, long_job, {"running"})
     assert running["step"] >= 0
     # A job waiting behind it on A: both replicas give one status of each (A's BentoML store said in_progress
     # for the waiting one, B pending; and only A gave times).
-    submitted = httpx.post(f"{a.url}/jobs/submit", json={"prompt": "a power slap", "seed": 2, "num_inference_steps": 2},
-                           timeout=30).json()
+    answer = httpx.post(f"{a.url}/jobs/submit", json={"prompt": "a power slap", "seed": 2, "num_inference_steps": 2},
+                        timeout=30)
+    assert answer.status_code == 200, answer.text
+    submitted = answer.json()
     waiting = submitted["task_id"]
     for task_id, status in ((long_job, "in_progress"), (waiting, "pending")):
         answers = [httpx.get(f"{server.url}/jobs/status", params={"task_id": task_id}).json() for server in (a, b)]

@@ -10,6 +10,7 @@ from datetime import datetime, timezone
 import httpx
 import pytest
 
+from slapgen.models.tiny import TINY_SPEC
 from slapgen.serving.jobs import JobBoard
 from tests.conftest import start_server, stop_server
 
@@ -270,3 +271,41 @@ def test_two_workers_serve_shared_jobs_and_adapters(tiny_cache_dir, adapter_file
         assert statuses == [400] * 6
     finally:
         stop_server(server)
+
+
+def test_the_submits_answer_is_the_jobs_status_and_keeps_bentomls_other_headers(database_url):
+    """Guards the submit's answer (BentoML's `{"task_id", "status": "in_progress"}` for a job that has not started)
+    rewritten wrongly: it is the job's status as `/jobs/status` gives it (pending, its submission time), built from
+    the row the board's own `submitted` transaction wrote (a second read that failed left a job pending forever);
+    BentoML's other headers are kept and Content-Length fits the new body, whatever chunks BentoML sent; an answer
+    that is not BentoML's 200 passes unchanged and puts nothing on the board."""
+    from starlette.testclient import TestClient
+
+    from slapgen.engine.queue import GenerationQueue
+    from slapgen.serving.job_routes import JobRoutes
+
+    def bentoml_submit(status: int, chunks: list[bytes]):
+        async def app(scope, receive, send):
+            body = b"".join(chunks)
+            await send({"type": "http.response.start", "status": status,
+                        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                    (b"x-bentoml-request-id", b"r-1")]})
+            for index, chunk in enumerate(chunks):
+                await send({"type": "http.response.body", "body": chunk, "more_body": index < len(chunks) - 1})
+        return app
+
+    board = JobBoard(database_url)
+    queue = GenerationQueue(limit=4)
+    routes = dict(check=lambda request: request.for_model(TINY_SPEC), admit=queue.admit, board=board)
+    client = TestClient(JobRoutes(bentoml_submit(200, [b'{"task_id": "t1", ', b'"status": "in_progress"}']), **routes))
+    answer = client.post("/jobs/submit", json={"prompt": "a power slap"})
+    assert answer.status_code == 200 and answer.headers["x-bentoml-request-id"] == "r-1"
+    assert int(answer.headers["content-length"]) == len(answer.content)
+    assert answer.json() == {"task_id": "t1", "status": "pending", "created_at": _iso(board.get("t1")["created_at"]),
+                             "executed_at": None}
+
+    busy = b'{"error": "busy"}'
+    client = TestClient(JobRoutes(bentoml_submit(503, [busy]), **routes))
+    answer = client.post("/jobs/submit", json={"prompt": "a power slap"})
+    assert (answer.status_code, answer.content, answer.headers["x-bentoml-request-id"]) == (503, busy, "r-1")
+    assert board.get("t2") is None and queue.admitted == 0

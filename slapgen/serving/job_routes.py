@@ -99,10 +99,11 @@ class JobRoutes:
             task_id = _task_id(scope)
             if not task_id:
                 return await send_json(send, 400, error_body(MISSING_TASK_ID, "task_id"))
-            # A canceled or failed job is the board's word on both routes, on every replica alike: BentoML
-            # stores the handler's answer only a moment after the board says canceled, and its local server
-            # has no canceled status at all; a failed job's stored answer exists only on the replica that ran
-            # it (and none at all when the handler raised something unexpected: it says in_progress forever).
+            # A job's status is the board's word on every replica alike (BentoML's store says in_progress from
+            # submission on, and exists only on the replica that ran the job). So is a canceled or failed job's
+            # result: BentoML stores the handler's answer only a moment after the board says canceled, and its
+            # local server has no canceled status at all; a failed job's stored answer exists only on the replica
+            # that ran it (and none at all when the handler raised something unexpected).
             job = await run_in_threadpool(self.board.get, task_id)
             if job is not None and path == STATUS_PATH:
                 return await send_json(send, 200, job_status(job))
@@ -139,11 +140,10 @@ class JobRoutes:
                     except (ValueError, KeyError, TypeError):
                         task_id = None
                     if isinstance(task_id, str):
-                        await run_in_threadpool(self.board.submitted, task_id, params.num_inference_steps)
+                        job = await run_in_threadpool(self.board.submitted, task_id, params.num_inference_steps)
                         # The job's status as /jobs/status gives it (BentoML's says in_progress for a job
                         # that waits): pending, with its submission time.
-                        if (job := await run_in_threadpool(self.board.get, task_id)) is not None:
-                            messages[:] = _json_messages(start, job_status(job))
+                        messages[:] = _json_messages(start, job_status(job))
                 for held in messages:
                     await send(held)
                 messages.clear()

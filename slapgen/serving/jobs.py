@@ -187,12 +187,14 @@ class JobBoard:
             with self._held_lock:
                 self._held.pop(task_id, None)
 
-    def submitted(self, task_id: str, total_steps: int) -> None:
+    def submitted(self, task_id: str, total_steps: int) -> dict:
         """Known from submission on, so a job can be cancelled before its handler starts. BentoML starts the
-        handler before this runs: a job that already ended (its handler raised) is not held again."""
+        handler before this runs: a job that already ended (its handler raised) is not held again. Returns
+        the job's row as this transaction left it (the submit's answer: nothing more can fail after it)."""
         with self._lock, self._connect() as db:
             self._insert(db, task_id, total_steps)
             self._hold_unfinished(db, task_id, started=False)
+            return dict(zip(COLUMNS, db.execute(select(*_PUBLIC).where(jobs.c.task_id == task_id)).one()))
 
     def queued(self, task_id: str, total_steps: int) -> None:
         """Its handler started: a sign of life (`stalled_after_s`)."""

@@ -7,7 +7,7 @@ Starlette app that `service.py` mounts next to its own routes.
     POST   /adapters/upload      multipart name + file; validated before anything changes
     DELETE /adapters/{name}
     GET    /templates            prompt templates with their slots
-    GET    /jobs/progress        ?task_id=... -> state, step k of N, error
+    GET    /jobs/progress        ?task_id=... -> state, step k of N, error, times
     /studio, /ratings...         the web studio and its ratings (`slapgen.serving.studio`)
     /campaigns...                rating campaigns over existing videos (`slapgen.serving.campaign_routes`)
 
