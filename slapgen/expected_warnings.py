@@ -7,7 +7,10 @@ there (slapgen uses torchao's CPU paths or none). On every machine, torchao regi
 torch 2.13 now supports natively (torch warns that this is deprecated), and diffusers says it cannot
 import torchao tensor classes that torchao 0.18 no longer has (it needs them only to unpickle old
 torchao checkpoints, which slapgen never loads). On a CUDA machine a torchao kernel that fails to load
-or a missing Triton is a real problem, so those two stay visible there.
+or a missing Triton is a real problem, so those two stay visible there. And a prompt longer than the text
+encoder reads: the pipelines tokenize it once uncut to find what they cut, so transformers warns that running
+it "will result in indexing errors", which never happen; the pipeline cuts the prompt and logs the cut words
+itself (diffusers' "The following part of your input was truncated ..."), which stays.
 """
 
 from __future__ import annotations
@@ -22,6 +25,9 @@ EXPECTED: list[tuple[str, re.Pattern, bool]] = [
     ("torch.utils._pytree", re.compile(r"^<enum '\w+'> is an Enum subclass and is now natively supported"), False),
     ("diffusers.quantizers.torchao.torchao_quantizer",
      re.compile(r"^Unable to import `torchao` Tensor objects"), False),
+    ("transformers.tokenization_utils_base",
+     re.compile(r"^Token indices sequence length is longer than the specified maximum sequence length for this model "
+                r"\(\d+ > \d+\)\. Running this sequence through the model will result in indexing errors$"), False),
 ]
 
 

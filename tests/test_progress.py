@@ -37,6 +37,21 @@ def test_a_log_file_gets_whole_lines_a_terminal_the_live_bar(monkeypatch):
     assert "\r" in terminal.getvalue()
 
 
+def test_a_bar_that_is_not_left_on_screen_still_logs_its_end(monkeypatch):
+    """Guards a `leave=False` bar (the training run's validation videos, through diffusers' pipeline) whose log
+    stopped at its first line, `0/2`, as if validation had stalled (a walk-through's find): tqdm clears such a bar
+    with blanks instead of ending it with a line break, so its final state was never written. It now is, once."""
+    monkeypatch.delenv("TQDM_MININTERVAL", raising=False)
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    log = io.StringIO()
+    for _ in progress_bar(range(2), desc="validation at step 4, video 1/1", unit="step", leave=False, file=log):
+        pass
+    lines = log.getvalue().splitlines(keepends=True)
+    assert "\r" not in log.getvalue() and all(line.endswith("\n") for line in lines)
+    assert [line.split("|")[0] for line in lines] == ["validation at step 4, video 1/1:   0%", "validation at step 4, video 1/1: 100%"]
+    assert "2/2" in lines[-1]
+
+
 def test_tqdm_disable_reaches_bars_given_an_explicit_disable(monkeypatch):
     """Guards TQDM_DISABLE=1 (tqdm's own switch) being ignored by every bar that passes `disable=` itself, which is
     every slapgen bar with a --quiet-like option: tqdm lets an explicit argument win over its variable."""
@@ -68,7 +83,8 @@ def test_a_bar_under_another_in_a_log_file_is_plain_lines_too(monkeypatch):
 def test_a_training_run_with_stderr_in_a_file_writes_readable_lines(tiny_cache_dir, demo_dataset, tmp_path):
     """The same through a real command: `slapgen train` with a validation video, stderr redirected to a file,
     leaves no carriage return and no cursor move in it (the validation bar is diffusers' own tqdm, configured
-    through `progress_options`), and the training bar's last state is a line of its own."""
+    through `progress_options`), and the training bar's and the validation bar's last states are lines of their
+    own."""
     log = tmp_path / "train.log"
     env = offline_env(tmp_path)
     env.pop("TQDM_DISABLE", None)
@@ -83,4 +99,5 @@ def test_a_training_run_with_stderr_in_a_file_writes_readable_lines(tiny_cache_d
     assert result.returncode == 0, text[-2000:]
     assert "\r" not in text and "\x1b" not in text, text[-2000:]
     assert re.search(r"^train: 100%.* 2/2 \[", text, flags=re.M), text
-    assert re.search(r"^validation at step 2, video 1/1:", text, flags=re.M), text
+    # The validation bar (leave=False) ends with its final state too, not at 0% as if it had stalled.
+    assert re.search(r"^validation at step 2, video 1/1: 100%.* 2/2 \[", text, flags=re.M), text

@@ -151,7 +151,8 @@ def test_readmes_body_field_rules_are_the_requests_bounds():
     """Guards README's body-field table drifting from the request model: a bound changed in
     `GenerateRequest` (steps, guidance, fps, scale, seed, prompt length) while README still gives the old
     range, so a client built from README gets 400s, or never tries what is allowed. Every "A..B" rule is
-    the field's minimum and maximum in the request's JSON schema, and "A-B characters" its lengths."""
+    the field's minimum and maximum in the request's JSON schema, "A-B characters" its lengths, and the text
+    tokens a prompt is cut to each family's spec's."""
     import re
 
     from tests.conftest import REPO_ROOT
@@ -178,3 +179,12 @@ def test_readmes_body_field_rules_are_the_requests_bounds():
         if default := re.search(r"\(default (\d+)\)", rule):  # a default of the request itself, not of the model
             assert properties[field]["default"] == int(default[1]), (field, rule)
     assert sorted(checked) == ["adapter_scale", "fps", "guidance_scale", "num_inference_steps", "prompt", "seed"]
+    # What the model reads of a prompt: each family's text length, as the specs say.
+    from slapgen.models.tiny_wan import TINY_WAN_SPEC
+    from slapgen.models.wan import WAN_SPECS
+
+    read = re.search(r"first (\d+) text tokens \(Wan (\d+), tiny and tiny-wan (\d+)\)", ranges["prompt"])
+    assert read is not None, ranges["prompt"]
+    assert int(read[1]) == COGVIDEOX_5B.max_sequence_length
+    assert {int(read[2])} == {spec.max_sequence_length for spec in WAN_SPECS.values()}
+    assert {int(read[3])} == {TINY_SPEC.max_sequence_length, TINY_WAN_SPEC.max_sequence_length}

@@ -549,7 +549,8 @@ def test_the_sweep_eval_json_records_its_heldout_losses_objective(generation_swe
 def test_a_finished_generation_sweep_reruns_nothing_and_refuses_other_settings(generation_sweep, monkeypatch, capsys):
     """Guards a rerun that trains, measures held-out loss or generates again for runs (or the base model) it
     already evaluated, and a folder that accepts another metric set, generation setting or seed (the
-    numbers in it would then mix two evaluations): refused in one line, before anything changes."""
+    numbers in it would then mix two evaluations): refused in one line, before anything changes. The rerun
+    says the base model's numbers as the first run did."""
     out, args = generation_sweep["out"], generation_sweep["args"]
     before = {path: stamp for path, stamp in _mtimes(out).items() if path.startswith(("runs/", "base/"))}
     (out / "results.csv").unlink()
@@ -567,6 +568,12 @@ def test_a_finished_generation_sweep_reruns_nothing_and_refuses_other_settings(g
     assert cli_main(args) == 0
     printed = capsys.readouterr().out
     assert "sweep: 2 runs, 2 already finished" in printed and "base model: evaluated before" in printed
+    # The base model's numbers, as each run's and `slapgen eval`'s are said (a walk-through missed them).
+    from trainer.evaluate.names import metric_text
+
+    base = json.loads((out / "base" / "sweep_result.json").read_text())["metrics"]
+    assert list(base) == COLUMNS
+    assert "base model: " + ", ".join(f"{name} {metric_text(value)}" for name, value in base.items()) in printed.splitlines()
     assert {path: stamp for path, stamp in _mtimes(out).items() if path.startswith(("runs/", "base/"))} == before
     assert (out / "results.csv").is_file()  # the report is written again from the stored results
 

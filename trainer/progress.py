@@ -62,14 +62,18 @@ def _truthy(value: str | None) -> bool:
 
 def progress_options(**options: Any) -> dict[str, Any]:
     """tqdm's keyword arguments for a bar on stderr (or `file=`): as given on a terminal; in a log file, plain
-    lines (`LogLines`) and position 0 (a bar below another moves the cursor, which a file cannot). Also for a
-    bar tqdm is asked for by someone else (diffusers' `set_progress_bar_config`)."""
+    lines (`LogLines`), position 0 (a bar below another moves the cursor, which a file cannot) and every bar
+    left (its final state written). Also for a bar tqdm is asked for by someone else (diffusers'
+    `set_progress_bar_config`)."""
     if _truthy(os.environ.get("TQDM_DISABLE")):
         options["disable"] = True
     stream = options.pop("file", None) or sys.stderr
     if not (hasattr(stream, "isatty") and stream.isatty()):
         interval_s = float(os.environ.get("TQDM_MININTERVAL", LOG_INTERVAL_S))
-        options.update(file=LogLines(stream, interval_s), dynamic_ncols=False, mininterval=interval_s, position=0)
+        # Every bar is left in a log (there is no screen to clear): a `leave=False` bar (the validation videos')
+        # otherwise closes without its final state, and its log stopped at 0% as if it had stalled.
+        options.update(file=LogLines(stream, interval_s), dynamic_ncols=False, mininterval=interval_s, position=0,
+                       leave=True)
     else:
         options["file"] = stream
     return options

@@ -230,6 +230,7 @@ def run_sweep(config: str, sets: list[str], grid: list[str], data: Path, heldout
             base_done = (out / BASE_DIR / RESULT_FILE).is_file()
             print("base model: " + ("evaluated before" if base_done else "evaluating (once, for the A/B of every run)"))
             base = execute_base(definition, out, device)
+            print("base model: " + ", ".join(f"{column} {metric_text(value)}" for column, value in base["metrics"].items()))
         best = write_report(out, definition, results, base, execution_words(ray, gpus_per_run, node_wait_s))
         if base is not None:
             write_eval_report(out, definition, results, base)
