@@ -8,9 +8,9 @@ torch 2.13 now supports natively (torch warns that this is deprecated), and diff
 import torchao tensor classes that torchao 0.18 no longer has (it needs them only to unpickle old
 torchao checkpoints, which slapgen never loads). On a CUDA machine a torchao kernel that fails to load
 or a missing Triton is a real problem, so those two stay visible there. And a prompt longer than the text
-encoder reads: the pipelines tokenize it once uncut to find what they cut, so transformers warns that running
-it "will result in indexing errors", which never happen; the pipeline cuts the prompt and logs the cut words
-itself (diffusers' "The following part of your input was truncated ..."), which stays.
+encoder reads: CogVideoX's pipelines tokenize it once uncut to find what they cut, so transformers warns that
+running it "will result in indexing errors", which never happen; the pipeline cuts the prompt and logs the
+cut words itself (diffusers' "The following part of your input was truncated ..."), which stays.
 """
 
 from __future__ import annotations

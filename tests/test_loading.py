@@ -119,7 +119,7 @@ def test_readmes_settings_table_gives_the_defaults_the_service_starts_with(tmp_p
     from slapgen.serving.settings import SlapSettings
     from tests.conftest import REPO_ROOT
 
-    for name in [name for name in os.environ if name.startswith("SLAP_")]:
+    for name in [name for name in os.environ if name.upper().startswith("SLAP_")]:  # pydantic-settings ignores case
         monkeypatch.delenv(name)
     monkeypatch.setenv("HOME", str(tmp_path))
     settings = SlapSettings()

@@ -183,7 +183,8 @@ def test_readmes_body_field_rules_are_the_requests_bounds():
     from slapgen.models.tiny_wan import TINY_WAN_SPEC
     from slapgen.models.wan import WAN_SPECS
 
-    read = re.search(r"first (\d+) text tokens \(Wan (\d+), tiny and tiny-wan (\d+)\)", ranges["prompt"])
+    read = re.search(r"reads (\d+) text tokens, its end token included \(Wan (\d+), tiny and tiny-wan (\d+)\)",
+                     ranges["prompt"])
     assert read is not None, ranges["prompt"]
     assert int(read[1]) == COGVIDEOX_5B.max_sequence_length
     assert {int(read[2])} == {spec.max_sequence_length for spec in WAN_SPECS.values()}
