@@ -75,6 +75,50 @@ def test_upload_list_delete_with_statuses_and_one_error_shape(client, adapter_fi
     assert_error_shape(client.delete("/adapters/c", headers=AUTH), 404, "name")
 
 
+def test_uploads_sent_together_are_checked_one_at_a_time(engine, adapter_files, tmp_path, monkeypatch):
+    """Guards uploads at once each holding its whole file (up to 2 GiB) and then its tensors in the worker's
+    memory: a handful sent together (a sweep's LoRAs pushed at once) could take a replica's memory, and every
+    client's requests with it. Three uploads sent at once are read and checked one after another (the check
+    is slowed down so that any overlap shows), and all three are stored."""
+    import threading
+    import time
+
+    import httpx
+
+    real_add, lock, inside, most = engine.adapters.add, threading.Lock(), [0], [0]
+
+    def add(name, data):
+        with lock:
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+        try:
+            time.sleep(0.2)
+            return real_add(name, data)
+        finally:
+            with lock:
+                inside[0] -= 1
+
+    monkeypatch.setattr(engine.adapters, "add", add)
+    app = build_routes(lambda: engine, JobBoard(), TOKEN, default_library(), RatingStore(tmp_path / "r.sqlite"),
+                       CampaignStore(tmp_path / "data"))
+    names = {"together-1": "c", "together-2": "d", "together-3": "b"}
+
+    async def send_together():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            return await asyncio.gather(*(
+                client.post("/adapters/upload", data={"name": name}, headers=AUTH,
+                            files={"file": (f"{name}.safetensors", adapter_files[source].read_bytes())})
+                for name, source in names.items()))
+
+    try:
+        answers = asyncio.run(send_together())
+        assert [answer.status_code for answer in answers] == [201, 201, 201], [answer.text for answer in answers]
+        assert most[0] == 1
+    finally:
+        for name in set(names) & set(engine.adapters.names()):
+            engine.adapters.remove(name)
+
+
 def test_upload_and_delete_are_refused_without_a_configured_token(engine, adapter_files, tmp_path):
     with TestClient(build_routes(lambda: engine, JobBoard(), None, default_library(), RatingStore(tmp_path / "r.sqlite"), CampaignStore(tmp_path / "data"))) as client:
         body = assert_error_shape(upload(client, "c", adapter_files["c"].read_bytes()), 403)

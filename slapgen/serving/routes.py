@@ -13,10 +13,15 @@ Starlette app that `service.py` mounts next to its own routes.
 
 Disk work (listing, validating, writing, deleting adapters) runs in a worker thread, never on the
 event loop. Errors answer slapgen's one JSON shape (`slapgen.serving.http_errors`).
+
+Uploads take turns, one per worker at a time: an upload's file (up to 2 GiB) is held in memory while it is
+checked, and its tensors again, so a few at once (a sweep's LoRAs pushed together) could take a replica's
+memory; one waiting for its turn keeps its file where the multipart parser put it, on disk.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import os
 from collections.abc import Callable
@@ -45,6 +50,7 @@ def build_routes(
     ratings: RatingStore, campaigns: CampaignStore,
 ) -> Starlette:
     """`generator` returns the running VideoGenerator (it exists only once the worker has started)."""
+    upload_turn = asyncio.Lock()  # one upload's bytes in memory at a time (module docstring)
 
     def authorised(request: Request) -> JSONResponse | None:
         """None when the request may change adapters; otherwise the response to send."""
@@ -81,12 +87,15 @@ def build_routes(
         name, upload = form.get("name"), form.get("file")
         if not isinstance(name, str) or upload is None or isinstance(upload, str):
             return plain_error(400, "expected multipart/form-data with a text field name and a file field file")
-        data = await upload.read()
-        try:
-            adapter = await run_in_threadpool(generator().adapters.add, name, data)
-        except SlapgenError as exc:
-            return error_response(exc)
-        return JSONResponse(adapter.info(), status_code=201)
+        async with upload_turn:
+            data = await upload.read()
+            try:
+                adapter = await run_in_threadpool(generator().adapters.add, name, data)
+            except SlapgenError as exc:
+                return error_response(exc)
+            info = adapter.info()
+            del data, adapter  # the bytes and tensors go before the next upload's turn
+        return JSONResponse(info, status_code=201)
 
     async def delete_adapter(request: Request) -> JSONResponse:
         if (denied := authorised(request)) is not None:
