@@ -43,7 +43,8 @@ def issue_sentence(subject: str, issue: Mapping, show_input: bool = True) -> str
     if kind == "missing":
         return f"{subject} is required"
     if kind in ("value_error", "assertion_error"):  # our validators' sentences: they name the value where it helps
-        return f"{subject}: {validation_message(issue)}"
+        sentence = validation_message(issue)  # a rule ("must be ...") reads on from the subject, as pydantic's do
+        return f"{subject} {sentence}" if sentence.startswith("must ") else f"{subject}: {sentence}"
     if should := _SUBJECT_SHOULD.match(message):
         rule = message[should.end():]
         if kind.endswith("_parsing") or kind.endswith("_from_float"):

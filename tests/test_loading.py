@@ -97,7 +97,8 @@ def test_a_refused_setting_is_said_with_its_value_but_a_secret_never_is(monkeypa
         SlapSettings(api_token=20261205, max_lora_rank=4096)
     problems = settings_problems(invalid.value)
     assert "SLAP_API_TOKEN must be a valid string" in problems.split("; ") and "20261205" not in problems, problems
-    assert "SLAP_MAX_LORA_RANK: must be auto or a rank from 1 to 1024, got 4096" in problems, problems
+    # One wording for every setting: "SLAP_X must ...", our validators' rules as pydantic's (it was "SLAP_X: must").
+    assert "SLAP_MAX_LORA_RANK must be auto or a rank from 1 to 1024, got 4096" in problems, problems
 
 
 def test_every_setting_is_documented_in_the_readme():
