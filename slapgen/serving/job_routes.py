@@ -32,9 +32,9 @@
 - Any replica answers for any job: BentoML's task store is one per server, so when it does not know
   the task (a job another replica took), or does not have its result yet (the board says `completed`
   a moment before BentoML stores the handler's answer), `/jobs/get` answers from the board and the
-  shared results folder (`slapgen.serving.results`), where the worker that ran the job wrote its mp4. `/jobs/progress` and `/jobs/cancel` are the board's
-  already; a cancel taken here stops the job on the replica running it (its worker reads the board
-  after every step).
+  shared results folder (`slapgen.serving.results`), where the worker that ran the job wrote its mp4.
+  `/jobs/status`, `/jobs/progress` and `/jobs/cancel` are the board's already; a cancel taken here stops
+  the job on the replica running it (its worker reads the board after every step).
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ class JobRoutes:
             if job is not None and path == STATUS_PATH:
                 return await send_json(send, 200, job_status(job))
             if job is not None and job["state"] in ("canceled", "failed"):
-                return await self._answer_ended(send, path, job)
+                return await self._answer_ended(send, job)
             return await self.app(scope, receive, _in_our_error_shape(
                 send, task_id, lambda: self._answer_from_shared_state(send, path, task_id)))
         await self.app(scope, receive, send)
@@ -170,15 +170,15 @@ class JobRoutes:
         elif state == "completed":
             await send_json(send, 404, error_body(self.results.missing_sentence(task_id, job["updated_at"]), "task_id"))
         elif state in ("canceled", "failed"):  # ended since __call__ read the board
-            await self._answer_ended(send, path, job)
+            await self._answer_ended(send, job)
         else:
             await send_json(send, 400, error_body(f"job {task_id} has not finished yet; /jobs/progress?task_id={task_id} "
                                                   "says how far it is", "task_id"))
         return True
 
-    async def _answer_ended(self, send, path: str, job: dict) -> None:
-        """A canceled or failed job's status or result, from the board: a canceled job's `/jobs/get` is a 409,
-        a failed one's the HTTP status its error was answered with when it failed (`JobBoard.failed`)."""
+    async def _answer_ended(self, send, job: dict) -> None:
+        """A canceled or failed job's result, from the board: a canceled job's `/jobs/get` is a 409, a failed
+        one's the HTTP status its error was answered with when it failed (`JobBoard.failed`)."""
         task_id, state = job["task_id"], job["state"]
         if state == "canceled":
             return await send_json(send, 409, error_body(job["error"] or f"job {task_id} was canceled", "task_id"))
