@@ -285,19 +285,20 @@ def test_only_the_expected_library_warnings_are_silenced(caplog):
             ("diffusers.pipelines.cogvideo.pipeline_cogvideox", "The following part of your input was truncated because "
                                                                 "`max_sequence_length` is set to  32 tokens: ['knockout']")]
     # diffusers and transformers keep their records from the root logger (caplog's) once their logging is set
-    # up, as it is in the service: set up here, with caplog's handler on their own roots, at warning level
-    # (the CLI's tests, in this process, turn both down to errors).
+    # up, as it is in the service: here too, whatever earlier tests in this process did to them (the CLI's turn
+    # both down to errors), with caplog's handler on their own roots, at warning level, put back afterwards.
     from contextlib import ExitStack
 
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
     library_roots = [diffusers_logging.get_logger("diffusers"), transformers_logging.get_logger("transformers")]
-    assert not any(root.propagate for root in library_roots)
     with ExitStack() as stack:
         stack.enter_context(caplog.at_level(logging.WARNING))
         for root in library_roots:
             stack.enter_context(caplog.at_level(logging.WARNING, logger=root.name))
+            stack.callback(setattr, root, "propagate", root.propagate)
+            root.propagate = False
             root.addHandler(caplog.handler)
             stack.callback(root.removeHandler, caplog.handler)
         for name, message in expected + real:
