@@ -15,6 +15,32 @@ from slapgen.serving.jobs import JobBoard
 from tests.conftest import start_server, stop_server
 
 
+async def bentoml_without_the_task(scope, receive, send):
+    """BentoML's task routes on a replica whose task store does not know the task (another replica took it)."""
+    from starlette.responses import JSONResponse
+
+    await JSONResponse({"error": "Task not found"}, status_code=404)(scope, receive, send)
+
+
+def bentoml_running_the_task(status: dict):
+    """BentoML's task routes on the replica whose handler runs the task (or raised, storing no result): `status`
+    for /jobs/status, its 400 for /jobs/get."""
+    from starlette.responses import JSONResponse
+
+    async def app(scope, receive, send):
+        if scope["path"] == "/jobs/status":
+            answer = JSONResponse(status)
+        else:
+            answer = JSONResponse({"error": "Task is not completed yet"}, status_code=400)
+        await answer(scope, receive, send)
+
+    return app
+
+
+def refuse(*args):
+    raise AssertionError("not reached")
+
+
 def test_job_progress_written_by_one_worker_is_read_by_another(database_url):
     """Guards per-worker job state (an in-memory board): with two workers (or two replicas on one
     PostgreSQL), /jobs/progress answered 404 whenever it reached the one that was not running the job."""
@@ -32,17 +58,10 @@ def test_a_replica_whose_task_store_lacks_a_job_answers_from_the_board_and_the_r
     and replica B's answered 404 for a job of replica A. B's routes now answer status and result from the
     shared board and results folder: the mp4 A's worker wrote, pending / in_progress / failed as BentoML
     spells them, a 400 for a job not finished; a job no one knows is still our 404."""
-    from starlette.responses import JSONResponse
     from starlette.testclient import TestClient
 
     from slapgen.serving.job_routes import JobRoutes
     from slapgen.serving.results import ResultStore
-
-    async def replica_b_task_store(scope, receive, send):  # BentoML's answer for a task it never ran
-        await JSONResponse({"error": "Task not found"}, status_code=404)(scope, receive, send)
-
-    def refuse(*args):
-        raise AssertionError("not reached")
 
     replica_a, replica_b = JobBoard(database_url), JobBoard(database_url)
     results = ResultStore(tmp_path / "results")
@@ -55,7 +74,7 @@ def test_a_replica_whose_task_store_lacks_a_job_answers_from_the_board_and_the_r
     replica_a.step("running", 1, 3)
     replica_a.submitted("broken", 3)
     replica_a.failed("broken", "adapter: no adapter named x", 422)
-    client = TestClient(JobRoutes(replica_b_task_store, check=refuse, admit=refuse, board=replica_b, results=results))
+    client = TestClient(JobRoutes(bentoml_without_the_task, check=refuse, admit=refuse, board=replica_b, results=results))
 
     def status(task_id):
         return client.get("/jobs/status", params={"task_id": task_id}).json()
@@ -79,23 +98,16 @@ def test_a_result_missing_from_a_replicas_results_folder_says_whether_it_is_old_
     replicas, `/jobs/get` of a job completed 6 s earlier said "the video ... is gone from the results folder
     (results are kept 24 hours)", blaming age. Within the retention the sentence names this replica's folder, the
     job's age and the setting to share; past it, the age sentence stays."""
-    from starlette.responses import JSONResponse
     from starlette.testclient import TestClient
 
     from slapgen.serving.job_routes import JobRoutes
     from slapgen.serving.results import RETENTION_S, ResultStore
 
-    async def task_store_that_did_not(scope, receive, send):
-        await JSONResponse({"error": "Task not found"}, status_code=404)(scope, receive, send)
-
-    def refuse(*args):
-        raise AssertionError("not reached")
-
     board = JobBoard(database_url)
     board.submitted("elsewhere", 3)
     board.completed("elsewhere")  # its mp4 went to the running replica's own folder, not to this one's
     own_folder = ResultStore(tmp_path / "replica-b-results")
-    client = TestClient(JobRoutes(task_store_that_did_not, check=refuse, admit=refuse, board=JobBoard(database_url),
+    client = TestClient(JobRoutes(bentoml_without_the_task, check=refuse, admit=refuse, board=JobBoard(database_url),
                                   results=own_folder))
     answer = client.get("/jobs/get", params={"task_id": "elsewhere"})
     assert answer.status_code == 404
@@ -116,25 +128,12 @@ def test_a_failed_job_gets_one_answer_on_every_replica(tmp_path, database_url):
     stored), said in_progress and 400 forever, while the others said 409. Now both replicas answer a failed
     job from the board: status `failed`, and `/jobs/get` the error with the status it was answered with
     (500 for an unexpected exception; 503 for a job whose work was lost with its server, as a dead one's)."""
-    from starlette.responses import JSONResponse
     from starlette.testclient import TestClient
 
     from slapgen.serving.job_routes import JobRoutes
     from slapgen.serving.results import ResultStore
 
-    async def task_store_that_ran_it(scope, receive, send):  # BentoML stored no result: the handler raised
-        if scope["path"] == "/jobs/status":
-            answer = JSONResponse({"task_id": "t", "status": "in_progress"})
-        else:
-            answer = JSONResponse({"error": "Task is not finished yet"}, status_code=400)
-        await answer(scope, receive, send)
-
-    async def task_store_that_did_not(scope, receive, send):
-        await JSONResponse({"error": "Task not found"}, status_code=404)(scope, receive, send)
-
-    def refuse(*args):
-        raise AssertionError("not reached")
-
+    task_store_that_ran_it = bentoml_running_the_task({"task_id": "t", "status": "in_progress"})  # the handler raised
     board = JobBoard(database_url, owner=1)
     board.submitted("unexpected", 3)
     board.failed("unexpected", "RuntimeError: boom")
@@ -143,7 +142,7 @@ def test_a_failed_job_gets_one_answer_on_every_replica(tmp_path, database_url):
     board.submitted("orphan", 3)
     assert JobBoard(database_url).end_orphaned("the server restarted", alive=lambda pid, started: False) == 1
     answers = {}
-    for replica, task_store in (("ran it", task_store_that_ran_it), ("did not", task_store_that_did_not)):
+    for replica, task_store in (("ran it", task_store_that_ran_it), ("did not", bentoml_without_the_task)):
         client = TestClient(JobRoutes(task_store, check=refuse, admit=refuse, board=JobBoard(database_url),
                                       results=ResultStore(tmp_path / "results")))
         for task_id in ("unexpected", "refused", "orphan"):
@@ -173,29 +172,17 @@ def test_a_jobs_status_is_one_answer_on_every_replica_at_every_stage(tmp_path, d
     ISO 8601 UTC. And on the replica that ran a job, a `/jobs/get` that reaches BentoML's store in the moment
     between the board's `completed` and BentoML's storing of the answer (its 400) is served from the results
     folder."""
-    from starlette.responses import JSONResponse
     from starlette.testclient import TestClient
 
     from slapgen.serving.job_routes import JobRoutes
     from slapgen.serving.results import ResultStore
 
-    async def task_store_that_runs_it(scope, receive, send):  # BentoML's answers while its handler runs
-        if scope["path"] == "/jobs/status":
-            answer = JSONResponse({"task_id": "t", "status": "in_progress", "created_at": "2026-12-05T10:00:00",
-                                   "executed_at": "2026-12-05T10:00:00"})
-        else:
-            answer = JSONResponse({"error": "Task is not completed yet"}, status_code=400)
-        await answer(scope, receive, send)
-
-    async def task_store_that_did_not(scope, receive, send):
-        await JSONResponse({"error": "Task not found"}, status_code=404)(scope, receive, send)
-
-    def refuse(*args):
-        raise AssertionError("not reached")
-
+    task_store_that_runs_it = bentoml_running_the_task({"task_id": "t", "status": "in_progress",
+                                                        "created_at": "2026-12-05T10:00:00",
+                                                        "executed_at": "2026-12-05T10:00:00"})
     results = ResultStore(tmp_path / "results")
     clients = [TestClient(JobRoutes(store, check=refuse, admit=refuse, board=JobBoard(database_url), results=results))
-               for store in (task_store_that_runs_it, task_store_that_did_not)]
+               for store in (task_store_that_runs_it, bentoml_without_the_task)]
     worker = JobBoard(database_url, owner=1)
 
     def statuses(task_id):
