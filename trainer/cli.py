@@ -170,14 +170,14 @@ def check_eval(args) -> None:
 
 def cmd_eval(args) -> int:
     # Imported here: `slapgen eval` is the one command that loads the generation engine.
-    from trainer.evaluate.names import metric_text
+    from trainer.evaluate.names import metrics_line
     from trainer.evaluate.report import ticft_base_sentences, write_reports
     from trainer.evaluate.run import run_eval
 
     result = run_eval(eval_options(args))
     paths = write_reports(result, args.out)
     for system, data in result["systems"].items():
-        print(f"{system}: " + ", ".join(f"{name} {metric_text(value)}" for name, value in data["metrics"].items()))
+        print(f"{system}: {metrics_line(data['metrics'])}")
     for sentence in ticft_base_sentences(result):
         print(sentence)
     if "checkpoints" in result:

@@ -18,3 +18,8 @@ def metric_text(value: float) -> str:
     checkpoints of one run often differ only in the 4th or 5th digit (at 4, a tiny run's checkpoints all
     read 1.086 and the marked best could not be told from the rest)."""
     return f"{value:.6g}"
+
+
+def metrics_line(metrics: dict[str, float]) -> str:
+    """A system's metrics on one line of eval's and the sweep's output: "heldout_loss 1.08612, clip_score_tiny ..."."""
+    return ", ".join(f"{name} {metric_text(value)}" for name, value in metrics.items())

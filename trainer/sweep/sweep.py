@@ -27,7 +27,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from trainer.datasets import read_dataset, read_training_clips
-from trainer.evaluate.names import metric_text
+from trainer.evaluate.names import metrics_line
 from trainer.errors import SweepError
 from trainer.ray_cluster import DEFAULT_NODE_WAIT_S, NodeWait, TaskDemand
 from trainer.run_folder import last_logged_step
@@ -125,7 +125,7 @@ def _in_process(definition: SweepDefinition, out: Path, pending: list, progress:
         progress.say(f"{run.name}: {run_state(run_dir(out, run)).value}")
 
         result = execute_run(definition, run, out, device, on_step=lambda step, name=run.name: progress.step(name, step))
-        progress.say(f"{run.name}: " + ", ".join(f"{column} {metric_text(value)}" for column, value in result["metrics"].items()))
+        progress.say(f"{run.name}: {metrics_line(result['metrics'])}")
         gc.collect()  # the run's model and optimizer, before the next run allocates its own
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -171,7 +171,7 @@ def _on_ray(definition: SweepDefinition, out: Path, pending: list, progress: Swe
     for name, failure in outcome.items():
         if failure is None:
             result = read_result(run_dir(out, definition.run(name)))
-            progress.say(f"{name}: " + ", ".join(f"{column} {metric_text(value)}" for column, value in result["metrics"].items()))
+            progress.say(f"{name}: {metrics_line(result['metrics'])}")
     _raise_failed([f"{name} ({failure}; see {run_dir(out, definition.run(name)) / 'sweep.log'})"
                    for name, failure in outcome.items() if failure is not None], len(pending))
 
@@ -230,7 +230,7 @@ def run_sweep(config: str, sets: list[str], grid: list[str], data: Path, heldout
             base_done = (out / BASE_DIR / RESULT_FILE).is_file()
             print("base model: " + ("evaluated before" if base_done else "evaluating (once, for the A/B of every run)"))
             base = execute_base(definition, out, device)
-            print("base model: " + ", ".join(f"{column} {metric_text(value)}" for column, value in base["metrics"].items()))
+            print(f"base model: {metrics_line(base['metrics'])}")
         best = write_report(out, definition, results, base, execution_words(ray, gpus_per_run, node_wait_s))
         if base is not None:
             write_eval_report(out, definition, results, base)
