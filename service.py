@@ -38,6 +38,7 @@ from slapgen.serving.openapi import ApiDocument
 from slapgen.campaign_store import CampaignStore
 from slapgen.serving.ratings import RatingStore
 from slapgen.serving.jobs import JobBoard
+from slapgen.serving.load_metric import forget_dead_workers, generations_in_flight_reporter
 from slapgen.serving.results import ResultStore
 from slapgen.serving.json_only import JsonBodiesOnly
 from slapgen.serving.request_bodies import CheckedBodies
@@ -166,10 +167,13 @@ class SlapGen:
         with stopped_at_once_by_signals("starting up"):
             # Circus restarts a worker that died (out of memory): its jobs will never end by themselves.
             job_board.end_dead_workers(WORKER_DIED)
+            forget_dead_workers()  # ... and their generations no longer count in /metrics' load gauge
             quiet_client_errors()
             resolved = resolve_model(settings.model, settings.cache_dir, allow_download=False)
             # Loads, quantises, compiles and warms up: /readyz answers only after this returns.
             self.generator = VideoGenerator.load(resolved, settings.engine_options(bentoml.server_context.worker_index or 1))
+        # The replica's load on /metrics (slapgen_generations_in_flight), what a deployment scales on.
+        self.generator.report_load(generations_in_flight_reporter())
 
     @bentoml.api(route="/generate")
     def generate(self, request: GenerateRequest, /, ctx: bentoml.Context) -> Annotated[Path, ContentType("video/mp4")]:

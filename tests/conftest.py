@@ -274,6 +274,22 @@ def job_progress(server, task_id: str) -> dict:
     return httpx.get(f"{server.url}/jobs/progress", params={"task_id": task_id}, timeout=30).json()
 
 
+def generations_in_flight(metrics_text: str, name: str = "slapgen_generations_in_flight") -> float:
+    """The value of the replica's load gauge in a `/metrics` answer, read by Prometheus' own text parser
+    (one sample, no labels: the workers' shares are already summed)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    (family,) = [family for family in text_string_to_metric_families(metrics_text) if family.name == name]
+    (sample,) = family.samples
+    assert sample.labels == {}, sample
+    return sample.value
+
+
+def server_load(server) -> float:
+    """`generations_in_flight` of a test server's `/metrics`."""
+    return generations_in_flight(httpx.get(f"{server.url}/metrics", timeout=30).text)
+
+
 def wait_for_job(server, task_id: str, states: set[str], timeout_s: float = 180) -> dict:
     """Poll a job's progress until its state is one of `states`; its last progress."""
     deadline = time.monotonic() + timeout_s

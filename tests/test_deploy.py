@@ -413,38 +413,18 @@ def test_folders_are_mounted_where_the_settings_point():
     assert deployment["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
 
 
-def exported_in_flight_metric() -> str:
-    """The name BentoML's HTTP metrics middleware gives its in-flight request gauge under the new service
-    SDK: its default metrics namespace (v2 configuration) + the gauge's own name, both read from bentoml."""
-    import bentoml._internal.configuration as configuration
-    from bentoml._internal.server.http.instruments import RunnerTrafficMetricsMiddleware
+def test_the_hpa_scales_on_the_load_gauge_slapgen_exports():
+    """Guards an HPA on a metric nobody exports (it never scales, silently), or on BentoML's in-flight request
+    gauge, which forgets a job once /jobs/submit has answered (a replica busy with jobs read as idle): the HPA's
+    metric, the prometheus-adapter rule that serves it and the gauge the service sets agree.
+    tests/test_deploy_replicas.py checks the same name in a real server's /metrics, tests/test_jobs_service.py
+    its value."""
+    from slapgen.serving.load_metric import GENERATIONS_IN_FLIGHT
 
-    defaults = yaml.safe_load((Path(configuration.__file__).parent / "v2" / "default_configuration.yaml").read_text())
-    namespace = defaults["services"]["metrics"]["namespace"]
-    gauges = []
-
-    class Recording:
-        """Stands in for BentoML's Prometheus client: records what the middleware declares."""
-
-        def Gauge(self, name, documentation, **kwargs):  # noqa: N802 (prometheus_client's spelling)
-            gauges.append((kwargs["namespace"], name, documentation))
-            return object()
-
-        Histogram = Counter = Summary = lambda self, **kwargs: object()  # noqa: E731, N815
-
-    RunnerTrafficMetricsMiddleware(app=None, namespace=namespace)._setup(metrics_client=Recording(), duration_buckets=(1.0,))
-    (name,) = [f"{space}_{name}" for space, name, documentation in gauges if "in progress" in documentation]
-    return name
-
-
-def test_the_hpa_scales_on_a_metric_bentoml_exports():
-    """Guards an HPA on a metric nobody exports (it never scales, silently): the HPA's metric, the
-    prometheus-adapter rule that serves it and the metric BentoML's server really declares agree.
-    tests/test_deploy_replicas.py checks the same name in a real server's /metrics."""
-    metric = exported_in_flight_metric()
-    assert metric == "bentoml_service_request_in_progress"
+    metric = GENERATIONS_IN_FLIGHT
     (target,) = one("HorizontalPodAutoscaler")["spec"]["metrics"]
     assert target["type"] == "Pods" and target["pods"]["metric"]["name"] == metric
+    assert target["pods"]["target"] == {"type": "AverageValue", "averageValue": environment(service_container())["SLAP_WORKERS"]["value"]}
     (rule,) = documents(HELM_VALUES)[0]["rules"]["custom"]
     assert rule["seriesQuery"].startswith(metric + "{")
     assert re.fullmatch(rule["name"]["matches"], metric) and rule["name"]["as"] == metric

@@ -8,9 +8,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import pytest
 
 from slapgen.engine.generator import VideoGenerator
 from slapgen.engine.queue import GenerationQueue
+from slapgen.errors import QueueFullError
 from slapgen.models.loading import resolve_model
 from slapgen.engine.params import EngineOptions, GenerationParams
 
@@ -39,6 +41,25 @@ def test_the_queue_serves_in_arrival_order():
     for thread in threads:
         thread.join(timeout=10)
     assert order == list(range(6)) and queue.waiting == 0 and queue.admitted == 0
+
+
+def test_the_queue_reports_every_change_of_the_places_taken():
+    """Guards the load gauge a deployment scales on (slapgen_generations_in_flight) lagging the queue or drifting:
+    the watcher hears the count when it starts watching and after each admission and release, a refused
+    admission and a second release of one place report nothing, and the last number heard is the places taken."""
+    queue, heard = GenerationQueue(limit=2), []
+    early = queue.admit()  # taken before anyone watches: the first report counts it
+    queue.watch(heard.append)
+    late = queue.admit()
+    with pytest.raises(QueueFullError):
+        queue.admit()
+    with queue.turn(late):  # taking the model is not a change of places
+        pass
+    late.release()
+    late.release()
+    early.release()
+    assert heard == [1, 2, 1, 0]
+    assert heard[-1] == queue.admitted
 
 
 def test_concurrent_requests_for_different_adapters_match_serial_results(tiny_cache_dir, adapter_files, tmp_path):

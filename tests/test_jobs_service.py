@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from slapgen.lifetime import process_alive
-from tests.conftest import job_progress, launch_server, start_server, stop_server, wait_for_job
+from tests.conftest import job_progress, launch_server, server_load, start_server, stop_server, wait_for_job
 
 TIMEOUT_S = 5
 # A generation that outlasts every wait here on any machine: the tiny model's weights at a 256x384 native size
@@ -80,7 +80,9 @@ def test_submit_answers_429_with_retry_after_when_the_queue_is_full_and_a_cancel
     """Guards `/jobs/submit` never answering 429 (with SLAP_MAX_QUEUE=2, six submits got 200 and four then
     failed in 0.3 s with "try again later"): a job takes its queue place at submit, so the third submit
     is a 429 with Retry-After in slapgen's shape, and a canceled job, queued or running, gives its place
-    back at once. Submitted jobs have no deadline: the running one outlives SLAP_REQUEST_TIMEOUT_S."""
+    back at once. Submitted jobs have no deadline: the running one outlives SLAP_REQUEST_TIMEOUT_S.
+    The replica's load gauge on /metrics (the HPA's metric) is the places taken at every stage: BentoML's own
+    in-flight gauge read 0 here once the submits had answered, so an HPA on it never scaled for jobs."""
     first, second = _submit(limited_server, LONG), _submit(limited_server, LONG)
     assert first.status_code == 200 and second.status_code == 200, (first.text, second.text)
     running, queued = first.json()["task_id"], second.json()["task_id"]
@@ -89,6 +91,7 @@ def test_submit_answers_429_with_retry_after_when_the_queue_is_full_and_a_cancel
     assert int(refused.headers["retry-after"]) >= 1 and "try again later" in body["error"]
     wait_for_job(limited_server, running, {"running"})  # it holds the model: the other one waits
     assert _queue(limited_server) == 1  # one running, one waiting
+    assert server_load(limited_server) == 2  # ... and the refused third took no place
 
     time.sleep(TIMEOUT_S + 1)
     assert job_progress(limited_server, running)["state"] == "running"  # no deadline for a submitted job
@@ -96,15 +99,17 @@ def test_submit_answers_429_with_retry_after_when_the_queue_is_full_and_a_cancel
     deadline = time.monotonic() + 10  # its waiter sees the cancel within a quarter of a second
     while _queue(limited_server) != 0 and time.monotonic() < deadline:  # /info's queue: those waiting
         time.sleep(0.05)
+    assert server_load(limited_server) == 1
     again = _submit(limited_server, SHORT)  # the queued job's place
     assert again.status_code == 200, again.text
+    assert server_load(limited_server) == 2
     assert _submit(limited_server, SHORT).status_code == 429
     assert httpx.post(f"{limited_server.url}/jobs/cancel", params={"task_id": running}).json()["state"] == "canceling"
     assert wait_for_job(limited_server, running, {"canceled", "failed", "completed"})["state"] == "canceled"
     short = again.json()["task_id"]
     assert wait_for_job(limited_server, short, {"completed", "failed", "canceled"})["state"] == "completed"
     assert wait_for_job(limited_server, queued, {"canceled", "failed", "completed", "running"})["step"] == 0
-    assert _queue(limited_server) == 0
+    assert _queue(limited_server) == 0 and server_load(limited_server) == 0
     for task_id in (running, queued):  # one spelling in both places
         status = httpx.get(f"{limited_server.url}/jobs/status", params={"task_id": task_id}).json()["status"]
         assert status == job_progress(limited_server, task_id)["state"] == "canceled"
@@ -179,7 +184,9 @@ def test_after_kill_9_the_workers_die_and_a_restart_on_the_same_port_fails_the_d
 def test_a_worker_killed_mid_job_is_restarted_and_its_jobs_end_failed(tmp_path, tiny_cache_dir):
     """Guards a worker that dies (out of memory) mid-job: circus restarts it, but its server lives on, so
     the start-up check left the dead worker's running and queued jobs `running` / `queued` forever. The
-    restarted worker fails them with the reason, and serves the next job."""
+    restarted worker fails them with the reason, and serves the next job. The replica's load gauge (the HPA's
+    metric) counted the dead worker's two jobs; a killed worker does no bookkeeping, so without the new worker's
+    cleanup its share stayed in /metrics for good and the replica read busy forever: it reads 0."""
     import os
     import signal
 
@@ -188,6 +195,7 @@ def test_a_worker_killed_mid_job_is_restarted_and_its_jobs_end_failed(tmp_path, 
         worker = httpx.get(f"{server.url}/info", timeout=30).json()["worker_pid"]
         running, queued = (_submit(server, LONG).json()["task_id"] for _ in range(2))
         wait_for_job(server, running, {"running"})
+        assert server_load(server) == 2
         os.kill(worker, signal.SIGKILL)
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:  # until the restarted worker answers
@@ -200,6 +208,7 @@ def test_a_worker_killed_mid_job_is_restarted_and_its_jobs_end_failed(tmp_path, 
         for task_id in (running, queued):
             job = job_progress(server, task_id)
             assert job["state"] == "failed" and "the worker running the job died" in job["error"], job
+        assert server_load(server) == 0
         assert wait_for_job(server, _submit(server, SHORT).json()["task_id"],
                          {"completed", "failed", "canceled"})["state"] == "completed"
     finally:

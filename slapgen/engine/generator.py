@@ -152,6 +152,11 @@ class VideoGenerator:
         retry_after = max(1, round(self._last_duration_s * (self.queue_length + 1)))
         return self._queue.admit(retry_after)
 
+    def report_load(self, report: Callable[[int], None]) -> None:
+        """Call `report(n)` now and whenever n, the generations this engine holds, changes: the one running,
+        those waiting for the model and jobs submitted but not started (`/generate` requests and jobs alike)."""
+        self._queue.watch(report)
+
     def info(self) -> dict:
         return {
             "model": self.spec.name,

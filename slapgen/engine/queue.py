@@ -10,6 +10,9 @@ party that may be the last to hold it releases it.
 The model is granted first come first served among those waiting (threading.Lock makes no such
 promise); a waiter gives up its turn at its deadline or when `cancelled()` says so, without taking
 the model.
+
+`watch` reports the number of places taken each time it changes (the service's load gauge, the metric a
+deployment scales replicas on).
 """
 
 from __future__ import annotations
@@ -46,6 +49,18 @@ class GenerationQueue:
         self._admitted: set[Admission] = set()
         self._waiting: deque[Admission] = deque()
         self._holder: Admission | None = None
+        self._watcher: Callable[[int], None] | None = None
+
+    def watch(self, watcher: Callable[[int], None]) -> None:
+        """Call `watcher(places taken)` now and after every admission and release (under the queue's lock, so the
+        last number reported is the current one)."""
+        with self._condition:
+            self._watcher = watcher
+            watcher(len(self._admitted))
+
+    def _report(self) -> None:
+        if self._watcher is not None:
+            self._watcher(len(self._admitted))
 
     def admit(self, retry_after: int = 1) -> Admission:
         """A place in the queue, or QueueFullError (carrying `retry_after` seconds) when all are taken."""
@@ -55,6 +70,7 @@ class GenerationQueue:
                                      retry_after=retry_after)
             admission = Admission(self)
             self._admitted.add(admission)
+            self._report()
             return admission
 
     @contextmanager
@@ -102,7 +118,9 @@ class GenerationQueue:
 
     def _release(self, admission: Admission) -> None:
         with self._condition:
-            self._admitted.discard(admission)
+            if admission in self._admitted:
+                self._admitted.remove(admission)
+                self._report()
 
     @property
     def admitted(self) -> int:
