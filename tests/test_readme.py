@@ -311,3 +311,108 @@ def test_the_gpu_compile_cache_figures_are_the_committed_h200_run():
     assert said in readme, said
     said = f"measured {cold:.1f} s cold against {warm:.1f} s warm on 6 of CogVideoX-5B's blocks ({ratio:.1f}x)"
     assert said in bench_readme, said
+
+
+def test_readme_h200_table_is_the_committed_gpu_run():
+    """Guards README's headline GPU table drifting from the H200 run it cites (bench/results/gpu-h200-2026-12-04/):
+    every time and memory figure of every row, computed here from the check's committed result. It caught the
+    training rows' memory written as MiB / 1000 (19.8 and 22.5 "GB") beside the step rows' GiB: memory is GiB
+    (2^30 bytes) in every row now. Times: the median step, the 50-step time at two decimals' step, the extrapolated
+    step where a row measured some blocks only (as its own row says)."""
+    import json
+
+    folder = REPO_ROOT / "bench" / "results" / "gpu-h200-2026-12-04"
+
+    def result(file: str, check: str) -> dict:
+        run = json.loads((folder / file).read_text())
+        (found,) = [entry["result"] for entry in run["results"] if entry["check"] == check]
+        assert found["device"] == "NVIDIA H200", (file, check)
+        return found
+
+    def step_row(text: str, r: dict, compiled: bool = False) -> str:
+        measured_some = "extrapolated_from_blocks" in r
+        step = r["est_step_s_all_blocks"] if measured_some else r["step_s_median"]
+        memory = r["est_peak_memory_gb_all_blocks"] if measured_some else r["peak_memory_gb"]
+        after = f", after a {r['compile_s']:.1f} s compile" if compiled else ""
+        return (f"| {text} | {step:.2f} s (50 steps: {r['est_50_steps_s']:.0f} s){after} | {memory:.1f} GiB"
+                f"{' (est.)' if measured_some else ''} |")
+
+    def train_row(text: str, r: dict) -> str:
+        return f"| {text} | {r['step_s_median']:.2f} s | {r['peak_memory_mb'] / 1024:.1f} GiB |"
+
+    eager, compiled = (result("call3-1-step.json", check) for check in ("bf16-eager", "bf16-compile-14-blocks"))
+    wan_eager, wan_compiled, wan_train = (result("call1-5-wan.json", check) for check in (
+        "wan22-5b-bf16-eager", "wan22-5b-bf16-compile-6-blocks", "wan22-5b-lora-train-step"))
+    assert (compiled["blocks"], wan_compiled["blocks"]) == (14, 6)
+    rows = [
+        step_row("CogVideoX-5B, 49x480x720, one denoising step with CFG, bf16 eager", eager),
+        step_row("the same, `SLAP_QUANT=none SLAP_COMPILE=1` (bf16, each block compiled; 14 of 42 blocks measured, "
+                 "x 42/14)", compiled, compiled=True),
+        step_row("Wan 2.2 TI2V-5B, 121x704x1280, one denoising step with CFG, bf16 eager", wan_eager),
+        step_row("the same, `torch.compile` of the whole transformer (6 of 30 blocks measured, x 30/6)", wan_compiled),
+        train_row("Wan 2.2 TI2V-5B LoRA training step, rank 128, gradient checkpointing", wan_train),
+        train_row("CogVideoX-5B LoRA training step, 49x480x720, rank 128, from cached latents",
+                  result("call2-3-train.json", "train-step-5b-cached")),
+    ]
+    readme = (REPO_ROOT / "README.md").read_text()
+    for row in rows:
+        assert row in readme, row
+
+
+def test_the_compile_scope_figures_are_the_committed_cpu_run():
+    """Guards README's and bench/README's compile-scope figures (why `blocks` is the default) drifting from
+    bench/results/compile-scopes-cpu.json, the run they cite: each scope's graphs, first step cold and warm, the
+    step after it in each process, and the ratios between the scopes, computed here from its rows."""
+    import json
+
+    run = json.loads((REPO_ROOT / "bench" / "results" / "compile-scopes-cpu.json").read_text())
+    rows = {row["scope"]: row for row in run["rows"]}
+    assert {row["blocks"] for row in rows.values()} == {42}
+    whole, blocks = rows["transformer"], rows["blocks"]
+    table = (REPO_ROOT / "bench" / "README.md").read_text()
+    for label, row in (("`transformer` (whole)", whole), ("`blocks` (regional, the default)", blocks)):
+        said = (f"| {label} | {row['graphs']} | {row['first_step_s_cold']:.1f} s | {row['first_step_s_warm']:.1f} s "
+                f"| {row['step_s_cold_process']:.4f} / {row['step_s_warm_process']:.4f} s |")
+        assert said in table, said
+
+    def steps(row: dict) -> float:
+        return row["step_s_cold_process"] + row["step_s_warm_process"]
+
+    cold_ratio = whole["first_step_s_cold"] / blocks["first_step_s_cold"]
+    warm_ratio = whole["first_step_s_warm"] / blocks["first_step_s_warm"]
+    said = f"| transformer / blocks | | {cold_ratio:.1f}x | {warm_ratio:.1f}x | {steps(whole) / steps(blocks):.2f}x "
+    assert said in table, said
+    readme = " ".join((REPO_ROOT / "README.md").read_text().split())
+    said = (f"the first step took {blocks['first_step_s_cold']:.1f} s cold and {blocks['first_step_s_warm']:.1f} s warm "
+            f"with `blocks` against {whole['first_step_s_cold']:.1f} s and {whole['first_step_s_warm']:.1f} s with "
+            f"`transformer` ({cold_ratio:.1f}x and {warm_ratio:.1f}x less), and the step after it took "
+            f"{steps(blocks) / steps(whole):.2f}x as long")
+    assert said in readme, said
+
+
+def test_the_campaign_figures_are_the_committed_simulation():
+    """Guards bench/README's campaign figures (adaptive pairs meeting the 0.6x aim) drifting from
+    bench/results/campaign-cpu.json, the run they cite: each case's ratings needed, where its median run settles
+    and its share of runs at tau >= 0.9 at the checkpoints shown, the ratio between the cases, the fixed design's
+    bound and the adaptive choice's time, computed here from the file."""
+    import json
+
+    run = json.loads((REPO_ROOT / "bench" / "results" / "campaign-cpu.json").read_text())
+    cases = {case["case"]: case for case in run["results"]}
+    table = (REPO_ROOT / "bench" / "README.md").read_text()
+    prose = " ".join(table.split())
+    shown = (80, 120, 160, 180, 240, 300)
+    assert f"at {' / '.join(map(str, shown))} ratings |" in table
+    for name in ("adaptive", "random"):
+        case = cases[name]
+        shares = dict(zip(case["checkpoints"], case["share_tau_ge_0.9"]))
+        row = (f"| {name} | {case['ratings_needed']} | {case['median_run_settles_at']} | "
+               + " / ".join(f"{shares[at]:.2f}" for at in shown) + " |")
+        assert row in table, row
+    ratio = cases["adaptive"]["ratings_needed"] / cases["random"]["ratings_needed"]
+    assert run["ratio_adaptive_to_random"] == round(ratio, 2)
+    assert f"Adaptive / random: {ratio:.2f}x, the aim (at most 0.6x) just met" in prose
+    assert f"`fixed_design_bound` ({run['fixed_design_bound']:.2f}x)" in prose
+    timing = run["next_pair_timing"]
+    assert (f"with {timing['systems']} systems and {timing['verdicts']} verdicts takes {timing['median_cpu_ms']:.0f} ms of "
+            f"CPU (median of {timing['calls']} calls; wall {timing['median_ms']:.0f} ms") in prose
