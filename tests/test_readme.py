@@ -416,3 +416,23 @@ def test_the_campaign_figures_are_the_committed_simulation():
     timing = run["next_pair_timing"]
     assert (f"with {timing['systems']} systems and {timing['verdicts']} verdicts takes {timing['median_cpu_ms']:.0f} ms of "
             f"CPU (median of {timing['calls']} calls; wall {timing['median_ms']:.0f} ms") in prose
+
+
+def test_the_duplicate_detection_table_is_the_committed_run():
+    """Guards bench/README's duplicate-detection table (recall and precision per transformation, the curation
+    target) drifting from bench/results/duplicates-cpu.json, the run it cites: every row, computed here from the
+    file's results (three decimals; blank where the file has no figure)."""
+    import json
+
+    run = json.loads((REPO_ROOT / "bench" / "results" / "duplicates-cpu.json").read_text())
+    table = (REPO_ROOT / "bench" / "README.md").read_text()
+
+    def cell(value) -> str:
+        return "" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
+
+    assert run["bases"] == 60 and f"seed {run['seed']}, {run['bases']} bouts" in table
+    for result in run["results"]:
+        cells = [result["transformation"], result["clips"], result["relations"], result.get("precision"),
+                 result.get("recall"), result["false_matches"], result.get("wrongly_flagged")]
+        row = "| " + " | ".join(cell(value) for value in cells) + " |"
+        assert row in table, row
