@@ -62,6 +62,24 @@ def test_the_queue_reports_every_change_of_the_places_taken():
     assert heard[-1] == queue.admitted
 
 
+def test_a_watcher_that_fails_costs_no_place(caplog):
+    """Guards the load gauge breaking the queue: a watcher that raises (a full metrics disk) made `admit` raise
+    after taking the place, which then leaked for good (the caller never got the admission to release), and a
+    release raise in the `finally` that ends a generation, hiding why it ended. The queue logs and goes on."""
+    queue = GenerationQueue(limit=1)
+
+    def failing(count: int) -> None:
+        raise OSError("No space left on device")
+
+    queue.watch(failing)
+    admission = queue.admit()
+    assert queue.admitted == 1
+    admission.release()
+    assert queue.admitted == 0
+    queue.admit().release()  # the one place came back
+    assert "reporting the generation queue's length failed" in caplog.text
+
+
 def test_concurrent_requests_for_different_adapters_match_serial_results(tiny_cache_dir, adapter_files, tmp_path):
     adapters = tmp_path / "adapters"
     adapters.mkdir()

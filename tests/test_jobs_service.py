@@ -99,6 +99,7 @@ def test_submit_answers_429_with_retry_after_when_the_queue_is_full_and_a_cancel
     deadline = time.monotonic() + 10  # its waiter sees the cancel within a quarter of a second
     while _queue(limited_server) != 0 and time.monotonic() < deadline:  # /info's queue: those waiting
         time.sleep(0.05)
+    assert _queue(limited_server) == 0, "the canceled job never left the queue"
     assert server_load(limited_server) == 1
     again = _submit(limited_server, SHORT)  # the queued job's place
     assert again.status_code == 200, again.text
@@ -205,6 +206,8 @@ def test_a_worker_killed_mid_job_is_restarted_and_its_jobs_end_failed(tmp_path, 
             except (httpx.HTTPError, ValueError, KeyError):
                 pass
             time.sleep(0.5)
+        else:
+            raise AssertionError(f"no restarted worker answered /info: {server.log_tail()}")
         for task_id in (running, queued):
             job = job_progress(server, task_id)
             assert job["state"] == "failed" and "the worker running the job died" in job["error"], job

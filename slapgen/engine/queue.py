@@ -17,6 +17,7 @@ deployment scales replicas on).
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
@@ -24,6 +25,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from slapgen.errors import GenerationCancelledError, GenerationTimeoutError, QueueFullError
+
+log = logging.getLogger(__name__)
 
 # How often a waiter asks `cancelled()` (a job board read): a cancelled queued job frees its place
 # within this time.
@@ -56,11 +59,15 @@ class GenerationQueue:
         last number reported is the current one)."""
         with self._condition:
             self._watcher = watcher
-            watcher(len(self._admitted))
+            self._report()
 
     def _report(self) -> None:
-        if self._watcher is not None:
+        if self._watcher is None:
+            return
+        try:
             self._watcher(len(self._admitted))
+        except Exception:  # a metric never costs a generation its place, nor hides why one ended
+            log.warning("reporting the generation queue's length failed", exc_info=True)
 
     def admit(self, retry_after: int = 1) -> Admission:
         """A place in the queue, or QueueFullError (carrying `retry_after` seconds) when all are taken."""

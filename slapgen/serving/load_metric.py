@@ -40,14 +40,15 @@ def generations_in_flight_reporter() -> Callable[[int], None]:
 
 
 def forget_dead_workers() -> list[int]:
-    """Remove the live gauges' files of processes that no longer run; returns their pids."""
+    """Remove the live gauges' files of processes that no longer run; returns their pids. What prometheus_client's
+    `mark_process_dead` does, without its race: two workers restarted together may both find one file, and the
+    second's removal must not fail its start-up."""
     folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if not folder or not Path(folder).is_dir():
         return []
-    from prometheus_client import multiprocess
-
-    dead = sorted({int(match.group(1)) for path in Path(folder).iterdir()
-                   if (match := LIVE_GAUGE_FILE.fullmatch(path.name)) and not process_alive(int(match.group(1)))})
-    for pid in dead:
-        multiprocess.mark_process_dead(pid, folder)
-    return dead
+    dead = set()
+    for path in Path(folder).iterdir():
+        if (match := LIVE_GAUGE_FILE.fullmatch(path.name)) and not process_alive(pid := int(match.group(1))):
+            path.unlink(missing_ok=True)
+            dead.add(pid)
+    return sorted(dead)
