@@ -222,12 +222,15 @@ class SlapGen:
 
     @bentoml.api(route="/prompts/render")
     def render_prompt(self, request: RenderRequest, /, ctx: bentoml.Context) -> dict:
-        """The caption a template renders to, without generating: {"template": ..., "slots": {...}}."""
+        """The caption a template renders to, without generating: {"template": ..., "slots": {...}}; with its
+        text tokens, the model's limit and the text past it, which the model never reads."""
         try:
             text = request.render()
         except SlapgenError as error:
             return _answer_error(ctx, error)
-        return {"template": request.template, "prompt": text, "words": len(text.split())}
+        # tokens, max_tokens, cut: what of it the model reads (the text past its limit is cut, silently for a client)
+        return {"template": request.template, "prompt": text, "words": len(text.split()),
+                **self.generator.prompt_tokens.count(text).as_dict()}
 
 
 def _resolve(request: GenerateRequest, generator: VideoGenerator):

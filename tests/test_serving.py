@@ -58,12 +58,23 @@ def test_templates_are_listed_with_their_slots(server):
     assert listed["knockout"]["slots"]["event"]["kind"] == "text"
 
 
-def test_render_returns_the_caption_without_generating(server):
+def test_render_returns_the_caption_without_generating(server, tiny_cache_dir):
+    """Guards a client never learning what of its caption the model reads (the cut was said only in the server's
+    log): besides the caption, the tokens it takes (a tokenizer loaded apart from the server's, on the same
+    text), the model's limit (tiny's spec: 32) and the text past it, which tiny's 97-token knockout has."""
+    from transformers import AutoTokenizer
+
+    from slapgen.models.loading import resolve_model
+
     response = httpx.post(f"{server.url}/prompts/render", json={"template": "knockout", "slots": {"striker": "green"}})
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["prompt"] == default_library().render("knockout", {"striker": "green"})
     assert 50 <= body["words"] <= 100
+    resolved = resolve_model("tiny", tiny_cache_dir)
+    ids = AutoTokenizer.from_pretrained(resolved.folder / "tokenizer")(body["prompt"]).input_ids
+    assert (body["tokens"], body["max_tokens"]) == (len(ids), resolved.spec.max_sequence_length)
+    assert body["tokens"] > body["max_tokens"] and body["cut"] and body["cut"].endswith("table <unk>"), body
     bad = httpx.post(f"{server.url}/prompts/render", json={"template": "haymaker"})
     assert bad.status_code == 400 and "face-off" in bad.text and bad.json()["detail"][0]["loc"] == ["template"]
     bad_slot = httpx.post(f"{server.url}/prompts/render", json={"template": "knockout", "slots": {"colour": "red"}})

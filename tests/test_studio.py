@@ -121,6 +121,11 @@ def test_the_studio_generates_cancels_compares_and_keeps_blind_ratings(browser, 
     page.select_option("#template", "knockout")
     page.select_option("#slot-striker", "green")
     page.wait_for_function("document.getElementById('rendered').textContent.includes('green')")
+    # ... and what of it the model reads: tiny reads 32 tokens of the knockout's 97, and the page says which not.
+    rendered = httpx.post(f"{server.url}/prompts/render", json={"template": "knockout", "slots": {"striker": "green"}}).json()
+    assert rendered["cut"], rendered
+    assert page.inner_text("#rendered-tokens") == (f"⚠ {rendered['tokens']} tokens: the model reads the first "
+                                                   f"{rendered['max_tokens']} and never sees “{rendered['cut']}”")
     page.fill("#steps", "3")
     page.click("#generate")
     generated = wait_for_video(page, "#result-video")

@@ -29,6 +29,7 @@ from slapgen.engine.lora_slot import LoraSlot, lora_modules
 from slapgen.engine.params import EngineOptions, GenerationParams
 from slapgen.engine.placement import place_pipeline
 from slapgen.engine.quantization import choose_quantization, quantize_transformer
+from slapgen.engine.prompt_tokens import PromptTokenCounter
 from slapgen.engine.queue import Admission, GenerationQueue
 from slapgen.errors import GenerationCancelledError, GenerationTimeoutError
 from slapgen.models.family import family_of
@@ -73,6 +74,9 @@ class VideoGenerator:
         self.attention = attention
         self.step_cache = step_cache or StepCache(CacheSetting(), pipeline.transformer, [])
         self._queue = GenerationQueue(max_queue)
+        # What of a prompt the model reads (`POST /prompts/render`), with a tokenizer of its own: the pipeline's
+        # is not safe to use beside a generation
+        self.prompt_tokens = PromptTokenCounter(pipeline.tokenizer, spec.max_sequence_length)
         self._last_duration_s = 1.0
         self.startup_s: dict[str, float] = {}  # `load`'s phases
 

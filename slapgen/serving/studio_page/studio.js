@@ -208,6 +208,14 @@ function showSlots() {
   renderCaption();
 }
 
+// What of the caption the model reads: the server counts its text tokens against the model's limit.
+function tokensLine(rendered) {
+  if (rendered.cut) {
+    return `⚠ ${rendered.tokens} tokens: the model reads the first ${rendered.max_tokens} and never sees “${rendered.cut}”`;
+  }
+  return `${rendered.tokens} of the ${rendered.max_tokens} tokens the model reads`;
+}
+
 let renderTimer = null;
 function renderCaption() {
   clearTimeout(renderTimer);
@@ -216,8 +224,10 @@ function renderCaption() {
       const rendered = await postJson("/prompts/render", { template: $("template").value, slots: slotValues() });
       $("rendered").value = rendered.prompt;
       $("rendered").textContent = rendered.prompt;
+      $("rendered-tokens").textContent = tokensLine(rendered);
     } catch (error) {
       $("rendered").textContent = `⚠ ${error.message}`;
+      $("rendered-tokens").textContent = "";
     }
   }, 120);
 }
