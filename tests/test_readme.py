@@ -436,3 +436,45 @@ def test_the_duplicate_detection_table_is_the_committed_run():
                  result.get("recall"), result["false_matches"], result.get("wrongly_flagged")]
         row = "| " + " | ".join(cell(value) for value in cells) + " |"
         assert row in table, row
+
+
+def test_bench_readmes_h200_results_are_the_committed_gpu_run():
+    """Guards bench/README's H200 results table (against the published figures) drifting from the checks'
+    committed results, as README's headline table is held above: the 50-step times, steps, minima, peaks,
+    weights, the 14-block extrapolation and its error, the compiled step's ratio to eager, the training steps
+    (memory in GiB) and the Wan rows, computed here from the files."""
+    import json
+
+    folder = REPO_ROOT / "bench" / "results" / "gpu-h200-2026-12-04"
+
+    def results(file: str) -> dict[str, dict]:
+        run = json.loads((folder / file).read_text())
+        assert run["device"] == "NVIDIA H200", file
+        return {entry["check"]: entry["result"] for entry in run["results"] if "result" in entry}  # checks that ended
+
+    step_run = json.loads((folder / "call3-1-step.json").read_text())
+    steps, wan = results("call3-1-step.json"), results("call1-5-wan.json")
+    eager, eager14, compiled = steps["bf16-eager"], steps["bf16-eager-14-blocks"], steps["bf16-compile-14-blocks"]
+    train = results("call2-3-train.json")["train-step-5b-cached"]
+    wan_eager, wan_train = wan["wan22-5b-bf16-eager"], wan["wan22-5b-lora-train-step"]
+    error = step_run["projection"]["extrapolation_error"]
+    said = [
+        (f"**{eager['est_50_steps_s']:.1f} s** ({eager['step_s_median']:.2f} s a step on all 42 blocks, min "
+         f"{eager['step_s_min']:.2f} s; {eager['peak_memory_gb']:.1f} GB peak, {eager['weights_gb']:.1f} GB weights; "
+         f"H200, `bf16-eager`). 14 blocks x 42/14 gave {eager14['est_step_s_all_blocks']:.2f} s and "
+         f"{eager14['est_peak_memory_gb_all_blocks']:.2f} GB: the extrapolation is {error['step']:.1%} and "
+         f"{error['peak_memory']:.1%} off"),
+        (f"**{compiled['est_50_steps_s']:.1f} s**, estimated (each block compiled, the default: "
+         f"{compiled['step_s_median']:.3f} s a step on 14 blocks, x 42/14 = {compiled['est_step_s_all_blocks']:.2f} s, "
+         f"{eager14['step_s_median'] / compiled['step_s_median']:.2f}x eager; "
+         f"{compiled['est_peak_memory_gb_all_blocks']:.1f} GB peak est.; H200, `bf16-compile-14-blocks`)"),
+        (f"**{train['step_s_median']:.2f} s / {train['peak_memory_mb'] / 1024:.1f} GiB** (H200, `train-step-5b-cached`; "
+         f"3 timed steps, min {train['step_s_min']:.2f} s"),
+        (f"**{wan_eager['step_s_median']:.2f} s / {wan_eager['est_50_steps_s']:.0f} s**, {wan_eager['peak_memory_gb']:.1f} GB "
+         f"peak, {wan_eager['weights_gb']:.1f} GB weights (H200;"),
+        (f"**{wan_train['step_s_median']:.2f} s / {wan_train['peak_memory_mb'] / 1024:.1f} GiB** (H200; "
+         f"{wan_train['lora_parameters'] / 1e6:.0f} M LoRA parameters, gradient checkpointing"),
+    ]
+    table = (REPO_ROOT / "bench" / "README.md").read_text()
+    for sentence in said:
+        assert sentence in table, sentence
