@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 
 import pytest
+from diffusers.utils import logging as diffusers_logging
 
 from prompts import default_library
 from slapgen.engine.prompt_tokens import PromptTokenCounter
@@ -41,10 +42,13 @@ def test_the_cut_is_the_text_cogvideoxs_pipeline_says_it_cuts(tiny_pipeline):
     said = Recorded()
     diffusers_log = logging.getLogger("diffusers.pipelines.cogvideo.pipeline_cogvideox")
     diffusers_log.addHandler(said)
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_warning()  # whatever an earlier test (or library) set: the warning is the reference
     try:
         pipeline.encode_prompt(KNOCKOUT, do_classifier_free_guidance=False, max_sequence_length=limit, device="cpu")
     finally:
         diffusers_log.removeHandler(said)
+        diffusers_logging.set_verbosity(verbosity)
     (warning,) = [message for message in said.messages if "was truncated" in message]
     assert warning.endswith(f"{limit} tokens: [{measured.cut!r}]"), (warning, measured)
     assert measured.count == len(pipeline.tokenizer(KNOCKOUT).input_ids) > limit == measured.limit
@@ -53,15 +57,48 @@ def test_the_cut_is_the_text_cogvideoxs_pipeline_says_it_cuts(tiny_pipeline):
     assert counter.count(short).count == len(pipeline.tokenizer(short).input_ids) <= limit
 
 
-def test_the_cut_is_what_wans_pipeline_leaves_out(tiny_wan_cache_dir):
-    """Guards the cut for Wan, whose pipeline cuts without a word: its text encoder's input (the tokenizer called
-    as WanPipeline calls it: padded to max_sequence_length, truncated, special tokens added) is the text's first
-    limit - 1 tokens and its end token, so what is left out is the cut, decoded."""
+def test_the_count_is_of_the_text_wans_pipeline_tokenizes(tiny_wan_cache_dir):
+    """Guards counting another text than Wan's pipeline reads: WanPipeline cleans a prompt before tokenizing it
+    (HTML entities unescaped, whitespace collapsed), so a caption with `&amp;` or double spaces was counted
+    longer than it is, and an escaped `&lt;/s&gt;` that the model reads as an end token was not seen. The
+    pipeline's own encode_prompt is run with its tokenizer watched: the count is the tokens of the text it was
+    given, and the cut what its truncating call (padded to the limit, end token kept) leaves out."""
+    from slapgen.models.family import family_of
+
     resolved = resolve_model("tiny-wan", tiny_wan_cache_dir)
-    tokenizer = load_pipeline(resolved).tokenizer
+    pipeline = load_pipeline(resolved)
     limit = resolved.spec.max_sequence_length
-    measured = PromptTokenCounter(tokenizer, limit).count(KNOCKOUT)
-    untruncated = tokenizer(KNOCKOUT).input_ids
-    read = tokenizer(KNOCKOUT, padding="max_length", max_length=limit, truncation=True, add_special_tokens=True).input_ids
+    prompt = "the striker &amp; the   referee &amp;lt;/s&amp;gt; at the table,  " + KNOCKOUT
+    counter = PromptTokenCounter(pipeline.tokenizer, limit, family_of(resolved.spec).prompt_text)
+    tokenizer, given = pipeline.tokenizer, []
+
+    def watched(text, **options):
+        given.append((text, options))
+        return tokenizer(text, **options)
+
+    pipeline.tokenizer = watched
+    try:
+        pipeline.encode_prompt(prompt, do_classifier_free_guidance=False, max_sequence_length=limit, device="cpu")
+    finally:
+        pipeline.tokenizer = tokenizer
+    ((read_texts, options),) = given
+    (read_text,) = read_texts if isinstance(read_texts, list) else [read_texts]
+    assert "&amp;" not in read_text and "  " not in read_text and "</s>" in read_text  # cleaned by the pipeline
+    untruncated = tokenizer(read_text).input_ids
+    read = tokenizer(read_text, **{**options, "return_tensors": None}).input_ids
     assert read == untruncated[:limit - 1] + untruncated[-1:]
-    assert measured.cut == tokenizer.decode(untruncated[limit - 1:-1]) and measured.count == len(untruncated) > limit
+    measured = counter.count(prompt)
+    assert measured.count == len(untruncated) > limit
+    assert measured.cut == tokenizer.decode(untruncated[limit - 1:-1])
+
+
+def test_a_caption_of_exactly_the_limit_is_not_cut(tiny_pipeline):
+    """Guards the boundary: a caption of exactly `limit` tokens (end token included) is read whole (cut None, not
+    an empty string); one word more cuts exactly that word, the last."""
+    resolved, pipeline = tiny_pipeline
+    limit = resolved.spec.max_sequence_length
+    counter = PromptTokenCounter(pipeline.tokenizer, limit)
+    exactly = " ".join(["slap"] * (limit - 1))
+    assert (counter.count(exactly).count, counter.count(exactly).cut) == (limit, None)
+    over = counter.count(exactly + " table")
+    assert (over.count, over.cut) == (limit + 1, "table")

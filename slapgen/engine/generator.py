@@ -28,8 +28,8 @@ from slapgen.engine.conditioning import TicftGeneration
 from slapgen.engine.lora_slot import LoraSlot, lora_modules
 from slapgen.engine.params import EngineOptions, GenerationParams
 from slapgen.engine.placement import place_pipeline
-from slapgen.engine.quantization import choose_quantization, quantize_transformer
 from slapgen.engine.prompt_tokens import PromptTokenCounter
+from slapgen.engine.quantization import choose_quantization, quantize_transformer
 from slapgen.engine.queue import Admission, GenerationQueue
 from slapgen.errors import GenerationCancelledError, GenerationTimeoutError
 from slapgen.models.family import family_of
@@ -76,7 +76,8 @@ class VideoGenerator:
         self._queue = GenerationQueue(max_queue)
         # What of a prompt the model reads (`POST /prompts/render`), with a tokenizer of its own: the pipeline's
         # is not safe to use beside a generation
-        self.prompt_tokens = PromptTokenCounter(pipeline.tokenizer, spec.max_sequence_length)
+        self.prompt_tokens = PromptTokenCounter(pipeline.tokenizer, spec.max_sequence_length,
+                                                family_of(spec).prompt_text)
         self._last_duration_s = 1.0
         self.startup_s: dict[str, float] = {}  # `load`'s phases
 

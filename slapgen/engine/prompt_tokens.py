@@ -6,15 +6,20 @@ so what is cut is the tokens from `limit - 1` up to the end token: the span CogV
 server log ("The following part of your input was truncated ...") and Wan's cuts without a word. A client only
 sees it here (`POST /prompts/render`).
 
+The text counted is the text the family's pipeline tokenizes (`ModelFamily.prompt_text`: Wan's pipeline cleans
+a prompt first, unescaping HTML entities and collapsing whitespace), and the cut is decoded from it.
+
 A fast tokenizer is not safe to share between threads (its Rust side raises "Already borrowed" when two calls
 overlap), and the pipeline's own is in use by whichever generation holds the model: this keeps a copy of its
-own, taken at the first count, used by one thread at a time.
+own, taken when the engine loads (copying Wan's 256k-token vocabulary takes about a second), used by one thread
+at a time.
 """
 
 from __future__ import annotations
 
 import copy
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -29,18 +34,18 @@ class PromptTokens:
 
 
 class PromptTokenCounter:
-    """`count(text)` against `limit`, with a private copy of `tokenizer` (thread-safe)."""
+    """`count(prompt)` against `limit`, with a private copy of `tokenizer` (thread-safe); `prompt_text`: what the
+    pipeline makes of a prompt before tokenizing it (the family's `prompt_text`)."""
 
-    def __init__(self, tokenizer, limit: int):
-        self._source = tokenizer
-        self._tokenizer = None
+    def __init__(self, tokenizer, limit: int, prompt_text: Callable[[str], str] = str):
+        self._tokenizer = copy.deepcopy(tokenizer)
         self._limit = limit
+        self._prompt_text = prompt_text
         self._lock = threading.Lock()
 
-    def count(self, text: str) -> PromptTokens:
+    def count(self, prompt: str) -> PromptTokens:
+        text = self._prompt_text(prompt)
         with self._lock:
-            if self._tokenizer is None:
-                self._tokenizer = copy.deepcopy(self._source)
             # verbose=False: transformers' "indexing errors" warning for a text longer than the model reads is this
             # module's very subject, not an error
             ids = self._tokenizer(text, add_special_tokens=True, verbose=False).input_ids

@@ -302,6 +302,11 @@ class ModelFamily(ABC):
         model folder's own inference scheduler and pipeline options (never the training scheduler's config:
         Wan trains on flow-match Euler sigmas and samples with the folder's UniPC)."""
 
+    def prompt_text(self, prompt: str) -> str:
+        """The text the family's pipeline tokenizes for `prompt` (what `POST /prompts/render` counts). Default:
+        the prompt as given."""
+        return prompt
+
     def pipeline_arguments(self, arguments: dict[str, Any]) -> dict[str, Any]:
         """The family's own keyword arguments added to the common ones of a pipeline call (prompt,
         negative_prompt, height, width, num_frames, num_inference_steps, guidance_scale, generator,

@@ -286,6 +286,13 @@ class WanFamily(family.ModelFamily):
         return FlowMatchEulerDiscreteScheduler(num_train_timesteps=int(config.get("num_train_timesteps",
                                                                                   NUM_TRAIN_TIMESTEPS)))
 
+    def prompt_text(self, prompt: str) -> str:
+        """WanPipeline cleans a prompt before tokenizing it (HTML entities unescaped twice, ftfy where installed,
+        whitespace collapsed): diffusers' own function, so a count follows whatever the installed one does."""
+        from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+
+        return prompt_clean(prompt)
+
     def inference_pipeline(self, folder: Path, *, tokenizer, text_encoder, vae, transformer):
         """The folder's scheduler (its own class: UniPC with flow sigmas in Wan's releases) and the pipeline's
         `expand_timesteps` (Wan 2.2 TI2V-5B's per-token timesteps) as `model_index.json` records them."""
