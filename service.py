@@ -27,7 +27,7 @@ from prompts import default_library  # noqa: E402 (after the filters)
 from slapgen.engine.adapters import MAX_ADAPTER_BYTES, adapter_names, misnamed_adapters
 from slapgen.engine.generator import VideoGenerator
 from slapgen.errors import GenerationCancelledError, SlapgenError
-from slapgen.lifetime import die_with_parent, stopped_at_once_by_signals
+from slapgen.lifetime import die_with_parent, on_stop_signal, stopped_at_once_by_signals
 from slapgen.models.loading import resolve_model
 from slapgen.serving.body_limit import GENERATION_BODY_LIMIT, BodySizeLimit
 from slapgen.serving.concurrency import ConcurrencyLimit
@@ -174,6 +174,9 @@ class SlapGen:
             self.generator = VideoGenerator.load(resolved, settings.engine_options(bentoml.server_context.worker_index or 1))
         # The replica's load on /metrics (slapgen_generations_in_flight), what a deployment scales on.
         self.generator.report_load(generations_in_flight_reporter())
+        # Told to stop, this replica finishes what it holds unless it is killed first: the board learns when.
+        if settings.stop_grace_s is not None:
+            on_stop_signal(lambda: job_board.stopping(settings.stop_grace_s))
 
     @bentoml.api(route="/generate")
     def generate(self, request: GenerateRequest, /, ctx: bentoml.Context) -> Annotated[Path, ContentType("video/mp4")]:

@@ -1,5 +1,5 @@
-"""How long a process lives: children that die with their parent (Linux `PR_SET_PDEATHSIG`), and a start-up
-that a stop signal ends at once.
+"""How long a process lives: children that die with their parent (Linux `PR_SET_PDEATHSIG`), a start-up
+that a stop signal ends at once, and a callback when a stop signal starts the graceful stop.
 
 A parent killed with SIGKILL cannot stop its children; without this they live on, holding the port,
 the model and the job they were running, and a restart races with them. The kernel sends the child
@@ -105,3 +105,29 @@ def stopped_at_once_by_signals(what: str) -> Iterator[None]:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def on_stop_signal(callback: Callable[[], None]) -> bool:
+    """Run `callback()` once, in a thread of its own, when this process first gets SIGTERM or SIGINT, then hand
+    the signal to the handler installed before (uvicorn's, which starts the graceful stop); returns whether it
+    was installed (only the main thread can set handlers). A thread, as a handler runs between two bytecodes of
+    the main thread, which may hold a lock the callback needs (the job board's)."""
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    called = threading.Event()
+    previous: dict[int, object] = {}  # the handlers before this one, filled below
+
+    def chained(signum: int, frame) -> None:
+        if not called.is_set():
+            called.set()
+            threading.Thread(target=callback, name="slapgen-stop-signal", daemon=True).start()
+        before = previous[signum]
+        if callable(before):
+            before(signum, frame)
+        elif before == signal.SIG_DFL:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+
+    for signum in STOP_SIGNALS:
+        previous[signum] = signal.signal(signum, chained)
+    return True

@@ -87,7 +87,7 @@ def test_databases_written_before_alembic_are_migrated_with_every_row_kept(tmp_p
     assert board.get("old-cancelled")["state"] == "canceled"  # the old spelling, migrated
     board.submitted("new-job", 5)
     assert board.cancel("new-job")["state"] == "canceled"
-    assert _versions(cache / "jobs.sqlite") == {"jobs_0004"}
+    assert _versions(cache / "jobs.sqlite") == {"jobs_0005"}
 
     ratings = RatingStore(data / "ratings.sqlite")
     assert ratings.all() == [{"id": 1, "created_at": 1000.5, "rater": "ana", "criterion": "overall", "choice": "left",
@@ -117,7 +117,7 @@ def test_three_stores_share_one_database_each_at_its_own_head(tmp_path):
                   "right_system": "a", "right_scale": 1.0, "prompt": "p", "seed": 2**40}])
     assert board.get("job")["state"] == "queued" and ratings.all()[0]["seed"] == 2**40
     assert campaigns.overview() == [] and not (tmp_path / "data" / "campaigns.sqlite").exists()
-    assert _versions(tmp_path / "one.sqlite") == {"jobs_0004", "ratings_0001", "campaigns_0002"}
+    assert _versions(tmp_path / "one.sqlite") == {"jobs_0005", "ratings_0001", "campaigns_0002"}
 
 
 @pytest.mark.parametrize("value, sentence", [

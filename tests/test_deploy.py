@@ -432,6 +432,13 @@ def test_the_hpa_scales_on_the_load_gauge_slapgen_exports():
     assert one("HorizontalPodAutoscaler")["spec"]["scaleTargetRef"]["name"] == one("Deployment")["metadata"]["name"]
 
 
+def test_the_stop_grace_is_the_pods_grace_period():
+    """Guards SLAP_STOP_GRACE_S and terminationGracePeriodSeconds drifting apart: shorter, the survivors fail a
+    stopped replica's jobs while it still finishes them; longer, they keep saying `running` after its kill."""
+    pod = one("Deployment")["spec"]["template"]["spec"]
+    assert int(environment(service_container())["SLAP_STOP_GRACE_S"]["value"]) == pod["terminationGracePeriodSeconds"]
+
+
 def test_every_ray_node_mounts_the_same_shared_sweep_volume():
     """Guards a sweep folder only some nodes see (a run on a worker writing checkpoints its retry on another
     node cannot find): the head and every worker group mount one ReadWriteMany claim at one path, and the

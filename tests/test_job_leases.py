@@ -16,7 +16,7 @@ from sqlalchemy.exc import DBAPIError
 from slapgen.database import database_url as slapgen_database_url
 from slapgen.database import epoch_now
 from slapgen.serving import jobs as jobs_module
-from slapgen.serving.jobs import LOST_JOB_STATUS, JobBoard, stale_reason
+from slapgen.serving.jobs import LOST_JOB_STATUS, JobBoard, stale_reason, stopped_reason
 from tests.conftest import free_port
 
 LEASE_S = 60
@@ -193,6 +193,40 @@ def test_a_hung_generation_is_no_longer_renewed_and_a_peer_fails_it(database_url
         job = replica_b.get(task_id)
         assert (job["state"], job["error"]) == ("failed", stale_reason(LEASE_S)), job
         assert replica_a.stop_requested(task_id)  # the hung worker stops there, should it ever wake up
+
+
+def test_a_stopped_replicas_jobs_fail_as_soon_as_it_is_killed(database_url):
+    """Guards a replica killed at the end of its grace period (Kubernetes' SIGKILL after SIGTERM) leaving its jobs
+    `running` for a whole lease (300 s in deploy/k8s, 900 s by default) on every replica: told to stop with its
+    grace period (`stopping`, what the service's stop-signal handler calls with SLAP_STOP_GRACE_S), it writes the
+    moment it will be killed into every job it holds and every one it takes after; past that moment (the
+    database's clock) a peer fails each of them with their own sentence, though their leases are fresh (the
+    replica renews to the end), a job that ended within the grace keeps its end, and a replica never told to stop
+    is judged by its lease alone. Before the moment, the peer leaves them alone."""
+    grace_s = 1.5
+    replica_a = JobBoard(database_url, owner=1, lease_s=LEASE_S, renew_every_s=0.05)
+    for task_id in ("running-when-killed", "queued-when-killed", "finished-in-the-grace"):
+        replica_a.submitted(task_id, 4)
+        replica_a.queued(task_id, 4)
+    replica_a.step("running-when-killed", 1, 4)
+    not_stopped = JobBoard(database_url, owner=3, lease_s=LEASE_S, renew_every_s=0.05)
+    not_stopped.submitted("another-replicas", 4)
+    assert replica_a.stopping(grace_s) == 3
+    replica_a.submitted("taken-after-the-signal", 4)  # a submit in flight when the signal came
+    replica_a.completed("finished-in-the-grace")
+    replica_b = JobBoard(database_url, owner=2, lease_s=LEASE_S)
+    unfinished = ("running-when-killed", "queued-when-killed", "taken-after-the-signal")
+    assert {task_id: replica_b.get(task_id)["state"] for task_id in unfinished} == {
+        "running-when-killed": "running", "queued-when-killed": "queued", "taken-after-the-signal": "queued"}
+
+    time.sleep(grace_s + 0.3)
+    for task_id in unfinished:
+        job = replica_b.get(task_id)
+        assert (job["state"], job["error"]) == ("failed", stopped_reason()), job
+        assert replica_b.failure_status(task_id) == LOST_JOB_STATUS
+        assert replica_a.stop_requested(task_id)  # the replica, should it still run, stops the job there
+    assert replica_b.get("finished-in-the-grace")["state"] == "completed"
+    assert replica_b.get("another-replicas")["state"] == "queued"
 
 
 def test_one_server_fails_its_own_hung_job_after_the_lease(database_url):

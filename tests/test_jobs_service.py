@@ -297,6 +297,52 @@ def test_a_server_stopped_with_sigterm_finishes_the_jobs_it_holds(tmp_path, tiny
         assert frames.shape[0] == 9
 
 
+def test_a_server_killed_at_the_end_of_its_stop_grace_leaves_its_jobs_failed_at_once(tmp_path, tiny_cache_dir):
+    """Guards a replica killed at the end of its grace period (Kubernetes: SIGTERM to the container's PID 1, then
+    SIGKILL after terminationGracePeriodSeconds) leaving the jobs it still held `running` and `queued` on every
+    replica for a whole lease (15 minutes by default). With SLAP_STOP_GRACE_S the worker's stop-signal hook writes
+    the moment it will be killed into its jobs (the signal reaches it through BentoML's circus); after the kill a
+    peer reading the board past that moment fails both, with the sentence saying why, though the lease is far
+    from over. A job that would have been read as running after the kill (the old behaviour) fails here."""
+    import signal
+
+    from sqlalchemy import select
+
+    from slapgen.database import epoch_now
+    from slapgen.serving.jobs import JobBoard, jobs, stopped_reason
+
+    grace_s = 4
+    database = f"sqlite:///{tmp_path / 'jobs.sqlite'}"
+    server = start_server(tmp_path, **slow_model_env(tmp_path, tiny_cache_dir), SLAP_DATABASE_URL=database,
+                          SLAP_ADAPTERS_DIR=str(tmp_path / "adapters"), SLAP_STOP_GRACE_S=str(grace_s))
+    peer = JobBoard(database, lease_s=900)  # another replica's board on the same database
+
+    def stop_by(task_id: str) -> float | None:
+        with peer._connect() as db:
+            return db.execute(select(jobs.c.stop_by).where(jobs.c.task_id == task_id)).scalar()
+
+    try:
+        running, queued = (_submit(server, LONG).json()["task_id"] for _ in range(2))
+        wait_for_job(server, running, {"running"})
+        server.process.send_signal(signal.SIGTERM)  # the CLI alone, as a container's PID 1 gets it
+        deadline = time.monotonic() + 30
+        while None in (stop_by(running), stop_by(queued)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert None not in (stop_by(running), stop_by(queued)), server.log_tail()
+        assert {peer.get(task_id)["state"] for task_id in (running, queued)} == {"running", "queued"}
+        for pid in server.live_processes():  # the kubelet's SIGKILL at the grace period's end
+            server.signal_if_ours(pid, signal.SIGKILL)
+    finally:
+        stop_server(server)
+    with peer._connect() as db:
+        wait_s = max(stop_by(task_id) for task_id in (running, queued)) - db.execute(select(epoch_now())).scalar()
+    assert wait_s <= grace_s  # the moment written is the signal's time plus the grace, no later
+    time.sleep(max(wait_s, 0) + 0.2)
+    for task_id in (running, queued):
+        job = peer.get(task_id)
+        assert (job["state"], job["error"]) == ("failed", stopped_reason()), job
+
+
 def test_a_stop_signal_during_the_start_up_compile_ends_the_server_at_once(tmp_path, tiny_cache_dir):
     """Guards a replica that could not be stopped while it started: BentoML builds the service inside uvicorn's
     start-up, whose signal handlers only note a SIGTERM for when start-up ends, so a Ctrl-C or a scale-down during

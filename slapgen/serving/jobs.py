@@ -30,6 +30,12 @@ rule (`_fail_stale`) runs whenever a replica reads a job (`get`: `/jobs/status`,
 `/jobs/progress`): an unfinished job past its lease is failed in that read's transaction, so a replica that
 vanished while the others run on, or a hung generation, leaves no job `running` forever.
 
+A replica told to stop (SIGTERM: a scale-down, a rollout) finishes the jobs it holds, but it is killed after its
+grace period (Kubernetes' `terminationGracePeriodSeconds`); told that period (SLAP_STOP_GRACE_S), it writes into
+each job it holds, and each it takes after, when it will have been killed (`stopping`: `stop_by`, on the
+database's clock). A job still unfinished after that moment is failed by the same rule as a lease run out, with
+its own sentence: clients polling the survivors learn within seconds of the kill, not a whole lease later.
+
 A live process renews the lease of every unfinished job it holds (submitted or started there, not ended)
 from a daemon thread of its own, every quarter of the lease (`renew`), whatever its model is doing: a job
 queued behind a long synchronous `/generate`, or one whose first step waits for a compile, is as alive as
@@ -87,7 +93,7 @@ jobs = Table(
     Column("total_steps", Integer), Column("error", Text), Column("updated_at", Double),
     Column("owner", BigInteger), Column("owner_started", BigInteger), Column("worker", BigInteger),
     Column("worker_started", BigInteger), Column("host", Text), Column("http_status", Integer),
-    Column("created_at", Double), Column("started_at", Double),
+    Column("created_at", Double), Column("started_at", Double), Column("stop_by", Double),
 )
 # A failed job's answer when its failure has no HTTP status of its own (an unexpected exception in the
 # handler, or a row from before the status was kept).
@@ -102,6 +108,12 @@ _PUBLIC = [jobs.c[name] for name in COLUMNS]
 def stale_reason(lease_s: float) -> str:
     """Why a job past its lease failed: the one sentence every replica writes for it."""
     return f"its replica stopped updating it for {lease_s:g} s (the replica is gone or the generation hung); submit it again"
+
+
+def stopped_reason() -> str:
+    """Why a job whose replica was told to stop, and was killed before the job ended, failed (`stop_by` passed)."""
+    return ("its replica was told to stop (a scale-down or a rollout) and was killed before the job ended; "
+            "submit it again")
 
 
 def _on_this_machine():
@@ -152,6 +164,7 @@ class JobBoard:
         self._held_by: int | None = None
         self._held_lock = threading.Lock()
         self._unreachable_since: float | None = None  # time.monotonic() of a best-effort write's first failure
+        self._stop_by: float | None = None  # told to stop: when this process will have been killed, on the database's clock
 
     @contextmanager
     def _connect(self) -> Iterator[Connection]:
@@ -256,6 +269,8 @@ class JobBoard:
         renewal thread (daemon: it ends with the process, or when this board is gone)."""
         if db.execute(select(jobs.c.state).where(jobs.c.task_id == task_id)).scalar() not in UNFINISHED:
             return
+        if self._stop_by is not None:  # taken after the stop signal: it goes with this process too
+            db.execute(update(jobs).where(jobs.c.task_id == task_id).values(stop_by=self._stop_by))
         with self._held_lock:
             if self._held_by != os.getpid():
                 self._held, self._held_by = {}, os.getpid()
@@ -310,6 +325,23 @@ class JobBoard:
                 for task_id in held.keys() - unfinished:
                     self._held.pop(task_id, None)
             return renewed
+
+        return self._best_effort(write, 0)
+
+    def stopping(self, killed_in_s: float) -> int:
+        """This process was told to stop and will be killed within `killed_in_s` seconds: every unfinished job it
+        holds, and every one it takes from now on, gets that moment as its `stop_by`; returns how many rows were
+        marked. Past it, a replica reading one of them fails it (`_fail_stale`) with `stopped_reason`. Best effort:
+        a database that does not answer leaves the jobs to their lease."""
+        with self._held_lock:
+            held = sorted(self._held) if self._held_by == os.getpid() else []
+
+        def write():
+            with self._lock, self._connect() as db:
+                self._stop_by = db.execute(select(epoch_now() + killed_in_s)).scalar()
+                locked = _lock_in_order(db, jobs.c.task_id.in_(held), jobs.c.state.in_(UNFINISHED))
+                return db.execute(update(jobs).where(jobs.c.task_id.in_(locked), jobs.c.state.in_(UNFINISHED)).values(
+                    stop_by=self._stop_by)).rowcount if locked else 0
 
         return self._best_effort(write, 0)
 
@@ -380,8 +412,11 @@ class JobBoard:
                     + self._fail_stale(db, locked))
 
     def _past_lease(self):
-        """The condition of a row not updated for the lease (none without a lease)."""
-        return jobs.c.updated_at < epoch_now() - self._lease_s if self._lease_s is not None else false()
+        """The condition of a row not updated for the lease, or whose replica was killed after a stop signal (past
+        its `stop_by`); none without a lease."""
+        if self._lease_s is None:
+            return false()
+        return (jobs.c.updated_at < epoch_now() - self._lease_s) | (jobs.c.stop_by < epoch_now())
 
     def _fail_stale(self, db: Connection, task_ids: list[str]) -> int:
         """The lease rule, one guarded UPDATE: fail those of `task_ids` (rows this transaction has locked, or
@@ -393,9 +428,10 @@ class JobBoard:
         another replica failing it first leaves it as they left it."""
         if self._lease_s is None or not task_ids:
             return 0
+        reason = case((jobs.c.stop_by < epoch_now(), stopped_reason()), else_=stale_reason(self._lease_s))
         return db.execute(update(jobs).where(
             jobs.c.task_id.in_(task_ids), jobs.c.state.in_(UNFINISHED), self._past_lease()).values(
-            state="failed", error=stale_reason(self._lease_s), http_status=LOST_JOB_STATUS, updated_at=epoch_now())).rowcount
+            state="failed", error=reason, http_status=LOST_JOB_STATUS, updated_at=epoch_now())).rowcount
 
     def end_dead_workers(self, reason: str, alive: Callable[[int, int | None], bool] = instance_alive) -> int:
         """When a worker of this server starts (circus restarts one that died): fail, with `reason`, the

@@ -57,6 +57,11 @@ class SlapSettings(BaseSettings):
         "it or starting up, its own server included, fails it as its replica's gone or its generation hung; longer "
         "than a database failover"
     )
+    stop_grace_s: int | None = Field(
+        None, ge=1, description="seconds a replica told to stop (SIGTERM) has before it is killed: Kubernetes' "
+        "terminationGracePeriodSeconds. Set, the jobs it still holds then are failed by any replica reading them "
+        "right after that moment instead of after SLAP_JOB_LEASE_S; unset, only the lease"
+    )
     max_queue: int = Field(
         16, ge=1, description="generations admitted at once per worker (running + waiting); more get HTTP 429"
     )
