@@ -175,8 +175,9 @@ class SlapGen:
         # The replica's load on /metrics (slapgen_generations_in_flight), what a deployment scales on.
         self.generator.report_load(generations_in_flight_reporter())
         # Told to stop, this replica finishes what it holds unless it is killed first: the board learns when.
-        if settings.stop_grace_s is not None:
-            on_stop_signal(lambda: job_board.stopping(settings.stop_grace_s))
+        if settings.stop_grace_s is not None and not on_stop_signal(lambda: job_board.stopping(settings.stop_grace_s)):
+            print("slapgen: SLAP_STOP_GRACE_S is not used: this worker's service was built outside the main thread, "
+                  "where no signal handler can be set", file=sys.stderr, flush=True)
 
     @bentoml.api(route="/generate")
     def generate(self, request: GenerateRequest, /, ctx: bentoml.Context) -> Annotated[Path, ContentType("video/mp4")]:

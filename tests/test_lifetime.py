@@ -25,15 +25,24 @@ def test_a_stop_signal_runs_the_callback_once_and_still_reaches_the_handler_befo
         ran_in.append(threading.current_thread().name)
         called.set()
 
+    started = []  # every thread the hook starts, whatever it runs
+    start = threading.Thread.start
+
+    def counted_start(thread):
+        started.append(thread.name)
+        start(thread)
+
     try:
         for signum in STOP_SIGNALS:
             signal.signal(signum, uvicorns)
         assert on_stop_signal(callback)
+        threading.Thread.start = counted_start
         os.kill(os.getpid(), signal.SIGTERM)
         assert called.wait(10)
         os.kill(os.getpid(), signal.SIGINT)
         assert reached == [signal.SIGTERM, signal.SIGINT]
-        assert ran_in == ["slapgen-stop-signal"]
+        assert started == ["slapgen-stop-signal"] and ran_in == ["slapgen-stop-signal"]
     finally:
+        threading.Thread.start = start
         for signum, handler in before.items():
             signal.signal(signum, handler)

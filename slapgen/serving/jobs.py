@@ -333,15 +333,20 @@ class JobBoard:
         holds, and every one it takes from now on, gets that moment as its `stop_by`; returns how many rows were
         marked. Past it, a replica reading one of them fails it (`_fail_stale`) with `stopped_reason`. Best effort:
         a database that does not answer leaves the jobs to their lease."""
-        with self._held_lock:
-            held = sorted(self._held) if self._held_by == os.getpid() else []
-
         def write():
-            with self._lock, self._connect() as db:
-                self._stop_by = db.execute(select(epoch_now() + killed_in_s)).scalar()
-                locked = _lock_in_order(db, jobs.c.task_id.in_(held), jobs.c.state.in_(UNFINISHED))
-                return db.execute(update(jobs).where(jobs.c.task_id.in_(locked), jobs.c.state.in_(UNFINISHED)).values(
-                    stop_by=self._stop_by)).rowcount if locked else 0
+            # Under the lock `submitted` and `queued` take to hold a job, from the snapshot of what is held to the
+            # moment's use by the next one: no job taken meanwhile goes unmarked. The moment is this process's only
+            # once written.
+            with self._lock:
+                with self._held_lock:
+                    held = sorted(self._held) if self._held_by == os.getpid() else []
+                with self._connect() as db:
+                    stop_by = db.execute(select(epoch_now() + killed_in_s)).scalar()
+                    locked = _lock_in_order(db, jobs.c.task_id.in_(held), jobs.c.state.in_(UNFINISHED))
+                    marked = db.execute(update(jobs).where(jobs.c.task_id.in_(locked), jobs.c.state.in_(UNFINISHED)).values(
+                        stop_by=stop_by)).rowcount if locked else 0
+                self._stop_by = stop_by
+                return marked
 
         return self._best_effort(write, 0)
 
@@ -420,7 +425,8 @@ class JobBoard:
 
     def _fail_stale(self, db: Connection, task_ids: list[str]) -> int:
         """The lease rule, one guarded UPDATE: fail those of `task_ids` (rows this transaction has locked, or
-        one row) that are unfinished and not updated for the lease; returns how many. A live process renews the
+        one row) that are unfinished and not updated for the lease, or past the `stop_by` their replica wrote when
+        it was told to stop (`stopping`: it has been killed); returns how many. A live process renews the
         jobs it holds every quarter of the lease (`renew`), unless their handler is hung: past the lease, the
         job's replica is gone or its generation is hung, and this holds for this server's own jobs too (with one
         server, a hung job would otherwise say running forever). Both times are the database's clock. The
@@ -459,7 +465,7 @@ class JobBoard:
             state="failed", error=reason, http_status=LOST_JOB_STATUS, updated_at=epoch_now())).rowcount
 
     def get(self, task_id: str) -> dict | None:
-        """The job's row; an unfinished job past its lease is failed first (`_fail_stale`),
+        """The job's row; an unfinished job past its lease (or its `stop_by`) is failed first (`_fail_stale`),
         in the same transaction, so every replica's answer about it ends. Not a job this very process holds
         alive: after the process was suspended for longer than the lease (a paused VM, a laptop asleep), its
         handler's own `stop_requested` read would otherwise fail it before the renewal thread's next turn."""
