@@ -291,15 +291,28 @@ def test_the_cold_start_figures_readme_and_bench_readme_give_are_the_committed_r
     assert f"{total:.1f} s warm = {load:.1f} s + {compile_s:.1f} s + {decode:.1f} s + {rest:.1f} s." in readme, phases("warm")
 
 
+H200_RUN = REPO_ROOT / "bench" / "results" / "gpu-h200-2026-12-04"  # the committed GPU run README's figures cite
+
+
+def h200_checks(file: str) -> dict[str, dict]:
+    """The results of the checks that ended in one file of the committed H200 run, by check name (each named once,
+    each measured on the H200)."""
+    import json
+
+    run = json.loads((H200_RUN / file).read_text())
+    ended = [(entry["check"], entry["result"]) for entry in run["results"] if "result" in entry]
+    checks = dict(ended)
+    assert len(checks) == len(ended), file
+    assert run["device"] == "NVIDIA H200" and {result["device"] for result in checks.values()} == {"NVIDIA H200"}, file
+    return checks
+
+
 def test_the_gpu_compile_cache_figures_are_the_committed_h200_run():
     """Guards README's and bench/README's 5B compile-cache figures (the only GPU measure of a warm compile cache
     so far) drifting from the check's committed result (`compile-cache-6-blocks` in
     bench/results/gpu-h200-2026-12-04/call1-2-hotswap.json): cold and warm compile, ratio, graphs, the 42-block
     estimates."""
-    import json
-
-    run = json.loads((REPO_ROOT / "bench" / "results" / "gpu-h200-2026-12-04" / "call1-2-hotswap.json").read_text())
-    result, = [entry["result"] for entry in run["results"] if entry["check"] == "compile-cache-6-blocks"]
+    result = h200_checks("call1-2-hotswap.json")["compile-cache-6-blocks"]
     cold, warm, ratio = result["compile_s_cold"], result["compile_s_warm"], result["cold_over_warm"]
     assert result["device"] == "NVIDIA H200" and result["blocks"] == 6
     readme = " ".join((REPO_ROOT / "README.md").read_text().split())
@@ -319,16 +332,6 @@ def test_readme_h200_table_is_the_committed_gpu_run():
     training rows' memory written as MiB / 1000 (19.8 and 22.5 "GB") beside the step rows' GiB: memory is GiB
     (2^30 bytes) in every row now. Times: the median step, the 50-step time at two decimals' step, the extrapolated
     step where a row measured some blocks only (as its own row says)."""
-    import json
-
-    folder = REPO_ROOT / "bench" / "results" / "gpu-h200-2026-12-04"
-
-    def result(file: str, check: str) -> dict:
-        run = json.loads((folder / file).read_text())
-        (found,) = [entry["result"] for entry in run["results"] if entry["check"] == check]
-        assert found["device"] == "NVIDIA H200", (file, check)
-        return found
-
     def step_row(text: str, r: dict, compiled: bool = False) -> str:
         measured_some = "extrapolated_from_blocks" in r
         step = r["est_step_s_all_blocks"] if measured_some else r["step_s_median"]
@@ -340,8 +343,9 @@ def test_readme_h200_table_is_the_committed_gpu_run():
     def train_row(text: str, r: dict) -> str:
         return f"| {text} | {r['step_s_median']:.2f} s | {r['peak_memory_mb'] / 1024:.1f} GiB |"
 
-    eager, compiled = (result("call3-1-step.json", check) for check in ("bf16-eager", "bf16-compile-14-blocks"))
-    wan_eager, wan_compiled, wan_train = (result("call1-5-wan.json", check) for check in (
+    steps, wan = h200_checks("call3-1-step.json"), h200_checks("call1-5-wan.json")
+    eager, compiled = steps["bf16-eager"], steps["bf16-compile-14-blocks"]
+    wan_eager, wan_compiled, wan_train = (wan[check] for check in (
         "wan22-5b-bf16-eager", "wan22-5b-bf16-compile-6-blocks", "wan22-5b-lora-train-step"))
     assert (compiled["blocks"], wan_compiled["blocks"]) == (14, 6)
     rows = [
@@ -352,7 +356,7 @@ def test_readme_h200_table_is_the_committed_gpu_run():
         step_row("the same, `torch.compile` of the whole transformer (6 of 30 blocks measured, x 30/6)", wan_compiled),
         train_row("Wan 2.2 TI2V-5B LoRA training step, rank 128, gradient checkpointing", wan_train),
         train_row("CogVideoX-5B LoRA training step, 49x480x720, rank 128, from cached latents",
-                  result("call2-3-train.json", "train-step-5b-cached")),
+                  h200_checks("call2-3-train.json")["train-step-5b-cached"]),
     ]
     readme = (REPO_ROOT / "README.md").read_text()
     for row in rows:
@@ -445,17 +449,10 @@ def test_bench_readmes_h200_results_are_the_committed_gpu_run():
     (memory in GiB) and the Wan rows, computed here from the files."""
     import json
 
-    folder = REPO_ROOT / "bench" / "results" / "gpu-h200-2026-12-04"
-
-    def results(file: str) -> dict[str, dict]:
-        run = json.loads((folder / file).read_text())
-        assert run["device"] == "NVIDIA H200", file
-        return {entry["check"]: entry["result"] for entry in run["results"] if "result" in entry}  # checks that ended
-
-    step_run = json.loads((folder / "call3-1-step.json").read_text())
-    steps, wan = results("call3-1-step.json"), results("call1-5-wan.json")
+    step_run = json.loads((H200_RUN / "call3-1-step.json").read_text())
+    steps, wan = h200_checks("call3-1-step.json"), h200_checks("call1-5-wan.json")
     eager, eager14, compiled = steps["bf16-eager"], steps["bf16-eager-14-blocks"], steps["bf16-compile-14-blocks"]
-    train = results("call2-3-train.json")["train-step-5b-cached"]
+    train = h200_checks("call2-3-train.json")["train-step-5b-cached"]
     wan_eager, wan_train = wan["wan22-5b-bf16-eager"], wan["wan22-5b-lora-train-step"]
     error = step_run["projection"]["extrapolation_error"]
     said = [

@@ -116,6 +116,11 @@ def stopped_reason() -> str:
             "submit it again")
 
 
+def _past_stop_by():
+    """The condition of a row whose replica was told to stop and has been killed since (`JobBoard.stopping`)."""
+    return jobs.c.stop_by < epoch_now()
+
+
 def _on_this_machine():
     # Rows from before the host was recorded (NULL) come from a board that was one per machine.
     return (jobs.c.host == HOST) | jobs.c.host.is_(None)
@@ -421,7 +426,7 @@ class JobBoard:
         its `stop_by`); none without a lease."""
         if self._lease_s is None:
             return false()
-        return (jobs.c.updated_at < epoch_now() - self._lease_s) | (jobs.c.stop_by < epoch_now())
+        return (jobs.c.updated_at < epoch_now() - self._lease_s) | _past_stop_by()
 
     def _fail_stale(self, db: Connection, task_ids: list[str]) -> int:
         """The lease rule, one guarded UPDATE: fail those of `task_ids` (rows this transaction has locked, or
@@ -434,7 +439,7 @@ class JobBoard:
         another replica failing it first leaves it as they left it."""
         if self._lease_s is None or not task_ids:
             return 0
-        reason = case((jobs.c.stop_by < epoch_now(), stopped_reason()), else_=stale_reason(self._lease_s))
+        reason = case((_past_stop_by(), stopped_reason()), else_=stale_reason(self._lease_s))
         return db.execute(update(jobs).where(
             jobs.c.task_id.in_(task_ids), jobs.c.state.in_(UNFINISHED), self._past_lease()).values(
             state="failed", error=reason, http_status=LOST_JOB_STATUS, updated_at=epoch_now())).rowcount

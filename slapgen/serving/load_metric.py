@@ -29,6 +29,7 @@ DOCUMENTATION = ("generations this replica holds: running, waiting for the model
 # prometheus_client's file names for a live gauge of one process: gauge_livesum_PID.db, gauge_liveall_PID.db, ...
 LIVE_GAUGE_FILE = re.compile(r"gauge_live[a-z]+_(\d+)\.db")
 
+
 @functools.cache  # one gauge per process: Prometheus refuses a second registration of the name
 def generations_in_flight_reporter() -> Callable[[int], None]:
     """`report(n)` sets this process's share of the gauge."""
