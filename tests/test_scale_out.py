@@ -12,7 +12,7 @@ import pytest
 
 from slapgen.models.tiny import TINY_SPEC
 from slapgen.serving.jobs import JobBoard
-from tests.conftest import start_server, stop_server
+from tests.conftest import server_load, start_server, stop_server, wait_for_job
 
 
 async def bentoml_without_the_task(scope, receive, send):
@@ -35,6 +35,20 @@ def bentoml_running_the_task(status: dict):
         await answer(scope, receive, send)
 
     return app
+
+
+def held_by_worker(jobs_db, task_ids: list[str]) -> dict[int, int]:
+    """How many of `task_ids` each worker (pid) holds queued or running, read from the SQLite job board itself
+    (the HTTP routes do not say which worker holds a job)."""
+    import sqlite3
+
+    with sqlite3.connect(jobs_db) as db:
+        rows = db.execute(f"SELECT worker FROM jobs WHERE state IN ('queued', 'running') AND task_id IN "
+                          f"({', '.join('?' * len(task_ids))})", task_ids).fetchall()
+    counts: dict[int, int] = {}
+    for (worker,) in rows:
+        counts[worker] = counts.get(worker, 0) + 1
+    return counts
 
 
 def refuse(*args):
@@ -219,7 +233,9 @@ def test_a_jobs_status_is_one_answer_on_every_replica_at_every_stage(tmp_path, d
 @pytest.mark.slow
 def test_two_workers_serve_shared_jobs_and_adapters(tiny_cache_dir, adapter_files, tmp_path):
     """Two CPU workers behind one `bentoml serve` (SLAP_WORKERS=2): both start their own engine; an
-    upload through either is used by both; a delete is seen by both; job progress answers from any."""
+    upload through either is used by both; a delete is seen by both; job progress answers from any. The load
+    gauge the HPA scales on counts the jobs of both workers (guards a gauge whose workers' shares are not summed:
+    with prometheus_client's `livemax` it read 5 of 6 jobs held 5 and 1)."""
     server = start_server(tmp_path, startup_timeout_s=600, SLAP_MODEL="tiny", SLAP_CACHE_DIR=str(tiny_cache_dir),
                           SLAP_WORKERS="2", SLAP_ADAPTERS_DIR=str(tmp_path / "adapters"), SLAP_API_TOKEN="t")
     try:
@@ -250,6 +266,29 @@ def test_two_workers_serve_shared_jobs_and_adapters(tiny_cache_dir, adapter_file
         while len(answers) < 20:
             answers.append(httpx.get(f"{server.url}/jobs/progress", params={"task_id": task_id}).status_code)
         assert set(answers) <= {200, 404} and answers[-1] == 200  # 404 only before the job has started
+        wait_for_job(server, task_id, {"completed"})
+
+        # The HPA's metric (slapgen_generations_in_flight) is the sum of every worker's share: jobs held by both
+        # workers at once are all counted, by prometheus_client's multiprocess "livesum" of the workers' files.
+        jobs_db = tiny_cache_dir / "jobs.sqlite"
+        long_job = {"prompt": "a power slap", "num_inference_steps": 200, "seed": 3}
+        with ThreadPoolExecutor(max_workers=6) as pool:
+            held = list(pool.map(lambda _: httpx.post(f"{server.url}/jobs/submit", json=long_job).json()["task_id"],
+                                 range(6)))
+        counted = None
+        for _ in range(20):  # a snapshot no job left or entered while the gauge was read
+            before, load, after = held_by_worker(jobs_db, held), server_load(server), held_by_worker(jobs_db, held)
+            if before == after and len(before) == 2:
+                counted = (load, sum(before.values()))
+                break
+            time.sleep(0.05)
+        assert counted is not None, f"the six jobs never ran on both workers at once: {before}"
+        assert counted[0] == counted[1] >= 2, counted
+        for held_id in held:
+            httpx.post(f"{server.url}/jobs/cancel", params={"task_id": held_id})
+        for held_id in held:
+            wait_for_job(server, held_id, {"canceled", "completed", "failed"})
+        assert server_load(server) == 0
 
         assert httpx.delete(f"{server.url}/adapters/c", headers={"Authorization": "Bearer t"}).status_code == 200
         with ThreadPoolExecutor(max_workers=4) as pool:
