@@ -73,6 +73,9 @@ def serve_once(folder: Path, cache_dir: Path, compile_cache: Path, label: str, s
             "graphs_from_cache": cache["graphs_from_cache"],
             "graphs_compiled": cache["graphs_compiled"], "fell_back": cache["fell_back"],
             "recompilations": info["recompilations"], "compile_scope": info["compile_scope"],
+            # the worker's peak resident memory through its start (loading the weights included): what a
+            # replica's memory request is sized by (deploy/k8s/deployment.yaml)
+            "worker_peak_memory_gib": info["worker_peak_memory_gib"],
             # the engine's own phases (loading the pipeline, moving it, the compile and warm-up...); the rest of
             # ready_s is the processes' start and imports, the stores, BentoML's set-up
             "startup_s": info["startup_s"]}
@@ -188,7 +191,9 @@ def service_bench(rounds: int, scopes: list[CompileScope], model: str = "tiny", 
         if cold and warm:
             cold_median, warm_median = statistics.median(cold), statistics.median(warm)
             result["by_scope"][scope] = {"cold_ready_s_median": cold_median, "warm_ready_s_median": warm_median,
-                                         "cold_over_warm": cold_median / warm_median}
+                                         "cold_over_warm": cold_median / warm_median,
+                                         "worker_peak_memory_gib_max": max(r["worker_peak_memory_gib"] for r in rows
+                                                                           if r["compile_scope"] == scope)}
     return result
 
 

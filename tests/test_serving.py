@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -109,6 +110,23 @@ def test_adapters_change_the_video_and_swapping_never_recompiles(server, tmp_pat
     assert (by_name["a"]["rank"], by_name["b"]["rank"], by_name["b"]["alpha"]) == (4, 8, 4.0)
     assert by_name["a"]["base_model"] == "tiny" and by_name["b"]["steps"] == 2
     assert listed["loaded"] is None and set(listed["in_memory"]) == {"a", "b"}
+
+
+def test_info_gives_the_answering_workers_peak_memory(server):
+    """Guards the figure a deployment sizes its memory request by: `worker_peak_memory_gib` is the peak resident
+    memory of the worker that answered, the kernel's `VmHWM` for its pid read from /proc around the request
+    (not the serving process's, not KiB or MiB read as GiB), and more than the tiny model's weights alone."""
+    def vm_hwm_gib(pid: int) -> float:
+        line = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("VmHWM:"))
+        return int(line.split()[1]) / 2**20  # kB
+
+    pid = httpx.get(f"{server.url}/info").json()["worker_pid"]  # one worker: every answer is its
+    before = vm_hwm_gib(pid)
+    info = httpx.get(f"{server.url}/info").json()
+    after = vm_hwm_gib(pid)
+    assert info["worker_pid"] == pid
+    assert round(before, 3) <= info["worker_peak_memory_gib"] <= round(after, 3) + 0.001, (before, info, after)
+    assert info["worker_peak_memory_gib"] > 0.1  # torch and the model loaded: hundreds of MiB
 
 
 def _upload(server, name, data: bytes, headers=AUTH) -> httpx.Response:

@@ -453,7 +453,8 @@ def _headline(row: dict) -> str:
     parts = [f"{k}={result[k]:.4g}" if isinstance(result[k], float) else f"{k}={result[k]}" for k in keys
              if result.get(k) is not None]
     for scope, medians in result.get("by_scope", {}).items():  # bench/coldstart.py's service starts
-        parts.append(f"{scope}: ready cold {medians['cold_ready_s_median']:.1f} s, warm {medians['warm_ready_s_median']:.1f} s")
+        parts.append(f"{scope}: ready cold {medians['cold_ready_s_median']:.1f} s, warm {medians['warm_ready_s_median']:.1f} s"
+                     + (f", worker peak {peak:.1f} GiB" if (peak := medians.get("worker_peak_memory_gib_max")) else ""))
     for label, option, speedup in [("kernels", "attention", "speedup_vs_sdpa"), ("caches", "cache", "speedup_vs_none")]:
         for option_row in result.get(label, []):
             value = option_row.get(speedup)

@@ -2,7 +2,7 @@
 Starlette app that `service.py` mounts next to its own routes.
 
     GET    /info                 model, family, dtype, quantization, attention, cache, compiled, compile_scope,
-                                 adapter, recompilations, queue
+                                 adapter, recompilations, queue; worker_pid and the worker's peak memory
     GET    /adapters             adapters with metadata, and which one is loaded
     POST   /adapters/upload      multipart name + file; validated before anything changes
     DELETE /adapters/{name}
@@ -24,6 +24,8 @@ from __future__ import annotations
 import asyncio
 import hmac
 import os
+import resource
+import sys
 from collections.abc import Callable
 
 from starlette.applications import Starlette
@@ -63,7 +65,8 @@ def build_routes(
 
     async def info(request: Request) -> JSONResponse:
         running = generator()
-        return JSONResponse({**running.info(), "limits": request_limits(running.spec), "worker_pid": os.getpid()})
+        return JSONResponse({**running.info(), "limits": request_limits(running.spec), "worker_pid": os.getpid(),
+                             "worker_peak_memory_gib": round(peak_resident_bytes() / 2**30, 3)})
 
     async def list_adapters(request: Request) -> JSONResponse:
         running = generator()
@@ -129,3 +132,12 @@ def build_routes(
         *studio_routes(ratings, lambda: generator().adapters.names()),
         *campaign_routes(campaigns),
     ])
+
+
+def peak_resident_bytes() -> int:
+    """This process's peak resident memory (the kernel's high-water mark, `VmHWM`): what a worker needed of the
+    host's memory at its fullest, loading the model included, the figure a container's memory request is sized
+    by. `ru_maxrss` is in KiB on Linux and in bytes on macOS."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
