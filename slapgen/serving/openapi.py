@@ -109,7 +109,8 @@ def _inline(schema: dict) -> dict:
 
 EXTRA_PATHS = {
     "/info": _get("model, its family, dtype, quantization, attention kernel, step cache, compiled and its scope, adapter, "
-                  "slot rank, recompilations, compile cache, start-up phases' seconds, queue, the answering worker and its peak memory"),
+                  "slot rank, recompilations, compile cache, start-up phases' seconds, queue, the answering worker and "
+                  "its peak memory"),
     "/adapters": _get("adapters with rank, alpha, base model, steps (or the error that makes one unusable)"),
     "/templates": _get("prompt templates with their slots, choices and defaults"),
     "/jobs/progress": _get("state, denoising step k of N, the error and the times (created_at, started_at, updated_at: "
