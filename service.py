@@ -185,6 +185,10 @@ class SlapGen:
         try:
             params = _resolve(request, self.generator)
             ctx.response.headers["X-Seed"] = str(params.seed)
+            # What of the prompt the model reads: the pipeline cuts a longer one, which the client would not hear of.
+            tokens = self.generator.prompt_tokens.count(params.prompt)
+            ctx.response.headers["X-Prompt-Tokens"] = str(tokens.count)
+            ctx.response.headers["X-Prompt-Max-Tokens"] = str(tokens.limit)
             return self.generator.generate_mp4(params, Path(ctx.temp_dir) / "video.mp4", deadline=_deadline())
         except SlapgenError as error:
             return _answer_error(ctx, error)

@@ -32,6 +32,12 @@ def test_generate_returns_a_decodable_mp4_of_the_requested_shape(tiny_server, tm
     assert frames.shape == (17, 48, 80, 3)
     assert fps == pytest.approx(12)
     assert response.headers["x-seed"] == "5"
+    # slapgen's headers on the answer (BentoML adds its x-bentoml-request-id to every answer) are the ones the API
+    # document names (guards one added and not documented)
+    document = httpx.get(f"{tiny_server.url}/docs.json").json()
+    documented = document["paths"]["/generate"]["post"]["responses"]["200"]["headers"]
+    ours = {name for name in response.headers if name.startswith("x-") and not name.startswith("x-bentoml-")}
+    assert ours == {name.lower() for name in documented}
 
 
 def test_defaults_come_from_the_model_spec(tiny_server, tmp_path):

@@ -82,11 +82,28 @@ def test_render_returns_the_caption_without_generating(server, tiny_cache_dir):
     assert bad_slot.status_code == 400 and "valid slots: striker" in bad_slot.text
 
 
-def test_generate_from_a_template(server, tmp_path):
-    from_template = frames_of(generate(server, template="wind-up-and-strike", slots={"hand": "left"}), tmp_path, "t")
+def test_generate_from_a_template(server, tmp_path, tiny_cache_dir):
+    """A template generates what its rendered caption does; both answers say the caption's tokens and the model's
+    limit (guards a client of `/generate` never hearing that its prompt was cut: counted by a tokenizer loaded
+    apart from the server's, the rendered text's, not the template's name)."""
+    from transformers import AutoTokenizer
+
+    from slapgen.models.loading import resolve_model
+
+    by_template = generate(server, template="wind-up-and-strike", slots={"hand": "left"})
+    from_template = frames_of(by_template, tmp_path, "t")
     rendered = default_library().render("wind-up-and-strike", {"hand": "left"})
-    from_text = frames_of(generate(server, prompt=rendered), tmp_path, "p")
+    by_text = generate(server, prompt=rendered)
+    from_text = frames_of(by_text, tmp_path, "p")
     assert np.array_equal(from_template, from_text)
+    resolved = resolve_model("tiny", tiny_cache_dir)
+    tokenizer, limit = AutoTokenizer.from_pretrained(resolved.folder / "tokenizer"), resolved.spec.max_sequence_length
+    tokens = len(tokenizer(rendered).input_ids)
+    assert tokens > limit  # tiny reads 32: this caption is cut
+    for response in (by_template, by_text):
+        assert (int(response.headers["x-prompt-tokens"]), int(response.headers["x-prompt-max-tokens"])) == (tokens, limit)
+    short = generate(server, prompt="a slap")
+    assert int(short.headers["x-prompt-tokens"]) == len(tokenizer("a slap").input_ids) < limit
     for body, field in [({"template": "nope"}, "template"), ({"template": "knockout", "prompt": "x"}, "prompt"),
                         ({"template": "knockout", "slots": {"x": "y"}}, "slots"), ({"adapter": "nope"}, "adapter"),
                         ({"adapter": "../x"}, "adapter"), ({"adapter_scale": 9}, "adapter_scale")]:
