@@ -185,13 +185,15 @@ class SlapGen:
         try:
             params = _resolve(request, self.generator)
             ctx.response.headers["X-Seed"] = str(params.seed)
-            # What of the prompt the model reads: the pipeline cuts a longer one, which the client would not hear of.
-            tokens = self.generator.prompt_tokens.count(params.prompt)
-            ctx.response.headers["X-Prompt-Tokens"] = str(tokens.count)
-            ctx.response.headers["X-Prompt-Max-Tokens"] = str(tokens.limit)
-            return self.generator.generate_mp4(params, Path(ctx.temp_dir) / "video.mp4", deadline=_deadline())
+            video = self.generator.generate_mp4(params, Path(ctx.temp_dir) / "video.mp4", deadline=_deadline())
         except SlapgenError as error:
             return _answer_error(ctx, error)
+        # What of the prompt the model read: the pipeline cut a longer one, which the client would not hear of. Set
+        # on the video only (BentoML copies the context's headers onto an error answer too).
+        tokens = self.generator.prompt_tokens.count(params.prompt)
+        ctx.response.headers["X-Prompt-Tokens"] = str(tokens.count)
+        ctx.response.headers["X-Prompt-Max-Tokens"] = str(tokens.limit)
+        return video
 
     @bentoml.task(route="/jobs")
     def jobs(self, request: GenerateRequest, /, ctx: bentoml.Context) -> Annotated[bytes, ContentType("video/mp4")]:

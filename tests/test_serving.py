@@ -146,6 +146,33 @@ def test_info_gives_the_answering_workers_peak_memory(server):
     assert info["worker_peak_memory_gib"] > 0.1  # torch and the model loaded: hundreds of MiB
 
 
+def test_a_workers_peak_memory_is_its_own_not_its_starters():
+    """Guards sizing a replica by the wrong process: a worker is started (fork + exec) by `bentoml serve`, and Linux
+    keeps `ru_maxrss` across exec, so a process started by a larger one reported the larger one's peak. A child
+    started while this process holds 1 GiB more reports its own `VmHWM`, read from /proc by the child itself
+    around the call."""
+    import subprocess
+    import sys
+
+    held = bytearray(2**30)
+    held[::4096] = b"\1" * len(range(0, 2**30, 4096))  # resident, not only reserved
+    child = """
+from pathlib import Path
+from slapgen.serving.routes import peak_resident_bytes
+def hwm():
+    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+before = hwm(); peak = peak_resident_bytes(); after = hwm()
+print(before, peak, after)
+"""
+    result = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr[-2000:]
+    before, peak, after = map(int, result.stdout.split())
+    assert before <= peak <= after < len(held), (before, peak, after)
+    del held
+
+
 def _upload(server, name, data: bytes, headers=AUTH) -> httpx.Response:
     return httpx.post(f"{server.url}/adapters/upload", data={"name": name},
                       files={"file": (f"{name}.safetensors", data)}, headers=headers, timeout=60)
