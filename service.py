@@ -42,7 +42,7 @@ from slapgen.serving.load_metric import forget_dead_workers, generations_in_flig
 from slapgen.serving.results import ResultStore
 from slapgen.serving.json_only import JsonBodiesOnly
 from slapgen.serving.request_bodies import CheckedBodies
-from slapgen.serving.requests import GenerateRequest, RenderRequest
+from slapgen.serving.requests import GenerateRequest, RenderRequest, prompt_token_headers
 from slapgen.serving.routes import build_routes
 from slapgen.serving.settings import load_settings
 from slapgen.serving.startup import check_port_free, claim_task_store, listen_address, with_store
@@ -190,9 +190,7 @@ class SlapGen:
             return _answer_error(ctx, error)
         # What of the prompt the model read: the pipeline cut a longer one, which the client would not hear of. Set
         # on the video only (BentoML copies the context's headers onto an error answer too).
-        tokens = self.generator.prompt_tokens.count(params.prompt)
-        ctx.response.headers["X-Prompt-Tokens"] = str(tokens.count)
-        ctx.response.headers["X-Prompt-Max-Tokens"] = str(tokens.limit)
+        ctx.response.headers.update(prompt_token_headers(self.generator.prompt_tokens.count(params.prompt)))
         return video
 
     @bentoml.task(route="/jobs")
@@ -264,5 +262,6 @@ SlapGen.add_asgi_middleware(JsonBodiesOnly)
 SlapGen.add_asgi_middleware(CheckedBodies, models={api.route: api.input_spec for api in SlapGen.apis.values()},
                             limit=GENERATION_BODY_LIMIT)
 SlapGen.add_asgi_middleware(JobRoutes, check=_check_job, admit=lambda: bentoml.get_current_service().generator.admit(),
-                             board=job_board, results=job_results)
+                             board=job_board, results=job_results,
+                             prompt_tokens=lambda text: bentoml.get_current_service().generator.prompt_tokens.count(text))
 SlapGen.add_asgi_middleware(ApiDocument, spec=lambda: SlapGen.openapi_spec.asdict(), version=version("slapgen"))

@@ -12,7 +12,7 @@ import pytest
 
 from slapgen.models.tiny import TINY_SPEC
 from slapgen.video import read_mp4
-from tests.conftest import REPO_ROOT, bentoml_command, offline_env
+from tests.conftest import REPO_ROOT, bentoml_command, offline_env, wait_for_job
 
 pytestmark = pytest.mark.slow
 
@@ -32,12 +32,15 @@ def test_generate_returns_a_decodable_mp4_of_the_requested_shape(tiny_server, tm
     assert frames.shape == (17, 48, 80, 3)
     assert fps == pytest.approx(12)
     assert response.headers["x-seed"] == "5"
-    # slapgen's headers on the answer (BentoML adds its x-bentoml-request-id to every answer) are the ones the API
-    # document names (guards one added and not documented)
+    # slapgen's headers on the answers of /generate and /jobs/submit (BentoML adds its x-bentoml-request-id to every
+    # answer) are the ones the API document names (guards one added and not documented)
     document = httpx.get(f"{tiny_server.url}/docs.json").json()
-    documented = document["paths"]["/generate"]["post"]["responses"]["200"]["headers"]
-    ours = {name for name in response.headers if name.startswith("x-") and not name.startswith("x-bentoml-")}
-    assert ours == {name.lower() for name in documented}
+    submitted = httpx.post(f"{tiny_server.url}/jobs/submit", json={"prompt": "a power slap", "num_inference_steps": 1})
+    for path, answer in [("/generate", response), ("/jobs/submit", submitted)]:
+        documented = document["paths"][path]["post"]["responses"]["200"]["headers"]
+        ours = {name for name in answer.headers if name.startswith("x-") and not name.startswith("x-bentoml-")}
+        assert ours == {name.lower() for name in documented}, path
+    wait_for_job(tiny_server, submitted.json()["task_id"], {"completed"})  # the server is shared: leave it idle
 
 
 def test_defaults_come_from_the_model_spec(tiny_server, tmp_path):

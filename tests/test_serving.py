@@ -83,9 +83,10 @@ def test_render_returns_the_caption_without_generating(server, tiny_cache_dir):
 
 
 def test_generate_from_a_template(server, tmp_path, tiny_cache_dir):
-    """A template generates what its rendered caption does; both answers say the caption's tokens and the model's
-    limit (guards a client of `/generate` never hearing that its prompt was cut: counted by a tokenizer loaded
-    apart from the server's, the rendered text's, not the template's name)."""
+    """A template generates what its rendered caption does; both answers, and a job's submit, say the caption's
+    tokens and the model's limit (guards a client of `/generate` or `/jobs/submit` never hearing that its prompt
+    was cut: counted by a tokenizer loaded apart from the server's, the rendered text's, not the template's
+    name)."""
     from transformers import AutoTokenizer
 
     from slapgen.models.loading import resolve_model
@@ -100,8 +101,11 @@ def test_generate_from_a_template(server, tmp_path, tiny_cache_dir):
     tokenizer, limit = AutoTokenizer.from_pretrained(resolved.folder / "tokenizer"), resolved.spec.max_sequence_length
     tokens = len(tokenizer(rendered).input_ids)
     assert tokens > limit  # tiny reads 32: this caption is cut
-    for response in (by_template, by_text):
+    submitted = httpx.post(f"{server.url}/jobs/submit", json={"template": "wind-up-and-strike", "slots": {"hand": "left"}})
+    assert submitted.status_code == 200, submitted.text
+    for response in (by_template, by_text, submitted):
         assert (int(response.headers["x-prompt-tokens"]), int(response.headers["x-prompt-max-tokens"])) == (tokens, limit)
+    assert _wait_for_job(server, submitted.json()["task_id"], [])["status"] == "completed"
     short = generate(server, prompt="a slap")
     assert int(short.headers["x-prompt-tokens"]) == len(tokenizer("a slap").input_ids) < limit
     for body, field in [({"template": "nope"}, "template"), ({"template": "knockout", "prompt": "x"}, "prompt"),

@@ -10,7 +10,8 @@
   submit (the job included: BentoML runs it after answering) is over, whichever comes first. The job
   is put on the job board as soon as BentoML names its task id, before the client hears that id, so
   it can be canceled from its first moment; the answer is then the job's status as `/jobs/status`
-  gives it (below): `pending`, where BentoML answered `in_progress` for a job that has not started.
+  gives it (below): `pending`, where BentoML answered `in_progress` for a job that has not started, with
+  `/generate`'s `X-Prompt-Tokens` and `X-Prompt-Max-Tokens` headers (what of the prompt the model reads).
 - `POST` (or BentoML's `PUT`) `/jobs/cancel?task_id=...`: BentoML's local task server refuses
   cancelling (400), yet marked the job canceled while it ran on. Here a queued job is canceled at
   once and never runs; a running one stops at the end of its current denoising step (its worker reads
@@ -48,13 +49,14 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from slapgen.engine.params import GenerationParams
+from slapgen.engine.prompt_tokens import PromptTokens
 from slapgen.engine.queue import Admission
 from slapgen.errors import SlapgenError
 from slapgen.serving.body_limit import GENERATION_BODY_LIMIT, read_body, send_json
 from slapgen.serving.error_shape import in_our_shape
 from slapgen.serving.http_errors import error_body, error_response, validation_error_body
 from slapgen.serving.jobs import JobBoard
-from slapgen.serving.requests import GenerateRequest
+from slapgen.serving.requests import GenerateRequest, prompt_token_headers
 from slapgen.serving.results import ResultStore
 
 SUBMIT_PATH = "/jobs/submit"
@@ -76,15 +78,18 @@ class JobRoutes:
     """`check(request)` returns what `/generate` would run for this body, or raises what it would raise;
     `admit()` takes a place in the engine's queue or raises QueueFullError (both run in a worker
     thread); `board` is the service's shared job board; `results` the folder of finished jobs' mp4s every
-    replica reads (None: this server's own task store only)."""
+    replica reads (None: this server's own task store only); `prompt_tokens(text)` what of a prompt the model
+    reads (`PromptTokenCounter.count`; None: the submit's answer does not say)."""
 
     def __init__(self, app, check: Callable[[GenerateRequest], GenerationParams], admit: Callable[[], Admission],
-                 board: JobBoard, results: ResultStore | None = None):
+                 board: JobBoard, results: ResultStore | None = None,
+                 prompt_tokens: Callable[[str], PromptTokens] | None = None):
         self.app = app
         self.check = check
         self.admit = admit
         self.board = board
         self.results = results
+        self.prompt_tokens = prompt_tokens
 
     async def __call__(self, scope, receive, send):
         path = scope["path"].rstrip("/") if scope["type"] == "http" else ""
@@ -126,6 +131,9 @@ class JobRoutes:
         except SlapgenError as error:  # QueueFullError: 429 with Retry-After
             return await error_response(error)(scope, receive, send)
         scope.setdefault("state", {})[ADMISSION_KEY] = admission
+        headers = {}
+        if self.prompt_tokens is not None:
+            headers = prompt_token_headers(await run_in_threadpool(self.prompt_tokens, params.prompt))
         # Hold BentoML's answer until the board knows the task id it carries.
         messages: list[dict] = []
 
@@ -143,7 +151,7 @@ class JobRoutes:
                         job = await run_in_threadpool(self.board.submitted, task_id, params.num_inference_steps)
                         # The job's status as /jobs/status gives it (BentoML's says in_progress for a job
                         # that waits): pending, with its submission time.
-                        messages[:] = _json_messages(start, job_status(job))
+                        messages[:] = _json_messages(start, job_status(job), headers)
                 for held in messages:
                     await send(held)
                 messages.clear()
@@ -233,11 +241,13 @@ def _in_our_error_shape(send, task_id: str, unknown_here: Callable[[], Awaitable
     return rewriting_send
 
 
-def _json_messages(start: dict, answer: dict) -> list[dict]:
-    """An answer's start (its status and other headers kept) and body, with `answer` as its JSON body."""
+def _json_messages(start: dict, answer: dict, added: dict[str, str] | None = None) -> list[dict]:
+    """An answer's start (its status and other headers kept, `added` headers added) and body, with `answer` as its
+    JSON body."""
     body = json.dumps(answer).encode()
     headers = [(name, value) for name, value in start["headers"]
                if name.lower() not in (b"content-length", b"content-type")]
+    headers += [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in (added or {}).items()]
     return [{**start, "headers": [*headers, (b"content-type", b"application/json"),
                                   (b"content-length", str(len(body)).encode())]},
             {"type": "http.response.body", "body": body}]

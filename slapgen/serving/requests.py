@@ -239,3 +239,15 @@ class RatingRequest(RequestBody):
                  "left_scale": self.left.adapter_scale, "right_system": self.right.name(),
                  "right_scale": self.right.adapter_scale, "prompt": self.prompt, "seed": self.seed}
                 for criterion, choice in self.choices.items()]
+
+
+# What of a prompt the model reads, on the answer of every route that takes one to generate (`/generate`,
+# `/jobs/submit`): the pipeline cuts a longer prompt to the model's limit, which a client would not hear of.
+PROMPT_TOKENS_HEADER = "X-Prompt-Tokens"
+PROMPT_MAX_TOKENS_HEADER = "X-Prompt-Max-Tokens"
+
+
+def prompt_token_headers(tokens) -> dict[str, str]:
+    """`tokens` (a `slapgen.engine.prompt_tokens.PromptTokens`) as response headers."""
+    return {PROMPT_TOKENS_HEADER: str(tokens.count), PROMPT_MAX_TOKENS_HEADER: str(tokens.limit)}
+
