@@ -4,8 +4,8 @@ The text encoder reads `max_sequence_length` tokens (CogVideoX 226, Wan 512), it
 families' pipelines tokenize with `truncation=True`, which keeps the first `limit - 1` tokens and the end token,
 so what is cut is the tokens from `limit - 1` up to the end token: the span CogVideoX's pipeline names in the
 server log ("The following part of your input was truncated ...") and Wan's cuts without a word. A client
-sees it in `POST /prompts/render`'s answer (the cut words too) and in `/generate`'s `X-Prompt-Tokens` and
-`X-Prompt-Max-Tokens` headers.
+sees it in `POST /prompts/render`'s answer (the cut words too), and in the `X-Prompt-Tokens` and
+`X-Prompt-Max-Tokens` headers of `/generate`'s and `/jobs/submit`'s answers.
 
 The text counted is the text the family's pipeline tokenizes (`ModelFamily.prompt_text`: Wan's pipeline cleans
 a prompt first, unescaping HTML entities and collapsing whitespace), and the cut is decoded from it.

@@ -24,6 +24,7 @@ from prompts import PromptLibrary, default_library
 from slapgen.engine.adapters import ADAPTER_NAME_PATTERN
 from slapgen.engine.conditioning import CONDITION_FIELD, check_condition, check_frames
 from slapgen.engine.params import GenerationParams
+from slapgen.engine.prompt_tokens import PromptTokens
 from slapgen.errors import ImageError, RequestError
 from slapgen.images import MAX_IMAGE_BYTES, decode_image
 from slapgen.models.specs import BASE_SIZE_MULTIPLE as SIZE_MULTIPLE
@@ -247,7 +248,6 @@ PROMPT_TOKENS_HEADER = "X-Prompt-Tokens"
 PROMPT_MAX_TOKENS_HEADER = "X-Prompt-Max-Tokens"
 
 
-def prompt_token_headers(tokens) -> dict[str, str]:
-    """`tokens` (a `slapgen.engine.prompt_tokens.PromptTokens`) as response headers."""
+def prompt_token_headers(tokens: PromptTokens) -> dict[str, str]:
+    """What `PromptTokenCounter.count` found, as response headers."""
     return {PROMPT_TOKENS_HEADER: str(tokens.count), PROMPT_MAX_TOKENS_HEADER: str(tokens.limit)}
-
