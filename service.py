@@ -45,7 +45,7 @@ from slapgen.serving.request_bodies import CheckedBodies
 from slapgen.serving.requests import GenerateRequest, RenderRequest, prompt_token_headers
 from slapgen.serving.routes import build_routes
 from slapgen.serving.settings import load_settings
-from slapgen.serving.startup import check_port_free, claim_task_store, listen_address, with_store
+from slapgen.serving.startup import StoreOnFirstUse, check_port_free, claim_task_store, listen_address, with_store
 
 
 def _exit_with(message: str) -> None:
@@ -62,23 +62,34 @@ JOB_BOARD = "the job board"
 
 try:
     settings = load_settings()
-    # One database (SLAP_DATABASE_URL, else one SQLite file per store), so every worker, and every replica
-    # sharing a PostgreSQL, answers for every job. Opening a store migrates its schema: this import in
-    # `bentoml serve`'s own process does it once, before any worker starts (workers find it done). A job
-    # whose handler shows no life for a whole request's time (longer than any step) is hung: not renewed.
-    job_board = with_store(JOB_BOARD, settings.store_database(settings.cache_dir / "jobs.sqlite"), "SLAP_CACHE_DIR",
-                           lambda where: JobBoard(where, owner=int(os.environ.get(SERVER_PID_VARIABLE, 0)) or None,
-                                                  lease_s=settings.job_lease_s,
-                                                  stalled_after_s=settings.request_timeout_s))
-    # The studio's ratings outlive restarts and are shared by every worker.
-    rating_store = with_store("the studio's ratings", settings.store_database(settings.data_dir / "ratings.sqlite"),
-                              "SLAP_DATA_DIR", RatingStore)
-    campaign_store = with_store("the rating campaigns", settings.store_database(settings.data_dir / "campaigns.sqlite"),
-                                "SLAP_DATA_DIR", lambda where: CampaignStore(settings.data_dir, settings.database_url))
-    # Finished jobs' mp4s, for a replica other than the one that ran the job to answer /jobs/get.
-    job_results = with_store("the jobs' results folder", settings.results_dir, "SLAP_RESULTS_DIR", ResultStore)
 except SlapgenError as error:
     _exit_with(str(error))
+# One database (SLAP_DATABASE_URL, else one SQLite file per store), so every worker, and every replica sharing a
+# PostgreSQL, answers for every job. Opening a store migrates its schema: `bentoml serve`'s own process does it
+# once, in its deployment hook, before any worker starts (workers find it done); importing this file (`bentoml
+# build` does) opens none. A job whose handler shows no life for a whole request's time (longer than any step) is
+# hung: not renewed.
+job_board = StoreOnFirstUse(JOB_BOARD, settings.store_database(settings.cache_dir / "jobs.sqlite"), "SLAP_CACHE_DIR",
+                            lambda where: JobBoard(where, owner=int(os.environ.get(SERVER_PID_VARIABLE, 0)) or None,
+                                                   lease_s=settings.job_lease_s,
+                                                   stalled_after_s=settings.request_timeout_s))
+# The studio's ratings outlive restarts and are shared by every worker.
+rating_store = StoreOnFirstUse("the studio's ratings", settings.store_database(settings.data_dir / "ratings.sqlite"),
+                               "SLAP_DATA_DIR", RatingStore)
+campaign_store = StoreOnFirstUse("the rating campaigns", settings.store_database(settings.data_dir / "campaigns.sqlite"),
+                                 "SLAP_DATA_DIR", lambda where: CampaignStore(settings.data_dir, settings.database_url))
+# Finished jobs' mp4s, for a replica other than the one that ran the job to answer /jobs/get.
+job_results = StoreOnFirstUse("the jobs' results folder", settings.results_dir, "SLAP_RESULTS_DIR", ResultStore)
+STORES = (job_board, rating_store, campaign_store, job_results)
+
+
+def _open_stores() -> None:
+    """Open (and migrate) every store, or stop with one sentence."""
+    try:
+        for store in STORES:
+            store.open()
+    except SlapgenError as error:
+        _exit_with(str(error))
 
 routes = build_routes(
     lambda: bentoml.get_current_service().generator,
@@ -91,7 +102,7 @@ routes = build_routes(
 )
 
 
-def _say_where_adapters_are() -> None:  # and which settings change nothing
+def _say_where_adapters_are() -> None:  # the state's stores, and which settings change nothing
     # `bentoml serve PATH` runs in PATH, so a relative SLAP_ADAPTERS_DIR may name another folder than the one
     # the user meant; an empty listing would be the only sign.
     folder = settings.adapters_dir.absolute()
@@ -103,6 +114,7 @@ def _say_where_adapters_are() -> None:  # and which settings change nothing
           file=sys.stderr, flush=True)
     for sentence in misnamed.values():
         print(f"slapgen: {sentence}", file=sys.stderr, flush=True)
+    print(f"slapgen: {settings.where_state_is()}", file=sys.stderr, flush=True)
     for sentence in settings.ineffective():
         print(f"slapgen: {sentence}", file=sys.stderr, flush=True)
 
@@ -148,6 +160,8 @@ class SlapGen:
         try:
             check_port_free(*listen_address())
             claim_task_store(BentoMLContainer.result_store_file.get())
+            for store in STORES:  # opened and migrated here, once, before any worker starts
+                store.open()
             settings.engine_options()
             resolve_model(settings.model, settings.cache_dir, allow_download=True)
             _say_where_adapters_are()
@@ -162,6 +176,7 @@ class SlapGen:
         # A worker outliving a `kill -9` of `bentoml serve` would keep the port, the model and its job.
         if server_pid := os.environ.get(SERVER_PID_VARIABLE):
             die_with_parent(int(server_pid))
+        _open_stores()
         # A stop signal during the start-up (Ctrl-C, a scale-down) ends the worker at once instead of after the
         # minutes of a cold compile: it has taken no request yet.
         with stopped_at_once_by_signals("starting up"):

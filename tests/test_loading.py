@@ -72,6 +72,24 @@ def test_bad_settings_name_the_variable(monkeypatch, name, value):
         load_settings()
 
 
+def test_the_start_up_line_names_the_database_and_results_folder_without_the_password(monkeypatch, tmp_path):
+    """Guards a replica whose state nobody could see (a walk-through could not tell one on PostgreSQL from one
+    left on SQLite by mistake): the line names the database URL, its password hidden, or the SQLite files, and
+    the results folder; folders as absolute paths (`bentoml serve PATH` runs in PATH)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SLAP_CACHE_DIR", "cache")
+    monkeypatch.delenv("SLAP_DATA_DIR", raising=False)
+    monkeypatch.delenv("SLAP_RESULTS_DIR", raising=False)
+    monkeypatch.delenv("SLAP_DATABASE_URL", raising=False)
+    assert load_settings().where_state_is() == (
+        f"jobs in {tmp_path / 'cache' / 'jobs.sqlite'}, ratings and campaigns in SQLite files in {tmp_path / 'cache' / 'data'} "
+        f"(SLAP_DATABASE_URL is unset); job results in {tmp_path / 'cache' / 'data' / 'results'}")
+    monkeypatch.setenv("SLAP_DATABASE_URL", "postgresql://slapgen:hunter2@db.internal:5432/slapgen")
+    monkeypatch.setenv("SLAP_RESULTS_DIR", "/mnt/shared/results")
+    assert load_settings().where_state_is() == ("jobs, ratings and campaigns in postgresql+psycopg://slapgen:***@db.internal"
+                                                ":5432/slapgen; job results in /mnt/shared/results")
+
+
 def test_a_refused_setting_is_said_with_its_value_but_a_secret_never_is(monkeypatch):
     """Guards SLAP_* errors in pydantic's words without the value ("SLAP_MAX_QUEUE: Input should be a valid
     integer, unable to parse string as an integer", while HTTP errors said "got ..."), and the value

@@ -132,12 +132,18 @@ def test_start_up_prints_none_of_the_expected_library_warnings(tiny_server):
         assert noise not in log, noise
 
 
-def test_start_up_says_which_adapter_folder_it_serves(tiny_server):
+def test_start_up_says_which_adapter_folder_it_serves(tiny_server, tiny_cache_dir):
     """Guards a SLAP_ADAPTERS_DIR that silently names another folder (relative, with `bentoml serve PATH`,
     which runs in PATH): nothing said where adapters were looked for, and `GET /adapters` was simply empty.
-    Start-up prints the model and the absolute folder with what it holds."""
+    Start-up prints the model and the absolute folder with what it holds, then where the job board, ratings and
+    results are (guards a replica whose state nobody could see)."""
     folder = tiny_server.log_path.parent / "adapters"
-    assert f"slapgen: serving tiny; adapters from {folder}: none yet\n" in tiny_server.log_tail(10**7)
+    log = tiny_server.log_tail(10**7)
+    assert f"slapgen: serving tiny; adapters from {folder}: none yet\n" in log
+    # ... and where its state is (SLAP_CACHE_DIR is the session's tiny cache; the data folder its default)
+    cache = tiny_cache_dir
+    assert (f"slapgen: jobs in {cache / 'jobs.sqlite'}, ratings and campaigns in SQLite files in {cache / 'data'} "
+            f"(SLAP_DATABASE_URL is unset); job results in {cache / 'data' / 'results'}\n") in log
 
 
 def test_a_sweeps_runs_folder_says_why_its_runs_are_not_served(tiny_cache_dir, adapter_files, tmp_path):

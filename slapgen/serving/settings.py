@@ -167,6 +167,19 @@ class SlapSettings(BaseSettings):
         """Where a store lives: SLAP_DATABASE_URL, or else its own SQLite file."""
         return self.database_url or default_file
 
+    def where_state_is(self) -> str:
+        """Which database and results folder the service uses, for its start-up line: replicas that do not share
+        them lose each other's jobs, and nothing else showed it (one on SQLite by mistake looked like the others).
+        The database URL without its password."""
+        from sqlalchemy.engine import make_url
+
+        if self.database_url:
+            stores = f"jobs, ratings and campaigns in {make_url(self.database_url).render_as_string(hide_password=True)}"
+        else:
+            stores = (f"jobs in {(self.cache_dir / 'jobs.sqlite').absolute()}, ratings and campaigns in SQLite files in "
+                      f"{self.data_dir.absolute()} (SLAP_DATABASE_URL is unset)")
+        return f"{stores}; job results in {self.results_dir.absolute()}"
+
     def target_modules(self) -> tuple[str, ...] | None:
         """SLAP_LORA_TARGET_MODULES as module names; None when unset (the engine takes the model family's)."""
         return tuple(self.lora_target_modules.split(",")) if self.lora_target_modules else None

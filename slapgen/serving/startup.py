@@ -8,7 +8,11 @@
   it runs (the kernel drops it when the process ends, even by kill -9), and a second one stops.
 - slapgen's own database (SLAP_DATABASE_URL, or SQLite files: the job board under SLAP_CACHE_DIR, the
   ratings under SLAP_DATA_DIR): a folder that cannot be written, a file there that is not an SQLite
-  database, or a PostgreSQL that cannot be reached, is one sentence too.
+  database, or a PostgreSQL that cannot be reached, is one sentence too. The stores are opened (and their
+  schemas migrated) by the server's deployment hook and by each worker, never by importing the service:
+  `bentoml build` imports it too, and with SLAP_DATABASE_URL in the shell it migrated that database (a
+  production one, ahead of the replicas still running the old version) or wrote SQLite files under HOME
+  (`StoreOnFirstUse`).
 """
 
 from __future__ import annotations
@@ -17,9 +21,10 @@ import errno
 import fcntl
 import socket
 import sqlite3
+import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, TypeVar
+from typing import IO, Generic, TypeVar
 
 from slapgen.errors import StartupError
 
@@ -101,3 +106,24 @@ def with_store(what: str, where: Path | str, variable: str, use: Callable[[Path 
                            f"this server can reach and write")
     raise StartupError(f"cannot use {what} {where} ({reason}); {variable} must be a writable folder, and a file "
                        f"there that is not an SQLite database slapgen wrote must be moved away")
+
+
+class StoreOnFirstUse(Generic[T]):
+    """One of slapgen's stores, opened by `with_store(what, where, variable, use)` (one sentence when it cannot be)
+    the first time it is used: `open()`, or any attribute, which is the opened store's. What the service's routes
+    and middlewares hold from its import on; the deployment hook and each worker open it before serving."""
+
+    def __init__(self, what: str, where: Path | str, variable: str, use: Callable[[Path | str], T]):
+        self._arguments = (what, where, variable, use)
+        self._store: T | None = None
+        self._lock = threading.Lock()
+
+    def open(self) -> T:
+        with self._lock:
+            if self._store is None:
+                self._store = with_store(*self._arguments)
+            return self._store
+
+    def __getattr__(self, name: str):
+        return getattr(self.open(), name)
+
