@@ -439,6 +439,28 @@ def test_the_stop_grace_is_the_pods_grace_period():
     assert int(environment(service_container())["SLAP_STOP_GRACE_S"]["value"]) == pod["terminationGracePeriodSeconds"]
 
 
+def test_a_replica_holds_no_more_than_it_finishes_within_its_grace():
+    """Guards the example's queue (SLAP_MAX_QUEUE) outgrowing its stop grace: a job stays on the replica that took
+    it, so a replica holding 16 (the default) on a scale-down or rollout finished 2 and failed 14 (a walk-through's
+    find). The jobs a replica may hold, at the compiled 50-step CogVideoX-5B time measured on the H200, fit within
+    terminationGracePeriodSeconds."""
+    from tests.test_readme import h200_checks
+
+    pod = one("Deployment")["spec"]["template"]["spec"]
+    settings = environment(service_container())
+    assert (settings["SLAP_COMPILE"]["value"], settings["SLAP_QUANT"]["value"]) == ("1", "none")  # the time below's
+    video_s = h200_checks("call3-1-step.json")["bf16-compile-14-blocks"]["est_50_steps_s"]
+    assert int(settings["SLAP_MAX_QUEUE"]["value"]) * video_s <= pod["terminationGracePeriodSeconds"]
+
+
+def test_a_rollout_asks_for_no_gpu_beyond_the_replicas():
+    """Guards a rollout that waits forever: Kubernetes' default surge adds a pod (a GPU) before removing one, and
+    with the HPA at maxReplicas, which README sizes to the GPUs there are, none is free."""
+    strategy = one("Deployment")["spec"]["strategy"]
+    assert strategy["type"] == "RollingUpdate" and strategy["rollingUpdate"]["maxSurge"] == 0
+    assert strategy["rollingUpdate"]["maxUnavailable"] >= 1
+
+
 def test_every_ray_node_mounts_the_same_shared_sweep_volume():
     """Guards a sweep folder only some nodes see (a run on a worker writing checkpoints its retry on another
     node cannot find): the head and every worker group mount one ReadWriteMany claim at one path, and the
