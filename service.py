@@ -166,8 +166,11 @@ class SlapGen:
             resolve_model(settings.model, settings.cache_dir, allow_download=True)
             _say_where_adapters_are()
             # Before any worker starts: the jobs of a server that died (kill -9, a crash) end as failed.
-            with_store(JOB_BOARD, settings.store_database(settings.cache_dir / "jobs.sqlite"), "SLAP_CACHE_DIR",
-                       lambda where: job_board.end_orphaned(RESTARTED))
+            orphaned = with_store(JOB_BOARD, settings.store_database(settings.cache_dir / "jobs.sqlite"), "SLAP_CACHE_DIR",
+                                  lambda where: job_board.end_orphaned(RESTARTED))
+            if orphaned:
+                print(f"slapgen: {orphaned} unfinished job(s) of a server that is gone now read failed: {RESTARTED}",
+                      file=sys.stderr, flush=True)
         except SlapgenError as error:
             _exit_with(str(error))
         os.environ[SERVER_PID_VARIABLE] = str(os.getpid())
@@ -181,7 +184,9 @@ class SlapGen:
         # minutes of a cold compile: it has taken no request yet.
         with stopped_at_once_by_signals("starting up"):
             # Circus restarts a worker that died (out of memory): its jobs will never end by themselves.
-            job_board.end_dead_workers(WORKER_DIED)
+            if dead := job_board.end_dead_workers(WORKER_DIED):
+                print(f"slapgen: {dead} unfinished job(s) of a dead worker now read failed: {WORKER_DIED}",
+                      file=sys.stderr, flush=True)
             forget_dead_workers()  # ... and their generations no longer count in /metrics' load gauge
             quiet_client_errors()
             resolved = resolve_model(settings.model, settings.cache_dir, allow_download=False)
@@ -189,10 +194,20 @@ class SlapGen:
             self.generator = VideoGenerator.load(resolved, settings.engine_options(bentoml.server_context.worker_index or 1))
         # The replica's load on /metrics (slapgen_generations_in_flight), what a deployment scales on.
         self.generator.report_load(generations_in_flight_reporter())
-        # Told to stop, this replica finishes what it holds unless it is killed first: the board learns when.
-        if settings.stop_grace_s is not None and not on_stop_signal(lambda: job_board.stopping(settings.stop_grace_s)):
+        # Told to stop, this replica finishes what it holds unless it is killed first: its log says so (it answered
+        # nothing more and said nothing until it exited), and with SLAP_STOP_GRACE_S the board learns when.
+        if not on_stop_signal(self._told_to_stop) and settings.stop_grace_s is not None:
             print("slapgen: SLAP_STOP_GRACE_S is not used: this worker's service was built outside the main thread, "
                   "where no signal handler can be set", file=sys.stderr, flush=True)
+
+    def _told_to_stop(self) -> None:
+        held = self.generator.generations_held
+        killed = (f"; what is unfinished in {settings.stop_grace_s} s fails then (SLAP_STOP_GRACE_S)"
+                  if settings.stop_grace_s is not None else "")
+        print(f"slapgen: told to stop: worker {os.getpid()} finishes the {held} generation(s) it holds (running, waiting "
+              f"and submitted jobs), takes no new one, then exits{killed}", file=sys.stderr, flush=True)
+        if settings.stop_grace_s is not None:
+            job_board.stopping(settings.stop_grace_s)
 
     @bentoml.api(route="/generate")
     def generate(self, request: GenerateRequest, /, ctx: bentoml.Context) -> Annotated[Path, ContentType("video/mp4")]:

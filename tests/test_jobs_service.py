@@ -4,6 +4,7 @@ its own, and serves the tiny model at a larger native size, so a long request is
 
 from __future__ import annotations
 
+import re
 import time
 
 import httpx
@@ -172,6 +173,9 @@ def test_after_kill_9_the_workers_die_and_a_restart_on_the_same_port_fails_the_d
             job = job_progress(second, task_id)
             assert job["state"] == "failed" and "the server restarted" in job["error"], job
         assert job_progress(second, canceled)["state"] == "canceled"  # it had ended: left as it was
+        # ... and the restart says so (it failed them without a word)
+        assert "slapgen: 2 unfinished job(s) of a server that is gone now read failed: the server restarted" in \
+            second.log_tail(10**7)
         assert httpx.post(f"{second.url}/generate", json=SHORT, timeout=120).status_code == 200
     finally:
         for server in (first, second):
@@ -211,6 +215,7 @@ def test_a_worker_killed_mid_job_is_restarted_and_its_jobs_end_failed(tmp_path, 
         for task_id in (running, queued):
             job = job_progress(server, task_id)
             assert job["state"] == "failed" and "the worker running the job died" in job["error"], job
+        assert "slapgen: 2 unfinished job(s) of a dead worker now read failed: the worker running" in server.log_tail(10**7)
         assert server_load(server) == 0
         assert wait_for_job(server, _submit(server, SHORT).json()["task_id"],
                          {"completed", "failed", "canceled"})["state"] == "completed"
@@ -294,6 +299,10 @@ def test_a_server_stopped_with_sigterm_finishes_the_jobs_it_holds(tmp_path, tiny
     board = JobBoard(database)
     rows = {task_id: board.get(task_id) for task_id in task_ids}
     assert all(row["state"] == "completed" for row in rows.values()), (rows, server.log_tail())
+    # The log says what the stop waits for (it said nothing until the exit); some jobs may have ended before it.
+    said = re.findall(r"slapgen: told to stop: worker \d+ finishes the (\d+) generation\(s\) it holds .* then exits; "
+                      r"what is unfinished in 600 s fails then \(SLAP_STOP_GRACE_S\)\n", server.log_tail(10**7))
+    assert len(said) == 1 and 1 <= int(said[0]) <= 4, server.log_tail()
     for task_id in task_ids:
         frames, _ = read_mp4(tmp_path / "data" / "results" / f"{task_id}.mp4")
         assert frames.shape[0] == 9
@@ -333,6 +342,7 @@ def test_a_server_killed_at_the_end_of_its_stop_grace_leaves_its_jobs_failed_at_
         while None in (stop_by(running), stop_by(queued)) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert None not in (stop_by(running), stop_by(queued)), server.log_tail()
+        assert "finishes the 2 generation(s) it holds" in server.log_tail(10**7)  # the running job and the queued one
         assert {peer.get(task_id)["state"] for task_id in (running, queued)} == {"running", "queued"}
         for pid in server.live_processes():  # the kubelet's SIGKILL at the grace period's end
             server.signal_if_ours(pid, signal.SIGKILL)

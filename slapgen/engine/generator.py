@@ -147,6 +147,11 @@ class VideoGenerator:
         return decode_s
 
     @property
+    def generations_held(self) -> int:
+        """Generations admitted: the one running, those waiting for the model and submitted jobs not started."""
+        return self._queue.admitted
+
+    @property
     def queue_length(self) -> int:
         """Generations admitted and not running: waiting for the model, or submitted jobs not started yet."""
         return self._queue.waiting
