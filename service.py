@@ -179,10 +179,10 @@ class SlapGen:
         # A worker outliving a `kill -9` of `bentoml serve` would keep the port, the model and its job.
         if server_pid := os.environ.get(SERVER_PID_VARIABLE):
             die_with_parent(int(server_pid))
-        _open_stores()
         # A stop signal during the start-up (Ctrl-C, a scale-down) ends the worker at once instead of after the
-        # minutes of a cold compile: it has taken no request yet.
+        # minutes of a cold compile (or of a database that does not answer): it has taken no request yet.
         with stopped_at_once_by_signals("starting up"):
+            _open_stores()
             # Circus restarts a worker that died (out of memory): its jobs will never end by themselves.
             if dead := job_board.end_dead_workers(WORKER_DIED):
                 print(f"slapgen: {dead} unfinished job(s) of a dead worker now read failed: {WORKER_DIED}",

@@ -59,6 +59,14 @@ def database_url(value: str) -> str:
     raise ValueError(f"the {url.drivername} database is not supported; use sqlite:///PATH or postgresql://...")
 
 
+def shown_url(value: str) -> str:
+    """A database URL as a log line or an error may show it: its password hidden, in the user part and in the
+    query (`?password=`, `?sslpassword=`, which SQLAlchemy's own hiding leaves)."""
+    url = make_url(value)
+    secret = {key: "hidden" for key in url.query if key.lower() in ("password", "sslpassword")}
+    return url.update_query_dict(secret).render_as_string(hide_password=True)
+
+
 def sqlite_file_url(path: Path | str) -> str:
     return URL.create("sqlite", database=str(Path(path))).render_as_string()
 

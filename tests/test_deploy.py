@@ -442,15 +442,15 @@ def test_the_stop_grace_is_the_pods_grace_period():
 def test_a_replica_holds_no_more_than_it_finishes_within_its_grace():
     """Guards the example's queue (SLAP_MAX_QUEUE) outgrowing its stop grace: a job stays on the replica that took
     it, so a replica holding 16 (the default) on a scale-down or rollout finished 2 and failed 14 (a walk-through's
-    find). The jobs a replica may hold, at the compiled 50-step CogVideoX-5B time measured on the H200, fit within
-    terminationGracePeriodSeconds."""
+    find). The jobs a replica may hold, at the compiled 50-step CogVideoX-5B time measured on the H200 plus a fifth
+    for the VAE decode and the mp4 (not measured on a GPU yet), fit within terminationGracePeriodSeconds."""
     from tests.test_readme import h200_checks
 
     pod = one("Deployment")["spec"]["template"]["spec"]
     settings = environment(service_container())
     assert (settings["SLAP_COMPILE"]["value"], settings["SLAP_QUANT"]["value"]) == ("1", "none")  # the time below's
     video_s = h200_checks("call3-1-step.json")["bf16-compile-14-blocks"]["est_50_steps_s"]
-    assert int(settings["SLAP_MAX_QUEUE"]["value"]) * video_s <= pod["terminationGracePeriodSeconds"]
+    assert int(settings["SLAP_MAX_QUEUE"]["value"]) * video_s * 1.2 <= pod["terminationGracePeriodSeconds"]
 
 
 def test_a_rollout_asks_for_no_gpu_beyond_the_replicas():

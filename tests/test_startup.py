@@ -30,3 +30,31 @@ def test_an_unusable_store_folder_or_file_is_one_sentence_naming_the_setting(tmp
     with pytest.raises(StartupError, match=f"cannot write BentoML's task store lock {not_a_folder}/task_result.db.lock "
                                            rf"\(File exists: {not_a_folder}\); BENTOML_HOME must be a writable folder"):
         claim_task_store(str(not_a_folder / "task_result.db"))
+
+
+def test_a_store_opened_on_first_use_opens_once_and_only_when_used(tmp_path):
+    """Guards the service's stores being opened by importing service.py (`bentoml build` migrated the database in
+    SLAP_DATABASE_URL): a `StoreOnFirstUse` opens its store at the first attribute a caller uses, once, through
+    `with_store` (an unusable one is the same one sentence, raised there); copying it or asking for a private name
+    opens nothing (`copy` recursed into `__getattr__` before a review's fix)."""
+    import copy
+
+    from slapgen.serving.startup import StoreOnFirstUse
+
+    opened = []
+
+    def open_board(where):
+        opened.append(where)
+        return JobBoard(where)
+
+    store = StoreOnFirstUse("the job board", tmp_path / "jobs.sqlite", "SLAP_CACHE_DIR", open_board)
+    copy.copy(store)
+    assert not hasattr(store, "_engine") and opened == [] and not (tmp_path / "jobs.sqlite").exists()
+    assert store.get("t1") is None and store.submitted("t1", 4)["state"] == "queued"
+    assert store.get("t1")["state"] == "queued" and opened == [tmp_path / "jobs.sqlite"]
+
+    garbage = tmp_path / "garbage.sqlite"
+    garbage.write_bytes(b"\x00garbage\xff" * 512)
+    broken = StoreOnFirstUse("the job board", garbage, "SLAP_CACHE_DIR", JobBoard)
+    with pytest.raises(StartupError, match=r"^cannot use the job board .*garbage.sqlite .*SLAP_CACHE_DIR must be"):
+        broken.get("t1")

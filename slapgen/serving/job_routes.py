@@ -126,14 +126,14 @@ class JobRoutes:
             return await send_json(send, 400, validation_error_body(error, GenerateRequest.model_fields))
         except SlapgenError as error:
             return await error_response(error)(scope, receive, send)
+        headers = {}  # counted before the queue place is taken: nothing between taking and the release below may raise
+        if self.prompt_tokens is not None:
+            headers = prompt_token_headers(await run_in_threadpool(self.prompt_tokens, params.prompt))
         try:
             admission = await run_in_threadpool(self.admit)
         except SlapgenError as error:  # QueueFullError: 429 with Retry-After
             return await error_response(error)(scope, receive, send)
         scope.setdefault("state", {})[ADMISSION_KEY] = admission
-        headers = {}
-        if self.prompt_tokens is not None:
-            headers = prompt_token_headers(await run_in_threadpool(self.prompt_tokens, params.prompt))
         # Hold BentoML's answer until the board knows the task id it carries.
         messages: list[dict] = []
 

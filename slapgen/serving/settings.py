@@ -171,10 +171,10 @@ class SlapSettings(BaseSettings):
         """Which database and results folder the service uses, for its start-up line: replicas that do not share
         them lose each other's jobs, and nothing else showed it (one on SQLite by mistake looked like the others).
         The database URL without its password."""
-        from sqlalchemy.engine import make_url
+        from slapgen.database import shown_url
 
         if self.database_url:
-            stores = f"jobs, ratings and campaigns in {make_url(self.database_url).render_as_string(hide_password=True)}"
+            stores = f"jobs, ratings and campaigns in {shown_url(self.database_url)}"
         else:
             stores = (f"jobs in {(self.cache_dir / 'jobs.sqlite').absolute()}, ratings and campaigns in SQLite files in "
                       f"{self.data_dir.absolute()} (SLAP_DATABASE_URL is unset)")

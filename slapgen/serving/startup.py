@@ -89,7 +89,7 @@ def with_store(what: str, where: Path | str, variable: str, use: Callable[[Path 
     """`use(where)` (opening or reading one of slapgen's stores: an SQLite file's path, or the URL of
     SLAP_DATABASE_URL), or StartupError naming the file (or database) and the setting when the folder
     cannot be written, the file is not a usable SQLite database, or the database cannot be used."""
-    from sqlalchemy.engine import make_url
+    from slapgen.database import shown_url
     from sqlalchemy.exc import SQLAlchemyError
 
     try:
@@ -101,7 +101,7 @@ def with_store(what: str, where: Path | str, variable: str, use: Callable[[Path 
     except SQLAlchemyError as error:
         reason = " ".join(str(getattr(error, "orig", None) or error).split())
     if isinstance(where, str):  # a URL: its password never reaches a log
-        shown = make_url(where).render_as_string(hide_password=True)
+        shown = shown_url(where)
         raise StartupError(f"cannot use {what} in {shown} ({reason}); SLAP_DATABASE_URL must name a database "
                            f"this server can reach and write")
     raise StartupError(f"cannot use {what} {where} ({reason}); {variable} must be a writable folder, and a file "
@@ -119,11 +119,17 @@ class StoreOnFirstUse(Generic[T]):
         self._lock = threading.Lock()
 
     def open(self) -> T:
+        if (store := self._store) is not None:  # every job step reads the board: no lock once open
+            return store
         with self._lock:
             if self._store is None:
                 self._store = with_store(*self._arguments)
             return self._store
 
     def __getattr__(self, name: str):
+        # Not for private or special names: `copy` and `pickle` look those up on an instance without __init__'s
+        # attributes (this would recurse), and `hasattr` would open the database.
+        if name.startswith("_"):
+            raise AttributeError(name)
         return getattr(self.open(), name)
 
