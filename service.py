@@ -102,7 +102,7 @@ routes = build_routes(
 )
 
 
-def _say_where_adapters_are() -> None:  # the state's stores, and which settings change nothing
+def _say_what_is_served() -> None:  # the model, the adapters, where the state is, settings that change nothing
     # `bentoml serve PATH` runs in PATH, so a relative SLAP_ADAPTERS_DIR may name another folder than the one
     # the user meant; an empty listing would be the only sign.
     folder = settings.adapters_dir.absolute()
@@ -164,7 +164,7 @@ class SlapGen:
                 store.open()
             settings.engine_options()
             resolve_model(settings.model, settings.cache_dir, allow_download=True)
-            _say_where_adapters_are()
+            _say_what_is_served()
             # Before any worker starts: the jobs of a server that died (kill -9, a crash) end as failed.
             orphaned = with_store(JOB_BOARD, settings.store_database(settings.cache_dir / "jobs.sqlite"), "SLAP_CACHE_DIR",
                                   lambda where: job_board.end_orphaned(RESTARTED))
