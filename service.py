@@ -45,7 +45,7 @@ from slapgen.serving.request_bodies import CheckedBodies
 from slapgen.serving.requests import GenerateRequest, RenderRequest, prompt_token_headers
 from slapgen.serving.routes import build_routes
 from slapgen.serving.settings import load_settings
-from slapgen.serving.startup import StoreOnFirstUse, check_port_free, claim_task_store, listen_address, with_store
+from slapgen.serving.startup import StoreOnFirstUse, check_port_free, claim_task_store, listen_address
 
 
 def _exit_with(message: str) -> None:
@@ -160,14 +160,12 @@ class SlapGen:
         try:
             check_port_free(*listen_address())
             claim_task_store(BentoMLContainer.result_store_file.get())
-            for store in STORES:  # opened and migrated here, once, before any worker starts
-                store.open()
+            _open_stores()  # and migrated here, once, before any worker starts
             settings.engine_options()
             resolve_model(settings.model, settings.cache_dir, allow_download=True)
             _say_what_is_served()
             # Before any worker starts: the jobs of a server that died (kill -9, a crash) end as failed.
-            orphaned = with_store(JOB_BOARD, settings.store_database(settings.cache_dir / "jobs.sqlite"), "SLAP_CACHE_DIR",
-                                  lambda where: job_board.end_orphaned(RESTARTED))
+            orphaned = job_board.use(lambda board: board.end_orphaned(RESTARTED))
             if orphaned:
                 print(f"slapgen: {orphaned} unfinished job(s) of a server that is gone now read failed: {RESTARTED}",
                       file=sys.stderr, flush=True)

@@ -58,3 +58,7 @@ def test_a_store_opened_on_first_use_opens_once_and_only_when_used(tmp_path):
     broken = StoreOnFirstUse("the job board", garbage, "SLAP_CACHE_DIR", JobBoard)
     with pytest.raises(StartupError, match=r"^cannot use the job board .*garbage.sqlite .*SLAP_CACHE_DIR must be"):
         broken.get("t1")
+    # `use(action)`: the open store's answer, through the same sentence when the database fails it
+    assert store.use(lambda board: board.get("t1")["state"]) == "queued" and len(opened) == 1
+    with pytest.raises(StartupError, match=r"^cannot use the job board .*garbage.sqlite .*SLAP_CACHE_DIR must be"):
+        broken.use(lambda board: board.end_orphaned("gone"))

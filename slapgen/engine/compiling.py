@@ -35,10 +35,10 @@ once.
 autotuning results, keyed by the graph, the shapes, the inductor config, the device and torch's version,
 so another model or another torch simply misses. torch writes every entry to a hidden file and renames it
 into place (and builds each C++ kernel library under a file lock in the folder), so replicas that start at
-once can share it; each of them compiles what it does not find yet. The backend still sees every graph (a cache hit is found inside `compile_fx`), so the count
-above holds with a warm cache. What torch does not survive is a damaged kernel library in the folder (it
-loads the file as it finds it): any failure of the warm-up with the shared folder falls back to compiling
-in a private folder, said in one log line.
+once can share it; each of them compiles what it does not find yet. The backend still sees every graph (a
+cache hit is found inside `compile_fx`), so the count above holds with a warm cache. What torch does not
+survive is a damaged kernel library in the folder (it loads the file as it finds it): any failure of the
+warm-up with the shared folder falls back to compiling in a private folder, said in one log line.
 
 What a warm start still spends (tiny model, 2-core CPU, profiled in one process, the whole transformer
 compiled): about 5 s of dynamo tracing the transformer again and 5 s of loading the cached module, then the

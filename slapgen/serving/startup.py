@@ -29,6 +29,7 @@ from typing import IO, Generic, TypeVar
 from slapgen.errors import StartupError
 
 T = TypeVar("T")
+R = TypeVar("R")
 _held_locks: list[IO] = []  # open for the life of the process: closing a file drops its lock
 
 
@@ -110,7 +111,7 @@ def with_store(what: str, where: Path | str, variable: str, use: Callable[[Path 
 
 class StoreOnFirstUse(Generic[T]):
     """One of slapgen's stores, opened by `with_store(what, where, variable, use)` (one sentence when it cannot be)
-    the first time it is used: `open()`, or any attribute, which is the opened store's. What the service's routes
+    the first time it is used: `open()`, `use(action)`, or any attribute, which is the opened store's. What the service's routes
     and middlewares hold from its import on; the deployment hook and each worker open it before serving."""
 
     def __init__(self, what: str, where: Path | str, variable: str, use: Callable[[Path | str], T]):
@@ -125,6 +126,11 @@ class StoreOnFirstUse(Generic[T]):
             if self._store is None:
                 self._store = with_store(*self._arguments)
             return self._store
+
+    def use(self, action: Callable[[T], R]) -> R:
+        """`action(store)`, a database that fails it said in `with_store`'s one sentence (as opening it is)."""
+        what, where, variable, _ = self._arguments
+        return with_store(what, where, variable, lambda _where: action(self.open()))
 
     def __getattr__(self, name: str):
         # Not for private or special names: `copy` and `pickle` look those up on an instance without __init__'s
