@@ -118,6 +118,10 @@ class AdapterExistsError(AdapterError):
     """An upload under a name that is taken."""
 
 
+class AdapterNotRemovableError(AdapterError):
+    """A delete of an adapter the service did not write: a folder's LoRA (a training run's output)."""
+
+
 class AdapterTooLargeError(AdapterError):
     """An upload above the size limit."""
 

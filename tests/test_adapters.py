@@ -51,8 +51,37 @@ def test_trainer_adapters_validate_and_describe(adapter_files, target, tmp_path)
     shutil.copy(adapter_files["b"], folder / "pytorch_lora_weights.safetensors")
     assert store.names() == ["a", "b"]
     assert [d["rank"] for d in store.describe()] == [4, 8]
-    store.remove("b")
-    assert store.names() == ["a"] and not folder.exists()
+
+
+def test_a_delete_removes_adapter_files_and_never_a_folders_lora(adapter_files, target, tmp_path):
+    """Guards DELETE /adapters/NAME taking a training run's LoRA: README serves runs straight from their folder
+    (SLAP_ADAPTERS_DIR=runs), and deleting adapter `smoke` unlinked runs/smoke/pytorch_lora_weights.safetensors,
+    the run's only final LoRA (a walk-through's eval and campaign then named a missing file). A folder's LoRA is
+    refused with the sentence saying why, every file of the folder kept; an uploaded file, and a link to a run's
+    file, are removed (the link only)."""
+    from slapgen.errors import AdapterNotRemovableError
+
+    store = AdapterStore(tmp_path / "runs", target, cache_size=4)
+    run = tmp_path / "runs" / "smoke"  # a training run: its LoRA beside its checkpoints
+    (run / "checkpoint-000005").mkdir(parents=True)
+    shutil.copy(adapter_files["b"], run / "pytorch_lora_weights.safetensors")
+    (run / "checkpoint-000005" / "pytorch_lora_weights.safetensors").write_bytes(adapter_files["a"].read_bytes())
+    before = sorted((path.relative_to(run), path.read_bytes()) for path in run.rglob("*") if path.is_file())
+    store.add("uploaded", adapter_files["a"].read_bytes())
+    (tmp_path / "runs" / "linked.safetensors").symlink_to(run / "pytorch_lora_weights.safetensors")
+    assert store.names() == ["linked", "smoke", "uploaded"]
+
+    with pytest.raises(AdapterNotRemovableError) as refused:
+        store.remove("smoke")
+    assert str(refused.value) == (
+        f"adapter smoke is the folder {run} (a training run, or a LoRA folder put there by hand): the service deletes "
+        "only adapter files it could have been uploaded as (smoke.safetensors); move or remove the folder yourself")
+    assert refused.value.field == "name"
+    assert sorted((path.relative_to(run), path.read_bytes()) for path in run.rglob("*") if path.is_file()) == before
+    store.remove("uploaded")
+    store.remove("linked")
+    assert store.names() == ["smoke"] and not (tmp_path / "runs" / "uploaded.safetensors").exists()
+    assert (run / "pytorch_lora_weights.safetensors").read_bytes() == adapter_files["b"].read_bytes()
 
 
 RULE = "(1-64 characters of a-z, 0-9, _ and -)"

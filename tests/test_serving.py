@@ -218,6 +218,10 @@ def test_upload_and_delete_need_the_token(server, adapter_files, tmp_path):
     assert generate(server, adapter="c").status_code == 400
     assert httpx.delete(f"{server.url}/adapters/c", headers=AUTH).status_code == 404
     assert httpx.delete(f"{server.url}/adapters/..%2Fa", headers=AUTH).status_code in (400, 404)
+    # Adapter b is a LoRA folder (a training run's, served in place): its file is never the service's to delete.
+    refused = httpx.delete(f"{server.url}/adapters/b", headers=AUTH)
+    assert refused.status_code == 409 and refused.json()["detail"][0]["loc"] == ["name"], refused.text
+    assert "move or remove the folder yourself" in refused.json()["error"]
     assert {a["name"] for a in httpx.get(f"{server.url}/adapters").json()["adapters"]} == {"a", "b"}
 
 

@@ -30,8 +30,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save
 
 from slapgen.atomic import atomic_write_bytes
-from slapgen.errors import (AdapterError, AdapterExistsError, AdapterNotFoundError, AdapterTooLargeError, TicftLayoutError,
-                            first_line)
+from slapgen.errors import (AdapterError, AdapterExistsError, AdapterNotFoundError, AdapterNotRemovableError,
+                            AdapterTooLargeError, TicftLayoutError, first_line)
 from slapgen.models import lora_format
 from slapgen.models.family import family_named, registered_families
 from slapgen.models.lora_format import (DIFFUSERS_METADATA_KEY, KEY_PATTERN, WEIGHTS_FILE, Header, HeaderError, parse_header,
@@ -581,13 +581,18 @@ class AdapterStore:
         return adapter
 
     def remove(self, name: str) -> None:
+        """Delete an adapter file (`NAME.safetensors`: what an upload writes, or a link to a file). Never a folder's
+        LoRA: README serves training runs straight from their folder (`SLAP_ADAPTERS_DIR=runs`), and a delete took
+        the run's `pytorch_lora_weights.safetensors`, its only final LoRA, out from under eval and campaigns."""
         check_name(name, field="name")
         with self._lock:
             path = weights_path(self.folder, name)
             if path is None:
                 raise AdapterNotFoundError(f"no adapter named {name}", field="name")
-            path.unlink()
-            # A diffusers LoRA folder goes too, but only once nothing else of the user's is left in it.
-            if path.parent != self.folder and not any(path.parent.iterdir()):
-                path.parent.rmdir()
+            if path.parent != self.folder:
+                raise AdapterNotRemovableError(
+                    f"adapter {name} is the folder {path.parent} (a training run, or a LoRA folder put there by hand): "
+                    f"the service deletes only adapter files it could have been uploaded as ({name}.safetensors); "
+                    "move or remove the folder yourself", field="name")
+            path.unlink()  # a link is removed, never what it points to
             self._cache.pop(name, None)

@@ -15,6 +15,7 @@ from starlette.responses import JSONResponse
 from slapgen.errors import (
     AdapterExistsError,
     AdapterNotFoundError,
+    AdapterNotRemovableError,
     AdapterTooLargeError,
     CampaignConflictError,
     CampaignNotFoundError,
@@ -34,6 +35,7 @@ from slapgen.errors import (
 STATUS_BY_ERROR: list[tuple[type[SlapgenError], int]] = [
     (AdapterNotFoundError, 404),
     (AdapterExistsError, 409),
+    (AdapterNotRemovableError, 409),
     (AdapterTooLargeError, 413),
     (JobNotFoundError, 404),
     (CampaignNotFoundError, 404),
