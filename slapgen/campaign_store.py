@@ -58,6 +58,9 @@ pairs = Table("pairs", _metadata, Column("pair_id", Text, primary_key=True), Col
               Column("rater", Text), Column("left_system", Text), Column("right_system", Text),
               Column("item", Integer), Column("repeat", Integer), Column("issued_at", Double),
               Column("answered_at", Double))
+# A rating, as a budget, `slapgen campaign list` and a rater's answered pairs count them: an answered pair that
+# is not a repeat (a pair shown again to measure the rater's consistency).
+RATINGS = (pairs.c.answered_at.is_not(None), pairs.c.repeat == 0)
 # One open pair per rater (campaigns_0002): what makes two concurrent `GET /pair` issue one pair.
 Index("pairs_one_open_per_rater", pairs.c.campaign, pairs.c.rater, unique=True,
       sqlite_where=text("answered_at IS NULL"), postgresql_where=text("answered_at IS NULL"))
@@ -88,7 +91,7 @@ class CampaignSpec:
     items: list[Item]
     criteria: list[str]
     videos: dict[tuple[str, int], Path]  # (system, item index) -> mp4 to copy
-    budget: int | None = None  # ratings per criterion after which the campaign is done anyway
+    budget: int | None = None  # ratings (RATINGS) after which the campaign is done and issues no new pair
     sources: list[str] = field(default_factory=list)
     metric_directions: dict[str, bool] = field(default_factory=dict)  # metric -> higher is better
     system_scores: dict[str, dict[str, float]] = field(default_factory=dict)  # system -> metric -> value
@@ -141,8 +144,15 @@ class DeletedCampaign:
     name: str
     videos: int
     pairs: int  # issued, answered or not, repeats included
-    ratings: int  # answered pairs, repeats included: each verdict set a rater gave
+    ratings: int  # answered pairs, repeats excluded (as `overview` and a budget count them)
     raters: int  # who answered at least one
+    repeats: int = 0  # answered repeats: pairs shown again to measure a rater's consistency
+
+
+def ratings_phrase(ratings: int, repeats: int, raters: int) -> str:
+    """"3 ratings (and 1 repeat of a pair shown again) from 2 raters": what deleting a campaign loses or lost."""
+    again = f" (and {repeats} repeat{'s' * (repeats != 1)} of a pair shown again)" if repeats else ""
+    return f"{ratings} rating{'s' * (ratings != 1)}{again} from {raters} rater{'s' * (raters != 1)}"
 
 
 @dataclass(frozen=True)
@@ -223,7 +233,7 @@ class CampaignStore:
         """Every campaign with its progress: ratings answered (per criterion, repeats excluded), raters."""
         counts = {name: (answered, raters) for name, answered, raters in self._read(
             select(pairs.c.campaign, func.count(), func.count(distinct(pairs.c.rater)))
-            .where(pairs.c.answered_at.is_not(None), pairs.c.repeat == 0).group_by(pairs.c.campaign))}
+            .where(*RATINGS).group_by(pairs.c.campaign))}
         out = []
         for name, created_at, spec in self._read(
                 select(campaigns.c.name, campaigns.c.created_at, campaigns.c.spec).order_by(campaigns.c.name)):
@@ -233,6 +243,10 @@ class CampaignStore:
                         "items": len(campaign.items), "criteria": campaign.criteria, "ratings": answered,
                         "budget": campaign.budget, "raters": raters})
         return out
+
+    def rating_count(self, name: str) -> int:
+        """The ratings campaign `name` has (repeats excluded): what its budget counts and `overview` lists."""
+        return self._read(select(func.count()).select_from(pairs).where(pairs.c.campaign == name, *RATINGS))[0][0]
 
     def delete(self, name: str, with_ratings: bool = False) -> DeletedCampaign:
         """Remove campaign `name`: its row, videos, pairs and verdicts in one transaction, then its copied
@@ -244,17 +258,18 @@ class CampaignStore:
             if db.execute(delete(campaigns).where(campaigns.c.name == name)).rowcount != 1:
                 raise CampaignNotFoundError(f"no campaign named {name!r}", field="name")
             issued = db.execute(delete(pairs).where(pairs.c.campaign == name)
-                                .returning(pairs.c.rater, pairs.c.answered_at)).all()
-            answered = [rater for rater, answered_at in issued if answered_at is not None]
+                                .returning(pairs.c.rater, pairs.c.answered_at, pairs.c.repeat)).all()
+            answered = [(rater, repeat) for rater, answered_at, repeat in issued if answered_at is not None]
+            # Counted as `list` counts them, repeats apart (a walk-through read 11 ratings here and 10 there).
+            repeats = sum(1 for _, repeat in answered if repeat)
+            ratings, raters = len(answered) - repeats, len({rater for rater, _ in answered})
             if answered and not with_ratings:  # raising rolls the transaction back: nothing is deleted
-                raters = len(set(answered))
-                raise CampaignRatedError(f"campaign {name} has {len(answered)} rating{'s' * (len(answered) != 1)} "
-                                         f"from {raters} rater{'s' * (raters != 1)}, which deleting it loses",
-                                         len(answered), raters)
+                raise CampaignRatedError(f"campaign {name} has {ratings_phrase(ratings, repeats, raters)}, which "
+                                         "deleting it loses", ratings, raters)
             db.execute(delete(verdicts_table).where(verdicts_table.c.campaign == name))
             removed_videos = db.execute(delete(videos).where(videos.c.campaign == name)).rowcount
         self._discard_folder(name)
-        return DeletedCampaign(name, removed_videos, len(issued), len(answered), len(set(answered)))
+        return DeletedCampaign(name, removed_videos, len(issued), ratings, raters, repeats)
 
     def _discard_folder(self, name: str) -> None:
         """Remove a deleted campaign's folder: renamed first to a hidden name no campaign can have (a crash
@@ -371,8 +386,7 @@ class CampaignStore:
         return out
 
     def answered_pairs(self, name: str, rater: str) -> list[IssuedPair]:
-        rows = self._read(select(pairs.c.pair_id).where(pairs.c.campaign == name, pairs.c.rater == rater,
-                                                        pairs.c.answered_at.is_not(None), pairs.c.repeat == 0)
+        rows = self._read(select(pairs.c.pair_id).where(pairs.c.campaign == name, pairs.c.rater == rater, *RATINGS)
                           .order_by(pairs.c.answered_at))
         return [self.pair(name, pair_id) for (pair_id,) in rows]
 
@@ -392,23 +406,28 @@ def verdicts_of(rows: list[dict], criterion: str, repeats: bool = False):
             for row in rows if row["criterion"] == criterion and (repeats or not row["repeat"])]
 
 
-def next_pair_for(store: CampaignStore, name: str, rater: str, generator) -> IssuedPair | None:
+def next_pair_for(store: CampaignStore, name: str, rater: str, generator) -> IssuedPair | str:
     """The pair to show `rater` next: the one they have open, else now and then a repeat of one they
     answered (sides swapped), else `ranking.next_pair` on the campaign's first criterion (the pair
-    expected to tell the most about the ranking). None when the rater has judged every pair on every item."""
+    expected to tell the most about the ranking). Else the sentence why there is none: the campaign's budget is
+    reached (pairs were issued and rated past it: 10 of a budget of 8 in a walk-through; an open pair is still
+    answered, a rater's work is never refused), or the rater has judged every pair on every item (and then no
+    repeat either: one came now and then after "judged every pair", which read as a flip-flop)."""
     from slapgen.evaluation.ranking import next_pair
 
     campaign = store.get(name)
     if (open_pair := store.open_pair(name, rater)) is not None:
         return open_pair
+    if campaign.budget is not None and (rated := store.rating_count(name)) >= campaign.budget:
+        return f"{name} is done: its budget of {campaign.budget} ratings is reached ({rated} given)"
     answered = store.answered_pairs(name, rater)
-    if answered and generator.random() < REPEAT_SHARE:
-        again = answered[generator.integers(len(answered))]
-        return store.issue_pair(name, rater, again.right, again.left, again.item, repeat=True)
     item_index = {(str(item.prompt_index), item.seed): k for k, item in enumerate(campaign.items)}
     verdicts = verdicts_of(store.verdicts(name), campaign.criteria[0])
     chosen = next_pair(verdicts, campaign.systems, list(item_index), rater, generator)
     if chosen is None:
-        return None
+        return f"{rater} has judged every pair of systems on every prompt and seed of {name}"
+    if answered and generator.random() < REPEAT_SHARE:
+        again = answered[generator.integers(len(answered))]
+        return store.issue_pair(name, rater, again.right, again.left, again.item, repeat=True)
     return store.issue_pair(name, rater, chosen.left, chosen.right, item_index[(chosen.prompt, chosen.seed)],
                             repeat=False)

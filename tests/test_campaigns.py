@@ -23,7 +23,7 @@ from trainer.campaign import comparable_metrics, plan_campaign
 from trainer.cli import main
 
 CAPTIONS = ["a slap lands on the cheek", "=HYPERLINK(\"x\") the striker winds up", "the defender's head snaps sideways",
-            "a foul: the palm hits the ear"]
+            "a foul: the palm hits the ear", "the referee steps in", "the striker resets his stance"]
 
 
 def write_eval_dir(folder: Path, systems: list[str], prompts: int = 3, seeds: tuple[int, ...] = (0, 1),
@@ -304,15 +304,17 @@ def assert_error(response, status: int, fragment: str):
     assert set(body) == {"error", "detail"} and fragment in body["error"], body
 
 
-def check_errors(client, name: str):
-    """The 409, 400s and 404s of the campaign routes, in the one error shape."""
+def check_errors(client, name: str, store: CampaignStore | None = None):
+    """The 409, 400s and 404s of the campaign routes, in the one error shape. With `store`, the pair answered
+    twice is issued through it (a campaign past its budget issues none)."""
     assert_error(client.get("/campaigns/nope/pair", params={"rater": "ana"}), 404, "no campaign named 'nope'")
     assert_error(client.get(f"/campaigns/{name}/pair"), 400, "rater is required")
     assert_error(client.get(f"/campaigns/{name}/pair", params={"rater": "  "}), 400, "at least 1 character")
     assert_error(client.get(f"/campaigns/{name}/videos/abc.mp4"), 404, "has no video 'abc'")
     assert_error(client.get("/campaigns/nope/leaderboard"), 404, "no campaign named")
     assert_error(client.get("/campaigns/nope/verdicts.csv"), 404, "no campaign named")
-    pair = client.get(f"/campaigns/{name}/pair", params={"rater": "err"}).json()
+    pair = (client.get(f"/campaigns/{name}/pair", params={"rater": "err"}).json() if store is None else
+            {"pair_id": store.issue_pair(name, "err", "base", "lora_a", 0, repeat=False).pair_id})
     post = lambda body: client.post(f"/campaigns/{name}/ratings", json=body)  # noqa: E731
     assert_error(post({"pair_id": "nope", "rater": "err", "verdicts": {"overall": "left"}}), 404, "has no pair 'nope'")
     assert_error(post({"pair_id": pair["pair_id"], "rater": "err", "verdicts": {"colour": "left"}}), 400,
@@ -378,6 +380,9 @@ def test_simulated_raters_rank_the_systems_through_a_real_server(tiny_server, ti
         for answered in range(200):
             rater = f"r{answered % 3}"
             pair = client.get(f"/campaigns/{name}/pair", params={"rater": rater}).json()
+            if pair["pair_id"] is None:  # the budget is reached: no new pair
+                board = client.get(f"/campaigns/{name}/leaderboard").json()["criteria"]["overall"]
+                break
             shown = store.pair(name, pair["pair_id"])
             choice = simulated_choice((shown.left, shown.right), rng)
             response = client.post(f"/campaigns/{name}/ratings",
@@ -406,7 +411,7 @@ def test_simulated_raters_rank_the_systems_through_a_real_server(tiny_server, ti
         assert all(row["rater"] in ("r0", "r1", "r2") and row["created_at"] > 0 for row in exported)
         listed = {c["name"]: c for c in client.get("/campaigns").json()["campaigns"]}
         assert listed[name]["ratings"] == board["ratings"]
-        check_errors(client, name)
+        check_errors(client, name, store)
 
 
 def _download(client: httpx.Client, path: str, target: Path) -> Path:
@@ -518,12 +523,14 @@ def heldout_loss_definition(family: str, systems: list[str]) -> dict:
             "seed": 0, "clips": 3, "objective": objective, "objectives": {system: "text-to-video" for system in systems}}
 
 
-def answered_leaderboard(store: CampaignStore, name: str) -> dict:
-    """The `overall` leaderboard after one rater answered every pair of `name` (left always preferred)."""
+def answered_leaderboard(store: CampaignStore, name: str, preferred: str | None = None) -> dict:
+    """The `overall` leaderboard after one rater answered every pair of `name`: `preferred` (a system) whenever
+    shown, else the left video."""
     with TestClient(Starlette(routes=campaign_routes(store))) as client:
         while (pair := client.get(f"/campaigns/{name}/pair", params={"rater": "ana"}).json())["pair_id"] is not None:
+            choice = "right" if store.pair(name, pair["pair_id"]).right == preferred else "left"
             client.post(f"/campaigns/{name}/ratings", json={"pair_id": pair["pair_id"], "rater": "ana",
-                                                            "verdicts": {"overall": "left"}})
+                                                            "verdicts": {"overall": choice}})
         response = client.get(f"/campaigns/{name}/leaderboard")
     assert response.status_code == 200, response.text
     return response.json()["criteria"]["overall"]
@@ -675,24 +682,112 @@ def test_the_leaderboard_names_the_winners_lora_file(tmp_path):
     for file in files.values():
         file.parent.mkdir(parents=True)
         file.write_bytes(b"weights")
-    folder = write_eval_dir(tmp_path / "eval", ["lora_a", "lora_b"], prompts=3, seeds=(0,),
+    folder = write_eval_dir(tmp_path / "eval", ["lora_a", "lora_b"], prompts=6, seeds=(0,),
                             adapters={"lora_a": str(files["lora_a"]), "lora_b": "../runs/b/last.safetensors"})
     store = CampaignStore(tmp_path / "data")
     store.create(plan_campaign("pick", [folder]))
     assert store.get("pick").adapters == {name: str(file.resolve()) for name, file in files.items()}
     with TestClient(Starlette(routes=campaign_routes(store))) as client:
         assert client.get("/campaigns/pick/leaderboard").json()["criteria"]["overall"]["winner"] is None
-    board = answered_leaderboard(store, "pick")
+    board = answered_leaderboard(store, "pick", preferred="lora_b")  # on 6 prompts: separated
     assert board["done"]
     top = board["standings"][0]["system"]
+    assert top == "lora_b"
     path = str(files[top].resolve())
-    assert board["winner"] == {"system": top, "adapter": path, "sentence": (
+    assert board["reason"] == "separated"
+    assert board["winner"] == {"system": top, "adapter": path, "separated": True, "sentence": (
         f"{top} won; its LoRA file is {path} (serve it: POST /adapters/upload, or copy it to "
         "SLAP_ADAPTERS_DIR/NAME.safetensors)")}
     from slapgen.evaluation.leaderboard import winner
 
     assert winner("base", {"base": None, "lora_a": path}) == {
-        "system": "base", "adapter": None, "sentence": "base won: the base model, served without an adapter"}
+        "system": "base", "adapter": None, "separated": True,
+        "sentence": "base won: the base model, served without an adapter"}
     assert winner("lora_a", {})["sentence"] == (
         "lora_a won; this campaign was made before campaigns recorded LoRA files: the `adapter` of its system in the "
         "eval.json it came from names its file")
+
+
+def test_a_campaign_stopped_by_its_budget_names_a_leader_not_a_winner(tmp_path):
+    """Guards a leaderboard saying "X won" right under "the budget of 8 ratings is reached, on 4 prompts: too few
+    to separate the top system from the second" (a walk-through's campaign): done by its budget without the top
+    system separated, `winner` is the leader with `separated` false, and its sentence names the second it is not
+    separated from; the LoRA file is still named (the budget is the decision to stop)."""
+    files = {name: tmp_path / "runs" / name / "pytorch_lora_weights.safetensors" for name in ("lora_a", "lora_b")}
+    for file in files.values():
+        file.parent.mkdir(parents=True)
+        file.write_bytes(b"weights")
+    folder = write_eval_dir(tmp_path / "eval", ["lora_a", "lora_b"], prompts=3, seeds=(0,),
+                            adapters={name: str(file) for name, file in files.items()})
+    store = CampaignStore(tmp_path / "data")
+    store.create(plan_campaign("short", [folder], budget=2))
+    with TestClient(Starlette(routes=campaign_routes(store))) as client:
+        for _ in range(2):
+            pair = client.get("/campaigns/short/pair", params={"rater": "ana"}).json()
+            client.post("/campaigns/short/ratings", json={"pair_id": pair["pair_id"], "rater": "ana",
+                                                         "verdicts": {"overall": "left"}}).raise_for_status()
+        board = client.get("/campaigns/short/leaderboard").json()["criteria"]["overall"]
+    assert (board["done"], board["reason"]) == (True, "budget")
+    top, second = (standing["system"] for standing in board["standings"])
+    path = str(files[top].resolve())
+    assert board["winner"] == {"system": top, "adapter": path, "separated": False, "sentence": (
+        f"{top} leads, but these ratings do not separate it from {second} (the budget ran out first); its LoRA file "
+        f"is {path} (serve it: POST /adapters/upload, or copy it to SLAP_ADAPTERS_DIR/NAME.safetensors)")}
+
+
+def test_no_pair_is_issued_past_the_budget_nor_a_repeat_once_every_pair_is_judged(tmp_path):
+    """Guards a budget that bounded nothing (a walk-through's campaign with --budget 8 was issued and rated past it:
+    `list` read 10/8) and a rater told "judged every pair" who got a repeat a few calls later (5% of calls),
+    then the sentence again; and `campaign delete` counting repeats as ratings (11 there, 10 in `list`). Once the
+    budget's ratings are in (repeats do not count, as in `list`), a rater without an open pair gets no pair and
+    the sentence saying the campaign is done; one with an open pair still gets it and may answer it. A rater who
+    judged every pair gets the sentence even when the draw asks for a repeat."""
+    from slapgen.campaign_store import REPEAT_SHARE, next_pair_for
+
+    folder = write_eval_dir(tmp_path / "eval", ["lora_a", "lora_b"], prompts=3, seeds=(0,))
+    store = CampaignStore(tmp_path / "data")
+    store.create(plan_campaign("short", [folder], budget=2))
+    with TestClient(Starlette(routes=campaign_routes(store))) as client:
+        def pair_for(rater: str) -> dict:
+            return client.get("/campaigns/short/pair", params={"rater": rater}).json()
+
+        def rate(pair: dict) -> None:
+            client.post("/campaigns/short/ratings", json={"pair_id": pair["pair_id"], "rater": pair["rater"],
+                                                         "verdicts": {"overall": "left"}}).raise_for_status()
+
+        first, held = pair_for("ana"), pair_for("ben")  # ben's pair stays open while the budget fills
+        rate(first)
+        shown = store.pair("short", first["pair_id"])
+        repeat = store.issue_pair("short", "ana", shown.right, shown.left, shown.item, repeat=True)
+        assert pair_for("ana")["pair_id"] == repeat.pair_id
+        rate(pair_for("ana"))  # the repeat: not a rating
+        rate(pair_for("ana"))
+        assert store.rating_count("short") == 2
+        assert pair_for("cleo") == {"campaign": "short", "pair_id": None, "rater": "cleo",
+                                    "message": "short is done: its budget of 2 ratings is reached (2 given)"}
+        assert pair_for("ben")["pair_id"] == held["pair_id"]  # an open pair is still answered
+        rate(held)
+        assert pair_for("ben")["message"] == "short is done: its budget of 2 ratings is reached (3 given)"
+        assert store.overview()[0]["ratings"] == 3
+    with pytest.raises(CampaignRatedError) as refused:
+        store.delete("short")
+    assert str(refused.value) == ("campaign short has 3 ratings (and 1 repeat of a pair shown again) from 2 raters, "
+                                  "which deleting it loses")
+
+    class AlwaysRepeat:  # a generator whose every draw asks for a repeat of an answered pair
+        def __init__(self):
+            self.rng = np.random.default_rng(0)
+
+        def random(self):
+            return 0.0
+
+        def __getattr__(self, name):
+            return getattr(self.rng, name)
+
+    assert 0.0 < REPEAT_SHARE
+    store.create(plan_campaign("one", [write_eval_dir(tmp_path / "one", ["lora_a", "lora_b"], prompts=1, seeds=(0,))],
+                               budget=5))  # room for more raters: dora's one pair is not the budget's last
+    only = next_pair_for(store, "one", "dora", np.random.default_rng(0))
+    store.answer("one", only.pair_id, "dora", {"overall": "right"})
+    assert next_pair_for(store, "one", "dora", AlwaysRepeat()) == (
+        "dora has judged every pair of systems on every prompt and seed of one")

@@ -303,17 +303,19 @@ def cmd_campaign_list(args) -> int:
 
 
 def cmd_campaign_delete(args) -> int:
+    from slapgen.campaign_store import ratings_phrase
     from slapgen.serving.settings import load_settings
     from trainer.campaign import delete_campaign
 
     settings = load_settings()
     deleted = delete_campaign(settings.data_dir, args.name, args.yes, database=settings.database_url)
+
     def counted(number: int, noun: str) -> str:
         return f"{number} {noun}{'s' * (number != 1)}"
 
-    raters = f" from {counted(deleted.raters, 'rater')}" if deleted.ratings else ""
+    lost = ratings_phrase(deleted.ratings, deleted.repeats, deleted.raters) if deleted.raters else "0 ratings"
     print(f"deleted campaign {deleted.name}: {counted(deleted.videos, 'video')}, {counted(deleted.pairs, 'issued pair')}, "
-          f"{counted(deleted.ratings, 'rating')}{raters}")
+          f"{lost}")
     return 0
 
 
@@ -495,7 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--systems", metavar="A,B,...", help="the systems to rate (default: all of them)")
     create.add_argument("--criteria", metavar="C1,C2,...", help="what raters judge, e.g. overall,motion (default overall)")
     create.add_argument("--budget", type=int, metavar="N",
-                        help="ratings per criterion after which the campaign is done anyway "
+                        help="ratings after which the campaign is done and issues no new pair "
                              "(default: every pair of systems once on every prompt and seed)")
     create.set_defaults(run=cmd_campaign_create)
     listing = camp_commands.add_parser("list", help="every campaign in the service's data store: systems, ratings "

@@ -49,7 +49,9 @@ def criterion_board(verdicts: Sequence[Verdict], repeats: Sequence[Verdict], sys
         "done": stop.done,
         "reason": stop.reason,
         "why": _why(stop, ranking.top_beats_second, budget, ranking.ratings, ranking.prompts),
-        "winner": winner(ranking.standings[0].system, adapters or {}) if stop.done and ranking.standings else None,
+        "winner": (winner(ranking.standings[0].system, adapters or {},
+                          runner_up=None if stop.reason == "separated" else ranking.standings[1].system)
+                   if stop.done and ranking.standings else None),
         "inter_rater_alpha": krippendorff_alpha(verdicts),
         "rater_consistency": {rater: c.to_json() for rater, c in rater_consistency([*verdicts, *repeats]).items()},
         "metrics": metrics,
@@ -60,18 +62,23 @@ def criterion_board(verdicts: Sequence[Verdict], repeats: Sequence[Verdict], sys
     }
 
 
-def winner(system: str, adapters: Mapping[str, str | None]) -> dict:
+def winner(system: str, adapters: Mapping[str, str | None], runner_up: str | None = None) -> dict:
     """The top system of a done criterion with its LoRA file (`adapter`, None for the base model or when the
-    campaign did not record it) and a sentence saying how to serve it."""
+    campaign did not record it) and a sentence saying how to serve it. `runner_up`: the second system when the
+    criterion is done without the top one separated from it (the budget ran out first): the sentence says it
+    leads, not that it won (a walk-through's campaign of 8 ratings on 4 prompts read "smoke won" right under
+    "too few to separate the top system from the second"), and `separated` is false."""
+    leads = (f"{system} won" if runner_up is None else
+             f"{system} leads, but these ratings do not separate it from {runner_up} (the budget ran out first)")
     if system not in adapters:
-        sentence = (f"{system} won; this campaign was made before campaigns recorded LoRA files: the `adapter` of "
+        sentence = (f"{leads}; this campaign was made before campaigns recorded LoRA files: the `adapter` of "
                     "its system in the eval.json it came from names its file")
     elif adapters[system] is None:
-        sentence = f"{system} won: the base model, served without an adapter"
+        sentence = f"{leads}: the base model, served without an adapter"
     else:
-        sentence = (f"{system} won; its LoRA file is {adapters[system]} (serve it: POST /adapters/upload, or copy it to "
+        sentence = (f"{leads}; its LoRA file is {adapters[system]} (serve it: POST /adapters/upload, or copy it to "
                     "SLAP_ADAPTERS_DIR/NAME.safetensors)")
-    return {"system": system, "adapter": adapters.get(system), "sentence": sentence}
+    return {"system": system, "adapter": adapters.get(system), "separated": runner_up is None, "sentence": sentence}
 
 
 def _finite(value: float) -> float | None:

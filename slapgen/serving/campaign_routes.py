@@ -62,9 +62,8 @@ def campaign_routes(store: CampaignStore) -> list:
 
     def next_pair(name: str, rater: str) -> dict:
         pair = next_pair_for(store, name, rater, np.random.default_rng())
-        if pair is None:
-            return {"campaign": name, "pair_id": None, "rater": rater,
-                    "message": f"{rater} has judged every pair of systems on every prompt and seed of {name}"}
+        if isinstance(pair, str):  # none: why
+            return {"campaign": name, "pair_id": None, "rater": rater, "message": pair}
         return pair_body(name, pair)
 
     def leaderboard(name: str) -> dict:
