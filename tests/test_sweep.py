@@ -490,8 +490,15 @@ def test_generation_metrics_are_slapgen_evals_on_each_saved_lora(generation_swee
 
     readme = (out / "README.md").read_text()
     assert "| run | lora.rank | optim.learning_rate | lora.alpha | " + " | ".join(COLUMNS) + " | best |" in readme
-    for row in rows:
-        assert f"| {float(row[clip]):.6g} |" in readme or f"| **{float(row[clip]):.6g}** |" in readme
+    # Each column's best number is bold, in the column's own direction (as eval.md bolds them): the winner's whole
+    # row was bold, which read as the best of every column (a walk-through's find).
+    table = [line.split(" | ") for line in readme.splitlines() if line.startswith(tuple(f"| {r['run']} |" for r in rows))]
+    assert len(table) == len(rows)
+    for k, column in enumerate(COLUMNS, start=4):
+        pick = min if column in ("heldout_loss",) else max  # CLIP, DINO consistency, flickering: higher is better
+        best_run = pick(rows, key=lambda row: float(row[column]))["run"]
+        assert [cells[0].removeprefix("| ") for cells in table if cells[k].startswith("**")] == [best_run], column
+        assert all(cells[k].strip("*") == f"{float(row[column]):.6g}" for cells, row in zip(table, rows))
     for column in COLUMNS:
         assert f"![{column}]({column}.png)" in readme
         assert matplotlib.image.imread(out / f"{column}.png").ndim == 3

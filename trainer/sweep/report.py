@@ -240,8 +240,10 @@ def write_best_yaml(path: Path, definition: SweepDefinition, best: Winner, out: 
         f"#   {', '.join(f'{key}={_cell(config_value(best.run.config, key))}' for key in varied_keys(definition))}.",
         f"# Its LoRA in the sweep folder: {best.lora}",
         *(textwrap.wrap(f"This config trains it: {plan.why}.", width=100, initial_indent="# ", subsequent_indent="#   ")),
-        f"# Train it: {train_command(best, definition.data, str(path), f'runs/{best.name}')}",
-        f"#   (the LoRA: {trained_lora(best, f'runs/{best.name}')})",
+        # runs/best, as README says: served as adapter `best` from SLAP_ADAPTERS_DIR=runs (a run's own name, e.g.
+        # 03-learning_rate=1e-2_rank=8, is no adapter name).
+        f"# Train it: {train_command(best, definition.data, str(path), 'runs/best')}",
+        f"#   (the LoRA: {trained_lora(best, 'runs/best')})",
         f"# (add --set latent_cache={Path(out).resolve() / CACHE_DIR} to reuse the sweep's encoded clips)",
         "",
     ]
@@ -254,15 +256,26 @@ def _number(metrics: dict, column: str, bold: bool) -> str:
     return f"**{metric_text(metrics[column])}**" if bold else metric_text(metrics[column])
 
 
+def _best_per_column(rows: dict[str, dict], columns: list[str]) -> dict[str, str | None]:
+    """column -> the row with its best value (`picking.best_of`: each metric in its own direction), bold in the
+    table as eval.md bolds them; the winner by --pick-by has the `best` column. (The winner's whole row was bold,
+    which read as the best of every column where another row had a better number: a walk-through's find.)"""
+    return {column: best_of({row: metrics.get(column) for row, metrics in rows.items()}, column) for column in columns}
+
+
 def _checkpoint_table(definition: SweepDefinition, best: Winner, out: Path) -> list[str]:
     keys = varied_keys(definition)
     columns = definition.columns
     lines = ["| run | step | " + " | ".join(keys) + " | " + " | ".join(columns) + " | best |",
              "|---" * (len(keys) + len(columns) + 3) + "|"]
-    for run, entry in scored_candidates(definition, out):
+    candidates = scored_candidates(definition, out)
+    bold = _best_per_column({system_name(run.name, entry["step"]): entry["metrics"] for run, entry in candidates},
+                            columns)
+    for run, entry in candidates:
         won = (run.name, entry["step"]) == (best.name, best.step)
+        row = system_name(run.name, entry["step"])
         cells = [run.name, str(entry["step"]), *(_cell(config_value(run.config, key)) for key in keys),
-                 *(_number(entry["metrics"], c, won) for c in columns), "**best**" if won else ""]
+                 *(_number(entry["metrics"], c, bold[c] == row) for c in columns), "**best**" if won else ""]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -272,9 +285,10 @@ def _markdown_table(definition: SweepDefinition, results: dict[str, dict], best:
     columns = definition.columns
     lines = ["| run | " + " | ".join(keys) + " | " + " | ".join(columns) + " | best |",
              "|---" * (len(keys) + len(columns) + 2) + "|"]
+    bold = _best_per_column({run.name: results[run.name]["metrics"] for run in definition.runs}, columns)
     for run in definition.runs:
         metrics = results[run.name]["metrics"]
-        shown = [f"**{metric_text(metrics[c])}**" if run.name == best.name else metric_text(metrics[c]) for c in columns]
+        shown = [_number(metrics, c, bold[c] == run.name) for c in columns]
         cells = [run.name, *(_cell(config_value(run.config, key)) for key in keys), *shown,
                  "**best**" if run.name == best.name else ""]
         lines.append("| " + " | ".join(cells) + " |")
