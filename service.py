@@ -271,7 +271,9 @@ class SlapGen:
 
 def _resolve(request: GenerateRequest, generator: VideoGenerator):
     """The request checked against the running model, its adapters and their TIC-FT layouts."""
-    return request.for_model(generator.spec, generator.adapters.names(), generator.adapters.ticft_layout)
+    # The folder is listed only for a request that names an adapter: the base model is served whatever the folder.
+    served = generator.adapters.names() if request.adapter is not None else None
+    return request.for_model(generator.spec, served, generator.adapters.ticft_layout)
 
 
 def _check_job(request: GenerateRequest):

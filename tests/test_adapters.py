@@ -84,6 +84,97 @@ def test_a_delete_removes_adapter_files_and_never_a_folders_lora(adapter_files, 
     assert (run / "pytorch_lora_weights.safetensors").read_bytes() == adapter_files["b"].read_bytes()
 
 
+READ_AN_UNREADABLE_FOLDER = r"""
+import json, os, pickle, sys
+from pathlib import Path
+from slapgen.engine.adapters import AdapterError, AdapterStore
+
+folder, target = Path(sys.argv[1]), pickle.loads(Path(sys.argv[2]).read_bytes())
+store = AdapterStore(folder, target, cache_size=4)
+seen = {"names": store.names(), "described": store.describe(), "a": store.get("a").rank}
+try:
+    store.get("locked")
+except AdapterError as error:
+    seen["locked"] = str(error)
+os.chmod(folder, 0)  # the whole folder unreadable: a stale NFS handle reads the same way
+try:
+    store.names()
+except AdapterError as error:
+    seen["folder"] = str(error)
+finally:
+    os.chmod(folder, 0o755)
+print(json.dumps(seen))
+"""
+
+
+@pytest.mark.slow  # a Python process without root's permission override
+def test_an_unreadable_entry_of_the_adapters_folder_is_that_entrys_problem(adapter_files, target, tmp_path):
+    """Guards one unreadable entry of SLAP_ADAPTERS_DIR breaking the service: a folder without permission (a
+    user's, or `lost+found` on a volume for a service that is not root) made `Path.is_file` raise, so every request
+    (the base model's too), `GET /adapters` and start-up ended in a PermissionError traceback (a review's find). In a
+    process without root's permission override, the other adapters are listed and served, the locked one is not
+    listed and naming it is one sentence; an unreadable folder itself is one sentence (start-up says it)."""
+    import os
+    import pickle
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT, offline_env
+
+    folder = tmp_path / "adapters"
+    folder.mkdir()
+    shutil.copy(adapter_files["a"], folder / "a.safetensors")
+    for locked in ("locked", "lost+found"):
+        (folder / locked).mkdir()
+        shutil.copy(adapter_files["b"], folder / locked / "pytorch_lora_weights.safetensors")
+        (folder / locked).chmod(0)
+    (tmp_path / "target.pickle").write_bytes(pickle.dumps(target))
+    # As root, drop the capabilities that let root read anything (what a service that is not root lacks).
+    unprivileged = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"] if os.geteuid() == 0 else []
+    try:
+        done = subprocess.run([*unprivileged, sys.executable, "-c", READ_AN_UNREADABLE_FOLDER, str(folder),
+                               str(tmp_path / "target.pickle")], cwd=REPO_ROOT, env=offline_env(tmp_path),
+                              capture_output=True, text=True, timeout=300)
+    finally:
+        for locked in ("locked", "lost+found"):
+            (folder / locked).chmod(0o755)
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.splitlines()[-1])
+    assert seen["names"] == ["a"] and [entry["name"] for entry in seen["described"]] == ["a"] and seen["a"] == 4
+    path = folder / "locked" / "pytorch_lora_weights.safetensors"
+    assert seen["locked"] == f"adapter locked cannot be read (PermissionError: [Errno 13] Permission denied: '{path}')"
+    assert seen["folder"] == (f"the adapters folder {folder} cannot be read (PermissionError: [Errno 13] Permission "
+                              f"denied: '{folder}')")
+
+
+def test_a_file_larger_than_an_upload_may_be_is_refused_before_it_is_read(adapter_files, target, tmp_path):
+    """Guards a file put in the adapters folder by hand being read whole at every request that names it: a 6 GB
+    file took 35 s and 6.6 GiB of the worker each time, only to be refused for its header (a review's find). A
+    file above the upload limit is refused from its size (a sparse file here: reading it would take 3 GiB), in
+    the listing too, and a file with a bad header from its header alone."""
+    import os
+
+    store = AdapterStore(tmp_path, target, cache_size=4)
+    shutil.copy(adapter_files["a"], tmp_path / "a.safetensors")
+    with open(tmp_path / "huge.safetensors", "wb") as huge:
+        huge.write((2**20).to_bytes(8, "little"))  # a header length, then nothing but (sparse) zeros
+        os.truncate(huge.fileno(), adapters_module.MAX_ADAPTER_BYTES + 2**30)
+    sentence = "adapter huge is 3.0 GiB, larger than the 2 GiB an adapter may be"
+    with pytest.raises(AdapterError) as refused:
+        store.get("huge")
+    assert str(refused.value) == sentence
+    assert {entry["name"]: entry.get("error") for entry in store.describe()} == {"a": None, "huge": sentence}
+    reads = []
+    original = type(tmp_path).read_bytes
+    with pytest.MonkeyPatch.context() as patch:  # counts whole-file reads (the header is read apart)
+        patch.setattr(type(tmp_path), "read_bytes", lambda path: reads.append(path.name) or original(path))
+        os.truncate(tmp_path / "huge.safetensors", 2**30)  # under the limit now, its header still garbage
+        with pytest.raises(AdapterError, match="adapter huge is not a readable safetensors file"):
+            store.get("huge")
+        assert store.get("a").rank == 4
+    assert reads == ["a.safetensors"]
+
+
 RULE = "(1-64 characters of a-z, 0-9, _ and -)"
 
 

@@ -154,6 +154,14 @@ def folder_header(folder: Path, name: str) -> Header:
     if path is None:
         raise AdapterNotFoundError(f"adapter {name} was just deleted", field="adapter")
     try:
+        size = path.stat().st_size
+    except OSError as error:
+        raise AdapterError(f"adapter {name} cannot be read ({type(error).__name__}: {first_line(error, 200)})",
+                           field="adapter") from None
+    if size > MAX_ADAPTER_BYTES:  # bounded as an upload is: a file put in the folder by hand is read whole for use
+        raise AdapterError(f"adapter {name} is {size / 1024**3:.1f} GiB, larger than the {MAX_ADAPTER_BYTES // 1024**3} "
+                           "GiB an adapter may be", field="adapter")
+    try:
         return read_file_header(path)
     except HeaderError as error:
         raise AdapterError(f"adapter {name} is not a readable safetensors file ({error})", field="adapter") from None
@@ -424,10 +432,26 @@ def convert_community(name: str, data: bytes, header: Header, layout: str, targe
 
 
 def weights_path(folder: Path, name: str) -> Path | None:
+    """Adapter `name`'s weights file in `folder`, None when there is none. A file whose status cannot be read (no
+    permission on its folder, a stale NFS handle) is that adapter's AdapterError, never a crash of the request."""
     for candidate in (folder / f"{name}.safetensors", folder / name / WEIGHTS_FILE):
-        if candidate.is_file():
-            return candidate
+        try:
+            if candidate.is_file():
+                return candidate
+        except OSError as error:
+            raise AdapterError(f"adapter {name} cannot be read ({type(error).__name__}: {first_line(error, 200)})",
+                               field="adapter") from None
     return None
+
+
+def _is_file(path: Path) -> bool:
+    """`path.is_file()`, False for an entry whose status cannot be read. Python raises there (only a missing file
+    is False): one folder without permission in SLAP_ADAPTERS_DIR (or `lost+found` on a volume, for a service
+    that is not root) made every request a 500, `GET /adapters` included, and start-up a traceback."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
 
 
 def entry_adapter_name(entry: Path) -> str | None:
@@ -436,14 +460,23 @@ def entry_adapter_name(entry: Path) -> str | None:
     one. Hidden entries are never adapters: they are editors' files and atomic writes' staging copies."""
     if entry.name.startswith("."):
         return None
-    if entry.is_file():
-        return entry.name.removesuffix(".safetensors") if entry.name.endswith(".safetensors") else None
-    return entry.name if (entry / WEIGHTS_FILE).is_file() else None
+    if entry.name.endswith(".safetensors") and _is_file(entry):
+        return entry.name.removesuffix(".safetensors")
+    return entry.name if _is_file(entry / WEIGHTS_FILE) else None
+
+
+def folder_entries(folder: Path) -> list[Path]:
+    """The entries of the adapters folder; a folder that cannot be listed is one AdapterError."""
+    try:
+        return list(Path(folder).iterdir())
+    except OSError as error:
+        raise AdapterError(f"the adapters folder {folder} cannot be read ({type(error).__name__}: "
+                           f"{first_line(error, 200)})", field="adapter") from None
 
 
 def adapter_names(folder: Path) -> list[str]:
     """The adapters `folder` serves: its adapter-like entries whose names are allowed (ADAPTER_NAME_PATTERN)."""
-    found = {entry_adapter_name(entry) for entry in Path(folder).iterdir()}
+    found = {entry_adapter_name(entry) for entry in folder_entries(folder)}
     return sorted(name for name in found if name is not None and ADAPTER_NAME_PATTERN.fullmatch(name))
 
 
@@ -453,14 +486,20 @@ def misnamed_adapters(folder: Path) -> dict[str, str]:
     served and what to do; those an allowed name already links to (served under it) are left out. They are
     never served: every use goes by an allowed name."""
     names = adapter_names(folder)
-    served = {path.resolve() for name in names if (path := weights_path(folder, name)) is not None}
+    served = set()
+    for name in names:
+        try:
+            if (path := weights_path(folder, name)) is not None:
+                served.add(path.resolve())
+        except AdapterError:  # gone unreadable since the listing: listed with its error by the caller
+            continue
     taken = set(names)
     misnamed = {}
-    for entry in sorted(Path(folder).iterdir()):
+    for entry in sorted(folder_entries(folder)):
         name = entry_adapter_name(entry)
         if name is None or ADAPTER_NAME_PATTERN.fullmatch(name):
             continue
-        weights = entry if entry.is_file() else entry / WEIGHTS_FILE
+        weights = entry if _is_file(entry) else entry / WEIGHTS_FILE
         if weights.resolve() in served:
             continue
         misnamed[name] = misnamed_error(entry, name, taken)
@@ -473,7 +512,7 @@ def misnamed_error(entry: Path, name: str, taken: set[str]) -> str:
     def quoted(text: str) -> str:
         return f"`{text}`" if text.isprintable() else shown(text, 255)
 
-    if entry.is_file():
+    if _is_file(entry):
         what = f"adapter file {quoted(entry.name)} is not served: {quoted(name)} is"
         weights = entry.name
     else:
@@ -523,18 +562,24 @@ class AdapterStore:
             raise AdapterNotFoundError(f"no adapter named {name}; available: {', '.join(self.names()) or 'none'}",
                                        field="adapter")
         try:
-            stamp = path.stat().st_mtime_ns
+            status = path.stat()
             with self._lock:
                 cached = self._cache.get(name)
-                if cached and cached[0] == stamp:
+                if cached and cached[0] == status.st_mtime_ns:
                     self._cache.move_to_end(name)
                     return cached[1]
+            # Its size and header first: a 6 GB file named by a request was read whole into the worker (35 s,
+            # 6.6 GiB) at every request, only to be refused for its header (a review's find).
+            folder_header(self.folder, name)
             data = path.read_bytes()
         except FileNotFoundError:  # deleted between the lookup and the read
             raise AdapterNotFoundError(f"adapter {name} was just deleted", field="adapter") from None
+        except OSError as error:  # unreadable: this adapter's problem, said in one sentence
+            raise AdapterError(f"adapter {name} cannot be read ({type(error).__name__}: {first_line(error, 200)})",
+                               field="adapter") from None
         adapter = parse_adapter(name, data, self.target)
         with self._lock:
-            self._cache[name] = (stamp, adapter)
+            self._cache[name] = (status.st_mtime_ns, adapter)
             self._cache.move_to_end(name)
             while len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
