@@ -5,8 +5,8 @@ so a condition image reaches the model exactly as training frames did. It cuts t
 output's aspect before it scales, so its work and memory are bounded by the source and the output,
 whatever the source's shape (scaling first made a 1x4096 image a 393,216x96 one). `decode_image` reads
 only PNG and JPEG (the first frame of an animated one), refuses more than `MAX_IMAGE_BYTES`,
-`MAX_IMAGE_PIXELS` or `MAX_IMAGE_ASPECT` before decoding a pixel (the size is in the header), and turns
-every decoder failure into one `ImageError`.
+`MAX_IMAGE_PIXELS`, `MAX_IMAGE_ASPECT` or `MAX_JPEG_SCANS` before decoding a pixel (the size is in the header),
+and turns every decoder failure into one `ImageError`.
 """
 
 from __future__ import annotations
@@ -24,6 +24,10 @@ MAX_IMAGE_BYTES = 8 * 1024**2
 MAX_IMAGE_PIXELS = 4096 * 4096
 # Longer side over shorter side: wider than a panorama, the centre crop would keep a sliver of the image.
 MAX_IMAGE_ASPECT = 10
+# A progressive JPEG is decoded scan by scan, each over the whole image: a 4096x4096 one whose 33-byte scan was
+# repeated 30,000 times (1.2 MB) took 32 s of a worker to decode (a review's find), and the byte limit allows
+# 250,000. Encoders write about 10 (Pillow: 10 for colour, 6 for grey; a baseline JPEG has 1).
+MAX_JPEG_SCANS = 64
 # Pillow's integer modes: 16-bit greyscale PNGs (values 0-65535), scaled to 8 bits, not clipped to white.
 WIDE_GREY_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
 IMAGE_FORMATS = ("PNG", "JPEG")
@@ -41,6 +45,8 @@ def decode_image(data: bytes) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
             check_image_size(*image.size)  # from the header: nothing is decoded yet
+            if image.format == "JPEG":
+                check_jpeg_scans(data)
             image.load()  # an animated PNG: its first frame
             upright = ImageOps.exif_transpose(image)
             if upright.mode in WIDE_GREY_MODES:
@@ -72,6 +78,15 @@ def check_image_size(width: int, height: int) -> None:
     if max(width, height) > MAX_IMAGE_ASPECT * min(width, height):
         raise ImageError(f"the image is {width}x{height} pixels; its longer side may be at most {MAX_IMAGE_ASPECT} "
                          "times its shorter side")
+
+
+def check_jpeg_scans(data: bytes) -> None:
+    """ImageError for a JPEG of more than MAX_JPEG_SCANS scans. Each scan starts with the marker FF DA, which
+    nothing else in a JPEG holds: the coded data stuffs every FF with 00 (an embedded EXIF thumbnail may add
+    its own scans, well within the limit)."""
+    if (scans := data.count(b"\xff\xda")) > MAX_JPEG_SCANS:
+        raise ImageError(f"the JPEG has {scans} scans; at most {MAX_JPEG_SCANS} are accepted (an encoder writes about "
+                         "10 for a progressive JPEG, 1 for a baseline one)")
 
 
 def centre_crop_box(source_height: int, source_width: int, height: int, width: int) -> tuple[int, int, int, int]:

@@ -130,6 +130,35 @@ def test_refusals_say_what_is_wrong_in_the_clients_terms():
                                       f"{MAX_IMAGE_PIXELS:,} pixels are accepted"), kind
 
 
+def test_a_jpeg_of_too_many_scans_is_refused_before_it_is_decoded():
+    """Guards a decode-time bomb within every size limit: a progressive JPEG is decoded scan by scan, each over the
+    whole image, and a 4096x4096 one with one 33-byte scan repeated 30,000 times (1.2 MB) held a worker 32 s
+    (a review's find; concurrent ones starved other clients). A JPEG of more than MAX_JPEG_SCANS scans is refused
+    from its bytes; Pillow's own progressive JPEGs (10 scans in colour, 6 in grey) decode to their pixels."""
+    import io
+
+    from PIL import Image
+
+    from slapgen.images import MAX_JPEG_SCANS
+
+    pixels = np.random.default_rng(0).integers(0, 256, (64, 48, 3), dtype=np.uint8)
+    for mode, scans in (("RGB", 10), ("L", 6)):
+        encoded = io.BytesIO()
+        Image.fromarray(pixels).convert(mode).save(encoded, "JPEG", progressive=True, quality=95)
+        data = encoded.getvalue()
+        assert data.count(b"\xff\xda") == scans
+        reference = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+        np.testing.assert_array_equal(decode_condition_image(_encoded(data)), reference)
+    last_scan = data.rindex(b"\xff\xda")  # the grey one's last scan, up to the end-of-image marker
+    scan, end = data[last_scan:-2], data[-2:]
+    assert end == b"\xff\xd9"
+    bomb = data[:-2] + scan * (MAX_JPEG_SCANS - scans + 1) + end
+    with pytest.raises(RequestError) as refused:
+        decode_condition_image(_encoded(bomb))
+    assert str(refused.value) == (f"condition_image: the JPEG has {MAX_JPEG_SCANS + 1} scans; at most {MAX_JPEG_SCANS} "
+                                  "are accepted (an encoder writes about 10 for a progressive JPEG, 1 for a baseline one)")
+
+
 def test_an_image_over_the_byte_limit_is_refused_in_mib_not_base64_characters():
     """Guards two sentences for one limit: an 8.5 MiB PNG (under the 12 MiB body) was refused by a field
     length, "condition_image must have at most 11446954 characters, got 11883872 characters", while one of
