@@ -179,6 +179,26 @@ def test_ratings_from_many_writers_are_all_kept_and_a_broken_submission_leaves_n
     assert len(stores[2].all()) == 16 and stores[2].summary()["rated_pairs"] == 8
 
 
+def test_the_ratings_summary_is_computed_once_per_change_of_the_ratings(database_url, monkeypatch):
+    """Guards every GET /ratings/summary computing the bootstrap again (10 s and 3 GB for 20,000 rated prompts, any
+    number of clients at once; a review's find): the summary is computed once for the same ratings, again after any
+    store (another worker or replica) adds one, and always equals the summary of every rating as they are then."""
+    import slapgen.serving.ratings as ratings_module
+
+    computed = []
+    summarise = ratings_module.summarise
+    monkeypatch.setattr(ratings_module, "summarise", lambda rows: computed.append(len(rows)) or summarise(rows))
+    reader, writer = RatingStore(database_url), RatingStore(database_url)
+    assert reader.summary() == summarise([]) and reader.summary() == summarise([])
+    writer.add([_rating("ana", "overall")])
+    writer.add([_rating("ben", "overall", "right")])
+    assert reader.summary() == summarise(reader.all()) and reader.summary()["ratings"] == 2
+    assert reader.summary() is reader.summary()
+    writer.add([_rating("cleo", "overall", "tie")])
+    assert reader.summary() == summarise(reader.all()) and reader.summary()["ratings"] == 3
+    assert computed == [0, 2, 3]
+
+
 def test_without_postgresql_its_tests_skip_with_one_reason_unless_ci_requires_it(monkeypatch):
     """Guards a missing PostgreSQL that errors every parametrised test with a traceback, or that CI would
     skip silently: without Debian's binaries the tests skip with one sentence saying what to install, and

@@ -15,6 +15,10 @@ import numpy as np
 
 WIN, TIE, LOSS = 1.0, 0.5, 0.0
 DEFAULT_RESAMPLES = 10_000
+# Unit indices drawn at once by `ratio_interval` (32 MiB): all 10,000 resamples of the studio's 20,000 rated prompts
+# in one draw took 3.2 GB of a worker per summary (a review's find); in chunks, the same draws (numpy's stream does
+# not depend on how it is cut) in bounded memory.
+DRAW_CHUNK_ELEMENTS = 2**22
 
 
 @dataclass(frozen=True)
@@ -75,8 +79,13 @@ def ratio_interval(numerators: np.ndarray, denominators: np.ndarray, resamples: 
                    confidence: float = 0.95) -> tuple[float, float]:
     """The percentile bootstrap interval of sum(numerators) / sum(denominators), resampling units (one
     entry of each array per unit): a win rate's, a metric's agreement with raters'."""
-    draws = resample_units(len(numerators), resamples, seed)
-    low, high = percentile_interval(numerators[draws].sum(axis=1) / denominators[draws].sum(axis=1), confidence)
+    generator = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    rows = max(1, DRAW_CHUNK_ELEMENTS // max(1, len(numerators)))
+    ratios = []
+    for start in range(0, resamples, rows):
+        draws = resample_units(len(numerators), min(rows, resamples - start), generator)
+        ratios.append(numerators[draws].sum(axis=1) / denominators[draws].sum(axis=1))
+    low, high = percentile_interval(np.concatenate(ratios), confidence)
     return float(low), float(high)
 
 
