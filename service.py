@@ -39,6 +39,7 @@ from slapgen.campaign_store import CampaignStore
 from slapgen.serving.ratings import RatingStore
 from slapgen.serving.jobs import JobBoard
 from slapgen.serving.load_metric import forget_dead_workers, generations_in_flight_reporter
+from slapgen.serving.metric_labels import EndpointLabels, install as install_metric_labels
 from slapgen.serving.results import ResultStore
 from slapgen.serving.json_only import JsonBodiesOnly
 from slapgen.serving.request_bodies import CheckedBodies
@@ -295,3 +296,7 @@ SlapGen.add_asgi_middleware(JobRoutes, check=_check_job, admit=lambda: bentoml.g
                              board=job_board, results=job_results,
                              prompt_tokens=lambda text: bentoml.get_current_service().generator.prompt_tokens.count(text))
 SlapGen.add_asgi_middleware(ApiDocument, spec=lambda: SlapGen.openapi_spec.asdict(), version=version("slapgen"))
+# BentoML's request metrics labelled by the route a request reached, never its raw path: one series per path
+# made /metrics (and the load gauge the autoscaler reads there) as large as clients wished.
+install_metric_labels(EndpointLabels(routes.routes, [api.route for api in SlapGen.apis.values()],
+                                     [api.route for api in SlapGen.apis.values() if api.is_task]))
