@@ -175,6 +175,32 @@ def test_a_file_larger_than_an_upload_may_be_is_refused_before_it_is_read(adapte
     assert reads == ["a.safetensors"]
 
 
+def test_the_listing_shows_the_alpha_and_modules_the_slot_swaps_in(adapter_files, target, tmp_path):
+    """Guards GET /adapters showing slapgen's own metadata rather than what is used: an upload whose
+    `slapgen.alpha` said 4 while its peft config (diffusers' `lora_adapter_metadata`, which the slot swaps in by)
+    said 64 was listed at alpha 4, and a peft `target_modules` given as one string was listed as its sorted
+    characters (a review's finds). The listing and a loaded adapter's info show the config's alpha and modules,
+    the string as one entry; diffusers' own file without metadata shows the alpha diffusers assumes (its rank)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from slapgen.models import lora_format
+
+    with safe_open(str(adapter_files["b"]), "pt") as opened:
+        metadata = dict(opened.metadata())
+    peft = json.loads(metadata[lora_format.DIFFUSERS_METADATA_KEY])
+    assert float(metadata[lora_format.ALPHA_KEY]) == 4.0
+    peft["lora_alpha"], peft["target_modules"] = 64, "to_q|to_k|to_v|to_out.0"
+    store = AdapterStore(tmp_path, target, cache_size=4)
+    save_file(load_file(adapter_files["b"]), tmp_path / "mixed.safetensors",
+              metadata={**metadata, lora_format.DIFFUSERS_METADATA_KEY: json.dumps(peft)})
+    shutil.copy(adapter_files["no-alpha"], tmp_path / "plain.safetensors")
+    listed = {entry["name"]: entry for entry in store.describe()}
+    assert (listed["mixed"]["alpha"], listed["mixed"]["target_modules"]) == (64.0, ["to_q|to_k|to_v|to_out.0"])
+    assert store.get("mixed").config.lora_alpha == 64 and store.get("mixed").info() == listed["mixed"]
+    assert (listed["plain"]["rank"], listed["plain"]["alpha"]) == (4, 4.0)
+
+
 RULE = "(1-64 characters of a-z, 0-9, _ and -)"
 
 

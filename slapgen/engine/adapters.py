@@ -88,25 +88,23 @@ class LoadedAdapter:
     ticft_layout: TicftLayout | None = None  # a TIC-FT adapter: generates from a condition image
 
     def info(self) -> dict:
-        return adapter_info(self.name, self.metadata, self.rank)
+        return adapter_info(self.name, self.metadata, self.rank, self.config)
 
 
-def adapter_info(name: str, metadata: dict[str, str], rank: int) -> dict:
-    """What `GET /adapters` shows for one adapter (already validated); needs only the file's header."""
-    peft = lora_format.peft_metadata(metadata)
-    alpha = metadata.get(lora_format.ALPHA_KEY) or peft.get("lora_alpha") or rank
+def adapter_info(name: str, metadata: dict[str, str], rank: int, config) -> dict:
+    """What `GET /adapters` shows for one adapter (already validated); needs only the file's header. Alpha and
+    target modules as the slot swaps the adapter in (`config`, the peft config diffusers builds), not as slapgen's
+    own metadata says: an upload that said alpha 4 in `slapgen.alpha` ran at its peft alpha of 1e6, and a string of
+    target modules was listed as its sorted characters (a review's finds)."""
     steps = metadata.get(lora_format.STEPS_KEY)
-    if lora_format.TARGET_MODULES_KEY in metadata:
-        targets = metadata[lora_format.TARGET_MODULES_KEY].split(",")
-    else:
-        targets = peft.get("target_modules")
+    targets = config.target_modules
     return {
         "name": name,
         "rank": rank,
-        "alpha": float(alpha),
+        "alpha": float(config.lora_alpha),
         "base_model": metadata.get(lora_format.BASE_MODEL_KEY),
         "steps": int(steps) if steps else None,
-        "target_modules": sorted(targets) if targets else None,
+        "target_modules": [targets] if isinstance(targets, str) else sorted(targets) if targets else None,
         "ticft_layout": metadata.get(lora_format.TICFT_LAYOUT_KEY),
         "trigger_word": metadata.get(lora_format.TRIGGER_WORD_KEY),
         "converted_from": metadata.get(lora_format.CONVERTED_FROM_KEY),
@@ -607,7 +605,8 @@ class AdapterStore:
 
     def _describe(self, name: str) -> dict:
         header = folder_header(self.folder, name)
-        return adapter_info(name, header.metadata, check_adapter(name, header, self.target).rank)
+        checked = check_adapter(name, header, self.target)
+        return adapter_info(name, header.metadata, checked.rank, checked.config)
 
     def add(self, name: str, data: bytes) -> LoadedAdapter:
         """Validate (a community layout converted to diffusers' first, `prepare_upload`), then write atomically.
