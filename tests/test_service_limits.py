@@ -353,7 +353,8 @@ def test_an_admitted_job_holds_its_place_until_its_generation_ends(engine):
 
 def test_names_match_whole_and_deletes_touch_only_the_adapter(engine, adapter_files, tmp_path):
     """Guards names with a trailing newline being accepted (`$` before a newline) and deleting a folder
-    adapter removing unrelated files of that folder; and a delete racing a read being a 500."""
+    adapter touching the folder's files (its LoRA is never the service's to delete: test_adapters); and a delete
+    racing a read being a 500."""
     with pytest.raises(AdapterError):
         check_name("a\n")
     store = AdapterStore(tmp_path / "adapters", engine.adapters.target, cache_size=2)
@@ -361,8 +362,10 @@ def test_names_match_whole_and_deletes_touch_only_the_adapter(engine, adapter_fi
     folder.mkdir()
     shutil.copy(adapter_files["a"], folder / "pytorch_lora_weights.safetensors")
     (folder / "notes.txt").write_text("the user's own file")
-    store.remove("kept")
-    assert (folder / "notes.txt").read_text() == "the user's own file" and store.names() == []
+    with pytest.raises(AdapterError, match="move or remove the folder yourself"):
+        store.remove("kept")
+    assert (folder / "notes.txt").read_text() == "the user's own file" and store.names() == ["kept"]
+    assert (folder / "pytorch_lora_weights.safetensors").read_bytes() == adapter_files["a"].read_bytes()
 
     import slapgen.engine.adapters as adapters_module
 

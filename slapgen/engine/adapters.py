@@ -153,6 +153,8 @@ def folder_header(folder: Path, name: str) -> Header:
         raise AdapterNotFoundError(f"adapter {name} was just deleted", field="adapter")
     try:
         size = path.stat().st_size
+    except FileNotFoundError:  # deleted since the lookup
+        raise AdapterNotFoundError(f"adapter {name} was just deleted", field="adapter") from None
     except OSError as error:
         raise AdapterError(f"adapter {name} cannot be read ({type(error).__name__}: {first_line(error, 200)})",
                            field="adapter") from None
