@@ -28,6 +28,7 @@ MAX_IMAGE_ASPECT = 10
 # repeated 30,000 times (1.2 MB) took 32 s of a worker to decode (a review's find), and the byte limit allows
 # 250,000. Encoders write about 10 (Pillow: 10 for colour, 6 for grey; a baseline JPEG has 1).
 MAX_JPEG_SCANS = 64
+JPEG_START = b"\xff\xd8"  # the start-of-image marker every JPEG (and MPO, a JPEG with more images) opens with
 # Pillow's integer modes: 16-bit greyscale PNGs (values 0-65535), scaled to 8 bits, not clipped to white.
 WIDE_GREY_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
 IMAGE_FORMATS = ("PNG", "JPEG")
@@ -45,7 +46,7 @@ def decode_image(data: bytes) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
             check_image_size(*image.size)  # from the header: nothing is decoded yet
-            if image.format == "JPEG":
+            if data.startswith(JPEG_START):  # by the bytes: Pillow opens a JPEG with an MPF segment as "MPO"
                 check_jpeg_scans(data)
             image.load()  # an animated PNG: its first frame
             upright = ImageOps.exif_transpose(image)
@@ -81,9 +82,9 @@ def check_image_size(width: int, height: int) -> None:
 
 
 def check_jpeg_scans(data: bytes) -> None:
-    """ImageError for a JPEG of more than MAX_JPEG_SCANS scans. Each scan starts with the marker FF DA, which
-    nothing else in a JPEG holds: the coded data stuffs every FF with 00 (an embedded EXIF thumbnail may add
-    its own scans, well within the limit)."""
+    """ImageError for a JPEG of more than MAX_JPEG_SCANS scans. Each scan starts with the marker FF DA, which the
+    coded data never holds (it stuffs every FF with 00); a metadata segment (EXIF, ICC) or an MPO's other images
+    may hold those bytes too, which can only count more scans than are decoded, never fewer."""
     if (scans := data.count(b"\xff\xda")) > MAX_JPEG_SCANS:
         raise ImageError(f"the JPEG has {scans} scans; at most {MAX_JPEG_SCANS} are accepted (an encoder writes about "
                          "10 for a progressive JPEG, 1 for a baseline one)")

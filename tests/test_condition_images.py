@@ -157,6 +157,18 @@ def test_a_jpeg_of_too_many_scans_is_refused_before_it_is_decoded():
         decode_condition_image(_encoded(bomb))
     assert str(refused.value) == (f"condition_image: the JPEG has {MAX_JPEG_SCANS + 1} scans; at most {MAX_JPEG_SCANS} "
                                   "are accepted (an encoder writes about 10 for a progressive JPEG, 1 for a baseline one)")
+    # The same bomb in the first image of an MPO (a JPEG with an MPF segment and a second image), which Pillow opens
+    # as format "MPO", not "JPEG": it slipped past a check of the format name (48 s for a 354 KB one; a review's find).
+    encoded = io.BytesIO()
+    grey = Image.fromarray(pixels).convert("L")
+    grey.save(encoded, "MPO", save_all=True, append_images=[grey], progressive=True, quality=95)
+    mpo = encoded.getvalue()
+    first_end = mpo.index(b"\xff\xd9")
+    scan = mpo[mpo.rindex(b"\xff\xda", 0, first_end):first_end]
+    mpo_bomb = mpo[:first_end] + scan * (MAX_JPEG_SCANS - 2 * scans + 1) + mpo[first_end:]
+    assert Image.open(io.BytesIO(mpo_bomb), formats=("PNG", "JPEG")).format == "MPO"
+    with pytest.raises(RequestError, match=f"the JPEG has {MAX_JPEG_SCANS + 1} scans"):
+        decode_condition_image(_encoded(mpo_bomb))
 
 
 def test_an_image_over_the_byte_limit_is_refused_in_mib_not_base64_characters():

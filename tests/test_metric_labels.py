@@ -13,6 +13,25 @@ from slapgen.serving.metric_labels import OTHER, EndpointLabels
 from slapgen.serving.routes import build_routes
 
 
+def every_endpoint_label(metrics_text: str) -> set[str]:
+    """Every `endpoint` label value of every series in a `/metrics` answer."""
+    return {sample.labels["endpoint"] for family in text_string_to_metric_families(metrics_text)
+            for sample in family.samples if "endpoint" in sample.labels}
+
+
+def open_websocket(url: str, path: str) -> bytes:
+    """A websocket handshake for `path` on the server at `url` (uvicorn takes it to the app); the answer's bytes."""
+    import base64
+    import socket
+
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as connection:
+        key = base64.b64encode(secrets.token_bytes(16)).decode()
+        connection.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                           f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
+        return connection.recv(4096)
+
+
 def endpoint_labels(metrics_text: str, family_name: str = "bentoml_service_request") -> dict[str, float]:
     """endpoint -> requests counted, from BentoML's request counter in a `/metrics` answer (Prometheus' parser)."""
     counted: dict[str, float] = {}
@@ -29,9 +48,9 @@ def test_a_path_no_route_serves_adds_no_series_to_the_metrics(tiny_server):
     """Guards /metrics growing with every path a client makes up: BentoML labelled its request metrics with the
     raw path, and 5,000 random 404s grew /metrics from 129 KB to 19 MB (5.5 s to render, past a scrape's timeout,
     which took the autoscaler's load gauge with it; a review's find); a campaign video's URL was a series per video.
-    After 40 made-up paths and requests for two videos, /metrics names none of those paths: the made-up ones count
-    under `other`, the videos under their route's template, /info under itself; each request still reached its
-    real path (the 404s name it, /info answers)."""
+    After 40 made-up paths, requests for two videos and a websocket to a made-up path, no series of /metrics names
+    any of those paths: the made-up ones count under `other`, the videos under their route's template, /info under
+    itself; each request still reached its real path (the 404s name it, /info answers)."""
     made_up = [f"/x{secrets.token_hex(6)}" for _ in range(40)]
     with httpx.Client(base_url=tiny_server.url, timeout=60) as client:
         before = endpoint_labels(client.get("/metrics").text)
@@ -41,8 +60,12 @@ def test_a_path_no_route_serves_adds_no_series_to_the_metrics(tiny_server):
         for token in ("a1", "b2"):
             assert client.get(f"/campaigns/none/videos/{token}.mp4").status_code == 404
         assert client.get("/info").status_code == 200
-        after = endpoint_labels(client.get("/metrics").text)
-    assert not any(path in label for label in after for path in [*made_up, "/campaigns/none"]), sorted(after)
+        websocket = f"/ws{secrets.token_hex(6)}"
+        assert open_websocket(tiny_server.url, websocket).startswith(b"HTTP/1.1 ")  # refused, after the metrics layer
+        metrics = client.get("/metrics").text
+        after = endpoint_labels(metrics)
+    labels = every_endpoint_label(metrics)
+    assert not any(path in label for label in labels for path in [*made_up, "/campaigns/none", websocket]), sorted(labels)
     assert after.get(OTHER, 0) - before.get(OTHER, 0) == len(made_up)
     assert after["/campaigns/{name}/videos/{file}"] - before.get("/campaigns/{name}/videos/{file}", 0) == 2
     assert after["/info"] - before.get("/info", 0) == 1

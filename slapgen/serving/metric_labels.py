@@ -55,7 +55,9 @@ def install(labels: EndpointLabels) -> None:
             super().__init__(_with_real_path(app), **options)
 
         async def __call__(self, scope, receive, send):
-            if scope["type"] == "http" and (label := self.slapgen_labels.label(scope["path"])) != scope["path"]:
+            # BentoML labels websocket connections by their path too (uvicorn serves them: wsproto comes with it).
+            labelled = scope["type"] in ("http", "websocket")
+            if labelled and (label := self.slapgen_labels.label(scope["path"])) != scope["path"]:
                 scope = {**scope, "path": label, _REAL_PATH: scope["path"]}
             await super().__call__(scope, receive, send)
 
