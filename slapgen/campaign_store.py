@@ -60,7 +60,7 @@ pairs = Table("pairs", _metadata, Column("pair_id", Text, primary_key=True), Col
               Column("answered_at", Double))
 # A rating, as a budget, `slapgen campaign list` and a rater's answered pairs count them: an answered pair that
 # is not a repeat (a pair shown again to measure the rater's consistency).
-RATINGS = (pairs.c.answered_at.is_not(None), pairs.c.repeat == 0)
+RATING_CONDITIONS = (pairs.c.answered_at.is_not(None), pairs.c.repeat == 0)
 # One open pair per rater (campaigns_0002): what makes two concurrent `GET /pair` issue one pair.
 Index("pairs_one_open_per_rater", pairs.c.campaign, pairs.c.rater, unique=True,
       sqlite_where=text("answered_at IS NULL"), postgresql_where=text("answered_at IS NULL"))
@@ -91,7 +91,7 @@ class CampaignSpec:
     items: list[Item]
     criteria: list[str]
     videos: dict[tuple[str, int], Path]  # (system, item index) -> mp4 to copy
-    budget: int | None = None  # ratings (RATINGS) after which the campaign is done and issues no new pair
+    budget: int | None = None  # ratings (RATING_CONDITIONS) after which the campaign is done and issues no new pair
     sources: list[str] = field(default_factory=list)
     metric_directions: dict[str, bool] = field(default_factory=dict)  # metric -> higher is better
     system_scores: dict[str, dict[str, float]] = field(default_factory=dict)  # system -> metric -> value
@@ -233,7 +233,7 @@ class CampaignStore:
         """Every campaign with its progress: ratings answered (per criterion, repeats excluded), raters."""
         counts = {name: (answered, raters) for name, answered, raters in self._read(
             select(pairs.c.campaign, func.count(), func.count(distinct(pairs.c.rater)))
-            .where(*RATINGS).group_by(pairs.c.campaign))}
+            .where(*RATING_CONDITIONS).group_by(pairs.c.campaign))}
         out = []
         for name, created_at, spec in self._read(
                 select(campaigns.c.name, campaigns.c.created_at, campaigns.c.spec).order_by(campaigns.c.name)):
@@ -246,7 +246,7 @@ class CampaignStore:
 
     def rating_count(self, name: str) -> int:
         """The ratings campaign `name` has (repeats excluded): what its budget counts and `overview` lists."""
-        return self._read(select(func.count()).select_from(pairs).where(pairs.c.campaign == name, *RATINGS))[0][0]
+        return self._read(select(func.count()).select_from(pairs).where(pairs.c.campaign == name, *RATING_CONDITIONS))[0][0]
 
     def delete(self, name: str, with_ratings: bool = False) -> DeletedCampaign:
         """Remove campaign `name`: its row, videos, pairs and verdicts in one transaction, then its copied
@@ -386,7 +386,7 @@ class CampaignStore:
         return out
 
     def answered_pairs(self, name: str, rater: str) -> list[IssuedPair]:
-        rows = self._read(select(pairs.c.pair_id).where(pairs.c.campaign == name, pairs.c.rater == rater, *RATINGS)
+        rows = self._read(select(pairs.c.pair_id).where(pairs.c.campaign == name, pairs.c.rater == rater, *RATING_CONDITIONS)
                           .order_by(pairs.c.answered_at))
         return [self.pair(name, pair_id) for (pair_id,) in rows]
 

@@ -91,13 +91,17 @@ class LoadedAdapter:
         return adapter_info(self.name, self.metadata, self.rank, self.config)
 
 
-def adapter_info(name: str, metadata: dict[str, str], rank: int, config) -> dict:
+def adapter_info(name: str, metadata: dict[str, str], rank: int, config: object) -> dict:
     """What `GET /adapters` shows for one adapter (already validated); needs only the file's header. Alpha and
     target modules as the slot swaps the adapter in (`config`, the peft config diffusers builds), not as slapgen's
     own metadata says: an upload that said alpha 4 in `slapgen.alpha` ran at its peft alpha of 1e6, and a string of
-    target modules was listed as its sorted characters (a review's finds)."""
+    target modules was listed as its sorted characters (a review's finds). `config`: the peft LoraConfig."""
     steps = metadata.get(lora_format.STEPS_KEY)
-    targets = config.target_modules
+    if lora_format.DIFFUSERS_METADATA_KEY in metadata:
+        targets = config.target_modules
+    else:  # diffusers then targets every module path the keys name (160 on Wan): slapgen's short list, or none
+        listed = metadata.get(lora_format.TARGET_MODULES_KEY)
+        targets = listed.split(",") if listed else None
     return {
         "name": name,
         "rank": rank,
@@ -156,7 +160,7 @@ def folder_header(folder: Path, name: str) -> Header:
     except FileNotFoundError:  # deleted since the lookup
         raise AdapterNotFoundError(f"adapter {name} was just deleted", field="adapter") from None
     except OSError as error:
-        raise AdapterError(f"adapter {name} cannot be read ({type(error).__name__}: {first_line(error, 200)})",
+        raise AdapterError(f"adapter {name} cannot be read ({error.strerror or type(error).__name__})",
                            field="adapter") from None
     if size > MAX_ADAPTER_BYTES:  # bounded as an upload is: a file put in the folder by hand is read whole for use
         raise AdapterError(f"adapter {name} is {size / 1024**3:.1f} GiB, larger than the {MAX_ADAPTER_BYTES // 1024**3} "
@@ -438,8 +442,8 @@ def weights_path(folder: Path, name: str) -> Path | None:
         try:
             if candidate.is_file():
                 return candidate
-        except OSError as error:
-            raise AdapterError(f"adapter {name} cannot be read ({type(error).__name__}: {first_line(error, 200)})",
+        except OSError as error:  # the reason, not the path: the sentence goes to any client
+            raise AdapterError(f"adapter {name} cannot be read ({error.strerror or type(error).__name__})",
                                field="adapter") from None
     return None
 
@@ -470,8 +474,8 @@ def folder_entries(folder: Path) -> list[Path]:
     try:
         return list(Path(folder).iterdir())
     except OSError as error:
-        raise AdapterError(f"the adapters folder {folder} cannot be read ({type(error).__name__}: "
-                           f"{first_line(error, 200)})", field="adapter") from None
+        raise AdapterError(f"the adapters folder {folder} cannot be read ({error.strerror or type(error).__name__})",
+                           field="adapter") from None
 
 
 def adapter_names(folder: Path) -> list[str]:
@@ -568,14 +572,19 @@ class AdapterStore:
                 if cached and cached[0] == status.st_mtime_ns:
                     self._cache.move_to_end(name)
                     return cached[1]
-            # Its size and header first: a 6 GB file named by a request was read whole into the worker (35 s,
-            # 6.6 GiB) at every request, only to be refused for its header (a review's find).
-            folder_header(self.folder, name)
-            data = path.read_bytes()
+            # Its size and header checked first: a 6 GB file named by a request was read whole into the worker
+            # (35 s, 6.6 GiB) at every request, only to be refused for its header (a review's find). Then one read,
+            # bounded: a file still growing (a copy by hand) is not read past the limit either.
+            check_adapter(name, folder_header(self.folder, name), self.target)
+            with path.open("rb") as file:
+                data = file.read(MAX_ADAPTER_BYTES + 1)
+            if len(data) > MAX_ADAPTER_BYTES:
+                raise AdapterError(f"adapter {name} is larger than the {MAX_ADAPTER_BYTES // 1024**3} GiB an adapter "
+                                   "may be", field="adapter")
         except FileNotFoundError:  # deleted between the lookup and the read
             raise AdapterNotFoundError(f"adapter {name} was just deleted", field="adapter") from None
         except OSError as error:  # unreadable: this adapter's problem, said in one sentence
-            raise AdapterError(f"adapter {name} cannot be read ({type(error).__name__}: {first_line(error, 200)})",
+            raise AdapterError(f"adapter {name} cannot be read ({error.strerror or type(error).__name__})",
                                field="adapter") from None
         adapter = parse_adapter(name, data, self.target)
         with self._lock:
@@ -637,8 +646,8 @@ class AdapterStore:
                 raise AdapterNotFoundError(f"no adapter named {name}", field="name")
             if path.parent != self.folder:
                 raise AdapterNotRemovableError(
-                    f"adapter {name} is the folder {path.parent} (a training run, or a LoRA folder put there by hand): "
-                    f"the service deletes only adapter files it could have been uploaded as ({name}.safetensors); "
-                    "move or remove the folder yourself", field="name")
+                    f"adapter {name} is the folder {name}/ of the adapters folder (a training run, or a LoRA folder put "
+                    f"there by hand): the service deletes only adapter files it could have been uploaded as "
+                    f"({name}.safetensors); move or remove the folder yourself", field="name")
             path.unlink()  # a link is removed, never what it points to
             self._cache.pop(name, None)

@@ -41,7 +41,7 @@ ERROR_REF = {"$ref": "#/components/schemas/Error"}
 STATUS_TEXT = {400: "Bad request (the field is named)", 401: "Missing or wrong bearer token",
                403: "Upload and delete are disabled (no SLAP_API_TOKEN)", 404: "Not found",
                408: f"The body did not arrive within {BODY_READ_TIMEOUT_S} s",
-               409: "Name taken, an adapter folder the service does not delete, the job already ended, or the pair already answered", 413: "Body too large",
+               409: "Name taken, a folder adapter (not deleted), the job ended, or the pair answered", 413: "Body too large",
                415: "Not a JSON body (these routes take Content-Type: application/json)", 429: "Queue full; see Retry-After",
                500: "A bug of ours", 503: "Model unavailable, or the job's server, worker or replica died under it (submit it again)", 504: "Timed out; the generation was stopped"}
 GENERATE_EXAMPLE = {"prompt": "Power slap: two athletes face off across the table; the striker winds up and the "

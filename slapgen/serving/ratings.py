@@ -19,7 +19,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from sqlalchemy import BigInteger, Column, Double, Integer, MetaData, Table, Text, func, insert, select
+from sqlalchemy import BigInteger, Column, Double, Integer, MetaData, Table, Text, insert, select
 
 from slapgen.database import open_store
 from slapgen.csv_cells import inert_csv
@@ -74,12 +74,12 @@ class RatingStore:
         return inert_csv(self.all(), CSV_COLUMNS)
 
     def summary(self) -> dict:
+        """The summary of every rating (`summarise`); the same dict while no rating is added: read it, never change it."""
         with self._summary_lock:
-            with self._engine.connect() as db:
-                stamp = tuple(db.execute(select(func.count(), func.max(ratings.c.id))).one())
+            rows = self.all()
+            stamp = (len(rows), rows[-1]["id"] if rows else None)  # of the rows summarised, ordered by id
             if self._summary is None or self._summary[0] != stamp:
-                # A rating added after the stamp makes the next call compute again: never a stale summary kept.
-                self._summary = (stamp, summarise(self.all()))
+                self._summary = (stamp, summarise(rows))
             return self._summary[1]
 
 

@@ -65,6 +65,16 @@ def best_of(values: Mapping[str, float | None], metric: str) -> str | None:
     return ranked[0] if ranked else None
 
 
+def column_best(values: Mapping[str, float | None], higher: bool) -> str | None:
+    """The row whose number a report's column marks (eval.md, report.html, a sweep's README): the best finite
+    value (the first of equals), None when there are not two different numbers to pick between (one row, or all
+    equal). `higher`: whether higher is better."""
+    scored = {name: value for name, value in values.items() if value is not None and math.isfinite(value)}
+    if len(set(scored.values())) < 2:
+        return None
+    return (max if higher else min)(scored, key=scored.get)
+
+
 def best_first(values: Mapping[str, float | None], metric: str) -> list[str]:
     """The candidates with a finite value of `metric`, best first (equals in the mapping's order): what
     `--generate-top K` keeps the first K of, by the rule `best_of` picks the first of."""

@@ -16,6 +16,7 @@ from pathlib import Path
 from slapgen.atomic import atomic_write_text
 from trainer.evaluate.curves import best_sentence
 from trainer.evaluate.names import HELDOUT_LOSS, TICFT_BASE_LOSSES, metric_text
+from trainer.evaluate.picking import column_best
 
 
 REPORT_FILES = {"json": "eval.json", "md": "eval.md", "html": "report.html"}
@@ -75,11 +76,7 @@ def _value(result: dict, system: str, name: str, objective: str | None):
 
 def _best(result: dict, name: str, objective: str | None = None) -> str | None:
     values = {system: _value(result, system, name, objective) for system in result["systems"]}
-    values = {system: value for system, value in values.items() if value is not None}
-    if len(set(values.values())) < 2:
-        return None  # nothing to pick between
-    pick = max if result["metric_definitions"][name]["higher_is_better"] else min
-    return pick(values, key=values.get)
+    return column_best(values, result["metric_definitions"][name]["higher_is_better"])
 
 
 def _win(entry: dict) -> str:

@@ -27,7 +27,7 @@ from slapgen.models.lora_format import WEIGHTS_FILE as LORA_FILENAME  # not trai
 from trainer.config import TrainConfig
 from trainer.checkpoints import CHECKPOINTS_DIR, checkpoint_dir
 from trainer.evaluate.names import metric_text
-from trainer.evaluate.picking import best_of, higher_is_better
+from trainer.evaluate.picking import best_of, column_best, higher_is_better
 from trainer.ray_cluster import DEFAULT_NODE_WAIT_S
 from trainer.evaluate.checkpoints import system_name
 from trainer.sweep.candidates import list_candidates, scored_candidates
@@ -215,14 +215,20 @@ def best_config(config: TrainConfig, out: Path) -> TrainConfig:
     return config
 
 
-def train_command(best: Winner, data: str, config: str = BEST_YAML, run_folder: str = "best-run") -> str:
+# Where the winner's retraining writes: best.yaml's header runs from the project folder (README's `runs/best`, served
+# as adapter `best` from SLAP_ADAPTERS_DIR=runs); the sweep's README runs from the sweep folder, beside its `runs/`.
+WINNER_RUN_FROM_PROJECT = "runs/best"
+WINNER_RUN_FROM_SWEEP = "best-run"
+
+
+def train_command(best: Winner, data: str, config: str = BEST_YAML, run_folder: str = WINNER_RUN_FROM_SWEEP) -> str:
     """`slapgen train` that trains the winner from best.yaml (`--stop-at-step` when its schedule needs it)."""
     plan = reproduction(best.run.config, best.step)
     words = ["slapgen", "train", "--config", config, "--data", data, "--out", run_folder]
     return shlex.join(words + (["--stop-at-step", str(plan.stop_at_step)] if plan.stop_at_step is not None else []))
 
 
-def trained_lora(best: Winner, run_folder: str = "best-run") -> str:
+def trained_lora(best: Winner, run_folder: str = WINNER_RUN_FROM_SWEEP) -> str:
     """Where `train_command` leaves the winner's LoRA."""
     plan = reproduction(best.run.config, best.step)
     if plan.stop_at_step is None:
@@ -240,10 +246,9 @@ def write_best_yaml(path: Path, definition: SweepDefinition, best: Winner, out: 
         f"#   {', '.join(f'{key}={_cell(config_value(best.run.config, key))}' for key in varied_keys(definition))}.",
         f"# Its LoRA in the sweep folder: {best.lora}",
         *(textwrap.wrap(f"This config trains it: {plan.why}.", width=100, initial_indent="# ", subsequent_indent="#   ")),
-        # runs/best, as README says: served as adapter `best` from SLAP_ADAPTERS_DIR=runs (a run's own name, e.g.
-        # 03-learning_rate=1e-2_rank=8, is no adapter name).
-        f"# Train it: {train_command(best, definition.data, str(path), 'runs/best')}",
-        f"#   (the LoRA: {trained_lora(best, 'runs/best')})",
+        # Not the run's own name (03-learning_rate=1e-2_rank=8 is no adapter name).
+        f"# Train it: {train_command(best, definition.data, str(path), WINNER_RUN_FROM_PROJECT)}",
+        f"#   (the LoRA: {trained_lora(best, WINNER_RUN_FROM_PROJECT)})",
         f"# (add --set latent_cache={Path(out).resolve() / CACHE_DIR} to reuse the sweep's encoded clips)",
         "",
     ]
@@ -257,10 +262,11 @@ def _number(metrics: dict, column: str, bold: bool) -> str:
 
 
 def _best_per_column(rows: dict[str, dict], columns: list[str]) -> dict[str, str | None]:
-    """column -> the row with its best value (`picking.best_of`: each metric in its own direction), bold in the
-    table as eval.md bolds them; the winner by --pick-by has the `best` column. (The winner's whole row was bold,
-    which read as the best of every column where another row had a better number: a walk-through's find.)"""
-    return {column: best_of({row: metrics.get(column) for row, metrics in rows.items()}, column) for column in columns}
+    """column -> the row whose number is bold (`picking.column_best`, eval.md's rule, each metric in its own
+    direction); the winner by --pick-by has the `best` column. (The winner's whole row was bold, which read as the
+    best of every column where another row had a better number: a walk-through's find.)"""
+    return {column: column_best({row: metrics.get(column) for row, metrics in rows.items()}, higher_is_better(column))
+            for column in columns}
 
 
 def _checkpoint_table(definition: SweepDefinition, best: Winner, out: Path) -> list[str]:
