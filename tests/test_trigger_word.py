@@ -114,7 +114,10 @@ def test_a_run_trains_on_its_captions_with_the_word(tiny_cache_dir, demo_dataset
     with safe_open(str(tmp_path / "run" / LORA_FILENAME), framework="pt") as handle:
         metadata = handle.metadata()
     assert metadata["slapgen.trigger_word"] == WORD and lora == tmp_path / "run" / LORA_FILENAME
-    assert adapter_info("run", metadata, config.lora.rank)["trigger_word"] == WORD
+    from peft import LoraConfig
+
+    listed = adapter_info("run", metadata, config.lora.rank, LoraConfig(r=config.lora.rank, lora_alpha=config.lora.alpha))
+    assert listed["trigger_word"] == WORD
 
 
 def test_eval_puts_the_word_into_the_heldout_captions(tiny_cache_dir, demo_dataset, tmp_path, capsys):
