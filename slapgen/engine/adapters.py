@@ -157,18 +157,34 @@ def folder_header(folder: Path, name: str) -> Header:
         raise AdapterNotFoundError(f"adapter {name} was just deleted", field="adapter")
     try:
         size = path.stat().st_size
-    except FileNotFoundError:  # deleted since the lookup
-        raise AdapterNotFoundError(f"adapter {name} was just deleted", field="adapter") from None
     except OSError as error:
-        raise AdapterError(f"adapter {name} cannot be read ({error.strerror or type(error).__name__})",
-                           field="adapter") from None
-    if size > MAX_ADAPTER_BYTES:  # bounded as an upload is: a file put in the folder by hand is read whole for use
+        raise unreadable(name, error) from None
+    return file_header(name, path, size)
+
+
+def file_header(name: str, path: Path, size: int) -> Header:
+    """The header of adapter `name`'s file at `path` of `size` bytes, bounded as an upload is (a file put in the
+    folder by hand is read whole for use): AdapterError for a file too large or not a readable safetensors file."""
+    if size > MAX_ADAPTER_BYTES:
         raise AdapterError(f"adapter {name} is {size / 1024**3:.1f} GiB, larger than the {MAX_ADAPTER_BYTES // 1024**3} "
                            "GiB an adapter may be", field="adapter")
     try:
         return read_file_header(path)
     except HeaderError as error:
         raise AdapterError(f"adapter {name} is not a readable safetensors file ({error})", field="adapter") from None
+
+
+def unreadable(name: str, error: OSError) -> AdapterError:
+    """Adapter `name`'s file could not be looked at or read: gone since it was found, or the reason (never the path:
+    the sentence goes to any client)."""
+    if isinstance(error, FileNotFoundError):
+        return AdapterNotFoundError(f"adapter {name} was just deleted", field="adapter")
+    return AdapterError(f"adapter {name} cannot be read ({os_reason(error)})", field="adapter")
+
+
+def os_reason(error: OSError) -> str:
+    """"Permission denied": what went wrong, without the path the OSError names."""
+    return error.strerror or type(error).__name__
 
 
 def module_ranks(name: str, shapes: dict[str, list[int]], target: AdapterTarget) -> dict[str, int]:
@@ -442,9 +458,8 @@ def weights_path(folder: Path, name: str) -> Path | None:
         try:
             if candidate.is_file():
                 return candidate
-        except OSError as error:  # the reason, not the path: the sentence goes to any client
-            raise AdapterError(f"adapter {name} cannot be read ({error.strerror or type(error).__name__})",
-                               field="adapter") from None
+        except OSError as error:
+            raise unreadable(name, error) from None
     return None
 
 
@@ -474,8 +489,7 @@ def folder_entries(folder: Path) -> list[Path]:
     try:
         return list(Path(folder).iterdir())
     except OSError as error:
-        raise AdapterError(f"the adapters folder {folder} cannot be read ({error.strerror or type(error).__name__})",
-                           field="adapter") from None
+        raise AdapterError(f"the adapters folder {folder} cannot be read ({os_reason(error)})", field="adapter") from None
 
 
 def adapter_names(folder: Path) -> list[str]:
@@ -575,17 +589,14 @@ class AdapterStore:
             # Its size and header checked first: a 6 GB file named by a request was read whole into the worker
             # (35 s, 6.6 GiB) at every request, only to be refused for its header (a review's find). Then one read,
             # bounded: a file still growing (a copy by hand) is not read past the limit either.
-            check_adapter(name, folder_header(self.folder, name), self.target)
+            check_adapter(name, file_header(name, path, status.st_size), self.target)
             with path.open("rb") as file:
                 data = file.read(MAX_ADAPTER_BYTES + 1)
             if len(data) > MAX_ADAPTER_BYTES:
                 raise AdapterError(f"adapter {name} is larger than the {MAX_ADAPTER_BYTES // 1024**3} GiB an adapter "
                                    "may be", field="adapter")
-        except FileNotFoundError:  # deleted between the lookup and the read
-            raise AdapterNotFoundError(f"adapter {name} was just deleted", field="adapter") from None
-        except OSError as error:  # unreadable: this adapter's problem, said in one sentence
-            raise AdapterError(f"adapter {name} cannot be read ({error.strerror or type(error).__name__})",
-                               field="adapter") from None
+        except OSError as error:  # deleted between the lookup and the read, or unreadable: this adapter's problem
+            raise unreadable(name, error) from None
         adapter = parse_adapter(name, data, self.target)
         with self._lock:
             self._cache[name] = (status.st_mtime_ns, adapter)

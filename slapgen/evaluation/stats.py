@@ -64,8 +64,12 @@ def sign_test(wins: int, losses: int) -> float:
 def resample_units(units: int, resamples: int, seed: int | np.random.Generator = 0) -> np.ndarray:
     """Bootstrap draws over units (prompts): row r lists the unit indices of resample r, drawn with
     replacement, as many as there are units. Every statistic here resamples through this one draw."""
-    generator = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
-    return generator.integers(0, units, size=(resamples, units))
+    return as_generator(seed).integers(0, units, size=(resamples, units))
+
+
+def as_generator(seed: int | np.random.Generator) -> np.random.Generator:
+    """A seed's generator; a generator as it is (its stream goes on where it was)."""
+    return seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
 
 
 def percentile_interval(values: np.ndarray, confidence: float = 0.95, axis: int = 0) -> tuple:
@@ -79,7 +83,7 @@ def ratio_interval(numerators: np.ndarray, denominators: np.ndarray, resamples: 
                    confidence: float = 0.95) -> tuple[float, float]:
     """The percentile bootstrap interval of sum(numerators) / sum(denominators), resampling units (one
     entry of each array per unit): a win rate's, a metric's agreement with raters'."""
-    generator = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    generator = as_generator(seed)  # one stream for every chunk
     rows = max(1, DRAW_CHUNK_ELEMENTS // max(1, len(numerators)))
     ratios = []
     for start in range(0, resamples, rows):

@@ -68,7 +68,8 @@ def _with_real_path(app):
     """`app` with the request's real path put back where BentoML's metrics layer labelled it."""
     async def real_path(scope, receive, send):
         if _REAL_PATH in scope:
-            scope = {**{key: value for key, value in scope.items() if key != _REAL_PATH}, "path": scope[_REAL_PATH]}
+            scope = dict(scope)
+            scope["path"] = scope.pop(_REAL_PATH)
         await app(scope, receive, send)
 
     return real_path

@@ -274,12 +274,10 @@ def _checkpoint_table(definition: SweepDefinition, best: Winner, out: Path) -> l
     columns = definition.columns
     lines = ["| run | step | " + " | ".join(keys) + " | " + " | ".join(columns) + " | best |",
              "|---" * (len(keys) + len(columns) + 3) + "|"]
-    candidates = scored_candidates(definition, out)
-    bold = _best_per_column({system_name(run.name, entry["step"]): entry["metrics"] for run, entry in candidates},
-                            columns)
-    for run, entry in candidates:
+    candidates = [(system_name(run.name, entry["step"]), run, entry) for run, entry in scored_candidates(definition, out)]
+    bold = _best_per_column({row: entry["metrics"] for row, _, entry in candidates}, columns)
+    for row, run, entry in candidates:
         won = (run.name, entry["step"]) == (best.name, best.step)
-        row = system_name(run.name, entry["step"])
         cells = [run.name, str(entry["step"]), *(_cell(config_value(run.config, key)) for key in keys),
                  *(_number(entry["metrics"], c, bold[c] == row) for c in columns), "**best**" if won else ""]
         lines.append("| " + " | ".join(cells) + " |")
