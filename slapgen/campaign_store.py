@@ -406,10 +406,11 @@ def verdicts_of(rows: list[dict], criterion: str, repeats: bool = False):
             for row in rows if row["criterion"] == criterion and (repeats or not row["repeat"])]
 
 
-def next_pair_for(store: CampaignStore, name: str, rater: str, generator) -> IssuedPair | str:
+def next_pair_for(store: CampaignStore, name: str, rater: str, generator,
+                  repeat_share: float = REPEAT_SHARE) -> IssuedPair | str:
     """The pair to show `rater` next: the one they have open, else now and then a repeat of one they
-    answered (sides swapped), else `ranking.next_pair` on the campaign's first criterion (the pair
-    expected to tell the most about the ranking). Else the sentence why there is none: the campaign's budget is
+    answered (sides swapped; `repeat_share` of the pairs), else `ranking.next_pair` on the campaign's first
+    criterion (the pair expected to tell the most about the ranking). Else the sentence why there is none: the campaign's budget is
     reached (pairs were issued and rated past it: 10 of a budget of 8 in a walk-through; an open pair is still
     answered, a rater's work is never refused), or the rater has judged every pair on every item (and then no
     repeat either: one came now and then after "judged every pair", which read as a flip-flop)."""
@@ -426,7 +427,7 @@ def next_pair_for(store: CampaignStore, name: str, rater: str, generator) -> Iss
     chosen = next_pair(verdicts, campaign.systems, list(item_index), rater, generator)
     if chosen is None:
         return f"{rater} has judged every pair of systems on every prompt and seed of {name}"
-    if answered and generator.random() < REPEAT_SHARE:
+    if answered and generator.random() < repeat_share:
         again = answered[generator.integers(len(answered))]
         return store.issue_pair(name, rater, again.right, again.left, again.item, repeat=True)
     return store.issue_pair(name, rater, chosen.left, chosen.right, item_index[(chosen.prompt, chosen.seed)],

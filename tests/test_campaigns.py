@@ -721,7 +721,7 @@ def test_a_campaign_stopped_by_its_budget_names_a_leader_not_a_winner(tmp_path):
                             adapters={name: str(file) for name, file in files.items()})
     store = CampaignStore(tmp_path / "data")
     store.create(plan_campaign("short", [folder], budget=2))
-    with TestClient(Starlette(routes=campaign_routes(store))) as client:
+    with TestClient(Starlette(routes=campaign_routes(store, repeat_share=0))) as client:  # two ratings, no repeat
         for _ in range(2):
             pair = client.get("/campaigns/short/pair", params={"rater": "ana"}).json()
             client.post("/campaigns/short/ratings", json={"pair_id": pair["pair_id"], "rater": "ana",
@@ -747,7 +747,7 @@ def test_no_pair_is_issued_past_the_budget_nor_a_repeat_once_every_pair_is_judge
     folder = write_eval_dir(tmp_path / "eval", ["lora_a", "lora_b"], prompts=3, seeds=(0,))
     store = CampaignStore(tmp_path / "data")
     store.create(plan_campaign("short", [folder], budget=2))
-    with TestClient(Starlette(routes=campaign_routes(store))) as client:
+    with TestClient(Starlette(routes=campaign_routes(store, repeat_share=0))) as client:  # the one repeat is issued here
         def pair_for(rater: str) -> dict:
             return client.get("/campaigns/short/pair", params={"rater": rater}).json()
 
@@ -774,20 +774,10 @@ def test_no_pair_is_issued_past_the_budget_nor_a_repeat_once_every_pair_is_judge
     assert str(refused.value) == ("campaign short has 3 ratings (and 1 repeat of a pair shown again) from 2 raters, "
                                   "which deleting it loses")
 
-    class AlwaysRepeat:  # a generator whose every draw asks for a repeat of an answered pair
-        def __init__(self):
-            self.rng = np.random.default_rng(0)
-
-        def random(self):
-            return 0.0
-
-        def __getattr__(self, name):
-            return getattr(self.rng, name)
-
     assert 0.0 < REPEAT_SHARE
     store.create(plan_campaign("one", [write_eval_dir(tmp_path / "one", ["lora_a", "lora_b"], prompts=1, seeds=(0,))],
                                budget=5))  # room for more raters: dora's one pair is not the budget's last
     only = next_pair_for(store, "one", "dora", np.random.default_rng(0))
     store.answer("one", only.pair_id, "dora", {"overall": "right"})
-    assert next_pair_for(store, "one", "dora", AlwaysRepeat()) == (
+    assert next_pair_for(store, "one", "dora", np.random.default_rng(0), repeat_share=1.0) == (
         "dora has judged every pair of systems on every prompt and seed of one")

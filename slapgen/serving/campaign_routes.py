@@ -26,7 +26,7 @@ from starlette.routing import Route
 
 from slapgen.errors import SlapgenError
 from slapgen.evaluation.ranking import OUTCOMES
-from slapgen.campaign_store import CampaignStore, IssuedPair, next_pair_for, verdicts_of
+from slapgen.campaign_store import REPEAT_SHARE, CampaignStore, IssuedPair, next_pair_for, verdicts_of
 from slapgen.serving.http_errors import error_response, validation_error_body
 from slapgen.serving.requests import RequestBody
 
@@ -48,7 +48,9 @@ class CampaignVerdictRequest(RequestBody):
         min_length=1, description="criterion -> left, right or tie")
 
 
-def campaign_routes(store: CampaignStore) -> list:
+def campaign_routes(store: CampaignStore, repeat_share: float = REPEAT_SHARE) -> list:
+    """The routes over `store`; `repeat_share` is the share of pairs that repeat one the rater answered. A test
+    that counts ratings passes 0: a repeat is not a rating, and one came at random in 5% of its pairs."""
     def video_url(name: str, token: str) -> str:
         return f"/campaigns/{name}/videos/{token}.mp4"
 
@@ -61,7 +63,7 @@ def campaign_routes(store: CampaignStore) -> list:
                 "right": {"video": video_url(name, pair.right_video)}}
 
     def next_pair(name: str, rater: str) -> dict:
-        pair = next_pair_for(store, name, rater, np.random.default_rng())
+        pair = next_pair_for(store, name, rater, np.random.default_rng(), repeat_share)
         if isinstance(pair, str):  # none: why
             return {"campaign": name, "pair_id": None, "rater": rater, "message": pair}
         return pair_body(name, pair)
