@@ -121,12 +121,17 @@ def test_submit_answers_429_with_retry_after_when_the_queue_is_full_and_a_cancel
 def test_job_status_and_result_errors_are_in_our_shape(limited_server):
     """Guards BentoML's own answers on its task routes (`{"error": "task_id not found"}` without `detail`):
     a missing task id is a 400, an unknown one a 404, and the result of a job not finished a 400, each
-    a sentence naming `task_id`."""
+    a sentence naming `task_id`; an id longer than any /jobs/submit answers is a 400 that does not echo it (a
+    100 KB made-up id came back whole)."""
     for route in ("/jobs/status", "/jobs/get"):
         missing = _assert_our_error(httpx.get(f"{limited_server.url}{route}", timeout=30), 400)
         unknown = _assert_our_error(httpx.get(f"{limited_server.url}{route}", params={"task_id": "no-such-job"},
                                               timeout=30), 404)
         assert missing["detail"][0]["loc"] == ["task_id"] and "no-such-job" in unknown["error"]
+    for method, route in (("GET", "/jobs/status"), ("GET", "/jobs/get"), ("POST", "/jobs/cancel")):
+        huge = _assert_our_error(httpx.request(method, f"{limited_server.url}{route}", params={"task_id": "x" * 10_000},
+                                               timeout=30), 400)
+        assert huge["error"].endswith("this one has 10000 characters") and len(huge["error"]) < 200
     task_id = _submit(limited_server, LONG).json()["task_id"]
     try:
         not_yet = _assert_our_error(httpx.get(f"{limited_server.url}/jobs/get", params={"task_id": task_id}), 400)

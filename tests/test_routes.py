@@ -126,9 +126,15 @@ def test_upload_and_delete_are_refused_without_a_configured_token(engine, adapte
 
 
 def test_job_progress(client):
+    """Guards an unknown task id echoed whole in its 404 (a 100 KB made-up id came back whole): an id longer than
+    any /jobs/submit answers is a 400 that says its length, not the id."""
     assert client.get("/jobs/progress", params={"task_id": "task-1"}).json()["step"] == 2
     assert_error_shape(client.get("/jobs/progress"), 400, "task_id")
     assert_error_shape(client.get("/jobs/progress", params={"task_id": "nope"}), 404, "task_id")
+    huge = assert_error_shape(client.get("/jobs/progress", params={"task_id": "x" * 10_000}), 400, "task_id")
+    assert huge["error"] == "task_id is the id /jobs/submit answered (32 characters); this one has 10000 characters"
+    odd = assert_error_shape(client.get("/jobs/progress", params={"task_id": "a\nb"}), 400, "task_id")
+    assert odd["error"] == "task_id is the id /jobs/submit answered; this one has characters no id has"
 
 
 def test_disk_work_runs_off_the_event_loop(client, engine, adapter_files, monkeypatch):

@@ -69,6 +69,20 @@ NO_RETRY = "retrying a job is not offered here; submit its body again with POST 
 # own request, whose state is this scope's "state".
 ADMISSION_KEY = "slapgen_admission"
 MISSING_TASK_ID = "give the job as ?task_id=... (the id /jobs/submit answered)"
+# BentoML's task ids are 32 hex characters (uuid4().hex). A longer or unprintable one names no job and is not
+# echoed back: a 100 KB made-up id came back whole in its 404.
+TASK_ID_MAX_CHARS = 64
+
+
+def task_id_problem(task_id: str | None) -> str | None:
+    """Why `task_id` (the query's) cannot name a job, or None: the one check of every route taking a task id."""
+    if not task_id:
+        return MISSING_TASK_ID
+    if len(task_id) > TASK_ID_MAX_CHARS:
+        return f"task_id is the id /jobs/submit answered (32 characters); this one has {len(task_id)} characters"
+    if not task_id.isprintable():
+        return "task_id is the id /jobs/submit answered; this one has characters no id has"
+    return None
 # A job's state on the board as BentoML's /jobs/status spells it (canceled is spelled alike).
 BENTOML_STATUS = {"queued": "pending", "running": "in_progress", "canceling": "in_progress",
                   "finishing": "in_progress", "completed": "completed", "failed": "failed", "canceled": "canceled"}
@@ -102,8 +116,8 @@ class JobRoutes:
             return await self._cancel(scope, receive, send)
         if path in (STATUS_PATH, RESULT_PATH) and method == "GET":
             task_id = _task_id(scope)
-            if not task_id:
-                return await send_json(send, 400, error_body(MISSING_TASK_ID, "task_id"))
+            if problem := task_id_problem(task_id):
+                return await send_json(send, 400, error_body(problem, "task_id"))
             # A job's status is the board's word on every replica alike (BentoML's store says in_progress from
             # submission on, and exists only on the replica that ran the job). So is a canceled or failed job's
             # result: BentoML stores the handler's answer only a moment after the board says canceled, and its
@@ -195,8 +209,8 @@ class JobRoutes:
 
     async def _cancel(self, scope, receive, send):
         task_id = _task_id(scope)
-        if not task_id:
-            return await send_json(send, 400, error_body(MISSING_TASK_ID, "task_id"))
+        if problem := task_id_problem(task_id):
+            return await send_json(send, 400, error_body(problem, "task_id"))
         try:
             job = await run_in_threadpool(self.board.cancel, task_id)
         except SlapgenError as error:

@@ -39,7 +39,7 @@ from prompts import PromptLibrary
 from slapgen.errors import SlapgenError, first_line
 from slapgen.serving.http_errors import error_response, plain_error
 from slapgen.serving.body_limit import BodyTooLarge, too_large_body
-from slapgen.serving.job_routes import MISSING_TASK_ID
+from slapgen.serving.job_routes import task_id_problem
 from slapgen.serving.campaign_routes import campaign_routes
 from slapgen.campaign_store import CampaignStore
 from slapgen.serving.jobs import JobBoard
@@ -116,8 +116,8 @@ def build_routes(
 
     async def job_progress(request: Request) -> JSONResponse:
         task_id = request.query_params.get("task_id")
-        if not task_id:
-            return plain_error(400, MISSING_TASK_ID, "task_id")
+        if problem := task_id_problem(task_id):
+            return plain_error(400, problem, "task_id")
         progress = jobs.get(task_id)
         if progress is None:
             return plain_error(404, f"no job {task_id} has started here; /jobs/status tells whether it exists", "task_id")
