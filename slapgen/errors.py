@@ -50,6 +50,8 @@ def issue_sentence(subject: str, issue: Mapping, show_input: bool = True) -> str
         if kind.endswith("_parsing") or kind.endswith("_from_float"):
             rule = rule.split(", ")[0]  # "a valid integer, unable to parse string as an integer": the value says why
         sentence = f"{subject} must {rule}"
+        if kind in ("too_short", "too_long"):  # "have at least 1 item after validation, not 0": the count says it
+            return sentence.replace(" after validation", "")
     else:
         sentence = f"{subject}: {message[:1].lower()}{message[1:]}"
     return f"{sentence}, got {shown_value(issue['input'])}" if show_input and "input" in issue else sentence

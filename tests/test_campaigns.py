@@ -322,6 +322,9 @@ def check_errors(client, name: str, store: CampaignStore | None = None):
     assert_error(post({"pair_id": pair["pair_id"], "rater": "err", "verdicts": {"overall": "best"}}), 400,
                  "verdicts.overall must be 'left', 'right' or 'tie', got \"best\"")
     assert_error(post({"pair_id": pair["pair_id"], "rater": "err"}), 400, "verdicts is required")
+    # Guards pydantic's words reaching a rater: "must have at least 1 item after validation, not 0, got an object".
+    assert_error(post({"pair_id": pair["pair_id"], "rater": "err", "verdicts": {}}), 400,
+                 "verdicts must have at least 1 item, not 0")
     assert post({"pair_id": pair["pair_id"], "rater": "err", "verdicts": {"overall": "tie"}}).status_code == 201
     assert_error(post({"pair_id": pair["pair_id"], "rater": "err", "verdicts": {"overall": "left"}}), 409,
                  "answered already")
