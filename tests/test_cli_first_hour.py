@@ -208,7 +208,16 @@ MISTYPED = [  # (command line, what the one sentence says, what it may import fi
      "lora.rnk: no such setting (did you mean lora.rank?)", set()),
     (["curate", "{tmp}", "--out", "{tmp}/curated", "--select", "0"], "--select must be at least 1", set()),
     (["eval", "--model", "tiny", "--heldout", "{tmp}", "--out", "{tmp}/eval", "--metrics", "los"],
-     "--metrics los: choose from", {"torch"}),
+     "--metrics los: choose from", set()),
+    (["eval", "--model", "tiny", "--heldout", "{tmp}", "--out", "{tmp}/eval", "--set", "steps=2"],
+     "--set steps=2: expected KEY=VALUE with KEY one of", set()),
+    (["generate", "--model", "tiny", "--out", "{tmp}/x.mp4", "--prompt", "a slap", "--set", "num_frames=many"],
+     "--set num_frames=many: num_frames must be a whole number", set()),
+    (["curate", "{tmp}/nope", "--out", "{tmp}/curated"], "dataset {tmp}/nope does not exist", set()),
+    (["train", "--config", "tiny-smoke", "--data", "{tmp}/nope", "--out", "{tmp}/run"],
+     "dataset {tmp}/nope does not exist", set()),
+    (["precompute", "{tmp}/nope", "--out", "{tmp}/cache"], "dataset {tmp}/nope does not exist", set()),
+    (["caption", "{tmp}/nope"], "{tmp}/nope is not a folder of clips", set()),
     (["sweep", "--config", "tiny-smoke", "--grid", "lora.rnk=4,8", "--data", "{data}", "--heldout", "{data}",
       "--out", "{tmp}/sweep"], "lora.rnk: no such setting", {"torch"}),
 ]
@@ -216,22 +225,26 @@ MISTYPED = [  # (command line, what the one sentence says, what it may import fi
 
 @pytest.mark.parametrize("arguments, message, may_import", MISTYPED,
                          ids=["generate-template", "generate-slot", "train-preset", "train-set", "curate-select",
-                              "eval-metrics", "sweep-grid"])
+                              "eval-metrics", "eval-set", "generate-set", "curate-dataset", "train-data",
+                              "precompute-dataset", "caption-folder", "sweep-grid"])
 def test_a_mistyped_option_is_said_before_diffusers_and_transformers_load(arguments, message, may_import, demo_dataset,
                                                                            tmp_path):
     """Guards a typo answered only after the seconds of importing diffusers and transformers (4-5 s here for
     `generate --template nope`, `train --config tiny-smok`, `eval --metrics los`...): each command's check of
     what was typed runs right after the loading line, and the sentence comes before any heavy import: none at all
-    for generate, train and curate (the model families, which the training config reads, import torch only where
-    they use it: 0.19 s for `train --config tiny-smok`, 1.4 s before), only torch for eval's and the sweep's,
-    whose checks read modules that compute with it."""
+    for generate, train, curate, precompute, caption and eval (the model families, which the training config reads,
+    import torch only where they use it: 0.19 s for `train --config tiny-smok`, 1.4 s before; `generate --set`
+    and eval's checks imported torch through the engine's modules, 3.7 s before `--set nokey` was said; a dataset
+    that does not exist was said after torch by curate, precompute and caption, and after a model download's
+    failure by train), only torch for the sweep's, whose check reads modules that compute with it."""
     command = [argument.replace("{tmp}", str(tmp_path)).replace("{data}", str(demo_dataset)) for argument in arguments]
+    message = message.replace("{tmp}", str(tmp_path))
     result, heavy = _imports(tmp_path, *command)
     errors = [line for line in result.stderr.splitlines() if not line.startswith("import time:")]
     assert result.returncode == 2 and errors[0] == loading_line(command[0]) and len(errors) == 2, errors
     assert errors[1].startswith(f"slapgen {command[0]}: ") and message in errors[1], errors
     assert heavy <= may_import, heavy
-    assert not any((tmp_path / name).exists() for name in ("x.mp4", "run", "curated", "eval", "sweep"))
+    assert not any((tmp_path / name).exists() for name in ("x.mp4", "run", "curated", "eval", "sweep", "cache"))
 
 
 def test_the_sweeps_check_downloads_no_model(hub, tiny_wan_cache_dir, demo_dataset, tmp_path, monkeypatch):

@@ -109,7 +109,7 @@ def test_json_depth_counts_nesting_as_a_recursive_walk_does():
                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(strings, inner, max_size=3),
                           max_leaves=25)
 
-    @settings(max_examples=300, derandomize=True, database=None)
+    @settings(max_examples=300, derandomize=True, database=None, deadline=None)
     @given(values)
     def check(value):
         text = json.dumps(value, ensure_ascii=False).encode()
@@ -153,10 +153,16 @@ def test_json_depth_takes_time_linear_in_the_size_of_hostile_strings(shape):
     repeated) took 5.6 s in parse_header and an 8 MiB one days, holding the GIL (worker start-up, every
     GET /adapters and every upload hung on one such file). A complexity check, not a timed one: the size is
     doubled from 4 KiB until one call is slow enough to time well (10 ms, or 2 MiB), then 4 times that size
-    must take under 8 times as long (linear work takes 4 times as long, quadratic work 16 times)."""
+    must take under 8 times as long (linear work takes 4 times as long, quadratic work 16 times). Measured up to
+    three times: a busy machine can slow one measurement, quadratic work fails every one."""
     make = HOSTILE_STRING_SHAPES[shape]
     size = 4096
     while size < 2 * 1024**2 and _fastest_call(make(size)) < 0.010:
         size *= 2
-    small, large = _fastest_call(make(size)), _fastest_call(make(4 * size))
-    assert large < 8 * small, (shape, size, small, large)
+    measured = []
+    for _ in range(3):
+        small, large = _fastest_call(make(size)), _fastest_call(make(4 * size))
+        measured.append((small, large))
+        if large < 8 * small:
+            return
+    pytest.fail(f"{shape}: 4 times the size took 8 times as long or more, three times: {size} bytes, {measured}")

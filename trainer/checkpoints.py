@@ -20,16 +20,17 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 from slapgen.atomic import atomic_path, atomic_write_text
 from slapgen.errors import first_line
 from slapgen.models.lora_format import WEIGHTS_FILE
 from trainer.errors import TrainError
+
+if TYPE_CHECKING:  # imported where checkpoints are written and read: listing them (eval's checks) needs no torch
+    import torch
 
 CHECKPOINTS_DIR = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -115,6 +116,8 @@ def rng_file(process_index: int) -> str:
 def _save(obj, path: Path) -> None:
     # Through a Python file: torch.save to a path reports a full disk as an opaque RuntimeError
     # ("unexpected pos ..."); a file object's write raises OSError with its errno.
+    import torch
+
     with atomic_path(path) as staging, staging.open("wb") as handle:
         torch.save(obj, handle)
 
@@ -172,6 +175,8 @@ def _read(folder: Path, name: str, reader):
 
 
 def _torch_load(path: Path):
+    import torch
+
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
@@ -180,6 +185,8 @@ def read_files(folder: Path, process_index: int, num_processes: int) -> Checkpoi
 
     Every process reads every process's RNG file, so all of them judge a checkpoint alike and resume
     from the same one."""
+    from safetensors.torch import load_file
+
     state = read_state(folder)
     processes = state.get("processes", 1)
     if processes != num_processes:

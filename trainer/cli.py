@@ -15,6 +15,7 @@ from pathlib import Path
 from slapgen.errors import SlapgenError
 from slapgen.names import NAME_RULE
 from trainer.errors import DatasetError
+from trainer.evaluate.names import HELDOUT_LOSS_SEED
 from trainer.ray_cluster import check_gpus_option, check_node_wait_option
 
 
@@ -58,10 +59,20 @@ def cmd_precompute(args) -> int:
     return 0 if report.entries else 1
 
 
+def check_precompute(args) -> None:
+    from trainer.config import load_config
+    from trainer.datasets import check_dataset_exists
+
+    load_config(args.config, [f"model={args.model}", *args.set] if args.model else args.set)
+    check_dataset_exists(args.dataset)
+
+
 def check_train(args) -> None:
     from trainer.config import load_config
+    from trainer.datasets import check_dataset_exists
 
     load_config(args.config, args.set)  # the preset's name and every --set (load_config_for_run may download)
+    check_dataset_exists(args.data)
 
 
 def cmd_train(args) -> int:
@@ -81,6 +92,7 @@ def cmd_train(args) -> int:
 
 def check_curate(args) -> None:
     from trainer.config import load_config
+    from trainer.datasets import check_dataset_exists
 
     if args.select is not None and args.select < 1:
         raise DatasetError("--select must be at least 1")
@@ -91,6 +103,7 @@ def check_curate(args) -> None:
     if args.hard_negatives and args.select is None:
         raise DatasetError("--hard-negatives reserves part of a selection: give --select N too")
     load_config(args.config, args.set)
+    check_dataset_exists(args.dataset)
 
 
 def cmd_curate(args) -> int:
@@ -195,13 +208,12 @@ def cmd_eval(args) -> int:
 
 def cmd_generate(args) -> int:
     # Imported here, as for eval: the generation engine loads only for the commands that generate.
-    from trainer.evaluate.options import parse_settings
     from trainer.generate import GenerateOptions, generate_video, parse_slots
 
     options = GenerateOptions(
         model=args.model, out=args.out, prompt=args.prompt, template=args.template, slots=parse_slots(args.slot),
         adapter=args.adapter, condition_image=args.condition_image, include_condition_frames=args.include_condition_frames,
-        seed=args.seed, settings=parse_settings(args.set, chooser="its own option (--prompt, --seed, --adapter)"),
+        seed=args.seed, settings=generate_settings(args),
         device=args.device, quantization=args.quantization)
     made = generate_video(options)
     layout = f", TIC-FT {made['ticft_layout']}" if made["ticft_layout"] else ""
@@ -211,12 +223,19 @@ def cmd_generate(args) -> int:
 
 
 def check_generate(args) -> None:
-    """The caption generate would make from --prompt or --template and --slot: a mistake there is said before
-    the seconds of imports, not after them."""
+    """The caption generate would make from --prompt or --template and --slot, and its --set values: a mistake
+    there is said before the seconds of imports, not after them."""
     from trainer.generate import GenerateOptions, parse_slots, render_prompt
 
     render_prompt(GenerateOptions(model=args.model, out=args.out, prompt=args.prompt, template=args.template,
                                   slots=parse_slots(args.slot)))
+    generate_settings(args)
+
+
+def generate_settings(args) -> dict:
+    from trainer.evaluate.options import parse_settings
+
+    return parse_settings(args.set, chooser="its own option (--prompt, --seed, --adapter)")
 
 
 def sweep_options(args) -> dict:
@@ -253,13 +272,19 @@ def cmd_sweep(args) -> int:
     return 0
 
 
-def cmd_caption(args) -> int:
-    from trainer.captioning.run import CaptionSettings, caption_dataset
+def check_caption(args) -> None:
+    from trainer.datasets import check_caption_folder
 
     if args.fps <= 0:
         raise DatasetError("--fps must be positive")
     if args.max_frames < 1 or (args.max_new_tokens is not None and args.max_new_tokens < 1):
         raise DatasetError("--max-frames and --max-new-tokens must be at least 1")
+    check_caption_folder(args.dataset)
+
+
+def cmd_caption(args) -> int:
+    from trainer.captioning.run import CaptionSettings, caption_dataset
+
     settings = CaptionSettings(model=args.model, device=args.device, fps=args.fps, max_frames=args.max_frames,
                                max_new_tokens=args.max_new_tokens, overwrite=args.overwrite,
                                retry_flagged=args.retry_flagged, seed=args.seed)
@@ -363,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     cap.add_argument("--overwrite", action="store_true", help="replace existing captions too")
     cap.add_argument("--retry-flagged", action="store_true", help="try again the clips an earlier run flagged")
     cap.add_argument("--seed", type=int, default=0, help="seed of the per-clip sampling")
-    cap.set_defaults(run=cmd_caption)
+    cap.set_defaults(run=cmd_caption, check=check_caption)
 
     pre = commands.add_parser("precompute", help="encode clips (VAE) and captions (T5) into a latent cache")
     pre.add_argument("dataset", type=Path, help="folder (videos.txt+prompts.txt or clip.mp4+clip.txt) or .csv/.jsonl")
@@ -372,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--config", help="training config or preset whose data section sets resolution and frames")
     pre.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     pre.add_argument("--device", help="where to run the encoders (default: cuda when a GPU is there, else cpu)")
-    pre.set_defaults(run=cmd_precompute)
+    pre.set_defaults(run=cmd_precompute, check=check_precompute)
 
     tr = commands.add_parser("train", help="train a LoRA; writes RUN_DIR/pytorch_lora_weights.safetensors")
     tr.add_argument("--config", required=True, help="YAML file or preset name (conservative, aggressive, ticft, tiny-smoke)")
@@ -406,7 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "were trained with (data.trigger_word, in their metadata)")
     ev.add_argument("--cache", type=Path, help="latent cache for the held-out clips (default OUT/cache; share it)")
     ev.add_argument("--device", help="where the model and metrics run (default: cuda when a GPU is there, else cpu)")
-    ev.add_argument("--loss-seed", type=int, default=0, help="seed of the held-out loss noise (default 0)")
+    ev.add_argument("--loss-seed", type=int, default=HELDOUT_LOSS_SEED,
+                    help=f"seed of the held-out loss noise (default {HELDOUT_LOSS_SEED})")
     ev.add_argument("--clip-model", help="CLIP hub id or folder (default openai/clip-vit-large-patch14; tiny with --model tiny)")
     ev.add_argument("--dino-model", help="DINO hub id or folder (default facebook/dino-vitb16; tiny with --model tiny)")
     ev.add_argument("--i3d-model", help="I3D TorchScript file or hub repo (default flateon/FVD-I3D-torchscript; "

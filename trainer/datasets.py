@@ -58,6 +58,26 @@ class _Row:
     caption_file: str | None = None  # a folder dataset's caption file for this video, when there is none
 
 
+def check_dataset_exists(path: Path) -> Path:
+    """`path`, or the sentence for a dataset that is not there: the first thing a new user meets when README's
+    commands are run out of order (`--data demo`). Commands say it before their seconds of imports."""
+    path = Path(path)
+    if not path.exists():
+        raise DatasetError(f"dataset {path} does not exist (a folder of clips with captions, or a .csv / .jsonl; "
+                           f"`slapgen demo-data {path}` makes a small one to try the commands on)")
+    return path
+
+
+def check_caption_folder(path: Path) -> Path:
+    """`path`, or why `slapgen caption` cannot write captions into it: it writes clip.txt beside each clip.mp4,
+    which a .csv / .jsonl or a videos.txt + prompts.txt dataset does not read."""
+    path = Path(path)
+    if not path.is_dir() or (path / "videos.txt").exists() or (path / "prompts.txt").exists():
+        raise DatasetError(f"{path} is not a folder of clips; caption writes clip.txt beside each clip.mp4, "
+                           "so give it a folder of videos")
+    return path
+
+
 def read_dataset(path: Path, require_captions: bool = True, require_files: bool = True) -> list[Clip]:
     """Every clip of the dataset at `path`, in dataset order.
 
@@ -66,11 +86,7 @@ def read_dataset(path: Path, require_captions: bool = True, require_files: bool 
     video file that does not exist or leads out of the dataset is an error unless `require_files` is
     off (curation reports it instead).
     """
-    path = Path(path)
-    if not path.exists():
-        # The first thing a new user meets when README's commands are run out of order (`--data demo`).
-        raise DatasetError(f"dataset {path} does not exist (a folder of clips with captions, or a .csv / .jsonl; "
-                           f"`slapgen demo-data {path}` makes a small one to try the commands on)")
+    path = check_dataset_exists(path)
     if path.is_file():
         if path.suffix.lower() == ".csv":
             rows = _csv_rows(path)

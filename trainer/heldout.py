@@ -38,9 +38,9 @@ from trainer.batches import load_batch
 from trainer.config import DataConfig, TicftConfig
 from trainer.datasets import read_training_clips
 from trainer.errors import DatasetError
+from trainer.evaluate.names import HELDOUT_LOSS_SEED
 from trainer.latent_cache import CacheEntry, LatentCache
 
-DEFAULT_SEED = 0
 DEFAULT_NUM_TIMESTEPS = 5
 
 
@@ -75,7 +75,7 @@ def heldout_entries(dataset: Path, resolved: ResolvedModel, data: DataConfig, ca
 
 
 @torch.no_grad()
-def heldout_losses(transformer, scheduler, entries: Sequence[CacheEntry], *, seed: int = DEFAULT_SEED,
+def heldout_losses(transformer, scheduler, entries: Sequence[CacheEntry], *, seed: int = HELDOUT_LOSS_SEED,
                    timesteps: Sequence | None = None, dtype: torch.dtype | None = None,
                    on_forward: Callable[[], None] | None = None, layout: TicftLayout | None = None,
                    family: ModelFamily | None = None) -> list[float]:
@@ -126,7 +126,7 @@ def heldout_losses(transformer, scheduler, entries: Sequence[CacheEntry], *, see
         transformer.train(was_training)
 
 
-def heldout_loss(transformer, scheduler, entries: Sequence[CacheEntry], *, seed: int = DEFAULT_SEED,
+def heldout_loss(transformer, scheduler, entries: Sequence[CacheEntry], *, seed: int = HELDOUT_LOSS_SEED,
                  timesteps: Sequence | None = None, dtype: torch.dtype | None = None,
                  layout: TicftLayout | None = None, family: ModelFamily | None = None) -> float:
     """The mean of `heldout_losses` over the entries: one number per model, comparable across runs."""

@@ -30,12 +30,12 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, get_args
 
-import torch
-
 from slapgen.errors import CacheUnavailableError, RequestError
 from slapgen.models.family import ModelFamily, StepCacheHooks
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch only in annotations: GenerationParams (and so `slapgen eval`'s checks) import no torch
+    import torch
+
     from slapgen.engine.params import GenerationParams
 
 CacheKind = Literal["none", "pab", "fastercache", "fbc", "taylorseer"]

@@ -9,10 +9,14 @@ every clip, so a score does not depend on a random draw (`FVD_FRAMES`). The I3D 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 
 from slapgen.evaluation.frames import check_video
+
+if TYPE_CHECKING:  # imported where features are computed: `slapgen eval`'s checks read FVD_FRAMES without torch
+    import torch
 
 FVD_FRAMES = 16
 I3D_MIN_FRAMES = 10
@@ -24,14 +28,16 @@ class I3DFeatures:
         self.device = device
         self.frames = frames
 
-    @torch.no_grad()
     def __call__(self, video: np.ndarray) -> np.ndarray:
         """The feature vector of one video (its first `frames` frames)."""
+        import torch
+
         video = check_video(video)
         if len(video) < I3D_MIN_FRAMES:
             raise ValueError(f"the I3D needs at least {I3D_MIN_FRAMES} frames, got {len(video)}")
         clip = torch.from_numpy(np.ascontiguousarray(video[: self.frames])).permute(3, 0, 1, 2).unsqueeze(0)
-        features = self.module(clip.to(self.device), rescale=True, resize=True, return_features=True)
+        with torch.no_grad():
+            features = self.module(clip.to(self.device), rescale=True, resize=True, return_features=True)
         return features[0].double().cpu().numpy()
 
     def many(self, videos) -> np.ndarray:

@@ -14,10 +14,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from slapgen.errors import ModelUnavailableError
+
+if TYPE_CHECKING:  # imported where a model loads: `slapgen eval`'s checks read the default sources without torch
+    import torch
 
 TINY = "tiny"
 DEFAULT_CLIP = "openai/clip-vit-large-patch14"
@@ -105,6 +107,8 @@ def load_i3d(source: str, device: str = "cpu", cache_dir: Path | None = None) ->
     """StyleGAN-V's TorchScript I3D: a file path, or a hub repo holding `i3d_torchscript.pt`."""
     path = _materialise(source, "i3d", cache_dir)
     _check_source(path, "--i3d-model")
+    import torch
+
     try:
         if not Path(path).expanduser().exists():
             from huggingface_hub import hf_hub_download

@@ -28,8 +28,7 @@ import yaml
 import prompts
 from slapgen.atomic import atomic_write_text
 from trainer.curate.captions import check_caption
-from trainer.datasets import read_dataset
-from trainer.errors import DatasetError
+from trainer.datasets import check_caption_folder, read_dataset
 
 PROMPTS_FILE = Path(prompts.__file__).parent / "caption.yaml"
 STATE_FILE = ".slapgen-captions.json"
@@ -105,10 +104,7 @@ def caption_dataset(dataset: Path, settings: CaptionSettings = CaptionSettings()
     from trainer.captioning.model import VideoCaptioner, resolve_caption_model
     from trainer.progress import progress_bar
 
-    dataset = Path(dataset)
-    if not dataset.is_dir() or (dataset / "videos.txt").exists() or (dataset / "prompts.txt").exists():
-        raise DatasetError(f"{dataset} is not a folder of clips; caption writes clip.txt beside each clip.mp4, "
-                           "so give it a folder of videos")
+    dataset = check_caption_folder(dataset)
     clips = [clip for clip in read_dataset(dataset, require_captions=False, require_files=False)
              if not clip.issues]  # a link out of the dataset is neither read nor written through
     state_path = dataset / STATE_FILE

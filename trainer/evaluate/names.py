@@ -4,6 +4,7 @@ module that imports nothing, so a sweep can name its columns without loading the
 from __future__ import annotations
 
 HELDOUT_LOSS = "heldout_loss"
+HELDOUT_LOSS_SEED = 0  # the held-out loss's noise seed unless --loss-seed says otherwise
 METRIC_GROUPS = ("loss", "clip", "fvd", "temporal")  # what `--metrics` names (eval and sweep)
 GENERATING_GROUPS = ("clip", "fvd", "temporal")  # the groups that generate videos
 CLIP_PREFIX = "clip_score_"  # + the CLIP checkpoint's short name (slapgen.evaluation.models.short_name)

@@ -6,7 +6,6 @@ import difflib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from slapgen.engine.adapters import ADAPTER_NAME_PATTERN
 from slapgen.engine.params import GenerationParams
 from slapgen.errors import FrameCountError
 from slapgen.evaluation.i3d import FVD_FRAMES, I3D_MIN_FRAMES
@@ -14,11 +13,11 @@ from slapgen.evaluation.models import DEFAULT_CLIP, DEFAULT_DINO, DEFAULT_I3D, T
 from slapgen.models.loading import ModelSetting
 from slapgen.models.specs import ModelSpec
 from slapgen.models.tiny_wan import TINY_WAN_MODEL_NAME
+from slapgen.names import NAME_PATTERN
 from trainer.errors import EvalError
 from trainer.evaluate.checkpoints import check_generate_top
-from trainer.evaluate.names import GENERATING_GROUPS, METRIC_GROUPS
+from trainer.evaluate.names import GENERATING_GROUPS, HELDOUT_LOSS_SEED, METRIC_GROUPS
 from trainer.evaluate.picking import DEFAULT_PICK_BY, check_measured, check_pick_by
-from trainer.heldout import DEFAULT_SEED
 from trainer.ray_cluster import DEFAULT_NODE_WAIT_S
 
 BASE = "base"
@@ -47,7 +46,7 @@ class EvalOptions:
     trigger_word: str | None = None  # the LoRAs' trigger word, put into the held-out captions (the prompts) as training did
     cache: Path | None = None  # latent cache of the held-out clips (default OUT/cache)
     device: str = "cpu"
-    loss_seed: int = DEFAULT_SEED
+    loss_seed: int = HELDOUT_LOSS_SEED
     clip_model: str = DEFAULT_CLIP
     dino_model: str = DEFAULT_DINO
     i3d_model: str = DEFAULT_I3D
@@ -150,7 +149,7 @@ def parse_adapter(text: str) -> AdapterArg:
     name, separator, path = text.partition("=")
     if not separator or not name or not path:
         raise EvalError(f"--adapter {text}: expected NAME=PATH, e.g. --adapter r64=runs/r64")
-    if not ADAPTER_NAME_PATTERN.fullmatch(name) or name == BASE:
+    if not NAME_PATTERN.fullmatch(name) or name == BASE:
         raise EvalError(f"--adapter {text}: the name must be 1-64 characters of a-z, 0-9, _ or - and not `{BASE}` "
                         "(the base model's name)")
     return AdapterArg(name, Path(path).expanduser())
