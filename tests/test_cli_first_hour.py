@@ -213,10 +213,14 @@ MISTYPED = [  # (command line, what the one sentence says, what it may import fi
      "--set steps=2: expected KEY=VALUE with KEY one of", set()),
     (["generate", "--model", "tiny", "--out", "{tmp}/x.mp4", "--prompt", "a slap", "--set", "num_frames=many"],
      "--set num_frames=many: num_frames must be a whole number", set()),
+    (["generate", "--model", "tiny", "--out", "{tmp}/x.mp4", "--prompt", "a slap", "--adapter", "{tmp}/nope"],
+     "--adapter {tmp}/nope: no such file or folder", set()),
     (["curate", "{tmp}/nope", "--out", "{tmp}/curated"], "dataset {tmp}/nope does not exist", set()),
     (["train", "--config", "tiny-smoke", "--data", "{tmp}/nope", "--out", "{tmp}/run"],
      "dataset {tmp}/nope does not exist", set()),
     (["precompute", "{tmp}/nope", "--out", "{tmp}/cache"], "dataset {tmp}/nope does not exist", set()),
+    (["eval", "--model", "tiny", "--heldout", "{tmp}/nope", "--out", "{tmp}/eval"], "dataset {tmp}/nope does not exist",
+     set()),
     (["caption", "{tmp}/nope"], "{tmp}/nope is not a folder of clips", set()),
     (["sweep", "--config", "tiny-smoke", "--grid", "lora.rnk=4,8", "--data", "{data}", "--heldout", "{data}",
       "--out", "{tmp}/sweep"], "lora.rnk: no such setting", {"torch"}),
@@ -225,8 +229,8 @@ MISTYPED = [  # (command line, what the one sentence says, what it may import fi
 
 @pytest.mark.parametrize("arguments, message, may_import", MISTYPED,
                          ids=["generate-template", "generate-slot", "train-preset", "train-set", "curate-select",
-                              "eval-metrics", "eval-set", "generate-set", "curate-dataset", "train-data",
-                              "precompute-dataset", "caption-folder", "sweep-grid"])
+                              "eval-metrics", "eval-set", "generate-set", "generate-adapter", "curate-dataset", "train-data",
+                              "precompute-dataset", "eval-heldout", "caption-folder", "sweep-grid"])
 def test_a_mistyped_option_is_said_before_diffusers_and_transformers_load(arguments, message, may_import, demo_dataset,
                                                                            tmp_path):
     """Guards a typo answered only after the seconds of importing diffusers and transformers (4-5 s here for
@@ -235,8 +239,9 @@ def test_a_mistyped_option_is_said_before_diffusers_and_transformers_load(argume
     for generate, train, curate, precompute, caption and eval (the model families, which the training config reads,
     import torch only where they use it: 0.19 s for `train --config tiny-smok`, 1.4 s before; `generate --set`
     and eval's checks imported torch through the engine's modules, 3.7 s before `--set nokey` was said; a dataset
-    that does not exist was said after torch by curate, precompute and caption, and after a model download's
-    failure by train), only torch for the sweep's, whose check reads modules that compute with it."""
+    or an adapter that does not exist was said after torch by curate, precompute, caption and generate, after a
+    model download's failure by train, and by eval after its output folder was made), only torch for the sweep's,
+    whose check reads modules that compute with it."""
     command = [argument.replace("{tmp}", str(tmp_path)).replace("{data}", str(demo_dataset)) for argument in arguments]
     message = message.replace("{tmp}", str(tmp_path))
     result, heavy = _imports(tmp_path, *command)

@@ -130,7 +130,7 @@ def test_a_database_that_does_not_answer_fails_no_job_until_the_lease_passes(dat
     pipeline and failed every running job. The progress write and the stop check are best effort: logged
     once per outage, written again at the next step; only a database unreachable for longer than the lease
     (when other replicas fail the job anyway) is raised."""
-    lease_s = 1.0  # short, so the outage outlasts it in a second
+    lease_s = 2.0  # short, so the outage outlasts it in seconds; long enough for the calls within it on a busy machine
     board = JobBoard(database_url, owner=1, lease_s=lease_s, renew_every_s=3600)
     board.submitted("job", 5)
     board.step("job", 1, 5)
@@ -166,7 +166,7 @@ def test_a_hung_generation_is_no_longer_renewed_and_a_peer_fails_it(database_url
     `stop_requested()`) for `stalled_after_s` is no longer renewed and a peer fails it after the lease; a job
     stepping on, one waiting for the model (it asks whether to stop), one started less than the bound ago (a
     compile before its first step) and one only submitted (its handler not started) are renewed as before."""
-    stalled_after_s = 1.0
+    stalled_after_s = 2.0  # the calls after the sleep must come within it, on a busy machine too
     replica_a = JobBoard(database_url, owner=1, lease_s=LEASE_S, renew_every_s=3600, stalled_after_s=stalled_after_s)
     for task_id in ("hung-in-a-step", "hung-before-step-1", "canceled-then-hung", "stepping", "waiting-for-model"):
         replica_a.submitted(task_id, 4)
@@ -234,7 +234,7 @@ def test_one_server_fails_its_own_hung_job_after_the_lease(database_url):
     server's own jobs, so with one server (no peer to fail it) a generation hung in a step said running on
     `/jobs/progress` forever. A hung job of this very server, past the lease, is failed by its own read and
     its worker is told to stop; its live job stepping on is renewed and stays running."""
-    stalled_after_s = 1.0
+    stalled_after_s = 2.0  # the calls after the sleep must come within it, on a busy machine too
     server = JobBoard(database_url, owner=1, lease_s=LEASE_S, renew_every_s=3600, stalled_after_s=stalled_after_s)
     for task_id in ("hung", "stepping"):
         server.submitted(task_id, 4)

@@ -146,10 +146,12 @@ def eval_options(args):
     """slapgen eval's options, every one checked: for the check before the heavy imports, and for the run."""
     from trainer.evaluate.options import (EvalOptions, default_model_sources, parse_adapter, parse_metrics, parse_seeds,
                                           parse_settings)
+    from trainer.datasets import check_dataset_exists
     from trainer.evaluate.ray_shards import check_workers_option
 
     if args.max_clips is not None and args.max_clips < 1:
         raise DatasetError("--max-clips must be at least 1")
+    check_dataset_exists(args.heldout)
     sources = default_model_sources(args.model)
     return EvalOptions(
         model=args.model,
@@ -208,14 +210,9 @@ def cmd_eval(args) -> int:
 
 def cmd_generate(args) -> int:
     # Imported here, as for eval: the generation engine loads only for the commands that generate.
-    from trainer.generate import GenerateOptions, generate_video, parse_slots
+    from trainer.generate import generate_video
 
-    options = GenerateOptions(
-        model=args.model, out=args.out, prompt=args.prompt, template=args.template, slots=parse_slots(args.slot),
-        adapter=args.adapter, condition_image=args.condition_image, include_condition_frames=args.include_condition_frames,
-        seed=args.seed, settings=generate_settings(args),
-        device=args.device, quantization=args.quantization)
-    made = generate_video(options)
+    made = generate_video(generate_options(args))
     layout = f", TIC-FT {made['ticft_layout']}" if made["ticft_layout"] else ""
     print(f"wrote {made['path']}: {made['frames']} frames of {made['height']}x{made['width']} at {made['fps']} fps, "
           f"seed {made['seed']}{layout}; {made['generate_seconds']:.1f} s to generate ({made['load_seconds']:.1f} s to load)")
@@ -223,19 +220,22 @@ def cmd_generate(args) -> int:
 
 
 def check_generate(args) -> None:
-    """The caption generate would make from --prompt or --template and --slot, and its --set values: a mistake
-    there is said before the seconds of imports, not after them."""
-    from trainer.generate import GenerateOptions, parse_slots, render_prompt
+    """What generate can check without torch (the mp4's name, the seed, the caption from --prompt or --template
+    and --slot, the files named) and its --set values: a mistake there is said before the seconds of imports."""
+    from trainer.generate import check_options
 
-    render_prompt(GenerateOptions(model=args.model, out=args.out, prompt=args.prompt, template=args.template,
-                                  slots=parse_slots(args.slot)))
-    generate_settings(args)
+    check_options(generate_options(args))
 
 
-def generate_settings(args) -> dict:
+def generate_options(args):
     from trainer.evaluate.options import parse_settings
+    from trainer.generate import GenerateOptions, parse_slots
 
-    return parse_settings(args.set, chooser="its own option (--prompt, --seed, --adapter)")
+    return GenerateOptions(
+        model=args.model, out=args.out, prompt=args.prompt, template=args.template, slots=parse_slots(args.slot),
+        adapter=args.adapter, condition_image=args.condition_image, include_condition_frames=args.include_condition_frames,
+        seed=args.seed, settings=parse_settings(args.set, chooser="its own option (--prompt, --seed, --adapter)"),
+        device=args.device, quantization=args.quantization)
 
 
 def sweep_options(args) -> dict:

@@ -91,6 +91,24 @@ def named_options():
         raise GenerateError(f"{option}: {error}" if option else str(error)) from None
 
 
+def check_options(options: GenerateOptions) -> str:
+    """What needs no model nor torch: the mp4's name, the seed, the prompt (returned, rendered from its template)
+    and that the files named exist. `slapgen generate` runs it before its imports, and again in the run."""
+    if options.out.suffix.lower() != ".mp4":
+        raise GenerateError(f"--out {options.out}: the video is written as mp4; name it e.g. slap.mp4")
+    if options.out.is_dir():
+        raise GenerateError(f"--out {options.out} is a folder; give the mp4's file name")
+    if not 0 <= options.seed < 2**63:
+        raise GenerateError("--seed must be between 0 and 2^63-1")
+    prompt = render_prompt(options)
+    for option, path in (("--adapter", options.adapter), ("--condition-image", options.condition_image)):
+        if path is not None and not path.exists():
+            raise GenerateError(f"{option} {path}: no such file or folder")
+    if options.condition_image is not None and not options.condition_image.is_file():
+        raise GenerateError(f"--condition-image {options.condition_image} is not a file (a PNG or JPEG image)")
+    return prompt
+
+
 def generate_video(options: GenerateOptions, progress: bool = True) -> dict:
     """Make the video; returns what was made (path, frames, seconds, the settings used)."""
     import torch
@@ -105,20 +123,9 @@ def generate_video(options: GenerateOptions, progress: bool = True) -> dict:
     from trainer.evaluate.options import MODEL_SETTING, AdapterArg, checked_params
     from trainer.evaluate.systems import check_base_models, resolve_systems, slot_shape, stage_adapters
 
-    if options.out.suffix.lower() != ".mp4":
-        raise GenerateError(f"--out {options.out}: the video is written as mp4; name it e.g. slap.mp4")
-    if options.out.is_dir():
-        raise GenerateError(f"--out {options.out} is a folder; give the mp4's file name")
+    prompt = check_options(options)
     if options.device.startswith("cuda") and not torch.cuda.is_available():
         raise GenerateError(f"--device {options.device} needs a CUDA GPU and none is usable here; use --device cpu")
-    if not 0 <= options.seed < 2**63:
-        raise GenerateError("--seed must be between 0 and 2^63-1")
-    prompt = render_prompt(options)
-    for option, path in (("--adapter", options.adapter), ("--condition-image", options.condition_image)):
-        if path is not None and not path.exists():
-            raise GenerateError(f"{option} {path}: no such file or folder")
-    if options.condition_image is not None and not options.condition_image.is_file():
-        raise GenerateError(f"--condition-image {options.condition_image} is not a file (a PNG or JPEG image)")
     condition = read_image(options.condition_image) if options.condition_image is not None else None
     systems = resolve_systems((AdapterArg(adapter_name(options.adapter), options.adapter),), include_base=False) \
         if options.adapter else []
