@@ -410,10 +410,10 @@ def next_pair_for(store: CampaignStore, name: str, rater: str, generator,
                   repeat_share: float = REPEAT_SHARE) -> IssuedPair | str:
     """The pair to show `rater` next: the one they have open, else now and then a repeat of one they
     answered (sides swapped; `repeat_share` of the pairs), else `ranking.next_pair` on the campaign's first
-    criterion (the pair expected to tell the most about the ranking). Else the sentence why there is none: the campaign's budget is
-    reached (pairs were issued and rated past it: 10 of a budget of 8 in a walk-through; an open pair is still
-    answered, a rater's work is never refused), or the rater has judged every pair on every item (and then no
-    repeat either: one came now and then after "judged every pair", which read as a flip-flop)."""
+    criterion (the pair expected to tell the most about the ranking). Else the sentence why there is none: the
+    campaign's budget is reached (pairs were issued and rated past it: 10 of a budget of 8 in a walk-through; an
+    open pair is still answered, a rater's work is never refused), or the rater has judged every pair on every item
+    (and then no repeat either: one came now and then after "judged every pair", which read as a flip-flop)."""
     from slapgen.evaluation.ranking import next_pair
 
     campaign = store.get(name)

@@ -83,6 +83,8 @@ def task_id_problem(task_id: str | None) -> str | None:
     if not task_id.isprintable():
         return "task_id is the id /jobs/submit answered; this one has characters no id has"
     return None
+
+
 # A job's state on the board as BentoML's /jobs/status spells it (canceled is spelled alike).
 BENTOML_STATUS = {"queued": "pending", "running": "in_progress", "canceling": "in_progress",
                   "finishing": "in_progress", "completed": "completed", "failed": "failed", "canceled": "canceled"}
