@@ -701,3 +701,28 @@ def test_a_runs_lines_start_lines_of_their_own_under_the_sweep_bar(tiny_cache_di
     assert f"LoRA written to {final}" in segments
     assert any(segment.startswith("data: 4 clips ready") for segment in segments)
     assert not [segment for segment in segments if "ETA" in segment and ("LoRA" in segment or "data:" in segment)]
+
+
+def test_the_sweep_bar_counts_a_resumed_runs_steps_once(capsys):
+    """Guards the sweep's bar after a resume ("0% 2434/? steps" of 2400, a walk-through's node loss; a rerun
+    after Ctrl-C ended the same way): a run that goes back to its checkpoint steps again through steps already
+    counted (a lost node's run, or a rerun whose first tick read the interrupted session's log before the resumed
+    run cut it back), and the bar counted them twice, past its total, where tqdm drops the total. Each run's
+    steps count once, the highest seen; its label says the step it is at."""
+    from types import SimpleNamespace
+
+    from trainer.sweep.progress import SweepProgress
+
+    runs = [SimpleNamespace(name=name, config=SimpleNamespace(train=SimpleNamespace(max_train_steps=10)))
+            for name in ("00-a", "01-b")]
+    progress = SweepProgress(runs, {"00-a": 10, "01-b": 4})  # a rerun: 00-a finished, 01-b at 4 (drawn to capsys)
+    progress.show(["01-b"])
+    for step in (7, 5, 6):  # the old log's last step, then the resumed run from its checkpoint at 4
+        progress.step("01-b", step)
+    assert progress.bar.n == 10 + 7 and progress._label("01-b") == "run 2/2 01-b step 6/10"
+    for step in (7, 8, 3, 4, 5, 6, 7, 8, 9, 10):  # its node lost at 8: retried from its checkpoint at 2
+        progress.step("01-b", step)
+    assert (progress.bar.n, progress.bar.total) == (20, 20)
+    assert progress._label("01-b") == "run 2/2 01-b evaluating"
+    progress.close()
+    assert "/? steps" not in capsys.readouterr().err  # tqdm drops a total the count passed

@@ -1,6 +1,9 @@
 """The sweep's one progress bar: optimizer steps of the whole sweep, which run (and step) is training,
 and tqdm's ETA for everything left. Steps a rerun does not repeat (finished runs, the interrupted
-run's checkpoint) count as done from the start, so the ETA is measured on this session's work."""
+run's checkpoint) count as done from the start, so the ETA is measured on this session's work. A run that
+goes back to its checkpoint (its node was lost, or a rerun read the interrupted session's last logged step
+before the resumed run cut its log back) steps again through steps the bar has counted: the bar counts each
+step of a run once, the highest seen, so it never passes its total (it read "0% 2434/? steps" of 2400)."""
 
 from __future__ import annotations
 
@@ -14,21 +17,23 @@ class SweepProgress:
     def __init__(self, runs: list[PlannedRun], done: dict[str, int], enabled: bool = True):
         self.runs = {run.name: run for run in runs}
         self.position = {run.name: index + 1 for index, run in enumerate(runs)}
-        self.done = dict(done)
+        self.at = dict(done)  # each run's step now
+        self.counted = dict(done)  # each run's highest step: what the bar counts
         self.running: list[str] = []
         total = sum(run.config.train.max_train_steps for run in runs)
-        self.bar = progress_bar(total=total, initial=sum(self.done.values()), desc="sweep", unit="step",
+        self.bar = progress_bar(total=total, initial=sum(self.counted.values()), desc="sweep", unit="step",
                                 bar_format=BAR_FORMAT, disable=not enabled)
 
     def _label(self, name: str) -> str:
         steps = self.runs[name].config.train.max_train_steps
-        where = "evaluating" if self.done[name] >= steps else f"step {self.done[name]}/{steps}"
+        where = "evaluating" if self.at[name] >= steps else f"step {self.at[name]}/{steps}"
         return f"run {self.position[name]}/{len(self.runs)} {name} {where}"
 
     def step(self, name: str, step: int) -> None:
-        """Run `name` has reached optimizer step `step`."""
-        delta = step - self.done[name]
-        self.done[name] = step
+        """Run `name` is at optimizer step `step`."""
+        self.at[name] = step
+        delta = step - self.counted[name]
+        self.counted[name] = max(step, self.counted[name])
         self._describe(refresh=delta <= 0)
         if delta > 0:
             self.bar.update(delta)  # draws the new description too
