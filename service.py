@@ -35,7 +35,7 @@ from slapgen.serving.error_shape import OneErrorShape
 from slapgen.serving.http_errors import describe_error, error_response, quiet_client_errors, status_for
 from slapgen.serving.job_routes import ADMISSION_KEY, JobRoutes
 from slapgen.serving.openapi import ApiDocument
-from slapgen.campaign_store import CampaignStore
+from slapgen.campaign_store import CAMPAIGNS_FILE, CampaignStore
 from slapgen.serving.ratings import RatingStore
 from slapgen.serving.jobs import JobBoard
 from slapgen.serving.load_metric import forget_dead_workers, generations_in_flight_reporter
@@ -77,7 +77,7 @@ job_board = StoreOnFirstUse(JOB_BOARD, settings.store_database(settings.cache_di
 # The studio's ratings outlive restarts and are shared by every worker.
 rating_store = StoreOnFirstUse("the studio's ratings", settings.store_database(settings.data_dir / "ratings.sqlite"),
                                "SLAP_DATA_DIR", RatingStore)
-campaign_store = StoreOnFirstUse("the rating campaigns", settings.store_database(settings.data_dir / "campaigns.sqlite"),
+campaign_store = StoreOnFirstUse("the rating campaigns", settings.store_database(settings.data_dir / CAMPAIGNS_FILE),
                                  "SLAP_DATA_DIR", lambda where: CampaignStore(settings.data_dir, settings.database_url))
 # Finished jobs' mp4s, for a replica other than the one that ran the job to answer /jobs/get.
 job_results = StoreOnFirstUse("the jobs' results folder", settings.results_dir, "SLAP_RESULTS_DIR", ResultStore)

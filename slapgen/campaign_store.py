@@ -167,6 +167,9 @@ class IssuedPair:
     right_video: str
 
 
+CAMPAIGNS_FILE = "campaigns.sqlite"  # in the data folder, where no database URL is given
+
+
 class CampaignStore:
     """`data_dir`: the campaigns' videos (DATA/campaigns/); `database`: a URL (default: the SQLite file
     DATA/campaigns.sqlite)."""
@@ -176,7 +179,7 @@ class CampaignStore:
         self.videos_dir = self.data_dir / "campaigns"
         self.videos_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._engine = open_store(database or self.data_dir / "campaigns.sqlite", "campaigns")
+        self._engine = open_store(database or self.data_dir / CAMPAIGNS_FILE, "campaigns")
 
     def _read(self, query) -> list[tuple]:
         with self._engine.connect() as db:

@@ -258,18 +258,27 @@ def test_cli_lists_and_deletes_campaigns(monkeypatch, tmp_path, capsys, eval_dir
     """Guards `slapgen campaign` having only `create`: `list` shows each campaign of the store create writes
     (SLAP_DATA_DIR, SLAP_DATABASE_URL) with its systems, ratings so far of its budget and raters, and creates
     no store where there is none; `delete NAME` removes one, asks for --yes when it has ratings (in one
-    sentence, deleting nothing), and refuses an unknown name in one sentence."""
+    sentence, deleting nothing), and refuses an unknown name in one sentence. Each names the store it used (a
+    shell without the replicas' SLAP_DATABASE_URL wrote into a SQLite file no replica reads, and its line named
+    only the data folder, as with the database)."""
+    from slapgen.database import shown_url
+    from slapgen.serving.settings import load_settings
+
     data = tmp_path / "data"
     monkeypatch.setenv("SLAP_DATA_DIR", str(data))
+    monkeypatch.delenv("SLAP_DATABASE_URL", raising=False)
+    sqlite_file = f"{data / 'campaigns.sqlite'} (SLAP_DATABASE_URL is unset)"
     assert main(["campaign", "list"]) == 0
-    assert capsys.readouterr().out == f"no campaigns in {data}\n"
+    assert capsys.readouterr().out == f"no campaigns in {sqlite_file}\n"
     assert not data.exists()  # listing an empty store created none
     assert main(["campaign", "delete", "nope"]) == 2
-    assert capsys.readouterr().err == (f"slapgen campaign: no campaign named 'nope' in {data}; `slapgen campaign list` "
-                                       "lists them\n")
+    assert capsys.readouterr().err == (f"slapgen campaign: no campaign named 'nope' in {sqlite_file}; `slapgen campaign "
+                                       "list` lists them\n")
 
     monkeypatch.setenv("SLAP_DATABASE_URL", database_url)
     assert main(["campaign", "create", "rated", "--from", str(eval_dir), "--budget", "5"]) == 0
+    store_url = shown_url(load_settings().database_url)  # as the service names it (postgresql+psycopg://...)
+    assert capsys.readouterr().out.endswith(f" ratings, in {store_url}\n")
     assert main(["campaign", "create", "typo", "--from", str(eval_dir), "--systems", "base,lora_b"]) == 0
     store = CampaignStore(data, database_url)
     for rater, item in (("ana", 0), ("ben", 1), ("ana", 2)):
@@ -291,7 +300,7 @@ def test_cli_lists_and_deletes_campaigns(monkeypatch, tmp_path, capsys, eval_dir
     assert main(["campaign", "delete", "rated", "--yes"]) == 0
     assert capsys.readouterr().out == "deleted campaign rated: 18 videos, 3 issued pairs, 3 ratings from 2 raters\n"
     assert main(["campaign", "list"]) == 0
-    assert capsys.readouterr().out == f"no campaigns in {data}\n"
+    assert capsys.readouterr().out == f"no campaigns in {store_url}\n"
     assert nothing_stored(data, "rated", database_url) and nothing_stored(data, "typo", database_url)
 
 

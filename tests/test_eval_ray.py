@@ -278,6 +278,19 @@ def test_the_videos_are_cut_into_one_contiguous_stretch_per_worker():
     assert stretches(planned, 1) == [planned]
 
 
+def test_the_start_line_says_how_many_workers_run_at_once():
+    """Guards `eval --ray auto --workers 2` on a cluster of 16 slots saying "16 videos in 2 stretches ... it runs 16
+    at once now and queues the rest" (a walk-through's): at once is no more than the workers, and the queued are
+    counted only when there are some."""
+    from trainer.evaluate.ray_shards import start_line
+
+    assert start_line(16, 2, 16, "cluster") == ("eval: 16 videos in 2 stretches, one Ray task each, on the cluster; "
+                                                "it runs 2 at once now")
+    assert start_line(16, 8, 2, "cluster") == ("eval: 16 videos in 8 stretches, one Ray task each, on the cluster; "
+                                               "it runs 2 at once now and queues the other 6 for its slots as they "
+                                               "free or join")
+
+
 class FakeRay:
     def __init__(self, nodes: list[dict]) -> None:
         self._nodes = nodes

@@ -185,8 +185,10 @@ def test_a_cluster_address_where_nothing_listens_is_one_sentence_at_once(monkeyp
     resolved = services.canonicalize_bootstrap_address(f"127.0.0.1:{port}")  # Ray names this machine by its IP
     assert str(error.value) == (f"--ray auto: the cluster last started on this machine, at {resolved}, does not answer "
                                 "([Errno 111] Connection refused): it stopped without `ray stop` or its head died; "
-                                "start one with `ray start --head` (and `ray start --address HEAD_IP:6379` on every "
-                                "other node), or use --ray local for one of this machine")
+                                "start one with `ray get-auth-token --generate` and `RAY_AUTH_MODE=token ray start "
+                                "--head` (and `RAY_AUTH_MODE=token ray start --address HEAD_IP:6379` on every other "
+                                "node, the head's ~/.ray/auth_token copied to it), or use --ray local for one of this "
+                                "machine")
     assert time.monotonic() - started < 30
 
 

@@ -346,7 +346,7 @@ def test_ray_auto_without_a_cluster_and_ray_missing_are_one_sentence(monkeypatch
     monkeypatch.setattr(ray, "init", no_cluster)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     with pytest.raises(ClusterError, match=r"^--ray auto found no Ray cluster: RAY_ADDRESS is not set and none runs on "
-                                         r"this machine; start one with `ray start --head`"):
+                                         r"this machine; start one with `ray get-auth-token --generate` and `RAY_AUTH_MODE=token ray start --head`"):
         with connect("auto"):
             pass
     monkeypatch.setitem(sys.modules, "ray", None)

@@ -216,11 +216,22 @@ def create_campaign(data_dir: Path, name: str, sources: list[Path], systems: lis
 def _existing_store(data_dir: Path, database: str | None):
     """The store create writes, or None where there is none yet (no database URL and no DATA/campaigns.sqlite):
     listing or deleting then creates no file."""
-    from slapgen.campaign_store import CampaignStore
+    from slapgen.campaign_store import CAMPAIGNS_FILE, CampaignStore
 
-    if database is None and not (Path(data_dir) / "campaigns.sqlite").is_file():
+    if database is None and not (Path(data_dir) / CAMPAIGNS_FILE).is_file():
         return None
     return CampaignStore(data_dir, database)
+
+
+def where_campaigns_are(data_dir: Path, database: str | None = None) -> str:
+    """The store `slapgen campaign` reads and writes, in its messages: a shell without the replicas'
+    SLAP_DATABASE_URL wrote a campaign into a SQLite file no replica reads, and said only the data folder."""
+    from slapgen.campaign_store import CAMPAIGNS_FILE
+    from slapgen.database import shown_url
+
+    if database is not None:
+        return shown_url(database)
+    return f"{Path(data_dir) / CAMPAIGNS_FILE} (SLAP_DATABASE_URL is unset)"
 
 
 def campaign_lines(data_dir: Path, database: str | None = None) -> list[str]:
@@ -229,7 +240,7 @@ def campaign_lines(data_dir: Path, database: str | None = None) -> list[str]:
     store = _existing_store(data_dir, database)
     overview = store.overview() if store is not None else []
     if not overview:
-        return [f"no campaigns in {data_dir}"]
+        return [f"no campaigns in {where_campaigns_are(data_dir, database)}"]
     lines = []
     for entry in overview:
         systems = store.get(entry["name"]).systems
@@ -251,4 +262,5 @@ def delete_campaign(data_dir: Path, name: str, confirmed: bool, database: str | 
     except CampaignRatedError as error:
         raise CampaignRatedError(f"{error}; add --yes to delete it with them", error.ratings, error.raters) from None
     except CampaignNotFoundError as error:
-        raise CampaignNotFoundError(f"{error} in {data_dir}; `slapgen campaign list` lists them", field="name") from None
+        raise CampaignNotFoundError(f"{error} in {where_campaigns_are(data_dir, database)}; `slapgen campaign list` "
+                                    "lists them", field="name") from None

@@ -300,7 +300,7 @@ def cmd_caption(args) -> int:
 def cmd_campaign_create(args) -> int:
     from slapgen.evaluation.leaderboard import left_out_sentences
     from slapgen.serving.settings import load_settings
-    from trainer.campaign import create_campaign
+    from trainer.campaign import create_campaign, where_campaigns_are
 
     def names(text):
         return None if text is None else [part.strip() for part in text.split(",") if part.strip()]
@@ -311,7 +311,7 @@ def cmd_campaign_create(args) -> int:
                                database=settings.database_url)
     print(f"campaign {campaign.name}: {len(campaign.systems)} systems ({', '.join(campaign.systems)}), "
           f"{len(campaign.items)} prompt/seed items, criteria {', '.join(campaign.criteria)}, budget "
-          f"{campaign.budget} ratings, in {data_dir}")
+          f"{campaign.budget} ratings, in {where_campaigns_are(data_dir, settings.database_url)}")
     for sentence in left_out_sentences(campaign.metrics_left_out):  # said now, not first on the leaderboard
         print(sentence)
     return 0

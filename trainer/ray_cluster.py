@@ -25,6 +25,11 @@ from slapgen.errors import SlapgenError
 from trainer.errors import ClusterError
 
 AUTO, LOCAL = "auto", "local"
+# README's recipe: a token first, and RAY_AUTH_MODE=token for every Ray command on every node (a worker started
+# without it cannot join a head that has a token; a plain `ray status` on that head fails too).
+START_A_CLUSTER = ("start one with `ray get-auth-token --generate` and `RAY_AUTH_MODE=token ray start --head` (and "
+                   "`RAY_AUTH_MODE=token ray start --address HEAD_IP:6379` on every other node, the head's "
+                   "~/.ray/auth_token copied to it), or use --ray local for one of this machine")
 CONNECT_TIMEOUT_S = 10  # a cluster's head answers a TCP connect at once; a dropped packet is waited for this long
 SHARED_CHECK_TIMEOUT_S = 300  # a node's first task starts a Python worker: seconds on an idle node, more under load
 # --node-wait's default: longer than a cloud provider takes to bring up a GPU node and pull a multi-GB image (the
@@ -204,7 +209,7 @@ def connect(address: str) -> Iterator[None]:
     own_token = False
     if address == LOCAL:
         # Short and private: Ray's unix sockets live under it (a 107-byte path limit), and the cluster is this command's.
-        temp = tempfile.mkdtemp(prefix="slapgen-ray-")
+        temp = tempfile.mkdtemp(prefix="slapgen-ray-", dir=os.environ.get("RAY_TMPDIR") or None)
         own_token = _token_of_this_command()
         # Errors only: Ray's warnings about a cluster that lives and dies with this command (its token
         # authentication, on by default) are not the user's business.
@@ -218,13 +223,10 @@ def connect(address: str) -> Iterator[None]:
                 raise ClusterError(f"--ray auto: no Ray cluster answers at RAY_ADDRESS={os.environ['RAY_ADDRESS']} "
                                    f"({error})") from None
             if address == AUTO and str(error).startswith("the cluster last started"):
-                raise ClusterError(f"--ray auto: {error}start one with `ray start --head` (and `ray start --address "
-                                   "HEAD_IP:6379` on every other node), or use --ray local for one of this "
-                                   "machine") from None
+                raise ClusterError(f"--ray auto: {error}{START_A_CLUSTER}") from None
             if address == AUTO:
                 raise ClusterError("--ray auto found no Ray cluster: RAY_ADDRESS is not set and none runs on this "
-                                   "machine; start one with `ray start --head` (and `ray start --address HEAD_IP:6379` "
-                                   "on every other node), or use --ray local for one of this machine") from None
+                                   f"machine; {START_A_CLUSTER}") from None
             raise ClusterError(f"--ray {address}: no Ray cluster answers at that address ({error})") from None
         try:
             ray.init(address=address, log_to_driver=False, configure_logging=False)

@@ -123,6 +123,15 @@ def stretches(planned: list, workers: int) -> list[list]:
     return [planned[bounds[k]:bounds[k + 1]] for k in range(workers)]
 
 
+def start_line(videos: int, workers: int, slots: int, cluster: str) -> str:
+    """eval's line as its Ray tasks start: how many run at once (no more than there are; `--workers 2` on 16 slots
+    said "it runs 16 at once now") and how many wait for a slot."""
+    at_once = min(workers, slots)
+    waiting = f" and queues the other {workers - at_once} for its slots as they free or join" if workers > at_once else ""
+    return (f"eval: {videos} videos in {workers} stretches, one Ray task each, on the {cluster}; it runs {at_once} at "
+            f"once now{waiting}")
+
+
 def not_shared_sentence(out: Path, nodes: list[str]) -> str:
     return (f"the eval folder {out} is not the same folder on Ray node(s) {', '.join(nodes)} (no videos/{PLAN_FILE} "
             f"there, or another one): put --out on storage every node mounts at the same path (NFS or a shared disk)")
@@ -196,8 +205,7 @@ def generate_on_ray(options, resolved, demand: ray_cluster.TaskDemand, planned: 
     ray_cluster.check_shared_folder(plan, lambda nodes: not_shared_sentence(out, nodes), needed)
 
     task = ray.remote(max_retries=MAX_RETRIES, retry_exceptions=False, max_calls=1)(generate_shard)
-    print(f"eval: {len(paths)} videos in {len(shards)} stretches, one Ray task each, on the "
-          f"{ray_cluster.cluster_line()}; it runs {slots} at once now and queues the rest for its slots as they free or join", flush=True)
+    print(start_line(len(paths), len(shards), slots, ray_cluster.cluster_line()), flush=True)
     nodes = ray_cluster.NodeWait(demand, options.ray, "a worker", options.node_wait_s,
                                  lambda line: progress.write(f"eval: {line}"))
     # Before any task starts: a retry is an attempt line written after this (an earlier eval's log is appended to).
