@@ -77,7 +77,9 @@ def store_url(where: Path | str | None) -> str:
         return MEMORY
     if isinstance(where, str) and "://" in where:
         return database_url(where)
-    return sqlite_file_url(where)
+    # Absolute: engines are kept per URL, and SQLAlchemy fixes a relative file to the working folder of the
+    # engine's creation; the same relative SLAP_DATA_DIR from another folder would reopen the first one's file.
+    return sqlite_file_url(Path(where).absolute())
 
 
 def sqlite_path(url: str) -> Path | None:

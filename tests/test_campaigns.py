@@ -258,14 +258,15 @@ def test_cli_lists_and_deletes_campaigns(monkeypatch, tmp_path, capsys, eval_dir
     """Guards `slapgen campaign` having only `create`: `list` shows each campaign of the store create writes
     (SLAP_DATA_DIR, SLAP_DATABASE_URL) with its systems, ratings so far of its budget and raters, and creates
     no store where there is none; `delete NAME` removes one, asks for --yes when it has ratings (in one
-    sentence, deleting nothing), and refuses an unknown name in one sentence. Each names the store it used (a
-    shell without the replicas' SLAP_DATABASE_URL wrote into a SQLite file no replica reads, and its line named
-    only the data folder, as with the database)."""
+    sentence, deleting nothing), and refuses an unknown name in one sentence. Each names the store it used, the
+    SQLite file as an absolute path (a shell without the replicas' SLAP_DATABASE_URL wrote into a SQLite file no
+    replica reads, and every line named only the data folder, as with the database)."""
     from slapgen.database import shown_url
     from slapgen.serving.settings import load_settings
 
     data = tmp_path / "data"
-    monkeypatch.setenv("SLAP_DATA_DIR", str(data))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SLAP_DATA_DIR", "data")  # relative, as a shell may set it
     monkeypatch.delenv("SLAP_DATABASE_URL", raising=False)
     sqlite_file = f"{data / 'campaigns.sqlite'} (SLAP_DATABASE_URL is unset)"
     assert main(["campaign", "list"]) == 0
@@ -274,6 +275,12 @@ def test_cli_lists_and_deletes_campaigns(monkeypatch, tmp_path, capsys, eval_dir
     assert main(["campaign", "delete", "nope"]) == 2
     assert capsys.readouterr().err == (f"slapgen campaign: no campaign named 'nope' in {sqlite_file}; `slapgen campaign "
                                        "list` lists them\n")
+    assert main(["campaign", "create", "local", "--from", str(eval_dir)]) == 0  # the URL forgotten in this shell
+    assert capsys.readouterr().out.endswith(f" ratings, in {sqlite_file}\n")
+    assert main(["campaign", "list"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == f"campaigns in {sqlite_file}:"
+    assert main(["campaign", "delete", "local"]) == 0
+    assert capsys.readouterr().out.startswith(f"deleted campaign local from {sqlite_file}: ")
 
     monkeypatch.setenv("SLAP_DATABASE_URL", database_url)
     assert main(["campaign", "create", "rated", "--from", str(eval_dir), "--budget", "5"]) == 0
@@ -287,8 +294,9 @@ def test_cli_lists_and_deletes_campaigns(monkeypatch, tmp_path, capsys, eval_dir
     capsys.readouterr()
     assert main(["campaign", "list"]) == 0
     assert capsys.readouterr().out.splitlines() == [
-        "rated: 3 systems (base, lora_a, lora_b), 3/5 ratings, 2 raters, criteria overall",
-        "typo: 2 systems (base, lora_b), 0/6 ratings, 0 raters, criteria overall",
+        f"campaigns in {store_url}:",
+        "  rated: 3 systems (base, lora_a, lora_b), 3/5 ratings, 2 raters, criteria overall",
+        "  typo: 2 systems (base, lora_b), 0/6 ratings, 0 raters, criteria overall",
     ]
 
     assert main(["campaign", "delete", "rated"]) == 2
@@ -296,9 +304,10 @@ def test_cli_lists_and_deletes_campaigns(monkeypatch, tmp_path, capsys, eval_dir
                                        "loses; add --yes to delete it with them\n")
     assert len(store.verdicts("rated")) == 3
     assert main(["campaign", "delete", "typo"]) == 0
-    assert capsys.readouterr().out == "deleted campaign typo: 12 videos, 0 issued pairs, 0 ratings\n"
+    assert capsys.readouterr().out == f"deleted campaign typo from {store_url}: 12 videos, 0 issued pairs, 0 ratings\n"
     assert main(["campaign", "delete", "rated", "--yes"]) == 0
-    assert capsys.readouterr().out == "deleted campaign rated: 18 videos, 3 issued pairs, 3 ratings from 2 raters\n"
+    assert capsys.readouterr().out == (f"deleted campaign rated from {store_url}: 18 videos, 3 issued pairs, 3 ratings "
+                                       "from 2 raters\n")
     assert main(["campaign", "list"]) == 0
     assert capsys.readouterr().out == f"no campaigns in {store_url}\n"
     assert nothing_stored(data, "rated", database_url) and nothing_stored(data, "typo", database_url)
@@ -754,12 +763,13 @@ def test_no_pair_is_issued_past_the_budget_nor_a_repeat_once_every_pair_is_judge
     budget's ratings are in (repeats do not count, as in `list`), a rater without an open pair gets no pair and
     the sentence saying the campaign is done; one with an open pair still gets it and may answer it. A rater who
     judged every pair gets the sentence even when the draw asks for a repeat."""
-    from slapgen.campaign_store import REPEAT_SHARE, next_pair_for
+    from slapgen.campaign_store import next_pair_for
 
     folder = write_eval_dir(tmp_path / "eval", ["lora_a", "lora_b"], prompts=3, seeds=(0,))
     store = CampaignStore(tmp_path / "data")
     store.create(plan_campaign("short", [folder], budget=2))
-    with TestClient(Starlette(routes=campaign_routes(store, repeat_share=0))) as client:  # the one repeat is issued here
+    # No repeat at random: the test issues its one repeat itself (store.issue_pair below).
+    with TestClient(Starlette(routes=campaign_routes(store, repeat_share=0))) as client:
         def pair_for(rater: str) -> dict:
             return client.get("/campaigns/short/pair", params={"rater": rater}).json()
 
@@ -786,7 +796,6 @@ def test_no_pair_is_issued_past_the_budget_nor_a_repeat_once_every_pair_is_judge
     assert str(refused.value) == ("campaign short has 3 ratings (and 1 repeat of a pair shown again) from 2 raters, "
                                   "which deleting it loses")
 
-    assert 0.0 < REPEAT_SHARE
     store.create(plan_campaign("one", [write_eval_dir(tmp_path / "one", ["lora_a", "lora_b"], prompts=1, seeds=(0,))],
                                budget=5))  # room for more raters: dora's one pair is not the budget's last
     only = next_pair_for(store, "one", "dora", np.random.default_rng(0))

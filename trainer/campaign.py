@@ -223,24 +223,11 @@ def _existing_store(data_dir: Path, database: str | None):
     return CampaignStore(data_dir, database)
 
 
-def where_campaigns_are(data_dir: Path, database: str | None = None) -> str:
-    """The store `slapgen campaign` reads and writes, in its messages: a shell without the replicas'
-    SLAP_DATABASE_URL wrote a campaign into a SQLite file no replica reads, and said only the data folder."""
-    from slapgen.campaign_store import CAMPAIGNS_FILE
-    from slapgen.database import shown_url
-
-    if database is not None:
-        return shown_url(database)
-    return f"{Path(data_dir) / CAMPAIGNS_FILE} (SLAP_DATABASE_URL is unset)"
-
-
 def campaign_lines(data_dir: Path, database: str | None = None) -> list[str]:
-    """`slapgen campaign list`: a line per campaign (name, systems, ratings so far of its budget, raters),
-    or one saying there is none and where it looked."""
+    """`slapgen campaign list`: a line per campaign (name, systems, ratings so far of its budget, raters); none
+    when there is none."""
     store = _existing_store(data_dir, database)
     overview = store.overview() if store is not None else []
-    if not overview:
-        return [f"no campaigns in {where_campaigns_are(data_dir, database)}"]
     lines = []
     for entry in overview:
         systems = store.get(entry["name"]).systems
@@ -251,9 +238,9 @@ def campaign_lines(data_dir: Path, database: str | None = None) -> list[str]:
     return lines
 
 
-def delete_campaign(data_dir: Path, name: str, confirmed: bool, database: str | None = None):
+def delete_campaign(data_dir: Path, name: str, confirmed: bool, database: str | None = None, where: str = ""):
     """`slapgen campaign delete NAME`: the campaign, its pairs, verdicts and videos (`CampaignStore.delete`);
-    one with ratings only when `confirmed` (--yes)."""
+    one with ratings only when `confirmed` (--yes). `where`: the store, as an unknown name's sentence names it."""
     store = _existing_store(data_dir, database)
     try:
         if store is None:
@@ -262,5 +249,4 @@ def delete_campaign(data_dir: Path, name: str, confirmed: bool, database: str | 
     except CampaignRatedError as error:
         raise CampaignRatedError(f"{error}; add --yes to delete it with them", error.ratings, error.raters) from None
     except CampaignNotFoundError as error:
-        raise CampaignNotFoundError(f"{error} in {where_campaigns_are(data_dir, database)}; `slapgen campaign list` "
-                                    "lists them", field="name") from None
+        raise CampaignNotFoundError(f"{error} in {where}; `slapgen campaign list` lists them", field="name") from None

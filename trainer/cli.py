@@ -48,7 +48,7 @@ def cmd_precompute(args) -> int:
     from trainer.datasets import read_training_clips
     from trainer.latent_cache import LatentCache
 
-    config = load_config(args.config, [f"model={args.model}", *args.set] if args.model else args.set)
+    config = load_config(args.config, precompute_overrides(args))
     setting = ModelSetting("--model", "use --model ") if args.model else TRAINER_SETTING
     resolved = resolve_model(config.model, config.model_cache_dir, setting=setting)
     clips = read_training_clips(args.dataset, config.data.max_clips, config.data.trigger_word)
@@ -63,8 +63,13 @@ def check_precompute(args) -> None:
     from trainer.config import load_config
     from trainer.datasets import check_dataset_exists
 
-    load_config(args.config, [f"model={args.model}", *args.set] if args.model else args.set)
+    load_config(args.config, precompute_overrides(args))
     check_dataset_exists(args.dataset)
+
+
+def precompute_overrides(args) -> list[str]:
+    """--set, and --model as one more (`model=...`)."""
+    return [f"model={args.model}", *args.set] if args.model else args.set
 
 
 def check_train(args) -> None:
@@ -300,7 +305,7 @@ def cmd_caption(args) -> int:
 def cmd_campaign_create(args) -> int:
     from slapgen.evaluation.leaderboard import left_out_sentences
     from slapgen.serving.settings import load_settings
-    from trainer.campaign import create_campaign, where_campaigns_are
+    from trainer.campaign import create_campaign
 
     def names(text):
         return None if text is None else [part.strip() for part in text.split(",") if part.strip()]
@@ -311,7 +316,7 @@ def cmd_campaign_create(args) -> int:
                                database=settings.database_url)
     print(f"campaign {campaign.name}: {len(campaign.systems)} systems ({', '.join(campaign.systems)}), "
           f"{len(campaign.items)} prompt/seed items, criteria {', '.join(campaign.criteria)}, budget "
-          f"{campaign.budget} ratings, in {where_campaigns_are(data_dir, settings.database_url)}")
+          f"{campaign.budget} ratings, in {settings.where_campaigns_are()}")
     for sentence in left_out_sentences(campaign.metrics_left_out):  # said now, not first on the leaderboard
         print(sentence)
     return 0
@@ -322,8 +327,11 @@ def cmd_campaign_list(args) -> int:
     from trainer.campaign import campaign_lines
 
     settings = load_settings()  # the store create writes
-    for line in campaign_lines(settings.data_dir, settings.database_url):
-        print(line)
+    lines = campaign_lines(settings.data_dir, settings.database_url)
+    print(f"campaigns in {settings.where_campaigns_are()}:" if lines else
+          f"no campaigns in {settings.where_campaigns_are()}")
+    for line in lines:
+        print(f"  {line}")
     return 0
 
 
@@ -333,14 +341,15 @@ def cmd_campaign_delete(args) -> int:
     from trainer.campaign import delete_campaign
 
     settings = load_settings()
-    deleted = delete_campaign(settings.data_dir, args.name, args.yes, database=settings.database_url)
+    deleted = delete_campaign(settings.data_dir, args.name, args.yes, database=settings.database_url,
+                              where=settings.where_campaigns_are())
 
     def counted(number: int, noun: str) -> str:
         return f"{number} {noun}{'s' * (number != 1)}"
 
     lost = ratings_phrase(deleted.ratings, deleted.repeats, deleted.raters) if deleted.raters else "0 ratings"
-    print(f"deleted campaign {deleted.name}: {counted(deleted.videos, 'video')}, {counted(deleted.pairs, 'issued pair')}, "
-          f"{lost}")
+    print(f"deleted campaign {deleted.name} from {settings.where_campaigns_are()}: {counted(deleted.videos, 'video')}, "
+          f"{counted(deleted.pairs, 'issued pair')}, {lost}")
     return 0
 
 

@@ -209,7 +209,9 @@ def connect(address: str) -> Iterator[None]:
     own_token = False
     if address == LOCAL:
         # Short and private: Ray's unix sockets live under it (a 107-byte path limit), and the cluster is this command's.
-        temp = tempfile.mkdtemp(prefix="slapgen-ray-", dir=os.environ.get("RAY_TMPDIR") or None)
+        if parent := os.environ.get("RAY_TMPDIR"):  # Ray makes it when missing: so does this
+            os.makedirs(parent, exist_ok=True)
+        temp = tempfile.mkdtemp(prefix="slapgen-ray-", dir=parent or None)
         own_token = _token_of_this_command()
         # Errors only: Ray's warnings about a cluster that lives and dies with this command (its token
         # authentication, on by default) are not the user's business.

@@ -79,7 +79,8 @@ def task_id_problem(task_id: str | None) -> str | None:
     if not task_id:
         return MISSING_TASK_ID
     if len(task_id) > TASK_ID_MAX_CHARS:
-        return f"task_id is the id /jobs/submit answered (32 characters); this one has {len(task_id)} characters"
+        return (f"task_id is the id /jobs/submit answered; this one has {len(task_id)} characters, more than any "
+                "job's id has")
     if not task_id.isprintable():
         return "task_id is the id /jobs/submit answered; this one has characters no id has"
     return None

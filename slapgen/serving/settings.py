@@ -15,6 +15,8 @@ from slapgen.errors import SettingsError, issue_sentence, validation_message
 from slapgen.models.loading import default_cache_dir
 
 DEFAULT_MODEL = "THUDM/CogVideoX-5b"
+# After a store's SQLite file: why it is not the shared database replicas use.
+DATABASE_URL_UNSET = "(SLAP_DATABASE_URL is unset)"
 
 
 class SlapSettings(BaseSettings):
@@ -167,6 +169,16 @@ class SlapSettings(BaseSettings):
         """Where a store lives: SLAP_DATABASE_URL, or else its own SQLite file."""
         return self.database_url or default_file
 
+    def where_campaigns_are(self) -> str:
+        """The campaigns' store, as `slapgen campaign` names it in every line: a shell without the replicas'
+        SLAP_DATABASE_URL wrote a campaign into a SQLite file no replica reads, and said only the data folder."""
+        from slapgen.campaign_store import CAMPAIGNS_FILE
+        from slapgen.database import shown_url
+
+        if self.database_url:
+            return shown_url(self.database_url)
+        return f"{(self.data_dir / CAMPAIGNS_FILE).absolute()} {DATABASE_URL_UNSET}"
+
     def where_state_is(self) -> str:
         """Which database and results folder the service uses, for its start-up line: replicas that do not share
         them lose each other's jobs, and nothing else showed it (one on SQLite by mistake looked like the others).
@@ -177,7 +189,7 @@ class SlapSettings(BaseSettings):
             stores = f"jobs, ratings and campaigns in {shown_url(self.database_url)}"
         else:
             stores = (f"jobs in {(self.cache_dir / 'jobs.sqlite').absolute()}, ratings and campaigns in SQLite files in "
-                      f"{self.data_dir.absolute()} (SLAP_DATABASE_URL is unset)")
+                      f"{self.data_dir.absolute()} {DATABASE_URL_UNSET}")
         return f"{stores}; job results in {self.results_dir.absolute()}"
 
     def target_modules(self) -> tuple[str, ...] | None:

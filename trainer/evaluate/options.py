@@ -13,7 +13,7 @@ from slapgen.evaluation.models import DEFAULT_CLIP, DEFAULT_DINO, DEFAULT_I3D, T
 from slapgen.models.loading import ModelSetting
 from slapgen.models.specs import ModelSpec
 from slapgen.models.tiny_wan import TINY_WAN_MODEL_NAME
-from slapgen.names import NAME_PATTERN
+from slapgen.names import NAME_PATTERN, NAME_RULE
 from trainer.errors import EvalError
 from trainer.evaluate.checkpoints import check_generate_top
 from trainer.evaluate.names import GENERATING_GROUPS, HELDOUT_LOSS_SEED, METRIC_GROUPS
@@ -150,8 +150,7 @@ def parse_adapter(text: str) -> AdapterArg:
     if not separator or not name or not path:
         raise EvalError(f"--adapter {text}: expected NAME=PATH, e.g. --adapter r64=runs/r64")
     if not NAME_PATTERN.fullmatch(name) or name == BASE:
-        raise EvalError(f"--adapter {text}: the name must be 1-64 characters of a-z, 0-9, _ or - and not `{BASE}` "
-                        "(the base model's name)")
+        raise EvalError(f"--adapter {text}: the name must be {NAME_RULE} and not `{BASE}` (the base model's name)")
     return AdapterArg(name, Path(path).expanduser())
 
 
