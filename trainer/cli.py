@@ -156,9 +156,8 @@ def eval_options(args):
 
     if args.max_clips is not None and args.max_clips < 1:
         raise DatasetError("--max-clips must be at least 1")
-    check_dataset_exists(args.heldout)
     sources = default_model_sources(args.model)
-    return EvalOptions(
+    options = EvalOptions(
         model=args.model,
         adapters=tuple(parse_adapter(text) for text in args.adapter),
         heldout=args.heldout,
@@ -182,6 +181,8 @@ def eval_options(args):
         workers=check_workers_option(args.workers, args.ray),
         node_wait_s=check_node_wait_option(args.node_wait, args.ray, "eval generates every video in this process"),
     )
+    check_dataset_exists(args.heldout)  # after what was typed: a misspelt option is the likelier mistake
+    return options
 
 
 def check_eval(args) -> None:
