@@ -56,10 +56,11 @@ def test_readme_wan_cpu_commands_train_the_adapter_the_service_serves(tiny_wan_c
 
     block = readme_blocks("slapgen demo-data wan-clips")[0]
     commands = [line for line in block.splitlines() if line.strip()]
-    assert commands[-1] == "SLAP_MODEL=tiny-wan SLAP_ADAPTERS_DIR=adapters bentoml serve", commands
+    serve = commands.index("SLAP_MODEL=tiny-wan SLAP_ADAPTERS_DIR=adapters bentoml serve")
+    assert '"adapter": "wan"' in "".join(commands[serve + 1:])  # the request after it names the folder's adapter
     env = offline_env(tmp_path, SLAP_CACHE_DIR=str(tiny_wan_cache_dir),
                       PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    result = subprocess.run(["bash", "-euo", "pipefail", "-c", "\n".join(commands[:-1])], cwd=tmp_path, env=env,
+    result = subprocess.run(["bash", "-euo", "pipefail", "-c", "\n".join(commands[:serve])], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stderr[-3000:]
     assert adapter_names(tmp_path / "adapters") == ["wan"]

@@ -109,6 +109,7 @@ def test_a_type_or_range_error_is_one_sentence_naming_field_and_value_on_every_r
     ("GET", "/generate", 405, "/generate does not take GET; it takes POST"),
     ("POST", "/info", 405, "/info does not take POST; it takes GET, HEAD"),
     ("DELETE", "/templates", 405, "/templates does not take DELETE; it takes GET, HEAD"),
+    ("GET", "/jobs/cancel", 405, "/jobs/cancel does not take GET; it takes POST, PUT"),  # BentoML's said "PUT"
 ])
 def test_unknown_routes_and_methods_answer_in_the_one_error_shape(tiny_server, method, path, status, sentence):
     """Guards the plain-text "Not Found" / "Method Not Allowed" of BentoML's and Starlette's routers, while
@@ -116,6 +117,8 @@ def test_unknown_routes_and_methods_answer_in_the_one_error_shape(tiny_server, m
     response = httpx.request(method, f"{tiny_server.url}{path}", timeout=30)
     assert response.status_code == status
     assert response.json() == {"error": sentence, "detail": []}
+    if status == 405:  # the header says what the sentence says
+        assert response.headers["allow"] == sentence.rsplit("it takes ", 1)[1]
     for route in ("/readyz", "/livez", "/metrics", "/docs.json"):
         assert httpx.get(f"{tiny_server.url}{route}", timeout=30).status_code == 200, route
     assert "bentoml_service_request" in httpx.get(f"{tiny_server.url}/metrics", timeout=30).text

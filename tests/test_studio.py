@@ -272,6 +272,32 @@ def test_a_finishing_job_shows_a_full_bar_and_its_cancel_is_off(browser, studio)
     page.close()
 
 
+@pytest.mark.slow
+def test_a_refused_generate_clears_its_progress_and_an_empty_field_takes_the_models_default(browser, studio):
+    """Guards two studio bugs a walk-through found: after a refused Generate (width 40) the service's sentence
+    showed beside "queued…", which stayed; and an empty "Denoising steps" field was sent as 0 ("num_inference_steps
+    must be greater than or equal to 1, got 0" for a field nobody typed in). A refusal leaves no progress text; an
+    empty field is left out of the body, and the service makes the video with the model's default."""
+    page = open_studio(browser, studio.url)
+    page.fill("#width", "40")
+    page.click("#generate")
+    page.wait_for_function("document.getElementById('generate-error').textContent !== ''", timeout=60_000)
+    assert page.inner_text("#generate-error").startswith("width must be"), page.inner_text("#generate-error")
+    assert page.inner_text("#progress-text") == "" and page.is_enabled("#generate")
+    page.close()
+
+    page = open_studio(browser, studio.url)
+    page.fill("#steps", "")
+    count = page.locator("#history li").count()
+    with page.expect_request("**/jobs/submit") as submitted:
+        page.click("#generate")
+    body = submitted.value.post_data_json
+    assert "num_inference_steps" not in body and body["width"] > 0, body
+    page.wait_for_function(f"document.querySelectorAll('#history li').length === {count + 1}", timeout=180_000)
+    assert page.inner_text("#generate-error") == "" and page.errors == []
+    page.close()
+
+
 def test_a_ticft_adapter_animates_an_uploaded_image_or_a_picked_frame(browser, studio, artifacts, tmp_path):
     """Guards a studio that lists TIC-FT adapters but cannot send a condition image (image-to-video could
     not be tried there). The image input shows only for a TIC-FT adapter; the uploaded PNG is previewed

@@ -104,11 +104,13 @@ def _counting(receive, limit: int):
     return counted
 
 
-async def send_json(send, status: int, payload: dict) -> None:
-    """Answer from ASGI middleware, before any route ran."""
+async def send_json(send, status: int, payload: dict, headers: dict[str, str] | None = None) -> None:
+    """Answer from ASGI middleware, before any route ran (`headers`: more than its type and length)."""
     body = json.dumps(payload, default=str).encode()
+    added = [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in (headers or {}).items()]
     await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            *added]})
     await send({"type": "http.response.body", "body": body})
 
 

@@ -61,6 +61,7 @@ from slapgen.serving.results import ResultStore
 
 SUBMIT_PATH = "/jobs/submit"
 CANCEL_PATH = "/jobs/cancel"
+CANCEL_METHODS = ("POST", "PUT")  # POST as README and the studio send it; PUT as BentoML's client does
 STATUS_PATH = "/jobs/status"
 RESULT_PATH = "/jobs/get"
 RETRY_PATH = "/jobs/retry"
@@ -115,8 +116,12 @@ class JobRoutes:
             return await self._submit(scope, receive, send)
         if path == RETRY_PATH:  # BentoML's own retry would rerun a job past the body check, the queue and the board
             return await send_json(send, 404, error_body(NO_RETRY))
-        if path == CANCEL_PATH and method in ("POST", "PUT"):
+        if path == CANCEL_PATH and method in CANCEL_METHODS:
             return await self._cancel(scope, receive, send)
+        if path == CANCEL_PATH:  # BentoML's route takes PUT only, and its 405 said so: README and the studio POST
+            allowed = ", ".join(CANCEL_METHODS)
+            return await send_json(send, 405, error_body(f"{CANCEL_PATH} does not take {method}; it takes {allowed}"),
+                                   {"Allow": allowed})
         if path in (STATUS_PATH, RESULT_PATH) and method == "GET":
             task_id = _task_id(scope)
             if problem := task_id_problem(task_id):

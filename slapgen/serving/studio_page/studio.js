@@ -114,15 +114,22 @@ const ticftLayout = (adapter) => (state.adapters.find((a) => a.name === adapter)
 // The request body the form describes, for one system (adapter name or null for the base model). A TIC-FT
 // adapter gets the condition image (the service says so when there is none), and its frame count comes
 // from its layout (the service fills it in).
+// An empty number field is left out of the body, so the service uses the model's default: Number("") is 0,
+// and "num_inference_steps must be greater than or equal to 1, got 0" came for a field nobody typed in.
+function numberField(id) {
+  const text = $(id).value.trim();
+  return text === "" ? undefined : Number(text);
+}
+
 function requestBody(system = { adapter: $("adapter").value || null, scale: Number($("adapter-scale").value) }, seed = null) {
-  const body = {
-    num_frames: Number($("num-frames").value),
-    num_inference_steps: Number($("steps").value),
-    guidance_scale: Number($("guidance").value),
-    seed: seed === null ? Number($("seed").value) : seed,
-    width: Number($("width").value),
-    height: Number($("height").value),
-  };
+  const body = Object.fromEntries(Object.entries({
+    num_frames: numberField("num-frames"),
+    num_inference_steps: numberField("steps"),
+    guidance_scale: numberField("guidance"),
+    seed: seed === null ? numberField("seed") : seed,
+    width: numberField("width"),
+    height: numberField("height"),
+  }).filter(([, value]) => value !== undefined));
   const layout = system.adapter ? ticftLayout(system.adapter) : null;
   if (layout) {
     delete body.num_frames;
@@ -334,7 +341,7 @@ async function generate(event) {
   const body = requestBody(undefined, seedForRun());
   $("generate").disabled = true;
   $("cancel").disabled = false;
-  setProgress(0, body.num_inference_steps, null);
+  setProgress(0, body.num_inference_steps ?? 1, null); // the job's progress says its steps
   $("progress-text").textContent = "queued…";
   try {
     const video = await runJob(body, setProgress);
@@ -342,8 +349,13 @@ async function generate(event) {
     showResult(url);
     await addHistory(body, video, url);
   } catch (error) {
-    if (error instanceof Cancelled) $("progress-text").textContent = `cancelled: ${error.message}`;
-    else $("generate-error").textContent = error.message;
+    if (error instanceof Cancelled) {
+      $("progress-text").textContent = `cancelled: ${error.message}`;
+    } else { // refused or failed: nothing is queued any more ("queued…" stayed beside the error)
+      setProgress(0, 1, null);
+      $("progress-text").textContent = "";
+      $("generate-error").textContent = error.message;
+    }
   } finally {
     $("generate").disabled = false;
     $("cancel").disabled = true;
