@@ -295,6 +295,7 @@ def test_a_refused_generate_clears_its_progress_and_an_empty_field_takes_the_mod
     assert "num_inference_steps" not in body and body["width"] > 0, body
     page.wait_for_function(f"document.querySelectorAll('#history li').length === {count + 1}", timeout=180_000)
     assert page.inner_text("#generate-error") == "" and page.errors == []
+    assert " · default steps · " in page.inner_text("#history")  # not "undefined steps"
     page.close()
 
 

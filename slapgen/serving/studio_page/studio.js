@@ -111,9 +111,6 @@ function seedForRun() {
 // The TIC-FT layout of an adapter ("c1b1t1"), or null for the base model and plain adapters.
 const ticftLayout = (adapter) => (state.adapters.find((a) => a.name === adapter) || {}).ticft_layout || null;
 
-// The request body the form describes, for one system (adapter name or null for the base model). A TIC-FT
-// adapter gets the condition image (the service says so when there is none), and its frame count comes
-// from its layout (the service fills it in).
 // An empty number field is left out of the body, so the service uses the model's default: Number("") is 0,
 // and "num_inference_steps must be greater than or equal to 1, got 0" came for a field nobody typed in.
 function numberField(id) {
@@ -121,6 +118,9 @@ function numberField(id) {
   return text === "" ? undefined : Number(text);
 }
 
+// The request body the form describes, for one system (adapter name or null for the base model). A TIC-FT
+// adapter gets the condition image (the service says so when there is none), and its frame count comes
+// from its layout (the service fills it in).
 function requestBody(system = { adapter: $("adapter").value || null, scale: Number($("adapter-scale").value) }, seed = null) {
   const body = Object.fromEntries(Object.entries({
     num_frames: numberField("num-frames"),
@@ -152,9 +152,12 @@ function requestBody(system = { adapter: $("adapter").value || null, scale: Numb
 function describeBody(body) {
   const system = body.adapter ? `${body.adapter} × ${body.adapter_scale}` : "base model";
   const what = body.template ? `template ${body.template}` : "own prompt";
-  const frames = body.num_frames ? `${body.num_frames} frames` : `condition image${body.include_condition_frames ? " (whole clip)" : ""}`;
-  return `${system} · ${what} · seed ${body.seed} · ${frames} · ${body.num_inference_steps} steps · ` +
-    `guidance ${body.guidance_scale} · ${body.width}×${body.height}`;
+  const frames = body.num_frames ? `${body.num_frames} frames`
+    : body.condition_image || body.include_condition_frames || ticftLayout(body.adapter)
+      ? `condition image${body.include_condition_frames ? " (whole clip)" : ""}` : "default frames";
+  const or = (value) => value ?? "default"; // a field left empty: the model's default
+  return `${system} · ${what} · seed ${or(body.seed)} · ${frames} · ${or(body.num_inference_steps)} steps · ` +
+    `guidance ${or(body.guidance_scale)} · ${or(body.width)}×${or(body.height)}`;
 }
 
 function fillSettings(info) {
