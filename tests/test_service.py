@@ -117,8 +117,8 @@ def test_unknown_routes_and_methods_answer_in_the_one_error_shape(tiny_server, m
     response = httpx.request(method, f"{tiny_server.url}{path}", timeout=30)
     assert response.status_code == status
     assert response.json() == {"error": sentence, "detail": []}
-    if status == 405:  # the header says what the sentence says
-        assert response.headers["allow"] == sentence.rsplit("it takes ", 1)[1]
+    if status == 405:  # the header says what the sentence says (Starlette's order changes between processes)
+        assert sorted(response.headers["allow"].split(", ")) == sorted(sentence.rsplit("it takes ", 1)[1].split(", "))
     for route in ("/readyz", "/livez", "/metrics", "/docs.json"):
         assert httpx.get(f"{tiny_server.url}{route}", timeout=30).status_code == 200, route
     assert "bentoml_service_request" in httpx.get(f"{tiny_server.url}/metrics", timeout=30).text
