@@ -238,7 +238,7 @@ def campaign_lines(data_dir: Path, database: str | None = None) -> list[str]:
     return lines
 
 
-def delete_campaign(data_dir: Path, name: str, confirmed: bool, database: str | None = None, where: str = ""):
+def delete_campaign(data_dir: Path, name: str, confirmed: bool, database: str | None, where: str):
     """`slapgen campaign delete NAME`: the campaign, its pairs, verdicts and videos (`CampaignStore.delete`);
     one with ratings only when `confirmed` (--yes). `where`: the store, as an unknown name's sentence names it."""
     store = _existing_store(data_dir, database)

@@ -328,9 +328,8 @@ def cmd_campaign_list(args) -> int:
     from trainer.campaign import campaign_lines
 
     settings = load_settings()  # the store create writes
-    lines = campaign_lines(settings.data_dir, settings.database_url)
-    print(f"campaigns in {settings.where_campaigns_are()}:" if lines else
-          f"no campaigns in {settings.where_campaigns_are()}")
+    lines, where = campaign_lines(settings.data_dir, settings.database_url), settings.where_campaigns_are()
+    print(f"campaigns in {where}:" if lines else f"no campaigns in {where}")
     for line in lines:
         print(f"  {line}")
     return 0
@@ -342,14 +341,14 @@ def cmd_campaign_delete(args) -> int:
     from trainer.campaign import delete_campaign
 
     settings = load_settings()
-    deleted = delete_campaign(settings.data_dir, args.name, args.yes, database=settings.database_url,
-                              where=settings.where_campaigns_are())
+    where = settings.where_campaigns_are()
+    deleted = delete_campaign(settings.data_dir, args.name, args.yes, settings.database_url, where)
 
     def counted(number: int, noun: str) -> str:
         return f"{number} {noun}{'s' * (number != 1)}"
 
     lost = ratings_phrase(deleted.ratings, deleted.repeats, deleted.raters) if deleted.raters else "0 ratings"
-    print(f"deleted campaign {deleted.name} from {settings.where_campaigns_are()}: {counted(deleted.videos, 'video')}, "
+    print(f"deleted campaign {deleted.name} from {where}: {counted(deleted.videos, 'video')}, "
           f"{counted(deleted.pairs, 'issued pair')}, {lost}")
     return 0
 
