@@ -92,9 +92,10 @@ def test_databases_written_before_alembic_are_migrated_with_every_row_kept(tmp_p
     ratings = RatingStore(data / "ratings.sqlite")
     assert ratings.all() == [{"id": 1, "created_at": 1000.5, "rater": "ana", "criterion": "overall", "choice": "left",
                               "left_system": "base", "left_scale": 1.0, "right_system": "lora", "right_scale": 0.5,
-                              "prompt": "a slap", "seed": 7}]
-    assert ratings.add([{**ratings.all()[0], "rater": "ben"}]) == [2]
-    assert _versions(data / "ratings.sqlite") == {"ratings_0001"}
+                              "prompt": "a slap", "seed": 7, "model": None}]  # which model made it is not known
+    assert ratings.add([{**ratings.all()[0], "rater": "ben"}], "tiny") == [2]
+    assert ratings.all()[1]["model"] == "tiny"
+    assert _versions(data / "ratings.sqlite") == {"ratings_0002"}
 
     campaigns = CampaignStore(data)
     assert [c["name"] for c in campaigns.overview()] == ["old"] and campaigns.overview()[0]["ratings"] == 1
@@ -114,10 +115,10 @@ def test_three_stores_share_one_database_each_at_its_own_head(tmp_path):
     board, ratings, campaigns = JobBoard(url), RatingStore(url), CampaignStore(tmp_path / "data", url)
     board.submitted("job", 3)
     ratings.add([{"rater": "ana", "criterion": "overall", "choice": "tie", "left_system": "base", "left_scale": 1.0,
-                  "right_system": "a", "right_scale": 1.0, "prompt": "p", "seed": 2**40}])
+                  "right_system": "a", "right_scale": 1.0, "prompt": "p", "seed": 2**40}], "tiny")
     assert board.get("job")["state"] == "queued" and ratings.all()[0]["seed"] == 2**40
     assert campaigns.overview() == [] and not (tmp_path / "data" / "campaigns.sqlite").exists()
-    assert _versions(tmp_path / "one.sqlite") == {"jobs_0005", "ratings_0001", "campaigns_0002"}
+    assert _versions(tmp_path / "one.sqlite") == {"jobs_0005", "ratings_0002", "campaigns_0002"}
 
 
 @pytest.mark.parametrize("value, sentence", [
@@ -165,7 +166,7 @@ def test_ratings_from_many_writers_are_all_kept_and_a_broken_submission_leaves_n
 
     def submit(k):
         start.wait()
-        return stores[k].add([_rating(f"r{k}", "overall"), _rating(f"r{k}", "motion_accuracy", "tie")])
+        return stores[k].add([_rating(f"r{k}", "overall"), _rating(f"r{k}", "motion_accuracy", "tie")], "tiny")
 
     with ThreadPoolExecutor(len(stores)) as pool:
         ids = [i for batch in pool.map(submit, range(len(stores))) for i in batch]
@@ -175,8 +176,8 @@ def test_ratings_from_many_writers_are_all_kept_and_a_broken_submission_leaves_n
         (f"r{k}", c) for k in range(8) for c in ("overall", "motion_accuracy"))
     broken = {key: value for key, value in _rating("x", "motion_accuracy").items() if key != "seed"}
     with pytest.raises(KeyError):
-        stores[1].add([_rating("x", "overall"), broken])
-    assert len(stores[2].all()) == 16 and stores[2].summary()["rated_pairs"] == 8
+        stores[1].add([_rating("x", "overall"), broken], "tiny")
+    assert len(stores[2].all()) == 16 and stores[2].summary("tiny")["rated_pairs"] == 8
 
 
 def test_the_ratings_summary_is_computed_once_per_change_of_the_ratings(database_url, monkeypatch):
@@ -189,14 +190,43 @@ def test_the_ratings_summary_is_computed_once_per_change_of_the_ratings(database
     summarise = ratings_module.summarise
     monkeypatch.setattr(ratings_module, "summarise", lambda rows: computed.append(len(rows)) or summarise(rows))
     reader, writer = RatingStore(database_url), RatingStore(database_url)
-    assert reader.summary() == summarise([]) and reader.summary() == summarise([])
-    writer.add([_rating("ana", "overall")])
-    writer.add([_rating("ben", "overall", "right")])
-    assert reader.summary() == summarise(reader.all()) and reader.summary()["ratings"] == 2
-    assert reader.summary() is reader.summary()
-    writer.add([_rating("cleo", "overall", "tie")])
-    assert reader.summary() == summarise(reader.all()) and reader.summary()["ratings"] == 3
+    empty = {"model": "tiny", **summarise([]), "other_models": []}
+    assert reader.summary("tiny") == empty and reader.summary("tiny") == empty
+    writer.add([_rating("ana", "overall")], "tiny")
+    writer.add([_rating("ben", "overall", "right")], "tiny")
+    assert reader.summary("tiny") == {"model": "tiny", **summarise(reader.all()), "other_models": []}
+    assert reader.summary("tiny")["ratings"] == 2 and reader.summary("tiny") is reader.summary("tiny")
+    writer.add([_rating("cleo", "overall", "tie")], "tiny")
+    assert reader.summary("tiny") == {"model": "tiny", **summarise(reader.all()), "other_models": []}
+    assert reader.summary("tiny")["ratings"] == 3
     assert computed == [0, 2, 3]
+
+
+def test_each_models_summary_is_of_its_own_ratings_and_counts_the_others_apart(database_url, tmp_path):
+    """Guards a store shared by servers of two models (one SLAP_DATA_DIR or PostgreSQL) mixing their ratings: tiny-wan's
+    `base` counted as tiny's `base`. Each rating records its model; a model's summary is `summarise` of its own rows
+    (the same numbers as a store holding only them), and lists other models' verdicts, then those stored before
+    ratings recorded their model (NULL), by count."""
+    from slapgen.serving.ratings import ratings, summarise
+    from sqlalchemy import insert
+
+    shared, alone = RatingStore(database_url), RatingStore(tmp_path / "tiny-alone.sqlite")
+    for store in (shared, alone):
+        store.add([_rating("ana", "overall"), _rating("ana", "motion_accuracy", "tie")], "tiny")
+        store.add([_rating("ben", "overall", "right")], "tiny")
+    shared.add([_rating("wan", "overall", "right")] * 3, "tiny-wan")
+    with shared._engine.begin() as db:  # two verdicts from before ratings recorded their model
+        db.execute(insert(ratings).values([{**_rating("old", "overall"), "model": None}] * 2))
+
+    tiny, wan = shared.summary("tiny"), shared.summary("tiny-wan")
+    assert {key: value for key, value in tiny.items() if key != "other_models"} == {
+        key: value for key, value in alone.summary("tiny").items() if key != "other_models"}
+    assert (tiny["ratings"], tiny["rated_pairs"]) == (3, 2)
+    assert tiny["other_models"] == [{"model": "tiny-wan", "ratings": 3}, {"model": None, "ratings": 2}]
+    assert wan == {"model": "tiny-wan", **summarise([row for row in shared.all() if row["model"] == "tiny-wan"]),
+                   "other_models": [{"model": "tiny", "ratings": 3}, {"model": None, "ratings": 2}]}
+    assert [(row["wins"], row["losses"]) for row in wan["pairs"]] == [(0, 3)]  # base lost all three (sorted first)
+    assert [row["model"] for row in shared.all()] == ["tiny"] * 3 + ["tiny-wan"] * 3 + [None] * 2
 
 
 def test_without_postgresql_its_tests_skip_with_one_reason_unless_ci_requires_it(monkeypatch):

@@ -18,8 +18,10 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from sqlalchemy import insert
 
 from slapgen.models.ticft import TicftLayout
+from slapgen.serving.ratings import RatingStore, ratings as ratings_table
 from slapgen.video import read_mp4
 from tests.conftest import start_server, stop_server, write_test_adapter
 
@@ -181,7 +183,8 @@ def test_the_studio_generates_cancels_compares_and_keeps_blind_ratings(browser, 
     # this module rate other systems, never base against powerslap at scale 1, and under other names.)
     studio.restart()
     stored = httpx.get(f"{server.url}/ratings.csv").text.splitlines()
-    assert len([line for line in stored[1:] if ",ana," in line]) == 4
+    anas = [line for line in stored[1:] if ",ana," in line]
+    assert len(anas) == 4 and all(line.endswith(",tiny") for line in anas), anas  # each names the served model
     page = open_studio(browser, server.url)
     page.click("#tab-summary")
     page.wait_for_selector("#summary-table tbody tr")
@@ -442,7 +445,9 @@ def test_the_summary_counts_pairs_warns_on_small_samples_and_fits_a_phone(browse
     """Guards three faults of the summary: "4 ratings stored" after one pair rated on 4 criteria (it now
     counts rated pairs); "100% - 100%" from a single prompt shown as an interval with no warning (rows
     under 10 prompts now show a warning and no interval, rows with 10 show theirs); and a table cut off
-    at the right edge of a 375 px phone (its rows now stack, every cell on screen)."""
+    at the right edge of a 375 px phone (its rows now stack, every cell on screen). Also guards a store shared
+    with a server of another model: tiny-wan's ratings were counted as tiny's; they are now left out and
+    counted below the table, as are ratings stored before ratings recorded their model."""
     before = len(httpx.get(f"{studio.url}/ratings.csv").text.splitlines()) - 1
     # Every rating in this module covers all 4 criteria (the page's form asks for each): 4 rows a pair.
     assert before % len(CRITERIA) == 0
@@ -450,10 +455,21 @@ def test_the_summary_counts_pairs_warns_on_small_samples_and_fits_a_phone(browse
     for k in range(10):
         post_pair(studio.url, 0.25, f"prompt {k}", "left" if k < 7 else "right")
     pairs = before // len(CRITERIA) + 11
+    # What a tiny-wan server sharing this store writes, and 3 verdicts from before ratings named their model.
+    shared = RatingStore(studio.folder / "data" / "ratings.sqlite")
+    wan_rows = [{"rater": "wan", "criterion": criterion, "choice": "left", "left_system": "base", "left_scale": 1.0,
+                 "right_system": "powerslap", "right_scale": 0.5, "prompt": "a single prompt", "seed": 5}
+                for criterion in CRITERIA]
+    shared.add(wan_rows, "tiny-wan")
+    with shared._engine.begin() as db:
+        db.execute(insert(ratings_table).values([{**row, "model": None} for row in wan_rows[:3]]))
     page = open_studio(browser, studio.url)
     page.click("#tab-summary")
     page.wait_for_selector("#summary-table tbody tr")
-    assert page.inner_text("#summary-count") == f"{pairs} pairs rated on 4 criteria."
+    assert page.inner_text("#summary-count") == f"tiny: {pairs} pairs rated on 4 criteria."
+    assert page.inner_text("#summary-other-models") == (
+        "Not counted above (not tiny's): 4 verdicts of tiny-wan; 3 verdicts stored before ratings recorded their "
+        "model. ratings.csv has every rating with its model.")
     warning = page.inner_text("#summary-warning")
     assert page.is_visible("#summary-warning") and "Small sample" in warning and "base vs powerslap@0.5" in warning
     assert "powerslap@0.25" not in warning

@@ -143,8 +143,9 @@ EXTRA_PATHS = {
                               "content": {"application/json": {"schema": {"type": "object"}}}},
                       **_errors(400, 408, 413, 415)},
     }},
-    "/ratings/summary": _get("per pair of systems and criterion: win rate, 95% bootstrap interval, sign test"),
-    "/ratings.csv": {"get": {"summary": "every rating as CSV", "tags": ["studio"],
+    "/ratings/summary": _get("the served model's ratings per pair of systems and criterion: win rate, 95% bootstrap "
+                              "interval, sign test; other models' ratings counted apart (other_models)"),
+    "/ratings.csv": {"get": {"summary": "every rating as CSV, each with its model", "tags": ["studio"],
                              "responses": {"200": {"description": "CSV", "content": {"text/csv": {}}}}}},
     "/campaigns": _get("rating campaigns with their progress: systems, items, criteria, ratings, budget, raters"),
     "/campaigns/{name}/pair": _get(

@@ -10,13 +10,17 @@ workers, or replicas on one PostgreSQL) write at once safely, and a restart lose
 The summary is computed with `slapgen.evaluation.stats`, the same code `slapgen eval` uses for its
 automatic A/B against the base model: the outcome of each rating is read from the point of view of
 the pair's first system (names sorted), and the bootstrap resamples prompts.
+
+Each rating records the model that made its videos (`model`, as /info names it): servers of two models can
+share one store, and a summary is of one model's ratings (tiny-wan's `base` is not tiny's). Ratings of
+other models, and those written before ratings recorded their model, are counted apart, never mixed in.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 from sqlalchemy import BigInteger, Column, Double, Integer, MetaData, Table, Text, insert, select
@@ -30,8 +34,11 @@ CHOICES = ("left", "right", "tie")
 # Below this many rated prompts a pair's bootstrap interval says little (with one prompt it is a single
 # point, "100% - 100%"): the summary flags such rows and the studio shows a warning instead of the interval.
 MIN_PROMPTS_FOR_INTERVAL = 10
-CSV_COLUMNS = ("id", "created_at", "rater", "criterion", "choice", "left_system", "left_scale", "right_system",
-               "right_scale", "prompt", "seed")
+# What a rater's submission gives each row (`RatingRequest.rows`); the store adds the rest.
+RATED_COLUMNS = ("rater", "criterion", "choice", "left_system", "left_scale", "right_system", "right_scale", "prompt",
+                 "seed")
+# `model` last: a spreadsheet reading the columns before it by position reads them as before.
+CSV_COLUMNS = ("id", "created_at", *RATED_COLUMNS, "model")
 
 
 # The table as its newest migration (slapgen/migrations/versions/ratings_*) leaves it.
@@ -40,7 +47,7 @@ ratings = Table(
     Column("id", Integer, primary_key=True, autoincrement=True), Column("created_at", Double),
     Column("rater", Text), Column("criterion", Text), Column("choice", Text), Column("left_system", Text),
     Column("left_scale", Double), Column("right_system", Text), Column("right_scale", Double),
-    Column("prompt", Text), Column("seed", BigInteger),
+    Column("prompt", Text), Column("seed", BigInteger), Column("model", Text),
     sqlite_autoincrement=True,
 )
 
@@ -55,14 +62,15 @@ class RatingStore:
         # equal pair is the same ratings. Each GET /ratings/summary computed it again (10 s and 3 GB for 20,000
         # rated prompts, any number of clients at once; a review's find); one computes, the others wait for it.
         self._summary_lock = threading.Lock()
-        self._summary: tuple[tuple[int, int | None], dict] | None = None
+        self._summaries: dict[str, tuple[tuple[int, int | None], dict]] = {}  # per model
 
-    def add(self, rows: list[dict]) -> list[int]:
-        """Store the ratings of one submission (one per criterion) all or nothing; returns their ids."""
+    def add(self, rows: list[dict], model: str) -> list[int]:
+        """Store the ratings of one submission (one per criterion) of videos `model` made, all or nothing;
+        returns their ids."""
         now = time.time()
         with self._lock, self._engine.begin() as db:
             return [db.execute(insert(ratings).values(
-                created_at=now, **{column: row[column] for column in CSV_COLUMNS[2:]})).inserted_primary_key[0]
+                created_at=now, model=model, **{column: row[column] for column in RATED_COLUMNS})).inserted_primary_key[0]
                 for row in rows]
 
     def all(self) -> list[dict]:
@@ -73,14 +81,25 @@ class RatingStore:
     def csv(self) -> str:
         return inert_csv(self.all(), CSV_COLUMNS)
 
-    def summary(self) -> dict:
-        """The summary of every rating (`summarise`); the same dict while no rating is added: read it, never change it."""
+    def summary(self, model: str) -> dict:
+        """The summary of `model`'s ratings (`summarise`), with how many verdicts of other models (or of no
+        recorded model) it leaves out; the same dict while no rating is added: read it, never change it."""
         with self._summary_lock:
             rows = self.all()
-            stamp = (len(rows), rows[-1]["id"] if rows else None)  # of the rows summarised, ordered by id
-            if self._summary is None or self._summary[0] != stamp:
-                self._summary = (stamp, summarise(rows))
-            return self._summary[1]
+            stamp = (len(rows), rows[-1]["id"] if rows else None)  # of the rows read, ordered by id
+            cached = self._summaries.get(model)
+            if cached is None or cached[0] != stamp:
+                left_out = Counter(row["model"] for row in rows if row["model"] != model)
+                cached = (stamp, {"model": model, **summarise([row for row in rows if row["model"] == model]),
+                                  "other_models": [{"model": name, "ratings": count}
+                                                   for name, count in sorted(left_out.items(), key=_named_first)]})
+                self._summaries[model] = cached
+            return cached[1]
+
+
+def _named_first(item: tuple[str | None, int]) -> tuple[bool, str]:
+    """Other models by name, then the ratings written before ratings recorded their model (None)."""
+    return item[0] is None, item[0] or ""
 
 
 def system_label(system: str, scale: float) -> str:

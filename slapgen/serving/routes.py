@@ -130,7 +130,7 @@ def build_routes(
         Route("/adapters/{name}", delete_adapter, methods=["DELETE"]),
         Route("/templates", templates, methods=["GET"]),
         Route("/jobs/progress", job_progress, methods=["GET"]),
-        *studio_routes(ratings, lambda: generator().adapters.names()),
+        *studio_routes(ratings, lambda: generator().adapters.names(), lambda: generator().spec.name),
         *campaign_routes(campaigns),
     ])
 

@@ -2,8 +2,9 @@
 
     GET  /studio/                the page (HTML, JS, CSS shipped in `slapgen/serving/studio/`; no CDN)
     POST /ratings                a blind pair's verdicts, one per criterion -> 201 with their ids
-    GET  /ratings/summary        per pair of systems and criterion: win rate, 95% interval, sign test
-    GET  /ratings.csv            every rating, for a spreadsheet
+    GET  /ratings/summary        the served model's ratings, per pair of systems and criterion: win rate,
+                                 95% interval, sign test; other models' ratings counted apart
+    GET  /ratings.csv            every rating, each with its model, for a spreadsheet
 
 The page is a client of the public HTTP API only (templates, render, adapters, jobs, info, ratings,
 campaigns: its Campaigns tab rates `slapgen.serving.campaign_routes` pairs and shows their leaderboard).
@@ -29,8 +30,9 @@ from slapgen.serving.requests import RatingRequest
 STUDIO_FILES = Path(__file__).with_name("studio_page")
 
 
-def studio_routes(ratings: RatingStore, served_adapters: Callable[[], list[str]]) -> list:
-    """`served_adapters`: the names of the adapters the server serves now (a rating names only those)."""
+def studio_routes(ratings: RatingStore, served_adapters: Callable[[], list[str]], served_model: Callable[[], str]) -> list:
+    """`served_adapters`: the names of the adapters the server serves now (a rating names only those);
+    `served_model`: the name of the model it serves (each rating records it, and the summary is of its ratings)."""
 
     async def add_ratings(request: Request) -> JSONResponse:
         body = await request.body()
@@ -41,11 +43,11 @@ def studio_routes(ratings: RatingStore, served_adapters: Callable[[], list[str]]
             return JSONResponse(validation_error_body(error), status_code=400)
         except SlapgenError as error:
             return error_response(error)
-        ids = await run_in_threadpool(ratings.add, rows)
+        ids = await run_in_threadpool(ratings.add, rows, served_model())
         return JSONResponse({"ids": ids}, status_code=201)
 
     async def summary(request: Request) -> JSONResponse:
-        return JSONResponse(await run_in_threadpool(ratings.summary))
+        return JSONResponse(await run_in_threadpool(ratings.summary, served_model()))
 
     async def export_csv(request: Request) -> Response:
         text = await run_in_threadpool(ratings.csv)

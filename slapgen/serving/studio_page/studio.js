@@ -711,9 +711,21 @@ function smallSampleText(summary) {
     `${minimum} prompts are rated.`;
 }
 
+// The summary is of the served model's ratings (each rating records its model); the others are counted here, so a
+// store shared with a server of another model, or ratings stored before ratings named their model, never look lost.
+function otherModelsText(summary) {
+  const parts = summary.other_models.map(({ model, ratings }) => model === null
+    ? `${plural(ratings, "verdict", "verdicts")} stored before ratings recorded their model`
+    : `${plural(ratings, "verdict", "verdicts")} of ${model}`);
+  return parts.length ? `Not counted above (not ${summary.model}'s): ${parts.join("; ")}. ratings.csv has every rating ` +
+    `with its model.` : "";
+}
+
 async function loadSummary() {
   const summary = await api("/ratings/summary");
-  $("summary-count").textContent = ratedText(summary);
+  $("summary-count").textContent = `${summary.model}: ${ratedText(summary)}`;
+  $("summary-other-models").textContent = otherModelsText(summary);
+  $("summary-other-models").hidden = !$("summary-other-models").textContent;
   $("summary-warning").textContent = smallSampleText(summary);
   $("summary-warning").hidden = !$("summary-warning").textContent;
   const body = $("summary-table").querySelector("tbody");
