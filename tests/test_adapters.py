@@ -58,8 +58,8 @@ def test_a_delete_removes_adapter_files_and_never_a_folders_lora(adapter_files, 
     (SLAP_ADAPTERS_DIR=runs), and deleting adapter `smoke` unlinked runs/smoke/pytorch_lora_weights.safetensors,
     the run's only final LoRA (a walk-through's eval and campaign then named a missing file). A folder's LoRA is
     refused with the sentence saying why, every file of the folder kept; an uploaded file, and a link to a run's
-    file, are removed (the link only)."""
-    from slapgen.errors import AdapterNotRemovableError
+    file, are removed (the link only). An upload under a folder LoRA's name is refused, saying what to do."""
+    from slapgen.errors import AdapterExistsError, AdapterNotRemovableError
 
     store = AdapterStore(tmp_path / "runs", target, cache_size=4)
     run = tmp_path / "runs" / "smoke"  # a training run: its LoRA beside its checkpoints
@@ -78,6 +78,14 @@ def test_a_delete_removes_adapter_files_and_never_a_folders_lora(adapter_files, 
         "hand): the service deletes only adapter files it could have been uploaded as (smoke.safetensors); move or "
         "remove the folder yourself")
     assert refused.value.field == "name"
+    # An upload under the folder's name is refused with what to do instead: not "delete it first", which the
+    # delete above refuses (a walk-through's find).
+    with pytest.raises(AdapterExistsError) as taken:
+        store.add("smoke", adapter_files["a"].read_bytes())
+    assert str(taken.value) == ("adapter smoke already exists; it is the folder smoke/ of the adapters folder, which "
+                                "the service never deletes: upload under another name")
+    with pytest.raises(AdapterExistsError, match="^adapter uploaded already exists; delete it first$"):
+        store.add("uploaded", adapter_files["b"].read_bytes())
     assert sorted((path.relative_to(run), path.read_bytes()) for path in run.rglob("*") if path.is_file()) == before
     store.remove("uploaded")
     store.remove("linked")

@@ -641,8 +641,13 @@ class AdapterStore:
         except AdapterError as error:  # the uploaded file is what is wrong
             raise AdapterError(str(error), field="file") from None
         with self._lock:
-            if weights_path(self.folder, name):
-                raise AdapterExistsError(f"adapter {name} already exists; delete it first", field="name")
+            if existing := weights_path(self.folder, name):
+                # A folder's LoRA is never deleted by the service (`remove`): "delete it first" would send the
+                # client to a delete it refuses.
+                then = ("delete it first" if existing.parent == self.folder else
+                        f"it is the folder {name}/ of the adapters folder, which the service never deletes: upload "
+                        "under another name")
+                raise AdapterExistsError(f"adapter {name} already exists; {then}", field="name")
             atomic_write_bytes(self.folder / f"{name}.safetensors", stored)
         return adapter
 
