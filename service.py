@@ -43,7 +43,7 @@ from slapgen.serving.metric_labels import EndpointLabels, install as install_met
 from slapgen.serving.results import ResultStore
 from slapgen.serving.json_only import JsonBodiesOnly
 from slapgen.serving.request_bodies import CheckedBodies
-from slapgen.serving.requests import GenerateRequest, RenderRequest, prompt_token_headers
+from slapgen.serving.requests import SEED_HEADER, GenerateRequest, RenderRequest, prompt_token_headers
 from slapgen.serving.routes import build_routes
 from slapgen.serving.settings import load_settings
 from slapgen.serving.startup import StoreOnFirstUse, check_port_free, claim_task_store, listen_address
@@ -213,7 +213,7 @@ class SlapGen:
         """Generate a clip: {"prompt": "..."} or {"template": "knockout", "slots": {...}}, plus optional settings."""
         try:
             params = _resolve(request, self.generator)
-            ctx.response.headers["X-Seed"] = str(params.seed)
+            ctx.response.headers[SEED_HEADER] = str(params.seed)
             video = self.generator.generate_mp4(params, Path(ctx.temp_dir) / "video.mp4", deadline=_deadline())
         except SlapgenError as error:
             return _answer_error(ctx, error)

@@ -64,6 +64,20 @@ def test_echoed_random_seed_reproduces_the_clip(tiny_server, tmp_path):
     assert np.array_equal(first, again)
 
 
+def test_a_job_submitted_without_a_seed_answers_the_seed_it_runs_with(tiny_server, tmp_path):
+    """Guards a job that could not be rerun: /jobs/submit without a seed answered none, and the job's handler drew
+    its own. The submit answers X-Seed, and /generate with that seed makes the job's frames exactly."""
+    submitted = httpx.post(f"{tiny_server.url}/jobs/submit", json={"prompt": "a power slap", "num_inference_steps": 2},
+                           timeout=30)
+    assert submitted.status_code == 200, submitted.text
+    seed = int(submitted.headers["x-seed"])
+    task_id = submitted.json()["task_id"]
+    wait_for_job(tiny_server, task_id, {"completed"})
+    (tmp_path / "job.mp4").write_bytes(httpx.get(f"{tiny_server.url}/jobs/get", params={"task_id": task_id}).content)
+    again, _, _ = _generate(tiny_server, tmp_path, "job-replay", seed=seed, num_inference_steps=2)
+    assert np.array_equal(read_mp4(tmp_path / "job.mp4")[0], again)
+
+
 @pytest.mark.parametrize(
     "body,field",
     [

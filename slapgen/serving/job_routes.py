@@ -11,7 +11,8 @@
   is put on the job board as soon as BentoML names its task id, before the client hears that id, so
   it can be canceled from its first moment; the answer is then the job's status as `/jobs/status`
   gives it (below): `pending`, where BentoML answered `in_progress` for a job that has not started, with
-  `/generate`'s `X-Prompt-Tokens` and `X-Prompt-Max-Tokens` headers (what of the prompt the model reads).
+  `/generate`'s `X-Seed` (drawn here when the body has none, and written into the body the job runs) and
+  `X-Prompt-Tokens` and `X-Prompt-Max-Tokens` headers (what of the prompt the model reads).
 - `POST` (or BentoML's `PUT`) `/jobs/cancel?task_id=...`: BentoML's local task server refuses
   cancelling (400), yet marked the job canceled while it ran on. Here a queued job is canceled at
   once and never runs; a running one stops at the end of its current denoising step (its worker reads
@@ -52,11 +53,11 @@ from slapgen.engine.params import GenerationParams
 from slapgen.engine.prompt_tokens import PromptTokens
 from slapgen.engine.queue import Admission
 from slapgen.errors import SlapgenError
-from slapgen.serving.body_limit import GENERATION_BODY_LIMIT, read_body, send_json
+from slapgen.serving.body_limit import GENERATION_BODY_LIMIT, read_body, replaying, send_json
 from slapgen.serving.error_shape import in_our_shape
 from slapgen.serving.http_errors import error_body, error_response, validation_error_body
 from slapgen.serving.jobs import JobBoard
-from slapgen.serving.requests import GenerateRequest, prompt_token_headers
+from slapgen.serving.requests import SEED_HEADER, GenerateRequest, prompt_token_headers
 from slapgen.serving.results import ResultStore
 
 SUBMIT_PATH = "/jobs/submit"
@@ -143,14 +144,20 @@ class JobRoutes:
     async def _submit(self, scope, receive, send):
         body, replay = await read_body(receive, GENERATION_BODY_LIMIT)  # BodySizeLimit, outside, has checked the size
         try:
-            params = await run_in_threadpool(self.check, GenerateRequest.model_validate_json(body or b"{}"))
+            request = GenerateRequest.model_validate_json(body or b"{}")
+            params = await run_in_threadpool(self.check, request)
         except ValidationError as error:
             return await send_json(send, 400, validation_error_body(error, GenerateRequest.model_fields))
         except SlapgenError as error:
             return await error_response(error)(scope, receive, send)
-        headers = {}  # counted before the queue place is taken: nothing between taking and the release below may raise
-        if self.prompt_tokens is not None:
-            headers = prompt_token_headers(await run_in_threadpool(self.prompt_tokens, params.prompt))
+        if request.seed is None:
+            # The seed drawn by the check is the job's, answered in X-Seed as /generate does: the job's handler
+            # resolves its body again and would draw another, so a job submitted without one could not be rerun.
+            body = json.dumps({**json.loads(body or b"{}"), "seed": params.seed}).encode()
+            scope, replay = replaying(scope, body, receive)
+        headers = {SEED_HEADER: str(params.seed)}  # counted before the queue place is taken: nothing between taking
+        if self.prompt_tokens is not None:         # and the release below may raise
+            headers.update(prompt_token_headers(await run_in_threadpool(self.prompt_tokens, params.prompt)))
         try:
             admission = await run_in_threadpool(self.admit)
         except SlapgenError as error:  # QueueFullError: 429 with Retry-After

@@ -18,7 +18,7 @@ from pathlib import Path
 from slapgen.serving.body_limit import BODY_READ_TIMEOUT_S, send_json
 from slapgen.serving.job_routes import RESULT_PATH, RETRY_PATH
 from slapgen.serving.campaign_routes import CampaignVerdictRequest
-from slapgen.serving.requests import PROMPT_MAX_TOKENS_HEADER, PROMPT_TOKENS_HEADER, RatingRequest
+from slapgen.serving.requests import PROMPT_MAX_TOKENS_HEADER, PROMPT_TOKENS_HEADER, SEED_HEADER, RatingRequest
 from slapgen.names import NAME_PATTERN
 
 ERROR_SCHEMA = {
@@ -65,14 +65,11 @@ JOB_STATUS_SCHEMA = {"type": "object", "title": "TaskStatusResponse", "required"
                                     "status": {"enum": ["pending", "in_progress", "completed", "failed", "canceled"]},
                                     "created_at": _TIME, "executed_at": _TIME}}
 # What `/jobs/submit` and `/generate` answer beside their body (JobRoutes and service.py set them).
-PROMPT_HEADERS = {
+GENERATE_HEADERS = {
+    SEED_HEADER: {"schema": {"type": "integer"}, "description": "the seed used (random when the request gave none)"},
     PROMPT_TOKENS_HEADER: {"schema": {"type": "integer"}, "description": "the prompt's text tokens, its end token included"},
     PROMPT_MAX_TOKENS_HEADER: {"schema": {"type": "integer"},
                                "description": "the tokens the model reads; a prompt of more is cut to them"},
-}
-GENERATE_HEADERS = {
-    "X-Seed": {"schema": {"type": "integer"}, "description": "the seed used (random when the request gave none)"},
-    **PROMPT_HEADERS,
 }
 # BentoML's task cancel (PUT, refused by its local server) is replaced by ours (POST; PUT also works);
 # its retry is refused (JobRoutes), so it is not listed.
@@ -219,7 +216,7 @@ def slapgen_document(bentoml_spec: dict, version: str) -> dict:
             if path in ("/generate", "/jobs", "/jobs/submit"):
                 responses.update(_errors(400, 408, 413, 415, 429, 504))
                 if path in ("/generate", "/jobs/submit") and "200" in responses:
-                    responses["200"]["headers"] = copy.deepcopy(GENERATE_HEADERS if path == "/generate" else PROMPT_HEADERS)
+                    responses["200"]["headers"] = copy.deepcopy(GENERATE_HEADERS)
                 _set_example(operation, GENERATE_EXAMPLE)
             elif path == RESULT_PATH:  # a canceled job's result is a 409, a failed one's the status its error had
                 responses.update(_errors(409, 429, 503, 504))

@@ -242,6 +242,8 @@ class RatingRequest(RequestBody):
                 for criterion, choice in self.choices.items()]
 
 
+# The seed a generation runs with (drawn when the request has none), on `/generate`'s answer and `/jobs/submit`'s.
+SEED_HEADER = "X-Seed"
 # What of a prompt the model reads, on the answer of every route that takes one to generate (`/generate`,
 # `/jobs/submit`): the pipeline cuts a longer prompt to the model's limit, which a client would not hear of.
 PROMPT_TOKENS_HEADER = "X-Prompt-Tokens"
