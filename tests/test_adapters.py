@@ -317,7 +317,7 @@ def test_another_familys_adapter_is_refused_naming_its_model(wan_adapter_files, 
     store = AdapterStore(folder, target, cache_size=4)
     with pytest.raises(AdapterError) as error:
         store.add("wan", wan_adapter_files["a"].read_bytes())
-    assert str(error.value) == ("adapter wan was trained on tiny-wan, but this service runs tiny; use it with that "
+    assert str(error.value) == ("adapter wan was trained on tiny-wan, but the model here is tiny; use it with that "
                                 "model (SLAP_MODEL=tiny-wan, or --model tiny-wan on the command line)")
     assert list(folder.rglob("*")) == []
 
@@ -338,7 +338,7 @@ def test_a_community_wan_lora_on_cogvideox_says_it_is_for_wan(target, tmp_path, 
     with pytest.raises(AdapterError) as error:
         store.add("community", path.read_bytes())
     assert str(error.value) == (f"adapter community is in the {layout} layout, which slapgen converts for wan models "
-                                "only; this service runs tiny, a cogvideox model, whose adapters must be in diffusers' "
+                                "only; the model here is tiny, a cogvideox model, whose adapters must be in diffusers' "
                                 "layout (transformer.<module>.lora_A/B.weight)")
     assert list(folder.rglob("*")) == []
 

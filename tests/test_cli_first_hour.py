@@ -458,7 +458,7 @@ def test_an_adapter_of_another_model_is_refused_before_the_slow_work(command, ti
     # The starting line, then the refusal: no progress bar of encoding, loading or denoising in between.
     assert capsys.readouterr().err.splitlines() == [
         f"slapgen {command}: loading torch and diffusers ...",
-        f"slapgen {command}: adapter {name} was trained on tiny-wan, but this service runs tiny; use it with that "
+        f"slapgen {command}: adapter {name} was trained on tiny-wan, but the model here is tiny; use it with that "
         "model (SLAP_MODEL=tiny-wan, or --model tiny-wan on the command line)"]
     assert not out.exists()
 

@@ -4,6 +4,7 @@ and every mistake a person makes on the command line is one line on stderr, exit
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -98,12 +99,17 @@ def test_text_to_video_with_a_plain_adapter_and_from_a_template(inputs, tmp_path
 
 
 @pytest.mark.parametrize("arguments, message", [
-    (["--adapter", "{lora}"], "--condition-image: adapter ticft is a TIC-FT adapter (layout c1b1t1)"),
-    (["--condition-image", "{png}"], "--condition-image: "),
-    (["--adapter", "{plain}", "--condition-image", "{png}"], "--condition-image: condition_image needs a TIC-FT adapter "
-                                                              "(one trained with `ticft`); adapter plain is not one"),
-    (["--include-condition-frames"], "--include-condition-frames: "),
-    (["--adapter", "{lora}", "--condition-image", "{png}", "--set", "num_frames=17"], "--set num_frames: a TIC-FT adapter"),
+    (["--adapter", "{lora}"], "adapter ticft is a TIC-FT adapter (layout c1b1t1): give --condition-image, the frame "
+                              "to animate (a PNG or JPEG image)"),
+    (["--condition-image", "{png}"], "--condition-image needs a TIC-FT adapter (one trained with `ticft`); no adapter "
+                                     "was given"),
+    (["--adapter", "{plain}", "--condition-image", "{png}"], "--condition-image needs a TIC-FT adapter (one trained with "
+                                                              "`ticft`); adapter plain is not one"),
+    (["--include-condition-frames"], "--include-condition-frames applies only to a TIC-FT adapter with a "
+                                     "--condition-image"),
+    (["--adapter", "{lora}", "--condition-image", "{png}", "--set", "num_frames=17"],
+     "a TIC-FT adapter of layout c1b1t1 generates 9 frames (4 after the condition); leave --set num_frames out or set "
+     "it to 9, got 17"),
     (["--condition-image", "{folder}/nope.png", "--adapter", "{lora}"], "--condition-image {folder}/nope.png: no such file"),
     (["--condition-image", "{lora}", "--adapter", "{lora}"], "not a PNG or JPEG"),
     (["--adapter", "{folder}/missing.safetensors"], "--adapter {folder}/missing.safetensors: no such file or folder"),
@@ -114,7 +120,8 @@ def test_text_to_video_with_a_plain_adapter_and_from_a_template(inputs, tmp_path
     (["--set", "num_frames=10"], "--set num_frames"),
 ])
 def test_bad_input_is_one_line_and_exit_2(arguments, message, inputs, tmp_path, capsys):
-    """Guards tracebacks, half-written mp4s, and messages that do not name the option to fix."""
+    """Guards tracebacks, half-written mp4s, and messages that do not name the option to fix or that speak of
+    the HTTP request's fields ("give condition_image ... as a base64 PNG" to a person who typed options)."""
     values = {"lora": inputs["lora"], "plain": inputs["plain"], "png": inputs["png"], "folder": inputs["folder"]}
     arguments = [argument.format(**values) for argument in arguments]
     message = message and message.format(**values)
@@ -124,4 +131,5 @@ def test_bad_input_is_one_line_and_exit_2(arguments, message, inputs, tmp_path, 
     code = cli_main(["generate", "--model", "tiny", "--prompt", PROMPT, "--out", str(out), *SET_ARGS, *arguments])
     error = cli_stderr(capsys.readouterr().err)
     assert code == 2 and message in error and len(error.splitlines()) == 1, error
+    assert not re.search(r"\bcondition_image\b|include_condition_frames|base64", error), error
     assert not out.exists() and list(tmp_path.iterdir()) == []

@@ -288,7 +288,7 @@ def _extra_keys(kind: str, engine, zero: bool) -> dict:
     ("rank above the slot", "has rank 16, above the LoRA slot's rank 8", False),
     ("wrong shape", "transformer.blocks.0.attn1.to_q.lora_A.weight has 7 features, tiny-wan needs", True),
     ("full-weight delta", "(wan-original layout): it holds full-weight deltas (.diff), which diffusers' Wan LoRA "
-                          "loader drops or this service's LoRA slot cannot hold", False),
+                          "loader drops or slapgen's LoRA slot cannot hold", False),
     ("bias delta", "(wan-original layout): it holds bias deltas (.diff_b), which", False),
     ("DoRA", "(wan-original layout): it holds DoRA magnitudes (dora_scale), which", False),
     ("every extra kind", "it holds full-weight deltas (.diff), bias deltas (.diff_b) and DoRA magnitudes (dora_scale), "

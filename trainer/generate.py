@@ -87,8 +87,17 @@ def named_options():
     try:
         yield
     except SlapgenError as error:
-        option = OPTION_OF_FIELD.get(getattr(error, "field", None) or "")
-        raise GenerateError(f"{option}: {error}" if option else str(error)) from None
+        raise GenerateError(in_option_terms(str(error), getattr(error, "field", None))) from None
+
+
+def in_option_terms(sentence: str, field: str | None) -> str:
+    """An engine sentence as the command line says it: the request fields it names (`condition_image`) as their
+    options (`--condition-image`), led by the option to change when the sentence does not name it."""
+    for name, option in OPTION_OF_FIELD.items():
+        if "_" in name:  # a field's own spelling; plain words such as "prompt" or "adapter" stay words
+            sentence = re.sub(rf"\b{name}\b", option, sentence)
+    option = OPTION_OF_FIELD.get(field or "")
+    return f"{option}: {sentence}" if option and option not in sentence else sentence
 
 
 def check_options(options: GenerateOptions) -> str:

@@ -236,7 +236,7 @@ def check_modules(name: str, modules: set[str], target: AdapterTarget) -> None:
     kinds = sorted({re.sub(r"(blocks)\.\d+\.", r"\1.N.", module) for module in unknown})
     listed = ", ".join(shown(kind) for kind in kinds[:6]) + (f" and {len(kinds) - 6} more" if len(kinds) > 6 else "")
     what = "is not a LoRA-able module" if len(unknown) == 1 else f"({len(unknown)} modules) are not LoRA-able modules"
-    raise AdapterError(f"adapter {name}: {listed} {what} of {target.model_name} as this service runs it (its LoRA "
+    raise AdapterError(f"adapter {name}: {listed} {what} of {target.model_name} as it runs here (its LoRA "
                        "slot holds only the modules SLAP_LORA_TARGET_MODULES names, and an adapter is served whole "
                        "or not at all)", field="adapter")
 
@@ -339,7 +339,7 @@ def check_other_family_layout(name: str, header: Header, target: AdapterTarget) 
         if layout is not None:
             running = f"{target.model_name}, a {target.family} model," if target.family else target.model_name
             raise AdapterError(f"adapter {name} is in the {layout} layout, which slapgen converts for {family.name} "
-                               f"models only; this service runs {running} whose adapters must be in diffusers' layout "
+                               f"models only; the model here is {running} whose adapters must be in diffusers' layout "
                                "(transformer.<module>.lora_A/B.weight)", field="adapter")
 
 
@@ -349,7 +349,7 @@ def check_base_model(name: str, declared: str | None, model_name: str) -> None:
     CogVideoX) fails every module check too, and the module list that sentence would print hides the one
     fix, serving it on its own model. `slapgen eval` and `generate` check it before their slow work too."""
     if declared and not _same_model(declared, model_name):
-        raise AdapterError(f"adapter {name} was trained on {shown(declared)}, but this service runs {model_name}; "
+        raise AdapterError(f"adapter {name} was trained on {shown(declared)}, but the model here is {model_name}; "
                            f"use it with that model (SLAP_MODEL={shown(declared)}, or --model {shown(declared)} on "
                            "the command line)", field="adapter")
 

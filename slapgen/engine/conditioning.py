@@ -32,7 +32,7 @@ def check_condition(adapter: str | None, layout: TicftLayout | None, has_conditi
     """RequestError naming the field when the adapter and the condition image do not go together."""
     if layout is not None and not has_condition:
         raise RequestError(f"adapter {adapter} is a TIC-FT adapter (layout {layout}): give condition_image, the "
-                           "frame to animate, as a base64 PNG or JPEG", field=CONDITION_FIELD)
+                           "frame to animate (a PNG or JPEG image)", field=CONDITION_FIELD)
     if layout is None and has_condition:
         which = f"adapter {adapter} is not one" if adapter else "no adapter was given"
         raise RequestError(f"condition_image needs a TIC-FT adapter (one trained with `ticft`); {which}",

@@ -383,7 +383,7 @@ class WanFamily(family.ModelFamily):
             kinds.append(f"DoRA magnitudes ({DORA_KEY})")
         if kinds:
             listed = " and ".join([", ".join(kinds[:-1]), kinds[-1]] if len(kinds) > 1 else kinds)
-            raise AdapterError(f"it holds {listed}, which diffusers' Wan LoRA loader drops or this service's LoRA slot "
+            raise AdapterError(f"it holds {listed}, which diffusers' Wan LoRA loader drops or slapgen's LoRA slot "
                                "cannot hold, so served it would make frames its author's LoRA does not; only its "
                                "lora_down/lora_up (lora_A/lora_B) and alpha keys can be served", field="adapter")
         kept = {key: value for key, value in state_dict.items() if key not in deltas}
