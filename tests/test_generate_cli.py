@@ -113,6 +113,9 @@ def test_text_to_video_with_a_plain_adapter_and_from_a_template(inputs, tmp_path
     (["--condition-image", "{folder}/nope.png", "--adapter", "{lora}"], "--condition-image {folder}/nope.png: no such file"),
     (["--condition-image", "{lora}", "--adapter", "{lora}"], "not a PNG or JPEG"),
     (["--adapter", "{folder}/missing.safetensors"], "--adapter {folder}/missing.safetensors: no such file or folder"),
+    # the service's adapters folder, not a run: named as typed (it read "--adapter engine-adapters={folder}/...")
+    (["--adapter", "{folder}/engine-adapters"], "--adapter {folder}/engine-adapters: the folder has no "
+                                                "pytorch_lora_weights.safetensors"),
     (["--template", "haymaker"], "either --prompt or --template"),
     (["--out-name"], None),
     (["--set", "seed=3"], "seed is chosen by its own option"),

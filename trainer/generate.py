@@ -136,8 +136,8 @@ def generate_video(options: GenerateOptions, progress: bool = True) -> dict:
     if options.device.startswith("cuda") and not torch.cuda.is_available():
         raise GenerateError(f"--device {options.device} needs a CUDA GPU and none is usable here; use --device cpu")
     condition = read_image(options.condition_image) if options.condition_image is not None else None
-    systems = resolve_systems((AdapterArg(adapter_name(options.adapter), options.adapter),), include_base=False) \
-        if options.adapter else []
+    given = (AdapterArg(adapter_name(options.adapter), options.adapter, typed=str(options.adapter)),) if options.adapter else ()
+    systems = resolve_systems(given, include_base=False) if given else []
     adapter = systems[0].adapter if systems else None
     layout = systems[0].ticft_layout if systems else None  # from the LoRA's header, before any model loads
     resolved = resolve_model(options.model, options.model_cache_dir, setting=MODEL_SETTING)

@@ -31,6 +31,12 @@ SETTABLE = {"num_inference_steps": int, "guidance_scale": float, "negative_promp
 class AdapterArg:
     name: str
     path: Path  # as given: a LoRA file, or a folder (a run or a checkpoint) holding one
+    typed: str | None = None  # what followed --adapter, when not NAME=PATH (generate's takes a path alone)
+
+    @property
+    def given(self) -> str:
+        """The option's value as the person typed it, for sentences about it."""
+        return self.typed or f"{self.name}={self.path}"
 
 
 @dataclass(frozen=True)

@@ -68,15 +68,15 @@ def _system(adapter: AdapterArg) -> System:
     path = adapter.path
     if path.is_dir():
         if not (path / WEIGHTS_FILE).is_file():
-            raise EvalError(f"--adapter {adapter.name}={path}: the folder has no {WEIGHTS_FILE} (an unfinished run? "
+            raise EvalError(f"--adapter {adapter.given}: the folder has no {WEIGHTS_FILE} (an unfinished run? "
                             "pass one of its checkpoints/checkpoint-N folders)")
         path = path / WEIGHTS_FILE
     elif not path.is_file():
-        raise EvalError(f"--adapter {adapter.name}={path}: no such file or folder")
+        raise EvalError(f"--adapter {adapter.given}: no such file or folder")
     try:
         header = read_file_header(path)
     except HeaderError as error:
-        raise EvalError(f"--adapter {adapter.name}={path} is not a readable LoRA safetensors file ({error})") from None
+        raise EvalError(f"--adapter {adapter.given}: {path} is not a readable LoRA safetensors file ({error})") from None
     ranks, modules = [], set()
     for key, shape in header.shapes.items():
         match = KEY_PATTERN.match(key)
@@ -84,7 +84,7 @@ def _system(adapter: AdapterArg) -> System:
             ranks.append(shape[0])
             modules.add(_target_name(match["module"]))
     if not ranks:
-        raise EvalError(f"--adapter {adapter.name}={path} holds no transformer LoRA weights")
+        raise EvalError(f"--adapter {adapter.given}: {path} holds no transformer LoRA weights")
     declared = header.metadata.get(lora_format.TARGET_MODULES_KEY)
     targets = tuple(declared.split(",")) if declared else tuple(sorted(modules))
     layout = None
@@ -92,7 +92,7 @@ def _system(adapter: AdapterArg) -> System:
         try:
             layout = TicftLayout.parse(header.metadata[lora_format.TICFT_LAYOUT_KEY])
         except TicftLayoutError as error:
-            raise EvalError(f"--adapter {adapter.name}={path}: metadata {lora_format.TICFT_LAYOUT_KEY}: {error}") from None
+            raise EvalError(f"--adapter {adapter.given}: {path}: metadata {lora_format.TICFT_LAYOUT_KEY}: {error}") from None
     return System(adapter.name, path.resolve(), max(ranks), targets, layout,
                   base_model=header.metadata.get(lora_format.BASE_MODEL_KEY),
                   trigger_word=header.metadata.get(lora_format.TRIGGER_WORD_KEY) or None)
