@@ -7,9 +7,10 @@ names the request or config field to blame.
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 
 def first_line(error: BaseException, limit: int | None = None) -> str:
@@ -32,6 +33,16 @@ def validation_message(issue: dict) -> str:
 # pydantic's messages start "Input should be ...", "String should have ...": the subject becomes the field.
 _SUBJECT_SHOULD = re.compile(r"^(?:Input|Value|String|Dictionary|List|Tuple|Set|Object|Decimal|Bytes)\s+should\s+")
 _SHOWN_CHARS = 40
+
+
+def did_you_mean(written: str, names: Collection[str]) -> str:
+    """` (did you mean NAME?)` for a name that ends in a word of one of `names` (steps, num_steps, frames, guidance:
+    other tools' short names) or is spelt close to one (num_frame, adapter_strength), else "": for a request's
+    fields and the command line's --set keys alike."""
+    last_word = written.lower().rsplit("_", 1)[-1].removesuffix("s")  # num_step is num_inference_steps too
+    close = [name for name in names if last_word in (word.removesuffix("s") for word in name.split("_"))][:1]
+    close = close or difflib.get_close_matches(written.lower(), list(names), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
 def issue_sentence(subject: str, issue: Mapping, show_input: bool = True) -> str:

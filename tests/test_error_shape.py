@@ -234,6 +234,7 @@ def test_a_condition_image_with_line_breaks_is_refused_in_the_clients_terms():
 
 
 @pytest.mark.parametrize("field, meant", [("num_steps", "num_inference_steps"), ("steps", "num_inference_steps"),
+                                          ("num_step", "num_inference_steps"), ("fp", "fps"), ("s", None),
                                           ("frames", "num_frames"), ("guidance", "guidance_scale"),
                                           ("adapter_strength", "adapter_scale"), ("style", None)])
 def test_an_unknown_body_field_names_the_field_it_means(field, meant):

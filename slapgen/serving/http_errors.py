@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import difflib
 import logging
 import re
 from collections.abc import Collection, Mapping
@@ -27,6 +26,7 @@ from slapgen.errors import (
     QueueFullError,
     SettingsError,
     SlapgenError,
+    did_you_mean,
     first_line,
     issue_sentence,
 )
@@ -81,7 +81,7 @@ def validation_sentence(error: Mapping, fields: Collection[str] = ()) -> str:
     if kind == "json_invalid":
         return _invalid_json_sentence(message.removeprefix("Invalid JSON: "))
     if kind == "extra_forbidden":
-        return f"{field} is not a field this route takes{_closest_field(loc[-1] if loc else '', fields)}"
+        return f"{field} is not a field this route takes{did_you_mean(loc[-1] if loc else '', fields)}"
     if kind in ("model_type", "model_attributes_type", "dict_type"):  # pydantic says "a valid dictionary"
         error = {**error, "msg": "Input should be a JSON object"}
     return issue_sentence(field, error)
@@ -102,15 +102,6 @@ def _invalid_json_sentence(reason: str) -> str:
     return (f"the body is not valid JSON: a string in it holds a raw line break or other control character{where}, "
             "which a JSON string cannot hold (write it as \\n); a base64 condition_image must be one line: encode "
             "it with `base64 -w0`, as plain `base64` breaks its lines every 76 characters")
-
-
-def _closest_field(written: str, fields: Collection[str]) -> str:
-    """` (did you mean FIELD?)` for a field name that ends in a word of one of `fields` (num_steps, frames,
-    guidance: other tools' short names) or is spelt close to one (num_frame, adapter_strength), else ""."""
-    last_word = written.lower().rsplit("_", 1)[-1]
-    close = [field for field in fields if last_word in field.split("_")][:1]
-    close = close or difflib.get_close_matches(written.lower(), list(fields), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]}?)" if close else ""
 
 
 def validation_error_body(error: ValidationError, fields: Collection[str] = ()) -> dict:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from slapgen.engine.params import GenerationParams
-from slapgen.errors import FrameCountError
+from slapgen.errors import FrameCountError, did_you_mean
 from slapgen.evaluation.i3d import FVD_FRAMES, I3D_MIN_FRAMES
 from slapgen.evaluation.models import DEFAULT_CLIP, DEFAULT_DINO, DEFAULT_I3D, TINY
 from slapgen.models.loading import ModelSetting
@@ -190,9 +189,8 @@ def parse_settings(pairs: list[str], flag: str = "--set", chooser: str = "slapge
         key, separator, raw = pair.partition("=")
         key = key.strip()
         if not separator or key not in SETTABLE:
-            close = difflib.get_close_matches(key, SETTABLE, n=1) if separator else []
             extra = (f" ({key} is chosen by {chooser})" if key in known
-                     else f" (did you mean {close[0]}?)" if close else "")
+                     else did_you_mean(key, SETTABLE) if separator else "")
             raise EvalError(f"{flag} {pair}: expected KEY=VALUE with KEY one of {', '.join(SETTABLE)}{extra}")
         try:
             settings[key] = SETTABLE[key](raw)
