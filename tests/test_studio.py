@@ -142,7 +142,7 @@ def test_the_studio_generates_cancels_compares_and_keeps_blind_ratings(browser, 
     page.click("#generate")
     page.wait_for_function("document.getElementById('progress-text').textContent.startsWith('step')", timeout=120_000)
     page.click("#cancel")
-    page.wait_for_function("document.getElementById('progress-text').textContent.startsWith('cancelled')",
+    page.wait_for_function("document.getElementById('progress-text').textContent.startsWith('canceled')",
                            timeout=120_000)
     assert "denoising steps" in page.inner_text("#progress-text")
     assert page.locator("#history li").count() == 1  # a cancelled job adds nothing

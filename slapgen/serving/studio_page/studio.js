@@ -66,7 +66,7 @@ async function runJob(body, onProgress) {
         onProgress(step, total, eta);
       }
       if (jobState === "finishing") onProgress(total, total, null, true);
-      if (jobState === "canceled") throw new Cancelled(progress.error || "cancelled");
+      if (jobState === "canceled") throw new Cancelled(progress.error || "canceled");
       if (jobState === "failed") throw new ApiError(progress.error || "the job failed");
       if (jobState === "completed") {
         onProgress(total, total, 0);
@@ -353,7 +353,7 @@ async function generate(event) {
     await addHistory(body, video, url);
   } catch (error) {
     if (error instanceof Cancelled) {
-      $("progress-text").textContent = `cancelled: ${error.message}`;
+      $("progress-text").textContent = `canceled: ${error.message}`;
     } else { // refused or failed: nothing is queued any more ("queued…" stayed beside the error)
       setProgress(0, 1, null);
       $("progress-text").textContent = "";
