@@ -306,7 +306,8 @@ def test_a_ticft_adapter_animates_an_uploaded_image_or_a_picked_frame(browser, s
     """Guards a studio that lists TIC-FT adapters but cannot send a condition image (image-to-video could
     not be tried there). The image input shows only for a TIC-FT adapter; the uploaded PNG is previewed
     and its clip is exactly the one `POST /generate` makes from the same image, prompt and seed; the
-    whole clip on request; and a frame picked from a generated video becomes the condition image."""
+    whole clip on request; and a frame picked from a generated video becomes the condition image. Also guards a
+    file that is no image, or too large, accepted until Generate was refused: each is said when it is picked."""
     layout = TicftLayout.parse(TICFT_LAYOUT)
     page = open_studio(browser, studio.url)
     bodies = submitted_bodies(page)
@@ -316,6 +317,15 @@ def test_a_ticft_adapter_animates_an_uploaded_image_or_a_picked_frame(browser, s
     assert page.is_disabled("#num-frames")  # the layout sets the frame count
     assert TICFT_LAYOUT in page.inner_text("#condition-about")
 
+    # What Generate would be refused for is said when the file is picked, from the limits /info gives.
+    limit = httpx.get(f"{studio.url}/info").json()["limits"]["max_image_bytes"]
+    for name, data, said in (("notes.png", b"not an image at all", "notes.png could not be decoded as a PNG or JPEG image"),
+                             ("huge.png", b"\0" * (limit + 1), f"huge.png is {limit / 2**20 + 0.1:.1f} MiB; a condition "
+                                                                f"image may be at most {limit / 2**20:.1f} MiB")):
+        page.set_input_files("#condition-file", files=[{"name": name, "mimeType": "image/png", "buffer": data}])
+        page.wait_for_function("said => document.getElementById('generate-error').textContent === said", arg=said,
+                               timeout=10_000)
+        assert not page.is_visible("#condition-figure")
     upload = png_bytes(120, 160)
     page.set_input_files("#condition-file", files=[{"name": "athlete.png", "mimeType": "image/png", "buffer": upload}])
     page.wait_for_function("document.getElementById('condition-preview').naturalWidth > 0")

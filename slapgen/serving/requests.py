@@ -26,7 +26,7 @@ from slapgen.engine.conditioning import CONDITION_FIELD, check_condition, check_
 from slapgen.engine.params import GenerationParams
 from slapgen.engine.prompt_tokens import PromptTokens
 from slapgen.errors import ImageError, RequestError
-from slapgen.images import MAX_IMAGE_BYTES, decode_image
+from slapgen.images import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, decode_image
 from slapgen.models.specs import BASE_SIZE_MULTIPLE as SIZE_MULTIPLE
 from slapgen.models.specs import ModelSpec
 from slapgen.models.ticft import TicftLayout
@@ -191,6 +191,7 @@ def request_limits(spec: ModelSpec) -> dict:
         "max_width": spec.width, "size_multiple": spec.size_multiple, "max_inference_steps": MAX_INFERENCE_STEPS,
         "max_guidance_scale": MAX_GUIDANCE_SCALE, "max_adapter_scale": MAX_ADAPTER_SCALE,
         "max_prompt_chars": MAX_PROMPT_CHARS, "max_seed": MAX_SEED,
+        "max_image_bytes": MAX_IMAGE_BYTES, "max_image_pixels": MAX_IMAGE_PIXELS,  # a condition image's, decoded
         "defaults": {"num_frames": spec.default_num_frames, "height": spec.height, "width": spec.width,
                      "num_inference_steps": spec.default_num_inference_steps,
                      "guidance_scale": spec.default_guidance_scale, "fps": spec.fps},

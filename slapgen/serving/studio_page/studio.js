@@ -285,12 +285,37 @@ function setCondition(dataUrl, source) {
   if (!dataUrl) $("condition-file").value = "";
 }
 
-function readConditionFile() {
+// What the service would refuse at Generate (its limits from /info) is said when the file is picked: a photo
+// too large, or a file named .png that is no image, waited for a Generate to be refused.
+async function conditionFileProblem(file) {
+  const limits = state.info.limits;
+  const mib = (bytes) => (Math.ceil(bytes / 1024 ** 2 * 10) / 10).toFixed(1); // up: a byte over never reads as equal
+  if (!["image/png", "image/jpeg"].includes(file.type)) return `${file.name} is not a PNG or JPEG image`;
+  if (file.size > limits.max_image_bytes) {
+    return `${file.name} is ${mib(file.size)} MiB; a condition image may be at most ${mib(limits.max_image_bytes)} MiB`;
+  }
+  let bitmap;
+  try {
+    bitmap = await createImageBitmap(file);
+  } catch {
+    return `${file.name} could not be decoded as a PNG or JPEG image`;
+  }
+  const { width, height } = bitmap;
+  bitmap.close();
+  if (width * height > limits.max_image_pixels) {
+    return `${file.name} is ${width}x${height} pixels; a condition image may have at most ` +
+      `${limits.max_image_pixels.toLocaleString("en")} pixels`;
+  }
+  return "";
+}
+
+async function readConditionFile() {
   const file = $("condition-file").files[0];
   if (!file) return;
   $("generate-error").textContent = "";
-  if (!["image/png", "image/jpeg"].includes(file.type)) {
-    $("generate-error").textContent = `${file.name} is not a PNG or JPEG image`;
+  const problem = await conditionFileProblem(file);
+  if (problem) {
+    $("generate-error").textContent = problem;
     setCondition(null);
     return;
   }
