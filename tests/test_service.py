@@ -304,6 +304,8 @@ def test_status_routes_answer_while_the_queue_is_full(tiny_cache_dir, tmp_path):
             if progress.status_code == 200 and progress.json()["state"] == "running":
                 break
             time.sleep(0.05)
+        else:  # a 429 below would then say nothing of a queue held by a running generation
+            pytest.fail(f"the long job never ran within 120 s: {progress.status_code} {progress.text}")
         refused = httpx.post(f"{server.url}/generate", json={"prompt": "b", "seed": 2}, timeout=60)
         assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 1, refused.status_code
         assert set(refused.json()) == {"error", "detail"}
