@@ -579,12 +579,11 @@ RESUME_ADVICE = {"train": "add --resume latest to continue from the last checkpo
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)  # no heavy import before here: --help and argument errors are instant
     try:
-        if (check := getattr(args, "check", None)) is not None:
-            check(args)  # what was typed, checked before torch, diffusers and transformers load (seconds)
         if args.command in LOADING_COMMANDS and os.environ.get("RANK", "0") == "0":
-            # at once (torch alone takes seconds), unless what was typed is wrong; under `accelerate launch`, one
-            # line, not one per process
+            # at once (torch alone takes seconds); under `accelerate launch`, one line, not one per process
             print(loading_line(args.command), file=sys.stderr, flush=True)
+        if (check := getattr(args, "check", None)) is not None:
+            check(args)  # what was typed, checked before diffusers and transformers load (seconds more)
         if args.command in LOADING_COMMANDS:
             quiet_libraries()
         if getattr(args, "device", "") is None:
