@@ -33,7 +33,7 @@ from slapgen.serving.body_limit import GENERATION_BODY_LIMIT, BodySizeLimit
 from slapgen.serving.concurrency import ConcurrencyLimit
 from slapgen.serving.error_shape import OneErrorShape
 from slapgen.serving.http_errors import describe_error, error_response, quiet_client_errors, status_for
-from slapgen.serving.job_routes import ADMISSION_KEY, JobRoutes
+from slapgen.serving.job_routes import ADMISSION_KEY, SEED_KEY, JobRoutes
 from slapgen.serving.openapi import ApiDocument
 from slapgen.campaign_store import CAMPAIGNS_FILE, CampaignStore
 from slapgen.serving.ratings import RatingStore
@@ -232,6 +232,8 @@ class SlapGen:
         # Unique: `id(ctx)` was reused once the context was freed, and the board keeps an ended job's row (the
         # first end wins), so a direct job after one that failed (a 429) or was canceled read "stop" at once.
         task_id = submitted or f"direct-{uuid.uuid4().hex}"
+        if request.seed is None:  # the seed /jobs/submit answered in X-Seed (JobRoutes drew it)
+            request = request.model_copy(update={"seed": getattr(ctx.request.state, SEED_KEY, None)})
         try:
             params = _resolve(request, self.generator)
             job_board.queued(task_id, params.num_inference_steps)

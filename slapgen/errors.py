@@ -35,7 +35,7 @@ _SUBJECT_SHOULD = re.compile(r"^(?:Input|Value|String|Dictionary|List|Tuple|Set|
 _SHOWN_CHARS = 40
 
 
-def did_you_mean(written: str, names: Collection[str]) -> str:
+def closest_name_hint(written: str, names: Collection[str]) -> str:
     """` (did you mean NAME?)` for a name that ends in a word of one of `names` (steps, num_steps, frames, guidance:
     other tools' short names) or is spelt close to one (num_frame, adapter_strength), else "": for a request's
     fields and the command line's --set keys alike."""

@@ -283,10 +283,11 @@ def test_a_newer_revision_of_another_store_is_named_as_that_stores(database_url,
     engine.dispose()
 
 
-def test_a_migration_killed_after_adding_its_column_runs_again(database_url):
-    """Guards a start killed between jobs_0002's ADD COLUMN (SQLite commits it on its own) and the version
-    stamp: every later start failed with "duplicate column name: host". A board at jobs_0001 whose table
-    already has the host column migrates to the head and works."""
+@pytest.mark.parametrize("revision, table, column", [("jobs_0001", "jobs", "host"), ("ratings_0001", "ratings", "model")])
+def test_a_migration_killed_after_adding_its_column_runs_again(database_url, revision, table, column):
+    """Guards a start killed between an ADD COLUMN (SQLite commits it on its own) and the version stamp: every later
+    start failed with "duplicate column name: host" (jobs_0002). A store at the revision before whose table already
+    has the next revision's column migrates to the head and works."""
     from alembic import command
     from sqlalchemy import create_engine, text
 
@@ -294,12 +295,17 @@ def test_a_migration_killed_after_adding_its_column_runs_again(database_url):
 
     engine = create_engine(database_url.replace("postgresql://", "postgresql+psycopg://"))
     with engine.begin() as db:
-        command.upgrade(alembic_config(db), "jobs_0001")
-        db.execute(text("ALTER TABLE jobs ADD COLUMN host TEXT"))
+        command.upgrade(alembic_config(db), revision)
+        db.execute(text(f"ALTER TABLE {table} ADD COLUMN {column} TEXT"))
     engine.dispose()
-    board = JobBoard(database_url, owner=7)
-    board.submitted("after-the-kill", 3)
-    assert board.get("after-the-kill")["state"] == "queued"
+    if table == "jobs":
+        board = JobBoard(database_url, owner=7)
+        board.submitted("after-the-kill", 3)
+        assert board.get("after-the-kill")["state"] == "queued"
+    else:
+        ratings = RatingStore(database_url)
+        ratings.add([_rating("ana", "overall")], "tiny")
+        assert [row["model"] for row in ratings.all()] == ["tiny"]
 
 
 @pytest.mark.parametrize("failing", ["initdb", "pg_ctl"])

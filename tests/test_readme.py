@@ -239,7 +239,7 @@ def test_readme_plain_diffusers_snippet_runs_as_written(tiny_cache_dir, tmp_path
 def test_readme_ticft_python_snippet_runs_as_written_and_makes_the_clis_clip(tiny_cache_dir, tmp_path, capsys):
     """Guards README's TIC-FT "In Python" line, which named `generate_frames(params.replace(condition_image=...))`
     and nothing that makes `generator` or `params` (a walk-through could not run it): the block, run as written in
-    a folder holding a TIC-FT run at `runs/i2v` and `face-off.png`, writes the layout's target frames, and they are
+    a folder holding the tiny TIC-FT run at `runs/i2v-tiny` (README's name for it) and `face-off.png`, writes the layout's target frames, and they are
     the frames `slapgen generate` makes from the same run, image, prompt and seed."""
     from slapgen.models.ticft import TicftLayout
     from slapgen.video import read_mp4
@@ -249,7 +249,7 @@ def test_readme_ticft_python_snippet_runs_as_written_and_makes_the_clis_clip(tin
 
     block = next(b for b in re.findall(r"```python\n(.*?)```", (REPO_ROOT / "README.md").read_text(), flags=re.S)
                  if "generator.adapters.ticft_layout(" in b)
-    write_test_adapter(tmp_path / "runs" / "i2v", tiny_cache_dir, rank=4, seed=12, ticft_layout="c1b1t1")
+    write_test_adapter(tmp_path / "runs" / "i2v-tiny", tiny_cache_dir, rank=4, seed=12, ticft_layout="c1b1t1")
     (tmp_path / "face-off.png").write_bytes(_encoded(_image(40, 60, seed=3), "PNG"))
     env = offline_env(tmp_path, SLAP_CACHE_DIR=str(tiny_cache_dir))
     result = subprocess.run([sys.executable, "-c", block], cwd=tmp_path, env=env, capture_output=True, text=True,
@@ -258,7 +258,7 @@ def test_readme_ticft_python_snippet_runs_as_written_and_makes_the_clis_clip(tin
     frames, _ = read_mp4(tmp_path / "slap-i2v.mp4")
     assert frames.shape == (TicftLayout.parse("c1b1t1").target_pixel_frames, 64, 96, 3)
     prompt = re.search(r'prompt="([^"]+)"', block)[1]
-    assert cli_main(["generate", "--model", "tiny", "--adapter", str(tmp_path / "runs" / "i2v"), "--condition-image",
+    assert cli_main(["generate", "--model", "tiny", "--adapter", str(tmp_path / "runs" / "i2v-tiny"), "--condition-image",
                      str(tmp_path / "face-off.png"), "--prompt", prompt, "--seed", "7", "--out", str(tmp_path / "cli.mp4")]
                     ) == 0, capsys.readouterr().err  # SLAP_CACHE_DIR is the session's, tiny_cache_dir
     assert (read_mp4(tmp_path / "cli.mp4")[0] == frames).all()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import io
+import math
 import os
 import re
 import shutil
@@ -18,12 +19,13 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from sqlalchemy import insert
+from sqlalchemy import delete, insert
 
 from slapgen.models.ticft import TicftLayout
 from slapgen.serving.ratings import RatingStore, ratings as ratings_table
 from slapgen.video import read_mp4
 from tests.conftest import start_server, stop_server, write_test_adapter
+from tests.test_ticft import _encoded, _image
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # CI installs Chromium and sets SLAP_REQUIRE_BROWSER=1, so there a missing browser fails instead of skipping.
@@ -307,7 +309,8 @@ def test_a_ticft_adapter_animates_an_uploaded_image_or_a_picked_frame(browser, s
     not be tried there). The image input shows only for a TIC-FT adapter; the uploaded PNG is previewed
     and its clip is exactly the one `POST /generate` makes from the same image, prompt and seed; the
     whole clip on request; and a frame picked from a generated video becomes the condition image. Also guards a
-    file that is no image, or too large, accepted until Generate was refused: each is said when it is picked."""
+    file that is no image (or not the PNG its name says), too large or of too many pixels, accepted until Generate
+    was refused: each is said when it is picked."""
     layout = TicftLayout.parse(TICFT_LAYOUT)
     page = open_studio(browser, studio.url)
     bodies = submitted_bodies(page)
@@ -318,10 +321,18 @@ def test_a_ticft_adapter_animates_an_uploaded_image_or_a_picked_frame(browser, s
     assert TICFT_LAYOUT in page.inner_text("#condition-about")
 
     # What Generate would be refused for is said when the file is picked, from the limits /info gives.
-    limit = httpx.get(f"{studio.url}/info").json()["limits"]["max_image_bytes"]
-    for name, data, said in (("notes.png", b"not an image at all", "notes.png could not be decoded as a PNG or JPEG image"),
-                             ("huge.png", b"\0" * (limit + 1), f"huge.png is {limit / 2**20 + 0.1:.1f} MiB; a condition "
-                                                                f"image may be at most {limit / 2**20:.1f} MiB")):
+    limits = httpx.get(f"{studio.url}/info").json()["limits"]
+    limit, side = limits["max_image_bytes"], math.isqrt(limits["max_image_pixels"]) + 1
+    good = png_bytes(120, 160)
+    for name, data, said in (
+        ("notes.png", b"not an image at all", "notes.png is not a PNG or JPEG image"),
+        ("photo.png", _encoded(_image(40, 60), "WEBP"), "photo.png is not a PNG or JPEG image"),  # named .png, a WebP
+        ("huge.png", good + b"\0" * (limit + 1 - len(good)),
+         f"huge.png is {limit / 2**20 + 0.1:.1f} MiB; a condition image may be at most {limit / 2**20:.1f} MiB"),
+        ("cut.png", good[:20], "cut.png could not be decoded as a PNG or JPEG image"),  # its header ends in the width
+        ("wide.png", _encoded(np.zeros((side, side, 3), np.uint8), "PNG"),  # a few kB of a 16.8-megapixel image
+         f"wide.png is {side}x{side} pixels; a condition image may have at most {limits['max_image_pixels']:,} pixels"),
+    ):
         page.set_input_files("#condition-file", files=[{"name": name, "mimeType": "image/png", "buffer": data}])
         page.wait_for_function("said => document.getElementById('generate-error').textContent === said", arg=said,
                                timeout=10_000)
@@ -511,6 +522,8 @@ def test_the_summary_counts_pairs_warns_on_small_samples_and_fits_a_phone(browse
     assert widths["box"][0] <= widths["box"][1], widths
     phone.screenshot(path=str(artifacts / "studio-phone-summary.png"), full_page=True)
     assert page.errors == [] and phone.errors == []
+    with shared._engine.begin() as db:  # the module's store holds whole tiny pairs again (4 rows each)
+        db.execute(delete(ratings_table).where(ratings_table.c.rater == "wan"))
 
 
 # -- the Campaigns tab ---------------------------------------------------------------------------------

@@ -147,7 +147,7 @@ def generate_video(options: GenerateOptions, progress: bool = True) -> dict:
     if layout is not None and "num_frames" not in options.settings:
         params = params.replace(num_frames=layout.pixel_frames)
     with named_options():  # the engine's own checks, before the (slow) model load
-        check_condition(adapter, layout, condition is not None, options.include_condition_frames)
+        check_condition(adapter, layout, condition is not None, options.include_condition_frames, "a PNG or JPEG file")
         if layout is not None:
             check_frames(params.num_frames, layout)
     params = params.replace(condition_image=condition)

@@ -642,11 +642,9 @@ class AdapterStore:
             raise AdapterError(str(error), field="file") from None
         with self._lock:
             if existing := weights_path(self.folder, name):
-                # A folder's LoRA is never deleted by the service (`remove`): "delete it first" would send the
-                # client to a delete it refuses.
-                then = ("delete it first" if existing.parent == self.folder else
-                        f"it is the folder {name}/ of the adapters folder, which the service never deletes: upload "
-                        "under another name")
+                # "delete it first" would send the client to a delete `remove` refuses.
+                then = (f"it is {self._folder_lora(name)}, which the service never deletes: upload under another name"
+                        if self._is_folder_lora(existing) else "delete it first")
                 raise AdapterExistsError(f"adapter {name} already exists; {then}", field="name")
             atomic_write_bytes(self.folder / f"{name}.safetensors", stored)
         return adapter
@@ -660,10 +658,19 @@ class AdapterStore:
             path = weights_path(self.folder, name)
             if path is None:
                 raise AdapterNotFoundError(f"no adapter named {name}", field="name")
-            if path.parent != self.folder:
+            if self._is_folder_lora(path):
                 raise AdapterNotRemovableError(
-                    f"adapter {name} is the folder {name}/ of the adapters folder (a training run, or a LoRA folder put "
-                    f"there by hand): the service deletes only adapter files it could have been uploaded as "
-                    f"({name}.safetensors); move or remove the folder yourself", field="name")
+                    f"adapter {name} is {self._folder_lora(name)} (a training run, or a LoRA folder put there by hand): "
+                    f"the service deletes only adapter files it could have been uploaded as ({name}.safetensors); move "
+                    "or remove the folder yourself", field="name")
             path.unlink()  # a link is removed, never what it points to
             self._cache.pop(name, None)
+
+    def _is_folder_lora(self, weights: Path) -> bool:
+        """Whether `weights` (`weights_path`'s) is a folder's LoRA, `NAME/pytorch_lora_weights.safetensors`, which
+        the service never deletes nor replaces (`remove`), rather than an adapter file it could have written."""
+        return weights.parent != self.folder
+
+    @staticmethod
+    def _folder_lora(name: str) -> str:
+        return f"the folder {name}/ of the adapters folder"

@@ -28,11 +28,12 @@ CONDITION_FIELD = "condition_image"
 
 
 def check_condition(adapter: str | None, layout: TicftLayout | None, has_condition: bool,
-                    include_condition_frames: bool = False) -> None:
-    """RequestError naming the field when the adapter and the condition image do not go together."""
+                    include_condition_frames: bool = False, given_as: str = "a base64 PNG or JPEG") -> None:
+    """RequestError naming the field when the adapter and the condition image do not go together; `given_as`:
+    how the caller takes the image (a request's base64, a command line's file)."""
     if layout is not None and not has_condition:
         raise RequestError(f"adapter {adapter} is a TIC-FT adapter (layout {layout}): give condition_image, the "
-                           "frame to animate (a PNG or JPEG image)", field=CONDITION_FIELD)
+                           f"frame to animate, as {given_as}", field=CONDITION_FIELD)
     if layout is None and has_condition:
         which = f"adapter {adapter} is not one" if adapter else "no adapter was given"
         raise RequestError(f"condition_image needs a TIC-FT adapter (one trained with `ticft`); {which}",

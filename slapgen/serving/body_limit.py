@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable
 
 from slapgen.images import MAX_IMAGE_BYTES
 from slapgen.serving.http_errors import error_body
@@ -88,22 +87,6 @@ async def read_body(receive, limit: int):
         return messages.pop(0) if messages else await receive()
 
     return body, replay
-
-
-def replaying(scope: dict, body: bytes, receive) -> tuple[dict, Callable[[], Awaitable[dict]]]:
-    """A copy of `scope` whose Content-Length is `body`'s, and a `receive` that gives `body` whole, then what
-    `receive` gives: for an app inside that must read another body than the client's (read already, `read_body`)."""
-    headers = [(key, value) for key, value in scope["headers"] if key.lower() != b"content-length"]
-    sent = False
-
-    async def replay():
-        nonlocal sent
-        if sent:
-            return await receive()  # the client's disconnect, when it comes
-        sent = True
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    return {**scope, "headers": [*headers, (b"content-length", str(len(body)).encode())]}, replay
 
 
 def _counting(receive, limit: int):

@@ -26,7 +26,7 @@ from slapgen.errors import (
     QueueFullError,
     SettingsError,
     SlapgenError,
-    did_you_mean,
+    closest_name_hint,
     first_line,
     issue_sentence,
 )
@@ -81,7 +81,7 @@ def validation_sentence(error: Mapping, fields: Collection[str] = ()) -> str:
     if kind == "json_invalid":
         return _invalid_json_sentence(message.removeprefix("Invalid JSON: "))
     if kind == "extra_forbidden":
-        return f"{field} is not a field this route takes{did_you_mean(loc[-1] if loc else '', fields)}"
+        return f"{field} is not a field this route takes{closest_name_hint(loc[-1] if loc else '', fields)}"
     if kind in ("model_type", "model_attributes_type", "dict_type"):  # pydantic says "a valid dictionary"
         error = {**error, "msg": "Input should be a JSON object"}
     return issue_sentence(field, error)

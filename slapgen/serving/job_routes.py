@@ -11,7 +11,7 @@
   is put on the job board as soon as BentoML names its task id, before the client hears that id, so
   it can be canceled from its first moment; the answer is then the job's status as `/jobs/status`
   gives it (below): `pending`, where BentoML answered `in_progress` for a job that has not started, with
-  `/generate`'s `X-Seed` (drawn here when the body has none, and written into the body the job runs) and
+  `/generate`'s `X-Seed` (drawn here when the body has none; the job runs with it, `SEED_KEY`) and
   `X-Prompt-Tokens` and `X-Prompt-Max-Tokens` headers (what of the prompt the model reads).
 - `POST` (or BentoML's `PUT`) `/jobs/cancel?task_id=...`: BentoML's local task server refuses
   cancelling (400), yet marked the job canceled while it ran on. Here a queued job is canceled at
@@ -53,7 +53,7 @@ from slapgen.engine.params import GenerationParams
 from slapgen.engine.prompt_tokens import PromptTokens
 from slapgen.engine.queue import Admission
 from slapgen.errors import SlapgenError
-from slapgen.serving.body_limit import GENERATION_BODY_LIMIT, read_body, replaying, send_json
+from slapgen.serving.body_limit import GENERATION_BODY_LIMIT, read_body, send_json
 from slapgen.serving.error_shape import in_our_shape
 from slapgen.serving.http_errors import error_body, error_response, validation_error_body
 from slapgen.serving.jobs import JobBoard
@@ -70,6 +70,7 @@ NO_RETRY = "retrying a job is not offered here; submit its body again with POST 
 # Where the submit's queue place waits for the job's handler: BentoML runs the job with the submit's
 # own request, whose state is this scope's "state".
 ADMISSION_KEY = "slapgen_admission"
+SEED_KEY = "slapgen_seed"  # the seed the check drew, or the body's
 MISSING_TASK_ID = "give the job as ?task_id=... (the id /jobs/submit answered)"
 # BentoML's task ids are 32 hex characters (uuid4().hex). A longer or unprintable one names no job and is not
 # echoed back: a 100 KB made-up id came back whole in its 404.
@@ -150,11 +151,6 @@ class JobRoutes:
             return await send_json(send, 400, validation_error_body(error, GenerateRequest.model_fields))
         except SlapgenError as error:
             return await error_response(error)(scope, receive, send)
-        if request.seed is None:
-            # The seed drawn by the check is the job's, answered in X-Seed as /generate does: the job's handler
-            # resolves its body again and would draw another, so a job submitted without one could not be rerun.
-            body = json.dumps({**json.loads(body or b"{}"), "seed": params.seed}).encode()
-            scope, replay = replaying(scope, body, receive)
         headers = {SEED_HEADER: str(params.seed)}  # counted before the queue place is taken: nothing between taking
         if self.prompt_tokens is not None:         # and the release below may raise
             headers.update(prompt_token_headers(await run_in_threadpool(self.prompt_tokens, params.prompt)))
@@ -163,6 +159,9 @@ class JobRoutes:
         except SlapgenError as error:  # QueueFullError: 429 with Retry-After
             return await error_response(error)(scope, receive, send)
         scope.setdefault("state", {})[ADMISSION_KEY] = admission
+        # The seed answered in X-Seed is the job's: its handler resolves the body again, and drew another seed for a
+        # body without one, so such a job could not be rerun.
+        scope["state"][SEED_KEY] = params.seed
         # Hold BentoML's answer until the board knows the task id it carries.
         messages: list[dict] = []
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from slapgen.engine.params import GenerationParams
-from slapgen.errors import FrameCountError, did_you_mean
+from slapgen.errors import FrameCountError, closest_name_hint
 from slapgen.evaluation.i3d import FVD_FRAMES, I3D_MIN_FRAMES
 from slapgen.evaluation.models import DEFAULT_CLIP, DEFAULT_DINO, DEFAULT_I3D, TINY
 from slapgen.models.loading import ModelSetting
@@ -34,7 +34,8 @@ class AdapterArg:
 
     @property
     def given(self) -> str:
-        """The option's value as the person typed it, for sentences about it."""
+        """The option's value for sentences about it: what followed --adapter (NAME=PATH unless `typed` says
+        otherwise; for a system made from one, a checkpoint, the system's name and its file)."""
         return self.typed or f"{self.name}={self.path}"
 
 
@@ -190,7 +191,7 @@ def parse_settings(pairs: list[str], flag: str = "--set", chooser: str = "slapge
         key = key.strip()
         if not separator or key not in SETTABLE:
             extra = (f" ({key} is chosen by {chooser})" if key in known
-                     else did_you_mean(key, SETTABLE) if separator else "")
+                     else closest_name_hint(key, SETTABLE) if separator else "")
             raise EvalError(f"{flag} {pair}: expected KEY=VALUE with KEY one of {', '.join(SETTABLE)}{extra}")
         try:
             settings[key] = SETTABLE[key](raw)

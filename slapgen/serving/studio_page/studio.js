@@ -289,24 +289,41 @@ function setCondition(dataUrl, source) {
 // too large, or a file named .png that is no image, waited for a Generate to be refused.
 async function conditionFileProblem(file) {
   const limits = state.info.limits;
-  const mib = (bytes) => (Math.ceil(bytes / 1024 ** 2 * 10) / 10).toFixed(1); // up: a byte over never reads as equal
-  if (!["image/png", "image/jpeg"].includes(file.type)) return `${file.name} is not a PNG or JPEG image`;
+  const mib = (bytes, round) => (round(bytes / 1024 ** 2 * 10) / 10).toFixed(1); // a byte over never reads as equal
+  if (!["image/png", "image/jpeg"].includes(file.type) || !(await isPngOrJpeg(file))) {
+    return `${file.name} is not a PNG or JPEG image`;
+  }
   if (file.size > limits.max_image_bytes) {
-    return `${file.name} is ${mib(file.size)} MiB; a condition image may be at most ${mib(limits.max_image_bytes)} MiB`;
+    return `${file.name} is ${mib(file.size, Math.ceil)} MiB; a condition image may be at most ` +
+      `${mib(limits.max_image_bytes, Math.floor)} MiB`;
   }
-  let bitmap;
-  try {
-    bitmap = await createImageBitmap(file);
-  } catch {
-    return `${file.name} could not be decoded as a PNG or JPEG image`;
-  }
-  const { width, height } = bitmap;
-  bitmap.close();
-  if (width * height > limits.max_image_pixels) {
-    return `${file.name} is ${width}x${height} pixels; a condition image may have at most ` +
+  const size = await imageSize(file);
+  if (!size) return `${file.name} could not be decoded as a PNG or JPEG image`;
+  if (size.width * size.height > limits.max_image_pixels) {
+    return `${file.name} is ${size.width}x${size.height} pixels; a condition image may have at most ` +
       `${limits.max_image_pixels.toLocaleString("en")} pixels`;
   }
   return "";
+}
+
+// What a file is, from its first bytes (its name, and so its type, may say otherwise): PNG's signature or JPEG's
+// start-of-image marker, the formats the service decodes.
+async function isPngOrJpeg(file) {
+  const head = [...new Uint8Array(await file.slice(0, 4).arrayBuffer())];
+  const starts = (bytes) => bytes.every((byte, index) => head[index] === byte);
+  return starts([0x89, 0x50, 0x4e, 0x47]) || starts([0xff, 0xd8, 0xff]);
+}
+
+// An image's size, read from its header by an <img> that is never painted (so its pixels are not decoded: a
+// small file of a huge image is said, not unpacked); null when it does not load.
+function imageSize(file) {
+  return new Promise((resolve) => {
+    const url = URL.createObjectURL(file), image = new Image();
+    const done = (size) => { URL.revokeObjectURL(url); resolve(size); };
+    image.onload = () => done({ width: image.naturalWidth, height: image.naturalHeight });
+    image.onerror = () => done(null);
+    image.src = url;
+  });
 }
 
 async function readConditionFile() {
@@ -314,6 +331,7 @@ async function readConditionFile() {
   if (!file) return;
   $("generate-error").textContent = "";
   const problem = await conditionFileProblem(file);
+  if ($("condition-file").files[0] !== file) return; // another file was picked meanwhile: its own call says
   if (problem) {
     $("generate-error").textContent = problem;
     setCondition(null);
