@@ -156,7 +156,7 @@ def test_readme_installs_a_cpu_torch_and_says_what_to_use_on_a_gpu():
 def test_ci_runs_the_install_commands_readme_gives():
     """Guards README and CI drifting apart: .ci/run installs exactly README's test command's packages
     (less PyTorch's CPU index, which CI does without: its torch is on local disk) and runs its test
-    command as README writes it (its options too: `--durations=30`); .ci/caption-tests finds README's set-up and captioning commands and runs them as written."""
+    command as README writes it (its options too: `--durations=80`); .ci/caption-tests finds README's set-up and captioning commands and runs them as written."""
     readme_block = _ci_readme_block()
     tests_block = readme_block("pip install -e '.[test]' && python -m pytest -q")
     ci_run = (REPO_ROOT / ".ci" / "run").read_text()
