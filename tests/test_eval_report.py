@@ -58,3 +58,38 @@ def test_one_objective_keeps_one_plain_column(tmp_path):
     markdown = write_reports(result, tmp_path)["md"].read_text().splitlines()
     assert "| system | heldout_loss ↓ | temporal_flickering ↑ |" in markdown
     assert "| t2v | **0.8** | **0.97** |" in markdown
+
+
+def _ab(rate: float) -> dict:
+    return {"rate": rate, "low": rate - 0.1, "high": rate + 0.1, "sign_test_p": 0.5, "comparisons": 4}
+
+
+def test_the_ab_table_has_every_metric_any_system_was_compared_on(tmp_path):
+    """Guards the A/B table built from the first system's metrics only (a walk-through's find): in a checkpoint
+    eval with --generate-top, the first checkpoint has only a held-out loss, so a generated one's flickering A/B was
+    left out of eval.md and report.html; in the other order the report crashed (KeyError) after the whole eval. Every
+    metric compared is a column, in metric_definitions' order, and a system without it shows `-`."""
+    for first, second in (("early", "late"), ("late", "early")):
+        result = ticft_result()
+        del result["systems"]["i2v"]
+        result["metric_definitions"]["heldout_loss"]["objectives"].pop("i2v")
+        systems = {"early": {"adapter": "/runs/early", "metrics": {"heldout_loss": 0.8},
+                             "ab_vs_base": {"heldout_loss": _ab(0.6)}},
+                   "late": {"adapter": "/runs/late", "metrics": {"heldout_loss": 0.85, "temporal_flickering": 0.96},
+                            "ab_vs_base": {"temporal_flickering": _ab(0.7), "heldout_loss": _ab(0.4)}}}
+        result["systems"] = {"base": result["systems"]["base"], first: systems[first], second: systems[second]}
+        paths = write_reports(result, tmp_path / first)
+        markdown = paths["md"].read_text().splitlines()
+        assert "| system | heldout_loss | temporal_flickering |" in markdown
+        assert "| early | 0.60 [0.50, 0.70] p=0.5 (n=4) | - |" in markdown
+        assert "| late | 0.40 [0.30, 0.50] p=0.5 (n=4) | 0.70 [0.60, 0.80] p=0.5 (n=4) |" in markdown
+        page = paths["html"].read_text()
+        assert ("<tr><td>early</td><td>0.60 [0.50, 0.70] p=0.5 (n=4)</td><td>-</td></tr>") in page
+
+
+def test_one_swap_is_one_swap():
+    """Guards "one pipeline, 1 adapter swaps" in eval.md's first line (a walk-through's find)."""
+    from trainer.evaluate.report import served
+
+    assert [served({"engine": {"adapter_swaps": n}}) for n in (1, 2)] == ["one pipeline, 1 adapter swap",
+                                                                          "one pipeline, 2 adapter swaps"]

@@ -83,13 +83,26 @@ def _win(entry: dict) -> str:
     return f"{entry['rate']:.2f} [{entry['low']:.2f}, {entry['high']:.2f}] p={entry['sign_test_p']:.3g} (n={entry['comparisons']})"
 
 
+def ab_rows(result: dict) -> tuple[list[str], list[tuple[str, list[str]]]]:
+    """The A/B-against-base table: every metric any system was compared on (in `metric_definitions`' order) and each
+    system's cells, `-` where it has none. A checkpoint eval generates only some systems (`--generate-top`): the
+    first system's metrics alone hid a later one's, and crashed the report when the first was the generated one."""
+    ab = {system: data["ab_vs_base"] for system, data in result["systems"].items() if "ab_vs_base" in data}
+    compared = {name for entries in ab.values() for name in entries}
+    names = [name for name in result["metric_definitions"] if name in compared]
+    names += sorted(compared - set(names))
+    return names, [(system, [_win(entries[name]) if name in entries else "-" for name in names])
+                   for system, entries in ab.items()]
+
+
 def served(result: dict) -> str:
     """How the systems were run: one pipeline, or (results combined by `combine`) one per evaluation."""
     swaps = result["engine"]["adapter_swaps"]
     pipelines = result["engine"].get("pipelines", 1)
+    swapped = f"{swaps} adapter swap{'s' * (swaps != 1)}"
     if pipelines == 1:
-        return f"one pipeline, {swaps} adapter swaps"
-    return f"{pipelines} evaluations, one pipeline each, same prompts, seeds and settings ({swaps} adapter swaps)"
+        return f"one pipeline, {swapped}"
+    return f"{pipelines} evaluations, one pipeline each, same prompts, seeds and settings ({swapped})"
 
 
 def ticft_base_sentences(result: dict) -> list[str]:
@@ -141,12 +154,11 @@ def markdown(result: dict, title: str = "slapgen eval") -> str:
     if detail:
         lines += ["", "| system | fvd_i3d | 95% interval | generated | real |", "|---|---|---|---|---|"]
         lines += [f"| {s} | {metric_text(d['value'])} | [{metric_text(d['low'])}, {metric_text(d['high'])}] | {d['n_a']} | {d['n_b']} |" for s, d in detail]
-    ab = {s: d["ab_vs_base"] for s, d in result["systems"].items() if "ab_vs_base" in d}
+    names, ab = ab_rows(result)
     if ab:
-        names = list(next(iter(ab.values())))
         lines += ["", "## A/B against base (win rate [95% interval], sign test p)", "",
                   "| system | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-        lines += [f"| {s} | " + " | ".join(_win(entries[n]) for n in names) + " |" for s, entries in ab.items()]
+        lines += [f"| {s} | " + " | ".join(cells) + " |" for s, cells in ab]
     lines += checkpoint_markdown(result)
     lines += ["", "## What the numbers are", ""] + [f"- {line}" for line in notes(result)]
     lines += ["", "Seconds per video: " + ", ".join(f"{k} {v:.3g}" for k, v in result["seconds_per_video"].items()), ""]
@@ -188,13 +200,11 @@ def page(result: dict, title: str = "slapgen eval") -> str:
             cells.append(f"<td{best}>{e(_number(_value(result, system, name, objective)))}</td>")
         parts.append(f"<tr><td>{e(system)}</td>{''.join(cells)}</tr>")
     parts.append("</table>")
-    ab = {s: d["ab_vs_base"] for s, d in result["systems"].items() if "ab_vs_base" in d}
+    names, ab = ab_rows(result)
     if ab:
-        names = list(next(iter(ab.values())))
         parts.append("<h2>A/B against base</h2><table id='ab'><tr><th>system</th>"
                      + "".join(f"<th>{e(n)}</th>" for n in names) + "</tr>")
-        parts += [f"<tr><td>{e(s)}</td>" + "".join(f"<td>{e(_win(entries[n]))}</td>" for n in names) + "</tr>"
-                  for s, entries in ab.items()]
+        parts += [f"<tr><td>{e(s)}</td>" + "".join(f"<td>{e(cell)}</td>" for cell in cells) + "</tr>" for s, cells in ab]
         parts.append("</table>")
     parts += checkpoint_html(result)
     parts.append("<h2>What the numbers are</h2><ul>")
