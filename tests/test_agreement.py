@@ -105,7 +105,7 @@ def test_the_leaderboard_names_a_pick_by_only_for_a_metric_clearly_better_than_c
     from slapgen.evaluation.leaderboard import metric_sentence, tracking_metric
 
     def metric(rate, low, high, tau):
-        return {"agreement": {"rate": rate, "low": low, "high": high, "compared": 40}, "kendall_tau": tau}
+        return {"agreement": {"rate": rate, "low": low, "high": high, "compared": 40, "prompts": 10}, "kendall_tau": tau}
 
     clear = {"fvd_i3d": metric(0.60, 0.52, 0.70, 0.2), "clip_score_vitl14": metric(0.80, 0.70, 0.90, 0.8)}
     assert tracking_metric(clear) == "clip_score_vitl14"
@@ -113,6 +113,31 @@ def test_the_leaderboard_names_a_pick_by_only_for_a_metric_clearly_better_than_c
     unclear = {"clip_score_vitl14": metric(0.62, 0.45, 0.80, 0.4)}
     assert tracking_metric(unclear) is None and "--pick-by" not in metric_sentence(unclear)
     assert tracking_metric({"x": {"agreement": {"rate": None}, "kendall_tau": None}}) is None
+
+
+def test_on_fewer_prompts_than_separation_needs_no_metric_is_called_for_or_against_the_raters():
+    """Guards a leaderboard that read "Clearly against the raters: subject_consistency_dino ... in 67% of 12 verdicts
+    (95% interval 67% to 67%) ... do not pick by it" from a campaign of 2 prompts (a walk-through's find): over so few
+    prompts the bootstrap interval collapses. Below MIN_SEPARATION_PROMPTS (the stopping rule's minimum) the summary
+    says so, names the most agreeing metric so far, and advises no --pick-by; from that many on, it judges as before."""
+    from slapgen.evaluation.leaderboard import metric_sentence, tracking_metric
+    from slapgen.evaluation.ranking import MIN_SEPARATION_PROMPTS
+
+    def board(prompts):
+        agreement = {"compared": 12, "prompts": prompts}
+        return {"clip_score_tiny": {"agreement": {**agreement, "rate": 0.9, "low": 0.8, "high": 1.0}, "kendall_tau": 1.0},
+                "subject_consistency_dino": {"agreement": {**agreement, "rate": 1 / 3, "low": 1 / 3, "high": 1 / 3},
+                                             "kendall_tau": None}}
+
+    few = board(MIN_SEPARATION_PROMPTS - 1)
+    assert metric_sentence(board(2)) == (
+        "Too few prompts to tell which automatic metric tracks the raters: verdicts on 2 prompts, and calling a metric "
+        f"for or against them needs at least {MIN_SEPARATION_PROMPTS}; so far clip_score_tiny agrees with them most "
+        "(90% of 12 verdicts).")
+    assert tracking_metric(few) is None and "Clearly against" not in metric_sentence(few)
+    enough = board(MIN_SEPARATION_PROMPTS)
+    assert tracking_metric(enough) == "clip_score_tiny"
+    assert "Clearly against the raters: subject_consistency_dino" in metric_sentence(enough)
 
 
 def test_the_metric_summary_says_a_metric_clearly_against_the_raters():
@@ -124,7 +149,8 @@ def test_the_metric_summary_says_a_metric_clearly_against_the_raters():
     from slapgen.evaluation.leaderboard import metric_sentence
 
     def metric(rate, low, high, compared=48):
-        return {"agreement": {"rate": rate, "low": low, "high": high, "compared": compared}, "kendall_tau": None}
+        return {"agreement": {"rate": rate, "low": low, "high": high, "compared": compared, "prompts": 12},
+                "kendall_tau": None}
 
     board = {"heldout_loss": metric(0.54, 0.38, 0.71), "temporal_flickering": metric(0.0, 0.0, 0.0),
              "subject_consistency_dino": metric(0.25, 0.125, 0.375, 40), "fvd_i3d": metric(0.46, 0.25, 0.67)}

@@ -385,7 +385,8 @@ def test_simulated_raters_rank_the_systems_through_a_real_server(tiny_server, ti
     (or the budget), and the leaderboard ranks the systems in the simulated order; the automatic metric
     built to follow the truth is named as the one tracking the raters (agreement > 0.5, tau 1) and the
     reversed one gets tau -1. The verdicts export has every verdict with who and when."""
-    folder = write_eval_dir(tmp_path / "eval", ["base", "lora_a", "lora_b"], prompts=4, seeds=(0, 1), scores={
+    # 6 prompts: a metric is called for or against the raters from MIN_SEPARATION_PROMPTS (5) on
+    folder = write_eval_dir(tmp_path / "eval", ["base", "lora_a", "lora_b"], prompts=6, seeds=(0, 1), scores={
         "follows_truth": dict(TRUE_STRENGTH), "reversed": {s: -v for s, v in TRUE_STRENGTH.items()}})
     name = f"sim-{tmp_path.name[-20:].lower().replace('_', '-')}"
     monkeypatch.setenv("SLAP_DATA_DIR", str(tiny_cache_dir / "data"))  # what tiny_server reads

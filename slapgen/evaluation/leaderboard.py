@@ -118,11 +118,20 @@ def left_out_sentences(metrics_left_out: Mapping[str, str]) -> list[str]:
     return [f"{why[0].upper()}{why[1:]}." for _, why in sorted(metrics_left_out.items())]
 
 
+def _on_enough_prompts(agreement: Mapping) -> bool:
+    """Whether an agreement rests on enough prompts to call a metric for or against the raters: the stopping rule's
+    MIN_SEPARATION_PROMPTS, for the same reason (a bootstrap over 2 prompts has a handful of distinct resamples: a
+    walk-through's campaign read "clearly against the raters ... 95% interval 67% to 67%")."""
+    return agreement["prompts"] >= MIN_SEPARATION_PROMPTS
+
+
 def tracking_metric(metrics: Mapping[str, dict]) -> str | None:
     """The metric to pick checkpoints by next time (`--pick-by`, under eval's name for it): the one that
-    agrees with the raters most, when its 95% interval lies above chance; None otherwise."""
+    agrees with the raters most, when its 95% interval lies above chance on enough prompts; None otherwise."""
     found = _most_agreeing(metrics)
-    return found[0] if found is not None and found[1]["agreement"]["low"] > 0.5 else None
+    if found is None or not _on_enough_prompts(found[1]["agreement"]):
+        return None
+    return found[0] if found[1]["agreement"]["low"] > 0.5 else None
 
 
 def metric_sentence(metrics: Mapping[str, dict]) -> str:
@@ -135,6 +144,11 @@ def metric_sentence(metrics: Mapping[str, dict]) -> str:
         return "No automatic metric can be compared with the raters yet: no verdict with a preference on scored videos."
     best_name, best = found
     a = best["agreement"]
+    if not _on_enough_prompts(a):
+        return (f"Too few prompts to tell which automatic metric tracks the raters: verdicts on {a['prompts']} "
+                f"prompt{'s' * (a['prompts'] != 1)}, and calling a metric for or against them needs at least "
+                f"{MIN_SEPARATION_PROMPTS}; so far {best_name} agrees with them most ({a['rate']:.0%} of "
+                f"{a['compared']} verdicts).")
     if a["high"] < 0.5:  # even the most agreeing metric points the other way: the contrary sentence says it all
         return f"No automatic metric agrees with the raters.{_contrary_sentence(metrics)}"
     tau = f", and its ranking of the systems has Kendall's tau {best['kendall_tau']:.2f} with theirs" \
@@ -151,8 +165,8 @@ def _contrary_sentence(metrics: Mapping[str, dict]) -> str:
     """Metrics that clearly point the other way (95% interval of agreement below chance), said, as they are
     telling too: on a tiny walk-through raters who liked motion disagreed with temporal_flickering (1.0 for a
     still video) in every verdict, and the summary, naming only the most agreeing metric, hid it."""
-    contrary = sorted(((name, m["agreement"]) for name, m in metrics.items()
-                       if m["agreement"]["rate"] is not None and m["agreement"]["high"] < 0.5),
+    contrary = sorted(((name, m["agreement"]) for name, m in metrics.items() if m["agreement"]["rate"] is not None
+                       and m["agreement"]["high"] < 0.5 and _on_enough_prompts(m["agreement"])),
                       key=lambda kv: kv[1]["rate"])
     if not contrary:
         return ""
