@@ -210,7 +210,7 @@ MISTYPED = [  # (command line, what the one sentence says, what it may import fi
     (["eval", "--model", "tiny", "--heldout", "{tmp}", "--out", "{tmp}/eval", "--metrics", "los"],
      "--metrics los: choose from", set()),
     (["eval", "--model", "tiny", "--heldout", "{tmp}", "--out", "{tmp}/eval", "--set", "steps=2"],
-     "--set steps=2: expected KEY=VALUE with KEY one of num_inference_steps, guidance_scale, negative_prompt, "
+     "--set steps=2: steps is not a setting here; KEY is one of num_inference_steps, guidance_scale, negative_prompt, "
      "num_frames, height, width, fps, adapter_scale (did you mean num_inference_steps?)", set()),
     (["generate", "--model", "tiny", "--out", "{tmp}/x.mp4", "--prompt", "a slap", "--set", "num_frames=many"],
      "--set num_frames=many: num_frames must be a whole number", set()),

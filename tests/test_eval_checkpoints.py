@@ -278,3 +278,23 @@ def test_checkpoint_flags_that_mean_nothing_are_refused_in_one_sentence(choices,
     valid = EvalOptions(**options, checkpoints=True, generate_top=1, pick_by="clip_score_tiny",
                         metrics=parse_metrics("loss,clip"))
     assert valid.pick_metric == "clip_score_tiny" and EvalOptions(**options, checkpoints=True).pick_metric == "heldout_loss"
+
+
+def test_a_folder_without_a_lora_is_told_what_to_pass_instead(tmp_path):
+    """Guards one hint for every folder without a LoRA, "(an unfinished run? pass one of its checkpoints/checkpoint-N
+    folders)", which sent a walk-through looking for checkpoints in `runs/` (a folder of runs) and in a run's
+    `validation/`: a folder of runs names its runs, an unfinished run its last checkpoint, any other folder what a
+    LoRA is."""
+    runs = tmp_path / "runs"
+    for name in ("a", "b", "c", "d"):
+        write_lora(runs / name / WEIGHTS_FILE, steps=4)
+    unfinished = tmp_path / "unfinished"
+    make_run(unfinished, steps=[2, 4], final=None)
+    (tmp_path / "empty").mkdir()
+    for folder, hint in ((runs, f"a folder of runs? pass one of them: {runs / 'a'}, {runs / 'b'}, {runs / 'c'} and 1 more"),
+                         (unfinished, "an unfinished run? pass one of its checkpoints, such as "
+                                      f"{unfinished / 'checkpoints' / 'checkpoint-000004'}"),
+                         (tmp_path / "empty", f"pass a training run's folder, or a LoRA file such as {WEIGHTS_FILE}")):
+        with pytest.raises(EvalError) as refused:
+            resolve_systems((AdapterArg("x", folder),))
+        assert str(refused.value) == f"--adapter x={folder}: the folder has no {WEIGHTS_FILE} ({hint})"

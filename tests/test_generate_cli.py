@@ -101,10 +101,10 @@ def test_text_to_video_with_a_plain_adapter_and_from_a_template(inputs, tmp_path
 @pytest.mark.parametrize("arguments, message", [
     (["--adapter", "{lora}"], "adapter ticft is a TIC-FT adapter (layout c1b1t1): give --condition-image, the frame "
                               "to animate, as a PNG or JPEG file"),
-    (["--condition-image", "{png}"], "--condition-image needs a TIC-FT adapter (one trained with `ticft`); no adapter "
-                                     "was given"),
+    (["--condition-image", "{png}"], "--condition-image needs a TIC-FT adapter (one trained with `slapgen train "
+                                     "--config ticft`); no adapter was given"),
     (["--adapter", "{plain}", "--condition-image", "{png}"], "--condition-image needs a TIC-FT adapter (one trained with "
-                                                              "`ticft`); adapter plain is not one"),
+                                                              "`slapgen train --config ticft`); adapter plain is not one"),
     (["--include-condition-frames"], "--include-condition-frames applies only to a TIC-FT adapter with a "
                                      "--condition-image"),
     (["--adapter", "{lora}", "--condition-image", "{png}", "--set", "num_frames=17"],

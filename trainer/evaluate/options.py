@@ -189,10 +189,11 @@ def parse_settings(pairs: list[str], flag: str = "--set", chooser: str = "slapge
     for pair in pairs:
         key, separator, raw = pair.partition("=")
         key = key.strip()
-        if not separator or key not in SETTABLE:
-            extra = (f" ({key} is chosen by {chooser})" if key in known
-                     else closest_name_hint(key, SETTABLE) if separator else "")
-            raise EvalError(f"{flag} {pair}: expected KEY=VALUE with KEY one of {', '.join(SETTABLE)}{extra}")
+        if not separator:
+            raise EvalError(f"{flag} {pair}: expected KEY=VALUE with KEY one of {', '.join(SETTABLE)}")
+        if key not in SETTABLE:  # KEY=VALUE was given: the key is what is wrong
+            extra = f" ({key} is chosen by {chooser})" if key in known else closest_name_hint(key, SETTABLE)
+            raise EvalError(f"{flag} {pair}: {key} is not a setting here; KEY is one of {', '.join(SETTABLE)}{extra}")
         try:
             settings[key] = SETTABLE[key](raw)
         except ValueError:

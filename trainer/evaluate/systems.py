@@ -64,12 +64,24 @@ def resolve_systems(adapters: tuple[AdapterArg, ...], include_base: bool = True,
     return systems
 
 
+def _what_to_pass(folder: Path) -> str:
+    """For a folder without a LoRA of its own: the runs it holds, or an unfinished run's checkpoints, by name (the
+    advice to pass a checkpoint, given for any folder, sent a walk-through to look for checkpoints in `runs/`)."""
+    runs = sorted(str(found.parent) for found in folder.glob(f"*/{WEIGHTS_FILE}"))
+    if runs:
+        listed = ", ".join(runs[:3]) + (f" and {len(runs) - 3} more" if len(runs) > 3 else "")
+        return f"a folder of runs? pass one of them: {listed}"
+    checkpoints = sorted(found.parent for found in folder.glob(f"checkpoints/checkpoint-*/{WEIGHTS_FILE}"))
+    if checkpoints:
+        return f"an unfinished run? pass one of its checkpoints, such as {checkpoints[-1]}"
+    return f"pass a training run's folder, or a LoRA file such as {WEIGHTS_FILE}"
+
+
 def _system(adapter: AdapterArg) -> System:
     path = adapter.path
     if path.is_dir():
         if not (path / WEIGHTS_FILE).is_file():
-            raise EvalError(f"--adapter {adapter.given}: the folder has no {WEIGHTS_FILE} (an unfinished run? "
-                            "pass one of its checkpoints/checkpoint-N folders)")
+            raise EvalError(f"--adapter {adapter.given}: the folder has no {WEIGHTS_FILE} ({_what_to_pass(path)})")
         path = path / WEIGHTS_FILE
     elif not path.is_file():
         raise EvalError(f"--adapter {adapter.given}: no such file or folder")
