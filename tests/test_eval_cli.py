@@ -75,6 +75,9 @@ def test_eval_writes_every_metric_for_every_system(evaluation):
     definitions = result["metric_definitions"]
     assert "first 77 CLIP tokens" in definitions["clip_score_tiny"]["text"]
     assert definitions["fvd_i3d"]["n_real"] == 2 and "small-sample bias" in definitions["fvd_i3d"]["warning"]
+    # both counts, as the FVD table has them (it said "only 2 clips per set" beside 2 generated and 2 real, and a
+    # walk-through's "4 clips per set" beside 8 generated and 4 real read wrong)
+    assert definitions["fvd_i3d"]["warning"].startswith("only 2 held-out clips and 2 generated per system for ")
     detail = result["systems"]["base"]["fvd_i3d_detail"]
     assert detail["n_a"] == 2 and detail["n_b"] == 2 and detail["low"] <= detail["high"]
     assert "warning:" in evaluation["stdout"] and "report:" in evaluation["stdout"]

@@ -93,3 +93,15 @@ def test_one_swap_is_one_swap():
 
     assert [served({"engine": {"adapter_swaps": n}}) for n in (1, 2)] == ["one pipeline, 1 adapter swap",
                                                                           "one pipeline, 2 adapter swaps"]
+
+
+def test_report_html_has_the_fvd_table_eval_md_has(tmp_path):
+    """Guards report.html without eval.md's FVD table (its interval and the two sets' sizes; a walk-through's find),
+    while the page's notes say "interval: 95% bootstrap over both sets": both show the same row."""
+    result = ticft_result()
+    result["systems"]["t2v"]["fvd_i3d_detail"] = {"value": 412.5, "low": 380.25, "high": 455.0, "n_a": 8, "n_b": 4}
+    paths = write_reports(result, tmp_path)
+    assert "| t2v | 412.5 | [380.25, 455] | 8 | 4 |" in paths["md"].read_text().splitlines()
+    assert ("<table id='fvd'><tr><th>system</th><th>fvd_i3d</th><th>95% interval</th><th>generated</th><th>real</th>"
+            "</tr><tr><td>t2v</td><td>412.5</td><td>[380.25, 455]</td><td>8</td><td>4</td></tr></table>"
+            in paths["html"].read_text().replace("\n", ""))

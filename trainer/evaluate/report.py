@@ -83,6 +83,15 @@ def _win(entry: dict) -> str:
     return f"{entry['rate']:.2f} [{entry['low']:.2f}, {entry['high']:.2f}] p={entry['sign_test_p']:.3g} (n={entry['comparisons']})"
 
 
+FVD_COLUMNS = ("system", "fvd_i3d", "95% interval", "generated", "real")
+
+
+def fvd_rows(result: dict) -> list[list[str]]:
+    """FVD with its interval and the two sets' sizes, per system that has it: eval.md's table and report.html's."""
+    return [[system, metric_text(d["value"]), f"[{metric_text(d['low'])}, {metric_text(d['high'])}]", str(d["n_a"]),
+             str(d["n_b"])] for system, data in result["systems"].items() if (d := data.get("fvd_i3d_detail"))]
+
+
 def ab_rows(result: dict) -> tuple[list[str], list[tuple[str, list[str]]]]:
     """The A/B-against-base table: every metric any system was compared on (in `metric_definitions`' order) and each
     system's cells, `-` where it has none. A checkpoint eval generates only some systems (`--generate-top`): the
@@ -150,10 +159,10 @@ def markdown(result: dict, title: str = "slapgen eval") -> str:
             value = _number(_value(result, system, name, objective))
             cells.append(f"**{value}**" if _best(result, name, objective) == system and len(systems) > 1 else value)
         lines.append(f"| {system} | " + " | ".join(cells) + " |")
-    detail = [(s, d["fvd_i3d_detail"]) for s, d in result["systems"].items() if "fvd_i3d_detail" in d]
-    if detail:
-        lines += ["", "| system | fvd_i3d | 95% interval | generated | real |", "|---|---|---|---|---|"]
-        lines += [f"| {s} | {metric_text(d['value'])} | [{metric_text(d['low'])}, {metric_text(d['high'])}] | {d['n_a']} | {d['n_b']} |" for s, d in detail]
+    fvd = fvd_rows(result)
+    if fvd:
+        lines += ["", "| " + " | ".join(FVD_COLUMNS) + " |", "|---" * len(FVD_COLUMNS) + "|"]
+        lines += ["| " + " | ".join(row) + " |" for row in fvd]
     names, ab = ab_rows(result)
     if ab:
         lines += ["", "## A/B against base (win rate [95% interval], sign test p)", "",
@@ -200,6 +209,10 @@ def page(result: dict, title: str = "slapgen eval") -> str:
             cells.append(f"<td{best}>{e(_number(_value(result, system, name, objective)))}</td>")
         parts.append(f"<tr><td>{e(system)}</td>{''.join(cells)}</tr>")
     parts.append("</table>")
+    if fvd := fvd_rows(result):  # eval.md had it and the page did not, while its notes cite the interval
+        parts.append("<table id='fvd'><tr>" + "".join(f"<th>{e(c)}</th>" for c in FVD_COLUMNS) + "</tr>")
+        parts += ["<tr>" + "".join(f"<td>{e(cell)}</td>" for cell in row) + "</tr>" for row in fvd]
+        parts.append("</table>")
     names, ab = ab_rows(result)
     if ab:
         parts.append("<h2>A/B against base</h2><table id='ab'><tr><th>system</th>"

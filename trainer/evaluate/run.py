@@ -488,8 +488,11 @@ def fvd_per_system(videos: list[Video], entries, data: DataConfig, options: Eval
     smallest = min([len(real)] + [len(rows) for rows in generated.values()])
     warning = None
     if smallest < reliable_sample_count(dim):
-        warning = (f"only {smallest} clips per set for {dim}-dimensional I3D features: the covariances are singular and "
-                   f"FVD is dominated by small-sample bias; compare FVDs only at equal counts (published FVDs use 2048)")
+        # Both counts said: "4 clips per set" read wrong beside a table of 8 generated and 4 real.
+        made = sorted({len(rows) for rows in generated.values()})
+        counts = f"{len(real)} held-out clip{'s' * (len(real) != 1)} and {'/'.join(map(str, made))} generated per system"
+        warning = (f"only {counts} for {dim}-dimensional I3D features: the covariances are singular and FVD is "
+                   "dominated by small-sample bias; compare FVDs only at equal counts (published FVDs use 2048)")
     definitions[FVD] = {"higher_is_better": False, "model": options.i3d_model,
                         "what": f"Frechet distance between Gaussians fitted to I3D features (StyleGAN-V's TorchScript I3D, "
                                 f"first {FVD_FRAMES} frames, rescale/resize by the model) of a system's videos and of the "
