@@ -15,7 +15,7 @@ from typing import Annotated, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from slapgen.errors import SlapgenError
+from slapgen.errors import SlapgenError, closest_name_hint
 
 TEMPLATES_FILE = Path(__file__).parent / "templates.yaml"
 TEXT_SLOT_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 '-]*$")
@@ -113,14 +113,16 @@ class PromptLibrary(BaseModel):
     def render(self, template: str, slots: dict[str, str] | None = None) -> str:
         """The caption for `template` with `slots` filled (defaults for the rest); raises RenderError."""
         if template not in self.templates:
-            raise RenderError("template", f"unknown template {template!r}; valid templates: {', '.join(self.templates)}")
+            raise RenderError("template", f"unknown template {template!r}; valid templates: {', '.join(self.templates)}"
+                                          f"{closest_name_hint(template, self.templates)}")
         chosen = self.templates[template]
         slots = slots or {}
         unknown = sorted(set(slots) - set(chosen.slots))
         if unknown:
             raise RenderError(
                 f"slots.{unknown[0]}",
-                f"template {template} has no slot {unknown[0]!r}; valid slots: {', '.join(chosen.slots)}",
+                f"template {template} has no slot {unknown[0]!r}; valid slots: {', '.join(chosen.slots)}"
+                f"{closest_name_hint(unknown[0], chosen.slots)}",
             )
         values = {
             name: self.slots[name].check(name, slots[name]) if name in slots else self.slots[name].default

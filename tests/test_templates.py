@@ -90,3 +90,20 @@ def test_describe_lists_slots_with_choices_and_defaults():
     described = {t["name"]: t for t in LIBRARY.describe()}
     striker = described["knockout"]["slots"]["striker"]
     assert striker["kind"] == "choice" and "red" in striker["choices"] and striker["default"] == "red"
+
+
+@pytest.mark.parametrize("template, slots, said", [
+    ("knockot", {}, "; valid templates: face-off, wind-up-and-strike, knockout, absorb-and-reset, stagger-and-recovery, "
+                    "foul-and-intervention, slow-motion-replay, crowd-and-corner (did you mean knockout?)"),
+    ("knockout", {"strker": "red"}, "template knockout has no slot 'strker'; valid slots: striker, defender, hand, "
+                                    "camera, event (did you mean striker?)"),
+    ("knockout", {"nope": "1"}, "template knockout has no slot 'nope'; valid slots: striker, defender, hand, camera, "
+                                "event"),
+])
+def test_a_misspelt_template_or_slot_gets_the_closest_name(template, slots, said):
+    """Guards `--slot strker=red` answered with the list alone while `--set` names the key it most likely means (a
+    walk-through's find): the template's and the slot's sentences end with the same hint, and with none for a name
+    like no other."""
+    with pytest.raises(RenderError) as error:
+        LIBRARY.render(template, slots)
+    assert str(error.value).endswith(said)
