@@ -11,6 +11,7 @@ import difflib
 import json
 import re
 from collections.abc import Collection, Mapping
+from pathlib import Path
 
 
 def first_line(error: BaseException, limit: int | None = None) -> str:
@@ -43,6 +44,17 @@ def closest_name_hint(written: str, names: Collection[str]) -> str:
     close = [name for name in names if last_word in (word.removesuffix("s") for word in name.split("_"))][:1]
     close = close or difflib.get_close_matches(written.lower(), list(names), n=1, cutoff=0.6)
     return f" (did you mean {close[0]}?)" if close else ""
+
+
+def closest_path_hint(path: Path) -> str:
+    """` (did you mean PATH?)` for a path that does not exist when its folder holds a name spelt close to it
+    (`runs/smok` for `runs/smoke`), else ""."""
+    try:
+        names = [entry.name for entry in path.parent.iterdir()] if path.parent.is_dir() else []
+    except OSError:
+        return ""
+    close = difflib.get_close_matches(path.name, names, n=1, cutoff=0.75)
+    return f" (did you mean {path.parent / close[0]}?)" if close else ""
 
 
 def issue_sentence(subject: str, issue: Mapping, show_input: bool = True) -> str:

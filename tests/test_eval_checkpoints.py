@@ -298,3 +298,13 @@ def test_a_folder_without_a_lora_is_told_what_to_pass_instead(tmp_path):
         with pytest.raises(EvalError) as refused:
             resolve_systems((AdapterArg("x", folder),))
         assert str(refused.value) == f"--adapter x={folder}: the folder has no {WEIGHTS_FILE} ({hint})"
+
+
+def test_a_misspelt_adapter_path_gets_the_closest_name_in_its_folder(tmp_path):
+    """Guards `--adapter runs/smok` answered "no such file or folder" alone (a walk-through's find): a name in the
+    folder spelt close to it is offered; a name like none of them gets no guess."""
+    write_lora(tmp_path / "runs" / "smoke" / WEIGHTS_FILE, steps=4)
+    for typed, said in (("smok", f" (did you mean {tmp_path / 'runs' / 'smoke'}?)"), ("zzz", "")):
+        with pytest.raises(EvalError) as refused:
+            resolve_systems((AdapterArg("x", tmp_path / "runs" / typed),))
+        assert str(refused.value) == f"--adapter x={tmp_path / 'runs' / typed}: no such file or folder{said}"

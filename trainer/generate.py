@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from slapgen.errors import SlapgenError
+from slapgen.errors import SlapgenError, closest_path_hint
 from trainer.errors import GenerateError
 
 # Engine error fields -> the option a person typed.
@@ -112,7 +112,7 @@ def check_options(options: GenerateOptions) -> str:
     prompt = render_prompt(options)
     for option, path in (("--adapter", options.adapter), ("--condition-image", options.condition_image)):
         if path is not None and not path.exists():
-            raise GenerateError(f"{option} {path}: no such file or folder")
+            raise GenerateError(f"{option} {path}: no such file or folder{closest_path_hint(path)}")
     if options.condition_image is not None and not options.condition_image.is_file():
         raise GenerateError(f"--condition-image {options.condition_image} is not a file (a PNG or JPEG image)")
     return prompt

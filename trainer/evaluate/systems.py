@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from slapgen.atomic import staging_path
-from slapgen.errors import TicftLayoutError
+from slapgen.errors import TicftLayoutError, closest_path_hint
 from slapgen.models import lora_format
 from slapgen.models.lora_format import KEY_PATTERN, WEIGHTS_FILE, HeaderError, read_file_header
 from slapgen.models.ticft import TicftLayout
@@ -84,7 +84,7 @@ def _system(adapter: AdapterArg) -> System:
             raise EvalError(f"--adapter {adapter.given}: the folder has no {WEIGHTS_FILE} ({_what_to_pass(path)})")
         path = path / WEIGHTS_FILE
     elif not path.is_file():
-        raise EvalError(f"--adapter {adapter.given}: no such file or folder")
+        raise EvalError(f"--adapter {adapter.given}: no such file or folder{closest_path_hint(path)}")
     try:
         header = read_file_header(path)
     except HeaderError as error:
