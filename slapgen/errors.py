@@ -39,7 +39,7 @@ _SHOWN_CHARS = 40
 def closest_name_hint(written: str, names: Collection[str]) -> str:
     """` (did you mean NAME?)` for a name that ends in a word of one of `names` (steps, num_steps, frames, guidance:
     other tools' short names) or is spelt close to one (num_frame, adapter_strength), else "": for a request's
-    fields and the command line's --set keys alike."""
+    fields, the command line's --set keys, templates and their slots alike."""
     last_word = written.lower().rsplit("_", 1)[-1].removesuffix("s")  # num_step is num_inference_steps too
     close = [name for name in names if last_word in (word.removesuffix("s") for word in name.split("_"))][:1]
     close = close or difflib.get_close_matches(written.lower(), list(names), n=1, cutoff=0.6)

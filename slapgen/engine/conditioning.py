@@ -36,8 +36,8 @@ def check_condition(adapter: str | None, layout: TicftLayout | None, has_conditi
                            f"frame to animate, as {given_as}", field=CONDITION_FIELD)
     if layout is None and has_condition:
         which = f"adapter {adapter} is not one" if adapter else "no adapter was given"
-        raise RequestError(f"condition_image needs a TIC-FT adapter (one trained with `slapgen train --config ticft`); {which}",
-                           field=CONDITION_FIELD)
+        raise RequestError(f"condition_image needs a TIC-FT adapter (one trained with `slapgen train --config ticft`); "
+                           f"{which}", field=CONDITION_FIELD)
     if layout is None and include_condition_frames:
         raise RequestError("include_condition_frames applies only to a TIC-FT adapter with a condition_image",
                            field="include_condition_frames")
