@@ -200,6 +200,12 @@ def test_the_ratings_summary_is_computed_once_per_change_of_the_ratings(database
     assert reader.summary("tiny") == {"model": "tiny", **summarise(reader.all()), "other_models": []}
     assert reader.summary("tiny")["ratings"] == 3
     assert computed == [0, 2, 3]
+    # Unchanged ratings are learnt from their count and newest id: no request reads every row (80,000 for 20,000 pairs).
+    reads = []
+    monkeypatch.setattr(reader, "all", lambda: reads.append(1) or RatingStore.all(reader))
+    assert reader.summary("tiny")["ratings"] == 3 and reads == []
+    writer.add([_rating("dan", "overall")], "tiny")
+    assert reader.summary("tiny")["ratings"] == 4 and reads == [1]
 
 
 def test_each_models_summary_is_of_its_own_ratings_and_counts_the_others_apart(database_url, tmp_path):

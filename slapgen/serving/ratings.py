@@ -23,7 +23,7 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from sqlalchemy import BigInteger, Column, Double, Integer, MetaData, Table, Text, insert, select
+from sqlalchemy import BigInteger, Column, Double, Integer, MetaData, Table, Text, func, insert, select
 
 from slapgen.database import open_store
 from slapgen.csv_cells import inert_csv
@@ -58,8 +58,8 @@ class RatingStore:
     def __init__(self, where: Path | str):
         self._lock = threading.Lock()
         self._engine = open_store(where, "ratings")
-        # The last summary with the (count, newest id) of the ratings it read: ratings are only ever added, so an
-        # equal pair is the same ratings. Each GET /ratings/summary computed it again (10 s and 3 GB for 20,000
+        # Each model's last summary with the (count, newest id) of the ratings it read: ratings are only ever added,
+        # so an equal pair is the same ratings. Each GET /ratings/summary computed it again (10 s and 3 GB for 20,000
         # rated prompts, any number of clients at once; a review's find); one computes, the others wait for it.
         self._summary_lock = threading.Lock()
         self._summaries: dict[str, tuple[tuple[int, int | None], dict]] = {}  # per model
@@ -85,9 +85,11 @@ class RatingStore:
         """The summary of `model`'s ratings (`summarise`), with how many verdicts of other models (or of no
         recorded model) it leaves out; the same dict while no rating is added: read it, never change it."""
         with self._summary_lock:
+            cached = self._summaries.get(model)
+            if cached is not None and cached[0] == self._stamp():  # two numbers, not every row, to learn nothing changed
+                return cached[1]
             rows = self.all()
             stamp = (len(rows), rows[-1]["id"] if rows else None)  # of the rows read, ordered by id
-            cached = self._summaries.get(model)
             if cached is None or cached[0] != stamp:
                 left_out = Counter(row["model"] for row in rows if row["model"] != model)
                 cached = (stamp, {"model": model, **summarise([row for row in rows if row["model"] == model]),
@@ -95,6 +97,13 @@ class RatingStore:
                                                    for name, count in sorted(left_out.items(), key=_named_first)]})
                 self._summaries[model] = cached
             return cached[1]
+
+
+    def _stamp(self) -> tuple[int, int | None]:
+        """(count, newest id) of every rating: ratings are only ever added, so an equal pair is the same ratings."""
+        with self._engine.connect() as db:
+            count, newest = db.execute(select(func.count(), func.max(ratings.c.id))).one()
+        return int(count), newest
 
 
 def _named_first(item: tuple[str | None, int]) -> tuple[bool, str]:
