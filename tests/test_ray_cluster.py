@@ -251,3 +251,20 @@ def test_ray_local_leaves_no_token_in_home_for_later_ray_start(monkeypatch, tmp_
     with ray_cluster.connect("local"):
         pass
     assert seen[1] is None and "RAY_AUTH_TOKEN" not in os.environ
+
+
+def test_joining_a_cluster_tries_its_gcs_for_seconds_not_twenty_unless_told(monkeypatch):
+    """Guards a cluster that refuses this driver (token authentication, no token sent) being said only after Ray's 20
+    one-second tries at its GCS, meant for a GCS still starting (the port answered already): the join sets Ray's
+    own RAY_gcs_server_port_wait_time_s to JOIN_TRIES for ray.init and removes it after; a value the user set is
+    left as it is."""
+    from trainer.ray_cluster import GCS_WAIT_SETTING, JOIN_TRIES, _gcs_join_tries
+
+    monkeypatch.delenv(GCS_WAIT_SETTING, raising=False)
+    with _gcs_join_tries(JOIN_TRIES):
+        assert os.environ[GCS_WAIT_SETTING] == str(JOIN_TRIES) and JOIN_TRIES < 20
+    assert GCS_WAIT_SETTING not in os.environ
+    monkeypatch.setenv(GCS_WAIT_SETTING, "60")
+    with _gcs_join_tries(JOIN_TRIES):
+        assert os.environ[GCS_WAIT_SETTING] == "60"
+    assert os.environ[GCS_WAIT_SETTING] == "60"

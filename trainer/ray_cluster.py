@@ -231,7 +231,8 @@ def connect(address: str) -> Iterator[None]:
                                    f"machine; {START_A_CLUSTER}") from None
             raise ClusterError(f"--ray {address}: no Ray cluster answers at that address ({error})") from None
         try:
-            ray.init(address=address, log_to_driver=False, configure_logging=False)
+            with _gcs_join_tries(JOIN_TRIES):
+                ray.init(address=address, log_to_driver=False, configure_logging=False)
         except ConnectionError as error:
             # Something listens there (the check above connected): most often a cluster with token authentication
             # (Ray 2.60) this command sends no token to; Ray says so only in a log line above its error.
@@ -265,6 +266,26 @@ def _token_of_this_command() -> bool:
         return False  # the user's own token: Ray uses it and writes nothing
     os.environ[RAY_AUTH_TOKEN] = secrets.token_hex(32)  # as Ray's own generator makes them
     return True
+
+
+# Ray tries its first call to a cluster's GCS once a second, 20 times (`RAY_NUM_REDIS_GET_RETRIES`), for a GCS still
+# starting. Here the port has answered already (`_check_answers`), so a refusal is final: a cluster with token
+# authentication and no token sent was said after 20 s of Ray's log lines; 8 tries say it sooner. Ray's own setting
+# for it, `RAY_gcs_server_port_wait_time_s`, wins when the user sets it.
+JOIN_TRIES = 8
+GCS_WAIT_SETTING = "RAY_gcs_server_port_wait_time_s"
+
+
+@contextmanager
+def _gcs_join_tries(tries: int) -> Iterator[None]:
+    if GCS_WAIT_SETTING in os.environ:
+        yield
+        return
+    os.environ[GCS_WAIT_SETTING] = str(tries)
+    try:
+        yield
+    finally:
+        os.environ.pop(GCS_WAIT_SETTING, None)
 
 
 def _check_answers(address: str) -> str | None:
