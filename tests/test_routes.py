@@ -4,6 +4,7 @@ checks of statuses, the one error shape, auth, and that disk work never runs on 
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 
 import pytest
@@ -11,7 +12,7 @@ from starlette.testclient import TestClient
 
 from prompts import default_library
 from slapgen.engine.generator import VideoGenerator
-from slapgen.engine.params import EngineOptions
+from slapgen.engine.params import EngineOptions, GenerationParams
 from slapgen.models.loading import resolve_model
 from slapgen.serving.jobs import JobBoard
 from slapgen.campaign_store import CampaignStore
@@ -138,6 +139,48 @@ def test_job_progress(client):
     assert odd["error"] == "task_id is the id /jobs/submit answered; this one has characters no id has"
 
 
+def _small(engine, adapter: str | None) -> GenerationParams:
+    return GenerationParams.defaults_for(engine.spec, seed=1, num_inference_steps=1, num_frames=5, height=32, width=48,
+                                         adapter=adapter)
+
+
+def test_an_adapter_deleted_or_replaced_is_no_longer_named_loaded(client, engine, adapter_files):
+    """Guards `GET /adapters`' `loaded` and `in_memory`, and `/info`'s `adapter`, naming an adapter deleted or
+    replaced since the last generation (here, or by another replica on the shared folder): the slot still holds
+    its old weights, but a request naming it now runs a new file or is refused. Each is named again only once a
+    generation has run what the folder holds."""
+    def loaded() -> tuple[str | None, str | None, list[str]]:
+        listing = client.get("/adapters").json()
+        return listing["loaded"], client.get("/info").json()["adapter"], listing["in_memory"]
+
+    for name, source in (("f", "c"), ("g", "a")):
+        assert upload(client, name, adapter_files[source].read_bytes()).status_code == 201
+    engine.generate_frames(_small(engine, "f"))
+    assert loaded()[:2] == ("f", "f") and "f" in loaded()[2]
+
+    # Replaced by another replica (an atomic write: a new file, a new modification time).
+    folder = engine.adapters.folder
+    (folder / ".f.tmp").write_bytes(adapter_files["c"].read_bytes())
+    stat = (folder / "f.safetensors").stat()
+    os.utime(folder / ".f.tmp", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    os.replace(folder / ".f.tmp", folder / "f.safetensors")
+    assert loaded()[:2] == (None, None) and "f" not in loaded()[2]
+    swaps = engine.slot.swaps
+    engine.generate_frames(_small(engine, "f"))
+    assert engine.slot.swaps == swaps + 1  # the new file was swapped in
+    assert loaded()[:2] == ("f", "f") and "f" in loaded()[2]
+
+    assert client.delete("/adapters/f", headers=AUTH).status_code == 200
+    assert loaded()[:2] == (None, None) and "f" not in loaded()[2]
+
+    engine.generate_frames(_small(engine, "g"))
+    assert loaded()[:2] == ("g", "g")
+    (folder / "g.safetensors").unlink()  # deleted by another replica: this one's memory still has it
+    assert loaded()[:2] == (None, None) and "g" not in loaded()[2]
+    engine.generate_frames(_small(engine, None))
+    assert loaded()[:2] == (None, None)
+
+
 def test_disk_work_runs_off_the_event_loop(client, engine, adapter_files, monkeypatch):
     """Guards handlers that list, validate, write or delete adapters on the event loop, where one slow
     disk stalls every other request: each such call must run where no event loop is running."""
@@ -153,9 +196,10 @@ def test_disk_work_runs_off_the_event_loop(client, engine, adapter_files, monkey
             return method(*args, **kwargs)
         return wrapped
 
-    for name in ("describe", "add", "remove"):
+    engine.generate_frames(_small(engine, "a"))  # an adapter in effect: listing it stats its file
+    for name in ("describe", "add", "remove", "is_current", "cached_names"):
         monkeypatch.setattr(engine.adapters, name, off_loop(getattr(engine.adapters, name)))
-    assert client.get("/adapters").status_code == 200
+    assert client.get("/adapters").status_code == 200 and client.get("/info").status_code == 200
     assert upload(client, "e", adapter_files["c"].read_bytes()).status_code == 201
     assert client.delete("/adapters/e", headers=AUTH).status_code == 200
     assert on_loop == []

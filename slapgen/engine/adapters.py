@@ -21,7 +21,7 @@ import shlex
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -86,6 +86,9 @@ class LoadedAdapter:
     rank: int
     config: object = field(repr=False)  # peft.LoraConfig, built the way diffusers builds it
     ticft_layout: TicftLayout | None = None  # a TIC-FT adapter: generates from a condition image
+    # The file's modification time when `AdapterStore.get` read it (None: not read from the folder, an upload's
+    # copy): whether the slot still holds what the folder serves under this name (`AdapterStore.is_current`).
+    read_at_mtime_ns: int | None = field(default=None, compare=False, repr=False)
 
     def info(self) -> dict:
         return adapter_info(self.name, self.metadata, self.rank, self.config)
@@ -597,7 +600,7 @@ class AdapterStore:
                                    "may be", field="adapter")
         except OSError as error:  # deleted between the lookup and the read, or unreadable: this adapter's problem
             raise unreadable(name, error) from None
-        adapter = parse_adapter(name, data, self.target)
+        adapter = replace(parse_adapter(name, data, self.target), read_at_mtime_ns=status.st_mtime_ns)
         with self._lock:
             self._cache[name] = (status.st_mtime_ns, adapter)
             self._cache.move_to_end(name)
@@ -610,8 +613,23 @@ class AdapterStore:
         return self.get(name).ticft_layout
 
     def cached_names(self) -> list[str]:
+        """The adapters in memory that are still what the folder holds under their names: one deleted or replaced
+        since, here or by another replica on the shared folder, is not listed (its next request reads the file)."""
         with self._lock:
-            return list(self._cache)
+            cached = [adapter for _, adapter in self._cache.values()]
+        return [adapter.name for adapter in cached if self.is_current(adapter)]
+
+    def is_current(self, adapter: LoadedAdapter) -> bool:
+        """Whether `adapter` is what a request naming it would run now: its file is still there, unchanged since
+        `get` read it. An adapter deleted or replaced (here, or by another replica on a shared folder) is not:
+        `GET /adapters` and `/info` named a deleted adapter as loaded until the next generation."""
+        if adapter.read_at_mtime_ns is None:
+            return False
+        try:
+            path = weights_path(self.folder, adapter.name)
+            return path is not None and path.stat().st_mtime_ns == adapter.read_at_mtime_ns
+        except (AdapterError, OSError):  # unreadable now, or deleted between the lookup and the stat
+            return False
 
     def describe(self) -> list[dict]:
         """Every adapter from its file header alone: listing never loads tensors or evicts the LRU."""

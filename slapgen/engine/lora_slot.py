@@ -52,6 +52,11 @@ class LoraSlot:
         self._scale = 0.0
         self._set_scale(0.0)
 
+    @property
+    def in_effect(self) -> LoadedAdapter | None:
+        """The adapter whose weights the slot holds and uses (None: the base model)."""
+        return self._loaded if self.active is not None else None
+
     def activate(self, adapter: LoadedAdapter | None, scale: float = 1.0) -> None:
         """Put `adapter` (None: the base model) in effect at `scale`. Call only between generations.
 

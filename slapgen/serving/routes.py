@@ -66,18 +66,22 @@ def build_routes(
 
     async def info(request: Request) -> JSONResponse:
         running = generator()
-        return JSONResponse({**running.info(), "limits": request_limits(running.spec), "worker_pid": os.getpid(),
+        described = await run_in_threadpool(running.info)  # stats the adapter in effect's file
+        return JSONResponse({**described, "limits": request_limits(running.spec), "worker_pid": os.getpid(),
                              "worker_peak_memory_gib": round(peak_resident_bytes() / 2**30, 3)})
 
     async def list_adapters(request: Request) -> JSONResponse:
         running = generator()
-        described = await run_in_threadpool(running.adapters.describe)
-        return JSONResponse({
-            "adapters": described,
-            "loaded": running.slot.active,
-            "in_memory": running.adapters.cached_names(),
-            "max_rank": running.adapters.target.max_rank,
-        })
+
+        def listing() -> dict:
+            return {
+                "adapters": running.adapters.describe(),
+                "loaded": running.adapter_in_effect(),
+                "in_memory": running.adapters.cached_names(),
+                "max_rank": running.adapters.target.max_rank,
+            }
+
+        return JSONResponse(await run_in_threadpool(listing))
 
     async def upload_adapter(request: Request) -> JSONResponse:
         if (denied := authorised(request)) is not None:
