@@ -36,7 +36,7 @@ from slapgen.serving.http_errors import describe_error, error_response, quiet_cl
 from slapgen.serving.job_routes import ADMISSION_KEY, SEED_KEY, JobRoutes
 from slapgen.serving.openapi import ApiDocument
 from slapgen.campaign_store import CAMPAIGNS_FILE, CampaignStore
-from slapgen.serving.ratings import RatingStore
+from slapgen.serving.ratings import RATINGS_FILE, RatingStore
 from slapgen.serving.jobs import JobBoard
 from slapgen.serving.load_metric import forget_dead_workers, generations_in_flight_reporter
 from slapgen.serving.metric_labels import EndpointLabels, install as install_metric_labels
@@ -75,7 +75,7 @@ job_board = StoreOnFirstUse(JOB_BOARD, settings.store_database(settings.cache_di
                                                    lease_s=settings.job_lease_s,
                                                    stalled_after_s=settings.request_timeout_s))
 # The studio's ratings outlive restarts and are shared by every worker.
-rating_store = StoreOnFirstUse("the studio's ratings", settings.store_database(settings.data_dir / "ratings.sqlite"),
+rating_store = StoreOnFirstUse("the studio's ratings", settings.store_database(settings.data_dir / RATINGS_FILE),
                                "SLAP_DATA_DIR", RatingStore)
 campaign_store = StoreOnFirstUse("the rating campaigns", settings.store_database(settings.data_dir / CAMPAIGNS_FILE),
                                  "SLAP_DATA_DIR", lambda where: CampaignStore(settings.data_dir, settings.database_url))

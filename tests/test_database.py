@@ -235,6 +235,36 @@ def test_each_models_summary_is_of_its_own_ratings_and_counts_the_others_apart(d
     assert [row["model"] for row in shared.all()] == ["tiny"] * 3 + ["tiny-wan"] * 3 + [None] * 2
 
 
+def test_ratings_without_a_model_are_assigned_theirs_and_every_summary_sees_it(database_url):
+    """Guards ratings stored before ratings recorded their model staying out of every summary after an upgrade (an
+    upgrade must never lose ratings), and a summary cached by a running server hiding the assignment: its stamp was
+    (count, newest id), which an assignment leaves as they were. `assign_model` gives the unrecorded ones a model
+    (or moves a model's, to mend a mistake); every store's next summary is `summarise` of the model's rows then."""
+    from slapgen.serving.ratings import ratings, summarise
+    from sqlalchemy import insert
+
+    server, cli = RatingStore(database_url), RatingStore(database_url)
+    server.add([_rating("ana", "overall"), _rating("ana", "motion_accuracy", "tie")], "tiny")
+    with server._engine.begin() as db:  # three verdicts from before ratings recorded their model
+        db.execute(insert(ratings).values([{**_rating(rater, "overall", "right"), "model": None}
+                                           for rater in ("old1", "old2", "old3")]))
+    assert server.summary("tiny")["ratings"] == 2 and server.summary("tiny")["other_models"] == [
+        {"model": None, "ratings": 3}]
+    assert cli.model_counts() == [("tiny", 2), (None, 3)]
+
+    assert cli.assign_model("tiny") == 3 and cli.assign_model("tiny") == 0  # once: then none is unrecorded
+    summary = server.summary("tiny")
+    assert summary == {"model": "tiny", **summarise(server.all()), "other_models": []}
+    assert (summary["ratings"], summary["rated_pairs"]) == (5, 4)
+    assert [(row["wins"], row["ties"], row["losses"]) for row in summary["pairs"] if row["criterion"] == "overall"] == [
+        (1, 0, 3)]
+
+    assert cli.assign_model("tiny-wan", "tiny") == 5  # a mistake mended: every tiny rating moves
+    assert server.summary("tiny") == {"model": "tiny", **summarise([]), "other_models": [{"model": "tiny-wan",
+                                                                                          "ratings": 5}]}
+    assert server.summary("tiny-wan")["ratings"] == 5 and cli.model_counts() == [("tiny-wan", 5)]
+
+
 def test_without_postgresql_its_tests_skip_with_one_reason_unless_ci_requires_it(monkeypatch):
     """Guards a missing PostgreSQL that errors every parametrised test with a traceback, or that CI would
     skip silently: without Debian's binaries the tests skip with one sentence saying what to install, and

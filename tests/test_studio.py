@@ -490,7 +490,8 @@ def test_the_summary_counts_pairs_warns_on_small_samples_and_fits_a_phone(browse
     assert page.inner_text("#summary-count") == f"tiny: {pairs} pairs rated on 4 criteria."
     assert page.inner_text("#summary-other-models") == (
         "Not counted above (not tiny's): 4 verdicts of tiny-wan; 3 verdicts stored before ratings recorded their "
-        "model. ratings.csv has every rating with its model.")
+        "model (if tiny made them, `slapgen ratings assign-model tiny` counts them here). ratings.csv has every rating "
+        "with its model.")
     warning = page.inner_text("#summary-warning")
     assert page.is_visible("#summary-warning") and "Small sample" in warning and "base vs powerslap@0.5" in warning
     assert "powerslap@0.25" not in warning

@@ -353,6 +353,26 @@ def cmd_campaign_delete(args) -> int:
     return 0
 
 
+def cmd_ratings_list(args) -> int:
+    from slapgen.serving.settings import load_settings
+    from trainer.ratings import rating_model_lines
+
+    settings = load_settings()  # the store the service writes
+    lines, where = rating_model_lines(settings), settings.where_ratings_are()
+    print(f"ratings in {where}, per model:" if lines else f"no ratings in {where}")
+    for line in lines:
+        print(f"  {line}")
+    return 0
+
+
+def cmd_ratings_assign_model(args) -> int:
+    from slapgen.serving.settings import load_settings
+    from trainer.ratings import assign_ratings_model
+
+    print(assign_ratings_model(load_settings(), args.model, args.recorded))
+    return 0
+
+
 def cmd_config(args) -> int:
     from trainer.config import load_config
 
@@ -542,6 +562,18 @@ def build_parser() -> argparse.ArgumentParser:
     remove.add_argument("name", help="the campaign (`slapgen campaign list` lists them)")
     remove.add_argument("--yes", action="store_true", help="delete it even though it has ratings (they are lost)")
     remove.set_defaults(run=cmd_campaign_delete)
+
+    rat = commands.add_parser("ratings", help="the web studio's ratings in the service's data store, by model")
+    rat_commands = rat.add_subparsers(dest="ratings_command", required=True)
+    rat_commands.add_parser("list", help="verdicts per model, and those with no model recorded (stored before "
+                                         "ratings recorded their model)").set_defaults(run=cmd_ratings_list)
+    assign = rat_commands.add_parser("assign-model", help="give the ratings with no model recorded the model that made "
+                                                          "them, so that its server's summary counts them")
+    assign.add_argument("model", help="the model's name as its server's /info gives it (`model`), e.g. tiny or "
+                                      "THUDM/CogVideoX-5b")
+    assign.add_argument("--from", dest="recorded", metavar="MODEL",
+                        help="assign the ratings recorded as this model instead (to mend a mistaken assignment)")
+    assign.set_defaults(run=cmd_ratings_assign_model)
 
     cfg = commands.add_parser("config", help="print a preset or config file with every field documented")
     cfg.add_argument("preset", nargs="?", help="preset name or YAML file (default: built-in defaults)")

@@ -13,7 +13,8 @@ the pair's first system (names sorted), and the bootstrap resamples prompts.
 
 Each rating records the model that made its videos (`model`, as /info names it): servers of two models can
 share one store, and a summary is of one model's ratings (tiny-wan's `base` is not tiny's). Ratings of
-other models, and those written before ratings recorded their model, are counted apart, never mixed in.
+other models, and those written before ratings recorded their model, are counted apart, never mixed in;
+`slapgen ratings assign-model` gives the latter the model that made them (`assign_model`).
 """
 
 from __future__ import annotations
@@ -23,12 +24,13 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from sqlalchemy import BigInteger, Column, Double, Integer, MetaData, Table, Text, func, insert, select
+from sqlalchemy import BigInteger, Column, Double, Integer, MetaData, Table, Text, func, insert, select, update
 
 from slapgen.database import open_store
 from slapgen.csv_cells import inert_csv
 from slapgen.evaluation.stats import LOSS, TIE, WIN, Comparison, win_rate
 
+RATINGS_FILE = "ratings.sqlite"  # in SLAP_DATA_DIR, when SLAP_DATABASE_URL is unset
 CRITERIA = ("motion_accuracy", "impact_realism", "prompt_adherence", "overall")
 CHOICES = ("left", "right", "tie")
 # Below this many rated prompts a pair's bootstrap interval says little (with one prompt it is a single
@@ -58,11 +60,11 @@ class RatingStore:
     def __init__(self, where: Path | str):
         self._lock = threading.Lock()
         self._engine = open_store(where, "ratings")
-        # Each model's last summary with the (count, newest id) of the ratings it read: ratings are only ever added,
-        # so an equal pair is the same ratings. Each GET /ratings/summary computed it again (10 s and 3 GB for 20,000
-        # rated prompts, any number of clients at once; a review's find); one computes, the others wait for it.
+        # Each model's last summary with the stamp (`_stamp`) of the ratings it read. Each GET /ratings/summary
+        # computed it again (10 s and 3 GB for 20,000 rated prompts, any number of clients at once; a review's
+        # find); one computes, the others wait for it.
         self._summary_lock = threading.Lock()
-        self._summaries: dict[str, tuple[tuple[int, int | None], dict]] = {}  # per model
+        self._summaries: dict[str, tuple[Stamp, dict]] = {}  # per model
 
     def add(self, rows: list[dict], model: str) -> list[int]:
         """Store the ratings of one submission (one per criterion) of videos `model` made, all or nothing;
@@ -89,7 +91,7 @@ class RatingStore:
             if cached is not None and cached[0] == self._stamp():  # two numbers, not every row, to learn nothing changed
                 return cached[1]
             rows = self.all()
-            stamp = (len(rows), rows[-1]["id"] if rows else None)  # of the rows read, ordered by id
+            stamp = _stamp_of(rows)  # of the rows read, not the query's above: a rating added between is never hidden
             if cached is None or cached[0] != stamp:
                 left_out = Counter(row["model"] for row in rows if row["model"] != model)
                 cached = (stamp, {"model": model, **summarise([row for row in rows if row["model"] == model]),
@@ -99,14 +101,37 @@ class RatingStore:
             return cached[1]
 
 
-    def _stamp(self) -> tuple[int, int | None]:
-        """(count, newest id) of every rating: ratings are only ever added, so an equal pair is the same ratings."""
+    def _stamp(self) -> Stamp:
+        """The ratings' stamp (`Stamp`) from one grouped count, without reading every row."""
         with self._engine.connect() as db:
-            count, newest = db.execute(select(func.count(), func.max(ratings.c.id))).one()
-        return int(count), newest
+            counted = db.execute(select(ratings.c.model, func.count(), func.max(ratings.c.id)).group_by(ratings.c.model))
+            return tuple(sorted(((model, int(count), newest) for model, count, newest in counted), key=_named_first))
+
+    def model_counts(self) -> list[tuple[str | None, int]]:
+        """Verdicts per model, by name, then those stored before ratings recorded their model (None)."""
+        return sorted(((model, count) for model, count, _ in self._stamp()), key=_named_first)
+
+    def assign_model(self, model: str, recorded: str | None = None) -> int:
+        """Record `model` as the model of the ratings recorded as `recorded` (None: those stored before ratings
+        recorded their model, which no summary counts until then); returns how many changed."""
+        where = ratings.c.model.is_(None) if recorded is None else ratings.c.model == recorded
+        with self._lock, self._engine.begin() as db:
+            return db.execute(update(ratings).where(where).values(model=model)).rowcount
 
 
-def _named_first(item: tuple[str | None, int]) -> tuple[bool, str]:
+# Per model (None: not recorded), sorted: (model, ratings, newest id). Ratings are only added, or moved to another
+# model (`assign_model`), so an equal stamp is the same ratings: a move changes two models' counts or ids.
+Stamp = tuple[tuple[str | None, int, int], ...]
+
+
+def _stamp_of(rows: list[dict]) -> Stamp:
+    """`RatingStore._stamp` of `rows` (`RatingStore.all`'s, ordered by id)."""
+    counts: Counter = Counter(row["model"] for row in rows)
+    newest = {row["model"]: row["id"] for row in rows}  # the last row of each model has its largest id
+    return tuple(sorted(((model, count, newest[model]) for model, count in counts.items()), key=_named_first))
+
+
+def _named_first(item: tuple) -> tuple[bool, str]:
     """Other models by name, then the ratings written before ratings recorded their model (None)."""
     return item[0] is None, item[0] or ""
 

@@ -173,11 +173,21 @@ class SlapSettings(BaseSettings):
         """The campaigns' store, as `slapgen campaign` names it in every line: a shell without the replicas'
         SLAP_DATABASE_URL wrote a campaign into a SQLite file no replica reads, and said only the data folder."""
         from slapgen.campaign_store import CAMPAIGNS_FILE
+
+        return self._where_store_is(CAMPAIGNS_FILE)
+
+    def where_ratings_are(self) -> str:
+        """The studio's ratings store, as `slapgen ratings` names it (`where_campaigns_are`'s reason)."""
+        from slapgen.serving.ratings import RATINGS_FILE
+
+        return self._where_store_is(RATINGS_FILE)
+
+    def _where_store_is(self, sqlite_file: str) -> str:
         from slapgen.database import shown_url
 
         if self.database_url:
             return shown_url(self.database_url)
-        return f"{(self.data_dir / CAMPAIGNS_FILE).absolute()} {DATABASE_URL_UNSET}"
+        return f"{(self.data_dir / sqlite_file).absolute()} {DATABASE_URL_UNSET}"
 
     def where_state_is(self) -> str:
         """Which database and results folder the service uses, for its start-up line: replicas that do not share

@@ -758,7 +758,8 @@ function smallSampleText(summary) {
 // store shared with a server of another model, or ratings stored before ratings named their model, never look lost.
 function otherModelsText(summary) {
   const parts = summary.other_models.map(({ model, ratings }) => model === null
-    ? `${plural(ratings, "verdict", "verdicts")} stored before ratings recorded their model`
+    ? `${plural(ratings, "verdict", "verdicts")} stored before ratings recorded their model (if ${summary.model} ` +
+      `made them, \`slapgen ratings assign-model ${summary.model}\` counts them here)`
     : `${plural(ratings, "verdict", "verdicts")} of ${model}`);
   return parts.length ? `Not counted above (not ${summary.model}'s): ${parts.join("; ")}. ratings.csv has every rating ` +
     `with its model.` : "";
