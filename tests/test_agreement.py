@@ -173,3 +173,25 @@ def test_the_metric_summary_says_a_metric_clearly_against_the_raters():
         "video they did not in 100% of 48 verdicts (95% interval 100% to 100%); fvd_i3d prefers the video they did "
         "not in 80% of 48 verdicts (95% interval 70% to 90%); the raters prefer what these metrics penalise, so do "
         "not pick by them.")
+
+
+def test_a_campaign_with_fewer_prompts_than_separation_needs_says_only_its_budget_ends_it():
+    """Guards the leaderboard of a campaign made from 4 prompts reading "separating the top system from the second
+    needs at least 5" (a walk-through's find): read as "rate more", though no fifth prompt exists, so only the budget
+    can end it. Given the campaign's prompts, the sentence says so; without them (or with enough) it is as before."""
+    from slapgen.evaluation.leaderboard import criterion_board
+    from slapgen.evaluation.ranking import MIN_SEPARATION_PROMPTS
+
+    verdicts = [Verdict("a", "b", LEFT, f"p{k}", 0, "ana") for k in range(3)]
+
+    def why(campaign_prompts):
+        return criterion_board(verdicts, [], ["a", "b"], 10, {}, {}, {}, resamples=50,
+                               campaign_prompts=campaign_prompts)["why"]
+
+    before = ("not yet: verdicts on 3 prompts, and separating the top system from the second needs at least "
+              f"{MIN_SEPARATION_PROMPTS}; 7 ratings left in the budget")
+    assert why(None) == before and why(MIN_SEPARATION_PROMPTS) == before
+    assert why(MIN_SEPARATION_PROMPTS - 1) == (
+        f"not yet, and only the budget can end it: the campaign has {MIN_SEPARATION_PROMPTS - 1} prompts, and "
+        f"separating the top system from the second needs at least {MIN_SEPARATION_PROMPTS}; 7 ratings left in the "
+        "budget")

@@ -19,6 +19,7 @@ from slapgen.errors import CampaignConflictError, CampaignError, CampaignNotFoun
 from slapgen.serving.campaign_routes import campaign_routes
 from slapgen.campaign_store import CampaignStore, DeletedCampaign
 from slapgen.video import read_mp4, write_mp4
+from slapgen.evaluation.ranking import MIN_SEPARATION_PROMPTS
 from trainer.campaign import comparable_metrics, plan_campaign
 from trainer.cli import main
 
@@ -276,7 +277,13 @@ def test_cli_lists_and_deletes_campaigns(monkeypatch, tmp_path, capsys, eval_dir
     assert capsys.readouterr().err == (f"slapgen campaign: no campaign named 'nope' in {sqlite_file}; `slapgen campaign "
                                        "list` lists them\n")
     assert main(["campaign", "create", "local", "--from", str(eval_dir)]) == 0  # the URL forgotten in this shell
-    assert capsys.readouterr().out.endswith(f" ratings, in {sqlite_file}\n")
+    created = capsys.readouterr().out.splitlines()
+    assert created[0].endswith(f" ratings, in {sqlite_file}")
+    # eval_dir has 3 prompts: fewer than the leaderboard's separation needs, said once, here.
+    assert created[1:] == [
+        f"note: 3 prompts: the leaderboard can never call the top system separated from the second (that needs "
+        f"verdicts on at least {MIN_SEPARATION_PROMPTS} prompts), so the campaign ends only on its budget of 18 ratings; "
+        "eval on more held-out clips for a campaign that can"]
     assert main(["campaign", "list"]) == 0
     assert capsys.readouterr().out.splitlines()[0] == f"campaigns in {sqlite_file}:"
     assert main(["campaign", "delete", "local"]) == 0
@@ -285,7 +292,7 @@ def test_cli_lists_and_deletes_campaigns(monkeypatch, tmp_path, capsys, eval_dir
     monkeypatch.setenv("SLAP_DATABASE_URL", database_url)
     assert main(["campaign", "create", "rated", "--from", str(eval_dir), "--budget", "5"]) == 0
     store_url = shown_url(load_settings().database_url)  # as the service names it (postgresql+psycopg://...)
-    assert capsys.readouterr().out.endswith(f" ratings, in {store_url}\n")
+    assert capsys.readouterr().out.splitlines()[0].endswith(f" ratings, in {store_url}")
     assert main(["campaign", "create", "typo", "--from", str(eval_dir), "--systems", "base,lora_b"]) == 0
     store = CampaignStore(data, database_url)
     for rater, item in (("ana", 0), ("ben", 1), ("ana", 2)):
@@ -456,6 +463,9 @@ def test_leaderboard_with_a_metric_equal_for_every_system_is_valid_json(tmp_path
     assert response.status_code == 200, response.text
     flat = response.json()["criteria"]["overall"]["metrics"]["flat"]
     assert flat["kendall_tau"] is None and flat["agreement"]["metric_ties"] == 1 and flat["agreement"]["rate"] is None
+    # The route gives the leaderboard the campaign's prompts: 3 here, so only the budget can end it.
+    assert response.json()["criteria"]["overall"]["why"].startswith(
+        "not yet, and only the budget can end it: the campaign has 3 prompts")
 
 
 def test_checkpoint_systems_keep_their_eval_names(tmp_path):

@@ -223,6 +223,19 @@ def _existing_store(data_dir: Path, database: str | None):
     return CampaignStore(data_dir, database)
 
 
+def few_prompts_sentence(items: list, budget: int) -> str | None:
+    """What `campaign create` says of a campaign whose prompts are too few for its leaderboard ever to separate the
+    top system from the second (`MIN_SEPARATION_PROMPTS`): it then ends only on its budget. None otherwise."""
+    from slapgen.evaluation.ranking import MIN_SEPARATION_PROMPTS
+
+    prompts = len({item.prompt_index for item in items})
+    if prompts >= MIN_SEPARATION_PROMPTS:
+        return None
+    return (f"note: {prompts} prompt{'s' * (prompts != 1)}: the leaderboard can never call the top system separated "
+            f"from the second (that needs verdicts on at least {MIN_SEPARATION_PROMPTS} prompts), so the campaign ends "
+            f"only on its budget of {budget} ratings; eval on more held-out clips for a campaign that can")
+
+
 def campaign_lines(data_dir: Path, database: str | None = None) -> list[str]:
     """`slapgen campaign list`: a line per campaign (name, systems, ratings so far of its budget, raters); none
     when there is none."""

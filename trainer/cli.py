@@ -306,7 +306,7 @@ def cmd_caption(args) -> int:
 def cmd_campaign_create(args) -> int:
     from slapgen.evaluation.leaderboard import left_out_sentences
     from slapgen.serving.settings import load_settings
-    from trainer.campaign import create_campaign
+    from trainer.campaign import create_campaign, few_prompts_sentence
 
     def names(text):
         return None if text is None else [part.strip() for part in text.split(",") if part.strip()]
@@ -320,6 +320,8 @@ def cmd_campaign_create(args) -> int:
           f"{campaign.budget} ratings, in {settings.where_campaigns_are()}")
     for sentence in left_out_sentences(campaign.metrics_left_out):  # said now, not first on the leaderboard
         print(sentence)
+    if few := few_prompts_sentence(campaign.items, campaign.budget):
+        print(few)
     return 0
 
 

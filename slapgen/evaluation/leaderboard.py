@@ -22,12 +22,13 @@ def criterion_board(verdicts: Sequence[Verdict], repeats: Sequence[Verdict], sys
                     system_scores: Mapping[str, Mapping[str, float]],
                     video_scores: Mapping[str, Mapping[tuple[str, str, int], float]],
                     resamples: int = 1000, metrics_left_out: Mapping[str, str] | None = None,
-                    adapters: Mapping[str, str | None] | None = None) -> dict:
+                    adapters: Mapping[str, str | None] | None = None, campaign_prompts: int | None = None) -> dict:
     """One criterion's leaderboard. `verdicts` rank the systems; `repeats` (pairs shown again to the
     same rater) only measure consistency. `system_scores`: system -> metric -> value; `video_scores`:
     metric -> (system, prompt, seed) -> value; `metrics_left_out`: metric -> the sentence why it is not
     compared (its definition differs between the systems), said after the metric summary; `adapters`: system ->
-    its LoRA file (None: the base model; a system missing: not recorded), named for the winner."""
+    its LoRA file (None: the base model; a system missing: not recorded), named for the winner; `campaign_prompts`: the
+    prompts the campaign has (None: not known), so that one with fewer than separation needs says it ends on its budget."""
     metrics_left_out = dict(metrics_left_out or {})
     ranking = rank_systems(verdicts, systems, resamples=resamples)
     stop = stopping(ranking, budget)
@@ -48,7 +49,7 @@ def criterion_board(verdicts: Sequence[Verdict], repeats: Sequence[Verdict], sys
         "budget": budget,
         "done": stop.done,
         "reason": stop.reason,
-        "why": _why(stop, ranking.top_beats_second, budget, ranking.ratings, ranking.prompts),
+        "why": _why(stop, ranking.top_beats_second, budget, ranking.ratings, ranking.prompts, campaign_prompts),
         "winner": (winner(ranking.standings[0].system, adapters or {},
                           runner_up=None if stop.reason == "separated" else ranking.standings[1].system)
                    if stop.done and ranking.standings else None),
@@ -87,7 +88,8 @@ def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _why(stop: Stop, top_beats_second: float, budget: int | None, ratings: int, prompts: int) -> str:
+def _why(stop: Stop, top_beats_second: float, budget: int | None, ratings: int, prompts: int,
+         campaign_prompts: int | None = None) -> str:
     share = f"{top_beats_second:.0%} of bootstrap resamples"
     if stop.reason == "separated":
         return f"the top system beats the second in {share} (at least 95%)"
@@ -98,6 +100,11 @@ def _why(stop: Stop, top_beats_second: float, budget: int | None, ratings: int, 
                     f"separate the top system from the second (at least {MIN_SEPARATION_PROMPTS})")
         return f"the budget of {budget} ratings is reached; the top system beats the second in only {share}"
     left = f"; {budget - ratings} ratings left in the budget" if budget is not None else ""
+    if few and campaign_prompts is not None and campaign_prompts < MIN_SEPARATION_PROMPTS:
+        # "needs at least 5" read as "rate more", on a campaign that has no fifth prompt (a walk-through's find).
+        return (f"not yet, and only the budget can end it: the campaign has {campaign_prompts} "
+                f"prompt{'s' * (campaign_prompts != 1)}, and separating the top system from the second needs at least "
+                f"{MIN_SEPARATION_PROMPTS}{left}")
     if few:
         return (f"not yet: verdicts on {prompts} prompt{'s' * (prompts != 1)}, and separating the top system from "
                 f"the second needs at least {MIN_SEPARATION_PROMPTS}{left}")

@@ -83,7 +83,8 @@ def campaign_routes(store: CampaignStore, repeat_share: float = REPEAT_SHARE) ->
             criteria[criterion] = criterion_board(ranked, repeats, campaign.systems, campaign.budget,
                                                   campaign.metric_directions, campaign.system_scores, video_scores,
                                                   metrics_left_out=campaign.metrics_left_out,
-                                                  adapters=campaign.adapters)
+                                                  adapters=campaign.adapters,
+                                                  campaign_prompts=len({item.prompt_index for item in campaign.items}))
         return {"campaign": name, "systems": campaign.systems, "items": len(campaign.items),
                 "raters": sorted({row["rater"] for row in rows}), "criteria": criteria}
 
