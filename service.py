@@ -30,6 +30,7 @@ from slapgen.errors import GenerationCancelledError, SlapgenError
 from slapgen.lifetime import die_with_parent, on_stop_signal, stopped_at_once_by_signals
 from slapgen.models.loading import resolve_model
 from slapgen.serving.body_limit import GENERATION_BODY_LIMIT, BodySizeLimit
+from slapgen.serving.clients import client_of
 from slapgen.serving.concurrency import ConcurrencyLimit
 from slapgen.serving.error_shape import OneErrorShape
 from slapgen.serving.http_errors import describe_error, error_response, quiet_client_errors, status_for
@@ -214,7 +215,8 @@ class SlapGen:
         try:
             params = _resolve(request, self.generator)
             ctx.response.headers[SEED_HEADER] = str(params.seed)
-            video = self.generator.generate_mp4(params, Path(ctx.temp_dir) / "video.mp4", deadline=_deadline())
+            video = self.generator.generate_mp4(params, Path(ctx.temp_dir) / "video.mp4", deadline=_deadline(),
+                                                admission=_admit(ctx.request.scope))
         except SlapgenError as error:
             return _answer_error(ctx, error)
         # What of the prompt the model read: the pipeline cut a longer one, which the client would not hear of. Set
@@ -240,7 +242,7 @@ class SlapGen:
             path = self.generator.generate_mp4(
                 params, Path(ctx.temp_dir) / "video.mp4", on_step=lambda k, n: job_board.step(task_id, k, n),
                 deadline=None if submitted else _deadline(), cancelled=lambda: job_board.stop_requested(task_id),
-                admission=getattr(ctx.request.state, ADMISSION_KEY, None),
+                admission=getattr(ctx.request.state, ADMISSION_KEY, None) or _admit(ctx.request.scope),
                 on_start=lambda: job_board.step(task_id, 0, params.num_inference_steps),  # running from here
             )
             video = path.read_bytes()
@@ -283,6 +285,11 @@ def _check_job(request: GenerateRequest):
     return _resolve(request, bentoml.get_current_service().generator)
 
 
+def _admit(scope: dict):
+    """A place in the engine's queue for the client of the request `scope` (SLAP_MAX_QUEUE_PER_CLIENT's share)."""
+    return bentoml.get_current_service().generator.admit(client_of(scope, settings.client_header))
+
+
 # Outermost first: every error answer in slapgen's shape (and a 500 for any exception inside), bound the
 # body (and the time it takes to arrive), bound the requests in flight, refuse form bodies on JSON routes
 # (BentoML's form parser 500s on a malformed one), check `@api` bodies against their models with slapgen's
@@ -294,7 +301,7 @@ SlapGen.add_asgi_middleware(ConcurrencyLimit, limit=(settings.max_queue + 64) * 
 SlapGen.add_asgi_middleware(JsonBodiesOnly)
 SlapGen.add_asgi_middleware(CheckedBodies, models={api.route: api.input_spec for api in SlapGen.apis.values()},
                             limit=GENERATION_BODY_LIMIT)
-SlapGen.add_asgi_middleware(JobRoutes, check=_check_job, admit=lambda: bentoml.get_current_service().generator.admit(),
+SlapGen.add_asgi_middleware(JobRoutes, check=_check_job, admit=_admit,
                              board=job_board, results=job_results,
                              prompt_tokens=lambda text: bentoml.get_current_service().generator.prompt_tokens.count(text))
 SlapGen.add_asgi_middleware(ApiDocument, spec=lambda: SlapGen.openapi_spec.asdict(), version=version("slapgen"))

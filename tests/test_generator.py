@@ -80,6 +80,82 @@ def test_a_watcher_that_fails_costs_no_place(caplog):
     assert "reporting the generation queue's length failed" in caplog.text
 
 
+def test_one_client_holds_at_most_its_share_of_the_queue():
+    """Guards one client taking every place (a script submitting jobs in a loop) so that every other client got a
+    429: with `per_client` 2 of 4 places, a client's third admission is refused with the sentence why, other
+    clients and unnamed callers (the CLI's) are admitted, a released place (a double release counts once) is the
+    client's again, and a client that holds nothing is forgotten."""
+    queue = GenerationQueue(limit=4, per_client=2)
+    first, second = queue.admit(client="a"), queue.admit(client="a")
+    with pytest.raises(QueueFullError) as refused:
+        queue.admit(retry_after=7, client="a")
+    assert str(refused.value) == ("this client already holds 2 generations running or waiting, the most one client "
+                                  "may hold here; try again when one ends")
+    assert refused.value.retry_after == 7 and queue.admitted == 2  # the refusal took no place
+    other, unnamed = queue.admit(client="b"), queue.admit()
+    assert queue.admitted == 4
+    with pytest.raises(QueueFullError, match="4 generations are running or waiting"):  # the whole queue first
+        queue.admit(client="c")
+    second.release()
+    second.release()
+    again = queue.admit(client="a")
+    unnamed.release()  # a place free: what refuses a now is its share
+    with pytest.raises(QueueFullError, match="already holds 2"):
+        queue.admit(client="a")
+    for admission in (first, again, other):
+        admission.release()
+    assert queue.admitted == 0 and not queue._held_by
+    without = GenerationQueue(limit=3)  # no per-client limit: one client may take every place
+    assert [without.admit(client="a") for _ in range(3)] and without.admitted == 3
+
+
+def test_the_per_client_settings_reach_the_engine_and_unused_ones_are_said(monkeypatch):
+    """Guards SLAP_MAX_QUEUE_PER_CLIENT not reaching the engine, a header name no request could carry accepted, and
+    settings that change nothing passing silently: a share not below SLAP_MAX_QUEUE, a header without a share."""
+    from slapgen.errors import SettingsError
+    from slapgen.serving.settings import load_settings
+
+    monkeypatch.setenv("SLAP_DEVICE", "cpu")
+    monkeypatch.setenv("SLAP_MAX_QUEUE", "8")
+    monkeypatch.setenv("SLAP_MAX_QUEUE_PER_CLIENT", "2")
+    monkeypatch.setenv("SLAP_CLIENT_HEADER", "X-Real-IP")
+    settings = load_settings()
+    assert (settings.engine_options().max_queue, settings.engine_options().max_queue_per_client) == (8, 2)
+    assert settings.ineffective() == []
+    monkeypatch.setenv("SLAP_MAX_QUEUE_PER_CLIENT", "8")
+    assert load_settings().ineffective() == ["SLAP_MAX_QUEUE_PER_CLIENT=8 is not used: it is not below "
+                                             "SLAP_MAX_QUEUE=8, which every client shares"]
+    monkeypatch.delenv("SLAP_MAX_QUEUE_PER_CLIENT")
+    assert load_settings().ineffective() == ["SLAP_CLIENT_HEADER=X-Real-IP is not used: it tells clients apart for "
+                                             "SLAP_MAX_QUEUE_PER_CLIENT, which is unset"]
+    assert load_settings().engine_options().max_queue_per_client is None
+    monkeypatch.setenv("SLAP_CLIENT_HEADER", "X Real IP")
+    with pytest.raises(SettingsError, match="SLAP_CLIENT_HEADER"):
+        load_settings()
+
+
+@pytest.mark.parametrize("header, headers, peer, client", [
+    (None, {}, ("10.0.0.5", 4000), "address:10.0.0.5"),
+    (None, {"X-Real-IP": "1.2.3.4"}, ("10.0.0.5", 4000), "address:10.0.0.5"),  # a header nobody named counts for nothing
+    ("X-Real-IP", {"X-Real-IP": " 1.2.3.4 "}, ("10.0.0.5", 4000), "x-real-ip:1.2.3.4"),
+    ("X-Forwarded-For", {"X-Forwarded-For": "6.6.6.6, 1.2.3.4"}, ("10.0.0.5", 4000), "x-forwarded-for:1.2.3.4"),
+    ("X-Forwarded-For", {"X-Forwarded-For": "1.2.3.4,"}, ("10.0.0.5", 4000), "address:10.0.0.5"),
+    ("X-Real-IP", {}, ("10.0.0.5", 4000), "address:10.0.0.5"),
+    ("X-Real-IP", {}, None, "unknown"),
+    ("X-Client", {"X-Client": "x" * 5000}, None, "x-client:" + "x" * 200),
+])
+def test_a_client_is_named_by_the_proxys_header_else_its_address(header, headers, peer, client):
+    """Guards the per-client share being evaded or misapplied: behind a proxy every request has the proxy's address,
+    so SLAP_CLIENT_HEADER names the client; of a list (X-Forwarded-For) only the last entry, the one the proxy added,
+    counts (the entries before it are the client's to forge); without the header, the address; a huge value is cut,
+    never a key of any size; a header's value never equals an address's."""
+    from slapgen.serving.clients import client_of
+
+    scope = {"type": "http", "headers": [(key.lower().encode(), value.encode()) for key, value in headers.items()],
+             "client": peer}
+    assert client_of(scope, header) == client
+
+
 def test_concurrent_requests_for_different_adapters_match_serial_results(tiny_cache_dir, adapter_files, tmp_path):
     adapters = tmp_path / "adapters"
     adapters.mkdir()

@@ -117,6 +117,52 @@ def test_submit_answers_429_with_retry_after_when_the_queue_is_full_and_a_cancel
         assert status == job_progress(limited_server, task_id)["state"] == "canceled"
 
 
+@pytest.fixture(scope="module")
+def shared_queue_server(tmp_path_factory, tiny_cache_dir):
+    """4 places, at most 1 per client; clients named by X-Client (as a proxy would set it)."""
+    folder = tmp_path_factory.mktemp("shared-queue-server")
+    server = start_server(folder, **slow_model_env(folder, tiny_cache_dir), SLAP_ADAPTERS_DIR=str(folder / "adapters"),
+                          SLAP_MAX_QUEUE="4", SLAP_MAX_QUEUE_PER_CLIENT="1", SLAP_CLIENT_HEADER="X-Client")
+    yield server
+    stop_server(server)
+
+
+@pytest.mark.slow
+def test_one_client_cannot_take_every_place_in_the_queue(shared_queue_server):
+    """Guards one client turning every other away: a script submitting jobs in a loop took all SLAP_MAX_QUEUE places
+    and everyone else got a 429. With SLAP_MAX_QUEUE_PER_CLIENT=1 the client holding a place gets slapgen's 429 with
+    Retry-After on both `/jobs/submit` and `/generate`, however it forges the entries before its proxy's in the
+    header; another client, and one without the header (told apart by its address), are admitted; `/info` gives
+    both limits; once its job is canceled the client is admitted again."""
+    url = shared_queue_server.url
+    a, b = {"X-Client": "a"}, {"X-Client": "b"}
+    held = httpx.post(f"{url}/jobs/submit", json=LONG, headers=a, timeout=30)
+    assert held.status_code == 200, held.text
+    for route, headers in (("/jobs/submit", a), ("/generate", a), ("/jobs/submit", {"X-Client": "forged, a"})):
+        refused = httpx.post(f"{url}{route}", json=SHORT, headers=headers, timeout=30)
+        body = _assert_our_error(refused, 429)
+        assert body["error"] == ("this client already holds 1 generation running or waiting, the most one client may "
+                                 "hold here; try again when one ends"), (route, body)
+        assert int(refused.headers["retry-after"]) >= 1
+    others = [httpx.post(f"{url}/jobs/submit", json=SHORT, headers=headers, timeout=30) for headers in (b, {})]
+    assert [answer.status_code for answer in others] == [200, 200], [answer.text for answer in others]
+    assert _assert_our_error(httpx.post(f"{url}/jobs/submit", json=SHORT, timeout=30), 429)["error"].startswith(
+        "this client already holds 1")  # the address's one place is taken too
+    info = httpx.get(f"{url}/info", timeout=30).json()
+    assert (info["max_queue"], info["max_queue_per_client"]) == (4, 1)
+    assert server_load(shared_queue_server) == 3  # the refusals took no place
+
+    running = held.json()["task_id"]
+    assert httpx.post(f"{url}/jobs/cancel", params={"task_id": running}, timeout=30).status_code == 200
+    assert wait_for_job(shared_queue_server, running, {"canceled", "failed", "completed"})["state"] == "canceled"
+    again = httpx.post(f"{url}/jobs/submit", json=SHORT, headers=a, timeout=30)
+    assert again.status_code == 200, again.text
+    for answer in (*others, again):
+        assert wait_for_job(shared_queue_server, answer.json()["task_id"], {"completed", "failed", "canceled"})[
+            "state"] == "completed"
+    assert server_load(shared_queue_server) == 0
+
+
 @pytest.mark.slow
 def test_job_status_and_result_errors_are_in_our_shape(limited_server):
     """Guards BentoML's own answers on its task routes (`{"error": "task_id not found"}` without `detail`):

@@ -325,7 +325,7 @@ def test_the_submits_answer_is_the_jobs_status_and_keeps_bentomls_other_headers(
 
     board = JobBoard(database_url)
     queue = GenerationQueue(limit=4)
-    routes = dict(check=lambda request: request.for_model(TINY_SPEC), admit=queue.admit, board=board)
+    routes = dict(check=lambda request: request.for_model(TINY_SPEC), admit=lambda scope: queue.admit(), board=board)
     client = TestClient(JobRoutes(bentoml_submit(200, [b'{"task_id": "t1", ', b'"status": "in_progress"}']), **routes))
     answer = client.post("/jobs/submit", json={"prompt": "a power slap"})
     assert answer.status_code == 200 and answer.headers["x-bentoml-request-id"] == "r-1"

@@ -63,7 +63,7 @@ def slot_rank_for(options: EngineOptions, model_name: str, modules: dict[str, tu
 class VideoGenerator:
     def __init__(self, pipeline, spec: ModelSpec, device: str, slot: LoraSlot, adapters: AdapterStore,
                  quantization: str = "none", compiled: CompiledTransformer | None = None, max_queue: int | None = None,
-                 attention: str = "sdpa", step_cache: StepCache | None = None):
+                 attention: str = "sdpa", step_cache: StepCache | None = None, max_queue_per_client: int | None = None):
         self.pipeline = pipeline
         self.spec = spec
         self.device = device
@@ -73,7 +73,7 @@ class VideoGenerator:
         self.compiled = compiled
         self.attention = attention
         self.step_cache = step_cache or StepCache(CacheSetting(), pipeline.transformer, [])
-        self._queue = GenerationQueue(max_queue)
+        self._queue = GenerationQueue(max_queue, max_queue_per_client)
         # What of a prompt the model reads (`POST /prompts/render`), with a tokenizer of its own: the pipeline's
         # is not safe to use beside a generation
         self.prompt_tokens = PromptTokenCounter(pipeline.tokenizer, spec.max_sequence_length,
@@ -110,7 +110,7 @@ class VideoGenerator:
                                resolved.spec.frame_step, resolved.spec.family)
         adapters = AdapterStore(options.adapters_dir, target, options.adapter_cache_size)
         generator = cls(pipeline, resolved.spec, options.device, slot, adapters, quantization, compiled, options.max_queue,
-                        options.attention, step_cache)
+                        options.attention, step_cache, options.max_queue_per_client)
         if compiled is not None:
             decodes: list[float] = []
             with phases.phase("compile_and_warm_up"):
@@ -156,11 +156,12 @@ class VideoGenerator:
         """Generations admitted and not running: waiting for the model, or submitted jobs not started yet."""
         return self._queue.waiting
 
-    def admit(self) -> Admission:
-        """A place in this engine's queue (`max_queue` running + waiting), to pass to `generate_frames`;
-        QueueFullError when all are taken, with a retry time estimated from the last generation."""
+    def admit(self, client: str | None = None) -> Admission:
+        """A place in this engine's queue (`max_queue` running + waiting, `max_queue_per_client` of them `client`'s),
+        to pass to `generate_frames`; QueueFullError when all are taken or the client holds its share, with a retry
+        time estimated from the last generation."""
         retry_after = max(1, round(self._last_duration_s * (self.queue_length + 1)))
-        return self._queue.admit(retry_after)
+        return self._queue.admit(retry_after, client)
 
     def report_load(self, report: Callable[[int], None]) -> None:
         """Call `report(n)` now and whenever n, the generations this engine holds, changes: the one running,
@@ -193,6 +194,8 @@ class VideoGenerator:
             "compile_cache": self.compiled.cache.info() if self.compiled and self.compiled.cache else None,
             "startup_s": {phase: round(seconds, 3) for phase, seconds in self.startup_s.items()},
             "queue": self.queue_length,
+            "max_queue": self._queue.limit,
+            "max_queue_per_client": self._queue.per_client,
         }
 
     @contextmanager

@@ -100,5 +100,6 @@ class EngineOptions:
     lora_target_modules: tuple[str, ...] | None = None
     adapter_cache_size: int = 8
     max_queue: int | None = None  # generations running + waiting; more raise QueueFullError (None: no limit)
+    max_queue_per_client: int | None = None  # of them, one named client's at most (None: no limit)
     attention: AttentionKernel = "sdpa"
     cache: CacheSetting = CacheSetting()

@@ -11,6 +11,10 @@ The model is granted first come first served among those waiting (threading.Lock
 promise); a waiter gives up its turn at its deadline or when `cancelled()` says so, without taking
 the model.
 
+`per_client` bounds the places one client holds at once (the service names clients: `serving/clients.py`), so
+one client sending many requests or jobs cannot take every place and turn every other client away with a 429.
+An admission without a client (the CLI's, eval's) is bounded by `limit` only.
+
 `watch` reports the number of places taken each time it changes (the service's load gauge, the metric a
 deployment scales replicas on).
 """
@@ -20,7 +24,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -36,20 +40,24 @@ CANCEL_POLL_S = 0.25
 class Admission:
     """One place in a `GenerationQueue`, held until `release()`."""
 
-    def __init__(self, queue: "GenerationQueue") -> None:
+    def __init__(self, queue: "GenerationQueue", client: str | None = None) -> None:
         self._queue = queue
+        self.client = client
 
     def release(self) -> None:
         self._queue._release(self)
 
 
 class GenerationQueue:
-    """At most `limit` admissions at once (None: no limit); the model goes to one holder at a time."""
+    """At most `limit` admissions at once (None: no limit), and `per_client` of one client's (None: no limit); the
+    model goes to one holder at a time."""
 
-    def __init__(self, limit: int | None = None) -> None:
+    def __init__(self, limit: int | None = None, per_client: int | None = None) -> None:
         self.limit = limit
+        self.per_client = per_client
         self._condition = threading.Condition()
         self._admitted: set[Admission] = set()
+        self._held_by: Counter[str] = Counter()  # client -> places held
         self._waiting: deque[Admission] = deque()
         self._holder: Admission | None = None
         self._watcher: Callable[[int], None] | None = None
@@ -69,14 +77,22 @@ class GenerationQueue:
         except Exception:  # a metric never costs a generation its place, nor hides why one ended
             log.warning("reporting the generation queue's length failed", exc_info=True)
 
-    def admit(self, retry_after: int = 1) -> Admission:
-        """A place in the queue, or QueueFullError (carrying `retry_after` seconds) when all are taken."""
+    def admit(self, retry_after: int = 1, client: str | None = None) -> Admission:
+        """A place in the queue for `client` (None: not named), or QueueFullError (carrying `retry_after` seconds)
+        when all are taken or the client holds its share."""
         with self._condition:
             if self.limit is not None and len(self._admitted) >= self.limit:
                 raise QueueFullError(f"{self.limit} generations are running or waiting; try again later",
                                      retry_after=retry_after)
-            admission = Admission(self)
+            if client is not None and self.per_client is not None and self._held_by[client] >= self.per_client:
+                held = self._held_by[client]
+                raise QueueFullError(
+                    f"this client already holds {held} generation{'s' * (held != 1)} running or waiting, the most one "
+                    f"client may hold here; try again when one ends", retry_after=retry_after)
+            admission = Admission(self, client)
             self._admitted.add(admission)
+            if client is not None:
+                self._held_by[client] += 1
             self._report()
             return admission
 
@@ -127,6 +143,10 @@ class GenerationQueue:
         with self._condition:
             if admission in self._admitted:
                 self._admitted.remove(admission)
+                if admission.client is not None:
+                    self._held_by[admission.client] -= 1
+                    if not self._held_by[admission.client]:
+                        del self._held_by[admission.client]  # a client that holds nothing costs no memory
                 self._report()
 
     @property

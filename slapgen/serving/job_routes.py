@@ -96,12 +96,12 @@ BENTOML_STATUS = {"queued": "pending", "running": "in_progress", "canceling": "i
 
 class JobRoutes:
     """`check(request)` returns what `/generate` would run for this body, or raises what it would raise;
-    `admit()` takes a place in the engine's queue or raises QueueFullError (both run in a worker
-    thread); `board` is the service's shared job board; `results` the folder of finished jobs' mp4s every
+    `admit(scope)` takes a place in the engine's queue for the request's client (`clients.client_of`) or raises
+    QueueFullError (both run in a worker thread); `board` is the service's shared job board; `results` the folder of finished jobs' mp4s every
     replica reads (None: this server's own task store only); `prompt_tokens(text)` what of a prompt the model
     reads (`PromptTokenCounter.count`; None: the submit's answer does not say)."""
 
-    def __init__(self, app, check: Callable[[GenerateRequest], GenerationParams], admit: Callable[[], Admission],
+    def __init__(self, app, check: Callable[[GenerateRequest], GenerationParams], admit: Callable[[dict], Admission],
                  board: JobBoard, results: ResultStore | None = None,
                  prompt_tokens: Callable[[str], PromptTokens] | None = None):
         self.app = app
@@ -155,7 +155,7 @@ class JobRoutes:
         if self.prompt_tokens is not None:         # and the release below may raise
             headers.update(prompt_token_headers(await run_in_threadpool(self.prompt_tokens, params.prompt)))
         try:
-            admission = await run_in_threadpool(self.admit)
+            admission = await run_in_threadpool(self.admit, scope)
         except SlapgenError as error:  # QueueFullError: 429 with Retry-After
             return await error_response(error)(scope, receive, send)
         scope.setdefault("state", {})[ADMISSION_KEY] = admission

@@ -67,6 +67,17 @@ class SlapSettings(BaseSettings):
     max_queue: int = Field(
         16, ge=1, description="generations admitted at once per worker (running + waiting); more get HTTP 429"
     )
+    max_queue_per_client: int | None = Field(
+        None, ge=1, description="of SLAP_MAX_QUEUE, the most one client may hold at once per worker (running + "
+        "waiting); more of its requests and jobs get HTTP 429, so one client cannot turn every other away. Clients "
+        "are told apart by SLAP_CLIENT_HEADER, else by their address; unset: no per-client limit"
+    )
+    client_header: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9-]{1,64}$", description="the request header naming the client for "
+        "SLAP_MAX_QUEUE_PER_CLIENT, set by your proxy or gateway (X-Real-IP, or X-Forwarded-For, whose last address "
+        "is the one your proxy added); a request without it is told apart by its address. Unset: the connection's "
+        "address, which behind a proxy is the proxy's, shared by every client"
+    )
     workers: int = Field(
         1, ge=1, le=64, description="BentoML workers, each with its own model; on a GPU machine one per GPU"
     )
@@ -163,6 +174,12 @@ class SlapSettings(BaseSettings):
         if "compile_scope" in self.model_fields_set and not self.compile:
             unused.append(f"SLAP_COMPILE_SCOPE={self.compile_scope} is not used: nothing is compiled without "
                           "SLAP_COMPILE=1")
+        if self.max_queue_per_client is not None and self.max_queue_per_client >= self.max_queue:
+            unused.append(f"SLAP_MAX_QUEUE_PER_CLIENT={self.max_queue_per_client} is not used: it is not below "
+                          f"SLAP_MAX_QUEUE={self.max_queue}, which every client shares")
+        if self.client_header is not None and self.max_queue_per_client is None:
+            unused.append(f"SLAP_CLIENT_HEADER={self.client_header} is not used: it tells clients apart for "
+                          "SLAP_MAX_QUEUE_PER_CLIENT, which is unset")
         return unused
 
     def store_database(self, default_file: Path) -> str | Path:
@@ -230,6 +247,7 @@ class SlapSettings(BaseSettings):
             lora_target_modules=self.target_modules(),
             adapter_cache_size=self.adapter_cache_size,
             max_queue=self.max_queue,
+            max_queue_per_client=self.max_queue_per_client,
             attention=self.attention,
             cache=CacheSetting.parse(self.cache),
         )
