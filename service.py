@@ -202,10 +202,14 @@ class SlapGen:
 
     def _told_to_stop(self) -> None:
         held = self.generator.generations_held
-        killed = (f"; what is unfinished in {settings.stop_grace_s} s fails then (SLAP_STOP_GRACE_S)"
-                  if settings.stop_grace_s is not None else "")
-        print(f"slapgen: told to stop: worker {os.getpid()} finishes the {held} generation(s) it holds (running, waiting "
-              f"and submitted jobs), takes no new one, then exits{killed}", file=sys.stderr, flush=True)
+        if not held:  # "finishes the 0 generation(s) it holds" (a walk-through's find)
+            print(f"slapgen: told to stop: worker {os.getpid()} holds no generation and exits", file=sys.stderr,
+                  flush=True)
+        else:
+            killed = (f"; what is unfinished in {settings.stop_grace_s} s fails then (SLAP_STOP_GRACE_S)"
+                      if settings.stop_grace_s is not None else "")
+            print(f"slapgen: told to stop: worker {os.getpid()} finishes the {held} generation(s) it holds (running, "
+                  f"waiting and submitted jobs), takes no new one, then exits{killed}", file=sys.stderr, flush=True)
         if settings.stop_grace_s is not None:
             job_board.stopping(settings.stop_grace_s)
 

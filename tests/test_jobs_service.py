@@ -133,7 +133,8 @@ def test_one_client_cannot_take_every_place_in_the_queue(shared_queue_server):
     and everyone else got a 429. With SLAP_MAX_QUEUE_PER_CLIENT=1 the client holding a place gets slapgen's 429 with
     Retry-After on both `/jobs/submit` and `/generate`, however it forges the entries before its proxy's in the
     header; another client, and one without the header (told apart by its address), are admitted; `/info` gives
-    both limits; once its job is canceled the client is admitted again."""
+    both limits; once its job is canceled the client is admitted again. Stopped idle, the worker's log line says it
+    holds no generation."""
     url = shared_queue_server.url
     a, b = {"X-Client": "a"}, {"X-Client": "b"}
     held = httpx.post(f"{url}/jobs/submit", json=LONG, headers=a, timeout=30)
@@ -161,6 +162,10 @@ def test_one_client_cannot_take_every_place_in_the_queue(shared_queue_server):
         assert wait_for_job(shared_queue_server, answer.json()["task_id"], {"completed", "failed", "canceled"})[
             "state"] == "completed"
     assert server_load(shared_queue_server) == 0
+    # Told to stop with nothing held, its worker says so plainly ("finishes the 0 generation(s) it holds" before).
+    stop_server(shared_queue_server)
+    assert re.search(r"slapgen: told to stop: worker \d+ holds no generation and exits\n",
+                     shared_queue_server.log_tail(10**7)), shared_queue_server.log_tail()
 
 
 @pytest.mark.slow

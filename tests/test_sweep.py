@@ -570,7 +570,7 @@ def test_a_finished_generation_sweep_reruns_nothing_and_refuses_other_settings(g
     """Guards a rerun that trains, measures held-out loss or generates again for runs (or the base model) it
     already evaluated, and a folder that accepts another metric set, generation setting or seed (the
     numbers in it would then mix two evaluations): refused in one line, before anything changes. The rerun
-    says the base model's numbers as the first run did."""
+    says the base model's numbers as the first run did; with --ray it connects to no cluster."""
     out, args = generation_sweep["out"], generation_sweep["args"]
     before = {path: stamp for path, stamp in _mtimes(out).items() if path.startswith(("runs/", "base/"))}
     (out / "results.csv").unlink()
@@ -596,6 +596,14 @@ def test_a_finished_generation_sweep_reruns_nothing_and_refuses_other_settings(g
     assert "base model: " + ", ".join(f"{name} {metric_text(value)}" for name, value in base.items()) in printed.splitlines()
     assert {path: stamp for path, stamp in _mtimes(out).items() if path.startswith(("runs/", "base/"))} == before
     assert (out / "results.csv").is_file()  # the report is written again from the stored results
+    # With --ray, nothing left to run starts or needs no cluster (--ray local started one for nothing, 9 s).
+    import trainer.ray_cluster
+
+    monkeypatch.setattr(trainer.ray_cluster, "connect", never)
+    assert cli_main([*args, "--ray", "local", "--gpus-per-run", "0"]) == 0
+    printed = capsys.readouterr().out
+    assert "sweep: every run finished before: no Ray cluster is needed" in printed, printed
+    assert "--ray local --gpus-per-run 0" in (out / "README.md").read_text()  # the command continues it as it ran
 
     definition = (out / "sweep.json").read_bytes()
     changed = {"num_inference_steps=1": "num_inference_steps=2"}

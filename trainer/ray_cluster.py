@@ -236,9 +236,10 @@ def connect(address: str) -> Iterator[None]:
         except ConnectionError as error:
             # Something listens there (the check above connected): most often a cluster with token authentication
             # (Ray 2.60) this command sends no token to; Ray says so only in a log line above its error.
-            raise ClusterError(f"--ray {address}: something answers at {where or address} but Ray could not join it "
-                               f"({error}); if it is a cluster with token authentication (`ray start --head` said "
-                               "`Token authentication is enabled`), run with RAY_AUTH_MODE=token and the head's "
+            raise ClusterError(f"--ray {address}: something answers at {_as_given(address, where)} but Ray could "
+                               f"not join it ({error}); if it is a cluster with token authentication (its head was "
+                               "started with RAY_AUTH_MODE=token, or without it `ray start --head` said `Token "
+                               "authentication is enabled`), run with RAY_AUTH_MODE=token and the head's "
                                "~/.ray/auth_token in this machine's ~/.ray/ (README: Sweeps on a Ray cluster)") from None
     try:
         yield
@@ -309,8 +310,16 @@ def _check_answers(address: str) -> str | None:
         recorded = "" if address != AUTO or os.environ.get("RAY_ADDRESS") else (
             f"the cluster last started on this machine, at {resolved}, does not answer ({error}): it stopped without "
             "`ray stop` or its head died; ")
-        raise ConnectionError(recorded or f"nothing answers at {resolved}: {error}") from None
+        raise ConnectionError(recorded or f"nothing answers at {_as_given(address, resolved)}: {error}") from None
     return resolved
+
+
+def _as_given(address: str, resolved: str | None) -> str:
+    """The cluster's address as the user gave it, with Ray's resolution beside it when that differs (Ray turns
+    127.0.0.1 into this machine's address): a sentence naming only the resolved one read as a typo of the user's."""
+    if resolved is None or address == AUTO or resolved == address:
+        return resolved or address
+    return f"{address} (which Ray resolves to {resolved})"
 
 
 def placement_problem(demand: TaskDemand, address: str, task: str) -> tuple[str, str] | None:
@@ -430,13 +439,14 @@ def check_shared_folder(marker: Path, not_shared: Callable[[list[str]], str],
                            f"(reading {marker.name} there); check them with `ray status`")
     views = {node: ray.get(ref) for node, ref in asked.items()}
     missing = [node for node, (digest, _) in views.items() if digest != expected]
-    if missing:
-        raise ClusterError(not_shared(missing))
     lacking = {node: lacked for node, (_, lacked) in views.items() if lacked}
+    # a folder one node lacks failed only once a task there read it, as "dataset ... does not exist"
+    named = {path: f"{' and '.join(options)} {path}" for path, options in options_of.items()}
+    said = "; ".join(f"{node} has no {', '.join(named[path] for path in lacked)}" for node, lacked in lacking.items())
+    if missing:
+        # All of it in one sentence: naming the output folder alone sent a walk-through back for a second try.
+        raise ClusterError(not_shared(missing) + (f"; nor does every node see what the tasks read: {said}" if lacking else ""))
     if lacking:
-        # a folder one node lacks failed only once a task there read it, as "dataset ... does not exist"
-        named = {path: f"{' and '.join(options)} {path}" for path, options in options_of.items()}
-        said = "; ".join(f"{node} has no {', '.join(named[path] for path in lacked)}" for node, lacked in lacking.items())
         raise ClusterError(f"not every Ray node sees what the tasks read: {said}; put it on storage every node mounts "
                            "at the same path, as the output folder")
 

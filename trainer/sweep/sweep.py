@@ -194,16 +194,22 @@ def run_sweep(config: str, sets: list[str], grid: list[str], data: Path, heldout
     definition = plan_sweep(config, sets, grid, data, heldout, out, metrics, request, candidates)
     check_folder(out, definition)
     check_generation(definition)
+    on_ray = ray  # the cluster the runs left run on (None: this machine); `ray` stays in the report's command
+    if ray is not None and all(run_state(run_dir(out, run)) is RunState.FINISHED for run in definition.runs):
+        # Nothing left for a cluster (runs only ever finish, so none will be under the lock either): --ray local
+        # started one for nothing (9 s here), and --ray auto needed one running to write the report again.
+        print("sweep: every run finished before: no Ray cluster is needed", flush=True)
+        on_ray = None
     with ExitStack() as stack:
-        if ray is not None:  # a cluster that does not answer: one sentence before anything is written
+        if on_ray is not None:  # a cluster that does not answer: one sentence before anything is written
             from trainer.ray_cluster import check_placeable, connect
             from trainer.sweep.ray_runs import check_shared_folder
-            stack.enter_context(connect(ray))
-            check_placeable(TaskDemand(gpus_per_run), ray)
+            stack.enter_context(connect(on_ray))
+            check_placeable(TaskDemand(gpus_per_run), on_ray)
         stack.enter_context(SweepLock(out))
         check_folder(out, definition)  # again, now that no other sweep can write it
         write_definition(out, definition)  # new, or another --pick-by (the only difference check_folder lets by)
-        if ray is not None:
+        if on_ray is not None:
             check_shared_folder(out, data, heldout)
         device = default_device()
         encode_once(definition, device)
@@ -213,8 +219,8 @@ def run_sweep(config: str, sets: list[str], grid: list[str], data: Path, heldout
         done = {run.name: steps_done(run_dir(out, run), run.config.train.max_train_steps) for run in runs}
         bar = SweepProgress(runs, done, enabled=progress)
         try:
-            if ray is not None:
-                _on_ray(definition, out, pending, bar, NodeWait(TaskDemand(gpus_per_run), ray, "a run", node_wait_s,
+            if on_ray is not None:
+                _on_ray(definition, out, pending, bar, NodeWait(TaskDemand(gpus_per_run), on_ray, "a run", node_wait_s,
                                                                 bar.say))
             elif len(slots := gpu_slots()) > 1 and len(pending) > 1:
                 _in_pool(definition, out, pending, bar, slots)
