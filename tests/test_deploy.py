@@ -534,7 +534,7 @@ def test_the_ray_image_leaves_what_a_clone_accumulates_out_of_its_build_context(
                 "slapgen.egg-info/PKG-INFO", "runs/smoke/lora.safetensors", "training_logs/lr-rank/results.csv",
                 "eval/smoke/videos/base/p000-s0.mp4", "demo/clip_000.mp4", "heldout/clips.csv", "adapters/v1.safetensors",
                 "bench/results/runs/coldstart-cpu.json", "bench/gpu/wheels/bentoml.whl", ".pytest_cache/README.md",
-                "curation/report.html", "slap.mp4", "shared/data/ratings.sqlite", "replica-a/task_result.db"]
+                "curation/report.html", "slap.mp4", "shared/data/ratings.sqlite", "replica-a/task_result.db", "pg/data/PG_VERSION"]
     for name in kept + left_out:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text("x")
