@@ -46,7 +46,7 @@ REPO = Path(__file__).resolve().parents[2]
 CODE = ("slapgen/engine", "slapgen/models", "slapgen/images.py", "slapgen/video.py", "trainer/heldout.py",
         "trainer/evaluate/run.py")
 # EngineOptions that do not change a video's frames: where files live, how many requests wait.
-NOT_IN_RECIPE = ("adapters_dir", "compile_cache_dir", "adapter_cache_size", "max_queue")
+NOT_IN_RECIPE = ("adapters_dir", "compile_cache_dir", "adapter_cache_size", "max_queue", "max_queue_per_client")
 # What the base model's output does not depend on (the LoRA slot is off): left out of its recipes.
 SLOT_ONLY = ("max_lora_rank", "lora_target_modules")
 
