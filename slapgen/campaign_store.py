@@ -83,6 +83,11 @@ class Item:
     seed: int
 
 
+def prompt_count(items: list[Item]) -> int:
+    """The prompts of a campaign's items (its seeds of one prompt are one): what separating systems needs."""
+    return len({item.prompt_index for item in items})
+
+
 @dataclass
 class CampaignSpec:
     """What `slapgen campaign create` makes: every (system, item) has a video file to copy in."""

@@ -184,8 +184,8 @@ def test_a_campaign_with_fewer_prompts_than_separation_needs_says_only_its_budge
 
     verdicts = [Verdict("a", "b", LEFT, f"p{k}", 0, "ana") for k in range(3)]
 
-    def why(campaign_prompts):
-        return criterion_board(verdicts, [], ["a", "b"], 10, {}, {}, {}, resamples=50,
+    def why(campaign_prompts, budget=10):
+        return criterion_board(verdicts, [], ["a", "b"], budget, {}, {}, {}, resamples=50,
                                campaign_prompts=campaign_prompts)["why"]
 
     before = ("not yet: verdicts on 3 prompts, and separating the top system from the second needs at least "
@@ -195,3 +195,4 @@ def test_a_campaign_with_fewer_prompts_than_separation_needs_says_only_its_budge
         f"not yet, and only the budget can end it: the campaign has {MIN_SEPARATION_PROMPTS - 1} prompts, and "
         f"separating the top system from the second needs at least {MIN_SEPARATION_PROMPTS}; 7 ratings left in the "
         "budget")
+    assert why(MIN_SEPARATION_PROMPTS - 1, budget=None).startswith("not yet, and without a budget it cannot end: ")

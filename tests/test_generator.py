@@ -109,6 +109,39 @@ def test_one_client_holds_at_most_its_share_of_the_queue():
     assert [without.admit(client="a") for _ in range(3)] and without.admitted == 3
 
 
+def test_a_submit_cancelled_while_its_place_is_taken_gives_the_place_back():
+    """Guards a place lost for good: a submit cancelled (its client gone, a timeout) while a worker thread takes its
+    queue place left the thread's admission to nobody, so the queue had one place fewer until a restart, and with
+    SLAP_MAX_QUEUE_PER_CLIENT its client one of its own: after `per_client` such losses it got 429 for good."""
+    import asyncio
+
+    from starlette.concurrency import run_in_threadpool
+
+    from slapgen.serving.job_routes import _taken_even_if_cancelled
+
+    queue, taking = GenerationQueue(limit=2, per_client=1), threading.Event()
+
+    def slow_admit():
+        taking.wait(10)  # the thread takes the place only once the submit has been cancelled
+        return queue.admit(client="a")
+
+    async def submit_cancelled():
+        submit = asyncio.ensure_future(_taken_even_if_cancelled(run_in_threadpool(slow_admit)))
+        await asyncio.sleep(0.05)
+        submit.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await submit
+        taking.set()
+        for _ in range(200):  # the thread finishes, then its place is released
+            if queue.admitted == 0 and not queue._held_by:
+                return
+            await asyncio.sleep(0.01)
+
+    asyncio.run(submit_cancelled())
+    assert queue.admitted == 0 and not queue._held_by
+    queue.admit(client="a").release()  # the client's one place is its own again
+
+
 def test_the_per_client_settings_reach_the_engine_and_unused_ones_are_said(monkeypatch):
     """Guards SLAP_MAX_QUEUE_PER_CLIENT not reaching the engine, a header name no request could carry accepted, and
     settings that change nothing passing silently: a share not below SLAP_MAX_QUEUE, a header without a share."""
@@ -140,19 +173,21 @@ def test_the_per_client_settings_reach_the_engine_and_unused_ones_are_said(monke
     ("X-Real-IP", {"X-Real-IP": " 1.2.3.4 "}, ("10.0.0.5", 4000), "x-real-ip:1.2.3.4"),
     ("X-Forwarded-For", {"X-Forwarded-For": "6.6.6.6, 1.2.3.4"}, ("10.0.0.5", 4000), "x-forwarded-for:1.2.3.4"),
     ("X-Forwarded-For", {"X-Forwarded-For": "1.2.3.4,"}, ("10.0.0.5", 4000), "address:10.0.0.5"),
+    # the client's own line first, then the one its proxy added (HAProxy's `option forwardfor`): the proxy's counts
+    ("X-Forwarded-For", [("X-Forwarded-For", "6.6.6.6"), ("X-Forwarded-For", "1.2.3.4")], None, "x-forwarded-for:1.2.3.4"),
     ("X-Real-IP", {}, ("10.0.0.5", 4000), "address:10.0.0.5"),
     ("X-Real-IP", {}, None, "unknown"),
     ("X-Client", {"X-Client": "x" * 5000}, None, "x-client:" + "x" * 200),
 ])
 def test_a_client_is_named_by_the_proxys_header_else_its_address(header, headers, peer, client):
     """Guards the per-client share being evaded or misapplied: behind a proxy every request has the proxy's address,
-    so SLAP_CLIENT_HEADER names the client; of a list (X-Forwarded-For) only the last entry, the one the proxy added,
-    counts (the entries before it are the client's to forge); without the header, the address; a huge value is cut,
+    so SLAP_CLIENT_HEADER names the client; of a list (X-Forwarded-For), in one line or several, only the last entry,
+    the one the proxy added, counts (the entries before it are the client's to forge); without the header, the address; a huge value is cut,
     never a key of any size; a header's value never equals an address's."""
     from slapgen.serving.clients import client_of
 
-    scope = {"type": "http", "headers": [(key.lower().encode(), value.encode()) for key, value in headers.items()],
-             "client": peer}
+    lines = headers.items() if isinstance(headers, dict) else headers
+    scope = {"type": "http", "headers": [(key.lower().encode(), value.encode()) for key, value in lines], "client": peer}
     assert client_of(scope, header) == client
 
 

@@ -131,15 +131,15 @@ def shared_queue_server(tmp_path_factory, tiny_cache_dir):
 def test_one_client_cannot_take_every_place_in_the_queue(shared_queue_server):
     """Guards one client turning every other away: a script submitting jobs in a loop took all SLAP_MAX_QUEUE places
     and everyone else got a 429. With SLAP_MAX_QUEUE_PER_CLIENT=1 the client holding a place gets slapgen's 429 with
-    Retry-After on both `/jobs/submit` and `/generate`, however it forges the entries before its proxy's in the
-    header; another client, and one without the header (told apart by its address), are admitted; `/info` gives
+    Retry-After on `/jobs/submit`, `/generate` and a direct `POST /jobs`, however it forges the entries before its
+    proxy's in the header; another client, and one without the header (told apart by its address), are admitted; `/info` gives
     both limits; once its job is canceled the client is admitted again. Stopped idle, the worker's log line says it
     holds no generation."""
     url = shared_queue_server.url
     a, b = {"X-Client": "a"}, {"X-Client": "b"}
     held = httpx.post(f"{url}/jobs/submit", json=LONG, headers=a, timeout=30)
     assert held.status_code == 200, held.text
-    for route, headers in (("/jobs/submit", a), ("/generate", a), ("/jobs/submit", {"X-Client": "forged, a"})):
+    for route, headers in (("/jobs/submit", a), ("/generate", a), ("/jobs", a), ("/jobs/submit", {"X-Client": "forged, a"})):
         refused = httpx.post(f"{url}{route}", json=SHORT, headers=headers, timeout=30)
         body = _assert_our_error(refused, 429)
         assert body["error"] == ("this client already holds 1 generation running or waiting, the most one client may "

@@ -18,7 +18,8 @@ def test_ratings_list_and_assign_model_on_the_services_store(monkeypatch, tmp_pa
     summary with no way back: `ratings list` counts verdicts per model and names the command for the unrecorded
     ones, `assign-model MODEL` gives them MODEL (after which the summary of MODEL is `summarise` of all of them),
     assigning again changes nothing, a model no other rating has is said as a possible typo that `--from` mends,
-    and an unknown `--from` is one sentence naming the models there. Each line names the store: the SQLite file
+    an unknown `--from` is one sentence naming the models there, and assigning to a model that has ratings already
+    (merging two lots no command could part again) asks for --yes and changes nothing without it. Each line names the store: the SQLite file
     as an absolute path, or the database; neither command creates a store where there is none."""
     from slapgen.database import shown_url
     from slapgen.serving.settings import load_settings
@@ -48,11 +49,17 @@ def test_ratings_list_and_assign_model_on_the_services_store(monkeypatch, tmp_pa
         "`slapgen ratings assign-model MODEL` gives them the model that made them",
     ]
 
+    # tiny has ratings already: merged, the two lots could never be parted, so it asks first and changes nothing.
+    assert main(["ratings", "assign-model", "tiny"]) == 2
+    assert capsys.readouterr().err == (
+        f"slapgen ratings: tiny has 2 verdicts in {where} already: the 3 verdicts with no model recorded would be "
+        "merged with them, and no command could part them again; add --yes if tiny made them\n")
+    assert [row["model"] for row in store.all()].count(None) == 3
     assert main(["ratings", "assign-model", "tiyn"]) == 0  # a typo: said, and mendable
     assert capsys.readouterr().out == (
         f"3 verdicts with no model recorded now count as tiyn's, in {where}; no other rating there was tiyn's: check it "
         "is the name a server of that model gives in /info's `model`, or mend it with --from tiyn\n")
-    assert main(["ratings", "assign-model", "tiny", "--from", "tiyn"]) == 0
+    assert main(["ratings", "assign-model", "tiny", "--from", "tiyn", "--yes"]) == 0
     assert capsys.readouterr().out == f"3 verdicts recorded as tiyn now count as tiny's, in {where}\n"
     assert main(["ratings", "assign-model", "tiny"]) == 0
     assert capsys.readouterr().out == f"every rating in {where} records its model: nothing to assign\n"

@@ -270,3 +270,12 @@ def test_joining_a_cluster_tries_its_gcs_for_seconds_not_twenty_unless_told(monk
     with _gcs_join_tries(JOIN_TRIES):
         assert os.environ[GCS_WAIT_SETTING] == "60"
     assert os.environ[GCS_WAIT_SETTING] == "60"
+
+
+def test_a_cluster_address_is_named_as_typed_with_rays_resolution_beside_it():
+    """Guards a sentence naming only the address Ray resolved (it turns 127.0.0.1 into this machine's address), which
+    a walk-through read as a typo of its own: the address as typed, then Ray's; `auto` is named by what it found."""
+    assert ray_cluster._as_given("127.0.0.1:6399", "192.0.2.2:6399") == "127.0.0.1:6399 (which Ray resolves to 192.0.2.2:6399)"
+    assert ray_cluster._as_given("10.0.0.4:6379", "10.0.0.4:6379") == "10.0.0.4:6379"
+    assert ray_cluster._as_given("auto", "10.0.0.4:6379") == "10.0.0.4:6379"
+    assert ray_cluster._as_given("ray://head:10001", None) == "ray://head:10001"

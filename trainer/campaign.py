@@ -226,10 +226,11 @@ def _existing_store(data_dir: Path, database: str | None):
 def few_prompts_sentence(items: list, budget: int) -> str | None:
     """What `campaign create` says of a campaign whose prompts are too few for its leaderboard ever to separate the
     top system from the second (`MIN_SEPARATION_PROMPTS`): it then ends only on its budget. None otherwise."""
-    from slapgen.evaluation.ranking import MIN_SEPARATION_PROMPTS
+    from slapgen.campaign_store import prompt_count
+    from slapgen.evaluation.ranking import MIN_SEPARATION_PROMPTS, enough_prompts_to_separate
 
-    prompts = len({item.prompt_index for item in items})
-    if prompts >= MIN_SEPARATION_PROMPTS:
+    prompts = prompt_count(items)
+    if enough_prompts_to_separate(prompts):
         return None
     return (f"note: {prompts} prompt{'s' * (prompts != 1)}: the leaderboard can never call the top system separated "
             f"from the second (that needs verdicts on at least {MIN_SEPARATION_PROMPTS} prompts), so the campaign ends "

@@ -371,7 +371,7 @@ def cmd_ratings_assign_model(args) -> int:
     from slapgen.serving.settings import load_settings
     from trainer.ratings import assign_ratings_model
 
-    print(assign_ratings_model(load_settings(), args.model, args.recorded))
+    print(assign_ratings_model(load_settings(), args.model, args.recorded, merge=args.yes))
     return 0
 
 
@@ -574,7 +574,10 @@ def build_parser() -> argparse.ArgumentParser:
     assign.add_argument("model", help="the model's name as its server's /info gives it (`model`), e.g. tiny or "
                                       "THUDM/CogVideoX-5b")
     assign.add_argument("--from", dest="recorded", metavar="MODEL",
-                        help="assign the ratings recorded as this model instead (to mend a mistaken assignment)")
+                        help="assign the ratings recorded as this model instead (to mend an assignment to a model "
+                             "that had none)")
+    assign.add_argument("--yes", action="store_true",
+                        help="assign them even though MODEL has ratings already (merged, they cannot be parted again)")
     assign.set_defaults(run=cmd_ratings_assign_model)
 
     cfg = commands.add_parser("config", help="print a preset or config file with every field documented")

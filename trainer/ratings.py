@@ -2,7 +2,8 @@
 SLAP_DATA_DIR/ratings.sqlite) by model, and giving ratings stored before ratings recorded their model the model
 that made them, so that its server's summary counts them (`RatingStore.assign_model`).
 
-Neither command creates a store where there is none yet."""
+Neither command creates a SQLite file where there is none yet (with SLAP_DATABASE_URL the store is migrated on open,
+as the service and `slapgen campaign` do)."""
 
 from __future__ import annotations
 
@@ -39,10 +40,11 @@ def rating_model_lines(settings: SlapSettings) -> list[str]:
     return lines
 
 
-def assign_ratings_model(settings: SlapSettings, model: str, recorded: str | None) -> str:
-    """`slapgen ratings assign-model MODEL [--from RECORDED]`: record MODEL as the model of the ratings with no model
-    recorded (or recorded as RECORDED, to mend a mistaken assignment); returns the sentence to print. Assigning
-    again changes nothing. An unknown RECORDED is a RequestError naming the models the store holds."""
+def assign_ratings_model(settings: SlapSettings, model: str, recorded: str | None, merge: bool = False) -> str:
+    """`slapgen ratings assign-model MODEL [--from RECORDED] [--yes]`: record MODEL as the model of the ratings with no
+    model recorded (or recorded as RECORDED, to move them); returns the sentence to print. Assigning again changes
+    nothing. An unknown RECORDED is a RequestError naming the models the store holds; so is a MODEL that has ratings
+    already, unless `merge` (--yes): merged, they cannot be told apart again, so a mistake could not be mended."""
     model = model.strip()
     if not model or len(model) > MAX_MODEL_NAME or not model.isprintable():
         raise RequestError(f"MODEL must be the served model's name as /info gives it (1-{MAX_MODEL_NAME} printable "
@@ -59,8 +61,12 @@ def assign_ratings_model(settings: SlapSettings, model: str, recorded: str | Non
         return f"no ratings in {where}: nothing to assign"
     if recorded is None and None not in counts:
         return f"every rating in {where} records its model: nothing to assign"
-    changed = store.assign_model(model, recorded)
     what = "with no model recorded" if recorded is None else f"recorded as {recorded}"
+    if counts.get(model) and model != recorded and not merge:
+        raise RequestError(f"{model} has {verdicts(counts[model])} in {where} already: the {verdicts(counts[recorded])} "
+                           f"{what} would be merged with them, and no command could part them again; add --yes if "
+                           f"{model} made them", field="model")
+    changed = store.assign_model(model, recorded)
     note = "" if model in counts else (f"; no other rating there was {model}'s: check it is the name a server of "
                                        f"that model gives in /info's `model`, or mend it with --from {model}")
     return f"{verdicts(changed)} {what} now count as {model}'s, in {where}{note}"

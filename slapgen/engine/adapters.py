@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 import shlex
 import threading
@@ -92,6 +93,10 @@ class LoadedAdapter:
 
     def info(self) -> dict:
         return adapter_info(self.name, self.metadata, self.rank, self.config)
+
+    def read_from(self, status: os.stat_result) -> bool:
+        """Whether this is what the file of `status` holds: read from it, unchanged since (its modification time)."""
+        return self.read_at_mtime_ns is not None and self.read_at_mtime_ns == status.st_mtime_ns
 
 
 def adapter_info(name: str, metadata: dict[str, str], rank: int, config: object) -> dict:
@@ -569,7 +574,7 @@ class AdapterStore:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.target = target
         self.cache_size = cache_size
-        self._cache: OrderedDict[str, tuple[float, LoadedAdapter]] = OrderedDict()
+        self._cache: OrderedDict[str, LoadedAdapter] = OrderedDict()
         self._lock = threading.Lock()
 
     def names(self) -> list[str]:
@@ -586,9 +591,9 @@ class AdapterStore:
             status = path.stat()
             with self._lock:
                 cached = self._cache.get(name)
-                if cached and cached[0] == status.st_mtime_ns:
+                if cached is not None and cached.read_from(status):
                     self._cache.move_to_end(name)
-                    return cached[1]
+                    return cached
             # Its size and header checked first: a 6 GB file named by a request was read whole into the worker
             # (35 s, 6.6 GiB) at every request, only to be refused for its header (a review's find). Then one read,
             # bounded: a file still growing (a copy by hand) is not read past the limit either.
@@ -602,7 +607,7 @@ class AdapterStore:
             raise unreadable(name, error) from None
         adapter = replace(parse_adapter(name, data, self.target), read_at_mtime_ns=status.st_mtime_ns)
         with self._lock:
-            self._cache[name] = (status.st_mtime_ns, adapter)
+            self._cache[name] = adapter
             self._cache.move_to_end(name)
             while len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
@@ -616,7 +621,7 @@ class AdapterStore:
         """The adapters in memory that are still what the folder holds under their names: one deleted or replaced
         since, here or by another replica on the shared folder, is not listed (its next request reads the file)."""
         with self._lock:
-            cached = [adapter for _, adapter in self._cache.values()]
+            cached = list(self._cache.values())
         return [adapter.name for adapter in cached if self.is_current(adapter)]
 
     def is_current(self, adapter: LoadedAdapter) -> bool:
@@ -627,7 +632,7 @@ class AdapterStore:
             return False
         try:
             path = weights_path(self.folder, adapter.name)
-            return path is not None and path.stat().st_mtime_ns == adapter.read_at_mtime_ns
+            return path is not None and adapter.read_from(path.stat())
         except (AdapterError, OSError):  # unreadable now, or deleted between the lookup and the stat
             return False
 

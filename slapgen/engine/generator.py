@@ -168,11 +168,11 @@ class VideoGenerator:
         those waiting for the model and jobs submitted but not started (`/generate` requests and jobs alike)."""
         self._queue.watch(report)
 
-    def adapter_in_effect(self) -> str | None:
+    def loaded_adapter_name(self) -> str | None:
         """The adapter the last generation ran with, while a request naming it would run the same weights; None for
         the base model, and once that adapter's file is deleted or replaced (here or by another replica): the slot
         still holds the old weights, but the next request runs a new file or is refused."""
-        adapter = self.slot.in_effect
+        adapter = self.slot.holding
         return adapter.name if adapter is not None and self.adapters.is_current(adapter) else None
 
     def info(self) -> dict:
@@ -186,7 +186,7 @@ class VideoGenerator:
             **self.step_cache.info(),
             "compiled": self.compiled is not None,
             "compile_scope": self.compiled.scope if self.compiled else None,
-            "adapter": self.adapter_in_effect(),
+            "adapter": self.loaded_adapter_name(),
             "adapter_swaps": self.slot.swaps,
             "max_lora_rank": self.slot.max_rank,
             "lora_target_modules": list(self.slot.target_modules),  # the family's unless SLAP_LORA_TARGET_MODULES

@@ -53,7 +53,7 @@ class LoraSlot:
         self._set_scale(0.0)
 
     @property
-    def in_effect(self) -> LoadedAdapter | None:
+    def holding(self) -> LoadedAdapter | None:
         """The adapter whose weights the slot holds and uses (None: the base model)."""
         return self._loaded if self.active is not None else None
 

@@ -14,7 +14,8 @@ import math
 from collections.abc import Mapping, Sequence
 
 from slapgen.evaluation.agreement import krippendorff_alpha, metric_agreement, ranking_tau, rater_consistency
-from slapgen.evaluation.ranking import MIN_SEPARATION_PROMPTS, Stop, Verdict, rank_systems, stopping
+from slapgen.evaluation.ranking import (MIN_SEPARATION_PROMPTS, Stop, Verdict, enough_prompts_to_separate,
+                                        rank_systems, stopping)
 
 
 def criterion_board(verdicts: Sequence[Verdict], repeats: Sequence[Verdict], systems: Sequence[str],
@@ -100,9 +101,10 @@ def _why(stop: Stop, top_beats_second: float, budget: int | None, ratings: int, 
                     f"separate the top system from the second (at least {MIN_SEPARATION_PROMPTS})")
         return f"the budget of {budget} ratings is reached; the top system beats the second in only {share}"
     left = f"; {budget - ratings} ratings left in the budget" if budget is not None else ""
-    if few and campaign_prompts is not None and campaign_prompts < MIN_SEPARATION_PROMPTS:
+    if few and campaign_prompts is not None and not enough_prompts_to_separate(campaign_prompts):
         # "needs at least 5" read as "rate more", on a campaign that has no fifth prompt (a walk-through's find).
-        return (f"not yet, and only the budget can end it: the campaign has {campaign_prompts} "
+        ends = "only the budget can end it" if budget is not None else "without a budget it cannot end"
+        return (f"not yet, and {ends}: the campaign has {campaign_prompts} "
                 f"prompt{'s' * (campaign_prompts != 1)}, and separating the top system from the second needs at least "
                 f"{MIN_SEPARATION_PROMPTS}{left}")
     if few:
@@ -129,7 +131,7 @@ def _on_enough_prompts(agreement: Mapping) -> bool:
     """Whether an agreement rests on enough prompts to call a metric for or against the raters: the stopping rule's
     MIN_SEPARATION_PROMPTS, for the same reason (a bootstrap over 2 prompts has a handful of distinct resamples: a
     walk-through's campaign read "clearly against the raters ... 95% interval 67% to 67%")."""
-    return agreement["prompts"] >= MIN_SEPARATION_PROMPTS
+    return enough_prompts_to_separate(agreement["prompts"])
 
 
 def tracking_metric(metrics: Mapping[str, dict]) -> str | None:

@@ -48,6 +48,12 @@ MIN_SEPARATION_PROMPTS = 5
 STRENGTH_TIE = 1e-9  # strengths this close are equal: after one tie, the leader was ahead by rounding
 EXPLORATION = 0.1  # share of pairs chosen uniformly at random by `next_pair`
 
+
+def enough_prompts_to_separate(prompts: int) -> bool:
+    """Whether verdicts on `prompts` prompts may separate two systems (and call a metric for or against raters)."""
+    return prompts >= MIN_SEPARATION_PROMPTS
+
+
 # Outcome -> its (s, t, log nu) coefficients in the log-probability's numerator: a's win, b's win, tie.
 _OUTCOME_COEFFICIENTS = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.5, 0.5, 1.0]])
 

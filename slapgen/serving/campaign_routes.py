@@ -26,7 +26,8 @@ from starlette.routing import Route
 
 from slapgen.errors import SlapgenError
 from slapgen.evaluation.ranking import OUTCOMES
-from slapgen.campaign_store import REPEAT_SHARE, CampaignStore, IssuedPair, next_pair_for, verdicts_of
+from slapgen.campaign_store import (REPEAT_SHARE, CampaignStore, IssuedPair, next_pair_for, prompt_count,
+                                   verdicts_of)
 from slapgen.serving.http_errors import error_response, validation_error_body
 from slapgen.serving.requests import RequestBody
 
@@ -84,7 +85,7 @@ def campaign_routes(store: CampaignStore, repeat_share: float = REPEAT_SHARE) ->
                                                   campaign.metric_directions, campaign.system_scores, video_scores,
                                                   metrics_left_out=campaign.metrics_left_out,
                                                   adapters=campaign.adapters,
-                                                  campaign_prompts=len({item.prompt_index for item in campaign.items}))
+                                                  campaign_prompts=prompt_count(campaign.items))
         return {"campaign": name, "systems": campaign.systems, "items": len(campaign.items),
                 "raters": sorted({row["rater"] for row in rows}), "criteria": criteria}
 

@@ -41,6 +41,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
@@ -92,6 +93,20 @@ def task_id_problem(task_id: str | None) -> str | None:
 # A job's state on the board as BentoML's /jobs/status spells it (canceled is spelled alike).
 BENTOML_STATUS = {"queued": "pending", "running": "in_progress", "canceling": "in_progress",
                   "finishing": "in_progress", "completed": "completed", "failed": "failed", "canceled": "canceled"}
+
+
+async def _taken_even_if_cancelled(admitting) -> Admission:
+    """The admission `admitting` (a coroutine taking a queue place in a worker thread) returns. Cancelled while the
+    thread runs (a client gone, a timeout), the thread still takes the place, which nobody would then release: the
+    queue lost a place for good, and with SLAP_MAX_QUEUE_PER_CLIENT its client one of its own. It is released
+    as soon as the thread has it."""
+    task = asyncio.ensure_future(admitting)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        task.add_done_callback(lambda done: None if done.cancelled() or done.exception() is not None
+                               else done.result().release())
+        raise
 
 
 class JobRoutes:
@@ -155,7 +170,7 @@ class JobRoutes:
         if self.prompt_tokens is not None:         # and the release below may raise
             headers.update(prompt_token_headers(await run_in_threadpool(self.prompt_tokens, params.prompt)))
         try:
-            admission = await run_in_threadpool(self.admit, scope)
+            admission = await _taken_even_if_cancelled(run_in_threadpool(self.admit, scope))
         except SlapgenError as error:  # QueueFullError: 429 with Retry-After
             return await error_response(error)(scope, receive, send)
         scope.setdefault("state", {})[ADMISSION_KEY] = admission

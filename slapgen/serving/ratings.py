@@ -85,10 +85,10 @@ class RatingStore:
 
     def summary(self, model: str) -> dict:
         """The summary of `model`'s ratings (`summarise`), with how many verdicts of other models (or of no
-        recorded model) it leaves out; the same dict while no rating is added: read it, never change it."""
+        recorded model) it leaves out; the same dict while no rating is added or assigned: read it, never change it."""
         with self._summary_lock:
             cached = self._summaries.get(model)
-            if cached is not None and cached[0] == self._stamp():  # two numbers, not every row, to learn nothing changed
+            if cached is not None and cached[0] == self._stamp():  # a count per model, not every row, to learn nothing changed
                 return cached[1]
             rows = self.all()
             stamp = _stamp_of(rows)  # of the rows read, not the query's above: a rating added between is never hidden

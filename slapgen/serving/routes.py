@@ -76,7 +76,7 @@ def build_routes(
         def listing() -> dict:
             return {
                 "adapters": running.adapters.describe(),
-                "loaded": running.adapter_in_effect(),
+                "loaded": running.loaded_adapter_name(),
                 "in_memory": running.adapters.cached_names(),
                 "max_rank": running.adapters.target.max_rank,
             }
