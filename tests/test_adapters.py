@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import shutil
 
@@ -327,7 +328,9 @@ def test_another_familys_adapter_is_refused_naming_its_model(wan_adapter_files, 
 def test_a_community_wan_lora_on_cogvideox_says_it_is_for_wan(target, tmp_path, layout, key):
     """Guards a musubi-tuner (or diffusion-pipe) Wan LoRA uploaded to a CogVideoX service answered with its
     first key, "lora_unet_blocks_0_self_attn_q.alpha is not a diffusers transformer LoRA key": the sentence
-    says the file is in a layout slapgen converts for Wan models only, and nothing is stored."""
+    says the file is in a layout slapgen converts for Wan models only, and nothing is stored. On a Wan model,
+    such a file copied into the folder (not uploaded) says to upload it, and the command line's `--adapter` says
+    what the file is and how to get diffusers' layout."""
     from dataclasses import replace
 
     path = tmp_path / "community.safetensors"
@@ -341,6 +344,30 @@ def test_a_community_wan_lora_on_cogvideox_says_it_is_for_wan(target, tmp_path, 
                                 "only; the model here is tiny, a cogvideox model, whose adapters must be in diffusers' "
                                 "layout (transformer.<module>.lora_A/B.weight)")
     assert list(folder.rglob("*")) == []
+
+    # A Wan model's own community layout copied into the folder (only an upload converts it): it said its first key
+    # was not a diffusers key. The listing and a request say to upload it.
+    wan_folder = tmp_path / "wan-adapters"
+    wan_folder.mkdir()
+    shutil.copy(path, wan_folder / "copied.safetensors")
+    wan_store = AdapterStore(wan_folder, replace(target, family="wan"), cache_size=4)
+    said = (f"adapter copied is in the {layout} layout, which slapgen converts to diffusers' layout when it is uploaded "
+            "(POST /adapters/upload, or the web studio): upload it rather than copying the file into the adapters folder")
+    assert wan_store.describe() == [{"name": "copied", "error": said}]
+    with pytest.raises(AdapterError, match=re.escape(said)):
+        wan_store.get("copied")
+
+    # `slapgen generate` / `eval --adapter FILE`: "holds no transformer LoRA weights", of a file full of them.
+    from trainer.errors import EvalError
+    from trainer.evaluate.options import AdapterArg
+    from trainer.evaluate.systems import resolve_systems
+
+    with pytest.raises(EvalError) as refused:
+        resolve_systems((AdapterArg("community", path, typed=str(path)),), include_base=False)
+    assert str(refused.value) == (
+        f"--adapter {path}: {path} holds no transformer LoRA weights in diffusers' layout: it is a wan LoRA in the "
+        f"{layout} layout, which slapgen converts on upload; upload it once to a service of the model (POST "
+        "/adapters/upload) and pass the file it stores, SLAP_ADAPTERS_DIR/NAME.safetensors")
 
 
 def test_recent_adapters_come_from_memory(adapter_files, target, tmp_path, monkeypatch):

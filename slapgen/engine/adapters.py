@@ -328,7 +328,7 @@ def check_dtypes(name: str, header: Header) -> None:
 def check_adapter(name: str, header: Header, target: AdapterTarget) -> CheckedAdapter:
     """Validate an adapter's header against the running model and slot. Raises AdapterError."""
     check_base_model(name, header.metadata.get(lora_format.BASE_MODEL_KEY), target.model_name)
-    check_other_family_layout(name, header, target)
+    check_community_layout(name, header, target)
     ranks = module_ranks(name, header.shapes, target)
     rank = max(ranks.values())
     check_rank(name, rank, target)
@@ -338,17 +338,23 @@ def check_adapter(name: str, header: Header, target: AdapterTarget) -> CheckedAd
     return CheckedAdapter(rank, config, ticft_layout(name, header.metadata, target))
 
 
-def check_other_family_layout(name: str, header: Header, target: AdapterTarget) -> None:
-    """A LoRA in a community layout another family converts (a musubi-tuner LoRA on a CogVideoX service) is
-    refused saying so, rather than by its first key (`lora_unet_blocks_0_self_attn_k.alpha is not a diffusers
-    transformer LoRA key`), which leaves the user to guess the file is for another model family."""
+def check_community_layout(name: str, header: Header, target: AdapterTarget) -> None:
+    """A LoRA in a community layout is refused saying so, rather than by its first key
+    (`lora_unet_blocks_0_self_attn_k.alpha is not a diffusers transformer LoRA key`): another family's (a musubi-tuner
+    LoRA on a CogVideoX service), which leaves the user to guess the file is for another model family; or this
+    family's, copied into the adapters folder, where only an upload converts it."""
     for family in registered_families():
-        layout = family.community_lora_layout(header.shapes) if family.name != target.family else None
-        if layout is not None:
-            running = f"{target.model_name}, a {target.family} model," if target.family else target.model_name
-            raise AdapterError(f"adapter {name} is in the {layout} layout, which slapgen converts for {family.name} "
-                               f"models only; the model here is {running} whose adapters must be in diffusers' layout "
-                               "(transformer.<module>.lora_A/B.weight)", field="adapter")
+        layout = family.community_lora_layout(header.shapes)
+        if layout is None:
+            continue
+        if family.name == target.family:
+            raise AdapterError(f"adapter {name} is in the {layout} layout, which slapgen converts to diffusers' layout "
+                               "when it is uploaded (POST /adapters/upload, or the web studio): upload it rather than "
+                               "copying the file into the adapters folder", field="adapter")
+        running = f"{target.model_name}, a {target.family} model," if target.family else target.model_name
+        raise AdapterError(f"adapter {name} is in the {layout} layout, which slapgen converts for {family.name} "
+                           f"models only; the model here is {running} whose adapters must be in diffusers' layout "
+                           "(transformer.<module>.lora_A/B.weight)", field="adapter")
 
 
 def check_base_model(name: str, declared: str | None, model_name: str) -> None:

@@ -77,6 +77,19 @@ def _what_to_pass(folder: Path) -> str:
     return f"pass a training run's folder, or a LoRA file such as {WEIGHTS_FILE}"
 
 
+def _community_hint(shapes: Mapping[str, list[int]]) -> str:
+    """For a LoRA file in a community layout (a Wan LoRA of musubi-tuner's): what it is and how to get diffusers'
+    layout, which this command reads (it said only "holds no transformer LoRA weights", of a file full of them)."""
+    from slapgen.models.family import registered_families
+
+    for family in registered_families():
+        if (layout := family.community_lora_layout(shapes)) is not None:
+            return (f" in diffusers' layout: it is a {family.name} LoRA in the {layout} layout, which slapgen converts "
+                    "on upload; upload it once to a service of the model (POST /adapters/upload) and pass the file it "
+                    "stores, SLAP_ADAPTERS_DIR/NAME.safetensors")
+    return ""
+
+
 def _system(adapter: AdapterArg) -> System:
     path = adapter.path
     if path.is_dir():
@@ -96,7 +109,8 @@ def _system(adapter: AdapterArg) -> System:
             ranks.append(shape[0])
             modules.add(_target_name(match["module"]))
     if not ranks:
-        raise EvalError(f"--adapter {adapter.given}: {path} holds no transformer LoRA weights")
+        raise EvalError(f"--adapter {adapter.given}: {path} holds no transformer LoRA weights"
+                        f"{_community_hint(header.shapes)}")
     declared = header.metadata.get(lora_format.TARGET_MODULES_KEY)
     targets = tuple(declared.split(",")) if declared else tuple(sorted(modules))
     layout = None
