@@ -110,6 +110,10 @@ def test_text_to_video_with_a_plain_adapter_and_from_a_template(inputs, tmp_path
     (["--adapter", "{lora}", "--condition-image", "{png}", "--set", "num_frames=17"],
      "a TIC-FT adapter of layout c1b1t1 generates 9 frames (4 after the condition); leave --set num_frames out or set "
      "it to 9, got 17"),
+    # A count the model's rule refuses: the layout's sentence, not "must be 8k+1, got 5" (which sent users to 9 or 17).
+    (["--adapter", "{lora}", "--condition-image", "{png}", "--set", "num_frames=5"],
+     "a TIC-FT adapter of layout c1b1t1 generates 9 frames (4 after the condition); leave --set num_frames out or set "
+     "it to 9, got 5"),
     (["--condition-image", "{folder}/nope.png", "--adapter", "{lora}"], "--condition-image {folder}/nope.png: no such file"),
     (["--condition-image", "{lora}", "--adapter", "{lora}"], "not a PNG or JPEG"),
     (["--adapter", "{folder}/missing.safetensors"], "--adapter {folder}/missing.safetensors: no such file or folder"),

@@ -85,6 +85,13 @@ def test_layouts_are_checked_against_the_models_frame_limits(tiny_cache_dir, dem
         TicftLayout.parse("c1b3t11").check_fits(49, "tiny")
     with pytest.raises(TrainConfigError, match="data.num_frames must be 49, the pixel frames of ticft.layout c1b3t9"):
         load_config("ticft", preset_overrides(tiny_cache_dir))
+    # The layout is said first: the frame rule's "data.num_frames must be 8k+1 ..., got 13" sent a walk-through to 17,
+    # only to learn then that c1b1t2 (4 latent frames) is what tiny cannot generate. Wan's 4k+1 takes any latent count.
+    with pytest.raises(TrainConfigError) as refused:
+        load_config("ticft", preset_overrides(tiny_cache_dir, "ticft.layout=c1b1t2", "data.num_frames=13"))
+    assert ("TIC-FT layout c1b1t2 spans 4 latent frames = 13 pixel frames; tiny needs 8k+1 (1, 9, 17, ...) pixel "
+            "frames (an odd number of latent frames)") in str(refused.value)
+    assert TicftLayout.parse("c1b1t2").check_fits(None, "tiny-wan", 4) == TicftLayout(1, 1, 2)  # any count on 4k+1
     too_long = load_config("ticft", preset_overrides(tiny_cache_dir, "ticft.layout=c1b3t11", "data.num_frames=57"))
     with pytest.raises(TrainConfigError, match="ticft.layout: .*57 pixel frames; tiny generates at most 49"):
         train(too_long, demo_dataset, tmp_path / "run", progress=False)

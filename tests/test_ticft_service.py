@@ -142,3 +142,7 @@ def test_mismatched_conditions_are_400s_naming_the_field(server):
             assert response.status_code == 400, (route, body, response.text)
             assert message in response.json()["error"], response.text
             assert response.json()["detail"][0]["loc"] == ["condition_image"], response.text
+        # A count the model's 8k+1 rule refuses gets the layout's sentence (the rule's sent users to 17).
+        response = _post(server, route, adapter="slap", condition_image=png, num_frames=5)
+        assert response.status_code == 400 and response.json()["detail"][0]["loc"] == ["num_frames"], response.text
+        assert "leave num_frames out or set it to" in response.json()["error"], response.text

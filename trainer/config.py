@@ -259,17 +259,19 @@ class TrainConfig(Section):
         """Frames the model's VAE round-trips and sizes in its latent patches (`check_clip_shape`; the frame
         rule of CogVideoX 1.0 when the model is unknown), and a TIC-FT layout's own clip length."""
         frame_step, model = self._frame_rule_owner()
+        # The layout first: it fixes the clip's length, so its sentences name the length to give (the frame rule's
+        # "8k+1 ..., got 13" sent a walk-through to 17, only to learn the layout was what did not fit).
+        if self.ticft is not None:
+            layout = self.ticft.parsed_layout.check_fits(None, model, frame_step)
+            if self.data.num_frames != layout.pixel_frames:
+                raise ValueError(f"data.num_frames must be {layout.pixel_frames}, the pixel frames of ticft.layout "
+                                 f"{layout}, got {self.data.num_frames}")
         if self.model_spec is not None:
             check_clip_shape(self.data, self.model_spec)
             self.check_flow_matching(self.model_spec)
         elif not is_valid_frame_count(self.data.num_frames, frame_step):
             raise ValueError(f"data.num_frames must be {frame_rule(frame_step)} so the VAE of {model} round-trips "
                              f"it, got {self.data.num_frames}")
-        if self.ticft is not None:
-            layout = self.ticft.parsed_layout.check_fits(None, model, frame_step)
-            if self.data.num_frames != layout.pixel_frames:
-                raise ValueError(f"data.num_frames must be {layout.pixel_frames}, the pixel frames of ticft.layout "
-                                 f"{layout}, got {self.data.num_frames}")
 
     def check_flow_matching(self, spec: ModelSpec) -> None:
         """`flow_matching` only for a model whose family trains on flow-matching sigmas (ValueError otherwise)."""

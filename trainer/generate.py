@@ -142,6 +142,9 @@ def generate_video(options: GenerateOptions, progress: bool = True) -> dict:
     layout = systems[0].ticft_layout if systems else None  # from the LoRA's header, before any model loads
     resolved = resolve_model(options.model, options.model_cache_dir, setting=MODEL_SETTING)
     check_base_models(systems, resolved.spec.name)
+    if layout is not None and isinstance(options.settings.get("num_frames"), int):
+        with named_options():  # the layout's count first: the model's "must be 8k+1, got 5" sent users the wrong way
+            check_frames(options.settings["num_frames"], layout)
     params = checked_params(resolved.spec, options.settings, "--set", prompt=prompt, seed=options.seed, adapter=adapter,
                             include_condition_frames=options.include_condition_frames)
     if layout is not None and "num_frames" not in options.settings:

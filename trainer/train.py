@@ -123,19 +123,19 @@ def _setup(config: TrainConfig, data_path: Path, run_dir: Path, resume: str | No
     resolved = resolve_model(config.model, config.model_cache_dir, setting=TRAINER_SETTING)
     check_preset_family(config, resolved.spec)
     config = config.with_model_defaults(resolved.spec)  # what the config left to the model, before it is saved
+    layout = None
+    if config.ticft is not None:  # first: the layout fixes the clip's length (TrainConfig's checks say why)
+        spec = resolved.spec
+        try:
+            layout = config.ticft.parsed_layout.check_fits(spec.max_num_frames, spec.name, spec.frame_step)
+        except TicftLayoutError as error:
+            raise TrainConfigError(f"ticft.layout: {error}") from None
     try:
         check_clip_shape(config.data, resolved.spec)
         config.check_flow_matching(resolved.spec)  # a model known only now (a download) is checked here
     except ValueError as error:
         raise TrainConfigError(str(error)) from None
     clips = read_training_clips(data_path, config.data.max_clips, config.data.trigger_word)
-    layout = None
-    if config.ticft is not None:
-        spec = resolved.spec
-        try:
-            layout = config.ticft.parsed_layout.check_fits(spec.max_num_frames, spec.name, spec.frame_step)
-        except TicftLayoutError as error:
-            raise TrainConfigError(f"ticft.layout: {error}") from None
     # accelerate keeps its state for the life of the process; a second `train()` in one process (a sweep,
     # the tests) must be free to pick another precision. The process group itself survives the reset.
     AcceleratorState._reset_state(reset_partial_state=True)

@@ -98,9 +98,11 @@ class TicftLayout:
         """The layout when `model` can generate its whole clip; TicftLayoutError naming the limit otherwise."""
         frames = self.pixel_frames
         if not is_valid_frame_count(frames, frame_step):
+            # In latent frames: every (frame_step / 4)-th count (CogVideoX's 8k+1: an odd number; Wan's 4k+1: any).
+            latent = " (an odd number of latent frames)" if frame_step == 2 * TEMPORAL_COMPRESSION else ""
             raise TicftLayoutError(
                 f"TIC-FT layout {self} spans {self.latent_frames} latent frames = {frames} pixel frames; {model} "
-                f"needs {frame_rule(frame_step)} pixel frames (an odd number of latent frames)")
+                f"needs {frame_rule(frame_step)} pixel frames{latent}")
         if max_num_frames is not None and frames > max_num_frames:
             raise TicftLayoutError(f"TIC-FT layout {self} spans {frames} pixel frames; {model} generates at most "
                                    f"{max_num_frames}")

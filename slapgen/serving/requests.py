@@ -129,9 +129,6 @@ class GenerateRequest(RequestBody):
         prompt = self.prompt
         if self.template is not None:
             prompt = RenderRequest(template=self.template, slots=self.slots or {}).render()
-        num_frames = spec.default_num_frames
-        if self.num_frames is not None:
-            num_frames = spec.check_frame_count(self.num_frames)
         for field in ("height", "width"):
             if (value := getattr(self, field)) is not None:
                 try:
@@ -139,12 +136,19 @@ class GenerateRequest(RequestBody):
                 except ValueError as error:
                     raise RequestError(str(error), field=field) from None
         check_served(self.adapter, adapters, "adapter")
+        layout = None
         if ticft_layout is not None:  # without it the engine makes the same checks when it generates
             layout = ticft_layout(self.adapter) if self.adapter is not None else None
             check_condition(self.adapter, layout, self.condition_image is not None, self.include_condition_frames)
-            if layout is not None:
-                num_frames = layout.pixel_frames if self.num_frames is None else num_frames
-                check_frames(num_frames, layout)
+        if layout is not None:
+            # The layout's count, checked before the model's rule, which it passes (`check_fits`): "num_frames must
+            # be 4k+1, got 10" sent a walk-through to 9 or 13 before it heard the layout wants exactly 9.
+            num_frames = layout.pixel_frames if self.num_frames is None else self.num_frames
+            check_frames(num_frames, layout)
+        elif self.num_frames is not None:
+            num_frames = spec.check_frame_count(self.num_frames)
+        else:
+            num_frames = spec.default_num_frames
         condition = decode_condition_image(self.condition_image) if self.condition_image is not None else None
         return GenerationParams(
             prompt=prompt,
