@@ -4,7 +4,8 @@
 so a condition image reaches the model exactly as training frames did. It cuts the centre to the
 output's aspect before it scales, so its work and memory are bounded by the source and the output,
 whatever the source's shape (scaling first made a 1x4096 image a 393,216x96 one). `decode_image` reads
-only PNG and JPEG (the first frame of an animated one), refuses more than `MAX_IMAGE_BYTES`,
+only PNG and JPEG (the first frame of an animated one; another format is named), refuses more than `MAX_IMAGE_BYTES`
+(`MAX_IMAGE_FILE_BYTES` for a file on this machine),
 `MAX_IMAGE_PIXELS`, `MAX_IMAGE_ASPECT` or `MAX_JPEG_SCANS` before decoding a pixel (the size is in the header),
 and turns every decoder failure into one `ImageError`.
 """
@@ -20,7 +21,11 @@ import torch.nn.functional as F
 
 from slapgen.errors import ImageError, first_line
 
-MAX_IMAGE_BYTES = 8 * 1024**2
+MAX_IMAGE_BYTES = 8 * 1024**2  # a condition image sent over HTTP (its base64 inside a JSON body)
+# A file read from this machine's disk (`read_image`: `slapgen generate --condition-image`, a TIC-FT training
+# pair's condition): the pixel limit bounds the decode; this only bounds the read (a 4096x4096 16-bit RGBA PNG
+# stored uncompressed is 128 MiB). HTTP's 8 MiB refused a 4K PNG screenshot on the command line.
+MAX_IMAGE_FILE_BYTES = 256 * 1024**2
 MAX_IMAGE_PIXELS = 4096 * 4096
 # Longer side over shorter side: wider than a panorama, the centre crop would keep a sliver of the image.
 MAX_IMAGE_ASPECT = 10
@@ -35,14 +40,29 @@ IMAGE_FORMATS = ("PNG", "JPEG")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
-def decode_image(data: bytes) -> np.ndarray:
-    """PNG or JPEG bytes -> RGB uint8 (H, W, 3), EXIF rotation applied; ImageError otherwise."""
+# What a file that is not a PNG or JPEG is, by its first bytes: said, so the fix (convert it) is plain.
+OTHER_IMAGE_SIGNATURES = {b"RIFF": "a WebP image", b"GIF8": "a GIF", b"BM": "a BMP image", b"II*\x00": "a TIFF image",
+                          b"MM\x00*": "a TIFF image"}
+
+
+def _what_it_is(data: bytes) -> str:
+    for signature, what in OTHER_IMAGE_SIGNATURES.items():
+        if data.startswith(signature) and (signature != b"RIFF" or data[8:12] == b"WEBP"):
+            return f"; it is {what}: convert it to PNG or JPEG"
+    if data[4:12] in (b"ftypheic", b"ftypheix", b"ftypmif1", b"ftypavif"):
+        return "; it is a HEIF/AVIF image: convert it to PNG or JPEG"
+    return ""
+
+
+def decode_image(data: bytes, max_bytes: int = MAX_IMAGE_BYTES) -> np.ndarray:
+    """PNG or JPEG bytes (at most `max_bytes`) -> RGB uint8 (H, W, 3), EXIF rotation applied; ImageError otherwise."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     if not data:
         raise ImageError("the image is empty (no bytes)")
-    if len(data) > MAX_IMAGE_BYTES:
-        raise ImageError(f"the image is larger than {MAX_IMAGE_BYTES // 1024**2} MiB")
+    if len(data) > max_bytes:
+        raise ImageError(f"the image is larger than {max_bytes // 1024**2} MiB; send a JPEG, or scale it down (it "
+                         f"is resized to the video's size anyway)")
     try:
         with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
             check_image_size(*image.size)  # from the header: nothing is decoded yet
@@ -63,7 +83,7 @@ def decode_image(data: bytes) -> np.ndarray:
     except UnidentifiedImageError:
         # Its text is "cannot identify image file <_io.BytesIO object at 0x...>": our buffer, not the client's file.
         raise ImageError("the image is not a PNG or JPEG that can be decoded (its header is neither a valid PNG nor "
-                         "a valid JPEG one)") from None
+                         f"a valid JPEG one){_what_it_is(data)}") from None
     except Exception as error:  # noqa: BLE001 - Pillow promises no error types beyond the two above: OSError,
         # SyntaxError, ValueError, EOFError, and struct.error from a damaged EXIF block re-packed by exif_transpose
         raise ImageError(f"the image is not a PNG or JPEG that can be decoded ({first_line(error, 120)})") from None
@@ -121,9 +141,11 @@ def read_image(path: Path) -> np.ndarray:
     """An image file (PNG / JPEG) as RGB uint8 (H, W, 3); ImageError naming the file otherwise."""
     path = Path(path)
     try:
-        return decode_image(path.read_bytes())
+        with path.open("rb") as file:
+            data = file.read(MAX_IMAGE_FILE_BYTES + 1)
+        return decode_image(data, MAX_IMAGE_FILE_BYTES)
     except ImageError as error:
-        raise ImageError(f"{path.name}: {error}") from None
+        raise ImageError(f"{path}: {error}") from None
 
 
 def first_frame(path: Path) -> np.ndarray:

@@ -115,11 +115,14 @@ def test_refusals_say_what_is_wrong_in_the_clients_terms():
     JPEG" with Pillow's "could be decompression bomb DOS attack" instead of README's pixel limit."""
     from slapgen.images import MAX_IMAGE_PIXELS
 
+    # Another format is named, so the fix is plain (a WebP said only "neither a valid PNG nor a valid JPEG").
+    named = {"gif": "; it is a GIF: convert it to PNG or JPEG", "webp": "; it is a WebP image: convert it to PNG or JPEG",
+             "bmp": "; it is a BMP image: convert it to PNG or JPEG"}
     for kind in ("gif", "webp", "bmp", "png-header-only", "png-bad-crc", "png-zero-width"):
         with pytest.raises(RequestError) as refused:
             decode_condition_image(_encoded(IMAGES[kind]))
         assert str(refused.value) == ("condition_image: the image is not a PNG or JPEG that can be decoded (its "
-                                      "header is neither a valid PNG nor a valid JPEG one)"), kind
+                                      f"header is neither a valid PNG nor a valid JPEG one){named.get(kind, '')}"), kind
     with pytest.raises(RequestError) as refused:
         decode_condition_image("")
     assert str(refused.value) == "condition_image: the image is empty (no bytes)"
@@ -183,7 +186,35 @@ def test_an_image_over_the_byte_limit_is_refused_in_mib_not_base64_characters():
     request = GenerateRequest.model_validate({"prompt": "a slap", "condition_image": _encoded(data)})
     with pytest.raises(RequestError) as refused:
         decode_condition_image(request.condition_image)
-    assert str(refused.value) == "condition_image: the image is larger than 8 MiB"
+    assert str(refused.value) == ("condition_image: the image is larger than 8 MiB; send a JPEG, or scale it down (it "
+                                  "is resized to the video's size anyway)")
+
+
+def test_a_file_on_this_machine_is_bounded_by_its_pixels_not_the_http_limit(tmp_path):
+    """Guards `slapgen generate --condition-image` refusing a 4K PNG screenshot (9.7 MB) with the HTTP body's 8 MiB
+    limit, which bounds a request, not a local file: a file is read up to MAX_IMAGE_FILE_BYTES and decoded within
+    the pixel limit, and a file past that is one sentence naming it."""
+    import io
+
+    from PIL import Image
+
+    from slapgen.errors import ImageError
+    from slapgen.images import MAX_IMAGE_BYTES, MAX_IMAGE_FILE_BYTES, read_image
+
+    noise = np.random.default_rng(0).integers(0, 256, (1800, 1800, 3), dtype=np.uint8)
+    encoded = io.BytesIO()
+    Image.fromarray(noise).save(encoded, "PNG", compress_level=0)
+    path = tmp_path / "screenshot.png"
+    path.write_bytes(encoded.getvalue())
+    assert path.stat().st_size > MAX_IMAGE_BYTES
+    np.testing.assert_array_equal(read_image(path), noise)
+    huge = tmp_path / "huge.png"
+    with huge.open("wb") as file:
+        file.write(b"\x89PNG\r\n\x1a\n")
+        file.truncate(MAX_IMAGE_FILE_BYTES + 1)
+    with pytest.raises(ImageError) as refused:
+        read_image(huge)
+    assert str(refused.value).startswith(f"{huge}: the image is larger than {MAX_IMAGE_FILE_BYTES // 1024**2} MiB")
 
 def test_special_modes_decode_to_their_pixels():
     """16-bit greyscale was clipped to white by Pillow's conversion (every value above 255 became 255); it

@@ -115,7 +115,7 @@ def test_text_to_video_with_a_plain_adapter_and_from_a_template(inputs, tmp_path
      "a TIC-FT adapter of layout c1b1t1 generates 9 frames (4 after the condition); leave --set num_frames out or set "
      "it to 9, got 5"),
     (["--condition-image", "{folder}/nope.png", "--adapter", "{lora}"], "--condition-image {folder}/nope.png: no such file"),
-    (["--condition-image", "{lora}", "--adapter", "{lora}"], "not a PNG or JPEG"),
+    (["--condition-image", "{lora}", "--adapter", "{lora}"], "--condition-image {lora}: the image is not a PNG or JPEG"),
     (["--adapter", "{folder}/missing.safetensors"], "--adapter {folder}/missing.safetensors: no such file or folder"),
     # the service's adapters folder, not a run: named as typed (it read "--adapter engine-adapters={folder}/...")
     (["--adapter", "{folder}/engine-adapters"], "--adapter {folder}/engine-adapters: the folder has no "

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from slapgen.errors import SlapgenError, closest_path_hint
+from slapgen.errors import ImageError, SlapgenError, closest_path_hint
 from trainer.errors import GenerateError
 
 # Engine error fields -> the option a person typed.
@@ -135,7 +135,10 @@ def generate_video(options: GenerateOptions, progress: bool = True) -> dict:
     prompt = check_options(options)
     if options.device.startswith("cuda") and not torch.cuda.is_available():
         raise GenerateError(f"--device {options.device} needs a CUDA GPU and none is usable here; use --device cpu")
-    condition = read_image(options.condition_image) if options.condition_image is not None else None
+    try:
+        condition = read_image(options.condition_image) if options.condition_image is not None else None
+    except ImageError as error:  # it named the file alone, not the option
+        raise GenerateError(f"--condition-image {error}") from None
     given = (AdapterArg(adapter_name(options.adapter), options.adapter, typed=str(options.adapter)),) if options.adapter else ()
     systems = resolve_systems(given, include_base=False) if given else []
     adapter = systems[0].adapter if systems else None
