@@ -90,7 +90,7 @@ def cmd_train(args) -> int:
     final = train(config, args.data, args.out, resume=args.resume, stop_at_step=args.stop_at_step,
                   overwrite=args.overwrite)
     if final is not None:  # None: stopped early (it said how to continue), or not the main process
-        for line in where_to_look_next(args.out, config.model, config.logging.tensorboard):
+        for line in where_to_look_next(args.out, config.model, config.logging.tensorboard, config.ticft is not None):
             print(line)
     return 0
 

@@ -135,11 +135,12 @@ def check_resume_config(run_dir: Path, config_yaml: str) -> None:
         f"trains a new LoRA from the base model: the trainer has no option to start from an existing LoRA)")
 
 
-def where_to_look_next(run_dir: Path, model: str, tensorboard: bool) -> list[str]:
+def where_to_look_next(run_dir: Path, model: str, tensorboard: bool, ticft: bool = False) -> list[str]:
     """The lines `slapgen train` ends with after the LoRA's: what a user looks at next, only what this run
     wrote (its last validation videos, metrics.jsonl, the TensorBoard command when it logged there) and how to
-    serve it, in one line. Paths as `run_dir` was given, so they work from where the command ran; the
-    adapters folder absolute, since `bentoml serve` reads it from the service's folder."""
+    serve it, in one line (a TIC-FT LoRA's with the image every request needs). Paths as `run_dir` was given, so
+    they work from where the command ran; the adapters folder absolute, since `bentoml serve` reads it from the
+    service's folder."""
     run_dir = Path(run_dir)
     lines = []
     videos = sorted(path for path in (run_dir / VALIDATION_DIR).glob("step-*") if path.is_dir())
@@ -152,9 +153,11 @@ def where_to_look_next(run_dir: Path, model: str, tensorboard: bool) -> list[str
         lines.append(f"TensorBoard: tensorboard --logdir {shlex.quote(str(run_dir / LOGS_DIR))}")
     name = run_dir.absolute().name
     if NAME_PATTERN.fullmatch(name):
+        image = (' with "condition_image", the frame to animate (base64 PNG or JPEG); or `slapgen generate --adapter '
+                 f'{shlex.quote(str(run_dir))} --condition-image IMAGE`') if ticft else ""
         lines.append(f"serve it: SLAP_MODEL={shlex.quote(model)} SLAP_ADAPTERS_DIR="
                      f"{shlex.quote(str(run_dir.absolute().parent))} bentoml serve (in the slapgen folder), then ask "
-                     f'for "adapter": "{name}"')
+                     f'for "adapter": "{name}"{image}')
     else:  # the served folder's adapters are named after their folders; this one's name is not an adapter name
         lines.append(f"serve it: upload it to a running server as a name of {NAME_RULE}: curl -X POST "
                      f'http://127.0.0.1:3000/adapters/upload -H "Authorization: Bearer $SLAP_API_TOKEN" -F name=NAME '

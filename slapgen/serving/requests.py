@@ -181,7 +181,9 @@ def decode_condition_image(text: str) -> np.ndarray:
     try:
         data = base64.b64decode("".join(body.split()), validate=True)
     except (binascii.Error, ValueError):
-        raise RequestError("condition_image is not valid base64", field=CONDITION_FIELD) from None
+        # A path or URL sent as the value read as bad base64 alone.
+        raise RequestError("condition_image is not valid base64: send the image's bytes in base64 (`base64 -w0 "
+                           "face.png`), not a path or URL", field=CONDITION_FIELD) from None
     try:
         return decode_image(data)
     except ImageError as error:
