@@ -278,6 +278,37 @@ def test_a_finishing_job_shows_a_full_bar_and_its_cancel_is_off(browser, studio)
 
 
 @pytest.mark.slow
+def test_adapters_the_service_cannot_serve_are_said_and_new_ones_appear_when_the_page_is_back(browser, studio,
+                                                                                              studio_home):
+    """Guards two studio faults a walk-through found: an adapter the service lists with an error (another model's, a
+    broken file) vanished from the page without a word, and one uploaded while the page was open was offered only
+    after a reload. The page says which adapters it does not offer and why (GET /adapters' sentences), and asks for
+    the list again when it is back in view (the window's focus)."""
+    page = open_studio(browser, studio.url)
+    assert not page.is_visible("#adapters-unusable")
+    folder = studio_home / "adapters"
+    try:
+        (folder / "broken.safetensors").write_bytes(b"not an adapter")
+        shutil.copy(folder / "powerslap.safetensors", folder / "fresh.safetensors")
+        page.evaluate("window.dispatchEvent(new Event('focus'))")
+        page.wait_for_function("[...document.getElementById('adapter').options].some((o) => o.value === 'fresh')",
+                               timeout=30_000)
+        listed = {entry["name"]: entry for entry in httpx.get(f"{studio.url}/adapters", timeout=30).json()["adapters"]}
+        assert page.inner_text("#adapters-unusable") == (
+            f"Not offered, since the service cannot serve it: broken ({listed['broken']['error']}).")
+        options = page.eval_on_selector_all("#adapter option", "options => options.map((o) => o.value)")
+        assert "broken" not in options and {"powerslap", "i2v", "fresh"} <= set(options)
+        assert "fresh" in page.eval_on_selector_all("#compare-a option", "options => options.map((o) => o.value)")
+    finally:
+        for name in ("broken", "fresh"):
+            (folder / f"{name}.safetensors").unlink(missing_ok=True)
+    page.evaluate("window.dispatchEvent(new Event('focus'))")
+    page.wait_for_function("document.getElementById('adapters-unusable').hidden", timeout=30_000)
+    assert page.errors == []
+    page.close()
+
+
+@pytest.mark.slow
 def test_a_refused_generate_clears_its_progress_and_an_empty_field_takes_the_models_default(browser, studio):
     """Guards two studio bugs a walk-through found: after a refused Generate (width 40) the service's sentence
     showed beside "queued…", which stayed; and an empty "Denoising steps" field was sent as 0 ("num_inference_steps

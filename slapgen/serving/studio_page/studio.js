@@ -244,6 +244,14 @@ function renderCaption() {
 
 function fillSystems() {
   const adapters = state.adapters.filter((a) => !a.error).map((a) => a.name);
+  // An adapter the service cannot serve (another model's, a broken file) is not offered, and said so: it vanished
+  // without a word (a walk-through's find), though GET /adapters lists it with its sentence.
+  const unusable = state.adapters.filter((a) => a.error);
+  $("adapters-unusable").textContent = unusable.length
+    ? `Not offered, since the service cannot serve ${unusable.length === 1 ? "it" : "them"}: ` +
+      unusable.map((a) => `${a.name} (${a.error})`).join("; ") + "."
+    : "";
+  $("adapters-unusable").hidden = !unusable.length;
   const main = $("adapter");
   const previous = main.value;
   main.innerHTML = "";
@@ -260,6 +268,22 @@ function fillSystems() {
   // Sensible pairs by default: base against the first adapter.
   for (const id of ["compare-b", "rate-b"]) if ($(id).value === "base" && adapters.length) $(id).value = adapters[0];
   showConditionFields();
+}
+
+// The adapters again when the page is back in view: one uploaded meanwhile (by curl, another tab) was offered only
+// after a reload. One request at a time.
+let adaptersLoading = false;
+async function refreshAdapters() {
+  if (adaptersLoading || document.hidden || !document.body.dataset.ready) return;
+  adaptersLoading = true;
+  try {
+    state.adapters = (await api("/adapters")).adapters;
+    fillSystems();
+  } catch (error) {
+    // the next focus tries again; the page keeps the list it has
+  } finally {
+    adaptersLoading = false;
+  }
 }
 
 // ---------- the TIC-FT condition image ----------
@@ -1161,6 +1185,8 @@ async function start() {
   $("pair-form").addEventListener("submit", newPair);
   $("rating-form").addEventListener("submit", saveRating);
   $("summary-refresh").addEventListener("click", () => loadSummary());
+  window.addEventListener("focus", refreshAdapters);
+  document.addEventListener("visibilitychange", refreshAdapters);
   setUpCampaigns();
   try {
     const [info, templates, adapters] = await Promise.all([api("/info"), api("/templates"), api("/adapters")]);
