@@ -119,11 +119,13 @@ def test_a_submit_cancelled_while_its_place_is_taken_gives_the_place_back():
 
     from slapgen.serving.job_routes import _taken_even_if_cancelled
 
-    queue, taking = GenerationQueue(limit=2, per_client=1), threading.Event()
+    queue, taking, taken = GenerationQueue(limit=2, per_client=1), threading.Event(), threading.Event()
 
     def slow_admit():
         taking.wait(10)  # the thread takes the place only once the submit has been cancelled
-        return queue.admit(client="a")
+        admission = queue.admit(client="a")
+        taken.set()
+        return admission
 
     async def submit_cancelled():
         submit = asyncio.ensure_future(_taken_even_if_cancelled(run_in_threadpool(slow_admit)))
@@ -132,7 +134,9 @@ def test_a_submit_cancelled_while_its_place_is_taken_gives_the_place_back():
         with pytest.raises(asyncio.CancelledError):
             await submit
         taking.set()
-        for _ in range(200):  # the thread finishes, then its place is released
+        # The place is taken first (before, the queue read empty and this returned before the thread took it)...
+        assert await asyncio.to_thread(taken.wait, 30)
+        for _ in range(3000):  # ... then released, once the loop hears the thread is done
             if queue.admitted == 0 and not queue._held_by:
                 return
             await asyncio.sleep(0.01)
