@@ -34,7 +34,7 @@ from slapgen.atomic import atomic_write_bytes
 from slapgen.errors import (AdapterError, AdapterExistsError, AdapterNotFoundError, AdapterNotRemovableError,
                             AdapterTooLargeError, TicftLayoutError, first_line)
 from slapgen.models import lora_format
-from slapgen.models.family import family_named, registered_families
+from slapgen.models.family import community_layout_of, family_named
 from slapgen.models.lora_format import (DIFFUSERS_METADATA_KEY, KEY_PATTERN, WEIGHTS_FILE, Header, HeaderError, parse_header,
                                         read_file_header, shown)
 from slapgen.models.specs import DEFAULT_FRAME_STEP
@@ -343,18 +343,18 @@ def check_community_layout(name: str, header: Header, target: AdapterTarget) -> 
     (`lora_unet_blocks_0_self_attn_k.alpha is not a diffusers transformer LoRA key`): another family's (a musubi-tuner
     LoRA on a CogVideoX service), which leaves the user to guess the file is for another model family; or this
     family's, copied into the adapters folder, where only an upload converts it."""
-    for family in registered_families():
-        layout = family.community_lora_layout(header.shapes)
-        if layout is None:
-            continue
-        if family.name == target.family:
-            raise AdapterError(f"adapter {name} is in the {layout} layout, which slapgen converts to diffusers' layout "
-                               "when it is uploaded (POST /adapters/upload, or the web studio): upload it rather than "
-                               "copying the file into the adapters folder", field="adapter")
-        running = f"{target.model_name}, a {target.family} model," if target.family else target.model_name
-        raise AdapterError(f"adapter {name} is in the {layout} layout, which slapgen converts for {family.name} "
-                           f"models only; the model here is {running} whose adapters must be in diffusers' layout "
-                           "(transformer.<module>.lora_A/B.weight)", field="adapter")
+    found = community_layout_of(header.shapes)
+    if found is None:
+        return
+    family, layout = found
+    if family.name == target.family:
+        raise AdapterError(f"adapter {name} is in the {layout} layout, which slapgen converts to diffusers' layout "
+                           "when it is uploaded (POST /adapters/upload, or the web studio): upload it rather than "
+                           "copying the file into the adapters folder", field="adapter")
+    running = f"{target.model_name}, a {target.family} model," if target.family else target.model_name
+    raise AdapterError(f"adapter {name} is in the {layout} layout, which slapgen converts for {family.name} "
+                       f"models only; the model here is {running} whose adapters must be in diffusers' layout "
+                       "(transformer.<module>.lora_A/B.weight)", field="adapter")
 
 
 def check_base_model(name: str, declared: str | None, model_name: str) -> None:

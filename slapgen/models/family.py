@@ -450,6 +450,15 @@ def registered_families() -> list[ModelFamily]:
     return list(FAMILIES.values())
 
 
+def community_layout_of(keys: Collection[str]) -> tuple[ModelFamily, str] | None:
+    """The registered family whose community LoRA layout (musubi-tuner's, Wan's original) `keys` are in, with that
+    layout's name; None for keys in no family's community layout (diffusers' own, or none at all)."""
+    for family in registered_families():
+        if (layout := family.community_lora_layout(keys)) is not None:
+            return family, layout
+    return None
+
+
 def known_spec(name: str) -> "ModelSpec | None":
     """The spec of a model known by name (a hub id such as THUDM/CogVideoX-5b or
     Wan-AI/Wan2.1-T2V-1.3B-Diffusers, any case) in any registered family, else None."""

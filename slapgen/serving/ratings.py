@@ -109,7 +109,7 @@ class RatingStore:
 
     def model_counts(self) -> list[tuple[str | None, int]]:
         """Verdicts per model, by name, then those stored before ratings recorded their model (None)."""
-        return sorted(((model, count) for model, count, _ in self._stamp()), key=_named_first)
+        return [(model, count) for model, count, _ in self._stamp()]  # the stamp is in that order
 
     def assign_model(self, model: str, recorded: str | None = None) -> int:
         """Record `model` as the model of the ratings recorded as `recorded` (None: those stored before ratings

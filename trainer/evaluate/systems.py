@@ -80,14 +80,14 @@ def _what_to_pass(folder: Path) -> str:
 def _community_hint(shapes: Mapping[str, list[int]]) -> str:
     """For a LoRA file in a community layout (a Wan LoRA of musubi-tuner's): what it is and how to get diffusers'
     layout, which this command reads (it said only "holds no transformer LoRA weights", of a file full of them)."""
-    from slapgen.models.family import registered_families
+    from slapgen.models.family import community_layout_of
 
-    for family in registered_families():
-        if (layout := family.community_lora_layout(shapes)) is not None:
-            return (f" in diffusers' layout: it is a {family.name} LoRA in the {layout} layout, which slapgen converts "
-                    "on upload; upload it once to a service of the model (POST /adapters/upload) and pass the file it "
-                    "stores, SLAP_ADAPTERS_DIR/NAME.safetensors")
-    return ""
+    if (found := community_layout_of(shapes)) is None:
+        return ""
+    family, layout = found
+    return (f" in diffusers' layout: it is a {family.name} LoRA in the {layout} layout, which slapgen converts "
+            "on upload; upload it once to a service of the model (POST /adapters/upload) and pass the file it "
+            "stores, SLAP_ADAPTERS_DIR/NAME.safetensors")
 
 
 def _system(adapter: AdapterArg) -> System:
