@@ -210,8 +210,12 @@ def test_the_listing_shows_the_alpha_and_modules_the_slot_swaps_in(adapter_files
     listed = {entry["name"]: entry for entry in store.describe()}
     assert (listed["mixed"]["alpha"], listed["mixed"]["target_modules"]) == (64.0, ["to_q|to_k|to_v|to_out.0"])
     assert store.get("mixed").config.lora_alpha == 64 and store.get("mixed").info() == listed["mixed"]
-    # without diffusers' metadata it targets every module path its keys name: not listed (slapgen's list, or null)
-    assert (listed["plain"]["rank"], listed["plain"]["alpha"], listed["plain"]["target_modules"]) == (4, 4.0, None)
+    # Without diffusers' metadata it targets every module path its keys name: listed once per kind, the block
+    # number folded (it was null, as if it targeted nothing).
+    modules = {lora_format.KEY_PATTERN.match(key)["module"] for key in load_file(adapter_files["no-alpha"])}
+    kinds = sorted({re.sub(r"^transformer_blocks\.\d+\.", "transformer_blocks.N.", module) for module in modules})
+    assert "transformer_blocks.N.attn1.to_q" in kinds
+    assert (listed["plain"]["rank"], listed["plain"]["alpha"], listed["plain"]["target_modules"]) == (4, 4.0, kinds)
 
 
 RULE = "(1-64 characters of a-z, 0-9, _ and -)"

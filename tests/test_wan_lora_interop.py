@@ -9,6 +9,8 @@ One in-process tiny-wan engine and one plain `WanPipeline` serve the whole modul
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -148,8 +150,15 @@ def test_a_community_layout_upload_is_served_with_the_frames_diffusers_makes(eng
     with safe_open(str(stored), framework="pt") as handle:
         assert handle.metadata()[lora_format.CONVERTED_FROM_KEY] == layout
         assert all(lora_format.KEY_PATTERN.match(key) for key in handle.keys())
+        modules = {lora_format.KEY_PATTERN.match(key)["module"] for key in handle.keys()}
     info = next(entry for entry in engine.adapters.describe() if entry["name"] == name)
     assert (info["converted_from"], info["rank"]) == (layout, 4)
+    # Its modules, one name per kind with the block number folded (the listing said null, "targets nothing").
+    kinds = sorted({re.sub(r"^blocks\.\d+\.", "blocks.N.", module) for module in modules})
+    assert info["target_modules"] == kinds
+    assert {f"blocks.N.{attention}.{part}" for attention in ("attn1", "attn2")
+            for part in ("to_q", "to_k", "to_v", "to_out.0")} <= set(kinds)
+    assert ("blocks.N.ffn.net.0.proj" in kinds) == feed_forward
 
 
 def test_a_community_lora_with_modules_the_slot_lacks_is_refused_naming_them(engine, tmp_path):

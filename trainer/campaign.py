@@ -213,14 +213,13 @@ def create_campaign(data_dir: Path, name: str, sources: list[Path], systems: lis
     return CampaignStore(data_dir, database).create(spec)
 
 
-def _existing_store(data_dir: Path, database: str | None):
-    """The store create writes, or None where there is none yet (no database URL and no DATA/campaigns.sqlite):
-    listing or deleting then creates no file."""
+def _existing_store(settings):
+    """The store create writes, or None where there is none yet (`existing_store_database`): listing or
+    deleting then creates no file."""
     from slapgen.campaign_store import CAMPAIGNS_FILE, CampaignStore
 
-    if database is None and not (Path(data_dir) / CAMPAIGNS_FILE).is_file():
-        return None
-    return CampaignStore(data_dir, database)
+    database = settings.existing_store_database(CAMPAIGNS_FILE)
+    return CampaignStore(settings.data_dir, database) if database is not None else None
 
 
 def few_prompts_sentence(items: list, budget: int) -> str | None:
@@ -237,10 +236,10 @@ def few_prompts_sentence(items: list, budget: int) -> str | None:
             f"only on its budget of {budget} ratings; eval on more held-out clips for a campaign that can")
 
 
-def campaign_lines(data_dir: Path, database: str | None = None) -> list[str]:
-    """`slapgen campaign list`: a line per campaign (name, systems, ratings so far of its budget, raters); none
-    when there is none."""
-    store = _existing_store(data_dir, database)
+def campaign_lines(settings) -> list[str]:
+    """`slapgen campaign list`: a line per campaign (name, systems, ratings so far of its budget, raters) in the
+    store `settings` name; none when there is none."""
+    store = _existing_store(settings)
     overview = store.overview() if store is not None else []
     lines = []
     for entry in overview:
@@ -252,10 +251,10 @@ def campaign_lines(data_dir: Path, database: str | None = None) -> list[str]:
     return lines
 
 
-def delete_campaign(data_dir: Path, name: str, confirmed: bool, database: str | None, where: str):
-    """`slapgen campaign delete NAME`: the campaign, its pairs, verdicts and videos (`CampaignStore.delete`);
-    one with ratings only when `confirmed` (--yes). `where`: the store, as an unknown name's sentence names it."""
-    store = _existing_store(data_dir, database)
+def delete_campaign(settings, name: str, confirmed: bool):
+    """`slapgen campaign delete NAME`: the campaign, its pairs, verdicts and videos (`CampaignStore.delete`) in the
+    store `settings` name; one with ratings only when `confirmed` (--yes)."""
+    store = _existing_store(settings)
     try:
         if store is None:
             raise CampaignNotFoundError(f"no campaign named {name!r}", field="name")
@@ -263,4 +262,4 @@ def delete_campaign(data_dir: Path, name: str, confirmed: bool, database: str | 
     except CampaignRatedError as error:
         raise CampaignRatedError(f"{error}; add --yes to delete it with them", error.ratings, error.raters) from None
     except CampaignNotFoundError as error:
-        raise CampaignNotFoundError(f"{error} in {where}; `slapgen campaign list` lists them", field="name") from None
+        raise CampaignNotFoundError(f"{error} in {settings.where_campaigns_are()}; `slapgen campaign list` lists them", field="name") from None

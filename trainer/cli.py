@@ -330,7 +330,7 @@ def cmd_campaign_list(args) -> int:
     from trainer.campaign import campaign_lines
 
     settings = load_settings()  # the store create writes
-    lines, where = campaign_lines(settings.data_dir, settings.database_url), settings.where_campaigns_are()
+    lines, where = campaign_lines(settings), settings.where_campaigns_are()
     print(f"campaigns in {where}:" if lines else f"no campaigns in {where}")
     for line in lines:
         print(f"  {line}")
@@ -344,7 +344,7 @@ def cmd_campaign_delete(args) -> int:
 
     settings = load_settings()
     where = settings.where_campaigns_are()
-    deleted = delete_campaign(settings.data_dir, args.name, args.yes, settings.database_url, where)
+    deleted = delete_campaign(settings, args.name, args.yes)
 
     def counted(number: int, noun: str) -> str:
         return f"{number} {noun}{'s' * (number != 1)}"

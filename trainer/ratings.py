@@ -21,9 +21,8 @@ def verdicts(count: int) -> str:
 
 def _existing_store(settings: SlapSettings) -> RatingStore | None:
     """The store the service writes, or None where there is none yet (no database URL and no ratings file)."""
-    if settings.database_url is None and not (settings.data_dir / RATINGS_FILE).is_file():
-        return None
-    return RatingStore(settings.store_database(settings.data_dir / RATINGS_FILE))
+    database = settings.existing_store_database(RATINGS_FILE)
+    return RatingStore(database) if database is not None else None
 
 
 def rating_model_lines(settings: SlapSettings) -> list[str]:

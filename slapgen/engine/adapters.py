@@ -105,11 +105,15 @@ def adapter_info(name: str, metadata: dict[str, str], rank: int, config: object)
     own metadata says: an upload that said alpha 4 in `slapgen.alpha` ran at its peft alpha of 1e6, and a string of
     target modules was listed as its sorted characters (a review's finds). `config`: the peft LoraConfig."""
     steps = metadata.get(lora_format.STEPS_KEY)
+    listed = metadata.get(lora_format.TARGET_MODULES_KEY)
     if lora_format.DIFFUSERS_METADATA_KEY in metadata:
         targets = config.target_modules
-    else:  # diffusers then targets every module path the keys name (160 on Wan): slapgen's short list, or none
-        listed = metadata.get(lora_format.TARGET_MODULES_KEY)
-        targets = listed.split(",") if listed else None
+    elif listed:  # diffusers then targets every module path the keys name (160 on Wan): slapgen's short list
+        targets = listed.split(",")
+    else:  # an upload converted from a community layout, another trainer's file: those paths, one per kind
+        # (listed as null, which read as "targets nothing", before)
+        targets = config.target_modules if isinstance(config.target_modules, str) else \
+            {module_kind(module) for module in config.target_modules or ()}
     return {
         "name": name,
         "rank": rank,
@@ -234,6 +238,12 @@ def module_ranks(name: str, shapes: dict[str, list[int]], target: AdapterTarget)
     return {module: parts["A"] for module, parts in parts_by_module.items()}
 
 
+def module_kind(module: str) -> str:
+    """A module path with its block number folded: `transformer_blocks.3.attn1.to_q` ->
+    `transformer_blocks.N.attn1.to_q`; one name for the same module in every block."""
+    return re.sub(r"(blocks)\.\d+\.", r"\1.N.", module)
+
+
 def check_modules(name: str, modules: set[str], target: AdapterTarget) -> None:
     """Every module the adapter trains is one the slot holds; otherwise one sentence naming them all (block
     numbers folded: `blocks.N.ffn.net.2`). An adapter is served whole or refused: served without some of its
@@ -241,7 +251,7 @@ def check_modules(name: str, modules: set[str], target: AdapterTarget) -> None:
     unknown = sorted(modules - set(target.modules))
     if not unknown:
         return
-    kinds = sorted({re.sub(r"(blocks)\.\d+\.", r"\1.N.", module) for module in unknown})
+    kinds = sorted({module_kind(module) for module in unknown})
     listed = ", ".join(shown(kind) for kind in kinds[:6]) + (f" and {len(kinds) - 6} more" if len(kinds) > 6 else "")
     what = "is not a LoRA-able module" if len(unknown) == 1 else f"({len(unknown)} modules) are not LoRA-able modules"
     raise AdapterError(f"adapter {name}: {listed} {what} of {target.model_name} as it runs here (its LoRA "

@@ -186,6 +186,15 @@ class SlapSettings(BaseSettings):
         """Where a store lives: SLAP_DATABASE_URL, or else its own SQLite file."""
         return self.database_url or default_file
 
+    def existing_store_database(self, sqlite_file: str) -> str | Path | None:
+        """`store_database` for a command that only reads or deletes (`slapgen campaign list`, `slapgen ratings
+        list`), or None where the store has none yet: no SLAP_DATABASE_URL and no SQLite file DATA/`sqlite_file`,
+        so that such a command creates no file."""
+        default = self.data_dir / sqlite_file
+        if self.database_url is None and not default.is_file():
+            return None
+        return self.store_database(default)
+
     def where_campaigns_are(self) -> str:
         """The campaigns' store, as `slapgen campaign` names it in every line: a shell without the replicas'
         SLAP_DATABASE_URL wrote a campaign into a SQLite file no replica reads, and said only the data folder."""
