@@ -43,6 +43,7 @@ from slapgen.database import open_store
 from slapgen.errors import CampaignConflictError, CampaignError, CampaignNotFoundError, CampaignRatedError
 from slapgen.csv_cells import inert_csv
 from slapgen.names import NAME_PATTERN, NAME_RULE
+from slapgen.timing import iso_utc
 
 CAMPAIGN_NAME_PATTERN = NAME_PATTERN  # a URL segment and a folder name as is
 VERDICT_COLUMNS = ("id", "created_at", "rater", "criterion", "choice", "preferred", "left_system", "right_system",
@@ -399,7 +400,9 @@ class CampaignStore:
         return [self.pair(name, pair_id) for (pair_id,) in rows]
 
     def verdicts_csv(self, name: str) -> str:
-        return inert_csv(self.verdicts(name), VERDICT_COLUMNS, extrasaction="ignore")
+        """`verdicts` as CSV, `created_at` in ISO 8601 (UTC), as `RatingStore.csv` writes it."""
+        return inert_csv(({**row, "created_at": iso_utc(row["created_at"])} for row in self.verdicts(name)),
+                         VERDICT_COLUMNS, extrasaction="ignore")
 
 
 REPEAT_SHARE = 0.05  # share of pairs that repeat one the rater answered (sides swapped): their consistency

@@ -7,6 +7,13 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+
+def iso_utc(seconds: float | None) -> str | None:
+    """Seconds since the epoch (the database's clock) as ISO 8601 in UTC, as the jobs API and the CSV exports give
+    moments; None stays None (rows from before a moment was kept)."""
+    return datetime.fromtimestamp(seconds, timezone.utc).isoformat() if seconds is not None else None
 
 
 @dataclass

@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import threading
+from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
@@ -132,7 +133,8 @@ def test_a_failed_create_leaves_nothing(tmp_path, eval_dir, database_url):
 
 
 def test_verdict_export_makes_formula_cells_inert(tmp_path, eval_dir):
-    """CSV export as the studio's: a prompt or rater starting like a formula gets a leading apostrophe."""
+    """CSV export as the studio's: a prompt or rater starting like a formula gets a leading apostrophe; guards
+    `created_at` exported as seconds since the epoch, which a spreadsheet shows as a bare number."""
     store = CampaignStore(tmp_path / "data")
     store.create(plan_campaign("c3", [eval_dir]))
     pair = store.issue_pair("c3", "=cmd|' /C calc'!A0", "lora_b", "base", 2, repeat=False)  # item 2: prompt 1
@@ -140,6 +142,10 @@ def test_verdict_export_makes_formula_cells_inert(tmp_path, eval_dir):
     row = next(csv.DictReader(io.StringIO(store.verdicts_csv("c3"))))
     assert row["rater"] == "'=cmd|' /C calc'!A0" and row["prompt"] == "'" + CAPTIONS[1]
     assert (row["choice"], row["preferred"], row["left_system"], row["right_system"]) == ("right", "base", "lora_b", "base")
+    # The moment in ISO 8601, UTC, as the jobs API gives it (it was seconds since the epoch, a spreadsheet's number).
+    stored = store.verdicts("c3")[0]["created_at"]
+    assert datetime.fromisoformat(row["created_at"]) == datetime.fromtimestamp(stored, timezone.utc)
+    assert row["created_at"].endswith("+00:00")
 
 
 def _files(folder: Path) -> dict[str, bytes]:

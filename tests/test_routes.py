@@ -4,8 +4,11 @@ checks of statuses, the one error shape, auth, and that disk work never runs on 
 from __future__ import annotations
 
 import asyncio
+import csv
+import io
 import os
 import shutil
+from datetime import datetime, timezone
 
 import pytest
 from starlette.testclient import TestClient
@@ -266,7 +269,7 @@ def test_a_bad_rating_is_a_400_naming_the_field_and_writes_nothing(client, chang
     assert client.get("/ratings.csv").text == before
 
 
-def test_ratings_are_stored_exported_and_summarised_with_the_eval_statistics(client):
+def test_ratings_are_stored_exported_and_summarised_with_the_eval_statistics(client, tmp_path):
     """Guards the summary's arithmetic and the CSV: three verdicts for `a@0.5` and one for base on
     `overall` over two prompts give base a win rate of 1/4 and the exact two-sided sign-test p of
     1 loss in 4 untied comparisons (2 * 5/16 = 0.625); a prompt that starts like a spreadsheet formula
@@ -277,6 +280,10 @@ def test_ratings_are_stored_exported_and_summarised_with_the_eval_statistics(cli
         assert response.status_code == 201 and len(response.json()["ids"]) == 1
     rows = client.get("/ratings.csv").text.splitlines()
     assert rows[0].split(",")[:5] == ["id", "created_at", "rater", "criterion", "choice"]
+    # `created_at` in ISO 8601, UTC (it was seconds since the epoch): the moment the store holds.
+    exported = next(csv.DictReader(io.StringIO(client.get("/ratings.csv").text)))
+    stored = RatingStore(tmp_path / "ratings.sqlite").all()[0]["created_at"]
+    assert datetime.fromisoformat(exported["created_at"]) == datetime.fromtimestamp(stored, timezone.utc)
     assert len(rows) == 5 and sum("'=HYPERLINK(1)" in row for row in rows) == 2
     pair = client.get("/ratings/summary").json()["pairs"]
     assert [(p["systems"], p["criterion"]) for p in pair] == [(["a@0.5", "base"], "overall")]

@@ -44,7 +44,6 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Awaitable, Callable
-from datetime import datetime, timezone
 from urllib.parse import parse_qs
 
 from pydantic import ValidationError
@@ -60,6 +59,7 @@ from slapgen.serving.http_errors import error_body, error_response, validation_e
 from slapgen.serving.jobs import JobBoard
 from slapgen.serving.requests import SEED_HEADER, GenerateRequest, prompt_token_headers
 from slapgen.serving.results import ResultStore
+from slapgen.timing import iso_utc
 
 SUBMIT_PATH = "/jobs/submit"
 CANCEL_PATH = "/jobs/cancel"
@@ -298,11 +298,8 @@ def _json_messages(start: dict, answer: dict, added: dict[str, str] | None = Non
 
 def job_status(job: dict) -> dict:
     """`/jobs/status` of a job on the board, in BentoML's shape, the same on every replica."""
-    def iso(seconds: float | None) -> str | None:  # the database's clock; null on rows from before it was kept
-        return datetime.fromtimestamp(seconds, timezone.utc).isoformat() if seconds is not None else None
-
     return {"task_id": job["task_id"], "status": BENTOML_STATUS.get(job["state"], job["state"]),
-            "created_at": iso(job["created_at"]), "executed_at": iso(job["started_at"])}
+            "created_at": iso_utc(job["created_at"]), "executed_at": iso_utc(job["started_at"])}
 
 
 def _task_id(scope) -> str | None:

@@ -29,6 +29,7 @@ from sqlalchemy import BigInteger, Column, Double, Integer, MetaData, Table, Tex
 from slapgen.database import open_store
 from slapgen.csv_cells import inert_csv
 from slapgen.evaluation.stats import LOSS, TIE, WIN, Comparison, win_rate
+from slapgen.timing import iso_utc
 
 RATINGS_FILE = "ratings.sqlite"  # in SLAP_DATA_DIR, when SLAP_DATABASE_URL is unset
 CRITERIA = ("motion_accuracy", "impact_realism", "prompt_adherence", "overall")
@@ -81,7 +82,9 @@ class RatingStore:
         return [dict(zip(CSV_COLUMNS, row)) for row in rows]
 
     def csv(self) -> str:
-        return inert_csv(self.all(), CSV_COLUMNS)
+        """Every rating as CSV, `created_at` in ISO 8601 (UTC): a spreadsheet shows seconds since the epoch as a
+        number nobody reads, and the jobs API gives moments this way."""
+        return inert_csv(({**row, "created_at": iso_utc(row["created_at"])} for row in self.all()), CSV_COLUMNS)
 
     def summary(self, model: str) -> dict:
         """The summary of `model`'s ratings (`summarise`), with how many verdicts of other models (or of no
