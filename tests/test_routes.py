@@ -251,6 +251,7 @@ GOOD_RATING = {"left": {"adapter": None}, "right": {"adapter": "a", "adapter_sca
     ({"choices": {"style": "left"}}, "choices.style.[key]"),
     ({"left": {"adapter": "../etc"}}, "left.adapter"),
     ({"right": {"adapter": None}}, "right"),  # the same system on both sides
+    ({"right": {"adapter": None, "adapter_scale": 0.5}}, "right"),  # base at any scale is base (it passed)
     # A system this server does not serve (made-up names grew /ratings/summary's work for every rater).
     ({"right": {"adapter": "nobody-served-this"}}, "right.adapter"),
     ({"left": {"adapter": "nobody-served-this"}}, "left.adapter"),
@@ -284,6 +285,8 @@ def test_ratings_are_stored_exported_and_summarised_with_the_eval_statistics(cli
     exported = next(csv.DictReader(io.StringIO(client.get("/ratings.csv").text)))
     stored = RatingStore(tmp_path / "ratings.sqlite").all()[0]["created_at"]
     assert datetime.fromisoformat(exported["created_at"]) == datetime.fromtimestamp(stored, timezone.utc)
+    # base has no scale (it was stored as 1.0, as if an adapter ran at full strength); the adapter keeps its own
+    assert (exported["left_system"], exported["left_scale"], exported["right_scale"]) == ("base", "", "0.5")
     assert len(rows) == 5 and sum("'=HYPERLINK(1)" in row for row in rows) == 2
     pair = client.get("/ratings/summary").json()["pairs"]
     assert [(p["systems"], p["criterion"]) for p in pair] == [(["a@0.5", "base"], "overall")]

@@ -139,8 +139,9 @@ def _named_first(item: tuple) -> tuple[bool, str]:
     return item[0] is None, item[0] or ""
 
 
-def system_label(system: str, scale: float) -> str:
-    """`base`, `NAME`, or `NAME@SCALE` when the adapter ran at another scale than 1."""
+def system_label(system: str, scale: float | None) -> str:
+    """`base`, `NAME`, or `NAME@SCALE` when the adapter ran at another scale than 1 (base's scale: None, or 1.0 in
+    rows stored before it was left empty)."""
     return system if system == "base" or scale == 1.0 else f"{system}@{scale:g}"
 
 

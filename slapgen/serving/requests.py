@@ -222,6 +222,11 @@ class RatedSystem(RequestBody):
     def name(self) -> str:
         return self.adapter or "base"
 
+    def scale(self) -> float | None:
+        """The adapter's scale; None for the base model, which no scale changes (stored as 1.0, it read as an
+        adapter's strength, and base at 0.5 against base passed as two systems)."""
+        return None if self.adapter is None else self.adapter_scale
+
 
 class RatingRequest(RequestBody):
     """A rater's verdicts on one blind pair (same prompt and seed), one choice per criterion."""
@@ -239,13 +244,13 @@ class RatingRequest(RequestBody):
         `adapters` (the server's; None: not checked): a rating of a system nobody served says nothing, and
         the summary's work grows with every distinct system, so a client posting made-up names would slow
         `/ratings/summary` for every rater."""
-        if self.left == self.right:
+        if (self.left.name(), self.left.scale()) == (self.right.name(), self.right.scale()):
             raise RequestError("the two sides of a pair must be different systems", field="right")
         check_served(self.left.adapter, adapters, "left.adapter")
         check_served(self.right.adapter, adapters, "right.adapter")
         return [{"rater": self.rater, "criterion": criterion, "choice": choice, "left_system": self.left.name(),
-                 "left_scale": self.left.adapter_scale, "right_system": self.right.name(),
-                 "right_scale": self.right.adapter_scale, "prompt": self.prompt, "seed": self.seed}
+                 "left_scale": self.left.scale(), "right_system": self.right.name(),
+                 "right_scale": self.right.scale(), "prompt": self.prompt, "seed": self.seed}
                 for criterion, choice in self.choices.items()]
 
 
