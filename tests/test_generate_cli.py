@@ -140,3 +140,16 @@ def test_bad_input_is_one_line_and_exit_2(arguments, message, inputs, tmp_path, 
     assert code == 2 and message in error and len(error.splitlines()) == 1, error
     assert not re.search(r"\bcondition_image\b|include_condition_frames|base64", error), error
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_fields_become_options_only_where_they_stand_alone():
+    """Guards `in_option_terms` rewriting a field's spelling inside a name: an adapter named after its folder
+    (`runs/ticft-num_frames`) was said as `ticft---set num_frames`, a name no folder has."""
+    from trainer.generate import in_option_terms
+
+    sentence = "adapter ticft-num_frames (runs/num_frames_9) wants num_frames 9; leave num_frames out, got num_frames."
+    assert in_option_terms(sentence, "num_frames") == (
+        "adapter ticft-num_frames (runs/num_frames_9) wants --set num_frames 9; leave --set num_frames out, got "
+        "--set num_frames.")
+    assert in_option_terms("give condition_image", "condition_image") == "give --condition-image"
+    assert in_option_terms("needs a TIC-FT adapter", "condition_image") == "--condition-image: needs a TIC-FT adapter"

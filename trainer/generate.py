@@ -95,7 +95,8 @@ def in_option_terms(sentence: str, field: str | None) -> str:
     options (`--condition-image`), led by the option to change when the sentence does not name it."""
     for name, option in OPTION_OF_FIELD.items():
         if "_" in name:  # a field's own spelling; plain words such as "prompt" or "adapter" stay words
-            sentence = re.sub(rf"\b{name}\b", option, sentence)
+            # ... standing alone: inside a name or a path (adapter `ticft-num_frames`, `runs/num_frames`) it stays
+            sentence = re.sub(rf"(?<![\w./-]){name}(?![\w/-])", option, sentence)
     option = OPTION_OF_FIELD.get(field or "")
     return f"{option}: {sentence}" if option and option not in sentence else sentence
 
