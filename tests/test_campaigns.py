@@ -720,14 +720,14 @@ def test_the_leaderboard_names_the_winners_lora_file(tmp_path):
     for file in files.values():
         file.parent.mkdir(parents=True)
         file.write_bytes(b"weights")
-    folder = write_eval_dir(tmp_path / "eval", ["lora_a", "lora_b"], prompts=6, seeds=(0,),
+    folder = write_eval_dir(tmp_path / "eval", ["lora_a", "lora_b"], prompts=6, seeds=(0, 1),
                             adapters={"lora_a": str(files["lora_a"]), "lora_b": "../runs/b/last.safetensors"})
     store = CampaignStore(tmp_path / "data")
     store.create(plan_campaign("pick", [folder]))
     assert store.get("pick").adapters == {name: str(file.resolve()) for name, file in files.items()}
     with TestClient(Starlette(routes=campaign_routes(store))) as client:
         assert client.get("/campaigns/pick/leaderboard").json()["criteria"]["overall"]["winner"] is None
-    board = answered_leaderboard(store, "pick", preferred="lora_b")  # on 6 prompts: separated
+    board = answered_leaderboard(store, "pick", preferred="lora_b")  # separated by its 7th straight win
     assert board["done"]
     top = board["standings"][0]["system"]
     assert top == "lora_b"

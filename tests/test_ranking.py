@@ -7,12 +7,13 @@ import itertools
 
 import numpy as np
 import pytest
+from scipy.integrate import quad
 from scipy.optimize import minimize
 from scipy.stats import norm
 
 from slapgen.evaluation.ranking import (
     LEFT, MIN_SEPARATION_PROMPTS, OUTCOMES, RIDGE, RIGHT, TIE, Pair, Ranking, Verdict, expected_order_gain,
-    fit_strengths, next_pair, rank_systems, stopping,
+    fit_strengths, head_to_head_evidence, next_pair, rank_systems, stopping,
 )
 
 
@@ -94,20 +95,39 @@ def test_all_wins_and_no_comparisons_stay_finite():
     assert fitted["unseen"] == pytest.approx(0.0, abs=1e-9)
 
 
-def test_bootstrap_interval_covers_the_truth_at_about_the_nominal_rate():
-    """Guards the intervals: in 200 simulated studies (4 systems, 30 prompts, every pair once per
-    prompt), the 95% prompt-bootstrap interval of each centred log-strength covers the truth in 90-99%
-    of the 800 cases. (With few prompts a percentile bootstrap is narrow by sqrt((n - 1) / n): at
-    12 prompts it covered 0.885 here.)"""
+@pytest.mark.parametrize("prompts", [6, 30])
+def test_intervals_cover_the_truth_at_about_the_nominal_rate(prompts):
+    """Guards the intervals: in 200 simulated studies (4 systems, every pair once per prompt), the 95% interval of
+    each centred log-strength covers the truth in 92-98.5% of the 800 cases, on 30 prompts and on 6. The percentile
+    bootstrap alone is narrow over few prompts (0.885 at 12 prompts; after one rating [1.06, 1.06], a walk-through's
+    find); the Laplace interval alone ignores that a prompt's verdicts go together; the wider of the two holds."""
     generator = np.random.default_rng(1)
     truth = dict(zip("abcd", [-0.6, -0.2, 0.2, 0.6]))
     pairs = list(itertools.combinations(range(4), 2))
     covered = []
     for study in range(200):
-        verdicts = [v for p in range(30) for v in simulate(generator, truth, 0.5, pairs, f"p{p}")]
+        verdicts = [v for p in range(prompts) for v in simulate(generator, truth, 0.5, pairs, f"p{p}")]
         ranking = rank_systems(verdicts, list(truth), resamples=200, seed=study)
         covered += [s.low <= truth[s.system] <= s.high for s in ranking.standings]
-    assert 0.9 <= np.mean(covered) <= 0.99, np.mean(covered)
+    assert 0.92 <= np.mean(covered) <= 0.985, np.mean(covered)
+
+
+def test_one_verdict_leaves_every_strength_uncertain():
+    """Guards the interval of one rating: the bootstrap over its one prompt has one resample, so the winner's
+    interval was a point ([1.06, 1.06]). It is the Laplace interval now: the centred log-strength's standard
+    deviation from the penalised Hessian, written out here for a 2-system fit (the ridge's prior, a verdict's
+    information p (1 - p) at the fitted difference, and the pin on the mean)."""
+    ranking = rank_systems([Verdict("a", "b", LEFT, "p0", 0, "r")], ["a", "b"], resamples=50)
+    fitted = {s.system: s for s in ranking.standings}
+    d = fitted["a"].strength - fitted["b"].strength
+    information = np.exp(d) / (1 + np.exp(d)) ** 2  # p (1 - p) of the one verdict at the fit
+    hessian = np.array([[information + RIDGE + 1, -information + 1], [-information + 1, information + RIDGE + 1]])
+    centring = np.eye(2) - 0.5
+    sd = np.sqrt((centring @ np.linalg.inv(hessian) @ centring)[0, 0])
+    for standing in ranking.standings:
+        assert standing.low == pytest.approx(standing.strength - 1.959964 * sd, rel=1e-5)
+        assert standing.high == pytest.approx(standing.strength + 1.959964 * sd, rel=1e-5)
+    assert fitted["a"].low < 0 < fitted["a"].high  # one verdict does not place a above the mean
 
 
 def test_ranks_and_stopping_rule():
@@ -144,9 +164,52 @@ def test_few_prompts_or_a_tie_never_separate():
     four = [Verdict("a", "b", LEFT, f"p{k}", 0, "r") for k in range(MIN_SEPARATION_PROMPTS - 1)]
     assert not stopping(rank_systems(four, systems, resamples=200)).done
     five = [*four, Verdict("a", "b", LEFT, "p-last", 0, "r")]
-    five_ranked = rank_systems(five, systems, resamples=200)
-    # Every resample of five prompts that all favour a over b keeps a ahead: the bootstrap's own answer.
-    assert five_ranked.top_beats_second == 1.0 and stopping(five_ranked).reason == "separated"
+    five_ranked = rank_systems(five, ["a", "b"], resamples=200)
+    # Every resample of five prompts that all favour a over b keeps a ahead: the bootstrap's own answer. But 5 wins
+    # in 5 direct verdicts are evidence (2^6 - 1) / 6 = 10.5 (`head_to_head_evidence`), under the 20 separation needs.
+    assert five_ranked.top_beats_second == 1.0 and five_ranked.head_to_head.evidence == pytest.approx(63 / 6)
+    stop = stopping(five_ranked)
+    assert (stop.done, stop.bootstrap_separates, stop.head_to_head_separates) == (False, True, False)
+    seven = [Verdict("a", "b", LEFT, f"p{k}", 0, "r") for k in range(7)]
+    assert stopping(rank_systems(seven, ["a", "b"], resamples=200)).reason == "separated"  # 255 / 8 = 31.9
+    # With a third system never compared, c (at the mean) is second: a's wins over b say nothing of c.
+    assert rank_systems(seven, systems, resamples=200).head_to_head.top == "a"
+    assert not stopping(rank_systems(seven, systems, resamples=200)).done
+
+
+def test_head_to_head_evidence_is_the_mixture_sign_test_written_out():
+    """Guards the e-value separation rests on: 2^(n+1) times the integral of p^w (1 - p)^l over [1/2, 1],
+    by numerical integration; ties count for neither side; sides do not matter."""
+    for wins, losses in [(0, 0), (7, 0), (6, 0), (9, 3), (3, 9), (40, 25)]:
+        integral, _ = quad(lambda p: p**wins * (1 - p) ** losses, 0.5, 1)
+        assert head_to_head_evidence(wins, losses) == pytest.approx(2 ** (wins + losses + 1) * integral, rel=1e-9)
+    # a preferred on the left, then on the right; b once; one tie: 2 wins, 1 loss, whichever side a was shown on.
+    verdicts = [Verdict("a", "b", LEFT, "p0"), Verdict("b", "a", RIGHT, "p1"), Verdict("b", "a", LEFT, "p2"),
+                Verdict("a", "b", TIE, "p3")]
+    duel = rank_systems(verdicts, ["a", "b"], resamples=20).head_to_head
+    assert (duel.top, duel.second, duel.wins, duel.losses, duel.ties) == ("a", "b", 2, 1, 1)
+    assert duel.evidence == head_to_head_evidence(2, 1)
+
+
+def test_equal_systems_are_rarely_called_separated_when_the_rule_is_checked_after_every_rating():
+    """Guards the stopping rule picking a winner from noise (a walk-through's find): with equal systems and
+    coin-flip raters, the bootstrap's 95% share alone, checked after every rating as the leaderboard does, ended
+    62 of 100 simulated campaigns "separated" (3 systems, 6 prompts, one rater), some at the 5th rating. Here 40
+    such campaigns through the service's own `next_pair`, `rank_systems` and `stopping`: at most 2 (5%) may be."""
+    systems, items = ["s0", "s1", "s2"], [(f"p{k}", 0) for k in range(6)]
+    separated = 0
+    for run in range(40):
+        chooser, coin = np.random.default_rng(run), np.random.default_rng(10_000 + run)
+        verdicts = []
+        while len(verdicts) < 18:
+            pair = next_pair(verdicts, systems, items, "r", chooser)
+            verdicts.append(Verdict(pair.left, pair.right, LEFT if coin.random() < 0.5 else RIGHT, pair.prompt,
+                                    pair.seed, "r"))
+            stop = stopping(rank_systems(verdicts, systems, resamples=200), budget=18)
+            if stop.done:
+                separated += stop.reason == "separated"
+                break
+    assert separated <= 2, separated
 
 
 def _davidson_log_probabilities(theta, i, j, nu):

@@ -14,8 +14,8 @@ import math
 from collections.abc import Mapping, Sequence
 
 from slapgen.evaluation.agreement import krippendorff_alpha, metric_agreement, ranking_tau, rater_consistency
-from slapgen.evaluation.ranking import (MIN_SEPARATION_PROMPTS, Stop, Verdict, enough_prompts_to_separate,
-                                        rank_systems, stopping)
+from slapgen.evaluation.ranking import (MIN_SEPARATION_PROMPTS, SEPARATION_EVIDENCE, Ranking, Stop, Verdict,
+                                        enough_prompts_to_separate, rank_systems, stopping)
 
 
 def criterion_board(verdicts: Sequence[Verdict], repeats: Sequence[Verdict], systems: Sequence[str],
@@ -50,7 +50,7 @@ def criterion_board(verdicts: Sequence[Verdict], repeats: Sequence[Verdict], sys
         "budget": budget,
         "done": stop.done,
         "reason": stop.reason,
-        "why": _why(stop, ranking.top_beats_second, budget, ranking.ratings, ranking.prompts, campaign_prompts),
+        "why": _why(stop, ranking, budget, campaign_prompts),
         "winner": (winner(ranking.standings[0].system, adapters or {},
                           runner_up=None if stop.reason == "separated" else ranking.standings[1].system)
                    if stop.done and ranking.standings else None),
@@ -89,17 +89,26 @@ def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _why(stop: Stop, top_beats_second: float, budget: int | None, ratings: int, prompts: int,
-         campaign_prompts: int | None = None) -> str:
-    share = f"{top_beats_second:.0%} of bootstrap resamples"
+def _separation(ranking: Ranking) -> str:
+    """Where the two tests of separation stand (`ranking.stopping`): the bootstrap's share and the direct verdicts'
+    evidence, each with what it needs."""
+    duel = ranking.head_to_head
+    direct = (f"{duel.wins} of its {duel.wins + duel.losses} direct verdicts against {duel.second} "
+              f"(evidence {duel.evidence:.1f}, {SEPARATION_EVIDENCE:.0f} needed)")
+    return (f"{ranking.standings[0].system} beats the second in {ranking.top_beats_second:.0%} of bootstrap resamples "
+            f"(95% needed) and wins {direct}")
+
+
+def _why(stop: Stop, ranking: Ranking, budget: int | None, campaign_prompts: int | None = None) -> str:
+    ratings, prompts = ranking.ratings, ranking.prompts
     if stop.reason == "separated":
-        return f"the top system beats the second in {share} (at least 95%)"
+        return f"separated: {_separation(ranking)}"
     few = stop.prompts_needed > 0
     if stop.reason == "budget":
         if few:
             return (f"the budget of {budget} ratings is reached, on {prompts} prompt{'s' * (prompts != 1)}: too few to "
                     f"separate the top system from the second (at least {MIN_SEPARATION_PROMPTS})")
-        return f"the budget of {budget} ratings is reached; the top system beats the second in only {share}"
+        return f"the budget of {budget} ratings is reached before separation: {_separation(ranking)}"
     left = f"; {budget - ratings} ratings left in the budget" if budget is not None else ""
     if few and campaign_prompts is not None and not enough_prompts_to_separate(campaign_prompts):
         # "needs at least 5" read as "rate more", on a campaign that has no fifth prompt (a walk-through's find).
@@ -110,7 +119,7 @@ def _why(stop: Stop, top_beats_second: float, budget: int | None, ratings: int, 
     if few:
         return (f"not yet: verdicts on {prompts} prompt{'s' * (prompts != 1)}, and separating the top system from "
                 f"the second needs at least {MIN_SEPARATION_PROMPTS}{left}")
-    return f"not yet: the top system beats the second in {share}, 95% needed{left}"
+    return f"not yet: {_separation(ranking)}{left}"
 
 
 def _most_agreeing(metrics: Mapping[str, dict]) -> tuple[str, dict] | None:

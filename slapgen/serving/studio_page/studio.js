@@ -1072,8 +1072,9 @@ function renderBoard(board) {
   }
 }
 
-// Progress toward the stopping rule: the top system beating the second in 95% of bootstrap resamples, or
-// the budget of ratings, whichever comes first.
+// Progress toward the stopping rule: the top system beating the second in 95% of bootstrap resamples and its
+// direct verdicts against the second reaching their evidence (a test that checking after every rating does not
+// fool), or the budget of ratings, whichever comes first.
 function stoppingBars(criterion, result) {
   const wrap = document.createElement("div");
   wrap.className = "stop-bars";
@@ -1088,7 +1089,13 @@ function stoppingBars(criterion, result) {
     wrap.append(row);
   };
   bar("Separation", 0.95, result.top_beats_second,
-      `the top system beats the second in ${pct(result.top_beats_second)} of resamples (95% stops)`);
+      `the top system beats the second in ${pct(result.top_beats_second)} of resamples (95% needed)`);
+  const duel = result.head_to_head;
+  if (duel) {  // on a log scale: evidence multiplies with each verdict
+    bar("Direct verdicts", Math.log(duel.evidence_needed), Math.max(0, Math.log(Math.max(duel.evidence, 1))),
+        `${duel.top} won ${duel.wins} of ${duel.wins + duel.losses} against ${duel.second} ` +
+        `(evidence ${duel.evidence.toFixed(1)}, ${duel.evidence_needed} needed)`);
+  }
   if (result.budget !== null && result.budget !== undefined) {
     bar("Budget", result.budget, result.ratings, `${result.ratings} of ${result.budget} ratings`);
   }
