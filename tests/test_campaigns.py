@@ -616,6 +616,23 @@ def test_heldout_losses_of_two_objectives_are_not_compared_with_the_raters(monke
     assert store.get("two").system_scores["wan-steps-lora"] == {"clip_score": pytest.approx(0.41)}
 
 
+def test_heldout_losses_of_clips_of_other_lengths_are_not_compared():
+    """Guards a campaign over an eval with FVD (its clips 17 frames: FVD needs 16 or more) and one with `--metrics
+    loss` (the model's 9) comparing their held-out losses: the same adapter on the same clips scored 1.062 and
+    1.077 (a walk-through's find). eval records the clips' frames and size, and differing ones leave the loss out."""
+    def definitions(frames: int, size: list[int]) -> dict:
+        return {"heldout_loss": {"a-lora": {**heldout_loss_definition("cogvideox", ["lora"]), "frames": 17,
+                                            "size": [32, 48]},
+                                 "b-lora": {**heldout_loss_definition("cogvideox", ["lora"]), "frames": frames,
+                                            "size": size}}}
+
+    assert comparable_metrics(definitions(17, [32, 48])) == {}
+    assert comparable_metrics(definitions(9, [32, 48])) == {"heldout_loss": (
+        "heldout_loss is left out: a-lora and b-lora have it defined differently (frames: 17 against 9), so their "
+        "numbers do not compare")}
+    assert "size: [32, 48] against [64, 96]" in comparable_metrics(definitions(17, [64, 96]))["heldout_loss"]
+
+
 def test_heldout_losses_in_two_latent_spaces_are_not_compared(tmp_path):
     """Guards a campaign over Wan 2.1 and Wan 2.2 evals (or CogVideoX-2b and -5b) comparing their held-out losses:
     same family, same objective, but another VAE (Wan 2.2's 16x spatial, 48 channels and its own normalisation;

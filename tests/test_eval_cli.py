@@ -85,6 +85,8 @@ def test_eval_writes_every_metric_for_every_system(evaluation):
     # What a campaign compares before setting two folders' losses side by side (trainer/campaign.py).
     assert definitions["heldout_loss"]["objective"] == family_named("cogvideox").objective
     assert definitions["heldout_loss"]["objectives"] == dict.fromkeys(("base", "trained", "random"), "text-to-video")
+    # the clips' length and size, which FVD's 16 frames or more change (a loss of other clips is another number)
+    assert (definitions["heldout_loss"]["frames"], definitions["heldout_loss"]["size"]) == (17, [32, 48])
     vae = json.loads((resolve_model("tiny", evaluation["config"].model_cache_dir).folder / "vae" / "config.json").read_text())
     assert definitions["heldout_loss"]["latents"] == (  # the tiny CogVideoX VAE: 4x temporal, 2^(3 blocks - 1) spatial
         f"VAE {vae['temporal_compression_ratio']}x{2 ** (len(vae['block_out_channels']) - 1)}x"

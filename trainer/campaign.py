@@ -74,7 +74,7 @@ def _adapter_file(adapter, folder: Path) -> str | None:
 
 
 # Parts of a metric's definition that eval.json files written by older slapgen versions lack.
-RECORDED_LATER = ("objective", "objectives", "latents")
+RECORDED_LATER = ("objective", "objectives", "latents", "frames", "size")
 
 
 def comparable_metrics(definitions: dict[str, dict[str, dict]]) -> dict[str, str]:

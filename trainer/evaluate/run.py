@@ -156,7 +156,7 @@ def evaluate(options: EvalOptions, resolved: ResolvedModel | None = None, demand
 
     definitions: dict[str, dict] = {}
     if losses:
-        definitions[HELDOUT_LOSS] = heldout_loss_definition(resolved, layouts, options.loss_seed, entries)
+        definitions[HELDOUT_LOSS] = heldout_loss_definition(resolved, layouts, options.loss_seed, entries, data)
     fvd = {}
     if videos:
         score_videos(videos, prompts, options, definitions, timer)
@@ -171,12 +171,13 @@ def evaluate(options: EvalOptions, resolved: ResolvedModel | None = None, demand
 
 
 def heldout_loss_definition(resolved: ResolvedModel, layouts: dict[str, TicftLayout | None], seed: int,
-                            entries: list) -> dict:
+                            entries: list, data: DataConfig) -> dict:
     """eval.json's definition of the held-out loss: what a campaign compares before setting two eval folders'
     losses side by side (`trainer.campaign.comparable_metrics`: equal definitions). The model family's objective
     and each system's task (losses of two objectives are different numbers), the noise levels, seed and clip
-    count, and the latent space the clips were encoded into (the same objective in another VAE's latents is
-    another number too)."""
+    count, the clips' frames and size (`data`: the generated videos', so FVD's 16 frames or more made the same
+    adapter's loss 1.062 where `--metrics loss` gave 1.077 on 9, and a campaign compared the two), and the
+    latent space the clips were encoded into (the same objective in another VAE's latents is another number too)."""
     family = family_of(resolved.spec)
     levels = family.noise_levels(DEFAULT_FRACTIONS, family.load_training_scheduler(resolved.folder)).tolist()
     definition = {
@@ -184,6 +185,7 @@ def heldout_loss_definition(resolved: ResolvedModel, layouts: dict[str, TicftLay
         "what": f"the training objective ({family.objective}) on the held-out clips' "
                 "cached latents at fixed timesteps with noise seeded per clip; no generation",
         "timesteps": levels, "seed": seed, "clips": len(entries),
+        "frames": data.num_frames, "size": [data.height, data.width],
         "objective": family.objective,
         "objectives": {name: objective_name(layout) for name, layout in layouts.items()},  # eval: first-frame conditions
         "latents": family.latent_space(resolved.folder)}
