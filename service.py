@@ -63,7 +63,7 @@ WORKER_DIED = "the worker running the job died (out of memory?) and was restarte
 JOB_BOARD = "the job board"
 
 try:
-    settings = load_settings()
+    settings = load_settings(relative_to=Path(__file__).resolve().parent)
 except SlapgenError as error:
     _exit_with(str(error))
 # One database (SLAP_DATABASE_URL, else one SQLite file per store), so every worker, and every replica sharing a
@@ -105,7 +105,7 @@ routes = build_routes(
 
 
 def _say_what_is_served() -> None:  # the model, the adapters, where the state is, settings that change nothing
-    # `bentoml serve PATH` runs in PATH, so a relative SLAP_ADAPTERS_DIR may name another folder than the one
+    # A relative SLAP_ADAPTERS_DIR is read from the service's folder (`load_settings`), which may not be the one
     # the user meant; an empty listing would be the only sign.
     folder = settings.adapters_dir.absolute()
     names = adapter_names(folder) if folder.is_dir() else []

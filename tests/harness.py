@@ -120,11 +120,11 @@ class ServerProcess:
             os.close(descriptor)
 
 
-def start_server(tmp_path: Path, startup_timeout_s: float = 180, port: int | None = None,
+def start_server(tmp_path: Path, startup_timeout_s: float = 180, port: int | None = None, cwd: Path | None = None,
                  **env_overrides: str) -> ServerProcess:
     """`bentoml serve` of this repository, once it answers /readyz (stopped, and RuntimeError, if it exits or is
-    not ready within `startup_timeout_s`)."""
-    server = launch_server(tmp_path, port, **env_overrides)
+    not ready within `startup_timeout_s`). `cwd`: typed elsewhere, as `bentoml serve REPOSITORY` (None: in it)."""
+    server = launch_server(tmp_path, port, cwd, **env_overrides)
     deadline = time.monotonic() + startup_timeout_s
     while time.monotonic() < deadline:
         if server.process.poll() is not None:
@@ -140,15 +140,16 @@ def start_server(tmp_path: Path, startup_timeout_s: float = 180, port: int | Non
     raise RuntimeError(f"bentoml serve not ready after {startup_timeout_s}s:\n{server.log_tail()}")
 
 
-def launch_server(tmp_path: Path, port: int | None = None, **env_overrides: str) -> ServerProcess:
-    """`bentoml serve` of this repository, started (its log in `tmp_path`), not waited for."""
+def launch_server(tmp_path: Path, port: int | None = None, cwd: Path | None = None,
+                  **env_overrides: str) -> ServerProcess:
+    """`bentoml serve` of this repository, started (its log in `tmp_path`), not waited for; `cwd` as start_server's."""
     port = port or free_port()
     log_path = tmp_path / f"server-{port}.log"
     log_file = log_path.open("wb")
     mark = uuid.uuid4().hex
     process = subprocess.Popen(
-        bentoml_command("serve", "--host", "127.0.0.1", "--port", str(port)),
-        cwd=REPO_ROOT,
+        bentoml_command("serve", *([str(REPO_ROOT)] if cwd is not None else []), "--host", "127.0.0.1", "--port", str(port)),
+        cwd=cwd or REPO_ROOT,
         env=offline_env(tmp_path, **env_overrides, **{SERVER_MARK: mark}),
         stdout=log_file,
         stderr=subprocess.STDOUT,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -168,10 +169,12 @@ def test_a_sweeps_runs_folder_says_why_its_runs_are_not_served(tiny_cache_dir, a
     `GET /adapters` with `[]` although the folder holds run folders with LoRA weights: their names
     (`03-learning_rate=1e-2_rank=8`) are not adapter names and were skipped without a word. Start-up counts
     them on its line and prints each one's sentence below it, `GET /adapters` lists it with that sentence,
-    and a generation naming it is still refused."""
+    and a generation naming it is still refused. Typed from another folder (`bentoml serve REPOSITORY`) with a
+    relative SLAP_ADAPTERS_DIR, start-up names the folder the workers serve, read from the service's folder (it
+    named one read from where the command was typed, which the workers never served: a walk-through's find)."""
     import shutil
 
-    from tests.conftest import start_server, stop_server
+    from tests.conftest import REPO_ROOT, start_server, stop_server
 
     runs = tmp_path / "runs"
     run = "03-learning_rate=1e-2_rank=8"
@@ -180,7 +183,10 @@ def test_a_sweeps_runs_folder_says_why_its_runs_are_not_served(tiny_cache_dir, a
     sentence = (f"adapter folder `{run}` is not served: its name is not an adapter name (1-64 characters of a-z, "
                 "0-9, _ and -); rename it, or link it under an allowed name from inside the adapters folder, e.g. "
                 f"`ln -s {run}/pytorch_lora_weights.safetensors 03-learning_rate_1e-2_rank_8.safetensors`")
-    server = start_server(tmp_path, SLAP_MODEL="tiny", SLAP_CACHE_DIR=str(tiny_cache_dir), SLAP_ADAPTERS_DIR=str(runs))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    server = start_server(tmp_path, cwd=elsewhere, SLAP_MODEL="tiny", SLAP_CACHE_DIR=str(tiny_cache_dir),
+                          SLAP_ADAPTERS_DIR=os.path.relpath(runs, REPO_ROOT))
     try:
         assert (f"slapgen: serving tiny; adapters from {runs}: none yet; 1 not served, their names are not adapter "
                 f"names (below)\nslapgen: {sentence}\n") in server.log_tail(10**7)

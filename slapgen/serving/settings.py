@@ -3,6 +3,7 @@ becomes one sentence naming the variable."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -295,9 +296,23 @@ def writable_folder(path: Path) -> Path:
 SECRET_SETTINGS = frozenset({"api_token", "database_url"})
 
 
-def load_settings() -> SlapSettings:
+# The settings that name folders: a relative one is read from `load_settings`' `relative_to`.
+FOLDER_SETTINGS = ("cache_dir", "data_dir", "results_dir", "adapters_dir", "compile_cache_dir")
+
+
+def load_settings(relative_to: Path | None = None) -> SlapSettings:
+    """The `SLAP_*` settings, checked; with `relative_to`, a relative folder setting (SLAP_ADAPTERS_DIR=adapters)
+    is read from that folder. The service passes its own: `bentoml serve PATH` runs its workers in PATH but its own
+    process where it was typed, which named, opened and migrated other folders than the workers served (a
+    walk-through's start-up line listed CWD/myruns while the workers served an empty PATH/myruns)."""
+    anchored = {}
+    if relative_to is not None:
+        for name in FOLDER_SETTINGS:
+            value = os.environ.get(f"SLAP_{name.upper()}")
+            if value and not Path(value).expanduser().is_absolute():
+                anchored[name] = (Path(relative_to) / value).resolve()
     try:
-        return SlapSettings()
+        return SlapSettings(**anchored)
     except ValidationError as error:
         raise SettingsError(f"invalid settings: {settings_problems(error)}.") from None
 
