@@ -8,6 +8,7 @@ from safetensors.torch import load_file
 from slapgen.models.loading import resolve_model
 from trainer.config import load_config
 from trainer.datasets import read_dataset
+from trainer.errors import DatasetError
 from trainer.latent_cache import LatentCache
 
 
@@ -78,11 +79,22 @@ def test_interrupted_run_resumes(tiny_cache_dir, dataset, tmp_path):
 
 
 def test_corrupt_and_short_clips_are_reported_and_skipped(tiny_cache_dir, dataset, tmp_path):
+    """Also guards a corrupt clip without a caption stopping a run on "has no caption" (`slapgen caption` writes
+    none for a clip it cannot open, so rerunning it left the run stuck: a walk-through's loop): it is read
+    uncaptioned and skipped as corrupt like a captioned one. A good clip without a caption still stops it."""
     (dataset / "zz_corrupt.mp4").write_bytes(b"this is not a video")
     (dataset / "zz_corrupt.txt").write_text("a caption")
-    report = _cache(tiny_cache_dir, tmp_path / "cache").precompute(read_dataset(dataset), progress=False)
+    (dataset / "zz_uncaptioned.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"garbage" * 100)
+    clips = read_dataset(dataset)
+    assert [(clip.caption, clip.issues) for clip in clips if clip.name == "zz_uncaptioned.mp4"] == [(None, ("corrupt",))]
+    report = _cache(tiny_cache_dir, tmp_path / "cache").precompute(clips, progress=False)
     assert len(report.entries) == 4
-    assert [(s["video"], s["reason"]) for s in report.skipped] == [("zz_corrupt.mp4", "corrupt")]
+    assert [(s["video"], s["reason"]) for s in report.skipped] == [("zz_corrupt.mp4", "corrupt"),
+                                                                   ("zz_uncaptioned.mp4", "corrupt")]
+    shutil.copy(dataset / "clip_000.mp4", dataset / "zz_good.mp4")
+    with pytest.raises(DatasetError, match="video zz_good.mp4 has no caption: write zz_good.txt beside it"):
+        read_dataset(dataset)
+    (dataset / "zz_good.mp4").unlink()
     short = _cache(tiny_cache_dir, tmp_path / "cache2", "data.num_frames=41").precompute(read_dataset(dataset), progress=False)
     assert {s["reason"] for s in short.skipped} == {"corrupt", "too_short"} and not short.entries
     assert "4 too_short" in short.summary()

@@ -145,6 +145,14 @@ def _clip(root: Path, row: _Row, require_captions: bool, require_files: bool) ->
         issues.append(caption_issue)
     caption = caption.strip() if caption else None
     if require_captions and row.caption_file:
+        from trainer.frames import opens
+
+        if require_files and not opens(video):
+            # `slapgen caption` writes no caption for a clip ffmpeg cannot open, so a run stopped on its missing
+            # caption and caption's rerun left it so (a walk-through's loop): such a clip comes through uncaptioned
+            # and the latent cache skips it as corrupt, as it does a captioned one.
+            return Clip(video=video, caption=None, name=row.name, issues=("corrupt",),
+                        condition=_condition(root, row, require_files))
         raise DatasetError(f"video {row.name} has no caption: write {row.caption_file} beside it, or caption the "
                            f"clips that have none with `slapgen caption {root}`")
     if require_captions and not caption:

@@ -82,6 +82,20 @@ def load_ticft_clip(video: Path, condition: Path | None, layout: TicftLayout, fp
     return torch.cat([head, target]).contiguous()
 
 
+def opens(path: Path) -> bool:
+    """Whether ffmpeg opens `path` as a video with a readable stream (its header only; `load_clip` says why not)."""
+    import imageio_ffmpeg
+
+    try:
+        reader = imageio_ffmpeg.read_frames(str(path))
+        meta = next(reader)
+    except (OSError, RuntimeError, StopIteration, ValueError):
+        return False
+    reader.close()
+    width, height = meta.get("size") or (0, 0)
+    return float(meta.get("fps") or 0) > 0 and width > 0 and height > 0
+
+
 def _first_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     return text[-1] if text else type(error).__name__
