@@ -106,7 +106,7 @@ def test_train_ends_pointing_to_what_to_look_at_next(tiny_cache_dir, demo_datase
         "runs/smoke/validation)",
         "metrics: runs/smoke/metrics.jsonl (a JSON line per logged step)",
         "TensorBoard: tensorboard --logdir runs/smoke/logs",
-        f"serve it: SLAP_MODEL=tiny SLAP_ADAPTERS_DIR={tmp_path / 'runs'} bentoml serve (in the slapgen folder), "
+        f"serve it: SLAP_MODEL=tiny SLAP_ADAPTERS_DIR={tmp_path / 'runs'} bentoml serve {REPO_ROOT}, "
         'then ask for "adapter": "smoke"',
     ]
     assert (run / "validation" / "step-000003" / "prompt-00.mp4").is_file()

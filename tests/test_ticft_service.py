@@ -38,7 +38,7 @@ def trained_run(tiny_cache_dir, demo_dataset, tmp_path_factory):
     assert result.returncode == 0, result.stderr[-3000:]
     # Its last line says how to serve it with the image every request needs (it named the adapter alone).
     assert result.stdout.splitlines()[-1] == (
-        f'serve it: SLAP_MODEL=tiny SLAP_ADAPTERS_DIR={folder} bentoml serve (in the slapgen folder), then ask for '
+        f'serve it: SLAP_MODEL=tiny SLAP_ADAPTERS_DIR={folder} bentoml serve {REPO_ROOT}, then ask for '
         f'"adapter": "run" with "condition_image", the frame to animate (base64 PNG or JPEG); or `slapgen generate '
         f'--adapter {run} --condition-image IMAGE`'), result.stdout[-2000:]
     return run

@@ -156,13 +156,24 @@ def where_to_look_next(run_dir: Path, model: str, tensorboard: bool, ticft: bool
         image = (' with "condition_image", the frame to animate (base64 PNG or JPEG); or `slapgen generate --adapter '
                  f'{shlex.quote(str(run_dir))} --condition-image IMAGE`') if ticft else ""
         lines.append(f"serve it: SLAP_MODEL={shlex.quote(model)} SLAP_ADAPTERS_DIR="
-                     f"{shlex.quote(str(run_dir.absolute().parent))} bentoml serve (in the slapgen folder), then ask "
+                     f"{shlex.quote(str(run_dir.absolute().parent))} bentoml serve {serve_target()}, then ask "
                      f'for "adapter": "{name}"{image}')
     else:  # the served folder's adapters are named after their folders; this one's name is not an adapter name
         lines.append(f"serve it: upload it to a running server as a name of {NAME_RULE}: curl -X POST "
                      f'http://127.0.0.1:3000/adapters/upload -H "Authorization: Bearer $SLAP_API_TOKEN" -F name=NAME '
                      f"-F file=@{shlex.quote(str(run_dir / LORA_FILENAME))}")
     return lines
+
+
+def serve_target() -> str:
+    """What follows `bentoml serve` in the lines that say how to serve: the folder of the service this trainer
+    belongs to (`service.py` and `bentofile.yaml`, the repository root), which `bentoml serve PATH` serves from
+    anywhere. "(in the slapgen folder)" sent a walk-through into the `slapgen/` package folder, where bentoml found
+    no service. Installed without the repository, where the service's folder is not known, said as such."""
+    root = Path(__file__).resolve().parents[1]
+    if (root / "service.py").is_file() and (root / "bentofile.yaml").is_file():
+        return shlex.quote(str(root))
+    return "(in the folder with service.py and bentofile.yaml)"
 
 
 def clear_run(run_dir: Path) -> None:
