@@ -8,8 +8,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -471,3 +473,56 @@ def test_curate_says_what_too_short_means(demo_dataset, tmp_path, capsys):
     assert cli_main(["curate", str(demo_dataset), "--out", str(tmp_path / "o"), "--workers", "1"]) == 0
     assert "\n  too_short: 4 (fewer than 49 frames at 8 fps, the training length of --config conservative)\n" in \
         capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_training_saves_the_step_it_ended_as_a_checkpoint(tiny_cache_dir, demo_dataset, tmp_path):
+    """Guards a Ctrl-C losing every step since the last periodic checkpoint (a walk-through's Ctrl-C at step 388
+    resumed from 300) and advice to `--resume latest` where no checkpoint was: a real `slapgen train` process
+    sent SIGINT mid-run (checkpoints every 1000 steps, none due) ends the step under way, saves it as a
+    checkpoint, exits 130 naming it, and `--resume latest` continues from that step."""
+    run = tmp_path / "run"
+    args = _train_args(tiny_cache_dir, demo_dataset, run, "train.max_train_steps=5000", "checkpoint.every_steps=1000",
+                       "logging.every_steps=1")
+    process = subprocess.Popen([sys.executable, "-m", "trainer", *args], cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True,
+                               env=offline_env(tmp_path, SLAP_CACHE_DIR=str(tiny_cache_dir)))
+    try:
+        deadline = time.monotonic() + 300
+        while not ((run / "metrics.jsonl").is_file() and len(_logged_steps(run)) >= 3):
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+            time.sleep(0.2)
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    saved = sorted(path.name for path in (run / "checkpoints").iterdir())
+    assert process.returncode == 130 and len(saved) == 1, (process.returncode, saved, err[-2000:])
+    step = int(saved[0].removeprefix("checkpoint-"))
+    assert 3 <= step < 5000 and _logged_steps(run)[-1] == step
+    assert f"interrupted at step {step}, saved as a checkpoint; continue with --resume latest" in out
+    assert cli_stderr(err).endswith(f"slapgen train: interrupted; finished work is kept (add --resume latest to "
+                                    f"continue from {saved[0]})"), err[-2000:]
+    resumed = subprocess.run([sys.executable, "-m", "trainer", *args, "--resume", "latest", "--stop-at-step",
+                              str(step + 1)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+                             env=offline_env(tmp_path, SLAP_CACHE_DIR=str(tiny_cache_dir)))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resumed from {run / 'checkpoints' / saved[0]} at step {step}" in resumed.stdout
+    assert _logged_steps(run)[-1] == step + 1
+
+
+def test_resume_naming_no_checkpoint_is_refused_before_any_clip_is_encoded(tiny_cache_dir, demo_dataset, tmp_path,
+                                                                           capsys):
+    """Guards `--resume latest` in a folder without a checkpoint, and `--resume lastest`, checked only after every
+    clip was encoded (then the new folder, its cache included, removed): refused first, nothing written, a typo of
+    latest named."""
+    run = tmp_path / "fresh"
+    assert cli_main(_train_args(tiny_cache_dir, demo_dataset, run, flags=("--resume", "latest"))) == 2
+    assert cli_stderr(capsys.readouterr().err) == (
+        f"slapgen train: --resume latest: no checkpoint in {run / 'checkpoints'} (without --resume the run starts "
+        "from step 0)")
+    assert not run.exists()
+    assert cli_main(_train_args(tiny_cache_dir, demo_dataset, run, flags=("--resume", "lastest"))) == 2
+    assert cli_stderr(capsys.readouterr().err) == (
+        "slapgen train: --resume lastest: not a checkpoint folder (no trainer_state.json); did you mean --resume latest?")
+    assert not run.exists()

@@ -196,7 +196,7 @@ def test_a_cluster_address_where_nothing_listens_is_one_sentence_at_once(monkeyp
 
 @pytest.mark.parametrize(("command", "advice"), [
     ("sweep", "rerun the same command: finished runs are kept, the others resume from their latest checkpoint"),
-    ("train", "add --resume latest to continue from the last checkpoint"),
+    ("train", "rerun the same command: the clips encoded so far are kept"),  # no checkpoint: no --resume
 ])
 def test_ctrl_c_says_how_to_continue_with_an_option_the_command_has(command, advice, monkeypatch, demo_dataset, tmp_path,
                                                                     capsys):

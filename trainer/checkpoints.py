@@ -55,17 +55,30 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
 
 
+def check_resume(run_dir: Path, resume: str) -> None:
+    """TrainError with the fix when `--resume` (`latest` or a folder) names no checkpoint; nothing is read."""
+    _candidates(run_dir, resume)
+
+
 def _candidates(run_dir: Path, resume: str) -> list[Path]:
     """The checkpoints `--resume` (`latest` or a folder) may mean, newest first; TrainError with the fix if none."""
     if resume == "latest":
         checkpoints = list_checkpoints(run_dir)
         if not checkpoints:
-            raise TrainError(f"--resume latest: no checkpoint in {Path(run_dir) / CHECKPOINTS_DIR}")
+            raise TrainError(f"--resume latest: no checkpoint in {Path(run_dir) / CHECKPOINTS_DIR} (without "
+                             "--resume the run starts from step 0)")
         return checkpoints[::-1]
     path = Path(resume)
     if not (path / STATE_FILE).is_file():
-        raise TrainError(f"--resume {resume}: not a checkpoint folder (no {STATE_FILE})")
+        typo = "; did you mean --resume latest?" if not path.exists() and close_to_latest(resume) else ""
+        raise TrainError(f"--resume {resume}: not a checkpoint folder (no {STATE_FILE}){typo}")
     return [path]
+
+
+def close_to_latest(text: str) -> bool:
+    import difflib
+
+    return bool(difflib.get_close_matches(text.lower(), ["latest"], n=1, cutoff=0.6))
 
 
 def read_resumable(run_dir: Path, resume: str, read: Callable[[Path], T], say: Callable[[str], None]) -> tuple[Path, T]:

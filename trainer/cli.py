@@ -603,10 +603,8 @@ def loading_line(command: str) -> str:
     return f"slapgen {command}: loading torch and diffusers ..."
 
 
-# What to type after a Ctrl-C, and what it redoes: only `train` has --resume (a sweep given it stops on an
-# unknown option).
-RESUME_ADVICE = {"train": "add --resume latest to continue from the last checkpoint",
-                 "sweep": "rerun the same command: finished runs are kept, the others resume from their latest "
+# What to type after a Ctrl-C, and what it redoes (`train`'s: `run_folder.after_interrupt`).
+RESUME_ADVICE = {"sweep": "rerun the same command: finished runs are kept, the others resume from their latest "
                           "checkpoint",
                  # A video is kept only beside its recipe, equal to the rerun's (trainer/evaluate/recipes.py).
                  "eval": "rerun the same command: the held-out latent cache, the held-out losses measured and every "
@@ -632,7 +630,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         from tqdm import tqdm
 
-        advice = RESUME_ADVICE.get(args.command, "re-run")
+        if args.command == "train":  # from what the run folder holds: --resume only with a checkpoint there
+            from trainer.run_folder import after_interrupt
+
+            advice = after_interrupt(args.out)
+        else:
+            advice = RESUME_ADVICE.get(args.command, "re-run")
         # Above the bar the Ctrl-C left open (a plain print was glued onto the end of its line).
         tqdm.write(f"slapgen {args.command}: interrupted; finished work is kept ({advice})", file=sys.stderr)
         return 130

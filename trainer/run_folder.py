@@ -69,9 +69,13 @@ def training_found(run_dir: Path, saved: list[Path]) -> list[str]:
 
 
 def check_new_start(run_dir: Path, resume: str | None, overwrite: bool) -> None:
-    """TrainError (one sentence, naming the fix) when starting from step 0 in `run_dir` would destroy a run."""
+    """TrainError (one sentence, naming the fix) when starting from step 0 in `run_dir` would destroy a run, or
+    when `resume` names no checkpoint there is (said before the clips are encoded: `--resume latest` in a folder
+    without one encoded every clip first, then refused)."""
     if resume is not None and overwrite:
         raise TrainError("--resume continues a run and --overwrite deletes it: give one of them")
+    if resume is not None:
+        checkpoints.check_resume(run_dir, resume)
     if resume is not None or overwrite:
         return
     saved = checkpoints.list_checkpoints(run_dir)
@@ -174,6 +178,17 @@ def serve_target() -> str:
     if (root / "service.py").is_file() and (root / "bentofile.yaml").is_file():
         return shlex.quote(str(root))
     return "(in the folder with service.py and bentofile.yaml)"
+
+
+def after_interrupt(run_dir: Path) -> str:
+    """What to type after a Ctrl-C of `slapgen train --out run_dir`, from what the folder holds: `--resume latest`
+    only when there is a checkpoint (it was said after a Ctrl-C during the clips' encoding, and then refused)."""
+    saved = checkpoints.list_checkpoints(run_dir)
+    if saved:
+        return f"add --resume latest to continue from {saved[-1].name}"
+    if training_found(run_dir, saved):
+        return "no checkpoint was saved yet: rerun with --overwrite to start again (the encoded clips are kept)"
+    return "rerun the same command: the clips encoded so far are kept"
 
 
 def clear_run(run_dir: Path) -> None:

@@ -5,7 +5,8 @@ created), the dataset encoded into the latent cache, the transformer with LoRA, 
 schedule, and the checkpoint to resume from. `train` then loops: load cached latents, draw the
 step's noise (a TIC-FT run: each frame's noise level and the target-only loss, `slapgen.models.ticft`),
 the model family's `training_step`, backward, clip, step; log, checkpoint, validate every N
-steps; and finally writes RUN_DIR/pytorch_lora_weights.safetensors. Checkpoints are saved and loaded
+steps (a Ctrl-C ends the step under way and checkpoints it: `trainer.interrupt`); and finally writes
+RUN_DIR/pytorch_lora_weights.safetensors. Checkpoints are saved and loaded
 explicitly (`save_checkpoint` / `read_checkpoint` + `apply_checkpoint`): the LoRA, optimizer, schedule and each process's
 random state; the step inside them is also the data position (see trainer.batches). Resume reads
 every file of a checkpoint before it changes anything, so a corrupt one can be skipped for the
@@ -34,6 +35,7 @@ from trainer.batches import BatchOrder, captions_dropped, load_batch
 from trainer.config import TrainConfig, check_clip_shape, check_preset_family
 from trainer.datasets import read_training_clips
 from trainer.errors import TrainConfigError, TrainError
+from trainer.interrupt import StopOnInterrupt
 from trainer.latent_cache import CacheEntry, LatentCache
 from trainer.lora import LORA_FILENAME, add_lora, save_lora, set_lora_state
 from trainer.metrics import MetricsLog, peak_memory_mb, truncate_after
@@ -264,66 +266,77 @@ def train(
     run.transformer.train()
     bar = progress_bar(total=max_steps, initial=run.step, desc="train", unit="step", disable=not (progress and run.main))
     losses, started = [], time.perf_counter()
-    while run.step < max_steps:
-        batch = load_batch(run.entries, run.order.indices(micro_step), accelerator.device)
-        if config.train.caption_dropout:
-            dropped = captions_dropped(config.train.seed, micro_step, accelerator.process_index,
-                                       config.train.batch_size, config.train.caption_dropout)
-            batch.prompt_embeds[torch.tensor(dropped, device=batch.prompt_embeds.device)] = run.empty_caption
-        draws = family.draw_noise(batch, run.noise_scheduler, run.noise_generator,
-                                  sigmas=config.flow_matching.draw() if config.flow_matching else None)
-        frame_plan = run.ticft_layout.frame_plan_for(family, run.noise_scheduler, draws.timesteps) if run.ticft_layout else None
-        with accelerator.accumulate(run.transformer):
-            with accelerator.autocast():
-                loss = training_step(run.transformer, run.noise_scheduler, batch, draws, run.transformer_inputs,
-                                     run.weight_dtype, frame_plan=frame_plan)
-            accelerator.backward(loss)
-            grad_norm = None
-            if accelerator.sync_gradients:
-                grad_norm = accelerator.clip_grad_norm_(run.trainable, config.optim.max_grad_norm)
-            run.optimizer.step()
-            run.lr_scheduler.step()
-            run.optimizer.zero_grad(set_to_none=True)
-        losses.append(accelerator.gather(loss.detach()).mean().item())
-        micro_step += 1
-        if not accelerator.sync_gradients:
-            continue
+    interrupt = StopOnInterrupt("Ctrl-C: the step under way ends and a checkpoint of it is saved (Ctrl-C again to "
+                                "stop at once, losing the steps since the last checkpoint)")
+    with interrupt:
+        while run.step < max_steps:
+            batch = load_batch(run.entries, run.order.indices(micro_step), accelerator.device)
+            if config.train.caption_dropout:
+                dropped = captions_dropped(config.train.seed, micro_step, accelerator.process_index,
+                                           config.train.batch_size, config.train.caption_dropout)
+                batch.prompt_embeds[torch.tensor(dropped, device=batch.prompt_embeds.device)] = run.empty_caption
+            draws = family.draw_noise(batch, run.noise_scheduler, run.noise_generator,
+                                      sigmas=config.flow_matching.draw() if config.flow_matching else None)
+            frame_plan = (run.ticft_layout.frame_plan_for(family, run.noise_scheduler, draws.timesteps)
+                          if run.ticft_layout else None)
+            with accelerator.accumulate(run.transformer):
+                with accelerator.autocast():
+                    loss = training_step(run.transformer, run.noise_scheduler, batch, draws, run.transformer_inputs,
+                                         run.weight_dtype, frame_plan=frame_plan)
+                accelerator.backward(loss)
+                grad_norm = None
+                if accelerator.sync_gradients:
+                    grad_norm = accelerator.clip_grad_norm_(run.trainable, config.optim.max_grad_norm)
+                run.optimizer.step()
+                run.lr_scheduler.step()
+                run.optimizer.zero_grad(set_to_none=True)
+            losses.append(accelerator.gather(loss.detach()).mean().item())
+            micro_step += 1
+            if not accelerator.sync_gradients:
+                continue
 
-        run.step += 1
-        values = {
-            "loss": sum(losses) / len(losses),
-            "lr": run.lr_scheduler.get_last_lr()[0],
-            "grad_norm": float(grad_norm),
-            "step_time_s": time.perf_counter() - started,
-            "peak_memory_mb": peak_memory_mb(accelerator.device),
-        }
-        if run.step % config.logging.every_steps == 0 or run.step == max_steps:
-            run.metrics.write(run.step, values)
-        bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}", refresh=False)  # drawn with the count
-        bar.update(1)
-        if on_step is not None:
-            on_step(run.step)
-        losses = []
+            run.step += 1
+            values = {
+                "loss": sum(losses) / len(losses),
+                "lr": run.lr_scheduler.get_last_lr()[0],
+                "grad_norm": float(grad_norm),
+                "step_time_s": time.perf_counter() - started,
+                "peak_memory_mb": peak_memory_mb(accelerator.device),
+            }
+            if run.step % config.logging.every_steps == 0 or run.step == max_steps:
+                run.metrics.write(run.step, values)
+            bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}", refresh=False)  # drawn with the count
+            bar.update(1)
+            if on_step is not None:
+                on_step(run.step)
+            losses = []
 
-        if run.step % config.checkpoint.every_steps == 0 or run.step in (max_steps, stop_at_step):
-            try:
-                save_checkpoint(run)
-            except TrainError:
-                bar.close()  # so that the one line saying why starts a line of its own
-                raise
-        # And at the last step, as finetrainers' and diffusers' scripts do: the final LoRA's videos are the ones a
-        # user looks at first, whatever every_steps divides.
-        if run.validator is not None and (run.step % config.validation.every_steps == 0 or run.step == max_steps):
-            run.validator.run(accelerator.unwrap_model(run.transformer), run.step, accelerator.autocast,
-                              progress=progress and run.main)
-        accelerator.wait_for_everyone()
-        started = time.perf_counter()
-        if stop_at_step is not None and stop_at_step <= run.step < max_steps:
-            bar.close()
-            accelerator.end_training()
-            if run.main:
-                say(f"stopped at step {run.step}; continue with --resume latest")
-            return None
+            stopping = interrupt.requested_anywhere(accelerator)  # Ctrl-C: this step is the checkpoint, then stop
+            if run.step % config.checkpoint.every_steps == 0 or run.step in (max_steps, stop_at_step) or stopping:
+                try:
+                    save_checkpoint(run)
+                except TrainError:
+                    bar.close()  # so that the one line saying why starts a line of its own
+                    raise
+            if stopping:
+                bar.close()
+                accelerator.end_training()
+                if run.main:
+                    say(f"interrupted at step {run.step}, saved as a checkpoint; continue with --resume latest")
+                raise KeyboardInterrupt
+            # And at the last step, as finetrainers' and diffusers' scripts do: the final LoRA's videos are the ones a
+            # user looks at first, whatever every_steps divides.
+            if run.validator is not None and (run.step % config.validation.every_steps == 0 or run.step == max_steps):
+                run.validator.run(accelerator.unwrap_model(run.transformer), run.step, accelerator.autocast,
+                                  progress=progress and run.main)
+            accelerator.wait_for_everyone()
+            started = time.perf_counter()
+            if stop_at_step is not None and stop_at_step <= run.step < max_steps:
+                bar.close()
+                accelerator.end_training()
+                if run.main:
+                    say(f"stopped at step {run.step}; continue with --resume latest")
+                return None
     bar.close()
 
     # The adapter.
