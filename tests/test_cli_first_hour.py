@@ -526,3 +526,29 @@ def test_resume_naming_no_checkpoint_is_refused_before_any_clip_is_encoded(tiny_
     assert cli_stderr(capsys.readouterr().err) == (
         "slapgen train: --resume lastest: not a checkpoint folder (no trainer_state.json); did you mean --resume latest?")
     assert not run.exists()
+
+
+def test_an_out_folder_inside_the_dataset_or_another_runs_outputs_is_refused(tiny_cache_dir, demo_dataset, tmp_path,
+                                                                            capsys):
+    """Guards `--out` equal to `--data` training into the dataset (the next run read its validation videos as
+    clips without captions) and `--out runs/smoke/checkpoints` nesting a run inside another's checkpoints (which
+    that run prunes): each refused in one sentence before anything is written; a sibling folder is fine."""
+    import shutil
+
+    data = tmp_path / "demo"
+    shutil.copytree(demo_dataset, data)
+    assert cli_main(_train_args(tiny_cache_dir, data, data)) == 2
+    assert cli_stderr(capsys.readouterr().err) == (
+        f"slapgen train: --out {data} is inside the dataset {data}, which reads every video under it: the run's "
+        "validation videos would become clips without captions; choose an --out outside it (e.g. runs/NAME)")
+    assert cli_main(_train_args(tiny_cache_dir, data, data / "runs" / "a")) == 2
+    capsys.readouterr()
+    other = tmp_path / "runs" / "smoke"
+    (other / "checkpoints").mkdir(parents=True)
+    (other / "config.yaml").write_text("model: tiny\n")
+    assert cli_main(_train_args(tiny_cache_dir, data, other / "checkpoints" / "b")) == 2
+    assert cli_stderr(capsys.readouterr().err) == (
+        f"slapgen train: --out {other / 'checkpoints' / 'b'} is inside the checkpoints folder of the run {other}, "
+        "which that run prunes, rewrites or deletes; choose an --out of its own (e.g. runs/NAME)")
+    assert sorted(path.name for path in data.iterdir()) == sorted(path.name for path in demo_dataset.iterdir())
+    assert not (other / "checkpoints" / "b").exists()

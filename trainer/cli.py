@@ -76,8 +76,11 @@ def check_train(args) -> None:
     from trainer.config import load_config
     from trainer.datasets import check_dataset_exists
 
+    from trainer.run_folder import check_out_folder
+
     load_config(args.config, args.set)  # the preset's name and every --set (load_config_for_run may download)
     check_dataset_exists(args.data)
+    check_out_folder(args.out, args.data)
 
 
 def cmd_train(args) -> int:

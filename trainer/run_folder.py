@@ -68,6 +68,23 @@ def training_found(run_dir: Path, saved: list[Path]) -> list[str]:
     return found
 
 
+def check_out_folder(run_dir: Path, data: Path) -> None:
+    """TrainError when `--out` is a place a run folder breaks something: inside a folder dataset (`--out` equal to
+    `--data` trained, then the next run read its validation videos as clips without captions), or inside another
+    run's checkpoints, validation or logs folder (which that run prunes, rewrites or deletes)."""
+    out = Path(run_dir).absolute().resolve()
+    data = Path(data).absolute().resolve()
+    if data.is_dir() and not (data / "videos.txt").is_file() and out.is_relative_to(data):
+        raise TrainError(f"--out {run_dir} is inside the dataset {data}, which reads every video under it: the run's "
+                         "validation videos would become clips without captions; choose an --out outside it "
+                         "(e.g. runs/NAME)")
+    for folder in out.parents:
+        if folder.name in (checkpoints.CHECKPOINTS_DIR, VALIDATION_DIR, LOGS_DIR) and \
+                (folder.parent / CONFIG_FILE).is_file():
+            raise TrainError(f"--out {run_dir} is inside the {folder.name} folder of the run {folder.parent}, "
+                             "which that run prunes, rewrites or deletes; choose an --out of its own (e.g. runs/NAME)")
+
+
 def check_new_start(run_dir: Path, resume: str | None, overwrite: bool) -> None:
     """TrainError (one sentence, naming the fix) when starting from step 0 in `run_dir` would destroy a run, or
     when `resume` names no checkpoint there is (said before the clips are encoded: `--resume latest` in a folder
