@@ -48,6 +48,7 @@ from slapgen.serving.requests import SEED_HEADER, GenerateRequest, RenderRequest
 from slapgen.serving.routes import build_routes
 from slapgen.serving.settings import load_settings
 from slapgen.serving.startup import StoreOnFirstUse, check_port_free, claim_task_store, listen_address
+from slapgen.video import ffmpeg_problem
 
 
 def _exit_with(message: str) -> None:
@@ -66,6 +67,8 @@ try:
     settings = load_settings(relative_to=Path(__file__).resolve().parent)
 except SlapgenError as error:
     _exit_with(str(error))
+if (ffmpeg := ffmpeg_problem()) is not None:  # every answer is an mp4 it writes
+    _exit_with(ffmpeg)
 # One database (SLAP_DATABASE_URL, else one SQLite file per store), so every worker, and every replica sharing a
 # PostgreSQL, answers for every job. Opening a store migrates its schema: `bentoml serve`'s own process does it
 # once, in its deployment hook, before any worker starts (workers find it done); importing this file (`bentoml

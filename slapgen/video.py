@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,6 +30,22 @@ def encoder_outlives_sigterm() -> Iterator[None]:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def ffmpeg_problem() -> str | None:
+    """Why the ffmpeg that reads and writes every video cannot run here, in one sentence, or None. Without it every
+    clip read as corrupt (curate: "corrupt: 8"; train: "no usable clips") and writing one was a traceback."""
+    import imageio_ffmpeg
+
+    try:
+        exe = imageio_ffmpeg.get_ffmpeg_exe()
+    except RuntimeError as error:  # none bundled nor installed
+        return f"no ffmpeg found to read and write videos ({error})"
+    if shutil.which(exe) is None:  # a path that is not an executable file, or a name not on PATH
+        given = " (IMAGEIO_FFMPEG_EXE)" if os.environ.get("IMAGEIO_FFMPEG_EXE") else ""
+        return (f"ffmpeg {exe}{given} is not an executable file, and every video is read and written with it; "
+                "unset IMAGEIO_FFMPEG_EXE to use the one imageio-ffmpeg bundles, or point it at an ffmpeg")
+    return None
 
 
 def write_mp4(frames: np.ndarray, path: Path, fps: int) -> Path:

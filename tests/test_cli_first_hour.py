@@ -552,3 +552,20 @@ def test_an_out_folder_inside_the_dataset_or_another_runs_outputs_is_refused(tin
         "which that run prunes, rewrites or deletes; choose an --out of its own (e.g. runs/NAME)")
     assert sorted(path.name for path in data.iterdir()) == sorted(path.name for path in demo_dataset.iterdir())
     assert not (other / "checkpoints" / "b").exists()
+
+
+@pytest.mark.parametrize("command", [["demo-data", "{out}"], ["curate", "{data}", "--out", "{out}"],
+                                     ["train", "--config", "tiny-smoke", "--data", "{data}", "--out", "{out}"]])
+def test_an_ffmpeg_that_cannot_run_is_said_before_anything_is_read_or_written(command, demo_dataset, tmp_path,
+                                                                              monkeypatch, capsys):
+    """Guards a broken IMAGEIO_FFMPEG_EXE read as every clip corrupt (curate: "corrupt: 8"; train: "no usable
+    clips") or a traceback (demo-data, generate, leaving an empty folder): one sentence naming it, nothing made."""
+    monkeypatch.setenv("IMAGEIO_FFMPEG_EXE", str(tmp_path / "no-ffmpeg"))
+    out = tmp_path / "out"
+    argv = [part.format(out=out, data=demo_dataset) for part in command]
+    assert cli_main(argv) == 2
+    assert cli_stderr(capsys.readouterr().err) == (
+        f"slapgen {command[0]}: ffmpeg {tmp_path / 'no-ffmpeg'} (IMAGEIO_FFMPEG_EXE) is not an executable file, and "
+        "every video is read and written with it; unset IMAGEIO_FFMPEG_EXE to use the one imageio-ffmpeg bundles, "
+        "or point it at an ffmpeg")
+    assert not out.exists()

@@ -242,6 +242,18 @@ def test_bad_setting_stops_start_up_naming_the_variable(tmp_path):
     assert "SLAP_DEVICE" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_an_ffmpeg_that_cannot_run_stops_start_up_with_one_sentence(tmp_path):
+    """Guards a service that starts without a working ffmpeg and answers every generation with a traceback (every
+    answer is an mp4 it writes): one line naming IMAGEIO_FFMPEG_EXE, before any worker."""
+    result = _serve_and_wait(tmp_path, SLAP_MODEL="tiny", IMAGEIO_FFMPEG_EXE=str(tmp_path / "no-ffmpeg"))
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.startswith("slapgen:")]
+    assert lines == [f"slapgen: ffmpeg {tmp_path / 'no-ffmpeg'} (IMAGEIO_FFMPEG_EXE) is not an executable file, and "
+                     "every video is read and written with it; unset IMAGEIO_FFMPEG_EXE to use the one imageio-ffmpeg "
+                     "bundles, or point it at an ffmpeg"], result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+
+
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the CPU refusal")
 def test_fp8_without_a_capable_gpu_stops_start_up_with_one_sentence(tmp_path):
     result = _serve_and_wait(tmp_path, SLAP_MODEL="tiny", SLAP_DEVICE="cpu", SLAP_QUANT="fp8",

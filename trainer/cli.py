@@ -599,6 +599,7 @@ def default_device() -> str:
 # Commands that load torch, diffusers or transformers: they say so at once, before the imports that
 # take seconds (a minute on a cold disk), so a person sees that work has started.
 LOADING_COMMANDS = ("caption", "curate", "precompute", "train", "eval", "generate", "sweep")
+VIDEO_COMMANDS = (*LOADING_COMMANDS, "demo-data")  # what reads or writes videos: each needs ffmpeg
 
 
 def loading_line(command: str) -> str:
@@ -620,6 +621,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in LOADING_COMMANDS and os.environ.get("RANK", "0") == "0":
             # at once (torch alone takes seconds); under `accelerate launch`, one line, not one per process
             print(loading_line(args.command), file=sys.stderr, flush=True)
+        if args.command in VIDEO_COMMANDS:
+            from slapgen.video import ffmpeg_problem
+
+            if (problem := ffmpeg_problem()) is not None:
+                raise DatasetError(problem)
         if (check := getattr(args, "check", None)) is not None:
             check(args)  # what was typed, checked before diffusers and transformers load (seconds more)
         if args.command in LOADING_COMMANDS:
