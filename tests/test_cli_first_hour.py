@@ -569,3 +569,27 @@ def test_an_ffmpeg_that_cannot_run_is_said_before_anything_is_read_or_written(co
         "every video is read and written with it; unset IMAGEIO_FFMPEG_EXE to use the one imageio-ffmpeg bundles, "
         "or point it at an ffmpeg")
     assert not out.exists()
+
+
+def test_demo_data_refuses_what_it_cannot_make_and_keeps_clips_already_there(tmp_path, capsys):
+    """Guards `demo-data --clips 0` and `demo-data README.md` ending in tracebacks, and a rerun overwriting captions
+    edited by hand: one sentence each, nothing made; a rerun keeps the clips there and writes the missing ones,
+    which are the clips a first run makes."""
+    assert cli_main(["demo-data", str(tmp_path / "none"), "--clips", "0"]) == 2
+    assert cli_stderr(capsys.readouterr().err) == "slapgen demo-data: --clips must be at least 1, got 0"
+    (tmp_path / "a-file").write_text("x")
+    assert cli_main(["demo-data", str(tmp_path / "a-file")]) == 2
+    assert cli_stderr(capsys.readouterr().err) == (
+        f"slapgen demo-data: {tmp_path / 'a-file'} is a file; demo-data writes a folder of clips: name a new folder")
+    assert not (tmp_path / "none").exists()
+    first, again = tmp_path / "first", tmp_path / "again"
+    assert cli_main(["demo-data", str(first), "--clips", "3"]) == 0
+    assert cli_main(["demo-data", str(again), "--clips", "2"]) == 0
+    (again / "clip_000.txt").write_text("my own caption\n")
+    capsys.readouterr()
+    assert cli_main(["demo-data", str(again), "--clips", "3"]) == 0
+    assert capsys.readouterr().out.strip() == (f"wrote 1 clip + caption to {again} (kept the 2 already there, "
+                                               "captions as they are)")
+    assert (again / "clip_000.txt").read_text() == "my own caption\n"
+    assert (again / "clip_002.mp4").read_bytes() == (first / "clip_002.mp4").read_bytes()
+    assert (again / "clip_002.txt").read_text() == (first / "clip_002.txt").read_text()

@@ -38,8 +38,16 @@ def cmd_demo_data(args) -> int:
     from trainer.demo_data import write_demo_dataset
 
     written = write_demo_dataset(args.out, clips=args.clips, seed=args.seed)
-    print(f"wrote {len(written)} clips + captions to {args.out}")
+    kept = args.clips - len(written)
+    print(f"wrote {len(written)} clip{'s' * (len(written) != 1)} + caption{'s' * (len(written) != 1)} to {args.out}"
+          + (f" (kept the {kept} already there, captions as they are)" if kept else ""))
     return 0
+
+
+def check_demo_data(args) -> None:
+    from trainer.demo_data import check_demo_target
+
+    check_demo_target(args.out, args.clips)
 
 
 def cmd_precompute(args) -> int:
@@ -397,7 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("out", type=Path, help="folder to write clip_NNN.mp4 / clip_NNN.txt into")
     demo.add_argument("--clips", type=int, default=8, help="number of clips (default 8)")
     demo.add_argument("--seed", type=int, default=0, help="seed for the scene variations")
-    demo.set_defaults(run=cmd_demo_data)
+    demo.set_defaults(run=cmd_demo_data, check=check_demo_data)
 
     cur = commands.add_parser("curate", help="report caption quality, bad clips and duplicates; select the best N")
     cur.add_argument("dataset", type=Path, help="folder (videos.txt+prompts.txt or clip.mp4+clip.txt) or .csv/.jsonl")

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from slapgen.video import write_mp4
+from trainer.errors import DatasetError
 
 HEIGHT, WIDTH, FPS, SECONDS = 144, 224, 16, 2.5
 COLOURS = {"red": (0.85, 0.15, 0.12), "blue": (0.15, 0.3, 0.85), "black": (0.08, 0.08, 0.08), "white": (0.92, 0.92, 0.9)}
@@ -131,11 +132,11 @@ def caption_for(clip: DemoClip) -> str:
 
 
 def write_demo_dataset(out: Path, clips: int = 8, seed: int = 0) -> list[Path]:
-    """Write `clips` synthetic clips + captions as `clip_NNN.mp4` / `clip_NNN.txt` under `out`."""
+    """Write `clips` synthetic clips + captions as `clip_NNN.mp4` / `clip_NNN.txt` under `out`; returns the clips
+    written. A clip whose two files are there already is kept as it is: a rerun overwrote captions edited by hand."""
     from trainer.progress import progress_bar
 
-    if clips < 1:
-        raise ValueError("clips must be at least 1")
+    check_demo_target(out, clips)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
@@ -151,9 +152,20 @@ def write_demo_dataset(out: Path, clips: int = 8, seed: int = 0) -> list[Path]:
             camera=rng.choice(CAMERAS),
             backdrop=round(rng.uniform(0.25, 0.45), 3),
         )
-        frames = np.stack([render_frame(clip, i / (frame_count - 1)) for i in range(frame_count)])
         path = out / f"clip_{index:03d}.mp4"
+        if path.is_file() and path.with_suffix(".txt").is_file():
+            continue  # the scene was still drawn above: the clips after it are the same either way
+        frames = np.stack([render_frame(clip, i / (frame_count - 1)) for i in range(frame_count)])
         write_mp4(frames, path, fps=FPS)
         path.with_suffix(".txt").write_text(caption_for(clip) + "\n", encoding="utf-8")
         written.append(path)
     return written
+
+
+def check_demo_target(out: Path, clips: int) -> None:
+    """DatasetError for what demo-data cannot do: fewer than 1 clip, a target that is a file (both were
+    tracebacks)."""
+    if clips < 1:
+        raise DatasetError(f"--clips must be at least 1, got {clips}")
+    if Path(out).exists() and not Path(out).is_dir():
+        raise DatasetError(f"{out} is a file; demo-data writes a folder of clips: name a new folder")

@@ -122,7 +122,9 @@ class PrecomputeReport:
             reasons[skip["reason"]] = reasons.get(skip["reason"], 0) + 1
         skipped = ", ".join(f"{count} {reason}" for reason, count in sorted(reasons.items())) or "none"
         repaired = f"; {len(self.repaired)} corrupt cache entries re-encoded" if self.repaired else ""
-        return f"{len(self.entries)} clips ready ({self.encoded} encoded, {self.reused} reused); skipped: {skipped}{repaired}"
+        ready = len(self.entries)
+        return (f"{ready} clip{'s' * (ready != 1)} ready ({self.encoded} encoded, {self.reused} reused); "
+                f"skipped: {skipped}{repaired}")
 
     def to_json(self) -> dict:
         return {
