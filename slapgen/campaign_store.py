@@ -105,6 +105,7 @@ class CampaignSpec:
     metrics_left_out: dict[str, str] = field(default_factory=dict)  # metric -> why its numbers do not compare
     # system -> its LoRA file as eval.json names it (None: the base model); what serving the winner takes
     adapters: dict[str, str | None] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # what `campaign create` says of the plan (not stored)
 
     def to_json(self) -> dict:
         return {"systems": self.systems, "items": [vars(item) for item in self.items], "criteria": self.criteria,

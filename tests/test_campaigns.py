@@ -836,3 +836,46 @@ def test_no_pair_is_issued_past_the_budget_nor_a_repeat_once_every_pair_is_judge
     store.answer("one", only.pair_id, "dora", {"overall": "right"})
     assert next_pair_for(store, "one", "dora", np.random.default_rng(0), repeat_share=1.0) == (
         "dora has judged every pair of systems on every prompt and seed of one")
+
+
+def test_folders_given_twice_or_of_other_prompts_are_named_as_such(tmp_path):
+    """Guards two misleading refusals (a walk-through's): `--from eval/two --from eval/two` read "system two-base
+    has two videos of prompt 0 seed 1", and evals of other held-out clips read "lacks prompt 0 seed 0" of a system
+    that has that video, of another prompt. Each now says what is wrong."""
+    one = write_eval_dir(tmp_path / "one", ["base", "lora"], prompts=2, seeds=(0,))
+    with pytest.raises(CampaignError) as twice:
+        plan_campaign("c", [one, tmp_path / "one" / ".." / "one"])
+    assert str(twice.value) == f"--from names {tmp_path / 'one' / '..' / 'one'} twice"
+    other = write_eval_dir(tmp_path / "other", ["hot"], prompts=2, seeds=(0,))
+    result = json.loads((other / "eval.json").read_text())
+    result["prompts"][0]["caption"] = "another clip's caption"
+    (other / "eval.json").write_text(json.dumps(result))
+    with pytest.raises(CampaignError) as prompts:
+        plan_campaign("c", [one, other])
+    assert str(prompts.value) == (
+        f"the folders' prompts differ (prompt 0 is {CAPTIONS[0]!r} in one and "
+        f"{'another clip' + chr(39) + 's caption'!r} in another): evals of other held-out clips cannot be rated side by side; evaluate every "
+        "system on the same --heldout")
+
+
+def test_a_metric_measured_for_some_systems_only_is_left_out_and_other_settings_are_said(tmp_path):
+    """Guards a leaderboard comparing metrics one system's eval never measured (`compared 0`, `rate null`, and
+    `metrics_left_out` empty) and a campaign of videos made with other settings (17 frames and 4 steps beside 9
+    frames and 1 step) created without a word: the metric is left out naming the system, and the plan's note
+    names the settings that differ, system by system."""
+    full = write_eval_dir(tmp_path / "full", ["base", "lora"], seeds=(0,),
+                          scores={"clip_score": {"base": 0.1, "lora": 0.2}, "flicker": {"base": 0.5, "lora": 0.4}})
+    short = write_eval_dir(tmp_path / "short", ["fast"], seeds=(0,), scores={"flicker": {"fast": 0.3}})
+    for folder, generation in ((full, {"num_frames": 17, "num_inference_steps": 4, "fps": 8}),
+                               (short, {"num_frames": 9, "num_inference_steps": 1, "fps": 8})):
+        result = json.loads((folder / "eval.json").read_text())
+        (folder / "eval.json").write_text(json.dumps({**result, "generation": generation}))
+    plan = plan_campaign("c", [full, short])
+    assert plan.metrics_left_out == {"clip_score": "clip_score is left out: the eval of fast did not measure it, so it "
+                                                   "cannot be compared across every system"}
+    assert set(plan.metric_directions) == {"flicker"}
+    assert plan.notes == ["note: the systems' videos were made with other generation settings (base: num_frames 17, "
+                          "num_inference_steps 4; fast: num_frames 9, num_inference_steps 1; lora: num_frames 17, "
+                          "num_inference_steps 4); raters will see them side by side as they are, and metrics compare "
+                          "them so"]
+    assert plan_campaign("same", [full]).notes == [] and plan_campaign("same", [full]).metrics_left_out == {}

@@ -117,6 +117,10 @@ def plan_campaign(name: str, sources: list[Path], systems: list[str] | None = No
     if not sources:
         raise CampaignError("name at least one eval folder with --from")
     folders = [Path(s) for s in sources]
+    twice = next((folder for k, folder in enumerate(folders)
+                  if folder.resolve() in [other.resolve() for other in folders[:k]]), None)
+    if twice is not None:  # it read "system two-base has two videos of prompt 0 seed 1"
+        raise CampaignError(f"--from names {twice} twice")
     results = [_read_eval(folder) for folder in folders]
     seen: dict[str, int] = {}
     for result in results:
@@ -133,6 +137,7 @@ def plan_campaign(name: str, sources: list[Path], systems: list[str] | None = No
     system_scores: dict[str, dict[str, float]] = {}
     video_scores: dict[str, dict[tuple[str, tuple], float]] = {}
     adapters: dict[str, str | None] = {}  # final system -> its LoRA file (None: the base model)
+    settings: dict[str, dict] = {}  # final system -> the generation settings of its eval
     for folder, result in zip(folders, results):
         captions = {p["index"]: p["caption"] for p in result.get("prompts", [])}
         for metric, definition in result.get("metric_definitions", {}).items():
@@ -155,6 +160,9 @@ def plan_campaign(name: str, sources: list[Path], systems: list[str] | None = No
             for metric, value in video.items():
                 if metric not in _VIDEO_FIELDS and isinstance(value, (int, float)):
                     video_scores.setdefault(metric, {})[(system, key)] = float(value)
+        for system in seen:
+            if any(video.get("system") == system for video in result["videos"]):
+                settings[final_name(folder, system)] = result.get("generation") or {}
         for system, data in result.get("systems", {}).items():
             if system in seen:
                 adapters[final_name(folder, system)] = _adapter_file(data.get("adapter"), folder)
@@ -175,6 +183,16 @@ def plan_campaign(name: str, sources: list[Path], systems: list[str] | None = No
         if not isinstance(system, str) or not system.isprintable() or "," in system or not 0 < len(system) <= 128:
             raise CampaignError(f"system name {system!r} must be 1-128 printable characters without a comma")
     every_item = sorted(set().union(*(files[s] for s in chosen)))
+    captions_of: dict[tuple[int, int], set[str]] = {}
+    for prompt, caption, seed in every_item:
+        captions_of.setdefault((prompt, seed), set()).add(caption)
+    other_prompts = sorted(key for key, captions in captions_of.items() if len(captions) > 1)
+    if other_prompts:  # it read "lacks prompt 0 seed 0" of a system that has that video, of another prompt
+        prompt, seed = other_prompts[0]
+        raise CampaignError(f"the folders' prompts differ (prompt {prompt} is "
+                            f"{' in one and '.join(repr(_shortened(c)) for c in sorted(captions_of[(prompt, seed)]))} "
+                            "in another): evals of other held-out clips cannot be rated side by side; evaluate every "
+                            "system on the same --heldout")
     missing = []
     for system in chosen:
         lacking = [f"prompt {prompt} seed {seed}" for prompt, caption, seed in every_item
@@ -186,6 +204,12 @@ def plan_campaign(name: str, sources: list[Path], systems: list[str] | None = No
     scored = {m for m in directions if m in video_scores or any(m in system_scores.get(s, {}) for s in chosen)}
     left_out = comparable_metrics({m: {s: d for s, d in definitions[m].items() if s in chosen}
                                    for m in sorted(scored) if m in definitions})
+    for metric in sorted(scored - set(left_out)):  # measured for some systems only: it cannot rank them all
+        unmeasured = [s for s in chosen if metric not in system_scores.get(s, {})
+                      and not any(system == s for system, _ in video_scores.get(metric, {}))]
+        if unmeasured:
+            left_out[metric] = (f"{metric} is left out: the eval of {', '.join(unmeasured)} did not measure it, so it "
+                                "cannot be compared across every system")
     kept = scored - set(left_out)
     items = [Item(prompt_index=p, prompt=caption, seed=seed) for p, caption, seed in every_item]
     index = {key: k for k, key in enumerate(every_item)}
@@ -200,17 +224,39 @@ def plan_campaign(name: str, sources: list[Path], systems: list[str] | None = No
                       for metric, values in video_scores.items() if metric not in left_out},
         metrics_left_out=left_out,
         adapters={s: adapters[s] for s in chosen if s in adapters},
+        notes=[note] if (note := mixed_settings_note({s: settings.get(s, {}) for s in chosen})) else [],
     )
+
+
+def _shortened(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def mixed_settings_note(settings: dict[str, dict]) -> str | None:
+    """What `campaign create` says when the systems' videos were made with other generation settings (their
+    evals' `generation`): raters then see clips of another length or size side by side, and per-video metrics
+    (temporal flickering) compare them as they are. Allowed, since comparing settings may be the point
+    (hot@10 against hot@5 steps); said, since it was silent. None when the settings agree."""
+    keys = sorted(set().union(*settings.values())) if settings else []
+    differing = [key for key in keys if len({json.dumps(values.get(key), sort_keys=True)
+                                              for values in settings.values()}) > 1]
+    if not differing:
+        return None
+    shown = "; ".join(f"{system}: " + ", ".join(f"{key} {values.get(key)}" for key in differing)
+                      for system, values in settings.items())
+    return (f"note: the systems' videos were made with other generation settings ({shown}); raters will see them "
+            "side by side as they are, and metrics compare them so")
 
 
 def create_campaign(data_dir: Path, name: str, sources: list[Path], systems: list[str] | None = None,
                     criteria: list[str] | None = None, budget: int | None = None, database: str | None = None):
     """Plan first (nothing is written when the folders do not make a campaign), then store (in `database`,
-    a URL, or else DATA/campaigns.sqlite; its schema is migrated first, as the service does at start-up)."""
+    a URL, or else DATA/campaigns.sqlite; its schema is migrated first, as the service does at start-up). Returns
+    the campaign and the plan's notes for the person who made it."""
     from slapgen.campaign_store import CampaignStore
 
     spec = plan_campaign(name, sources, systems, criteria, budget)
-    return CampaignStore(data_dir, database).create(spec)
+    return CampaignStore(data_dir, database).create(spec), spec.notes
 
 
 def _existing_store(settings):

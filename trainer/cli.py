@@ -324,8 +324,8 @@ def cmd_campaign_create(args) -> int:
 
     settings = load_settings()  # the service's store: SLAP_DATA_DIR (default SLAP_CACHE_DIR/data), SLAP_DATABASE_URL
     data_dir = settings.data_dir
-    campaign = create_campaign(data_dir, args.name, args.sources, names(args.systems), names(args.criteria), args.budget,
-                               database=settings.database_url)
+    campaign, notes = create_campaign(data_dir, args.name, args.sources, names(args.systems), names(args.criteria),
+                                      args.budget, database=settings.database_url)
     print(f"campaign {campaign.name}: {len(campaign.systems)} systems ({', '.join(campaign.systems)}), "
           f"{len(campaign.items)} prompt/seed items, criteria {', '.join(campaign.criteria)}, budget "
           f"{campaign.budget} ratings, in {settings.where_campaigns_are()}")
@@ -333,6 +333,8 @@ def cmd_campaign_create(args) -> int:
         print(sentence)
     if few := few_prompts_sentence(campaign.items, campaign.budget):
         print(few)
+    for note in notes:
+        print(note)
     return 0
 
 
