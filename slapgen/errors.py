@@ -192,6 +192,10 @@ class JobFinishingError(JobFinishedError):
     """The job's denoising is done (it is decoding and writing its mp4): a cancel can no longer stop it."""
 
 
+class RatingConflictError(SlapgenError):
+    """The rater has rated these two videos (systems, prompt and seed) already."""
+
+
 class CampaignError(SlapgenError):
     """A rating campaign, or a verdict on one of its pairs, that cannot be used."""
 

@@ -276,8 +276,9 @@ def test_ratings_are_stored_exported_and_summarised_with_the_eval_statistics(cli
     1 loss in 4 untied comparisons (2 * 5/16 = 0.625); a prompt that starts like a spreadsheet formula
     is exported inert."""
     verdicts = [("a slap", "right"), ("a slap", "right"), ("=HYPERLINK(1)", "left"), ("=HYPERLINK(1)", "right")]
-    for prompt, choice in verdicts:
-        response = client.post("/ratings", json={**GOOD_RATING, "prompt": prompt, "choices": {"overall": choice}})
+    for seed, (prompt, choice) in enumerate(verdicts):  # each of other videos (one rater's again is a 409)
+        response = client.post("/ratings", json={**GOOD_RATING, "prompt": prompt, "seed": seed,
+                                                 "choices": {"overall": choice}})
         assert response.status_code == 201 and len(response.json()["ids"]) == 1
     rows = client.get("/ratings.csv").text.splitlines()
     assert rows[0].split(",")[:5] == ["id", "created_at", "rater", "criterion", "choice"]
@@ -323,3 +324,21 @@ def test_the_studio_page_is_served_with_every_asset_and_nothing_from_the_interne
         assert client.get(f"/studio/{asset}").status_code == 200
     for text in (page.text, client.get("/studio/studio.js").text, client.get("/studio/studio.css").text):
         assert "http://" not in text and "https://" not in text and "//cdn" not in text
+
+
+def test_a_rater_rating_the_same_two_videos_again_is_a_409_and_stores_nothing(client, tmp_path):
+    """Guards the same `POST /ratings` body counted twice (a walk-through's script: `rated_pairs 2`, `losses 2`,
+    `sign_test_p 0.5` from one judgement of one pair of videos): the rater's second rating of the same systems at
+    the same scales, either side, on the same prompt and seed, is a 409 and stores nothing; another rater, seed or
+    scale is a new rating."""
+    first = client.post("/ratings", json=GOOD_RATING)
+    assert first.status_code == 201
+    before = client.get("/ratings.csv").text
+    swapped = {**GOOD_RATING, "left": GOOD_RATING["right"], "right": GOOD_RATING["left"]}
+    for body, said in ((GOOD_RATING, "base against a@0.5"), (swapped, "a@0.5 against base")):
+        again = client.post("/ratings", json=body)
+        assert again.status_code == 409, again.text
+        assert again.json()["error"].startswith(f"ana has rated {said} on this prompt and seed already")
+    assert client.get("/ratings.csv").text == before
+    for change in ({"rater": "bo"}, {"seed": 4}, {"right": {"adapter": "a", "adapter_scale": 1.0}}):
+        assert client.post("/ratings", json={**GOOD_RATING, **change}).status_code == 201, change

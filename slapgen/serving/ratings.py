@@ -24,9 +24,11 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from sqlalchemy import BigInteger, Column, Double, Integer, MetaData, Table, Text, func, insert, select, update
+from sqlalchemy import (BigInteger, Column, Double, Integer, MetaData, Table, Text, and_, func, insert, or_, select,
+                        update)
 
 from slapgen.database import open_store
+from slapgen.errors import RatingConflictError
 from slapgen.csv_cells import inert_csv
 from slapgen.evaluation.stats import LOSS, TIE, WIN, Comparison, win_rate
 from slapgen.timing import iso_utc
@@ -69,9 +71,18 @@ class RatingStore:
 
     def add(self, rows: list[dict], model: str) -> list[int]:
         """Store the ratings of one submission (one per criterion) of videos `model` made, all or nothing;
-        returns their ids."""
+        returns their ids. RatingConflictError when its rater has rated these two videos (the systems at their
+        scales, either side, the prompt and seed) already: the same body posted twice counted as two verdicts."""
         now = time.time()
         with self._lock, self._engine.begin() as db:
+            if rows and db.execute(select(func.count()).select_from(ratings).where(
+                    *_same_videos(rows[0]), ratings.c.rater == rows[0]["rater"], ratings.c.model == model)).scalar():
+                first = rows[0]
+                raise RatingConflictError(
+                    f"{first['rater'] or 'this anonymous rater'} has rated {system_label(first['left_system'], first['left_scale'])} "
+                    f"against {system_label(first['right_system'], first['right_scale'])} on this prompt and seed "
+                    "already (a verdict on the same two videos again is no new evidence); rate another seed: the "
+                    "studio's “New seed every run” draws one", field="seed")
             return [db.execute(insert(ratings).values(
                 created_at=now, model=model, **{column: row[column] for column in RATED_COLUMNS})).inserted_primary_key[0]
                 for row in rows]
@@ -137,6 +148,18 @@ def _stamp_of(rows: list[dict]) -> Stamp:
 def _named_first(item: tuple) -> tuple[bool, str]:
     """Other models by name, then the ratings written before ratings recorded their model (None)."""
     return item[0] is None, item[0] or ""
+
+
+def _same_videos(row: dict) -> list:
+    """Conditions on the ratings table for a rating of the same two videos as `row`: its systems at their scales,
+    on either side, and its prompt and seed."""
+    def side(prefix: str, system: str, scale: float | None):
+        column = ratings.c[f"{prefix}_scale"]
+        return and_(ratings.c[f"{prefix}_system"] == system, column.is_(None) if scale is None else column == scale)
+
+    left, right = (row["left_system"], row["left_scale"]), (row["right_system"], row["right_scale"])
+    return [ratings.c.prompt == row["prompt"], ratings.c.seed == row["seed"],
+            or_(and_(side("left", *left), side("right", *right)), and_(side("left", *right), side("right", *left)))]
 
 
 def system_label(system: str, scale: float | None) -> str:

@@ -39,11 +39,11 @@ def studio_routes(ratings: RatingStore, served_adapters: Callable[[], list[str]]
         try:
             rating = RatingRequest.model_validate_json(body or b"{}")
             rows = rating.rows(await run_in_threadpool(served_adapters))
+            ids = await run_in_threadpool(ratings.add, rows, served_model())
         except ValidationError as error:
             return JSONResponse(validation_error_body(error), status_code=400)
-        except SlapgenError as error:
+        except SlapgenError as error:  # a bad side, or these two videos rated by this rater already (409)
             return error_response(error)
-        ids = await run_in_threadpool(ratings.add, rows, served_model())
         return JSONResponse({"ids": ids}, status_code=201)
 
     async def summary(request: Request) -> JSONResponse:
