@@ -174,6 +174,10 @@ def test_report_renders_in_headless_chromium_with_playable_videos(evaluation, tm
     (["--set", "seed=3"], "chosen by slapgen eval"),
     (["--set", "num_frames=9"], "at least 10 frames"),
     (["--seeds", "one"], "whole numbers"),
+    # a close spelling is named; --seeds with no metric that generates was accepted without a word, and no video made
+    (["--metrics", "loss,clips"], "choose from loss,clip,fvd,temporal (did you mean clip?)"),
+    (["--metrics", "loss", "--seeds", "1,2"], "--seeds are the seeds videos are generated with, and --metrics loss "
+                                              "generates none: add clip, fvd or temporal to --metrics"),
 ])
 def test_bad_input_is_one_line_and_exit_2(arguments, message, tiny_cache_dir, demo_dataset, tmp_path, capsys):
     """Guards tracebacks (or half-made output folders) for mistakes a person makes on the command line."""

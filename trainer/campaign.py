@@ -49,8 +49,8 @@ def _read_eval(folder: Path) -> dict:
     except (OSError, ValueError) as error:
         raise CampaignError(f"{path} cannot be read as JSON ({error})") from None
     if not isinstance(result, dict) or not isinstance(result.get("videos"), list) or not result["videos"]:
-        raise CampaignError(f"{path} lists no videos: run `slapgen eval` with generation metrics or --seeds so it "
-                            "writes videos")
+        raise CampaignError(f"{path} lists no videos: run `slapgen eval` with a metric that generates them (clip, "
+                            "fvd or temporal in --metrics; `--metrics loss` alone makes none)")
     return result
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from slapgen.errors import SlapgenError
 from slapgen.names import NAME_RULE
-from trainer.errors import DatasetError
+from trainer.errors import DatasetError, EvalError
 from trainer.evaluate.names import HELDOUT_LOSS_SEED
 from trainer.ray_cluster import check_gpus_option, check_node_wait_option
 
@@ -174,7 +174,7 @@ def eval_options(args):
         heldout=args.heldout,
         out=args.out,
         metrics=parse_metrics(args.metrics),
-        seeds=parse_seeds(args.seeds),
+        seeds=parse_seeds(args.seeds or "0"),
         generation=parse_settings(args.set),
         max_clips=args.max_clips,
         trigger_word=check_trigger_word_option(args.trigger_word),
@@ -192,6 +192,9 @@ def eval_options(args):
         workers=check_workers_option(args.workers, args.ray),
         node_wait_s=check_node_wait_option(args.node_wait, args.ray, "eval generates every video in this process"),
     )
+    if args.seeds is not None and not options.generates:  # accepted without a word, and no video was made
+        raise EvalError(f"--seeds are the seeds videos are generated with, and --metrics {args.metrics} generates "
+                        "none: add clip, fvd or temporal to --metrics")
     check_dataset_exists(args.heldout)  # after what was typed: a misspelt option is the likelier mistake
     return options
 
@@ -465,7 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", type=Path, required=True, help="output folder (videos, eval.json, eval.md, report.html)")
     ev.add_argument("--metrics", default="loss,clip,fvd,temporal",
                     help="any of loss,clip,fvd,temporal (default all; loss alone generates nothing)")
-    ev.add_argument("--seeds", default="0", help="generation seeds, e.g. 1,2 (default 0)")
+    ev.add_argument("--seeds", help="generation seeds of clip/fvd/temporal, e.g. 1,2 (default 0)")
     ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="generation setting for every system: num_inference_steps, guidance_scale, negative_prompt, "
                          "num_frames, height, width, fps, adapter_scale (default: the model's)")

@@ -164,7 +164,8 @@ def parse_metrics(text: str) -> tuple[str, ...]:
     groups = tuple(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
     unknown = [group for group in groups if group not in METRIC_GROUPS]
     if unknown or not groups:
-        raise EvalError(f"--metrics {text}: choose from {','.join(METRIC_GROUPS)}")
+        hint = closest_name_hint(unknown[0], METRIC_GROUPS) if unknown else ""
+        raise EvalError(f"--metrics {text}: choose from {','.join(METRIC_GROUPS)}{hint}")
     return groups
 
 
