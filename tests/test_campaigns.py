@@ -879,3 +879,18 @@ def test_a_metric_measured_for_some_systems_only_is_left_out_and_other_settings_
                           "num_inference_steps 4); raters will see them side by side as they are, and metrics compare "
                           "them so"]
     assert plan_campaign("same", [full]).notes == [] and plan_campaign("same", [full]).metrics_left_out == {}
+
+
+def test_a_near_miss_of_a_shared_criterion_is_refused_naming_it(eval_dir):
+    """Guards `--criteria overal,motion_acuracy` creating a campaign whose criteria are typos for good (its
+    ratings never read alike with the studio's): a near miss of a shared criterion is refused naming it; a name of
+    one's own (`motion`) is fine."""
+    with pytest.raises(CampaignError) as refused:
+        plan_campaign("c", [eval_dir], criteria=["overal", "motion"])
+    assert str(refused.value) == (
+        "criterion 'overal' is spelt like the studio's 'overall': use overall (names shared with the studio's "
+        "ratings, motion_accuracy, impact_realism, prompt_adherence, overall, read alike), or a name of your own "
+        "that is not a near miss")
+    with pytest.raises(CampaignError, match="'motion_acuracy' is spelt like the studio's 'motion_accuracy'"):
+        plan_campaign("c", [eval_dir], criteria=["motion_acuracy"])
+    assert plan_campaign("c", [eval_dir], criteria=["overall", "motion"]).criteria == ["overall", "motion"]

@@ -25,6 +25,7 @@ from pathlib import Path
 from slapgen.errors import CampaignError, CampaignNotFoundError, CampaignRatedError
 from slapgen.names import NAME_RULE
 from slapgen.campaign_store import CAMPAIGN_NAME_PATTERN, CampaignSpec, Item, check_campaign_name
+from slapgen.serving.ratings import CRITERIA
 
 DEFAULT_CRITERIA = ("overall",)
 _VIDEO_FIELDS = ("system", "prompt", "seed", "path")
@@ -110,6 +111,10 @@ def plan_campaign(name: str, sources: list[Path], systems: list[str] | None = No
     for criterion in criteria:
         if not CAMPAIGN_NAME_PATTERN.fullmatch(criterion):
             raise CampaignError(f"criterion {criterion!r} must be {NAME_RULE}")
+        if (shared := _misspelt_criterion(criterion)) is not None:  # `overal` was a campaign's criterion for good
+            raise CampaignError(f"criterion {criterion!r} is spelt like the studio's {shared!r}: use {shared} (names "
+                                f"shared with the studio's ratings, {', '.join(CRITERIA)}, read alike), or a name "
+                                "of your own that is not a near miss")
     if len(set(criteria)) != len(criteria):
         raise CampaignError("--criteria names a criterion twice")
     if budget is not None and budget < 1:
@@ -266,6 +271,16 @@ def _existing_store(settings):
 
     database = settings.existing_store_database(CAMPAIGNS_FILE)
     return CampaignStore(settings.data_dir, database) if database is not None else None
+
+
+def _misspelt_criterion(criterion: str) -> str | None:
+    """The studio's criterion `criterion` is a near miss of (`overal`, `motion_acuracy`), else None."""
+    import difflib
+
+    if criterion in CRITERIA:
+        return None
+    close = difflib.get_close_matches(criterion, CRITERIA, n=1, cutoff=0.85)
+    return close[0] if close else None
 
 
 def few_prompts_sentence(items: list, budget: int) -> str | None:
