@@ -294,7 +294,7 @@ def few_prompts_sentence(items: list, budget: int) -> str | None:
         return None
     return (f"note: {prompts} prompt{'s' * (prompts != 1)}: the leaderboard can never call the top system separated "
             f"from the second (that needs verdicts on at least {MIN_SEPARATION_PROMPTS} prompts), so the campaign ends "
-            f"only on its budget of {budget} ratings; eval on more held-out clips for a campaign that can")
+            f"only on its budget of {budget} ratings; eval on more held-out clips for a campaign that can separate them")
 
 
 def campaign_lines(settings) -> list[str]:

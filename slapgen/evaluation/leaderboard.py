@@ -85,8 +85,9 @@ def winner(system: str, adapters: Mapping[str, str | None], runner_up: str | Non
 
 def _finite(value: float) -> float | None:
     """Kendall's tau is undefined (NaN) when either order is all ties, e.g. a metric equal for every
-    system or a ranking with no verdict yet: None then, which JSON can carry."""
-    return value if math.isfinite(value) else None
+    system or a ranking with no verdict yet: None then, which JSON can carry. To 12 significant digits: a tau of
+    1 read 0.9999999999999999."""
+    return float(f"{value:.12g}") if math.isfinite(value) else None
 
 
 def _separation(ranking: Ranking) -> str:
