@@ -255,6 +255,7 @@ GOOD_RATING = {"left": {"adapter": None}, "right": {"adapter": "a", "adapter_sca
     # A system this server does not serve (made-up names grew /ratings/summary's work for every rater).
     ({"right": {"adapter": "nobody-served-this"}}, "right.adapter"),
     ({"left": {"adapter": "nobody-served-this"}}, "left.adapter"),
+    ({"right": {"adapter": "aa"}}, "right.adapter"),  # named with "did you mean a?" (below)
     ({"seed": -1}, "seed"),
     ({"prompt": ""}, "prompt"),
     ({"rater": "x" * 65}, "rater"),
@@ -267,6 +268,8 @@ def test_a_bad_rating_is_a_400_naming_the_field_and_writes_nothing(client, chang
     response = client.post("/ratings", json={**GOOD_RATING, **change})
     body = assert_error_shape(response, 400)
     assert [".".join(map(str, d["loc"])) for d in body["detail"]][0] == field, body
+    if change == {"right": {"adapter": "aa"}}:  # a near miss of a served adapter is named
+        assert body["error"].startswith("unknown adapter 'aa' (did you mean a?); available: a"), body
     assert client.get("/ratings.csv").text == before
 
 

@@ -238,3 +238,12 @@ def test_a_missing_dataset_says_how_to_make_one_to_try(tmp_path, monkeypatch, ca
 
     assert main(["demo-data", str(tmp_path / "demo"), "--clips", "2"]) == 0
     assert len(read_dataset(tmp_path / "demo")) == 2
+    # A typo of a dataset that is there is named as one (it sent a walk-through to demo-data), and a curation's
+    # selected.jsonl, written only with --select, says so.
+    with pytest.raises(DatasetError) as typo:
+        read_dataset(tmp_path / "dmeo")
+    assert str(typo.value) == f"dataset {tmp_path / 'dmeo'} does not exist (did you mean {tmp_path / 'demo'}?)"
+    with pytest.raises(DatasetError) as unselected:
+        read_dataset(tmp_path / "curation" / "selected.jsonl")
+    assert str(unselected.value) == (f"dataset {tmp_path / 'curation' / 'selected.jsonl'} does not exist: `slapgen "
+                                     f"curate DATASET --out {tmp_path / 'curation'} --select N` writes it, the best N clips")

@@ -27,6 +27,7 @@ import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from slapgen.errors import closest_path_hint
 from trainer.errors import DatasetError
 from trainer.trigger_word import PLACEHOLDER, with_trigger_word
 
@@ -63,6 +64,11 @@ def check_dataset_exists(path: Path) -> Path:
     commands are run out of order (`--data demo`). Commands say it before their seconds of imports."""
     path = Path(path)
     if not path.exists():
+        if close := closest_path_hint(path):  # `dmeo` for `demo`: the typo, not demo-data
+            raise DatasetError(f"dataset {path} does not exist{close}")
+        if path.name == "selected.jsonl":  # curate writes it only when asked to select
+            raise DatasetError(f"dataset {path} does not exist: `slapgen curate DATASET --out {path.parent} --select N` "
+                               "writes it, the best N clips")
         raise DatasetError(f"dataset {path} does not exist (a folder of clips with captions, or a .csv / .jsonl; "
                            f"`slapgen demo-data {path}` makes a small one to try the commands on)")
     return path

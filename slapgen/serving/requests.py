@@ -25,7 +25,7 @@ from slapgen.engine.adapters import ADAPTER_NAME_PATTERN
 from slapgen.engine.conditioning import CONDITION_FIELD, check_condition, check_frames
 from slapgen.engine.params import GenerationParams
 from slapgen.engine.prompt_tokens import PromptTokens
-from slapgen.errors import ImageError, RequestError
+from slapgen.errors import ImageError, RequestError, closest_name_hint
 from slapgen.images import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, decode_image
 from slapgen.models.specs import BASE_SIZE_MULTIPLE as SIZE_MULTIPLE
 from slapgen.models.specs import ModelSpec
@@ -208,7 +208,8 @@ def check_served(adapter: str | None, adapters: list[str] | None, field: str) ->
     """RequestError naming `field` unless `adapter` is None (the base model), `adapters` is None (not checked
     here) or one of `adapters`, the adapters this server serves."""
     if adapter is not None and adapters is not None and adapter not in adapters:
-        raise RequestError(f"unknown adapter {adapter!r}; available: {', '.join(adapters) or 'none'}", field=field)
+        raise RequestError(f"unknown adapter {adapter!r}{closest_name_hint(adapter, adapters)}; available: "
+                           f"{', '.join(adapters) or 'none'}", field=field)
 
 
 class RatedSystem(RequestBody):
