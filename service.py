@@ -28,7 +28,7 @@ from slapgen.engine.adapters import MAX_ADAPTER_BYTES, adapter_names, misnamed_a
 from slapgen.engine.generator import VideoGenerator
 from slapgen.errors import GenerationCancelledError, SlapgenError
 from slapgen.lifetime import die_with_parent, on_stop_signal, stopped_at_once_by_signals
-from slapgen.models.loading import resolve_model
+from slapgen.models.loading import check_model_name, resolve_model
 from slapgen.serving.body_limit import GENERATION_BODY_LIMIT, BodySizeLimit
 from slapgen.serving.clients import client_of
 from slapgen.serving.concurrency import ConcurrencyLimit
@@ -161,8 +161,10 @@ class SlapGen:
     def prepare_model() -> None:
         # Runs once in the serving process before any worker starts, so a missing model or an
         # impossible setting stops `bentoml serve` with one sentence instead of a worker crash loop.
-        # The port and BentoML's task store first: BentoML wipes the store right after this hook.
+        # The model's name first (no disk, no download), then the port and BentoML's task store (BentoML wipes the
+        # store right after this hook), then what may download.
         try:
+            check_model_name(settings.model)  # a mistyped name needs no port: said first
             check_port_free(*listen_address())
             claim_task_store(BentoMLContainer.result_store_file.get())
             _open_stores()  # and migrated here, once, before any worker starts

@@ -236,6 +236,18 @@ def test_uncached_hub_model_stops_start_up_with_one_sentence(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_a_mistyped_model_is_said_before_a_taken_port(tiny_server, tmp_path):
+    """Guards `SLAP_MODEL=tinny bentoml serve` beside a running server reported as that server's port or BentoML
+    home, not as the typo: the model's name is checked first (no disk, no download), with "did you mean tiny?"."""
+    port = int(tiny_server.url.rsplit(":", 1)[1])
+    result = _serve_and_wait(tmp_path, port=port, SLAP_MODEL="tinny")
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.startswith("slapgen:")]
+    assert len(lines) == 1 and lines[0].startswith(
+        "slapgen: SLAP_MODEL=tinny is neither an existing folder nor a hub id like THUDM/CogVideoX-5b (did you mean "
+        "tiny?)"), result.stderr[-3000:]
+
+
 def test_bad_setting_stops_start_up_naming_the_variable(tmp_path):
     result = _serve_and_wait(tmp_path, SLAP_MODEL="tiny", SLAP_DEVICE="tpu")
     assert result.returncode != 0

@@ -78,13 +78,23 @@ def resolve_model(model: str, cache_dir: Path | None = None, allow_download: boo
             )
         return ResolvedModel(path.resolve(), spec_for_folder(path, path.name))
 
-    if not HUB_ID_PATTERN.match(model):
-        raise ModelUnavailableError(
-            f"{setting.name}={model} is neither an existing folder nor a hub id like THUDM/CogVideoX-5b"
-            f"{did_you_mean(model)}; fix the path, {tiny_fix}."
-        )
+    check_model_name(model, setting)
     folder = _hub_snapshot(model, allow_download, setting, tiny_fix)
     return ResolvedModel(folder, spec_for_folder(folder, model))
+
+
+def check_model_name(model: str, setting: ModelSetting = SERVICE_SETTING) -> None:
+    """ModelUnavailableError when `model` is no built-in name, existing folder or hub id: what needs no download
+    and no disk, so the service says it before its port and BentoML home (a mistyped SLAP_MODEL beside a running
+    server was reported as that server's BentoML home)."""
+    if model in (TINY_MODEL_NAME, TINY_WAN_MODEL_NAME) or Path(model).expanduser().exists() or HUB_ID_PATTERN.match(model):
+        return
+    known = known_spec(model)
+    tiny = TINY_WAN_MODEL_NAME if known is not None and known.family == TINY_WAN_SPEC.family else TINY_MODEL_NAME
+    raise ModelUnavailableError(
+        f"{setting.name}={model} is neither an existing folder nor a hub id like THUDM/CogVideoX-5b"
+        f"{did_you_mean(model)}; fix the path, or {setting.tiny_fix}{tiny} to run the built-in {tiny} model."
+    )
 
 
 def did_you_mean(model: str) -> str:
