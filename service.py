@@ -26,7 +26,7 @@ silence_expected_warnings()  # before anything imports torchao or diffusers
 from prompts import default_library  # noqa: E402 (after the filters)
 from slapgen.engine.adapters import MAX_ADAPTER_BYTES, adapter_names, misnamed_adapters
 from slapgen.engine.generator import VideoGenerator
-from slapgen.errors import GenerationCancelledError, SlapgenError
+from slapgen.errors import GenerationCancelledError, SlapgenError, closest_path_hint
 from slapgen.lifetime import die_with_parent, on_stop_signal, stopped_at_once_by_signals
 from slapgen.models.loading import check_model_name, resolve_model
 from slapgen.serving.body_limit import GENERATION_BODY_LIMIT, BodySizeLimit
@@ -115,7 +115,9 @@ def _say_what_is_served() -> None:  # the model, the adapters, where the state i
     # Adapter-like entries whose names are not adapter names (a sweep's run folders) would otherwise vanish.
     misnamed = misnamed_adapters(folder) if folder.is_dir() else {}
     unserved = f"; {len(misnamed)} not served, their names are not adapter names (below)" if misnamed else ""
-    print(f"slapgen: serving {settings.model}; adapters from {folder}: {', '.join(names) or 'none yet'}{unserved}",
+    # A folder that is not there is made empty: a mistyped SLAP_ADAPTERS_DIR (rnus) read "none yet", nothing more.
+    made = "" if folder.is_dir() else f" (no such folder: it is made, empty{closest_path_hint(folder)})"
+    print(f"slapgen: serving {settings.model}; adapters from {folder}: {', '.join(names) or 'none yet'}{made}{unserved}",
           file=sys.stderr, flush=True)
     for sentence in misnamed.values():
         print(f"slapgen: {sentence}", file=sys.stderr, flush=True)

@@ -157,7 +157,8 @@ def test_start_up_says_which_adapter_folder_it_serves(tiny_server, tiny_cache_di
     results are (guards a replica whose state nobody could see)."""
     folder = tiny_server.log_path.parent / "adapters"
     log = tiny_server.log_tail(10**7)
-    assert f"slapgen: serving tiny; adapters from {folder}: none yet\n" in log
+    # The folder was not there: made, and said (a mistyped SLAP_ADAPTERS_DIR read "none yet", nothing more).
+    assert f"slapgen: serving tiny; adapters from {folder}: none yet (no such folder: it is made, empty)\n" in log
     # ... and where its state is (SLAP_CACHE_DIR is the session's tiny cache; the data folder its default)
     cache = tiny_cache_dir
     assert (f"slapgen: jobs in {cache / 'jobs.sqlite'}, ratings and campaigns in SQLite files in {cache / 'data'} "
