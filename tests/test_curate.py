@@ -170,6 +170,10 @@ def test_bad_arguments_are_one_line_errors(planted, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert cli_main(["curate", str(planted), "--out", str(tmp_path / "o"), "--select", "0"]) == 2
     assert "--select" in capsys.readouterr().err
+    # A folder without clips: one sentence, and no empty OUT/thumbnails left behind (it was).
+    (tmp_path / "empty").mkdir()
+    assert cli_main(["curate", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 2
+    assert "holds no clips" in capsys.readouterr().err and not (tmp_path / "o").exists()
 
 
 def _small_dataset(demo_dataset, folder):

@@ -84,8 +84,9 @@ def curate(dataset: Path, out: Path, settings: CurateSettings = CurateSettings()
 
     out = Path(out)
     thumbnails = out / "thumbnails"
-    thumbnails.mkdir(parents=True, exist_ok=True)
+    # Read first: a dataset that holds no clips is one sentence, and leaves no empty OUT/thumbnails behind.
     clips: list[Clip] = read_dataset(dataset, require_captions=False, require_files=False)
+    thumbnails.mkdir(parents=True, exist_ok=True)
     workers = settings.workers or os.cpu_count() or 1
     jobs = [(i, None if "outside_dataset" in clip.issues else str(clip.video), str(thumbnails / f"{i:06d}.png"))
             for i, clip in enumerate(clips)]
