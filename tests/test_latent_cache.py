@@ -41,9 +41,12 @@ def test_the_precompute_bar_counts_what_its_postfix_counts(tiny_cache_dir, datas
     """Guards the precompute bar showing a count behind its own postfix (a walk-through saw "0/8 [...,
     encoded=6"]): tqdm updates an iterated bar's count only when it draws, and the postfix was drawn at once,
     between those draws. In a log file with every redraw kept (TQDM_MININTERVAL=0), each line's count must be
-    encoded + reused + skipped, and the last line must count every clip."""
+    encoded + reused + skipped, and the last line must count every clip, a last one skipped included (its postfix
+    was drawn only after a clip that was kept: "skipped=1" beside the summary's "skipped: 2 corrupt")."""
     monkeypatch.setenv("TQDM_MININTERVAL", "0")
     monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    (dataset / "zz_corrupt.mp4").write_bytes(b"this is not a video")
+    (dataset / "zz_corrupt.txt").write_text("a caption")
     cache = _cache(tiny_cache_dir, tmp_path / "cache")
     clips = read_dataset(dataset)
     cache.precompute(clips[:2], progress=False)  # two reused, two encoded below
@@ -51,10 +54,10 @@ def test_the_precompute_bar_counts_what_its_postfix_counts(tiny_cache_dir, datas
     cache.precompute(clips)
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("precompute")]
     counted = [(int(m["n"]), int(m["encoded"]) + int(m["reused"]) + int(m["skipped"]))
-               for m in map(re.compile(r"(?P<n>\d+)/4 .*encoded=(?P<encoded>\d+), reused=(?P<reused>\d+), "
+               for m in map(re.compile(r"(?P<n>\d+)/5 .*encoded=(?P<encoded>\d+), reused=(?P<reused>\d+), "
                                         r"skipped=(?P<skipped>\d+)").search, lines) if m]
     assert counted and all(n == total for n, total in counted), lines
-    assert counted[-1] == (4, 4)
+    assert counted[-1] == (5, 5) and lines[-1].rstrip().endswith("skipped=1]"), lines[-1]
 
 
 def test_changed_caption_or_resolution_is_re_encoded(tiny_cache_dir, dataset, tmp_path):

@@ -229,13 +229,13 @@ class LatentCache:
                 path = self._path("clips", key)
                 if _reusable(path, CLIP_TENSORS, clip.name, report, say):
                     report.reused += 1
+                    report.entries.append(CacheEntry(key, path, clip))
                 elif self._encode_clip(clip, path, report, say):
                     report.encoded += 1
-                else:
-                    continue
-                report.entries.append(CacheEntry(key, path, clip))
+                    report.entries.append(CacheEntry(key, path, clip))
                 # drawn with the count, when the loop moves on: tqdm updates the count an iterated bar shows
-                # only when it draws, so an immediate redraw showed a count behind the postfix ("0/8 ... encoded=6")
+                # only when it draws, so an immediate redraw showed a count behind the postfix ("0/8 ... encoded=6");
+                # after a skipped clip too (a last one skipped left "skipped=1" beside "skipped: 2 corrupt")
                 bar.set_postfix(encoded=report.encoded, reused=report.reused, skipped=len(report.skipped),
                                 refresh=False)
         finally:
