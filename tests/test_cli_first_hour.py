@@ -593,3 +593,22 @@ def test_demo_data_refuses_what_it_cannot_make_and_keeps_clips_already_there(tmp
     assert (again / "clip_000.txt").read_text() == "my own caption\n"
     assert (again / "clip_002.mp4").read_bytes() == (first / "clip_002.mp4").read_bytes()
     assert (again / "clip_002.txt").read_text() == (first / "clip_002.txt").read_text()
+
+
+@pytest.mark.parametrize("argv, hint", [
+    (["train", "--config", "tiny-smoke", "--data", "d", "--out", "o", "--lr", "1e-3"],
+     "unrecognized arguments: --lr 1e-3; --lr: slapgen train sets it with --set optim.learning_rate=VALUE"),
+    (["train", "--confg", "tiny-smoke", "--data", "d", "--out", "o"],
+     "the following arguments are required: --config; --confg: did you mean --config?"),
+    (["generate", "--model", "tiny", "--prompt", "x", "--out", "o.mp4", "--steps", "3"],
+     "unrecognized arguments: --steps 3; --steps: slapgen generate sets it with --set num_inference_steps=VALUE"),
+    (["train", "--config", "tiny-smoke", "--data", "d", "--out", "o", "--overwirte"],
+     "unrecognized arguments: --overwirte; --overwirte: did you mean --overwrite?"),
+])
+def test_an_unknown_option_names_what_was_likely_meant(argv, hint, capsys):
+    """Guards argparse's bare refusals: `--lr 1e-3` got the top-level usage and "unrecognized arguments" with no
+    pointer to `--set optim.learning_rate=`, and `--confg` only "the following arguments are required: --config"."""
+    with pytest.raises(SystemExit) as stopped:
+        cli_main(argv)
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(f"error: {hint}")

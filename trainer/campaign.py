@@ -23,9 +23,8 @@ import re
 from pathlib import Path
 
 from slapgen.errors import CampaignError, CampaignNotFoundError, CampaignRatedError
-from slapgen.names import NAME_RULE
+from slapgen.names import CRITERIA, NAME_RULE
 from slapgen.campaign_store import CAMPAIGN_NAME_PATTERN, CampaignSpec, Item, check_campaign_name
-from slapgen.serving.ratings import CRITERIA
 
 DEFAULT_CRITERIA = ("overall",)
 _VIDEO_FIELDS = ("system", "prompt", "seed", "path")

@@ -15,6 +15,7 @@ from pathlib import Path
 from slapgen.errors import SlapgenError
 from slapgen.names import NAME_RULE
 from trainer.errors import DatasetError, EvalError
+from trainer.option_hints import HintingParser
 from trainer.evaluate.names import HELDOUT_LOSS_SEED
 from trainer.ray_cluster import check_gpus_option, check_node_wait_option
 
@@ -403,7 +404,8 @@ MODEL_CHOICES = "hub id, local pipeline folder, `tiny` or `tiny-wan`"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="slapgen", description="Teach CogVideoX or Wan a new video domain with LoRA.")
+    # Subcommands' parsers are of the same class: every error names what a mistyped option likely meant.
+    parser = HintingParser(prog="slapgen", description="Teach CogVideoX or Wan a new video domain with LoRA.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo = commands.add_parser("demo-data", help="write a small synthetic powerslap dataset (mp4 + captions)")

@@ -29,12 +29,12 @@ from sqlalchemy import (BigInteger, Column, Double, Integer, MetaData, Table, Te
 
 from slapgen.database import open_store
 from slapgen.errors import RatingConflictError
+from slapgen.names import CRITERIA
 from slapgen.csv_cells import inert_csv
 from slapgen.evaluation.stats import LOSS, TIE, WIN, Comparison, win_rate
 from slapgen.timing import iso_utc
 
 RATINGS_FILE = "ratings.sqlite"  # in SLAP_DATA_DIR, when SLAP_DATABASE_URL is unset
-CRITERIA = ("motion_accuracy", "impact_realism", "prompt_adherence", "overall")
 CHOICES = ("left", "right", "tie")
 # Below this many rated prompts a pair's bootstrap interval says little (with one prompt it is a single
 # point, "100% - 100%"): the summary flags such rows and the studio shows a warning instead of the interval.

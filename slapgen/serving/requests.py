@@ -30,7 +30,8 @@ from slapgen.images import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, decode_image
 from slapgen.models.specs import BASE_SIZE_MULTIPLE as SIZE_MULTIPLE
 from slapgen.models.specs import ModelSpec
 from slapgen.models.ticft import TicftLayout
-from slapgen.serving.ratings import CHOICES, CRITERIA
+from slapgen.names import CRITERIA
+from slapgen.serving.ratings import CHOICES
 
 MAX_PROMPT_CHARS = 4000
 MAX_SEED = 2**63 - 1
