@@ -360,7 +360,8 @@ def test_slapgen_train_downloads_an_unknown_model_first_and_applies_its_familys_
     model = model_known_after_download
     given = []
     monkeypatch.setattr(trainer.train, "train", lambda config, *args, **kwargs: given.append(config))
-    assert cli_main(["train", "--config", "tiny-smoke", "--data", str(tmp_path), "--out", str(tmp_path / "run"),
+    (tmp_path / "data").mkdir()  # the run folder beside it: inside a folder dataset is refused
+    assert cli_main(["train", "--config", "tiny-smoke", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"),
                      "--set", f"model={model}"]) == 0
     (config,) = given
     assert config.data.fps == 16 and config.model_spec.family == "wan"
