@@ -72,6 +72,13 @@ def test_a_repeated_train_command_is_refused_and_overwrite_starts_clean(tiny_cac
 
     assert cli_main([*again, "--resume", "latest"]) == 2
     assert "give one of them" in capsys.readouterr().err
+    # Resuming the finished run says it is complete (it said only "resumed from ... at step 4").
+    finished = _train_args(tiny_cache_dir, demo_dataset, run, "train.max_train_steps=4", "checkpoint.every_steps=4",
+                           flags=["--resume", "latest"])
+    assert cli_main(finished) == 0
+    assert ("the run is complete (step 4 of 4): nothing is left to train, and its LoRA is written again from its last "
+            "checkpoint; to train further, start a new run with another --out") in capsys.readouterr().out
+    assert _logged_steps(run) == [1, 2, 3, 4]
 
 
 def test_an_interrupted_run_points_to_resume_and_resume_still_works(tiny_cache_dir, demo_dataset, tmp_path, capsys):

@@ -261,6 +261,9 @@ def train(
     run = setup(config, data_path, run_dir, resume, progress, overwrite)
     accelerator = run.accelerator
     max_steps = config.train.max_train_steps
+    if run.step >= max_steps and run.main:  # `--resume latest` of a finished run said only "resumed ... at step N"
+        say(f"the run is complete (step {run.step} of {max_steps}): nothing is left to train, and its LoRA is written "
+            "again from its last checkpoint; to train further, start a new run with another --out")
     family = family_of(run.resolved.spec)
     micro_step = run.step * config.train.gradient_accumulation_steps
     run.transformer.train()
