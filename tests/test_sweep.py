@@ -188,6 +188,14 @@ def test_another_grid_in_the_same_folder_is_refused(killed_and_rerun, capsys):
     assert cli_main([*args, "--set", "train.seed=3"]) == 2
     error = cli_stderr(capsys.readouterr().err)
     assert error.startswith(f"slapgen sweep: {out} holds a sweep with another --set (") and "\n" not in error
+    # The same runs typed otherwise (0.01 for 1e-2): said as such, with the grid to type (it read "another grid").
+    same_runs = ["optim.learning_rate=1e-3,0.01" if arg == "optim.learning_rate=1e-3,1e-2" else arg for arg in args]
+    assert cli_main(same_runs) == 2
+    assert cli_stderr(capsys.readouterr().err) == (
+        f"slapgen sweep: {out} holds a sweep with the same runs in another grid (optim.learning_rate=1e-3,1e-2 x "
+        "lora.rank=2,4; now optim.learning_rate=1e-3,0.01 x lora.rank=2,4): run folders are named by the values as "
+        "typed, so type the grid as it was: --grid optim.learning_rate=1e-3,1e-2 --grid lora.rank=2,4; rerun it with "
+        "the same command or choose another --out")
     assert _mtimes(out) == before and (out / "sweep.json").read_bytes() == definition
 
 

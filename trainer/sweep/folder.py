@@ -14,6 +14,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -154,6 +155,17 @@ def _with_settings_added_since(existing: dict, wanted: dict) -> dict:
     return {**existing, "runs": filled}
 
 
+def _same_runs(existing: dict, wanted: dict) -> bool:
+    """Whether two definitions train the same run configs, in whatever order and however their values were typed."""
+    def configs(tree: dict) -> list[str] | None:
+        runs = tree.get("runs")
+        if not isinstance(runs, list) or not all(isinstance(run, dict) for run in runs):
+            return None
+        return sorted(json.dumps(run.get("config"), sort_keys=True) for run in runs)
+
+    return configs(existing) is not None and configs(existing) == configs(wanted)
+
+
 def difference(existing: dict, wanted: dict) -> str | None:
     """What differs between the definition in a folder and the one asked for (a phrase), or None;
     what only changes the report (`REPORT_ONLY`) is not a difference."""
@@ -165,6 +177,11 @@ def difference(existing: dict, wanted: dict) -> str | None:
                 before = say(existing)
             except (KeyError, TypeError):
                 before = "unreadable"
+            if key == "grid" and _same_runs(existing, wanted):  # `1e-2` for `0.01`, the axes in another order
+                typed = " ".join(f"--grid {shlex.quote(axis['key'] + '=' + ','.join(axis['values']))}"
+                                 for axis in existing["grid"])
+                return (f"the same runs in another grid ({before}; now {say(wanted)}): run folders are named by the "
+                        f"values as typed, so type the grid as it was: {typed}")
             return f"another {label} ({before}; now {say(wanted)})"
     if existing != wanted:
         return "other run configs (the preset or config file changed since it started, or the folder moved)"
