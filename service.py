@@ -24,7 +24,7 @@ from slapgen.expected_warnings import silence_expected_warnings
 silence_expected_warnings()  # before anything imports torchao or diffusers
 
 from prompts import default_library  # noqa: E402 (after the filters)
-from slapgen.engine.adapters import MAX_ADAPTER_BYTES, adapter_names, misnamed_adapters
+from slapgen.engine.adapters import MAX_ADAPTER_BYTES, adapter_names, header_problem, misnamed_adapters
 from slapgen.engine.generator import VideoGenerator
 from slapgen.errors import GenerationCancelledError, SlapgenError, closest_path_hint
 from slapgen.lifetime import die_with_parent, on_stop_signal, stopped_at_once_by_signals
@@ -115,11 +115,16 @@ def _say_what_is_served() -> None:  # the model, the adapters, where the state i
     # Adapter-like entries whose names are not adapter names (a sweep's run folders) would otherwise vanish.
     misnamed = misnamed_adapters(folder) if folder.is_dir() else {}
     unserved = f"; {len(misnamed)} not served, their names are not adapter names (below)" if misnamed else ""
+    # What the headers already say cannot be served here (a broken file, another model's LoRA) was listed as served.
+    problems = {name: problem for name in names if (problem := header_problem(folder, name, settings.model))}
+    names = [name for name in names if name not in problems]
+    unusable = f"; {len(problems)} cannot be served here (below)" if problems else ""
     # A folder that is not there is made empty: a mistyped SLAP_ADAPTERS_DIR (rnus) read "none yet", nothing more.
     made = "" if folder.is_dir() else f" (no such folder: it is made, empty{closest_path_hint(folder)})"
-    print(f"slapgen: serving {settings.model}; adapters from {folder}: {', '.join(names) or 'none yet'}{made}{unserved}",
+    listed = ", ".join(names) or ("none yet" if not problems else "none it can serve")
+    print(f"slapgen: serving {settings.model}; adapters from {folder}: {listed}{made}{unserved}{unusable}",
           file=sys.stderr, flush=True)
-    for sentence in misnamed.values():
+    for sentence in [*misnamed.values(), *problems.values()]:
         print(f"slapgen: {sentence}", file=sys.stderr, flush=True)
     print(f"slapgen: {settings.where_state_is()}", file=sys.stderr, flush=True)
     for sentence in settings.ineffective():

@@ -172,15 +172,29 @@ def test_a_sweeps_runs_folder_says_why_its_runs_are_not_served(tiny_cache_dir, a
     them on its line and prints each one's sentence below it, `GET /adapters` lists it with that sentence,
     and a generation naming it is still refused. Typed from another folder (`bentoml serve REPOSITORY`) with a
     relative SLAP_ADAPTERS_DIR, start-up names the folder the workers serve, read from the service's folder (it
-    named one read from where the command was typed, which the workers never served: a walk-through's find)."""
+    named one read from where the command was typed, which the workers never served: a walk-through's find). A
+    broken file and another model's LoRA in the folder are not listed as served: said apart, each with the
+    sentence GET /adapters gives it."""
     import shutil
 
     from tests.conftest import REPO_ROOT, start_server, stop_server
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from slapgen.models import lora_format
 
     runs = tmp_path / "runs"
     run = "03-learning_rate=1e-2_rank=8"
     (runs / run).mkdir(parents=True)
     shutil.copy(adapter_files["a"], runs / run / "pytorch_lora_weights.safetensors")
+    # Two that the headers say cannot be served here (they were listed as served): a file that is no LoRA, and a
+    # LoRA of another model.
+    (runs / "broken.safetensors").write_bytes(b"not a safetensors file")
+    with safe_open(str(adapter_files["a"]), "pt") as opened:
+        metadata = dict(opened.metadata())
+    save_file(load_file(adapter_files["a"]), runs / "wan.safetensors",
+              metadata={**metadata, lora_format.BASE_MODEL_KEY: "tiny-wan"})
     sentence = (f"adapter folder `{run}` is not served: its name is not an adapter name (1-64 characters of a-z, "
                 "0-9, _ and -); rename it, or link it under an allowed name from inside the adapters folder, e.g. "
                 f"`ln -s {run}/pytorch_lora_weights.safetensors 03-learning_rate_1e-2_rank_8.safetensors`")
@@ -189,9 +203,13 @@ def test_a_sweeps_runs_folder_says_why_its_runs_are_not_served(tiny_cache_dir, a
     server = start_server(tmp_path, cwd=elsewhere, SLAP_MODEL="tiny", SLAP_CACHE_DIR=str(tiny_cache_dir),
                           SLAP_ADAPTERS_DIR=os.path.relpath(runs, REPO_ROOT))
     try:
-        assert (f"slapgen: serving tiny; adapters from {runs}: none yet; 1 not served, their names are not adapter "
-                f"names (below)\nslapgen: {sentence}\n") in server.log_tail(10**7)
-        assert httpx.get(f"{server.url}/adapters", timeout=30).json()["adapters"] == [{"name": run, "error": sentence}]
+        listed = {entry["name"]: entry["error"] for entry in httpx.get(f"{server.url}/adapters", timeout=30).json()["adapters"]}
+        assert set(listed) == {run, "broken", "wan"} and listed[run] == sentence
+        assert "trained on tiny-wan, but the model here is tiny" in listed["wan"]
+        # Start-up said each, with the sentence GET /adapters gives it.
+        assert (f"slapgen: serving tiny; adapters from {runs}: none it can serve; 1 not served, their names are not "
+                f"adapter names (below); 2 cannot be served here (below)\nslapgen: {sentence}\n"
+                f"slapgen: {listed['broken']}\nslapgen: {listed['wan']}\n") in server.log_tail(10**7)
         refused = httpx.post(f"{server.url}/generate", json={"prompt": "a power slap", "adapter": run}, timeout=60)
         assert refused.status_code == 400 and "adapter" in refused.json()["error"], refused.text
     finally:

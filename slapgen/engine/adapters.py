@@ -367,6 +367,18 @@ def check_community_layout(name: str, header: Header, target: AdapterTarget) -> 
                        "(transformer.<module>.lora_A/B.weight)", field="adapter")
 
 
+def header_problem(folder: Path, name: str, model_name: str) -> str | None:
+    """Why adapter `name` of `folder` cannot be served with `model_name`, from its header alone, or None: what
+    start-up can tell before the model loads (a file that is no LoRA, another model's LoRA), which it listed among
+    the adapters it serves. `GET /adapters` says every reason, with the model's modules."""
+    try:
+        header = folder_header(folder, name)
+        check_base_model(name, header.metadata.get(lora_format.BASE_MODEL_KEY), model_name)
+    except AdapterError as error:
+        return str(error)
+    return None
+
+
 def check_base_model(name: str, declared: str | None, model_name: str) -> None:
     """The model the adapter says it was trained on (`declared`, its `slapgen.base_model`) is the running one,
     `model_name`. Checked before its keys: a LoRA of another model (another family's, say a Wan LoRA on
