@@ -48,7 +48,9 @@ class ChoiceSlot(_Slot):
 
     def check(self, name: str, value: str) -> str:
         if value not in self.choices:
-            raise RenderError(f"slots.{name}", f"slot {name} must be one of: {', '.join(self.choices)}")
+            # Each quoted: a choice may hold commas itself ("... frames both athletes, then pans ...").
+            raise RenderError(f"slots.{name}", f"slot {name} must be one of: "
+                                               f"{', '.join(repr(choice) for choice in self.choices)}")
         return value
 
 

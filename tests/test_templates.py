@@ -79,6 +79,15 @@ def test_bad_template_or_slot_names_the_valid_ones(template, slots, field, names
     assert error.value.field == field and names in str(error.value)
 
 
+def test_a_choice_slots_refusal_quotes_each_choice():
+    """Guards a refusal joining choices that hold commas themselves with ", " (the camera's: "... frames both
+    athletes and the table, the camera pans ..." read as more choices than there are): each choice is quoted."""
+    camera = LIBRARY.slots["camera"]
+    with pytest.raises(RenderError) as error:
+        LIBRARY.render("knockout", {"camera": "a drone"})
+    assert str(error.value).endswith("slot camera must be one of: " + ", ".join(repr(c) for c in camera.choices))
+
+
 def test_library_rejects_placeholders_without_slots(tmp_path):
     data = yaml.safe_load(TEMPLATES_FILE.read_text())
     data["templates"]["knockout"]["text"] += " {crowd}"
