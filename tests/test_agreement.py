@@ -178,21 +178,25 @@ def test_the_metric_summary_says_a_metric_clearly_against_the_raters():
 def test_a_campaign_with_fewer_prompts_than_separation_needs_says_only_its_budget_ends_it():
     """Guards the leaderboard of a campaign made from 4 prompts reading "separating the top system from the second
     needs at least 5" (a walk-through's find): read as "rate more", though no fifth prompt exists, so only the budget
-    can end it. Given the campaign's prompts, the sentence says so; without them (or with enough) it is as before."""
+    can end it. Given the campaign's prompts and items, the sentence says so, also of a campaign of 5 prompts but
+    fewer prompt/seed items than the direct comparisons need (8); without them (or with enough) it is as before."""
     from slapgen.evaluation.leaderboard import criterion_board
-    from slapgen.evaluation.ranking import MIN_SEPARATION_PROMPTS
+    from slapgen.evaluation.ranking import MIN_SEPARATION_PROMPTS, separation_items_needed
 
     verdicts = [Verdict("a", "b", LEFT, f"p{k}", 0, "ana") for k in range(3)]
 
-    def why(campaign_prompts, budget=10):
+    def why(campaign_prompts, campaign_items=None, budget=10):
         return criterion_board(verdicts, [], ["a", "b"], budget, {}, {}, {}, resamples=50,
-                               campaign_prompts=campaign_prompts)["why"]
+                               campaign_prompts=campaign_prompts, campaign_items=campaign_items)["why"]
 
     before = ("not yet: verdicts on 3 prompts, and separating the top system from the second needs at least "
               f"{MIN_SEPARATION_PROMPTS}; 7 ratings left in the budget")
-    assert why(None) == before and why(MIN_SEPARATION_PROMPTS) == before
+    assert separation_items_needed() == 8
+    assert why(None) == before and why(MIN_SEPARATION_PROMPTS, 8) == before
     assert why(MIN_SEPARATION_PROMPTS - 1) == (
         f"not yet, and only the budget can end it: the campaign has {MIN_SEPARATION_PROMPTS - 1} prompts, and "
-        f"separating the top system from the second needs at least {MIN_SEPARATION_PROMPTS}; 7 ratings left in the "
-        "budget")
+        f"separation needs verdicts on at least {MIN_SEPARATION_PROMPTS}; 7 ratings left in the budget")
+    assert why(MIN_SEPARATION_PROMPTS, 7) == (
+        "not yet, and only the budget can end it: the campaign has 7 prompt/seed items, and separation needs the top "
+        "system to beat the second on at least 8 of them; 7 ratings left in the budget")
     assert why(MIN_SEPARATION_PROMPTS - 1, budget=None).startswith("not yet, and without a budget it cannot end: ")

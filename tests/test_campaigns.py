@@ -287,9 +287,9 @@ def test_cli_lists_and_deletes_campaigns(monkeypatch, tmp_path, capsys, eval_dir
     assert created[0].endswith(f" ratings, in {sqlite_file}")
     # eval_dir has 3 prompts: fewer than the leaderboard's separation needs, said once, here.
     assert created[1:] == [
-        f"note: 3 prompts: the leaderboard can never call the top system separated from the second (that needs "
-        f"verdicts on at least {MIN_SEPARATION_PROMPTS} prompts), so the campaign ends only on its budget of 18 ratings; "
-        "eval on more held-out clips for a campaign that can separate them"]
+        f"note: 3 prompts, and separation needs verdicts on at least {MIN_SEPARATION_PROMPTS}: the leaderboard can "
+        "never call the top system separated from the second, so the campaign ends only on its budget of 18 ratings; "
+        "eval on more held-out clips or --seeds for a campaign that can separate them"]
     assert main(["campaign", "list"]) == 0
     assert capsys.readouterr().out.splitlines()[0] == f"campaigns in {sqlite_file}:"
     assert main(["campaign", "delete", "local"]) == 0
@@ -894,3 +894,18 @@ def test_a_near_miss_of_a_shared_criterion_is_refused_naming_it(eval_dir):
     with pytest.raises(CampaignError, match="'motion_acuracy' is spelt like the studio's 'motion_accuracy'"):
         plan_campaign("c", [eval_dir], criteria=["motion_acuracy"])
     assert plan_campaign("c", [eval_dir], criteria=["overall", "motion"]).criteria == ["overall", "motion"]
+
+
+def test_a_campaign_of_too_few_items_is_told_it_ends_on_its_budget(tmp_path):
+    """Guards a campaign that can never separate its top system and says nothing: on 6 prompts with one seed, the
+    direct comparisons (one per prompt/seed item) can never reach the evidence separation needs (8 straight wins),
+    whatever the raters say; with a second seed (12 items) they can."""
+    from trainer.campaign import few_prompts_sentence
+
+    one_seed = plan_campaign("c", [write_eval_dir(tmp_path / "one", ["base", "lora"], prompts=6, seeds=(0,))])
+    assert few_prompts_sentence(one_seed.items, one_seed.budget) == (
+        "note: 6 prompt/seed items, and separation needs the top system to beat the second on at least 8 of them: the "
+        "leaderboard can never call the top system separated from the second, so the campaign ends only on its budget "
+        "of 6 ratings; eval on more held-out clips or --seeds for a campaign that can separate them")
+    two_seeds = plan_campaign("c", [write_eval_dir(tmp_path / "two", ["base", "lora"], prompts=6, seeds=(0, 1))])
+    assert few_prompts_sentence(two_seeds.items, two_seeds.budget) is None

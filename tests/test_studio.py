@@ -633,7 +633,7 @@ def assert_board_matches_api(page, url: str, name: str) -> dict:
         if result["budget"] is not None:
             assert f"{result['ratings']} of {result['budget']} ratings" in section.locator(".stop-bars").inner_text()
         duel = result["head_to_head"]  # separation's second test, as the API counts it (1 decimal: JS rounds)
-        shown = re.search(rf"{duel['top']} won {duel['wins']} of {duel['wins'] + duel['losses']} against "
+        shown = re.search(rf"{duel['top']} won {duel['wins']} of {duel['wins'] + duel['losses']} items against "
                           rf"{duel['second']} \(evidence ([\d.]+), 20 needed\)", section.locator(".stop-bars").inner_text())
         assert shown and abs(float(shown.group(1)) - duel["evidence"]) <= 0.05 + 1e-9, (duel, shown)
         rows = [row.split("\t") for row in section.locator("tbody tr").all_inner_texts()]

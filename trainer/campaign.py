@@ -283,17 +283,18 @@ def _misspelt_criterion(criterion: str) -> str | None:
 
 
 def few_prompts_sentence(items: list, budget: int) -> str | None:
-    """What `campaign create` says of a campaign whose prompts are too few for its leaderboard ever to separate the
-    top system from the second (`MIN_SEPARATION_PROMPTS`): it then ends only on its budget. None otherwise."""
+    """What `campaign create` says of a campaign that can never have its top system separated from the second (too
+    few prompts, or too few prompt/seed items for the direct comparisons: `ranking.why_never_separated`): it then
+    ends only on its budget. None otherwise."""
     from slapgen.campaign_store import prompt_count
-    from slapgen.evaluation.ranking import MIN_SEPARATION_PROMPTS, enough_prompts_to_separate
+    from slapgen.evaluation.ranking import why_never_separated
 
-    prompts = prompt_count(items)
-    if enough_prompts_to_separate(prompts):
+    never = why_never_separated(prompt_count(items), len(items))
+    if never is None:
         return None
-    return (f"note: {prompts} prompt{'s' * (prompts != 1)}: the leaderboard can never call the top system separated "
-            f"from the second (that needs verdicts on at least {MIN_SEPARATION_PROMPTS} prompts), so the campaign ends "
-            f"only on its budget of {budget} ratings; eval on more held-out clips for a campaign that can separate them")
+    return (f"note: {never}: the leaderboard can never call the top system separated from the second, so the "
+            f"campaign ends only on its budget of {budget} ratings; eval on more held-out clips or --seeds for a "
+            "campaign that can separate them")
 
 
 def campaign_lines(settings) -> list[str]:

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 
 from slapgen.evaluation.agreement import krippendorff_alpha, metric_agreement, ranking_tau, rater_consistency
 from slapgen.evaluation.ranking import (MIN_SEPARATION_PROMPTS, SEPARATION_EVIDENCE, Ranking, Stop, Verdict,
-                                        enough_prompts_to_separate, rank_systems, stopping)
+                                        enough_prompts_to_separate, rank_systems, stopping, why_never_separated)
 
 
 def criterion_board(verdicts: Sequence[Verdict], repeats: Sequence[Verdict], systems: Sequence[str],
@@ -23,13 +23,15 @@ def criterion_board(verdicts: Sequence[Verdict], repeats: Sequence[Verdict], sys
                     system_scores: Mapping[str, Mapping[str, float]],
                     video_scores: Mapping[str, Mapping[tuple[str, str, int], float]],
                     resamples: int = 1000, metrics_left_out: Mapping[str, str] | None = None,
-                    adapters: Mapping[str, str | None] | None = None, campaign_prompts: int | None = None) -> dict:
+                    adapters: Mapping[str, str | None] | None = None, campaign_prompts: int | None = None,
+                    campaign_items: int | None = None) -> dict:
     """One criterion's leaderboard. `verdicts` rank the systems; `repeats` (pairs shown again to the
     same rater) only measure consistency. `system_scores`: system -> metric -> value; `video_scores`:
     metric -> (system, prompt, seed) -> value; `metrics_left_out`: metric -> the sentence why it is not
     compared (its definition differs between the systems), said after the metric summary; `adapters`: system ->
-    its LoRA file (None: the base model; a system missing: not recorded), named for the winner; `campaign_prompts`: the
-    prompts the campaign has (None: not known), so that one with fewer than separation needs says it ends on its budget."""
+    its LoRA file (None: the base model; a system missing: not recorded), named for the winner; `campaign_prompts`,
+    `campaign_items`: the prompts and the prompt/seed items the campaign has (None: not known), so that one that can
+    never separate its top system (`ranking.why_never_separated`) says it ends on its budget."""
     metrics_left_out = dict(metrics_left_out or {})
     ranking = rank_systems(verdicts, systems, resamples=resamples)
     stop = stopping(ranking, budget)
@@ -50,7 +52,7 @@ def criterion_board(verdicts: Sequence[Verdict], repeats: Sequence[Verdict], sys
         "budget": budget,
         "done": stop.done,
         "reason": stop.reason,
-        "why": _why(stop, ranking, budget, campaign_prompts),
+        "why": _why(stop, ranking, budget, campaign_prompts, campaign_items),
         "winner": (winner(ranking.standings[0].system, adapters or {},
                           runner_up=None if stop.reason == "separated" else ranking.standings[1].system)
                    if stop.done and ranking.standings else None),
@@ -91,16 +93,17 @@ def _finite(value: float) -> float | None:
 
 
 def _separation(ranking: Ranking) -> str:
-    """Where the two tests of separation stand (`ranking.stopping`): the bootstrap's share and the direct verdicts'
-    evidence, each with what it needs."""
+    """Where the two tests of separation stand (`ranking.stopping`): the bootstrap's share and the direct
+    comparisons' evidence, each with what it needs."""
     duel = ranking.head_to_head
-    direct = (f"{duel.wins} of its {duel.wins + duel.losses} direct verdicts against {duel.second} "
-              f"(evidence {duel.evidence:.1f}, {SEPARATION_EVIDENCE:.0f} needed)")
+    direct = (f"{duel.wins} of {duel.wins + duel.losses} items against {duel.second} (the majority of each item's "
+              f"verdicts; ties left out; evidence {duel.evidence:.1f}, {SEPARATION_EVIDENCE:.0f} needed)")
     return (f"{ranking.standings[0].system} beats the second in {ranking.top_beats_second:.0%} of bootstrap resamples "
             f"(95% needed) and wins {direct}")
 
 
-def _why(stop: Stop, ranking: Ranking, budget: int | None, campaign_prompts: int | None = None) -> str:
+def _why(stop: Stop, ranking: Ranking, budget: int | None, campaign_prompts: int | None = None,
+         campaign_items: int | None = None) -> str:
     ratings, prompts = ranking.ratings, ranking.prompts
     if stop.reason == "separated":
         return f"separated: {_separation(ranking)}"
@@ -111,12 +114,12 @@ def _why(stop: Stop, ranking: Ranking, budget: int | None, campaign_prompts: int
                     f"separate the top system from the second (at least {MIN_SEPARATION_PROMPTS})")
         return f"the budget of {budget} ratings is reached before separation: {_separation(ranking)}"
     left = f"; {budget - ratings} ratings left in the budget" if budget is not None else ""
-    if few and campaign_prompts is not None and not enough_prompts_to_separate(campaign_prompts):
+    never = why_never_separated(campaign_prompts, campaign_items if campaign_items is not None else campaign_prompts) \
+        if campaign_prompts is not None else None
+    if never is not None:
         # "needs at least 5" read as "rate more", on a campaign that has no fifth prompt (a walk-through's find).
         ends = "only the budget can end it" if budget is not None else "without a budget it cannot end"
-        return (f"not yet, and {ends}: the campaign has {campaign_prompts} "
-                f"prompt{'s' * (campaign_prompts != 1)}, and separating the top system from the second needs at least "
-                f"{MIN_SEPARATION_PROMPTS}{left}")
+        return f"not yet, and {ends}: the campaign has {never}{left}"
     if few:
         return (f"not yet: verdicts on {prompts} prompt{'s' * (prompts != 1)}, and separating the top system from "
                 f"the second needs at least {MIN_SEPARATION_PROMPTS}{left}")

@@ -85,7 +85,8 @@ def campaign_routes(store: CampaignStore, repeat_share: float = REPEAT_SHARE) ->
                                                   campaign.metric_directions, campaign.system_scores, video_scores,
                                                   metrics_left_out=campaign.metrics_left_out,
                                                   adapters=campaign.adapters,
-                                                  campaign_prompts=prompt_count(campaign.items))
+                                                  campaign_prompts=prompt_count(campaign.items),
+                                                  campaign_items=len(campaign.items))
         return {"campaign": name, "systems": campaign.systems, "items": len(campaign.items),
                 "raters": sorted({row["rater"] for row in rows}), "criteria": criteria}
 

@@ -1091,9 +1091,10 @@ function stoppingBars(criterion, result) {
   bar("Separation", 0.95, result.top_beats_second,
       `the top system beats the second in ${pct(result.top_beats_second)} of resamples (95% needed)`);
   const duel = result.head_to_head;
-  if (duel) {  // on a log scale: evidence multiplies with each verdict
-    bar("Direct verdicts", Math.log(duel.evidence_needed), Math.max(0, Math.log(Math.max(duel.evidence, 1))),
-        `${duel.top} won ${duel.wins} of ${duel.wins + duel.losses} against ${duel.second} ` +
+  if (duel) {  // on a log scale (evidence multiplies with each item); no progress while the top system trails
+    const toward = duel.wins > duel.losses ? Math.log(Math.max(duel.evidence, 1)) : 0;
+    bar("Direct comparisons", Math.log(duel.evidence_needed), toward,
+        `${duel.top} won ${duel.wins} of ${duel.wins + duel.losses} items against ${duel.second} ` +
         `(evidence ${duel.evidence.toFixed(1)}, ${duel.evidence_needed} needed)`);
   }
   if (result.budget !== null && result.budget !== undefined) {
@@ -1108,7 +1109,7 @@ function standingsTable(criterion, standings) {
   const table = document.createElement("table");
   table.className = "standings";
   const caption = document.createElement("caption");
-  caption.textContent = `${criterion.replace(/_/g, " ")}: Bradley-Terry log-strength (mean 0), 95% bootstrap interval over prompts`;
+  caption.textContent = `${criterion.replace(/_/g, " ")}: Bradley-Terry log-strength (mean 0), 95% interval (the wider of a bootstrap over prompts and the fit's own)`;
   const head = document.createElement("thead");
   head.innerHTML = '<tr><th scope="col">Rank</th><th scope="col">System</th>' +
     '<th scope="col">Strength (95% interval)</th><th scope="col">Comparisons</th></tr>';
