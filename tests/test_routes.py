@@ -332,8 +332,8 @@ def test_the_studio_page_is_served_with_every_asset_and_nothing_from_the_interne
 def test_a_rater_rating_the_same_two_videos_again_is_a_409_and_stores_nothing(client, tmp_path):
     """Guards the same `POST /ratings` body counted twice (a walk-through's script: `rated_pairs 2`, `losses 2`,
     `sign_test_p 0.5` from one judgement of one pair of videos): the rater's second rating of the same systems at
-    the same scales, either side, on the same prompt and seed, is a 409 and stores nothing; another rater, seed or
-    scale is a new rating."""
+    the same scales, either side, on the same prompt and seed (and criterion), is a 409 and stores nothing; another
+    rater, seed, scale or criterion is a new rating, and so is each of raters without a name."""
     first = client.post("/ratings", json=GOOD_RATING)
     assert first.status_code == 201
     before = client.get("/ratings.csv").text
@@ -343,5 +343,8 @@ def test_a_rater_rating_the_same_two_videos_again_is_a_409_and_stores_nothing(cl
         assert again.status_code == 409, again.text
         assert again.json()["error"].startswith(f"ana has rated {said} on this prompt and seed already")
     assert client.get("/ratings.csv").text == before
-    for change in ({"rater": "bo"}, {"seed": 4}, {"right": {"adapter": "a", "adapter_scale": 1.0}}):
+    for change in ({"rater": "bo"}, {"seed": 4}, {"right": {"adapter": "a", "adapter_scale": 1.0}},
+                   {"choices": {"prompt_adherence": "left"}}):  # another criterion of the same videos: new evidence
         assert client.post("/ratings", json={**GOOD_RATING, **change}).status_code == 201, change
+    for _ in range(2):  # raters without a name are not told apart: each kept
+        assert client.post("/ratings", json={**GOOD_RATING, "rater": "", "seed": 9}).status_code == 201

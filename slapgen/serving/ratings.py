@@ -71,15 +71,18 @@ class RatingStore:
 
     def add(self, rows: list[dict], model: str) -> list[int]:
         """Store the ratings of one submission (one per criterion) of videos `model` made, all or nothing;
-        returns their ids. RatingConflictError when its rater has rated these two videos (the systems at their
-        scales, either side, the prompt and seed) already: the same body posted twice counted as two verdicts."""
+        returns their ids. RatingConflictError when its named rater has rated these two videos (the systems at their
+        scales, either side, the prompt and seed) on one of its criteria already: the same body posted twice counted
+        as two verdicts. Raters without a name are not told apart, so theirs are all kept. (Checked, then inserted:
+        two identical posts at the same moment on two workers may both be stored.)"""
         now = time.time()
         with self._lock, self._engine.begin() as db:
-            if rows and db.execute(select(func.count()).select_from(ratings).where(
-                    *_same_videos(rows[0]), ratings.c.rater == rows[0]["rater"], ratings.c.model == model)).scalar():
+            if rows and rows[0]["rater"] and db.execute(select(func.count()).select_from(ratings).where(
+                    *_same_videos(rows[0]), ratings.c.rater == rows[0]["rater"], ratings.c.model == model,
+                    ratings.c.criterion.in_([row["criterion"] for row in rows]))).scalar():
                 first = rows[0]
                 raise RatingConflictError(
-                    f"{first['rater'] or 'this anonymous rater'} has rated {system_label(first['left_system'], first['left_scale'])} "
+                    f"{first['rater']} has rated {system_label(first['left_system'], first['left_scale'])} "
                     f"against {system_label(first['right_system'], first['right_scale'])} on this prompt and seed "
                     "already (a verdict on the same two videos again is no new evidence); rate another seed: the "
                     "studio's “New seed every run” draws one", field="seed")
