@@ -657,7 +657,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":  # from what the run folder holds: --resume only with a checkpoint there
             from trainer.run_folder import after_interrupt
 
-            advice = after_interrupt(args.out)
+            advice = after_interrupt(args.out, args.overwrite)
         else:
             advice = RESUME_ADVICE.get(args.command, "re-run")
         # Above the bar the Ctrl-C left open (a plain print was glued onto the end of its line).

@@ -3,8 +3,11 @@
 A KeyboardInterrupt raised in the middle of a step (in backward, in the optimizer) leaves nothing consistent to
 save, so the run lost every step since its last periodic checkpoint (a walk-through's Ctrl-C at step 388 resumed
 from 300). While `StopOnInterrupt` is installed, the first SIGINT only asks the loop to stop at the end of the
-step; a second one raises KeyboardInterrupt at once, as before. Under `accelerate launch` every process asks the
-others (`requested_anywhere`), so all stop after the same step and save the checkpoint together.
+step; a second one raises KeyboardInterrupt at once, as before. Every process of a launch asks the others
+(`requested_anywhere`), so all that were asked stop after the same step and save the checkpoint together. Under
+`accelerate launch` its launcher has the last word: launching one process, it terminates it on Ctrl-C at once (the
+run resumes from its last periodic checkpoint); launching several (torchrun), it passes the Ctrl-C on and kills them
+30 s later, which a long step and its checkpoint may not fit in.
 """
 
 from __future__ import annotations

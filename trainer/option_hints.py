@@ -16,7 +16,7 @@ CONFIG_SETTINGS = {"lr": "optim.learning_rate", "learning-rate": "optim.learning
                    "lora-rank": "lora.rank", "alpha": "lora.alpha", "lora-alpha": "lora.alpha",
                    "steps": "train.max_train_steps", "max-train-steps": "train.max_train_steps",
                    "batch-size": "train.batch_size", "train-batch-size": "train.batch_size",
-                   "seed": "train.seed", "resolution": "data.height and data.width", "num-frames": "data.num_frames"}
+                   "seed": "train.seed", "num-frames": "data.num_frames", "height": "data.height", "width": "data.width"}
 # ... and generation settings (eval, generate).
 GENERATION_SETTINGS = {"steps": "num_inference_steps", "num-inference-steps": "num_inference_steps",
                        "frames": "num_frames", "num-frames": "num_frames", "guidance": "guidance_scale",

@@ -197,12 +197,14 @@ def serve_target() -> str:
     return "(in the folder with service.py and bentofile.yaml)"
 
 
-def after_interrupt(run_dir: Path) -> str:
-    """What to type after a Ctrl-C of `slapgen train --out run_dir`, from what the folder holds: `--resume latest`
-    only when there is a checkpoint (it was said after a Ctrl-C during the clips' encoding, and then refused)."""
+def after_interrupt(run_dir: Path, overwrite: bool = False) -> str:
+    """What to type after a Ctrl-C of `slapgen train --out run_dir [--overwrite]`, from what the folder holds:
+    `--resume latest` only when there is a checkpoint (it was said after a Ctrl-C during the clips' encoding, and
+    then refused), and in place of `--overwrite` (the two together are refused)."""
     saved = checkpoints.list_checkpoints(run_dir)
     if saved:
-        return f"add --resume latest to continue from {saved[-1].name}"
+        how = "replace --overwrite with --resume latest" if overwrite else "add --resume latest"
+        return f"{how} to continue from {saved[-1].name}"
     if training_found(run_dir, saved):
         return "no checkpoint was saved yet: rerun with --overwrite to start again (the encoded clips are kept)"
     return "rerun the same command: the clips encoded so far are kept"

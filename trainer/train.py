@@ -314,7 +314,8 @@ def train(
                 on_step(run.step)
             losses = []
 
-            stopping = interrupt.requested_anywhere(accelerator)  # Ctrl-C: this step is the checkpoint, then stop
+            # Ctrl-C: this step is the checkpoint, then stop (at the last step the run just ends as usual)
+            stopping = interrupt.requested_anywhere(accelerator) and run.step < max_steps
             if run.step % config.checkpoint.every_steps == 0 or run.step in (max_steps, stop_at_step) or stopping:
                 try:
                     save_checkpoint(run)
