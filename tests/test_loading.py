@@ -248,3 +248,25 @@ def test_an_uncached_wan_model_points_to_the_tiny_wan_twin(offline_hub, tmp_path
     with pytest.raises(ModelUnavailableError) as caught:
         resolve_model("THUDM/CogVideoX-2b", tmp_path)
     assert str(caught.value).endswith("or set SLAP_MODEL=tiny to run the built-in tiny model.")
+
+
+def test_relative_folders_are_read_from_the_folder_given(monkeypatch, tmp_path):
+    """Guards the service's own process reading relative SLAP_* folders from where `bentoml serve PATH` was typed
+    while its workers read them from PATH (the start-up line named a folder the workers never served):
+    `load_settings(relative_to=PATH)` reads every relative folder setting, whatever the case of its name, and a
+    relative pipeline folder, from PATH; absolute ones, hub ids and the built-in names stay as they are."""
+    (tmp_path / "models" / "pipe").mkdir(parents=True)
+    (tmp_path / "tiny").mkdir()
+    monkeypatch.chdir(tmp_path / "models")  # elsewhere: where the command was typed
+    monkeypatch.setenv("SLAP_ADAPTERS_DIR", "adapters")
+    monkeypatch.setenv("slap_data_dir", "data")
+    monkeypatch.setenv("SLAP_RESULTS_DIR", str(tmp_path / "abs-results"))
+    monkeypatch.setenv("SLAP_MODEL", "models/pipe")
+    settings = load_settings(relative_to=tmp_path)
+    assert (settings.adapters_dir, settings.data_dir, settings.results_dir) == (
+        tmp_path / "adapters", tmp_path / "data", tmp_path / "abs-results")
+    assert settings.model == str(tmp_path / "models" / "pipe")
+    for model in ("tiny", "THUDM/CogVideoX-5b"):
+        monkeypatch.setenv("SLAP_MODEL", model)
+        assert load_settings(relative_to=tmp_path).model == model
+    assert str(load_settings().adapters_dir) == "adapters"  # without it: as given

@@ -13,7 +13,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from slapgen.engine.caching import CacheSetting
 from slapgen.engine.params import CompileScope, EngineOptions
 from slapgen.errors import SettingsError, issue_sentence, validation_message
-from slapgen.models.loading import default_cache_dir
+from slapgen.models.loading import TINY_MODEL_NAME, TINY_WAN_MODEL_NAME, default_cache_dir
 
 DEFAULT_MODEL = "THUDM/CogVideoX-5b"
 # After a store's SQLite file: why it is not the shared database replicas use.
@@ -307,10 +307,15 @@ def load_settings(relative_to: Path | None = None) -> SlapSettings:
     walk-through's start-up line listed CWD/myruns while the workers served an empty PATH/myruns)."""
     anchored = {}
     if relative_to is not None:
+        given = {key.upper(): value for key, value in os.environ.items()}  # pydantic-settings ignores the case too
         for name in FOLDER_SETTINGS:
-            value = os.environ.get(f"SLAP_{name.upper()}")
+            value = given.get(f"SLAP_{name.upper()}")
             if value and not Path(value).expanduser().is_absolute():
                 anchored[name] = (Path(relative_to) / value).resolve()
+        model = given.get("SLAP_MODEL")  # a pipeline folder named relatively (a hub id or a built-in name stays)
+        if model and model not in (TINY_MODEL_NAME, TINY_WAN_MODEL_NAME) and not Path(model).expanduser().is_absolute() \
+                and (Path(relative_to) / model).is_dir():
+            anchored["model"] = str((Path(relative_to) / model).resolve())
     try:
         return SlapSettings(**anchored)
     except ValidationError as error:
