@@ -187,16 +187,16 @@ def plan_campaign(name: str, sources: list[Path], systems: list[str] | None = No
         if not isinstance(system, str) or not system.isprintable() or "," in system or not 0 < len(system) <= 128:
             raise CampaignError(f"system name {system!r} must be 1-128 printable characters without a comma")
     every_item = sorted(set().union(*(files[s] for s in chosen)))
-    captions_of: dict[tuple[int, int], set[str]] = {}
-    for prompt, caption, seed in every_item:
-        captions_of.setdefault((prompt, seed), set()).add(caption)
-    other_prompts = sorted(key for key, captions in captions_of.items() if len(captions) > 1)
+    captions_of: dict[int, set[str]] = {}
+    for prompt, caption, _ in every_item:
+        captions_of.setdefault(prompt, set()).add(caption)
+    other_prompts = sorted(prompt for prompt, captions in captions_of.items() if len(captions) > 1)
     if other_prompts:  # it read "lacks prompt 0 seed 0" of a system that has that video, of another prompt
-        prompt, seed = other_prompts[0]
-        raise CampaignError(f"the folders' prompts differ (prompt {prompt} is "
-                            f"{' in one and '.join(repr(_shortened(c)) for c in sorted(captions_of[(prompt, seed)]))} "
-                            "in another): evals of other held-out clips cannot be rated side by side; evaluate every "
-                            "system on the same --heldout")
+        said = [repr(_shortened(caption)) for caption in sorted(captions_of[other_prompts[0]])]
+        ways = f"{said[0]} in one and {said[1]} in another" if len(said) == 2 else \
+            f"written {len(said)} ways: {', '.join(said)}"
+        raise CampaignError(f"the folders' prompts differ (prompt {other_prompts[0]} is {ways}): evals of other "
+                            "held-out clips cannot be rated side by side; evaluate every system on the same --heldout")
     missing = []
     for system in chosen:
         lacking = [f"prompt {prompt} seed {seed}" for prompt, caption, seed in every_item
@@ -246,7 +246,8 @@ def mixed_settings_note(settings: dict[str, dict]) -> str | None:
                                               for values in settings.values()}) > 1]
     if not differing:
         return None
-    shown = "; ".join(f"{system}: " + ", ".join(f"{key} {values.get(key)}" for key in differing)
+    shown = "; ".join(f"{system}: " + ", ".join(f"{key} {values[key] if key in values else 'not recorded'}"
+                                                for key in differing)
                       for system, values in settings.items())
     return (f"note: the systems' videos were made with other generation settings ({shown}); raters will see them "
             "side by side as they are, and metrics compare them so")
