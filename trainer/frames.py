@@ -27,18 +27,7 @@ def sample_indices(source_fps: float, target_fps: float, num_frames: int) -> lis
 
 def load_clip(path: Path, num_frames: int, fps: float, height: int, width: int) -> torch.Tensor:
     """Clip as float32 (num_frames, 3, height, width) in [-1, 1]; raises `ClipError`."""
-    import imageio_ffmpeg
-
-    try:
-        reader = imageio_ffmpeg.read_frames(str(path))
-        meta = next(reader)
-    except (OSError, RuntimeError, StopIteration, ValueError) as error:
-        raise ClipError("corrupt", f"{path.name} cannot be decoded ({_first_line(error)})") from None
-    source_fps = float(meta.get("fps") or 0)
-    source_width, source_height = meta.get("size") or (0, 0)
-    if source_fps <= 0 or source_width <= 0 or source_height <= 0:
-        reader.close()
-        raise ClipError("corrupt", f"{path.name} has no readable video stream")
+    reader, source_fps, (source_width, source_height) = _open(path)
     wanted = sample_indices(source_fps, fps, num_frames)
     frames, position = [], 0
     try:
@@ -82,18 +71,32 @@ def load_ticft_clip(video: Path, condition: Path | None, layout: TicftLayout, fp
     return torch.cat([head, target]).contiguous()
 
 
-def opens(path: Path) -> bool:
-    """Whether ffmpeg opens `path` as a video with a readable stream (its header only; `load_clip` says why not)."""
+def _open(path: Path):
+    """ffmpeg's frame reader of `path`, its fps and (width, height), past its header; ClipError when it has no
+    readable video stream."""
     import imageio_ffmpeg
 
     try:
         reader = imageio_ffmpeg.read_frames(str(path))
         meta = next(reader)
-    except (OSError, RuntimeError, StopIteration, ValueError):
+    except (OSError, RuntimeError, StopIteration, ValueError) as error:
+        raise ClipError("corrupt", f"{path.name} cannot be decoded ({_first_line(error)})") from None
+    fps = float(meta.get("fps") or 0)
+    width, height = meta.get("size") or (0, 0)
+    if fps <= 0 or width <= 0 or height <= 0:
+        reader.close()
+        raise ClipError("corrupt", f"{path.name} has no readable video stream")
+    return reader, fps, (width, height)
+
+
+def opens(path: Path) -> bool:
+    """Whether ffmpeg opens `path` as a video with a readable stream (its header only; `load_clip` says why not)."""
+    try:
+        reader, _, _ = _open(path)
+    except ClipError:
         return False
     reader.close()
-    width, height = meta.get("size") or (0, 0)
-    return float(meta.get("fps") or 0) > 0 and width > 0 and height > 0
+    return True
 
 
 def _first_line(error: BaseException) -> str:

@@ -55,9 +55,7 @@ def resolve_model(model: str, cache_dir: Path | None = None, allow_download: boo
     """Find (materialising or downloading if needed) the pipeline folder that `model` names."""
     cache_dir = cache_dir or default_cache_dir()
     known = known_spec(model)
-    # A Wan model that cannot load: its CPU twin is the tiny model to try (tiny is CogVideoX).
-    tiny = TINY_WAN_MODEL_NAME if known is not None and known.family == TINY_WAN_SPEC.family else TINY_MODEL_NAME
-    tiny_fix = f"or {setting.tiny_fix}{tiny} to run the built-in {tiny} model"
+    tiny_fix = _tiny_fix(model, setting)
     if model == TINY_MODEL_NAME:
         folder = materialise_tiny_model(cache_dir)
         return ResolvedModel(folder, spec_for_folder(folder, TINY_MODEL_NAME))
@@ -89,12 +87,17 @@ def check_model_name(model: str, setting: ModelSetting = SERVICE_SETTING) -> Non
     server was reported as that server's BentoML home)."""
     if model in (TINY_MODEL_NAME, TINY_WAN_MODEL_NAME) or Path(model).expanduser().exists() or HUB_ID_PATTERN.match(model):
         return
-    known = known_spec(model)
-    tiny = TINY_WAN_MODEL_NAME if known is not None and known.family == TINY_WAN_SPEC.family else TINY_MODEL_NAME
     raise ModelUnavailableError(
         f"{setting.name}={model} is neither an existing folder nor a hub id like THUDM/CogVideoX-5b"
-        f"{did_you_mean(model)}; fix the path, or {setting.tiny_fix}{tiny} to run the built-in {tiny} model."
+        f"{did_you_mean(model)}; fix the path, {_tiny_fix(model, setting)}."
     )
+
+
+def _tiny_fix(model: str, setting: ModelSetting) -> str:
+    """The built-in model to try instead of `model`: a Wan model's CPU twin is tiny-wan (tiny is CogVideoX)."""
+    known = known_spec(model)
+    tiny = TINY_WAN_MODEL_NAME if known is not None and known.family == TINY_WAN_SPEC.family else TINY_MODEL_NAME
+    return f"or {setting.tiny_fix}{tiny} to run the built-in {tiny} model"
 
 
 def did_you_mean(model: str) -> str:
