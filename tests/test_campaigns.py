@@ -909,3 +909,27 @@ def test_a_campaign_of_too_few_items_is_told_it_ends_on_its_budget(tmp_path):
         "of 6 ratings; eval on more held-out clips or --seeds for a campaign that can separate them")
     two_seeds = plan_campaign("c", [write_eval_dir(tmp_path / "two", ["base", "lora"], prompts=6, seeds=(0, 1))])
     assert few_prompts_sentence(two_seeds.items, two_seeds.budget) is None
+
+
+def test_three_spellings_of_a_prompt_and_an_unrecorded_setting_are_said_as_such(tmp_path):
+    """Guards the review's finds: three folders whose prompt 0 differs read "'a' in one and 'b' in one and 'c' in
+    another", captions that differ under other seeds fell through to "lacks ...", and a setting one eval does not
+    record read "num_frames None"."""
+    folders = []
+    for k, caption in enumerate(["first caption", "second caption", "third caption"]):
+        folder = write_eval_dir(tmp_path / f"e{k}", [f"s{k}"], prompts=1, seeds=(k,))
+        result = json.loads((folder / "eval.json").read_text())
+        result["prompts"][0]["caption"] = caption
+        (folder / "eval.json").write_text(json.dumps(result))
+        folders.append(folder)
+    with pytest.raises(CampaignError) as three:
+        plan_campaign("c", folders)
+    assert str(three.value).startswith("the folders' prompts differ (prompt 0 is written 3 ways: 'first caption', "
+                                       "'second caption', 'third caption'): ")
+    recorded = write_eval_dir(tmp_path / "recorded", ["base"], prompts=1, seeds=(0,))
+    result = json.loads((recorded / "eval.json").read_text())
+    (recorded / "eval.json").write_text(json.dumps({**result, "generation": {"num_frames": 17}}))
+    bare = write_eval_dir(tmp_path / "bare", ["lora"], prompts=1, seeds=(0,))
+    assert plan_campaign("c", [recorded, bare]).notes[0].startswith(
+        "note: the systems' videos were made with other generation settings (base: num_frames 17; lora: num_frames "
+        "not recorded)")

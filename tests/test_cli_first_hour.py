@@ -619,3 +619,21 @@ def test_an_unknown_option_names_what_was_likely_meant(argv, hint, capsys):
         cli_main(argv)
     assert stopped.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].endswith(f"error: {hint}")
+
+
+def test_the_advice_after_a_ctrl_c_follows_what_the_run_folder_holds(tmp_path):
+    """Guards `--resume latest` advised where no checkpoint is (refused then), and beside an `--overwrite` the run
+    was started with (the two together are refused): the advice names what works, from what the folder holds."""
+    from trainer.run_folder import after_interrupt
+
+    run = tmp_path / "run"
+    assert after_interrupt(run) == "rerun the same command: the clips encoded so far are kept"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 2, "loss": 1.0}) + "\n")
+    assert after_interrupt(run) == ("no checkpoint was saved yet: rerun with --overwrite to start again (the encoded "
+                                    "clips are kept)")
+    (run / "checkpoints" / "checkpoint-000003").mkdir(parents=True)
+    (run / "checkpoints" / "checkpoint-000003" / "trainer_state.json").write_text('{"step": 3}')
+    assert after_interrupt(run) == "add --resume latest to continue from checkpoint-000003"
+    assert after_interrupt(run, overwrite=True) == ("replace --overwrite with --resume latest to continue from "
+                                                    "checkpoint-000003")

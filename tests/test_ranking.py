@@ -13,7 +13,7 @@ from scipy.stats import norm
 
 from slapgen.evaluation.ranking import (
     LEFT, MIN_SEPARATION_PROMPTS, OUTCOMES, RIDGE, RIGHT, TIE, Pair, Ranking, Verdict, expected_order_gain,
-    fit_strengths, head_to_head_evidence, next_pair, rank_systems, stopping,
+    fit_strengths, head_to_head, head_to_head_evidence, next_pair, rank_systems, stopping,
 )
 
 
@@ -184,17 +184,39 @@ def test_few_prompts_or_a_tie_never_separate():
 def test_head_to_head_evidence_is_the_mixture_sign_test_written_out():
     """Guards the e-value separation rests on: 2^n times the integral of p^w (1 - p)^l over [0, 1] (two-sided: a
     one-sided mixture checked in the direction of whoever led reached 20 for 7.4% of equal pairs), by numerical
-    integration; per item the majority of its verdicts, ties counting for neither side; sides do not matter."""
+    integration; per item its first verdict that is not a tie (a majority could flip as verdicts came in, which the
+    bound does not allow), items judged only as ties counting for neither side; sides do not matter."""
     for wins, losses in [(0, 0), (8, 0), (7, 0), (9, 3), (3, 9), (40, 25)]:
         integral, _ = quad(lambda p: p**wins * (1 - p) ** losses, 0, 1)
         assert head_to_head_evidence(wins, losses) == pytest.approx(2 ** (wins + losses) * integral, rel=1e-9)
-    # item p0: a twice (left, then right); p1: b; p2: one each (a tie of the item); p3: a tie.
+    # item p0: a twice (left, then right); p1: b; p2: a tie, then a, then b twice (its first decisive verdict: a);
+    # p3: only a tie.
     verdicts = [Verdict("a", "b", LEFT, "p0", 0, "r"), Verdict("b", "a", RIGHT, "p0", 0, "s"),
-                Verdict("b", "a", LEFT, "p1"), Verdict("a", "b", LEFT, "p2", 0, "r"), Verdict("a", "b", RIGHT, "p2", 0, "s"),
-                Verdict("a", "b", TIE, "p3")]
-    duel = rank_systems(verdicts, ["a", "b"], resamples=20).head_to_head
-    assert (duel.top, duel.second, duel.wins, duel.losses, duel.ties) == ("a", "b", 1, 1, 2)
-    assert duel.evidence == head_to_head_evidence(1, 1)
+                Verdict("b", "a", LEFT, "p1"), Verdict("a", "b", TIE, "p2", 0, "q"), Verdict("a", "b", LEFT, "p2", 0, "r"),
+                Verdict("a", "b", RIGHT, "p2", 0, "s"), Verdict("b", "a", LEFT, "p2", 0, "t"), Verdict("a", "b", TIE, "p3")]
+    duel = head_to_head(verdicts, "a", "b")
+    assert (duel.top, duel.second, duel.wins, duel.losses, duel.ties) == ("a", "b", 2, 1, 1)
+    assert duel.evidence == head_to_head_evidence(2, 1)
+
+
+def test_a_leader_behind_in_its_direct_comparisons_is_not_separated_and_that_is_said():
+    """Guards the `wins > losses` condition, which no test held, and a leaderboard that read "not yet" beside two
+    tests that looked passed (a review's case): a ranked first by its wins over c, while b won every direct
+    comparison with a (evidence 51.2, in b's favour). Not separated, and the sentence says b is ahead of it."""
+    from slapgen.evaluation.leaderboard import criterion_board
+
+    verdicts = ([Verdict("a", "c", LEFT, f"p{k % 10}", k // 10, "r") for k in range(50)]
+                + [Verdict("b", "c", LEFT if k < 30 else RIGHT, f"p{k % 10}", k // 10, "s") for k in range(50)]
+                + [Verdict("a", "b", RIGHT, f"p{k}", 9, "t") for k in range(9)])
+    ranking = rank_systems(verdicts, ["a", "b", "c"], resamples=200)
+    duel = ranking.head_to_head
+    assert (ranking.standings[0].system, duel.second, duel.wins, duel.losses) == ("a", "b", 0, 9)
+    assert duel.evidence == pytest.approx(2**9 / 10) and duel.evidence > 20
+    stop = stopping(ranking)
+    assert not stop.done and not stop.head_to_head_separates
+    why = criterion_board(verdicts, [], ["a", "b", "c"], None, {}, {}, {}, resamples=200)["why"]
+    assert why.startswith("not yet: a beats the second in ") and why.endswith(
+        "but b is ahead of it in their direct comparisons (9 of 9 items, each item's first verdict that is not a tie)")
 
 
 def test_equal_systems_are_rarely_called_separated_when_the_rule_is_checked_after_every_rating():

@@ -341,7 +341,8 @@ def test_a_rater_rating_the_same_two_videos_again_is_a_409_and_stores_nothing(cl
     for body, said in ((GOOD_RATING, "base against a@0.5"), (swapped, "a@0.5 against base")):
         again = client.post("/ratings", json=body)
         assert again.status_code == 409, again.text
-        assert again.json()["error"].startswith(f"ana has rated {said} on this prompt and seed already")
+        assert again.json()["error"].startswith(f"ana has rated {said} on this prompt and seed already (impact_realism, "
+                                                "overall; a verdict on the same two videos again is no new evidence)")
     assert client.get("/ratings.csv").text == before
     for change in ({"rater": "bo"}, {"seed": 4}, {"right": {"adapter": "a", "adapter_scale": 1.0}},
                    {"choices": {"prompt_adherence": "left"}}):  # another criterion of the same videos: new evidence

@@ -246,8 +246,10 @@ def mixed_settings_note(settings: dict[str, dict]) -> str | None:
                                               for values in settings.values()}) > 1]
     if not differing:
         return None
-    shown = "; ".join(f"{system}: " + ", ".join(f"{key} {values[key] if key in values else 'not recorded'}"
-                                                for key in differing)
+    def said(values: dict, key: str) -> str:
+        return "not recorded" if key not in values else "none" if values[key] is None else str(values[key])
+
+    shown = "; ".join(f"{system}: " + ", ".join(f"{key} {said(values, key)}" for key in differing)
                       for system, values in settings.items())
     return (f"note: the systems' videos were made with other generation settings ({shown}); raters will see them "
             "side by side as they are, and metrics compare them so")

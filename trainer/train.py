@@ -330,7 +330,9 @@ def train(
                 raise KeyboardInterrupt
             # And at the last step, as finetrainers' and diffusers' scripts do: the final LoRA's videos are the ones a
             # user looks at first, whatever every_steps divides.
-            if run.validator is not None and (run.step % config.validation.every_steps == 0 or run.step == max_steps):
+            # (not after a Ctrl-C at the last step: a stop was asked for, and validation takes minutes on a GPU)
+            if run.validator is not None and (run.step % config.validation.every_steps == 0 or run.step == max_steps) \
+                    and not interrupt.requested:
                 run.validator.run(accelerator.unwrap_model(run.transformer), run.step, accelerator.autocast,
                                   progress=progress and run.main)
             accelerator.wait_for_everyone()

@@ -371,9 +371,12 @@ def header_problem(folder: Path, name: str, model_name: str) -> str | None:
     """Why adapter `name` of `folder` cannot be served with `model_name`, from its header alone, or None: what
     start-up can tell before the model loads (a file that is no LoRA, another model's LoRA), which it listed among
     the adapters it serves. `GET /adapters` says every reason, with the model's modules."""
-    try:
+    def check() -> None:
         header = folder_header(folder, name)
         check_base_model(name, header.metadata.get(lora_format.BASE_MODEL_KEY), model_name)
+
+    try:
+        one_file(name, check)  # an error of ours is this file's sentence, never a start-up's traceback
     except AdapterError as error:
         return str(error)
     return None

@@ -96,10 +96,15 @@ def _separation(ranking: Ranking) -> str:
     """Where the two tests of separation stand (`ranking.stopping`): the bootstrap's share and the direct
     comparisons' evidence, each with what it needs."""
     duel = ranking.head_to_head
-    direct = (f"{duel.wins} of {duel.wins + duel.losses} items against {duel.second} (the majority of each item's "
-              f"verdicts; ties left out; evidence {duel.evidence:.1f}, {SEPARATION_EVIDENCE:.0f} needed)")
+    items = f"{duel.wins + duel.losses} item{'s' * (duel.wins + duel.losses != 1)}"
+    if duel.losses > duel.wins:  # its evidence says they differ, the other way (a review's case read "not yet" only)
+        direct = (f"but {duel.second} is ahead of it in their direct comparisons ({duel.losses} of {items}, each "
+                  "item's first verdict that is not a tie)")
+    else:
+        direct = (f"and wins {duel.wins} of {items} against {duel.second} (each item's first verdict that is not a "
+                  f"tie; evidence {duel.evidence:.1f}, {SEPARATION_EVIDENCE:.0f} needed)")
     return (f"{ranking.standings[0].system} beats the second in {ranking.top_beats_second:.0%} of bootstrap resamples "
-            f"(95% needed) and wins {direct}")
+            f"(95% needed) {direct}")
 
 
 def _why(stop: Stop, ranking: Ranking, budget: int | None, campaign_prompts: int | None = None,
@@ -114,8 +119,7 @@ def _why(stop: Stop, ranking: Ranking, budget: int | None, campaign_prompts: int
                     f"separate the top system from the second (at least {MIN_SEPARATION_PROMPTS})")
         return f"the budget of {budget} ratings is reached before separation: {_separation(ranking)}"
     left = f"; {budget - ratings} ratings left in the budget" if budget is not None else ""
-    never = why_never_separated(campaign_prompts, campaign_items if campaign_items is not None else campaign_prompts) \
-        if campaign_prompts is not None else None
+    never = why_never_separated(campaign_prompts, campaign_items) if campaign_prompts is not None else None
     if never is not None:
         # "needs at least 5" read as "rate more", on a campaign that has no fifth prompt (a walk-through's find).
         ends = "only the budget can end it" if budget is not None else "without a budget it cannot end"

@@ -77,15 +77,16 @@ class RatingStore:
         two identical posts at the same moment on two workers may both be stored.)"""
         now = time.time()
         with self._lock, self._engine.begin() as db:
-            if rows and rows[0]["rater"] and db.execute(select(func.count()).select_from(ratings).where(
-                    *_same_videos(rows[0]), ratings.c.rater == rows[0]["rater"], ratings.c.model == model,
-                    ratings.c.criterion.in_([row["criterion"] for row in rows]))).scalar():
+            rated = sorted({criterion for (criterion,) in db.execute(select(ratings.c.criterion).where(
+                *_same_videos(rows[0]), ratings.c.rater == rows[0]["rater"], ratings.c.model == model,
+                ratings.c.criterion.in_([row["criterion"] for row in rows])))}) if rows and rows[0]["rater"] else []
+            if rated:
                 first = rows[0]
                 raise RatingConflictError(
                     f"{first['rater']} has rated {system_label(first['left_system'], first['left_scale'])} "
                     f"against {system_label(first['right_system'], first['right_scale'])} on this prompt and seed "
-                    "already (a verdict on the same two videos again is no new evidence); rate another seed: the "
-                    "studio's “New seed every run” draws one", field="seed")
+                    f"already ({', '.join(rated)}; a verdict on the same two videos again is no new evidence); rate "
+                    "another seed: the studio's “New seed every run” draws one", field="seed")
             return [db.execute(insert(ratings).values(
                 created_at=now, model=model, **{column: row[column] for column in RATED_COLUMNS})).inserted_primary_key[0]
                 for row in rows]

@@ -1073,7 +1073,7 @@ function renderBoard(board) {
 }
 
 // Progress toward the stopping rule: the top system beating the second in 95% of bootstrap resamples and its
-// direct verdicts against the second reaching their evidence (a test that checking after every rating does not
+// direct comparisons with the second (one per item) reaching their evidence (a test that checking after every rating does not
 // fool), or the budget of ratings, whichever comes first.
 function stoppingBars(criterion, result) {
   const wrap = document.createElement("div");
