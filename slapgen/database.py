@@ -25,7 +25,7 @@ import threading
 from contextlib import contextmanager
 from pathlib import Path
 
-from sqlalchemy import Double, Engine, cast, create_engine, event, extract, func
+from sqlalchemy import Double, Engine, Table, cast, create_engine, event, extract, false, func, update
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.pool import NullPool, StaticPool
@@ -130,6 +130,19 @@ def upsert_ignoring(engine_or_connection, table):
     else:
         from sqlalchemy.dialects.sqlite import insert
     return insert(table).on_conflict_do_nothing()
+
+
+def lock_for_writing(connection, table: Table) -> None:
+    """Make this transaction the only one writing `table` until it ends, so that a check before an insert (has
+    this rater rated these videos already?) holds when the insert runs, across workers and replicas. Readers go on.
+    PostgreSQL: `LOCK TABLE ... IN SHARE ROW EXCLUSIVE MODE`, which conflicts with itself and with any INSERT.
+    SQLite: an UPDATE that changes nothing, which takes the database's write lock (waiting up to the busy
+    timeout) before the check reads, so the check reads the newest rows."""
+    if connection.dialect.name == "postgresql":
+        connection.exec_driver_sql(f"LOCK TABLE {table.name} IN SHARE ROW EXCLUSIVE MODE")
+    else:
+        key = next(iter(table.primary_key.columns))
+        connection.execute(update(table).where(false()).values({key: key}))
 
 
 class epoch_now(FunctionElement):

@@ -180,6 +180,36 @@ def test_ratings_from_many_writers_are_all_kept_and_a_broken_submission_leaves_n
     assert len(stores[2].all()) == 16 and stores[2].summary("tiny")["rated_pairs"] == 8
 
 
+def test_a_rating_posted_twice_at_the_same_moment_is_stored_once(database_url):
+    """Guards the 409's check-then-insert race across workers or replicas: the check ran before any lock, so a
+    second post of the same rating, checked while the first was inserted but not yet committed, was stored as a
+    second verdict. Here another writer holds the same rating uncommitted while a second store adds it: the add
+    waits for that writer's commit, then refuses, and one row is stored."""
+    from sqlalchemy import insert
+
+    from slapgen.database import open_store
+    from slapgen.errors import RatingConflictError
+    from slapgen.serving.ratings import ratings
+
+    store = RatingStore(database_url)
+    outcome = {}
+
+    def second_post():
+        try:
+            outcome["ids"] = store.add([_rating("ana", "overall")], "tiny")
+        except RatingConflictError as error:
+            outcome["refused"] = str(error)
+
+    with open_store(database_url, "ratings").begin() as first_post:
+        first_post.execute(insert(ratings).values(created_at=0.0, model="tiny", **_rating("ana", "overall")))
+        racing = threading.Thread(target=second_post)
+        racing.start()
+        racing.join(timeout=1.5)  # its check ran meanwhile (before the fix it inserted and returned)
+    racing.join(timeout=30)
+    assert "ana has rated base against lora" in outcome.get("refused", ""), outcome
+    assert len(store.all()) == 1
+
+
 def test_the_ratings_summary_is_computed_once_per_change_of_the_ratings(database_url, monkeypatch):
     """Guards every GET /ratings/summary computing the bootstrap again (10 s and 3 GB for 20,000 rated prompts, any
     number of clients at once; a review's find): the summary is computed once for the same ratings, again after any

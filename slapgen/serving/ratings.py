@@ -27,7 +27,7 @@ from pathlib import Path
 from sqlalchemy import (BigInteger, Column, Double, Integer, MetaData, Table, Text, and_, func, insert, or_, select,
                         update)
 
-from slapgen.database import open_store
+from slapgen.database import lock_for_writing, open_store
 from slapgen.errors import RatingConflictError
 from slapgen.names import CRITERIA
 from slapgen.csv_cells import inert_csv
@@ -73,10 +73,12 @@ class RatingStore:
         """Store the ratings of one submission (one per criterion) of videos `model` made, all or nothing;
         returns their ids. RatingConflictError when its named rater has rated these two videos (the systems at their
         scales, either side, the prompt and seed) on one of its criteria already: the same body posted twice counted
-        as two verdicts. Raters without a name are not told apart, so theirs are all kept. (Checked, then inserted:
-        two identical posts at the same moment on two workers may both be stored.)"""
+        as two verdicts. Raters without a name are not told apart, so theirs are all kept. The check and the insert are
+        one turn of the table's writers (`lock_for_writing`): two identical posts at the same moment on two workers or
+        replicas store one."""
         now = time.time()
         with self._lock, self._engine.begin() as db:
+            lock_for_writing(db, ratings)
             rated = sorted({criterion for (criterion,) in db.execute(select(ratings.c.criterion).where(
                 *_same_videos(rows[0]), ratings.c.rater == rows[0]["rater"], ratings.c.model == model,
                 ratings.c.criterion.in_([row["criterion"] for row in rows])))}) if rows and rows[0]["rater"] else []
