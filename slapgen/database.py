@@ -55,7 +55,9 @@ def database_url(value: str) -> str:
     if url.drivername == "sqlite":
         if not url.database or url.database == ":memory:":
             raise ValueError("a sqlite:/// URL must name a file: sqlite:////absolute/path/slapgen.sqlite")
-        return url.render_as_string(hide_password=False)
+        # Absolute (from the working folder), as `store_url` makes a folder's file: SQLAlchemy reads a relative
+        # file from the working folder of each engine's creation.
+        return url.set(database=str(Path(url.database).expanduser().absolute())).render_as_string(hide_password=False)
     raise ValueError(f"the {url.drivername} database is not supported; use sqlite:///PATH or postgresql://...")
 
 

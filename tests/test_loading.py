@@ -270,3 +270,18 @@ def test_relative_folders_are_read_from_the_folder_given(monkeypatch, tmp_path):
         monkeypatch.setenv("SLAP_MODEL", model)
         assert load_settings(relative_to=tmp_path).model == model
     assert str(load_settings().adapters_dir) == "adapters"  # without it: as given
+
+
+def test_a_relative_sqlite_database_is_read_from_the_folder_given_or_else_the_working_folder(monkeypatch, tmp_path):
+    """Guards SLAP_DATABASE_URL=sqlite:///state/slap.sqlite opening another file in the service's own process (where
+    `bentoml serve PATH` was typed) than in its workers (PATH), and an engine keyed by a relative URL reopening the
+    first folder's file from another: with `relative_to` the file is read from that folder, without it from the
+    working folder, and the URL is absolute either way; an absolute file and PostgreSQL stay as they are."""
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    monkeypatch.setenv("SLAP_DATABASE_URL", "sqlite:///state/slap.sqlite")
+    assert load_settings(relative_to=tmp_path).database_url == f"sqlite:///{tmp_path / 'state' / 'slap.sqlite'}"
+    assert load_settings().database_url == f"sqlite:///{tmp_path / 'elsewhere' / 'state' / 'slap.sqlite'}"
+    for url in (f"sqlite:///{tmp_path / 'abs.sqlite'}", "postgresql+psycopg://slap:pw@db:5432/slapgen"):
+        monkeypatch.setenv("SLAP_DATABASE_URL", url)
+        assert load_settings(relative_to=tmp_path).database_url == url

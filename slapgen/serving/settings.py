@@ -312,6 +312,9 @@ def load_settings(relative_to: Path | None = None) -> SlapSettings:
             value = given.get(f"SLAP_{name.upper()}")
             if value and not Path(value).expanduser().is_absolute():
                 anchored[name] = (Path(relative_to) / value).resolve()
+        database = given.get("SLAP_DATABASE_URL")  # sqlite:///relative.sqlite: a file named relatively too
+        if database and (path := _relative_sqlite_file(database)) is not None:
+            anchored["database_url"] = f"sqlite:///{(Path(relative_to) / path).resolve()}"
         model = given.get("SLAP_MODEL")  # a pipeline folder named relatively (a hub id or a built-in name stays)
         if model and model not in (TINY_MODEL_NAME, TINY_WAN_MODEL_NAME) and not Path(model).expanduser().is_absolute() \
                 and (Path(relative_to) / model).is_dir():
@@ -320,6 +323,19 @@ def load_settings(relative_to: Path | None = None) -> SlapSettings:
         return SlapSettings(**anchored)
     except ValidationError as error:
         raise SettingsError(f"invalid settings: {settings_problems(error)}.") from None
+
+
+def _relative_sqlite_file(value: str) -> str | None:
+    """The file of a `sqlite:///relative/path` URL, None for any other value (a bad URL is the validator's)."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        url = make_url(value)
+    except Exception:
+        return None
+    if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
+        return None
+    return None if Path(url.database).expanduser().is_absolute() else url.database
 
 
 def settings_problems(error: ValidationError) -> str:
