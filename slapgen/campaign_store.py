@@ -418,13 +418,41 @@ def verdicts_of(rows: list[dict], criterion: str, repeats: bool = False):
             for row in rows if row["criterion"] == criterion and (repeats or not row["repeat"])]
 
 
+# (campaign, criterion, verdicts, newest verdict id) -> separated: raters asking between two ratings share one
+# bootstrap; a campaign deleted and made again under its name has new ids. Per process, bounded.
+_separation_memo: dict[tuple, bool] = {}
+_separation_memo_lock = threading.Lock()
+
+
+def every_criterion_separated(name: str, campaign: "Campaign", rows: list[dict]) -> bool:
+    """Whether each criterion of the campaign is "separated" (`ranking.separated`, the leaderboard's rule)."""
+    from slapgen.evaluation.ranking import separated
+
+    if not rows:
+        return False
+    for criterion in campaign.criteria:
+        key = (name, criterion, len(rows), rows[-1]["id"])
+        with _separation_memo_lock:
+            known = _separation_memo.get(key)
+        if known is None:
+            known = separated(verdicts_of(rows, criterion), campaign.systems)
+            with _separation_memo_lock:
+                if len(_separation_memo) > 1024:
+                    _separation_memo.clear()
+                _separation_memo[key] = known
+        if not known:
+            return False
+    return True
+
+
 def next_pair_for(store: CampaignStore, name: str, rater: str, generator,
                   repeat_share: float = REPEAT_SHARE) -> IssuedPair | str:
     """The pair to show `rater` next: the one they have open, else now and then a repeat of one they
     answered (sides swapped; `repeat_share` of the pairs), else `ranking.next_pair` on the campaign's first
     criterion (the pair expected to tell the most about the ranking). Else the sentence why there is none: the
     campaign's budget is reached (pairs were issued and rated past it: 10 of a budget of 8 in a walk-through; an
-    open pair is still answered, a rater's work is never refused), or the rater has judged every pair on every item
+    open pair is still answered, a rater's work is never refused), or every criterion separated its top system (the
+    leaderboard's "separated": raters' time went on pairs that could not change the winner), or the rater has judged every pair on every item
     (and then no repeat either: one came now and then after "judged every pair", which read as a flip-flop)."""
     from slapgen.evaluation.ranking import next_pair
 
@@ -433,9 +461,13 @@ def next_pair_for(store: CampaignStore, name: str, rater: str, generator,
         return open_pair
     if campaign.budget is not None and (rated := store.rating_count(name)) >= campaign.budget:
         return f"{name} is done: its budget of {campaign.budget} ratings is reached ({rated} given)"
+    rows = store.verdicts(name)
+    if every_criterion_separated(name, campaign, rows):
+        return (f"{name} is done: on every criterion its top system is separated from the second (its leaderboard "
+                "names the winner); more ratings would not change who won")
     answered = store.answered_pairs(name, rater)
     item_index = {(str(item.prompt_index), item.seed): k for k, item in enumerate(campaign.items)}
-    verdicts = verdicts_of(store.verdicts(name), campaign.criteria[0])
+    verdicts = verdicts_of(rows, campaign.criteria[0])
     chosen = next_pair(verdicts, campaign.systems, list(item_index), rater, generator)
     if chosen is None:
         return f"{rater} has judged every pair of systems on every prompt and seed of {name}"

@@ -838,6 +838,38 @@ def test_no_pair_is_issued_past_the_budget_nor_a_repeat_once_every_pair_is_judge
         "dora has judged every pair of systems on every prompt and seed of one")
 
 
+def test_a_campaign_separated_on_every_criterion_issues_no_more_pairs_and_says_so(tmp_path):
+    """Guards raters kept rating after the result was settled: a campaign whose leaderboard said "separated" on every
+    criterion still issued pairs until its budget (or forever without one), and those ratings could not change the
+    winner. After every rating here the pair route's answer is checked against the leaderboard itself: no pair, and
+    the sentence, exactly when every criterion's reason is "separated"; while one criterion is not (overall is
+    separated first, motion_accuracy only tied), pairs keep coming."""
+    folder = write_eval_dir(tmp_path / "eval", ["lora_a", "lora_b"], prompts=5, seeds=(0, 1))
+    store = CampaignStore(tmp_path / "data")
+    store.create(plan_campaign("clear", [folder], criteria=["overall", "motion_accuracy"], budget=40))
+    reasons_seen = []
+    with TestClient(Starlette(routes=campaign_routes(store, repeat_share=0))) as client:
+        for rating in range(40):
+            rater = f"r{rating}"
+            pair = client.get("/campaigns/clear/pair", params={"rater": rater}).json()
+            board = client.get("/campaigns/clear/leaderboard").json()["criteria"]
+            reasons = {criterion: board[criterion]["reason"] for criterion in board}
+            reasons_seen.append(reasons)
+            if all(reason == "separated" for reason in reasons.values()):
+                assert pair == {"campaign": "clear", "pair_id": None, "rater": rater, "message": (
+                    "clear is done: on every criterion its top system is separated from the second (its leaderboard "
+                    "names the winner); more ratings would not change who won")}
+                break
+            assert pair["pair_id"] is not None, (rating, reasons)
+            a_side = "left" if store.pair("clear", pair["pair_id"]).left == "lora_a" else "right"
+            motion = "tie" if reasons["overall"] != "separated" else a_side  # motion only once overall is settled
+            client.post("/campaigns/clear/ratings", json={"pair_id": pair["pair_id"], "rater": rater, "verdicts": {
+                "overall": a_side, "motion_accuracy": motion}}).raise_for_status()
+        else:
+            pytest.fail(f"never separated on both: {reasons_seen[-1]}")
+    assert any(r == {"overall": "separated", "motion_accuracy": None} for r in reasons_seen), reasons_seen
+
+
 def test_folders_given_twice_or_of_other_prompts_are_named_as_such(tmp_path):
     """Guards two misleading refusals (a walk-through's): `--from eval/two --from eval/two` read "system two-base
     has two videos of prompt 0 seed 1", and evals of other held-out clips read "lacks prompt 0 seed 0" of a system

@@ -244,6 +244,30 @@ def test_equal_systems_are_rarely_called_separated_when_the_rule_is_checked_afte
     assert separated[0.0] >= 10 and separated[20.0] <= 2, separated
 
 
+def test_separated_answers_as_stopping_after_the_full_bootstrap_does():
+    """Guards the shortcut a campaign takes before issuing each pair (`separated` skips the bootstrap when the point
+    fit's top two do not pass the direct test): on verdict sets from equal to clearly ordered systems, cut at every
+    size, it equals `stopping(rank_systems(...)).reason == "separated"` computed in full, and both answers occur."""
+    from slapgen.evaluation.ranking import separated
+
+    systems, items = ["s0", "s1", "s2"], [(f"p{k}", seed) for k in range(6) for seed in (0, 1, 2)]
+    answers = []
+    for run, gap in enumerate((0.0, 0.7, 1.5, 3.0)):
+        nature = np.random.default_rng(run)
+        strengths = {"s0": gap, "s1": 0.0, "s2": -gap}
+        verdicts = []
+        for k in range(60):
+            left, right = nature.choice(systems, 2, replace=False)
+            prompt, seed = items[k % len(items)]
+            p_left = 1 / (1 + np.exp(strengths[right] - strengths[left]))
+            verdicts.append(Verdict(left, right, LEFT if nature.random() < p_left else RIGHT, prompt, seed, f"r{k % 3}"))
+        for size in range(0, 61, 6):
+            full = stopping(rank_systems(verdicts[:size], systems)).reason == "separated"
+            assert separated(verdicts[:size], systems) == full, (gap, size)
+            answers.append(full)
+    assert True in answers and False in answers
+
+
 def _davidson_log_probabilities(theta, i, j, nu):
     """log P(i wins), log P(j wins), log P(tie) of one verdict on (i, j), Davidson's model written out."""
     win_i, win_j, tie = np.exp(theta[i]), np.exp(theta[j]), nu * np.exp((theta[i] + theta[j]) / 2)

@@ -393,6 +393,22 @@ def stopping(ranking: Ranking, budget: int | None = None, separation: float = SE
     return Stop(False, None, needed, bootstrap, direct)
 
 
+def separated(verdicts: Sequence[Verdict], systems: Sequence[str], resamples: int = DEFAULT_RESAMPLES,
+              ridge: float = RIDGE) -> bool:
+    """Whether `stopping(rank_systems(verdicts, systems, resamples))` says "separated", the bootstrap skipped when the
+    direct comparisons of the point fit's top two (rank_systems' top two) do not pass, since then it cannot: a
+    campaign asks before issuing each pair, and the bootstrap refits `resamples` times."""
+    if not verdicts:
+        return False
+    tally = _Tally(verdicts, systems)
+    point, _ = _fit(tally, tally.counts.sum(axis=0, keepdims=True), ridge)
+    top, second = np.argsort(-point[0, :-1], kind="stable")[:2]  # as rank_systems orders them
+    duel = head_to_head(verdicts, tally.systems[top], tally.systems[second])
+    if not (duel.wins > duel.losses and duel.evidence >= SEPARATION_EVIDENCE):
+        return False
+    return stopping(rank_systems(verdicts, systems, resamples=resamples, ridge=ridge)).reason == "separated"
+
+
 def verdict_information(strengths: np.ndarray, pairs: np.ndarray, tie_parameter: float) -> np.ndarray:
     """Fisher information one verdict on each pair (i, j) of `pairs` adds along theta_i - theta_j, on the
     scale of the fit's Hessian: the precision matrix grows by it times c c^T (c = e_i - e_j). The outcome's
