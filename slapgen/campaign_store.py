@@ -27,6 +27,7 @@ code that knows the storage.
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import shutil
 import threading
@@ -40,12 +41,14 @@ from sqlalchemy.exc import IntegrityError
 
 from slapgen.database import open_store
 
-from slapgen.errors import CampaignConflictError, CampaignError, CampaignNotFoundError, CampaignRatedError
+from slapgen.errors import (CampaignConflictError, CampaignError, CampaignNotFoundError, CampaignRatedError,
+                            shown_name)
 from slapgen.csv_cells import inert_csv
 from slapgen.names import NAME_PATTERN, NAME_RULE
 from slapgen.timing import iso_utc
 
 CAMPAIGN_NAME_PATTERN = NAME_PATTERN  # a URL segment and a folder name as is
+VIDEO_TOKEN_PATTERN = re.compile(r"[0-9a-f]{1,64}")  # `secrets.token_hex`: a token outside it names no video
 VERDICT_COLUMNS = ("id", "created_at", "rater", "criterion", "choice", "preferred", "left_system", "right_system",
                    "prompt_index", "prompt", "seed", "pair_id", "repeat")
 # The tables as their newest migration (slapgen/migrations/versions/campaigns_*) leaves them.
@@ -234,9 +237,12 @@ class CampaignStore:
         return bool(self._read(select(1).select_from(campaigns).where(campaigns.c.name == name)))
 
     def get(self, name: str) -> Campaign:
-        rows = self._read(select(campaigns.c.name, campaigns.c.created_at, campaigns.c.spec).where(campaigns.c.name == name))
+        # A name no campaign can have is not looked up: PostgreSQL refuses a NUL in a query's text (a 500 with a
+        # traceback, for any client's `/campaigns/c%00/...`).
+        rows = self._read(select(campaigns.c.name, campaigns.c.created_at, campaigns.c.spec).where(
+            campaigns.c.name == name)) if CAMPAIGN_NAME_PATTERN.fullmatch(name) else []
         if not rows:
-            raise CampaignNotFoundError(f"no campaign named {name!r}; GET /campaigns lists them", field="name")
+            raise CampaignNotFoundError(f"no campaign named {shown_name(name)}; GET /campaigns lists them", field="name")
         return Campaign.from_row(*rows[0])
 
     def overview(self) -> list[dict]:
@@ -299,13 +305,15 @@ class CampaignStore:
 
     def video_file(self, name: str, token: str) -> Path:
         """The mp4 of a video token, inside the campaign's folder (checked: never a path from outside)."""
-        rows = self._read(select(videos.c.file).where(videos.c.campaign == name, videos.c.token == token))
+        self.get(name)
+        rows = self._read(select(videos.c.file).where(videos.c.campaign == name, videos.c.token == token)) \
+            if VIDEO_TOKEN_PATTERN.fullmatch(token) else []
         if not rows:
-            raise CampaignNotFoundError(f"campaign {name!r} has no video {token!r}", field="video")
+            raise CampaignNotFoundError(f"campaign {name!r} has no video {shown_name(token)}", field="video")
         folder = (self.videos_dir / name).resolve()
         path = (folder / rows[0][0]).resolve()
         if not path.is_relative_to(folder) or not path.is_file():
-            raise CampaignNotFoundError(f"campaign {name!r} has no video {token!r}", field="video")
+            raise CampaignNotFoundError(f"campaign {name!r} has no video {shown_name(token)}", field="video")
         return path
 
     # -- pairs and verdicts ------------------------------------------------------------------------

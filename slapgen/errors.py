@@ -94,6 +94,19 @@ def shown_value(value) -> str:
     return type(value).__name__
 
 
+_SHOWN_NAME_CHARS = 64
+
+
+def shown_name(name, quoted: bool = True) -> str:
+    """A name a client wrote (a path segment, a field's key), as an error repeats it: quoted (or not), or past 64
+    characters its start and its length (a 60 KB adapter name came back twice in a 120 KB answer, an 11 MB slot
+    name three times in a 33 MB one)."""
+    show = repr if quoted else str
+    if not isinstance(name, str) or len(name) <= _SHOWN_NAME_CHARS:
+        return show(name)
+    return f"{show(name[:40])}... ({len(name)} characters)"
+
+
 class SlapgenError(Exception):
     """Base of every error slapgen raises on purpose."""
 

@@ -130,11 +130,21 @@ def resize_and_crop(video: torch.Tensor, height: int, width: int) -> torch.Tenso
 
 
 def image_frame(image: np.ndarray, height: int, width: int) -> torch.Tensor:
-    """An RGB uint8 image (H, W, 3) -> one VAE input frame (1, 3, height, width) in [-1, 1], resized and
-    cropped the way training frames are."""
+    """An RGB image (H, W, 3), uint8 or `fitted_image`'s float32 -> one VAE input frame (1, 3, height, width) in
+    [-1, 1], resized and cropped the way training frames are."""
     # Kept uint8 here: resize_and_crop turns only its crop into floats.
-    frame = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).unsqueeze(0)
+    pixels = np.ascontiguousarray(image) if image.dtype == np.float32 else np.array(image, dtype=np.uint8)
+    frame = torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0)
     return resize_and_crop(frame, height, width) / 127.5 - 1.0
+
+
+def fitted_image(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """An RGB uint8 image (H, W, 3) already cut and scaled to height x width as `image_frame` does it, as float32
+    (height, width, 3) pixels 0-255: `image_frame` of it at that size is bit for bit `image_frame` of the image.
+    What a request keeps until its job runs: a 4096x4096 condition image held 48 MB (and 240 MB in all, decoded)
+    per queued job, where the output's size holds a few."""
+    frame = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).unsqueeze(0)
+    return resize_and_crop(frame, height, width)[0].permute(1, 2, 0).contiguous().numpy()
 
 
 def read_image(path: Path) -> np.ndarray:

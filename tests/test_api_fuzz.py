@@ -310,3 +310,47 @@ def test_a_plain_post_to_jobs_is_not_stopped_by_an_earlier_refused_one(fuzz_serv
     assert burst[429] >= 1 and set(burst) <= {200, 429}, burst
     after = [httpx.post(f"{fuzz_server.url}/jobs", json=body, timeout=120) for _ in range(6)]
     assert [answer.status_code for answer in after] == [200] * 6, [answer.text[:200] for answer in after]
+
+
+def test_control_characters_long_names_and_bulky_bodies_are_short_refusals(fuzz_server):
+    """Guards an attack's finds on the real server. A NUL in any client text (a rater, a prompt, a pair id, a campaign
+    name in the path) reached the database, where PostgreSQL answers it with an error: a 500 and a traceback (SQLite
+    stored it, and the CSV carried it); now a 400 naming the field (a query's or body's text), or a 404 for a name no
+    campaign can have. Long names a client wrote came back several times (an 11 MB slot name in a 33 MB answer, a
+    60 KB adapter name twice); now cut to their start and length. And a generation body of millions of `{}` (legal
+    below 12 MiB, which only a condition image needs) parsed on the event loop for seconds; now a 413 unless what
+    is not its condition_image fits the JSON limit."""
+    url = fuzz_server.url
+    rating = {"left": {}, "right": {"adapter": "good"}, "prompt": "a slap", "seed": 1, "choices": {"overall": "left"}}
+    for body, field in (({**rating, "rater": "r\u0000"}, "rater"), ({**rating, "prompt": "p\u0000q"}, "prompt"),
+                        ({**rating, "left": {"adapter": "go\u001bod"}}, "left.adapter")):
+        answer = httpx.post(f"{url}/ratings", json=body, timeout=30)
+        sentence = (f"{field} holds the control character U+{'001B' if field == 'left.adapter' else '0000'}, which "
+                    "no text of a request may hold")
+        assert (answer.status_code, answer.json()["error"]) == (400, sentence), answer.text
+    answer = httpx.get(f"{url}/campaigns/lr-sweep/pair", params={"rater": "a\u0000b"}, timeout=30)
+    assert (answer.status_code, answer.json()["error"]) == (
+        400, "rater holds the control character U+0000, which no text of a request may hold"), answer.text
+    answer = httpx.post(f"{url}/campaigns/lr-sweep/ratings", json={"pair_id": "p\u0000", "rater": "ana",
+                                                                   "verdicts": {"overall": "left"}}, timeout=30)
+    assert answer.status_code == 400 and "pair_id holds the control character U+0000" in answer.json()["error"]
+    for path in ("leaderboard", "pair?rater=ana", "verdicts.csv", "videos/ab.mp4"):
+        answer = httpx.get(f"{url}/campaigns/c%00/{path}", timeout=30)
+        assert answer.status_code == 404 and answer.json()["error"].startswith("no campaign named 'c\\x00'"), answer.text
+    assert httpx.get(f"{url}/campaigns/lr-sweep/videos/zz%00.mp4", timeout=30).status_code == 404
+
+    long_name = "k" * 60_000  # httpx's longest URL is 64 KiB
+    answer = httpx.delete(f"{url}/adapters/{long_name}", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
+    assert answer.status_code == 400 and len(answer.content) < 1000, (answer.status_code, len(answer.content))
+    assert f"adapter name '{'k' * 40}'... (60000 characters) must be" in answer.json()["error"]
+    answer = httpx.post(f"{url}/generate", json={"template": "face-off", "slots": {long_name: "x"}}, timeout=30)
+    assert answer.status_code == 400 and len(answer.content) < 2000, (answer.status_code, len(answer.content))
+    assert f"{'k' * 40}... (60000 characters)" in answer.text
+    answer = httpx.get(f"{url}/campaigns/{long_name}/leaderboard", timeout=30)
+    assert answer.status_code == 404 and len(answer.content) < 1000
+
+    bulky = b'{"prompt": "a power slap", "x": [' + b"{}," * 700_000 + b"{}]}"  # 2 MiB, none of it an image
+    answer = httpx.post(f"{url}/generate", content=bulky, headers={"Content-Type": "application/json"}, timeout=60)
+    assert (answer.status_code, answer.json()["error"]) == (413, (
+        "the request body without its condition_image is larger than 1048576 bytes (1 MiB): only a condition image "
+        "may make a generation request larger")), answer.text[:300]

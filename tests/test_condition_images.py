@@ -5,6 +5,7 @@ condition_image, decided from the header before a pixel is decoded where the hea
 from __future__ import annotations
 
 import base64
+import io
 
 import numpy as np
 import pytest
@@ -255,3 +256,59 @@ def test_random_hostile_images_are_frames_or_one_sentence():
         assert image_frame(image, 48, 32).shape == (1, 3, 48, 32)
 
     check()
+
+
+@pytest.mark.parametrize("size", [(1800, 900), (50, 70), (96, 64)])
+def test_a_request_keeps_its_condition_image_at_the_output_size_and_the_frame_is_unchanged(size):
+    """Guards the memory a queued TIC-FT job held: the decoded condition image at its own size (48 MB for 4096x4096,
+    about 240 MB per request in all in an attack's flood, 24 of them took a worker to 6.4 GB) until its job ran.
+    `for_model` keeps it cut and scaled to the output size (`fitted_image`), and the VAE's input frame made from it
+    is bit for bit the frame made from the image as decoded (the reference: `image_frame` of the decoded image)."""
+    from PIL import Image
+
+    from slapgen.models.tiny import TINY_SPEC
+    from slapgen.serving.requests import GenerateRequest
+
+    width, height = size
+    pixels = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    encoded = base64.b64encode(buffer.getvalue()).decode()
+    params = GenerateRequest(prompt="a", adapter="ticft", condition_image=encoded).for_model(TINY_SPEC)
+    assert params.condition_image.shape == (params.height, params.width, 3)
+    assert params.condition_image.nbytes == params.height * params.width * 3 * 4
+    assert torch.equal(image_frame(params.condition_image, params.height, params.width),
+                       image_frame(decode_condition_image(encoded), params.height, params.width))
+
+
+def test_a_worker_decodes_at_most_two_condition_images_at_once(monkeypatch):
+    """Guards a flood of large condition images decoded all at once (about 200 MB each while decoded; 80 requests may
+    be in flight per worker): eight requests at once never have more than CONDITION_DECODES_AT_ONCE decodes running,
+    and each still gets its image."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    import slapgen.serving.requests as requests_module
+
+    running, most, lock = 0, 0, threading.Lock()
+    decode = requests_module.decode_image
+
+    def counted(data):
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        time.sleep(0.05)
+        try:
+            return decode(data)
+        finally:
+            with lock:
+                running -= 1
+
+    monkeypatch.setattr(requests_module, "decode_image", counted)
+    encoded = _encoded(next(data for kind, data in IMAGES.items() if kind not in REFUSED))
+    with ThreadPoolExecutor(8) as pool:
+        images = list(pool.map(lambda _: decode_condition_image(encoded), range(8)))
+    assert len(images) == 8 and all(image.ndim == 3 for image in images)
+    assert most == requests_module.CONDITION_DECODES_AT_ONCE, most

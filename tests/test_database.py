@@ -401,3 +401,17 @@ def test_a_postgresql_that_fails_to_start_leaves_no_folder_behind(monkeypatch, t
     with pytest.raises(subprocess.CalledProcessError):
         postgres.start_postgres()
     assert ran[-1] == failing and list(tmp_path.iterdir()) == []
+
+
+def test_a_campaign_name_or_video_token_no_campaign_can_have_is_not_found_on_either_database(database_url, tmp_path):
+    """Guards a NUL in a campaign name or video token from a URL (`/campaigns/c%00/leaderboard`) reaching the query:
+    PostgreSQL refuses such text with a DataError, which the service answered as a 500 with a traceback. A name or
+    token outside their patterns is not looked up: the campaign is not found, on SQLite and PostgreSQL alike."""
+    from slapgen.errors import CampaignNotFoundError
+
+    store = CampaignStore(tmp_path / "data", database_url)
+    for name in ("c\x00", "C", "x" * 65):
+        with pytest.raises(CampaignNotFoundError, match="no campaign named"):
+            store.get(name)
+        with pytest.raises(CampaignNotFoundError):
+            store.video_file(name, "ab")

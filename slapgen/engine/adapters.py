@@ -32,7 +32,7 @@ from safetensors.torch import load, save
 
 from slapgen.atomic import atomic_write_bytes
 from slapgen.errors import (AdapterError, AdapterExistsError, AdapterNotFoundError, AdapterNotRemovableError,
-                            AdapterTooLargeError, TicftLayoutError, first_line)
+                            AdapterTooLargeError, TicftLayoutError, first_line, shown_name)
 from slapgen.models import lora_format
 from slapgen.models.family import community_layout_of, family_named
 from slapgen.models.lora_format import (DIFFUSERS_METADATA_KEY, KEY_PATTERN, WEIGHTS_FILE, Header, HeaderError, parse_header,
@@ -129,7 +129,7 @@ def adapter_info(name: str, metadata: dict[str, str], rank: int, config: object)
 
 def check_name(name: str, field: str = "adapter") -> str:
     if not isinstance(name, str) or not ADAPTER_NAME_PATTERN.fullmatch(name):
-        raise AdapterError(f"adapter name {name!r} must be 1-64 characters of a-z, 0-9, _ or -", field=field)
+        raise AdapterError(f"adapter name {shown_name(name)} must be 1-64 characters of a-z, 0-9, _ or -", field=field)
     return name
 
 

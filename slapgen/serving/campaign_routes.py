@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import ConfigDict, Field, StringConstraints, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
@@ -34,7 +34,7 @@ from slapgen.serving.requests import RequestBody
 Rater = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64)]
 
 
-class RaterQuery(BaseModel):
+class RaterQuery(RequestBody):
     model_config = ConfigDict(extra="ignore")
     rater: Rater = Field(description="who rates: any name up to 64 characters, the same on every visit")
 
@@ -117,7 +117,7 @@ def campaign_routes(store: CampaignStore, repeat_share: float = REPEAT_SHARE) ->
     async def post_ratings(request: Request) -> JSONResponse:
         name = request.path_params["name"]
         try:
-            body = CampaignVerdictRequest.model_validate_json(await request.body() or b"{}")
+            body = await run_in_threadpool(CampaignVerdictRequest.model_validate_json, await request.body() or b"{}")
         except ValidationError as error:
             return JSONResponse(validation_error_body(error), status_code=400)
         try:

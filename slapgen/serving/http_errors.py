@@ -30,6 +30,7 @@ from slapgen.errors import (
     closest_name_hint,
     first_line,
     issue_sentence,
+    shown_name,
 )
 
 # First match wins: subclasses before their bases.
@@ -67,6 +68,8 @@ INTERNAL_ERROR = "an internal error happened on the server; the server log has t
 # apiece), answering them all and logging them all took a worker's event loop for over a minute and sent
 # 100 MB back. The first few say what is wrong; the sentence counts the rest.
 MAX_LISTED_PROBLEMS = 20
+# A text holding a control character (`requests.RequestBody`): its `ctx["where"]` is the field's loc.
+CONTROL_CHARACTER_ERROR = "control_character"
 
 
 def validation_sentence(error: Mapping, fields: Collection[str] = ()) -> str:
@@ -80,6 +83,8 @@ def validation_sentence(error: Mapping, fields: Collection[str] = ()) -> str:
     if loc[-1:] == ["[key]"]:  # a dict's key was refused: pydantic's loc is (..., dict, key, "[key]")
         field = f"a key of {'.'.join(loc[:-2]) or 'the body'}"
     kind, message = error.get("type", ""), error.get("msg", "is not valid")
+    if kind == CONTROL_CHARACTER_ERROR:  # a whole sentence naming its field (`requests.RequestBody`)
+        return message
     if kind == "json_invalid":
         return _invalid_json_sentence(message.removeprefix("Invalid JSON: "))
     if kind == "extra_forbidden":
@@ -110,9 +115,16 @@ def validation_error_body(error: ValidationError, fields: Collection[str] = ()) 
     """A request body pydantic refused: the first problem's sentence as `error`, the first MAX_LISTED_PROBLEMS
     problems in `detail` (its field as `loc`, its sentence as `msg`, pydantic's `type`). Never echoes the refused values
     beyond a short excerpt. `fields`: the body's own fields (see `validation_sentence`)."""
-    details = error.errors(include_url=False, include_context=False)[:MAX_LISTED_PROBLEMS]
+    details = [{**d, "loc": shown_loc(d.get("ctx", {}).get("where", d["loc"]))}
+               for d in error.errors(include_url=False)[:MAX_LISTED_PROBLEMS]]
     return error_body_for([(list(d["loc"]), validation_sentence(d, fields), d["type"]) for d in details],
                           total=error.error_count())
+
+
+def shown_loc(loc) -> tuple:
+    """A problem's `loc` as an answer repeats it: a key the client wrote past 64 characters cut to its start and
+    length (`errors.shown_name`): an 11 MB slot name came back three times, in a 33 MB answer."""
+    return tuple(shown_name(part, quoted=False) if isinstance(part, str) else part for part in loc)
 
 
 def error_body_for(problems: list[tuple[list, str, str]], total: int | None = None) -> dict:

@@ -160,7 +160,7 @@ class JobRoutes:
     async def _submit(self, scope, receive, send):
         body, replay = await read_body(receive, GENERATION_BODY_LIMIT)  # BodySizeLimit, outside, has checked the size
         try:
-            request = GenerateRequest.model_validate_json(body or b"{}")
+            request = await run_in_threadpool(GenerateRequest.model_validate_json, body or b"{}")  # off the event loop
             params = await run_in_threadpool(self.check, request)
         except ValidationError as error:
             return await send_json(send, 400, validation_error_body(error, GenerateRequest.model_fields))

@@ -11,6 +11,7 @@ unchanged.
 from __future__ import annotations
 
 from pydantic import BaseModel, ValidationError
+from starlette.concurrency import run_in_threadpool
 
 from slapgen.serving.body_limit import read_body, send_json
 from slapgen.serving.http_errors import log_client_error, problems_line, validation_error_body
@@ -31,9 +32,11 @@ class CheckedBodies:
             return await self.app(scope, receive, send)
         body, replay = await read_body(receive, self.limit)
         try:
-            model.model_validate_json(body or b"{}")  # as BentoML's JSON serde reads it
+            # In a thread: a body's parse and checks are the client's work, and on the event loop they held every
+            # other client's request (health probes included) for their duration.
+            await run_in_threadpool(model.model_validate_json, body or b"{}")  # as BentoML's JSON serde reads it
         except ValidationError as error:
-            answer = validation_error_body(error, model.model_fields)  # pydantic lists a million problems slowly: once
+            answer = await run_in_threadpool(validation_error_body, error, model.model_fields)
             log_client_error(scope["method"], scope["path"], 400,
                              problems_line([problem["msg"] for problem in answer["detail"]], error.error_count()))
             return await send_json(send, 400, answer)

@@ -12,6 +12,7 @@ import base64
 import binascii
 import re
 import secrets
+import threading
 from collections.abc import Callable
 from typing import Annotated, Literal
 
@@ -25,12 +26,13 @@ from slapgen.engine.adapters import ADAPTER_NAME_PATTERN
 from slapgen.engine.conditioning import CONDITION_FIELD, check_condition, check_frames
 from slapgen.engine.params import GenerationParams
 from slapgen.engine.prompt_tokens import PromptTokens
-from slapgen.errors import ImageError, RequestError, closest_name_hint
-from slapgen.images import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, decode_image
+from slapgen.errors import ImageError, RequestError, closest_name_hint, shown_name
+from slapgen.images import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, decode_image, fitted_image
 from slapgen.models.specs import BASE_SIZE_MULTIPLE as SIZE_MULTIPLE
 from slapgen.models.specs import ModelSpec
 from slapgen.models.ticft import TicftLayout
 from slapgen.names import CRITERIA
+from slapgen.serving.http_errors import CONTROL_CHARACTER_ERROR
 from slapgen.serving.ratings import CHOICES
 
 MAX_PROMPT_CHARS = 4000
@@ -56,25 +58,48 @@ SlotValues = dict[Annotated[str, StringConstraints(max_length=64)], Annotated[st
 MAX_OBJECT_MEMBERS = 256
 
 
+# Control characters other than tab, line feed and carriage return: no prompt, name or id means one, PostgreSQL
+# refuses a NUL in text (a 500 and a traceback for a rater named "r\u0000"), and SQLite kept it for the CSV.
+CONTROL_CHARACTER = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
 class RequestBody(BaseModel):
-    """A JSON request body: no object in it has more than MAX_OBJECT_MEMBERS members, and its values have the
-    JSON types they are documented with. pydantic's lax mode read `"seed": false` as seed 0, `"num_frames":
-    true` as 1 and `"seed": "7"` as 7: a client's bug passed as a request it never meant."""
+    """A JSON request body (or a query's fields): no object in it has more than MAX_OBJECT_MEMBERS members, no
+    text in it (a value or a key) holds a control character (`CONTROL_CHARACTER`), and its values have the JSON
+    types they are documented with. pydantic's lax mode read `"seed": false` as seed 0, `"num_frames": true` as 1
+    and `"seed": "7"` as 7: a client's bug passed as a request it never meant."""
 
     model_config = ConfigDict(strict=True)
 
     @model_validator(mode="before")
     @classmethod
     def _bounded_objects(cls, data):
-        pending = [data]
+        pending = [((), data)]
         while pending:
-            value = pending.pop()
-            members = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+            where, value = pending.pop()
+            if isinstance(value, str):
+                _refuse_control_characters(where, value)
+                continue
             if isinstance(value, dict) and len(value) > MAX_OBJECT_MEMBERS:
                 raise PydanticCustomError("too_many_members", "an object of {count} members is more than a body may "
                                           "hold ({limit})", {"count": len(value), "limit": MAX_OBJECT_MEMBERS})
-            pending.extend(member for member in members if isinstance(member, (dict, list)))
+            if isinstance(value, dict):
+                for key, member in value.items():
+                    _refuse_control_characters(where, key, is_key=True)
+                    pending.append(((*where, key), member))
+            elif isinstance(value, list):
+                pending.extend(((*where, k), member) for k, member in enumerate(value))
         return data
+
+
+def _refuse_control_characters(where: tuple, text, is_key: bool = False) -> None:
+    """A PydanticCustomError naming where `text` is (a key of the object at `where`) when it holds a control character."""
+    if isinstance(text, str) and (found := CONTROL_CHARACTER.search(text)):
+        field = ".".join(shown_name(str(part), quoted=False) for part in where) or "the body"
+        field = f"a key of {field}" if is_key else field
+        raise PydanticCustomError(CONTROL_CHARACTER_ERROR, "{field} holds the control character U+{code}, which no "
+                                  "text of a request may hold", {"field": field, "code": f"{ord(found.group()):04X}",
+                                                                 "where": list(where)})
 
 
 class RenderRequest(RequestBody):
@@ -150,13 +175,15 @@ class GenerateRequest(RequestBody):
             num_frames = spec.check_frame_count(self.num_frames)
         else:
             num_frames = spec.default_num_frames
-        condition = decode_condition_image(self.condition_image) if self.condition_image is not None else None
+        height, width = self.height or spec.height, self.width or spec.width
+        condition = (fitted_image(decode_condition_image(self.condition_image), height, width)
+                     if self.condition_image is not None else None)
         return GenerationParams(
             prompt=prompt,
             negative_prompt=self.negative_prompt or "",
             num_frames=num_frames,
-            height=self.height or spec.height,
-            width=self.width or spec.width,
+            height=height,
+            width=width,
             num_inference_steps=self.num_inference_steps or spec.default_num_inference_steps,
             guidance_scale=spec.default_guidance_scale if self.guidance_scale is None else self.guidance_scale,
             seed=secrets.randbelow(2**32) if self.seed is None else self.seed,
@@ -186,9 +213,17 @@ def decode_condition_image(text: str) -> np.ndarray:
         raise RequestError("condition_image is not valid base64: send the image's bytes in base64 (`base64 -w0 "
                            "face.png`), not a path or URL", field=CONDITION_FIELD) from None
     try:
-        return decode_image(data)
+        with _DECODING:
+            return decode_image(data)
     except ImageError as error:
         raise RequestError(f"condition_image: {error}", field=CONDITION_FIELD) from None
+
+
+# Condition images a worker decodes at once: a 4096x4096 PNG takes about 200 MB while it is decoded, and 24 at once
+# took a worker from 0.7 to 6.4 GB (an attack's find; the 80 requests `ConcurrencyLimit` lets in could take 19 GB).
+# The others wait their turn holding only their base64.
+CONDITION_DECODES_AT_ONCE = 2
+_DECODING = threading.BoundedSemaphore(CONDITION_DECODES_AT_ONCE)
 
 
 def request_limits(spec: ModelSpec) -> dict:

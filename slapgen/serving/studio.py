@@ -37,7 +37,7 @@ def studio_routes(ratings: RatingStore, served_adapters: Callable[[], list[str]]
     async def add_ratings(request: Request) -> JSONResponse:
         body = await request.body()
         try:
-            rating = RatingRequest.model_validate_json(body or b"{}")
+            rating = await run_in_threadpool(RatingRequest.model_validate_json, body or b"{}")  # off the event loop
             rows = rating.rows(await run_in_threadpool(served_adapters))
             ids = await run_in_threadpool(ratings.add, rows, served_model())
         except ValidationError as error:
