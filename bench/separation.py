@@ -3,10 +3,8 @@ best system to the second; and how often it calls a winner that is not the best.
 
 Simulated campaigns, no model and no server, through the service's own code: raters ask in turn for the pair that
 `slapgen.evaluation.ranking.next_pair` chooses, verdicts are drawn from Davidson's Bradley-Terry model with ties
-(nu = `--tie`), and after every rating the campaign asks `stopping(rank_systems(...))`, as the leaderboard does
-after each rating. (The bootstrap runs only when the direct comparisons of the point fit's top two pass the rule's
-`SEPARATION_EVIDENCE`, without which `stopping` cannot hold: the answer is the same as asking after every rating,
-in a fraction of the time.)
+(nu = `--tie`), and after every rating the campaign asks whether it is separated (`ranking.separated`: the
+leaderboard's `stopping(rank_systems(...))`, and the question a campaign asks before it issues each pair).
 
 Systems: the best, the second, and `--systems` - 2 more, each `--rest-gap` below the one above (log-strength). A
 case is the preference: the share of the best's wins among the untied verdicts between the best and the second,
@@ -42,8 +40,7 @@ from bench.common import (  # noqa: E402
 
 def simulate_campaign(preference: float, run: int, args) -> dict:
     """One campaign: whether and when it separated, and whom it named."""
-    from slapgen.evaluation.ranking import (OUTCOMES, SEPARATION_EVIDENCE, Verdict, fit_strengths, head_to_head,
-                                            next_pair, rank_systems, stopping)
+    from slapgen.evaluation.ranking import OUTCOMES, Verdict, next_pair, rank_systems, separated, stopping
 
     systems = [f"s{k}" for k in range(args.systems)]
     gap = math.log(preference / (1 - preference))
@@ -61,10 +58,7 @@ def simulate_campaign(preference: float, run: int, args) -> dict:
         weights = np.array([np.exp(left), np.exp(right), args.tie * np.exp((left + right) / 2)])
         outcome = OUTCOMES[nature.choice(3, p=weights / weights.sum())]
         verdicts.append(Verdict(pair.left, pair.right, outcome, pair.prompt, pair.seed, rater))
-        fitted = fit_strengths(verdicts, systems)  # rank_systems' point fit: its top two
-        top, second = sorted(systems, key=lambda name: -fitted[name])[:2]
-        duel = head_to_head(verdicts, top, second)
-        if not (duel.wins > duel.losses and duel.evidence >= SEPARATION_EVIDENCE):
+        if not separated(verdicts, systems):  # the campaign's own question before each pair
             continue
         ranking = rank_systems(verdicts, systems)
         if stopping(ranking).reason == "separated":
