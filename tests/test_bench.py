@@ -115,6 +115,19 @@ def test_duplicates_bench_on_one_bout(tmp_path):
     assert all(row["recall"] == 1.0 for name, row in rows.items() if "recall" in row)
 
 
+def test_separation_bench_runs_and_reports(tmp_path):
+    """Guards bench/separation.py's case protocol: a small campaign of a strong preference reports its share
+    separated and the ratings it took, within what it was allowed (the rule itself is tested in test_ranking.py)."""
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "separation.py"), "--case", "0.9",
+                             "--runs", "2", "--max-ratings", "150"],
+                            cwd=REPO_ROOT, env=offline_env(tmp_path, HOME=str(tmp_path)), capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    row = json.loads(result.stdout.strip().splitlines()[-1])
+    assert row["preference"] == 0.9 and row["runs"] == 2 and 0 <= row["separated_share"] <= 1
+    assert row["median_ratings"] is None or 8 <= row["median_ratings"] <= 150
+
+
 def test_campaign_bench_runs_and_reports(tmp_path):
     """Guards bench/campaign.py's case protocol: a tiny adaptive campaign run reports tau shares per
     checkpoint (numbers not checked; the statistics are tested in test_ranking.py)."""

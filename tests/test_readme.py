@@ -452,6 +452,27 @@ def test_the_campaign_figures_are_the_committed_simulation():
             f"CPU (median of {timing['calls']} calls; wall {timing['median_ms']:.0f} ms") in prose
 
 
+def test_the_separation_tables_are_the_committed_simulation():
+    """Guards the ratings-to-separation tables in README and bench/README drifting from
+    bench/results/separation-cpu.json, the run they cite: every preference's row, computed here from the file."""
+    import json
+
+    run = json.loads((REPO_ROOT / "bench" / "results" / "separation-cpu.json").read_text())
+    readme, bench = (REPO_ROOT / "README.md").read_text(), (REPO_ROOT / "bench" / "README.md").read_text()
+    for case in run["results"]:
+        separated = round(case["separated_share"] * case["runs"])
+        within = f"{separated} of {case['runs']}"
+        if case["preference"] == 0.5:
+            assert f"| 0.5 (equal) | {within} (a false winner) | | |" in readme
+            assert f"| 0.5 (equal) | {within} | {case['median_ratings']} | {case['median_items_top_two']} | {within} |" in bench
+            continue
+        wrong = round(case["wrong_winner_share"] * case["runs"])
+        assert (f"| {case['preference']:g} | {within} | {case['median_ratings']} ({case['p90_ratings']}) | "
+                f"{case['median_items_top_two']} ({case['p90_items_top_two']}) |") in readme, case
+        assert (f"| {case['preference']:g} | {within} | {case['median_ratings']} / {case['p90_ratings']} | "
+                f"{case['median_items_top_two']} / {case['p90_items_top_two']} | {wrong} |") in bench, case
+
+
 def test_the_duplicate_detection_table_is_the_committed_run():
     """Guards bench/README's duplicate-detection table (recall and precision per transformation, the curation
     target) drifting from bench/results/duplicates-cpu.json, the run it cites: every row, computed here from the
