@@ -46,6 +46,8 @@ BAD_KINDS = {
     # metadata the loader cannot use
     "alpha-not-a-number": lambda t, m: (t, _with_peft(m, lora_alpha="strong")),
     "alpha-zero": lambda t, m: (t, _with_peft(m, lora_alpha=0)),
+    "alpha-1e30": lambda t, m: (t, _with_peft(m, lora_alpha=1e30)),  # every video black (an attack's find)
+    "alpha-1e300": lambda t, m: (t, _with_peft(m, lora_alpha=1e300)),  # every request on it a 400 at the swap
     "rank-zero": lambda t, m: (t, _with_peft(m, r=0)),
     "dora": lambda t, m: (t, _with_peft(m, use_dora=True)),
     "rslora": lambda t, m: (t, _with_peft(m, use_rslora=True)),

@@ -48,6 +48,7 @@ ADAPTER_NAME_PATTERN = NAME_PATTERN  # use fullmatch: with match, "$" accepts "a
 MAX_ADAPTER_BYTES = 2 * 1024**3
 # Trained LoRA weights are of order 1e-2..1; beyond this a weight is corrupt or hostile.
 MAX_LORA_WEIGHT = 1e3
+MAX_LORA_SCALING = 1e3  # alpha / rank: a LoRA update is scaled by it
 WEIGHT_DTYPES = ("F32", "F16", "BF16")
 # A community-layout LoRA holds per module a down and an up matrix, an alpha and perhaps a bias, plus a few
 # per-block norm tensors; a file with more tensors than this per module of the slot is refused unread.
@@ -289,6 +290,12 @@ def lora_config(name: str, header: Header, ranks: dict[str, int]):
     problems = []
     if not positive(config.r) or not positive(config.lora_alpha):
         problems.append(f"rank {config.r!r} and alpha {config.lora_alpha!r} must be positive numbers")
+    elif (scaling := config.lora_alpha / min([config.r, *(rank for rank in (config.rank_pattern or {}).values()
+                                                          if positive(rank))])) > MAX_LORA_SCALING:
+        # Each weight is within MAX_LORA_WEIGHT, but alpha / rank multiplies their product: alpha 1e30 made every
+        # video black, and 1e300 failed every later request on that adapter at the swap (an attack's find).
+        problems.append(f"alpha / rank is {scaling:.3g}, more than {MAX_LORA_SCALING:g} (trainers write 1 or 2; "
+                        "alpha is the rank or twice it)")
     for option in ("use_dora", "use_rslora", "lora_bias"):
         if getattr(config, option, False):
             problems.append(f"{option} is not supported")
