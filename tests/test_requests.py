@@ -38,9 +38,12 @@ def _error_fields(body: dict, spec=None) -> set[str]:
         ({"prompt": "a", "seed": -1}, "seed"),
         ({"prompt": "a", "guidance_scale": -1}, "guidance_scale"),
         ({"prompt": "a", "colour": "red"}, "colour"),
+        ({"prompt": "a", "adapter_scale": 0.5}, "adapter_scale"),  # was the base model, silently (an attack's find)
+        ({"prompt": "a", "slots": {"k": "v"}}, "slots"),
     ],
 )
 def test_bad_requests_name_the_field(body, field):
+    """Guards a request field refused without naming it, or accepted and ignored (adapter_scale without adapter)."""
     assert field in _error_fields(body)
 
 

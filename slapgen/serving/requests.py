@@ -152,6 +152,9 @@ class GenerateRequest(RequestBody):
             raise RequestError("give either prompt or template (with slots), not both or neither", field="prompt")
         if self.slots is not None and self.template is None:
             raise RequestError("slots are only used with template", field="slots")
+        if "adapter_scale" in self.model_fields_set and self.adapter is None:  # the base model, silently, before
+            raise RequestError("adapter_scale is only used with adapter (the base model has no adapter to scale)",
+                               field="adapter_scale")
         prompt = self.prompt
         if self.template is not None:
             prompt = RenderRequest(template=self.template, slots=self.slots or {}).render()
