@@ -965,3 +965,21 @@ def test_three_spellings_of_a_prompt_and_an_unrecorded_setting_are_said_as_such(
     assert plan_campaign("c", [recorded, bare]).notes[0].startswith(
         "note: the systems' videos were made with other generation settings (base: num_frames 17; lora: num_frames "
         "not recorded)")
+
+
+def test_a_malformed_range_gets_the_whole_video_and_a_good_one_its_bytes(tmp_path):
+    """Guards Starlette's 400 (in its own plain-text words) for a malformed Range on a campaign video (`bytes=5-1`,
+    `items=0-5`, `bytes=`): RFC 9110 has a server ignore such a header, so the answer is the whole file, 200, byte
+    for byte the file on disk; a valid range still gets 206 with those bytes, and one past the end 416."""
+    folder = write_eval_dir(tmp_path / "eval", ["lora_a", "lora_b"], prompts=1, seeds=(0,))
+    store = CampaignStore(tmp_path / "data")
+    store.create(plan_campaign("ranged", [folder]))
+    with TestClient(Starlette(routes=campaign_routes(store, repeat_share=0))) as client:
+        url = client.get("/campaigns/ranged/pair", params={"rater": "ana"}).json()["left"]["video"]
+        whole = store.video_file("ranged", url.rsplit("/", 1)[1].removesuffix(".mp4")).read_bytes()
+        for malformed in ("bytes=5-1", "items=0-5", "bytes=", "bytes=x-y", "nonsense"):
+            answer = client.get(url, headers={"Range": malformed})
+            assert (answer.status_code, answer.content) == (200, whole), malformed
+        answer = client.get(url, headers={"Range": "bytes=5-9"})
+        assert (answer.status_code, answer.content) == (206, whole[5:10])
+        assert client.get(url, headers={"Range": f"bytes={len(whole) + 5}-"}).status_code == 416

@@ -21,7 +21,7 @@ import numpy as np
 from pydantic import ConfigDict, Field, StringConstraints, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.responses import FileResponse, JSONResponse, MalformedRangeHeader, Response
 from starlette.routing import Route
 
 from slapgen.errors import SlapgenError
@@ -47,6 +47,19 @@ class CampaignVerdictRequest(RequestBody):
     rater: Rater
     verdicts: dict[Annotated[str, StringConstraints(min_length=1, max_length=64)], Literal[OUTCOMES]] = Field(
         min_length=1, description="criterion -> left, right or tie")
+
+
+class WholeFileOnBadRange(FileResponse):
+    """A file answer that reads a malformed `Range` header (`bytes=5-1`, `items=0-5`, `bytes=`) as none: the whole file,
+    200, as RFC 9110 (14.2) has a server do; Starlette answered 400 with its own plain-text sentence. A range past
+    the end is still 416."""
+
+    @classmethod
+    def _parse_range_header(cls, http_range: str, file_size: int) -> list[tuple[int, int]]:
+        try:
+            return super()._parse_range_header(http_range, file_size)
+        except MalformedRangeHeader:
+            return []  # Starlette's own answer for too many ranges: the whole file
 
 
 def campaign_routes(store: CampaignStore, repeat_share: float = REPEAT_SHARE) -> list:
@@ -112,7 +125,7 @@ def campaign_routes(store: CampaignStore, repeat_share: float = REPEAT_SHARE) ->
             path = await run_in_threadpool(store.video_file, request.path_params["name"], token)
         except SlapgenError as error:
             return error_response(error)
-        return FileResponse(path, media_type="video/mp4")
+        return WholeFileOnBadRange(path, media_type="video/mp4")
 
     async def post_ratings(request: Request) -> JSONResponse:
         name = request.path_params["name"]
