@@ -68,17 +68,26 @@ class BodySizeLimit:
             return await send_json(send, 413, too_large_body(limit, generation=generation))
         except TimeoutError:  # a client sending a byte now and then (slow-loris) holds nothing past this
             return await send_json(send, 408, error_body(f"the request body did not arrive within {self.read_timeout_s:g} s"))
+        except ClientGone:  # nobody to answer; the half body was logged as "not valid JSON (EOF ...)" (an attack's find)
+            return None
         if generation and len(body) > self.limit and len(body) - condition_image_chars(body) > self.limit:
             return await send_json(send, 413, too_large_body(self.limit, generation=True, besides_image=True))
         await self.app(scope, replay, send)
 
 
+class ClientGone(Exception):
+    """The client disconnected before its body was whole."""
+
+
 async def read_body(receive, limit: int):
-    """The whole body (at most `limit` bytes, else BodyTooLarge) and a `receive` that replays it."""
+    """The whole body (at most `limit` bytes, else BodyTooLarge; ClientGone when the client leaves before its end)
+    and a `receive` that replays it."""
     messages, body = [], b""
     while True:
         message = await receive()
         messages.append(message)
+        if message["type"] == "http.disconnect":
+            raise ClientGone()
         if message["type"] != "http.request":
             break
         body += message.get("body", b"")
