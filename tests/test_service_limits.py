@@ -213,6 +213,40 @@ def test_an_upload_streaming_past_its_limit_is_a_413_and_writes_nothing(engine, 
                     "type": "body_too_large", "ctx": {"limit_bytes": 4096, "content_length": 5000}}]})
 
 
+def test_an_upload_that_stops_arriving_is_a_408_and_writes_nothing(engine, tmp_path):
+    """Guards a half-sent upload waited for without limit: uploads stream past BodySizeLimit's whole-body read (and
+    its 408), so one that sent part of its file and then nothing held its place in `ConcurrencyLimit` for good. It
+    gets a 408 once `read_timeout_s` passes without a byte, and the adapters folder is unchanged."""
+    import asyncio
+
+    routes = build_routes(lambda: engine, JobBoard(), "t", default_library(), RatingStore(tmp_path / "r.sqlite"),
+                          CampaignStore(tmp_path / "data"))
+    app = BodySizeLimit(routes, upload_limit=10**6, read_timeout_s=0.2)
+    before = sorted(p.name for p in engine.adapters.folder.iterdir())
+    parts = [b'--b\r\nContent-Disposition: form-data; name="name"\r\n\r\nslow\r\n',
+             b'--b\r\nContent-Disposition: form-data; name="file"; filename="x"\r\n\r\n' + b"\x00" * 1000]
+
+    async def trickle():
+        if parts:
+            return {"type": "http.request", "body": parts.pop(0), "more_body": True}
+        await asyncio.sleep(3600)
+
+    async def call():
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": "/adapters/upload", "query_string": b"",
+                 "headers": [(b"authorization", b"Bearer t"), (b"content-type", b"multipart/form-data; boundary=b")]}
+        await app(scope, trickle, send)
+        return sent
+
+    status, _, body = _answer(asyncio.run(asyncio.wait_for(call(), 30)))
+    assert (status, body["error"]) == (408, "the upload sent nothing for 0.2 s before its end")
+    assert sorted(p.name for p in engine.adapters.folder.iterdir()) == before
+
+
 def test_a_full_queue_answers_at_once_with_retry_after(engine):
     """Guards a queue that only BentoML bounded (so /info and job status got 429 too) and 429s without
     Retry-After: the engine refuses the generation beyond SLAP_MAX_QUEUE itself, immediately."""

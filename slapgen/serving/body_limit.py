@@ -61,7 +61,7 @@ class BodySizeLimit:
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
             return await send_json(send, 413, too_large_body(limit, declared.decode("latin-1"), generation, upload))
         if upload:
-            return await self.app(scope, _counting(receive, limit), send)
+            return await self.app(scope, _counting(receive, limit, self.read_timeout_s), send)
         try:
             body, replay = await asyncio.wait_for(read_body(receive, limit), self.read_timeout_s)
         except BodyTooLarge:
@@ -114,16 +114,33 @@ def condition_image_chars(body: bytes) -> int:
     return len(found.group()) if found else 0
 
 
-def _counting(receive, limit: int):
-    received = 0
+class BodyStalled(Exception):
+    """Raised from `receive` when an upload sends nothing for `seconds`; the upload route answers 408."""
+
+    def __init__(self, seconds: float):
+        super().__init__(f"the body sent nothing for {seconds:g} s")
+        self.seconds = seconds
+
+
+def _counting(receive, limit: int, idle_s: float):
+    """`receive` for an upload streamed through: BodyTooLarge past `limit` bytes, BodyStalled when `idle_s` pass
+    without a byte before the body's end (a half-sent upload held its place in `ConcurrencyLimit` for good, with
+    no time limit: an attack's reading). After the body's end it waits as long as the route likes."""
+    received, whole = 0, False
 
     async def counted():
-        nonlocal received
-        message = await receive()
+        nonlocal received, whole
+        if whole:
+            return await receive()
+        try:
+            message = await asyncio.wait_for(receive(), idle_s)
+        except TimeoutError:
+            raise BodyStalled(idle_s) from None
         if message["type"] == "http.request":
             received += len(message.get("body", b""))
             if received > limit:
                 raise BodyTooLarge(limit)
+            whole = not message.get("more_body", False)
         return message
 
     return counted

@@ -38,7 +38,7 @@ from starlette.routing import Route
 from prompts import PromptLibrary
 from slapgen.errors import SlapgenError, first_line
 from slapgen.serving.http_errors import error_response, plain_error
-from slapgen.serving.body_limit import BodyTooLarge, too_large_body
+from slapgen.serving.body_limit import BodyStalled, BodyTooLarge, too_large_body
 from slapgen.serving.job_routes import task_id_problem
 from slapgen.serving.campaign_routes import campaign_routes
 from slapgen.campaign_store import CampaignStore
@@ -90,6 +90,8 @@ def build_routes(
             form = await request.form(max_files=1, max_fields=2)
         except BodyTooLarge as exc:  # streamed past the limit (BodySizeLimit counts the bytes)
             return JSONResponse(too_large_body(exc.limit, upload=True), status_code=413)
+        except BodyStalled as exc:  # BodySizeLimit again: no byte for a while before the end
+            return plain_error(408, f"the upload sent nothing for {exc.seconds:g} s before its end")
         except Exception as exc:  # malformed multipart: starlette raises several kinds
             return plain_error(400, f"expected multipart/form-data with fields name and file ({first_line(exc, 200)})")
         name, upload = form.get("name"), form.get("file")
