@@ -264,6 +264,13 @@ class CampaignStore:
         """The ratings campaign `name` has (repeats excluded): what its budget counts and `overview` lists."""
         return self._read(select(func.count()).select_from(pairs).where(pairs.c.campaign == name, *RATING_CONDITIONS))[0][0]
 
+    def open_pair_count(self, name: str, issued_since: float) -> int:
+        """Pairs of campaign `name` issued since `issued_since` (seconds since the epoch) and not answered yet,
+        repeats excluded: ratings on their way, which the budget holds places for."""
+        return self._read(select(func.count()).select_from(pairs).where(
+            pairs.c.campaign == name, pairs.c.answered_at.is_(None), pairs.c.repeat == 0,
+            pairs.c.issued_at >= issued_since))[0][0]
+
     def delete(self, name: str, with_ratings: bool = False) -> DeletedCampaign:
         """Remove campaign `name`: its row, videos, pairs and verdicts in one transaction, then its copied
         videos. A campaign with ratings is kept (CampaignRatedError) unless `with_ratings`; the ratings are
@@ -414,6 +421,11 @@ class CampaignStore:
                          VERDICT_COLUMNS, extrasaction="ignore")
 
 
+# How long an issued, unanswered pair holds a place in its campaign's budget: raters asking together were each
+# issued a pair while the answered ratings were under it (300 made-up raters rated a campaign of budget 18, an
+# attack's find; honest raters starting together overran it too). A pair left longer frees its place, and can
+# still be answered.
+OPEN_PAIR_HOLD_S = 30 * 60
 REPEAT_SHARE = 0.05  # share of pairs that repeat one the rater answered (sides swapped): their consistency
 
 
@@ -459,7 +471,8 @@ def next_pair_for(store: CampaignStore, name: str, rater: str, generator,
     answered (sides swapped; `repeat_share` of the pairs), else `ranking.next_pair` on the campaign's first
     criterion (the pair expected to tell the most about the ranking). Else the sentence why there is none: the
     campaign's budget is reached (pairs were issued and rated past it: 10 of a budget of 8 in a walk-through; an
-    open pair is still answered, a rater's work is never refused), or every criterion separated its top system (the
+    open pair is still answered, a rater's work is never refused), or held by pairs other raters have open (issued
+    within OPEN_PAIR_HOLD_S), or every criterion separated its top system (the
     leaderboard's "separated": raters' time went on pairs that could not change the winner), or the rater has judged every pair on every item
     (and then no repeat either: one came now and then after "judged every pair", which read as a flip-flop)."""
     from slapgen.evaluation.ranking import next_pair
@@ -469,6 +482,11 @@ def next_pair_for(store: CampaignStore, name: str, rater: str, generator,
         return open_pair
     if campaign.budget is not None and (rated := store.rating_count(name)) >= campaign.budget:
         return f"{name} is done: its budget of {campaign.budget} ratings is reached ({rated} given)"
+    if campaign.budget is not None and rated + (held := store.open_pair_count(
+            name, time.time() - OPEN_PAIR_HOLD_S)) >= campaign.budget:
+        return (f"{name}'s budget of {campaign.budget} ratings is spoken for: {rated} given and {held} pair"
+                f"{'s' * (held != 1)} with other raters, not answered yet; ask again later (a pair unanswered for "
+                f"{OPEN_PAIR_HOLD_S // 60:g} minutes gives up its place)")
     rows = store.verdicts(name)
     if every_criterion_separated(name, campaign, rows):
         return (f"{name} is done: on every criterion its top system is separated from the second (its leaderboard "

@@ -775,7 +775,7 @@ def test_a_campaign_stopped_by_its_budget_names_a_leader_not_a_winner(tmp_path):
     folder = write_eval_dir(tmp_path / "eval", ["lora_a", "lora_b"], prompts=3, seeds=(0,),
                             adapters={name: str(file) for name, file in files.items()})
     store = CampaignStore(tmp_path / "data")
-    store.create(plan_campaign("short", [folder], budget=2))
+    store.create(plan_campaign("short", [folder], budget=3))
     with TestClient(Starlette(routes=campaign_routes(store, repeat_share=0))) as client:  # two ratings, no repeat
         for _ in range(2):
             pair = client.get("/campaigns/short/pair", params={"rater": "ana"}).json()
@@ -795,13 +795,15 @@ def test_no_pair_is_issued_past_the_budget_nor_a_repeat_once_every_pair_is_judge
     `list` read 10/8) and a rater told "judged every pair" who got a repeat a few calls later (5% of calls),
     then the sentence again; and `campaign delete` counting repeats as ratings (11 there, 10 in `list`). Once the
     budget's ratings are in (repeats do not count, as in `list`), a rater without an open pair gets no pair and
-    the sentence saying the campaign is done; one with an open pair still gets it and may answer it. A rater who
-    judged every pair gets the sentence even when the draw asks for a repeat."""
+    the sentence saying the campaign is done; one with an open pair still gets it and may answer it. Pairs other
+    raters hold open count against the budget too (300 made-up raters asking at once each got one and rated a
+    campaign of budget 18, an attack's find). A rater who judged every pair gets the sentence even when the draw
+    asks for a repeat."""
     from slapgen.campaign_store import next_pair_for
 
     folder = write_eval_dir(tmp_path / "eval", ["lora_a", "lora_b"], prompts=3, seeds=(0,))
     store = CampaignStore(tmp_path / "data")
-    store.create(plan_campaign("short", [folder], budget=2))
+    store.create(plan_campaign("short", [folder], budget=3))
     # No repeat at random: the test issues its one repeat itself (store.issue_pair below).
     with TestClient(Starlette(routes=campaign_routes(store, repeat_share=0))) as client:
         def pair_for(rater: str) -> dict:
@@ -819,11 +821,15 @@ def test_no_pair_is_issued_past_the_budget_nor_a_repeat_once_every_pair_is_judge
         rate(pair_for("ana"))  # the repeat: not a rating
         rate(pair_for("ana"))
         assert store.rating_count("short") == 2
-        assert pair_for("cleo") == {"campaign": "short", "pair_id": None, "rater": "cleo",
-                                    "message": "short is done: its budget of 2 ratings is reached (2 given)"}
+        # ben's open pair holds the budget's last place: nobody else is issued one (raters asking together overran it)
+        assert pair_for("cleo") == {"campaign": "short", "pair_id": None, "rater": "cleo", "message": (
+            "short's budget of 3 ratings is spoken for: 2 given and 1 pair with other raters, not answered yet; ask "
+            "again later (a pair unanswered for 30 minutes gives up its place)")}
         assert pair_for("ben")["pair_id"] == held["pair_id"]  # an open pair is still answered
         rate(held)
-        assert pair_for("ben")["message"] == "short is done: its budget of 2 ratings is reached (3 given)"
+        assert pair_for("cleo") == {"campaign": "short", "pair_id": None, "rater": "cleo",
+                                    "message": "short is done: its budget of 3 ratings is reached (3 given)"}
+        assert pair_for("ben")["message"] == "short is done: its budget of 3 ratings is reached (3 given)"
         assert store.overview()[0]["ratings"] == 3
     with pytest.raises(CampaignRatedError) as refused:
         store.delete("short")
@@ -868,6 +874,25 @@ def test_a_campaign_separated_on_every_criterion_issues_no_more_pairs_and_says_s
         else:
             pytest.fail(f"never separated on both: {reasons_seen[-1]}")
     assert any(r == {"overall": "separated", "motion_accuracy": None} for r in reasons_seen), reasons_seen
+
+
+def test_a_pair_left_unanswered_gives_up_its_budget_place_after_the_hold(tmp_path):
+    """Guards the other side of open pairs holding budget places: a rater who walked away would hold the last place
+    for good. After OPEN_PAIR_HOLD_S the place is free for another rater (and the old pair may still be answered)."""
+    from sqlalchemy import update
+
+    from slapgen.campaign_store import OPEN_PAIR_HOLD_S, next_pair_for, pairs
+
+    store = CampaignStore(tmp_path / "data")
+    store.create(plan_campaign("one", [write_eval_dir(tmp_path / "eval", ["lora_a", "lora_b"], prompts=2,
+                                                      seeds=(0,))], budget=1))
+    left = next_pair_for(store, "one", "ana", np.random.default_rng(0), repeat_share=0)
+    assert "is spoken for" in next_pair_for(store, "one", "ben", np.random.default_rng(0), repeat_share=0)
+    with store._engine.begin() as db:
+        db.execute(update(pairs).where(pairs.c.pair_id == left.pair_id).values(
+            issued_at=pairs.c.issued_at - OPEN_PAIR_HOLD_S - 1))
+    assert next_pair_for(store, "one", "ben", np.random.default_rng(0), repeat_share=0).rater == "ben"
+    store.answer("one", left.pair_id, "ana", {"overall": "left"})
 
 
 def test_folders_given_twice_or_of_other_prompts_are_named_as_such(tmp_path):
