@@ -775,7 +775,7 @@ def test_a_campaign_stopped_by_its_budget_names_a_leader_not_a_winner(tmp_path):
     folder = write_eval_dir(tmp_path / "eval", ["lora_a", "lora_b"], prompts=3, seeds=(0,),
                             adapters={name: str(file) for name, file in files.items()})
     store = CampaignStore(tmp_path / "data")
-    store.create(plan_campaign("short", [folder], budget=3))
+    store.create(plan_campaign("short", [folder], budget=2))
     with TestClient(Starlette(routes=campaign_routes(store, repeat_share=0))) as client:  # two ratings, no repeat
         for _ in range(2):
             pair = client.get("/campaigns/short/pair", params={"rater": "ana"}).json()

@@ -445,6 +445,7 @@ def test_condition_image_decoding_at_the_http_edge():
     hold; bad base64, bytes that are no PNG/JPEG, another format, a data URI of another type and an image
     too large to decode safely are each a RequestError naming condition_image, and a layout lookup makes
     a TIC-FT adapter default to its clip length."""
+    from slapgen.images import fitted_image
     from slapgen.models.tiny import TINY_SPEC
     from slapgen.serving.requests import GenerateRequest
 
@@ -458,11 +459,13 @@ def test_condition_image_decoding_at_the_http_edge():
         return GenerateRequest(prompt="a slap", **body).for_model(TINY_SPEC, names, layouts.get)
 
     params = resolve(adapter="slap", condition_image=png)
-    np.testing.assert_array_equal(params.condition_image, image)  # PNG is lossless
+    # Kept at the output size, cut and scaled as the VAE's frame is (`fitted_image`): PNG is lossless.
+    np.testing.assert_array_equal(params.condition_image, fitted_image(image, params.height, params.width))
     assert params.num_frames == 9 and params.include_condition_frames is False
     wrapped = "data:image/jpeg;base64," + "\n".join(jpeg[i : i + 76] for i in range(0, len(jpeg), 76))
     decoded = resolve(adapter="slap", condition_image=wrapped, include_condition_frames=True).condition_image
-    assert decoded.shape == image.shape and np.abs(decoded.astype(int) - image).mean() < 8  # JPEG is lossy
+    reference = fitted_image(image, params.height, params.width)
+    assert decoded.shape == reference.shape and np.abs(decoded - reference).mean() < 8  # JPEG is lossy
     assert resolve(adapter="a").condition_image is None
 
     from PIL import Image
@@ -508,10 +511,13 @@ def test_generation_routes_take_bodies_big_enough_for_a_condition_image():
     paths = ["/generate", "/jobs", "/jobs/submit", "/prompts/render"]
     app = BodySizeLimit(Starlette(routes=[Route(path, echo, methods=["POST"]) for path in paths]), limit=100,
                         generation_limit=1000)
+    image = b'{"condition_image": "' + b"A" * 977 + b'"}'  # 1,000 bytes, all but 23 of them the image
     with TestClient(app) as client:
         for path in paths[:3]:
-            assert client.post(path, content=b"x" * 1000).json() == {"bytes": 1000}
-            assert client.post(path, content=b"x" * 1001).status_code == 413
+            assert client.post(path, content=image).json() == {"bytes": 1000}
+            assert client.post(path, content=image + b" ").status_code == 413
+            # Past the JSON limit only for an image: 101 bytes of anything else is refused (`condition_image_chars`).
+            assert client.post(path, content=b"x" * 101).status_code == 413
         assert client.post("/prompts/render", content=b"x" * 101).status_code == 413
     assert MAX_CONDITION_IMAGE_CHARS + 64 * 1024 < GENERATION_BODY_LIMIT  # the largest image fits, with the rest
 
