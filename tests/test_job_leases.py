@@ -371,3 +371,36 @@ def test_every_change_of_several_rows_locks_them_in_task_id_order(postgres_url, 
         assert (board.get("x")["state"], board.get("a")) == ("completed", None)
     elif change is not _lease_renewal:
         assert {board.get(task_id)["state"] for task_id in ("a", "b", "c")} == {"failed"}
+
+
+def test_a_jobs_end_written_while_the_database_does_not_answer_is_written_when_it_answers_again(database_url, caplog):
+    """Guards a walk-through's find: PostgreSQL restarted for 2 s as a job ended, `completed()` raised, the job
+    was no longer held (nor its lease renewed), and a lease later every replica read it "failed" though its mp4
+    was saved. The end is tried again while the outage lasts (the job held meanwhile, so its lease is renewed) and
+    written when the database answers; an outage longer than the lease still raises."""
+    import threading
+
+    lease_s = 3.0
+    board = JobBoard(database_url, owner=1, lease_s=lease_s, renew_every_s=3600)
+    board.submitted("job", 2)
+    board.step("job", 2, 2)
+    reachable = board._engine
+    board._engine = _unreachable_engine(database_url)
+    ended = threading.Thread(target=board.completed, args=("job",))
+    with caplog.at_level(logging.WARNING, logger=jobs_module.__name__):
+        ended.start()
+        time.sleep(1.0)
+        assert ended.is_alive() and board._holds_alive("job")  # still trying, and still held: its lease renewed
+        board._engine = reachable
+        ended.join(timeout=30)
+    assert not ended.is_alive() and board.get("job")["state"] == "completed"
+    assert not board._holds_alive("job")
+    assert any("did not answer as job job ended" in record.getMessage() for record in caplog.records)
+
+    board.submitted("late", 2)
+    board._engine = _unreachable_engine(database_url)
+    started = time.monotonic()
+    with pytest.raises(DBAPIError):
+        board.failed("late", "boom")
+    assert lease_s - 1 <= time.monotonic() - started <= lease_s + 10
+    assert not board._holds_alive("late")

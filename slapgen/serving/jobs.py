@@ -79,6 +79,8 @@ from slapgen.errors import JobFinishedError, JobFinishingError, JobNotFoundError
 from slapgen.lifetime import instance_alive, process_start_time
 
 MAX_TRACKED_JOBS = 10_000
+# How long a job's end is tried again while the database does not answer, for a board without a lease.
+END_RETRY_S = 60.0
 COLUMNS = ("task_id", "state", "step", "total_steps", "error", "updated_at", "created_at", "started_at")
 ENDED = ("completed", "failed", "canceled")
 UNFINISHED = ("queued", "running", "canceling", "finishing")
@@ -188,22 +190,40 @@ class JobBoard:
 
     def _end(self, task_id: str, ended_from: tuple[str, ...], **changes) -> None:
         """Write a job's end, only while its state is one of `ended_from`: the first end wins (a job another
-        replica failed stays failed, a completed one carries no error written after it). This process no
-        longer holds the job either way: a write that raised leaves no row renewed forever. The oldest rows
-        past `max_jobs` are deleted in a transaction of their own, locked in order (`_lock_in_order`)."""
+        replica failed stays failed, a completed one carries no error written after it). A database that does not
+        answer (a failover, a restart) is tried again for up to the lease (END_RETRY_S without one), the job held
+        and its lease renewed meanwhile: a 2 s PostgreSQL restart as a job ended made the job, its mp4 saved,
+        "failed" on every replica a lease later (a walk-through's find). This process no longer holds the job
+        either way: a write that raised leaves no row renewed forever. The oldest rows past `max_jobs` are then
+        deleted, best effort, in a transaction of their own, locked in order (`_lock_in_order`)."""
+        deadline = time.monotonic() + (self._lease_s or END_RETRY_S)
+        wait = 0.25
         try:
-            with self._lock:
-                with self._connect() as db:
-                    self._insert(db, task_id, 0)
-                    db.execute(update(jobs).where(jobs.c.task_id == task_id, jobs.c.state.in_(ended_from)).values(
-                        **changes, updated_at=epoch_now()))
-                with self._connect() as db:
-                    newest = select(jobs.c.task_id).order_by(jobs.c.updated_at.desc()).offset(self._max_jobs)
-                    if oldest := _lock_in_order(db, jobs.c.task_id.in_(newest.scalar_subquery())):
-                        db.execute(delete(jobs).where(jobs.c.task_id.in_(oldest)))
+            while True:
+                try:
+                    with self._lock, self._connect() as db:
+                        self._insert(db, task_id, 0)
+                        db.execute(update(jobs).where(jobs.c.task_id == task_id, jobs.c.state.in_(ended_from)).values(
+                            **changes, updated_at=epoch_now()))
+                    break
+                except DBAPIError as error:
+                    if (left := deadline - time.monotonic()) <= 0:
+                        raise
+                    if wait == 0.25:
+                        log.warning("the job board's database did not answer as job %s ended (%s); trying again "
+                                    "for up to %.0f s", task_id, error.orig or error, left)
+                    time.sleep(min(wait, left))
+                    wait = min(2 * wait, 4.0)
+            self._best_effort(lambda: self._trim(), None)
         finally:
             with self._held_lock:
                 self._held.pop(task_id, None)
+
+    def _trim(self) -> None:
+        with self._lock, self._connect() as db:
+            newest = select(jobs.c.task_id).order_by(jobs.c.updated_at.desc()).offset(self._max_jobs)
+            if oldest := _lock_in_order(db, jobs.c.task_id.in_(newest.scalar_subquery())):
+                db.execute(delete(jobs).where(jobs.c.task_id.in_(oldest)))
 
     def submitted(self, task_id: str, total_steps: int) -> dict:
         """Known from submission on, so a job can be cancelled before its handler starts. BentoML starts the
