@@ -161,6 +161,40 @@ def test_an_exception_is_a_500_that_says_so_without_internals(shaped_client, cap
     assert any(record.exc_info and "secret internals" in str(record.exc_info[1]) for record in caplog.records)
 
 
+def test_a_database_that_does_not_answer_is_a_503_with_retry_after(caplog):
+    """Guards a walk-through's find: with PostgreSQL down, every job, rating and campaign route answered "an internal
+    error happened" (500, no Retry-After) with a traceback per request. A route whose database does not answer (a
+    real engine of a database that is not there), in a mounted Starlette app (which answers 500 and then raises,
+    as the service's routes do) or in a middleware, is a 503 that names the database, with Retry-After, and one
+    log line; any other exception is still the 500."""
+    from sqlalchemy import create_engine, text
+
+    from slapgen.serving.error_shape import DATABASE_RETRY_AFTER_S, DATABASE_UNAVAILABLE
+
+    gone = create_engine("sqlite:////nonexistent-folder-of-slapgen-tests/jobs.sqlite")
+
+    async def reads_the_database(request: Request):
+        with gone.connect() as db:
+            db.execute(text("SELECT 1"))
+
+    mounted = Starlette(routes=[Route("/campaigns", reads_the_database), Route("/boom", _boom)])
+
+    async def middleware(scope, receive, send):
+        if scope["type"] == "http" and scope["path"] == "/jobs/submit":
+            return await reads_the_database(None)
+        return await mounted(scope, receive, send)
+
+    with caplog.at_level(logging.WARNING, logger="slapgen.serving"), \
+            TestClient(OneErrorShape(middleware), raise_server_exceptions=False) as client:
+        for path in ("/campaigns", "/jobs/submit"):
+            answer = client.get(path)
+            assert (answer.status_code, answer.json()) == (503, {"error": DATABASE_UNAVAILABLE, "detail": []}), path
+            assert answer.headers["retry-after"] == str(DATABASE_RETRY_AFTER_S)
+        assert client.get("/boom").status_code == 500
+    lines = [record for record in caplog.records if "unable to open database file" in record.getMessage()]
+    assert len(lines) == 2 and not any(record.exc_info for record in lines)
+
+
 @pytest.mark.parametrize("path,method,status,error", [
     ("/bentoml-500", "GET", 500, INTERNAL_ERROR),
     ("/task", "GET", 404, "task_id not found"),

@@ -7,7 +7,7 @@ BentoML's `{"error": ...}` without `detail` (its task routes, its own 500 for an
 route), and an exception that escapes a route or a middleware (Starlette's plain-text 500). This
 middleware, outermost of slapgen's, rewrites those on the way out, and turns an exception that escapes
 everything inside it into a 500 saying an internal error happened: the traceback goes to the server
-log, never to the client. Answers below 400 pass through untouched and unbuffered (mp4s, /metrics).
+log, never to the client. A database that does not answer is a 503 with Retry-After instead. Answers below 400 pass through untouched and unbuffered (mp4s, /metrics).
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ import logging
 import re
 from http import HTTPStatus
 
+from sqlalchemy.exc import InterfaceError, OperationalError
+
 from slapgen.serving.body_limit import send_json
 from slapgen.serving.http_errors import INTERNAL_ERROR, MAX_LISTED_PROBLEMS, error_body, error_body_for, validation_sentence
 
@@ -24,6 +26,11 @@ from slapgen.serving.http_errors import INTERNAL_ERROR, MAX_LISTED_PROBLEMS, err
 # only a backstop (without the refused value, which BentoML drops).
 _BENTOML_VALIDATION = re.compile(r"^\d+ validation errors? for ")
 _MAX_SENTENCE_CHARS = 300
+# A route whose database (jobs, ratings, campaigns) does not answer (a failover, a restart, a full pool): a 503
+# clients and proxies retry, one log line. It was a 500 saying "an internal error", with a traceback per request.
+DATABASE_UNAVAILABLE = ("the service's database (jobs, ratings, campaigns) does not answer just now; try again in a "
+                        "few seconds (generating with /generate does not need it)")
+DATABASE_RETRY_AFTER_S = 5
 
 
 class OneErrorShape:
@@ -46,7 +53,10 @@ class OneErrorShape:
                 return
             if held:
                 held.append(message)
-                if message["type"] == "http.response.body" and not message.get("more_body", False):
+                # A 500 waits for the exception that may follow it: a mounted Starlette app answers 500 and then
+                # raises, and a database that does not answer is a 503, not a 500.
+                if message["type"] == "http.response.body" and not message.get("more_body", False) \
+                        and held[0]["status"] != 500:
                     responded = True
                     await _send_shaped(send, scope, held)
                 return
@@ -58,11 +68,18 @@ class OneErrorShape:
             if held and not responded:  # an error answer that never sent its (empty) body
                 responded = True
                 await _send_shaped(send, scope, held)
+        except (OperationalError, InterfaceError) as error:  # the database does not answer: not a bug of ours
+            if responded:
+                raise
+            logging.getLogger("slapgen.serving").warning("%s %s: %s", scope["method"], scope["path"],
+                                                         _one_line(str(error.orig or error)))
+            await send_json(send, 503, error_body(DATABASE_UNAVAILABLE),
+                            headers={"Retry-After": str(DATABASE_RETRY_AFTER_S)})
         except Exception:
             if responded:
                 raise  # the client has a status line already; Starlette logs it and drops the connection
             logging.getLogger("slapgen.serving").exception("%s %s failed", scope["method"], scope["path"])
-            await send_json(send, 500, error_body(INTERNAL_ERROR))
+            await send_json(send, 500, error_body(INTERNAL_ERROR))  # whatever a held 500 said
 
 
 async def _send_shaped(send, scope, messages: list[dict]) -> None:
