@@ -7,6 +7,7 @@ checks the same names against a real `bentoml serve`)."""
 from __future__ import annotations
 
 import base64
+import os
 import re
 from pathlib import Path
 from urllib.parse import quote, unquote, urlsplit
@@ -543,3 +544,32 @@ def test_the_ray_image_leaves_what_a_clone_accumulates_out_of_its_build_context(
     sent = exclude_paths(str(tmp_path), patterns)
     assert set(kept) <= sent, set(kept) - sent
     assert not set(left_out) & sent, set(left_out) & sent
+
+
+def test_replicas_wait_for_the_database_before_they_start(postgres_server):
+    """Guards replicas crash-looping while PostgreSQL's StatefulSet starts beside them (a replica whose database
+    does not answer at start-up exits with one sentence): an init container waits on the same Secret's
+    SLAP_DATABASE_URL, with postgres.yaml's image. Its command, run here with Debian's pg_isready, ends at once
+    against a PostgreSQL that answers (the URL as slapgen takes it, `+psycopg` and all) and keeps waiting
+    against a port nothing listens on."""
+    import shutil
+    import subprocess
+
+    from tests.conftest import free_port
+    from tests.postgres import server_binaries
+
+    pod = one("Deployment")["spec"]["template"]["spec"]
+    (waiting,) = pod["initContainers"]
+    assert environment(waiting)["SLAP_DATABASE_URL"] == environment(service_container())["SLAP_DATABASE_URL"]
+    assert waiting["image"] == one("StatefulSet")["spec"]["template"]["spec"]["containers"][0]["image"]
+    command = waiting["command"]
+    path = f"{server_binaries()}:{os.environ['PATH']}"
+    assert shutil.which("pg_isready", path=path)
+    up = postgres_server.url("postgres").replace("postgresql://", "postgresql+psycopg://")
+    done = subprocess.run(command, env={**os.environ, "PATH": path, "SLAP_DATABASE_URL": up}, capture_output=True,
+                          text=True, timeout=30)
+    assert done.returncode == 0, done.stdout + done.stderr
+    with pytest.raises(subprocess.TimeoutExpired):
+        subprocess.run(command, env={**os.environ, "PATH": path,
+                                     "SLAP_DATABASE_URL": f"postgresql://postgres@127.0.0.1:{free_port()}/gone"},
+                       capture_output=True, timeout=5)
