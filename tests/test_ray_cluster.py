@@ -150,6 +150,30 @@ def test_memory_is_written_in_the_unit_people_read():
     assert memory_text(2 ** 30 - 1) == "1024.0 MiB"
 
 
+@pytest.mark.parametrize("address,said", [
+    ("garbage", "--ray garbage: not the address of a Ray cluster; give HOST:PORT of its head"),
+    ("http://127.0.0.1:8265", "--ray http://127.0.0.1:8265: not the address of a Ray cluster (http://HOST:8265 is the "
+                              "dashboard's, which `ray job submit` takes); give HOST:PORT"),
+    ("head:port", "--ray head:port: not the address of a Ray cluster; give HOST:PORT"),
+    ("ray://127.0.0.1:10001", "--ray ray://127.0.0.1:10001: Ray Client (ray://) addresses are not supported"),
+])
+def test_an_address_slapgen_cannot_use_is_one_sentence(monkeypatch, address, said):
+    """Guards a walk-through's finds: `--ray garbage` and the dashboard's `http://HOST:8265` (what `ray job submit`
+    takes) ended in Ray's ValueError and a traceback; `ray://` (Ray Client) was taken, and its gRPC forks wrote into
+    the video decoder's output, dropping a good clip as corrupt in 2 of 7 sweeps. Each is one sentence, before
+    ray.init."""
+    import ray
+
+    def never(**kwargs):
+        raise AssertionError("ray.init reached")
+
+    monkeypatch.setattr(ray, "init", never)
+    with pytest.raises(ClusterError) as error:
+        with ray_cluster.connect(address):
+            pass
+    assert str(error.value).startswith(said) and "\n" not in str(error.value), str(error.value)
+
+
 def test_a_cluster_address_where_nothing_listens_is_one_sentence_at_once(monkeypatch, tmp_path):
     """Guards a silent 14-minute hang: ray.init retries an address where nothing listens 20 times (~40 s each)
     before it raises. `--ray HOST:PORT` with no cluster there, and `--ray auto` when the cluster `ray start` last

@@ -202,7 +202,7 @@ def check_node_wait_option(node_wait: float | None, ray: str | None, without_ray
 
 @contextmanager
 def connect(address: str) -> Iterator[None]:
-    """Connected to the cluster `address` names (`auto`, `local` or HOST:PORT / ray://...) for the block;
+    """Connected to the cluster `address` names (`auto`, `local` or HOST:PORT) for the block;
     `local` starts a cluster of this machine for the block and stops it after. One sentence when none answers."""
     ray = import_ray()
     temp = None
@@ -218,6 +218,7 @@ def connect(address: str) -> Iterator[None]:
         ray.init(address="local", _temp_dir=temp, include_dashboard=False, log_to_driver=False,
                  logging_level=logging.ERROR)
     else:
+        check_address(address)
         try:
             where = _check_answers(address)
         except ConnectionError as error:
@@ -289,15 +290,31 @@ def _gcs_join_tries(tries: int) -> Iterator[None]:
         os.environ.pop(GCS_WAIT_SETTING, None)
 
 
+def check_address(address: str) -> None:
+    """ClusterError, in one sentence, for an address slapgen cannot use: a Ray Client address (ray://: its gRPC
+    forks wrote into the video decoder's output, and a walk-through's sweep dropped a good clip as corrupt in 2 of
+    7 runs; Ray points long workloads at Jobs anyway), or one that is not HOST:PORT (Ray raised a ValueError with
+    a traceback, for instance for the dashboard's http://HOST:8265 that `ray job submit` takes)."""
+    if address in (AUTO, LOCAL):
+        return
+    if address.startswith("ray://"):
+        raise ClusterError(f"--ray {address}: Ray Client (ray://) addresses are not supported: give the head's "
+                           "HOST:PORT (6379 unless `ray start --head --port` said otherwise) from a machine of the "
+                           "cluster, or run slapgen there with `ray job submit` (README: Sweeps on a Ray cluster)")
+    host, colon, port = address.rpartition(":")
+    if "://" in address or not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        dashboard = " (http://HOST:8265 is the dashboard's, which `ray job submit` takes)" if "://" in address else ""
+        raise ClusterError(f"--ray {address}: not the address of a Ray cluster{dashboard}; give HOST:PORT of its head "
+                           f"(6379 unless `ray start --head --port` said otherwise), {AUTO} or {LOCAL}")
+
+
 def _check_answers(address: str) -> str | None:
     """The address `address` resolves to, once something listens there (None for a Ray Client address);
     ConnectionError at once when nothing listens at the cluster address `address` resolves to (Ray's own
     resolution: RAY_ADDRESS, the cluster `ray start` last recorded on this machine, one running here). ray.init
     itself retries a silent address for about 14 minutes (20 attempts of ~40 s) before saying anything: a
     mistyped HOST:PORT, a head not up yet, or a cluster that died without `ray stop` (its address still recorded).
-    A Ray Client address (ray://) is left to ray.init."""
-    if address.startswith("ray://"):
-        return None
+    (`check_address` has refused a Ray Client address and any that is not HOST:PORT.)"""
     from ray._private.services import canonicalize_bootstrap_address  # what ray.init calls on `address`
 
     resolved = canonicalize_bootstrap_address(address)  # ConnectionError with auto and no cluster anywhere
