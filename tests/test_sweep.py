@@ -742,3 +742,34 @@ def test_the_sweep_bar_counts_a_resumed_runs_steps_once(capsys):
     assert progress._label("01-b") == "run 2/2 01-b evaluating"
     progress.close()
     assert "/? steps" not in capsys.readouterr().err  # tqdm drops a total the count passed
+
+
+def test_the_sweep_bar_keeps_its_eta_on_a_narrow_terminal_with_several_runs_training():
+    """Guards a walk-through's bar on a 150-column terminal with 4 runs training: the description named every run
+    in full (149 characters), and tqdm, which cuts a line at the terminal's width from its end, cut the percentage
+    and the ETA off. Counts and ETA now come first, several runs are named by their folders' numbers, and between
+    runs the bar says none is training (it read "sweep:  |")."""
+    import io
+    from types import SimpleNamespace
+
+    from trainer.sweep.progress import WAITING, SweepProgress
+
+    names = [f"{k:02d}-learning_rate=1e-{k + 3}_rank={4 * (k + 1)}_weight_decay=1e-2" for k in range(4)]
+    runs = [SimpleNamespace(name=name, config=SimpleNamespace(train=SimpleNamespace(max_train_steps=200)))
+            for name in names]
+    progress = SweepProgress(runs, {name: 0 for name in names})
+    progress.bar.close()
+    screen = io.StringIO()
+    progress.bar = __import__("tqdm").tqdm(total=800, file=screen, ncols=100, bar_format=progress.bar.bar_format,
+                                           mininterval=0)
+    assert progress.description() == WAITING
+    progress.show(names)
+    for k, name in enumerate(names):
+        progress.step(name, 10 * (k + 1))
+    assert progress.description() == "4 runs training: 00 step 10/200, 01 step 20/200, 02 step 30/200, 03 step 40/200"
+    progress.show(names[:1])
+    assert progress.description() == f"run 1/4 {names[0]} step 10/200"
+    progress.step(names[0], 11)
+    last = screen.getvalue().replace("\r", "\n").strip().splitlines()[-1]
+    assert len(last) <= 100 and re.match(r"sweep: +1[23]% 10[01]/800 steps \[[0-9:]+, ETA [0-9:?]+\] \| run 1/4 ", last), last
+    progress.close()

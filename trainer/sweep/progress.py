@@ -10,7 +10,10 @@ from __future__ import annotations
 from trainer.progress import progress_bar
 from trainer.sweep.grid import PlannedRun
 
-BAR_FORMAT = "{desc} | {percentage:3.0f}% {n_fmt}/{total_fmt} steps [{elapsed}, ETA {remaining}]"
+# The counts and the ETA first, then what runs: tqdm cuts a line at the terminal's width from its end, and with
+# three runs training their names took all 149 columns of a walk-through's terminal, percentage and ETA cut off.
+BAR_FORMAT = "sweep: {percentage:3.0f}% {n_fmt}/{total_fmt} steps [{elapsed}, ETA {remaining}] | {desc}"
+WAITING = "no run training just now"
 
 
 class SweepProgress:
@@ -21,13 +24,14 @@ class SweepProgress:
         self.counted = dict(done)  # each run's highest step: what the bar counts
         self.running: list[str] = []
         total = sum(run.config.train.max_train_steps for run in runs)
-        self.bar = progress_bar(total=total, initial=sum(self.counted.values()), desc="sweep", unit="step",
+        self.bar = progress_bar(total=total, initial=sum(self.counted.values()), desc=WAITING, unit="step",
                                 bar_format=BAR_FORMAT, disable=not enabled)
 
-    def _label(self, name: str) -> str:
+    def _label(self, name: str, named: bool = True) -> str:
         steps = self.runs[name].config.train.max_train_steps
         where = "evaluating" if self.at[name] >= steps else f"step {self.at[name]}/{steps}"
-        return f"run {self.position[name]}/{len(self.runs)} {name} {where}"
+        return f"run {self.position[name]}/{len(self.runs)} {name} {where}" if named else \
+            f"{name.split('-', 1)[0]} {where}"  # its folder's number: 00-learning_rate=1e-3_rank=4 is 00
 
     def step(self, name: str, step: int) -> None:
         """Run `name` is at optimizer step `step`."""
@@ -44,7 +48,16 @@ class SweepProgress:
         self._describe(refresh=True)
 
     def _describe(self, refresh: bool) -> None:
-        self.bar.set_description_str("sweep: " + "; ".join(self._label(name) for name in self.running), refresh=refresh)
+        self.bar.set_description_str(self.description(), refresh=refresh)
+
+    def description(self) -> str:
+        """One run by its position and name; several by their folders' numbers only (the names are the grid's
+        settings, each a few dozen characters)."""
+        if not self.running:
+            return WAITING
+        if len(self.running) == 1:
+            return self._label(self.running[0])
+        return f"{len(self.running)} runs training: " + ", ".join(self._label(name, named=False) for name in self.running)
 
     def say(self, line: str) -> None:
         self.bar.write(line)
