@@ -261,6 +261,25 @@ def test_cli_names_the_missing_videos_and_refuses_a_taken_name(monkeypatch, tmp_
     assert "campaign c exists already" in capsys.readouterr().err
 
 
+def test_create_warns_when_the_database_is_shared_and_the_videos_are_not(monkeypatch, tmp_path, capsys, eval_dir):
+    """Guards a walk-through's campaign that nobody could rate: made with the replicas' SLAP_DATABASE_URL but
+    without their SLAP_DATA_DIR, its rows went to the shared database and its videos to this machine's cache,
+    and every pair's video was a 404 on the replicas; create named only the database. It now names where the
+    videos went, and warns when that is the default folder while the database is shared."""
+    monkeypatch.setenv("SLAP_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("SLAP_DATA_DIR", raising=False)
+    monkeypatch.setenv("SLAP_DATABASE_URL", f"sqlite:///{tmp_path / 'shared.sqlite'}")
+    assert main(["campaign", "create", "stray", "--from", str(eval_dir)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    videos = tmp_path / "cache" / "data"
+    assert printed[0].endswith(f"; its videos copied to {videos / 'campaigns' / 'stray'}")
+    assert f"warning: SLAP_DATABASE_URL is set but SLAP_DATA_DIR is not, so the videos went to {videos}, this " \
+           "machine's cache: replicas serve a campaign's videos from their SLAP_DATA_DIR" in "\n".join(printed)
+    monkeypatch.setenv("SLAP_DATA_DIR", str(tmp_path / "shared-data"))
+    assert main(["campaign", "create", "placed", "--from", str(eval_dir)]) == 0
+    assert "warning" not in capsys.readouterr().out
+
+
 def test_cli_lists_and_deletes_campaigns(monkeypatch, tmp_path, capsys, eval_dir, database_url):
     """Guards `slapgen campaign` having only `create`: `list` shows each campaign of the store create writes
     (SLAP_DATA_DIR, SLAP_DATABASE_URL) with its systems, ratings so far of its budget and raters, and creates
@@ -284,7 +303,7 @@ def test_cli_lists_and_deletes_campaigns(monkeypatch, tmp_path, capsys, eval_dir
                                        "list` lists them\n")
     assert main(["campaign", "create", "local", "--from", str(eval_dir)]) == 0  # the URL forgotten in this shell
     created = capsys.readouterr().out.splitlines()
-    assert created[0].endswith(f" ratings, in {sqlite_file}")
+    assert created[0].endswith(f" ratings, in {sqlite_file}; its videos copied to {data / 'campaigns' / 'local'}")
     # eval_dir has 3 prompts: fewer than the leaderboard's separation needs, said once, here.
     assert created[1:] == [
         f"note: 3 prompts, and separation needs verdicts on at least {MIN_SEPARATION_PROMPTS}: the leaderboard can "
@@ -298,7 +317,8 @@ def test_cli_lists_and_deletes_campaigns(monkeypatch, tmp_path, capsys, eval_dir
     monkeypatch.setenv("SLAP_DATABASE_URL", database_url)
     assert main(["campaign", "create", "rated", "--from", str(eval_dir), "--budget", "5"]) == 0
     store_url = shown_url(load_settings().database_url)  # as the service names it (postgresql+psycopg://...)
-    assert capsys.readouterr().out.splitlines()[0].endswith(f" ratings, in {store_url}")
+    assert capsys.readouterr().out.splitlines()[0].endswith(
+        f" ratings, in {store_url}; its videos copied to {data / 'campaigns' / 'rated'}")
     assert main(["campaign", "create", "typo", "--from", str(eval_dir), "--systems", "base,lora_b"]) == 0
     store = CampaignStore(data, database_url)
     for rater, item in (("ana", 0), ("ben", 1), ("ana", 2)):

@@ -332,7 +332,10 @@ def cmd_campaign_create(args) -> int:
                                       args.budget, database=settings.database_url)
     print(f"campaign {campaign.name}: {len(campaign.systems)} systems ({', '.join(campaign.systems)}), "
           f"{len(campaign.items)} prompt/seed items, criteria {', '.join(campaign.criteria)}, budget "
-          f"{campaign.budget} ratings, in {settings.where_campaigns_are()}")
+          f"{campaign.budget} ratings, in {settings.where_campaigns_are()}; its videos copied to "
+          f"{(data_dir / 'campaigns' / campaign.name).absolute()}")
+    if unshared := settings.unshared_data_dir():
+        print(f"warning: {unshared}")
     for sentence in left_out_sentences(campaign.metrics_left_out):  # said now, not first on the leaderboard
         print(sentence)
     if few := few_prompts_sentence(campaign.items, campaign.budget):

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import Field, PrivateAttr, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from slapgen.engine.caching import CacheSetting
@@ -161,9 +161,22 @@ class SlapSettings(BaseSettings):
             self.adapters_dir = self.cache_dir / "adapters"
         if self.data_dir is None:
             self.data_dir = self.cache_dir / "data"
+            self._data_dir_defaulted = True
         if self.results_dir is None:
             self.results_dir = self.data_dir / "results"
         return self
+
+    _data_dir_defaulted: bool = PrivateAttr(False)
+
+    def unshared_data_dir(self) -> str | None:
+        """A sentence when the database is shared (SLAP_DATABASE_URL) but SLAP_DATA_DIR is not set, so the data
+        folder is this machine's cache: a campaign created so is in the replicas' database, its videos where no
+        replica serves them from (every pair's video a 404, a walk-through's find). None otherwise."""
+        if not (self.database_url and self._data_dir_defaulted):
+            return None
+        return (f"SLAP_DATABASE_URL is set but SLAP_DATA_DIR is not, so the videos went to {self.data_dir.absolute()}, "
+                "this machine's cache: replicas serve a campaign's videos from their SLAP_DATA_DIR (the shared "
+                "folder). Set SLAP_DATA_DIR to theirs, `slapgen campaign delete` this one and create it again")
 
     def ineffective(self) -> list[str]:
         """A sentence for each setting given that changes nothing with the others as they are: start-up says
