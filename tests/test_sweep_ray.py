@@ -357,3 +357,24 @@ def test_ray_auto_without_a_cluster_and_ray_missing_are_one_sentence(monkeypatch
     with pytest.raises(ClusterError, match=r"^--ray needs Ray, which is not installed here: pip install -e '\.\[ray\]'"):
         with connect("auto"):
             pass
+
+
+def test_a_node_with_other_code_or_libraries_refuses_its_cell():
+    """Guards a walk-through's finding: a sweep on Ray compared only sweep.json between the driver and the nodes
+    (`slapgen eval --ray` compared code and libraries), so a node with another checkout or another diffusers would
+    train its runs with other code, silently. A cell whose node's slapgen code or library versions differ from the
+    driver's refuses to run, naming what differs; the same identity runs on (local version labels such as +cpu
+    against +cu128 are not differences: a CPU head drives GPU nodes)."""
+    from trainer.errors import SweepError
+    from trainer.sweep.ray_runs import identity_mismatch, node_identity, run_cell
+
+    here = node_identity()
+    assert identity_mismatch(here, here) is None
+    assert "+" not in here["versions"]["torch"] and "ffmpeg" not in here["versions"]
+    other_code = {**here, "code": "0" * 64}
+    with pytest.raises(SweepError, match=r"cannot run 00-a: slapgen's code differs from the driver's"):
+        run_cell("/nonexistent-sweep", "00-a", "cpu", "digest", other_code)
+    other_diffusers = {**here, "versions": {**here["versions"], "diffusers": "0.1.0"}}
+    with pytest.raises(SweepError, match=rf"libraries differ: diffusers {here['versions']['diffusers']} \(the driver "
+                                         r"has 0\.1\.0\); give every node the same slapgen and libraries"):
+        run_cell("/nonexistent-sweep", "00-a", "cpu", "digest", other_diffusers)

@@ -97,10 +97,11 @@ def device_name(device: str, with_gpu_name: bool = True) -> str:
 
 
 @functools.cache
-def code_digest() -> str:
-    """A digest of `CODE`'s Python files (paths and contents): slapgen's code that makes frames and losses."""
+def code_digest(entries: tuple[str, ...] = CODE) -> str:
+    """A digest of the Python files (paths and contents) of `entries`, folders and files of the repository; by
+    default `CODE`, slapgen's code that makes frames and losses."""
     digest = hashlib.sha256()
-    for entry in CODE:
+    for entry in entries:
         path = REPO / entry
         for source in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
             digest.update(str(source.relative_to(REPO)).encode() + b"\0" + source.read_bytes() + b"\0")

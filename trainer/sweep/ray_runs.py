@@ -51,15 +51,45 @@ def check_shared_folder(out: Path, data: Path, heldout: Path) -> None:
                                     {"--data": Path(data), "--heldout": Path(heldout)})
 
 
-def run_cell(out: str, name: str, device: str, expected_digest: str) -> dict:
+# What a run's numbers come from besides its sweep.json: slapgen's code (all of it: training, the engine, eval) and
+# the libraries' versions. Every node must have the driver's, or its runs' LoRAs and metrics are another code's.
+SWEEP_CODE = ("slapgen", "trainer", "prompts")
+
+
+def node_identity() -> dict:
+    """This node's slapgen code and library versions, as a cell compares them with the driver's: public versions
+    only (a CPU head driving GPU nodes has torch 2.13.0+cpu where they have +cu128, and the numbers are made on
+    the nodes), and not ffmpeg's build (imageio-ffmpeg's version names the one it brings)."""
+    from trainer.evaluate.recipes import code_digest, versions
+
+    return {"code": code_digest(SWEEP_CODE),
+            "versions": {name: version.split("+")[0] if version else version
+                         for name, version in versions().items() if name != "ffmpeg"}}
+
+
+def identity_mismatch(here: dict, driver: dict) -> str | None:
+    """What of this node's `node_identity` differs from the driver's, in words; None when nothing does."""
+    if here["code"] != driver["code"]:
+        return "slapgen's code differs from the driver's (another checkout or version)"
+    differs = [f"{name} {here['versions'].get(name)} (the driver has {version})"
+               for name, version in driver["versions"].items() if here["versions"].get(name) != version]
+    return f"libraries differ: {', '.join(differs)}" if differs else None
+
+
+def run_cell(out: str, name: str, device: str, expected_digest: str, driver_identity: dict | None = None) -> dict:
     """One grid cell, inside a Ray task: `execute_run` on the run `name` of the sweep in `out`, in a worker
     process of its own (the task's `max_calls=1`), its output in the run's sweep.log. Returns its metrics.
-    `expected_digest`: the driver's sweep.json, which this node must read too."""
+    `expected_digest`: the driver's sweep.json, which this node must read too; `driver_identity`: the driver's
+    `node_identity`, which this node must have (README asks for the same Python, torch and slapgen on every
+    node; `slapgen eval --ray` checked it, a sweep did not)."""
     import ray
 
     from trainer.sweep.execute import execute_run
     from trainer.sweep.folder import read_definition
 
+    if driver_identity is not None and (differs := identity_mismatch(node_identity(), driver_identity)):
+        raise SweepError(f"Ray node {ray.util.get_node_ip_address()} cannot run {name}: {differs}; give every node the "
+                         "same slapgen and libraries as the machine running slapgen sweep")
     if definition_digest(out) != expected_digest:  # a node that joined after the start-up check: none, or another
         raise SweepError(not_shared_sentence(Path(out), [ray.util.get_node_ip_address()]))
     ray_cluster.log_attempt(Path(out) / RUNS_DIR / name / "sweep.log", ATTEMPT_MARK)
@@ -85,9 +115,9 @@ def run_cells(out: Path, names: list[str], nodes: ray_cluster.NodeWait,
     # Before any task starts: a retry is an attempt line written after this.
     retried = ray_cluster.RetryNotice({f"run {name}": logs[name] for name in names}, ATTEMPT_MARK, MAX_RETRIES,
                                       "resuming from its latest checkpoint", nodes.say)
-    digest = definition_digest(str(out))
-    refs = {cell.options(**nodes.demand.ray_options(), name=f"slapgen-sweep {name}").remote(str(out), name, device,
-                                                                                          digest): name for name in names}
+    digest, identity = definition_digest(str(out)), node_identity()
+    refs = {cell.options(**nodes.demand.ray_options(), name=f"slapgen-sweep {name}").remote(
+        str(out), name, device, digest, identity): name for name in names}
 
     def tick(waiting: list) -> None:
         if on_tick is not None:
