@@ -289,6 +289,9 @@ def test_the_start_line_says_how_many_workers_run_at_once():
     assert start_line(16, 8, 2, "cluster") == ("eval: 16 videos in 8 stretches, one Ray task each, on the cluster; "
                                                "it runs 2 at once now and queues the other 6 for its slots as they "
                                                "free or join")
+    # A resumed eval: the videos an earlier run made are kept by the workers, and said so (it read "24 videos").
+    assert start_line(24, 2, 2, "cluster", kept=6) == ("eval: 18 videos to make (and 6 kept) of 24 in 2 stretches, one "
+                                                       "Ray task each, on the cluster; it runs 2 at once now")
 
 
 class FakeRay:

@@ -123,12 +123,14 @@ def stretches(planned: list, workers: int) -> list[list]:
     return [planned[bounds[k]:bounds[k + 1]] for k in range(workers)]
 
 
-def start_line(videos: int, workers: int, slots: int, cluster: str) -> str:
+def start_line(videos: int, workers: int, slots: int, cluster: str, kept: int = 0) -> str:
     """eval's line as its Ray tasks start: how many run at once (no more than there are; `--workers 2` on 16 slots
-    said "it runs 16 at once now") and how many wait for a slot."""
+    said "it runs 16 at once now") and how many wait for a slot; `kept`: videos of the stretches an earlier run made,
+    which the workers keep (a resumed eval said "keeping 6 of 24 ... making 18", then "24 videos in 2 stretches")."""
     at_once = min(workers, slots)
     waiting = f" and queues the other {workers - at_once} for its slots as they free or join" if workers > at_once else ""
-    return (f"eval: {videos} videos in {workers} stretches, one Ray task each, on the {cluster}; it runs {at_once} at "
+    making = f"{videos} videos" if not kept else f"{videos - kept} videos to make (and {kept} kept) of {videos}"
+    return (f"eval: {making} in {workers} stretches, one Ray task each, on the {cluster}; it runs {at_once} at "
             f"once now{waiting}")
 
 
@@ -177,7 +179,7 @@ def generate_on_ray(options, resolved, demand: ray_cluster.TaskDemand, planned: 
     as `run.run_eval` checked it; all submitted at once; Ray queues what the cluster cannot place yet) on the cluster
     `ray_cluster.connect` joined. Returns the `run.Video`s in the order one process makes them, and how many workers
     made them. EvalError naming each failed worker and its log."""
-    from trainer.evaluate.recipes import recipe_path
+    from trainer.evaluate.recipes import made_earlier, recipe_path
     from trainer.evaluate.run import Video, bar, video_path
 
     ray = ray_cluster.import_ray()
@@ -205,7 +207,8 @@ def generate_on_ray(options, resolved, demand: ray_cluster.TaskDemand, planned: 
     ray_cluster.check_shared_folder(plan, lambda nodes: not_shared_sentence(out, nodes), needed)
 
     task = ray.remote(max_retries=MAX_RETRIES, retry_exceptions=False, max_calls=1)(generate_shard)
-    print(start_line(len(paths), len(shards), slots, ray_cluster.cluster_line()), flush=True)
+    kept = sum(made_earlier(path, recipe) for path, recipe in zip(paths, video_recipes))
+    print(start_line(len(paths), len(shards), slots, ray_cluster.cluster_line(), kept), flush=True)
     nodes = ray_cluster.NodeWait(demand, options.ray, "a worker", options.node_wait_s,
                                  lambda line: progress.write(f"eval: {line}"))
     # Before any task starts: a retry is an attempt line written after this (an earlier eval's log is appended to).
