@@ -36,10 +36,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sqlalchemy import (Column, Double, Index, Integer, MetaData, Table, Text, UniqueConstraint, and_, delete,
-                        distinct, func, insert, select, text, update)
+                        distinct, func, insert, or_, select, text, update)
 from sqlalchemy.exc import IntegrityError
 
-from slapgen.database import open_store
+from slapgen.database import lock_for_writing, open_store
 
 from slapgen.errors import (CampaignConflictError, CampaignError, CampaignNotFoundError, CampaignRatedError,
                             shown_name)
@@ -312,7 +312,8 @@ class CampaignStore:
 
     def video_file(self, name: str, token: str) -> Path:
         """The mp4 of a video token, inside the campaign's folder (checked: never a path from outside)."""
-        self.get(name)
+        if not (CAMPAIGN_NAME_PATTERN.fullmatch(name) and self._read(select(campaigns.c.name).where(campaigns.c.name == name))):
+            self.get(name)  # its sentence; a video or Range request does not read the campaign's spec
         rows = self._read(select(videos.c.file).where(videos.c.campaign == name, videos.c.token == token)) \
             if VIDEO_TOKEN_PATTERN.fullmatch(token) else []
         if not rows:
@@ -332,13 +333,25 @@ class CampaignStore:
                           .order_by(pairs.c.issued_at).limit(1))
         return self.pair(name, rows[0][0]) if rows else None
 
-    def issue_pair(self, name: str, rater: str, left: str, right: str, item: int, repeat: bool) -> IssuedPair:
+    def issue_pair(self, name: str, rater: str, left: str, right: str, item: int, repeat: bool,
+                   budget: int | None = None) -> IssuedPair | None:
         """Issue a pair to `rater`, or return the rater's open pair if they have one: the database allows one
         open pair per rater (a unique partial index), so of two requests racing from two replicas or workers
-        one inserts and the other gets that pair."""
+        one inserts and the other gets that pair. With `budget`, a pair that is not a repeat is issued only while
+        the ratings given and the pairs open within OPEN_PAIR_HOLD_S leave room in it, counted in the inserting
+        transaction as the only writer of the pairs (`lock_for_writing`): raters asking at once on several workers
+        each passed a count taken before any of them inserted. None when there is no room."""
         pair_id = secrets.token_urlsafe(12)
         try:
             with self._lock, self._engine.begin() as db:
+                if budget is not None and not repeat:
+                    lock_for_writing(db, pairs)
+                    taken = db.execute(select(func.count()).select_from(pairs).where(
+                        pairs.c.campaign == name, pairs.c.repeat == 0, or_(
+                            pairs.c.answered_at.is_not(None), pairs.c.issued_at >= time.time() - OPEN_PAIR_HOLD_S))
+                    ).scalar_one()
+                    if taken >= budget:
+                        return None
                 db.execute(insert(pairs).values(pair_id=pair_id, campaign=name, rater=rater, left_system=left,
                                                 right_system=right, item=item, repeat=int(repeat),
                                                 issued_at=time.time(), answered_at=None))
@@ -500,5 +513,9 @@ def next_pair_for(store: CampaignStore, name: str, rater: str, generator,
     if answered and generator.random() < repeat_share:
         again = answered[generator.integers(len(answered))]
         return store.issue_pair(name, rater, again.right, again.left, again.item, repeat=True)
-    return store.issue_pair(name, rater, chosen.left, chosen.right, item_index[(chosen.prompt, chosen.seed)],
-                            repeat=False)
+    issued = store.issue_pair(name, rater, chosen.left, chosen.right, item_index[(chosen.prompt, chosen.seed)],
+                              repeat=False, budget=campaign.budget)
+    if issued is None:  # taken meanwhile by raters asking at the same moment
+        return (f"{name}'s budget of {campaign.budget} ratings is spoken for by pairs other raters have open; ask "
+                f"again later (a pair unanswered for {OPEN_PAIR_HOLD_S // 60:g} minutes gives up its place)")
+    return issued

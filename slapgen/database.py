@@ -57,8 +57,21 @@ def database_url(value: str) -> str:
             raise ValueError("a sqlite:/// URL must name a file: sqlite:////absolute/path/slapgen.sqlite")
         # Absolute (from the working folder), as `store_url` makes a folder's file: SQLAlchemy reads a relative
         # file from the working folder of each engine's creation.
-        return url.set(database=str(Path(url.database).expanduser().absolute())).render_as_string(hide_password=False)
+        return absolute_sqlite_url(value, Path.cwd())
     raise ValueError(f"the {url.drivername} database is not supported; use sqlite:///PATH or postgresql://...")
+
+
+def absolute_sqlite_url(value: str, base: Path) -> str | None:
+    """A `sqlite:///FILE` URL with its file made absolute, a relative one read from `base`, its query (`?timeout=`)
+    kept; None for any other value (PostgreSQL, memory, not a URL: `database_url` says what is wrong)."""
+    try:
+        url = make_url(value)
+    except Exception:  # noqa: BLE001 - SQLAlchemy's parse errors vary: database_url words them
+        return None
+    if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
+        return None
+    return url.set(database=str(Path(base).absolute() / Path(url.database).expanduser())).render_as_string(
+        hide_password=False)
 
 
 def shown_url(value: str) -> str:
@@ -132,6 +145,36 @@ def upsert_ignoring(engine_or_connection, table):
     else:
         from sqlalchemy.dialects.sqlite import insert
     return insert(table).on_conflict_do_nothing()
+
+
+# PostgreSQL's SQLSTATE classes of errors that pass: connection exception, insufficient resources (too many
+# connections), operator intervention (a shutdown, a server starting), transaction rollback (a deadlock, a
+# serialization failure). https://www.postgresql.org/docs/current/errcodes-appendix.html
+_TRANSIENT_SQLSTATE_CLASSES = ("08", "53", "57", "40")
+# SQLite's: another process holds the lock past the busy timeout, or the file's folder is not there (a volume not
+# mounted yet). "no such table", a read-only file or a disk I/O error do not pass by waiting.
+_TRANSIENT_SQLITE_WORDS = ("database is locked", "database is busy", "unable to open database file")
+
+
+def database_unreachable(error: BaseException) -> bool:
+    """Whether `error` says the database does not answer just now (a failover, a restart, a full pool or lock),
+    which waiting may mend, rather than a query or schema that will fail again: the one rule for the job board's
+    retries and best-effort writes and for the service's 503."""
+    from sqlalchemy.exc import DBAPIError
+    from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+    if isinstance(error, PoolTimeout):
+        return True
+    if not isinstance(error, DBAPIError):
+        return False
+    if error.connection_invalidated:
+        return True
+    original = error.orig
+    if type(original).__module__.startswith("psycopg"):
+        state = getattr(original, "sqlstate", None)  # None: no server answered (refused, unknown host, timeout)
+        return state[:2] in _TRANSIENT_SQLSTATE_CLASSES if state else type(original).__name__ == "OperationalError"
+    text = str(original).lower()
+    return any(words in text for words in _TRANSIENT_SQLITE_WORDS)
 
 
 def lock_for_writing(connection, table: Table) -> None:

@@ -143,7 +143,7 @@ def fitted_image(image: np.ndarray, height: int, width: int) -> np.ndarray:
     (height, width, 3) pixels 0-255: `image_frame` of it at that size is bit for bit `image_frame` of the image.
     What a request keeps until its job runs: a 4096x4096 condition image held 48 MB (and 240 MB in all, decoded)
     per queued job, where the output's size holds a few."""
-    frame = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).unsqueeze(0)
+    frame = torch.from_numpy(np.asarray(image, dtype=np.uint8)).permute(2, 0, 1).unsqueeze(0)  # no copy of a uint8 one
     return resize_and_crop(frame, height, width)[0].permute(1, 2, 0).contiguous().numpy()
 
 

@@ -48,6 +48,7 @@ BAD_KINDS = {
     "alpha-zero": lambda t, m: (t, _with_peft(m, lora_alpha=0)),
     "alpha-1e30": lambda t, m: (t, _with_peft(m, lora_alpha=1e30)),  # every video black (an attack's find)
     "alpha-1e300": lambda t, m: (t, _with_peft(m, lora_alpha=1e300)),  # every request on it a 400 at the swap
+    "rank-pattern-not-a-mapping": lambda t, m: (t, _with_peft(m, rank_pattern="x")),  # crashed the alpha check
     "rank-zero": lambda t, m: (t, _with_peft(m, r=0)),
     "dora": lambda t, m: (t, _with_peft(m, use_dora=True)),
     "rslora": lambda t, m: (t, _with_peft(m, use_rslora=True)),

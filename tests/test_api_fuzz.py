@@ -331,6 +331,12 @@ def test_control_characters_long_names_and_bulky_bodies_are_short_refusals(fuzz_
     answer = httpx.get(f"{url}/campaigns/lr-sweep/pair", params={"rater": "a\u0000b"}, timeout=30)
     assert (answer.status_code, answer.json()["error"]) == (
         400, "rater holds the control character U+0000, which no text of a request may hold"), answer.text
+    # A parameter the route ignores is not checked either; whitespace (tab, vertical tab, form feed) is text.
+    assert httpx.get(f"{url}/campaigns/lr-sweep/pair", params={"rater": "cleo", "utm": "\u0001"},
+                     timeout=30).status_code == 200
+    answer = httpx.post(f"{url}/prompts/render", json={"template": "face-off", "slots": {"striker": "a\tb\u000bc\u000c"}},
+                        timeout=30)
+    assert answer.status_code != 400 or "control character" not in answer.text, answer.text
     answer = httpx.post(f"{url}/campaigns/lr-sweep/ratings", json={"pair_id": "p\u0000", "rater": "ana",
                                                                    "verdicts": {"overall": "left"}}, timeout=30)
     assert answer.status_code == 400 and "pair_id holds the control character U+0000" in answer.json()["error"]

@@ -261,14 +261,19 @@ def test_cli_names_the_missing_videos_and_refuses_a_taken_name(monkeypatch, tmp_
     assert "campaign c exists already" in capsys.readouterr().err
 
 
-def test_create_warns_when_the_database_is_shared_and_the_videos_are_not(monkeypatch, tmp_path, capsys, eval_dir):
+@pytest.mark.slow
+def test_create_warns_when_the_database_is_shared_and_the_videos_are_not(monkeypatch, tmp_path, capsys, eval_dir,
+                                                                     postgres_url):
     """Guards a walk-through's campaign that nobody could rate: made with the replicas' SLAP_DATABASE_URL but
     without their SLAP_DATA_DIR, its rows went to the shared database and its videos to this machine's cache,
     and every pair's video was a 404 on the replicas; create named only the database. It now names where the
     videos went, and warns when that is the default folder while the database is shared."""
     monkeypatch.setenv("SLAP_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.delenv("SLAP_DATA_DIR", raising=False)
-    monkeypatch.setenv("SLAP_DATABASE_URL", f"sqlite:///{tmp_path / 'shared.sqlite'}")
+    monkeypatch.setenv("SLAP_DATABASE_URL", f"sqlite:///{tmp_path / 'local.sqlite'}")  # one machine's: no warning
+    assert main(["campaign", "create", "local", "--from", str(eval_dir)]) == 0
+    assert "warning" not in capsys.readouterr().out
+    monkeypatch.setenv("SLAP_DATABASE_URL", postgres_url)
     assert main(["campaign", "create", "stray", "--from", str(eval_dir)]) == 0
     printed = capsys.readouterr().out.splitlines()
     videos = tmp_path / "cache" / "data"
@@ -894,6 +899,31 @@ def test_a_campaign_separated_on_every_criterion_issues_no_more_pairs_and_says_s
         else:
             pytest.fail(f"never separated on both: {reasons_seen[-1]}")
     assert any(r == {"overall": "separated", "motion_accuracy": None} for r in reasons_seen), reasons_seen
+
+
+def test_raters_asking_at_the_same_moment_on_several_workers_take_no_more_than_the_budget(tmp_path, database_url):
+    """Guards the budget's own check-then-insert (a review's find): the budget was checked against the ratings and
+    open pairs counted before the insert, so raters asking at once on several workers (each its own store, as
+    each worker has) each passed the same count and were all issued a pair. Eight raters at once on eight stores,
+    a budget of 3: three pairs are issued, the other five hear that the budget is spoken for."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from slapgen.campaign_store import next_pair_for
+
+    eval_dir = write_eval_dir(tmp_path / "eval", ["lora_a", "lora_b", "lora_c"], prompts=3, seeds=(0, 1))
+    CampaignStore(tmp_path / "data", database_url).create(plan_campaign("rush", [eval_dir], budget=3))
+    stores = [CampaignStore(tmp_path / "data", database_url) for _ in range(8)]
+    start = threading.Barrier(len(stores))
+
+    def ask(k: int):
+        start.wait()
+        return next_pair_for(stores[k], "rush", f"r{k}", np.random.default_rng(k), repeat_share=0)
+
+    with ThreadPoolExecutor(len(stores)) as pool:
+        answers = list(pool.map(ask, range(len(stores))))
+    issued = [answer for answer in answers if not isinstance(answer, str)]
+    assert len(issued) == 3, answers
+    assert all("budget of 3 ratings is spoken for" in answer for answer in answers if isinstance(answer, str))
 
 
 def test_a_pair_left_unanswered_gives_up_its_budget_place_after_the_hold(tmp_path):

@@ -415,3 +415,41 @@ def test_a_campaign_name_or_video_token_no_campaign_can_have_is_not_found_on_eit
             store.get(name)
         with pytest.raises(CampaignNotFoundError):
             store.video_file(name, "ab")
+
+
+def test_an_outage_is_told_from_a_query_that_fails_again(database_url):
+    """Guards the one rule behind the job board's retries and the service's 503 (`database_unreachable`): a database
+    that does not answer (nothing listens, an SQLite folder not there) or a pool with no connection free is an
+    outage to wait out; a query that fails again whatever the wait (a missing table, a syntax error) is not, so
+    it is neither retried for minutes nor answered "try again in a few seconds". On SQLite and PostgreSQL alike."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.exc import SQLAlchemyError
+    from sqlalchemy.pool import QueuePool
+
+    from slapgen.database import database_unreachable, store_url
+    from tests.test_job_leases import _unreachable_engine
+
+    def raised(engine, statement: str = "SELECT 1") -> SQLAlchemyError:
+        with pytest.raises(SQLAlchemyError) as caught:
+            with engine.connect() as db:
+                db.execute(text(statement))
+        return caught.value
+
+    JobBoard(database_url)  # the database exists and has its tables
+    url = store_url(database_url)
+    assert database_unreachable(raised(_unreachable_engine(database_url)))
+    reachable = create_engine(url)
+    assert not database_unreachable(raised(reachable, "SELECT * FROM no_such_table"))
+    assert not database_unreachable(raised(reachable, "SELEKT 1"))
+    pool = create_engine(url, poolclass=QueuePool, pool_size=1, max_overflow=0, pool_timeout=0.2)
+    with pool.connect():
+        assert database_unreachable(raised(pool))
+    assert not database_unreachable(ValueError("not a database error"))
+    if url.startswith("sqlite"):  # another process holding SQLite's write lock past the busy timeout
+        from slapgen.database import lock_for_writing
+        from slapgen.serving.jobs import jobs
+
+        impatient = create_engine(url, connect_args={"timeout": 0.2})
+        with create_engine(url).begin() as holder:
+            lock_for_writing(holder, jobs)
+            assert database_unreachable(raised(impatient, "DELETE FROM jobs"))

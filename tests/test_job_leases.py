@@ -376,8 +376,9 @@ def test_every_change_of_several_rows_locks_them_in_task_id_order(postgres_url, 
 def test_a_jobs_end_written_while_the_database_does_not_answer_is_written_when_it_answers_again(database_url, caplog):
     """Guards a walk-through's find: PostgreSQL restarted for 2 s as a job ended, `completed()` raised, the job
     was no longer held (nor its lease renewed), and a lease later every replica read it "failed" though its mp4
-    was saved. The end is tried again while the outage lasts (the job held meanwhile, so its lease is renewed) and
-    written when the database answers; an outage longer than the lease still raises."""
+    was saved. The end is tried again while the outage lasts (the job still held meanwhile, so the renewal thread
+    keeps its lease once the database answers) and written when it answers; an outage longer than the lease
+    still raises."""
     import threading
 
     lease_s = 3.0

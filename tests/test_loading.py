@@ -282,6 +282,8 @@ def test_a_relative_sqlite_database_is_read_from_the_folder_given_or_else_the_wo
     monkeypatch.setenv("SLAP_DATABASE_URL", "sqlite:///state/slap.sqlite")
     assert load_settings(relative_to=tmp_path).database_url == f"sqlite:///{tmp_path / 'state' / 'slap.sqlite'}"
     assert load_settings().database_url == f"sqlite:///{tmp_path / 'elsewhere' / 'state' / 'slap.sqlite'}"
+    monkeypatch.setenv("SLAP_DATABASE_URL", "sqlite:///state/slap.sqlite?timeout=60")  # its query kept
+    assert load_settings(relative_to=tmp_path).database_url == f"sqlite:///{tmp_path / 'state' / 'slap.sqlite'}?timeout=60"
     for url in (f"sqlite:///{tmp_path / 'abs.sqlite'}", "postgresql+psycopg://slap:pw@db:5432/slapgen"):
         monkeypatch.setenv("SLAP_DATABASE_URL", url)
         assert load_settings(relative_to=tmp_path).database_url == url

@@ -363,8 +363,8 @@ def test_a_node_with_other_code_or_libraries_refuses_its_cell():
     """Guards a walk-through's finding: a sweep on Ray compared only sweep.json between the driver and the nodes
     (`slapgen eval --ray` compared code and libraries), so a node with another checkout or another diffusers would
     train its runs with other code, silently. A cell whose node's slapgen code or library versions differ from the
-    driver's refuses to run, naming what differs; the same identity runs on (local version labels such as +cpu
-    against +cu128 are not differences: a CPU head drives GPU nodes)."""
+    driver's refuses to run, naming what differs; the same identity is no difference, and local version labels
+    (+cpu against +cu128: a CPU head drives GPU nodes) are not in it."""
     from trainer.errors import SweepError
     from trainer.sweep.ray_runs import identity_mismatch, node_identity, run_cell
 

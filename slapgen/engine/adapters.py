@@ -290,8 +290,9 @@ def lora_config(name: str, header: Header, ranks: dict[str, int]):
     problems = []
     if not positive(config.r) or not positive(config.lora_alpha):
         problems.append(f"rank {config.r!r} and alpha {config.lora_alpha!r} must be positive numbers")
-    elif (scaling := config.lora_alpha / min([config.r, *(rank for rank in (config.rank_pattern or {}).values()
-                                                          if positive(rank))])) > MAX_LORA_SCALING:
+    elif (scaling := config.lora_alpha / min([config.r, *(rank for rank in (
+            config.rank_pattern.values() if isinstance(config.rank_pattern, dict) else ()) if positive(rank))])) \
+            > MAX_LORA_SCALING:
         # Each weight is within MAX_LORA_WEIGHT, but alpha / rank multiplies their product: alpha 1e30 made every
         # video black, and 1e300 failed every later request on that adapter at the swap (an attack's find).
         problems.append(f"alpha / rank is {scaling:.3g}, more than {MAX_LORA_SCALING:g} (trainers write 1 or 2; "

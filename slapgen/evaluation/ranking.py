@@ -374,6 +374,12 @@ def head_to_head(verdicts: Sequence[Verdict], top: str, second: str) -> HeadToHe
     return HeadToHead(top, second, wins, losses, len(judged) - len(decided), head_to_head_evidence(wins, losses))
 
 
+def direct_test_passes(duel: HeadToHead, evidence: float = SEPARATION_EVIDENCE) -> bool:
+    """The top system's direct comparisons with the second favour it with an e-value of at least `evidence`: the
+    evidence says they differ, the wins say which way."""
+    return duel.wins > duel.losses and duel.evidence >= evidence
+
+
 def stopping(ranking: Ranking, budget: int | None = None, separation: float = SEPARATION,
              evidence: float = SEPARATION_EVIDENCE) -> Stop:
     """The campaign may stop when the top system is separated from the second: it beats the second in at least
@@ -384,8 +390,7 @@ def stopping(ranking: Ranking, budget: int | None = None, separation: float = SE
     `budget` ratings are in. The reason says which (separation first when both hold)."""
     needed = max(0, MIN_SEPARATION_PROMPTS - ranking.prompts)
     bootstrap = ranking.top_beats_second >= separation
-    duel = ranking.head_to_head
-    direct = duel.wins > duel.losses and duel.evidence >= evidence  # the evidence says they differ, this says how
+    direct = direct_test_passes(ranking.head_to_head, evidence)
     if not needed and bootstrap and direct:
         return Stop(True, "separated", 0, bootstrap, direct)
     if budget is not None and ranking.ratings >= budget:
@@ -403,8 +408,7 @@ def separated(verdicts: Sequence[Verdict], systems: Sequence[str], resamples: in
     tally = _Tally(verdicts, systems)
     point, _ = _fit(tally, tally.counts.sum(axis=0, keepdims=True), ridge)
     top, second = np.argsort(-point[0, :-1], kind="stable")[:2]  # as rank_systems orders them
-    duel = head_to_head(verdicts, tally.systems[top], tally.systems[second])
-    if not (duel.wins > duel.losses and duel.evidence >= SEPARATION_EVIDENCE):
+    if not direct_test_passes(head_to_head(verdicts, tally.systems[top], tally.systems[second])):
         return False
     return stopping(rank_systems(verdicts, systems, resamples=resamples, ridge=ridge)).reason == "separated"
 

@@ -114,7 +114,9 @@ def campaign_routes(store: CampaignStore, repeat_share: float = REPEAT_SHARE) ->
 
     async def get_pair(request: Request) -> JSONResponse:
         try:
-            query = RaterQuery.model_validate(dict(request.query_params))
+            # Its own fields only: a parameter it ignores (utm=...) is not checked either.
+            query = RaterQuery.model_validate({key: value for key, value in request.query_params.items()
+                                               if key in RaterQuery.model_fields})
         except ValidationError as error:
             return JSONResponse(validation_error_body(error), status_code=400)
         return await answer(next_pair, request.path_params["name"], query.rater)

@@ -7,7 +7,8 @@ BentoML's `{"error": ...}` without `detail` (its task routes, its own 500 for an
 route), and an exception that escapes a route or a middleware (Starlette's plain-text 500). This
 middleware, outermost of slapgen's, rewrites those on the way out, and turns an exception that escapes
 everything inside it into a 500 saying an internal error happened: the traceback goes to the server
-log, never to the client. A database that does not answer is a 503 with Retry-After instead. Answers below 400 pass through untouched and unbuffered (mp4s, /metrics).
+log, never to the client. A database that does not answer (`database.database_unreachable`) is a 503 with
+Retry-After instead. Answers below 400 pass through untouched and unbuffered (mp4s, /metrics).
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ import logging
 import re
 from http import HTTPStatus
 
-from sqlalchemy.exc import InterfaceError, OperationalError
 
+from slapgen.database import database_unreachable
 from slapgen.serving.body_limit import send_json
 from slapgen.serving.http_errors import INTERNAL_ERROR, MAX_LISTED_PROBLEMS, error_body, error_body_for, validation_sentence
 
@@ -68,18 +69,19 @@ class OneErrorShape:
             if held and not responded:  # an error answer that never sent its (empty) body
                 responded = True
                 await _send_shaped(send, scope, held)
-        except (OperationalError, InterfaceError) as error:  # the database does not answer: not a bug of ours
-            if responded:
-                raise
-            logging.getLogger("slapgen.serving").warning("%s %s: %s", scope["method"], scope["path"],
-                                                         _one_line(str(error.orig or error)))
-            await send_json(send, 503, error_body(DATABASE_UNAVAILABLE),
-                            headers={"Retry-After": str(DATABASE_RETRY_AFTER_S)})
-        except Exception:
+        except Exception as error:
             if responded:
                 raise  # the client has a status line already; Starlette logs it and drops the connection
+            # The headers a held 500 had, its type and length aside: those of middlewares inside this one (CORS).
+            kept = {name.decode("latin-1"): value.decode("latin-1") for name, value in
+                    (held[0].get("headers") or [] if held else []) if name.lower() not in (b"content-type", b"content-length")}
+            if database_unreachable(error):  # not a bug of ours: say so, and when to try again
+                logging.getLogger("slapgen.serving").warning("%s %s: %s", scope["method"], scope["path"],
+                                                             _one_line(str(getattr(error, "orig", None) or error)))
+                return await send_json(send, 503, error_body(DATABASE_UNAVAILABLE),
+                                       headers={**kept, "Retry-After": str(DATABASE_RETRY_AFTER_S)})
             logging.getLogger("slapgen.serving").exception("%s %s failed", scope["method"], scope["path"])
-            await send_json(send, 500, error_body(INTERNAL_ERROR))  # whatever a held 500 said
+            await send_json(send, 500, error_body(INTERNAL_ERROR), headers=kept)  # whatever a held 500 said
 
 
 async def _send_shaped(send, scope, messages: list[dict]) -> None:

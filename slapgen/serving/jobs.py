@@ -72,9 +72,9 @@ from pathlib import Path
 
 from sqlalchemy import (BigInteger, Column, Connection, Double, Integer, MetaData, Table, Text, case, delete, false,
                         func, select, update)
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import SQLAlchemyError
 
-from slapgen.database import epoch_now, open_store, upsert_ignoring
+from slapgen.database import database_unreachable, epoch_now, open_store, upsert_ignoring
 from slapgen.errors import JobFinishedError, JobFinishingError, JobNotFoundError
 from slapgen.lifetime import instance_alive, process_start_time
 
@@ -191,12 +191,14 @@ class JobBoard:
     def _end(self, task_id: str, ended_from: tuple[str, ...], **changes) -> None:
         """Write a job's end, only while its state is one of `ended_from`: the first end wins (a job another
         replica failed stays failed, a completed one carries no error written after it). A database that does not
-        answer (a failover, a restart) is tried again for up to the lease (END_RETRY_S without one), the job held
+        answer (`database_unreachable`: a failover, a restart) is tried again for up to the lease or END_RETRY_S,
+        whichever is shorter, the job held
         and its lease renewed meanwhile: a 2 s PostgreSQL restart as a job ended made the job, its mp4 saved,
         "failed" on every replica a lease later (a walk-through's find). This process no longer holds the job
         either way: a write that raised leaves no row renewed forever. The oldest rows past `max_jobs` are then
         deleted, best effort, in a transaction of their own, locked in order (`_lock_in_order`)."""
-        deadline = time.monotonic() + (self._lease_s or END_RETRY_S)
+        # Not the whole lease (15 minutes by default): the handler's thread is one of the pool /generate uses too.
+        deadline = time.monotonic() + min(self._lease_s or END_RETRY_S, END_RETRY_S)
         wait = 0.25
         try:
             while True:
@@ -206,15 +208,18 @@ class JobBoard:
                         db.execute(update(jobs).where(jobs.c.task_id == task_id, jobs.c.state.in_(ended_from)).values(
                             **changes, updated_at=epoch_now()))
                     break
-                except DBAPIError as error:
-                    if (left := deadline - time.monotonic()) <= 0:
+                except SQLAlchemyError as error:
+                    if not database_unreachable(error) or (left := deadline - time.monotonic()) <= 0:
                         raise
                     if wait == 0.25:
                         log.warning("the job board's database did not answer as job %s ended (%s); trying again "
                                     "for up to %.0f s", task_id, error.orig or error, left)
                     time.sleep(min(wait, left))
                     wait = min(2 * wait, 4.0)
-            self._best_effort(lambda: self._trim(), None)
+            try:  # the end is written: trimming old rows can wait for the next end
+                self._trim()
+            except SQLAlchemyError as error:
+                log.debug("the job board kept its oldest rows this time (%s)", error)
         finally:
             with self._held_lock:
                 self._held.pop(task_id, None)
@@ -262,12 +267,15 @@ class JobBoard:
         self._best_effort(write, None)
 
     def _best_effort(self, statement: Callable[[], object], unanswered: object) -> object:
-        """`statement()`'s result, or `unanswered` when the database raised DBAPIError (a failover, a restart):
+        """`statement()`'s result, or `unanswered` when the database does not answer (`database_unreachable`: a
+        failover, a restart):
         logged once per outage, and the next call tries again. Once the database has not answered for longer
         than the lease the error is raised: other replicas fail this process's jobs by then."""
         try:
             result = statement()
-        except DBAPIError as error:
+        except SQLAlchemyError as error:
+            if not database_unreachable(error):  # a query or schema that fails again: not an outage to wait out
+                raise
             now = time.monotonic()
             with self._held_lock:
                 first = self._unreachable_since is None

@@ -58,9 +58,10 @@ SlotValues = dict[Annotated[str, StringConstraints(max_length=64)], Annotated[st
 MAX_OBJECT_MEMBERS = 256
 
 
-# Control characters other than tab, line feed and carriage return: no prompt, name or id means one, PostgreSQL
-# refuses a NUL in text (a 500 and a traceback for a rater named "r\u0000"), and SQLite kept it for the CSV.
-CONTROL_CHARACTER = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+# Control characters other than whitespace (tab, line feed, vertical tab, form feed, carriage return): no prompt, name
+# or id means one, PostgreSQL refuses a NUL in text (a 500 and a traceback for a rater named "r\u0000"), and SQLite
+# kept it for the CSV.
+CONTROL_CHARACTER = re.compile(r"[\x00-\x08\x0e-\x1f\x7f]")
 
 
 class RequestBody(BaseModel):
@@ -74,32 +75,43 @@ class RequestBody(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _bounded_objects(cls, data):
-        pending = [((), data)]
-        while pending:
-            where, value = pending.pop()
+        pending, found = [data], False
+        while pending:  # no path kept per value: a body may hold a million of them
+            value = pending.pop()
             if isinstance(value, str):
-                _refuse_control_characters(where, value)
-                continue
-            if isinstance(value, dict) and len(value) > MAX_OBJECT_MEMBERS:
-                raise PydanticCustomError("too_many_members", "an object of {count} members is more than a body may "
-                                          "hold ({limit})", {"count": len(value), "limit": MAX_OBJECT_MEMBERS})
-            if isinstance(value, dict):
-                for key, member in value.items():
-                    _refuse_control_characters(where, key, is_key=True)
-                    pending.append(((*where, key), member))
+                found = found or CONTROL_CHARACTER.search(value) is not None
+            elif isinstance(value, dict):
+                if len(value) > MAX_OBJECT_MEMBERS:
+                    raise PydanticCustomError("too_many_members", "an object of {count} members is more than a body "
+                                              "may hold ({limit})", {"count": len(value), "limit": MAX_OBJECT_MEMBERS})
+                found = found or any(isinstance(key, str) and CONTROL_CHARACTER.search(key) for key in value)
+                pending.extend(member for member in value.values() if isinstance(member, (str, dict, list)))
             elif isinstance(value, list):
-                pending.extend(((*where, k), member) for k, member in enumerate(value))
+                pending.extend(member for member in value if isinstance(member, (str, dict, list)))
+        if found:
+            _refuse_control_characters(data)
         return data
 
 
-def _refuse_control_characters(where: tuple, text, is_key: bool = False) -> None:
-    """A PydanticCustomError naming where `text` is (a key of the object at `where`) when it holds a control character."""
-    if isinstance(text, str) and (found := CONTROL_CHARACTER.search(text)):
-        field = ".".join(shown_name(str(part), quoted=False) for part in where) or "the body"
-        field = f"a key of {field}" if is_key else field
-        raise PydanticCustomError(CONTROL_CHARACTER_ERROR, "{field} holds the control character U+{code}, which no "
-                                  "text of a request may hold", {"field": field, "code": f"{ord(found.group()):04X}",
-                                                                 "where": list(where)})
+def _refuse_control_characters(data) -> None:
+    """The PydanticCustomError naming where the first control character of `data` is (a value, or a key of an
+    object), found again with the paths this time."""
+    pending = [((), data)]
+    while pending:
+        where, value = pending.pop(0)
+        texts = [(where, value, False)] if isinstance(value, str) else \
+            [(where, key, True) for key in value if isinstance(key, str)] if isinstance(value, dict) else []
+        for place, text, is_key in texts:
+            if found := CONTROL_CHARACTER.search(text):
+                field = ".".join(shown_name(str(part), quoted=False) for part in place) or "the body"
+                raise PydanticCustomError(CONTROL_CHARACTER_ERROR, "{field} holds the control character U+{code}, "
+                                          "which no text of a request may hold",
+                                          {"field": f"a key of {field}" if is_key else field,
+                                           "code": f"{ord(found.group()):04X}", "where": list(place)})
+        if isinstance(value, dict):
+            pending.extend(((*where, key), member) for key, member in value.items())
+        elif isinstance(value, list):
+            pending.extend(((*where, k), member) for k, member in enumerate(value))
 
 
 class RenderRequest(RequestBody):
@@ -179,7 +191,7 @@ class GenerateRequest(RequestBody):
         else:
             num_frames = spec.default_num_frames
         height, width = self.height or spec.height, self.width or spec.width
-        condition = (fitted_image(decode_condition_image(self.condition_image), height, width)
+        condition = (decode_condition_image(self.condition_image, (height, width))
                      if self.condition_image is not None else None)
         return GenerationParams(
             prompt=prompt,
@@ -199,9 +211,10 @@ class GenerateRequest(RequestBody):
         )
 
 
-def decode_condition_image(text: str) -> np.ndarray:
-    """`condition_image` (base64, or a data:image/png|jpeg;base64 URI) -> RGB uint8 (H, W, 3); RequestError
-    naming the field for anything else."""
+def decode_condition_image(text: str, fitted_to: tuple[int, int] | None = None) -> np.ndarray:
+    """`condition_image` (base64, or a data:image/png|jpeg;base64 URI) -> RGB uint8 (H, W, 3), or with `fitted_to`
+    (height, width) `images.fitted_image`'s float32 pixels at that size, made while the decode's memory is still
+    held; RequestError naming the field for anything else."""
     body = text.strip()
     if body[:5].lower() == "data:":
         prefix = DATA_URI.match(body)
@@ -216,13 +229,15 @@ def decode_condition_image(text: str) -> np.ndarray:
         raise RequestError("condition_image is not valid base64: send the image's bytes in base64 (`base64 -w0 "
                            "face.png`), not a path or URL", field=CONDITION_FIELD) from None
     try:
-        with _DECODING:
-            return decode_image(data)
+        with _DECODING:  # the decode and the fit: a 4096x4096 image's fit alone takes 200 MB while it runs
+            image = decode_image(data)
+            return image if fitted_to is None else fitted_image(image, *fitted_to)
     except ImageError as error:
         raise RequestError(f"condition_image: {error}", field=CONDITION_FIELD) from None
 
 
-# Condition images a worker decodes at once: a 4096x4096 PNG takes about 200 MB while it is decoded, and 24 at once
+# Condition images a worker decodes (and fits) at once: a 4096x4096 PNG takes about 200 MB while it is decoded, and as
+# much again while it is fitted to the output size, and 24 at once
 # took a worker from 0.7 to 6.4 GB (an attack's find; the 80 requests `ConcurrencyLimit` lets in could take 19 GB).
 # The others wait their turn holding only their base64.
 CONDITION_DECODES_AT_ONCE = 2

@@ -10,6 +10,7 @@ from typing import Literal
 from pydantic import Field, PrivateAttr, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from slapgen.database import absolute_sqlite_url
 from slapgen.engine.caching import CacheSetting
 from slapgen.engine.params import CompileScope, EngineOptions
 from slapgen.errors import SettingsError, issue_sentence, validation_message
@@ -169,11 +170,11 @@ class SlapSettings(BaseSettings):
     _data_dir_defaulted: bool = PrivateAttr(False)
 
     def unshared_data_dir(self) -> str | None:
-        """A sentence when the database is shared (SLAP_DATABASE_URL) but SLAP_DATA_DIR is not set, so the data
+        """A sentence when the database is shared (SLAP_DATABASE_URL, PostgreSQL) but SLAP_DATA_DIR is not set, so the data
         folder is this machine's cache: a campaign created so is in the replicas' database, its videos where no
         replica serves them from (every pair's video a 404, a walk-through's find). None otherwise."""
-        if not (self.database_url and self._data_dir_defaulted):
-            return None
+        if not (self.database_url and self._data_dir_defaulted) or self.database_url.startswith("sqlite"):
+            return None  # a SQLite file is one machine's: its data folder is this one's too
         return (f"SLAP_DATABASE_URL is set but SLAP_DATA_DIR is not, so the videos went to {self.data_dir.absolute()}, "
                 "this machine's cache: replicas serve a campaign's videos from their SLAP_DATA_DIR (the shared "
                 "folder). Set SLAP_DATA_DIR to theirs, `slapgen campaign delete` this one and create it again")
@@ -326,8 +327,8 @@ def load_settings(relative_to: Path | None = None) -> SlapSettings:
             if value and not Path(value).expanduser().is_absolute():
                 anchored[name] = (Path(relative_to) / value).resolve()
         database = given.get("SLAP_DATABASE_URL")  # sqlite:///relative.sqlite: a file named relatively too
-        if database and (path := _relative_sqlite_file(database)) is not None:
-            anchored["database_url"] = f"sqlite:///{(Path(relative_to) / path).resolve()}"
+        if database and (url := absolute_sqlite_url(database, Path(relative_to))) is not None:
+            anchored["database_url"] = url
         model = given.get("SLAP_MODEL")  # a pipeline folder named relatively (a hub id or a built-in name stays)
         if model and model not in (TINY_MODEL_NAME, TINY_WAN_MODEL_NAME) and not Path(model).expanduser().is_absolute() \
                 and (Path(relative_to) / model).is_dir():
@@ -336,19 +337,6 @@ def load_settings(relative_to: Path | None = None) -> SlapSettings:
         return SlapSettings(**anchored)
     except ValidationError as error:
         raise SettingsError(f"invalid settings: {settings_problems(error)}.") from None
-
-
-def _relative_sqlite_file(value: str) -> str | None:
-    """The file of a `sqlite:///relative/path` URL, None for any other value (a bad URL is the validator's)."""
-    from sqlalchemy.engine import make_url
-
-    try:
-        url = make_url(value)
-    except Exception:
-        return None
-    if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
-        return None
-    return None if Path(url.database).expanduser().is_absolute() else url.database
 
 
 def settings_problems(error: ValidationError) -> str:
