@@ -37,7 +37,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (  # noqa: E402
-    add_save_argument, device_description, print_table, run_case_in_subprocess, write_results,
+    add_save_argument, device_description, options_of, print_table, run_case_in_subprocess, write_results,
 )
 
 TAU_TARGET, SHARE_TARGET = 0.9, 0.95
@@ -178,8 +178,7 @@ def main() -> None:
     if args.case:
         print(json.dumps(run_case(args.case, args)))
         return
-    forwarded = [f"--{name}={getattr(args, name.replace('-', '_'))}" for name in
-                 ("runs", "systems", "gap", "tie", "prompts", "seeds", "raters", "max-ratings", "every")]
+    forwarded = options_of(args, ("runs", "systems", "gap", "tie", "prompts", "seeds", "raters", "max-ratings", "every"))
     rows = [run_case_in_subprocess(Path(__file__), case, forwarded) for case in ("adaptive", "random")]
     by_case = {row["case"]: row for row in rows}
     needed = {case: by_case[case].get("ratings_needed") for case in by_case}

@@ -36,6 +36,11 @@ def run_case_in_subprocess(script: Path, case: str, extra: list[str]) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def options_of(args, names: tuple[str, ...]) -> list[str]:
+    """`--name=value` for each option of `names` (as typed: `max-ratings`) in `args`: what a case's process is given."""
+    return [f"--{name}={getattr(args, name.replace('-', '_'))}" for name in names]
+
+
 def print_table(rows: list[dict], columns: list[str]) -> None:
     widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns}
     print("  ".join(c.ljust(widths[c]) for c in columns))

@@ -34,7 +34,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (  # noqa: E402
-    add_save_argument, device_description, print_table, run_case_in_subprocess, write_results,
+    add_save_argument, device_description, options_of, print_table, run_case_in_subprocess, write_results,
 )
 
 
@@ -108,8 +108,7 @@ def main() -> None:
     if args.case:
         print(json.dumps(run_case(args.case, args)))
         return
-    forwarded = [f"--{name}={getattr(args, name.replace('-', '_'))}" for name in
-                 ("runs", "systems", "rest-gap", "tie", "prompts", "seeds", "raters", "max-ratings")]
+    forwarded = options_of(args, ("runs", "systems", "rest-gap", "tie", "prompts", "seeds", "raters", "max-ratings"))
     cases = [case.strip() for case in args.preferences.split(",")]
     rows = [run_case_in_subprocess(Path(__file__), case, forwarded) for case in cases]
     print(f"{args.systems} systems (the rest {args.rest_gap} apart in log-strength), ties nu={args.tie}, "
