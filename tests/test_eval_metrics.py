@@ -350,7 +350,8 @@ def test_bootstrap_interval_covers_the_true_win_rate():
 
 
 def test_win_rate_counts_ties_half_and_sign_test_is_the_binomial_formula():
-    """Guards ties counted as losses (or wins), a one-sided test, or ties left in the sign test."""
+    """Guards ties counted as losses (or wins), a one-sided test, or ties left in the sign test, and the sign test's closed
+    form (twice the smaller tail) differing from scipy's binomtest anywhere."""
     comparisons = [Comparison("a", WIN)] * 6 + [Comparison("b", LOSS)] * 2 + [Comparison("c", TIE)] * 2
     result = win_rate(comparisons, resamples=200)
     assert result.rate == pytest.approx((6 + 1) / 10)
@@ -358,6 +359,13 @@ def test_win_rate_counts_ties_half_and_sign_test_is_the_binomial_formula():
     by_formula = min(1.0, 2 * sum(math.comb(8, k) for k in range(0, 3)) / 2 ** 8)
     assert result.sign_test_p == pytest.approx(by_formula)
     assert sign_test(5, 5) == 1.0 and sign_test(0, 0) == 1.0
+    from scipy.stats import binomtest  # the reference the closed form replaced, on every count up to 40 a side
+
+    for wins in range(41):
+        for losses in range(41):
+            if wins + losses:
+                expected = binomtest(wins, wins + losses, 0.5, alternative="two-sided").pvalue
+                assert sign_test(wins, losses) == pytest.approx(expected, rel=1e-9, abs=1e-300), (wins, losses)
     all_ties = win_rate([Comparison(str(k), TIE) for k in range(5)], resamples=100)
     assert (all_ties.rate, all_ties.low, all_ties.high) == (0.5, 0.5, 0.5)
     assert outcome(2.0, 1.0, higher_is_better=True) == WIN and outcome(2.0, 1.0, higher_is_better=False) == LOSS

@@ -53,12 +53,15 @@ def outcome(value: float, reference: float, higher_is_better: bool) -> float:
 
 
 def sign_test(wins: int, losses: int) -> float:
-    """Two-sided exact binomial test of wins against losses at p = 1/2 (ties left out); 1.0 with none."""
-    from scipy.stats import binomtest
+    """Two-sided exact binomial test of wins against losses at p = 1/2 (ties left out); 1.0 with none. At p = 1/2
+    the distribution is symmetric, so the two-sided p-value is twice the smaller tail, P(X <= min(wins, losses)):
+    scipy.special's binomial CDF, in microseconds, where scipy.stats.binomtest took 0.25 ms and the studio's summary
+    runs one per pair of systems and criterion (3,000 for a client posting ratings of many adapter scales)."""
+    from scipy.special import bdtr
 
     if wins + losses == 0:
         return 1.0
-    return float(binomtest(wins, wins + losses, 0.5, alternative="two-sided").pvalue)
+    return float(min(1.0, 2.0 * bdtr(min(wins, losses), wins + losses, 0.5)))
 
 
 def resample_units(units: int, resamples: int, seed: int | np.random.Generator = 0) -> np.ndarray:
