@@ -365,7 +365,8 @@ def test_control_characters_long_names_and_bulky_bodies_are_short_refusals(fuzz_
 def test_a_client_that_leaves_mid_body_is_not_logged_as_a_bad_request(fuzz_server):
     """Guards a disconnect mid-body read as the client's error: the half body went on to the JSON check and the log
     said `POST /generate: 400 the body is not valid JSON (EOF ...)` for each such client (1,500 lines from a
-    slow-sender test), an answer nobody received. Now the request ends there, unlogged; the server goes on."""
+    slow-sender test), an answer nobody received. Now it is answered there without slapgen's log line (an ASGI
+    request must be answered: left unanswered, a server told to stop waited for good); the server goes on."""
     import socket
     import time
 

@@ -130,7 +130,7 @@ def test_a_killed_sweep_continues_where_it_stopped(killed_and_rerun):
     assert f"{first.name}: " not in rerun.stdout.split("best:")[0]  # the finished run is not touched at all
 
     progress = rerun.stderr.replace("\r", "\n")
-    assert re.search(r"run 4/4 03-learning_rate=1e-2_rank=4 step \d/6 .*ETA \d\d:\d\d", progress), progress[-2000:]
+    assert re.search(r"ETA \d\d:\d\d\] \| run 4/4 03-learning_rate=1e-2_rank=4 step \d/6", progress), progress[-2000:]
     out = case["out"]
     for name in ("sweep.json", "results.csv", "README.md", "best.yaml", "heldout_loss.png", "loss_curves.png"):
         assert (out / name).is_file(), name

@@ -185,7 +185,8 @@ def test_a_node_killed_mid_run_leaves_the_results_of_an_uninterrupted_sweep(tiny
         assert all(torch.equal(expected[key], got[key]) for key in expected), run.name
 
     progress = (tmp_path / "driver.err").read_text().replace("\r", "\n")
-    assert re.search(rf"run [12]/2 \S+ step \d+/{STEPS} .*ETA \d\d:\d\d", progress), progress[-2000:]
+    assert re.search(rf"ETA \d\d:\d\d\] \| (?:run [12]/2 \S+|2 runs training: .*) step \d+/{STEPS}", progress), \
+        progress[-2000:]
     # The README's command continues each sweep where its runs ran (without --ray, the rest of a cluster sweep
     # would train one run after another on the machine that runs it).
     for folder, ray in ((reference_out, "local"), (out, "auto")):

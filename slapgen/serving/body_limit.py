@@ -68,8 +68,10 @@ class BodySizeLimit:
             return await send_json(send, 413, too_large_body(limit, generation=generation))
         except TimeoutError:  # a client sending a byte now and then (slow-loris) holds nothing past this
             return await send_json(send, 408, error_body(f"the request body did not arrive within {self.read_timeout_s:g} s"))
-        except ClientGone:  # nobody to answer; the half body was logged as "not valid JSON (EOF ...)" (an attack's find)
-            return None
+        except ClientGone:
+            # The half body went on and was logged as "not valid JSON (EOF ...)" (an attack's find). Answered all the
+            # same, unlogged: a request left unanswered kept a server told to stop (SIGTERM) from ever exiting.
+            return await send_json(send, 400, error_body("the client disconnected before its request body was whole"))
         if generation and len(body) > self.limit and len(body) - condition_image_chars(body) > self.limit:
             return await send_json(send, 413, too_large_body(self.limit, generation=True, besides_image=True))
         await self.app(scope, replay, send)

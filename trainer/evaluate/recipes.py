@@ -97,11 +97,11 @@ def device_name(device: str, with_gpu_name: bool = True) -> str:
 
 
 @functools.cache
-def code_digest(entries: tuple[str, ...] = CODE) -> str:
+def code_digest(entries: tuple[str, ...] | None = None) -> str:
     """A digest of the Python files (paths and contents) of `entries`, folders and files of the repository; by
-    default `CODE`, slapgen's code that makes frames and losses."""
+    default `CODE` (read when called), slapgen's code that makes frames and losses. Cached per process."""
     digest = hashlib.sha256()
-    for entry in entries:
+    for entry in CODE if entries is None else entries:
         path = REPO / entry
         for source in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
             digest.update(str(source.relative_to(REPO)).encode() + b"\0" + source.read_bytes() + b"\0")
