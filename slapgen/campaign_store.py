@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sqlalchemy import (Column, Double, Index, Integer, MetaData, Table, Text, UniqueConstraint, and_, delete,
-                        distinct, func, insert, or_, select, text, update)
+                        distinct, func, insert, select, text, update)
 from sqlalchemy.exc import IntegrityError
 
 from slapgen.database import lock_for_writing, open_store
@@ -264,12 +264,10 @@ class CampaignStore:
         """The ratings campaign `name` has (repeats excluded): what its budget counts and `overview` lists."""
         return self._read(select(func.count()).select_from(pairs).where(pairs.c.campaign == name, *RATING_CONDITIONS))[0][0]
 
-    def open_pair_count(self, name: str, issued_since: float) -> int:
-        """Pairs of campaign `name` issued since `issued_since` (seconds since the epoch) and not answered yet,
-        repeats excluded: ratings on their way, which the budget holds places for."""
-        return self._read(select(func.count()).select_from(pairs).where(
-            pairs.c.campaign == name, pairs.c.answered_at.is_(None), pairs.c.repeat == 0,
-            pairs.c.issued_at >= issued_since))[0][0]
+    def budget_taken(self, name: str) -> tuple[int, int]:
+        """(ratings given, pairs issued within OPEN_PAIR_HOLD_S and not answered yet) of campaign `name`, repeats
+        excluded: what its budget counts (`_budget_taken`)."""
+        return self._read(_budget_taken(name))[0]
 
     def delete(self, name: str, with_ratings: bool = False) -> DeletedCampaign:
         """Remove campaign `name`: its row, videos, pairs and verdicts in one transaction, then its copied
@@ -346,11 +344,7 @@ class CampaignStore:
             with self._lock, self._engine.begin() as db:
                 if budget is not None and not repeat:
                     lock_for_writing(db, pairs)
-                    taken = db.execute(select(func.count()).select_from(pairs).where(
-                        pairs.c.campaign == name, pairs.c.repeat == 0, or_(
-                            pairs.c.answered_at.is_not(None), pairs.c.issued_at >= time.time() - OPEN_PAIR_HOLD_S))
-                    ).scalar_one()
-                    if taken >= budget:
+                    if sum(db.execute(_budget_taken(name)).one()) >= budget:
                         return None
                 db.execute(insert(pairs).values(pair_id=pair_id, campaign=name, rater=rater, left_system=left,
                                                 right_system=right, item=item, repeat=int(repeat),
@@ -434,6 +428,15 @@ class CampaignStore:
                          VERDICT_COLUMNS, extrasaction="ignore")
 
 
+def _budget_taken(name: str):
+    """The query of (ratings given, pairs open within OPEN_PAIR_HOLD_S) of campaign `name`, repeats excluded: the one
+    count of a campaign's budget, for `next_pair_for`'s sentence and `issue_pair`'s check in its transaction."""
+    answered = pairs.c.answered_at.is_not(None)
+    return select(func.count().filter(answered),
+                  func.count().filter(~answered, pairs.c.issued_at >= time.time() - OPEN_PAIR_HOLD_S)
+                  ).select_from(pairs).where(pairs.c.campaign == name, pairs.c.repeat == 0)
+
+
 # How long an issued, unanswered pair holds a place in its campaign's budget: raters asking together were each
 # issued a pair while the answered ratings were under it (300 made-up raters rated a campaign of budget 18, an
 # attack's find; honest raters starting together overran it too). A pair left longer frees its place, and can
@@ -493,10 +496,10 @@ def next_pair_for(store: CampaignStore, name: str, rater: str, generator,
     campaign = store.get(name)
     if (open_pair := store.open_pair(name, rater)) is not None:
         return open_pair
-    if campaign.budget is not None and (rated := store.rating_count(name)) >= campaign.budget:
+    rated, held = store.budget_taken(name) if campaign.budget is not None else (0, 0)
+    if campaign.budget is not None and rated >= campaign.budget:
         return f"{name} is done: its budget of {campaign.budget} ratings is reached ({rated} given)"
-    if campaign.budget is not None and rated + (held := store.open_pair_count(
-            name, time.time() - OPEN_PAIR_HOLD_S)) >= campaign.budget:
+    if campaign.budget is not None and rated + held >= campaign.budget:  # said here; `issue_pair` holds it
         return (f"{name}'s budget of {campaign.budget} ratings is spoken for: {rated} given and {held} pair"
                 f"{'s' * (held != 1)} with other raters, not answered yet; ask again later (a pair unanswered for "
                 f"{OPEN_PAIR_HOLD_S // 60:g} minutes gives up its place)")
