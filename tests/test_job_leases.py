@@ -405,3 +405,22 @@ def test_a_jobs_end_written_while_the_database_does_not_answer_is_written_when_i
         board.failed("late", "boom")
     assert lease_s - 1 <= time.monotonic() - started <= lease_s + 10
     assert not board._holds_alive("late")
+
+
+def test_a_pool_with_no_connection_free_is_waited_out_like_an_outage(tmp_path):
+    """Guards the pool's timeout, which `database_unreachable` counts as an outage but which carries no `orig` (it is
+    not a DBAPIError): the warning line read `error.orig` and raised AttributeError out of a best-effort write."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.pool import QueuePool
+
+    from slapgen.database import store_url
+
+    database = f"sqlite:///{tmp_path / 'jobs.sqlite'}"
+    board = JobBoard(database, owner=1, lease_s=60, renew_every_s=3600)
+    board.submitted("job", 4)
+    board._engine = create_engine(store_url(database), poolclass=QueuePool, pool_size=1, max_overflow=0,
+                                  pool_timeout=0.2)
+    with board._engine.connect():  # the pool's one connection taken
+        board.step("job", 1, 4)  # best effort: unanswered, not raised
+    board.step("job", 2, 4)
+    assert board.get("job")["step"] == 2

@@ -213,7 +213,7 @@ class JobBoard:
                         raise
                     if wait == 0.25:
                         log.warning("the job board's database did not answer as job %s ended (%s); trying again "
-                                    "for up to %.0f s", task_id, error.orig or error, left)
+                                    "for up to %.0f s", task_id, getattr(error, "orig", None) or error, left)
                     time.sleep(min(wait, left))
                     wait = min(2 * wait, 4.0)
             try:  # the end is written: trimming old rows can wait for the next end
@@ -284,7 +284,7 @@ class JobBoard:
                 since = self._unreachable_since
             if first:
                 log.warning("the job board's database did not answer (%s); jobs run on and their progress is "
-                            "written again at their next step", error.orig or error)
+                            "written again at their next step", getattr(error, "orig", None) or error)
             if self._lease_s is not None and now - since > self._lease_s:
                 raise
             return unanswered
