@@ -21,6 +21,11 @@ def first_line(error: BaseException, limit: int | None = None) -> str:
     return lines[0][:limit] if lines else type(error).__name__
 
 
+def counted(number: int, noun: str) -> str:
+    """`1 clip`, `3 clips`, `0 clips`: a count in a message, with the noun's plural by an s."""
+    return f"{number} {noun}{'s' * (number != 1)}"
+
+
 def validation_message(issue: dict) -> str:
     """A pydantic validation issue's message, without the prefix pydantic puts before an error our own
     validators raise ("Value error, ", "Assertion failed, "): their sentence as they wrote it. For every

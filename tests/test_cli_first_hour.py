@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import re
 import signal
 import subprocess
@@ -184,6 +185,24 @@ def test_a_failed_start_leaves_no_run_folder(tiny_cache_dir, tmp_path, capsys):
     (kept / "notes.txt").write_text("mine\n")
     assert cli_main(_train_args(tiny_cache_dir, broken, kept)) == 2
     assert sorted(p.name for p in kept.iterdir()) == ["notes.txt"]
+
+
+def test_an_eval_stopped_before_it_wrote_anything_leaves_no_out_folder(tiny_cache_dir, demo_dataset, tmp_path, capsys,
+                                                                       monkeypatch):
+    """Guards the empty --out folder an eval left when it stopped on its held-out clips (a caption that is not
+    UTF-8): the folder it made is gone, and a folder that was there before stays."""
+    monkeypatch.setenv("SLAP_CACHE_DIR", str(tiny_cache_dir))
+    heldout = tmp_path / "heldout"
+    heldout.mkdir()
+    shutil.copy(demo_dataset / "clip_000.mp4", heldout / "clip_000.mp4")
+    (heldout / "clip_000.txt").write_bytes(b"Power slap \xff\xfe")
+    for out, made in ((tmp_path / "eval", False), (tmp_path / "there", True)):
+        if made:
+            out.mkdir()
+        assert cli_main(["eval", "--model", "tiny", "--heldout", str(heldout), "--out", str(out),
+                         "--metrics", "loss"]) == 2
+        assert "caption of clip_000.mp4 is not valid UTF-8" in capsys.readouterr().err
+        assert out.exists() == made
 
 
 def _imports(tmp_path, *args) -> tuple[subprocess.CompletedProcess, set[str]]:

@@ -124,29 +124,43 @@ def check_curate(args) -> None:
 
 
 def cmd_curate(args) -> int:
+    from slapgen.errors import counted
     from trainer.config import load_config
     from trainer.curate import CurateSettings, curate
 
     data = load_config(args.config, args.set).data
     settings = CurateSettings(num_frames=data.num_frames, fps=data.fps, workers=args.workers, select=args.select,
                               hard_negative_share=args.hard_negatives)
-    summary = curate(args.dataset, args.out, settings)["summary"]
+    report = curate(args.dataset, args.out, settings)
+    summary = report["summary"]
     print(
-        f"{summary['clips']} clips: {summary['clean']} clean, {summary['flagged']} flagged, "
+        f"{counted(summary['clips'], 'clip')}: {summary['clean']} clean, {summary['flagged']} flagged, "
         f"{summary['without_caption']} without a caption; {summary['clips_per_second']} clips/s"
     )
     for code, count in summary["issues"].items():
         # too_short depends on the config: say which length, so a clip list all flagged is not a mystery.
         why = (f" (fewer than {data.num_frames} frames at {data.fps:g} fps, the training length of --config "
                f"{args.config})") if code == "too_short" else ""
-        print(f"  {code}: {count}{why}")
+        print(f"  {code}: {count}{why}: {_first_names([clip['video'] for clip in report['clips'] if code in clip['issues']])}")
+    if report["not_read"]:
+        print(f"  not read: {len(report['not_read'])} ({_first_names([entry['path'] for entry in report['not_read']])}):"
+              f" {report['not_read'][0]['why']}" + ("; the others' reasons are in the report" if len(report["not_read"]) > 1 else ""))
     if args.select:
-        # counted whether or not --hard-negatives kept a share for them
         hard = summary["hard_negatives_selected"]
+        # counted whether or not --hard-negatives kept a share for them: say which, or "hard negatives" reads as asked for
         print(f"selected {summary['selected']} of {args.select} requested -> {args.out / 'selected.jsonl'}"
-              f" ({hard} of them {'a hard negative' if hard == 1 else 'hard negatives'}: miss, foul, block/absorb)")
+              f" ({hard} of them {'a hard negative' if hard == 1 else 'hard negatives'}: miss, foul, block/absorb"
+              f"{'' if args.hard_negatives else '; none kept for them: --hard-negatives SHARE does'})")
+    if report["removed_from_earlier_run"]:
+        print(f"removed what an earlier curate left in {args.out}: {', '.join(report['removed_from_earlier_run'])}")
     print(f"report: {args.out / 'report.html'}")
     return 0
+
+
+def _first_names(names: list[str], shown: int = 3) -> str:
+    """The first `shown` names, and how many more: which clips a count is of, without a page of them."""
+    more = f", and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
 
 
 def check_trigger_word_option(word: str | None) -> str | None:
@@ -359,15 +373,13 @@ def cmd_campaign_list(args) -> int:
 
 def cmd_campaign_delete(args) -> int:
     from slapgen.campaign_store import ratings_phrase
+    from slapgen.errors import counted
     from slapgen.serving.settings import load_settings
     from trainer.campaign import delete_campaign
 
     settings = load_settings()
     where = settings.where_campaigns_are()
     deleted = delete_campaign(settings, args.name, args.yes)
-
-    def counted(number: int, noun: str) -> str:
-        return f"{number} {noun}{'s' * (number != 1)}"
 
     lost = ratings_phrase(deleted.ratings, deleted.repeats, deleted.raters) if deleted.raters else "0 ratings"
     print(f"deleted campaign {deleted.name} from {where}: {counted(deleted.videos, 'video')}, "

@@ -258,7 +258,9 @@ def _lines_without_trailing_blanks(path: Path) -> list[str]:
 
 def _folder_pair_rows(folder: Path) -> list[_Row]:
     rows = []
-    for video in sorted(p for p in folder.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES and p.is_file()):
+    # A link to a missing file is a row too (curation reports it, training names it), never passed over in silence.
+    for video in sorted(p for p in folder.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES
+                        and (p.is_file() or (p.is_symlink() and not p.exists()))):
         name = video.relative_to(folder).as_posix()
         caption_file = video.with_suffix(".txt")
         caption_name = caption_file.relative_to(folder).as_posix()
@@ -271,3 +273,26 @@ def _folder_pair_rows(folder: Path) -> list[_Row]:
             issue = "caption_outside_dataset"  # never opened: its text must not reach a report
         rows.append(_Row(name, caption, name, caption_name, issue, caption_file=missing))
     return rows
+
+
+def unread_entries(path: Path) -> list[dict]:
+    """What a folder dataset holds that no clip row reads, so a report can name it: links to folders (not
+    followed, as `rglob` does not follow them) and captions with no video beside them (a video renamed, or
+    of a kind not in VIDEO_SUFFIXES). [{"path": relative path, "why": sentence}]; none for a listing (.csv,
+    .jsonl, videos.txt + prompts.txt), which names its rows itself."""
+    path = Path(path)
+    if not path.is_dir() or (path / "videos.txt").is_file() or (path / "prompts.txt").is_file():
+        return []
+    unread = []
+    for folder, subfolders, files in os.walk(path):
+        here = Path(folder)
+        for name in sorted(subfolders):
+            if (here / name).is_symlink():
+                unread.append({"path": (here / name).relative_to(path).as_posix() + "/",
+                               "why": "a link to a folder, not followed: list its clips in a .csv or .jsonl, or copy them in"})
+        stems = {Path(name).stem for name in files if Path(name).suffix.lower() in VIDEO_SUFFIXES}
+        for name in sorted(files):
+            if Path(name).suffix == ".txt" and Path(name).stem not in stems:
+                unread.append({"path": (here / name).relative_to(path).as_posix(),
+                               "why": f"a caption with no video beside it ({', '.join(VIDEO_SUFFIXES)})"})
+    return unread

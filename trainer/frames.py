@@ -39,7 +39,7 @@ def load_clip(path: Path, num_frames: int, fps: float, height: int, width: int) 
             if len(frames) == num_frames:
                 break
     except (OSError, RuntimeError, ValueError) as error:
-        raise ClipError("corrupt", f"{path.name} is damaged after frame {position} ({_first_line(error)})") from None
+        raise ClipError("corrupt", f"{path.name} is damaged after frame {position} ({ffmpeg_reason(error)})") from None
     finally:
         reader.close()
     if len(frames) < num_frames:
@@ -73,14 +73,28 @@ def load_ticft_clip(video: Path, condition: Path | None, layout: TicftLayout, fp
 
 def _open(path: Path):
     """ffmpeg's frame reader of `path`, its fps and (width, height), past its header; ClipError when it has no
-    readable video stream."""
+    readable video stream.
+
+    ffmpeg hands frames out at the stream's nominal rate (its `tbr`), filling the gaps of a variable-frame-rate
+    clip (a phone's) with copies, while the rate its header reports, and imageio-ffmpeg's `fps`, is the
+    average: a clip of 67 frames over 3.8 s came out as 118 frames read as 17.6 fps, 6.7 s. So the clip is
+    opened once for its header, then decoded at that rate: frame i is then the instant i / fps for every clip
+    (for a constant-rate clip the rate is its own and nothing changes)."""
+    header, fps, _ = _header(path)
+    header.close()
+    reader, _, size = _header(path, ["-r", repr(fps)])
+    return reader, fps, size
+
+
+def _header(path: Path, output_params: list[str] | None = None):
+    """`imageio_ffmpeg.read_frames(path, output_params=...)` past its header, with its fps and (width, height)."""
     import imageio_ffmpeg
 
     try:
-        reader = imageio_ffmpeg.read_frames(str(path))
+        reader = imageio_ffmpeg.read_frames(str(path), output_params=output_params)
         meta = next(reader)
     except (OSError, RuntimeError, StopIteration, ValueError) as error:
-        raise ClipError("corrupt", f"{path.name} cannot be decoded ({_first_line(error)})") from None
+        raise ClipError("corrupt", f"{path.name} cannot be decoded ({ffmpeg_reason(error)})") from None
     fps = float(meta.get("fps") or 0)
     width, height = meta.get("size") or (0, 0)
     if fps <= 0 or width <= 0 or height <= 0:
@@ -92,13 +106,18 @@ def _open(path: Path):
 def opens(path: Path) -> bool:
     """Whether ffmpeg opens `path` as a video with a readable stream (its header only; `load_clip` says why not)."""
     try:
-        reader, _, _ = _open(path)
+        reader, _, _ = _header(path)
     except ClipError:
         return False
     reader.close()
     return True
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[-1] if text else type(error).__name__
+def ffmpeg_reason(error: BaseException) -> str:
+    """Why ffmpeg could not decode a file, in a few words: "no video stream" when the header it printed names
+    none (an audio-only file), else the last line of its message (the first is the banner, the last the failure)."""
+    text = str(error).strip()
+    if "Input #0" in text and ": Video:" not in text:
+        return "no video stream"
+    lines = text.splitlines()
+    return lines[-1] if lines else type(error).__name__

@@ -39,7 +39,8 @@ from trainer.datasets import Clip
 from trainer.errors import ClipError, DatasetError
 from trainer.frames import load_clip, load_ticft_clip
 
-CACHE_FORMAT = 3  # 2: entries record the VAE's factors; 3: frames are cut to the output's aspect before scaling
+CACHE_FORMAT = 4  # 2: entries record the VAE's factors; 3: frames are cut to the output's aspect before scaling;
+# 4: a variable-frame-rate clip is read at the instants it was shot (trainer.frames._open)
 HASH_INDEX = "file_hashes.json"
 CLIP_TENSORS = frozenset({"latent_mean", "latent_logvar", "prompt_embeds"})
 PROMPT_TENSORS = frozenset({"prompt_embeds"})

@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from slapgen.models.lora_format import WEIGHTS_FILE as LORA_FILENAME
+from slapgen.errors import counted
 from slapgen.names import NAME_PATTERN, NAME_RULE
 from trainer import checkpoints
 from trainer.errors import TrainError
@@ -61,7 +62,7 @@ def training_found(run_dir: Path, saved: list[Path]) -> list[str]:
     if (run_dir / LORA_FILENAME).is_file():
         found.append(f"the final {LORA_FILENAME}")
     if saved:
-        found.append(f"{len(saved)} checkpoint{'s' if len(saved) > 1 else ''} (the latest {saved[-1].name})")
+        found.append(f"{counted(len(saved), 'checkpoint')} (the latest {saved[-1].name})")
     logged = last_logged_step(run_dir)
     if logged:
         found.append(f"metrics up to step {logged}")

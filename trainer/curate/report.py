@@ -7,6 +7,7 @@ import html
 from pathlib import Path
 
 from slapgen.atomic import atomic_write_text
+from slapgen.errors import counted
 from trainer.curate.captions import ASPECTS, CATEGORIES, MAX_WORDS, MIN_WORDS, OUTCOMES
 
 
@@ -86,6 +87,10 @@ def write_html_report(out: Path, report: dict) -> Path:
         f'<figure><img src="plots/{name}.png" alt="{escape(title)}"><figcaption>{escape(title)}</figcaption></figure>'
         for name, title in plots.items()
     )
+    unread = report.get("not_read") or []
+    not_read = ("<h2>In the folder, not read</h2><table><tr><th>path</th><th>why</th></tr>" + "".join(
+        f"<tr><td>{escape(entry['path'])}</td><td>{escape(entry['why'])}</td></tr>" for entry in unread) + "</table>"
+                ) if unread else ""
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>slapgen curation report</title>
 <style>
@@ -95,7 +100,7 @@ table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ccc; padding
 td.caption {{ font-size: 0.85em; max-width: 420px; }}
 </style></head><body>
 <h1>Curation report</h1>
-<p>Dataset <code>{escape(report["dataset"])}</code>: {summary["clips"]} clips, {summary["clean"]} clean,
+<p>Dataset <code>{escape(report["dataset"])}</code>: {counted(summary["clips"], "clip")}, {summary["clean"]} clean,
 {summary["flagged"]} flagged, {summary["without_caption"]} without a caption yet.
 {f'{summary["selected"]} selected into <code>selected.jsonl</code>.' if summary["requested"] else ''}
 Probed at {summary["clips_per_second"]} clips/s with {summary["workers"]} workers.</p>
@@ -108,7 +113,8 @@ Probed at {summary["clips_per_second"]} clips/s with {summary["workers"]} worker
 <h2>Flagged clips</h2>
 <table><tr><th>thumbnail</th><th>video</th><th>issues</th><th>detail</th><th>caption</th></tr>
 {"".join(rows) or '<tr><td colspan="5">none</td></tr>'}
-</table></body></html>
+</table>
+{not_read}</body></html>
 """
     path = out / "report.html"
     atomic_write_text(path, page)

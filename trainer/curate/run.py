@@ -17,12 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from slapgen.atomic import atomic_write_text
+from slapgen.errors import counted
 from trainer.curate.captions import CaptionReport, check_caption
 from trainer.curate.duplicates import find_duplicates, load_duplicate_search
 from trainer.curate.selection import select_best
 from trainer.curate.fingerprint import Signature
 from trainer.curate.video_probe import VideoProbe, probe_video
-from trainer.datasets import Clip, read_dataset
+from trainer.datasets import Clip, read_dataset, unread_entries
 from trainer.frames import sample_indices
 
 BLACK_FRACTION = 0.5  # a clip that is black for at least half its frames is flagged `black`
@@ -125,11 +126,30 @@ def curate(dataset: Path, out: Path, settings: CurateSettings = CurateSettings()
         atomic_write_text(out / "selected.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
 
     summary = _summary(records, selected, elapsed, workers, settings)
+    removed = _remove_earlier_run(out, {Path(job[2]).name for job in jobs}, keep_selection=bool(settings.select))
     report = {"dataset": str(dataset), "settings": vars(settings) | {"workers": workers}, "summary": summary,
-              "clips": records, "selected": [r["video"] for r in selected]}
+              "clips": records, "selected": [r["video"] for r in selected], "not_read": unread_entries(dataset),
+              "removed_from_earlier_run": removed}
     atomic_write_text(out / "report.json", json.dumps(report, indent=1) + "\n")
     write_html_report(out, report)
     return report
+
+
+def _remove_earlier_run(out: Path, thumbnails: set[str], keep_selection: bool) -> list[str]:
+    """Remove what an earlier curate into `out` wrote and this one did not, so the folder is this run's alone: a
+    selected.jsonl of another dataset (train --data reads it) and thumbnails of clips that are no more. Returns
+    the names removed."""
+    removed = []
+    if not keep_selection and (out / "selected.jsonl").is_file():
+        (out / "selected.jsonl").unlink()
+        removed.append("selected.jsonl")
+    stale = sorted(path for path in (out / "thumbnails").glob("[0-9][0-9][0-9][0-9][0-9][0-9].png")
+                   if path.name not in thumbnails)
+    for path in stale:
+        path.unlink()
+    if stale:
+        removed.append(counted(len(stale), "thumbnail"))
+    return removed
 
 
 def _summary(records: list[dict], selected: list[dict], elapsed: float, workers: int, settings: CurateSettings) -> dict:

@@ -10,17 +10,23 @@ duplicates.py aligns against every other clip's.
 from __future__ import annotations
 
 import logging
+import re
+import subprocess
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from trainer.curate.fingerprint import FrameSampler, Signature, block_means, footage_signature
+from trainer.frames import ffmpeg_reason
 
 PROBE_WIDTH = 160
 BLACK_LUMA = 0.06  # mean luma (0-1) at or below which a frame counts as black
 FROZEN_BLOCK = 4  # frozen check on 4x4 block means: immune to compression noise, sees a moving arm
 FROZEN_MAX_DIFF = 4 / 255  # no block moves more than this between two frames: a frozen pair
+# Video this much shorter than the file states is decoded again for ffmpeg's errors (a download cut short decodes
+# to its break without one); an audio track that outlasts the video by this much costs that second decode only.
+SHORT_OF_FILE_S = 0.25
 
 # imageio-ffmpeg warns whenever the output size differs from the source; here that is the point.
 logging.getLogger("imageio_ffmpeg").setLevel(logging.ERROR)
@@ -51,10 +57,13 @@ def probe_video(path: Path) -> VideoProbe:
     import imageio_ffmpeg
 
     try:
-        reader = imageio_ffmpeg.read_frames(str(path), output_params=["-vf", f"scale={PROBE_WIDTH}:-2"])
+        # Every frame once, as decoded: a variable-frame-rate clip is not filled to its nominal rate with
+        # copies (counted as frozen, and as footage); its average rate times its frames is then its length.
+        reader = imageio_ffmpeg.read_frames(str(path), output_params=["-fps_mode", "passthrough",
+                                                                       "-vf", f"scale={PROBE_WIDTH}:-2"])
         meta = next(reader)
     except (OSError, RuntimeError, StopIteration, ValueError) as error:
-        return VideoProbe(False, _reason(error))
+        return VideoProbe(False, ffmpeg_reason(error))
     fps = float(meta.get("fps") or 0)
     source_width, source_height = meta.get("source_size") or (0, 0)
     probe_width, probe_height = meta.get("size") or (0, 0)  # after ffmpeg's scale filter
@@ -81,11 +90,15 @@ def probe_video(path: Path) -> VideoProbe:
                 thumbnail = rgb.copy()
             count += 1
     except (OSError, RuntimeError, ValueError) as error:
-        return VideoProbe(False, f"damaged after frame {count} ({_reason(error)})")
+        return VideoProbe(False, f"damaged after frame {count} ({ffmpeg_reason(error)})")
     finally:
         reader.close()
     if count == 0:
         return VideoProbe(False, "no frames could be decoded")
+    stated = float(meta.get("duration") or 0)
+    if stated - count / fps > max(SHORT_OF_FILE_S, 2 / fps) and (error := decode_error(path)):
+        return VideoProbe(False, f"cut short: its video decodes to {count / fps:.2f} s of the {stated:.2f} s the file "
+                                 f"states ({error})")
     signature = footage_signature(sampler)
     return VideoProbe(
         readable=True,
@@ -103,6 +116,12 @@ def probe_video(path: Path) -> VideoProbe:
     )
 
 
-def _reason(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[-1] if lines else type(error).__name__
+def decode_error(path: Path) -> str | None:
+    """The last error ffmpeg prints decoding `path`'s video to nothing, without its "[h264 @ 0x...]" prefix, or
+    None when it decodes cleanly."""
+    import imageio_ffmpeg
+
+    done = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-v", "error", "-i", str(path), "-map", "0:v:0",
+                           "-f", "null", "-"], capture_output=True, text=True, errors="replace")
+    lines = [re.sub(r"^(\[[^\]]*\] )+", "", line).strip() for line in done.stderr.splitlines() if line.strip()]
+    return lines[-1] if lines else None

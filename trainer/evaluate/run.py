@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from slapgen.errors import SlapgenError
 from slapgen.evaluation import stats
 from slapgen.evaluation.frechet import frechet_with_interval, reliable_sample_count
 from slapgen.models.family import family_of
@@ -63,7 +64,19 @@ def bar(total: int, description: str, unit: str):
 def run_eval(options: EvalOptions) -> dict:
     """The evaluation `options` ask for; with `--ray`, connected to that cluster first (one sentence when it
     does not answer, or when it is `local` and has no node with what a worker asks for, its GPUs or, a CPU worker,
-    its memory: before anything else is read or written)."""
+    its memory: before anything else is read or written). An --out folder this run made is removed again when
+    it stops on an error before writing anything into it (a held-out caption that is not UTF-8, say)."""
+    out = Path(options.out)
+    made_here = not out.exists()
+    try:
+        return _run_eval(options)
+    except SlapgenError:
+        if made_here and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
+
+
+def _run_eval(options: EvalOptions) -> dict:
     if options.ray is None:
         return evaluate(options)
     from trainer.evaluate.ray_shards import worker_demand

@@ -1,0 +1,146 @@
+"""Clips as users' folders hold them: variable frame rates, downloads cut short, audio-only files, links to
+nothing, links to folders, captions without a video, and a curate folder used twice."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import imageio_ffmpeg
+import numpy as np
+import pytest
+
+from trainer.cli import main as cli_main
+from trainer.curate.video_probe import probe_video
+from trainer.datasets import read_dataset
+from trainer.errors import ClipError, DatasetError
+from trainer.frames import load_clip
+
+# The test clip's brightness grows with time, so each frame says when it was shot: its RGB value is SLOPE * seconds
+# (steep enough that frames 1/30 s apart are not frozen, FROZEN_MAX_DIFF).
+SLOPE = 200
+
+
+def _ffmpeg(*args: str) -> None:
+    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-loglevel", "error", *args], check=True)
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("messy")
+    # Studio-range luma (16 is black, 235 white), which decodes to RGB (Y - 16) * 255 / 219.
+    ramp = f"color=c=black:s=64x48:r=30:d=1.25,format=yuv420p,geq=lum='16+219/255*{SLOPE}*T':cb=128:cr=128"
+    # Variable frame rate, as phones record: every frame of the first 20 (30 fps), then every 4th (7.5 fps).
+    _ffmpeg("-f", "lavfi", "-i", ramp, "-vf", r"select='lt(n\,20)+not(mod(n\,4))'", "-fps_mode", "vfr",
+            "-c:v", "libx264", "-qp", "0", str(folder / "vfr.mp4"))
+    source = ["-f", "lavfi", "-i", "testsrc2=size=160x120:rate=30:duration=3"]
+    _ffmpeg(*source, "-f", "lavfi", "-i", "sine=duration=3", "-c:v", "libx264", "-c:a", "aac", "-movflags",
+            "+faststart", str(folder / "whole.mp4"))
+    whole = (folder / "whole.mp4").read_bytes()
+    (folder / "cut.mp4").write_bytes(whole[:len(whole) // 2])  # a download cut short: the index says 3 s
+    _ffmpeg(*source, "-f", "lavfi", "-i", "sine=duration=4.5", "-c:v", "libx264", "-c:a", "aac",
+            str(folder / "long_audio.mp4"))  # 3 s of video, 4.5 s of sound: whole, not cut
+    _ffmpeg("-f", "lavfi", "-i", "sine=duration=2", "-c:a", "aac", str(folder / "audio_only.mp4"))
+    return folder
+
+
+def test_a_variable_frame_rate_clip_is_sampled_at_the_instants_it_was_shot(clips):
+    """Guards variable-frame-rate clips trained slowed down: ffmpeg filled the clip to its nominal 30 fps with
+    copies while the trainer read it at the 20 fps average the header reports, so frame k of the training
+    clip came from k / 12 s instead of k / 8 s (the 1.0 s frame from 0.67 s). Each frame's brightness says
+    when it was shot: the nearest frame of the sparse part is at most 1/15 s away, and the resampling to the
+    average rate and the trainer's rounding to its frames add at most 1/20 s."""
+    video = load_clip(clips / "vfr.mp4", num_frames=9, fps=8, height=48, width=64)
+    shot_at = ((video.mean(dim=(1, 2, 3)) + 1) * 127.5 / SLOPE).tolist()
+    assert shot_at == pytest.approx([k / 8 for k in range(9)], abs=1 / 15 + 1 / 20)
+
+
+def test_the_probe_counts_a_variable_frame_rate_clip_by_its_own_frames(clips):
+    """Guards curate's probe reading the copies ffmpeg fills a variable-frame-rate clip with as footage: 37
+    frames, 1.8 s (at the average rate) and a third of them frozen, where the clip holds 25 frames over 1.25 s."""
+    probe = probe_video(clips / "vfr.mp4")
+    assert probe.readable and probe.frame_count == 25  # frames 0-19, then 20, 24, ... 36
+    assert probe.duration_s == pytest.approx(1.25, abs=0.1)
+    assert probe.frozen_fraction == 0.0
+
+
+def test_a_download_cut_short_is_corrupt_and_a_longer_soundtrack_is_not(clips):
+    """Guards a half-downloaded mp4 (its index at the front, so its header says 3 s) passing curate as a clean
+    1.4 s clip: its video stops short of what the file states and ffmpeg reports errors decoding it. A clip
+    whose audio outlasts its video is also short of the file's length, but decodes cleanly, so it stays."""
+    cut = probe_video(clips / "cut.mp4")
+    assert not cut.readable
+    assert cut.error.startswith("cut short: its video decodes to 1.") and "of the 3.00 s the file states (" in cut.error
+    long_audio = probe_video(clips / "long_audio.mp4")
+    assert long_audio.readable and long_audio.duration_s == pytest.approx(3.0)
+    assert probe_video(clips / "whole.mp4").readable
+
+
+def test_a_file_with_no_video_stream_says_so(clips):
+    """Guards an audio-only .mp4 being reported with ffmpeg's last line, "Error opening output files: Invalid
+    argument", in curate and training alike."""
+    assert probe_video(clips / "audio_only.mp4").error == "no video stream"
+    with pytest.raises(ClipError, match=r"audio_only.mp4 cannot be decoded \(no video stream\)"):
+        load_clip(clips / "audio_only.mp4", num_frames=9, fps=8, height=48, width=64)
+
+
+@pytest.fixture
+def messy_folder(demo_dataset, tmp_path):
+    data = tmp_path / "data"
+    (data / "real").mkdir(parents=True)
+    for name in ("clip_000", "clip_001"):
+        shutil.copy(demo_dataset / f"{name}.mp4", data / f"{name}.mp4")
+        shutil.copy(demo_dataset / f"{name}.txt", data / f"{name}.txt")
+    shutil.copy(demo_dataset / "clip_002.mp4", data / "real" / "clip_002.mp4")
+    shutil.copy(demo_dataset / "clip_002.txt", data / "real" / "clip_002.txt")
+    (data / "linked").symlink_to("real")  # a link to a folder: not walked
+    (data / "gone.mp4").symlink_to("missing.mp4")  # a link to nothing
+    shutil.copy(demo_dataset / "clip_003.txt", data / "gone.txt")
+    shutil.copy(demo_dataset / "clip_003.txt", data / "orphan.txt")  # a caption with no video
+    return data
+
+
+def test_every_entry_of_a_folder_is_reported_or_named(messy_folder, tmp_path, capsys):
+    """Guards entries a folder dataset passed over in silence: a link to a missing file (neither curated nor
+    counted), a link to a folder (not walked) and a caption with no video beside it. The link to nothing is a
+    clip curate flags and training names; the other two are listed in the report as not read, and said."""
+    out = tmp_path / "out"
+    assert cli_main(["curate", str(messy_folder), "--out", str(out), "--workers", "1", "--config", "tiny-smoke"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    flags = {clip["video"]: clip["issues"] for clip in report["clips"]}
+    assert flags == {"clip_000.mp4": [], "clip_001.mp4": [], "gone.mp4": ["corrupt"], "real/clip_002.mp4": []}
+    gone = next(clip for clip in report["clips"] if clip["video"] == "gone.mp4")
+    assert gone["video_info"]["error"] == "file not found"
+    assert [entry["path"] for entry in report["not_read"]] == ["linked/", "orphan.txt"]
+    assert "a caption with no video beside it" in report["not_read"][1]["why"]
+    assert "orphan.txt" in (out / "report.html").read_text()
+    printed = capsys.readouterr().out
+    assert "4 clips: 3 clean, 1 flagged" in printed
+    assert "  corrupt: 1: gone.mp4\n" in printed
+    assert "  not read: 2 (linked/, orphan.txt): a link to a folder, not followed" in printed
+    with pytest.raises(DatasetError, match=r"gone.mp4 not found \(looked in .*missing.mp4\)"):
+        read_dataset(messy_folder)
+
+
+def test_a_second_curate_into_a_folder_leaves_nothing_of_the_first(messy_folder, demo_dataset, tmp_path, capsys):
+    """Guards a rerun of curate into the same --out keeping the first run's selected.jsonl (of another
+    dataset: `train --data OUT/selected.jsonl` trained on it) and thumbnails of clips no longer there."""
+    out = tmp_path / "out"
+    assert cli_main(["curate", str(messy_folder), "--out", str(out), "--select", "2", "--workers", "1",
+                     "--config", "tiny-smoke"]) == 0
+    assert len(read_dataset(out / "selected.jsonl")) == 2
+    first_thumbnails = sorted(path.name for path in (out / "thumbnails").iterdir())
+    assert len(first_thumbnails) == 3  # the three readable clips
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(demo_dataset / "clip_003.mp4", other / "clip_003.mp4")
+    shutil.copy(demo_dataset / "clip_003.txt", other / "clip_003.txt")
+    capsys.readouterr()
+    assert cli_main(["curate", str(other), "--out", str(out), "--workers", "1", "--config", "tiny-smoke"]) == 0
+    assert not (out / "selected.jsonl").exists()
+    assert sorted(path.name for path in (out / "thumbnails").iterdir()) == ["000000.png"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["removed_from_earlier_run"] == ["selected.jsonl", "2 thumbnails"]
+    assert f"removed what an earlier curate left in {out}: selected.jsonl, 2 thumbnails" in capsys.readouterr().out
+    assert "1 clip, 1 clean" in (out / "report.html").read_text()
