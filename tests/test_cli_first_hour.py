@@ -506,7 +506,8 @@ def test_ctrl_c_during_training_saves_the_step_it_ended_as_a_checkpoint(tiny_cac
     """Guards a Ctrl-C losing every step since the last periodic checkpoint (a walk-through's Ctrl-C at step 388
     resumed from 300) and advice to `--resume latest` where no checkpoint was: a real `slapgen train` process
     sent SIGINT mid-run (checkpoints every 1000 steps, none due) ends the step under way, saves it as a
-    checkpoint, exits 130 naming it, and `--resume latest` continues from that step."""
+    checkpoint, exits 130 naming it, and `--resume latest` continues from that step. The advice is said once,
+    by the command (inside a sweep, training's own "continue with --resume latest" contradicted the sweep's)."""
     run = tmp_path / "run"
     args = _train_args(tiny_cache_dir, demo_dataset, run, "train.max_train_steps=5000", "checkpoint.every_steps=1000",
                        "logging.every_steps=1")
@@ -526,7 +527,8 @@ def test_ctrl_c_during_training_saves_the_step_it_ended_as_a_checkpoint(tiny_cac
     assert process.returncode == 130 and len(saved) == 1, (process.returncode, saved, err[-2000:])
     step = int(saved[0].removeprefix("checkpoint-"))
     assert 3 <= step < 5000 and _logged_steps(run)[-1] == step
-    assert f"interrupted at step {step}, saved as a checkpoint; continue with --resume latest" in out
+    # One piece of advice, the command's (a sweep's run said "--resume latest" above the sweep's "rerun the same command")
+    assert f"interrupted at step {step}, saved as a checkpoint\n" in out and "--resume" not in out
     assert cli_stderr(err).endswith(f"slapgen train: interrupted; finished work is kept (add --resume latest to "
                                     f"continue from {saved[0]})"), err[-2000:]
     resumed = subprocess.run([sys.executable, "-m", "trainer", *args, "--resume", "latest", "--stop-at-step",

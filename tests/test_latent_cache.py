@@ -103,6 +103,17 @@ def test_corrupt_and_short_clips_are_reported_and_skipped(tiny_cache_dir, datase
     assert "4 too_short" in short.summary()
 
 
+def test_a_skipped_clip_is_named_once_per_process_and_reported_every_time(tiny_cache_dir, dataset, tmp_path, capsys):
+    """Guards a sweep repeating one unreadable held-out clip's line for every checkpoint it scored (16 times in a
+    walk-through's 2-run sweep): the same clip in the same cache is named once, and every report still lists it."""
+    (dataset / "zz_corrupt.mp4").write_bytes(b"this is not a video")
+    (dataset / "zz_corrupt.txt").write_text("a caption")
+    clips = read_dataset(dataset)
+    reports = [_cache(tiny_cache_dir, tmp_path / "cache").precompute(clips, progress=False) for _ in range(3)]
+    assert [[skip["video"] for skip in report.skipped] for report in reports] == [["zz_corrupt.mp4"]] * 3
+    assert capsys.readouterr().err.count("skipped zz_corrupt.mp4: ") == 1
+
+
 def test_cached_prompt_embeddings_reproduce_the_pipelines_own_output(tiny_cache_dir, tmp_path):
     """Guards cached T5 embeddings that differ from what the pipeline computes from text at inference
     (another max length, truncation, dtype or a missing end token): the pipeline given the cached

@@ -8,7 +8,6 @@ import shutil
 import subprocess
 
 import imageio_ffmpeg
-import numpy as np
 import pytest
 
 from trainer.cli import main as cli_main

@@ -165,6 +165,30 @@ def test_invalid_utf8_caption_names_its_file_or_flags_the_clip(demo_dataset, tmp
     assert (bad.caption, bad.issues) == (None, ("caption_unreadable",))
 
 
+def test_every_unusable_clip_is_named_in_one_error(demo_dataset, tmp_path):
+    """Guards `train` naming one dataset problem per start (a walk-through stopped three times in a row, on a
+    caption that is not UTF-8, a missing caption and an empty one, each start costing seconds): one error names
+    each, with where to see every clip's problems; with more than SHOWN_PROBLEMS, how many more."""
+    from trainer.datasets import SHOWN_PROBLEMS
+
+    names = _copy_clips(demo_dataset, tmp_path / "data", count=4)
+    data = tmp_path / "data"
+    (data / names[0]).with_suffix(".txt").write_bytes(BAD_UTF8)
+    (data / names[2]).with_suffix(".txt").write_text("  \n")
+    (data / names[3]).with_suffix(".txt").write_text("a good caption")
+    with pytest.raises(DatasetError) as error:
+        read_dataset(data)
+    assert str(error.value) == (
+        f"3 clips of {data} cannot be used: clip_000.txt: caption of clip_000.mp4 is not valid UTF-8; video "
+        "clip_001.mp4 has no caption: write clip_001.txt beside it, or caption the clips that have none with "
+        f"`slapgen caption {data}`; clip_002.mp4: video clip_002.mp4 has an empty caption (`slapgen curate {data} "
+        "--out DIR` reports every clip's problems)")
+    for index in range(4, 4 + SHOWN_PROBLEMS):
+        shutil.copy(demo_dataset / "clip_000.mp4", data / f"clip_{index:03d}.mp4")
+    with pytest.raises(DatasetError, match=rf"^{SHOWN_PROBLEMS + 3} clips of .*; and 3 more \(`slapgen curate"):
+        read_dataset(data)
+
+
 def test_links_out_of_the_dataset_are_never_followed(demo_dataset, tmp_path):
     """Guards the dataset reader following symbolic links out of the dataset folder (curation then put
     the outside file's text in its report): a video or caption that leads out is a DatasetError for

@@ -34,6 +34,7 @@ from trainer.trigger_word import PLACEHOLDER, with_trigger_word
 VIDEO_SUFFIXES = (".mp4", ".mov", ".webm", ".mkv", ".avi", ".m4v")
 VIDEO_COLUMN, CAPTION_COLUMN, CONDITION_COLUMN = "video", "caption", "condition"
 _UNDECODABLE = re.compile("[\udc80-\udcff]")  # what surrogateescape makes of bytes that are not UTF-8
+SHOWN_PROBLEMS = 5  # of a dataset's rows that cannot be used, named in its one error
 CAPTION_PROBLEMS = {"caption_unreadable": "is not valid UTF-8", "caption_outside_dataset": "is a link out of the dataset folder"}
 
 
@@ -108,7 +109,18 @@ def read_dataset(path: Path, require_captions: bool = True, require_files: bool 
         if not rows:  # say what a clip is: a folder of stills or of .gif files is a common first try
             raise DatasetError(f"dataset {path} holds no clips: no video file ({', '.join(VIDEO_SUFFIXES)}) in it or "
                                "its subfolders, and no videos.txt + prompts.txt")
-    clips = [_clip(root, row, require_captions, require_files) for row in rows]
+    clips, problems = [], []
+    for row in rows:  # every row's problem at once: a walk-through fixed three, one per start of `train`
+        try:
+            clips.append(_clip(root, row, require_captions, require_files))
+        except DatasetError as error:
+            problems.append(str(error))
+    if len(problems) == 1:
+        raise DatasetError(problems[0])
+    if problems:
+        more = f"; and {len(problems) - SHOWN_PROBLEMS} more" if len(problems) > SHOWN_PROBLEMS else ""
+        raise DatasetError(f"{len(problems)} clips of {path} cannot be used: {'; '.join(problems[:SHOWN_PROBLEMS])}{more} "
+                           f"(`slapgen curate {path} --out DIR` reports every clip's problems)")
     if not clips:
         raise DatasetError(f"dataset {path} holds no clips")
     return clips

@@ -42,6 +42,9 @@ from trainer.frames import load_clip, load_ticft_clip
 CACHE_FORMAT = 4  # 2: entries record the VAE's factors; 3: frames are cut to the output's aspect before scaling;
 # 4: a variable-frame-rate clip is read at the instants it was shot (trainer.frames._open)
 HASH_INDEX = "file_hashes.json"
+# The skipped clips this process has named, by cache entry: a sweep scores every checkpoint of a run on the same
+# held-out clips, and a walk-through's 2-run sweep named its one unreadable clip 16 times. Each report still lists it.
+_NAMED_SKIPS: set[str] = set()
 CLIP_TENSORS = frozenset({"latent_mean", "latent_logvar", "prompt_embeds"})
 PROMPT_TENSORS = frozenset({"prompt_embeds"})
 
@@ -255,7 +258,9 @@ class LatentCache:
                 frames = load_ticft_clip(clip.video, condition, self.ticft.parsed_layout, d.fps, d.height, d.width)
         except ClipError as error:
             report.skipped.append({"video": clip.name, "reason": error.reason, "detail": str(error)})
-            say(f"skipped {clip.name}: {error}")
+            if str(path) not in _NAMED_SKIPS:
+                _NAMED_SKIPS.add(str(path))
+                say(f"skipped {clip.name}: {error}")
             return False
         mean, logvar = self.encoders.encode_video(frames)
         tensors = {

@@ -325,8 +325,8 @@ def train(
             if stopping:
                 bar.close()
                 accelerator.end_training()
-                if run.main:
-                    say(f"interrupted at step {run.step}, saved as a checkpoint; continue with --resume latest")
+                if run.main:  # what to type next is the command's to say (a sweep's is not --resume latest)
+                    say(f"interrupted at step {run.step}, saved as a checkpoint")
                 raise KeyboardInterrupt
             # And at the last step, as finetrainers' and diffusers' scripts do: the final LoRA's videos are the ones a
             # user looks at first, whatever every_steps divides.
