@@ -8,6 +8,7 @@ condition's frames followed by the target's, assembled here and encoded in one V
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
@@ -18,6 +19,10 @@ from slapgen.errors import ImageError
 from slapgen.images import IMAGE_SUFFIXES, image_frame, read_image, resize_and_crop
 from slapgen.models.ticft import TicftLayout
 from trainer.errors import ClipError
+
+# imageio-ffmpeg warns, naming no file, whenever the frames' size differs from the stored one: a probe's scaling is
+# the point, and a phone's clip stored landscape with a rotation is turned upright by ffmpeg, rightly.
+logging.getLogger("imageio_ffmpeg").setLevel(logging.ERROR)
 
 
 def sample_indices(source_fps: float, target_fps: float, num_frames: int) -> list[int]:

@@ -9,7 +9,6 @@ duplicates.py aligns against every other clip's.
 
 from __future__ import annotations
 
-import logging
 import re
 import subprocess
 from dataclasses import asdict, dataclass, field
@@ -27,9 +26,6 @@ FROZEN_MAX_DIFF = 4 / 255  # no block moves more than this between two frames: a
 # Video this much shorter than the file states is decoded again for ffmpeg's errors (a download cut short decodes
 # to its break without one); an audio track that outlasts the video by this much costs that second decode only.
 SHORT_OF_FILE_S = 0.25
-
-# imageio-ffmpeg warns whenever the output size differs from the source; here that is the point.
-logging.getLogger("imageio_ffmpeg").setLevel(logging.ERROR)
 
 
 @dataclass
@@ -70,6 +66,10 @@ def probe_video(path: Path) -> VideoProbe:
     if fps <= 0 or source_width <= 0 or probe_width != PROBE_WIDTH or probe_height <= 0:
         reader.close()
         return VideoProbe(False, "no readable video stream")
+    if (probe_height > probe_width) != (source_height > source_width):
+        # a phone's clip stored landscape with a rotation to show it upright: ffmpeg turns the frames; the size
+        # reported is the one they are shown (and trained) at
+        source_width, source_height = source_height, source_width
     middle = int(float(meta.get("duration") or 0) * fps / 2)
     sampler = FrameSampler(fps)
     black, frozen, count = 0, 0, 0
