@@ -107,7 +107,8 @@ def messy_folder(demo_dataset, tmp_path):
 def test_every_entry_of_a_folder_is_reported_or_named(messy_folder, tmp_path, capsys):
     """Guards entries a folder dataset passed over in silence: a link to a missing file (neither curated nor
     counted), a link to a folder (not walked) and a caption with no video beside it. The link to nothing is a
-    clip curate flags and training names; the other two are listed in the report as not read, and said."""
+    clip curate flags and training names; the other two are listed in the report as not read, and said. Clips
+    that run well past what training reads from their start are counted and said."""
     out = tmp_path / "out"
     assert cli_main(["curate", str(messy_folder), "--out", str(out), "--workers", "1", "--config", "tiny-smoke"]) == 0
     report = json.loads((out / "report.json").read_text())
@@ -120,6 +121,11 @@ def test_every_entry_of_a_folder_is_reported_or_named(messy_folder, tmp_path, ca
     assert "orphan.txt" in (out / "report.html").read_text()
     printed = capsys.readouterr().out
     assert "4 clips: 3 clean, 1 flagged" in printed
+    # tiny-smoke trains 9 frames at 8 fps, 1 s from each clip's start; the demo clips run 2.5 s (a walk-through's
+    # 40 s clip gave 1 s, and nothing said so)
+    assert (report["summary"]["trained_seconds"], report["summary"]["longer_than_trained"]) == (1.0, 3)
+    assert ("  3 clean clips run more than twice the 1 s training reads from a clip's start; the rest of each is "
+            "never trained") in printed
     assert "  corrupt: 1: gone.mp4\n" in printed
     assert "  not read: 2 (linked/, orphan.txt): a link to a folder, not followed" in printed
     with pytest.raises(DatasetError, match=r"gone.mp4 not found \(looked in .*missing.mp4\)"):
@@ -140,12 +146,15 @@ def test_a_second_curate_into_a_folder_leaves_nothing_of_the_first(messy_folder,
     shutil.copy(demo_dataset / "clip_003.mp4", other / "clip_003.mp4")
     shutil.copy(demo_dataset / "clip_003.txt", other / "clip_003.txt")
     capsys.readouterr()
-    assert cli_main(["curate", str(other), "--out", str(out), "--workers", "1", "--config", "tiny-smoke"]) == 0
+    assert cli_main(["curate", str(other), "--out", str(out), "--workers", "1", "--config", "tiny-smoke",
+                     "--set", "data.num_frames=17"]) == 0  # 2 s trained of its 2.5 s: not said
     assert not (out / "selected.jsonl").exists()
     assert sorted(path.name for path in (out / "thumbnails").iterdir()) == ["000000.png"]
     report = json.loads((out / "report.json").read_text())
     assert report["removed_from_earlier_run"] == ["selected.jsonl", "2 thumbnails"]
-    assert f"removed what an earlier curate left in {out}: selected.jsonl, 2 thumbnails" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"removed what an earlier curate left in {out}: selected.jsonl, 2 thumbnails" in printed
+    assert "training reads from a clip's start" not in printed
     assert "1 clip, 1 clean" in (out / "report.html").read_text()
 
 

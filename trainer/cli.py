@@ -142,6 +142,10 @@ def cmd_curate(args) -> int:
         why = (f" (fewer than {data.num_frames} frames at {data.fps:g} fps, the training length of --config "
                f"{args.config})") if code == "too_short" else ""
         print(f"  {code}: {count}{why}: {_first_names([clip['video'] for clip in report['clips'] if code in clip['issues']])}")
+    if summary["longer_than_trained"]:
+        print(f"  {counted(summary['longer_than_trained'], 'clean clip')} run more than twice the "
+              f"{summary['trained_seconds']:g} s training reads from a clip's start; the rest of each is never trained "
+              "(cut long clips into clips of that length to train on all of them)")
     if report["not_read"]:
         print(f"  not read: {len(report['not_read'])} ({_first_names([entry['path'] for entry in report['not_read']])}):"
               f" {report['not_read'][0]['why']}" + ("; the others' reasons are in the report" if len(report["not_read"]) > 1 else ""))
