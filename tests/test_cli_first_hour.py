@@ -497,8 +497,8 @@ def test_curate_says_what_too_short_means(demo_dataset, tmp_path, capsys):
     `too_short: 4` with nothing on what the length is measured against: the default config's training length
     (conservative: 49 frames at 8 fps), which --config changes."""
     assert cli_main(["curate", str(demo_dataset), "--out", str(tmp_path / "o"), "--workers", "1"]) == 0
-    assert "\n  too_short: 4 (fewer than 49 frames at 8 fps, the training length of --config conservative)\n" in \
-        capsys.readouterr().out
+    assert ("\n  too_short: 4 (fewer than 49 frames at 8 fps, the training length of --config conservative): "
+            "clip_000.mp4, clip_001.mp4, clip_002.mp4, and 1 more\n") in capsys.readouterr().out
 
 
 @pytest.mark.slow
