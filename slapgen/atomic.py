@@ -33,6 +33,10 @@ def atomic_path(target: Path | str) -> Iterator[Path]:
     try:
         yield staging
         os.replace(staging, target)
+    except OSError as error:
+        if error.filename is None:  # a failed write (a full disk) names no file: name the one it was for
+            error.filename = str(target)
+        raise
     finally:
         if staging.is_dir():
             shutil.rmtree(staging, ignore_errors=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import errno
 import os
 import sys
 from pathlib import Path
@@ -673,15 +674,37 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         from tqdm import tqdm
 
-        if args.command == "train":  # from what the run folder holds: --resume only with a checkpoint there
-            from trainer.run_folder import after_interrupt
-
-            advice = after_interrupt(args.out, args.overwrite)
-        else:
-            advice = RESUME_ADVICE.get(args.command, "re-run")
         # Above the bar the Ctrl-C left open (a plain print was glued onto the end of its line).
-        tqdm.write(f"slapgen {args.command}: interrupted; finished work is kept ({advice})", file=sys.stderr)
+        tqdm.write(f"slapgen {args.command}: interrupted; finished work is kept ({how_to_continue(args)})", file=sys.stderr)
         return 130
+    except OSError as error:
+        if error.errno not in STORAGE_ERRORS:
+            raise
+        from tqdm import tqdm
+
+        # A full disk or a read-only folder anywhere (latent cache, metrics, TensorBoard, videos): every file that
+        # matters is written whole or not at all, so the work done is kept, as after a Ctrl-C.
+        where = f" {error.filename}" if error.filename else ""
+        fix = {errno.ENOSPC: "free some space", errno.EDQUOT: "raise the quota",
+               errno.EFBIG: "write where larger files fit (FAT32 stops at 4 GiB; `ulimit -f` sets a limit too)"}.get(
+            error.errno, "make it writable")
+        tqdm.write(f"slapgen {args.command}: cannot write{where}: {error.strerror}; {fix}, then "
+                   f"{how_to_continue(args)}", file=sys.stderr)
+        return 2
+
+
+# What no retry of the same write fixes, but freeing space or a permission does.
+STORAGE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES)
+
+
+def how_to_continue(args) -> str:
+    """What to type after a command stopped part-way, and what it redoes: `train`'s from what the run folder holds
+    (--resume only with a checkpoint there, `run_folder.after_interrupt`), the others' from RESUME_ADVICE."""
+    if args.command == "train":
+        from trainer.run_folder import after_interrupt
+
+        return after_interrupt(args.out, args.overwrite)
+    return RESUME_ADVICE.get(args.command, "run the same command again")
 
 
 if __name__ == "__main__":

@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
-from slapgen.atomic import atomic_path, atomic_write_text
+from slapgen.atomic import atomic_write_bytes, atomic_write_text
 from slapgen.errors import first_line
 from slapgen.models.family import ModelFamily, VaeFactors, family_of
 from slapgen.models.loading import ResolvedModel, load_pipeline
@@ -326,5 +326,6 @@ def entry_problem(path: Path, tensors: frozenset[str], vae_metadata: bool = Fals
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    with atomic_path(path) as staging:
-        save_file(tensors, str(staging), metadata=metadata)
+    # Serialised in memory (an entry is megabytes), then written through Python: safetensors' own file writer
+    # reports a full disk as a SafetensorError with no errno, which no caller can tell from a bug.
+    atomic_write_bytes(path, save(tensors, metadata=metadata))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,12 +36,15 @@ from trainer.batches import BatchOrder, captions_dropped, load_batch
 from trainer.config import TrainConfig, check_clip_shape, check_preset_family
 from trainer.datasets import read_training_clips
 from trainer.errors import TrainConfigError, TrainError
+from trainer.folder_lock import FolderLock
 from trainer.interrupt import StopOnInterrupt
 from trainer.latent_cache import CacheEntry, LatentCache
 from trainer.lora import LORA_FILENAME, add_lora, save_lora, set_lora_state
 from trainer.metrics import MetricsLog, peak_memory_mb, truncate_after
 from trainer.optim import make_lr_scheduler, make_optimizer
 from trainer.validation import Validator
+
+TRAIN_LOCK = ".train.lock"  # in the run folder, while a launch trains in it
 
 WEIGHT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}
 
@@ -105,11 +109,13 @@ def mixed_precision_for(config: TrainConfig, spec_dtype: str, device_type: str) 
 
 
 def setup(config: TrainConfig, data_path: Path, run_dir: Path, resume: str | None, progress: bool,
-          overwrite: bool = False) -> Run:
+          overwrite: bool = False, existing: set[str] | None | str = "look") -> Run:
     """Inputs are checked (model, layout, dataset, the run folder's earlier training) before the run
-    folder is created or changed, and a start that fails after creating it removes it again."""
+    folder is created or changed, and a start that fails after creating it removes it again (`existing`: the
+    names it held before this start, None when it was not there; "look": as it is now)."""
     run_dir = Path(run_dir)
-    existing = {path.name for path in run_dir.iterdir()} if run_dir.is_dir() else None
+    if existing == "look":
+        existing = {path.name for path in run_dir.iterdir()} if run_dir.is_dir() else None
     try:
         return _setup(config, data_path, run_dir, resume, progress, overwrite)
     except SlapgenError:
@@ -255,10 +261,22 @@ def train(
 ) -> Path | None:
     """Train a LoRA; returns the final adapter path (None when stopped early by `stop_at_step`).
     `on_step(step)` is called after every optimizer step (a sweep's progress bar counts them).
-    A folder holding earlier training needs `resume` or `overwrite` (trainer.run_folder)."""
+    A folder holding earlier training needs `resume` or `overwrite` (trainer.run_folder), and a folder another
+    `slapgen train` is training in is refused (`TRAIN_LOCK`, held by the launch's main process)."""
+    run_dir = Path(run_dir)
+    existing = {path.name for path in run_dir.iterdir()} if run_dir.is_dir() else None  # before the lock file
+    lock = FolderLock(run_dir, TRAIN_LOCK, lambda folder: TrainError(
+        f"another slapgen train is running in {folder}; wait for it or stop it, or train into another --out")) \
+        if PartialState().is_main_process else nullcontext()
+    with lock:
+        return _train(config, data_path, run_dir, resume, stop_at_step, progress, on_step, overwrite, existing)
+
+
+def _train(config: TrainConfig, data_path: Path, run_dir: Path, resume: str | None, stop_at_step: int | None,
+           progress: bool, on_step: Callable[[int], None] | None, overwrite: bool, existing: set[str] | None) -> Path | None:
     from trainer.progress import progress_bar
 
-    run = setup(config, data_path, run_dir, resume, progress, overwrite)
+    run = setup(config, data_path, run_dir, resume, progress, overwrite, existing)
     accelerator = run.accelerator
     max_steps = config.train.max_train_steps
     if run.step >= max_steps and run.main:  # `--resume latest` of a finished run said only "resumed ... at step N"

@@ -11,9 +11,7 @@ anything changes. Another --pick-by measures nothing new: the rerun reports by i
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +19,7 @@ from pathlib import Path
 from slapgen.atomic import atomic_write_text
 from trainer.config import TrainConfig
 from trainer.errors import SweepError
+from trainer.folder_lock import FolderLock
 from trainer.sweep.evaluate import HELDOUT_LOSS, EvalSettings, metric_columns
 from trainer.sweep.grid import Axis, PlannedRun
 
@@ -216,26 +215,7 @@ def write_definition(out: Path, definition: SweepDefinition) -> None:
         atomic_write_text(path, text)
 
 
-class SweepLock:
-    """An exclusive `flock` on OUT/.sweep.lock for as long as the sweep runs; the kernel drops it when
-    the process ends, however it ends, so a killed sweep never blocks its rerun."""
-
-    def __init__(self, out: Path):
-        self.path = Path(out) / LOCK_FILE
-        self._fd: int | None = None
-
-    def __enter__(self) -> "SweepLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise SweepError(f"another slapgen sweep is running in {self.path.parent}; wait for it or stop it") from None
-        self._fd = fd
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+def sweep_lock(out: Path) -> FolderLock:
+    """Held for as long as the sweep runs (`trainer.folder_lock`): a second sweep into OUT is refused."""
+    return FolderLock(out, LOCK_FILE, lambda folder: SweepError(
+        f"another slapgen sweep is running in {folder}; wait for it or stop it"))

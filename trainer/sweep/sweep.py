@@ -38,7 +38,7 @@ from trainer.sweep.evaluate import (EvalRequest, check_metrics, generation_data,
                                     plan_evaluation)
 from trainer.sweep.execute import (BASE_DIR, RESULT_FILE, RunState, evaluation_inputs, execute_base, execute_run,
                                    read_result, run_state, steps_done)
-from trainer.sweep.folder import (CACHE_DIR, RUNS_DIR, SweepDefinition, SweepLock, check_folder, run_dir,
+from trainer.sweep.folder import (CACHE_DIR, RUNS_DIR, SweepDefinition, sweep_lock, check_folder, run_dir,
                                   write_definition)
 from trainer.sweep.grid import alpha_follows_rank, parse_axis, plan_runs
 from trainer.sweep.pool import Job, run_pool
@@ -206,7 +206,7 @@ def run_sweep(config: str, sets: list[str], grid: list[str], data: Path, heldout
             from trainer.sweep.ray_runs import check_shared_folder
             stack.enter_context(connect(on_ray))
             check_placeable(TaskDemand(gpus_per_run), on_ray)
-        stack.enter_context(SweepLock(out))
+        stack.enter_context(sweep_lock(out))
         check_folder(out, definition)  # again, now that no other sweep can write it
         write_definition(out, definition)  # new, or another --pick-by (the only difference check_folder lets by)
         if on_ray is not None:

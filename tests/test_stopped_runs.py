@@ -1,0 +1,88 @@
+"""Runs stopped by what is outside them: another run in the same folder, a disk that fills, a line cut off."""
+
+from __future__ import annotations
+
+import json
+import resource
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import REPO_ROOT, cli_stderr, offline_env, tiny_train_overrides
+from trainer.metrics import truncate_after
+from trainer.run_folder import last_logged_step
+
+
+def test_a_line_cut_off_mid_write_is_dropped_on_resume(tmp_path):
+    """Guards a resume stopped for good by `json.decoder.JSONDecodeError`: a full disk (or a kill) mid-append left
+    metrics.jsonl ending in `{"step": 53, "loss": 1.0`, and truncate_after parsed every line. Whole lines up to
+    the checkpoint's step stay, byte for byte; the cut line and later steps go."""
+    path = tmp_path / "metrics.jsonl"
+    whole = [json.dumps({"step": step, "loss": 1.0 / step}) for step in range(1, 6)]
+    path.write_text("\n".join(whole) + '\n{"step": 6, "loss": 1.0')
+    assert last_logged_step(tmp_path) == 5
+    truncate_after(path, 3)
+    assert path.read_text() == "\n".join(whole[:3]) + "\n"
+    path.write_text("\n".join(whole) + '\n["not", "a", "record"]\n{"step": "7"}\n')
+    truncate_after(path, 10)
+    assert path.read_text() == "\n".join(whole) + "\n"
+
+
+def test_a_write_that_does_not_fit_ends_in_one_line_and_leaves_no_part_file(tiny_cache_dir, demo_dataset, tmp_path):
+    """Guards a full disk (or a file-size limit: FAT32's 4 GiB, `ulimit -f`) while caching latents ending in
+    safetensors' `SafetensorError: Error while serializing: I/O error`, a traceback that names no file. A real
+    `slapgen precompute` under a 2,000-byte file-size limit (the kernel refuses the cache entry's write: EFBIG)
+    says in one line which file, why, and what to do, and leaves no staging file behind."""
+    cache = tmp_path / "cache"
+
+    def limited():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2000, 2000))
+
+    result = subprocess.run([sys.executable, "-m", "trainer", "precompute", str(demo_dataset), "--model", "tiny",
+                             "--config", "tiny-smoke", "--out", str(cache)], cwd=REPO_ROOT, capture_output=True,
+                            text=True, timeout=300, preexec_fn=limited,
+                            env=offline_env(tmp_path, SLAP_CACHE_DIR=str(tiny_cache_dir), TQDM_DISABLE="1"))
+    assert result.returncode == 2, result.stderr[-3000:]
+    message = cli_stderr(result.stderr).splitlines()[-1]
+    assert message.startswith(f"slapgen precompute: cannot write {cache / 'clips'}/")
+    assert message.endswith(".safetensors: File too large; write where larger files fit (FAT32 stops at 4 GiB; "
+                            "`ulimit -f` sets a limit too), then run the same command again")
+    assert not [path for path in cache.rglob("*") if path.name.endswith(".tmp")]
+
+
+@pytest.mark.slow
+def test_a_second_training_into_a_running_runs_folder_is_refused(tiny_cache_dir, demo_dataset, tmp_path):
+    """Guards two `slapgen train` into one folder: both ran, metrics.jsonl held every step twice and config.yaml
+    disagreed with the LoRA's metadata; with --overwrite the second deleted the running run's files under it
+    (its TensorBoard writer died on FileNotFoundError). The second start is refused in one line and changes
+    nothing; the lock goes with the first run's process, however it ends (here SIGKILL)."""
+    from trainer.folder_lock import FolderLock
+    from trainer.train import TRAIN_LOCK
+
+    run = tmp_path / "run"
+    args = ["train", "--config", "tiny-smoke", "--data", str(demo_dataset), "--out", str(run)]
+    for item in tiny_train_overrides(tiny_cache_dir, "train.max_train_steps=5000", "checkpoint.every_steps=2"):
+        args += ["--set", item]
+    env = offline_env(tmp_path, SLAP_CACHE_DIR=str(tiny_cache_dir))
+    first = subprocess.Popen([sys.executable, "-m", "trainer", *args], cwd=REPO_ROOT, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not list(run.glob("checkpoints/*/trainer_state.json")):
+            assert first.poll() is None and time.monotonic() < deadline, first.communicate()[1][-3000:]
+            time.sleep(0.2)
+        for extra in ([], ["--overwrite"], ["--resume", "latest"]):
+            second = subprocess.run([sys.executable, "-m", "trainer", *args, *extra], cwd=REPO_ROOT, env=env,
+                                    capture_output=True, text=True, timeout=300)
+            assert (second.returncode, cli_stderr(second.stderr)) == (
+                2, f"slapgen train: another slapgen train is running in {run}; wait for it or stop it, or train into "
+                   "another --out"), extra
+        assert first.poll() is None and list(run.glob("checkpoints/*"))  # the first run trains on, its files there
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    with FolderLock(run, TRAIN_LOCK, lambda folder: AssertionError(f"{folder} still locked")):
+        pass

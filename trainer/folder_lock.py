@@ -1,0 +1,42 @@
+"""One process at a time in a folder: an exclusive `flock` on a file in it, held while the work runs.
+
+The kernel drops the lock when the process ends, however it ends (SIGKILL included), so a killed run never
+blocks its rerun; a second start while the first runs is refused in one sentence. `slapgen sweep` holds one
+on its folder, `slapgen train` on its run folder (two trainings in one folder wrote every step twice, and an
+`--overwrite` start deleted a running run's files under it).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from slapgen.errors import SlapgenError
+
+
+class FolderLock:
+    """Held on FOLDER/`name` (the folder made if missing) from `__enter__` to `__exit__`; `refusal(folder)` is the
+    error raised when another process holds it."""
+
+    def __init__(self, folder: Path, name: str, refusal: Callable[[Path], SlapgenError]):
+        self.path = Path(folder) / name
+        self._refusal = refusal
+        self._fd: int | None = None
+
+    def __enter__(self) -> "FolderLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise self._refusal(self.path.parent) from None
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
