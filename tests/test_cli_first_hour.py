@@ -97,6 +97,33 @@ def test_an_interrupted_run_points_to_resume_and_resume_still_works(tiny_cache_d
     assert (run / LORA_FILENAME).is_file() and _logged_steps(run) == [1, 2, 3, 4]
 
 
+def test_a_resume_on_other_clips_is_refused_naming_them(tiny_cache_dir, demo_dataset, tmp_path, capsys):
+    """Guards `--resume latest` training on whatever --data now holds: a resume with another dataset, or after a
+    caption changed, went on without a word (a changed config is refused). It is refused naming the clips that
+    differ and both datasets, before any step; with the run's own clips it continues."""
+    data = tmp_path / "data"
+    shutil.copytree(demo_dataset, data)
+    run = tmp_path / "run"
+    args = _train_args(tiny_cache_dir, data, run, "train.max_train_steps=2", "checkpoint.every_steps=1")
+    assert cli_main([*args, "--stop-at-step", "1"]) == 0
+    caption = (data / "clip_001.txt").read_text()
+    (data / "clip_001.txt").write_text("A cat sleeps on a sofa.")
+    capsys.readouterr()
+    assert cli_main([*args, "--resume", "latest"]) == 2
+    assert cli_stderr(capsys.readouterr().err).endswith(
+        f"slapgen train: the clips differ from the run's (1 changed in content or caption (clip_001.mp4); --data {data} "
+        f"now, {data} in the run): --resume continues that run on its own clips, so resume with them; to train on "
+        "these, start a new run with another --out")
+    other = _train_args(tiny_cache_dir, tmp_path / "elsewhere", run, "train.max_train_steps=2", "checkpoint.every_steps=1")
+    shutil.copytree(demo_dataset, tmp_path / "elsewhere", ignore=shutil.ignore_patterns("clip_000.*"))
+    assert cli_main([*other, "--resume", "latest"]) == 2
+    assert "(1 added (clip_002.mp4); 1 gone (clip_000.mp4); --data" in capsys.readouterr().err
+    assert _logged_steps(run) == [1]
+    (data / "clip_001.txt").write_text(caption)
+    assert cli_main([*args, "--resume", "latest"]) == 0
+    assert _logged_steps(run) == [1, 2]
+
+
 def test_train_ends_pointing_to_what_to_look_at_next(tiny_cache_dir, demo_dataset, tmp_path, capsys, monkeypatch):
     """Guards `slapgen train` ending with only `LoRA written to ...` (a new user's walk-through): its last lines
     also name the final validation videos, metrics.jsonl, the TensorBoard command and how to serve the LoRA,

@@ -17,17 +17,20 @@ from pathlib import Path
 import yaml
 
 from slapgen.models.lora_format import WEIGHTS_FILE as LORA_FILENAME
+from slapgen.atomic import atomic_write_text
 from slapgen.errors import counted
 from slapgen.names import NAME_PATTERN, NAME_RULE
 from trainer import checkpoints
 from trainer.errors import TrainError
 
 CONFIG_FILE = "config.yaml"
+CLIPS_FILE = "clips.json"  # the clips the run trains on, by name and cache key (`check_resume_clips`)
 METRICS_FILE = "metrics.jsonl"
 LOGS_DIR = "logs"  # TensorBoard
 VALIDATION_DIR = "validation"
 # Everything a training run writes into its folder but the latent cache.
-RUN_OUTPUTS = (LORA_FILENAME, checkpoints.CHECKPOINTS_DIR, METRICS_FILE, LOGS_DIR, VALIDATION_DIR, CONFIG_FILE)
+RUN_OUTPUTS = (LORA_FILENAME, checkpoints.CHECKPOINTS_DIR, METRICS_FILE, LOGS_DIR, VALIDATION_DIR, CONFIG_FILE,
+               CLIPS_FILE)
 
 
 def last_logged_step(run_dir: Path) -> int:
@@ -155,6 +158,37 @@ def check_resume_config(run_dir: Path, config_yaml: str) -> None:
         f"schedule, so resume with the same config (--config "
         f"{saved}); to train further, start a new run with another --out and the settings you want (a new run "
         f"trains a new LoRA from the base model: the trainer has no option to start from an existing LoRA)")
+
+
+def check_resume_clips(run_dir: Path, clips: list[tuple[str, str]], data: Path) -> None:
+    """TrainError (one sentence) when a resume would train on other clips than the run's `CLIPS_FILE` records:
+    `clips` are this start's (name, cache key) pairs, in training order, the key holding the file's content and its
+    caption. A resume with another --data, or after a clip or caption changed, trained on without a word (and
+    exact resume assumes the same batches). A run from before the record was kept is not checked."""
+    saved = Path(run_dir) / CLIPS_FILE
+    try:
+        recorded = json.loads(saved.read_text(encoding="utf-8"))
+        before = {name: key for name, key in recorded["clips"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    now = dict(clips)
+    if [list(pair) for pair in clips] == recorded["clips"]:
+        return
+    gone = [name for name in before if name not in now]
+    added = [name for name in now if name not in before]
+    changed = [name for name in now if name in before and now[name] != before[name]]
+    said = [f"{len(names)} {what} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+            for names, what in ((added, "added"), (gone, "gone"), (changed, "changed in content or caption")) if names]
+    differences = "; ".join(said) or "the same clips in another order"
+    raise TrainError(f"the clips differ from the run's ({differences}; --data {data} now, {recorded.get('data')} in "
+                     "the run): --resume continues that run on its own clips, so resume with them; to train on these, "
+                     "start a new run with another --out")
+
+
+def record_clips(run_dir: Path, clips: list[tuple[str, str]], data: Path) -> None:
+    """Write `CLIPS_FILE`: the dataset and the clips a run trains on, for `check_resume_clips`."""
+    atomic_write_text(Path(run_dir) / CLIPS_FILE, json.dumps({"data": str(data), "clips": [list(pair) for pair in clips]},
+                                                             indent=1) + "\n")
 
 
 def where_to_look_next(run_dir: Path, model: str, tensorboard: bool, ticft: bool = False) -> list[str]:
