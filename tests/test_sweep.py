@@ -199,6 +199,29 @@ def test_another_grid_in_the_same_folder_is_refused(killed_and_rerun, capsys):
     assert _mtimes(out) == before and (out / "sweep.json").read_bytes() == definition
 
 
+def test_a_rerun_on_changed_clips_is_refused_naming_them(killed_and_rerun, capsys):
+    """Guards a finished sweep rerun after a held-out caption changed: it kept its finished runs, scored on the old
+    held-out set, beside runs scored on the new one (a crash attacker's results.csv mixed 1.065 and 0.983). The
+    rerun is refused naming the changed clip, and no run, result or report changes; with the clips as they
+    were, it goes on."""
+    out, args, heldout = killed_and_rerun["out"], killed_and_rerun["command"][3:], killed_and_rerun["heldout"]
+    caption_file = heldout / "clip_000.txt"
+    caption = caption_file.read_text()
+    runs = {path: path.stat().st_mtime_ns for path in out.rglob("*") if path.is_file() and "latent-cache" not in path.parts}
+    try:
+        caption_file.write_text("A cat sleeps on a sofa in the afternoon sun.")
+        assert cli_main(args) == 2
+        assert cli_stderr(capsys.readouterr().err).endswith(
+            "slapgen sweep: the clips differ from those this sweep's runs were trained and judged on (--heldout: 1 "
+            "changed in content or caption (clip_000.mp4)); rerun it with them, or choose another --out for a sweep "
+            "of these")
+        assert {path: path.stat().st_mtime_ns for path in runs} == runs
+    finally:
+        caption_file.write_text(caption)
+    assert cli_main(args) == 0
+    assert "sweep: 4 runs, 4 already finished" in capsys.readouterr().out
+
+
 def test_grid_planning(tiny_cache_dir, tmp_path):
     """Guards alpha not following rank (or overriding an alpha the user fixed or put on the grid), list
     values split at their inner commas, a combination that fails validation only when its turn comes,

@@ -171,18 +171,21 @@ def check_resume_clips(run_dir: Path, clips: list[tuple[str, str]], data: Path) 
         before = {name: key for name, key in recorded["clips"]}
     except (OSError, ValueError, KeyError, TypeError):
         return
-    now = dict(clips)
     if [list(pair) for pair in clips] == recorded["clips"]:
         return
+    raise TrainError(f"the clips differ from the run's ({clip_differences(before, dict(clips))}; --data {data} now, "
+                     f"{recorded.get('data')} in the run): --resume continues that run on its own clips, so resume with "
+                     "them; to train on these, start a new run with another --out")
+
+
+def clip_differences(before: dict[str, str], now: dict[str, str]) -> str:
+    """How two sets of clips ({name: cache key}) differ, in words: added, gone, changed in content or caption."""
     gone = [name for name in before if name not in now]
     added = [name for name in now if name not in before]
     changed = [name for name in now if name in before and now[name] != before[name]]
     said = [f"{len(names)} {what} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
             for names, what in ((added, "added"), (gone, "gone"), (changed, "changed in content or caption")) if names]
-    differences = "; ".join(said) or "the same clips in another order"
-    raise TrainError(f"the clips differ from the run's ({differences}; --data {data} now, {recorded.get('data')} in "
-                     "the run): --resume continues that run on its own clips, so resume with them; to train on these, "
-                     "start a new run with another --out")
+    return "; ".join(said) or "the same clips in another order"
 
 
 def record_clips(run_dir: Path, clips: list[tuple[str, str]], data: Path) -> None:

@@ -25,6 +25,7 @@ from trainer.sweep.grid import Axis, PlannedRun
 
 DEFINITION_FILE = "sweep.json"
 LOCK_FILE = ".sweep.lock"
+CLIPS_FILE = "clips.json"  # the clips of --data and --heldout by cache key, as the runs were trained and judged on
 RUNS_DIR = "runs"
 CACHE_DIR = "latent-cache"
 DEFINITION_FORMAT = 1
@@ -219,3 +220,25 @@ def sweep_lock(out: Path) -> FolderLock:
     """Held for as long as the sweep runs (`trainer.folder_lock`): a second sweep into OUT is refused."""
     return FolderLock(out, LOCK_FILE, lambda folder: SweepError(
         f"another slapgen sweep is running in {folder}; wait for it or stop it"))
+
+
+def check_clips(out: Path, clips: dict[str, dict[str, str]]) -> None:
+    """SweepError when the clips of --data or --heldout differ from those the sweep's runs were trained and judged
+    on (`CLIPS_FILE`, written by the first start): a rerun after a caption changed kept its finished runs, scored on
+    the old held-out set, beside new ones. A sweep from before the record was kept is not checked."""
+    from trainer.run_folder import clip_differences
+
+    path = Path(out) / CLIPS_FILE
+    if not path.is_file():
+        atomic_write_text(path, json.dumps(clips, indent=1) + "\n")
+        return
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        recorded = None
+    if not isinstance(recorded, dict) or recorded == clips:
+        return
+    differ = [f"--{role}: {clip_differences(recorded.get(role) or {}, now)}" for role, now in clips.items()
+              if recorded.get(role) != now]
+    raise SweepError(f"the clips differ from those this sweep's runs were trained and judged on ({'; '.join(differ)}); "
+                     "rerun it with them, or choose another --out for a sweep of these")

@@ -38,8 +38,8 @@ from trainer.sweep.evaluate import (EvalRequest, check_metrics, generation_data,
                                     plan_evaluation)
 from trainer.sweep.execute import (BASE_DIR, RESULT_FILE, RunState, evaluation_inputs, execute_base, execute_run,
                                    read_result, run_state, steps_done)
-from trainer.sweep.folder import (CACHE_DIR, RUNS_DIR, SweepDefinition, sweep_lock, check_folder, run_dir,
-                                  write_definition)
+from trainer.sweep.folder import (CACHE_DIR, RUNS_DIR, SweepDefinition, check_clips, check_folder, run_dir,
+                                  sweep_lock, write_definition)
 from trainer.sweep.grid import alpha_follows_rank, parse_axis, plan_runs
 from trainer.sweep.pool import Job, run_pool
 from trainer.sweep.progress import SweepProgress
@@ -74,11 +74,13 @@ def check_generation(definition: SweepDefinition) -> None:
         generation_data(definition.runs[0].config, definition.metrics, definition.evaluation)
 
 
-def encode_once(definition: SweepDefinition, device: str) -> None:
-    """Encode every clip any run trains or is judged on, and the validation prompts, into the shared cache."""
+def encode_once(definition: SweepDefinition, device: str) -> dict[str, dict[str, str]]:
+    """Encode every clip any run trains or is judged on, and the validation prompts, into the shared cache. Returns
+    the clips of --data and --heldout by name and cache key (their content and caption; `check_clips`)."""
     from slapgen.models.loading import TRAINER_SETTING, resolve_model
     from trainer.latent_cache import LatentCache
 
+    clips: dict[str, dict[str, str]] = {}
     done = set()
     for run in definition.runs:
         config = run.config
@@ -93,8 +95,11 @@ def encode_once(definition: SweepDefinition, device: str) -> None:
         trigger = config.data.trigger_word
         training = read_training_clips(Path(definition.data), config.data.max_clips, trigger)
         heldout = read_training_clips(Path(definition.heldout), None, trigger)
-        print(f"latent cache, training clips: {cache.precompute(training).summary()}")
-        print(f"latent cache, held-out clips: {cache.precompute(heldout).summary()}")
+        reports = {"data": cache.precompute(training), "heldout": cache.precompute(heldout)}
+        print(f"latent cache, training clips: {reports['data'].summary()}")
+        print(f"latent cache, held-out clips: {reports['heldout'].summary()}")
+        if not clips:  # one group's keys: a clip's content or caption changes every group's
+            clips = {role: {entry.clip.name: entry.key for entry in report.entries} for role, report in reports.items()}
         if definition.evaluation is not None:  # what `slapgen eval` reads in every run, encoded once here
             generated = LatentCache(config.latent_cache, resolved,
                                     generation_data(config, definition.metrics, definition.evaluation), device=device)
@@ -102,6 +107,7 @@ def encode_once(definition: SweepDefinition, device: str) -> None:
             generated.release_encoders()
         cache.prompt_embeddings([*config.validation_prompts, ""])
         cache.release_encoders()
+    return clips
 
 
 def gpu_slots() -> list[str]:
@@ -212,7 +218,7 @@ def run_sweep(config: str, sets: list[str], grid: list[str], data: Path, heldout
         if on_ray is not None:
             check_shared_folder(out, data, heldout)
         device = default_device()
-        encode_once(definition, device)
+        check_clips(out, encode_once(definition, device))
         runs = list(definition.runs)
         pending = [run for run in runs if run_state(run_dir(out, run)) is not RunState.FINISHED]
         print(f"sweep: {len(runs)} runs, {len(runs) - len(pending)} already finished")
