@@ -18,6 +18,7 @@ from pathlib import Path
 
 from slapgen.atomic import atomic_write_text
 from slapgen.errors import counted
+from slapgen.lifetime import die_with_parent
 from trainer.curate.captions import CaptionReport, check_caption
 from trainer.curate.duplicates import find_duplicates, load_duplicate_search
 from trainer.curate.selection import select_best
@@ -95,7 +96,8 @@ def curate(dataset: Path, out: Path, settings: CurateSettings = CurateSettings()
     signatures: list[Signature | None] = []
     started = time.perf_counter()
     bar = progress_bar(total=len(clips), desc="curate", unit="clip", disable=not progress)
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    # Workers die with this process: a curate killed with SIGKILL left them waiting on its queue for good.
+    with ProcessPoolExecutor(max_workers=workers, initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
         probes = pool.map(_probe, jobs, chunksize=4)  # the workers start decoding now
         load_duplicate_search()  # meanwhile this process loads what it needs afterwards
         for index, probe in probes:
