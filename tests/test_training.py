@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import math
 import re
 import subprocess
@@ -648,3 +649,25 @@ def test_the_last_step_is_validated_whatever_every_steps_divides(tiny_cache_dir,
     train(config, demo_dataset, tmp_path / "run", progress=False)
     assert sorted(p.name for p in (tmp_path / "run" / "validation").iterdir()) == ["step-000002", "step-000003"]
     assert (tmp_path / "run" / "validation" / "step-000003" / "prompt-00.mp4").stat().st_size > 0
+
+
+def test_validation_videos_a_stop_cut_short_are_made_on_resume(tiny_cache_dir, demo_dataset, tmp_path, capsys):
+    """Guards a run killed during the validation of a step it had saved as a checkpoint (the final step here):
+    the resume started after that step, said the run was complete, and its final LoRA's videos were never made.
+    The state a kill leaves is made by removing that step's videos; the resume makes them, bit for bit the ones
+    the uninterrupted run made, and only once."""
+    config = load_config("tiny-smoke", tiny_train_overrides(
+        tiny_cache_dir, "train.max_train_steps=2", "optim.lr_warmup_steps=1", "checkpoint.every_steps=1",
+        "validation.every_steps=2", "validation.num_inference_steps=1", "validation.prompts=[a slap]"))
+    run = tmp_path / "run"
+    train(config, demo_dataset, run, progress=False)
+    video = run / "validation" / "step-000002" / "prompt-00.mp4"
+    made = video.read_bytes()
+    shutil.rmtree(video.parent)
+    capsys.readouterr()
+    train(config, demo_dataset, run, resume="latest", progress=False)
+    assert ("the validation videos of step 2 were not made (the run stopped before they were): making them"
+            in capsys.readouterr().out)
+    assert video.read_bytes() == made
+    train(config, demo_dataset, run, resume="latest", progress=False)
+    assert "were not made" not in capsys.readouterr().out  # made once

@@ -287,6 +287,14 @@ def _train(config: TrainConfig, data_path: Path, run_dir: Path, resume: str | No
     if run.step >= max_steps and run.main:  # `--resume latest` of a finished run said only "resumed ... at step N"
         say(f"the run is complete (step {run.step} of {max_steps}): nothing is left to train, and its LoRA is written "
             "again from its last checkpoint; to train further, start a new run with another --out")
+    # A run stopped during the validation of a step it had saved as a checkpoint (killed there, or a Ctrl-C, which
+    # skips it) resumes after that step, and those videos were never made, the final LoRA's among them. Now they are.
+    due = run.step > 0 and (run.step % config.validation.every_steps == 0 or run.step == max_steps)
+    if resume is not None and run.validator is not None and due and not run.validator.made(run.step):
+        say(f"the validation videos of step {run.step} were not made (the run stopped before they were): making them")
+        run.validator.run(accelerator.unwrap_model(run.transformer), run.step, accelerator.autocast,
+                          progress=progress and run.main)
+    accelerator.wait_for_everyone()
     family = family_of(run.resolved.spec)
     micro_step = run.step * config.train.gradient_accumulation_steps
     run.transformer.train()

@@ -13,7 +13,7 @@ import torch
 
 from slapgen.models.family import ModelFamily
 from slapgen.models.ticft import TicftLayout, next_timestep, start_conditioned
-from slapgen.video import write_mp4
+from slapgen.video import write_mp4_atomic
 from trainer.config import DataConfig, ValidationConfig
 from trainer.progress import progress_options
 
@@ -66,11 +66,18 @@ class Validator:
                 ).frames[0]
                 if self.ticft is not None:
                     frames = frames[self.ticft[0].condition_pixel_frames :]
-                path = self.folder / f"step-{step:06d}" / f"prompt-{index:02d}.mp4"
+                path = self._video(step, index)
                 path.parent.mkdir(parents=True, exist_ok=True)
-                written.append(write_mp4(frames, path, fps=round(self.data.fps)))
+                written.append(write_mp4_atomic(frames, path, fps=round(self.data.fps)))  # whole, or absent
         transformer.train(was_training)
         return written
+
+    def made(self, step: int) -> bool:
+        """Whether every validation video of `step` is there."""
+        return all(self._video(step, index).is_file() for index in range(len(self.prompt_embeds)))
+
+    def _video(self, step: int, index: int) -> Path:
+        return self.folder / f"step-{step:06d}" / f"prompt-{index:02d}.mp4"
 
     def _conditioning(self, pipeline, generator: torch.Generator, device) -> dict:
         """The pipeline arguments of a TIC-FT validation video: its first latents and the re-injection."""
