@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import CogVideoXDPMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel, WanPipeline
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from slapgen.models.cogvideox import draw_noise, latent_frames, rotary_embeddings, training_step
 from slapgen.models.loading import resolve_model
@@ -230,6 +230,41 @@ def test_resume_skips_corrupt_checkpoints_for_the_newest_intact_one(tiny_cache_d
     assert all(torch.equal(a[k], b[k]) for k in a)
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_checkpoint_that_reads_but_holds_the_wrong_things_is_skipped(tiny_cache_dir, demo_dataset, tmp_path,
+                                                                          capsys):
+    """Guards checkpoint files that read whole but hold something else: a LoRA missing half its tensors resumed
+    without a word (those left as initialised, the final LoRA off in every tensor), a LoRA of another rank, an
+    empty dict for optimizer.pt or the RNG state stopped on a KeyError traceback, and a state file whose step is
+    not its folder's resumed at that step with the folder's weights. Each is skipped, saying why, for the one
+    before."""
+    settings = ["train.max_train_steps=4", "checkpoint.every_steps=1", "checkpoint.keep_last=2"]
+    run = tmp_path / "run"
+    train(_config(tiny_cache_dir, *settings), demo_dataset, run, stop_at_step=2, progress=False)
+    latest = run / "checkpoints" / "checkpoint-000002"
+    whole = {path.name: path.read_bytes() for path in latest.iterdir()}
+    lora = load_file(latest / LORA_FILENAME)
+    half = dict(sorted(lora.items())[: len(lora) // 2])
+    key = sorted(lora)[0]
+    wider = {**lora, key: torch.zeros(lora[key].shape[0] * 2, *lora[key].shape[1:])}
+    cases = {
+        LORA_FILENAME: (lambda path: save_file(half, str(path)),
+                        f"{LORA_FILENAME} is not this run's LoRA ({len(lora) - len(half)} of its tensors missing, e.g. "),
+        "optimizer.pt": (lambda path: torch.save({}, path), "optimizer.pt holds no state, param_groups"),
+        "rng-0.pt": (lambda path: torch.save({}, path), "rng-0.pt holds no torch, noise"),
+        "trainer_state.json": (lambda path: path.write_text(json.dumps({**json.loads(path.read_text()), "step": 1})),
+                               "trainer_state.json says step 1, its folder 2"),
+    }
+    for name, (damage, reason) in [*cases.items(), ("wider", (lambda path: save_file(wider, str(path)),
+                                                             f"{LORA_FILENAME} is not this run's LoRA ({key} is "))]:
+        damage(latest / (LORA_FILENAME if name == "wider" else name))
+        capsys.readouterr()
+        train(_config(tiny_cache_dir, *settings), demo_dataset, run, resume="latest", stop_at_step=2, progress=False)
+        out = capsys.readouterr().out
+        assert f"skipping checkpoint-000002: {reason}" in out and "checkpoint-000001 at step 1" in out, (name, out)
+        for file, data in whole.items():  # the next case starts from the checkpoint as it was
+            (latest / file).write_bytes(data)
 
 
 def _full_disk(monkeypatch, failing, code: int) -> None:

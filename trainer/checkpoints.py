@@ -205,11 +205,23 @@ def read_files(folder: Path, process_index: int, num_processes: int) -> Checkpoi
     if processes != num_processes:
         raise TrainError(f"{folder} was saved by {processes} processes; resume it with as many "
                          f"(this run has {num_processes})")
-    rngs = [_read(folder, rng_file(index), _torch_load) for index in range(processes)]
+    named = _NAME.match(Path(folder).name)
+    if named is not None and int(named.group(1)) != state["step"]:
+        raise CorruptCheckpoint(f"{STATE_FILE} says step {state['step']}, its folder {int(named.group(1))}")
+    rngs = [_holding(_read(folder, rng_file(index), _torch_load), rng_file(index), "torch", "noise")
+            for index in range(processes)]
     return CheckpointContents(
         state=state,
         lora=_read(folder, WEIGHTS_FILE, lambda path: load_file(str(path))),
-        optimizer=_read(folder, OPTIMIZER_FILE, _torch_load),
-        scheduler=_read(folder, SCHEDULER_FILE, _torch_load),
+        optimizer=_holding(_read(folder, OPTIMIZER_FILE, _torch_load), OPTIMIZER_FILE, "state", "param_groups"),
+        scheduler=_holding(_read(folder, SCHEDULER_FILE, _torch_load), SCHEDULER_FILE),
         rng=rngs[process_index],
     )
+
+
+def _holding(contents, name: str, *keys: str):
+    """`contents`, read from the file `name`, when it is the dict of state it should be, with `keys` in it; else
+    CorruptCheckpoint (a file that reads but holds something else stopped a resume on a KeyError)."""
+    if not isinstance(contents, dict) or any(key not in contents for key in keys):
+        raise CorruptCheckpoint(f"{name} holds no {'state' if not keys else ', '.join(keys)}")
+    return contents

@@ -39,7 +39,7 @@ from trainer.errors import TrainConfigError, TrainError
 from trainer.folder_lock import FolderLock
 from trainer.interrupt import StopOnInterrupt
 from trainer.latent_cache import CacheEntry, LatentCache
-from trainer.lora import LORA_FILENAME, add_lora, save_lora, set_lora_state
+from trainer.lora import LORA_FILENAME, add_lora, lora_state_dict, save_lora, set_lora_state
 from trainer.metrics import MetricsLog, peak_memory_mb, truncate_after
 from trainer.optim import make_lr_scheduler, make_optimizer
 from trainer.validation import Validator
@@ -412,7 +412,20 @@ def save_checkpoint(run: Run) -> Path:
 
 
 def read_checkpoint(run: Run, folder: Path) -> checkpoints.CheckpointContents:
-    return checkpoints.read_files(folder, run.accelerator.process_index, run.accelerator.num_processes)
+    """The checkpoint's files, its LoRA holding exactly this run's tensors (a LoRA missing some resumed without a
+    word, the missing ones left as initialised; one of another rank stopped on a traceback): else CorruptCheckpoint,
+    and `--resume latest` takes the one before."""
+    contents = checkpoints.read_files(folder, run.accelerator.process_index, run.accelerator.num_processes)
+    expected = {key: tuple(value.shape) for key, value in lora_state_dict(run.accelerator.unwrap_model(run.transformer)).items()}
+    found = {key: tuple(value.shape) for key, value in contents.lora.items()}
+    if found != expected:
+        missing = sorted(expected.keys() - found.keys())
+        other = sorted(key for key in expected.keys() & found.keys() if expected[key] != found[key])
+        what = (f"{len(missing)} of its tensors missing, e.g. {missing[0]}" if missing else
+                f"{other[0]} is {list(found[other[0]])} where this run's is {list(expected[other[0]])}" if other else
+                f"tensors this run lacks, e.g. {sorted(found.keys() - expected.keys())[0]}")
+        raise checkpoints.CorruptCheckpoint(f"{LORA_FILENAME} is not this run's LoRA ({what})")
+    return contents
 
 
 def apply_checkpoint(run: Run, folder: Path, contents: checkpoints.CheckpointContents) -> None:
