@@ -86,3 +86,26 @@ def test_a_second_training_into_a_running_runs_folder_is_refused(tiny_cache_dir,
         first.wait()
     with FolderLock(run, TRAIN_LOCK, lambda folder: AssertionError(f"{folder} still locked")):
         pass
+
+
+def test_a_ctrl_c_meant_for_another_job_stays_ignored():
+    """Guards training stopping on a SIGINT its process was started ignoring (a shell's background job, `cmd &`,
+    gets SIGINT ignored, and a Ctrl-C meant for the foreground stopped the job's training though not its encoding):
+    an ignored SIGINT stays ignored inside `StopOnInterrupt`; one that is not asks the run to stop."""
+    import os
+
+    from trainer.interrupt import StopOnInterrupt
+
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with StopOnInterrupt("stopping") as ignored:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+        assert not ignored.requested and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        with StopOnInterrupt("stopping") as asked:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+        assert asked.requested and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, before)
