@@ -28,7 +28,8 @@ class StopOnInterrupt:
         # Signal handlers belong to the main thread; elsewhere (a thread of a test) Ctrl-C stays as it was. An
         # ignored SIGINT stays ignored: a shell starts a background job so (`cmd &`), and a Ctrl-C meant for the
         # foreground stopped the job's training, though not its encoding (a walk-through's find).
-        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        main = threading.current_thread() is threading.main_thread()
+        if main and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
             self._previous = signal.signal(signal.SIGINT, self._on_interrupt)
         return self
 
