@@ -15,6 +15,7 @@ previous one (`checkpoints.read_resumable`).
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -270,9 +271,11 @@ def train(
     `slapgen train` is training in is refused (`TRAIN_LOCK`, held by the launch's main process)."""
     run_dir = Path(run_dir)
     existing = {path.name for path in run_dir.iterdir()} if run_dir.is_dir() else None  # before the lock file
+    # The launch's first process, from torchrun's RANK: accelerate's state is not set up yet (a PartialState made
+    # now, before the CPU flag is read, had each of two CPU processes take itself for the main one).
     lock = FolderLock(run_dir, TRAIN_LOCK, lambda folder: TrainError(
         f"another slapgen train is running in {folder}; wait for it or stop it, or train into another --out")) \
-        if PartialState().is_main_process else nullcontext()
+        if os.environ.get("RANK", "0") == "0" else nullcontext()
     with lock:
         return _train(config, data_path, run_dir, resume, stop_at_step, progress, on_step, overwrite, existing)
 

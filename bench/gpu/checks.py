@@ -401,7 +401,14 @@ def main() -> int:
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", BENTOML_DO_NOT_TRACK="True")
-    env.setdefault("SLAP_CACHE_DIR", tempfile.mkdtemp(prefix="slapgen-gpu-cache-"))
+    if "SLAP_CACHE_DIR" in env:
+        return _run_checks(args, checks, env, deadline, out)
+    # A cache folder of its own, gone with the run (each dry run in the tests left one in /tmp)
+    with tempfile.TemporaryDirectory(prefix="slapgen-gpu-cache-") as cache:
+        return _run_checks(args, checks, {**env, "SLAP_CACHE_DIR": cache}, deadline, out)
+
+
+def _run_checks(args, checks: list, env: dict, deadline: float, out: Path) -> int:
     summary = {"mode": "dry-run (tiny model, CPU)" if args.dry_run else "gpu", "started": time.strftime("%Y-%m-%d %H:%M:%S"),
                **environment(), "budget_s": args.budget_s, "blocks": args.blocks, "checks": []}
     device = summary["device"]
