@@ -97,10 +97,11 @@ def test_an_interrupted_run_points_to_resume_and_resume_still_works(tiny_cache_d
     assert (run / LORA_FILENAME).is_file() and _logged_steps(run) == [1, 2, 3, 4]
 
 
-def test_a_resume_on_other_clips_is_refused_naming_them(tiny_cache_dir, demo_dataset, tmp_path, capsys):
+def test_a_resume_on_other_clips_is_refused_naming_them(tiny_cache_dir, demo_dataset, tmp_path, capsys, monkeypatch):
     """Guards `--resume latest` training on whatever --data now holds: a resume with another dataset, or after a
     caption changed, went on without a word (a changed config is refused). It is refused naming the clips that
-    differ and both datasets, before any step; with the run's own clips it continues."""
+    differ and both datasets, before any step; with the run's own clips it continues, after an upgrade that
+    changed the latent cache's format too (a record by cache key called every clip changed then)."""
     data = tmp_path / "data"
     shutil.copytree(demo_dataset, data)
     run = tmp_path / "run"
@@ -120,6 +121,7 @@ def test_a_resume_on_other_clips_is_refused_naming_them(tiny_cache_dir, demo_dat
     assert "(1 added (clip_002.mp4); 1 gone (clip_000.mp4); --data" in capsys.readouterr().err
     assert _logged_steps(run) == [1]
     (data / "clip_001.txt").write_text(caption)
+    monkeypatch.setattr("trainer.latent_cache.CACHE_FORMAT", 99)  # every clip encoded again, none changed
     assert cli_main([*args, "--resume", "latest"]) == 0
     assert _logged_steps(run) == [1, 2]
 

@@ -96,6 +96,9 @@ class CacheEntry:
     key: str
     path: Path
     clip: Clip
+    # The clip itself, whatever encodes it: its file's content, caption and condition file (the key adds the
+    # model, size and cache format, which a release or another model revision changes while the clips do not).
+    content: str = ""
 
     def vae_factors(self) -> VaeFactors:
         with safe_open(str(self.path), framework="pt") as handle:
@@ -229,14 +232,15 @@ class LatentCache:
 
         try:
             for clip in bar:
-                key = self.clip_key(hasher.digest(clip.video), clip.caption or "", self._condition_hash(clip, hasher))
+                identity = (hasher.digest(clip.video), clip.caption or "", self._condition_hash(clip, hasher))
+                key = self.clip_key(*identity)
                 path = self._path("clips", key)
                 if _reusable(path, CLIP_TENSORS, clip.name, report, say):
                     report.reused += 1
-                    report.entries.append(CacheEntry(key, path, clip))
+                    report.entries.append(CacheEntry(key, path, clip, _sha256(*identity)))
                 elif self._encode_clip(clip, path, report, say):
                     report.encoded += 1
-                    report.entries.append(CacheEntry(key, path, clip))
+                    report.entries.append(CacheEntry(key, path, clip, _sha256(*identity)))
                 # drawn with the count, when the loop moves on: tqdm updates the count an iterated bar shows
                 # only when it draws, so an immediate redraw showed a count behind the postfix ("0/8 ... encoded=6");
                 # after a skipped clip too (a last one skipped left "skipped=1" beside "skipped: 2 corrupt")

@@ -24,7 +24,7 @@ from trainer import checkpoints
 from trainer.errors import TrainError
 
 CONFIG_FILE = "config.yaml"
-CLIPS_FILE = "clips.json"  # the clips the run trains on, by name and cache key (`check_resume_clips`)
+CLIPS_FILE = "clips.json"  # the clips the run trains on, by name and content (`check_resume_clips`)
 METRICS_FILE = "metrics.jsonl"
 LOGS_DIR = "logs"  # TensorBoard
 VALIDATION_DIR = "validation"
@@ -162,8 +162,8 @@ def check_resume_config(run_dir: Path, config_yaml: str) -> None:
 
 def check_resume_clips(run_dir: Path, clips: list[tuple[str, str]], data: Path) -> None:
     """TrainError (one sentence) when a resume would train on other clips than the run's `CLIPS_FILE` records:
-    `clips` are this start's (name, cache key) pairs, in training order, the key holding the file's content and its
-    caption. A resume with another --data, or after a clip or caption changed, trained on without a word (and
+    `clips` are this start's (name, content) pairs in training order (`CacheEntry.content`: the file, the caption and
+    a condition file, not the model or cache format, which an upgrade may change). A resume with another --data, or after a clip or caption changed, trained on without a word (and
     exact resume assumes the same batches). A run from before the record was kept is not checked."""
     saved = Path(run_dir) / CLIPS_FILE
     try:
@@ -179,7 +179,7 @@ def check_resume_clips(run_dir: Path, clips: list[tuple[str, str]], data: Path) 
 
 
 def clip_differences(before: dict[str, str], now: dict[str, str]) -> str:
-    """How two sets of clips ({name: cache key}) differ, in words: added, gone, changed in content or caption."""
+    """How two sets of clips ({name: content}) differ, in words: added, gone, changed in content or caption."""
     gone = [name for name in before if name not in now]
     added = [name for name in now if name not in before]
     changed = [name for name in now if name in before and now[name] != before[name]]

@@ -185,7 +185,7 @@ def _setup(config: TrainConfig, data_path: Path, run_dir: Path, resume: str | No
         say(f"data: {report.summary()}")
     if not report.entries:
         raise TrainError(f"no usable clips in {data_path} ({report.summary()})")
-    trained_clips = [(entry.clip.name, entry.key) for entry in report.entries]
+    trained_clips = [(entry.clip.name, entry.content) for entry in report.entries]
     if resume is not None:  # in every process: each has the same clips and folder, so all or none raise
         run_folder.check_resume_clips(run_dir, trained_clips, data_path)
     if main:

@@ -25,7 +25,7 @@ from trainer.sweep.grid import Axis, PlannedRun
 
 DEFINITION_FILE = "sweep.json"
 LOCK_FILE = ".sweep.lock"
-CLIPS_FILE = "clips.json"  # the clips of --data and --heldout by cache key, as the runs were trained and judged on
+CLIPS_FILE = "sweep_clips.json"  # the clips of --data and --heldout by content, as the runs were trained and judged on
 RUNS_DIR = "runs"
 CACHE_DIR = "latent-cache"
 DEFINITION_FORMAT = 1

@@ -76,7 +76,7 @@ def check_generation(definition: SweepDefinition) -> None:
 
 def encode_once(definition: SweepDefinition, device: str) -> dict[str, dict[str, str]]:
     """Encode every clip any run trains or is judged on, and the validation prompts, into the shared cache. Returns
-    the clips of --data and --heldout by name and cache key (their content and caption; `check_clips`)."""
+    the clips of --data and --heldout by name and content (their file, caption and condition; `check_clips`)."""
     from slapgen.models.loading import TRAINER_SETTING, resolve_model
     from trainer.latent_cache import LatentCache
 
@@ -99,7 +99,7 @@ def encode_once(definition: SweepDefinition, device: str) -> dict[str, dict[str,
         print(f"latent cache, training clips: {reports['data'].summary()}")
         print(f"latent cache, held-out clips: {reports['heldout'].summary()}")
         if not clips:  # one group's keys: a clip's content or caption changes every group's
-            clips = {role: {entry.clip.name: entry.key for entry in report.entries} for role, report in reports.items()}
+            clips = {role: {entry.clip.name: entry.content for entry in report.entries} for role, report in reports.items()}
         if definition.evaluation is not None:  # what `slapgen eval` reads in every run, encoded once here
             generated = LatentCache(config.latent_cache, resolved,
                                     generation_data(config, definition.metrics, definition.evaluation), device=device)
