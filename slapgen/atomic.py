@@ -34,7 +34,8 @@ def atomic_path(target: Path | str) -> Iterator[Path]:
         yield staging
         os.replace(staging, target)
     except OSError as error:
-        if error.filename is None:  # a failed write (a full disk) names no file: name the one it was for
+        # A failed write (a full disk) names no file, a failed open the hidden staging one: name the one it was for.
+        if error.filename is None or str(error.filename) == str(staging):
             error.filename = str(target)
         raise
     finally:

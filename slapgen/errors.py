@@ -26,6 +26,11 @@ def counted(number: int, noun: str) -> str:
     return f"{number} {noun}{'s' * (number != 1)}"
 
 
+def first_names(names: list[str], shown: int = 3) -> str:
+    """The first `shown` names, and how many more: which things a count is of, without a page of them."""
+    return ", ".join(names[:shown]) + (f", and {len(names) - shown} more" if len(names) > shown else "")
+
+
 def validation_message(issue: dict) -> str:
     """A pydantic validation issue's message, without the prefix pydantic puts before an error our own
     validators raise ("Value error, ", "Assertion failed, "): their sentence as they wrote it. For every

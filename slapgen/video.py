@@ -69,10 +69,28 @@ def write_mp4_atomic(frames: np.ndarray, path: Path, fps: int) -> Path:
         encoding = staging.with_name(staging.name + ".mp4")
         try:
             write_mp4(frames, encoding, fps)
+            check_playable(encoding, path)
             encoding.replace(staging)
         finally:
             encoding.unlink(missing_ok=True)
     return Path(path)
+
+
+def check_playable(written: Path, target: Path) -> None:
+    """OSError naming `target` unless the mp4 just `written` opens (its index, written last, is there): the encoder
+    ends without a word when its output cannot be written whole (a full disk, a file-size limit), and the cut file
+    passed for a whole one (a review's find, under a 2,000-byte file-size limit)."""
+    import errno
+
+    import imageio_ffmpeg
+
+    try:
+        reader = imageio_ffmpeg.read_frames(str(written))
+        next(reader)
+        reader.close()
+    except (OSError, RuntimeError, StopIteration):
+        raise OSError(errno.EIO, "the video was not written whole (a full disk, or a file-size limit?)", str(target)) \
+            from None
 
 
 def read_mp4(path: Path) -> tuple[np.ndarray, float]:

@@ -685,5 +685,9 @@ def test_the_advice_after_a_ctrl_c_follows_what_the_run_folder_holds(tmp_path):
     (run / "checkpoints" / "checkpoint-000003").mkdir(parents=True)
     (run / "checkpoints" / "checkpoint-000003" / "trainer_state.json").write_text('{"step": 3}')
     assert after_interrupt(run) == "add --resume latest to continue from checkpoint-000003"
+    # a command that resumed already (it said "add --resume latest" to it)
+    assert after_interrupt(run, resume="latest") == "run the same command to continue from checkpoint-000003"
+    assert after_interrupt(run, resume="checkpoint-000001") == ("replace --resume checkpoint-000001 with --resume latest "
+                                                                "to continue from checkpoint-000003")
     assert after_interrupt(run, overwrite=True) == ("replace --overwrite with --resume latest to continue from "
                                                     "checkpoint-000003")

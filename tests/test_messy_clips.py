@@ -4,6 +4,7 @@ nothing, links to folders, captions without a video, and a curate folder used tw
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -45,6 +46,11 @@ def clips(tmp_path_factory):
     _ffmpeg(*source, "-f", "lavfi", "-i", "sine=duration=4.5", "-c:v", "libx264", "-c:a", "aac",
             str(folder / "long_audio.mp4"))  # 3 s of video, 4.5 s of sound: whole, not cut
     _ffmpeg("-f", "lavfi", "-i", "sine=duration=2", "-c:a", "aac", str(folder / "audio_only.mp4"))
+    for name in ("whole", "long_audio"):  # bytes damaged mid-file, its length and index whole
+        data = bytearray((folder / f"{name}.mp4").read_bytes())
+        for index in range(len(data) // 2, len(data) // 2 + 400, 7):
+            data[index] ^= 0xFF
+        (folder / f"{name}_damaged.mp4").write_bytes(bytes(data))
     # A phone's portrait clip: stored 160x120, with a rotation to show it upright
     _ffmpeg("-display_rotation", "90", "-i", str(folder / "long_audio.mp4"), "-c", "copy", str(folder / "rotated.mp4"))
     return folder
@@ -70,13 +76,17 @@ def test_the_probe_counts_a_variable_frame_rate_clip_by_its_own_frames(clips):
     assert probe.frozen_fraction == 0.0
 
 
-def test_a_download_cut_short_is_corrupt_and_a_longer_soundtrack_is_not(clips):
+@pytest.mark.parametrize("name, stated", [("cut", "3.00"), ("whole_damaged", "3.00"), ("long_audio_damaged", "4.50")])
+def test_a_download_cut_short_or_damaged_is_corrupt_and_a_longer_soundtrack_is_not(clips, name, stated):
     """Guards a half-downloaded mp4 (its index at the front, so its header says 3 s) passing curate as a clean
-    1.4 s clip: its video stops short of what the file states and ffmpeg reports errors decoding it. A clip
-    whose audio outlasts its video is also short of the file's length, but decodes cleanly, so it stays."""
-    cut = probe_video(clips / "cut.mp4")
-    assert not cut.readable
-    assert cut.error.startswith("cut short: its video decodes to 1.") and "of the 3.00 s the file states (" in cut.error
+    1.4 s clip, and bytes damaged mid-clip passing as clean footage (ffmpeg conceals them into frames): the
+    decoding stops at the first error, short of what the file states, and the error is said. A clip whose audio
+    outlasts its video is also short of the file's length, but decodes cleanly, so it stays; so does the
+    whole clip."""
+    probe = probe_video(clips / f"{name}.mp4")
+    assert not probe.readable
+    assert re.fullmatch(rf"its video stops at [0-2]\.\d\d s of the {stated} s the file states, on a decoding error "
+                        r"\(cut short, or damaged: [^\[\]]+\)", probe.error), probe.error
     long_audio = probe_video(clips / "long_audio.mp4")
     assert long_audio.readable and long_audio.duration_s == pytest.approx(3.0)
     assert probe_video(clips / "whole.mp4").readable
@@ -147,6 +157,7 @@ def test_a_second_curate_into_a_folder_leaves_nothing_of_the_first(messy_folder,
     other.mkdir()
     shutil.copy(demo_dataset / "clip_003.mp4", other / "clip_003.mp4")
     shutil.copy(demo_dataset / "clip_003.txt", other / "clip_003.txt")
+    (other / "clip_004.mp4").write_bytes(b"not a video")  # second, where the first run's second clip was readable
     capsys.readouterr()
     assert cli_main(["curate", str(other), "--out", str(out), "--workers", "1", "--config", "tiny-smoke",
                      "--set", "data.num_frames=17"]) == 0  # 2 s trained of its 2.5 s: not said
@@ -157,7 +168,7 @@ def test_a_second_curate_into_a_folder_leaves_nothing_of_the_first(messy_folder,
     printed = capsys.readouterr().out
     assert f"removed what an earlier curate left in {out}: selected.jsonl, 2 thumbnails" in printed
     assert "training reads from a clip's start" not in printed
-    assert "1 clip, 1 clean" in (out / "report.html").read_text()
+    assert "2 clips, 1 clean" in (out / "report.html").read_text()
 
 
 def test_a_rotated_phone_clip_is_measured_upright_and_read_without_a_warning(clips):
@@ -216,3 +227,21 @@ def test_curates_workers_die_with_it(demo_dataset, tmp_path):
     while [pid for pid in workers if _running(pid)] and time.monotonic() < deadline:
         time.sleep(0.1)
     assert [pid for pid in workers if _running(pid)] == []
+
+
+@pytest.mark.parametrize("version, option", [("n9.0.2-17-g2a571b6068-20260930", "-fps_mode"), ("5.1.6-0+deb12u1", "-fps_mode"),
+                                             ("4.4.2-0ubuntu0.22.04.1", "-vsync"), ("5.0.1", "-vsync"),
+                                             ("N-112233-gabcdef", "-fps_mode")])
+def test_the_probe_asks_each_ffmpeg_for_every_frame_in_its_own_words(version, option, monkeypatch):
+    """Guards an older ffmpeg (IMAGEIO_FFMPEG_EXE: Ubuntu 22.04's 4.4) refusing `-fps_mode`, which it does not know,
+    so every clip read as corrupt: before 5.1 the option is `-vsync` (which 7.0 dropped)."""
+    import imageio_ffmpeg
+
+    from trainer.curate.video_probe import passthrough_option
+
+    monkeypatch.setattr(imageio_ffmpeg, "get_ffmpeg_version", lambda: version)
+    passthrough_option.cache_clear()
+    try:
+        assert passthrough_option() == [option, "passthrough"]
+    finally:
+        passthrough_option.cache_clear()

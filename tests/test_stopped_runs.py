@@ -109,3 +109,37 @@ def test_a_ctrl_c_meant_for_another_job_stays_ignored():
         assert asked.requested and signal.getsignal(signal.SIGINT) is signal.default_int_handler
     finally:
         signal.signal(signal.SIGINT, before)
+
+
+def test_a_video_that_could_not_be_written_whole_is_not_published(tmp_path):
+    """Guards `write_mp4_atomic` publishing a cut mp4 as whole: the encoder ends without a word when its output does
+    not fit (here a 2,000-byte file-size limit, which a full disk acts like), and the 2,000 bytes it left ("moov atom
+    not found") were renamed into place, where a resume took a validation video for made. Now an OSError names the
+    video and nothing is left; without the limit the same call writes it."""
+    script = ("import resource, sys\nfrom pathlib import Path\nimport numpy as np\n"
+              "from slapgen.video import write_mp4_atomic\n"
+              "if sys.argv[2] == 'limited':\n    resource.setrlimit(resource.RLIMIT_FSIZE, (2000, 2000))\n"
+              "try:\n    write_mp4_atomic(np.random.default_rng(0).random((9, 64, 96, 3)), Path(sys.argv[1]), 8)\n"
+              "except OSError as error:\n    print('OSError', error.errno, error.filename)\n"
+              "print(sorted(path.name for path in Path(sys.argv[1]).parent.iterdir()))\n")
+    for folder, mode in ((tmp_path / "limited", "limited"), (tmp_path / "free", "free")):
+        folder.mkdir()
+        result = subprocess.run([sys.executable, "-c", script, str(folder / "video.mp4"), mode], cwd=REPO_ROOT,
+                                capture_output=True, text=True, timeout=120)
+        expected = (f"OSError 5 {folder / 'video.mp4'}\n[]\n" if mode == "limited" else "['video.mp4']\n")
+        assert result.stdout == expected, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("variables, first", [({}, True), ({"RANK": "0"}, True), ({"RANK": "1"}, False),
+                                              ({"PMI_RANK": "1"}, False), ({"OMPI_COMM_WORLD_RANK": "2"}, False)])
+def test_the_run_folders_lock_is_the_first_processs_alone(variables, first, monkeypatch):
+    """Guards every process of a CPU launch taking the run folder's lock (a PartialState made before the
+    Accelerator took each for the main one, and the second was refused: "another slapgen train is running"), and an
+    MPI launch, which sets no RANK, reading every process as the first. The rank is read as accelerate reads it."""
+    from trainer.train import first_process
+
+    for name in ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    assert first_process() is first

@@ -179,13 +179,23 @@ def test_every_unusable_clip_is_named_in_one_error(demo_dataset, tmp_path):
     with pytest.raises(DatasetError) as error:
         read_dataset(data)
     assert str(error.value) == (
-        f"3 clips of {data} cannot be used: clip_000.txt: caption of clip_000.mp4 is not valid UTF-8; video "
-        "clip_001.mp4 has no caption: write clip_001.txt beside it, or caption the clips that have none with "
-        f"`slapgen caption {data}`; clip_002.mp4: video clip_002.mp4 has an empty caption (`slapgen curate {data} "
-        "--out DIR` reports every clip's problems)")
-    for index in range(4, 4 + SHOWN_PROBLEMS):
+        f"3 clips of {data} cannot be used: clip_000.txt: caption of clip_000.mp4 is not valid UTF-8; clip_002.mp4: "
+        "video clip_002.mp4 has an empty caption; video clip_001.mp4 has no caption: write clip_001.txt beside it, or "
+        f"caption the clips that have none with `slapgen caption {data}` (`slapgen curate {data} --out DIR` reports "
+        "every clip's problems)")
+    # More uncaptioned videos: said in one sentence (the same advice was repeated for each)
+    for index in range(4, 8):
         shutil.copy(demo_dataset / "clip_000.mp4", data / f"clip_{index:03d}.mp4")
-    with pytest.raises(DatasetError, match=rf"^{SHOWN_PROBLEMS + 3} clips of .*; and 3 more \(`slapgen curate"):
+    with pytest.raises(DatasetError) as grouped:
+        read_dataset(data)
+    assert (f"7 clips of {data} cannot be used: clip_000.txt: caption of clip_000.mp4 is not valid UTF-8; clip_002.mp4: "
+            "video clip_002.mp4 has an empty caption; 5 videos have no caption (clip_001.mp4, clip_004.mp4, "
+            f"clip_005.mp4, and 2 more): write a .txt beside each, or caption the clips that have none with `slapgen "
+            f"caption {data}`") in str(grouped.value)
+    for index in range(SHOWN_PROBLEMS + 2):  # past SHOWN_PROBLEMS problems of other kinds: how many more
+        (data / f"bad_{index}.txt").write_text("  ")
+        shutil.copy(demo_dataset / "clip_000.mp4", data / f"bad_{index}.mp4")
+    with pytest.raises(DatasetError, match=r"; and 5 more \(`slapgen curate"):
         read_dataset(data)
 
 

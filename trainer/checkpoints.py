@@ -11,7 +11,6 @@ A checkpoint folder: the LoRA file, `optimizer.pt`, `scheduler.pt`, `rng-K.pt` p
 
 from __future__ import annotations
 
-import errno
 import json
 import pickle
 import re
@@ -27,7 +26,7 @@ from safetensors import SafetensorError
 from slapgen.atomic import atomic_path, atomic_write_text
 from slapgen.errors import first_line
 from slapgen.models.lora_format import WEIGHTS_FILE
-from trainer.errors import TrainError
+from trainer.errors import STORAGE_FIXES, TrainError
 
 if TYPE_CHECKING:  # imported where checkpoints are written and read: listing them (eval's checks) needs no torch
     import torch
@@ -135,7 +134,6 @@ def _save(obj, path: Path) -> None:
         torch.save(obj, handle)
 
 
-STORAGE_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 @contextmanager
@@ -150,7 +148,7 @@ def stop_on_write_error(what: str, run_dir: Path, begun: Path | None = None) -> 
         if begun is not None and not (begun / STATE_FILE).exists():
             shutil.rmtree(begun, ignore_errors=True)
         complete = list_checkpoints(run_dir)
-        fix = "free some space (or raise the quota)" if error.errno in STORAGE_FULL else "fix that"
+        fix = STORAGE_FIXES.get(error.errno, "fix that")
         then = f"continue with --resume latest (from {complete[-1].name})" if complete else "train again"
         raise TrainError(f"cannot save {what} in {run_dir}: {error.strerror or first_line(error)}; {fix}, then {then}") from None
 

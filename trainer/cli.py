@@ -15,7 +15,7 @@ from pathlib import Path
 
 from slapgen.errors import SlapgenError
 from slapgen.names import NAME_RULE
-from trainer.errors import DatasetError, EvalError
+from trainer.errors import STORAGE_FIXES, DatasetError, EvalError
 from trainer.option_hints import HintingParser
 from trainer.evaluate.names import HELDOUT_LOSS_SEED
 from trainer.ray_cluster import check_gpus_option, check_node_wait_option
@@ -125,7 +125,7 @@ def check_curate(args) -> None:
 
 
 def cmd_curate(args) -> int:
-    from slapgen.errors import counted
+    from slapgen.errors import counted, first_names
     from trainer.config import load_config
     from trainer.curate import CurateSettings, curate
 
@@ -142,13 +142,13 @@ def cmd_curate(args) -> int:
         # too_short depends on the config: say which length, so a clip list all flagged is not a mystery.
         why = (f" (fewer than {data.num_frames} frames at {data.fps:g} fps, the training length of --config "
                f"{args.config})") if code == "too_short" else ""
-        print(f"  {code}: {count}{why}: {_first_names([clip['video'] for clip in report['clips'] if code in clip['issues']])}")
+        print(f"  {code}: {count}{why}: {first_names([clip['video'] for clip in report['clips'] if code in clip['issues']])}")
     if summary["longer_than_trained"]:
         print(f"  {counted(summary['longer_than_trained'], 'clean clip')} run more than twice the "
               f"{summary['trained_seconds']:g} s training reads from a clip's start; the rest of each is never trained "
               "(cut long clips into clips of that length to train on all of them)")
     if report["not_read"]:
-        print(f"  not read: {len(report['not_read'])} ({_first_names([entry['path'] for entry in report['not_read']])}):"
+        print(f"  not read: {len(report['not_read'])} ({first_names([entry['path'] for entry in report['not_read']])}):"
               f" {report['not_read'][0]['why']}" + ("; the others' reasons are in the report" if len(report["not_read"]) > 1 else ""))
     if args.select:
         hard = summary["hard_negatives_selected"]
@@ -160,12 +160,6 @@ def cmd_curate(args) -> int:
         print(f"removed what an earlier curate left in {args.out}: {', '.join(report['removed_from_earlier_run'])}")
     print(f"report: {args.out / 'report.html'}")
     return 0
-
-
-def _first_names(names: list[str], shown: int = 3) -> str:
-    """The first `shown` names, and how many more: which clips a count is of, without a page of them."""
-    more = f", and {len(names) - shown} more" if len(names) > shown else ""
-    return ", ".join(names[:shown]) + more
 
 
 def check_trigger_word_option(word: str | None) -> str | None:
@@ -678,23 +672,17 @@ def main(argv: list[str] | None = None) -> int:
         tqdm.write(f"slapgen {args.command}: interrupted; finished work is kept ({how_to_continue(args)})", file=sys.stderr)
         return 130
     except OSError as error:
-        if error.errno not in STORAGE_ERRORS:
+        if error.errno not in STORAGE_FIXES:
             raise
         from tqdm import tqdm
 
         # A full disk or a read-only folder anywhere (latent cache, metrics, TensorBoard, videos): every file that
         # matters is written whole or not at all, so the work done is kept, as after a Ctrl-C.
         where = f" {error.filename}" if error.filename else ""
-        fix = {errno.ENOSPC: "free some space", errno.EDQUOT: "raise the quota",
-               errno.EFBIG: "write where larger files fit (FAT32 stops at 4 GiB; `ulimit -f` sets a limit too)"}.get(
-            error.errno, "make it writable")
-        tqdm.write(f"slapgen {args.command}: cannot write{where}: {error.strerror}; {fix}, then "
+        verb = "cannot open" if error.errno == errno.EACCES else "cannot write"  # a permission stops reads too
+        tqdm.write(f"slapgen {args.command}: {verb}{where}: {error.strerror}; {STORAGE_FIXES[error.errno]}, then "
                    f"{how_to_continue(args)}", file=sys.stderr)
         return 2
-
-
-# What no retry of the same write fixes, but freeing space or a permission does.
-STORAGE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES)
 
 
 def how_to_continue(args) -> str:
@@ -703,7 +691,7 @@ def how_to_continue(args) -> str:
     if args.command == "train":
         from trainer.run_folder import after_interrupt
 
-        return after_interrupt(args.out, args.overwrite)
+        return after_interrupt(args.out, args.overwrite, args.resume)
     return RESUME_ADVICE.get(args.command, "run the same command again")
 
 

@@ -27,7 +27,7 @@ import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from slapgen.errors import closest_path_hint
+from slapgen.errors import closest_path_hint, first_names
 from trainer.errors import DatasetError
 from trainer.trigger_word import PLACEHOLDER, with_trigger_word
 
@@ -109,21 +109,41 @@ def read_dataset(path: Path, require_captions: bool = True, require_files: bool 
         if not rows:  # say what a clip is: a folder of stills or of .gif files is a common first try
             raise DatasetError(f"dataset {path} holds no clips: no video file ({', '.join(VIDEO_SUFFIXES)}) in it or "
                                "its subfolders, and no videos.txt + prompts.txt")
-    clips, problems = [], []
+    clips, problems, uncaptioned = [], [], []
     for row in rows:  # every row's problem at once: a walk-through fixed three, one per start of `train`
         try:
-            clips.append(_clip(root, row, require_captions, require_files))
+            # an uncaptioned clip is opened to tell a corrupt one (skipped, as `slapgen caption` leaves it) from one to
+            # caption; past a few the dataset is refused anyway, and each is an ffmpeg start (200 took 12 s)
+            clips.append(_clip(root, row, require_captions, require_files,
+                               probe_uncaptioned=len(uncaptioned) < SHOWN_PROBLEMS))
+        except MissingCaption as error:
+            uncaptioned.append(error)
         except DatasetError as error:
             problems.append(str(error))
-    if len(problems) == 1:
+    total = len(problems) + len(uncaptioned)
+    if len(uncaptioned) == 1:
+        problems.append(str(uncaptioned[0]))
+    elif uncaptioned:  # one sentence for them all, not the same advice again and again
+        problems.append(f"{len(uncaptioned)} videos have no caption ({first_names([e.video for e in uncaptioned])}): "
+                        f"write a .txt beside each, or caption the clips that have none with `slapgen caption {root}`")
+    if total == 1:
         raise DatasetError(problems[0])
     if problems:
         more = f"; and {len(problems) - SHOWN_PROBLEMS} more" if len(problems) > SHOWN_PROBLEMS else ""
-        raise DatasetError(f"{len(problems)} clips of {path} cannot be used: {'; '.join(problems[:SHOWN_PROBLEMS])}{more} "
+        raise DatasetError(f"{total} clips of {path} cannot be used: {'; '.join(problems[:SHOWN_PROBLEMS])}{more} "
                            f"(`slapgen curate {path} --out DIR` reports every clip's problems)")
     if not clips:
         raise DatasetError(f"dataset {path} holds no clips")
     return clips
+
+
+class MissingCaption(DatasetError):
+    """A video of a folder dataset with no caption file beside it (grouped with the others in one sentence)."""
+
+    def __init__(self, message: str, video: str):
+        super().__init__(message)
+        self.video = video
+
 
 
 def read_training_clips(path: Path, max_clips: int | None = None, trigger_word: str | None = None) -> list[Clip]:
@@ -141,7 +161,7 @@ def read_training_clips(path: Path, max_clips: int | None = None, trigger_word: 
     return [replace(clip, caption=with_trigger_word(clip.caption or "", trigger_word)) for clip in clips]
 
 
-def _clip(root: Path, row: _Row, require_captions: bool, require_files: bool) -> Clip:
+def _clip(root: Path, row: _Row, require_captions: bool, require_files: bool, probe_uncaptioned: bool = True) -> Clip:
     if not row.name:
         raise DatasetError(f"{row.source}: empty video path")
     if _UNDECODABLE.search(row.name):
@@ -165,14 +185,14 @@ def _clip(root: Path, row: _Row, require_captions: bool, require_files: bool) ->
     if require_captions and row.caption_file:
         from trainer.frames import opens
 
-        if require_files and not opens(video):
+        if require_files and probe_uncaptioned and not opens(video):
             # `slapgen caption` writes no caption for a clip ffmpeg cannot open, so a run stopped on its missing
             # caption and caption's rerun left it so (a walk-through's loop): such a clip comes through uncaptioned
             # and the latent cache skips it as corrupt, as it does a captioned one.
             return Clip(video=video, caption=None, name=row.name, issues=("corrupt",),
                         condition=_condition(root, row, require_files))
-        raise DatasetError(f"video {row.name} has no caption: write {row.caption_file} beside it, or caption the "
-                           f"clips that have none with `slapgen caption {root}`")
+        raise MissingCaption(f"video {row.name} has no caption: write {row.caption_file} beside it, or caption the "
+                             f"clips that have none with `slapgen caption {root}`", row.name)
     if require_captions and not caption:
         raise DatasetError(f"{row.source}: video {row.name} has an empty caption")
     return Clip(video=video, caption=caption or None, name=row.name, issues=tuple(issues),

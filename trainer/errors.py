@@ -1,6 +1,19 @@
 """The trainer's errors: each a `SlapgenError` whose message is one line for the person at the terminal."""
 
+import errno
+
 from slapgen.errors import SlapgenError
+
+# What no retry of the same write fixes, but space, a limit or a permission does: what to do about each. The one
+# table for the CLI's line on any command (`cli.main`) and training's on a checkpoint (`checkpoints.stop_on_write_error`).
+STORAGE_FIXES = {
+    errno.ENOSPC: "free some space",
+    errno.EDQUOT: "raise the quota",
+    errno.EFBIG: "write where larger files fit (FAT32 stops at 4 GiB; `ulimit -f` sets a limit too)",
+    errno.EROFS: "make it writable",
+    errno.EACCES: "check its permissions",
+    errno.EIO: "check the disk it is on (full? a file-size limit?)",
+}
 
 
 class DatasetError(SlapgenError):

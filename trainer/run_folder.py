@@ -235,13 +235,15 @@ def serve_target() -> str:
     return "(in the folder with service.py and bentofile.yaml)"
 
 
-def after_interrupt(run_dir: Path, overwrite: bool = False) -> str:
-    """What to type after a Ctrl-C of `slapgen train --out run_dir [--overwrite]`, from what the folder holds:
-    `--resume latest` only when there is a checkpoint (it was said after a Ctrl-C during the clips' encoding, and
-    then refused), and in place of `--overwrite` (the two together are refused)."""
+def after_interrupt(run_dir: Path, overwrite: bool = False, resume: str | None = None) -> str:
+    """What to type after a Ctrl-C of `slapgen train --out run_dir [--overwrite | --resume R]`, from what the folder
+    holds: `--resume latest` only when there is a checkpoint (it was said after a Ctrl-C during the clips' encoding,
+    and then refused), in place of `--overwrite` (the two together are refused), and not again to a command that
+    has it."""
     saved = checkpoints.list_checkpoints(run_dir)
     if saved:
-        how = "replace --overwrite with --resume latest" if overwrite else "add --resume latest"
+        how = ("run the same command" if resume == "latest" else "replace --overwrite with --resume latest" if overwrite
+               else f"replace --resume {resume} with --resume latest" if resume else "add --resume latest")
         return f"{how} to continue from {saved[-1].name}"
     if training_found(run_dir, saved):
         return "no checkpoint was saved yet: rerun with --overwrite to start again (the encoded clips are kept)"

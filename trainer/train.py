@@ -15,7 +15,6 @@ previous one (`checkpoints.read_resumable`).
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -120,9 +119,24 @@ def setup(config: TrainConfig, data_path: Path, run_dir: Path, resume: str | Non
     try:
         return _setup(config, data_path, run_dir, resume, progress, overwrite)
     except SlapgenError:
-        if PartialState().is_main_process:
+        if first_process():
             run_folder.remove_new(run_dir, existing)  # a failed start leaves no half-made run folder
         raise
+
+
+def validation_due(step: int, config: TrainConfig) -> bool:
+    """Whether `step` makes validation videos: every `validation.every_steps`, and the last step, as finetrainers'
+    and diffusers' scripts do (the final LoRA's videos are the ones a user looks at first)."""
+    return step % config.validation.every_steps == 0 or step == config.train.max_train_steps
+
+
+def first_process() -> bool:
+    """Whether this is the launch's first process, known before accelerate's state is (a PartialState made early,
+    before the CPU flag is read, had each of two CPU processes take itself for the first): by the launcher's rank,
+    read from the variables accelerate reads it from (torchrun's RANK, MPI's)."""
+    from accelerate.utils import get_int_from_env
+
+    return get_int_from_env(["RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK"], 0) == 0
 
 
 def _setup(config: TrainConfig, data_path: Path, run_dir: Path, resume: str | None, progress: bool,
@@ -271,11 +285,9 @@ def train(
     `slapgen train` is training in is refused (`TRAIN_LOCK`, held by the launch's main process)."""
     run_dir = Path(run_dir)
     existing = {path.name for path in run_dir.iterdir()} if run_dir.is_dir() else None  # before the lock file
-    # The launch's first process, from torchrun's RANK: accelerate's state is not set up yet (a PartialState made
-    # now, before the CPU flag is read, had each of two CPU processes take itself for the main one).
     lock = FolderLock(run_dir, TRAIN_LOCK, lambda folder: TrainError(
         f"another slapgen train is running in {folder}; wait for it or stop it, or train into another --out")) \
-        if os.environ.get("RANK", "0") == "0" else nullcontext()
+        if first_process() else nullcontext()
     with lock:
         return _train(config, data_path, run_dir, resume, stop_at_step, progress, on_step, overwrite, existing)
 
@@ -292,8 +304,8 @@ def _train(config: TrainConfig, data_path: Path, run_dir: Path, resume: str | No
             "again from its last checkpoint; to train further, start a new run with another --out")
     # A run stopped during the validation of a step it had saved as a checkpoint (killed there, or a Ctrl-C, which
     # skips it) resumes after that step, and those videos were never made, the final LoRA's among them. Now they are.
-    due = run.step > 0 and (run.step % config.validation.every_steps == 0 or run.step == max_steps)
-    if resume is not None and run.validator is not None and due and not run.validator.made(run.step):
+    if resume is not None and run.validator is not None and run.step > 0 and validation_due(run.step, config) \
+            and not run.validator.made(run.step):
         say(f"the validation videos of step {run.step} were not made (the run stopped before they were): making them")
         run.validator.run(accelerator.unwrap_model(run.transformer), run.step, accelerator.autocast,
                           progress=progress and run.main)
@@ -365,7 +377,7 @@ def _train(config: TrainConfig, data_path: Path, run_dir: Path, resume: str | No
             # And at the last step, as finetrainers' and diffusers' scripts do: the final LoRA's videos are the ones a
             # user looks at first, whatever every_steps divides.
             # (not after a Ctrl-C at the last step: a stop was asked for, and validation takes minutes on a GPU)
-            if run.validator is not None and (run.step % config.validation.every_steps == 0 or run.step == max_steps) \
+            if run.validator is not None and validation_due(run.step, config) \
                     and not interrupt.requested:
                 run.validator.run(accelerator.unwrap_model(run.transformer), run.step, accelerator.autocast,
                                   progress=progress and run.main)

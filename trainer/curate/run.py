@@ -128,7 +128,8 @@ def curate(dataset: Path, out: Path, settings: CurateSettings = CurateSettings()
         atomic_write_text(out / "selected.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
 
     summary = _summary(records, selected, elapsed, workers, settings)
-    removed = _remove_earlier_run(out, {Path(job[2]).name for job in jobs}, keep_selection=bool(settings.select))
+    removed = _remove_earlier_run(out, {Path(record["thumbnail"]).name for record in records if record["thumbnail"]},
+                                  keep_selection=bool(settings.select))
     report = {"dataset": str(dataset), "settings": vars(settings) | {"workers": workers}, "summary": summary,
               "clips": records, "selected": [r["video"] for r in selected], "not_read": unread_entries(dataset),
               "removed_from_earlier_run": removed}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+from functools import lru_cache
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -54,8 +55,9 @@ def probe_video(path: Path) -> VideoProbe:
 
     try:
         # Every frame once, as decoded: a variable-frame-rate clip is not filled to its nominal rate with
-        # copies (counted as frozen, and as footage); its average rate times its frames is then its length.
-        reader = imageio_ffmpeg.read_frames(str(path), output_params=["-fps_mode", "passthrough",
+        # copies (counted as frozen, and as footage); its average rate times its frames is then its length. And
+        # the decoding stops at the first error (`-xerror`): damaged bytes mid-clip were concealed into frames.
+        reader = imageio_ffmpeg.read_frames(str(path), output_params=["-xerror", *passthrough_option(),
                                                                        "-vf", f"scale={PROBE_WIDTH}:-2"])
         meta = next(reader)
     except (OSError, RuntimeError, StopIteration, ValueError) as error:
@@ -97,8 +99,8 @@ def probe_video(path: Path) -> VideoProbe:
         return VideoProbe(False, "no frames could be decoded")
     stated = float(meta.get("duration") or 0)
     if stated - count / fps > max(SHORT_OF_FILE_S, 2 / fps) and (error := decode_error(path)):
-        return VideoProbe(False, f"cut short: its video decodes to {count / fps:.2f} s of the {stated:.2f} s the file "
-                                 f"states ({error})")
+        return VideoProbe(False, f"its video stops at {count / fps:.2f} s of the {stated:.2f} s the file states, on a "
+                                 f"decoding error (cut short, or damaged: {error})")
     signature = footage_signature(sampler)
     return VideoProbe(
         readable=True,
@@ -114,6 +116,18 @@ def probe_video(path: Path) -> VideoProbe:
         thumbnail=thumbnail,
         signature=signature,
     )
+
+
+@lru_cache(maxsize=1)
+def passthrough_option() -> list[str]:
+    """ffmpeg's option to hand out every decoded frame once: `-fps_mode` since ffmpeg 5.1, `-vsync` before (gone from
+    7.0): an older ffmpeg named in IMAGEIO_FFMPEG_EXE refused the new one, and every clip read as corrupt."""
+    import imageio_ffmpeg
+
+    version = re.search(r"(\d+)\.(\d+)", imageio_ffmpeg.get_ffmpeg_version())
+    if version is not None and (int(version[1]), int(version[2])) < (5, 1):
+        return ["-vsync", "passthrough"]
+    return ["-fps_mode", "passthrough"]  # 5.1 and later, and builds named by no version (git snapshots)
 
 
 def decode_error(path: Path) -> str | None:
