@@ -145,7 +145,6 @@ class MissingCaption(DatasetError):
         self.video = video
 
 
-
 def read_training_clips(path: Path, max_clips: int | None = None, trigger_word: str | None = None) -> list[Clip]:
     """The clips a run trains or is judged on: `read_dataset`, the first `max_clips`, each caption with the
     run's trigger word (`trainer.trigger_word`). A caption holding `[trigger]` in a run without a trigger word

@@ -18,7 +18,7 @@ import yaml
 
 from slapgen.models.lora_format import WEIGHTS_FILE as LORA_FILENAME
 from slapgen.atomic import atomic_write_text
-from slapgen.errors import counted
+from slapgen.errors import counted, first_names
 from slapgen.names import NAME_PATTERN, NAME_RULE
 from trainer import checkpoints
 from trainer.errors import TrainError
@@ -162,13 +162,14 @@ def check_resume_config(run_dir: Path, config_yaml: str) -> None:
 
 def check_resume_clips(run_dir: Path, clips: list[tuple[str, str]], data: Path) -> None:
     """TrainError (one sentence) when a resume would train on other clips than the run's `CLIPS_FILE` records:
-    `clips` are this start's (name, content) pairs in training order (`CacheEntry.content`: the file, the caption and
-    a condition file, not the model or cache format, which an upgrade may change). A resume with another --data, or after a clip or caption changed, trained on without a word (and
-    exact resume assumes the same batches). A run from before the record was kept is not checked."""
+    `clips` are this start's (name, content) pairs in training order (`CacheEntry.content`: the file, the caption
+    and a condition file, not the model or cache format, which an upgrade may change). A resume with another
+    --data, or after a clip or caption changed, trained on without a word (and exact resume assumes the same
+    batches). A run from before the record was kept is not checked."""
     saved = Path(run_dir) / CLIPS_FILE
     try:
         recorded = json.loads(saved.read_text(encoding="utf-8"))
-        before = {name: key for name, key in recorded["clips"]}
+        before = {name: content for name, content in recorded["clips"]}
     except (OSError, ValueError, KeyError, TypeError):
         return
     if [list(pair) for pair in clips] == recorded["clips"]:
@@ -183,7 +184,7 @@ def clip_differences(before: dict[str, str], now: dict[str, str]) -> str:
     gone = [name for name in before if name not in now]
     added = [name for name in now if name not in before]
     changed = [name for name in now if name in before and now[name] != before[name]]
-    said = [f"{len(names)} {what} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+    said = [f"{len(names)} {what} ({first_names(names)})"
             for names, what in ((added, "added"), (gone, "gone"), (changed, "changed in content or caption")) if names]
     return "; ".join(said) or "the same clips in another order"
 
