@@ -235,12 +235,13 @@ class LatentCache:
                 identity = (hasher.digest(clip.video), clip.caption or "", self._condition_hash(clip, hasher))
                 key = self.clip_key(*identity)
                 path = self._path("clips", key)
+                entry = CacheEntry(key, path, clip, _sha256(*identity))
                 if _reusable(path, CLIP_TENSORS, clip.name, report, say):
                     report.reused += 1
-                    report.entries.append(CacheEntry(key, path, clip, _sha256(*identity)))
+                    report.entries.append(entry)
                 elif self._encode_clip(clip, path, report, say):
                     report.encoded += 1
-                    report.entries.append(CacheEntry(key, path, clip, _sha256(*identity)))
+                    report.entries.append(entry)
                 # drawn with the count, when the loop moves on: tqdm updates the count an iterated bar shows
                 # only when it draws, so an immediate redraw showed a count behind the postfix ("0/8 ... encoded=6");
                 # after a skipped clip too (a last one skipped left "skipped=1" beside "skipped: 2 corrupt")

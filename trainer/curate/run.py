@@ -161,6 +161,9 @@ def _summary(records: list[dict], selected: list[dict], elapsed: float, workers:
     from trainer.curate.captions import ASPECTS, CATEGORIES, HARD_NEGATIVES, OUTCOMES
 
     issue_counts = Counter(code for r in records for code in r["issues"])
+    # Training reads a clip's first (num_frames - 1) / fps seconds; the rest of a longer one is never trained,
+    # though curate measured (and matched duplicates against) all of it.
+    trained_seconds = (settings.num_frames - 1) / settings.fps
     clean = [r for r in records if not r["issues"]]
 
     def coverage(key: str, names) -> dict:
@@ -180,11 +183,8 @@ def _summary(records: list[dict], selected: list[dict], elapsed: float, workers:
         "coverage": {"categories": coverage("categories", CATEGORIES), "outcomes": coverage("outcomes", OUTCOMES)},
         "hard_negatives_selected": sum(any(h in r["caption"]["outcomes"] for h in HARD_NEGATIVES) for r in selected),
         "duplicates": sum(1 for r in records if r.get("duplicate")),
-        # Training reads a clip's first (num_frames - 1) / fps seconds; the rest of a longer one is never trained,
-        # though curate measured (and matched duplicates against) all of it.
-        "trained_seconds": round((settings.num_frames - 1) / settings.fps, 3),
-        "longer_than_trained": sum(1 for r in clean
-                                   if r["video_info"]["duration_s"] > 2 * (settings.num_frames - 1) / settings.fps),
+        "trained_seconds": round(trained_seconds, 3),
+        "longer_than_trained": sum(1 for r in clean if r["video_info"]["duration_s"] > 2 * trained_seconds),
         "selected": len(selected),
         "requested": settings.select,
         "seconds": round(elapsed, 3),
