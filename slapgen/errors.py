@@ -125,6 +125,16 @@ class SlapgenError(Exception):
         self.field = field
 
 
+def os_reason(error: OSError) -> str:
+    """"Permission denied": what went wrong, without the path the OSError names (a sentence a client reads)."""
+    return error.strerror or type(error).__name__
+
+
+class VideoNotWrittenError(SlapgenError):
+    """The server made a video and could not write it (a full disk, a quota, a file-size limit): the client is told
+    so, not sent a cut mp4."""
+
+
 class SettingsError(SlapgenError):
     """A `SLAP_*` environment variable holds a value that cannot be used."""
 

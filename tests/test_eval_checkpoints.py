@@ -291,7 +291,7 @@ def test_a_folder_without_a_lora_is_told_what_to_pass_instead(tmp_path):
     unfinished = tmp_path / "unfinished"
     make_run(unfinished, steps=[2, 4], final=None)
     (tmp_path / "empty").mkdir()
-    for folder, hint in ((runs, f"a folder of runs? pass one of them: {runs / 'a'}, {runs / 'b'}, {runs / 'c'} and 1 more"),
+    for folder, hint in ((runs, f"a folder of runs? pass one of them: {runs / 'a'}, {runs / 'b'}, {runs / 'c'}, and 1 more"),
                          (unfinished, "an unfinished run? pass one of its checkpoints, such as "
                                       f"{unfinished / 'checkpoints' / 'checkpoint-000004'}"),
                          (tmp_path / "empty", f"pass a training run's folder, or a LoRA file such as {WEIGHTS_FILE}")):

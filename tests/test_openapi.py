@@ -9,11 +9,12 @@ import pytest
 
 from prompts import default_library
 from slapgen.models.tiny import TINY_SPEC
-from slapgen.serving.http_errors import error_body
+from slapgen.serving.http_errors import STATUS_BY_ERROR, error_body
+from slapgen.serving.job_routes import RESULT_PATH
 from slapgen.serving.jobs import JobBoard
 from slapgen.campaign_store import CampaignStore
 from slapgen.serving.ratings import RatingStore
-from slapgen.serving.openapi import ERROR_SCHEMA, REPLACED, _bentoml_page, offline_page, slapgen_document
+from slapgen.serving.openapi import ERROR_SCHEMA, REPLACED, STATUS_TEXT, _bentoml_page, offline_page, slapgen_document
 from slapgen.serving.requests import GenerateRequest, RenderRequest
 from slapgen.serving.routes import build_routes
 
@@ -46,6 +47,9 @@ def test_examples_work_and_errors_have_our_schema(document):
         example = document["paths"][path]["post"]["requestBody"]["content"]["application/json"]["example"]
         GenerateRequest.model_validate(example).for_model(TINY_SPEC, [])
         assert {"413", "429", "504"} <= set(document["paths"][path]["post"]["responses"])
+    assert "507" in document["paths"]["/generate"]["post"]["responses"]
+    assert "507" in document["paths"][RESULT_PATH]["get"]["responses"]
+    assert {status for _, status in STATUS_BY_ERROR} <= set(STATUS_TEXT)  # every status an error can be answered with
     render = document["paths"]["/prompts/render"]["post"]["requestBody"]["content"]["application/json"]["example"]
     RenderRequest.model_validate(render).render()
     for path, operations in document["paths"].items():

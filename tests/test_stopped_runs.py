@@ -74,7 +74,7 @@ def test_a_second_training_into_a_running_runs_folder_is_refused(tiny_cache_dir,
         while not list(run.glob("checkpoints/*/trainer_state.json")):
             assert first.poll() is None and time.monotonic() < deadline, first.communicate()[1][-3000:]
             time.sleep(0.2)
-        for extra in ([], ["--overwrite"], ["--resume", "latest"]):
+        for extra in ([], ["--overwrite"]):  # the lock comes before anything a start reads (--resume's checkpoint)
             second = subprocess.run([sys.executable, "-m", "trainer", *args, *extra], cwd=REPO_ROOT, env=env,
                                     capture_output=True, text=True, timeout=300)
             assert (second.returncode, cli_stderr(second.stderr)) == (
@@ -143,3 +143,55 @@ def test_the_run_folders_lock_is_the_first_processs_alone(variables, first, monk
     for name, value in variables.items():
         monkeypatch.setenv(name, value)
     assert first_process() is first
+
+
+FULL_DISK_IN_THE_SERVICE = r"""
+import json, resource, sys
+from pathlib import Path
+from slapgen.engine.generator import VideoGenerator
+from slapgen.engine.params import EngineOptions, GenerationParams
+from slapgen.errors import SlapgenError
+from slapgen.models.loading import resolve_model
+from slapgen.serving.http_errors import error_response, status_for
+from slapgen.serving.results import ResultStore
+
+folder = Path(sys.argv[1])
+generator = VideoGenerator.load(resolve_model("tiny", Path(sys.argv[2])), EngineOptions(adapters_dir=folder / "adapters"))
+params = GenerationParams.defaults_for(generator.spec, seed=1, prompt="a palm strikes a cheek")
+free = generator.generate_mp4(params, folder / "free.mp4")
+results = ResultStore(folder / "results")
+results.save("free", free.read_bytes())
+resource.setrlimit(resource.RLIMIT_FSIZE, (2000, 2000))  # a disk that fills 2,000 bytes into a file
+answers = {"free_bytes": free.stat().st_size}
+for name, write in (("generate", lambda: generator.generate_mp4(params, folder / "limited.mp4")),
+                    ("job_result", lambda: results.save("limited", free.read_bytes()))):
+    try:
+        write()
+        answers[name] = "written"
+    except SlapgenError as error:
+        answers[name] = [status_for(error), json.loads(error_response(error).body)["error"]]
+print(json.dumps(answers))
+"""
+
+
+def test_a_service_that_cannot_write_a_video_says_so_instead_of_sending_a_cut_mp4(tiny_cache_dir, tmp_path):
+    """Guards the service answering a full disk with a cut mp4: the encoder ends without a word when its output does
+    not fit, `/generate` sent the 2,000 bytes it left as a 200 (a video no player opens), and a job's result that did
+    not fit was a 500 whose message named the disk's staging file. The tiny model's engine, as the service runs it,
+    under a 2,000-byte file-size limit (how a full disk acts) after a free generation: both writes are a 507 in the
+    one error shape, saying what happened and what to do, and the log names the file."""
+    result = subprocess.run([sys.executable, "-c", FULL_DISK_IN_THE_SERVICE, str(tmp_path), str(tiny_cache_dir)],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env=offline_env(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    answers = json.loads(result.stdout.strip().splitlines()[-1])
+    assert answers["free_bytes"] > 2000  # so the limit cuts it
+    assert answers["generate"] == [507, "the server could not write the video it made: the encoder could not write it "
+                                        "whole (a full disk, or a file-size limit?); send the request again once its "
+                                        "operator has freed space"]
+    assert answers["job_result"] == [507, "the server could not keep the job's video in its results folder: File too "
+                                          "large; submit the job again once its operator has freed space"]
+    assert f"could not write a generated video: [Errno 5] the encoder could not write it whole (a full disk, or a " \
+           f"file-size limit?): '{tmp_path / 'limited.mp4'}'" in result.stderr
+    assert f"could not keep a job's video in the results folder: [Errno 27] File too large: " \
+           f"'{tmp_path / 'results' / 'limited.mp4'}'" in result.stderr
+    assert sorted(path.name for path in (tmp_path / "results").iterdir()) == ["free.mp4"]

@@ -65,3 +65,33 @@ def test_an_encoder_sent_sigterm_as_a_server_stops_still_writes_the_whole_video(
     monkeypatch.undo()  # the decoder below is started as usual
     decoded, _ = read_mp4(outcome["path"])
     assert decoded.shape == (9, 32, 48, 3)
+
+
+@pytest.mark.parametrize("index_first", [False, True])
+def test_every_cut_of_an_mp4_is_refused_and_the_whole_one_passes(index_first, tmp_path):
+    """Guards `check_written_whole` taking a cut mp4 for whole (what a full disk leaves), or refusing a whole one: every
+    prefix of a real mp4, cut at each of 64 places and just before its end, is refused naming the video; the whole
+    file passes, with ffmpeg's index (`moov`) last, as `write_mp4` writes it, or first (`+faststart`, as a user's
+    re-encoded upload may be). ffmpeg itself decodes the whole file (positive control)."""
+    import imageio_ffmpeg
+
+    from slapgen.video import check_written_whole
+
+    frames = (np.random.default_rng(0).random((9, 32, 48, 3)) * 255).astype(np.uint8)
+    path = tmp_path / "whole.mp4"
+    writer = imageio_ffmpeg.write_frames(str(path), (48, 32), fps=8, macro_block_size=16,
+                                         output_params=["-movflags", "+faststart"] if index_first else [])
+    writer.send(None)
+    for frame in frames:
+        writer.send(np.ascontiguousarray(frame))
+    writer.close()
+    data = path.read_bytes()
+    assert (data.find(b"moov") < data.find(b"mdat")) is index_first
+    assert len(list(imageio_ffmpeg.read_frames(str(path)))) == 1 + len(frames)  # its metadata, then every frame
+    check_written_whole(path, path)
+    cut = tmp_path / "cut.mp4"
+    for length in sorted({*range(0, len(data), max(1, len(data) // 64)), len(data) - 1}):
+        cut.write_bytes(data[:length])
+        with pytest.raises(OSError, match="could not write it whole") as refused:
+            check_written_whole(cut, tmp_path / "named.mp4")
+        assert refused.value.filename == str(tmp_path / "named.mp4"), length

@@ -32,7 +32,7 @@ from safetensors.torch import load, save
 
 from slapgen.atomic import atomic_write_bytes
 from slapgen.errors import (AdapterError, AdapterExistsError, AdapterNotFoundError, AdapterNotRemovableError,
-                            AdapterTooLargeError, TicftLayoutError, first_line, shown_name)
+                            AdapterTooLargeError, TicftLayoutError, first_line, first_names, os_reason, shown_name)
 from slapgen.models import lora_format
 from slapgen.models.family import community_layout_of, family_named
 from slapgen.models.lora_format import (DIFFUSERS_METADATA_KEY, KEY_PATTERN, WEIGHTS_FILE, Header, HeaderError, parse_header,
@@ -195,11 +195,6 @@ def unreadable(name: str, error: OSError) -> AdapterError:
     return AdapterError(f"adapter {name} cannot be read ({os_reason(error)})", field="adapter")
 
 
-def os_reason(error: OSError) -> str:
-    """"Permission denied": what went wrong, without the path the OSError names."""
-    return error.strerror or type(error).__name__
-
-
 def module_ranks(name: str, shapes: dict[str, list[int]], target: AdapterTarget) -> dict[str, int]:
     """Each targeted module's rank, once keys, shapes and lora_A/lora_B agreement are checked against the
     running model; the slot's rank limit is not checked here."""
@@ -253,7 +248,7 @@ def check_modules(name: str, modules: set[str], target: AdapterTarget) -> None:
     if not unknown:
         return
     kinds = sorted({module_kind(module) for module in unknown})
-    listed = ", ".join(shown(kind) for kind in kinds[:6]) + (f" and {len(kinds) - 6} more" if len(kinds) > 6 else "")
+    listed = first_names([shown(kind) for kind in kinds], shown=6)
     what = "is not a LoRA-able module" if len(unknown) == 1 else f"({len(unknown)} modules) are not LoRA-able modules"
     raise AdapterError(f"adapter {name}: {listed} {what} of {target.model_name} as it runs here (its LoRA "
                        "slot holds only the modules SLAP_LORA_TARGET_MODULES names, and an adapter is served whole "

@@ -27,6 +27,7 @@ from slapgen.errors import (
     RatingConflictError,
     SettingsError,
     SlapgenError,
+    VideoNotWrittenError,
     closest_name_hint,
     first_line,
     issue_sentence,
@@ -48,6 +49,7 @@ STATUS_BY_ERROR: list[tuple[type[SlapgenError], int]] = [
     (QueueFullError, 429),
     (GenerationTimeoutError, 504),
     (ModelUnavailableError, 503),
+    (VideoNotWrittenError, 507),
     (SettingsError, 500),
     (SlapgenError, 400),
 ]

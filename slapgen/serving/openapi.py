@@ -3,7 +3,7 @@
 BentoML generates the document from the `@bentoml.api` routes only. This adds what it leaves out or
 gets wrong for us: the routes of `slapgen/serving/routes.py`, working request examples (BentoML's
 example of `/generate` is all nulls, which is a 400), the error schema every route really answers
-with, 408 / 413 / 415 / 429 / 504, and our `/jobs/cancel` in place of BentoML's. The page is BentoML's,
+with, 408 / 413 / 415 / 429 / 504 / 507, and our `/jobs/cancel` in place of BentoML's. The page is BentoML's,
 without the parts that reach the internet (tag manager, badge images), so it works offline.
 """
 
@@ -43,7 +43,8 @@ STATUS_TEXT = {400: "Bad request (the field is named)", 401: "Missing or wrong b
                408: f"The body did not arrive within {BODY_READ_TIMEOUT_S} s",
                409: "Name taken, a folder adapter (not deleted), the job ended, or the pair answered", 413: "Body too large",
                415: "Not a JSON body (these routes take Content-Type: application/json)", 429: "Queue full; see Retry-After",
-               500: "A bug of ours", 503: "Model unavailable, or the job's server, worker or replica died under it (submit it again)", 504: "Timed out; the generation was stopped"}
+               500: "A bug of ours", 503: "Model unavailable, or the job's server, worker or replica died under it (submit it again)", 504: "Timed out; the generation was stopped",
+               507: "The server could not write the video it made (its disk is full?); send it again later"}
 GENERATE_EXAMPLE = {"prompt": "Power slap: two athletes face off across the table; the striker winds up and the "
                               "palm strikes the cheek, the defender's head snaps sideways.", "seed": 7}
 RENDER_EXAMPLE = {"template": "knockout", "slots": {"striker": "red"}}
@@ -215,11 +216,13 @@ def slapgen_document(bentoml_spec: dict, version: str) -> dict:
                 responses[status] = _errors(int(status))[status]
             if path in ("/generate", "/jobs", "/jobs/submit"):
                 responses.update(_errors(400, 408, 413, 415, 429, 504))
+                if path != "/jobs/submit":  # a submitted job that cannot be written fails: its result says 507
+                    responses.update(_errors(507))
                 if path in ("/generate", "/jobs/submit") and "200" in responses:
                     responses["200"]["headers"] = copy.deepcopy(GENERATE_HEADERS)
                 _set_example(operation, GENERATE_EXAMPLE)
             elif path == RESULT_PATH:  # a canceled job's result is a 409, a failed one's the status its error had
-                responses.update(_errors(409, 429, 503, 504))
+                responses.update(_errors(409, 429, 503, 504, 507))
             elif path == "/prompts/render":
                 responses.update(_errors(400, 408, 413, 415))
                 _set_example(operation, RENDER_EXAMPLE)

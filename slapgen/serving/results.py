@@ -11,11 +11,15 @@ SQLite's locking. Results older than BentoML's own retention (24 hours) are remo
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from pathlib import Path
 
 from slapgen.atomic import atomic_write_bytes
+from slapgen.errors import VideoNotWrittenError, os_reason
+
+log = logging.getLogger(__name__)
 
 RETENTION_S = 24 * 3600  # as BentoML keeps its task results
 _TASK_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")  # BentoML's task ids are hex; nothing else names a file
@@ -33,7 +37,13 @@ class ResultStore:
     def save(self, task_id: str, video: bytes) -> None:
         if (target := self.path(task_id)) is None:
             return
-        atomic_write_bytes(target, video)
+        try:
+            atomic_write_bytes(target, video)
+        except OSError as error:
+            log.error("could not keep a job's video in the results folder: %s", error)
+            raise VideoNotWrittenError(f"the server could not keep the job's video in its results folder: "
+                                       f"{os_reason(error)}; submit the job again once its operator has freed space") \
+                from None
         self._forget_old()
 
     def read(self, task_id: str) -> bytes | None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from slapgen.atomic import staging_path
-from slapgen.errors import TicftLayoutError, closest_path_hint
+from slapgen.errors import TicftLayoutError, closest_path_hint, first_names
 from slapgen.models import lora_format
 from slapgen.models.lora_format import KEY_PATTERN, WEIGHTS_FILE, HeaderError, read_file_header
 from slapgen.models.ticft import TicftLayout
@@ -69,8 +69,7 @@ def _what_to_pass(folder: Path) -> str:
     advice to pass a checkpoint, given for any folder, sent a walk-through to look for checkpoints in `runs/`)."""
     runs = sorted(str(found.parent) for found in folder.glob(f"*/{WEIGHTS_FILE}"))
     if runs:
-        listed = ", ".join(runs[:3]) + (f" and {len(runs) - 3} more" if len(runs) > 3 else "")
-        return f"a folder of runs? pass one of them: {listed}"
+        return f"a folder of runs? pass one of them: {first_names(runs)}"
     checkpoints = sorted(found.parent for found in folder.glob(f"checkpoints/checkpoint-*/{WEIGHTS_FILE}"))
     if checkpoints:
         return f"an unfinished run? pass one of its checkpoints, such as {checkpoints[-1]}"
