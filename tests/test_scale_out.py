@@ -3,9 +3,11 @@ any job and sees every upload and delete without a restart."""
 
 from __future__ import annotations
 
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
+from pathlib import Path
 
 import httpx
 import pytest
@@ -338,3 +340,32 @@ def test_the_submits_answer_is_the_jobs_status_and_keeps_bentomls_other_headers(
     answer = client.post("/jobs/submit", json={"prompt": "a power slap"})
     assert (answer.status_code, answer.content, answer.headers["x-bentoml-request-id"]) == (503, busy, "r-1")
     assert board.get("t2") is None and queue.admitted == 0
+
+
+def test_results_past_the_retention_go_and_a_worker_looks_at_most_every_sweep_interval(tmp_path):
+    """Guards every job's save listing and stat-ing the whole results folder in the job's own thread (86,400 files a
+    day at one job a second; seconds per job over NFS), and a killed worker's staging file kept for ever. The first
+    save removes the results and staging files past the 24-hour retention and nothing else; a save within the sweep
+    interval removes nothing; a store that sweeps on every save (interval 0) removes what is old by then."""
+    from slapgen.serving.results import RETENTION_S, ResultStore
+
+    store = ResultStore(tmp_path / "results")
+
+    def aged(name: str, age_s: float) -> Path:
+        path = store.folder / name
+        path.write_bytes(b"x")
+        stamp = time.time() - age_s
+        os.utime(path, (stamp, stamp))
+        return path
+
+    for name, age_s in (("old.mp4", RETENTION_S + 60), (".dead.mp4.11.22.tmp", RETENTION_S + 60),
+                        ("fresh.mp4", RETENTION_S - 60), (".live.mp4.33.44.tmp", 5), ("notes.txt", RETENTION_S + 60)):
+        aged(name, age_s)
+    store.save("first", b"video")
+    kept = [".live.mp4.33.44.tmp", "first.mp4", "fresh.mp4", "notes.txt"]
+    assert sorted(path.name for path in store.folder.iterdir()) == kept
+    later = aged("later.mp4", RETENTION_S + 60)
+    store.save("second", b"video")
+    assert later.exists()
+    ResultStore(store.folder, sweep_every_s=0).save("third", b"video")
+    assert sorted(path.name for path in store.folder.iterdir()) == sorted([*kept, "second.mp4", "third.mp4"])

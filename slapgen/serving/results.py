@@ -6,12 +6,14 @@ writes its mp4 here, atomically (`slapgen.atomic`: a reader never sees half a vi
 board says `completed`; a replica whose own task store does not know the task answers from the board
 and this folder (`slapgen.serving.job_routes`). On several machines the folder is a shared volume
 (NFS, a Kubernetes ReadWriteMany volume): whole files written by rename are safe there, unlike
-SQLite's locking. Results older than BentoML's own retention (24 hours) are removed as new ones come.
+SQLite's locking. Results older than BentoML's own retention (24 hours) are removed as new ones come (each worker
+looks at most every 10 minutes).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
 from pathlib import Path
@@ -22,13 +24,18 @@ from slapgen.errors import VideoNotWrittenError, os_reason
 log = logging.getLogger(__name__)
 
 RETENTION_S = 24 * 3600  # as BentoML keeps its task results
+# A sweep for results past the retention stats every file in the folder: 86,400 a day at one job a second, seconds
+# over NFS. Every job's save swept, in the job's own thread; now a worker sweeps at most this often.
+SWEEP_EVERY_S = 600
 _TASK_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")  # BentoML's task ids are hex; nothing else names a file
 
 
 class ResultStore:
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, sweep_every_s: float = SWEEP_EVERY_S):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)  # at start-up: a folder that cannot be made is one sentence
+        self._sweep_every_s = sweep_every_s
+        self._next_sweep = 0.0  # time.monotonic(): the first save sweeps
 
     def path(self, task_id: str) -> Path | None:
         """Where the job's mp4 is (or will be); None for a task id that cannot name a file here."""
@@ -44,7 +51,9 @@ class ResultStore:
             raise VideoNotWrittenError(f"the server could not keep the job's video in its results folder: "
                                        f"{os_reason(error)}; submit the job again once its operator has freed space") \
                 from None
-        self._forget_old()
+        if time.monotonic() >= self._next_sweep:  # two threads may both sweep: harmless
+            self._next_sweep = time.monotonic() + self._sweep_every_s
+            self._forget_old()
 
     def read(self, task_id: str) -> bytes | None:
         target = self.path(task_id)
@@ -66,10 +75,15 @@ class ResultStore:
         return f"the video of job {task_id} is gone from the results folder (results are kept 24 hours)"
 
     def _forget_old(self) -> None:
+        """Results past the retention go, and so do staging files as old (`atomic.staging_path`: a worker killed while
+        it wrote one left it)."""
         oldest = time.time() - RETENTION_S
-        for old in self.folder.glob("*.mp4"):
-            try:
-                if old.stat().st_mtime < oldest:
-                    old.unlink()
-            except FileNotFoundError:  # another replica removed it first
-                pass
+        with os.scandir(self.folder) as entries:
+            for entry in entries:
+                ours = entry.name.endswith(".mp4") or (entry.name.startswith(".") and entry.name.endswith(".tmp")
+                                                       and ".mp4." in entry.name)
+                try:
+                    if ours and entry.stat().st_mtime < oldest:
+                        os.unlink(entry.path)
+                except FileNotFoundError:  # another replica removed it first
+                    pass
