@@ -316,6 +316,7 @@ def test_a_model_known_only_after_its_download_and_of_another_family_stops_the_r
 
     from slapgen.models.tiny_wan import materialise_tiny_wan_model
     from trainer.config import check_preset_family
+    from trainer.run_folder import names_in
     from trainer.train import setup
 
     model = tmp_path / "downloaded" / "wan-finetune"
@@ -324,7 +325,7 @@ def test_a_model_known_only_after_its_download_and_of_another_family_stops_the_r
     shutil.copytree(materialise_tiny_wan_model(tiny_wan_cache_dir), model)
     run = tmp_path / "run"
     with pytest.raises(TrainConfigError) as error:
-        setup(config, demo_dataset, run, resume=None, progress=False)
+        setup(config, demo_dataset, run, resume=None, progress=False, existing=names_in(run))
     assert str(error.value) == (
         f"{model} is a wan model, but the preset's cogvideox values were applied because the model was not known "
         "before its download; run the same command again: the model is now in the local cache, so the preset's "

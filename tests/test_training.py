@@ -487,7 +487,7 @@ def test_training_rope_equals_the_pipelines_own_at_a_non_square_size(tiny_cache_
     diffusers' CogVideoXPipeline._prepare_rotary_positional_embeddings for the same clip, and the
     swapped size gives different ones (so a swap cannot pass); the helper agrees at more sizes."""
     config = _config(tiny_cache_dir, "data.height=48", "data.width=96", "data.max_clips=1")
-    run = setup(config, demo_dataset, tmp_path / "run", resume=None, progress=False)
+    run = setup(config, demo_dataset, tmp_path / "run", resume=None, progress=False, existing=None)
     pipeline = CogVideoXPipeline.from_pretrained(resolve_model("tiny", tiny_cache_dir).folder, dtype=torch.float32)
     frames = latent_frames(config.data.num_frames)
     expected = pipeline._prepare_rotary_positional_embeddings(48, 96, frames, torch.device("cpu"))

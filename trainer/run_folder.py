@@ -261,6 +261,12 @@ def clear_run(run_dir: Path) -> None:
             path.unlink(missing_ok=True)
 
 
+def names_in(run_dir: Path) -> set[str] | None:
+    """What `run_dir` holds before a start (None: it is not there), for `remove_new` to undo a failed start."""
+    run_dir = Path(run_dir)
+    return {path.name for path in run_dir.iterdir()} if run_dir.is_dir() else None
+
+
 def remove_new(run_dir: Path, existing: set[str] | None) -> None:
     """Undo a start that failed: remove `run_dir` if it did not exist (`existing` None), else the entries
     in it that are not in `existing` (the names it held before)."""

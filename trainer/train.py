@@ -109,13 +109,11 @@ def mixed_precision_for(config: TrainConfig, spec_dtype: str, device_type: str) 
 
 
 def setup(config: TrainConfig, data_path: Path, run_dir: Path, resume: str | None, progress: bool,
-          overwrite: bool = False, existing: set[str] | None | str = "look") -> Run:
+          overwrite: bool = False, *, existing: set[str] | None) -> Run:
     """Inputs are checked (model, layout, dataset, the run folder's earlier training) before the run
     folder is created or changed, and a start that fails after creating it removes it again (`existing`: the
-    names it held before this start, None when it was not there; "look": as it is now)."""
+    names it held before this start, `run_folder.names_in`)."""
     run_dir = Path(run_dir)
-    if existing == "look":
-        existing = {path.name for path in run_dir.iterdir()} if run_dir.is_dir() else None
     try:
         return _setup(config, data_path, run_dir, resume, progress, overwrite)
     except SlapgenError:
@@ -284,7 +282,7 @@ def train(
     A folder holding earlier training needs `resume` or `overwrite` (trainer.run_folder), and a folder another
     `slapgen train` is training in is refused (`TRAIN_LOCK`, held by the launch's main process)."""
     run_dir = Path(run_dir)
-    existing = {path.name for path in run_dir.iterdir()} if run_dir.is_dir() else None  # before the lock file
+    existing = run_folder.names_in(run_dir)  # before the lock file
     lock = FolderLock(run_dir, TRAIN_LOCK, lambda folder: TrainError(
         f"another slapgen train is running in {folder}; wait for it or stop it, or train into another --out")) \
         if first_process() else nullcontext()
@@ -296,7 +294,7 @@ def _train(config: TrainConfig, data_path: Path, run_dir: Path, resume: str | No
            progress: bool, on_step: Callable[[int], None] | None, overwrite: bool, existing: set[str] | None) -> Path | None:
     from trainer.progress import progress_bar
 
-    run = setup(config, data_path, run_dir, resume, progress, overwrite, existing)
+    run = setup(config, data_path, run_dir, resume, progress, overwrite, existing=existing)
     accelerator = run.accelerator
     max_steps = config.train.max_train_steps
     if run.step >= max_steps and run.main:  # `--resume latest` of a finished run said only "resumed ... at step N"
