@@ -270,6 +270,9 @@ class SlapGen:
             video = path.read_bytes()
             if submitted:  # before the board says completed: a replica that reads completed finds the file
                 job_results.save(task_id, video)
+                # ... and every replica's /jobs/get answers from there (JobRoutes). BentoML's task store kept a
+                # second copy for 24 hours, and its clean-up at every job's end read every stored answer.
+                video = b""
         except GenerationCancelledError as error:
             job_board.canceled(task_id, describe_error(error))
             return _answer_error(ctx, error)
