@@ -100,6 +100,22 @@ def test_a_file_with_no_video_stream_says_so(clips):
         load_clip(clips / "audio_only.mp4", num_frames=9, fps=8, height=48, width=64)
 
 
+def test_a_clip_whose_frames_all_fail_to_decode_is_corrupt_in_training_as_in_curate(demo_dataset, tmp_path):
+    """Guards a damaged clip that ffmpeg opens and ends on without an error or a frame (its first frame's bytes
+    zeroed) being called too short in training ("has 0 frames at 8 fps; 1.00s are needed") while curate called it
+    corrupt: a walk-through's summary read "17 corrupt, 8 too_short" for 25 damaged files. The whole clip loads."""
+    data = (demo_dataset / "clip_000.mp4").read_bytes()
+    start = data.index(b"mdat") + 4
+    damaged = tmp_path / "damaged.mp4"
+    damaged.write_bytes(data[:start] + bytes(1000) + data[start + 1000:])
+    assert not probe_video(damaged).readable  # curate's word
+    with pytest.raises(ClipError) as error:
+        load_clip(damaged, num_frames=9, fps=8, height=48, width=64)
+    assert (error.value.reason, str(error.value)) == (
+        "corrupt", "damaged.mp4: not one frame of its video could be decoded (damaged?)")
+    assert load_clip(demo_dataset / "clip_000.mp4", num_frames=9, fps=8, height=48, width=64).shape == (9, 3, 48, 64)
+
+
 @pytest.fixture
 def messy_folder(demo_dataset, tmp_path):
     data = tmp_path / "data"

@@ -47,6 +47,8 @@ def load_clip(path: Path, num_frames: int, fps: float, height: int, width: int) 
         raise ClipError("corrupt", f"{path.name} is damaged after frame {position} ({ffmpeg_reason(error)})") from None
     finally:
         reader.close()
+    if position == 0:  # ffmpeg opened it and ended without a word or a frame: damaged, not short (curate: corrupt)
+        raise ClipError("corrupt", f"{path.name}: not one frame of its video could be decoded (damaged?)")
     if len(frames) < num_frames:
         seconds = (num_frames - 1) / fps
         raise ClipError(
