@@ -707,3 +707,24 @@ def test_validation_videos_a_stop_cut_short_are_made_on_resume(tiny_cache_dir, d
     assert video.read_bytes() == made
     train(config, demo_dataset, run, resume="latest", progress=False)
     assert "were not made" not in capsys.readouterr().out  # made once
+
+
+def test_a_fresh_runs_own_cache_of_many_clips_says_how_runs_share_one(tiny_cache_dir, demo_dataset, tmp_path, capsys,
+                                                                       monkeypatch):
+    """Guards every new --out encoding a large dataset again without a word (a walk-through's 2,500 clips: 20 minutes
+    on the tiny model, while a whole cache of them sat in another folder): a run starting its own cache of at least
+    `SHARED_CACHE_HINT_CLIPS` clips (lowered to the 4 demo clips here) says so and how to share one; a run given a
+    shared cache says nothing of it, and neither does one resumed on its own filled cache."""
+    import trainer.train as train_module
+
+    monkeypatch.setattr(train_module, "SHARED_CACHE_HINT_CLIPS", 4)
+    hint = "clips into this run's own latent cache"
+    run = tmp_path / "run"
+    steps = ("optim.lr_warmup_steps=0", "checkpoint.every_steps=1")
+    train(_config(tiny_cache_dir, "train.max_train_steps=1", *steps), demo_dataset, run, progress=False)
+    assert (f"encoding 4 clips into this run's own latent cache ({run / 'cache'}); with `--set latent_cache=FOLDER` "
+            "runs share one, and each clip is encoded once for all of them") in capsys.readouterr().out
+    train(_config(tiny_cache_dir, "train.max_train_steps=1", *steps), demo_dataset, run, resume="latest", progress=False)
+    train(_config(tiny_cache_dir, "train.max_train_steps=1", *steps, f"latent_cache={tmp_path / 'shared'}"), demo_dataset,
+          tmp_path / "other", progress=False)
+    assert hint not in capsys.readouterr().out

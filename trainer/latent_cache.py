@@ -73,13 +73,21 @@ class FileHasher:
             known = {}
         self.known: dict[str, list] = known if isinstance(known, dict) else {}
 
-    def digest(self, path: Path) -> str:
+    def remembered(self, path: Path) -> str | None:
+        """The digest of `path` if the index has it for the file as it is now (its size and mtime), without reading it."""
         stat = path.stat()
-        stamp = [stat.st_size, stat.st_mtime_ns]
         remembered = self.known.get(str(path))
         # A hand-edited index may hold anything; only a well-formed [size, mtime, sha] row is trusted.
-        if isinstance(remembered, list) and len(remembered) == 3 and remembered[:2] == stamp and isinstance(remembered[2], str):
+        if isinstance(remembered, list) and len(remembered) == 3 and remembered[:2] == [stat.st_size, stat.st_mtime_ns] \
+                and isinstance(remembered[2], str):
             return remembered[2]
+        return None
+
+    def digest(self, path: Path) -> str:
+        if (remembered := self.remembered(path)) is not None:
+            return remembered
+        stat = path.stat()
+        stamp = [stat.st_size, stat.st_mtime_ns]
         sha = hashlib.sha256()
         with path.open("rb") as handle:
             for block in iter(lambda: handle.read(1 << 20), b""):
@@ -211,6 +219,20 @@ class LatentCache:
             return ""
         return hasher.digest(clip.condition)
 
+    def _entry(self, clip: Clip, hasher: "FileHasher") -> CacheEntry:
+        identity = (hasher.digest(clip.video), clip.caption or "", self._condition_hash(clip, hasher))
+        key = self.clip_key(*identity)
+        return CacheEntry(key, self._path("clips", key), clip, _sha256(*identity))
+
+    def _entry_if_remembered(self, clip: Clip, hasher: "FileHasher") -> CacheEntry | None:
+        """`_entry`, when the hash index knows every file of the clip as it is now (no video read); else None."""
+        files = [clip.video] + ([clip.condition] if self.ticft is not None and self.ticft.condition == "pairs" else [])
+        try:
+            known = all(hasher.remembered(path) is not None for path in files)
+        except OSError:  # a missing file: the loop names it
+            return None
+        return self._entry(clip, hasher) if known else None
+
     def _path(self, kind: str, key: str) -> Path:
         return self.root / kind / key[:2] / f"{key}.safetensors"
 
@@ -225,30 +247,43 @@ class LatentCache:
         self.root.mkdir(parents=True, exist_ok=True)
         hasher = FileHasher(self.root / HASH_INDEX)
         report = PrecomputeReport()
-        bar = progress_bar(clips, desc="precompute", unit="clip", disable=not progress)
+        entries: list[CacheEntry | None] = [None] * len(clips)  # in the clips' order, however they were cached
+        # The clips cached already, found first (their files' digests remembered, no video read), count as done
+        # from the start: the bar's rate and ETA are then the encoding's. Counted in it, a precompute resumed with
+        # 109 of 600 clips cached showed 14.7 clips/s and 32 s left for 140 s of encoding.
+        left: list[tuple[int, CacheEntry | None]] = []
+        for index, clip in enumerate(clips):
+            entry = self._entry_if_remembered(clip, hasher)
+            if entry is not None and _reusable(entry.path, CLIP_TENSORS, clip.name, report,
+                                               lambda line: print(line, file=sys.stderr)):
+                entries[index] = entry
+                report.reused += 1
+            else:  # an entry known to need encoding goes straight to it (its problem said once)
+                left.append((index, entry))
+        bar = progress_bar(total=len(clips), initial=report.reused, desc="precompute", unit="clip",
+                           disable=not progress, postfix={"encoded": 0, "reused": report.reused, "skipped": 0})
 
         def say(line: str) -> None:  # on stderr with the bar: `slapgen precompute` keeps stdout for its JSON
             bar.write(line, file=sys.stderr)
 
         try:
-            for clip in bar:
-                identity = (hasher.digest(clip.video), clip.caption or "", self._condition_hash(clip, hasher))
-                key = self.clip_key(*identity)
-                path = self._path("clips", key)
-                entry = CacheEntry(key, path, clip, _sha256(*identity))
-                if _reusable(path, CLIP_TENSORS, clip.name, report, say):
+            for index, known in left:
+                clip = clips[index]
+                entry = known or self._entry(clip, hasher)
+                if known is None and _reusable(entry.path, CLIP_TENSORS, clip.name, report, say):
                     report.reused += 1
-                    report.entries.append(entry)
-                elif self._encode_clip(clip, path, report, say):
+                    entries[index] = entry
+                elif self._encode_clip(clip, entry.path, report, say):
                     report.encoded += 1
-                    report.entries.append(entry)
-                # drawn with the count, when the loop moves on: tqdm updates the count an iterated bar shows
-                # only when it draws, so an immediate redraw showed a count behind the postfix ("0/8 ... encoded=6");
-                # after a skipped clip too (a last one skipped left "skipped=1" beside "skipped: 2 corrupt")
+                    entries[index] = entry
+                # the postfix first, drawn with the count (a count drawn before it showed "8/8 ... encoded=7")
                 bar.set_postfix(encoded=report.encoded, reused=report.reused, skipped=len(report.skipped),
                                 refresh=False)
+                bar.update(1)
         finally:
+            bar.close()
             hasher.save()
+        report.entries = [entry for entry in entries if entry is not None]
         atomic_write_text(self.root / "last_report.json", json.dumps(report.to_json(), indent=2))
         return report
 
