@@ -508,3 +508,23 @@ def test_ctrl_c_line_starts_a_line_of_its_own_under_an_open_bar(monkeypatch, tmp
     segments = re.split(r"[\r\n]", capsys.readouterr().err)
     line = [segment for segment in segments if "interrupted" in segment]
     assert line and all(segment.startswith("slapgen eval: interrupted; finished work is kept") for segment in line)
+
+
+def test_held_out_clips_left_out_are_counted_with_the_length_they_missed(tiny_cache_dir, demo_dataset, tmp_path, capsys):
+    """Guards an evaluation silently using fewer held-out clips than given (a walk-through's eval used 62 of 101:
+    FVD reads 17 frames, and every shorter clip was left out, each in a line of its own among the progress bars):
+    one line says how many are used of how many, and why the others are not, with the length a clip must have."""
+    from slapgen.video import write_mp4
+
+    heldout = tmp_path / "heldout"
+    shutil.copytree(demo_dataset, heldout)
+    write_mp4(np.full((5, 32, 48, 3), 0.5), heldout / "short.mp4", fps=8)  # 0.5 s of 8 fps
+    (heldout / "short.txt").write_text("a power slap, too short to score")
+    (heldout / "zz_damaged.mp4").write_bytes(b"not a video")
+    (heldout / "zz_damaged.txt").write_text("a damaged clip")
+    data = DataConfig(height=32, width=48, num_frames=17, fps=8)
+    entries = heldout_entries(heldout, resolve_model("tiny", tiny_cache_dir), data, tmp_path / "cache", progress=False)
+    assert len(entries) == 4
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"4 of 6 held-out clips of {heldout} are used; 2 are left out: 1 corrupt, 1 too_short (under the 2.00 s each "
+        "clip is read as: 17 frames at 8 fps)")
