@@ -112,8 +112,11 @@ def check_curate(args) -> None:
     from trainer.config import load_config
     from trainer.datasets import check_dataset_exists
 
-    if args.select is not None and args.select < 1:
-        raise DatasetError("--select must be at least 1")
+    if args.select is not None and args.select != "all" and args.select < 1:
+        raise DatasetError("--select must be at least 1, or all")
+    if args.select == "all" and args.hard_negatives:
+        raise DatasetError("--hard-negatives reserves part of a selection of N clips; --select all takes every clean "
+                           "clip, hard negatives among them")
     if args.workers is not None and args.workers < 1:
         raise DatasetError("--workers must be at least 1")
     if not 0 <= args.hard_negatives <= 1:
@@ -153,7 +156,8 @@ def cmd_curate(args) -> int:
     if args.select:
         hard = summary["hard_negatives_selected"]
         # counted whether or not --hard-negatives kept a share for them: say which, or "hard negatives" reads as asked for
-        print(f"selected {summary['selected']} of {args.select} requested -> {args.out / 'selected.jsonl'}"
+        asked = "every clean clip" if args.select == "all" else f"{args.select} requested"
+        print(f"selected {summary['selected']} ({asked}) -> {args.out / 'selected.jsonl'}"
               f" ({hard} of them {'a hard negative' if hard == 1 else 'hard negatives'}: miss, foul, block/absorb"
               f"{'' if args.hard_negatives else '; none kept for them: --hard-negatives SHARE does'})")
     if report["removed_from_earlier_run"]:
@@ -417,6 +421,16 @@ def cmd_config(args) -> int:
 MODEL_CHOICES = "hub id, local pipeline folder, `tiny` or `tiny-wan`"
 
 
+def selection_size(text: str) -> int | str:
+    """curate's --select: a number of clips, or `all` (every clean clip)."""
+    if text.strip().lower() == "all":
+        return "all"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of clips or all, got {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     # Subcommands' parsers are of the same class: every error names what a mistyped option likely meant.
     parser = HintingParser(prog="slapgen", description="Teach CogVideoX or Wan a new video domain with LoRA.")
@@ -431,7 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
     cur = commands.add_parser("curate", help="report caption quality, bad clips and duplicates; select the best N")
     cur.add_argument("dataset", type=Path, help="folder (videos.txt+prompts.txt or clip.mp4+clip.txt) or .csv/.jsonl")
     cur.add_argument("--out", type=Path, required=True, help="report folder (report.json, report.html, selected.jsonl)")
-    cur.add_argument("--select", type=int, metavar="N", help="write the N best clean clips to OUT/selected.jsonl")
+    cur.add_argument("--select", type=selection_size, metavar="N",
+                     help="write the N best clean clips to OUT/selected.jsonl (all: every clean clip)")
     cur.add_argument("--hard-negatives", type=float, default=0.0, metavar="SHARE",
                      help="share of --select kept for failed strikes and defensive moves (miss, foul, block/absorb), e.g. 0.2")
     cur.add_argument("--workers", type=int, help="processes probing clips (default: every core)")

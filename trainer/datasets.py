@@ -129,9 +129,12 @@ def read_dataset(path: Path, require_captions: bool = True, require_files: bool 
     if total == 1:
         raise DatasetError(problems[0])
     if problems:
-        more = f"; and {len(problems) - SHOWN_PROBLEMS} more" if len(problems) > SHOWN_PROBLEMS else ""
+        more = f"; and {len(problems) - SHOWN_PROBLEMS} more problems" if len(problems) > SHOWN_PROBLEMS else ""
+        # A few bad clips of thousands stopped the whole dataset, with no way on but fixing each (a walk-through's 25
+        # of 2,550): curate lists them, and writes the usable clips as a dataset of their own.
         raise DatasetError(f"{total} clips of {path} cannot be used: {'; '.join(problems[:SHOWN_PROBLEMS])}{more} "
-                           f"(`slapgen curate {path} --out DIR` reports every clip's problems)")
+                           f"(`slapgen curate {path} --out DIR --select all` reports every clip's problems and writes the "
+                           "clean clips to DIR/selected.jsonl, a dataset --data takes)")
     if not clips:
         raise DatasetError(f"dataset {path} holds no clips")
     return clips

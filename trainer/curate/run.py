@@ -15,6 +15,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from slapgen.atomic import atomic_write_text
 from slapgen.errors import counted
@@ -36,7 +37,7 @@ class CurateSettings:
     num_frames: int = 49  # the training length: clips that cannot supply it are `too_short`
     fps: float = 8.0
     workers: int | None = None
-    select: int | None = None
+    select: int | Literal["all"] | None = None  # "all": every clean clip
     hard_negative_share: float = 0.0  # of the selection, kept for failed strikes and defensive moves
 
 
@@ -122,7 +123,8 @@ def curate(dataset: Path, out: Path, settings: CurateSettings = CurateSettings()
         records[index]["duplicate"] = {"of": records[relation.original]["video"], **relation.to_json()}
     elapsed = time.perf_counter() - started
 
-    selected = select_best(records, settings.select, settings.hard_negative_share) if settings.select else []
+    count = sum(not record["issues"] for record in records) if settings.select == "all" else settings.select
+    selected = select_best(records, count, settings.hard_negative_share) if count else []
     if settings.select:
         rows = [{"video": os.path.relpath(r["path"], out), "caption": r["caption_text"]} for r in selected]
         atomic_write_text(out / "selected.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
