@@ -407,30 +407,37 @@ def test_relations_between_fingerprints_without_any_match_or_with_an_exact_copy(
     assert find_duplicates([*unrelated, unrelated[0]]) == {3: (0, relation.reversed())}
 
 
-def test_a_dataset_with_a_few_bad_clips_goes_on_as_its_clean_clips(demo_dataset, tmp_path, capsys):
+def test_a_dataset_with_a_few_unreadable_clips_goes_on_as_the_clips_training_reads(demo_dataset, tmp_path, capsys):
     """Guards a few bad captions stopping a dataset of thousands for good (a walk-through's 25 of 2,550 clips: train,
     precompute and eval refuse them all, and `--select N` needed N guessed at least as large as the clean count, then
-    said "selected 485 of 3000 requested"): the refusal says how to go on, and `curate --select all` writes every
-    clean clip, the bad ones left out, to a selection --data reads; --select must be a count or all."""
+    said "selected 485 of 3000 requested"): the refusal says how to go on, and `curate --select usable` writes every
+    clip training reads, flagged for quality or not (here captions under curate's 50 words, which `--select all`, the
+    clean clips, leaves out: a review's case of a selection left empty), without the unreadable and empty captions;
+    --select takes a count, all or usable."""
     data = tmp_path / "data"
     shutil.copytree(demo_dataset, data)
+    for name in ("clip_000", "clip_003"):
+        (data / f"{name}.txt").write_text("the striker winds up and slaps the defender, whose head snaps aside")
     (data / "clip_001.txt").write_bytes(b"\xff\xfe not utf-8")
-    (data / "clip_002.txt").unlink()
+    (data / "clip_002.txt").write_text("  \n")
     with pytest.raises(DatasetError) as refused:
         read_dataset(data)
     assert str(refused.value).endswith(
-        f"(`slapgen curate {data} --out DIR --select all` reports every clip's problems and writes the clean clips to "
-        "DIR/selected.jsonl, a dataset --data takes)")
+        f"(`slapgen curate {data} --out DIR --select usable` reports every clip's problems and writes the clips training "
+        "can read to DIR/selected.jsonl, a dataset --data takes)")
     out = tmp_path / "curated"
-    assert cli_main(["curate", str(data), "--out", str(out), "--select", "all", "--workers", "1",
-                     "--config", "tiny-smoke"]) == 0
-    report = json.loads((out / "report.json").read_text())
-    clean = sorted(clip["video"] for clip in report["clips"] if not clip["issues"])
-    assert clean and not {"clip_001.mp4", "clip_002.mp4"} & set(clean)
-    assert sorted(clip.video.name for clip in read_dataset(out / "selected.jsonl")) == clean
-    assert f"selected {len(clean)} (every clean clip) -> {out / 'selected.jsonl'}" in capsys.readouterr().out
+    for select, said, expected in (("usable", "every clip training can read, flagged or not", ["clip_000.mp4", "clip_003.mp4"]),
+                                   ("all", "every clean clip", [])):
+        assert cli_main(["curate", str(data), "--out", str(out), "--select", select, "--workers", "1",
+                         "--config", "tiny-smoke"]) == 0
+        assert f"selected {len(expected)} ({said}) -> {out / 'selected.jsonl'}" in capsys.readouterr().out
+        report = json.loads((out / "report.json").read_text())
+        assert report["selected"] == expected
+        if expected:
+            assert [clip.video.name for clip in read_dataset(out / "selected.jsonl")] == expected
+    assert {clip["video"]: clip["issues"] for clip in report["clips"]}["clip_000.mp4"] == ["caption_too_short"]
     with pytest.raises(SystemExit):
         cli_main(["curate", str(data), "--out", str(out), "--select", "most"])
-    assert "--select: expected a number of clips or all, got 'most'" in capsys.readouterr().err
-    assert cli_main(["curate", str(data), "--out", str(out), "--select", "all", "--hard-negatives", "0.2"]) == 2
-    assert "--select all takes every clean clip, hard negatives among them" in capsys.readouterr().err
+    assert "--select: expected a number of clips, all or usable, got 'most'" in capsys.readouterr().err
+    assert cli_main(["curate", str(data), "--out", str(out), "--select", "usable", "--hard-negatives", "0.2"]) == 2
+    assert "--select usable takes every clip it names, hard negatives among them" in capsys.readouterr().err

@@ -181,8 +181,9 @@ def test_every_unusable_clip_is_named_in_one_error(demo_dataset, tmp_path):
     assert str(error.value) == (
         f"3 clips of {data} cannot be used: clip_000.txt: caption of clip_000.mp4 is not valid UTF-8; clip_002.mp4: "
         "video clip_002.mp4 has an empty caption; video clip_001.mp4 has no caption: write clip_001.txt beside it, or "
-        f"caption the clips that have none with `slapgen caption {data}` (`slapgen curate {data} --out DIR --select all` "
-        "reports every clip's problems and writes the clean clips to DIR/selected.jsonl, a dataset --data takes)")
+        f"caption the clips that have none with `slapgen caption {data}` (`slapgen curate {data} --out DIR --select "
+        "usable` reports every clip's problems and writes the clips training can read to DIR/selected.jsonl, a dataset "
+        "--data takes)")
     # More uncaptioned videos: said in one sentence (the same advice was repeated for each)
     for index in range(4, 8):
         shutil.copy(demo_dataset / "clip_000.mp4", data / f"clip_{index:03d}.mp4")

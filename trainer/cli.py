@@ -112,11 +112,11 @@ def check_curate(args) -> None:
     from trainer.config import load_config
     from trainer.datasets import check_dataset_exists
 
-    if args.select is not None and args.select != "all" and args.select < 1:
-        raise DatasetError("--select must be at least 1, or all")
-    if args.select == "all" and args.hard_negatives:
-        raise DatasetError("--hard-negatives reserves part of a selection of N clips; --select all takes every clean "
-                           "clip, hard negatives among them")
+    if isinstance(args.select, int) and args.select < 1:
+        raise DatasetError("--select must be at least 1, all or usable")
+    if args.select in ("all", "usable") and args.hard_negatives:
+        raise DatasetError(f"--hard-negatives reserves part of a selection of N clips; --select {args.select} takes "
+                           "every clip it names, hard negatives among them")
     if args.workers is not None and args.workers < 1:
         raise DatasetError("--workers must be at least 1")
     if not 0 <= args.hard_negatives <= 1:
@@ -156,7 +156,8 @@ def cmd_curate(args) -> int:
     if args.select:
         hard = summary["hard_negatives_selected"]
         # counted whether or not --hard-negatives kept a share for them: say which, or "hard negatives" reads as asked for
-        asked = "every clean clip" if args.select == "all" else f"{args.select} requested"
+        asked = {"all": "every clean clip", "usable": "every clip training can read, flagged or not"}.get(
+            args.select, f"{args.select} requested")
         print(f"selected {summary['selected']} ({asked}) -> {args.out / 'selected.jsonl'}"
               f" ({hard} of them {'a hard negative' if hard == 1 else 'hard negatives'}: miss, foul, block/absorb"
               f"{'' if args.hard_negatives else '; none kept for them: --hard-negatives SHARE does'})")
@@ -422,13 +423,13 @@ MODEL_CHOICES = "hub id, local pipeline folder, `tiny` or `tiny-wan`"
 
 
 def selection_size(text: str) -> int | str:
-    """curate's --select: a number of clips, or `all` (every clean clip)."""
-    if text.strip().lower() == "all":
-        return "all"
+    """curate's --select: a number of clips, `all` (every clean clip) or `usable` (every clip training can read)."""
+    if text.strip().lower() in ("all", "usable"):
+        return text.strip().lower()
     try:
         return int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of clips or all, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a number of clips, all or usable, got {text!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -446,7 +447,8 @@ def build_parser() -> argparse.ArgumentParser:
     cur.add_argument("dataset", type=Path, help="folder (videos.txt+prompts.txt or clip.mp4+clip.txt) or .csv/.jsonl")
     cur.add_argument("--out", type=Path, required=True, help="report folder (report.json, report.html, selected.jsonl)")
     cur.add_argument("--select", type=selection_size, metavar="N",
-                     help="write the N best clean clips to OUT/selected.jsonl (all: every clean clip)")
+                     help="write the N best clean clips to OUT/selected.jsonl (all: every clean clip; usable: every clip "
+                          "training can read, quality flags and all)")
     cur.add_argument("--hard-negatives", type=float, default=0.0, metavar="SHARE",
                      help="share of --select kept for failed strikes and defensive moves (miss, foul, block/absorb), e.g. 0.2")
     cur.add_argument("--workers", type=int, help="processes probing clips (default: every core)")

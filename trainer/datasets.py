@@ -133,8 +133,8 @@ def read_dataset(path: Path, require_captions: bool = True, require_files: bool 
         # A few bad clips of thousands stopped the whole dataset, with no way on but fixing each (a walk-through's 25
         # of 2,550): curate lists them, and writes the usable clips as a dataset of their own.
         raise DatasetError(f"{total} clips of {path} cannot be used: {'; '.join(problems[:SHOWN_PROBLEMS])}{more} "
-                           f"(`slapgen curate {path} --out DIR --select all` reports every clip's problems and writes the "
-                           "clean clips to DIR/selected.jsonl, a dataset --data takes)")
+                           f"(`slapgen curate {path} --out DIR --select usable` reports every clip's problems and writes "
+                           "the clips training can read to DIR/selected.jsonl, a dataset --data takes)")
     if not clips:
         raise DatasetError(f"dataset {path} holds no clips")
     return clips

@@ -22,7 +22,7 @@ from slapgen.errors import counted
 from slapgen.lifetime import die_with_parent
 from trainer.curate.captions import CaptionReport, check_caption
 from trainer.curate.duplicates import find_duplicates, load_duplicate_search
-from trainer.curate.selection import select_best
+from trainer.curate.selection import select_best, usable
 from trainer.curate.fingerprint import Signature
 from trainer.curate.video_probe import VideoProbe, probe_video
 from trainer.datasets import Clip, read_dataset, unread_entries
@@ -37,7 +37,7 @@ class CurateSettings:
     num_frames: int = 49  # the training length: clips that cannot supply it are `too_short`
     fps: float = 8.0
     workers: int | None = None
-    select: int | Literal["all"] | None = None  # "all": every clean clip
+    select: int | Literal["all", "usable"] | None = None  # "all": every clean clip; "usable": every clip training reads
     hard_negative_share: float = 0.0  # of the selection, kept for failed strikes and defensive moves
 
 
@@ -123,8 +123,11 @@ def curate(dataset: Path, out: Path, settings: CurateSettings = CurateSettings()
         records[index]["duplicate"] = {"of": records[relation.original]["video"], **relation.to_json()}
     elapsed = time.perf_counter() - started
 
-    count = sum(not record["issues"] for record in records) if settings.select == "all" else settings.select
-    selected = select_best(records, count, settings.hard_negative_share) if count else []
+    if settings.select == "usable":
+        selected = usable(records)
+    else:
+        count = sum(not record["issues"] for record in records) if settings.select == "all" else settings.select
+        selected = select_best(records, count, settings.hard_negative_share) if count else []
     if settings.select:
         rows = [{"video": os.path.relpath(r["path"], out), "caption": r["caption_text"]} for r in selected]
         atomic_write_text(out / "selected.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
