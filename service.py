@@ -13,7 +13,7 @@ import time
 import uuid
 from importlib.metadata import version
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import bentoml
 from bentoml._internal.configuration.containers import BentoMLContainer
@@ -25,6 +25,7 @@ silence_expected_warnings()  # before anything imports torchao or diffusers
 
 from prompts import default_library  # noqa: E402 (after the filters)
 from slapgen.engine.adapters import MAX_ADAPTER_BYTES, adapter_names, header_problem, misnamed_adapters
+from slapgen.engine.generator import VideoGenerator
 from slapgen.errors import GenerationCancelledError, SlapgenError, closest_path_hint
 from slapgen.lifetime import die_with_parent, on_stop_signal, stopped_at_once_by_signals
 from slapgen.models.loading import check_model_name, resolve_model
@@ -48,9 +49,6 @@ from slapgen.serving.routes import build_routes
 from slapgen.serving.settings import load_settings
 from slapgen.serving.startup import StoreOnFirstUse, check_port_free, claim_task_store, listen_address
 from slapgen.video import ffmpeg_problem
-
-if TYPE_CHECKING:
-    from slapgen.engine.generator import VideoGenerator
 
 
 def _exit_with(message: str) -> None:
@@ -204,10 +202,6 @@ class SlapGen:
             forget_dead_workers()  # ... and their generations no longer count in /metrics' load gauge
             quiet_client_errors()
             resolved = resolve_model(settings.model, settings.cache_dir, allow_download=False)
-            # Imported here: `bentoml serve`'s own process imports this file too, and needs no torch (a second
-            # or more of every start, before any worker begins).
-            from slapgen.engine.generator import VideoGenerator
-
             # Loads, quantises, compiles and warms up: /readyz answers only after this returns.
             self.generator = VideoGenerator.load(resolved, settings.engine_options(bentoml.server_context.worker_index or 1))
         # The replica's load on /metrics (slapgen_generations_in_flight), what a deployment scales on.

@@ -15,7 +15,6 @@ cut words itself (diffusers' "The following part of your input was truncated ...
 
 from __future__ import annotations
 
-import functools
 import logging
 import re
 
@@ -32,30 +31,23 @@ EXPECTED: list[tuple[str, re.Pattern, bool]] = [
 ]
 
 
-@functools.cache
-def _cuda_available() -> bool:
-    import torch  # imported already: what logs these messages imports it first
-
-    return torch.cuda.is_available()
-
-
 class _DropExpected(logging.Filter):
-    def __init__(self, pattern: re.Pattern, cpu_only: bool):
+    def __init__(self, pattern: re.Pattern):
         super().__init__()
         self.pattern = pattern
-        self.cpu_only = cpu_only
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not self.pattern.search(record.getMessage()):
-            return True
-        return self.cpu_only and _cuda_available()  # expected only where CUDA is not: kept where it is
+        return not self.pattern.search(record.getMessage())
 
 
 def silence_expected_warnings() -> None:
     """Install the filters (once per process). Call it before torchao or diffusers is imported: a
-    logger's filter sees only what is logged after it is added. Imports nothing heavy: `bentoml serve`'s own
-    process imports the service (and so this) without torch, which only its workers need."""
+    logger's filter sees only what is logged after it is added."""
+    import torch
+
+    without_cuda = not torch.cuda.is_available()
     for name, pattern, cpu_only in EXPECTED:
         logger = logging.getLogger(name)
-        if not any(isinstance(f, _DropExpected) and f.pattern is pattern for f in logger.filters):
-            logger.addFilter(_DropExpected(pattern, cpu_only))
+        if (without_cuda or not cpu_only) and not any(
+                isinstance(f, _DropExpected) and f.pattern is pattern for f in logger.filters):
+            logger.addFilter(_DropExpected(pattern))

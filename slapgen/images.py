@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from slapgen.errors import ImageError, first_line
-
-if TYPE_CHECKING:
-    import torch
 
 MAX_IMAGE_BYTES = 8 * 1024**2  # a condition image sent over HTTP (its base64 inside a JSON body)
 # A file read from this machine's disk (`read_image`: `slapgen generate --condition-image`, a TIC-FT training
@@ -124,8 +122,6 @@ def centre_crop_box(source_height: int, source_width: int, height: int, width: i
 def resize_and_crop(video: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """(F, C, H, W) pixels 0-255 (any dtype) -> float (F, C, height, width): the centre cut to height:width's
     aspect, then scaled to height x width. Only the cut part is ever converted or scaled."""
-    import torch.nn.functional as F
-
     top, left, crop_height, crop_width = centre_crop_box(*video.shape[-2:], height, width)
     video = video[..., top : top + crop_height, left : left + crop_width].float()
     if (crop_height, crop_width) != (height, width):
@@ -136,8 +132,6 @@ def resize_and_crop(video: torch.Tensor, height: int, width: int) -> torch.Tenso
 def image_frame(image: np.ndarray, height: int, width: int) -> torch.Tensor:
     """An RGB image (H, W, 3), uint8 or `fitted_image`'s float32 -> one VAE input frame (1, 3, height, width) in
     [-1, 1], resized and cropped the way training frames are."""
-    import torch
-
     # Kept uint8 here: resize_and_crop turns only its crop into floats.
     pixels = np.ascontiguousarray(image) if image.dtype == np.float32 else np.array(image, dtype=np.uint8)
     frame = torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0)
@@ -149,8 +143,6 @@ def fitted_image(image: np.ndarray, height: int, width: int) -> np.ndarray:
     (height, width, 3) pixels 0-255: `image_frame` of it at that size is bit for bit `image_frame` of the image.
     What a request keeps until its job runs: a 4096x4096 condition image held 48 MB (and 240 MB in all, decoded)
     per queued job, where the output's size holds a few."""
-    import torch
-
     frame = torch.from_numpy(np.asarray(image, dtype=np.uint8)).permute(2, 0, 1).unsqueeze(0)  # no copy of a uint8 one
     return resize_and_crop(frame, height, width)[0].permute(1, 2, 0).contiguous().numpy()
 

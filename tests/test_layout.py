@@ -1,8 +1,7 @@
 """The package split holds: the trainer never loads the engine or the HTTP side (only `slapgen eval` and
 `slapgen generate`, which import trainer.evaluate / trainer.generate inside the command, and a sweep asked for generation metrics, which imports it
 inside its evaluation, load the engine), the engine never loads the trainer or HTTP
-code, the service's file loads no torch until a worker builds the engine, and the model home and the evaluation
-math depend on neither (each checked in a fresh interpreter)."""
+code, and the model home and the evaluation math depend on neither (each checked in a fresh interpreter)."""
 
 from __future__ import annotations
 
@@ -24,9 +23,6 @@ from tests.conftest import REPO_ROOT, offline_env
         ("slapgen.engine.generator", ["trainer", "slapgen.serving", "bentoml", "starlette", "pydantic_settings"]),
         ("slapgen.models.cogvideox", ["trainer", "slapgen.engine", "slapgen.serving", "bentoml"]),
         ("slapgen.serving.routes", ["trainer"]),
-        # `bentoml serve`'s own process imports service.py before any worker starts, and needs no model code: torch
-        # alone was a second or more of every replica's start (the workers import the engine inside `__init__`)
-        ("service", ["torch", "diffusers", "transformers", "peft", "trainer"]),
         ("trainer.campaign, slapgen.campaign_store, slapgen.evaluation.leaderboard",
          ["slapgen.engine", "slapgen.serving", "bentoml", "starlette", "torch"]),
         ("slapgen.evaluation.stats, slapgen.evaluation.frechet, slapgen.evaluation.models, slapgen.evaluation.clip_score, "

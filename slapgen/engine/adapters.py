@@ -24,9 +24,11 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
+import torch
 from safetensors import SafetensorError
+from safetensors.torch import load, save
 
 from slapgen.atomic import atomic_write_bytes
 from slapgen.errors import (AdapterError, AdapterExistsError, AdapterNotFoundError, AdapterNotRemovableError,
@@ -38,9 +40,6 @@ from slapgen.models.lora_format import (DIFFUSERS_METADATA_KEY, KEY_PATTERN, WEI
 from slapgen.models.specs import DEFAULT_FRAME_STEP
 from slapgen.models.ticft import TicftLayout
 from slapgen.names import NAME_PATTERN, NAME_RULE
-
-if TYPE_CHECKING:
-    import torch
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -412,8 +411,6 @@ def ticft_layout(name: str, metadata: dict[str, str], target: AdapterTarget) -> 
 def check_weights(name: str, state_dict: dict[str, torch.Tensor]) -> None:
     """Every weight finite and within MAX_LORA_WEIGHT: one NaN or a huge value would turn every later
     frame black, base model included (0 x inf is NaN), long after the adapter is gone."""
-    import torch
-
     for key, tensor in state_dict.items():
         values = tensor.float()
         if not torch.isfinite(values).all():
@@ -432,8 +429,6 @@ def parse_adapter(name: str, data: bytes, target: AdapterTarget) -> LoadedAdapte
 def _parse_adapter(name: str, data: bytes, target: AdapterTarget) -> LoadedAdapter:
     header = read_header(data, name)
     checked = check_adapter(name, header, target)
-    from safetensors.torch import load
-
     try:
         state_dict = load(data)
     except (SafetensorError, ValueError, OSError, RuntimeError) as error:
@@ -478,8 +473,6 @@ def convert_community(name: str, data: bytes, header: Header, layout: str, targe
             raise AdapterError(f"{where}: {shown(key)} must be a matrix or a vector, not {shape}", field="adapter")
         elif len(shape) == 2 and COMMUNITY_FACTOR_KEY.search(key):
             check_rank(name, min(shape), target)
-    from safetensors.torch import load, save
-
     try:
         tensors = load(data)
     except (SafetensorError, ValueError, OSError, RuntimeError) as error:

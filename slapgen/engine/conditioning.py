@@ -15,18 +15,14 @@ shapes or the LoRA slot, so switching between TIC-FT and plain adapters never re
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
+import torch
 
 from slapgen.engine.params import GenerationParams
 from slapgen.errors import RequestError
 from slapgen.images import image_frame
 from slapgen.models.family import ModelFamily
 from slapgen.models.ticft import ConditionLatents, TicftLayout, next_timestep, start_conditioned
-
-if TYPE_CHECKING:
-    import torch
 
 CONDITION_FIELD = "condition_image"
 
