@@ -26,7 +26,7 @@ silence_expected_warnings()  # before anything imports torchao or diffusers
 from prompts import default_library  # noqa: E402 (after the filters)
 from slapgen.engine.adapters import MAX_ADAPTER_BYTES, adapter_names, header_problem, misnamed_adapters
 from slapgen.engine.generator import VideoGenerator
-from slapgen.errors import GenerationCancelledError, SlapgenError, closest_path_hint
+from slapgen.errors import GenerationCancelledError, SlapgenError, VideoNotWrittenError, closest_path_hint
 from slapgen.lifetime import die_with_parent, on_stop_signal, stopped_at_once_by_signals
 from slapgen.models.loading import check_model_name, resolve_model
 from slapgen.serving.body_limit import GENERATION_BODY_LIMIT, BodySizeLimit
@@ -235,6 +235,10 @@ class SlapGen:
                                                 admission=_admit(ctx.request.scope))
         except SlapgenError as error:
             return _answer_error(ctx, error)
+        except OSError as error:
+            if (not_written := _not_written(error)) is None:
+                raise
+            return _answer_error(ctx, not_written)
         # What of the prompt the model read: the pipeline cut a longer one, which the client would not hear of. Set
         # on the video only (BentoML copies the context's headers onto an error answer too).
         ctx.response.headers.update(prompt_token_headers(self.generator.prompt_tokens.count(params.prompt)))
@@ -273,6 +277,12 @@ class SlapGen:
         except SlapgenError as error:
             job_board.failed(task_id, describe_error(error), status_for(error))
             return _answer_error(ctx, error)
+        except OSError as error:  # the mp4, or its copy in the results folder, not written
+            if (not_written := _not_written(error)) is None:
+                job_board.failed(task_id, describe_error(error))  # a 500, as the exception's own answer
+                raise
+            job_board.failed(task_id, describe_error(not_written), status_for(not_written))
+            return _answer_error(ctx, not_written)
         except Exception as error:
             job_board.failed(task_id, describe_error(error))  # a 500, as the exception's own answer
             raise
@@ -291,6 +301,15 @@ class SlapGen:
         # tokens, max_tokens, cut: what of it the model reads (the text past its limit is cut, silently for a client)
         return {"template": request.template, "prompt": text, "words": len(text.split()),
                 **self.generator.prompt_tokens.count(text).as_dict()}
+
+
+def _not_written(error: OSError) -> VideoNotWrittenError | None:
+    """A video made and not written for want of space, as the client hears it (507), said in the log with the file;
+    None for any other OSError, which goes on as a 500 with its traceback in the log (a permission, a stale handle:
+    the server's own fault)."""
+    if (not_written := VideoNotWrittenError.of(error)) is not None:
+        print(f"slapgen: could not write a video: {error}", file=sys.stderr, flush=True)
+    return not_written
 
 
 def _resolve(request: GenerateRequest, generator: VideoGenerator):

@@ -8,6 +8,7 @@ names the request or config field to blame.
 from __future__ import annotations
 
 import difflib
+import errno
 import json
 import re
 from collections.abc import Collection, Mapping
@@ -131,8 +132,19 @@ def os_reason(error: OSError) -> str:
 
 
 class VideoNotWrittenError(SlapgenError):
-    """The server made a video and could not write it (a full disk, a quota, a file-size limit): the client is told
-    so, not sent a cut mp4."""
+    """The server made a video and could not write it for want of space (a full disk, a quota, a file-size limit):
+    the client is told so, not sent a cut mp4. Another OSError (a permission, a stale NFS handle) is the server's own
+    fault, not this."""
+
+    # EIO: `video.check_written_whole`'s cut file, the encoder having ended without a word
+    OUT_OF_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO})
+
+    @classmethod
+    def of(cls, error: OSError) -> "VideoNotWrittenError | None":
+        if error.errno not in cls.OUT_OF_SPACE:
+            return None
+        return cls(f"the server could not write the video it made ({os_reason(error)}); nothing is kept: send it "
+                   "again once the server's operator has freed space")
 
 
 class SettingsError(SlapgenError):

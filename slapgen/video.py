@@ -83,8 +83,10 @@ def check_written_whole(written: Path, target: Path) -> None:
     the cut file passed for a whole one: published by `write_mp4_atomic` (a review's find, under a 2,000-byte
     file-size limit), and sent by the service as a 200. Whole: its top-level boxes (ISO base media file format:
     a 32-bit size, or 1 and a 64-bit one after the type, or 0 for "to the end") tile the file exactly, and the
-    index (`moov`, which ffmpeg writes last) and the frames (`mdat`) are among them. A cut file ends inside a box.
-    Read from the header in microseconds; opening it with ffmpeg (a decoder started per video) took 85 ms."""
+    index (`moov`, which ffmpeg writes last) and the frames (`mdat`) are among them. A file cut short ends inside a
+    box. (A hole mid-file, were space freed between a failed write and the index's, would pass: only decoding every
+    frame finds that; opening the file with ffmpeg, the check before this one, did not either.) Read from the boxes'
+    headers in microseconds, where opening it with ffmpeg (a decoder started per video) took 85 ms."""
     import errno
 
     size, at, kinds = written.stat().st_size, 0, set()
@@ -102,7 +104,7 @@ def check_written_whole(written: Path, target: Path) -> None:
             kinds.add(head[4:8])
             at += box
     if at != size or not {b"moov", b"mdat"} <= kinds:
-        raise OSError(errno.EIO, "the encoder could not write it whole (a full disk, or a file-size limit?)",
+        raise OSError(errno.EIO, "the encoder could not write it whole: a full disk, or a file-size limit?",
                       str(target))
 
 

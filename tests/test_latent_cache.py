@@ -65,6 +65,19 @@ def test_the_precompute_bar_counts_what_its_postfix_counts(tiny_cache_dir, datas
     assert counted[-1] == (5, 5) and lines[-1].rstrip().endswith("skipped=1]"), lines[-1]
 
 
+def test_a_repeated_row_is_encoded_once_when_its_files_digests_are_known(tiny_cache_dir, dataset, tmp_path):
+    """Guards a review's find in the resumable precompute: a clip listed twice (oversampling by repeated rows) whose
+    file digest the cache remembers from another size, but whose entry at this size is missing, was encoded twice, each
+    row found needing it before either was written. The second row reuses the first's entry, in its place."""
+    clips = read_dataset(dataset)
+    root = tmp_path / "cache"
+    _cache(tiny_cache_dir, root).precompute(clips[:1], progress=False)  # its digest is remembered now
+    report = _cache(tiny_cache_dir, root, "data.height=48").precompute([clips[0], clips[1], clips[0]], progress=False)
+    assert (report.encoded, report.reused) == (2, 1)
+    assert [entry.clip.name for entry in report.entries] == [clips[0].name, clips[1].name, clips[0].name]
+    assert report.entries[0].key == report.entries[2].key != report.entries[1].key
+
+
 def test_changed_caption_or_resolution_is_re_encoded(tiny_cache_dir, dataset, tmp_path):
     cache = _cache(tiny_cache_dir, tmp_path / "cache")
     cache.precompute(read_dataset(dataset), progress=False)

@@ -146,11 +146,11 @@ def test_the_run_folders_lock_is_the_first_processs_alone(variables, first, monk
 
 
 FULL_DISK_IN_THE_SERVICE = r"""
-import json, resource, sys
+import errno, json, resource, sys
 from pathlib import Path
 from slapgen.engine.generator import VideoGenerator
 from slapgen.engine.params import EngineOptions, GenerationParams
-from slapgen.errors import SlapgenError
+from slapgen.errors import VideoNotWrittenError
 from slapgen.models.loading import resolve_model
 from slapgen.serving.http_errors import error_response, status_for
 from slapgen.serving.results import ResultStore
@@ -168,8 +168,10 @@ for name, write in (("generate", lambda: generator.generate_mp4(params, folder /
     try:
         write()
         answers[name] = "written"
-    except SlapgenError as error:
-        answers[name] = [status_for(error), json.loads(error_response(error).body)["error"]]
+    except OSError as error:  # what the service's routes turn into their answer (service._not_written)
+        answered = VideoNotWrittenError.of(error)
+        answers[name] = [error.errno, error.filename, status_for(answered), json.loads(error_response(answered).body)["error"]]
+answers["permission"] = VideoNotWrittenError.of(PermissionError(errno.EACCES, "Permission denied", "x.mp4"))
 print(json.dumps(answers))
 """
 
@@ -178,20 +180,19 @@ def test_a_service_that_cannot_write_a_video_says_so_instead_of_sending_a_cut_mp
     """Guards the service answering a full disk with a cut mp4: the encoder ends without a word when its output does
     not fit, `/generate` sent the 2,000 bytes it left as a 200 (a video no player opens), and a job's result that did
     not fit was a 500 whose message named the disk's staging file. The tiny model's engine, as the service runs it,
-    under a 2,000-byte file-size limit (how a full disk acts) after a free generation: both writes are a 507 in the
-    one error shape, saying what happened and what to do, and the log names the file."""
+    under a 2,000-byte file-size limit (how a full disk acts) after a free generation: both writes raise an OSError
+    naming the file, which the service answers as a 507 in the one error shape saying what happened and what to do;
+    an OSError that is no want of space (a permission) is left to be the server's 500."""
     result = subprocess.run([sys.executable, "-c", FULL_DISK_IN_THE_SERVICE, str(tmp_path), str(tiny_cache_dir)],
                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env=offline_env(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     answers = json.loads(result.stdout.strip().splitlines()[-1])
     assert answers["free_bytes"] > 2000  # so the limit cuts it
-    assert answers["generate"] == [507, "the server could not write the video it made: the encoder could not write it "
-                                        "whole (a full disk, or a file-size limit?); send the request again once its "
-                                        "operator has freed space"]
-    assert answers["job_result"] == [507, "the server could not keep the job's video in its results folder: File too "
-                                          "large; submit the job again once its operator has freed space"]
-    assert f"could not write a generated video: [Errno 5] the encoder could not write it whole (a full disk, or a " \
-           f"file-size limit?): '{tmp_path / 'limited.mp4'}'" in result.stderr
-    assert f"could not keep a job's video in the results folder: [Errno 27] File too large: " \
-           f"'{tmp_path / 'results' / 'limited.mp4'}'" in result.stderr
+    assert answers["generate"] == [5, str(tmp_path / "limited.mp4"), 507, (
+        "the server could not write the video it made (the encoder could not write it whole: a full disk, or a "
+        "file-size limit?); nothing is kept: send it again once the server's operator has freed space")]
+    assert answers["job_result"] == [27, str(tmp_path / "results" / "limited.mp4"), 507, (
+        "the server could not write the video it made (File too large); nothing is kept: send it again once the "
+        "server's operator has freed space")]
+    assert answers["permission"] is None
     assert sorted(path.name for path in (tmp_path / "results").iterdir()) == ["free.mp4"]

@@ -63,28 +63,31 @@ def clip_seed(seed: int, key: str) -> int:
 
 
 def heldout_entries(dataset: Path, resolved: ResolvedModel, data: DataConfig, cache_root: Path, device: str = "cpu",
-                    progress: bool = True, ticft: TicftConfig | None = None) -> list[CacheEntry]:
+                    progress: bool = True, ticft: TicftConfig | None = None, say_left_out: bool = True) -> list[CacheEntry]:
     """The latent-cache entries of every usable clip of `dataset` (encoded once, reused after); with
-    `ticft`, each clip as that layout's condition + target (`data.num_frames` must be its pixel frames)."""
+    `ticft`, each clip as that layout's condition + target (`data.num_frames` must be its pixel frames). The clips
+    left out are said in one line (`skipped_heldout_line`) unless `say_left_out` is False (a second pass)."""
     clips = read_training_clips(Path(dataset), data.max_clips, data.trigger_word)
     cache = LatentCache(cache_root, resolved, data, device=device, ticft=ticft)
     report = cache.precompute(clips, progress=progress)
     cache.release_encoders()
     if not report.entries:
         raise DatasetError(f"no usable held-out clips in {dataset} ({report.summary()})")
-    if report.skipped:  # each was named as it came; the share left out was said nowhere (39% of a walk-through's set)
-        print(skipped_heldout_line(dataset, len(report.entries), len(clips), report.skipped, data), file=sys.stderr)
+    if report.skipped and say_left_out:  # each was named as it came; the share left out was said nowhere (39% of a set)
+        # a TIC-FT clip's video is read for the layout's target frames; the condition comes from elsewhere
+        frames = ticft.parsed_layout.target_pixel_frames if ticft is not None else data.num_frames
+        print(skipped_heldout_line(dataset, len(report.entries), len(clips), report.skipped, frames, data.fps),
+              file=sys.stderr)
     return report.entries
 
 
-def skipped_heldout_line(dataset: Path, used: int, read: int, skipped: list[dict], data: DataConfig) -> str:
+def skipped_heldout_line(dataset: Path, used: int, read: int, skipped: list[dict], frames: int, fps: float) -> str:
     """How many held-out clips an evaluation uses, and why the others are left out: "62 of 101 held-out clips of H
     are used; 39 are left out: 1 corrupt, 38 too_short (under the 2.00 s each clip is read as: 17 frames at 8 fps)"."""
     reasons: dict[str, int] = {}
     for skip in skipped:
         reasons[skip["reason"]] = reasons.get(skip["reason"], 0) + 1
-    length = (f" (under the {(data.num_frames - 1) / data.fps:.2f} s each clip is read as: {data.num_frames} frames at "
-              f"{data.fps:g} fps)")
+    length = f" (under the {(frames - 1) / fps:.2f} s each clip is read as: {frames} frames at {fps:g} fps)"
     listed = ", ".join(f"{count} {reason}{length if reason == 'too_short' else ''}"
                        for reason, count in sorted(reasons.items()))
     return (f"{used} of {read} held-out clips of {dataset} are used; {len(skipped)} "

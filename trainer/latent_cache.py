@@ -214,10 +214,13 @@ class LatentCache:
             parts += [f"ticft:{self.ticft.layout}:{self.ticft.condition}", condition_hash]
         return _sha256(*parts)
 
+    def _condition_file(self, clip: Clip) -> Path | None:
+        """The file besides the video that the clip's entry is made of: its condition, with TIC-FT pairs."""
+        return clip.condition if self.ticft is not None and self.ticft.condition == "pairs" else None
+
     def _condition_hash(self, clip: Clip, hasher: "FileHasher") -> str:
-        if self.ticft is None or self.ticft.condition != "pairs":
-            return ""
-        return hasher.digest(clip.condition)
+        condition = self._condition_file(clip)
+        return "" if condition is None else hasher.digest(condition)
 
     def _entry(self, clip: Clip, hasher: "FileHasher") -> CacheEntry:
         identity = (hasher.digest(clip.video), clip.caption or "", self._condition_hash(clip, hasher))
@@ -226,7 +229,7 @@ class LatentCache:
 
     def _entry_if_remembered(self, clip: Clip, hasher: "FileHasher") -> CacheEntry | None:
         """`_entry`, when the hash index knows every file of the clip as it is now (no video read); else None."""
-        files = [clip.video] + ([clip.condition] if self.ticft is not None and self.ticft.condition == "pairs" else [])
+        files = [clip.video] + ([condition] if (condition := self._condition_file(clip)) is not None else [])
         try:
             known = all(hasher.remembered(path) is not None for path in files)
         except OSError:  # a missing file: the loop names it
@@ -266,16 +269,19 @@ class LatentCache:
         def say(line: str) -> None:  # on stderr with the bar: `slapgen precompute` keeps stdout for its JSON
             bar.write(line, file=sys.stderr)
 
+        encoded: set[str] = set()  # keys written by this loop: a row repeated (oversampling) is encoded once
         try:
             for index, known in left:
                 clip = clips[index]
                 entry = known or self._entry(clip, hasher)
-                if known is None and _reusable(entry.path, CLIP_TENSORS, clip.name, report, say):
+                if entry.key in encoded or (known is None
+                                            and _reusable(entry.path, CLIP_TENSORS, clip.name, report, say)):
                     report.reused += 1
                     entries[index] = entry
                 elif self._encode_clip(clip, entry.path, report, say):
                     report.encoded += 1
                     entries[index] = entry
+                    encoded.add(entry.key)
                 # the postfix first, drawn with the count (a count drawn before it showed "8/8 ... encoded=7")
                 bar.set_postfix(encoded=report.encoded, reused=report.reused, skipped=len(report.skipped),
                                 refresh=False)

@@ -11,7 +11,6 @@ per request ahead of it.
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -32,14 +31,12 @@ from slapgen.engine.placement import place_pipeline
 from slapgen.engine.prompt_tokens import PromptTokenCounter
 from slapgen.engine.quantization import choose_quantization, quantize_transformer
 from slapgen.engine.queue import Admission, GenerationQueue
-from slapgen.errors import GenerationCancelledError, GenerationTimeoutError, VideoNotWrittenError, os_reason
+from slapgen.errors import GenerationCancelledError, GenerationTimeoutError
 from slapgen.models.family import family_of
 from slapgen.models.loading import ResolvedModel, load_pipeline
 from slapgen.models.specs import ModelSpec
 from slapgen.timing import PhaseTimes
 from slapgen.video import write_mp4
-
-log = logging.getLogger(__name__)
 
 StepCallback = Callable[[int, int], None]  # (steps done, total steps)
 # The slot holds at least this rank, so adapters up to it can be uploaded after start-up.
@@ -287,10 +284,6 @@ class VideoGenerator:
     def generate_mp4(self, params: GenerationParams, path: Path, on_step: StepCallback | None = None,
                      deadline: float | None = None, cancelled: Callable[[], bool] | None = None,
                      admission: Admission | None = None, on_start: Callable[[], None] | None = None) -> Path:
-        frames = self.generate_frames(params, on_step, deadline, cancelled, admission, on_start)
-        try:
-            return write_mp4(frames, path, params.fps)
-        except OSError as error:  # the client hears it was not written; the operator, where
-            log.error("could not write a generated video: %s", error)
-            raise VideoNotWrittenError(f"the server could not write the video it made: {os_reason(error)}; send the "
-                                       "request again once its operator has freed space") from None
+        """`generate_frames`, written to `path` (an OSError when it cannot be written whole, `write_mp4`)."""
+        return write_mp4(self.generate_frames(params, on_step, deadline, cancelled, admission, on_start), path,
+                         params.fps)

@@ -28,7 +28,8 @@
   `pending`, and its two times were both the submission's. A failed job's `/jobs/get` is the error with
   the HTTP status it was answered with when the job failed, from the board on every replica
   (BentoML's stored answer exists only on the replica that ran it, and not at all when the handler
-  raised an unexpected exception). Other results pass through.
+  raised an unexpected exception). A completed job's `/jobs/get` is its mp4 from the shared results folder
+  (below); a job not finished, or one neither the board nor the folder knows, is BentoML's answer.
 - `GET /jobs/status` and `/jobs/get` without a task id, with an unknown one, or (`/get`) of a job not
   finished: BentoML answers `{"error"}` alone; here they are slapgen's shape, naming `task_id`.
 - Any replica answers for any job: BentoML's task store is one per server, so a completed job's `/jobs/get`
@@ -154,8 +155,10 @@ class JobRoutes:
                 return await send_json(send, 200, job_status(job))
             if job is not None and job["state"] in ("canceled", "failed"):
                 return await self._answer_ended(send, job)
-            if path == RESULT_PATH and self.results is not None and (job is None or job["state"] == "completed"):
+            if path == RESULT_PATH and self.results is not None and job is not None and job["state"] == "completed":
                 return await self._answer_result(send, task_id, job)
+            if path == RESULT_PATH and job is None and await self._sent_kept_video(send, task_id):
+                return  # a job the board no longer holds (it keeps the newest), its mp4 still kept
             return await self.app(scope, receive, _in_our_error_shape(
                 send, task_id, lambda: self._answer_from_shared_state(send, path, task_id)))
         await self.app(scope, receive, send)
@@ -226,17 +229,20 @@ class JobRoutes:
                                                   "says how far it is", "task_id"))
         return True
 
-    async def _answer_result(self, send, task_id: str, job: dict | None) -> None:
-        """A completed job's mp4 (`job`: its board row, None when the board no longer holds it), from the results
-        folder on every replica: the worker that ran the job wrote it there before the board said completed (and
-        BentoML's own store keeps none of it, `service.jobs`)."""
-        if (video := await run_in_threadpool(self.results.read, task_id)) is None:
-            missing = (self.results.missing_sentence(task_id, job["updated_at"]) if job is not None
-                       else unknown_job_sentence(task_id))
-            return await send_json(send, 404, error_body(missing, "task_id"))
+    async def _answer_result(self, send, task_id: str, job: dict) -> None:
+        """A completed job's mp4, from the results folder on every replica: the worker that ran the job wrote it there
+        before the board said completed (and BentoML's own store keeps none of it, `service.jobs`)."""
+        if not await self._sent_kept_video(send, task_id):
+            await send_json(send, 404, error_body(self.results.missing_sentence(task_id, job["updated_at"]), "task_id"))
+
+    async def _sent_kept_video(self, send, task_id: str) -> bool:
+        """Send the job's mp4 if the results folder has it; False (nothing sent) if not."""
+        if self.results is None or (video := await run_in_threadpool(self.results.read, task_id)) is None:
+            return False
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"video/mp4"), (b"content-length", str(len(video)).encode())]})
         await send({"type": "http.response.body", "body": video})
+        return True
 
     async def _answer_ended(self, send, job: dict) -> None:
         """A canceled or failed job's result, from the board: a canceled job's `/jobs/get` is a 409, a failed
@@ -296,7 +302,7 @@ def _in_our_error_shape(send, task_id: str, unknown_here: Callable[[], Awaitable
 
 def unknown_job_sentence(task_id: str) -> str:
     return (f"no job {task_id!r} is known: it was never submitted, or its result is gone (results are kept 24 hours, "
-            f"and the job board the newest {MAX_TRACKED_JOBS:,} jobs; /jobs/progress may say more)")
+            f"and the job board holds the newest {MAX_TRACKED_JOBS:,} jobs; /jobs/progress may say more)")
 
 
 def _json_messages(start: dict, answer: dict, added: dict[str, str] | None = None) -> list[dict]:

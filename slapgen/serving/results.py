@@ -1,10 +1,10 @@
 """Finished jobs' mp4s in a folder every replica reads (`SLAP_RESULTS_DIR`, default SLAP_DATA_DIR/results).
 
 BentoML keeps a task's result in its own store, one per server (`$BENTOML_HOME/task_result.db`), so
-only the replica that ran a job could answer `/jobs/get`. The worker that ran a submitted job also
-writes its mp4 here, atomically (`slapgen.atomic`: a reader never sees half a video), before the job
-board says `completed`; a replica whose own task store does not know the task answers from the board
-and this folder (`slapgen.serving.job_routes`). On several machines the folder is a shared volume
+only the replica that ran a job could answer `/jobs/get`. The worker that ran a submitted job writes its
+mp4 here instead, atomically (`slapgen.atomic`: a reader never sees half a video), before the job board
+says `completed`, and every replica answers a completed job's `/jobs/get` from the board and this folder
+(`slapgen.serving.job_routes`; BentoML's store keeps an empty answer, `service.jobs`). On several machines the folder is a shared volume
 (NFS, a Kubernetes ReadWriteMany volume): whole files written by rename are safe there, unlike
 SQLite's locking. Results older than BentoML's own retention (24 hours) are removed as new ones come (each worker
 looks at most every 10 minutes).
@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 from slapgen.atomic import atomic_write_bytes
-from slapgen.errors import VideoNotWrittenError, os_reason
 
 log = logging.getLogger(__name__)
 
@@ -44,16 +43,13 @@ class ResultStore:
     def save(self, task_id: str, video: bytes) -> None:
         if (target := self.path(task_id)) is None:
             return
-        try:
-            atomic_write_bytes(target, video)
-        except OSError as error:
-            log.error("could not keep a job's video in the results folder: %s", error)
-            raise VideoNotWrittenError(f"the server could not keep the job's video in its results folder: "
-                                       f"{os_reason(error)}; submit the job again once its operator has freed space") \
-                from None
+        atomic_write_bytes(target, video)  # an OSError names the target (the service answers a full disk's)
         if time.monotonic() >= self._next_sweep:  # two threads may both sweep: harmless
             self._next_sweep = time.monotonic() + self._sweep_every_s
-            self._forget_old()
+            try:
+                self._forget_old()
+            except OSError as error:  # the job's video is kept: a sweep that fails (a stale NFS handle) is the log's
+                log.warning("could not remove old results from %s: %s", self.folder, error)
 
     def read(self, task_id: str) -> bytes | None:
         target = self.path(task_id)
@@ -83,7 +79,7 @@ class ResultStore:
                 ours = entry.name.endswith(".mp4") or (entry.name.startswith(".") and entry.name.endswith(".tmp")
                                                        and ".mp4." in entry.name)
                 try:
-                    if ours and entry.stat().st_mtime < oldest:
+                    if ours and entry.is_file(follow_symlinks=False) and entry.stat().st_mtime < oldest:
                         os.unlink(entry.path)
                 except FileNotFoundError:  # another replica removed it first
                     pass

@@ -297,7 +297,7 @@ def ticft_entries(options: EvalOptions, resolved, data: DataConfig, layout: Ticf
 
     layout_data = data.model_copy(update={"num_frames": layout.pixel_frames})
     cached = heldout_entries(options.heldout, resolved, layout_data, options.cache or Path(options.out) / "cache",
-                             device=options.device, ticft=TicftConfig(layout=str(layout)))
+                             device=options.device, ticft=TicftConfig(layout=str(layout)), say_left_out=False)
     by_clip = {(entry.clip.video, entry.clip.caption): entry for entry in cached}
     missing = [entry.clip.name for entry in entries if (entry.clip.video, entry.clip.caption) not in by_clip]
     if missing:
