@@ -76,22 +76,19 @@ def heldout_entries(dataset: Path, resolved: ResolvedModel, data: DataConfig, ca
     if report.skipped and say_left_out:  # each was named as it came; the share left out was said nowhere (39% of a set)
         # a TIC-FT clip's video is read for the layout's target frames; the condition comes from elsewhere
         frames = ticft.parsed_layout.target_pixel_frames if ticft is not None else data.num_frames
-        print(skipped_heldout_line(dataset, len(report.entries), len(clips), report.skipped, frames, data.fps),
-              file=sys.stderr)
+        print(skipped_heldout_line(dataset, len(report.entries), len(clips), report.skipped_by_reason(), frames,
+                                   data.fps), file=sys.stderr)
     return report.entries
 
 
-def skipped_heldout_line(dataset: Path, used: int, read: int, skipped: list[dict], frames: int, fps: float) -> str:
+def skipped_heldout_line(dataset: Path, used: int, read: int, skipped: dict[str, int], frames: int, fps: float) -> str:
     """How many held-out clips an evaluation uses, and why the others are left out: "62 of 101 held-out clips of H
     are used; 39 are left out: 1 corrupt, 38 too_short (under the 2.00 s each clip is read as: 17 frames at 8 fps)"."""
-    reasons: dict[str, int] = {}
-    for skip in skipped:
-        reasons[skip["reason"]] = reasons.get(skip["reason"], 0) + 1
     length = f" (under the {(frames - 1) / fps:.2f} s each clip is read as: {frames} frames at {fps:g} fps)"
-    listed = ", ".join(f"{count} {reason}{length if reason == 'too_short' else ''}"
-                       for reason, count in sorted(reasons.items()))
-    return (f"{used} of {read} held-out clips of {dataset} are used; {len(skipped)} "
-            f"{'is' if len(skipped) == 1 else 'are'} left out: {listed}")
+    listed = ", ".join(f"{count} {reason}{length if reason == 'too_short' else ''}" for reason, count in skipped.items())
+    left_out = sum(skipped.values())
+    return (f"{used} of {read} held-out clips of {dataset} are used; {left_out} "
+            f"{'is' if left_out == 1 else 'are'} left out: {listed}")
 
 
 @torch.no_grad()

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -131,11 +132,12 @@ class PrecomputeReport:
     skipped: list[dict[str, str]] = field(default_factory=list)
     repaired: list[dict[str, str]] = field(default_factory=list)  # corrupt entries found and encoded again
 
+    def skipped_by_reason(self) -> dict[str, int]:
+        """How many clips were skipped for each reason, by reason's name."""
+        return dict(sorted(Counter(skip["reason"] for skip in self.skipped).items()))
+
     def summary(self) -> str:
-        reasons: dict[str, int] = {}
-        for skip in self.skipped:
-            reasons[skip["reason"]] = reasons.get(skip["reason"], 0) + 1
-        skipped = ", ".join(f"{count} {reason}" for reason, count in sorted(reasons.items())) or "none"
+        skipped = ", ".join(f"{count} {reason}" for reason, count in self.skipped_by_reason().items()) or "none"
         repaired = f"; {len(self.repaired)} corrupt cache entries re-encoded" if self.repaired else ""
         ready = len(self.entries)
         return (f"{ready} clip{'s' * (ready != 1)} ready ({self.encoded} encoded, {self.reused} reused); "
