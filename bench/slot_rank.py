@@ -11,12 +11,14 @@ so a step takes seconds: attention grows with the square of the tokens and LoRA 
 measured share is an upper bound of the share at full length. All ranks run in one process, timed in
 interleaved rounds, so they are compared as ratios under the same machine noise.
 
-    python bench/slot_rank.py [--ranks 0,64,128,256] [--blocks 1] [--latent-frames 1] [--rounds 3] [--save]
+    python bench/slot_rank.py [--ranks 0,64,128,256] [--blocks 1] [--latent-frames 1] [--size 480x720] [--rounds 3]
+                              [--save]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import time
@@ -49,34 +51,43 @@ def full_size_flops(rank: int) -> dict:
             "lora_share_of_step": layers * batch * lora / base}
 
 
-def build(rank: int, blocks: int, device: str, dtype: torch.dtype):
-    """CogVideoX-5B's config cut to `blocks` blocks, random weights, with a LoRA slot of `rank` (0: none)."""
+def build(blocks: int):
+    """CogVideoX-5B's config cut to `blocks` blocks, random weights."""
     from diffusers import CogVideoXTransformer3DModel
 
-    from slapgen.engine.lora_slot import LoraSlot
     from slapgen.models.reference_configs import COGVIDEOX_5B_TRANSFORMER
 
     torch.manual_seed(0)
-    transformer = CogVideoXTransformer3DModel(**{**COGVIDEOX_5B_TRANSFORMER, "num_layers": blocks})
+    return CogVideoXTransformer3DModel(**{**COGVIDEOX_5B_TRANSFORMER, "num_layers": blocks})
+
+
+def with_slot(base, rank: int, device: str, dtype: torch.dtype):
+    """A copy of `base` with a LoRA slot of `rank` (0: none): one random initialisation for every rank (of 150M
+    weights per block, seconds on a CPU), so the ranks also run the same weights."""
+    from slapgen.engine.lora_slot import LoraSlot
+
+    transformer = copy.deepcopy(base)
     if rank:
         LoraSlot(transformer, rank, TARGETS)
     return transformer.to(device, dtype).eval()
 
 
-def measure(ranks: list[int], blocks: int, latent: int, rounds: int) -> list[dict]:
+def measure(ranks: list[int], blocks: int, latent: int, rounds: int, size: tuple[int, int] = (480, 720)) -> list[dict]:
     """All ranks in one process, timed in interleaved rounds so machine noise falls on each alike."""
     from slapgen.models.cogvideox import PATCH_SIZE, latent_size, rotary_embeddings
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    models = {rank: build(rank, blocks, device, dtype) for rank in ranks}
+    base = build(blocks)
+    models = {rank: with_slot(base, rank, device, dtype) for rank in ranks}
+    del base
     config = models[0].config
-    height, width = latent_size(480, 720)
+    height, width = latent_size(*size)
     generator = torch.Generator().manual_seed(0)
     latents = torch.randn(2, latent, config.in_channels, height, width, generator=generator).to(device, dtype)
     text = torch.randn(2, config.max_text_seq_length, config.text_embed_dim, generator=generator).to(device, dtype)
     timestep = torch.tensor([500, 500], device=device)
-    rotary = rotary_embeddings(config, 480, 720, latent, device)
+    rotary = rotary_embeddings(config, *size, latent, device)
 
     def step(model) -> float:
         if device == "cuda":
@@ -97,15 +108,24 @@ def measure(ranks: list[int], blocks: int, latent: int, rounds: int) -> list[dic
             times[rank].append(step(model))
     tokens = latent * (height // PATCH_SIZE) * (width // PATCH_SIZE) + config.max_text_seq_length
     base = statistics.median(times[0])
-    return [{"case": f"rank-{rank}", "rank": rank, "blocks": blocks, "tokens": tokens,
+    return [{"case": f"rank-{rank}", "rank": rank, "blocks": blocks, "size": f"{size[0]}x{size[1]}", "tokens": tokens,
              "step_s_median": statistics.median(times[rank]), "over_no_lora": statistics.median(times[rank]) / base,
              **{f"full_{k}": v for k, v in full_size_flops(rank).items()}} for rank in ranks]
+
+
+def _size(text: str) -> tuple[int, int]:
+    height, _, width = text.partition("x")
+    if not (height.isdigit() and width.isdigit() and int(height) % 16 == 0 and int(width) % 16 == 0):
+        raise argparse.ArgumentTypeError(f"HEIGHTxWIDTH in multiples of 16, such as 480x720, got {text!r}")
+    return int(height), int(width)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--blocks", type=int, default=1, help="transformer blocks of 5B width to run")
     parser.add_argument("--latent-frames", type=int, default=1, help="latent frames (13 = a full 49-frame clip)")
+    parser.add_argument("--size", default="480x720", type=_size,
+                        help="the clip's HEIGHTxWIDTH the tokens are cut from (smaller: a quicker check of the script)")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds over all ranks (after one warm-up each)")
     parser.add_argument("--ranks", default=",".join(map(str, RANKS)), help="slot ranks, 0 (no LoRA) first")
     add_save_argument(parser)
@@ -113,11 +133,11 @@ def main() -> None:
     ranks = [int(rank) for rank in args.ranks.split(",")]
     if ranks[0] != 0:
         parser.error("--ranks must start with 0, the baseline")
-    rows = measure(ranks, args.blocks, args.latent_frames, args.rounds)
+    rows = measure(ranks, args.blocks, args.latent_frames, args.rounds, args.size)
     print(f"device: {device_description()}, torch {torch.__version__}")
     print_table(rows, ["case", "blocks", "tokens", "step_s_median", "over_no_lora", "full_tokens", "full_lora_share_of_step"])
     path = write_results("slot_rank", {"device": device_description(), "torch": torch.__version__, "blocks": args.blocks,
-                                       "latent_frames": args.latent_frames, "results": rows}, save=args.save)
+                                       "latent_frames": args.latent_frames, "size": list(args.size), "results": rows}, save=args.save)
     print(f"wrote {path}")
 
 

@@ -90,15 +90,18 @@ def test_a_run_never_overwrites_the_committed_results(tmp_path, monkeypatch):
 
 
 def test_slot_rank_bench_runs_and_writes_a_run_file(tmp_path):
-    """The slot-rank benchmark end to end on one 5B-wide block: a table, and JSON under runs/ only."""
+    """The slot-rank benchmark end to end on one 5B-wide block (at a small clip size: a 480x720 step takes seconds
+    here): a table, and JSON under runs/ only."""
     env = offline_env(tmp_path, HOME=str(tmp_path), SLAP_BENCH_RESULTS=str(tmp_path / "results"))
-    result = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "slot_rank.py"), "--ranks", "0,16", "--rounds", "1"],
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "slot_rank.py"), "--ranks", "0,16", "--rounds", "1",
+                             "--size", "96x160"],
                             cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     [written] = list((tmp_path / "results" / "runs").glob("slot_rank-*.json"))
     rows = json.loads(written.read_text())["results"]
     assert [row["rank"] for row in rows] == [0, 16] and rows[0]["over_no_lora"] == 1.0
     assert rows[1]["full_lora_share_of_step"] > 0 and rows[1]["step_s_median"] > 0
+    assert rows[0]["tokens"] == 6 * 10 + 226  # 96x160: 12x20 latents in 2x2 patches, 1 latent frame, 226 text tokens
 
 
 def test_duplicates_bench_on_one_bout(tmp_path):
