@@ -107,49 +107,116 @@ def _compile_a_module(cache_dir: Path, tmp_path: Path, mode: str = "plain") -> t
     return _compiled_a_module(_start_compiling_a_module(cache_dir, tmp_path, mode))
 
 
+# The tiny model's pipeline with its blocks compiled (regional compilation, the default scope) on a cache folder
+COMPILE_THE_BLOCKS = r"""
+import json, logging, sys
+from pathlib import Path
+import numpy as np, torch
+from slapgen.engine.compiling import CompiledTransformer
+from slapgen.engine.params import GenerationParams
+from slapgen.models.family import family_of
+from slapgen.models.loading import load_pipeline, resolve_model
+
+logging.basicConfig(level=logging.WARNING, format="LOG %(levelname)s %(name)s %(message)s")
+resolved = resolve_model("tiny", Path(sys.argv[2]))
+pipeline = load_pipeline(resolved)
+pipeline.set_progress_bar_config(disable=True)
+params = GenerationParams.defaults_for(resolved.spec, num_inference_steps=2, seed=5)
+generate = lambda: pipeline(**params.pipeline_arguments(), generator=torch.Generator().manual_seed(5),
+                            output_type="np").frames[0]
+eager = generate()
+compiled = CompiledTransformer(Path(sys.argv[1]), scope="blocks")
+compiled.compile(pipeline)
+frames = []
+compiled.warm_up(pipeline, lambda: frames.append(generate()))
+compiled.mark_warm()
+blocks = family_of(resolved.spec).transformer_blocks(pipeline.transformer)
+print(json.dumps({**compiled.cache.info(), "graphs": compiled.graphs,
+                  "compiled_blocks": sum(block._compiled_call_impl is not None for block in blocks),
+                  "output_ok": bool(np.allclose(frames[-1], eager, atol=1e-4))}))
+"""
+
+
+def _start_compiling_the_blocks(cache_dir: Path, tiny_cache_dir: Path, tmp_path: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", COMPILE_THE_BLOCKS, str(cache_dir), str(tiny_cache_dir)], cwd=REPO_ROOT,
+                            env=offline_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _compiled_the_blocks(started: subprocess.Popen) -> dict:
+    stdout, stderr = started.communicate(timeout=600)
+    assert started.returncode == 0, stderr[-3000:]
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def _end(processes: list[subprocess.Popen]) -> None:
+    for process in processes:
+        process.kill()
+        process.wait()
+
+
 @pytest.mark.slow
-def test_a_damaged_or_foreign_cache_falls_back_to_compiling_in_one_log_line(tmp_path):
+def test_a_damaged_or_foreign_cache_falls_back_to_compiling_in_one_log_line(tiny_cache_dir, tmp_path):
     """Guards a start-up that dies on a damaged compile cache: torch loads a cached kernel library as it finds it
     (garbage .so files made bentoml serve exit with C++ errors before the fallback). Every start here succeeds with
     the right output: the first fills the folder (one graph compiled), the second loads it, one with every kernel
     library overwritten falls back to a private folder, one with the FX graph entry overwritten compiles again
     (counted in the line instead of torch's traceback), and one as another torch build (a foreign cache: every key
-    differs) compiles; each says so in one log line (two for the fallback)."""
-    folder = tmp_path / "compile-cache"
-    first, first_log = _compile_a_module(folder, tmp_path)
+    differs) compiles; each says so in one log line (two for the fallback).
+
+    Also guards the fallback under regional compilation (the tiny pipeline, its blocks compiled): after
+    `torch._dynamo.reset()` the blocks must be compiled again in place (a fallback that compiled the transformer
+    whole, or left the blocks calling code built on the damaged folder, would crash or lose the scope). A start
+    fills a folder; with every kernel library in it overwritten, the next falls back to a private folder, compiles
+    the one graph again with every block compiled (and each block's row-major copy back in front: without it the
+    first block's graph is compiled apart), and makes the uncompiled pipeline's frames.
+
+    Starts on separate folders are independent, so they run at once (on 2 cores, one process's imports and
+    tracing overlap another's compile)."""
+    folder, blocks_folder = tmp_path / "compile-cache", tmp_path / "blocks-compile-cache"
+    blocks_first = _start_compiling_the_blocks(blocks_folder, tiny_cache_dir, tmp_path)
+    started = [blocks_first]
+    try:
+        first, first_log = _compile_a_module(folder, tmp_path)
+        blocks = _compiled_the_blocks(blocks_first)
+
+        # Copies of the first's folder, damaged or read as another torch's, taken before anything else reads it
+        damaged = tmp_path / "damaged"
+        shutil.copytree(folder, damaged)
+        libraries = list(damaged.rglob("*.so"))
+        assert libraries
+        for path in libraries:
+            path.write_bytes(b"garbage")
+        unreadable = tmp_path / "unreadable"
+        shutil.copytree(folder, unreadable)
+        entries = [path for path in (unreadable / "fxgraph").rglob("*") if path.is_file()]
+        assert len(entries) == 1
+        for path in entries:
+            path.write_bytes(b"garbage")
+        foreign_folder = tmp_path / "foreign"
+        shutil.copytree(folder, foreign_folder)
+        block_libraries = list(blocks_folder.rglob("*.so"))
+        assert block_libraries
+        for path in block_libraries:
+            path.write_bytes(b"garbage")
+
+        started = [_start_compiling_a_module(folder, tmp_path), _start_compiling_a_module(damaged, tmp_path),
+                   _start_compiling_a_module(unreadable, tmp_path),
+                   _start_compiling_a_module(foreign_folder, tmp_path, "other-torch"),
+                   _start_compiling_the_blocks(blocks_folder, tiny_cache_dir, tmp_path)]
+        (second, second_log), (third, third_log), (fourth, fourth_log), (foreign, foreign_log) = map(
+            _compiled_a_module, started[:4])
+        blocks_damaged = _compiled_the_blocks(started[4])
+    finally:
+        _end(started)
+
     assert (first["graphs_compiled"], first["graphs_from_cache"], first["fell_back"], first["output_ok"]) == (1, 0, None, True)
     assert first_log == [f"LOG INFO slapgen.engine.compiling compile cache {folder}: 0 of 1 graph loaded from it, 1 "
                          "compiled and stored (a new model, settings or torch version, or an empty folder)"]
-    second, second_log = _compile_a_module(folder, tmp_path)
     assert (second["graphs_compiled"], second["graphs_from_cache"], second["output_ok"]) == (0, 1, True)
     assert second["graphs"] == 1  # a graph loaded from the cache still goes through the counting backend
     assert second_log == [f"LOG INFO slapgen.engine.compiling compile cache {folder}: the 1 graph loaded from it, "
                           "nothing compiled"]
 
-    # The three starts below each read a folder of their own (a copy of the first's, damaged or read as another
-    # torch's): independent, so they run at once.
-    damaged = tmp_path / "damaged"
-    shutil.copytree(folder, damaged)
-    libraries = list(damaged.rglob("*.so"))
-    assert libraries
-    for path in libraries:
-        path.write_bytes(b"garbage")
-    unreadable = tmp_path / "unreadable"
-    shutil.copytree(folder, unreadable)
-    entries = [path for path in (unreadable / "fxgraph").rglob("*") if path.is_file()]
-    assert len(entries) == 1
-    for path in entries:
-        path.write_bytes(b"garbage")
-    foreign_folder = tmp_path / "foreign"
-    shutil.copytree(folder, foreign_folder)
-    started = [_start_compiling_a_module(damaged, tmp_path), _start_compiling_a_module(unreadable, tmp_path),
-               _start_compiling_a_module(foreign_folder, tmp_path, "other-torch")]
-    try:
-        (third, third_log), (fourth, fourth_log), (foreign, foreign_log) = map(_compiled_a_module, started)
-    finally:
-        for process in started:
-            process.kill()
-            process.wait()
     assert third["output_ok"] is True and third["graphs_compiled"] >= 1 and third["fell_back"]
     assert len(third_log) == 2, third_log
     assert third_log[0].startswith(f"LOG WARNING slapgen.engine.compiling compile cache {damaged} cannot be used (")
@@ -165,6 +232,11 @@ def test_a_damaged_or_foreign_cache_falls_back_to_compiling_in_one_log_line(tmp_
     assert (foreign["graphs_compiled"], foreign["graphs_from_cache"], foreign["fell_back"], foreign["output_ok"]) == (
         1, 0, None, True)
     assert foreign_log == [line.replace(str(folder), str(foreign_folder)) for line in first_log]
+
+    # regional compilation: the blocks' first start, then its fallback from the damaged folder
+    assert (blocks["graphs_compiled"], blocks["fell_back"], blocks["compiled_blocks"], blocks["output_ok"]) == (1, None, 2, True)
+    assert blocks_damaged["fell_back"] and blocks_damaged["graphs_compiled"] == 1 and blocks_damaged["compiled_blocks"] == 2
+    assert blocks_damaged["output_ok"] is True
 
 
 # --- The real service, started twice on one folder -------------------------------------------------------------

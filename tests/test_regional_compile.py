@@ -5,11 +5,7 @@ kept as the other choice."""
 from __future__ import annotations
 
 import dataclasses
-import json
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,7 +16,6 @@ from slapgen.errors import SettingsError
 from slapgen.models.family import family_of
 from slapgen.models.loading import resolve_model
 from slapgen.serving.settings import load_settings
-from tests.conftest import REPO_ROOT, offline_env
 
 
 def test_the_compile_scope_setting_reaches_the_engine(monkeypatch):
@@ -145,62 +140,6 @@ def test_regional_compilation_compiles_one_block_for_all(model, monkeypatch, tmp
         np.testing.assert_allclose(compiled_frames, eager, atol=1e-4)
         torch._dynamo.reset()
     assert counted == {2: 1, 5: 1}
-
-
-COMPILE_THE_BLOCKS = r"""
-import json, logging, sys
-from pathlib import Path
-import numpy as np, torch
-from slapgen.engine.compiling import CompiledTransformer
-from slapgen.engine.params import GenerationParams
-from slapgen.models.family import family_of
-from slapgen.models.loading import load_pipeline, resolve_model
-
-logging.basicConfig(level=logging.WARNING, format="LOG %(levelname)s %(name)s %(message)s")
-resolved = resolve_model("tiny", Path(sys.argv[2]))
-pipeline = load_pipeline(resolved)
-pipeline.set_progress_bar_config(disable=True)
-params = GenerationParams.defaults_for(resolved.spec, num_inference_steps=2, seed=5)
-generate = lambda: pipeline(**params.pipeline_arguments(), generator=torch.Generator().manual_seed(5),
-                            output_type="np").frames[0]
-eager = generate()
-compiled = CompiledTransformer(Path(sys.argv[1]), scope="blocks")
-compiled.compile(pipeline)
-frames = []
-compiled.warm_up(pipeline, lambda: frames.append(generate()))
-compiled.mark_warm()
-blocks = family_of(resolved.spec).transformer_blocks(pipeline.transformer)
-print(json.dumps({**compiled.cache.info(), "graphs": compiled.graphs,
-                  "compiled_blocks": sum(block._compiled_call_impl is not None for block in blocks),
-                  "output_ok": bool(np.allclose(frames[-1], eager, atol=1e-4))}))
-"""
-
-
-@pytest.mark.slow
-def test_a_damaged_cache_falls_back_with_the_blocks_compiled_again(tiny_cache_dir, tmp_path):
-    """Guards the fallback from a damaged compile cache under regional compilation: after `torch._dynamo.reset()`
-    the blocks must be compiled again in place (a fallback that compiled the transformer whole, or left the blocks
-    calling code built on the damaged folder, would crash or lose the scope). A start fills the folder; with every
-    kernel library in it overwritten, the next falls back to a private folder, compiles the one graph again with
-    every block compiled (and each block's row-major copy back in front: without it the first block's graph is
-    compiled apart), and makes the uncompiled pipeline's frames."""
-    def start(folder: Path) -> dict:
-        result = subprocess.run([sys.executable, "-c", COMPILE_THE_BLOCKS, str(folder), str(tiny_cache_dir)],
-                                cwd=REPO_ROOT, env=offline_env(tmp_path),  # the session's TMPDIR: see test_compile_cache
-                                capture_output=True, text=True, timeout=600)
-        assert result.returncode == 0, result.stderr[-3000:]
-        return json.loads(result.stdout.strip().splitlines()[-1])
-
-    folder = tmp_path / "compile-cache"
-    first = start(folder)
-    assert (first["graphs_compiled"], first["fell_back"], first["compiled_blocks"], first["output_ok"]) == (1, None, 2, True)
-    libraries = list(folder.rglob("*.so"))
-    assert libraries
-    for path in libraries:
-        path.write_bytes(b"garbage")
-    damaged = start(folder)
-    assert damaged["fell_back"] and damaged["graphs_compiled"] == 1 and damaged["compiled_blocks"] == 2
-    assert damaged["output_ok"] is True
 
 
 @pytest.mark.parametrize("asked, expected", [(None, "ATEN"), ("ATEN,TRITON", "ATEN,TRITON")])
