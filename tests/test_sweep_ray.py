@@ -195,17 +195,16 @@ def test_a_node_killed_mid_run_leaves_the_results_of_an_uninterrupted_sweep(tiny
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("hidden", ["out", "heldout"])
-def test_a_node_that_does_not_see_the_sweep_folder_stops_the_sweep_with_one_sentence(hidden, tiny_cache_dir,
-                                                                                       demo_dataset, tmp_path):
+def test_a_node_that_does_not_see_the_sweep_folder_stops_the_sweep_with_one_sentence(tiny_cache_dir, demo_dataset,
+                                                                                       tmp_path):
     """Guards a cluster whose second node has its own, empty folder where the driver's sweep folder is (a local
     disk instead of the shared one): without the start-up check its runs would train into a folder nobody reads
     and the sweep would report from nothing. The node is given a mount namespace of its own (`unshare -m`) in
     which an empty folder is bind-mounted over the folder that holds --out; the sweep stops before any run with
     one sentence naming that node, and what else it lacks (the held-out set: a walk-through was told of the
-    folder alone, and learnt of the rest on its second try). Likewise for the held-out set alone
-    (`hidden="heldout"`): a walk-through's runs on such a node failed one by one, after the cache was encoded, as
-    "dataset ... does not exist (... `slapgen demo-data` makes a small one)"."""
+    folder alone, and learnt of the rest on its second try). Likewise for the held-out set alone (the second
+    sweep, on the same cluster at once): a walk-through's runs on such a node failed one by one, after the cache
+    was encoded, as "dataset ... does not exist (... `slapgen demo-data` makes a small one)"."""
     if subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:
         pytest.skip("unshare -m (a mount namespace of its own for the second node) is not permitted here")
     from trainer.demo_data import write_demo_dataset
@@ -213,26 +212,36 @@ def test_a_node_that_does_not_see_the_sweep_folder_stops_the_sweep_with_one_sent
     shared, empty = tmp_path / "shared", tmp_path / "empty"
     shared.mkdir()
     empty.mkdir()
-    heldout = shared / "heldout"  # with hidden="out" too: all a node lacks is said at once
+    heldout = shared / "heldout"  # with --out hidden too: all a node lacks is said at once
     write_demo_dataset(heldout, clips=1, seed=7)
     local_disk = ("unshare", "-m", "--propagation", "private", "sh", "-c", 'mount --bind "$1" "$2" && shift 2 && exec "$@"',
                   "sh", str(empty), str(shared))
+    outs = {"out": shared / "sweep", "heldout": tmp_path / "sweep"}
+    data = {"out": demo_dataset, "heldout": heldout}  # heldout: one folder for both options, named by both, once
     with two_node_cluster(offline_env(tmp_path, HOME=str(tmp_path / "home")), worker_wrap=local_disk) as (address, cluster_env, groups):
-        out = (shared if hidden == "out" else tmp_path) / "sweep"
-        data = demo_dataset if hidden == "out" else heldout  # one folder for both: named by both options, once
-        done = subprocess.run(sweep_command(tiny_cache_dir, data, heldout, out, "auto"), cwd=REPO_ROOT,
-                              env={**cluster_env, "RAY_ADDRESS": address}, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 2, done.stderr[-3000:]
-    if hidden == "out":
-        said = (rf"the sweep folder {re.escape(str(out))} is not the same folder on Ray node\(s\) \S+ \(node \w{{8}}\) "
-                r"\(no sweep.json there, or another one\): put --out on storage every node mounts at the same path "
-                rf"\(NFS or a shared disk\); nor does every node see what the tasks read: \S+ \(node \w{{8}}\) has no "
-                rf"--heldout {re.escape(str(heldout))}")
-    else:
-        said = (rf"not every Ray node sees what the tasks read: \S+ \(node \w{{8}}\) has no --data and --heldout "
-                rf"{re.escape(str(heldout))}; put it on storage every node mounts at the same path, as the output folder")
-    assert re.fullmatch(f"slapgen sweep: {said}", cli_stderr(done.stderr)), done.stderr[-3000:]
-    assert not (out / "runs").exists() and not (out / "latent-cache").exists()  # stopped before any encoding or run
+        sweeps = {hidden: subprocess.Popen(sweep_command(tiny_cache_dir, data[hidden], heldout, outs[hidden], "auto"),
+                                           cwd=REPO_ROOT, env={**cluster_env, "RAY_ADDRESS": address},
+                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                  for hidden in ("out", "heldout")}
+        try:
+            stderrs = {hidden: sweep.communicate(timeout=600)[1] for hidden, sweep in sweeps.items()}
+        finally:
+            for sweep in sweeps.values():
+                if sweep.poll() is None:
+                    sweep.kill()
+                    sweep.wait()
+    said = {"out": (rf"the sweep folder {re.escape(str(outs['out']))} is not the same folder on Ray node\(s\) \S+ "
+                    r"\(node \w{8}\) \(no sweep.json there, or another one\): put --out on storage every node mounts at "
+                    r"the same path \(NFS or a shared disk\); nor does every node see what the tasks read: \S+ "
+                    rf"\(node \w{{8}}\) has no --heldout {re.escape(str(heldout))}"),
+            "heldout": (rf"not every Ray node sees what the tasks read: \S+ \(node \w{{8}}\) has no --data and --heldout "
+                        rf"{re.escape(str(heldout))}; put it on storage every node mounts at the same path, as the "
+                        "output folder")}
+    for hidden, sweep in sweeps.items():
+        assert sweep.returncode == 2, stderrs[hidden][-3000:]
+        assert re.fullmatch(f"slapgen sweep: {said[hidden]}", cli_stderr(stderrs[hidden])), stderrs[hidden][-3000:]
+        out = outs[hidden]
+        assert not (out / "runs").exists() and not (out / "latent-cache").exists()  # stopped before any encoding or run
 
 
 @pytest.mark.slow
