@@ -18,6 +18,36 @@ def test_mp4_round_trip_keeps_count_size_and_fps(tmp_path):
     assert np.abs(decoded.mean(axis=(1, 2, 3)) / 255 - frames.mean(axis=(1, 2, 3))).max() < 0.05
 
 
+@pytest.mark.parametrize("fps, shape", [(8, (9, 64, 96, 3)), (16, (5, 32, 48, 3))])
+def test_an_mp4_is_the_file_diffusers_export_to_video_writes(fps, shape, tmp_path):
+    """Guards `write_mp4` (imageio's writer called directly, so that writing a video imports no diffusers) drifting
+    from the file diffusers' `export_to_video` writes: another quality, bitrate or block size, or rounding frames
+    where diffusers truncates them (values a hair under a level, such as 0.999, tell the two apart). The two files
+    are equal byte for byte."""
+    from diffusers.utils import export_to_video
+
+    rng = np.random.default_rng(fps)
+    frames = rng.uniform(0, 1, shape)
+    frames[0, 0, :8] = 0.999  # truncated to 254, rounded to 255
+    ours = write_mp4(frames, tmp_path / "ours.mp4", fps=fps)
+    theirs = export_to_video(list(frames), str(tmp_path / "theirs.mp4"), fps=fps)
+    assert ours.read_bytes() == (tmp_path / "theirs.mp4").read_bytes() and theirs == str(tmp_path / "theirs.mp4")
+
+
+def test_writing_an_mp4_imports_no_diffusers(tmp_path):
+    """Guards the import that made every `slapgen demo-data` spend 3 of its 4 seconds importing diffusers (and
+    torch, torch's compiler) to reach `export_to_video`: a process that writes an mp4 without a pipeline has
+    imported neither."""
+    import subprocess
+
+    script = ("import sys, numpy as np; from pathlib import Path; from slapgen.video import write_mp4; "
+              f"write_mp4(np.zeros((3, 32, 32, 3)), Path({str(tmp_path / 'x.mp4')!r}), fps=8); "
+              "print(sorted(name for name in ('diffusers', 'torch') if name in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["[]"] and (tmp_path / "x.mp4").stat().st_size > 0
+
+
 def test_write_rejects_wrong_shape(tmp_path):
     with pytest.raises(ValueError, match="F, H, W, 3"):
         write_mp4(np.zeros((4, 32, 32)), tmp_path / "x.mp4", fps=8)
