@@ -7,7 +7,8 @@ import pytest
 from trainer.datasets import read_dataset
 from trainer.demo_data import OUTCOMES, DemoClip, caption_for, write_demo_dataset
 from trainer.errors import ClipError, DatasetError
-from trainer.frames import load_clip, resize_and_crop, sample_indices
+from slapgen.images import resize_and_crop
+from trainer.frames import load_clip, sample_indices
 
 
 def _copy_clips(demo_dataset, target, count=2):

@@ -644,8 +644,8 @@ def default_device() -> str:
 
 # Commands that load torch, diffusers or transformers: they say so at once, before the imports that
 # take seconds (a minute on a cold disk), so a person sees that work has started.
-LOADING_COMMANDS = ("caption", "curate", "precompute", "train", "eval", "generate", "sweep")
-VIDEO_COMMANDS = (*LOADING_COMMANDS, "demo-data")  # what reads or writes videos: each needs ffmpeg
+LOADING_COMMANDS = ("caption", "precompute", "train", "eval", "generate", "sweep")  # what loads a model
+VIDEO_COMMANDS = (*LOADING_COMMANDS, "curate", "demo-data")  # what reads or writes videos: each needs ffmpeg
 
 
 def loading_line(command: str) -> str:

@@ -12,13 +12,17 @@ import logging
 import math
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 
 from slapgen.errors import ImageError
-from slapgen.images import IMAGE_SUFFIXES, image_frame, read_image, resize_and_crop
-from slapgen.models.ticft import TicftLayout
 from trainer.errors import ClipError
+
+if TYPE_CHECKING:
+    import torch
+
+    from slapgen.models.ticft import TicftLayout
 
 # imageio-ffmpeg warns, naming no file, whenever the frames' size differs from the stored one: a probe's scaling is
 # the point, and a phone's clip stored landscape with a rotation is turned upright by ffmpeg, rightly.
@@ -32,6 +36,12 @@ def sample_indices(source_fps: float, target_fps: float, num_frames: int) -> lis
 
 def load_clip(path: Path, num_frames: int, fps: float, height: int, width: int) -> torch.Tensor:
     """Clip as float32 (num_frames, 3, height, width) in [-1, 1]; raises `ClipError`."""
+    # torch here, not at the top: curate reads clips through this module's ffmpeg helpers without torch (3 s of
+    # imports, with diffusers and transformers, before it read a clip)
+    import torch
+
+    from slapgen.images import resize_and_crop
+
     reader, source_fps, (source_width, source_height) = _open(path)
     wanted = sample_indices(source_fps, fps, num_frames)
     frames, position = [], 0
@@ -65,6 +75,10 @@ def load_ticft_clip(video: Path, condition: Path | None, layout: TicftLayout, fp
 
     The condition is `video`'s own first frame (None), an image file repeated, or the first frames of
     another clip. Raises `ClipError`."""
+    import torch
+
+    from slapgen.images import IMAGE_SUFFIXES, image_frame, read_image
+
     target = load_clip(video, layout.target_pixel_frames, fps, height, width)
     if condition is None:
         head = target[:1].expand(layout.condition_pixel_frames, -1, -1, -1)
