@@ -8,6 +8,7 @@ LoRA file, checkpoint state or tiny model where a reader would take it for a com
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import threading
 from collections.abc import Iterator
@@ -18,6 +19,16 @@ from pathlib import Path
 def staging_path(target: Path) -> Path:
     """A hidden sibling of `target`, unique to this process and thread."""
     return target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+
+
+_STAGING_NAME = re.compile(r"\.(?P<target>.+)\.\d+\.\d+\.tmp")
+
+
+def is_staging_name(name: str, target_suffix: str = "") -> bool:
+    """Whether `name` is a `staging_path` name (of a target ending in `target_suffix`): what a writer killed mid-write
+    leaves, for a folder's clean-up to recognise without knowing the format."""
+    match = _STAGING_NAME.fullmatch(name)
+    return match is not None and match["target"].endswith(target_suffix)
 
 
 @contextmanager

@@ -99,3 +99,17 @@ def test_an_exception_inside_the_block_keeps_the_old_file_and_leaves_no_staging(
             (staging / "model.safetensors").write_bytes(NEW_CHUNK)
             raise RuntimeError("bad state")
     assert _folder_listing(tmp_path) == ["lora.safetensors"]
+
+
+def test_a_staging_name_is_recognised_by_the_target_it_was_for(tmp_path):
+    """Guards a folder's clean-up (the results store's sweep) missing what a writer killed mid-write left, or taking
+    another file for it, once the staging name's format lives in one place: every `staging_path` name is one, of a
+    target of its suffix only; a target, a hidden file and another writer's temporary file are not."""
+    from slapgen.atomic import is_staging_name, staging_path
+
+    staging = staging_path(tmp_path / "job-1.mp4").name
+    assert is_staging_name(staging) and is_staging_name(staging, ".mp4") and not is_staging_name(staging, ".json")
+    assert is_staging_name(staging_path(tmp_path / ".hidden.v2.mp4").name, ".mp4")
+    for other in ("job-1.mp4", ".job-1.mp4", ".job-1.mp4.tmp", ".job-1.mp4.12.tmp", "job-1.mp4.12.34.tmp",
+                  ".job-1.mp4.12.x.tmp", ".clip.a1b2c3d4.tmp"):
+        assert not is_staging_name(other, ".mp4"), other

@@ -18,7 +18,7 @@ import re
 import time
 from pathlib import Path
 
-from slapgen.atomic import atomic_write_bytes
+from slapgen.atomic import atomic_write_bytes, is_staging_name
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +76,7 @@ class ResultStore:
         oldest = time.time() - RETENTION_S
         with os.scandir(self.folder) as entries:
             for entry in entries:
-                ours = entry.name.endswith(".mp4") or (entry.name.startswith(".") and entry.name.endswith(".tmp")
-                                                       and ".mp4." in entry.name)
+                ours = entry.name.endswith(".mp4") or is_staging_name(entry.name, ".mp4")
                 try:
                     if ours and entry.is_file(follow_symlinks=False) and entry.stat().st_mtime < oldest:
                         os.unlink(entry.path)
