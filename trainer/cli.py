@@ -110,11 +110,12 @@ def cmd_train(args) -> int:
 
 def check_curate(args) -> None:
     from trainer.config import load_config
+    from trainer.curate.selection import WHOLE_SELECTIONS
     from trainer.datasets import check_dataset_exists
 
     if isinstance(args.select, int) and args.select < 1:
-        raise DatasetError("--select must be at least 1, all or usable")
-    if args.select in ("all", "usable") and args.hard_negatives:
+        raise DatasetError(f"--select must be at least 1, {' or '.join(WHOLE_SELECTIONS)}")
+    if args.select in WHOLE_SELECTIONS and args.hard_negatives:
         raise DatasetError(f"--hard-negatives reserves part of a selection of N clips; --select {args.select} takes "
                            "every clip it names, hard negatives among them")
     if args.workers is not None and args.workers < 1:
@@ -131,6 +132,7 @@ def cmd_curate(args) -> int:
     from slapgen.errors import counted, first_names
     from trainer.config import load_config
     from trainer.curate import CurateSettings, curate
+    from trainer.curate.selection import WHOLE_SELECTIONS
 
     data = load_config(args.config, args.set).data
     settings = CurateSettings(num_frames=data.num_frames, fps=data.fps, workers=args.workers, select=args.select,
@@ -156,8 +158,7 @@ def cmd_curate(args) -> int:
     if args.select:
         hard = summary["hard_negatives_selected"]
         # counted whether or not --hard-negatives kept a share for them: say which, or "hard negatives" reads as asked for
-        asked = {"all": "every clean clip", "usable": "every clip training can read, flagged or not"}.get(
-            args.select, f"{args.select} requested")
+        asked = WHOLE_SELECTIONS.get(args.select, f"{args.select} requested")
         print(f"selected {summary['selected']} ({asked}) -> {args.out / 'selected.jsonl'}"
               f" ({hard} of them {'a hard negative' if hard == 1 else 'hard negatives'}: miss, foul, block/absorb"
               f"{'' if args.hard_negatives else '; none kept for them: --hard-negatives SHARE does'})")
@@ -424,12 +425,14 @@ MODEL_CHOICES = "hub id, local pipeline folder, `tiny` or `tiny-wan`"
 
 def selection_size(text: str) -> int | str:
     """curate's --select: a number of clips, `all` (every clean clip) or `usable` (every clip training can read)."""
-    if text.strip().lower() in ("all", "usable"):
+    from trainer.curate.selection import WHOLE_SELECTIONS  # here, not at the top: the curate package loads numpy
+
+    if text.strip().lower() in WHOLE_SELECTIONS:
         return text.strip().lower()
     try:
         return int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of clips, all or usable, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a number of clips, {' or '.join(WHOLE_SELECTIONS)}, got {text!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:

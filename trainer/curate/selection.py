@@ -18,6 +18,8 @@ from trainer.datasets import CAPTION_PROBLEMS
 # else curate flags (a short caption, a duplicate, a black or frozen stretch, a clip too short for one config) is
 # a matter of quality: training reads it.
 UNUSABLE = frozenset({"caption_missing", *CAPTION_PROBLEMS, "outside_dataset", "corrupt"})
+# curate --select's words for a selection of no set size, with what each takes
+WHOLE_SELECTIONS = {"all": "every clean clip", "usable": "every clip training can read, flagged or not"}
 
 
 def usable(records: list[dict]) -> list[dict]:
