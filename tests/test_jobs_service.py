@@ -452,9 +452,13 @@ def test_a_jobs_mp4_is_kept_once_and_answered_from_the_results_folder(tiny_serve
     """Guards every job's mp4 kept twice for 24 hours, in BentoML's task store (the handler's answer) and in the
     results folder, with BentoML's clean-up at every job's end reading every stored answer (a soak measured 1.6 ms per
     stored MiB, per job). A job's `/jobs/get` on the replica that ran it is the results folder's file, byte for byte,
-    a whole mp4 of the frames asked for, and BentoML's row of the task holds no video."""
+    a whole mp4 of the frames asked for, and BentoML's row of the task holds no video. A job the board no longer holds
+    (it keeps the newest) is answered from the folder while its mp4 is kept, and once that is gone too with the
+    404 of an unknown job, not BentoML's stored answer: a 200 of no bytes."""
     import sqlite3
 
+    from slapgen.serving.http_errors import error_body
+    from slapgen.serving.job_routes import unknown_job_sentence
     from slapgen.video import read_mp4
 
     submitted = httpx.post(f"{tiny_server.url}/jobs/submit", json={**SHORT, "num_frames": 9}, timeout=60)
@@ -470,3 +474,11 @@ def test_a_jobs_mp4_is_kept_once_and_answered_from_the_results_folder(tiny_serve
     with sqlite3.connect(task_store) as database:
         (status, stored), = database.execute("SELECT status, length(result) FROM result WHERE task_id = ?", (task_id,))
     assert status == "completed" and stored < 1000 < len(answer.content), (status, stored)  # its answer, no video
+
+    with sqlite3.connect(tiny_cache_dir / "jobs.sqlite") as database:  # trimmed from the board, as the oldest are
+        assert database.execute("DELETE FROM jobs WHERE task_id = ?", (task_id,)).rowcount == 1
+    answer = httpx.get(f"{tiny_server.url}/jobs/get", params={"task_id": task_id}, timeout=60)
+    assert answer.status_code == 200 and answer.content == kept.read_bytes()
+    kept.unlink()  # past the results' retention
+    gone = httpx.get(f"{tiny_server.url}/jobs/get", params={"task_id": task_id}, timeout=60)
+    assert gone.status_code == 404 and gone.json() == error_body(unknown_job_sentence(task_id), "task_id")

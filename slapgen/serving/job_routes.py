@@ -160,7 +160,8 @@ class JobRoutes:
             if path == RESULT_PATH and job is None and await self._sent_kept_video(send, task_id):
                 return  # a job the board no longer holds (it keeps the newest), its mp4 still kept
             return await self.app(scope, receive, _in_our_error_shape(
-                send, task_id, lambda: self._answer_from_shared_state(send, path, task_id)))
+                send, task_id, lambda: self._answer_from_shared_state(send, path, task_id),
+                empty_is_gone=path == RESULT_PATH))
         await self.app(scope, receive, send)
 
     async def _submit(self, scope, receive, send):
@@ -264,15 +265,20 @@ class JobRoutes:
         await send_json(send, 200, {"task_id": task_id, "state": job["state"]})
 
 
-def _in_our_error_shape(send, task_id: str, unknown_here: Callable[[], Awaitable[bool]]):
+def _in_our_error_shape(send, task_id: str, unknown_here: Callable[[], Awaitable[bool]], empty_is_gone: bool = False):
     """A `send` that rewrites BentoML's own 400 / 404 answers on the task routes (`{"error"}` alone) into
     slapgen's shape; answers already in it (a failed job's stored error) pass unchanged. On BentoML's 404
     (a task its store does not know: another replica's job) or 400 (its result not stored yet)
-    `unknown_here()` answers first if it can, from the board and the results folder."""
+    `unknown_here()` answers first if it can, from the board and the results folder.
+
+    `empty_is_gone` (`/jobs/get`): BentoML's 200 of no bytes is the 404 of a job whose result is gone. A submitted
+    job's handler answers BentoML nothing (its mp4 is kept once, in the results folder: `service.jobs`), so that is
+    what BentoML sends for a job the board no longer holds once its mp4 has left the folder."""
     held: list[dict] = []
 
     async def rewriting_send(message):
-        if message["type"] == "http.response.start" and message["status"] in (400, 404):
+        if message["type"] == "http.response.start" and (message["status"] in (400, 404) or (
+                empty_is_gone and message["status"] == 200)):
             held.append(message)
             return
         if not held:
@@ -281,6 +287,13 @@ def _in_our_error_shape(send, task_id: str, unknown_here: Callable[[], Awaitable
         if message.get("more_body", False):
             return
         start, body = held[0], b"".join(m.get("body", b"") for m in held[1:])
+        if start["status"] == 200:
+            if body:  # a result BentoML stored before jobs answered it nothing
+                for kept in held:
+                    await send(kept)
+            else:
+                await send_json(send, 404, error_body(unknown_job_sentence(task_id), "task_id"))
+            return
         try:
             answer = json.loads(body)
         except ValueError:
