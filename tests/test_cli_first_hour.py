@@ -553,9 +553,13 @@ def test_ctrl_c_during_training_saves_the_step_it_ended_as_a_checkpoint(tiny_cac
     run = tmp_path / "run"
     args = _train_args(tiny_cache_dir, demo_dataset, run, "train.max_train_steps=5000", "checkpoint.every_steps=1000",
                        "logging.every_steps=1")
+    # SIGINT at its default in the training process, as in a terminal's foreground: a suite run in the background
+    # (`pytest &`, a CI runner's shell) has it ignored, the child inherits that, and training rightly keeps ignoring
+    # a SIGINT it was started ignoring (test_stopped_runs.py): this test then failed, trained to the end.
     process = subprocess.Popen([sys.executable, "-m", "trainer", *args], cwd=REPO_ROOT, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True,
-                               env=offline_env(tmp_path, SLAP_CACHE_DIR=str(tiny_cache_dir)))
+                               env=offline_env(tmp_path, SLAP_CACHE_DIR=str(tiny_cache_dir)),
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 300
         while not ((run / "metrics.jsonl").is_file() and len(_logged_steps(run)) >= 3):
