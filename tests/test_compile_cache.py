@@ -148,6 +148,14 @@ def _compiled_the_blocks(started: subprocess.Popen) -> dict:
     return json.loads(stdout.strip().splitlines()[-1])
 
 
+def _garbled(paths) -> list[Path]:
+    """The files `paths` names, each overwritten with garbage."""
+    garbled = list(paths)
+    for path in garbled:
+        path.write_bytes(b"garbage")
+    return garbled
+
+
 def _end(processes: list[subprocess.Popen]) -> None:
     for process in processes:
         process.kill()
@@ -182,22 +190,14 @@ def test_a_damaged_or_foreign_cache_falls_back_to_compiling_in_one_log_line(tiny
         # Copies of the first's folder, damaged or read as another torch's, taken before anything else reads it
         damaged = tmp_path / "damaged"
         shutil.copytree(folder, damaged)
-        libraries = list(damaged.rglob("*.so"))
+        libraries = _garbled(damaged.rglob("*.so"))
         assert libraries
-        for path in libraries:
-            path.write_bytes(b"garbage")
         unreadable = tmp_path / "unreadable"
         shutil.copytree(folder, unreadable)
-        entries = [path for path in (unreadable / "fxgraph").rglob("*") if path.is_file()]
-        assert len(entries) == 1
-        for path in entries:
-            path.write_bytes(b"garbage")
+        assert len(_garbled(path for path in (unreadable / "fxgraph").rglob("*") if path.is_file())) == 1
         foreign_folder = tmp_path / "foreign"
         shutil.copytree(folder, foreign_folder)
-        block_libraries = list(blocks_folder.rglob("*.so"))
-        assert block_libraries
-        for path in block_libraries:
-            path.write_bytes(b"garbage")
+        assert _garbled(blocks_folder.rglob("*.so"))
 
         started = [_start_compiling_a_module(folder, tmp_path), _start_compiling_a_module(damaged, tmp_path),
                    _start_compiling_a_module(unreadable, tmp_path),
