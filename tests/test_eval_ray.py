@@ -27,11 +27,11 @@ from trainer.ray_cluster import TaskDemand
 SETTINGS = ["num_frames=17", "height=32", "width=48", "num_inference_steps=2"]
 
 
-def eval_command(tiny_cache_dir: Path, heldout: Path, lora: Path | None, out: Path, *extra: str, seeds: str = "1",
-                 adapters: tuple[str, ...] = ()) -> list[str]:
-    """`slapgen eval` of base and `lora` as `random` (None: base and `adapters`, given as --adapter options)."""
-    adapters = ("--adapter", f"random={lora}") if lora is not None else adapters
-    return [sys.executable, "-m", "trainer", "eval", "--model", "tiny", *adapters, "--heldout", str(heldout),
+def eval_command(tiny_cache_dir: Path, heldout: Path, adapters: dict[str, Path], out: Path, *extra: str,
+                 seeds: str = "1") -> list[str]:
+    """`slapgen eval` of base and `adapters` (name -> LoRA file)."""
+    options = [option for name, lora in adapters.items() for option in ("--adapter", f"{name}={lora}")]
+    return [sys.executable, "-m", "trainer", "eval", "--model", "tiny", *options, "--heldout", str(heldout),
             "--out", str(out), "--max-clips", "2", "--seeds", seeds, "--device", "cpu",
             *[f"--set={s}" for s in SETTINGS], *extra]
 
@@ -57,10 +57,6 @@ def listed(result: dict) -> list[str]:
     return [str(Path(video["path"]).relative_to("videos")) for video in result["videos"]]
 
 
-def _systems(loras: dict[str, Path]) -> tuple[str, ...]:
-    return tuple(item for name, lora in loras.items() for item in ("--adapter", f"{name}={lora}"))
-
-
 SEEDS = "1,2"  # 3 systems x 2 prompts x 2 seeds: 12 videos
 
 
@@ -72,7 +68,7 @@ def one_process_eval(tiny_cache_dir, demo_dataset, tmp_path_factory):
     folder = tmp_path_factory.mktemp("one-process-eval")
     loras = {name: write_test_adapter(folder / name, tiny_cache_dir, rank=4, seed=seed) for name, seed in (("a", 3), ("b", 4))}
     out = folder / "eval"
-    process = subprocess.Popen(eval_command(tiny_cache_dir, demo_dataset, None, out, seeds=SEEDS, adapters=_systems(loras)),
+    process = subprocess.Popen(eval_command(tiny_cache_dir, demo_dataset, loras, out, seeds=SEEDS),
                                cwd=REPO_ROOT, env=offline_env(folder, SLAP_CACHE_DIR=str(tiny_cache_dir)),
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -119,8 +115,8 @@ def test_eval_on_ray_gives_the_numbers_and_frames_of_one_process(one_process_eva
     sharded = tmp_path / "sharded"
     # A video an earlier eval left where this one writes: never kept as this eval's.
     write_mp4_atomic(np.zeros((9, 32, 48, 3), np.uint8), sharded / "videos" / "a" / "p000-s1.mp4", 8)
-    driver = subprocess.run(eval_command(tiny_cache_dir, demo_dataset, None, sharded, "--ray", "local", "--gpus-per-run",
-                                         "0", "--workers", "4", seeds=SEEDS, adapters=_systems(loras)),
+    driver = subprocess.run(eval_command(tiny_cache_dir, demo_dataset, loras, sharded, "--ray", "local", "--gpus-per-run",
+                                         "0", "--workers", "4", seeds=SEEDS),
                             cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert driver.returncode == 0, driver.stderr[-4000:]
     expected = assert_same_eval(one_process(), sharded)
@@ -165,9 +161,8 @@ def test_workers_share_a_systems_videos_and_a_node_killed_mid_stretch_leaves_the
     out = tmp_path / "killed"
     with two_node_cluster(env) as (address, cluster_env, groups):
         with (tmp_path / "driver.err").open("w") as stderr:
-            driver = subprocess.Popen(eval_command(tiny_cache_dir, demo_dataset, None, out, "--ray", "auto",
-                                                   "--gpus-per-run", "0", "--workers", "2", seeds=SEEDS,
-                                                   adapters=_systems(loras)),
+            driver = subprocess.Popen(eval_command(tiny_cache_dir, demo_dataset, loras, out, "--ray", "auto",
+                                                   "--gpus-per-run", "0", "--workers", "2", seeds=SEEDS),
                                       cwd=REPO_ROOT, env={**cluster_env, "RAY_ADDRESS": address},
                                       stdout=subprocess.DEVNULL, stderr=stderr, text=True)
             victim, at_kill = None, {}
@@ -333,7 +328,7 @@ def test_ray_local_without_the_gpus_a_worker_asks_for_is_one_sentence(tiny_cache
     worker forever for a GPU no node has. Stops with one sentence before the output folder is written."""
     lora = write_test_adapter(tmp_path / "lora", tiny_cache_dir, rank=4, seed=3)
     out = tmp_path / "out"
-    done = subprocess.run(eval_command(tiny_cache_dir, demo_dataset, lora, out, "--ray", "local"), cwd=REPO_ROOT,
+    done = subprocess.run(eval_command(tiny_cache_dir, demo_dataset, {"random": lora}, out, "--ray", "local"), cwd=REPO_ROOT,
                           env=offline_env(tmp_path, SLAP_CACHE_DIR=str(tiny_cache_dir), CUDA_VISIBLE_DEVICES="",
                                               HOME=str(tmp_path / "home")),
                           capture_output=True, text=True, timeout=600)
