@@ -88,19 +88,29 @@ COMPILING_A_MODULE = ("LOG INFO slapgen.engine.compiling compiling the transform
                       "minutes for a full-size model on a GPU when nothing is cached")
 
 
-def _start_compiling_a_module(cache_dir: Path, tmp_path: Path, mode: str = "plain") -> subprocess.Popen:
+def _start_script(script: str, tmp_path: Path, *args: str) -> subprocess.Popen:
     # TMPDIR stays the session's (tests/conftest.py): a fallback's private folder goes there, and so do inductor's
     # precompiled C++ headers, built once for the session instead of once per process (7 s each on 2 cores).
-    return subprocess.Popen([sys.executable, "-c", COMPILE_A_MODULE, str(cache_dir), mode], cwd=REPO_ROOT,
-                            env=offline_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen([sys.executable, "-c", script, *args], cwd=REPO_ROOT, env=offline_env(tmp_path),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _script_ended(started: subprocess.Popen) -> tuple[dict, str]:
+    """The JSON a script printed last, and its stderr, once it ended well."""
+    stdout, stderr = started.communicate(timeout=600)
+    assert started.returncode == 0, stderr[-3000:]
+    return json.loads(stdout.strip().splitlines()[-1]), stderr
+
+
+def _start_compiling_a_module(cache_dir: Path, tmp_path: Path, mode: str = "plain") -> subprocess.Popen:
+    return _start_script(COMPILE_A_MODULE, tmp_path, str(cache_dir), mode)
 
 
 def _compiled_a_module(started: subprocess.Popen) -> tuple[dict, list[str]]:
-    stdout, stderr = started.communicate(timeout=600)
-    assert started.returncode == 0, stderr[-3000:]
+    printed, stderr = _script_ended(started)
     lines = [line for line in stderr.splitlines() if line.startswith("LOG ")]
     assert lines[:1] == [COMPILING_A_MODULE], lines
-    return json.loads(stdout.strip().splitlines()[-1]), lines[1:]
+    return printed, lines[1:]
 
 
 def _compile_a_module(cache_dir: Path, tmp_path: Path, mode: str = "plain") -> tuple[dict, list[str]]:
@@ -138,14 +148,11 @@ print(json.dumps({**compiled.cache.info(), "graphs": compiled.graphs,
 
 
 def _start_compiling_the_blocks(cache_dir: Path, tiny_cache_dir: Path, tmp_path: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", COMPILE_THE_BLOCKS, str(cache_dir), str(tiny_cache_dir)], cwd=REPO_ROOT,
-                            env=offline_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return _start_script(COMPILE_THE_BLOCKS, tmp_path, str(cache_dir), str(tiny_cache_dir))
 
 
 def _compiled_the_blocks(started: subprocess.Popen) -> dict:
-    stdout, stderr = started.communicate(timeout=600)
-    assert started.returncode == 0, stderr[-3000:]
-    return json.loads(stdout.strip().splitlines()[-1])
+    return _script_ended(started)[0]
 
 
 def _garbled(paths) -> list[Path]:
