@@ -72,7 +72,7 @@ def with_slot(base, rank: int, device: str, dtype: torch.dtype):
     return transformer.to(device, dtype).eval()
 
 
-def measure(ranks: list[int], blocks: int, latent: int, rounds: int, size: tuple[int, int] = (480, 720)) -> list[dict]:
+def measure(ranks: list[int], blocks: int, latent: int, rounds: int, size: tuple[int, int]) -> list[dict]:
     """All ranks in one process, timed in interleaved rounds so machine noise falls on each alike."""
     from slapgen.models.cogvideox import PATCH_SIZE, latent_size, rotary_embeddings
 

@@ -4,10 +4,10 @@ import shutil
 import numpy as np
 import pytest
 
+from slapgen.images import resize_and_crop
 from trainer.datasets import read_dataset
 from trainer.demo_data import OUTCOMES, DemoClip, caption_for, write_demo_dataset
 from trainer.errors import ClipError, DatasetError
-from slapgen.images import resize_and_crop
 from trainer.frames import load_clip, sample_indices
 
 
