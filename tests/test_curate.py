@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import sqlite3
 import subprocess
 from html.parser import HTMLParser
+from pathlib import Path
 
 import imageio_ffmpeg
 import numpy as np
@@ -441,3 +443,108 @@ def test_a_dataset_with_a_few_unreadable_clips_goes_on_as_the_clips_training_rea
     assert "--select: expected a number of clips, all or usable, got 'most'" in capsys.readouterr().err
     assert cli_main(["curate", str(data), "--out", str(out), "--select", "usable", "--hard-negatives", "0.2"]) == 2
     assert "--select usable takes every clip it names, hard negatives among them" in capsys.readouterr().err
+
+
+def _decoded_clips(log) -> list[str]:
+    """The clips ffmpeg was asked to read (`-i FILE`), in order, from the logging wrapper's lines."""
+    if not log.exists():
+        return []
+    lines = [line.split() for line in log.read_text().splitlines()]
+    return [Path(words[words.index("-i") + 1]).name for words in lines]
+
+
+def test_a_rerun_decodes_only_the_clips_that_are_new_or_changed(demo_dataset, tmp_path, monkeypatch, capsys):
+    """Guards a second curate into the same folder decoding every clip again (an hour or more for a few thousand
+    real clips, when only captions or the selection changed), and a cache that would serve a stale measurement:
+    ffmpeg is a wrapper that logs what it is asked to read. The rerun reads nothing and reports what the first
+    run measured, thumbnails included; a clip replaced by other footage is decoded again (the clip it was copied
+    from is then its duplicate), and a clip removed from the dataset leaves the cache."""
+    data = _small_dataset(demo_dataset, tmp_path / "data")
+    log = tmp_path / "ffmpeg.log"
+    wrapper = tmp_path / "ffmpeg"
+    wrapper.write_text(f'#!/bin/sh\ncase " $* " in *" -i "*) echo "$*" >> "{log}";; esac\n'
+                       f'exec "{imageio_ffmpeg.get_ffmpeg_exe()}" "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("IMAGEIO_FFMPEG_EXE", str(wrapper))
+    out = tmp_path / "out"
+
+    def curate(*extra: str) -> dict:
+        log.unlink(missing_ok=True)
+        assert cli_main(["curate", str(data), "--out", str(out), "--workers", "2", "--config", "tiny-smoke", *extra]) == 0
+        return json.loads((out / "report.json").read_text())
+
+    first = curate()
+    assert sorted(_decoded_clips(log)) == ["clip_000.mp4", "clip_001.mp4", "clip_002.mp4"]
+    thumbnails = {path.name: path.read_bytes() for path in (out / "thumbnails").iterdir()}
+    for path in (out / "thumbnails").iterdir():
+        path.unlink()
+    capsys.readouterr()
+
+    again = curate("--select", "2")
+    assert _decoded_clips(log) == []
+    assert again["clips"] == first["clips"] and again["summary"]["from_probe_cache"] == 3
+    assert {path.name: path.read_bytes() for path in (out / "thumbnails").iterdir()} == thumbnails
+    assert f"3 clips not decoded again: unchanged since an earlier curate into {out}" in capsys.readouterr().out
+
+    shutil.copy(data / "clip_002.mp4", data / "clip_001.mp4")  # other footage under the same name
+    for name in ("clip_000.mp4", "clip_000.txt"):
+        (data / name).unlink()
+    changed = curate()
+    assert _decoded_clips(log) == ["clip_001.mp4"] and changed["summary"]["from_probe_cache"] == 1
+    by_name = {clip["video"]: clip for clip in changed["clips"]}
+    assert by_name["clip_001.mp4"]["video_info"] == by_name["clip_002.mp4"]["video_info"]
+    assert by_name["clip_002.mp4"]["duplicate_of"] == "clip_001.mp4"  # the same footage now; the first is kept
+    with sqlite3.connect(out / "probes.sqlite") as cache:
+        kept = sorted(Path(path).name for (path,) in cache.execute("SELECT path FROM probes"))
+    assert kept == ["clip_001.mp4", "clip_002.mp4"]
+
+
+def test_a_probe_cache_that_is_damaged_or_of_other_code_is_not_used(demo_dataset, tmp_path, monkeypatch):
+    """Guards the cache breaking curate or serving measurements it should not: a file that is no SQLite database
+    is replaced (curate goes on and measures every clip), a row measured by other probe code or another ffmpeg
+    (`measurer`) is a miss, and so is a row for the file as it was before it changed (size, mtime)."""
+    from trainer.curate import probe_cache
+    from trainer.curate.probe_cache import FileState, ProbeCache
+    from trainer.curate.video_probe import probe_video
+
+    (tmp_path / "probes.sqlite").write_bytes(b"not a database" * 100)
+    cache = ProbeCache(tmp_path)
+    video = demo_dataset / "clip_000.mp4"
+    state = FileState.of(str(video))
+    assert cache.get(state) is None
+    probe = probe_video(video)
+    cache.put(state, probe, b"png")
+    hit, thumbnail = cache.get(state)
+    assert thumbnail == b"png" and hit.to_json() == probe.to_json()
+    np.testing.assert_array_equal(hit.signature.hashes, probe.signature.hashes)
+    np.testing.assert_array_equal(hit.signature.times, probe.signature.times)
+    assert hit.signature.box == probe.signature.box
+    assert cache.get(FileState(state.path, state.size, state.mtime_ns + 1)) is None
+    assert cache.get(FileState(state.path, state.size + 1, state.mtime_ns)) is None
+    cache.close()
+    monkeypatch.setattr(probe_cache, "measurer", lambda: "other code")
+    assert ProbeCache(tmp_path).get(state) is None
+
+
+def test_a_curate_stopped_halfway_keeps_what_it_measured(demo_dataset, tmp_path, monkeypatch):
+    """Guards the probe cache being written only at the end, so a curate stopped (Ctrl-C, a crash) after hours of
+    decoding kept nothing: the run below stops as it reads its second clip's caption (that clip's probe is back),
+    and the rerun decodes only the third."""
+    from trainer.curate import run
+
+    data = _small_dataset(demo_dataset, tmp_path / "data")
+    checked = []
+
+    def stop_on_the_second(caption):
+        checked.append(caption)
+        if len(checked) == 2:
+            raise KeyboardInterrupt
+        return check_caption(caption)
+
+    monkeypatch.setattr(run, "check_caption", stop_on_the_second)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        run.curate(data, out, run.CurateSettings(num_frames=9, workers=1), progress=False)
+    monkeypatch.setattr(run, "check_caption", check_caption)
+    report = run.curate(data, out, run.CurateSettings(num_frames=9, workers=1), progress=False)
+    assert report["summary"]["from_probe_cache"] == 2

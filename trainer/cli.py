@@ -143,6 +143,9 @@ def cmd_curate(args) -> int:
         f"{counted(summary['clips'], 'clip')}: {summary['clean']} clean, {summary['flagged']} flagged, "
         f"{summary['without_caption']} without a caption; {summary['clips_per_second']} clips/s"
     )
+    if summary["from_probe_cache"]:
+        print(f"  {counted(summary['from_probe_cache'], 'clip')} not decoded again: unchanged since an earlier curate "
+              f"into {args.out} measured them ({args.out / 'probes.sqlite'})")
     for code, count in summary["issues"].items():
         # too_short depends on the config: say which length, so a clip list all flagged is not a mystery.
         why = (f" (fewer than {data.num_frames} frames at {data.fps:g} fps, the training length of --config "

@@ -1,7 +1,8 @@
 """`slapgen curate`: look at every clip and caption, flag problems, pick the best N, write a report.
 
 Clips are probed in worker processes (`workers`, default: every core) and streamed back in dataset
-order, so memory holds one small record and one footage fingerprint per clip, never the clips.
+order, so memory holds one small record and one footage fingerprint per clip, never the clips. A clip
+an earlier curate into the same folder measured, unchanged since, is not decoded again (probe_cache.py).
 Duplicates are found across all fingerprints at the end (duplicates.py); the throughput reported
 (`clips_per_second`) includes that step. Everything a clip can be blamed
 for is a code in its `issues` list (report.json), so tools can filter on it.
@@ -13,6 +14,7 @@ import json
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -24,6 +26,7 @@ from trainer.curate.captions import CaptionReport, check_caption
 from trainer.curate.duplicates import find_duplicates, load_duplicate_search
 from trainer.curate.selection import select_best, usable
 from trainer.curate.fingerprint import Signature
+from trainer.curate.probe_cache import FileState, ProbeCache
 from trainer.curate.video_probe import VideoProbe, probe_video
 from trainer.datasets import Clip, read_dataset, unread_entries
 from trainer.frames import sample_indices
@@ -41,20 +44,21 @@ class CurateSettings:
     hard_negative_share: float = 0.0  # of the selection, kept for failed strikes and defensive moves
 
 
-def _probe(job: tuple[int, str | None, str]) -> tuple[int, VideoProbe]:
-    # The fingerprint travels back with the probe (a few kB); report.json never holds it.
-    index, video, thumbnail = job
+def _probe(video: str | None) -> tuple[VideoProbe, bytes]:
+    """A clip's probe and its thumbnail as PNG (b"" for none). The fingerprint travels back with the probe (a few
+    kB; report.json never holds it), and the thumbnail as PNG, not pixels: the parent writes and caches it."""
     if video is None:
-        return index, VideoProbe(False, "not read: a link out of the dataset folder")
+        return VideoProbe(False, "not read: a link out of the dataset folder"), b""
     if not Path(video).is_file():
-        return index, VideoProbe(False, "file not found")
+        return VideoProbe(False, "file not found"), b""
     probe = probe_video(Path(video))
-    if probe.thumbnail is not None:
-        import imageio.v3 as iio
+    if probe.thumbnail is None:
+        return probe, b""
+    import imageio.v3 as iio
 
-        iio.imwrite(thumbnail, probe.thumbnail)
-        probe.thumbnail = None  # written; do not ship pixels back to the parent
-    return index, probe
+    thumbnail = iio.imwrite("<bytes>", probe.thumbnail, extension=".png")
+    probe.thumbnail = None
+    return probe, thumbnail
 
 
 def _video_issues(probe: VideoProbe, settings: CurateSettings) -> list[str]:
@@ -91,18 +95,32 @@ def curate(dataset: Path, out: Path, settings: CurateSettings = CurateSettings()
     clips: list[Clip] = read_dataset(dataset, require_captions=False, require_files=False)
     thumbnails.mkdir(parents=True, exist_ok=True)
     workers = settings.workers or os.cpu_count() or 1
-    jobs = [(i, None if "outside_dataset" in clip.issues else str(clip.video), str(thumbnails / f"{i:06d}.png"))
-            for i, clip in enumerate(clips)]
+    videos = [None if "outside_dataset" in clip.issues else str(clip.video) for clip in clips]
+    # Each file's state before it is decoded: a file changed while it decodes is decoded again next time.
+    states = [FileState.of(video) if video else None for video in videos]
     records: list[dict] = []
     signatures: list[Signature | None] = []
     started = time.perf_counter()
+    cache = ProbeCache(out)
+    cached = {i: hit for i, state in enumerate(states) if state and (hit := cache.get(state))}
     bar = progress_bar(total=len(clips), desc="curate", unit="clip", disable=not progress)
+    bar.update(len(cached))
     # Workers die with this process: a curate killed with SIGKILL left them waiting on its queue for good.
-    with ProcessPoolExecutor(max_workers=workers, initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
-        probes = pool.map(_probe, jobs, chunksize=4)  # the workers start decoding now
+    with closing(cache), ProcessPoolExecutor(max_workers=workers, initializer=die_with_parent,
+                                             initargs=(os.getpid(),)) as pool:
+        # The workers start decoding now (none start when every clip is cached), in dataset order.
+        decoded = pool.map(_probe, [video for i, video in enumerate(videos) if i not in cached], chunksize=4)
         load_duplicate_search()  # meanwhile this process loads what it needs afterwards
-        for index, probe in probes:
-            clip = clips[index]
+        for index, clip in enumerate(clips):
+            if index in cached:
+                probe, thumbnail = cached.pop(index)
+            else:
+                probe, thumbnail = next(decoded)
+                if states[index] is not None:
+                    cache.put(states[index], probe, thumbnail)
+                bar.update(1)
+            if thumbnail:
+                (thumbnails / f"{index:06d}.png").write_bytes(thumbnail)
             caption = check_caption(clip.caption)
             records.append({
                 "video": clip.name,
@@ -111,10 +129,10 @@ def curate(dataset: Path, out: Path, settings: CurateSettings = CurateSettings()
                 "issues": _issues(clip, probe, caption, settings),
                 "video_info": probe.to_json(),
                 "caption": {k: v for k, v in vars(caption).items() if k != "issues"},
-                "thumbnail": Path(jobs[index][2]).relative_to(out).as_posix() if probe.readable else None,
+                "thumbnail": f"{thumbnails.name}/{index:06d}.png" if thumbnail else None,
             })
             signatures.append(probe.signature)
-            bar.update(1)
+        cache.keep_only([state for state in states if state is not None])
     bar.close()
 
     for index, (kept, relation) in find_duplicates(signatures).items():
@@ -132,7 +150,7 @@ def curate(dataset: Path, out: Path, settings: CurateSettings = CurateSettings()
         rows = [{"video": os.path.relpath(r["path"], out), "caption": r["caption_text"]} for r in selected]
         atomic_write_text(out / "selected.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
 
-    summary = _summary(records, selected, elapsed, workers, settings)
+    summary = _summary(records, selected, elapsed, workers, settings, cache.hits)
     removed = _remove_earlier_run(out, {Path(record["thumbnail"]).name for record in records if record["thumbnail"]},
                                   keep_selection=bool(settings.select))
     report = {"dataset": str(dataset), "settings": vars(settings) | {"workers": workers}, "summary": summary,
@@ -160,7 +178,8 @@ def _remove_earlier_run(out: Path, thumbnails: set[str], keep_selection: bool) -
     return removed
 
 
-def _summary(records: list[dict], selected: list[dict], elapsed: float, workers: int, settings: CurateSettings) -> dict:
+def _summary(records: list[dict], selected: list[dict], elapsed: float, workers: int, settings: CurateSettings,
+             from_probe_cache: int) -> dict:
     from collections import Counter
 
     from trainer.curate.captions import ASPECTS, CATEGORIES, HARD_NEGATIVES, OUTCOMES
@@ -192,6 +211,7 @@ def _summary(records: list[dict], selected: list[dict], elapsed: float, workers:
         "longer_than_trained": sum(1 for r in clean if r["video_info"]["duration_s"] > 2 * trained_seconds),
         "selected": len(selected),
         "requested": settings.select,
+        "from_probe_cache": from_probe_cache,
         "seconds": round(elapsed, 3),
         "clips_per_second": round(len(records) / elapsed, 3) if elapsed > 0 else None,
         "workers": workers,
