@@ -544,44 +544,64 @@ def test_curate_says_what_too_short_means(demo_dataset, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_ctrl_c_during_training_saves_the_step_it_ended_as_a_checkpoint(tiny_cache_dir, demo_dataset, tmp_path):
+def test_ctrl_c_or_sigterm_during_training_saves_the_step_it_ended_as_a_checkpoint(tiny_cache_dir, demo_dataset,
+                                                                                   tmp_path):
     """Guards a Ctrl-C losing every step since the last periodic checkpoint (a walk-through's Ctrl-C at step 388
-    resumed from 300) and advice to `--resume latest` where no checkpoint was: a real `slapgen train` process
-    sent SIGINT mid-run (checkpoints every 1000 steps, none due) ends the step under way, saves it as a
-    checkpoint, exits 130 naming it, and `--resume latest` continues from that step. The advice is said once,
-    by the command (inside a sweep, training's own "continue with --resume latest" contradicted the sweep's)."""
+    resumed from 300), a scheduler's SIGTERM (Slurm's preemption, Kubernetes, `accelerate launch` passing on a
+    Ctrl-C) doing the same, and advice to `--resume latest` where no checkpoint was: a real `slapgen train`
+    process sent SIGTERM mid-run (checkpoints every 1000 steps, none due) ends the step under way, saves it as a
+    checkpoint and exits 143 naming it; `--resume latest` continues from that step, and is sent SIGINT: the
+    same, exit 130. The advice is said once, by the command (inside a sweep, training's own "continue with
+    --resume latest" contradicted the sweep's)."""
     run = tmp_path / "run"
     args = _train_args(tiny_cache_dir, demo_dataset, run, "train.max_train_steps=5000", "checkpoint.every_steps=1000",
                        "logging.every_steps=1")
-    # SIGINT at its default in the training process, as in a terminal's foreground: a suite run in the background
-    # (`pytest &`, a CI runner's shell) has it ignored, the child inherits that, and training rightly keeps ignoring
-    # a SIGINT it was started ignoring (test_stopped_runs.py): this test then failed, trained to the end.
-    process = subprocess.Popen([sys.executable, "-m", "trainer", *args], cwd=REPO_ROOT, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True,
-                               env=offline_env(tmp_path, SLAP_CACHE_DIR=str(tiny_cache_dir)),
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    try:
-        deadline = time.monotonic() + 300
-        while not ((run / "metrics.jsonl").is_file() and len(_logged_steps(run)) >= 3):
-            assert process.poll() is None and time.monotonic() < deadline, process.communicate()
-            time.sleep(0.2)
-        process.send_signal(signal.SIGINT)
-        out, err = process.communicate(timeout=120)
-    finally:
-        process.kill()
-    saved = sorted(path.name for path in (run / "checkpoints").iterdir())
-    assert process.returncode == 130 and len(saved) == 1, (process.returncode, saved, err[-2000:])
-    step = int(saved[0].removeprefix("checkpoint-"))
-    assert 3 <= step < 5000 and _logged_steps(run)[-1] == step
-    # One piece of advice, the command's (a sweep's run said "--resume latest" above the sweep's "rerun the same command")
-    assert f"interrupted at step {step}, saved as a checkpoint\n" in out and "--resume" not in out
-    assert cli_stderr(err).endswith(f"slapgen train: interrupted; finished work is kept (add --resume latest to "
-                                    f"continue from {saved[0]})"), err[-2000:]
+
+    def stop_mid_run(signum: int, start: int, *flags: str) -> tuple[str, str, str]:
+        """Train from step `start` until 3 more steps are logged, send `signum`; (stdout, stderr, the checkpoint it
+        saved)."""
+        # SIGINT at its default in the training process, as in a terminal's foreground: a suite run in the
+        # background (`pytest &`, a CI runner's shell) has it ignored, the child inherits that, and training rightly
+        # keeps ignoring a SIGINT it was started ignoring (test_stopped_runs.py): the test then trained to the end.
+        process = subprocess.Popen([sys.executable, "-m", "trainer", *args, *flags], cwd=REPO_ROOT,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                   env=offline_env(tmp_path, SLAP_CACHE_DIR=str(tiny_cache_dir)),
+                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        try:
+            deadline = time.monotonic() + 300
+            while not ((run / "metrics.jsonl").is_file() and max(_logged_steps(run), default=0) >= start + 3):
+                assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+                time.sleep(0.2)
+            process.send_signal(signum)
+            out, err = process.communicate(timeout=120)
+        finally:
+            process.kill()
+        saved = sorted(path.name for path in (run / "checkpoints").iterdir())
+        steps = [int(name.removeprefix("checkpoint-")) for name in saved]
+        assert process.returncode == 128 + signum and steps[:-1] == ([start] if start else []), (
+            process.returncode, saved, err[-2000:])
+        step = steps[-1]
+        assert start + 3 <= step < 5000 and _logged_steps(run)[-1] == step
+        # One piece of advice, the command's (a sweep's run said "--resume latest" above the sweep's "rerun the
+        # same command")
+        assert f"interrupted at step {step}, saved as a checkpoint\n" in out and "--resume latest" not in out
+        return out, err, saved[-1]
+
+    out, err, checkpoint = stop_mid_run(signal.SIGTERM, 0)
+    assert "SIGTERM: the step under way ends and a checkpoint of it is saved" in out + err
+    assert cli_stderr(err).endswith(f"slapgen train: stopped by SIGTERM; finished work is kept (add --resume latest "
+                                    f"to continue from {checkpoint})"), err[-2000:]
+    step = int(checkpoint.removeprefix("checkpoint-"))
+    out, err, checkpoint = stop_mid_run(signal.SIGINT, step, "--resume", "latest")
+    assert f"resumed from {run / 'checkpoints' / f'checkpoint-{step:06d}'} at step {step}" in out
+    assert cli_stderr(err).endswith(f"slapgen train: interrupted; finished work is kept (run the same command to "
+                                    f"continue from {checkpoint})"), err[-2000:]  # it has --resume latest
+    step = int(checkpoint.removeprefix("checkpoint-"))
     resumed = subprocess.run([sys.executable, "-m", "trainer", *args, "--resume", "latest", "--stop-at-step",
                               str(step + 1)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
                              env=offline_env(tmp_path, SLAP_CACHE_DIR=str(tiny_cache_dir)))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert f"resumed from {run / 'checkpoints' / saved[0]} at step {step}" in resumed.stdout
+    assert f"resumed from {run / 'checkpoints' / checkpoint} at step {step}" in resumed.stdout
     assert _logged_steps(run)[-1] == step + 1
 
 

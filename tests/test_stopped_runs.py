@@ -88,27 +88,53 @@ def test_a_second_training_into_a_running_runs_folder_is_refused(tiny_cache_dir,
         pass
 
 
-def test_a_ctrl_c_meant_for_another_job_stays_ignored():
+def test_which_signals_ask_training_to_stop():
     """Guards training stopping on a SIGINT its process was started ignoring (a shell's background job, `cmd &`,
-    gets SIGINT ignored, and a Ctrl-C meant for the foreground stopped the job's training though not its encoding):
-    an ignored SIGINT stays ignored inside `StopOnInterrupt`; one that is not asks the run to stop."""
+    gets SIGINT ignored, and a Ctrl-C meant for the foreground stopped the job's training though not its encoding),
+    and training taking a SIGTERM its host handles (a Ray worker's handler ends the worker so that Ray runs the cell
+    again): an ignored SIGINT stays ignored inside `StopOnInterrupt`, a SIGTERM with a handler keeps it; one at its
+    default asks the run to stop and is remembered (the exit status). A second SIGINT stops at once, a SIGTERM
+    after a stop was asked does nothing more (its sender kills when its grace ends)."""
     import os
 
     from trainer.interrupt import StopOnInterrupt
 
-    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    def send(signum: int) -> None:
+        os.kill(os.getpid(), signum)
+        time.sleep(0.05)
+
+    def host_handler(signum, frame):
+        got.append(signum)
+
+    got = []
+    before = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
-        with StopOnInterrupt("stopping") as ignored:
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.05)
-        assert not ignored.requested and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, host_handler)
+        with StopOnInterrupt() as ignored:
+            send(signal.SIGINT)
+            send(signal.SIGTERM)
+        assert not ignored.requested and got == [signal.SIGTERM]
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN and signal.getsignal(signal.SIGTERM) is host_handler
+
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        with StopOnInterrupt("stopping") as asked:
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.05)
-        assert asked.requested and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        with StopOnInterrupt() as terminated:
+            send(signal.SIGTERM)
+            assert terminated.signal == signal.SIGTERM
+            send(signal.SIGTERM)  # nothing more
+            with pytest.raises(KeyboardInterrupt):
+                send(signal.SIGINT)
+        with StopOnInterrupt() as interrupted:
+            send(signal.SIGINT)
+            assert interrupted.signal == signal.SIGINT
+            with pytest.raises(KeyboardInterrupt):
+                send(signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
     finally:
-        signal.signal(signal.SIGINT, before)
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
 
 
 def test_a_video_that_could_not_be_written_whole_is_not_published(tmp_path):

@@ -10,6 +10,7 @@ import argparse
 import json
 import errno
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -688,12 +689,15 @@ def main(argv: list[str] | None = None) -> int:
     except SlapgenError as error:
         print(f"slapgen {args.command}: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as error:
         from tqdm import tqdm
 
+        # training's stop asked by SIGTERM (a scheduler's) exits as SIGTERM would have: 143
+        signum = getattr(error, "signum", signal.SIGINT)
+        stopped = "stopped by SIGTERM" if signum == signal.SIGTERM else "interrupted"
         # Above the bar the Ctrl-C left open (a plain print was glued onto the end of its line).
-        tqdm.write(f"slapgen {args.command}: interrupted; finished work is kept ({how_to_continue(args)})", file=sys.stderr)
-        return 130
+        tqdm.write(f"slapgen {args.command}: {stopped}; finished work is kept ({how_to_continue(args)})", file=sys.stderr)
+        return 128 + signum
     except OSError as error:
         if error.errno not in STORAGE_FIXES:
             raise

@@ -1,13 +1,16 @@
-"""Ctrl-C during training: the step under way ends, a checkpoint of it is saved, and the run stops.
+"""Ctrl-C or SIGTERM during training: the step under way ends, a checkpoint of it is saved, and the run stops.
 
 A KeyboardInterrupt raised in the middle of a step (in backward, in the optimizer) leaves nothing consistent to
 save, so the run lost every step since its last periodic checkpoint (a walk-through's Ctrl-C at step 388 resumed
 from 300). While `StopOnInterrupt` is installed, the first SIGINT only asks the loop to stop at the end of the
-step; a second one raises KeyboardInterrupt at once, as before. Every process of a launch asks the others
-(`requested_anywhere`), so all that were asked stop after the same step and save the checkpoint together. Under
-`accelerate launch` its launcher has the last word: launching one process, it terminates it on Ctrl-C at once (the
-run resumes from its last periodic checkpoint); launching several (torchrun), it passes the Ctrl-C on and kills them
-30 s later, which a long step and its checkpoint may not fit in.
+step; a second one raises KeyboardInterrupt at once, as before. SIGTERM asks the same: it is how a scheduler
+stops a job before it kills it (Slurm's preemption and time limit, Kubernetes' eviction, a spot machine taken
+back, `accelerate launch` passing on a Ctrl-C), and it killed the run at once, losing the steps since the last
+checkpoint. A SIGTERM after a stop was asked changes nothing: whoever sent it kills the process when its grace
+ends. Every process of a launch asks the others (`requested_anywhere`), so all that were asked stop after the
+same step and save the checkpoint together; the command then exits 128 + the signal, as the signal would have.
+Under `accelerate launch` with one process the launcher sends SIGTERM on Ctrl-C and SIGKILL 5 s later; with
+several (torchrun) it passes the Ctrl-C on and kills them 30 s later: a long step and its checkpoint may not fit.
 """
 
 from __future__ import annotations
@@ -18,36 +21,63 @@ import threading
 import torch
 
 
+NOTICES = {
+    signal.SIGINT: "Ctrl-C: the step under way ends and a checkpoint of it is saved (Ctrl-C again to stop at once, "
+                   "losing the steps since the last checkpoint)",
+    signal.SIGTERM: "SIGTERM: the step under way ends and a checkpoint of it is saved, then the run stops",
+}
+
+
+class StopRequested(KeyboardInterrupt):
+    """Raised by the training loop once the checkpoint of a stop asked for is saved; `signum` is the signal that
+    asked (SIGTERM over SIGINT where processes of a launch got different ones)."""
+
+    def __init__(self, signum: int):
+        super().__init__()
+        self.signum = signum
+
+
 class StopOnInterrupt:
-    def __init__(self, notice: str):
-        self.notice = notice  # said once, on the first Ctrl-C
-        self.requested = False
-        self._previous = None
+    def __init__(self):
+        self.signal: int | None = None  # the first signal that asked this process to stop
+        self._previous: dict[int, object] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
 
     def __enter__(self) -> "StopOnInterrupt":
-        # Signal handlers belong to the main thread; elsewhere (a thread of a test) Ctrl-C stays as it was. An
-        # ignored SIGINT stays ignored: a shell starts a background job so (`cmd &`), and a Ctrl-C meant for the
-        # foreground stopped the job's training, though not its encoding (a walk-through's find).
-        main = threading.current_thread() is threading.main_thread()
-        if main and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
-            self._previous = signal.signal(signal.SIGINT, self._on_interrupt)
+        # Signal handlers belong to the main thread; elsewhere (a thread of a test) the signals stay as they were.
+        # An ignored SIGINT stays ignored: a shell starts a background job so (`cmd &`), and a Ctrl-C meant for the
+        # foreground stopped the job's training, though not its encoding (a walk-through's find). SIGTERM is taken
+        # only at its default, where it would end the process: a host's own handler (a Ray worker's: it ends
+        # the worker, and Ray runs the sweep cell again) stays.
+        if threading.current_thread() is threading.main_thread():
+            if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+                self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._on_signal)
+            if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+                self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._on_signal)
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous = {}
 
-    def _on_interrupt(self, signum, frame) -> None:
-        if self.requested:  # the second Ctrl-C: stop now
-            raise KeyboardInterrupt
-        self.requested = True
+    def _on_signal(self, signum, frame) -> None:
+        if self.signal is not None:
+            if signum == signal.SIGINT:  # Ctrl-C again: stop now
+                raise KeyboardInterrupt
+            return  # SIGTERM after a stop was asked: its sender kills this process when its grace ends
+        self.signal = signum
         from tqdm.auto import tqdm
 
-        tqdm.write(self.notice)
+        tqdm.write(NOTICES[signum])
 
-    def requested_anywhere(self, accelerator) -> bool:
-        """Whether any process was asked to stop (one all-gather of a flag when there are several)."""
+    def requested_anywhere(self, accelerator) -> int:
+        """The signal that asked any process to stop (the largest where several did), or 0 (one all-gather when
+        there are several processes)."""
         if accelerator.num_processes == 1:
-            return self.requested
-        flag = torch.tensor([float(self.requested)], device=accelerator.device)
-        return bool(accelerator.gather(flag).max().item() > 0)
+            return self.signal or 0
+        flag = torch.tensor([float(self.signal or 0)], device=accelerator.device)
+        return int(accelerator.gather(flag).max().item())

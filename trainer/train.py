@@ -37,7 +37,7 @@ from trainer.config import TrainConfig, check_clip_shape, check_preset_family
 from trainer.datasets import read_training_clips
 from trainer.errors import TrainConfigError, TrainError
 from trainer.folder_lock import FolderLock
-from trainer.interrupt import StopOnInterrupt
+from trainer.interrupt import StopOnInterrupt, StopRequested
 from trainer.latent_cache import CacheEntry, LatentCache
 from trainer.lora import LORA_FILENAME, add_lora, lora_state_dict, save_lora, set_lora_state
 from trainer.metrics import MetricsLog, peak_memory_mb, truncate_after
@@ -319,8 +319,7 @@ def _train(config: TrainConfig, data_path: Path, run_dir: Path, resume: str | No
     run.transformer.train()
     bar = progress_bar(total=max_steps, initial=run.step, desc="train", unit="step", disable=not (progress and run.main))
     losses, started = [], time.perf_counter()
-    interrupt = StopOnInterrupt("Ctrl-C: the step under way ends and a checkpoint of it is saved (Ctrl-C again to "
-                                "stop at once, losing the steps since the last checkpoint)")
+    interrupt = StopOnInterrupt()
     with interrupt:
         while run.step < max_steps:
             batch = load_batch(run.entries, run.order.indices(micro_step), accelerator.device)
@@ -364,8 +363,9 @@ def _train(config: TrainConfig, data_path: Path, run_dir: Path, resume: str | No
                 on_step(run.step)
             losses = []
 
-            # Ctrl-C: this step is the checkpoint, then stop (at the last step the run just ends as usual)
-            stopping = interrupt.requested_anywhere(accelerator) and run.step < max_steps
+            # Ctrl-C or SIGTERM: this step is the checkpoint, then stop (at the last step the run just ends as usual)
+            stop_signal = interrupt.requested_anywhere(accelerator)
+            stopping = bool(stop_signal) and run.step < max_steps
             if run.step % config.checkpoint.every_steps == 0 or run.step in (max_steps, stop_at_step) or stopping:
                 try:
                     save_checkpoint(run)
@@ -377,7 +377,7 @@ def _train(config: TrainConfig, data_path: Path, run_dir: Path, resume: str | No
                 accelerator.end_training()
                 if run.main:  # what to type next is the command's to say (a sweep's is not --resume latest)
                     say(f"interrupted at step {run.step}, saved as a checkpoint")
-                raise KeyboardInterrupt
+                raise StopRequested(stop_signal)
             # And at the last step, as finetrainers' and diffusers' scripts do: the final LoRA's videos are the ones a
             # user looks at first, whatever every_steps divides.
             # (not after a Ctrl-C at the last step: a stop was asked for, and validation takes minutes on a GPU)
