@@ -519,6 +519,9 @@ def test_a_probe_cache_that_is_damaged_or_of_other_code_is_not_used(demo_dataset
     np.testing.assert_array_equal(hit.signature.hashes, probe.signature.hashes)
     np.testing.assert_array_equal(hit.signature.times, probe.signature.times)
     assert hit.signature.box == probe.signature.box
+    np.testing.assert_array_equal(hit.black_frames, probe.black_frames)
+    np.testing.assert_array_equal(hit.frozen_frames, probe.frozen_frames)
+    assert len(hit.black_frames) == probe.frame_count
     assert cache.get(FileState(state.path, state.size, state.mtime_ns + 1)) is None
     assert cache.get(FileState(state.path, state.size + 1, state.mtime_ns)) is None
     cache.close()
@@ -548,3 +551,34 @@ def test_a_curate_stopped_halfway_keeps_what_it_measured(demo_dataset, tmp_path,
     monkeypatch.setattr(run, "check_caption", check_caption)
     report = run.curate(data, out, run.CurateSettings(num_frames=9, workers=1), progress=False)
     assert report["summary"]["from_probe_cache"] == 2
+
+
+def test_black_and_frozen_are_judged_on_the_frames_training_reads(tmp_path):
+    """Guards curate judging a clip by all of it while training reads only its start: a clip whose first 1.5 s are
+    black (or a still title card) and the rest a bout was clean, and training (1 s: tiny-smoke's 9 frames at 8 fps,
+    frames 0-16 at 16 fps) read nothing but the black; a clip whose end is black was flagged and left out, though
+    training reads only its good start. The fractions are checked against counts written out here."""
+    from trainer.demo_data import FPS, HEIGHT, WIDTH, DemoClip, caption_for, render_frame
+
+    scene = DemoClip(striker_on_left=True, striker_colour="red", defender_colour="blue", outcome="staggers",
+                     camera="pan", backdrop=0.3)
+    bout = np.stack([render_frame(scene, i / 39) for i in range(40)])  # 2.5 s at 16 fps
+    black = np.zeros((24, HEIGHT, WIDTH, 3), np.float32)  # 1.5 s
+    still = np.repeat(bout[:1], 24, axis=0)
+    data = tmp_path / "data"
+    data.mkdir()
+    for name, frames in {"black_intro": [black, bout], "black_end": [bout[:24], black, black[:16]],
+                         "still_intro": [still, bout[1:]]}.items():
+        write_mp4(np.concatenate(frames), data / f"{name}.mp4", fps=FPS)
+        (data / f"{name}.txt").write_text(caption_for(scene))
+    out = tmp_path / "out"
+    assert cli_main(["curate", str(data), "--out", str(out), "--workers", "1", "--config", "tiny-smoke"]) == 0
+    clips = {clip["video"]: clip for clip in json.loads((out / "report.json").read_text())["clips"]}
+    issues = {name: [code for code in clip["issues"] if code != "duplicate"] for name, clip in clips.items()}
+    assert issues == {"black_end.mp4": [], "black_intro.mp4": ["black"], "still_intro.mp4": ["frozen"]}
+    intro, end, still_info = (clips[f"{name}.mp4"]["video_info"] for name in ("black_intro", "black_end", "still_intro"))
+    assert intro["trained_frames"] == end["trained_frames"] == 17  # frames 0..16: 9 frames at 8 of 16 fps
+    assert (intro["black_fraction"], intro["trained_black_fraction"]) == (24 / 64, 1.0)
+    assert (end["black_fraction"], end["trained_black_fraction"]) == (40 / 64, 0.0)
+    # frozen: pairs of consecutive frames, the still's 23 of the 62 in all (63 frames), 16 of the 16 training reads
+    assert (still_info["frozen_fraction"], still_info["trained_frozen_fraction"]) == (pytest.approx(23 / 62), 1.0)

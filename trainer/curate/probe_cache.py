@@ -28,7 +28,9 @@ from trainer.curate.video_probe import VideoProbe
 CACHE_NAME = "probes.sqlite"
 SCHEMA = """CREATE TABLE IF NOT EXISTS probes (
     path TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, measurer TEXT NOT NULL,
-    info TEXT NOT NULL, times BLOB NOT NULL, hashes BLOB NOT NULL, thumbnail BLOB NOT NULL)"""
+    info TEXT NOT NULL, times BLOB NOT NULL, hashes BLOB NOT NULL, thumbnail BLOB NOT NULL, black BLOB NOT NULL,
+    frozen BLOB NOT NULL)"""
+COLUMNS = "path, size, mtime_ns, measurer, info, times, hashes, thumbnail, black, frozen"
 
 
 @dataclass(frozen=True)
@@ -79,7 +81,7 @@ class ProbeCache:
             # A cache: a row lost to a power cut is decoded again, so no fsync per row.
             connection.execute("PRAGMA synchronous=OFF")
             connection.execute(SCHEMA)
-            connection.execute("SELECT path, size, mtime_ns, measurer, info, times, hashes, thumbnail FROM probes LIMIT 1")
+            connection.execute(f"SELECT {COLUMNS} FROM probes LIMIT 1")  # a table of other columns: not ours
             connection.commit()
         except sqlite3.DatabaseError:
             connection.close()
@@ -90,16 +92,18 @@ class ProbeCache:
         """The probe measured from this file as it is now and its thumbnail (PNG), or None."""
         try:
             row = self._connection.execute(
-                "SELECT info, times, hashes, thumbnail FROM probes WHERE path = ? AND size = ? AND mtime_ns = ? AND "
-                "measurer = ?", (state.path, state.size, state.mtime_ns, self.measurer)).fetchone()
+                "SELECT info, times, hashes, thumbnail, black, frozen FROM probes WHERE path = ? AND size = ? AND "
+                "mtime_ns = ? AND measurer = ?", (state.path, state.size, state.mtime_ns, self.measurer)).fetchone()
             if row is None:
                 return None
-            info, times, hashes, thumbnail = row
+            info, times, hashes, thumbnail, black, frozen = row
             fields = json.loads(info)
             fields["content_box"] = tuple(fields["content_box"])
             signature = Signature(np.frombuffer(times, np.float32).copy(),
                                   np.frombuffer(hashes, np.float32).reshape(-1, GRID * GRID).copy(), fields["content_box"])
-            probe = VideoProbe(**fields, signature=signature)
+            per_frame = [np.unpackbits(np.frombuffer(bits, np.uint8), count=fields["frame_count"]).astype(bool)
+                         for bits in (black, frozen)]
+            probe = VideoProbe(**fields, signature=signature, black_frames=per_frame[0], frozen_frames=per_frame[1])
         except (sqlite3.DatabaseError, ValueError, TypeError, KeyError):  # a damaged row: decode the clip again
             return None
         self.hits += 1
@@ -111,10 +115,11 @@ class ProbeCache:
         signature = probe.signature
         try:
             self._connection.execute(
-                "INSERT OR REPLACE INTO probes VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT OR REPLACE INTO probes ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (state.path, state.size, state.mtime_ns, self.measurer, json.dumps(probe.to_json()),
                  np.ascontiguousarray(signature.times, np.float32).tobytes(),
-                 np.ascontiguousarray(signature.hashes, np.float32).tobytes(), thumbnail))
+                 np.ascontiguousarray(signature.hashes, np.float32).tobytes(), thumbnail,
+                 np.packbits(probe.black_frames).tobytes(), np.packbits(probe.frozen_frames).tobytes()))
             self._connection.commit()
         except (sqlite3.DatabaseError, ValueError):  # a full disk, a locked file, a name SQLite cannot hold: not kept
             self._connection.rollback()

@@ -31,7 +31,7 @@ from trainer.curate.video_probe import VideoProbe, probe_video
 from trainer.datasets import Clip, read_dataset, unread_entries
 from trainer.frames import sample_indices
 
-BLACK_FRACTION = 0.5  # a clip that is black for at least half its frames is flagged `black`
+BLACK_FRACTION = 0.5  # a clip black for at least half the frames training reads of it is flagged `black`
 FROZEN_FRACTION = 0.5  # likewise for frozen consecutive frames
 
 
@@ -61,24 +61,35 @@ def _probe(video: str | None) -> tuple[VideoProbe, bytes]:
     return probe, thumbnail
 
 
-def _video_issues(probe: VideoProbe, settings: CurateSettings) -> list[str]:
+def _trained_part(probe: VideoProbe, settings: CurateSettings) -> dict:
+    """What training reads of a readable clip, by the trainer's own frame sampling: its first frames through the
+    last it samples (`trained_frames`; needed, the clip may hold fewer), and how much of that is black or frozen.
+    A clip with a black intro or a still title card is judged on them, not on the minute after that training never
+    reads; and one whose end is black is not flagged for it."""
+    needed = sample_indices(probe.fps, settings.fps, settings.num_frames)[-1] + 1
+    frames = min(needed, probe.frame_count)
+    return {"trained_frames": needed,
+            "trained_black_fraction": round(float(probe.black_frames[:frames].mean()), 4),
+            "trained_frozen_fraction": round(float(probe.frozen_frames[1:frames].mean()), 4) if frames > 1 else 0.0}
+
+
+def _video_issues(probe: VideoProbe, trained: dict) -> list[str]:
     if not probe.readable:
         return ["corrupt"]
     issues = []
-    # The trainer's own frame sampling decides: the last frame it would read must exist.
-    if sample_indices(probe.fps, settings.fps, settings.num_frames)[-1] >= probe.frame_count:
+    if trained["trained_frames"] > probe.frame_count:
         issues.append("too_short")
-    if probe.black_fraction >= BLACK_FRACTION:
+    if trained["trained_black_fraction"] >= BLACK_FRACTION:
         issues.append("black")
-    if probe.frozen_fraction >= FROZEN_FRACTION:
+    if trained["trained_frozen_fraction"] >= FROZEN_FRACTION:
         issues.append("frozen")
     return issues
 
 
-def _issues(clip: Clip, probe: VideoProbe, caption: CaptionReport, settings: CurateSettings) -> list[str]:
+def _issues(clip: Clip, probe: VideoProbe, trained: dict, caption: CaptionReport) -> list[str]:
     # What the dataset reader refused to read carries its own code, not the `corrupt` or
     # `caption_missing` that an unread video or caption would otherwise look like.
-    video = [] if "outside_dataset" in clip.issues else _video_issues(probe, settings)
+    video = [] if "outside_dataset" in clip.issues else _video_issues(probe, trained)
     refused_caption = [code for code in clip.issues if code.startswith("caption_")]
     refused_video = [code for code in clip.issues if not code.startswith("caption_")]
     return video + refused_video + (refused_caption or caption.issues)
@@ -122,12 +133,13 @@ def curate(dataset: Path, out: Path, settings: CurateSettings = CurateSettings()
             if thumbnail:
                 (thumbnails / f"{index:06d}.png").write_bytes(thumbnail)
             caption = check_caption(clip.caption)
+            trained = _trained_part(probe, settings) if probe.readable else {}
             records.append({
                 "video": clip.name,
                 "path": str(clip.video),
                 "caption_text": clip.caption,
-                "issues": _issues(clip, probe, caption, settings),
-                "video_info": probe.to_json(),
+                "issues": _issues(clip, probe, trained, caption),
+                "video_info": probe.to_json() | trained,
                 "caption": {k: v for k, v in vars(caption).items() if k != "issues"},
                 "thumbnail": f"{thumbnails.name}/{index:06d}.png" if thumbnail else None,
             })

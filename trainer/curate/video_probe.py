@@ -2,9 +2,9 @@
 
 ffmpeg scales every frame down to `PROBE_WIDTH` pixels wide while decoding (a fraction of the cost
 of full-size frames), and the frames are consumed as they stream: black and frozen checks run frame
-by frame, one middle frame is kept as the thumbnail, and a `FrameSampler` keeps about eight small
-greyscale frames per second of footage for the clip's fingerprint (fingerprint.py), which
-duplicates.py aligns against every other clip's.
+by frame (kept per frame: curate judges the part training reads), one middle frame is kept as the
+thumbnail, and a `FrameSampler` keeps about eight small greyscale frames per second of footage for
+the clip's fingerprint (fingerprint.py), which duplicates.py aligns against every other clip's.
 """
 
 from __future__ import annotations
@@ -38,15 +38,21 @@ class VideoProbe:
     width: int = 0
     height: int = 0
     frame_count: int = 0
-    black_fraction: float = 0.0
-    frozen_fraction: float = 0.0
+    black_fraction: float = 0.0  # of the whole clip's frames
+    frozen_fraction: float = 0.0  # of its pairs of consecutive frames
     content_box: tuple[int, int, int, int] | None = None  # at probe size, black bars cropped: top, bottom, left, right
     hashed_frames: int = 0
     thumbnail: np.ndarray | None = field(default=None, repr=False)
     signature: Signature | None = field(default=None, repr=False)
+    # Per frame: black; frozen with the frame before it (never a black one). Curate judges the frames training reads.
+    black_frames: np.ndarray | None = field(default=None, repr=False)
+    frozen_frames: np.ndarray | None = field(default=None, repr=False)
 
     def to_json(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k not in ("thumbnail", "signature")}
+        return {k: v for k, v in asdict(self).items() if k not in PER_FRAME_OR_PIXELS}
+
+
+PER_FRAME_OR_PIXELS = ("thumbnail", "signature", "black_frames", "frozen_frames")  # not in report.json
 
 
 def probe_video(path: Path) -> VideoProbe:
@@ -74,18 +80,17 @@ def probe_video(path: Path) -> VideoProbe:
         source_width, source_height = source_height, source_width
     middle = int(float(meta.get("duration") or 0) * fps / 2)
     sampler = FrameSampler(fps)
-    black, frozen, count = 0, 0, 0
+    black, frozen, count = [], [], 0
     previous, thumbnail = None, None
     try:
         for raw in reader:
             rgb = np.frombuffer(raw, dtype=np.uint8).reshape(probe_height, PROBE_WIDTH, 3)
             gray = rgb @ np.array([0.299, 0.587, 0.114]) / 255.0
             is_black = gray.mean() <= BLACK_LUMA
-            black += is_black
+            black.append(is_black)
             blocks = block_means(gray, probe_height // FROZEN_BLOCK, PROBE_WIDTH // FROZEN_BLOCK)
             # A black stretch is reported as black, not also as frozen.
-            if previous is not None and not is_black:
-                frozen += np.abs(blocks - previous).max() <= FROZEN_MAX_DIFF
+            frozen.append(previous is not None and not is_black and np.abs(blocks - previous).max() <= FROZEN_MAX_DIFF)
             previous = blocks
             sampler.offer(count, gray)
             if count == middle or thumbnail is None:
@@ -109,12 +114,14 @@ def probe_video(path: Path) -> VideoProbe:
         width=int(source_width),
         height=int(source_height),
         frame_count=count,
-        black_fraction=black / count,
-        frozen_fraction=frozen / max(1, count - 1),
+        black_fraction=sum(black) / count,
+        frozen_fraction=sum(frozen) / max(1, count - 1),
         content_box=signature.box,
         hashed_frames=len(signature.times),
         thumbnail=thumbnail,
         signature=signature,
+        black_frames=np.array(black, dtype=bool),
+        frozen_frames=np.array(frozen, dtype=bool),
     )
 
 
