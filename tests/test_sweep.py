@@ -372,15 +372,23 @@ POOL_PARENT = textwrap.dedent("""
 
     folder, slots = Path(sys.argv[1]), sys.argv[2].split(",")
     child = (
-        "import os, sys, time\\n"
+        "import os, signal, sys, time\\n"
         "from pathlib import Path\\n"
         "folder, name = Path(sys.argv[1]), sys.argv[2]\\n"
+        "def stop(signum, frame):\\n"  # as training does: end the step, save, exit 128 + signal
+        "    time.sleep(0.5)\\n"
+        "    (folder / (name + '.stopped')).write_text(str(signum))\\n"
+        "    sys.exit(128 + signum)\\n"
+        "signal.signal(signal.SIGTERM, stop)\\n"
         "(folder / (name + '.started')).write_text(os.environ['CUDA_VISIBLE_DEVICES'] + ' ' + str(os.getpid()))\\n"
         "while not (folder / 'release').exists():\\n"
         "    time.sleep(0.02)\\n"
     )
     jobs = [Job(f"j{i}", [sys.executable, "-c", child, str(folder), f"j{i}"], folder / f"j{i}.log") for i in range(3)]
-    print(run_pool(jobs, slots, interval_s=0.05), flush=True)
+    try:
+        print(run_pool(jobs, slots, interval_s=0.05), flush=True)
+    except KeyboardInterrupt as stop:
+        print("stopped by", getattr(stop, "signum", "Ctrl-C"), flush=True)
 """)
 
 
@@ -401,8 +409,10 @@ def _alive(pid: int) -> bool:
 
 def test_pool_runs_one_job_per_gpu_and_its_children_die_with_the_sweep(tmp_path):
     """Guards the several-GPU path: a pool that imports torch (it only starts processes), two runs sharing a
-    GPU, a third started before a GPU is free, a child without its GPU in CUDA_VISIBLE_DEVICES, and children
-    that keep training after the sweep is SIGKILLed (a rerun would then race them on the same run folders)."""
+    GPU, a third started before a GPU is free, a child without its GPU in CUDA_VISIBLE_DEVICES, children
+    that keep training after the sweep is SIGKILLed (a rerun would then race them on the same run folders), and
+    a sweep sent SIGTERM (a scheduler's stop) dying at once, its children killed with it mid-step: it passes
+    SIGTERM on and waits for them to save and end."""
     env = offline_env(tmp_path)
     imported = subprocess.run([sys.executable, "-c", "import sys, trainer.sweep.pool; print('torch' in sys.modules)"],
                               cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60)
@@ -444,6 +454,23 @@ def test_pool_runs_one_job_per_gpu_and_its_children_die_with_the_sweep(tmp_path)
         for pid in children:  # only the children this test started, should the check above fail
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+    terminated = tmp_path / "terminated"
+    terminated.mkdir()
+    parent = subprocess.Popen([sys.executable, "-c", POOL_PARENT, str(terminated), "0,1"], cwd=REPO_ROOT, env=env,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        _wait_for(terminated / "j0.started")
+        _wait_for(terminated / "j1.started")
+        parent.send_signal(signal.SIGTERM)
+        output, _ = parent.communicate(timeout=60)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+    assert output.strip() == f"stopped by {int(signal.SIGTERM)}"
+    assert [(terminated / f"j{i}.stopped").read_text() for i in (0, 1)] == [str(int(signal.SIGTERM))] * 2
+    assert not (terminated / "j2.started").exists()
 
 
 # --- generation metrics -------------------------------------------------------------------------------

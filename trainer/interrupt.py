@@ -18,9 +18,6 @@ from __future__ import annotations
 import signal
 import threading
 
-import torch
-
-
 NOTICES = {
     signal.SIGINT: "Ctrl-C: the step under way ends and a checkpoint of it is saved (Ctrl-C again to stop at once, "
                    "losing the steps since the last checkpoint)",
@@ -79,5 +76,7 @@ class StopOnInterrupt:
         there are several processes)."""
         if accelerator.num_processes == 1:
             return self.signal or 0
+        import torch  # here: a sweep's pool, which imports no torch, raises `StopRequested` too
+
         flag = torch.tensor([float(self.signal or 0)], device=accelerator.device)
         return int(accelerator.gather(flag).max().item())

@@ -2,20 +2,25 @@
 
 Each child dies with the sweep (Linux `PR_SET_PDEATHSIG`), so a sweep killed by SIGKILL leaves no
 run training behind it that a rerun would race with; the rerun resumes each from its checkpoint.
-A child's stdout and stderr go to its log file. This module imports no torch: it only starts,
-watches and reaps processes.
+Stopped (Ctrl-C, or SIGTERM: a scheduler's stop, which killed the sweep at once and so its children
+with it), the sweep sends each child SIGTERM, which ends its step under way and checkpoints it
+(`trainer.interrupt`), and waits for them. A child's stdout and stderr go to its log file. This
+module imports no torch: it only starts, watches and reaps processes.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from slapgen.lifetime import parent_death_call
+from trainer.interrupt import StopRequested
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,9 @@ def run_pool(jobs: list[Job], slots: list[str], on_tick: Callable[[list[str]], N
     running: dict[str, tuple[Job, subprocess.Popen, object]] = {}
     codes: dict[str, int] = {}
     hook = _die_with_parent_hook()
+    previous = None
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
         while waiting or running:
             for slot in slots:
@@ -72,8 +80,17 @@ def run_pool(jobs: list[Job], slots: list[str], on_tick: Callable[[list[str]], N
             if on_tick is not None:
                 on_tick([job.name for job, _, _ in running.values()])
     finally:
-        for job, process, log in running.values():  # interrupted (Ctrl-C): stop the children, keep their checkpoints
+        # Interrupted (Ctrl-C, SIGTERM): each child ends its step and checkpoints it (the SIGTERM of the children
+        # the Ctrl-C reached too changes nothing), then the sweep ends.
+        for job, process, log in running.values():
             process.terminate()
+        for job, process, log in running.values():
             process.wait()
             log.close()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return codes
+
+
+def _stop_on_sigterm(signum, frame) -> None:
+    raise StopRequested(signum)
