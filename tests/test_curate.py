@@ -582,3 +582,17 @@ def test_black_and_frozen_are_judged_on_the_frames_training_reads(tmp_path):
     assert (end["black_fraction"], end["trained_black_fraction"]) == (40 / 64, 0.0)
     # frozen: pairs of consecutive frames, the still's 23 of the 62 in all (63 frames), 16 of the 16 training reads
     assert (still_info["frozen_fraction"], still_info["trained_frozen_fraction"]) == (pytest.approx(23 / 62), 1.0)
+
+
+def test_a_probe_cache_that_cannot_be_opened_is_done_without(demo_dataset, tmp_path):
+    """Guards the cache stopping curate with a traceback (sqlite3's OperationalError, or IsADirectoryError while
+    replacing it): a folder where probes.sqlite should be means every clip is decoded, as without a cache."""
+    from trainer.curate import run
+
+    data = _small_dataset(demo_dataset, tmp_path / "data")
+    out = tmp_path / "out"
+    (out / "probes.sqlite").mkdir(parents=True)
+    settings = run.CurateSettings(num_frames=9, workers=1)
+    for _ in range(2):
+        report = run.curate(data, out, settings, progress=False)
+        assert report["summary"]["from_probe_cache"] == 0 and report["summary"]["clean"] == 3

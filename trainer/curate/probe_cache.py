@@ -8,7 +8,8 @@ used while the file has the real path, size and modification time it had when it
 measuring code and ffmpeg are those that decoded it (`measurer`). Only readable clips are kept: a clip
 that failed may have failed for a reason outside it (a file still being copied, an ffmpeg that would not
 start), and the few that do are decoded again. A file that is not such a cache (damaged, or another
-program's) is replaced: the cache is never worth an error.
+program's) is replaced, and where none can be opened (a read-only folder, a folder in its place) curate
+decodes every clip, as without one: the cache is never worth an error.
 """
 
 from __future__ import annotations
@@ -69,11 +70,15 @@ class ProbeCache:
         self.path = Path(folder) / CACHE_NAME
         self.measurer = measurer()
         self.hits = 0
+        self._connection: sqlite3.Connection | None = None
         try:
             self._connection = self._connect()
         except sqlite3.DatabaseError:  # not a cache of ours: start afresh
-            self.path.unlink(missing_ok=True)
-            self._connection = self._connect()
+            try:
+                self.path.unlink(missing_ok=True)
+                self._connection = self._connect()
+            except (sqlite3.DatabaseError, OSError):
+                pass  # none: every clip is decoded
 
     def _connect(self) -> sqlite3.Connection:
         connection = sqlite3.connect(self.path, timeout=30)
@@ -90,6 +95,8 @@ class ProbeCache:
 
     def get(self, state: FileState) -> tuple[VideoProbe, bytes] | None:
         """The probe measured from this file as it is now and its thumbnail (PNG), or None."""
+        if self._connection is None:
+            return None
         try:
             row = self._connection.execute(
                 "SELECT info, times, hashes, thumbnail, black, frozen FROM probes WHERE path = ? AND size = ? AND "
@@ -110,7 +117,7 @@ class ProbeCache:
         return probe, bytes(thumbnail)
 
     def put(self, state: FileState, probe: VideoProbe, thumbnail: bytes) -> None:
-        if not probe.readable or probe.signature is None:
+        if self._connection is None or not probe.readable or probe.signature is None:
             return
         signature = probe.signature
         try:
@@ -126,6 +133,8 @@ class ProbeCache:
 
     def keep_only(self, states: list[FileState]) -> None:
         """Forget the files this dataset no longer holds, so the cache stays the size of the dataset."""
+        if self._connection is None:
+            return
         try:
             self._connection.execute("CREATE TEMP TABLE IF NOT EXISTS current (path TEXT PRIMARY KEY)")
             self._connection.execute("DELETE FROM current")
@@ -137,4 +146,5 @@ class ProbeCache:
             self._connection.rollback()
 
     def close(self) -> None:
-        self._connection.close()
+        if self._connection is not None:
+            self._connection.close()
