@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sqlite3
 import subprocess
@@ -274,8 +275,11 @@ def test_reused_footage_is_flagged_with_its_relation_and_span(relatives):
     assert "slowed 2x" in slowed["summary"]
     for name in ("x_subspan.mp4", "x_mirrored_letterboxed.mp4", "x_slowed.mp4"):
         assert relatives[name]["issues"][0] == "duplicate" and relatives[name]["duplicate_of"] == "clip_000.mp4"
-    # ffmpeg slows by showing each frame twice: half the frame pairs are frozen, so it is flagged `frozen` too.
-    assert relatives["x_slowed.mp4"]["issues"] == ["duplicate", "frozen"]
+    # ffmpeg slows by showing each frame twice: half its frame pairs are frozen. Training reads every other
+    # frame of it (8 of 16 fps), each a new picture: not `frozen` for training.
+    assert relatives["x_slowed.mp4"]["issues"] == ["duplicate"]
+    slowed_info = relatives["x_slowed.mp4"]["video_info"]
+    assert slowed_info["frozen_fraction"] == pytest.approx(0.5, abs=0.03) and slowed_info["trained_frozen_fraction"] == 0
     assert relatives["clip_000.mp4"]["issues"] == [] and relatives["y_other_motion.mp4"]["issues"] == []
 
 
@@ -446,19 +450,20 @@ def test_a_dataset_with_a_few_unreadable_clips_goes_on_as_the_clips_training_rea
 
 
 def _decoded_clips(log) -> list[str]:
-    """The clips ffmpeg was asked to read (`-i FILE`), in order, from the logging wrapper's lines."""
+    """The clips ffmpeg was asked to read (`-i FILE`; the probe's decode and its packet times), from the logging
+    wrapper's lines."""
     if not log.exists():
         return []
     lines = [line.split() for line in log.read_text().splitlines()]
-    return [Path(words[words.index("-i") + 1]).name for words in lines]
+    return sorted({Path(words[words.index("-i") + 1]).name for words in lines})
 
 
 def test_a_rerun_decodes_only_the_clips_that_are_new_or_changed(demo_dataset, tmp_path, monkeypatch, capsys):
     """Guards a second curate into the same folder decoding every clip again (an hour or more for a few thousand
     real clips, when only captions or the selection changed), and a cache that would serve a stale measurement:
     ffmpeg is a wrapper that logs what it is asked to read. The rerun reads nothing and reports what the first
-    run measured, thumbnails included; a clip replaced by other footage is decoded again (the clip it was copied
-    from is then its duplicate), and a clip removed from the dataset leaves the cache."""
+    run measured, thumbnails included; a clip replaced by other footage is decoded again, even one of the same
+    size with its old modification time put back (the clip it was copied from is then its duplicate); a clip removed from the dataset leaves the cache."""
     data = _small_dataset(demo_dataset, tmp_path / "data")
     log = tmp_path / "ffmpeg.log"
     wrapper = tmp_path / "ffmpeg"
@@ -474,7 +479,7 @@ def test_a_rerun_decodes_only_the_clips_that_are_new_or_changed(demo_dataset, tm
         return json.loads((out / "report.json").read_text())
 
     first = curate()
-    assert sorted(_decoded_clips(log)) == ["clip_000.mp4", "clip_001.mp4", "clip_002.mp4"]
+    assert _decoded_clips(log) == ["clip_000.mp4", "clip_001.mp4", "clip_002.mp4"]
     thumbnails = {path.name: path.read_bytes() for path in (out / "thumbnails").iterdir()}
     for path in (out / "thumbnails").iterdir():
         path.unlink()
@@ -486,23 +491,28 @@ def test_a_rerun_decodes_only_the_clips_that_are_new_or_changed(demo_dataset, tm
     assert {path.name: path.read_bytes() for path in (out / "thumbnails").iterdir()} == thumbnails
     assert f"3 clips not decoded again: unchanged since an earlier curate into {out}" in capsys.readouterr().out
 
-    shutil.copy(data / "clip_002.mp4", data / "clip_001.mp4")  # other footage under the same name
+    # Other footage under the same name, of the same size with the old modification time put back (`touch -r`):
+    # only its status-change time tells. The larger of two clips gets the smaller's bytes, padded to its size.
+    small, large = sorted((data / "clip_001.mp4", data / "clip_002.mp4"), key=lambda path: path.stat().st_size)
+    size, mtime = large.stat().st_size, large.stat().st_mtime_ns
+    large.write_bytes(small.read_bytes().ljust(size, b"\0"))
+    os.utime(large, ns=(mtime, mtime))
     for name in ("clip_000.mp4", "clip_000.txt"):
         (data / name).unlink()
     changed = curate()
-    assert _decoded_clips(log) == ["clip_001.mp4"] and changed["summary"]["from_probe_cache"] == 1
+    assert _decoded_clips(log) == [large.name] and changed["summary"]["from_probe_cache"] == 1
     by_name = {clip["video"]: clip for clip in changed["clips"]}
     assert by_name["clip_001.mp4"]["video_info"] == by_name["clip_002.mp4"]["video_info"]
     assert by_name["clip_002.mp4"]["duplicate_of"] == "clip_001.mp4"  # the same footage now; the first is kept
     with sqlite3.connect(out / "probes.sqlite") as cache:
-        kept = sorted(Path(path).name for (path,) in cache.execute("SELECT path FROM probes"))
+        kept = sorted(Path(os.fsdecode(path)).name for (path,) in cache.execute("SELECT path FROM probes"))
     assert kept == ["clip_001.mp4", "clip_002.mp4"]
 
 
 def test_a_probe_cache_that_is_damaged_or_of_other_code_is_not_used(demo_dataset, tmp_path, monkeypatch):
     """Guards the cache breaking curate or serving measurements it should not: a file that is no SQLite database
     is replaced (curate goes on and measures every clip), a row measured by other probe code or another ffmpeg
-    (`measurer`) is a miss, and so is a row for the file as it was before it changed (size, mtime)."""
+    (`measurer`) is a miss, and so is a row for the file as it was before it changed (size, mtime, ctime)."""
     from trainer.curate import probe_cache
     from trainer.curate.probe_cache import FileState, ProbeCache
     from trainer.curate.video_probe import probe_video
@@ -522,8 +532,10 @@ def test_a_probe_cache_that_is_damaged_or_of_other_code_is_not_used(demo_dataset
     np.testing.assert_array_equal(hit.black_frames, probe.black_frames)
     np.testing.assert_array_equal(hit.frozen_frames, probe.frozen_frames)
     assert len(hit.black_frames) == probe.frame_count
-    assert cache.get(FileState(state.path, state.size, state.mtime_ns + 1)) is None
-    assert cache.get(FileState(state.path, state.size + 1, state.mtime_ns)) is None
+    np.testing.assert_array_equal(hit.frame_times, probe.frame_times)
+    assert cache.get(FileState(state.path, state.size, state.mtime_ns + 1, state.ctime_ns)) is None
+    assert cache.get(FileState(state.path, state.size + 1, state.mtime_ns, state.ctime_ns)) is None
+    assert cache.get(FileState(state.path, state.size, state.mtime_ns, state.ctime_ns + 1)) is None
     cache.close()
     monkeypatch.setattr(probe_cache, "measurer", lambda: "other code")
     assert ProbeCache(tmp_path).get(state) is None
@@ -557,8 +569,13 @@ def test_black_and_frozen_are_judged_on_the_frames_training_reads(tmp_path):
     """Guards curate judging a clip by all of it while training reads only its start: a clip whose first 1.5 s are
     black (or a still title card) and the rest a bout was clean, and training (1 s: tiny-smoke's 9 frames at 8 fps,
     frames 0-16 at 16 fps) read nothing but the black; a clip whose end is black was flagged and left out, though
-    training reads only its good start. The fractions are checked against counts written out here."""
+    training reads only its good start. And a variable-frame-rate clip (a phone's) is judged at the instants
+    training reads it: 0.3 s of black at 60 fps, then 10 fps, was "black" by its first frames (18 of them), while
+    training's 9 frames hold 3 black ones. The fractions are checked against counts written out here, and the
+    variable-rate clip's against the frames the trainer's own `load_clip` reads."""
+    from trainer.curate.video_probe import BLACK_LUMA
     from trainer.demo_data import FPS, HEIGHT, WIDTH, DemoClip, caption_for, render_frame
+    from trainer.frames import load_clip
 
     scene = DemoClip(striker_on_left=True, striker_colour="red", defender_colour="blue", outcome="staggers",
                      camera="pan", backdrop=0.3)
@@ -571,28 +588,62 @@ def test_black_and_frozen_are_judged_on_the_frames_training_reads(tmp_path):
                          "still_intro": [still, bout[1:]]}.items():
         write_mp4(np.concatenate(frames), data / f"{name}.mp4", fps=FPS)
         (data / f"{name}.txt").write_text(caption_for(scene))
+    # Studio-range luma (16 is black): black for 0.3 s, then brightening and dimming; all of the first 0.3 s at
+    # 60 fps, then every 6th frame (10 fps).
+    _ffmpeg("-f", "lavfi", "-i", "color=c=black:s=64x48:r=60:d=6,format=yuv420p,"
+            "geq=lum='if(lt(T,0.3),16,60+150*mod(T,1))':cb=128:cr=128", "-vf", r"select='lt(t\,0.3)+not(mod(n\,6))'",
+            "-fps_mode", "vfr", "-c:v", "libx264", "-qp", "0", str(data / "vfr_black_intro.mp4"))
+    (data / "vfr_black_intro.txt").write_text(caption_for(scene))
     out = tmp_path / "out"
     assert cli_main(["curate", str(data), "--out", str(out), "--workers", "1", "--config", "tiny-smoke"]) == 0
     clips = {clip["video"]: clip for clip in json.loads((out / "report.json").read_text())["clips"]}
     issues = {name: [code for code in clip["issues"] if code != "duplicate"] for name, clip in clips.items()}
-    assert issues == {"black_end.mp4": [], "black_intro.mp4": ["black"], "still_intro.mp4": ["frozen"]}
+    assert issues == {"black_end.mp4": [], "black_intro.mp4": ["black"], "still_intro.mp4": ["frozen"],
+                      "vfr_black_intro.mp4": []}
     intro, end, still_info = (clips[f"{name}.mp4"]["video_info"] for name in ("black_intro", "black_end", "still_intro"))
     assert intro["trained_frames"] == end["trained_frames"] == 17  # frames 0..16: 9 frames at 8 of 16 fps
     assert (intro["black_fraction"], intro["trained_black_fraction"]) == (24 / 64, 1.0)
     assert (end["black_fraction"], end["trained_black_fraction"]) == (40 / 64, 0.0)
     # frozen: pairs of consecutive frames, the still's 23 of the 62 in all (63 frames), 16 of the 16 training reads
     assert (still_info["frozen_fraction"], still_info["trained_frozen_fraction"]) == (pytest.approx(23 / 62), 1.0)
+    vfr = clips["vfr_black_intro.mp4"]["video_info"]
+    read = load_clip(data / "vfr_black_intro.mp4", num_frames=9, fps=8, height=48, width=64)  # tiny-smoke's
+    black_read = ((read + 1) / 2).mean(dim=(1, 2, 3)) <= BLACK_LUMA
+    assert vfr["trained_black_fraction"] == pytest.approx(float(black_read.float().mean()), abs=1e-4) == 3 / 9
+    assert vfr["black_fraction"] == 18 / 75  # by frames: 18 at 60 fps, then 57 at 10 fps
 
 
-def test_a_probe_cache_that_cannot_be_opened_is_done_without(demo_dataset, tmp_path):
+def test_a_probe_cache_that_cannot_be_used_is_done_without_and_left_alone(demo_dataset, tmp_path):
     """Guards the cache stopping curate with a traceback (sqlite3's OperationalError, or IsADirectoryError while
-    replacing it): a folder where probes.sqlite should be means every clip is decoded, as without a cache."""
+    replacing it), or destroying what is not its own: a folder where probes.sqlite should be, another program's
+    database there (a link to it), and a cache another process holds locked (a database browser left open: the
+    file was deleted under it, its transaction lost) each mean every clip is decoded, as without a cache, and
+    the file is left as it was."""
     from trainer.curate import run
 
     data = _small_dataset(demo_dataset, tmp_path / "data")
-    out = tmp_path / "out"
-    (out / "probes.sqlite").mkdir(parents=True)
     settings = run.CurateSettings(num_frames=9, workers=1)
-    for _ in range(2):
-        report = run.curate(data, out, settings, progress=False)
-        assert report["summary"]["from_probe_cache"] == 0 and report["summary"]["clean"] == 3
+    folder = tmp_path / "folder"
+    (folder / "probes.sqlite").mkdir(parents=True)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    with sqlite3.connect(tmp_path / "app.db") as app:
+        app.execute("CREATE TABLE users (name TEXT)")
+    (foreign / "probes.sqlite").symlink_to(tmp_path / "app.db")
+    locked = tmp_path / "locked"
+    run.curate(data, locked, settings, progress=False)  # a cache of 3 rows
+    holder = sqlite3.connect(locked / "probes.sqlite", isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        for out in (folder, foreign, locked):
+            report = run.curate(data, out, settings, progress=False)
+            assert report["summary"]["from_probe_cache"] == 0 and report["summary"]["clean"] == 3, out
+        holder.execute("DELETE FROM probes WHERE rowid = (SELECT min(rowid) FROM probes)")
+        holder.execute("COMMIT")
+    finally:
+        holder.close()
+    assert (folder / "probes.sqlite").is_dir()
+    with sqlite3.connect(tmp_path / "app.db") as app:
+        assert [name for (name,) in app.execute("SELECT name FROM sqlite_master")] == ["users"]
+    with sqlite3.connect(locked / "probes.sqlite") as cache:
+        assert cache.execute("SELECT count(*) FROM probes").fetchone() == (2,)  # the holder's change, kept

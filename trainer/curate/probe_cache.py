@@ -4,12 +4,14 @@ a rerun after editing captions, adding clips or choosing another selection shoul
 
 One SQLite file, OUT/probes.sqlite, written by the curating process alone (its workers only decode), a
 row per clip file as its probe comes back, so a curate stopped halfway keeps what it measured. A row is
-used while the file has the real path, size and modification time it had when it was decoded, and the
-measuring code and ffmpeg are those that decoded it (`measurer`). Only readable clips are kept: a clip
-that failed may have failed for a reason outside it (a file still being copied, an ffmpeg that would not
-start), and the few that do are decoded again. A file that is not such a cache (damaged, or another
-program's) is replaced, and where none can be opened (a read-only folder, a folder in its place) curate
-decodes every clip, as without one: the cache is never worth an error.
+used while the file has the real path, size, modification time and status-change time (ctime: a file
+replaced by one of the same size with its old mtime put back, `touch -r`, has a new one) it had when it
+was decoded, and the measuring code and ffmpeg are those that decoded it (`measurer`). Only readable
+clips are kept: a clip that failed may have failed for a reason outside it (a file still being copied,
+an ffmpeg that would not start), and the few that do are decoded again. A damaged file, or one of an
+older layout, is replaced; where none can be used (locked by another program, a read-only folder, a
+folder in its place, another program's database) curate decodes every clip, as without one, and
+leaves the file alone: the cache is never worth an error, nor someone else's data.
 """
 
 from __future__ import annotations
@@ -28,19 +30,28 @@ from trainer.curate.video_probe import VideoProbe
 
 CACHE_NAME = "probes.sqlite"
 SCHEMA = """CREATE TABLE IF NOT EXISTS probes (
-    path TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, measurer TEXT NOT NULL,
+    path BLOB PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, ctime_ns INTEGER NOT NULL,
+    measurer TEXT NOT NULL,
     info TEXT NOT NULL, times BLOB NOT NULL, hashes BLOB NOT NULL, thumbnail BLOB NOT NULL, black BLOB NOT NULL,
-    frozen BLOB NOT NULL)"""
-COLUMNS = "path, size, mtime_ns, measurer, info, times, hashes, thumbnail, black, frozen"
+    frozen BLOB NOT NULL, frame_times BLOB NOT NULL)"""
+COLUMNS = "path, size, mtime_ns, ctime_ns, measurer, info, times, hashes, thumbnail, black, frozen, frame_times"
+# What makes a file not a usable cache, and replaced: damaged, or a layout this code does not read (an older
+# slapgen's: SQLITE_ERROR, "no such column"). Any other failure (busy, locked, cannot open, read-only) leaves it.
+REPLACEABLE = {"SQLITE_NOTADB", "SQLITE_CORRUPT", "SQLITE_ERROR"}
+
+
+class ForeignDatabase(Exception):
+    """probes.sqlite holds tables other than ours: another program's database (a link to it), never touched."""
 
 
 @dataclass(frozen=True)
 class FileState:
     """A clip file as it was before decoding: a row measured from it holds while these are unchanged."""
 
-    path: str  # real path: links and relative paths to one file share its row
+    path: bytes  # real path, as the file system has it (a name need not be UTF-8): links to one file share its row
     size: int
     mtime_ns: int
+    ctime_ns: int
 
     @classmethod
     def of(cls, video: str) -> FileState | None:
@@ -49,7 +60,7 @@ class FileState:
             stat = os.stat(real)
         except OSError:
             return None
-        return cls(real, stat.st_size, stat.st_mtime_ns)
+        return cls(os.fsencode(real), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
 
 
 def measurer() -> str:
@@ -73,25 +84,39 @@ class ProbeCache:
         self._connection: sqlite3.Connection | None = None
         try:
             self._connection = self._connect()
-        except sqlite3.DatabaseError:  # not a cache of ours: start afresh
-            try:
-                self.path.unlink(missing_ok=True)
-                self._connection = self._connect()
-            except (sqlite3.DatabaseError, OSError):
-                pass  # none: every clip is decoded
+        except sqlite3.DatabaseError as error:
+            if _error_name(error) in REPLACEABLE:  # damaged, or an older layout: start afresh
+                try:
+                    self.path.unlink()
+                    self._connection = self._connect()
+                except (sqlite3.DatabaseError, ForeignDatabase, OSError):
+                    pass
+        except (ForeignDatabase, OSError):
+            pass  # none: every clip is decoded
 
     def _connect(self) -> sqlite3.Connection:
-        connection = sqlite3.connect(self.path, timeout=30)
+        # A short wait: another curate into this folder holds the file for one row at a time.
+        connection = sqlite3.connect(self.path, timeout=5)
         try:
+            tables = {name for (name,) in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if tables - {"probes"}:
+                raise ForeignDatabase(self.path)
             # A cache: a row lost to a power cut is decoded again, so no fsync per row.
             connection.execute("PRAGMA synchronous=OFF")
             connection.execute(SCHEMA)
-            connection.execute(f"SELECT {COLUMNS} FROM probes LIMIT 1")  # a table of other columns: not ours
+            connection.execute(f"SELECT {COLUMNS} FROM probes LIMIT 1")  # an older layout: SQLITE_ERROR
             connection.commit()
-        except sqlite3.DatabaseError:
+        except BaseException:
             connection.close()
             raise
         return connection
+
+    def _give_up(self) -> None:
+        """Stop using the cache for the rest of this run (locked by another program, the disk full): each write
+        would wait on it in vain."""
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
 
     def get(self, state: FileState) -> tuple[VideoProbe, bytes] | None:
         """The probe measured from this file as it is now and its thumbnail (PNG), or None."""
@@ -99,18 +124,22 @@ class ProbeCache:
             return None
         try:
             row = self._connection.execute(
-                "SELECT info, times, hashes, thumbnail, black, frozen FROM probes WHERE path = ? AND size = ? AND "
-                "mtime_ns = ? AND measurer = ?", (state.path, state.size, state.mtime_ns, self.measurer)).fetchone()
+                f"SELECT {COLUMNS} FROM probes WHERE path = ? AND size = ? AND mtime_ns = ? AND ctime_ns = ? AND "
+                "measurer = ?", (state.path, state.size, state.mtime_ns, state.ctime_ns, self.measurer)).fetchone()
             if row is None:
                 return None
-            info, times, hashes, thumbnail, black, frozen = row
+            info, times, hashes, thumbnail, black, frozen, frame_times = row[5:]
             fields = json.loads(info)
+            count = fields["frame_count"]
             fields["content_box"] = tuple(fields["content_box"])
             signature = Signature(np.frombuffer(times, np.float32).copy(),
                                   np.frombuffer(hashes, np.float32).reshape(-1, GRID * GRID).copy(), fields["content_box"])
-            per_frame = [np.unpackbits(np.frombuffer(bits, np.uint8), count=fields["frame_count"]).astype(bool)
-                         for bits in (black, frozen)]
-            probe = VideoProbe(**fields, signature=signature, black_frames=per_frame[0], frozen_frames=per_frame[1])
+            if {len(black), len(frozen)} != {(count + 7) // 8} or len(frame_times) != 8 * count:
+                return None  # cut short: decode the clip again
+            black_frames, frozen_frames = (np.unpackbits(np.frombuffer(bits, np.uint8), count=count).astype(bool)
+                                           for bits in (black, frozen))
+            probe = VideoProbe(**fields, signature=signature, black_frames=black_frames, frozen_frames=frozen_frames,
+                               frame_times=np.frombuffer(frame_times, np.float64).copy())
         except (sqlite3.DatabaseError, ValueError, TypeError, KeyError):  # a damaged row: decode the clip again
             return None
         self.hits += 1
@@ -122,29 +151,38 @@ class ProbeCache:
         signature = probe.signature
         try:
             self._connection.execute(
-                f"INSERT OR REPLACE INTO probes ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (state.path, state.size, state.mtime_ns, self.measurer, json.dumps(probe.to_json()),
+                f"INSERT OR REPLACE INTO probes ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (state.path, state.size, state.mtime_ns, state.ctime_ns, self.measurer, json.dumps(probe.to_json()),
                  np.ascontiguousarray(signature.times, np.float32).tobytes(),
                  np.ascontiguousarray(signature.hashes, np.float32).tobytes(), thumbnail,
-                 np.packbits(probe.black_frames).tobytes(), np.packbits(probe.frozen_frames).tobytes()))
+                 np.packbits(probe.black_frames).tobytes(), np.packbits(probe.frozen_frames).tobytes(),
+                 np.ascontiguousarray(probe.frame_times, np.float64).tobytes()))
             self._connection.commit()
-        except (sqlite3.DatabaseError, ValueError):  # a full disk, a locked file, a name SQLite cannot hold: not kept
-            self._connection.rollback()
+        except sqlite3.DatabaseError:  # a full disk, a file locked by another program: no more writes this run
+            self._give_up()
 
     def keep_only(self, states: list[FileState]) -> None:
         """Forget the files this dataset no longer holds, so the cache stays the size of the dataset."""
         if self._connection is None:
             return
         try:
-            self._connection.execute("CREATE TEMP TABLE IF NOT EXISTS current (path TEXT PRIMARY KEY)")
+            self._connection.execute("CREATE TEMP TABLE IF NOT EXISTS current (path BLOB PRIMARY KEY)")
             self._connection.execute("DELETE FROM current")
             self._connection.executemany("INSERT OR IGNORE INTO current VALUES (?)", [(s.path,) for s in states])
             self._connection.execute("DELETE FROM probes WHERE path NOT IN (SELECT path FROM current) OR measurer != ?",
                                      (self.measurer,))
             self._connection.commit()
-        except (sqlite3.DatabaseError, ValueError):
-            self._connection.rollback()
+        except sqlite3.DatabaseError:
+            self._give_up()
 
     def close(self) -> None:
-        if self._connection is not None:
-            self._connection.close()
+        self._give_up()
+
+
+def _error_name(error: sqlite3.DatabaseError) -> str:
+    """SQLite's name for the error (Python 3.11+), else from its class: an OperationalError (busy, locked,
+    cannot open) is never a reason to replace the file."""
+    name = getattr(error, "sqlite_errorname", None)
+    if name is not None:
+        return name
+    return "SQLITE_BUSY" if isinstance(error, sqlite3.OperationalError) else "SQLITE_CORRUPT"

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
+
 from slapgen.atomic import atomic_write_text
 from slapgen.errors import counted
 from slapgen.lifetime import die_with_parent
@@ -62,15 +64,22 @@ def _probe(video: str | None) -> tuple[VideoProbe, bytes]:
 
 
 def _trained_part(probe: VideoProbe, settings: CurateSettings) -> dict:
-    """What training reads of a readable clip, by the trainer's own frame sampling: its first frames through the
-    last it samples (`trained_frames`; needed, the clip may hold fewer), and how much of that is black or frozen.
-    A clip with a black intro or a still title card is judged on them, not on the minute after that training never
-    reads; and one whose end is black is not flagged for it."""
-    needed = sample_indices(probe.fps, settings.fps, settings.num_frames)[-1] + 1
-    frames = min(needed, probe.frame_count)
-    return {"trained_frames": needed,
-            "trained_black_fraction": round(float(probe.black_frames[:frames].mean()), 4),
-            "trained_frozen_fraction": round(float(probe.frozen_frames[1:frames].mean()), 4) if frames > 1 else 0.0}
+    """What training reads of a readable clip, by the trainer's own frame sampling (trainer/frames.py: the clip
+    decoded at its average rate, frame i at i / fps, then `sample_indices`): how many frames at that rate it needs
+    (`trained_frames`; the clip may hold fewer), the share of the frames it reads that are black, and the share of
+    the pairs of them between which nothing moved (no frame between them that is not frozen). A clip with a black
+    intro or a still title card is judged on them, not on the minute after that training never reads, and one
+    whose end is black is not flagged for it; a variable-frame-rate clip's frames are taken at their own times."""
+    indices = sample_indices(probe.fps, settings.fps, settings.num_frames)
+    instants = np.asarray(indices, np.float64) / probe.fps
+    instants = instants[instants <= probe.frame_times[-1] + 0.5 / probe.fps]  # a clip too short: what it has
+    # the frame shown at each instant: the last that starts by it (resampling to the average rate rounds to the
+    # nearest output frame, hence the half frame)
+    shown = np.searchsorted(probe.frame_times, instants + 0.5 / probe.fps, side="right") - 1
+    moved = np.cumsum(~probe.frozen_frames)  # frames so far that differ from the one before (or are black)
+    return {"trained_frames": indices[-1] + 1,
+            "trained_black_fraction": round(float(probe.black_frames[shown].mean()), 4),
+            "trained_frozen_fraction": round(float(np.mean(np.diff(moved[shown]) == 0)), 4) if len(shown) > 1 else 0.0}
 
 
 def _video_issues(probe: VideoProbe, trained: dict) -> list[str]:

@@ -44,15 +44,17 @@ class VideoProbe:
     hashed_frames: int = 0
     thumbnail: np.ndarray | None = field(default=None, repr=False)
     signature: Signature | None = field(default=None, repr=False)
-    # Per frame: black; frozen with the frame before it (never a black one). Curate judges the frames training reads.
+    # Per frame: black; frozen with the frame before it (never a black one); when it is shown, in seconds from the
+    # first. Curate judges the frames training reads, at the instants it reads them (a variable frame rate's too).
     black_frames: np.ndarray | None = field(default=None, repr=False)
     frozen_frames: np.ndarray | None = field(default=None, repr=False)
+    frame_times: np.ndarray | None = field(default=None, repr=False)
 
     def to_json(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k not in PER_FRAME_OR_PIXELS}
 
 
-PER_FRAME_OR_PIXELS = ("thumbnail", "signature", "black_frames", "frozen_frames")  # not in report.json
+PER_FRAME_OR_PIXELS = ("thumbnail", "signature", "black_frames", "frozen_frames", "frame_times")  # not in report.json
 
 
 def probe_video(path: Path) -> VideoProbe:
@@ -114,15 +116,40 @@ def probe_video(path: Path) -> VideoProbe:
         width=int(source_width),
         height=int(source_height),
         frame_count=count,
-        black_fraction=sum(black) / count,
-        frozen_fraction=sum(frozen) / max(1, count - 1),
+        black_fraction=float(np.mean(black)),
+        frozen_fraction=float(np.sum(frozen) / max(1, count - 1)),
         content_box=signature.box,
         hashed_frames=len(signature.times),
         thumbnail=thumbnail,
         signature=signature,
         black_frames=np.array(black, dtype=bool),
         frozen_frames=np.array(frozen, dtype=bool),
+        frame_times=frame_times(path, count, fps),
     )
+
+
+def frame_times(path: Path, count: int, fps: float) -> np.ndarray:
+    """When each of the clip's `count` frames is shown, in seconds from the first (float64), from the
+    presentation times of its video packets (ffmpeg's `framecrc` of a stream copy: no decoding, about 20 ms).
+    A variable-frame-rate clip's frames are not evenly spaced, so its frame k is not at k / fps. Where the
+    packets do not match the frames decoded (an edit list dropping some, a stream without times), the frames
+    are taken as evenly spaced at `fps`."""
+    import imageio_ffmpeg
+
+    evenly = np.arange(count, dtype=np.float64) / fps
+    done = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-v", "error", "-i", str(path), "-map", "0:v:0",
+                           "-c", "copy", "-f", "framecrc", "-"], capture_output=True, text=True, errors="replace")
+    base = re.search(r"^#tb 0: (\d+)/(\d+)$", done.stdout, re.MULTILINE)
+    if done.returncode != 0 or base is None or int(base[2]) == 0:
+        return evenly
+    try:
+        # "stream, dts, pts, duration, size, crc" per packet, in decoding order
+        stamps = np.sort([int(line.split(",")[2]) for line in done.stdout.splitlines() if line and line[0] != "#"])
+    except (IndexError, ValueError):
+        return evenly
+    if len(stamps) != count or (len(stamps) > 1 and np.any(np.diff(stamps) <= 0)):
+        return evenly
+    return (stamps - stamps[0]) * (int(base[1]) / int(base[2]))
 
 
 @lru_cache(maxsize=1)
