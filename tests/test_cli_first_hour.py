@@ -584,7 +584,8 @@ def test_ctrl_c_or_sigterm_during_training_saves_the_step_it_ended_as_a_checkpoi
         assert start + 3 <= step < 5000 and _logged_steps(run)[-1] == step
         # One piece of advice, the command's (a sweep's run said "--resume latest" above the sweep's "rerun the
         # same command")
-        assert f"interrupted at step {step}, saved as a checkpoint\n" in out and "--resume latest" not in out
+        asked = "stopped by SIGTERM" if signum == signal.SIGTERM else "interrupted"
+        assert f"{asked} at step {step}, saved as a checkpoint\n" in out and "--resume latest" not in out
         return out, err, saved[-1]
 
     out, err, checkpoint = stop_mid_run(signal.SIGTERM, 0)

@@ -412,7 +412,7 @@ def test_pool_runs_one_job_per_gpu_and_its_children_die_with_the_sweep(tmp_path)
     GPU, a third started before a GPU is free, a child without its GPU in CUDA_VISIBLE_DEVICES, children
     that keep training after the sweep is SIGKILLed (a rerun would then race them on the same run folders), and
     a sweep sent SIGTERM (a scheduler's stop) dying at once, its children killed with it mid-step: it passes
-    SIGTERM on and waits for them to save and end."""
+    SIGTERM on and waits for them to save and end, a second SIGTERM meanwhile included."""
     env = offline_env(tmp_path)
     imported = subprocess.run([sys.executable, "-c", "import sys, trainer.sweep.pool; print('torch' in sys.modules)"],
                               cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60)
@@ -463,6 +463,8 @@ def test_pool_runs_one_job_per_gpu_and_its_children_die_with_the_sweep(tmp_path)
         _wait_for(terminated / "j0.started")
         _wait_for(terminated / "j1.started")
         parent.send_signal(signal.SIGTERM)
+        time.sleep(0.2)  # the children are saving (half a second): a second SIGTERM must not end the sweep meanwhile
+        parent.send_signal(signal.SIGTERM)
         output, _ = parent.communicate(timeout=60)
     finally:
         if parent.poll() is None:
@@ -471,6 +473,23 @@ def test_pool_runs_one_job_per_gpu_and_its_children_die_with_the_sweep(tmp_path)
     assert output.strip() == f"stopped by {int(signal.SIGTERM)}"
     assert [(terminated / f"j{i}.stopped").read_text() for i in (0, 1)] == [str(int(signal.SIGTERM))] * 2
     assert not (terminated / "j2.started").exists()
+
+
+def test_a_run_of_the_pool_stopped_by_its_sweep_ends_in_one_line(monkeypatch, capsys):
+    """Guards a pool's run stopped by the sweep's SIGTERM (its checkpoint saved) printing a StopRequested
+    traceback into its sweep.log and exiting 1, read as a failed run: one line, exit 143 (130 for a Ctrl-C)."""
+    from trainer.interrupt import StopRequested
+    from trainer.sweep import execute
+
+    monkeypatch.setattr(execute, "read_definition", lambda out: type("Definition", (), {"run": lambda self, name: name})())
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        def stopped(*args, signum=signum, **kwargs):
+            raise StopRequested(signum)
+
+        monkeypatch.setattr(execute, "execute_run", stopped)
+        assert execute.main(["sweep-folder", "lr-1e-3"]) == 128 + signum
+        assert capsys.readouterr().err == (f"slapgen sweep lr-1e-3: stopped by {signal.Signals(signum).name}; the "
+                                           "sweep's rerun resumes it\n")
 
 
 # --- generation metrics -------------------------------------------------------------------------------

@@ -695,8 +695,10 @@ def main(argv: list[str] | None = None) -> int:
         # training's stop asked by SIGTERM (a scheduler's) exits as SIGTERM would have: 143
         signum = getattr(error, "signum", signal.SIGINT)
         stopped = "stopped by SIGTERM" if signum == signal.SIGTERM else "interrupted"
-        # Above the bar the Ctrl-C left open (a plain print was glued onto the end of its line).
-        tqdm.write(f"slapgen {args.command}: {stopped}; finished work is kept ({how_to_continue(args)})", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under `accelerate launch`, one line, not one per process
+            # Above the bar the Ctrl-C left open (a plain print was glued onto the end of its line).
+            tqdm.write(f"slapgen {args.command}: {stopped}; finished work is kept ({how_to_continue(args)})",
+                       file=sys.stderr)
         return 128 + signum
     except OSError as error:
         if error.errno not in STORAGE_FIXES:

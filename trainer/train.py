@@ -15,6 +15,7 @@ previous one (`checkpoints.read_resumable`).
 
 from __future__ import annotations
 
+import signal
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -363,20 +364,21 @@ def _train(config: TrainConfig, data_path: Path, run_dir: Path, resume: str | No
                 on_step(run.step)
             losses = []
 
-            # Ctrl-C or SIGTERM: this step is the checkpoint, then stop (at the last step the run just ends as usual)
+            due = run.step % config.checkpoint.every_steps == 0 or run.step in (max_steps, stop_at_step)
+            if due:
+                _save_or_close(run, bar)
+            # Ctrl-C or SIGTERM: this step is the checkpoint, then stop (at the last step the run just ends as usual).
+            # Asked after a checkpoint that was due: a signal during its save stops after it, not a step later.
             stop_signal = interrupt.requested_anywhere(accelerator)
             stopping = bool(stop_signal) and run.step < max_steps
-            if run.step % config.checkpoint.every_steps == 0 or run.step in (max_steps, stop_at_step) or stopping:
-                try:
-                    save_checkpoint(run)
-                except TrainError:
-                    bar.close()  # so that the one line saying why starts a line of its own
-                    raise
             if stopping:
+                if not due:
+                    _save_or_close(run, bar)
                 bar.close()
                 accelerator.end_training()
                 if run.main:  # what to type next is the command's to say (a sweep's is not --resume latest)
-                    say(f"interrupted at step {run.step}, saved as a checkpoint")
+                    asked = "stopped by SIGTERM" if stop_signal == signal.SIGTERM else "interrupted"
+                    say(f"{asked} at step {run.step}, saved as a checkpoint")
                 raise StopRequested(stop_signal)
             # And at the last step, as finetrainers' and diffusers' scripts do: the final LoRA's videos are the ones a
             # user looks at first, whatever every_steps divides.
@@ -404,6 +406,14 @@ def _train(config: TrainConfig, data_path: Path, run_dir: Path, resume: str | No
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return final
+
+
+def _save_or_close(run: Run, bar) -> None:
+    try:
+        save_checkpoint(run)
+    except TrainError:
+        bar.close()  # so that the one line saying why starts a line of its own
+        raise
 
 
 def save_checkpoint(run: Run) -> Path:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -154,6 +155,11 @@ def main(argv: list[str] | None = None) -> int:
     except SlapgenError as error:
         print(f"slapgen sweep {args.run}: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as stop:  # asked to stop (the sweep's Ctrl-C or SIGTERM): the checkpoint is saved
+        signum = getattr(stop, "signum", signal.SIGINT)
+        print(f"slapgen sweep {args.run}: stopped by {signal.Signals(signum).name}; the sweep's rerun resumes it",
+              file=sys.stderr)
+        return 128 + signum
     print(json.dumps(result["metrics"]))
     return 0
 

@@ -81,7 +81,10 @@ def run_pool(jobs: list[Job], slots: list[str], on_tick: Callable[[list[str]], N
                 on_tick([job.name for job, _, _ in running.values()])
     finally:
         # Interrupted (Ctrl-C, SIGTERM): each child ends its step and checkpoints it (the SIGTERM of the children
-        # the Ctrl-C reached too changes nothing), then the sweep ends.
+        # the Ctrl-C reached too changes nothing), then the sweep ends. A second SIGTERM is ignored meanwhile, as
+        # training ignores it: this process ending would kill the children mid-step (PR_SET_PDEATHSIG).
+        if previous is not None:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         for job, process, log in running.values():
             process.terminate()
         for job, process, log in running.values():
