@@ -511,8 +511,9 @@ def test_a_rerun_decodes_only_the_clips_that_are_new_or_changed(demo_dataset, tm
 
 def test_a_probe_cache_that_is_damaged_or_of_other_code_is_not_used(demo_dataset, tmp_path, monkeypatch):
     """Guards the cache breaking curate or serving measurements it should not: a file that is no SQLite database
-    is replaced (curate goes on and measures every clip), a row measured by other probe code or another ffmpeg
-    (`measurer`) is a miss, and so is a row for the file as it was before it changed (size, mtime, ctime)."""
+    is replaced (curate goes on and measures every clip), and so is an older layout of the table; one a database
+    tool analysed (sqlite_stat1) is still ours; a row measured by other probe code or another ffmpeg (`measurer`)
+    is a miss, and so is a row for the file as it was before it changed (size, mtime, ctime)."""
     from trainer.curate import probe_cache
     from trainer.curate.probe_cache import FileState, ProbeCache
     from trainer.curate.video_probe import probe_video
@@ -537,8 +538,19 @@ def test_a_probe_cache_that_is_damaged_or_of_other_code_is_not_used(demo_dataset
     assert cache.get(FileState(state.path, state.size + 1, state.mtime_ns, state.ctime_ns)) is None
     assert cache.get(FileState(state.path, state.size, state.mtime_ns, state.ctime_ns + 1)) is None
     cache.close()
+    with sqlite3.connect(tmp_path / "probes.sqlite") as tool:  # a database tool's ANALYZE adds sqlite_stat1
+        tool.execute("ANALYZE")
+    assert ProbeCache(tmp_path).get(state) is not None
     monkeypatch.setattr(probe_cache, "measurer", lambda: "other code")
     assert ProbeCache(tmp_path).get(state) is None
+    older = tmp_path / "older"  # an older slapgen's layout: replaced, then used
+    older.mkdir()
+    with sqlite3.connect(older / "probes.sqlite") as previous:
+        previous.execute("CREATE TABLE probes (path TEXT PRIMARY KEY, size INTEGER)")
+    cache = ProbeCache(older)
+    cache.put(state, probe, b"png")
+    assert cache.get(state) is not None
+    cache.close()
 
 
 def test_a_curate_stopped_halfway_keeps_what_it_measured(demo_dataset, tmp_path, monkeypatch):
@@ -571,7 +583,8 @@ def test_black_and_frozen_are_judged_on_the_frames_training_reads(tmp_path):
     frames 0-16 at 16 fps) read nothing but the black; a clip whose end is black was flagged and left out, though
     training reads only its good start. And a variable-frame-rate clip (a phone's) is judged at the instants
     training reads it: 0.3 s of black at 60 fps, then 10 fps, was "black" by its first frames (18 of them), while
-    training's 9 frames hold 3 black ones. The fractions are checked against counts written out here, and the
+    training's 9 frames hold 3 black ones. A moving clip of 4 fps, each frame of which training reads twice, is not
+    frozen for that (it was half frozen). The fractions are checked against counts written out here, and the
     variable-rate clip's against the frames the trainer's own `load_clip` reads."""
     from trainer.curate.video_probe import BLACK_LUMA
     from trainer.demo_data import FPS, HEIGHT, WIDTH, DemoClip, caption_for, render_frame
@@ -588,6 +601,8 @@ def test_black_and_frozen_are_judged_on_the_frames_training_reads(tmp_path):
                          "still_intro": [still, bout[1:]]}.items():
         write_mp4(np.concatenate(frames), data / f"{name}.mp4", fps=FPS)
         (data / f"{name}.txt").write_text(caption_for(scene))
+    write_mp4(bout[::4], data / "low_rate.mp4", fps=4)  # moving at 4 fps, which training reads at 8: each frame twice
+    (data / "low_rate.txt").write_text(caption_for(scene))
     # Studio-range luma (16 is black): black for 0.3 s, then brightening and dimming; all of the first 0.3 s at
     # 60 fps, then every 6th frame (10 fps).
     _ffmpeg("-f", "lavfi", "-i", "color=c=black:s=64x48:r=60:d=6,format=yuv420p,"
@@ -599,12 +614,14 @@ def test_black_and_frozen_are_judged_on_the_frames_training_reads(tmp_path):
     clips = {clip["video"]: clip for clip in json.loads((out / "report.json").read_text())["clips"]}
     issues = {name: [code for code in clip["issues"] if code != "duplicate"] for name, clip in clips.items()}
     assert issues == {"black_end.mp4": [], "black_intro.mp4": ["black"], "still_intro.mp4": ["frozen"],
-                      "vfr_black_intro.mp4": []}
+                      "vfr_black_intro.mp4": [], "low_rate.mp4": []}
+    assert clips["low_rate.mp4"]["video_info"]["trained_frozen_fraction"] == 0.0
     intro, end, still_info = (clips[f"{name}.mp4"]["video_info"] for name in ("black_intro", "black_end", "still_intro"))
     assert intro["trained_frames"] == end["trained_frames"] == 17  # frames 0..16: 9 frames at 8 of 16 fps
     assert (intro["black_fraction"], intro["trained_black_fraction"]) == (24 / 64, 1.0)
     assert (end["black_fraction"], end["trained_black_fraction"]) == (40 / 64, 0.0)
-    # frozen: pairs of consecutive frames, the still's 23 of the 62 in all (63 frames), 16 of the 16 training reads
+    # frozen: pairs of consecutive frames, the still's 23 of the 62 in all (63 frames); training reads frames 0, 2,
+    # ..., 16 of it, still all: its 8 pairs
     assert (still_info["frozen_fraction"], still_info["trained_frozen_fraction"]) == (pytest.approx(23 / 62), 1.0)
     vfr = clips["vfr_black_intro.mp4"]["video_info"]
     read = load_clip(data / "vfr_black_intro.mp4", num_frames=9, fps=8, height=48, width=64)  # tiny-smoke's
@@ -647,3 +664,19 @@ def test_a_probe_cache_that_cannot_be_used_is_done_without_and_left_alone(demo_d
         assert [name for (name,) in app.execute("SELECT name FROM sqlite_master")] == ["users"]
     with sqlite3.connect(locked / "probes.sqlite") as cache:
         assert cache.execute("SELECT count(*) FROM probes").fetchone() == (2,)  # the holder's change, kept
+
+
+def test_frame_times_are_the_packets_and_evenly_spaced_where_they_cannot_be(tmp_path):
+    """Guards frames judged at the wrong instants: a variable-frame-rate clip's frames at the times its packets
+    say (the 30 fps part, then every 4th frame), and, where the packets do not match the frames decoded (a count
+    that differs, times that do not span the clip), evenly spaced at the average rate rather than times that
+    belong to other frames."""
+    from trainer.curate.video_probe import frame_times
+
+    _ffmpeg("-f", "lavfi", "-i", "testsrc2=size=64x48:rate=30:duration=1.25", "-vf",
+            r"select='lt(n\,20)+not(mod(n\,4))'", "-fps_mode", "vfr", "-c:v", "libx264", str(tmp_path / "vfr.mp4"))
+    shot = [n / 30 for n in range(20)] + [n / 30 for n in range(20, 38, 4)]
+    assert frame_times(tmp_path / "vfr.mp4", 25, 20.0) == pytest.approx(shot, abs=1e-6)
+    assert frame_times(tmp_path / "vfr.mp4", 26, 20.0) == pytest.approx([k / 20 for k in range(26)])
+    # times that do not span the length the average rate gives (1.2 s against 24 / 5 = 4.8 s: another stream's)
+    assert frame_times(tmp_path / "vfr.mp4", 25, 5.0) == pytest.approx([k / 5 for k in range(25)])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import resource
 import signal
 import subprocess
@@ -136,34 +135,6 @@ def test_which_signals_ask_training_to_stop():
     finally:
         for signum, handler in before.items():
             signal.signal(signum, handler)
-
-
-def test_a_sigterm_during_a_checkpoints_save_stops_after_it(tiny_cache_dir, demo_dataset, tmp_path, monkeypatch,
-                                                            capsys):
-    """Guards a stop asked for while a due checkpoint was being saved costing one more step and checkpoint (the
-    stop was checked before the save): doubling the grace a scheduler must give, and the videos of a validation
-    due at that step never made, since the resume started a step later. The SIGTERM is sent from inside the save
-    of step 3 (checkpoints every 3 steps); the run stops there, exit 143, with that checkpoint alone."""
-    from tests.test_cli_first_hour import _logged_steps, _train_args
-    from trainer import train
-    from trainer.cli import main as cli_main
-
-    save = train.save_checkpoint
-
-    def save_and_be_told_to_stop(run):
-        path = save(run)
-        if run.step == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return path
-
-    monkeypatch.setattr(train, "save_checkpoint", save_and_be_told_to_stop)
-    run = tmp_path / "run"
-    args = _train_args(tiny_cache_dir, demo_dataset, run, "train.max_train_steps=50", "checkpoint.every_steps=3",
-                       "logging.every_steps=1")
-    assert cli_main(args) == 128 + signal.SIGTERM
-    assert sorted(path.name for path in (run / "checkpoints").iterdir()) == ["checkpoint-000003"]
-    assert _logged_steps(run)[-1] == 3
-    assert "stopped by SIGTERM at step 3, saved as a checkpoint" in capsys.readouterr().out
 
 
 def test_a_video_that_could_not_be_written_whole_is_not_published(tmp_path):

@@ -10,7 +10,6 @@ import argparse
 import json
 import errno
 import os
-import signal
 import sys
 from pathlib import Path
 
@@ -692,12 +691,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as error:
         from tqdm import tqdm
 
-        # training's stop asked by SIGTERM (a scheduler's) exits as SIGTERM would have: 143
-        signum = getattr(error, "signum", signal.SIGINT)
-        stopped = "stopped by SIGTERM" if signum == signal.SIGTERM else "interrupted"
+        from trainer.interrupt import stop_signal, stopped_by
+
+        signum = stop_signal(error)  # training's stop asked by SIGTERM (a scheduler's) exits 143, as SIGTERM would
         if os.environ.get("RANK", "0") == "0":  # under `accelerate launch`, one line, not one per process
             # Above the bar the Ctrl-C left open (a plain print was glued onto the end of its line).
-            tqdm.write(f"slapgen {args.command}: {stopped}; finished work is kept ({how_to_continue(args)})",
+            tqdm.write(f"slapgen {args.command}: {stopped_by(signum)}; finished work is kept ({how_to_continue(args)})",
                        file=sys.stderr)
         return 128 + signum
     except OSError as error:

@@ -11,6 +11,8 @@ ends. Every process of a launch asks the others (`requested_anywhere`), so all t
 same step and save the checkpoint together; the command then exits 128 + the signal, as the signal would have.
 Under `accelerate launch` with one process the launcher sends SIGTERM on Ctrl-C and SIGKILL 5 s later; with
 several (torchrun) it passes the Ctrl-C on and kills them 30 s later: a long step and its checkpoint may not fit.
+torchrun also sends SIGTERM to the other processes when one fails: they then wait in the step's next collective
+operation for the one that is gone until torchrun kills them (30 s), so the failure is reported that much later.
 """
 
 from __future__ import annotations
@@ -34,6 +36,24 @@ class StopRequested(KeyboardInterrupt):
         self.signum = signum
 
 
+def stop_signal(stop: KeyboardInterrupt) -> int:
+    """The signal that stopped a command: a `StopRequested`'s, else SIGINT (a plain Ctrl-C). The command exits
+    128 + it, as a process that signal ended would."""
+    return getattr(stop, "signum", signal.SIGINT)
+
+
+def stopped_by(signum: int) -> str:
+    """How a stop is said: "interrupted" for a Ctrl-C, "stopped by SIGTERM" for a scheduler's."""
+    return "stopped by SIGTERM" if signum == signal.SIGTERM else "interrupted"
+
+
+def sigterm_is_ours() -> bool:
+    """Whether this process may take SIGTERM over: in the main thread (signal handlers belong to it), and at its
+    default, where it would end the process; a host's own handler (a Ray worker's: it ends the worker, and Ray
+    runs the sweep cell again) stays."""
+    return threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
 class StopOnInterrupt:
     def __init__(self):
         self.signal: int | None = None  # the first signal that asked this process to stop
@@ -46,14 +66,11 @@ class StopOnInterrupt:
     def __enter__(self) -> "StopOnInterrupt":
         # Signal handlers belong to the main thread; elsewhere (a thread of a test) the signals stay as they were.
         # An ignored SIGINT stays ignored: a shell starts a background job so (`cmd &`), and a Ctrl-C meant for the
-        # foreground stopped the job's training, though not its encoding (a walk-through's find). SIGTERM is taken
-        # only at its default, where it would end the process: a host's own handler (a Ray worker's: it ends
-        # the worker, and Ray runs the sweep cell again) stays.
-        if threading.current_thread() is threading.main_thread():
-            if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
-                self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._on_signal)
-            if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-                self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._on_signal)
+        # foreground stopped the job's training, though not its encoding (a walk-through's find).
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+            self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._on_signal)
+        if sigterm_is_ours():
+            self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._on_signal)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -80,3 +97,4 @@ class StopOnInterrupt:
 
         flag = torch.tensor([float(self.signal or 0)], device=accelerator.device)
         return int(accelerator.gather(flag).max().item())
+_STOP_FLAGS: dict = {}  # device -> the flag tensor requested_anywhere reduces (kept: see there)

@@ -15,7 +15,6 @@ previous one (`checkpoints.read_resumable`).
 
 from __future__ import annotations
 
-import signal
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -38,7 +37,7 @@ from trainer.config import TrainConfig, check_clip_shape, check_preset_family
 from trainer.datasets import read_training_clips
 from trainer.errors import TrainConfigError, TrainError
 from trainer.folder_lock import FolderLock
-from trainer.interrupt import StopOnInterrupt, StopRequested
+from trainer.interrupt import StopOnInterrupt, StopRequested, stopped_by
 from trainer.latent_cache import CacheEntry, LatentCache
 from trainer.lora import LORA_FILENAME, add_lora, lora_state_dict, save_lora, set_lora_state
 from trainer.metrics import MetricsLog, peak_memory_mb, truncate_after
@@ -364,22 +363,20 @@ def _train(config: TrainConfig, data_path: Path, run_dir: Path, resume: str | No
                 on_step(run.step)
             losses = []
 
-            due = run.step % config.checkpoint.every_steps == 0 or run.step in (max_steps, stop_at_step)
-            if due:
-                _save_or_close(run, bar)
             # Ctrl-C or SIGTERM: this step is the checkpoint, then stop (at the last step the run just ends as usual).
-            # Asked after a checkpoint that was due: a signal during its save stops after it, not a step later.
-            stop_signal = interrupt.requested_anywhere(accelerator)
-            stopping = bool(stop_signal) and run.step < max_steps
+            # Asked before the checkpoint that is due, so a signal during its save (or a validation) stops a step
+            # later: asked after them, the all-gather came just before the step's closing barrier, and two-process
+            # runs hung in gloo's teardown at the end of training (4 of 18 here; this order, 0 of 16).
+            signum = interrupt.requested_anywhere(accelerator)
+            stopping = bool(signum) and run.step < max_steps
+            if run.step % config.checkpoint.every_steps == 0 or run.step in (max_steps, stop_at_step) or stopping:
+                _save_or_close(run, bar)
             if stopping:
-                if not due:
-                    _save_or_close(run, bar)
                 bar.close()
                 accelerator.end_training()
                 if run.main:  # what to type next is the command's to say (a sweep's is not --resume latest)
-                    asked = "stopped by SIGTERM" if stop_signal == signal.SIGTERM else "interrupted"
-                    say(f"{asked} at step {run.step}, saved as a checkpoint")
-                raise StopRequested(stop_signal)
+                    say(f"{stopped_by(signum)} at step {run.step}, saved as a checkpoint")
+                raise StopRequested(signum)
             # And at the last step, as finetrainers' and diffusers' scripts do: the final LoRA's videos are the ones a
             # user looks at first, whatever every_steps divides.
             # (not after a Ctrl-C at the last step: a stop was asked for, and validation takes minutes on a GPU)

@@ -35,13 +35,17 @@ SCHEMA = """CREATE TABLE IF NOT EXISTS probes (
     info TEXT NOT NULL, times BLOB NOT NULL, hashes BLOB NOT NULL, thumbnail BLOB NOT NULL, black BLOB NOT NULL,
     frozen BLOB NOT NULL, frame_times BLOB NOT NULL)"""
 COLUMNS = "path, size, mtime_ns, ctime_ns, measurer, info, times, hashes, thumbnail, black, frozen, frame_times"
-# What makes a file not a usable cache, and replaced: damaged, or a layout this code does not read (an older
-# slapgen's: SQLITE_ERROR, "no such column"). Any other failure (busy, locked, cannot open, read-only) leaves it.
-REPLACEABLE = {"SQLITE_NOTADB", "SQLITE_CORRUPT", "SQLITE_ERROR"}
+# What makes a file not a usable cache, and replaced: damaged. Any other failure (busy, locked, cannot open,
+# read-only) leaves it.
+DAMAGED = {"SQLITE_NOTADB", "SQLITE_CORRUPT"}
 
 
 class ForeignDatabase(Exception):
     """probes.sqlite holds tables other than ours: another program's database (a link to it), never touched."""
+
+
+class OlderLayout(Exception):
+    """probes.sqlite is our table with other columns: an older slapgen's cache, replaced."""
 
 
 @dataclass(frozen=True)
@@ -64,7 +68,7 @@ class FileState:
 
 
 def measurer() -> str:
-    """What decided the measurements: the probe's and the fingerprint's code, and the ffmpeg that decoded."""
+    """What decided the measurements: the probe's and the fingerprint's code, imageio-ffmpeg and ffmpeg."""
     import imageio_ffmpeg
 
     from trainer.curate import fingerprint, video_probe
@@ -72,48 +76,53 @@ def measurer() -> str:
     digest = hashlib.sha256()
     for module in (video_probe, fingerprint):
         digest.update(Path(module.__file__).read_bytes())
-    digest.update(imageio_ffmpeg.get_ffmpeg_version().encode())
+    # imageio-ffmpeg reads the header (fps, duration, sizes), ffmpeg decodes
+    digest.update(f"{imageio_ffmpeg.__version__} {imageio_ffmpeg.get_ffmpeg_version()}".encode())
     return digest.hexdigest()[:16]
 
 
 class ProbeCache:
     def __init__(self, folder: Path):
         self.path = Path(folder) / CACHE_NAME
-        self.measurer = measurer()
         self.hits = 0
+        self.measurer = ""
         self._connection: sqlite3.Connection | None = None
+        self._damaged = False  # found so in use: removed at the end, so that the next run starts afresh
         try:
+            self.measurer = measurer()
             self._connection = self._connect()
-        except sqlite3.DatabaseError as error:
-            if _error_name(error) in REPLACEABLE:  # damaged, or an older layout: start afresh
+        except (sqlite3.DatabaseError, OlderLayout) as error:
+            if isinstance(error, OlderLayout) or _error_name(error) in DAMAGED:  # start afresh
                 try:
                     self.path.unlink()
                     self._connection = self._connect()
-                except (sqlite3.DatabaseError, ForeignDatabase, OSError):
+                except (sqlite3.DatabaseError, ForeignDatabase, OlderLayout, OSError):
                     pass
         except (ForeignDatabase, OSError):
             pass  # none: every clip is decoded
 
     def _connect(self) -> sqlite3.Connection:
-        # A short wait: another curate into this folder holds the file for one row at a time.
+        # A short wait: another curate into this folder holds the file for one row at a time. Every commit is
+        # synced (the default): a cache left damaged by a power cut would cost every later run its rows.
         connection = sqlite3.connect(self.path, timeout=5)
         try:
             tables = {name for (name,) in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-            if tables - {"probes"}:
+            if {name for name in tables if not name.startswith("sqlite_")} - {"probes"}:  # sqlite_stat1: ANALYZE's
                 raise ForeignDatabase(self.path)
-            # A cache: a row lost to a power cut is decoded again, so no fsync per row.
-            connection.execute("PRAGMA synchronous=OFF")
             connection.execute(SCHEMA)
-            connection.execute(f"SELECT {COLUMNS} FROM probes LIMIT 1")  # an older layout: SQLITE_ERROR
+            if [row[1] for row in connection.execute("PRAGMA table_info(probes)")] != COLUMNS.split(", "):
+                raise OlderLayout(self.path)
             connection.commit()
         except BaseException:
             connection.close()
             raise
         return connection
 
-    def _give_up(self) -> None:
-        """Stop using the cache for the rest of this run (locked by another program, the disk full): each write
-        would wait on it in vain."""
+    def _give_up(self, error: sqlite3.DatabaseError | None = None) -> None:
+        """Stop using the cache for the rest of this run (locked by another program, the disk full, damaged): each
+        use would wait on it or fail in vain."""
+        if error is not None and _error_name(error) in DAMAGED:
+            self._damaged = True
         if self._connection is not None:
             self._connection.close()
             self._connection = None
@@ -140,7 +149,10 @@ class ProbeCache:
                                            for bits in (black, frozen))
             probe = VideoProbe(**fields, signature=signature, black_frames=black_frames, frozen_frames=frozen_frames,
                                frame_times=np.frombuffer(frame_times, np.float64).copy())
-        except (sqlite3.DatabaseError, ValueError, TypeError, KeyError):  # a damaged row: decode the clip again
+        except sqlite3.DatabaseError as error:  # locked by another program meanwhile, or damaged
+            self._give_up(error)
+            return None
+        except (ValueError, TypeError, KeyError):  # a row cut short or garbled: decode the clip again
             return None
         self.hits += 1
         return probe, bytes(thumbnail)
@@ -158,8 +170,8 @@ class ProbeCache:
                  np.packbits(probe.black_frames).tobytes(), np.packbits(probe.frozen_frames).tobytes(),
                  np.ascontiguousarray(probe.frame_times, np.float64).tobytes()))
             self._connection.commit()
-        except sqlite3.DatabaseError:  # a full disk, a file locked by another program: no more writes this run
-            self._give_up()
+        except sqlite3.DatabaseError as error:  # a full disk, a file locked by another program: no more this run
+            self._give_up(error)
 
     def keep_only(self, states: list[FileState]) -> None:
         """Forget the files this dataset no longer holds, so the cache stays the size of the dataset."""
@@ -172,16 +184,18 @@ class ProbeCache:
             self._connection.execute("DELETE FROM probes WHERE path NOT IN (SELECT path FROM current) OR measurer != ?",
                                      (self.measurer,))
             self._connection.commit()
-        except sqlite3.DatabaseError:
-            self._give_up()
+        except sqlite3.DatabaseError as error:
+            self._give_up(error)
 
     def close(self) -> None:
         self._give_up()
+        if self._damaged:
+            self.path.unlink(missing_ok=True)
 
 
 def _error_name(error: sqlite3.DatabaseError) -> str:
-    """SQLite's name for the error (Python 3.11+), else from its class: an OperationalError (busy, locked,
-    cannot open) is never a reason to replace the file."""
+    """SQLite's name for the error (Python 3.11+), else from its class (3.10): an OperationalError (busy,
+    locked, cannot open) is never a reason to replace the file."""
     name = getattr(error, "sqlite_errorname", None)
     if name is not None:
         return name

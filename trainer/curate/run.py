@@ -69,7 +69,10 @@ def _trained_part(probe: VideoProbe, settings: CurateSettings) -> dict:
     (`trained_frames`; the clip may hold fewer), the share of the frames it reads that are black, and the share of
     the pairs of them between which nothing moved (no frame between them that is not frozen). A clip with a black
     intro or a still title card is judged on them, not on the minute after that training never reads, and one
-    whose end is black is not flagged for it; a variable-frame-rate clip's frames are taken at their own times."""
+    whose end is black is not flagged for it; a variable-frame-rate clip's frames are taken at their own times.
+    A frame read twice (a clip of fewer frames per second than training reads) is a pair that moved or not as the
+    clip does: frozen only where that frame is held longer than the clip's frames are (1.5 frames at its average
+    rate: a phone's pause), not because the clip's rate is low (a moving 12 fps clip read at 24 was half frozen)."""
     indices = sample_indices(probe.fps, settings.fps, settings.num_frames)
     instants = np.asarray(indices, np.float64) / probe.fps
     instants = instants[instants <= probe.frame_times[-1] + 0.5 / probe.fps]  # a clip too short: what it has
@@ -77,9 +80,13 @@ def _trained_part(probe: VideoProbe, settings: CurateSettings) -> dict:
     # nearest output frame, hence the half frame)
     shown = np.searchsorted(probe.frame_times, instants + 0.5 / probe.fps, side="right") - 1
     moved = np.cumsum(~probe.frozen_frames)  # frames so far that differ from the one before (or are black)
+    still = np.diff(moved[shown]) == 0
+    shown_for = np.diff(probe.frame_times, append=probe.frame_times[-1] + 1 / probe.fps)  # the last: a frame's
+    held = shown_for[shown[1:]] > 1.5 / probe.fps
+    judged = (np.diff(shown) > 0) | held  # a frame read twice counts only where the clip holds it
     return {"trained_frames": indices[-1] + 1,
             "trained_black_fraction": round(float(probe.black_frames[shown].mean()), 4),
-            "trained_frozen_fraction": round(float(np.mean(np.diff(moved[shown]) == 0)), 4) if len(shown) > 1 else 0.0}
+            "trained_frozen_fraction": round(float(still[judged].mean()), 4) if judged.any() else 0.0}
 
 
 def _video_issues(probe: VideoProbe, trained: dict) -> list[str]:

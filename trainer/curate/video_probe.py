@@ -128,11 +128,15 @@ def probe_video(path: Path) -> VideoProbe:
     )
 
 
+NO_TIME = -(2**63)  # how framecrc writes a packet's missing time
+
+
 def frame_times(path: Path, count: int, fps: float) -> np.ndarray:
     """When each of the clip's `count` frames is shown, in seconds from the first (float64), from the
     presentation times of its video packets (ffmpeg's `framecrc` of a stream copy: no decoding, about 20 ms).
     A variable-frame-rate clip's frames are not evenly spaced, so its frame k is not at k / fps. Where the
-    packets do not match the frames decoded (an edit list dropping some, a stream without times), the frames
+    packets do not match the frames decoded (an edit list dropping some, another stream than the one decoded,
+    packets without times, times that wrap or do not span the clip's length at its average rate), the frames
     are taken as evenly spaced at `fps`."""
     import imageio_ffmpeg
 
@@ -147,9 +151,12 @@ def frame_times(path: Path, count: int, fps: float) -> np.ndarray:
         stamps = np.sort([int(line.split(",")[2]) for line in done.stdout.splitlines() if line and line[0] != "#"])
     except (IndexError, ValueError):
         return evenly
-    if len(stamps) != count or (len(stamps) > 1 and np.any(np.diff(stamps) <= 0)):
+    if len(stamps) != count or stamps[0] == NO_TIME or (len(stamps) > 1 and np.any(np.diff(stamps) <= 0)):
         return evenly
-    return (stamps - stamps[0]) * (int(base[1]) / int(base[2]))
+    times = (stamps - stamps[0]) * (int(base[1]) / int(base[2]))
+    if abs(times[-1] - evenly[-1]) > max(1 / fps, 0.1 * evenly[-1]):
+        return evenly
+    return times
 
 
 @lru_cache(maxsize=1)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
 import time
 from collections.abc import Callable
@@ -31,6 +30,7 @@ from slapgen.atomic import atomic_write_text
 from slapgen.errors import SlapgenError
 from slapgen.models.lora_format import WEIGHTS_FILE as LORA_FILENAME  # not trainer.lora: peft, 2.6 s to import
 from trainer import checkpoints
+from trainer.interrupt import stop_signal, stopped_by
 from trainer.metrics import truncate_after
 from trainer.run_folder import METRICS_FILE
 from trainer.sweep.candidates import score_run
@@ -155,10 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     except SlapgenError as error:
         print(f"slapgen sweep {args.run}: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as stop:  # asked to stop (the sweep's Ctrl-C or SIGTERM): the checkpoint is saved
-        signum = getattr(stop, "signum", signal.SIGINT)
-        print(f"slapgen sweep {args.run}: stopped by {signal.Signals(signum).name}; the sweep's rerun resumes it",
-              file=sys.stderr)
+    except KeyboardInterrupt as stop:  # the sweep's Ctrl-C or SIGTERM (training saved its step, if it was training)
+        signum = stop_signal(stop)
+        print(f"slapgen sweep {args.run}: {stopped_by(signum)}; the sweep's rerun resumes it", file=sys.stderr)
         return 128 + signum
     print(json.dumps(result["metrics"]))
     return 0

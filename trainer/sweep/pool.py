@@ -13,14 +13,13 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from slapgen.lifetime import parent_death_call
-from trainer.interrupt import StopRequested
+from trainer.interrupt import StopRequested, sigterm_is_ours
 
 
 @dataclass(frozen=True)
@@ -56,9 +55,7 @@ def run_pool(jobs: list[Job], slots: list[str], on_tick: Callable[[list[str]], N
     running: dict[str, tuple[Job, subprocess.Popen, object]] = {}
     codes: dict[str, int] = {}
     hook = _die_with_parent_hook()
-    previous = None
-    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-        previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    previous = signal.signal(signal.SIGTERM, _stop_on_sigterm) if sigterm_is_ours() else None
     try:
         while waiting or running:
             for slot in slots:
@@ -85,13 +82,15 @@ def run_pool(jobs: list[Job], slots: list[str], on_tick: Callable[[list[str]], N
         # training ignores it: this process ending would kill the children mid-step (PR_SET_PDEATHSIG).
         if previous is not None:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        for job, process, log in running.values():
-            process.terminate()
-        for job, process, log in running.values():
-            process.wait()
-            log.close()
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        try:
+            for job, process, log in running.values():
+                process.terminate()
+            for job, process, log in running.values():
+                process.wait()
+                log.close()
+        finally:  # a Ctrl-C while waiting: the children die with this process
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
     return codes
 
 
