@@ -215,13 +215,16 @@ class SlapGen:
     def _told_to_stop(self) -> None:
         held = self.generator.generations_held
         if not held:  # "finishes the 0 generation(s) it holds" (a walk-through's find)
-            print(f"slapgen: told to stop: worker {os.getpid()} holds no generation and exits", file=sys.stderr,
-                  flush=True)
+            line = f"slapgen: told to stop: worker {os.getpid()} holds no generation and exits"
         else:
             killed = (f"; what is unfinished in {settings.stop_grace_s} s fails then (SLAP_STOP_GRACE_S)"
                       if settings.stop_grace_s is not None else "")
-            print(f"slapgen: told to stop: worker {os.getpid()} finishes the {held} generation(s) it holds (running, "
-                  f"waiting and submitted jobs), takes no new one, then exits{killed}", file=sys.stderr, flush=True)
+            line = (f"slapgen: told to stop: worker {os.getpid()} finishes the {held} generation(s) it holds (running, "
+                    f"waiting and submitted jobs), takes no new one, then exits{killed}")
+        # One write, line and newline together: this runs in a thread of its own, and print's two writes let an
+        # access-log line from another thread in between (the line ran into it, with no newline: a CI run's log).
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
         if settings.stop_grace_s is not None:
             job_board.stopping(settings.stop_grace_s)
 

@@ -97,4 +97,3 @@ class StopOnInterrupt:
 
         flag = torch.tensor([float(self.signal or 0)], device=accelerator.device)
         return int(accelerator.gather(flag).max().item())
-_STOP_FLAGS: dict = {}  # device -> the flag tensor requested_anywhere reduces (kept: see there)

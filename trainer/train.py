@@ -370,7 +370,11 @@ def _train(config: TrainConfig, data_path: Path, run_dir: Path, resume: str | No
             signum = interrupt.requested_anywhere(accelerator)
             stopping = bool(signum) and run.step < max_steps
             if run.step % config.checkpoint.every_steps == 0 or run.step in (max_steps, stop_at_step) or stopping:
-                _save_or_close(run, bar)
+                try:
+                    save_checkpoint(run)
+                except TrainError:
+                    bar.close()  # so that the one line saying why starts a line of its own
+                    raise
             if stopping:
                 bar.close()
                 accelerator.end_training()
@@ -403,14 +407,6 @@ def _train(config: TrainConfig, data_path: Path, run_dir: Path, resume: str | No
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return final
-
-
-def _save_or_close(run: Run, bar) -> None:
-    try:
-        save_checkpoint(run)
-    except TrainError:
-        bar.close()  # so that the one line saying why starts a line of its own
-        raise
 
 
 def save_checkpoint(run: Run) -> Path:
