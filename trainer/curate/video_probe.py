@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 import subprocess
 from functools import lru_cache
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +51,8 @@ class VideoProbe:
     frame_times: np.ndarray | None = field(default=None, repr=False)
 
     def to_json(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k not in PER_FRAME_OR_PIXELS}
+        # not asdict: it deep-copies every field first, per-frame arrays and the fingerprint included
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in PER_FRAME_OR_PIXELS}
 
 
 PER_FRAME_OR_PIXELS = ("thumbnail", "signature", "black_frames", "frozen_frames", "frame_times")  # not in report.json
