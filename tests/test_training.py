@@ -709,6 +709,33 @@ def test_validation_videos_a_stop_cut_short_are_made_on_resume(tiny_cache_dir, d
     assert "were not made" not in capsys.readouterr().out  # made once
 
 
+@pytest.mark.parametrize("preset", ["tiny-smoke", "ticft"])
+def test_validation_ends_after_the_denoising_step_in_which_a_stop_is_asked(preset, tiny_cache_dir, demo_dataset,
+                                                                           tmp_path):
+    """Guards validation ignoring a stop asked for meanwhile (its videos take minutes on a real model, past a
+    scheduler's grace), and a TIC-FT run's step callback (the condition's re-injection) replacing the one that
+    checks: asked at its third poll (before the first video, then after each denoising step), the validation ends
+    there, writes nothing and leaves the transformer in training mode; never asked, it writes every video."""
+    extra = ("ticft.layout=c1b1t1", "data.num_frames=9", "train.mixed_precision=\"no\"") if preset == "ticft" else ()
+    config = load_config(preset, preset_overrides(tiny_cache_dir, "validation.prompts=[a slap, a stagger]",
+                                                  "validation.num_inference_steps=5", *extra))
+    run = setup(config, demo_dataset, tmp_path / "run", resume=None, progress=False, existing=set())
+    assert (run.validator.ticft is not None) == (preset == "ticft")
+    transformer = run.accelerator.unwrap_model(run.transformer)
+    transformer.train()
+    polls = []
+
+    def stop_at_third_poll() -> bool:
+        polls.append(len(polls) + 1)
+        return len(polls) >= 3
+
+    assert run.validator.run(transformer, 1, stop_asked=stop_at_third_poll) == []
+    assert polls == [1, 2, 3] and transformer.training
+    assert not (tmp_path / "run" / "validation" / "step-000001").exists()
+    made = run.validator.run(transformer, 1)
+    assert [path.name for path in made] == ["prompt-00.mp4", "prompt-01.mp4"] and transformer.training
+
+
 def test_a_fresh_runs_own_cache_of_many_clips_says_how_runs_share_one(tiny_cache_dir, demo_dataset, tmp_path, capsys,
                                                                        monkeypatch):
     """Guards every new --out encoding a large dataset again without a word (a walk-through's 2,500 clips: 20 minutes

@@ -9,6 +9,8 @@ back, `accelerate launch` passing on a Ctrl-C), and it killed the run at once, l
 checkpoint. A SIGTERM after a stop was asked changes nothing: whoever sent it kills the process when its grace
 ends. Every process of a launch asks the others (`requested_anywhere`), so all that were asked stop after the
 same step and save the checkpoint together; the command then exits 128 + the signal, as the signal would have.
+A stop asked for during validation (main process only) ends it after the denoising step under way
+(`Validator.run`'s `stop_asked`); the others learn of it after the next step, which is the checkpoint.
 Under `accelerate launch` with one process the launcher sends SIGTERM on Ctrl-C and SIGKILL 5 s later; with
 several (torchrun) it passes the Ctrl-C on and kills them 30 s later: a long step and its checkpoint may not fit.
 torchrun also sends SIGTERM to the other processes when one fails: they then wait in the step's next collective
