@@ -60,6 +60,9 @@ TRANSFORMS = {
     "letterbox": ("-vf {pad}", None),
     "slow (0.5x)": ("-vf setpts=2.0*PTS -r 16", None),
     "replay: mirror+slow+letterbox+trim (1/2)": ("-ss {start} -t {length} -vf hflip,setpts=2.0*PTS,{pad} -r 16", 1 / 2),
+    # a phone's variable frame rate: every 3rd frame from 1.5 to 4 s (low light), every frame around it
+    "variable rate (1/3 of the frames, 1.5-4 s)": (r"-vf select='lt(t\,1.5)+gte(t\,4)+not(mod(n\,3))' -fps_mode vfr",
+                                                    None),
 }
 PADS = ("pad=224:176:0:16:black", "pad=288:144:32:0:black")  # letterbox (bars above/below), pillarbox
 
@@ -175,9 +178,9 @@ def _filler_signature(seed: int, venues: bool = False):
     from trainer.curate.fingerprint import SAMPLE_RATE, FrameSampler, footage_signature
 
     frames = bout_frames(draw_bout(random.Random(seed), venues), SAMPLE_RATE)
-    sampler = FrameSampler(SAMPLE_RATE)
+    sampler = FrameSampler()
     for index, frame in enumerate(frames):
-        sampler.offer(index, frame @ np.array([0.299, 0.587, 0.114], dtype=np.float32))
+        sampler.offer(index / SAMPLE_RATE, frame @ np.array([0.299, 0.587, 0.114], dtype=np.float32))
     return footage_signature(sampler)
 
 

@@ -249,6 +249,9 @@ def relatives(tmp_path_factory):
     _ffmpeg("-ss", "0.75", "-t", "1.25", "-i", source, str(data / "x_subspan.mp4"))
     _ffmpeg("-i", source, "-vf", "hflip,pad=224:192:0:24:black", str(data / "x_mirrored_letterboxed.mp4"))
     _ffmpeg("-i", source, "-vf", "setpts=2.0*PTS", "-r", "16", str(data / "x_slowed.mp4"))
+    # a phone's variable frame rate: every 4th frame from 0.5 to 2.2 s (low light), every frame around it
+    _ffmpeg("-i", source, "-vf", r"select='lt(t\,0.5)+gte(t\,2.2)+not(mod(n\,4))'", "-fps_mode", "vfr",
+            str(data / "x_variable_rate.mp4"))
     for video in data.glob("*.mp4"):
         video.with_suffix(".txt").write_text(caption_for(scene))
     out = tmp_path_factory.mktemp("relatives-out")
@@ -260,7 +263,9 @@ def test_reused_footage_is_flagged_with_its_relation_and_span(relatives):
     """Guards duplicates that survive trimming, mirroring, letterboxing and slow motion going
     unflagged (the old whole-clip hash missed all three), and the relation in the report saying the
     wrong thing: kind, mirroring, speed, and which seconds of the original the copy repeats (the
-    sub-span was cut at 0.75 s for 1.25 s; spans are hashed at 8 per second, so within 1/8 s)."""
+    sub-span was cut at 0.75 s for 1.25 s; spans are hashed at 8 per second, so within 1/8 s). And a copy at a
+    variable frame rate (frames dropped mid-clip, as a phone does in low light) missed: its frames were timed by
+    index at its average rate."""
     subspan = relatives["x_subspan.mp4"]["duplicate"]
     assert (subspan["of"], subspan["kind"], subspan["mirrored"], subspan["speed"]) == ("clip_000.mp4", "sub-span", False, 1.0)
     start, end = subspan["span_in_original_s"]
@@ -273,7 +278,11 @@ def test_reused_footage_is_flagged_with_its_relation_and_span(relatives):
     slowed = relatives["x_slowed.mp4"]["duplicate"]
     assert (slowed["kind"], slowed["mirrored"], slowed["speed"]) == ("same footage", False, 0.5)
     assert "slowed 2x" in slowed["summary"]
-    for name in ("x_subspan.mp4", "x_mirrored_letterboxed.mp4", "x_slowed.mp4"):
+    # Timed by its packets (by index at its average rate, its end drifted 0.7 s early and it matched nothing)
+    variable = relatives["x_variable_rate.mp4"]["duplicate"]
+    assert (variable["kind"], variable["mirrored"], variable["speed"]) == ("same footage", False, 1.0)
+    assert variable["span_in_original_s"] == pytest.approx(variable["span_in_clip_s"], abs=0.13)
+    for name in ("x_subspan.mp4", "x_mirrored_letterboxed.mp4", "x_slowed.mp4", "x_variable_rate.mp4"):
         assert relatives[name]["issues"][0] == "duplicate" and relatives[name]["duplicate_of"] == "clip_000.mp4"
     # ffmpeg slows by showing each frame twice: half its frame pairs are frozen. Training reads every other
     # frame of it (8 of 16 fps), each a new picture: not `frozen` for training.

@@ -244,9 +244,9 @@ def test_a_short_demo_clip_and_its_noisy_copy_alone_are_related_at_speed_one(see
     noisy = np.clip(frames + np.random.default_rng(seed).normal(0, 0.01, frames.shape), 0, 1).astype(np.float32)
 
     def fingerprint(video: np.ndarray) -> Signature:
-        sampler = FrameSampler(FPS)
+        sampler = FrameSampler()
         for index, frame in enumerate(video):
-            sampler.offer(index, frame @ np.array([0.299, 0.587, 0.114], np.float32))
+            sampler.offer(index / FPS, frame @ np.array([0.299, 0.587, 0.114], np.float32))
         return footage_signature(sampler)
 
     pair = [fingerprint(frames), fingerprint(noisy)]

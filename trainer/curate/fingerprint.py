@@ -47,16 +47,15 @@ class Signature:
 class FrameSampler:
     """Keeps every frame that starts a new 1/SAMPLE_RATE interval, as uint8, up to MAX_SAMPLES."""
 
-    def __init__(self, fps: float):
-        self.fps = fps
+    def __init__(self):
         self.interval = 1.0 / SAMPLE_RATE
         self.next_time = 0.0
         self.times: list[float] = []
         self.frames: list[np.ndarray] = []
 
-    def offer(self, index: int, gray: np.ndarray) -> None:
-        """`gray`: the frame's luma in [0, 1]; `index`: its position in the clip."""
-        time = index / self.fps
+    def offer(self, time: float, gray: np.ndarray) -> None:
+        """`gray`: the frame's luma in [0, 1]; `time`: when it is shown, in seconds from the clip's first frame
+        (frames offered in order)."""
         if time + 1e-6 < self.next_time:
             return
         self.times.append(time)

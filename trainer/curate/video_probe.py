@@ -82,7 +82,13 @@ def probe_video(path: Path) -> VideoProbe:
         # reported is the one they are shown (and trained) at
         source_width, source_height = source_height, source_width
     middle = int(float(meta.get("duration") or 0) * fps / 2)
-    sampler = FrameSampler(fps)
+    # The fingerprint samples frames by when they are shown: by index at the average rate, and, for a clip whose
+    # packets say its frames are unevenly spaced (a phone dropping frames in low light), by those times too; which
+    # one holds is known once the frames are counted (`times_of_frames`). By index alone, such a clip and its
+    # constant-rate copy drifted apart and were not found as duplicates.
+    packets = packet_times(path)
+    uneven = packets if packets is not None and not _evenly_spaced(packets, fps) else None
+    sampler, by_packet = FrameSampler(), FrameSampler() if uneven is not None else None
     black, frozen, count = [], [], 0
     previous, thumbnail = None, None
     try:
@@ -95,7 +101,9 @@ def probe_video(path: Path) -> VideoProbe:
             # A black stretch is reported as black, not also as frozen.
             frozen.append(previous is not None and not is_black and np.abs(blocks - previous).max() <= FROZEN_MAX_DIFF)
             previous = blocks
-            sampler.offer(count, gray)
+            sampler.offer(count / fps, gray)
+            if by_packet is not None:
+                by_packet.offer(uneven[count] if count < len(uneven) else count / fps, gray)
             if count == middle or thumbnail is None:
                 thumbnail = rgb.copy()
             count += 1
@@ -109,7 +117,8 @@ def probe_video(path: Path) -> VideoProbe:
     if stated - count / fps > max(SHORT_OF_FILE_S, 2 / fps) and (error := decode_error(path)):
         return VideoProbe(False, f"its video stops at {count / fps:.2f} s of the {stated:.2f} s the file states, on a "
                                  f"decoding error (cut short, or damaged: {error})")
-    signature = footage_signature(sampler)
+    times = times_of_frames(packets, count, fps)
+    signature = footage_signature(by_packet if by_packet is not None and times is packets else sampler)
     return VideoProbe(
         readable=True,
         duration_s=count / fps,
@@ -125,7 +134,7 @@ def probe_video(path: Path) -> VideoProbe:
         signature=signature,
         black_frames=np.array(black, dtype=bool),
         frozen_frames=np.array(frozen, dtype=bool),
-        frame_times=frame_times(path, count, fps),
+        frame_times=times,
     )
 
 
@@ -133,31 +142,47 @@ NO_TIME = -(2**63)  # how framecrc writes a packet's missing time
 
 
 def frame_times(path: Path, count: int, fps: float) -> np.ndarray:
-    """When each of the clip's `count` frames is shown, in seconds from the first (float64), from the
-    presentation times of its video packets (ffmpeg's `framecrc` of a stream copy: no decoding, about 20 ms).
-    A variable-frame-rate clip's frames are not evenly spaced, so its frame k is not at k / fps. Where the
-    packets do not match the frames decoded (an edit list dropping some, another stream than the one decoded,
-    packets without times, times that wrap or do not span the clip's length at its average rate), the frames
-    are taken as evenly spaced at `fps`."""
+    """When each of the clip's `count` frames is shown, in seconds from the first (float64): `times_of_frames` of
+    its `packet_times`."""
+    return times_of_frames(packet_times(path), count, fps)
+
+
+def packet_times(path: Path) -> np.ndarray | None:
+    """The presentation times of the clip's video packets, in seconds from the first, in order (float64), from
+    ffmpeg's `framecrc` of a stream copy (no decoding, about 20 ms); None where they cannot be read or do not
+    order the packets (a packet without a time, two at the same time)."""
     import imageio_ffmpeg
 
-    evenly = np.arange(count, dtype=np.float64) / fps
     done = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-v", "error", "-i", str(path), "-map", "0:v:0",
                            "-c", "copy", "-f", "framecrc", "-"], capture_output=True, text=True, errors="replace")
     base = re.search(r"^#tb 0: (\d+)/(\d+)$", done.stdout, re.MULTILINE)
     if done.returncode != 0 or base is None or int(base[2]) == 0:
-        return evenly
+        return None
     try:
         # "stream, dts, pts, duration, size, crc" per packet, in decoding order
         stamps = np.sort([int(line.split(",")[2]) for line in done.stdout.splitlines() if line and line[0] != "#"])
     except (IndexError, ValueError):
+        return None
+    if len(stamps) == 0 or stamps[0] == NO_TIME or np.any(np.diff(stamps) <= 0):
+        return None
+    return (stamps - stamps[0]) * (int(base[1]) / int(base[2]))
+
+
+def times_of_frames(packets: np.ndarray | None, count: int, fps: float) -> np.ndarray:
+    """When each of `count` frames decoded is shown: `packets` itself (the same array) where they match the frames,
+    else evenly spaced at `fps`. A variable-frame-rate clip's frames are not evenly spaced, so its frame k is not at
+    k / fps. The packets do not match where there are more or fewer of them than frames (an edit list dropping
+    some, another stream than the one decoded) or where they do not span the clip's length at its average rate
+    (times that wrap)."""
+    evenly = np.arange(count, dtype=np.float64) / fps
+    if packets is None or len(packets) != count or abs(packets[-1] - evenly[-1]) > max(1 / fps, 0.1 * evenly[-1]):
         return evenly
-    if len(stamps) != count or stamps[0] == NO_TIME or (len(stamps) > 1 and np.any(np.diff(stamps) <= 0)):
-        return evenly
-    times = (stamps - stamps[0]) * (int(base[1]) / int(base[2]))
-    if abs(times[-1] - evenly[-1]) > max(1 / fps, 0.1 * evenly[-1]):
-        return evenly
-    return times
+    return packets
+
+
+def _evenly_spaced(times: np.ndarray, fps: float) -> bool:
+    """Whether every time is within a quarter frame of its index at `fps` (a constant-rate clip's jitter)."""
+    return bool(np.all(np.abs(times - np.arange(len(times)) / fps) <= 0.25 / fps))
 
 
 @lru_cache(maxsize=1)
