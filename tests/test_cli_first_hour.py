@@ -611,13 +611,13 @@ def test_a_stop_asked_for_during_validation_ends_it_and_the_next_step_is_the_che
                                                                                       tmp_path):
     """Guards a Ctrl-C or a scheduler's SIGTERM during validation waiting for every validation video: on a real
     model they take minutes, longer than a scheduler's grace (Kubernetes' 30 s), so the job was killed before its
-    checkpoint. A real `slapgen train` is sent SIGTERM once the first of 4 validation videos of step 2 is written:
-    the validation ends there (fewer than 4 videos, said in one line), the next step is the stop's checkpoint,
+    checkpoint. A real `slapgen train` is sent SIGTERM once the first of 6 validation videos of step 2 is written:
+    the validation ends there (fewer than 6 videos, said in one line), the next step is the stop's checkpoint,
     and the run exits 143."""
     run = tmp_path / "run"
-    prompts = ", ".join(f"a slap number {index}" for index in range(4))
+    prompts = ", ".join(f"a slap number {index}" for index in range(6))
     args = _train_args(tiny_cache_dir, demo_dataset, run, "train.max_train_steps=50", "checkpoint.every_steps=1000",
-                       "logging.every_steps=1", "validation.every_steps=2", "validation.num_inference_steps=40",
+                       "logging.every_steps=1", "validation.every_steps=2", "validation.num_inference_steps=200",
                        f"validation.prompts=[{prompts}]")
     process = subprocess.Popen([sys.executable, "-m", "trainer", *args], cwd=REPO_ROOT, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True,
@@ -625,17 +625,18 @@ def test_a_stop_asked_for_during_validation_ends_it_and_the_next_step_is_the_che
     videos = run / "validation" / "step-000002"
     try:
         deadline = time.monotonic() + 300
-        while not any(videos.glob("*.mp4")):  # the validation of step 2 is under way
+        while not any(videos.glob("prompt-*.mp4")):  # the validation of step 2 is under way
             assert process.poll() is None and time.monotonic() < deadline, process.communicate()
             time.sleep(0.02)
         process.send_signal(signal.SIGTERM)
         out, err = process.communicate(timeout=120)
     finally:
         process.kill()
-    made = sorted(path.name for path in videos.glob("*.mp4"))
+    made = sorted(path.name for path in videos.glob("prompt-*.mp4"))
     assert process.returncode == 143, (process.returncode, made, err[-2000:])
-    assert 1 <= len(made) < 4 and made == [f"prompt-{index:02d}.mp4" for index in range(len(made))], made
-    assert f"validation at step 2 ended after {len(made)} of 4 videos: a stop was asked for\n" in out, out
+    assert 1 <= len(made) < 6 and made == [f"prompt-{index:02d}.mp4" for index in range(len(made))], made
+    assert (f"validation at step 2 ended after {len(made)} of 6 videos: a stop was asked for (the rest are not "
+            "made: the checkpoint is the next step)\n") in out, out
     assert [path.name for path in (run / "checkpoints").iterdir()] == ["checkpoint-000003"]
     assert _logged_steps(run)[-1] == 3 and not (run / "validation" / "step-000004").exists()
     assert "stopped by SIGTERM at step 3, saved as a checkpoint\n" in out

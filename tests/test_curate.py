@@ -679,8 +679,9 @@ def test_frame_times_are_the_packets_and_evenly_spaced_where_they_cannot_be(tmp_
     """Guards frames judged at the wrong instants: a variable-frame-rate clip's frames at the times its packets
     say (the 30 fps part, then every 4th frame), and, where the packets do not match the frames decoded (a count
     that differs, times that do not span the clip), evenly spaced at the average rate rather than times that
-    belong to other frames."""
-    from trainer.curate.video_probe import frame_times
+    belong to other frames. A clip trimmed by an edit list has packets before its start (negative times), which
+    are no frames; and a 23.976 fps clip (its rate printed 23.98) is not taken as uneven."""
+    from trainer.curate.video_probe import _evenly_spaced, frame_times, packet_times, probe_video
 
     _ffmpeg("-f", "lavfi", "-i", "testsrc2=size=64x48:rate=30:duration=1.25", "-vf",
             r"select='lt(n\,20)+not(mod(n\,4))'", "-fps_mode", "vfr", "-c:v", "libx264", str(tmp_path / "vfr.mp4"))
@@ -689,3 +690,10 @@ def test_frame_times_are_the_packets_and_evenly_spaced_where_they_cannot_be(tmp_
     assert frame_times(tmp_path / "vfr.mp4", 26, 20.0) == pytest.approx([k / 20 for k in range(26)])
     # times that do not span the length the average rate gives (1.2 s against 24 / 5 = 4.8 s: another stream's)
     assert frame_times(tmp_path / "vfr.mp4", 25, 5.0) == pytest.approx([k / 5 for k in range(25)])
+    # Trimmed by an edit list (a stream copy from 0.3 s): the packets before it, decoded and dropped, are not frames
+    _ffmpeg("-ss", "0.3", "-i", str(tmp_path / "vfr.mp4"), "-c", "copy", str(tmp_path / "trimmed.mp4"))
+    kept = [t - 0.3 for t in shot if t >= 0.3 - 1e-9]
+    assert packet_times(tmp_path / "trimmed.mp4") == pytest.approx(kept, abs=1e-6)
+    assert probe_video(tmp_path / "trimmed.mp4").frame_count == len(kept)
+    # A constant rate of 24000/1001 (printed 23.98) is evenly spaced for a minute and more
+    assert _evenly_spaced(np.arange(2400) * 1001 / 24000)

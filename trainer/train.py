@@ -365,8 +365,9 @@ def _train(config: TrainConfig, data_path: Path, run_dir: Path, resume: str | No
 
             # Ctrl-C or SIGTERM: this step is the checkpoint, then stop (at the last step the run just ends as usual).
             # Asked before the checkpoint that is due, so a signal during its save stops a step later (one during a
-            # validation ends it, and then the next step is the checkpoint): asked after them, the all-gather came just before the step's closing barrier, and two-process
-            # runs hung in gloo's teardown at the end of training (4 of 18 here; this order, 0 of 16).
+            # validation ends it, and then the next step is the checkpoint): asked after them, the all-gather came
+            # just before the step's closing barrier, and two-process runs hung in gloo's teardown at the end of
+            # training (4 of 18 here; this order, 0 of 16).
             signum = interrupt.requested_anywhere(accelerator)
             stopping = bool(signum) and run.step < max_steps
             if run.step % config.checkpoint.every_steps == 0 or run.step in (max_steps, stop_at_step) or stopping:
@@ -390,10 +391,12 @@ def _train(config: TrainConfig, data_path: Path, run_dir: Path, resume: str | No
                                          progress=progress and run.main, stop_asked=lambda: interrupt.requested)
                 # A stop asked for meanwhile ends the validation at once (minutes on a GPU, past a scheduler's
                 # grace); the other processes learn of it after the next step, which is then the checkpoint.
-                if len(made) < len(config.validation_prompts):
-                    say(f"validation at step {run.step} ended after {len(made)} of {len(config.validation_prompts)} "
-                        "videos: a stop was asked for" + (" (--resume latest makes the rest)" if run.step == max_steps
-                                                          else ""))
+                if len(made) < len(run.validator.prompt_embeds):
+                    # a step that is the run's checkpoint has its videos made on resume; another is resumed after
+                    rest = ("a resume makes the rest" if run.step in (max_steps, stop_at_step)
+                            else "the rest are not made: the checkpoint is the next step")
+                    say(f"validation at step {run.step} ended after {len(made)} of {len(run.validator.prompt_embeds)} "
+                        f"videos: a stop was asked for ({rest})")
             accelerator.wait_for_everyone()
             started = time.perf_counter()
             if stop_at_step is not None and stop_at_step <= run.step < max_steps:

@@ -69,7 +69,8 @@ class Validator:
     def _make_videos(self, pipeline, step: int, device, progress: bool, stop_asked: Callable[[], bool],
                      written: list[Path]) -> None:
         def stop_if_asked(pipe, denoising_step, timestep, tensors):
-            if stop_asked():
+            # after the last step only the VAE's decode is left: that video is kept
+            if denoising_step < self.validation.num_inference_steps - 1 and stop_asked():
                 raise _Stopped
             return {}
 

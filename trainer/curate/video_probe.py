@@ -62,6 +62,8 @@ def probe_video(path: Path) -> VideoProbe:
     """Measure `path`; a clip ffmpeg cannot decode comes back `readable=False` with the reason."""
     import imageio_ffmpeg
 
+    # The packets' times, for the fingerprint of a clip whose frames are unevenly spaced (below).
+    packets = packet_times(path)
     try:
         # Every frame once, as decoded: a variable-frame-rate clip is not filled to its nominal rate with
         # copies (counted as frozen, and as footage); its average rate times its frames is then its length. And
@@ -86,8 +88,7 @@ def probe_video(path: Path) -> VideoProbe:
     # packets say its frames are unevenly spaced (a phone dropping frames in low light), by those times too; which
     # one holds is known once the frames are counted (`times_of_frames`). By index alone, such a clip and its
     # constant-rate copy drifted apart and were not found as duplicates.
-    packets = packet_times(path)
-    uneven = packets if packets is not None and not _evenly_spaced(packets, fps) else None
+    uneven = packets if packets is not None and not _evenly_spaced(packets) else None
     sampler, by_packet = FrameSampler(), FrameSampler() if uneven is not None else None
     black, frozen, count = [], [], 0
     previous, thumbnail = None, None
@@ -117,8 +118,8 @@ def probe_video(path: Path) -> VideoProbe:
     if stated - count / fps > max(SHORT_OF_FILE_S, 2 / fps) and (error := decode_error(path)):
         return VideoProbe(False, f"its video stops at {count / fps:.2f} s of the {stated:.2f} s the file states, on a "
                                  f"decoding error (cut short, or damaged: {error})")
-    times = times_of_frames(packets, count, fps)
-    signature = footage_signature(by_packet if by_packet is not None and times is packets else sampler)
+    times, shown_at_packets = times_of_frames(packets, count, fps)
+    signature = footage_signature(by_packet if by_packet is not None and shown_at_packets else sampler)
     return VideoProbe(
         readable=True,
         duration_s=count / fps,
@@ -144,13 +145,15 @@ NO_TIME = -(2**63)  # how framecrc writes a packet's missing time
 def frame_times(path: Path, count: int, fps: float) -> np.ndarray:
     """When each of the clip's `count` frames is shown, in seconds from the first (float64): `times_of_frames` of
     its `packet_times`."""
-    return times_of_frames(packet_times(path), count, fps)
+    return times_of_frames(packet_times(path), count, fps)[0]
 
 
 def packet_times(path: Path) -> np.ndarray | None:
     """The presentation times of the clip's video packets, in seconds from the first, in order (float64), from
     ffmpeg's `framecrc` of a stream copy (no decoding, about 20 ms); None where they cannot be read or do not
-    order the packets (a packet without a time, two at the same time)."""
+    order the packets (a packet without a time, two at the same time). Packets before the clip's start (negative
+    times: a clip trimmed by an edit list, as phones' and apps' trims are, keeps the packets its first frames
+    depend on, which are decoded and dropped) are left out."""
     import imageio_ffmpeg
 
     done = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-v", "error", "-i", str(path), "-map", "0:v:0",
@@ -163,26 +166,34 @@ def packet_times(path: Path) -> np.ndarray | None:
         stamps = np.sort([int(line.split(",")[2]) for line in done.stdout.splitlines() if line and line[0] != "#"])
     except (IndexError, ValueError):
         return None
-    if len(stamps) == 0 or stamps[0] == NO_TIME or np.any(np.diff(stamps) <= 0):
+    if len(stamps) == 0 or stamps[0] == NO_TIME:
+        return None
+    stamps = stamps[stamps >= 0]
+    if len(stamps) == 0 or np.any(np.diff(stamps) <= 0):
         return None
     return (stamps - stamps[0]) * (int(base[1]) / int(base[2]))
 
 
-def times_of_frames(packets: np.ndarray | None, count: int, fps: float) -> np.ndarray:
-    """When each of `count` frames decoded is shown: `packets` itself (the same array) where they match the frames,
-    else evenly spaced at `fps`. A variable-frame-rate clip's frames are not evenly spaced, so its frame k is not at
+def times_of_frames(packets: np.ndarray | None, count: int, fps: float) -> tuple[np.ndarray, bool]:
+    """When each of `count` frames decoded is shown, and whether that is `packets`: they where they match the
+    frames, else evenly spaced at `fps`. A variable-frame-rate clip's frames are not evenly spaced, so its frame k is not at
     k / fps. The packets do not match where there are more or fewer of them than frames (an edit list dropping
     some, another stream than the one decoded) or where they do not span the clip's length at its average rate
     (times that wrap)."""
     evenly = np.arange(count, dtype=np.float64) / fps
     if packets is None or len(packets) != count or abs(packets[-1] - evenly[-1]) > max(1 / fps, 0.1 * evenly[-1]):
-        return evenly
-    return packets
+        return evenly, False
+    return packets, True
 
 
-def _evenly_spaced(times: np.ndarray, fps: float) -> bool:
-    """Whether every time is within a quarter frame of its index at `fps` (a constant-rate clip's jitter)."""
-    return bool(np.all(np.abs(times - np.arange(len(times)) / fps) <= 0.25 / fps))
+def _evenly_spaced(times: np.ndarray) -> bool:
+    """Whether every time is within a quarter of a frame of its index at the times' own average step (a constant
+    rate's jitter). Not at the reader's `fps`: ffmpeg prints it rounded (23.98 for 24000/1001), and a minute of
+    such a clip drifted past the quarter frame."""
+    if len(times) < 3:
+        return True
+    step = times[-1] / (len(times) - 1)
+    return bool(np.all(np.abs(times - np.arange(len(times)) * step) <= 0.25 * step))
 
 
 @lru_cache(maxsize=1)
