@@ -709,18 +709,20 @@ def test_validation_videos_a_stop_cut_short_are_made_on_resume(tiny_cache_dir, d
     assert "were not made" not in capsys.readouterr().out  # made once
 
 
-@pytest.mark.parametrize("preset", ["tiny-smoke", "ticft"])
-def test_validation_ends_after_the_denoising_step_in_which_a_stop_is_asked(preset, tiny_cache_dir, demo_dataset,
-                                                                           tmp_path):
+@pytest.mark.parametrize("preset, model", [("tiny-smoke", "tiny"), ("tiny-smoke", "tiny-wan"), ("ticft", "tiny")])
+def test_validation_ends_after_the_denoising_step_in_which_a_stop_is_asked(preset, model, tiny_cache_dir, demo_dataset,
+                                                                           tmp_path, request):
     """Guards validation ignoring a stop asked for meanwhile (its videos take minutes on a real model, past a
     scheduler's grace), and a TIC-FT run's step callback (the condition's re-injection) replacing the one that
     checks: asked at its third poll (before the first video, then after each denoising step), the validation ends
-    there, writes nothing and leaves the transformer in training mode; never asked, it writes every video."""
+    there, writes nothing and leaves the transformer in training mode; never asked, it writes every video. On
+    CogVideoX (plain and TIC-FT) and Wan, whose pipelines each call the step callback."""
     extra = ("ticft.layout=c1b1t1", "data.num_frames=9", "train.mixed_precision=\"no\"") if preset == "ticft" else ()
     config = load_config(preset, preset_overrides(tiny_cache_dir, "validation.prompts=[a slap, a stagger]",
-                                                  "validation.num_inference_steps=5", *extra))
+                                                  "validation.num_inference_steps=5", *extra,
+                                                  *_on_model(model, request, tmp_path)))
     run = setup(config, demo_dataset, tmp_path / "run", resume=None, progress=False, existing=set())
-    assert (run.validator.ticft is not None) == (preset == "ticft")
+    assert (run.validator.ticft is not None) == (preset == "ticft") and run.resolved.spec.name == model
     transformer = run.accelerator.unwrap_model(run.transformer)
     transformer.train()
     polls = []
