@@ -12,9 +12,11 @@ import hashlib
 import logging
 import os
 import shutil
+import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -23,6 +25,7 @@ from pathlib import Path
 
 from slapgen.errors import SlapgenError
 from trainer.errors import ClusterError
+from trainer.interrupt import StopRequested
 
 AUTO, LOCAL = "auto", "local"
 # README's recipe: a token first, and RAY_AUTH_MODE=token for every Ray command on every node (a worker started
@@ -149,11 +152,16 @@ def wait_for_tasks(refs: dict, retries: int, on_tick: Callable[[list], None], in
     """Every task of `refs` (object ref -> name) to its end: {name: None when it finished, else why it failed
     (`task_failure`)}. `on_tick(the refs still running)` every `interval_s`, and `nodes.check()` while any is
     left (its ClusterError: no live node could run them for --node-wait); `retried.check()` each tick says a task
-    Ray runs again after its node was lost. Interrupted (Ctrl-C, that error), the
-    tasks still running are canceled; what they wrote to the shared folder (checkpoints, mp4s) stays."""
+    Ray runs again after its node was lost. Stopped (Ctrl-C; SIGTERM, a scheduler's stop, raises `StopRequested`),
+    each task still running is asked to stop as a Ctrl-C asks it (Ray's `cancel` without force raises it in the
+    task: a training run ends its step and checkpoints it, `trainer.interrupt`) and waited for; a second Ctrl-C, or
+    that error, cancels them at once (forced: they lose their steps since their last checkpoint, as every task did
+    before). What they wrote to the shared folder (checkpoints, mp4s) stays."""
     ray = import_ray()
     outcome: dict[str, str | None] = {}
     waiting = list(refs)
+    terms: list[int] = []  # SIGTERM, once it came: Ray's wait turns the handler's StopRequested into a KeyboardInterrupt
+    previous = _take_sigterm(terms)
     try:
         while waiting:
             nodes.check()
@@ -167,10 +175,39 @@ def wait_for_tasks(refs: dict, retries: int, on_tick: Callable[[list], None], in
             if retried is not None:
                 retried.check()
             on_tick(waiting)
+    except KeyboardInterrupt:
+        # A second SIGTERM is ignored meanwhile, as training ignores it (whoever sent it kills the driver after its
+        # grace, and then Ray the tasks).
+        if previous is not None:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        for ref in waiting:
+            ray.cancel(ref, force=False)
+        while waiting:
+            _, waiting = ray.wait(waiting, num_returns=len(waiting), timeout=interval_s)
+        if terms:
+            raise StopRequested(signal.SIGTERM) from None
+        raise
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         for ref in waiting:
             ray.cancel(ref, force=True)
     return outcome
+
+
+def _take_sigterm(terms: list[int]):
+    """SIGTERM raising `StopRequested` (and noted in `terms`) while the tasks are waited for, in the main thread,
+    where handlers live; returns the handler to put back, or None. This is the driver: the handler it replaces is
+    `ray.init`'s, which exits at once (and Ray then kills the tasks with the driver), or the default, the same."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def stop(signum, frame) -> None:
+        terms.append(signum)
+        raise StopRequested(signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    return signal.SIG_DFL if previous is None else previous  # None: a handler set outside Python
 
 
 def check_only_with_ray(flag: str, value, ray: str | None, without_ray: str) -> None:
