@@ -303,3 +303,25 @@ def test_a_cluster_address_is_named_as_typed_with_rays_resolution_beside_it():
     assert ray_cluster._as_given("10.0.0.4:6379", "10.0.0.4:6379") == "10.0.0.4:6379"
     assert ray_cluster._as_given("auto", "10.0.0.4:6379") == "10.0.0.4:6379"
     assert ray_cluster._as_given("ray://head:10001", None) == "ray://head:10001"
+
+
+def test_a_ray_task_takes_sigint_back_from_a_node_started_ignoring_it():
+    """Guards Ray's cancel without force (a stopped driver's request to each task, delivered as a SIGINT) doing
+    nothing in the worker of a node started in the background by a script (`ray start ... &`, SIGINT ignored and
+    inherited), so the driver waited for the whole run: a task sets SIGINT back to Python's default, and leaves a
+    handler of its own."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        ray_cluster.interruptible_task()
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+        def own(signum, frame):
+            pass
+
+        signal.signal(signal.SIGINT, own)
+        ray_cluster.interruptible_task()
+        assert signal.getsignal(signal.SIGINT) is own
+    finally:
+        signal.signal(signal.SIGINT, previous)

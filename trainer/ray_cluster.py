@@ -182,8 +182,11 @@ def wait_for_tasks(refs: dict, retries: int, on_tick: Callable[[list], None], in
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
         for ref in waiting:
             ray.cancel(ref, force=False)
-        while waiting:
-            _, waiting = ray.wait(waiting, num_returns=len(waiting), timeout=interval_s)
+        try:
+            while waiting:
+                _, waiting = ray.wait(waiting, num_returns=len(waiting), timeout=interval_s)
+        except KeyboardInterrupt:
+            pass  # a second Ctrl-C: those left are cancelled at once (below)
         if terms:
             raise StopRequested(signal.SIGTERM) from None
         raise
@@ -193,6 +196,15 @@ def wait_for_tasks(refs: dict, retries: int, on_tick: Callable[[list], None], in
         for ref in waiting:
             ray.cancel(ref, force=True)
     return outcome
+
+
+def interruptible_task() -> None:
+    """Called first in a Ray task: SIGINT at Python's default, so that Ray's cancel without force (which
+    `wait_for_tasks` sends when the driver is stopped, delivered as a SIGINT) reaches it. A worker of a node started
+    in the background by a script (`ray start ... &`) inherits SIGINT ignored, and the cancel did nothing: the
+    driver waited for the whole run."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _take_sigterm(terms: list[int]):

@@ -153,6 +153,7 @@ def generate_shard(options, resolved, worker: int, planned: list, video_recipes:
     from trainer.evaluate.recipes import base_mismatch, recipe_base
     from trainer.evaluate.run import eval_engine_options, generate, generation_device, video_path
 
+    ray_cluster.interruptible_task()
     out = Path(options.out)
     if not (out / "videos" / PLAN_FILE).is_file():  # a node that joined after the start-up check
         raise EvalError(not_shared_sentence(out, [ray.util.get_node_ip_address()]))

@@ -87,6 +87,7 @@ def run_cell(out: str, name: str, device: str, expected_digest: str, driver_iden
     from trainer.sweep.execute import execute_run
     from trainer.sweep.folder import read_definition
 
+    ray_cluster.interruptible_task()
     if driver_identity is not None and (differs := identity_mismatch(node_identity(), driver_identity)):
         raise SweepError(f"Ray node {ray.util.get_node_ip_address()} cannot run {name}: {differs}; give every node the "
                          "same slapgen and libraries as the machine running slapgen sweep")
