@@ -160,7 +160,8 @@ def wait_for_tasks(refs: dict, retries: int, on_tick: Callable[[list], None], in
     ray = import_ray()
     outcome: dict[str, str | None] = {}
     waiting = list(refs)
-    terms: list[int] = []  # SIGTERM, once it came: Ray's wait turns the handler's StopRequested into a KeyboardInterrupt
+    # SIGTERM, once it came: Ray's wait turns the handler's StopRequested into a plain KeyboardInterrupt
+    terms: list[int] = []
     previous = _take_sigterm(terms)
     try:
         while waiting:

@@ -176,10 +176,10 @@ def packet_times(path: Path) -> np.ndarray | None:
 
 def times_of_frames(packets: np.ndarray | None, count: int, fps: float) -> tuple[np.ndarray, bool]:
     """When each of `count` frames decoded is shown, and whether that is `packets`: they where they match the
-    frames, else evenly spaced at `fps`. A variable-frame-rate clip's frames are not evenly spaced, so its frame k is not at
-    k / fps. The packets do not match where there are more or fewer of them than frames (an edit list dropping
-    some, another stream than the one decoded) or where they do not span the clip's length at its average rate
-    (times that wrap)."""
+    frames, else evenly spaced at `fps`. A variable-frame-rate clip's frames are not evenly spaced, so its frame k
+    is not at k / fps. The packets do not match where there are more or fewer of them than frames (an edit list
+    dropping some, another stream than the one decoded) or where they do not span the clip's length at its
+    average rate (times that wrap; a trimmed clip whose stated rate counts the packets trimmed)."""
     evenly = np.arange(count, dtype=np.float64) / fps
     if packets is None or len(packets) != count or abs(packets[-1] - evenly[-1]) > max(1 / fps, 0.1 * evenly[-1]):
         return evenly, False
