@@ -105,7 +105,7 @@ def test_slot_rank_bench_runs_and_writes_a_run_file(tmp_path):
 
 
 def test_duplicates_bench_on_one_bout(tmp_path):
-    """The duplicates benchmark end to end on one bout (its 8 transformed copies and 2 hard negatives):
+    """The duplicates benchmark end to end on one bout (its 9 transformed copies and 2 hard negatives):
     the table lands under runs/, every copy is found, and no relation is wrong."""
     env = offline_env(tmp_path, HOME=str(tmp_path), SLAP_BENCH_RESULTS=str(tmp_path / "results"))
     result = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "duplicates.py"), "--bases", "1", "--scale", "0",
@@ -114,7 +114,7 @@ def test_duplicates_bench_on_one_bout(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     [written] = list((tmp_path / "results" / "runs").glob("duplicates-*.json"))
     rows = {row["transformation"]: row for row in json.loads(written.read_text())["results"]}
-    assert rows["all"]["clips"] == 11 and rows["all"]["recall"] == 1.0 and rows["all"]["false_matches"] == 0
+    assert rows["all"]["clips"] == 12 and rows["all"]["recall"] == 1.0 and rows["all"]["false_matches"] == 0
     assert all(row["recall"] == 1.0 for name, row in rows.items() if "recall" in row)
 
 
