@@ -681,7 +681,10 @@ def test_frame_times_are_the_packets_and_evenly_spaced_where_they_cannot_be(tmp_
     that differs, times that do not span the clip), evenly spaced at the average rate rather than times that
     belong to other frames. A clip trimmed by an edit list has packets before its start (negative times), which
     are no frames; and a 23.976 fps clip (its rate printed 23.98) is not taken as uneven."""
-    from trainer.curate.video_probe import _evenly_spaced, frame_times, packet_times, probe_video
+    from trainer.curate.video_probe import _evenly_spaced, packet_times, probe_video, times_of_frames
+
+    def frame_times(path, count: int, fps: float):
+        return times_of_frames(packet_times(path), count, fps)[0]
 
     _ffmpeg("-f", "lavfi", "-i", "testsrc2=size=64x48:rate=30:duration=1.25", "-vf",
             r"select='lt(n\,20)+not(mod(n\,4))'", "-fps_mode", "vfr", "-c:v", "libx264", str(tmp_path / "vfr.mp4"))

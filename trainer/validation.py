@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -59,15 +59,16 @@ class Validator:
         # Validation must not consume the training RNG, or resumed runs would diverge.
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), autocast():
             try:
-                self._make_videos(pipeline, step, device, progress, stop_asked, written)
+                for video in self._videos(pipeline, step, device, progress, stop_asked):
+                    written.append(video)
             except _Stopped:
                 pass
             finally:
                 transformer.train(was_training)
         return written
 
-    def _make_videos(self, pipeline, step: int, device, progress: bool, stop_asked: Callable[[], bool],
-                     written: list[Path]) -> None:
+    def _videos(self, pipeline, step: int, device, progress: bool, stop_asked: Callable[[], bool]) -> Iterator[Path]:
+        """Each video as it is written; `_Stopped` once a stop is asked."""
         def stop_if_asked(pipe, denoising_step, timestep, tensors):
             # after the last step only the VAE's decode is left: that video is kept
             if denoising_step < self.validation.num_inference_steps - 1 and stop_asked():
@@ -98,7 +99,7 @@ class Validator:
                 frames = frames[self.ticft[0].condition_pixel_frames :]
             path = self._video(step, index)
             path.parent.mkdir(parents=True, exist_ok=True)
-            written.append(write_mp4_atomic(frames, path, fps=round(self.data.fps)))  # whole, or absent
+            yield write_mp4_atomic(frames, path, fps=round(self.data.fps))  # whole, or absent
 
     def made(self, step: int) -> bool:
         """Whether every validation video of `step` is there."""

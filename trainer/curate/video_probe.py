@@ -142,12 +142,6 @@ def probe_video(path: Path) -> VideoProbe:
 NO_TIME = -(2**63)  # how framecrc writes a packet's missing time
 
 
-def frame_times(path: Path, count: int, fps: float) -> np.ndarray:
-    """When each of the clip's `count` frames is shown, in seconds from the first (float64): `times_of_frames` of
-    its `packet_times`."""
-    return times_of_frames(packet_times(path), count, fps)[0]
-
-
 def packet_times(path: Path) -> np.ndarray | None:
     """The presentation times of the clip's video packets, in seconds from the first, in order (float64), from
     ffmpeg's `framecrc` of a stream copy (no decoding, about 20 ms); None where they cannot be read or do not
