@@ -325,3 +325,23 @@ def test_a_ray_task_takes_sigint_back_from_a_node_started_ignoring_it():
         assert signal.getsignal(signal.SIGINT) is own
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def test_a_failed_tasks_error_says_what_happened_to_it():
+    """Guards a Ray task cancelled from outside the command (`ray.cancel`, its job stopped) reported as
+    "TaskCancelledError after 3 retries: " (Ray never runs a cancelled task again, and its message is empty): it
+    says it was cancelled; a worker that died is said with the retries Ray made; a task whose own work raised is
+    said by that error, without Ray's wrapping."""
+    import ray.exceptions
+
+    from slapgen.errors import SlapgenError
+
+    cancelled = ray_cluster.task_failure(ray.exceptions.TaskCancelledError(), retries=3)
+    assert cancelled == ("TaskCancelledError: its Ray task was cancelled from outside this command (Ray runs again "
+                         "only a task whose worker or node was lost)")
+    crashed = ray_cluster.task_failure(ray.exceptions.WorkerCrashedError(), retries=3)
+    assert crashed == f"WorkerCrashedError after 3 retries: {str(ray.exceptions.WorkerCrashedError())}"
+    assert ray_cluster.task_failure(ray.exceptions.RayTaskError("run_cell", "trace", ValueError("bad lr")), 3) == \
+        "ValueError: bad lr"
+    assert ray_cluster.task_failure(ray.exceptions.RayTaskError("run_cell", "trace", SlapgenError("no clips")), 3) == \
+        "no clips"

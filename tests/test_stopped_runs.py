@@ -137,6 +137,53 @@ def test_which_signals_ask_training_to_stop():
             signal.signal(signum, handler)
 
 
+def test_sigterm_stops_a_block_of_a_driver_as_ctrl_c_does():
+    """Guards the one rule of the sweep's pool and the Ray driver (`SigtermStops`): SIGTERM at its default raises
+    `StopRequested(SIGTERM)` in the block (the block's stop runs: each run checkpoints its step) and is put back
+    after; a host's handler stays unless the block may replace any (a driver over ray.init's, which exits at once);
+    a plain KeyboardInterrupt (Ray's wait turns the raise into one) becomes `StopRequested(SIGTERM)` once a SIGTERM
+    came, and stays a Ctrl-C otherwise; `ignore_more()` ignores a second SIGTERM while the stop is carried out."""
+    import os
+
+    from trainer.interrupt import SigtermStops, StopRequested
+
+    def send() -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
+
+    def host_handler(signum, frame):
+        got.append(signum)
+
+    got = []
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        with SigtermStops() as sigterm:
+            with pytest.raises(StopRequested) as stopped:
+                send()
+            assert stopped.value.signum == signal.SIGTERM and sigterm.came
+            sigterm.ignore_more()
+            send()  # nothing
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+        signal.signal(signal.SIGTERM, host_handler)
+        with SigtermStops() as sigterm:
+            send()
+        assert got == [signal.SIGTERM] and not sigterm.came and signal.getsignal(signal.SIGTERM) is host_handler
+        with SigtermStops(replaces=lambda handler: True) as sigterm:
+            with pytest.raises(StopRequested):
+                send()
+            interrupt = KeyboardInterrupt()  # as Ray's wait hands the raise on
+            assert isinstance(sigterm.stop_of(interrupt), StopRequested)
+            assert sigterm.stop_of(interrupt).signum == signal.SIGTERM
+        assert got == [signal.SIGTERM] and signal.getsignal(signal.SIGTERM) is host_handler
+        with SigtermStops(replaces=lambda handler: True) as sigterm:
+            ctrl_c = KeyboardInterrupt()
+            assert sigterm.stop_of(ctrl_c) is ctrl_c
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def test_a_video_that_could_not_be_written_whole_is_not_published(tmp_path):
     """Guards `write_mp4_atomic` publishing a cut mp4 as whole: the encoder ends without a word when its output does
     not fit (here a 2,000-byte file-size limit, which a full disk acts like), and the 2,000 bytes it left ("moov atom

@@ -243,6 +243,56 @@ def test_a_sweep_on_ray_stopped_by_sigterm_lets_each_run_checkpoint_the_step_it_
                                                                                   (run / "sweep.log").read_text()[-2000:])
 
 
+# A driver connected to a cluster of its own, in a Ray call (not the tasks' wait) when it is sent SIGTERM
+DRIVER_IN_A_RAY_CALL = r"""
+import time
+import ray
+from trainer.interrupt import StopRequested
+from trainer.ray_cluster import connect
+
+def sleep(seconds):
+    time.sleep(seconds)
+
+try:
+    with connect("local"):
+        ref = ray.remote(num_cpus=0)(sleep).remote(300)
+        print("in ray.get", flush=True)
+        ray.get(ref)
+except StopRequested as stop:
+    print(f"stopped by {stop.signum}", flush=True)
+"""
+
+
+def test_a_sigterm_to_a_ray_driver_outside_its_tasks_wait_stops_it_as_ctrl_c_does(tmp_path):
+    """Guards SIGTERM (a scheduler's stop) to a Ray driver anywhere but its tasks' wait (the sweep's encoding, eval's
+    held-out losses, a Ray call in between) meeting ray.init's own handler: the driver exited at once without a
+    word, or aborted inside a Ray call (-6). While connected, SIGTERM raises `StopRequested(SIGTERM)` (what the
+    command reports as "stopped by SIGTERM" and exits 143 for: `slapgen`'s stop tests), here out of `ray.get`, and
+    the driver then ends on its own (the cluster it started stopped)."""
+    import selectors
+
+    env = offline_env(tmp_path, HOME=str(tmp_path / "home"))  # its own ~/.ray (see test_eval_ray)
+    driver = subprocess.Popen([sys.executable, "-c", DRIVER_IN_A_RAY_CALL], cwd=REPO_ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        with selectors.DefaultSelector() as ready:
+            ready.register(driver.stdout, selectors.EVENT_READ)
+            assert ready.select(timeout=300), "the driver did not reach ray.get within 300 s"
+        assert driver.stdout.readline() == "in ray.get\n", driver.communicate()[1][-3000:]
+        time.sleep(1)
+        driver.send_signal(signal.SIGTERM)
+        out, err = driver.communicate(timeout=120)
+    finally:
+        if driver.poll() is None:
+            driver.send_signal(signal.SIGINT)  # a stop Ray's driver handles: the cluster it started stopped
+            try:
+                driver.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                driver.kill()
+                driver.wait()
+    assert (driver.returncode, out) == (0, f"stopped by {int(signal.SIGTERM)}\n"), err[-3000:]
+
+
 @pytest.mark.slow
 def test_a_node_that_does_not_see_the_sweep_folder_stops_the_sweep_with_one_sentence(tiny_cache_dir, demo_dataset,
                                                                                        tmp_path):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Callable
 
 NOTICES = {
     signal.SIGINT: "Ctrl-C: the step under way ends and a checkpoint of it is saved (Ctrl-C again to stop at once, "
@@ -30,8 +31,9 @@ NOTICES = {
 
 
 class StopRequested(KeyboardInterrupt):
-    """Raised by the training loop once the checkpoint of a stop asked for is saved; `signum` is the signal that
-    asked (SIGTERM over SIGINT where processes of a launch got different ones)."""
+    """Raised by the training loop once the checkpoint of a stop asked for is saved, and by SIGTERM within a
+    `SigtermStops` block; `signum` is the signal that asked (SIGTERM over SIGINT where processes of a launch got
+    different ones)."""
 
     def __init__(self, signum: int):
         super().__init__()
@@ -54,6 +56,47 @@ def sigterm_is_ours() -> bool:
     default, where it would end the process; a host's own handler (a Ray worker's: it ends the worker, and Ray
     runs the sweep cell again) stays."""
     return threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+class SigtermStops:
+    """For a block of a command that starts or waits for others (the sweep's pool of processes, a Ray driver),
+    SIGTERM raises `StopRequested(SIGTERM)` as Ctrl-C raises KeyboardInterrupt, so the block's own stop runs (each
+    run checkpoints its step) instead of the process ending at once. Taken in the main thread only, and only over
+    the handler in place when `replaces(it)` (by default where SIGTERM would end the process, `sigterm_is_ours`);
+    put back when the block ends.
+
+    `came`: a SIGTERM came. Ray's waits turn what a handler raises into a plain KeyboardInterrupt, so a block that
+    waits in Ray asks `stop_of(that interrupt)`. `ignore_more()`, while the block's stop is carried out: a second
+    SIGTERM is ignored, as training ignores it (its sender kills the process when its grace ends)."""
+
+    def __init__(self, replaces: Callable[[object], bool] = lambda handler: handler is signal.SIG_DFL):
+        self.came = False
+        self._replaces = replaces
+        self._previous = None
+
+    def __enter__(self) -> "SigtermStops":
+        if threading.current_thread() is threading.main_thread() and self._replaces(signal.getsignal(signal.SIGTERM)):
+            previous = signal.signal(signal.SIGTERM, self._stop)
+            self._previous = signal.SIG_DFL if previous is None else previous  # None: a handler set outside Python
+        return self
+
+    def _stop(self, signum, frame) -> None:
+        self.came = True
+        raise StopRequested(signum)
+
+    def ignore_more(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+    def stop_of(self, interrupt: KeyboardInterrupt) -> KeyboardInterrupt:
+        """What ends the block for `interrupt`: `StopRequested(SIGTERM)` once a SIGTERM came (so the command exits
+        143 and says "stopped by SIGTERM"), else `interrupt` itself."""
+        return StopRequested(signal.SIGTERM) if self.came and not isinstance(interrupt, StopRequested) else interrupt
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
 
 
 class StopOnInterrupt:

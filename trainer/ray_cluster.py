@@ -25,7 +25,7 @@ from pathlib import Path
 
 from slapgen.errors import SlapgenError
 from trainer.errors import ClusterError
-from trainer.interrupt import StopRequested
+from trainer.interrupt import SigtermStops
 
 AUTO, LOCAL = "auto", "local"
 # README's recipe: a token first, and RAY_AUTH_MODE=token for every Ray command on every node (a worker started
@@ -160,42 +160,37 @@ def wait_for_tasks(refs: dict, retries: int, on_tick: Callable[[list], None], in
     ray = import_ray()
     outcome: dict[str, str | None] = {}
     waiting = list(refs)
-    # SIGTERM, once it came: Ray's wait turns the handler's StopRequested into a plain KeyboardInterrupt
-    terms: list[int] = []
-    previous = _take_sigterm(terms)
-    try:
-        while waiting:
-            nodes.check()
-            ready, waiting = ray.wait(waiting, num_returns=len(waiting), timeout=interval_s)
-            for ref in ready:
-                try:
-                    ray.get(ref)
-                    outcome[refs[ref]] = None
-                except ray.exceptions.RayError as error:
-                    outcome[refs[ref]] = task_failure(error, retries)
-            if retried is not None:
-                retried.check()
-            on_tick(waiting)
-    except KeyboardInterrupt:
-        # A second SIGTERM is ignored meanwhile, as training ignores it (whoever sent it kills the driver after its
-        # grace, and then Ray the tasks).
-        if previous is not None:
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        for ref in waiting:
-            ray.cancel(ref, force=False)
+    # SIGTERM is ours while the tasks are waited for, over any handler: `connect`'s, or where a caller did not
+    # connect through it, ray.init's (which exits at once, and Ray then kills the tasks with the driver).
+    with SigtermStops(replaces=lambda handler: True) as sigterm:
         try:
             while waiting:
-                _, waiting = ray.wait(waiting, num_returns=len(waiting), timeout=interval_s)
-        except KeyboardInterrupt:
-            pass  # a second Ctrl-C: those left are cancelled at once (below)
-        if terms:
-            raise StopRequested(signal.SIGTERM) from None
-        raise
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-        for ref in waiting:
-            ray.cancel(ref, force=True)
+                nodes.check()
+                ready, waiting = ray.wait(waiting, num_returns=len(waiting), timeout=interval_s)
+                for ref in ready:
+                    try:
+                        ray.get(ref)
+                        outcome[refs[ref]] = None
+                    except ray.exceptions.RayError as error:
+                        outcome[refs[ref]] = task_failure(error, retries)
+                if retried is not None:
+                    retried.check()
+                on_tick(waiting)
+        except KeyboardInterrupt as interrupt:
+            sigterm.ignore_more()  # whoever sent a SIGTERM kills the driver after its grace, and then Ray the tasks
+            for ref in waiting:
+                ray.cancel(ref, force=False)
+            try:
+                while waiting:
+                    _, waiting = ray.wait(waiting, num_returns=len(waiting), timeout=interval_s)
+            except KeyboardInterrupt:
+                pass  # a second Ctrl-C: those left are cancelled at once (below)
+            if (stop := sigterm.stop_of(interrupt)) is interrupt:
+                raise
+            raise stop from None
+        finally:
+            for ref in waiting:
+                ray.cancel(ref, force=True)
     return outcome
 
 
@@ -206,21 +201,6 @@ def interruptible_task() -> None:
     driver waited for the whole run."""
     if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
-
-
-def _take_sigterm(terms: list[int]):
-    """SIGTERM raising `StopRequested` (and noted in `terms`) while the tasks are waited for, in the main thread,
-    where handlers live; returns the handler to put back, or None. This is the driver: the handler it replaces is
-    `ray.init`'s, which exits at once (and Ray then kills the tasks with the driver), or the default, the same."""
-    if threading.current_thread() is not threading.main_thread():
-        return None
-
-    def stop(signum, frame) -> None:
-        terms.append(signum)
-        raise StopRequested(signum)
-
-    previous = signal.signal(signal.SIGTERM, stop)
-    return signal.SIG_DFL if previous is None else previous  # None: a handler set outside Python
 
 
 def check_only_with_ray(flag: str, value, ray: str | None, without_ray: str) -> None:
@@ -253,7 +233,8 @@ def check_node_wait_option(node_wait: float | None, ray: str | None, without_ray
 @contextmanager
 def connect(address: str) -> Iterator[None]:
     """Connected to the cluster `address` names (`auto`, `local` or HOST:PORT) for the block;
-    `local` starts a cluster of this machine for the block and stops it after. One sentence when none answers."""
+    `local` starts a cluster of this machine for the block and stops it after. One sentence when none answers.
+    Within the block SIGTERM raises `StopRequested(SIGTERM)`, as Ctrl-C raises KeyboardInterrupt."""
     ray = import_ray()
     temp = None
     own_token = False
@@ -292,14 +273,25 @@ def connect(address: str) -> Iterator[None]:
                                "started with RAY_AUTH_MODE=token, or without it `ray start --head` said `Token "
                                "authentication is enabled`), run with RAY_AUTH_MODE=token and the head's "
                                "~/.ray/auth_token in this machine's ~/.ray/ (README: Sweeps on a Ray cluster)") from None
-    try:
-        yield
-    finally:
-        ray.shutdown()
-        if own_token:
-            os.environ.pop(RAY_AUTH_TOKEN, None)
-        if temp is not None:
-            shutil.rmtree(temp, ignore_errors=True)
+    # SIGTERM (a scheduler's stop) stops the command as Ctrl-C does for the whole block, over ray.init's handler:
+    # it exited at once without a word (15), or aborted the driver inside a Ray call (-6). Ignored once the block
+    # ends, while Ray shuts down.
+    with SigtermStops(replaces=lambda handler: True) as sigterm:
+        try:
+            yield
+        except KeyboardInterrupt as interrupt:
+            if (stop := sigterm.stop_of(interrupt)) is interrupt:
+                raise
+            raise stop from None
+        finally:
+            sigterm.ignore_more()
+            try:
+                ray.shutdown()
+            finally:
+                if own_token:
+                    os.environ.pop(RAY_AUTH_TOKEN, None)
+                if temp is not None:
+                    shutil.rmtree(temp, ignore_errors=True)
 
 
 RAY_AUTH_TOKEN = "RAY_AUTH_TOKEN"  # Ray reads a cluster's token from here before ~/.ray/auth_token
@@ -525,4 +517,7 @@ def task_failure(error: Exception, retries: int) -> str:
         return str(cause)
     if cause is not None:
         return f"{type(cause).__name__}: {cause}"
+    if isinstance(error, getattr(import_ray().exceptions, "TaskCancelledError", ())):  # it read "after 3 retries"
+        return "TaskCancelledError: its Ray task was cancelled from outside this command (Ray runs again only a task " \
+               "whose worker or node was lost)"
     return f"{type(error).__name__} after {retries} retries: {str(error).splitlines()[0] if str(error) else ''}"

@@ -11,7 +11,6 @@ module imports no torch: it only starts, watches and reaps processes.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import time
 from collections.abc import Callable
@@ -19,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from slapgen.lifetime import parent_death_call
-from trainer.interrupt import StopRequested, sigterm_is_ours
+from trainer.interrupt import SigtermStops
 
 
 @dataclass(frozen=True)
@@ -55,44 +54,36 @@ def run_pool(jobs: list[Job], slots: list[str], on_tick: Callable[[list[str]], N
     running: dict[str, tuple[Job, subprocess.Popen, object]] = {}
     codes: dict[str, int] = {}
     hook = _die_with_parent_hook()
-    previous = signal.signal(signal.SIGTERM, _stop_on_sigterm) if sigterm_is_ours() else None
-    try:
-        while waiting or running:
-            for slot in slots:
-                if slot in running or not waiting:
-                    continue
-                job = waiting.pop(0)
-                job.log.parent.mkdir(parents=True, exist_ok=True)
-                log = job.log.open("ab")
-                env = {**os.environ, "CUDA_VISIBLE_DEVICES": slot}
-                process = subprocess.Popen(job.command, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                           preexec_fn=hook)
-                running[slot] = (job, process, log)
-            time.sleep(interval_s)
-            for slot, (job, process, log) in list(running.items()):
-                if process.poll() is not None:
-                    codes[job.name] = process.returncode
-                    log.close()
-                    del running[slot]
-            if on_tick is not None:
-                on_tick([job.name for job, _, _ in running.values()])
-    finally:
-        # Interrupted (Ctrl-C, SIGTERM): each child ends its step and checkpoints it (the SIGTERM of the children
-        # the Ctrl-C reached too changes nothing), then the sweep ends. A second SIGTERM is ignored meanwhile, as
-        # training ignores it: this process ending would kill the children mid-step (PR_SET_PDEATHSIG).
-        if previous is not None:
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    with SigtermStops() as sigterm:
         try:
+            while waiting or running:
+                for slot in slots:
+                    if slot in running or not waiting:
+                        continue
+                    job = waiting.pop(0)
+                    job.log.parent.mkdir(parents=True, exist_ok=True)
+                    log = job.log.open("ab")
+                    env = {**os.environ, "CUDA_VISIBLE_DEVICES": slot}
+                    process = subprocess.Popen(job.command, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                               preexec_fn=hook)
+                    running[slot] = (job, process, log)
+                time.sleep(interval_s)
+                for slot, (job, process, log) in list(running.items()):
+                    if process.poll() is not None:
+                        codes[job.name] = process.returncode
+                        log.close()
+                        del running[slot]
+                if on_tick is not None:
+                    on_tick([job.name for job, _, _ in running.values()])
+        finally:
+            # Interrupted (Ctrl-C, SIGTERM): each child ends its step and checkpoints it (the SIGTERM of the children
+            # the Ctrl-C reached too changes nothing), then the sweep ends. A second SIGTERM is ignored meanwhile:
+            # this process ending would kill the children mid-step (PR_SET_PDEATHSIG). A Ctrl-C while waiting: the
+            # children die with this process.
+            sigterm.ignore_more()
             for job, process, log in running.values():
                 process.terminate()
             for job, process, log in running.values():
                 process.wait()
                 log.close()
-        finally:  # a Ctrl-C while waiting: the children die with this process
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
     return codes
-
-
-def _stop_on_sigterm(signum, frame) -> None:
-    raise StopRequested(signum)
