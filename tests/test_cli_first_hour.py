@@ -702,16 +702,40 @@ def test_an_ffmpeg_that_cannot_run_is_said_before_anything_is_read_or_written(co
     assert not out.exists()
 
 
+@pytest.mark.parametrize("command", [
+    ["demo-data", "{out}"],
+    ["curate", "{data}", "--out", "{out}"],
+    ["precompute", "{data}", "--out", "{out}"],
+    ["train", "--config", "tiny-smoke", "--data", "{data}", "--out", "{out}"],
+    ["eval", "--model", "tiny", "--heldout", "{data}", "--out", "{out}"],
+    ["sweep", "--config", "tiny-smoke", "--grid", "lora.rank=4,8", "--data", "{data}", "--heldout", "{data}", "--out", "{out}"],
+    ["generate", "--model", "tiny", "--prompt", "a slap", "--out", "{out}/slap.mp4"],
+])
+def test_an_output_folder_named_where_a_file_is_is_one_sentence(command, demo_dataset, tmp_path, capsys):
+    """Guards `--out README.md` (a slip of the tab key) ending in mkdir's traceback, `FileExistsError` in train, eval
+    and precompute, `NotADirectoryError` in curate (a walk-through's find; demo-data and sweep had sentences of their
+    own; generate's mp4 in a "folder" that is a file too): every command that writes a folder says so in one
+    sentence, for the file itself and for a file on the way to the folder, and the file is left as it was."""
+    from trainer.cli import main as cli_main
+
+    a_file = tmp_path / "README.md"
+    a_file.write_text("mine")
+    cases = [(a_file, f"{a_file} is a file"),
+             (a_file / "runs", f"{a_file / 'runs'} is no folder (in {a_file}, which is a file)")]
+    for out, said in cases[1:] if command[0] == "generate" else cases:  # generate's --out names the mp4 in it
+        argv = [part.format(out=out, data=demo_dataset) for part in command]
+        assert cli_main(argv) == 2
+        assert cli_stderr(capsys.readouterr().err) == (
+            f"slapgen {command[0]}: {said}: the output goes into a folder; name a new one or one this command wrote")
+    assert a_file.read_text() == "mine"
+
+
 def test_demo_data_refuses_what_it_cannot_make_and_keeps_clips_already_there(tmp_path, capsys):
-    """Guards `demo-data --clips 0` and `demo-data README.md` ending in tracebacks, and a rerun overwriting captions
+    """Guards `demo-data --clips 0` ending in a traceback (`demo-data README.md`: the next test), and a rerun overwriting captions
     edited by hand: one sentence each, nothing made; a rerun keeps the clips there and writes the missing ones,
     which are the clips a first run makes."""
     assert cli_main(["demo-data", str(tmp_path / "none"), "--clips", "0"]) == 2
     assert cli_stderr(capsys.readouterr().err) == "slapgen demo-data: --clips must be at least 1, got 0"
-    (tmp_path / "a-file").write_text("x")
-    assert cli_main(["demo-data", str(tmp_path / "a-file")]) == 2
-    assert cli_stderr(capsys.readouterr().err) == (
-        f"slapgen demo-data: {tmp_path / 'a-file'} is a file; demo-data writes a folder of clips: name a new folder")
     assert not (tmp_path / "none").exists()
     first, again = tmp_path / "first", tmp_path / "again"
     assert cli_main(["demo-data", str(first), "--clips", "3"]) == 0

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from slapgen.errors import SlapgenError
 from slapgen.names import NAME_RULE
-from trainer.errors import STORAGE_FIXES, DatasetError, EvalError
+from trainer.errors import STORAGE_FIXES, DatasetError, EvalError, OutFolderError
 from trainer.option_hints import HintingParser
 from trainer.evaluate.names import HELDOUT_LOSS_SEED
 from trainer.ray_cluster import check_gpus_option, check_node_wait_option
@@ -651,6 +651,22 @@ def default_device() -> str:
 # Commands that load torch, diffusers or transformers: they say so at once, before the imports that
 # take seconds (a minute on a cold disk), so a person sees that work has started.
 LOADING_COMMANDS = ("caption", "precompute", "train", "eval", "generate", "sweep")  # what loads a model
+# The commands whose --out (demo-data's OUT) is a folder they write into
+FOLDER_OUT_COMMANDS = ("demo-data", "curate", "precompute", "train", "eval", "sweep")
+
+
+def check_out_is_a_folder(out: Path) -> None:
+    """A folder a command writes into named where a file is (a slip of the tab key): one sentence; it was mkdir's
+    traceback (`FileExistsError`, `NotADirectoryError`) in train, eval, precompute and curate."""
+    for place in (out, *out.parents):
+        if place.exists():
+            if not place.is_dir():
+                where = "" if place == out else f" (in {place}, which is a file)"
+                raise OutFolderError(f"{out} is {'a file' if place == out else 'no folder'}{where}: the output "
+                                     "goes into a folder; name a new one or one this command wrote")
+            return
+
+
 VIDEO_COMMANDS = (*LOADING_COMMANDS, "curate", "demo-data")  # what reads or writes videos: each needs ffmpeg
 
 
@@ -678,6 +694,8 @@ def main(argv: list[str] | None = None) -> int:
 
             if (problem := ffmpeg_problem()) is not None:
                 raise DatasetError(problem)
+        if args.command in FOLDER_OUT_COMMANDS or args.command == "generate":  # generate's: the mp4's folder
+            check_out_is_a_folder(args.out if args.command in FOLDER_OUT_COMMANDS else args.out.parent)
         if (check := getattr(args, "check", None)) is not None:
             check(args)  # what was typed, checked before diffusers and transformers load (seconds more)
         if args.command in LOADING_COMMANDS:

@@ -163,9 +163,7 @@ def write_demo_dataset(out: Path, clips: int = 8, seed: int = 0) -> list[Path]:
 
 
 def check_demo_target(out: Path, clips: int) -> None:
-    """DatasetError for what demo-data cannot do: fewer than 1 clip, a target that is a file (both were
-    tracebacks)."""
+    """DatasetError for what demo-data cannot do: fewer than 1 clip (a traceback); a target that is a file is the
+    CLI's rule for every command's output folder (`cli.check_out_is_a_folder`)."""
     if clips < 1:
         raise DatasetError(f"--clips must be at least 1, got {clips}")
-    if Path(out).exists() and not Path(out).is_dir():
-        raise DatasetError(f"{out} is a file; demo-data writes a folder of clips: name a new folder")

@@ -28,6 +28,10 @@ class ClipError(SlapgenError):
         self.reason = reason  # short code: "corrupt" or "too_short"
 
 
+class OutFolderError(SlapgenError):
+    """A command's output folder is named where a file is."""
+
+
 class TrainConfigError(SlapgenError):
     """A training configuration or override is invalid."""
 
