@@ -44,6 +44,13 @@ def _read_eval(folder: Path) -> dict:
     try:
         result = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
+        from trainer.sweep.folder import DEFINITION_FILE
+
+        if (folder / DEFINITION_FILE).is_file():  # it read as if the folder were wrong, not the sweep's metrics
+            raise CampaignError(f"{folder} is a sweep that made no videos to rate (no generation metrics: held-out "
+                                "loss only): `slapgen eval` its runs (--adapter NAME=RUN_FOLDER, one per run) and "
+                                "create the campaign --from that eval's folder, or sweep again into a new --out with "
+                                "--metrics loss,clip (or fvd, temporal)") from None
         raise CampaignError(f"{folder} holds no eval.json: --from takes a folder `slapgen eval` wrote, or a sweep's "
                             "folder (or a run's RUN/eval) when the sweep had generation metrics") from None
     except (OSError, ValueError) as error:

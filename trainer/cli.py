@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from slapgen.errors import SlapgenError
-from slapgen.names import NAME_RULE
+from slapgen.names import CRITERIA, NAME_RULE
 from trainer.errors import STORAGE_FIXES, DatasetError, EvalError, OutFolderError
 from trainer.option_hints import HintingParser
 from trainer.evaluate.names import HELDOUT_LOSS_SEED
@@ -605,9 +605,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "eval folders' videos")
     create.add_argument("name", help=f"campaign name: {NAME_RULE}")
     create.add_argument("--from", dest="sources", action="append", type=Path, required=True, metavar="EVAL_DIR",
-                        help="a folder `slapgen eval` wrote (or a sweep run's RUN/eval); repeatable")
+                        help="a folder `slapgen eval` wrote, a sweep's folder (base and every run) or a sweep run's "
+                             "RUN/eval, when the sweep had generation metrics; repeatable")
     create.add_argument("--systems", metavar="A,B,...", help="the systems to rate (default: all of them)")
-    create.add_argument("--criteria", metavar="C1,C2,...", help="what raters judge, e.g. overall,motion (default overall)")
+    create.add_argument("--criteria", metavar="C1,C2,...", help="what raters judge, e.g. overall,motion_accuracy (default overall; the studio's: "
+                             f"{','.join(CRITERIA)}; or names of your own)")
     create.add_argument("--budget", type=int, metavar="N",
                         help="ratings after which the campaign is done and issues no new pair "
                              "(default: every pair of systems once on every prompt and seed)")
