@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -154,7 +155,7 @@ def test_start_up_says_which_adapter_folder_it_serves(tiny_server, tiny_cache_di
     """Guards a SLAP_ADAPTERS_DIR that silently names another folder (relative, with `bentoml serve PATH`,
     which runs in PATH): nothing said where adapters were looked for, and `GET /adapters` was simply empty.
     Start-up prints the model and the absolute folder with what it holds, then where the job board, ratings and
-    results are (guards a replica whose state nobody could see)."""
+    results are (guards a replica whose state nobody could see), and the studio's address."""
     folder = tiny_server.log_path.parent / "adapters"
     log = tiny_server.log_tail(10**7)
     # The folder was not there: made, and said (a mistyped SLAP_ADAPTERS_DIR read "none yet", nothing more).
@@ -163,6 +164,13 @@ def test_start_up_says_which_adapter_folder_it_serves(tiny_server, tiny_cache_di
     cache = tiny_cache_dir
     assert (f"slapgen: jobs in {cache / 'jobs.sqlite'}, ratings and campaigns in SQLite files in {cache / 'data'} "
             f"(SLAP_DATABASE_URL is unset); job results in {cache / 'data' / 'results'}\n") in log
+    # ... and where the studio is: `/` is the API's page, and the studio was found only by reading README's later
+    # sections (a walk-through's find). The address printed is the one the server answers on.
+    said = re.search(r"slapgen: the web studio \(generate, compare, rate, campaigns\) at (\S+)/studio/, the API's "
+                     r"docs at (\S+)/\n", log)
+    assert said is not None and said[1] == said[2] == tiny_server.url  # --host 127.0.0.1 (tests/harness.py)
+    page = httpx.get(f"{said[1]}/studio/", timeout=30)
+    assert page.status_code == 200 and "<html" in page.text.lower()
 
 
 def test_a_sweeps_runs_folder_says_why_its_runs_are_not_served(tiny_cache_dir, adapter_files, tmp_path):

@@ -46,6 +46,12 @@ def listen_address() -> tuple[str, int]:
     return host, int(port if port is not None else BentoMLContainer.http.port.get())
 
 
+def browser_address(host: str, port: int) -> str:
+    """http://HOST:PORT as a browser on this machine reaches a server listening on `host` (all addresses: localhost)."""
+    shown = "localhost" if host in ("0.0.0.0", "::", "") else host
+    return f"http://[{shown}]:{port}" if ":" in shown else f"http://{shown}:{port}"
+
+
 def check_port_free(host: str, port: int) -> None:
     """StartupError unless `host:port` can be bound now (port 0, any free port, always can)."""
     if port == 0:
