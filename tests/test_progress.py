@@ -52,6 +52,26 @@ def test_a_bar_that_is_not_left_on_screen_still_logs_its_end(monkeypatch):
     assert "2/2" in lines[-1]
 
 
+def test_quick_bars_in_one_log_share_its_interval(monkeypatch):
+    """Guards a log filled with short bars' first lines: each bar wrote its 0% state at once, so a run validating
+    every few steps logged two lines per validation video (787 of a smoke run's 801 lines, a walk-through's find).
+    The interval is the log's: a bar opened within it writes only its final state, and the training bar's next line
+    waits for the interval too."""
+    monkeypatch.delenv("TQDM_MININTERVAL", raising=False)
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    log = io.StringIO()
+    with progress_bar(total=20, desc="train", unit="step", file=log) as train:
+        for step in range(1, 21):
+            train.update(1)
+            if step % 5 == 0:
+                for _ in progress_bar(range(2), desc=f"validation at step {step}, video 1/1", unit="step", leave=False,
+                                      file=log):
+                    pass
+    lines = [line.split("|")[0] for line in log.getvalue().splitlines()]
+    assert lines == ["train:   0%", *(f"validation at step {step}, video 1/1: 100%" for step in (5, 10, 15, 20)),
+                     "train: 100%"]
+
+
 def test_tqdm_disable_reaches_bars_given_an_explicit_disable(monkeypatch):
     """Guards TQDM_DISABLE=1 (tqdm's own switch) being ignored by every bar that passes `disable=` itself, which is
     every slapgen bar with a --quiet-like option: tqdm lets an explicit argument win over its variable."""

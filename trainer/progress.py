@@ -13,6 +13,7 @@ import os
 import re
 import sys
 import time
+import weakref
 from typing import Any, TextIO
 
 LOG_INTERVAL_S = 30.0
@@ -21,22 +22,40 @@ LOG_INTERVAL_S = 30.0
 _ESCAPES = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # tqdm's cursor moves for a bar below another
 
 
+# When each log stream last got a bar's line: the interval is the log's, not each bar's, so a bar opened within it
+# (a validation video's, every few steps) writes only its final state. Weak: a stream closed is forgotten (an id
+# would be reused by the next one).
+_LAST_LINE_AT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 class LogLines:
     """A file-like for tqdm that writes a redraw as a line of its own (tqdm writes `\\r` + status + padding), at
-    most one per `interval_s`: a bar's `set_postfix` redraws at once, whatever tqdm's `mininterval` (eval's bar
-    moves on every denoising step). The last redraw held back is written when the bar closes (tqdm ends a bar it
-    leaves on screen with a line break), so a log always ends with the bar's final state, once."""
+    most one per `interval_s` in the log, whichever bar it is from: a bar's `set_postfix` redraws at once, whatever
+    tqdm's `mininterval` (eval's bar moves on every denoising step), and each new bar wrote its first state at once
+    (a smoke run's log was 787 of its 801 lines of validation bars). The last redraw held back is written when the
+    bar closes (tqdm ends a bar it leaves on screen with a line break), so a log always ends with the bar's final
+    state, once."""
 
     def __init__(self, stream: TextIO, interval_s: float):
         self.stream = stream
         self.interval_s = interval_s
-        self.last_written = -math.inf
         self.last_line: str | None = None
+        self.last_line_at = -math.inf
         self.held: str | None = None
 
     def _emit(self, line: str) -> None:
         self.stream.write(line + "\n")
-        self.last_written, self.last_line, self.held = time.monotonic(), line, None
+        try:
+            _LAST_LINE_AT[self.stream] = time.monotonic()
+        except TypeError:  # a stream that takes no weak reference: this bar's own interval, as before
+            self.last_line_at = time.monotonic()
+        self.last_line, self.held = line, None
+
+    def _log_last_line_at(self) -> float:
+        try:
+            return _LAST_LINE_AT.get(self.stream, -math.inf)
+        except TypeError:
+            return self.last_line_at
 
     def write(self, text: str) -> None:
         if text == "\n":  # the bar closes
@@ -47,7 +66,7 @@ class LogLines:
         line = _ESCAPES.sub("", text.replace("\r", "")).strip("\n").rstrip()
         if not line or line == self.last_line:
             return
-        if time.monotonic() - self.last_written >= self.interval_s:
+        if time.monotonic() - self._log_last_line_at() >= self.interval_s:
             self._emit(line)
         else:
             self.held = line
