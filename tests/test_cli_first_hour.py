@@ -789,3 +789,62 @@ def test_the_advice_after_a_ctrl_c_follows_what_the_run_folder_holds(tmp_path):
                                                                 "to continue from checkpoint-000003")
     assert after_interrupt(run, overwrite=True) == ("replace --overwrite with --resume latest to continue from "
                                                     "checkpoint-000003")
+
+
+TRAIN_MISTAKES = r"""
+import json, sys
+from trainer.cli import main
+
+said = []
+for argv in json.loads(sys.argv[1]):
+    code = main(argv)
+    said.append([code, "torch" in sys.modules])
+print(json.dumps(said))
+"""
+
+
+def test_training_says_its_inputs_mistakes_before_loading_torch(demo_dataset, tmp_path):
+    """Guards a mistyped model, a list without clips, a file that is no dataset and a `--resume latest` with nothing
+    to resume each said only after 5 s of torch and diffusers' imports (a walk-through's timings; other mistakes
+    took 0.3 s): each is said by `slapgen train` with torch not imported. And curate's empty selection read only
+    "holds no clips" (curate had selected none: every clip too short for the default --config): it says so."""
+    (tmp_path / "empty.jsonl").write_text("\n")
+    curation = tmp_path / "curation"  # curate's selection of none: every clip flagged (too short for --config)
+    curation.mkdir()
+    (curation / "report.json").write_text("{}")
+    (curation / "selected.jsonl").write_text("")
+    base = ["train", "--config", "tiny-smoke", "--out", str(tmp_path / "run")]
+    mistakes = [[*base, "--data", str(demo_dataset), "--set", "model=tyni"],
+                [*base, "--data", str(tmp_path / "empty.jsonl")],
+                [*base, "--data", str(curation / "selected.jsonl")],
+                [*base, "--data", str(demo_dataset / "clip_000.mp4")],
+                [*base, "--data", str(demo_dataset), "--resume", "latest"]]
+    done = subprocess.run([sys.executable, "-c", TRAIN_MISTAKES, json.dumps(mistakes)], cwd=REPO_ROOT,
+                          env=offline_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout) == [[2, False]] * 5, done.stderr
+    said = cli_stderr(done.stderr).splitlines()
+    assert said == [
+        "slapgen train: model=tyni is neither an existing folder nor a hub id like THUDM/CogVideoX-5b; fix the path, "
+        "or use --set model=tiny to run the built-in tiny model.",
+        f"slapgen train: dataset {tmp_path / 'empty.jsonl'} lists no clip",
+        f"slapgen train: dataset {curation / 'selected.jsonl'} lists no clip (curate selected none: its summary, and "
+        f"{curation / 'report.html'}, say why; too_short depends on --config)",
+        f"slapgen train: dataset file {demo_dataset / 'clip_000.mp4'} must be .csv or .jsonl with 'video' and "
+        "'caption' columns",
+        f"slapgen train: --resume latest: no checkpoint in {tmp_path / 'run' / 'checkpoints'} (without --resume the run "
+        "starts from step 0)"]
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_curate_selection_of_none_says_no_training_can_use_it(demo_dataset, tmp_path, capsys):
+    """Guards curate's "selected 0 (100 requested)" (the demo clips, all too short for the default --config) said as
+    if it were a selection, the next train then failing on the empty list: the line says none is clean and that no
+    training can use it, and the flags above it say why."""
+    assert cli_main(["curate", str(demo_dataset), "--out", str(tmp_path / "curation"), "--select", "100",
+                     "--workers", "1"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("  too_short: 4 (fewer than 49 frames at 8 fps") for line in printed), printed
+    selected = next(line for line in printed if line.startswith("selected "))
+    assert selected.startswith("selected 0 (100 requested)")
+    assert selected.endswith("; none is clean (the flags above say why), so no training can use it")

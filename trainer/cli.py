@@ -83,14 +83,19 @@ def precompute_overrides(args) -> list[str]:
 
 
 def check_train(args) -> None:
+    """What training checks again after its imports, checked before them: a mistyped model, a dataset's problems or
+    a `--resume` with nothing to resume took 5 s of torch and diffusers to be said (a walk-through's timings)."""
+    from slapgen.models.loading import TRAINER_SETTING, check_model_name
     from trainer.config import load_config
-    from trainer.datasets import check_dataset_exists
+    from trainer.datasets import check_dataset_exists, read_training_clips
+    from trainer.run_folder import check_new_start, check_out_folder
 
-    from trainer.run_folder import check_out_folder
-
-    load_config(args.config, args.set)  # the preset's name and every --set (load_config_for_run may download)
+    config = load_config(args.config, args.set)  # the preset's name and every --set (load_config_for_run may download)
+    check_model_name(config.model, TRAINER_SETTING)
     check_dataset_exists(args.data)
     check_out_folder(args.out, args.data)
+    check_new_start(args.out, args.resume, args.overwrite)
+    read_training_clips(args.data, config.data.max_clips, config.data.trigger_word)  # reads captions, decodes nothing
 
 
 def cmd_train(args) -> int:
@@ -164,7 +169,8 @@ def cmd_curate(args) -> int:
         asked = WHOLE_SELECTIONS.get(args.select, f"{args.select} requested")
         print(f"selected {summary['selected']} ({asked}) -> {args.out / 'selected.jsonl'}"
               f" ({hard} of them {'a hard negative' if hard == 1 else 'hard negatives'}: miss, foul, block/absorb"
-              f"{'' if args.hard_negatives else '; none kept for them: --hard-negatives SHARE does'})")
+              f"{'' if args.hard_negatives else '; none kept for them: --hard-negatives SHARE does'})"
+              + ("; none is clean (the flags above say why), so no training can use it" if not summary["selected"] else ""))
     if report["removed_from_earlier_run"]:
         print(f"removed what an earlier curate left in {args.out}: {', '.join(report['removed_from_earlier_run'])}")
     print(f"report: {args.out / 'report.html'}")

@@ -136,7 +136,11 @@ def read_dataset(path: Path, require_captions: bool = True, require_files: bool 
                            f"(`slapgen curate {path} --out DIR --select usable` reports every clip's problems and writes "
                            "the clips training can read to DIR/selected.jsonl, a dataset --data takes)")
     if not clips:
-        raise DatasetError(f"dataset {path} holds no clips")
+        said = "holds no clips" if path.is_dir() else "lists no clip"
+        if path.is_file() and (path.parent / "report.json").is_file():  # curate's selection: it says why none
+            said += (f" (curate selected none: its summary, and {path.parent / 'report.html'}, say why; too_short "
+                     "depends on --config)")
+        raise DatasetError(f"dataset {path} {said}")
     return clips
 
 
