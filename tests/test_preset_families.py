@@ -351,7 +351,8 @@ def model_known_after_download(hub, tiny_wan_cache_dir) -> str:
 
 
 def test_slapgen_train_downloads_an_unknown_model_first_and_applies_its_familys_block(model_known_after_download,
-                                                                                        tmp_path, monkeypatch):
+                                                                                        demo_dataset, tmp_path,
+                                                                                        monkeypatch):
     """Guards `slapgen train` stopping (or, before, silently training on CogVideoX values) for a Wan model
     that only a download identifies: the command downloads it first, then reads the preset again, so the
     run gets the preset's Wan block; `train` records the config it is given."""
@@ -361,8 +362,7 @@ def test_slapgen_train_downloads_an_unknown_model_first_and_applies_its_familys_
     model = model_known_after_download
     given = []
     monkeypatch.setattr(trainer.train, "train", lambda config, *args, **kwargs: given.append(config))
-    (tmp_path / "data").mkdir()  # the run folder beside it: inside a folder dataset is refused
-    assert cli_main(["train", "--config", "tiny-smoke", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"),
+    assert cli_main(["train", "--config", "tiny-smoke", "--data", str(demo_dataset), "--out", str(tmp_path / "run"),
                      "--set", f"model={model}"]) == 0
     (config,) = given
     assert config.data.fps == 16 and config.model_spec.family == "wan"
