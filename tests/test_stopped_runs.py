@@ -60,7 +60,7 @@ def test_a_second_training_into_a_running_runs_folder_is_refused(tiny_cache_dir,
     (its TensorBoard writer died on FileNotFoundError). The second start is refused in one line and changes
     nothing; the lock goes with the first run's process, however it ends (here SIGKILL)."""
     from trainer.folder_lock import FolderLock
-    from trainer.train import TRAIN_LOCK
+    from trainer.run_folder import TRAIN_LOCK
 
     run = tmp_path / "run"
     args = ["train", "--config", "tiny-smoke", "--data", str(demo_dataset), "--out", str(run)]
@@ -208,14 +208,18 @@ def test_a_video_that_could_not_be_written_whole_is_not_published(tmp_path):
 def test_the_run_folders_lock_is_the_first_processs_alone(variables, first, monkeypatch):
     """Guards every process of a CPU launch taking the run folder's lock (a PartialState made before the
     Accelerator took each for the main one, and the second was refused: "another slapgen train is running"), and an
-    MPI launch, which sets no RANK, reading every process as the first. The rank is read as accelerate reads it."""
-    from trainer.train import first_process
+    MPI launch, which sets no RANK, reading every process as the first. The rank is read as accelerate reads it
+    (`get_int_from_env`, the reference: slapgen reads it without accelerate, before torch is imported)."""
+    from accelerate.utils import get_int_from_env
+
+    from trainer.run_folder import RANK_VARIABLES, first_process
 
     for name in ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK"):
         monkeypatch.delenv(name, raising=False)
     for name, value in variables.items():
         monkeypatch.setenv(name, value)
     assert first_process() is first
+    assert first_process() is (get_int_from_env(list(RANK_VARIABLES), 0) == 0)
 
 
 FULL_DISK_IN_THE_SERVICE = r"""

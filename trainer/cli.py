@@ -88,12 +88,14 @@ def check_train(args) -> None:
     from slapgen.models.loading import TRAINER_SETTING, check_model_name
     from trainer.config import load_config
     from trainer.datasets import check_dataset_exists, read_training_clips
-    from trainer.run_folder import check_new_start, check_out_folder
+    from trainer.run_folder import check_new_start, check_out_folder, first_process, train_lock
 
     config = load_config(args.config, args.set)  # the preset's name and every --set (load_config_for_run may download)
     check_model_name(config.model, TRAINER_SETTING)
     check_dataset_exists(args.data)
     check_out_folder(args.out, args.data)
+    if first_process():  # the lock's holder: the others of a launch find it taken by their first process
+        train_lock(args.out).check_free()  # a running training's folder is that, not a folder holding a run
     check_new_start(args.out, args.resume, args.overwrite)
     read_training_clips(args.data, config.data.max_clips, config.data.trigger_word)  # reads captions, decodes nothing
 

@@ -36,6 +36,20 @@ class FolderLock:
         self._fd = fd
         return self
 
+    def check_free(self) -> None:
+        """The refusal, raised now, when another process holds the lock; nothing made or changed (a check before a
+        command's imports: the lock file and its folder are left as they are, missing or not)."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except (FileNotFoundError, NotADirectoryError):
+            return  # no lock file: nobody holds it
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise self._refusal(self.path.parent) from None
+        finally:
+            os.close(fd)  # and with it the lock taken to look
+
     def __exit__(self, *exc) -> None:
         if self._fd is not None:
             os.close(self._fd)

@@ -10,6 +10,7 @@ stays, because its entries are keyed by everything they were encoded from and ar
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import shutil
 from pathlib import Path
@@ -22,6 +23,7 @@ from slapgen.errors import counted, first_names
 from slapgen.names import NAME_PATTERN, NAME_RULE
 from trainer import checkpoints
 from trainer.errors import TrainError
+from trainer.folder_lock import FolderLock
 
 CONFIG_FILE = "config.yaml"
 CLIPS_FILE = "clips.json"  # the clips the run trains on, by name and content (`check_resume_clips`)
@@ -70,6 +72,30 @@ def training_found(run_dir: Path, saved: list[Path]) -> list[str]:
     if logged:
         found.append(f"metrics up to step {logged}")
     return found
+
+
+TRAIN_LOCK = ".train.lock"  # in the run folder, while a launch trains in it
+# Where launchers put a process's rank (torchrun's RANK, MPI's), read in this order as accelerate's
+# `get_int_from_env` reads them; here without accelerate, which imports torch (`slapgen train` checks first).
+RANK_VARIABLES = ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK")
+
+
+def first_process() -> bool:
+    """Whether this is the launch's first process, known before accelerate's state is (a PartialState made early,
+    before the CPU flag is read, had each of two CPU processes take itself for the first): the one that holds the
+    run folder's lock."""
+    for name in RANK_VARIABLES:
+        rank = int(os.environ.get(name, -1))
+        if rank >= 0:
+            return rank == 0
+    return True
+
+
+def train_lock(run_dir: Path) -> FolderLock:
+    """The lock `slapgen train` holds on its run folder (the launch's main process): a second start there is
+    refused in one sentence."""
+    return FolderLock(run_dir, TRAIN_LOCK, lambda folder: TrainError(
+        f"another slapgen train is running in {folder}; wait for it or stop it, or train into another --out"))
 
 
 def check_out_folder(run_dir: Path, data: Path) -> None:

@@ -36,7 +36,6 @@ from trainer.batches import BatchOrder, captions_dropped, load_batch
 from trainer.config import TrainConfig, check_clip_shape, check_preset_family
 from trainer.datasets import read_training_clips
 from trainer.errors import TrainConfigError, TrainError
-from trainer.folder_lock import FolderLock
 from trainer.interrupt import StopOnInterrupt, StopRequested, stopped_by
 from trainer.latent_cache import CacheEntry, LatentCache
 from trainer.lora import LORA_FILENAME, add_lora, lora_state_dict, save_lora, set_lora_state
@@ -44,7 +43,6 @@ from trainer.metrics import MetricsLog, peak_memory_mb, truncate_after
 from trainer.optim import make_lr_scheduler, make_optimizer
 from trainer.validation import Validator
 
-TRAIN_LOCK = ".train.lock"  # in the run folder, while a launch trains in it
 # A run's own latent cache (RUN_DIR/cache, the default) is encoded anew by every new --out: 20 minutes for 2,500
 # clips on the tiny model (a walk-through), hours on a real one. From this many clips, a fresh one says so.
 SHARED_CACHE_HINT_CLIPS = 100
@@ -120,7 +118,7 @@ def setup(config: TrainConfig, data_path: Path, run_dir: Path, resume: str | Non
     try:
         return _setup(config, data_path, run_dir, resume, progress, overwrite)
     except SlapgenError:
-        if first_process():
+        if run_folder.first_process():
             run_folder.remove_new(run_dir, existing)  # a failed start leaves no half-made run folder
         raise
 
@@ -129,15 +127,6 @@ def validation_due(step: int, config: TrainConfig) -> bool:
     """Whether `step` makes validation videos: every `validation.every_steps`, and the last step, as finetrainers'
     and diffusers' scripts do (the final LoRA's videos are the ones a user looks at first)."""
     return step % config.validation.every_steps == 0 or step == config.train.max_train_steps
-
-
-def first_process() -> bool:
-    """Whether this is the launch's first process, known before accelerate's state is (a PartialState made early,
-    before the CPU flag is read, had each of two CPU processes take itself for the first): by the launcher's rank,
-    read from the variables accelerate reads it from (torchrun's RANK, MPI's)."""
-    from accelerate.utils import get_int_from_env
-
-    return get_int_from_env(["RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK"], 0) == 0
 
 
 def _setup(config: TrainConfig, data_path: Path, run_dir: Path, resume: str | None, progress: bool,
@@ -286,12 +275,10 @@ def train(
     """Train a LoRA; returns the final adapter path (None when stopped early by `stop_at_step`).
     `on_step(step)` is called after every optimizer step (a sweep's progress bar counts them).
     A folder holding earlier training needs `resume` or `overwrite` (trainer.run_folder), and a folder another
-    `slapgen train` is training in is refused (`TRAIN_LOCK`, held by the launch's main process)."""
+    `slapgen train` is training in is refused (`run_folder.train_lock`, held by the launch's main process)."""
     run_dir = Path(run_dir)
     existing = run_folder.names_in(run_dir)  # before the lock file
-    lock = FolderLock(run_dir, TRAIN_LOCK, lambda folder: TrainError(
-        f"another slapgen train is running in {folder}; wait for it or stop it, or train into another --out")) \
-        if first_process() else nullcontext()
+    lock = run_folder.train_lock(run_dir) if run_folder.first_process() else nullcontext()
     with lock:
         return _train(config, data_path, run_dir, resume, stop_at_step, progress, on_step, overwrite, existing)
 
