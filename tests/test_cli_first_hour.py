@@ -759,10 +759,17 @@ def test_demo_data_refuses_what_it_cannot_make_and_keeps_clips_already_there(tmp
      "unrecognized arguments: --steps 3; --steps: slapgen generate sets it with --set num_inference_steps=VALUE"),
     (["train", "--config", "tiny-smoke", "--data", "d", "--out", "o", "--overwirte"],
      "unrecognized arguments: --overwirte; --overwirte: did you mean --overwrite?"),
+    (["trian", "--config", "tiny-smoke"],
+     "argument command: invalid choice: 'trian' (choose from 'demo-data', 'curate', 'caption', 'precompute', 'train', "
+     "'eval', 'generate', 'sweep', 'campaign', 'ratings', 'config'); trian: did you mean train?"),
+    (["campaign", "craete", "x"],
+     "argument campaign_command: invalid choice: 'craete' (choose from 'create', 'list', 'delete'); craete: did you "
+     "mean create?"),
 ])
 def test_an_unknown_option_names_what_was_likely_meant(argv, hint, capsys):
     """Guards argparse's bare refusals: `--lr 1e-3` got the top-level usage and "unrecognized arguments" with no
-    pointer to `--set optim.learning_rate=`, and `--confg` only "the following arguments are required: --config"."""
+    pointer to `--set optim.learning_rate=`, `--confg` only "the following arguments are required: --config", and a
+    mistyped command (`slapgen trian`) every choice but not the one meant (a walk-through's find)."""
     with pytest.raises(SystemExit) as stopped:
         cli_main(argv)
     assert stopped.value.code == 2

@@ -1,5 +1,6 @@
-"""What `slapgen` says of an option it does not know: argparse named it and stopped ("unrecognized arguments:
---lr 1e-3"), or, for `--confg`, said only that `--config` was missing.
+"""What `slapgen` says of an option or a command it does not know: argparse named it and stopped ("unrecognized
+arguments: --lr 1e-3"; "invalid choice: 'trian'" and every choice), or, for `--confg`, said only that `--config` was
+missing.
 
 `HintingParser` adds, for each option-like word the command does not have, the option spelt close to it, or for
 another trainer's spelling of a setting (`--lr`, `--rank`, `--steps`) the `--set` that sets it.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import re
 import sys
 
 # Other trainers' options for what slapgen sets with --set: config keys (train, sweep, curate, precompute) ...
@@ -34,6 +36,11 @@ class HintingParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         hints = self._hints()
+        # A mistyped command (`slapgen trian`, `slapgen campaign craete`): argparse lists the choices, names none.
+        if (typed := re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)$", message)) is not None:
+            choices = re.findall(r"'([^']*)'", typed[2])
+            if close := difflib.get_close_matches(typed[1], choices, n=1, cutoff=0.6):
+                hints.insert(0, f"{typed[1]}: did you mean {close[0]}?")
         self.print_usage(sys.stderr)
         self.exit(2, f"{self.prog}: error: {message}{'; ' if hints else ''}{'; '.join(hints)}\n")
 
