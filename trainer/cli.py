@@ -94,9 +94,12 @@ def check_train(args) -> None:
     check_model_name(config.model, TRAINER_SETTING)
     check_dataset_exists(args.data)
     check_out_folder(args.out, args.data)
-    if first_process():  # the lock's holder: the others of a launch find it taken by their first process
+    # The run folder, by the launch's first process alone: another process of the launch may start after it has
+    # taken the lock and written the run's first files (training checks it in every process, before the barrier the
+    # first writes wait for).
+    if first_process():
         train_lock(args.out).check_free()  # a running training's folder is that, not a folder holding a run
-    check_new_start(args.out, args.resume, args.overwrite)
+        check_new_start(args.out, args.resume, args.overwrite)
     read_training_clips(args.data, config.data.max_clips, config.data.trigger_word)  # reads captions, decodes nothing
 
 
