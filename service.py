@@ -48,7 +48,7 @@ from slapgen.serving.requests import SEED_HEADER, GenerateRequest, RenderRequest
 from slapgen.serving.routes import build_routes
 from slapgen.serving.settings import load_settings
 from slapgen.serving.startup import (StoreOnFirstUse, browser_address, check_port_free, claim_task_store,
-                                     listen_address)
+                                     listen_address, served_with_tls)
 from slapgen.video import ffmpeg_problem
 
 
@@ -129,9 +129,9 @@ def _say_what_is_served() -> None:  # the model, the adapters, where the state i
         print(f"slapgen: {sentence}", file=sys.stderr, flush=True)
     print(f"slapgen: {settings.where_state_is()}", file=sys.stderr, flush=True)
     # `/` is the API's page; the studio was found only by readers of README's later sections (a walk-through's find).
-    address = browser_address(*listen_address())
-    print(f"slapgen: the web studio (generate, compare, rate, campaigns) at {address}/studio/, the API's docs at "
-          f"{address}/", file=sys.stderr, flush=True)
+    if (address := browser_address(*listen_address(), tls=served_with_tls())) is not None:
+        print(f"slapgen: the web studio (generate, compare, rate, campaigns) at {address}/studio/, the API's docs at "
+              f"{address}/, once the workers are up", file=sys.stderr, flush=True)
     for sentence in settings.ineffective():
         print(f"slapgen: {sentence}", file=sys.stderr, flush=True)
 

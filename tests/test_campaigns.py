@@ -258,10 +258,15 @@ def test_cli_names_the_missing_videos_and_refuses_a_taken_name(monkeypatch, tmp_
     assert "holds no eval.json" in capsys.readouterr().err
     # A sweep without generation metrics (held-out loss only) read as a wrong folder (a walk-through's find)
     (tmp_path / "sweep").mkdir()
-    (tmp_path / "sweep" / "sweep.json").write_text("{}")
+    (tmp_path / "sweep" / "sweep.json").write_text(json.dumps({"metrics": ["loss"]}))
     assert run_cli(monkeypatch, tmp_path, "c", "--from", str(tmp_path / "sweep")) == 2
     assert f"slapgen campaign: {tmp_path / 'sweep'} is a sweep that made no videos to rate (no generation metrics" \
         in capsys.readouterr().err
+    # ... and one with them, not finished yet: its rerun makes the videos (the review's find: it was told to sweep
+    # again into a new folder, leaving its runs)
+    (tmp_path / "sweep" / "sweep.json").write_text(json.dumps({"metrics": ["loss", "clip"]}))
+    assert run_cli(monkeypatch, tmp_path, "c", "--from", str(tmp_path / "sweep")) == 2
+    assert f"slapgen campaign: {tmp_path / 'sweep'} is a sweep whose videos are not all made yet" in capsys.readouterr().err
     whole = write_eval_dir(tmp_path / "whole", ["base", "lora"])
     assert run_cli(monkeypatch, tmp_path, "c", "--from", str(whole)) == 0
     assert run_cli(monkeypatch, tmp_path, "c", "--from", str(whole)) == 2

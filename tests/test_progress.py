@@ -55,21 +55,36 @@ def test_a_bar_that_is_not_left_on_screen_still_logs_its_end(monkeypatch):
 def test_quick_bars_in_one_log_share_its_interval(monkeypatch):
     """Guards a log filled with short bars' first lines: each bar wrote its 0% state at once, so a run validating
     every few steps logged two lines per validation video (787 of a smoke run's 801 lines, a walk-through's find).
-    The interval is the log's: a bar opened within it writes only its final state, and the training bar's next line
-    waits for the interval too."""
+    The interval is the log's: a bar opened within it writes only its final state. And guards the training bar
+    going missing from such a log (the review's find on the first version, where each validation's final line
+    started the interval again): a bar's final line starts no interval, so training still writes a line every
+    interval. The log's clock is a fake one: 2 s a step, a validation every 10 steps, 30 s the interval."""
+    from trainer import progress
+
+    class Clock:
+        now = 1000.0
+
+        @classmethod
+        def monotonic(cls) -> float:
+            return cls.now
+
     monkeypatch.delenv("TQDM_MININTERVAL", raising=False)
     monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    monkeypatch.setattr(progress, "time", Clock)
     log = io.StringIO()
-    with progress_bar(total=20, desc="train", unit="step", file=log) as train:
-        for step in range(1, 21):
+    with progress_bar(total=30, desc="train", unit="step", file=log) as train:
+        for step in range(1, 31):
+            Clock.now += 2
             train.update(1)
-            if step % 5 == 0:
+            train.set_postfix(step=step)  # training's loss and lr, redrawn every step
+            if step % 10 == 0:
                 for _ in progress_bar(range(2), desc=f"validation at step {step}, video 1/1", unit="step", leave=False,
                                       file=log):
                     pass
     lines = [line.split("|")[0] for line in log.getvalue().splitlines()]
-    assert lines == ["train:   0%", *(f"validation at step {step}, video 1/1: 100%" for step in (5, 10, 15, 20)),
-                     "train: 100%"]
+    assert lines == ["train:   0%", "validation at step 10, video 1/1: 100%", "train:  50%",
+                     "validation at step 20, video 1/1: 100%", "train: 100%", "validation at step 30, video 1/1: 100%",
+                     "train: 100%"], log.getvalue()
 
 
 def test_tqdm_disable_reaches_bars_given_an_explicit_disable(monkeypatch):

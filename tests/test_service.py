@@ -167,7 +167,7 @@ def test_start_up_says_which_adapter_folder_it_serves(tiny_server, tiny_cache_di
     # ... and where the studio is: `/` is the API's page, and the studio was found only by reading README's later
     # sections (a walk-through's find). The address printed is the one the server answers on.
     said = re.search(r"slapgen: the web studio \(generate, compare, rate, campaigns\) at (\S+)/studio/, the API's "
-                     r"docs at (\S+)/\n", log)
+                     r"docs at (\S+)/, once the workers are up\n", log)
     assert said is not None and said[1] == said[2] == tiny_server.url  # --host 127.0.0.1 (tests/harness.py)
     page = httpx.get(f"{said[1]}/studio/", timeout=30)
     assert page.status_code == 200 and "<html" in page.text.lower()

@@ -66,7 +66,8 @@ def test_a_store_opened_on_first_use_opens_once_and_only_when_used(tmp_path):
 
 def test_the_studio_address_is_one_a_browser_on_this_machine_opens():
     """Guards start-up's studio line naming an address no browser opens: a server on every address (BentoML's
-    default 0.0.0.0, or ::) is reached at localhost; an IPv6 address goes in brackets."""
+    default 0.0.0.0, or ::) is reached at localhost; an IPv6 address goes in brackets; HTTPS where BentoML serves
+    TLS; no address for port 0."""
     from slapgen.serving.startup import browser_address
 
     assert browser_address("0.0.0.0", 3000) == "http://localhost:3000"
@@ -74,3 +75,5 @@ def test_the_studio_address_is_one_a_browser_on_this_machine_opens():
     assert browser_address("127.0.0.1", 3001) == "http://127.0.0.1:3001"
     assert browser_address("::1", 3000) == "http://[::1]:3000"
     assert browser_address("gpu-7.lab", 8080) == "http://gpu-7.lab:8080"
+    assert browser_address("0.0.0.0", 443, tls=True) == "https://localhost:443"  # --ssl-certfile
+    assert browser_address("0.0.0.0", 0) is None  # --port 0: the port is known only once it listens

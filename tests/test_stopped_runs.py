@@ -88,6 +88,29 @@ def test_a_second_training_into_a_running_runs_folder_is_refused(tiny_cache_dir,
         pass
 
 
+def test_a_look_at_the_run_folders_lock_refuses_while_held_and_changes_nothing(tmp_path):
+    """Guards `slapgen train`'s look at the lock before its imports (`FolderLock.check_free`): it must refuse while
+    another holds the lock, make nothing where there is no run folder (a refused or checked start changes nothing),
+    and leave the holder holding it (a look that took the lock away, or kept it, would let a second training in or
+    refuse the first's own next start)."""
+    from trainer.errors import TrainError
+    from trainer.run_folder import train_lock
+
+    run = tmp_path / "run"
+    train_lock(run).check_free()
+    assert not run.exists()
+    with train_lock(run):  # held through another open of the file: flock locks conflict across opens
+        for _ in range(2):
+            with pytest.raises(TrainError, match=f"another slapgen train is running in {run};"):
+                train_lock(run).check_free()
+        with pytest.raises(TrainError):  # still held after the looks
+            with train_lock(run):
+                pass
+    train_lock(run).check_free()
+    with train_lock(run):  # free again once the holder let go
+        pass
+
+
 def test_which_signals_ask_training_to_stop():
     """Guards training stopping on a SIGINT its process was started ignoring (a shell's background job, `cmd &`,
     gets SIGINT ignored, and a Ctrl-C meant for the foreground stopped the job's training though not its encoding),

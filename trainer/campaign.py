@@ -24,6 +24,7 @@ from pathlib import Path
 
 from slapgen.errors import CampaignError, CampaignNotFoundError, CampaignRatedError
 from slapgen.names import CRITERIA, NAME_RULE
+from trainer.evaluate.names import GENERATING_GROUPS
 from slapgen.campaign_store import CAMPAIGN_NAME_PATTERN, CampaignSpec, Item, check_campaign_name
 
 DEFAULT_CRITERIA = ("overall",)
@@ -39,14 +40,27 @@ def _source_label(folder: Path) -> str:
     return re.sub(r"[^a-z0-9_-]+", "-", named.resolve().name.lower()).strip("-")[:40] or "run"
 
 
+def _sweep_metrics(folder: Path) -> list[str] | None:
+    """The --metrics of the sweep `folder` holds (its sweep.json), or None when it holds none."""
+    from trainer.sweep.folder import DEFINITION_FILE
+
+    try:
+        definition = json.loads((folder / DEFINITION_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    metrics = definition.get("metrics") if isinstance(definition, dict) else None
+    return [str(metric) for metric in metrics] if isinstance(metrics, list) else []
+
+
 def _read_eval(folder: Path) -> dict:
     path = folder / "eval.json"
     try:
         result = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        from trainer.sweep.folder import DEFINITION_FILE
-
-        if (folder / DEFINITION_FILE).is_file():  # it read as if the folder were wrong, not the sweep's metrics
+        if (sweep := _sweep_metrics(folder)) is not None:  # it read as if the folder were wrong
+            if any(metric in GENERATING_GROUPS for metric in sweep):
+                raise CampaignError(f"{folder} is a sweep whose videos are not all made yet (its eval.json is written "
+                                    "once every run is scored): rerun the same sweep command to finish it") from None
             raise CampaignError(f"{folder} is a sweep that made no videos to rate (no generation metrics: held-out "
                                 "loss only): `slapgen eval` its runs (--adapter NAME=RUN_FOLDER, one per run) and "
                                 "create the campaign --from that eval's folder, or sweep again into a new --out with "

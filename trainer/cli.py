@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import errno
-import os
 import sys
 from pathlib import Path
 
@@ -94,13 +93,14 @@ def check_train(args) -> None:
     check_model_name(config.model, TRAINER_SETTING)
     check_dataset_exists(args.data)
     check_out_folder(args.out, args.data)
-    # The run folder, by the launch's first process alone: another process of the launch may start after it has
-    # taken the lock and written the run's first files (training checks it in every process, before the barrier the
-    # first writes wait for).
+    # The run folder and the dataset, by the launch's first process alone: another process of the launch may start
+    # after it has taken the lock and written the run's first files (training checks every process, before the
+    # barrier the first writes wait for), and thousands of captions are read once here, not once per process.
     if first_process():
         train_lock(args.out).check_free()  # a running training's folder is that, not a folder holding a run
         check_new_start(args.out, args.resume, args.overwrite)
-    read_training_clips(args.data, config.data.max_clips, config.data.trigger_word)  # reads captions, decodes nothing
+        # The captions read (and at most a few uncaptioned clips opened); the others of a launch read them in training.
+        read_training_clips(args.data, config.data.max_clips, config.data.trigger_word)
 
 
 def cmd_train(args) -> int:
@@ -175,7 +175,8 @@ def cmd_curate(args) -> int:
         print(f"selected {summary['selected']} ({asked}) -> {args.out / 'selected.jsonl'}"
               f" ({hard} of them {'a hard negative' if hard == 1 else 'hard negatives'}: miss, foul, block/absorb"
               f"{'' if args.hard_negatives else '; none kept for them: --hard-negatives SHARE does'})"
-              + ("; none is clean (the flags above say why), so no training can use it" if not summary["selected"] else ""))
+              + (f"; none is {'readable' if args.select == 'usable' else 'clean'} (the flags above say why), so no "
+                 "training can use it" if not summary["selected"] else ""))
     if report["removed_from_earlier_run"]:
         print(f"removed what an earlier curate left in {args.out}: {', '.join(report['removed_from_earlier_run'])}")
     print(f"report: {args.out / 'report.html'}")
@@ -669,14 +670,15 @@ FOLDER_OUT_COMMANDS = ("demo-data", "curate", "precompute", "train", "eval", "sw
 
 
 def check_out_is_a_folder(out: Path) -> None:
-    """A folder a command writes into named where a file is (a slip of the tab key): one sentence; it was mkdir's
-    traceback (`FileExistsError`, `NotADirectoryError`) in train, eval, precompute and curate."""
+    """A folder a command writes into named where a file (or a broken link) is, or inside one (a slip of the tab
+    key): one sentence; it was mkdir's traceback (`FileExistsError`, `NotADirectoryError`) in train, eval, precompute
+    and curate."""
     for place in (out, *out.parents):
-        if place.exists():
+        if place.exists() or place.is_symlink():
             if not place.is_dir():
-                where = "" if place == out else f" (in {place}, which is a file)"
-                raise OutFolderError(f"{out} is {'a file' if place == out else 'no folder'}{where}: the output "
-                                     "goes into a folder; name a new one or one this command wrote")
+                what = "a broken link" if not place.exists() else "a file"
+                said = f"{out} is {what}" if place == out else f"{out} is inside {place}, {what}"
+                raise OutFolderError(f"{said}: the output goes into a folder (one that is not there is made)")
             return
 
 
@@ -697,9 +699,11 @@ RESUME_ADVICE = {"sweep": "rerun the same command: finished runs are kept, the o
 
 
 def main(argv: list[str] | None = None) -> int:
+    from trainer.run_folder import first_process
+
     args = build_parser().parse_args(argv)  # no heavy import before here: --help and argument errors are instant
     try:
-        if args.command in LOADING_COMMANDS and os.environ.get("RANK", "0") == "0":
+        if args.command in LOADING_COMMANDS and first_process():
             # at once (torch alone takes seconds); under `accelerate launch`, one line, not one per process
             print(loading_line(args.command), file=sys.stderr, flush=True)
         if args.command in VIDEO_COMMANDS:
@@ -725,7 +729,7 @@ def main(argv: list[str] | None = None) -> int:
         from trainer.interrupt import stop_signal, stopped_by
 
         signum = stop_signal(error)  # training's stop asked by SIGTERM (a scheduler's) exits 143, as SIGTERM would
-        if os.environ.get("RANK", "0") == "0":  # under `accelerate launch`, one line, not one per process
+        if first_process():  # under `accelerate launch` (or MPI), one line, not one per process
             # Above the bar the Ctrl-C left open (a plain print was glued onto the end of its line).
             tqdm.write(f"slapgen {args.command}: {stopped_by(signum)}; finished work is kept ({how_to_continue(args)})",
                        file=sys.stderr)

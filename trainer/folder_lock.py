@@ -41,12 +41,16 @@ class FolderLock:
         command's imports: the lock file and its folder are left as they are, missing or not)."""
         try:
             fd = os.open(self.path, os.O_RDONLY)
-        except (FileNotFoundError, NotADirectoryError):
-            return  # no lock file: nobody holds it
+        except OSError:
+            return  # no lock file (nobody holds it), or one this cannot open: the lock itself decides later
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # Shared: it conflicts with the holder's exclusive lock, and works on a read-only descriptor, where an
+            # exclusive one fails on NFS (EBADF: NFSv4 emulates flock with fcntl locks).
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
             raise self._refusal(self.path.parent) from None
+        except OSError:
+            return  # cannot tell here: the lock itself decides later
         finally:
             os.close(fd)  # and with it the lock taken to look
 

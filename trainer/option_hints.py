@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import re
 import sys
 
 # Other trainers' options for what slapgen sets with --set: config keys (train, sweep, curate, precompute) ...
@@ -37,10 +36,15 @@ class HintingParser(argparse.ArgumentParser):
     def error(self, message: str):
         hints = self._hints()
         # A mistyped command (`slapgen trian`, `slapgen campaign craete`): argparse lists the choices, names none.
-        if (typed := re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)$", message)) is not None:
-            choices = re.findall(r"'([^']*)'", typed[2])
-            if close := difflib.get_close_matches(typed[1], choices, n=1, cutoff=0.6):
-                hints.insert(0, f"{typed[1]}: did you mean {close[0]}?")
+        # The choices are the parser's own (argparse's wording of them differs between Python versions).
+        if "invalid choice" in message:
+            for action in self._actions:
+                if isinstance(action, argparse._SubParsersAction):
+                    words = [word for word in getattr(self, "_typed", None) or [] if not word.startswith("-")]
+                    typed = next((word for word in words if word not in action.choices), None)
+                    if typed is not None and (close := difflib.get_close_matches(typed, list(action.choices), n=1,
+                                                                                    cutoff=0.6)):
+                        hints.insert(0, f"{typed}: did you mean {close[0]}?")
         self.print_usage(sys.stderr)
         self.exit(2, f"{self.prog}: error: {message}{'; ' if hints else ''}{'; '.join(hints)}\n")
 

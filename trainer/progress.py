@@ -43,12 +43,13 @@ class LogLines:
         self.last_line_at = -math.inf
         self.held: str | None = None
 
-    def _emit(self, line: str) -> None:
+    def _emit(self, line: str, closing: bool = False) -> None:
         self.stream.write(line + "\n")
-        try:
-            _LAST_LINE_AT[self.stream] = time.monotonic()
-        except TypeError:  # a stream that takes no weak reference: this bar's own interval, as before
-            self.last_line_at = time.monotonic()
+        if not closing:  # a bar's final line starts no interval: a bar closing often kept a long one out of the log
+            try:
+                _LAST_LINE_AT[self.stream] = time.monotonic()
+            except TypeError:  # a stream that takes no weak reference: this bar's own interval, as before
+                self.last_line_at = time.monotonic()
         self.last_line, self.held = line, None
 
     def _log_last_line_at(self) -> float:
@@ -60,7 +61,7 @@ class LogLines:
     def write(self, text: str) -> None:
         if text == "\n":  # the bar closes
             if self.held is not None and self.held != self.last_line:
-                self._emit(self.held)
+                self._emit(self.held, closing=True)
             self.held = None
             return
         line = _ESCAPES.sub("", text.replace("\r", "")).strip("\n").rstrip()

@@ -46,10 +46,23 @@ def listen_address() -> tuple[str, int]:
     return host, int(port if port is not None else BentoMLContainer.http.port.get())
 
 
-def browser_address(host: str, port: int) -> str:
-    """http://HOST:PORT as a browser on this machine reaches a server listening on `host` (all addresses: localhost)."""
+def served_with_tls() -> bool:
+    """Whether this `bentoml serve` serves HTTPS: its --ssl-certfile (or BentoML's configuration of one)."""
+    import click
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    context = click.get_current_context(silent=True)
+    return bool((context.params if context is not None else {}).get("ssl_certfile") or BentoMLContainer.ssl.certfile.get())
+
+
+def browser_address(host: str, port: int, tls: bool = False) -> str | None:
+    """SCHEME://HOST:PORT as a browser on this machine reaches a server listening on `host` (all addresses:
+    localhost); None for port 0 (the system picks one, known only once it listens)."""
+    if port == 0:
+        return None
     shown = "localhost" if host in ("0.0.0.0", "::", "") else host
-    return f"http://[{shown}]:{port}" if ":" in shown else f"http://{shown}:{port}"
+    scheme = "https" if tls else "http"
+    return f"{scheme}://[{shown}]:{port}" if ":" in shown else f"{scheme}://{shown}:{port}"
 
 
 def check_port_free(host: str, port: int) -> None:
