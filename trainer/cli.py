@@ -620,7 +620,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a folder `slapgen eval` wrote, a sweep's folder (base and every run) or a sweep run's "
                              "RUN/eval, when the sweep had generation metrics; repeatable")
     create.add_argument("--systems", metavar="A,B,...", help="the systems to rate (default: all of them)")
-    create.add_argument("--criteria", metavar="C1,C2,...", help="what raters judge, e.g. overall,motion_accuracy (default overall; the studio's: "
+    create.add_argument("--criteria", metavar="C1,C2,...",
+                        help=f"what raters judge, e.g. overall,motion_accuracy (default overall; the studio's: "
                              f"{','.join(CRITERIA)}; or names of your own)")
     create.add_argument("--budget", type=int, metavar="N",
                         help="ratings after which the campaign is done and issues no new pair "

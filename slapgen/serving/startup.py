@@ -52,7 +52,8 @@ def served_with_tls() -> bool:
     from bentoml._internal.configuration.containers import BentoMLContainer
 
     context = click.get_current_context(silent=True)
-    return bool((context.params if context is not None else {}).get("ssl_certfile") or BentoMLContainer.ssl.certfile.get())
+    params = context.params if context is not None else {}
+    return bool(params.get("ssl_certfile") or BentoMLContainer.ssl.certfile.get())
 
 
 def browser_address(host: str, port: int, tls: bool = False) -> str | None:
