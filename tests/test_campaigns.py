@@ -573,13 +573,13 @@ def test_one_rater_asking_two_replicas_at_once_gets_one_pair(tmp_path, eval_dir,
     CampaignStore(tmp_path / "data", database_url).create(plan_campaign("race", [eval_dir]))
     stores = [CampaignStore(tmp_path / "data", database_url) for _ in range(2)]
     checked = threading.Barrier(len(stores))
-    answered_pairs = CampaignStore.answered_pairs
+    answered_pair_count = CampaignStore.answered_pair_count
 
-    def after_both_checked(self, name, rater):  # next_pair_for reads it right after its open-pair check
+    def after_both_checked(self, name, rater):  # next_pair_for reads it after its open-pair check
         checked.wait(timeout=30)
-        return answered_pairs(self, name, rater)
+        return answered_pair_count(self, name, rater)
 
-    monkeypatch.setattr(CampaignStore, "answered_pairs", after_both_checked)
+    monkeypatch.setattr(CampaignStore, "answered_pair_count", after_both_checked)
     with ThreadPoolExecutor(len(stores)) as pool:
         issued = list(pool.map(lambda store: next_pair_for(store, "race", "ana", np.random.default_rng(0)), stores))
     assert issued[0].pair_id == issued[1].pair_id
@@ -879,6 +879,55 @@ def test_no_pair_is_issued_past_the_budget_nor_a_repeat_once_every_pair_is_judge
     store.answer("one", only.pair_id, "dora", {"overall": "right"})
     assert next_pair_for(store, "one", "dora", np.random.default_rng(0), repeat_share=1.0) == (
         "dora has judged every pair of systems on every prompt and seed of one")
+
+
+def test_a_pair_request_costs_the_same_queries_however_many_pairs_the_rater_answered(tmp_path, database_url):
+    """Guards a pair request that read every pair its rater had answered, one query each, to draw a repeat from
+    them (200 ms a request at 120 answered pairs on SQLite; a round trip each on PostgreSQL). The statements one
+    request runs are counted after 2 and after 12 answered pairs: the same number. And the repeat drawn is the one
+    the generator's draw names among the rater's answered pairs, oldest first, sides swapped (the reference: the
+    pairs in the order this test answered them, and the index the generator's last `integers` call returned)."""
+    from sqlalchemy import event
+
+    from slapgen.campaign_store import next_pair_for
+
+    class RecordedDraws:
+        """A generator that notes what each `integers` call was asked and returned."""
+
+        def __init__(self, seed: int):
+            self.generator, self.integer_draws = np.random.default_rng(seed), []
+
+        def random(self):
+            return self.generator.random()
+
+        def integers(self, high):
+            drawn = self.generator.integers(high)
+            self.integer_draws.append((int(high), int(drawn)))
+            return drawn
+
+    store = CampaignStore(tmp_path / "data", database_url)
+    folder = write_eval_dir(tmp_path / "many", ["base", "lora_a", "lora_b", "lora_c"], prompts=4, seeds=(0, 1))
+    store.create(plan_campaign("many", [folder]))  # 6 pairs on 8 items; ties all: never separated
+    statements = []
+    event.listen(store._engine, "before_cursor_execute", lambda *args: statements.append(args[2]))
+    answered, queries = [], {}
+    for count in range(1, 13):
+        pair = next_pair_for(store, "many", "ana", np.random.default_rng(count), repeat_share=0)
+        store.answer("many", pair.pair_id, "ana", {"overall": "tie"})
+        answered.append(pair)
+        other = next_pair_for(store, "many", "ben", np.random.default_rng(count), repeat_share=0)
+        store.answer("many", other.pair_id, "ben", {"overall": "tie"})  # another rater's pairs are not drawn
+        if count in (2, 12):
+            statements.clear()
+            draws = RecordedDraws(100 + count)
+            repeat = next_pair_for(store, "many", "ana", draws, repeat_share=1.0)
+            queries[count] = len(statements)
+            high, index = draws.integer_draws[-1]  # the repeat's draw comes last
+            assert (high, repeat.repeat) == (count, True)
+            assert (repeat.left, repeat.right, repeat.item) == (answered[index].right, answered[index].left,
+                                                                answered[index].item)
+            store.answer("many", repeat.pair_id, "ana", {"overall": "tie"})
+    assert queries[2] == queries[12], queries
 
 
 def test_a_campaign_separated_on_every_criterion_issues_no_more_pairs_and_says_so(tmp_path):
