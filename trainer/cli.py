@@ -143,6 +143,7 @@ def cmd_curate(args) -> int:
     from trainer.config import load_config
     from trainer.curate import CurateSettings, curate
     from trainer.curate.selection import WHOLE_SELECTIONS
+    from trainer.datasets import CURATE_PAGE, CURATE_SELECTION
 
     data = load_config(args.config, args.set).data
     settings = CurateSettings(num_frames=data.num_frames, fps=data.fps, workers=args.workers, select=args.select,
@@ -172,14 +173,14 @@ def cmd_curate(args) -> int:
         hard = summary["hard_negatives_selected"]
         # counted whether or not --hard-negatives kept a share for them: say which, or "hard negatives" reads as asked for
         asked = WHOLE_SELECTIONS.get(args.select, f"{args.select} requested")
-        print(f"selected {summary['selected']} ({asked}) -> {args.out / 'selected.jsonl'}"
+        print(f"selected {summary['selected']} ({asked}) -> {args.out / CURATE_SELECTION}"
               f" ({hard} of them {'a hard negative' if hard == 1 else 'hard negatives'}: miss, foul, block/absorb"
               f"{'' if args.hard_negatives else '; none kept for them: --hard-negatives SHARE does'})"
               + (f"; none is {'readable' if args.select == 'usable' else 'clean'} (the flags above say why), so no "
                  "training can use it" if not summary["selected"] else ""))
     if report["removed_from_earlier_run"]:
         print(f"removed what an earlier curate left in {args.out}: {', '.join(report['removed_from_earlier_run'])}")
-    print(f"report: {args.out / 'report.html'}")
+    print(f"report: {args.out / CURATE_PAGE}")
     return 0
 
 

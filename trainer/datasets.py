@@ -31,6 +31,11 @@ from slapgen.errors import closest_path_hint, first_names
 from trainer.errors import DatasetError
 from trainer.trigger_word import PLACEHOLDER, with_trigger_word
 
+# What `slapgen curate --out DIR` writes (trainer/curate/run.py): a dataset reader knows a selection by them.
+CURATE_SELECTION = "selected.jsonl"
+CURATE_REPORT = "report.json"
+CURATE_PAGE = "report.html"
+
 VIDEO_SUFFIXES = (".mp4", ".mov", ".webm", ".mkv", ".avi", ".m4v")
 VIDEO_COLUMN, CAPTION_COLUMN, CONDITION_COLUMN = "video", "caption", "condition"
 _UNDECODABLE = re.compile("[\udc80-\udcff]")  # what surrogateescape makes of bytes that are not UTF-8
@@ -67,7 +72,7 @@ def check_dataset_exists(path: Path) -> Path:
     if not path.exists():
         if close := closest_path_hint(path):  # `dmeo` for `demo`: the typo, not demo-data
             raise DatasetError(f"dataset {path} does not exist{close}")
-        if path.name == "selected.jsonl":  # curate writes it only when asked to select
+        if path.name == CURATE_SELECTION:  # curate writes it only when asked to select
             raise DatasetError(f"dataset {path} does not exist: `slapgen curate DATASET --out {path.parent} --select N` "
                                "writes it, the best N clips")
         raise DatasetError(f"dataset {path} does not exist (a folder of clips with captions, or a .csv / .jsonl; "
@@ -137,8 +142,8 @@ def read_dataset(path: Path, require_captions: bool = True, require_files: bool 
                            "the clips training can read to DIR/selected.jsonl, a dataset --data takes)")
     if not clips:
         said = "holds no clips" if path.is_dir() else "lists no clip"
-        if path.is_file() and (path.parent / "report.json").is_file():  # curate's selection: it says why none
-            said += (f" (curate selected none: its summary, and {path.parent / 'report.html'}, say why; too_short "
+        if path.is_file() and (path.parent / CURATE_REPORT).is_file():  # curate's selection: it says why none
+            said += (f" (curate selected none: its summary, and {path.parent / CURATE_PAGE}, say why; too_short "
                      "depends on --config)")
         raise DatasetError(f"dataset {path} {said}")
     return clips

@@ -69,13 +69,18 @@ class SigtermStops:
     waits in Ray asks `stop_of(that interrupt)`. `ignore_more()`, while the block's stop is carried out: a second
     SIGTERM is ignored, as training ignores it (its sender kills the process when its grace ends)."""
 
-    def __init__(self, replaces: Callable[[object], bool] = lambda handler: handler is signal.SIG_DFL):
+    def __init__(self, replaces: Callable[[object], bool] | None = None):
         self.came = False
         self._replaces = replaces
         self._previous = None
 
+    def _takes_over(self) -> bool:
+        if self._replaces is None:
+            return sigterm_is_ours()
+        return threading.current_thread() is threading.main_thread() and self._replaces(signal.getsignal(signal.SIGTERM))
+
     def __enter__(self) -> "SigtermStops":
-        if threading.current_thread() is threading.main_thread() and self._replaces(signal.getsignal(signal.SIGTERM)):
+        if self._takes_over():
             previous = signal.signal(signal.SIGTERM, self._stop)
             self._previous = signal.SIG_DFL if previous is None else previous  # None: a handler set outside Python
         return self

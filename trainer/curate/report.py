@@ -9,6 +9,7 @@ from pathlib import Path
 from slapgen.atomic import atomic_write_text
 from slapgen.errors import counted
 from trainer.curate.captions import ASPECTS, CATEGORIES, MAX_WORDS, MIN_WORDS, OUTCOMES
+from trainer.datasets import CURATE_PAGE
 
 
 def _plots(out: Path, report: dict) -> dict[str, str]:
@@ -116,6 +117,6 @@ Probed at {summary["clips_per_second"]} clips/s with {summary["workers"]} worker
 </table>
 {not_read}</body></html>
 """
-    path = out / "report.html"
+    path = out / CURATE_PAGE
     atomic_write_text(path, page)
     return path

@@ -30,7 +30,7 @@ from trainer.curate.selection import select_best, usable
 from trainer.curate.fingerprint import Signature
 from trainer.curate.probe_cache import FileState, ProbeCache
 from trainer.curate.video_probe import VideoProbe, probe_video
-from trainer.datasets import Clip, read_dataset, unread_entries
+from trainer.datasets import CURATE_REPORT, CURATE_SELECTION, Clip, read_dataset, unread_entries
 from trainer.frames import sample_indices
 
 BLACK_FRACTION = 0.5  # a clip black for at least half the frames training reads of it is flagged `black`
@@ -176,7 +176,7 @@ def curate(dataset: Path, out: Path, settings: CurateSettings = CurateSettings()
         selected = select_best(records, count, settings.hard_negative_share) if count else []
     if settings.select:
         rows = [{"video": os.path.relpath(r["path"], out), "caption": r["caption_text"]} for r in selected]
-        atomic_write_text(out / "selected.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
+        atomic_write_text(out / CURATE_SELECTION, "".join(json.dumps(row) + "\n" for row in rows))
 
     summary = _summary(records, selected, elapsed, workers, settings, cache.hits)
     removed = _remove_earlier_run(out, {Path(record["thumbnail"]).name for record in records if record["thumbnail"]},
@@ -184,7 +184,7 @@ def curate(dataset: Path, out: Path, settings: CurateSettings = CurateSettings()
     report = {"dataset": str(dataset), "settings": vars(settings) | {"workers": workers}, "summary": summary,
               "clips": records, "selected": [r["video"] for r in selected], "not_read": unread_entries(dataset),
               "removed_from_earlier_run": removed}
-    atomic_write_text(out / "report.json", json.dumps(report, indent=1) + "\n")
+    atomic_write_text(out / CURATE_REPORT, json.dumps(report, indent=1) + "\n")
     write_html_report(out, report)
     return report
 
@@ -194,9 +194,9 @@ def _remove_earlier_run(out: Path, thumbnails: set[str], keep_selection: bool) -
     selected.jsonl of another dataset (train --data reads it) and thumbnails of clips that are no more. Returns
     the names removed."""
     removed = []
-    if not keep_selection and (out / "selected.jsonl").is_file():
-        (out / "selected.jsonl").unlink()
-        removed.append("selected.jsonl")
+    if not keep_selection and (out / CURATE_SELECTION).is_file():
+        (out / CURATE_SELECTION).unlink()
+        removed.append(CURATE_SELECTION)
     stale = sorted(path for path in (out / "thumbnails").glob("[0-9][0-9][0-9][0-9][0-9][0-9].png")
                    if path.name not in thumbnails)
     for path in stale:

@@ -190,7 +190,8 @@ def difference(existing: dict, wanted: dict) -> str | None:
 
 def check_folder(out: Path, definition: SweepDefinition) -> bool:
     """Whether `out` already holds this sweep (False: new or empty). SweepError if it holds anything
-    else. Reads only: a refused command changes nothing."""
+    else (a file where the folder goes is the CLI's to say, for every command: `cli.check_out_is_a_folder`).
+    Reads only: a refused command changes nothing."""
     out = Path(out)
     path = out / DEFINITION_FILE
     if path.is_file():
@@ -204,8 +205,6 @@ def check_folder(out: Path, definition: SweepDefinition) -> bool:
         return True
     if out.is_dir() and any(entry.name != LOCK_FILE for entry in out.iterdir()):
         raise SweepError(f"{out} is not empty and holds no {DEFINITION_FILE}; choose a new folder for the sweep")
-    if out.exists() and not out.is_dir():
-        raise SweepError(f"{out} is a file; choose a folder for the sweep")
     return False
 
 
