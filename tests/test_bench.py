@@ -104,6 +104,23 @@ def test_slot_rank_bench_runs_and_writes_a_run_file(tmp_path):
     assert rows[0]["tokens"] == 6 * 10 + 226  # 96x160: 12x20 latents in 2x2 patches, 1 latent frame, 226 text tokens
 
 
+def test_precompute_bench_on_two_short_clips(tmp_path):
+    """The precompute benchmark end to end at the tiny model's size: both loops encode every clip, the table lands
+    under runs/ and its temp folder of clips is gone."""
+    env = offline_env(tmp_path, HOME=str(tmp_path), SLAP_BENCH_RESULTS=str(tmp_path / "results"),
+                      TMPDIR=str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "precompute.py"), "--clips", "2", "--seconds",
+                             "1.5", "--height", "64", "--width", "96", "--frames", "9"],
+                            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    [written] = list((tmp_path / "results" / "runs").glob("precompute-*.json"))
+    rows = {row["case"]: row for row in json.loads(written.read_text())["results"]}
+    assert set(rows) == {"one by one", "read ahead", "decode alone"}
+    assert all(row["clips"] == 2 and row["seconds"] > 0 for row in rows.values())
+    assert not list((tmp_path / "tmp").glob("slapgen-bench-precompute-*"))
+
+
 def test_duplicates_bench_on_one_bout(tmp_path):
     """The duplicates benchmark end to end on one bout (its 9 transformed copies and 2 hard negatives):
     the table lands under runs/, every copy is found, and no relation is wrong."""

@@ -78,6 +78,75 @@ def test_a_repeated_row_is_encoded_once_when_its_files_digests_are_known(tiny_ca
     assert report.entries[0].key == report.entries[2].key != report.entries[1].key
 
 
+def test_the_next_clip_is_decoded_while_one_is_encoded_and_the_entries_are_the_vaes_own(tiny_cache_dir, dataset,
+                                                                                         tmp_path, monkeypatch):
+    """Guards the VAE waiting for every clip's decoding: the loop decoded a clip only once the one before it was
+    encoded (2.5 s of decoding per 1080p clip on 2 cores, beside a GPU's encoding). When the first clip's encoding
+    starts, the second clip's decoding has started. And what is cached is what plain diffusers makes of the clip:
+    each entry's mean and log-variance are `AutoencoderKLCogVideoX.encode` of `load_clip`'s frames, bit for bit, and
+    its embeddings the pipeline's `encode_prompt` of the caption (the frames are read in another thread now)."""
+    import threading
+
+    import trainer.latent_cache as latent_cache
+    from slapgen.models.loading import load_pipeline
+    from slapgen.models.tiny import TINY_SPEC
+    from trainer.frames import load_clip
+
+    clips = read_dataset(dataset)
+    decoding = {clip.video.name: threading.Event() for clip in clips}
+
+    def noted_load_clip(path, *args):
+        decoding[path.name].set()
+        return load_clip(path, *args)
+
+    second_decoding_at_first_encode = []
+    encode_video = latent_cache.Encoders.encode_video
+
+    def encode_after_a_look(self, frames):
+        if not second_decoding_at_first_encode:
+            second_decoding_at_first_encode.append(decoding[clips[1].video.name].wait(timeout=10))
+        return encode_video(self, frames)
+
+    monkeypatch.setattr(latent_cache, "load_clip", noted_load_clip)
+    monkeypatch.setattr(latent_cache.Encoders, "encode_video", encode_after_a_look)
+    report = _cache(tiny_cache_dir, tmp_path / "cache").precompute(clips, progress=False)
+    assert second_decoding_at_first_encode == [True]
+
+    pipeline = load_pipeline(resolve_model("tiny", tiny_cache_dir))
+    assert [entry.clip.name for entry in report.entries] == [clip.name for clip in clips]
+    with torch.no_grad():
+        for entry in report.entries:
+            frames = load_clip(entry.clip.video, 9, 8.0, 64, 96)  # tiny-smoke's data
+            posterior = pipeline.vae.encode(frames.permute(1, 0, 2, 3)[None]).latent_dist
+            embeds, _ = pipeline.encode_prompt(entry.clip.caption, do_classifier_free_guidance=False,
+                                               max_sequence_length=TINY_SPEC.max_sequence_length)
+            stored = load_file(entry.path)
+            assert torch.equal(stored["latent_mean"], posterior.mean[0])
+            assert torch.equal(stored["latent_logvar"], posterior.logvar[0])
+            assert torch.equal(stored["prompt_embeds"], embeds[0])
+
+
+def test_a_repeated_row_of_a_clip_that_cannot_be_decoded_is_skipped_alike_and_decoded_once(tiny_cache_dir, dataset,
+                                                                                          tmp_path, monkeypatch):
+    """A row repeated (oversampling) whose clip cannot be decoded: each row is reported skipped, with the same
+    reason, in its place, and the clip is decoded once (the clips are decided ahead of their encoding now, so the
+    repeat is known before the first's decoding failed)."""
+    import trainer.latent_cache as latent_cache
+    from trainer.frames import load_clip
+
+    (dataset / "zz_corrupt.mp4").write_bytes(b"this is not a video")
+    (dataset / "zz_corrupt.txt").write_text("a caption")
+    clips = read_dataset(dataset)
+    corrupt = next(clip for clip in clips if clip.name == "zz_corrupt.mp4")
+    decoded = []
+    monkeypatch.setattr(latent_cache, "load_clip", lambda path, *args: decoded.append(path.name) or load_clip(path, *args))
+    report = _cache(tiny_cache_dir, tmp_path / "cache").precompute([corrupt, clips[0], corrupt], progress=False)
+    assert [(skip["video"], skip["reason"]) for skip in report.skipped] == [("zz_corrupt.mp4", "corrupt")] * 2
+    assert report.skipped[0]["detail"] == report.skipped[1]["detail"]
+    assert [entry.clip.name for entry in report.entries] == [clips[0].name]
+    assert decoded.count("zz_corrupt.mp4") == 1
+
+
 def test_changed_caption_or_resolution_is_re_encoded(tiny_cache_dir, dataset, tmp_path):
     cache = _cache(tiny_cache_dir, tmp_path / "cache")
     cache.precompute(read_dataset(dataset), progress=False)

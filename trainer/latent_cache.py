@@ -9,7 +9,7 @@ records the factors of the VAE that encoded it (`VaeFactors`: spatial, temporal,
 per-channel mean and std for a family that normalises so, absent from older entries, which read as they
 were written), so training normalises latents as belongs to them. Files are written atomically, so an
 interrupted run resumes where it stopped and never leaves a half-written entry. A clip that cannot
-be decoded is reported and skipped.
+be decoded is reported and skipped. The next clips are decoded while one is encoded (`trainer.read_ahead`).
 
 An entry found on disk is checked before it is reused, from its header alone (no tensor is read):
 it must open as safetensors and hold the expected tensors and metadata. A damaged entry (a disk
@@ -23,6 +23,8 @@ import hashlib
 import json
 import sys
 from collections import Counter
+from concurrent.futures import Future
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +41,7 @@ from trainer.config import DataConfig, TicftConfig
 from trainer.datasets import Clip
 from trainer.errors import ClipError, DatasetError
 from trainer.frames import load_clip, load_ticft_clip
+from trainer.read_ahead import read_ahead, reading_threads
 
 CACHE_FORMAT = 4  # 2: entries record the VAE's factors; 3: frames are cut to the output's aspect before scaling;
 # 4: a variable-frame-rate clip is read at the instants it was shot (trainer.frames._open)
@@ -271,23 +274,40 @@ class LatentCache:
         def say(line: str) -> None:  # on stderr with the bar: `slapgen precompute` keeps stdout for its JSON
             bar.write(line, file=sys.stderr)
 
-        encoded: set[str] = set()  # keys written by this loop: a row repeated (oversampling) is encoded once
-        try:
+        planned: set[str] = set()  # keys this loop encodes: a row repeated (oversampling) is encoded once
+
+        def plan():  # (index, entry), whether to encode it: decided ahead of the encoding, in the clips' order
             for index, known in left:
                 clip = clips[index]
                 entry = known or self._entry(clip, hasher)
-                if entry.key in encoded or (known is None
+                if entry.key in planned or (known is None
                                             and _reusable(entry.path, CLIP_TENSORS, clip.name, report, say)):
-                    report.reused += 1
-                    entries[index] = entry
-                elif self._encode_clip(clip, entry.path, report, say):
-                    report.encoded += 1
-                    entries[index] = entry
-                    encoded.add(entry.key)
-                # the postfix first, drawn with the count (a count drawn before it showed "8/8 ... encoded=7")
-                bar.set_postfix(encoded=report.encoded, reused=report.reused, skipped=len(report.skipped),
-                                refresh=False)
-                bar.update(1)
+                    yield (index, entry), False
+                else:
+                    planned.add(entry.key)
+                    yield (index, entry), True
+
+        failed: dict[str, dict] = {}  # key -> the skip of its clip: a repeated row is skipped alike, not decoded again
+        try:
+            with closing(read_ahead(plan(), lambda planned_entry: self._frames(clips[planned_entry[0]]),
+                                    reading_threads(self.device))) as steps:
+                for (index, entry), frames in steps:
+                    clip = clips[index]
+                    if frames is None:
+                        if entry.key in failed:
+                            report.skipped.append({**failed[entry.key], "video": clip.name})
+                        else:
+                            report.reused += 1
+                            entries[index] = entry
+                    elif self._encode_clip(clip, frames, entry.path, report, say):
+                        report.encoded += 1
+                        entries[index] = entry
+                    else:
+                        failed[entry.key] = report.skipped[-1]
+                    # the postfix first, drawn with the count (a count drawn before it showed "8/8 ... encoded=7")
+                    bar.set_postfix(encoded=report.encoded, reused=report.reused, skipped=len(report.skipped),
+                                    refresh=False)
+                    bar.update(1)
         finally:
             bar.close()
             hasher.save()
@@ -295,15 +315,20 @@ class LatentCache:
         atomic_write_text(self.root / "last_report.json", json.dumps(report.to_json(), indent=2))
         return report
 
-    def _encode_clip(self, clip: Clip, path: Path, report: PrecomputeReport, say) -> bool:
-        """Encode `clip` into the entry at `path`; False (reported in `report.skipped`) if it cannot be decoded."""
+    def _frames(self, clip: Clip) -> torch.Tensor:
+        """The clip's frames as the VAE takes them (`trainer.frames`); raises ClipError. Run in a reading thread."""
         d = self.data
-        condition = clip.condition if self.ticft is not None and self.ticft.condition == "pairs" else None
+        if self.ticft is None:
+            return load_clip(clip.video, d.num_frames, d.fps, d.height, d.width)
+        return load_ticft_clip(clip.video, self._condition_file(clip), self.ticft.parsed_layout, d.fps, d.height,
+                               d.width)
+
+    def _encode_clip(self, clip: Clip, frames: Future, path: Path, report: PrecomputeReport, say) -> bool:
+        """Encode `clip`, its frames read by `frames` (`_frames`), into the entry at `path`; False (reported in
+        `report.skipped`) if it cannot be decoded."""
+        condition = self._condition_file(clip)
         try:
-            if self.ticft is None:
-                frames = load_clip(clip.video, d.num_frames, d.fps, d.height, d.width)
-            else:
-                frames = load_ticft_clip(clip.video, condition, self.ticft.parsed_layout, d.fps, d.height, d.width)
+            frames = frames.result()
         except ClipError as error:
             report.skipped.append({"video": clip.name, "reason": error.reason, "detail": str(error)})
             if str(path) not in _NAMED_SKIPS:
