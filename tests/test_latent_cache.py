@@ -147,6 +147,31 @@ def test_a_repeated_row_of_a_clip_that_cannot_be_decoded_is_skipped_alike_and_de
     assert decoded.count("zz_corrupt.mp4") == 1
 
 
+def test_processes_hashing_into_one_index_each_keep_their_files(dataset, tmp_path):
+    """Guards the file-hash index of a cache the processes of a launch fill together (each encodes a share of the
+    clips): each saved the index it knew, so the last one's files alone were kept and the others' clips were read
+    whole again by every process. Two hashers of one index, each hashing other files, both save: the index holds
+    every file, each with hashlib's sha256 of its bytes."""
+    import hashlib
+    import json
+
+    from trainer.latent_cache import HASH_INDEX, FileHasher
+
+    index = tmp_path / HASH_INDEX
+    videos = sorted(dataset.glob("*.mp4"))
+    first, second = FileHasher(index), FileHasher(index)
+    for video in videos[:2]:
+        first.digest(video)
+    for video in videos[2:]:
+        second.digest(video)
+    first.save()
+    second.save()
+    known = json.loads(index.read_text())
+    assert {path: row[2] for path, row in known.items()} == {
+        str(video): hashlib.sha256(video.read_bytes()).hexdigest() for video in videos}
+    assert all(FileHasher(index).remembered(video) is not None for video in videos)
+
+
 def test_changed_caption_or_resolution_is_re_encoded(tiny_cache_dir, dataset, tmp_path):
     cache = _cache(tiny_cache_dir, tmp_path / "cache")
     cache.precompute(read_dataset(dataset), progress=False)

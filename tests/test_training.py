@@ -617,7 +617,8 @@ def test_accelerate_launch_two_cpu_processes(model, tiny_cache_dir, demo_dataset
     (`AcceleratorState has already been initialized`) and CPU processes that never join one group.
     accelerate 1.15's `launch --cpu --num_processes 2` starts only one process without mpirun, so CPU
     multi-process goes through the torchrun launcher with ACCELERATE_USE_CPU=1, as README.md documents.
-    On tiny-wan too: DDP over Wan's transformer (a LoRA that leaves most modules frozen, flow matching's
+    Also guards the latent cache encoded by the main process alone while the others waited (N-1 GPUs idle for the
+    hours a few thousand clips take): each process encodes its share. On tiny-wan too: DDP over Wan's transformer (a LoRA that leaves most modules frozen, flow matching's
     per-sample sigma) must reduce every LoRA gradient on every step."""
     run = tmp_path / "run"
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
@@ -629,6 +630,12 @@ def test_accelerate_launch_two_cpu_processes(model, tiny_cache_dir, demo_dataset
     env = offline_env(tmp_path, ACCELERATE_USE_CPU="1", CUDA_VISIBLE_DEVICES="")
     result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+    # Each process encodes its share (the main process's bar counts its half of the clips: it counted them all while
+    # the other waited), and the run's line counts what all encoded.
+    clips = 4 if model == "tiny" else 2  # tiny-wan: data.max_clips=2
+    finals = [line for line in result.stderr.splitlines() if line.startswith("precompute:") and "100%" in line]
+    assert len(finals) == 1 and f" {clips // 2}/{clips // 2} " in finals[0] and f"encoded={clips // 2}," in finals[0], finals
+    assert f"data: {clips} clips ready ({clips} encoded, 0 reused); skipped: none" in result.stdout, result.stdout
     tensors = load_file(run / LORA_FILENAME)
     assert tensors and all(torch.isfinite(t).all() for t in tensors.values())
     checkpoint = run / "checkpoints" / "checkpoint-000004"

@@ -71,11 +71,14 @@ class FileHasher:
 
     def __init__(self, index_path: Path):
         self.index_path = index_path
+        self.known: dict[str, list] = self._read()
+
+    def _read(self) -> dict[str, list]:
         try:
-            known = json.loads(index_path.read_text())
+            known = json.loads(self.index_path.read_text())
         except (OSError, ValueError):  # missing, not UTF-8 or not JSON: start over
             known = {}
-        self.known: dict[str, list] = known if isinstance(known, dict) else {}
+        return known if isinstance(known, dict) else {}
 
     def remembered(self, path: Path) -> str | None:
         """The digest of `path` if the index has it for the file as it is now (its size and mtime), without reading it."""
@@ -100,7 +103,17 @@ class FileHasher:
         return sha.hexdigest()
 
     def save(self) -> None:
-        atomic_write_text(self.index_path, json.dumps(self.known))
+        """Merged with the index on disk, under a lock: the processes of a launch each encode a share of the clips
+        into one cache (and runs may share one), and each wrote the index it knew, the last one's alone kept."""
+        import fcntl
+
+        with open(self.index_path.with_name(self.index_path.name + ".lock"), "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            except OSError:  # a file system without locks: merged all the same, a race may lose an entry
+                pass
+            self.known = {**self._read(), **self.known}
+            atomic_write_text(self.index_path, json.dumps(self.known))
 
 
 @dataclass(frozen=True)
