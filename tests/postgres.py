@@ -1,8 +1,8 @@
 """A real PostgreSQL for the tests: Debian's server binaries (`apt-get install postgresql`; .ci/run installs
 them when missing) run from a temporary folder, one server for the whole session (start-up costs seconds),
-a fresh database for each test.
+a fresh database for each test. The server is pytest's child and ends with it, however pytest ends.
 
-`initdb` and `pg_ctl` refuse to run as root: as root they run as the `postgres` user (Debian's package
+`initdb` and `postgres` refuse to run as root: as root they run as the `postgres` user (Debian's package
 makes it) in a folder that user owns. Without the binaries the tests that need the server are skipped
 with one reason, unless SLAP_REQUIRE_POSTGRES is set (CI), where they fail instead.
 """
@@ -14,8 +14,10 @@ import itertools
 import os
 import pwd
 import shutil
+import signal
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -34,6 +36,33 @@ def server_binaries() -> Path | None:
 class PostgresServer:
     def __init__(self, binaries: Path, folder: Path, port: int, user: str | None):
         self.binaries, self.folder, self.port, self.user = binaries, folder, port, user
+        self.process: subprocess.Popen | None = None
+
+    def start(self, ready_within_s: float = 60) -> None:
+        """The server as a child of this process that the kernel ends when this process ends (`pg_ctl start` made
+        it a daemon: a test run killed before its teardown left it running, with its folder), once it answers."""
+        import psycopg
+
+        from slapgen.lifetime import parent_death_call
+
+        command = [str(self.binaries / "postgres"), "-D", str(self.folder / "data"), "-p", str(self.port), "-k",
+                   str(self.folder), "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"]
+        with open(self.folder / "server.log", "ab") as log:  # the child keeps its own descriptor
+            # `user`: set before `preexec_fn` runs, so the death signal asked there outlives the change of user
+            self.process = subprocess.Popen(command, user=self.user, stdout=log, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL, preexec_fn=parent_death_call())
+        deadline = time.monotonic() + ready_within_s
+        while True:
+            if self.process.poll() is not None:
+                log_tail = (self.folder / "server.log").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"postgres exited with {self.process.returncode} at start-up: {log_tail}")
+            try:
+                psycopg.connect(f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres", connect_timeout=2).close()
+                return
+            except psycopg.OperationalError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
 
     def run(self, tool: str, *args: str) -> None:
         command = [str(self.binaries / tool), *args]
@@ -60,11 +89,19 @@ class PostgresServer:
             db.execute(statement)
 
     def stop(self) -> None:
-        self.run("pg_ctl", "-D", str(self.folder / "data"), "-m", "immediate", "stop")
+        """PostgreSQL's immediate shutdown (SIGQUIT to the postmaster), then a kill if it outlasts 30 s."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGQUIT)
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
 
 
 def start_postgres() -> PostgresServer:
-    """initdb in a fresh folder and pg_ctl start on a free port; raises pytest's skip (or fails) without
+    """initdb in a fresh folder and the server started on a free port; raises pytest's skip (or fails) without
     the binaries."""
     from tests.conftest import free_port
 
@@ -83,16 +120,11 @@ def start_postgres() -> PostgresServer:
     server = PostgresServer(binaries, folder, free_port(), user)
     try:
         server.run("initdb", "-D", str(folder / "data"), "-A", "trust", "-U", "postgres", "--no-sync")
-        server.run("pg_ctl", "-D", str(folder / "data"), "-l", str(folder / "server.log"), "-w", "-o",
-                   f"-p {server.port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off", "start")
+        server.start()
     except BaseException:
-        # A failed start leaves nothing behind: a server pg_ctl started but did not see ready (its -w
-        # timed out) is stopped, and the folder removed.
-        if (folder / "data" / "postmaster.pid").exists():
-            try:
-                server.stop()
-            except (subprocess.SubprocessError, OSError):
-                pass
+        # A failed start leaves nothing behind: a server started but not seen ready is stopped, and the folder
+        # removed.
+        server.stop()
         shutil.rmtree(folder, ignore_errors=True)
         raise
     return server

@@ -406,10 +406,10 @@ def test_a_migration_killed_after_adding_its_column_runs_again(database_url, rev
         assert [row["model"] for row in ratings.all()] == ["tiny"]
 
 
-@pytest.mark.parametrize("failing", ["initdb", "pg_ctl"])
+@pytest.mark.parametrize("failing", ["initdb", "postgres"])
 def test_a_postgresql_that_fails_to_start_leaves_no_folder_behind(monkeypatch, tmp_path, failing):
     """Guards the test fixture leaking a temp folder (and maybe a server) on every failed start: its
-    clean-up began only after start_postgres returned. An initdb or pg_ctl start that fails removes the
+    clean-up began only after start_postgres returned. An initdb or a server start that fails removes the
     folder it made and raises."""
     import subprocess
     import tempfile
@@ -424,15 +424,63 @@ def test_a_postgresql_that_fails_to_start_leaves_no_folder_behind(monkeypatch, t
 
     def run(self, tool, *args):
         ran.append(tool)
-        if tool == "initdb":
-            (self.folder / "data").mkdir()
+        (self.folder / "data").mkdir()
         if tool == failing:
             raise subprocess.CalledProcessError(1, tool)
 
+    def start(self):
+        ran.append("postgres")
+        raise RuntimeError("postgres exited with 1 at start-up")
+
     monkeypatch.setattr(postgres.PostgresServer, "run", run)
-    with pytest.raises(subprocess.CalledProcessError):
+    monkeypatch.setattr(postgres.PostgresServer, "start", start)
+    with pytest.raises((subprocess.CalledProcessError, RuntimeError)):
         postgres.start_postgres()
     assert ran[-1] == failing and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_the_tests_postgresql_ends_with_the_process_that_started_it(tmp_path):
+    """Guards a test run killed before its teardown (CI stopped, a Ctrl-C twice, a SIGKILL) leaving its session's
+    PostgreSQL running for good: `pg_ctl start` made it a daemon. A process that starts one as the fixture does is
+    killed with SIGKILL; its server's postmaster (the pid in postmaster.pid) ends within seconds."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from tests.conftest import REPO_ROOT
+    from tests.postgres import server_binaries
+
+    if server_binaries() is None:
+        pytest.skip("PostgreSQL's server binaries are not installed")
+    starter = subprocess.Popen(
+        [sys.executable, "-c", "import time; from tests.postgres import start_postgres; server = start_postgres(); "
+                               "print(server.folder, flush=True); time.sleep(600)"],
+        # TMPDIR left out: the tests' own (mode 700) is closed to the postgres user the server runs as under root
+        cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True, env={k: v for k, v in os.environ.items() if k != "TMPDIR"})
+    try:
+        folder = starter.stdout.readline().strip()
+        assert folder, "start_postgres printed no folder"
+        postmaster = int((Path(folder) / "data" / "postmaster.pid").read_text().splitlines()[0])
+        os.kill(postmaster, 0)  # running
+    finally:
+        starter.send_signal(signal.SIGKILL)
+        starter.wait()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            os.kill(postmaster, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(postmaster, signal.SIGQUIT)
+        pytest.fail(f"the postmaster {postmaster} outlived the process that started it")
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_a_campaign_name_or_video_token_no_campaign_can_have_is_not_found_on_either_database(database_url, tmp_path):
