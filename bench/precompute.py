@@ -1,9 +1,10 @@
-"""Latent-cache precompute throughput: clips decoded one by one before each encoding, against the next clips
-decoded while one is encoded (`trainer.read_ahead`, what `LatentCache.precompute` does), as a ratio in one run.
+"""Latent-cache precompute throughput: clips decoded one by one before each encoding (what `LatentCache.precompute`
+does on a CPU), against the next clips decoded while one is encoded (`trainer.read_ahead`, what it does beside a
+GPU), as a ratio in one run.
 
 Clips are 1080p at 30 fps (ffmpeg's testsrc2, H.264), `--seconds` long, written once to a temp folder; each case
 encodes all of them into a fresh cache at the training size (default: the conservative preset's 49x480x720 at
-8 fps) with `--model` (default: the tiny model) on `--device`. "decode alone" times `load_clip` on every clip,
+8 fps) with `--model` (default: the tiny model) on `--device`, its encoders loaded before it is timed. "decode alone" times `load_clip` on every clip,
 so `decoding_hidden` says what share of the decoding the read-ahead took off the loop:
 (one-by-one seconds - read-ahead seconds) / decode-alone seconds. On a CPU the tiny VAE's encoding takes every
 core and most of the time (26 s a clip at 49x480x720 on 2 cores), so little can be gained there; beside a GPU's
@@ -20,7 +21,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import Future
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -44,20 +44,6 @@ def write_clips(folder: Path, count: int, seconds: float) -> list[Path]:
     return paths
 
 
-def one_by_one(items, read, threads):
-    """`read_ahead`'s contract without reading ahead: each item read when it is handed out (the loop before it)."""
-    for item, wanted in items:
-        if not wanted:
-            yield item, None
-            continue
-        future = Future()
-        try:
-            future.set_result(read(item))
-        except Exception as error:
-            future.set_exception(error)
-        yield item, future
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clips", type=int, default=4)
@@ -67,6 +53,9 @@ def main() -> None:
     parser.add_argument("--height", type=int, default=480)
     parser.add_argument("--width", type=int, default=720)
     parser.add_argument("--frames", type=int, default=49)
+    parser.add_argument("--threads", type=int, help="reading threads of the read-ahead case (default: what "
+                                                     "precompute takes beside a GPU on this machine, at least 1; "
+                                                     "on a CPU precompute reads in turn)")
     add_save_argument(parser)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="slapgen-bench-precompute-") as folder:
@@ -93,14 +82,16 @@ def measure(work: Path, args) -> None:
     decode_alone = time.perf_counter() - started
 
     rows = []
-    for case, loop in (("one by one", one_by_one), ("read ahead", latent_cache.read_ahead)):
-        latent_cache.read_ahead = loop
+    ahead = args.threads if args.threads is not None else max(1, reading_threads(args.device))
+    for case, threads in (("one by one", 0), ("read ahead", ahead)):
+        latent_cache.reading_threads = lambda device, threads=threads: threads
         cache = latent_cache.LatentCache(work / f"cache-{len(rows)}", resolved, data, device=args.device)
+        cache.encoders  # loaded before the clock: the first load pays diffusers' imports (4.8 s), a case's alone
         started = time.perf_counter()
         report = cache.precompute(clips, progress=False)
         seconds = time.perf_counter() - started
         assert report.encoded == len(clips), report.summary()
-        rows.append({"case": case, "reading_threads": 0 if loop is one_by_one else reading_threads(args.device),
+        rows.append({"case": case, "reading_threads": threads,
                      "clips": len(clips), "seconds": seconds, "seconds_per_clip": seconds / len(clips)})
     rows.append({"case": "decode alone", "clips": len(clips), "seconds": decode_alone,
                  "seconds_per_clip": decode_alone / len(clips)})

@@ -429,6 +429,8 @@ class CampaignStore:
         rows = self._read(select(pairs.c.pair_id)
                           .where(pairs.c.campaign == name, pairs.c.rater == rater, *RATING_CONDITIONS)
                           .order_by(pairs.c.answered_at, pairs.c.pair_id).offset(index).limit(1))
+        if not rows:  # the campaign deleted since its pairs were counted
+            raise CampaignNotFoundError(f"campaign {name!r} has no answered pair {index} of {rater!r}", field="rater")
         return self.pair(name, rows[0][0])
 
     def verdicts_csv(self, name: str) -> str:

@@ -109,6 +109,7 @@ def test_the_next_clip_is_decoded_while_one_is_encoded_and_the_entries_are_the_v
 
     monkeypatch.setattr(latent_cache, "load_clip", noted_load_clip)
     monkeypatch.setattr(latent_cache.Encoders, "encode_video", encode_after_a_look)
+    monkeypatch.setattr(latent_cache, "reading_threads", lambda device: 1)  # a GPU's way (a CPU reads in turn)
     report = _cache(tiny_cache_dir, tmp_path / "cache").precompute(clips, progress=False)
     assert second_decoding_at_first_encode == [True]
 
@@ -170,6 +171,16 @@ def test_processes_hashing_into_one_index_each_keep_their_files(dataset, tmp_pat
     assert {path: row[2] for path, row in known.items()} == {
         str(video): hashlib.sha256(video.read_bytes()).hexdigest() for video in videos}
     assert all(FileHasher(index).remembered(video) is not None for video in videos)
+
+    # A hasher's rows read at its start do not undo another's newer one: a clip changed and hashed since stays so.
+    stale = FileHasher(index)
+    videos[0].write_bytes(videos[0].read_bytes() + b"\0")
+    fresh = FileHasher(index)
+    fresh.digest(videos[0])
+    fresh.save()
+    stale.digest(videos[1])  # remembered: nothing new to add
+    stale.save()
+    assert FileHasher(index).remembered(videos[0]) == hashlib.sha256(videos[0].read_bytes()).hexdigest()
 
 
 def test_changed_caption_or_resolution_is_re_encoded(tiny_cache_dir, dataset, tmp_path):

@@ -102,10 +102,72 @@ def test_an_error_of_the_items_comes_at_its_turn_after_the_items_before_it():
     assert handed == [0, 1]
 
 
-def test_a_cpu_encodes_beside_one_reader_and_a_gpu_beside_up_to_four(monkeypatch):
-    """The reading threads: one on a CPU (the VAE takes every core there), a quarter of the cores beside a GPU,
-    at least 1 and at most 4."""
-    assert reading_threads("cpu") == 1
-    for cores, threads in [(2, 1), (8, 2), (16, 4), (64, 4), (None, 1)]:
-        monkeypatch.setattr("os.cpu_count", lambda cores=cores: cores)
-        assert reading_threads("cuda:0") == threads
+def test_a_cpu_reads_in_turn_and_a_gpu_beside_up_to_four_readers(monkeypatch):
+    """The reading threads: none on a CPU (the VAE takes every core there); beside a GPU a quarter of the cores this
+    process may run on, shared among the launch's processes on the machine (8 GPU processes on 64 cores ran 4
+    decoders each, not 4 x 8 of the machine's `cpu_count` share), at least 1 and at most 4."""
+    assert reading_threads("cpu") == 0
+    monkeypatch.setattr("os.cpu_count", lambda: 256)  # not what counts: the affinity does
+    for cores, local_processes, threads in [(2, None, 1), (8, None, 2), (16, "1", 4), (64, None, 4), (64, "8", 2),
+                                            (32, "8", 1)]:
+        monkeypatch.setattr("os.sched_getaffinity", lambda pid, cores=cores: set(range(cores)))
+        if local_processes is None:
+            monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+        else:
+            monkeypatch.setenv("LOCAL_WORLD_SIZE", local_processes)
+        assert reading_threads("cuda:0") == threads, (cores, local_processes)
+
+
+def test_a_stop_cancels_the_reads_not_started():
+    """Guards a stop (an error, Ctrl-C) that still decoded every clip queued for reading before the command ended:
+    with one thread busy on item 0 and item 1 queued, closing the loop runs item 0's read to its end and never
+    starts item 1's."""
+    reads = Reads()
+    reads.release.clear()
+    steps = read_ahead(((k, True) for k in range(5)), reads, threads=1)
+    item, _ = next(steps)  # item 0 under way, item 1 queued behind it
+    assert item == 0 and reads.wait_for(0)
+    threading.Timer(0.3, reads.release.set).start()  # item 0's read ends after the close began
+    steps.close()
+    time.sleep(0.2)
+    assert reads.started == [0]
+
+
+def test_items_not_read_are_decided_a_bounded_way_ahead():
+    """Guards a bar frozen while thousands of cached clips ahead were decided (each hashed again when the index
+    lost it) before the next clip to read was found: items are decided at most AHEAD_ITEMS ahead of the one handed
+    out."""
+    from trainer.read_ahead import AHEAD_ITEMS
+
+    decided = []
+
+    def items():
+        for k in range(1000):
+            decided.append(k)
+            yield k, k == 999  # only the last one is read
+
+    steps = read_ahead(items(), lambda item: item, threads=2)
+    assert next(steps) == (0, None)
+    assert len(decided) <= AHEAD_ITEMS + 1
+    assert [item for item, _ in steps][-1] == 999
+
+
+def test_with_no_thread_each_item_is_read_when_handed_out_in_this_thread():
+    """`threads` 0 (a CPU's): the loop as it was, each item read at its turn in the consumer's thread, its error
+    raised by its Future."""
+    reads, handed = [], []
+
+    def read(item):
+        reads.append((item, threading.current_thread() is threading.main_thread()))
+        if item == 1:
+            raise ValueError("item 1 cannot be read")
+        return item * 10
+
+    for item, future in read_ahead([(0, True), (1, True), (2, False), (3, True)], read, threads=0):
+        assert [k for k, _ in reads] == [k for k in range(item + 1) if k != 2]  # nothing read ahead
+        if future is None:
+            handed.append((item, None))
+        else:
+            handed.append((item, future.exception().args[0] if future.exception() else future.result()))
+    assert handed == [(0, 0), (1, "item 1 cannot be read"), (2, None), (3, 30)]
+    assert all(in_main for _, in_main in reads)

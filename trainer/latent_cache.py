@@ -9,7 +9,8 @@ records the factors of the VAE that encoded it (`VaeFactors`: spatial, temporal,
 per-channel mean and std for a family that normalises so, absent from older entries, which read as they
 were written), so training normalises latents as belongs to them. Files are written atomically, so an
 interrupted run resumes where it stopped and never leaves a half-written entry. A clip that cannot
-be decoded is reported and skipped. The next clips are decoded while one is encoded (`trainer.read_ahead`).
+be decoded is reported and skipped. Beside a GPU, the next clips are decoded while one is encoded
+(`trainer.read_ahead`).
 
 An entry found on disk is checked before it is reused, from its header alone (no tensor is read):
 it must open as safetensors and hold the expected tensors and metadata. A damaged entry (a disk
@@ -72,6 +73,7 @@ class FileHasher:
     def __init__(self, index_path: Path):
         self.index_path = index_path
         self.known: dict[str, list] = self._read()
+        self._hashed: dict[str, list] = {}  # the rows this hasher computed: what it adds to the index on disk
 
     def _read(self) -> dict[str, list]:
         try:
@@ -99,7 +101,7 @@ class FileHasher:
         with path.open("rb") as handle:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 sha.update(block)
-        self.known[str(path)] = [*stamp, sha.hexdigest()]
+        self.known[str(path)] = self._hashed[str(path)] = [*stamp, sha.hexdigest()]
         return sha.hexdigest()
 
     def save(self) -> None:
@@ -112,7 +114,7 @@ class FileHasher:
                 fcntl.flock(lock, fcntl.LOCK_EX)
             except OSError:  # a file system without locks: merged all the same, a race may lose an entry
                 pass
-            self.known = {**self._read(), **self.known}
+            self.known = {**self._read(), **self._hashed}  # another's newer rows win over those read at the start
             atomic_write_text(self.index_path, json.dumps(self.known))
 
 
@@ -257,14 +259,19 @@ class LatentCache:
     def _path(self, kind: str, key: str) -> Path:
         return self.root / kind / key[:2] / f"{key}.safetensors"
 
-    def precompute(self, clips: list[Clip], progress: bool = True) -> PrecomputeReport:
-        from trainer.progress import progress_bar
-
+    def check_clips(self, clips: list[Clip]) -> None:
+        """DatasetError for rows this cache cannot encode as given (a TIC-FT pairs run's rows without a condition),
+        said of all of them: a launch whose processes encode shares checks the whole list first."""
         if self.ticft is not None and self.ticft.condition == "pairs":
             missing = [clip.name for clip in clips if clip.condition is None]
             if missing:
                 raise DatasetError(f"ticft.condition is pairs, but {len(missing)} rows name no condition (first: "
                                    f"{missing[0]}); add a `condition` column with an image or clip per row")
+
+    def precompute(self, clips: list[Clip], progress: bool = True) -> PrecomputeReport:
+        from trainer.progress import progress_bar
+
+        self.check_clips(clips)
         self.root.mkdir(parents=True, exist_ok=True)
         hasher = FileHasher(self.root / HASH_INDEX)
         report = PrecomputeReport()

@@ -7,7 +7,8 @@ read), reading up to `threads` items ahead in that many threads: ffmpeg decodes 
 resize lets go of the GIL, so threads suffice and no clip is pickled. What an item's reading raised is raised by
 its `Future` at its turn, and an error of `items` itself (a file that cannot be hashed) where that item would
 have come, so the clips before it are encoded as they were one by one. When the consumer stops (an error, Ctrl-C),
-the readings not started are cancelled and those under way waited for (a clip's decoding, seconds).
+the readings not started are cancelled and those under way waited for (a clip's decoding, seconds). With no
+thread (a CPU's way: `reading_threads`), each item is read when it is handed out, as the loop did.
 """
 
 from __future__ import annotations
@@ -21,18 +22,29 @@ from typing import TypeVar
 Item = TypeVar("Item")
 
 
+AHEAD_ITEMS = 32  # items decided ahead at most: deciding a cached clip hashes it when the index lost it
+
+
 def reading_threads(device: str) -> int:
-    """Clips decoded at once beside the encoding. On a CPU, one: the VAE takes every core, and a second decoder
-    slowed it (1.07x faster than one by one with one reader, 1.02x with two: 6 1080p clips, tiny model, 2 cores);
-    beside a GPU, a quarter of the cores, up to 4 (a GPU may encode a clip in less time than a core decodes one)."""
+    """Clips decoded at once beside the encoding. On a CPU, none (each clip read at its turn): the VAE's encoding
+    takes every core there, and a decoder beside it only competed for them (bench/precompute.py on 2 cores: 0.96x
+    to 1.07x of one by one, run to run); beside a GPU, a quarter of this process's cores (those it may run on, shared
+    with the launch's other processes on this machine), from 1 to 4: a GPU may encode a clip in less time than a core
+    decodes one."""
     if device == "cpu":
-        return 1
-    return max(1, min(4, (os.cpu_count() or 1) // 4))
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or 1))  # torchrun's, for this machine
+    return max(1, min(4, cores // 4 // processes))
 
 
 def read_ahead(items: Iterable[tuple[Item, bool]], read: Callable[[Item], object],
                threads: int) -> Iterator[tuple[Item, Future | None]]:
-    """`items`: (item, whether to read it). Yields (item, the Future of `read(item)` or None), in order."""
+    """`items`: (item, whether to read it). Yields (item, the Future of `read(item)` or None), in order; with
+    `threads` 0, each item is read when it is handed out, in this thread."""
+    if threads == 0:
+        yield from _read_in_turn(items, read)
+        return
     source = iter(items)
     waiting: deque[tuple[Item, Future | None] | BaseException] = deque()
     reading = 0  # Futures in `waiting`: each holds a clip's frames once read, so they bound the memory held
@@ -40,7 +52,7 @@ def read_ahead(items: Iterable[tuple[Item, bool]], read: Callable[[Item], object
 
         def fill() -> bool:
             nonlocal reading
-            while reading < threads:
+            while reading < threads and len(waiting) < AHEAD_ITEMS:
                 try:
                     item, wanted = next(source)
                 except StopIteration:
@@ -66,3 +78,16 @@ def read_ahead(items: Iterable[tuple[Item, bool]], read: Callable[[Item], object
             for entry in waiting:
                 if not isinstance(entry, BaseException) and entry[1] is not None:
                     entry[1].cancel()
+
+
+def _read_in_turn(items: Iterable[tuple[Item, bool]], read: Callable[[Item], object]) -> Iterator[tuple[Item, Future | None]]:
+    for item, wanted in items:
+        if not wanted:
+            yield item, None
+            continue
+        future: Future = Future()
+        try:
+            future.set_result(read(item))
+        except Exception as error:  # raised by the Future, at its turn, as a reading thread's would be
+            future.set_exception(error)
+        yield item, future

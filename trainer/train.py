@@ -33,6 +33,7 @@ from slapgen.models.loading import TRAINER_SETTING, ResolvedModel, resolve_model
 from slapgen.models.ticft import TicftLayout
 from trainer import checkpoints, run_folder
 from trainer.batches import BatchOrder, captions_dropped, load_batch
+from trainer.cache_shares import precompute_in_shares
 from trainer.config import TrainConfig, check_clip_shape, check_preset_family
 from trainer.datasets import read_training_clips
 from trainer.errors import TrainConfigError, TrainError
@@ -178,27 +179,16 @@ def _setup(config: TrainConfig, data_path: Path, run_dir: Path, resume: str | No
     device = accelerator.device
     weight_dtype = WEIGHT_DTYPES[mixed_precision]
 
-    # 1. Latent cache: each process encodes its share of the clips (every Nth), then every process reads them all
-    # from the cache. The main process encoded them all while the others waited: N-1 GPUs idle for hours.
+    # 1. Latent cache: each process encodes its share of the clips, then every process reads them all (cache_shares).
     cache = LatentCache(config.latent_cache or run_dir / "cache", resolved, config.data, device=str(device),
                         ticft=config.ticft)
     if main and config.latent_cache is None and len(clips) >= SHARED_CACHE_HINT_CLIPS and not cache.root.is_dir():
         say(f"encoding {len(clips)} clips into this run's own latent cache ({cache.root}); with `--set "
             "latent_cache=FOLDER` runs share one, and each clip is encoded once for all of them")
-    shares = accelerator.num_processes
-    share = None
-    if shares > 1:
-        share = cache.precompute(clips[accelerator.process_index::shares], progress=progress and main)
-        accelerator.wait_for_everyone()
+    report = precompute_in_shares(cache, clips, accelerator.process_index, accelerator.num_processes,
+                                  progress=progress and main)
     with accelerator.main_process_first():
-        report = cache.precompute(clips, progress=progress and main and share is None)
         validation_embeds = cache.prompt_embeddings([*config.validation_prompts, ""])
-    if share is not None:  # what the shares encoded (or found damaged), not the rereading's "all reused"
-        from accelerate.utils import gather_object
-
-        encoded, repaired = zip(*gather_object([(share.encoded, share.repaired)]))
-        report.encoded, report.reused = sum(encoded), report.reused - sum(encoded)
-        report.repaired = [entry for entries in repaired for entry in entries]
     cache.release_encoders()
     if main:
         say(f"data: {report.summary()}")
