@@ -37,6 +37,7 @@ from trainer.cache_shares import precompute_in_shares
 from trainer.config import load_config
 from trainer.datasets import read_dataset
 from trainer.latent_cache import LatentCache
+from trainer.long_waits import LongWaits
 
 rank = int(os.environ["RANK"])
 dist.init_process_group("gloo")
@@ -48,7 +49,7 @@ if sys.argv[4] == "lose-a-clip" and rank == 1:
     (data / "clip_003.mp4").unlink()  # in process 1's share: its hashing fails
 cache = LatentCache(root, resolve_model("tiny", cache_dir), config.data)
 try:
-    report = precompute_in_shares(cache, clips, rank, 2, progress=False)
+    report = precompute_in_shares(cache, clips, rank, LongWaits(2), progress=False)
     print(json.dumps({"encoded": report.encoded, "reused": report.reused,
                       "entries": [entry.clip.name for entry in report.entries]}))
 except Exception as error:
@@ -89,3 +90,48 @@ def test_two_processes_encode_a_share_each_and_a_failed_share_stops_both(tiny_ca
     assert failed[1].get("error", "").startswith("FileNotFoundError: "), failed
     assert failed[0].get("error", "").startswith(
         "TrainError: process 1 of the launch could not encode its share of the clips (FileNotFoundError: "), failed
+
+
+WAIT_SCRIPT = """
+import os, sys, time
+from datetime import timedelta
+import torch.distributed as dist
+from trainer.long_waits import LongWaits
+
+rank = int(os.environ["RANK"])
+dist.init_process_group("gloo", timeout=timedelta(seconds=3))  # the launch's group, its timeout cut to 3 s
+waits = LongWaits(2)
+if rank == 0:
+    time.sleep(6)  # the main process's validation, or a longer share of the encoding
+try:
+    if sys.argv[1] == "long":
+        waits.wait_for_everyone()
+    else:
+        dist.barrier()
+    print("waited")
+except Exception as error:
+    print(type(error).__name__)
+"""
+
+
+@pytest.mark.slow
+def test_a_wait_for_longer_than_the_launchs_timeout_outlasts_it(tmp_path):
+    """Guards a launch crashing while its other processes waited for the main process's validation videos (or a
+    share of the encoding) in a collective of the launch's own group: NCCL ends one after 10 minutes, and a few 5B
+    videos take longer. With the launch's group's timeout cut to 3 s, a 6 s wait in it fails (the bug, reproduced);
+    the same wait in `LongWaits` ends when the other process comes."""
+    results = {}
+    for case in ("launch", "long"):
+        port = free_port()
+        processes = [subprocess.Popen([sys.executable, "-c", WAIT_SCRIPT, case], cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True,
+                                      env=offline_env(tmp_path, RANK=str(rank), WORLD_SIZE="2",
+                                                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)))
+                     for rank in range(2)]
+        try:
+            results[case] = [process.communicate(timeout=120)[0].strip().splitlines()[-1:] for process in processes]
+        finally:
+            for process in processes:
+                process.kill()
+    assert results["long"] == [["waited"], ["waited"]], results
+    assert results["launch"][1] == ["RuntimeError"], results  # process 1 gave up on process 0 after 3 s

@@ -39,6 +39,7 @@ from trainer.datasets import read_training_clips
 from trainer.errors import TrainConfigError, TrainError
 from trainer.interrupt import StopOnInterrupt, StopRequested, stopped_by
 from trainer.latent_cache import CacheEntry, LatentCache
+from trainer.long_waits import LongWaits
 from trainer.lora import LORA_FILENAME, add_lora, lora_state_dict, save_lora, set_lora_state
 from trainer.metrics import MetricsLog, peak_memory_mb, truncate_after
 from trainer.optim import make_lr_scheduler, make_optimizer
@@ -81,6 +82,7 @@ class Run:
     noise_generator: torch.Generator  # posterior draws, diffusion noise, timesteps of this process
     metrics: MetricsLog
     validator: Validator | None
+    waits: LongWaits  # where the others wait for the main process's validation videos
     step: int = 0
     ticft_layout: TicftLayout | None = None  # a TIC-FT run's layout: per-frame noise, target-only loss
     empty_caption: torch.Tensor | None = None  # the empty caption's embedding (S, D): what caption dropout trains on
@@ -185,8 +187,8 @@ def _setup(config: TrainConfig, data_path: Path, run_dir: Path, resume: str | No
     if main and config.latent_cache is None and len(clips) >= SHARED_CACHE_HINT_CLIPS and not cache.root.is_dir():
         say(f"encoding {len(clips)} clips into this run's own latent cache ({cache.root}); with `--set "
             "latent_cache=FOLDER` runs share one, and each clip is encoded once for all of them")
-    report = precompute_in_shares(cache, clips, accelerator.process_index, accelerator.num_processes,
-                                  progress=progress and main)
+    waits = LongWaits(accelerator.num_processes)
+    report = precompute_in_shares(cache, clips, accelerator.process_index, waits, progress=progress and main)
     with accelerator.main_process_first():
         validation_embeds = cache.prompt_embeddings([*config.validation_prompts, ""])
     cache.release_encoders()
@@ -249,6 +251,7 @@ def _setup(config: TrainConfig, data_path: Path, run_dir: Path, resume: str | No
         noise_generator=torch.Generator().manual_seed(config.train.seed * 1_000_003 + accelerator.process_index),
         metrics=MetricsLog(run_dir / run_folder.METRICS_FILE, accelerator, enabled=main),
         validator=validator,
+        waits=waits,
         ticft_layout=layout,
         empty_caption=validation_embeds[-1].to(device=device, dtype=torch.float32),  # as load_batch stacks embeddings
     )
@@ -302,7 +305,7 @@ def _train(config: TrainConfig, data_path: Path, run_dir: Path, resume: str | No
         say(f"the validation videos of step {run.step} were not made (the run stopped before they were): making them")
         run.validator.run(accelerator.unwrap_model(run.transformer), run.step, accelerator.autocast,
                           progress=progress and run.main)
-    accelerator.wait_for_everyone()
+    run.waits.wait_for_everyone()
     family = family_of(run.resolved.spec)
     micro_step = run.step * config.train.gradient_accumulation_steps
     run.transformer.train()
@@ -386,7 +389,7 @@ def _train(config: TrainConfig, data_path: Path, run_dir: Path, resume: str | No
                             else "the rest are not made: the checkpoint is the next step")
                     say(f"validation at step {run.step} ended after {len(made)} of {len(run.validator.prompt_embeds)} "
                         f"videos: a stop was asked for ({rest})")
-            accelerator.wait_for_everyone()
+            run.waits.wait_for_everyone()
             started = time.perf_counter()
             if stop_at_step is not None and stop_at_step <= run.step < max_steps:
                 bar.close()
