@@ -18,8 +18,10 @@ from trainer.long_waits import LongWaits
 
 def share_of(clips: list[Clip], index: int, count: int) -> list[Clip]:
     """Process `index` of `count`'s clips to encode: every `count`th of the distinct clips, from its index."""
-    distinct = list({(clip.video, clip.caption, clip.condition): clip for clip in clips}.values())
-    return distinct[index::count]
+    distinct: dict[tuple, Clip] = {}
+    for clip in clips:  # the first row of each entry (the cache's key: a missing caption is the empty one)
+        distinct.setdefault((clip.video, clip.caption or "", clip.condition), clip)
+    return list(distinct.values())[index::count]
 
 
 def precompute_in_shares(cache: LatentCache, clips: list[Clip], index: int, waits: LongWaits,

@@ -4,7 +4,10 @@ cache (`cache_shares`), the main process's validation videos.
 They waited in a collective of the launch's own process group, which NCCL ends after 10 minutes (torch's default
 for it; gloo's is 30), crashing the launch: a few thousand clips encoded, or a handful of 5B validation videos,
 take longer. These waits are in a gloo group of their own whose timeout is `LONG_WAIT`; training's collectives keep
-NCCL's, which tells a hung step within minutes. One process: no group, and nothing to wait for.
+NCCL's, which tells a hung step within minutes. One process: no group, and nothing to wait for. The price: a
+process that hangs without ending (a stuck read of its share) holds the others that long; one that ends (a crash,
+a kill) ends their wait at once, and torchrun then stops the launch. Across machines gloo connects on the address
+the hostname resolves to: README says when to set GLOO_SOCKET_IFNAME.
 """
 
 from __future__ import annotations

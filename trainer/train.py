@@ -189,8 +189,13 @@ def _setup(config: TrainConfig, data_path: Path, run_dir: Path, resume: str | No
             "latent_cache=FOLDER` runs share one, and each clip is encoded once for all of them")
     waits = LongWaits(accelerator.num_processes)
     report = precompute_in_shares(cache, clips, accelerator.process_index, waits, progress=progress and main)
-    with accelerator.main_process_first():
-        validation_embeds = cache.prompt_embeddings([*config.validation_prompts, ""])
+    # The main process first (it may load T5 to encode new prompts), the others then find them cached: they wait in
+    # the long waits' group, not in NCCL's 10 minutes.
+    prompts = [*config.validation_prompts, ""]
+    validation_embeds = cache.prompt_embeddings(prompts) if main else None
+    waits.wait_for_everyone()
+    if not main:
+        validation_embeds = cache.prompt_embeddings(prompts)
     cache.release_encoders()
     if main:
         say(f"data: {report.summary()}")
