@@ -417,22 +417,6 @@ class CampaignStore:
                         "pair_id": pair_id, "repeat": bool(repeat)})
         return out
 
-    def answered_pair_count(self, name: str, rater: str) -> int:
-        """The pairs `rater` answered, repeats excluded: what a repeat is drawn from (`answered_pair`)."""
-        return self._read(select(func.count()).select_from(pairs)
-                          .where(pairs.c.campaign == name, pairs.c.rater == rater, *RATING_CONDITIONS))[0][0]
-
-    def answered_pair(self, name: str, rater: str, index: int) -> IssuedPair:
-        """The `index`-th pair `rater` answered (oldest first, repeats excluded), in one query: every request
-        for a pair read all of a rater's answered pairs, one query each, to draw one (200 ms a request at 120
-        answered pairs on SQLite, a round trip each on PostgreSQL)."""
-        rows = self._read(select(pairs.c.pair_id)
-                          .where(pairs.c.campaign == name, pairs.c.rater == rater, *RATING_CONDITIONS)
-                          .order_by(pairs.c.answered_at, pairs.c.pair_id).offset(index).limit(1))
-        if not rows:  # the campaign deleted since its pairs were counted
-            raise CampaignNotFoundError(f"campaign {name!r} has no answered pair {index} of {rater!r}", field="rater")
-        return self.pair(name, rows[0][0])
-
     def verdicts_csv(self, name: str) -> str:
         """`verdicts` as CSV, `created_at` in ISO 8601 (UTC), as `RatingStore.csv` writes it."""
         return inert_csv(({**row, "created_at": iso_utc(row["created_at"])} for row in self.verdicts(name)),
@@ -518,15 +502,17 @@ def next_pair_for(store: CampaignStore, name: str, rater: str, generator,
     if every_criterion_separated(name, campaign, rows):
         return (f"{name} is done: on every criterion its top system is separated from the second (its leaderboard "
                 "names the winner); more ratings would not change who won")
-    answered = store.answered_pair_count(name, rater)
+    # The pairs the rater answered, oldest first, repeats excluded: in the verdicts read above (one row per criterion).
+    # They were read again, one query per pair, on every request (200 ms at 120 answered pairs on SQLite).
+    answered = list({row["pair_id"]: row for row in rows if row["rater"] == rater and not row["repeat"]}.values())
     item_index = {(str(item.prompt_index), item.seed): k for k, item in enumerate(campaign.items)}
     verdicts = verdicts_of(rows, campaign.criteria[0])
     chosen = next_pair(verdicts, campaign.systems, list(item_index), rater, generator)
     if chosen is None:
         return f"{rater} has judged every pair of systems on every prompt and seed of {name}"
     if answered and generator.random() < repeat_share:
-        again = store.answered_pair(name, rater, int(generator.integers(answered)))
-        return store.issue_pair(name, rater, again.right, again.left, again.item, repeat=True)
+        again = answered[generator.integers(len(answered))]
+        return store.issue_pair(name, rater, again["right_system"], again["left_system"], again["item"], repeat=True)
     issued = store.issue_pair(name, rater, chosen.left, chosen.right, item_index[(chosen.prompt, chosen.seed)],
                               repeat=False, budget=campaign.budget)
     if issued is None:  # taken meanwhile by raters asking at the same moment

@@ -573,13 +573,13 @@ def test_one_rater_asking_two_replicas_at_once_gets_one_pair(tmp_path, eval_dir,
     CampaignStore(tmp_path / "data", database_url).create(plan_campaign("race", [eval_dir]))
     stores = [CampaignStore(tmp_path / "data", database_url) for _ in range(2)]
     checked = threading.Barrier(len(stores))
-    answered_pair_count = CampaignStore.answered_pair_count
+    verdicts = CampaignStore.verdicts
 
-    def after_both_checked(self, name, rater):  # next_pair_for reads it after its open-pair check
+    def after_both_checked(self, name):  # next_pair_for reads them after its open-pair check
         checked.wait(timeout=30)
-        return answered_pair_count(self, name, rater)
+        return verdicts(self, name)
 
-    monkeypatch.setattr(CampaignStore, "answered_pair_count", after_both_checked)
+    monkeypatch.setattr(CampaignStore, "verdicts", after_both_checked)
     with ThreadPoolExecutor(len(stores)) as pool:
         issued = list(pool.map(lambda store: next_pair_for(store, "race", "ana", np.random.default_rng(0)), stores))
     assert issued[0].pair_id == issued[1].pair_id
