@@ -248,25 +248,39 @@ def test_cli_refuses_bad_input_in_one_sentence_and_stores_nothing(monkeypatch, t
 
 def test_cli_names_the_missing_videos_and_refuses_a_taken_name(monkeypatch, tmp_path, capsys):
     """Same prompts and seeds across systems are required: the error says which system lacks which;
-    a folder without eval.json (a sweep's without generation metrics says so) and an existing campaign name are
-    one-line errors too."""
+    a folder without eval.json (a sweep's says whether it has generation metrics, read from its definition as the
+    sweep reads it; a damaged one says so) and an existing campaign name are one-line errors too."""
     partial = write_eval_dir(tmp_path / "partial", ["base", "lora"], skip={("lora", 1, 0), ("lora", 2, 1)})
     assert run_cli(monkeypatch, tmp_path, "c", "--from", str(partial)) == 2
     assert "missing lora lacks prompt 1 seed 0, prompt 2 seed 1" in capsys.readouterr().err
     assert nothing_stored(tmp_path / "data", "c")
     assert run_cli(monkeypatch, tmp_path, "c", "--from", str(tmp_path)) == 2
     assert "holds no eval.json" in capsys.readouterr().err
-    # A sweep without generation metrics (held-out loss only) read as a wrong folder (a walk-through's find)
-    (tmp_path / "sweep").mkdir()
-    (tmp_path / "sweep" / "sweep.json").write_text(json.dumps({"metrics": ["loss"]}))
-    assert run_cli(monkeypatch, tmp_path, "c", "--from", str(tmp_path / "sweep")) == 2
-    assert f"slapgen campaign: {tmp_path / 'sweep'} is a sweep that made no videos to rate (no generation metrics" \
+    # A sweep without generation metrics (held-out loss only) read as a wrong folder (a walk-through's find); its
+    # sweep.json as `slapgen sweep` writes it
+    from trainer.sweep.evaluate import EvalSettings
+    from trainer.sweep.folder import DEFINITION_FILE, SweepDefinition, write_definition
+    from trainer.sweep.grid import parse_axis, plan_runs
+
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    axes = (parse_axis("lora.rank=2,4"),)
+    runs = tuple(plan_runs("tiny-smoke", [], list(axes), sweep / "cache", resolve_models=False))
+    write_definition(sweep, SweepDefinition("tiny-smoke", (), axes, "data", "heldout", ("loss",), True, runs))
+    assert run_cli(monkeypatch, tmp_path, "c", "--from", str(sweep)) == 2
+    assert f"slapgen campaign: {sweep} is a sweep that made no videos to rate (no generation metrics" \
         in capsys.readouterr().err
     # ... and one with them, not finished yet: its rerun makes the videos (the review's find: it was told to sweep
     # again into a new folder, leaving its runs)
-    (tmp_path / "sweep" / "sweep.json").write_text(json.dumps({"metrics": ["loss", "clip"]}))
-    assert run_cli(monkeypatch, tmp_path, "c", "--from", str(tmp_path / "sweep")) == 2
-    assert f"slapgen campaign: {tmp_path / 'sweep'} is a sweep whose videos are not all made yet" in capsys.readouterr().err
+    write_definition(sweep, SweepDefinition("tiny-smoke", (), axes, "data", "heldout", ("loss", "temporal"), True, runs,
+                                            EvalSettings(seeds=(0,))))
+    assert run_cli(monkeypatch, tmp_path, "c", "--from", str(sweep)) == 2
+    assert f"slapgen campaign: {sweep} is a sweep whose videos are not all made yet" in capsys.readouterr().err
+    # ... and a sweep.json that is not one: what is wrong with it, not "no eval.json"
+    (sweep / DEFINITION_FILE).write_text(json.dumps({"metrics": ["loss", "clip"]}))
+    assert run_cli(monkeypatch, tmp_path, "c", "--from", str(sweep)) == 2
+    assert f"slapgen campaign: {sweep / DEFINITION_FILE} is not a readable sweep definition (KeyError)" \
+        in capsys.readouterr().err
     whole = write_eval_dir(tmp_path / "whole", ["base", "lora"])
     assert run_cli(monkeypatch, tmp_path, "c", "--from", str(whole)) == 0
     assert run_cli(monkeypatch, tmp_path, "c", "--from", str(whole)) == 2

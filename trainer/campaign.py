@@ -24,7 +24,6 @@ from pathlib import Path
 
 from slapgen.errors import CampaignError, CampaignNotFoundError, CampaignRatedError
 from slapgen.names import CRITERIA, NAME_RULE
-from trainer.evaluate.names import GENERATING_GROUPS
 from slapgen.campaign_store import CAMPAIGN_NAME_PATTERN, CampaignSpec, Item, check_campaign_name
 
 DEFAULT_CRITERIA = ("overall",)
@@ -40,16 +39,18 @@ def _source_label(folder: Path) -> str:
     return re.sub(r"[^a-z0-9_-]+", "-", named.resolve().name.lower()).strip("-")[:40] or "run"
 
 
-def _sweep_metrics(folder: Path) -> list[str] | None:
-    """The --metrics of the sweep `folder` holds (its sweep.json), or None when it holds none."""
-    from trainer.sweep.folder import DEFINITION_FILE
+def _sweep_makes_videos(folder: Path) -> bool | None:
+    """Whether the sweep `folder` holds (its sweep.json) generates videos (it has generation metrics), or None
+    when the folder holds no sweep."""
+    from trainer.errors import SweepError
+    from trainer.sweep.folder import DEFINITION_FILE, read_definition
 
-    try:
-        definition = json.loads((folder / DEFINITION_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    if not (folder / DEFINITION_FILE).is_file():
         return None
-    metrics = definition.get("metrics") if isinstance(definition, dict) else None
-    return [str(metric) for metric in metrics] if isinstance(metrics, list) else []
+    try:
+        return read_definition(folder).evaluation is not None
+    except SweepError as error:
+        raise CampaignError(str(error)) from None
 
 
 def _read_eval(folder: Path) -> dict:
@@ -57,8 +58,8 @@ def _read_eval(folder: Path) -> dict:
     try:
         result = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        if (sweep := _sweep_metrics(folder)) is not None:  # it read as if the folder were wrong
-            if any(metric in GENERATING_GROUPS for metric in sweep):
+        if (makes_videos := _sweep_makes_videos(folder)) is not None:  # it read as if the folder were wrong
+            if makes_videos:
                 raise CampaignError(f"{folder} is a sweep whose videos are not all made yet (its eval.json is written "
                                     "once every run is scored): rerun the same sweep command to finish it") from None
             raise CampaignError(f"{folder} is a sweep that made no videos to rate (no generation metrics: held-out "
