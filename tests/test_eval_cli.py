@@ -23,6 +23,7 @@ from tests.conftest import REPO_ROOT, cli_stderr, offline_env, tiny_train_overri
 from trainer.cli import main as cli_main
 from trainer.config import DataConfig, load_config
 from trainer.heldout import heldout_entries, heldout_losses
+from trainer.latent_cache import LAST_REPORT
 from trainer.lora import add_lora, load_lora_into
 
 pytestmark = pytest.mark.slow
@@ -230,7 +231,7 @@ def test_loss_only_generates_nothing_and_reuses_a_shared_cache(evaluation, demo_
                      "--out", str(tmp_path / "out"), "--metrics", "loss", "--max-clips", "2", "--device", "cpu",
                      "--cache", str(evaluation["out"] / "cache"), *[f"--set={s}" for s in SETTINGS]])
     assert code == 0, capsys.readouterr().err[-2000:]
-    cache_report = json.loads((evaluation["out"] / "cache" / "last_report.json").read_text())
+    cache_report = json.loads((evaluation["out"] / "cache" / LAST_REPORT).read_text())
     assert (cache_report["encoded"], cache_report["reused"]) == (0, 2)
     result = json.loads((tmp_path / "out" / "eval.json").read_text())
     assert {name: set(system["metrics"]) for name, system in result["systems"].items()} == {

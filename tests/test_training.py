@@ -24,7 +24,7 @@ from trainer.cli import main as cli_main
 from trainer.config import load_config
 from trainer.datasets import read_dataset
 from trainer.errors import TrainError
-from trainer.latent_cache import LatentCache
+from trainer.latent_cache import LAST_REPORT, LatentCache
 from trainer.lora import LORA_FILENAME, add_lora, load_lora_into, read_lora_metadata
 from trainer.train import setup, train
 
@@ -618,7 +618,8 @@ def test_accelerate_launch_two_cpu_processes(model, tiny_cache_dir, demo_dataset
     accelerate 1.15's `launch --cpu --num_processes 2` starts only one process without mpirun, so CPU
     multi-process goes through the torchrun launcher with ACCELERATE_USE_CPU=1, as README.md documents.
     Also guards the latent cache encoded by the main process alone while the others waited (N-1 GPUs idle for the
-    hours a few thousand clips take): each process encodes its share. On tiny-wan too: DDP over Wan's transformer (a LoRA that leaves most modules frozen, flow matching's
+    hours a few thousand clips take): each process encodes its share, and the cache keeps the report that adds the
+    shares up (it kept the last whole-cache read's, 0 encoded). On tiny-wan too: DDP over Wan's transformer (a LoRA that leaves most modules frozen, flow matching's
     per-sample sigma) must reduce every LoRA gradient on every step."""
     run = tmp_path / "run"
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
@@ -636,6 +637,9 @@ def test_accelerate_launch_two_cpu_processes(model, tiny_cache_dir, demo_dataset
     finals = [line for line in result.stderr.splitlines() if line.startswith("precompute:") and "100%" in line]
     assert len(finals) == 1 and f" {clips // 2}/{clips // 2} " in finals[0] and f"encoded={clips // 2}," in finals[0], finals
     assert f"data: {clips} clips ready ({clips} encoded, 0 reused); skipped: none" in result.stdout, result.stdout
+    # ... and so does the cache's kept report (it was the last whole-cache read's: 0 encoded, all reused)
+    kept = json.loads(next(tmp_path.rglob(LAST_REPORT)).read_text())
+    assert (kept["ready"], kept["encoded"], kept["reused"]) == (clips, clips, 0), kept
     tensors = load_file(run / LORA_FILENAME)
     assert tensors and all(torch.isfinite(t).all() for t in tensors.values())
     checkpoint = run / "checkpoints" / "checkpoint-000004"

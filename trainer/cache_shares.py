@@ -34,7 +34,7 @@ def precompute_in_shares(cache: LatentCache, clips: list[Clip], index: int, wait
     cache.check_clips(clips)  # said of every row, in every process alike, before any encodes
     failure = None
     try:
-        share = cache.precompute(share_of(clips, index, count), progress=progress)
+        share = cache.precompute(share_of(clips, index, count), progress=progress, keep_report=False)
         outcome = (share.encoded, share.repaired, None)
     except Exception as error:  # said to the others, then raised here
         failure, outcome = error, (0, [], f"{type(error).__name__}: {error}")
@@ -44,10 +44,14 @@ def precompute_in_shares(cache: LatentCache, clips: list[Clip], index: int, wait
     for process, (_, _, error) in enumerate(outcomes):
         if error is not None:
             raise TrainError(f"process {process} of the launch could not encode its share of the clips ({error})")
-    report = cache.precompute(clips, progress=False)  # every clip cached now: read, and the skipped named
+    # Every clip cached now: read, and the skipped named. Its report, kept by the main process once the shares'
+    # counts are added (each share's and this read's, kept, said 0 encoded).
+    report = cache.precompute(clips, progress=False, keep_report=False)
     encoded = sum(outcome[0] for outcome in outcomes)
     report.encoded, report.reused = report.encoded + encoded, report.reused - encoded
     report.repaired = [entry for outcome in outcomes for entry in outcome[1]] + report.repaired
+    if index == 0:
+        cache.write_report(report)
     # The reads take unequal times (each decodes the skipped clips again): waited for here, not in training's next
     # collective.
     waits.wait_for_everyone()

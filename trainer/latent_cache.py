@@ -47,6 +47,7 @@ from trainer.read_ahead import read_ahead, reading_threads
 CACHE_FORMAT = 4  # 2: entries record the VAE's factors; 3: frames are cut to the output's aspect before scaling;
 # 4: a variable-frame-rate clip is read at the instants it was shot (trainer.frames._open)
 HASH_INDEX = "file_hashes.json"
+LAST_REPORT = "last_report.json"  # the last precompute's report: what was encoded, reused, skipped and repaired
 # The skipped clips this process has named, by cache entry: a sweep scores every checkpoint of a run on the same
 # held-out clips, and a walk-through's 2-run sweep named its one unreadable clip 16 times. Each report still lists it.
 _NAMED_SKIPS: set[str] = set()
@@ -268,7 +269,9 @@ class LatentCache:
                 raise DatasetError(f"ticft.condition is pairs, but {len(missing)} rows name no condition (first: "
                                    f"{missing[0]}); add a `condition` column with an image or clip per row")
 
-    def precompute(self, clips: list[Clip], progress: bool = True) -> PrecomputeReport:
+    def precompute(self, clips: list[Clip], progress: bool = True, keep_report: bool = True) -> PrecomputeReport:
+        """Every clip's entry, encoded where the cache lacks it. The report is kept in the cache's `last_report.json`
+        (`write_report`) unless not `keep_report`: a launch's shares keep the one that adds them up."""
         from trainer.progress import progress_bar
 
         self.check_clips(clips)
@@ -332,8 +335,12 @@ class LatentCache:
             bar.close()
             hasher.save()
         report.entries = [entry for entry in entries if entry is not None]
-        atomic_write_text(self.root / "last_report.json", json.dumps(report.to_json(), indent=2))
+        if keep_report:
+            self.write_report(report)
         return report
+
+    def write_report(self, report: PrecomputeReport) -> None:
+        atomic_write_text(self.root / LAST_REPORT, json.dumps(report.to_json(), indent=2))
 
     def _frames(self, clip: Clip) -> torch.Tensor:
         """The clip's frames as the VAE takes them (`trainer.frames`); raises ClipError. Run in a reading thread."""
