@@ -95,11 +95,12 @@ def check_train(args) -> None:
     check_out_folder(args.out, args.data)
     # The run folder and the dataset, by the launch's first process alone: another process of the launch may start
     # after it has taken the lock and written the run's first files (training checks every process, before the
-    # barrier the first writes wait for), and thousands of captions are read once here, not once per process.
+    # barrier the first writes wait for), and the dataset's problems are said once, not once per process.
     if first_process():
         train_lock(args.out).check_free()  # a running training's folder is that, not a folder holding a run
         check_new_start(args.out, args.resume, args.overwrite)
-        # The captions read (and at most a few uncaptioned clips opened); the others of a launch read them in training.
+        # The captions read (and at most a few uncaptioned clips opened); training reads them again, in every process
+        # (milliseconds for thousands of caption files, beside the imports this check saves on a mistake).
         read_training_clips(args.data, config.data.max_clips, config.data.trigger_word)
 
 
