@@ -32,6 +32,7 @@ from tests.harness import (  # noqa: F401 (the tests import them from here)
 
 
 _TEST_HOME: Path | None = None
+_TMP_PARENT = "SLAPGEN_TESTS_TMP_PARENT"  # the temporary folder before this suite set TMPDIR
 _TEST_TMPDIR: Path | None = None
 
 
@@ -44,9 +45,12 @@ def pytest_configure(config):
     import tempfile
 
     global _TEST_HOME, _TEST_TMPDIR
-    _TEST_HOME = Path(tempfile.mkdtemp(prefix="slapgen-tests-"))
+    # pytest-xdist's workers inherit the controller's TMPDIR (set below): in them, this process's temporary
+    # folders (these, pytest's, PostgreSQL's, which its own user must reach) stay where the controller's are.
+    parent = tempfile.tempdir = os.environ.setdefault(_TMP_PARENT, tempfile.gettempdir())
+    _TEST_HOME = Path(tempfile.mkdtemp(prefix="slapgen-tests-", dir=parent))
     # Short, like /tmp/st1a2b3c4d: unix socket paths under it (BentoML's, Ray's) must stay under 108 bytes.
-    _TEST_TMPDIR = Path(tempfile.mkdtemp(prefix="st"))
+    _TEST_TMPDIR = Path(tempfile.mkdtemp(prefix="st", dir=parent))
     os.environ.update(
         TMPDIR=str(_TEST_TMPDIR),
         HOME=str(_TEST_HOME / "home"),
