@@ -248,8 +248,8 @@ def test_cli_refuses_bad_input_in_one_sentence_and_stores_nothing(monkeypatch, t
 
 def test_cli_names_the_missing_videos_and_refuses_a_taken_name(monkeypatch, tmp_path, capsys):
     """Same prompts and seeds across systems are required: the error says which system lacks which;
-    a folder without eval.json (a sweep's says whether it has generation metrics, read from its definition as the
-    sweep reads it; a damaged one says so) and an existing campaign name are one-line errors too."""
+    a folder without eval.json (a sweep's says whether it has generation metrics, read from its sweep.json as the
+    sweep's rerun reads it; a damaged one says so) and an existing campaign name are one-line errors too."""
     partial = write_eval_dir(tmp_path / "partial", ["base", "lora"], skip={("lora", 1, 0), ("lora", 2, 1)})
     assert run_cli(monkeypatch, tmp_path, "c", "--from", str(partial)) == 2
     assert "missing lora lacks prompt 1 seed 0, prompt 2 seed 1" in capsys.readouterr().err
@@ -276,10 +276,17 @@ def test_cli_names_the_missing_videos_and_refuses_a_taken_name(monkeypatch, tmp_
                                             EvalSettings(seeds=(0,))))
     assert run_cli(monkeypatch, tmp_path, "c", "--from", str(sweep)) == 2
     assert f"slapgen campaign: {sweep} is a sweep whose videos are not all made yet" in capsys.readouterr().err
-    # ... and a sweep.json that is not one: what is wrong with it, not "no eval.json"
-    (sweep / DEFINITION_FILE).write_text(json.dumps({"metrics": ["loss", "clip"]}))
+    # ... also one of an older slapgen whose run configs are refused now (a setting since renamed): its rerun, which
+    # compares sweep.json as written, still finishes it (the review's find: read whole, it was "not readable")
+    tree = json.loads((sweep / DEFINITION_FILE).read_text())
+    tree["runs"][0]["config"]["train"]["a_setting_since_renamed"] = 1
+    (sweep / DEFINITION_FILE).write_text(json.dumps(tree))
     assert run_cli(monkeypatch, tmp_path, "c", "--from", str(sweep)) == 2
-    assert f"slapgen campaign: {sweep / DEFINITION_FILE} is not a readable sweep definition (KeyError)" \
+    assert f"slapgen campaign: {sweep} is a sweep whose videos are not all made yet" in capsys.readouterr().err
+    # ... and a sweep.json that is not JSON: what is wrong with it, not "no eval.json"
+    (sweep / DEFINITION_FILE).write_text('{"metrics": ["loss", "clip"')
+    assert run_cli(monkeypatch, tmp_path, "c", "--from", str(sweep)) == 2
+    assert f"slapgen campaign: {sweep / DEFINITION_FILE} is not a readable sweep definition (JSONDecodeError)" \
         in capsys.readouterr().err
     whole = write_eval_dir(tmp_path / "whole", ["base", "lora"])
     assert run_cli(monkeypatch, tmp_path, "c", "--from", str(whole)) == 0

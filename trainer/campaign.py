@@ -41,14 +41,14 @@ def _source_label(folder: Path) -> str:
 
 def _sweep_makes_videos(folder: Path) -> bool | None:
     """Whether the sweep `folder` holds (its sweep.json) generates videos (it has generation metrics), or None
-    when the folder holds no sweep."""
+    when the folder holds no sweep. Read as the sweep's rerun reads it: a sweep of an older slapgen says so too."""
     from trainer.errors import SweepError
-    from trainer.sweep.folder import DEFINITION_FILE, read_definition
+    from trainer.sweep.folder import DEFINITION_FILE, makes_videos, read_definition_tree
 
     if not (folder / DEFINITION_FILE).is_file():
         return None
     try:
-        return read_definition(folder).evaluation is not None
+        return makes_videos(read_definition_tree(folder))
     except SweepError as error:
         raise CampaignError(str(error)) from None
 

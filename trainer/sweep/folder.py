@@ -97,7 +97,7 @@ class SweepDefinition:
                            TrainConfig.model_validate(run["config"]))
                 for index, run in enumerate(tree["runs"])
             ),
-            evaluation=EvalSettings.from_json(tree) if "seeds" in tree else None,
+            evaluation=EvalSettings.from_json(tree) if makes_videos(tree) else None,
             checkpoints=bool(tree.get("checkpoints", False)),
             generate_top=tree.get("generate_top"),
             pick_by=tree.get("pick_by", HELDOUT_LOSS),
@@ -110,12 +110,30 @@ class SweepDefinition:
         raise SweepError(f"this sweep has no run {name}")
 
 
+def makes_videos(tree: dict) -> bool:
+    """Whether the sweep.json `tree` records generation settings: its sweep has generation metrics."""
+    return "seeds" in tree
+
+
 def read_definition(out: Path) -> SweepDefinition:
     path = Path(out) / DEFINITION_FILE
     try:
-        return SweepDefinition.from_json(json.loads(path.read_text(encoding="utf-8")))
-    except (OSError, ValueError, KeyError, TypeError) as error:
+        return SweepDefinition.from_json(read_definition_tree(out))
+    except (KeyError, TypeError, ValueError) as error:
         raise SweepError(f"{path} is not a readable sweep definition ({type(error).__name__})") from None
+
+
+def read_definition_tree(out: Path) -> dict:
+    """sweep.json as written, unvalidated: what a rerun compares with the command's, and what a sweep of an older
+    slapgen (its run configs perhaps refused now) still says of itself. SweepError when it is not a JSON object."""
+    path = Path(out) / DEFINITION_FILE
+    try:
+        tree = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise SweepError(f"{path} is not a readable sweep definition ({type(error).__name__})") from None
+    if not isinstance(tree, dict):
+        raise SweepError(f"{path} is not a readable sweep definition (not a JSON object)")
+    return tree
 
 
 def _grid_text(tree: dict) -> str:
@@ -195,11 +213,7 @@ def check_folder(out: Path, definition: SweepDefinition) -> bool:
     out = Path(out)
     path = out / DEFINITION_FILE
     if path.is_file():
-        try:
-            existing = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as error:
-            raise SweepError(f"{path} is not a readable sweep definition ({type(error).__name__})") from None
-        different = difference(existing if isinstance(existing, dict) else {}, definition.to_json())
+        different = difference(read_definition_tree(out), definition.to_json())
         if different is not None:
             raise SweepError(f"{out} holds a sweep with {different}; rerun it with the same command or choose another --out")
         return True
