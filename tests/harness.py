@@ -36,6 +36,11 @@ def free_port() -> int:
     # Above Ray's default worker ports (10002-19999, which a `ray start` reserves whole) and never torch's
     # default rendezvous port.
     candidates = [port for port in range(20000, low) if port != 29500] if low > 21000 else []
+    # Each pytest-xdist worker picks from its own share: a port is bound long after it is picked (a server's imports
+    # come first), and the other worker's check would find it free meanwhile.
+    worker, workers = os.environ.get("PYTEST_XDIST_WORKER"), os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if worker and workers:
+        candidates = candidates[int(worker.removeprefix("gw"))::int(workers)]
     random.shuffle(candidates)
     for port in candidates:
         if port in _HANDED_OUT_PORTS:
@@ -181,16 +186,8 @@ def start_servers(folders: list[Path], startup_timeout_s: float, envs: list[dict
 
 
 def distinct_free_ports(count: int) -> list[int]:
-    """`count` ports free now, all different: each socket stays bound until all are (the kernel never hands
-    out a bound port again)."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
+    """`count` ports free now, all different (`free_port` never hands out a port twice in a run)."""
+    return [free_port() for _ in range(count)]
 
 
 def stop_server(server: ServerProcess, grace_s: float = 20) -> None:

@@ -56,8 +56,11 @@ def _start_node(env: dict, *args: str, wrap: tuple[str, ...] = (), cpus: int = 1
     """`ray start ARGS` of a node of `cpus` CPUs (run by `wrap`, when given) in a session of its own; returns that
     session's process group, which every daemon of the node (raylet, agents; GCS on the head) stays in after
     `ray start` returns."""
+    # Workers' ports chosen at random (0 and 0), not lowest-first in 10002-19999, which another pytest process's
+    # cluster hands out too
     starting = subprocess.Popen([*wrap, RAY, "start", "--num-cpus", str(cpus), "--disable-usage-stats",
-                                 "--dashboard-agent-listen-port", str(free_port()), *args],
+                                 "--dashboard-agent-listen-port", str(free_port()), "--min-worker-port", "0",
+                                 "--max-worker-port", "0", *args],
                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     output, _ = starting.communicate(timeout=300)
     assert starting.returncode == 0, output[-3000:]
@@ -444,10 +447,12 @@ def test_gpus_per_run_without_ray_and_a_negative_count_are_one_sentence(tmp_path
     assert not (tmp_path / "out").exists()
 
 
-def test_ray_auto_without_a_cluster_and_ray_missing_are_one_sentence(monkeypatch):
+def test_ray_auto_without_a_cluster_and_ray_missing_are_one_sentence(monkeypatch, tmp_path):
     """Guards Ray's own ConnectionError (or an ImportError) reaching the user as a traceback: --ray auto with no
-    cluster says so and how to start one; --ray without Ray installed says how to install it."""
+    cluster says so and how to start one; --ray without Ray installed says how to install it. No cluster is here
+    for Ray to find: another test's, running meanwhile in another pytest process, would answer `auto`."""
     import ray
+    from ray._private import services
 
     from trainer.errors import ClusterError
     from trainer.ray_cluster import connect
@@ -458,6 +463,8 @@ def test_ray_auto_without_a_cluster_and_ray_missing_are_one_sentence(monkeypatch
 
     monkeypatch.setattr(ray, "init", no_cluster)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))  # no cluster recorded as started here
+    monkeypatch.setattr(services, "find_gcs_addresses", lambda: [])  # none running on this machine
     with pytest.raises(ClusterError, match=r"^--ray auto found no Ray cluster: RAY_ADDRESS is not set and none runs on "
                                          r"this machine; start one with `ray get-auth-token --generate` and `RAY_AUTH_MODE=token ray start --head`"):
         with connect("auto"):

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from slapgen.models.cogvideox import draw_noise, latent_frames, rotary_embeddings, training_step
 from slapgen.models.loading import resolve_model
-from tests.conftest import REPO_ROOT, cli_stderr, offline_env, preset_overrides, tiny_train_overrides
+from tests.conftest import REPO_ROOT, cli_stderr, free_port, offline_env, preset_overrides, tiny_train_overrides
 from trainer.batches import BatchOrder, load_batch
 from trainer.cli import main as cli_main
 from trainer.config import load_config
@@ -623,7 +623,7 @@ def test_accelerate_launch_two_cpu_processes(model, tiny_cache_dir, demo_dataset
     per-sample sigma) must reduce every LoRA gradient on every step."""
     run = tmp_path / "run"
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-               "--dynamo_backend", "no", "-m", "trainer", "train", "--config", "conservative",
+               "--main_process_port", str(free_port()), "--dynamo_backend", "no", "-m", "trainer", "train", "--config", "conservative",
                "--data", str(demo_dataset), "--out", str(run),
                *sum((["--set", o] for o in preset_overrides(tiny_cache_dir, "train.max_train_steps=4",
                                                             "checkpoint.every_steps=2", "validation.prompts=[]",
@@ -658,7 +658,7 @@ def test_logged_lr_with_two_processes_is_the_one_process_schedule(tiny_cache_dir
     in `LR_SCHEDULE`. Launched as test_accelerate_launch_two_cpu_processes does."""
     run = tmp_path / "run"
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-               "--dynamo_backend", "no", "-m", "trainer", "train", "--config", "tiny-smoke",
+               "--main_process_port", str(free_port()), "--dynamo_backend", "no", "-m", "trainer", "train", "--config", "tiny-smoke",
                "--data", str(demo_dataset), "--out", str(run),
                *sum((["--set", o] for o in tiny_train_overrides(tiny_cache_dir, *LR_SCHEDULE_SETTINGS)), [])]
     env = offline_env(tmp_path, ACCELERATE_USE_CPU="1", CUDA_VISIBLE_DEVICES="")
