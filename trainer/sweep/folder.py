@@ -116,24 +116,26 @@ def makes_videos(tree: dict) -> bool:
 
 
 def read_definition(out: Path) -> SweepDefinition:
-    path = Path(out) / DEFINITION_FILE
     try:
         return SweepDefinition.from_json(read_definition_tree(out))
     except (KeyError, TypeError, ValueError) as error:
-        raise SweepError(f"{path} is not a readable sweep definition ({type(error).__name__})") from None
+        raise _unreadable(out, type(error).__name__) from None
 
 
 def read_definition_tree(out: Path) -> dict:
     """sweep.json as written, unvalidated: what a rerun compares with the command's, and what a sweep of an older
     slapgen (its run configs perhaps refused now) still says of itself. SweepError when it is not a JSON object."""
-    path = Path(out) / DEFINITION_FILE
     try:
-        tree = json.loads(path.read_text(encoding="utf-8"))
+        tree = json.loads((Path(out) / DEFINITION_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
-        raise SweepError(f"{path} is not a readable sweep definition ({type(error).__name__})") from None
+        raise _unreadable(out, type(error).__name__) from None
     if not isinstance(tree, dict):
-        raise SweepError(f"{path} is not a readable sweep definition (not a JSON object)")
+        raise _unreadable(out, "not a JSON object")
     return tree
+
+
+def _unreadable(out: Path, why: str) -> SweepError:
+    return SweepError(f"{Path(out) / DEFINITION_FILE} is not a readable sweep definition ({why})")
 
 
 def _grid_text(tree: dict) -> str:
@@ -211,8 +213,7 @@ def check_folder(out: Path, definition: SweepDefinition) -> bool:
     else (a file where the folder goes is the CLI's to say, for every command: `cli.check_out_is_a_folder`).
     Reads only: a refused command changes nothing."""
     out = Path(out)
-    path = out / DEFINITION_FILE
-    if path.is_file():
+    if (out / DEFINITION_FILE).is_file():
         different = difference(read_definition_tree(out), definition.to_json())
         if different is not None:
             raise SweepError(f"{out} holds a sweep with {different}; rerun it with the same command or choose another --out")
