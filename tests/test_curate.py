@@ -586,6 +586,25 @@ def test_a_curate_stopped_halfway_keeps_what_it_measured(demo_dataset, tmp_path,
     assert report["summary"]["from_probe_cache"] == 2
 
 
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs two cores this process may run on")
+def test_curates_default_workers_are_the_cores_this_process_may_use(demo_dataset, tmp_path):
+    """Guards curate's default workers counted by `os.cpu_count()`, the machine's cores: a process limited to fewer (by
+    taskset or a Slurm allocation; by a container's CPU limit alike, through joblib's count) started a prober per core
+    of the machine (128 in a pod of 8 CPUs). Limited to one core by its real affinity, curate starts one."""
+    from trainer.curate import run
+
+    data = _small_dataset(demo_dataset, tmp_path / "data")
+    allowed = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(allowed)})  # this thread's, which curate's count and its workers go by
+    try:
+        report = run.curate(data, tmp_path / "out", run.CurateSettings(num_frames=9), progress=False)
+    finally:
+        os.sched_setaffinity(0, allowed)
+    assert report["settings"]["workers"] == 1 < (os.cpu_count() or 1)
+    assert len(report["clips"]) == 3
+
+
 def test_black_and_frozen_are_judged_on_the_frames_training_reads(tmp_path):
     """Guards curate judging a clip by all of it while training reads only its start: a clip whose first 1.5 s are
     black (or a still title card) and the rest a bout was clean, and training (1 s: tiny-smoke's 9 frames at 8 fps,

@@ -104,13 +104,15 @@ def test_an_error_of_the_items_comes_at_its_turn_after_the_items_before_it():
 
 def test_a_cpu_reads_in_turn_and_a_gpu_beside_up_to_four_readers(monkeypatch):
     """The reading threads: none on a CPU (the VAE takes every core there); beside a GPU a quarter of the cores this
-    process may run on, shared among the launch's processes on the machine (8 GPU processes on 64 cores ran 4
-    decoders each, not 4 x 8 of the machine's `cpu_count` share), at least 1 and at most 4."""
+    process may use (joblib's count: its affinity, capped by a container's CPU limit; test_curate checks a real
+    affinity), shared among the launch's processes on the machine (8 GPU processes on 64 cores ran 4 decoders each,
+    not 4 x 8 of the machine's `cpu_count` share), at least 1 and at most 4."""
+    from trainer import read_ahead
+
     assert reading_threads("cpu") == 0
-    monkeypatch.setattr("os.cpu_count", lambda: 256)  # not what counts: the affinity does
     for cores, local_processes, threads in [(2, None, 1), (8, None, 2), (16, "1", 4), (64, None, 4), (64, "8", 2),
                                             (32, "8", 1)]:
-        monkeypatch.setattr("os.sched_getaffinity", lambda pid, cores=cores: set(range(cores)))
+        monkeypatch.setattr(read_ahead, "cpu_count", lambda cores=cores: cores)
         if local_processes is None:
             monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
         else:

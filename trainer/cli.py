@@ -471,7 +471,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "training can read, quality flags and all)")
     cur.add_argument("--hard-negatives", type=float, default=0.0, metavar="SHARE",
                      help="share of --select kept for failed strikes and defensive moves (miss, foul, block/absorb), e.g. 0.2")
-    cur.add_argument("--workers", type=int, help="processes probing clips (default: every core)")
+    cur.add_argument("--workers", type=int, help="processes probing clips (default: one per core this process may use: "
+                                                 "its CPU affinity, capped by a container's CPU limit)")
     cur.add_argument("--config", default="conservative",
                      help="training config or preset whose data section sets the training length (default conservative)")
     cur.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")

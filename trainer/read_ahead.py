@@ -19,6 +19,8 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
+from joblib import cpu_count
+
 Item = TypeVar("Item")
 
 
@@ -28,12 +30,12 @@ AHEAD_ITEMS = 32  # items decided ahead at most: deciding a cached clip hashes i
 def reading_threads(device: str) -> int:
     """Clips decoded at once beside the encoding. On a CPU, none (each clip read at its turn): the VAE's encoding
     takes every core there, and a decoder beside it only competed for them (bench/precompute.py on 2 cores: 0.96x
-    to 1.07x of one by one, run to run); beside a GPU, a quarter of this process's cores (those it may run on, shared
-    with the launch's other processes on this machine), from 1 to 4: a GPU may encode a clip in less time than a core
-    decodes one."""
+    to 1.07x of one by one, run to run); beside a GPU, a quarter of this process's cores (those it may run on, and no
+    more than its container's CPU limit, shared with the launch's other processes on this machine), from 1 to 4: a GPU
+    may encode a clip in less time than a core decodes one."""
     if device == "cpu":
         return 0
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = cpu_count()  # joblib's: the affinity, capped by a cgroup's CPU quota (a pod's limit on a large node)
     processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or 1))  # torchrun's, for this machine
     return max(1, min(4, cores // 4 // processes))
 

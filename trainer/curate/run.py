@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+from joblib import cpu_count
 
 from slapgen.atomic import atomic_write_text
 from slapgen.errors import counted
@@ -121,7 +122,9 @@ def curate(dataset: Path, out: Path, settings: CurateSettings = CurateSettings()
     # Read first: a dataset that holds no clips is one sentence, and leaves no empty OUT/thumbnails behind.
     clips: list[Clip] = read_dataset(dataset, require_captions=False, require_files=False)
     thumbnails.mkdir(parents=True, exist_ok=True)
-    workers = settings.workers or os.cpu_count() or 1
+    # By default a worker per core this process may use: its CPU affinity (taskset, a Slurm allocation), capped by a
+    # container's CPU limit; `os.cpu_count()` is the machine's (128 probe processes in a pod limited to 8 CPUs).
+    workers = settings.workers or cpu_count()
     videos = [None if "outside_dataset" in clip.issues else str(clip.video) for clip in clips]
     # Each file's state before it is decoded: a file changed while it decodes is decoded again next time.
     states = [FileState.of(video) if video else None for video in videos]
