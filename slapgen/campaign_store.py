@@ -480,7 +480,8 @@ def next_pair_for(store: CampaignStore, name: str, rater: str, generator,
                   repeat_share: float = REPEAT_SHARE) -> IssuedPair | str:
     """The pair to show `rater` next: the one they have open, else now and then a repeat of one they
     answered (sides swapped; `repeat_share` of the pairs), else `ranking.next_pair` on the campaign's first
-    criterion (the pair expected to tell the most about the ranking). Else the sentence why there is none: the
+    criterion (the pair expected to tell the most about the ranking; within a budget of one round, every pair on
+    every item once, the pairs that round still lacks). Else the sentence why there is none: the
     campaign's budget is reached (pairs were issued and rated past it: 10 of a budget of 8 in a walk-through; an
     open pair is still answered, a rater's work is never refused), or held by pairs other raters have open (issued
     within OPEN_PAIR_HOLD_S), or every criterion separated its top system (the
@@ -507,7 +508,9 @@ def next_pair_for(store: CampaignStore, name: str, rater: str, generator,
     answered = list({row["pair_id"]: row for row in rows if row["rater"] == rater and not row["repeat"]}.values())
     item_index = {(str(item.prompt_index), item.seed): k for k, item in enumerate(campaign.items)}
     verdicts = verdicts_of(rows, campaign.criteria[0])
-    chosen = next_pair(verdicts, campaign.systems, list(item_index), rater, generator)
+    pair_items = len(campaign.systems) * (len(campaign.systems) - 1) // 2 * len(campaign.items)
+    chosen = next_pair(verdicts, campaign.systems, list(item_index), rater, generator,
+                       one_round=campaign.budget is not None and campaign.budget <= pair_items)
     if chosen is None:
         return f"{rater} has judged every pair of systems on every prompt and seed of {name}"
     if answered and generator.random() < repeat_share:

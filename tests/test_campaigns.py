@@ -222,7 +222,14 @@ def test_cli_creates_a_campaign_from_two_eval_folders(monkeypatch, tmp_path, cap
     base = write_eval_dir(tmp_path / "base" / "eval", ["base"], scores={"clip_score": {"base": 0.1}})
     assert run_cli(monkeypatch, tmp_path, "sw", "--from", str(run1), "--from", str(run2), "--from", str(base),
                    "--systems", "r1-lora,r2-lora", "--criteria", "overall,motion", "--budget", "40") == 0
-    assert "campaign sw: 2 systems (r1-lora, r2-lora), 6 prompt/seed items" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "campaign sw: 2 systems (r1-lora, r2-lora), 6 prompt/seed items" in out
+    # A budget past what one rater can give (1 pair x 6 items) says how many raters it needs: ceil(40 / 6)
+    assert ("note: one rater can give at most 6 ratings here (every pair of systems on every prompt/seed item once): "
+            "a budget of 40 needs 7 raters or more") in out
+    # ... and the next step names the store the service must open (SLAP_DATA_DIR: run_cli's data folder)
+    assert (f"next: serve with SLAP_DATA_DIR={(tmp_path / 'data').absolute()} (`bentoml serve`); raters open /studio/ "
+            "and choose Campaigns; the results: GET /campaigns/sw/leaderboard") in out
     campaign = CampaignStore(tmp_path / "data").get("sw")
     assert campaign.systems == ["r1-lora", "r2-lora"] and campaign.criteria == ["overall", "motion"]
     assert campaign.budget == 40
@@ -256,6 +263,8 @@ def test_cli_names_the_missing_videos_and_refuses_a_taken_name(monkeypatch, tmp_
     assert nothing_stored(tmp_path / "data", "c")
     assert run_cli(monkeypatch, tmp_path, "c", "--from", str(tmp_path)) == 2
     assert "holds no eval.json" in capsys.readouterr().err
+    assert run_cli(monkeypatch, tmp_path, "c", "--from", str(tmp_path / "evla")) == 2  # a typo: said as that
+    assert f"slapgen campaign: {tmp_path / 'evla'} is not a folder (no such path): --from takes" in capsys.readouterr().err
     # A sweep without generation metrics (held-out loss only) read as a wrong folder (a walk-through's find); its
     # sweep.json as `slapgen sweep` writes it
     from trainer.sweep.evaluate import EvalSettings
@@ -346,7 +355,9 @@ def test_cli_lists_and_deletes_campaigns(monkeypatch, tmp_path, capsys, eval_dir
     assert created[1:] == [
         f"note: 3 prompts, and separation needs verdicts on at least {MIN_SEPARATION_PROMPTS}: the leaderboard can "
         "never call the top system separated from the second, so the campaign ends only on its budget of 18 ratings; "
-        "eval on more held-out clips or --seeds for a campaign that can separate them"]
+        "eval on more held-out clips or --seeds for a campaign that can separate them",
+        f"next: serve with SLAP_DATA_DIR={data} (`bentoml serve`); raters open /studio/ and choose Campaigns; the "
+        "results: GET /campaigns/local/leaderboard"]
     assert main(["campaign", "list"]) == 0
     assert capsys.readouterr().out.splitlines()[0] == f"campaigns in {sqlite_file}:"
     assert main(["campaign", "delete", "local"]) == 0
@@ -355,8 +366,9 @@ def test_cli_lists_and_deletes_campaigns(monkeypatch, tmp_path, capsys, eval_dir
     monkeypatch.setenv("SLAP_DATABASE_URL", database_url)
     assert main(["campaign", "create", "rated", "--from", str(eval_dir), "--budget", "5"]) == 0
     store_url = shown_url(load_settings().database_url)  # as the service names it (postgresql+psycopg://...)
-    assert capsys.readouterr().out.splitlines()[0].endswith(
-        f" ratings, in {store_url}; its videos copied to {data / 'campaigns' / 'rated'}")
+    created = capsys.readouterr().out.splitlines()
+    assert created[0].endswith(f" ratings, in {store_url}; its videos copied to {data / 'campaigns' / 'rated'}")
+    assert created[-1].startswith("next: serve with the same SLAP_DATABASE_URL (`bentoml serve`);")
     assert main(["campaign", "create", "typo", "--from", str(eval_dir), "--systems", "base,lora_b"]) == 0
     store = CampaignStore(data, database_url)
     for rater, item in (("ana", 0), ("ben", 1), ("ana", 2)):
@@ -833,12 +845,12 @@ def test_a_campaign_stopped_by_its_budget_names_a_leader_not_a_winner(tmp_path):
     folder = write_eval_dir(tmp_path / "eval", ["lora_a", "lora_b"], prompts=3, seeds=(0,),
                             adapters={name: str(file) for name, file in files.items()})
     store = CampaignStore(tmp_path / "data")
-    store.create(plan_campaign("short", [folder], budget=2))
-    with TestClient(Starlette(routes=campaign_routes(store, repeat_share=0))) as client:  # two ratings, no repeat
-        for _ in range(2):
-            pair = client.get("/campaigns/short/pair", params={"rater": "ana"}).json()
-            client.post("/campaigns/short/ratings", json={"pair_id": pair["pair_id"], "rater": "ana",
-                                                         "verdicts": {"overall": "left"}}).raise_for_status()
+    # One rating: two "left"s may fall one to each system, which are then level (the next test)
+    store.create(plan_campaign("short", [folder], budget=1))
+    with TestClient(Starlette(routes=campaign_routes(store, repeat_share=0))) as client:
+        pair = client.get("/campaigns/short/pair", params={"rater": "ana"}).json()
+        client.post("/campaigns/short/ratings", json={"pair_id": pair["pair_id"], "rater": "ana",
+                                                     "verdicts": {"overall": "left"}}).raise_for_status()
         board = client.get("/campaigns/short/leaderboard").json()["criteria"]["overall"]
     assert (board["done"], board["reason"]) == (True, "budget")
     top, second = (standing["system"] for standing in board["standings"])
@@ -846,6 +858,48 @@ def test_a_campaign_stopped_by_its_budget_names_a_leader_not_a_winner(tmp_path):
     assert board["winner"] == {"system": top, "adapter": path, "separated": False, "sentence": (
         f"{top} leads, but these ratings do not separate it from {second} (the budget ran out first); its LoRA file "
         f"is {path} (serve it: POST /adapters/upload, or copy it to SLAP_ADAPTERS_DIR/NAME.safetensors)")}
+
+
+def test_the_default_budget_judges_every_pair_on_every_item(tmp_path):
+    """Guards a walk-through's campaign of 4 systems on 2 items (default budget 12: "every pair once on every prompt
+    and seed"): its two raters were shown one pair 4 times and never the top two, so the leaderboard had no direct
+    comparison of them. Two raters taking turns until the campaign is done (the first system always preferred, so
+    the fitted strengths soon tell pairs apart) judge each of the 6 pairs on each item once."""
+    from slapgen.campaign_store import next_pair_for
+
+    folder = write_eval_dir(tmp_path / "eval", ["a", "b", "c", "d"], prompts=2, seeds=(0,))
+    store = CampaignStore(tmp_path / "data")
+    store.create(plan_campaign("round", [folder]))
+    generator = np.random.default_rng(3)
+    shown = []
+    while not isinstance(pair := next_pair_for(store, "round", ("ana", "ben")[len(shown) % 2], generator,
+                                               repeat_share=0), str):
+        shown.append((frozenset((pair.left, pair.right)), pair.item))
+        winner = "left" if pair.left < pair.right else "right"
+        store.answer("round", pair.pair_id, pair.rater, {"overall": winner})
+    assert "is done: its budget of 12 ratings is reached" in pair
+    assert len(shown) == len(set(shown)) == 12, shown
+
+
+def test_a_budget_that_ends_on_level_systems_says_they_are_level(tmp_path):
+    """Guards the leader's sentence when the top two are of equal strength: "X leads, but these ratings do not
+    separate it from Y" named one of two level systems the leader (a walk-through's run and base model, 7 of 8 won
+    each). Two ties and the budget of 2 reached: both ranked 1, and the sentence says they are level."""
+    folder = write_eval_dir(tmp_path / "eval", ["lora_a", "lora_b"], prompts=3, seeds=(0,))
+    store = CampaignStore(tmp_path / "data")
+    store.create(plan_campaign("even", [folder], budget=2))
+    with TestClient(Starlette(routes=campaign_routes(store, repeat_share=0))) as client:
+        for _ in range(2):
+            pair = client.get("/campaigns/even/pair", params={"rater": "ana"}).json()
+            client.post("/campaigns/even/ratings", json={"pair_id": pair["pair_id"], "rater": "ana",
+                                                        "verdicts": {"overall": "tie"}}).raise_for_status()
+        board = client.get("/campaigns/even/leaderboard").json()["criteria"]["overall"]
+    assert (board["done"], board["reason"]) == (True, "budget")
+    assert [standing["rank"] for standing in board["standings"]] == [1, 1]
+    top, second = (standing["system"] for standing in board["standings"])
+    assert board["winner"]["separated"] is False
+    assert board["winner"]["sentence"].startswith(
+        f"{top} is level with {second}: these ratings give them equal strength (the budget ran out first)")
 
 
 def test_no_pair_is_issued_past_the_budget_nor_a_repeat_once_every_pair_is_judged(tmp_path):

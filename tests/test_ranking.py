@@ -3,6 +3,7 @@ forms, the Davidson likelihood written out here and maximised by scipy, and simu
 
 from __future__ import annotations
 
+import collections
 import itertools
 
 import numpy as np
@@ -12,7 +13,7 @@ from scipy.optimize import minimize
 from scipy.stats import norm
 
 from slapgen.evaluation.ranking import (
-    LEFT, MIN_SEPARATION_PROMPTS, OUTCOMES, RIDGE, RIGHT, TIE, Pair, Ranking, Verdict, expected_order_gain,
+    LEFT, MIN_SEPARATION_PROMPTS, OUTCOMES, RIDGE, RIGHT, STRENGTH_TIE, TIE, Pair, Ranking, Verdict, expected_order_gain,
     fit_strengths, head_to_head, head_to_head_evidence, next_pair, rank_systems, stopping,
 )
 
@@ -147,6 +148,19 @@ def test_ranks_and_stopping_rule():
     assert ranking.top_beats_second < 0.95
     assert not stopping(ranking, budget=100).done and stopping(ranking, budget=100).reason is None
     assert stopping(ranking, budget=len(verdicts)).reason == "budget"
+
+
+def test_systems_of_equal_strength_share_a_rank():
+    """Guards ranks given by the sort alone: two systems that each beat the third on the same prompts (a walk-through's
+    tuned run and base model, 7 of 8 each, identical strengths and intervals) were ranked 1 and 2, and a campaign
+    of ties only ranked its five systems 1 to 5 in no order. Equal strengths (within STRENGTH_TIE) share the rank
+    of the first of them, the next rank skipping theirs (1, 1, 3)."""
+    mirrored = [Verdict(x, "c", LEFT, f"p{k}", 0, "r") for k in range(4) for x in ("a", "b")]
+    ranking = rank_systems(mirrored, ["a", "b", "c"], resamples=50)
+    assert abs(ranking.standings[0].strength - ranking.standings[1].strength) <= STRENGTH_TIE
+    assert [s.rank for s in ranking.standings] == [1, 1, 3]
+    ties = [Verdict(x, y, TIE, "p0", 0, "r") for x, y in itertools.combinations("abcde", 2)]
+    assert [s.rank for s in rank_systems(ties, list("abcde"), resamples=50).standings] == [1] * 5
 
 
 def test_few_prompts_or_a_tie_never_separate():
@@ -395,6 +409,29 @@ def test_next_pair_never_repeats_and_spreads_items():
         for x, y in itertools.combinations(systems, 2):
             uses = [sum({v.left, v.right} == {x, y} and (v.prompt, v.seed) == item for v in verdicts) for item in items]
             assert max(uses) - min(uses) <= 1
+
+
+def test_one_round_judges_every_pair_on_every_item_once_before_any_again():
+    """Guards the default budget (one rating per pair and item) leaving pairs never compared: two raters of a
+    walk-through's campaign (4 systems, 2 items, 12 ratings) judged one pair on both items twice and never the top
+    two. With `one_round`, raters taking turns, whatever the verdicts say (the gain then prefers some pairs), the
+    first 12 ratings judge each of the 6 pairs on each item exactly once, and the next ones start a second round."""
+    systems = ["a", "b", "c", "d"]
+    items = [("p0", 0), ("p1", 0)]
+    for seed in range(10):
+        generator = np.random.default_rng(seed)
+        verdicts = []
+        for step in range(14):
+            rater = ("r1", "r2")[step % 2]
+            pair = next_pair(verdicts, systems, items, rater, generator, one_round=True)
+            # "a" beats everyone, "b" the rest, ...: the fitted strengths soon tell the pairs apart
+            winner = min(pair.left, pair.right)
+            verdicts.append(Verdict(pair.left, pair.right, LEFT if winner == pair.left else RIGHT, pair.prompt,
+                                    pair.seed, rater))
+            if step == 11:
+                judged = collections.Counter((frozenset((v.left, v.right)), v.prompt, v.seed) for v in verdicts)
+                assert len(judged) == 12 and set(judged.values()) == {1}, (seed, judged)
+        assert len({(frozenset((v.left, v.right)), v.prompt, v.seed) for v in verdicts}) == 12  # the 13th, 14th again
 
 
 def test_ranking_to_json_and_errors():

@@ -30,7 +30,8 @@ def test_ratings_list_and_assign_model_on_the_services_store(monkeypatch, tmp_pa
     monkeypatch.delenv("SLAP_DATABASE_URL", raising=False)
     sqlite_file = f"{data / 'ratings.sqlite'} (SLAP_DATABASE_URL is unset)"
     assert main(["ratings", "list"]) == 0 and main(["ratings", "assign-model", "tiny"]) == 0
-    assert capsys.readouterr().out == f"no ratings in {sqlite_file}\nno ratings in {sqlite_file}: nothing to assign\n"
+    assert capsys.readouterr().out == (f"no studio ratings in {sqlite_file} (a campaign's ratings: `slapgen campaign list`)\n"
+                                       f"no ratings in {sqlite_file}: nothing to assign\n")
     assert not data.exists()
 
     monkeypatch.setenv("SLAP_DATABASE_URL", database_url)
@@ -42,7 +43,7 @@ def test_ratings_list_and_assign_model_on_the_services_store(monkeypatch, tmp_pa
         db.execute(insert(ratings).values([{**_rating(rater, "right"), "model": None} for rater in ("x", "y", "z")]))
     assert main(["ratings", "list"]) == 0
     assert capsys.readouterr().out.splitlines() == [
-        f"ratings in {where}, per model:",
+        f"studio ratings in {where}, per model:",
         "  tiny: 2 verdicts",
         "  tiny-wan: 1 verdict",
         "  no model recorded (stored before ratings recorded their model): 3 verdicts; no summary counts them until "

@@ -19,6 +19,7 @@ List and delete read the same store create writes (SLAP_DATA_DIR, or SLAP_DATABA
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -55,6 +56,9 @@ def _sweep_makes_videos(folder: Path) -> bool | None:
 
 def _read_eval(folder: Path) -> dict:
     path = folder / "eval.json"
+    if not folder.is_dir():  # a mistyped --from read "holds no eval.json"
+        raise CampaignError(f"{folder} is not a folder{'' if folder.exists() else ' (no such path)'}: --from takes a "
+                            "folder `slapgen eval` wrote, or a sweep's folder")
     try:
         result = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -239,18 +243,23 @@ def plan_campaign(name: str, sources: list[Path], systems: list[str] | None = No
     kept = scored - set(left_out)
     items = [Item(prompt_index=p, prompt=caption, seed=seed) for p, caption, seed in every_item]
     index = {key: k for k, key in enumerate(every_item)}
+    per_rater = len(chosen) * (len(chosen) - 1) // 2 * len(items)  # every pair on every item: the most one rater sees
+    notes = [note] if (note := mixed_settings_note({s: settings.get(s, {}) for s in chosen})) else []
+    if budget is not None and budget > per_rater:  # a budget of a million was taken without a word, never reachable
+        notes.append(f"note: one rater can give at most {per_rater} ratings here (every pair of systems on every "
+                     f"prompt/seed item once): a budget of {budget} needs {math.ceil(budget / per_rater)} raters or more")
     return CampaignSpec(
         name=name, systems=chosen, items=items, criteria=criteria,
         videos={(s, index[key]): files[s][key] for s in chosen for key in every_item},
         # Without a budget: every pair judged once on every item, the most one rater can be shown.
-        budget=budget or len(chosen) * (len(chosen) - 1) // 2 * len(items), sources=[str(folder.resolve()) for folder in folders],
+        budget=budget or per_rater, sources=[str(folder.resolve()) for folder in folders],
         metric_directions={m: d for m, d in directions.items() if m in kept},
         system_scores={s: {m: v for m, v in system_scores.get(s, {}).items() if m not in left_out} for s in chosen},
         video_scores={metric: {(s, index[key]): v for (s, key), v in values.items() if s in chosen}
                       for metric, values in video_scores.items() if metric not in left_out},
         metrics_left_out=left_out,
         adapters={s: adapters[s] for s in chosen if s in adapters},
-        notes=[note] if (note := mixed_settings_note({s: settings.get(s, {}) for s in chosen})) else [],
+        notes=notes,
     )
 
 

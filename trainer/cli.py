@@ -378,6 +378,11 @@ def cmd_campaign_create(args) -> int:
         print(few)
     for note in notes:
         print(note)
+    # What to do next: a campaign made in a store the service does not open was rated nowhere (a walk-through forgot
+    # SLAP_DATA_DIR here and found the server listing other campaigns).
+    store = "the same SLAP_DATABASE_URL" if settings.database_url else f"SLAP_DATA_DIR={data_dir.absolute()}"
+    print(f"next: serve with {store} (`bentoml serve`); raters open /studio/ and choose Campaigns; the results: "
+          f"GET /campaigns/{campaign.name}/leaderboard")
     return 0
 
 
@@ -415,7 +420,9 @@ def cmd_ratings_list(args) -> int:
 
     settings = load_settings()  # the store the service writes
     lines, where = rating_model_lines(settings), settings.where_ratings_are()
-    print(f"ratings in {where}, per model:" if lines else f"no ratings in {where}")
+    # The studio's A/B ratings: a campaign's are its own (a walk-through read "no ratings" beside 42 campaign verdicts)
+    print(f"studio ratings in {where}, per model:" if lines else
+          f"no studio ratings in {where} (a campaign's ratings: `slapgen campaign list`)")
     for line in lines:
         print(f"  {line}")
     return 0
