@@ -324,6 +324,14 @@ class CampaignStore:
 
     # -- pairs and verdicts ------------------------------------------------------------------------
 
+    def held_pairs(self, name: str, rater: str) -> list[tuple[str, str, int]]:
+        """(left system, right system, item) of each pair other raters than `rater` hold: issued within
+        OPEN_PAIR_HOLD_S, not answered yet, not a repeat."""
+        return [tuple(row) for row in self._read(
+            select(pairs.c.left_system, pairs.c.right_system, pairs.c.item).where(
+                pairs.c.campaign == name, pairs.c.rater != rater, pairs.c.answered_at.is_(None), pairs.c.repeat == 0,
+                pairs.c.issued_at >= time.time() - OPEN_PAIR_HOLD_S))]
+
     def open_pair(self, name: str, rater: str) -> IssuedPair | None:
         """The pair issued to `rater` and not answered yet, if any."""
         rows = self._read(select(pairs.c.pair_id).where(pairs.c.campaign == name, pairs.c.rater == rater,
@@ -440,6 +448,12 @@ OPEN_PAIR_HOLD_S = 30 * 60
 REPEAT_SHARE = 0.05  # share of pairs that repeat one the rater answered (sides swapped): their consistency
 
 
+def pair_items(systems: list, items: list) -> int:
+    """Every pair of systems on every prompt/seed item: the most ratings one rater can give, a campaign's default
+    budget, and the round `next_pair_for` covers first within a budget of at most that."""
+    return len(systems) * (len(systems) - 1) // 2 * len(items)
+
+
 def verdicts_of(rows: list[dict], criterion: str, repeats: bool = False):
     """The stored verdicts on one criterion as `ranking.Verdict`s (bootstrap unit: the prompt, by its index)."""
     from slapgen.evaluation.ranking import Verdict
@@ -487,7 +501,7 @@ def next_pair_for(store: CampaignStore, name: str, rater: str, generator,
     within OPEN_PAIR_HOLD_S), or every criterion separated its top system (the
     leaderboard's "separated": raters' time went on pairs that could not change the winner), or the rater has judged every pair on every item
     (and then no repeat either: one came now and then after "judged every pair", which read as a flip-flop)."""
-    from slapgen.evaluation.ranking import next_pair
+    from slapgen.evaluation.ranking import Pair, next_pair
 
     campaign = store.get(name)
     if (open_pair := store.open_pair(name, rater)) is not None:
@@ -508,9 +522,10 @@ def next_pair_for(store: CampaignStore, name: str, rater: str, generator,
     answered = list({row["pair_id"]: row for row in rows if row["rater"] == rater and not row["repeat"]}.values())
     item_index = {(str(item.prompt_index), item.seed): k for k, item in enumerate(campaign.items)}
     verdicts = verdicts_of(rows, campaign.criteria[0])
-    pair_items = len(campaign.systems) * (len(campaign.systems) - 1) // 2 * len(campaign.items)
-    chosen = next_pair(verdicts, campaign.systems, list(item_index), rater, generator,
-                       one_round=campaign.budget is not None and campaign.budget <= pair_items)
+    one_round = campaign.budget is not None and campaign.budget <= pair_items(campaign.systems, campaign.items)
+    held = [Pair(left, right, str(campaign.items[item].prompt_index), campaign.items[item].seed)
+            for left, right, item in (store.held_pairs(name, rater) if one_round else ())]
+    chosen = next_pair(verdicts, campaign.systems, list(item_index), rater, generator, one_round=one_round, held=held)
     if chosen is None:
         return f"{rater} has judged every pair of systems on every prompt and seed of {name}"
     if answered and generator.random() < repeat_share:

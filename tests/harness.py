@@ -52,9 +52,13 @@ def free_port() -> int:
                 continue
         _HANDED_OUT_PORTS.add(port)
         return port
-    with socket.socket() as sock:  # a kernel whose ephemeral range starts low: what it gives
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    while True:  # a kernel whose ephemeral range starts low: what it gives, never twice
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port not in _HANDED_OUT_PORTS:
+            _HANDED_OUT_PORTS.add(port)
+            return port
 
 
 def offline_env(tmp_path: Path, **overrides: str) -> dict[str, str]:

@@ -97,10 +97,13 @@ import torch.distributed as dist
 from trainer.long_waits import LongWaits
 
 rank = int(os.environ["RANK"])
-# The launch's group, played by a group whose timeout is cut to 3 s (the default group's own start keeps its
-# default: one process may come up seconds after the other on a loaded machine)
-dist.init_process_group("gloo")
-launch_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=3))
+# Both processes up first, on a store of their own with a minute to meet: one may come up seconds after the other
+# on a loaded machine, past the 3 s the launch's group is given below
+store = dist.TCPStore("127.0.0.1", int(os.environ["MASTER_PORT"]), 2, rank == 0, timeout=timedelta(seconds=60))
+store.set(f"up{rank}", "1")
+store.wait(["up0", "up1"])
+# The launch's group (the default one, as accelerate's), its timeout cut to 3 s
+dist.init_process_group("gloo", store=store, rank=rank, world_size=2, timeout=timedelta(seconds=3))
 waits = LongWaits(2)
 if rank == 0:
     time.sleep(6)  # the main process's validation, or a longer share of the encoding
@@ -108,7 +111,7 @@ try:
     if sys.argv[1] == "long":
         waits.wait_for_everyone()
     else:
-        dist.barrier(group=launch_group)
+        dist.barrier()
     print("waited")
 except Exception as error:
     print(type(error).__name__)

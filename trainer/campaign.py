@@ -25,7 +25,7 @@ from pathlib import Path
 
 from slapgen.errors import CampaignError, CampaignNotFoundError, CampaignRatedError
 from slapgen.names import CRITERIA, NAME_RULE
-from slapgen.campaign_store import CAMPAIGN_NAME_PATTERN, CampaignSpec, Item, check_campaign_name
+from slapgen.campaign_store import CAMPAIGN_NAME_PATTERN, CampaignSpec, Item, check_campaign_name, pair_items
 
 DEFAULT_CRITERIA = ("overall",)
 _VIDEO_FIELDS = ("system", "prompt", "seed", "path")
@@ -42,14 +42,15 @@ def _source_label(folder: Path) -> str:
 
 def _sweep_makes_videos(folder: Path) -> bool | None:
     """Whether the sweep `folder` holds (its sweep.json) generates videos (it has generation metrics), or None
-    when the folder holds no sweep. Read as the sweep's rerun reads it: a sweep of an older slapgen says so too."""
+    when the folder holds no sweep. One this slapgen cannot read (damaged, or its run configs refused now: its
+    rerun refuses it too) says so."""
     from trainer.errors import SweepError
-    from trainer.sweep.folder import DEFINITION_FILE, makes_videos, read_definition_tree
+    from trainer.sweep.folder import DEFINITION_FILE, read_definition
 
     if not (folder / DEFINITION_FILE).is_file():
         return None
     try:
-        return makes_videos(read_definition_tree(folder))
+        return read_definition(folder).evaluation is not None
     except SweepError as error:
         raise CampaignError(str(error)) from None
 
@@ -205,6 +206,8 @@ def plan_campaign(name: str, sources: list[Path], systems: list[str] | None = No
     if unknown:
         raise CampaignError(f"--systems names {', '.join(unknown)}, not among the folders' systems "
                             f"({', '.join(sorted(files))})")
+    if twice := sorted({s for s in chosen if chosen.count(s) > 1}):  # "a vs a" pairs broke its routes
+        raise CampaignError(f"--systems names {', '.join(twice)} twice; name each system once")
     if len(set(chosen)) < 2:
         raise CampaignError(f"a campaign needs at least two systems; the folders have {', '.join(sorted(files))}")
     for system in chosen:
@@ -243,7 +246,7 @@ def plan_campaign(name: str, sources: list[Path], systems: list[str] | None = No
     kept = scored - set(left_out)
     items = [Item(prompt_index=p, prompt=caption, seed=seed) for p, caption, seed in every_item]
     index = {key: k for k, key in enumerate(every_item)}
-    per_rater = len(chosen) * (len(chosen) - 1) // 2 * len(items)  # every pair on every item: the most one rater sees
+    per_rater = pair_items(chosen, items)  # every pair on every item: the most one rater can give
     notes = [note] if (note := mixed_settings_note({s: settings.get(s, {}) for s in chosen})) else []
     if budget is not None and budget > per_rater:  # a budget of a million was taken without a word, never reachable
         notes.append(f"note: one rater can give at most {per_rater} ratings here (every pair of systems on every "

@@ -55,7 +55,7 @@ def criterion_board(verdicts: Sequence[Verdict], repeats: Sequence[Verdict], sys
         "why": _why(stop, ranking, budget, campaign_prompts, campaign_items),
         "winner": (winner(ranking.standings[0].system, adapters or {},
                           runner_up=None if stop.reason == "separated" else ranking.standings[1].system,
-                          level=len(ranking.standings) > 1 and ranking.standings[1].rank == 1)
+                          level_with=[standing.system for standing in ranking.standings[1:] if standing.rank == 1])
                    if stop.done and ranking.standings else None),
         "inter_rater_alpha": krippendorff_alpha(verdicts),
         # raters who answered a repeat only: one row per rater held 372 KB of nulls at 2,179 raters (a soak's)
@@ -69,19 +69,22 @@ def criterion_board(verdicts: Sequence[Verdict], repeats: Sequence[Verdict], sys
     }
 
 
-def winner(system: str, adapters: Mapping[str, str | None], runner_up: str | None = None, level: bool = False) -> dict:
+def winner(system: str, adapters: Mapping[str, str | None], runner_up: str | None = None,
+           level_with: Sequence[str] = ()) -> dict:
     """The top system of a done criterion with its LoRA file (`adapter`, None for the base model or when the
     campaign did not record it) and a sentence saying how to serve it. `runner_up`: the second system when the
     criterion is done without the top one separated from it (the budget ran out first): the sentence says it
     leads, not that it won (a walk-through's campaign of 8 ratings on 4 prompts read "smoke won" right under
-    "too few to separate the top system from the second"), and `separated` is false; `level`: the two are of equal
-    strength (ranked 1 both), and the sentence says so (it said one led)."""
-    if runner_up is None:
-        leads = f"{system} won"
-    elif level:
-        leads = f"{system} is level with {runner_up}: these ratings give them equal strength (the budget ran out first)"
-    else:
-        leads = f"{system} leads, but these ratings do not separate it from {runner_up} (the budget ran out first)"
+    "too few to separate the top system from the second"), and `separated` is false; `level_with`: the others of
+    the top system's strength (ranked 1 with it): the sentence names them all as level (it said one led, the first
+    of them by name) and advises serving none."""
+    if level_with and runner_up is not None:
+        *others, last = [system, *level_with]
+        return {"system": system, "adapter": adapters.get(system), "separated": False, "sentence": (
+            f"{', '.join(others)} and {last} are level: these ratings give them equal strength (the budget ran out "
+            "first); a campaign with a larger --budget can tell them apart")}
+    leads = (f"{system} won" if runner_up is None else
+             f"{system} leads, but these ratings do not separate it from {runner_up} (the budget ran out first)")
     if system not in adapters:
         sentence = (f"{leads}; this campaign was made before campaigns recorded LoRA files: the `adapter` of "
                     "its system in the eval.json it came from names its file")

@@ -471,14 +471,16 @@ def expected_order_gain(strengths: np.ndarray, covariance: np.ndarray,
 
 def next_pair(verdicts: Sequence[Verdict], systems: Sequence[str], items: Sequence[tuple[str, int]], rater: str,
               generator: np.random.Generator, exploration: float = EXPLORATION, ridge: float = RIDGE,
-              one_round: bool = False) -> Pair | None:
+              one_round: bool = False, held: Sequence[Pair] = ()) -> Pair | None:
     """The next pair for `rater`: with probability `exploration` a uniformly random pair, else the pair
     with the largest `expected_order_gain` at the fitted strengths and their Laplace covariance (the
     penalised Hessian's inverse); only pairs this rater can still be shown, i.e.
     with an item (prompt, seed) of `items` on which they have not judged that pair. With `one_round` (a campaign whose
     budget is one rating per pair and item at most: the default), of those, while any has one, the pairs with an
     item nobody has judged them on: the round is covered, every pair judged on every item once (two raters of a
-    walk-through spent 4 of its 12 ratings on one pair, twice per item, and never compared the top two systems).
+    walk-through spent 4 of its 12 ratings on one pair, twice per item, and never compared the top two systems);
+    `held`, the pairs other raters have been shown and not answered yet, count as judged there (raters rating at
+    the same time were shown the same pair on the same item, the choice being the same for all until a verdict).
     Without it, a pair may be judged again on an item another rater judged (a tie there is no direct comparison yet):
     bench/separation.py's campaigns of 1,200 ratings on 720 pair-items separated 0.6 and 0.7 preferences in fewer
     ratings than when every pair-item had to be judged once first (0.7: 90th percentile 587 ratings, against 693).
@@ -499,6 +501,10 @@ def next_pair(verdicts: Sequence[Verdict], systems: Sequence[str], items: Sequen
         item_count[(v.prompt, v.seed)] = item_count.get((v.prompt, v.seed), 0) + 1
         if v.rater == rater:
             seen_by_rater.add(key)
+    for pair in held if one_round else ():
+        key = (*sorted((index[pair.left], index[pair.right])), pair.prompt, pair.seed)
+        pair_item_count[key] = pair_item_count.get(key, 0) + 1
+        item_count[(pair.prompt, pair.seed)] = item_count.get((pair.prompt, pair.seed), 0) + 1
     all_pairs = [(i, j) for i in range(len(systems)) for j in range(i + 1, len(systems))]
     open_pairs = [(i, j) for i, j in all_pairs if any((i, j, p, s) not in seen_by_rater for p, s in items)]
     if not open_pairs:

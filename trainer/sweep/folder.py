@@ -123,8 +123,8 @@ def read_definition(out: Path) -> SweepDefinition:
 
 
 def read_definition_tree(out: Path) -> dict:
-    """sweep.json as written, unvalidated: what a rerun compares with the command's, and what a sweep of an older
-    slapgen (its run configs perhaps refused now) still says of itself. SweepError when it is not a JSON object."""
+    """sweep.json as written, unvalidated: what a rerun compares with the command's. SweepError when it is not a
+    JSON object."""
     try:
         tree = json.loads((Path(out) / DEFINITION_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
@@ -150,7 +150,7 @@ _COMPARED = (
     ("data", "--data", lambda tree: tree["data"]),
     ("heldout", "--heldout", lambda tree: tree["heldout"]),
     ("metrics", "--metrics", lambda tree: ",".join(tree["metrics"])),
-    ("seeds", "--seeds", lambda tree: ",".join(str(seed) for seed in tree["seeds"]) if "seeds" in tree else "none"),
+    ("seeds", "--seeds", lambda tree: ",".join(str(seed) for seed in tree["seeds"]) if makes_videos(tree) else "none"),
     ("eval_set", "--eval-set", lambda tree: " ".join(f"{k}={v}" for k, v in tree.get("eval_set", {}).items()) or "none"),
     ("eval_models", "evaluation model", lambda tree: ", ".join(f"{k} {v}" for k, v in tree.get("eval_models", {}).items())
      or "none"),
