@@ -523,8 +523,8 @@ def next_pair_for(store: CampaignStore, name: str, rater: str, generator,
     item_index = {(str(item.prompt_index), item.seed): k for k, item in enumerate(campaign.items)}
     verdicts = verdicts_of(rows, campaign.criteria[0])
     one_round = campaign.budget is not None and campaign.budget <= pair_items(campaign.systems, campaign.items)
-    held = [Pair(left, right, str(campaign.items[item].prompt_index), campaign.items[item].seed)
-            for left, right, item in (store.held_pairs(name, rater) if one_round else ())]
+    item_keys = list(item_index)  # (prompt, seed) by item number
+    held = [Pair(left, right, *item_keys[item]) for left, right, item in (store.held_pairs(name, rater) if one_round else ())]
     chosen = next_pair(verdicts, campaign.systems, list(item_index), rater, generator, one_round=one_round, held=held)
     if chosen is None:
         return f"{rater} has judged every pair of systems on every prompt and seed of {name}"

@@ -379,9 +379,8 @@ def cmd_campaign_create(args) -> int:
     for note in notes:
         print(note)
     # What to do next: a campaign made in a store the service does not open was rated nowhere (a walk-through forgot
-    # SLAP_DATA_DIR here and found the server listing other campaigns).
-    # The videos are in SLAP_DATA_DIR whatever the database: a server given only the database's URL lists the
-    # campaign and answers 404 for every video.
+    # SLAP_DATA_DIR here and found the server listing other campaigns). The videos are in SLAP_DATA_DIR whatever the
+    # database: a server given only the database's URL lists the campaign and answers 404 for every video.
     store = f"SLAP_DATA_DIR={data_dir.absolute()}" + (" and the same SLAP_DATABASE_URL" if settings.database_url else "")
     print(f"next: serve with {store} (`bentoml serve`); raters open /studio/ and choose Campaigns; the results: "
           f"GET /campaigns/{campaign.name}/leaderboard")
